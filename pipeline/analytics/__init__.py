@@ -1,0 +1,1 @@
+"""Questions asked of the archive and of detector runs: scoring (eval) and queries."""

@@ -1,0 +1,134 @@
+"""`fleetwatch eval`: run the simulated fleet with faults injected, score the alerts
+against the ground-truth labels.
+
+A fault counts as detected when an alert named for its type (faults.py) fires on
+its target (the GPU, the node, or the rack) between its start and its end plus
+a grace period. Time to detect is from injection to the alert's start. An alert
+that matches no fault is a false alert; one raised by a normal event (a GPU
+reset) is false too. Faults that started too close to the end of the run to be
+detectable (their score window runs past the end) are left out, and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import numpy as np
+
+from pipeline.bus import Message, Topic
+from pipeline.config import Config
+from pipeline.detect.engine import Engine
+from pipeline.faults import FAULTS, FAULTS_BY_NAME
+from pipeline.sources.simulate import FleetSimulator
+
+EVAL_EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
+GRACE_S = 60.0
+
+
+@dataclass
+class EvalRun:
+    labels: list[dict[str, Any]]
+    alerts: list[dict[str, Any]]   # firing alerts: labels + starts_at
+    end: datetime
+    node_hours: float
+    gpu_samples: int
+
+
+def simulate(cfg: Config, duration_s: float) -> EvalRun:
+    """Drive simulator and engine in lock step, as fast as the CPU allows."""
+    engine = Engine(cfg)
+    sim = FleetSimulator(cfg.fleet, start=EVAL_EPOCH)
+    labels: list[dict[str, Any]] = []
+    alerts: list[dict[str, Any]] = []
+    for _ in range(int(round(duration_s / cfg.fleet.sample_interval_s))):
+        tick = sim.step()
+        if tick.labels is not None:
+            labels.extend(tick.labels.to_pylist())
+        for topic, batch in ((Topic.GPU, tick.gpu), (Topic.FACILITY, tick.facility), (Topic.EVENTS, tick.events)):
+            if batch is None:
+                continue
+            for _, alert in engine.process(Message(topic, batch)).alerts:
+                if alert.ends_at is None:
+                    alerts.append({"labels": dict(alert.labels), "starts_at": alert.starts_at})
+    return EvalRun(labels, alerts, sim.now, sim.n_nodes * duration_s / 3600.0, engine.stats.gpu_samples)
+
+
+def _targets(label: dict[str, Any], alert_labels: dict[str, str]) -> bool:
+    if alert_labels.get("rack") != label["rack"]:
+        return False
+    if label["node"] is not None and alert_labels.get("node") != label["node"]:
+        return False
+    if label["gpu"] is not None and alert_labels.get("gpu") != str(label["gpu"]):
+        return False
+    return True
+
+
+def _window(label: dict[str, Any], end: datetime) -> tuple[datetime, datetime]:
+    return label["start"], min(label["end"], end) + timedelta(seconds=GRACE_S)
+
+
+def score(run: EvalRun) -> dict[str, Any]:
+    faults = [lab for lab in run.labels if not lab["normal"]]
+    scored = [f for f in faults
+              if f["start"] + timedelta(seconds=FAULTS_BY_NAME[f["fault_type"]].score_window_s) <= run.end]
+
+    def matches(alert: dict[str, Any], fault: dict[str, Any]) -> bool:
+        lo, hi = _window(fault, run.end)
+        return (alert["labels"]["alertname"] in FAULTS_BY_NAME[fault["fault_type"]].alertnames
+                and _targets(fault, alert["labels"]) and lo <= alert["starts_at"] <= hi)
+
+    explained = [any(matches(a, f) for f in faults) for a in run.alerts]
+    per_type: dict[str, Any] = {}
+    for ftype in FAULTS:
+        mine = [f for f in scored if f["fault_type"] == ftype.name]
+        ttds = []
+        for f in mine:
+            hits = [(a["starts_at"] - f["start"]).total_seconds() for a in run.alerts if matches(a, f)]
+            if hits:
+                ttds.append(max(0.0, min(hits)))
+        named = [(a, ok) for a, ok in zip(run.alerts, explained) if a["labels"]["alertname"] in ftype.alertnames]
+        true_pos = sum(any(matches(a, f) for f in faults if f["fault_type"] == ftype.name) for a, _ in named)
+        false_pos = sum(not ok for _, ok in named)
+        per_type[ftype.name] = {
+            "injected": len(mine),
+            "detected": len(ttds),
+            "recall": round(len(ttds) / len(mine), 4) if mine else None,
+            "precision": round(true_pos / (true_pos + false_pos), 4) if true_pos + false_pos else None,
+            "ttd_p50_s": round(float(np.percentile(ttds, 50)), 2) if ttds else None,
+            "ttd_p99_s": round(float(np.percentile(ttds, 99)), 2) if ttds else None,
+        }
+    false_alerts = [a for a, ok in zip(run.alerts, explained) if not ok]
+    by_name: dict[str, int] = {}
+    for a in false_alerts:
+        by_name[a["labels"]["alertname"]] = by_name.get(a["labels"]["alertname"], 0) + 1
+    return {
+        "faults": per_type,
+        "false_alerts": len(false_alerts),
+        "false_alerts_by_alertname": dict(sorted(by_name.items())),
+        "false_alerts_per_1000_node_hours": round(1000.0 * len(false_alerts) / run.node_hours, 3),
+        "node_hours": round(run.node_hours, 3),
+        "alerts": len(run.alerts),
+        "faults_not_scored": len(faults) - len(scored),
+        "normal_events": sum(lab["normal"] for lab in run.labels),
+        "gpu_samples": run.gpu_samples,
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+    lines = [f"{'fault type':22s} {'injected':>8s} {'detected':>8s} {'recall':>7s} {'precision':>9s} "
+             f"{'ttd p50 s':>9s} {'ttd p99 s':>9s}"]
+    for name, r in result["faults"].items():
+        lines.append(f"{name:22s} {r['injected']:8d} {r['detected']:8d} {f(r['recall'], '.3f'):>7s} "
+                     f"{f(r['precision'], '.3f'):>9s} {f(r['ttd_p50_s'], '.1f'):>9s} {f(r['ttd_p99_s'], '.1f'):>9s}")
+    lines.append(f"false alerts: {result['false_alerts']} over {result['node_hours']:.1f} node-hours = "
+                 f"{result['false_alerts_per_1000_node_hours']:.2f} per 1000 node-hours "
+                 f"{json.dumps(result['false_alerts_by_alertname']) if result['false_alerts'] else ''}")
+    lines.append(f"alerts raised: {result['alerts']}; faults too late to score: {result['faults_not_scored']}; "
+                 f"normal GPU resets: {result['normal_events']}")
+    return "\n".join(lines)

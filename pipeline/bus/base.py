@@ -1,0 +1,48 @@
+"""The bus interface every role talks to. Kafka implements the same three verbs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+import pyarrow as pa
+
+
+class Topic(StrEnum):
+    GPU = "fleetwatch.gpu"
+    FACILITY = "fleetwatch.facility"
+    EVENTS = "fleetwatch.events"
+    ALERTS = "fleetwatch.alerts"
+    HEALTH = "fleetwatch.health"
+    LABELS = "fleetwatch.labels"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One batch: the columnar payload of one scrape (or one detector tick)."""
+    topic: Topic
+    value: pa.RecordBatch
+    key: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class EndOfStream(Exception):
+    """Raised by a subscription once every topic it reads has ended and it is drained."""
+
+
+class Subscription(Protocol):
+    async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
+        """Up to `max_messages` in order; [] on timeout; EndOfStream when drained after end()."""
+
+    async def commit(self) -> None:
+        """Everything returned so far is durable downstream (at-least-once)."""
+
+
+class Bus(Protocol):
+    async def publish(self, message: Message) -> None: ...
+
+    def subscribe(self, topics: list[Topic], group: str) -> Subscription: ...
+
+    async def end(self, topics: list[Topic]) -> None:
+        """No more messages on these topics: subscribers drain, then see EndOfStream."""

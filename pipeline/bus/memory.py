@@ -1,0 +1,69 @@
+"""In-process bus: the embedded default. Batches pass by reference (no copies, no
+encoding); bounded queues give backpressure so a slow consumer slows the producer
+instead of growing memory."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pipeline.bus.base import EndOfStream, Message, Topic
+
+_END = None  # sentinel put on a queue when one of its topics ends
+
+
+class MemorySubscription:
+    def __init__(self, topics: list[Topic], maxsize: int) -> None:
+        self.topics = set(topics)
+        self.queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize)
+        self._open = len(self.topics)
+
+    async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
+        if self._open == 0 and self.queue.empty():
+            raise EndOfStream
+        try:
+            first = await asyncio.wait_for(self.queue.get(), timeout_s) if timeout_s else await self.queue.get()
+        except TimeoutError:
+            return []
+        out: list[Message] = []
+        item = first
+        while True:
+            if item is _END:
+                self._open -= 1
+            else:
+                out.append(item)
+            if len(out) >= max_messages or self.queue.empty():
+                break
+            item = self.queue.get_nowait()
+        if not out and self._open == 0:
+            raise EndOfStream
+        return out
+
+    async def commit(self) -> None:
+        """Nothing to do: in-process delivery has no offsets to remember."""
+
+
+class MemoryBus:
+    def __init__(self, queue_size: int = 1024) -> None:
+        self._queue_size = queue_size
+        self._subs: dict[tuple[Topic, str], MemorySubscription] = {}
+        self.published: dict[Topic, int] = {t: 0 for t in Topic}
+
+    def subscribe(self, topics: list[Topic], group: str) -> MemorySubscription:
+        """One subscription per group: in-process there is one consumer per group."""
+        sub = MemorySubscription(topics, self._queue_size)
+        for t in topics:
+            if (t, group) in self._subs:
+                raise ValueError(f"group {group!r} already subscribes to {t}")
+            self._subs[(t, group)] = sub
+        return sub
+
+    async def publish(self, message: Message) -> None:
+        self.published[message.topic] += 1
+        for (topic, _), sub in self._subs.items():
+            if topic == message.topic:
+                await sub.queue.put(message)
+
+    async def end(self, topics: list[Topic]) -> None:
+        for (topic, _), sub in self._subs.items():
+            if topic in topics:
+                await sub.queue.put(_END)

@@ -1,0 +1,256 @@
+"""One typed configuration: defaults, then a TOML file, then FLEETWATCH_* environment
+variables, then command-line flags. Validated once at start; nothing else reads
+settings from anywhere.
+
+Environment overrides name a section and a key with a double underscore:
+``FLEETWATCH_FLEET__RACKS=8``, ``FLEETWATCH_ALERTS__WEBHOOKS=http://a,http://b``;
+top-level keys have no section: ``FLEETWATCH_DATA_DIR=/var/lib/fleetwatch``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.faults import FAULT_TYPES
+
+ENV_PREFIX = "FLEETWATCH_"
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names the key, the value and what is allowed."""
+
+
+def _spec(default: Any, *, min: float | None = None, max: float | None = None,
+          choices: tuple[str, ...] | None = None, doc: str = "") -> Any:
+    meta = {"min": min, "max": max, "choices": choices, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """The simulated fleet (the embedded default source)."""
+    site: str = _spec("site-a", doc="site label of every simulated device")
+    racks: int = _spec(4, min=1, max=4096, doc="racks in the site")
+    nodes_per_rack: int = _spec(8, min=1, max=64, doc="GPU nodes per rack")
+    gpus_per_node: int = _spec(8, min=1, max=16, doc="GPUs per node")
+    sample_interval_s: float = _spec(1.0, min=0.01, max=3600, doc="scrape interval")
+    speed: float = _spec(1.0, min=0.0, doc="simulated seconds per wall second; 0 = as fast as possible")
+    power_limit_w: float = _spec(700.0, min=100, max=2000, doc="GPU enforced power limit")
+    pdu_rating_w: float = _spec(90000.0, min=1000, doc="rack PDU rating")
+    supply_temp_c: float = _spec(30.0, min=5, max=60, doc="CDU coolant supply temperature")
+    fault_interval_s: float = _spec(60.0, min=0.0, doc="mean time between injected faults; 0 = none")
+    faults: list[str] = _spec(list(FAULT_TYPES), choices=FAULT_TYPES, doc="fault types to inject")
+    gpu_reset_interval_s: float = _spec(1800.0, min=0.0, doc="mean time between harmless GPU resets; 0 = none")
+    seed: int = _spec(0, min=0, doc="random seed; the same seed gives the same fleet")
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    enabled: bool = _spec(True, doc="write the Parquet archive")
+    flush_interval_s: float = _spec(10.0, min=0.1, max=3600, doc="longest time data waits in memory")
+    max_buffer_rows: int = _spec(500_000, min=1, doc="flush a dataset early at this many rows")
+    compression: str = _spec("zstd", choices=("zstd", "snappy", "lz4", "gzip", "none"), doc="Parquet codec")
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    ewma_halflife_s: float = _spec(600.0, min=1, doc="memory of the EWMA baselines")
+    z_threshold: float = _spec(6.0, min=1, doc="|z| above which a sample is anomalous")
+    warmup_samples: int = _spec(60, min=2, doc="samples a series needs before it can alert")
+    relearn_samples: int = _spec(3600, min=10, doc="consecutive outliers after which a baseline relearns")
+    cusum_slack_c: float = _spec(1.0, min=0, doc="CUSUM slack k for thermal drift (C)")
+    cusum_limit: float = _spec(600.0, min=1, doc="CUSUM decision limit h (C x samples)")
+    drift_baseline_halflife_s: float = _spec(6 * 3600.0, min=60, doc="baseline memory of the drift detector")
+    gpu_temp_limit_c: float = _spec(85.0, min=40, max=120, doc="absolute GPU temperature alert")
+    peer_temp_excess_c: float = _spec(10.0, min=1, doc="GPU hotter than its node's median by this much")
+    straggler_ratio: float = _spec(0.85, min=0.1, max=1.0, doc="power and clock below this share of peers")
+    pcie_replay_rate_per_s: float = _spec(5.0, min=0, doc="PCIe replays per second that alert")
+    nvlink_crc_rate_per_s: float = _spec(10.0, min=0, doc="NVLink CRC errors per second that alert")
+    stuck_samples: int = _spec(30, min=3, doc="identical power readings in a row that mean a stuck sensor")
+    flow_loss_ratio: float = _spec(0.6, min=0.05, max=0.99, doc="flow below this share of its baseline")
+    pdu_load_ratio: float = _spec(0.95, min=0.1, max=2.0, doc="PDU power above this share of its rating")
+    xid_hold_s: float = _spec(900.0, min=1, doc="an XID keeps its alert firing this long")
+    missing_after_intervals: float = _spec(3.0, min=1.5, doc="a GPU unseen this many intervals is missing")
+    fire_after: int = _spec(3, min=1, doc="consecutive hits before a soft condition fires")
+    resolve_after: int = _spec(30, min=1, doc="consecutive clear evaluations before an alert resolves")
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    console: bool = _spec(True, doc="print alerts on the console")
+    webhooks: list[str] = _spec([], doc="URLs that receive Alertmanager v4 webhook payloads")
+    webhook_timeout_s: float = _spec(5.0, min=0.1, max=120, doc="per-request timeout")
+    webhook_retries: int = _spec(3, min=0, max=20, doc="retries per delivery (exponential backoff)")
+    runbook_base_url: str = _spec("runbooks/", doc="prefix of every runbook_url; <alertname>.md is appended")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    status_interval_s: float = _spec(10.0, min=0.1, doc="period of status log lines when not on a terminal")
+    log_level: str = _spec("info", choices=("debug", "info", "warning", "error"), doc="log verbosity")
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str = _spec("./fleetwatch-data", doc="archive, alerts.jsonl and state live here")
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+
+    @property
+    def archive_dir(self) -> Path:
+        return Path(self.data_dir) / "archive"
+
+    @property
+    def alerts_log(self) -> Path:
+        return Path(self.data_dir) / "alerts.jsonl"
+
+
+def _coerce(where: str, raw: Any, typ: Any, meta: Mapping[str, Any], from_text: bool) -> Any:
+    """Turn one raw value into the declared type, or raise ConfigError naming `where`."""
+    def fail(allowed: str) -> ConfigError:
+        return ConfigError(f"config error: {where} = {raw!r}: {allowed}")
+
+    origin = typing.get_origin(typ)
+    if origin is list:
+        items = [s.strip() for s in raw.split(",") if s.strip()] if from_text and isinstance(raw, str) else raw
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise fail("must be a list of strings")
+        if meta.get("choices"):
+            bad = [i for i in items if i not in meta["choices"]]
+            if bad:
+                raise fail(f"unknown entries {bad}; allowed: {', '.join(meta['choices'])}")
+        return list(items)
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if from_text and str(raw).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(raw).lower() in ("1", "true", "yes", "on")
+        raise fail("must be true or false")
+    if typ in (int, float):
+        value = raw
+        if from_text:
+            try:
+                value = typ(raw)
+            except ValueError:
+                raise fail(f"must be {'an integer' if typ is int else 'a number'}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (typ is int and not isinstance(value, int)):
+            raise fail(f"must be {'an integer' if typ is int else 'a number'}")
+        value = typ(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise fail("must be a finite number")
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and value < lo:
+            raise fail(f"must be >= {lo}")
+        if hi is not None and value > hi:
+            raise fail(f"must be <= {hi}")
+        return value
+    if typ is str:
+        if not isinstance(raw, str):
+            raise fail("must be a string")
+        if meta.get("choices") and raw not in meta["choices"]:
+            raise fail(f"allowed: {', '.join(meta['choices'])}")
+        return raw
+    raise TypeError(f"unsupported config type {typ!r}")  # a programming error, not user input
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str, from_text: Mapping[str, bool]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        where = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"config error: unknown key {where!r}; known keys here: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in values:
+            continue
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            sub = values[name]
+            if not isinstance(sub, Mapping):
+                raise ConfigError(f"config error: {prefix}{name} must be a table ([{name}])")
+            kwargs[name] = _build(typ, sub, f"{prefix}{name}.", from_text)
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", values[name], typ, f.metadata, from_text.get(f"{prefix}{name}", False))
+    return cls(**kwargs)
+
+
+def _env_values(env: Mapping[str, str]) -> tuple[dict[str, Any], set[str]]:
+    values: dict[str, Any] = {}
+    keys: set[str] = set()
+    for var, text in env.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        path = var[len(ENV_PREFIX):].lower().split("__")
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = text
+        keys.add(".".join(path))
+    return values, keys
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults < TOML file < FLEETWATCH_* env < overrides (already typed, e.g. CLI flags)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            values = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config error: file {str(p)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config error: {p} is not valid TOML: {e}") from None
+    env_values, env_keys = _env_values(os.environ if env is None else env)
+    values = _merge(values, env_values)
+    values = _merge(values, overrides or {})
+    from_text = {k: True for k in env_keys if not _in(overrides or {}, k)}
+    return _build(Config, values, "", from_text)
+
+
+def _in(tree: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def reference() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every setting: the README's config table comes from here."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            typ = hints[f.name]
+            if dataclasses.is_dataclass(typ):
+                walk(typ, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{prefix}{f.name}", getattr(typ, "__name__", str(typ)), default, f.metadata.get("doc", "")))
+    walk(Config, "")
+    return rows

@@ -1,0 +1,208 @@
+"""Wires the roles together over a bus and runs them until told to stop.
+
+Roles (each one asyncio task here; each its own process with Kafka between them
+at scale, same code):
+  source   fleet simulator -> gpu, facility, events, labels topics
+  detect   gpu, facility, events -> Engine -> alerts, health topics
+  archive  every topic -> Parquet archive (flushed on an interval, off the loop)
+  notify   alerts -> console, alerts.jsonl, webhooks
+  status   live status line on a terminal, periodic log lines otherwise
+
+Shutdown (SIGINT, SIGTERM or --duration) drains in data order: the source stops,
+its topics end, detect finishes what it has and ends its topics, then archive and
+notify finish and flush. Nothing accepted is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pipeline.bus import EndOfStream, MemoryBus, Message, Topic
+from pipeline.config import Config
+from pipeline.detect.engine import Engine
+from pipeline.model import NODE_HEALTH, alert_rows, alerts_to_batch
+from pipeline.sinks.alerts import AlertLog, WebhookSender
+from pipeline.sinks.console import Console
+from pipeline.sinks.parquet import ArchiveWriter
+from pipeline.sources.simulate import FleetSimulator
+
+log = logging.getLogger("fleetwatch")
+
+DATASET_OF_TOPIC = {Topic.GPU: "gpu_samples", Topic.FACILITY: "facility_samples", Topic.EVENTS: "events",
+                    Topic.ALERTS: "alerts", Topic.HEALTH: "node_health", Topic.LABELS: "fault_labels"}
+SOURCE_TOPICS = [Topic.GPU, Topic.FACILITY, Topic.EVENTS, Topic.LABELS]
+DETECT_TOPICS = [Topic.ALERTS, Topic.HEALTH]
+
+
+@dataclass
+class RunSummary:
+    gpu_samples: int
+    wall_s: float
+    alerts_fired: int
+    rows_archived: dict[str, int]
+
+
+async def source_role(bus: MemoryBus, sim: FleetSimulator, stop: asyncio.Event, speed: float) -> None:
+    """Publish one scrape per sample interval, paced to `speed` x real time (0 = flat out)."""
+    t0 = time.monotonic()
+    while not stop.is_set():
+        tick = sim.step()
+        await bus.publish(Message(Topic.GPU, tick.gpu))
+        await bus.publish(Message(Topic.FACILITY, tick.facility))
+        if tick.events is not None:
+            await bus.publish(Message(Topic.EVENTS, tick.events))
+        if tick.labels is not None:
+            await bus.publish(Message(Topic.LABELS, tick.labels))
+        if speed > 0:
+            delay = t0 + sim.t / speed - time.monotonic()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    pass
+                continue
+        await asyncio.sleep(0)  # behind schedule or flat out: let the consumers run
+
+
+async def detect_role(bus: MemoryBus, engine: Engine, sub) -> None:
+    while True:
+        try:
+            messages = await sub.get_batch()
+        except EndOfStream:
+            return
+        for message in messages:
+            out = engine.process(message)
+            if out.alerts:
+                await bus.publish(Message(Topic.ALERTS, alerts_to_batch(out.alerts)))
+            if out.health:
+                await bus.publish(Message(Topic.HEALTH, pa.RecordBatch.from_pylist(out.health, schema=NODE_HEALTH)))
+        await sub.commit()
+
+
+async def archive_role(writer: ArchiveWriter, sub, flush_interval_s: float) -> None:
+    next_flush = time.monotonic() + flush_interval_s
+    while True:
+        try:
+            messages = await sub.get_batch(timeout_s=max(0.05, next_flush - time.monotonic()))
+        except EndOfStream:
+            await asyncio.to_thread(writer.write, writer.take())
+            await sub.commit()
+            return
+        full = False
+        for message in messages:
+            full |= writer.add(DATASET_OF_TOPIC[message.topic], message.value)
+        if full or time.monotonic() >= next_flush:
+            # Take the buffers on the loop, write them in a thread: the loop never waits on disk.
+            await asyncio.to_thread(writer.write, writer.take())
+            await sub.commit()  # only now is the data durable
+            next_flush = time.monotonic() + flush_interval_s
+
+
+async def notify_role(sub, alert_log: AlertLog, webhooks: WebhookSender | None, console: Console | None) -> None:
+    while True:
+        try:
+            messages = await sub.get_batch()
+        except EndOfStream:
+            return
+        alerts = [a for m in messages for a in alert_rows(m.value)]
+        if console is not None:
+            for a in alerts:
+                console.alert(a)
+        await asyncio.to_thread(alert_log.append, alerts)
+        if webhooks is not None and webhooks.urls:
+            await asyncio.to_thread(webhooks.send, alerts)
+        await sub.commit()
+
+
+def status_text(engine: Engine, rate: float, sim: FleetSimulator) -> str:
+    h = engine.health.counts()
+    firing = len(engine.active_alerts())
+    return (f"fleetwatch  sim {sim.now:%Y-%m-%d %H:%M:%S}  {rate:,.0f} GPU samples/s  "
+            f"alerts firing {firing} (raised {engine.stats.alerts_fired})  "
+            f"nodes healthy {h['healthy']} suspect {h['suspect']} failing {h['failing']}")
+
+
+async def status_role(engine: Engine, sim: FleetSimulator, console: Console, interval_s: float,
+                      stop: asyncio.Event) -> None:
+    period = 1.0 if console.tty else interval_s
+    last_n, last_t = engine.stats.gpu_samples, time.monotonic()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), period)
+        except TimeoutError:
+            pass
+        now = time.monotonic()
+        rate = (engine.stats.gpu_samples - last_n) / max(now - last_t, 1e-9)
+        last_n, last_t = engine.stats.gpu_samples, now
+        text = status_text(engine, rate, sim)
+        if console.tty:
+            console.status(text)
+        else:
+            log.info(text)
+
+
+async def run_daemon(cfg: Config, duration_s: float | None = None, console: Console | None = None) -> RunSummary:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    console = console or Console()
+    started = time.monotonic()
+    try:
+        engine = Engine(cfg)
+        sim = FleetSimulator(cfg.fleet)
+        bus = MemoryBus()
+        detect_sub = bus.subscribe([Topic.GPU, Topic.FACILITY, Topic.EVENTS], "detect")
+        archive_sub = bus.subscribe(list(Topic), "archive") if cfg.archive.enabled else None
+        notify_sub = bus.subscribe([Topic.ALERTS], "notify")
+        writer = ArchiveWriter(cfg.archive_dir, cfg.archive.compression, cfg.archive.max_buffer_rows)
+        webhooks = WebhookSender(cfg.alerts.webhooks, cfg.alerts.webhook_timeout_s, cfg.alerts.webhook_retries)
+        log.info("fleetwatch running: %d racks x %d nodes x %d GPUs simulated, archive %s, alerts %s",
+                 cfg.fleet.racks, cfg.fleet.nodes_per_rack, cfg.fleet.gpus_per_node, cfg.archive_dir, cfg.alerts_log)
+
+        source = asyncio.create_task(source_role(bus, sim, stop, cfg.fleet.speed), name="source")
+        detect = asyncio.create_task(detect_role(bus, engine, detect_sub), name="detect")
+        sinks = [asyncio.create_task(notify_role(notify_sub, AlertLog(cfg.alerts_log), webhooks,
+                                                 console if cfg.alerts.console else None), name="notify")]
+        if archive_sub is not None:
+            sinks.append(asyncio.create_task(archive_role(writer, archive_sub, cfg.archive.flush_interval_s),
+                                             name="archive"))
+        status = asyncio.create_task(status_role(engine, sim, console, cfg.daemon.status_interval_s, stop),
+                                     name="status")
+        everything = [source, detect, *sinks]
+        stopper = asyncio.create_task(stop.wait())
+        timer = asyncio.create_task(asyncio.sleep(duration_s if duration_s is not None else 1e12))
+        done, _ = await asyncio.wait([*everything, stopper, timer], return_when=asyncio.FIRST_COMPLETED)
+        stop.set()
+        timer.cancel()
+        failed = [t for t in done & set(everything) if t.exception() is not None]
+        if failed:  # a role died (a bug): say which, stop the rest, exit non-zero
+            log.error("role %s failed: %r", failed[0].get_name(), failed[0].exception())
+            for task in [*everything, status]:
+                task.cancel()
+            await asyncio.gather(*everything, status, return_exceptions=True)
+            raise failed[0].exception()
+        log.info("stopping: draining the pipeline and flushing the archive")
+        await source
+        await bus.end(SOURCE_TOPICS)
+        await detect
+        await bus.end(DETECT_TOPICS)
+        await asyncio.gather(*sinks)
+        await status
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        console.close()
+    wall = time.monotonic() - started
+    summary = RunSummary(engine.stats.gpu_samples, wall, engine.stats.alerts_fired, dict(writer.rows_written))
+    log.info("stopped after %.1f s: %d GPU samples, %d alerts raised, %d rows archived in %d files",
+             wall, summary.gpu_samples, summary.alerts_fired, sum(summary.rows_archived.values()),
+             writer.files_written)
+    return summary

@@ -1,0 +1,1 @@
+"""What the data means: Numba kernels, hard-signal rules and the alert/health state machine."""

@@ -1,0 +1,90 @@
+"""Every alert Fleetwatch can raise: its severity, what it targets and how it reads.
+
+Each alertname has a runbook at runbooks/<alertname>.md (a test enforces it).
+Summaries are format strings over the alert's labels and evidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AlertSpec:
+    name: str
+    severity: str   # critical: act now; warning: act today
+    scope: str      # gpu, node or rack: which labels identify it
+    summary: str    # format string over labels and evidence
+    action: str     # the first thing to do, repeated in the description
+
+
+ALERTS: tuple[AlertSpec, ...] = (
+    AlertSpec("GpuFellOffBus", "critical", "gpu",
+              "{node} GPU {gpu} fell off the bus (XID 79)",
+              "Drain the node and reboot it; if XID 79 recurs, reseat or RMA the GPU."),
+    AlertSpec("GpuNotReporting", "critical", "gpu",
+              "{node} GPU {gpu} stopped reporting ({silent_s:.0f} s) while its node still reports",
+              "Check `nvidia-smi` on the node and the kernel log for XIDs; drain if the GPU is gone."),
+    AlertSpec("NodeNotReporting", "critical", "node",
+              "{node} sent no GPU telemetry for {silent_s:.0f} s",
+              "Check that the node is up and its agent runs; then check its network path."),
+    AlertSpec("GpuUncorrectableEcc", "critical", "gpu",
+              "{node} GPU {gpu}: uncorrectable memory error ({what})",
+              "Drain the node; reset the GPU to apply a pending row remap; a remap failure means RMA."),
+    AlertSpec("GpuNvlinkError", "warning", "gpu",
+              "{node} GPU {gpu}: NVLink error (XID 74)",
+              "Run `nvidia-smi nvlink -e` and `dcgmi diag -r 3`; reset the GPU if links are down."),
+    AlertSpec("GpuHighSbeRate", "warning", "gpu",
+              "{node} GPU {gpu}: high single-bit ECC error rate (XID 92)",
+              "Watch row remapping; schedule a GPU reset at the next drain."),
+    AlertSpec("GpuGspError", "critical", "gpu",
+              "{node} GPU {gpu}: GSP firmware error (XID {xid})",
+              "Drain the node and reset the GPU; if it recurs, reboot and update the driver."),
+    AlertSpec("GpuXid", "warning", "gpu",
+              "{node} GPU {gpu}: XID {xid}",
+              "Look the XID up in the runbook's table; most application XIDs need no hardware action."),
+    AlertSpec("GpuOverTemperature", "critical", "gpu",
+              "{node} GPU {gpu} at {temp_c:.0f} C (limit {limit_c:.0f} C)",
+              "Check the coolant loop of the rack, then the GPU's cold plate; drain if it keeps rising."),
+    AlertSpec("GpuThermalRunaway", "critical", "gpu",
+              "{node} GPU {gpu} at {temp_c:.0f} C, {excess_c:.1f} C hotter than its siblings",
+              "Drain the node; the GPU's cold plate or thermal interface is failing."),
+    AlertSpec("GpuThermalDrift", "warning", "gpu",
+              "{node} GPU {gpu} runs {excess_c:.1f} C hotter than its siblings than it used to",
+              "Schedule an inspection of the GPU's cold plate and coolant connections."),
+    AlertSpec("GpuStraggler", "warning", "gpu",
+              "{node} GPU {gpu} is a straggler: {power_w:.0f} W and {sm_mhz:.0f} MHz vs peers' "
+              "{peer_power_w:.0f} W and {peer_sm_mhz:.0f} MHz at full utilisation",
+              "Run `dcgmi diag -r 3` on the node; a straggler slows every job it is in."),
+    AlertSpec("NodePowerBrake", "critical", "node",
+              "{node}: HW power brake slowdown on {gpus:.0f} GPUs",
+              "Check the node's power supplies and the rack PDU; the brake is asserted by the board."),
+    AlertSpec("GpuPcieReplayStorm", "warning", "gpu",
+              "{node} GPU {gpu}: {rate_per_s:.0f} PCIe replays/s",
+              "Check the PCIe link (`nvidia-smi -q` PCIe section); reseat the GPU at the next drain."),
+    AlertSpec("GpuNvlinkErrorStorm", "warning", "gpu",
+              "{node} GPU {gpu}: {rate_per_s:.0f} NVLink CRC errors/s",
+              "Run `nvidia-smi nvlink -e`; reset the GPU or reseat the NVSwitch tray if errors persist."),
+    AlertSpec("GpuPowerSensorStuck", "warning", "gpu",
+              "{node} GPU {gpu}: power reading stuck at {power_w:.3f} W for {samples:.0f} samples",
+              "Power capping and accounting are blind on this GPU; reset it at the next drain."),
+    AlertSpec("CoolantFlowLoss", "critical", "rack",
+              "rack {rack}: coolant flow {flow_lpm:.0f} l/min, {ratio:.0%} of its normal {baseline_lpm:.0f}",
+              "Check the CDU pumps and valves now; cap or drain the rack's GPUs if temperatures climb."),
+    AlertSpec("CoolantLeak", "critical", "rack",
+              "rack {rack}: coolant leak detected by {device}",
+              "Isolate the rack's coolant loop and drain its nodes; send facilities to inspect."),
+    AlertSpec("PduOverload", "critical", "rack",
+              "rack {rack}: PDU {device} draws {power_w:.0f} W, {ratio:.0%} of its {rating_w:.0f} W rating",
+              "Lower the rack's GPU power caps or drain nodes before the breaker trips."),
+)
+
+ALERTS_BY_NAME: dict[str, AlertSpec] = {a.name: a for a in ALERTS}
+
+# DCGM's critical XIDs and the alert each raises; any other XID raises GpuXid.
+XID_ALERTS: dict[int, str] = {
+    48: "GpuUncorrectableEcc", 63: "GpuUncorrectableEcc", 64: "GpuUncorrectableEcc",
+    94: "GpuUncorrectableEcc", 95: "GpuUncorrectableEcc",
+    74: "GpuNvlinkError", 79: "GpuFellOffBus", 92: "GpuHighSbeRate",
+    119: "GpuGspError", 120: "GpuGspError",
+}

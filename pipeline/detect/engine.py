@@ -1,0 +1,403 @@
+"""The detection engine: telemetry and events in, alert state changes and node health out.
+
+One `process(message)` call per bus message. Every detector runs over the whole
+batch at once (numpy expressions and Numba kernels over flat state arrays); Python
+runs per row only for the rare things: a series never seen before, an XID event,
+an alert that changes state.
+
+Detectors (README, "Detection", explains each in operator terms):
+- hard rules: XID events, uncorrectable ECC counter increments and row-remap
+  flags, leak sensors, a GPU or node that stops reporting;
+- rates: PCIe replay and NVLink CRC counters (counter resets are not negative rates);
+- thresholds: GPU temperature, PDU load against rating;
+- peers: GPU temperature against its node's median (runaway), power and SM clock
+  against the node's median at full utilisation (straggler), HW power brake;
+- statistics (Numba): EWMA baseline of coolant flow (flow loss), CUSUM of the
+  GPU's temperature excess over its peers (slow drift), flat-line of the power
+  sensor (stuck).
+Correlation: a rack with a coolant alert pending or firing suppresses the
+over-temperature alerts of its GPUs; a GPU that fell off the bus does not also
+raise GpuNotReporting.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.bus.base import Message, Topic
+from pipeline.config import Config
+from pipeline.detect import kernels
+from pipeline.detect.catalog import ALERTS, XID_ALERTS
+from pipeline.detect.health import NodeHealth, NodeIdentity, Tracker
+from pipeline.detect.state import CounterDelta, Cusum, EwmaZ, Flatline, KeyIndex, SlotArrays, group_median
+from pipeline.model import GPU_METRICS, Alert
+
+log = logging.getLogger(__name__)
+
+HW_SLOWDOWN_BITS = 0x8 | 0x20 | 0x40 | 0x80  # HW slowdown, SW/HW thermal, HW power brake
+POWER_BRAKE = 0x80
+KIND_OTHER, KIND_LEAK, KIND_FLOW, KIND_PDU_POWER = 0, 1, 2, 3
+
+# Which tracker each alertname uses; fire_after None = the configured soft value.
+_HARD = {"GpuFellOffBus", "GpuUncorrectableEcc", "GpuNvlinkError", "GpuHighSbeRate", "GpuGspError", "GpuXid",
+         "CoolantLeak"}
+_DETECTOR = {
+    "GpuFellOffBus": "xid", "GpuUncorrectableEcc": "ecc", "GpuNvlinkError": "xid", "GpuHighSbeRate": "xid",
+    "GpuGspError": "xid", "GpuXid": "xid", "GpuNotReporting": "staleness", "NodeNotReporting": "staleness",
+    "GpuOverTemperature": "threshold", "GpuThermalRunaway": "peer_temperature", "GpuThermalDrift": "cusum",
+    "GpuStraggler": "peer_performance", "NodePowerBrake": "clock_reasons", "GpuPcieReplayStorm": "counter_rate",
+    "GpuNvlinkErrorStorm": "counter_rate", "GpuPowerSensorStuck": "flatline", "CoolantFlowLoss": "ewma",
+    "CoolantLeak": "leak_sensor", "PduOverload": "threshold",
+}
+
+
+@dataclass
+class Output:
+    alerts: list[tuple[datetime, Alert]] = field(default_factory=list)
+    health: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Stats:
+    gpu_samples: int = 0
+    facility_samples: int = 0
+    events: int = 0
+    invalid_values: dict[str, int] = field(default_factory=dict)
+    alerts_fired: int = 0
+    alerts_resolved: int = 0
+
+
+class Engine:
+    def __init__(self, cfg: Config) -> None:
+        kernels.warm_up()  # compile or load from cache now, not on the first sample
+        self.cfg = cfg
+        d = self.d = cfg.detect
+        self.stats = Stats()
+        self._current: pa.RecordBatch | None = None
+        # Identities: GPU UUID -> slot, node name -> index, site/rack -> index, device/metric -> slot.
+        self.gpus = KeyIndex(self._new_gpus)
+        self.nodes = KeyIndex(self._new_nodes)
+        self.racks = KeyIndex(self._new_racks)
+        self.points = KeyIndex(self._new_points)
+        self.g = SlotArrays({"node": (np.int64, -1), "index": (np.int64, 0), "last_seen": (np.float64, np.nan),
+                             "interval": (np.float64, np.nan), "offbus": (np.bool_, False)})
+        self.n = SlotArrays({"rack": (np.int64, -1), "last_seen": (np.float64, np.nan),
+                             "interval": (np.float64, np.nan)})
+        self.p = SlotArrays({"rack": (np.int64, -1), "kind": (np.int8, KIND_OTHER)})
+        self.node_names: list[str] = []
+        self.rack_names: list[tuple[str, str]] = []   # (site, rack)
+        self.point_devices: list[str] = []
+        self.g_count = 0  # GPUs known
+        self.xid_until: dict[str, SlotArrays] = {}
+        # Stateful detectors.
+        self.dbe = CounterDelta()
+        self.pcie = CounterDelta()
+        self.nvlink = CounterDelta()
+        self.power_flat = Flatline()
+        self.drift = Cusum(d.drift_baseline_halflife_s, d.cusum_slack_c, d.cusum_limit, d.warmup_samples)
+        self.flow = EwmaZ(d.ewma_halflife_s, d.z_threshold, d.warmup_samples, d.relearn_samples)
+        self.trackers = {spec.name: Tracker(spec, _DETECTOR[spec.name], 1 if spec.name in _HARD else d.fire_after,
+                                            d.resolve_after, self._labels_getter(spec.scope),
+                                            cfg.alerts.runbook_base_url)
+                         for spec in ALERTS}
+        self.health = NodeHealth()
+
+    # ---- identities ------------------------------------------------------------
+
+    def _new_nodes(self, keys: pa.Array, rows: np.ndarray) -> None:
+        b = self._current
+        rack_keys = pc.binary_join_element_wise(b.column("site").take(rows), b.column("rack").take(rows), "/")
+        racks = self.racks.slots(rack_keys)
+        start = len(self.node_names)
+        self.node_names.extend(keys.to_pylist())
+        self.n.ensure(len(self.node_names))
+        self.n.rack[start:start + len(rows)] = racks
+
+    def _new_racks(self, keys: pa.Array, rows: np.ndarray) -> None:
+        self.rack_names.extend(tuple(k.split("/", 1)) for k in keys.to_pylist())
+
+    def _new_gpus(self, keys: pa.Array, rows: np.ndarray) -> None:
+        b = self._current
+        nodes = self.nodes.slots(b.column("node").take(rows))
+        start = self.g_count
+        self.g_count = start + len(rows)
+        self.g.ensure(self.g_count)
+        self.g.node[start:self.g_count] = nodes
+        self.g.index[start:self.g_count] = b.column("gpu").take(rows).to_numpy(zero_copy_only=False)
+
+    def _new_points(self, keys: pa.Array, rows: np.ndarray) -> None:
+        b = self._current
+        start = len(self.point_devices)
+        n = len(rows)
+        self.p.ensure(start + n)
+        devices = b.column("device").take(rows).to_pylist()
+        metrics = b.column("metric").take(rows).to_pylist()
+        racks = b.column("rack").take(rows).to_pylist()
+        sites = b.column("site").take(rows).to_pylist()
+        for i, (dev, metric, rack, site) in enumerate(zip(devices, metrics, racks, sites)):
+            kind = (KIND_LEAK if metric == "leak" else KIND_FLOW if metric == "flow_lpm"
+                    else KIND_PDU_POWER if metric == "power_w" and dev.startswith("pdu") else KIND_OTHER)
+            self.p.kind[start + i] = kind
+            self.p.rack[start + i] = self.racks.slots(pa.array([f"{site}/{rack}"]))[0] if rack else -1
+        self.point_devices.extend(devices)
+
+    def _labels_getter(self, scope: str):
+        def gpu(slot: int) -> dict[str, str]:
+            return {**node(int(self.g.node[slot])), "gpu": str(int(self.g.index[slot]))}
+
+        def node(n: int) -> dict[str, str]:
+            return {**rack(int(self.n.rack[n])), "node": self.node_names[n]}
+
+        def rack(r: int) -> dict[str, str]:
+            site, name = self.rack_names[r]
+            return {"site": site, "rack": name}
+        return {"gpu": gpu, "node": node, "rack": rack}[scope]
+
+    def node_identity(self, n: int) -> NodeIdentity:
+        site, rack = self.rack_names[int(self.n.rack[n])]
+        return NodeIdentity(site, rack, self.node_names[n])
+
+    # ---- entry point -------------------------------------------------------------
+
+    def process(self, message: Message) -> Output:
+        batch = message.value
+        if batch.num_rows == 0:
+            return Output()
+        self._current = batch
+        out = Output()
+        if message.topic == Topic.GPU:
+            self._gpu(batch, out)
+        elif message.topic == Topic.FACILITY:
+            self._facility(batch, out)
+        elif message.topic == Topic.EVENTS:
+            self._events(batch, out)
+        if out.alerts:
+            self.stats.alerts_fired += sum(a.ends_at is None for _, a in out.alerts)
+            self.stats.alerts_resolved += sum(a.ends_at is not None for _, a in out.alerts)
+            out.health = self._node_health(max(ts for ts, _ in out.alerts).timestamp())
+        return out
+
+    def active_alerts(self) -> list[Alert]:
+        return [a for t in self.trackers.values() for a in t.active.values()]
+
+    def _eval(self, out: Output, name: str, entities: np.ndarray, hit: np.ndarray, t: float,
+              score: np.ndarray, evidence) -> None:
+        out.alerts.extend(self.trackers[name].update(entities, hit, t, score, evidence))
+
+    # ---- sanitising --------------------------------------------------------------
+
+    def _numeric(self, batch: pa.RecordBatch, name: str) -> np.ndarray:
+        """A metric column as float64 with NaN for null; NaN, Inf and negative values
+        are counted (logged once per column) and turned into NaN so no detector sees them."""
+        col = batch.column(name)
+        x = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(x) | (x < 0)
+        if col.null_count:
+            bad &= col.is_valid().to_numpy(zero_copy_only=False)
+        n_bad = int(np.count_nonzero(bad))
+        if n_bad:
+            if name not in self.stats.invalid_values:
+                log.warning("invalid values in %r (NaN, Inf or negative): skipped; counted in stats, logged once", name)
+            self.stats.invalid_values[name] = self.stats.invalid_values.get(name, 0) + n_bad
+            x = np.where(bad, np.nan, x)
+        return x
+
+    # ---- GPU telemetry ---------------------------------------------------------
+
+    def _gpu(self, batch: pa.RecordBatch, out: Output) -> None:
+        d = self.d
+        slots = self.gpus.slots(batch.column("gpu_uuid"))
+        ts = batch.column("ts").cast(pa.int64()).to_numpy() / 1e9
+        t = float(ts.max())
+        self.stats.gpu_samples += batch.num_rows
+        m = {name: self._numeric(batch, name) for name in GPU_METRICS}
+        g, nd = self.g, self.n
+        node = g.node[slots]
+        rack = nd.rack[node]
+
+        # Reporting cadence, for staleness.
+        gap = ts - g.last_seen[slots]
+        seen_before = np.isfinite(gap) & (gap > 0)
+        g.interval[slots] = np.where(seen_before, np.where(np.isnan(g.interval[slots]), gap,
+                                                           0.9 * g.interval[slots] + 0.1 * gap), g.interval[slots])
+        g.last_seen[slots] = ts
+        nd.last_seen[node] = ts
+        nd.interval[node] = g.interval[slots]
+        g.offbus[slots] = False  # a GPU that reports is on the bus again
+
+        # Peers: medians over each node's GPUs in this batch.
+        local_nodes, local = np.unique(node, return_inverse=True)
+        n_local = local_nodes.shape[0]
+        temp, power, sm, util = m["gpu_temp_c"], m["power_w"], m["sm_clock_mhz"], m["util_gpu"]
+        reasons = np.nan_to_num(m["clock_event_reasons"]).astype(np.int64)
+        med_temp, n_temp = group_median(temp, local, n_local)
+        residual = np.where(n_temp[local] >= 3, temp - med_temp[local], np.nan)
+        cooling = (self.trackers["CoolantFlowLoss"].pending_or_firing(len(self.racks))
+                   | self.trackers["CoolantLeak"].pending_or_firing(len(self.racks)))
+        cooling_bad = cooling[rack]
+
+        def ev(**arrays):
+            return lambda i: {k: (float(v[i]) if isinstance(v, np.ndarray) else v) for k, v in arrays.items()}
+
+        # Thermal: one alert per problem. A runaway explains the GPU's high temperature
+        # and its drift; a coolant problem of the rack explains its GPUs' temperatures.
+        self._eval(out, "GpuThermalRunaway", slots, residual > d.peer_temp_excess_c, t, residual,
+                   ev(temp_c=temp, excess_c=residual, peer_median_c=med_temp[local], threshold_c=d.peer_temp_excess_c))
+        runaway = self.trackers["GpuThermalRunaway"].pending_or_firing(self.g_count)[slots]
+        self._eval(out, "GpuOverTemperature", slots, (temp >= d.gpu_temp_limit_c) & ~cooling_bad & ~runaway, t, temp,
+                   ev(temp_c=temp, limit_c=d.gpu_temp_limit_c, peer_median_c=med_temp[local]))
+        hot = runaway | self.trackers["GpuOverTemperature"].pending_or_firing(self.g_count)[slots]
+        drift = self.drift.update(residual, slots)
+        drift_excess = residual - self.drift.s.mean[slots]
+        drifting = (drift >= 1.0) & (drift_excess > d.cusum_slack_c) & ~cooling_bad & ~hot
+        self._eval(out, "GpuThermalDrift", slots, drifting, t, drift,
+                   ev(temp_c=temp, excess_c=drift_excess, cusum_score=drift, peer_median_c=med_temp[local]))
+
+        # Performance against peers at full load.
+        include = (util >= 0.9) & ((reasons & HW_SLOWDOWN_BITS) == 0)
+        med_power, n_power = group_median(power, local, n_local, include)
+        med_sm, _ = group_median(sm, local, n_local, include)
+        r = d.straggler_ratio
+        straggler = (include & (n_power[local] >= 4) & (med_power[local] > 200.0)
+                     & (power < r * med_power[local]) & (sm < r * med_sm[local]))
+        self._eval(out, "GpuStraggler", slots, straggler, t, power / med_power[local],
+                   ev(power_w=power, sm_mhz=sm, util=util, peer_power_w=med_power[local],
+                      peer_sm_mhz=med_sm[local], ratio_threshold=r))
+        brake_gpus = np.bincount(local, (reasons & POWER_BRAKE) != 0, n_local)
+        self._eval(out, "NodePowerBrake", local_nodes, brake_gpus > 0, t, brake_gpus,
+                   ev(gpus=brake_gpus, reason_bit="0x80"))
+
+        # Counters and flags.
+        dbe_delta, _ = self.dbe.update(m["ecc_dbe_volatile_total"], slots, ts)
+        pending, failure = m["remapped_rows_pending"] == 1, m["remapped_rows_failure"] == 1
+        ecc_latched = t < self._xid_until("GpuUncorrectableEcc")[slots]
+        self._eval(out, "GpuUncorrectableEcc", slots, (dbe_delta > 0) | pending | failure | ecc_latched, t,
+                   np.nan_to_num(dbe_delta),
+                   lambda i: {"what": ", ".join(w for w, on in (("DBE counter +%d" % dbe_delta[i], dbe_delta[i] > 0),
+                                                                ("row remap pending", pending[i]),
+                                                                ("row remap failure", failure[i]),
+                                                                ("XID", ecc_latched[i])) if on),
+                              "ecc_dbe_volatile_total": float(m["ecc_dbe_volatile_total"][i])})
+        for name in ("GpuNvlinkError", "GpuHighSbeRate", "GpuGspError", "GpuXid"):
+            latched = t < self._xid_until(name)[slots]
+            if latched.any() or self.trackers[name].active:
+                self._eval(out, name, slots, latched, t, latched.astype(float), ev())
+        _, pcie_rate = self.pcie.update(m["pcie_replay_total"], slots, ts)
+        self._eval(out, "GpuPcieReplayStorm", slots, pcie_rate > d.pcie_replay_rate_per_s, t, pcie_rate,
+                   ev(rate_per_s=pcie_rate, threshold_per_s=d.pcie_replay_rate_per_s))
+        _, nvlink_rate = self.nvlink.update(m["nvlink_crc_errors_total"], slots, ts)
+        self._eval(out, "GpuNvlinkErrorStorm", slots, nvlink_rate > d.nvlink_crc_rate_per_s, t, nvlink_rate,
+                   ev(rate_per_s=nvlink_rate, threshold_per_s=d.nvlink_crc_rate_per_s))
+        runs = self.power_flat.update(power, slots)
+        self._eval(out, "GpuPowerSensorStuck", slots, runs >= d.stuck_samples, t, runs.astype(float),
+                   ev(power_w=power, samples=runs.astype(float)))
+        # A GPU that fell off the bus stays alerted until it reports again.
+        self._eval(out, "GpuFellOffBus", slots, np.zeros(slots.shape[0], bool), t, np.zeros(slots.shape[0]), ev())
+
+        self._staleness(out, local_nodes, t)
+
+    def _staleness(self, out: Output, present_nodes: np.ndarray, t: float) -> None:
+        """GPUs of reporting nodes that went silent, and nodes that went silent."""
+        g, nd, k = self.g, self.n, self.d.missing_after_intervals
+        n_gpus, n_nodes = self.g_count, len(self.node_names)
+        present = np.zeros(n_nodes, bool)
+        present[present_nodes] = True
+        cand = np.flatnonzero(present[g.node[:n_gpus]])
+        silent = t - g.last_seen[cand]
+        self._eval(out, "GpuNotReporting", cand, (silent > k * g.interval[cand]) & ~g.offbus[cand], t, silent,
+                   lambda i: {"silent_s": float(silent[i])})
+        all_nodes = np.arange(n_nodes)
+        node_silent = t - nd.last_seen[:n_nodes]
+        self._eval(out, "NodeNotReporting", all_nodes, node_silent > 2 * k * nd.interval[:n_nodes], t, node_silent,
+                   lambda i: {"silent_s": float(node_silent[i])})
+
+    def _xid_until(self, name: str) -> np.ndarray:
+        arr = self.xid_until.get(name)
+        if arr is None:
+            arr = self.xid_until[name] = SlotArrays({"until": (np.float64, -np.inf)})
+        arr.ensure(self.g_count)
+        return arr.until
+
+    # ---- events ------------------------------------------------------------------
+
+    def _events(self, batch: pa.RecordBatch, out: Output) -> None:
+        slots = self.gpus.slots(batch.column("gpu_uuid"))
+        ts = batch.column("ts").cast(pa.int64()).to_numpy() / 1e9
+        self.stats.events += batch.num_rows
+        for i, row in enumerate(batch.select(["kind", "code", "text"]).to_pylist()):
+            slot, t = int(slots[i]), float(ts[i])
+            code = row["code"]
+            if row["kind"] == "gpu_lost" or (row["kind"] == "xid" and code == 79):
+                name = "GpuFellOffBus"
+                self.g.offbus[slot] = True
+            elif row["kind"] == "xid" and code is not None:
+                name = XID_ALERTS.get(code, "GpuXid")
+                self._xid_until(name)[slot] = max(self._xid_until(name)[slot], t + self.d.xid_hold_s)
+            else:
+                continue
+            what = f"XID {code}: {row['text']}" if code is not None else row["text"]
+            self._eval(out, name, np.array([slot]), np.array([True]), t, np.array([float(code or 0)]),
+                       lambda _: {"xid": code, "what": what})
+
+    # ---- facility ------------------------------------------------------------------
+
+    def _facility(self, batch: pa.RecordBatch, out: Output) -> None:
+        d = self.d
+        keys = pc.binary_join_element_wise(batch.column("device"), batch.column("metric"), "/")
+        slots = self.points.slots(keys)
+        ts = batch.column("ts").cast(pa.int64()).to_numpy() / 1e9
+        t = float(ts.max())
+        self.stats.facility_samples += batch.num_rows
+        value = self._numeric(batch, "value")
+        kind = self.p.kind[slots]
+        rack = self.p.rack[slots]
+        devices = self.point_devices
+
+        def per_rack(name: str, rows: np.ndarray, hit: np.ndarray, score: np.ndarray, evidence) -> None:
+            if rows.size == 0:
+                return
+            racks, first = np.unique(rack[rows], return_index=True)
+            keep = racks >= 0
+            any_hit = np.zeros(racks.shape[0], bool)
+            np.logical_or.at(any_hit, np.searchsorted(racks, rack[rows]), hit)
+            self._eval(out, name, racks[keep], any_hit[keep], t, score[first][keep],
+                       lambda i: evidence(int(rows[first[keep][i]])))
+
+        leak = np.flatnonzero(kind == KIND_LEAK)
+        per_rack("CoolantLeak", leak, value[leak] >= 0.5, value[leak],
+                 lambda r: {"device": devices[slots[r]], "leak": float(value[r])})
+        flow = np.flatnonzero(kind == KIND_FLOW)
+        if flow.size:
+            _, base = self.flow.update(value[flow], slots[flow], ts[flow])
+            warm = self.flow.s.count[slots[flow]] >= d.warmup_samples
+            ratio = value[flow] / base
+            base_of = dict(zip(flow.tolist(), base.tolist()))
+            per_rack("CoolantFlowLoss", flow, warm & (ratio < d.flow_loss_ratio), ratio,
+                     lambda r: {"device": devices[slots[r]], "flow_lpm": float(value[r]),
+                                "baseline_lpm": base_of[r], "ratio": float(value[r] / base_of[r]),
+                                "threshold_ratio": d.flow_loss_ratio})
+        pdu = np.flatnonzero(kind == KIND_PDU_POWER)
+        rating = self.cfg.fleet.pdu_rating_w
+        per_rack("PduOverload", pdu, value[pdu] > d.pdu_load_ratio * rating, value[pdu] / rating,
+                 lambda r: {"device": devices[slots[r]], "power_w": float(value[r]), "rating_w": rating,
+                            "ratio": float(value[r] / rating), "threshold_ratio": d.pdu_load_ratio})
+
+    # ---- node health -------------------------------------------------------------
+
+    def _node_health(self, t: float) -> list[dict]:
+        firing = []
+        for name, tr in self.trackers.items():
+            entities = np.fromiter(tr.active.keys(), np.int64, len(tr.active))
+            scope = tr.spec.scope
+            if scope == "rack" or entities.size == 0:
+                continue
+            nodes = self.g.node[entities] if scope == "gpu" else entities
+            firing.append((nodes, tr.spec.severity, name))
+        return self.health.update(len(self.node_names), firing, self.node_identity, t)

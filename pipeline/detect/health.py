@@ -1,0 +1,133 @@
+"""From detector hits to alerts and node states, with hysteresis.
+
+A `Tracker` follows one alertname over its entities (GPU slots, nodes or racks):
+a condition must hold `fire_after` evaluations in a row to fire and be clear
+`resolve_after` evaluations in a row to resolve, so one problem is one alert, not
+a flapping stream. `NodeHealth` turns the firing alerts into one state per node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+import numpy as np
+
+from pipeline.detect.catalog import AlertSpec
+from pipeline.detect.state import SlotArrays
+from pipeline.model import Alert
+
+Evidence = Callable[[int], dict]  # row of the evaluated batch -> evidence for an alert
+
+
+def _dt(t: float) -> datetime:
+    return datetime.fromtimestamp(t, timezone.utc)
+
+
+class Tracker:
+    def __init__(self, spec: AlertSpec, detector: str, fire_after: int, resolve_after: int,
+                 labels_for: Callable[[int], dict[str, str]], runbook_base_url: str) -> None:
+        self.spec = spec
+        self.detector = detector
+        self.fire_after = fire_after
+        self.resolve_after = resolve_after
+        self._labels_for = labels_for
+        self._runbook = f"{runbook_base_url}{spec.name}.md"
+        self.s = SlotArrays({"hits": (np.int32, 0), "clears": (np.int32, 0), "firing": (np.bool_, False)})
+        self.active: dict[int, Alert] = {}
+
+    def pending_or_firing(self, n: int) -> np.ndarray:
+        self.s.ensure(n)
+        return (self.s.hits[:n] > 0) | self.s.firing[:n]
+
+    def update(self, entities: np.ndarray, hit: np.ndarray, t: float, score: np.ndarray,
+               evidence: Evidence) -> list[tuple[datetime, Alert]]:
+        """Evaluate the condition for `entities` (unique) at time t; return state changes."""
+        if entities.size == 0:
+            return []
+        s = self.s
+        s.ensure(int(entities.max()) + 1)
+        hits = np.where(hit, s.hits[entities] + 1, 0)
+        clears = np.where(hit, 0, s.clears[entities] + 1)
+        firing = s.firing[entities]
+        s.hits[entities], s.clears[entities] = hits, clears
+        start = np.flatnonzero(hit & ~firing & (hits >= self.fire_after))
+        stop = np.flatnonzero(firing & (clears >= self.resolve_after))
+        if start.size == 0 and stop.size == 0:
+            return []
+        changes = []
+        now = _dt(t)
+        for i in start:  # transitions are rare: plain Python from here on
+            e = int(entities[i])
+            s.firing[e] = True
+            alert = self._new_alert(e, now, float(score[i]), evidence(int(i)))
+            self.active[e] = alert
+            changes.append((now, alert))
+        for i in stop:
+            e = int(entities[i])
+            s.firing[e] = False
+            alert = self.active.pop(e)
+            alert.ends_at = now
+            changes.append((now, alert))
+        return changes
+
+    def _new_alert(self, entity: int, now: datetime, score: float, evidence: dict) -> Alert:
+        spec = self.spec
+        labels = {"alertname": spec.name, "severity": spec.severity, **self._labels_for(entity)}
+        fields = {**labels, **{k: v for k, v in evidence.items() if v is not None}}
+        try:
+            summary = spec.summary.format(**fields)
+        except (KeyError, ValueError):  # evidence lacks a field: still say what and where
+            summary = f"{spec.name} on {labels.get('node') or labels.get('rack')}"
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in evidence.items())
+        return Alert(labels=labels,
+                     annotations={"summary": summary,
+                                  "description": f"{spec.action} Evidence ({self.detector}): {shown}.",
+                                  "runbook_url": self._runbook},
+                     starts_at=now, detector=self.detector, score=score, evidence=evidence)
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+STATES = ("healthy", "suspect", "failing")
+_RANK = {"warning": 1, "critical": 2}
+
+
+@dataclass
+class NodeIdentity:
+    site: str
+    rack: str
+    node: str
+
+
+class NodeHealth:
+    """Node state = worst firing alert on the node (or its GPUs): critical -> failing,
+    warning -> suspect. Alerts carry the hysteresis, so states do not flap."""
+
+    def __init__(self) -> None:
+        self.state = np.zeros(0, np.int8)
+
+    def update(self, n_nodes: int, firing_by_node: list[tuple[np.ndarray, str, str]],
+               identity: Callable[[int], NodeIdentity], t: float) -> list[dict]:
+        """firing_by_node: (node indices with a firing alert, severity, alertname) per tracker."""
+        if self.state.shape[0] < n_nodes:
+            self.state = np.concatenate([self.state, np.zeros(n_nodes - self.state.shape[0], np.int8)])
+        new = np.zeros(n_nodes, np.int8)
+        for nodes, severity, _ in firing_by_node:
+            if nodes.size:
+                np.maximum.at(new, nodes, _RANK.get(severity, 0))
+        changed = np.flatnonzero(new != self.state[:n_nodes])
+        out = []
+        for n in changed:
+            who = identity(int(n))
+            reasons = sorted({name for nodes, _, name in firing_by_node if np.any(nodes == n)})
+            out.append({"ts": _dt(t), "site": who.site, "rack": who.rack, "node": who.node,
+                        "state": STATES[new[n]], "previous": STATES[self.state[n]], "reasons": ",".join(reasons)})
+        self.state[:n_nodes] = new
+        return out
+
+    def counts(self) -> dict[str, int]:
+        return {name: int(np.count_nonzero(self.state == i)) for i, name in enumerate(STATES)}

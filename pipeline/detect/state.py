@@ -1,0 +1,127 @@
+"""Detector state as flat numpy arrays, one slot per series, and the registry that
+maps series identities (GPU UUIDs, facility points) to slots batch at a time."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.detect import kernels
+
+
+class SlotArrays:
+    """Named state arrays that grow together (capacity doubles) as series appear."""
+
+    def __init__(self, spec: dict[str, tuple[type, float]], capacity: int = 64) -> None:
+        self._spec = spec
+        self.capacity = capacity
+        for name, (dtype, fill) in spec.items():
+            setattr(self, name, np.full(capacity, fill, dtype))
+
+    def ensure(self, n: int) -> None:
+        if n <= self.capacity:
+            return
+        new_cap = max(n, 2 * self.capacity)
+        for name, (dtype, fill) in self._spec.items():
+            old = getattr(self, name)
+            grown = np.full(new_cap, fill, dtype)
+            grown[: old.shape[0]] = old
+            setattr(self, name, grown)
+        self.capacity = new_cap
+
+
+class KeyIndex:
+    """Dense slots for string keys. Lookups are one vectorised hash probe per batch;
+    only keys never seen before run Python (once each, through `on_new`)."""
+
+    def __init__(self, on_new: Callable[[pa.Array, np.ndarray], None] | None = None) -> None:
+        self.keys = pa.array([], pa.string())
+        self._on_new = on_new
+        self._last: tuple[pa.Array, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def slots(self, keys: pa.Array) -> np.ndarray:
+        if self._last is not None and self._last[0] is keys:
+            return self._last[1]  # the same column object again (static columns of a source)
+        idx = pc.index_in(keys, value_set=self.keys)
+        if idx.null_count:
+            unseen = pc.is_null(idx)
+            new = pc.unique(pc.filter(keys, unseen))
+            first_rows = pc.index_in(new, value_set=keys).to_numpy().astype(np.int64)
+            self.keys = pa.concat_arrays([self.keys, new.cast(pa.string())])
+            if self._on_new is not None:
+                self._on_new(new, first_rows)
+            idx = pc.index_in(keys, value_set=self.keys)
+        out = idx.to_numpy().astype(np.int64)
+        self._last = (keys, out)
+        return out
+
+
+class EwmaZ:
+    def __init__(self, halflife_s: float, z_gate: float, warmup: int, relearn: int,
+                 min_sd_rel: float = 0.001, min_sd_abs: float = 1e-9) -> None:
+        self.params = (halflife_s, z_gate, warmup, relearn, min_sd_rel, min_sd_abs)
+        self.warmup = warmup
+        self.s = SlotArrays({"mean": (np.float64, 0.0), "var": (np.float64, 0.0), "count": (np.int64, 0),
+                             "last_ts": (np.float64, 0.0), "outliers": (np.int64, 0)})
+
+    def update(self, values: np.ndarray, slots: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(z, baseline mean) per sample."""
+        self.s.ensure(int(slots.max()) + 1 if slots.size else 0)
+        z, base = np.empty_like(values), np.empty_like(values)
+        s = self.s
+        kernels.ewma_zscore(values, slots, ts, s.mean, s.var, s.count, s.last_ts, s.outliers, *self.params, z, base)
+        return z, base
+
+
+class Cusum:
+    def __init__(self, halflife_s: float, k: float, h: float, warmup: int) -> None:
+        self.params = (halflife_s, k, h, warmup)
+        self.s = SlotArrays({"mean": (np.float64, 0.0), "count": (np.int64, 0),
+                             "s_hi": (np.float64, 0.0), "s_lo": (np.float64, 0.0)})
+
+    def update(self, values: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Signed score per sample: S+/h upwards, -S-/h downwards; |score| >= 1 is an alarm."""
+        self.s.ensure(int(slots.max()) + 1 if slots.size else 0)
+        score = np.empty_like(values)
+        s = self.s
+        kernels.cusum(values, slots, s.mean, s.count, s.s_hi, s.s_lo, *self.params, score)
+        return score
+
+
+class CounterDelta:
+    def __init__(self) -> None:
+        self.s = SlotArrays({"last_value": (np.float64, np.nan), "last_ts": (np.float64, 0.0)})
+
+    def update(self, values: np.ndarray, slots: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(increase, rate per second) per sample; 0 across a counter reset."""
+        self.s.ensure(int(slots.max()) + 1 if slots.size else 0)
+        delta, rate = np.empty_like(values), np.empty_like(values)
+        kernels.counter_delta(values, slots, ts, self.s.last_value, self.s.last_ts, delta, rate)
+        return delta, rate
+
+
+class Flatline:
+    def __init__(self) -> None:
+        self.s = SlotArrays({"last_value": (np.float64, np.nan), "runs": (np.int64, 0)})
+
+    def update(self, values: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Consecutive exact repeats per sample."""
+        self.s.ensure(int(slots.max()) + 1 if slots.size else 0)
+        runs = np.empty(values.shape[0], np.int64)
+        kernels.flatline(values, slots, self.s.last_value, self.s.runs, runs)
+        return runs
+
+
+def group_median(values: np.ndarray, groups: np.ndarray, n_groups: int,
+                 include: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(median per group, members counted) over the finite, included values."""
+    out = np.empty(n_groups)
+    inc = np.ones(values.shape[0], np.bool_) if include is None else include
+    counts = kernels.group_median(values, groups, n_groups, inc, out)
+    return out, counts

@@ -1,0 +1,256 @@
+"""Record types and the Arrow schemas they travel and rest in.
+
+Every record type is one Arrow schema with a name and a version in its metadata;
+`schemas/<name>.v<version>.json` is the same schema, machine-readable, and a test
+keeps the two equal. Telemetry moves as Arrow record batches (one per scrape),
+so consumers turn a message into numpy arrays without per-value Python work.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+TS = pa.timestamp("ns", tz="UTC")
+
+
+def _schema(name: str, version: int, fields: list[pa.Field], doc: str) -> pa.Schema:
+    return pa.schema(fields, metadata={"fleetwatch.schema": name, "fleetwatch.version": str(version),
+                                       "fleetwatch.doc": doc})
+
+
+def _f(name: str, typ: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
+    return pa.field(name, typ, nullable=nullable, metadata={"doc": doc})
+
+
+# Metrics in base units. A field the GPU does not support is null, never 0.
+GPU_SAMPLE = _schema("gpu_sample", 1, [
+    _f("ts", TS, "scrape time, UTC", nullable=False),
+    _f("site", pa.string(), "site label", nullable=False),
+    _f("rack", pa.string(), "rack label", nullable=False),
+    _f("node", pa.string(), "node (host) name", nullable=False),
+    _f("gpu", pa.int16(), "GPU index on the node", nullable=False),
+    _f("gpu_uuid", pa.string(), "NVML UUID", nullable=False),
+    _f("power_w", pa.float64(), "power draw, W"),
+    _f("energy_j", pa.float64(), "energy since driver load, J (cumulative; resets with the GPU)"),
+    _f("gpu_temp_c", pa.float64(), "GPU die temperature, C"),
+    _f("mem_temp_c", pa.float64(), "HBM temperature, C"),
+    _f("sm_clock_mhz", pa.float64(), "SM clock, MHz"),
+    _f("mem_clock_mhz", pa.float64(), "memory clock, MHz"),
+    _f("util_gpu", pa.float64(), "GPU utilisation, 0-1"),
+    _f("util_mem", pa.float64(), "memory controller utilisation, 0-1"),
+    _f("mem_used_bytes", pa.int64(), "framebuffer memory used, bytes"),
+    _f("clock_event_reasons", pa.int64(), "NVML clocks event reasons bitmask"),
+    _f("pstate", pa.int16(), "performance state P0-P15"),
+    _f("pcie_replay_total", pa.int64(), "PCIe replay counter (cumulative)"),
+    _f("ecc_sbe_volatile_total", pa.int64(), "corrected ECC errors since reset"),
+    _f("ecc_dbe_volatile_total", pa.int64(), "uncorrected ECC errors since reset"),
+    _f("remapped_rows_correctable", pa.int64(), "rows remapped for correctable errors"),
+    _f("remapped_rows_uncorrectable", pa.int64(), "rows remapped for uncorrectable errors"),
+    _f("remapped_rows_pending", pa.bool_(), "a row remap waits for a GPU reset"),
+    _f("remapped_rows_failure", pa.bool_(), "a row remap failed"),
+    _f("nvlink_crc_errors_total", pa.int64(), "NVLink CRC flit errors, all links (cumulative)"),
+], "one row per GPU per scrape")
+
+GPU_METRICS: tuple[str, ...] = tuple(f.name for f in GPU_SAMPLE)[6:]
+
+FACILITY_SAMPLE = _schema("facility_sample", 1, [
+    _f("ts", TS, "reading time, UTC", nullable=False),
+    _f("site", pa.string(), "site label", nullable=False),
+    _f("rack", pa.string(), "rack the device serves; empty for site-level devices", nullable=False),
+    _f("device", pa.string(), "device id, e.g. cdu-r01, pdu-r01, meter-main", nullable=False),
+    _f("metric", pa.string(), "supply_temp_c, return_temp_c, flow_lpm, dp_kpa, leak, pump_on, power_w, energy_j",
+       nullable=False),
+    _f("value", pa.float64(), "value in base units"),
+    _f("quality", pa.int8(), "1 = good, 0 = bad or uncertain", nullable=False),
+], "one row per facility point reading (long format)")
+
+EVENT = _schema("event", 1, [
+    _f("ts", TS, "event time, UTC", nullable=False),
+    _f("site", pa.string(), "site label", nullable=False),
+    _f("rack", pa.string(), "rack label", nullable=False),
+    _f("node", pa.string(), "node name", nullable=False),
+    _f("gpu", pa.int16(), "GPU index; null for node events"),
+    _f("gpu_uuid", pa.string(), "NVML UUID"),
+    _f("kind", pa.string(), "xid, gpu_lost, gpu_reset", nullable=False),
+    _f("code", pa.int32(), "XID number for kind=xid"),
+    _f("text", pa.string(), "human-readable detail"),
+], "discrete events: XIDs and GPU lifecycle")
+
+ALERT = _schema("alert", 1, [
+    _f("ts", TS, "when this state change was emitted", nullable=False),
+    _f("fingerprint", pa.string(), "Alertmanager fingerprint of the labels (FNV-1a 64, hex)", nullable=False),
+    _f("status", pa.string(), "firing or resolved", nullable=False),
+    _f("alertname", pa.string(), "alert name (runbooks/<alertname>.md)", nullable=False),
+    _f("severity", pa.string(), "critical, warning or info", nullable=False),
+    _f("site", pa.string(), "site label"),
+    _f("rack", pa.string(), "rack label"),
+    _f("node", pa.string(), "node name"),
+    _f("gpu", pa.string(), "GPU index as a label"),
+    _f("starts_at", TS, "when the problem started", nullable=False),
+    _f("ends_at", TS, "when it resolved; null while firing"),
+    _f("summary", pa.string(), "one line: what is wrong and where"),
+    _f("description", pa.string(), "evidence and what to do"),
+    _f("runbook_url", pa.string(), "the runbook page"),
+    _f("detector", pa.string(), "the detector that raised it"),
+    _f("score", pa.float64(), "detector score (z, rate, ratio... see evidence)"),
+    _f("labels_json", pa.string(), "all labels as JSON"),
+    _f("evidence_json", pa.string(), "metric values, baselines, thresholds as JSON"),
+], "alert state changes: firing, then resolved")
+
+NODE_HEALTH = _schema("node_health", 1, [
+    _f("ts", TS, "when the state changed", nullable=False),
+    _f("site", pa.string(), "site label", nullable=False),
+    _f("rack", pa.string(), "rack label", nullable=False),
+    _f("node", pa.string(), "node name", nullable=False),
+    _f("state", pa.string(), "healthy, suspect or failing", nullable=False),
+    _f("previous", pa.string(), "state before this change", nullable=False),
+    _f("reasons", pa.string(), "alertnames behind the state, comma-separated"),
+], "node health transitions (the latest row per node is its state)")
+
+FAULT_LABEL = _schema("fault_label", 1, [
+    _f("fault_id", pa.int64(), "id unique within a simulator run", nullable=False),
+    _f("fault_type", pa.string(), "entry of the fault catalog, or a normal event (gpu_reset)", nullable=False),
+    _f("normal", pa.bool_(), "true for normal events that must not alert", nullable=False),
+    _f("site", pa.string(), "target site", nullable=False),
+    _f("rack", pa.string(), "target rack", nullable=False),
+    _f("node", pa.string(), "target node; null for rack faults"),
+    _f("gpu", pa.int16(), "target GPU; null for node and rack faults"),
+    _f("start", TS, "injection start", nullable=False),
+    _f("end", TS, "injection end", nullable=False),
+    _f("params_json", pa.string(), "fault parameters as JSON"),
+], "ground truth of injected faults and labelled normal events")
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "gpu_samples": GPU_SAMPLE,
+    "facility_samples": FACILITY_SAMPLE,
+    "events": EVENT,
+    "alerts": ALERT,
+    "node_health": NODE_HEALTH,
+    "fault_labels": FAULT_LABEL,
+}
+
+
+def schema_name(schema: pa.Schema) -> str:
+    return schema.metadata[b"fleetwatch.schema"].decode()
+
+
+def schema_version(schema: pa.Schema) -> int:
+    return int(schema.metadata[b"fleetwatch.version"])
+
+
+def schema_to_json(schema: pa.Schema) -> dict[str, Any]:
+    """The machine-readable form kept in schemas/."""
+    meta = {k.decode(): v.decode() for k, v in schema.metadata.items()}
+    return {
+        "name": meta["fleetwatch.schema"],
+        "version": int(meta["fleetwatch.version"]),
+        "doc": meta["fleetwatch.doc"],
+        "fields": [{"name": f.name, "type": str(f.type), "nullable": f.nullable,
+                    "doc": f.metadata[b"doc"].decode()} for f in schema],
+    }
+
+
+# ---- alerts -------------------------------------------------------------------
+
+_FNV_OFFSET = 14695981039346656037
+_FNV_PRIME = 1099511628211
+_SEP = 255
+
+
+def fingerprint(labels: dict[str, str]) -> str:
+    """Alertmanager's label-set fingerprint: FNV-1a 64 over sorted name/value pairs,
+    each followed by the separator byte 0xff (prometheus/common model.LabelSet)."""
+    h = _FNV_OFFSET
+    for name in sorted(labels):
+        for part in (name, labels[name]):
+            for b in part.encode():
+                h = ((h ^ b) * _FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+            h = ((h ^ _SEP) * _FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+@dataclass
+class Alert:
+    """One problem, in Alertmanager's model plus the detector's explanation."""
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    starts_at: datetime
+    detector: str
+    score: float
+    evidence: dict[str, Any] = field(default_factory=dict)
+    ends_at: datetime | None = None
+
+    @property
+    def status(self) -> str:
+        return "resolved" if self.ends_at is not None else "firing"
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.labels)
+
+    @property
+    def alertname(self) -> str:
+        return self.labels["alertname"]
+
+    def to_json(self) -> dict[str, Any]:
+        """Alertmanager's webhook alert object, plus score and evidence."""
+        return {
+            "status": self.status,
+            "labels": self.labels,
+            "annotations": self.annotations,
+            "startsAt": _iso(self.starts_at),
+            "endsAt": _iso(self.ends_at) if self.ends_at else "0001-01-01T00:00:00Z",
+            "generatorURL": "",
+            "fingerprint": self.fingerprint,
+            "detector": self.detector,
+            "score": self.score,
+            "evidence": self.evidence,
+        }
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def alerts_to_batch(changes: list[tuple[datetime, Alert]]) -> pa.RecordBatch:
+    """Alert state changes as rows of the `alert` schema (a handful per tick, so plain Python)."""
+    cols: dict[str, list[Any]] = {f.name: [] for f in ALERT}
+    for ts, a in changes:
+        row = {
+            "ts": ts, "fingerprint": a.fingerprint, "status": a.status, "alertname": a.alertname,
+            "severity": a.labels.get("severity", ""), "site": a.labels.get("site"),
+            "rack": a.labels.get("rack"), "node": a.labels.get("node"), "gpu": a.labels.get("gpu"),
+            "starts_at": a.starts_at, "ends_at": a.ends_at, "summary": a.annotations.get("summary"),
+            "description": a.annotations.get("description"), "runbook_url": a.annotations.get("runbook_url"),
+            "detector": a.detector, "score": float(a.score),
+            "labels_json": json.dumps(a.labels, sort_keys=True),
+            "evidence_json": json.dumps(a.evidence, sort_keys=True, default=float),
+        }
+        for k, v in row.items():
+            cols[k].append(v)
+    return pa.RecordBatch.from_pydict(cols, schema=ALERT)
+
+
+def alert_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """Rows of the `alert` schema as Alertmanager alert objects (plus detector, score
+    and evidence): what receivers and alerts.jsonl get."""
+    out = []
+    for r in batch.to_pylist():
+        out.append({
+            "status": r["status"],
+            "labels": json.loads(r["labels_json"]),
+            "annotations": {k: r[k] for k in ("summary", "description", "runbook_url") if r[k] is not None},
+            "startsAt": _iso(r["starts_at"]),
+            "endsAt": _iso(r["ends_at"]) if r["ends_at"] else "0001-01-01T00:00:00Z",
+            "generatorURL": "",
+            "fingerprint": r["fingerprint"],
+            "detector": r["detector"],
+            "score": r["score"],
+            "evidence": json.loads(r["evidence_json"]),
+        })
+    return out

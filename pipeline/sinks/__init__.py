@@ -1,0 +1,1 @@
+"""Where results go: the Parquet archive, alert receivers and the console."""

@@ -1,0 +1,1 @@
+"""Where data comes from: the fleet simulator today; NVML and MQTT collectors next."""

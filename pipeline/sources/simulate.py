@@ -1,0 +1,495 @@
+"""Fleet simulator: GPUs, coolant loops and power feeds, with faults injected from the
+catalog and their ground truth labelled.
+
+Everything is vectorised over the fleet (one numpy operation per quantity per tick)
+and driven by one seeded generator, so a seed gives the same fleet and a run can go
+as fast as the CPU allows.
+
+Calibration, from the recorded H100 (shared/data/nvml/h100_load_trace.jsonl):
+- idle: ~71 W, clocks event reason 0x1 (GPU idle), SM 345 MHz, GPU 34 C, HBM 36 C;
+- busy: pinned just under the 700 W limit with reason 0x4 (SW power cap) and SM
+  1350-1455 MHz; GPU 34 -> ~62 C and HBM 36 -> ~54 C. The rise has two time
+  constants (about half of it within 1.5 s, the rest over ~10 s), and the fall
+  mirrors it (62 -> 45 C in 1.5 s, 41 C after 6 s), so temperatures follow two
+  first-order lags, tau 0.7 s and 10 s, towards a steady state that is linear in
+  power above the coolant temperature.
+Facility: the coolant takes LIQUID_FRACTION of the rack's IT heat, so
+return - supply = heat / (flow x cp); GPU temperatures ride on the mean coolant
+temperature, so a failing pump heats every GPU of the rack. The site meter adds
+cooling overhead, so PUE > 1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import FleetConfig
+from pipeline.faults import FAULTS_BY_NAME
+from pipeline.model import EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE
+
+# NVML clocks event reasons
+REASON_IDLE = 0x1
+REASON_SW_POWER_CAP = 0x4
+REASON_HW_SLOWDOWN = 0x8
+REASON_HW_THERMAL = 0x40
+REASON_HW_POWER_BRAKE = 0x80
+
+IDLE_POWER_W = 71.0
+NODE_BASE_POWER_W = 1500.0        # CPUs, NICs, fans, PSU losses of an idle node
+NODE_LOAD_POWER_W = 1500.0        # extra at full utilisation
+LIQUID_FRACTION = 0.8             # share of IT heat the coolant loop removes
+CP_WATER = 4186.0                 # J/(kg K); 1 litre ~ 1 kg
+NOMINAL_FLOW_LPM = 100.0
+NOMINAL_DP_KPA = 150.0
+COOLING_OVERHEAD = 0.12           # site meter: chillers, pumps, fans per W of IT
+SITE_BASE_W = 20_000.0
+# Steady state, fitted to the recorded trace: T = coolant_mean + K * P + C
+GPU_K, GPU_C = 0.03943, 0.4
+HBM_K, HBM_C = 0.02353, 3.53
+TAU_FAST_S, TAU_SLOW_S = 0.7, 10.0
+FAST_SHARE_GPU, FAST_SHARE_HBM = 0.5, 0.33
+RETURN_TAU_S = 20.0
+SLOWDOWN_C = 88.0                 # HW thermal slowdown threshold (H100: 89 C slowdown)
+MEM_IDLE_B = 503_316_480
+MEM_CLOCK_MHZ = 2619.0
+JOB_GROUP_NODES = 4
+
+FACILITY_POINTS = ("supply_temp_c", "return_temp_c", "flow_lpm", "dp_kpa", "pump_on", "leak")
+PDU_POINTS = ("power_w", "energy_j")
+
+
+@dataclass
+class ActiveFault:
+    fault_id: int
+    kind: str
+    rack: int
+    node: int | None       # fleet-wide node index
+    gpu: int | None        # fleet-wide GPU index
+    start_s: float
+    end_s: float
+    params: dict = field(default_factory=dict)
+    started: bool = False  # its start effects (events, counter changes) have been applied
+
+
+@dataclass
+class Tick:
+    """What one scrape of the whole fleet produced."""
+    ts: datetime
+    gpu: pa.RecordBatch
+    facility: pa.RecordBatch
+    events: pa.RecordBatch | None
+    labels: pa.RecordBatch | None
+
+
+class FleetSimulator:
+    def __init__(self, cfg: FleetConfig, start: datetime | None = None) -> None:
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+        self.dt = cfg.sample_interval_s
+        self.start = (start or datetime.now(timezone.utc)).astimezone(timezone.utc)
+        self._start_ns = int(self.start.timestamp() * 1e9)
+        self.t = 0.0  # simulated seconds since start
+        R, N, G = cfg.racks, cfg.nodes_per_rack, cfg.gpus_per_node
+        self.n_racks, self.n_nodes, self.n_gpus = R, R * N, R * N * G
+        self._pending_labels: list[ActiveFault] = []
+        self.gpu_node = np.repeat(np.arange(self.n_nodes), G)
+        self.gpu_index = np.tile(np.arange(G), self.n_nodes)
+        self.node_rack = np.repeat(np.arange(R), N)
+        self.gpu_rack = self.node_rack[self.gpu_node]
+        self.rack_names = [f"r{r + 1:02d}" for r in range(R)]
+        self.node_names = [f"{self.rack_names[self.node_rack[n]]}-n{n % N + 1:02d}" for n in range(self.n_nodes)]
+        self.gpu_uuids = [f"GPU-{cfg.seed:08x}-{n:04x}-4000-8000-{g:012x}" for n, g in zip(self.gpu_node, self.gpu_index)]
+        rng = self.rng
+        # Per-GPU manufacturing spread: thermal interface and sensor offset.
+        self.k_spread = rng.normal(1.0, 0.01, self.n_gpus)
+        self.temp_offset = rng.normal(0.0, 0.7, self.n_gpus)
+        self.power_spread = rng.normal(1.0, 0.02, self.n_gpus)
+        # Thermal state (two lags each), counters.
+        self.g_fast = np.zeros(self.n_gpus)
+        self.g_slow = np.zeros(self.n_gpus)
+        self.m_fast = np.zeros(self.n_gpus)
+        self.m_slow = np.zeros(self.n_gpus)
+        self.energy_j = rng.uniform(1e6, 5e7, self.n_gpus)
+        self.pcie = np.zeros(self.n_gpus, np.int64)
+        self.sbe = np.zeros(self.n_gpus, np.int64)
+        self.dbe = np.zeros(self.n_gpus, np.int64)
+        self.remap_c = np.zeros(self.n_gpus, np.int64)
+        self.remap_u = np.zeros(self.n_gpus, np.int64)
+        self.remap_pending = np.zeros(self.n_gpus, bool)
+        self.remap_failure = np.zeros(self.n_gpus, bool)
+        self.nvlink = np.zeros(self.n_gpus, np.int64)
+        self.pcie_frac = np.zeros(self.n_gpus)
+        self.nvlink_frac = np.zeros(self.n_gpus)
+        self.last_power = np.full(self.n_gpus, IDLE_POWER_W)
+        # Jobs run on groups of nodes.
+        self.node_group = np.arange(self.n_nodes) // JOB_GROUP_NODES
+        n_groups = int(self.node_group.max()) + 1
+        self.group_busy = rng.random(n_groups) < 0.7
+        self.group_until = rng.uniform(0, 1800, n_groups)
+        self.group_intensity = self._draw_intensity(n_groups)
+        self.group_mem = rng.uniform(55e9, 78e9, n_groups)
+        # Facility state.
+        self.return_temp = np.full(R, cfg.supply_temp_c + 4.0)
+        self.pdu_energy = rng.uniform(1e9, 1e11, R)
+        self.meter_energy = float(rng.uniform(1e12, 1e13))
+        # Faults.
+        self.faults: list[ActiveFault] = []
+        self.next_fault_id = 1
+        self.next_fault_s = self._exp(cfg.fault_interval_s)
+        self.next_reset_s = self._exp(cfg.gpu_reset_interval_s)
+        self._fault_order: list[str] = []
+        self.resetting = np.zeros(self.n_gpus, bool)
+        self._init_thermal_state()
+        self._build_static_columns()
+
+    # ---- setup ---------------------------------------------------------------
+
+    def _exp(self, mean: float) -> float:
+        return float(self.rng.exponential(mean)) if mean > 0 else float("inf")
+
+    def _draw_intensity(self, n: int) -> np.ndarray:
+        # Most jobs saturate the power cap; some are memory- or I/O-bound.
+        return np.where(self.rng.random(n) < 0.85, 1.0, self.rng.uniform(0.35, 0.7, n))
+
+    def _init_thermal_state(self) -> None:
+        busy = self.group_busy[self.node_group][self.gpu_node]
+        p = np.where(busy, self.cfg.power_limit_w, IDLE_POWER_W)
+        coolant = self.cfg.supply_temp_c + 2.0
+        self.g_fast[:] = self.g_slow[:] = coolant + GPU_K * p + GPU_C
+        self.m_fast[:] = self.m_slow[:] = coolant + HBM_K * p + HBM_C
+
+    def _build_static_columns(self) -> None:
+        site = self.cfg.site
+        self._gpu_static = {
+            "site": pa.array([site] * self.n_gpus),
+            "rack": pa.array([self.rack_names[r] for r in self.gpu_rack]),
+            "node": pa.array([self.node_names[n] for n in self.gpu_node]),
+            "gpu": pa.array(self.gpu_index.astype(np.int16)),
+            "gpu_uuid": pa.array(self.gpu_uuids),
+        }
+        devices, racks, metrics = [], [], []
+        for r, name in enumerate(self.rack_names):
+            for m in FACILITY_POINTS:
+                devices.append(f"cdu-{name}"), racks.append(name), metrics.append(m)
+            for m in PDU_POINTS:
+                devices.append(f"pdu-{name}"), racks.append(name), metrics.append(m)
+        for m in PDU_POINTS:
+            devices.append("meter-main"), racks.append(""), metrics.append(m)
+        n = len(devices)
+        self._fac_static = {
+            "site": pa.array([site] * n), "rack": pa.array(racks),
+            "device": pa.array(devices), "metric": pa.array(metrics),
+            "quality": pa.array(np.ones(n, np.int8)),
+        }
+
+    # ---- public --------------------------------------------------------------
+
+    @property
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self._start_ns / 1e9 + self.t, timezone.utc)
+
+    def step(self) -> Tick:
+        """Advance one sample interval and return what the fleet reported."""
+        self.t += self.dt
+        labels = self._schedule()
+        events: list[dict] = []
+        self._apply_fault_starts_and_ends(events)
+        self._update_jobs()
+        gpu, facility = self._physics()
+        ts = self.now
+        return Tick(ts=ts, gpu=gpu, facility=facility,
+                    events=pa.RecordBatch.from_pylist([{**e, "ts": ts} for e in events], schema=EVENT) if events else None,
+                    labels=labels)
+
+    def inject(self, kind: str, rack: int | None = None, node: int | None = None, gpu: int | None = None,
+               duration_s: float | None = None, params: dict | None = None) -> ActiveFault:
+        """Start a fault now (tests and demos name their target; the scheduler picks one)."""
+        ftype = FAULTS_BY_NAME[kind] if kind != "gpu_reset" else None
+        if gpu is not None:
+            node = int(self.gpu_node[gpu])
+        if node is not None:
+            rack = int(self.node_rack[node])
+        if rack is None:
+            raise ValueError(f"fault {kind} needs a target")
+        if duration_s is None:
+            duration_s = float(self.rng.uniform(*ftype.duration_s)) if ftype else self.dt
+        f = ActiveFault(self.next_fault_id, kind, rack, node, gpu, self.t, self.t + duration_s,
+                        self._draw_params(kind) | (params or {}))
+        self.next_fault_id += 1
+        self.faults.append(f)
+        self._pending_labels.append(f)
+        return f
+
+    # ---- faults --------------------------------------------------------------
+
+    def _draw_params(self, kind: str) -> dict:
+        u = self.rng.uniform
+        return {
+            "thermal_runaway": lambda: {"rate_c_per_s": round(u(0.15, 0.4), 3)},
+            "thermal_drift": lambda: {"rate_c_per_h": round(u(2.0, 6.0), 2)},
+            "coolant_flow_loss": lambda: {"flow_factor": round(u(0.2, 0.4), 3)},
+            "coolant_leak": lambda: {"flow_factor": 0.9},
+            "straggler_gpu": lambda: {"factor": round(u(0.65, 0.8), 3)},
+            "hw_power_brake": lambda: {"power_w": round(u(200, 320), 1)},
+            "pcie_replay_storm": lambda: {"rate_per_s": round(u(20, 200), 1)},
+            "nvlink_crc_storm": lambda: {"rate_per_s": round(u(50, 500), 1)},
+            "pdu_overload": lambda: {"load_ratio": round(u(1.0, 1.15), 3)},
+            "ecc_uncorrectable": lambda: {"xid": int(self.rng.choice([94, 95])),
+                                          "remap": "failure" if self.rng.random() < 0.3 else "pending"},
+        }.get(kind, dict)()
+
+    def _free_target(self, scope: str) -> tuple[int | None, int | None, int | None] | None:
+        busy_racks = {f.rack for f in self.faults if f.node is None}
+        busy_nodes = {f.node for f in self.faults if f.node is not None}
+        if scope == "rack":
+            free = [r for r in range(self.n_racks) if r not in busy_racks
+                    and not any(self.node_rack[n] == r for n in busy_nodes)]
+            return (int(self.rng.choice(free)), None, None) if free else None
+        free_nodes = [n for n in range(self.n_nodes) if n not in busy_nodes and self.node_rack[n] not in busy_racks]
+        if not free_nodes:
+            return None
+        node = int(self.rng.choice(free_nodes))
+        if scope == "node":
+            return None, node, None
+        return None, None, int(node * self.cfg.gpus_per_node + self.rng.integers(self.cfg.gpus_per_node))
+
+    def _schedule(self) -> pa.RecordBatch | None:
+        while self.t >= self.next_fault_s:
+            self.next_fault_s += self._exp(self.cfg.fault_interval_s)
+            if not self.cfg.faults:
+                break
+            if not self._fault_order:  # every type once per round, in random order
+                self._fault_order = list(self.rng.permutation(self.cfg.faults))
+            kind = self._fault_order.pop()
+            target = self._free_target(FAULTS_BY_NAME[kind].scope)
+            if target is not None:
+                self.inject(kind, *target)
+        while self.t >= self.next_reset_s:
+            self.next_reset_s += self._exp(self.cfg.gpu_reset_interval_s)
+            target = self._free_target("gpu")
+            if target is not None:
+                self.inject("gpu_reset", gpu=target[2])
+        if not self._pending_labels:
+            return None
+        rows = []
+        for f in self._pending_labels:
+            rows.append({
+                "fault_id": f.fault_id, "fault_type": f.kind, "normal": f.kind == "gpu_reset",
+                "site": self.cfg.site, "rack": self.rack_names[f.rack],
+                "node": self.node_names[f.node] if f.node is not None else None,
+                "gpu": int(self.gpu_index[f.gpu]) if f.gpu is not None else None,
+                "start": self._at(f.start_s), "end": self._at(f.end_s),
+                "params_json": json.dumps(f.params, sort_keys=True),
+            })
+        self._pending_labels = []
+        return pa.RecordBatch.from_pylist(rows, schema=FAULT_LABEL)
+
+    def _at(self, t_s: float) -> datetime:
+        return datetime.fromtimestamp(self._start_ns / 1e9 + t_s, timezone.utc)
+
+    def _event(self, f: ActiveFault, kind: str, code: int | None, text: str) -> dict:
+        return {"site": self.cfg.site, "rack": self.rack_names[f.rack], "node": self.node_names[f.node],
+                "gpu": int(self.gpu_index[f.gpu]), "gpu_uuid": self.gpu_uuids[f.gpu],
+                "kind": kind, "code": code, "text": text}
+
+    def _zero_counters(self, g: int) -> None:
+        """A GPU reset zeroes the energy counter and the volatile error counters."""
+        for arr in (self.energy_j, self.pcie, self.sbe, self.dbe, self.nvlink):
+            arr[g] = 0
+        self.remap_pending[g] = False
+
+    def _apply_fault_starts_and_ends(self, events: list[dict]) -> None:
+        for f in self.faults:
+            if not f.started:
+                f.started = True
+                if f.kind == "gpu_fell_off_bus":
+                    events.append(self._event(f, "xid", 79, "GPU has fallen off the bus"))
+                elif f.kind == "ecc_uncorrectable":
+                    g = f.gpu
+                    self.dbe[g] += 1
+                    self.remap_u[g] += 1
+                    self.remap_pending[g] = f.params["remap"] == "pending"
+                    self.remap_failure[g] = f.params["remap"] == "failure"
+                    events.append(self._event(f, "xid", 48, "DBE (double bit error) ECC error"))
+                    events.append(self._event(f, "xid", f.params["xid"],
+                                              "contained ECC error" if f.params["xid"] == 94 else "uncontained ECC error"))
+                    events.append(self._event(f, "xid", 63 if f.params["remap"] == "pending" else 64,
+                                              "row remapping " + f.params["remap"]))
+                elif f.kind == "stuck_power_sensor":
+                    f.params["stuck_w"] = float(self.last_power[f.gpu])
+                elif f.kind == "gpu_reset":
+                    self._zero_counters(f.gpu)
+        ended = [f for f in self.faults if f.end_s <= self.t]
+        for f in ended:
+            if f.kind in ("gpu_fell_off_bus", "ecc_uncorrectable"):
+                # Recovery means a GPU reset or node reboot: counters and remap state start over.
+                self._zero_counters(f.gpu)
+                self.remap_failure[f.gpu] = False
+        self.faults = [f for f in self.faults if f.end_s > self.t]
+
+    # ---- jobs ----------------------------------------------------------------
+
+    def _update_jobs(self) -> None:
+        forced = {int(self.node_group[f.node]) for f in self.faults
+                  if f.node is not None and f.kind in FAULTS_BY_NAME and FAULTS_BY_NAME[f.kind].needs_load}
+        for g in forced:
+            if not self.group_busy[g]:
+                self.group_busy[g], self.group_intensity[g] = True, 1.0
+            self.group_intensity[g] = 1.0
+            self.group_until[g] = max(self.group_until[g], self.t + self.dt)
+        due = np.flatnonzero(self.group_until <= self.t)
+        if due.size == 0:
+            return
+        rng = self.rng
+        self.group_busy[due] = ~self.group_busy[due]
+        starting = due[self.group_busy[due]]
+        self.group_intensity[starting] = self._draw_intensity(starting.size)
+        self.group_mem[starting] = rng.uniform(55e9, 78e9, starting.size)
+        durations = np.where(self.group_busy[due],
+                             np.clip(rng.exponential(2400, due.size), 300, 4 * 3600),
+                             np.clip(rng.exponential(480, due.size), 60, 3600))
+        self.group_until[due] = self.t + durations
+
+    # ---- physics -------------------------------------------------------------
+
+    def _fault_effects(self) -> dict[str, np.ndarray]:
+        G, N, R = self.n_gpus, self.n_nodes, self.n_racks
+        fx = {
+            "missing": np.zeros(G, bool), "extra_temp": np.zeros(G), "perf": np.ones(G),
+            "stuck": np.full(G, np.nan), "pcie_rate": np.zeros(G), "nvlink_rate": np.zeros(G),
+            "brake_w": np.full(N, np.nan), "flow": np.ones(R), "leak": np.zeros(R), "pdu_ratio": np.zeros(R),
+        }
+        for f in self.faults:
+            age = self.t - f.start_s
+            p = f.params
+            match f.kind:
+                case "gpu_fell_off_bus":
+                    fx["missing"][f.gpu] = True
+                case "gpu_reset":
+                    fx["missing"][f.gpu] = True  # one scrape lost while the GPU resets
+                case "thermal_runaway":
+                    fx["extra_temp"][f.gpu] += min(40.0, p["rate_c_per_s"] * age)
+                case "thermal_drift":
+                    fx["extra_temp"][f.gpu] += p["rate_c_per_h"] * age / 3600
+                case "straggler_gpu":
+                    fx["perf"][f.gpu] = p["factor"]
+                case "stuck_power_sensor":
+                    fx["stuck"][f.gpu] = p["stuck_w"]
+                case "pcie_replay_storm":
+                    fx["pcie_rate"][f.gpu] = p["rate_per_s"]
+                case "nvlink_crc_storm":
+                    fx["nvlink_rate"][f.gpu] = p["rate_per_s"]
+                case "hw_power_brake":
+                    fx["brake_w"][f.node] = p["power_w"]
+                case "coolant_flow_loss" | "coolant_leak":
+                    fx["flow"][f.rack] = p["flow_factor"]
+                    fx["leak"][f.rack] = 1.0 if f.kind == "coolant_leak" else 0.0
+                case "pdu_overload":
+                    fx["pdu_ratio"][f.rack] = p["load_ratio"]
+        return fx
+
+    def _physics(self) -> tuple[pa.RecordBatch, pa.RecordBatch]:
+        cfg, rng, dt = self.cfg, self.rng, self.dt
+        G = self.n_gpus
+        fx = self._fault_effects()
+        busy = self.group_busy[self.node_group][self.gpu_node]
+        intensity = self.group_intensity[self.node_group][self.gpu_node]
+        limit = cfg.power_limit_w
+
+        # Power and clocks.
+        demand = IDLE_POWER_W + intensity * 800.0 * self.power_spread
+        capped = busy & (demand >= limit)
+        power = np.where(busy, np.minimum(demand * rng.normal(1.0, 0.004, G), limit - np.abs(rng.normal(1.5, 1.0, G))),
+                         IDLE_POWER_W + rng.normal(0.0, 0.3, G))
+        sm = np.where(capped, 1380.0 + 15.0 * rng.integers(-2, 3, G), np.where(busy, 1980.0, 345.0))
+        reasons = np.where(capped, REASON_SW_POWER_CAP, np.where(busy, 0, REASON_IDLE)).astype(np.int64)
+        perf = fx["perf"]
+        slow = busy & (perf < 1.0)
+        power = np.where(slow, power * perf, power)
+        sm = np.where(slow, np.round(sm * (perf - 0.05) / 15.0) * 15.0, sm)
+        reasons = np.where(slow, 0, reasons)
+        brake_w = fx["brake_w"][self.gpu_node]
+        braked = ~np.isnan(brake_w) & busy
+        power = np.where(braked, brake_w * rng.normal(1.0, 0.01, G), power)
+        sm = np.where(braked, 600.0 + 15.0 * rng.integers(-3, 4, G), sm)
+        reasons = np.where(braked, reasons & ~REASON_SW_POWER_CAP | REASON_HW_POWER_BRAKE | REASON_HW_SLOWDOWN, reasons)
+        # HW thermal slowdown: a GPU at its slowdown temperature halves its clocks.
+        hot = self.g_fast + self.g_slow >= 2 * SLOWDOWN_C
+        power = np.where(hot & busy, power * 0.6, power)
+        sm = np.where(hot & busy, np.round(sm * 0.5 / 15.0) * 15.0, sm)
+        reasons = np.where(hot, reasons | REASON_HW_THERMAL | REASON_HW_SLOWDOWN, reasons)
+        self.last_power = power
+
+        # Rack power and coolant.
+        util = np.where(busy, np.where(capped | braked | slow, rng.uniform(0.99, 1.0, G), intensity), 0.0)
+        node_power = (np.bincount(self.gpu_node, power, self.n_nodes)
+                      + NODE_BASE_POWER_W + NODE_LOAD_POWER_W * np.bincount(self.gpu_node, util, self.n_nodes) / cfg.gpus_per_node)
+        rack_it = np.bincount(self.node_rack, node_power, self.n_racks)
+        flow = NOMINAL_FLOW_LPM * fx["flow"] * rng.normal(1.0, 0.005, self.n_racks)
+        delta_t = LIQUID_FRACTION * rack_it / (flow / 60.0 * CP_WATER)
+        supply = cfg.supply_temp_c + rng.normal(0.0, 0.05, self.n_racks)
+        a_ret = 1.0 - np.exp(-dt / RETURN_TAU_S)
+        self.return_temp += (cfg.supply_temp_c + delta_t - self.return_temp) * a_ret
+        coolant_mean = 0.5 * (cfg.supply_temp_c + self.return_temp)
+
+        # Temperatures: two first-order lags towards the steady state.
+        base = coolant_mean[self.gpu_rack] + self.temp_offset + fx["extra_temp"]
+        g_target = base + GPU_K * self.k_spread * power + GPU_C
+        m_target = base + HBM_K * self.k_spread * power + HBM_C
+        af, asl = 1.0 - np.exp(-dt / TAU_FAST_S), 1.0 - np.exp(-dt / TAU_SLOW_S)
+        self.g_fast += (g_target - self.g_fast) * af
+        self.g_slow += (g_target - self.g_slow) * asl
+        self.m_fast += (m_target - self.m_fast) * af
+        self.m_slow += (m_target - self.m_slow) * asl
+        gpu_temp = np.round(FAST_SHARE_GPU * self.g_fast + (1 - FAST_SHARE_GPU) * self.g_slow)
+        mem_temp = np.round(FAST_SHARE_HBM * self.m_fast + (1 - FAST_SHARE_HBM) * self.m_slow)
+
+        # Counters.
+        self.energy_j += power * dt
+        self.pcie_frac += fx["pcie_rate"] * dt + (rng.random(G) < 1e-5)
+        self.nvlink_frac += fx["nvlink_rate"] * dt + (rng.random(G) < 1e-5)
+        for frac, counter in ((self.pcie_frac, self.pcie), (self.nvlink_frac, self.nvlink)):
+            whole = np.floor(frac)
+            counter += whole.astype(np.int64)
+            frac -= whole
+        self.sbe += rng.random(G) < 2e-6
+
+        reported_power = np.where(np.isnan(fx["stuck"]), np.round(power, 3), fx["stuck"])
+        mem_used = np.where(busy, self.group_mem[self.node_group][self.gpu_node], MEM_IDLE_B).astype(np.int64)
+        cols = dict(self._gpu_static)
+        cols.update({
+            "ts": pa.array(np.full(G, self._start_ns + int(round(self.t * 1e9)), "datetime64[ns]"), GPU_SAMPLE.field("ts").type),
+            "power_w": reported_power, "energy_j": np.round(self.energy_j, 3), "gpu_temp_c": gpu_temp,
+            "mem_temp_c": mem_temp, "sm_clock_mhz": sm, "mem_clock_mhz": np.full(G, MEM_CLOCK_MHZ),
+            "util_gpu": np.round(util, 2), "util_mem": np.round(np.where(busy, util * 0.34, 0.0), 2),
+            "mem_used_bytes": mem_used, "clock_event_reasons": reasons, "pstate": np.zeros(G, np.int16),
+            "pcie_replay_total": self.pcie.copy(), "ecc_sbe_volatile_total": self.sbe.copy(),
+            "ecc_dbe_volatile_total": self.dbe.copy(), "remapped_rows_correctable": self.remap_c.copy(),
+            "remapped_rows_uncorrectable": self.remap_u.copy(), "remapped_rows_pending": self.remap_pending.copy(),
+            "remapped_rows_failure": self.remap_failure.copy(), "nvlink_crc_errors_total": self.nvlink.copy(),
+        })
+        gpu = pa.RecordBatch.from_pydict({f.name: cols[f.name] for f in GPU_SAMPLE}, schema=GPU_SAMPLE)
+        if fx["missing"].any():
+            gpu = gpu.filter(pa.array(~fx["missing"]))
+
+        # Facility: CDU points and PDU per rack, then the site meter.
+        pdu_power = np.maximum(rack_it, fx["pdu_ratio"] * cfg.pdu_rating_w) * rng.normal(1.0, 0.002, self.n_racks)
+        self.pdu_energy += pdu_power * dt
+        site_power = pdu_power.sum() * (1.0 + COOLING_OVERHEAD) + SITE_BASE_W
+        self.meter_energy += site_power * dt
+        dp = NOMINAL_DP_KPA * (flow / NOMINAL_FLOW_LPM) ** 2
+        per_rack = np.column_stack([
+            supply, self.return_temp, flow, dp, np.ones(self.n_racks), fx["leak"], pdu_power, self.pdu_energy,
+        ])
+        values = np.concatenate([np.round(per_rack, 3).ravel(), [round(site_power, 1), round(self.meter_energy, 1)]])
+        n = values.size
+        fcols = dict(self._fac_static)
+        fcols["ts"] = pa.array(np.full(n, self._start_ns + int(round(self.t * 1e9)), "datetime64[ns]"), FACILITY_SAMPLE.field("ts").type)
+        fcols["value"] = values
+        facility = pa.RecordBatch.from_pydict({f.name: fcols[f.name] for f in FACILITY_SAMPLE}, schema=FACILITY_SAMPLE)
+        return gpu, facility
