@@ -9,6 +9,7 @@ so consumers turn a message into numpy arrays without per-value Python work.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -253,4 +254,14 @@ def alert_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
             "score": r["score"],
             "evidence": json.loads(r["evidence_json"]),
         })
+    return out
+
+
+def schema_files(directory: os.PathLike[str] | str) -> dict[str, dict[str, Any]]:
+    """{file path: content} of the schemas/ folder, as the code defines it."""
+    from pathlib import Path
+    out = {}
+    for schema in SCHEMAS.values():
+        doc = schema_to_json(schema)
+        out[str(Path(directory) / f"{doc['name']}.v{doc['version']}.json")] = doc
     return out

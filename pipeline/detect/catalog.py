@@ -84,7 +84,7 @@ ALERTS_BY_NAME: dict[str, AlertSpec] = {a.name: a for a in ALERTS}
 # DCGM's critical XIDs and the alert each raises; any other XID raises GpuXid.
 XID_ALERTS: dict[int, str] = {
     48: "GpuUncorrectableEcc", 63: "GpuUncorrectableEcc", 64: "GpuUncorrectableEcc",
-    94: "GpuUncorrectableEcc", 95: "GpuUncorrectableEcc",
+    94: "GpuUncorrectableEcc", 95: "GpuUncorrectableEcc", 140: "GpuUncorrectableEcc",
     74: "GpuNvlinkError", 79: "GpuFellOffBus", 92: "GpuHighSbeRate",
     119: "GpuGspError", 120: "GpuGspError",
 }

@@ -8,6 +8,7 @@ a flapping stream. `NodeHealth` turns the firing alerts into one state per node.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
@@ -67,9 +68,8 @@ class Tracker:
         for i in stop:
             e = int(entities[i])
             s.firing[e] = False
-            alert = self.active.pop(e)
-            alert.ends_at = now
-            changes.append((now, alert))
+            # A new snapshot: the firing change already handed out must stay as it was.
+            changes.append((now, dataclasses.replace(self.active.pop(e), ends_at=now)))
         return changes
 
     def _new_alert(self, entity: int, now: datetime, score: float, evidence: dict) -> Alert:

@@ -8,11 +8,11 @@ as fast as the CPU allows.
 Calibration, from the recorded H100 (shared/data/nvml/h100_load_trace.jsonl):
 - idle: ~71 W, clocks event reason 0x1 (GPU idle), SM 345 MHz, GPU 34 C, HBM 36 C;
 - busy: pinned just under the 700 W limit with reason 0x4 (SW power cap) and SM
-  1350-1455 MHz; GPU 34 -> ~62 C and HBM 36 -> ~54 C. The rise has two time
-  constants (about half of it within 1.5 s, the rest over ~10 s), and the fall
-  mirrors it (62 -> 45 C in 1.5 s, 41 C after 6 s), so temperatures follow two
-  first-order lags, tau 0.7 s and 10 s, towards a steady state that is linear in
-  power above the coolant temperature.
+  1350-1455 MHz; GPU 34 -> ~62 C and HBM 36 -> ~54 C. At 10 Hz the trace shows two
+  time constants: ~60% of the GPU's rise (~32% of the HBM's) within 0.3 s, the rest
+  with tau ~6.5 s (GPU 54 C at 2 s, 59 C at 10 s, 62 C at 22 s). So temperatures
+  follow two first-order lags, tau 0.2 s and 6.5 s, towards a steady state that is
+  linear in power above the coolant temperature.
 Facility: the coolant takes LIQUID_FRACTION of the rack's IT heat, so
 return - supply = heat / (flow x cp); GPU temperatures ride on the mean coolant
 temperature, so a failing pump heats every GPU of the rack. The site meter adds
@@ -51,8 +51,8 @@ SITE_BASE_W = 20_000.0
 # Steady state, fitted to the recorded trace: T = coolant_mean + K * P + C
 GPU_K, GPU_C = 0.03943, 0.4
 HBM_K, HBM_C = 0.02353, 3.53
-TAU_FAST_S, TAU_SLOW_S = 0.7, 10.0
-FAST_SHARE_GPU, FAST_SHARE_HBM = 0.5, 0.33
+TAU_FAST_S, TAU_SLOW_S = 0.2, 6.5
+FAST_SHARE_GPU, FAST_SHARE_HBM = 0.6, 0.32
 RETURN_TAU_S = 20.0
 SLOWDOWN_C = 88.0                 # HW thermal slowdown threshold (H100: 89 C slowdown)
 MEM_IDLE_B = 503_316_480
@@ -195,8 +195,8 @@ class FleetSimulator:
 
     def step(self) -> Tick:
         """Advance one sample interval and return what the fleet reported."""
+        labels = self._schedule(self.t + self.dt)
         self.t += self.dt
-        labels = self._schedule()
         events: list[dict] = []
         self._apply_fault_starts_and_ends(events)
         self._update_jobs()
@@ -208,7 +208,7 @@ class FleetSimulator:
 
     def inject(self, kind: str, rack: int | None = None, node: int | None = None, gpu: int | None = None,
                duration_s: float | None = None, params: dict | None = None) -> ActiveFault:
-        """Start a fault now (tests and demos name their target; the scheduler picks one)."""
+        """Start a fault with the next scrape (tests and demos name their target; the scheduler picks one)."""
         ftype = FAULTS_BY_NAME[kind] if kind != "gpu_reset" else None
         if gpu is not None:
             node = int(self.gpu_node[gpu])
@@ -218,7 +218,8 @@ class FleetSimulator:
             raise ValueError(f"fault {kind} needs a target")
         if duration_s is None:
             duration_s = float(self.rng.uniform(*ftype.duration_s)) if ftype else self.dt
-        f = ActiveFault(self.next_fault_id, kind, rack, node, gpu, self.t, self.t + duration_s,
+        start = self.t + self.dt
+        f = ActiveFault(self.next_fault_id, kind, rack, node, gpu, start, start + duration_s,
                         self._draw_params(kind) | (params or {}))
         self.next_fault_id += 1
         self.faults.append(f)
@@ -258,8 +259,8 @@ class FleetSimulator:
             return None, node, None
         return None, None, int(node * self.cfg.gpus_per_node + self.rng.integers(self.cfg.gpus_per_node))
 
-    def _schedule(self) -> pa.RecordBatch | None:
-        while self.t >= self.next_fault_s:
+    def _schedule(self, now: float) -> pa.RecordBatch | None:
+        while now >= self.next_fault_s:
             self.next_fault_s += self._exp(self.cfg.fault_interval_s)
             if not self.cfg.faults:
                 break
@@ -267,9 +268,11 @@ class FleetSimulator:
                 self._fault_order = list(self.rng.permutation(self.cfg.faults))
             kind = self._fault_order.pop()
             target = self._free_target(FAULTS_BY_NAME[kind].scope)
-            if target is not None:
+            if target is None:  # no free target now: it goes first next time
+                self._fault_order.append(kind)
+            else:
                 self.inject(kind, *target)
-        while self.t >= self.next_reset_s:
+        while now >= self.next_reset_s:
             self.next_reset_s += self._exp(self.cfg.gpu_reset_interval_s)
             target = self._free_target("gpu")
             if target is not None:

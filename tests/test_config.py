@@ -1,0 +1,71 @@
+"""Configuration: one typed config; bad values are named with what is allowed, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from tests.conftest import fleetwatch
+
+
+def test_defaults_are_the_embedded_fleet():
+    cfg = load_config(env={})
+    assert (cfg.fleet.racks, cfg.fleet.nodes_per_rack, cfg.fleet.gpus_per_node) == (4, 8, 8)
+    assert cfg.data_dir == "./fleetwatch-data"
+    assert cfg.alerts.webhooks == []
+
+
+def test_file_then_env_then_overrides(tmp_path):
+    f = tmp_path / "fw.toml"
+    f.write_text('data_dir = "/srv/fw"\n[fleet]\nracks = 2\nseed = 5\n[alerts]\nwebhooks = ["http://a/x"]\n')
+    cfg = load_config(f, env={"FLEETWATCH_FLEET__RACKS": "3", "FLEETWATCH_ALERTS__WEBHOOKS": "http://b/1,http://c/2"},
+                      overrides={"fleet": {"seed": 9}})
+    assert cfg.data_dir == "/srv/fw"
+    assert cfg.fleet.racks == 3
+    assert cfg.fleet.seed == 9
+    assert cfg.alerts.webhooks == ["http://b/1", "http://c/2"]
+
+
+@pytest.mark.parametrize("toml, words", [
+    ("[fleet]\nracks = -1\n", ["fleet.racks", "-1", ">= 1"]),
+    ("[fleet]\nracks = \"four\"\n", ["fleet.racks", "'four'", "integer"]),
+    ("[fleet]\nfaults = [\"meteor_strike\"]\n", ["fleet.faults", "meteor_strike", "allowed", "coolant_leak"]),
+    ("[fleet]\nrackz = 4\n", ["unknown key", "fleet.rackz", "racks"]),
+    ("[archive]\ncompression = \"brotli9\"\n", ["archive.compression", "brotli9", "zstd"]),
+    ("[detect]\nz_threshold = nan\n", ["detect.z_threshold", "finite"]),
+    ("fleet = 3\n", ["fleet", "table"]),
+])
+def test_bad_config_names_key_value_and_allowed(tmp_path, toml, words):
+    f = tmp_path / "bad.toml"
+    f.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        load_config(f, env={})
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_bad_env_value_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"fleet.speed = 'fast': must be a number"):
+        load_config(env={"FLEETWATCH_FLEET__SPEED": "fast"})
+
+
+def test_cli_exits_2_on_bad_config(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[fleet]\ngpus_per_node = 0\n")
+    r = fleetwatch("run", "--config", str(f), "--duration", "1", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "fleet.gpus_per_node = 0: must be >= 1" in r.stderr
+    assert not (tmp_path / "fleetwatch-data").exists()
+
+
+def test_cli_exits_2_on_missing_file_and_bad_webhook(tmp_path):
+    r = fleetwatch("run", "--config", str(tmp_path / "nope.toml"), cwd=tmp_path)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = fleetwatch("run", "--duration", "1", cwd=tmp_path, env={"FLEETWATCH_ALERTS__WEBHOOKS": "ftp://x"})
+    assert r.returncode == 2 and "ftp://x" in r.stderr and "http" in r.stderr
+
+
+def test_readme_config_reference_matches_code():
+    from tests.conftest import REPO
+    table = fleetwatch("config", "--reference").stdout.strip()
+    assert table in (REPO / "README.md").read_text(), "README's config table is stale: paste `fleetwatch config --reference`"
