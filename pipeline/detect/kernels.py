@@ -14,13 +14,15 @@ import numpy as np
 from numba import njit
 
 _LN2 = math.log(2.0)
+MAX_ALPHA = 0.3
 
 
 @njit(cache=True, nogil=True)
 def _alpha(dt: float, halflife_s: float, count: float) -> float:
-    """EW weight for a step of `dt` seconds (irregular sampling), never below 1/(n+1)
-    so a young series starts from its plain mean instead of its first value."""
-    a = 1.0 - math.exp(-_LN2 * max(dt, 0.0) / halflife_s)
+    """EW weight for a step of `dt` seconds (irregular sampling). At most MAX_ALPHA, so
+    one sample after a long gap cannot wipe out the variance; never below 1/(n+1), so
+    a young series starts from its plain mean instead of its first value."""
+    a = min(1.0 - math.exp(-_LN2 * max(dt, 0.0) / halflife_s), MAX_ALPHA)
     return max(a, 1.0 / (count + 1.0))
 
 

@@ -23,13 +23,13 @@ from numba import njit
 
 from pipeline.detect.state import Cusum, EwmaZ
 
-HALFLIFE_SAMPLES = 50.0
-WARMUP = 10
+HALFLIFE_SAMPLES = 20.0
+WARMUP = 20
 Z_GATE = 6.0
 RELEARN = 15
-Z_HALF = 5.0
-CUSUM_K = 1.0   # in standard deviations
-CUSUM_H = 12.0
+Z_HALF = 4.5
+CUSUM_K = 1.5   # in standard deviations
+CUSUM_H = 15.0
 
 
 @njit(cache=True, nogil=True)

@@ -1,0 +1,80 @@
+"""The Parquet archive: hive layout, zstd, atomic, append-safe, readable by polars and DuckDB."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.model import GPU_SAMPLE
+from pipeline.sinks.parquet import ArchiveWriter
+from pipeline.sources.simulate import FleetSimulator
+from tests.conftest import make_config
+
+
+def gpu_batches(n: int, start: datetime) -> list[pa.RecordBatch]:
+    sim = FleetSimulator(make_config(fleet={"racks": 1, "nodes_per_rack": 2, "fault_interval_s": 0}).fleet,
+                         start=start)
+    return [sim.step().gpu for _ in range(n)]
+
+
+def test_hive_layout_zstd_and_atomic(tmp_path):
+    w = ArchiveWriter(tmp_path, "zstd")
+    start = datetime(2026, 3, 1, 23, 59, 30, tzinfo=timezone.utc)  # crosses an hour and a day
+    for b in gpu_batches(60, start):
+        w.add("gpu_samples", b)
+    paths = w.flush()
+    rel = sorted(str(p.relative_to(tmp_path).parent) for p in paths)
+    assert rel == ["gpu_samples/date=2026-03-01/hour=23", "gpu_samples/date=2026-03-02/hour=00"]
+    for p in paths:
+        assert p.name.startswith("part-") and p.suffix == ".parquet"
+        meta = pq.ParquetFile(p).metadata
+        assert meta.row_group(0).column(0).compression == "ZSTD"
+    assert list((tmp_path / ".staging").iterdir()) == []  # nothing left half-written
+    dataset_files = list((tmp_path / "gpu_samples").rglob("*"))
+    assert not [f for f in dataset_files if f.name.startswith((".", "_"))]
+
+
+def test_appending_never_overwrites_and_both_readers_agree(tmp_path):
+    w = ArchiveWriter(tmp_path)
+    start = datetime(2026, 3, 1, 10, tzinfo=timezone.utc)
+    batches = gpu_batches(30, start)
+    for b in batches[:10]:
+        w.add("gpu_samples", b)
+    w.flush()
+    for b in batches[10:]:
+        w.add("gpu_samples", b)
+    w.flush()
+    w2 = ArchiveWriter(tmp_path)  # a second writer (a restart) into the same partition
+    w2.add("gpu_samples", batches[0])
+    w2.flush()
+    expected = sum(b.num_rows for b in batches) + batches[0].num_rows
+    lf = pl.scan_parquet(tmp_path / "gpu_samples", hive_partitioning=True)
+    df = lf.collect()
+    assert df.height == expected
+    assert df["hour"].unique().to_list() == [10]
+    assert df.select(pl.exclude("date", "hour")).schema == pl.from_arrow(GPU_SAMPLE.empty_table()).schema
+    con = duckdb.connect()
+    n_duck = con.execute(f"select count(*) from read_parquet('{tmp_path}/gpu_samples/*/*/*.parquet', "
+                         f"hive_partitioning=true)").fetchall()[0][0]
+    assert n_duck == expected
+    power = con.execute(f"select avg(power_w) from read_parquet('{tmp_path}/gpu_samples/**/*.parquet')").fetchall()[0][0]
+    assert abs(power - df["power_w"].mean()) < 1e-6
+
+
+def test_staging_leftovers_from_a_crash_are_removed(tmp_path):
+    (tmp_path / ".staging").mkdir(parents=True)
+    (tmp_path / ".staging" / "part-1-x-000001.parquet").write_bytes(b"half a file")
+    ArchiveWriter(tmp_path)
+    assert list((tmp_path / ".staging").iterdir()) == []
+
+
+def test_flush_is_signalled_when_the_buffer_is_full(tmp_path):
+    w = ArchiveWriter(tmp_path, max_buffer_rows=40)
+    b = gpu_batches(2, datetime(2026, 3, 1, tzinfo=timezone.utc))
+    assert w.add("gpu_samples", b[0]) is False  # 16 rows
+    assert w.add("gpu_samples", b[1]) is False  # 32
+    assert w.add("gpu_samples", b[1]) is True   # 48 >= 40

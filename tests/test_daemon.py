@@ -1,0 +1,141 @@
+"""`fleetwatch run` as a user runs it: a real process, real signals, a real webhook receiver,
+and what lands in Parquet and alerts.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+
+from pipeline.model import fingerprint
+from tests.conftest import fleetwatch
+
+pytestmark = pytest.mark.slow
+
+FAST = {"FLEETWATCH_FLEET__SPEED": "20", "FLEETWATCH_FLEET__FAULT_INTERVAL_S": "4",
+        "FLEETWATCH_FLEET__RACKS": "2", "FLEETWATCH_DAEMON__STATUS_INTERVAL_S": "1",
+        "FLEETWATCH_ARCHIVE__FLUSH_INTERVAL_S": "1"}
+
+
+def archived(data: Path, dataset: str) -> pl.DataFrame:
+    files = list((data / "archive" / dataset).rglob("*.parquet"))
+    if not files:
+        return pl.DataFrame()
+    return pl.scan_parquet(data / "archive" / dataset, hive_partitioning=True).collect()
+
+
+def reported_samples(stderr: str) -> int:
+    return int(re.search(r"stopped after [\d.]+ s: (\d+) GPU samples", stderr).group(1))
+
+
+def start(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST | (env or {})
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--data-dir", str(tmp_path / "data"), *args],
+                            cwd=tmp_path, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_run_for_a_duration_lands_everything(tmp_path, receiver):
+    r = fleetwatch("run", "--duration", "12", "--data-dir", "data", "--seed", "3", cwd=tmp_path,
+                   env=FAST | {"FLEETWATCH_ALERTS__WEBHOOKS": receiver.url}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    data = tmp_path / "data"
+    # Not a terminal: periodic status log lines instead of a live line.
+    assert re.search(r"GPU samples/s .*nodes healthy \d+ suspect \d+ failing \d+", r.stderr)
+    gpu = archived(data, "gpu_samples")
+    assert gpu.height == reported_samples(r.stderr) > 0
+    assert gpu.select(pl.struct("gpu_uuid", "ts").is_unique().all()).item()  # no duplicates
+    assert archived(data, "facility_samples").height > 0
+    labels = archived(data, "fault_labels")
+    assert labels.height >= 3 and set(labels.columns) >= {"fault_type", "rack", "node", "gpu", "start", "end"}
+    alerts = archived(data, "alerts")
+    firing = alerts.filter(pl.col("status") == "firing")
+    assert firing.height >= 3
+    # alerts.jsonl has the same state changes, in Alertmanager's shape.
+    lines = [json.loads(x) for x in (data / "alerts.jsonl").read_text().splitlines()]
+    assert sorted((a["fingerprint"], a["status"]) for a in lines) == \
+        sorted(zip(alerts["fingerprint"].to_list(), alerts["status"].to_list()))
+    for a in lines:
+        assert a["fingerprint"] == fingerprint(a["labels"])
+        assert {"summary", "description", "runbook_url"} <= set(a["annotations"])
+        assert a["annotations"]["runbook_url"] == f"runbooks/{a['labels']['alertname']}.md"
+    assert archived(data, "node_health").height >= 1
+    # Printed on the console too.
+    for a in lines[:3]:
+        assert a["annotations"]["summary"] in r.stdout
+    # The webhook got Alertmanager v4 payloads with the same alerts.
+    delivered = [a for p in receiver.payloads for a in p["alerts"]]
+    assert sorted((a["fingerprint"], a["status"]) for a in delivered) == sorted((a["fingerprint"], a["status"]) for a in lines)
+    for p in receiver.payloads:
+        assert p["version"] == "4" and p["receiver"] == "fleetwatch"
+        assert set(p) >= {"status", "alerts", "groupLabels", "commonLabels", "commonAnnotations", "externalURL",
+                          "groupKey", "truncatedAlerts"}
+        assert p["groupLabels"] == {"alertname": p["alerts"][0]["labels"]["alertname"]}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_flushes_everything_and_exits_0(tmp_path, sig):
+    p = start(tmp_path)
+    data = tmp_path / "data"
+    try:
+        wait_for(lambda: list((data / "archive" / "gpu_samples").rglob("*.parquet")))
+        # Readable while the daemon runs, by polars and DuckDB.
+        assert archived(data, "gpu_samples").height > 0
+        n = duckdb.connect().execute(f"select count(*) from read_parquet('{data}/archive/gpu_samples/**/*.parquet', "
+                                     f"hive_partitioning=true)").fetchall()[0][0]
+        assert n > 0
+        time.sleep(1.5)
+        t0 = time.monotonic()
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=10)
+        assert time.monotonic() - t0 < 10
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    assert archived(data, "gpu_samples").height == reported_samples(err)  # nothing lost
+    assert not list((data / "archive" / ".staging").iterdir())
+
+
+def test_live_status_line_on_a_terminal(tmp_path):
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST
+    p = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--duration", "6", "--data-dir", "data"],
+                         cwd=tmp_path, env=env, stdout=slave, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 30)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        p.wait(timeout=30)
+        os.close(master)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert p.returncode == 0
+    assert screen.count("\r\x1b[K") >= 3  # rewritten in place, about once a second
+    assert re.search(r"GPU samples/s +alerts firing \d+ \(raised \d+\) +nodes healthy \d+ suspect \d+ failing \d+", screen)
