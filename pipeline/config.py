@@ -63,7 +63,7 @@ class ArchiveConfig:
 @dataclass(frozen=True)
 class DetectConfig:
     ewma_halflife_s: float = _spec(600.0, min=1, doc="memory of the EWMA baselines")
-    z_threshold: float = _spec(6.0, min=1, doc="|z| above which a sample is anomalous")
+    z_threshold: float = _spec(6.0, min=1, doc="z-score (in standard deviations) beyond which a sample is anomalous")
     warmup_samples: int = _spec(60, min=2, doc="samples a series needs before it can alert")
     relearn_samples: int = _spec(3600, min=10, doc="consecutive outliers after which a baseline relearns")
     cusum_slack_c: float = _spec(1.0, min=0, doc="CUSUM slack k for thermal drift (C)")
@@ -89,7 +89,7 @@ class AlertsConfig:
     webhooks: list[str] = _spec([], doc="URLs that receive Alertmanager v4 webhook payloads")
     webhook_timeout_s: float = _spec(5.0, min=0.1, max=120, doc="per-request timeout")
     webhook_retries: int = _spec(3, min=0, max=20, doc="retries per delivery (exponential backoff)")
-    runbook_base_url: str = _spec("runbooks/", doc="prefix of every runbook_url; <alertname>.md is appended")
+    runbook_base_url: str = _spec("runbooks/", doc="prefix of every runbook_url; ALERTNAME.md is appended")
 
 
 @dataclass(frozen=True)

@@ -69,3 +69,12 @@ def test_readme_config_reference_matches_code():
     from tests.conftest import REPO
     table = fleetwatch("config", "--reference").stdout.strip()
     assert table in (REPO / "README.md").read_text(), "README's config table is stale: paste `fleetwatch config --reference`"
+
+
+def test_docker_compose_sets_only_keys_the_code_reads():
+    import re
+    from tests.conftest import REPO
+    text = (REPO / "docker-compose.yml").read_text()
+    env = dict(re.findall(r"^\s+(FLEETWATCH_\w+):\s*\"?([^\"\n]*)\"?\s*$", text, re.M))
+    assert env, "docker-compose.yml sets no FLEETWATCH_* key"
+    load_config(env=env)  # raises ConfigError naming any unknown key or bad value

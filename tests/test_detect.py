@@ -163,3 +163,19 @@ def test_unsupported_fields_are_null_not_zero_and_do_not_alert():
     h.run(200, mutate=no_nvlink)
     assert h.engine.stats.invalid_values == {}
     assert h.fired() == []
+
+
+def test_gpus_and_nodes_that_join_later_get_their_own_identity():
+    """A batch where the new GPUs are not the first rows (a node joining the fleet)."""
+    h = Harness(seed=12)
+    first = h.sim.step().gpu
+    late_node = h.sim.node_names[-1]
+    import pyarrow.compute as pc
+    h.engine.process(Message(Topic.GPU, first.filter(pc.not_equal(first.column("node"), late_node))))
+    h.engine.process(Message(Topic.GPU, h.sim.step().gpu))
+    for slot in range(h.engine.g_count):
+        uuid = h.engine.gpus.keys[slot].as_py()
+        g = h.sim.gpu_uuids.index(uuid)
+        assert h.engine.node_names[h.engine.g.node[slot]] == h.sim.node_names[h.sim.gpu_node[g]]
+        assert h.engine.g.index[slot] == h.sim.gpu_index[g]
+    assert h.engine.node_identity(h.engine.node_names.index(late_node)).rack == h.sim.rack_names[-1]

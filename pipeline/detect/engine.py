@@ -124,7 +124,8 @@ class Engine:
 
     def _new_gpus(self, keys: pa.Array, rows: np.ndarray) -> None:
         b = self._current
-        nodes = self.nodes.slots(b.column("node").take(rows))
+        # Look up the whole column so that new nodes' row positions refer to this batch.
+        nodes = self.nodes.slots(b.column("node"))[rows]
         start = self.g_count
         self.g_count = start + len(rows)
         self.g.ensure(self.g_count)
@@ -328,6 +329,10 @@ class Engine:
     # ---- events ------------------------------------------------------------------
 
     def _events(self, batch: pa.RecordBatch, out: Output) -> None:
+        batch = batch.filter(pc.is_valid(batch.column("gpu_uuid")))  # node-level events: none alert yet
+        if batch.num_rows == 0:
+            return
+        self._current = batch
         slots = self.gpus.slots(batch.column("gpu_uuid"))
         ts = batch.column("ts").cast(pa.int64()).to_numpy() / 1e9
         self.stats.events += batch.num_rows
