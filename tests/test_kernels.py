@@ -68,7 +68,7 @@ def test_ewma_zscore_matches_reference(b):
     assert np.isfinite(det.s.mean).all() and np.isfinite(det.s.var).all() and (det.s.var >= 0).all()
 
 
-def ref_cusum(values, slots, halflife, k, h, warmup):
+def ref_cusum(values, slots, halflife, k, h, warmup, cap=2.0):
     st_ = {}
     out = []
     for x, s in zip(values, slots):
@@ -82,8 +82,8 @@ def ref_cusum(values, slots, halflife, k, h, warmup):
             continue
         d = x - m["mean"]
         if m["count"] >= warmup:
-            m["hi"] = max(0.0, m["hi"] + d - k)
-            m["lo"] = max(0.0, m["lo"] - d - k)
+            m["hi"] = min(max(0.0, m["hi"] + d - k), cap * h)
+            m["lo"] = min(max(0.0, m["lo"] - d - k), cap * h)
         if m["hi"] == 0 and m["lo"] == 0:
             a = max(1 - math.exp(-math.log(2) / halflife), 1 / (m["count"] + 1))
             m["mean"] += a * d
@@ -109,6 +109,14 @@ def test_cusum_catches_a_slow_drift_that_a_zscore_misses():
     first = int(np.argmax(score >= 1.0))
     assert 1000 < first < 2500
     assert (score[:1000] < 1.0).all()
+
+
+def test_cusum_forgets_a_finished_drift():
+    """Clamped at cap * h: after the level returns, the alarm clears within ~cap * h / k samples."""
+    x = np.r_[np.zeros(200), np.full(3000, 5.0), np.zeros(400)]
+    score = Cusum(3600.0, 1.0, 100.0, 60, cap=2.0).update(x, np.zeros(x.size, np.int64))
+    assert score[3199] == 2.0           # saturated at the cap, not at 3000 x 4
+    assert (score[3200 + 201:] < 1.0).all()
 
 
 @settings(max_examples=200, deadline=None)

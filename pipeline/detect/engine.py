@@ -255,7 +255,10 @@ class Engine:
         self._eval(out, "GpuOverTemperature", slots, (temp >= d.gpu_temp_limit_c) & ~cooling_bad & ~runaway, t, temp,
                    ev(temp_c=temp, limit_c=d.gpu_temp_limit_c, peer_median_c=med_temp[local]))
         hot = runaway | self.trackers["GpuOverTemperature"].pending_or_firing(self.g_count)[slots]
-        drift = self.drift.update(residual, slots)
+        # The excess over peers means nothing while the rack's coolant or the GPU's clocks
+        # are being forced: the drift detector neither learns nor accumulates then.
+        forced = cooling_bad | ((reasons & HW_SLOWDOWN_BITS) != 0)
+        drift = self.drift.update(np.where(forced, np.nan, residual), slots)
         drift_excess = residual - self.drift.s.mean[slots]
         drifting = (drift >= 1.0) & (drift_excess > d.cusum_slack_c) & ~cooling_bad & ~hot
         self._eval(out, "GpuThermalDrift", slots, drifting, t, drift,

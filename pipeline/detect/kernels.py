@@ -74,13 +74,15 @@ def ewma_zscore(values, slots, ts, mean, var, count, last_ts, outliers,
 
 
 @njit(cache=True, nogil=True)
-def cusum(values, slots, mean, count, s_hi, s_lo, halflife_s, k, h, warmup, score_out):
+def cusum(values, slots, mean, count, s_hi, s_lo, halflife_s, k, h, warmup, cap, score_out):
     """Two-sided CUSUM against a slow EW baseline, for drifts too slow for a z-score.
 
     S+ = max(0, S+ + (x - mean) - k), S- = max(0, S- - (x - mean) - k);
     score_out = S+ / h when S+ leads, else -S- / h: |score| >= 1 is an alarm, its
     sign the direction. The baseline learns only
     while both sums are zero, so a drift never teaches the baseline to follow it.
+    Each sum is clamped at cap * h: once the drift is gone the alarm clears within
+    about cap * h / k samples instead of remembering a finished fault for hours.
     """
     for i in range(values.shape[0]):
         s = slots[i]
@@ -97,8 +99,8 @@ def cusum(values, slots, mean, count, s_hi, s_lo, halflife_s, k, h, warmup, scor
             continue
         d = x - mean[s]
         if count[s] >= warmup:
-            s_hi[s] = max(0.0, s_hi[s] + d - k)
-            s_lo[s] = max(0.0, s_lo[s] - d - k)
+            s_hi[s] = min(max(0.0, s_hi[s] + d - k), cap * h)
+            s_lo[s] = min(max(0.0, s_lo[s] - d - k), cap * h)
         if s_hi[s] == 0.0 and s_lo[s] == 0.0:
             a = max(1.0 - math.exp(-_LN2 / halflife_s), 1.0 / (count[s] + 1.0))
             mean[s] += a * d
@@ -183,7 +185,7 @@ def warm_up() -> None:
     i = np.zeros(2, np.int64)
     ewma_zscore(f, i, f, f.copy(), f.copy(), i.copy(), f.copy(), i.copy(), 60.0, 6.0, 2, 10, 0.0, 1e-9,
                 f.copy(), f.copy())
-    cusum(f, i, f.copy(), i.copy(), f.copy(), f.copy(), 60.0, 1.0, 10.0, 2, f.copy())
+    cusum(f, i, f.copy(), i.copy(), f.copy(), f.copy(), 60.0, 1.0, 10.0, 2, 2.0, f.copy())
     counter_delta(f, i, f, np.full(2, np.nan), f.copy(), f.copy(), f.copy())
     flatline(f, i, np.full(2, np.nan), i.copy(), i.copy())
     group_median(f, i, 1, np.ones(2, np.bool_), f.copy())

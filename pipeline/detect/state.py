@@ -80,8 +80,8 @@ class EwmaZ:
 
 
 class Cusum:
-    def __init__(self, halflife_s: float, k: float, h: float, warmup: int) -> None:
-        self.params = (halflife_s, k, h, warmup)
+    def __init__(self, halflife_s: float, k: float, h: float, warmup: int, cap: float = 2.0) -> None:
+        self.params = (halflife_s, k, h, warmup, cap)
         self.s = SlotArrays({"mean": (np.float64, 0.0), "count": (np.int64, 0),
                              "s_hi": (np.float64, 0.0), "s_lo": (np.float64, 0.0)})
 
