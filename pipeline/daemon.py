@@ -121,7 +121,7 @@ async def notify_role(sub, alert_log: AlertLog, webhooks: WebhookSender | None, 
 
 
 def status_text(engine: Engine, rate: float, sim: FleetSimulator) -> str:
-    h = engine.health.counts()
+    h = engine.health.counts(len(engine.node_names))
     firing = len(engine.active_alerts())
     return (f"fleetwatch  sim {sim.now:%Y-%m-%d %H:%M:%S}  {rate:,.0f} GPU samples/s  "
             f"alerts firing {firing} (raised {engine.stats.alerts_fired})  "

@@ -138,4 +138,6 @@ def test_live_status_line_on_a_terminal(tmp_path):
     screen = b"".join(chunks).decode(errors="replace")
     assert p.returncode == 0
     assert screen.count("\r\x1b[K") >= 3  # rewritten in place, about once a second
-    assert re.search(r"GPU samples/s +alerts firing \d+ \(raised \d+\) +nodes healthy \d+ suspect \d+ failing \d+", screen)
+    status = re.findall(r"GPU samples/s +alerts firing \d+ \(raised \d+\) +nodes healthy (\d+) suspect (\d+) failing (\d+)",
+                        screen)
+    assert status and all(sum(map(int, counts)) == 16 for counts in status)  # 2 racks x 8 nodes, all counted

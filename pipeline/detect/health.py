@@ -129,5 +129,9 @@ class NodeHealth:
         self.state[:n_nodes] = new
         return out
 
-    def counts(self) -> dict[str, int]:
-        return {name: int(np.count_nonzero(self.state == i)) for i, name in enumerate(STATES)}
+    def counts(self, n_nodes: int) -> dict[str, int]:
+        """Nodes per state; nodes that never had an alert are healthy."""
+        known = self.state[:n_nodes]
+        out = {name: int(np.count_nonzero(known == i)) for i, name in enumerate(STATES)}
+        out["healthy"] += n_nodes - known.shape[0]
+        return out
