@@ -68,7 +68,7 @@ def test_cli_exits_2_on_missing_file_and_bad_webhook(tmp_path):
 def test_readme_config_reference_matches_code():
     from tests.conftest import REPO
     table = fleetwatch("config", "--reference").stdout.strip()
-    assert table in (REPO / "README.md").read_text(), "README's config table is stale: paste `fleetwatch config --reference`"
+    assert table in (REPO / "README.md").read_text(), "README's config table is stale: run scripts/update-readme-config"
 
 
 def test_docker_compose_sets_only_keys_the_code_reads():

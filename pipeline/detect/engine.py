@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 HW_SLOWDOWN_BITS = 0x8 | 0x20 | 0x40 | 0x80  # HW slowdown, SW/HW thermal, HW power brake
 POWER_BRAKE = 0x80
+THERMAL_TAU_S = 6.5  # slow thermal time constant of an H100 (shared/data/nvml trace)
 KIND_OTHER, KIND_LEAK, KIND_FLOW, KIND_PDU_POWER = 0, 1, 2, 3
 
 # Which tracker each alertname uses; fire_after None = the configured soft value.
@@ -86,7 +87,8 @@ class Engine:
         self.racks = KeyIndex(self._new_racks)
         self.points = KeyIndex(self._new_points)
         self.g = SlotArrays({"node": (np.int64, -1), "index": (np.int64, 0), "last_seen": (np.float64, np.nan),
-                             "interval": (np.float64, np.nan), "offbus": (np.bool_, False)})
+                             "interval": (np.float64, np.nan), "offbus": (np.bool_, False),
+                             "p_slow": (np.float64, np.nan)})
         self.n = SlotArrays({"rack": (np.int64, -1), "last_seen": (np.float64, np.nan),
                              "interval": (np.float64, np.nan)})
         self.p = SlotArrays({"rack": (np.int64, -1), "kind": (np.int8, KIND_OTHER)})
@@ -102,7 +104,8 @@ class Engine:
         self.power_flat = Flatline()
         self.drift = Cusum(d.drift_baseline_halflife_s, d.cusum_slack_c, d.cusum_limit, d.warmup_samples)
         self.flow = EwmaZ(d.ewma_halflife_s, d.z_threshold, d.warmup_samples, d.relearn_samples)
-        self.trackers = {spec.name: Tracker(spec, _DETECTOR[spec.name], 1 if spec.name in _HARD else d.fire_after,
+        fire_after = {name: 1 for name in _HARD} | {"GpuThermalDrift": d.drift_confirm_samples}
+        self.trackers = {spec.name: Tracker(spec, _DETECTOR[spec.name], fire_after.get(spec.name, d.fire_after),
                                             d.resolve_after, self._labels_getter(spec.scope),
                                             cfg.alerts.runbook_base_url)
                          for spec in ALERTS}
@@ -238,8 +241,22 @@ class Engine:
         n_local = local_nodes.shape[0]
         temp, power, sm, util = m["gpu_temp_c"], m["power_w"], m["sm_clock_mhz"], m["util_gpu"]
         reasons = np.nan_to_num(m["clock_event_reasons"]).astype(np.int64)
-        med_temp, n_temp = group_median(temp, local, n_local)
-        residual = np.where(n_temp[local] >= 3, temp - med_temp[local], np.nan)
+        # Each GPU's temperature at its peers' power: what the GPU's own power explains is
+        # taken out before comparing it with the median of its node. Temperature follows
+        # power through two lags (H100 trace: ~60% at once, the rest with tau 6.5 s), so it
+        # reflects 0.6 P + 0.4 P_slow. A power reading that repeats exactly is not trusted
+        # (a stuck sensor): that GPU is taken to draw its peers' median.
+        a = 1.0 - np.exp(-np.where(seen_before, gap, 1.0) / THERMAL_TAU_S)
+        p_prev = g.p_slow[slots]
+        p_slow = np.where(np.isnan(p_prev), power, np.where(np.isnan(power), p_prev, p_prev + a * (power - p_prev)))
+        g.p_slow[slots] = p_slow
+        runs = self.power_flat.update(power, slots)
+        p_eff = np.where(runs >= 3, np.nan, 0.6 * power + 0.4 * p_slow)
+        med_p_eff, _ = group_median(p_eff, local, n_local)
+        p_eff = np.where(np.isnan(p_eff), med_p_eff[local], p_eff)
+        adj_temp = temp - d.thermal_c_per_w * (p_eff - med_p_eff[local])
+        med_temp, n_temp = group_median(adj_temp, local, n_local)
+        residual = np.where(n_temp[local] >= 3, adj_temp - med_temp[local], np.nan)
         cooling = (self.trackers["CoolantFlowLoss"].pending_or_firing(len(self.racks))
                    | self.trackers["CoolantLeak"].pending_or_firing(len(self.racks)))
         cooling_bad = cooling[rack]
@@ -249,20 +266,28 @@ class Engine:
 
         # Thermal: one alert per problem. A runaway explains the GPU's high temperature
         # and its drift; a coolant problem of the rack explains its GPUs' temperatures.
-        self._eval(out, "GpuThermalRunaway", slots, residual > d.peer_temp_excess_c, t, residual,
-                   ev(temp_c=temp, excess_c=residual, peer_median_c=med_temp[local], threshold_c=d.peer_temp_excess_c))
+        # A drift already alerted on the GPU is the same problem growing: it is not raised again.
+        self.trackers["GpuThermalDrift"].s.ensure(self.g_count)
+        drifting_already = self.trackers["GpuThermalDrift"].s.firing[slots]
+        self._eval(out, "GpuThermalRunaway", slots, (residual > d.peer_temp_excess_c) & ~drifting_already, t, residual,
+                   ev(temp_c=temp, excess_c=residual, peer_median_c=med_temp[local], power_w=power,
+                      peer_power_w=med_p_eff[local], threshold_c=d.peer_temp_excess_c))
         runaway = self.trackers["GpuThermalRunaway"].pending_or_firing(self.g_count)[slots]
         self._eval(out, "GpuOverTemperature", slots, (temp >= d.gpu_temp_limit_c) & ~cooling_bad & ~runaway, t, temp,
                    ev(temp_c=temp, limit_c=d.gpu_temp_limit_c, peer_median_c=med_temp[local]))
         hot = runaway | self.trackers["GpuOverTemperature"].pending_or_firing(self.g_count)[slots]
-        # The excess over peers means nothing while the rack's coolant or the GPU's clocks
-        # are being forced: the drift detector neither learns nor accumulates then.
-        forced = cooling_bad | ((reasons & HW_SLOWDOWN_BITS) != 0)
+        # The drift detector reads only samples under load: a degrading cold plate shows
+        # there, while at idle integer temperatures and gain spread move the excess by ~2 C.
+        # It neither learns nor accumulates while the rack's coolant or the GPU's clocks are
+        # forced, or while a faster thermal fault is alerted.
+        forced = ~(util >= 0.5) | cooling_bad | hot | ((reasons & HW_SLOWDOWN_BITS) != 0)
         drift = self.drift.update(np.where(forced, np.nan, residual), slots)
         drift_excess = residual - self.drift.s.mean[slots]
-        drifting = (drift >= 1.0) & (drift_excess > d.cusum_slack_c) & ~cooling_bad & ~hot
-        self._eval(out, "GpuThermalDrift", slots, drifting, t, drift,
-                   ev(temp_c=temp, excess_c=drift_excess, cusum_score=drift, peer_median_c=med_temp[local]))
+        seen = np.flatnonzero(np.isfinite(drift))  # unobserved samples neither raise nor clear it
+        self._eval(out, "GpuThermalDrift", slots[seen], (drift[seen] >= 1.0) & (drift_excess[seen] > d.cusum_slack_c),
+                   t, drift[seen], lambda i: {"temp_c": float(temp[seen[i]]), "excess_c": float(drift_excess[seen[i]]),
+                                              "cusum_score": float(drift[seen[i]]),
+                                              "peer_median_c": float(med_temp[local][seen[i]])})
 
         # Performance against peers at full load.
         include = (util >= 0.9) & ((reasons & HW_SLOWDOWN_BITS) == 0)
@@ -299,7 +324,6 @@ class Engine:
         _, nvlink_rate = self.nvlink.update(m["nvlink_crc_errors_total"], slots, ts)
         self._eval(out, "GpuNvlinkErrorStorm", slots, nvlink_rate > d.nvlink_crc_rate_per_s, t, nvlink_rate,
                    ev(rate_per_s=nvlink_rate, threshold_per_s=d.nvlink_crc_rate_per_s))
-        runs = self.power_flat.update(power, slots)
         self._eval(out, "GpuPowerSensorStuck", slots, runs >= d.stuck_samples, t, runs.astype(float),
                    ev(power_w=power, samples=runs.astype(float)))
         # A GPU that fell off the bus stays alerted until it reports again.

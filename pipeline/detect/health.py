@@ -37,6 +37,7 @@ class Tracker:
         self._runbook = f"{runbook_base_url}{spec.name}.md"
         self.s = SlotArrays({"hits": (np.int32, 0), "clears": (np.int32, 0), "firing": (np.bool_, False)})
         self.active: dict[int, Alert] = {}
+        self._pending = False  # some entity has a hit streak that has not fired (yet)
 
     def pending_or_firing(self, n: int) -> np.ndarray:
         self.s.ensure(n)
@@ -45,14 +46,15 @@ class Tracker:
     def update(self, entities: np.ndarray, hit: np.ndarray, t: float, score: np.ndarray,
                evidence: Evidence) -> list[tuple[datetime, Alert]]:
         """Evaluate the condition for `entities` (unique) at time t; return state changes."""
-        if entities.size == 0:
-            return []
+        if entities.size == 0 or not (self._pending or self.active or hit.any()):
+            return []  # the common case: nothing hit, nothing pending, nothing firing
         s = self.s
         s.ensure(int(entities.max()) + 1)
         hits = np.where(hit, s.hits[entities] + 1, 0)
         clears = np.where(hit, 0, s.clears[entities] + 1)
         firing = s.firing[entities]
         s.hits[entities], s.clears[entities] = hits, clears
+        self._pending = bool((s.hits > 0).any())
         start = np.flatnonzero(hit & ~firing & (hits >= self.fire_after))
         stop = np.flatnonzero(firing & (clears >= self.resolve_after))
         if start.size == 0 and stop.size == 0:
