@@ -178,3 +178,41 @@ def test_gpus_and_nodes_that_join_later_get_their_own_identity():
         assert h.engine.node_names[h.engine.g.node[slot]] == h.sim.node_names[h.sim.gpu_node[g]]
         assert h.engine.g.index[slot] == h.sim.gpu_index[g]
     assert h.engine.node_identity(h.engine.node_names.index(late_node)).rack == h.sim.rack_names[-1]
+
+
+def _h100_batches(path, ts_key):
+    """The recorded H100 (shared/data/nvml) as one GPU of one node, a batch per scrape."""
+    import json
+    from pipeline.model import GPU_SAMPLE
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    t0 = int(START.timestamp() * 1e9)
+    for r in rows:
+        yield pa.RecordBatch.from_pylist([{
+            "ts": datetime.fromtimestamp(t0 / 1e9 + r[ts_key], timezone.utc), "site": "lab", "rack": "r01",
+            "node": "h100-0", "gpu": 0, "gpu_uuid": "GPU-00000000-0000-4000-8000-000000000001",
+            "power_w": r["power_mw"] / 1000, "energy_j": r["energy_mj"] / 1000, "gpu_temp_c": r["temp_c"],
+            "mem_temp_c": r.get("fv_82"), "sm_clock_mhz": r["sm_mhz"], "mem_clock_mhz": r.get("mem_mhz"),
+            "util_gpu": r["util_gpu"] / 100 if "util_gpu" in r else None,
+            "util_mem": r["util_mem"] / 100 if "util_mem" in r else None, "mem_used_bytes": r.get("mem_used_b"),
+            "clock_event_reasons": r.get("throttle", r.get("reasons")), "pstate": r.get("pstate"),
+            "pcie_replay_total": r.get("pcie_replay"), "ecc_sbe_volatile_total": r.get("ecc_sbe_vol"),
+            "ecc_dbe_volatile_total": r.get("ecc_dbe_vol"), "remapped_rows_correctable": 0,
+            "remapped_rows_uncorrectable": 0, "remapped_rows_pending": False, "remapped_rows_failure": False,
+            "nvlink_crc_errors_total": None,  # NOT_SUPPORTED on the recorded VM
+        }], schema=GPU_SAMPLE)
+
+
+@pytest.mark.parametrize("trace, ts_key", [("h100_load_trace.jsonl", "t"), ("h100_powercap_trace.jsonl", "t")])
+def test_recorded_h100_raises_no_alert(trace, ts_key):
+    """Idle, a 25 s full-load matmul pinned at 700 W (reason 0x4), cooldown, and power caps
+    of 500, 350 and 200 W under load: all normal operation."""
+    from tests.conftest import SHARED_NVML
+    engine = Engine(make_config())
+    changes = []
+    n = 0
+    for batch in _h100_batches(SHARED_NVML / trace, ts_key):
+        changes += engine.process(Message(Topic.GPU, batch)).alerts
+        n += 1
+    assert n > 400 and engine.stats.gpu_samples == n
+    assert engine.stats.invalid_values == {}
+    assert changes == [], [a.annotations["summary"] for _, a in changes]
