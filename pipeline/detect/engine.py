@@ -74,6 +74,26 @@ class Stats:
     alerts_resolved: int = 0
 
 
+@dataclass
+class GpuBatch:
+    """One GPU telemetry batch as arrays, row-aligned, shared by the detector families."""
+    slots: np.ndarray        # series slot of each row
+    ts: np.ndarray           # seconds
+    t: float                 # the batch's time: its latest sample
+    gap: np.ndarray          # seconds since the GPU's previous sample; NaN for its first
+    m: dict[str, np.ndarray]  # metric -> float64, NaN where null or invalid
+    rack: np.ndarray         # rack index of each row
+    local_nodes: np.ndarray  # node indices present in the batch
+    local: np.ndarray        # each row's position in local_nodes (the peer group)
+    reasons: np.ndarray      # clocks event reasons, int64
+    power_runs: np.ndarray   # identical power readings in a row (flat-line)
+
+
+def _evidence(**values):
+    """Evidence for row i: arrays are read at i, scalars taken as they are."""
+    return lambda i: {k: (float(v[i]) if isinstance(v, np.ndarray) else v) for k, v in values.items()}
+
+
 class Engine:
     def __init__(self, cfg: Config) -> None:
         kernels.warm_up()  # compile or load from cache now, not on the first sample
@@ -216,15 +236,12 @@ class Engine:
     # ---- GPU telemetry ---------------------------------------------------------
 
     def _gpu(self, batch: pa.RecordBatch, out: Output) -> None:
-        d = self.d
         slots = self.gpus.slots(batch.column("gpu_uuid"))
         ts = batch.column("ts").cast(pa.int64()).to_numpy() / 1e9
-        t = float(ts.max())
         self.stats.gpu_samples += batch.num_rows
         m = {name: self._numeric(batch, name) for name in GPU_METRICS}
         g, nd = self.g, self.n
         node = g.node[slots]
-        rack = nd.rack[node]
 
         # Reporting cadence, for staleness.
         gap = ts - g.last_seen[slots]
@@ -236,75 +253,85 @@ class Engine:
         nd.interval[node] = g.interval[slots]
         g.offbus[slots] = False  # a GPU that reports is on the bus again
 
-        # Peers: medians over each node's GPUs in this batch.
         local_nodes, local = np.unique(node, return_inverse=True)
-        n_local = local_nodes.shape[0]
-        temp, power, sm, util = m["gpu_temp_c"], m["power_w"], m["sm_clock_mhz"], m["util_gpu"]
-        reasons = np.nan_to_num(m["clock_event_reasons"]).astype(np.int64)
+        b = GpuBatch(slots=slots, ts=ts, t=float(ts.max()), gap=np.where(seen_before, gap, np.nan), m=m,
+                     rack=nd.rack[node], local_nodes=local_nodes, local=local,
+                     reasons=np.nan_to_num(m["clock_event_reasons"]).astype(np.int64),
+                     power_runs=self.power_flat.update(m["power_w"], slots))
+        self._thermal(b, out)
+        self._performance(b, out)
+        self._counters(b, out)
+        self._staleness(out, local_nodes, b.t)
+
+    def _thermal(self, b: GpuBatch, out: Output) -> None:
+        """Runaway and drift against peers, over-temperature, with one alert per problem."""
+        d, g, slots, local, n_local = self.d, self.g, b.slots, b.local, b.local_nodes.shape[0]
+        temp, power, util = b.m["gpu_temp_c"], b.m["power_w"], b.m["util_gpu"]
         # Each GPU's temperature at its peers' power: what the GPU's own power explains is
         # taken out before comparing it with the median of its node. Temperature follows
         # power through two lags (H100 trace: ~60% at once, the rest with tau 6.5 s), so it
         # reflects 0.6 P + 0.4 P_slow. A power reading that repeats exactly is not trusted
         # (a stuck sensor): that GPU is taken to draw its peers' median.
-        a = 1.0 - np.exp(-np.where(seen_before, gap, 1.0) / THERMAL_TAU_S)
+        a = 1.0 - np.exp(-np.nan_to_num(b.gap, nan=1.0) / THERMAL_TAU_S)
         p_prev = g.p_slow[slots]
         p_slow = np.where(np.isnan(p_prev), power, np.where(np.isnan(power), p_prev, p_prev + a * (power - p_prev)))
         g.p_slow[slots] = p_slow
-        runs = self.power_flat.update(power, slots)
-        p_eff = np.where(runs >= 3, np.nan, 0.6 * power + 0.4 * p_slow)
+        p_eff = np.where(b.power_runs >= 3, np.nan, 0.6 * power + 0.4 * p_slow)
         med_p_eff, _ = group_median(p_eff, local, n_local)
         p_eff = np.where(np.isnan(p_eff), med_p_eff[local], p_eff)
         adj_temp = temp - d.thermal_c_per_w * (p_eff - med_p_eff[local])
         med_temp, n_temp = group_median(adj_temp, local, n_local)
-        residual = np.where(n_temp[local] >= 3, adj_temp - med_temp[local], np.nan)
+        peer_c = med_temp[local]
+        residual = np.where(n_temp[local] >= 3, adj_temp - peer_c, np.nan)
         cooling = (self.trackers["CoolantFlowLoss"].pending_or_firing(len(self.racks))
                    | self.trackers["CoolantLeak"].pending_or_firing(len(self.racks)))
-        cooling_bad = cooling[rack]
+        cooling_bad = cooling[b.rack]
 
-        def ev(**arrays):
-            return lambda i: {k: (float(v[i]) if isinstance(v, np.ndarray) else v) for k, v in arrays.items()}
-
-        # Thermal: one alert per problem. A runaway explains the GPU's high temperature
-        # and its drift; a coolant problem of the rack explains its GPUs' temperatures.
-        # A drift already alerted on the GPU is the same problem growing: it is not raised again.
-        self.trackers["GpuThermalDrift"].s.ensure(self.g_count)
-        drifting_already = self.trackers["GpuThermalDrift"].s.firing[slots]
-        self._eval(out, "GpuThermalRunaway", slots, (residual > d.peer_temp_excess_c) & ~drifting_already, t, residual,
-                   ev(temp_c=temp, excess_c=residual, peer_median_c=med_temp[local], power_w=power,
-                      peer_power_w=med_p_eff[local], threshold_c=d.peer_temp_excess_c))
+        # One alert per problem: a coolant problem of the rack explains its GPUs'
+        # temperatures; a runaway explains the GPU's high temperature and its drift; a
+        # drift already alerted on the GPU is the same problem growing.
+        drift_tracker = self.trackers["GpuThermalDrift"]
+        drift_tracker.s.ensure(self.g_count)
+        self._eval(out, "GpuThermalRunaway", slots, (residual > d.peer_temp_excess_c) & ~drift_tracker.s.firing[slots],
+                   b.t, residual, _evidence(temp_c=temp, excess_c=residual, peer_median_c=peer_c, power_w=power,
+                                            peer_power_w=med_p_eff[local], threshold_c=d.peer_temp_excess_c))
         runaway = self.trackers["GpuThermalRunaway"].pending_or_firing(self.g_count)[slots]
-        self._eval(out, "GpuOverTemperature", slots, (temp >= d.gpu_temp_limit_c) & ~cooling_bad & ~runaway, t, temp,
-                   ev(temp_c=temp, limit_c=d.gpu_temp_limit_c, peer_median_c=med_temp[local]))
+        self._eval(out, "GpuOverTemperature", slots, (temp >= d.gpu_temp_limit_c) & ~cooling_bad & ~runaway, b.t, temp,
+                   _evidence(temp_c=temp, limit_c=d.gpu_temp_limit_c, peer_median_c=peer_c))
         hot = runaway | self.trackers["GpuOverTemperature"].pending_or_firing(self.g_count)[slots]
         # The drift detector reads only samples under load: a degrading cold plate shows
         # there, while at idle integer temperatures and gain spread move the excess by ~2 C.
         # It neither learns nor accumulates while the rack's coolant or the GPU's clocks are
         # forced, or while a faster thermal fault is alerted.
-        forced = ~(util >= 0.5) | cooling_bad | hot | ((reasons & HW_SLOWDOWN_BITS) != 0)
+        forced = ~(util >= 0.5) | cooling_bad | hot | ((b.reasons & HW_SLOWDOWN_BITS) != 0)
         drift = self.drift.update(np.where(forced, np.nan, residual), slots)
-        drift_excess = residual - self.drift.s.mean[slots]
+        excess = residual - self.drift.s.mean[slots]
         seen = np.flatnonzero(np.isfinite(drift))  # unobserved samples neither raise nor clear it
-        self._eval(out, "GpuThermalDrift", slots[seen], (drift[seen] >= 1.0) & (drift_excess[seen] > d.cusum_slack_c),
-                   t, drift[seen], lambda i: {"temp_c": float(temp[seen[i]]), "excess_c": float(drift_excess[seen[i]]),
-                                              "cusum_score": float(drift[seen[i]]),
-                                              "peer_median_c": float(med_temp[local][seen[i]])})
+        self._eval(out, "GpuThermalDrift", slots[seen], (drift[seen] >= 1.0) & (excess[seen] > d.cusum_slack_c), b.t,
+                   drift[seen], _evidence(temp_c=temp[seen], excess_c=excess[seen], cusum_score=drift[seen],
+                                          peer_median_c=peer_c[seen]))
 
-        # Performance against peers at full load.
-        include = (util >= 0.9) & ((reasons & HW_SLOWDOWN_BITS) == 0)
+    def _performance(self, b: GpuBatch, out: Output) -> None:
+        """Stragglers against their node's peers at full load, and the HW power brake."""
+        d, local, n_local = self.d, b.local, b.local_nodes.shape[0]
+        power, sm, util = b.m["power_w"], b.m["sm_clock_mhz"], b.m["util_gpu"]
+        include = (util >= 0.9) & ((b.reasons & HW_SLOWDOWN_BITS) == 0)
         med_power, n_power = group_median(power, local, n_local, include)
         med_sm, _ = group_median(sm, local, n_local, include)
         r = d.straggler_ratio
         straggler = (include & (n_power[local] >= 4) & (med_power[local] > 200.0)
                      & (power < r * med_power[local]) & (sm < r * med_sm[local]))
-        self._eval(out, "GpuStraggler", slots, straggler, t, power / med_power[local],
-                   ev(power_w=power, sm_mhz=sm, util=util, peer_power_w=med_power[local],
-                      peer_sm_mhz=med_sm[local], ratio_threshold=r))
-        brake_gpus = np.bincount(local, (reasons & POWER_BRAKE) != 0, n_local)
-        self._eval(out, "NodePowerBrake", local_nodes, brake_gpus > 0, t, brake_gpus,
-                   ev(gpus=brake_gpus, reason_bit="0x80"))
+        self._eval(out, "GpuStraggler", b.slots, straggler, b.t, power / med_power[local],
+                   _evidence(power_w=power, sm_mhz=sm, util=util, peer_power_w=med_power[local],
+                             peer_sm_mhz=med_sm[local], ratio_threshold=r))
+        brake_gpus = np.bincount(local, (b.reasons & POWER_BRAKE) != 0, n_local)
+        self._eval(out, "NodePowerBrake", b.local_nodes, brake_gpus > 0, b.t, brake_gpus,
+                   _evidence(gpus=brake_gpus, reason_bit="0x80"))
 
-        # Counters and flags.
-        dbe_delta, _ = self.dbe.update(m["ecc_dbe_volatile_total"], slots, ts)
+    def _counters(self, b: GpuBatch, out: Output) -> None:
+        """Error counters and flags, XID latches, and the frozen power sensor."""
+        d, slots, t, m = self.d, b.slots, b.t, b.m
+        dbe_delta, _ = self.dbe.update(m["ecc_dbe_volatile_total"], slots, b.ts)
         pending, failure = m["remapped_rows_pending"] == 1, m["remapped_rows_failure"] == 1
         ecc_latched = t < self._xid_until("GpuUncorrectableEcc")[slots]
         self._eval(out, "GpuUncorrectableEcc", slots, (dbe_delta > 0) | pending | failure | ecc_latched, t,
@@ -316,20 +343,19 @@ class Engine:
                               "ecc_dbe_volatile_total": float(m["ecc_dbe_volatile_total"][i])})
         for name in ("GpuNvlinkError", "GpuHighSbeRate", "GpuGspError", "GpuXid"):
             latched = t < self._xid_until(name)[slots]
-            if latched.any() or self.trackers[name].active:
-                self._eval(out, name, slots, latched, t, latched.astype(float), ev())
-        _, pcie_rate = self.pcie.update(m["pcie_replay_total"], slots, ts)
+            self._eval(out, name, slots, latched, t, latched.astype(float), _evidence())
+        _, pcie_rate = self.pcie.update(m["pcie_replay_total"], slots, b.ts)
         self._eval(out, "GpuPcieReplayStorm", slots, pcie_rate > d.pcie_replay_rate_per_s, t, pcie_rate,
-                   ev(rate_per_s=pcie_rate, threshold_per_s=d.pcie_replay_rate_per_s))
-        _, nvlink_rate = self.nvlink.update(m["nvlink_crc_errors_total"], slots, ts)
+                   _evidence(rate_per_s=pcie_rate, threshold_per_s=d.pcie_replay_rate_per_s))
+        _, nvlink_rate = self.nvlink.update(m["nvlink_crc_errors_total"], slots, b.ts)
         self._eval(out, "GpuNvlinkErrorStorm", slots, nvlink_rate > d.nvlink_crc_rate_per_s, t, nvlink_rate,
-                   ev(rate_per_s=nvlink_rate, threshold_per_s=d.nvlink_crc_rate_per_s))
-        self._eval(out, "GpuPowerSensorStuck", slots, runs >= d.stuck_samples, t, runs.astype(float),
-                   ev(power_w=power, samples=runs.astype(float)))
-        # A GPU that fell off the bus stays alerted until it reports again.
-        self._eval(out, "GpuFellOffBus", slots, np.zeros(slots.shape[0], bool), t, np.zeros(slots.shape[0]), ev())
-
-        self._staleness(out, local_nodes, t)
+                   _evidence(rate_per_s=nvlink_rate, threshold_per_s=d.nvlink_crc_rate_per_s))
+        runs = b.power_runs.astype(float)
+        self._eval(out, "GpuPowerSensorStuck", slots, runs >= d.stuck_samples, t, runs,
+                   _evidence(power_w=m["power_w"], samples=runs))
+        # A GPU that fell off the bus stays alerted until it reports again (here it did).
+        self._eval(out, "GpuFellOffBus", slots, np.zeros(slots.shape[0], bool), t, np.zeros(slots.shape[0]),
+                   _evidence())
 
     def _staleness(self, out: Output, present_nodes: np.ndarray, t: float) -> None:
         """GPUs of reporting nodes that went silent, and nodes that went silent."""
