@@ -40,8 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     common(ev)
     ev.add_argument("--duration", type=float, required=True, metavar="SECONDS", help="simulated time to run")
     ev.add_argument("--json", metavar="OUT", help="write the scores as JSON here")
-    ev.add_argument("--fault-interval", type=float, metavar="SECONDS",
-                    help="mean time between injected faults (fleet.fault_interval_s; default 300 for eval)")
+    ev.add_argument("--fault-interval", type=float, default=300.0, metavar="SECONDS",
+                    help="mean time between injected faults (default 300; the demo's 60 would overlap them)")
 
     rp = sub.add_parser("replay", help="score a univariate series (CSV timestamp,value) for anomalies")
     rp.add_argument("series", metavar="SERIES.csv")
@@ -91,13 +91,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.analytics.evaluate import score, simulate, table
     if args.duration <= 0:
         raise ConfigError(f"--duration {args.duration}: must be > 0 seconds")
-    extra = {"fleet.speed": 0.0}
-    cfg0 = load_config(args.config, overrides=_overrides(args))
-    if args.fault_interval is not None:
-        extra["fleet.fault_interval_s"] = args.fault_interval
-    elif cfg0.fleet.fault_interval_s == 60.0:  # the demo's pace would overlap faults; eval spaces them
-        extra["fleet.fault_interval_s"] = 300.0
-    cfg = load_config(args.config, overrides=_overrides(args, **extra))
+    cfg = load_config(args.config, overrides=_overrides(args, **{"fleet.speed": 0.0,
+                                                                 "fleet.fault_interval_s": args.fault_interval}))
     _logging(cfg)
     t0 = time.perf_counter()
     run = simulate(cfg, args.duration)
