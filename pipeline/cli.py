@@ -76,10 +76,7 @@ def _logging(cfg: Config) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.daemon import run_daemon
-    from pipeline.sinks.alerts import validate_webhook_url
     cfg = load_config(args.config, overrides=_overrides(args))
-    for url in cfg.alerts.webhooks:
-        validate_webhook_url(url)
     if args.duration is not None and args.duration <= 0:
         raise ConfigError(f"--duration {args.duration}: must be > 0 seconds")
     _logging(cfg)

@@ -156,6 +156,7 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
     console = console or Console()
     started = time.monotonic()
     try:
+        webhooks = WebhookSender(cfg.alerts.webhooks, cfg.alerts.webhook_timeout_s, cfg.alerts.webhook_retries)
         engine = Engine(cfg)
         sim = FleetSimulator(cfg.fleet)
         bus = MemoryBus()
@@ -163,7 +164,6 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         archive_sub = bus.subscribe(list(Topic), "archive") if cfg.archive.enabled else None
         notify_sub = bus.subscribe([Topic.ALERTS], "notify")
         writer = ArchiveWriter(cfg.archive_dir, cfg.archive.compression, cfg.archive.max_buffer_rows)
-        webhooks = WebhookSender(cfg.alerts.webhooks, cfg.alerts.webhook_timeout_s, cfg.alerts.webhook_retries)
         log.info("fleetwatch running: %d racks x %d nodes x %d GPUs simulated, archive %s, alerts %s",
                  cfg.fleet.racks, cfg.fleet.nodes_per_rack, cfg.fleet.gpus_per_node, cfg.archive_dir, cfg.alerts_log)
 

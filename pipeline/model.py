@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -259,7 +260,6 @@ def alert_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
 
 def schema_files(directory: os.PathLike[str] | str) -> dict[str, dict[str, Any]]:
     """{file path: content} of the schemas/ folder, as the code defines it."""
-    from pathlib import Path
     out = {}
     for schema in SCHEMAS.values():
         doc = schema_to_json(schema)
