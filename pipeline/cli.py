@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", metavar="DIR", help="archive and alerts.jsonl go here (data_dir)")
     run.add_argument("--duration", type=float, metavar="SECONDS", help="stop cleanly after this long")
     run.add_argument("--speed", type=float, metavar="X", help="simulated seconds per second; 0 = flat out (fleet.speed)")
+    run.add_argument("--kafka", metavar="BOOTSTRAP", help="run every role over Kafka at host:port (kafka.bootstrap)")
 
     ev = sub.add_parser("eval", help="score the detectors against injected faults, faster than real time")
     common(ev)
@@ -61,6 +62,8 @@ def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         o.setdefault("daemon", {})["log_level"] = args.log_level
     if getattr(args, "data_dir", None):
         o["data_dir"] = args.data_dir
+    if getattr(args, "kafka", None):
+        o.setdefault("kafka", {})["bootstrap"] = args.kafka
     if getattr(args, "speed", None) is not None:
         o.setdefault("fleet", {})["speed"] = args.speed
     for key, value in extra.items():

@@ -95,6 +95,14 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap: str = _spec("", doc="Kafka bootstrap servers (host:port,...); empty = the in-process bus")
+    topic_prefix: str = _spec("", doc="prefix of every topic and consumer group (several fleets, one cluster)")
+    partitions: int = _spec(6, min=1, max=10000, doc="partitions of the telemetry topics when created")
+    retention_hours: float = _spec(24.0, min=0.1, doc="retention of the telemetry topics when created")
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     status_interval_s: float = _spec(10.0, min=0.1, doc="period of status log lines when not on a terminal")
     log_level: str = _spec("info", choices=("debug", "info", "warning", "error"), doc="log verbosity")
@@ -107,6 +115,7 @@ class Config:
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
 
     @property

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.bus import EndOfStream, MemoryBus, Message, Topic
+from pipeline.bus import Bus, EndOfStream, MemoryBus, Message, Topic
+from pipeline.bus.batching import coalesce, split_by
+from pipeline.bus.kafka import KafkaBus
 from pipeline.config import Config
 from pipeline.detect.engine import Engine
 from pipeline.model import NODE_HEALTH, alert_rows, alerts_to_batch
@@ -48,13 +50,19 @@ class RunSummary:
     rows_archived: dict[str, int]
 
 
-async def source_role(bus: MemoryBus, sim: FleetSimulator, stop: asyncio.Event, speed: float) -> None:
-    """Publish one scrape per sample interval, paced to `speed` x real time (0 = flat out)."""
+async def source_role(bus: Bus, sim: FleetSimulator, stop: asyncio.Event, speed: float) -> None:
+    """Publish one scrape per sample interval, paced to `speed` x real time (0 = flat out).
+    On a keyed bus (Kafka) a message per node (GPU telemetry) and per rack (facility),
+    keyed by it; in-process, where order needs no keys, the fleet's scrape as one message."""
     t0 = time.monotonic()
     while not stop.is_set():
         tick = sim.step()
-        await bus.publish(Message(Topic.GPU, tick.gpu))
-        await bus.publish(Message(Topic.FACILITY, tick.facility))
+        if bus.keyed:
+            messages = split_by(Topic.GPU, tick.gpu, "node") + split_by(Topic.FACILITY, tick.facility, "rack")
+        else:
+            messages = [Message(Topic.GPU, tick.gpu), Message(Topic.FACILITY, tick.facility)]
+        for message in messages:
+            await bus.publish(message)
         if tick.events is not None:
             await bus.publish(Message(Topic.EVENTS, tick.events))
         if tick.labels is not None:
@@ -70,18 +78,23 @@ async def source_role(bus: MemoryBus, sim: FleetSimulator, stop: asyncio.Event, 
         await asyncio.sleep(0)  # behind schedule or flat out: let the consumers run
 
 
-async def detect_role(bus: MemoryBus, engine: Engine, sub) -> None:
+async def detect_role(bus: Bus, engine: Engine, sub) -> None:
     while True:
         try:
             messages = await sub.get_batch()
         except EndOfStream:
             return
-        for message in messages:
+        for message in coalesce(messages):
             out = engine.process(message)
+            # Keyed so that an alert's changes, and a node's states, stay in order (the
+            # health topic is compacted to the latest state per node).
             if out.alerts:
-                await bus.publish(Message(Topic.ALERTS, alerts_to_batch(out.alerts)))
+                for m in split_by(Topic.ALERTS, alerts_to_batch(out.alerts), "fingerprint"):
+                    await bus.publish(m)
             if out.health:
-                await bus.publish(Message(Topic.HEALTH, pa.RecordBatch.from_pylist(out.health, schema=NODE_HEALTH)))
+                for m in split_by(Topic.HEALTH, pa.RecordBatch.from_pylist(out.health, schema=NODE_HEALTH), "node"):
+                    await bus.publish(m)
+        await bus.flush()  # our output is durable on the bus: now our input may be committed
         await sub.commit()
 
 
@@ -155,17 +168,22 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         loop.add_signal_handler(sig, stop.set)
     console = console or Console()
     started = time.monotonic()
+    bus: Bus | None = None
     try:
         webhooks = WebhookSender(cfg.alerts.webhooks, cfg.alerts.webhook_timeout_s, cfg.alerts.webhook_retries)
-        engine = Engine(cfg)
+        k = cfg.kafka
+        engine = Engine(cfg, node_staleness=not k.bootstrap)
         sim = FleetSimulator(cfg.fleet)
-        bus = MemoryBus()
+        bus = (KafkaBus(k.bootstrap, k.partitions, k.retention_hours, prefix=k.topic_prefix) if k.bootstrap
+                    else MemoryBus())
+        await bus.start()
         detect_sub = bus.subscribe([Topic.GPU, Topic.FACILITY, Topic.EVENTS], "detect")
         archive_sub = bus.subscribe(list(Topic), "archive") if cfg.archive.enabled else None
         notify_sub = bus.subscribe([Topic.ALERTS], "notify")
         writer = ArchiveWriter(cfg.archive_dir, cfg.archive.compression, cfg.archive.max_buffer_rows)
-        log.info("fleetwatch running: %d racks x %d nodes x %d GPUs simulated, archive %s, alerts %s",
-                 cfg.fleet.racks, cfg.fleet.nodes_per_rack, cfg.fleet.gpus_per_node, cfg.archive_dir, cfg.alerts_log)
+        log.info("fleetwatch running: %d racks x %d nodes x %d GPUs simulated, bus %s, archive %s, alerts %s",
+                 cfg.fleet.racks, cfg.fleet.nodes_per_rack, cfg.fleet.gpus_per_node,
+                 f"Kafka at {k.bootstrap}" if k.bootstrap else "in-process", cfg.archive_dir, cfg.alerts_log)
 
         source = asyncio.create_task(source_role(bus, sim, stop, cfg.fleet.speed), name="source")
         detect = asyncio.create_task(detect_role(bus, engine, detect_sub), name="detect")
@@ -197,6 +215,8 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         await asyncio.gather(*sinks)
         await status
     finally:
+        if bus is not None:
+            await bus.close()
         for sig in signals:
             loop.remove_signal_handler(sig)
         console.close()

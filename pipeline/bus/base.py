@@ -40,7 +40,16 @@ class Subscription(Protocol):
 
 
 class Bus(Protocol):
+    keyed: bool  # True where order holds only per key: producers then send one message per key
+
+    async def start(self) -> None: ...
+
     async def publish(self, message: Message) -> None: ...
+
+    async def flush(self) -> None:
+        """Everything published so far is durable on the bus."""
+
+    async def close(self) -> None: ...
 
     def subscribe(self, topics: list[Topic], group: str) -> Subscription: ...
 

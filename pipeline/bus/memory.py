@@ -43,10 +43,21 @@ class MemorySubscription:
 
 
 class MemoryBus:
-    def __init__(self, queue_size: int = 1024) -> None:
+    keyed = False  # one consumer per group sees every message in publish order: no keys needed
+
+    def __init__(self, queue_size: int = 8192) -> None:
         self._queue_size = queue_size
         self._subs: dict[tuple[Topic, str], MemorySubscription] = {}
         self.published: dict[Topic, int] = {t: 0 for t in Topic}
+
+    async def start(self) -> None:
+        """Nothing to connect to."""
+
+    async def flush(self) -> None:
+        """Published means delivered: nothing is buffered."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
 
     def subscribe(self, topics: list[Topic], group: str) -> MemorySubscription:
         """One subscription per group: in-process there is one consumer per group."""

@@ -95,9 +95,10 @@ def _evidence(**values):
 
 
 class Engine:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, node_staleness: bool = True) -> None:
         kernels.warm_up()  # compile or load from cache now, not on the first sample
         self.cfg = cfg
+        self.node_staleness = node_staleness  # needs all nodes' data in one order (see _staleness)
         d = self.d = cfg.detect
         self.stats = Stats()
         self._current: pa.RecordBatch | None = None
@@ -358,15 +359,23 @@ class Engine:
                    _evidence())
 
     def _staleness(self, out: Output, present_nodes: np.ndarray, t: float) -> None:
-        """GPUs of reporting nodes that went silent, and nodes that went silent."""
+        """GPUs of reporting nodes that went silent, and nodes that went silent.
+
+        A GPU is judged against its own node's latest sample, so it does not matter
+        how far apart different nodes' data arrive. A node is judged against the
+        latest sample of the whole fleet, which holds only where all nodes' data
+        arrive in one order (in-process); over Kafka's partitions that needs
+        per-partition watermarks (roadmap), so it is off there."""
         g, nd, k = self.g, self.n, self.d.missing_after_intervals
         n_gpus, n_nodes = self.g_count, len(self.node_names)
         present = np.zeros(n_nodes, bool)
         present[present_nodes] = True
         cand = np.flatnonzero(present[g.node[:n_gpus]])
-        silent = t - g.last_seen[cand]
+        silent = nd.last_seen[g.node[cand]] - g.last_seen[cand]
         self._eval(out, "GpuNotReporting", cand, (silent > k * g.interval[cand]) & ~g.offbus[cand], t, silent,
                    lambda i: {"silent_s": float(silent[i])})
+        if not self.node_staleness:
+            return
         all_nodes = np.arange(n_nodes)
         node_silent = t - nd.last_seen[:n_nodes]
         self._eval(out, "NodeNotReporting", all_nodes, node_silent > 2 * k * nd.interval[:n_nodes], t, node_silent,

@@ -71,7 +71,8 @@ class ArchiveWriter:
         """Write taken buffers: one file per dataset and hour, atomically renamed into place."""
         paths = []
         for dataset, batches in taken.items():
-            table = pa.Table.from_batches(batches, schema=SCHEMAS[dataset])
+            # One contiguous chunk per column: per-node messages are many small batches.
+            table = pa.Table.from_batches(batches, schema=SCHEMAS[dataset]).combine_chunks()
             if table.num_rows == 0:
                 continue
             ts = table.column(TIME_COLUMN[dataset]).cast(pa.int64()).to_numpy()

@@ -1,0 +1,123 @@
+"""Real services for tests and local development, started on free loopback ports.
+
+Apache Kafka comes from Maven Central (scripts/kafka/pom.xml: kafka_2.13 and its
+runtime dependencies, fetched once into a cache) and runs as a single KRaft
+broker+controller on the machine's Java 17. `scripts/kafka-local` runs one in the
+foreground for development.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+POM = REPO / "scripts" / "kafka" / "pom.xml"
+KAFKA_VERSION = "4.4.0"
+CACHE = Path(os.environ.get("KAFKA_LOCAL_CACHE", Path.home() / ".cache" / "fleetwatch")) / f"kafka-{KAFKA_VERSION}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kafka_libs() -> Path:
+    """The jars of Kafka and its runtime dependencies, fetched with Maven once."""
+    libs = CACHE / "libs"
+    if (libs / f"kafka_2.13-{KAFKA_VERSION}.jar").exists():
+        return libs
+    if shutil.which("mvn") is None or shutil.which("java") is None:
+        raise RuntimeError("Kafka for tests needs Java 17 and Maven (mvn) on PATH")
+    tmp = CACHE / "libs.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    subprocess.run(["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", "-DincludeScope=runtime",
+                    f"-DoutputDirectory={tmp}", f"-Dkafka.version={KAFKA_VERSION}"], check=True)
+    tmp.replace(libs)
+    return libs
+
+
+class KafkaBroker:
+    """One KRaft broker+controller; `stop()` and `start()` again keep its data (a restart)."""
+
+    def __init__(self, workdir: Path | None = None) -> None:
+        self.libs = kafka_libs()
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="kafka-"))
+        self.port, self.controller_port = free_port(), free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.config = self.dir / "server.properties"
+        self.config.write_text("\n".join([
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            f"log.dirs={self.dir / 'data'}",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=4",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "num.partitions=1",
+            "auto.create.topics.enable=false",
+        ]) + "\n")
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config), check=True)
+
+    def _java(self, main: str, *args: str, check: bool = False, background: bool = False):
+        cmd = ["java", "-Xms256m", "-Xmx768m", "-cp", f"{self.libs}/*", main, *args]
+        if background:
+            log = open(self.dir / "kafka.log", "ab")
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.run(cmd, check=check, capture_output=True)
+
+    def start(self, timeout_s: float = 60.0) -> "KafkaBroker":
+        self.proc = self._java("kafka.Kafka", str(self.config), background=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Kafka exited with {self.proc.returncode}; see {self.dir / 'kafka.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"Kafka did not listen on {self.bootstrap} within {timeout_s} s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def main() -> None:
+    """scripts/kafka-local: run a broker in the foreground until Ctrl-C."""
+    broker = KafkaBroker().start()
+    print(f"Kafka {KAFKA_VERSION} (KRaft) listening on {broker.bootstrap}; data in {broker.dir}; Ctrl-C stops it",
+          flush=True)
+    try:
+        broker.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.close()
