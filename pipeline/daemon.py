@@ -224,7 +224,7 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
     summary = RunSummary(engine.stats.gpu_samples, wall, engine.stats.alerts_fired, dict(writer.rows_written))
     invalid = engine.stats.invalid_values
     log.info("stopped after %.1f s: %d GPU samples, %d alerts raised, %d rows archived in %d files, "
-             "%d invalid values skipped%s", wall, summary.gpu_samples, summary.alerts_fired,
-             sum(summary.rows_archived.values()), writer.files_written, sum(invalid.values()),
-             f" {invalid}" if invalid else "")
+             "%d invalid values skipped%s, %d messages dead-lettered", wall, summary.gpu_samples,
+             summary.alerts_fired, sum(summary.rows_archived.values()), writer.files_written, sum(invalid.values()),
+             f" {invalid}" if invalid else "", bus.dead_letters if bus is not None else 0)
     return summary

@@ -41,6 +41,7 @@ class Subscription(Protocol):
 
 class Bus(Protocol):
     keyed: bool  # True where order holds only per key: producers then send one message per key
+    dead_letters: int  # messages that did not decode, sent to the dead-letter topic
 
     async def start(self) -> None: ...
 

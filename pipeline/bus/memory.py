@@ -44,6 +44,7 @@ class MemorySubscription:
 
 class MemoryBus:
     keyed = False  # one consumer per group sees every message in publish order: no keys needed
+    dead_letters = 0  # batches pass by reference: nothing to decode, nothing undecodable
 
     def __init__(self, queue_size: int = 8192) -> None:
         self._queue_size = queue_size
