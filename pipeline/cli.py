@@ -82,6 +82,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides=_overrides(args))
     if args.duration is not None and args.duration <= 0:
         raise ConfigError(f"--duration {args.duration}: must be > 0 seconds")
+    try:
+        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(cfg.data_dir) / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"config error: data_dir = {cfg.data_dir!r}: cannot create or write there ({e.strerror}); "
+                          f"choose another with --data-dir or FLEETWATCH_DATA_DIR") from None
     _logging(cfg)
     asyncio.run(run_daemon(cfg, args.duration))
     return 0

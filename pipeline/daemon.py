@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -164,8 +165,14 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
+
+    def on_signal() -> None:
+        if stop.is_set():  # a second signal while draining: the user wants out now
+            log.warning("second signal: exiting without draining; unflushed data is lost")
+            os._exit(130)
+        stop.set()
     for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     console = console or Console()
     started = time.monotonic()
     bus: Bus | None = None

@@ -78,3 +78,10 @@ def test_docker_compose_sets_only_keys_the_code_reads():
     env = dict(re.findall(r"^\s+(FLEETWATCH_\w+):\s*\"?([^\"\n]*)\"?\s*$", text, re.M))
     assert env, "docker-compose.yml sets no FLEETWATCH_* key"
     load_config(env=env)  # raises ConfigError naming any unknown key or bad value
+
+
+def test_unusable_data_dir_exits_2_and_says_what_to_do(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    r = fleetwatch("run", "--duration", "1", "--data-dir", str(tmp_path / "a-file" / "data"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "data_dir" in r.stderr and "cannot create or write" in r.stderr and "--data-dir" in r.stderr
