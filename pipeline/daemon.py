@@ -110,7 +110,11 @@ async def archive_role(writer: ArchiveWriter, sub, flush_interval_s: float) -> N
             return
         full = False
         for message in messages:
-            full |= writer.add(DATASET_OF_TOPIC[message.topic], message.value)
+            dataset = DATASET_OF_TOPIC[message.topic]
+            if 0 <= message.offset <= writer.archived_until(dataset, message.partition):
+                writer.redelivered_skipped += 1  # archived before a restart or rebalance
+                continue
+            full |= writer.add(dataset, message.value, message.partition, message.offset)
         if full or time.monotonic() >= next_flush:
             # Take the buffers on the loop, write them in a thread: the loop never waits on disk.
             await asyncio.to_thread(writer.write, writer.take())
@@ -231,7 +235,8 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
     summary = RunSummary(engine.stats.gpu_samples, wall, engine.stats.alerts_fired, dict(writer.rows_written))
     invalid = engine.stats.invalid_values
     log.info("stopped after %.1f s: %d GPU samples, %d alerts raised, %d rows archived in %d files, "
-             "%d invalid values skipped%s, %d messages dead-lettered", wall, summary.gpu_samples,
-             summary.alerts_fired, sum(summary.rows_archived.values()), writer.files_written, sum(invalid.values()),
-             f" {invalid}" if invalid else "", bus.dead_letters if bus is not None else 0)
+             "%d invalid values skipped%s, %d messages dead-lettered, %d redelivered messages already archived",
+             wall, summary.gpu_samples, summary.alerts_fired, sum(summary.rows_archived.values()),
+             writer.files_written, sum(invalid.values()), f" {invalid}" if invalid else "",
+             bus.dead_letters if bus is not None else 0, writer.redelivered_skipped)
     return summary

@@ -78,3 +78,27 @@ def test_flush_is_signalled_when_the_buffer_is_full(tmp_path):
     assert w.add("gpu_samples", b[0]) is False  # 16 rows
     assert w.add("gpu_samples", b[1]) is False  # 32
     assert w.add("gpu_samples", b[1]) is True   # 48 >= 40
+
+
+def test_files_from_a_partition_are_named_by_offsets_and_a_restart_knows_them(tmp_path):
+    start = datetime(2026, 3, 1, 10, tzinfo=timezone.utc)
+    batches = gpu_batches(6, start)
+    w = ArchiveWriter(tmp_path)
+    for offset, b in enumerate(batches[:4]):
+        w.add("gpu_samples", b, partition=2, offset=100 + offset)
+    w.add("gpu_samples", batches[4], partition=0, offset=7)
+    [p0, p2] = sorted(w.flush(), key=lambda p: p.name)
+    assert p2.name == "part-p0002-o0000000000000100-0000000000000103.parquet"
+    assert p0.name == "part-p0000-o0000000000000007-0000000000000007.parquet"
+    # A restarted writer (a new process) learns from the file names what is archived.
+    again = ArchiveWriter(tmp_path)
+    assert again.archived_until("gpu_samples", 2) == 103
+    assert again.archived_until("gpu_samples", 0) == 7
+    assert again.archived_until("gpu_samples", 1) == -1
+    assert again.archived_until("facility_samples", 2) == -1
+    # Writing the same range again replaces the file: no duplicate rows.
+    for offset, b in enumerate(batches[:4]):
+        again.add("gpu_samples", b, partition=2, offset=100 + offset)
+    again.flush()
+    rows = pl.scan_parquet(tmp_path / "gpu_samples", hive_partitioning=True).collect().height
+    assert rows == sum(b.num_rows for b in batches[:5])

@@ -25,6 +25,8 @@ class Message:
     value: pa.RecordBatch
     key: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    partition: int = -1  # where it came from on a partitioned bus (Kafka); -1 in-process
+    offset: int = -1
 
 
 class EndOfStream(Exception):

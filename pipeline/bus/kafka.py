@@ -89,7 +89,7 @@ class KafkaSubscription:
                     await self._dead_letter(rec, e.reason)
                     continue
                 out.append(Message(bus_topic(rec.topic, self.bus.prefix), value, rec.key.decode() if rec.key else None,
-                                   {k: v.decode(errors="replace") for k, v in rec.headers}))
+                                   {k: v.decode(errors="replace") for k, v in rec.headers}, rec.partition, rec.offset))
         if not records and await self._drained():
             raise EndOfStream
         return out
