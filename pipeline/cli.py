@@ -30,12 +30,22 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, metavar="N", help="simulator seed (fleet.seed)")
         sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="daemon.log_level")
 
-    run = sub.add_parser("run", help="run the daemon (embedded default: simulated fleet, in-process bus)")
-    common(run)
-    run.add_argument("--data-dir", metavar="DIR", help="archive and alerts.jsonl go here (data_dir)")
-    run.add_argument("--duration", type=float, metavar="SECONDS", help="stop cleanly after this long")
-    run.add_argument("--speed", type=float, metavar="X", help="simulated seconds per second; 0 = flat out (fleet.speed)")
-    run.add_argument("--kafka", metavar="BOOTSTRAP", help="run every role over Kafka at host:port (kafka.bootstrap)")
+    role_help = {
+        "run": "run the daemon, every role (embedded default: simulated fleet, in-process bus)",
+        "simulate": "run only the fleet simulator, producing to Kafka",
+        "detect": "run only detection, consuming from and producing to Kafka (consumer group 'detect')",
+        "archive": "run only the Parquet archive, consuming from Kafka (consumer group 'archive')",
+        "notify": "run only alert delivery, consuming from Kafka (consumer group 'notify')",
+    }
+    for name, text in role_help.items():
+        run = sub.add_parser(name, help=text)
+        common(run)
+        run.add_argument("--data-dir", metavar="DIR", help="archive and alerts.jsonl go here (data_dir)")
+        run.add_argument("--duration", type=float, metavar="SECONDS", help="stop cleanly after this long")
+        run.add_argument("--speed", type=float, metavar="X",
+                         help="simulated seconds per second; 0 = flat out (fleet.speed)")
+        run.add_argument("--kafka", metavar="BOOTSTRAP",
+                         help="Kafka at host:port between the roles (kafka.bootstrap); required but for `run`")
 
     ev = sub.add_parser("eval", help="score the detectors against injected faults, faster than real time")
     common(ev)
@@ -78,8 +88,10 @@ def _logging(cfg: Config) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.daemon import run_daemon
+    from pipeline.daemon import ROLES, check_roles, run_daemon
     cfg = load_config(args.config, overrides=_overrides(args))
+    roles = frozenset(ROLES) if args.command == "run" else frozenset([args.command])
+    check_roles(cfg, roles)
     if args.duration is not None and args.duration <= 0:
         raise ConfigError(f"--duration {args.duration}: must be > 0 seconds")
     try:
@@ -91,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"config error: data_dir = {cfg.data_dir!r}: cannot create or write there ({e.strerror}); "
                           f"choose another with --data-dir or FLEETWATCH_DATA_DIR") from None
     _logging(cfg)
-    asyncio.run(run_daemon(cfg, args.duration))
+    asyncio.run(run_daemon(cfg, args.duration, roles=roles))
     return 0
 
 
@@ -137,7 +149,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"run": cmd_run, "eval": cmd_eval, "replay": cmd_replay, "config": cmd_config}[args.command]
+    handler = {"eval": cmd_eval, "replay": cmd_replay, "config": cmd_config}.get(args.command, cmd_run)
     try:
         return handler(args)
     except ConfigError as e:

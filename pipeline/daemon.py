@@ -8,9 +8,14 @@ at scale, same code):
   notify   alerts -> console, alerts.jsonl, webhooks
   status   live status line on a terminal, periodic log lines otherwise
 
+`fleetwatch run` runs every role; `fleetwatch simulate|detect|archive|notify` runs
+one (Kafka between the processes; any number of detect, archive and notify
+processes share the work through their consumer groups).
+
 Shutdown (SIGINT, SIGTERM or --duration) drains in data order: the source stops,
 its topics end, detect finishes what it has and ends its topics, then archive and
-notify finish and flush. Nothing accepted is dropped.
+notify finish and flush. A process without the source drains what was on the bus
+when it was told to stop. Nothing accepted is dropped.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import pyarrow as pa
 from pipeline.bus import Bus, EndOfStream, MemoryBus, Message, Topic
 from pipeline.bus.batching import coalesce, split_by
 from pipeline.bus.kafka import KafkaBus
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.detect.engine import Engine
 from pipeline.model import NODE_HEALTH, alert_rows, alerts_to_batch
 from pipeline.sinks.alerts import AlertLog, WebhookSender
@@ -39,19 +44,22 @@ log = logging.getLogger("fleetwatch")
 
 DATASET_OF_TOPIC = {Topic.GPU: "gpu_samples", Topic.FACILITY: "facility_samples", Topic.EVENTS: "events",
                     Topic.ALERTS: "alerts", Topic.HEALTH: "node_health", Topic.LABELS: "fault_labels"}
+ROLES = ("simulate", "detect", "archive", "notify")
 SOURCE_TOPICS = [Topic.GPU, Topic.FACILITY, Topic.EVENTS, Topic.LABELS]
 DETECT_TOPICS = [Topic.ALERTS, Topic.HEALTH]
 
 
 @dataclass
 class RunSummary:
-    gpu_samples: int
+    gpu_samples: int          # processed by detect
     wall_s: float
     alerts_fired: int
     rows_archived: dict[str, int]
+    gpu_samples_published: int = 0  # produced by the source
 
 
-async def source_role(bus: Bus, sim: FleetSimulator, stop: asyncio.Event, speed: float) -> None:
+async def source_role(bus: Bus, sim: FleetSimulator, stop: asyncio.Event, speed: float,
+                      summary: RunSummary) -> None:
     """Publish one scrape per sample interval, paced to `speed` x real time (0 = flat out).
     On a keyed bus (Kafka) a message per node (GPU telemetry) and per rack (facility),
     keyed by it; in-process, where order needs no keys, the fleet's scrape as one message."""
@@ -64,6 +72,7 @@ async def source_role(bus: Bus, sim: FleetSimulator, stop: asyncio.Event, speed:
             messages = [Message(Topic.GPU, tick.gpu), Message(Topic.FACILITY, tick.facility)]
         for message in messages:
             await bus.publish(message)
+        summary.gpu_samples_published += tick.gpu.num_rows
         if tick.events is not None:
             await bus.publish(Message(Topic.EVENTS, tick.events))
         if tick.labels is not None:
@@ -138,16 +147,25 @@ async def notify_role(sub, alert_log: AlertLog, webhooks: WebhookSender | None, 
         await sub.commit()
 
 
-def status_text(engine: Engine, rate: float, sim: FleetSimulator) -> str:
-    h = engine.health.counts(len(engine.node_names))
-    firing = len(engine.active_alerts())
-    return (f"fleetwatch  sim {sim.now:%Y-%m-%d %H:%M:%S}  {rate:,.0f} GPU samples/s  "
-            f"alerts firing {firing} (raised {engine.stats.alerts_fired})  "
-            f"nodes healthy {h['healthy']} suspect {h['suspect']} failing {h['failing']}")
+def status_text(roles: frozenset[str], engine: Engine, rate: float, sim: FleetSimulator,
+                writer: ArchiveWriter, summary: RunSummary) -> str:
+    parts = ["fleetwatch"]
+    if "simulate" in roles:
+        parts.append(f"sim {sim.now:%Y-%m-%d %H:%M:%S}")
+    if "detect" in roles:
+        h = engine.health.counts(len(engine.node_names))
+        parts += [f"{rate:,.0f} GPU samples/s",
+                  f"alerts firing {len(engine.active_alerts())} (raised {engine.stats.alerts_fired})",
+                  f"nodes healthy {h['healthy']} suspect {h['suspect']} failing {h['failing']}"]
+    elif "simulate" in roles:
+        parts.append(f"{summary.gpu_samples_published:,} GPU samples published")
+    if "archive" in roles and roles != frozenset(ROLES):
+        parts.append(f"{sum(writer.rows_written.values()):,} rows archived")
+    return "  ".join(parts)
 
 
-async def status_role(engine: Engine, sim: FleetSimulator, console: Console, interval_s: float,
-                      stop: asyncio.Event) -> None:
+async def status_role(roles: frozenset[str], engine: Engine, sim: FleetSimulator, writer: ArchiveWriter,
+                      summary: RunSummary, console: Console, interval_s: float, stop: asyncio.Event) -> None:
     period = 1.0 if console.tty else interval_s
     last_n, last_t = engine.stats.gpu_samples, time.monotonic()
     while not stop.is_set():
@@ -158,14 +176,23 @@ async def status_role(engine: Engine, sim: FleetSimulator, console: Console, int
         now = time.monotonic()
         rate = (engine.stats.gpu_samples - last_n) / max(now - last_t, 1e-9)
         last_n, last_t = engine.stats.gpu_samples, now
-        text = status_text(engine, rate, sim)
+        text = status_text(roles, engine, rate, sim, writer, summary)
         if console.tty:
             console.status(text)
         else:
             log.info(text)
 
 
-async def run_daemon(cfg: Config, duration_s: float | None = None, console: Console | None = None) -> RunSummary:
+def check_roles(cfg: Config, roles: frozenset[str]) -> None:
+    """Roles apart need a bus between processes."""
+    if roles != frozenset(ROLES) and not cfg.kafka.bootstrap:
+        raise ConfigError(f"the {'/'.join(sorted(roles))} role alone needs Kafka between the processes: "
+                          f"give --kafka HOST:PORT (kafka.bootstrap), or use `fleetwatch run`")
+
+
+async def run_daemon(cfg: Config, duration_s: float | None = None, console: Console | None = None,
+                     roles: frozenset[str] = frozenset(ROLES)) -> RunSummary:
+    check_roles(cfg, roles)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -180,6 +207,7 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
     console = console or Console()
     started = time.monotonic()
     bus: Bus | None = None
+    summary = RunSummary(0, 0.0, 0, {})
     try:
         webhooks = WebhookSender(cfg.alerts.webhooks, cfg.alerts.webhook_timeout_s, cfg.alerts.webhook_retries)
         k = cfg.kafka
@@ -188,24 +216,30 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         bus = (KafkaBus(k.bootstrap, k.partitions, k.retention_hours, prefix=k.topic_prefix) if k.bootstrap
                     else MemoryBus())
         await bus.start()
-        detect_sub = bus.subscribe([Topic.GPU, Topic.FACILITY, Topic.EVENTS], "detect")
-        archive_sub = bus.subscribe(list(Topic), "archive") if cfg.archive.enabled else None
-        notify_sub = bus.subscribe([Topic.ALERTS], "notify")
         writer = ArchiveWriter(cfg.archive_dir, cfg.archive.compression, cfg.archive.max_buffer_rows)
-        log.info("fleetwatch running: %d racks x %d nodes x %d GPUs simulated, bus %s, archive %s, alerts %s",
+        log.info("fleetwatch running %s: %d racks x %d nodes x %d GPUs simulated, bus %s, archive %s, alerts %s",
+                 "all roles" if roles == frozenset(ROLES) else "role " + "/".join(sorted(roles)),
                  cfg.fleet.racks, cfg.fleet.nodes_per_rack, cfg.fleet.gpus_per_node,
                  f"Kafka at {k.bootstrap}" if k.bootstrap else "in-process", cfg.archive_dir, cfg.alerts_log)
 
-        source = asyncio.create_task(source_role(bus, sim, stop, cfg.fleet.speed), name="source")
-        detect = asyncio.create_task(detect_role(bus, engine, detect_sub), name="detect")
-        sinks = [asyncio.create_task(notify_role(notify_sub, AlertLog(cfg.alerts_log), webhooks,
-                                                 console if cfg.alerts.console else None), name="notify")]
-        if archive_sub is not None:
+        source = detect = None
+        sinks = []
+        if "simulate" in roles:
+            source = asyncio.create_task(source_role(bus, sim, stop, cfg.fleet.speed, summary), name="simulate")
+        if "detect" in roles:
+            detect_sub = bus.subscribe([Topic.GPU, Topic.FACILITY, Topic.EVENTS], "detect")
+            detect = asyncio.create_task(detect_role(bus, engine, detect_sub), name="detect")
+        if "notify" in roles:
+            notify_sub = bus.subscribe([Topic.ALERTS], "notify")
+            sinks.append(asyncio.create_task(notify_role(notify_sub, AlertLog(cfg.alerts_log), webhooks,
+                                                         console if cfg.alerts.console else None), name="notify"))
+        if "archive" in roles and cfg.archive.enabled:
+            archive_sub = bus.subscribe(list(Topic), "archive")
             sinks.append(asyncio.create_task(archive_role(writer, archive_sub, cfg.archive.flush_interval_s),
                                              name="archive"))
-        status = asyncio.create_task(status_role(engine, sim, console, cfg.daemon.status_interval_s, stop),
-                                     name="status")
-        everything = [source, detect, *sinks]
+        status = asyncio.create_task(status_role(roles, engine, sim, writer, summary, console,
+                                                 cfg.daemon.status_interval_s, stop), name="status")
+        everything = [t for t in (source, detect, *sinks) if t is not None]
         stopper = asyncio.create_task(stop.wait())
         timer = asyncio.create_task(asyncio.sleep(duration_s if duration_s is not None else 1e12))
         done, _ = await asyncio.wait([*everything, stopper, timer], return_when=asyncio.FIRST_COMPLETED)
@@ -219,9 +253,11 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
             await asyncio.gather(*everything, status, return_exceptions=True)
             raise failed[0].exception()
         log.info("stopping: draining the pipeline and flushing the archive")
-        await source
+        if source is not None:
+            await source
         await bus.end(SOURCE_TOPICS)
-        await detect
+        if detect is not None:
+            await detect
         await bus.end(DETECT_TOPICS)
         await asyncio.gather(*sinks)
         await status
@@ -231,12 +267,14 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         for sig in signals:
             loop.remove_signal_handler(sig)
         console.close()
-    wall = time.monotonic() - started
-    summary = RunSummary(engine.stats.gpu_samples, wall, engine.stats.alerts_fired, dict(writer.rows_written))
+    summary.wall_s = time.monotonic() - started
+    summary.gpu_samples, summary.alerts_fired = engine.stats.gpu_samples, engine.stats.alerts_fired
+    summary.rows_archived = dict(writer.rows_written)
     invalid = engine.stats.invalid_values
-    log.info("stopped after %.1f s: %d GPU samples, %d alerts raised, %d rows archived in %d files, "
-             "%d invalid values skipped%s, %d messages dead-lettered, %d redelivered messages already archived",
-             wall, summary.gpu_samples, summary.alerts_fired, sum(summary.rows_archived.values()),
+    log.info("stopped after %.1f s: %d GPU samples published, %d GPU samples, %d alerts raised, %d rows archived "
+             "in %d files, %d invalid values skipped%s, %d messages dead-lettered, %d redelivered messages already "
+             "archived", summary.wall_s, summary.gpu_samples_published, summary.gpu_samples, summary.alerts_fired,
+             sum(summary.rows_archived.values()),
              writer.files_written, sum(invalid.values()), f" {invalid}" if invalid else "",
              bus.dead_letters if bus is not None else 0, writer.redelivered_skipped)
     return summary

@@ -270,3 +270,48 @@ def test_archive_that_wrote_but_never_committed_skips_the_redelivery(broker, tmp
     assert second.redelivered_skipped == 40 and second.rows_written["gpu_samples"] == 0
     rows = pl.scan_parquet(tmp_path / "archive" / "gpu_samples", hive_partitioning=True).collect()
     assert rows.height == 320 and rows.select(pl.struct("gpu_uuid", "ts").n_unique()).item() == 320
+
+
+def test_one_process_per_role(broker, tmp_path):
+    """simulate, detect, archive and notify as four processes with Kafka between them.
+    Stopped in data order with SIGTERM, each exits 0, and every sample the simulator
+    published is archived exactly once; every alert detect raised reaches alerts.jsonl."""
+    import json
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import polars as pl
+
+    from tests.test_daemon import FAST, archived
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST | {
+        "FLEETWATCH_KAFKA__TOPIC_PREFIX": f"r{uuid.uuid4().hex[:6]}.", "FLEETWATCH_KAFKA__PARTITIONS": "3"}
+    procs = {role: subprocess.Popen([sys.executable, "-m", "pipeline", role, "--kafka", broker.bootstrap,
+                                     "--data-dir", "data"], cwd=tmp_path, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for role in ("detect", "archive", "notify", "simulate")}
+    logs = {}
+    try:
+        time.sleep(12)
+        for group in (["simulate"], ["detect"], ["archive", "notify"]):  # data order
+            for role in group:
+                procs[role].send_signal(signal.SIGTERM)
+            for role in group:
+                out, err = procs[role].communicate(timeout=60)
+                logs[role] = err
+                assert procs[role].returncode == 0, f"{role}: {err[-2000:]}"
+    finally:
+        for p in procs.values():
+            p.kill()
+    summary = r"stopped after [\d.]+ s: (\d+) GPU samples published, (\d+) GPU samples, (\d+) alerts raised"
+    published = int(re.search(summary, logs["simulate"]).group(1))
+    _, detected, raised = map(int, re.search(summary, logs["detect"]).groups())
+    gpu = archived(tmp_path / "data", "gpu_samples")
+    assert published > 0 and detected == published
+    assert gpu.height == published and gpu.select(pl.struct("gpu_uuid", "ts").n_unique()).item() == published
+    lines = [json.loads(x) for x in (tmp_path / "data" / "alerts.jsonl").read_text().splitlines()]
+    assert len([a for a in lines if a["status"] == "firing"]) == raised >= 1
+    assert archived(tmp_path / "data", "alerts").height == len(lines)
