@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -96,9 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--duration {args.duration}: must be > 0 seconds")
     try:
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
-        probe = Path(cfg.data_dir) / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=cfg.data_dir):  # nameless: several roles may share the folder
+            pass
     except OSError as e:
         raise ConfigError(f"config error: data_dir = {cfg.data_dir!r}: cannot create or write there ({e.strerror}); "
                           f"choose another with --data-dir or FLEETWATCH_DATA_DIR") from None

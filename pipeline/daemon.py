@@ -109,14 +109,33 @@ async def detect_role(bus: Bus, engine: Engine, sub) -> None:
 
 
 async def archive_role(writer: ArchiveWriter, sub, flush_interval_s: float) -> None:
+    durable = asyncio.Lock()  # a flush and a rebalance never interleave
+
+    async def write_buffers() -> None:
+        # Take the buffers on the loop, write them in a thread: the loop never waits on disk.
+        await asyncio.to_thread(writer.write, writer.take())
+
+    async def flush_and_commit() -> None:
+        async with durable:
+            await write_buffers()
+            await sub.commit()  # only now is the data durable
+
+    async def before_revoke() -> None:  # the subscription commits right after
+        async with durable:
+            await write_buffers()
+    sub.before_revoke.append(before_revoke)
+
     next_flush = time.monotonic() + flush_interval_s
+    assignments = sub.assignments
     while True:
         try:
             messages = await sub.get_batch(timeout_s=max(0.05, next_flush - time.monotonic()))
         except EndOfStream:
-            await asyncio.to_thread(writer.write, writer.take())
-            await sub.commit()
+            await flush_and_commit()
             return
+        if sub.assignments != assignments:  # another archive may have written our new partitions
+            assignments = sub.assignments
+            writer.forget_archived()
         full = False
         for message in messages:
             dataset = DATASET_OF_TOPIC[message.topic]
@@ -125,9 +144,7 @@ async def archive_role(writer: ArchiveWriter, sub, flush_interval_s: float) -> N
                 continue
             full |= writer.add(dataset, message.value, message.partition, message.offset)
         if full or time.monotonic() >= next_flush:
-            # Take the buffers on the loop, write them in a thread: the loop never waits on disk.
-            await asyncio.to_thread(writer.write, writer.take())
-            await sub.commit()  # only now is the data durable
+            await flush_and_commit()
             next_flush = time.monotonic() + flush_interval_s
 
 

@@ -315,3 +315,49 @@ def test_one_process_per_role(broker, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "data" / "alerts.jsonl").read_text().splitlines()]
     assert len([a for a in lines if a["status"] == "firing"]) == raised >= 1
     assert archived(tmp_path / "data", "alerts").height == len(lines)
+
+
+def test_a_second_archive_joining_rebalances_without_loss_or_duplicates(broker, tmp_path):
+    """Archive A runs alone, archive B joins the group mid-stream: partitions move, A
+    flushes and commits before giving them up, and each sample lands exactly once."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import polars as pl
+
+    from tests.test_daemon import FAST, archived
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST | {
+        "FLEETWATCH_KAFKA__TOPIC_PREFIX": f"b{uuid.uuid4().hex[:6]}.", "FLEETWATCH_KAFKA__PARTITIONS": "4",
+        "FLEETWATCH_ARCHIVE__FLUSH_INTERVAL_S": "2"}
+
+    def start(role: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "pipeline", role, "--kafka", broker.bootstrap,
+                                 "--data-dir", "data"], cwd=tmp_path, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = {"simulate": start("simulate"), "archive-a": start("archive")}
+    logs = {}
+    try:
+        time.sleep(8)
+        procs["archive-b"] = start("archive")
+        time.sleep(10)
+        for group in (["simulate"], ["archive-a", "archive-b"]):
+            for name in group:
+                procs[name].send_signal(signal.SIGTERM)
+            for name in group:
+                _, logs[name] = procs[name].communicate(timeout=60)
+                assert procs[name].returncode == 0, f"{name}: {logs[name][-2000:]}"
+    finally:
+        for p in procs.values():
+            p.kill()
+    summary = r"stopped after [\d.]+ s: (\d+) GPU samples published, \d+ GPU samples, \d+ alerts raised, (\d+) rows"
+    published = int(re.search(summary, logs["simulate"]).group(1))
+    rows_a = int(re.search(summary, logs["archive-a"]).group(2))
+    rows_b = int(re.search(summary, logs["archive-b"]).group(2))
+    assert rows_a > 0 and rows_b > 0, (rows_a, rows_b)  # both took part: the group rebalanced
+    gpu = archived(tmp_path / "data", "gpu_samples")
+    assert gpu.height == published
+    assert gpu.select(pl.struct("gpu_uuid", "ts").n_unique()).item() == published

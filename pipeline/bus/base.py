@@ -34,6 +34,9 @@ class EndOfStream(Exception):
 
 
 class Subscription(Protocol):
+    before_revoke: list  # async callables run before partitions move to another consumer
+    assignments: int     # bumped each time partitions are (re)assigned to this consumer
+
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         """Up to `max_messages` in order; [] on timeout; EndOfStream when drained after end()."""
 

@@ -19,7 +19,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -57,13 +57,32 @@ def bus_topic(wire_name: str, prefix: str) -> Topic:
     return Topic(wire_name[len(prefix):])
 
 
+class _Rebalance(ConsumerRebalanceListener):
+    """Before partitions move to another consumer, the role makes its output durable
+    and commits, so the new owner starts exactly where this one stopped."""
+
+    def __init__(self, sub: "KafkaSubscription") -> None:
+        self.sub = sub
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        if revoked:
+            for hook in self.sub.before_revoke:
+                await hook()
+            await self.sub.commit()
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        self.sub.assignments += 1
+
+
 class KafkaSubscription:
     def __init__(self, bus: "KafkaBus", topics: list[Topic], group: str) -> None:
         self.bus = bus
         self.topics = list(topics)
         self.group = group
+        self.before_revoke: list = []  # async callables: make output durable (then we commit)
+        self.assignments = 0           # how many times partitions were (re)assigned
         self.consumer = AIOKafkaConsumer(
-            *[bus.wire(t) for t in topics], bootstrap_servers=bus.bootstrap, group_id=bus.wire(group),
+            bootstrap_servers=bus.bootstrap, group_id=bus.wire(group),
             client_id=f"{bus.client_id}-{group}", enable_auto_commit=False, auto_offset_reset="earliest",
             max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
         self._started = False
@@ -72,6 +91,7 @@ class KafkaSubscription:
 
     async def _start(self) -> None:
         if not self._started:
+            self.consumer.subscribe([self.bus.wire(t) for t in self.topics], listener=_Rebalance(self))
             await self.consumer.start()
             self._started = True
 
@@ -95,16 +115,15 @@ class KafkaSubscription:
         return out
 
     async def _drained(self) -> bool:
-        """After end(): every partition of our topics has been read up to its end offset."""
+        """After end(): every partition assigned to us has been read up to its end
+        offset. Other consumers of the group drain theirs; a partition that moves to
+        us later was drained and committed by its previous owner before it left."""
         names = {self.bus.wire(t) for t in self.topics}
-        mine = {tp: off for tp, off in self.bus.end_offsets.items() if tp.topic in names}
-        if {tp.topic for tp in mine} != names:
-            return False  # end() not called for all our topics
-        assigned = self.consumer.assignment()
-        if {tp for tp, off in mine.items() if off > 0} - assigned:
-            return False  # a partition with data is not ours (yet)
-        for tp, off in mine.items():
-            if tp in assigned and await self.consumer.position(tp) < off:
+        ends = {tp: off for tp, off in self.bus.end_offsets.items() if tp.topic in names}
+        if {tp.topic for tp in ends} != names or self.assignments == 0:
+            return False  # end() not called for all our topics, or not yet in the group
+        for tp in self.consumer.assignment():
+            if await self.consumer.position(tp) < ends.get(tp, 0):
                 return False
         return True
 

@@ -16,6 +16,8 @@ class MemorySubscription:
         self.topics = set(topics)
         self.queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize)
         self._open = len(self.topics)
+        self.before_revoke: list = []  # one consumer per group: nothing is ever revoked
+        self.assignments = 1
 
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         if self._open == 0 and self.queue.empty():

@@ -89,6 +89,10 @@ class ArchiveWriter:
             self._archived[key] = last
         return self._archived[key]
 
+    def forget_archived(self) -> None:
+        """Read the file names again on the next lookup (partitions changed hands)."""
+        self._archived.clear()
+
     @property
     def buffered_rows(self) -> int:
         return sum(b.rows for b in self._buffers.values())
