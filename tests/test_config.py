@@ -71,13 +71,23 @@ def test_readme_config_reference_matches_code():
     assert table in (REPO / "README.md").read_text(), "README's config table is stale: run scripts/update-readme-config"
 
 
-def test_docker_compose_sets_only_keys_the_code_reads():
-    import re
+def test_docker_compose_parses_and_sets_only_keys_the_code_reads():
+    import yaml
+
+    from pipeline.daemon import ROLES
     from tests.conftest import REPO
-    text = (REPO / "docker-compose.yml").read_text()
-    env = dict(re.findall(r"^\s+(FLEETWATCH_\w+):\s*\"?([^\"\n]*)\"?\s*$", text, re.M))
-    assert env, "docker-compose.yml sets no FLEETWATCH_* key"
-    load_config(env=env)  # raises ConfigError naming any unknown key or bad value
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"kafka", "mosquitto", "alertmanager"} <= set(services)
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    roles = {name: svc for name, svc in services.items() if "fleetwatch" in str(svc.get("command", ""))}
+    assert set(roles) == set(ROLES)
+    for name, svc in roles.items():
+        assert svc["command"].rstrip("\"").endswith(f"exec fleetwatch {name}")
+        env = {k: str(v) for k, v in svc["environment"].items()}
+        assert env and all(k.startswith("FLEETWATCH_") for k in env)
+        cfg = load_config(env=env)  # raises ConfigError naming any unknown key or bad value
+        assert cfg.kafka.bootstrap == "kafka:9092"
 
 
 def test_unusable_data_dir_exits_2_and_says_what_to_do(tmp_path):
