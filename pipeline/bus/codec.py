@@ -1,8 +1,10 @@
 """The wire format of a bus message: one Arrow IPC stream per record batch.
 
-The value is an Arrow IPC stream (schema + one record batch) with its buffers
-compressed (zstd) by Arrow itself, so a consumer turns it into numpy arrays without
-per-value Python work and the broker need not recompress it. Headers say what it
+The value is an Arrow IPC stream (schema + one record batch), uncompressed, so a
+consumer turns it into numpy arrays without per-value Python work. Compression is
+the producer's: it compresses whole Kafka record batches (many messages) with zstd.
+Arrow's own per-buffer zstd was measured at ~300 us per 8-row message against ~25 us
+without, for a few percent of size. Headers say what it
 is: `fw-schema` (record type) and `fw-version` (schema version). A consumer accepts
 a message only when its headers name a schema it knows, at the version it knows,
 and the payload decodes to exactly that schema. Anything else is a DecodeError,
@@ -20,7 +22,7 @@ HEADER_SCHEMA = "fw-schema"
 HEADER_VERSION = "fw-version"
 
 _BY_NAME = {schema_name(s): s for s in SCHEMAS.values()}
-_WRITE_OPTIONS = ipc.IpcWriteOptions(compression="zstd")
+_WRITE_OPTIONS = ipc.IpcWriteOptions(compression=None)
 
 
 class DecodeError(ValueError):

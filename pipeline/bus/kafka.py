@@ -161,7 +161,7 @@ class KafkaBus:
         self.specs = topic_specs(partitions, retention_hours)
         self.producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap, client_id=client_id, acks="all", enable_idempotence=True,
-            linger_ms=5, max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024)
+            compression_type="zstd", linger_ms=5, max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024)
         self.subscriptions: list[KafkaSubscription] = []
         self.end_offsets: dict[TopicPartition, int] = {}
         self._in_flight: list[asyncio.Future] = []
