@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -153,7 +159,6 @@ def test_the_daemon_runs_every_role_over_kafka(broker, tmp_path, receiver):
     """`fleetwatch run --kafka`: the same roles and code, Kafka between them. Every sample
     produced lands in the archive exactly once; alerts reach alerts.jsonl and the webhook."""
     import json
-    import re
 
     import polars as pl
 
@@ -183,11 +188,6 @@ def test_sigkill_and_restart_archives_every_produced_sample_exactly_once(broker,
     """Kill the daemon with SIGKILL mid-stream, start it again: every GPU sample that
     reached Kafka is in the archive exactly once (files named by partition and offsets,
     offsets already archived are skipped on redelivery)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     import polars as pl
 
@@ -272,43 +272,55 @@ def test_archive_that_wrote_but_never_committed_skips_the_redelivery(broker, tmp
     assert rows.height == 320 and rows.select(pl.struct("gpu_uuid", "ts").n_unique()).item() == 320
 
 
+def role_env(kind: str, **extra: str) -> dict[str, str]:
+    """The test's environment for role processes: fast fleet, a topic prefix of their own."""
+    from tests.test_daemon import FAST
+    return {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST | {
+        "FLEETWATCH_KAFKA__TOPIC_PREFIX": f"{kind}{uuid.uuid4().hex[:6]}.", **extra}
+
+
+def start_role(role: str, broker, cwd, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", role, "--kafka", broker.bootstrap,
+                             "--data-dir", "data"], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def stop_in_order(procs: dict[str, subprocess.Popen], groups: list[list[str]]) -> dict[str, str]:
+    """SIGTERM each group in turn (data order), wait for it; every process must exit 0.
+    Returns each process's stderr; kills whatever is left on the way out."""
+    logs = {}
+    try:
+        for group in groups:
+            for name in group:
+                procs[name].send_signal(signal.SIGTERM)
+            for name in group:
+                _, logs[name] = procs[name].communicate(timeout=60)
+                assert procs[name].returncode == 0, f"{name}: {logs[name][-2000:]}"
+    finally:
+        for p in procs.values():
+            p.kill()
+    return logs
+
+
+SUMMARY = (r"stopped after [\d.]+ s: (\d+) GPU samples published, (\d+) GPU samples, (\d+) alerts raised, "
+           r"(\d+) rows archived")
+
+
 def test_one_process_per_role(broker, tmp_path):
     """simulate, detect, archive and notify as four processes with Kafka between them.
     Stopped in data order with SIGTERM, each exits 0, and every sample the simulator
     published is archived exactly once; every alert detect raised reaches alerts.jsonl."""
     import json
-    import os
-    import re
-    import signal
-    import subprocess
-    import sys
-    import time
 
     import polars as pl
 
-    from tests.test_daemon import FAST, archived
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST | {
-        "FLEETWATCH_KAFKA__TOPIC_PREFIX": f"r{uuid.uuid4().hex[:6]}.", "FLEETWATCH_KAFKA__PARTITIONS": "3"}
-    procs = {role: subprocess.Popen([sys.executable, "-m", "pipeline", role, "--kafka", broker.bootstrap,
-                                     "--data-dir", "data"], cwd=tmp_path, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for role in ("detect", "archive", "notify", "simulate")}
-    logs = {}
-    try:
-        time.sleep(12)
-        for group in (["simulate"], ["detect"], ["archive", "notify"]):  # data order
-            for role in group:
-                procs[role].send_signal(signal.SIGTERM)
-            for role in group:
-                out, err = procs[role].communicate(timeout=60)
-                logs[role] = err
-                assert procs[role].returncode == 0, f"{role}: {err[-2000:]}"
-    finally:
-        for p in procs.values():
-            p.kill()
-    summary = r"stopped after [\d.]+ s: (\d+) GPU samples published, (\d+) GPU samples, (\d+) alerts raised"
-    published = int(re.search(summary, logs["simulate"]).group(1))
-    _, detected, raised = map(int, re.search(summary, logs["detect"]).groups())
+    from tests.test_daemon import archived
+    env = role_env("r", FLEETWATCH_KAFKA__PARTITIONS="3")
+    procs = {role: start_role(role, broker, tmp_path, env) for role in ("detect", "archive", "notify", "simulate")}
+    time.sleep(12)
+    logs = stop_in_order(procs, [["simulate"], ["detect"], ["archive", "notify"]])
+    published = int(re.search(SUMMARY, logs["simulate"]).group(1))
+    _, detected, raised, _ = map(int, re.search(SUMMARY, logs["detect"]).groups())
     gpu = archived(tmp_path / "data", "gpu_samples")
     assert published > 0 and detected == published
     assert gpu.height == published and gpu.select(pl.struct("gpu_uuid", "ts").n_unique()).item() == published
@@ -320,43 +332,19 @@ def test_one_process_per_role(broker, tmp_path):
 def test_a_second_archive_joining_rebalances_without_loss_or_duplicates(broker, tmp_path):
     """Archive A runs alone, archive B joins the group mid-stream: partitions move, A
     flushes and commits before giving them up, and each sample lands exactly once."""
-    import os
-    import re
-    import signal
-    import subprocess
-    import sys
-    import time
-
     import polars as pl
 
-    from tests.test_daemon import FAST, archived
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST | {
-        "FLEETWATCH_KAFKA__TOPIC_PREFIX": f"b{uuid.uuid4().hex[:6]}.", "FLEETWATCH_KAFKA__PARTITIONS": "4",
-        "FLEETWATCH_ARCHIVE__FLUSH_INTERVAL_S": "2"}
-
-    def start(role: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "pipeline", role, "--kafka", broker.bootstrap,
-                                 "--data-dir", "data"], cwd=tmp_path, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    procs = {"simulate": start("simulate"), "archive-a": start("archive")}
-    logs = {}
-    try:
-        time.sleep(8)
-        procs["archive-b"] = start("archive")
-        time.sleep(10)
-        for group in (["simulate"], ["archive-a", "archive-b"]):
-            for name in group:
-                procs[name].send_signal(signal.SIGTERM)
-            for name in group:
-                _, logs[name] = procs[name].communicate(timeout=60)
-                assert procs[name].returncode == 0, f"{name}: {logs[name][-2000:]}"
-    finally:
-        for p in procs.values():
-            p.kill()
-    summary = r"stopped after [\d.]+ s: (\d+) GPU samples published, \d+ GPU samples, \d+ alerts raised, (\d+) rows"
-    published = int(re.search(summary, logs["simulate"]).group(1))
-    rows_a = int(re.search(summary, logs["archive-a"]).group(2))
-    rows_b = int(re.search(summary, logs["archive-b"]).group(2))
+    from tests.test_daemon import archived
+    env = role_env("b", FLEETWATCH_KAFKA__PARTITIONS="4", FLEETWATCH_ARCHIVE__FLUSH_INTERVAL_S="2")
+    procs = {"simulate": start_role("simulate", broker, tmp_path, env),
+             "archive-a": start_role("archive", broker, tmp_path, env)}
+    time.sleep(8)
+    procs["archive-b"] = start_role("archive", broker, tmp_path, env)
+    time.sleep(10)
+    logs = stop_in_order(procs, [["simulate"], ["archive-a", "archive-b"]])
+    published = int(re.search(SUMMARY, logs["simulate"]).group(1))
+    rows_a = int(re.search(SUMMARY, logs["archive-a"]).group(4))
+    rows_b = int(re.search(SUMMARY, logs["archive-b"]).group(4))
     assert rows_a > 0 and rows_b > 0, (rows_a, rows_b)  # both took part: the group rebalanced
     gpu = archived(tmp_path / "data", "gpu_samples")
     assert gpu.height == published
