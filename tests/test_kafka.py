@@ -225,6 +225,8 @@ def test_sigkill_and_restart_archives_every_produced_sample_exactly_once(broker,
         return pl.from_arrow(pa.Table.from_batches([m.value for m in got]))
     in_kafka = asyncio.run(produced()).select("gpu_uuid", "ts")
     in_archive = archived(data, "gpu_samples").select("gpu_uuid", "ts")
+    print(f"sigkill: {before} rows archived before the kill; in Kafka {in_kafka.height}, "
+          f"archived {in_archive.height}, unique {in_archive.unique().height}")
     assert before > 0 and in_archive.height > before
     assert in_archive.height == in_archive.unique().height, "duplicates in the archive"
     assert in_archive.height == in_kafka.height
@@ -322,6 +324,7 @@ def test_one_process_per_role(broker, tmp_path):
     published = int(re.search(SUMMARY, logs["simulate"]).group(1))
     _, detected, raised, _ = map(int, re.search(SUMMARY, logs["detect"]).groups())
     gpu = archived(tmp_path / "data", "gpu_samples")
+    print(f"per-role: published {published}, detected {detected}, archived {gpu.height}, alerts {raised}")
     assert published > 0 and detected == published
     assert gpu.height == published and gpu.select(pl.struct("gpu_uuid", "ts").n_unique()).item() == published
     lines = [json.loads(x) for x in (tmp_path / "data" / "alerts.jsonl").read_text().splitlines()]
@@ -347,5 +350,6 @@ def test_a_second_archive_joining_rebalances_without_loss_or_duplicates(broker, 
     rows_b = int(re.search(SUMMARY, logs["archive-b"]).group(4))
     assert rows_a > 0 and rows_b > 0, (rows_a, rows_b)  # both took part: the group rebalanced
     gpu = archived(tmp_path / "data", "gpu_samples")
+    print(f"rebalance: published {published}, archive A wrote {rows_a} rows, B {rows_b}, archive holds {gpu.height}")
     assert gpu.height == published
     assert gpu.select(pl.struct("gpu_uuid", "ts").n_unique()).item() == published
