@@ -165,7 +165,6 @@ class KafkaBus:
         self.subscriptions: list[KafkaSubscription] = []
         self.end_offsets: dict[TopicPartition, int] = {}
         self._in_flight: list[asyncio.Future] = []
-        self.published = 0
         self.dead_letters = 0
 
     async def start(self) -> None:
@@ -196,7 +195,6 @@ class KafkaBus:
         delivery = await self.producer.send(self.wire(message.topic), value,
                                             key=message.key.encode() if message.key else None, headers=headers)
         self._in_flight.append(delivery)
-        self.published += 1
         if len(self._in_flight) >= 10_000:  # bounded: a producer that never commits still checks delivery
             await self.flush()
 

@@ -51,7 +51,6 @@ class MemoryBus:
     def __init__(self, queue_size: int = 8192) -> None:
         self._queue_size = queue_size
         self._subs: dict[tuple[Topic, str], MemorySubscription] = {}
-        self.published: dict[Topic, int] = {t: 0 for t in Topic}
 
     async def start(self) -> None:
         """Nothing to connect to."""
@@ -72,7 +71,6 @@ class MemoryBus:
         return sub
 
     async def publish(self, message: Message) -> None:
-        self.published[message.topic] += 1
         for (topic, _), sub in self._subs.items():
             if topic == message.topic:
                 await sub.queue.put(message)

@@ -93,10 +93,6 @@ class ArchiveWriter:
         """Read the file names again on the next lookup (partitions changed hands)."""
         self._archived.clear()
 
-    @property
-    def buffered_rows(self) -> int:
-        return sum(b.rows for b in self._buffers.values())
-
     def take(self) -> dict[tuple[str, int], _Buffer]:
         """Hand over everything buffered (to be written off the event loop)."""
         taken, self._buffers = self._buffers, {}

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import FleetConfig
-from pipeline.faults import FAULTS_BY_NAME
+from pipeline.faults import FAULTS_BY_NAME, NORMAL_EVENTS
 from pipeline.model import EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE
 
 # NVML clocks event reasons
@@ -209,7 +209,9 @@ class FleetSimulator:
     def inject(self, kind: str, rack: int | None = None, node: int | None = None, gpu: int | None = None,
                duration_s: float | None = None, params: dict | None = None) -> ActiveFault:
         """Start a fault with the next scrape (tests and demos name their target; the scheduler picks one)."""
-        ftype = FAULTS_BY_NAME[kind] if kind != "gpu_reset" else None
+        if kind not in FAULTS_BY_NAME and kind not in NORMAL_EVENTS:
+            raise ValueError(f"unknown fault {kind!r}; known: {', '.join([*FAULTS_BY_NAME, *NORMAL_EVENTS])}")
+        ftype = FAULTS_BY_NAME.get(kind)  # None for a normal event
         if gpu is not None:
             node = int(self.gpu_node[gpu])
         if node is not None:
@@ -282,7 +284,7 @@ class FleetSimulator:
         rows = []
         for f in self._pending_labels:
             rows.append({
-                "fault_id": f.fault_id, "fault_type": f.kind, "normal": f.kind == "gpu_reset",
+                "fault_id": f.fault_id, "fault_type": f.kind, "normal": f.kind in NORMAL_EVENTS,
                 "site": self.cfg.site, "rack": self.rack_names[f.rack],
                 "node": self.node_names[f.node] if f.node is not None else None,
                 "gpu": int(self.gpu_index[f.gpu]) if f.gpu is not None else None,
