@@ -100,6 +100,10 @@ class KafkaConfig:
     topic_prefix: str = _spec("", doc="prefix of every topic and consumer group (several fleets, one cluster)")
     partitions: int = _spec(6, min=1, max=10000, doc="partitions of the telemetry topics when created")
     retention_hours: float = _spec(24.0, min=0.1, doc="retention of the telemetry topics when created")
+    buffer_mb: float = _spec(256.0, min=1, doc="producer outbox: messages wait here while the broker is "
+                             "unreachable; when full, publishing blocks")
+    commit_interval_s: float = _spec(1.0, min=0.05, max=60, doc="detect commits its alerts, offsets and state "
+                                     "checkpoint (one transaction) this often: alerts wait up to this long")
 
 
 @dataclass(frozen=True)

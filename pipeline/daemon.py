@@ -33,6 +33,7 @@ from pipeline.bus import Bus, EndOfStream, MemoryBus, Message, Topic
 from pipeline.bus.batching import coalesce, split_by
 from pipeline.bus.kafka import KafkaBus
 from pipeline.config import Config, ConfigError
+from pipeline.detect.checkpoint import Checkpointer
 from pipeline.detect.engine import Engine
 from pipeline.model import NODE_HEALTH, alert_rows, alerts_to_batch
 from pipeline.sinks.alerts import AlertLog, WebhookSender
@@ -68,13 +69,15 @@ async def source_role(bus: Bus, sim: FleetSimulator, stop: asyncio.Event, speed:
         tick = sim.step()
         if bus.keyed:
             messages = split_by(Topic.GPU, tick.gpu, "node") + split_by(Topic.FACILITY, tick.facility, "rack")
+            if tick.events is not None:  # a node's events go where its telemetry goes
+                messages += split_by(Topic.EVENTS, tick.events, "node")
         else:
             messages = [Message(Topic.GPU, tick.gpu), Message(Topic.FACILITY, tick.facility)]
+            if tick.events is not None:
+                messages.append(Message(Topic.EVENTS, tick.events))
         for message in messages:
             await bus.publish(message)
         summary.gpu_samples_published += tick.gpu.num_rows
-        if tick.events is not None:
-            await bus.publish(Message(Topic.EVENTS, tick.events))
         if tick.labels is not None:
             await bus.publish(Message(Topic.LABELS, tick.labels))
         if speed > 0:
@@ -88,24 +91,65 @@ async def source_role(bus: Bus, sim: FleetSimulator, stop: asyncio.Event, speed:
         await asyncio.sleep(0)  # behind schedule or flat out: let the consumers run
 
 
-async def detect_role(bus: Bus, engine: Engine, sub) -> None:
+async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
+                      checkpoint: Checkpointer | None) -> None:
+    """Telemetry in, alerts and node health out. Over Kafka the output, the input offsets
+    and a checkpoint of the detector state of each partition processed commit together
+    (one transaction per commit interval); a partition that moves to another detect
+    process continues there from that checkpoint."""
+    busy = asyncio.Lock()  # processing a batch and handing partitions over never interleave
+    dirty: set[int] = set()  # partitions processed since their last checkpoint
+
+    async def commit(partitions: set[int]) -> None:
+        if checkpoint is not None:
+            for p, state in checkpoint.snapshot(partitions & dirty).items():
+                await sub.publish(Message(Topic.STATE, state, key=str(p)), partition=p)
+            dirty.difference_update(partitions)
+        await sub.commit()
+
+    async def restore(partitions: set[int]) -> None:
+        async with busy:
+            checkpoint.partitions = sub.partition_count(Topic.GPU) or checkpoint.partitions
+            latest = await bus.read_latest(Topic.STATE, partitions)
+            held = [checkpoint.restore(m.value) for m in latest.values()]
+            log.info("detect: assigned partitions %s; restored the detector state of %s (%d GPUs, %d nodes, "
+                     "%d racks, %d alerts firing)%s", sorted(partitions), sorted(latest),
+                     *(sum(h[k] for h in held) for k in ("gpu", "node", "rack", "alerts")),
+                     f"; no checkpoint yet for {sorted(partitions - set(latest))}" if partitions - set(latest) else "")
+
+    async def hand_over(partitions: set[int]) -> None:
+        async with busy:
+            await commit(partitions)
+            checkpoint.forget(partitions)
+            log.info("detect: partitions %s revoked; their state is checkpointed and dropped here", sorted(partitions))
+
+    if checkpoint is not None:
+        sub.on_assigned.append(restore)
+        sub.before_revoke.append(hand_over)
+    next_commit = time.monotonic() + commit_interval_s
     while True:
         try:
-            messages = await sub.get_batch()
+            messages = await sub.get_batch(timeout_s=max(0.05, next_commit - time.monotonic()))
         except EndOfStream:
+            async with busy:
+                await commit(set(dirty))
             return
-        for message in coalesce(messages):
-            out = engine.process(message)
-            # Keyed so that an alert's changes, and a node's states, stay in order (the
-            # health topic is compacted to the latest state per node).
-            if out.alerts:
-                for m in split_by(Topic.ALERTS, alerts_to_batch(out.alerts), "fingerprint"):
-                    await bus.publish(m)
-            if out.health:
-                for m in split_by(Topic.HEALTH, pa.RecordBatch.from_pylist(out.health, schema=NODE_HEALTH), "node"):
-                    await bus.publish(m)
-        await bus.flush()  # our output is durable on the bus: now our input may be committed
-        await sub.commit()
+        async with busy:
+            dirty.update(m.partition for m in messages)
+            for message in coalesce(messages):
+                out = engine.process(message)
+                # Keyed so that an alert's changes, and a node's states, stay in order (the
+                # health topic is compacted to the latest state per node).
+                if out.alerts:
+                    for m in split_by(Topic.ALERTS, alerts_to_batch(out.alerts), "fingerprint"):
+                        await sub.publish(m)
+                if out.health:
+                    for m in split_by(Topic.HEALTH, pa.RecordBatch.from_pylist(out.health, schema=NODE_HEALTH),
+                                      "node"):
+                        await sub.publish(m)
+            if time.monotonic() >= next_commit:
+                await commit(set(dirty))
+                next_commit = time.monotonic() + commit_interval_s
 
 
 async def archive_role(writer: ArchiveWriter, sub, flush_interval_s: float) -> None:
@@ -120,7 +164,7 @@ async def archive_role(writer: ArchiveWriter, sub, flush_interval_s: float) -> N
             await write_buffers()
             await sub.commit()  # only now is the data durable
 
-    async def before_revoke() -> None:  # the subscription commits right after
+    async def before_revoke(partitions: set[int]) -> None:  # the subscription commits right after
         async with durable:
             await write_buffers()
     sub.before_revoke.append(before_revoke)
@@ -230,7 +274,7 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         k = cfg.kafka
         engine = Engine(cfg, node_staleness=not k.bootstrap)
         sim = FleetSimulator(cfg.fleet)
-        bus = (KafkaBus(k.bootstrap, k.partitions, k.retention_hours, prefix=k.topic_prefix) if k.bootstrap
+        bus = (KafkaBus(k.bootstrap, k.partitions, k.retention_hours, prefix=k.topic_prefix, buffer_mb=k.buffer_mb) if k.bootstrap
                     else MemoryBus())
         await bus.start()
         writer = ArchiveWriter(cfg.archive_dir, cfg.archive.compression, cfg.archive.max_buffer_rows)
@@ -244,14 +288,20 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         if "simulate" in roles:
             source = asyncio.create_task(source_role(bus, sim, stop, cfg.fleet.speed, summary), name="simulate")
         if "detect" in roles:
-            detect_sub = bus.subscribe([Topic.GPU, Topic.FACILITY, Topic.EVENTS], "detect")
-            detect = asyncio.create_task(detect_role(bus, engine, detect_sub), name="detect")
+            detect_topics = [Topic.GPU, Topic.FACILITY, Topic.EVENTS]
+            if k.bootstrap:
+                detect_sub = bus.subscribe(detect_topics, "detect", transactional=True)
+                checkpoint = Checkpointer(engine, k.partitions)
+            else:
+                detect_sub, checkpoint = bus.subscribe(detect_topics, "detect"), None
+            detect = asyncio.create_task(detect_role(bus, engine, detect_sub, k.commit_interval_s, checkpoint),
+                                         name="detect")
         if "notify" in roles:
             notify_sub = bus.subscribe([Topic.ALERTS], "notify")
             sinks.append(asyncio.create_task(notify_role(notify_sub, AlertLog(cfg.alerts_log), webhooks,
                                                          console if cfg.alerts.console else None), name="notify"))
         if "archive" in roles and cfg.archive.enabled:
-            archive_sub = bus.subscribe(list(Topic), "archive")
+            archive_sub = bus.subscribe(list(DATASET_OF_TOPIC), "archive")
             sinks.append(asyncio.create_task(archive_role(writer, archive_sub, cfg.archive.flush_interval_s),
                                              name="archive"))
         status = asyncio.create_task(status_role(roles, engine, sim, writer, summary, console,
@@ -290,8 +340,10 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
     invalid = engine.stats.invalid_values
     log.info("stopped after %.1f s: %d GPU samples published, %d GPU samples, %d alerts raised, %d rows archived "
              "in %d files, %d invalid values skipped%s, %d messages dead-lettered, %d redelivered messages already "
-             "archived", summary.wall_s, summary.gpu_samples_published, summary.gpu_samples, summary.alerts_fired,
+             "archived%s", summary.wall_s, summary.gpu_samples_published, summary.gpu_samples, summary.alerts_fired,
              sum(summary.rows_archived.values()),
              writer.files_written, sum(invalid.values()), f" {invalid}" if invalid else "",
-             bus.dead_letters if bus is not None else 0, writer.redelivered_skipped)
+             bus.dead_letters if bus is not None else 0, writer.redelivered_skipped,
+             f", producer outbox peak {bus.outbox_peak_bytes / 2**20:.1f} MB, {bus.delivery_failures} messages "
+             f"Kafka rejected" if isinstance(bus, KafkaBus) else "")
     return summary

@@ -137,6 +137,24 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 
+# Detector checkpoints on the state topic (detect/checkpoint.py). Open: after these
+# identity columns come one float64 column per state array (`<container>.<field>`) of
+# the engine that wrote it; a reader restores the columns it knows and ignores the rest.
+CHECKPOINT = _schema("detector_checkpoint", 1, [
+    _f("scope", pa.string(), "gpu, node, rack or point", nullable=False),
+    _f("gpu_uuid", pa.string(), "scope gpu: NVML UUID"),
+    _f("node", pa.string(), "scope gpu, node: node name"),
+    _f("site", pa.string(), "site label"),
+    _f("rack", pa.string(), "rack label"),
+    _f("gpu", pa.int16(), "scope gpu: GPU index"),
+    _f("device", pa.string(), "scope point: facility device"),
+    _f("metric", pa.string(), "scope point: facility metric"),
+    _f("alerts", pa.string(), "alerts firing on the entity: JSON {alertname: alert}"),
+], "detector state of one Kafka partition's entities (compacted state topic)")
+CHECKPOINT = CHECKPOINT.with_metadata({**CHECKPOINT.metadata, b"fleetwatch.open": b"true"})
+WIRE_SCHEMAS: tuple[pa.Schema, ...] = (*SCHEMAS.values(), CHECKPOINT)
+
+
 def schema_name(schema: pa.Schema) -> str:
     return schema.metadata[b"fleetwatch.schema"].decode()
 
@@ -152,6 +170,7 @@ def schema_to_json(schema: pa.Schema) -> dict[str, Any]:
         "name": meta["fleetwatch.schema"],
         "version": int(meta["fleetwatch.version"]),
         "doc": meta["fleetwatch.doc"],
+        **({"open": True} if meta.get("fleetwatch.open") == "true" else {}),
         "fields": [{"name": f.name, "type": str(f.type), "nullable": f.nullable,
                     "doc": f.metadata[b"doc"].decode()} for f in schema],
     }
@@ -261,7 +280,7 @@ def alert_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
 def schema_files(directory: os.PathLike[str] | str) -> dict[str, dict[str, Any]]:
     """{file path: content} of the schemas/ folder, as the code defines it."""
     out = {}
-    for schema in SCHEMAS.values():
+    for schema in WIRE_SCHEMAS:
         doc = schema_to_json(schema)
         out[str(Path(directory) / f"{doc['name']}.v{doc['version']}.json")] = doc
     return out

@@ -68,6 +68,9 @@ class KafkaBroker:
             "offsets.topic.num.partitions=4",
             "transaction.state.log.replication.factor=1",
             "transaction.state.log.min.isr=1",
+            # A crashed detect process's open transaction is aborted within ~1 s of its
+            # timeout (default check: every 10 s), so the tests wait less for its readers.
+            "transaction.abort.timed.out.transaction.cleanup.interval.ms=1000",
             "group.initial.rebalance.delay.ms=0",
             "num.partitions=1",
             "auto.create.topics.enable=false",

@@ -16,6 +16,7 @@ class Topic(StrEnum):
     ALERTS = "fleetwatch.alerts"
     HEALTH = "fleetwatch.health"
     LABELS = "fleetwatch.labels"
+    STATE = "fleetwatch.state"  # detector checkpoints, one per partition (Kafka only)
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,21 @@ class EndOfStream(Exception):
 
 
 class Subscription(Protocol):
-    before_revoke: list  # async callables run before partitions move to another consumer
+    # Async callables taking the set of partition numbers concerned.
+    on_assigned: list    # run when partitions are assigned, before their messages are read
+    before_revoke: list  # run before partitions move to another consumer (then it commits)
     assignments: int     # bumped each time partitions are (re)assigned to this consumer
 
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         """Up to `max_messages` in order; [] on timeout; EndOfStream when drained after end()."""
 
+    async def publish(self, message: Message, partition: int | None = None) -> None:
+        """Output of processing this subscription's input: on a transactional
+        subscription it becomes visible together with the next commit."""
+
     async def commit(self) -> None:
-        """Everything returned so far is durable downstream (at-least-once)."""
+        """Everything returned so far is processed and its output durable: the input
+        offsets are committed (with the output, atomically, where transactional)."""
 
 
 class Bus(Protocol):

@@ -7,7 +7,8 @@ Arrow's own per-buffer zstd was measured at ~300 us per 8-row message against ~2
 without, for a few percent of size. Headers say what it
 is: `fw-schema` (record type) and `fw-version` (schema version). A consumer accepts
 a message only when its headers name a schema it knows, at the version it knows,
-and the payload decodes to exactly that schema. Anything else is a DecodeError,
+and the payload decodes to exactly that schema (an open schema: its fields first,
+then any others). Anything else is a DecodeError,
 whose reason goes to the dead-letter topic with the message.
 """
 
@@ -16,12 +17,12 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from pipeline.model import SCHEMAS, schema_name, schema_version
+from pipeline.model import WIRE_SCHEMAS, schema_name, schema_version
 
 HEADER_SCHEMA = "fw-schema"
 HEADER_VERSION = "fw-version"
 
-_BY_NAME = {schema_name(s): s for s in SCHEMAS.values()}
+_BY_NAME = {schema_name(s): s for s in WIRE_SCHEMAS}
 _WRITE_OPTIONS = ipc.IpcWriteOptions(compression=None)
 
 
@@ -43,26 +44,55 @@ def encode(batch: pa.RecordBatch) -> tuple[bytes, list[tuple[str, bytes]]]:
     return sink.getvalue().to_pybytes(), headers
 
 
-def decode(value: bytes | None, headers: list[tuple[str, bytes]] | tuple) -> pa.RecordBatch:
-    """The record batch of a message, or DecodeError saying what is wrong with it."""
-    h = {k: v for k, v in headers or ()}
-    name = h.get(HEADER_SCHEMA, b"").decode(errors="replace")
-    if name not in _BY_NAME:
-        raise DecodeError(f"unknown or missing {HEADER_SCHEMA} header {name!r}")
-    expected = _BY_NAME[name]
-    version = h.get(HEADER_VERSION, b"").decode(errors="replace")
-    if version != str(schema_version(expected)):
-        raise DecodeError(f"{name}: schema version {version!r}, this consumer reads version {schema_version(expected)}")
-    if not value:
-        raise DecodeError(f"{name}: empty value")
-    try:
-        reader = ipc.open_stream(pa.py_buffer(value))
-        batches = list(reader)
-    except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
-        raise DecodeError(f"{name}: not a readable Arrow IPC stream ({e})") from None
-    if len(batches) != 1:
-        raise DecodeError(f"{name}: expected one record batch, found {len(batches)}")
-    batch = batches[0]
-    if not batch.schema.equals(expected):
-        raise DecodeError(f"{name}: payload schema differs from {name} v{schema_version(expected)}")
-    return batch.replace_schema_metadata(expected.metadata)
+class Decoder:
+    """Decodes message values. The schema message of a stream is checked against the
+    schema its headers name once; later messages with the same schema bytes go
+    straight to their record batch (~14 us instead of ~40 us for an 8-row batch)."""
+
+    def __init__(self, max_schemas: int = 256) -> None:
+        self._checked: dict[tuple[str, bytes], pa.Schema] = {}
+        self._max = max_schemas
+
+    def decode(self, value: bytes | None, headers: list[tuple[str, bytes]] | tuple) -> pa.RecordBatch:
+        """The record batch of a message, or DecodeError saying what is wrong with it."""
+        h = {k: v for k, v in headers or ()}
+        name = h.get(HEADER_SCHEMA, b"").decode(errors="replace")
+        if name not in _BY_NAME:
+            raise DecodeError(f"unknown or missing {HEADER_SCHEMA} header {name!r}")
+        expected = _BY_NAME[name]
+        version = h.get(HEADER_VERSION, b"").decode(errors="replace")
+        if version != str(schema_version(expected)):
+            raise DecodeError(f"{name}: schema version {version!r}, this consumer reads version "
+                              f"{schema_version(expected)}")
+        if not value:
+            raise DecodeError(f"{name}: empty value")
+        try:
+            reader = ipc.MessageReader.open_stream(pa.py_buffer(value))
+            schema_message = reader.read_next_message()
+            key = (name, schema_message.metadata.to_pybytes())
+            schema = self._checked.get(key) or self._check(key, ipc.read_schema(schema_message), expected)
+            batch = ipc.read_record_batch(reader.read_next_message(), schema)
+            batch.validate()  # buffers consistent with the schema: truncation shows here
+        except StopIteration:
+            raise DecodeError(f"{name}: no record batch in the Arrow IPC stream") from None
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+            raise DecodeError(f"{name}: not a readable Arrow IPC stream ({e})") from None
+        try:
+            reader.read_next_message()
+        except StopIteration:
+            return batch
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+            raise DecodeError(f"{name}: trailing bytes after the record batch ({e})") from None
+        raise DecodeError(f"{name}: expected one record batch, found more")
+
+    def _check(self, key: tuple[str, bytes], payload: pa.Schema, expected: pa.Schema) -> pa.Schema:
+        name = key[0]
+        open_schema = expected.metadata.get(b"fleetwatch.open")
+        fixed = pa.schema(list(payload)[:len(expected)]) if open_schema else payload
+        if not fixed.equals(expected):
+            raise DecodeError(f"{name}: payload schema differs from {name} v{schema_version(expected)}")
+        schema = payload.with_metadata(expected.metadata) if open_schema else expected
+        if len(self._checked) >= self._max:  # many distinct open schemas: start over
+            self._checked.clear()
+        self._checked[key] = schema
+        return schema

@@ -2,13 +2,21 @@
 
 - publish: an idempotent producer (acks=all) sends each batch as one Arrow IPC
   message (bus/codec.py) with schema headers; the message key places it (node for
-  GPU data, rack for facility data).
+  GPU data, rack for facility data). Messages wait in a bounded outbox: while the
+  broker is unreachable the source keeps publishing into it, the producer retries,
+  and it all goes out in order when the broker is back; a full outbox blocks
+  the publisher (backpressure) instead of growing or dropping.
 - subscribe: a consumer in a consumer group with auto-commit off. `get_batch`
   decodes; a message that does not decode goes to the dead-letter topic with
   headers saying why and where it came from, is counted, and never stops the
   consumer or loses the messages around it.
 - commit: commits the offsets of everything `get_batch` returned, to be called
-  only once the role's output is durable (at-least-once).
+  only once the role's output is durable (at-least-once). A transactional
+  subscription (detect) publishes its output in a Kafka transaction together with
+  its input offsets and its state checkpoint: exactly once, even across a crash.
+- partitions are assigned with the range assignor, so a consumer gets the same
+  partition numbers of every topic it reads: a node's telemetry and events (both
+  keyed by node) always meet in one process, with that partition's checkpoint.
 - end: flushes the producer and snapshots the topics' end offsets; subscriptions
   drain up to them and then raise EndOfStream, as the in-process bus does.
 """
@@ -16,15 +24,21 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import os
+import socket
+import time
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from pipeline.bus.base import EndOfStream, Message, Topic
-from pipeline.bus.codec import DecodeError, decode, encode
+from pipeline.bus.codec import DecodeError, Decoder, encode
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +63,55 @@ def topic_specs(partitions: int, retention_hours: float) -> dict[str, TopicSpec]
         Topic.ALERTS: TopicSpec(max(1, partitions // 2), max(retention_hours, 24 * 30)),
         Topic.HEALTH: TopicSpec(partitions, retention_hours, compact=True),
         Topic.LABELS: TopicSpec(1, max(retention_hours, 24 * 30)),
+        Topic.STATE: TopicSpec(partitions, retention_hours, compact=True),
         DEAD_LETTER: TopicSpec(1, max(retention_hours, 24 * 7)),
     }
+
+
+class _Repeats(logging.Filter):
+    """aiokafka logs every failed reconnect (thousands a second while a broker is
+    away): each distinct message passes at most once a minute, with how many were held back."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        last, held = self._last.get(key, (-self.every_s, 0))
+        if now - last < self.every_s:
+            self._last[key] = (last, held + 1)
+            return False
+        self._last[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} more like this in the last minute)"
+        return True
+
+
+_REPEATS = _Repeats()
+for _name in ("aiokafka", "aiokafka.conn", "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator",
+              "aiokafka.producer.sender"):
+    logging.getLogger(_name).addFilter(_REPEATS)
+
+
+def _back_off_metadata(client, backoff_s: float = 0.5) -> None:
+    """aiokafka's producer asks for metadata again as soon as a request fails, which
+    spins a core while the broker is unreachable; pause after each failed attempt."""
+    update = client._metadata_update
+
+    async def with_backoff(*args, **kwargs):
+        ok = await update(*args, **kwargs)
+        if not ok:
+            await asyncio.sleep(backoff_s)
+        return ok
+    client._metadata_update = with_backoff
+
+
+def partition_for(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as the Java client) gives a key."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 def bus_topic(wire_name: str, prefix: str) -> Topic:
@@ -67,33 +128,62 @@ class _Rebalance(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked) -> None:
         if revoked:
             for hook in self.sub.before_revoke:
-                await hook()
+                await hook({tp.partition for tp in revoked})
             await self.sub.commit()
 
     async def on_partitions_assigned(self, assigned) -> None:
         self.sub.assignments += 1
+        if assigned:
+            for hook in self.sub.on_assigned:
+                await hook({tp.partition for tp in assigned})
 
 
 class KafkaSubscription:
-    def __init__(self, bus: "KafkaBus", topics: list[Topic], group: str) -> None:
+    def __init__(self, bus: "KafkaBus", topics: list[Topic], group: str, transactional: bool = False) -> None:
         self.bus = bus
         self.topics = list(topics)
         self.group = group
-        self.before_revoke: list = []  # async callables: make output durable (then we commit)
+        self.on_assigned: list = []    # async callables(partitions): e.g. restore state
+        self.before_revoke: list = []  # async callables(partitions): make output durable (then we commit)
         self.assignments = 0           # how many times partitions were (re)assigned
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bus.bootstrap, group_id=bus.wire(group),
             client_id=f"{bus.client_id}-{group}", enable_auto_commit=False, auto_offset_reset="earliest",
+            isolation_level="read_committed", partition_assignment_strategy=(RangePartitionAssignor,),
             max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+        # A transactional id per process: a restarted process is a new producer, and
+        # the transaction a crashed one left open is aborted by the broker after
+        # transaction_timeout_ms (readers of its output partitions wait until then).
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=bus.bootstrap, client_id=f"{bus.client_id}-{group}-tx",
+            transactional_id=f"{bus.wire(group)}-{socket.gethostname()}-{os.getpid()}-{id(self):x}",
+            transaction_timeout_ms=10_000, **bus.producer_settings) if transactional else None
+        for client in (self.consumer._client, self.producer.client if self.producer else None):
+            if client is not None:
+                _back_off_metadata(client)
+        self._in_transaction = False
         self._started = False
         self._to_commit: dict[TopicPartition, int] = {}
         self.dead_letters = 0
 
     async def _start(self) -> None:
         if not self._started:
+            if self.producer is not None:
+                await self.producer.start()
             self.consumer.subscribe([self.bus.wire(t) for t in self.topics], listener=_Rebalance(self))
             await self.consumer.start()
             self._started = True
+
+    async def publish(self, message: Message, partition: int | None = None) -> None:
+        if self.producer is None:
+            await self.bus.publish(message, partition)
+            return
+        if not self._in_transaction:
+            await self.producer.begin_transaction()
+            self._in_transaction = True
+        value, headers = encode(message.value)
+        await self.producer.send(self.bus.wire(message.topic), value, partition=partition,
+                                 key=message.key.encode() if message.key else None, headers=headers)
 
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         await self._start()
@@ -104,7 +194,7 @@ class KafkaSubscription:
             for rec in batch:
                 self._to_commit[tp] = rec.offset + 1
                 try:
-                    value = decode(rec.value, rec.headers)
+                    value = self.bus.decoder.decode(rec.value, rec.headers)
                 except DecodeError as e:
                     await self._dead_letter(rec, e.reason)
                     continue
@@ -113,6 +203,9 @@ class KafkaSubscription:
         if not records and await self._drained():
             raise EndOfStream
         return out
+
+    def partition_count(self, topic: Topic) -> int:
+        return len(self.consumer.partitions_for_topic(self.bus.wire(topic)) or ())
 
     async def _drained(self) -> bool:
         """After end(): every partition assigned to us has been read up to its end
@@ -140,13 +233,26 @@ class KafkaSubscription:
         await self.bus.producer.send_and_wait(self.bus.wire(DEAD_LETTER), rec.value, key=rec.key, headers=headers)
 
     async def commit(self) -> None:
+        if self.producer is None:
+            if self._to_commit:
+                await self.consumer.commit(dict(self._to_commit))
+                self._to_commit.clear()
+            return
+        if not self._to_commit and not self._in_transaction:
+            return
+        if not self._in_transaction:
+            await self.producer.begin_transaction()
         if self._to_commit:
-            await self.consumer.commit(dict(self._to_commit))
-            self._to_commit.clear()
+            await self.producer.send_offsets_to_transaction(dict(self._to_commit), self.bus.wire(self.group))
+        await self.producer.commit_transaction()
+        self._in_transaction = False
+        self._to_commit.clear()
 
     async def close(self) -> None:
         if self._started:
             await self.consumer.stop()
+            if self.producer is not None:
+                await self.producer.stop()  # an open transaction is aborted: uncommitted input is read again
             self._started = False
 
 
@@ -154,22 +260,36 @@ class KafkaBus:
     keyed = True  # order holds per partition: producers key messages by node or rack
 
     def __init__(self, bootstrap: str, partitions: int = 6, retention_hours: float = 24.0,
-                 client_id: str = "fleetwatch", prefix: str = "") -> None:
+                 client_id: str = "fleetwatch", prefix: str = "", buffer_mb: float = 256.0) -> None:
         self.bootstrap = bootstrap
         self.prefix = prefix
         self.client_id = client_id
         self.specs = topic_specs(partitions, retention_hours)
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, client_id=client_id, acks="all", enable_idempotence=True,
-            compression_type="zstd", linger_ms=5, max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024)
+        self.producer_settings = dict(acks="all", enable_idempotence=True, compression_type="zstd", linger_ms=5,
+                                      max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024)
+        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=client_id, **self.producer_settings)
+        _back_off_metadata(self.producer.client)
         self.subscriptions: list[KafkaSubscription] = []
         self.end_offsets: dict[TopicPartition, int] = {}
+        # publish() -> outbox -> _pump() -> producer (which holds one batch per partition).
+        self._outbox: collections.deque[tuple] = collections.deque()
+        self._outbox_bytes = 0
+        self.outbox_limit = int(buffer_mb * 1024 * 1024)
+        self.outbox_peak_bytes = 0
+        self._queued = asyncio.Event()    # the outbox has messages
+        self._room = asyncio.Event()      # the outbox is below its limit
+        self._room.set()
+        self._pump_task: asyncio.Task | None = None
+        self._unsent = 0                  # taken from the outbox, not yet accepted by the producer
         self._in_flight: list[asyncio.Future] = []
+        self.decoder = Decoder()
         self.dead_letters = 0
+        self.delivery_failures = 0
 
     async def start(self) -> None:
         await self.ensure_topics()
         await self.producer.start()
+        self._pump_task = asyncio.create_task(self._pump(), name="kafka-producer")
 
     async def ensure_topics(self) -> None:
         """Create missing topics with explicit partitions, retention and compaction."""
@@ -177,9 +297,12 @@ class KafkaBus:
         await admin.start()
         try:
             existing = set(await admin.list_topics())
+            # Compacted topics roll segments every 10 minutes: only closed segments are
+            # compacted, and a restore reads what compaction has not removed yet.
             new = [NewTopic(self.wire(name), spec.partitions, 1, topic_configs={
                        "retention.ms": str(int(spec.retention_hours * _HOUR_MS)),
                        "cleanup.policy": "compact" if spec.compact else "delete",
+                       **({"segment.ms": "600000"} if spec.compact else {}),
                        "compression.type": "producer"})
                    for name, spec in self.specs.items() if self.wire(name) not in existing]
             if new:
@@ -190,27 +313,108 @@ class KafkaBus:
         finally:
             await admin.close()
 
-    async def publish(self, message: Message) -> None:
+    async def publish(self, message: Message, partition: int | None = None) -> None:
         value, headers = encode(message.value)
-        delivery = await self.producer.send(self.wire(message.topic), value,
-                                            key=message.key.encode() if message.key else None, headers=headers)
-        self._in_flight.append(delivery)
-        if len(self._in_flight) >= 10_000:  # bounded: a producer that never commits still checks delivery
-            await self.flush()
+        await self._room.wait()
+        self._outbox.append((self.wire(message.topic), value, message.key.encode() if message.key else None,
+                             headers, partition))
+        self._outbox_bytes += len(value)
+        self.outbox_peak_bytes = max(self.outbox_peak_bytes, self._outbox_bytes)
+        if self._outbox_bytes >= self.outbox_limit:
+            self._room.clear()
+        self._queued.set()
+
+    async def _pump(self) -> None:
+        """Hand the outbox to the producer in order. The producer retries what it has
+        (idempotent: no duplicates); while the broker is away it stops taking more, and
+        the outbox holds the rest."""
+        waiting_since = None
+        while True:
+            if not self._outbox:
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            topic, value, key, headers, partition = self._outbox[0]
+            self._unsent = 1
+            try:
+                # The producer accepts a message unless its batch for the partition is full
+                # and not draining; 5 s of that means the broker is away.
+                delivery = await asyncio.wait_for(
+                    self.producer.send(topic, value, key=key, headers=headers, partition=partition), 5.0)
+            except (KafkaTimeoutError, TimeoutError):
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    log.warning("Kafka at %s is not taking messages: buffering them in order (%d messages, "
+                                "%.1f MB of %.0f MB); the producer keeps retrying", self.bootstrap,
+                                len(self._outbox), self._outbox_bytes / 2**20, self.outbox_limit / 2**20)
+                continue
+            finally:
+                self._unsent = 0
+            if waiting_since is not None:
+                log.warning("Kafka at %s takes messages again after %.0f s; sending %d buffered messages",
+                            self.bootstrap, time.monotonic() - waiting_since, len(self._outbox))
+                waiting_since = None
+            self._outbox.popleft()
+            self._outbox_bytes -= len(value)
+            if self._outbox_bytes < self.outbox_limit:
+                self._room.set()
+            self._in_flight.append(delivery)
+            if len(self._in_flight) >= 10_000:  # keep the list short; failures are counted
+                self._check(d for d in self._in_flight if d.done())
+                self._in_flight = [d for d in self._in_flight if not d.done()]
+
+    def _check(self, deliveries) -> list[BaseException]:
+        failed = [d.exception() for d in deliveries if d.exception() is not None]
+        if failed and self.delivery_failures == 0:
+            log.error("Kafka rejected messages (not retriable): %r; counted as delivery failures", failed[0])
+        self.delivery_failures += len(failed)
+        return failed
 
     async def flush(self) -> None:
         """Wait until everything published is acknowledged by the broker (acks=all);
         raise if any of it was not, so that the caller does not commit its input."""
+        while self._outbox or self._unsent:
+            if self._pump_task is None or self._pump_task.done():
+                raise RuntimeError("the Kafka producer task is not running")
+            await asyncio.sleep(0.01)
         in_flight, self._in_flight = self._in_flight, []
-        results = await asyncio.gather(*in_flight, return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
+        await asyncio.gather(*in_flight, return_exceptions=True)
+        failed = self._check(in_flight)
         if failed:
-            raise RuntimeError(f"{len(failed)} of {len(results)} messages were not delivered to Kafka: {failed[0]!r}")
+            raise RuntimeError(f"{len(failed)} of {len(in_flight)} messages were not delivered to Kafka: {failed[0]!r}")
 
-    def subscribe(self, topics: list[Topic], group: str) -> KafkaSubscription:
-        sub = KafkaSubscription(self, topics, group)
+    def subscribe(self, topics: list[Topic], group: str, transactional: bool = False) -> KafkaSubscription:
+        sub = KafkaSubscription(self, topics, group, transactional)
         self.subscriptions.append(sub)
         return sub
+
+    async def read_latest(self, topic: Topic, partitions: set[int]) -> dict[int, Message]:
+        """The last committed message of each of the topic's `partitions` (a compacted
+        topic's latest state), read from the beginning up to the last stable offset."""
+        if not partitions:
+            return {}
+        reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, client_id=f"{self.client_id}-restore",
+                                  isolation_level="read_committed", enable_auto_commit=False,
+                                  max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+        await reader.start()
+        latest: dict[int, Message] = {}
+        try:
+            tps = [TopicPartition(self.wire(topic), p) for p in sorted(partitions)]
+            reader.assign(tps)
+            await reader.seek_to_beginning(*tps)
+            ends = await reader.end_offsets(tps)
+            while any([await reader.position(tp) < ends[tp] for tp in tps]):
+                for tp, records in (await reader.getmany(timeout_ms=1000)).items():
+                    for rec in records:
+                        try:
+                            latest[tp.partition] = Message(topic, self.decoder.decode(rec.value, rec.headers), partition=tp.partition,
+                                                           offset=rec.offset)
+                        except DecodeError as e:
+                            log.warning("%s[%d]@%d does not decode (%s): skipped", rec.topic, rec.partition,
+                                        rec.offset, e.reason)
+        finally:
+            await reader.stop()
+        return latest
 
     async def end(self, topics: list[Topic]) -> None:
         await self.flush()
@@ -233,4 +437,6 @@ class KafkaBus:
     async def close(self) -> None:
         for sub in self.subscriptions:
             await sub.close()
+        if self._pump_task is not None:
+            self._pump_task.cancel()
         await self.producer.stop()

@@ -12,11 +12,13 @@ _END = None  # sentinel put on a queue when one of its topics ends
 
 
 class MemorySubscription:
-    def __init__(self, topics: list[Topic], maxsize: int) -> None:
+    def __init__(self, bus: "MemoryBus", topics: list[Topic], maxsize: int) -> None:
+        self.bus = bus
         self.topics = set(topics)
         self.queue: asyncio.Queue[Message | None] = asyncio.Queue(maxsize)
         self._open = len(self.topics)
-        self.before_revoke: list = []  # one consumer per group: nothing is ever revoked
+        self.on_assigned: list = []    # one consumer per group: everything is ours from the start
+        self.before_revoke: list = []  # and nothing is ever revoked
         self.assignments = 1
 
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
@@ -39,6 +41,9 @@ class MemorySubscription:
         if not out and self._open == 0:
             raise EndOfStream
         return out
+
+    async def publish(self, message: Message, partition: int | None = None) -> None:
+        await self.bus.publish(message)
 
     async def commit(self) -> None:
         """Nothing to do: in-process delivery has no offsets to remember."""
@@ -63,7 +68,7 @@ class MemoryBus:
 
     def subscribe(self, topics: list[Topic], group: str) -> MemorySubscription:
         """One subscription per group: in-process there is one consumer per group."""
-        sub = MemorySubscription(topics, self._queue_size)
+        sub = MemorySubscription(self, topics, self._queue_size)
         for t in topics:
             if (t, group) in self._subs:
                 raise ValueError(f"group {group!r} already subscribes to {t}")

@@ -117,7 +117,9 @@ class Engine:
         self.rack_names: list[tuple[str, str]] = []   # (site, rack)
         self.point_devices: list[str] = []
         self.g_count = 0  # GPUs known
-        self.xid_until: dict[str, SlotArrays] = {}
+        # XID latches: the alert stays firing until this time (per GPU slot).
+        self.xid_until = {name: SlotArrays({"until": (np.float64, -np.inf)})
+                          for name in sorted(set(XID_ALERTS.values()) - {"GpuFellOffBus"} | {"GpuXid"})}
         # Stateful detectors.
         self.dbe = CounterDelta()
         self.pcie = CounterDelta()
@@ -183,6 +185,60 @@ class Engine:
             site, name = self.rack_names[r]
             return {"site": site, "rack": name}
         return {"gpu": gpu, "node": node, "rack": rack}[scope]
+
+    def state(self) -> dict[str, dict[str, SlotArrays]]:
+        """Every per-series state array, by the scope its slots index (gpu, node, rack,
+        point), named for checkpoints (detect/checkpoint.py). Identity arrays (which node
+        a GPU is on, which rack a node is in) are not state: they come with the keys."""
+        def every(arrays: SlotArrays) -> tuple[SlotArrays, tuple[str, ...]]:
+            return arrays, arrays.fields
+        gpu = {"gpu": (self.g, ("last_seen", "interval", "offbus", "p_slow")),
+               **{name: every(d.s) for name, d in (("dbe", self.dbe), ("pcie", self.pcie), ("nvlink", self.nvlink),
+                                                    ("power_flat", self.power_flat), ("drift", self.drift))},
+               **{f"xid.{name}": every(arr) for name, arr in self.xid_until.items()}}
+        out = {"gpu": gpu, "node": {"node": (self.n, ("last_seen", "interval"))}, "rack": {},
+               "point": {"flow": every(self.flow.s)}}
+        for name, tr in self.trackers.items():
+            out[tr.spec.scope][f"tracker.{name}"] = every(tr.s)
+        return out
+
+    def identities(self, scope: str) -> pa.RecordBatch:
+        """Every known entity of a scope, in slot order, with the labels that identify it
+        and `owner`: the bus key its data arrives under (node, or rack for facility)."""
+        nodes = np.asarray(self.node_names, dtype=object)
+        sites = np.asarray([s for s, _ in self.rack_names], dtype=object)
+        racks = np.asarray([r for _, r in self.rack_names], dtype=object)
+        if scope == "gpu":
+            node = self.g.node[:self.g_count]
+            rack = self.n.rack[node]
+            cols = {"gpu_uuid": self.gpus.keys, "node": nodes[node], "site": sites[rack], "rack": racks[rack],
+                    "gpu": self.g.index[:self.g_count], "owner": nodes[node]}
+        elif scope == "node":
+            rack = self.n.rack[:len(nodes)]
+            cols = {"node": nodes, "site": sites[rack], "rack": racks[rack], "owner": nodes}
+        elif scope == "rack":
+            cols = {"site": sites, "rack": racks, "owner": racks}
+        else:
+            rack = self.p.rack[:len(self.point_devices)]
+            rack_name = np.where(rack >= 0, racks[rack] if len(racks) else "", "")
+            parts = pc.split_pattern(self.points.keys, "/", max_splits=1)
+            cols = {"device": pc.list_element(parts, 0), "metric": pc.list_element(parts, 1),
+                    "site": np.where(rack >= 0, sites[rack] if len(sites) else "", ""), "rack": rack_name,
+                    "owner": rack_name}
+        return pa.RecordBatch.from_pydict({k: pa.array(v, pa.int16() if k == "gpu" else pa.string())
+                                           if not isinstance(v, pa.Array) else v for k, v in cols.items()})
+
+    def slots_for(self, scope: str, ids: pa.RecordBatch) -> np.ndarray:
+        """Slots of the entities in `ids` (columns as `identities` gives them), registering
+        the ones never seen."""
+        self._current = ids
+        if scope == "gpu":
+            return self.gpus.slots(ids.column("gpu_uuid"))
+        if scope == "node":
+            return self.nodes.slots(ids.column("node"))
+        if scope == "rack":
+            return self.racks.slots(pc.binary_join_element_wise(ids.column("site"), ids.column("rack"), "/"))
+        return self.points.slots(pc.binary_join_element_wise(ids.column("device"), ids.column("metric"), "/"))
 
     def node_identity(self, n: int) -> NodeIdentity:
         site, rack = self.rack_names[int(self.n.rack[n])]
@@ -382,9 +438,7 @@ class Engine:
                    lambda i: {"silent_s": float(node_silent[i])})
 
     def _xid_until(self, name: str) -> np.ndarray:
-        arr = self.xid_until.get(name)
-        if arr is None:
-            arr = self.xid_until[name] = SlotArrays({"until": (np.float64, -np.inf)})
+        arr = self.xid_until[name]
         arr.ensure(self.g_count)
         return arr.until
 

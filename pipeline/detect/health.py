@@ -74,6 +74,23 @@ class Tracker:
             changes.append((now, dataclasses.replace(self.active.pop(e), ends_at=now)))
         return changes
 
+    def adopt(self, entity: int, alert: Alert) -> None:
+        """Take over an alert firing elsewhere (a restored checkpoint); call refresh() after."""
+        self.s.ensure(entity + 1)
+        self.s.firing[entity] = True
+        self.active[entity] = alert
+
+    def forget(self, entities: np.ndarray) -> None:
+        self.s.ensure(int(entities.max()) + 1)
+        self.s.reset(entities, self.s.fields)
+        for e in entities.tolist():
+            self.active.pop(e, None)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute what update() keeps incrementally, after state was set from outside."""
+        self._pending = bool((self.s.hits > 0).any())
+
     def _new_alert(self, entity: int, now: datetime, score: float, evidence: dict) -> Alert:
         spec = self.spec
         labels = {"alertname": spec.name, "severity": spec.severity, **self._labels_for(entity)}
@@ -112,11 +129,14 @@ class NodeHealth:
     def __init__(self) -> None:
         self.state = np.zeros(0, np.int8)
 
+    def ensure(self, n: int) -> None:
+        if self.state.shape[0] < n:
+            self.state = np.concatenate([self.state, np.zeros(n - self.state.shape[0], np.int8)])
+
     def update(self, n_nodes: int, firing_by_node: list[tuple[np.ndarray, str, str]],
                identity: Callable[[int], NodeIdentity], t: float) -> list[dict]:
         """firing_by_node: (node indices with a firing alert, severity, alertname) per tracker."""
-        if self.state.shape[0] < n_nodes:
-            self.state = np.concatenate([self.state, np.zeros(n_nodes - self.state.shape[0], np.int8)])
+        self.ensure(n_nodes)
         new = np.zeros(n_nodes, np.int8)
         for nodes, severity, _ in firing_by_node:
             if nodes.size:

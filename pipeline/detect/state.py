@@ -21,6 +21,15 @@ class SlotArrays:
         for name, (dtype, fill) in spec.items():
             setattr(self, name, np.full(capacity, fill, dtype))
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(self._spec)
+
+    def reset(self, slots: np.ndarray, fields: tuple[str, ...]) -> None:
+        """Back to the initial values, as for a series never seen."""
+        for name in fields:
+            getattr(self, name)[slots] = self._spec[name][1]
+
     def ensure(self, n: int) -> None:
         if n <= self.capacity:
             return
