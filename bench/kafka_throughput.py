@@ -18,7 +18,7 @@ the baseline. A broker is started from Maven Central's jars (tests/services.py)
 unless --bootstrap names one.
 
     python bench/kafka_throughput.py [--racks 32] [--ticks 300] [--live-seconds 60]
-                                     [--live-speed 1] [--bootstrap HOST:PORT]
+                                     [--live-speed 1] [--commit-interval 1] [--bootstrap HOST:PORT]
 """
 
 from __future__ import annotations
@@ -127,8 +127,9 @@ class TimedPublisher:
         await self.bus.publish(message)
 
 
-async def live(bus, racks: int, seconds: float, speed: float) -> dict[str, float]:
+async def live(make_bus, racks: int, seconds: float, speed: float, commit_s: float) -> dict[str, float]:
     """Produce-to-alert latency and detect's lag at `speed` x real time."""
+    bus = make_bus()
     cfg = load_config(env={}, overrides={"fleet": {"racks": racks, "speed": speed, "fault_interval_s": 2.0,
                                                     "faults": ["gpu_fell_off_bus", "ecc_uncorrectable",
                                                                "coolant_leak", "pcie_replay_storm",
@@ -168,7 +169,7 @@ async def live(bus, racks: int, seconds: float, speed: float) -> dict[str, float
     tasks = [asyncio.create_task(source_role(timed, FleetSimulator(cfg.fleet, start=datetime(2026, 1, 1,
                                                                                           tzinfo=timezone.utc)),
                                              stop, speed, summary)),
-             asyncio.create_task(detect_role(bus, engine, sub, 1.0, checkpoint)),
+             asyncio.create_task(detect_role(bus, engine, sub, commit_s, checkpoint)),
              asyncio.create_task(read_alerts()), asyncio.create_task(sample_lag())]
     await asyncio.sleep(seconds)
     stop.set()
@@ -185,9 +186,10 @@ async def live(bus, racks: int, seconds: float, speed: float) -> dict[str, float
             "lag p50": float(np.percentile(lags, 50)), "lag max": float(max(lags))}
 
 
-def print_live(results: dict[str, dict[str, float]], racks: int, seconds: float, speed: float) -> None:
+def print_live(results: dict[str, dict[str, float]], racks: int, seconds: float, speed: float,
+               commit_s: float) -> None:
     print(f"\nlive: {racks * 64} GPUs at {speed:g}x real time for {seconds:.0f} s, faults every 2 s; "
-          f"detect commits every 1 s")
+          f"detect commits every {commit_s:g} s")
     print(f"{'bus':40s} {'values/s':>10s} {'alerts':>7s} {'latency p50':>12s} {'p99':>9s} "
           f"{'lag p50 msgs':>13s} {'lag max':>8s}")
     for name, r in results.items():
@@ -201,6 +203,7 @@ def main() -> None:
     ap.add_argument("--ticks", type=int, default=300)
     ap.add_argument("--live-seconds", type=float, default=60.0)
     ap.add_argument("--live-speed", type=float, default=1.0)
+    ap.add_argument("--commit-interval", type=float, default=1.0, help="detect's kafka.commit_interval_s")
     ap.add_argument("--bootstrap")
     args = ap.parse_args()
     broker = None
@@ -212,11 +215,12 @@ def main() -> None:
         asyncio.run(run(bootstrap, args.racks, args.ticks))
         if args.live_seconds > 0:
             results = {}
-            for name, bus in (("in-process (baseline)", MemoryBus()),
-                              ("Kafka (exactly-once detect)",
-                               KafkaBus(bootstrap, partitions=6, prefix=f"live{uuid.uuid4().hex[:6]}."))):
-                results[name] = asyncio.run(live(bus, args.racks, args.live_seconds, args.live_speed))
-            print_live(results, args.racks, args.live_seconds, args.live_speed)
+            for name, make_bus in (("in-process (baseline)", MemoryBus),
+                                   ("Kafka (exactly-once detect)",
+                                    lambda: KafkaBus(bootstrap, partitions=6, prefix=f"live{uuid.uuid4().hex[:6]}."))):
+                results[name] = asyncio.run(live(make_bus, args.racks, args.live_seconds, args.live_speed,
+                                                 args.commit_interval))
+            print_live(results, args.racks, args.live_seconds, args.live_speed, args.commit_interval)
     finally:
         if broker is not None:
             broker.close()

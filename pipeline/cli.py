@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     role_help = {
         "run": "run the daemon, every role (embedded default: simulated fleet, in-process bus)",
         "simulate": "run only the fleet simulator, producing to Kafka",
+        "agent": "run only the NVML agent of this node's GPUs, producing to Kafka",
         "detect": "run only detection, consuming from and producing to Kafka (consumer group 'detect')",
         "archive": "run only the Parquet archive, consuming from Kafka (consumer group 'archive')",
         "notify": "run only alert delivery, consuming from Kafka (consumer group 'notify')",
@@ -47,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="simulated seconds per second; 0 = flat out (fleet.speed)")
         run.add_argument("--kafka", metavar="BOOTSTRAP",
                          help="Kafka at host:port between the roles (kafka.bootstrap); required but for `run`")
+        if name in ("run", "agent"):
+            run.add_argument("--replay", metavar="DIR",
+                             help="replay recorded NVML data instead of the GPUs (agent.replay), e.g. shared/data/nvml")
+        if name == "run":
+            run.add_argument("--source", choices=("simulate", "nvml"),
+                             help="simulated fleet (default) or this node's GPUs through NVML (daemon.source)")
 
     ev = sub.add_parser("eval", help="score the detectors against injected faults, faster than real time")
     common(ev)
@@ -77,6 +84,12 @@ def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         o.setdefault("kafka", {})["bootstrap"] = args.kafka
     if getattr(args, "speed", None) is not None:
         o.setdefault("fleet", {})["speed"] = args.speed
+    if getattr(args, "replay", None):
+        o.setdefault("agent", {})["replay"] = args.replay
+        if args.command == "run":  # replaying NVML data means the NVML agent is the source
+            o.setdefault("daemon", {})["source"] = "nvml"
+    if getattr(args, "source", None):
+        o.setdefault("daemon", {})["source"] = args.source
     for key, value in extra.items():
         section, name = key.split(".")
         o.setdefault(section, {})[name] = value
@@ -89,9 +102,9 @@ def _logging(cfg: Config) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.daemon import ROLES, check_roles, run_daemon
+    from pipeline.daemon import check_roles, run_daemon, run_roles
     cfg = load_config(args.config, overrides=_overrides(args))
-    roles = frozenset(ROLES) if args.command == "run" else frozenset([args.command])
+    roles = run_roles(cfg) if args.command == "run" else frozenset([args.command])
     check_roles(cfg, roles)
     if args.duration is not None and args.duration <= 0:
         raise ConfigError(f"--duration {args.duration}: must be > 0 seconds")

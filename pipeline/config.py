@@ -100,6 +100,8 @@ class KafkaConfig:
     topic_prefix: str = _spec("", doc="prefix of every topic and consumer group (several fleets, one cluster)")
     partitions: int = _spec(6, min=1, max=10000, doc="partitions of the telemetry topics when created")
     retention_hours: float = _spec(24.0, min=0.1, doc="retention of the telemetry topics when created")
+    connect_timeout_s: float = _spec(30.0, min=0.1, doc="at start, keep trying to reach the brokers this long "
+                                     "before giving up (exit status 2)")
     buffer_mb: float = _spec(256.0, min=1, doc="producer outbox: messages wait here while the broker is "
                              "unreachable; when full, publishing blocks")
     commit_interval_s: float = _spec(1.0, min=0.05, max=60, doc="detect commits its alerts, offsets and state "
@@ -107,7 +109,22 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True)
+class AgentConfig:
+    """The NVML agent on a GPU node (`fleetwatch agent`, or `run` with daemon.source = "nvml")."""
+    node: str = _spec("", doc="node name in the data; empty = this host's name")
+    site: str = _spec("site-a", doc="site label of this node's samples")
+    rack: str = _spec("rack-0", doc="rack label of this node's samples")
+    interval_s: float = _spec(1.0, min=0.05, max=3600, doc="scrape interval")
+    events: bool = _spec(True, doc="publish XID/ECC events as they happen (an NVML event thread)")
+    replay: str = _spec("", doc="directory of recorded NVML data (shared/data/nvml) to replay instead of the "
+                        "GPUs; empty = real NVML")
+    replay_gpus: int = _spec(8, min=1, max=64, doc="GPUs the replay pretends to have")
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
+    source: str = _spec("simulate", choices=("simulate", "nvml"),
+                        doc="what `fleetwatch run` reads: the simulated fleet, or this node's GPUs through NVML")
     status_interval_s: float = _spec(10.0, min=0.1, doc="period of status log lines when not on a terminal")
     log_level: str = _spec("info", choices=("debug", "info", "warning", "error"), doc="log verbosity")
 
@@ -120,6 +137,7 @@ class Config:
     detect: DetectConfig = field(default_factory=DetectConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
 
     @property

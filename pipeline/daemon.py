@@ -2,14 +2,15 @@
 
 Roles (each one asyncio task here; each its own process with Kafka between them
 at scale, same code):
-  source   fleet simulator -> gpu, facility, events, labels topics
+  simulate fleet simulator -> gpu, facility, events, labels topics
+  agent    this node's GPUs through NVML -> gpu, events topics
   detect   gpu, facility, events -> Engine -> alerts, health topics
   archive  every topic -> Parquet archive (flushed on an interval, off the loop)
   notify   alerts -> console, alerts.jsonl, webhooks
   status   live status line on a terminal, periodic log lines otherwise
 
-`fleetwatch run` runs every role; `fleetwatch simulate|detect|archive|notify` runs
-one (Kafka between the processes; any number of detect, archive and notify
+`fleetwatch run` runs a source (daemon.source: simulate or the NVML agent) and the
+other roles; `fleetwatch simulate|agent|detect|archive|notify` runs one (Kafka between the processes; any number of detect, archive and notify
 processes share the work through their consumer groups).
 
 Shutdown (SIGINT, SIGTERM or --duration) drains in data order: the source stops,
@@ -21,9 +22,11 @@ when it was told to stop. Nothing accepted is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
@@ -39,13 +42,16 @@ from pipeline.model import NODE_HEALTH, alert_rows, alerts_to_batch
 from pipeline.sinks.alerts import AlertLog, WebhookSender
 from pipeline.sinks.console import Console
 from pipeline.sinks.parquet import ArchiveWriter
+from pipeline.sources.nvml import NvmlAgent
+from pipeline.sources.nvml_replay import NvmlReplay
 from pipeline.sources.simulate import FleetSimulator
 
 log = logging.getLogger("fleetwatch")
 
 DATASET_OF_TOPIC = {Topic.GPU: "gpu_samples", Topic.FACILITY: "facility_samples", Topic.EVENTS: "events",
                     Topic.ALERTS: "alerts", Topic.HEALTH: "node_health", Topic.LABELS: "fault_labels"}
-ROLES = ("simulate", "detect", "archive", "notify")
+ROLES = ("simulate", "agent", "detect", "archive", "notify")
+SOURCE_ROLES = {"simulate": "simulate", "nvml": "agent"}  # daemon.source -> its role
 SOURCE_TOPICS = [Topic.GPU, Topic.FACILITY, Topic.EVENTS, Topic.LABELS]
 DETECT_TOPICS = [Topic.ALERTS, Topic.HEALTH]
 
@@ -89,6 +95,19 @@ async def source_role(bus: Bus, sim: FleetSimulator, stop: asyncio.Event, speed:
                     pass
                 continue
         await asyncio.sleep(0)  # behind schedule or flat out: let the consumers run
+
+
+async def agent_role(bus: Bus, agent: NvmlAgent, stop: asyncio.Event, summary: RunSummary,
+                     replay: NvmlReplay | None) -> None:
+    """Publish this node's scrapes (one message, keyed by node) and its events."""
+    async def samples(batch: pa.RecordBatch) -> None:
+        await bus.publish(Message(Topic.GPU, batch, key=agent.node))
+        summary.gpu_samples_published += batch.num_rows
+
+    async def events(batch: pa.RecordBatch) -> None:
+        await bus.publish(Message(Topic.EVENTS, batch, key=agent.node))
+    with replay.installed() if replay is not None else contextlib.nullcontext():
+        await agent.run(samples, events, stop)
 
 
 async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
@@ -213,6 +232,8 @@ def status_text(roles: frozenset[str], engine: Engine, rate: float, sim: FleetSi
     parts = ["fleetwatch"]
     if "simulate" in roles:
         parts.append(f"sim {sim.now:%Y-%m-%d %H:%M:%S}")
+    if "agent" in roles and "detect" not in roles:
+        parts.append(f"{summary.gpu_samples_published:,} GPU samples scraped")
     if "detect" in roles:
         h = engine.health.counts(len(engine.node_names))
         parts += [f"{rate:,.0f} GPU samples/s",
@@ -220,7 +241,7 @@ def status_text(roles: frozenset[str], engine: Engine, rate: float, sim: FleetSi
                   f"nodes healthy {h['healthy']} suspect {h['suspect']} failing {h['failing']}"]
     elif "simulate" in roles:
         parts.append(f"{summary.gpu_samples_published:,} GPU samples published")
-    if "archive" in roles and roles != frozenset(ROLES):
+    if "archive" in roles and not whole(roles):
         parts.append(f"{sum(writer.rows_written.values()):,} rows archived")
     return "  ".join(parts)
 
@@ -244,15 +265,26 @@ async def status_role(roles: frozenset[str], engine: Engine, sim: FleetSimulator
             log.info(text)
 
 
+def run_roles(cfg: Config) -> frozenset[str]:
+    """What `fleetwatch run` runs: the configured source and every consumer role."""
+    return frozenset({SOURCE_ROLES[cfg.daemon.source], "detect", "archive", "notify"})
+
+
+def whole(roles: frozenset[str]) -> bool:
+    """A source and every consumer in one process: the in-process bus will do."""
+    return {"detect", "archive", "notify"} <= roles and bool(roles & {"simulate", "agent"})
+
+
 def check_roles(cfg: Config, roles: frozenset[str]) -> None:
     """Roles apart need a bus between processes."""
-    if roles != frozenset(ROLES) and not cfg.kafka.bootstrap:
+    if not whole(roles) and not cfg.kafka.bootstrap:
         raise ConfigError(f"the {'/'.join(sorted(roles))} role alone needs Kafka between the processes: "
                           f"give --kafka HOST:PORT (kafka.bootstrap), or use `fleetwatch run`")
 
 
 async def run_daemon(cfg: Config, duration_s: float | None = None, console: Console | None = None,
-                     roles: frozenset[str] = frozenset(ROLES)) -> RunSummary:
+                     roles: frozenset[str] | None = None) -> RunSummary:
+    roles = run_roles(cfg) if roles is None else roles
     check_roles(cfg, roles)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -274,19 +306,26 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         k = cfg.kafka
         engine = Engine(cfg, node_staleness=not k.bootstrap)
         sim = FleetSimulator(cfg.fleet)
-        bus = (KafkaBus(k.bootstrap, k.partitions, k.retention_hours, prefix=k.topic_prefix, buffer_mb=k.buffer_mb) if k.bootstrap
-                    else MemoryBus())
+        bus = (KafkaBus(k.bootstrap, k.partitions, k.retention_hours, prefix=k.topic_prefix, buffer_mb=k.buffer_mb,
+                        connect_timeout_s=k.connect_timeout_s) if k.bootstrap else MemoryBus())
         await bus.start()
         writer = ArchiveWriter(cfg.archive_dir, cfg.archive.compression, cfg.archive.max_buffer_rows)
-        log.info("fleetwatch running %s: %d racks x %d nodes x %d GPUs simulated, bus %s, archive %s, alerts %s",
-                 "all roles" if roles == frozenset(ROLES) else "role " + "/".join(sorted(roles)),
-                 cfg.fleet.racks, cfg.fleet.nodes_per_rack, cfg.fleet.gpus_per_node,
-                 f"Kafka at {k.bootstrap}" if k.bootstrap else "in-process", cfg.archive_dir, cfg.alerts_log)
+        a = cfg.agent
+        agent = NvmlAgent(a, a.node or socket.gethostname()) if "agent" in roles else None
+        replay = NvmlReplay(a.replay, a.replay_gpus) if agent is not None and a.replay else None
+        log.info("fleetwatch running %s: %s, bus %s, archive %s, alerts %s",
+                 "all roles" if whole(roles) else "role " + "/".join(sorted(roles)),
+                 (f"NVML agent on {agent.node}" + (f" (replaying {a.replay})" if replay else "")) if agent else
+                 f"{cfg.fleet.racks} racks x {cfg.fleet.nodes_per_rack} nodes x {cfg.fleet.gpus_per_node} GPUs "
+                 f"simulated", f"Kafka at {k.bootstrap}" if k.bootstrap else "in-process", cfg.archive_dir,
+                 cfg.alerts_log)
 
         source = detect = None
         sinks = []
         if "simulate" in roles:
             source = asyncio.create_task(source_role(bus, sim, stop, cfg.fleet.speed, summary), name="simulate")
+        if agent is not None:
+            source = asyncio.create_task(agent_role(bus, agent, stop, summary, replay), name="agent")
         if "detect" in roles:
             detect_topics = [Topic.GPU, Topic.FACILITY, Topic.EVENTS]
             if k.bootstrap:
@@ -313,8 +352,9 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         stop.set()
         timer.cancel()
         failed = [t for t in done & set(everything) if t.exception() is not None]
-        if failed:  # a role died (a bug): say which, stop the rest, exit non-zero
-            log.error("role %s failed: %r", failed[0].get_name(), failed[0].exception())
+        if failed:  # a role died: say which (setup errors say it themselves), stop the rest, exit non-zero
+            if not isinstance(failed[0].exception(), ConfigError):
+                log.error("role %s failed: %r", failed[0].get_name(), failed[0].exception())
             for task in [*everything, status]:
                 task.cancel()
             await asyncio.gather(*everything, status, return_exceptions=True)

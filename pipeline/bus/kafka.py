@@ -34,11 +34,12 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
 from pipeline.bus.base import EndOfStream, Message, Topic
 from pipeline.bus.codec import DecodeError, Decoder, encode
+from pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,9 @@ class KafkaBus:
     keyed = True  # order holds per partition: producers key messages by node or rack
 
     def __init__(self, bootstrap: str, partitions: int = 6, retention_hours: float = 24.0,
-                 client_id: str = "fleetwatch", prefix: str = "", buffer_mb: float = 256.0) -> None:
+                 client_id: str = "fleetwatch", prefix: str = "", buffer_mb: float = 256.0,
+                 connect_timeout_s: float = 30.0) -> None:
+        self.connect_timeout_s = connect_timeout_s
         self.bootstrap = bootstrap
         self.prefix = prefix
         self.client_id = client_id
@@ -280,16 +283,33 @@ class KafkaBus:
         self._room = asyncio.Event()      # the outbox is below its limit
         self._room.set()
         self._pump_task: asyncio.Task | None = None
-        self._unsent = 0                  # taken from the outbox, not yet accepted by the producer
+        self._watch_task: asyncio.Task | None = None
+        self._sending_since: float | None = None  # the pump waits for the producer to take a message
         self._in_flight: list[asyncio.Future] = []
         self.decoder = Decoder()
         self.dead_letters = 0
         self.delivery_failures = 0
 
     async def start(self) -> None:
-        await self.ensure_topics()
+        """Reach the brokers (retrying: they may be starting too), create missing topics."""
+        deadline = time.monotonic() + self.connect_timeout_s
+        retried = False
+        while True:
+            try:
+                await self.ensure_topics()
+                break
+            except KafkaConnectionError as e:
+                if time.monotonic() >= deadline:
+                    raise ConfigError(f"cannot reach Kafka at {self.bootstrap} (tried for {self.connect_timeout_s:g} s: "
+                                      f"{e}): is the broker running, and are --kafka / kafka.bootstrap right?") from None
+                if not retried:
+                    log.warning("Kafka at %s is not reachable yet (%s); retrying for up to %g s", self.bootstrap,
+                                e, self.connect_timeout_s)
+                retried = True
+                await asyncio.sleep(1.0)
         await self.producer.start()
         self._pump_task = asyncio.create_task(self._pump(), name="kafka-producer")
+        self._watch_task = asyncio.create_task(self._watch(), name="kafka-producer-watch")
 
     async def ensure_topics(self) -> None:
         """Create missing topics with explicit partitions, retention and compaction."""
@@ -326,34 +346,21 @@ class KafkaBus:
 
     async def _pump(self) -> None:
         """Hand the outbox to the producer in order. The producer retries what it has
-        (idempotent: no duplicates); while the broker is away it stops taking more, and
-        the outbox holds the rest."""
-        waiting_since = None
+        (idempotent: no duplicates); while the broker is away it stops taking more
+        (send() waits), and the outbox holds the rest."""
         while True:
             if not self._outbox:
                 self._queued.clear()
                 await self._queued.wait()
                 continue
             topic, value, key, headers, partition = self._outbox[0]
-            self._unsent = 1
+            self._sending_since = time.monotonic()
             try:
-                # The producer accepts a message unless its batch for the partition is full
-                # and not draining; 5 s of that means the broker is away.
-                delivery = await asyncio.wait_for(
-                    self.producer.send(topic, value, key=key, headers=headers, partition=partition), 5.0)
-            except (KafkaTimeoutError, TimeoutError):
-                if waiting_since is None:
-                    waiting_since = time.monotonic()
-                    log.warning("Kafka at %s is not taking messages: buffering them in order (%d messages, "
-                                "%.1f MB of %.0f MB); the producer keeps retrying", self.bootstrap,
-                                len(self._outbox), self._outbox_bytes / 2**20, self.outbox_limit / 2**20)
+                delivery = await self.producer.send(topic, value, key=key, headers=headers, partition=partition)
+            except KafkaTimeoutError:  # request_timeout_ms without room in the producer: try again
                 continue
             finally:
-                self._unsent = 0
-            if waiting_since is not None:
-                log.warning("Kafka at %s takes messages again after %.0f s; sending %d buffered messages",
-                            self.bootstrap, time.monotonic() - waiting_since, len(self._outbox))
-                waiting_since = None
+                self._sending_since = None
             self._outbox.popleft()
             self._outbox_bytes -= len(value)
             if self._outbox_bytes < self.outbox_limit:
@@ -362,6 +369,23 @@ class KafkaBus:
             if len(self._in_flight) >= 10_000:  # keep the list short; failures are counted
                 self._check(d for d in self._in_flight if d.done())
                 self._in_flight = [d for d in self._in_flight if not d.done()]
+
+    async def _watch(self, stuck_after_s: float = 5.0) -> None:
+        """Say once when the broker stops taking messages, and once when it takes them again."""
+        stuck_since = None
+        while True:
+            await asyncio.sleep(1.0)
+            since = self._sending_since
+            stuck = since is not None and time.monotonic() - since > stuck_after_s
+            if stuck and stuck_since is None:
+                stuck_since = since
+                log.warning("Kafka at %s is not taking messages: buffering them in order (%d messages, "
+                            "%.1f MB of %.0f MB); the producer keeps retrying", self.bootstrap,
+                            len(self._outbox), self._outbox_bytes / 2**20, self.outbox_limit / 2**20)
+            elif not stuck and stuck_since is not None:
+                log.warning("Kafka at %s takes messages again after %.0f s; sending %d buffered messages",
+                            self.bootstrap, time.monotonic() - stuck_since, len(self._outbox))
+                stuck_since = None
 
     def _check(self, deliveries) -> list[BaseException]:
         failed = [d.exception() for d in deliveries if d.exception() is not None]
@@ -373,7 +397,7 @@ class KafkaBus:
     async def flush(self) -> None:
         """Wait until everything published is acknowledged by the broker (acks=all);
         raise if any of it was not, so that the caller does not commit its input."""
-        while self._outbox or self._unsent:
+        while self._outbox:
             if self._pump_task is None or self._pump_task.done():
                 raise RuntimeError("the Kafka producer task is not running")
             await asyncio.sleep(0.01)
@@ -437,6 +461,7 @@ class KafkaBus:
     async def close(self) -> None:
         for sub in self.subscriptions:
             await sub.close()
-        if self._pump_task is not None:
-            self._pump_task.cancel()
+        for task in (self._pump_task, self._watch_task):
+            if task is not None:
+                task.cancel()
         await self.producer.stop()

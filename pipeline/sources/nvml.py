@@ -1,0 +1,380 @@
+"""The NVML agent: the GPUs of this node, scraped through NVML (`fleetwatch agent`).
+
+- Discovery at start: every GPU's handle (cached), UUID and name.
+- A scrape per `agent.interval_s`, in a worker thread (NVML calls block for
+  milliseconds; the event loop never waits on them). Per GPU: one batched
+  `nvmlDeviceGetFieldValues` call (power, energy, memory temperature, PCIe replays,
+  ECC, row remapping, NVLink CRC), then the few values that have no field id
+  (temperature, clocks, utilisation, memory use, clocks event reasons, P-state).
+- A field or call that answers NVML_ERROR_NOT_SUPPORTED is remembered per GPU and
+  not asked again; its column is null, never 0.
+- Base units: W, J, C, MHz, bytes, 0-1.
+- Events without waiting for the next scrape: XID and ECC events through an NVML
+  event set, waited on in a thread of their own and published at once.
+- A GPU that answers NVML_ERROR_GPU_IS_LOST, or drops out of the device count,
+  becomes a `gpu_lost` event and its samples stop. Energy going backwards means the
+  GPU was reset (counters restart at zero): a `gpu_reset` event, so that detectors
+  take the drop for what it is.
+- No driver (NVML_ERROR_LIBRARY_NOT_FOUND, NVML_ERROR_DRIVER_NOT_LOADED): one clear
+  message (`NvmlUnavailable`, exit status 2).
+
+Tests run this same code against a recording of a real H100 (sources/nvml_replay.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import numpy as np
+import pyarrow as pa
+import pynvml
+
+from pipeline.config import AgentConfig, ConfigError
+from pipeline.model import EVENT, GPU_SAMPLE
+
+log = logging.getLogger(__name__)
+
+# Field id -> (column, divisor to base units). One batched call per GPU per scrape.
+FIELDS: dict[int, tuple[str, float]] = {
+    pynvml.NVML_FI_DEV_POWER_AVERAGE: ("power_w", 1000.0),        # mW, 1 s average (as nvmlDeviceGetPowerUsage)
+    pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION: ("energy_j", 1000.0),  # mJ since driver load
+    pynvml.NVML_FI_DEV_MEMORY_TEMP: ("mem_temp_c", 1.0),
+    pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER: ("pcie_replay_total", 1.0),
+    pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: ("ecc_sbe_volatile_total", 1.0),
+    pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: ("ecc_dbe_volatile_total", 1.0),
+    pynvml.NVML_FI_DEV_REMAPPED_COR: ("remapped_rows_correctable", 1.0),
+    pynvml.NVML_FI_DEV_REMAPPED_UNC: ("remapped_rows_uncorrectable", 1.0),
+    pynvml.NVML_FI_DEV_REMAPPED_PENDING: ("remapped_rows_pending", 1.0),
+    pynvml.NVML_FI_DEV_REMAPPED_FAILURE: ("remapped_rows_failure", 1.0),
+    pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL: ("nvlink_crc_errors_total", 1.0),
+}
+
+
+def _temperature(h) -> float:
+    return pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)
+
+
+def _sm_clock(h) -> float:
+    return pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM)
+
+
+def _mem_clock(h) -> float:
+    return pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM)
+
+
+def _utilization(h) -> tuple[float, float]:
+    u = pynvml.nvmlDeviceGetUtilizationRates(h)
+    return u.gpu / 100.0, u.memory / 100.0
+
+
+def _mem_used(h) -> float:
+    return pynvml.nvmlDeviceGetMemoryInfo(h).used
+
+
+def _reasons(h) -> float:
+    return pynvml.nvmlDeviceGetCurrentClocksEventReasons(h)
+
+
+def _pstate(h) -> float:
+    return pynvml.nvmlDeviceGetPerformanceState(h)
+
+
+# Values without a field id: name -> (columns, call).
+CALLS: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "temperature": (("gpu_temp_c",), _temperature),
+    "sm_clock": (("sm_clock_mhz",), _sm_clock),
+    "mem_clock": (("mem_clock_mhz",), _mem_clock),
+    "utilization": (("util_gpu", "util_mem"), _utilization),
+    "memory": (("mem_used_bytes",), _mem_used),
+    "clocks_event_reasons": (("clock_event_reasons",), _reasons),
+    "pstate": (("pstate",), _pstate),
+}
+METRICS = [f.name for f in GPU_SAMPLE][6:]
+EVENT_TYPES = pynvml.nvmlEventTypeXidCriticalError | pynvml.nvmlEventTypeDoubleBitEccError
+_NO_DRIVER = {pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: "the NVML library (libnvidia-ml.so.1) is not installed",
+              pynvml.NVML_ERROR_DRIVER_NOT_LOADED: "the NVIDIA driver is not loaded"}
+
+
+class NvmlUnavailable(ConfigError):
+    """NVML cannot run on this host: a setup problem, exit status 2."""
+
+
+@dataclass
+class Gpu:
+    index: int
+    handle: object
+    uuid: str
+    name: str
+    fields: list[int] = field(default_factory=lambda: list(FIELDS))  # still asked for
+    calls: list[str] = field(default_factory=lambda: list(CALLS))
+    unsupported: list[str] = field(default_factory=list)             # what answered NOT_SUPPORTED
+    energy_j: float = float("nan")                                   # last reading: resets show as a drop
+
+
+@dataclass
+class Scrape:
+    samples: pa.RecordBatch | None  # one row per GPU that answered
+    events: list[dict]              # GPU lost, GPU reset
+    seconds: float                  # wall time the NVML calls took
+
+
+class NvmlAgent:
+    def __init__(self, cfg: AgentConfig, node: str) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.gpus: list[Gpu] = []
+        self.lost: set[str] = set()
+        self.scrapes = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml-scrape")
+        self._events_stop = threading.Event()
+
+    # ---- start-up ----------------------------------------------------------------
+
+    def open(self) -> None:
+        """Initialise NVML and discover the GPUs (blocking: call from a thread)."""
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as e:
+            why = _NO_DRIVER.get(e.value)
+            if why is None:
+                raise
+            raise NvmlUnavailable(
+                f"NVML: {why} ({type(e).__name__}, NVML error {e.value}) on node {self.node!r}. `fleetwatch agent` "
+                f"needs an NVIDIA GPU with its driver: check `nvidia-smi`. Without a GPU use `fleetwatch run` "
+                f"(simulated fleet) or agent.replay = DIR (recorded NVML data).") from None
+        self.gpus = [self._discover(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        log.info("NVML agent on %s: driver %s, %d GPUs: %s", self.node, pynvml.nvmlSystemGetDriverVersion(),
+                 len(self.gpus), ", ".join(f"{g.index}: {g.name} {g.uuid}" for g in self.gpus))
+
+    def _discover(self, index: int) -> Gpu:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return Gpu(index, handle, pynvml.nvmlDeviceGetUUID(handle), pynvml.nvmlDeviceGetName(handle))
+
+    def close(self) -> None:
+        self._events_stop.set()
+        self._pool.shutdown(wait=True)
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+    # ---- scraping (worker thread) -------------------------------------------------
+
+    def scrape(self) -> Scrape:
+        """One scrape of every GPU: a row each, in base units, nulls for what is unsupported."""
+        t0 = time.perf_counter()
+        events = self._check_count()
+        n = len(self.gpus)
+        values = {m: np.full(n, np.nan) for m in METRICS}
+        ts = np.zeros(n, np.int64)
+        answered = np.zeros(n, bool)
+        for i, g in enumerate(self.gpus):
+            if g.uuid in self.lost:
+                continue
+            ts[i] = _now_ns()
+            try:
+                self._read(g, i, values)
+            except pynvml.NVMLError_GpuIsLost:
+                events.append(self._lost(g, "NVML_ERROR_GPU_IS_LOST"))
+                continue
+            answered[i] = True
+            energy = values["energy_j"][i]
+            if energy < g.energy_j:  # counters restarted at zero: the GPU was reset
+                events.append(self._event(g, ts[i], "gpu_reset", None,
+                                          f"energy counter went back from {g.energy_j:.0f} J to {energy:.0f} J: "
+                                          f"GPU reset, counters restart at zero"))
+            if np.isfinite(energy):
+                g.energy_j = energy
+        self.scrapes += 1
+        return Scrape(self._batch(values, ts, answered) if answered.any() else None, events,
+                      time.perf_counter() - t0)
+
+    def _read(self, g: Gpu, row: int, values: dict[str, np.ndarray]) -> None:
+        if g.fields:
+            for fv in pynvml.nvmlDeviceGetFieldValues(g.handle, g.fields):
+                column, divisor = FIELDS[fv.fieldId]
+                if fv.nvmlReturn == pynvml.NVML_SUCCESS:
+                    values[column][row] = _field_value(fv) / divisor
+                elif fv.nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED:
+                    self._unsupported(g, f"field {fv.fieldId} ({column})")
+                    g.fields.remove(fv.fieldId)
+                elif fv.nvmlReturn == pynvml.NVML_ERROR_GPU_IS_LOST:
+                    raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+        for name in list(g.calls):
+            columns, call = CALLS[name]
+            try:
+                got = call(g.handle)
+            except pynvml.NVMLError_NotSupported:
+                self._unsupported(g, name)
+                g.calls.remove(name)
+                continue
+            for column, value in zip(columns, got if isinstance(got, tuple) else (got,)):
+                values[column][row] = value
+
+    def _unsupported(self, g: Gpu, what: str) -> None:
+        g.unsupported.append(what)
+        log.info("GPU %d (%s): %s is not supported; not asked again, null in the data", g.index, g.uuid, what)
+
+    def _check_count(self) -> list[dict]:
+        """A GPU that drops out of the device count is lost (cheap: one call a scrape)."""
+        if pynvml.nvmlDeviceGetCount() >= len(self.gpus):
+            return []
+        present = set()
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            try:
+                present.add(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)))
+            except pynvml.NVMLError:
+                continue
+        gone = [g for g in self.gpus if g.uuid not in present and g.uuid not in self.lost]
+        return [self._lost(g, "NVML_ERROR_GPU_IS_LOST" if _is_lost(g) else "no longer in the device count")
+                for g in gone]
+
+    def _lost(self, g: Gpu, why: str) -> dict:
+        self.lost.add(g.uuid)
+        log.error("GPU %d (%s) is lost (%s): its samples stop; see runbooks/GpuFellOffBus.md", g.index, g.uuid, why)
+        return self._event(g, _now_ns(), "gpu_lost", None, f"NVML: GPU is lost ({why})")
+
+    def _event(self, g: Gpu, ts_ns: int, kind: str, code: int | None, text: str) -> dict:
+        return {"ts": ts_ns, "site": self.cfg.site, "rack": self.cfg.rack, "node": self.node, "gpu": g.index,
+                "gpu_uuid": g.uuid, "kind": kind, "code": code, "text": text}
+
+    def _batch(self, values: dict[str, np.ndarray], ts: np.ndarray, answered: np.ndarray) -> pa.RecordBatch:
+        rows = np.flatnonzero(answered)
+        n = rows.size
+        cols = {"ts": pa.array(ts[rows]).cast(GPU_SAMPLE.field("ts").type),
+                "site": pa.array([self.cfg.site] * n), "rack": pa.array([self.cfg.rack] * n),
+                "node": pa.array([self.node] * n),
+                "gpu": pa.array(np.array([self.gpus[i].index for i in rows], np.int16)),
+                "gpu_uuid": pa.array([self.gpus[i].uuid for i in rows])}
+        for m in METRICS:
+            v = values[m][rows]
+            missing = np.isnan(v)
+            typ = GPU_SAMPLE.field(m).type
+            if pa.types.is_boolean(typ):
+                cols[m] = pa.array(v == 1, mask=missing)
+            elif pa.types.is_integer(typ):
+                cols[m] = pa.array(np.where(missing, 0, v).astype(np.int64), mask=missing).cast(typ)
+            else:
+                cols[m] = pa.array(v, mask=missing)
+        return pa.RecordBatch.from_pydict(cols, schema=GPU_SAMPLE)
+
+    # ---- events (their own thread) ---------------------------------------------------
+
+    def watch_events(self, emit: Callable[[dict], None]) -> None:
+        """Wait on NVML's event set until close(); emit each XID/ECC event as it comes."""
+        event_set = pynvml.nvmlEventSetCreate()
+        for g in self.gpus:
+            try:
+                wanted = pynvml.nvmlDeviceGetSupportedEventTypes(g.handle) & EVENT_TYPES
+                pynvml.nvmlDeviceRegisterEvents(g.handle, wanted, event_set)
+            except pynvml.NVMLError as e:
+                log.warning("GPU %d (%s): cannot register for XID/ECC events (%s); they show at the next scrape "
+                            "through the ECC counters only", g.index, g.uuid, e)
+        by_uuid = {g.uuid: g for g in self.gpus}
+        try:
+            while not self._events_stop.is_set():
+                try:
+                    data = pynvml.nvmlEventSetWait_v2(event_set, 500)
+                except pynvml.NVMLError_Timeout:
+                    continue
+                except pynvml.NVMLError_GpuIsLost:
+                    continue  # the scrape notices which one and says so
+                try:
+                    g = by_uuid.get(pynvml.nvmlDeviceGetUUID(data.device))
+                except pynvml.NVMLError as e:  # the GPU went away between the event and now
+                    log.warning("NVML event %#x (data %d) from a GPU that does not answer (%s): dropped; the scrape "
+                                "reports the GPU", data.eventType, data.eventData, e)
+                    continue
+                if g is None:
+                    continue
+                if data.eventType & pynvml.nvmlEventTypeXidCriticalError:
+                    emit(self._event(g, _now_ns(), "xid", int(data.eventData), f"XID {int(data.eventData)}"))
+                elif data.eventType & pynvml.nvmlEventTypeDoubleBitEccError:  # what XID 48 reports
+                    emit(self._event(g, _now_ns(), "xid", 48, "double-bit ECC error (NVML event)"))
+        finally:
+            pynvml.nvmlEventSetFree(event_set)
+
+    # ---- the async face ---------------------------------------------------------------
+
+    async def run(self, publish_samples: Callable[[pa.RecordBatch], Awaitable[None]],
+                  publish_events: Callable[[pa.RecordBatch], Awaitable[None]], stop: asyncio.Event) -> None:
+        """Scrape every interval until `stop`; events as they come."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._pool, self.open)
+        pending: asyncio.Queue[dict] = asyncio.Queue()
+        watcher = threading.Thread(target=self.watch_events, name="nvml-events", daemon=True,
+                                   args=(lambda e: loop.call_soon_threadsafe(pending.put_nowait, e),))
+        if self.cfg.events:
+            watcher.start()
+
+        async def forward_events() -> None:
+            while True:
+                first = await pending.get()
+                batch = [first] + [pending.get_nowait() for _ in range(pending.qsize())]
+                await publish_events(events_batch(batch))
+        forwarder = asyncio.create_task(forward_events())
+        try:
+            next_at = time.monotonic()
+            while not stop.is_set():
+                scrape = await loop.run_in_executor(self._pool, self.scrape)
+                if scrape.samples is not None:
+                    await publish_samples(scrape.samples)
+                if scrape.events:
+                    await publish_events(events_batch(scrape.events))
+                next_at += self.cfg.interval_s
+                delay = next_at - time.monotonic()
+                if delay < 0:  # the scrape took longer than the interval: skip, do not pile up
+                    next_at = time.monotonic()
+                    continue
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except TimeoutError:
+                    pass
+        finally:
+            self._events_stop.set()
+            if watcher.is_alive():
+                await loop.run_in_executor(None, watcher.join)
+            while not pending.empty():
+                await publish_events(events_batch([pending.get_nowait() for _ in range(pending.qsize())]))
+            forwarder.cancel()
+            await loop.run_in_executor(None, self.close)
+
+
+def _is_lost(g: Gpu) -> bool:
+    try:
+        pynvml.nvmlDeviceGetUUID(g.handle)
+    except pynvml.NVMLError_GpuIsLost:
+        return True
+    except pynvml.NVMLError:
+        pass
+    return False
+
+
+def _now_ns() -> int:
+    """Wall clock at microsecond resolution (NVML's own; whole microseconds convert to datetime)."""
+    return time.time_ns() // 1000 * 1000
+
+
+def _field_value(fv) -> float:
+    t = fv.valueType
+    if t == pynvml.NVML_VALUE_TYPE_DOUBLE:
+        return fv.value.dVal
+    if t == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
+        return fv.value.uiVal
+    if t in (pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG, pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG):
+        return fv.value.ullVal
+    if t == pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG:
+        return fv.value.sllVal
+    return fv.value.siVal
+
+
+def events_batch(rows: list[dict]) -> pa.RecordBatch:
+    cols = {f.name: pa.array([r[f.name] for r in rows], pa.int64() if f.name == "ts" else f.type) for f in EVENT}
+    cols["ts"] = cols["ts"].cast(EVENT.field("ts").type)
+    return pa.RecordBatch.from_pydict(cols, schema=EVENT)

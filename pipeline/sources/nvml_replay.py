@@ -1,0 +1,272 @@
+"""Recorded NVML behind pynvml's own functions: the agent's real code path, without a GPU.
+
+`NvmlReplay(directory)` reads a recording of one H100 (`shared/data/nvml/`): which
+calls it supports, the value or the exact NVMLError code of each, the measured
+latency of each call, and a 10 Hz trace under load. `with replay.installed():`
+replaces the pynvml functions the agent calls with ones that answer from the
+recording, as if `gpus` copies of that GPU were installed, each replaying the trace
+from its own starting row. Values come back in pynvml's own ctypes structures,
+errors as pynvml's own exception classes, and each call blocks for its recorded
+latency (the agent must keep that off the event loop).
+
+Each `nvmlDeviceGetFieldValues` call on a GPU starts its next recorded scrape: the
+agent calls it first in every scrape, and the other calls of that scrape read the
+same trace row. Cumulative counters keep counting when the trace wraps around.
+
+Scripted events for tests: `xid(gpu, code)` queues an XID event, `lose(gpu)` makes
+the GPU answer NVML_ERROR_GPU_IS_LOST, `vanish(gpu)` removes it from the device
+count, `reset(gpu)` zeroes its energy and error counters as a GPU reset does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pynvml
+
+# Trace columns -> what each call returns (the recording's own names).
+_TRACE_FIELDS = {  # field id -> (trace column, NVML value type)
+    pynvml.NVML_FI_DEV_MEMORY_TEMP: ("fv_82", pynvml.NVML_VALUE_TYPE_UNSIGNED_INT),
+    pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION: ("energy_mj", pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG),
+    pynvml.NVML_FI_DEV_POWER_AVERAGE: ("power_mw", pynvml.NVML_VALUE_TYPE_UNSIGNED_INT),
+    pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER: ("pcie_replay", pynvml.NVML_VALUE_TYPE_UNSIGNED_INT),
+    pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: ("ecc_sbe_vol", pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG),
+    pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: ("ecc_dbe_vol", pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG),
+    pynvml.NVML_FI_DEV_REMAPPED_UNC: ("fv_143", pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG),
+}
+_COUNTERS = ("energy_mj", "pcie_replay", "ecc_sbe_vol", "ecc_dbe_vol")  # cumulative: offset on wrap, zero on reset
+_CALL_KEYS = {  # pynvml function -> the recording's key for its support and latency
+    "nvmlDeviceGetTemperature": "temperature_gpu", "nvmlDeviceGetUtilizationRates": "utilization",
+    "nvmlDeviceGetMemoryInfo": "memory_info", "nvmlDeviceGetCurrentClocksEventReasons": "clocks_event_reasons",
+    "nvmlDeviceGetPerformanceState": "pstate", "nvmlDeviceGetName": "name", "nvmlDeviceGetUUID": "uuid",
+    "nvmlDeviceGetFanSpeed": "fan_speed",
+}
+_CLOCK_KEYS = {pynvml.NVML_CLOCK_SM: ("clock_sm", "sm_mhz"), pynvml.NVML_CLOCK_MEM: ("clock_mem", "mem_mhz")}
+_ERRORS = {"Not Supported": pynvml.NVML_ERROR_NOT_SUPPORTED}
+
+
+@dataclass
+class _Gpu:
+    index: int
+    handle: object
+    uuid: str
+    row: int                   # trace row of the current scrape
+    offsets: dict[str, float] = field(default_factory=dict)  # counter offsets (wraps, resets)
+    lost: bool = False
+    vanished: bool = False
+
+
+class NvmlReplay:
+    def __init__(self, directory: Path | str, gpus: int = 8, latency: bool = True,
+                 init_error: int | None = None) -> None:
+        d = Path(directory)
+        self.inventory = json.loads((d / "h100_inventory.json").read_text())
+        self.trace = [json.loads(line) for line in (d / "h100_load_trace.jsonl").read_text().splitlines() if line]
+        self.latency = latency
+        self.init_error = init_error  # e.g. NVML_ERROR_DRIVER_NOT_LOADED: nvmlInit fails with it
+        self.calls: dict[str, int] = {}  # how often each function was called (tests: unsupported not retried)
+        self.field_requests: dict[int, int] = {}  # how often each field id was asked for
+        self.threads: set[str] = set()  # names of the threads that called NVML
+        self._events: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        stride = max(1, len(self.trace) // max(gpus, 1))
+        uuid = self.inventory["support"]["uuid"]["value"]
+        self.gpus = [_Gpu(i, ctypes.pointer(pynvml.struct_c_nvmlDevice_t()), f"{uuid[:-2]}{i + 1:02d}",
+                          row=(i * stride) - 1) for i in range(gpus)]
+
+    # ---- scripted events -----------------------------------------------------------
+
+    def xid(self, gpu: int, code: int) -> None:
+        self._events.put((self.gpus[gpu].handle, pynvml.nvmlEventTypeXidCriticalError, code))
+
+    def lose(self, gpu: int) -> None:
+        self.gpus[gpu].lost = True
+
+    def vanish(self, gpu: int) -> None:
+        self.gpus[gpu].vanished = True
+
+    def reset(self, gpu: int) -> None:
+        g = self.gpus[gpu]
+        with self._lock:
+            row = self.trace[max(g.row, 0)]
+            g.offsets = {c: -float(row[c]) for c in _COUNTERS}
+
+    # ---- the recording -------------------------------------------------------------
+
+    def _support(self, key: str) -> dict:
+        return self.inventory["support"][key]
+
+    def _block(self, us: float) -> None:
+        if self.latency:
+            time.sleep(us / 1e6)
+
+    def _call(self, name: str, key: str) -> dict:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.threads.add(threading.current_thread().name)
+        s = self._support(key)
+        self._block(s["us"])
+        if not s["ok"]:
+            raise pynvml.NVMLError(_ERRORS.get(s["value"].removeprefix("NVMLError: "), pynvml.NVML_ERROR_UNKNOWN))
+        return s
+
+    def _gpu(self, handle) -> _Gpu:
+        address = ctypes.addressof(handle.contents)  # handles are pointers: copies point to the same device
+        for g in self.gpus:
+            if ctypes.addressof(g.handle.contents) == address:
+                if g.lost:
+                    raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+                return g
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+
+    def _row(self, g: _Gpu) -> dict:
+        return self.trace[max(g.row, 0) % len(self.trace)]
+
+    def _value(self, g: _Gpu, column: str) -> float:
+        return self._row(g)[column] + g.offsets.get(column, 0.0)
+
+    def _visible(self) -> list[_Gpu]:
+        return [g for g in self.gpus if not g.vanished]
+
+    # ---- pynvml's functions ----------------------------------------------------------
+
+    def nvmlInit(self) -> None:  # noqa: N802 (pynvml's names)
+        if self.init_error is not None:
+            raise pynvml.NVMLError(self.init_error)
+
+    def nvmlShutdown(self) -> None:  # noqa: N802
+        pass
+
+    def nvmlSystemGetDriverVersion(self) -> str:  # noqa: N802
+        return self.inventory["driver"]
+
+    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
+        return len(self._visible())
+
+    def nvmlDeviceGetHandleByIndex(self, index: int):  # noqa: N802
+        visible = self._visible()
+        if index >= len(visible):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return visible[index].handle
+
+    def nvmlDeviceGetUUID(self, handle) -> str:  # noqa: N802
+        g = self._gpu(handle)
+        self._call("nvmlDeviceGetUUID", "uuid")
+        return g.uuid
+
+    def nvmlDeviceGetName(self, handle) -> str:  # noqa: N802
+        self._gpu(handle)
+        return self._call("nvmlDeviceGetName", "name")["value"]
+
+    def nvmlDeviceGetFieldValues(self, handle, field_ids):  # noqa: N802
+        g = self._gpu(handle)
+        self.calls["nvmlDeviceGetFieldValues"] = self.calls.get("nvmlDeviceGetFieldValues", 0) + 1
+        self.threads.add(threading.current_thread().name)
+        for fid in field_ids:
+            self.field_requests[fid] = self.field_requests.get(fid, 0) + 1
+        self._block(self.inventory["field_values_call_us"])
+        with self._lock:
+            g.row += 1
+            if g.row > 0 and g.row % len(self.trace) == 0:  # the trace wraps: counters keep counting
+                last, first = self.trace[-1], self.trace[0]
+                for c in _COUNTERS:
+                    g.offsets[c] = g.offsets.get(c, 0.0) + last[c] - first[c]
+        recorded = {getattr(pynvml, name): v for name, v in self.inventory["field_values"].items()
+                    if hasattr(pynvml, name)}
+        out = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
+        now_us = int(time.time() * 1e6)
+        for i, fid in enumerate(field_ids):
+            out[i].fieldId = fid
+            rec = recorded.get(fid)
+            if fid in _TRACE_FIELDS and rec is not None and rec["ret"] == 0:
+                column, vtype = _TRACE_FIELDS[fid]
+                out[i].nvmlReturn, out[i].valueType, out[i].timestamp = 0, vtype, now_us
+                value = int(self._value(g, column))
+                if vtype == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
+                    out[i].value.uiVal = value
+                else:
+                    out[i].value.ullVal = value
+            elif rec is not None:  # as recorded: the value, or its error code (3 = NOT_SUPPORTED)
+                out[i].nvmlReturn, out[i].valueType, out[i].timestamp = rec["ret"], rec["type"], now_us
+                if rec["ret"] == 0:
+                    out[i].value.ullVal = int(rec["value"] or 0)
+            else:
+                out[i].nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+        return out
+
+    def nvmlDeviceGetTemperature(self, handle, sensor: int) -> int:  # noqa: N802
+        g = self._gpu(handle)
+        self._call("nvmlDeviceGetTemperature", "temperature_gpu")
+        return int(self._value(g, "temp_c"))
+
+    def nvmlDeviceGetClockInfo(self, handle, clock: int) -> int:  # noqa: N802
+        g = self._gpu(handle)
+        key, column = _CLOCK_KEYS[clock]
+        self._call("nvmlDeviceGetClockInfo", key)
+        return int(self._value(g, column))
+
+    def nvmlDeviceGetUtilizationRates(self, handle):  # noqa: N802
+        g = self._gpu(handle)
+        self._call("nvmlDeviceGetUtilizationRates", "utilization")
+        return pynvml.c_nvmlUtilization_t(gpu=int(self._value(g, "util_gpu")), memory=int(self._value(g, "util_mem")))
+
+    def nvmlDeviceGetMemoryInfo(self, handle):  # noqa: N802
+        g = self._gpu(handle)
+        total = self._call("nvmlDeviceGetMemoryInfo", "memory_info")["value"]["total"]
+        used = int(self._value(g, "mem_used_b"))
+        return pynvml.c_nvmlMemory_t(total=total, free=total - used, used=used)
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle) -> int:  # noqa: N802
+        g = self._gpu(handle)
+        self._call("nvmlDeviceGetCurrentClocksEventReasons", "clocks_event_reasons")
+        return int(self._value(g, "throttle"))
+
+    def nvmlDeviceGetPerformanceState(self, handle) -> int:  # noqa: N802
+        g = self._gpu(handle)
+        self._call("nvmlDeviceGetPerformanceState", "pstate")
+        return int(self._value(g, "pstate"))
+
+    def nvmlDeviceGetFanSpeed(self, handle) -> int:  # noqa: N802
+        self._gpu(handle)
+        return self._call("nvmlDeviceGetFanSpeed", "fan_speed")["value"]
+
+    def nvmlDeviceGetSupportedEventTypes(self, handle) -> int:  # noqa: N802
+        self._gpu(handle)
+        return int(self.inventory["supported_event_types"])
+
+    def nvmlEventSetCreate(self):  # noqa: N802
+        return object()
+
+    def nvmlDeviceRegisterEvents(self, handle, event_types: int, event_set) -> None:  # noqa: N802
+        self._gpu(handle)
+
+    def nvmlEventSetWait_v2(self, event_set, timeout_ms: int):  # noqa: N802
+        self.threads.add(threading.current_thread().name)
+        try:
+            handle, kind, data = self._events.get(timeout=timeout_ms / 1000)
+        except queue.Empty:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_TIMEOUT) from None
+        return pynvml.c_nvmlEventData_t(device=handle, eventType=kind, eventData=data)
+
+    def nvmlEventSetFree(self, event_set) -> None:  # noqa: N802
+        pass
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["NvmlReplay"]:
+        """pynvml's functions answer from this recording inside the block."""
+        names = [n for n in dir(type(self)) if n.startswith("nvml")]
+        saved = {n: getattr(pynvml, n) for n in names}
+        try:
+            for n in names:
+                setattr(pynvml, n, getattr(self, n))
+            yield self
+        finally:
+            for n, f in saved.items():
+                setattr(pynvml, n, f)

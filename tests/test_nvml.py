@@ -1,0 +1,183 @@
+"""The NVML agent, running its real pynvml-calling code against a recorded H100
+(shared/data/nvml, replayed by sources/nvml_replay.py): what it collects, what it
+leaves null, its events, lost GPUs, GPU resets, and a host without a driver."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes.util
+import json
+import threading
+import time
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pynvml
+import pytest
+
+from pipeline.bus import Message, Topic
+from pipeline.detect.engine import Engine
+from pipeline.sources.nvml import FIELDS, NvmlAgent, NvmlUnavailable, events_batch
+from pipeline.sources.nvml_replay import NvmlReplay
+from tests.conftest import SHARED_NVML, fleetwatch, make_config
+from tests.test_daemon import archived
+
+TRACE = [json.loads(line) for line in (SHARED_NVML / "h100_load_trace.jsonl").read_text().splitlines()]
+
+
+def agent(**cfg) -> NvmlAgent:
+    return NvmlAgent(make_config(agent=cfg).agent, "node-1")
+
+
+async def run_agent(a: NvmlAgent, seconds: float, during=None) -> tuple[list[pa.RecordBatch], list[dict], list[float]]:
+    """Run the agent's async face for `seconds`; collect what it publishes (with the
+    time each event arrived) and the event loop's lag, probed every 5 ms."""
+    samples, events, lags = [], [], []
+
+    async def publish_samples(batch):
+        samples.append(batch)
+
+    async def publish_events(batch):
+        events.extend(r | {"arrived": time.monotonic()} for r in batch.to_pylist())
+
+    async def probe(stop):
+        while not stop.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lags.append(time.perf_counter() - t - 0.005)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(a.run(publish_samples, publish_events, stop)), asyncio.create_task(probe(stop))]
+    if during is not None:
+        await during()
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.gather(*tasks)
+    return samples, events, lags
+
+
+def test_the_archive_holds_what_the_gpu_reported(tmp_path):
+    """`fleetwatch run --replay`: 8 replayed H100s through the whole daemon. Power,
+    temperatures, clocks, clock reasons and utilisation in Parquet are the recorded
+    trace's, scrape after scrape, in base units; NVLink (not supported on that GPU) is null."""
+    r = fleetwatch("run", "--replay", str(SHARED_NVML), "--duration", "4", "--data-dir", "data", cwd=tmp_path,
+                   env={"FLEETWATCH_AGENT__INTERVAL_S": "0.2", "FLEETWATCH_AGENT__NODE": "gpu-node-7"}, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = archived(tmp_path / "data", "gpu_samples").sort("gpu", "ts")
+    assert rows["gpu"].n_unique() == 8 and rows.height >= 8 * 10
+    assert set(rows["node"]) == {"gpu-node-7"}
+    stride = len(TRACE) // 8
+    for gpu, got in rows.group_by("gpu"):
+        start = gpu[0] * stride
+        want = [TRACE[(start + k) % len(TRACE)] for k in range(got.height)]
+
+        def recorded(column: str, divisor: float = 1.0) -> list[float]:
+            return [row[column] / divisor for row in want]
+        assert got["power_w"].to_list() == recorded("power_mw", 1000)  # mW -> W
+        assert got["energy_j"].to_list() == recorded("energy_mj", 1000)  # mJ -> J
+        assert got["gpu_temp_c"].to_list() == recorded("temp_c")
+        assert got["mem_temp_c"].to_list() == recorded("fv_82")
+        assert got["sm_clock_mhz"].to_list() == recorded("sm_mhz")
+        assert got["mem_clock_mhz"].to_list() == recorded("mem_mhz")
+        assert got["clock_event_reasons"].to_list() == recorded("throttle")
+        assert got["util_gpu"].to_list() == recorded("util_gpu", 100)  # % -> 0-1
+        assert got["mem_used_bytes"].to_list() == recorded("mem_used_b")
+    assert rows["nvlink_crc_errors_total"].null_count() == rows.height  # NOT_SUPPORTED -> null, never 0
+    assert rows["pcie_replay_total"].null_count() == 0
+    assert "0 alerts raised" in r.stderr  # the recorded load and cooldown are normal operation
+
+
+def test_unsupported_fields_are_asked_once_and_nvml_stays_off_the_event_loop():
+    replay = NvmlReplay(SHARED_NVML, gpus=8)
+    with replay.installed():
+        a = agent(interval_s=0.05)
+        samples, _, lags = asyncio.run(run_agent(a, 1.5))
+    scrapes = a.scrapes
+    assert scrapes >= 5
+    nvlink = pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL
+    assert replay.field_requests[nvlink] == 8  # once per GPU: NOT_SUPPORTED is remembered
+    assert all(replay.field_requests[f] == 8 * scrapes for f in FIELDS if f != nvlink)
+    assert all(g.unsupported == [f"field {nvlink} (nvlink_crc_errors_total)"] for g in a.gpus)
+    assert threading.main_thread().name not in replay.threads  # every NVML call ran in a worker thread
+    assert replay.threads == {"nvml-scrape_0", "nvml-events"}
+    lag_p99 = float(np.percentile(lags, 99)) * 1000
+    print(f"8 replayed GPUs, {scrapes} scrapes: event loop lag p99 {lag_p99:.1f} ms over {len(lags)} probes")
+    assert sum(b.num_rows for b in samples) == 8 * scrapes
+
+
+def test_an_xid_is_published_at_once_not_at_the_next_scrape():
+    replay = NvmlReplay(SHARED_NVML, gpus=8)
+    with replay.installed():
+        a = agent(interval_s=30.0)  # one scrape at start, the next one long after the test
+
+        async def inject():
+            await asyncio.sleep(0.5)
+            inject.at = time.monotonic()
+            replay.xid(3, 79)
+        _, events, _ = asyncio.run(run_agent(a, 1.5, inject))
+    [event] = events
+    assert (event["kind"], event["code"], event["gpu"]) == ("xid", 79, 3)
+    assert event["gpu_uuid"] == a.gpus[3].uuid and event["node"] == "node-1"
+    assert event["arrived"] - inject.at < 1.0 and a.scrapes == 1
+
+
+def test_a_lost_gpu_becomes_an_event_and_its_samples_stop():
+    cfg = make_config(agent={"interval_s": 0.05})
+    replay = NvmlReplay(SHARED_NVML, gpus=8, latency=False)
+    with replay.installed():
+        a = NvmlAgent(cfg.agent, "node-1")
+        a.open()
+        first = a.scrape()
+        replay.lose(2)   # NVML_ERROR_GPU_IS_LOST
+        replay.vanish(5)  # drops out of the device count
+        second, third = a.scrape(), a.scrape()
+    assert first.samples.num_rows == 8 and not first.events
+    lost = sorted((e["gpu"], e["kind"], e["text"]) for e in second.events)
+    assert lost == [(2, "gpu_lost", "NVML: GPU is lost (NVML_ERROR_GPU_IS_LOST)"),
+                    (5, "gpu_lost", "NVML: GPU is lost (no longer in the device count)")]
+    assert sorted(second.samples.column("gpu").to_pylist()) == [0, 1, 3, 4, 6, 7]
+    assert third.samples.num_rows == 6 and not third.events  # reported once, then silent
+
+    engine = Engine(cfg)
+    out = engine.process(Message(Topic.EVENTS, events_batch(second.events)))
+    assert sorted((a.alertname, a.labels["gpu"]) for _, a in out.alerts) == [("GpuFellOffBus", "2"),
+                                                                            ("GpuFellOffBus", "5")]
+
+
+def test_a_gpu_reset_is_an_event_and_not_a_negative_rate():
+    """A reset zeroes the energy and error counters: the agent says so, the counters
+    restart in the archive, and no rate detector fires on the drop."""
+    cfg = make_config(agent={"interval_s": 0.05})
+    replay = NvmlReplay(SHARED_NVML, gpus=8, latency=False)
+    engine = Engine(cfg)
+    batches, events = [], []
+    with replay.installed():
+        a = NvmlAgent(cfg.agent, "node-1")
+        a.open()
+        for i in range(40):
+            if i == 20:
+                replay.reset(4)
+            s = a.scrape()
+            batches.append(s.samples)
+            events += s.events
+            assert engine.process(Message(Topic.GPU, s.samples)).alerts == []
+            if s.events:
+                assert engine.process(Message(Topic.EVENTS, events_batch(s.events))).alerts == []
+    [reset] = events
+    assert (reset["kind"], reset["gpu"]) == ("gpu_reset", 4) and "went back" in reset["text"]
+    energy = pa.Table.from_batches(batches).filter(pa.compute.equal(pa.Table.from_batches(batches)["gpu"], 4))
+    e = energy["energy_j"].to_numpy()
+    assert (np.diff(e) < 0).sum() == 1 and e[20] < 100  # one drop, to (near) zero
+
+
+def test_no_driver_is_one_clear_message_and_exit_status_2(tmp_path):
+    replay = NvmlReplay(SHARED_NVML, init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+    with replay.installed(), pytest.raises(NvmlUnavailable, match="the NVIDIA driver is not loaded"):
+        agent().open()
+    if ctypes.util.find_library("nvidia-ml"):
+        pytest.skip("this host has NVML: the no-library case cannot be shown here")
+    r = fleetwatch("run", "--source", "nvml", "--duration", "5", "--data-dir", "data", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2
+    assert "NVML: the NVML library (libnvidia-ml.so.1) is not installed" in r.stderr
+    assert "nvidia-smi" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.count("is not installed") == 1  # said once
