@@ -42,7 +42,7 @@ from pipeline.bus import EndOfStream, MemoryBus, Message, Topic  # noqa: E402
 from pipeline.bus.batching import coalesce, split_by  # noqa: E402
 from pipeline.bus.kafka import KafkaBus  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.daemon import DETECT_TOPICS, SOURCE_TOPICS, RunSummary, detect_role, source_role  # noqa: E402
+from pipeline.daemon import DETECT_TOPICS, SOURCE_TOPICS, RunSummary, detect_role, simulate_role  # noqa: E402
 from pipeline.detect.checkpoint import Checkpointer  # noqa: E402
 from pipeline.detect.engine import Engine  # noqa: E402
 from pipeline.model import GPU_METRICS  # noqa: E402
@@ -166,9 +166,9 @@ async def live(make_bus, racks: int, seconds: float, speed: float, commit_s: flo
                 lags.append(sub.queue.qsize())
 
     checkpoint = Checkpointer(engine, 6) if kafka else None
-    tasks = [asyncio.create_task(source_role(timed, FleetSimulator(cfg.fleet, start=datetime(2026, 1, 1,
-                                                                                          tzinfo=timezone.utc)),
-                                             stop, speed, summary)),
+    tasks = [asyncio.create_task(simulate_role(timed, FleetSimulator(cfg.fleet, start=datetime(2026, 1, 1,
+                                                                                            tzinfo=timezone.utc)),
+                                               stop, speed, summary, None)),
              asyncio.create_task(detect_role(bus, engine, sub, commit_s, checkpoint)),
              asyncio.create_task(read_alerts()), asyncio.create_task(sample_lag())]
     await asyncio.sleep(seconds)

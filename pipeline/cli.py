@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         "run": "run the daemon, every role (embedded default: simulated fleet, in-process bus)",
         "simulate": "run only the fleet simulator, producing to Kafka",
         "agent": "run only the NVML agent of this node's GPUs, producing to Kafka",
+        "facility": "run only the MQTT facility collector (a BMS topic tree), producing to Kafka",
         "detect": "run only detection, consuming from and producing to Kafka (consumer group 'detect')",
         "archive": "run only the Parquet archive, consuming from Kafka (consumer group 'archive')",
         "notify": "run only alert delivery, consuming from Kafka (consumer group 'notify')",
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="simulated seconds per second; 0 = flat out (fleet.speed)")
         run.add_argument("--kafka", metavar="BOOTSTRAP",
                          help="Kafka at host:port between the roles (kafka.bootstrap); required but for `run`")
+        if name in ("run", "simulate", "facility"):
+            run.add_argument("--mqtt", metavar="HOST:PORT",
+                             help="the BMS's MQTT broker (mqtt.broker): the simulator publishes its facility data "
+                                  "there, the facility collector reads it")
         if name in ("run", "agent"):
             run.add_argument("--replay", metavar="DIR",
                              help="replay recorded NVML data instead of the GPUs (agent.replay), e.g. shared/data/nvml")
@@ -84,6 +89,8 @@ def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         o.setdefault("kafka", {})["bootstrap"] = args.kafka
     if getattr(args, "speed", None) is not None:
         o.setdefault("fleet", {})["speed"] = args.speed
+    if getattr(args, "mqtt", None):
+        o.setdefault("mqtt", {})["broker"] = args.mqtt
     if getattr(args, "replay", None):
         o.setdefault("agent", {})["replay"] = args.replay
         if args.command == "run":  # replaying NVML data means the NVML agent is the source

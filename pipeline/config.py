@@ -122,6 +122,17 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class MqttConfig:
+    """Facility telemetry from a building-management system's MQTT topic tree."""
+    broker: str = _spec("", doc="MQTT broker (host:port) of the BMS topic tree; empty = the simulator's facility "
+                        "data goes straight to the bus")
+    site: str = _spec("", doc="site whose tree the collector reads (<topic_root>/<site>/#); empty = fleet.site")
+    topic_root: str = _spec("bms/v1", doc="root of the BMS topic tree")
+    client_id: str = _spec("", doc="collector's MQTT client id; empty = fleetwatch-facility-<site> (the broker keeps "
+                           "the session under it: one per site)")
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     source: str = _spec("simulate", choices=("simulate", "nvml"),
                         doc="what `fleetwatch run` reads: the simulated fleet, or this node's GPUs through NVML")
@@ -138,6 +149,7 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
 
     @property
@@ -147,6 +159,18 @@ class Config:
     @property
     def alerts_log(self) -> Path:
         return Path(self.data_dir) / "alerts.jsonl"
+
+    @property
+    def mqtt_dead_letters(self) -> Path:
+        return Path(self.data_dir) / "deadletter" / "mqtt.jsonl"
+
+
+def host_port(key: str, value: str, default_port: int) -> tuple[str, int]:
+    """`host[:port]` of an address setting, or ConfigError naming the key."""
+    host, _, port = value.rpartition(":") if ":" in value else (value, "", str(default_port))
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"config error: {key} = {value!r}: expected HOST:PORT, e.g. bms.example:{default_port}")
+    return host, int(port)
 
 
 def _coerce(where: str, raw: Any, typ: Any, meta: Mapping[str, Any], from_text: bool) -> Any:

@@ -4,6 +4,8 @@ Roles (each one asyncio task here; each its own process with Kafka between them
 at scale, same code):
   simulate fleet simulator -> gpu, facility, events, labels topics
   agent    this node's GPUs through NVML -> gpu, events topics
+  facility a BMS's MQTT topic tree -> facility topic (with mqtt.broker set, the
+           simulator publishes its facility data on that tree instead of the bus)
   detect   gpu, facility, events -> Engine -> alerts, health topics
   archive  every topic -> Parquet archive (flushed on an interval, off the loop)
   notify   alerts -> console, alerts.jsonl, webhooks
@@ -31,17 +33,20 @@ import time
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.bus import Bus, EndOfStream, MemoryBus, Message, Topic
 from pipeline.bus.batching import coalesce, split_by
 from pipeline.bus.kafka import KafkaBus
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, host_port
 from pipeline.detect.checkpoint import Checkpointer
 from pipeline.detect.engine import Engine
 from pipeline.model import NODE_HEALTH, alert_rows, alerts_to_batch
 from pipeline.sinks.alerts import AlertLog, WebhookSender
 from pipeline.sinks.console import Console
 from pipeline.sinks.parquet import ArchiveWriter
+from pipeline.sources.bms import BmsPublisher
+from pipeline.sources.mqtt import MqttCollector
 from pipeline.sources.nvml import NvmlAgent
 from pipeline.sources.nvml_replay import NvmlReplay
 from pipeline.sources.simulate import FleetSimulator
@@ -50,7 +55,7 @@ log = logging.getLogger("fleetwatch")
 
 DATASET_OF_TOPIC = {Topic.GPU: "gpu_samples", Topic.FACILITY: "facility_samples", Topic.EVENTS: "events",
                     Topic.ALERTS: "alerts", Topic.HEALTH: "node_health", Topic.LABELS: "fault_labels"}
-ROLES = ("simulate", "agent", "detect", "archive", "notify")
+ROLES = ("simulate", "agent", "facility", "detect", "archive", "notify")
 SOURCE_ROLES = {"simulate": "simulate", "nvml": "agent"}  # daemon.source -> its role
 SOURCE_TOPICS = [Topic.GPU, Topic.FACILITY, Topic.EVENTS, Topic.LABELS]
 DETECT_TOPICS = [Topic.ALERTS, Topic.HEALTH]
@@ -65,22 +70,31 @@ class RunSummary:
     gpu_samples_published: int = 0  # produced by the source
 
 
-async def source_role(bus: Bus, sim: FleetSimulator, stop: asyncio.Event, speed: float,
-                      summary: RunSummary) -> None:
+async def simulate_role(bus: Bus, sim: FleetSimulator, stop: asyncio.Event, speed: float, summary: RunSummary,
+                        bms: BmsPublisher | None) -> None:
     """Publish one scrape per sample interval, paced to `speed` x real time (0 = flat out).
     On a keyed bus (Kafka) a message per node (GPU telemetry) and per rack (facility),
-    keyed by it; in-process, where order needs no keys, the fleet's scrape as one message."""
+    keyed by it; in-process, where order needs no keys, the fleet's scrape as one message.
+    With a BMS publisher the facility readings go out on MQTT instead, as a real site's do."""
+    if bms is None:
+        await _simulate(bus, sim, stop, speed, summary, None)
+    else:  # the publisher drains its buffer after the stop
+        await asyncio.gather(_simulate(bus, sim, stop, speed, summary, bms), bms.run(stop))
+
+
+async def _simulate(bus: Bus, sim: FleetSimulator, stop: asyncio.Event, speed: float, summary: RunSummary,
+                    bms: BmsPublisher | None) -> None:
     t0 = time.monotonic()
     while not stop.is_set():
         tick = sim.step()
-        if bus.keyed:
-            messages = split_by(Topic.GPU, tick.gpu, "node") + split_by(Topic.FACILITY, tick.facility, "rack")
-            if tick.events is not None:  # a node's events go where its telemetry goes
-                messages += split_by(Topic.EVENTS, tick.events, "node")
+        messages = split_by(Topic.GPU, tick.gpu, "node") if bus.keyed else [Message(Topic.GPU, tick.gpu)]
+        if bms is not None:
+            bms.publish(tick.facility)
         else:
-            messages = [Message(Topic.GPU, tick.gpu), Message(Topic.FACILITY, tick.facility)]
-            if tick.events is not None:
-                messages.append(Message(Topic.EVENTS, tick.events))
+            messages += facility_messages(bus, tick.facility)
+        if tick.events is not None:  # a node's events go where its telemetry goes
+            messages += split_by(Topic.EVENTS, tick.events, "node") if bus.keyed else [Message(Topic.EVENTS,
+                                                                                                  tick.events)]
         for message in messages:
             await bus.publish(message)
         summary.gpu_samples_published += tick.gpu.num_rows
@@ -95,6 +109,24 @@ async def source_role(bus: Bus, sim: FleetSimulator, stop: asyncio.Event, speed:
                     pass
                 continue
         await asyncio.sleep(0)  # behind schedule or flat out: let the consumers run
+
+
+def facility_messages(bus: Bus, batch: pa.RecordBatch) -> list[Message]:
+    """Facility readings as messages: keyed by rack on a keyed bus (site-level devices
+    have no rack: keyed by site), one message in-process."""
+    if not bus.keyed:
+        return [Message(Topic.FACILITY, batch)]
+    keys = pc.if_else(pc.equal(batch.column("rack"), ""), batch.column("site"), batch.column("rack"))
+    order = pc.sort_indices(keys)  # stable: each key's readings keep their order
+    batch = batch.take(order).append_column("_key", keys.take(order))
+    return [Message(m.topic, m.value.drop_columns(["_key"]), m.key) for m in split_by(Topic.FACILITY, batch, "_key")]
+
+
+async def facility_role(bus: Bus, collector: MqttCollector, stop: asyncio.Event) -> None:
+    async def publish(batch: pa.RecordBatch) -> None:
+        for message in facility_messages(bus, batch):
+            await bus.publish(message)
+    await collector.run(publish, stop)
 
 
 async def agent_role(bus: Bus, agent: NvmlAgent, stop: asyncio.Event, summary: RunSummary,
@@ -227,6 +259,17 @@ async def notify_role(sub, alert_log: AlertLog, webhooks: WebhookSender | None, 
         await sub.commit()
 
 
+async def _quiet(count, quiet_s: float = 0.5, at_most_s: float = 10.0) -> None:
+    """Wait until count() stops changing for quiet_s (at most at_most_s)."""
+    deadline = time.monotonic() + at_most_s
+    last = count()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(quiet_s)
+        if count() == last:
+            return
+        last = count()
+
+
 def status_text(roles: frozenset[str], engine: Engine, rate: float, sim: FleetSimulator,
                 writer: ArchiveWriter, summary: RunSummary) -> str:
     parts = ["fleetwatch"]
@@ -266,17 +309,21 @@ async def status_role(roles: frozenset[str], engine: Engine, sim: FleetSimulator
 
 
 def run_roles(cfg: Config) -> frozenset[str]:
-    """What `fleetwatch run` runs: the configured source and every consumer role."""
-    return frozenset({SOURCE_ROLES[cfg.daemon.source], "detect", "archive", "notify"})
+    """What `fleetwatch run` runs: the configured source (and the MQTT facility
+    collector when there is a broker to read) and every consumer role."""
+    return frozenset({SOURCE_ROLES[cfg.daemon.source], "detect", "archive", "notify"}
+                     | ({"facility"} if cfg.mqtt.broker else set()))
 
 
 def whole(roles: frozenset[str]) -> bool:
     """A source and every consumer in one process: the in-process bus will do."""
-    return {"detect", "archive", "notify"} <= roles and bool(roles & {"simulate", "agent"})
+    return {"detect", "archive", "notify"} <= roles and bool(roles & {"simulate", "agent", "facility"})
 
 
 def check_roles(cfg: Config, roles: frozenset[str]) -> None:
-    """Roles apart need a bus between processes."""
+    """Roles apart need a bus between processes; the facility role needs a broker to read."""
+    if "facility" in roles and not cfg.mqtt.broker:
+        raise ConfigError("the facility role reads a BMS's MQTT broker: give --mqtt HOST:PORT (mqtt.broker)")
     if not whole(roles) and not cfg.kafka.bootstrap:
         raise ConfigError(f"the {'/'.join(sorted(roles))} role alone needs Kafka between the processes: "
                           f"give --kafka HOST:PORT (kafka.bootstrap), or use `fleetwatch run`")
@@ -300,6 +347,7 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
     console = console or Console()
     started = time.monotonic()
     bus: Bus | None = None
+    bms = collector = None
     summary = RunSummary(0, 0.0, 0, {})
     try:
         webhooks = WebhookSender(cfg.alerts.webhooks, cfg.alerts.webhook_timeout_s, cfg.alerts.webhook_retries)
@@ -310,22 +358,45 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
                         connect_timeout_s=k.connect_timeout_s) if k.bootstrap else MemoryBus())
         await bus.start()
         writer = ArchiveWriter(cfg.archive_dir, cfg.archive.compression, cfg.archive.max_buffer_rows)
-        a = cfg.agent
+        a, m = cfg.agent, cfg.mqtt
         agent = NvmlAgent(a, a.node or socket.gethostname()) if "agent" in roles else None
         replay = NvmlReplay(a.replay, a.replay_gpus) if agent is not None and a.replay else None
+        mqtt = host_port("mqtt.broker", m.broker, 1883) if m.broker else None
+        bms = (BmsPublisher(*mqtt, client_id=f"fleetwatch-bms-sim-{cfg.fleet.site}", topic_root=m.topic_root)
+               if mqtt and "simulate" in roles else None)
+        collector = (MqttCollector(*mqtt, site=m.site or cfg.fleet.site, dead_letter_path=cfg.mqtt_dead_letters,
+                                   client_id=m.client_id or None, topic_root=m.topic_root)
+                     if "facility" in roles else None)
         log.info("fleetwatch running %s: %s, bus %s, archive %s, alerts %s",
                  "all roles" if whole(roles) else "role " + "/".join(sorted(roles)),
-                 (f"NVML agent on {agent.node}" + (f" (replaying {a.replay})" if replay else "")) if agent else
-                 f"{cfg.fleet.racks} racks x {cfg.fleet.nodes_per_rack} nodes x {cfg.fleet.gpus_per_node} GPUs "
-                 f"simulated", f"Kafka at {k.bootstrap}" if k.bootstrap else "in-process", cfg.archive_dir,
+                 ", ".join(filter(None, [
+                     f"NVML agent on {agent.node}" + (f" (replaying {a.replay})" if replay else "") if agent else "",
+                     f"{cfg.fleet.racks} racks x {cfg.fleet.nodes_per_rack} nodes x {cfg.fleet.gpus_per_node} GPUs "
+                     f"simulated" + (f" (facility data on MQTT at {m.broker})" if bms else "")
+                     if "simulate" in roles else "",
+                     f"facility data from MQTT at {m.broker} ({collector.subscription})" if collector else ""]))
+                 or "no source", f"Kafka at {k.bootstrap}" if k.bootstrap else "in-process", cfg.archive_dir,
                  cfg.alerts_log)
 
-        source = detect = None
+        sources: list[asyncio.Task] = []
+        facility = detect = None
+        facility_stop = asyncio.Event()  # the collector stops after the sources (data order)
         sinks = []
+        if collector is not None:
+            facility = asyncio.create_task(facility_role(bus, collector, facility_stop), name="facility")
+            if bms is not None:  # the broker keeps readings only for sessions that exist: subscribe first
+                subscribed = asyncio.create_task(collector.subscribed.wait())
+                await asyncio.wait([subscribed, facility], timeout=k.connect_timeout_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not subscribed.done():
+                    subscribed.cancel()
+                    log.warning("MQTT at %s: not subscribed after %g s; starting the simulator anyway (its first "
+                                "readings may be lost)", m.broker, k.connect_timeout_s)
         if "simulate" in roles:
-            source = asyncio.create_task(source_role(bus, sim, stop, cfg.fleet.speed, summary), name="simulate")
+            sources.append(asyncio.create_task(simulate_role(bus, sim, stop, cfg.fleet.speed, summary, bms),
+                                               name="simulate"))
         if agent is not None:
-            source = asyncio.create_task(agent_role(bus, agent, stop, summary, replay), name="agent")
+            sources.append(asyncio.create_task(agent_role(bus, agent, stop, summary, replay), name="agent"))
         if "detect" in roles:
             detect_topics = [Topic.GPU, Topic.FACILITY, Topic.EVENTS]
             if k.bootstrap:
@@ -345,7 +416,7 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
                                              name="archive"))
         status = asyncio.create_task(status_role(roles, engine, sim, writer, summary, console,
                                                  cfg.daemon.status_interval_s, stop), name="status")
-        everything = [t for t in (source, detect, *sinks) if t is not None]
+        everything = [t for t in (*sources, facility, detect, *sinks) if t is not None]
         stopper = asyncio.create_task(stop.wait())
         timer = asyncio.create_task(asyncio.sleep(duration_s if duration_s is not None else 1e12))
         done, _ = await asyncio.wait([*everything, stopper, timer], return_when=asyncio.FIRST_COMPLETED)
@@ -355,13 +426,18 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         if failed:  # a role died: say which (setup errors say it themselves), stop the rest, exit non-zero
             if not isinstance(failed[0].exception(), ConfigError):
                 log.error("role %s failed: %r", failed[0].get_name(), failed[0].exception())
+            facility_stop.set()
             for task in [*everything, status]:
                 task.cancel()
             await asyncio.gather(*everything, status, return_exceptions=True)
             raise failed[0].exception()
         log.info("stopping: draining the pipeline and flushing the archive")
-        if source is not None:
-            await source
+        await asyncio.gather(*sources)
+        if facility is not None:
+            if sources:  # what the sources sent on MQTT is still arriving: wait until it stops
+                await _quiet(lambda: collector.stats.messages)
+            facility_stop.set()
+            await facility
         await bus.end(SOURCE_TOPICS)
         if detect is not None:
             await detect
@@ -386,4 +462,13 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
              bus.dead_letters if bus is not None else 0, writer.redelivered_skipped,
              f", producer outbox peak {bus.outbox_peak_bytes / 2**20:.1f} MB, {bus.delivery_failures} messages "
              f"Kafka rejected" if isinstance(bus, KafkaBus) else "")
+    if bms is not None:
+        log.info("BMS simulator: %d facility readings published on MQTT, %d dropped (buffer full)",
+                 bms.stats.readings, bms.stats.dropped)
+    if collector is not None:
+        c = collector.stats
+        log.info("facility collector: %d MQTT messages, %d facility readings collected, %d duplicates dropped, "
+                 "%d dead-lettered%s to %s, %d reconnects", c.messages, c.rows, c.duplicates,
+                 sum(c.dead_letters.values()), f" {c.dead_letters}" if c.dead_letters else "", cfg.mqtt_dead_letters,
+                 c.reconnects)
     return summary

@@ -3,13 +3,14 @@
 Apache Kafka comes from Maven Central (scripts/kafka/pom.xml: kafka_2.13 and its
 runtime dependencies, fetched once into a cache) and runs as a single KRaft
 broker+controller on the machine's Java 17. `scripts/kafka-local` runs one in the
-foreground for development.
+foreground for development. Mosquitto comes from Debian (`apt-get install mosquitto`).
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -45,15 +46,60 @@ def kafka_libs() -> Path:
     return libs
 
 
-class KafkaBroker:
+class Service:
+    """A server process on a loopback port, its files in `dir`: `start()` waits until it
+    listens, `stop()` (SIGTERM, then SIGKILL) keeps its data for a restart, `close()`
+    removes them."""
+    name = "service"
+    stop_timeout_s = 30.0
+    dir: Path
+    port: int
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout_s: float = 60.0):
+        with open(self.dir / f"{self.name}.out", "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.dir}/{self.name}.out")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not listen on 127.0.0.1:{self.port} within {timeout_s} s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class KafkaBroker(Service):
     """One KRaft broker+controller; `stop()` and `start()` again keep its data (a restart)."""
+    name = "kafka"
 
     def __init__(self, workdir: Path | None = None) -> None:
+        super().__init__()
         self.libs = kafka_libs()
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="kafka-"))
         self.port, self.controller_port = free_port(), free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
         self.config = self.dir / "server.properties"
         self.config.write_text("\n".join([
             "process.roles=broker,controller",
@@ -78,39 +124,14 @@ class KafkaBroker:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config), check=True)
 
-    def _java(self, main: str, *args: str, check: bool = False, background: bool = False):
-        cmd = ["java", "-Xms256m", "-Xmx768m", "-cp", f"{self.libs}/*", main, *args]
-        if background:
-            log = open(self.dir / "kafka.log", "ab")
-            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        return subprocess.run(cmd, check=check, capture_output=True)
+    def _java(self, main: str, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        return subprocess.run(self._java_command(main, *args), check=check, capture_output=True)
 
-    def start(self, timeout_s: float = 60.0) -> "KafkaBroker":
-        self.proc = self._java("kafka.Kafka", str(self.config), background=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Kafka exited with {self.proc.returncode}; see {self.dir / 'kafka.log'}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"Kafka did not listen on {self.bootstrap} within {timeout_s} s")
+    def _java_command(self, main: str, *args: str) -> list[str]:
+        return ["java", "-Xms256m", "-Xmx768m", "-cp", f"{self.libs}/*", main, *args]
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def command(self) -> list[str]:
+        return self._java_command("kafka.Kafka", str(self.config))
 
 
 def main() -> None:
@@ -124,3 +145,48 @@ def main() -> None:
         pass
     finally:
         broker.close()
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if found is None:
+        raise RuntimeError("the MQTT tests need Mosquitto: install it (Debian/Ubuntu: apt-get install mosquitto)")
+    return found
+
+
+class Mosquitto(Service):
+    """A Mosquitto broker on a free loopback port, with persistence: `stop()` (SIGTERM,
+    so it writes its database) and `start()` again keep retained messages, persistent
+    sessions and the QoS 1 messages queued for them (a restart)."""
+
+    name = "mosquitto"
+    stop_timeout_s = 10.0
+
+    def __init__(self, workdir: Path | None = None) -> None:
+        super().__init__()
+        self.binary = mosquitto_binary()
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="mosquitto-"))
+        self.port = free_port()
+        self.host = "127.0.0.1"
+        self.config = self.dir / "mosquitto.conf"
+        self.config.write_text("\n".join([
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {self.dir}/",
+            # Started as root, Mosquitto switches to user `mosquitto`, who cannot write our temp dir.
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
+            # A persistent session keeps everything published while its client is away
+            # (the default, 1000 messages, is seconds of a site's readings).
+            "max_queued_messages 10000000",
+            "max_inflight_messages 1000",
+            # Acks go out at once, not after Nagle's wait: a QoS 1 publisher waits for them.
+            "set_tcp_nodelay true",
+            f"log_dest file {self.dir / 'mosquitto.log'}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+        ]) + "\n")
+
+    def command(self) -> list[str]:
+        return [self.binary, "-c", str(self.config)]

@@ -1,0 +1,342 @@
+"""MQTT facility collector: a building-management system's topic tree (sources/bms_tree.py)
+as `facility_sample` record batches.
+
+    collector = MqttCollector("bms.example", 1883, site="dc1", dead_letter_path=Path("data/mqtt-deadletter.jsonl"))
+    await collector.run(publish, stop)   # publish: async (pa.RecordBatch) -> None; returns after stop is set
+
+- Subscribes to `<topic_root>/<site>/#` with QoS 1 in a persistent session (a fixed
+  client id, clean_session False): while the collector is away the broker queues
+  its readings, and a reconnect resumes where it stopped. The broker must be allowed
+  to queue enough for the longest outage you want to ride out (Mosquitto:
+  `max_queued_messages`, 1000 by default).
+- When the broker goes away, reconnects with exponential backoff (capped, with
+  jitter), logging once per outage.
+- A retained `<point>/meta` message gives a point's unit and rack; each reading is
+  converted to the metric's base unit (degF -> C, gpm -> L/min, psi -> kPa, kW -> W,
+  kWh -> J, ...).
+- No duplicates: the last timestamp of each point is kept (at most `max_points`
+  points) and a reading not newer than it is dropped and counted (a QoS 1
+  redelivery or a resend after a reconnect).
+- A message that cannot become a row (bms_tree.Reason: outside the tree, unknown
+  point, bad JSON, bad value or timestamp, no metadata yet, unknown unit) is
+  counted per reason, logged once per reason and appended to the dead-letter file,
+  one JSON line `{"time", "topic", "payload", "reason", "detail"}`. The messages
+  around it go on.
+- Rows accumulate in plain lists and go to `publish` as one record batch every
+  `flush_interval_s` or `max_batch_rows` rows, whichever comes first (while a slow
+  `publish` is awaited, the next batch grows beyond `max_batch_rows`).
+
+`stats` (CollectorStats) counts messages, metadata, rows, batches, duplicates,
+reconnects and dead letters per reason; `subscribed` is an asyncio.Event set while
+connected and subscribed. `handle(topic, payload)` and `take_batch()` are the
+per-message path and the batching without a broker (benchmarks, tests).
+
+A reading is acknowledged to the broker once it is in the collector's rows, so a
+collector that is killed loses what it held in memory (at most about one flush
+interval); a dropped connection, or a restart of a broker with persistence on,
+loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+import aiomqtt
+import pyarrow as pa
+
+from pipeline.model import FACILITY_SAMPLE, TS
+from pipeline.sources.bms_tree import DEFAULT_ROOT, PointMeta, Reason, Rejected, decode_meta, decode_reading, \
+    parse_topic
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[pa.RecordBatch], Awaitable[None]]
+
+
+@dataclass
+class Backoff:
+    """Exponential reconnect delays, capped, with jitter so that many clients that
+    lost the same broker do not come back in lock step."""
+    initial_s: float = 0.1
+    max_s: float = 10.0
+    rng: random.Random = field(default_factory=random.Random)
+    attempt: int = 0
+
+    def next_s(self) -> float:
+        delay = min(self.max_s, self.initial_s * 2.0 ** min(self.attempt, 32))
+        self.attempt += 1
+        return delay * self.rng.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class CollectorStats:
+    messages: int = 0     # every message received, metadata included
+    metadata: int = 0     # metadata messages accepted
+    rows: int = 0         # rows handed to publish
+    batches: int = 0
+    duplicates: int = 0   # readings not newer than their point's last one: dropped
+    reconnects: int = 0   # connections after the first
+    dead_letters: dict[str, int] = field(default_factory=dict)  # reason -> messages
+
+
+@dataclass(slots=True)
+class _Point:
+    device: str
+    metric: str
+    meta: PointMeta
+    last_ns: int = -1
+
+
+class DeadLetterFile:
+    """Messages that did not become rows, one JSON line each; opened on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file: IO[str] | None = None
+
+    def write(self, topic: str, payload: bytes, reason: str, detail: str) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write(json.dumps({
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "topic": topic, "payload": payload.decode("utf-8", errors="replace"), "reason": reason,
+            "detail": detail}) + "\n")
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class MqttCollector:
+    def __init__(self, host: str, port: int, site: str, dead_letter_path: Path, client_id: str | None = None,
+                 topic_root: str = DEFAULT_ROOT, flush_interval_s: float = 0.2, max_batch_rows: int = 4096,
+                 max_points: int = 100_000, keepalive_s: int = 10, backoff: Backoff | None = None) -> None:
+        self.host, self.port, self.site, self.topic_root = host, port, site, topic_root
+        # One fixed id per collector: the broker keeps its session (subscription and
+        # queued QoS 1 readings) under it. Two collectors with one id evict each other.
+        self.client_id = client_id or f"fleetwatch-facility-{site}"
+        self.subscription = f"{topic_root}/{site}/#"
+        self.flush_interval_s = flush_interval_s
+        self.max_batch_rows = max_batch_rows
+        self.max_points = max_points
+        self.keepalive_s = keepalive_s
+        self.backoff = backoff or Backoff()
+        self.stats = CollectorStats()
+        self.dead_letters = DeadLetterFile(dead_letter_path)
+        self._points: dict[str, _Point] = {}       # reading topic -> point
+        self._bad_units: dict[str, Rejected] = {}  # reading topic -> why its metadata was refused
+        self._full = asyncio.Event()               # max_batch_rows reached: flush now
+        self.subscribed = asyncio.Event()          # set while connected and subscribed (health checks, tests)
+        self._clear()
+
+    def _clear(self) -> None:
+        self._ts: list[int] = []
+        self._rack: list[str] = []
+        self._device: list[str] = []
+        self._metric: list[str] = []
+        self._value: list[float] = []
+        self._quality: list[int] = []
+
+    # ---- the per-message path (no network) ---------------------------------------------
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Take one message: a row, a point's metadata, a dropped duplicate, or a dead letter."""
+        self.stats.messages += 1
+        point = self._points.get(topic)
+        try:
+            if point is None:
+                self._unknown_topic(topic, payload)
+                return
+            ts, value, quality = decode_reading(payload, point.meta)
+        except Rejected as e:
+            self._dead_letter(topic, payload, e)
+            return
+        if ts <= point.last_ns:
+            self.stats.duplicates += 1
+            return
+        point.last_ns = ts
+        self._ts.append(ts)
+        self._rack.append(point.meta.rack)
+        self._device.append(point.device)
+        self._metric.append(point.metric)
+        self._value.append(value)
+        self._quality.append(quality)
+        if len(self._ts) >= self.max_batch_rows:
+            self._full.set()
+
+    def _unknown_topic(self, topic: str, payload: bytes) -> None:
+        """A metadata message, or a reading we cannot use: raises Rejected saying why."""
+        addr = parse_topic(topic, self.topic_root, self.site)
+        if not addr.meta:
+            if topic in self._bad_units:
+                raise self._bad_units[topic]
+            raise Rejected(Reason.NO_METADATA, f"no metadata yet on {topic}/meta (a retained JSON "
+                                               '{"unit": ..., "rack": ...}); the reading is dropped')
+        reading_topic = topic.rsplit("/", 1)[0]
+        try:
+            meta = decode_meta(payload, addr.metric)
+        except Rejected as e:
+            if e.reason == Reason.UNKNOWN_UNIT:  # its readings say why too, until good metadata comes
+                self._bad_units[reading_topic] = e
+            raise
+        self._bad_units.pop(reading_topic, None)
+        point = self._points.get(reading_topic)
+        if point is None:
+            if len(self._points) >= self.max_points:
+                raise Rejected(Reason.TOO_MANY_POINTS, f"already {self.max_points} points; raise max_points "
+                                                       "if the site has more")
+            self._points[reading_topic] = _Point(addr.device, addr.metric, meta)
+        else:
+            point.meta = meta
+        self.stats.metadata += 1
+
+    def _dead_letter(self, topic: str, payload: bytes, e: Rejected) -> None:
+        count = self.stats.dead_letters.get(e.reason, 0)
+        if count == 0:
+            log.warning("MQTT %s:%d: %s: %s. Dead-lettered to %s; further %s messages are counted and dead-lettered, "
+                        "not logged", self.host, self.port, e.reason, e.detail, self.dead_letters.path, e.reason)
+        self.stats.dead_letters[e.reason] = count + 1
+        self.dead_letters.write(topic, payload, e.reason, e.detail)
+
+    @property
+    def pending_rows(self) -> int:
+        return len(self._ts)
+
+    def take_batch(self) -> pa.RecordBatch | None:
+        """The rows gathered since the last call as one batch (None if there are none)."""
+        n = len(self._ts)
+        if n == 0:
+            return None
+        batch = pa.RecordBatch.from_arrays([
+            pa.array(self._ts, TS), pa.repeat(pa.scalar(self.site, pa.string()), n), pa.array(self._rack, pa.string()),
+            pa.array(self._device, pa.string()), pa.array(self._metric, pa.string()),
+            pa.array(self._value, pa.float64()), pa.array(self._quality, pa.int8()),
+        ], schema=FACILITY_SAMPLE)
+        self._clear()
+        self.stats.rows += n
+        self.stats.batches += 1
+        return batch
+
+    # ---- the connection ------------------------------------------------------------
+
+    async def run(self, publish: Publish, stop: asyncio.Event) -> None:
+        """Collect until `stop` is set, then hand over the last rows and return."""
+        try:
+            await until_first_error(self._connect_loop(stop), self._flush_every(publish, stop))
+            await self._flush(publish)
+        finally:
+            self.dead_letters.close()
+
+    async def _flush(self, publish: Publish) -> None:
+        self.dead_letters.flush()
+        batch = self.take_batch()
+        if batch is not None:
+            await publish(batch)
+
+    async def _flush_every(self, publish: Publish, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self.flush_interval_s)
+            self._full.clear()
+            await self._flush(publish)
+
+    async def _connect_loop(self, stop: asyncio.Event) -> None:
+        down_since: float | None = None
+        connected_before = False
+        while not stop.is_set():
+            try:
+                async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=False,
+                                          keepalive=self.keepalive_s, queue_type=_handoff(self.handle)) as client:
+                    granted = (await client.subscribe(self.subscription, qos=1))[0]
+                    if granted.is_failure or granted.value != 1:
+                        raise PermissionError(
+                            f"MQTT {self.host}:{self.port} granted {granted} for the QoS 1 subscription to "
+                            f"{self.subscription} (client id {self.client_id}): allow this client to read it "
+                            "with QoS 1 in the broker's ACL and limits")
+                    if connected_before:
+                        self.stats.reconnects += 1
+                        log.info("MQTT %s:%d: reconnected after %.1f s; the broker resends what it queued",
+                                 self.host, self.port, time.monotonic() - (down_since or time.monotonic()))
+                    else:
+                        log.info("MQTT %s:%d: subscribed to %s (QoS 1, session %s)", self.host, self.port,
+                                 self.subscription, self.client_id)
+                    connected_before, down_since = True, None
+                    self.backoff.reset()
+                    self.subscribed.set()
+                    try:
+                        await while_connected(client, stop.wait())
+                    finally:
+                        self.subscribed.clear()
+            except aiomqtt.MqttError as e:
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("MQTT %s:%d: %s (%s); retrying with backoff up to %g s. Check that the broker "
+                                "runs and that host and port are right", self.host, self.port,
+                                "connection lost" if connected_before else "cannot connect", e.__cause__ or e,
+                                self.backoff.max_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.backoff.next_s())
+
+
+def _handoff(handle: Callable[[str, bytes], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """aiomqtt's incoming queue, replaced by a direct call of `handle`. aiomqtt puts
+    each message as paho reads it, before paho acknowledges it to the broker, so a
+    reading is in the collector's rows before the broker forgets it, and there is
+    no per-message queue and task on the event loop."""
+    class Handoff(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            handle(item.topic.value, item.payload)
+    return Handoff
+
+
+async def while_connected(client: aiomqtt.Client, work: Awaitable[None]) -> None:
+    """Await `work`; raises MqttError as soon as the connection drops. Used by clients
+    whose messages never reach `client.messages` (the collector's handoff, a
+    publisher that subscribes to nothing), so the iterator only ends with the connection."""
+    async def watch() -> None:
+        async for _ in client.messages:
+            pass
+    watcher, worker = asyncio.create_task(watch()), asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({watcher, worker}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (watcher, worker):
+            t.cancel()
+        await asyncio.gather(watcher, worker, return_exceptions=True)
+    for t in (watcher, worker):
+        if t.done() and not t.cancelled():
+            t.result()
+
+
+async def until_first_error(*coros: Awaitable[None]) -> None:
+    """Run coroutines together until all return; the first error cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for t in done:
+        t.result()
