@@ -216,3 +216,54 @@ def test_recorded_h100_raises_no_alert(trace, ts_key):
     assert n > 400 and engine.stats.gpu_samples == n
     assert engine.stats.invalid_values == {}
     assert changes == [], [a.annotations["summary"] for _, a in changes]
+
+
+def test_site_power_over_its_cap_alerts_once_and_resolves_when_load_drops():
+    """The main meter against detect.site_power_cap_w: set the cap between the idle
+    site's draw and the busy site's; load the fleet, then idle it again."""
+    probe = Harness(seed=8)
+    probe.sim.group_busy[:] = False
+    probe.run(60)
+    idle_w = float(probe.sim.step().facility.filter(pa.compute.equal(
+        probe.sim.step().facility.column("device"), "meter-main")).column("value")[0].as_py())
+    cap = idle_w * 1.5
+    h = Harness(seed=8)
+    h.engine = Engine(make_config(detect={"site_power_cap_w": cap}, fleet=h.cfg.fleet.__dict__))
+    h.sim.group_busy[:] = False
+    h.run(120)
+    assert h.fired() == []  # idle: under the cap
+    h.sim.group_busy[:] = True
+    h.sim.group_intensity[:] = 1.0
+    h.run(60)
+    [a] = h.fired()
+    assert a.alertname == "SitePowerOverCap" and a.labels["rack"] == "" and a.labels["site"] == "site-a"
+    assert a.evidence["power_w"] > cap and a.evidence["cap_w"] == cap
+    assert "of the site's" in a.annotations["summary"]
+    h.sim.group_busy[:] = False
+    h.run(120)
+    assert [x.alertname for _, x in h.changes if x.ends_at is not None] == ["SitePowerOverCap"]
+
+
+def test_a_rising_excess_alerts_before_the_full_threshold_and_a_steady_one_never():
+    """Rate of change: a GPU 7.5 C hotter than its siblings all along is not a runaway;
+    one heating at 0.15 C/s is alerted while its excess is still under 10 C."""
+    hot = 8 * 2 + 1  # node 2, GPU 1
+
+    def steady_offset(topic, batch):
+        if topic != Topic.GPU:
+            return batch
+        temp = batch.column("gpu_temp_c").to_numpy(zero_copy_only=False).copy()
+        temp[batch.column("gpu_uuid").to_numpy(zero_copy_only=False) == h.sim.gpu_uuids[hot]] += 7.5
+        return batch.set_column(batch.schema.get_field_index("gpu_temp_c"), "gpu_temp_c", pa.array(temp))
+    h = Harness(seed=13)
+    h.sim.group_busy[:] = True
+    h.sim.group_intensity[:] = 1.0
+    h.run(600, steady_offset)
+    assert h.fired("GpuThermalRunaway") == []
+    t0 = h.sim.now
+    f = h.sim.inject("thermal_runaway", gpu=5 * 8 + 3, duration_s=300, params={"rate_c_per_s": 0.15})
+    h.run(90, steady_offset)
+    [a] = h.fired("GpuThermalRunaway")
+    assert a.labels["gpu"] == "3" and a.labels["node"] == h.sim.node_names[f.node]
+    assert 6.0 < a.evidence["excess_c"] < 10.0 and a.evidence["rise_c"] > 2.0
+    assert (a.starts_at - t0).total_seconds() < 60  # a 10 C excess alone takes 67 s at this rate

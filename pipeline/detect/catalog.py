@@ -47,7 +47,8 @@ ALERTS: tuple[AlertSpec, ...] = (
               "{node} GPU {gpu} at {temp_c:.0f} C (limit {limit_c:.0f} C)",
               "Check the coolant loop of the rack, then the GPU's cold plate; drain if it keeps rising."),
     AlertSpec("GpuThermalRunaway", "critical", "gpu",
-              "{node} GPU {gpu} at {temp_c:.0f} C, {excess_c:.1f} C hotter than its siblings",
+              "{node} GPU {gpu} at {temp_c:.0f} C, {excess_c:.1f} C hotter than its siblings and rising "
+              "({rise_c:+.1f} C against its last ~20 s)",
               "Drain the node; the GPU's cold plate or thermal interface is failing."),
     AlertSpec("GpuThermalDrift", "warning", "gpu",
               "{node} GPU {gpu} runs {excess_c:.1f} C hotter than its siblings than it used to",
@@ -77,6 +78,9 @@ ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec("PduOverload", "critical", "rack",
               "rack {rack}: PDU {device} draws {power_w:.0f} W, {ratio:.0%} of its {rating_w:.0f} W rating",
               "Lower the rack's GPU power caps or drain nodes before the breaker trips."),
+    AlertSpec("SitePowerOverCap", "warning", "rack",
+              "site {site}: meter {device} reads {power_w:.0f} W, {ratio:.0%} of the site's {cap_w:.0f} W cap",
+              "Lower GPU power caps across the site (the cheapest watts) until the meter is back under the cap."),
 )
 
 ALERTS_BY_NAME: dict[str, AlertSpec] = {a.name: a for a in ALERTS}

@@ -63,8 +63,7 @@ class Checkpointer:
         self._partition_of: dict[str, int] = {}
 
     def partition(self, owners: pa.Array) -> np.ndarray:
-        """The partition of each owner key (where its data arrives); -1 for none
-        (site-level readings, which carry no detector state)."""
+        """The partition of each owner key (where its data arrives); -1 for none."""
         out = np.empty(len(owners), np.int64)
         for i, key in enumerate(owners.to_pylist()):  # once per entity per checkpoint; cached
             p = self._partition_of.get(key)

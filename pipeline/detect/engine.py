@@ -9,8 +9,9 @@ Detectors (README, "Detection", explains each in operator terms):
 - hard rules: XID events, uncorrectable ECC counter increments and row-remap
   flags, leak sensors, a GPU or node that stops reporting;
 - rates: PCIe replay and NVLink CRC counters (counter resets are not negative rates);
-- thresholds: GPU temperature, PDU load against rating;
-- peers: GPU temperature against its node's median (runaway), power and SM clock
+- thresholds: GPU temperature, PDU load against rating, site power against its cap;
+- peers: GPU temperature against its node's median (runaway: a large excess, or a
+  smaller one still rising against its own recent average), power and SM clock
   against the node's median at full utilisation (straggler), HW power brake;
 - statistics (Numba): EWMA baseline of coolant flow (flow loss), CUSUM of the
   GPU's temperature excess over its peers (slow drift), flat-line of the power
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 HW_SLOWDOWN_BITS = 0x8 | 0x20 | 0x40 | 0x80  # HW slowdown, SW/HW thermal, HW power brake
 POWER_BRAKE = 0x80
 THERMAL_TAU_S = 6.5  # slow thermal time constant of an H100 (shared/data/nvml trace)
-KIND_OTHER, KIND_LEAK, KIND_FLOW, KIND_PDU_POWER = 0, 1, 2, 3
+RISE_TAU_S = 20.0    # memory of the average a rising temperature excess is compared with
+KIND_OTHER, KIND_LEAK, KIND_FLOW, KIND_PDU_POWER, KIND_SITE_POWER = 0, 1, 2, 3, 4
 
 # Which tracker each alertname uses; fire_after None = the configured soft value.
 _HARD = {"GpuFellOffBus", "GpuUncorrectableEcc", "GpuNvlinkError", "GpuHighSbeRate", "GpuGspError", "GpuXid",
@@ -54,7 +56,7 @@ _DETECTOR = {
     "GpuOverTemperature": "threshold", "GpuThermalRunaway": "peer_temperature", "GpuThermalDrift": "cusum",
     "GpuStraggler": "peer_performance", "NodePowerBrake": "clock_reasons", "GpuPcieReplayStorm": "counter_rate",
     "GpuNvlinkErrorStorm": "counter_rate", "GpuPowerSensorStuck": "flatline", "CoolantFlowLoss": "ewma",
-    "CoolantLeak": "leak_sensor", "PduOverload": "threshold",
+    "CoolantLeak": "leak_sensor", "PduOverload": "threshold", "SitePowerOverCap": "threshold",
 }
 
 
@@ -109,7 +111,7 @@ class Engine:
         self.points = KeyIndex(self._new_points)
         self.g = SlotArrays({"node": (np.int64, -1), "index": (np.int64, 0), "last_seen": (np.float64, np.nan),
                              "interval": (np.float64, np.nan), "offbus": (np.bool_, False),
-                             "p_slow": (np.float64, np.nan)})
+                             "p_slow": (np.float64, np.nan), "excess_slow": (np.float64, np.nan)})
         self.n = SlotArrays({"rack": (np.int64, -1), "last_seen": (np.float64, np.nan),
                              "interval": (np.float64, np.nan)})
         self.p = SlotArrays({"rack": (np.int64, -1), "kind": (np.int8, KIND_OTHER)})
@@ -169,9 +171,11 @@ class Engine:
         sites = b.column("site").take(rows).to_pylist()
         for i, (dev, metric, rack, site) in enumerate(zip(devices, metrics, racks, sites)):
             kind = (KIND_LEAK if metric == "leak" else KIND_FLOW if metric == "flow_lpm"
-                    else KIND_PDU_POWER if metric == "power_w" and dev.startswith("pdu") else KIND_OTHER)
+                    else KIND_PDU_POWER if metric == "power_w" and dev.startswith("pdu")
+                    else KIND_SITE_POWER if metric == "power_w" and not rack else KIND_OTHER)
             self.p.kind[start + i] = kind
-            self.p.rack[start + i] = self.racks.slots(pa.array([f"{site}/{rack}"]))[0] if rack else -1
+            # Site-level devices (the main meter) belong to the site's entry, rack "".
+            self.p.rack[start + i] = self.racks.slots(pa.array([f"{site}/{rack}"]))[0]
         self.point_devices.extend(devices)
 
     def _labels_getter(self, scope: str):
@@ -192,7 +196,7 @@ class Engine:
         a GPU is on, which rack a node is in) are not state: they come with the keys."""
         def every(arrays: SlotArrays) -> tuple[SlotArrays, tuple[str, ...]]:
             return arrays, arrays.fields
-        gpu = {"gpu": (self.g, ("last_seen", "interval", "offbus", "p_slow")),
+        gpu = {"gpu": (self.g, ("last_seen", "interval", "offbus", "p_slow", "excess_slow")),
                **{name: every(d.s) for name, d in (("dbe", self.dbe), ("pcie", self.pcie), ("nvlink", self.nvlink),
                                                     ("power_flat", self.power_flat), ("drift", self.drift))},
                **{f"xid.{name}": every(arr) for name, arr in self.xid_until.items()}}
@@ -204,7 +208,8 @@ class Engine:
 
     def identities(self, scope: str) -> pa.RecordBatch:
         """Every known entity of a scope, in slot order, with the labels that identify it
-        and `owner`: the bus key its data arrives under (node, or rack for facility)."""
+        and `owner`: the bus key its data arrives under (node; rack, or site for site-level
+        facility devices)."""
         nodes = np.asarray(self.node_names, dtype=object)
         sites = np.asarray([s for s, _ in self.rack_names], dtype=object)
         racks = np.asarray([r for _, r in self.rack_names], dtype=object)
@@ -216,15 +221,14 @@ class Engine:
         elif scope == "node":
             rack = self.n.rack[:len(nodes)]
             cols = {"node": nodes, "site": sites[rack], "rack": racks[rack], "owner": nodes}
-        elif scope == "rack":
-            cols = {"site": sites, "rack": racks, "owner": racks}
+        elif scope == "rack":  # a site's own entry (rack "") arrives keyed by the site
+            cols = {"site": sites, "rack": racks, "owner": np.where(racks == "", sites, racks)}
         else:
             rack = self.p.rack[:len(self.point_devices)]
-            rack_name = np.where(rack >= 0, racks[rack] if len(racks) else "", "")
             parts = pc.split_pattern(self.points.keys, "/", max_splits=1)
             cols = {"device": pc.list_element(parts, 0), "metric": pc.list_element(parts, 1),
-                    "site": np.where(rack >= 0, sites[rack] if len(sites) else "", ""), "rack": rack_name,
-                    "owner": rack_name}
+                    "site": sites[rack], "rack": racks[rack],
+                    "owner": np.where(racks[rack] == "", sites[rack], racks[rack])}
         return pa.RecordBatch.from_pydict({k: pa.array(v, pa.int16() if k == "gpu" else pa.string())
                                            if not isinstance(v, pa.Array) else v for k, v in cols.items()})
 
@@ -349,9 +353,20 @@ class Engine:
         # drift already alerted on the GPU is the same problem growing.
         drift_tracker = self.trackers["GpuThermalDrift"]
         drift_tracker.s.ensure(self.g_count)
-        self._eval(out, "GpuThermalRunaway", slots, (residual > d.peer_temp_excess_c) & ~drift_tracker.s.firing[slots],
-                   b.t, residual, _evidence(temp_c=temp, excess_c=residual, peer_median_c=peer_c, power_w=power,
-                                            peer_power_w=med_p_eff[local], threshold_c=d.peer_temp_excess_c))
+        # Rate of change: a runaway is an excess that keeps rising. Against its own average
+        # of the last ~RISE_TAU_S, a GPU ramping at 0.15 C/s is ~2.7 C up, a hot but steady
+        # one is not; that catches it at the early excess instead of the full one.
+        prev = g.excess_slow[slots]
+        a_rise = 1.0 - np.exp(-np.nan_to_num(b.gap, nan=1.0) / RISE_TAU_S)
+        g.excess_slow[slots] = np.where(np.isnan(prev), residual,
+                                        np.where(np.isnan(residual), prev, prev + a_rise * (residual - prev)))
+        rise = residual - prev
+        runaway = (residual > d.peer_temp_excess_c) | ((residual > d.runaway_early_c) & (rise > d.runaway_rise_c))
+        self._eval(out, "GpuThermalRunaway", slots, runaway & ~drift_tracker.s.firing[slots],
+                   b.t, residual, _evidence(temp_c=temp, excess_c=residual, rise_c=rise, peer_median_c=peer_c,
+                                            power_w=power, peer_power_w=med_p_eff[local],
+                                            threshold_c=d.peer_temp_excess_c, early_threshold_c=d.runaway_early_c,
+                                            rise_threshold_c=d.runaway_rise_c))
         runaway = self.trackers["GpuThermalRunaway"].pending_or_firing(self.g_count)[slots]
         self._eval(out, "GpuOverTemperature", slots, (temp >= d.gpu_temp_limit_c) & ~cooling_bad & ~runaway, b.t, temp,
                    _evidence(temp_c=temp, limit_c=d.gpu_temp_limit_c, peer_median_c=peer_c))
@@ -509,6 +524,12 @@ class Engine:
         per_rack("PduOverload", pdu, value[pdu] > d.pdu_load_ratio * rating, value[pdu] / rating,
                  lambda r: {"device": devices[slots[r]], "power_w": float(value[r]), "rating_w": rating,
                             "ratio": float(value[r] / rating), "threshold_ratio": d.pdu_load_ratio})
+        if d.site_power_cap_w > 0:  # physics: the whole site against its contracted or breaker cap
+            site = np.flatnonzero(kind == KIND_SITE_POWER)
+            cap = d.site_power_cap_w
+            per_rack("SitePowerOverCap", site, value[site] > cap, value[site] / cap,
+                     lambda r: {"device": devices[slots[r]], "power_w": float(value[r]), "cap_w": cap,
+                                "ratio": float(value[r] / cap)})
 
     # ---- node health -------------------------------------------------------------
 
