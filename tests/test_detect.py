@@ -267,3 +267,31 @@ def test_a_rising_excess_alerts_before_the_full_threshold_and_a_steady_one_never
     assert a.labels["gpu"] == "3" and a.labels["node"] == h.sim.node_names[f.node]
     assert 6.0 < a.evidence["excess_c"] < 10.0 and a.evidence["rise_c"] > 2.0
     assert (a.starts_at - t0).total_seconds() < 60  # a 10 C excess alone takes 67 s at this rate
+
+
+def test_a_forced_slowdown_alerts_unless_another_alert_explains_it():
+    """HW thermal slowdown (0x40 | 0x8) on a GPU at a normal temperature: GpuHwSlowdown.
+    A power brake on the node (0x80 | 0x8) is NodePowerBrake alone."""
+    slowed = 8 * 3 + 2
+
+    def force(bits):
+        def mutate(topic, batch):
+            if topic != Topic.GPU:
+                return batch
+            reasons = batch.column("clock_event_reasons").to_numpy(zero_copy_only=False).copy()
+            reasons[batch.column("gpu_uuid").to_numpy(zero_copy_only=False) == h.sim.gpu_uuids[slowed]] |= bits
+            return batch.set_column(batch.schema.get_field_index("clock_event_reasons"), "clock_event_reasons",
+                                    pa.array(reasons))
+        return mutate
+    h = Harness(seed=17)
+    h.run(120)
+    h.run(10, force(0x40 | 0x8))
+    [a] = h.fired()
+    assert a.alertname == "GpuHwSlowdown" and a.labels["gpu"] == "2" and a.labels["node"] == h.sim.node_names[3]
+    assert a.evidence["what"] == "HW slowdown, HW thermal slowdown" and int(a.evidence["reasons"], 16) & 0x48 == 0x48
+    h2 = Harness(seed=17)
+    h2.run(120)
+    h2.sim.inject("hw_power_brake", node=3, duration_s=120)
+    h2.sim.group_busy[:] = True
+    h2.run(30)
+    assert {x.alertname for x in h2.fired()} == {"NodePowerBrake"}

@@ -10,6 +10,8 @@ Detectors (README, "Detection", explains each in operator terms):
   flags, leak sensors, a GPU or node that stops reporting;
 - rates: PCIe replay and NVLink CRC counters (counter resets are not negative rates);
 - thresholds: GPU temperature, PDU load against rating, site power against its cap;
+- clocks event reasons: HW power brake per node; HW or thermal slowdown that no other
+  alert explains;
 - peers: GPU temperature against its node's median (runaway: a large excess, or a
   smaller one still rising against its own recent average), power and SM clock
   against the node's median at full utilisation (straggler), HW power brake;
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 HW_SLOWDOWN_BITS = 0x8 | 0x20 | 0x40 | 0x80  # HW slowdown, SW/HW thermal, HW power brake
 POWER_BRAKE = 0x80
+FORCED_SLOWDOWN = 0x8 | 0x20 | 0x40  # HW slowdown, SW thermal, HW thermal: clocks forced down
 THERMAL_TAU_S = 6.5  # slow thermal time constant of an H100 (shared/data/nvml trace)
 RISE_TAU_S = 20.0    # memory of the average a rising temperature excess is compared with
 KIND_OTHER, KIND_LEAK, KIND_FLOW, KIND_PDU_POWER, KIND_SITE_POWER = 0, 1, 2, 3, 4
@@ -54,7 +57,7 @@ _DETECTOR = {
     "GpuFellOffBus": "xid", "GpuUncorrectableEcc": "ecc", "GpuNvlinkError": "xid", "GpuHighSbeRate": "xid",
     "GpuGspError": "xid", "GpuXid": "xid", "GpuNotReporting": "staleness", "NodeNotReporting": "staleness",
     "GpuOverTemperature": "threshold", "GpuThermalRunaway": "peer_temperature", "GpuThermalDrift": "cusum",
-    "GpuStraggler": "peer_performance", "NodePowerBrake": "clock_reasons", "GpuPcieReplayStorm": "counter_rate",
+    "GpuStraggler": "peer_performance", "NodePowerBrake": "clock_reasons", "GpuHwSlowdown": "clock_reasons", "GpuPcieReplayStorm": "counter_rate",
     "GpuNvlinkErrorStorm": "counter_rate", "GpuPowerSensorStuck": "flatline", "CoolantFlowLoss": "ewma",
     "CoolantLeak": "leak_sensor", "PduOverload": "threshold", "SitePowerOverCap": "threshold",
 }
@@ -89,6 +92,7 @@ class GpuBatch:
     local: np.ndarray        # each row's position in local_nodes (the peer group)
     reasons: np.ndarray      # clocks event reasons, int64
     power_runs: np.ndarray   # identical power readings in a row (flat-line)
+    thermal_alerted: np.ndarray | None = None  # a thermal or coolant alert explains the GPU's heat (_thermal)
 
 
 def _evidence(**values):
@@ -332,12 +336,16 @@ class Engine:
         # taken out before comparing it with the median of its node. Temperature follows
         # power through two lags (H100 trace: ~60% at once, the rest with tau 6.5 s), so it
         # reflects 0.6 P + 0.4 P_slow. A power reading that repeats exactly is not trusted
-        # (a stuck sensor): that GPU is taken to draw its peers' median.
+        # (a stuck sensor): that GPU is taken to draw its peers' median, in P_slow as well,
+        # so that the real reading coming back later is not a jump in the excess.
+        stuck = b.power_runs >= 3
+        med_power, _ = group_median(np.where(stuck, np.nan, power), local, n_local)
+        power = np.where(stuck, med_power[local], power)
         a = 1.0 - np.exp(-np.nan_to_num(b.gap, nan=1.0) / THERMAL_TAU_S)
         p_prev = g.p_slow[slots]
         p_slow = np.where(np.isnan(p_prev), power, np.where(np.isnan(power), p_prev, p_prev + a * (power - p_prev)))
         g.p_slow[slots] = p_slow
-        p_eff = np.where(b.power_runs >= 3, np.nan, 0.6 * power + 0.4 * p_slow)
+        p_eff = 0.6 * power + 0.4 * p_slow
         med_p_eff, _ = group_median(p_eff, local, n_local)
         p_eff = np.where(np.isnan(p_eff), med_p_eff[local], p_eff)
         adj_temp = temp - d.thermal_c_per_w * (p_eff - med_p_eff[local])
@@ -364,13 +372,14 @@ class Engine:
         runaway = (residual > d.peer_temp_excess_c) | ((residual > d.runaway_early_c) & (rise > d.runaway_rise_c))
         self._eval(out, "GpuThermalRunaway", slots, runaway & ~drift_tracker.s.firing[slots],
                    b.t, residual, _evidence(temp_c=temp, excess_c=residual, rise_c=rise, peer_median_c=peer_c,
-                                            power_w=power, peer_power_w=med_p_eff[local],
+                                            power_w=b.m["power_w"], peer_power_w=med_p_eff[local],
                                             threshold_c=d.peer_temp_excess_c, early_threshold_c=d.runaway_early_c,
                                             rise_threshold_c=d.runaway_rise_c))
         runaway = self.trackers["GpuThermalRunaway"].pending_or_firing(self.g_count)[slots]
         self._eval(out, "GpuOverTemperature", slots, (temp >= d.gpu_temp_limit_c) & ~cooling_bad & ~runaway, b.t, temp,
                    _evidence(temp_c=temp, limit_c=d.gpu_temp_limit_c, peer_median_c=peer_c))
         hot = runaway | self.trackers["GpuOverTemperature"].pending_or_firing(self.g_count)[slots]
+        b.thermal_alerted = hot | cooling_bad
         # The drift detector reads only samples under load: a degrading cold plate shows
         # there, while at idle integer temperatures and gain spread move the excess by ~2 C.
         # It neither learns nor accumulates while the rack's coolant or the GPU's clocks are
@@ -399,6 +408,16 @@ class Engine:
         brake_gpus = np.bincount(local, (b.reasons & POWER_BRAKE) != 0, n_local)
         self._eval(out, "NodePowerBrake", b.local_nodes, brake_gpus > 0, b.t, brake_gpus,
                    _evidence(gpus=brake_gpus, reason_bit="0x80"))
+        # DCGM's clocks-event semantics: clocks forced down by hardware or a thermal
+        # limit that no alert already explains (a brake on the node, a hot GPU, its rack's coolant).
+        forced = (b.reasons & FORCED_SLOWDOWN) != 0
+        unexplained = forced & (brake_gpus[local] == 0) & ~b.thermal_alerted
+        self._eval(out, "GpuHwSlowdown", b.slots, unexplained, b.t, (b.reasons & FORCED_SLOWDOWN).astype(float),
+                   lambda i: {"reasons": hex(int(b.reasons[i])), "sm_mhz": float(sm[i]), "power_w": float(power[i]),
+                              "temp_c": float(b.m["gpu_temp_c"][i]), "mem_temp_c": float(b.m["mem_temp_c"][i]),
+                              "what": ", ".join(w for w, bit in (("HW slowdown", 0x8), ("SW thermal slowdown", 0x20),
+                                                                 ("HW thermal slowdown", 0x40))
+                                                if b.reasons[i] & bit)})
 
     def _counters(self, b: GpuBatch, out: Output) -> None:
         """Error counters and flags, XID latches, and the frozen power sensor."""
