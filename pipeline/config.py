@@ -74,6 +74,8 @@ class DetectConfig:
     peer_temp_excess_c: float = _spec(10.0, min=1, doc="GPU hotter than its node's median by this much (power-adjusted)")
     runaway_early_c: float = _spec(6.0, min=1, doc="a smaller excess that is a runaway when it is still rising")
     runaway_rise_c: float = _spec(2.0, min=0.1, doc="... by this much above its own ~20 s average")
+    runaway_steady_w: float = _spec(30.0, min=1, doc="... at steady power: the GPU's and its node's power within "
+                                    "this of their lagged power (temperatures lag a load change)")
     thermal_c_per_w: float = _spec(0.04, min=0, max=1, doc="GPU temperature rise per W above coolant (H100: ~0.04)")
     straggler_ratio: float = _spec(0.85, min=0.1, max=1.0, doc="power and clock below this share of peers")
     pcie_replay_rate_per_s: float = _spec(5.0, min=0, doc="PCIe replays per second that alert")

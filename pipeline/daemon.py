@@ -259,6 +259,60 @@ async def notify_role(sub, alert_log: AlertLog, webhooks: WebhookSender | None, 
         await sub.commit()
 
 
+@dataclass
+class Inputs:
+    """Where this process's data comes from, besides the simulator itself."""
+    agent: NvmlAgent | None          # this node's GPUs (role agent)
+    replay: NvmlReplay | None        # recorded NVML data in place of the GPUs
+    bms: BmsPublisher | None         # the simulator's facility data, out on MQTT
+    collector: MqttCollector | None  # facility data, in from MQTT (role facility)
+
+    @classmethod
+    def build(cls, cfg: Config, roles: frozenset[str]) -> "Inputs":
+        a, m = cfg.agent, cfg.mqtt
+        agent = NvmlAgent(a, a.node or socket.gethostname()) if "agent" in roles else None
+        mqtt = host_port("mqtt.broker", m.broker, 1883) if m.broker else None
+        return cls(
+            agent, NvmlReplay(a.replay, a.replay_gpus) if agent is not None and a.replay else None,
+            BmsPublisher(*mqtt, client_id=f"fleetwatch-bms-sim-{cfg.fleet.site}", topic_root=m.topic_root)
+            if mqtt and "simulate" in roles else None,
+            MqttCollector(*mqtt, site=m.site or cfg.fleet.site, dead_letter_path=cfg.mqtt_dead_letters,
+                          client_id=m.client_id or None, topic_root=m.topic_root)
+            if mqtt and "facility" in roles else None)
+
+    def describe(self, cfg: Config, roles: frozenset[str]) -> str:
+        f, broker = cfg.fleet, cfg.mqtt.broker
+        return ", ".join(filter(None, [
+            f"NVML agent on {self.agent.node}" + (f" (replaying {cfg.agent.replay})" if self.replay else "")
+            if self.agent else "",
+            f"{f.racks} racks x {f.nodes_per_rack} nodes x {f.gpus_per_node} GPUs simulated"
+            + (f" (facility data on MQTT at {broker})" if self.bms else "") if "simulate" in roles else "",
+            f"facility data from MQTT at {broker} ({self.collector.subscription})" if self.collector else ""])) \
+            or "no source"
+
+
+def _log_summary(cfg: Config, summary: RunSummary, engine: Engine, writer: ArchiveWriter, bus: Bus | None,
+                 bms: BmsPublisher | None, collector: MqttCollector | None) -> None:
+    invalid = engine.stats.invalid_values
+    log.info("stopped after %.1f s: %d GPU samples published, %d GPU samples, %d alerts raised, %d rows archived "
+             "in %d files, %d invalid values skipped%s, %d messages dead-lettered, %d redelivered messages already "
+             "archived%s", summary.wall_s, summary.gpu_samples_published, summary.gpu_samples, summary.alerts_fired,
+             sum(summary.rows_archived.values()),
+             writer.files_written, sum(invalid.values()), f" {invalid}" if invalid else "",
+             bus.dead_letters if bus is not None else 0, writer.redelivered_skipped,
+             f", producer outbox peak {bus.outbox_peak_bytes / 2**20:.1f} MB, {bus.delivery_failures} messages "
+             f"Kafka rejected" if isinstance(bus, KafkaBus) else "")
+    if bms is not None:
+        log.info("BMS simulator: %d facility readings published on MQTT, %d dropped (buffer full)",
+                 bms.stats.readings, bms.stats.dropped)
+    if collector is not None:
+        c = collector.stats
+        log.info("facility collector: %d MQTT messages, %d facility readings collected, %d duplicates dropped, "
+                 "%d dead-lettered%s to %s, %d reconnects", c.messages, c.rows, c.duplicates,
+                 sum(c.dead_letters.values()), f" {c.dead_letters}" if c.dead_letters else "", cfg.mqtt_dead_letters,
+                 c.reconnects)
+
+
 async def _quiet(count, quiet_s: float = 0.5, at_most_s: float = 10.0) -> None:
     """Wait until count() stops changing for quiet_s (at most at_most_s)."""
     deadline = time.monotonic() + at_most_s
@@ -358,25 +412,11 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
                         connect_timeout_s=k.connect_timeout_s) if k.bootstrap else MemoryBus())
         await bus.start()
         writer = ArchiveWriter(cfg.archive_dir, cfg.archive.compression, cfg.archive.max_buffer_rows)
-        a, m = cfg.agent, cfg.mqtt
-        agent = NvmlAgent(a, a.node or socket.gethostname()) if "agent" in roles else None
-        replay = NvmlReplay(a.replay, a.replay_gpus) if agent is not None and a.replay else None
-        mqtt = host_port("mqtt.broker", m.broker, 1883) if m.broker else None
-        bms = (BmsPublisher(*mqtt, client_id=f"fleetwatch-bms-sim-{cfg.fleet.site}", topic_root=m.topic_root)
-               if mqtt and "simulate" in roles else None)
-        collector = (MqttCollector(*mqtt, site=m.site or cfg.fleet.site, dead_letter_path=cfg.mqtt_dead_letters,
-                                   client_id=m.client_id or None, topic_root=m.topic_root)
-                     if "facility" in roles else None)
+        inputs = Inputs.build(cfg, roles)
+        agent, replay, bms, collector = inputs.agent, inputs.replay, inputs.bms, inputs.collector
         log.info("fleetwatch running %s: %s, bus %s, archive %s, alerts %s",
-                 "all roles" if whole(roles) else "role " + "/".join(sorted(roles)),
-                 ", ".join(filter(None, [
-                     f"NVML agent on {agent.node}" + (f" (replaying {a.replay})" if replay else "") if agent else "",
-                     f"{cfg.fleet.racks} racks x {cfg.fleet.nodes_per_rack} nodes x {cfg.fleet.gpus_per_node} GPUs "
-                     f"simulated" + (f" (facility data on MQTT at {m.broker})" if bms else "")
-                     if "simulate" in roles else "",
-                     f"facility data from MQTT at {m.broker} ({collector.subscription})" if collector else ""]))
-                 or "no source", f"Kafka at {k.bootstrap}" if k.bootstrap else "in-process", cfg.archive_dir,
-                 cfg.alerts_log)
+                 "all roles" if whole(roles) else "role " + "/".join(sorted(roles)), inputs.describe(cfg, roles),
+                 f"Kafka at {k.bootstrap}" if k.bootstrap else "in-process", cfg.archive_dir, cfg.alerts_log)
 
         sources: list[asyncio.Task] = []
         facility = detect = None
@@ -391,7 +431,7 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
                 if not subscribed.done():
                     subscribed.cancel()
                     log.warning("MQTT at %s: not subscribed after %g s; starting the simulator anyway (its first "
-                                "readings may be lost)", m.broker, k.connect_timeout_s)
+                                "readings may be lost)", cfg.mqtt.broker, k.connect_timeout_s)
         if "simulate" in roles:
             sources.append(asyncio.create_task(simulate_role(bus, sim, stop, cfg.fleet.speed, summary, bms),
                                                name="simulate"))
@@ -453,22 +493,5 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
     summary.wall_s = time.monotonic() - started
     summary.gpu_samples, summary.alerts_fired = engine.stats.gpu_samples, engine.stats.alerts_fired
     summary.rows_archived = dict(writer.rows_written)
-    invalid = engine.stats.invalid_values
-    log.info("stopped after %.1f s: %d GPU samples published, %d GPU samples, %d alerts raised, %d rows archived "
-             "in %d files, %d invalid values skipped%s, %d messages dead-lettered, %d redelivered messages already "
-             "archived%s", summary.wall_s, summary.gpu_samples_published, summary.gpu_samples, summary.alerts_fired,
-             sum(summary.rows_archived.values()),
-             writer.files_written, sum(invalid.values()), f" {invalid}" if invalid else "",
-             bus.dead_letters if bus is not None else 0, writer.redelivered_skipped,
-             f", producer outbox peak {bus.outbox_peak_bytes / 2**20:.1f} MB, {bus.delivery_failures} messages "
-             f"Kafka rejected" if isinstance(bus, KafkaBus) else "")
-    if bms is not None:
-        log.info("BMS simulator: %d facility readings published on MQTT, %d dropped (buffer full)",
-                 bms.stats.readings, bms.stats.dropped)
-    if collector is not None:
-        c = collector.stats
-        log.info("facility collector: %d MQTT messages, %d facility readings collected, %d duplicates dropped, "
-                 "%d dead-lettered%s to %s, %d reconnects", c.messages, c.rows, c.duplicates,
-                 sum(c.dead_letters.values()), f" {c.dead_letters}" if c.dead_letters else "", cfg.mqtt_dead_letters,
-                 c.reconnects)
+    _log_summary(cfg, summary, engine, writer, bus, bms, collector)
     return summary

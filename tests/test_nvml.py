@@ -181,3 +181,23 @@ def test_no_driver_is_one_clear_message_and_exit_status_2(tmp_path):
     assert "NVML: the NVML library (libnvidia-ml.so.1) is not installed" in r.stderr
     assert "nvidia-smi" in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.count("is not installed") == 1  # said once
+
+
+def test_eight_replayed_gpus_out_of_step_raise_no_alert():
+    """Real dynamics as peers: each replayed H100 is at its own point of the recorded
+    load (idle, ramp, 700 W, cooldown) while its siblings are at others, for the whole
+    trace. Loads starting and stopping on single GPUs are normal: no alert."""
+    cfg = make_config()
+    replay = NvmlReplay(SHARED_NVML, gpus=8, latency=False)
+    engine = Engine(cfg)
+    with replay.installed():
+        a = NvmlAgent(cfg.agent, "node-1")
+        a.open()
+        t0 = 1.8e9
+        for i in range(len(TRACE)):
+            s = a.scrape()
+            ts = pa.array(np.full(s.samples.num_rows, int((t0 + 0.1 * i) * 1e9)), pa.int64())  # the trace's 10 Hz
+            batch = s.samples.set_column(0, "ts", ts.cast(s.samples.schema.field("ts").type))
+            fired = [x.annotations["summary"] for _, x in engine.process(Message(Topic.GPU, batch)).alerts]
+            assert fired == [], f"scrape {i}: {fired}"
+    assert engine.stats.gpu_samples == 8 * len(TRACE)

@@ -369,7 +369,14 @@ class Engine:
         g.excess_slow[slots] = np.where(np.isnan(prev), residual,
                                         np.where(np.isnan(residual), prev, prev + a_rise * (residual - prev)))
         rise = residual - prev
-        runaway = (residual > d.peer_temp_excess_c) | ((residual > d.runaway_early_c) & (rise > d.runaway_rise_c))
+        # Only at steady power, on the GPU and across its node: right after a load starts or
+        # stops the temperatures lag their power (the H100 replay shows 8 C swings), and
+        # that is not a runaway. A runaway heats up at constant power.
+        swing = np.abs(power - p_slow)
+        node_swing, _ = group_median(swing, local, n_local)
+        steady = (swing < d.runaway_steady_w) & (node_swing[local] < d.runaway_steady_w)
+        runaway = (residual > d.peer_temp_excess_c) | (steady & (residual > d.runaway_early_c)
+                                                       & (rise > d.runaway_rise_c))
         self._eval(out, "GpuThermalRunaway", slots, runaway & ~drift_tracker.s.firing[slots],
                    b.t, residual, _evidence(temp_c=temp, excess_c=residual, rise_c=rise, peer_median_c=peer_c,
                                             power_w=b.m["power_w"], peer_power_w=med_p_eff[local],
