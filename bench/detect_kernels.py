@@ -9,8 +9,9 @@ noise, spikes, NaNs and an irregular clock. Measured in one run, single-threaded
           series: stats.EWMean + stats.EWVar for the EWMA z-score, drift.PageHinkley
           for the CUSUM (timed on RIVER_SERIES series; per-value cost does not depend
           on the number of series)
-and prints values/s and the ratios. The numpy version is checked to give the same
-scores as the kernels. Also: the kernels' JIT compile time (a cold on-disk cache
+and prints values/s and the ratios; then each detector alone against its numpy version,
+the robust median/MAD z-score included. The numpy versions are checked to give the
+same scores as the kernels. Also: the kernels' JIT compile time (a cold on-disk cache
 against a warm one, each in a fresh process), and state bytes per series.
 
     python bench/detect_kernels.py [--series 100000] [--ticks 50] [--river-series 2000]
@@ -31,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 
 from pipeline.detect import kernels  # noqa: E402
-from pipeline.detect.state import Cusum, EwmaZ  # noqa: E402
+from pipeline.detect.state import Cusum, EwmaZ, RobustZ  # noqa: E402
 
 HALFLIFE, Z_GATE, WARMUP, RELEARN, MIN_SD_REL, MIN_SD_ABS = 600.0, 6.0, 20, 3600, 0.001, 1e-9
 CUSUM_K, CUSUM_H, CUSUM_CAP = 1.0, 50.0, 2.0
@@ -52,6 +53,11 @@ def workload(series: int, ticks: int, seed: int = 1) -> list[tuple[np.ndarray, n
 
 # ---- numpy: the same algorithms, vectorised over a batch with unique slots ------------
 
+def np_alpha(dt: np.ndarray, count: np.ndarray) -> np.ndarray:
+    a = np.minimum(1.0 - np.exp(-math.log(2.0) * np.maximum(dt, 0.0) / HALFLIFE), kernels.MAX_ALPHA)
+    return np.maximum(a, 1.0 / (count + 1.0))
+
+
 class NumpyEwmaZ:
     def __init__(self, n: int) -> None:
         self.mean, self.var, self.last_ts = np.zeros(n), np.zeros(n), np.zeros(n)
@@ -68,9 +74,7 @@ class NumpyEwmaZ:
         out_gate = old & (np.abs(z) > Z_GATE)
         learn = old & ~out_gate
         outl = np.where(out_gate, self.outliers[s] + 1, np.where(learn, 0, self.outliers[s]))
-        a = np.minimum(1.0 - np.exp(-math.log(2.0) * np.maximum(t - self.last_ts[s], 0.0) / HALFLIFE),
-                       kernels.MAX_ALPHA)
-        a = np.maximum(a, 1.0 / (count + 1.0))
+        a = np_alpha(t - self.last_ts[s], count)
         d = x - mean
         new_mean = np.where(learn, mean + a * d, np.where(first, x, mean))
         new_var = np.where(learn, (1.0 - a) * (var + a * d * d), np.where(first, 0.0, var))
@@ -101,6 +105,29 @@ class NumpyCusum:
         self.count[s] = np.where(learn, count + 1, np.where(first, 1, count))
         self.hi[s], self.lo[s] = hi, lo
         return np.where(ok, np.where(hi >= lo, hi / CUSUM_H, -lo / CUSUM_H), np.nan)
+
+
+class NumpyRobustZ:
+    def __init__(self, n: int) -> None:
+        self.med, self.mad, self.last_ts = np.zeros(n), np.zeros(n), np.zeros(n)
+        self.count = np.zeros(n, np.int64)
+
+    def update(self, x: np.ndarray, s: np.ndarray, t: np.ndarray) -> np.ndarray:
+        ok = np.isfinite(x)
+        med, mad, count = self.med[s], self.mad[s], self.count[s]
+        first = ok & (count == 0)
+        old = ok & ~first
+        d = x - med
+        floor2 = (MIN_SD_REL * med) ** 2 + MIN_SD_ABS ** 2
+        sd = kernels.MAD_TO_SD * mad
+        z = np.where(ok, np.where(old & (count >= WARMUP), d / np.sqrt(sd * sd + floor2), 0.0), np.nan)
+        r = np.where(sd * sd >= floor2, mad, np.abs(d))
+        a = np_alpha(t - self.last_ts[s], count)
+        self.med[s] = np.where(old, med + a * kernels.MAD_TO_SD * r * np.sign(d), np.where(first, x, med))
+        self.mad[s] = np.where(old, r + a * r * np.sign(np.abs(d) - r), np.where(first, 0.0, mad))
+        self.count[s] = np.where(ok, count + 1, count)
+        self.last_ts[s] = np.where(ok, t, self.last_ts[s])
+        return z
 
 
 # ---- river: one online detector object per series ---------------------------------------
@@ -156,17 +183,20 @@ def main() -> None:
 
     def detectors():
         return (EwmaZ(HALFLIFE, Z_GATE, WARMUP, RELEARN, MIN_SD_REL, MIN_SD_ABS),
-                Cusum(HALFLIFE, CUSUM_K, CUSUM_H, WARMUP, CUSUM_CAP), NumpyEwmaZ(args.series), NumpyCusum(args.series))
+                Cusum(HALFLIFE, CUSUM_K, CUSUM_H, WARMUP, CUSUM_CAP), RobustZ(HALFLIFE, WARMUP, MIN_SD_REL, MIN_SD_ABS),
+                NumpyEwmaZ(args.series), NumpyCusum(args.series), NumpyRobustZ(args.series))
 
-    # Same scores first (not timed): the numpy version is the same algorithm.
-    ewma, cus, nz, nc = detectors()
+    # Same scores first (not timed): each numpy version is the same algorithm.
+    ewma, cus, rob, nz, nc, nr = detectors()
     for x, s, t in batches:
         z, _ = ewma.update(x, s, t)
         assert np.allclose(z, nz.update(x, s, t), equal_nan=True, rtol=1e-9, atol=1e-9), "numpy EWMA differs"
         assert np.allclose(cus.update(x, s), nc.update(x, s), equal_nan=True, rtol=1e-9, atol=1e-9), \
             "numpy CUSUM differs"
+        assert np.allclose(rob.update(x, s, t), nr.update(x, s, t), equal_nan=True, rtol=1e-9, atol=1e-9), \
+            "numpy robust z differs"
 
-    ewma, cus, nz, nc = detectors()
+    ewma, cus, rob, nz, nc, nr = detectors()
 
     def numba_run() -> None:
         for x, s, t in batches:
@@ -178,17 +208,20 @@ def main() -> None:
             nz.update(x, s, t)
             nc.update(x, s)
     numba_s, numpy_s = timed(numba_run), timed(numpy_run)
-    ewma, cus, nz, nc = detectors()
+    ewma, cus, rob, nz, nc, nr = detectors()
     per_kernel = {  # values/s of each detector alone
         "EWMA z-score": (values / timed(lambda: [ewma.update(x, s, t) for x, s, t in batches]),
                          values / timed(lambda: [nz.update(x, s, t) for x, s, t in batches])),
         "CUSUM": (values / timed(lambda: [cus.update(x, s) for x, s, _ in batches]),
-                  values / timed(lambda: [nc.update(x, s) for x, s, _ in batches]))}
+                  values / timed(lambda: [nc.update(x, s) for x, s, _ in batches])),
+        "robust median/MAD z-score": (values / timed(lambda: [rob.update(x, s, t) for x, s, t in batches]),
+                                      values / timed(lambda: [nr.update(x, s, t) for x, s, t in batches]))}
     river_rate = river_run(batches, args.river_series)
     cold, warm = compile_times()
     numba_rate, numpy_rate = values / numba_s, values / numpy_s
-    state = sum(getattr(ewma.s, f).itemsize for f in ewma.s.fields) + sum(getattr(cus.s, f).itemsize
-                                                                            for f in cus.s.fields)
+    def state_bytes(*dets) -> int:
+        return sum(getattr(d.s, f).itemsize for d in dets for f in d.s.fields)
+    state, robust_state = state_bytes(ewma, cus), state_bytes(rob)
     print(f"{args.series:,} series x {args.ticks} ticks = {values:,} finite values; one thread; "
           f"EWMA z-score + CUSUM per value")
     print(f"{'':44s} {'values/s':>14s} {'x numba':>9s}")
@@ -201,7 +234,8 @@ def main() -> None:
     print(f"JIT: warm_up() in a fresh process takes {cold:.2f} s with an empty cache (compile), {warm:.2f} s with "
           f"the on-disk cache; the daemon calls it at start-up, before the first sample")
     print(f"state: {state} bytes per series for EWMA z-score + CUSUM ({args.series:,} series: "
-          f"{state * args.series / 2**20:.1f} MiB)")
+          f"{state * args.series / 2**20:.1f} MiB); {robust_state} bytes for the robust z-score "
+          f"({robust_state * args.series / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.detect import kernels
-from pipeline.detect.state import CounterDelta, Cusum, EwmaZ, Flatline, group_median
+from pipeline.detect.state import CounterDelta, Cusum, EwmaZ, Flatline, RobustZ, group_median
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
 value = st.one_of(finite, finite, finite, st.just(float("nan")), st.just(float("inf")))
@@ -66,6 +66,83 @@ def test_ewma_zscore_matches_reference(b):
     np.testing.assert_allclose(z, rz, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(base, rbase, rtol=1e-9, atol=1e-9)
     assert np.isfinite(det.s.mean).all() and np.isfinite(det.s.var).all() and (det.s.var >= 0).all()
+
+
+def ref_robust(values, slots, ts, halflife, warmup, sd_rel, sd_abs):
+    def sign(v):
+        return (v > 0) - (v < 0)
+
+    st_ = {}
+    z_out = []
+    for x, s, t in zip(values.tolist(), slots.tolist(), ts.tolist()):
+        if not math.isfinite(x):
+            z_out.append(math.nan)
+            continue
+        m = st_.get(s)
+        if m is None:
+            st_[s] = {"med": x, "mad": 0.0, "count": 1, "last": t}
+            z_out.append(0.0)
+            continue
+        d = x - m["med"]
+        scale, floor = 1.4826 * m["mad"], math.sqrt((sd_rel * m["med"]) ** 2 + sd_abs ** 2)
+        z_out.append(d / math.hypot(scale, floor) if m["count"] >= warmup else 0.0)
+        r = m["mad"] if scale >= floor else abs(d)
+        a = max(min(1 - math.exp(-math.log(2) * max(t - m["last"], 0) / halflife), kernels.MAX_ALPHA),
+                1 / (m["count"] + 1))
+        m["med"] += a * 1.4826 * r * sign(d)
+        m["mad"] = r + a * r * sign(abs(d) - r)
+        m["count"] += 1
+        m["last"] = t
+    return np.array(z_out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(batches(max_slots=12, max_n=150), st.floats(0, 1))
+def test_robust_zscore_matches_reference(b, split):
+    values, slots, ts = b
+    det = RobustZ(30.0, 3, 1e-3, 1e-6)
+    k = int(split * values.size)  # two batches: the state carries over
+    z = np.r_[det.update(values[:k], slots[:k], ts[:k]).copy(), det.update(values[k:], slots[k:], ts[k:])]
+    np.testing.assert_allclose(z, ref_robust(values, slots, ts, 30.0, 3, 1e-3, 1e-6), rtol=1e-9, atol=1e-9)
+    assert np.isfinite(det.s.med).all() and (det.s.mad >= 0).all()
+
+
+def interleaved(x):
+    """A (samples, series) array as one batch, series interleaved, one sample per series per second."""
+    n, m = x.shape
+    return x.ravel(), np.tile(np.arange(m, dtype=np.int64), n), np.repeat(np.arange(n, dtype=np.float64), m)
+
+
+def test_robust_scale_ignores_spikes_that_inflate_the_variance():
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (600, 200))  # 200 series, sd 1
+    spikes = rng.random(x.shape) < 0.05
+    x[spikes] += rng.choice([-1, 1], spikes.sum()) * rng.uniform(10, 50, spikes.sum())
+    robust, plain = RobustZ(20.0, 20), EwmaZ(20.0, np.inf, 20, 10**9)  # plain: EW variance, no outlier gate
+    robust.update(*interleaved(x))
+    plain.update(*interleaved(x))
+    scale, sd = 1.4826 * robust.s.mad[:200], np.sqrt(plain.s.var[:200])
+    assert abs(np.median(scale) - 1.0) < 0.1
+    assert np.mean((scale > 0.7) & (scale < 1.4)) > 0.9
+    assert np.median(sd) > 3.0
+
+
+def test_robust_zscore_of_a_constant_series_is_zero():
+    x = np.tile([[0.0, 4.0, -1e6, 1e-300]], (300, 1))
+    x[150] = np.nan
+    z = RobustZ(20.0, 20).update(*interleaved(x)).reshape(x.shape)
+    assert (z[150] != z[150]).all()
+    assert (np.delete(z, 150, axis=0) == 0.0).all()
+
+
+def test_robust_zscore_flags_a_level_shift_then_follows_it():
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1, (600, 200))
+    x[300:] += 8.0
+    z = np.abs(RobustZ(20.0, 20).update(*interleaved(x)).reshape(x.shape))
+    assert (z[20:300] > 5).mean() < 0.002
+    assert (z[300] > 3).all() and np.median(z[300]) > 6
+    assert np.median(z[400:]) < 1.0  # the new level is the new normal within ~100 samples
 
 
 def ref_cusum(values, slots, halflife, k, h, warmup, cap=2.0):
@@ -169,5 +246,6 @@ def test_group_median_matches_numpy(rows):
 
 
 def test_kernels_are_compiled_nopython_and_cached():
-    for k in (kernels.ewma_zscore, kernels.cusum, kernels.counter_delta, kernels.flatline, kernels.group_median):
+    for k in (kernels.ewma_zscore, kernels.robust_zscore, kernels.cusum, kernels.counter_delta, kernels.flatline,
+              kernels.group_median):
         assert k.targetoptions.get("nopython", True) and k.targetoptions["nogil"] and k._cache.__class__.__name__ != "NullCache"

@@ -36,6 +36,28 @@ def test_spike_and_level_shift_score_high_normal_scores_low(tmp_path):
     assert np.quantile(s[normal], 0.99) < 0.5
 
 
+def test_spikes_and_bursts_of_spikes_do_not_flag_the_normal_samples_around_them():
+    """5% spikes of 10-50 sd and two 40-sample bursts. Before the robust baseline and the
+    CUSUM clip, each spike charged the CUSUM (30% of normal samples scored > 0.5) and
+    the EWMA learned each burst as the new level, flagging the return to normal."""
+    rng = np.random.default_rng(0)
+    n = 6000
+    v = 50 + rng.normal(0, 1, n)
+    burst = np.zeros(n, bool)
+    burst[2000:2040] = burst[4000:4040] = True
+    v[burst] += 30
+    spike = (rng.random(n) < 0.05) & ~burst
+    spike[:100] = False
+    v[spike] += rng.choice([-1, 1], spike.sum()) * rng.uniform(10, 50, spike.sum())
+    s = score_series(60.0 * np.arange(n), v)
+    normal = ~spike & ~burst
+    normal[:100] = False
+    assert (s[normal] > 0.5).mean() < 0.002
+    assert (s[np.r_[2040:2240, 4040:4240]][normal[np.r_[2040:2240, 4040:4240]]] < 0.5).all()
+    assert (s[spike] > 0.5).mean() > 0.95
+    assert (s[[2000, 4000]] > 0.9).all()
+
+
 def test_rows_keep_input_order_with_gaps_irregular_times_and_iso_timestamps(tmp_path):
     times = pl.datetime_range(pl.datetime(2026, 1, 1), pl.datetime(2026, 1, 2), "1m", eager=True, time_zone="UTC")
     keep = np.ones(times.len(), bool)

@@ -124,6 +124,54 @@ def cusum(values, slots, mean, count, s_hi, s_lo, halflife_s, k, h, warmup, cap,
         score_out[i] = s_hi[s] / h if s_hi[s] >= s_lo[s] else -s_lo[s] / h
 
 
+MAD_TO_SD = 1.4826  # MAD x this = the standard deviation, for Gaussian noise
+
+
+@njit(cache=True, nogil=True)
+def robust_zscore(values, slots, ts, med, mad, count, last_ts,
+                  halflife_s, warmup, min_sd_rel, min_sd_abs, z_out):
+    """Robust z-score per series: an exponentially-weighted streaming median and MAD.
+
+    Stochastic approximation: each sample moves the median one step towards itself,
+    median += a * 1.4826 * MAD * sign(x - median), and the MAD one step towards
+    |x - median|, MAD *= 1 +- a, with the EWMA's weight `a` (half-life, gaps). A sample
+    moves them one step whatever its size, where a variance takes it squared, so a
+    heavy-tailed or spiky series does not inflate the scale and hide the next fault; the
+    scale can still double or halve per half-life, and a level shift is followed in a
+    few half-lives without an outlier gate.
+
+    z_out[i]: (x - median) / (1.4826 * MAD) against the state *before* x, the scale
+    floored like ewma_zscore's; 0 during warm-up, NaN for bad x. While the scale is
+    below its floor (a new series, a constant stretch) the next deviation sets the
+    MAD; a constant series scores 0.
+    """
+    for i in range(values.shape[0]):
+        s = slots[i]
+        x = values[i]
+        t = ts[i]
+        if not math.isfinite(x):
+            z_out[i] = np.nan
+            continue
+        if count[s] == 0:
+            med[s] = x
+            mad[s] = 0.0
+            count[s] = 1
+            last_ts[s] = t
+            z_out[i] = 0.0
+            continue
+        m = med[s]
+        d = x - m
+        floor2 = (min_sd_rel * m) ** 2 + min_sd_abs * min_sd_abs
+        sd = MAD_TO_SD * mad[s]
+        z_out[i] = d / math.sqrt(sd * sd + floor2) if count[s] >= warmup else 0.0
+        r = mad[s] if sd * sd >= floor2 else abs(d)
+        a = _alpha(t - last_ts[s], halflife_s, count[s])
+        med[s] = m + a * MAD_TO_SD * r * np.sign(d)
+        mad[s] = r + a * r * np.sign(abs(d) - r)
+        count[s] += 1
+        last_ts[s] = t
+
+
 @njit(cache=True, nogil=True)
 def counter_delta(values, slots, ts, last_value, last_ts, delta_out, rate_out):
     """Increase of a cumulative counter since its previous sample, and its rate per
@@ -202,6 +250,7 @@ def warm_up() -> None:
     ewma_zscore(f, i, f, f.copy(), f.copy(), i.copy(), f.copy(), i.copy(), 60.0, 6.0, 2, 10, 0.0, 1e-9,
                 f.copy(), f.copy())
     cusum(f, i, f.copy(), i.copy(), f.copy(), f.copy(), 60.0, 1.0, 10.0, 2, 2.0, f.copy())
+    robust_zscore(f, i, f, f.copy(), f.copy(), i.copy(), f.copy(), 60.0, 2, 0.0, 1e-9, f.copy())
     counter_delta(f, i, f, np.full(2, np.nan), f.copy(), f.copy(), f.copy())
     flatline(f, i, np.full(2, np.nan), i.copy(), i.copy())
     group_median(f, i, 1, np.ones(2, np.bool_), f.copy())

@@ -9,8 +9,15 @@ timestamp order, each sample scored only against what came before it:
 2. An EWMA mean/variance baseline (half-life HALFLIFE_SAMPLES intervals) gives a
    z-score. Outliers (|z| > Z_GATE) do not move the baseline; RELEARN outliers in a
    row mean the level changed and the baseline starts over.
-3. A CUSUM of the z-scores catches shifts and trends too small for one sample.
-4. anomaly_score = max(z^2 / (z^2 + Z_HALF^2), S^2 / (S^2 + H^2)): 0 for normal,
+3. A streaming median/MAD baseline (same half-life and warm-up; kernels.robust_zscore)
+   gives a robust z; a spike moves that baseline one small step whatever its size. Where
+   it puts a sample less than 1/ROBUST_VETO as far out as the EWMA does, the EWMA
+   baseline has been pulled by spikes (or restarted inside a burst of them) and
+   the robust z is used; elsewhere the EWMA z, the more precise on clean noise.
+4. A CUSUM of that z, clipped to +-CUSUM_CLIP, catches shifts and trends too small
+   for one sample; clipped, a lone spike adds little to it, so only several
+   outliers close together raise it.
+5. anomaly_score = max(z^2 / (z^2 + Z_HALF^2), S^2 / (S^2 + H^2)): 0 for normal,
    0.5 at |z| = Z_HALF or S = H, towards 1 beyond.
 """
 
@@ -21,7 +28,7 @@ import math
 import numpy as np
 from numba import njit
 
-from pipeline.detect.state import Cusum, EwmaZ
+from pipeline.detect.state import Cusum, EwmaZ, RobustZ
 
 HALFLIFE_SAMPLES = 20.0
 WARMUP = 20
@@ -30,6 +37,8 @@ RELEARN = 15
 Z_HALF = 4.5
 CUSUM_K = 1.5   # in standard deviations
 CUSUM_H = 15.0
+ROBUST_VETO = 2.0
+CUSUM_CLIP = Z_GATE  # z beyond the EWMA gate is an outlier: the point score's, not the drift's
 
 
 @njit(cache=True, nogil=True)
@@ -59,9 +68,11 @@ def score_series(ts: np.ndarray, values: np.ndarray) -> np.ndarray:
     x = values[order]
     slots = np.zeros(x.shape[0], np.int64)
     ewma = EwmaZ(HALFLIFE_SAMPLES, Z_GATE, WARMUP, RELEARN, min_sd_rel=1e-3, min_sd_abs=1e-9)
-    z, _ = ewma.update(x, slots, t)
-    z = np.clip(np.nan_to_num(z, nan=0.0), -1e6, 1e6)
-    cus = Cusum(HALFLIFE_SAMPLES * 4, CUSUM_K, CUSUM_H, WARMUP).update(np.where(np.isfinite(x), z, np.nan), slots)
+    ze, _ = ewma.update(x, slots, t)
+    zr = RobustZ(HALFLIFE_SAMPLES, WARMUP, min_sd_rel=1e-3, min_sd_abs=1e-9).update(x, slots, t)
+    z = np.clip(np.nan_to_num(np.where(ROBUST_VETO * np.abs(zr) < np.abs(ze), zr, ze), nan=0.0), -1e6, 1e6)
+    zc = np.clip(z, -CUSUM_CLIP, CUSUM_CLIP)
+    cus = Cusum(HALFLIFE_SAMPLES * 4, CUSUM_K, CUSUM_H, WARMUP).update(np.where(np.isfinite(x), zc, np.nan), slots)
     s = np.nan_to_num(np.abs(cus), nan=0.0) * CUSUM_H
     score = np.maximum(z * z / (z * z + Z_HALF ** 2), s * s / (s * s + CUSUM_H ** 2))
     score = np.where(np.isfinite(x), score, 0.0)

@@ -105,6 +105,22 @@ class EwmaZ:
         return z, base
 
 
+class RobustZ:
+    def __init__(self, halflife_s: float, warmup: int, min_sd_rel: float = 0.001, min_sd_abs: float = 1e-9) -> None:
+        self.params = (halflife_s, warmup, min_sd_rel, min_sd_abs)
+        self.s = SlotArrays({"med": (np.float64, 0.0), "mad": (np.float64, 0.0), "count": (np.int64, 0),
+                             "last_ts": (np.float64, 0.0)})
+        self._out = Outputs(z=np.float64)
+
+    def update(self, values: np.ndarray, slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """Robust z, (x - median) / (1.4826 MAD), per sample."""
+        self.s.ensure(int(slots.max()) + 1 if slots.size else 0)
+        (z,) = self._out.take(values.shape[0])
+        s = self.s
+        kernels.robust_zscore(values, slots, ts, s.med, s.mad, s.count, s.last_ts, *self.params, z)
+        return z
+
+
 class Cusum:
     def __init__(self, halflife_s: float, k: float, h: float, warmup: int, cap: float = 2.0) -> None:
         self.params = (halflife_s, k, h, warmup, cap)
