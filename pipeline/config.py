@@ -72,6 +72,8 @@ class DetectConfig:
     drift_baseline_halflife_s: float = _spec(6 * 3600.0, min=60, doc="baseline memory of the drift detector")
     gpu_temp_limit_c: float = _spec(85.0, min=40, max=120, doc="absolute GPU temperature alert")
     peer_temp_excess_c: float = _spec(10.0, min=1, doc="GPU hotter than its node's median by this much (power-adjusted)")
+    node_temp_excess_c: float = _spec(6.0, min=1, doc="a node's GPUs hotter than its rack's other nodes by this "
+                                      "much (at the same power)")
     runaway_early_c: float = _spec(6.0, min=1, doc="a smaller excess that is a runaway when it is still rising")
     runaway_rise_c: float = _spec(2.0, min=0.1, doc="... by this much above its own ~20 s average")
     runaway_steady_w: float = _spec(30.0, min=1, doc="... at steady power: the GPU's and its node's power within "

@@ -43,6 +43,8 @@ FAULTS: tuple[FaultType, ...] = (
               "the GPU's power reading freezes at one value"),
     FaultType("pdu_overload", "rack", ("PduOverload",), (180, 600), 120, False,
               "the rack PDU draws more than its rating"),
+    FaultType("node_cooling_degraded", "node", ("NodeThermalAnomaly", "GpuOverTemperature"), (300, 900), 180, True,
+              "a node's coolant branch is restricted: all its GPUs run 8-15 C hotter than the rack's other nodes"),
     FaultType("thermal_drift", "gpu", ("GpuThermalDrift", "GpuThermalRunaway", "GpuOverTemperature"),
               (3 * 3600, 4 * 3600), 3 * 3600, False,
               "one GPU's temperature creeps up by 2-6 C per hour (cold plate degrading)"),

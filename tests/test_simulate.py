@@ -111,7 +111,7 @@ def test_jobs_start_and_stop_on_groups_of_nodes():
 
 
 def test_every_fault_is_labelled_with_its_target_and_window():
-    from pipeline.faults import FAULT_TYPES
+    from pipeline.faults import FAULT_TYPES, FAULTS_BY_NAME
     sim = FleetSimulator(make_config(fleet={"fault_interval_s": 20, "gpu_reset_interval_s": 0, "seed": 5}).fleet,
                          start=START)
     labels = []
@@ -122,10 +122,10 @@ def test_every_fault_is_labelled_with_its_target_and_window():
     assert {lab["fault_type"] for lab in labels} == set(FAULT_TYPES)
     for lab in labels:
         assert lab["end"] > lab["start"] and lab["rack"]
-        scope = {"rack": (None, None)}.get(lab["fault_type"])
-        if lab["fault_type"] in ("coolant_flow_loss", "coolant_leak", "pdu_overload"):
+        scope = FAULTS_BY_NAME[lab["fault_type"]].scope
+        if scope == "rack":
             assert lab["node"] is None and lab["gpu"] is None
-        elif lab["fault_type"] == "hw_power_brake":
+        elif scope == "node":
             assert lab["node"] and lab["gpu"] is None
         else:
             assert lab["node"] and lab["gpu"] is not None

@@ -50,6 +50,9 @@ ALERTS: tuple[AlertSpec, ...] = (
               "{node} GPU {gpu} at {temp_c:.0f} C, {excess_c:.1f} C hotter than its siblings and rising "
               "({rise_c:+.1f} C against its last ~20 s)",
               "Drain the node; the GPU's cold plate or thermal interface is failing."),
+    AlertSpec("NodeThermalAnomaly", "critical", "node",
+              "{node}: its GPUs run {excess_c:.1f} C hotter than the rack's other nodes at the same power",
+              "Check the node's coolant branch (valve, quick disconnects, manifold) and drain it if it keeps rising."),
     AlertSpec("GpuThermalDrift", "warning", "gpu",
               "{node} GPU {gpu} runs {excess_c:.1f} C hotter than its siblings than it used to",
               "Schedule an inspection of the GPU's cold plate and coolant connections."),

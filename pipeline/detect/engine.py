@@ -12,7 +12,8 @@ Detectors (README, "Detection", explains each in operator terms):
 - thresholds: GPU temperature, PDU load against rating, site power against its cap;
 - clocks event reasons: HW power brake per node; HW or thermal slowdown that no other
   alert explains;
-- peers: GPU temperature against its node's median (runaway: a large excess, or a
+- peers: a node's GPU temperatures against the rack's other nodes at the same power;
+  GPU temperature against its node's median (runaway: a large excess, or a
   smaller one still rising against its own recent average), power and SM clock
   against the node's median at full utilisation (straggler), HW power brake;
 - statistics (Numba): EWMA baseline of coolant flow (flow loss), CUSUM of the
@@ -57,7 +58,7 @@ _DETECTOR = {
     "GpuFellOffBus": "xid", "GpuUncorrectableEcc": "ecc", "GpuNvlinkError": "xid", "GpuHighSbeRate": "xid",
     "GpuGspError": "xid", "GpuXid": "xid", "GpuNotReporting": "staleness", "NodeNotReporting": "staleness",
     "GpuOverTemperature": "threshold", "GpuThermalRunaway": "peer_temperature", "GpuThermalDrift": "cusum",
-    "GpuStraggler": "peer_performance", "NodePowerBrake": "clock_reasons", "GpuHwSlowdown": "clock_reasons", "GpuPcieReplayStorm": "counter_rate",
+    "GpuStraggler": "peer_performance", "NodeThermalAnomaly": "peer_node_temperature", "NodePowerBrake": "clock_reasons", "GpuHwSlowdown": "clock_reasons", "GpuPcieReplayStorm": "counter_rate",
     "GpuNvlinkErrorStorm": "counter_rate", "GpuPowerSensorStuck": "flatline", "CoolantFlowLoss": "ewma",
     "CoolantLeak": "leak_sensor", "PduOverload": "threshold", "SitePowerOverCap": "threshold",
 }
@@ -117,7 +118,7 @@ class Engine:
                              "interval": (np.float64, np.nan), "offbus": (np.bool_, False),
                              "p_slow": (np.float64, np.nan), "excess_slow": (np.float64, np.nan)})
         self.n = SlotArrays({"rack": (np.int64, -1), "last_seen": (np.float64, np.nan),
-                             "interval": (np.float64, np.nan)})
+                             "interval": (np.float64, np.nan), "ref_temp": (np.float64, np.nan)})
         self.p = SlotArrays({"rack": (np.int64, -1), "kind": (np.int8, KIND_OTHER)})
         self.node_names: list[str] = []
         self.rack_names: list[tuple[str, str]] = []   # (site, rack)
@@ -204,7 +205,7 @@ class Engine:
                **{name: every(d.s) for name, d in (("dbe", self.dbe), ("pcie", self.pcie), ("nvlink", self.nvlink),
                                                     ("power_flat", self.power_flat), ("drift", self.drift))},
                **{f"xid.{name}": every(arr) for name, arr in self.xid_until.items()}}
-        out = {"gpu": gpu, "node": {"node": (self.n, ("last_seen", "interval"))}, "rack": {},
+        out = {"gpu": gpu, "node": {"node": (self.n, ("last_seen", "interval", "ref_temp"))}, "rack": {},
                "point": {"flow": every(self.flow.s)}}
         for name, tr in self.trackers.items():
             out[tr.spec.scope][f"tracker.{name}"] = every(tr.s)
@@ -382,11 +383,12 @@ class Engine:
                                             power_w=b.m["power_w"], peer_power_w=med_p_eff[local],
                                             threshold_c=d.peer_temp_excess_c, early_threshold_c=d.runaway_early_c,
                                             rise_threshold_c=d.runaway_rise_c))
+        node_hot = self._node_against_rack(b, out, med_temp, med_p_eff, n_temp, node_swing)[local]
         runaway = self.trackers["GpuThermalRunaway"].pending_or_firing(self.g_count)[slots]
-        self._eval(out, "GpuOverTemperature", slots, (temp >= d.gpu_temp_limit_c) & ~cooling_bad & ~runaway, b.t, temp,
-                   _evidence(temp_c=temp, limit_c=d.gpu_temp_limit_c, peer_median_c=peer_c))
+        self._eval(out, "GpuOverTemperature", slots, (temp >= d.gpu_temp_limit_c) & ~cooling_bad & ~runaway & ~node_hot,
+                   b.t, temp, _evidence(temp_c=temp, limit_c=d.gpu_temp_limit_c, peer_median_c=peer_c))
         hot = runaway | self.trackers["GpuOverTemperature"].pending_or_firing(self.g_count)[slots]
-        b.thermal_alerted = hot | cooling_bad
+        b.thermal_alerted = hot | cooling_bad | node_hot
         # The drift detector reads only samples under load: a degrading cold plate shows
         # there, while at idle integer temperatures and gain spread move the excess by ~2 C.
         # It neither learns nor accumulates while the rack's coolant or the GPU's clocks are
@@ -398,6 +400,31 @@ class Engine:
         self._eval(out, "GpuThermalDrift", slots[seen], (drift[seen] >= 1.0) & (excess[seen] > d.cusum_slack_c), b.t,
                    drift[seen], _evidence(temp_c=temp[seen], excess_c=excess[seen], cusum_score=drift[seen],
                                           peer_median_c=peer_c[seen]))
+
+    def _node_against_rack(self, b: GpuBatch, out: Output, med_temp: np.ndarray, med_p_eff: np.ndarray,
+                           n_temp: np.ndarray, node_swing: np.ndarray) -> np.ndarray:
+        """Peers one level up: a node whose GPUs all run hotter than the rack's other nodes
+        at the same power (a restricted coolant branch, a failing node manifold), which
+        the GPU-against-siblings detector cannot see. Each node's median GPU temperature
+        is taken to zero power (the linear rise per watt) so that busy and idle nodes
+        compare; it is judged only at steady power (temperatures lag a load change).
+        Returns, per local node, whether this alert is pending or firing."""
+        d, nd = self.d, self.n
+        n_nodes = len(self.node_names)
+        nodes = b.local_nodes
+        steady = (node_swing < d.runaway_steady_w) & (n_temp >= 3)
+        nd.ref_temp[nodes] = np.where(steady, med_temp - d.thermal_c_per_w * med_p_eff, np.nan)
+        fresh = np.isfinite(nd.ref_temp[:n_nodes]) & (b.t - nd.last_seen[:n_nodes] <= 5 * nd.interval[:n_nodes])
+        rack_med, rack_n = group_median(nd.ref_temp[:n_nodes], nd.rack[:n_nodes], len(self.racks), fresh)
+        rack = nd.rack[nodes]
+        excess = nd.ref_temp[nodes] - rack_med[rack]
+        judged = np.flatnonzero(steady & (rack_n[rack] >= 3))  # others neither raise nor clear it
+        self._eval(out, "NodeThermalAnomaly", nodes[judged], excess[judged] > d.node_temp_excess_c, b.t,
+                   excess[judged], _evidence(excess_c=excess[judged], node_temp_c=med_temp[judged],
+                                             rack_median_c=rack_med[rack[judged]] + d.thermal_c_per_w
+                                             * med_p_eff[judged], node_power_w=med_p_eff[judged],
+                                             threshold_c=d.node_temp_excess_c))
+        return self.trackers["NodeThermalAnomaly"].pending_or_firing(n_nodes)[nodes]
 
     def _performance(self, b: GpuBatch, out: Output) -> None:
         """Stragglers against their node's peers at full load, and the HW power brake."""

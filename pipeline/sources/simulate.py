@@ -235,6 +235,7 @@ class FleetSimulator:
         return {
             "thermal_runaway": lambda: {"rate_c_per_s": round(u(0.15, 0.4), 3)},
             "thermal_drift": lambda: {"rate_c_per_h": round(u(2.0, 6.0), 2)},
+            "node_cooling_degraded": lambda: {"extra_c": round(u(8.0, 15.0), 1), "rate_c_per_s": round(u(0.05, 0.2), 3)},
             "coolant_flow_loss": lambda: {"flow_factor": round(u(0.2, 0.4), 3)},
             "coolant_leak": lambda: {"flow_factor": 0.9},
             "straggler_gpu": lambda: {"factor": round(u(0.65, 0.8), 3)},
@@ -381,6 +382,8 @@ class FleetSimulator:
                     fx["extra_temp"][f.gpu] += min(40.0, p["rate_c_per_s"] * age)
                 case "thermal_drift":
                     fx["extra_temp"][f.gpu] += p["rate_c_per_h"] * age / 3600
+                case "node_cooling_degraded":
+                    fx["extra_temp"][self.gpu_node == f.node] += min(p["extra_c"], p["rate_c_per_s"] * age)
                 case "straggler_gpu":
                     fx["perf"][f.gpu] = p["factor"]
                 case "stuck_power_sensor":
