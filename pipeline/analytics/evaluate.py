@@ -32,7 +32,7 @@ GRACE_S = 60.0
 @dataclass
 class EvalRun:
     labels: list[dict[str, Any]]
-    alerts: list[dict[str, Any]]   # firing alerts: labels + starts_at
+    alerts: list[dict[str, Any]]   # alerts raised: labels, starts_at, ends_at (None while firing)
     end: datetime
     node_hours: float
     gpu_samples: int
@@ -44,6 +44,7 @@ def simulate(cfg: Config, duration_s: float) -> EvalRun:
     sim = FleetSimulator(cfg.fleet, start=EVAL_EPOCH)
     labels: list[dict[str, Any]] = []
     alerts: list[dict[str, Any]] = []
+    firing: dict[str, dict[str, Any]] = {}  # fingerprint -> its alert while it fires
     for _ in range(int(round(duration_s / cfg.fleet.sample_interval_s))):
         tick = sim.step()
         if tick.labels is not None:
@@ -53,7 +54,11 @@ def simulate(cfg: Config, duration_s: float) -> EvalRun:
                 continue
             for _, alert in engine.process(Message(topic, batch)).alerts:
                 if alert.ends_at is None:
-                    alerts.append({"labels": dict(alert.labels), "starts_at": alert.starts_at})
+                    firing[alert.fingerprint] = {"labels": dict(alert.labels), "starts_at": alert.starts_at,
+                                                 "ends_at": None}
+                    alerts.append(firing[alert.fingerprint])
+                elif alert.fingerprint in firing:
+                    firing.pop(alert.fingerprint)["ends_at"] = alert.ends_at
     return EvalRun(labels, alerts, sim.now, sim.n_nodes * duration_s / 3600.0, engine.stats.gpu_samples)
 
 
@@ -77,9 +82,13 @@ def score(run: EvalRun) -> dict[str, Any]:
               if f["start"] + timedelta(seconds=FAULTS_BY_NAME[f["fault_type"]].score_window_s) <= run.end]
 
     def matches(alert: dict[str, Any], fault: dict[str, Any]) -> bool:
+        """The alert for the fault's type and target fired in its window, or was still
+        firing when it started (a fault right after another on the same target is, to the
+        operator, the alert they already have)."""
         lo, hi = _window(fault, run.end)
         return (alert["labels"]["alertname"] in FAULTS_BY_NAME[fault["fault_type"]].alertnames
-                and _targets(fault, alert["labels"]) and lo <= alert["starts_at"] <= hi)
+                and _targets(fault, alert["labels"]) and alert["starts_at"] <= hi
+                and (alert["starts_at"] >= lo or alert["ends_at"] is None or alert["ends_at"] >= fault["start"]))
 
     explained = [any(matches(a, f) for f in faults) for a in run.alerts]
     per_type: dict[str, Any] = {}
