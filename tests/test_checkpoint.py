@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
-from pipeline.bus import Message, Topic
+from pipeline.bus import Topic
 from pipeline.bus.batching import split_by
 from pipeline.detect.checkpoint import Checkpointer
 from pipeline.detect.engine import Engine
@@ -82,21 +84,15 @@ def test_only_the_partitions_asked_for_are_snapshotted_and_forgotten(stream):
     cp = Checkpointer(engine, PARTITIONS)
     one = cp.snapshot({1})
     assert list(one) == [1]
-    nodes = set(one[1].filter(pa_equal(one[1], "node")).column("node").to_pylist())
-    assert nodes and all(cp.partition(pa_array([n]))[0] == 1 for n in nodes)
+    nodes = set(one[1].filter(in_scope(one[1], "node")).column("node").to_pylist())
+    assert nodes and all(cp.partition(pa.array([n]))[0] == 1 for n in nodes)
     cp.forget({1})
     again = cp.snapshot({0, 1, 2})
-    kept = pa_equal(again[0], "gpu")
+    kept = in_scope(again[0], "gpu")
     assert again[0].filter(kept).column("drift.count").to_pylist()[0] > 0  # partition 0 kept its state
-    gone = pa_equal(again[1], "gpu")
+    gone = in_scope(again[1], "gpu")
     assert set(again[1].filter(gone).column("drift.count").to_pylist()) == {0.0}
 
 
-def pa_equal(batch, scope):
-    import pyarrow.compute as pc
+def in_scope(batch, scope):
     return pc.equal(batch.column("scope"), scope)
-
-
-def pa_array(values):
-    import pyarrow as pa
-    return pa.array(values)

@@ -3,7 +3,6 @@ normal operation raises none, and one problem is one alert."""
 
 from __future__ import annotations
 
-import math
 from datetime import datetime, timezone
 
 import numpy as np

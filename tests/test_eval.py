@@ -29,6 +29,7 @@ def test_eval_cli_writes_the_documented_json(tmp_path):
     assert "fault type" in r.stdout and "false alerts" in r.stdout
     # Deterministic for a seed.
     r2 = fleetwatch("eval", "--duration", "3600", "--seed", "4", "--json", "again.json", cwd=tmp_path, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-2000:]
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["faults"] == out["faults"] and again["false_alerts"] == out["false_alerts"]
 

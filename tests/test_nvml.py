@@ -11,7 +11,6 @@ import threading
 import time
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pynvml
 import pytest

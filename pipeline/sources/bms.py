@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import pyarrow as pa
 
 from pipeline.sources.bms_tree import DEFAULT_ROOT, STATE_METRICS, UNITS, Conversion, encode_meta, encode_reading, \
     reading_topic
-from pipeline.sources.mqtt import Backoff, until_first_error, while_connected
+from pipeline.sources.mqtt import Backoff, Outages, until_first_error, while_connected
 
 log = logging.getLogger(__name__)
 
@@ -163,31 +162,24 @@ class BmsPublisher:
 
     async def _sessions(self) -> None:
         """Connect, send, reconnect with backoff; returns once closing and everything is sent."""
-        down_since: float | None = None
-        connected_before = False
+        outages = Outages(f"MQTT {self.host}:{self.port}", self.backoff, log)
         while True:
             try:
                 async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=False,
                                           keepalive=self.keepalive_s,
                                           max_inflight_messages=self.window) as client:
                     client.pending_calls_threshold = self.window + 1  # a window in flight is the plan, not a warning
-                    if connected_before:
+                    down_s = outages.up()
+                    if down_s is not None:
                         self.stats.reconnects += 1
                         log.info("MQTT %s:%d: reconnected after %.1f s; resending %d buffered messages",
-                                 self.host, self.port, time.monotonic() - (down_since or time.monotonic()),
-                                 len(self._outbox))
-                    connected_before, down_since, self._dropping = True, None, False
-                    self.backoff.reset()
+                                 self.host, self.port, down_s, len(self._outbox))
+                    self._dropping = False
                     await while_connected(client, self._send(client))
                     return
             except aiomqtt.MqttError as e:
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log.warning("MQTT %s:%d: %s (%s); buffering up to %d messages and retrying with backoff up to "
-                                "%g s", self.host, self.port,
-                                "connection lost" if connected_before else "cannot connect", e.__cause__ or e,
-                                self.max_buffered, self.backoff.max_s)
-                await asyncio.sleep(self.backoff.next_s())
+                await asyncio.sleep(outages.down(e, f"buffering up to {self.max_buffered} messages and retrying "
+                                                    f"with backoff up to {self.backoff.max_s:g} s"))
 
     async def _send(self, client: aiomqtt.Client) -> None:
         """Every point's metadata, then the buffer, a window at a time; a message leaves

@@ -82,6 +82,32 @@ class Backoff:
 
 
 @dataclass
+class Outages:
+    """An MQTT client's connection history: said once when it goes down, once when it is back."""
+    where: str                     # "MQTT host:port"
+    backoff: Backoff
+    logger: logging.Logger         # the client's own
+    connected_before: bool = False
+    down_since: float | None = None
+
+    def up(self) -> float | None:
+        """Connected. The seconds it was down, or None for the first connection."""
+        down_s = time.monotonic() - (self.down_since or time.monotonic()) if self.connected_before else None
+        self.connected_before, self.down_since = True, None
+        self.backoff.reset()
+        return down_s
+
+    def down(self, error: BaseException, then: str) -> float:
+        """Lost or refused: logged once per outage. The delay before the next try."""
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.logger.warning("%s: %s (%s); %s", self.where,
+                                "connection lost" if self.connected_before else "cannot connect",
+                                error.__cause__ or error, then)
+        return self.backoff.next_s()
+
+
+@dataclass
 class CollectorStats:
     messages: int = 0     # every message received, metadata included
     metadata: int = 0     # metadata messages accepted
@@ -260,8 +286,7 @@ class MqttCollector:
             await self._flush(publish)
 
     async def _connect_loop(self, stop: asyncio.Event) -> None:
-        down_since: float | None = None
-        connected_before = False
+        outages = Outages(f"MQTT {self.host}:{self.port}", self.backoff, log)
         while not stop.is_set():
             try:
                 async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=False,
@@ -272,29 +297,24 @@ class MqttCollector:
                             f"MQTT {self.host}:{self.port} granted {granted} for the QoS 1 subscription to "
                             f"{self.subscription} (client id {self.client_id}): allow this client to read it "
                             "with QoS 1 in the broker's ACL and limits")
-                    if connected_before:
+                    down_s = outages.up()
+                    if down_s is not None:
                         self.stats.reconnects += 1
                         log.info("MQTT %s:%d: reconnected after %.1f s; the broker resends what it queued",
-                                 self.host, self.port, time.monotonic() - (down_since or time.monotonic()))
+                                 self.host, self.port, down_s)
                     else:
                         log.info("MQTT %s:%d: subscribed to %s (QoS 1, session %s)", self.host, self.port,
                                  self.subscription, self.client_id)
-                    connected_before, down_since = True, None
-                    self.backoff.reset()
                     self.subscribed.set()
                     try:
                         await while_connected(client, stop.wait())
                     finally:
                         self.subscribed.clear()
             except aiomqtt.MqttError as e:
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log.warning("MQTT %s:%d: %s (%s); retrying with backoff up to %g s. Check that the broker "
-                                "runs and that host and port are right", self.host, self.port,
-                                "connection lost" if connected_before else "cannot connect", e.__cause__ or e,
-                                self.backoff.max_s)
+                delay = outages.down(e, f"retrying with backoff up to {self.backoff.max_s:g} s. Check that the "
+                                        f"broker runs and that host and port are right")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.backoff.next_s())
+                    await asyncio.wait_for(stop.wait(), delay)
 
 
 def _handoff(handle: Callable[[str, bytes], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
