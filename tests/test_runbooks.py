@@ -33,3 +33,10 @@ def test_xid_table_agrees_with_the_catalog():
         assert rows.get(xid) == alert, f"XID {xid}: runbooks/README.md says {rows.get(xid)}, code says {alert}"
     for xid, alert in rows.items():
         assert alert == XID_ALERTS.get(xid, "GpuXid"), f"XID {xid} row names {alert}"
+
+
+def test_the_readme_explains_every_alert():
+    readme = (REPO / "README.md").read_text()
+    detection = readme[readme.index("## Detection"):readme.index("## Evaluation")]
+    missing = [spec.name for spec in ALERTS if f"`{spec.name}`" not in detection]
+    assert missing == [], f"README's Detection table does not explain {missing}"
