@@ -87,14 +87,13 @@ async def _simulate(bus: Bus, sim: FleetSimulator, stop: asyncio.Event, speed: f
     t0 = time.monotonic()
     while not stop.is_set():
         tick = sim.step()
-        messages = split_by(Topic.GPU, tick.gpu, "node") if bus.keyed else [Message(Topic.GPU, tick.gpu)]
+        messages = keyed_messages(bus, Topic.GPU, tick.gpu, "node")
         if bms is not None:
             bms.publish(tick.facility)
         else:
             messages += facility_messages(bus, tick.facility)
         if tick.events is not None:  # a node's events go where its telemetry goes
-            messages += split_by(Topic.EVENTS, tick.events, "node") if bus.keyed else [Message(Topic.EVENTS,
-                                                                                                  tick.events)]
+            messages += keyed_messages(bus, Topic.EVENTS, tick.events, "node")
         for message in messages:
             await bus.publish(message)
         summary.gpu_samples_published += tick.gpu.num_rows
@@ -109,6 +108,12 @@ async def _simulate(bus: Bus, sim: FleetSimulator, stop: asyncio.Event, speed: f
                     pass
                 continue
         await asyncio.sleep(0)  # behind schedule or flat out: let the consumers run
+
+
+def keyed_messages(bus: Bus, topic: Topic, batch: pa.RecordBatch, column: str) -> list[Message]:
+    """A message per run of `column` (keyed by it) on a keyed bus; the batch as one
+    message in-process, where order needs no keys."""
+    return split_by(topic, batch, column) if bus.keyed else [Message(topic, batch)]
 
 
 def facility_messages(bus: Bus, batch: pa.RecordBatch) -> list[Message]:

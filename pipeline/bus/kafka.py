@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 DEAD_LETTER = "fleetwatch.deadletter"
 _HOUR_MS = 3_600_000
+_FETCH = dict(max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,7 @@ class KafkaSubscription:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bus.bootstrap, group_id=bus.wire(group),
             client_id=f"{bus.client_id}-{group}", enable_auto_commit=False, auto_offset_reset="earliest",
-            isolation_level="read_committed", partition_assignment_strategy=(RangePartitionAssignor,),
-            max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+            isolation_level="read_committed", partition_assignment_strategy=(RangePartitionAssignor,), **_FETCH)
         # A transactional id per process: a restarted process is a new producer, and
         # the transaction a crashed one left open is aborted by the broker after
         # transaction_timeout_ms (readers of its output partitions wait until then).
@@ -182,9 +182,8 @@ class KafkaSubscription:
         if not self._in_transaction:
             await self.producer.begin_transaction()
             self._in_transaction = True
-        value, headers = encode(message.value)
-        await self.producer.send(self.bus.wire(message.topic), value, partition=partition,
-                                 key=message.key.encode() if message.key else None, headers=headers)
+        topic, value, key, headers = self.bus.record(message)
+        await self.producer.send(topic, value, key=key, headers=headers, partition=partition)
 
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         await self._start()
@@ -333,11 +332,15 @@ class KafkaBus:
         finally:
             await admin.close()
 
-    async def publish(self, message: Message, partition: int | None = None) -> None:
+    def record(self, message: Message) -> tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]:
+        """(topic on the cluster, value, key, headers) of a message, as the producers send it."""
         value, headers = encode(message.value)
+        return self.wire(message.topic), value, message.key.encode() if message.key else None, headers
+
+    async def publish(self, message: Message, partition: int | None = None) -> None:
+        topic, value, key, headers = self.record(message)
         await self._room.wait()
-        self._outbox.append((self.wire(message.topic), value, message.key.encode() if message.key else None,
-                             headers, partition))
+        self._outbox.append((topic, value, key, headers, partition))
         self._outbox_bytes += len(value)
         self.outbox_peak_bytes = max(self.outbox_peak_bytes, self._outbox_bytes)
         if self._outbox_bytes >= self.outbox_limit:
@@ -418,8 +421,7 @@ class KafkaBus:
         if not partitions:
             return {}
         reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, client_id=f"{self.client_id}-restore",
-                                  isolation_level="read_committed", enable_auto_commit=False,
-                                  max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+                                  isolation_level="read_committed", enable_auto_commit=False, **_FETCH)
         await reader.start()
         latest: dict[int, Message] = {}
         try:
@@ -431,8 +433,8 @@ class KafkaBus:
                 for tp, records in (await reader.getmany(timeout_ms=1000)).items():
                     for rec in records:
                         try:
-                            latest[tp.partition] = Message(topic, self.decoder.decode(rec.value, rec.headers), partition=tp.partition,
-                                                           offset=rec.offset)
+                            latest[tp.partition] = Message(topic, self.decoder.decode(rec.value, rec.headers),
+                                                           partition=tp.partition, offset=rec.offset)
                         except DecodeError as e:
                             log.warning("%s[%d]@%d does not decode (%s): skipped", rec.topic, rec.partition,
                                         rec.offset, e.reason)

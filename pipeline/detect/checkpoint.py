@@ -72,11 +72,12 @@ class Checkpointer:
             out[i] = p
         return out
 
-    def _rows(self, scope: str, partitions: set[int]) -> tuple[pa.RecordBatch, np.ndarray]:
-        """Identities of the scope's entities in `partitions` and their slots."""
+    def _rows(self, scope: str, partitions: set[int]) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
+        """Identities of the scope's entities in `partitions`, their slots and partitions."""
         ids = self.engine.identities(scope)
-        slots = np.flatnonzero(np.isin(self.partition(ids.column("owner")), list(partitions)))
-        return ids.take(pa.array(slots)), slots
+        owner_part = self.partition(ids.column("owner"))
+        slots = np.flatnonzero(np.isin(owner_part, list(partitions)))
+        return ids.take(pa.array(slots)), slots, owner_part[slots]
 
     def snapshot(self, partitions: set[int]) -> dict[int, pa.RecordBatch]:
         """The state of every entity in each of `partitions`, one batch per partition."""
@@ -84,7 +85,7 @@ class Checkpointer:
         state = e.state()
         tables: dict[int, list[pa.Table]] = {p: [] for p in partitions}
         for scope in SCOPES:
-            ids, slots = self._rows(scope, partitions)
+            ids, slots, owner_part = self._rows(scope, partitions)
             if not slots.size:
                 continue
             cols = {"scope": pa.array([scope] * len(slots)), **{c: ids.column(c) for c in IDENTITY[scope]}}
@@ -107,7 +108,6 @@ class Checkpointer:
                 alerts[i] = json.dumps(d)
             cols["alerts"] = pa.array(alerts, pa.string())
             table = pa.table(cols)
-            owner_part = self.partition(ids.column("owner"))
             for p in partitions:
                 rows = np.flatnonzero(owner_part == p)
                 if rows.size:
@@ -152,7 +152,7 @@ class Checkpointer:
         e = self.engine
         state = e.state()
         for scope in SCOPES:
-            _, slots = self._rows(scope, partitions)
+            _, slots, _ = self._rows(scope, partitions)
             if not slots.size:
                 continue
             for arrays, fields in state[scope].values():
