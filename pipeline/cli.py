@@ -160,7 +160,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.reference:
         print("| key | type | default | meaning |\n| --- | --- | --- | --- |")
         for key, typ, default, doc in reference():
-            print(f"| `{key}` | {typ} | `{json.dumps(default)}` | {doc} |")
+            cell = json.dumps(default).replace("|", "\\|")  # a regex's | would end the Markdown cell
+            print(f"| `{key}` | {typ} | `{cell}` | {doc} |")
         return 0
     import dataclasses
     print(json.dumps(dataclasses.asdict(load_config(args.config)), indent=2))

@@ -93,11 +93,55 @@ class DetectConfig:
 
 
 @dataclass(frozen=True)
+class ReceiverConfig:
+    """One place alerts go (`[[alerts.receivers]]` in the TOML file)."""
+    name: str = _spec("", doc="unique name: [a-z0-9_-]+; its outbox is <data_dir>/outbox/<name>")
+    url: str = _spec("", doc="http(s) URL: a webhook, or an Alertmanager's base URL (kind alertmanager)")
+    kind: str = _spec("webhook", choices=("webhook", "alertmanager"),
+                      doc="webhook: grouped Alertmanager v4 webhook payloads; alertmanager: POST /api/v2/alerts")
+    secret_env: str = _spec("", doc="environment variable holding the HMAC-SHA256 signing secret")
+    secret_file: str = _spec("", doc="file holding the signing secret (used when secret_env is empty)")
+    tls_verify: bool = _spec(True, doc="verify the receiver's TLS certificate")
+    ca_file: str = _spec("", doc="CA bundle for the receiver's certificate; empty = the system's")
+
+
+@dataclass(frozen=True)
+class InhibitRule:
+    """While a source alert fires, target alerts with the same `equal` labels are muted
+    (`[[alerts.inhibit_rules]]`; Alertmanager's inhibit_rules with regex alertnames)."""
+    source: str = _spec("", doc="regex (full match) of the inhibiting alertnames")
+    target: str = _spec("", doc="regex (full match) of the inhibited alertnames")
+    equal: list[str] = _spec(["site", "rack"], doc="labels both must share")
+
+
+DEFAULT_INHIBIT_RULES = [
+    InhibitRule(source="CoolantFlowLoss|CoolantLeak",
+                target="GpuOverTemperature|GpuThermalRunaway|GpuThermalDrift|GpuHwSlowdown|NodeThermalAnomaly",
+                equal=["site", "rack"]),
+    InhibitRule(source="NodeNotReporting", target="GpuNotReporting", equal=["site", "rack", "node"]),
+]
+
+
+@dataclass(frozen=True)
 class AlertsConfig:
     console: bool = _spec(True, doc="print alerts on the console")
-    webhooks: list[str] = _spec([], doc="URLs that receive Alertmanager v4 webhook payloads")
-    webhook_timeout_s: float = _spec(5.0, min=0.1, max=120, doc="per-request timeout")
-    webhook_retries: int = _spec(3, min=0, max=20, doc="retries per delivery (exponential backoff)")
+    webhooks: list[str] = _spec([], doc="URLs that receive Alertmanager v4 webhook payloads, unsigned (shorthand "
+                                "for [[alerts.receivers]] named webhook-1, webhook-2, ...)")
+    receivers: list[ReceiverConfig] = _spec([], doc="receivers, as [[alerts.receivers]] tables (TOML only)")
+    timeout_s: float = _spec(5.0, min=0.1, max=120, doc="per-request timeout (connect and read)")
+    retry_initial_s: float = _spec(0.5, min=0.01, max=600, doc="first retry delay; doubles per failure, with jitter")
+    retry_max_s: float = _spec(60.0, min=0.01, max=3600, doc="longest delay between retries")
+    max_age_s: float = _spec(3600.0, min=1, doc="an undeliverable notification older than this goes to the "
+                             "dead-letter file <data_dir>/deadletter/alerts-<receiver>.jsonl")
+    group_by: list[str] = _spec(["alertname", "site", "rack"], doc="labels that group alerts into one notification")
+    group_wait_s: float = _spec(5.0, min=0, doc="wait this long after a group's first alert before notifying")
+    group_interval_s: float = _spec(60.0, min=0, doc="wait this long before notifying a changed group again")
+    repeat_interval_s: float = _spec(4 * 3600.0, min=1, doc="re-notify a group that still fires this often")
+    resend_interval_s: float = _spec(60.0, min=1, doc="re-push firing alerts to Alertmanager receivers this often")
+    inhibit_rules: list[InhibitRule] = _spec(DEFAULT_INHIBIT_RULES, doc="inhibition, as [[alerts.inhibit_rules]] "
+                                             "tables (TOML only); the default: rack coolant alerts mute thermal "
+                                             "alerts in the rack, a silent node mutes its silent GPUs")
+    external_url: str = _spec("", doc="externalURL of webhook payloads and prefix of generatorURL")
     runbook_base_url: str = _spec("runbooks/", doc="prefix of every runbook_url; ALERTNAME.md is appended")
 
 
@@ -186,6 +230,14 @@ def _coerce(where: str, raw: Any, typ: Any, meta: Mapping[str, Any], from_text: 
         return ConfigError(f"config error: {where} = {raw!r}: {allowed}")
 
     origin = typing.get_origin(typ)
+    if origin is list and dataclasses.is_dataclass(typing.get_args(typ)[0]):
+        if from_text:
+            raise fail("set it in the TOML file, as an array of tables")
+        if not isinstance(raw, list):
+            raise fail("must be an array of tables")
+        item = typing.get_args(typ)[0]
+        return [i if isinstance(i, item) else _table(item, i, f"{where}[{n}]", from_text={})
+                for n, i in enumerate(raw)]
     if origin is list:
         items = [s.strip() for s in raw.split(",") if s.strip()] if from_text and isinstance(raw, str) else raw
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
@@ -241,13 +293,16 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, from_text: Mapping
             continue
         typ = hints[name]
         if dataclasses.is_dataclass(typ):
-            sub = values[name]
-            if not isinstance(sub, Mapping):
-                raise ConfigError(f"config error: {prefix}{name} must be a table ([{name}])")
-            kwargs[name] = _build(typ, sub, f"{prefix}{name}.", from_text)
+            kwargs[name] = _table(typ, values[name], f"{prefix}{name}", from_text)
         else:
             kwargs[name] = _coerce(f"{prefix}{name}", values[name], typ, f.metadata, from_text.get(f"{prefix}{name}", False))
     return cls(**kwargs)
+
+
+def _table(cls: type, raw: Any, where: str, from_text: Mapping[str, bool]) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config error: {where} must be a table")
+    return _build(cls, raw, f"{where}.", from_text)
 
 
 def _env_values(env: Mapping[str, str]) -> tuple[dict[str, Any], set[str]]:
@@ -315,6 +370,8 @@ def reference() -> list[tuple[str, str, Any, str]]:
                 walk(typ, f"{prefix}{f.name}.")
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(default, list):
+                default = [dataclasses.asdict(d) if dataclasses.is_dataclass(d) else d for d in default]
             rows.append((f"{prefix}{f.name}", getattr(typ, "__name__", str(typ)), default, f.metadata.get("doc", "")))
     walk(Config, "")
     return rows

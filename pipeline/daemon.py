@@ -409,7 +409,7 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
     bms = collector = None
     summary = RunSummary(0, 0.0, 0, {})
     try:
-        webhooks = WebhookSender(cfg.alerts.webhooks, cfg.alerts.webhook_timeout_s, cfg.alerts.webhook_retries)
+        webhooks = WebhookSender(cfg.alerts.webhooks, cfg.alerts.timeout_s, 3)
         k = cfg.kafka
         engine = Engine(cfg, node_staleness=not k.bootstrap)
         sim = FleetSimulator(cfg.fleet)
