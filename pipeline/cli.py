@@ -9,6 +9,8 @@ import argparse
 import asyncio
 import json
 import logging
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -74,6 +76,38 @@ def _parser() -> argparse.ArgumentParser:
     cf = sub.add_parser("config", help="print the effective configuration, or the reference of every key")
     cf.add_argument("--config", metavar="FILE")
     cf.add_argument("--reference", action="store_true", help="the Markdown table of every key (README)")
+
+    def data_dir(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", metavar="FILE", help="TOML config file (see README, Configuration)")
+        sp.add_argument("--data-dir", metavar="DIR", help="the daemon's data_dir")
+
+    si = sub.add_parser("silence", help="mute matching alerts for a while (add, list, expire)")
+    si_sub = si.add_subparsers(dest="silence_command", required=True, metavar="ACTION")
+    sa = si_sub.add_parser("add", help="add a silence; prints its id and when it ends")
+    data_dir(sa)
+    sa.add_argument("-m", "--matcher", action="append", default=[], metavar="MATCHER", required=True,
+                    help="LABEL=VALUE, LABEL!=VALUE, LABEL=~REGEX or LABEL!~REGEX; repeat: all must match")
+    sa.add_argument("--duration", default="2h", metavar="DURATION", help="90s, 30m, 2h, 1d or seconds (default 2h)")
+    sa.add_argument("--author", metavar="NAME", help="who silences (default $USER)")
+    sa.add_argument("--comment", required=True, metavar="TEXT", help="why, e.g. a ticket number")
+    sl = si_sub.add_parser("list", help="the active silences (--all: expired ones too)")
+    data_dir(sl)
+    sl.add_argument("--all", action="store_true", help="include expired silences")
+    se = si_sub.add_parser("expire", help="end a silence now")
+    data_dir(se)
+    se.add_argument("id", metavar="ID", help="the silence's id, or a unique prefix of it")
+
+    al = sub.add_parser("alerts", help="the alerts firing now and those resolved lately")
+    data_dir(al)
+    al.add_argument("--status", choices=("active", "resolved", "all"), default="all", help="default all")
+    al.add_argument("--site", metavar="S")
+    al.add_argument("--rack", metavar="R")
+    al.add_argument("--node", metavar="N")
+    al.add_argument("--severity", choices=("critical", "warning", "info"))
+    al.add_argument("--since", default="24h", metavar="DURATION",
+                    help="leave out alerts resolved longer ago than this (default 24h; 0 = no limit)")
+    al.add_argument("--limit", type=int, default=50, metavar="N", help="show at most N alerts (default 50)")
+    al.add_argument("--json", action="store_true", help="a JSON array of Alertmanager alert objects")
     return p
 
 
@@ -168,9 +202,55 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_data_dir(args: argparse.Namespace) -> Path:
+    """The configured data_dir, which a daemon must have created: a typo should not go unnoticed."""
+    cfg = load_config(args.config, overrides=_overrides(args))
+    if not Path(cfg.data_dir).is_dir():
+        raise ConfigError(f"data_dir {cfg.data_dir!r} does not exist; pass the daemon's --data-dir "
+                          f"(or set FLEETWATCH_DATA_DIR)")
+    return Path(cfg.data_dir)
+
+
+def cmd_silence(args: argparse.Namespace) -> int:
+    import getpass
+    from pipeline.sinks.silences import parse_duration, silence_store, silences_table
+    store = silence_store(_existing_data_dir(args))
+    now = time.time()
+    if args.silence_command == "add":
+        author = args.author or os.environ.get("USER") or getpass.getuser()
+        s = store.add(args.matcher, parse_duration(args.duration, "--duration"), author, args.comment, now=now)
+        ends = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(s.ends_at))
+        print(f"silence {s.id} added: mutes {', '.join(map(str, s.matchers))} until {ends}")
+    elif args.silence_command == "expire":
+        s = store.expire(args.id, now=now)
+        print(f"silence {s.id} {'expired' if s.ends_at == now else 'had already expired'}")
+    else:
+        print(silences_table(store.all() if args.all else store.active(now), now, store.path,
+                             expired_too=args.all))
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from pipeline.analytics.alerts_table import AlertQuery, query, table
+    from pipeline.sinks.silences import parse_duration
+    if args.limit < 1:
+        raise ConfigError(f"--limit {args.limit}: must be at least 1")
+    since = None if args.since.strip() == "0" else parse_duration(args.since, "--since")
+    listing = query(_existing_data_dir(args), AlertQuery(args.status, args.site, args.rack, args.node,
+                                                         args.severity, since, args.limit))
+    if args.json:
+        print(json.dumps(listing.alerts, indent=2))
+        if listing.source is None:
+            print(table(listing), file=sys.stderr)
+    else:
+        print(table(listing, shutil.get_terminal_size().columns if sys.stdout.isatty() else None))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"eval": cmd_eval, "replay": cmd_replay, "config": cmd_config}.get(args.command, cmd_run)
+    handler = {"eval": cmd_eval, "replay": cmd_replay, "config": cmd_config, "silence": cmd_silence,
+               "alerts": cmd_alerts}.get(args.command, cmd_run)
     try:
         return handler(args)
     except ConfigError as e:

@@ -70,7 +70,10 @@ class DetectConfig:
     cusum_limit: float = _spec(600.0, min=1, doc="CUSUM decision limit h (C x samples)")
     drift_confirm_samples: int = _spec(60, min=1, doc="samples a drift must hold before it alerts (drifts are slow)")
     drift_baseline_halflife_s: float = _spec(6 * 3600.0, min=60, doc="baseline memory of the drift detector")
-    gpu_temp_limit_c: float = _spec(85.0, min=40, max=120, doc="absolute GPU temperature alert")
+    thermal_margin_c: float = _spec(4.0, min=0, max=40, doc="a GPU this close to its own HW slowdown threshold "
+                                    "(NVML; H100: 89 C) is over temperature")
+    gpu_temp_limit_c: float = _spec(85.0, min=40, max=120, doc="over-temperature limit of GPUs whose slowdown "
+                                    "threshold is unknown")
     peer_temp_excess_c: float = _spec(10.0, min=1, doc="GPU hotter than its node's median by this much (power-adjusted)")
     node_temp_excess_c: float = _spec(6.0, min=1, doc="a node's GPUs hotter than its rack's other nodes by this "
                                       "much (at the same power)")
@@ -83,6 +86,16 @@ class DetectConfig:
     pcie_replay_rate_per_s: float = _spec(5.0, min=0, doc="PCIe replays per second that alert")
     nvlink_crc_rate_per_s: float = _spec(10.0, min=0, doc="NVLink CRC errors per second that alert")
     stuck_samples: int = _spec(30, min=3, doc="identical power readings in a row that mean a stuck sensor")
+    rack_temp_excess_c: float = _spec(5.0, min=1, doc="a rack's GPUs, at zero power, above its mean coolant "
+                                      "temperature by this much more than the site's other racks")
+    liquid_fraction: float = _spec(0.8, min=0.05, max=1.0, doc="share of a rack's IT power its coolant carries "
+                                   "away (heat balance; direct liquid cooling: ~0.8)")
+    heat_balance_tolerance: float = _spec(0.2, min=0.01, max=1.0, doc="heat balance alerts when the coolant "
+                                          "carries more or less than liquid_fraction by this share")
+    heat_balance_min_delta_c: float = _spec(1.5, min=0.1, doc="judge the heat balance only when the expected "
+                                            "coolant delta-T is at least this (sensor resolution)")
+    coolant_lag_s: float = _spec(20.0, min=0, doc="time constant of the coolant's return temperature after a "
+                                 "power change")
     flow_loss_ratio: float = _spec(0.6, min=0.05, max=0.99, doc="flow below this share of its baseline")
     site_power_cap_w: float = _spec(0.0, min=0, doc="site power cap (W) the main meter must stay under; 0 = none")
     pdu_load_ratio: float = _spec(0.95, min=0.1, max=2.0, doc="PDU power above this share of its rating")
@@ -115,7 +128,7 @@ class InhibitRule:
 
 
 DEFAULT_INHIBIT_RULES = [
-    InhibitRule(source="CoolantFlowLoss|CoolantLeak",
+    InhibitRule(source="CoolantFlowLoss|CoolantLeak|RackThermalAnomaly|RackHeatImbalance",
                 target="GpuOverTemperature|GpuThermalRunaway|GpuThermalDrift|GpuHwSlowdown|NodeThermalAnomaly",
                 equal=["site", "rack"]),
     InhibitRule(source="NodeNotReporting", target="GpuNotReporting", equal=["site", "rack", "node"]),

@@ -30,7 +30,7 @@ def _f(name: str, typ: pa.DataType, doc: str, nullable: bool = True) -> pa.Field
 
 
 # Metrics in base units. A field the GPU does not support is null, never 0.
-GPU_SAMPLE = _schema("gpu_sample", 1, [
+GPU_SAMPLE = _schema("gpu_sample", 2, [
     _f("ts", TS, "scrape time, UTC", nullable=False),
     _f("site", pa.string(), "site label", nullable=False),
     _f("rack", pa.string(), "rack label", nullable=False),
@@ -56,7 +56,8 @@ GPU_SAMPLE = _schema("gpu_sample", 1, [
     _f("remapped_rows_pending", pa.bool_(), "a row remap waits for a GPU reset"),
     _f("remapped_rows_failure", pa.bool_(), "a row remap failed"),
     _f("nvlink_crc_errors_total", pa.int64(), "NVLink CRC flit errors, all links (cumulative)"),
-], "one row per GPU per scrape")
+    _f("slowdown_temp_c", pa.float64(), "the GPU's own HW slowdown temperature threshold (NVML), C"),
+], "one row per GPU per scrape (v2: slowdown_temp_c added)")
 
 GPU_METRICS: tuple[str, ...] = tuple(f.name for f in GPU_SAMPLE)[6:]
 

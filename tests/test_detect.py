@@ -294,3 +294,81 @@ def test_a_forced_slowdown_alerts_unless_another_alert_explains_it():
     h2.sim.group_busy[:] = True
     h2.run(30)
     assert {x.alertname for x in h2.fired()} == {"NodePowerBrake"}
+
+
+def _scale_facility(device: str, metric: str, factor: float):
+    """A mutate hook: one facility point reads `factor` times the truth (a drifting sensor)."""
+    def mutate(topic, batch):
+        if topic != Topic.FACILITY:
+            return batch
+        hit = pa.compute.and_(pa.compute.equal(batch.column("device"), device),
+                              pa.compute.equal(batch.column("metric"), metric)).to_numpy(zero_copy_only=False)
+        value = batch.column("value").to_numpy(zero_copy_only=False).copy()
+        value[hit] *= factor
+        return batch.set_column(batch.schema.get_field_index("value"), "value", pa.array(value))
+    return mutate
+
+
+def test_a_heat_balance_that_does_not_close_alerts_and_a_load_change_does_not():
+    """Coolant flow x cp x delta-T against the PDU's power: a flow meter reading 40% high
+    makes the loop carry 'more heat than the rack makes'. Jobs starting and stopping (the
+    return temperature lags the power by ~20 s) are not an imbalance."""
+    h = Harness(seed=19)
+    for busy in (True, False, True):
+        h.sim.group_busy[:] = busy
+        h.sim.group_intensity[:] = 1.0
+        h.run(150)
+    assert h.fired() == [], [a.annotations["summary"] for a in h.fired()]
+    h.run(60, _scale_facility("cdu-r02", "flow_lpm", 1.4))
+    [a] = h.fired()
+    assert a.alertname == "RackHeatImbalance" and a.labels["rack"] == "r02"
+    assert a.evidence["ratio"] == pytest.approx(0.8 * 1.4, rel=0.05)
+    assert a.evidence["power_w"] > 30_000 and a.evidence["coolant_w"] > a.evidence["power_w"]
+    assert "of the rack's" in a.annotations["summary"]
+
+
+def test_a_rack_hotter_over_its_coolant_than_the_site_explains_its_gpus():
+    """Rack against site: a rack whose GPUs all run hot over their coolant (air in the
+    loop) is one RackThermalAnomaly; its GPUs' over-temperature is not alerted as well."""
+    h = Harness(seed=23, racks=4)
+    h.sim.group_busy[:] = True
+    h.sim.group_intensity[:] = 1.0
+    h.run(240)
+    assert h.fired() == []
+    h.sim.inject("rack_cooling_degraded", rack=2, duration_s=900,
+                 params={"extra_c": 32.0, "rate_c_per_s": 0.2, "liquid_factor": 0.7})
+    h.run(300)
+    assert {a.alertname for a in h.fired()} == {"RackThermalAnomaly"}, [a.annotations["summary"] for a in h.fired()]
+    [a] = h.fired()
+    assert a.labels["rack"] == "r03" and a.evidence["excess_c"] > 5.0
+    gpu = h.sim.step().gpu
+    hot = gpu.filter(pa.compute.equal(gpu.column("rack"), "r03"))
+    assert pa.compute.max(hot.column("gpu_temp_c")).as_py() >= 85  # hot enough for GpuOverTemperature
+
+
+def test_the_thermal_margin_is_to_each_gpus_own_slowdown_threshold():
+    """A GPU whose NVML slowdown threshold is 60 C alerts at 56 C (4 C margin); where the
+    threshold is unknown (null), detect.gpu_temp_limit_c (85 C) applies."""
+    low = 8 * 1 + 4  # node 1, GPU 4
+
+    def threshold(value):
+        def mutate(topic, batch):
+            if topic != Topic.GPU:
+                return batch
+            t = batch.column("slowdown_temp_c").to_numpy(zero_copy_only=False).copy()
+            t[batch.column("gpu_uuid").to_numpy(zero_copy_only=False) == h.sim.gpu_uuids[low]] = value
+            return batch.set_column(batch.schema.get_field_index("slowdown_temp_c"), "slowdown_temp_c",
+                                    pa.array(t, mask=np.isnan(t)))
+        return mutate
+    h = Harness(seed=29)
+    h.sim.group_busy[:] = True
+    h.sim.group_intensity[:] = 1.0
+    h.run(240, threshold(np.nan))
+    temps = h.sim.step().gpu.column("gpu_temp_c").to_numpy()
+    assert temps[low] >= 57 and temps.max() < 85, temps  # busy: over 56 C, under 85 C
+    assert h.fired() == [] and h.engine.stats.invalid_values == {}  # null is unknown, not invalid
+    h.run(30, threshold(60.0))
+    [a] = h.fired()
+    assert a.alertname == "GpuOverTemperature" and a.labels["node"] == h.sim.node_names[1] and a.labels["gpu"] == "4"
+    assert a.evidence["limit_c"] == 56.0 and a.evidence["slowdown_c"] == 60.0
+    assert "4 C under its HW slowdown at 60 C" in a.annotations["summary"]

@@ -113,7 +113,7 @@ def test_every_fault_is_labelled_with_its_target_and_window():
     sim = FleetSimulator(make_config(fleet={"fault_interval_s": 20, "gpu_reset_interval_s": 0, "seed": 5}).fleet,
                          start=START)
     labels = []
-    for _ in range(20 * 40):
+    for _ in range(20 * 80):
         t = sim.step()
         if t.labels is not None:
             labels += t.labels.to_pylist()

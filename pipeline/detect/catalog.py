@@ -44,7 +44,7 @@ ALERTS: tuple[AlertSpec, ...] = (
               "{node} GPU {gpu}: XID {xid}",
               "Look the XID up in the runbook's table; most application XIDs need no hardware action."),
     AlertSpec("GpuOverTemperature", "critical", "gpu",
-              "{node} GPU {gpu} at {temp_c:.0f} C (limit {limit_c:.0f} C)",
+              "{node} GPU {gpu} at {temp_c:.0f} C, over its {limit_c:.0f} C limit ({limit_why})",
               "Check the coolant loop of the rack, then the GPU's cold plate; drain if it keeps rising."),
     AlertSpec("GpuThermalRunaway", "critical", "gpu",
               "{node} GPU {gpu} at {temp_c:.0f} C, {excess_c:.1f} C hotter than its siblings and rising "
@@ -81,6 +81,15 @@ ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec("CoolantLeak", "critical", "rack",
               "rack {rack}: coolant leak detected by {device}",
               "Isolate the rack's coolant loop and drain its nodes; send facilities to inspect."),
+    AlertSpec("RackThermalAnomaly", "critical", "rack",
+              "rack {rack}: its GPUs run {excess_c:.1f} C hotter over their coolant than the site's other racks",
+              "Check the rack's coolant loop for air (bleed it), its filters and cold plates; cap or drain the rack "
+              "if it keeps rising."),
+    AlertSpec("RackHeatImbalance", "warning", "rack",
+              "rack {rack}: the coolant carries {coolant_w:.0f} W, {ratio:.0%} of the rack's {power_w:.0f} W "
+              "(expected {expected:.0%})",
+              "Compare the CDU's flow and temperature sensors with a handheld reading; then check the loop for air "
+              "and the cold plates for contact."),
     AlertSpec("PduOverload", "critical", "rack",
               "rack {rack}: PDU {device} draws {power_w:.0f} W, {ratio:.0%} of its {rating_w:.0f} W rating",
               "Lower the rack's GPU power caps or drain nodes before the breaker trips."),

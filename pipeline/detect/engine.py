@@ -49,7 +49,8 @@ POWER_BRAKE = 0x80
 FORCED_SLOWDOWN = 0x8 | 0x20 | 0x40  # HW slowdown, SW thermal, HW thermal: clocks forced down
 THERMAL_TAU_S = 6.5  # slow thermal time constant of an H100 (shared/data/nvml trace)
 RISE_TAU_S = 20.0    # memory of the average a rising temperature excess is compared with
-KIND_OTHER, KIND_LEAK, KIND_FLOW, KIND_PDU_POWER, KIND_SITE_POWER = 0, 1, 2, 3, 4
+KIND_OTHER, KIND_LEAK, KIND_FLOW, KIND_PDU_POWER, KIND_SITE_POWER, KIND_SUPPLY, KIND_RETURN = range(7)
+CP_COOLANT = 4186.0  # J/(kg K) of water; a litre of coolant is ~1 kg
 
 # Which tracker each alertname uses; fire_after None = the configured soft value.
 _HARD = {"GpuFellOffBus", "GpuUncorrectableEcc", "GpuNvlinkError", "GpuHighSbeRate", "GpuGspError", "GpuXid",
@@ -61,6 +62,7 @@ _DETECTOR = {
     "GpuStraggler": "peer_performance", "NodeThermalAnomaly": "peer_node_temperature", "NodePowerBrake": "clock_reasons", "GpuHwSlowdown": "clock_reasons", "GpuPcieReplayStorm": "counter_rate",
     "GpuNvlinkErrorStorm": "counter_rate", "GpuPowerSensorStuck": "flatline", "CoolantFlowLoss": "ewma",
     "CoolantLeak": "leak_sensor", "PduOverload": "threshold", "SitePowerOverCap": "threshold",
+    "RackThermalAnomaly": "peer_rack_temperature", "RackHeatImbalance": "heat_balance",
 }
 
 
@@ -120,6 +122,13 @@ class Engine:
         self.n = SlotArrays({"rack": (np.int64, -1), "last_seen": (np.float64, np.nan),
                              "interval": (np.float64, np.nan), "ref_temp": (np.float64, np.nan)})
         self.p = SlotArrays({"rack": (np.int64, -1), "kind": (np.int8, KIND_OTHER)})
+        # Per rack: the latest coolant readings, and the delta-T its PDU's power predicts,
+        # through the coolant's lag.
+        self.r = SlotArrays({"supply_c": (np.float64, np.nan), "return_c": (np.float64, np.nan),
+                             "flow_lpm": (np.float64, np.nan), "expected_dt": (np.float64, np.nan),
+                             "power_t": (np.float64, np.nan)})
+        self.rack_site: list[int] = []  # site index of each rack slot (racks of one site are peers)
+        self.site_index: dict[str, int] = {}
         self.node_names: list[str] = []
         self.rack_names: list[tuple[str, str]] = []   # (site, rack)
         self.point_devices: list[str] = []
@@ -153,7 +162,10 @@ class Engine:
         self.n.rack[start:start + len(rows)] = racks
 
     def _new_racks(self, keys: pa.Array, rows: np.ndarray) -> None:
-        self.rack_names.extend(tuple(k.split("/", 1)) for k in keys.to_pylist())
+        for key in keys.to_pylist():
+            site, rack = key.split("/", 1)
+            self.rack_names.append((site, rack))
+            self.rack_site.append(self.site_index.setdefault(site, len(self.site_index)))
 
     def _new_gpus(self, keys: pa.Array, rows: np.ndarray) -> None:
         b = self._current
@@ -176,6 +188,7 @@ class Engine:
         sites = b.column("site").take(rows).to_pylist()
         for i, (dev, metric, rack, site) in enumerate(zip(devices, metrics, racks, sites)):
             kind = (KIND_LEAK if metric == "leak" else KIND_FLOW if metric == "flow_lpm"
+                    else KIND_SUPPLY if metric == "supply_temp_c" else KIND_RETURN if metric == "return_temp_c"
                     else KIND_PDU_POWER if metric == "power_w" and dev.startswith("pdu")
                     else KIND_SITE_POWER if metric == "power_w" and not rack else KIND_OTHER)
             self.p.kind[start + i] = kind
@@ -205,7 +218,8 @@ class Engine:
                **{name: every(d.s) for name, d in (("dbe", self.dbe), ("pcie", self.pcie), ("nvlink", self.nvlink),
                                                     ("power_flat", self.power_flat), ("drift", self.drift))},
                **{f"xid.{name}": every(arr) for name, arr in self.xid_until.items()}}
-        out = {"gpu": gpu, "node": {"node": (self.n, ("last_seen", "interval", "ref_temp"))}, "rack": {},
+        out = {"gpu": gpu, "node": {"node": (self.n, ("last_seen", "interval", "ref_temp"))},
+               "rack": {"rack": every(self.r)},
                "point": {"flow": every(self.flow.s)}}
         for name, tr in self.trackers.items():
             out[tr.spec.scope][f"tracker.{name}"] = every(tr.s)
@@ -353,9 +367,7 @@ class Engine:
         med_temp, n_temp = group_median(adj_temp, local, n_local)
         peer_c = med_temp[local]
         residual = np.where(n_temp[local] >= 3, adj_temp - peer_c, np.nan)
-        cooling = (self.trackers["CoolantFlowLoss"].pending_or_firing(len(self.racks))
-                   | self.trackers["CoolantLeak"].pending_or_firing(len(self.racks)))
-        cooling_bad = cooling[b.rack]
+        cooling_bad = self._rack_cooling_alerted()[b.rack]
 
         # One alert per problem: a coolant problem of the rack explains its GPUs'
         # temperatures; a runaway explains the GPU's high temperature and its drift; a
@@ -385,8 +397,15 @@ class Engine:
                                             rise_threshold_c=d.runaway_rise_c))
         node_hot = self._node_against_rack(b, out, med_temp, med_p_eff, n_temp, node_swing)[local]
         runaway = self.trackers["GpuThermalRunaway"].pending_or_firing(self.g_count)[slots]
-        self._eval(out, "GpuOverTemperature", slots, (temp >= d.gpu_temp_limit_c) & ~cooling_bad & ~runaway & ~node_hot,
-                   b.t, temp, _evidence(temp_c=temp, limit_c=d.gpu_temp_limit_c, peer_median_c=peer_c))
+        # The thermal margin is to the GPU's own slowdown threshold (NVML), where it is known.
+        slowdown = b.m["slowdown_temp_c"]
+        known = np.isfinite(slowdown)
+        limit = np.where(known, slowdown - d.thermal_margin_c, d.gpu_temp_limit_c)
+        self._eval(out, "GpuOverTemperature", slots, (temp >= limit) & ~cooling_bad & ~runaway & ~node_hot,
+                   b.t, temp, lambda i: {"temp_c": float(temp[i]), "limit_c": float(limit[i]),
+                                         "slowdown_c": float(slowdown[i]), "peer_median_c": float(peer_c[i]),
+                                         "limit_why": f"{d.thermal_margin_c:g} C under its HW slowdown at "
+                                                      f"{slowdown[i]:.0f} C" if known[i] else "detect.gpu_temp_limit_c"})
         hot = runaway | self.trackers["GpuOverTemperature"].pending_or_firing(self.g_count)[slots]
         b.thermal_alerted = hot | cooling_bad | node_hot
         # The drift detector reads only samples under load: a degrading cold plate shows
@@ -419,12 +438,44 @@ class Engine:
         rack = nd.rack[nodes]
         excess = nd.ref_temp[nodes] - rack_med[rack]
         judged = np.flatnonzero(steady & (rack_n[rack] >= 3))  # others neither raise nor clear it
+        self._rack_against_site(b, out, np.unique(rack), rack_med, rack_n)
         self._eval(out, "NodeThermalAnomaly", nodes[judged], excess[judged] > d.node_temp_excess_c, b.t,
                    excess[judged], _evidence(excess_c=excess[judged], node_temp_c=med_temp[judged],
                                              rack_median_c=rack_med[rack[judged]] + d.thermal_c_per_w
                                              * med_p_eff[judged], node_power_w=med_p_eff[judged],
                                              threshold_c=d.node_temp_excess_c))
         return self.trackers["NodeThermalAnomaly"].pending_or_firing(n_nodes)[nodes]
+
+    def _rack_against_site(self, b: GpuBatch, out: Output, racks: np.ndarray, rack_ref: np.ndarray,
+                           rack_n: np.ndarray) -> None:
+        """Physics and peers one level further up: each rack's GPUs at zero power (the
+        median of its nodes' references) against the rack's own mean coolant temperature
+        (CDU supply and return), and that approach against the site's other racks. It
+        finds what warms every GPU of a rack alike while the coolant reads normal: air
+        in the loop, fouled cold plates. It needs the rack's coolant readings in this
+        process (over Kafka, the rack's facility partition and its nodes'), and three racks."""
+        r, n_racks = self.r, len(self.racks)
+        r.ensure(n_racks)
+        approach = rack_ref - 0.5 * (r.supply_c[:n_racks] + r.return_c[:n_racks])
+        sites = np.asarray(self.rack_site, np.int64)
+        known = np.isfinite(approach) & (rack_n >= 3)
+        site_med, site_n = group_median(approach, sites, len(self.site_index), known)
+        excess = approach[racks] - site_med[sites[racks]]
+        judged = np.flatnonzero(known[racks] & (site_n[sites[racks]] >= 3))
+        racks, excess = racks[judged], excess[judged]
+        cooling = (self.trackers["CoolantFlowLoss"].pending_or_firing(n_racks)
+                   | self.trackers["CoolantLeak"].pending_or_firing(n_racks))[racks]
+        self._eval(out, "RackThermalAnomaly", racks, (excess > self.d.rack_temp_excess_c) & ~cooling, b.t, excess,
+                   _evidence(excess_c=excess, gpu_at_zero_power_c=rack_ref[racks],
+                             coolant_mean_c=(rack_ref - approach)[racks], site_median_approach_c=site_med[sites[racks]],
+                             threshold_c=self.d.rack_temp_excess_c))
+
+    def _rack_cooling_alerted(self) -> np.ndarray:
+        """Per rack: a rack-level cooling alert pending or firing, which explains (suppresses)
+        its GPUs' thermal symptoms."""
+        n = len(self.racks)
+        return np.logical_or.reduce([self.trackers[name].pending_or_firing(n) for name in
+                                     ("CoolantFlowLoss", "CoolantLeak", "RackThermalAnomaly", "RackHeatImbalance")])
 
     def _performance(self, b: GpuBatch, out: Output) -> None:
         """Stragglers against their node's peers at full load, and the HW power brake."""
@@ -577,12 +628,56 @@ class Engine:
         per_rack("PduOverload", pdu, value[pdu] > d.pdu_load_ratio * rating, value[pdu] / rating,
                  lambda r: {"device": devices[slots[r]], "power_w": float(value[r]), "rating_w": rating,
                             "ratio": float(value[r] / rating), "threshold_ratio": d.pdu_load_ratio})
+        self._heat_balance(t, ts, kind, rack, value, out)
         if d.site_power_cap_w > 0:  # physics: the whole site against its contracted or breaker cap
             site = np.flatnonzero(kind == KIND_SITE_POWER)
             cap = d.site_power_cap_w
             per_rack("SitePowerOverCap", site, value[site] > cap, value[site] / cap,
                      lambda r: {"device": devices[slots[r]], "power_w": float(value[r]), "cap_w": cap,
                                 "ratio": float(value[r] / cap)})
+
+    def _heat_balance(self, t: float, ts: np.ndarray, kind: np.ndarray, rack: np.ndarray, value: np.ndarray,
+                      out: Output) -> None:
+        """Physics of each rack's coolant loop: the heat it carries away (flow x heat
+        capacity x delta-T) against the PDU's power. Liquid cooling takes a known share of
+        IT power, so the PDU's power and the flow predict the delta-T; the return
+        temperature follows a change with the coolant's lag, and so does the prediction.
+        A loop that carries much less (air in it, cold plates losing contact, heat going
+        to the room) or more (a drifting flow or temperature sensor) is wrong. Judged when
+        the PDU reports, with the prediction settled, and only where the expected delta-T
+        is well above sensor resolution."""
+        d, r = self.d, self.r
+        r.ensure(len(self.racks))
+        for k, name in ((KIND_SUPPLY, "supply_c"), (KIND_RETURN, "return_c"), (KIND_FLOW, "flow_lpm")):
+            rows = np.flatnonzero((kind == k) & np.isfinite(value))
+            getattr(r, name)[rack[rows]] = value[rows]
+        rows = np.flatnonzero((kind == KIND_PDU_POWER) & np.isfinite(value) & (rack >= 0))
+        if rows.size == 0:
+            return
+        racks, power, t_row = rack[rows], value[rows], ts[rows]
+        heat_capacity_w_per_c = r.flow_lpm[racks] / 60.0 * CP_COOLANT  # kg/s x J/(kg K)
+        predicted = d.liquid_fraction * power / heat_capacity_w_per_c
+        dt = t_row - r.power_t[racks]
+        a = np.where(np.isfinite(dt), 1.0 - np.exp(-np.maximum(dt, 0.0) / max(d.coolant_lag_s, 1e-9)), 0.0)
+        measured = r.return_c[racks] - r.supply_c[racks]
+        # A rack seen for the first time starts from what it measures (its history is
+        # unknown) and is judged once the prediction has caught up with its power.
+        prev = np.where(np.isnan(r.expected_dt[racks]), measured, r.expected_dt[racks])
+        expected = np.where(np.isnan(prev), predicted, np.where(np.isnan(predicted), prev, prev + a * (predicted - prev)))
+        r.expected_dt[racks], r.power_t[racks] = expected, t_row
+        ratio = measured / expected
+        settled = np.abs(predicted - expected) < 0.1 * expected
+        explained = (self._rack_cooling_alerted() & ~self.trackers["RackHeatImbalance"].pending_or_firing(
+            len(self.racks)) | self.trackers["PduOverload"].pending_or_firing(len(self.racks)))[racks]
+        judged = np.flatnonzero(settled & np.isfinite(ratio) & (expected >= d.heat_balance_min_delta_c) & ~explained)
+        coolant_w = heat_capacity_w_per_c * measured
+        self._eval(out, "RackHeatImbalance", racks[judged], np.abs(ratio[judged] - 1.0) > d.heat_balance_tolerance,
+                   t, ratio[judged],
+                   _evidence(coolant_w=coolant_w[judged], power_w=power[judged],
+                             ratio=(coolant_w / power)[judged], expected=d.liquid_fraction,
+                             delta_t_c=measured[judged], expected_delta_t_c=expected[judged],
+                             tolerance=d.heat_balance_tolerance, flow_lpm=r.flow_lpm[racks[judged]],
+                             supply_c=r.supply_c[racks[judged]], return_c=r.return_c[racks[judged]]))
 
     # ---- node health -------------------------------------------------------------
 

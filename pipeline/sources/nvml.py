@@ -115,6 +115,7 @@ class Gpu:
     calls: list[str] = field(default_factory=lambda: list(CALLS))
     unsupported: list[str] = field(default_factory=list)             # what answered NOT_SUPPORTED
     energy_j: float = float("nan")                                   # last reading: resets show as a drop
+    slowdown_temp_c: float = float("nan")                            # HW slowdown threshold; NaN if unknown
 
 
 @dataclass
@@ -154,7 +155,13 @@ class NvmlAgent:
 
     def _discover(self, index: int) -> Gpu:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        return Gpu(index, handle, pynvml.nvmlDeviceGetUUID(handle), pynvml.nvmlDeviceGetName(handle))
+        g = Gpu(index, handle, pynvml.nvmlDeviceGetUUID(handle), pynvml.nvmlDeviceGetName(handle))
+        try:  # the detectors' thermal margin is to this GPU's own threshold (H100: 89 C)
+            g.slowdown_temp_c = float(pynvml.nvmlDeviceGetTemperatureThreshold(
+                handle, pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN))
+        except pynvml.NVMLError as e:
+            self._unsupported(g, f"slowdown temperature threshold ({e})")
+        return g
 
     def close(self) -> None:
         self._events_stop.set()
@@ -184,6 +191,7 @@ class NvmlAgent:
                 events.append(self._lost(g, "NVML_ERROR_GPU_IS_LOST"))
                 continue
             answered[i] = True
+            values["slowdown_temp_c"][i] = g.slowdown_temp_c
             energy = values["energy_j"][i]
             if energy < g.energy_j:  # counters restarted at zero: the GPU was reset
                 events.append(self._event(g, ts[i], "gpu_reset", None,

@@ -206,6 +206,16 @@ class NvmlReplay:
         self._call("nvmlDeviceGetTemperature", "temperature_gpu")
         return int(self._value(g, "temp_c"))
 
+    def nvmlDeviceGetTemperatureThreshold(self, handle, threshold: int) -> int:  # noqa: N802
+        self._gpu(handle)
+        key = {pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN: "temp_threshold_slowdown",
+               pynvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN: "temp_threshold_shutdown",
+               pynvml.NVML_TEMPERATURE_THRESHOLD_GPU_MAX: "temp_threshold_gpu_max",
+               pynvml.NVML_TEMPERATURE_THRESHOLD_MEM_MAX: "temp_threshold_mem_max"}.get(threshold)
+        if key is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return int(self._call("nvmlDeviceGetTemperatureThreshold", key)["value"])
+
     def nvmlDeviceGetClockInfo(self, handle, clock: int) -> int:  # noqa: N802
         g = self._gpu(handle)
         key, column = _CLOCK_KEYS[clock]

@@ -54,7 +54,7 @@ HBM_K, HBM_C = 0.02353, 3.53
 TAU_FAST_S, TAU_SLOW_S = 0.2, 6.5
 FAST_SHARE_GPU, FAST_SHARE_HBM = 0.6, 0.32
 RETURN_TAU_S = 20.0
-SLOWDOWN_C = 88.0                 # HW thermal slowdown threshold (H100: 89 C slowdown)
+SLOWDOWN_C = 89.0                 # HW thermal slowdown threshold (the recorded H100's NVML threshold)
 MEM_IDLE_B = 503_316_480
 MEM_CLOCK_MHZ = 2619.0
 JOB_GROUP_NODES = 4
@@ -171,6 +171,7 @@ class FleetSimulator:
             "node": pa.array([self.node_names[n] for n in self.gpu_node]),
             "gpu": pa.array(self.gpu_index.astype(np.int16)),
             "gpu_uuid": pa.array(self.gpu_uuids),
+            "slowdown_temp_c": pa.array(np.full(self.n_gpus, SLOWDOWN_C)),
         }
         devices, racks, metrics = [], [], []
         for r, name in enumerate(self.rack_names):
@@ -236,6 +237,8 @@ class FleetSimulator:
             "thermal_runaway": lambda: {"rate_c_per_s": round(u(0.15, 0.4), 3)},
             "thermal_drift": lambda: {"rate_c_per_h": round(u(2.0, 6.0), 2)},
             "node_cooling_degraded": lambda: {"extra_c": round(u(8.0, 15.0), 1), "rate_c_per_s": round(u(0.05, 0.2), 3)},
+            "rack_cooling_degraded": lambda: {"extra_c": round(u(6.0, 12.0), 1), "rate_c_per_s": round(u(0.05, 0.2), 3),
+                                              "liquid_factor": round(u(0.55, 0.75), 3)},
             "coolant_flow_loss": lambda: {"flow_factor": round(u(0.2, 0.4), 3)},
             "coolant_leak": lambda: {"flow_factor": 0.9},
             "straggler_gpu": lambda: {"factor": round(u(0.65, 0.8), 3)},
@@ -369,6 +372,7 @@ class FleetSimulator:
             "missing": np.zeros(G, bool), "extra_temp": np.zeros(G), "perf": np.ones(G),
             "stuck": np.full(G, np.nan), "pcie_rate": np.zeros(G), "nvlink_rate": np.zeros(G),
             "brake_w": np.full(N, np.nan), "flow": np.ones(R), "leak": np.zeros(R), "pdu_ratio": np.zeros(R),
+            "liquid": np.ones(R),
         }
         for f in self.faults:
             age = self.t - f.start_s
@@ -384,6 +388,10 @@ class FleetSimulator:
                     fx["extra_temp"][f.gpu] += p["rate_c_per_h"] * age / 3600
                 case "node_cooling_degraded":
                     fx["extra_temp"][self.gpu_node == f.node] += min(p["extra_c"], p["rate_c_per_s"] * age)
+                case "rack_cooling_degraded":  # less heat reaches the coolant; the GPUs keep the rest
+                    ramp = min(p["extra_c"], p["rate_c_per_s"] * age)
+                    fx["extra_temp"][self.gpu_rack == f.rack] += ramp
+                    fx["liquid"][f.rack] *= 1.0 - (1.0 - p["liquid_factor"]) * ramp / p["extra_c"]
                 case "straggler_gpu":
                     fx["perf"][f.gpu] = p["factor"]
                 case "stuck_power_sensor":
@@ -439,7 +447,7 @@ class FleetSimulator:
                       + NODE_BASE_POWER_W + NODE_LOAD_POWER_W * np.bincount(self.gpu_node, util, self.n_nodes) / cfg.gpus_per_node)
         rack_it = np.bincount(self.node_rack, node_power, self.n_racks)
         flow = NOMINAL_FLOW_LPM * fx["flow"] * rng.normal(1.0, 0.005, self.n_racks)
-        delta_t = LIQUID_FRACTION * rack_it / (flow / 60.0 * CP_WATER)
+        delta_t = LIQUID_FRACTION * fx["liquid"] * rack_it / (flow / 60.0 * CP_WATER)
         supply = cfg.supply_temp_c + rng.normal(0.0, 0.05, self.n_racks)
         a_ret = 1.0 - np.exp(-dt / RETURN_TAU_S)
         self.return_temp += (cfg.supply_temp_c + delta_t - self.return_temp) * a_ret

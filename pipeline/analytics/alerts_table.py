@@ -1,0 +1,175 @@
+"""`fleetwatch alerts`: the alerts now firing and those resolved lately, as a table or JSON.
+
+The source is `<data_dir>/alerts.jsonl` (a running daemon appends to it, so a partial
+last line is expected and skipped), or, when that file does not exist, the Parquet
+archive's alerts dataset. Each alert is shown once, in its latest state.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline.model import ALERT, alert_rows
+
+SEVERITIES = ("critical", "warning", "info")
+_NO_END = "0001-01-01T00:00:00Z"
+
+
+@dataclass(frozen=True)
+class AlertQuery:
+    status: str = "all"  # active (firing), resolved or all
+    site: str | None = None
+    rack: str | None = None
+    node: str | None = None
+    severity: str | None = None
+    since_s: float | None = 24 * 3600.0  # resolved alerts that ended longer ago are left out; None = no limit
+    limit: int = 50
+
+
+@dataclass
+class AlertListing:
+    alerts: list[dict[str, Any]]  # shown: latest state per fingerprint, filtered, firing first, then
+                                  # critical first, then newest
+    matched: int                  # before the limit
+    recorded: int                 # alerts in the source, before the filters
+    source: Path | None           # where they came from; None: nothing recorded
+    looked: list[Path]            # where it looked
+    now: float                    # ages are relative to this
+    skipped_lines: list[int] = field(default_factory=list)  # unreadable lines of alerts.jsonl
+
+
+def _ts(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def changed_at(alert: dict[str, Any]) -> float:
+    """When the alert last changed state: its end when resolved, else its start."""
+    return _ts(alert["endsAt"] if alert["status"] == "resolved" else alert["startsAt"])
+
+
+def read_jsonl(path: Path) -> tuple[dict[str, dict[str, Any]], list[int]]:
+    """Latest alert per fingerprint, and the numbers of lines that did not parse (a daemon
+    mid-write leaves a partial last line; that one is not reported)."""
+    latest: dict[str, dict[str, Any]] = {}
+    bad: list[int] = []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            a = json.loads(line)
+            changed_at(a)  # a line that is JSON but no alert object counts as unreadable too
+            if not (isinstance(a["labels"], dict) and isinstance(a["fingerprint"], str)):
+                raise TypeError("not an alert object")
+            latest[a["fingerprint"]] = a
+        except (ValueError, KeyError, TypeError, AttributeError):
+            if n < len(lines):  # the last piece has no newline yet: still being written
+                bad.append(n)
+    return latest, bad
+
+
+def read_archive(dataset: Path) -> dict[str, dict[str, Any]]:
+    """Latest alert per fingerprint from the archive's alerts dataset."""
+    import polars as pl  # only this path needs it; keeps the common path light
+
+    files = sorted(dataset.glob("*/*/*.parquet"))
+    if not files:
+        return {}
+    df = pl.read_parquet(files, hive_partitioning=False)
+    df = df.sort("ts", maintain_order=True).unique("fingerprint", keep="last")
+    table = df.select(ALERT.names).to_arrow().cast(ALERT)
+    return {a["fingerprint"]: a for batch in table.to_batches() for a in alert_rows(batch)}
+
+
+def query(data_dir: Path, q: AlertQuery, now: float | None = None) -> AlertListing:
+    data_dir = Path(data_dir)
+    jsonl, dataset = data_dir / "alerts.jsonl", data_dir / "archive" / "alerts"
+    looked = [jsonl, dataset]
+    bad: list[int] = []
+    if jsonl.exists():
+        latest, bad = read_jsonl(jsonl)
+        source: Path | None = jsonl
+    elif dataset.is_dir():
+        latest, source = read_archive(dataset), dataset
+    else:
+        latest, source = {}, None
+    # A simulation run faster than real time writes alerts "in the future": age them from the newest.
+    ref = max([time.time() if now is None else now, *map(changed_at, latest.values())])
+    want_status = {"active": ("firing",), "resolved": ("resolved",), "all": ("firing", "resolved")}[q.status]
+    label_filters = {k: v for k, v in (("site", q.site), ("rack", q.rack), ("node", q.node),
+                                       ("severity", q.severity)) if v is not None}
+    shown = [a for a in latest.values()
+             if a["status"] in want_status
+             and all(a["labels"].get(k) == v for k, v in label_filters.items())
+             and (q.since_s is None or a["status"] == "firing" or changed_at(a) >= ref - q.since_s)]
+    # firing first (what needs doing now), then critical first, then newest first
+    shown.sort(key=lambda a: (a["status"] != "firing", _severity_rank(a), -_ts(a["startsAt"]), a["fingerprint"]))
+    return AlertListing(shown[:q.limit], len(shown), len(latest), source, looked, ref, bad)
+
+
+def _severity_rank(a: dict[str, Any]) -> int:
+    sev = a["labels"].get("severity", "")
+    return SEVERITIES.index(sev) if sev in SEVERITIES else len(SEVERITIES)
+
+
+def where(labels: dict[str, str]) -> str:
+    parts = [labels[k] for k in ("site", "rack", "node") if labels.get(k)]
+    if labels.get("gpu"):
+        parts.append(f"gpu{labels['gpu']}")
+    return "/".join(parts) or "-"
+
+
+def age(seconds: float) -> str:
+    """'45s', '12m', '3h20m', '2d4h'."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
+def table(listing: AlertListing, width: int | None = None) -> str:
+    """The listing as an aligned text table (lines cut at `width`), then a line saying what was
+    shown and from where."""
+    if listing.source is None:
+        return (f"no alerts recorded yet: neither {listing.looked[0]} nor {listing.looked[1]} exists.\n"
+                f"A running daemon (fleetwatch run) writes them; if it runs elsewhere, pass its --data-dir.")
+    rows = []
+    for a in listing.alerts:
+        start = _ts(a["startsAt"])
+        since = f"{datetime.fromtimestamp(start, timezone.utc):%Y-%m-%d %H:%M:%S} ({age(listing.now - start)} ago"
+        if a["status"] == "resolved" and a.get("endsAt", _NO_END) != _NO_END:
+            since += f", lasted {age(_ts(a['endsAt']) - start)}"
+        rows.append([a["status"], a["labels"].get("severity", "-"), a["labels"].get("alertname", "-"),
+                     where(a["labels"]), since + ")", a.get("annotations", {}).get("summary", "")])
+    lines = []
+    if rows:
+        head = ["STATUS", "SEVERITY", "ALERT", "WHERE", "SINCE (UTC)", "SUMMARY"]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
+        for r in [head, *rows]:
+            line = "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]
+            lines.append(line if width is None or len(line) <= width else line[:width - 3] + "...")
+    firing = sum(a["status"] == "firing" for a in listing.alerts)
+    summary = (f"{_n(len(listing.alerts), 'alert')} ({firing} firing, {len(listing.alerts) - firing} resolved)"
+               if rows else f"no alerts match the filters ({listing.recorded} recorded)")
+    if listing.matched > len(listing.alerts):
+        summary += f"; {listing.matched - len(listing.alerts)} more not shown (raise --limit)"
+    lines.append(f"{summary}; from {listing.source}")
+    if listing.skipped_lines:
+        bad = listing.skipped_lines
+        lines.append(f"warning: skipped {_n(len(bad), 'unreadable line')} of {listing.source} "
+                     f"(line {', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''})")
+    return "\n".join(lines)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
