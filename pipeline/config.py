@@ -128,7 +128,7 @@ class InhibitRule:
 
 
 DEFAULT_INHIBIT_RULES = [
-    InhibitRule(source="CoolantFlowLoss|CoolantLeak|RackThermalAnomaly|RackHeatImbalance",
+    InhibitRule(source="CoolantFlowLoss|CoolantLeak|RackThermalAnomaly",
                 target="GpuOverTemperature|GpuThermalRunaway|GpuThermalDrift|GpuHwSlowdown|NodeThermalAnomaly",
                 equal=["site", "rack"]),
     InhibitRule(source="NodeNotReporting", target="GpuNotReporting", equal=["site", "rack", "node"]),
@@ -152,7 +152,7 @@ class AlertsConfig:
     repeat_interval_s: float = _spec(4 * 3600.0, min=1, doc="re-notify a group that still fires this often")
     resend_interval_s: float = _spec(60.0, min=1, doc="re-push firing alerts to Alertmanager receivers this often")
     inhibit_rules: list[InhibitRule] = _spec(DEFAULT_INHIBIT_RULES, doc="inhibition, as [[alerts.inhibit_rules]] "
-                                             "tables (TOML only); the default: rack coolant alerts mute thermal "
+                                             "tables (TOML only); the default: rack cooling alerts mute thermal "
                                              "alerts in the rack, a silent node mutes its silent GPUs")
     external_url: str = _spec("", doc="externalURL of webhook payloads and prefix of generatorURL")
     runbook_base_url: str = _spec("runbooks/", doc="prefix of every runbook_url; ALERTNAME.md is appended")

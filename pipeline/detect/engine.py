@@ -472,10 +472,11 @@ class Engine:
 
     def _rack_cooling_alerted(self) -> np.ndarray:
         """Per rack: a rack-level cooling alert pending or firing, which explains (suppresses)
-        its GPUs' thermal symptoms."""
+        its GPUs' thermal symptoms. Not RackHeatImbalance: a drifting sensor raises it too,
+        and it must not hide a GPU that really overheats."""
         n = len(self.racks)
         return np.logical_or.reduce([self.trackers[name].pending_or_firing(n) for name in
-                                     ("CoolantFlowLoss", "CoolantLeak", "RackThermalAnomaly", "RackHeatImbalance")])
+                                     ("CoolantFlowLoss", "CoolantLeak", "RackThermalAnomaly")])
 
     def _performance(self, b: GpuBatch, out: Output) -> None:
         """Stragglers against their node's peers at full load, and the HW power brake."""
@@ -667,8 +668,7 @@ class Engine:
         r.expected_dt[racks], r.power_t[racks] = expected, t_row
         ratio = measured / expected
         settled = np.abs(predicted - expected) < 0.1 * expected
-        explained = (self._rack_cooling_alerted() & ~self.trackers["RackHeatImbalance"].pending_or_firing(
-            len(self.racks)) | self.trackers["PduOverload"].pending_or_firing(len(self.racks)))[racks]
+        explained = (self._rack_cooling_alerted() | self.trackers["PduOverload"].pending_or_firing(len(self.racks)))[racks]
         judged = np.flatnonzero(settled & np.isfinite(ratio) & (expected >= d.heat_balance_min_delta_c) & ~explained)
         coolant_w = heat_capacity_w_per_c * measured
         self._eval(out, "RackHeatImbalance", racks[judged], np.abs(ratio[judged] - 1.0) > d.heat_balance_tolerance,
