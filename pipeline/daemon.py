@@ -8,7 +8,7 @@ at scale, same code):
            simulator publishes its facility data on that tree instead of the bus)
   detect   gpu, facility, events -> Engine -> alerts, health topics
   archive  every topic -> Parquet archive (flushed on an interval, off the loop)
-  notify   alerts -> console, alerts.jsonl, webhooks
+  notify   alerts -> console, alerts.jsonl, receivers (durable outboxes; sinks/notify.py)
   status   live status line on a terminal, periodic log lines otherwise
 
 `fleetwatch run` runs a source (daemon.source: simulate or the NVML agent) and the
@@ -42,8 +42,8 @@ from pipeline.config import Config, ConfigError, host_port
 from pipeline.detect.checkpoint import Checkpointer
 from pipeline.detect.engine import Engine
 from pipeline.model import NODE_HEALTH, alert_rows, alerts_to_batch
-from pipeline.sinks.alerts import AlertLog, WebhookSender
 from pipeline.sinks.console import Console
+from pipeline.sinks.notify import Notifier
 from pipeline.sinks.parquet import ArchiveWriter
 from pipeline.sources.bms import BmsPublisher
 from pipeline.sources.mqtt import MqttCollector
@@ -248,20 +248,20 @@ async def archive_role(writer: ArchiveWriter, sub, flush_interval_s: float) -> N
             next_flush = time.monotonic() + flush_interval_s
 
 
-async def notify_role(sub, alert_log: AlertLog, webhooks: WebhookSender | None, console: Console | None) -> None:
-    while True:
-        try:
-            messages = await sub.get_batch()
-        except EndOfStream:
-            return
-        alerts = [a for m in messages for a in alert_rows(m.value)]
-        if console is not None:
-            for a in alerts:
-                console.alert(a)
-        await asyncio.to_thread(alert_log.append, alerts)
-        if webhooks is not None and webhooks.urls:
-            await asyncio.to_thread(webhooks.send, alerts)
-        await sub.commit()
+async def notify_role(sub, notifier: Notifier) -> None:
+    """Alerts in; the offsets are committed once the console, alerts.jsonl, the receivers'
+    outboxes and the routing state have them (until then the alerts topic is the outbox)."""
+    await notifier.start()
+    try:
+        while True:
+            try:
+                messages = await sub.get_batch()
+            except EndOfStream:
+                return
+            await notifier.handle([a for m in messages for a in alert_rows(m.value)])
+            await sub.commit()
+    finally:
+        await notifier.close()
 
 
 @dataclass
@@ -330,7 +330,7 @@ async def _quiet(count, quiet_s: float = 0.5, at_most_s: float = 10.0) -> None:
 
 
 def status_text(roles: frozenset[str], engine: Engine, rate: float, sim: FleetSimulator,
-                writer: ArchiveWriter, summary: RunSummary) -> str:
+                writer: ArchiveWriter, summary: RunSummary, notifier: Notifier | None) -> str:
     parts = ["fleetwatch"]
     if "simulate" in roles:
         parts.append(f"sim {sim.now:%Y-%m-%d %H:%M:%S}")
@@ -345,11 +345,16 @@ def status_text(roles: frozenset[str], engine: Engine, rate: float, sim: FleetSi
         parts.append(f"{summary.gpu_samples_published:,} GPU samples published")
     if "archive" in roles and not whole(roles):
         parts.append(f"{sum(writer.rows_written.values()):,} rows archived")
+    if notifier is not None and notifier.deliveries:
+        d = notifier.stats
+        parts.append(f"alerts delivered {d.delivered} pending {d.pending}"
+                     + (f" dead-lettered {d.dead_lettered}" if d.dead_lettered else ""))
     return "  ".join(parts)
 
 
 async def status_role(roles: frozenset[str], engine: Engine, sim: FleetSimulator, writer: ArchiveWriter,
-                      summary: RunSummary, console: Console, interval_s: float, stop: asyncio.Event) -> None:
+                      summary: RunSummary, notifier: Notifier | None, console: Console, interval_s: float,
+                      stop: asyncio.Event) -> None:
     period = 1.0 if console.tty else interval_s
     last_n, last_t = engine.stats.gpu_samples, time.monotonic()
     while not stop.is_set():
@@ -360,7 +365,7 @@ async def status_role(roles: frozenset[str], engine: Engine, sim: FleetSimulator
         now = time.monotonic()
         rate = (engine.stats.gpu_samples - last_n) / max(now - last_t, 1e-9)
         last_n, last_t = engine.stats.gpu_samples, now
-        text = status_text(roles, engine, rate, sim, writer, summary)
+        text = status_text(roles, engine, rate, sim, writer, summary, notifier)
         if console.tty:
             console.status(text)
         else:
@@ -409,7 +414,7 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
     bms = collector = None
     summary = RunSummary(0, 0.0, 0, {})
     try:
-        webhooks = WebhookSender(cfg.alerts.webhooks, cfg.alerts.timeout_s, 3)
+        notifier = Notifier(cfg, console if cfg.alerts.console else None) if "notify" in roles else None
         k = cfg.kafka
         engine = Engine(cfg, node_staleness=not k.bootstrap)
         sim = FleetSimulator(cfg.fleet)
@@ -453,13 +458,12 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
                                          name="detect")
         if "notify" in roles:
             notify_sub = bus.subscribe([Topic.ALERTS], "notify")
-            sinks.append(asyncio.create_task(notify_role(notify_sub, AlertLog(cfg.alerts_log), webhooks,
-                                                         console if cfg.alerts.console else None), name="notify"))
+            sinks.append(asyncio.create_task(notify_role(notify_sub, notifier), name="notify"))
         if "archive" in roles and cfg.archive.enabled:
             archive_sub = bus.subscribe(list(DATASET_OF_TOPIC), "archive")
             sinks.append(asyncio.create_task(archive_role(writer, archive_sub, cfg.archive.flush_interval_s),
                                              name="archive"))
-        status = asyncio.create_task(status_role(roles, engine, sim, writer, summary, console,
+        status = asyncio.create_task(status_role(roles, engine, sim, writer, summary, notifier, console,
                                                  cfg.daemon.status_interval_s, stop), name="status")
         everything = [t for t in (*sources, facility, detect, *sinks) if t is not None]
         stopper = asyncio.create_task(stop.wait())

@@ -3,21 +3,31 @@
 Apache Kafka comes from Maven Central (scripts/kafka/pom.xml: kafka_2.13 and its
 runtime dependencies, fetched once into a cache) and runs as a single KRaft
 broker+controller on the machine's Java 17. `scripts/kafka-local` runs one in the
-foreground for development. Mosquitto comes from Debian (`apt-get install mosquitto`).
+foreground for development. Mosquitto and Alertmanager come from Debian (`apt-get install
+mosquitto prometheus-alertmanager`). HttpReceiver is a webhook receiver that fails on purpose.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import pwd
 import shutil
 import socket
+import ssl
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+import urllib.request
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
+
+from pipeline.sinks.webhook import verify_signature
 
 REPO = Path(__file__).resolve().parents[1]
 POM = REPO / "scripts" / "kafka" / "pom.xml"
@@ -190,3 +200,171 @@ class Mosquitto(Service):
 
     def command(self) -> list[str]:
         return [self.binary, "-c", str(self.config)]
+
+
+class _ReceiverServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that gave up waiting is expected
+            super().handle_error(request, client_address)
+
+
+class HttpReceiver:
+    """A real HTTP receiver (keep-alive, in a thread) that fails on purpose: `status` is
+    what it answers (500, 400...; a callable of the request body may decide per request),
+    `delay_s` how long it sleeps first, `fail_first` how many requests get `fail_status`
+    before it answers `status`; `stop()` closes the port (connection refused) and `start()`
+    opens the same port again. It records each request's Idempotency-Key, in arrival order
+    (taken: answered 2xx), and checks signatures when given the secret. With `tls` (a
+    certificate and key file) it speaks HTTPS."""
+
+    def __init__(self, secret: bytes | None = None, keep_bodies: bool = False, path: str = "/hook",
+                 tls: tuple[Path, Path] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}{path}"
+        self.secret, self.keep_bodies, self.tls = secret, keep_bodies, tls
+        self.status: int | Callable[[bytes], int] = 200
+        self.delay_s = 0.0
+        self.fail_first, self.fail_status = 0, 500
+        self.requests: list[tuple[str, int]] = []  # (Idempotency-Key, status answered), in arrival order
+        self.taken: list[str] = []                 # keys answered 2xx, with duplicates
+        self.bodies: list[dict] = []               # parsed bodies of the taken requests (keep_bodies)
+        self.headers: list[dict] = []              # headers of the taken requests (keep_bodies)
+        self.bad_signatures = 0
+        self.lock = threading.Lock()
+        self.server: _ReceiverServer | None = None
+        self.connections: set[socket.socket] = set()
+
+    def start(self) -> "HttpReceiver":
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real receivers do
+
+            def setup(self) -> None:
+                super().setup()
+                # The answer's head and body are two writes: without this, Nagle holds the body for
+                # the client's delayed ACK (40 ms a request).
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                outer.connections.add(self.connection)
+
+            def finish(self) -> None:
+                outer.connections.discard(self.connection)
+                super().finish()
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = outer.answer(body, dict(self.headers))
+                if outer.delay_s:
+                    time.sleep(outer.delay_s)
+                self.send_response(status)
+                text = b"{}" if status < 300 else f"refused with {status} on purpose".encode()
+                self.send_header("Content-Length", str(len(text)))
+                self.end_headers()
+                self.wfile.write(text)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = _ReceiverServer(("127.0.0.1", self.port), Handler)
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def answer(self, body: bytes, headers: dict) -> int:
+        with self.lock:
+            if len(self.requests) < self.fail_first:
+                status = self.fail_status
+            else:
+                status = self.status(body) if callable(self.status) else self.status
+            key = headers.get("Idempotency-Key", "")
+            self.requests.append((key, status))
+            if self.secret is not None and not verify_signature(
+                    self.secret, headers.get("X-Fleetwatch-Signature", ""), body, time.time()):
+                self.bad_signatures += 1
+            if 200 <= status < 300:  # taken before the answer goes out, as a real receiver would
+                self.taken.append(key)
+                if self.keep_bodies:
+                    self.bodies.append(json.loads(body))
+                    self.headers.append(headers)
+            return status
+
+    def unique(self) -> list[str]:
+        """Taken keys without duplicates, in first-arrival order (what a deduplicating receiver keeps)."""
+        return list(dict.fromkeys(self.taken))
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.taken) - len(set(self.taken))
+
+    def stop(self) -> None:
+        """Down: the port refuses connections and the open ones are cut."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        for conn in list(self.connections):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def alertmanager_binary() -> str:
+    found = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+    if found is None:
+        raise RuntimeError("the Alertmanager tests need Alertmanager: install it (Debian/Ubuntu: apt-get install "
+                           "prometheus-alertmanager)")
+    return found
+
+
+class Alertmanager(Service):
+    """A Prometheus Alertmanager on a free loopback port, clustering off, routing every
+    alert (grouped by alertname and rack, 1 s group_wait and group_interval) to one
+    webhook receiver with send_resolved."""
+
+    name = "alertmanager"
+    stop_timeout_s = 10.0
+
+    def __init__(self, webhook_url: str, workdir: Path | None = None) -> None:
+        super().__init__()
+        self.binary = alertmanager_binary()
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="alertmanager-"))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = self.dir / "alertmanager.yml"
+        self.config.write_text("\n".join([
+            "route:",
+            "  receiver: test",
+            "  group_by: [alertname, rack]",
+            "  group_wait: 1s",
+            "  group_interval: 1s",
+            "  repeat_interval: 1h",
+            "receivers:",
+            "  - name: test",
+            "    webhook_configs:",
+            f"      - url: {webhook_url}",
+            "        send_resolved: true",
+        ]) + "\n")
+
+    def command(self) -> list[str]:
+        return [self.binary, f"--config.file={self.config}", f"--storage.path={self.dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address="]
+
+    def start(self, timeout_s: float = 60.0) -> "Alertmanager":
+        super().start(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"alertmanager not ready within {timeout_s} s; see {self.dir}/{self.name}.out")
+            time.sleep(0.1)

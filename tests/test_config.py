@@ -83,11 +83,15 @@ def test_docker_compose_parses_and_sets_only_keys_the_code_reads():
     roles = {name: svc for name, svc in services.items() if "fleetwatch" in str(svc.get("command", ""))}
     assert set(roles) == set(ROLES)
     for name, svc in roles.items():
-        assert svc["command"].rstrip("\"").endswith(f"exec fleetwatch {name}")
+        role, _, config = svc["command"].rstrip("\"").partition(f"exec fleetwatch {name}")
+        assert role and config in ("", " --config deploy/notify.toml"), svc["command"]
         env = {k: str(v) for k, v in svc["environment"].items()}
         assert env and all(k.startswith("FLEETWATCH_") for k in env)
-        cfg = load_config(env=env)  # raises ConfigError naming any unknown key or bad value
+        # raises ConfigError naming any unknown key or bad value
+        cfg = load_config(REPO / config.split()[-1] if config else None, env=env)
         assert cfg.kafka.bootstrap == "kafka:9092"
+        if config:
+            assert [(r.kind, r.url) for r in cfg.alerts.receivers] == [("alertmanager", "http://alertmanager:9093")]
 
 
 def test_unusable_data_dir_exits_2_and_says_what_to_do(tmp_path):

@@ -54,7 +54,8 @@ def wait_for(predicate, timeout: float = 60.0) -> None:
 
 def test_run_for_a_duration_lands_everything(tmp_path, receiver):
     r = fleetwatch("run", "--duration", "12", "--data-dir", "data", "--seed", "3", cwd=tmp_path,
-                   env=FAST | {"FLEETWATCH_ALERTS__WEBHOOKS": receiver.url}, timeout=120)
+                   env=FAST | {"FLEETWATCH_ALERTS__WEBHOOKS": receiver.url, "FLEETWATCH_ALERTS__GROUP_WAIT_S": "0",
+                               "FLEETWATCH_ALERTS__GROUP_INTERVAL_S": "0"}, timeout=120)
     assert r.returncode == 0, r.stderr
     data = tmp_path / "data"
     # Not a terminal: periodic status log lines instead of a live line.
@@ -80,14 +81,19 @@ def test_run_for_a_duration_lands_everything(tmp_path, receiver):
     # Printed on the console too.
     for a in lines[:3]:
         assert a["annotations"]["summary"] in r.stdout
-    # The webhook got Alertmanager v4 payloads with the same alerts.
-    delivered = [a for p in receiver.payloads for a in p["alerts"]]
-    assert sorted((a["fingerprint"], a["status"]) for a in delivered) == sorted((a["fingerprint"], a["status"]) for a in lines)
+    # The webhook got Alertmanager v4 payloads, one per group (alerts.group_by), with every
+    # firing alert but the inhibited ones (logged as muted), and resolutions of those it got.
+    delivered = {(a["fingerprint"], a["status"]) for p in receiver.payloads for a in p["alerts"]}
+    muted = set(re.findall(r"alert \w+ ([0-9a-f]{16}) muted", r.stderr))
+    assert delivered <= {(a["fingerprint"], a["status"]) for a in lines}
+    assert {fp for fp, status in delivered if status == "firing"} == \
+        {a["fingerprint"] for a in lines if a["status"] == "firing"} - muted
     for p in receiver.payloads:
-        assert p["version"] == "4" and p["receiver"] == "fleetwatch"
+        assert p["version"] == "4" and p["receiver"] == "webhook-1"
         assert set(p) >= {"status", "alerts", "groupLabels", "commonLabels", "commonAnnotations", "externalURL",
                           "groupKey", "truncatedAlerts"}
-        assert p["groupLabels"] == {"alertname": p["alerts"][0]["labels"]["alertname"]}
+        labels = p["alerts"][0]["labels"]
+        assert p["groupLabels"] == {k: labels[k] for k in ("alertname", "site", "rack") if k in labels}
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

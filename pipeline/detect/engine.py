@@ -49,6 +49,7 @@ POWER_BRAKE = 0x80
 FORCED_SLOWDOWN = 0x8 | 0x20 | 0x40  # HW slowdown, SW thermal, HW thermal: clocks forced down
 THERMAL_TAU_S = 6.5  # slow thermal time constant of an H100 (shared/data/nvml trace)
 RISE_TAU_S = 20.0    # memory of the average a rising temperature excess is compared with
+DRIFT_MIN_UTIL = 0.25  # utilisation from which a GPU is under load for the drift detector
 KIND_OTHER, KIND_LEAK, KIND_FLOW, KIND_PDU_POWER, KIND_SITE_POWER, KIND_SUPPLY, KIND_RETURN = range(7)
 CP_COOLANT = 4186.0  # J/(kg K) of water; a litre of coolant is ~1 kg
 
@@ -410,9 +411,10 @@ class Engine:
         b.thermal_alerted = hot | cooling_bad | node_hot
         # The drift detector reads only samples under load: a degrading cold plate shows
         # there, while at idle integer temperatures and gain spread move the excess by ~2 C.
-        # It neither learns nor accumulates while the rack's coolant or the GPU's clocks are
-        # forced, or while a faster thermal fault is alerted.
-        forced = ~(util >= 0.5) | cooling_bad | hot | ((b.reasons & HW_SLOWDOWN_BITS) != 0)
+        # Light jobs count (a memory-bound job at 40% utilisation runs for hours). It neither
+        # learns nor accumulates while the rack's coolant or the GPU's clocks are forced, or
+        # while a faster thermal fault is alerted.
+        forced = ~(util >= DRIFT_MIN_UTIL) | cooling_bad | hot | ((b.reasons & HW_SLOWDOWN_BITS) != 0)
         drift = self.drift.update(np.where(forced, np.nan, residual), slots)
         excess = residual - self.drift.s.mean[slots]
         seen = np.flatnonzero(np.isfinite(drift))  # unobserved samples neither raise nor clear it

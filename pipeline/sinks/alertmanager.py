@@ -1,0 +1,82 @@
+"""Alertmanager push: receivers of kind `alertmanager` get Fleetwatch's alerts the way
+Prometheus sends them, as a JSON list to POST <url>/api/v2/alerts.
+
+Every state change is pushed (a resolution with its endsAt), and the alerts still
+firing are pushed again every `alerts.resend_interval_s`. A firing alert goes without
+endsAt, so Alertmanager holds it for its own `resolve_timeout` (5 min by default: keep it
+above resend_interval_s) from the latest push; an outbox that sat out an outage never
+delivers a firing alert that is already past its end. Alertmanager groups, inhibits and
+silences these itself: Fleetwatch's routing (grouping, inhibit_rules, silences) applies
+to webhook receivers only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.sinks.webhook import generator_url
+
+CHUNK = 500  # alerts per push, so one request (and one outbox record) stays small
+
+
+def postable(alert: dict[str, Any], external_url: str) -> dict[str, Any]:
+    """Alertmanager API v2 postableAlert of an alert object (annotations must be strings)."""
+    out = {
+        "labels": alert["labels"],
+        "annotations": {k: v for k, v in alert["annotations"].items() if isinstance(v, str)},
+        "startsAt": alert["startsAt"],
+        "generatorURL": generator_url(external_url, alert["fingerprint"]),
+    }
+    if alert["status"] == "resolved":
+        out["endsAt"] = alert["endsAt"]
+    return out
+
+
+def chunks(alerts: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    return [alerts[i:i + CHUNK] for i in range(0, len(alerts), CHUNK)]
+
+
+class FiringAlerts:
+    """The alerts firing now (their postable form, by fingerprint) and when they were
+    last pushed again; persisted with the notifier's state so a restart keeps re-pushing."""
+
+    def __init__(self, resend_interval_s: float, external_url: str) -> None:
+        self.resend_interval_s = resend_interval_s
+        self.external_url = external_url
+        self._firing: dict[str, dict[str, Any]] = {}
+        self.last_resend = 0.0
+
+    def __len__(self) -> int:
+        return len(self._firing)
+
+    def changes(self, alerts: list[dict[str, Any]], now: float) -> list[list[dict[str, Any]]]:
+        """The pushes for these state changes; the firing set follows them."""
+        if not self._firing:  # the first firing alert was just pushed: its resend is an interval away
+            self.last_resend = now
+        out = []
+        for a in alerts:
+            p = postable(a, self.external_url)
+            if a["status"] == "firing":
+                self._firing[a["fingerprint"]] = p
+            else:
+                self._firing.pop(a["fingerprint"], None)
+            out.append(p)
+        return chunks(out)
+
+    @property
+    def next_resend(self) -> float | None:
+        return self.last_resend + self.resend_interval_s if self._firing else None
+
+    def resend(self, now: float) -> list[list[dict[str, Any]]]:
+        """The firing alerts again, if a resend is due; [] otherwise."""
+        if not self._firing or now < self.last_resend + self.resend_interval_s:
+            return []
+        self.last_resend = now
+        return chunks(list(self._firing.values()))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"version": 1, "last_resend": self.last_resend, "firing": self._firing}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.last_resend = float(state.get("last_resend", 0.0))
+        self._firing = dict(state.get("firing", {}))

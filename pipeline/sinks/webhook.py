@@ -1,0 +1,311 @@
+"""Receivers over HTTP: who they are (validated at start), how a request is signed,
+and one POST with its outcome. Also the webhook kind's payload, Alertmanager's v4.
+
+A receiver's URL may carry credentials (user:password@, sent as HTTP basic auth) or
+a token in its query string: neither is ever logged or written anywhere. Logs show
+`Receiver.shown`: scheme://host[:port]/path.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import os
+import re
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import unquote, urlsplit
+
+from pipeline import __version__
+from pipeline.config import AlertsConfig, ConfigError, ReceiverConfig
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Fleetwatch-Signature"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_NAME = re.compile(r"[a-z0-9_-]+")
+_RESPONSE_LIMIT = 1 << 16  # bytes of a response body read (the rest is not wanted)
+
+
+def redact(url: str) -> str:
+    """scheme://host[:port]/path: the URL without credentials, query or fragment."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        port = ":?"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+@dataclass(frozen=True)
+class Receiver:
+    """A validated receiver: everything delivery needs, secrets kept out of repr."""
+    name: str
+    kind: str                 # webhook | alertmanager
+    url: str = field(repr=False)  # as configured (may hold credentials)
+    shown: str                # redacted, for logs
+    secret: bytes | None = field(default=None, repr=False)
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+
+    @property
+    def post_url(self) -> str:
+        if self.kind == "alertmanager":
+            parts = urlsplit(self.url)
+            return parts._replace(path=parts.path.rstrip("/") + "/api/v2/alerts").geturl()
+        return self.url
+
+
+def load_receivers(cfg: AlertsConfig, env: Mapping[str, str] | None = None) -> list[Receiver]:
+    """[[alerts.receivers]] plus the alerts.webhooks shorthand, checked; ConfigError says
+    which key is wrong and what to do."""
+    env = os.environ if env is None else env
+    configs = [(f"alerts.receivers[{i}]", r) for i, r in enumerate(cfg.receivers)]
+    configs += [(f"alerts.webhooks[{i}]", ReceiverConfig(name=f"webhook-{i + 1}", url=u))
+                for i, u in enumerate(cfg.webhooks)]
+    seen: dict[str, str] = {}
+    out = []
+    for where, rc in configs:
+        shorthand = where.startswith("alerts.webhooks")
+        if not shorthand and not _NAME.fullmatch(rc.name):
+            raise ConfigError(f"config error: {where}.name = {rc.name!r}: must match [a-z0-9_-]+ (it names the "
+                              f"receiver's outbox folder), e.g. name = \"oncall\"")
+        if rc.name in seen:
+            raise ConfigError(f"config error: {where}.name = {rc.name!r}: {seen[rc.name]} has that name already; "
+                              f"give each receiver its own name (alerts.webhooks entries are webhook-1, webhook-2, "
+                              f"...)")
+        seen[rc.name] = where
+        key = where if shorthand else f"{where}.url"
+        parts = urlsplit(rc.url)
+        try:
+            parts.port
+        except ValueError:
+            raise ConfigError(f"config error: {key} = {redact(rc.url)!r}: the port is not a number from 1 to "
+                              f"65535") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"config error: {key} = {redact(rc.url)!r}: must be an http:// or https:// URL "
+                              f"with a host, e.g. https://hooks.example.com/fleetwatch")
+        secret = _secret(where, rc, env)
+        if rc.ca_file and not Path(rc.ca_file).is_file():
+            raise ConfigError(f"config error: {where}.ca_file = {rc.ca_file!r}: no such file; give the path of a "
+                              f"PEM CA bundle, or leave it empty for the system's")
+        context = None
+        if parts.scheme == "https":
+            try:
+                context = ssl.create_default_context(cafile=rc.ca_file or None)
+            except (ssl.SSLError, OSError) as e:
+                raise ConfigError(f"config error: {where}.ca_file = {rc.ca_file!r}: not a usable CA bundle "
+                                  f"({e}); give a PEM file") from None
+            if not rc.tls_verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                log.warning("receiver %s (%s): TLS certificate verification is off (tls_verify = false): anyone "
+                            "on the path can read and change its alerts", rc.name, redact(rc.url))
+        out.append(Receiver(rc.name, rc.kind, rc.url, redact(rc.url), secret, context))
+    return out
+
+
+def _secret(where: str, rc: ReceiverConfig, env: Mapping[str, str]) -> bytes | None:
+    if rc.secret_env:
+        value = env.get(rc.secret_env, "")
+        if not value:
+            raise ConfigError(f"config error: {where}.secret_env = {rc.secret_env!r}: that environment variable is "
+                              f"not set or empty; set it to the signing secret, or remove secret_env to send "
+                              f"unsigned")
+        return value.encode()
+    if rc.secret_file:
+        try:
+            value = Path(rc.secret_file).read_bytes().strip()
+        except OSError as e:
+            raise ConfigError(f"config error: {where}.secret_file = {rc.secret_file!r}: cannot read it "
+                              f"({e.strerror}); give a readable file holding the signing secret") from None
+        if not value:
+            raise ConfigError(f"config error: {where}.secret_file = {rc.secret_file!r}: the file is empty; put "
+                              f"the signing secret in it")
+        return value
+    return None
+
+
+# ---- signing --------------------------------------------------------------------------
+
+def sign(secret: bytes, body: bytes, t: int) -> str:
+    """The X-Fleetwatch-Signature value: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>."""
+    mac = hmac.new(secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def verify_signature(secret: bytes, header: str, body: bytes, now: float, tolerance_s: float = 300) -> bool:
+    """For receivers: the body is what Fleetwatch signed with `secret`, within tolerance_s
+    of `now` (an old request replayed fails). Any one v1 may match (several during a
+    secret rotation)."""
+    t, macs = None, []
+    for item in header.split(","):
+        k, _, v = item.strip().partition("=")
+        if k == "t" and v.isdigit():
+            t = int(v)
+        elif k == "v1":
+            macs.append(v)
+    if t is None or not macs or abs(now - t) > tolerance_s:
+        return False
+    expected = sign(secret, body, t).rpartition("v1=")[2]
+    return any(hmac.compare_digest(expected, m) for m in macs)
+
+
+# ---- one request ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    reason: str = ""            # what went wrong, for logs and dead letters (never the URL's secrets)
+    permanent: bool = False     # retrying cannot help (a 4xx other than 408 and 429)
+    maybe_delivered: bool = False  # the receiver may have the request (a timeout after sending it)
+    retry_after_s: float | None = None  # the receiver's Retry-After
+
+
+class Client:
+    """POSTs to one receiver over one kept-alive connection; used by one thread at a time,
+    while abort() may come from another (shutdown)."""
+
+    def __init__(self, receiver: Receiver, timeout_s: float) -> None:
+        self.receiver = receiver
+        self.timeout_s = timeout_s
+        parts = urlsplit(receiver.post_url)
+        self._https = parts.scheme == "https"
+        self._host, self._port = parts.hostname, parts.port
+        self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._auth = None
+        if parts.username is not None:
+            cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            self._auth = "Basic " + base64.b64encode(cred).decode()
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+        self._aborted = False
+
+    def post(self, body: bytes, key: str, now: float) -> Outcome:
+        headers = {"Content-Type": "application/json", "User-Agent": f"fleetwatch/{__version__}",
+                   IDEMPOTENCY_HEADER: key}
+        if self.receiver.secret is not None:
+            headers[SIGNATURE_HEADER] = sign(self.receiver.secret, body, int(now))  # fresh t on every try
+        if self._auth is not None:
+            headers["Authorization"] = self._auth
+        return self._send(body, headers, stale_retry=True)
+
+    def _send(self, body: bytes, headers: dict[str, str], stale_retry: bool) -> Outcome:
+        if self._aborted:
+            return Outcome(False, "stopped (shutdown)")
+        conn, reused = self._connection()
+        try:
+            conn.request("POST", self._target, body, headers)
+            resp = conn.getresponse()
+            text = resp.read(_RESPONSE_LIMIT)
+            if not resp.isclosed():  # more than we read: this connection cannot be reused
+                self.close()
+            return _outcome(resp, text)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+            self.close()
+            if reused and stale_retry:  # a kept-alive connection the receiver had closed: once more, on a new one
+                return self._send(body, headers, stale_retry=False)
+            return Outcome(False, f"connection closed by the receiver ({type(e).__name__})", maybe_delivered=True)
+        except TimeoutError:
+            self.close()
+            return Outcome(False, f"no response within {self.timeout_s:g} s (alerts.timeout_s)", maybe_delivered=True)
+        except ssl.SSLCertVerificationError as e:
+            self.close()
+            return Outcome(False, f"TLS certificate not trusted ({e.verify_message}); give its CA in ca_file")
+        except ConnectionRefusedError:
+            self.close()
+            return Outcome(False, "connection refused")
+        except socket.gaierror as e:
+            self.close()
+            return Outcome(False, f"cannot resolve {self._host} ({e.strerror})")
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            return Outcome(False, f"{type(e).__name__}: {e}", maybe_delivered=True)
+
+    def abort(self) -> None:
+        """Break off a request in flight (from another thread), so shutdown need not wait for it."""
+        with self._lock:
+            self._aborted = True
+            sock = self._conn.sock if self._conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        with self._lock:
+            if self._conn is not None and self._conn.sock is not None:
+                return self._conn, True
+            if self._https:
+                self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s,
+                                                         context=self.receiver.ssl_context)
+            else:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
+            return self._conn, False
+
+
+def _outcome(resp: http.client.HTTPResponse, text: bytes) -> Outcome:
+    status = resp.status
+    if 200 <= status < 300:
+        return Outcome(True)
+    said = text[:200].decode("utf-8", "replace").strip()
+    reason = f"HTTP {status} {resp.reason}" + (f": {said}" if said else "")
+    if status in (408, 429) or status >= 500:
+        retry_after = resp.headers.get("Retry-After", "")
+        return Outcome(False, reason, retry_after_s=float(retry_after) if retry_after.isdigit() else None)
+    if 300 <= status < 400:
+        return Outcome(False, f"HTTP {status}: redirects are not followed; set the receiver's url to where it "
+                              f"points", permanent=True)
+    return Outcome(False, reason, permanent=True)
+
+
+# ---- the webhook kind's payload -------------------------------------------------------
+
+def generator_url(external_url: str, fp: str) -> str:
+    """Where the alert comes from: <alerts.external_url>/alerts/<fingerprint>, or ''."""
+    return f"{external_url.rstrip('/')}/alerts/{fp}" if external_url else ""
+
+
+def webhook_payload(receiver: str, group_key: str, group_labels: dict[str, str], alerts: list[dict[str, Any]],
+                    external_url: str) -> dict[str, Any]:
+    """Alertmanager's webhook payload (version 4) of one group notification; the alerts
+    keep Fleetwatch's detector, score and evidence (Alertmanager consumers ignore them)."""
+    out = [{**a, "generatorURL": generator_url(external_url, a["fingerprint"])} for a in alerts]
+    return {
+        "version": "4",
+        "groupKey": group_key,
+        "truncatedAlerts": 0,
+        "status": "firing" if any(a["status"] == "firing" for a in alerts) else "resolved",
+        "receiver": receiver,
+        "groupLabels": group_labels,
+        "commonLabels": _common([a["labels"] for a in alerts]),
+        "commonAnnotations": _common([a["annotations"] for a in alerts]),
+        "externalURL": external_url,
+        "alerts": out,
+    }
+
+
+def _common(dicts: list[dict[str, str]]) -> dict[str, str]:
+    first = dicts[0] if dicts else {}
+    return {k: v for k, v in first.items() if all(d.get(k) == v for d in dicts[1:])}
+
+
+def body_of(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
