@@ -225,8 +225,8 @@ class Alert:
             "status": self.status,
             "labels": self.labels,
             "annotations": self.annotations,
-            "startsAt": _iso(self.starts_at),
-            "endsAt": _iso(self.ends_at) if self.ends_at else "0001-01-01T00:00:00Z",
+            "startsAt": iso_utc(self.starts_at),
+            "endsAt": iso_utc(self.ends_at) if self.ends_at else "0001-01-01T00:00:00Z",
             "generatorURL": "",
             "fingerprint": self.fingerprint,
             "detector": self.detector,
@@ -235,8 +235,11 @@ class Alert:
         }
 
 
-def _iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def iso_utc(t: datetime | float, timespec: str = "milliseconds") -> str:
+    """RFC 3339 in UTC with a Z, as Alertmanager writes it; `t` a datetime or unix seconds."""
+    if not isinstance(t, datetime):
+        t = datetime.fromtimestamp(t, timezone.utc)
+    return t.astimezone(timezone.utc).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def alerts_to_batch(changes: list[tuple[datetime, Alert]]) -> pa.RecordBatch:
@@ -267,8 +270,8 @@ def alert_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
             "status": r["status"],
             "labels": json.loads(r["labels_json"]),
             "annotations": {k: r[k] for k in ("summary", "description", "runbook_url") if r[k] is not None},
-            "startsAt": _iso(r["starts_at"]),
-            "endsAt": _iso(r["ends_at"]) if r["ends_at"] else "0001-01-01T00:00:00Z",
+            "startsAt": iso_utc(r["starts_at"]),
+            "endsAt": iso_utc(r["ends_at"]) if r["ends_at"] else "0001-01-01T00:00:00Z",
             "generatorURL": "",
             "fingerprint": r["fingerprint"],
             "detector": r["detector"],

@@ -51,6 +51,7 @@ THERMAL_TAU_S = 6.5  # slow thermal time constant of an H100 (shared/data/nvml t
 RISE_TAU_S = 20.0    # memory of the average a rising temperature excess is compared with
 DRIFT_MIN_UTIL = 0.25  # utilisation from which a GPU is under load for the drift detector
 KIND_OTHER, KIND_LEAK, KIND_FLOW, KIND_PDU_POWER, KIND_SITE_POWER, KIND_SUPPLY, KIND_RETURN = range(7)
+COOLANT_ALERTS = ("CoolantFlowLoss", "CoolantLeak")
 CP_COOLANT = 4186.0  # J/(kg K) of water; a litre of coolant is ~1 kg
 
 # Which tracker each alertname uses; fire_after None = the configured soft value.
@@ -97,6 +98,11 @@ class GpuBatch:
     reasons: np.ndarray      # clocks event reasons, int64
     power_runs: np.ndarray   # identical power readings in a row (flat-line)
     thermal_alerted: np.ndarray | None = None  # a thermal or coolant alert explains the GPU's heat (_thermal)
+
+
+def _lag(prev: np.ndarray, x: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """A first-order lag of x with weight a per sample: it starts at x and holds through NaN."""
+    return np.where(np.isnan(prev), x, np.where(np.isnan(x), prev, prev + a * (x - prev)))
 
 
 def _evidence(**values):
@@ -359,7 +365,7 @@ class Engine:
         power = np.where(stuck, med_power[local], power)
         a = 1.0 - np.exp(-np.nan_to_num(b.gap, nan=1.0) / THERMAL_TAU_S)
         p_prev = g.p_slow[slots]
-        p_slow = np.where(np.isnan(p_prev), power, np.where(np.isnan(power), p_prev, p_prev + a * (power - p_prev)))
+        p_slow = _lag(p_prev, power, a)
         g.p_slow[slots] = p_slow
         p_eff = 0.6 * power + 0.4 * p_slow
         med_p_eff, _ = group_median(p_eff, local, n_local)
@@ -380,8 +386,7 @@ class Engine:
         # one is not; that catches it at the early excess instead of the full one.
         prev = g.excess_slow[slots]
         a_rise = 1.0 - np.exp(-np.nan_to_num(b.gap, nan=1.0) / RISE_TAU_S)
-        g.excess_slow[slots] = np.where(np.isnan(prev), residual,
-                                        np.where(np.isnan(residual), prev, prev + a_rise * (residual - prev)))
+        g.excess_slow[slots] = _lag(prev, residual, a_rise)
         rise = residual - prev
         # Only at steady power, on the GPU and across its node: right after a load starts or
         # stops the temperatures lag their power (the H100 replay shows 8 C swings), and
@@ -465,8 +470,7 @@ class Engine:
         excess = approach[racks] - site_med[sites[racks]]
         judged = np.flatnonzero(known[racks] & (site_n[sites[racks]] >= 3))
         racks, excess = racks[judged], excess[judged]
-        cooling = (self.trackers["CoolantFlowLoss"].pending_or_firing(n_racks)
-                   | self.trackers["CoolantLeak"].pending_or_firing(n_racks))[racks]
+        cooling = self._racks_alerted(*COOLANT_ALERTS)[racks]
         self._eval(out, "RackThermalAnomaly", racks, (excess > self.d.rack_temp_excess_c) & ~cooling, b.t, excess,
                    _evidence(excess_c=excess, gpu_at_zero_power_c=rack_ref[racks],
                              coolant_mean_c=(rack_ref - approach)[racks], site_median_approach_c=site_med[sites[racks]],
@@ -476,9 +480,12 @@ class Engine:
         """Per rack: a rack-level cooling alert pending or firing, which explains (suppresses)
         its GPUs' thermal symptoms. Not RackHeatImbalance: a drifting sensor raises it too,
         and it must not hide a GPU that really overheats."""
+        return self._racks_alerted(*COOLANT_ALERTS, "RackThermalAnomaly")
+
+    def _racks_alerted(self, *names: str) -> np.ndarray:
+        """Per rack: any of these rack alerts pending or firing."""
         n = len(self.racks)
-        return np.logical_or.reduce([self.trackers[name].pending_or_firing(n) for name in
-                                     ("CoolantFlowLoss", "CoolantLeak", "RackThermalAnomaly")])
+        return np.logical_or.reduce([self.trackers[name].pending_or_firing(n) for name in names])
 
     def _performance(self, b: GpuBatch, out: Output) -> None:
         """Stragglers against their node's peers at full load, and the HW power brake."""
@@ -666,11 +673,11 @@ class Engine:
         # A rack seen for the first time starts from what it measures (its history is
         # unknown) and is judged once the prediction has caught up with its power.
         prev = np.where(np.isnan(r.expected_dt[racks]), measured, r.expected_dt[racks])
-        expected = np.where(np.isnan(prev), predicted, np.where(np.isnan(predicted), prev, prev + a * (predicted - prev)))
+        expected = _lag(prev, predicted, a)
         r.expected_dt[racks], r.power_t[racks] = expected, t_row
         ratio = measured / expected
         settled = np.abs(predicted - expected) < 0.1 * expected
-        explained = (self._rack_cooling_alerted() | self.trackers["PduOverload"].pending_or_firing(len(self.racks)))[racks]
+        explained = self._racks_alerted(*COOLANT_ALERTS, "RackThermalAnomaly", "PduOverload")[racks]
         judged = np.flatnonzero(settled & np.isfinite(ratio) & (expected >= d.heat_balance_min_delta_c) & ~explained)
         coolant_w = heat_capacity_w_per_c * measured
         self._eval(out, "RackHeatImbalance", racks[judged], np.abs(ratio[judged] - 1.0) > d.heat_balance_tolerance,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from pipeline.sinks.files import append_durably
 
 
 class AlertLog:
@@ -18,7 +19,4 @@ class AlertLog:
     def append(self, alerts: list[dict[str, Any]]) -> None:
         if not alerts:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(a, sort_keys=True) + "\n" for a in alerts))
-            f.flush()
-            os.fsync(f.fileno())
+        append_durably(self.path, "".join(json.dumps(a, sort_keys=True) + "\n" for a in alerts))

@@ -21,20 +21,20 @@ import fcntl
 import itertools
 import json
 import logging
-import os
 import random
 import threading
 import time
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.config import AlertsConfig, Config, ConfigError
+from pipeline.model import iso_utc
 from pipeline.sinks.alertmanager import FiringAlerts
 from pipeline.sinks.alerts import AlertLog
 from pipeline.sinks.console import Console
-from pipeline.sinks.outbox import WINDOW, Outbox, Record, write_atomically
+from pipeline.sinks.files import append_durably, write_atomically
+from pipeline.sinks.outbox import WINDOW, Outbox, Record
 from pipeline.sinks.routing import Router
 from pipeline.sinks.silences import SilenceStore
 from pipeline.sinks.webhook import Client, Outcome, Receiver, body_of, load_receivers, webhook_payload
@@ -80,10 +80,6 @@ class RetryPolicy:
         d = min(self.max_s, self.initial_s * 2 ** min(failures - 1, 60))
         d *= rng.uniform(0.5, 1.0)
         return max(d, min(retry_after_s or 0.0, self.max_s))
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Delivery:
@@ -195,12 +191,9 @@ class Delivery:
         lines = []
         for i, r in enumerate(records):
             lines.append(json.dumps({"receiver": self.receiver.name, "reason": reason,
-                                     "attempts": self._attempts if i == 0 else 0, "dead_lettered_at": _iso(now),
-                                     "id": r.id, "created": _iso(r.created), "payload": r.payload}) + "\n")
-        with open(self.dead_letters, "a", encoding="utf-8") as f:
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+                                     "attempts": self._attempts if i == 0 else 0, "dead_lettered_at": iso_utc(now),
+                                     "id": r.id, "created": iso_utc(r.created), "payload": r.payload}) + "\n")
+        append_durably(self.dead_letters, "".join(lines))
         for r in records:
             self.outbox.ack(r.seq)
         self._attempts = 0

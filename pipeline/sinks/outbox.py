@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pipeline.sinks.files import fsync_dir, write_atomically
+
 log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 1 << 20   # roll to a new segment file past this size
@@ -39,25 +41,6 @@ class Record:
     id: str           # stable across retries and restarts: the Idempotency-Key
     created: float    # unix time it was enqueued (max_age counts from here)
     payload: Any      # the JSON body to POST
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` so a crash leaves the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class Outbox:
@@ -194,7 +177,7 @@ class Outbox:
             self._writer.close()
         self._segments.append(self.next_seq)
         self._writer = open(self._path(self.next_seq), "ab")
-        _fsync_dir(self.dir)  # the new file's name is durable too
+        fsync_dir(self.dir)  # the new file's name is durable too
         return self._writer
 
     def _fill(self) -> None:

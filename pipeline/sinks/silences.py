@@ -18,11 +18,13 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from pipeline.config import ConfigError
+from pipeline.model import iso_utc
+from pipeline.sinks.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ class Silence:
             "id": self.id,
             "matchers": [{"name": m.name, "value": m.value, "isRegex": m.op in ("=~", "!~"),
                           "isEqual": m.op in ("=", "=~")} for m in self.matchers],
-            "startsAt": _iso(self.starts_at), "endsAt": _iso(self.ends_at),
+            "startsAt": iso_utc(self.starts_at, "microseconds"), "endsAt": iso_utc(self.ends_at, "microseconds"),
             "createdBy": self.created_by, "comment": self.comment,
         }
 
@@ -115,10 +117,6 @@ class Silence:
                                           m["value"]) for m in d["matchers"]),
                    starts_at=_parse_iso(d["startsAt"]), ends_at=_parse_iso(d["endsAt"]),
                    created_by=str(d.get("createdBy", "")), comment=str(d.get("comment", "")))
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _parse_iso(text: str) -> float:
@@ -230,12 +228,7 @@ class SilenceStore:
 
     def _write(self) -> None:
         doc = {"version": 1, "silences": [s.to_json() for s in self.all()]}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(doc, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomically(self.path, json.dumps(doc, indent=2) + "\n")  # under the writers' lock
         st = self.path.stat()
         self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
 

@@ -47,14 +47,13 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
 import aiomqtt
 import pyarrow as pa
 
-from pipeline.model import FACILITY_SAMPLE, TS
+from pipeline.model import FACILITY_SAMPLE, TS, iso_utc
 from pipeline.sources.bms_tree import DEFAULT_ROOT, PointMeta, Reason, Rejected, decode_meta, decode_reading, \
     parse_topic
 
@@ -138,7 +137,7 @@ class DeadLetterFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
         self._file.write(json.dumps({
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "time": iso_utc(time.time()),
             "topic": topic, "payload": payload.decode("utf-8", errors="replace"), "reason": reason,
             "detail": detail}) + "\n")
 
