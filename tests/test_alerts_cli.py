@@ -13,32 +13,35 @@ from pipeline.model import Alert, alerts_to_batch
 from pipeline.sinks.parquet import ArchiveWriter
 from tests.conftest import fleetwatch
 
-NOW = datetime.now(timezone.utc)
-
-
-def mk(name: str, severity: str, where: dict[str, str], started_min_ago: float,
+def mk(now: datetime, name: str, severity: str, where: dict[str, str], started_min_ago: float,
        ended_min_ago: float | None = None) -> Alert:
     labels = {"alertname": name, "severity": severity, "site": "site-a", **where}
     return Alert(labels, {"summary": f"{name} at {'/'.join(where.values())}", "runbook_url": f"runbooks/{name}.md"},
-                 NOW - timedelta(minutes=started_min_ago), "test", 1.0, {"x": 1.0},
-                 None if ended_min_ago is None else NOW - timedelta(minutes=ended_min_ago))
-
-
-XID = mk("GpuXid", "critical", {"rack": "r01", "node": "r01-n03", "gpu": "2"}, 10)
-STRAGGLER = mk("GpuStraggler", "warning", {"rack": "r02", "node": "r02-n05", "gpu": "7"}, 120)
-STRAGGLER_END = mk("GpuStraggler", "warning", {"rack": "r02", "node": "r02-n05", "gpu": "7"}, 120, 60)
-ECC = mk("GpuUncorrectableEcc", "critical", {"rack": "r02", "node": "r02-n01", "gpu": "0"}, 3 * 1440)
-ECC_END = mk("GpuUncorrectableEcc", "critical", {"rack": "r02", "node": "r02-n01", "gpu": "0"}, 3 * 1440, 2 * 1440)
-FLOW = mk("CoolantFlowLoss", "critical", {"rack": "r01"}, 30)
-FLOW_END = mk("CoolantFlowLoss", "critical", {"rack": "r01"}, 30, 20)
-FLOW_AGAIN = mk("CoolantFlowLoss", "critical", {"rack": "r01"}, 5)
-HISTORY = [ECC, ECC_END, STRAGGLER, STRAGGLER_END, FLOW, FLOW_END, XID, FLOW_AGAIN]  # the order they happened
+                 now - timedelta(minutes=started_min_ago), "test", 1.0, {"x": 1.0},
+                 None if ended_min_ago is None else now - timedelta(minutes=ended_min_ago))
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
+def history() -> list[Alert]:
+    """Alert state changes in the order they happened, timed back from now (taken per test:
+    the table shows ages, and a session can take minutes to reach a test)."""
+    now = datetime.now(timezone.utc)
+    ecc = {"rack": "r02", "node": "r02-n01", "gpu": "0"}
+    straggler = {"rack": "r02", "node": "r02-n05", "gpu": "7"}
+    return [mk(now, "GpuUncorrectableEcc", "critical", ecc, 3 * 1440),
+            mk(now, "GpuUncorrectableEcc", "critical", ecc, 3 * 1440, 2 * 1440),
+            mk(now, "GpuStraggler", "warning", straggler, 120),
+            mk(now, "GpuStraggler", "warning", straggler, 120, 60),
+            mk(now, "CoolantFlowLoss", "critical", {"rack": "r01"}, 30),
+            mk(now, "CoolantFlowLoss", "critical", {"rack": "r01"}, 30, 20),
+            mk(now, "GpuXid", "critical", {"rack": "r01", "node": "r01-n03", "gpu": "2"}, 10),
+            mk(now, "CoolantFlowLoss", "critical", {"rack": "r01"}, 5)]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, history: list[Alert]) -> Path:
     """alerts.jsonl as a daemon writes it, caught mid-append (a partial last line)."""
-    lines = "".join(json.dumps(a.to_json(), sort_keys=True) + "\n" for a in HISTORY)
+    lines = "".join(json.dumps(a.to_json(), sort_keys=True) + "\n" for a in history)
     (tmp_path / "alerts.jsonl").write_text(lines + '{"annotations": {"summ')
     return tmp_path
 
@@ -60,7 +63,7 @@ def names(stdout: str) -> list[str]:
     return [r[2] for r in rows(stdout)]
 
 
-def test_alerts_table_latest_state_firing_first_then_critical_then_newest(data_dir):
+def test_alerts_table_latest_state_firing_first_then_critical_then_newest(data_dir, history):
     p = alerts(data_dir)
     assert p.stderr == ""
     table = rows(p.stdout)
@@ -69,7 +72,8 @@ def test_alerts_table_latest_state_firing_first_then_critical_then_newest(data_d
         ["firing", "critical", "GpuXid", "site-a/r01/r01-n03/gpu2"],
         ["resolved", "warning", "GpuStraggler", "site-a/r02/r02-n05/gpu7"],
     ]  # the ECC error resolved two days ago: older than the default --since 24h
-    assert table[1][4] == f"{XID.starts_at:%Y-%m-%d %H:%M:%S} (10m ago)"
+    xid = next(a for a in history if a.alertname == "GpuXid")
+    assert table[1][4] == f"{xid.starts_at:%Y-%m-%d %H:%M:%S} (10m ago)"
     assert table[2][4].endswith("(2h00m ago, lasted 1h00m)")
     assert table[1][5] == "GpuXid at r01/r01-n03/2"
     assert p.stdout.splitlines()[-1] == f"3 alerts (2 firing, 1 resolved); from {data_dir / 'alerts.jsonl'}"
@@ -99,9 +103,9 @@ def test_alerts_limit_says_what_it_left_out(data_dir):
     assert "1 alert (1 firing, 0 resolved); 2 more not shown (raise --limit)" in p.stdout.splitlines()[-1]
 
 
-def test_alerts_json_is_the_alert_objects(data_dir):
+def test_alerts_json_is_the_alert_objects(data_dir, history):
     got = json.loads(alerts(data_dir, "--json", "--since", "0").stdout)
-    latest = {a.fingerprint: a.to_json() for a in HISTORY}
+    latest = {a.fingerprint: a.to_json() for a in history}
     assert {a["fingerprint"] for a in got} == set(latest)
     assert all(a == latest[a["fingerprint"]] for a in got)
     assert [a["labels"]["alertname"] for a in got][:2] == ["CoolantFlowLoss", "GpuXid"]
@@ -116,9 +120,9 @@ def test_alerts_reports_a_corrupt_line_but_not_the_one_being_written(data_dir):
     assert p.stdout.splitlines()[-1] == f"warning: skipped 2 unreadable lines of {path} (line 3, 4)"
 
 
-def test_alerts_read_the_archive_when_there_is_no_alerts_jsonl(tmp_path):
+def test_alerts_read_the_archive_when_there_is_no_alerts_jsonl(tmp_path, history):
     writer = ArchiveWriter(tmp_path / "archive")
-    writer.add("alerts", alerts_to_batch([(a.ends_at or a.starts_at, a) for a in HISTORY]))
+    writer.add("alerts", alerts_to_batch([(a.ends_at or a.starts_at, a) for a in history]))
     writer.flush()
     p = alerts(tmp_path)
     assert [r[:3] for r in rows(p.stdout)] == [["firing", "critical", "CoolantFlowLoss"],
