@@ -235,6 +235,11 @@ class Alert:
         }
 
 
+def parse_iso_utc(text: str) -> float:
+    """Unix seconds of an RFC 3339 time as iso_utc writes it."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 def iso_utc(t: datetime | float, timespec: str = "milliseconds") -> str:
     """RFC 3339 in UTC with a Z, as Alertmanager writes it; `t` a datetime or unix seconds."""
     if not isinstance(t, datetime):

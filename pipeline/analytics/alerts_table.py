@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline.model import ALERT, alert_rows
+from pipeline.model import ALERT, alert_rows, parse_iso_utc
 
 SEVERITIES = ("critical", "warning", "info")
 _NO_END = "0001-01-01T00:00:00Z"
@@ -43,13 +43,9 @@ class AlertListing:
     skipped_lines: list[int] = field(default_factory=list)  # unreadable lines of alerts.jsonl
 
 
-def _ts(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
 def changed_at(alert: dict[str, Any]) -> float:
     """When the alert last changed state: its end when resolved, else its start."""
-    return _ts(alert["endsAt"] if alert["status"] == "resolved" else alert["startsAt"])
+    return parse_iso_utc(alert["endsAt"] if alert["status"] == "resolved" else alert["startsAt"])
 
 
 def read_jsonl(path: Path) -> tuple[dict[str, dict[str, Any]], list[int]]:
@@ -109,7 +105,7 @@ def query(data_dir: Path, q: AlertQuery, now: float | None = None) -> AlertListi
              and all(a["labels"].get(k) == v for k, v in label_filters.items())
              and (q.since_s is None or a["status"] == "firing" or changed_at(a) >= ref - q.since_s)]
     # firing first (what needs doing now), then critical first, then newest first
-    shown.sort(key=lambda a: (a["status"] != "firing", _severity_rank(a), -_ts(a["startsAt"]), a["fingerprint"]))
+    shown.sort(key=lambda a: (a["status"] != "firing", _severity_rank(a), -parse_iso_utc(a["startsAt"]), a["fingerprint"]))
     return AlertListing(shown[:q.limit], len(shown), len(latest), source, looked, ref, bad)
 
 
@@ -145,10 +141,10 @@ def table(listing: AlertListing, width: int | None = None) -> str:
                 f"A running daemon (fleetwatch run) writes them; if it runs elsewhere, pass its --data-dir.")
     rows = []
     for a in listing.alerts:
-        start = _ts(a["startsAt"])
+        start = parse_iso_utc(a["startsAt"])
         since = f"{datetime.fromtimestamp(start, timezone.utc):%Y-%m-%d %H:%M:%S} ({age(listing.now - start)} ago"
         if a["status"] == "resolved" and a.get("endsAt", _NO_END) != _NO_END:
-            since += f", lasted {age(_ts(a['endsAt']) - start)}"
+            since += f", lasted {age(parse_iso_utc(a['endsAt']) - start)}"
         rows.append([a["status"], a["labels"].get("severity", "-"), a["labels"].get("alertname", "-"),
                      where(a["labels"]), since + ")", a.get("annotations", {}).get("summary", "")])
     lines = []

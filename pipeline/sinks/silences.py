@@ -18,12 +18,11 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from pipeline.config import ConfigError
-from pipeline.model import iso_utc
+from pipeline.model import iso_utc, parse_iso_utc
 from pipeline.sinks.files import write_atomically
 
 log = logging.getLogger(__name__)
@@ -115,12 +114,8 @@ class Silence:
         return cls(id=str(d["id"]),
                    matchers=tuple(Matcher(m["name"], ops[bool(m.get("isRegex")), bool(m.get("isEqual", True))],
                                           m["value"]) for m in d["matchers"]),
-                   starts_at=_parse_iso(d["startsAt"]), ends_at=_parse_iso(d["endsAt"]),
+                   starts_at=parse_iso_utc(d["startsAt"]), ends_at=parse_iso_utc(d["endsAt"]),
                    created_by=str(d.get("createdBy", "")), comment=str(d.get("comment", "")))
-
-
-def _parse_iso(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 class SilenceStore:
