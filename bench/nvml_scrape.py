@@ -28,7 +28,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.sources.nvml import CALLS, FIELDS, NvmlAgent  # noqa: E402
 from pipeline.sources.nvml_replay import NvmlReplay  # noqa: E402
 
-RECORDING = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "nvml")
+RECORDING = "h100"  # the recording that ships with Fleetwatch
 
 
 def timed(step, n: int) -> tuple[float, float]:

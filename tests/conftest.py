@@ -15,7 +15,7 @@ import pytest
 from pipeline.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_NVML = REPO.parent / "shared" / "data" / "nvml"
+H100 = REPO / "pipeline" / "sources" / "recordings" / "h100"  # the recording that ships with the package
 
 
 def make_config(**sections) -> Config:

@@ -180,7 +180,7 @@ def test_gpus_and_nodes_that_join_later_get_their_own_identity():
 
 
 def _h100_batches(path, ts_key):
-    """The recorded H100 (shared/data/nvml) as one GPU of one node, a batch per scrape."""
+    """The recorded H100 (sources/recordings/h100) as one GPU of one node, a batch per scrape."""
     import json
     from pipeline.model import GPU_SAMPLE
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -205,11 +205,11 @@ def _h100_batches(path, ts_key):
 def test_recorded_h100_raises_no_alert(trace, ts_key):
     """Idle, a 25 s full-load matmul pinned at 700 W (reason 0x4), cooldown, and power caps
     of 500, 350 and 200 W under load: all normal operation."""
-    from tests.conftest import SHARED_NVML
+    from tests.conftest import H100
     engine = Engine(make_config())
     changes = []
     n = 0
-    for batch in _h100_batches(SHARED_NVML / trace, ts_key):
+    for batch in _h100_batches(H100 / trace, ts_key):
         changes += engine.process(Message(Topic.GPU, batch)).alerts
         n += 1
     assert n > 400 and engine.stats.gpu_samples == n

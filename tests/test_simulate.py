@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.sources.simulate import (CP_WATER, LIQUID_FRACTION, REASON_IDLE, REASON_SW_POWER_CAP,
                                        FleetSimulator)
-from tests.conftest import SHARED_NVML, make_config
+from tests.conftest import H100, make_config
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -53,7 +53,7 @@ def test_idle_and_busy_gpus_look_like_the_recorded_h100():
 def test_warm_up_matches_the_recorded_trace():
     """A node whose job starts: GPU 34 -> ~62 C and HBM 36 -> ~54 C over ~25 s, fast then slow,
     like the H100 trace (where about half the rise came within 1.5 s)."""
-    trace = [json.loads(line) for line in (SHARED_NVML / "h100_load_trace.jsonl").read_text().splitlines()]
+    trace = [json.loads(line) for line in (H100 / "h100_load_trace.jsonl").read_text().splitlines()]
     t0 = next(r["t"] for r in trace if r["power_mw"] > 300_000)
     rec = {round(r["t"] - t0): r for r in trace if r["t"] >= t0}
     sim = FleetSimulator(quiet(seed=2, racks=1, nodes_per_rack=4), start=START)

@@ -1,6 +1,7 @@
 """Recorded NVML behind pynvml's own functions: the agent's real code path, without a GPU.
 
-`NvmlReplay(directory)` reads a recording of one H100 (`shared/data/nvml/`): which
+`NvmlReplay(recording)` reads a recording of one H100 (`h100`, shipped in
+`pipeline/sources/recordings/h100/`, or a directory of the same files): which
 calls it supports, the value or the exact NVMLError code of each, the measured
 latency of each call, and a 10 Hz trace under load. `with replay.installed():`
 replaces the pynvml functions the agent calls with ones that answer from the
@@ -31,6 +32,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pynvml
+
+from pipeline.config import ConfigError
+from pipeline.resources import RECORDINGS, recordings
 
 # Trace columns -> what each call returns (the recording's own names).
 _TRACE_FIELDS = {  # field id -> (trace column, NVML value type)
@@ -64,10 +68,25 @@ class _Gpu:
     vanished: bool = False
 
 
+_RECORDING_FILES = ("h100_inventory.json", "h100_load_trace.jsonl")
+
+
+def recording_dir(recording: Path | str, key: str = "agent.replay") -> Path:
+    """The folder of a recording: a shipped one by name (`h100`), or a directory
+    holding the same files. ConfigError, naming `key`, for anything else."""
+    d = RECORDINGS / str(recording) if str(recording) in recordings() else Path(recording)
+    missing = [name for name in _RECORDING_FILES if not (d / name).is_file()]
+    if missing:
+        raise ConfigError(f"config error: {key} = {str(recording)!r}: not a shipped recording "
+                          f"({', '.join(recordings())}) nor a directory holding {' and '.join(_RECORDING_FILES)} "
+                          f"(missing {', '.join(missing)})")
+    return d
+
+
 class NvmlReplay:
-    def __init__(self, directory: Path | str, gpus: int = 8, latency: bool = True,
+    def __init__(self, recording: Path | str = "h100", gpus: int = 8, latency: bool = True,
                  init_error: int | None = None) -> None:
-        d = Path(directory)
+        d = recording_dir(recording)
         self.inventory = json.loads((d / "h100_inventory.json").read_text())
         self.trace = [json.loads(line) for line in (d / "h100_load_trace.jsonl").read_text().splitlines() if line]
         self.latency = latency

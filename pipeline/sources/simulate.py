@@ -5,7 +5,7 @@ Everything is vectorised over the fleet (one numpy operation per quantity per ti
 and driven by one seeded generator, so a seed gives the same fleet and a run can go
 as fast as the CPU allows.
 
-Calibration, from the recorded H100 (shared/data/nvml/h100_load_trace.jsonl):
+Calibration, from the recorded H100 (pipeline/sources/recordings/h100/h100_load_trace.jsonl):
 - idle: ~71 W, clocks event reason 0x1 (GPU idle), SM 345 MHz, GPU 34 C, HBM 36 C;
 - busy: pinned just under the 700 W limit with reason 0x4 (SW power cap) and SM
   1350-1455 MHz; GPU 34 -> ~62 C and HBM 36 -> ~54 C. At 10 Hz the trace shows two
