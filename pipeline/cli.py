@@ -1,6 +1,7 @@
 """`fleetwatch ...`: the command line.
 
-Exit status: 0 done, 1 failed while running, 2 bad usage or configuration.
+Exit status: 0 done, 1 failed while running, 2 bad usage or configuration, 141 when the
+reader of the output went away (a pager or `head` that quit).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.config import Config, ConfigError, load_config, reference
+from pipeline.redact import RedactingFormatter, redact_text
 
 log = logging.getLogger("fleetwatch")
 
@@ -57,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                                   "there, the facility collector reads it")
         if name in ("run", "agent"):
             run.add_argument("--replay", metavar="DIR",
-                             help="replay recorded NVML data instead of the GPUs (agent.replay), e.g. shared/data/nvml")
+                             help="replay recorded NVML data instead of the GPUs (agent.replay): h100, the "
+                                  "shipped recording of a real H100, or a directory of the same files")
         if name == "run":
             run.add_argument("--source", choices=("simulate", "nvml"),
                              help="simulated fleet (default) or this node's GPUs through NVML (daemon.source)")
@@ -73,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("series", metavar="SERIES.csv")
     rp.add_argument("--out", required=True, metavar="SCORES.csv", help="timestamp,value,anomaly_score")
 
-    cf = sub.add_parser("config", help="print the effective configuration, or the reference of every key")
+    cf = sub.add_parser("config", help="check the configuration as `run` does and print it (URLs redacted), or "
+                                       "the reference of every key")
     cf.add_argument("--config", metavar="FILE")
     cf.add_argument("--reference", action="store_true", help="the Markdown table of every key (README)")
 
@@ -117,7 +121,7 @@ def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         o.setdefault("fleet", {})["seed"] = args.seed
     if getattr(args, "log_level", None):
         o.setdefault("daemon", {})["log_level"] = args.log_level
-    if getattr(args, "data_dir", None):
+    if getattr(args, "data_dir", None) is not None:  # --data-dir "" is a mistake to report, not the default
         o["data_dir"] = args.data_dir
     if getattr(args, "kafka", None):
         o.setdefault("kafka", {})["bootstrap"] = args.kafka
@@ -138,15 +142,31 @@ def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
 
 
 def _logging(cfg: Config) -> None:
-    logging.basicConfig(level=cfg.daemon.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Log lines on stderr; any URL in them redacted (pipeline/redact.py)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=cfg.daemon.log_level.upper(), handlers=[handler])
+
+
+def _output_file(flag: str, path: str) -> Path:
+    """Where a command will write its result: checked before the work starts."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory; give a file name, e.g. {p / 'out'}")
+    if not p.parent.is_dir():
+        raise ConfigError(f"{flag} {path}: the directory {str(p.parent)!r} does not exist; create it first "
+                          f"(mkdir -p {p.parent}) or give another path")
+    if not os.access(p.parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ConfigError(f"{flag} {path}: cannot write there (permission denied); give another path")
+    return p
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.daemon import check_roles, run_daemon, run_roles
+    from pipeline.daemon import run_daemon, run_roles
+    from pipeline.preflight import validate
     cfg = load_config(args.config, overrides=_overrides(args))
     roles = run_roles(cfg) if args.command == "run" else frozenset([args.command])
-    check_roles(cfg, roles)
+    validate(cfg, roles, warn=False)  # the roles warn when they start, with logging set up
     if args.duration is not None and args.duration <= 0:
         raise ConfigError(f"--duration {args.duration}: must be > 0 seconds")
     try:
@@ -167,6 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--duration {args.duration}: must be > 0 seconds")
     cfg = load_config(args.config, overrides=_overrides(args, **{"fleet.speed": 0.0,
                                                                  "fleet.fault_interval_s": args.fault_interval}))
+    out = _output_file("--json", args.json) if args.json else None
     _logging(cfg)
     t0 = time.perf_counter()
     run = simulate(cfg, args.duration)
@@ -178,15 +199,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(table(result))
     print(f"simulated {args.duration:.0f} s of {run.node_hours * 3600 / args.duration:.0f} nodes in {wall:.1f} s "
           f"({run.gpu_samples / wall:,.0f} GPU samples/s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if out is not None:
+        try:
+            out.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as e:
+            print(f"fleetwatch: --json {args.json}: cannot write it ({e.strerror})", file=sys.stderr)
+            return 1
     return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from pipeline.analytics.replay import replay_csv
-    n = replay_csv(Path(args.series), Path(args.out))
+    out = _output_file("--out", args.out)
+    try:
+        n, not_numbers = replay_csv(Path(args.series), out)
+    except OSError as e:
+        print(f"fleetwatch: --out {args.out}: cannot write it ({e.strerror})", file=sys.stderr)
+        return 1
     print(f"scored {n} rows -> {args.out}")
+    if not_numbers:
+        print(f"{not_numbers.total} of {n} values were not numbers ({not_numbers}); they score 0 and do not "
+              f"change the baseline")
     return 0
 
 
@@ -198,8 +231,24 @@ def cmd_config(args: argparse.Namespace) -> int:
             print(f"| `{key}` | {typ} | `{cell}` | {doc} |")
         return 0
     import dataclasses
-    print(json.dumps(dataclasses.asdict(load_config(args.config)), indent=2))
+
+    from pipeline.daemon import run_roles
+    from pipeline.preflight import validate
+    cfg = load_config(args.config)
+    validate(cfg, run_roles(cfg))  # what `fleetwatch run` would refuse, this refuses too
+    print(json.dumps(_redacted(dataclasses.asdict(cfg)), indent=2))
     return 0
+
+
+def _redacted(value: Any) -> Any:
+    """The config as printed: URLs without credentials and query values."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    return value
 
 
 def _existing_data_dir(args: argparse.Namespace) -> Path:
@@ -252,9 +301,28 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"eval": cmd_eval, "replay": cmd_replay, "config": cmd_config, "silence": cmd_silence,
                "alerts": cmd_alerts}.get(args.command, cmd_run)
     try:
-        return handler(args)
+        status = handler(args)
+        sys.stdout.flush()  # a reader that went away shows here, not as a message at exit
+        return status
     except ConfigError as e:
-        print(f"fleetwatch: {e}", file=sys.stderr)
+        print(f"fleetwatch: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        if handler is cmd_run:  # the daemon's own failure, not a pager that quit
+            return _failed()
+        # The reader of the output went away (`fleetwatch alerts | head -1`): stop quietly, with the
+        # status of a Unix tool ended by SIGPIPE. Nothing more may reach the closed pipe, not even
+        # the interpreter's last flush (Python's docs, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception:
+        return _failed()
+
+
+def _failed() -> int:
+    """A failure while running (status 1): its traceback, with any URL in it redacted."""
+    import traceback
+    print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
+    return 1

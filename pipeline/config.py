@@ -4,7 +4,8 @@ settings from anywhere.
 
 Environment overrides name a section and a key with a double underscore:
 ``FLEETWATCH_FLEET__RACKS=8``, ``FLEETWATCH_ALERTS__WEBHOOKS=http://a,http://b``;
-top-level keys have no section: ``FLEETWATCH_DATA_DIR=/var/lib/fleetwatch``.
+top-level keys have no section: ``FLEETWATCH_DATA_DIR=/var/lib/fleetwatch``. Any other
+FLEETWATCH_* variable (``FLEETWATCH_ONCALL_SECRET``, say) is not configuration and is ignored.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ class ConfigError(ValueError):
 
 
 def _spec(default: Any, *, min: float | None = None, max: float | None = None,
-          choices: tuple[str, ...] | None = None, doc: str = "") -> Any:
-    meta = {"min": min, "max": max, "choices": choices, "doc": doc}
+          choices: tuple[str, ...] | None = None, doc: str = "", nonempty: str = "") -> Any:
+    meta = {"min": min, "max": max, "choices": choices, "doc": doc, "nonempty": nonempty}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -58,6 +59,13 @@ class ArchiveConfig:
     flush_interval_s: float = _spec(10.0, min=0.1, max=3600, doc="longest time data waits in memory")
     max_buffer_rows: int = _spec(500_000, min=1, doc="flush a dataset early at this many rows")
     compression: str = _spec("zstd", choices=("zstd", "snappy", "lz4", "gzip", "none"), doc="Parquet codec")
+    outage_buffer_mb: float = _spec(256.0, min=0.01, doc="data held in memory while the archive cannot write; "
+                                    "past it, in-process, the oldest is dropped (counted), and over Kafka the "
+                                    "archive stops reading (nothing lost)")
+    min_free_mb: float = _spec(64.0, min=0.0, doc="free space left on the archive's filesystem for alerts.jsonl "
+                               "and outboxes: below it the archive holds data as on a full disk; 0 = off")
+    retry_max_s: float = _spec(30.0, min=0.1, max=3600, doc="longest wait between write attempts while the archive "
+                               "is failing (backoff from 1 s)")
 
 
 @dataclass(frozen=True)
@@ -155,7 +163,9 @@ class AlertsConfig:
                                              "tables (TOML only); the default: rack cooling alerts mute thermal "
                                              "alerts in the rack, a silent node mutes its silent GPUs")
     external_url: str = _spec("", doc="externalURL of webhook payloads and prefix of generatorURL")
-    runbook_base_url: str = _spec("runbooks/", doc="prefix of every runbook_url; ALERTNAME.md is appended")
+    runbook_base_url: str = _spec("", doc="prefix of every runbook_url, e.g. your wiki or a copy of runbooks/; "
+                                  "ALERTNAME.md is appended; empty = file:// URLs of the runbooks installed with "
+                                  "Fleetwatch")
 
 
 @dataclass(frozen=True)
@@ -180,8 +190,8 @@ class AgentConfig:
     rack: str = _spec("rack-0", doc="rack label of this node's samples")
     interval_s: float = _spec(1.0, min=0.05, max=3600, doc="scrape interval")
     events: bool = _spec(True, doc="publish XID/ECC events as they happen (an NVML event thread)")
-    replay: str = _spec("", doc="directory of recorded NVML data (shared/data/nvml) to replay instead of the "
-                        "GPUs; empty = real NVML")
+    replay: str = _spec("", doc="recorded NVML data to replay instead of the GPUs: a shipped recording by name "
+                        "(h100) or a directory of the same files; empty = real NVML")
     replay_gpus: int = _spec(8, min=1, max=64, doc="GPUs the replay pretends to have")
 
 
@@ -201,12 +211,28 @@ class DaemonConfig:
     source: str = _spec("simulate", choices=("simulate", "nvml"),
                         doc="what `fleetwatch run` reads: the simulated fleet, or this node's GPUs through NVML")
     status_interval_s: float = _spec(10.0, min=0.1, doc="period of status log lines when not on a terminal")
+    checkpoint_interval_s: float = _spec(10.0, min=0.1, max=3600, doc="without Kafka: save the detector and alert "
+                                         "state to <data_dir>/state/ this often (and at shutdown); a restart "
+                                         "resumes from it (over Kafka: kafka.commit_interval_s)")
     log_level: str = _spec("info", choices=("debug", "info", "warning", "error"), doc="log verbosity")
 
 
 @dataclass(frozen=True)
+class IntakeConfig:
+    """Checks where data enters a consumer (detect, archive, notify, the MQTT collector): readings
+    stamped outside a window around the receiver's clock are dead-lettered, with the reason."""
+    max_ahead_s: float = _spec(300.0, min=0, doc="a reading stamped more than this ahead of the receiver's clock "
+                               "is dead-lettered (a clock that runs ahead); 0 = no limit. Where the simulator runs "
+                               "in the same process its clock is the receiver's; a process that only consumes a "
+                               "simulator at fleet.speed != 1 does not apply this limit")
+    max_age_s: float = _spec(7 * 86400.0, min=0, doc="a reading older than this before the receiver's clock is "
+                             "dead-lettered (a clock that lost its time, epoch ms read as ns); 0 = no limit")
+
+
+@dataclass(frozen=True)
 class Config:
-    data_dir: str = _spec("./fleetwatch-data", doc="archive, alerts.jsonl and state live here")
+    data_dir: str = _spec("./fleetwatch-data", doc="archive, alerts.jsonl and state live here",
+                          nonempty="give a directory, e.g. ./fleetwatch-data")
     fleet: FleetConfig = field(default_factory=FleetConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
@@ -215,6 +241,7 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
 
     @property
     def archive_dir(self) -> Path:
@@ -223,6 +250,10 @@ class Config:
     @property
     def alerts_log(self) -> Path:
         return Path(self.data_dir) / "alerts.jsonl"
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.data_dir) / "state"
 
     @property
     def mqtt_dead_letters(self) -> Path:
@@ -289,6 +320,8 @@ def _coerce(where: str, raw: Any, typ: Any, meta: Mapping[str, Any], from_text: 
             raise fail("must be a string")
         if meta.get("choices") and raw not in meta["choices"]:
             raise fail(f"allowed: {', '.join(meta['choices'])}")
+        if meta.get("nonempty") and not raw.strip():
+            raise fail(f"must not be empty; {meta['nonempty']}")
         return raw
     raise TypeError(f"unsupported config type {typ!r}")  # a programming error, not user input
 
@@ -319,12 +352,25 @@ def _table(cls: type, raw: Any, where: str, from_text: Mapping[str, bool]) -> An
 
 
 def _env_values(env: Mapping[str, str]) -> tuple[dict[str, Any], set[str]]:
+    """FLEETWATCH_<SECTION>__<KEY> of a section that exists, and FLEETWATCH_<KEY> of a
+    top-level key (FLEETWATCH_DATA_DIR). Other FLEETWATCH_* variables are not configuration
+    and are left alone: a receiver's secret_env may well be FLEETWATCH_ONCALL_SECRET."""
+    hints = typing.get_type_hints(Config)
+    sections = {name: typ for name, typ in hints.items() if dataclasses.is_dataclass(typ)}
     values: dict[str, Any] = {}
     keys: set[str] = set()
     for var, text in env.items():
         if not var.startswith(ENV_PREFIX):
             continue
         path = var[len(ENV_PREFIX):].lower().split("__")
+        if len(path) == 1 and (path[0] not in hints or path[0] in sections):
+            continue
+        if len(path) > 1 and path[0] not in sections:
+            continue
+        known = {f.name for f in dataclasses.fields(sections[path[0]])} if len(path) > 1 else set()
+        if len(path) > 1 and path[1] not in known:
+            raise ConfigError(f"config error: environment variable {var}: unknown key {'.'.join(path)!r}; known "
+                              f"keys of [{path[0]}]: {', '.join(sorted(known))}")
         node = values
         for part in path[:-1]:
             node = node.setdefault(part, {})

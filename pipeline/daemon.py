@@ -15,7 +15,7 @@ at scale, same code):
 other roles; `fleetwatch simulate|agent|detect|archive|notify` runs one (Kafka between the processes; any number of detect, archive and notify
 processes share the work through their consumer groups).
 
-Shutdown (SIGINT, SIGTERM or --duration) drains in data order: the source stops,
+Shutdown (SIGINT, SIGTERM, SIGHUP or --duration) drains in data order: the source stops,
 its topics end, detect finishes what it has and ends its topics, then archive and
 notify finish and flush. A process without the source drains what was on the bus
 when it was told to stop. Nothing accepted is dropped.
@@ -31,19 +31,23 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.analytics.alerts_table import read_jsonl
 from pipeline.bus import Bus, EndOfStream, MemoryBus, Message, Topic
 from pipeline.bus.batching import coalesce, split_by
+from pipeline.bus.intake import Gate, TimeWindow, dead_letters_for
 from pipeline.bus.kafka import KafkaBus
 from pipeline.config import Config, ConfigError, host_port
-from pipeline.detect.checkpoint import Checkpointer
+from pipeline.detect.checkpoint import Checkpointer, CheckpointUnreadable, LocalCheckpoint, reconcile
 from pipeline.detect.engine import Engine
-from pipeline.model import NODE_HEALTH, alert_rows, alerts_to_batch
+from pipeline.model import EVENT, NODE_HEALTH, alert_rows, alerts_to_batch
 from pipeline.sinks.console import Console
 from pipeline.sinks.notify import Notifier
+from pipeline.sinks.archive_outage import ArchiveOutage
 from pipeline.sinks.parquet import ArchiveWriter
 from pipeline.sources.bms import BmsPublisher
 from pipeline.sources.mqtt import MqttCollector
@@ -148,13 +152,31 @@ async def agent_role(bus: Bus, agent: NvmlAgent, stop: asyncio.Event, summary: R
 
 
 async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
-                      checkpoint: Checkpointer | None) -> None:
+                      checkpoint: Checkpointer | None, local: LocalCheckpoint | None = None,
+                      checkpoint_interval_s: float = 10.0, resolved_at_start: list | None = None,
+                      gate: Gate | None = None) -> None:
     """Telemetry in, alerts and node health out. Over Kafka the output, the input offsets
     and a checkpoint of the detector state of each partition processed commit together
     (one transaction per commit interval); a partition that moves to another detect
-    process continues there from that checkpoint."""
+    process continues there from that checkpoint. In-process (`local`) the state is saved
+    to the data directory every `checkpoint_interval_s` and at the end; alerts the restart
+    resolved (`resolved_at_start`, checkpoint.reconcile) go out first."""
     busy = asyncio.Lock()  # processing a batch and handing partitions over never interleave
     dirty: set[int] = set()  # partitions processed since their last checkpoint
+    background: set[asyncio.Task] = set()  # in-process event publishes (below)
+
+    async def publish_events(rows: list[dict]) -> None:
+        """Events the engine found (a GPU replaced) go to the events topic, archived with the
+        sources' events. Detect reads that topic too: in-process it must not wait on its own
+        queue, so the publish runs beside it."""
+        batch = pa.RecordBatch.from_pylist(rows, schema=EVENT)
+        for m in keyed_messages(bus, Topic.EVENTS, batch, "node"):
+            if bus.keyed:
+                await sub.publish(m)
+            else:
+                task = asyncio.create_task(sub.publish(m))
+                background.add(task)
+                task.add_done_callback(background.discard)
 
     async def commit(partitions: set[int]) -> None:
         if checkpoint is not None:
@@ -182,15 +204,25 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
     if checkpoint is not None:
         sub.on_assigned.append(restore)
         sub.before_revoke.append(hand_over)
+    if resolved_at_start:
+        for m in split_by(Topic.ALERTS, alerts_to_batch(resolved_at_start), "fingerprint"):
+            await sub.publish(m)
     next_commit = time.monotonic() + commit_interval_s
+    next_save = time.monotonic() + checkpoint_interval_s
     while True:
         try:
-            messages = await sub.get_batch(timeout_s=max(0.05, next_commit - time.monotonic()))
+            wake = min(next_commit, next_save) if local is not None else next_commit
+            messages = await sub.get_batch(timeout_s=max(0.05, wake - time.monotonic()))
         except EndOfStream:
             async with busy:
                 await commit(set(dirty))
+            if local is not None:
+                await local.save()
+            await asyncio.gather(*background)
             return
         async with busy:
+            if gate is not None:  # bad rows are dead-lettered here, the rest goes on (bus/intake.py)
+                messages = await gate.screen(messages)
             dirty.update(m.partition for m in messages)
             for message in coalesce(messages):
                 out = engine.process(message)
@@ -203,54 +235,132 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
                     for m in split_by(Topic.HEALTH, pa.RecordBatch.from_pylist(out.health, schema=NODE_HEALTH),
                                       "node"):
                         await sub.publish(m)
+                if out.events:
+                    await publish_events(out.events)
             if time.monotonic() >= next_commit:
                 await commit(set(dirty))
                 next_commit = time.monotonic() + commit_interval_s
+            if local is not None and time.monotonic() >= next_save:
+                await local.save()
+                next_save = time.monotonic() + checkpoint_interval_s
 
 
-async def archive_role(writer: ArchiveWriter, sub, flush_interval_s: float) -> None:
+async def archive_role(writer: ArchiveWriter, sub, flush_interval_s: float, outage: ArchiveOutage | None = None,
+                       buffer_mb: float = 256.0, stop: asyncio.Event | None = None,
+                       gate: Gate | None = None) -> None:
+    """Every topic -> Parquet. A write that fails (full disk, permissions, archive/ gone)
+    stops nothing: what it took goes back into the buffers, nothing is committed, and
+    the archive retries with backoff and raises FleetwatchArchiveFailing (archive_outage.py).
+    What it holds meanwhile is bounded by `buffer_mb`: in-process the oldest rows are
+    dropped (counted); over Kafka reading pauses, and the data waits on Kafka."""
+    outage = outage or ArchiveOutage("", "", 30.0)
+    bound = int(buffer_mb * 2**20)
+    consumer = getattr(sub, "consumer", None)  # Kafka: partitions pause instead of dropping data
+    paused = False
     durable = asyncio.Lock()  # a flush and a rebalance never interleave
+    alerts: asyncio.Task | None = None  # publishes outage alerts in order, off the archive's loop
 
-    async def write_buffers() -> None:
+    def announce(alert) -> None:
+        nonlocal alerts
+        before = alerts
+
+        async def publish() -> None:
+            if before is not None:
+                await before
+            await sub.publish(ArchiveOutage.message(alert))
+        alerts = asyncio.create_task(publish(), name="archive-alert")
+
+    async def write_buffers() -> bool:
         # Take the buffers on the loop, write them in a thread: the loop never waits on disk.
-        await asyncio.to_thread(writer.write, writer.take())
+        held, taken = writer.held_rows(), writer.take()
+        if not taken:
+            return True
+        try:
+            await asyncio.to_thread(writer.write, taken)
+        except OSError as e:
+            writer.put_back(taken)  # what is not on disk yet: hold it, try again later
+            if (alert := outage.failed(e, writer.held_rows())) is not None:
+                announce(alert)
+            return False
+        if (alert := outage.recovered(held)) is not None:
+            announce(alert)
+        return True
 
-    async def flush_and_commit() -> None:
+    async def flush_and_commit() -> bool:
         async with durable:
-            await write_buffers()
+            if not await write_buffers():
+                return False
             await sub.commit()  # only now is the data durable
+            return True
 
     async def before_revoke(partitions: set[int]) -> None:  # the subscription commits right after
         async with durable:
-            await write_buffers()
+            if not await write_buffers():
+                # Not on disk: the partitions go to their new owner uncommitted, and it reads them again.
+                rows = writer.discard(partitions)
+                to_commit = getattr(sub, "_to_commit", {})
+                for tp in [tp for tp in to_commit if tp.partition in partitions]:
+                    del to_commit[tp]
+                raise RuntimeError(f"archive cannot write ({outage.error}): partitions {sorted(partitions)} handed "
+                                   f"over uncommitted ({rows} rows to be read again by their new owner)")
     sub.before_revoke.append(before_revoke)
 
     next_flush = time.monotonic() + flush_interval_s
     assignments = sub.assignments
-    while True:
-        try:
-            messages = await sub.get_batch(timeout_s=max(0.05, next_flush - time.monotonic()))
-        except EndOfStream:
-            await flush_and_commit()
-            return
-        if sub.assignments != assignments:  # another archive may have written our new partitions
-            assignments = sub.assignments
-            writer.forget_archived()
-        full = False
-        for message in messages:
-            dataset = DATASET_OF_TOPIC[message.topic]
-            if 0 <= message.offset <= writer.archived_until(dataset, message.partition):
-                writer.redelivered_skipped += 1  # archived before a restart or rebalance
-                continue
-            full |= writer.add(dataset, message.value, message.partition, message.offset)
-        if full or time.monotonic() >= next_flush:
-            await flush_and_commit()
-            next_flush = time.monotonic() + flush_interval_s
+    try:
+        while True:
+            if paused and stop is not None and stop.is_set() and not await flush_and_commit():
+                log.error("archive: stopping while it cannot write (%s): %d rows held are not committed; Kafka "
+                          "keeps them for the next archive", outage.error, writer.held_rows())
+                return
+            try:
+                messages = await sub.get_batch(timeout_s=0.5 if outage.failing
+                                               else max(0.05, next_flush - time.monotonic()))
+            except EndOfStream:
+                if not await flush_and_commit():
+                    log.error("archive: stopping while it cannot write (%s): %d rows held %s", outage.error,
+                              writer.held_rows(), "are not committed; Kafka keeps them for the next archive"
+                              if consumer is not None else "are lost (counted as dropped)")
+                    if consumer is None:
+                        writer.shed(0)
+                return
+            if gate is not None:  # bad rows are dead-lettered here, the rest goes on (bus/intake.py)
+                messages = await gate.screen(messages)
+            if sub.assignments != assignments:  # another archive may have written our new partitions
+                assignments = sub.assignments
+                writer.forget_archived()
+            full = False
+            for message in messages:
+                dataset = DATASET_OF_TOPIC[message.topic]
+                if 0 <= message.offset <= writer.archived_until(dataset, message.partition):
+                    writer.redelivered_skipped += 1  # archived before a restart or rebalance
+                    continue
+                full |= writer.add(dataset, message.value, message.partition, message.offset)
+            if outage.failing:
+                if consumer is None:  # in-process: keep the newest within the bound, count the rest
+                    outage.shed(writer.shed(bound), buffer_mb)
+                elif writer.held_bytes() >= bound:  # Kafka: stop reading (every call: assignments change)
+                    if not paused:
+                        log.warning("archive: %g MB held while it cannot write (archive.outage_buffer_mb): reading "
+                                    "paused; nothing is committed, the rest waits on Kafka", buffer_mb)
+                    consumer.pause(*consumer.assignment())
+                    paused = True
+            if outage.due() if outage.failing else (full or time.monotonic() >= next_flush):
+                if await flush_and_commit() and paused:
+                    consumer.resume(*consumer.assignment())
+                    paused = False
+                next_flush = time.monotonic() + flush_interval_s
+    finally:
+        if alerts is not None:  # the last outage alert goes out before the role ends
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(alerts, 5.0)
 
 
-async def notify_role(sub, notifier: Notifier) -> None:
+async def notify_role(sub, notifier: Notifier, gate: Gate | None = None, retry_max_s: float = 30.0) -> None:
     """Alerts in; the offsets are committed once the console, alerts.jsonl, the receivers'
-    outboxes and the routing state have them (until then the alerts topic is the outbox)."""
+    outboxes and the routing state have them (until then the alerts topic is the outbox).
+    A disk that cannot take them (full, read-only) stops nothing: the batch is tried again
+    with backoff until it can, and nothing is committed meanwhile."""
     await notifier.start()
     try:
         while True:
@@ -258,7 +368,26 @@ async def notify_role(sub, notifier: Notifier) -> None:
                 messages = await sub.get_batch()
             except EndOfStream:
                 return
-            await notifier.handle([a for m in messages for a in alert_rows(m.value)])
+            if gate is not None:  # bad rows are dead-lettered here, the rest goes on (bus/intake.py)
+                messages = await gate.screen(messages)
+            alerts = [a for m in messages for a in alert_rows(m.value)]
+            delay, failed_since = 0.5, None
+            while True:
+                try:
+                    await notifier.handle(alerts, retry=failed_since is not None)
+                    break
+                except OSError as e:
+                    if failed_since is None:
+                        failed_since = time.monotonic()
+                        log.error("notify: cannot write alerts.jsonl or the outboxes under %s (%s): %d alert "
+                                  "changes shown on the console wait to be made durable and sent; retrying with "
+                                  "backoff. Free space or fix permissions there", notifier.data,
+                                  e.strerror or e, len(alerts))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, retry_max_s)
+            if failed_since is not None:
+                log.warning("notify: writing again after %.0f s; the held alert changes are durable and on their way",
+                            time.monotonic() - failed_since)
             await sub.commit()
     finally:
         await notifier.close()
@@ -273,7 +402,7 @@ class Inputs:
     collector: MqttCollector | None  # facility data, in from MQTT (role facility)
 
     @classmethod
-    def build(cls, cfg: Config, roles: frozenset[str]) -> "Inputs":
+    def build(cls, cfg: Config, roles: frozenset[str], window: TimeWindow | None = None) -> "Inputs":
         a, m = cfg.agent, cfg.mqtt
         agent = NvmlAgent(a, a.node or socket.gethostname()) if "agent" in roles else None
         mqtt = host_port("mqtt.broker", m.broker, 1883) if m.broker else None
@@ -282,7 +411,7 @@ class Inputs:
             BmsPublisher(*mqtt, client_id=f"fleetwatch-bms-sim-{cfg.fleet.site}", topic_root=m.topic_root)
             if mqtt and "simulate" in roles else None,
             MqttCollector(*mqtt, site=m.site or cfg.fleet.site, dead_letter_path=cfg.mqtt_dead_letters,
-                          client_id=m.client_id or None, topic_root=m.topic_root)
+                          client_id=m.client_id or None, topic_root=m.topic_root, window=window)
             if mqtt and "facility" in roles else None)
 
     def describe(self, cfg: Config, roles: frozenset[str]) -> str:
@@ -307,6 +436,11 @@ def _log_summary(cfg: Config, summary: RunSummary, engine: Engine, writer: Archi
              bus.dead_letters if bus is not None else 0, writer.redelivered_skipped,
              f", producer outbox peak {bus.outbox_peak_bytes / 2**20:.1f} MB, {bus.delivery_failures} messages "
              f"Kafka rejected" if isinstance(bus, KafkaBus) else "")
+    if writer.outage is not None and (writer.outage.failures or any(writer.rows_dropped.values())):
+        log.warning("archive: %d failed write attempts in %d outages, %d rows dropped%s", writer.outage.failures,
+                    writer.outage.outages, sum(writer.rows_dropped.values()),
+                    f" {({k: v for k, v in writer.rows_dropped.items() if v})}" if any(writer.rows_dropped.values())
+                    else "")
     if bms is not None:
         log.info("BMS simulator: %d facility readings published on MQTT, %d dropped (buffer full)",
                  bms.stats.readings, bms.stats.dropped)
@@ -345,6 +479,9 @@ def status_text(roles: frozenset[str], engine: Engine, rate: float, sim: FleetSi
         parts.append(f"{summary.gpu_samples_published:,} GPU samples published")
     if "archive" in roles and not whole(roles):
         parts.append(f"{sum(writer.rows_written.values()):,} rows archived")
+    if "archive" in roles and writer.outage is not None and (
+            trouble := writer.outage.status(writer.held_rows(), sum(writer.rows_dropped.values()))):
+        parts.append(trouble)
     if notifier is not None and notifier.deliveries:
         d = notifier.stats
         parts.append(f"alerts delivered {d.delivered} pending {d.pending}"
@@ -372,6 +509,41 @@ async def status_role(roles: frozenset[str], engine: Engine, sim: FleetSimulator
             log.info(text)
 
 
+def resume_embedded(cfg: Config, engine: Engine) -> tuple[Engine, LocalCheckpoint, list]:
+    """Without Kafka: restore the detector and alert state the last run saved in
+    <data_dir>/state/ (an unreadable file is moved aside: a cold start), then make the
+    firing alerts agree with alerts.jsonl (checkpoint.reconcile); returns the engine, its
+    checkpoint and the alerts to resolve now."""
+    local = LocalCheckpoint(engine, cfg.state_dir)
+    try:
+        held = local.restore()
+    except CheckpointUnreadable:  # failed half-way: a fresh engine
+        engine = Engine(cfg, node_staleness=engine.node_staleness)
+        local, held = LocalCheckpoint(engine, cfg.state_dir), None
+    if held is not None:
+        log.info("detect: restored the detector state from %s (%d GPUs, %d nodes, %d racks, %d alerts firing)",
+                 local.path, held["gpu"], held["node"], held["rack"], held["alerts"])
+    try:
+        logged, _ = read_jsonl(cfg.alerts_log)
+    except FileNotFoundError:
+        logged = {}
+    except OSError as e:
+        log.warning("detect: cannot read %s (%s); the restored alerts are not checked against it", cfg.alerts_log, e)
+        return engine, local, []
+    return engine, local, reconcile(engine, logged, max(time.time(), engine.latest_data_time() or 0.0))
+
+
+def intake_window(cfg: Config, roles: frozenset[str], sim: FleetSimulator) -> TimeWindow:
+    """The window readings must lie in (intake.*), around the receiver's clock: the
+    simulator's where it runs in this process (it runs faster or slower than real time,
+    from wherever it started), the wall clock otherwise. A process that only consumes a
+    simulator at fleet.speed != 1 cannot know that clock: it sets no limit ahead."""
+    i = cfg.intake
+    if "simulate" in roles:
+        return TimeWindow(i.max_ahead_s, i.max_age_s, lambda: sim.now.timestamp())
+    return TimeWindow(i.max_ahead_s if cfg.fleet.speed == 1 else 0.0, i.max_age_s, time.time)
+
+
 def run_roles(cfg: Config) -> frozenset[str]:
     """What `fleetwatch run` runs: the configured source (and the MQTT facility
     collector when there is a broker to read) and every consumer role."""
@@ -393,36 +565,82 @@ def check_roles(cfg: Config, roles: frozenset[str]) -> None:
                           f"give --kafka HOST:PORT (kafka.bootstrap), or use `fleetwatch run`")
 
 
+SIGNAL_REPEAT_S = 3.0  # signals this close to the first are one stop request
+
+
+class StopRequests:
+    """SIGINT, SIGTERM and SIGHUP ask the daemon to stop: it drains the pipeline and exits 0.
+    Signals within repeat_s of the first are that same request: `timeout` sends SIGTERM to the
+    process and then to its process group, a terminal's Ctrl-C reaches every process of the
+    foreground group, systemd and an operator may cross. A signal later than that is a
+    deliberate second request: exit at once, without draining (on_signal says 'exit').
+    `clock` is injectable (tests)."""
+
+    def __init__(self, repeat_s: float = SIGNAL_REPEAT_S, clock=time.monotonic) -> None:
+        self.repeat_s = repeat_s
+        self.clock = clock
+        self.first: float | None = None
+
+    def on_signal(self) -> str:
+        """'stop' (the first signal), 'same' (one within repeat_s of it) or 'exit' (a later one)."""
+        now = self.clock()
+        if self.first is None:
+            self.first = now
+            return "stop"
+        return "same" if now - self.first < self.repeat_s else "exit"
+
+
 async def run_daemon(cfg: Config, duration_s: float | None = None, console: Console | None = None,
                      roles: frozenset[str] | None = None) -> RunSummary:
     roles = run_roles(cfg) if roles is None else roles
     check_roles(cfg, roles)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = (signal.SIGINT, signal.SIGTERM)
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    requests = StopRequests()
 
-    def on_signal() -> None:
-        if stop.is_set():  # a second signal while draining: the user wants out now
-            log.warning("second signal: exiting without draining; unflushed data is lost")
+    def on_signal(sig: signal.Signals) -> None:
+        what = requests.on_signal()
+        if what == "exit":  # a deliberate second request while draining: the user wants out now
+            log.warning("%s again: exiting without draining; unflushed data is lost", sig.name)
             os._exit(130)
+        if what == "same":
+            log.info("%s: part of the same stop request (signals within %g s of the first are one)", sig.name,
+                     requests.repeat_s)
+            return
+        log.info("%s: stopping (another signal, %g s or more from now, exits at once without draining)",
+                 sig.name, requests.repeat_s)
         stop.set()
     for sig in signals:
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
     console = console or Console()
     started = time.monotonic()
     bus: Bus | None = None
     bms = collector = None
     summary = RunSummary(0, 0.0, 0, {})
+    gates: list[Gate] = []
     try:
         notifier = Notifier(cfg, console if cfg.alerts.console else None) if "notify" in roles else None
         k = cfg.kafka
         engine = Engine(cfg, node_staleness=not k.bootstrap)
-        sim = FleetSimulator(cfg.fleet)
+        local, resolved_at_start = None, []
+        if "detect" in roles and not k.bootstrap:  # over Kafka the state topic has it
+            engine, local, resolved_at_start = resume_embedded(cfg, engine)
+        resumed = engine.latest_data_time()  # the simulated fleet goes on from where it was
+        sim = FleetSimulator(cfg.fleet, start=datetime.fromtimestamp(max(time.time(), resumed), timezone.utc)
+                             if resumed is not None else None)
         bus = (KafkaBus(k.bootstrap, k.partitions, k.retention_hours, prefix=k.topic_prefix, buffer_mb=k.buffer_mb,
                         connect_timeout_s=k.connect_timeout_s) if k.bootstrap else MemoryBus())
         await bus.start()
-        writer = ArchiveWriter(cfg.archive_dir, cfg.archive.compression, cfg.archive.max_buffer_rows)
-        inputs = Inputs.build(cfg, roles)
+        writer = ArchiveWriter(cfg.archive_dir, cfg.archive.compression, cfg.archive.max_buffer_rows,
+                               min_free_mb=cfg.archive.min_free_mb)
+        writer.outage = ArchiveOutage(cfg.fleet.site, cfg.alerts.runbook_base_url, cfg.archive.retry_max_s)
+        window = intake_window(cfg, roles, sim)
+
+        def gate(sub, group: str) -> Gate:
+            gates.append(Gate(group, dead_letters_for(sub, cfg.data_dir), window))
+            return gates[-1]
+        inputs = Inputs.build(cfg, roles, window)
         agent, replay, bms, collector = inputs.agent, inputs.replay, inputs.bms, inputs.collector
         log.info("fleetwatch running %s: %s, bus %s, archive %s, alerts %s",
                  "all roles" if whole(roles) else "role " + "/".join(sorted(roles)), inputs.describe(cfg, roles),
@@ -454,14 +672,19 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
                 checkpoint = Checkpointer(engine, k.partitions)
             else:
                 detect_sub, checkpoint = bus.subscribe(detect_topics, "detect"), None
-            detect = asyncio.create_task(detect_role(bus, engine, detect_sub, k.commit_interval_s, checkpoint),
+            detect = asyncio.create_task(detect_role(bus, engine, detect_sub, k.commit_interval_s, checkpoint, local,
+                                                     cfg.daemon.checkpoint_interval_s, resolved_at_start,
+                                                     gate(detect_sub, "detect")),
                                          name="detect")
         if "notify" in roles:
             notify_sub = bus.subscribe([Topic.ALERTS], "notify")
-            sinks.append(asyncio.create_task(notify_role(notify_sub, notifier), name="notify"))
+            sinks.append(asyncio.create_task(notify_role(notify_sub, notifier, gate(notify_sub, "notify")),
+                                             name="notify"))
         if "archive" in roles and cfg.archive.enabled:
             archive_sub = bus.subscribe(list(DATASET_OF_TOPIC), "archive")
-            sinks.append(asyncio.create_task(archive_role(writer, archive_sub, cfg.archive.flush_interval_s),
+            sinks.append(asyncio.create_task(archive_role(writer, archive_sub, cfg.archive.flush_interval_s,
+                                                          writer.outage, cfg.archive.outage_buffer_mb, stop,
+                                                          gate(archive_sub, "archive")),
                                              name="archive"))
         status = asyncio.create_task(status_role(roles, engine, sim, writer, summary, notifier, console,
                                                  cfg.daemon.status_interval_s, stop), name="status")
@@ -503,4 +726,8 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
     summary.gpu_samples, summary.alerts_fired = engine.stats.gpu_samples, engine.stats.alerts_fired
     summary.rows_archived = dict(writer.rows_written)
     _log_summary(cfg, summary, engine, writer, bus, bms, collector)
+    for g in gates:
+        if g.rejected:
+            log.warning("%s: %d rows rejected at intake %s, dead-lettered to %s", g.group, sum(g.rejected.values()),
+                        g.rejected, g.dead_letters.where)
     return summary

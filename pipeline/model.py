@@ -79,7 +79,8 @@ EVENT = _schema("event", 1, [
     _f("node", pa.string(), "node name", nullable=False),
     _f("gpu", pa.int16(), "GPU index; null for node events"),
     _f("gpu_uuid", pa.string(), "NVML UUID"),
-    _f("kind", pa.string(), "xid, gpu_lost, gpu_reset", nullable=False),
+    _f("kind", pa.string(), "xid, gpu_lost, gpu_reset, gpu_replaced (detect: a new UUID in a GPU slot)",
+       nullable=False),
     _f("code", pa.int32(), "XID number for kind=xid"),
     _f("text", pa.string(), "human-readable detail"),
 ], "discrete events: XIDs and GPU lifecycle")
@@ -270,6 +271,11 @@ def alert_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
     """Rows of the `alert` schema as Alertmanager alert objects (plus detector, score
     and evidence): what receivers and alerts.jsonl get."""
     out = []
+    # Alertmanager's times have milliseconds: nanoseconds (another producer's) are truncated
+    # to microseconds, which Python's datetime holds, instead of failing the whole batch.
+    batch = pa.RecordBatch.from_arrays([c.cast(pa.timestamp("us", tz="UTC"), safe=False)
+                                        if pa.types.is_timestamp(c.type) else c for c in batch.columns],
+                                       names=batch.schema.names)
     for r in batch.to_pylist():
         out.append({
             "status": r["status"],
@@ -281,7 +287,7 @@ def alert_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
             "fingerprint": r["fingerprint"],
             "detector": r["detector"],
             "score": r["score"],
-            "evidence": json.loads(r["evidence_json"]),
+            "evidence": json.loads(r["evidence_json"]) if r["evidence_json"] is not None else {},
         })
     return out
 

@@ -174,17 +174,14 @@ def test_a_400_is_dead_lettered_at_once_and_delivery_goes_on(tmp_path, http):
     delivery, records = make_delivery(tmp_path, recv.url, RetryPolicy(1.0, 5.0, 5.0, 3600), n=5)
 
     async def go():
-        t0 = time.monotonic()
         async with delivering(delivery):
             await until(lambda: delivery.outbox.pending == 0)
-        return time.monotonic() - t0
-    elapsed = asyncio.run(go())
+    asyncio.run(go())
     assert recv.taken == [r.id for r in records if r.payload["n"] != 2]
     dead = [json.loads(x) for x in delivery.dead_letters.read_text().splitlines()]
     assert len(dead) == 1 and dead[0]["id"] == records[2].id and dead[0]["payload"] == {"n": 2}
     assert dead[0]["reason"].startswith("HTTP 400") and "refused with 400 on purpose" in dead[0]["reason"]
     assert dead[0]["attempts"] == 1 and delivery.stats.retried == 0 and delivery.stats.dead_lettered == 1
-    assert elapsed < 5.0  # no retry delay (it would be 5 s here)
 
 
 def test_past_max_age_records_are_dead_lettered_counted_and_logged_once(tmp_path, http, caplog):
@@ -214,9 +211,11 @@ def test_past_max_age_records_are_dead_lettered_counted_and_logged_once(tmp_path
 def test_one_receiver_down_does_not_delay_another(tmp_path, http):
     """Through the Notifier: a receiver that hangs past the timeout, another that is fine."""
     slow, fine = http().start(), http().start()
-    slow.delay_s = 5.0
+    # The slow one hangs far past any wait below: were deliveries serialised, or shutdown
+    # waiting for the request in flight, the waits would run out (margins of minutes, not ms).
+    slow.delay_s = 300.0
     cfg = make_config(data_dir=str(tmp_path / "data"), alerts={
-        "group_wait_s": 0, "group_interval_s": 0, "timeout_s": 3.0,
+        "group_wait_s": 0, "group_interval_s": 0, "timeout_s": 120.0,
         "receivers": [{"name": "slow", "url": slow.url}, {"name": "fine", "url": fine.url}]})
 
     async def go():
@@ -226,18 +225,17 @@ def test_one_receiver_down_does_not_delay_another(tmp_path, http):
         for rack in ("r01", "r02", "r03"):
             t0 = time.monotonic()
             await notifier.handle([alert("GpuOverTemperature", rack, f"{rack}-n1")])
-            await until(lambda: len(fine.taken) == int(rack[-1]), timeout=2.0)
+            await until(lambda: len(fine.taken) == int(rack[-1]), timeout=60.0)
             lags.append(time.monotonic() - t0)
         assert notifier.deliveries["slow"].stats.delivered == 0
         t0 = time.monotonic()
-        await notifier.close(grace_s=0.5)
+        await asyncio.wait_for(notifier.close(grace_s=0.5), 60.0)  # the grace, then the request in flight is cut
         return lags, time.monotonic() - t0, notifier.stats
     lags, closing, stats = asyncio.run(go())
     print(f"healthy receiver's delivery lag with the other one hanging: "
           f"{', '.join(f'{x * 1000:.0f} ms' for x in lags)};"
           f" shutdown took {closing:.2f} s, {stats.pending} left in the slow one's outbox")
     assert len(fine.taken) == 3 and stats.pending == 3  # the slow one took none: its first try was cut off
-    assert closing < 2.0  # the grace, then the request in flight is cut
     assert outbox_ids(tmp_path / "data" / "outbox" / "slow")  # kept for the next start
 
 
@@ -310,7 +308,7 @@ url = "{down.url}?token={secrets['down_token']}"
 
 @pytest.mark.parametrize("receivers, env, expected", [
     ('[[alerts.receivers]]\nname = "a"\nurl = "ftp://hooks.example/x?token=t0ken"\n', {},
-     "alerts.receivers[0].url = 'ftp://hooks.example/x': must be an http:// or https:// URL"),
+     "alerts.receivers[0].url = 'ftp://hooks.example/x?token=***': must be an http:// or https:// URL"),
     ('[[alerts.receivers]]\nname = "a"\nurl = "https:///no-host"\n', {},
      "alerts.receivers[0].url = 'https:///no-host': must be an http:// or https:// URL with a host"),
     ('[[alerts.receivers]]\nname = "a"\nurl = "http://x/1"\n[[alerts.receivers]]\nname = "a"\nurl = "http://x/2"\n',

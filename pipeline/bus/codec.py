@@ -8,7 +8,7 @@ without, for a few percent of size. Headers say what it
 is: `fw-schema` (record type) and `fw-version` (schema version). A consumer accepts
 a message only when its headers name a schema it knows, at the version it knows,
 and the payload decodes to exactly that schema (an open schema: its fields first,
-then any others). Anything else is a DecodeError,
+then any others), one stream with one batch and nothing after it. Anything else is a DecodeError,
 whose reason goes to the dead-letter topic with the message.
 """
 
@@ -67,7 +67,8 @@ class Decoder:
         if not value:
             raise DecodeError(f"{name}: empty value")
         try:
-            reader = ipc.MessageReader.open_stream(pa.py_buffer(value))
+            source = pa.BufferReader(pa.py_buffer(value))
+            reader = ipc.MessageReader.open_stream(source)
             schema_message = reader.read_next_message()
             key = (name, schema_message.metadata.to_pybytes())
             schema = self._checked.get(key) or self._check(key, ipc.read_schema(schema_message), expected)
@@ -79,7 +80,10 @@ class Decoder:
             raise DecodeError(f"{name}: not a readable Arrow IPC stream ({e})") from None
         try:
             reader.read_next_message()
-        except StopIteration:
+        except StopIteration:  # the end-of-stream marker: nothing may follow it (a second stream)
+            if source.tell() < len(value):
+                raise DecodeError(f"{name}: {len(value) - source.tell()} bytes after the end of the Arrow IPC "
+                                  "stream (a second stream?)") from None
             return batch
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
             raise DecodeError(f"{name}: trailing bytes after the record batch ({e})") from None

@@ -232,6 +232,18 @@ class KafkaSubscription:
             ("fw-consumer-group", self.group.encode())]
         await self.bus.producer.send_and_wait(self.bus.wire(DEAD_LETTER), rec.value, key=rec.key, headers=headers)
 
+    async def dead_letter_rows(self, message: Message, rows, reason: str, detail: str) -> None:
+        """Rows of a decoded message that failed the content checks (bus/intake.py): one
+        message on the dead-letter topic, the rows as Arrow with their schema headers, plus
+        fw-error, fw-reason and where they came from. Acknowledged before it returns."""
+        value, headers = encode(rows)
+        headers += [("fw-error", f"{reason}: {detail}".encode()), ("fw-reason", reason.encode()),
+                    ("fw-source-topic", self.bus.wire(message.topic).encode()),
+                    ("fw-source-partition", str(message.partition).encode()),
+                    ("fw-source-offset", str(message.offset).encode()), ("fw-consumer-group", self.group.encode())]
+        await self.bus.producer.send_and_wait(self.bus.wire(DEAD_LETTER), value,
+                                              key=message.key.encode() if message.key else None, headers=headers)
+
     async def commit(self) -> None:
         if self.producer is None:
             if self._to_commit:

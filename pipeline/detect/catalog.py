@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.resources import runbooks_dir
+
 
 @dataclass(frozen=True)
 class AlertSpec:
     name: str
     severity: str   # critical: act now; warning: act today
-    scope: str      # gpu, node or rack: which labels identify it
+    scope: str      # gpu, node or rack: which labels identify it; fleetwatch: raised by Fleetwatch about itself
     summary: str    # format string over labels and evidence
     action: str     # the first thing to do, repeated in the description
 
@@ -96,7 +98,14 @@ ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec("SitePowerOverCap", "warning", "rack",
               "site {site}: meter {device} reads {power_w:.0f} W, {ratio:.0%} of the site's {cap_w:.0f} W cap",
               "Lower GPU power caps across the site (the cheapest watts) until the meter is back under the cap."),
+    AlertSpec("FleetwatchArchiveFailing", "critical", "fleetwatch",
+              "archive on {instance} cannot write since {since}: {error}",
+              "Free space or fix permissions under the archive; detection and alerting go on, data waits in "
+              "memory (in-process: the oldest is dropped past archive.outage_buffer_mb) or on Kafka."),
 )
+
+# The alerts the detectors raise (the rest Fleetwatch raises about itself: pipeline/sinks/archive_outage.py).
+DETECTOR_ALERTS: tuple[AlertSpec, ...] = tuple(a for a in ALERTS if a.scope != "fleetwatch")
 
 ALERTS_BY_NAME: dict[str, AlertSpec] = {a.name: a for a in ALERTS}
 
@@ -107,3 +116,9 @@ XID_ALERTS: dict[int, str] = {
     74: "GpuNvlinkError", 79: "GpuFellOffBus", 92: "GpuHighSbeRate",
     119: "GpuGspError", 120: "GpuGspError",
 }
+
+
+def runbook_url(base_url: str, alertname: str) -> str:
+    """The runbook of an alert: under alerts.runbook_base_url, or (empty) the page
+    installed with Fleetwatch, as a file:// URL that resolves on this machine."""
+    return f"{base_url or runbooks_dir().as_uri() + '/'}{alertname}.md"

@@ -13,12 +13,22 @@ A checkpoint is one Arrow batch per partition: a row per entity (GPU, node, rack
 facility point) with its identity labels, one float64 column per state array
 (`<container>.<field>`, null where another scope's), its node state, and its firing
 alerts as JSON.
+
+The embedded daemon (no Kafka) keeps the same batch, all of its entities as one
+partition, in `<data_dir>/state/detector.arrow` (`LocalCheckpoint`): written atomically
+every `daemon.checkpoint_interval_s` and at shutdown, restored at start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
+import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +36,10 @@ import pyarrow.compute as pc
 
 from pipeline.bus.kafka import partition_for
 from pipeline.detect.engine import Engine
-from pipeline.model import CHECKPOINT, Alert
+from pipeline.model import CHECKPOINT, Alert, parse_iso_utc, schema_name, schema_version
+from pipeline.sinks.files import write_atomically
+
+log = logging.getLogger(__name__)
 
 SCOPES = ("gpu", "node", "rack", "point")
 IDENTITY = {"gpu": ("gpu_uuid", "node", "site", "rack", "gpu"), "node": ("node", "site", "rack"),
@@ -140,6 +153,8 @@ class Checkpointer:
                 e.health.state[slots] = rows.column("health.state").to_numpy(zero_copy_only=False).astype(np.int8)
             for i, text in enumerate(rows.column("alerts").to_pylist()):
                 for name, d in json.loads(text).items() if text else ():
+                    if name not in e.trackers:  # an alert this version no longer has
+                        continue
                     e.trackers[name].adopt(int(slots[i]), _alert(d))
                     summary["alerts"] += 1
         for tr in e.trackers.values():
@@ -164,3 +179,161 @@ class Checkpointer:
             for tr in e.trackers.values():
                 if tr.spec.scope == scope:
                     tr.forget(slots)
+
+
+class _OnePartition(Checkpointer):
+    """Every entity in partition 0; retired ones (no owner) in none."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine, 1)
+
+    def partition(self, owners: pa.Array) -> np.ndarray:
+        return np.where(pc.is_valid(owners).to_numpy(zero_copy_only=False), 0, -1)
+
+
+class CheckpointUnreadable(Exception):
+    """A checkpoint file that is not one this version can restore."""
+
+
+class LocalCheckpoint:
+    """The embedded daemon's checkpoint: one Arrow IPC file, replaced atomically, with the
+    detector and alert state of every entity (the Kafka checkpoint's format, as one
+    partition)."""
+
+    FILE = "detector.arrow"
+
+    def __init__(self, engine: Engine, directory: Path) -> None:
+        self.engine = engine
+        self.path = Path(directory) / self.FILE
+        self.saves = 0
+        self._failing = False
+
+    def snapshot(self) -> pa.RecordBatch | None:
+        """The state now (on the event loop: the engine must not move meanwhile)."""
+        return _OnePartition(self.engine).snapshot({0}).get(0)
+
+    def write(self, batch: pa.RecordBatch | None) -> None:
+        """Encode and replace the file (disk work: in a worker thread)."""
+        if batch is None:
+            batch = pa.RecordBatch.from_pylist([], schema=CHECKPOINT)
+        batch = batch.replace_schema_metadata({**batch.schema.metadata,
+                                               b"fleetwatch.saved_at": str(time.time()).encode()})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.path, sink.getvalue().to_pybytes())
+
+    async def save(self) -> bool:
+        """Snapshot now, write it off the loop. A failure is logged (once until a save
+        works again) and detection goes on; the previous checkpoint stays in place."""
+        batch = self.snapshot()
+        try:
+            await asyncio.to_thread(self.write, batch)
+        except OSError as e:
+            if not self._failing:
+                log.warning("detect: cannot write the checkpoint %s (%s); detection goes on, a restart now would "
+                            "resume from the previous one", self.path, e)
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("detect: checkpoint %s written again", self.path)
+        self._failing = False
+        self.saves += 1
+        return True
+
+    def load(self) -> pa.RecordBatch | None:
+        """The saved batch; None when there is none; CheckpointUnreadable when it is corrupt
+        or of another schema."""
+        try:
+            with pa.memory_map(str(self.path)) as source:
+                table = pa.ipc.open_file(source).read_all()
+        except FileNotFoundError:
+            return None
+        except (OSError, pa.ArrowException) as e:
+            raise CheckpointUnreadable(f"not an Arrow IPC file ({e})") from None
+        schema = table.schema
+        try:
+            name, version = schema_name(schema), schema_version(schema)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointUnreadable("no fleetwatch schema in its metadata") from None
+        if (name, version) != (schema_name(CHECKPOINT), schema_version(CHECKPOINT)):
+            raise CheckpointUnreadable(f"schema {name} v{version}, expected {schema_name(CHECKPOINT)} "
+                                       f"v{schema_version(CHECKPOINT)}")
+        for f in CHECKPOINT:
+            if f.name not in schema.names or schema.field(f.name).type != f.type:
+                raise CheckpointUnreadable(f"column {f.name!r} missing or not {f.type}")
+        bad = [f.name for f in schema if f.name not in CHECKPOINT.names and f.type != pa.float64()]
+        if bad:
+            raise CheckpointUnreadable(f"state columns {bad} are not float64")
+        return table.combine_chunks().to_batches()[0] if table.num_rows else None
+
+    def restore(self) -> dict[str, int] | None:
+        """Load the file into the engine (which must be fresh); the summary of what it
+        held, or None when there is none. An unreadable file is moved aside with a warning
+        and None returned; if it failed half-way the engine is not usable: `restore`
+        raises CheckpointUnreadable after moving the file aside, and the caller starts
+        with a fresh engine."""
+        try:
+            batch = self.load()
+        except CheckpointUnreadable as e:
+            self._set_aside(str(e))
+            return None
+        if batch is None:
+            return None
+        try:
+            summary = _OnePartition(self.engine).restore(batch)
+        except Exception as e:  # noqa: BLE001 (any defect of the file: start cold rather than not at all)
+            self._set_aside(f"{type(e).__name__}: {e}")
+            raise CheckpointUnreadable(str(e)) from e
+        self.engine.resume()
+        return summary
+
+    def _set_aside(self, why: str) -> None:
+        aside = self.path.with_name(f"{self.path.name}.unreadable-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
+        try:
+            os.replace(self.path, aside)
+        except OSError as e:
+            log.warning("detect: cannot move the unreadable checkpoint %s aside (%s)", self.path, e)
+            aside = self.path
+        log.warning("detect: the checkpoint %s cannot be restored (%s); moved to %s, starting cold: baselines warm "
+                    "up again and alerts firing before the restart resolve or fire again", self.path, why, aside.name)
+
+
+def reconcile(engine: Engine, logged: dict[str, dict[str, Any]], now: float) -> list[tuple[datetime, Alert]]:
+    """Make the engine's firing alerts those that alerts.jsonl (what operators were told:
+    the latest change per fingerprint) says are firing. The checkpoint can lag the log by
+    up to a checkpoint interval after a crash:
+    - firing in the engine, not in the log (never told, or told resolved since): dropped;
+      it fires afresh if its condition holds;
+    - firing in the log, not in the engine (fired after the checkpoint, or no checkpoint):
+      resolved now, returned as state changes to publish; it fires again if its
+      condition holds, instead of staying firing for ever.
+    Alerts firing in both go on from the checkpoint, and are not raised again."""
+    told = {fp: a for fp, a in logged.items() if a.get("status") == "firing"}
+    kept: set[str] = set()
+    dropped = 0
+    for tr in engine.trackers.values():
+        for entity, alert in list(tr.active.items()):
+            if alert.fingerprint in told:
+                kept.add(alert.fingerprint)
+            else:
+                tr.forget(np.array([entity]))
+                dropped += 1
+    at = datetime.fromtimestamp(now, timezone.utc)
+    out = []
+    for fp, a in told.items():
+        if fp in kept:
+            continue
+        try:
+            starts = datetime.fromtimestamp(parse_iso_utc(a["startsAt"]), timezone.utc)
+            out.append((at, Alert(labels=dict(a["labels"]), annotations=dict(a.get("annotations") or {}),
+                                  starts_at=starts, detector=str(a.get("detector") or ""),
+                                  score=float(a.get("score") or 0.0), evidence=dict(a.get("evidence") or {}),
+                                  ends_at=max(at, starts))))
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("detect: alert %s in alerts.jsonl is unreadable (%s); not resolved", fp, e)
+    if dropped or out:
+        log.info("detect: %d alerts firing in the checkpoint were not in alerts.jsonl (fire again if they hold); "
+                 "%d firing in alerts.jsonl but not in the detector state are resolved now", dropped, len(out))
+    return out

@@ -26,9 +26,10 @@ raise GpuNotReporting.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +38,7 @@ import pyarrow.compute as pc
 from pipeline.bus.base import Message, Topic
 from pipeline.config import Config
 from pipeline.detect import kernels
-from pipeline.detect.catalog import ALERTS, XID_ALERTS
+from pipeline.detect.catalog import DETECTOR_ALERTS, XID_ALERTS
 from pipeline.detect.health import NodeHealth, NodeIdentity, Tracker
 from pipeline.detect.state import CounterDelta, Cusum, EwmaZ, Flatline, KeyIndex, SlotArrays, group_median
 from pipeline.model import GPU_METRICS, Alert
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 HW_SLOWDOWN_BITS = 0x8 | 0x20 | 0x40 | 0x80  # HW slowdown, SW/HW thermal, HW power brake
 POWER_BRAKE = 0x80
 FORCED_SLOWDOWN = 0x8 | 0x20 | 0x40  # HW slowdown, SW thermal, HW thermal: clocks forced down
-THERMAL_TAU_S = 6.5  # slow thermal time constant of an H100 (shared/data/nvml trace)
+THERMAL_TAU_S = 6.5  # slow thermal time constant of an H100 (the recorded trace, sources/recordings/h100)
 RISE_TAU_S = 20.0    # memory of the average a rising temperature excess is compared with
 DRIFT_MIN_UTIL = 0.25  # utilisation from which a GPU is under load for the drift detector
 KIND_OTHER, KIND_LEAK, KIND_FLOW, KIND_PDU_POWER, KIND_SITE_POWER, KIND_SUPPLY, KIND_RETURN = range(7)
@@ -72,6 +73,7 @@ _DETECTOR = {
 class Output:
     alerts: list[tuple[datetime, Alert]] = field(default_factory=list)
     health: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)  # rows of the `event` schema (gpu_replaced)
 
 
 @dataclass
@@ -125,7 +127,8 @@ class Engine:
         self.points = KeyIndex(self._new_points)
         self.g = SlotArrays({"node": (np.int64, -1), "index": (np.int64, 0), "last_seen": (np.float64, np.nan),
                              "interval": (np.float64, np.nan), "offbus": (np.bool_, False),
-                             "p_slow": (np.float64, np.nan), "excess_slow": (np.float64, np.nan)})
+                             "p_slow": (np.float64, np.nan), "excess_slow": (np.float64, np.nan),
+                             "retired": (np.bool_, False)})  # replaced by another UUID in its (node, index)
         self.n = SlotArrays({"rack": (np.int64, -1), "last_seen": (np.float64, np.nan),
                              "interval": (np.float64, np.nan), "ref_temp": (np.float64, np.nan)})
         self.p = SlotArrays({"rack": (np.int64, -1), "kind": (np.int8, KIND_OTHER)})
@@ -154,8 +157,11 @@ class Engine:
         self.trackers = {spec.name: Tracker(spec, _DETECTOR[spec.name], fire_after.get(spec.name, d.fire_after),
                                             d.resolve_after, self._labels_getter(spec.scope),
                                             cfg.alerts.runbook_base_url)
-                         for spec in ALERTS}
+                         for spec in DETECTOR_ALERTS}
         self.health = NodeHealth()
+        self._gpu_at: dict[tuple[int, int], int] = {}  # (node, GPU index) -> the slot of the GPU there now
+        self._replaced: list[tuple[int, int]] = []     # (old slot, new slot) seen, not yet handled
+        self._resume_pending = False                   # see resume()
 
     # ---- identities ------------------------------------------------------------
 
@@ -183,6 +189,12 @@ class Engine:
         self.g.ensure(self.g_count)
         self.g.node[start:self.g_count] = nodes
         self.g.index[start:self.g_count] = b.column("gpu").take(rows).to_numpy(zero_copy_only=False)
+        for s in range(start, self.g_count):  # a UUID new in a (node, index) that has one: a replacement?
+            key = (int(self.g.node[s]), int(self.g.index[s]))
+            old = self._gpu_at.get(key)
+            if old is not None and not self.g.retired[old]:
+                self._replaced.append((old, s))
+            self._gpu_at[key] = s
 
     def _new_points(self, keys: pa.Array, rows: np.ndarray) -> None:
         b = self._current
@@ -243,7 +255,8 @@ class Engine:
             node = self.g.node[:self.g_count]
             rack = self.n.rack[node]
             cols = {"gpu_uuid": self.gpus.keys, "node": nodes[node], "site": sites[rack], "rack": racks[rack],
-                    "gpu": self.g.index[:self.g_count], "owner": nodes[node]}
+                    "gpu": self.g.index[:self.g_count],
+                    "owner": np.where(self.g.retired[:self.g_count], None, nodes[node])}  # retired: no partition
         elif scope == "node":
             rack = self.n.rack[:len(nodes)]
             cols = {"node": nodes, "site": sites[rack], "rack": racks[rack], "owner": nodes}
@@ -294,6 +307,77 @@ class Engine:
             out.health = self._node_health(max(ts for ts, _ in out.alerts).timestamp())
         return out
 
+    def resume(self) -> None:
+        """Continue after a restored checkpoint of a process that stopped (the embedded
+        daemon's restart), not one handed over live (Kafka): the time it was down is no
+        silence of the fleet's. The first GPU batch moves every GPU's and node's last-seen
+        time by the jump from the checkpoint's latest sample to its own, so staleness and
+        reporting intervals go on as if the data had not paused: no GpuNotReporting or
+        NodeNotReporting for the downtime, no reporting interval stretched by it."""
+        self._resume_pending = True
+
+    def latest_data_time(self) -> float | None:
+        """Unix seconds of the latest GPU sample seen (None before any)."""
+        seen = self.n.last_seen[:len(self.node_names)]
+        return float(np.nanmax(seen)) if np.isfinite(seen).any() else None
+
+    def _resume_clock(self, t: float) -> None:
+        self._resume_pending = False
+        last = self.latest_data_time()
+        if last is None:
+            return
+        jump = t - last
+        self.g.last_seen[:self.g_count] += jump
+        self.n.last_seen[:len(self.node_names)] += jump
+        log.info("detect: resumed from the checkpoint; data continues %.0f s after its latest sample "
+                 "(not counted as silence)", jump)
+
+    def _replacements(self, out: Output, present: np.ndarray, t: float) -> None:
+        """A (node, GPU index) reporting under another UUID: the GPU was replaced (or a
+        retired one put back). Rare: plain Python."""
+        g = self.g
+        pairs, self._replaced = self._replaced, []
+        for s in np.unique(present[g.retired[present]]).tolist():  # a retired GPU reports again
+            cur = self._gpu_at.get((int(g.node[s]), int(g.index[s])))
+            if cur is not None and cur != s and not g.retired[cur]:
+                pairs.append((cur, s))
+            else:
+                g.retired[s] = False
+        here = set(present.tolist())
+        for old, new in pairs:
+            key = (int(g.node[new]), int(g.index[new]))
+            if old in here:  # both report: two GPUs claim one index, which is no replacement
+                g.retired[new] = False
+                self._gpu_at[key] = old
+                log.warning("detect: %s and %s both report as GPU %d of %s; kept apart as two series",
+                            self.gpus.keys[old].as_py(), self.gpus.keys[new].as_py(), key[1], self.node_names[key[0]])
+                continue
+            self._gpu_at[key] = new
+            self._retire(out, old, new, t)
+
+    def _retire(self, out: Output, old: int, new: int, t: float) -> None:
+        """Retire the replaced GPU's series: its alerts resolve, its state is dropped, it is
+        no longer expected to report (no GpuNotReporting) nor checkpointed. The new GPU's
+        series starts fresh (warm-up); a `gpu_replaced` event says what happened."""
+        now = datetime.fromtimestamp(t, timezone.utc)
+        one = np.array([old])
+        for tr in self.trackers.values():
+            if tr.spec.scope == "gpu":
+                if old in tr.active:
+                    out.alerts.append((now, dataclasses.replace(tr.active[old], ends_at=now)))
+                tr.forget(one)
+        for arrays, fields in self.state()["gpu"].values():
+            arrays.ensure(old + 1)
+            arrays.reset(one, fields)
+        self.g.retired[old], self.g.retired[new] = True, False
+        labels = self._labels_getter("gpu")(new)
+        old_uuid, new_uuid = self.gpus.keys[old].as_py(), self.gpus.keys[new].as_py()
+        text = f"GPU {labels['gpu']} of {labels['node']} replaced: {old_uuid} -> {new_uuid}"
+        out.events.append({"ts": now, "site": labels["site"], "rack": labels["rack"], "node": labels["node"],
+                           "gpu": int(labels["gpu"]), "gpu_uuid": new_uuid, "kind": "gpu_replaced", "code": None,
+                           "text": text})
+        log.info("detect: %s; the old series is retired", text)
+
     def active_alerts(self) -> list[Alert]:
         return [a for t in self.trackers.values() for a in t.active.values()]
 
@@ -325,6 +409,10 @@ class Engine:
     def _gpu(self, batch: pa.RecordBatch, out: Output) -> None:
         slots = self.gpus.slots(batch.column("gpu_uuid"))
         ts = batch.column("ts").cast(pa.int64()).to_numpy() / 1e9
+        if self._replaced or self.g.retired[slots].any():
+            self._replacements(out, slots, float(ts.max()))
+        if self._resume_pending:
+            self._resume_clock(float(ts.max()))
         self.stats.gpu_samples += batch.num_rows
         m = {name: self._numeric(batch, name) for name in GPU_METRICS}
         g, nd = self.g, self.n
@@ -555,7 +643,7 @@ class Engine:
         n_gpus, n_nodes = self.g_count, len(self.node_names)
         present = np.zeros(n_nodes, bool)
         present[present_nodes] = True
-        cand = np.flatnonzero(present[g.node[:n_gpus]])
+        cand = np.flatnonzero(present[g.node[:n_gpus]] & ~g.retired[:n_gpus])
         silent = nd.last_seen[g.node[cand]] - g.last_seen[cand]
         self._eval(out, "GpuNotReporting", cand, (silent > k * g.interval[cand]) & ~g.offbus[cand], t, silent,
                    lambda i: {"silent_s": float(silent[i])})
@@ -580,6 +668,8 @@ class Engine:
         self._current = batch
         slots = self.gpus.slots(batch.column("gpu_uuid"))
         ts = batch.column("ts").cast(pa.int64()).to_numpy() / 1e9
+        if self._replaced:
+            self._replacements(out, slots, float(ts.max()))
         self.stats.events += batch.num_rows
         for i, row in enumerate(batch.select(["kind", "code", "text"]).to_pylist()):
             slot, t = int(slots[i]), float(ts[i])

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.detect.catalog import AlertSpec
+from pipeline.detect.catalog import AlertSpec, runbook_url
 from pipeline.detect.state import SlotArrays
 from pipeline.model import Alert
 
@@ -34,7 +34,7 @@ class Tracker:
         self.fire_after = fire_after
         self.resolve_after = resolve_after
         self._labels_for = labels_for
-        self._runbook = f"{runbook_base_url}{spec.name}.md"
+        self._runbook = runbook_url(runbook_base_url, spec.name)
         self.s = SlotArrays({"hits": (np.int32, 0), "clears": (np.int32, 0), "firing": (np.bool_, False)})
         self.active: dict[int, Alert] = {}
         self._pending = False  # some entity has a hit streak that has not fired (yet)

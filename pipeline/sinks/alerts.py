@@ -15,6 +15,7 @@ class AlertLog:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.open("a").close()  # there from the start, before the first alert: tail -F and tools find it
 
     def append(self, alerts: list[dict[str, Any]]) -> None:
         if not alerts:

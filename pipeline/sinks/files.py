@@ -16,10 +16,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` so a crash leaves the old or the new content, never a mix."""
+def write_atomically(path: Path, text: str | bytes) -> None:
+    """Replace `path` with `text` (or bytes) so a crash leaves the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "wb") if isinstance(text, bytes) else open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -272,13 +272,16 @@ class Notifier:
         for r in self.receivers:
             log.info("receiver %s: %s %s%s", r.name, r.kind, r.shown, ", signed" if r.secret else "")
 
-    async def handle(self, alerts: list[dict[str, Any]]) -> None:
-        """One batch of alert state changes, durable everywhere when this returns."""
+    async def handle(self, alerts: list[dict[str, Any]], retry: bool = False) -> None:
+        """One batch of alert state changes, durable everywhere when this returns. An
+        OSError (a full disk) leaves the state as the disk has it: handle the same batch
+        again with retry=True (the console, which needs no disk, has shown it already)."""
         alerts = self._valid(alerts)
-        self._stats.alerts += len(alerts)
-        if self.console is not None:
-            for a in alerts:
-                self.console.alert(a)
+        if not retry:
+            self._stats.alerts += len(alerts)
+            if self.console is not None:
+                for a in alerts:
+                    self.console.alert(a)
         async with self._lock:
             now = time.time()
             if self.webhooks:

@@ -7,10 +7,16 @@ as one file per buffer and hour partition per flush. Each file is written into `
 outside every dataset) and renamed into place, so a reader never sees a partial
 file and no temporary file ever sits inside a dataset. File names never collide
 with earlier data, so appending never overwrites it.
+
+A write that fails (disk full, permission error, archive/ deleted) leaves no partial
+file behind and hands back what it could not write (`put_back`), so the caller can
+hold it and try again; folders are created again on every write.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import uuid
@@ -37,6 +43,7 @@ class _Buffer:
     rows: int = 0
     first_offset: int = -1
     last_offset: int = -1
+    nbytes: int = 0
 
 
 class ArchiveWriter:
@@ -50,7 +57,7 @@ class ArchiveWriter:
     """
 
     def __init__(self, root: Path, compression: str = "zstd", max_buffer_rows: int = 500_000,
-                 writer_id: str | None = None) -> None:
+                 writer_id: str | None = None, min_free_mb: float = 0.0) -> None:
         self.root = Path(root)
         self.staging = self.root / ".staging"
         self.staging.mkdir(parents=True, exist_ok=True)
@@ -63,6 +70,9 @@ class ArchiveWriter:
         self.rows_written: dict[str, int] = {name: 0 for name in SCHEMAS}
         self.files_written = 0
         self.redelivered_skipped = 0  # messages not written again: their offsets were archived
+        self.min_free_bytes = int(min_free_mb * 2**20)  # below this free space, writing fails as a full disk
+        self.rows_dropped: dict[str, int] = {name: 0 for name in SCHEMAS}  # shed while the archive could not write
+        self.outage = None  # the archive role's ArchiveOutage (sinks/archive_outage.py), for status and summary
         for leftover in self.staging.glob("*.parquet"):  # from a crash mid-write: never renamed, never visible
             leftover.unlink()
 
@@ -74,6 +84,7 @@ class ArchiveWriter:
         buf = self._buffers.setdefault((dataset, partition), _Buffer())
         buf.batches.append(batch)
         buf.rows += batch.num_rows
+        buf.nbytes += batch.nbytes
         if offset >= 0:
             buf.first_offset = offset if buf.first_offset < 0 else min(buf.first_offset, offset)
             buf.last_offset = max(buf.last_offset, offset)
@@ -98,20 +109,92 @@ class ArchiveWriter:
         taken, self._buffers = self._buffers, {}
         return taken
 
+    def put_back(self, taken: dict[tuple[str, int], _Buffer]) -> None:
+        """Buffer again what a failed write() left in `taken`, ahead of anything added since."""
+        for key, old in taken.items():
+            new = self._buffers.get(key)
+            if new is not None:
+                old.batches += new.batches
+                old.rows += new.rows
+                old.nbytes += new.nbytes
+                if new.first_offset >= 0:
+                    old.first_offset = new.first_offset if old.first_offset < 0 else min(old.first_offset,
+                                                                                         new.first_offset)
+                    old.last_offset = max(old.last_offset, new.last_offset)
+            self._buffers[key] = old
+        taken.clear()
+
+    def held_bytes(self) -> int:
+        return sum(b.nbytes for b in self._buffers.values())
+
+    def held_rows(self) -> int:
+        return sum(b.rows for b in self._buffers.values())
+
+    def shed(self, max_bytes: int) -> dict[str, int]:
+        """Drop the oldest batches of the largest buffers until at most `max_bytes` are
+        held (in-process only: from Kafka, dropping would leave holes in offset ranges).
+        Counts the rows in `rows_dropped`; returns this call's drops per dataset."""
+        dropped: dict[str, int] = {}
+        while self.held_bytes() > max_bytes:
+            held = [kv for kv in self._buffers.items() if kv[1].batches]
+            if not held:
+                break
+            (dataset, _), buf = max(held, key=lambda kv: kv[1].nbytes)
+            batch = buf.batches.pop(0)
+            buf.rows -= batch.num_rows
+            buf.nbytes = 0 if not buf.batches else buf.nbytes - batch.nbytes
+            dropped[dataset] = dropped.get(dataset, 0) + batch.num_rows
+            self.rows_dropped[dataset] += batch.num_rows
+        return dropped
+
+    def discard(self, partitions: set[int]) -> int:
+        """Forget what is buffered for these source partitions (they moved to another
+        consumer, which reads them again from the last commit); returns the rows."""
+        rows = 0
+        for key in [k for k in self._buffers if k[1] in partitions]:
+            rows += self._buffers.pop(key).rows
+        return rows
+
+    def _check_free(self) -> None:
+        if self.min_free_bytes:
+            st = os.statvfs(self.root)
+            free = st.f_bavail * st.f_frsize
+            if free < self.min_free_bytes:
+                raise OSError(errno.ENOSPC, f"{free / 2**20:.1f} MB free, under archive.min_free_mb "
+                                            f"({self.min_free_bytes / 2**20:g} MB) kept for alerts and outboxes",
+                              str(self.root))
+
     def write(self, taken: dict[tuple[str, int], _Buffer]) -> list[Path]:
-        """Write taken buffers: one file per buffer and hour, atomically renamed into place."""
+        """Write taken buffers: one file per buffer and hour, atomically renamed into place.
+        What is written leaves `taken`; on an error, `taken` keeps exactly what is not on
+        disk yet (for put_back), and no partial file is left anywhere."""
         paths = []
-        for (dataset, partition), buf in taken.items():
+        if taken:
+            self.staging.mkdir(parents=True, exist_ok=True)  # again: archive/ may have been deleted
+            self._check_free()
+        for key in list(taken):
+            (dataset, partition), buf = key, taken[key]
             # One contiguous chunk per column: per-node messages are many small batches.
             table = pa.Table.from_batches(buf.batches, schema=SCHEMAS[dataset]).combine_chunks()
             if table.num_rows == 0:
+                del taken[key]
                 continue
             ts = table.column(TIME_COLUMN[dataset]).cast(pa.int64()).to_numpy()
             hours = ts // HOUR_NS
-            for hour in np.unique(hours):
-                part = table if (hours == hour).all() else table.filter(pa.array(hours == hour))
-                paths.append(self._write_file(dataset, int(hour), part, partition, buf))
-                self.rows_written[dataset] += part.num_rows
+            done = np.zeros(len(hours), dtype=bool)
+            try:
+                for hour in np.unique(hours):
+                    in_hour = hours == hour
+                    part = table if in_hour.all() else table.filter(pa.array(in_hour))
+                    paths.append(self._write_file(dataset, int(hour), part, partition, buf))
+                    self.rows_written[dataset] += part.num_rows
+                    done |= in_hour
+            except BaseException:
+                if done.any():  # a retry writes only the hours not on disk yet
+                    rest = table.filter(pa.array(~done))
+                    buf.batches, buf.rows, buf.nbytes = rest.to_batches(), rest.num_rows, rest.nbytes
+                raise
+            del taken[key]
             if partition >= 0:
                 self._archived[(dataset, partition)] = max(self.archived_until(dataset, partition), buf.last_offset)
         return paths
@@ -130,9 +213,14 @@ class ArchiveWriter:
         final_dir = self.root / dataset / f"date={start:%Y-%m-%d}" / f"hour={start:%H}"
         final_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.staging / f"{dataset}-{name}"
-        pq.write_table(table, tmp, compression=self.compression)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, final_dir / name)
+        try:
+            pq.write_table(table, tmp, compression=self.compression)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final_dir / name)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a partial file (full disk) frees its space, never shows
+                tmp.unlink(missing_ok=True)
+            raise
         self.files_written += 1
         return final_dir / name

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import AlertsConfig
+from pipeline.config import AlertsConfig, ConfigError
 from pipeline.model import fingerprint
 from pipeline.sinks.silences import Silence, SilenceStore
 
@@ -78,12 +78,28 @@ def _name(alert: dict[str, Any]) -> str:
     return alert["labels"].get("alertname", "")
 
 
+def inhibit_rules(cfg: AlertsConfig) -> list[_Rule]:
+    """alerts.inhibit_rules compiled; ConfigError naming the rule whose regex does not compile."""
+    rules = []
+    for i, r in enumerate(cfg.inhibit_rules):
+        compiled = []
+        for key in ("source", "target"):
+            try:
+                compiled.append(re.compile(getattr(r, key)))
+            except re.error as e:
+                raise ConfigError(f"config error: alerts.inhibit_rules[{i}].{key} = {getattr(r, key)!r}: not a "
+                                  f"valid regular expression ({e}); alertnames are matched in full, e.g. "
+                                  f"\"CoolantLeak|CoolantFlowLoss\"") from None
+        rules.append(_Rule(*compiled, tuple(r.equal)))
+    return rules
+
+
 class Router:
     def __init__(self, cfg: AlertsConfig, silences: SilenceStore | None = None) -> None:
         self.cfg = cfg
         self.silences = silences
         self.stats = RouterStats()
-        self._rules = [_Rule(re.compile(r.source), re.compile(r.target), tuple(r.equal)) for r in cfg.inhibit_rules]
+        self._rules = inhibit_rules(cfg)
         self._groups: dict[str, _Group] = {}
         self._muted: dict[str, str] = {}  # fingerprint -> why, for firing alerts muted at the last add()/due()
         self._silence_ends: list[float] = []  # when a silence ends: a muted alert may go out then

@@ -3,7 +3,7 @@ and one POST with its outcome. Also the webhook kind's payload, Alertmanager's v
 
 A receiver's URL may carry credentials (user:password@, sent as HTTP basic auth) or
 a token in its query string: neither is ever logged or written anywhere. Logs show
-`Receiver.shown`: scheme://host[:port]/path.
+`Receiver.shown` (pipeline/redact.py): scheme://***@host[:port]/path?key=***.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import re
 import socket
 import ssl
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from pipeline import __version__
 from pipeline.config import AlertsConfig, ConfigError, ReceiverConfig
+from pipeline.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +34,6 @@ SIGNATURE_HEADER = "X-Fleetwatch-Signature"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _NAME = re.compile(r"[a-z0-9_-]+")
 _RESPONSE_LIMIT = 1 << 16  # bytes of a response body read (the rest is not wanted)
-
-
-def redact(url: str) -> str:
-    """scheme://host[:port]/path: the URL without credentials, query or fragment."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    try:
-        port = f":{parts.port}" if parts.port is not None else ""
-    except ValueError:
-        port = ":?"
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 @dataclass(frozen=True)
@@ -66,9 +54,9 @@ class Receiver:
         return self.url
 
 
-def load_receivers(cfg: AlertsConfig, env: Mapping[str, str] | None = None) -> list[Receiver]:
+def load_receivers(cfg: AlertsConfig, env: Mapping[str, str] | None = None, warn: bool = True) -> list[Receiver]:
     """[[alerts.receivers]] plus the alerts.webhooks shorthand, checked; ConfigError says
-    which key is wrong and what to do."""
+    which key is wrong and what to do. warn=False: no warnings (a check before the start)."""
     env = os.environ if env is None else env
     configs = [(f"alerts.receivers[{i}]", r) for i, r in enumerate(cfg.receivers)]
     configs += [(f"alerts.webhooks[{i}]", ReceiverConfig(name=f"webhook-{i + 1}", url=u))
@@ -85,16 +73,7 @@ def load_receivers(cfg: AlertsConfig, env: Mapping[str, str] | None = None) -> l
                               f"give each receiver its own name (alerts.webhooks entries are webhook-1, webhook-2, "
                               f"...)")
         seen[rc.name] = where
-        key = where if shorthand else f"{where}.url"
-        parts = urlsplit(rc.url)
-        try:
-            parts.port
-        except ValueError:
-            raise ConfigError(f"config error: {key} = {redact(rc.url)!r}: the port is not a number from 1 to "
-                              f"65535") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"config error: {key} = {redact(rc.url)!r}: must be an http:// or https:// URL "
-                              f"with a host, e.g. https://hooks.example.com/fleetwatch")
+        parts = check_url(where if shorthand else f"{where}.url", rc.url)
         secret = _secret(where, rc, env)
         if rc.ca_file and not Path(rc.ca_file).is_file():
             raise ConfigError(f"config error: {where}.ca_file = {rc.ca_file!r}: no such file; give the path of a "
@@ -109,10 +88,40 @@ def load_receivers(cfg: AlertsConfig, env: Mapping[str, str] | None = None) -> l
             if not rc.tls_verify:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
-                log.warning("receiver %s (%s): TLS certificate verification is off (tls_verify = false): anyone "
-                            "on the path can read and change its alerts", rc.name, redact(rc.url))
-        out.append(Receiver(rc.name, rc.kind, rc.url, redact(rc.url), secret, context))
+                if warn:
+                    log.warning("receiver %s (%s): TLS certificate verification is off (tls_verify = false): "
+                                "anyone on the path can read and change its alerts", rc.name, redact_url(rc.url))
+        out.append(Receiver(rc.name, rc.kind, rc.url, redact_url(rc.url), secret, context))
     return out
+
+
+_NOT_IN_URL = re.compile(r"[\x00-\x20\x7f]|[^\x00-\x7f]")  # what http.client refuses to send, at start instead
+
+
+def check_url(key: str, url: str) -> SplitResult:
+    """An http(s) URL with a host, a valid port and nothing that must be percent-encoded;
+    ConfigError naming the key and the redacted URL otherwise."""
+    shown = redact_url(url)
+    bad = _NOT_IN_URL.search(url)
+    if bad:
+        what = {" ": "a space", "\t": "a tab", "\n": "a line break", "\r": "a line break"}.get(
+            bad.group(), "a control character" if bad.group() < "\x80" else "a non-ASCII character")
+        raise ConfigError(f"config error: {key} = {shown!r}: has {what} at character {bad.start() + 1}; "
+                          f"percent-encode it (a space is %20), or remove it if it came with a copy and paste")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced [ of an IPv6 host
+        raise ConfigError(f"config error: {key} = {shown!r}: not a valid URL") from None
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or beyond 65535
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"config error: {key} = {shown!r}: the port is not a number from 1 to 65535")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"config error: {key} = {shown!r}: must be an http:// or https:// URL "
+                          f"with a host, e.g. https://hooks.example.com/fleetwatch")
+    return parts
 
 
 def _secret(where: str, rc: ReceiverConfig, env: Mapping[str, str]) -> bytes | None:
@@ -210,7 +219,8 @@ class Client:
             text = resp.read(_RESPONSE_LIMIT)
             if not resp.isclosed():  # more than we read: this connection cannot be reused
                 self.close()
-            return _outcome(resp, text)
+            outcome = _outcome(resp, text)  # the receiver's answer may quote the URL it was sent to
+            return replace(outcome, reason=redact_text(outcome.reason, self.receiver.url))
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
             self.close()
             if reused and stale_retry:  # a kept-alive connection the receiver had closed: once more, on a new one
@@ -229,8 +239,8 @@ class Client:
             self.close()
             return Outcome(False, f"cannot resolve {self._host} ({e.strerror})")
         except (OSError, http.client.HTTPException) as e:
-            self.close()
-            return Outcome(False, f"{type(e).__name__}: {e}", maybe_delivered=True)
+            self.close()  # the message may quote the URL (InvalidURL does): it goes to logs and dead letters
+            return Outcome(False, redact_text(f"{type(e).__name__}: {e}", self.receiver.url), maybe_delivered=True)
 
     def abort(self) -> None:
         """Break off a request in flight (from another thread), so shutdown need not wait for it."""

@@ -36,6 +36,8 @@ class Reason(StrEnum):
     BAD_METADATA = "bad_metadata"    # metadata not a JSON object with "unit" and "rack" strings
     UNKNOWN_UNIT = "unknown_unit"    # metadata's unit is not one the point's metric takes (also its readings)
     TOO_MANY_POINTS = "too_many_points"  # more points than the collector keeps (max_points)
+    TIME_AHEAD = "time_ahead"        # stamped further ahead of the receiver's clock than intake.max_ahead_s
+    TOO_OLD = "too_old"              # stamped longer before the receiver's clock than intake.max_age_s
 
 
 class Rejected(Exception):

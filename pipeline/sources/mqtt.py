@@ -17,6 +17,11 @@ as `facility_sample` record batches.
 - No duplicates: the last timestamp of each point is kept (at most `max_points`
   points) and a reading not newer than it is dropped and counted (a QoS 1
   redelivery or a resend after a reconnect).
+- Time that lies: a reading stamped outside `window` (bus/intake.py TimeWindow: by
+  default more than 5 minutes ahead of the receiver's clock) is dead-lettered
+  (time_ahead, too_old), and a reading ahead of the clock within it makes dedupe
+  remember the clock's time, not its own: one future reading never hides the
+  point's later readings.
 - A message that cannot become a row (bms_tree.Reason: outside the tree, unknown
   point, bad JSON, bad value or timestamp, no metadata yet, unknown unit) is
   counted per reason, logged once per reason and appended to the dead-letter file,
@@ -53,6 +58,7 @@ from typing import IO
 import aiomqtt
 import pyarrow as pa
 
+from pipeline.bus.intake import TimeWindow
 from pipeline.model import FACILITY_SAMPLE, TS, iso_utc
 from pipeline.sources.bms_tree import DEFAULT_ROOT, PointMeta, Reason, Rejected, decode_meta, decode_reading, \
     parse_topic
@@ -154,7 +160,8 @@ class DeadLetterFile:
 class MqttCollector:
     def __init__(self, host: str, port: int, site: str, dead_letter_path: Path, client_id: str | None = None,
                  topic_root: str = DEFAULT_ROOT, flush_interval_s: float = 0.2, max_batch_rows: int = 4096,
-                 max_points: int = 100_000, keepalive_s: int = 10, backoff: Backoff | None = None) -> None:
+                 max_points: int = 100_000, keepalive_s: int = 10, backoff: Backoff | None = None,
+                 window: TimeWindow | None = None) -> None:
         self.host, self.port, self.site, self.topic_root = host, port, site, topic_root
         # One fixed id per collector: the broker keeps its session (subscription and
         # queued QoS 1 readings) under it. Two collectors with one id evict each other.
@@ -165,6 +172,7 @@ class MqttCollector:
         self.max_points = max_points
         self.keepalive_s = keepalive_s
         self.backoff = backoff or Backoff()
+        self.window = window or TimeWindow()  # default: nothing more than 5 min ahead of the wall clock
         self.stats = CollectorStats()
         self.dead_letters = DeadLetterFile(dead_letter_path)
         self._points: dict[str, _Point] = {}       # reading topic -> point
@@ -192,13 +200,18 @@ class MqttCollector:
                 self._unknown_topic(topic, payload)
                 return
             ts, value, quality = decode_reading(payload, point.meta)
+            late = self.window.judge(ts)
+            if late is not None:
+                raise Rejected(Reason(late[0]), late[1])
         except Rejected as e:
             self._dead_letter(topic, payload, e)
             return
         if ts <= point.last_ns:
             self.stats.duplicates += 1
             return
-        point.last_ns = ts
+        # A reading ahead of the receiver's clock (within the window) is taken, but only
+        # the clock's time is remembered: dedupe never trusts a future timestamp.
+        point.last_ns = min(ts, int(self.window.now() * 1e9)) if self.window.max_ahead_s else ts
         self._ts.append(ts)
         self._rack.append(point.meta.rack)
         self._device.append(point.device)

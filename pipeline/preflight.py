@@ -1,0 +1,53 @@
+"""Everything checked before a process starts its roles, in one function: `fleetwatch run`
+(and each role) calls it before it starts, and `fleetwatch config` calls it on the
+configuration it prints, so a mistake shows in both the same way (ConfigError, status 2).
+
+It reads but never creates or changes anything: `fleetwatch config` may run anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+from pipeline.config import Config, ConfigError, host_port
+
+
+def validate(cfg: Config, roles: frozenset[str], env: Mapping[str, str] | None = None, warn: bool = True) -> None:
+    """ConfigError naming the first key that is wrong for running `roles` with `cfg`.
+    warn=False keeps the warnings (e.g. tls_verify = false) for the roles' own start."""
+    from pipeline.daemon import check_roles
+    check_roles(cfg, roles)
+    _check_data_dir(cfg.data_dir)
+    if cfg.mqtt.broker:
+        host_port("mqtt.broker", cfg.mqtt.broker, 1883)
+    for address in filter(None, (a.strip() for a in cfg.kafka.bootstrap.split(","))):
+        host_port("kafka.bootstrap", address, 9092)
+    if "agent" in roles and cfg.agent.replay:
+        from pipeline.sources.nvml_replay import recording_dir
+        recording_dir(cfg.agent.replay)
+    if "notify" in roles:
+        from pipeline.sinks.routing import inhibit_rules
+        from pipeline.sinks.webhook import check_url, load_receivers
+        load_receivers(cfg.alerts, env, warn=warn)  # URLs, names, secrets, CA files
+        inhibit_rules(cfg.alerts)
+        if cfg.alerts.external_url:
+            check_url("alerts.external_url", cfg.alerts.external_url)
+
+
+def _check_data_dir(data_dir: str) -> None:
+    """data_dir is a directory, or can be created: its nearest existing parent is a directory
+    this user may write in."""
+    path = Path(data_dir)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    problem = ""
+    if existing is None:
+        problem = "no part of the path exists"
+    elif not existing.is_dir():
+        problem = f"{str(existing)!r} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{str(existing)!r} is not writable: permission denied"
+    if problem:
+        raise ConfigError(f"config error: data_dir = {data_dir!r}: cannot create or write there ({problem}); "
+                          f"choose another with --data-dir or FLEETWATCH_DATA_DIR")

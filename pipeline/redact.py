@@ -1,0 +1,69 @@
+"""The one redaction of URLs, for everything a person or a file gets to see: the config
+output, logs, error messages and dead letters.
+
+A URL may carry credentials (`user:password@`, sent as HTTP basic auth) or tokens in
+its query string. Shown anywhere, it keeps its scheme, host, port and path, and masks
+the user info and every query value: `https://***@hooks.example:8443/x?token=***`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from urllib.parse import unquote, urlsplit
+
+MASK = "***"
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
+_MIN_SECRET = 3  # shorter pieces of a URL are masked inside the URL, but not hunted for in free text
+
+
+def redact_url(url: str) -> str:
+    """`url` with its user info, query values and fragment masked."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced [ in the host: show nothing of it but the scheme
+        return f"{url.partition('://')[0]}://{MASK}" if "://" in url else MASK
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{MASK}@{netloc.rpartition('@')[2]}"
+    out = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme or netloc else parts.path
+    if parts.query:
+        out += "?" + "&".join(f"{k}={MASK}" if sep else MASK
+                              for k, sep, _ in (item.partition("=") for item in parts.query.split("&")))
+    if parts.fragment:
+        out += "#" + MASK
+    return out
+
+
+def _secrets_of(url: str) -> list[str]:
+    """The pieces of `url` that must not show, raw and percent-decoded, longest first."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return [url]
+    pieces = [parts.query, parts.fragment]
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        pieces += [userinfo, *userinfo.split(":", 1)]
+    pieces += [v for item in parts.query.split("&") for v in item.partition("=")[2:] if v]
+    found = {p for piece in pieces for p in (piece, unquote(piece)) if len(p) >= _MIN_SECRET}
+    return sorted(found, key=len, reverse=True)
+
+
+def redact_text(text: str, *urls: str) -> str:
+    """`text` with every URL in it redacted, and any secret piece of `urls` masked wherever it
+    shows (an error may quote part of a URL: http.client's InvalidURL quotes the request
+    target with its query)."""
+    if "://" in text:
+        text = _URL.sub(lambda m: redact_url(m.group(0)), text)
+    for url in urls:
+        for secret in _secrets_of(url):
+            text = text.replace(secret, MASK)
+    return text
+
+
+class RedactingFormatter(logging.Formatter):
+    """Log lines (and tracebacks) with every URL in them redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))

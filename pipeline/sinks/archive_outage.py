@@ -1,0 +1,118 @@
+"""When the archive cannot write (full disk, permission error, archive/ deleted): retry
+with backoff, hold the data within a bound, and alert.
+
+The archive role (`daemon.archive_role`) asks `due()` before each write. The first
+failed write of an outage logs once and returns the `FleetwatchArchiveFailing` alert,
+firing, which the role publishes on the alerts topic: notify delivers it like any
+other alert. The first write that succeeds again returns it resolved. Detection and
+alerting never wait on the archive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import time
+from datetime import datetime, timezone
+
+from pipeline.bus import Message, Topic
+from pipeline.detect.catalog import ALERTS_BY_NAME, runbook_url
+from pipeline.model import Alert, alerts_to_batch, iso_utc
+
+log = logging.getLogger("fleetwatch")
+
+ALERTNAME = "FleetwatchArchiveFailing"
+
+
+def describe(error: BaseException) -> str:
+    return str(error) if isinstance(error, OSError) else repr(error)
+
+
+class ArchiveOutage:
+    def __init__(self, site: str, runbook_base_url: str, retry_max_s: float, retry_initial_s: float = 1.0) -> None:
+        self.site = site
+        self.instance = socket.gethostname()
+        self.runbook = runbook_url(runbook_base_url, ALERTNAME)
+        self.retry_initial_s = min(retry_initial_s, retry_max_s)
+        self.retry_max_s = retry_max_s
+        self.failures = 0        # failed write attempts, every outage
+        self.outages = 0
+        self.since: float | None = None  # wall time the current outage began
+        self.error = ""
+        self.alert: Alert | None = None
+        self.dropped = 0         # rows shed in the current outage (in-process)
+        self._delay = self.retry_initial_s
+        self._next = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self.since is not None
+
+    def due(self) -> bool:
+        """May the archive try to write now? Always, unless it is failing and backing off."""
+        return self.since is None or time.monotonic() >= self._next
+
+    def failed(self, error: BaseException, held_rows: int) -> Alert | None:
+        """A write failed; returns the firing alert when this starts an outage."""
+        self.failures += 1
+        self.error = describe(error)
+        self._next = time.monotonic() + self._delay
+        started = self.since is None
+        if started:
+            self.since, self.outages, self.dropped = time.time(), self.outages + 1, 0
+            log.error("archive cannot write (%s): holding %d rows in memory and retrying with backoff (up to %g s); "
+                      "detection and alerting go on; %s firing", self.error, held_rows, self.retry_max_s, ALERTNAME)
+            self.alert = self._alert(held_rows)
+        else:
+            log.debug("archive write failed again (%s), next try in %.1f s", self.error, self._delay)
+        self._delay = min(self._delay * 2, self.retry_max_s)
+        return self.alert if started else None
+
+    def shed(self, dropped: dict[str, int], bound_mb: float) -> None:
+        """Rows dropped to stay within the bound (in-process): logged once per outage."""
+        if not dropped:
+            return
+        if self.dropped == 0:
+            log.warning("archive: %g MB held while it cannot write (archive.outage_buffer_mb): dropping the oldest "
+                        "rows from now on, counted per dataset; logged once per outage", bound_mb)
+        self.dropped += sum(dropped.values())
+
+    def recovered(self, held_rows: int) -> Alert | None:
+        """A write succeeded; returns the resolved alert when this ends an outage."""
+        if self.since is None:
+            return None
+        log.warning("archive writing again after %.0f s: %d rows held were written, %d rows dropped in this outage, "
+                    "%d failed attempts so far; %s resolved", time.time() - self.since, held_rows, self.dropped,
+                    self.failures, ALERTNAME)
+        resolved = dataclasses.replace(self.alert, ends_at=datetime.now(timezone.utc))
+        self.since, self.alert, self._delay = None, None, self.retry_initial_s
+        return resolved
+
+    def _alert(self, held_rows: int) -> Alert:
+        spec = ALERTS_BY_NAME[ALERTNAME]
+        now = datetime.now(timezone.utc)
+        labels = {"alertname": ALERTNAME, "severity": spec.severity, "site": self.site, "instance": self.instance}
+        evidence = {"error": self.error, "held_rows": held_rows, "since": iso_utc(now)}
+        summary = spec.summary.format(instance=self.instance, since=iso_utc(now, "seconds"), error=self.error)
+        return Alert(labels=labels,
+                     annotations={"summary": summary,
+                                  "description": f"{spec.action} Evidence (archive): error={self.error}, "
+                                                 f"held_rows={held_rows}.",
+                                  "runbook_url": self.runbook},
+                     starts_at=now, detector="archive", score=float(held_rows), evidence=evidence)
+
+    @staticmethod
+    def message(alert: Alert) -> Message:
+        """The alert as a message of the alerts topic (keyed by fingerprint, as detect's are)."""
+        return Message(Topic.ALERTS, alerts_to_batch([(alert.ends_at or alert.starts_at, alert)]),
+                       key=alert.fingerprint)
+
+    def status(self, held_rows: int, dropped_total: int) -> str:
+        """For the status line: empty unless the archive is failing or had to drop rows."""
+        parts = []
+        if self.since is not None:
+            parts.append(f"archive FAILING {time.time() - self.since:.0f} s, {held_rows:,} rows held")
+        if dropped_total:
+            parts.append(f"{dropped_total:,} rows dropped")
+        return ", ".join(parts)

@@ -1,0 +1,428 @@
+"""No poison pill: a message that decodes to the right schema but carries bad content
+(nulls where the schema forbids them, empty identities, impossible values, timestamps in
+the wrong unit) never stops a consumer. Its bad rows are dead-lettered with the reason,
+the rest goes on: in-process (deadletter/intake.jsonl) and over Kafka (the dead-letter topic)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import tempfile
+import time
+import uuid
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.bus import EndOfStream, MemoryBus, Message, Topic
+from pipeline.bus.codec import DecodeError, Decoder, encode
+from pipeline.bus.intake import FileDeadLetters, Gate, KafkaDeadLetters, TimeWindow, split
+from pipeline.daemon import DATASET_OF_TOPIC, DETECT_TOPICS, SOURCE_TOPICS, archive_role, detect_role, notify_role
+from pipeline.detect.engine import Engine
+from pipeline.model import ALERT, EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE, NODE_HEALTH, TS, alerts_to_batch
+from pipeline.sinks.console import Console
+from pipeline.sinks.notify import Notifier
+from pipeline.sinks.parquet import ArchiveWriter
+from pipeline.sources.simulate import FleetSimulator
+from tests.conftest import make_config
+
+START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+NOW_S = START.timestamp() + 60.0  # the receivers' clock, injected: never the wall clock
+NOW_NS = int(NOW_S * 1e9)
+REASONS = {"null_field", "empty_identity", "out_of_range", "bad_timestamp", "time_ahead", "too_old", "bad_alert"}
+SCHEMA_OF = {Topic.GPU: GPU_SAMPLE, Topic.FACILITY: FACILITY_SAMPLE, Topic.EVENTS: EVENT, Topic.ALERTS: ALERT,
+             Topic.HEALTH: NODE_HEALTH, Topic.LABELS: FAULT_LABEL}
+
+
+def config(data_dir: Path, **sections):
+    return make_config(data_dir=str(data_dir), fleet={"racks": 1, "nodes_per_rack": 2, "fault_interval_s": 0,
+                                                      "gpu_reset_interval_s": 0},
+                       alerts={"console": True}, **sections)
+
+
+def sim_ticks(cfg, n: int) -> list[Message]:
+    sim = FleetSimulator(cfg.fleet, start=START)
+    out = []
+    for _ in range(n):
+        tick = sim.step()
+        out += [Message(Topic.GPU, tick.gpu, key="all"), Message(Topic.FACILITY, tick.facility, key="all")]
+    return out
+
+
+def a_good_alert(ts_ns: int, fingerprint_labels: dict | None = None) -> pa.RecordBatch:
+    from pipeline.model import Alert
+    labels = fingerprint_labels or {"alertname": "GpuXid", "severity": "warning", "site": "site-a", "rack": "r01",
+                                    "node": "r01-n01", "gpu": "3"}
+    alert = Alert(labels, {"summary": "injected"}, START, "xid", 1.0)
+    batch = alerts_to_batch([(START, alert)])
+    ts = pa.array([ts_ns], pa.int64()).cast(TS)
+    return batch.set_column(0, ALERT.field("ts"), ts).set_column(ALERT.get_field_index("starts_at"),
+                                                                  ALERT.field("starts_at"), ts)
+
+
+# ---- the embedded consumers, as the daemon wires them ------------------------------------------
+
+async def run_consumers(cfg, publish: list[Message], window: TimeWindow, kafka=None) -> dict:
+    """detect, archive and notify (each behind its Gate) over a MemoryBus, or over Kafka when
+    `kafka` is a KafkaBus; publish, end the topics in data order, wait for every role to end
+    by itself. Any role that raises fails the test."""
+    bus = kafka or MemoryBus()
+    engine = Engine(cfg, node_staleness=kafka is None)
+    subs = {"detect": bus.subscribe([Topic.GPU, Topic.FACILITY, Topic.EVENTS], "detect",
+                                    **({"transactional": True} if kafka else {})),
+            "archive": bus.subscribe(list(DATASET_OF_TOPIC), "archive"),
+            "notify": bus.subscribe([Topic.ALERTS], "notify")}
+    observer = bus.subscribe(list(DATASET_OF_TOPIC), "observer")
+    path = Path(cfg.data_dir) / "deadletter" / "intake.jsonl"
+    gates = {g: Gate(g, KafkaDeadLetters(s) if kafka else FileDeadLetters(path), window) for g, s in subs.items()}
+    writer = ArchiveWriter(cfg.archive_dir)
+    console = io.StringIO()
+    notifier = Notifier(cfg, Console(console))
+    seen: list[Message] = []
+
+    async def observe() -> None:
+        while True:
+            try:
+                seen.extend(await observer.get_batch(timeout_s=0.5))
+            except EndOfStream:
+                return
+    watcher = asyncio.create_task(observe())
+    detect = asyncio.create_task(detect_role(bus, engine, subs["detect"], 0.2, None, gate=gates["detect"]))
+    sinks = [asyncio.create_task(archive_role(writer, subs["archive"], 0.5, gate=gates["archive"])),
+             asyncio.create_task(notify_role(subs["notify"], notifier, gate=gates["notify"]))]
+    for m in publish:
+        await bus.publish(m)
+    await bus.end(SOURCE_TOPICS)
+    await asyncio.wait_for(detect, 120)
+    await bus.end(DETECT_TOPICS)
+    await asyncio.wait_for(asyncio.gather(*sinks), 120)
+    await asyncio.wait_for(watcher, 60)
+    return {"engine": engine, "gates": gates, "writer": writer, "notifier": notifier, "seen": seen,
+            "console": console.getvalue()}
+
+
+def archived(data: Path, dataset: str) -> pa.Table:
+    files = sorted((data / "archive" / dataset).rglob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else pa.table({})
+
+
+def dead_lines(data: Path) -> list[dict]:
+    path = data / "deadletter" / "intake.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_the_issue_s_poison_pills_are_dead_lettered_and_every_role_goes_on(tmp_path):
+    """A gpu_sample batch with node = null killed the archive (ArrowInvalid at the Parquet
+    write) and an alert with nanosecond timestamps killed notify, again on every restart."""
+    cfg = config(tmp_path)
+    good = sim_ticks(cfg, 10)
+    poisoned = good[0].value
+    nodes = poisoned.column("node").to_pylist()
+    nodes[2] = None
+    poisoned = poisoned.set_column(3, GPU_SAMPLE.field("node"), pa.array(nodes, pa.string()))
+    ns_alert = a_good_alert(int(START.timestamp() * 1e9) + 123_456_789)
+    publish = good[:6] + [Message(Topic.GPU, poisoned), Message(Topic.ALERTS, ns_alert)] + good[6:]
+    out = asyncio.run(run_consumers(cfg, publish, TimeWindow(300, 7 * 86400, lambda: NOW_S)))
+
+    gpu = archived(tmp_path, "gpu_samples")
+    sent = sum(m.value.num_rows for m in publish if m.topic == Topic.GPU)
+    assert gpu.num_rows == sent - 1 and gpu.column("node").null_count == 0  # all but the bad row
+    letters = dead_lines(tmp_path)
+    by_group = Counter((x["group"], x["reason"]) for x in letters)
+    assert by_group == {("detect", "null_field"): 1, ("archive", "null_field"): 1}
+    assert all(x["row"]["node"] is None and "node is null" in x["detail"] for x in letters)
+    assert letters[0]["row"]["gpu_uuid"] == poisoned.column("gpu_uuid")[2].as_py()
+    # The nanosecond alert reached alerts.jsonl and the console, in milliseconds, and the archive as it came.
+    logged = [json.loads(x) for x in cfg.alerts_log.read_text().splitlines()]
+    injected = [a for a in logged if a["annotations"].get("summary") == "injected"]
+    assert len(injected) == 1 and injected[0]["startsAt"] == "2026-01-01T00:00:00.123Z"
+    assert "GpuXid: injected" in out["console"]
+    assert archived(tmp_path, "alerts").num_rows == len(logged)
+    assert out["engine"].stats.gpu_samples == sent - 1
+
+
+def test_two_arrow_streams_in_one_message_are_a_decode_error():
+    cfg = make_config(fleet={"racks": 1, "nodes_per_rack": 1})
+    a, b = (m.value for m in sim_ticks(cfg, 2) if m.topic == Topic.GPU)
+    (va, headers), (vb, _) = encode(a), encode(b)
+    decoder = Decoder()
+    assert decoder.decode(va, headers).num_rows == a.num_rows
+    with pytest.raises(DecodeError, match="after the end of the Arrow IPC stream"):
+        decoder.decode(va + vb, headers)  # the second batch is not dropped silently
+
+
+def test_split_keeps_the_good_rows_of_a_batch_and_says_why_for_the_rest():
+    cfg = make_config(fleet={"racks": 1, "nodes_per_rack": 1})
+    batch = sim_ticks(cfg, 1)[0].value
+    temp = batch.column("gpu_temp_c").to_pylist()
+    temp[1] = 1e308
+    idx = batch.column("gpu").to_pylist()
+    idx[2] = -1
+    uuids = batch.column("gpu_uuid").to_pylist()
+    uuids[3] = ""
+    ts = batch.column("ts").cast(pa.int64()).to_pylist()
+    ts[4] = ts[4] // 1_000_000  # milliseconds in a nanosecond column
+    bad = (batch.set_column(batch.schema.get_field_index("gpu_temp_c"), GPU_SAMPLE.field("gpu_temp_c"), pa.array(temp))
+           .set_column(4, GPU_SAMPLE.field("gpu"), pa.array(idx, pa.int16()))
+           .set_column(5, GPU_SAMPLE.field("gpu_uuid"), pa.array(uuids))
+           .set_column(0, GPU_SAMPLE.field("ts"), pa.array(ts, pa.int64()).cast(TS)))
+    valid, rejected = split(Topic.GPU, bad)
+    assert valid.num_rows == batch.num_rows - 4
+    by_reason = Counter()
+    for r in rejected:
+        by_reason[r.reason] += r.rows.num_rows
+    assert by_reason == {"out_of_range": 2, "empty_identity": 1, "bad_timestamp": 1}
+    assert any("gpu_temp_c = 1e+308" in r.detail for r in rejected)
+    assert split(Topic.GPU, batch)[1] == []  # the simulator's data is clean
+
+
+def test_a_dead_letter_file_that_cannot_be_written_stops_nothing(tmp_path):
+    """A full or broken disk under deadletter/: the bad rows are counted (not kept), the good go on."""
+    (tmp_path / "deadletter").write_text("a file where the folder should be")
+    letters = FileDeadLetters(tmp_path / "deadletter" / "intake.jsonl")
+    gate = Gate("archive", letters)
+    batch = sim_ticks(make_config(fleet={"racks": 1, "nodes_per_rack": 1}), 1)[0].value
+    nodes = batch.column("node").to_pylist()
+    nodes[0] = None
+    bad = batch.set_column(3, GPU_SAMPLE.field("node"), pa.array(nodes, pa.string()))
+    [out] = asyncio.run(gate.screen([Message(Topic.GPU, bad)]))
+    assert out.value.num_rows == batch.num_rows - 1
+    assert gate.rejected == {"null_field": 1} and letters.lost == 1 and letters.failing
+
+
+# ---- property: schema-valid batches with arbitrary nulls and extreme values --------------------
+
+_SIM = FleetSimulator(config(Path(".")).fleet, start=START)
+_IDS = {"node": _SIM.node_names, "gpu_uuid": _SIM.gpu_uuids, "rack": _SIM.rack_names,
+        "site": ["site-a"], "device": ["cdu-r01", "pdu-r01", "meter-main"],
+        "metric": ["flow_lpm", "leak", "power_w", "supply_temp_c", "return_temp_c"],
+        "kind": ["xid", "gpu_lost", "gpu_reset"], "status": ["firing", "resolved"],
+        "alertname": ["GpuXid", "CoolantLeak"], "severity": ["critical", "warning"]}
+_FLOATS = st.one_of(st.floats(), st.sampled_from([0.0, 0.5, 1.0, 70.0, 700.0, 1e308, -1e308, 5e-324]))
+_TIMES = st.one_of(st.integers(-2**63, 2**63 - 1), st.integers(NOW_NS - 10**12, NOW_NS + 10**12),
+                   st.integers(NOW_NS - 10**9, NOW_NS + 10**9), st.integers(NOW_NS - 10**9, NOW_NS + 10**9))
+_LABELS = st.dictionaries(st.sampled_from(["alertname", "severity", "node", "rack", "site", "gpu"]),
+                          st.one_of(st.text(max_size=8), st.integers()), max_size=6).map(json.dumps)
+
+
+def _values(field: pa.Field, nulls: bool) -> st.SearchStrategy:
+    t, name = field.type, field.name
+    if t == TS:
+        v = _TIMES
+    elif pa.types.is_integer(t):
+        bits = t.bit_width - 1
+        v = st.one_of(st.integers(-2**bits, 2**bits - 1), st.integers(-2, 40))
+    elif pa.types.is_floating(t):
+        v = _FLOATS
+    elif pa.types.is_boolean(t):
+        v = st.booleans()
+    elif name in ("labels_json", "evidence_json", "params_json"):
+        v = st.one_of(_LABELS, st.text(max_size=10),
+                      st.just(json.dumps({"alertname": "GpuXid", "severity": "critical", "node": "r01-n01"})))
+    else:
+        v = st.one_of(st.text(max_size=10), st.sampled_from(_IDS.get(name, ["", "x"]) + [""]))
+    return st.one_of(st.none(), v, v, v) if nulls else v
+
+
+@st.composite
+def bad_batch(draw) -> Message:
+    topic = draw(st.sampled_from(list(SCHEMA_OF)))
+    schema = SCHEMA_OF[topic]
+    n = draw(st.integers(1, 5))
+    # Arbitrary nulls, non-nullable columns included, in a few columns per batch: most rows of
+    # a batch with nulls everywhere never get past the checks, and the roles must see the rest.
+    with_nulls = draw(st.sets(st.sampled_from(schema.names), max_size=3)) | {
+        f.name for f in schema if f.nullable and draw(st.booleans())}
+    cols = []
+    for f in schema:
+        vals = draw(st.lists(_values(f, f.name in with_nulls), min_size=n, max_size=n))
+        cols.append(pa.array(vals, pa.int64()).cast(TS) if f.type == TS else pa.array(vals, f.type))
+    return Message(topic, pa.RecordBatch.from_arrays(cols, schema=schema), key=draw(st.sampled_from(_IDS["node"])))
+
+
+def check_nothing_lost(out: dict, dead: dict[tuple[str, str], int], data: Path, good: list[Message]) -> None:
+    """Every row any consumer read is in its output or dead-lettered by it, with a reason."""
+    seen: dict[str, int] = Counter()
+    for m in out["seen"]:
+        seen[DATASET_OF_TOPIC[m.topic]] += m.value.num_rows
+    for topic, dataset in DATASET_OF_TOPIC.items():
+        assert archived(data, dataset).num_rows + dead.get(("archive", str(topic)), 0) == seen[dataset], dataset
+    logged = cfg_lines(data / "alerts.jsonl")
+    assert len(logged) + dead.get(("notify", str(Topic.ALERTS)), 0) == seen["alerts"]
+    assert out["notifier"].stats.bad_alerts == 0
+    engine = out["engine"]
+    assert engine.stats.gpu_samples + dead.get(("detect", str(Topic.GPU)), 0) == seen["gpu_samples"]
+    assert engine.stats.facility_samples + dead.get(("detect", str(Topic.FACILITY)), 0) == seen["facility_samples"]
+    # The good data around the bad is all there.
+    gpu = archived(data, "gpu_samples")
+    keys = set(zip(gpu.column("gpu_uuid").to_pylist(), gpu.column("ts").cast(pa.int64()).to_pylist()))
+    for m in good:
+        if m.topic == Topic.GPU:
+            assert set(zip(m.value.column("gpu_uuid").to_pylist(),
+                           m.value.column("ts").cast(pa.int64()).to_pylist())) <= keys
+    for g in out["gates"].values():
+        assert set(g.rejected) <= REASONS
+
+
+def interleave(good: list, bad: list) -> list:
+    """The good messages with each bad one inserted at its position."""
+    publish = list(good)
+    for at, m in sorted(bad, key=lambda x: -x[0]):
+        publish.insert(at, m)
+    return publish
+
+
+def cfg_lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(bad=st.lists(st.tuples(st.integers(0, 40), bad_batch()), min_size=1, max_size=8))
+def test_no_batch_stops_a_consumer_in_process(bad):
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        cfg = config(data)
+        good = sim_ticks(cfg, 20)
+        publish = interleave(good, bad)
+        out = asyncio.run(run_consumers(cfg, publish, TimeWindow(300, 7 * 86400, lambda: NOW_S)))
+        letters = dead_lines(data)
+        assert all(x["reason"] in REASONS and x["detail"] and "row" in x for x in letters)
+        dead = Counter((x["group"], x["topic"]) for x in letters)
+        assert sum(dead.values()) == sum(sum(g.rejected.values()) for g in out["gates"].values())
+        check_nothing_lost(out, dead, data, good)
+
+
+# ---- over Kafka -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def broker():
+    from tests.services import KafkaBroker
+    b = KafkaBroker().start()
+    yield b
+    b.close()
+
+
+async def read_dead_letters(bootstrap: str, topic: str) -> list:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await reader.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        reader.assign([tp])
+        await reader.seek_to_beginning(tp)
+        end = (await reader.end_offsets([tp]))[tp]
+        out = []
+        while await reader.position(tp) < end:
+            for recs in (await reader.getmany(timeout_ms=1000)).values():
+                out += recs
+        return out
+    finally:
+        await reader.stop()
+
+
+@pytest.mark.kafka
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                               HealthCheck.function_scoped_fixture])
+@given(bad=st.lists(st.tuples(st.integers(0, 30), bad_batch()), min_size=1, max_size=8))
+def test_no_batch_stops_a_consumer_over_kafka(broker, bad):
+    from aiokafka import AIOKafkaProducer
+
+    from pipeline.bus.kafka import DEAD_LETTER, KafkaBus
+    prefix = f"p{uuid.uuid4().hex[:6]}."
+
+    async def go(cfg, publish):
+        bus = KafkaBus(broker.bootstrap, partitions=2, prefix=prefix)
+        await bus.start()
+        # Undecodable and two-stream messages among them: dead-lettered by the subscription.
+        raw = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+        await raw.start()
+        value, headers = encode(publish[0].value)
+        await raw.send_and_wait(bus.wire(Topic.GPU), value + value, key=b"x", headers=headers)
+        await raw.stop()
+        try:
+            out = await run_consumers(cfg, publish, TimeWindow(300, 7 * 86400, lambda: NOW_S), kafka=bus)
+        finally:
+            await bus.close()
+        return out, await read_dead_letters(broker.bootstrap, bus.wire(DEAD_LETTER))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        cfg = config(data)
+        good = sim_ticks(cfg, 15)
+        publish = interleave(good, bad)
+        out, letters = asyncio.run(go(cfg, publish))
+        headers = [{k: v.decode(errors="replace") for k, v in r.headers} for r in letters]
+        undecodable = [h for h in headers if "fw-reason" not in h]
+        assert len(undecodable) == 3  # one per group that reads the GPU topic (detect, archive, observer)
+        assert all("a second stream" in h["fw-error"] for h in undecodable)
+        dead: Counter = Counter()
+        decoder = Decoder()
+        for r, h in zip(letters, headers):
+            if "fw-reason" in h:
+                assert h["fw-reason"] in REASONS and h["fw-error"].startswith(h["fw-reason"])
+                rows = decoder.decode(r.value, r.headers).num_rows  # the rejected rows, as Arrow
+                dead[(h["fw-consumer-group"], h["fw-source-topic"][len(prefix):])] += rows
+        assert sum(dead.values()) == sum(sum(g.rejected.values()) for g in out["gates"].values())
+        check_nothing_lost(out, dead, data, good)
+
+
+@pytest.mark.kafka
+def test_archive_and_notify_processes_survive_the_poison_and_every_restart(broker, tmp_path):
+    """The issue's crash loop, as a user runs the roles: `fleetwatch archive` and
+    `fleetwatch notify` read a gpu_sample batch with node = null and an alert with
+    nanosecond timestamps from Kafka. Both keep running, stop with status 0, and start
+    and stop again cleanly; the bad row is on the dead-letter topic with its reason."""
+    from pipeline.bus.kafka import DEAD_LETTER, KafkaBus
+    from tests.test_daemon import wait_for
+    from tests.test_kafka import per_node, role_env, start_role, stop_in_order
+    env = role_env("poison")
+    prefix = env["FLEETWATCH_KAFKA__TOPIC_PREFIX"]
+    cfg = make_config(fleet={"racks": 1, "nodes_per_rack": 2})
+    sim = FleetSimulator(cfg.fleet)  # the wall clock's time: these processes judge readings by it
+    batches = [sim.step().gpu for _ in range(5)]
+    nodes = batches[2].column("node").to_pylist()
+    nodes[0] = None
+    poisoned = batches[2].set_column(3, GPU_SAMPLE.field("node"), pa.array(nodes, pa.string()))
+    ns_alert = a_good_alert(int(time.time() * 1e9) // 1000 * 1000 + 789)
+
+    async def produce() -> None:
+        bus = KafkaBus(broker.bootstrap, partitions=2, prefix=prefix)
+        await bus.start()
+        for b in batches[:2]:
+            for m in per_node(b):
+                await bus.publish(m)
+        await bus.publish(Message(Topic.GPU, poisoned, key="r01-n01"))
+        await bus.publish(Message(Topic.ALERTS, ns_alert, key=ns_alert.column("fingerprint")[0].as_py()))
+        for b in batches[3:]:
+            for m in per_node(b):
+                await bus.publish(m)
+        await bus.flush()
+        await bus.close()
+    asyncio.run(produce())
+    expected = sum(b.num_rows for b in batches) - 1
+    data = tmp_path / "data"
+    for attempt in range(2):  # the second start reads nothing new: the first committed past the poison
+        procs = {role: start_role(role, broker, tmp_path, env) for role in ("archive", "notify")}
+        wait_for(lambda: all("fleetwatch running" in p.log_path.read_text() for p in procs.values()), timeout=120)
+        if attempt == 0:
+            wait_for(lambda: archived(data, "gpu_samples").num_rows == expected
+                     and archived(data, "alerts").num_rows == 1 and cfg_lines(data / "alerts.jsonl"), timeout=120)
+        stop_in_order(procs, [["archive", "notify"]])  # each exits 0
+    gpu = archived(data, "gpu_samples")
+    assert gpu.num_rows == expected and gpu.column("node").null_count == 0
+    [alert] = cfg_lines(data / "alerts.jsonl")
+    assert alert["annotations"]["summary"] == "injected" and alert["startsAt"].endswith("Z")
+    letters = asyncio.run(read_dead_letters(broker.bootstrap, f"{prefix}{DEAD_LETTER}"))
+    headers = [{k: v.decode(errors="replace") for k, v in r.headers} for r in letters]
+    assert [(h["fw-consumer-group"], h["fw-reason"], h["fw-source-topic"]) for h in headers] == [
+        ("archive", "null_field", f"{prefix}fleetwatch.gpu")]
+    rows = Decoder().decode(letters[0].value, letters[0].headers)
+    assert rows.num_rows == 1 and rows.column("node").null_count == 1

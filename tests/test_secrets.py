@@ -1,0 +1,129 @@
+"""Secrets stay secret: receiver URLs' credentials and tokens never show in the config
+output, logs, errors or dead letters; other FLEETWATCH_* variables are not configuration;
+URLs are checked strictly at start."""
+
+from __future__ import annotations
+
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.redact import redact_text, redact_url
+from pipeline.sinks.webhook import Client, Receiver
+from tests.conftest import REPO, fleetwatch
+
+PASSWORD, TOKEN, OTHER = "pw-Qz7-s3cr3t", "tok-Hk4-s3cr3t", "sig-Lm2-s3cr3t"
+
+
+def readme_receiver_example() -> str:
+    """The README's [[alerts.receivers]] example, as a user copies it."""
+    blocks = re.findall(r"```toml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    return next(b for b in blocks if "[[alerts.receivers]]" in b and "secret_env" in b)
+
+
+def test_the_readmes_receiver_example_starts_with_its_secret_in_the_environment(tmp_path):
+    example = readme_receiver_example()
+    var = re.search(r'secret_env = "([A-Z0-9_]+)"', example).group(1)
+    assert var.startswith("FLEETWATCH_")  # the name that clashed with the FLEETWATCH_* overrides
+    (tmp_path / "fw.toml").write_text(example)
+    r = fleetwatch("config", "--config", str(tmp_path / "fw.toml"), env={var: OTHER}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert '"secret_env": "' + var in r.stdout
+    assert OTHER not in r.stdout + r.stderr
+    r = fleetwatch("config", "--config", str(tmp_path / "fw.toml"), timeout=60)  # the secret not set
+    assert r.returncode == 2 and f"secret_env = '{var}': that environment variable is not set" in r.stderr
+
+
+def test_only_sections_keys_and_top_level_names_are_configuration():
+    cfg = load_config(env={"FLEETWATCH_ONCALL_SECRET": OTHER, "FLEETWATCH_HOME": "/x", "FLEETWATCH_ONCALL__TOKEN": "t",
+                           "FLEETWATCH_FLEET__RACKS": "2", "FLEETWATCH_DATA_DIR": "/srv/fw"})
+    assert cfg.fleet.racks == 2 and cfg.data_dir == "/srv/fw"
+    with pytest.raises(ConfigError, match=r"environment variable FLEETWATCH_FLEET__RACKZ: unknown key "
+                                          r"'fleet.rackz'; known keys of \[fleet\]: .*racks"):
+        load_config(env={"FLEETWATCH_FLEET__RACKZ": "2"})
+
+
+def test_redaction_masks_user_info_query_values_and_fragments():
+    url = f"https://hookuser:{PASSWORD}@hooks.example:8443/fw/x?token={TOKEN}&team=gpu#frag"
+    assert redact_url(url) == "https://***@hooks.example:8443/fw/x?token=***&team=***#***"
+    assert redact_url("http://[::1]:9/x?k=v") == "http://[::1]:9/x?k=***"
+    assert redact_url("http://[broken/x?k=v") == "http://***"
+    assert redact_url("https://hooks.example/plain") == "https://hooks.example/plain"
+    # An error quoting only the request target (http.client's InvalidURL does) loses the
+    # secret pieces of the URL it came from; URLs anywhere in a text are redacted.
+    said = f"InvalidURL: URL can't contain control characters. '/fw/x?token={TOKEN}&team=gpu' (found ' ')"
+    assert TOKEN not in redact_text(said, url) and PASSWORD not in redact_text(said, url)
+    assert redact_text(f"posting to {url} failed") == \
+        "posting to https://***@hooks.example:8443/fw/x?token=***&team=***#*** failed"
+
+
+def test_config_output_redacts_every_url(tmp_path):
+    (tmp_path / "fw.toml").write_text(f"""
+[alerts]
+webhooks = ["https://hooks.example/a?token={TOKEN}"]
+external_url = "https://fleetwatch.example/?auth={TOKEN}"
+[[alerts.receivers]]
+name = "oncall"
+url = "https://hookuser:{PASSWORD}@hooks.example:8443/fw/x?token={TOKEN}"
+""")
+    r = fleetwatch("config", "--config", str(tmp_path / "fw.toml"), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert PASSWORD not in r.stdout + r.stderr and TOKEN not in r.stdout + r.stderr
+    assert '"url": "https://***@hooks.example:8443/fw/x?token=***"' in r.stdout
+    assert '"https://hooks.example/a?token=***"' in r.stdout
+
+
+@pytest.mark.parametrize("url, what", [
+    (f"https://hooks.example/x?token={TOKEN[:4]} {TOKEN[4:]}", "a space"),
+    (f"https://hooks.example/x?token={TOKEN}\t", "a tab"),
+    (f"https://hooks.example/x\u00e9?token={TOKEN}", "a non-ASCII character"),
+    (f"https://hooks.example:99999/x?token={TOKEN}", "the port is not a number"),
+    (f"https://[hooks.example/x?token={TOKEN}", "not a valid URL"),
+], ids=["space", "tab", "non-ascii", "port", "bracket"])
+def test_a_bad_url_is_status_2_at_start_and_its_secrets_stay_out_of_the_message(tmp_path, url, what):
+    (tmp_path / "fw.toml").write_text(f'[[alerts.receivers]]\nname = "oncall"\nurl = "{url}"\n')
+    for command in (["config"], ["run", "--duration", "30", "--data-dir", "data"]):
+        r = fleetwatch(*command, "--config", str(tmp_path / "fw.toml"), cwd=tmp_path, timeout=60)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.startswith("fleetwatch: config error: alerts.receivers[0].url = ") and what in r.stderr
+        assert TOKEN[4:] not in r.stderr and TOKEN not in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "data").exists()
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """A receiver that refuses each request, quoting the URL it was sent (some do)."""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = f"no such hook: http://{self.headers['Host']}{self.path}".encode()
+        self.send_response(404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def echo():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_failure_reasons_for_logs_and_dead_letters_hold_no_secret(echo):
+    """What a failed try says (logged, and written to the dead letter) keeps the URL's secrets
+    out: a receiver's answer quoting the URL, and http.client refusing a URL it cannot send."""
+    url = f"http://hookuser:{PASSWORD}@{echo}/hook?token={TOKEN}"
+    answer = Client(Receiver("oncall", "webhook", url, redact_url(url)), 5).post(b"{}", "k1", 0)
+    assert not answer.ok and answer.permanent and "HTTP 404" in answer.reason
+    assert "/hook?token=***" in answer.reason and TOKEN not in answer.reason
+    spaced = f"http://{echo}/hook?token={TOKEN} x"  # a URL no start would accept, sent anyway
+    refused = Client(Receiver("oncall", "webhook", spaced, redact_url(spaced)), 5).post(b"{}", "k2", 0)
+    assert not refused.ok and "InvalidURL" in refused.reason and TOKEN not in refused.reason
