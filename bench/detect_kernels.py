@@ -220,7 +220,7 @@ def main() -> None:
     cold, warm = compile_times()
     numba_rate, numpy_rate = values / numba_s, values / numpy_s
     def state_bytes(*dets) -> int:
-        return sum(getattr(d.s, f).itemsize for d in dets for f in d.s.fields)
+        return sum(getattr(d.arrays, f).itemsize for d in dets for f in d.arrays.fields)
     state, robust_state = state_bytes(ewma, cus), state_bytes(rob)
     print(f"{args.series:,} series x {args.ticks} ticks = {values:,} finite values; one thread; "
           f"EWMA z-score + CUSUM per value")

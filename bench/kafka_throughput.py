@@ -42,12 +42,14 @@ from pipeline.bus import EndOfStream, MemoryBus, Message, Topic  # noqa: E402
 from pipeline.bus.batching import coalesce, split_by  # noqa: E402
 from pipeline.bus.kafka import KafkaBus  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.daemon import DETECT_TOPICS, SOURCE_TOPICS, RunSummary, detect_role, simulate_role  # noqa: E402
+from pipeline.bus import keys  # noqa: E402
+from pipeline.roles import DETECT_TOPICS, SOURCE_TOPICS  # noqa: E402
+from pipeline.roles.detect import detect_role  # noqa: E402
 from pipeline.detect.checkpoint import Checkpointer  # noqa: E402
 from pipeline.detect.engine import Engine  # noqa: E402
 from pipeline.model import GPU_METRICS  # noqa: E402
 from pipeline.sinks.parquet import ArchiveWriter  # noqa: E402
-from pipeline.sources.simulate import FleetSimulator  # noqa: E402
+from pipeline.sources.simulate import FleetSimulator, SimulatorSource  # noqa: E402
 
 VALUES = len(GPU_METRICS)
 
@@ -121,10 +123,12 @@ class TimedPublisher:
         self.bus, self.keyed = bus, bus.keyed
         self.published_at: dict[int, float] = {}  # sample time (ns) -> wall clock
 
-    async def publish(self, message: Message) -> None:
-        if message.topic == Topic.GPU:
-            self.published_at.setdefault(ns(message.value.column("ts"))[0], time.time())
-        await self.bus.publish(message)
+    async def emit(self, topic: Topic, batch: pa.RecordBatch) -> None:
+        """What the source hands its batches to (sources/base.py), keyed as the daemon keys them."""
+        for message in keys.messages(topic, batch, self.keyed):
+            if message.topic == Topic.GPU:
+                self.published_at.setdefault(ns(message.value.column("ts"))[0], time.time())
+            await self.bus.publish(message)
 
 
 async def live(make_bus, racks: int, seconds: float, speed: float, commit_s: float) -> dict[str, float]:
@@ -140,7 +144,7 @@ async def live(make_bus, racks: int, seconds: float, speed: float, commit_s: flo
     detect_topics = [Topic.GPU, Topic.FACILITY, Topic.EVENTS]
     sub = bus.subscribe(detect_topics, "detect", transactional=True) if kafka else bus.subscribe(detect_topics, "detect")
     alerts_sub = bus.subscribe([Topic.ALERTS], "bench-alerts")
-    timed, stop, summary = TimedPublisher(bus), asyncio.Event(), RunSummary(0, 0.0, 0, {})
+    timed, stop = TimedPublisher(bus), asyncio.Event()
     latencies, lags = [], []
 
     async def read_alerts() -> None:
@@ -166,9 +170,8 @@ async def live(make_bus, racks: int, seconds: float, speed: float, commit_s: flo
                 lags.append(sub.queue.qsize())
 
     checkpoint = Checkpointer(engine, 6) if kafka else None
-    tasks = [asyncio.create_task(simulate_role(timed, FleetSimulator(cfg.fleet, start=datetime(2026, 1, 1,
-                                                                                            tzinfo=timezone.utc)),
-                                               stop, speed, summary, None)),
+    source = SimulatorSource(FleetSimulator(cfg.fleet, start=datetime(2026, 1, 1, tzinfo=timezone.utc)), speed)
+    tasks = [asyncio.create_task(source.run(timed.emit, stop)),
              asyncio.create_task(detect_role(bus, engine, sub, commit_s, checkpoint)),
              asyncio.create_task(read_alerts()), asyncio.create_task(sample_lag())]
     await asyncio.sleep(seconds)
@@ -180,7 +183,7 @@ async def live(make_bus, racks: int, seconds: float, speed: float, commit_s: flo
     await asyncio.gather(*tasks[2:])
     await bus.close()
     lat = np.array(latencies) * 1000
-    return {"samples/s": summary.gpu_samples_published / seconds, "alerts": len(lat),
+    return {"samples/s": source.stats()["gpu_samples"] / seconds, "alerts": len(lat),
             "p50 ms": float(np.percentile(lat, 50)) if lat.size else float("nan"),
             "p99 ms": float(np.percentile(lat, 99)) if lat.size else float("nan"),
             "lag p50": float(np.percentile(lags, 50)), "lag max": float(max(lags))}

@@ -31,19 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", metavar="FILE", help="TOML config file (see README, Configuration)")
+        sp.add_argument("--config", metavar="FILE", help="TOML config file (see docs/configuration.md)")
         sp.add_argument("--seed", type=int, metavar="N", help="simulator seed (fleet.seed)")
         sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="daemon.log_level")
 
-    role_help = {
-        "run": "run the daemon, every role (embedded default: simulated fleet, in-process bus)",
-        "simulate": "run only the fleet simulator, producing to Kafka",
-        "agent": "run only the NVML agent of this node's GPUs, producing to Kafka",
-        "facility": "run only the MQTT facility collector (a BMS topic tree), producing to Kafka",
-        "detect": "run only detection, consuming from and producing to Kafka (consumer group 'detect')",
-        "archive": "run only the Parquet archive, consuming from Kafka (consumer group 'archive')",
-        "notify": "run only alert delivery, consuming from Kafka (consumer group 'notify')",
-    }
+    from pipeline.roles import ROLE_TABLE
+    role_help = {"run": "run the daemon, every role (embedded default: simulated fleet, in-process bus)"}
+    role_help.update((spec.name, spec.help) for spec in ROLE_TABLE)
+    options = {spec.name: spec.options for spec in ROLE_TABLE}
+    options["run"] = tuple(dict.fromkeys(o for spec in ROLE_TABLE for o in spec.options))
     for name, text in role_help.items():
         run = sub.add_parser(name, help=text)
         common(run)
@@ -53,16 +49,16 @@ def _parser() -> argparse.ArgumentParser:
                          help="simulated seconds per second; 0 = flat out (fleet.speed)")
         run.add_argument("--kafka", metavar="BOOTSTRAP",
                          help="Kafka at host:port between the roles (kafka.bootstrap); required but for `run`")
-        if name in ("run", "simulate", "facility"):
+        if "mqtt" in options[name]:
             run.add_argument("--mqtt", metavar="HOST:PORT",
                              help="the BMS's MQTT broker (mqtt.broker): the simulator publishes its facility data "
                                   "there, the facility collector reads it")
-        if name in ("run", "agent"):
+        if "replay" in options[name]:
             run.add_argument("--replay", metavar="DIR",
                              help="replay recorded NVML data instead of the GPUs (agent.replay): h100, the "
                                   "shipped recording of a real H100, or a directory of the same files")
         if name == "run":
-            run.add_argument("--source", choices=("simulate", "nvml"),
+            run.add_argument("--source", choices=tuple(spec.run_source for spec in ROLE_TABLE if spec.run_source),
                              help="simulated fleet (default) or this node's GPUs through NVML (daemon.source)")
 
     ev = sub.add_parser("eval", help="score the detectors against injected faults, faster than real time")
@@ -79,10 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     cf = sub.add_parser("config", help="check the configuration as `run` does and print it (URLs redacted), or "
                                        "the reference of every key")
     cf.add_argument("--config", metavar="FILE")
-    cf.add_argument("--reference", action="store_true", help="the Markdown table of every key (README)")
+    cf.add_argument("--reference", action="store_true", help="the Markdown table of every key (docs/configuration.md)")
 
     def data_dir(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--config", metavar="FILE", help="TOML config file (see README, Configuration)")
+        sp.add_argument("--config", metavar="FILE", help="TOML config file (see docs/configuration.md)")
         sp.add_argument("--data-dir", metavar="DIR", help="the daemon's data_dir")
 
     si = sub.add_parser("silence", help="mute matching alerts for a while (add, list, expire)")
@@ -162,7 +158,8 @@ def _output_file(flag: str, path: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.daemon import run_daemon, run_roles
+    from pipeline.daemon import run_daemon
+    from pipeline.roles import run_roles
     from pipeline.preflight import validate
     cfg = load_config(args.config, overrides=_overrides(args))
     roles = run_roles(cfg) if args.command == "run" else frozenset([args.command])
@@ -232,8 +229,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         return 0
     import dataclasses
 
-    from pipeline.daemon import run_roles
     from pipeline.preflight import validate
+    from pipeline.roles import run_roles
     cfg = load_config(args.config)
     validate(cfg, run_roles(cfg))  # what `fleetwatch run` would refuse, this refuses too
     print(json.dumps(_redacted(dataclasses.asdict(cfg)), indent=2))

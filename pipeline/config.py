@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.detect.catalog import inhibit_rules as catalog_inhibit_rules
 from pipeline.faults import FAULT_TYPES
+from pipeline.sinks.receivers import RECEIVER_KINDS
 
 ENV_PREFIX = "FLEETWATCH_"
 
@@ -118,8 +121,8 @@ class ReceiverConfig:
     """One place alerts go (`[[alerts.receivers]]` in the TOML file)."""
     name: str = _spec("", doc="unique name: [a-z0-9_-]+; its outbox is <data_dir>/outbox/<name>")
     url: str = _spec("", doc="http(s) URL: a webhook, or an Alertmanager's base URL (kind alertmanager)")
-    kind: str = _spec("webhook", choices=("webhook", "alertmanager"),
-                      doc="webhook: grouped Alertmanager v4 webhook payloads; alertmanager: POST /api/v2/alerts")
+    kind: str = _spec("webhook", choices=tuple(RECEIVER_KINDS),
+                      doc="; ".join(f"{kind}: {what}" for kind, (_, what) in RECEIVER_KINDS.items()))
     secret_env: str = _spec("", doc="environment variable holding the HMAC-SHA256 signing secret")
     secret_file: str = _spec("", doc="file holding the signing secret (used when secret_env is empty)")
     tls_verify: bool = _spec(True, doc="verify the receiver's TLS certificate")
@@ -135,12 +138,10 @@ class InhibitRule:
     equal: list[str] = _spec(["site", "rack"], doc="labels both must share")
 
 
-DEFAULT_INHIBIT_RULES = [
-    InhibitRule(source="CoolantFlowLoss|CoolantLeak|RackThermalAnomaly",
-                target="GpuOverTemperature|GpuThermalRunaway|GpuThermalDrift|GpuHwSlowdown|NodeThermalAnomaly",
-                equal=["site", "rack"]),
-    InhibitRule(source="NodeNotReporting", target="GpuNotReporting", equal=["site", "rack", "node"]),
-]
+# From the alert catalog (AlertSpec.inhibits): rack cooling alerts mute the thermal alerts of
+# their rack, a silent node mutes its silent GPUs.
+DEFAULT_INHIBIT_RULES = [InhibitRule(source=source, target=target, equal=equal)
+                         for source, target, equal in catalog_inhibit_rules()]
 
 
 @dataclass(frozen=True)
@@ -260,12 +261,18 @@ class Config:
         return Path(self.data_dir) / "deadletter" / "mqtt.jsonl"
 
 
+_HOST = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]")  # a name, an IPv4 or a bracketed IPv6 address
+
+
 def host_port(key: str, value: str, default_port: int) -> tuple[str, int]:
-    """`host[:port]` of an address setting, or ConfigError naming the key."""
-    host, _, port = value.rpartition(":") if ":" in value else (value, "", str(default_port))
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"config error: {key} = {value!r}: expected HOST:PORT, e.g. bms.example:{default_port}")
-    return host, int(port)
+    """`host[:port]` of an address setting, or ConfigError naming the key. Strict: no
+    scheme, no user info, no space (a retry loop on a typo would hide it)."""
+    host, _, port = value.rpartition(":") if ":" in value and not value.endswith("]") else (value, "", str(default_port))
+    if not _HOST.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
+        shown = f"***@{value.rpartition('@')[2]}" if "@" in value else value  # user info may hold a password
+        raise ConfigError(f"config error: {key} = {shown!r}: expected HOST:PORT (no scheme, user or spaces), "
+                          f"e.g. bms.example:{default_port}")
+    return host.strip("[]"), int(port)
 
 
 def _coerce(where: str, raw: Any, typ: Any, meta: Mapping[str, Any], from_text: bool) -> Any:
@@ -418,7 +425,7 @@ def _in(tree: Mapping[str, Any], dotted: str) -> bool:
 
 
 def reference() -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, doc) for every setting: the README's config table comes from here."""
+    """(key, type, default, doc) for every setting: docs/configuration.md's table comes from here."""
     rows = []
 
     def walk(cls: type, prefix: str) -> None:

@@ -8,6 +8,7 @@ so consumers turn a message into numpy arrays without per-value Python work.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 from dataclasses import dataclass, field
@@ -58,6 +59,32 @@ GPU_SAMPLE = _schema("gpu_sample", 2, [
     _f("nvlink_crc_errors_total", pa.int64(), "NVLink CRC flit errors, all links (cumulative)"),
     _f("slowdown_temp_c", pa.float64(), "the GPU's own HW slowdown temperature threshold (NVML), C"),
 ], "one row per GPU per scrape (v2: slowdown_temp_c added)")
+
+
+class ClockEventReason(enum.IntFlag):
+    """The bits of `clock_event_reasons`: NVML's nvmlClocksEventReason* (formerly
+    ClocksThrottleReason*), why the GPU's clocks are below what they could be."""
+    GPU_IDLE = 0x1
+    APPLICATIONS_CLOCKS_SETTING = 0x2
+    SW_POWER_CAP = 0x4
+    HW_SLOWDOWN = 0x8
+    SYNC_BOOST = 0x10
+    SW_THERMAL_SLOWDOWN = 0x20
+    HW_THERMAL_SLOWDOWN = 0x40
+    HW_POWER_BRAKE_SLOWDOWN = 0x80
+    DISPLAY_CLOCK_SETTING = 0x100
+
+
+# Clocks forced down by hardware or a thermal limit (DCGM's clocks-event semantics), and
+# the words for each bit in alert evidence.
+FORCED_SLOWDOWN = (ClockEventReason.HW_SLOWDOWN | ClockEventReason.SW_THERMAL_SLOWDOWN
+                   | ClockEventReason.HW_THERMAL_SLOWDOWN)
+HW_SLOWDOWN_ANY = FORCED_SLOWDOWN | ClockEventReason.HW_POWER_BRAKE_SLOWDOWN  # any of them, or the power brake
+CLOCK_EVENT_TEXT = {ClockEventReason.HW_SLOWDOWN: "HW slowdown",
+                    ClockEventReason.SW_THERMAL_SLOWDOWN: "SW thermal slowdown",
+                    ClockEventReason.HW_THERMAL_SLOWDOWN: "HW thermal slowdown"}
+
+COOLANT_CP_J_PER_KG_K = 4186.0  # heat capacity of the (water) coolant; a litre is ~1 kg
 
 GPU_METRICS: tuple[str, ...] = tuple(f.name for f in GPU_SAMPLE)[6:]
 
@@ -221,19 +248,33 @@ class Alert:
         return self.labels["alertname"]
 
     def to_json(self) -> dict[str, Any]:
-        """Alertmanager's webhook alert object, plus score and evidence."""
-        return {
-            "status": self.status,
-            "labels": self.labels,
-            "annotations": self.annotations,
-            "startsAt": iso_utc(self.starts_at),
-            "endsAt": iso_utc(self.ends_at) if self.ends_at else "0001-01-01T00:00:00Z",
-            "generatorURL": "",
-            "fingerprint": self.fingerprint,
-            "detector": self.detector,
-            "score": self.score,
-            "evidence": self.evidence,
-        }
+        """Alertmanager's webhook alert object, plus score and evidence (alert_json)."""
+        return alert_json(self.status, self.labels, self.annotations, self.starts_at, self.ends_at,
+                          self.fingerprint, self.detector, self.score, self.evidence)
+
+
+NO_END = "0001-01-01T00:00:00Z"  # Alertmanager's endsAt of an alert that has not ended
+
+
+def alert_json(status: str, labels: dict[str, str], annotations: dict[str, str], starts_at: datetime,
+               ends_at: datetime | None, fingerprint: str, detector: str, score: float,
+               evidence: dict[str, Any]) -> dict[str, Any]:
+    """The one Alert-to-JSON form: Alertmanager's webhook alert object plus Fleetwatch's
+    detector, score and evidence. What alerts.jsonl, the console and every receiver get
+    (webhook payloads add generatorURL; Alertmanager pushes take their postableAlert
+    from it), from an Alert (Alert.to_json) or a row of the `alert` schema (alert_rows)."""
+    return {
+        "status": status,
+        "labels": labels,
+        "annotations": annotations,
+        "startsAt": iso_utc(starts_at),
+        "endsAt": iso_utc(ends_at) if ends_at else NO_END,
+        "generatorURL": "",
+        "fingerprint": fingerprint,
+        "detector": detector,
+        "score": score,
+        "evidence": evidence,
+    }
 
 
 def parse_iso_utc(text: str) -> float:
@@ -277,18 +318,11 @@ def alert_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
                                         if pa.types.is_timestamp(c.type) else c for c in batch.columns],
                                        names=batch.schema.names)
     for r in batch.to_pylist():
-        out.append({
-            "status": r["status"],
-            "labels": json.loads(r["labels_json"]),
-            "annotations": {k: r[k] for k in ("summary", "description", "runbook_url") if r[k] is not None},
-            "startsAt": iso_utc(r["starts_at"]),
-            "endsAt": iso_utc(r["ends_at"]) if r["ends_at"] else "0001-01-01T00:00:00Z",
-            "generatorURL": "",
-            "fingerprint": r["fingerprint"],
-            "detector": r["detector"],
-            "score": r["score"],
-            "evidence": json.loads(r["evidence_json"]) if r["evidence_json"] is not None else {},
-        })
+        out.append(alert_json(
+            r["status"], json.loads(r["labels_json"]),
+            {k: r[k] for k in ("summary", "description", "runbook_url") if r[k] is not None},
+            r["starts_at"], r["ends_at"], r["fingerprint"], r["detector"], r["score"],
+            json.loads(r["evidence_json"]) if r["evidence_json"] is not None else {}))
     return out
 
 

@@ -13,7 +13,8 @@ import re
 from urllib.parse import unquote, urlsplit
 
 MASK = "***"
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>`]+")
+# Up to the next white space: a quote, < or > may be part of a password or a query value.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
 _MIN_SECRET = 3  # shorter pieces of a URL are masked inside the URL, but not hunted for in free text
 
 
@@ -55,11 +56,22 @@ def redact_text(text: str, *urls: str) -> str:
     shows (an error may quote part of a URL: http.client's InvalidURL quotes the request
     target with its query)."""
     if "://" in text:
-        text = _URL.sub(lambda m: redact_url(m.group(0)), text)
+        text = _URL.sub(_redact_match, text)
     for url in urls:
         for secret in _secrets_of(url):
             text = text.replace(secret, MASK)
     return text
+
+
+def _redact_match(m: re.Match) -> str:
+    """A URL found in a text runs to the next white space; punctuation that closes the
+    sentence or a quote around it (`'URL':`) is given back after the redaction."""
+    url = m.group(0)
+    tail = len(url) - len(url.rstrip(_CLOSING))
+    return redact_url(url[:len(url) - tail]) + url[len(url) - tail:] if tail else redact_url(url)
+
+
+_CLOSING = "'\")]}>.,;:!?"
 
 
 class RedactingFormatter(logging.Formatter):

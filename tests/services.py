@@ -132,7 +132,9 @@ class KafkaBroker(Service):
             "auto.create.topics.enable=false",
         ]) + "\n")
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-        self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config), check=True)
+        # "=": an id that starts with "-" (1 in 64) would otherwise be read as an option: a flaky start.
+        self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(self.config),
+                   check=True)
 
     def _java(self, main: str, *args: str, check: bool = False) -> subprocess.CompletedProcess:
         return subprocess.run(self._java_command(main, *args), check=check, capture_output=True)

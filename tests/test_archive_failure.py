@@ -187,8 +187,15 @@ def test_full_disk_in_process_alerts_keep_flowing_and_drops_are_counted(tmp_path
                              r"dropped in this outage", proc.log_path.read_text())
             # A second outage of another kind: .staging is in the way (a file), then cleared.
             staging = data / "archive" / ".staging"
-            shutil.rmtree(staging)
-            staging.write_text("not a folder")
+
+            def block_staging() -> bool:  # the writer may create it again between the two steps: retry
+                shutil.rmtree(staging, ignore_errors=True)
+                try:
+                    staging.write_text("not a folder")
+                    return True
+                except IsADirectoryError:
+                    return False
+            wait_for(block_staging, timeout=60)
             wait_for(lambda: len(webhook_alerts(receiver, ALERT, "firing")) >= 2, timeout=60)
             staging.unlink()
             wait_for(lambda: len(webhook_alerts(receiver, ALERT, "resolved")) >= 2, timeout=60)

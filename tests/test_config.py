@@ -68,7 +68,8 @@ def test_cli_exits_2_on_missing_file_and_bad_webhook(tmp_path):
 def test_readme_config_reference_matches_code():
     from tests.conftest import REPO
     table = fleetwatch("config", "--reference").stdout.strip()
-    assert table in (REPO / "README.md").read_text(), "README's config table is stale: run scripts/update-readme-config"
+    assert table in (REPO / "docs" / "configuration.md").read_text(), \
+        "docs/configuration.md's table of every key is stale: run scripts/update-docs"
 
 
 def test_docker_compose_parses_and_sets_only_keys_the_code_reads():

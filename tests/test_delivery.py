@@ -184,6 +184,28 @@ def test_a_400_is_dead_lettered_at_once_and_delivery_goes_on(tmp_path, http):
     assert dead[0]["attempts"] == 1 and delivery.stats.retried == 0 and delivery.stats.dead_lettered == 1
 
 
+def test_dead_letters_redact_the_urls_in_their_payload(tmp_path, http):
+    """A payload carries externalURL and generatorURL (alerts.external_url may hold a token);
+    the dead-letter file is read by people: its URLs are redacted."""
+    recv = http().start()
+    recv.status = lambda body: 400
+    outbox = Outbox(tmp_path / "outbox" / "hook")
+    token = "tok-SECRET-4242"
+    [record] = outbox.append([{"externalURL": f"https://fw.example/?auth={token}",
+                               "alerts": [{"generatorURL": f"https://fw.example/a?auth={token}"}]}], time.time())
+    delivery = Delivery(receiver_of(recv.url), outbox, tmp_path / "deadletter" / "alerts-hook.jsonl", FAST_RETRY)
+
+    async def go():
+        async with delivering(delivery):
+            await until(lambda: delivery.outbox.pending == 0)
+    asyncio.run(go())
+    text = delivery.dead_letters.read_text()
+    assert token not in text and delivery.stats.dead_lettered == 1
+    [dead] = [json.loads(x) for x in text.splitlines()]
+    assert dead["id"] == record.id and dead["payload"]["externalURL"] == "https://fw.example/?auth=***"
+    assert dead["payload"]["alerts"][0]["generatorURL"] == "https://fw.example/a?auth=***"
+
+
 def test_past_max_age_records_are_dead_lettered_counted_and_logged_once(tmp_path, http, caplog):
     caplog.set_level(logging.INFO, logger="pipeline.sinks.notify")
     recv = http()  # down

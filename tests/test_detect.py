@@ -11,7 +11,10 @@ import pytest
 
 from pipeline.bus import Message, Topic
 from pipeline.detect.engine import Engine
+from pipeline.detect.families.counters import Counters
+from pipeline.detect.families.drift import Drift
 from pipeline.faults import FAULTS_BY_NAME
+from pipeline.model import ClockEventReason
 from pipeline.sources.simulate import FleetSimulator
 from tests.conftest import make_config
 
@@ -143,8 +146,9 @@ def test_bad_values_are_counted_skipped_and_never_reach_state():
 
     h.run(60, mutate=poison)
     assert h.engine.stats.invalid_values == {"power_w": 120, "gpu_temp_c": 60}
-    assert np.isfinite(h.engine.drift.s.mean[:h.engine.g_count]).all()
-    assert np.isfinite(h.engine.power_flat.s.last_value[:h.engine.g_count]).all()
+    n_gpus = h.engine.inventory.gpu_count
+    assert np.isfinite(h.engine.family(Drift).drift.arrays.mean[:n_gpus]).all()
+    assert np.isfinite(h.engine.family(Counters).power_flat.arrays.last_value[:n_gpus]).all()
     assert h.fired() == []
     assert h.engine.stats.gpu_samples == 180 * 64  # the other rows of those batches were processed
 
@@ -171,11 +175,12 @@ def test_gpus_and_nodes_that_join_later_get_their_own_identity():
     import pyarrow.compute as pc
     h.engine.process(Message(Topic.GPU, first.filter(pc.not_equal(first.column("node"), late_node))))
     h.engine.process(Message(Topic.GPU, h.sim.step().gpu))
-    for slot in range(h.engine.g_count):
-        uuid = h.engine.gpus.keys[slot].as_py()
+    inv = h.engine.inventory
+    for slot in range(inv.gpu_count):
+        uuid = inv.gpu_ids.keys[slot].as_py()
         g = h.sim.gpu_uuids.index(uuid)
-        assert h.engine.node_names[h.engine.g.node[slot]] == h.sim.node_names[h.sim.gpu_node[g]]
-        assert h.engine.g.index[slot] == h.sim.gpu_index[g]
+        assert h.engine.node_names[inv.gpu.node[slot]] == h.sim.node_names[h.sim.gpu_node[g]]
+        assert inv.gpu.index[slot] == h.sim.gpu_index[g]
     assert h.engine.node_identity(h.engine.node_names.index(late_node)).rack == h.sim.rack_names[-1]
 
 
@@ -284,10 +289,11 @@ def test_a_forced_slowdown_alerts_unless_another_alert_explains_it():
         return mutate
     h = Harness(seed=17)
     h.run(120)
-    h.run(10, force(0x40 | 0x8))
+    thermal = int(ClockEventReason.HW_THERMAL_SLOWDOWN | ClockEventReason.HW_SLOWDOWN)  # 0x48
+    h.run(10, force(thermal))
     [a] = h.fired()
     assert a.alertname == "GpuHwSlowdown" and a.labels["gpu"] == "2" and a.labels["node"] == h.sim.node_names[3]
-    assert a.evidence["what"] == "HW slowdown, HW thermal slowdown" and int(a.evidence["reasons"], 16) & 0x48 == 0x48
+    assert a.evidence["what"] == "HW slowdown, HW thermal slowdown" and int(a.evidence["reasons"], 16) & thermal == thermal
     h2 = Harness(seed=17)
     h2.run(120)
     h2.sim.inject("hw_power_brake", node=3, duration_s=120)

@@ -65,7 +65,7 @@ def test_ewma_zscore_matches_reference(b):
     rz, rbase = ref_ewma(values, slots, ts, 30.0, 4.0, 3, 5, 1e-3, 1e-6)
     np.testing.assert_allclose(z, rz, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(base, rbase, rtol=1e-9, atol=1e-9)
-    assert np.isfinite(det.s.mean).all() and np.isfinite(det.s.var).all() and (det.s.var >= 0).all()
+    assert np.isfinite(det.arrays.mean).all() and np.isfinite(det.arrays.var).all() and (det.arrays.var >= 0).all()
 
 
 def ref_robust(values, slots, ts, halflife, warmup, sd_rel, sd_abs):
@@ -104,7 +104,7 @@ def test_robust_zscore_matches_reference(b, split):
     k = int(split * values.size)  # two batches: the state carries over
     z = np.r_[det.update(values[:k], slots[:k], ts[:k]).copy(), det.update(values[k:], slots[k:], ts[k:])]
     np.testing.assert_allclose(z, ref_robust(values, slots, ts, 30.0, 3, 1e-3, 1e-6), rtol=1e-9, atol=1e-9)
-    assert np.isfinite(det.s.med).all() and (det.s.mad >= 0).all()
+    assert np.isfinite(det.arrays.med).all() and (det.arrays.mad >= 0).all()
 
 
 def interleaved(x):
@@ -121,7 +121,7 @@ def test_robust_scale_ignores_spikes_that_inflate_the_variance():
     robust, plain = RobustZ(20.0, 20), EwmaZ(20.0, np.inf, 20, 10**9)  # plain: EW variance, no outlier gate
     robust.update(*interleaved(x))
     plain.update(*interleaved(x))
-    scale, sd = 1.4826 * robust.s.mad[:200], np.sqrt(plain.s.var[:200])
+    scale, sd = 1.4826 * robust.arrays.mad[:200], np.sqrt(plain.arrays.var[:200])
     assert abs(np.median(scale) - 1.0) < 0.1
     assert np.mean((scale > 0.7) & (scale < 1.4)) > 0.9
     assert np.median(sd) > 3.0

@@ -29,6 +29,7 @@ from pipeline.bus import Message, Topic
 from pipeline.daemon import resume_embedded
 from pipeline.detect.checkpoint import Checkpointer, CheckpointUnreadable, LocalCheckpoint, reconcile
 from pipeline.detect.engine import Engine
+from pipeline.detect.families.staleness import Staleness
 from pipeline.model import fingerprint
 from pipeline.sources.simulate import FleetSimulator
 from tests.conftest import make_config
@@ -96,6 +97,10 @@ def chain(*mutations):
     return mutate
 
 
+def gpu_intervals(engine: Engine) -> np.ndarray:
+    return engine.family(Staleness).gpu.interval[:engine.inventory.gpu_count]
+
+
 def saved_uuids(directory: Path) -> set[str]:
     batch = LocalCheckpoint(Engine(make_config()), directory).load()
     return set(batch.filter(pc.equal(batch.column("scope"), "gpu")).column("gpu_uuid").to_pylist())
@@ -129,7 +134,7 @@ def test_a_restart_after_a_long_gap_raises_no_staleness_and_still_sees_a_gpu_go_
     assert fired(after) == [], [a.annotations["summary"] for a in fired(after)]
     # The downtime stretched no reporting interval: a GPU that goes silent now is missed
     # within a few samples, as before the restart.
-    assert np.nanmax(r.engine.g.interval[:r.engine.g_count]) < 1.5
+    assert np.nanmax(gpu_intervals(r.engine)) < 1.5
     silent_uuid = r.sim.gpu_uuids[13]
 
     def drop_gpu(topic, batch):
@@ -147,7 +152,7 @@ def test_without_resuming_the_gap_would_blind_staleness(tmp_path):
     r.engine = Engine(r.cfg)
     Checkpointer(r.engine, 1).restore(LocalCheckpoint(r.engine, tmp_path).load())  # no resume()
     r.run(5, shift_time(3600))
-    assert np.nanmax(r.engine.g.interval[:r.engine.g_count]) > 100
+    assert np.nanmax(gpu_intervals(r.engine)) > 100
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "other_schema", "wrong_column_type"])
@@ -177,7 +182,7 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_engine_starts_cold(tmp_pa
     assert "cannot be restored" in caplog.text and "starting cold" in caplog.text
     assert not path.exists()
     assert len(list(tmp_path.glob(f"{LocalCheckpoint.FILE}.unreadable-*"))) == 1
-    assert engine.g_count == 0 and engine.active_alerts() == []
+    assert engine.inventory.gpu_count == 0 and engine.active_alerts() == []
 
 
 def test_a_checkpoint_that_fails_half_way_is_set_aside_and_the_daemon_starts_with_a_fresh_engine(tmp_path, caplog):
@@ -196,7 +201,7 @@ def test_a_checkpoint_that_fails_half_way_is_set_aside_and_the_daemon_starts_wit
     half = Engine(cfg)
     with caplog.at_level(logging.WARNING):
         engine, fresh_local, resolve_now = resume_embedded(cfg, half)
-    assert engine is not half and engine.g_count == 0 and resolve_now == []
+    assert engine is not half and engine.inventory.gpu_count == 0 and resolve_now == []
     assert fresh_local.engine is engine
     assert "cannot be restored" in caplog.text
     assert list((tmp_path / "data" / "state").glob("*.unreadable-*"))
@@ -413,7 +418,7 @@ def test_a_corrupt_checkpoint_does_not_stop_the_daemon(tmp_path):
 @pytest.mark.slow
 def test_gpus_with_new_uuids_after_a_restart_are_replacements(tmp_path):
     """A restart whose GPUs all report under new UUIDs (here: another simulator seed) sees
-    replacements: one gpu_replaced event per GPU in the archive, no GpuNotReporting, and
+    replacements: one gpu_replaced event per GPU in the archive, no GpuNotStaleness, and
     only the new UUIDs in the checkpoint."""
     data = tmp_path / "data"
     p = start(tmp_path, QUIET)
@@ -462,4 +467,4 @@ def test_two_uuids_reporting_as_one_gpu_at_once_are_no_replacement():
         return pa.Table.from_batches([batch, row.set_column(i, row.schema.field(i), pa.array([twin]))]) \
             .combine_chunks().to_batches()[0]
     assert fired(r.run(60, with_twin)) == []
-    assert r.events == [] and not r.engine.g.retired[:r.engine.g_count].any()
+    assert r.events == [] and not r.engine.inventory.gpu.retired[:r.engine.inventory.gpu_count].any()

@@ -19,8 +19,8 @@ PASSWORD, TOKEN, OTHER = "pw-Qz7-s3cr3t", "tok-Hk4-s3cr3t", "sig-Lm2-s3cr3t"
 
 
 def readme_receiver_example() -> str:
-    """The README's [[alerts.receivers]] example, as a user copies it."""
-    blocks = re.findall(r"```toml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    """The [[alerts.receivers]] example of docs/alerting.md (once the README's), as a user copies it."""
+    blocks = re.findall(r"```toml\n(.*?)```", (REPO / "docs" / "alerting.md").read_text(), re.S)
     return next(b for b in blocks if "[[alerts.receivers]]" in b and "secret_env" in b)
 
 
@@ -127,3 +127,24 @@ def test_failure_reasons_for_logs_and_dead_letters_hold_no_secret(echo):
     spaced = f"http://{echo}/hook?token={TOKEN} x"  # a URL no start would accept, sent anyway
     refused = Client(Receiver("oncall", "webhook", spaced, redact_url(spaced)), 5).post(b"{}", "k2", 0)
     assert not refused.ok and "InvalidURL" in refused.reason and TOKEN not in refused.reason
+
+
+@pytest.mark.parametrize("url", [f"https://bob:pa'ss{PASSWORD}@hooks.example/x",
+                                 f"https://hooks.example/x?token=ab'{TOKEN}", f"https://hooks.example/x?token=<{TOKEN}>"])
+def test_quotes_and_angle_brackets_in_a_secret_do_not_end_the_redaction(url):
+    """A quote or < > is legal in a password or a query value: the URL runs to white space."""
+    for text in (url, f"posting to {url} failed", repr(url)):
+        assert PASSWORD not in redact_text(text) and TOKEN not in redact_text(text), redact_text(text)
+    r = fleetwatch("config", env={"FLEETWATCH_ALERTS__WEBHOOKS": url}, timeout=60)
+    assert r.returncode == 0 and PASSWORD not in r.stdout and TOKEN not in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--mqtt", "bms example:1883"),
+                                         ("--mqtt", f"mqtt://u:{PASSWORD}@bms.invalid:1883"),
+                                         ("--kafka", f"user:{PASSWORD}@broker:9092")])
+def test_a_broker_address_is_host_port_and_nothing_else(tmp_path, flag, value):
+    """No scheme, no user info, no space: status 2 at once (not a connect-and-retry loop),
+    and a password in the value stays out of the message."""
+    r = fleetwatch("run", flag, value, "--duration", "30", "--data-dir", "data", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "expected HOST:PORT" in r.stderr, r.stderr[-2000:]
+    assert PASSWORD not in r.stderr and "Traceback" not in r.stderr

@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 import polars as pl
 import pytest
 
-from pipeline.sources.simulate import (CP_WATER, LIQUID_FRACTION, REASON_IDLE, REASON_SW_POWER_CAP,
-                                       FleetSimulator)
+from pipeline.model import COOLANT_CP_J_PER_KG_K, ClockEventReason
+from pipeline.sources.simulate import LIQUID_FRACTION, FleetSimulator
 from tests.conftest import H100, make_config
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -39,11 +39,11 @@ def test_same_seed_same_fleet_and_different_seed_differs():
 def test_idle_and_busy_gpus_look_like_the_recorded_h100():
     gpu, _ = sim_frames(FleetSimulator(quiet(seed=1), start=START), 120)
     idle = gpu.filter(pl.col("util_gpu") == 0)
-    busy = gpu.filter((pl.col("clock_event_reasons") & REASON_SW_POWER_CAP) != 0)
+    busy = gpu.filter((pl.col("clock_event_reasons") & int(ClockEventReason.SW_POWER_CAP)) != 0)
     assert idle.height > 100 and busy.height > 100
     # Recorded idle: ~71 W, reason 0x1 (GPU idle).
     assert 69 < idle["power_w"].mean() < 73
-    assert (idle["clock_event_reasons"] == REASON_IDLE).all()
+    assert (idle["clock_event_reasons"] == int(ClockEventReason.GPU_IDLE)).all()
     # Recorded load: pinned just under 700 W, reason 0x4, SM ~1380-1395 MHz.
     assert 693 < busy["power_w"].mean() <= 700 and busy["power_w"].max() <= 700
     assert 1350 <= busy["sm_clock_mhz"].mean() <= 1410
@@ -83,7 +83,7 @@ def test_coolant_carries_the_rack_heat_and_site_pue_above_one():
     for rack in sim.rack_names:
         flow_kg_s = point[(f"cdu-{rack}", "flow_lpm")] / 60.0
         delta_t = point[(f"cdu-{rack}", "return_temp_c")] - point[(f"cdu-{rack}", "supply_temp_c")]
-        heat_removed = flow_kg_s * CP_WATER * delta_t
+        heat_removed = flow_kg_s * COOLANT_CP_J_PER_KG_K * delta_t
         it_power = point[(f"pdu-{rack}", "power_w")]
         # Return temperature lags load changes (tau 20 s), so allow some slack.
         assert heat_removed == pytest.approx(LIQUID_FRACTION * it_power, rel=0.1)

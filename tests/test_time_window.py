@@ -166,6 +166,22 @@ def test_dedupe_never_trusts_a_future_timestamp_inside_the_window(tmp_path):
     assert c.stats.duplicates == 1 and not c.stats.dead_letters
 
 
+def test_a_second_copy_of_a_reading_ahead_of_the_clock_is_a_duplicate(tmp_path):
+    c = collector(tmp_path)
+    read(c, T0_NS, T0_NS + 200 * 10**9, T0_NS + 200 * 10**9)
+    rows = c.take_batch().column("ts").cast(pa.int64()).to_pylist()
+    assert rows == [T0_NS, T0_NS + 200 * 10**9] and c.stats.duplicates == 1
+
+
+def test_without_a_limit_ahead_a_future_reading_still_hides_nothing(tmp_path):
+    """intake.max_ahead_s = 0: a reading a day ahead is taken, and so is every later one."""
+    c = collector(tmp_path, ahead=0)
+    later = [T0_NS + k * 10**9 for k in range(1, 4)]
+    read(c, T0_NS, T0_NS + DAY_NS, *later)
+    rows = c.take_batch().column("ts").cast(pa.int64()).to_pylist()
+    assert rows == [T0_NS, T0_NS + DAY_NS, *later] and c.stats.duplicates == 0
+
+
 @pytest.mark.mqtt
 def test_a_bms_clock_a_day_ahead_over_mosquitto(tmp_path):
     """Through a real broker: one reading of a point stamped a day ahead is dead-lettered,

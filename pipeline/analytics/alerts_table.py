@@ -14,10 +14,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline.model import ALERT, alert_rows, parse_iso_utc
+from pipeline.humanize import age
+from pipeline.model import ALERT, NO_END, alert_rows, parse_iso_utc
 
 SEVERITIES = ("critical", "warning", "info")
-_NO_END = "0001-01-01T00:00:00Z"
 
 
 @dataclass(frozen=True)
@@ -121,18 +121,6 @@ def where(labels: dict[str, str]) -> str:
     return "/".join(parts) or "-"
 
 
-def age(seconds: float) -> str:
-    """'45s', '12m', '3h20m', '2d4h'."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600}h"
-
-
 def table(listing: AlertListing, width: int | None = None) -> str:
     """The listing as an aligned text table (lines cut at `width`), then a line saying what was
     shown and from where."""
@@ -143,7 +131,7 @@ def table(listing: AlertListing, width: int | None = None) -> str:
     for a in listing.alerts:
         start = parse_iso_utc(a["startsAt"])
         since = f"{datetime.fromtimestamp(start, timezone.utc):%Y-%m-%d %H:%M:%S} ({age(listing.now - start)} ago"
-        if a["status"] == "resolved" and a.get("endsAt", _NO_END) != _NO_END:
+        if a["status"] == "resolved" and a.get("endsAt", NO_END) != NO_END:
             since += f", lasted {age(parse_iso_utc(a['endsAt']) - start)}"
         rows.append([a["status"], a["labels"].get("severity", "-"), a["labels"].get("alertname", "-"),
                      where(a["labels"]), since + ")", a.get("annotations", {}).get("summary", "")])

@@ -35,10 +35,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlreadyExistsError
-from aiokafka.partitioner import murmur2
 
 from pipeline.bus.base import EndOfStream, Message, Topic
 from pipeline.bus.codec import DecodeError, Decoder, encode
+from pipeline.bus.keys import partition_for  # noqa: F401  (the bus's keying decides partitions)
 from pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -109,11 +109,6 @@ def _back_off_metadata(client, backoff_s: float = 0.5) -> None:
             await asyncio.sleep(backoff_s)
         return ok
     client._metadata_update = with_backoff
-
-
-def partition_for(key: str, partitions: int) -> int:
-    """The partition Kafka's default partitioner (murmur2, as the Java client) gives a key."""
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 def bus_topic(wire_name: str, prefix: str) -> Topic:

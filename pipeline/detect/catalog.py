@@ -1,113 +1,332 @@
-"""Every alert Fleetwatch can raise: its severity, what it targets and how it reads.
+"""Every alert Fleetwatch can raise, the single source of truth about it: severity,
+scope, the detector that raises it, how many evaluations it takes to fire, what it
+explains (suppresses in the detector, inhibits in routing), the evidence its summary
+reads, and what it means.
 
-Each alertname has a runbook at runbooks/<alertname>.md (a test enforces it).
+Derived from it: the default `alerts.inhibit_rules` (config.DEFAULT_INHIBIT_RULES,
+via inhibit_rules() here), the runbook index table (runbooks/README.md) and the alert
+table of docs/detection.md (scripts/update-docs writes both; a test keeps them
+current). Each alertname has a runbook at runbooks/<alertname>.md (a test enforces it).
 Summaries are format strings over the alert's labels and evidence.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import string
 from dataclasses import dataclass
 
 from pipeline.resources import runbooks_dir
+
+SCOPES = ("gpu", "node", "rack", "site", "fleetwatch")
+# The labels that identify an alert's target, by scope (every alert also has alertname and severity).
+SCOPE_LABELS: dict[str, tuple[str, ...]] = {
+    "gpu": ("site", "rack", "node", "gpu"), "node": ("site", "rack", "node"), "rack": ("site", "rack"),
+    "site": ("site", "rack"),  # rack is empty: a site is its rack "" entry
+    "fleetwatch": ("site", "instance"),
+}
+# The labels an inhibiting alert and its targets must share: its scope's identity (a site
+# alert's empty rack is no identity).
+INHIBIT_EQUAL: dict[str, tuple[str, ...]] = {**SCOPE_LABELS, "site": ("site",)}
+# Breadth of a scope (inhibit rules of broader sources come first).
+_BREADTH = {"fleetwatch": 0, "site": 1, "rack": 2, "node": 3, "gpu": 4}
 
 
 @dataclass(frozen=True)
 class AlertSpec:
     name: str
     severity: str   # critical: act now; warning: act today
-    scope: str      # gpu, node or rack: which labels identify it; fleetwatch: raised by Fleetwatch about itself
+    scope: str      # gpu, node, rack or site: which labels identify it (SCOPE_LABELS); fleetwatch: raised by
+                    # Fleetwatch about itself
     summary: str    # format string over labels and evidence
     action: str     # the first thing to do, repeated in the description
+    detector: str = ""   # the alert's `detector` field (Alert.detector)
+    family: str = ""     # the detector family that raises it (pipeline/detect/<family>; archive: sinks/archive_outage)
+    fire_after: int | str | None = "fire_after"  # evaluations in a row before it fires: a number, or the
+                                                 # detect.* key that sets it; None: not a tracked condition
+    evidence: tuple[str, ...] = ()    # evidence keys its summary uses (the detector emits them)
+    inhibits: tuple[str, ...] = ()    # alerts it mutes in routing while it fires, with the same INHIBIT_EQUAL
+                                      # labels (the default alerts.inhibit_rules)
+    suppresses: tuple[str, ...] = ()  # alerts its detector keeps from firing while it is pending or firing
+    meaning: str = ""     # one line for the runbook index
+    method: str = ""      # how it is detected, in a few words
+    detection: str = ""   # how it is detected, for docs/detection.md
 
+    @property
+    def entity(self) -> str:
+        """What the detector tracks the alert on: gpu, node or rack slots (a site is its
+        rack "" entry); the engine's `scope`."""
+        return "rack" if self.scope == "site" else self.scope
+
+    @property
+    def explains(self) -> tuple[str, ...]:
+        """Every alert this one explains: what it suppresses or inhibits."""
+        return tuple(dict.fromkeys(self.suppresses + self.inhibits))
+
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        """The names its summary reads (labels or evidence keys)."""
+        return tuple(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(self.summary) if f))
+
+
+_XID = ("Alerts on the XID event itself, without waiting for a scrape (DCGM's critical XIDs 48, 63, 64, 74, 79, "
+        "92, 94, 95, 119, 120, 140 have their own alerts; any other is `GpuXid`). The alert stays firing for "
+        "`detect.xid_hold_s` after the last XID.")
+_COOLING_TARGETS = ("GpuOverTemperature", "GpuThermalRunaway", "GpuThermalDrift", "GpuHwSlowdown",
+                    "NodeThermalAnomaly")
+_COOLING_SUPPRESSES = ("GpuOverTemperature", "GpuThermalDrift", "GpuHwSlowdown", "RackHeatImbalance")
 
 ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec("GpuFellOffBus", "critical", "gpu",
               "{node} GPU {gpu} fell off the bus (XID 79)",
-              "Drain the node and reboot it; if XID 79 recurs, reseat or RMA the GPU."),
+              "Drain the node and reboot it; if XID 79 recurs, reseat or RMA the GPU.",
+              detector="xid", family="xid", fire_after=1, suppresses=("GpuNotReporting",),
+              meaning="XID 79: the GPU stopped answering on PCIe", method="XID events",
+              detection=_XID + " A GPU that fell off the bus (XID 79, or the agent's `gpu_lost`) stays alerted "
+                               "until it reports again, and is not also reported as `GpuNotReporting`."),
     AlertSpec("GpuNotReporting", "critical", "gpu",
               "{node} GPU {gpu} stopped reporting ({silent_s:.0f} s) while its node still reports",
-              "Check `nvidia-smi` on the node and the kernel log for XIDs; drain if the GPU is gone."),
+              "Check `nvidia-smi` on the node and the kernel log for XIDs; drain if the GPU is gone.",
+              detector="staleness", family="staleness", evidence=("silent_s",),
+              meaning="one GPU silent while its node still reports", method="staleness",
+              detection="A GPU silent for `detect.missing_after_intervals` of its own reporting interval while "
+                        "its node still reports (judged against the node's latest sample)."),
     AlertSpec("NodeNotReporting", "critical", "node",
               "{node} sent no GPU telemetry for {silent_s:.0f} s",
-              "Check that the node is up and its agent runs; then check its network path."),
+              "Check that the node is up and its agent runs; then check its network path.",
+              detector="staleness", family="staleness", evidence=("silent_s",), inhibits=("GpuNotReporting",),
+              meaning="no GPU telemetry from the node", method="staleness",
+              detection="A node silent for twice `detect.missing_after_intervals` of its reporting interval, "
+                        "against the latest sample of the whole fleet (in-process only: over Kafka's partitions "
+                        "that needs per-partition watermarks). Its GPUs' `GpuNotReporting` are inhibited."),
     AlertSpec("GpuUncorrectableEcc", "critical", "gpu",
               "{node} GPU {gpu}: uncorrectable memory error ({what})",
-              "Drain the node; reset the GPU to apply a pending row remap; a remap failure means RMA."),
+              "Drain the node; reset the GPU to apply a pending row remap; a remap failure means RMA.",
+              detector="ecc", family="counters", fire_after=1, evidence=("what",),
+              meaning="uncorrectable memory error (XID 48/63/64/94/95), remap pending or failed",
+              method="counter + flags, XID events",
+              detection="The uncorrectable ECC counter went up, or a row remap is pending or failed, or an "
+                        "ECC XID (48, 63, 64, 94, 95, 140) arrived (held for `detect.xid_hold_s`). A counter that "
+                        "goes down was reset (GPU reset) and does not alert."),
     AlertSpec("GpuNvlinkError", "warning", "gpu",
               "{node} GPU {gpu}: NVLink error (XID 74)",
-              "Run `nvidia-smi nvlink -e` and `dcgmi diag -r 3`; reset the GPU if links are down."),
+              "Run `nvidia-smi nvlink -e` and `dcgmi diag -r 3`; reset the GPU if links are down.",
+              detector="xid", family="xid", fire_after=1,
+              meaning="XID 74: NVLink error on one of the GPU's links", method="XID events", detection=_XID),
     AlertSpec("GpuHighSbeRate", "warning", "gpu",
               "{node} GPU {gpu}: high single-bit ECC error rate (XID 92)",
-              "Watch row remapping; schedule a GPU reset at the next drain."),
+              "Watch row remapping; schedule a GPU reset at the next drain.",
+              detector="xid", family="xid", fire_after=1,
+              meaning="XID 92: high rate of corrected single-bit ECC errors", method="XID events", detection=_XID),
     AlertSpec("GpuGspError", "critical", "gpu",
               "{node} GPU {gpu}: GSP firmware error (XID {xid})",
-              "Drain the node and reset the GPU; if it recurs, reboot and update the driver."),
+              "Drain the node and reset the GPU; if it recurs, reboot and update the driver.",
+              detector="xid", family="xid", fire_after=1, evidence=("xid",),
+              meaning="XID 119/120: GSP firmware RPC timeout or error", method="XID events", detection=_XID),
     AlertSpec("GpuXid", "warning", "gpu",
               "{node} GPU {gpu}: XID {xid}",
-              "Look the XID up in the runbook's table; most application XIDs need no hardware action."),
+              "Look the XID up in the runbook's table; most application XIDs need no hardware action.",
+              detector="xid", family="xid", fire_after=1, evidence=("xid",),
+              meaning="any other XID; look it up in the table below", method="XID events", detection=_XID),
     AlertSpec("GpuOverTemperature", "critical", "gpu",
               "{node} GPU {gpu} at {temp_c:.0f} C, over its {limit_c:.0f} C limit ({limit_why})",
-              "Check the coolant loop of the rack, then the GPU's cold plate; drain if it keeps rising."),
+              "Check the coolant loop of the rack, then the GPU's cold plate; drain if it keeps rising.",
+              detector="threshold", family="thermal", evidence=("temp_c", "limit_c", "limit_why"),
+              suppresses=("GpuThermalDrift", "GpuHwSlowdown"),
+              meaning="GPU die within `detect.thermal_margin_c` (4 C) of its own HW slowdown threshold (H100: "
+                      "89 - 4 = 85 C); `detect.gpu_temp_limit_c` (85 C) where the threshold is unknown",
+              method="thermal margin",
+              detection="GPU within `detect.thermal_margin_c` (4 C) of its own HW slowdown threshold, which the "
+                        "agent reads from NVML at start (`nvmlDeviceGetTemperatureThreshold`, SLOWDOWN; 89 C on "
+                        "the recorded H100, so 85 C). Where the threshold is unknown, `detect.gpu_temp_limit_c` "
+                        "(85 C)."),
     AlertSpec("GpuThermalRunaway", "critical", "gpu",
               "{node} GPU {gpu} at {temp_c:.0f} C, {excess_c:.1f} C hotter than its siblings and rising "
               "({rise_c:+.1f} C against its last ~20 s)",
-              "Drain the node; the GPU's cold plate or thermal interface is failing."),
+              "Drain the node; the GPU's cold plate or thermal interface is failing.",
+              detector="peer_temperature", family="thermal", evidence=("temp_c", "excess_c", "rise_c"),
+              suppresses=("GpuOverTemperature", "GpuThermalDrift", "GpuHwSlowdown"),
+              meaning="GPU far hotter than its node siblings", method="peers + physics",
+              detection="GPU hotter than the median of its node's GPUs by `peer_temp_excess_c`, after taking out "
+                        "what its own power explains. Each GPU's temperature is moved to its peers' power at "
+                        "`thermal_c_per_w`, with the power lagged as the H100 trace shows: 0.6 P + 0.4 P lagged at "
+                        "tau 6.5 s. Siblings share the coolant, so job starts and stops cancel out, and so do jobs "
+                        "that load only some of a node's GPUs. A smaller excess (`runaway_early_c`, 6 C) alerts as "
+                        "well when it is still rising: `runaway_rise_c` (2 C) above its own average of the last "
+                        "~20 s (rate of change). This applies only while the GPU's and its node's power are steady "
+                        "(within `runaway_steady_w` of their lagged power), because temperatures lag a load that "
+                        "starts or stops: eight replayed H100s at different points of their load swing by 8 C. That "
+                        "catches a runaway at 0.15 C/s about 30 s sooner, while a GPU that is steadily hot stays "
+                        "quiet."),
     AlertSpec("NodeThermalAnomaly", "critical", "node",
               "{node}: its GPUs run {excess_c:.1f} C hotter than the rack's other nodes at the same power",
-              "Check the node's coolant branch (valve, quick disconnects, manifold) and drain it if it keeps rising."),
+              "Check the node's coolant branch (valve, quick disconnects, manifold) and drain it if it keeps rising.",
+              detector="peer_node_temperature", family="peers", evidence=("excess_c",),
+              suppresses=("GpuOverTemperature", "GpuHwSlowdown"),
+              meaning="all the node's GPUs hotter than the rack's other nodes at the same power",
+              method="peers: node against rack",
+              detection="Each node's median GPU temperature, taken to zero power with `thermal_c_per_w` so that "
+                        "busy and idle nodes compare, against the median of the rack's other nodes. It alerts above "
+                        "`node_temp_excess_c` (6 C), for example on a restricted coolant branch, where the GPUs "
+                        "agree with their siblings and the rack's coolant is fine. It is judged only while the "
+                        "node's power is steady, and it explains (suppresses) the GPUs' over-temperature alerts."),
     AlertSpec("GpuThermalDrift", "warning", "gpu",
               "{node} GPU {gpu} runs {excess_c:.1f} C hotter than its siblings than it used to",
-              "Schedule an inspection of the GPU's cold plate and coolant connections."),
+              "Schedule an inspection of the GPU's cold plate and coolant connections.",
+              detector="cusum", family="thermal", fire_after="drift_confirm_samples", evidence=("excess_c",),
+              suppresses=("GpuThermalRunaway",),
+              meaning="GPU slowly getting hotter than its siblings over hours", method="CUSUM (Numba)",
+              detection="A slow rise of the runaway's excess, under load only (at idle, integer temperatures move "
+                        "it by ~2 C). A CUSUM with slack `cusum_slack_c` and limit `cusum_limit` sums what no "
+                        "single sample shows. It is clamped at twice the limit, so it forgets a finished fault. The "
+                        "baseline stops learning while the sum is non-zero, so a drift cannot teach the baseline to "
+                        "follow it. The drift must hold `drift_confirm_samples` to alert. Samples it cannot judge "
+                        "(idle, forced clocks, coolant alert) neither raise nor clear it. A drift already alerted "
+                        "stands for the GPU's runaway."),
     AlertSpec("GpuStraggler", "warning", "gpu",
               "{node} GPU {gpu} is a straggler: {power_w:.0f} W and {sm_mhz:.0f} MHz vs peers' "
               "{peer_power_w:.0f} W and {peer_sm_mhz:.0f} MHz at full utilisation",
-              "Run `dcgmi diag -r 3` on the node; a straggler slows every job it is in."),
+              "Run `dcgmi diag -r 3` on the node; a straggler slows every job it is in.",
+              detector="peer_performance", family="performance",
+              evidence=("power_w", "sm_mhz", "peer_power_w", "peer_sm_mhz"),
+              meaning="lower power and clocks than its peers at full utilisation", method="peers",
+              detection="At >= 90% utilisation and without HW-slowdown reasons, a GPU whose power and SM clock are "
+                        "both below `straggler_ratio` of its node's median."),
     AlertSpec("NodePowerBrake", "critical", "node",
               "{node}: HW power brake slowdown on {gpus:.0f} GPUs",
-              "Check the node's power supplies and the rack PDU; the brake is asserted by the board."),
+              "Check the node's power supplies and the rack PDU; the brake is asserted by the board.",
+              detector="clock_reasons", family="performance", evidence=("gpus",), suppresses=("GpuHwSlowdown",),
+              meaning="HW power brake (reason 0x80) asserted on the node's GPUs", method="clock reasons",
+              detection="The HW power brake bit (0x80) on a node's GPUs: one alert per node, not per GPU."),
     AlertSpec("GpuHwSlowdown", "warning", "gpu",
               "{node} GPU {gpu}: clocks forced down ({what}, reasons {reasons}) at {temp_c:.0f} C, {sm_mhz:.0f} MHz",
-              "Check the GPU's HBM temperature, the board's power and the node's inlet air; drain if it persists."),
+              "Check the GPU's HBM temperature, the board's power and the node's inlet air; drain if it persists.",
+              detector="clock_reasons", family="performance", evidence=("what", "reasons", "temp_c", "sm_mhz"),
+              meaning="clocks forced down (HW or thermal slowdown) that no other alert explains",
+              method="clock reasons (DCGM semantics)",
+              detection="HW slowdown (0x8), SW thermal (0x20) or HW thermal (0x40) slowdown on a GPU, when no power "
+                        "brake on its node, thermal alert on the GPU or coolant alert on its rack explains it, for "
+                        "example HBM overheating or a PSU signal. The SW power cap (0x4) of a busy GPU at its limit "
+                        "is normal and never alerts."),
     AlertSpec("GpuPcieReplayStorm", "warning", "gpu",
               "{node} GPU {gpu}: {rate_per_s:.0f} PCIe replays/s",
-              "Check the PCIe link (`nvidia-smi -q` PCIe section); reseat the GPU at the next drain."),
+              "Check the PCIe link (`nvidia-smi -q` PCIe section); reseat the GPU at the next drain.",
+              detector="counter_rate", family="counters", evidence=("rate_per_s",),
+              meaning="PCIe replay counter climbing fast: marginal link", method="counter rates",
+              detection="Replays per second above `detect.pcie_replay_rate_per_s`. Counter resets count as zero, "
+                        "never as negative rates."),
     AlertSpec("GpuNvlinkErrorStorm", "warning", "gpu",
               "{node} GPU {gpu}: {rate_per_s:.0f} NVLink CRC errors/s",
-              "Run `nvidia-smi nvlink -e`; reset the GPU or reseat the NVSwitch tray if errors persist."),
+              "Run `nvidia-smi nvlink -e`; reset the GPU or reseat the NVSwitch tray if errors persist.",
+              detector="counter_rate", family="counters", evidence=("rate_per_s",),
+              meaning="NVLink CRC errors climbing fast: marginal link", method="counter rates",
+              detection="NVLink CRC errors per second above `detect.nvlink_crc_rate_per_s`. Counter resets count "
+                        "as zero, never as negative rates."),
     AlertSpec("GpuPowerSensorStuck", "warning", "gpu",
               "{node} GPU {gpu}: power reading stuck at {power_w:.3f} W for {samples:.0f} samples",
-              "Power capping and accounting are blind on this GPU; reset it at the next drain."),
+              "Power capping and accounting are blind on this GPU; reset it at the next drain.",
+              detector="flatline", family="counters", evidence=("power_w", "samples"),
+              meaning="power reading frozen at one value", method="flat-line (Numba)",
+              detection="`stuck_samples` identical power readings in a row. Real sensors always carry noise."),
     AlertSpec("CoolantFlowLoss", "critical", "rack",
               "rack {rack}: coolant flow {flow_lpm:.0f} l/min, {ratio:.0%} of its normal {baseline_lpm:.0f}",
-              "Check the CDU pumps and valves now; cap or drain the rack's GPUs if temperatures climb."),
+              "Check the CDU pumps and valves now; cap or drain the rack's GPUs if temperatures climb.",
+              detector="ewma", family="facility", evidence=("flow_lpm", "ratio", "baseline_lpm"),
+              inhibits=_COOLING_TARGETS, suppresses=_COOLING_SUPPRESSES + ("RackThermalAnomaly",),
+              meaning="rack coolant flow far below its normal", method="EWMA baseline (Numba)",
+              detection="Rack flow below `flow_loss_ratio` of its learned baseline. Outliers do not move the "
+                        "baseline, so the alert holds while the flow stays low."),
     AlertSpec("CoolantLeak", "critical", "rack",
               "rack {rack}: coolant leak detected by {device}",
-              "Isolate the rack's coolant loop and drain its nodes; send facilities to inspect."),
+              "Isolate the rack's coolant loop and drain its nodes; send facilities to inspect.",
+              detector="leak_sensor", family="facility", fire_after=1, evidence=("device",),
+              inhibits=_COOLING_TARGETS, suppresses=_COOLING_SUPPRESSES + ("RackThermalAnomaly",),
+              meaning="a rack leak sensor tripped", method="leak sensor",
+              detection="The CDU's leak point reads 1."),
     AlertSpec("RackThermalAnomaly", "critical", "rack",
               "rack {rack}: its GPUs run {excess_c:.1f} C hotter over their coolant than the site's other racks",
               "Check the rack's coolant loop for air (bleed it), its filters and cold plates; cap or drain the rack "
-              "if it keeps rising."),
+              "if it keeps rising.",
+              detector="peer_rack_temperature", family="peers", evidence=("excess_c",),
+              inhibits=_COOLING_TARGETS, suppresses=_COOLING_SUPPRESSES,
+              meaning="all the rack's GPUs hotter over their coolant than the site's other racks",
+              method="physics + peers: rack against site",
+              detection="Each rack's GPUs taken to zero power (the median over its nodes, as above) minus the "
+                        "rack's mean coolant temperature (CDU supply and return): how far the GPUs sit above the "
+                        "coolant that cools them. A rack whose gap exceeds the median of the site's racks by "
+                        "`rack_temp_excess_c` (5 C) has something that warms all its GPUs alike while the coolant "
+                        "reads normal: air in the loop, fouled cold plates, wrong coolant mix. It needs three racks "
+                        "with data (over Kafka: the rack's facility data and its nodes' telemetry in one detect "
+                        "process), is quiet while the rack has a coolant alert, and explains (suppresses) its GPUs' "
+                        "thermal alerts."),
     AlertSpec("RackHeatImbalance", "warning", "rack",
               "rack {rack}: the coolant carries {coolant_w:.0f} W, {ratio:.0%} of the rack's {power_w:.0f} W "
               "(expected {expected:.0%})",
               "Compare the CDU's flow and temperature sensors with a handheld reading; then check the loop for air "
-              "and the cold plates for contact."),
+              "and the cold plates for contact.",
+              detector="heat_balance", family="heat_balance", evidence=("coolant_w", "ratio", "power_w", "expected"),
+              meaning="the coolant carries more or less of the rack's power than `detect.liquid_fraction` (0.8)",
+              method="physics: heat balance",
+              detection="The heat the coolant carries away, flow x 4186 J/(kg K) x (return - supply), against the "
+                        "PDU's power. Liquid cooling removes `liquid_fraction` (0.8) of IT power, so the PDU's power "
+                        "and the flow predict the delta-T; the prediction follows a power change with the coolant's "
+                        "lag (`coolant_lag_s`, 20 s), as the return temperature does. A measured delta-T off the "
+                        "prediction by more than `heat_balance_tolerance` (20%) means heat going to the room (air in "
+                        "the loop, cold plates losing contact) or a flow or temperature sensor that drifted. Judged "
+                        "only once the prediction has settled and where the expected delta-T is at least "
+                        "`heat_balance_min_delta_c` (1.5 C, well above sensor resolution); quiet while a coolant "
+                        "alert, `RackThermalAnomaly` or `PduOverload` explains it. It explains nothing itself: a "
+                        "drifting sensor raises it too, and it must not hide a GPU that really overheats."),
     AlertSpec("PduOverload", "critical", "rack",
               "rack {rack}: PDU {device} draws {power_w:.0f} W, {ratio:.0%} of its {rating_w:.0f} W rating",
-              "Lower the rack's GPU power caps or drain nodes before the breaker trips."),
-    AlertSpec("SitePowerOverCap", "warning", "rack",
+              "Lower the rack's GPU power caps or drain nodes before the breaker trips.",
+              detector="threshold", family="facility", evidence=("device", "power_w", "ratio", "rating_w"),
+              suppresses=("RackHeatImbalance",),
+              meaning="rack PDU near or above its rating", method="threshold",
+              detection="PDU power above `pdu_load_ratio` of `fleet.pdu_rating_w`."),
+    AlertSpec("SitePowerOverCap", "warning", "site",
               "site {site}: meter {device} reads {power_w:.0f} W, {ratio:.0%} of the site's {cap_w:.0f} W cap",
-              "Lower GPU power caps across the site (the cheapest watts) until the meter is back under the cap."),
+              "Lower GPU power caps across the site (the cheapest watts) until the meter is back under the cap.",
+              detector="threshold", family="facility", evidence=("device", "power_w", "ratio", "cap_w"),
+              meaning="the site's main meter above `detect.site_power_cap_w`", method="physics: site power",
+              detection="The main meter (a site-level `power_w`) above `detect.site_power_cap_w`, the contracted or "
+                        "breaker cap (off when 0). Labelled with the site and an empty `rack`."),
     AlertSpec("FleetwatchArchiveFailing", "critical", "fleetwatch",
               "archive on {instance} cannot write since {since}: {error}",
               "Free space or fix permissions under the archive; detection and alerting go on, data waits in "
-              "memory (in-process: the oldest is dropped past archive.outage_buffer_mb) or on Kafka."),
+              "memory (in-process: the oldest is dropped past archive.outage_buffer_mb) or on Kafka.",
+              detector="archive", family="archive", fire_after=None, evidence=("since", "error"),
+              meaning="the Parquet archive cannot write (full disk, permissions); detection and alerting go on",
+              method="the archive itself",
+              detection="The Parquet archive cannot write: full disk, less free than `archive.min_free_mb` (kept "
+                        "for `alerts.jsonl` and the outboxes), a permission error, `archive/` deleted. Detection and "
+                        "alerting go on. The archive retries with backoff (up to `archive.retry_max_s`) and holds up "
+                        "to `archive.outage_buffer_mb`: in-process it then drops the oldest rows, counted per "
+                        "dataset on the status line and in the summary; over Kafka it commits nothing and pauses "
+                        "reading, so nothing is lost. Resolves on the first write that succeeds. Labelled with the "
+                        "site and the archive's host (`instance`)."),
 )
 
-# The alerts the detectors raise (the rest Fleetwatch raises about itself: pipeline/sinks/archive_outage.py).
-DETECTOR_ALERTS: tuple[AlertSpec, ...] = tuple(a for a in ALERTS if a.scope != "fleetwatch")
-
 ALERTS_BY_NAME: dict[str, AlertSpec] = {a.name: a for a in ALERTS}
+
+# The alerts the detectors raise (the rest Fleetwatch raises about itself: pipeline/sinks/archive_outage.py),
+# as the engine tracks them: `scope` is the tracked entity (AlertSpec.entity; a site-scoped alert is tracked on
+# the site's rack "" entry), so the engine's per-scope code (labels, checkpoints, node health) needs no site case.
+DETECTOR_ALERTS: tuple[AlertSpec, ...] = tuple(dataclasses.replace(a, scope=a.entity) for a in ALERTS
+                                               if a.scope != "fleetwatch")
+
+
+def inhibit_rules() -> list[tuple[str, str, list[str]]]:
+    """The default alerts.inhibit_rules as (source regex, target regex, equal labels): one rule
+    per set of sources that inhibit the same targets at the same scope, broader scopes first."""
+    groups: dict[tuple[tuple[str, ...], str], list[str]] = {}
+    for a in ALERTS:
+        if a.inhibits:
+            groups.setdefault((a.inhibits, a.scope), []).append(a.name)
+    ordered = sorted(groups.items(), key=lambda kv: _BREADTH[kv[0][1]])  # stable: catalog order within a scope
+    return [("|".join(sources), "|".join(targets), list(INHIBIT_EQUAL[scope]))
+            for (targets, scope), sources in ordered]
+
 
 # DCGM's critical XIDs and the alert each raises; any other XID raises GpuXid.
 XID_ALERTS: dict[int, str] = {

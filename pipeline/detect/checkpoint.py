@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.bus.kafka import partition_for
+from pipeline.bus.keys import partition_for
 from pipeline.detect.engine import Engine
 from pipeline.model import CHECKPOINT, Alert, parse_iso_utc, schema_name, schema_version
 from pipeline.sinks.files import write_atomically

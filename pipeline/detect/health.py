@@ -35,20 +35,20 @@ class Tracker:
         self.resolve_after = resolve_after
         self._labels_for = labels_for
         self._runbook = runbook_url(runbook_base_url, spec.name)
-        self.s = SlotArrays({"hits": (np.int32, 0), "clears": (np.int32, 0), "firing": (np.bool_, False)})
+        self.arrays = SlotArrays({"hits": (np.int32, 0), "clears": (np.int32, 0), "firing": (np.bool_, False)})
         self.active: dict[int, Alert] = {}
         self._pending = False  # some entity has a hit streak that has not fired (yet)
 
     def pending_or_firing(self, n: int) -> np.ndarray:
-        self.s.ensure(n)
-        return (self.s.hits[:n] > 0) | self.s.firing[:n]
+        self.arrays.ensure(n)
+        return (self.arrays.hits[:n] > 0) | self.arrays.firing[:n]
 
     def update(self, entities: np.ndarray, hit: np.ndarray, t: float, score: np.ndarray,
                evidence: Evidence) -> list[tuple[datetime, Alert]]:
         """Evaluate the condition for `entities` (unique) at time t; return state changes."""
         if entities.size == 0 or not (self._pending or self.active or hit.any()):
             return []  # the common case: nothing hit, nothing pending, nothing firing
-        s = self.s
+        s = self.arrays
         s.ensure(int(entities.max()) + 1)
         hits = np.where(hit, s.hits[entities] + 1, 0)
         clears = np.where(hit, 0, s.clears[entities] + 1)
@@ -76,20 +76,20 @@ class Tracker:
 
     def adopt(self, entity: int, alert: Alert) -> None:
         """Take over an alert firing elsewhere (a restored checkpoint); call refresh() after."""
-        self.s.ensure(entity + 1)
-        self.s.firing[entity] = True
+        self.arrays.ensure(entity + 1)
+        self.arrays.firing[entity] = True
         self.active[entity] = alert
 
     def forget(self, entities: np.ndarray) -> None:
-        self.s.ensure(int(entities.max()) + 1)
-        self.s.reset(entities, self.s.fields)
+        self.arrays.ensure(int(entities.max()) + 1)
+        self.arrays.reset(entities, self.arrays.fields)
         for e in entities.tolist():
             self.active.pop(e, None)
         self.refresh()
 
     def refresh(self) -> None:
         """Recompute what update() keeps incrementally, after state was set from outside."""
-        self._pending = bool((self.s.hits > 0).any())
+        self._pending = bool((self.arrays.hits > 0).any())
 
     def _new_alert(self, entity: int, now: datetime, score: float, evidence: dict) -> Alert:
         spec = self.spec

@@ -92,15 +92,15 @@ class EwmaZ:
                  min_sd_rel: float = 0.001, min_sd_abs: float = 1e-9) -> None:
         self.params = (halflife_s, z_gate, warmup, relearn, min_sd_rel, min_sd_abs)
         self.warmup = warmup
-        self.s = SlotArrays({"mean": (np.float64, 0.0), "var": (np.float64, 0.0), "count": (np.int64, 0),
-                             "last_ts": (np.float64, 0.0), "outliers": (np.int64, 0)})
+        self.arrays = SlotArrays({"mean": (np.float64, 0.0), "var": (np.float64, 0.0), "count": (np.int64, 0),
+                                  "last_ts": (np.float64, 0.0), "outliers": (np.int64, 0)})
         self._out = Outputs(z=np.float64, base=np.float64)
 
     def update(self, values: np.ndarray, slots: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(z, baseline mean) per sample."""
-        self.s.ensure(int(slots.max()) + 1 if slots.size else 0)
+        self.arrays.ensure(int(slots.max()) + 1 if slots.size else 0)
         z, base = self._out.take(values.shape[0])
-        s = self.s
+        s = self.arrays
         kernels.ewma_zscore(values, slots, ts, s.mean, s.var, s.count, s.last_ts, s.outliers, *self.params, z, base)
         return z, base
 
@@ -108,15 +108,15 @@ class EwmaZ:
 class RobustZ:
     def __init__(self, halflife_s: float, warmup: int, min_sd_rel: float = 0.001, min_sd_abs: float = 1e-9) -> None:
         self.params = (halflife_s, warmup, min_sd_rel, min_sd_abs)
-        self.s = SlotArrays({"med": (np.float64, 0.0), "mad": (np.float64, 0.0), "count": (np.int64, 0),
-                             "last_ts": (np.float64, 0.0)})
+        self.arrays = SlotArrays({"med": (np.float64, 0.0), "mad": (np.float64, 0.0), "count": (np.int64, 0),
+                                  "last_ts": (np.float64, 0.0)})
         self._out = Outputs(z=np.float64)
 
     def update(self, values: np.ndarray, slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """Robust z, (x - median) / (1.4826 MAD), per sample."""
-        self.s.ensure(int(slots.max()) + 1 if slots.size else 0)
+        self.arrays.ensure(int(slots.max()) + 1 if slots.size else 0)
         (z,) = self._out.take(values.shape[0])
-        s = self.s
+        s = self.arrays
         kernels.robust_zscore(values, slots, ts, s.med, s.mad, s.count, s.last_ts, *self.params, z)
         return z
 
@@ -124,40 +124,40 @@ class RobustZ:
 class Cusum:
     def __init__(self, halflife_s: float, k: float, h: float, warmup: int, cap: float = 2.0) -> None:
         self.params = (halflife_s, k, h, warmup, cap)
-        self.s = SlotArrays({"mean": (np.float64, 0.0), "count": (np.int64, 0),
-                             "s_hi": (np.float64, 0.0), "s_lo": (np.float64, 0.0)})
+        self.arrays = SlotArrays({"mean": (np.float64, 0.0), "count": (np.int64, 0),
+                                  "s_hi": (np.float64, 0.0), "s_lo": (np.float64, 0.0)})
         self._out = Outputs(score=np.float64)
 
     def update(self, values: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Signed score per sample: S+/h upwards, -S-/h downwards; |score| >= 1 is an alarm."""
-        self.s.ensure(int(slots.max()) + 1 if slots.size else 0)
+        self.arrays.ensure(int(slots.max()) + 1 if slots.size else 0)
         (score,) = self._out.take(values.shape[0])
-        s = self.s
+        s = self.arrays
         kernels.cusum(values, slots, s.mean, s.count, s.s_hi, s.s_lo, *self.params, score)
         return score
 
 
 class CounterDelta:
     def __init__(self) -> None:
-        self.s = SlotArrays({"last_value": (np.float64, np.nan), "last_ts": (np.float64, 0.0)})
+        self.arrays = SlotArrays({"last_value": (np.float64, np.nan), "last_ts": (np.float64, 0.0)})
 
     def update(self, values: np.ndarray, slots: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(increase, rate per second) per sample; 0 across a counter reset."""
-        self.s.ensure(int(slots.max()) + 1 if slots.size else 0)
+        self.arrays.ensure(int(slots.max()) + 1 if slots.size else 0)
         delta, rate = np.empty_like(values), np.empty_like(values)
-        kernels.counter_delta(values, slots, ts, self.s.last_value, self.s.last_ts, delta, rate)
+        kernels.counter_delta(values, slots, ts, self.arrays.last_value, self.arrays.last_ts, delta, rate)
         return delta, rate
 
 
 class Flatline:
     def __init__(self) -> None:
-        self.s = SlotArrays({"last_value": (np.float64, np.nan), "runs": (np.int64, 0)})
+        self.arrays = SlotArrays({"last_value": (np.float64, np.nan), "runs": (np.int64, 0)})
 
     def update(self, values: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """Consecutive exact repeats per sample."""
-        self.s.ensure(int(slots.max()) + 1 if slots.size else 0)
+        self.arrays.ensure(int(slots.max()) + 1 if slots.size else 0)
         runs = np.empty(values.shape[0], np.int64)
-        kernels.flatline(values, slots, self.s.last_value, self.s.runs, runs)
+        kernels.flatline(values, slots, self.arrays.last_value, self.arrays.runs, runs)
         return runs
 
 

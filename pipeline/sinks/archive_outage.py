@@ -1,7 +1,7 @@
 """When the archive cannot write (full disk, permission error, archive/ deleted): retry
 with backoff, hold the data within a bound, and alert.
 
-The archive role (`daemon.archive_role`) asks `due()` before each write. The first
+The archive sink (`sinks/archive_sink.py`) asks `due()` before each write. The first
 failed write of an outage logs once and returns the `FleetwatchArchiveFailing` alert,
 firing, which the role publishes on the alerts topic: notify delivers it like any
 other alert. The first write that succeeds again returns it resolved. Detection and

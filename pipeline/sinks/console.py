@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
 from typing import Any, TextIO
+
+log = logging.getLogger(__name__)
 
 _COLOR = {"critical": "\033[31m", "warning": "\033[33m"}
 _RESET = "\033[0m"
@@ -14,6 +19,7 @@ class Console:
         self.stream = stream
         self.tty = stream.isatty()
         self._status_shown = False
+        self._gone = False  # the reader went away (`fleetwatch run | head`): the daemon goes on without it
 
     def alert(self, a: dict[str, Any]) -> None:
         sev = a["labels"].get("severity", "")
@@ -25,22 +31,28 @@ class Console:
             line += f"  [runbook: {runbook}]"
         if self.tty:
             line = f"{_COLOR.get(sev, '') if a['status'] == 'firing' else ''}{line}{_RESET}"
-        self._clear_status()
-        print(line, file=self.stream, flush=True)
+        self._write(("\r\033[K" if self._status_shown else "") + line + "\n")
+        self._status_shown = False
 
     def status(self, text: str) -> None:
         """On a terminal: one line rewritten in place."""
-        self.stream.write("\r\033[K" + text)
-        self.stream.flush()
+        self._write("\r\033[K" + text)
         self._status_shown = True
-
-    def _clear_status(self) -> None:
-        if self._status_shown:
-            self.stream.write("\r\033[K")
-            self._status_shown = False
 
     def close(self) -> None:
         if self._status_shown:
-            self.stream.write("\n")
-            self.stream.flush()
+            self._write("\n")
             self._status_shown = False
+
+    def _write(self, text: str) -> None:
+        if self._gone:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            self._gone = True
+            log.warning("console: its reader went away (broken pipe); alerts still go to alerts.jsonl and the "
+                        "receivers")
+            with contextlib.suppress(OSError, ValueError):  # nor may the interpreter's exit flush complain
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())

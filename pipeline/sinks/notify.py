@@ -1,11 +1,12 @@
 """The notify role's work: alert state changes in; the console, alerts.jsonl and every
 receiver's outbox out, durably, before the bus offset is committed.
 
-    handle(batch)  console -> alerts.jsonl -> Router (webhook receivers: grouped,
-                   inhibited, silenced) and Alertmanager pushes -> outboxes -> state
+    handle(batch)  console -> alerts.jsonl -> each receiver kind (pipeline/sinks/receivers:
+                   webhook receivers get grouped, inhibited, silenced notifications,
+                   alertmanager receivers pushes) -> outboxes -> the kinds' state
                    (<data_dir>/notify/*.json); then the caller commits the offset
-    timer          Router.due() at its next wakeup (and about once a second, so a
-                   silence added or expired takes effect), Alertmanager re-pushes
+    timer          each kind at its next wakeup (and about once a second, so a silence
+                   added or expired takes effect): due groups, Alertmanager re-pushes
     delivery       one task and one thread per receiver drains its outbox in order;
                    a down or slow receiver holds up only itself
 
@@ -30,14 +31,15 @@ from typing import Any, Mapping
 
 from pipeline.config import AlertsConfig, Config, ConfigError
 from pipeline.model import iso_utc
-from pipeline.sinks.alertmanager import FiringAlerts
+from pipeline.redact import redact_text
 from pipeline.sinks.alerts import AlertLog
 from pipeline.sinks.console import Console
 from pipeline.sinks.files import append_durably, write_atomically
 from pipeline.sinks.outbox import WINDOW, Outbox, Record
-from pipeline.sinks.routing import Router
+from pipeline.sinks.receivers import RECEIVER_KINDS, receiver_kind
+from pipeline.sinks.receivers.base import ReceiverKind
 from pipeline.sinks.silences import SilenceStore
-from pipeline.sinks.webhook import Client, Outcome, Receiver, body_of, load_receivers, webhook_payload
+from pipeline.sinks.webhook import Client, Outcome, Receiver, body_of, load_receivers
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +192,11 @@ class Delivery:
         self.dead_letters.parent.mkdir(parents=True, exist_ok=True)
         lines = []
         for i, r in enumerate(records):
-            lines.append(json.dumps({"receiver": self.receiver.name, "reason": reason,
-                                     "attempts": self._attempts if i == 0 else 0, "dead_lettered_at": iso_utc(now),
-                                     "id": r.id, "created": iso_utc(r.created), "payload": r.payload}) + "\n")
+            # A dead letter is read by people: URLs in it (externalURL, generatorURL) are redacted.
+            lines.append(redact_text(json.dumps({
+                "receiver": self.receiver.name, "reason": reason, "attempts": self._attempts if i == 0 else 0,
+                "dead_lettered_at": iso_utc(now), "id": r.id, "created": iso_utc(r.created),
+                "payload": r.payload})) + "\n")
         append_durably(self.dead_letters, "".join(lines))
         for r in records:
             self.outbox.ack(r.seq)
@@ -223,7 +227,7 @@ class Delivery:
 
 class Notifier:
     """Drives the receivers for the notify role; see the module doc. handle() and the timer
-    share the router under a lock; state goes to disk in a worker thread."""
+    share the receiver kinds under a lock; state goes to disk in a worker thread."""
 
     def __init__(self, cfg: Config, console: Console | None = None, env: Mapping[str, str] | None = None) -> None:
         self.receivers = load_receivers(cfg.alerts, env)  # ConfigError before anything starts
@@ -232,14 +236,15 @@ class Notifier:
         self.data = Path(cfg.data_dir)
         self.state_dir = self.data / "notify"
         self.alert_log = AlertLog(cfg.alerts_log)
-        self.router = Router(cfg.alerts, SilenceStore(self.data / "silences.json"))
-        self.firing = FiringAlerts(cfg.alerts.resend_interval_s, cfg.alerts.external_url)
+        silences = SilenceStore(self.data / "silences.json")
+        # Every kind is built (its settings checked), those with receivers are used, in registry order.
+        self.kinds: dict[str, ReceiverKind] = {
+            kind: receiver_kind(kind)(cfg.alerts, [r for r in self.receivers if r.kind == kind], silences)
+            for kind in RECEIVER_KINDS}
+        self._in_use = [k for k in self.kinds.values() if k.receivers]
         self.policy = RetryPolicy.of(cfg.alerts)
-        self.webhooks = [r for r in self.receivers if r.kind == "webhook"]
-        self.alertmanagers = [r for r in self.receivers if r.kind == "alertmanager"]
         self.deliveries: dict[str, Delivery] = {}
         self._stats = NotifyStats()
-        self._resend_seq: dict[str, int] = {}  # receiver -> last record of its latest re-push
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -284,8 +289,8 @@ class Notifier:
                     self.console.alert(a)
         async with self._lock:
             now = time.time()
-            if self.webhooks:
-                self.router.add(alerts, now)
+            for kind in self._in_use:
+                kind.add(alerts, now)
             await self._enqueue(now, alerts)
         self._wake.set()  # the router's next wakeup may have moved
 
@@ -335,10 +340,8 @@ class Notifier:
                             "(configure a receiver named %s again, or remove the folder)", d, d.name)
 
     def _restore(self) -> None:
-        if self.webhooks:
-            self.router.restore(self._load("router.json"))
-        if self.alertmanagers:
-            self.firing.restore(self._load("alertmanager.json"))
+        for kind in self._in_use:
+            kind.restore(self._load(kind.state_file))
 
     def _load(self, name: str) -> dict[str, Any]:
         path = self.state_dir / name
@@ -369,46 +372,32 @@ class Notifier:
         """What is due for each receiver now, appended to its outbox with the state that
         produced it (under self._lock)."""
         work: dict[str, list[Any]] = {}
-        router_changed = False
-        if self.webhooks:
-            notes = [n for n in self.router.due(now) if n.alerts]
-            router_changed = bool(changes or notes)
-            for r in self.webhooks:
-                work[r.name] = [webhook_payload(r.name, n.group_key, n.group_labels, n.alerts,
-                                                self.cfg.alerts.external_url) for n in notes]
-            self._stats.notifications += len(notes) * len(self.webhooks)
-        firing_changed = False
-        resent: set[str] = set()
-        if self.alertmanagers:
-            pushes = self.firing.changes(changes, now) if changes else []
-            resend = self.firing.resend(now)
-            firing_changed = bool(pushes or resend)
-            for r in self.alertmanagers:
-                # At most one re-push waits in an outbox: an outage piles none up.
-                again = resend if self.deliveries[r.name].outbox.acked >= self._resend_seq.get(r.name, 0) else []
-                if again:
-                    resent.add(r.name)
-                work[r.name] = pushes + again
-                self._stats.pushes += len(work[r.name])
-        if not (changes or router_changed or firing_changed):
+        changed: list[ReceiverKind] = []
+        for kind in self._in_use:
+            due = kind.enqueue(changes, now, lambda name: self.deliveries[name].outbox.acked)
+            work.update(due.payloads)
+            setattr(self._stats, kind.counts,
+                    getattr(self._stats, kind.counts) + sum(len(p) for p in due.payloads.values()))
+            if due.changed:
+                changed.append(kind)
+        if not (changes or changed):
             return
-        router_state = self.router.snapshot() if router_changed else None
-        firing_state = self.firing.snapshot() if firing_changed else None
+        states = {kind.state_file: kind.snapshot() for kind in changed}
         try:
-            seqs = await asyncio.to_thread(self._write, changes, work, router_state, firing_state, now)
+            seqs = await asyncio.to_thread(self._write, changes, work, states, now)
         except OSError:
             await asyncio.to_thread(self._restore)  # back to what the disk says was enqueued
             raise
-        for name in resent:
-            self._resend_seq[name] = seqs[name]
+        for kind in self._in_use:
+            kind.written(seqs)
         for name, payloads in work.items():
             if payloads:
                 self.deliveries[name].kick()
 
-    def _write(self, changes: list[dict[str, Any]], work: dict[str, list[Any]], router_state: dict | None,
-               firing_state: dict | None, now: float) -> dict[str, int]:
-        """alerts.jsonl, the outboxes, then the state that says they are enqueued; the seq of
-        each outbox's last new record."""
+    def _write(self, changes: list[dict[str, Any]], work: dict[str, list[Any]], states: dict[str, dict],
+               now: float) -> dict[str, int]:
+        """alerts.jsonl, the outboxes, then the state that says they are enqueued (file name ->
+        state of each kind that changed); the seq of each outbox's last new record."""
         with self._write_lock:
             self.alert_log.append(changes)
             last = {}
@@ -416,18 +405,15 @@ class Notifier:
                 records = self.deliveries[name].outbox.append(payloads, now)
                 if records:
                     last[name] = records[-1].seq
-            if router_state is not None:
-                write_atomically(self.state_dir / "router.json", json.dumps(router_state))
-            if firing_state is not None:
-                write_atomically(self.state_dir / "alertmanager.json", json.dumps(firing_state))
+            for name, state in states.items():
+                write_atomically(self.state_dir / name, json.dumps(state))
             return last
 
     async def _timer(self) -> None:
-        """Router.due() when the next group is due, and at least every TICK_S; re-pushes to
-        Alertmanager every resend_interval_s."""
+        """Each receiver kind at its next wakeup (a group due, an Alertmanager re-push), and
+        at least every TICK_S."""
         while True:
-            wake = [t for t in (self.router.next_wakeup() if self.webhooks else None,
-                                self.firing.next_resend if self.alertmanagers else None) if t is not None]
+            wake = [t for t in (kind.next_wakeup() for kind in self._in_use) if t is not None]
             timeout = max(0.01, min([TICK_S, *(t - time.time() for t in wake)]))
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)

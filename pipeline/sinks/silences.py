@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from pipeline.config import ConfigError
+from pipeline.humanize import age
 from pipeline.model import iso_utc, parse_iso_utc
 from pipeline.sinks.files import write_atomically
 
@@ -235,7 +236,6 @@ def silence_store(data_dir: str | os.PathLike[str]) -> SilenceStore:
 
 def silences_table(silences: list[Silence], now: float, path: Path, expired_too: bool = False) -> str:
     """Silences as an aligned text table, then a line saying how many and from where."""
-    from pipeline.analytics.alerts_table import age
     if not silences:
         return f"no {'' if expired_too else 'active '}silences (in {path})"
     head = ["ID", "MATCHERS", "ENDS", "CREATED BY", "COMMENT"]

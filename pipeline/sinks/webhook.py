@@ -1,5 +1,7 @@
 """Receivers over HTTP: who they are (validated at start), how a request is signed,
-and one POST with its outcome. Also the webhook kind's payload, Alertmanager's v4.
+and one POST with its outcome: what every receiver kind shares. What each kind sends
+is in pipeline/sinks/receivers/ (the webhook kind, Alertmanager's v4 payload; the
+alertmanager kind, API v2 pushes).
 
 A receiver's URL may carry credentials (user:password@, sent as HTTP basic auth) or
 a token in its query string: neither is ever logged or written anywhere. Logs show
@@ -27,6 +29,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 from pipeline import __version__
 from pipeline.config import AlertsConfig, ConfigError, ReceiverConfig
 from pipeline.redact import redact_text, redact_url
+from pipeline.sinks.receivers import receiver_kind
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ _RESPONSE_LIMIT = 1 << 16  # bytes of a response body read (the rest is not want
 class Receiver:
     """A validated receiver: everything delivery needs, secrets kept out of repr."""
     name: str
-    kind: str                 # webhook | alertmanager
+    kind: str                 # a key of RECEIVER_KINDS (pipeline/sinks/receivers): webhook | alertmanager
     url: str = field(repr=False)  # as configured (may hold credentials)
     shown: str                # redacted, for logs
     secret: bytes | None = field(default=None, repr=False)
@@ -48,10 +51,8 @@ class Receiver:
 
     @property
     def post_url(self) -> str:
-        if self.kind == "alertmanager":
-            parts = urlsplit(self.url)
-            return parts._replace(path=parts.path.rstrip("/") + "/api/v2/alerts").geturl()
-        return self.url
+        """Where its requests go: the url, or where its kind says (alertmanager: <url>/api/v2/alerts)."""
+        return receiver_kind(self.kind).post_url(self.url)
 
 
 def load_receivers(cfg: AlertsConfig, env: Mapping[str, str] | None = None, warn: bool = True) -> list[Receiver]:
@@ -286,35 +287,11 @@ def _outcome(resp: http.client.HTTPResponse, text: bytes) -> Outcome:
     return Outcome(False, reason, permanent=True)
 
 
-# ---- the webhook kind's payload -------------------------------------------------------
+# ---- shared by the receiver kinds' payloads -----------------------------------------
 
 def generator_url(external_url: str, fp: str) -> str:
     """Where the alert comes from: <alerts.external_url>/alerts/<fingerprint>, or ''."""
     return f"{external_url.rstrip('/')}/alerts/{fp}" if external_url else ""
-
-
-def webhook_payload(receiver: str, group_key: str, group_labels: dict[str, str], alerts: list[dict[str, Any]],
-                    external_url: str) -> dict[str, Any]:
-    """Alertmanager's webhook payload (version 4) of one group notification; the alerts
-    keep Fleetwatch's detector, score and evidence (Alertmanager consumers ignore them)."""
-    out = [{**a, "generatorURL": generator_url(external_url, a["fingerprint"])} for a in alerts]
-    return {
-        "version": "4",
-        "groupKey": group_key,
-        "truncatedAlerts": 0,
-        "status": "firing" if any(a["status"] == "firing" for a in alerts) else "resolved",
-        "receiver": receiver,
-        "groupLabels": group_labels,
-        "commonLabels": _common([a["labels"] for a in alerts]),
-        "commonAnnotations": _common([a["annotations"] for a in alerts]),
-        "externalURL": external_url,
-        "alerts": out,
-    }
-
-
-def _common(dicts: list[dict[str, str]]) -> dict[str, str]:
-    first = dicts[0] if dicts else {}
-    return {k: v for k, v in first.items() if all(d.get(k) == v for d in dicts[1:])}
 
 
 def body_of(payload: Any) -> bytes:

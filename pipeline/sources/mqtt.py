@@ -128,7 +128,8 @@ class _Point:
     device: str
     metric: str
     meta: PointMeta
-    last_ns: int = -1
+    last_ns: int = -1       # the newest reading's time, at most the receiver's clock then
+    last_raw_ns: int = -1   # the newest reading's own time
 
 
 class DeadLetterFile:
@@ -206,12 +207,13 @@ class MqttCollector:
         except Rejected as e:
             self._dead_letter(topic, payload, e)
             return
-        if ts <= point.last_ns:
+        if ts <= point.last_ns or ts == point.last_raw_ns:
             self.stats.duplicates += 1
             return
-        # A reading ahead of the receiver's clock (within the window) is taken, but only
-        # the clock's time is remembered: dedupe never trusts a future timestamp.
-        point.last_ns = min(ts, int(self.window.now() * 1e9)) if self.window.max_ahead_s else ts
+        # A reading ahead of the receiver's clock is taken (within the window), but as "the
+        # newest seen" only the clock's time is remembered: dedupe never trusts a future
+        # timestamp. Its own time still catches a second copy of it.
+        point.last_ns, point.last_raw_ns = min(ts, int(self.window.now() * 1e9)), ts
         self._ts.append(ts)
         self._rack.append(point.meta.rack)
         self._device.append(point.device)
@@ -372,3 +374,73 @@ async def until_first_error(*coros: Awaitable[None]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
     for t in done:
         t.result()
+
+
+class MqttSource:
+    """The MQTT facility collector as a Source (sources/base.py). A collector: it stops after
+    the other sources of its process, once what they sent it over MQTT stopped arriving
+    (`settle`); with the simulator's BMS publisher in the same process it subscribes before
+    the simulator starts (`ready`: the broker keeps readings only for sessions that exist)."""
+
+    def __init__(self, collector: MqttCollector, broker: str, dead_letter_path: Path, wait_subscribed: bool) -> None:
+        self.collector, self.broker, self.dead_letter_path = collector, broker, dead_letter_path
+        self.wait_subscribed = wait_subscribed
+
+    async def run(self, emit, stop: asyncio.Event) -> None:
+        from pipeline.bus.base import Topic
+
+        async def publish(batch: pa.RecordBatch) -> None:
+            await emit(Topic.FACILITY, batch)
+        await self.collector.run(publish, stop)
+
+    async def ready(self, running: asyncio.Task, timeout_s: float, stop: asyncio.Event) -> None:
+        """Subscribed, or timeout_s passed, or the process was told to stop meanwhile."""
+        if not self.wait_subscribed:
+            return
+        subscribed = asyncio.create_task(self.collector.subscribed.wait())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([subscribed, running, stopped], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not subscribed.done():
+            subscribed.cancel()
+            if stop.is_set():
+                return
+            log.warning("MQTT at %s: not subscribed after %g s; starting the simulator anyway (its first "
+                        "readings may be lost)", self.broker, timeout_s)
+
+    async def settle(self, quiet_s: float = 0.5, at_most_s: float = 10.0) -> None:
+        """Wait until the messages stop arriving for quiet_s (at most at_most_s)."""
+        deadline = time.monotonic() + at_most_s
+        last = self.collector.stats.messages
+        while time.monotonic() < deadline:
+            await asyncio.sleep(quiet_s)
+            if self.collector.stats.messages == last:
+                return
+            last = self.collector.stats.messages
+
+    def stats(self) -> dict[str, int]:
+        c = self.collector.stats
+        return {"messages": c.messages, "rows": c.rows, "duplicates": c.duplicates,
+                "dead_letters": sum(c.dead_letters.values()), "reconnects": c.reconnects}
+
+    def describe(self) -> str:
+        return f"facility data from MQTT at {self.broker} ({self.collector.subscription})"
+
+    def report(self, log: logging.Logger) -> None:
+        c = self.collector.stats
+        log.info("facility collector: %d MQTT messages, %d facility readings collected, %d duplicates dropped, "
+                 "%d dead-lettered%s to %s, %d reconnects", c.messages, c.rows, c.duplicates,
+                 sum(c.dead_letters.values()), f" {c.dead_letters}" if c.dead_letters else "", self.dead_letter_path,
+                 c.reconnects)
+
+
+def build(ctx, spec) -> MqttSource:
+    """The facility role: the collector of mqtt.broker's tree for this site, checking
+    reading times against the process's intake window."""
+    from pipeline.config import host_port
+    cfg, m = ctx.cfg, ctx.cfg.mqtt
+    collector = MqttCollector(*host_port("mqtt.broker", m.broker, 1883), site=m.site or cfg.fleet.site,
+                              dead_letter_path=cfg.mqtt_dead_letters, client_id=m.client_id or None,
+                              topic_root=m.topic_root, window=ctx.window())
+    # The simulator of this process publishes its facility data on the broker (simulate's build).
+    return MqttSource(collector, m.broker, cfg.mqtt_dead_letters, wait_subscribed="simulate" in ctx.roles)

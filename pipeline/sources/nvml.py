@@ -386,3 +386,44 @@ def events_batch(rows: list[dict]) -> pa.RecordBatch:
     cols = {f.name: pa.array([r[f.name] for r in rows], pa.int64() if f.name == "ts" else f.type) for f in EVENT}
     cols["ts"] = cols["ts"].cast(EVENT.field("ts").type)
     return pa.RecordBatch.from_pydict(cols, schema=EVENT)
+
+
+class NvmlSource:
+    """The NVML agent as a Source (sources/base.py): this node's scrapes and its events,
+    from the GPUs or, with a recording (sources/nvml_replay.py), from that instead."""
+
+    def __init__(self, agent: NvmlAgent, replay=None, replay_name: str = "") -> None:
+        self.agent, self.replay, self.replay_name = agent, replay, replay_name
+        self.gpu_samples = 0
+
+    async def run(self, emit, stop: asyncio.Event) -> None:
+        import contextlib
+
+        from pipeline.bus.base import Topic
+
+        async def samples(batch: pa.RecordBatch) -> None:
+            await emit(Topic.GPU, batch)
+            self.gpu_samples += batch.num_rows
+
+        async def events(batch: pa.RecordBatch) -> None:
+            await emit(Topic.EVENTS, batch)
+        with self.replay.installed() if self.replay is not None else contextlib.nullcontext():
+            await self.agent.run(samples, events, stop)
+
+    def stats(self) -> dict[str, int]:
+        return {"gpu_samples": self.gpu_samples}
+
+    def describe(self) -> str:
+        return f"NVML agent on {self.agent.node}" + (f" (replaying {self.replay_name})" if self.replay else "")
+
+
+def build(ctx, spec) -> NvmlSource:
+    """The agent role: this node (agent.node, else the host name), replaying agent.replay if set."""
+    import socket
+    a = ctx.cfg.agent
+    agent = NvmlAgent(a, a.node or socket.gethostname())
+    replay = None
+    if a.replay:
+        from pipeline.sources.nvml_replay import NvmlReplay
+        replay = NvmlReplay(a.replay, a.replay_gpus)
+    return NvmlSource(agent, replay, a.replay)

@@ -30,20 +30,13 @@ import pyarrow as pa
 
 from pipeline.config import FleetConfig
 from pipeline.faults import FAULTS_BY_NAME, NORMAL_EVENTS
-from pipeline.model import EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE
-
-# NVML clocks event reasons
-REASON_IDLE = 0x1
-REASON_SW_POWER_CAP = 0x4
-REASON_HW_SLOWDOWN = 0x8
-REASON_HW_THERMAL = 0x40
-REASON_HW_POWER_BRAKE = 0x80
+from pipeline.model import COOLANT_CP_J_PER_KG_K, EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE
+from pipeline.model import ClockEventReason as Reason
 
 IDLE_POWER_W = 71.0
 NODE_BASE_POWER_W = 1500.0        # CPUs, NICs, fans, PSU losses of an idle node
 NODE_LOAD_POWER_W = 1500.0        # extra at full utilisation
 LIQUID_FRACTION = 0.8             # share of IT heat the coolant loop removes
-CP_WATER = 4186.0                 # J/(kg K); 1 litre ~ 1 kg
 NOMINAL_FLOW_LPM = 100.0
 NOMINAL_DP_KPA = 150.0
 COOLING_OVERHEAD = 0.12           # site meter: chillers, pumps, fans per W of IT
@@ -423,7 +416,8 @@ class FleetSimulator:
         power = np.where(busy, np.minimum(demand * rng.normal(1.0, 0.004, G), limit - np.abs(rng.normal(1.5, 1.0, G))),
                          IDLE_POWER_W + rng.normal(0.0, 0.3, G))
         sm = np.where(capped, 1380.0 + 15.0 * rng.integers(-2, 3, G), np.where(busy, 1980.0, 345.0))
-        reasons = np.where(capped, REASON_SW_POWER_CAP, np.where(busy, 0, REASON_IDLE)).astype(np.int64)
+        reasons = np.where(capped, int(Reason.SW_POWER_CAP),
+                           np.where(busy, 0, int(Reason.GPU_IDLE))).astype(np.int64)
         perf = fx["perf"]
         slow = busy & (perf < 1.0)
         power = np.where(slow, power * perf, power)
@@ -433,12 +427,13 @@ class FleetSimulator:
         braked = ~np.isnan(brake_w) & busy
         power = np.where(braked, brake_w * rng.normal(1.0, 0.01, G), power)
         sm = np.where(braked, 600.0 + 15.0 * rng.integers(-3, 4, G), sm)
-        reasons = np.where(braked, reasons & ~REASON_SW_POWER_CAP | REASON_HW_POWER_BRAKE | REASON_HW_SLOWDOWN, reasons)
+        reasons = np.where(braked, reasons & ~int(Reason.SW_POWER_CAP)
+                           | int(Reason.HW_POWER_BRAKE_SLOWDOWN | Reason.HW_SLOWDOWN), reasons)
         # HW thermal slowdown: a GPU at its slowdown temperature halves its clocks.
         hot = self.g_fast + self.g_slow >= 2 * SLOWDOWN_C
         power = np.where(hot & busy, power * 0.6, power)
         sm = np.where(hot & busy, np.round(sm * 0.5 / 15.0) * 15.0, sm)
-        reasons = np.where(hot, reasons | REASON_HW_THERMAL | REASON_HW_SLOWDOWN, reasons)
+        reasons = np.where(hot, reasons | int(Reason.HW_THERMAL_SLOWDOWN | Reason.HW_SLOWDOWN), reasons)
         self.last_power = power
 
         # Rack power and coolant.
@@ -447,7 +442,7 @@ class FleetSimulator:
                       + NODE_BASE_POWER_W + NODE_LOAD_POWER_W * np.bincount(self.gpu_node, util, self.n_nodes) / cfg.gpus_per_node)
         rack_it = np.bincount(self.node_rack, node_power, self.n_racks)
         flow = NOMINAL_FLOW_LPM * fx["flow"] * rng.normal(1.0, 0.005, self.n_racks)
-        delta_t = LIQUID_FRACTION * fx["liquid"] * rack_it / (flow / 60.0 * CP_WATER)
+        delta_t = LIQUID_FRACTION * fx["liquid"] * rack_it / (flow / 60.0 * COOLANT_CP_J_PER_KG_K)
         supply = cfg.supply_temp_c + rng.normal(0.0, 0.05, self.n_racks)
         a_ret = 1.0 - np.exp(-dt / RETURN_TAU_S)
         self.return_temp += (cfg.supply_temp_c + delta_t - self.return_temp) * a_ret
@@ -509,3 +504,78 @@ class FleetSimulator:
         fcols["value"] = values
         facility = pa.RecordBatch.from_pydict({f.name: fcols[f.name] for f in FACILITY_SAMPLE}, schema=FACILITY_SAMPLE)
         return gpu, facility
+
+
+class SimulatorSource:
+    """The simulated fleet as a Source (sources/base.py): one scrape per sample interval,
+    paced to `speed` x real time (0 = flat out). With a BMS publisher (sources/bms.py) the
+    facility readings go out on MQTT instead of the bus, as a real site's do, and the
+    publisher drains its buffer after the stop."""
+
+    def __init__(self, sim: FleetSimulator, speed: float, bms=None, mqtt_broker: str = "") -> None:
+        self.sim, self.speed, self.bms, self.mqtt_broker = sim, speed, bms, mqtt_broker
+        self.gpu_samples = 0
+
+    async def run(self, emit, stop) -> None:
+        import asyncio
+        if self.bms is None:
+            await self._simulate(emit, stop)
+        else:
+            await asyncio.gather(self._simulate(emit, stop), self.bms.run(stop))
+
+    async def _simulate(self, emit, stop) -> None:
+        import asyncio
+        import time
+
+        from pipeline.bus.base import Topic
+        t0 = time.monotonic()
+        while not stop.is_set():
+            tick = self.sim.step()
+            if self.bms is not None:
+                self.bms.publish(tick.facility)
+            await emit(Topic.GPU, tick.gpu)
+            if self.bms is None:
+                await emit(Topic.FACILITY, tick.facility)
+            if tick.events is not None:  # a node's events go where its telemetry goes (keyed by node)
+                await emit(Topic.EVENTS, tick.events)
+            self.gpu_samples += tick.gpu.num_rows
+            if tick.labels is not None:
+                await emit(Topic.LABELS, tick.labels)
+            if self.speed > 0:
+                delay = t0 + self.sim.t / self.speed - time.monotonic()
+                if delay > 0:
+                    try:
+                        await asyncio.wait_for(stop.wait(), delay)
+                    except TimeoutError:
+                        pass
+                    continue
+            await asyncio.sleep(0)  # behind schedule or flat out: let the consumers run
+
+    def stats(self) -> dict[str, int]:
+        s = {"gpu_samples": self.gpu_samples}
+        if self.bms is not None:
+            s.update(facility_readings_published=self.bms.stats.readings, facility_readings_dropped=self.bms.stats.dropped)
+        return s
+
+    def describe(self) -> str:
+        f = self.sim.cfg
+        return (f"{f.racks} racks x {f.nodes_per_rack} nodes x {f.gpus_per_node} GPUs simulated"
+                + (f" (facility data on MQTT at {self.mqtt_broker})" if self.bms is not None else ""))
+
+    def report(self, log) -> None:
+        if self.bms is not None:
+            log.info("BMS simulator: %d facility readings published on MQTT, %d dropped (buffer full)",
+                     self.bms.stats.readings, self.bms.stats.dropped)
+
+
+def build(ctx, spec) -> SimulatorSource:
+    """The simulate role: the context's simulator; with mqtt.broker set, its facility data
+    goes to that broker through a BMS publisher."""
+    cfg, m = ctx.cfg, ctx.cfg.mqtt
+    bms = None
+    if m.broker:
+        from pipeline.config import host_port
+        from pipeline.sources.bms import BmsPublisher
+        bms = BmsPublisher(*host_port("mqtt.broker", m.broker, 1883), client_id=f"fleetwatch-bms-sim-{cfg.fleet.site}",
+                           topic_root=m.topic_root)
+    return SimulatorSource(ctx.simulator(), cfg.fleet.speed, bms, m.broker)

@@ -1,4 +1,4 @@
-"""Alertmanager push: receivers of kind `alertmanager` get Fleetwatch's alerts the way
+"""The alertmanager kind: receivers of kind `alertmanager` get Fleetwatch's alerts the way
 Prometheus sends them, as a JSON list to POST <url>/api/v2/alerts.
 
 Every state change is pushed (a resolution with its endsAt), and the alerts still
@@ -12,9 +12,13 @@ to webhook receivers only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+from urllib.parse import urlsplit
 
-from pipeline.sinks.webhook import generator_url
+from pipeline.config import AlertsConfig
+from pipeline.sinks.receivers.base import Enqueued, ReceiverKind
+from pipeline.sinks.silences import SilenceStore
+from pipeline.sinks.webhook import Receiver, generator_url
 
 CHUNK = 500  # alerts per push, so one request (and one outbox record) stays small
 
@@ -80,3 +84,48 @@ class FiringAlerts:
     def restore(self, state: dict[str, Any]) -> None:
         self.last_resend = float(state.get("last_resend", 0.0))
         self._firing = dict(state.get("firing", {}))
+
+
+class AlertmanagerKind(ReceiverKind):
+    kind = "alertmanager"
+    state_file = "alertmanager.json"  # the firing alerts and the last re-push
+    counts = "pushes"
+
+    def __init__(self, cfg: AlertsConfig, receivers: list[Receiver], silences: SilenceStore | None) -> None:
+        super().__init__(cfg, receivers, silences)
+        self.firing = FiringAlerts(cfg.resend_interval_s, cfg.external_url)
+        self._resend_seq: dict[str, int] = {}  # receiver -> last record of its latest re-push
+        self._resent: set[str] = set()         # receivers given a re-push by the last enqueue()
+
+    @staticmethod
+    def post_url(url: str) -> str:
+        parts = urlsplit(url)
+        return parts._replace(path=parts.path.rstrip("/") + "/api/v2/alerts").geturl()
+
+    def enqueue(self, changes: list[dict[str, Any]], now: float, acked: Callable[[str], int]) -> Enqueued:
+        pushes = self.firing.changes(changes, now) if changes else []
+        resend = self.firing.resend(now)
+        out, self._resent = {}, set()
+        for r in self.receivers:
+            # At most one re-push waits in an outbox: an outage piles none up.
+            again = resend if acked(r.name) >= self._resend_seq.get(r.name, 0) else []
+            if again:
+                self._resent.add(r.name)
+            out[r.name] = pushes + again
+        return Enqueued(out, bool(pushes or resend))
+
+    def written(self, last_seq: dict[str, int]) -> None:
+        for name in self._resent:
+            self._resend_seq[name] = last_seq[name]
+
+    def next_wakeup(self) -> float | None:
+        return self.firing.next_resend
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.firing.snapshot()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.firing.restore(state)
+
+
+KIND = AlertmanagerKind

@@ -1,0 +1,64 @@
+"""Physics of each rack's coolant loop: the heat it carries away (flow x heat capacity x
+delta-T) against the PDU's power (RackHeatImbalance). It keeps the rack's latest coolant
+readings, which the rack-against-site peers read too."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.bus.base import Topic
+from pipeline.detect.batch import FacilityBatch, Output
+from pipeline.detect.families.siblings import COOLANT_ALERTS
+from pipeline.detect.family import Family, State, evidence, lag
+from pipeline.detect.inventory import PointKind
+from pipeline.model import COOLANT_CP_J_PER_KG_K
+
+
+class HeatBalance(Family):
+    topic = Topic.FACILITY
+    name = "heat_balance"
+    raises = ("RackHeatImbalance",)
+    # Per rack: the latest coolant readings, and the delta-T its PDU's power predicts,
+    # through the coolant's lag.
+    loop = State("rack", fields={"supply_c": (np.float64, np.nan), "return_c": (np.float64, np.nan),
+                                 "flow_lpm": (np.float64, np.nan), "expected_dt": (np.float64, np.nan),
+                                 "power_t": (np.float64, np.nan)}, checkpoint="rack")
+
+    def evaluate(self, b: FacilityBatch, out: Output) -> None:
+        """Liquid cooling takes a known share of IT power, so the PDU's power and the flow
+        predict the delta-T; the return temperature follows a change with the coolant's
+        lag, and so does the prediction. A loop that carries much less (air in it, cold
+        plates losing contact, heat going to the room) or more (a drifting flow or
+        temperature sensor) is wrong. Judged when the PDU reports, with the prediction
+        settled, and only where the expected delta-T is well above sensor resolution."""
+        d, loop, kind, rack, value = self.config, self.loop, b.kind, b.rack, b.value
+        loop.ensure(self.inventory.rack_count)
+        for k, name in ((PointKind.SUPPLY, "supply_c"), (PointKind.RETURN, "return_c"), (PointKind.FLOW, "flow_lpm")):
+            rows = np.flatnonzero((kind == k) & np.isfinite(value))
+            getattr(loop, name)[rack[rows]] = value[rows]
+        rows = np.flatnonzero((kind == PointKind.PDU_POWER) & np.isfinite(value) & (rack >= 0))
+        if rows.size == 0:
+            return
+        racks, power, t_row = rack[rows], value[rows], b.ts[rows]
+        heat_capacity_w_per_c = loop.flow_lpm[racks] / 60.0 * COOLANT_CP_J_PER_KG_K  # kg/s x J/(kg K)
+        predicted = d.liquid_fraction * power / heat_capacity_w_per_c
+        dt = t_row - loop.power_t[racks]
+        a = np.where(np.isfinite(dt), 1.0 - np.exp(-np.maximum(dt, 0.0) / max(d.coolant_lag_s, 1e-9)), 0.0)
+        measured = loop.return_c[racks] - loop.supply_c[racks]
+        # A rack seen for the first time starts from what it measures (its history is
+        # unknown) and is judged once the prediction has caught up with its power.
+        prev = np.where(np.isnan(loop.expected_dt[racks]), measured, loop.expected_dt[racks])
+        expected = lag(prev, predicted, a)
+        loop.expected_dt[racks], loop.power_t[racks] = expected, t_row
+        ratio = measured / expected
+        settled = np.abs(predicted - expected) < 0.1 * expected
+        explained = self.engine.racks_alerted(*COOLANT_ALERTS, "RackThermalAnomaly", "PduOverload")[racks]
+        judged = np.flatnonzero(settled & np.isfinite(ratio) & (expected >= d.heat_balance_min_delta_c) & ~explained)
+        coolant_w = heat_capacity_w_per_c * measured
+        self.judge(out, "RackHeatImbalance", racks[judged], np.abs(ratio[judged] - 1.0) > d.heat_balance_tolerance,
+                   b.now, ratio[judged],
+                   evidence(coolant_w=coolant_w[judged], power_w=power[judged],
+                            ratio=(coolant_w / power)[judged], expected=d.liquid_fraction,
+                            delta_t_c=measured[judged], expected_delta_t_c=expected[judged],
+                            tolerance=d.heat_balance_tolerance, flow_lpm=loop.flow_lpm[racks[judged]],
+                            supply_c=loop.supply_c[racks[judged]], return_c=loop.return_c[racks[judged]]))

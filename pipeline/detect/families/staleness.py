@@ -1,0 +1,75 @@
+"""Who reports, how often, and who went silent: a GPU of a reporting node that stopped
+(GpuNotReporting) and a node that stopped (NodeNotReporting)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.bus.base import Topic
+from pipeline.detect.batch import GpuBatch, Output
+from pipeline.detect.family import Family, State
+
+
+class Staleness(Family):
+    topic = Topic.GPU
+    name = "staleness"
+    raises = ("GpuNotReporting", "NodeNotReporting")
+    gpu = State("gpu", fields={"last_seen": (np.float64, np.nan), "interval": (np.float64, np.nan),
+                               "offbus": (np.bool_, False)})  # fell off the bus: not also GpuNotReporting
+    node = State("node", fields={"last_seen": (np.float64, np.nan), "interval": (np.float64, np.nan)})
+
+    def ensure(self) -> None:
+        self.gpu.ensure(self.inventory.gpu_count)
+        self.node.ensure(self.inventory.node_count)
+
+    def observe(self, b: GpuBatch) -> None:
+        """Reporting cadence: each GPU's interval (a slow average of its gaps), and the gap
+        since its previous sample for the families that follow lags."""
+        self.ensure()
+        gpu, node, slots, ts = self.gpu, self.node, b.slots, b.ts
+        gap = ts - gpu.last_seen[slots]
+        seen_before = np.isfinite(gap) & (gap > 0)
+        interval = gpu.interval[slots]
+        gpu.interval[slots] = np.where(seen_before, np.where(np.isnan(interval), gap, 0.9 * interval + 0.1 * gap),
+                                       interval)
+        gpu.last_seen[slots] = ts
+        node.last_seen[b.node] = ts
+        node.interval[b.node] = gpu.interval[slots]
+        gpu.offbus[slots] = False  # a GPU that reports is on the bus again
+        b.gap = np.where(seen_before, gap, np.nan)
+
+    def evaluate(self, b: GpuBatch, out: Output) -> None:
+        """GPUs of reporting nodes that went silent, and nodes that went silent.
+
+        A GPU is judged against its own node's latest sample, so it does not matter
+        how far apart different nodes' data arrive. A node is judged against the
+        latest sample of the whole fleet, which holds only where all nodes' data
+        arrive in one order (in-process); over Kafka's partitions that needs
+        per-partition watermarks (roadmap), so it is off there (Engine(node_staleness=False))."""
+        inv, gpu, node, k, t = self.inventory, self.gpu, self.node, self.config.missing_after_intervals, b.now
+        n_gpus, n_nodes = inv.gpu_count, inv.node_count
+        present = np.zeros(n_nodes, bool)
+        present[b.nodes] = True
+        gpu_node = inv.gpu.node[:n_gpus]
+        cand = np.flatnonzero(present[gpu_node] & ~inv.gpu.retired[:n_gpus])
+        silent = node.last_seen[gpu_node[cand]] - gpu.last_seen[cand]
+        self.judge(out, "GpuNotReporting", cand, (silent > k * gpu.interval[cand]) & ~gpu.offbus[cand], t, silent,
+                   lambda i: {"silent_s": float(silent[i])})
+        if not self.engine.node_staleness:
+            return
+        all_nodes = np.arange(n_nodes)
+        node_silent = t - node.last_seen[:n_nodes]
+        self.judge(out, "NodeNotReporting", all_nodes, node_silent > 2 * k * node.interval[:n_nodes], t, node_silent,
+                   lambda i: {"silent_s": float(node_silent[i])})
+
+    def latest(self) -> float | None:
+        """Unix seconds of the latest GPU sample seen (None before any)."""
+        self.ensure()
+        seen = self.node.last_seen[:self.inventory.node_count]
+        return float(np.nanmax(seen)) if np.isfinite(seen).any() else None
+
+    def shift(self, seconds: float) -> None:
+        """Move every last-seen time by `seconds` (a resumed process: its downtime is no silence)."""
+        self.ensure()
+        self.gpu.last_seen[:self.inventory.gpu_count] += seconds
+        self.node.last_seen[:self.inventory.node_count] += seconds

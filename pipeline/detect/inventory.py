@@ -1,0 +1,203 @@
+"""Who is who: the GPUs, nodes, racks and facility points the engine has seen, each
+with a dense slot (the index of its state in every family's arrays), its labels, and
+the bus key its data arrives under. Identities are not detector state: a checkpoint
+carries them as its rows' labels and `slots_for` registers them again."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.detect.health import NodeIdentity
+from pipeline.detect.state import KeyIndex, SlotArrays
+
+log = logging.getLogger("pipeline.detect.engine")
+
+
+class PointKind:
+    """What a facility point measures, for the detectors that read it (plain ints, as
+    numpy compares them per batch)."""
+    OTHER, LEAK, FLOW, PDU_POWER, SITE_POWER, SUPPLY, RETURN = range(7)
+
+
+def point_kind(device: str, metric: str, rack: str) -> int:
+    if metric == "leak":
+        return PointKind.LEAK
+    if metric == "flow_lpm":
+        return PointKind.FLOW
+    if metric == "supply_temp_c":
+        return PointKind.SUPPLY
+    if metric == "return_temp_c":
+        return PointKind.RETURN
+    if metric == "power_w" and device.startswith("pdu"):
+        return PointKind.PDU_POWER
+    if metric == "power_w" and not rack:
+        return PointKind.SITE_POWER
+    return PointKind.OTHER
+
+
+class Inventory:
+    def __init__(self) -> None:
+        self.current: pa.RecordBatch | None = None  # the batch whose new keys are being registered
+        # Keys -> slots: GPU UUID, node name, "site/rack", "device/metric".
+        self.gpu_ids = KeyIndex(self._new_gpus)
+        self.node_ids = KeyIndex(self._new_nodes)
+        self.rack_ids = KeyIndex(self._new_racks)
+        self.point_ids = KeyIndex(self._new_points)
+        self.gpu = SlotArrays({"node": (np.int64, -1), "index": (np.int64, 0),
+                               "retired": (np.bool_, False)})  # replaced by another UUID in its (node, index)
+        self.node = SlotArrays({"rack": (np.int64, -1)})
+        self.point = SlotArrays({"rack": (np.int64, -1), "kind": (np.int8, PointKind.OTHER)})
+        self.gpu_count = 0
+        self.node_names: list[str] = []
+        self.rack_names: list[tuple[str, str]] = []   # (site, rack)
+        self.rack_site: list[int] = []  # site index of each rack slot (racks of one site are peers)
+        self.site_index: dict[str, int] = {}
+        self.point_devices: list[str] = []
+        self.gpu_at: dict[tuple[int, int], int] = {}  # (node, GPU index) -> the slot of the GPU there now
+        self.replaced: list[tuple[int, int]] = []     # (old slot, new slot) seen, not yet handled
+
+    @property
+    def node_count(self) -> int:
+        return len(self.node_names)
+
+    @property
+    def rack_count(self) -> int:
+        return len(self.rack_ids)
+
+    # ---- new keys ----------------------------------------------------------------
+
+    def _new_nodes(self, keys: pa.Array, rows: np.ndarray) -> None:
+        b = self.current
+        rack_keys = pc.binary_join_element_wise(b.column("site").take(rows), b.column("rack").take(rows), "/")
+        racks = self.rack_ids.slots(rack_keys)
+        start = len(self.node_names)
+        self.node_names.extend(keys.to_pylist())
+        self.node.ensure(len(self.node_names))
+        self.node.rack[start:start + len(rows)] = racks
+
+    def _new_racks(self, keys: pa.Array, rows: np.ndarray) -> None:
+        for key in keys.to_pylist():
+            site, rack = key.split("/", 1)
+            self.rack_names.append((site, rack))
+            self.rack_site.append(self.site_index.setdefault(site, len(self.site_index)))
+
+    def _new_gpus(self, keys: pa.Array, rows: np.ndarray) -> None:
+        b = self.current
+        # Look up the whole column so that new nodes' row positions refer to this batch.
+        nodes = self.node_ids.slots(b.column("node"))[rows]
+        start = self.gpu_count
+        self.gpu_count = start + len(rows)
+        gpu = self.gpu
+        gpu.ensure(self.gpu_count)
+        gpu.node[start:self.gpu_count] = nodes
+        gpu.index[start:self.gpu_count] = b.column("gpu").take(rows).to_numpy(zero_copy_only=False)
+        for s in range(start, self.gpu_count):  # a UUID new in a (node, index) that has one: a replacement?
+            key = (int(gpu.node[s]), int(gpu.index[s]))
+            old = self.gpu_at.get(key)
+            if old is not None and not gpu.retired[old]:
+                self.replaced.append((old, s))
+            self.gpu_at[key] = s
+
+    def _new_points(self, keys: pa.Array, rows: np.ndarray) -> None:
+        b = self.current
+        start = len(self.point_devices)
+        self.point.ensure(start + len(rows))
+        devices = b.column("device").take(rows).to_pylist()
+        metrics = b.column("metric").take(rows).to_pylist()
+        racks = b.column("rack").take(rows).to_pylist()
+        sites = b.column("site").take(rows).to_pylist()
+        for i, (dev, metric, rack, site) in enumerate(zip(devices, metrics, racks, sites)):
+            self.point.kind[start + i] = point_kind(dev, metric, rack)
+            # Site-level devices (the main meter) belong to the site's entry, rack "".
+            self.point.rack[start + i] = self.rack_ids.slots(pa.array([f"{site}/{rack}"]))[0]
+        self.point_devices.extend(devices)
+
+    # ---- replaced GPUs -----------------------------------------------------------
+
+    def replacements(self, present: np.ndarray) -> list[tuple[int, int]]:
+        """(old slot, new slot) of each GPU replaced, given the GPU slots reporting now: a
+        (node, GPU index) reporting under another UUID (or a retired one put back).
+        Rare: plain Python. The caller retires the old series (`retire`)."""
+        gpu = self.gpu
+        pairs, self.replaced = self.replaced, []
+        for s in np.unique(present[gpu.retired[present]]).tolist():  # a retired GPU reports again
+            cur = self.gpu_at.get((int(gpu.node[s]), int(gpu.index[s])))
+            if cur is not None and cur != s and not gpu.retired[cur]:
+                pairs.append((cur, s))
+            else:
+                gpu.retired[s] = False
+        here = set(present.tolist())
+        out = []
+        for old, new in pairs:
+            key = (int(gpu.node[new]), int(gpu.index[new]))
+            if old in here:  # both report: two GPUs claim one index, which is no replacement
+                gpu.retired[new] = False
+                self.gpu_at[key] = old
+                log.warning("detect: %s and %s both report as GPU %d of %s; kept apart as two series",
+                            self.gpu_ids.keys[old].as_py(), self.gpu_ids.keys[new].as_py(), key[1],
+                            self.node_names[key[0]])
+                continue
+            self.gpu_at[key] = new
+            out.append((old, new))
+        return out
+
+    # ---- labels and identities ---------------------------------------------------
+
+    def labels_getter(self, scope: str):
+        def gpu(slot: int) -> dict[str, str]:
+            return {**node(int(self.gpu.node[slot])), "gpu": str(int(self.gpu.index[slot]))}
+
+        def node(n: int) -> dict[str, str]:
+            return {**rack(int(self.node.rack[n])), "node": self.node_names[n]}
+
+        def rack(r: int) -> dict[str, str]:
+            site, name = self.rack_names[r]
+            return {"site": site, "rack": name}
+        return {"gpu": gpu, "node": node, "rack": rack}[scope]
+
+    def node_identity(self, n: int) -> NodeIdentity:
+        site, rack = self.rack_names[int(self.node.rack[n])]
+        return NodeIdentity(site, rack, self.node_names[n])
+
+    def identities(self, scope: str) -> pa.RecordBatch:
+        """Every known entity of a scope, in slot order, with the labels that identify it
+        and `owner`: the bus key its data arrives under (node; rack, or site for site-level
+        facility devices)."""
+        nodes = np.asarray(self.node_names, dtype=object)
+        sites = np.asarray([s for s, _ in self.rack_names], dtype=object)
+        racks = np.asarray([r for _, r in self.rack_names], dtype=object)
+        if scope == "gpu":
+            node = self.gpu.node[:self.gpu_count]
+            rack = self.node.rack[node]
+            cols = {"gpu_uuid": self.gpu_ids.keys, "node": nodes[node], "site": sites[rack], "rack": racks[rack],
+                    "gpu": self.gpu.index[:self.gpu_count],
+                    "owner": np.where(self.gpu.retired[:self.gpu_count], None, nodes[node])}  # retired: no partition
+        elif scope == "node":
+            rack = self.node.rack[:len(nodes)]
+            cols = {"node": nodes, "site": sites[rack], "rack": racks[rack], "owner": nodes}
+        elif scope == "rack":  # a site's own entry (rack "") arrives keyed by the site
+            cols = {"site": sites, "rack": racks, "owner": np.where(racks == "", sites, racks)}
+        else:
+            rack = self.point.rack[:len(self.point_devices)]
+            parts = pc.split_pattern(self.point_ids.keys, "/", max_splits=1)
+            cols = {"device": pc.list_element(parts, 0), "metric": pc.list_element(parts, 1),
+                    "site": sites[rack], "rack": racks[rack],
+                    "owner": np.where(racks[rack] == "", sites[rack], racks[rack])}
+        return pa.RecordBatch.from_pydict({k: pa.array(v, pa.int16() if k == "gpu" else pa.string())
+                                           if not isinstance(v, pa.Array) else v for k, v in cols.items()})
+
+    def slots_for(self, scope: str, ids: pa.RecordBatch) -> np.ndarray:
+        """Slots of the entities in `ids` (columns as `identities` gives them), registering
+        the ones never seen."""
+        self.current = ids
+        if scope == "gpu":
+            return self.gpu_ids.slots(ids.column("gpu_uuid"))
+        if scope == "node":
+            return self.node_ids.slots(ids.column("node"))
+        if scope == "rack":
+            return self.rack_ids.slots(pc.binary_join_element_wise(ids.column("site"), ids.column("rack"), "/"))
+        return self.point_ids.slots(pc.binary_join_element_wise(ids.column("device"), ids.column("metric"), "/"))

@@ -1,0 +1,98 @@
+"""The role table: every role a fleetwatch process can run, in one place.
+
+A row says what the role is (a source, detect, a sink), what it reads (topics and
+consumer group) and writes, when `fleetwatch run` includes it, what it needs from the
+configuration, and where its builder is (`module:function`, imported only when a
+process runs the role: a notify-only process never imports the detector, whose
+import compiles Numba kernels). The daemon (pipeline/daemon.py) builds the rows of
+its roles through roles/context.py, starts them, and drains them stage by stage.
+The command line makes one subcommand per row.
+
+Builders take (ctx, spec): a source's returns a `Source` (sources/base.py), detect's
+and a sink's return the coroutine function that consumes until its input ends, or
+None when the configuration turns the role off (archive.enabled = false).
+
+Importing this module is cheap: nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pipeline.bus.base import Topic
+from pipeline.config import Config
+
+# Stages, in drain order: the sources stop first; the collectors (which read what other
+# sources of this process may still be sending them, e.g. over MQTT) after them; then the
+# sources' topics end, detect finishes and its topics end; then the sinks finish.
+SOURCE, COLLECTOR, DETECT, SINK = "source", "collector", "detect", "sink"
+
+SOURCE_TOPICS = [Topic.GPU, Topic.FACILITY, Topic.EVENTS, Topic.LABELS]
+DETECT_TOPICS = [Topic.ALERTS, Topic.HEALTH]
+DATASET_OF_TOPIC = {Topic.GPU: "gpu_samples", Topic.FACILITY: "facility_samples", Topic.EVENTS: "events",
+                    Topic.ALERTS: "alerts", Topic.HEALTH: "node_health", Topic.LABELS: "fault_labels"}
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    name: str
+    stage: str                                # SOURCE, COLLECTOR, DETECT or SINK
+    build: str                                # "module:function", imported when a process runs the role
+    help: str                                 # its `fleetwatch NAME` subcommand's help
+    in_run: Callable[[Config], bool]          # does `fleetwatch run` include it with this config?
+    inputs: tuple[Topic, ...] = ()            # topics it consumes ...
+    group: str = ""                           # ... in this consumer group
+    outputs: tuple[Topic, ...] = ()           # topics it produces
+    run_source: str = ""                      # its daemon.source value, for a source `run` can run
+    options: tuple[str, ...] = ()             # extra command-line options: "mqtt", "replay"
+    check: Callable[[Config], str] = field(default=lambda cfg: "")  # what is missing to run it ("" = nothing)
+
+
+ROLE_TABLE: tuple[RoleSpec, ...] = (
+    RoleSpec("simulate", SOURCE, "pipeline.sources.simulate:build",
+             "run only the fleet simulator, producing to Kafka",
+             in_run=lambda cfg: cfg.daemon.source == "simulate", run_source="simulate",
+             outputs=(Topic.GPU, Topic.FACILITY, Topic.EVENTS, Topic.LABELS), options=("mqtt",)),
+    RoleSpec("agent", SOURCE, "pipeline.sources.nvml:build",
+             "run only the NVML agent of this node's GPUs, producing to Kafka",
+             in_run=lambda cfg: cfg.daemon.source == "nvml", run_source="nvml",
+             outputs=(Topic.GPU, Topic.EVENTS), options=("replay",)),
+    RoleSpec("facility", COLLECTOR, "pipeline.sources.mqtt:build",
+             "run only the MQTT facility collector (a BMS topic tree), producing to Kafka",
+             in_run=lambda cfg: bool(cfg.mqtt.broker), outputs=(Topic.FACILITY,), options=("mqtt",),
+             check=lambda cfg: "" if cfg.mqtt.broker else
+             "the facility role reads a BMS's MQTT broker: give --mqtt HOST:PORT (mqtt.broker)"),
+    RoleSpec("detect", DETECT, "pipeline.roles.detect:build",
+             "run only detection, consuming from and producing to Kafka (consumer group 'detect')",
+             in_run=lambda cfg: True, inputs=(Topic.GPU, Topic.FACILITY, Topic.EVENTS), group="detect",
+             outputs=(Topic.ALERTS, Topic.HEALTH, Topic.EVENTS)),
+    RoleSpec("archive", SINK, "pipeline.sinks.archive_sink:build",
+             "run only the Parquet archive, consuming from Kafka (consumer group 'archive')",
+             in_run=lambda cfg: True, inputs=tuple(DATASET_OF_TOPIC), group="archive"),
+    RoleSpec("notify", SINK, "pipeline.sinks.notify_sink:build",
+             "run only alert delivery, consuming from Kafka (consumer group 'notify')",
+             in_run=lambda cfg: True, inputs=(Topic.ALERTS,), group="notify"),
+)
+ROLE_SPECS = {spec.name: spec for spec in ROLE_TABLE}
+ROLES = tuple(ROLE_SPECS)
+SOURCE_ROLES = {spec.run_source: spec.name for spec in ROLE_TABLE if spec.run_source}  # daemon.source -> role
+
+
+def run_roles(cfg: Config) -> frozenset[str]:
+    """What `fleetwatch run` runs: the configured source, the collectors that have
+    something to read (the MQTT facility collector with a broker) and every consumer."""
+    return frozenset(spec.name for spec in ROLE_TABLE if spec.in_run(cfg))
+
+
+def whole(roles: frozenset[str]) -> bool:
+    """A source and every consumer in one process: the in-process bus will do."""
+    consumers = {spec.name for spec in ROLE_TABLE if spec.stage in (DETECT, SINK)}
+    return consumers <= roles and any(spec.name in roles for spec in ROLE_TABLE if spec.stage in (SOURCE, COLLECTOR))
+
+
+def builder(spec: RoleSpec) -> Callable:
+    """The role's builder, imported now."""
+    import importlib
+    module, _, name = spec.build.partition(":")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,170 @@
+"""The detect role: telemetry in, alerts and node health out (the detector Engine), with
+its state checkpointed: over Kafka per partition in the state topic, in one transaction
+with the output and the input offsets; without Kafka in <data_dir>/state/.
+
+This module imports the Engine (whose import compiles Numba kernels): only a process
+that runs detect imports it (the role table names it as a string).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pyarrow as pa
+
+from pipeline.analytics.alerts_table import read_jsonl
+from pipeline.bus import Bus, EndOfStream, Message, Topic
+from pipeline.bus import keys
+from pipeline.bus.batching import coalesce
+from pipeline.bus.intake import Gate
+from pipeline.config import Config
+from pipeline.detect.checkpoint import Checkpointer, CheckpointUnreadable, LocalCheckpoint, reconcile
+from pipeline.detect.engine import Engine
+from pipeline.model import EVENT, NODE_HEALTH, alerts_to_batch
+
+log = logging.getLogger("fleetwatch")
+
+
+def make_detector(cfg: Config) -> tuple[Engine, LocalCheckpoint | None, list]:
+    """The Engine of a detect role: over Kafka fresh (each partition's state comes from the
+    state topic as it is assigned), without Kafka resumed from the data directory."""
+    engine = Engine(cfg, node_staleness=not cfg.kafka.bootstrap)
+    if cfg.kafka.bootstrap:
+        return engine, None, []
+    return resume_embedded(cfg, engine)
+
+
+def build(ctx, spec):
+    """The detect role of this process: its subscription (transactional over Kafka), its
+    checkpoint, its gate."""
+    cfg, k = ctx.cfg, ctx.cfg.kafka
+    engine, local, resolved_at_start = ctx.detector()
+    if k.bootstrap:
+        sub, checkpoint = ctx.bus.subscribe(list(spec.inputs), spec.group, transactional=True), \
+            Checkpointer(engine, k.partitions)
+    else:
+        sub, checkpoint = ctx.bus.subscribe(list(spec.inputs), spec.group), None
+    gate = ctx.gate(sub, spec.group)
+    return lambda: detect_role(ctx.bus, engine, sub, k.commit_interval_s, checkpoint, local,
+                               cfg.daemon.checkpoint_interval_s, resolved_at_start, gate)
+
+
+async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
+                      checkpoint: Checkpointer | None, local: LocalCheckpoint | None = None,
+                      checkpoint_interval_s: float = 10.0, resolved_at_start: list | None = None,
+                      gate: Gate | None = None) -> None:
+    """Telemetry in, alerts and node health out. Over Kafka the output, the input offsets
+    and a checkpoint of the detector state of each partition processed commit together
+    (one transaction per commit interval); a partition that moves to another detect
+    process continues there from that checkpoint. In-process (`local`) the state is saved
+    to the data directory every `checkpoint_interval_s` and at the end; alerts the restart
+    resolved (`resolved_at_start`, checkpoint.reconcile) go out first."""
+    busy = asyncio.Lock()  # processing a batch and handing partitions over never interleave
+    dirty: set[int] = set()  # partitions processed since their last checkpoint
+    background: set[asyncio.Task] = set()  # in-process event publishes (below)
+
+    async def publish_events(rows: list[dict]) -> None:
+        """Events the engine found (a GPU replaced) go to the events topic, archived with the
+        sources' events. Detect reads that topic too: in-process it must not wait on its own
+        queue, so the publish runs beside it."""
+        batch = pa.RecordBatch.from_pylist(rows, schema=EVENT)
+        for m in keys.messages(Topic.EVENTS, batch, bus.keyed):
+            if bus.keyed:
+                await sub.publish(m)
+            else:
+                task = asyncio.create_task(sub.publish(m))
+                background.add(task)
+                task.add_done_callback(background.discard)
+
+    async def commit(partitions: set[int]) -> None:
+        if checkpoint is not None:
+            for p, state in checkpoint.snapshot(partitions & dirty).items():
+                await sub.publish(Message(Topic.STATE, state, key=keys.checkpoint_key(p)), partition=p)
+            dirty.difference_update(partitions)
+        await sub.commit()
+
+    async def restore(partitions: set[int]) -> None:
+        async with busy:
+            checkpoint.partitions = sub.partition_count(Topic.GPU) or checkpoint.partitions
+            latest = await bus.read_latest(Topic.STATE, partitions)
+            held = [checkpoint.restore(m.value) for m in latest.values()]
+            log.info("detect: assigned partitions %s; restored the detector state of %s (%d GPUs, %d nodes, "
+                     "%d racks, %d alerts firing)%s", sorted(partitions), sorted(latest),
+                     *(sum(h[k] for h in held) for k in ("gpu", "node", "rack", "alerts")),
+                     f"; no checkpoint yet for {sorted(partitions - set(latest))}" if partitions - set(latest) else "")
+
+    async def hand_over(partitions: set[int]) -> None:
+        async with busy:
+            await commit(partitions)
+            checkpoint.forget(partitions)
+            log.info("detect: partitions %s revoked; their state is checkpointed and dropped here", sorted(partitions))
+
+    if checkpoint is not None:
+        sub.on_assigned.append(restore)
+        sub.before_revoke.append(hand_over)
+    if resolved_at_start:
+        for m in keys.messages(Topic.ALERTS, alerts_to_batch(resolved_at_start), keyed=True):
+            await sub.publish(m)
+    next_commit = time.monotonic() + commit_interval_s
+    next_save = time.monotonic() + checkpoint_interval_s
+    while True:
+        try:
+            wake = min(next_commit, next_save) if local is not None else next_commit
+            messages = await sub.get_batch(timeout_s=max(0.05, wake - time.monotonic()))
+        except EndOfStream:
+            async with busy:
+                await commit(set(dirty))
+            if local is not None:
+                await local.save()
+            await asyncio.gather(*background)
+            return
+        async with busy:
+            if gate is not None:  # bad rows are dead-lettered here, the rest goes on (bus/intake.py)
+                messages = await gate.screen(messages)
+            dirty.update(m.partition for m in messages)
+            for message in coalesce(messages):
+                out = engine.process(message)
+                # Keyed on every bus, so that an alert's changes, and a node's states, stay in
+                # order (the health topic is compacted to the latest state per node).
+                if out.alerts:
+                    for m in keys.messages(Topic.ALERTS, alerts_to_batch(out.alerts), keyed=True):
+                        await sub.publish(m)
+                if out.health:
+                    for m in keys.messages(Topic.HEALTH, pa.RecordBatch.from_pylist(out.health, schema=NODE_HEALTH),
+                                           keyed=True):
+                        await sub.publish(m)
+                if out.events:
+                    await publish_events(out.events)
+            if time.monotonic() >= next_commit:
+                await commit(set(dirty))
+                next_commit = time.monotonic() + commit_interval_s
+            if local is not None and time.monotonic() >= next_save:
+                await local.save()
+                next_save = time.monotonic() + checkpoint_interval_s
+
+
+
+def resume_embedded(cfg: Config, engine: Engine) -> tuple[Engine, LocalCheckpoint, list]:
+    """Without Kafka: restore the detector and alert state the last run saved in
+    <data_dir>/state/ (an unreadable file is moved aside: a cold start), then make the
+    firing alerts agree with alerts.jsonl (checkpoint.reconcile); returns the engine, its
+    checkpoint and the alerts to resolve now."""
+    local = LocalCheckpoint(engine, cfg.state_dir)
+    try:
+        held = local.restore()
+    except CheckpointUnreadable:  # failed half-way: a fresh engine
+        engine = Engine(cfg, node_staleness=engine.node_staleness)
+        local, held = LocalCheckpoint(engine, cfg.state_dir), None
+    if held is not None:
+        log.info("detect: restored the detector state from %s (%d GPUs, %d nodes, %d racks, %d alerts firing)",
+                 local.path, held["gpu"], held["node"], held["rack"], held["alerts"])
+    try:
+        logged, _ = read_jsonl(cfg.alerts_log)
+    except FileNotFoundError:
+        logged = {}
+    except OSError as e:
+        log.warning("detect: cannot read %s (%s); the restored alerts are not checked against it", cfg.alerts_log, e)
+        return engine, local, []
+    return engine, local, reconcile(engine, logged, max(time.time(), engine.latest_data_time() or 0.0))

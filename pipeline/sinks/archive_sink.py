@@ -1,0 +1,140 @@
+"""The archive as a sink (sinks/base.py): every topic -> Parquet (sinks/parquet.py).
+
+A write that fails (full disk, permissions, archive/ gone) stops nothing: what it
+took goes back into the buffers, nothing is committed, and the archive retries with
+backoff and raises FleetwatchArchiveFailing (archive_outage.py). What it holds
+meanwhile is bounded by `buffer_mb`: in-process the oldest rows are dropped
+(counted); over Kafka reading pauses, and the data waits on Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from pipeline.bus.base import Message
+from pipeline.roles import DATASET_OF_TOPIC
+from pipeline.sinks.archive_outage import ArchiveOutage
+from pipeline.sinks.base import SinkBase, consume
+from pipeline.sinks.parquet import ArchiveWriter
+
+log = logging.getLogger("fleetwatch")
+
+
+class ArchiveSink(SinkBase):
+    def __init__(self, writer: ArchiveWriter, sub, flush_interval_s: float, outage: ArchiveOutage | None = None,
+                 buffer_mb: float = 256.0) -> None:
+        self.writer, self.sub, self.flush_interval_s = writer, sub, flush_interval_s
+        self.outage = outage or ArchiveOutage("", "", 30.0)
+        self.buffer_mb, self.bound = buffer_mb, int(buffer_mb * 2**20)
+        self.consumer = getattr(sub, "consumer", None)  # Kafka: partitions pause instead of dropping data
+        self.paused = False
+        self.alerts: asyncio.Task | None = None  # publishes outage alerts in order, off the archive's loop
+        self.next_flush = time.monotonic() + flush_interval_s
+        self.assignments = sub.assignments
+
+    def _announce(self, alert) -> None:
+        before = self.alerts
+
+        async def publish() -> None:
+            if before is not None:
+                await before
+            await self.sub.publish(ArchiveOutage.message(alert))
+        self.alerts = asyncio.create_task(publish(), name="archive-alert")
+
+    async def flush(self) -> bool:
+        # Take the buffers on the loop, write them in a thread: the loop never waits on disk.
+        writer, outage = self.writer, self.outage
+        held, taken = writer.held_rows(), writer.take()
+        if not taken:
+            return True
+        try:
+            await asyncio.to_thread(writer.write, taken)
+        except OSError as e:
+            writer.put_back(taken)  # what is not on disk yet: hold it, try again later
+            if (alert := outage.failed(e, writer.held_rows())) is not None:
+                self._announce(alert)
+            return False
+        if (alert := outage.recovered(held)) is not None:
+            self._announce(alert)
+        return True
+
+    async def before_revoke(self, partitions: set[int]) -> None:  # the subscription commits right after
+        if not await self.flush():
+            # Not on disk: the partitions go to their new owner uncommitted, and it reads them again.
+            rows = self.writer.discard(partitions)
+            to_commit = getattr(self.sub, "_to_commit", {})
+            for tp in [tp for tp in to_commit if tp.partition in partitions]:
+                del to_commit[tp]
+            raise RuntimeError(f"archive cannot write ({self.outage.error}): partitions {sorted(partitions)} handed "
+                               f"over uncommitted ({rows} rows to be read again by their new owner)")
+
+    def wait_s(self) -> float:
+        return 0.5 if self.outage.failing else max(0.05, self.next_flush - time.monotonic())
+
+    @property
+    def stalled(self) -> bool:
+        return self.paused
+
+    def add(self, messages: list[Message]) -> bool:
+        writer, outage = self.writer, self.outage
+        if self.sub.assignments != self.assignments:  # another archive may have written our new partitions
+            self.assignments = self.sub.assignments
+            writer.forget_archived()
+        full = False
+        for message in messages:
+            dataset = DATASET_OF_TOPIC[message.topic]
+            if 0 <= message.offset <= writer.archived_until(dataset, message.partition):
+                writer.redelivered_skipped += 1  # archived before a restart or rebalance
+                continue
+            full |= writer.add(dataset, message.value, message.partition, message.offset)
+        if outage.failing:
+            if self.consumer is None:  # in-process: keep the newest within the bound, count the rest
+                outage.shed(writer.shed(self.bound), self.buffer_mb)
+            elif writer.held_bytes() >= self.bound:  # Kafka: stop reading (every call: assignments change)
+                if not self.paused:
+                    log.warning("archive: %g MB held while it cannot write (archive.outage_buffer_mb): reading "
+                                "paused; nothing is committed, the rest waits on Kafka", self.buffer_mb)
+                self.consumer.pause(*self.consumer.assignment())
+                self.paused = True
+        return outage.due() if outage.failing else (full or time.monotonic() >= self.next_flush)
+
+    def flushed(self, durable: bool) -> None:
+        if durable and self.paused:
+            self.consumer.resume(*self.consumer.assignment())
+            self.paused = False
+        self.next_flush = time.monotonic() + self.flush_interval_s
+
+    def abandon(self) -> None:
+        log.error("archive: stopping while it cannot write (%s): %d rows held %s", self.outage.error,
+                  self.writer.held_rows(), "are not committed; Kafka keeps them for the next archive"
+                  if self.consumer is not None else "are lost (counted as dropped)")
+        if self.consumer is None:
+            self.writer.shed(0)
+
+    async def close(self) -> None:
+        if self.alerts is not None:  # the last outage alert goes out before the role ends
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.alerts, 5.0)
+
+
+async def archive_role(writer: ArchiveWriter, sub, flush_interval_s: float, outage: ArchiveOutage | None = None,
+                       buffer_mb: float = 256.0, stop: asyncio.Event | None = None, gate=None) -> None:
+    """Every topic -> Parquet, until the topics end (see the module doc)."""
+    await consume(sub, ArchiveSink(writer, sub, flush_interval_s, outage, buffer_mb), gate, stop)
+
+
+def build(ctx, spec):
+    """The archive role: its writer (which creates archive/.staging) only when archive.enabled."""
+    cfg = ctx.cfg
+    if not cfg.archive.enabled:
+        return None
+    writer = ctx.writer = ArchiveWriter(cfg.archive_dir, cfg.archive.compression, cfg.archive.max_buffer_rows,
+                                        min_free_mb=cfg.archive.min_free_mb)
+    writer.outage = ArchiveOutage(cfg.fleet.site, cfg.alerts.runbook_base_url, cfg.archive.retry_max_s)
+    sub = ctx.bus.subscribe(list(spec.inputs), spec.group)
+    gate = ctx.gate(sub, spec.group)
+    return lambda: archive_role(writer, sub, cfg.archive.flush_interval_s, writer.outage,
+                                cfg.archive.outage_buffer_mb, ctx.stop, gate)

@@ -1,0 +1,75 @@
+"""Alert delivery as a sink (sinks/base.py): the alerts topic -> the Notifier (sinks/notify.py).
+
+The offsets are committed once the console, alerts.jsonl, the receivers' outboxes and
+the routing state have a batch (until then the alerts topic is the outbox). A disk
+that cannot take them (full, read-only) stops nothing: the batch is tried again with
+backoff until it can, and nothing is committed meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pipeline.bus.base import Message
+from pipeline.model import alert_rows
+from pipeline.sinks.base import SinkBase, consume
+from pipeline.sinks.notify import Notifier
+
+log = logging.getLogger("fleetwatch")
+
+
+class NotifySink(SinkBase):
+    def __init__(self, notifier: Notifier, retry_max_s: float = 30.0) -> None:
+        self.notifier, self.retry_max_s = notifier, retry_max_s
+        self.alerts: list[dict] = []
+        self.taken = False  # a batch was added since the last flush (it may have no alerts left)
+
+    async def start(self) -> None:
+        await self.notifier.start()
+
+    def add(self, messages: list[Message]) -> bool:
+        self.alerts += [a for m in messages for a in alert_rows(m.value)]
+        self.taken = True
+        return True  # every batch is made durable before the next is read
+
+    async def flush(self) -> bool:
+        if not self.taken:
+            return True
+        alerts, self.alerts, self.taken = self.alerts, [], False
+        delay, failed_since = 0.5, None
+        while True:
+            try:
+                await self.notifier.handle(alerts, retry=failed_since is not None)
+                break
+            except OSError as e:
+                if failed_since is None:
+                    failed_since = time.monotonic()
+                    log.error("notify: cannot write alerts.jsonl or the outboxes under %s (%s): %d alert "
+                              "changes shown on the console wait to be made durable and sent; retrying with "
+                              "backoff. Free space or fix permissions there", self.notifier.data,
+                              e.strerror or e, len(alerts))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+        if failed_since is not None:
+            log.warning("notify: writing again after %.0f s; the held alert changes are durable and on their way",
+                        time.monotonic() - failed_since)
+        return True
+
+    async def close(self) -> None:
+        await self.notifier.close()
+
+
+async def notify_role(sub, notifier: Notifier, gate=None, retry_max_s: float = 30.0) -> None:
+    """Alerts in, delivered (see the module doc), until the alerts topic ends."""
+    await consume(sub, NotifySink(notifier, retry_max_s), gate)
+
+
+def build(ctx, spec):
+    """The notify role: its Notifier (receivers checked now: ConfigError before anything runs)."""
+    cfg = ctx.cfg
+    notifier = ctx.notifier = Notifier(cfg, ctx.console if cfg.alerts.console else None)
+    sub = ctx.bus.subscribe(list(spec.inputs), spec.group)
+    gate = ctx.gate(sub, spec.group)
+    return lambda: notify_role(sub, notifier, gate)

@@ -1,0 +1,68 @@
+"""The receiver-kind protocol (see the package doc)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+if TYPE_CHECKING:
+    from pipeline.config import AlertsConfig
+    from pipeline.sinks.silences import SilenceStore
+    from pipeline.sinks.webhook import Receiver
+
+
+@dataclass
+class Enqueued:
+    """What one round of a kind goes out with."""
+    payloads: dict[str, list[Any]]  # receiver name -> JSON payloads to append to its outbox, one POST each
+    changed: bool                   # the kind's state changed: its snapshot() is written with the payloads
+
+
+class ReceiverKind:
+    """One kind of receiver, for all receivers of that kind in a notify process (state such
+    as routing groups is shared by them). The notifier calls, under one lock:
+
+        add(changes, now)        alert state changes (Alertmanager alert objects) as they arrive
+        enqueue(changes, now, acked)
+                                 right after add() with the same changes, at next_wakeup() and
+                                 about every second with none: the payloads due now; they are
+                                 appended to the outboxes, then snapshot() goes to
+                                 <data_dir>/notify/<state_file> when `changed`, then written()
+        restore(state)           at start, and after a write that failed (the state on disk)
+
+    A kind whose receivers POST elsewhere than their configured url says where (post_url).
+    Every payload is JSON; the notifier signs, sends and retries it (pipeline/sinks/notify.py).
+    """
+
+    kind: ClassVar[str]         # the `kind` of [[alerts.receivers]] (RECEIVER_KINDS)
+    state_file: ClassVar[str]   # its state under <data_dir>/notify/
+    counts: ClassVar[str]       # the NotifyStats field its payloads count in
+
+    def __init__(self, cfg: AlertsConfig, receivers: list[Receiver], silences: SilenceStore | None) -> None:
+        self.cfg = cfg
+        self.receivers = receivers
+
+    @staticmethod
+    def post_url(url: str) -> str:
+        """Where a receiver configured with `url` is POSTed to."""
+        return url
+
+    def add(self, changes: list[dict[str, Any]], now: float) -> None:
+        """Alert state changes, before enqueue() is called with the same ones."""
+
+    def enqueue(self, changes: list[dict[str, Any]], now: float, acked: Callable[[str], int]) -> Enqueued:
+        """The payloads due now for each receiver; `acked(name)`: the seq its outbox has delivered up to."""
+        raise NotImplementedError
+
+    def written(self, last_seq: dict[str, int]) -> None:
+        """The last enqueue() is durable; the seq of each outbox's last new record."""
+
+    def next_wakeup(self) -> float | None:
+        """The earliest time enqueue() may have something without new changes (None: nothing pending)."""
+        return None
+
+    def snapshot(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,271 @@
+"""The role table, the Source and Sink protocols and the bus's keying (issue 12): a process
+builds only what its roles need, a new source plugs in through one table row, a sink's
+offsets are committed only after its flush made the output durable, and one module keys
+every record type."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+
+import pyarrow as pa
+
+from pipeline.bus import EndOfStream, MemoryBus, Message, Topic
+from pipeline.bus import keys
+from pipeline.config import ConfigError
+from tests import conftest
+
+
+def make_config(tmp_path, **sections):
+    sections = {"fleet": {"racks": 2, "speed": 20.0}, "archive": {"flush_interval_s": 1.0}, **sections}
+    return conftest.make_config(data_dir=str(tmp_path / "data"), **sections)
+
+
+# ---- the role table ---------------------------------------------------------------
+
+def test_the_table_gives_the_roles_their_inputs_groups_and_what_run_runs(tmp_path):
+    from pipeline.roles import DATASET_OF_TOPIC, ROLE_SPECS, ROLES, SOURCE_ROLES, run_roles, whole
+    assert set(ROLES) == {"simulate", "agent", "facility", "detect", "archive", "notify"}
+    assert SOURCE_ROLES == {"simulate": "simulate", "nvml": "agent"}
+    assert ROLE_SPECS["detect"].group == "detect" and set(ROLE_SPECS["detect"].inputs) == {
+        Topic.GPU, Topic.FACILITY, Topic.EVENTS}
+    assert ROLE_SPECS["archive"].group == "archive" and set(ROLE_SPECS["archive"].inputs) == set(DATASET_OF_TOPIC)
+    assert ROLE_SPECS["notify"].inputs == (Topic.ALERTS,)
+    cfg = make_config(tmp_path)
+    assert run_roles(cfg) == {"simulate", "detect", "archive", "notify"}
+    assert run_roles(make_config(tmp_path, daemon={"source": "nvml"}, mqtt={"broker": "bms:1883"})) == {
+        "agent", "facility", "detect", "archive", "notify"}
+    assert whole(run_roles(cfg)) and not whole(frozenset({"notify"})) and not whole(frozenset({"simulate"}))
+
+
+def test_roles_alone_need_kafka_and_the_facility_role_a_broker(tmp_path):
+    import pytest
+
+    from pipeline.daemon import check_roles
+    with pytest.raises(ConfigError, match="needs Kafka"):
+        check_roles(make_config(tmp_path), frozenset({"notify"}))
+    with pytest.raises(ConfigError, match="mqtt.broker"):
+        check_roles(make_config(tmp_path, kafka={"bootstrap": "k:9092"}), frozenset({"facility"}))
+    check_roles(make_config(tmp_path, kafka={"bootstrap": "k:9092"}), frozenset({"notify"}))
+
+
+BUILD = """
+import asyncio, json, sys
+from pathlib import Path
+from pipeline.bus import MemoryBus
+from pipeline.config import load_config
+from pipeline.daemon import build_roles
+from pipeline.roles.context import Context
+from pipeline.sinks.console import Console
+
+async def main():
+    cfg = load_config(None, env={{}}, overrides={{"data_dir": {data!r}, "agent": {{"replay": "h100"}}}})
+    ctx = Context(cfg, frozenset({roles!r}), MemoryBus(), asyncio.Event(), Console())
+    running = build_roles(ctx)
+    print(json.dumps({{"built": [r.name for r in running], "engine": ctx.engine is not None,
+                      "writer": ctx.writer is not None, "notifier": ctx.notifier is not None,
+                      "staging": (Path(cfg.archive_dir) / ".staging").exists(),
+                      "engine_imported": "pipeline.detect.engine" in sys.modules,
+                      "numba_imported": "numba" in sys.modules,
+                      "sources": ctx.describe_sources()}}))
+asyncio.run(main())
+"""
+
+
+def build_in_a_fresh_process(tmp_path, roles: list[str]) -> dict:
+    code = BUILD.format(data=str(tmp_path / "data"), roles=roles)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_notify_only_process_builds_no_detector_and_no_archive(tmp_path):
+    got = build_in_a_fresh_process(tmp_path, ["notify"])
+    assert got["built"] == ["notify"] and got["notifier"]
+    assert not got["engine"] and not got["writer"] and not got["staging"]
+    assert not got["engine_imported"] and not got["numba_imported"]  # no kernels compiled
+    assert got["sources"] == "no source"
+
+
+def test_an_agent_only_process_builds_the_agent_and_nothing_else(tmp_path):
+    got = build_in_a_fresh_process(tmp_path, ["agent"])
+    assert got["built"] == ["agent"] and got["sources"].startswith("NVML agent on ")
+    assert "(replaying h100)" in got["sources"]
+    assert not got["engine"] and not got["writer"] and not got["notifier"] and not got["staging"]
+    assert not got["engine_imported"]
+
+
+def test_an_archive_only_process_builds_the_writer_and_no_detector(tmp_path):
+    got = build_in_a_fresh_process(tmp_path, ["archive"])
+    assert got["built"] == ["archive"] and got["writer"] and got["staging"]
+    assert not got["engine"] and not got["notifier"] and not got["engine_imported"]
+
+
+def test_the_checkpoint_does_not_import_the_kafka_client():
+    code = "import sys, pipeline.detect.checkpoint; print('pipeline.bus.kafka' in sys.modules, 'aiokafka' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+# ---- a new source: one module (here, this test) and one row ------------------------
+
+class CountingSource:
+    """A source of two GPU scrapes of one node, as a new collector would be written."""
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        self.batch, self.sent = batch, 0
+
+    async def run(self, emit, stop) -> None:
+        for _ in range(2):
+            await emit(Topic.GPU, self.batch)
+            self.sent += self.batch.num_rows
+        await stop.wait()
+
+    def stats(self) -> dict[str, int]:
+        return {"gpu_samples": self.sent}
+
+    def describe(self) -> str:
+        return "a counting test source"
+
+
+SOURCE_BATCH: pa.RecordBatch | None = None
+
+
+def build_counting_source(ctx, spec):
+    return CountingSource(SOURCE_BATCH)
+
+
+def test_a_new_source_is_a_row_in_the_table_and_the_daemon_runs_it(tmp_path, monkeypatch):
+    global SOURCE_BATCH
+    import pipeline.roles as registry
+    from pipeline.daemon import run_daemon
+    from pipeline.sources.simulate import FleetSimulator
+    cfg = make_config(tmp_path)
+    SOURCE_BATCH = FleetSimulator(cfg.fleet).step().gpu
+    row = registry.RoleSpec("counting", registry.SOURCE, f"{__name__}:build_counting_source", "a test source",
+                            in_run=lambda cfg: True, outputs=(Topic.GPU,))
+    table = tuple(s for s in registry.ROLE_TABLE if s.stage != registry.SOURCE) + (row,)
+    monkeypatch.setattr(registry, "ROLE_TABLE", table)
+    assert registry.run_roles(cfg) == {"counting", "detect", "archive", "notify"}
+    summary = asyncio.run(run_daemon(cfg, duration_s=3))
+    assert summary.gpu_samples_published == 2 * SOURCE_BATCH.num_rows
+    assert summary.gpu_samples == 2 * SOURCE_BATCH.num_rows  # detect got both scrapes
+    assert summary.rows_archived.get("gpu_samples") == 2 * SOURCE_BATCH.num_rows
+
+
+# ---- the sink loop ------------------------------------------------------------------
+
+class FlakySink:
+    """Fails its first `failures` flushes."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.held, self.durable, self.log = failures, [], [], []
+
+    async def start(self) -> None:
+        self.log.append("start")
+
+    def add(self, messages):
+        self.held += messages
+        return True
+
+    async def flush(self) -> bool:
+        if self.failures:
+            self.failures -= 1
+            self.log.append("flush failed")
+            return False
+        self.durable += self.held
+        self.held = []
+        self.log.append("flushed")
+        return True
+
+    def flushed(self, durable: bool) -> None:
+        pass
+
+    def wait_s(self):
+        return 0.05
+
+    stalled = False
+
+    def abandon(self) -> None:
+        self.log.append("abandoned")
+
+    async def close(self) -> None:
+        self.log.append("closed")
+
+
+def test_consume_commits_only_after_the_sink_made_the_output_durable():
+    from pipeline.sinks.base import consume
+
+    async def go(failures: int) -> FlakySink:
+        bus = MemoryBus()
+        await bus.start()
+        sub = bus.subscribe([Topic.ALERTS], "test")
+        real_commit = sub.commit
+
+        async def commit() -> None:
+            sink.log.append(f"commit {len(sink.durable)}")
+            await real_commit()
+        sub.commit = commit
+        sink = FlakySink(failures)
+        await bus.publish(Message(Topic.ALERTS, pa.RecordBatch.from_pydict({"x": [1]})))
+        await bus.end([Topic.ALERTS])
+        await consume(sub, sink)
+        return sink
+
+    ok = asyncio.run(go(0))
+    assert ok.log[:3] == ["start", "flushed", "commit 1"] and ok.log[-1] == "closed"
+    flaky = asyncio.run(go(5))
+    assert "commit" not in " ".join(flaky.log) and "abandoned" in flaky.log and flaky.log[-1] == "closed"
+
+
+# ---- keying -------------------------------------------------------------------------
+
+def test_murmur2_is_kafkas():
+    from aiokafka.partitioner import murmur2
+    rng = random.Random(1)
+    for _ in range(2000):
+        data = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 24)))
+        assert keys.murmur2(data) == murmur2(data)
+    from pipeline.bus.kafka import partition_for
+    assert partition_for is keys.partition_for
+
+
+def test_every_record_type_has_its_key(tmp_path):
+    from pipeline.sources.simulate import FleetSimulator
+    cfg = make_config(tmp_path)
+    tick = FleetSimulator(cfg.fleet).step()
+    gpu = keys.messages(Topic.GPU, tick.gpu, keyed=True)
+    assert [m.key for m in gpu] == list(dict.fromkeys(tick.gpu.column("node").to_pylist()))
+    assert all(set(m.value.column("node").to_pylist()) == {m.key} for m in gpu)
+    facility = keys.messages(Topic.FACILITY, tick.facility, keyed=True)
+    for m in facility:  # by rack, site-level devices by site
+        racks, sites = set(m.value.column("rack").to_pylist()), set(m.value.column("site").to_pylist())
+        assert racks == {m.key} or (racks == {""} and sites == {m.key})
+    assert sum(m.value.num_rows for m in facility) == tick.facility.num_rows
+    assert [m.key for m in keys.messages(Topic.LABELS, tick.gpu, keyed=True)] == [None]
+    assert [(m.key, m.value.num_rows) for m in keys.messages(Topic.GPU, tick.gpu, keyed=False)] == [
+        (None, tick.gpu.num_rows)]
+    assert keys.checkpoint_key(3) == "3"
+
+
+def test_memory_subscription_end_raises_end_of_stream():  # the loop's contract, in one line
+    async def go():
+        bus = MemoryBus()
+        await bus.start()
+        sub = bus.subscribe([Topic.GPU], "g")
+        await bus.end([Topic.GPU])
+        try:
+            await sub.get_batch()
+        except EndOfStream:
+            return True
+    assert asyncio.run(go())
+
+
+def test_the_command_line_has_one_subcommand_per_role():
+    from pipeline.cli import _parser
+    from pipeline.roles import ROLES
+    text = _parser().format_help()
+    for name in ROLES:
+        assert name in text
