@@ -1,18 +1,18 @@
 """Alert delivery against real HTTP receivers that fail on purpose (500s, connection
 refused, answers slower than the timeout, 400s), and the real daemon killed with SIGKILL:
 nothing enqueued is lost, order holds per receiver, retries carry the same
-Idempotency-Key, and secrets stay out of logs and files."""
+Idempotency-Key, and secrets stay out of logs and files.
+
+The end-to-end tests (processes, brokers, tmpfs) are in tests/e2e/test_delivery.py."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import threading
 import time
@@ -26,9 +26,8 @@ from pipeline.sinks.notify import Delivery, Notifier, RetryPolicy
 from pipeline.sinks import outbox as outbox_module
 from pipeline.sinks.outbox import Outbox
 from pipeline.sinks.webhook import Client, Receiver, load_receivers, sign, verify_signature
-from tests.conftest import fleetwatch, make_config
+from tests.conftest import make_config
 from tests.services import HttpReceiver
-from tests.test_daemon import start, wait_for
 
 FAST_RETRY = RetryPolicy(timeout_s=1.0, initial_s=0.02, max_s=0.1, max_age_s=3600)
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
@@ -290,103 +289,6 @@ def test_signature_verifies_and_tampering_or_an_old_timestamp_fails():
     t = header.split(",")[0]
     assert not verify_signature(secret, f"t={int(now) + 1},{header.split(',')[1]}", body, now)  # t is signed
     assert verify_signature(secret, f"{t},v1={'0' * 64},{header.split(',')[1]}", body, now)  # rotation: any v1
-
-
-def test_daemon_signs_requests_and_keeps_secrets_out_of_logs_and_files(tmp_path, http):
-    secrets = {"signing": "sig-Kx9-s3cr3t", "password": "pw-Jq2-s3cr3t", "token": "tok-Zr5-s3cr3t",
-               "down_token": "tok-Down-s3cr3t"}
-    recv = http(secret=secrets["signing"].encode(), keep_bodies=True).start()
-    down = http()  # never up: its failures are logged
-    url = recv.url.replace("http://", f"http://hookuser:{secrets['password']}@") + f"?token={secrets['token']}"
-    (tmp_path / "fleetwatch.toml").write_text(f"""
-[alerts]
-group_wait_s = 0
-group_interval_s = 0
-[[alerts.receivers]]
-name = "oncall"
-url = "{url}"
-secret_env = "FW_TEST_SIGNING"
-[[alerts.receivers]]
-name = "down"
-url = "{down.url}?token={secrets['down_token']}"
-""")
-    p = start(tmp_path, "--config", str(tmp_path / "fleetwatch.toml"), "--duration", "7",
-              env={"FW_TEST_SIGNING": secrets["signing"], "FLEETWATCH_ALERTS__RETRY_MAX_S": "0.5"})
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err[-3000:]
-    assert recv.bodies, err[-3000:]
-    assert recv.bad_signatures == 0
-    assert all(h["Authorization"] == "Basic " + base64.b64encode(f"hookuser:{secrets['password']}".encode()).decode()
-               for h in recv.headers)
-    assert all(b["receiver"] == "oncall" and b["version"] == "4" for b in recv.bodies)
-    assert "receiver down (http://127.0.0.1:" in err and "delivery failed: connection refused" in err
-    files = [f for f in (tmp_path / "data").rglob("*") if f.is_file()]
-    assert any(f.name == "alerts.jsonl" for f in files) and any(f.suffix == ".parquet" for f in files)
-    for name, value in secrets.items():
-        assert value not in out and value not in err, f"{name} in the daemon's output"
-        for f in files:
-            assert value.encode() not in f.read_bytes(), f"{name} in {f}"
-
-
-@pytest.mark.parametrize("receivers, env, expected", [
-    ('[[alerts.receivers]]\nname = "a"\nurl = "ftp://hooks.example/x?token=t0ken"\n', {},
-     "alerts.receivers[0].url = 'ftp://hooks.example/x?token=***': must be an http:// or https:// URL"),
-    ('[[alerts.receivers]]\nname = "a"\nurl = "https:///no-host"\n', {},
-     "alerts.receivers[0].url = 'https:///no-host': must be an http:// or https:// URL with a host"),
-    ('[[alerts.receivers]]\nname = "a"\nurl = "http://x/1"\n[[alerts.receivers]]\nname = "a"\nurl = "http://x/2"\n',
-     {}, "alerts.receivers[1].name = 'a': alerts.receivers[0] has that name already"),
-    ('[[alerts.receivers]]\nname = "On Call"\nurl = "http://x/1"\n', {},
-     "alerts.receivers[0].name = 'On Call': must match [a-z0-9_-]+"),
-    ('[[alerts.receivers]]\nname = "a"\nurl = "http://x/1"\nsecret_env = "FW_NOT_SET"\n', {},
-     "alerts.receivers[0].secret_env = 'FW_NOT_SET': that environment variable is not set or empty"),
-    ('[[alerts.receivers]]\nname = "a"\nurl = "http://x/1"\nsecret_file = "/nonexistent/secret"\n', {},
-     "alerts.receivers[0].secret_file = '/nonexistent/secret': cannot read it"),
-    ('[[alerts.receivers]]\nname = "a"\nurl = "https://x/1"\nca_file = "/nonexistent/ca.pem"\n', {},
-     "alerts.receivers[0].ca_file = '/nonexistent/ca.pem': no such file"),
-    ('[[alerts.receivers]]\nname = "webhook-1"\nurl = "http://x/1"\n', {"FLEETWATCH_ALERTS__WEBHOOKS": "http://y/"},
-     "alerts.webhooks[0].name = 'webhook-1': alerts.receivers[0] has that name already"),
-], ids=["scheme", "no-host", "duplicate", "bad-name", "secret-env", "secret-file", "ca-file", "shorthand-clash"])
-def test_bad_receiver_config_exits_2_and_says_what_to_fix(tmp_path, receivers, env, expected):
-    (tmp_path / "f.toml").write_text(receivers)
-    r = fleetwatch("run", "--config", str(tmp_path / "f.toml"), "--duration", "1", "--data-dir", "data",
-                   cwd=tmp_path, env=env, timeout=60)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert expected in r.stderr
-    assert "t0ken" not in r.stderr
-
-
-def notify_summary(stderr: str) -> str:
-    return re.search(r"notify: (\d+ alert state changes.*)", stderr).group(1)
-
-
-def test_sigkill_with_a_failing_receiver_then_restart_delivers_every_notification(tmp_path, http):
-    recv = http().start()
-    recv.status = 500
-    env = {"FLEETWATCH_ALERTS__WEBHOOKS": recv.url, "FLEETWATCH_ALERTS__GROUP_WAIT_S": "0",
-           "FLEETWATCH_ALERTS__GROUP_INTERVAL_S": "0", "FLEETWATCH_ALERTS__RETRY_INITIAL_S": "0.05",
-           "FLEETWATCH_ALERTS__RETRY_MAX_S": "0.2"}
-    outbox = tmp_path / "data" / "outbox" / "webhook-1"
-    first = start(tmp_path, "--speed", "0", env=env)
-    try:
-        wait_for(lambda: len(outbox_ids(outbox)) >= 5, timeout=90)
-    finally:
-        first.send_signal(signal.SIGKILL)
-        _, first_err = first.communicate(timeout=30)
-    enqueued = outbox_ids(outbox)
-    assert recv.taken == [] and len(recv.requests) >= 1  # tried, refused with 500s, nothing taken
-    recv.status = 200
-    second = start(tmp_path, "--speed", "0", "--duration", "5", env=env)
-    _, err = second.communicate(timeout=120)
-    assert second.returncode == 0, err[-3000:]
-    kept = recv.unique()
-    assert kept[:len(enqueued)] == enqueued  # what the killed run enqueued goes first, in order
-    summary = notify_summary(err)
-    print(f"SIGKILL: {len(enqueued)} notifications in the outbox at the kill ({len(recv.requests)} requests "
-          f"answered 500 before it); after the restart the receiver took {len(recv.taken)} requests, "
-          f"{len(kept)} distinct, {recv.duplicates} duplicates by Idempotency-Key; restart's notify summary: {summary}")
-    assert "left in its outbox by the last run go out first" in err
-    assert re.search(r", 0 pending in outboxes", summary)
-    assert recv.duplicates == 0
 
 
 def rss_bytes() -> int:

@@ -1,11 +1,12 @@
 """The NVML agent, running its real pynvml-calling code against a recorded H100
 (pipeline/sources/recordings/h100, replayed by sources/nvml_replay.py): what it collects, what it
-leaves null, its events, lost GPUs, GPU resets, and a host without a driver."""
+leaves null, its events, lost GPUs, GPU resets, and a host without a driver.
+
+The end-to-end tests (processes, brokers, tmpfs) are in tests/e2e/test_nvml.py."""
 
 from __future__ import annotations
 
 import asyncio
-import ctypes.util
 import json
 import threading
 import time
@@ -13,14 +14,12 @@ import time
 import numpy as np
 import pyarrow as pa
 import pynvml
-import pytest
 
 from pipeline.bus import Message, Topic
 from pipeline.detect.engine import Engine
-from pipeline.sources.nvml import FIELDS, NvmlAgent, NvmlUnavailable, events_batch
+from pipeline.sources.nvml import FIELDS, NvmlAgent, events_batch
 from pipeline.sources.nvml_replay import NvmlReplay
-from tests.conftest import H100, fleetwatch, make_config
-from tests.test_daemon import archived
+from tests.conftest import H100, make_config
 
 TRACE = [json.loads(line) for line in (H100 / "h100_load_trace.jsonl").read_text().splitlines()]
 
@@ -53,37 +52,6 @@ async def run_agent(a: NvmlAgent, seconds: float, during=None) -> tuple[list[pa.
     stop.set()
     await asyncio.gather(*tasks)
     return samples, events, lags
-
-
-def test_the_archive_holds_what_the_gpu_reported(tmp_path):
-    """`fleetwatch run --replay`: 8 replayed H100s through the whole daemon. Power,
-    temperatures, clocks, clock reasons and utilisation in Parquet are the recorded
-    trace's, scrape after scrape, in base units; NVLink (not supported on that GPU) is null."""
-    r = fleetwatch("run", "--replay", "h100", "--duration", "4", "--data-dir", "data", cwd=tmp_path,
-                   env={"FLEETWATCH_AGENT__INTERVAL_S": "0.2", "FLEETWATCH_AGENT__NODE": "gpu-node-7"}, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = archived(tmp_path / "data", "gpu_samples").sort("gpu", "ts")
-    assert rows["gpu"].n_unique() == 8 and rows.height >= 8 * 10
-    assert set(rows["node"]) == {"gpu-node-7"}
-    stride = len(TRACE) // 8
-    for gpu, got in rows.group_by("gpu"):
-        start = gpu[0] * stride
-        want = [TRACE[(start + k) % len(TRACE)] for k in range(got.height)]
-
-        def recorded(column: str, divisor: float = 1.0) -> list[float]:
-            return [row[column] / divisor for row in want]
-        assert got["power_w"].to_list() == recorded("power_mw", 1000)  # mW -> W
-        assert got["energy_j"].to_list() == recorded("energy_mj", 1000)  # mJ -> J
-        assert got["gpu_temp_c"].to_list() == recorded("temp_c")
-        assert got["mem_temp_c"].to_list() == recorded("fv_82")
-        assert got["sm_clock_mhz"].to_list() == recorded("sm_mhz")
-        assert got["mem_clock_mhz"].to_list() == recorded("mem_mhz")
-        assert got["clock_event_reasons"].to_list() == recorded("throttle")
-        assert got["util_gpu"].to_list() == recorded("util_gpu", 100)  # % -> 0-1
-        assert got["mem_used_bytes"].to_list() == recorded("mem_used_b")
-    assert rows["nvlink_crc_errors_total"].null_count() == rows.height  # NOT_SUPPORTED -> null, never 0
-    assert rows["pcie_replay_total"].null_count() == 0
-    assert "0 alerts raised" in r.stderr  # the recorded load and cooldown are normal operation
 
 
 def test_unsupported_fields_are_asked_once_and_nvml_stays_off_the_event_loop():
@@ -166,19 +134,6 @@ def test_a_gpu_reset_is_an_event_and_not_a_negative_rate():
     energy = pa.Table.from_batches(batches).filter(pa.compute.equal(pa.Table.from_batches(batches)["gpu"], 4))
     e = energy["energy_j"].to_numpy()
     assert (np.diff(e) < 0).sum() == 1 and e[20] < 100  # one drop, to (near) zero
-
-
-def test_no_driver_is_one_clear_message_and_exit_status_2(tmp_path):
-    replay = NvmlReplay(H100, init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
-    with replay.installed(), pytest.raises(NvmlUnavailable, match="the NVIDIA driver is not loaded"):
-        agent().open()
-    if ctypes.util.find_library("nvidia-ml"):
-        pytest.skip("this host has NVML: the no-library case cannot be shown here")
-    r = fleetwatch("run", "--source", "nvml", "--duration", "5", "--data-dir", "data", cwd=tmp_path, timeout=60)
-    assert r.returncode == 2
-    assert "NVML: the NVML library (libnvidia-ml.so.1) is not installed" in r.stderr
-    assert "nvidia-smi" in r.stderr and "Traceback" not in r.stderr
-    assert r.stderr.count("is not installed") == 1  # said once
 
 
 def test_eight_replayed_gpus_out_of_step_raise_no_alert():

@@ -1,11 +1,12 @@
-"""Alert routing (grouping, timers, inhibition), silences and the router's saved state."""
+"""Alert routing (grouping, timers, inhibition), silences and the router's saved state.
+
+The end-to-end tests (processes, brokers, tmpfs) are in tests/e2e/test_routing.py."""
 
 from __future__ import annotations
 
 import json
 import logging
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from pipeline.config import ConfigError
 from pipeline.model import fingerprint
 from pipeline.sinks.routing import Router
 from pipeline.sinks.silences import Matcher, Silence, SilenceStore, parse_duration, silence_store
-from tests.conftest import fleetwatch, make_config
+from tests.conftest import make_config
 
 T0 = 1_800_000_000.0
 WAIT, INTERVAL, REPEAT = 5.0, 60.0, 3600.0
@@ -262,25 +263,6 @@ def test_a_silence_mutes_until_it_ends_then_the_alert_goes_out(tmp_path):
     assert r.next_wakeup() == T0 + 300  # the silence ends
     [n] = r.due(T0 + 300)
     assert n.group_labels["rack"] == "r01" and sent([n]) == [("firing", "n1")]
-
-
-def test_a_silence_added_by_the_cli_reaches_a_running_router(tmp_path):
-    store = silence_store(tmp_path)
-    r = router(store)
-    hot = alert("GpuOverTemperature", "r03", "r03-n07")
-    t0 = time.time()  # the CLI's silence starts at the real now
-    r.add([hot], t0)
-    p = fleetwatch("silence", "add", "-m", "alertname=~GpuOver.*", "-m", "node=r03-n07", "--duration", "2h",
-                   "--comment", "fan swap", "--author", "ana", "--data-dir", str(tmp_path))
-    assert p.returncode == 0, p.stderr
-    sid = p.stdout.split()[1]
-    assert p.stdout.startswith(f"silence {sid} added: mutes alertname=~GpuOver.*, node=r03-n07 until ")
-    assert r.due(t0 + WAIT) == []  # due() re-read the file
-    assert r.muted(hot, t0 + WAIT) == f"silenced by {sid}"
-    p = fleetwatch("silence", "expire", sid[:8], "--data-dir", str(tmp_path))
-    assert (p.returncode, p.stdout) == (0, f"silence {sid} expired\n"), p.stderr
-    assert store.refresh()
-    assert sent(r.due(time.time() + WAIT)) == [("firing", "r03-n07")]
 
 
 def test_a_corrupt_silences_file_keeps_the_last_good_set(tmp_path, caplog):

@@ -1,19 +1,19 @@
 """Time that lies does not blind detection: readings stamped outside a window around the
 receiver's clock (intake.max_ahead_s ahead, intake.max_age_s old) are dead-lettered with
 the reason and counted, in every consumer and in the MQTT collector. The clock is injected
-in these tests; the simulator, which runs faster than real time, is judged by its own clock."""
+in these tests; the simulator, which runs faster than real time, is judged by its own clock.
+
+The end-to-end tests (processes, brokers, tmpfs) are in tests/e2e/test_time_window.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pytest
 
 from pipeline.bus import Message, Topic
 from pipeline.bus.intake import TimeWindow, split
@@ -180,38 +180,3 @@ def test_without_a_limit_ahead_a_future_reading_still_hides_nothing(tmp_path):
     read(c, T0_NS, T0_NS + DAY_NS, *later)
     rows = c.take_batch().column("ts").cast(pa.int64()).to_pylist()
     assert rows == [T0_NS, T0_NS + DAY_NS, *later] and c.stats.duplicates == 0
-
-
-@pytest.mark.mqtt
-def test_a_bms_clock_a_day_ahead_over_mosquitto(tmp_path):
-    """Through a real broker: one reading of a point stamped a day ahead is dead-lettered,
-    and the point's later readings all arrive."""
-    import aiomqtt
-
-    from tests.services import Mosquitto
-    from tests.test_mqtt import Collecting, fast_backoff, subscribed
-    broker = Mosquitto().start()
-    site = f"s{uuid.uuid4().hex[:8]}"
-    topic = f"bms/v1/{site}/cdu/cdu-r01/flow"
-    stamps = [T0_NS, T0_NS + DAY_NS] + [T0_NS + k * 10**9 for k in range(1, 11)]
-
-    async def go():
-        col = Collecting(MqttCollector(broker.host, broker.port, site, tmp_path / "dead.jsonl",
-                                       backoff=fast_backoff(), window=TimeWindow(300, 0, lambda: T0_NS / 1e9 + 5)))
-        await subscribed(col.collector)
-        async with aiomqtt.Client(broker.host, broker.port) as pub:
-            await pub.publish(f"{topic}/meta", encode_meta("L/min", "r01"), qos=1, retain=True)
-            for ts in stamps:
-                await pub.publish(topic, encode_reading(100.0, ts, 1, False), qos=1)
-        await col.until_rows(len(stamps) - 1)
-        await col.close()
-        return col
-    try:
-        col = asyncio.run(go())
-    finally:
-        broker.close()
-    got = pa.Table.from_batches(col.batches).column("ts").cast(pa.int64()).to_pylist()
-    assert got == [s for s in stamps if s != T0_NS + DAY_NS]
-    assert col.collector.stats.dead_letters == {"time_ahead": 1}
-    [letter] = [json.loads(x) for x in (tmp_path / "dead.jsonl").read_text().splitlines()]
-    assert letter["reason"] == "time_ahead" and letter["topic"] == topic

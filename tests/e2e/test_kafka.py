@@ -163,7 +163,7 @@ def test_the_daemon_runs_every_role_over_kafka(broker, tmp_path, receiver):
     import polars as pl
 
     from tests.conftest import fleetwatch
-    from tests.test_daemon import FAST, archived, reported_samples
+    from tests.helpers import FAST, archived, reported_samples
     r = fleetwatch("run", "--kafka", broker.bootstrap, "--duration", "12", "--data-dir", "data", "--seed", "5",
                    cwd=tmp_path, timeout=180,
                    env=FAST | {"FLEETWATCH_KAFKA__TOPIC_PREFIX": f"d{uuid.uuid4().hex[:6]}.",
@@ -197,7 +197,7 @@ def test_sigkill_and_restart_archives_every_produced_sample_exactly_once(broker,
     import polars as pl
 
     from tests.conftest import fleetwatch
-    from tests.test_daemon import FAST, archived
+    from tests.helpers import FAST, archived
     prefix = f"k{uuid.uuid4().hex[:6]}."
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST | {
         "FLEETWATCH_KAFKA__TOPIC_PREFIX": prefix, "FLEETWATCH_KAFKA__PARTITIONS": "3"}
@@ -281,7 +281,7 @@ def test_archive_that_wrote_but_never_committed_skips_the_redelivery(broker, tmp
 
 def role_env(kind: str, **extra: str) -> dict[str, str]:
     """The test's environment for role processes: fast fleet, a topic prefix of their own."""
-    from tests.test_daemon import FAST
+    from tests.helpers import FAST
     return {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST | {
         "FLEETWATCH_KAFKA__TOPIC_PREFIX": f"{kind}{uuid.uuid4().hex[:6]}.", **extra}
 
@@ -327,7 +327,7 @@ def test_one_process_per_role(broker, tmp_path):
 
     import polars as pl
 
-    from tests.test_daemon import archived
+    from tests.helpers import archived
     env = role_env("r", FLEETWATCH_KAFKA__PARTITIONS="3")
     procs = {role: start_role(role, broker, tmp_path, env) for role in ("detect", "archive", "notify", "simulate")}
     time.sleep(12)
@@ -348,7 +348,7 @@ def test_a_second_archive_joining_rebalances_without_loss_or_duplicates(broker, 
     flushes and commits before giving them up, and each sample lands exactly once."""
     import polars as pl
 
-    from tests.test_daemon import archived
+    from tests.helpers import archived
     env = role_env("b", FLEETWATCH_KAFKA__PARTITIONS="4", FLEETWATCH_ARCHIVE__FLUSH_INTERVAL_S="2")
     procs = {"simulate": start_role("simulate", broker, tmp_path, env),
              "archive-a": start_role("archive", broker, tmp_path, env)}
@@ -390,7 +390,7 @@ def test_detect_scales_out_and_a_killed_detector_s_partitions_continue_from_its_
     import polars as pl
 
     from pipeline.bus.kafka import partition_for
-    from tests.test_daemon import archived
+    from tests.helpers import archived
     env = role_env("x", FLEETWATCH_KAFKA__PARTITIONS="6")
     procs = {name: start_role(role, broker, tmp_path, env) for name, role in (
         ("archive", "archive"), ("notify", "notify"), ("detect-a", "detect"), ("detect-b", "detect"),
@@ -465,7 +465,7 @@ def test_a_broker_outage_of_30_s_loses_nothing(tmp_path):
     goes out in order, and every published sample is archived exactly once."""
     import polars as pl
 
-    from tests.test_daemon import archived
+    from tests.helpers import archived
     broker = KafkaBroker().start()  # a broker of its own: this test stops it
     try:
         env = role_env("o", FLEETWATCH_KAFKA__PARTITIONS="3", FLEETWATCH_FLEET__SPEED="5")

@@ -1,0 +1,41 @@
+"""Helpers shared by tests of both tiers (unit tests in tests/, end-to-end tests in tests/e2e/):
+the fast daemon settings, reading the archive back, starting `fleetwatch run` and waiting."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+
+FAST = {"FLEETWATCH_FLEET__SPEED": "20", "FLEETWATCH_FLEET__FAULT_INTERVAL_S": "4",
+        "FLEETWATCH_FLEET__RACKS": "2", "FLEETWATCH_DAEMON__STATUS_INTERVAL_S": "1",
+        "FLEETWATCH_ARCHIVE__FLUSH_INTERVAL_S": "1"}
+
+
+def archived(data: Path, dataset: str) -> pl.DataFrame:
+    files = list((data / "archive" / dataset).rglob("*.parquet"))
+    if not files:
+        return pl.DataFrame()
+    return pl.scan_parquet(data / "archive" / dataset, hive_partitioning=True).collect()
+
+
+def reported_samples(stderr: str) -> int:
+    return int(re.search(r"stopped after [\d.]+ s: (\d+) GPU samples", stderr).group(1))
+
+
+def start(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST | (env or {})
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--data-dir", str(tmp_path / "data"), *args],
+                            cwd=tmp_path, env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
