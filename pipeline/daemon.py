@@ -28,28 +28,12 @@ from dataclasses import dataclass
 from pipeline.bus import Bus, MemoryBus
 from pipeline.config import Config, ConfigError
 from pipeline import roles as registry
-from pipeline.roles import (COLLECTOR, DATASET_OF_TOPIC, DETECT, DETECT_TOPICS, ROLES, SINK, SOURCE, SOURCE_ROLES,
-                            SOURCE_TOPICS, builder, run_roles, whole)
-from pipeline.roles.context import Context, intake_window
+from pipeline.roles import COLLECTOR, DETECT, DETECT_TOPICS, SINK, SOURCE, SOURCE_TOPICS, builder, run_roles, whole
+from pipeline.roles.context import Context
 from pipeline.roles.status import log_summary, status_role
 from pipeline.sinks.console import Console
 
 log = logging.getLogger("fleetwatch")
-
-__all__ = ["DATASET_OF_TOPIC", "DETECT_TOPICS", "ROLES", "SOURCE_ROLES", "SOURCE_TOPICS", "RunSummary",
-           "StopRequests", "check_roles", "intake_window", "run_daemon", "run_roles", "whole"]
-
-# Where the roles' loops live now; importable from here as before, without importing the
-# detector (and compiling its kernels) in a process that does not run detect.
-_MOVED = {"detect_role": "pipeline.roles.detect", "resume_embedded": "pipeline.roles.detect",
-          "archive_role": "pipeline.sinks.archive_sink", "notify_role": "pipeline.sinks.notify_sink"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass

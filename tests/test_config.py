@@ -53,7 +53,7 @@ def test_bad_env_value_is_named(tmp_path):
 def test_docker_compose_parses_and_sets_only_keys_the_code_reads():
     import yaml
 
-    from pipeline.daemon import ROLES
+    from pipeline.roles import ROLES
     from tests.conftest import REPO
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]

@@ -24,7 +24,10 @@ from hypothesis import strategies as st
 from pipeline.bus import EndOfStream, MemoryBus, Message, Topic
 from pipeline.bus.codec import DecodeError, Decoder, encode
 from pipeline.bus.intake import FileDeadLetters, Gate, KafkaDeadLetters, TimeWindow, split
-from pipeline.daemon import DATASET_OF_TOPIC, DETECT_TOPICS, SOURCE_TOPICS, archive_role, detect_role, notify_role
+from pipeline.roles import DATASET_OF_TOPIC, DETECT_TOPICS, SOURCE_TOPICS
+from pipeline.roles.detect import detect_role
+from pipeline.sinks.archive_sink import archive_role
+from pipeline.sinks.notify_sink import notify_role
 from pipeline.detect.engine import Engine
 from pipeline.model import ALERT, EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE, NODE_HEALTH, TS, alerts_to_batch
 from pipeline.sinks.console import Console

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pytest
 
 from pipeline.bus import Message, Topic
-from pipeline.daemon import resume_embedded
+from pipeline.roles.detect import resume_embedded
 from pipeline.detect.checkpoint import Checkpointer, LocalCheckpoint, reconcile
 from pipeline.detect.engine import Engine
 from pipeline.detect.families.staleness import Staleness

@@ -228,8 +228,6 @@ def test_murmur2_is_kafkas():
     for _ in range(2000):
         data = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 24)))
         assert keys.murmur2(data) == murmur2(data)
-    from pipeline.bus.kafka import partition_for
-    assert partition_for is keys.partition_for
 
 
 def test_every_record_type_has_its_key(tmp_path):

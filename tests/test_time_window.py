@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 
 from pipeline.bus import Message, Topic
 from pipeline.bus.intake import TimeWindow, split
-from pipeline.daemon import intake_window, run_daemon
+from pipeline.daemon import run_daemon
+from pipeline.roles.context import intake_window
 from pipeline.model import GPU_SAMPLE, TS
 from pipeline.sources.bms_tree import encode_meta, encode_reading
 from pipeline.sources.mqtt import MqttCollector

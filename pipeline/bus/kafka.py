@@ -38,7 +38,6 @@ from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlread
 
 from pipeline.bus.base import EndOfStream, Message, Topic
 from pipeline.bus.codec import DecodeError, Decoder, encode
-from pipeline.bus.keys import partition_for  # noqa: F401  (the bus's keying decides partitions)
 from pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)

@@ -243,7 +243,7 @@ def test_archive_that_wrote_but_never_committed_skips_the_redelivery(broker, tmp
     restarted archive gets every message again and writes none of them twice."""
     import polars as pl
 
-    from pipeline.daemon import archive_role
+    from pipeline.sinks.archive_sink import archive_role
     from pipeline.sinks.parquet import ArchiveWriter
     prefix = f"w{uuid.uuid4().hex[:6]}."
 
@@ -389,7 +389,7 @@ def test_detect_scales_out_and_a_killed_detector_s_partitions_continue_from_its_
 
     import polars as pl
 
-    from pipeline.bus.kafka import partition_for
+    from pipeline.bus.keys import partition_for
     from tests.helpers import archived
     env = role_env("x", FLEETWATCH_KAFKA__PARTITIONS="6")
     procs = {name: start_role(role, broker, tmp_path, env) for name, role in (
