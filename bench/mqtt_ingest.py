@@ -52,11 +52,12 @@ def facility_batches(site: str, racks: int, readings: int) -> list[pa.RecordBatc
 def messages(batches: list[pa.RecordBatch]) -> list[tuple[str, bytes]]:
     """What BmsPublisher sends, built with the same functions: metadata, then readings."""
     table = pa.Table.from_batches(batches)
-    rows = zip(*(table.column(c).to_pylist() for c in ("site", "rack", "device", "metric", "value", "quality")),
+    rows = zip(*(table.column(c).to_pylist() for c in ("site", "rack", "device_class", "device", "metric", "value",
+                                                        "quality")),
                table.column("ts").cast(pa.int64()).to_pylist())
     meta, out = {}, []
-    for site, rack, device, metric, value, quality, ts in rows:
-        topic = reading_topic(DEFAULT_ROOT, site, device, metric)
+    for site, rack, cls, device, metric, value, quality, ts in rows:
+        topic = reading_topic(DEFAULT_ROOT, site, cls, device, metric)
         unit = BMS_UNITS[metric]
         meta.setdefault(f"{topic}/meta", encode_meta(unit, rack))
         out.append((topic, encode_reading(UNITS[metric][unit].from_base(value), ts, quality, metric in STATE_METRICS)))

@@ -88,7 +88,7 @@ COOLANT_CP_J_PER_KG_K = 4186.0  # heat capacity of the (water) coolant; a litre 
 
 GPU_METRICS: tuple[str, ...] = tuple(f.name for f in GPU_SAMPLE)[6:]
 
-FACILITY_SAMPLE = _schema("facility_sample", 1, [
+_FACILITY_FIELDS = [
     _f("ts", TS, "reading time, UTC", nullable=False),
     _f("site", pa.string(), "site label", nullable=False),
     _f("rack", pa.string(), "rack the device serves; empty for site-level devices", nullable=False),
@@ -97,7 +97,32 @@ FACILITY_SAMPLE = _schema("facility_sample", 1, [
        nullable=False),
     _f("value", pa.float64(), "value in base units"),
     _f("quality", pa.int8(), "1 = good, 0 = bad or uncertain", nullable=False),
+]
+# The equipment classes of a facility device (the BMS topic tree's, sources/bms_tree.py): what the
+# detectors read a reading as (a rack's power is its PDU's, a meter's is the site's).
+DEVICE_CLASSES = ("cdu", "rack", "meter")
+FACILITY_SAMPLE = _schema("facility_sample", 2, _FACILITY_FIELDS + [
+    _f("device_class", pa.string(), "equipment class the collector knows: cdu (coolant distribution unit), rack "
+       "(the rack's PDU and manifold sensors), meter (the site's main meter); empty if unknown", nullable=False),
 ], "one row per facility point reading (long format)")
+FACILITY_SAMPLE_V1 = _schema("facility_sample", 1, _FACILITY_FIELDS,
+                             "one row per facility point reading (long format); read, and upgraded to v2")
+
+
+def legacy_device_class(device: pa.Array, rack: pa.Array) -> pa.Array:
+    """The class of a device that came without one (data of version 1), read off its id as
+    those versions' readers did: pdu-* a rack's PDU, cdu-* a CDU, meter-* or any site-level
+    device a meter."""
+    import pyarrow.compute as pc
+    return pc.if_else(pc.starts_with(device, "pdu"), "rack",
+                      pc.if_else(pc.starts_with(device, "cdu"), "cdu",
+                                 pc.if_else(pc.or_(pc.starts_with(device, "meter"), pc.equal(rack, "")),
+                                            "meter", ""))).cast(pa.string())
+
+
+def _facility_v1_to_v2(batch: pa.RecordBatch) -> pa.RecordBatch:
+    cls = legacy_device_class(batch.column("device"), batch.column("rack"))
+    return pa.RecordBatch.from_arrays([*batch.columns, cls], schema=FACILITY_SAMPLE)
 
 EVENT = _schema("event", 1, [
     _f("ts", TS, "event time, UTC", nullable=False),
@@ -169,7 +194,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 # Detector checkpoints on the state topic (detect/checkpoint.py). Open: after these
 # identity columns come one float64 column per state array (`<container>.<field>`) of
 # the engine that wrote it; a reader restores the columns it knows and ignores the rest.
-CHECKPOINT = _schema("detector_checkpoint", 1, [
+_CHECKPOINT_FIELDS = [
     _f("scope", pa.string(), "gpu, node, rack or point", nullable=False),
     _f("gpu_uuid", pa.string(), "scope gpu: NVML UUID"),
     _f("node", pa.string(), "scope gpu, node: node name"),
@@ -179,9 +204,41 @@ CHECKPOINT = _schema("detector_checkpoint", 1, [
     _f("device", pa.string(), "scope point: facility device"),
     _f("metric", pa.string(), "scope point: facility metric"),
     _f("alerts", pa.string(), "alerts firing on the entity: JSON {alertname: alert}"),
-], "detector state of one Kafka partition's entities (compacted state topic)")
-CHECKPOINT = CHECKPOINT.with_metadata({**CHECKPOINT.metadata, b"fleetwatch.open": b"true"})
+]
+
+
+def _open(schema: pa.Schema) -> pa.Schema:
+    return schema.with_metadata({**schema.metadata, b"fleetwatch.open": b"true"})
+
+
+CHECKPOINT = _open(_schema("detector_checkpoint", 2, _CHECKPOINT_FIELDS + [
+    _f("device_class", pa.string(), "scope point: facility device class (facility_sample.device_class)"),
+], "detector state of one Kafka partition's entities (compacted state topic)"))
+CHECKPOINT_V1 = _open(_schema("detector_checkpoint", 1, _CHECKPOINT_FIELDS,
+                              "detector state without point device classes; read, and upgraded to v2"))
+
+
+def _checkpoint_v1_to_v2(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Points get the class v1's engine read off their device ids; the state columns follow."""
+    import pyarrow.compute as pc
+    n = len(CHECKPOINT_V1)
+    cls = pc.if_else(pc.equal(batch.column("scope"), "point"),
+                     legacy_device_class(batch.column("device"), batch.column("rack")), pa.scalar(None, pa.string()))
+    schema = pa.schema([*CHECKPOINT, *list(batch.schema)[n:]], metadata=CHECKPOINT.metadata)
+    return pa.RecordBatch.from_arrays([*batch.columns[:n], cls, *batch.columns[n:]], schema=schema)
+
+
+def upgraded(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch of an older version UPGRADES knows, at the current version (as it is if current)."""
+    key = (schema_name(batch.schema), schema_version(batch.schema))
+    return UPGRADES[key][1](batch) if key in UPGRADES else batch
 WIRE_SCHEMAS: tuple[pa.Schema, ...] = (*SCHEMAS.values(), CHECKPOINT)
+# Older versions a reader still takes, each with what upgrades a batch of it to the current one:
+# a rolling upgrade updates the readers first, and what the old writers send goes on.
+UPGRADES: dict[tuple[str, int], tuple[pa.Schema, Any]] = {
+    ("facility_sample", 1): (FACILITY_SAMPLE_V1, _facility_v1_to_v2),
+    ("detector_checkpoint", 1): (CHECKPOINT_V1, _checkpoint_v1_to_v2),
+}
 
 
 def schema_name(schema: pa.Schema) -> str:
@@ -329,7 +386,7 @@ def alert_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
 def schema_files(directory: os.PathLike[str] | str) -> dict[str, dict[str, Any]]:
     """{file path: content} of the schemas/ folder, as the code defines it."""
     out = {}
-    for schema in WIRE_SCHEMAS:
+    for schema in (*WIRE_SCHEMAS, *(old for old, _ in UPGRADES.values())):
         doc = schema_to_json(schema)
         out[str(Path(directory) / f"{doc['name']}.v{doc['version']}.json")] = doc
     return out

@@ -12,7 +12,8 @@ import pytest
 from pipeline import docgen
 from pipeline.bus import Message, Topic
 from pipeline.config import DEFAULT_INHIBIT_RULES
-from pipeline.detect.catalog import ALERTS, ALERTS_BY_NAME, DETECTOR_ALERTS, SCOPE_LABELS, SCOPES, inhibit_rules
+from pipeline.detect.catalog import ALERTS, ALERTS_BY_NAME, DETECTOR_ALERTS, SCOPE_LABELS, SCOPES, \
+    explained_by, inhibit_rules
 from pipeline.detect.engine import Engine
 from pipeline.model import EVENT
 from tests.conftest import REPO, make_config
@@ -174,26 +175,15 @@ def test_no_alert_fires_while_an_alert_that_suppresses_it_fires_on_its_target(ru
     assert checked
 
 
-def _coolant_alerts() -> tuple[str, ...]:
-    """The engine's list of rack coolant alerts, wherever the detector families keep it."""
-    import importlib
-    for module in ("pipeline.detect.families.siblings", "pipeline.detect.engine"):
-        try:
-            return importlib.import_module(module).COOLANT_ALERTS
-        except (ImportError, AttributeError):
-            continue
-    pytest.skip("no COOLANT_ALERTS in the detector families: check its replacement here")
-
-
-def test_rack_cooling_suppression_agrees_with_the_catalog():
-    """Where the engine names it: its coolant alerts (and RackThermalAnomaly) explain the GPUs'
-    thermal symptoms and RackThermalAnomaly; RackHeatImbalance explains nothing."""
-    coolant = set(_coolant_alerts())
-    racks = [s for s in ALERTS if s.scope == "rack"]
-    assert {s.name for s in racks if "GpuOverTemperature" in s.suppresses} == coolant | {"RackThermalAnomaly"}
-    assert {s.name for s in racks if "RackThermalAnomaly" in s.suppresses} == coolant
-    assert {s.name for s in racks if "RackHeatImbalance" in s.suppresses} == coolant | {"RackThermalAnomaly",
-                                                                                        "PduOverload"}
+def test_the_engine_s_rack_suppression_is_the_catalog_s():
+    """The engine reads which rack alerts explain a symptom off the catalog (explained_by):
+    the coolant alerts and RackThermalAnomaly explain the GPUs' thermal symptoms, one view
+    of them (siblings.py) serves all three; RackHeatImbalance explains nothing."""
+    thermal = {t: set(explained_by(t, "rack")) for t in ("GpuOverTemperature", "GpuThermalDrift", "GpuHwSlowdown")}
+    assert len({frozenset(v) for v in thermal.values()}) == 1
+    assert thermal["GpuOverTemperature"] == {"CoolantFlowLoss", "CoolantLeak", "RackThermalAnomaly"}
+    assert set(explained_by("RackHeatImbalance", "rack")) == {"CoolantFlowLoss", "CoolantLeak",
+                                                               "RackThermalAnomaly", "PduOverload"}
     assert ALERTS_BY_NAME["RackHeatImbalance"].explains == ()
 
 

@@ -96,3 +96,31 @@ def test_only_the_partitions_asked_for_are_snapshotted_and_forgotten(stream):
 
 def in_scope(batch, scope):
     return pc.equal(batch.column("scope"), scope)
+
+
+def as_version_1(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A checkpoint as version 1 wrote it: no device_class column."""
+    from pipeline.model import CHECKPOINT_V1
+    keep = [n for n in batch.schema.names if n != "device_class"]
+    fields = [*CHECKPOINT_V1, *(batch.schema.field(n) for n in keep[len(CHECKPOINT_V1):])]
+    return pa.RecordBatch.from_arrays([batch.column(n) for n in keep],
+                                      schema=pa.schema(fields, metadata=CHECKPOINT_V1.metadata))
+
+
+def test_a_checkpoint_of_version_1_is_read_and_its_points_keep_their_kind(stream, tmp_path):
+    """An upgrade must not cost the detector its state: the embedded checkpoint file an
+    older version wrote (no device classes) restores, the class of each facility point
+    read off its id as that version did, and the engine goes on as if never stopped."""
+    from pipeline.detect.checkpoint import LocalCheckpoint
+    cfg, ticks = stream
+    reference = alerts(Engine(cfg, node_staleness=False), ticks)
+    first = Engine(cfg, node_staleness=False)
+    before = alerts(first, ticks[:450])
+    old = LocalCheckpoint(first, tmp_path)
+    old.write(as_version_1(old.snapshot()))
+    second = Engine(cfg, node_staleness=False)
+    assert LocalCheckpoint(second, tmp_path).restore()["point"] == first.identities("point").num_rows
+    n = len(first.inventory.point_classes)
+    assert second.inventory.point_classes == first.inventory.point_classes
+    assert second.inventory.point.kind[:n].tolist() == first.inventory.point.kind[:n].tolist()
+    assert before + alerts(second, ticks[450:]) == reference

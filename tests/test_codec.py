@@ -196,3 +196,22 @@ def test_one_decoder_decodes_a_sequence_of_messages_of_mixed_schemas(sequence):
     decoder = Decoder()
     for batch in sequence:
         assert decoder.decode(*encode(batch)).equals(batch)
+
+
+def test_a_facility_sample_of_version_1_is_upgraded_with_the_class_its_readers_read_off_the_id():
+    """A rolling upgrade: collectors still on version 1 send no device_class; consumers
+    already on version 2 read them (a rack's pdu-*, a cdu-*, the site's meter), and refuse
+    versions they do not know saying which they read."""
+    from pipeline.model import FACILITY_SAMPLE, FACILITY_SAMPLE_V1
+    rows = {"ts": [1_767_225_600 * 10**9] * 4, "site": ["s"] * 4, "rack": ["r01", "r01", "", "r02"],
+            "device": ["pdu-r01", "cdu-r01", "meter-main", "bms-17"], "metric": ["power_w", "flow_lpm", "power_w", "x"],
+            "value": [1.0, 2.0, 3.0, 4.0], "quality": [1] * 4}
+    v1 = pa.RecordBatch.from_pydict(rows, schema=FACILITY_SAMPLE_V1)
+    value, headers = encode(v1)
+    assert headers == headers_of("facility_sample", 1)
+    back = Decoder().decode(value, headers)
+    assert back.schema.equals(FACILITY_SAMPLE) and schema_version(back.schema) == 2
+    assert back.column("device_class").to_pylist() == ["rack", "cdu", "meter", ""]
+    assert back.select(FACILITY_SAMPLE_V1.names).to_pydict() == v1.to_pydict()
+    with pytest.raises(DecodeError, match="schema version '3', this consumer reads version 1 or 2"):
+        Decoder().decode(value, headers_of("facility_sample", 3))

@@ -378,3 +378,31 @@ def test_the_thermal_margin_is_to_each_gpus_own_slowdown_threshold():
     assert a.alertname == "GpuOverTemperature" and a.labels["node"] == h.sim.node_names[1] and a.labels["gpu"] == "4"
     assert a.evidence["limit_c"] == 56.0 and a.evidence["slowdown_c"] == 60.0
     assert "4 C under its HW slowdown at 60 C" in a.annotations["summary"]
+
+
+def _asset_tags(topic, batch):
+    """A mutate hook: facility device ids that say nothing of what the device is (a real
+    BMS's asset tags); only the row's device_class does."""
+    if topic != Topic.FACILITY:
+        return batch
+    device = batch.column("device")
+    for prefix, tag in (("pdu-", "asset-7"), ("cdu-", "asset-3"), ("meter-", "asset-9")):
+        device = pa.compute.replace_substring(device, prefix, tag)
+    i = batch.schema.get_field_index("device")
+    return batch.set_column(i, batch.schema.field(i), device)
+
+
+def test_rack_and_site_power_are_read_from_the_device_class_not_the_device_s_name():
+    """The engine once took any `pdu*` device's power for its rack's and any site-level
+    power for the site meter's. With asset tags for ids, an overloaded PDU still alerts,
+    and the site meter is still the site's power."""
+    from pipeline.detect.inventory import PointKind
+    h = Harness(seed=3)
+    h.run(180, _asset_tags)
+    kinds = h.engine.inventory.point.kind[:len(h.engine.inventory.point_devices)].tolist()
+    assert kinds.count(PointKind.PDU_POWER) == 2 and kinds.count(PointKind.SITE_POWER) == 1
+    assert all(d.startswith("asset-") for d in h.engine.inventory.point_devices)
+    h.sim.inject("pdu_overload", duration_s=600, rack=1, params={"load_ratio": 1.1})
+    h.run(FAULTS_BY_NAME["pdu_overload"].score_window_s, _asset_tags)
+    [a] = h.fired("PduOverload")
+    assert a.labels["rack"] == h.sim.rack_names[1]

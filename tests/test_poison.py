@@ -73,8 +73,9 @@ def a_good_alert(ts_ns: int, fingerprint_labels: dict | None = None) -> pa.Recor
 # ---- the embedded consumers, as the daemon wires them ------------------------------------------
 
 async def run_consumers(cfg, publish: list[Message], window: TimeWindow, kafka=None) -> dict:
-    """detect, archive and notify (each behind its Gate) over a MemoryBus, or over Kafka when
-    `kafka` is a KafkaBus; publish, end the topics in data order, wait for every role to end
+    """detect, archive and notify over a MemoryBus (whose one Gate screens each batch as it is
+    published, as the daemon wires it), or over Kafka when `kafka` is a KafkaBus (each consumer
+    behind its own Gate); publish, end the topics in data order, wait for every role to end
     by itself. Any role that raises fails the test."""
     bus = kafka or MemoryBus()
     engine = Engine(cfg, node_staleness=kafka is None)
@@ -84,7 +85,11 @@ async def run_consumers(cfg, publish: list[Message], window: TimeWindow, kafka=N
             "notify": bus.subscribe([Topic.ALERTS], "notify")}
     observer = bus.subscribe(list(DATASET_OF_TOPIC), "observer")
     path = Path(cfg.data_dir) / "deadletter" / "intake.jsonl"
-    gates = {g: Gate(g, KafkaDeadLetters(s) if kafka else FileDeadLetters(path), window) for g, s in subs.items()}
+    if kafka:
+        gates = {g: Gate(g, KafkaDeadLetters(s), window) for g, s in subs.items()}
+    else:
+        bus.gate = Gate("intake", FileDeadLetters(path), window)
+        gates = {"intake": bus.gate}
     writer = ArchiveWriter(cfg.archive_dir)
     console = io.StringIO()
     notifier = Notifier(cfg, Console(console))
@@ -97,9 +102,9 @@ async def run_consumers(cfg, publish: list[Message], window: TimeWindow, kafka=N
             except EndOfStream:
                 return
     watcher = asyncio.create_task(observe())
-    detect = asyncio.create_task(detect_role(bus, engine, subs["detect"], 0.2, None, gate=gates["detect"]))
-    sinks = [asyncio.create_task(archive_role(writer, subs["archive"], 0.5, gate=gates["archive"])),
-             asyncio.create_task(notify_role(subs["notify"], notifier, gate=gates["notify"]))]
+    detect = asyncio.create_task(detect_role(bus, engine, subs["detect"], 0.2, None, gate=gates.get("detect")))
+    sinks = [asyncio.create_task(archive_role(writer, subs["archive"], 0.5, gate=gates.get("archive"))),
+             asyncio.create_task(notify_role(subs["notify"], notifier, gate=gates.get("notify")))]
     for m in publish:
         await bus.publish(m)
     await bus.end(SOURCE_TOPICS)
@@ -139,7 +144,7 @@ def test_the_issue_s_poison_pills_are_dead_lettered_and_every_role_goes_on(tmp_p
     assert gpu.num_rows == sent - 1 and gpu.column("node").null_count == 0  # all but the bad row
     letters = dead_lines(tmp_path)
     by_group = Counter((x["group"], x["reason"]) for x in letters)
-    assert by_group == {("detect", "null_field"): 1, ("archive", "null_field"): 1}
+    assert by_group == {("intake", "null_field"): 1}  # in-process the bus screens it once for every consumer
     assert all(x["row"]["node"] is None and "node is null" in x["detail"] for x in letters)
     assert letters[0]["row"]["gpu_uuid"] == poisoned.column("gpu_uuid")[2].as_py()
     # The nanosecond alert reached alerts.jsonl and the console, in milliseconds, and the archive as it came.
@@ -299,6 +304,12 @@ def test_no_batch_stops_a_consumer_in_process(bad):
         assert all(x["reason"] in REASONS and x["detail"] and "row" in x for x in letters)
         dead = Counter((x["group"], x["topic"]) for x in letters)
         assert sum(dead.values()) == sum(sum(g.rejected.values()) for g in out["gates"].values())
+        assert {g for g, _ in dead} <= {"intake"}  # screened once, at the bus
+        for topic, dataset in DATASET_OF_TOPIC.items():  # what the consumers saw and what was rejected: all of it
+            if topic in SOURCE_TOPICS:
+                sent = sum(m.value.num_rows for m in publish if m.topic == topic)
+                seen = sum(m.value.num_rows for m in out["seen"] if m.topic == topic)
+                assert seen + dead.get(("intake", str(topic)), 0) == sent, dataset
         check_nothing_lost(out, dead, data, good)
 
 

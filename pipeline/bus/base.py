@@ -39,6 +39,7 @@ class Subscription(Protocol):
     on_assigned: list    # run when partitions are assigned, before their messages are read
     before_revoke: list  # run before partitions move to another consumer (then it commits)
     assignments: int     # bumped each time partitions are (re)assigned to this consumer
+    holds_input: bool    # True where input not yet committed waits on the bus (Kafka): reading can pause
 
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         """Up to `max_messages` in order; [] on timeout; EndOfStream when drained after end()."""
@@ -50,6 +51,14 @@ class Subscription(Protocol):
     async def commit(self) -> None:
         """Everything returned so far is processed and its output durable: the input
         offsets are committed (with the output, atomically, where transactional)."""
+
+    def pause(self) -> None:
+        """Stop reading the partitions assigned now, until resume() (where holds_input)."""
+
+    def resume(self) -> None: ...
+
+    def forget(self, partitions: set[int]) -> None:
+        """Commit nothing more of these partitions: they go to their next owner uncommitted."""
 
 
 class Bus(Protocol):

@@ -6,8 +6,8 @@ the producer's: it compresses whole Kafka record batches (many messages) with zs
 Arrow's own per-buffer zstd was measured at ~300 us per 8-row message against ~25 us
 without, for a few percent of size. Headers say what it
 is: `fw-schema` (record type) and `fw-version` (schema version). A consumer accepts
-a message only when its headers name a schema it knows, at the version it knows,
-and the payload decodes to exactly that schema (an open schema: its fields first,
+a message only when its headers name a schema it knows, at its version or an older
+one it upgrades (model.UPGRADES: the batch comes out at the current version), and the payload decodes to exactly that schema (an open schema: its fields first,
 then any others), one stream with one batch and nothing after it. Anything else is a DecodeError,
 whose reason goes to the dead-letter topic with the message.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from pipeline.model import WIRE_SCHEMAS, schema_name, schema_version
+from pipeline.model import UPGRADES, WIRE_SCHEMAS, schema_name, schema_version
 
 HEADER_SCHEMA = "fw-schema"
 HEADER_VERSION = "fw-version"
@@ -59,18 +59,22 @@ class Decoder:
         name = h.get(HEADER_SCHEMA, b"").decode(errors="replace")
         if name not in _BY_NAME:
             raise DecodeError(f"unknown or missing {HEADER_SCHEMA} header {name!r}")
-        expected = _BY_NAME[name]
+        expected, upgrade = _BY_NAME[name], None
         version = h.get(HEADER_VERSION, b"").decode(errors="replace")
         if version != str(schema_version(expected)):
-            raise DecodeError(f"{name}: schema version {version!r}, this consumer reads version "
-                              f"{schema_version(expected)}")
+            older = UPGRADES.get((name, int(version))) if version.isdigit() else None
+            if older is None:
+                readable = sorted([schema_version(expected)] + [v for n, v in UPGRADES if n == name])
+                raise DecodeError(f"{name}: schema version {version!r}, this consumer reads version "
+                                  f"{' or '.join(map(str, readable))}")
+            expected, upgrade = older
         if not value:
             raise DecodeError(f"{name}: empty value")
         try:
             source = pa.BufferReader(pa.py_buffer(value))
             reader = ipc.MessageReader.open_stream(source)
             schema_message = reader.read_next_message()
-            key = (name, schema_message.metadata.to_pybytes())
+            key = (f"{name}.v{version}", schema_message.metadata.to_pybytes())
             schema = self._checked.get(key) or self._check(key, ipc.read_schema(schema_message), expected)
             batch = ipc.read_record_batch(reader.read_next_message(), schema)
             batch.validate()  # buffers consistent with the schema: truncation shows here
@@ -84,13 +88,13 @@ class Decoder:
             if source.tell() < len(value):
                 raise DecodeError(f"{name}: {len(value) - source.tell()} bytes after the end of the Arrow IPC "
                                   "stream (a second stream?)") from None
-            return batch
+            return batch if upgrade is None else upgrade(batch)
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
             raise DecodeError(f"{name}: trailing bytes after the record batch ({e})") from None
         raise DecodeError(f"{name}: expected one record batch, found more")
 
     def _check(self, key: tuple[str, bytes], payload: pa.Schema, expected: pa.Schema) -> pa.Schema:
-        name = key[0]
+        name = schema_name(expected)
         open_schema = expected.metadata.get(b"fleetwatch.open")
         fixed = pa.schema(list(payload)[:len(expected)]) if open_schema else payload
         if not fixed.equals(expected):

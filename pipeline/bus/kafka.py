@@ -142,6 +142,7 @@ class KafkaSubscription:
         self.on_assigned: list = []    # async callables(partitions): e.g. restore state
         self.before_revoke: list = []  # async callables(partitions): make output durable (then we commit)
         self.assignments = 0           # how many times partitions were (re)assigned
+        self.holds_input = True        # what is not committed waits on Kafka: reading can pause
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bus.bootstrap, group_id=bus.wire(group),
             client_id=f"{bus.client_id}-{group}", enable_auto_commit=False, auto_offset_reset="earliest",
@@ -237,6 +238,18 @@ class KafkaSubscription:
                     ("fw-source-offset", str(message.offset).encode()), ("fw-consumer-group", self.group.encode())]
         await self.bus.producer.send_and_wait(self.bus.wire(DEAD_LETTER), value,
                                               key=message.key.encode() if message.key else None, headers=headers)
+
+    def pause(self) -> None:
+        """Stop fetching every partition assigned now (the caller calls again after a rebalance)."""
+        self.consumer.pause(*self.consumer.assignment())
+
+    def resume(self) -> None:
+        self.consumer.resume(*self.consumer.assignment())
+
+    def forget(self, partitions: set[int]) -> None:
+        """Commit nothing more of these partitions: their next owner reads them again."""
+        for tp in [tp for tp in self._to_commit if tp.partition in partitions]:
+            del self._to_commit[tp]
 
     async def commit(self) -> None:
         if self.producer is None:

@@ -1,6 +1,8 @@
 """In-process bus: the embedded default. Batches pass by reference (no copies, no
 encoding); bounded queues give backpressure so a slow consumer slows the producer
-instead of growing memory."""
+instead of growing memory. Every consumer would see the same batch object, so the
+content checks (bus/intake.py) run once, as a batch is published (`gate`), instead of
+once per consumer group as over Kafka."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class MemorySubscription:
         self.on_assigned: list = []    # one consumer per group: everything is ours from the start
         self.before_revoke: list = []  # and nothing is ever revoked
         self.assignments = 1
+        self.holds_input = False  # a batch not taken is gone: nothing to pause on
 
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         if self._open == 0 and self.queue.empty():
@@ -48,6 +51,15 @@ class MemorySubscription:
     async def commit(self) -> None:
         """Nothing to do: in-process delivery has no offsets to remember."""
 
+    def pause(self) -> None:
+        """Nothing to pause on: the producer waits on the bounded queue instead."""
+
+    def resume(self) -> None:
+        """See pause()."""
+
+    def forget(self, partitions: set[int]) -> None:
+        """No partitions, nothing committed."""
+
 
 class MemoryBus:
     keyed = False  # one consumer per group sees every message in publish order: no keys needed
@@ -55,6 +67,7 @@ class MemoryBus:
 
     def __init__(self, queue_size: int = 8192) -> None:
         self._queue_size = queue_size
+        self.gate = None  # the one intake Gate every published batch passes (Context.gate sets it)
         self._subs: dict[tuple[Topic, str], MemorySubscription] = {}
 
     async def start(self) -> None:
@@ -76,6 +89,11 @@ class MemoryBus:
         return sub
 
     async def publish(self, message: Message) -> None:
+        if self.gate is not None:
+            screened = await self.gate.screen([message])
+            if not screened:
+                return
+            message = screened[0]
         for (topic, _), sub in self._subs.items():
             if topic == message.topic:
                 await sub.queue.put(message)

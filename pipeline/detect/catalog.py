@@ -12,7 +12,6 @@ Summaries are format strings over the alert's labels and evidence.
 
 from __future__ import annotations
 
-import dataclasses
 import string
 from dataclasses import dataclass
 
@@ -309,11 +308,14 @@ ALERTS: tuple[AlertSpec, ...] = (
 
 ALERTS_BY_NAME: dict[str, AlertSpec] = {a.name: a for a in ALERTS}
 
-# The alerts the detectors raise (the rest Fleetwatch raises about itself: pipeline/sinks/archive_outage.py),
-# as the engine tracks them: `scope` is the tracked entity (AlertSpec.entity; a site-scoped alert is tracked on
-# the site's rack "" entry), so the engine's per-scope code (labels, checkpoints, node health) needs no site case.
-DETECTOR_ALERTS: tuple[AlertSpec, ...] = tuple(dataclasses.replace(a, scope=a.entity) for a in ALERTS
-                                               if a.scope != "fleetwatch")
+# The alerts the detectors raise (the rest Fleetwatch raises about itself: pipeline/sinks/archive_outage.py).
+# The engine tracks each on its `entity` (a site-scoped alert on the site's rack "" entry).
+DETECTOR_ALERTS: tuple[AlertSpec, ...] = tuple(a for a in ALERTS if a.scope != "fleetwatch")
+
+
+def explained_by(target: str, scope: str) -> tuple[str, ...]:
+    """The alerts of `scope` that suppress `target` in the detector (catalog order)."""
+    return tuple(a.name for a in ALERTS if a.scope == scope and target in a.suppresses)
 
 
 def inhibit_rules() -> list[tuple[str, str, list[str]]]:

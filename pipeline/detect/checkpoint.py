@@ -36,14 +36,14 @@ import pyarrow.compute as pc
 
 from pipeline.bus.keys import partition_for
 from pipeline.detect.engine import Engine
-from pipeline.model import CHECKPOINT, Alert, parse_iso_utc, schema_name, schema_version
+from pipeline.model import CHECKPOINT, UPGRADES, Alert, parse_iso_utc, schema_name, schema_version, upgraded
 from pipeline.sinks.files import write_atomically
 
 log = logging.getLogger(__name__)
 
 SCOPES = ("gpu", "node", "rack", "point")
 IDENTITY = {"gpu": ("gpu_uuid", "node", "site", "rack", "gpu"), "node": ("node", "site", "rack"),
-            "rack": ("site", "rack"), "point": ("device", "metric", "site", "rack")}
+            "rack": ("site", "rack"), "point": ("device", "metric", "site", "rack", "device_class")}
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = timedelta(microseconds=1)
 
@@ -113,7 +113,7 @@ class Checkpointer:
             row_of = {int(s): i for i, s in enumerate(slots)}
             firing: dict[int, dict] = {}
             for name, tr in e.trackers.items():
-                if tr.spec.scope == scope:
+                if tr.spec.entity == scope:
                     for entity, alert in tr.active.items():
                         if entity in row_of:
                             firing.setdefault(row_of[entity], {})[name] = _alert_json(alert)
@@ -177,7 +177,7 @@ class Checkpointer:
                 e.health.ensure(int(slots.max()) + 1)
                 e.health.state[slots] = 0
             for tr in e.trackers.values():
-                if tr.spec.scope == scope:
+                if tr.spec.entity == scope:
                     tr.forget(slots)
 
 
@@ -257,16 +257,24 @@ class LocalCheckpoint:
             name, version = schema_name(schema), schema_version(schema)
         except (KeyError, TypeError, ValueError):
             raise CheckpointUnreadable("no fleetwatch schema in its metadata") from None
-        if (name, version) != (schema_name(CHECKPOINT), schema_version(CHECKPOINT)):
+        if (name, version) == (schema_name(CHECKPOINT), schema_version(CHECKPOINT)):
+            expected = CHECKPOINT
+        elif (name, version) in UPGRADES:  # written by an older version: read, then upgraded
+            expected = UPGRADES[(name, version)][0]
+        else:
             raise CheckpointUnreadable(f"schema {name} v{version}, expected {schema_name(CHECKPOINT)} "
                                        f"v{schema_version(CHECKPOINT)}")
-        for f in CHECKPOINT:
+        for f in expected:
             if f.name not in schema.names or schema.field(f.name).type != f.type:
                 raise CheckpointUnreadable(f"column {f.name!r} missing or not {f.type}")
-        bad = [f.name for f in schema if f.name not in CHECKPOINT.names and f.type != pa.float64()]
+        bad = [f.name for f in schema if f.name not in expected.names and f.type != pa.float64()]
         if bad:
             raise CheckpointUnreadable(f"state columns {bad} are not float64")
-        return table.combine_chunks().to_batches()[0] if table.num_rows else None
+        if not table.num_rows:
+            return None
+        # Fixed fields first, in order (as the current version wrote them), then the state.
+        table = table.select([*expected.names, *(n for n in schema.names if n not in expected.names)])
+        return upgraded(table.combine_chunks().to_batches()[0])
 
     def restore(self) -> dict[str, int] | None:
         """Load the file into the engine (which must be fresh); the summary of what it

@@ -29,7 +29,7 @@ from pipeline.bus.base import Message, Topic
 from pipeline.config import Config
 from pipeline.detect import kernels
 from pipeline.detect.batch import EventBatch, FacilityBatch, GpuBatch, Output, Stats, numeric, seconds
-from pipeline.detect.catalog import DETECTOR_ALERTS
+from pipeline.detect.catalog import DETECTOR_ALERTS, explained_by
 from pipeline.detect.families.coolant import Coolant
 from pipeline.detect.families.counters import Counters
 from pipeline.detect.families.drift import Drift
@@ -84,7 +84,7 @@ class Engine:
         for spec in DETECTOR_ALERTS:  # catalog order; the catalog says its detector and fire-after
             fire_after = getattr(d, spec.fire_after) if isinstance(spec.fire_after, str) else spec.fire_after
             self.trackers[spec.name] = Tracker(spec, spec.detector, fire_after, d.resolve_after,
-                                               self.inventory.labels_getter(spec.scope), cfg.alerts.runbook_base_url)
+                                               self.inventory.labels_getter(spec.entity), cfg.alerts.runbook_base_url)
         for f in self.families:
             f.check_declared()
         # Per topic: the families that observe (not all do), and those that evaluate, in order.
@@ -118,7 +118,7 @@ class Engine:
             joined = {name: parts[0] if len(parts) == 1 else JoinedArrays(parts) for name, parts in by_name.items()}
             out[scope] = {name: (arrays, arrays.fields) for name, arrays in joined.items()}
         for name, tr in self.trackers.items():
-            out[tr.spec.scope][f"tracker.{name}"] = (tr.arrays, tr.arrays.fields)
+            out[tr.spec.entity][f"tracker.{name}"] = (tr.arrays, tr.arrays.fields)
         return out
 
     def identities(self, scope: str) -> pa.RecordBatch:
@@ -191,7 +191,7 @@ class Engine:
         now = datetime.fromtimestamp(t, timezone.utc)
         one = np.array([old])
         for tr in self.trackers.values():
-            if tr.spec.scope == "gpu":
+            if tr.spec.entity == "gpu":
                 if old in tr.active:
                     out.alerts.append((now, dataclasses.replace(tr.active[old], ends_at=now)))
                 tr.forget(one)
@@ -211,9 +211,11 @@ class Engine:
     def active_alerts(self) -> list[Alert]:
         return [a for t in self.trackers.values() for a in t.active.values()]
 
-    def racks_alerted(self, *names: str) -> np.ndarray:
-        """Per rack: any of these rack alerts pending or firing."""
+    def racks_explaining(self, target: str) -> np.ndarray:
+        """Per rack: a rack alert that explains `target` (the catalog's `suppresses`) pending
+        or firing: the rack's coolant explains its GPUs' heat, for example."""
         n = self.inventory.rack_count
+        names = explained_by(target, "rack")
         return np.logical_or.reduce([self.trackers[name].pending_or_firing(n) for name in names])
 
     # ---- batches -----------------------------------------------------------------
@@ -263,7 +265,7 @@ class Engine:
         firing = []
         for name, tr in self.trackers.items():
             entities = np.fromiter(tr.active.keys(), np.int64, len(tr.active))
-            scope = tr.spec.scope
+            scope = tr.spec.entity
             if scope == "rack" or entities.size == 0:
                 continue
             nodes = self.inventory.gpu.node[entities] if scope == "gpu" else entities

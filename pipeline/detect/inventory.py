@@ -23,7 +23,8 @@ class PointKind:
     OTHER, LEAK, FLOW, PDU_POWER, SITE_POWER, SUPPLY, RETURN = range(7)
 
 
-def point_kind(device: str, metric: str, rack: str) -> int:
+def point_kind(device_class: str, metric: str) -> int:
+    """From what the collector knows (the row's device_class), never from device names."""
     if metric == "leak":
         return PointKind.LEAK
     if metric == "flow_lpm":
@@ -32,9 +33,9 @@ def point_kind(device: str, metric: str, rack: str) -> int:
         return PointKind.SUPPLY
     if metric == "return_temp_c":
         return PointKind.RETURN
-    if metric == "power_w" and device.startswith("pdu"):
+    if metric == "power_w" and device_class == "rack":
         return PointKind.PDU_POWER
-    if metric == "power_w" and not rack:
+    if metric == "power_w" and device_class == "meter":
         return PointKind.SITE_POWER
     return PointKind.OTHER
 
@@ -57,6 +58,7 @@ class Inventory:
         self.rack_site: list[int] = []  # site index of each rack slot (racks of one site are peers)
         self.site_index: dict[str, int] = {}
         self.point_devices: list[str] = []
+        self.point_classes: list[str] = []  # each point's device_class (what its kind was read from)
         self.gpu_at: dict[tuple[int, int], int] = {}  # (node, GPU index) -> the slot of the GPU there now
         self.replaced: list[tuple[int, int]] = []     # (old slot, new slot) seen, not yet handled
 
@@ -110,11 +112,13 @@ class Inventory:
         metrics = b.column("metric").take(rows).to_pylist()
         racks = b.column("rack").take(rows).to_pylist()
         sites = b.column("site").take(rows).to_pylist()
-        for i, (dev, metric, rack, site) in enumerate(zip(devices, metrics, racks, sites)):
-            self.point.kind[start + i] = point_kind(dev, metric, rack)
+        classes = b.column("device_class").take(rows).to_pylist()
+        for i, (cls, metric, rack, site) in enumerate(zip(classes, metrics, racks, sites)):
+            self.point.kind[start + i] = point_kind(cls, metric)
             # Site-level devices (the main meter) belong to the site's entry, rack "".
             self.point.rack[start + i] = self.rack_ids.slots(pa.array([f"{site}/{rack}"]))[0]
         self.point_devices.extend(devices)
+        self.point_classes.extend(classes)
 
     # ---- replaced GPUs -----------------------------------------------------------
 
@@ -185,7 +189,7 @@ class Inventory:
             rack = self.point.rack[:len(self.point_devices)]
             parts = pc.split_pattern(self.point_ids.keys, "/", max_splits=1)
             cols = {"device": pc.list_element(parts, 0), "metric": pc.list_element(parts, 1),
-                    "site": sites[rack], "rack": racks[rack],
+                    "site": sites[rack], "rack": racks[rack], "device_class": np.asarray(self.point_classes, object),
                     "owner": np.where(racks[rack] == "", sites[rack], racks[rack])}
         return pa.RecordBatch.from_pydict({k: pa.array(v, pa.int16() if k == "gpu" else pa.string())
                                            if not isinstance(v, pa.Array) else v for k, v in cols.items()})

@@ -7,7 +7,7 @@ the bus, the stop request, and these, each made once when the first role needs i
                (only detect builds it: its import compiles Numba kernels)
   simulator()  the simulated fleet (the simulator's clock is the intake window's)
   window()     the intake time window (intake.*), which every Gate and the MQTT collector check
-  gate()       the content screening at a consumer's entry (bus/intake.py)
+  gate()       the content screening at a consumer's entry (bus/intake.py; in-process, once at the bus)
   emit()       what a source hands its batches to: keyed by bus/keys.py and published
 
 Builders also leave what the status line and the summary report read: the sources
@@ -23,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.bus import Bus, Topic
+from pipeline.bus import Bus, MemoryBus, Topic
 from pipeline.bus import keys
 from pipeline.bus.intake import Gate, TimeWindow, dead_letters_for
 from pipeline.config import Config
@@ -50,6 +50,7 @@ class Context:
         self.engine: Any = None    # the detector Engine, once detect built it
         self.writer: Any = None    # the archive's ArchiveWriter, once archive built it
         self.notifier: Any = None  # notify's Notifier, once notify built it
+        self.collectors: list = []  # prometheus_client collectors roles add to the process's /metrics
         self._detector: tuple | None = None
         self._sim: Any = None
         self._window: TimeWindow | None = None
@@ -78,8 +79,15 @@ class Context:
             self._window = intake_window(self.cfg, self.roles, self.simulator() if "simulate" in self.roles else None)
         return self._window
 
-    def gate(self, sub, group: str) -> Gate:
-        """The screening at the entry of a consumer of `group`: bad rows are dead-lettered."""
+    def gate(self, sub, group: str) -> Gate | None:
+        """The screening at the entry of a consumer of `group`: bad rows are dead-lettered.
+        In-process the bus screens each batch once as it is published, for every consumer
+        (group "intake"): the consumer gets None."""
+        if isinstance(self.bus, MemoryBus):
+            if self.bus.gate is None:
+                self.bus.gate = Gate("intake", dead_letters_for(sub, self.cfg.data_dir), self.window())
+                self.gates.append(self.bus.gate)
+            return None
         self.gates.append(Gate(group, dead_letters_for(sub, self.cfg.data_dir), self.window()))
         return self.gates[-1]
 

@@ -29,7 +29,6 @@ class ArchiveSink(SinkBase):
         self.writer, self.sub, self.flush_interval_s = writer, sub, flush_interval_s
         self.outage = outage or ArchiveOutage("", "", 30.0)
         self.buffer_mb, self.bound = buffer_mb, int(buffer_mb * 2**20)
-        self.consumer = getattr(sub, "consumer", None)  # Kafka: partitions pause instead of dropping data
         self.paused = False
         self.alerts: asyncio.Task | None = None  # publishes outage alerts in order, off the archive's loop
         self.next_flush = time.monotonic() + flush_interval_s
@@ -65,9 +64,7 @@ class ArchiveSink(SinkBase):
         if not await self.flush():
             # Not on disk: the partitions go to their new owner uncommitted, and it reads them again.
             rows = self.writer.discard(partitions)
-            to_commit = getattr(self.sub, "_to_commit", {})
-            for tp in [tp for tp in to_commit if tp.partition in partitions]:
-                del to_commit[tp]
+            self.sub.forget(partitions)
             raise RuntimeError(f"archive cannot write ({self.outage.error}): partitions {sorted(partitions)} handed "
                                f"over uncommitted ({rows} rows to be read again by their new owner)")
 
@@ -91,27 +88,27 @@ class ArchiveSink(SinkBase):
                 continue
             full |= writer.add(dataset, message.value, message.partition, message.offset)
         if outage.failing:
-            if self.consumer is None:  # in-process: keep the newest within the bound, count the rest
+            if not self.sub.holds_input:  # in-process: keep the newest within the bound, count the rest
                 outage.shed(writer.shed(self.bound), self.buffer_mb)
             elif writer.held_bytes() >= self.bound:  # Kafka: stop reading (every call: assignments change)
                 if not self.paused:
                     log.warning("archive: %g MB held while it cannot write (archive.outage_buffer_mb): reading "
                                 "paused; nothing is committed, the rest waits on Kafka", self.buffer_mb)
-                self.consumer.pause(*self.consumer.assignment())
+                self.sub.pause()
                 self.paused = True
         return outage.due() if outage.failing else (full or time.monotonic() >= self.next_flush)
 
     def flushed(self, durable: bool) -> None:
         if durable and self.paused:
-            self.consumer.resume(*self.consumer.assignment())
+            self.sub.resume()
             self.paused = False
         self.next_flush = time.monotonic() + self.flush_interval_s
 
     def abandon(self) -> None:
         log.error("archive: stopping while it cannot write (%s): %d rows held %s", self.outage.error,
                   self.writer.held_rows(), "are not committed; Kafka keeps them for the next archive"
-                  if self.consumer is not None else "are lost (counted as dropped)")
-        if self.consumer is None:
+                  if self.sub.holds_input else "are lost (counted as dropped)")
+        if not self.sub.holds_input:
             self.writer.shed(0)
 
     async def close(self) -> None:

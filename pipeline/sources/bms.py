@@ -101,12 +101,12 @@ class BmsPublisher:
     def publish(self, batch: pa.RecordBatch) -> None:
         """Queue a `facility_sample` batch, one reading per row."""
         cols = {name: batch.column(name).to_pylist() for name in ("site", "rack", "device", "metric", "value",
-                                                                   "quality")}
+                                                                   "quality", "device_class")}
         ts = batch.column("ts").cast(pa.int64()).to_pylist()
         for i, (site, device, metric) in enumerate(zip(cols["site"], cols["device"], cols["metric"])):
             target = self._targets.get((site, device, metric))
             if target is None:
-                target = self._new_point(site, cols["rack"][i], device, metric)
+                target = self._new_point(site, cols["rack"][i], cols["device_class"][i], device, metric)
             value = cols["value"][i]
             if value is None:
                 continue  # a BMS has no reading to send
@@ -115,8 +115,8 @@ class BmsPublisher:
             self.stats.readings += 1
         self._queued.set()
 
-    def _new_point(self, site: str, rack: str, device: str, metric: str) -> _Target:
-        topic = reading_topic(self.topic_root, site, device, metric)
+    def _new_point(self, site: str, rack: str, cls: str, device: str, metric: str) -> _Target:
+        topic = reading_topic(self.topic_root, site, cls, device, metric)
         unit = self.units.get(metric)
         if unit is None:
             raise ValueError(f"no BMS unit for metric {metric!r}: add it to units")

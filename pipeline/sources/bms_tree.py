@@ -101,9 +101,6 @@ CLASS_POINTS: dict[str, frozenset[str]] = {
     "meter": frozenset({"power", "energy"}),
 }
 
-# Device id prefix (the simulator's names) -> equipment class.
-_DEVICE_CLASSES = (("cdu-", "cdu"), ("pdu-", "rack"), ("meter-", "meter"))
-
 # Timestamps below this (1973-03-03 in ms) are almost surely epoch seconds.
 _MIN_MS = 1e11
 _MAX_MS = 1e14
@@ -202,18 +199,12 @@ def decode_reading(payload: bytes, meta: PointMeta) -> tuple[int, float, int]:
 
 # ---- the publishing side --------------------------------------------------------
 
-def equipment_class(device: str) -> str:
-    """The class a simulator device id is published under (cdu-* cdu, pdu-* rack, meter-* meter)."""
-    for prefix, cls in _DEVICE_CLASSES:
-        if device.startswith(prefix):
-            return cls
-    raise ValueError(f"device {device!r}: no BMS equipment class for it; device ids must start with "
-                     f"{', '.join(p for p, _ in _DEVICE_CLASSES)}")
-
-
-def reading_topic(root: str, site: str, device: str, metric: str) -> str:
-    cls = equipment_class(device)
+def reading_topic(root: str, site: str, cls: str, device: str, metric: str) -> str:
+    """Where a reading of `device` (of equipment class `cls`, the facility row's device_class) goes."""
     point = METRIC_POINTS.get(metric)
+    if cls not in CLASS_POINTS:
+        raise ValueError(f"device {device!r}: device_class {cls!r} is not a BMS equipment class "
+                         f"({', '.join(CLASS_POINTS)})")
     if point is None or point not in CLASS_POINTS[cls]:
         raise ValueError(f"device {device!r} (class {cls}) has no BMS point for metric {metric!r}")
     return f"{root}/{site}/{cls}/{device}/{point}"

@@ -126,6 +126,7 @@ class CollectorStats:
 @dataclass(slots=True)
 class _Point:
     device: str
+    device_class: str  # the topic's equipment class
     metric: str
     meta: PointMeta
     last_ns: int = -1       # the newest reading's time, at most the receiver's clock then
@@ -186,6 +187,7 @@ class MqttCollector:
         self._ts: list[int] = []
         self._rack: list[str] = []
         self._device: list[str] = []
+        self._class: list[str] = []
         self._metric: list[str] = []
         self._value: list[float] = []
         self._quality: list[int] = []
@@ -217,6 +219,7 @@ class MqttCollector:
         self._ts.append(ts)
         self._rack.append(point.meta.rack)
         self._device.append(point.device)
+        self._class.append(point.device_class)
         self._metric.append(point.metric)
         self._value.append(value)
         self._quality.append(quality)
@@ -244,7 +247,7 @@ class MqttCollector:
             if len(self._points) >= self.max_points:
                 raise Rejected(Reason.TOO_MANY_POINTS, f"already {self.max_points} points; raise max_points "
                                                        "if the site has more")
-            self._points[reading_topic] = _Point(addr.device, addr.metric, meta)
+            self._points[reading_topic] = _Point(addr.device, addr.equipment_class, addr.metric, meta)
         else:
             point.meta = meta
         self.stats.metadata += 1
@@ -270,6 +273,7 @@ class MqttCollector:
             pa.array(self._ts, TS), pa.repeat(pa.scalar(self.site, pa.string()), n), pa.array(self._rack, pa.string()),
             pa.array(self._device, pa.string()), pa.array(self._metric, pa.string()),
             pa.array(self._value, pa.float64()), pa.array(self._quality, pa.int8()),
+            pa.array(self._class, pa.string()),
         ], schema=FACILITY_SAMPLE)
         self._clear()
         self.stats.rows += n

@@ -166,19 +166,19 @@ class FleetSimulator:
             "gpu_uuid": pa.array(self.gpu_uuids),
             "slowdown_temp_c": pa.array(np.full(self.n_gpus, SLOWDOWN_C)),
         }
-        devices, racks, metrics = [], [], []
+        devices, classes, racks, metrics = [], [], [], []
         for r, name in enumerate(self.rack_names):
             for m in FACILITY_POINTS:
-                devices.append(f"cdu-{name}"), racks.append(name), metrics.append(m)
+                devices.append(f"cdu-{name}"), classes.append("cdu"), racks.append(name), metrics.append(m)
             for m in PDU_POINTS:
-                devices.append(f"pdu-{name}"), racks.append(name), metrics.append(m)
+                devices.append(f"pdu-{name}"), classes.append("rack"), racks.append(name), metrics.append(m)
         for m in PDU_POINTS:
-            devices.append("meter-main"), racks.append(""), metrics.append(m)
+            devices.append("meter-main"), classes.append("meter"), racks.append(""), metrics.append(m)
         n = len(devices)
         self._fac_static = {
             "site": pa.array([site] * n), "rack": pa.array(racks),
             "device": pa.array(devices), "metric": pa.array(metrics),
-            "quality": pa.array(np.ones(n, np.int8)),
+            "quality": pa.array(np.ones(n, np.int8)), "device_class": pa.array(classes),
         }
 
     # ---- public --------------------------------------------------------------

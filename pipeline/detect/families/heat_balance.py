@@ -8,7 +8,6 @@ import numpy as np
 
 from pipeline.bus.base import Topic
 from pipeline.detect.batch import FacilityBatch, Output
-from pipeline.detect.families.siblings import COOLANT_ALERTS
 from pipeline.detect.family import Family, State, evidence, lag
 from pipeline.detect.inventory import PointKind
 from pipeline.model import COOLANT_CP_J_PER_KG_K
@@ -52,7 +51,7 @@ class HeatBalance(Family):
         loop.expected_dt[racks], loop.power_t[racks] = expected, t_row
         ratio = measured / expected
         settled = np.abs(predicted - expected) < 0.1 * expected
-        explained = self.engine.racks_alerted(*COOLANT_ALERTS, "RackThermalAnomaly", "PduOverload")[racks]
+        explained = self.engine.racks_explaining("RackHeatImbalance")[racks]
         judged = np.flatnonzero(settled & np.isfinite(ratio) & (expected >= d.heat_balance_min_delta_c) & ~explained)
         coolant_w = heat_capacity_w_per_c * measured
         self.judge(out, "RackHeatImbalance", racks[judged], np.abs(ratio[judged] - 1.0) > d.heat_balance_tolerance,

@@ -10,7 +10,6 @@ from pipeline.bus.base import Topic
 from pipeline.detect.batch import GpuBatch, Output
 from pipeline.detect.families.heat_balance import HeatBalance
 from pipeline.detect.families.staleness import Staleness
-from pipeline.detect.families.siblings import COOLANT_ALERTS
 from pipeline.detect.family import Family, State, evidence
 from pipeline.detect.state import group_median
 
@@ -67,7 +66,7 @@ class Peers(Family):
         excess = approach[racks] - site_med[sites[racks]]
         judged = np.flatnonzero(known[racks] & (site_n[sites[racks]] >= 3))
         racks, excess = racks[judged], excess[judged]
-        cooling = self.engine.racks_alerted(*COOLANT_ALERTS)[racks]
+        cooling = self.engine.racks_explaining("RackThermalAnomaly")[racks]
         threshold = self.config.rack_temp_excess_c
         self.judge(out, "RackThermalAnomaly", racks, (excess > threshold) & ~cooling, b.now, excess,
                    evidence(excess_c=excess, gpu_at_zero_power_c=rack_ref[racks],
