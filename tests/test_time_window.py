@@ -87,7 +87,7 @@ def test_a_gpu_from_1970_or_2262_blinds_nothing_and_opens_no_partition(tmp_path)
     sent = sum(m.value.num_rows for m in publish if m.topic == Topic.GPU)
     assert archived(tmp_path, "gpu_samples").num_rows == sent - 3
     letters = dead_lines(tmp_path)
-    # In-process the bus screens each batch once, for detect and the archive alike.
+    # In-process each batch is screened once, for detect and the archive alike.
     assert sorted((x["group"], x["reason"], x["row"]["ts"][:4]) for x in letters) == [
         ("intake", "time_ahead", "2026"), ("intake", "time_ahead", "2262"), ("intake", "too_old", "1970")]
     assert out["gates"]["intake"].rejected == {"too_old": 1, "time_ahead": 2}

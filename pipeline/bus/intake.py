@@ -331,9 +331,13 @@ class Gate:
 
     async def screen(self, messages: list[Message]) -> list[Message]:
         """The messages with their bad rows taken out (a message with none left is dropped)."""
+        return [m for m in await self.verdicts(messages) if m is not None]
+
+    async def verdicts(self, messages: list[Message]) -> list[Message | None]:
+        """For each message: itself, its valid rows, or None when none is valid."""
         bounds = self.window.bounds_ns() if self.window is not None else None
         clean = self._clean_topics(messages, bounds)
-        out = []
+        out: list[Message | None] = []
         rejected: list[tuple[Message, Rejection]] = []
         for m in messages:
             if m.topic in clean:
@@ -341,10 +345,7 @@ class Gate:
                 continue
             valid, rejections = split(m.topic, m.value, self.window, bounds)
             rejected += [(m, r) for r in rejections]
-            if not rejections:
-                out.append(m)
-            elif valid.num_rows:
-                out.append(dataclasses.replace(m, value=valid))
+            out.append(m if not rejections else dataclasses.replace(m, value=valid) if valid.num_rows else None)
         if rejected:
             await self.dead_letters.write(self.group, rejected)
             for m, r in rejected:
@@ -375,3 +376,40 @@ class Gate:
                         "and dead-lettered, not logged", self.group, r.rows.num_rows, message.topic, r.reason,
                         r.detail, self.dead_letters.where, r.reason)
         self.rejected[r.reason] = self.rejected.get(r.reason, 0) + r.rows.num_rows
+
+
+class ScreenOnce:
+    """In-process every consumer group reads the same Message objects: the first group to
+    read a message screens it (with the rest of what it read, as one batch: bus/intake.py
+    checks many messages in one pass), dead-letters its bad rows once, and the other
+    groups take that verdict. Each group screens through its own `view(topics)`."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self.readers: dict[Topic, int] = {}  # how many groups read each topic
+        self._verdicts: dict[int, list] = {}  # id(message) -> [message, verdict, readers left]
+
+    def view(self, topics) -> "ScreenOnce.View":
+        for t in topics:
+            self.readers[t] = self.readers.get(t, 0) + 1
+        return ScreenOnce.View(self)
+
+    class View:
+        def __init__(self, shared: "ScreenOnce") -> None:
+            self.shared = shared
+
+        async def screen(self, messages: list[Message]) -> list[Message]:
+            shared, verdicts = self.shared, self.shared._verdicts
+            new = [m for m in messages if id(m) not in verdicts]
+            if new:  # the message stays referenced while it is in the table: its id is not reused
+                for m, v in zip(new, await shared.gate.verdicts(new)):
+                    verdicts[id(m)] = [m, v, shared.readers.get(m.topic, 1)]
+            out = []
+            for m in messages:
+                entry = verdicts[id(m)]
+                entry[2] -= 1
+                if entry[2] <= 0:
+                    del verdicts[id(m)]
+                if entry[1] is not None:
+                    out.append(entry[1])
+            return out

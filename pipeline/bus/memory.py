@@ -1,8 +1,7 @@
 """In-process bus: the embedded default. Batches pass by reference (no copies, no
 encoding); bounded queues give backpressure so a slow consumer slows the producer
-instead of growing memory. Every consumer would see the same batch object, so the
-content checks (bus/intake.py) run once, as a batch is published (`gate`), instead of
-once per consumer group as over Kafka."""
+instead of growing memory. Every consumer sees the same batch object (the content
+checks run once for all of them: bus/intake.py ScreenOnce)."""
 
 from __future__ import annotations
 
@@ -67,7 +66,6 @@ class MemoryBus:
 
     def __init__(self, queue_size: int = 8192) -> None:
         self._queue_size = queue_size
-        self.gate = None  # the one intake Gate every published batch passes (Context.gate sets it)
         self._subs: dict[tuple[Topic, str], MemorySubscription] = {}
 
     async def start(self) -> None:
@@ -89,11 +87,6 @@ class MemoryBus:
         return sub
 
     async def publish(self, message: Message) -> None:
-        if self.gate is not None:
-            screened = await self.gate.screen([message])
-            if not screened:
-                return
-            message = screened[0]
         for (topic, _), sub in self._subs.items():
             if topic == message.topic:
                 await sub.queue.put(message)

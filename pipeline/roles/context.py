@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from pipeline.bus import Bus, MemoryBus, Topic
 from pipeline.bus import keys
-from pipeline.bus.intake import Gate, TimeWindow, dead_letters_for
+from pipeline.bus.intake import Gate, ScreenOnce, TimeWindow, dead_letters_for
 from pipeline.config import Config
 from pipeline.sinks.console import Console
 from pipeline.sources.base import Source
@@ -54,6 +54,7 @@ class Context:
         self._detector: tuple | None = None
         self._sim: Any = None
         self._window: TimeWindow | None = None
+        self._screen_once: ScreenOnce | None = None
 
     def detector(self) -> tuple[Any, Any, list]:
         """(engine, local checkpoint or None, alerts to resolve at start): the Engine, over
@@ -79,15 +80,15 @@ class Context:
             self._window = intake_window(self.cfg, self.roles, self.simulator() if "simulate" in self.roles else None)
         return self._window
 
-    def gate(self, sub, group: str) -> Gate | None:
+    def gate(self, sub, group: str):
         """The screening at the entry of a consumer of `group`: bad rows are dead-lettered.
-        In-process the bus screens each batch once as it is published, for every consumer
-        (group "intake"): the consumer gets None."""
+        In-process all groups read the same batches: each is screened once, for every group
+        (dead letters of group "intake")."""
         if isinstance(self.bus, MemoryBus):
-            if self.bus.gate is None:
-                self.bus.gate = Gate("intake", dead_letters_for(sub, self.cfg.data_dir), self.window())
-                self.gates.append(self.bus.gate)
-            return None
+            if self._screen_once is None:
+                self._screen_once = ScreenOnce(Gate("intake", dead_letters_for(sub, self.cfg.data_dir), self.window()))
+                self.gates.append(self._screen_once.gate)
+            return self._screen_once.view(sub.topics)
         self.gates.append(Gate(group, dead_letters_for(sub, self.cfg.data_dir), self.window()))
         return self.gates[-1]
 

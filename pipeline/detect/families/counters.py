@@ -35,7 +35,7 @@ class Counters(Family):
         ecc_latched = t < xid.until("GpuUncorrectableEcc")[slots]
         self.judge(out, "GpuUncorrectableEcc", slots, (dbe_delta > 0) | pending | failure | ecc_latched, t,
                    np.nan_to_num(dbe_delta),
-                   lambda i: {"what": ", ".join(w for w, on in (("DBE counter +%d" % dbe_delta[i], dbe_delta[i] > 0),
+                   lambda i: {"what": ", ".join(w for w, on in ((f"DBE counter +{dbe_delta[i]:.0f}", dbe_delta[i] > 0),
                                                                 ("row remap pending", pending[i]),
                                                                 ("row remap failure", failure[i]),
                                                                 ("XID", ecc_latched[i])) if on),
