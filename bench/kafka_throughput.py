@@ -108,8 +108,9 @@ async def run(bootstrap: str, racks: int, ticks: int) -> None:
     for name, secs in (("produce (idempotent, acks=all)", produce_s),
                        ("consume: decode + detect + archive", consume_s),
                        ("baseline: detect + archive, no Kafka", base_s)):
+        ratio = f"{base_s / secs:10.2f}" if "consume" in name else ""
         print(f"{name:44s} {len(messages) / secs:11,.0f} {samples / secs:14,.0f} {samples * VALUES / secs:13,.0f} "
-              f"{base_s / secs if 'consume' in name else float('nan'):10.2f}")
+              f"{ratio}")
 
 
 def ns(column: pa.Array) -> list[int]:
