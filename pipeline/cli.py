@@ -20,9 +20,12 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.config import Config, ConfigError, load_config, reference
-from pipeline.redact import RedactingFormatter, redact_text
+from pipeline.detect.catalog import SEVERITIES
+from pipeline.logs import FORMATS as LOG_FORMATS, configure as configure_logging
+from pipeline.redact import redact_text
 
 log = logging.getLogger("fleetwatch")
+FULL_INSTALL_ONLY = ("numba", "polars")  # the extra `all` of pyproject.toml
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,12 +37,14 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", metavar="FILE", help="TOML config file (see docs/configuration.md)")
         sp.add_argument("--seed", type=int, metavar="N", help="simulator seed (fleet.seed)")
         sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="daemon.log_level")
+        sp.add_argument("--log-format", choices=LOG_FORMATS,
+                        help="log lines on stderr as text or one JSON object per line (daemon.log_format)")
 
     from pipeline.roles import ROLE_TABLE
     role_help = {"run": "run the daemon, every role (embedded default: simulated fleet, in-process bus)"}
     role_help.update((spec.name, spec.help) for spec in ROLE_TABLE)
     options = {spec.name: spec.options for spec in ROLE_TABLE}
-    options["run"] = tuple(dict.fromkeys(o for spec in ROLE_TABLE for o in spec.options))
+    options["run"] = role_options()
     for name, text in role_help.items():
         run = sub.add_parser(name, help=text)
         common(run)
@@ -49,17 +54,15 @@ def _parser() -> argparse.ArgumentParser:
                          help="simulated seconds per second; 0 = flat out (fleet.speed)")
         run.add_argument("--kafka", metavar="BOOTSTRAP",
                          help="Kafka at host:port between the roles (kafka.bootstrap); required but for `run`")
-        if "mqtt" in options[name]:
-            run.add_argument("--mqtt", metavar="HOST:PORT",
-                             help="the BMS's MQTT broker (mqtt.broker): the simulator publishes its facility data "
-                                  "there, the facility collector reads it")
-        if "replay" in options[name]:
-            run.add_argument("--replay", metavar="DIR",
-                             help="replay recorded NVML data instead of the GPUs (agent.replay): h100, the "
-                                  "shipped recording of a real H100, or a directory of the same files")
+        run.add_argument("--http", metavar="HOST:PORT",
+                         help="serve /metrics, /healthz and /readyz here, e.g. 0.0.0.0:9410 (daemon.http; off by "
+                              "default)")
+        for opt in options[name]:  # each role's own (pipeline/roles: RoleOption)
+            run.add_argument(opt.flag, metavar=opt.metavar, help=opt.help, dest=opt.dest)
         if name == "run":
             run.add_argument("--source", choices=tuple(spec.run_source for spec in ROLE_TABLE if spec.run_source),
-                             help="simulated fleet (default) or this node's GPUs through NVML (daemon.source)")
+                             help="simulated fleet (default), this node's GPUs through NVML, or dcgm-exporter "
+                                  "endpoints (daemon.source)")
 
     ev = sub.add_parser("eval", help="score the detectors against injected faults, faster than real time")
     common(ev)
@@ -103,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     al.add_argument("--site", metavar="S")
     al.add_argument("--rack", metavar="R")
     al.add_argument("--node", metavar="N")
-    al.add_argument("--severity", choices=("critical", "warning", "info"))
+    al.add_argument("--severity", choices=SEVERITIES)
     al.add_argument("--since", default="24h", metavar="DURATION",
                     help="leave out alerts resolved longer ago than this (default 24h; 0 = no limit)")
     al.add_argument("--limit", type=int, default=50, metavar="N", help="show at most N alerts (default 50)")
@@ -117,18 +120,22 @@ def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
         o.setdefault("fleet", {})["seed"] = args.seed
     if getattr(args, "log_level", None):
         o.setdefault("daemon", {})["log_level"] = args.log_level
+    if getattr(args, "log_format", None):
+        o.setdefault("daemon", {})["log_format"] = args.log_format
     if getattr(args, "data_dir", None) is not None:  # --data-dir "" is a mistake to report, not the default
         o["data_dir"] = args.data_dir
     if getattr(args, "kafka", None):
         o.setdefault("kafka", {})["bootstrap"] = args.kafka
+    if getattr(args, "http", None) is not None:
+        o.setdefault("daemon", {})["http"] = args.http
     if getattr(args, "speed", None) is not None:
         o.setdefault("fleet", {})["speed"] = args.speed
-    if getattr(args, "mqtt", None):
-        o.setdefault("mqtt", {})["broker"] = args.mqtt
-    if getattr(args, "replay", None):
-        o.setdefault("agent", {})["replay"] = args.replay
-        if args.command == "run":  # replaying NVML data means the NVML agent is the source
-            o.setdefault("daemon", {})["source"] = "nvml"
+    for opt in role_options():  # e.g. --replay sets agent.replay and, with `run`, means the NVML agent
+        if getattr(args, opt.dest, None):
+            section, key = opt.key.split(".")
+            o.setdefault(section, {})[key] = opt.value(getattr(args, opt.dest))
+            if opt.implies_source and args.command == "run":
+                o.setdefault("daemon", {})["source"] = opt.implies_source
     if getattr(args, "source", None):
         o.setdefault("daemon", {})["source"] = args.source
     for key, value in extra.items():
@@ -137,11 +144,16 @@ def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     return o
 
 
-def _logging(cfg: Config) -> None:
-    """Log lines on stderr; any URL in them redacted (pipeline/redact.py)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=cfg.daemon.log_level.upper(), handlers=[handler])
+def role_options() -> tuple:
+    """Every role's command-line options, once each (`run` takes them all)."""
+    from pipeline.roles import ROLE_TABLE
+    return tuple(dict.fromkeys(o for spec in ROLE_TABLE for o in spec.options))
+
+
+def _logging(cfg: Config, console: Any = None) -> None:
+    """Log lines on stderr, text or JSON, any URL in them redacted; above the console's status line
+    (pipeline/logs.py)."""
+    configure_logging(cfg.daemon, console)
 
 
 def _output_file(flag: str, path: str) -> Path:
@@ -173,8 +185,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"config error: data_dir = {cfg.data_dir!r}: cannot create or write there ({e.strerror}); "
                           f"choose another with --data-dir or FLEETWATCH_DATA_DIR") from None
-    _logging(cfg)
-    asyncio.run(run_daemon(cfg, args.duration, roles=roles))
+    from pipeline.sinks.console import Console
+    console = Console()  # one terminal owner: the status line and the log handler share it
+    _logging(cfg, console)
+    try:
+        asyncio.run(run_daemon(cfg, args.duration, console=console, roles=roles))
+    except Exception as e:
+        if cfg.daemon.log_format != "json" or isinstance(e, (BrokenPipeError, ModuleNotFoundError)):
+            raise  # main() handles these (a missing module of the agent-only install: status 2)
+        # JSON logs stay JSON to the end: the failure as one record (redacted), not bare text
+        if isinstance(e, ConfigError):
+            log.error("%s", e)
+            return 2
+        log.critical("failed: %r", e, exc_info=True)
+        return 1
     return 0
 
 
@@ -303,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except ConfigError as e:
         print(f"fleetwatch: {redact_text(str(e))}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] not in FULL_INSTALL_ONLY:
+            return _failed()
+        # The agent-only install (pyproject.toml) lacks what detection and the analytics need.
+        print(f"fleetwatch: {args.command} needs {e.name}, which the agent-only install leaves out: "
+              "pip install 'fleetwatch[all]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -208,14 +208,42 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class DcgmConfig:
+    """Existing dcgm-exporter endpoints, scraped (`fleetwatch dcgm`, or `run` with daemon.source = "dcgm")."""
+    targets: list[str] = _spec([], doc="dcgm-exporter endpoints to scrape: URLs (http://gpu-node-1:9400/metrics) "
+                               "or HOST:PORT (http, path /metrics); --dcgm-targets URL[,URL...]")
+    targets_file: str = _spec("", doc="a file of more targets, read at start: one per line (# comments), or "
+                              "Prometheus file_sd JSON ([{\"targets\": [...], \"labels\": {\"site\": ..., \"rack\": "
+                              "..., \"node\": ...}}])")
+    mapping_file: str = _spec("", doc="CSV with the header node,site,rack: the site and rack of each node (its "
+                              "Hostname label), read at start; a target's own labels come first")
+    site: str = _spec("site-a", doc="site of a node neither its target's labels nor the mapping file place")
+    rack: str = _spec("rack-0", doc="rack of a node neither its target's labels nor the mapping file place")
+    interval_s: float = _spec(10.0, min=0.05, max=3600, doc="scrape interval (dcgm-exporter refreshes its values "
+                              "every 30 s unless its -c flag says otherwise: set it to this)")
+    timeout_s: float = _spec(5.0, min=0.01, max=600, doc="per-scrape timeout (connect, send, read); a slower "
+                             "target counts as failed (timeout) this round")
+    concurrency: int = _spec(64, min=1, max=10000, doc="scrapes in flight at once")
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
-    source: str = _spec("simulate", choices=("simulate", "nvml"),
-                        doc="what `fleetwatch run` reads: the simulated fleet, or this node's GPUs through NVML")
+    source: str = _spec("simulate", choices=("simulate", "nvml", "dcgm"),
+                        doc="what `fleetwatch run` reads: the simulated fleet, this node's GPUs through NVML, or "
+                            "existing dcgm-exporter endpoints (dcgm.targets)")
     status_interval_s: float = _spec(10.0, min=0.1, doc="period of status log lines when not on a terminal")
     checkpoint_interval_s: float = _spec(10.0, min=0.1, max=3600, doc="without Kafka: save the detector and alert "
                                          "state to <data_dir>/state/ this often (and at shutdown); a restart "
                                          "resumes from it (over Kafka: kafka.commit_interval_s)")
     log_level: str = _spec("info", choices=("debug", "info", "warning", "error"), doc="log verbosity")
+    log_format: str = _spec("text", choices=("text", "json"), doc="log lines on stderr: text (`TIME LEVEL LOGGER: "
+                            "MESSAGE`, UTC times ending in Z) or json (one object per line: time, level, logger, "
+                            "message and the record's fields)")
+    http: str = _spec("", doc="serve /metrics (Prometheus), /healthz and /readyz on HOST:PORT, e.g. 0.0.0.0:9410 "
+                      "(docs/operations.md); empty = off. `eval` and `replay` never serve")
+    stall_intervals: int = _spec(10, min=1, max=10000, doc="a role that makes no progress for this many of its "
+                                 "intervals (a source's scrape interval, at least 1 s; the archive's flush interval) "
+                                 "is stalled: FleetwatchStalled fires (and for a source, /healthz fails)")
 
 
 @dataclass(frozen=True)
@@ -241,6 +269,7 @@ class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    dcgm: DcgmConfig = field(default_factory=DcgmConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     intake: IntakeConfig = field(default_factory=IntakeConfig)
 

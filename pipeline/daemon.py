@@ -14,6 +14,9 @@ stop, then the collectors once what those sent them stopped arriving, their topi
 end, detect finishes what it has and ends its topics, then the sinks finish and
 flush. A process without a source drains what was on the bus when it was told to
 stop. Nothing accepted is dropped.
+
+Beside the roles, `pipeline/ops` watches the process: /metrics, /healthz and /readyz on
+daemon.http, Fleetwatch's alerts about itself, and systemd's notifications.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 
 from pipeline.bus import Bus, MemoryBus
 from pipeline.config import Config, ConfigError
+from pipeline.ops.monitor import Operations
 from pipeline import roles as registry
 from pipeline.roles import COLLECTOR, DETECT, DETECT_TOPICS, SINK, SOURCE, SOURCE_TOPICS, builder, run_roles, whole
 from pipeline.roles.context import Context
@@ -111,7 +115,8 @@ def build_roles(ctx: Context) -> list[Running]:
 async def start_roles(ctx: Context, running: list[Running]) -> None:
     """Collectors first (each ready before the sources that send to it start), then the rest."""
     for r in sorted(running, key=lambda r: r.stage != COLLECTOR):
-        r.task = asyncio.create_task(r.work.run(ctx.emit, r.stop) if r.stop is not None else r.work(), name=r.name)
+        work = r.work.run(ctx.emitter(r.name), r.stop) if r.stop is not None else r.work()
+        r.task = asyncio.create_task(work, name=r.name)
         if r.stage == COLLECTOR and (ready := getattr(r.work, "ready", None)) is not None:
             await ready(r.task, ctx.cfg.kafka.connect_timeout_s, ctx.stop)
 
@@ -161,7 +166,9 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
     bus: Bus | None = None
     ctx: Context | None = None
     summary = RunSummary(0, 0.0, 0, {})
+    ops = Operations(cfg, roles)
     try:
+        await ops.serve()  # probes answer while Kafka is reached and the kernels compile
         k = cfg.kafka
         if k.bootstrap:
             from pipeline.bus.kafka import KafkaBus
@@ -176,6 +183,7 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
                  "all roles" if whole(roles) else "role " + "/".join(sorted(roles)), ctx.describe_sources(),
                  f"Kafka at {k.bootstrap}" if k.bootstrap else "in-process", cfg.archive_dir, cfg.alerts_log)
         await start_roles(ctx, running)
+        ops.attach(ctx, running)
         status = asyncio.create_task(status_role(ctx, cfg.daemon.status_interval_s), name="status")
         everything = [r.task for r in running]
         stopper = asyncio.create_task(stop.wait())
@@ -195,9 +203,11 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
             await asyncio.gather(*everything, status, return_exceptions=True)
             raise failed[0].exception()
         log.info("stopping: draining the pipeline and flushing the archive")
+        await ops.stopping()
         await drain(ctx, running)
         await status
     finally:
+        await ops.close()
         if bus is not None:
             await bus.close()
         for sig in signals:

@@ -3,6 +3,7 @@
     alerts    docs/detection.md     the alert table, from the alert catalog (detect/catalog.py)
     runbooks  runbooks/README.md    the runbook index, from the alert catalog
     config    docs/configuration.md the table of every configuration key (config.reference())
+    dcgm      docs/collectors.md    the DCGM counters table (sources/dcgm_fields.py)
 
 Each sits between `<!-- BEGIN generated: NAME (scripts/update-docs) -->` and
 `<!-- END generated: NAME -->`; edit the source, then run scripts/update-docs (tests
@@ -71,8 +72,13 @@ def config_table() -> str:
     return "\n".join(rows)
 
 
+def dcgm_table() -> str:
+    from pipeline.sources.dcgm_fields import counters_table
+    return counters_table()
+
+
 GENERATED = {"alerts": ("docs/detection.md", alerts_table), "runbooks": ("runbooks/README.md", runbook_index),
-             "config": ("docs/configuration.md", config_table)}
+             "config": ("docs/configuration.md", config_table), "dcgm": ("docs/collectors.md", dcgm_table)}
 
 
 def render(text: str, name: str, content: str) -> str:

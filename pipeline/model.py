@@ -31,7 +31,7 @@ def _f(name: str, typ: pa.DataType, doc: str, nullable: bool = True) -> pa.Field
 
 
 # Metrics in base units. A field the GPU does not support is null, never 0.
-GPU_SAMPLE = _schema("gpu_sample", 2, [
+_GPU_FIELDS = [
     _f("ts", TS, "scrape time, UTC", nullable=False),
     _f("site", pa.string(), "site label", nullable=False),
     _f("rack", pa.string(), "rack label", nullable=False),
@@ -58,7 +58,22 @@ GPU_SAMPLE = _schema("gpu_sample", 2, [
     _f("remapped_rows_failure", pa.bool_(), "a row remap failed"),
     _f("nvlink_crc_errors_total", pa.int64(), "NVLink CRC flit errors, all links (cumulative)"),
     _f("slowdown_temp_c", pa.float64(), "the GPU's own HW slowdown temperature threshold (NVML), C"),
-], "one row per GPU per scrape (v2: slowdown_temp_c added)")
+]
+# What the GPU is, where known (v3); last, so that the metric columns keep their positions.
+GPU_INFO: tuple[str, ...] = ("model", "pci_bus_id", "driver_version", "serial")
+GPU_SAMPLE = _schema("gpu_sample", 3, _GPU_FIELDS + [
+    _f("model", pa.string(), "GPU model name, e.g. NVIDIA H100 80GB HBM3 (NVML device name, dcgm-exporter modelName)"),
+    _f("pci_bus_id", pa.string(), "PCI bus id, e.g. 00000000:18:00.0 (NVML busId, dcgm-exporter pci_bus_id)"),
+    _f("driver_version", pa.string(), "NVIDIA driver version, e.g. 580.159.04"),
+    _f("serial", pa.string(), "board serial number (NVML); null where unknown"),
+], "one row per GPU per scrape (v2: slowdown_temp_c added; v3: model, pci_bus_id, driver_version, serial)")
+GPU_SAMPLE_V2 = _schema("gpu_sample", 2, _GPU_FIELDS, "one row per GPU per scrape (v2: slowdown_temp_c added)")
+
+
+def _gpu_v2_to_v3(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """What the GPU is was not sent before v3: null, as for a GPU that does not say."""
+    nulls = pa.nulls(batch.num_rows, pa.string())
+    return pa.RecordBatch.from_arrays([*batch.columns, *(nulls for _ in GPU_INFO)], schema=GPU_SAMPLE)
 
 
 class ClockEventReason(enum.IntFlag):
@@ -86,7 +101,8 @@ CLOCK_EVENT_TEXT = {ClockEventReason.HW_SLOWDOWN: "HW slowdown",
 
 COOLANT_CP_J_PER_KG_K = 4186.0  # heat capacity of the (water) coolant; a litre is ~1 kg
 
-GPU_METRICS: tuple[str, ...] = tuple(f.name for f in GPU_SAMPLE)[6:]
+# The metric columns (numbers) after the identity columns; GPU_INFO (strings) is not a metric.
+GPU_METRICS: tuple[str, ...] = tuple(f.name for f in _GPU_FIELDS)[6:]
 
 _FACILITY_FIELDS = [
     _f("ts", TS, "reading time, UTC", nullable=False),
@@ -142,7 +158,7 @@ ALERT = _schema("alert", 1, [
     _f("fingerprint", pa.string(), "Alertmanager fingerprint of the labels (FNV-1a 64, hex)", nullable=False),
     _f("status", pa.string(), "firing or resolved", nullable=False),
     _f("alertname", pa.string(), "alert name (runbooks/<alertname>.md)", nullable=False),
-    _f("severity", pa.string(), "critical, warning or info", nullable=False),
+    _f("severity", pa.string(), "critical, warning or none (FleetwatchWatchdog)", nullable=False),
     _f("site", pa.string(), "site label"),
     _f("rack", pa.string(), "rack label"),
     _f("node", pa.string(), "node name"),
@@ -236,6 +252,7 @@ WIRE_SCHEMAS: tuple[pa.Schema, ...] = (*SCHEMAS.values(), CHECKPOINT)
 # Older versions a reader still takes, each with what upgrades a batch of it to the current one:
 # a rolling upgrade updates the readers first, and what the old writers send goes on.
 UPGRADES: dict[tuple[str, int], tuple[pa.Schema, Any]] = {
+    ("gpu_sample", 2): (GPU_SAMPLE_V2, _gpu_v2_to_v3),
     ("facility_sample", 1): (FACILITY_SAMPLE_V1, _facility_v1_to_v2),
     ("detector_checkpoint", 1): (CHECKPOINT_V1, _checkpoint_v1_to_v2),
 }

@@ -22,18 +22,14 @@ def validate(cfg: Config, roles: frozenset[str], env: Mapping[str, str] | None =
     _check_data_dir(cfg.data_dir)
     if cfg.mqtt.broker:
         host_port("mqtt.broker", cfg.mqtt.broker, 1883)
+    if cfg.daemon.http:
+        host_port("daemon.http", cfg.daemon.http, 9410)
     for address in filter(None, (a.strip() for a in cfg.kafka.bootstrap.split(","))):
         host_port("kafka.bootstrap", address, 9092)
-    if "agent" in roles and cfg.agent.replay:
-        from pipeline.sources.nvml_replay import recording_dir
-        recording_dir(cfg.agent.replay)
-    if "notify" in roles:
-        from pipeline.sinks.routing import inhibit_rules
-        from pipeline.sinks.webhook import check_url, load_receivers
-        load_receivers(cfg.alerts, env, warn=warn)  # URLs, names, secrets, CA files
-        inhibit_rules(cfg.alerts)
-        if cfg.alerts.external_url:
-            check_url("alerts.external_url", cfg.alerts.external_url)
+    from pipeline.roles import ROLE_TABLE, preflight
+    for spec in ROLE_TABLE:  # each role's own checks (its files, URLs), in the module that owns them
+        if spec.name in roles and (check := preflight(spec)) is not None:
+            check(cfg, env, warn)
 
 
 def _check_data_dir(data_dir: str) -> None:

@@ -8,7 +8,6 @@ the user info and every query value: `https://***@hooks.example:8443/x?token=***
 
 from __future__ import annotations
 
-import logging
 import re
 from urllib.parse import unquote, urlsplit
 
@@ -73,9 +72,3 @@ def _redact_match(m: re.Match) -> str:
 
 _CLOSING = "'\")]}>.,;:!?"
 
-
-class RedactingFormatter(logging.Formatter):
-    """Log lines (and tracebacks) with every URL in them redacted."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact_text(super().format(record))

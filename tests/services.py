@@ -3,8 +3,8 @@
 Apache Kafka comes from Maven Central (scripts/kafka/pom.xml: kafka_2.13 and its
 runtime dependencies, fetched once into a cache) and runs as a single KRaft
 broker+controller on the machine's Java 17. `scripts/kafka-local` runs one in the
-foreground for development. Mosquitto and Alertmanager come from Debian (`apt-get install
-mosquitto prometheus-alertmanager`). HttpReceiver is a webhook receiver that fails on purpose.
+foreground for development. Mosquitto, Alertmanager and Prometheus come from Debian (`apt-get install
+mosquitto prometheus-alertmanager prometheus`). HttpReceiver is a webhook receiver that fails on purpose.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -84,6 +85,20 @@ class Service:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"{self.name} did not listen on 127.0.0.1:{self.port} within {timeout_s} s")
+
+    def wait_ready(self, url: str, timeout_s: float):
+        """Listening is not ready: wait until `url` answers 200."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not ready within {timeout_s} s; see {self.dir}/{self.name}.out")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -359,14 +374,56 @@ class Alertmanager(Service):
 
     def start(self, timeout_s: float = 60.0) -> "Alertmanager":
         super().start(timeout_s)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"alertmanager not ready within {timeout_s} s; see {self.dir}/{self.name}.out")
-            time.sleep(0.1)
+        return self.wait_ready(f"{self.url}/-/ready", timeout_s)
+
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus")
+    if found is None:
+        raise RuntimeError("the Prometheus tests need Prometheus: install it (Debian/Ubuntu: apt-get install "
+                           "prometheus)")
+    return found
+
+
+class Prometheus(Service):
+    """A Prometheus server on a free loopback port that scrapes `targets` (HOST:PORT, job
+    `fleetwatch`) every `interval`; `query(expr)` asks its HTTP API, as Grafana does."""
+
+    name = "prometheus"
+    stop_timeout_s = 10.0
+
+    def __init__(self, targets: list[str], interval: str = "1s", workdir: Path | None = None) -> None:
+        super().__init__()
+        self.binary = prometheus_binary()
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="prometheus-"))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = self.dir / "prometheus.yml"
+        self.config.write_text("\n".join([
+            "global:",
+            f"  scrape_interval: {interval}",
+            f"  evaluation_interval: {interval}",
+            "scrape_configs:",
+            "  - job_name: fleetwatch",
+            f"    scrape_timeout: {interval}",
+            f"    static_configs: [{{targets: [{', '.join(json.dumps(t) for t in targets)}]}}]",
+        ]) + "\n")
+
+    def command(self) -> list[str]:
+        return [self.binary, f"--config.file={self.config}", f"--storage.tsdb.path={self.dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
+
+    def start(self, timeout_s: float = 60.0) -> "Prometheus":
+        super().start(timeout_s)
+        return self.wait_ready(f"{self.url}/-/ready", timeout_s)
+
+    def api(self, path: str, **params: str) -> dict:
+        url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.loads(r.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        """An instant query's result: [{"metric": {labels}, "value": [time, "value"]}, ...]."""
+        return self.api("query", query=expr)["result"]

@@ -13,7 +13,7 @@ from pipeline import docgen
 from pipeline.bus import Message, Topic
 from pipeline.config import DEFAULT_INHIBIT_RULES
 from pipeline.detect.catalog import ALERTS, ALERTS_BY_NAME, DETECTOR_ALERTS, SCOPE_LABELS, SCOPES, \
-    explained_by, inhibit_rules
+    SEVERITIES, explained_by, inhibit_rules
 from pipeline.detect.engine import Engine
 from pipeline.model import EVENT
 from tests.conftest import REPO, make_config
@@ -196,7 +196,7 @@ def test_every_inhibit_rule_names_catalog_alerts():
         for name in spec.suppresses + spec.inhibits:
             assert name in ALERTS_BY_NAME, f"{spec.name} explains {name}, which is no catalog alert"
         assert spec.name not in spec.explains
-        assert spec.scope in SCOPES
+        assert spec.scope in SCOPES and spec.severity in SEVERITIES
 
 
 def test_default_inhibit_rules_are_derived_from_the_catalog():

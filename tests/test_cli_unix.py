@@ -23,6 +23,8 @@ def test_signals_close_together_are_one_stop_request_and_a_later_one_exits():
     assert requests.on_signal() == "exit"
 
 
-def test_the_readme_documents_the_signals():
+def test_the_docs_document_the_signals():
     readme = (REPO / "README.md").read_text()
-    assert "SIGHUP" in readme and "within 3 s" in readme
+    ops = (REPO / "docs" / "operations.md").read_text()
+    assert "SIGHUP" in readme and "docs/operations.md#signals" in readme
+    assert "## Signals" in ops and "within 3 s" in ops and "status 130" in ops

@@ -59,15 +59,21 @@ def test_docker_compose_parses_and_sets_only_keys_the_code_reads():
     services = compose["services"]
     assert {"kafka", "mosquitto", "alertmanager"} <= set(services)
     assert services["kafka"]["image"].startswith("apache/kafka:")
-    roles = {name: svc for name, svc in services.items() if "fleetwatch" in str(svc.get("command", ""))}
+    # each role runs from Fleetwatch's image, whose entrypoint is `fleetwatch`: command = ROLE [options]
+    roles = {name: svc for name, svc in services.items() if str(svc.get("image", "")).startswith("fleetwatch")}
     assert set(roles) == set(ROLES)
     for name, svc in roles.items():
-        role, _, config = svc["command"].rstrip("\"").partition(f"exec fleetwatch {name}")
-        assert role and config in ("", " --config deploy/notify.toml"), svc["command"]
+        command = svc["command"]
+        assert command[0] == name, command
+        config = None
+        if "--config" in command:  # a file of the repository, mounted into the container
+            target = command[command.index("--config") + 1]
+            config = REPO / next(m.split(":")[0] for m in svc["volumes"] if m.split(":")[1] == target)
+            assert config == REPO / "deploy" / "notify.toml", command
         env = {k: str(v) for k, v in svc["environment"].items()}
         assert env and all(k.startswith("FLEETWATCH_") for k in env)
         # raises ConfigError naming any unknown key or bad value
-        cfg = load_config(REPO / config.split()[-1] if config else None, env=env)
+        cfg = load_config(config, env=env)
         assert cfg.kafka.bootstrap == "kafka:9092"
         if config:
             assert [(r.kind, r.url) for r in cfg.alerts.receivers] == [("alertmanager", "http://alertmanager:9093")]

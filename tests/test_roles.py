@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pyarrow as pa
+import pytest
 
 from pipeline.bus import EndOfStream, MemoryBus, Message, Topic
 from pipeline.bus import keys
@@ -28,8 +29,8 @@ def make_config(tmp_path, **sections):
 
 def test_the_table_gives_the_roles_their_inputs_groups_and_what_run_runs(tmp_path):
     from pipeline.roles import DATASET_OF_TOPIC, ROLE_SPECS, ROLES, SOURCE_ROLES, run_roles, whole
-    assert set(ROLES) == {"simulate", "agent", "facility", "detect", "archive", "notify"}
-    assert SOURCE_ROLES == {"simulate": "simulate", "nvml": "agent"}
+    assert set(ROLES) == {"simulate", "agent", "dcgm", "facility", "detect", "archive", "notify"}
+    assert SOURCE_ROLES == {"simulate": "simulate", "nvml": "agent", "dcgm": "dcgm"}
     assert ROLE_SPECS["detect"].group == "detect" and set(ROLE_SPECS["detect"].inputs) == {
         Topic.GPU, Topic.FACILITY, Topic.EVENTS}
     assert ROLE_SPECS["archive"].group == "archive" and set(ROLE_SPECS["archive"].inputs) == set(DATASET_OF_TOPIC)
@@ -267,3 +268,33 @@ def test_the_command_line_has_one_subcommand_per_role():
     text = _parser().format_help()
     for name in ROLES:
         assert name in text
+
+
+def test_a_new_source_brings_its_own_option_and_checks_in_its_row(tmp_path, monkeypatch):
+    """A collector's flag and its preflight come with its row: the command line grows
+    `--widget-hosts` on the role and on `run`, it sets the source's config key (and with
+    `run` makes it the source), and its preflight refuses a bad value before anything starts."""
+    import pipeline.roles as registry
+    from pipeline.cli import _overrides, _parser
+    from pipeline.config import ConfigError
+    from pipeline.preflight import validate
+    opt = registry.RoleOption("--widget-hosts", "H[,H...]", "widget hosts", "dcgm.targets", split=True,
+                              implies_source="dcgm")
+    row = registry.RoleSpec("widgets", registry.SOURCE, f"{__name__}:build_counting_source", "widget source",
+                            in_run=lambda cfg: cfg.daemon.source == "dcgm", outputs=(Topic.GPU,), options=(opt,),
+                            preflight=f"{__name__}:refuse_bad_widgets")
+    monkeypatch.setattr(registry, "ROLE_TABLE", registry.ROLE_TABLE + (row,))
+    for command in ("widgets", "run"):
+        args = _parser().parse_args([command, "--widget-hosts", "a:1, b:2"])
+        o = _overrides(args)
+        assert o["dcgm"]["targets"] == ["a:1", "b:2"]
+        assert o.get("daemon", {}).get("source") == ("dcgm" if command == "run" else None)
+    cfg = make_config(tmp_path, dcgm={"targets": ["bad:1"]}, kafka={"bootstrap": "kafka:9092"})
+    with pytest.raises(ConfigError, match="widget bad:1"):
+        validate(cfg, frozenset({"widgets"}))
+
+
+def refuse_bad_widgets(cfg, env=None, warn=True) -> None:
+    from pipeline.config import ConfigError
+    if any(t.startswith("bad") for t in cfg.dcgm.targets):
+        raise ConfigError(f"config error: widget {cfg.dcgm.targets[0]}")

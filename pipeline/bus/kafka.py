@@ -92,8 +92,8 @@ class _Repeats(logging.Filter):
 
 
 _REPEATS = _Repeats()
-for _name in ("aiokafka", "aiokafka.conn", "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator",
-              "aiokafka.producer.sender"):
+for _name in ("aiokafka", "aiokafka.client", "aiokafka.conn", "aiokafka.consumer.fetcher",
+              "aiokafka.consumer.group_coordinator", "aiokafka.producer.sender"):
     logging.getLogger(_name).addFilter(_REPEATS)
 
 
@@ -391,6 +391,12 @@ class KafkaBus:
             if len(self._in_flight) >= 10_000:  # keep the list short; failures are counted
                 self._check(d for d in self._in_flight if d.done())
                 self._in_flight = [d for d in self._in_flight if not d.done()]
+
+    def taking_messages(self, stuck_after_s: float = 5.0) -> bool:
+        """False while the producer has waited more than stuck_after_s for the broker to take a
+        message (the broker is unreachable or overloaded; health checks)."""
+        since = self._sending_since
+        return since is None or time.monotonic() - since <= stuck_after_s
 
     async def _watch(self, stuck_after_s: float = 5.0) -> None:
         """Say once when the broker stops taking messages, and once when it takes them again."""

@@ -18,15 +18,19 @@ from dataclasses import dataclass
 from pipeline.resources import runbooks_dir
 
 SCOPES = ("gpu", "node", "rack", "site", "fleetwatch")
+SEVERITIES = ("critical", "warning", "none")
 # The labels that identify an alert's target, by scope (every alert also has alertname and severity).
+# A GPU alert also carries the GPU's UUID under dcgm-exporter's label name, `UUID`, so that it
+# matches DCGM's own series and alert rules (and follows a GPU moved to another slot).
 SCOPE_LABELS: dict[str, tuple[str, ...]] = {
-    "gpu": ("site", "rack", "node", "gpu"), "node": ("site", "rack", "node"), "rack": ("site", "rack"),
+    "gpu": ("site", "rack", "node", "gpu", "UUID"), "node": ("site", "rack", "node"), "rack": ("site", "rack"),
     "site": ("site", "rack"),  # rack is empty: a site is its rack "" entry
     "fleetwatch": ("site", "instance"),
 }
 # The labels an inhibiting alert and its targets must share: its scope's identity (a site
-# alert's empty rack is no identity).
-INHIBIT_EQUAL: dict[str, tuple[str, ...]] = {**SCOPE_LABELS, "site": ("site",)}
+# alert's empty rack is no identity). A GPU's is its slot, without `UUID`: alerts restored from a
+# checkpoint written before GPU alerts carried it, or from another Fleetwatch, still match.
+INHIBIT_EQUAL: dict[str, tuple[str, ...]] = {**SCOPE_LABELS, "site": ("site",), "gpu": ("site", "rack", "node", "gpu")}
 # Breadth of a scope (inhibit rules of broader sources come first).
 _BREADTH = {"fleetwatch": 0, "site": 1, "rack": 2, "node": 3, "gpu": 4}
 
@@ -34,13 +38,14 @@ _BREADTH = {"fleetwatch": 0, "site": 1, "rack": 2, "node": 3, "gpu": 4}
 @dataclass(frozen=True)
 class AlertSpec:
     name: str
-    severity: str   # critical: act now; warning: act today
+    severity: str   # critical: act now; warning: act today; none: never acted on (the Watchdog)
     scope: str      # gpu, node, rack or site: which labels identify it (SCOPE_LABELS); fleetwatch: raised by
                     # Fleetwatch about itself
     summary: str    # format string over labels and evidence
     action: str     # the first thing to do, repeated in the description
     detector: str = ""   # the alert's `detector` field (Alert.detector)
-    family: str = ""     # the detector family that raises it (pipeline/detect/<family>; archive: sinks/archive_outage)
+    family: str = ""     # the detector family that raises it (pipeline/detect/<family>; archive: sinks/archive_outage;
+                         # ops: pipeline/ops, the process's own health)
     fire_after: int | str | None = "fire_after"  # evaluations in a row before it fires: a number, or the
                                                  # detect.* key that sets it; None: not a tracked condition
     evidence: tuple[str, ...] = ()    # evidence keys its summary uses (the detector emits them)
@@ -304,11 +309,42 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "dataset on the status line and in the summary; over Kafka it commits nothing and pauses "
                         "reading, so nothing is lost. Resolves on the first write that succeeds. Labelled with the "
                         "site and the archive's host (`instance`)."),
+    AlertSpec("FleetwatchWatchdog", "none", "fleetwatch",
+              "Fleetwatch on {instance} is healthy; this alert always fires (dead-man's switch)",
+              "Nothing while it fires. Route it to a heartbeat check that pages when it stops arriving.",
+              detector="watchdog", family="ops", fire_after=None,
+              meaning="always firing while Fleetwatch is healthy: the dead-man's switch of the whole alert path",
+              method="the process's own health",
+              detection="Fires in every process that runs detect once it is ready (warmed up, its first read done, "
+                        "Kafka reachable) and while none of its roles is stalled, so its arrival proves that "
+                        "detection, the bus, notify and the route to the receiver work (kube-prometheus's "
+                        "`Watchdog`). It resolves when the process stops or stays unhealthy for "
+                        "`daemon.stall_intervals` checks. Route it to a heartbeat service that pages when it stops "
+                        "arriving (deploy/alertmanager: receiver `deadmans-switch`), never to people. Labelled with "
+                        "the site and `instance`, the process: the `host:port` of its `--http`, else `host/pid`."),
+    AlertSpec("FleetwatchStalled", "critical", "fleetwatch",
+              "Fleetwatch {role} on {instance} stalled: {detail}",
+              "Read the process's log and /readyz; restart the role if it does not recover (over Kafka nothing is "
+              "lost: it resumes from its last commit).",
+              detector="progress", family="ops", fire_after=None, evidence=("role", "detail"),
+              meaning="a role of Fleetwatch stopped making progress: no samples, consumer lag growing, archive not "
+                      "flushing",
+              method="the roles' own progress",
+              detection="A role of a process stopped making progress for `daemon.stall_intervals` of its "
+                        "intervals (label `stalled`): `samples`, a source published nothing while Kafka and the MQTT "
+                        "broker are reachable; `consumer_lag`, a consumer's input waits unread, or its Kafka "
+                        "consumer lag grew at every check (one a second); `archive_flush`, the archive holds rows and "
+                        "made nothing durable for that many flush intervals (`archive.flush_interval_s`; not while "
+                        "`FleetwatchArchiveFailing` fires). A stalled source also fails `/healthz` (systemd's "
+                        "watchdog or Kubernetes restart it); a stalled consumer does not. Resolves when the role "
+                        "moves again. "
+                        "Labelled with the site, `instance` (as the Watchdog), `role` and `stalled`."),
 )
 
 ALERTS_BY_NAME: dict[str, AlertSpec] = {a.name: a for a in ALERTS}
 
-# The alerts the detectors raise (the rest Fleetwatch raises about itself: pipeline/sinks/archive_outage.py).
+# The alerts the detectors raise (the rest Fleetwatch raises about itself: pipeline/sinks/archive_outage.py,
+# pipeline/ops/selfalerts.py).
 # The engine tracks each on its `entity` (a site-scoped alert on the site's rack "" entry).
 DETECTOR_ALERTS: tuple[AlertSpec, ...] = tuple(a for a in ALERTS if a.scope != "fleetwatch")
 

@@ -152,8 +152,9 @@ class Inventory:
     # ---- labels and identities ---------------------------------------------------
 
     def labels_getter(self, scope: str):
-        def gpu(slot: int) -> dict[str, str]:
-            return {**node(int(self.gpu.node[slot])), "gpu": str(int(self.gpu.index[slot]))}
+        def gpu(slot: int) -> dict[str, str]:  # UUID: dcgm-exporter's label name (catalog.SCOPE_LABELS)
+            return {**node(int(self.gpu.node[slot])), "gpu": str(int(self.gpu.index[slot])),
+                    "UUID": self.gpu_ids.keys[slot].as_py()}
 
         def node(n: int) -> dict[str, str]:
             return {**rack(int(self.node.rack[n])), "node": self.node_names[n]}

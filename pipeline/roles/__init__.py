@@ -35,6 +35,34 @@ DATASET_OF_TOPIC = {Topic.GPU: "gpu_samples", Topic.FACILITY: "facility_samples"
 
 
 @dataclass(frozen=True)
+class RoleOption:
+    """A command-line option of a role: `--flag VALUE` sets the config key `key`."""
+    flag: str                 # "--dcgm-targets"
+    metavar: str
+    help: str
+    key: str                  # "section.name" it sets
+    split: bool = False       # a comma-separated list
+    implies_source: str = ""  # with `run`: this daemon.source, unless --source says otherwise
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    def value(self, text: str):
+        return [t.strip() for t in text.split(",") if t.strip()] if self.split else text
+
+
+MQTT = RoleOption("--mqtt", "HOST:PORT", "the BMS's MQTT broker (mqtt.broker): the simulator publishes its facility "
+                  "data there, the facility collector reads it", "mqtt.broker")
+REPLAY = RoleOption("--replay", "DIR", "replay recorded NVML data instead of the GPUs (agent.replay): h100, the "
+                    "shipped recording of a real H100, or a directory of the same files", "agent.replay",
+                    implies_source="nvml")
+DCGM_TARGETS = RoleOption("--dcgm-targets", "URL[,URL...]", "dcgm-exporter endpoints to scrape (dcgm.targets): URLs "
+                          "or HOST:PORT, comma-separated; with `run` they imply --source dcgm", "dcgm.targets",
+                          split=True, implies_source="dcgm")
+
+
+@dataclass(frozen=True)
 class RoleSpec:
     name: str
     stage: str                                # SOURCE, COLLECTOR, DETECT or SINK
@@ -45,22 +73,30 @@ class RoleSpec:
     group: str = ""                           # ... in this consumer group
     outputs: tuple[Topic, ...] = ()           # topics it produces
     run_source: str = ""                      # its daemon.source value, for a source `run` can run
-    options: tuple[str, ...] = ()             # extra command-line options: "mqtt", "replay"
+    options: tuple[RoleOption, ...] = ()      # its own command-line options
     check: Callable[[Config], str] = field(default=lambda cfg: "")  # what is missing to run it ("" = nothing)
+    preflight: str = ""                       # "module:function(cfg, env, warn)": ConfigError before it starts
 
 
 ROLE_TABLE: tuple[RoleSpec, ...] = (
     RoleSpec("simulate", SOURCE, "pipeline.sources.simulate:build",
              "run only the fleet simulator, producing to Kafka",
              in_run=lambda cfg: cfg.daemon.source == "simulate", run_source="simulate",
-             outputs=(Topic.GPU, Topic.FACILITY, Topic.EVENTS, Topic.LABELS), options=("mqtt",)),
+             outputs=(Topic.GPU, Topic.FACILITY, Topic.EVENTS, Topic.LABELS), options=(MQTT,)),
     RoleSpec("agent", SOURCE, "pipeline.sources.nvml:build",
              "run only the NVML agent of this node's GPUs, producing to Kafka",
              in_run=lambda cfg: cfg.daemon.source == "nvml", run_source="nvml",
-             outputs=(Topic.GPU, Topic.EVENTS), options=("replay",)),
+             outputs=(Topic.GPU, Topic.EVENTS), options=(REPLAY,), preflight="pipeline.sources.nvml:preflight"),
+    RoleSpec("dcgm", SOURCE, "pipeline.sources.dcgm:build",
+             "run only the DCGM exporter source (scrapes existing dcgm-exporter endpoints), producing to Kafka",
+             in_run=lambda cfg: cfg.daemon.source == "dcgm", run_source="dcgm",
+             outputs=(Topic.GPU, Topic.EVENTS), options=(DCGM_TARGETS,), preflight="pipeline.sources.dcgm:preflight",
+             check=lambda cfg: "" if cfg.dcgm.targets or cfg.dcgm.targets_file else
+             "the dcgm role scrapes dcgm-exporter endpoints: give --dcgm-targets URL[,URL...] (dcgm.targets) or "
+             "dcgm.targets_file"),
     RoleSpec("facility", COLLECTOR, "pipeline.sources.mqtt:build",
              "run only the MQTT facility collector (a BMS topic tree), producing to Kafka",
-             in_run=lambda cfg: bool(cfg.mqtt.broker), outputs=(Topic.FACILITY,), options=("mqtt",),
+             in_run=lambda cfg: bool(cfg.mqtt.broker), outputs=(Topic.FACILITY,), options=(MQTT,),
              check=lambda cfg: "" if cfg.mqtt.broker else
              "the facility role reads a BMS's MQTT broker: give --mqtt HOST:PORT (mqtt.broker)"),
     RoleSpec("detect", DETECT, "pipeline.roles.detect:build",
@@ -72,7 +108,8 @@ ROLE_TABLE: tuple[RoleSpec, ...] = (
              in_run=lambda cfg: True, inputs=tuple(DATASET_OF_TOPIC), group="archive"),
     RoleSpec("notify", SINK, "pipeline.sinks.notify_sink:build",
              "run only alert delivery, consuming from Kafka (consumer group 'notify')",
-             in_run=lambda cfg: True, inputs=(Topic.ALERTS,), group="notify"),
+             in_run=lambda cfg: True, inputs=(Topic.ALERTS,), group="notify",
+             preflight="pipeline.sinks.notify_sink:preflight"),
 )
 ROLE_SPECS = {spec.name: spec for spec in ROLE_TABLE}
 ROLES = tuple(ROLE_SPECS)
@@ -93,6 +130,15 @@ def whole(roles: frozenset[str]) -> bool:
 
 def builder(spec: RoleSpec) -> Callable:
     """The role's builder, imported now."""
+    return _imported(spec.build)
+
+
+def preflight(spec: RoleSpec) -> Callable | None:
+    """The role's own checks before it starts (its config section's files, URLs), imported now."""
+    return _imported(spec.preflight) if spec.preflight else None
+
+
+def _imported(where: str) -> Callable:
     import importlib
-    module, _, name = spec.build.partition(":")
+    module, _, name = where.partition(":")
     return getattr(importlib.import_module(module), name)

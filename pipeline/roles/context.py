@@ -9,9 +9,12 @@ the bus, the stop request, and these, each made once when the first role needs i
   window()     the intake time window (intake.*), which every Gate and the MQTT collector check
   gate()       the content screening at a consumer's entry (bus/intake.py; in-process, once at the bus)
   emit()       what a source hands its batches to: keyed by bus/keys.py and published
+               (emitter(role): the same, counted for the role in `progress`)
 
-Builders also leave what the status line and the summary report read: the sources
-(`sources`), the archive's writer (`writer`), the notifier (`notifier`).
+Builders also leave what the status line, the summary report and /metrics read: the sources
+(`sources`), the archive's writer (`writer`), the notifier (`notifier`), the collectors roles
+add to /metrics (`collectors`). `progress` (ops/progress.py) counts what each role produced
+and read, at the emit and at the intake gate.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pipeline.bus import Bus, MemoryBus, Topic
 from pipeline.bus import keys
 from pipeline.bus.intake import Gate, ScreenOnce, TimeWindow, dead_letters_for
 from pipeline.config import Config
+from pipeline.ops.progress import Progress
 from pipeline.sinks.console import Console
 from pipeline.sources.base import Source
 
@@ -51,6 +55,7 @@ class Context:
         self.writer: Any = None    # the archive's ArchiveWriter, once archive built it
         self.notifier: Any = None  # notify's Notifier, once notify built it
         self.collectors: list = []  # prometheus_client collectors roles add to the process's /metrics
+        self.progress = Progress()  # what each role produced and read (ops/progress.py)
         self._detector: tuple | None = None
         self._sim: Any = None
         self._window: TimeWindow | None = None
@@ -88,14 +93,24 @@ class Context:
             if self._screen_once is None:
                 self._screen_once = ScreenOnce(Gate("intake", dead_letters_for(sub, self.cfg.data_dir), self.window()))
                 self.gates.append(self._screen_once.gate)
-            return self._screen_once.view(sub.topics)
+            return self._counted(group, self._screen_once.view(sub.topics), sub)
         self.gates.append(Gate(group, dead_letters_for(sub, self.cfg.data_dir), self.window()))
-        return self.gates[-1]
+        return self._counted(group, self.gates[-1], sub)
+
+    def _counted(self, group: str, gate, sub):
+        """The gate, counting what passes it for the role that reads in `group`."""
+        from pipeline.roles import ROLE_TABLE
+        role = next((spec.name for spec in ROLE_TABLE if spec.group == group), group)
+        return self.progress.reader(role, gate, sub)
 
     async def emit(self, topic: Topic, batch: pa.RecordBatch) -> None:
         """A source's batch onto the bus, as keys.messages cuts and keys it."""
         for message in keys.messages(topic, batch, self.bus.keyed):
             await self.bus.publish(message)
+
+    def emitter(self, role: str):
+        """`emit` for the source `role`, counted in `progress`."""
+        return self.progress.emitter(role, self.emit)
 
     def gpu_samples_published(self) -> int:
         return sum(s.stats().get("gpu_samples", 0) for s in self.sources.values())

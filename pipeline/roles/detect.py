@@ -48,19 +48,20 @@ def build(ctx, spec):
         sub, checkpoint = ctx.bus.subscribe(list(spec.inputs), spec.group), None
     gate = ctx.gate(sub, spec.group)
     return lambda: detect_role(ctx.bus, engine, sub, k.commit_interval_s, checkpoint, local,
-                               cfg.daemon.checkpoint_interval_s, resolved_at_start, gate)
+                               cfg.daemon.checkpoint_interval_s, resolved_at_start, gate, ctx.progress.detected)
 
 
 async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
                       checkpoint: Checkpointer | None, local: LocalCheckpoint | None = None,
                       checkpoint_interval_s: float = 10.0, resolved_at_start: list | None = None,
-                      gate: Gate | None = None) -> None:
+                      gate: Gate | None = None, timed=None) -> None:
     """Telemetry in, alerts and node health out. Over Kafka the output, the input offsets
     and a checkpoint of the detector state of each partition processed commit together
     (one transaction per commit interval); a partition that moves to another detect
     process continues there from that checkpoint. In-process (`local`) the state is saved
     to the data directory every `checkpoint_interval_s` and at the end; alerts the restart
-    resolved (`resolved_at_start`, checkpoint.reconcile) go out first."""
+    resolved (`resolved_at_start`, checkpoint.reconcile) go out first. `timed(topic, seconds)`
+    hears how long each batch took (the /metrics histogram)."""
     busy = asyncio.Lock()  # processing a batch and handing partitions over never interleave
     dirty: set[int] = set()  # partitions processed since their last checkpoint
     background: set[asyncio.Task] = set()  # in-process event publishes (below)
@@ -125,7 +126,10 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
                 messages = await gate.screen(messages)
             dirty.update(m.partition for m in messages)
             for message in coalesce(messages):
+                started = time.perf_counter()
                 out = engine.process(message)
+                if timed is not None:
+                    timed(message.topic, time.perf_counter() - started)
                 # Keyed on every bus, so that an alert's changes, and a node's states, stay in
                 # order (the health topic is compacted to the latest state per node).
                 if out.alerts:

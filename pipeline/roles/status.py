@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 
+from pipeline import roles as registry
 from pipeline.roles import whole
 from pipeline.roles.context import Context
 
@@ -19,7 +20,8 @@ def status_text(ctx: Context, rate: float) -> str:
     parts = ["fleetwatch"]
     if "simulate" in roles:
         parts.append(f"sim {ctx.simulator().now:%Y-%m-%d %H:%M:%S}")
-    if "agent" in roles and "detect" not in roles:
+    scraping = any(spec.stage == registry.SOURCE and spec.name in roles - {"simulate"} for spec in registry.ROLE_TABLE)
+    if scraping and "detect" not in roles:
         parts.append(f"{published:,} GPU samples scraped")
     if "detect" in roles:
         h = engine.health.counts(len(engine.node_names))

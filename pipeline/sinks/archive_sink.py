@@ -48,6 +48,7 @@ class ArchiveSink(SinkBase):
         writer, outage = self.writer, self.outage
         held, taken = writer.held_rows(), writer.take()
         if not taken:
+            writer.last_durable = time.monotonic()
             return True
         try:
             await asyncio.to_thread(writer.write, taken)
@@ -56,6 +57,7 @@ class ArchiveSink(SinkBase):
             if (alert := outage.failed(e, writer.held_rows())) is not None:
                 self._announce(alert)
             return False
+        writer.last_durable = time.monotonic()
         if (alert := outage.recovered(held)) is not None:
             self._announce(alert)
         return True

@@ -28,8 +28,22 @@ def write_atomically(path: Path, text: str | bytes) -> None:
 
 
 def append_durably(path: Path, text: str) -> None:
-    """Append `text` (whole lines) to `path` and fsync it."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    """Append `text` (whole lines) to `path` and fsync it. An append that fails (a full disk)
+    leaves the file as it was, so trying again never leaves half a line before the retry."""
+    data = text.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)

@@ -66,6 +66,16 @@ async def notify_role(sub, notifier: Notifier, gate=None, retry_max_s: float = 3
     await consume(sub, NotifySink(notifier, retry_max_s), gate)
 
 
+def preflight(cfg, env=None, warn: bool = True) -> None:
+    """Before notify starts: receivers (URLs, names, secrets, CA files), inhibit rules, external URL."""
+    from pipeline.sinks.routing import inhibit_rules
+    from pipeline.sinks.webhook import check_url, load_receivers
+    load_receivers(cfg.alerts, env, warn=warn)
+    inhibit_rules(cfg.alerts)
+    if cfg.alerts.external_url:
+        check_url("alerts.external_url", cfg.alerts.external_url)
+
+
 def build(ctx, spec):
     """The notify role: its Notifier (receivers checked now: ConfigError before anything runs)."""
     cfg = ctx.cfg

@@ -70,6 +70,8 @@ class ArchiveWriter:
         self._row_bytes: dict[str, float] = {}  # dataset -> bytes per row (row_bytes)
         self.rows_written: dict[str, int] = {name: 0 for name in SCHEMAS}
         self.files_written = 0
+        self.files_by_dataset: dict[str, int] = {name: 0 for name in SCHEMAS}
+        self.last_durable: float | None = None  # time.monotonic() the archive's data was last all durable
         self.redelivered_skipped = 0  # messages not written again: their offsets were archived
         self.min_free_bytes = int(min_free_mb * 2**20)  # below this free space, writing fails as a full disk
         self.rows_dropped: dict[str, int] = {name: 0 for name in SCHEMAS}  # shed while the archive could not write
@@ -232,4 +234,5 @@ class ArchiveWriter:
                 tmp.unlink(missing_ok=True)
             raise
         self.files_written += 1
+        self.files_by_dataset[dataset] += 1
         return final_dir / name

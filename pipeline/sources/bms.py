@@ -93,6 +93,7 @@ class BmsPublisher:
         self._queued = asyncio.Event()
         self._closing = False
         self._dropping = False
+        self.connected = False  # a session with the broker is up (readiness)
 
     @property
     def buffered(self) -> int:
@@ -175,7 +176,11 @@ class BmsPublisher:
                         log.info("MQTT %s:%d: reconnected after %.1f s; resending %d buffered messages",
                                  self.host, self.port, down_s, len(self._outbox))
                     self._dropping = False
-                    await while_connected(client, self._send(client))
+                    self.connected = True
+                    try:
+                        await while_connected(client, self._send(client))
+                    finally:
+                        self.connected = False
                     return
             except aiomqtt.MqttError as e:
                 await asyncio.sleep(outages.down(e, f"buffering up to {self.max_buffered} messages and retrying "

@@ -1,6 +1,7 @@
 """The NVML agent: the GPUs of this node, scraped through NVML (`fleetwatch agent`).
 
-- Discovery at start: every GPU's handle (cached), UUID and name.
+- Discovery at start: every GPU's handle (cached), UUID, name, PCI bus id and serial, and the
+  driver version: what the GPU is goes with every sample (gpu_sample v3), null where NVML does not say.
 - A scrape per `agent.interval_s`, in a worker thread (NVML calls block for
   milliseconds; the event loop never waits on them). Per GPU: one batched
   `nvmlDeviceGetFieldValues` call (power, energy, memory temperature, PCIe replays,
@@ -36,7 +37,7 @@ import pyarrow as pa
 import pynvml
 
 from pipeline.config import AgentConfig, ConfigError
-from pipeline.model import EVENT, GPU_SAMPLE
+from pipeline.model import EVENT, GPU_INFO, GPU_METRICS, GPU_SAMPLE
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ CALLS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "clocks_event_reasons": (("clock_event_reasons",), _reasons),
     "pstate": (("pstate",), _pstate),
 }
-METRICS = [f.name for f in GPU_SAMPLE][6:]
+METRICS = list(GPU_METRICS)
 EVENT_TYPES = pynvml.nvmlEventTypeXidCriticalError | pynvml.nvmlEventTypeDoubleBitEccError
 _NO_DRIVER = {pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: "the NVML library (libnvidia-ml.so.1) is not installed",
               pynvml.NVML_ERROR_DRIVER_NOT_LOADED: "the NVIDIA driver is not loaded"}
@@ -116,6 +117,9 @@ class Gpu:
     unsupported: list[str] = field(default_factory=list)             # what answered NOT_SUPPORTED
     energy_j: float = float("nan")                                   # last reading: resets show as a drop
     slowdown_temp_c: float = float("nan")                            # HW slowdown threshold; NaN if unknown
+    pci_bus_id: str | None = None                                    # e.g. 00000000:18:00.0; None if unknown
+    serial: str | None = None                                        # board serial; None if unknown
+    mem_total_bytes: float = float("nan")                            # framebuffer size; NaN if unknown
 
 
 @dataclass
@@ -132,6 +136,7 @@ class NvmlAgent:
         self.gpus: list[Gpu] = []
         self.lost: set[str] = set()
         self.scrapes = 0
+        self.driver_version: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml-scrape")
         self._events_stop = threading.Event()
 
@@ -149,13 +154,29 @@ class NvmlAgent:
                 f"NVML: {why} ({type(e).__name__}, NVML error {e.value}) on node {self.node!r}. `fleetwatch agent` "
                 f"needs an NVIDIA GPU with its driver: check `nvidia-smi`. Without a GPU use `fleetwatch run` "
                 f"(simulated fleet) or agent.replay = DIR (recorded NVML data).") from None
+        try:
+            self.driver_version = _text(pynvml.nvmlSystemGetDriverVersion())
+        except pynvml.NVMLError as e:
+            log.info("NVML: the driver version is not available (%s); null in the data", e)
         self.gpus = [self._discover(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        log.info("NVML agent on %s: driver %s, %d GPUs: %s", self.node, pynvml.nvmlSystemGetDriverVersion(),
-                 len(self.gpus), ", ".join(f"{g.index}: {g.name} {g.uuid}" for g in self.gpus))
+        log.info("NVML agent on %s: driver %s, %d GPUs: %s", self.node, self.driver_version,
+                 len(self.gpus), ", ".join(f"{g.index}: {g.name} {g.uuid} {g.pci_bus_id}" for g in self.gpus))
 
     def _discover(self, index: int) -> Gpu:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         g = Gpu(index, handle, pynvml.nvmlDeviceGetUUID(handle), pynvml.nvmlDeviceGetName(handle))
+        try:
+            g.pci_bus_id = _text(pynvml.nvmlDeviceGetPciInfo(handle).busId)
+        except pynvml.NVMLError as e:
+            self._unsupported(g, f"PCI info ({e})")
+        try:
+            g.serial = _text(pynvml.nvmlDeviceGetSerial(handle))
+        except pynvml.NVMLError as e:  # GeForce and some boards have none
+            self._unsupported(g, f"serial number ({e})")
+        try:  # what DCGM_FI_DEV_FB_FREE is served from (sources/dcgm_exposition.py)
+            g.mem_total_bytes = float(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+        except pynvml.NVMLError as e:
+            self._unsupported(g, f"memory total ({e})")
         try:  # the detectors' thermal margin is to this GPU's own threshold (H100: 89 C)
             g.slowdown_temp_c = float(pynvml.nvmlDeviceGetTemperatureThreshold(
                 handle, pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN))
@@ -270,6 +291,11 @@ class NvmlAgent:
                 cols[m] = pa.array(np.where(missing, 0, v).astype(np.int64), mask=missing).cast(typ)
             else:
                 cols[m] = pa.array(v, mask=missing)
+        gpus = [self.gpus[i] for i in rows]
+        info = {"model": [_text(g.name) for g in gpus], "pci_bus_id": [g.pci_bus_id for g in gpus],
+                "driver_version": [self.driver_version] * n, "serial": [g.serial for g in gpus]}
+        for name in GPU_INFO:
+            cols[name] = pa.array(info[name], pa.string())
         return pa.RecordBatch.from_pydict(cols, schema=GPU_SAMPLE)
 
     # ---- events (their own thread) ---------------------------------------------------
@@ -369,6 +395,13 @@ def _now_ns() -> int:
     return time.time_ns() // 1000 * 1000
 
 
+def _text(value) -> str | None:
+    """A string NVML returned (bytes from a ctypes structure, str from pynvml's wrappers); None if empty."""
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return value.strip() or None if isinstance(value, str) else None
+
+
 def _field_value(fv) -> float:
     t = fv.valueType
     if t == pynvml.NVML_VALUE_TYPE_DOUBLE:
@@ -390,11 +423,15 @@ def events_batch(rows: list[dict]) -> pa.RecordBatch:
 
 class NvmlSource:
     """The NVML agent as a Source (sources/base.py): this node's scrapes and its events,
-    from the GPUs or, with a recording (sources/nvml_replay.py), from that instead."""
+    from the GPUs or, with a recording (sources/nvml_replay.py), from that instead. Its
+    latest scrape is also served under dcgm-exporter's names (`exposition`, a collector
+    for /metrics: sources/dcgm_exposition.py)."""
 
     def __init__(self, agent: NvmlAgent, replay=None, replay_name: str = "") -> None:
+        from pipeline.sources.dcgm_exposition import GpuExposition
         self.agent, self.replay, self.replay_name = agent, replay, replay_name
         self.gpu_samples = 0
+        self.exposition = GpuExposition()
 
     async def run(self, emit, stop: asyncio.Event) -> None:
         import contextlib
@@ -402,10 +439,18 @@ class NvmlSource:
         from pipeline.bus.base import Topic
 
         async def samples(batch: pa.RecordBatch) -> None:
+            if len(self.exposition.fb_total_bytes) < len(self.agent.gpus):
+                self.exposition.fb_total_bytes.update((g.uuid, g.mem_total_bytes) for g in self.agent.gpus)
+            self.exposition.update(batch)
             await emit(Topic.GPU, batch)
             self.gpu_samples += batch.num_rows
 
         async def events(batch: pa.RecordBatch) -> None:
+            for e in batch.select(["gpu_uuid", "kind", "code"]).to_pylist():  # a few events, rarely
+                if e["kind"] == "xid" and e["code"] is not None:
+                    self.exposition.xid(e["gpu_uuid"], e["code"])
+                elif e["kind"] == "gpu_lost":
+                    self.exposition.forget(e["gpu_uuid"])
             await emit(Topic.EVENTS, batch)
         with self.replay.installed() if self.replay is not None else contextlib.nullcontext():
             await self.agent.run(samples, events, stop)
@@ -417,6 +462,13 @@ class NvmlSource:
         return f"NVML agent on {self.agent.node}" + (f" (replaying {self.replay_name})" if self.replay else "")
 
 
+def preflight(cfg, env=None, warn: bool = True) -> None:
+    """Before the agent starts: a replay names a recording that exists."""
+    if cfg.agent.replay:
+        from pipeline.sources.nvml_replay import recording_dir
+        recording_dir(cfg.agent.replay)
+
+
 def build(ctx, spec) -> NvmlSource:
     """The agent role: this node (agent.node, else the host name), replaying agent.replay if set."""
     import socket
@@ -426,4 +478,6 @@ def build(ctx, spec) -> NvmlSource:
     if a.replay:
         from pipeline.sources.nvml_replay import NvmlReplay
         replay = NvmlReplay(a.replay, a.replay_gpus)
-    return NvmlSource(agent, replay, a.replay)
+    source = NvmlSource(agent, replay, a.replay)
+    ctx.collectors.append(source.exposition)  # /metrics under dcgm-exporter's names
+    return source

@@ -51,7 +51,7 @@ _CALL_KEYS = {  # pynvml function -> the recording's key for its support and lat
     "nvmlDeviceGetTemperature": "temperature_gpu", "nvmlDeviceGetUtilizationRates": "utilization",
     "nvmlDeviceGetMemoryInfo": "memory_info", "nvmlDeviceGetCurrentClocksEventReasons": "clocks_event_reasons",
     "nvmlDeviceGetPerformanceState": "pstate", "nvmlDeviceGetName": "name", "nvmlDeviceGetUUID": "uuid",
-    "nvmlDeviceGetFanSpeed": "fan_speed",
+    "nvmlDeviceGetFanSpeed": "fan_speed", "nvmlDeviceGetPciInfo": "pci_info", "nvmlDeviceGetSerial": "serial",
 }
 _CLOCK_KEYS = {pynvml.NVML_CLOCK_SM: ("clock_sm", "sm_mhz"), pynvml.NVML_CLOCK_MEM: ("clock_mem", "mem_mhz")}
 _ERRORS = {"Not Supported": pynvml.NVML_ERROR_NOT_SUPPORTED}
@@ -183,6 +183,22 @@ class NvmlReplay:
     def nvmlDeviceGetName(self, handle) -> str:  # noqa: N802
         self._gpu(handle)
         return self._call("nvmlDeviceGetName", "name")["value"]
+
+    def nvmlDeviceGetPciInfo(self, handle):  # noqa: N802
+        """The recorded PCI info; copy i sits i devices further along the recorded bus."""
+        g = self._gpu(handle)
+        rec = self._call("nvmlDeviceGetPciInfo", "pci_info")["value"]
+        device = rec["device"] + g.index
+        bus_id = f"{rec['busId'].rsplit(':', 1)[0]}:{device:02X}.{rec['busId'].rsplit('.', 1)[1]}"
+        return pynvml.nvmlPciInfo_t(busIdLegacy=bus_id[4:].encode(), domain=rec["domain"], bus=rec["bus"],
+                                    device=device, pciDeviceId=rec["pciDeviceId"],
+                                    pciSubSystemId=rec["pciSubSystemId"], busId=bus_id.encode())
+
+    def nvmlDeviceGetSerial(self, handle) -> str:  # noqa: N802
+        """The recorded serial, its last two digits the copy's number (as the UUIDs)."""
+        g = self._gpu(handle)
+        serial = self._call("nvmlDeviceGetSerial", "serial")["value"]
+        return f"{serial[:-2]}{g.index + 1:02d}"
 
     def nvmlDeviceGetFieldValues(self, handle, field_ids):  # noqa: N802
         g = self._gpu(handle)

@@ -50,6 +50,14 @@ RETURN_TAU_S = 20.0
 SLOWDOWN_C = 89.0                 # HW thermal slowdown threshold (the recorded H100's NVML threshold)
 MEM_IDLE_B = 503_316_480
 MEM_CLOCK_MHZ = 2619.0
+GPU_MODEL = "NVIDIA H100 80GB HBM3"  # the recorded H100's NVML name
+DRIVER_VERSION = "580.159.04"        # and its driver
+_HGX_BUSES = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)  # an HGX H100 8-GPU board's PCI buses
+
+
+def hgx_bus_id(index: int) -> str:
+    """The PCI bus id of GPU `index` on an HGX H100 board (beyond 8 GPUs, the next domains)."""
+    return f"{index // len(_HGX_BUSES):08X}:{_HGX_BUSES[index % len(_HGX_BUSES)]:02X}:00.0"
 JOB_GROUP_NODES = 4
 
 FACILITY_POINTS = ("supply_temp_c", "return_temp_c", "flow_lpm", "dp_kpa", "pump_on", "leak")
@@ -165,6 +173,11 @@ class FleetSimulator:
             "gpu": pa.array(self.gpu_index.astype(np.int16)),
             "gpu_uuid": pa.array(self.gpu_uuids),
             "slowdown_temp_c": pa.array(np.full(self.n_gpus, SLOWDOWN_C)),
+            # What each GPU is: the recorded H100's model and driver, an HGX board's bus ids, made-up serials.
+            "model": pa.array([GPU_MODEL] * self.n_gpus),
+            "pci_bus_id": pa.array([hgx_bus_id(int(g)) for g in self.gpu_index]),
+            "driver_version": pa.array([DRIVER_VERSION] * self.n_gpus),
+            "serial": pa.array([f"{1650000000000 + self.cfg.seed % 1000 * 100000 + s:013d}" for s in range(self.n_gpus)]),
         }
         devices, classes, racks, metrics = [], [], [], []
         for r, name in enumerate(self.rack_names):

@@ -1,0 +1,74 @@
+"""The process's HTTP endpoints (docs/operations.md, Endpoints), served by aiohttp on the
+daemon's event loop: a scrape collects between two steps of the roles, never beside them.
+
+    /metrics   Prometheus text (or OpenMetrics, as the scraper asks), from the process's registry
+    /healthz   200 while the process is live, 503 and why otherwise (ops/health.py)
+    /readyz    200 once it is ready, 503 and why otherwise
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from pipeline.config import ConfigError, host_port
+
+log = logging.getLogger("fleetwatch")
+
+INDEX = "Fleetwatch: /metrics (Prometheus), /healthz (alive, loops turning), /readyz (ready)\n"
+
+
+class HttpServer:
+    """`live()` and `ready()` return what is wrong (an empty list: all is well)."""
+
+    def __init__(self, address: str, registry: CollectorRegistry, live: Callable[[], list[str]],
+                 ready: Callable[[], list[str]]) -> None:
+        self.address = address
+        self.host, self.port = host_port("daemon.http", address, 9410)
+        self.registry, self.live, self.ready = registry, live, ready
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/", self._index)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
+        except OSError as e:
+            await self._runner.cleanup()
+            self._runner = None
+            raise ConfigError(f"config error: daemon.http = {self.address!r}: cannot listen there ({e.strerror or e}); "
+                              f"give a free HOST:PORT with --http") from None
+        log.info("serving /metrics, /healthz and /readyz on http://%s:%d", self.host, self.port)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.Response(text=INDEX)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(self.registry), headers={"Content-Type": content_type})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return _verdict(self.live(), "alive")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        return _verdict(self.ready(), "ready")
+
+
+def _verdict(problems: list[str], ok: str) -> web.Response:
+    if not problems:
+        return web.Response(text=f"{ok}\n")
+    return web.Response(status=503, text="".join(f"{p}\n" for p in problems))

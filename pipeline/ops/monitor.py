@@ -1,0 +1,233 @@
+"""The operations side of one process, as the daemon sees it: `Operations`.
+
+    ops = Operations(cfg, roles)
+    await ops.serve()             # HTTP (daemon.http) and the monitor start, before the bus and the warm-up
+    ops.attach(ctx, running)      # the roles are built (warm) and started: judge them from now on
+    await ops.stopping()          # stop requested: resolve the self-alerts before the alerts topic ends
+    await ops.close()
+
+The monitor wakes every TICK_S: it samples what needs awaiting (Kafka's reachability and
+consumer lag, the MQTT links), judges health (ops/health.py), publishes self-alert state
+changes on the alerts topic (ops/selfalerts.py; in a task of their own, so a full bus never
+holds the monitor up), and tells systemd (ops/sdnotify.py): READY=1 once ready, WATCHDOG=1
+while live. A blocked event loop sends nothing, and answers no probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+
+from pipeline.bus.memory import MemoryBus
+from pipeline.config import Config, host_port
+from pipeline.ops.health import TICK_S, Health, RoleInfo
+from pipeline.ops.metrics import FleetwatchCollector, registry
+from pipeline.ops.progress import Progress
+from pipeline.ops.sdnotify import SdNotify
+from pipeline.ops.selfalerts import STALLED, SelfAlerts, message
+
+log = logging.getLogger("fleetwatch")
+
+PROBE_TIMEOUT_S = 1.0
+
+
+class Operations:
+    def __init__(self, cfg: Config, roles: frozenset[str], clock: Callable[[], float] = time.monotonic,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.cfg, self.roles, self.clock = cfg, roles, clock
+        self.health = Health(Progress(clock), cfg.daemon.stall_intervals, clock)
+        self.sd = SdNotify(env)
+        self.ctx = None
+        self._collectors: list = []  # before attach: nothing but the build info of a starting process
+        self.http = None
+        host = socket.gethostname()
+        if cfg.daemon.http:
+            from pipeline.ops.http import HttpServer
+            self.http = HttpServer(cfg.daemon.http, registry(lambda: self._collectors),
+                                   lambda: self.health.unlive(self.clock()), lambda: self.health.unready(self.clock()))
+        # Which process raised a self-alert: the address Prometheus scrapes it at, else the host and pid.
+        self.instance = f"{host}:{host_port('daemon.http', cfg.daemon.http, 9410)[1]}" if cfg.daemon.http \
+            else f"{host}/{os.getpid()}"
+        site = cfg.fleet.site
+        if len(roles) == 1 and (own := getattr(getattr(cfg, next(iter(roles)), None), "site", "")):
+            site = own  # an agent's (or a DCGM scraper's) own site
+        self.alerts = SelfAlerts(site, self.instance, cfg.alerts.runbook_base_url, watchdog="detect" in roles,
+                                 resolve_after=cfg.daemon.stall_intervals)
+        self._task: asyncio.Task | None = None
+        self._publishing: asyncio.Task | None = None
+        self._stopping = False
+        self._ready_since: float | None = None
+        self._last_watchdog = float("-inf")
+        self._said_unready: tuple[str, ...] = ()
+
+    # ---- the daemon's calls ------------------------------------------------------------
+
+    async def serve(self) -> None:
+        if self.http is not None:
+            await self.http.start()
+        self._task = asyncio.create_task(self._run(), name="ops-monitor")
+
+    def attach(self, ctx, running) -> None:
+        """The roles are built and started: `running` is the daemon's list (name, stage, work, task)."""
+        from pipeline.roles import DETECT, SINK
+        self.ctx = ctx
+        h = self.health
+        h.progress = ctx.progress
+        h.in_process = isinstance(ctx.bus, MemoryBus)
+        h.archive, h.flush_interval_s = ctx.writer, self.cfg.archive.flush_interval_s
+        infos = []
+        for r in running:
+            consumer = r.stage in (DETECT, SINK)
+            deps = () if h.in_process else ("kafka",)
+            if not consumer and mqtt_links(r.work):
+                deps += ("mqtt",)
+            infos.append(RoleInfo(r.name, consumer, 0.0 if consumer else interval_s(self.cfg, r.name), deps, r.task))
+        h.attach(infos)
+        ctx.collectors.append(FleetwatchCollector(ctx, ctx.progress, h, ctx.window().now,
+                                                  lambda: list(self.alerts.firing.values())))
+        self._collectors = ctx.collectors
+
+    async def stopping(self) -> None:
+        """The process was told to stop: not ready any more, self-alerts resolved (sent before it drains)."""
+        self._stopping = self.health.stopping = True
+        self.sd.stopping()
+        if self.ctx is not None:
+            self._publish(self.alerts.resolve_all())
+        if self._publishing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._publishing), 5.0)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self.http is not None:
+            await self.http.close()
+
+    # ---- the monitor --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception as e:  # the monitor must never take the process down
+                log.exception("ops monitor: %r", e)
+            await asyncio.sleep(TICK_S)
+
+    async def tick(self) -> None:
+        """One round: sample, judge, alert, notify systemd (tests call it directly)."""
+        self.health.loop_beat = self.clock()
+        if self.ctx is not None and not self._stopping:
+            await self.sample()
+            now = self.clock()
+            unready = self.health.unready(now)
+            changes = self.alerts.update(not unready, self.health.stalls(now))
+            self._say(unready, changes)
+            self._publish(changes)
+        now = self.clock()
+        if self.sd.enabled:
+            if self._ready_since is None and self.ctx is not None and not self.health.unready(now):
+                self.sd.ready()
+            if not self.health.unlive(now) and now - self._last_watchdog >= self.sd.watchdog_interval_s:
+                self.sd.watchdog()
+                self._last_watchdog = now
+        if self._ready_since is None and self.ctx is not None and not self.health.unready(now):
+            self._ready_since = now
+
+    async def sample(self) -> None:
+        """What needs awaiting: Kafka's reachability and lag, the MQTT links; then the backlogs."""
+        ctx, progress = self.ctx, self.health.progress
+        if not isinstance(ctx.bus, MemoryBus):
+            progress.deps["kafka"] = await kafka_reachable(ctx.bus)
+            progress.lag = await kafka_lag(ctx.bus)
+        links = [ok for work in ctx.sources.values() for ok in mqtt_links(work)]
+        if links:
+            progress.deps["mqtt"] = all(links)
+        self.health.sample_backlogs()
+
+    def _publish(self, alerts: list) -> None:
+        if not alerts:
+            return
+        bus, before = self.ctx.bus, self._publishing
+
+        async def publish() -> None:
+            if before is not None:
+                await before
+            for a in alerts:
+                try:
+                    await bus.publish(message(a))
+                except Exception as e:
+                    log.error("ops: cannot publish %s (%s): %r", a.alertname, a.status, e)
+        self._publishing = asyncio.create_task(publish(), name="ops-alerts")
+
+    def _say(self, unready: list[str], changes: list) -> None:
+        """Log what changed: readiness (once per change of reasons) and each self-alert."""
+        if tuple(unready) != self._said_unready and self._ready_since is not None:
+            if unready:
+                log.warning("not ready: %s", "; ".join(unready))
+            else:
+                log.info("ready again")
+        elif self._ready_since is None and not unready:
+            log.info("ready: warmed up, every role read or published, its brokers reachable")
+        self._said_unready = tuple(unready)
+        for a in changes:
+            if a.alertname == STALLED:
+                (log.warning if a.ends_at is None else log.info)(
+                    "%s %s: %s", a.alertname, "firing" if a.ends_at is None else "resolved", a.annotations["summary"])
+
+
+def interval_s(cfg: Config, role: str) -> float:
+    """A source's scrape interval in wall seconds: its section's interval_s, the simulator's
+    sample interval at its speed (0 when flat out), the fleet's for the rest."""
+    if role == "simulate":
+        return cfg.fleet.sample_interval_s / cfg.fleet.speed if cfg.fleet.speed > 0 else 0.0
+    return float(getattr(getattr(cfg, role, None), "interval_s", cfg.fleet.sample_interval_s))
+
+
+def mqtt_links(work) -> list[bool]:
+    """Whether each MQTT connection of a source is up: the facility collector's subscription,
+    the simulator's BMS publisher."""
+    out = []
+    collector = getattr(work, "collector", None)
+    if collector is not None and hasattr(collector, "subscribed"):
+        out.append(collector.subscribed.is_set())
+    bms = getattr(work, "bms", None)
+    if bms is not None:
+        out.append(bool(getattr(bms, "connected", False)))
+    return out
+
+
+async def kafka_reachable(bus, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """A broker answers (the producer's connection, opened again if it dropped) and the
+    producer is taking messages."""
+    if not bus.taking_messages():
+        return False
+    client = bus.producer.client
+    for broker in client.cluster.brokers():
+        with contextlib.suppress(Exception):
+            if await asyncio.wait_for(client.ready(broker.nodeId), timeout_s):
+                return True
+    return False
+
+
+async def kafka_lag(bus, timeout_s: float = PROBE_TIMEOUT_S) -> dict[tuple[str, str, int], int]:
+    """(group, topic, partition) -> end offset (last stable) minus position, for every
+    partition assigned to this process's consumers that has been fetched."""
+    out = {}
+    for sub in bus.subscriptions:
+        consumer = sub.consumer
+        for tp in consumer.assignment():
+            end = consumer.last_stable_offset(tp)
+            if end is None:
+                end = consumer.highwater(tp)
+            if end is None:
+                continue
+            with contextlib.suppress(Exception):
+                position = await asyncio.wait_for(consumer.position(tp), timeout_s)
+                out[(sub.group, tp.topic, tp.partition)] = max(0, end - position)
+    return out

@@ -1,0 +1,81 @@
+"""Fleetwatch's alerts about itself from the process's health (ops/health.py), as alert
+state changes for the alerts topic: notify delivers them like any other alert, as
+sinks/archive_outage.py does for FleetwatchArchiveFailing.
+
+- FleetwatchWatchdog (severity none): firing while the process is healthy (ready, and no
+  role stalled), in processes that run detect. It resolves once the process has been
+  unhealthy for `resolve_after` checks in a row, and when it stops. Alertmanager receivers
+  get it re-pushed every `alerts.resend_interval_s` by notify, webhook receivers every
+  `alerts.repeat_interval_s`: a heartbeat check pages when it stops arriving.
+- FleetwatchStalled (critical): one per role and what stalled (`role`, `stalled` labels),
+  firing while health says so, resolved when the role moves again or the process stops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from pipeline.bus import Message, Topic
+from pipeline.detect.catalog import ALERTS_BY_NAME, runbook_url
+from pipeline.model import Alert, alerts_to_batch
+
+WATCHDOG, STALLED = "FleetwatchWatchdog", "FleetwatchStalled"
+
+
+class SelfAlerts:
+    def __init__(self, site: str, instance: str, runbook_base_url: str, watchdog: bool, resolve_after: int,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.site, self.instance, self.runbook_base_url = site, instance, runbook_base_url
+        self.watchdog, self.resolve_after, self.wall = watchdog, max(1, resolve_after), wall
+        self.firing: dict[tuple[str, ...], Alert] = {}  # (alertname, role, what) -> the firing alert
+        self._unhealthy = 0  # checks in a row the Watchdog's process was unhealthy
+
+    def update(self, healthy: bool, stalls: dict[tuple[str, str], str]) -> list[Alert]:
+        """The state changes this check brings: alerts that start firing, and resolutions."""
+        now = datetime.fromtimestamp(self.wall(), timezone.utc)
+        changes = []
+        for (role, what), detail in stalls.items():
+            if (STALLED, role, what) not in self.firing:
+                changes.append(self._fire((STALLED, role, what), now, {"role": role, "stalled": what},
+                                          {"role": role, "detail": detail}))
+        for key in [k for k in self.firing if k[0] == STALLED and (k[1], k[2]) not in stalls]:
+            changes.append(self._resolve(key, now))
+        if self.watchdog:
+            ok = healthy and not stalls
+            self._unhealthy = 0 if ok else self._unhealthy + 1
+            if ok and (WATCHDOG,) not in self.firing:
+                changes.append(self._fire((WATCHDOG,), now, {}, {}))
+            elif (WATCHDOG,) in self.firing and self._unhealthy >= self.resolve_after:
+                changes.append(self._resolve((WATCHDOG,), now))
+        return changes
+
+    def resolve_all(self) -> list[Alert]:
+        """Everything firing, resolved now (the process stops)."""
+        now = datetime.fromtimestamp(self.wall(), timezone.utc)
+        return [self._resolve(key, now) for key in list(self.firing)]
+
+    def _fire(self, key: tuple[str, ...], now: datetime, labels: dict[str, str], evidence: dict) -> Alert:
+        spec = ALERTS_BY_NAME[key[0]]
+        labels = {"alertname": spec.name, "severity": spec.severity, "site": self.site, "instance": self.instance,
+                  **labels}
+        summary = spec.summary.format(instance=self.instance, site=self.site, **evidence)
+        facts = ", ".join(f"{k}={v}" for k, v in evidence.items())
+        alert = Alert(labels=labels,
+                      annotations={"summary": summary,
+                                   "description": spec.action + (f" Evidence (ops): {facts}." if facts else ""),
+                                   "runbook_url": runbook_url(self.runbook_base_url, spec.name)},
+                      starts_at=now, detector=spec.detector, score=1.0, evidence=evidence)
+        self.firing[key] = alert
+        return alert
+
+    def _resolve(self, key: tuple[str, ...], now: datetime) -> Alert:
+        alert = self.firing.pop(key)
+        return dataclasses.replace(alert, ends_at=max(now, alert.starts_at))
+
+
+def message(alert: Alert) -> Message:
+    """The alert as a message of the alerts topic (keyed by fingerprint, as detect's are)."""
+    return Message(Topic.ALERTS, alerts_to_batch([(alert.ends_at or alert.starts_at, alert)]), key=alert.fingerprint)

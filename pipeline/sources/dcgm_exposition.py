@@ -1,0 +1,111 @@
+"""The NVML agent's GPUs on /metrics under dcgm-exporter's names, units and labels, so that
+DCGM dashboards and alert rules work on a node that runs only Fleetwatch.
+
+A prometheus_client collector (the agent's build adds it to ctx.collectors, which the
+process's HTTP server serves). It renders the agent's latest scrape through the counters
+table (sources/dcgm_fields.py), converting back to DCGM's units (J -> mJ, 0-1 -> %,
+bytes -> MiB), one series per GPU with dcgm-exporter's labels `gpu`, `UUID`, `pci_bus_id`,
+`device`, `modelName`, `Hostname`, `DCGM_FI_DRIVER_VERSION`. A null column (the GPU does not
+support it) is no series, as dcgm-exporter leaves out what DCGM cannot read.
+`DCGM_FI_DEV_XID_ERRORS` is the last XID the agent saw (0 before any), `DCGM_FI_DEV_FB_FREE`
+the memory total NVML reported at start minus what is used.
+
+Every DCGM name is served as a gauge: prometheus_client's encoders would rename a counter's
+series to NAME_total (and OpenMetrics requires it), which would break the names; PromQL's
+rate() and increase() work on either type. Fleetwatch's own extras:
+
+  fleetwatch_gpu_info{<DCGM labels>, site, rack, node, serial} 1
+  fleetwatch_gpu_sample_timestamp_seconds{<DCGM labels>}       when the agent read the GPU
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.sources.dcgm_fields import FB_FREE, FIELDS, LABELS, MIB, XID
+
+_SERVED = [f for f in FIELDS if f.column]
+_FB_FREE_HELP = next(f.help for f in FIELDS if f.name == FB_FREE)
+_XID_HELP = next(f.help for f in FIELDS if f.name == XID)
+INFO_LABELS = (*LABELS, "site", "rack", "node", "serial")
+
+
+def _floats(batch: pa.RecordBatch, column: str) -> np.ndarray:
+    """A column as float64, null -> NaN (booleans 0/1)."""
+    col = batch.column(column)
+    if pa.types.is_boolean(col.type):
+        col = col.cast(pa.int8())
+    return col.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False)
+
+
+def exposition_value(x: float) -> float:
+    """A converted value without float noise (29.000000000000004 % -> 29): 15 significant
+    digits, which keeps every reading the agent takes (the round trip is tested)."""
+    return float(f"{x:.15g}")
+
+
+class GpuExposition:
+    def __init__(self) -> None:
+        self._snapshot: tuple = ([], {}, [], [], [])  # swapped whole: collect() may run on another thread
+        self._xid: dict[str, int] = {}
+        self.fb_total_bytes: dict[str, float] = {}  # per UUID, from NVML at start
+
+    def update(self, batch: pa.RecordBatch) -> None:
+        """The agent's latest scrape (one row per GPU that answered)."""
+        n = batch.num_rows
+        gpu = batch.column("gpu").to_pylist()
+        uuids = batch.column("gpu_uuid").to_pylist()
+        text = {c: pc.fill_null(batch.column(c), "").to_pylist() for c in ("pci_bus_id", "model", "driver_version",
+                                                                          "node", "site", "rack", "serial")}
+        labels = [(str(gpu[i]), uuids[i], text["pci_bus_id"][i], f"nvidia{gpu[i]}", text["model"][i],
+                   text["node"][i], text["driver_version"][i]) for i in range(n)]
+        info = [(*labels[i], text["site"][i], text["rack"][i], text["node"][i], text["serial"][i]) for i in range(n)]
+        values = {f.name: f.from_column(_floats(batch, f.column)) for f in _SERVED}
+        used = _floats(batch, "mem_used_bytes")
+        total = np.array([self.fb_total_bytes.get(u, np.nan) for u in uuids], np.float64)
+        values[FB_FREE] = (total - used) / MIB
+        ts = (batch.column("ts").cast(pa.int64()).to_numpy() / 1e9).tolist()
+        self._snapshot = (labels, values, ts, info, uuids)
+
+    def xid(self, uuid: str, code: int) -> None:
+        self._xid[uuid] = int(code)
+
+    def forget(self, uuid: str) -> None:
+        """A GPU that is lost: its series go (the agent no longer reads it)."""
+        labels, values, ts, info, uuids = self._snapshot
+        keep = [i for i, u in enumerate(uuids) if u != uuid]
+        self._snapshot = ([labels[i] for i in keep], {k: v[keep] for k, v in values.items()},
+                          [ts[i] for i in keep], [info[i] for i in keep], [uuids[i] for i in keep])
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        labels, values, ts, info, uuids = self._snapshot
+        out = []
+        for f in _SERVED:
+            family = GaugeMetricFamily(f.name, f.help, labels=LABELS)
+            for lv, x in zip(labels, values[f.name].tolist()):
+                if math.isfinite(x):
+                    family.add_metric(lv, exposition_value(x))
+            out.append(family)
+        free = GaugeMetricFamily(FB_FREE, _FB_FREE_HELP, labels=LABELS)
+        for lv, x in zip(labels, values[FB_FREE].tolist()):
+            if math.isfinite(x):
+                free.add_metric(lv, exposition_value(x))
+        out.append(free)
+        xid = GaugeMetricFamily(XID, _XID_HELP, labels=LABELS)
+        for lv, u in zip(labels, uuids):
+            xid.add_metric(lv, self._xid.get(u, 0))
+        out.append(xid)
+        gpu_info = GaugeMetricFamily("fleetwatch_gpu_info", "the GPU's identity and place in Fleetwatch's data",
+                                     labels=INFO_LABELS)
+        for lv in info:
+            gpu_info.add_metric(lv, 1)
+        stamp = GaugeMetricFamily("fleetwatch_gpu_sample_timestamp_seconds",
+                                  "when the agent last read the GPU (unix seconds)", labels=LABELS)
+        for lv, t in zip(labels, ts):
+            stamp.add_metric(lv, t)
+        return [*out, gpu_info, stamp]

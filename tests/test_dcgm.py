@@ -1,0 +1,494 @@
+"""The DCGM exporter, both ways (issue 13): the source that reads dcgm-exporter endpoints
+(pipeline/sources/dcgm.py), the counters table both directions use (dcgm_fields.py), and the
+NVML agent's exposition under dcgm-exporter's names (dcgm_exposition.py), checked on
+dcgm-exporter's own text (tests/data/dcgm/) served by real HTTP servers. gpu_samples v3 (what
+the GPU is) from every source. The end-to-end run is tests/e2e/test_dcgm.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import ConfigError
+from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE
+from pipeline.sources.dcgm import (DOWN, GARBAGE, HTTP_STATUS, NO_GPUS, TIMEOUT, DcgmMetrics, DcgmSource,
+                                   ExpositionError, Target, dcgm_samples, load_mapping, load_targets,
+                                   parse_exposition, reference_samples, target_url)
+from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, FIELDS, LABELS, MIB, XID, column_array
+from pipeline.sources.dcgm_exposition import exposition_value
+from tests.conftest import H100, make_config
+from tests.dcgm_exporter import A100_ODD, H100_8GPU, DcgmExporter
+
+
+def source(targets=(), mapping=None, **dcgm) -> DcgmSource:
+    cfg = make_config(dcgm={"targets": list(targets), **dcgm}).dcgm
+    return DcgmSource(cfg, load_targets(cfg), mapping or {})
+
+
+def rows_of(text: str, src: DcgmSource | None = None, target: Target | None = None):
+    from pipeline.sources.dcgm import TargetState
+    src = src or source()
+    if not src.states:  # the target's state lives on, scrape after scrape
+        src.states.append(TargetState(target or Target("http://gpu-node-017:9400/metrics")))
+    st_ = src.states[0]
+    batch, events = src.rows(st_, parse_exposition(text), 1_767_225_600 * 10**9)
+    return batch, events, st_
+
+
+# ---- the counters table ------------------------------------------------------------------
+
+def test_every_gpu_sample_metric_is_one_dcgm_field_and_names_are_dcgm_exporters():
+    assert sorted(BY_COLUMN) == sorted(GPU_METRICS)
+    assert len({f.name for f in FIELDS}) == len(FIELDS)
+    assert all(f.name.startswith("DCGM_FI_DEV_") and f.type in ("gauge", "counter") for f in FIELDS)
+    # dcgm-exporter's default-counters.csv, as its fixture shows it (HELP and TYPE lines)
+    text = H100_8GPU.read_text()
+    for f in FIELDS:
+        if f"# HELP {f.name} " in text:
+            assert f"# HELP {f.name} {f.help}\n# TYPE {f.name} {f.type}\n" in text, f.name
+
+
+# Subnormal floats lose relative precision in any scaling (x / 1000 * 1000): no reading is one.
+@given(st.sampled_from([f for f in FIELDS if f.column]), st.floats(0, 1e15, allow_nan=False, allow_subnormal=False))
+def test_a_dcgm_value_converts_to_base_units_and_back(field, value):
+    """mJ -> J, % -> 0-1, MiB -> bytes, and back, without drift: the agent serves what the
+    source reads back."""
+    typ = GPU_SAMPLE.field(field.column).type
+    if pa.types.is_integer(typ) or pa.types.is_boolean(typ):
+        value = float(round(value)) if not pa.types.is_boolean(typ) else float(value > 0.5)
+        if pa.types.is_integer(typ):  # a reading the column holds
+            value = float(min(value, np.iinfo(typ.to_pandas_dtype()).max // 2 * field.per_base // 1))
+    base = field.to_column(np.array([value]))
+    assert exposition_value(field.from_column(base)[0]) == pytest.approx(value, rel=1e-14, abs=0)
+    got = column_array(field.column, base).to_pylist()[0]
+    if pa.types.is_floating(typ):
+        assert got == pytest.approx(value / field.per_base, rel=1e-15)
+    else:
+        assert got == (value != 0 if pa.types.is_boolean(typ) else round(value / field.per_base))
+
+
+def test_units_energy_utilisation_and_framebuffer():
+    assert BY_NAME["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"].to_column(np.array([4742776.0]))[0] == 4742.776
+    assert BY_NAME["DCGM_FI_DEV_GPU_UTIL"].to_column(np.array([37.0]))[0] == 0.37
+    assert BY_NAME["DCGM_FI_DEV_FB_USED"].to_column(np.array([61440.0]))[0] == 61440 * MIB
+    assert BY_NAME["DCGM_FI_DEV_CLOCKS_EVENT_REASONS"] is BY_NAME["DCGM_FI_DEV_CLOCK_THROTTLE_REASONS"]
+
+
+def test_nan_inf_and_values_beyond_the_type_are_null_never_zero():
+    got = column_array("pcie_replay_total", np.array([3.0, np.nan, np.inf, 1e30, -np.inf]))
+    assert got.to_pylist() == [3, None, None, None, None]
+    assert column_array("remapped_rows_failure", np.array([0.0, 1.0, np.nan])).to_pylist() == [False, True, None]
+    assert column_array("power_w", np.array([np.nan, 1.5])).to_pylist() == [None, 1.5]
+
+
+# ---- parsing dcgm-exporter's text ------------------------------------------------------------
+
+def test_an_h100_node_as_dcgm_exporter_serves_it_becomes_eight_gpu_sample_rows():
+    batch, events, state = rows_of(H100_8GPU.read_text())
+    assert batch.schema.equals(GPU_SAMPLE) and batch.num_rows == 8 and events == []
+    r = batch.to_pylist()
+    assert [x["gpu"] for x in r] == list(range(8)) and {x["node"] for x in r} == {"gpu-node-017"}
+    assert r[0]["gpu_uuid"] == "GPU-85a0bcc1-6a06-ce83-4dad-5d99f5e2fc57"
+    assert {x["model"] for x in r} == {"NVIDIA H100 80GB HBM3"} and {x["driver_version"] for x in r} == {"580.159.04"}
+    assert [x["pci_bus_id"] for x in r][:3] == ["00000000:18:00.0", "00000000:2A:00.0", "00000000:3A:00.0"]
+    assert {x["serial"] for x in r} == {None}  # the default CSV does not enable DCGM_FI_DEV_SERIAL
+    g0 = r[0]
+    assert (g0["power_w"], g0["gpu_temp_c"], g0["mem_temp_c"], g0["sm_clock_mhz"]) == (698.512, 61.0, 53.0, 1395.0)
+    assert g0["energy_j"] == 48213775.19                   # mJ -> J
+    assert g0["util_gpu"] == 1.0 and g0["util_mem"] == 0.34  # % -> 0-1
+    assert g0["mem_used_bytes"] == 61440 * MIB              # MiB -> bytes
+    assert r[3]["pcie_replay_total"] == 12 and r[5]["remapped_rows_correctable"] == 2
+    assert g0["remapped_rows_failure"] is False
+    # not among dcgm-exporter's default counters: null, never 0
+    for column in ("ecc_sbe_volatile_total", "pstate", "clock_event_reasons", "nvlink_crc_errors_total",
+                   "slowdown_temp_c", "remapped_rows_pending"):
+        assert batch.column(column).null_count == 8, column
+    assert state.node == "gpu-node-017" and state.last_xid == {u: 0.0 for u in batch.column("gpu_uuid").to_pylist()}
+
+
+def test_escaped_labels_nan_missing_fields_pod_mapping_and_an_older_exporter():
+    batch, _, _ = rows_of(A100_ODD.read_text())
+    r = {x["gpu"]: x for x in batch.to_pylist()}
+    assert batch.num_rows == 4  # two pods on GPU 0: one GPU, one row
+    assert r[1]["model"] == 'NVIDIA A100 "SXM4" 80GB \\ lab'  # \" and \\ unescaped
+    assert r[0]["model"] == "NVIDIA A100-SXM4-80GB"
+    assert r[0]["pci_bus_id"] is None and r[0]["driver_version"] is None  # 2.x exporters have neither label
+    assert r[1]["mem_temp_c"] is None and r[2]["power_w"] is None  # NaN
+    assert r[2]["ecc_sbe_volatile_total"] is None  # +Inf
+    assert r[3]["gpu_temp_c"] is None and r[1]["ecc_sbe_volatile_total"] is None  # not sent
+    assert r[0]["ecc_sbe_volatile_total"] == 3
+    assert [r[g]["clock_event_reasons"] for g in range(4)] == [4, 1, 136, 4]  # DCGM 3.3+'s name of field 112
+    assert r[0]["energy_j"] == 319159.391 and r[0]["util_gpu"] == 0.97 and r[0]["mem_used_bytes"] == 4845 * MIB
+    assert r[0]["power_w"] == 409.692 and r[0]["pstate"] == 0
+
+
+def test_the_fast_path_reads_what_prometheus_clients_parser_reads_on_the_fixtures():
+    for path in (H100_8GPU, A100_ODD):
+        text = path.read_text()
+        fast, ref = dcgm_samples(text), reference_samples(text)
+        assert len(fast) == len(ref) > 0
+        for (n1, l1, v1), (n2, l2, v2) in zip(fast, ref):
+            assert (n1, l1) == (n2, l2) and (v1 == v2 or math.isnan(v1) and math.isnan(v2))
+
+
+_label_values = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+_values = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**53, 2**53))
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(v) -> str:
+    if isinstance(v, float) and math.isnan(v):
+        return "NaN"
+    if isinstance(v, float) and math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(v)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(sorted(BY_NAME) + ["DCGM_FI_PROF_SM_ACTIVE", "go_goroutines"]),
+                          st.dictionaries(st.sampled_from(["gpu", "UUID", "modelName", "Hostname", "pod", "x_y"]),
+                                          _label_values, max_size=4),
+                          _values, st.sampled_from(["", "gauge", "counter"])), max_size=12))
+def test_the_fast_path_agrees_with_prometheus_clients_parser_on_any_exposition(samples):
+    """Escaped quotes, backslashes and newlines in label values, NaN and Inf, TYPE lines of
+    either kind, metrics Fleetwatch does not read: the same samples either way."""
+    lines = []
+    for name, labels, value, typ in samples:
+        if typ:
+            lines += [f"# HELP {name} help text", f"# TYPE {name} {typ}"]
+        block = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+        lines.append(f"{name}{{{block}}} {_number(value)}" if labels else f"{name} {_number(value)}")
+    text = "\n".join(lines) + "\n"
+    try:
+        ref = reference_samples(text)
+    except ExpositionError:
+        with pytest.raises(ExpositionError):
+            dcgm_samples(text)
+        return
+    fast = dcgm_samples(text)
+    assert [(n, lab) for n, lab, _ in fast] == [(n, lab) for n, lab, _ in ref]
+    assert all(a == b or math.isnan(a) and math.isnan(b) for (_, _, a), (_, _, b) in zip(fast, ref))
+
+
+@pytest.mark.parametrize("text", [
+    "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>\n",
+    '{"status": "error", "gpus": []}\n',
+    'DCGM_FI_DEV_GPU_TEMP{gpu="0",UUID="GPU-1" 31\n',
+    'DCGM_FI_DEV_GPU_TEMP{gpu="0",UUID="GPU-1"} hot\n',
+    "\x00\x01\x02\x03 binary",
+])
+def test_what_is_not_the_text_format_is_garbage(text):
+    with pytest.raises(ExpositionError, match="not the Prometheus text format"):
+        parse_exposition(text)
+
+
+def test_a_text_without_dcgm_fields_has_no_gpus():
+    assert parse_exposition("").uuids == []
+    assert parse_exposition("# HELP go_goroutines x\n# TYPE go_goroutines gauge\ngo_goroutines 12\n").uuids == []
+
+
+# ---- targets, mapping, placement ------------------------------------------------------------------
+
+def test_targets_are_urls_and_host_port_means_http_metrics():
+    assert target_url("gpu-node-1:9400") == "http://gpu-node-1:9400/metrics"
+    assert target_url("http://10.0.0.7:9400") == "http://10.0.0.7:9400/metrics"
+    assert target_url("https://gpu-node-1:9400/dcgm/metrics") == "https://gpu-node-1:9400/dcgm/metrics"
+    for bad in ("", "ftp://gpu:21/x", "gpu node:9400", "gpu-node-1:94oo", "http://:9400/metrics"):
+        with pytest.raises(ConfigError, match="dcgm.targets"):
+            target_url(bad)
+
+
+def test_a_targets_file_is_lines_or_prometheus_file_sd_json(tmp_path):
+    plain = tmp_path / "targets.txt"
+    plain.write_text("# rack r01\ngpu-node-1:9400\n\ngpu-node-2:9400  # spare\nhttp://gpu-node-1:9400/metrics\n")
+    cfg = make_config(dcgm={"targets": ["gpu-node-0:9400"], "targets_file": str(plain)}).dcgm
+    assert [t.url for t in load_targets(cfg)] == [f"http://gpu-node-{i}:9400/metrics" for i in range(3)]
+    sd = tmp_path / "dcgm.json"
+    sd.write_text(json.dumps([{"targets": ["gpu-node-1:9400"], "labels": {"site": "site-b", "rack": "r07",
+                                                                           "job": "dcgm"}},
+                              {"targets": ["gpu-node-9:9400"]}]))
+    got = load_targets(make_config(dcgm={"targets_file": str(sd)}).dcgm)
+    assert [(t.url, t.label("site"), t.label("rack"), t.label("job")) for t in got] == [
+        ("http://gpu-node-1:9400/metrics", "site-b", "r07", ""), ("http://gpu-node-9:9400/metrics", "", "", "")]
+    for text, says in (("[{\"targets\": \"gpu:1\"}]", "entry 0"), ("[{", "not valid JSON"), ("gpu node:1", "targets")):
+        sd.write_text(text)
+        with pytest.raises(ConfigError, match=says):
+            load_targets(make_config(dcgm={"targets_file": str(sd)}).dcgm)
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_targets(make_config(dcgm={"targets_file": str(tmp_path / "missing.json")}).dcgm)
+
+
+def test_the_mapping_file_places_nodes_and_says_which_line_is_wrong(tmp_path):
+    m = tmp_path / "nodes.csv"
+    m.write_text("node,site,rack\n# hall 2\ngpu-node-017,site-b,r12\ngpu-node-018, site-b , r12\n")
+    assert load_mapping(str(m)) == {"gpu-node-017": ("site-b", "r12"), "gpu-node-018": ("site-b", "r12")}
+    assert load_mapping("") == {}
+    m.write_text("host,site,rack\nx,y,z\n")
+    with pytest.raises(ConfigError, match="header node,site,rack"):
+        load_mapping(str(m))
+    m.write_text("node,site,rack\ngpu-node-017,site-b\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        load_mapping(str(m))
+
+
+def test_site_and_rack_come_from_the_target_then_the_mapping_then_the_defaults():
+    text = H100_8GPU.read_text()
+    mapping = {"gpu-node-017": ("site-m", "r-m")}
+    labelled = Target("http://10.0.0.7:9400/metrics", (("node", "n-label"), ("rack", "r-label")))
+    got = rows_of(text, source(mapping=mapping, site="site-d", rack="r-d"), labelled)[0].to_pylist()[0]
+    assert (got["site"], got["rack"], got["node"]) == ("site-d", "r-label", "n-label")  # n-label is not mapped
+    plain = Target("http://10.0.0.7:9400/metrics")
+    got = rows_of(text, source(mapping=mapping), plain)[0].to_pylist()[0]
+    assert (got["site"], got["rack"], got["node"]) == ("site-m", "r-m", "gpu-node-017")  # node: Hostname label
+    no_host = text.replace('Hostname="gpu-node-017",', "")
+    got = rows_of(no_host, source(site="site-d", rack="r-d"), plain)[0].to_pylist()[0]
+    assert (got["site"], got["rack"], got["node"]) == ("site-d", "r-d", "10.0.0.7")  # node: the target's host
+
+
+# ---- events ---------------------------------------------------------------------------------------
+
+def test_an_xid_is_a_change_of_the_last_xid_and_the_first_value_is_only_a_baseline():
+    src = source()
+    ex = DcgmExporter(tag=1)
+    try:
+        ex.xid[4] = 13  # already there at the first scrape: from before Fleetwatch, not alerted
+        _, events, st_ = rows_of(ex.render(), src)
+        assert events == [] and src.xid_baselines == ["gpu-node-017 GPU 4 XID 13"]
+        ex.xid[2] = 79
+        _, events, _ = rows_of(ex.render(), src)
+        assert [(e["kind"], e["gpu"], e["code"], e["gpu_uuid"]) for e in events] == [("xid", 2, 79, ex.uuids[2])]
+        assert events[0]["node"] == "gpu-node-017" and "DCGM_FI_DEV_XID_ERRORS" in events[0]["text"]
+        assert rows_of(ex.render(), src)[1] == []  # still 79: nothing new
+        ex.xid[2], ex.xid[4] = 0, 48
+        _, events, _ = rows_of(ex.render(), src)
+        assert [(e["gpu"], e["code"]) for e in events] == [(4, 48)]
+        ex.xid[2] = 79
+        assert [(e["gpu"], e["code"]) for e in rows_of(ex.render(), src)[1]] == [(2, 79)]  # 0 then 79 again: new
+    finally:
+        ex.close()
+
+
+def test_energy_going_backwards_is_a_gpu_reset_event():
+    src = source()
+    text = H100_8GPU.read_text()
+    rows_of(text, src)
+    reset = text.replace("48213775190", "1200")
+    _, events, _ = rows_of(reset, src)
+    assert [(e["kind"], e["gpu"]) for e in events] == [("gpu_reset", 0)] and "GPU reset" in events[0]["text"]
+
+
+# ---- scraping real HTTP servers ----------------------------------------------------------------------
+
+def test_a_round_reads_the_good_targets_and_counts_each_bad_one_by_reason():
+    good = [DcgmExporter(hostname=f"gpu-node-{i}", tag=i) for i in range(3)]
+    slow = DcgmExporter(hostname="slow", tag=10, mode="slow", delay_s=2.0)
+    garbage = DcgmExporter(hostname="garbage", tag=11, mode="garbage")
+    error = DcgmExporter(hostname="error", tag=12, mode="error")
+    empty = DcgmExporter(hostname="empty", tag=13)
+    empty.hidden = set(range(8))
+    down = DcgmExporter(hostname="down", tag=14)
+    down.close()
+    servers = [*good, slow, garbage, error, empty]
+    src = source([s.url for s in [*good, slow, garbage, error, empty, down]], timeout_s=0.5)
+
+    async def rounds(n):
+        import aiohttp
+        out = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(n):
+                out.append(await src.round(session, asyncio.Semaphore(4)))
+        return out
+    try:
+        (batch, events), (batch2, _) = asyncio.run(rounds(2))
+    finally:
+        for s in servers:
+            s.close()
+    assert batch.schema.equals(GPU_SAMPLE) and events == []
+    assert sorted(set(batch.column("node").to_pylist())) == ["gpu-node-0", "gpu-node-1", "gpu-node-2"]
+    assert batch.num_rows == 24 and len(set(batch.column("gpu_uuid").to_pylist())) == 24
+    assert batch2.num_rows == 24
+    energy = [np.asarray(b.column("energy_j")) for b in (batch, batch2)]
+    assert (energy[1] > energy[0]).all()  # the exporters count on
+    s = src.stats()
+    assert s["gpu_samples"] == 48 and s["batches"] == 2 and s["scrapes"] == 16 and s["targets"] == 8
+    assert {r: s[f"failed_{r}"] for r in (DOWN, TIMEOUT, GARBAGE, HTTP_STATUS, NO_GPUS)} == {
+        DOWN: 2, TIMEOUT: 2, GARBAGE: 2, HTTP_STATUS: 2, NO_GPUS: 2}
+    assert s["targets_failing"] == 5 and "(5 failing)" in src.describe()
+    failing = {st_.target.url: (st_.failing, st_.detail) for st_ in src.states if st_.failing}
+    assert failing[error.url] == (HTTP_STATUS, "HTTP 500 Internal Server Error")
+    assert failing[slow.url][0] == TIMEOUT and "dcgm.timeout_s = 0.5" in failing[slow.url][1]
+    from prometheus_client import CollectorRegistry, generate_latest
+    registry = CollectorRegistry()
+    registry.register(DcgmMetrics(src))
+    text = generate_latest(registry).decode()
+    assert 'fleetwatch_dcgm_scrape_failures_total{reason="timeout"} 2.0' in text
+    assert 'fleetwatch_dcgm_targets{state="failing"} 5.0' in text and "fleetwatch_dcgm_scrapes_total 16.0" in text
+
+
+def test_one_exporter_under_two_names_is_read_once(caplog):
+    ex = DcgmExporter()
+    src = source([ex.url, ex.url.replace("127.0.0.1", "localhost")])
+
+    async def one_round():
+        import aiohttp
+        async with aiohttp.ClientSession() as session:
+            return await src.round(session, asyncio.Semaphore(4))
+    try:
+        batch, _ = asyncio.run(one_round())
+    finally:
+        ex.close()
+    assert batch.num_rows == 8 and sorted(batch.column("gpu_uuid").to_pylist()) == sorted(ex.uuids)
+    assert "list the same GPUs" in caplog.text
+
+
+def test_the_role_needs_targets_and_the_command_line_gives_them(tmp_path):
+    from pipeline.cli import _overrides, _parser
+    from pipeline.daemon import check_roles
+    from pipeline.preflight import validate
+    from pipeline.roles import ROLE_SPECS, run_roles
+    args = _parser().parse_args(["run", "--dcgm-targets", "gpu-node-1:9400, http://gpu-node-2:9400/metrics"])
+    o = _overrides(args)
+    assert o["dcgm"]["targets"] == ["gpu-node-1:9400", "http://gpu-node-2:9400/metrics"]
+    assert o["daemon"]["source"] == "dcgm"  # the targets imply the source
+    cfg = make_config(data_dir=str(tmp_path), **o)
+    assert run_roles(cfg) == {"dcgm", "detect", "archive", "notify"}
+    assert ROLE_SPECS["dcgm"].outputs == (ROLE_SPECS["agent"].outputs)
+    with pytest.raises(ConfigError, match="--dcgm-targets"):
+        check_roles(make_config(daemon={"source": "dcgm"}), frozenset({"dcgm", "detect", "archive", "notify"}))
+    with pytest.raises(ConfigError, match="dcgm.targets_file"):
+        validate(make_config(data_dir=str(tmp_path), daemon={"source": "dcgm"},
+                             dcgm={"targets_file": str(tmp_path / "nope.txt")}),
+                 frozenset({"dcgm", "detect", "archive", "notify"}))
+
+
+# ---- gpu_samples v3: what the GPU is, from every source ---------------------------------------------
+
+def test_the_agent_and_the_simulator_say_what_each_gpu_is():
+    from pipeline.sources.nvml import NvmlAgent
+    from pipeline.sources.nvml_replay import NvmlReplay
+    from pipeline.sources.simulate import FleetSimulator
+    with NvmlReplay(H100, gpus=8, latency=False).installed():
+        agent = NvmlAgent(make_config().agent, "gpu-node-7")
+        agent.open()
+        batch = agent.scrape().samples
+    r = batch.to_pylist()
+    assert {x["model"] for x in r} == {"NVIDIA H100 80GB HBM3"} and {x["driver_version"] for x in r} == {"580.159.04"}
+    assert [x["pci_bus_id"] for x in r][:2] == ["00000000:00:06.0", "00000000:00:07.0"]  # the recorded bus id, on
+    assert len({x["serial"] for x in r}) == 8 and r[0]["serial"] == "0000000000001"
+    assert agent.gpus[0].mem_total_bytes == 85520809984
+    sim = FleetSimulator(make_config(fleet={"racks": 1, "nodes_per_rack": 2}).fleet).step().gpu
+    assert sim.schema.equals(GPU_SAMPLE)
+    assert all(sim.column(c).null_count == 0 for c in GPU_INFO)
+    assert sim.column("pci_bus_id").to_pylist()[:8] == ["00000000:18:00.0", "00000000:2A:00.0", "00000000:3A:00.0",
+                                                         "00000000:5D:00.0", "00000000:9A:00.0", "00000000:AB:00.0",
+                                                         "00000000:BA:00.0", "00000000:DB:00.0"]
+    assert len(set(sim.column("serial").to_pylist())) == 16
+
+
+# ---- the agent's exposition under dcgm-exporter's names ------------------------------------------------
+
+def _replayed_agent_exposition(scrapes: int = 60):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pipeline.sources.nvml import NvmlAgent, NvmlSource
+    from pipeline.sources.nvml_replay import NvmlReplay
+    with NvmlReplay(H100, gpus=8, latency=False).installed():
+        agent = NvmlAgent(make_config().agent, "gpu-node-7")
+        agent.open()
+        src = NvmlSource(agent)
+        src.exposition.fb_total_bytes.update((g.uuid, g.mem_total_bytes) for g in agent.gpus)
+        for _ in range(scrapes):
+            batch = agent.scrape().samples
+    src.exposition.update(batch)
+    registry = CollectorRegistry()
+    registry.register(src.exposition)
+    return src, batch, lambda: generate_latest(registry).decode()
+
+
+@pytest.mark.parametrize("scrapes", [1, 60, 250])  # idle, under load, cooling down
+def test_the_agents_exposition_read_back_by_the_dcgm_source_is_the_same_gpu_samples(scrapes):
+    """The round trip: the replayed H100s served under dcgm-exporter's names and units, parsed
+    back by the DCGM source's own parser, give the agent's gpu_samples values exactly."""
+    src, batch, render = _replayed_agent_exposition(scrapes)
+    text = render()
+    state_ = DcgmSource(make_config().dcgm, [], {})
+    from pipeline.sources.dcgm import TargetState
+    back, _ = state_.rows(TargetState(Target("http://gpu-node-7:9400/metrics")), parse_exposition(text), 0)
+    assert back.column("gpu_uuid").equals(batch.column("gpu_uuid")) and back.column("gpu").equals(batch.column("gpu"))
+    for column in (*GPU_METRICS, "model", "pci_bus_id", "driver_version", "node"):
+        assert back.column(column).equals(batch.column(column)), column
+    # the serial is no DCGM label by default (dcgm-exporter's CSV leaves DCGM_FI_DEV_SERIAL out): fleetwatch_gpu_info
+    assert back.column("serial").null_count == 8 and 'serial="0000000000001"' in text
+    assert batch.column("nvlink_crc_errors_total").null_count == 8  # not supported: no series, not 0
+    assert "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL{" not in text
+
+
+def test_the_exposition_has_dcgm_exporters_labels_units_and_fleetwatchs_extras():
+    from prometheus_client.parser import text_string_to_metric_families
+    src, batch, render = _replayed_agent_exposition(60)
+    families = {f.name: f for f in text_string_to_metric_families(render())}
+    temp = families["DCGM_FI_DEV_GPU_TEMP"]
+    assert temp.type == "gauge" and temp.documentation == "GPU temperature (in C)."
+    s0 = temp.samples[0]
+    assert s0.labels == {"gpu": "0", "UUID": "GPU-00000000-0000-4000-8000-000000000001", "pci_bus_id": "00000000:00:06.0",
+                         "device": "nvidia0", "modelName": "NVIDIA H100 80GB HBM3", "Hostname": "gpu-node-7",
+                         "DCGM_FI_DRIVER_VERSION": "580.159.04"}
+    assert set(s0.labels) == set(LABELS)
+    row = batch.to_pylist()[0]
+    value = {name: {s.labels["gpu"]: s.value for s in f.samples} for name, f in families.items()}
+    assert value["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"]["0"] == round(row["energy_j"] * 1000)  # J -> mJ
+    assert value["DCGM_FI_DEV_GPU_UTIL"]["1"] == batch.to_pylist()[1]["util_gpu"] * 100  # 0-1 -> %
+    assert value["DCGM_FI_DEV_FB_USED"]["0"] == row["mem_used_bytes"] / MIB  # bytes -> MiB
+    assert value["DCGM_FI_DEV_FB_FREE"]["0"] == (85520809984 - row["mem_used_bytes"]) / MIB
+    assert value[XID] == {str(g): 0 for g in range(8)}
+    info = families["fleetwatch_gpu_info"].samples[0].labels
+    assert info["site"] == "site-a" and info["rack"] == "rack-0" and info["serial"] == "0000000000001"
+    assert families["fleetwatch_gpu_sample_timestamp_seconds"].samples[0].value == pytest.approx(
+        row["ts"].timestamp(), abs=1e-6)
+    # an XID sets the last-XID gauge, a lost GPU's series go
+    src.exposition.xid(row["gpu_uuid"], 79)
+    src.exposition.forget(batch.to_pylist()[7]["gpu_uuid"])
+    families = {f.name: f for f in text_string_to_metric_families(render())}
+    assert {s.labels["gpu"]: s.value for s in families[XID].samples} == {**{str(g): 0 for g in range(1, 7)}, "0": 79}
+    assert len(families["DCGM_FI_DEV_POWER_USAGE"].samples) == 7
+
+
+def test_the_exposition_is_valid_openmetrics_too():
+    """Prometheus asks for OpenMetrics first, and /metrics answers it when asked: every DCGM name
+    a gauge keeps it valid (an OpenMetrics counter must end in _total, dcgm-exporter's do not)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.openmetrics.exposition import generate_latest
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+    src, _, _ = _replayed_agent_exposition(60)
+    registry = CollectorRegistry()
+    registry.register(src.exposition)
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    assert families["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"].type == "gauge"
+    assert len(families["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"].samples) == 8
+
+
+def test_the_agent_role_registers_its_exposition_for_metrics(tmp_path):
+    from pipeline.bus import MemoryBus
+    from pipeline.roles import ROLE_SPECS, builder
+    from pipeline.roles.context import Context
+    from pipeline.sinks.console import Console
+    cfg = make_config(data_dir=str(tmp_path), agent={"replay": "h100"})
+    ctx = Context(cfg, frozenset({"agent"}), MemoryBus(), asyncio.Event(), Console())
+    src = builder(ROLE_SPECS["agent"])(ctx, ROLE_SPECS["agent"])
+    assert src.exposition in ctx.collectors
+    targets = tmp_path / "t.txt"
+    targets.write_text("gpu-node-1:9400\n")
+    ctx = Context(make_config(data_dir=str(tmp_path), dcgm={"targets_file": str(targets)}), frozenset({"dcgm"}),
+                  MemoryBus(), asyncio.Event(), Console())
+    src = builder(ROLE_SPECS["dcgm"])(ctx, ROLE_SPECS["dcgm"])
+    assert [type(c).__name__ for c in ctx.collectors] == ["DcgmMetrics"] and len(src.states) == 1
