@@ -61,19 +61,25 @@ _GPU_FIELDS = [
 ]
 # What the GPU is, where known (v3); last, so that the metric columns keep their positions.
 GPU_INFO: tuple[str, ...] = ("model", "pci_bus_id", "driver_version", "serial")
+# Who uses the GPU, where the collector knows it (dcgm-exporter's Kubernetes pod mapping).
+GPU_WORKLOAD: tuple[str, ...] = ("pod", "namespace", "container")
 GPU_SAMPLE = _schema("gpu_sample", 3, _GPU_FIELDS + [
     _f("model", pa.string(), "GPU model name, e.g. NVIDIA H100 80GB HBM3 (NVML device name, dcgm-exporter modelName)"),
     _f("pci_bus_id", pa.string(), "PCI bus id, e.g. 00000000:18:00.0 (NVML busId, dcgm-exporter pci_bus_id)"),
     _f("driver_version", pa.string(), "NVIDIA driver version, e.g. 580.159.04"),
     _f("serial", pa.string(), "board serial number (NVML); null where unknown"),
-], "one row per GPU per scrape (v2: slowdown_temp_c added; v3: model, pci_bus_id, driver_version, serial)")
+    _f("pod", pa.string(), "Kubernetes pod using the GPU (dcgm-exporter's pod mapping); several: comma-separated"),
+    _f("namespace", pa.string(), "the pod's namespace; several: comma-separated"),
+    _f("container", pa.string(), "the pod's container; several: comma-separated"),
+], "one row per GPU per scrape (v2: slowdown_temp_c added; v3: model, pci_bus_id, driver_version, serial, pod, "
+   "namespace, container)")
 GPU_SAMPLE_V2 = _schema("gpu_sample", 2, _GPU_FIELDS, "one row per GPU per scrape (v2: slowdown_temp_c added)")
 
 
 def _gpu_v2_to_v3(batch: pa.RecordBatch) -> pa.RecordBatch:
     """What the GPU is was not sent before v3: null, as for a GPU that does not say."""
     nulls = pa.nulls(batch.num_rows, pa.string())
-    return pa.RecordBatch.from_arrays([*batch.columns, *(nulls for _ in GPU_INFO)], schema=GPU_SAMPLE)
+    return pa.RecordBatch.from_arrays([*batch.columns, *(nulls for _ in GPU_INFO + GPU_WORKLOAD)], schema=GPU_SAMPLE)
 
 
 class ClockEventReason(enum.IntFlag):

@@ -117,6 +117,10 @@ def test_escaped_labels_nan_missing_fields_pod_mapping_and_an_older_exporter():
     batch, _, _ = rows_of(A100_ODD.read_text())
     r = {x["gpu"]: x for x in batch.to_pylist()}
     assert batch.num_rows == 4  # two pods on GPU 0: one GPU, one row
+    # Who uses the GPU: both pods, first seen first, their escaped labels unescaped; no pod: null.
+    assert (r[0]["pod"], r[0]["namespace"], r[0]["container"]) == (
+        "llm-train-0,llm-eval-7\\b", "ml-research", 'trainer,eval "nightly"')
+    assert all(r[g][c] is None for g in (1, 2, 3) for c in ("pod", "namespace", "container"))
     assert r[1]["model"] == 'NVIDIA A100 "SXM4" 80GB \\ lab'  # \" and \\ unescaped
     assert r[0]["model"] == "NVIDIA A100-SXM4-80GB"
     assert r[0]["pci_bus_id"] is None and r[0]["driver_version"] is None  # 2.x exporters have neither label

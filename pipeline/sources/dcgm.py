@@ -15,8 +15,9 @@ or `fleetwatch run --source dcgm --dcgm-targets URL[,URL...]`).
   else the target's host; site and rack are the target's labels, else the mapping file's
   (`dcgm.mapping_file`, CSV node,site,rack), else `dcgm.site`/`dcgm.rack`. `gpu`,
   `modelName`, `pci_bus_id`, `DCGM_FI_DRIVER_VERSION` (and `DCGM_FI_DEV_SERIAL` where the
-  exporter enables it) fill the row. A GPU seen in several series (pod mapping's `pod`,
-  `namespace`, `container`, MIG instances) is one row.
+  exporter enables it) fill the row, and the pod mapping's `pod`, `namespace` and `container`
+  say who uses the GPU. A GPU seen in several series (several pods, MIG instances) is one row,
+  its pods comma-separated.
 - Events: `DCGM_FI_DEV_XID_ERRORS` is the last XID's value: a change to a non-zero value is an
   `xid` event (the value at a GPU's first scrape is its baseline: the gauge cannot say when that
   XID happened). Energy going backwards is a `gpu_reset` event, as the NVML agent reports it.
@@ -47,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ConfigError, DcgmConfig
-from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, TS
+from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_WORKLOAD, TS
 from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, LABEL_COLUMNS, XID, column_array
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
     text format). Unknown metrics are skipped; NaN and Inf are missing values. fast=False:
     prometheus_client's parser alone (bench/dcgm_scrape.py's reference)."""
     rows: dict[str, int] = {}
-    info: dict[str, list[str | None]] = {c: [] for c in ("gpu", "node", *GPU_INFO)}
+    info: dict[str, list[str | None]] = {c: [] for c in ("gpu", "node", *GPU_INFO, *GPU_WORKLOAD)}
     found: dict[str, tuple[list[int], list[float]]] = {}
     samples = dcgm_samples(text) if fast else reference_samples(text)
     for name, labels, value in samples:
@@ -250,6 +251,11 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
             for label, column in LABEL_COLUMNS.items():
                 if column in info:
                     info[column].append(labels.get(label) or None)
+            for label in GPU_WORKLOAD:
+                info[label].append(None)
+        for label in GPU_WORKLOAD:  # a GPU shared by pods: each one, comma-separated, first seen first
+            if (v := labels.get(label)) and v not in (known := info[label][r] or "").split(","):
+                info[label][r] = f"{known},{v}" if known else v
         rs.append(r)
         vs.append(value)
     n = len(rows)
@@ -361,7 +367,7 @@ class DcgmSource:
         missing = np.full(n, np.nan)
         for m in GPU_METRICS:
             cols[m] = column_array(m, p.values.get(m, missing))
-        for m in GPU_INFO:
+        for m in GPU_INFO + GPU_WORKLOAD:
             cols[m] = pa.array(p.info[m], pa.string())
         batch = pa.RecordBatch.from_pydict(cols, schema=GPU_SAMPLE)
         events = []

@@ -110,7 +110,6 @@ LABELS: tuple[str, ...] = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "
 LABEL_COLUMNS: dict[str, str] = {"gpu": "gpu", "UUID": "gpu_uuid", "pci_bus_id": "pci_bus_id", "modelName": "model",
                                  "Hostname": "node", "DCGM_FI_DRIVER_VERSION": "driver_version",
                                  "DCGM_FI_DEV_SERIAL": "serial"}  # the serial, where the exporter's CSV enables it
-WORKLOAD_LABELS = ("pod", "namespace", "container")  # Kubernetes pod mapping: one series per GPU and pod
 
 
 def column_array(column: str, values: np.ndarray) -> pa.Array:

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pynvml
 
 from pipeline.config import AgentConfig, ConfigError
-from pipeline.model import EVENT, GPU_INFO, GPU_METRICS, GPU_SAMPLE
+from pipeline.model import EVENT, GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_WORKLOAD
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +296,8 @@ class NvmlAgent:
                 "driver_version": [self.driver_version] * n, "serial": [g.serial for g in gpus]}
         for name in GPU_INFO:
             cols[name] = pa.array(info[name], pa.string())
+        for name in GPU_WORKLOAD:  # NVML does not know which pod uses a GPU
+            cols[name] = pa.nulls(n, pa.string())
         return pa.RecordBatch.from_pydict(cols, schema=GPU_SAMPLE)
 
     # ---- events (their own thread) ---------------------------------------------------

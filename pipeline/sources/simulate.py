@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from pipeline.config import FleetConfig
 from pipeline.faults import FAULTS_BY_NAME, NORMAL_EVENTS
-from pipeline.model import COOLANT_CP_J_PER_KG_K, EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE
+from pipeline.model import COOLANT_CP_J_PER_KG_K, EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE, GPU_WORKLOAD
 from pipeline.model import ClockEventReason as Reason
 
 IDLE_POWER_W = 71.0
@@ -178,6 +178,7 @@ class FleetSimulator:
             "pci_bus_id": pa.array([hgx_bus_id(int(g)) for g in self.gpu_index]),
             "driver_version": pa.array([DRIVER_VERSION] * self.n_gpus),
             "serial": pa.array([f"{1650000000000 + self.cfg.seed % 1000 * 100000 + s:013d}" for s in range(self.n_gpus)]),
+            **{c: pa.nulls(self.n_gpus, pa.string()) for c in GPU_WORKLOAD},  # no Kubernetes here
         }
         devices, classes, racks, metrics = [], [], [], []
         for r, name in enumerate(self.rack_names):
