@@ -241,6 +241,9 @@ class DaemonConfig:
                             "message and the record's fields)")
     http: str = _spec("", doc="serve /metrics (Prometheus), /healthz and /readyz on HOST:PORT, e.g. 0.0.0.0:9410 "
                       "(docs/operations.md); empty = off. `eval` and `replay` never serve")
+    watchdog_heartbeat_s: float = _spec(30.0, min=1.0, max=3600.0, doc="FleetwatchWatchdog is re-sent this often "
+                                        "while it fires; notify resolves one that missed three heartbeats (its "
+                                        "process is gone, and the dead-man's switch trips)")
     stall_intervals: int = _spec(10, min=1, max=10000, doc="a role that makes no progress for this many of its "
                                  "intervals (a source's scrape interval, at least 1 s; the archive's flush interval) "
                                  "is stalled: FleetwatchStalled fires (and for a source, /healthz fails)")

@@ -7,7 +7,6 @@ archive's alerts dataset. Each alert is shown once, in its latest state.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,6 +15,7 @@ from typing import Any
 
 from pipeline.humanize import age
 from pipeline.model import ALERT, NO_END, alert_rows, parse_iso_utc
+from pipeline.sinks.alerts import changed_at, read_jsonl
 
 SEVERITIES = ("critical", "warning", "info")
 
@@ -41,33 +41,6 @@ class AlertListing:
     looked: list[Path]            # where it looked
     now: float                    # ages are relative to this
     skipped_lines: list[int] = field(default_factory=list)  # unreadable lines of alerts.jsonl
-
-
-def changed_at(alert: dict[str, Any]) -> float:
-    """When the alert last changed state: its end when resolved, else its start."""
-    return parse_iso_utc(alert["endsAt"] if alert["status"] == "resolved" else alert["startsAt"])
-
-
-def read_jsonl(path: Path) -> tuple[dict[str, dict[str, Any]], list[int]]:
-    """Latest alert per fingerprint, and the numbers of lines that did not parse (a daemon
-    mid-write leaves a partial last line; that one is not reported)."""
-    latest: dict[str, dict[str, Any]] = {}
-    bad: list[int] = []
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.split("\n")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            a = json.loads(line)
-            changed_at(a)  # a line that is JSON but no alert object counts as unreadable too
-            if not (isinstance(a["labels"], dict) and isinstance(a["fingerprint"], str)):
-                raise TypeError("not an alert object")
-            latest[a["fingerprint"]] = a
-        except (ValueError, KeyError, TypeError, AttributeError):
-            if n < len(lines):  # the last piece has no newline yet: still being written
-                bad.append(n)
-    return latest, bad
 
 
 def read_archive(dataset: Path) -> dict[str, dict[str, Any]]:

@@ -57,7 +57,7 @@ class Operations:
         if len(roles) == 1 and (own := getattr(getattr(cfg, next(iter(roles)), None), "site", "")):
             site = own  # an agent's (or a DCGM scraper's) own site
         self.alerts = SelfAlerts(site, self.instance, cfg.alerts.runbook_base_url, watchdog="detect" in roles,
-                                 resolve_after=cfg.daemon.stall_intervals)
+                                 resolve_after=cfg.daemon.stall_intervals, heartbeat_s=cfg.daemon.watchdog_heartbeat_s)
         self._task: asyncio.Task | None = None
         self._publishing: asyncio.Task | None = None
         self._stopping = False
@@ -128,7 +128,7 @@ class Operations:
             unready = self.health.unready(now)
             changes = self.alerts.update(not unready, self.health.stalls(now))
             self._say(unready, changes)
-            self._publish(changes)
+            self._publish(changes + self.alerts.heartbeats())
         now = self.clock()
         if self.sd.enabled:
             if self._ready_since is None and self.ctx is not None and not self.health.unready(now):

@@ -4,9 +4,10 @@ sinks/archive_outage.py does for FleetwatchArchiveFailing.
 
 - FleetwatchWatchdog (severity none): firing while the process is healthy (ready, and no
   role stalled), in processes that run detect. It resolves once the process has been
-  unhealthy for `resolve_after` checks in a row, and when it stops. Alertmanager receivers
-  get it re-pushed every `alerts.resend_interval_s` by notify, webhook receivers every
-  `alerts.repeat_interval_s`: a heartbeat check pages when it stops arriving.
+  unhealthy for `resolve_after` checks in a row, and when it stops. While it fires it is
+  sent again every `daemon.watchdog_heartbeat_s` (`heartbeats()`): notify resolves a
+  Watchdog whose heartbeats stopped (sinks/heartbeats.py), so one of a process killed
+  outright ends too, and the dead-man's switch downstream trips.
 - FleetwatchStalled (critical): one per role and what stalled (`role`, `stalled` labels),
   firing while health says so, resolved when the role moves again or the process stops.
 """
@@ -27,9 +28,11 @@ WATCHDOG, STALLED = "FleetwatchWatchdog", "FleetwatchStalled"
 
 class SelfAlerts:
     def __init__(self, site: str, instance: str, runbook_base_url: str, watchdog: bool, resolve_after: int,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, heartbeat_s: float = 30.0) -> None:
         self.site, self.instance, self.runbook_base_url = site, instance, runbook_base_url
         self.watchdog, self.resolve_after, self.wall = watchdog, max(1, resolve_after), wall
+        self.heartbeat_s = heartbeat_s
+        self._beat = float("-inf")  # when the Watchdog was last sent
         self.firing: dict[tuple[str, ...], Alert] = {}  # (alertname, role, what) -> the firing alert
         self._unhealthy = 0  # checks in a row the Watchdog's process was unhealthy
 
@@ -48,9 +51,18 @@ class SelfAlerts:
             self._unhealthy = 0 if ok else self._unhealthy + 1
             if ok and (WATCHDOG,) not in self.firing:
                 changes.append(self._fire((WATCHDOG,), now, {}, {}))
+                self._beat = self.wall()
             elif (WATCHDOG,) in self.firing and self._unhealthy >= self.resolve_after:
                 changes.append(self._resolve((WATCHDOG,), now))
         return changes
+
+    def heartbeats(self) -> list[Alert]:
+        """The firing Watchdog again, when a heartbeat is due (not a state change: notify
+        only notes that its process is alive)."""
+        if (WATCHDOG,) not in self.firing or self.wall() - self._beat < self.heartbeat_s:
+            return []
+        self._beat = self.wall()
+        return [self.firing[(WATCHDOG,)]]
 
     def resolve_all(self) -> list[Alert]:
         """Everything firing, resolved now (the process stops)."""

@@ -14,7 +14,7 @@ import time
 
 import pyarrow as pa
 
-from pipeline.analytics.alerts_table import read_jsonl
+from pipeline.sinks.alerts import read_jsonl
 from pipeline.bus import Bus, EndOfStream, Message, Topic
 from pipeline.bus import keys
 from pipeline.bus.batching import coalesce

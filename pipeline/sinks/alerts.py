@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.model import parse_iso_utc
 from pipeline.sinks.files import append_durably
 
 
@@ -21,3 +22,30 @@ class AlertLog:
         if not alerts:
             return
         append_durably(self.path, "".join(json.dumps(a, sort_keys=True) + "\n" for a in alerts))
+
+
+def changed_at(alert: dict[str, Any]) -> float:
+    """When the alert last changed state: its end when resolved, else its start."""
+    return parse_iso_utc(alert["endsAt"] if alert["status"] == "resolved" else alert["startsAt"])
+
+
+def read_jsonl(path: Path) -> tuple[dict[str, dict[str, Any]], list[int]]:
+    """Latest alert per fingerprint, and the numbers of lines that did not parse (a daemon
+    mid-write leaves a partial last line; that one is not reported)."""
+    latest: dict[str, dict[str, Any]] = {}
+    bad: list[int] = []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            a = json.loads(line)
+            changed_at(a)  # a line that is JSON but no alert object counts as unreadable too
+            if not (isinstance(a["labels"], dict) and isinstance(a["fingerprint"], str)):
+                raise TypeError("not an alert object")
+            latest[a["fingerprint"]] = a
+        except (ValueError, KeyError, TypeError, AttributeError):
+            if n < len(lines):  # the last piece has no newline yet: still being written
+                bad.append(n)
+    return latest, bad

@@ -14,25 +14,38 @@ import time
 
 from pipeline.bus.base import Message
 from pipeline.model import alert_rows
+from pipeline.sinks.alerts import read_jsonl
 from pipeline.sinks.base import SinkBase, consume
+from pipeline.sinks.heartbeats import Heartbeats
 from pipeline.sinks.notify import Notifier
 
 log = logging.getLogger("fleetwatch")
 
 
 class NotifySink(SinkBase):
-    def __init__(self, notifier: Notifier, retry_max_s: float = 30.0) -> None:
+    def __init__(self, notifier: Notifier, retry_max_s: float = 30.0, heartbeats: Heartbeats | None = None) -> None:
         self.notifier, self.retry_max_s = notifier, retry_max_s
+        self.heartbeats = heartbeats or Heartbeats(notifier.cfg.daemon.watchdog_heartbeat_s)
         self.alerts: list[dict] = []
         self.taken = False  # a batch was added since the last flush (it may have no alerts left)
 
     async def start(self) -> None:
         await self.notifier.start()
+        try:  # a Watchdog firing before a restart: its process must go on beating, or it resolves
+            self.heartbeats.seed(read_jsonl(self.notifier.alert_log.path)[0])
+        except OSError as e:
+            log.warning("notify: cannot read %s (%s): Watchdogs firing before the restart are not watched",
+                        self.notifier.alert_log.path, e)
+
+    def wait_s(self) -> float:
+        return self.heartbeats.wait_s()  # input or not, look at the heartbeats this often
 
     def add(self, messages: list[Message]) -> bool:
-        self.alerts += [a for m in messages for a in alert_rows(m.value)]
-        self.taken = True
-        return True  # every batch is made durable before the next is read
+        # Heartbeats (repeats of a firing Watchdog) change nothing; a Watchdog whose beats stopped resolves.
+        self.alerts += self.heartbeats.take([a for m in messages for a in alert_rows(m.value)])
+        self.alerts += self.heartbeats.expired()
+        self.taken |= bool(messages) or bool(self.alerts)
+        return self.taken  # every batch is made durable before the next is read
 
     async def flush(self) -> bool:
         if not self.taken:

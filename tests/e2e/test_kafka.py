@@ -492,3 +492,32 @@ def test_a_broker_outage_of_30_s_loses_nothing(tmp_path):
     assert "buffering them in order" in logs["simulate"]  # it noticed, and kept going
     assert peak > 0.1  # the outage was buffered, not blocked at the first message
     assert gpu.height == published == gpu.select(pl.struct("gpu_uuid", "ts").n_unique()).item()
+
+
+def test_the_watchdog_of_a_detect_process_killed_outright_ends_at_notify(broker, tmp_path):
+    """The dead-man's switch: detect's FleetwatchWatchdog beats every second while it
+    fires; killed with SIGKILL, detect cannot resolve it, and notify resolves it once three
+    heartbeats are missed, instead of re-sending it for ever. The beats before that leave
+    no line in alerts.jsonl."""
+    import json
+
+    from tests.helpers import wait_for
+    env = role_env("w", FLEETWATCH_KAFKA__PARTITIONS="3", FLEETWATCH_DAEMON__WATCHDOG_HEARTBEAT_S="1")
+    procs = {role: start_role(role, broker, tmp_path, env) for role in ("detect", "notify", "simulate")}
+    log = tmp_path / "data" / "alerts.jsonl"
+
+    def watchdog() -> list[str]:
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [a["status"] for a in map(json.loads, lines) if a["labels"]["alertname"] == "FleetwatchWatchdog"]
+    try:
+        wait_for(lambda: watchdog() == ["firing"] or procs["detect"].poll() is not None, timeout=180)
+        assert watchdog() == ["firing"], procs["detect"].log_path.read_text()[-2000:]
+        time.sleep(5)  # a few heartbeats (one a second): they are no state changes
+        assert watchdog() == ["firing"] and procs["detect"].poll() is None
+        procs["detect"].kill()
+        procs["detect"].wait()
+        wait_for(lambda: watchdog() == ["firing", "resolved"], timeout=60)
+        assert "no heartbeat for" in procs["notify"].log_path.read_text()
+    finally:
+        procs["detect"].kill()
+        stop_in_order({k: v for k, v in procs.items() if k != "detect"}, [["simulate"], ["notify"]])

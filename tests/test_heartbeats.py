@@ -1,0 +1,117 @@
+"""FleetwatchWatchdog as a heartbeat: the detect process re-sends it while it fires
+(ops/selfalerts.py), notify keeps the repeats to itself and resolves a Watchdog whose
+heartbeats stopped (sinks/heartbeats.py): a process killed outright must trip the
+dead-man's switch, not have notify re-push its Watchdog for ever. Clocks are injected."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from pipeline.bus import Message, Topic
+from pipeline.model import alerts_to_batch
+from pipeline.ops.selfalerts import WATCHDOG, SelfAlerts, message
+from pipeline.sinks.heartbeats import MISSED, Heartbeats
+from pipeline.sinks.notify import Notifier
+from pipeline.sinks.notify_sink import NotifySink
+from tests.conftest import make_config
+
+
+class Clock:
+    def __init__(self, t: float = 1_767_225_600.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_the_watchdog_is_sent_again_every_heartbeat_while_it_fires_and_never_else():
+    wall = Clock()
+    a = SelfAlerts("site-a", "host:9410", "", watchdog=True, resolve_after=1, wall=wall, heartbeat_s=30)
+    [fired] = a.update(True, {})
+    assert fired.alertname == WATCHDOG and a.heartbeats() == []
+    wall.t += 29
+    assert a.update(True, {}) == [] and a.heartbeats() == []
+    wall.t += 1
+    [beat] = a.heartbeats()
+    assert beat.fingerprint == fired.fingerprint and beat.ends_at is None and beat.starts_at == fired.starts_at
+    assert a.heartbeats() == []  # one per heartbeat
+    wall.t += 60
+    [resolved] = a.update(False, {})
+    assert resolved.ends_at is not None and a.heartbeats() == []  # resolved: no more beats
+
+
+def watchdog_json(wall: Clock, instance: str = "host:9410") -> dict:
+    a = SelfAlerts("site-a", instance, "", watchdog=True, resolve_after=1, wall=wall)
+    [fired] = a.update(True, {})
+    return fired.to_json()
+
+
+def test_notify_keeps_the_repeats_to_itself_and_resolves_a_watchdog_whose_beats_stopped():
+    clock = Clock()
+    beats = Heartbeats(10.0, clock)
+    w = watchdog_json(clock)
+    other = {**w, "labels": {**w["labels"], "alertname": "GpuXid"}, "fingerprint": "x"}
+    assert beats.take([w, other]) == [w, other]  # the first firing is a state change
+    for _ in range(5):
+        clock.t += 10
+        assert beats.take([w, other]) == [other]  # a heartbeat changes nothing; other alerts pass
+        assert beats.expired() == []
+    clock.t += MISSED * 10
+    assert beats.expired() == []  # exactly three heartbeats missed: not yet
+    clock.t += 1
+    [gone] = beats.expired()
+    assert gone["status"] == "resolved" and gone["fingerprint"] == w["fingerprint"] and gone["endsAt"] > w["startsAt"]
+    assert beats.expired() == [] and beats.take([w]) == [w]  # it fires afresh when its process is back
+
+
+def test_a_resolved_watchdog_is_no_longer_watched():
+    clock = Clock()
+    beats = Heartbeats(10.0, clock)
+    w = watchdog_json(clock)
+    beats.take([w])
+    assert beats.take([{**w, "status": "resolved"}]) == [{**w, "status": "resolved"}]
+    clock.t += 1000
+    assert beats.expired() == []
+
+
+def test_the_notify_role_writes_one_firing_and_one_resolution_to_alerts_jsonl(tmp_path):
+    """Through the sink as notify runs it: heartbeats leave no line in alerts.jsonl; when
+    they stop, the resolution does. After a restart, a Watchdog alerts.jsonl says is firing
+    is watched again (its process may have died while notify was down)."""
+    clock = Clock()
+    cfg = make_config(data_dir=str(tmp_path), alerts={"console": False}, daemon={"watchdog_heartbeat_s": 5.0})
+    w = SelfAlerts("site-a", "host:9410", "", watchdog=True, resolve_after=1, wall=clock)
+    [fired] = w.update(True, {})
+
+    def lines() -> list[str]:
+        return [json.loads(x)["status"] for x in cfg.alerts_log.read_text().splitlines()]
+
+    async def go(beats_before_death: int) -> None:
+        sink = NotifySink(Notifier(cfg), heartbeats=Heartbeats(cfg.daemon.watchdog_heartbeat_s, clock))
+        await sink.start()
+        for _ in range(beats_before_death):
+            if sink.add([message(fired)]):
+                await sink.flush()
+            clock.t += 5
+        clock.t += MISSED * 5 + 1  # the process is gone
+        if sink.add([]):
+            await sink.flush()
+        await sink.close()
+
+    asyncio.run(go(4))
+    assert lines() == ["firing", "resolved"]
+    cfg.alerts_log.write_text(json.dumps(fired.to_json()) + "\n")  # firing when notify stopped
+    asyncio.run(go(0))  # no heartbeat ever comes after the restart
+    assert lines() == ["firing", "resolved"]
+
+
+def test_a_heartbeat_is_an_alerts_topic_message_like_any_other():
+    clock = Clock()
+    a = SelfAlerts("site-a", "host:9410", "", watchdog=True, resolve_after=1, wall=clock, heartbeat_s=1)
+    [fired] = a.update(True, {})
+    clock.t += 1
+    [beat] = a.heartbeats()
+    m = message(beat)
+    assert m.topic == Topic.ALERTS and m.key == fired.fingerprint
+    assert m.value.equals(Message(Topic.ALERTS, alerts_to_batch([(fired.starts_at, fired)])).value)
