@@ -38,9 +38,8 @@ class Console:
             line += f"  [runbook: {runbook}]"
         if self.tty:
             line = f"{_COLOR.get(sev, '') if a['status'] == 'firing' else ''}{line}{_RESET}"
-        with self._lock:
-            self._write(("\r\033[K" if self._status_shown else "") + line + "\n")
-            self._status_shown = False
+        with self.above_status():  # the status line stays the last line, below the alert
+            self._write(line + "\n")
 
     def status(self, text: str) -> None:
         """On a terminal: one line rewritten in place."""
