@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 
-from pipeline.bus import Message, Topic
-from pipeline.model import alerts_to_batch
+from pipeline.bus import MemoryBus, Topic
+from pipeline.bus.base import HEARTBEAT
 from pipeline.ops.selfalerts import WATCHDOG, SelfAlerts, message
+from pipeline.sinks.archive_sink import ArchiveSink
 from pipeline.sinks.heartbeats import MISSED, Heartbeats
 from pipeline.sinks.notify import Notifier
 from pipeline.sinks.notify_sink import NotifySink
+from pipeline.sinks.parquet import ArchiveWriter
 from tests.conftest import make_config
 
 
@@ -106,12 +108,18 @@ def test_the_notify_role_writes_one_firing_and_one_resolution_to_alerts_jsonl(tm
     assert lines() == ["firing", "resolved"]
 
 
-def test_a_heartbeat_is_an_alerts_topic_message_like_any_other():
+def test_a_heartbeat_is_marked_as_one_and_the_archive_does_not_keep_it(tmp_path):
+    """The alerts dataset holds state changes: a heartbeat is none (a scale-out test once
+    found the Watchdog's beats archived as a second firing of the same alert)."""
     clock = Clock()
     a = SelfAlerts("site-a", "host:9410", "", watchdog=True, resolve_after=1, wall=clock, heartbeat_s=1)
     [fired] = a.update(True, {})
     clock.t += 1
     [beat] = a.heartbeats()
-    m = message(beat)
-    assert m.topic == Topic.ALERTS and m.key == fired.fingerprint
-    assert m.value.equals(Message(Topic.ALERTS, alerts_to_batch([(fired.starts_at, fired)])).value)
+    first, again = message(fired), message(beat, heartbeat=True)
+    assert first.headers == {} and again.headers == {HEARTBEAT: "1"} and again.key == first.key
+    assert again.value.equals(first.value)  # the same alert: notify recognises it as a repeat
+    writer = ArchiveWriter(tmp_path / "archive")
+    sink = ArchiveSink(writer, MemoryBus().subscribe([Topic.ALERTS], "archive"), 60.0)
+    sink.add([first, again])
+    assert writer.held_rows() == 1

@@ -19,6 +19,11 @@ class Topic(StrEnum):
     STATE = "fleetwatch.state"  # detector checkpoints, one per partition (Kafka only)
 
 
+# Header of a message that repeats a state to show its sender is alive (FleetwatchWatchdog's
+# heartbeat): it changes nothing, so the archive does not keep it (notify reads it: sinks/heartbeats.py).
+HEARTBEAT = "fw-heartbeat"
+
+
 @dataclass(frozen=True)
 class Message:
     """One batch: the columnar payload of one scrape (or one detector tick)."""

@@ -354,6 +354,7 @@ class KafkaBus:
     def record(self, message: Message) -> tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]:
         """(topic on the cluster, value, key, headers) of a message, as the producers send it."""
         value, headers = encode(message.value)
+        headers += [(k, v.encode()) for k, v in message.headers.items()]
         return self.wire(message.topic), value, message.key.encode() if message.key else None, headers
 
     async def publish(self, message: Message, partition: int | None = None) -> None:

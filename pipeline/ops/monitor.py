@@ -128,7 +128,8 @@ class Operations:
             unready = self.health.unready(now)
             changes = self.alerts.update(not unready, self.health.stalls(now))
             self._say(unready, changes)
-            self._publish(changes + self.alerts.heartbeats())
+            self._publish(changes)
+            self._publish(self.alerts.heartbeats(), heartbeat=True)
         now = self.clock()
         if self.sd.enabled:
             if self._ready_since is None and self.ctx is not None and not self.health.unready(now):
@@ -150,7 +151,7 @@ class Operations:
             progress.deps["mqtt"] = all(links)
         self.health.sample_backlogs()
 
-    def _publish(self, alerts: list) -> None:
+    def _publish(self, alerts: list, heartbeat: bool = False) -> None:
         if not alerts:
             return
         bus, before = self.ctx.bus, self._publishing
@@ -160,7 +161,7 @@ class Operations:
                 await before
             for a in alerts:
                 try:
-                    await bus.publish(message(a))
+                    await bus.publish(message(a, heartbeat))
                 except Exception as e:
                     log.error("ops: cannot publish %s (%s): %r", a.alertname, a.status, e)
         self._publishing = asyncio.create_task(publish(), name="ops-alerts")

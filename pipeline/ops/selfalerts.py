@@ -20,6 +20,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 from pipeline.bus import Message, Topic
+from pipeline.bus.base import HEARTBEAT
 from pipeline.detect.catalog import ALERTS_BY_NAME, runbook_url
 from pipeline.model import Alert, alerts_to_batch
 
@@ -88,6 +89,8 @@ class SelfAlerts:
         return dataclasses.replace(alert, ends_at=max(now, alert.starts_at))
 
 
-def message(alert: Alert) -> Message:
-    """The alert as a message of the alerts topic (keyed by fingerprint, as detect's are)."""
-    return Message(Topic.ALERTS, alerts_to_batch([(alert.ends_at or alert.starts_at, alert)]), key=alert.fingerprint)
+def message(alert: Alert, heartbeat: bool = False) -> Message:
+    """The alert as a message of the alerts topic (keyed by fingerprint, as detect's are); a
+    heartbeat (the firing Watchdog again) is marked so, and not archived."""
+    return Message(Topic.ALERTS, alerts_to_batch([(alert.ends_at or alert.starts_at, alert)]), key=alert.fingerprint,
+                   headers={HEARTBEAT: "1"} if heartbeat else {})

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 
-from pipeline.bus.base import Message
+from pipeline.bus.base import HEARTBEAT, Message
 from pipeline.roles import DATASET_OF_TOPIC
 from pipeline.sinks.archive_outage import ArchiveOutage
 from pipeline.sinks.base import SinkBase, consume
@@ -84,6 +84,8 @@ class ArchiveSink(SinkBase):
             writer.forget_archived()
         full = False
         for message in messages:
+            if HEARTBEAT in message.headers:
+                continue  # a heartbeat changes nothing (bus/base.py): not an alert state change to keep
             dataset = DATASET_OF_TOPIC[message.topic]
             if 0 <= message.offset <= writer.archived_until(dataset, message.partition):
                 writer.redelivered_skipped += 1  # archived before a restart or rebalance
