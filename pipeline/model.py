@@ -123,6 +123,29 @@ _FACILITY_FIELDS = [
 # The equipment classes of a facility device (the BMS topic tree's, sources/bms_tree.py): what the
 # detectors read a reading as (a rack's power is its PDU's, a meter's is the site's).
 DEVICE_CLASSES = ("cdu", "rack", "meter")
+class PointKind:
+    """What a facility point measures, for the detectors that read it (plain ints, as
+    numpy compares them per batch)."""
+    OTHER, LEAK, FLOW, PDU_POWER, SITE_POWER, SUPPLY, RETURN = range(7)
+
+
+def point_kind(device_class: str, metric: str) -> int:
+    """From what the collector knows (the row's device_class), never from device names."""
+    if metric == "leak":
+        return PointKind.LEAK
+    if metric == "flow_lpm":
+        return PointKind.FLOW
+    if metric == "supply_temp_c":
+        return PointKind.SUPPLY
+    if metric == "return_temp_c":
+        return PointKind.RETURN
+    if metric == "power_w" and device_class == "rack":
+        return PointKind.PDU_POWER
+    if metric == "power_w" and device_class == "meter":
+        return PointKind.SITE_POWER
+    return PointKind.OTHER
+
+
 FACILITY_SAMPLE = _schema("facility_sample", 2, _FACILITY_FIELDS + [
     _f("device_class", pa.string(), "equipment class the collector knows: cdu (coolant distribution unit), rack "
        "(the rack's PDU and manifold sensors), meter (the site's main meter); empty if unknown", nullable=False),

@@ -52,3 +52,33 @@ def http_get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
     except OSError as e:
         return 0, str(e)
+
+
+def run_on_terminal(tmp_path: Path, *args: str, stderr_too: bool, quiet_s: float) -> tuple[int, str]:
+    """`fleetwatch run ARGS` with stdout (and stderr, if `stderr_too`) on a pseudo-terminal, as
+    in an operator's shell; (exit status, everything it wrote there). Reading stops when the
+    terminal closes or stays silent for `quiet_s`."""
+    import os
+    import pty
+    import select
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST
+    p = subprocess.Popen([sys.executable, "-m", "pipeline", "run", *args, "--data-dir", "data"], cwd=tmp_path,
+                         env=env, stdout=slave, stderr=slave if stderr_too else subprocess.DEVNULL,
+                         stdin=subprocess.DEVNULL)
+    os.close(slave)
+    chunks = []
+    try:
+        while select.select([master], [], [], quiet_s)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the process closed the terminal and everything was read
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        p.wait(timeout=quiet_s)
+        os.close(master)
+    return p.returncode, b"".join(chunks).decode(errors="replace")
+

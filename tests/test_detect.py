@@ -396,7 +396,7 @@ def test_rack_and_site_power_are_read_from_the_device_class_not_the_device_s_nam
     """The engine once took any `pdu*` device's power for its rack's and any site-level
     power for the site meter's. With asset tags for ids, an overloaded PDU still alerts,
     and the site meter is still the site's power."""
-    from pipeline.detect.inventory import PointKind
+    from pipeline.model import PointKind
     h = Harness(seed=3)
     h.run(180, _asset_tags)
     kinds = h.engine.inventory.point.kind[:len(h.engine.inventory.point_devices)].tolist()

@@ -69,7 +69,7 @@ class FacilityBatch:
     ts: np.ndarray      # seconds
     now: float          # the batch's time: its latest sample
     value: np.ndarray   # float64, NaN where null or invalid
-    kind: np.ndarray    # inventory.PointKind of each row
+    kind: np.ndarray    # model.PointKind of each row
     rack: np.ndarray    # rack index of each row (a site's own entry for site-level devices)
     devices: list[str]  # device name of each point slot
 

@@ -13,31 +13,9 @@ import pyarrow.compute as pc
 
 from pipeline.detect.health import NodeIdentity
 from pipeline.detect.state import KeyIndex, SlotArrays
+from pipeline.model import PointKind, point_kind
 
 log = logging.getLogger("pipeline.detect.engine")
-
-
-class PointKind:
-    """What a facility point measures, for the detectors that read it (plain ints, as
-    numpy compares them per batch)."""
-    OTHER, LEAK, FLOW, PDU_POWER, SITE_POWER, SUPPLY, RETURN = range(7)
-
-
-def point_kind(device_class: str, metric: str) -> int:
-    """From what the collector knows (the row's device_class), never from device names."""
-    if metric == "leak":
-        return PointKind.LEAK
-    if metric == "flow_lpm":
-        return PointKind.FLOW
-    if metric == "supply_temp_c":
-        return PointKind.SUPPLY
-    if metric == "return_temp_c":
-        return PointKind.RETURN
-    if metric == "power_w" and device_class == "rack":
-        return PointKind.PDU_POWER
-    if metric == "power_w" and device_class == "meter":
-        return PointKind.SITE_POWER
-    return PointKind.OTHER
 
 
 class Inventory:

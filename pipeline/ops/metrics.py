@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from pipeline import __version__
 from pipeline.bus import intake
+from pipeline.model import PointKind, point_kind
 from pipeline.ops.health import Health
 from pipeline.ops.progress import Progress
 
@@ -199,10 +200,11 @@ def power_gauges(readings: list[tuple[str, str, str, float]], cfg) -> Iterator[M
     """Each rack's PDU power (with its rating) and each site's meter (with its cap, if set)."""
     racks: dict[tuple[str, str], float] = {}
     sites: dict[str, float] = {}
-    for site, rack, cls, w in readings:
-        if cls == "meter" or (not cls and not rack):
+    for site, rack, cls, w in readings:  # read by device class, as the detectors read it
+        kind = point_kind(cls, "power_w")
+        if kind == PointKind.SITE_POWER:
             sites[site] = sites.get(site, 0.0) + w
-        elif cls == "rack" or (not cls and rack):
+        elif kind == PointKind.PDU_POWER:
             racks[(site, rack)] = racks.get((site, rack), 0.0) + w
     rack_w = _gauge("fleetwatch_rack_power_watts", "the rack PDU's power", ["site", "rack"])
     rating = _gauge("fleetwatch_rack_power_rating_watts", "the PDU's rating (fleet.pdu_rating_w)", ["site", "rack"])

@@ -105,12 +105,8 @@ class FleetView:
             power = batch.filter(pc.equal(batch.column("metric"), "power_w"))
             if not power.num_rows:
                 continue
-            classes = power.column("device_class").to_pylist() if "device_class" in power.schema.names \
-                else [""] * power.num_rows
-            for site, rack, device, cls, value in zip(power.column("site").to_pylist(),
-                                                      power.column("rack").to_pylist(),
-                                                      power.column("device").to_pylist(), classes,
-                                                      power.column("value").to_pylist()):
+            for site, rack, device, cls, value in zip(*(power.column(c).to_pylist() for c in (
+                    "site", "rack", "device", "device_class", "value"))):
                 if value is not None:
                     self.power[device] = (t, site, rack, cls, value)
         now = self.clock()

@@ -4,13 +4,8 @@ and what lands in Parquet and alerts.jsonl."""
 from __future__ import annotations
 
 import json
-import os
-import pty
 import re
-import select
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -20,7 +15,7 @@ import pytest
 
 from pipeline.model import fingerprint
 from tests.conftest import fleetwatch
-from tests.helpers import FAST, archived, reported_samples, start, wait_for
+from tests.helpers import FAST, archived, reported_samples, run_on_terminal, start, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -93,29 +88,8 @@ def test_signal_flushes_everything_and_exits_0(tmp_path, sig):
 
 
 def test_live_status_line_on_a_terminal(tmp_path):
-    master, slave = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST
-    p = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--duration", "6", "--data-dir", "data"],
-                         cwd=tmp_path, env=env, stdout=slave, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    os.close(slave)
-    chunks = []
-    try:
-        while True:
-            ready, _, _ = select.select([master], [], [], 30)
-            if not ready:
-                break
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        p.wait(timeout=30)
-        os.close(master)
-    screen = b"".join(chunks).decode(errors="replace")
-    assert p.returncode == 0
+    returncode, screen = run_on_terminal(tmp_path, "--duration", "6", stderr_too=False, quiet_s=30)
+    assert returncode == 0
     assert screen.count("\r\x1b[K") >= 3  # rewritten in place, about once a second
     status = re.findall(r"GPU samples/s +alerts firing \d+ \(raised \d+\) +nodes healthy (\d+) suspect (\d+) failing (\d+)",
                         screen)

@@ -3,15 +3,10 @@ next to the live status line (the unit tests are in tests/test_logs.py)."""
 
 from __future__ import annotations
 
-import os
-import pty
-import select
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import FAST, start
+from tests.helpers import run_on_terminal, start
 from tests.test_logs import TEXT_LINE, check_json_line, screen_lines
 
 
@@ -37,26 +32,8 @@ def test_every_stderr_line_of_a_run_is_a_log_line_in_the_chosen_format(tmp_path,
 def test_log_lines_on_a_terminal_never_glue_onto_the_status_line(tmp_path):
     """stdout and stderr on one pseudo-terminal, as in an operator's shell: the log lines logged
     while the status line shows (the stop, the drain) each start a line of their own."""
-    master, slave = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST
-    p = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--duration", "6", "--data-dir", "data"],
-                         cwd=tmp_path, env=env, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL)
-    os.close(slave)
-    chunks = []
-    try:
-        while select.select([master], [], [], 60)[0]:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: the process closed the terminal and everything was read
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        p.wait(timeout=60)
-        os.close(master)
-    raw = b"".join(chunks).decode(errors="replace")
-    assert p.returncode == 0, raw[-2000:]
+    returncode, raw = run_on_terminal(tmp_path, "--duration", "6", stderr_too=True, quiet_s=60)
+    assert returncode == 0, raw[-2000:]
     lines = screen_lines(raw)
     logged = [line for line in lines if " INFO " in line or " WARNING " in line]
     assert logged and all(TEXT_LINE.match(line) for line in logged), lines  # nothing before a log line's time

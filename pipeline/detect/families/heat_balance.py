@@ -9,7 +9,7 @@ import numpy as np
 from pipeline.bus.base import Topic
 from pipeline.detect.batch import FacilityBatch, Output
 from pipeline.detect.family import Family, State, evidence, lag
-from pipeline.detect.inventory import PointKind
+from pipeline.model import PointKind
 from pipeline.model import COOLANT_CP_J_PER_KG_K
 
 

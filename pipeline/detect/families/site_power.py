@@ -8,7 +8,7 @@ import numpy as np
 from pipeline.bus.base import Topic
 from pipeline.detect.batch import FacilityBatch, Output
 from pipeline.detect.family import Family
-from pipeline.detect.inventory import PointKind
+from pipeline.model import PointKind
 
 
 class SitePower(Family):
