@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import collections
 import logging
 import os
@@ -398,6 +399,35 @@ class KafkaBus:
         message (the broker is unreachable or overloaded; health checks)."""
         since = self._sending_since
         return since is None or time.monotonic() - since <= stuck_after_s
+
+    async def reachable(self, timeout_s: float = 1.0) -> bool:
+        """A broker answers (the producer's connection, opened again if it dropped) and the
+        producer is taking messages (readiness: ops/monitor.py)."""
+        if not self.taking_messages():
+            return False
+        client = self.producer.client
+        for broker in client.cluster.brokers():
+            with contextlib.suppress(Exception):
+                if await asyncio.wait_for(client.ready(broker.nodeId), timeout_s):
+                    return True
+        return False
+
+    async def lag(self, timeout_s: float = 1.0) -> dict[tuple[str, str, int], int]:
+        """(group, topic, partition) -> end offset (last stable) minus position, for every
+        partition assigned to this process's consumers that has been fetched (/metrics)."""
+        out = {}
+        for sub in self.subscriptions:
+            consumer = sub.consumer
+            for tp in consumer.assignment():
+                end = consumer.last_stable_offset(tp)
+                if end is None:
+                    end = consumer.highwater(tp)
+                if end is None:
+                    continue
+                with contextlib.suppress(Exception):
+                    position = await asyncio.wait_for(consumer.position(tp), timeout_s)
+                    out[(sub.group, tp.topic, tp.partition)] = max(0, end - position)
+        return out
 
     async def _watch(self, stuck_after_s: float = 5.0) -> None:
         """Say once when the broker stops taking messages, and once when it takes them again."""

@@ -33,7 +33,6 @@ from pipeline.ops.selfalerts import STALLED, SelfAlerts, message
 
 log = logging.getLogger("fleetwatch")
 
-PROBE_TIMEOUT_S = 1.0
 
 
 class Operations:
@@ -144,8 +143,8 @@ class Operations:
         """What needs awaiting: Kafka's reachability and lag, the MQTT links; then the backlogs."""
         ctx, progress = self.ctx, self.health.progress
         if not isinstance(ctx.bus, MemoryBus):
-            progress.deps["kafka"] = await kafka_reachable(ctx.bus)
-            progress.lag = await kafka_lag(ctx.bus)
+            progress.deps["kafka"] = await ctx.bus.reachable()
+            progress.lag = await ctx.bus.lag()
         links = [ok for work in ctx.sources.values() for ok in mqtt_links(work)]
         if links:
             progress.deps["mqtt"] = all(links)
@@ -200,35 +199,4 @@ def mqtt_links(work) -> list[bool]:
     bms = getattr(work, "bms", None)
     if bms is not None:
         out.append(bool(getattr(bms, "connected", False)))
-    return out
-
-
-async def kafka_reachable(bus, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
-    """A broker answers (the producer's connection, opened again if it dropped) and the
-    producer is taking messages."""
-    if not bus.taking_messages():
-        return False
-    client = bus.producer.client
-    for broker in client.cluster.brokers():
-        with contextlib.suppress(Exception):
-            if await asyncio.wait_for(client.ready(broker.nodeId), timeout_s):
-                return True
-    return False
-
-
-async def kafka_lag(bus, timeout_s: float = PROBE_TIMEOUT_S) -> dict[tuple[str, str, int], int]:
-    """(group, topic, partition) -> end offset (last stable) minus position, for every
-    partition assigned to this process's consumers that has been fetched."""
-    out = {}
-    for sub in bus.subscriptions:
-        consumer = sub.consumer
-        for tp in consumer.assignment():
-            end = consumer.last_stable_offset(tp)
-            if end is None:
-                end = consumer.highwater(tp)
-            if end is None:
-                continue
-            with contextlib.suppress(Exception):
-                position = await asyncio.wait_for(consumer.position(tp), timeout_s)
-                out[(sub.group, tp.topic, tp.partition)] = max(0, end - position)
     return out
