@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="OUT", help="write the scores as JSON here")
     ev.add_argument("--fault-interval", type=float, default=300.0, metavar="SECONDS",
                     help="mean time between injected faults (default 300; the demo's 60 would overlap them)")
+    ev.add_argument("--kafka", metavar="HOST:PORT", help="produce the scenario through this Kafka broker and detect "
+                    "it with --detect-processes `fleetwatch detect` processes (same JSON keys)")
+    ev.add_argument("--detect-processes", type=int, default=1, metavar="K",
+                    help="with --kafka: detect processes to run (default 1)")
+    ev.add_argument("--chaos", choices=("kill", "freeze"),
+                    help="with --kafka: half-way, kill one detect process with SIGKILL, or freeze it (SIGSTOP) past "
+                         "the group's session timeout and let it go on; the scores must not change")
 
     rp = sub.add_parser("replay", help="score a univariate series (CSV timestamp,value) for anomalies")
     rp.add_argument("series", metavar="SERIES.csv")
@@ -83,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     def data_dir(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", metavar="FILE", help="TOML config file (see docs/configuration.md)")
         sp.add_argument("--data-dir", metavar="DIR", help="the daemon's data_dir")
+
+    tp = sub.add_parser("topics", help="Kafka topics: create or update every topic once (as a user with the Create "
+                                       "right; the roles then need none)")
+    tp_sub = tp.add_subparsers(dest="topics_command", required=True, metavar="ACTION")
+    tc = tp_sub.add_parser("create", help="create the missing topics, set retention, cleanup and min.insync.replicas "
+                                          "of the existing ones; prints what it did")
+    tc.add_argument("--config", metavar="FILE", help="TOML config file (see docs/configuration.md)")
+    tc.add_argument("--kafka", metavar="BOOTSTRAP", help="Kafka at host:port (kafka.bootstrap)")
 
     si = sub.add_parser("silence", help="mute matching alerts for a while (add, list, expire)")
     si_sub = si.add_subparsers(dest="silence_command", required=True, metavar="ACTION")
@@ -210,14 +225,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                                  "fleet.fault_interval_s": args.fault_interval}))
     out = _output_file("--json", args.json) if args.json else None
     _logging(cfg)
+    if not cfg.kafka.bootstrap and (args.detect_processes != 1 or args.chaos):
+        raise ConfigError("--detect-processes and --chaos need --kafka HOST:PORT (detect processes over Kafka)")
     t0 = time.perf_counter()
-    run = simulate(cfg, args.duration)
+    processes = None
+    if cfg.kafka.bootstrap:
+        from pipeline.analytics.eval_kafka import simulate_kafka
+        run, processes = simulate_kafka(cfg, args.duration, args.detect_processes, args.config, args.chaos)
+    else:
+        run = simulate(cfg, args.duration)
     wall = time.perf_counter() - t0
     result = score(run)
     result["seed"] = cfg.fleet.seed
     result["duration_s"] = args.duration
     result["wall_s"] = round(wall, 2)
     print(table(result))
+    if processes is not None:  # the JSON keeps the in-process run's keys: this goes to the terminal
+        struck = {"kill": "killed with SIGKILL", "freeze": "frozen (SIGSTOP, then SIGCONT)"}.get(processes["chaos"])
+        print(f"over Kafka at {cfg.kafka.bootstrap}: {processes['detect_processes']} detect processes"
+              + (f"; pid {processes['victim']} {struck} half-way: {processes['fenced']} partitions fenced, "
+                 f"{processes['restored']} restored from a checkpoint" if processes["victim"] else ""))
     print(f"simulated {args.duration:.0f} s of {run.node_hours * 3600 / args.duration:.0f} nodes in {wall:.1f} s "
           f"({run.gpu_samples / wall:,.0f} GPU samples/s)")
     if out is not None:
@@ -272,6 +299,34 @@ def _redacted(value: Any) -> Any:
     return value
 
 
+def cmd_topics(args: argparse.Namespace) -> int:
+    """`fleetwatch topics create`: every topic, created or brought to the configured settings."""
+    from pipeline.bus.kafka import KafkaBus
+    from pipeline.config import host_port
+    cfg = load_config(args.config, overrides=_overrides(args))
+    if not cfg.kafka.bootstrap:
+        raise ConfigError("fleetwatch topics create: no Kafka given: pass --kafka HOST:PORT or set kafka.bootstrap")
+    for address in filter(None, (a.strip() for a in cfg.kafka.bootstrap.split(","))):
+        host_port("kafka.bootstrap", address, 9092)
+    _logging(cfg)
+
+    async def create() -> list[str]:
+        bus = KafkaBus.from_config(cfg.kafka, client_id="fleetwatch-topics")  # TLS files, SASL user and password
+        try:
+            return await bus.connect(lambda: bus.ensure_topics(update=True))
+        finally:
+            await bus.producer.stop()  # never started: closes its client
+    lines = asyncio.run(create())
+    for line in lines:
+        print(line)
+    refused = [line for line in lines if line.startswith("not created")]
+    if refused:
+        print(f"fleetwatch: {len(refused)} topics not created: this user may not create topics on {cfg.kafka.bootstrap}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _existing_data_dir(args: argparse.Namespace) -> Path:
     """The configured data_dir, which a daemon must have created: a typo should not go unnoticed."""
     cfg = load_config(args.config, overrides=_overrides(args))
@@ -320,7 +375,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"eval": cmd_eval, "replay": cmd_replay, "config": cmd_config, "silence": cmd_silence,
-               "alerts": cmd_alerts}.get(args.command, cmd_run)
+               "alerts": cmd_alerts, "topics": cmd_topics}.get(args.command, cmd_run)
     try:
         status = handler(args)
         sys.stdout.flush()  # a reader that went away shows here, not as a message at exit

@@ -112,6 +112,9 @@ class DetectConfig:
     pdu_load_ratio: float = _spec(0.95, min=0.1, max=2.0, doc="PDU power above this share of its rating")
     xid_hold_s: float = _spec(900.0, min=1, doc="an XID keeps its alert firing this long")
     missing_after_intervals: float = _spec(3.0, min=1.5, doc="a GPU unseen this many intervals is missing")
+    lateness_s: float = _spec(5.0, min=0, doc="event-time lateness bound: a GPU or node is judged missing once data "
+                              "this much newer than its last sample arrived in its partition; older rows are late "
+                              "(counted and archived, not detected on)")
     fire_after: int = _spec(3, min=1, doc="consecutive hits before a soft condition fires")
     resolve_after: int = _spec(30, min=1, doc="consecutive clear evaluations before an alert resolves")
 
@@ -172,7 +175,8 @@ class AlertsConfig:
 @dataclass(frozen=True)
 class KafkaConfig:
     bootstrap: str = _spec("", doc="Kafka bootstrap servers (host:port,...); empty = the in-process bus")
-    topic_prefix: str = _spec("", doc="prefix of every topic and consumer group (several fleets, one cluster)")
+    topic_prefix: str = _spec("", doc="prefix of every topic, consumer group and transactional id (several "
+                              "fleets, one cluster); groups and transactional ids also start with fleetwatch.")
     partitions: int = _spec(6, min=1, max=10000, doc="partitions of the telemetry topics when created")
     retention_hours: float = _spec(24.0, min=0.1, doc="retention of the telemetry topics when created")
     connect_timeout_s: float = _spec(30.0, min=0.1, doc="at start, keep trying to reach the brokers this long "
@@ -181,6 +185,26 @@ class KafkaConfig:
                              "unreachable; when full, publishing blocks")
     commit_interval_s: float = _spec(1.0, min=0.05, max=60, doc="detect commits its alerts, offsets and state "
                                      "checkpoint (one transaction) this often: alerts wait up to this long")
+    replication_factor: int = _spec(0, min=0, max=32767, doc="replicas of each topic when created; 0 = 3 when the "
+                                    "cluster has 3 or more brokers, else 1")
+    min_insync_replicas: int = _spec(0, min=0, max=32767, doc="topic config min.insync.replicas when created (an "
+                                     "acks=all write waits for this many replicas); 0 = 2 when the replication "
+                                     "factor is 3 or more, else 1")
+    create_topics: bool = _spec(True, doc="create missing topics at start; refused for lack of rights: a warning, and "
+                                "the process goes on (`fleetwatch topics create` does it once, as an admin); "
+                                "false = never")
+    security_protocol: str = _spec("PLAINTEXT", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+                                   doc="how every Kafka client of the process connects: TLS (SSL, SASL_SSL) and "
+                                       "SASL authentication (SASL_*)")
+    ssl_cafile: str = _spec("", doc="PEM file of the CA(s) that signed the brokers' certificates; empty = the "
+                            "system's CAs")
+    ssl_certfile: str = _spec("", doc="PEM client certificate for mutual TLS (optional; its key in it or in "
+                              "ssl_keyfile)")
+    ssl_keyfile: str = _spec("", doc="PEM private key of ssl_certfile")
+    sasl_mechanism: str = _spec("PLAIN", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"), doc="SASL mechanism")
+    sasl_username: str = _spec("", doc="SASL user name")
+    sasl_password_file: str = _spec("", doc="file holding the SASL password (never printed); the environment "
+                                    "variable FLEETWATCH_KAFKA_SASL_PASSWORD, when set, is used instead")
 
 
 @dataclass(frozen=True)

@@ -172,8 +172,7 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         k = cfg.kafka
         if k.bootstrap:
             from pipeline.bus.kafka import KafkaBus
-            bus = KafkaBus(k.bootstrap, k.partitions, k.retention_hours, prefix=k.topic_prefix,
-                           buffer_mb=k.buffer_mb, connect_timeout_s=k.connect_timeout_s)
+            bus = KafkaBus.from_config(k)
         else:
             bus = MemoryBus()
         await bus.start()

@@ -226,6 +226,16 @@ FAULT_LABEL = _schema("fault_label", 1, [
     _f("params_json", pa.string(), "fault parameters as JSON"),
 ], "ground truth of injected faults and labelled normal events")
 
+RACK_SUMMARY = _schema("rack_summary", 1, [
+    _f("ts", TS, "time of the rack's GPU samples it summarises", nullable=False),
+    _f("site", pa.string(), "site label", nullable=False),
+    _f("rack", pa.string(), "rack label", nullable=False),
+    _f("gpu_at_zero_power_c", pa.float64(), "median over the rack's nodes of their GPU temperature taken to zero "
+       "power; null under 3 nodes at steady power"),
+    _f("coolant_mean_c", pa.float64(), "mean of the rack's CDU supply and return temperatures; null before both"),
+    _f("explained", pa.bool_(), "a rack alert (its coolant) explains a thermal anomaly of the rack", nullable=False),
+], "what the rack tier of detection tells the site tier about a rack (fleetwatch.racks, key: site)")
+
 SCHEMAS: dict[str, pa.Schema] = {
     "gpu_samples": GPU_SAMPLE,
     "facility_samples": FACILITY_SAMPLE,
@@ -277,7 +287,7 @@ def upgraded(batch: pa.RecordBatch) -> pa.RecordBatch:
     """A batch of an older version UPGRADES knows, at the current version (as it is if current)."""
     key = (schema_name(batch.schema), schema_version(batch.schema))
     return UPGRADES[key][1](batch) if key in UPGRADES else batch
-WIRE_SCHEMAS: tuple[pa.Schema, ...] = (*SCHEMAS.values(), CHECKPOINT)
+WIRE_SCHEMAS: tuple[pa.Schema, ...] = (*SCHEMAS.values(), RACK_SUMMARY, CHECKPOINT)
 # Older versions a reader still takes, each with what upgrades a batch of it to the current one:
 # a rolling upgrade updates the readers first, and what the old writers send goes on.
 UPGRADES: dict[tuple[str, int], tuple[pa.Schema, Any]] = {

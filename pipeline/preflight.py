@@ -26,6 +26,9 @@ def validate(cfg: Config, roles: frozenset[str], env: Mapping[str, str] | None =
         host_port("daemon.http", cfg.daemon.http, 9410)
     for address in filter(None, (a.strip() for a in cfg.kafka.bootstrap.split(","))):
         host_port("kafka.bootstrap", address, 9092)
+    if cfg.kafka.bootstrap:  # TLS files, SASL user and password (pipeline/bus/kafka_settings.py)
+        from pipeline.bus.kafka_settings import check as check_kafka
+        check_kafka(cfg.kafka, env, warn)
     from pipeline.roles import ROLE_TABLE, preflight
     for spec in ROLE_TABLE:  # each role's own checks (its files, URLs), in the module that owns them
         if spec.name in roles and (check := preflight(spec)) is not None:

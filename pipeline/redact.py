@@ -50,10 +50,22 @@ def _secrets_of(url: str) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
+_KNOWN_SECRETS: set[str] = set()  # secrets the process holds (a Kafka SASL password): masked in any text
+
+
+def hide_secret(secret: str) -> None:
+    """Mask `secret` wherever it would show in logs, errors and printed output from now on
+    (a second guard: code that holds a secret never prints it)."""
+    if len(secret) >= _MIN_SECRET:
+        _KNOWN_SECRETS.add(secret)
+
+
 def redact_text(text: str, *urls: str) -> str:
     """`text` with every URL in it redacted, and any secret piece of `urls` masked wherever it
     shows (an error may quote part of a URL: http.client's InvalidURL quotes the request
-    target with its query)."""
+    target with its query), and every secret given to hide_secret."""
+    for secret in _KNOWN_SECRETS:
+        text = text.replace(secret, MASK)
     if "://" in text:
         text = _URL.sub(_redact_match, text)
     for url in urls:

@@ -82,3 +82,21 @@ def run_on_terminal(tmp_path: Path, *args: str, stderr_too: bool, quiet_s: float
         os.close(master)
     return p.returncode, b"".join(chunks).decode(errors="replace")
 
+
+def stop_in_order(procs: dict, groups: list[list[str]]) -> dict[str, str]:
+    """SIGTERM each group of processes in turn (data order), wait for it; every process must
+    exit 0. Returns each process's log (`proc.log_path`); kills whatever is left on the way out."""
+    import signal
+    logs = {}
+    try:
+        for group in groups:
+            for name in group:
+                procs[name].send_signal(signal.SIGTERM)
+            for name in group:
+                procs[name].wait(timeout=120)
+                logs[name] = procs[name].log_path.read_text()
+                assert procs[name].returncode == 0, f"{name}: {logs[name][-3000:]}"
+    finally:
+        for p in procs.values():
+            p.kill()
+    return logs

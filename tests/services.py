@@ -73,8 +73,15 @@ class Service:
         raise NotImplementedError
 
     def start(self, timeout_s: float = 60.0):
+        self.spawn()
+        return self.wait_listening(timeout_s)
+
+    def spawn(self) -> None:
+        """Start the process and return at once (several servers can start side by side)."""
         with open(self.dir / f"{self.name}.out", "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_listening(self, timeout_s: float = 60.0):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -115,41 +122,59 @@ class Service:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def kafka_cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+
+
 class KafkaBroker(Service):
-    """One KRaft broker+controller; `stop()` and `start()` again keep its data (a restart)."""
+    """One KRaft broker+controller; `stop()` and `start()` again keep its data (a restart).
+    KafkaCluster makes several (`node_id`, the controller ports of all `voters`, one
+    `cluster_id`, internal topics with `replicas` replicas); a subclass adds listeners and
+    settings with extra_properties() (later lines win) and format_args()."""
     name = "kafka"
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, *, node_id: int = 1, voters: dict[int, int] | None = None,
+                 cluster_id: str | None = None, replicas: int = 1) -> None:
         super().__init__()
         self.libs = kafka_libs()
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="kafka-"))
-        self.port, self.controller_port = free_port(), free_port()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.node_id = node_id
+        self.port = free_port()
+        self.controller_port = (voters or {}).get(node_id) or free_port()
+        voters = voters or {node_id: self.controller_port}
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.config = self.dir / "server.properties"
         self.config.write_text("\n".join([
             "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+            f"node.id={node_id}",
+            "controller.quorum.voters=" + ",".join(f"{n}@127.0.0.1:{port}" for n, port in sorted(voters.items())),
             f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
             f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
             "controller.listener.names=CONTROLLER",
             "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
             f"log.dirs={self.dir / 'data'}",
-            "offsets.topic.replication.factor=1",
+            f"offsets.topic.replication.factor={replicas}",
             "offsets.topic.num.partitions=4",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
+            f"transaction.state.log.replication.factor={replicas}",
+            f"transaction.state.log.min.isr={min(2, replicas)}",
             # A crashed detect process's open transaction is aborted within ~1 s of its
             # timeout (default check: every 10 s), so the tests wait less for its readers.
             "transaction.abort.timed.out.transaction.cleanup.interval.ms=1000",
             "group.initial.rebalance.delay.ms=0",
             "num.partitions=1",
             "auto.create.topics.enable=false",
+            *self.extra_properties(),
         ]) + "\n")
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         # "=": an id that starts with "-" (1 in 64) would otherwise be read as an option: a flaky start.
-        self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(self.config),
-                   check=True)
+        self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id or kafka_cluster_id()}", "-c",
+                   str(self.config), *self.format_args(), check=True)
+
+    def extra_properties(self) -> list[str]:
+        return []
+
+    def format_args(self) -> list[str]:
+        return []
 
     def _java(self, main: str, *args: str, check: bool = False) -> subprocess.CompletedProcess:
         return subprocess.run(self._java_command(main, *args), check=check, capture_output=True)
@@ -159,6 +184,154 @@ class KafkaBroker(Service):
 
     def command(self) -> list[str]:
         return self._java_command("kafka.Kafka", str(self.config))
+
+
+class KafkaCluster:
+    """`size` KRaft nodes, each a broker and a controller voter, one cluster id: with three,
+    one node may stop and the quorum and every topic with 3 replicas go on. The internal
+    topics (offsets, transactions) get 3 replicas and min.insync 2. A stopped broker is
+    fenced within a few seconds (not the default 9 s), so that writes waiting for it move on."""
+
+    def __init__(self, size: int = 3, workdir: Path | None = None) -> None:
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="kafka-cluster-"))
+        voters = {n: free_port() for n in range(1, size + 1)}
+        cluster_id = kafka_cluster_id()
+        self.nodes = [_ClusterNode(self.dir / f"node-{n}", node_id=n, voters=voters, cluster_id=cluster_id,
+                                   replicas=min(3, size)) for n in voters]
+        self.bootstrap = ",".join(node.bootstrap for node in self.nodes)
+
+    def start(self, timeout_s: float = 120.0) -> "KafkaCluster":
+        """Start every node side by side; return once all of them are brokers of the cluster."""
+        for node in self.nodes:
+            node.spawn()
+        deadline = time.monotonic() + timeout_s
+        for node in self.nodes:
+            node.wait_listening(max(1.0, deadline - time.monotonic()))
+        while len(self.brokers()) < len(self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Kafka cluster has {self.brokers()} of {len(self.nodes)} brokers after "
+                                   f"{timeout_s} s; see {self.dir}/node-*/kafka.out")
+            time.sleep(0.5)
+        return self
+
+    def brokers(self) -> list[int]:
+        """The node ids of the brokers the cluster's metadata lists now."""
+        import asyncio
+
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        async def ask() -> list[int]:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+            try:
+                await admin.start()
+                return sorted(b["node_id"] for b in (await admin.describe_cluster())["brokers"])
+            except Exception:
+                return []
+            finally:
+                await admin.close()
+        return asyncio.run(ask())
+
+    def node(self, node_id: int) -> KafkaBroker:
+        return next(n for n in self.nodes if n.node_id == node_id)
+
+    def close(self) -> None:
+        """Kill every node (SIGKILL: the data goes anyway, and the last nodes of a quorum would
+        wait for the others to shut down in order) and remove their files."""
+        for node in self.nodes:
+            if node.proc is not None and node.proc.poll() is None:
+                node.proc.kill()
+        for node in self.nodes:
+            if node.proc is not None:
+                node.proc.wait()
+            node.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _ClusterNode(KafkaBroker):
+    def extra_properties(self) -> list[str]:
+        return ["broker.session.timeout.ms=4000", "broker.heartbeat.interval.ms=1000",
+                "replica.lag.time.max.ms=5000", "default.replication.factor=3"]
+
+    def _java_command(self, main: str, *args: str) -> list[str]:  # three JVMs on a small machine
+        return ["java", "-Xms128m", "-Xmx512m", "-XX:+UseSerialGC", "-cp", f"{self.libs}/*", main, *args]
+
+
+def self_signed_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> dict[str, Path]:
+    """A test CA and a server certificate it signed for `hosts` (made with openssl): paths
+    of ca.pem, server.pem (certificate), server.key (unencrypted PKCS#8) and
+    server-keystore.pem (key and certificate: a Kafka PEM keystore)."""
+    if shutil.which("openssl") is None:
+        raise RuntimeError("the TLS tests need openssl (Debian/Ubuntu: apt-get install openssl)")
+    folder.mkdir(parents=True, exist_ok=True)
+    f = {name: folder / name for name in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem",
+                                          "server-keystore.pem", "server.ext")}
+    san = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() else f"DNS:{h}" for h in hosts)
+    f["server.ext"].write_text(f"subjectAltName={san}\nbasicConstraints=critical,CA:FALSE\n"
+                               "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+                               "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(f["ca.key"]), "-out", str(f["ca.pem"]),
+            "-days", "2", "-subj", "/CN=Fleetwatch test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(f["server.key"]), "-out", str(f["server.csr"]),
+            "-subj", f"/CN={hosts[-1]}")
+    openssl("x509", "-req", "-in", str(f["server.csr"]), "-CA", str(f["ca.pem"]), "-CAkey", str(f["ca.key"]),
+            "-CAcreateserial", "-out", str(f["server.pem"]), "-days", "2", "-extfile", str(f["server.ext"]))
+    f["server-keystore.pem"].write_text(f["server.key"].read_text() + f["server.pem"].read_text())
+    return f
+
+
+class SecureKafkaBroker(KafkaBroker):
+    """A broker whose clients connect on `bootstrap` over SASL_SSL: TLS with a certificate of a
+    self-signed test CA (`tls["ca.pem"]`), SASL PLAIN for user `admin` and SCRAM-SHA-256 for
+    `agent`, with the standard authorizer. `admin` is a super user; `agent` may do only what
+    `allow()` grants. Between the broker and its controller, and on `internal` (for
+    `allow()`), plain text on loopback."""
+    name = "kafka"
+
+    def __init__(self, admin_password: str, agent_password: str, workdir: Path | None = None) -> None:
+        folder = Path(workdir or tempfile.mkdtemp(prefix="kafka-tls-"))
+        self.tls = self_signed_tls(folder / "tls")
+        self.secure_port = free_port()
+        self.admin_password, self.agent_password = admin_password, agent_password
+        super().__init__(folder)
+        self.internal = self.bootstrap
+        self.bootstrap = f"127.0.0.1:{self.secure_port}"
+
+    def extra_properties(self) -> list[str]:
+        listener = "listener.name.sasl_ssl."
+        return [
+            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port},"
+            f"SASL_SSL://127.0.0.1:{self.secure_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port},SASL_SSL://127.0.0.1:{self.secure_port}",
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL",
+            "inter.broker.listener.name=PLAINTEXT",
+            "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256",
+            f"{listener}sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256",
+            f"{listener}plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f"user_admin=\"{self.admin_password}\";",
+            f"{listener}scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule "
+            "required;",
+            f"{listener}ssl.keystore.type=PEM",
+            f"{listener}ssl.keystore.location={self.tls['server-keystore.pem']}",
+            f"{listener}ssl.client.auth=none",
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users=User:admin;User:ANONYMOUS",  # ANONYMOUS: the plain-text broker-controller traffic
+            "allow.everyone.if.no.acl.found=false",
+        ]
+
+    def format_args(self) -> list[str]:
+        return [f"--add-scram=SCRAM-SHA-256=[name=agent,password={self.agent_password}]"]
+
+    def allow(self, *acl_args: str) -> None:
+        """Grant `agent` rights: AclCommand's arguments after --allow-principal, e.g.
+        ("--operation", "Write", "--topic", "*")."""
+        r = self._java("org.apache.kafka.tools.AclCommand", "--bootstrap-server", self.internal, "--add",
+                       "--allow-principal", "User:agent", *acl_args)
+        if r.returncode != 0:
+            raise RuntimeError(f"AclCommand failed: {r.stderr.decode(errors='replace')[-2000:]}")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,11 +16,12 @@ from pipeline.bus import Message, Topic
 from pipeline.bus import keys
 from pipeline.bus.batching import coalesce, split_by
 from pipeline.model import (ALERT, CHECKPOINT, EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE, NODE_HEALTH,
+                            RACK_SUMMARY,
                             WIRE_SCHEMAS)
 
 ROWS = pa.schema([("node", pa.string()), ("i", pa.int64())])
 SCHEMA_OF = {Topic.GPU: GPU_SAMPLE, Topic.FACILITY: FACILITY_SAMPLE, Topic.EVENTS: EVENT, Topic.ALERTS: ALERT,
-             Topic.HEALTH: NODE_HEALTH, Topic.LABELS: FAULT_LABEL, Topic.STATE: CHECKPOINT}
+             Topic.HEALTH: NODE_HEALTH, Topic.LABELS: FAULT_LABEL, Topic.STATE: CHECKPOINT, Topic.RACKS: RACK_SUMMARY}
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
@@ -105,17 +107,29 @@ def test_coalesce_of_nothing_is_nothing_and_of_one_message_is_its_batch():
 # keys: the key of every record type
 
 def test_the_keyed_record_types_and_their_key_columns():
-    assert keys.KEY_COLUMN == {Topic.GPU: "node", Topic.EVENTS: "node", Topic.HEALTH: "node",
-                               Topic.ALERTS: "fingerprint"}
+    assert keys.KEY_COLUMN == {Topic.HEALTH: "node", Topic.ALERTS: "fingerprint", Topic.RACKS: "site"}
+    assert set(keys.BY_RACK) == {Topic.GPU, Topic.EVENTS, Topic.FACILITY}
     assert set(SCHEMA_OF.values()) == set(WIRE_SCHEMAS)
 
 
-@pytest.mark.parametrize("topic", [Topic.GPU, Topic.EVENTS, Topic.HEALTH])
-def test_gpu_samples_events_and_node_health_are_keyed_by_node(topic):
-    batch = of_schema(SCHEMA_OF[topic], node=["r01-n01", "r01-n01", "r01-n02", "r02-n01"])
+@pytest.mark.parametrize("topic", [Topic.GPU, Topic.EVENTS])
+def test_gpu_samples_and_events_are_keyed_by_rack_so_a_rack_meets_its_coolant(topic):
+    batch = of_schema(SCHEMA_OF[topic], node=["r01-n01", "r01-n01", "r01-n02", "r02-n01"],
+                      rack=["r01", "r01", "r01", "r02"])
     out = keys.messages(topic, batch, keyed=True)
-    assert [(m.topic, m.key, m.value.num_rows) for m in out] == [
-        (topic, "r01-n01", 2), (topic, "r01-n02", 1), (topic, "r02-n01", 1)]
+    assert [(m.topic, m.key, m.value.column("node").to_pylist()) for m in out] == [
+        (topic, "r01", ["r01-n01", "r01-n01", "r01-n02"]), (topic, "r02", ["r02-n01"])]
+
+
+def test_node_health_is_keyed_by_node():
+    batch = of_schema(NODE_HEALTH, node=["r01-n01", "r01-n01", "r01-n02"])
+    out = keys.messages(Topic.HEALTH, batch, keyed=True)
+    assert [(m.key, m.value.num_rows) for m in out] == [("r01-n01", 2), ("r01-n02", 1)]
+
+
+def test_rack_summaries_are_keyed_by_site():
+    batch = of_schema(RACK_SUMMARY, site=["s1", "s1", "s2"], rack=["r01", "r02", "r01"])
+    assert [(m.key, m.value.num_rows) for m in keys.messages(Topic.RACKS, batch, keyed=True)] == [("s1", 2), ("s2", 1)]
 
 
 def test_alerts_are_keyed_by_fingerprint():
@@ -131,6 +145,35 @@ def test_facility_readings_are_keyed_by_rack_and_site_level_devices_by_site_each
     assert len(got) == len(out)  # each key is one message: a rack's readings stay on one partition
     assert got == {"r01": ["c", "f"], "r02": ["a", "d"], "s1": ["b"], "s2": ["e"]}
     assert all(m.value.schema.equals(FACILITY_SAMPLE, check_metadata=True) for m in out)  # no helper column left
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 6])
+def test_with_partitions_a_scrape_is_one_message_per_partition_each_rack_where_its_key_puts_it(partitions):
+    racks = [f"r{i:02d}" for i in range(12)]
+    batch = of_schema(FACILITY_SAMPLE, site=["s1"] * 26, rack=[racks[i % 12] for i in range(24)] + ["", ""],
+                      device=[f"d{i}" for i in range(26)])
+    out = keys.messages(Topic.FACILITY, batch, keyed=True, partitions=partitions)
+    per_key = {m.key: m.value for m in keys.messages(Topic.FACILITY, batch, keyed=True)}
+    assert len(out) == len({keys.partition_for(k, partitions) for k in per_key}) <= partitions
+    seen = set()
+    for m in out:
+        named = m.headers["fw-keys"].split(",")
+        assert m.key == named[0] and named == sorted(named)
+        assert {keys.partition_for(k, partitions) for k in named} == {keys.partition_for(m.key, partitions)}
+        for k in named:  # each key's rows, in their order, as its own message would hold them
+            assert m.value.filter(pc.equal(keys.rack_keys(m.value), k)).equals(per_key[k])
+        seen.update(named)
+        assert m.value.schema.equals(FACILITY_SAMPLE, check_metadata=True)
+    assert seen == set(per_key) and sum(m.value.num_rows for m in out) == batch.num_rows
+
+
+def test_coalesce_never_joins_two_scrapes_of_one_rack_in_bundles_of_other_first_keys():
+    def bundle(names, first):
+        return Message(Topic.GPU, rows(names, first), key=names[0], headers={"fw-keys": ",".join(names)})
+    tick1, tick2 = bundle(["r01", "r02"], 0), bundle(["r02", "r03"], 2)  # r02 in both, under other keys
+    assert [m.value.column("i").to_pylist() for m in coalesce([tick1, tick2])] == [[0, 1], [2, 3]]
+    other = bundle(["r04"], 4)  # another partition's rack of the same tick: joined
+    assert [m.value.column("i").to_pylist() for m in coalesce([tick1, other, tick2])] == [[0, 1, 4], [2, 3]]
 
 
 @pytest.mark.parametrize("topic", [Topic.LABELS, Topic.STATE])
@@ -156,9 +199,9 @@ def test_a_checkpoint_is_keyed_by_its_partition_and_partitions_are_kafkas():
         assert keys.partition_for(key, 1) == 0
 
 
-def test_facility_keys_are_the_rack_or_the_site():
+def test_rack_keys_are_the_rack_or_the_site():
     batch = of_schema(FACILITY_SAMPLE, site=["s1", "s2"], rack=["r07", ""])
-    assert keys.facility_keys(batch).to_pylist() == ["r07", "s2"]
+    assert keys.rack_keys(batch).to_pylist() == ["r07", "s2"]
 
 
 # properties

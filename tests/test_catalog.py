@@ -177,13 +177,14 @@ def test_no_alert_fires_while_an_alert_that_suppresses_it_fires_on_its_target(ru
 
 def test_the_engine_s_rack_suppression_is_the_catalog_s():
     """The engine reads which rack alerts explain a symptom off the catalog (explained_by):
-    the coolant alerts and RackThermalAnomaly explain the GPUs' thermal symptoms, one view
-    of them (siblings.py) serves all three; RackHeatImbalance explains nothing."""
+    the coolant alerts explain the GPUs' thermal symptoms, one view of them (siblings.py)
+    serves all three. RackThermalAnomaly, judged by the site tier apart from them, only
+    inhibits them at notify; RackHeatImbalance explains nothing."""
     thermal = {t: set(explained_by(t, "rack")) for t in ("GpuOverTemperature", "GpuThermalDrift", "GpuHwSlowdown")}
     assert len({frozenset(v) for v in thermal.values()}) == 1
-    assert thermal["GpuOverTemperature"] == {"CoolantFlowLoss", "CoolantLeak", "RackThermalAnomaly"}
-    assert set(explained_by("RackHeatImbalance", "rack")) == {"CoolantFlowLoss", "CoolantLeak",
-                                                               "RackThermalAnomaly", "PduOverload"}
+    assert thermal["GpuOverTemperature"] == {"CoolantFlowLoss", "CoolantLeak"}
+    assert set(explained_by("RackHeatImbalance", "rack")) == {"CoolantFlowLoss", "CoolantLeak", "PduOverload"}
+    assert {"GpuOverTemperature", "RackHeatImbalance"} <= set(ALERTS_BY_NAME["RackThermalAnomaly"].inhibits)
     assert ALERTS_BY_NAME["RackHeatImbalance"].explains == ()
 
 
@@ -202,8 +203,10 @@ def test_every_inhibit_rule_names_catalog_alerts():
 def test_default_inhibit_rules_are_derived_from_the_catalog():
     assert [(r.source, r.target, r.equal) for r in DEFAULT_INHIBIT_RULES] == [tuple(r) for r in inhibit_rules()]
     assert [(r.source, r.target, r.equal) for r in DEFAULT_INHIBIT_RULES] == [
-        ("CoolantFlowLoss|CoolantLeak|RackThermalAnomaly",
+        ("CoolantFlowLoss|CoolantLeak",
          "GpuOverTemperature|GpuThermalRunaway|GpuThermalDrift|GpuHwSlowdown|NodeThermalAnomaly", ["site", "rack"]),
+        ("RackThermalAnomaly", "GpuOverTemperature|GpuThermalRunaway|GpuThermalDrift|GpuHwSlowdown|"
+         "NodeThermalAnomaly|RackHeatImbalance", ["site", "rack"]),
         ("NodeNotReporting", "GpuNotReporting", ["site", "rack", "node"])]
 
 

@@ -9,8 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline.bus import Topic
-from pipeline.bus.batching import split_by
+from pipeline.bus import Topic, keys
 from pipeline.detect.checkpoint import Checkpointer
 from pipeline.detect.engine import Engine
 from pipeline.sources.simulate import FleetSimulator
@@ -29,9 +28,9 @@ def stream():
     ticks = []
     for _ in range(900):
         tick = sim.step()
-        msgs = split_by(Topic.GPU, tick.gpu, "node") + split_by(Topic.FACILITY, tick.facility, "rack")
+        msgs = keys.messages(Topic.GPU, tick.gpu, keyed=True) + keys.messages(Topic.FACILITY, tick.facility, True)
         if tick.events is not None:
-            msgs += split_by(Topic.EVENTS, tick.events, "node")
+            msgs += keys.messages(Topic.EVENTS, tick.events, keyed=True)
         ticks.append(msgs)
     return cfg, ticks
 
@@ -46,12 +45,12 @@ def alerts(engine: Engine, ticks) -> list[dict]:
 
 def test_a_restored_engine_continues_exactly_where_the_checkpoint_was_taken(stream):
     cfg, ticks = stream
-    reference = alerts(Engine(cfg, node_staleness=False), ticks)
-    first = Engine(cfg, node_staleness=False)
+    reference = alerts(Engine(cfg), ticks)
+    first = Engine(cfg)
     before = alerts(first, ticks[:450])
     snapshots = Checkpointer(first, PARTITIONS).snapshot(set(range(PARTITIONS)))
-    assert sorted(snapshots) == [0, 1, 2]
-    second = Engine(cfg, node_staleness=False)
+    assert sorted(snapshots) == sorted({keys.partition_for(key, PARTITIONS) for key in ("r01", "r02", "site-a")})
+    second = Engine(cfg)
     restored = [Checkpointer(second, PARTITIONS).restore(b) for b in snapshots.values()]
     assert sum(r["gpu"] for r in restored) == 64 and sum(r["node"] for r in restored) == 8
     firing = sum(r["alerts"] for r in restored)
@@ -64,12 +63,12 @@ def test_a_restored_engine_continues_exactly_where_the_checkpoint_was_taken(stre
 def test_a_cold_engine_would_alert_again_what_was_already_alerted(stream):
     """What the checkpoint prevents: forgetting the state re-raises firing alerts."""
     cfg, ticks = stream
-    engine = Engine(cfg, node_staleness=False)
+    engine = Engine(cfg)
     before = alerts(engine, ticks[:450])
     Checkpointer(engine, PARTITIONS).forget(set(range(PARTITIONS)))
     assert engine.active_alerts() == []
     after = alerts(engine, ticks[450:])
-    cold = alerts(Engine(cfg, node_staleness=False), ticks[450:])
+    cold = alerts(Engine(cfg), ticks[450:])
     assert after == cold  # forgotten means as if never seen
     fired_before = {a["fingerprint"] for a in before if a["status"] == "firing"}
     resolved_before = {a["fingerprint"] for a in before if a["status"] == "resolved"}
@@ -79,17 +78,17 @@ def test_a_cold_engine_would_alert_again_what_was_already_alerted(stream):
 
 def test_only_the_partitions_asked_for_are_snapshotted_and_forgotten(stream):
     cfg, ticks = stream
-    engine = Engine(cfg, node_staleness=False)
+    engine = Engine(cfg)
     alerts(engine, ticks[:120])
     cp = Checkpointer(engine, PARTITIONS)
     one = cp.snapshot({1})
     assert list(one) == [1]
     nodes = set(one[1].filter(in_scope(one[1], "node")).column("node").to_pylist())
-    assert nodes and all(cp.partition(pa.array([n]))[0] == 1 for n in nodes)
+    assert nodes and all(keys.partition_for(n.split("-")[0], PARTITIONS) == 1 for n in nodes)  # by their rack
     cp.forget({1})
     again = cp.snapshot({0, 1, 2})
-    kept = in_scope(again[0], "gpu")
-    assert again[0].filter(kept).column("drift.count").to_pylist()[0] > 0  # partition 0 kept its state
+    kept = in_scope(again[2], "gpu")
+    assert again[2].filter(kept).column("drift.count").to_pylist()[0] > 0  # partition 2 (rack r01) kept its state
     gone = in_scope(again[1], "gpu")
     assert set(again[1].filter(gone).column("drift.count").to_pylist()) == {0.0}
 
@@ -113,12 +112,12 @@ def test_a_checkpoint_of_version_1_is_read_and_its_points_keep_their_kind(stream
     read off its id as that version did, and the engine goes on as if never stopped."""
     from pipeline.detect.checkpoint import LocalCheckpoint
     cfg, ticks = stream
-    reference = alerts(Engine(cfg, node_staleness=False), ticks)
-    first = Engine(cfg, node_staleness=False)
+    reference = alerts(Engine(cfg), ticks)
+    first = Engine(cfg)
     before = alerts(first, ticks[:450])
     old = LocalCheckpoint(first, tmp_path)
     old.write(as_version_1(old.snapshot()))
-    second = Engine(cfg, node_staleness=False)
+    second = Engine(cfg)
     assert LocalCheckpoint(second, tmp_path).restore()["point"] == first.identities("point").num_rows
     n = len(first.inventory.point_classes)
     assert second.inventory.point_classes == first.inventory.point_classes

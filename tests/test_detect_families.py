@@ -14,7 +14,7 @@ import pytest
 from pipeline.bus import Message, Topic
 from pipeline.detect.catalog import ALERTS_BY_NAME, DETECTOR_ALERTS
 from pipeline.detect.checkpoint import SCOPES, Checkpointer
-from pipeline.detect.engine import FAMILIES, Engine
+from pipeline.detect.engine import FAMILIES, RACK_TIER, SITE_TIER, Engine
 from pipeline.detect.family import Family, State
 from pipeline.detect.state import SlotArrays
 from pipeline.sources.simulate import FleetSimulator
@@ -77,8 +77,18 @@ def test_every_detector_alert_is_raised_by_exactly_one_family(ticks):
     assert sorted(raised) == sorted(spec.name for spec in DETECTOR_ALERTS)
     for f in engine.families:  # the catalog's `family` of each alert is the family that raises it
         assert all(ALERTS_BY_NAME[name].family == f.name for name in f.raises), type(f).__name__
-    assert len(FAMILIES) == len(engine.families) and all(f.topic in (Topic.GPU, Topic.FACILITY, Topic.EVENTS)
-                                                         for f in engine.families)
+    assert len(FAMILIES) == len(engine.families) and all(f.topic in (Topic.GPU, Topic.FACILITY, Topic.EVENTS,
+                                                                     Topic.RACKS) for f in engine.families)
+
+
+def test_an_alert_suppresses_only_what_its_own_tier_or_a_later_one_judges():
+    """Over Kafka the site tier runs apart, after the rack tier: a site alert cannot keep a
+    rack-tier alert from firing (that is inhibition, at notify), a rack alert reaches the
+    site tier in the rack summaries (`explained`)."""
+    tier = {name: i for i, families in enumerate((RACK_TIER, SITE_TIER)) for f in families for name in f.raises}
+    assert set(tier) == {spec.name for spec in DETECTOR_ALERTS}
+    for spec in DETECTOR_ALERTS:
+        assert all(tier[spec.name] <= tier[target] for target in spec.suppresses), spec.name
 
 
 def test_a_new_familys_state_is_checkpointed_without_registering_it(ticks):

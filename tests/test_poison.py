@@ -78,7 +78,7 @@ async def run_consumers(cfg, publish: list[Message], window: TimeWindow, kafka=N
     behind its own Gate); publish, end the topics in data order, wait for every role to end
     by itself. Any role that raises fails the test."""
     bus = kafka or MemoryBus()
-    engine = Engine(cfg, node_staleness=kafka is None)
+    engine = Engine(cfg)
     subs = {"detect": bus.subscribe([Topic.GPU, Topic.FACILITY, Topic.EVENTS], "detect",
                                     **({"transactional": True} if kafka else {})),
             "archive": bus.subscribe(list(DATASET_OF_TOPIC), "archive"),
@@ -189,6 +189,11 @@ def test_split_keeps_the_good_rows_of_a_batch_and_says_why_for_the_rest():
     assert by_reason == {"out_of_range": 2, "empty_identity": 1, "bad_timestamp": 1}
     assert any("gpu_temp_c = 1e+308" in r.detail for r in rejected)
     assert split(Topic.GPU, batch)[1] == []  # the simulator's data is clean
+    # A table of several messages' batches (the gate's one pass over a get_batch) finds the same
+    table_valid, table_rejected = split(Topic.GPU, pa.Table.from_batches([batch, bad, batch]))
+    assert table_valid.num_rows == 3 * batch.num_rows - 4
+    assert [(r.reason, r.detail, r.rows.num_rows) for r in table_rejected] == \
+        [(r.reason, r.detail, r.rows.num_rows) for r in rejected]
 
 
 def test_a_dead_letter_file_that_cannot_be_written_stops_nothing(tmp_path):

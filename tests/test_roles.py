@@ -235,9 +235,10 @@ def test_every_record_type_has_its_key(tmp_path):
     from pipeline.sources.simulate import FleetSimulator
     cfg = make_config(tmp_path)
     tick = FleetSimulator(cfg.fleet).step()
-    gpu = keys.messages(Topic.GPU, tick.gpu, keyed=True)
-    assert [m.key for m in gpu] == list(dict.fromkeys(tick.gpu.column("node").to_pylist()))
-    assert all(set(m.value.column("node").to_pylist()) == {m.key} for m in gpu)
+    gpu = keys.messages(Topic.GPU, tick.gpu, keyed=True)  # by rack: a rack's GPUs meet its coolant
+    assert [m.key for m in gpu] == list(dict.fromkeys(tick.gpu.column("rack").to_pylist()))
+    assert all(set(m.value.column("rack").to_pylist()) == {m.key} for m in gpu)
+    assert sum(m.value.num_rows for m in gpu) == tick.gpu.num_rows
     facility = keys.messages(Topic.FACILITY, tick.facility, keyed=True)
     for m in facility:  # by rack, site-level devices by site
         racks, sites = set(m.value.column("rack").to_pylist()), set(m.value.column("site").to_pylist())
@@ -246,7 +247,7 @@ def test_every_record_type_has_its_key(tmp_path):
     assert [m.key for m in keys.messages(Topic.LABELS, tick.gpu, keyed=True)] == [None]
     assert [(m.key, m.value.num_rows) for m in keys.messages(Topic.GPU, tick.gpu, keyed=False)] == [
         (None, tick.gpu.num_rows)]
-    assert keys.checkpoint_key(3) == "3"
+    assert keys.checkpoint_key(3) == "3" and keys.checkpoint_key(3, "site") == "site-3"
 
 
 def test_memory_subscription_end_raises_end_of_stream():  # the loop's contract, in one line

@@ -16,7 +16,8 @@ class Topic(StrEnum):
     ALERTS = "fleetwatch.alerts"
     HEALTH = "fleetwatch.health"
     LABELS = "fleetwatch.labels"
-    STATE = "fleetwatch.state"  # detector checkpoints, one per partition (Kafka only)
+    RACKS = "fleetwatch.racks"  # rack summaries, the rack tier of detection to the site tier (Kafka only)
+    STATE = "fleetwatch.state"  # detector checkpoints, one per partition and tier (Kafka only)
 
 
 # Header of a message that repeats a state to show its sender is alive (FleetwatchWatchdog's

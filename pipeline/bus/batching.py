@@ -27,9 +27,19 @@ def split_by(topic: Topic, batch: pa.RecordBatch, column: str) -> list[Message]:
             for s, e, k in zip(starts, ends, runs.values.to_pylist())]
 
 
+BUNDLE = "fw-keys"  # header of a message that holds several keys' rows (keys.messages with partitions): them all
+
+
+def message_keys(m: Message) -> list:
+    """The keys whose rows a message holds: its key, or every key its BUNDLE header names."""
+    bundle = m.headers.get(BUNDLE) if m.headers else None
+    return bundle.split(",") if bundle is not None else [m.key]
+
+
 def coalesce(messages: list[Message]) -> list[Message]:
     """Consecutive messages of one topic as one batch, as long as no key repeats: two
-    scrapes of the same node stay two evaluations, in order."""
+    scrapes of the same node (or rack) stay two evaluations, in order. A bundle
+    (header fw-keys) counts as all of its keys."""
     out: list[Message] = []
     run: list[Message] = []
     keys: set[str] = set()
@@ -42,10 +52,25 @@ def coalesce(messages: list[Message]) -> list[Message]:
             keys.clear()
 
     for m in messages:
-        if run and (m.topic != run[0].topic or m.key is None or m.key in keys):
+        mine = message_keys(m)
+        if run and (m.topic != run[0].topic or m.key is None or not keys.isdisjoint(mine)):
             close_run()
         run.append(m)
         if m.key is not None:
-            keys.add(m.key)
+            keys.update(mine)
     close_run()
+    return out
+
+
+def coalesce_by_time(messages: list[Message]) -> list[Message]:
+    """Consecutive messages of one topic and one earliest `ts` as one batch: the rack
+    summaries of one tick, from several rack-tier partitions, judged together as one
+    process judges them (detect/families/rack_vs_site.py)."""
+    from pipeline.bus.align import start_time
+    out: list[Message] = []
+    for m in messages:
+        if out and out[-1].topic == m.topic and start_time(out[-1].value) == start_time(m.value):
+            out[-1] = Message(m.topic, pa.concat_batches([out[-1].value, m.value]))
+        else:
+            out.append(Message(m.topic, m.value))
     return out

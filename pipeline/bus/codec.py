@@ -6,10 +6,12 @@ the producer's: it compresses whole Kafka record batches (many messages) with zs
 Arrow's own per-buffer zstd was measured at ~300 us per 8-row message against ~25 us
 without, for a few percent of size. Headers say what it
 is: `fw-schema` (record type) and `fw-version` (schema version). A consumer accepts
-a message only when its headers name a schema it knows, at its version or an older
-one it upgrades (model.UPGRADES: the batch comes out at the current version), and the payload decodes to exactly that schema (an open schema: its fields first,
+a message only when its headers name a schema it knows, at its version or the previous
+one it upgrades (model.UPGRADES: the batch comes out at the current version, so every
+role downstream sees one schema), and the payload decodes to exactly that schema (an open schema: its fields first,
 then any others), one stream with one batch and nothing after it. Anything else is a DecodeError,
-whose reason goes to the dead-letter topic with the message.
+whose reason goes to the dead-letter topic with the message; for a version it does not
+read, the reason says which side of a rolling upgrade is behind (docs/data.md#schema-changes).
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ def encode(batch: pa.RecordBatch) -> tuple[bytes, list[tuple[str, bytes]]]:
     return sink.getvalue().to_pybytes(), headers
 
 
+def _upgrade_hint(version: str, readable: list[int]) -> str:
+    """What to do about a version this consumer does not read (docs/data.md#schema-changes):
+    consumers are upgraded before producers, so a newer one means this consumer is behind."""
+    if not version.isdigit():
+        return ""
+    if int(version) > readable[-1]:
+        return ": the producer is newer than this consumer; upgrade the consumers first, then the producers"
+    return ": the producer is older than any version this consumer reads; upgrade the producer"
+
+
 class Decoder:
     """Decodes message values. The schema message of a stream is checked against the
     schema its headers name once; later messages with the same schema bytes go
@@ -66,7 +78,7 @@ class Decoder:
             if older is None:
                 readable = sorted([schema_version(expected)] + [v for n, v in UPGRADES if n == name])
                 raise DecodeError(f"{name}: schema version {version!r}, this consumer reads version "
-                                  f"{' or '.join(map(str, readable))}")
+                                  f"{' or '.join(map(str, readable))}{_upgrade_hint(version, readable)}")
             expected, upgrade = older
         if not value:
             raise DecodeError(f"{name}: empty value")

@@ -1,8 +1,8 @@
 """Kafka bus: the same three verbs as the in-process bus, over Apache Kafka (aiokafka).
 
 - publish: an idempotent producer (acks=all) sends each batch as one Arrow IPC
-  message (bus/codec.py) with schema headers; the message key places it (node for
-  GPU data, rack for facility data). Messages wait in a bounded outbox: while the
+  message (bus/codec.py) with schema headers; the message key places it (bus/keys.py:
+  a rack's telemetry, events and facility readings by rack). Messages wait in a bounded outbox: while the
   broker is unreachable the source keeps publishing into it, the producer retries,
   and it all goes out in order when the broker is back; a full outbox blocks
   the publisher (backpressure) instead of growing or dropping.
@@ -12,11 +12,15 @@
   consumer or loses the messages around it.
 - commit: commits the offsets of everything `get_batch` returned, to be called
   only once the role's output is durable (at-least-once). A transactional
-  subscription (detect) publishes its output in a Kafka transaction together with
-  its input offsets and its state checkpoint: exactly once, even across a crash.
+  subscription (detect) has a producer per input partition and publishes each
+  partition's output in a Kafka transaction together with its input offsets and its
+  state checkpoint: exactly once, even across a crash; the next owner of a partition
+  fences a previous one that still runs.
+- an aligned subscription (detect) releases what it read in event-time order
+  (bus/align.py) and commits nothing it holds.
 - partitions are assigned with the range assignor, so a consumer gets the same
-  partition numbers of every topic it reads: a node's telemetry and events (both
-  keyed by node) always meet in one process, with that partition's checkpoint.
+  partition numbers of every topic it reads: a rack's telemetry, events and facility
+  readings always meet in one process, with that partition's checkpoint.
 - end: flushes the producer and snapshots the topics' end offsets; subscriptions
   drain up to them and then raise EndOfStream, as the in-process bus does.
 """
@@ -27,23 +31,27 @@ import asyncio
 import contextlib
 import collections
 import logging
-import os
-import socket
 import time
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, TopicAlreadyExistsError
+from aiokafka.errors import (ClusterAuthorizationFailedError, KafkaConnectionError, KafkaTimeoutError,
+                            TopicAlreadyExistsError, TopicAuthorizationFailedError, for_code)
+from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
 
+from pipeline.bus.align import Aligner
 from pipeline.bus.base import EndOfStream, Message, Topic
 from pipeline.bus.codec import DecodeError, Decoder, encode
-from pipeline.config import ConfigError
+from pipeline.bus.kafka_settings import GROUP_PREFIX, client_settings, replication
+from pipeline.config import ConfigError, KafkaConfig
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTER = "fleetwatch.deadletter"
+_FENCED = (ProducerFenced, InvalidProducerEpoch)  # a newer producer of the same transactional id took over
 _HOUR_MS = 3_600_000
 _FETCH = dict(max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
 
@@ -65,6 +73,7 @@ def topic_specs(partitions: int, retention_hours: float) -> dict[str, TopicSpec]
         Topic.ALERTS: TopicSpec(max(1, partitions // 2), max(retention_hours, 24 * 30)),
         Topic.HEALTH: TopicSpec(partitions, retention_hours, compact=True),
         Topic.LABELS: TopicSpec(1, max(retention_hours, 24 * 30)),
+        Topic.RACKS: TopicSpec(partitions, retention_hours),
         Topic.STATE: TopicSpec(partitions, retention_hours, compact=True),
         DEAD_LETTER: TopicSpec(1, max(retention_hours, 24 * 7)),
     }
@@ -124,20 +133,29 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked) -> None:
         if revoked:
+            partitions = {tp.partition for tp in revoked}
+            self.sub.ready -= partitions
             for hook in self.sub.before_revoke:
-                await hook({tp.partition for tp in revoked})
+                await hook(partitions)
             await self.sub.commit()
+            await self.sub.release(partitions)
 
     async def on_partitions_assigned(self, assigned) -> None:
         self.sub.assignments += 1
         if assigned:
+            partitions = {tp.partition for tp in assigned}
+            await self.sub.claim(partitions)  # fences a previous owner before its state is read
             for hook in self.sub.on_assigned:
-                await hook({tp.partition for tp in assigned})
+                await hook(partitions)
+            self.sub.ready |= partitions
 
 
 class KafkaSubscription:
-    def __init__(self, bus: "KafkaBus", topics: list[Topic], group: str, transactional: bool = False) -> None:
+    def __init__(self, bus: "KafkaBus", topics: list[Topic], group: str, transactional: bool = False,
+                 align: bool = False) -> None:
         self.bus = bus
+        # Event-time order (bus/align.py): of the topics read, or of one topic's origins.
+        self.aligner = Aligner(topics, by_origin=len(topics) == 1) if align else None
         self.topics = list(topics)
         self.group = group
         self.on_assigned: list = []    # async callables(partitions): e.g. restore state
@@ -145,60 +163,147 @@ class KafkaSubscription:
         self.assignments = 0           # how many times partitions were (re)assigned
         self.holds_input = True        # what is not committed waits on Kafka: reading can pause
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bus.bootstrap, group_id=bus.wire(group),
-            client_id=f"{bus.client_id}-{group}", enable_auto_commit=False, auto_offset_reset="earliest",
-            isolation_level="read_committed", partition_assignment_strategy=(RangePartitionAssignor,), **_FETCH)
-        # A transactional id per process: a restarted process is a new producer, and
-        # the transaction a crashed one left open is aborted by the broker after
-        # transaction_timeout_ms (readers of its output partitions wait until then).
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=bus.bootstrap, client_id=f"{bus.client_id}-{group}-tx",
-            transactional_id=f"{bus.wire(group)}-{socket.gethostname()}-{os.getpid()}-{id(self):x}",
-            transaction_timeout_ms=10_000, **bus.producer_settings) if transactional else None
-        for client in (self.consumer._client, self.producer.client if self.producer else None):
-            if client is not None:
-                _back_off_metadata(client)
-        self._in_transaction = False
+            group_id=bus.wire_group(group), client_id=f"{bus.client_id}-{group}", enable_auto_commit=False,
+            auto_offset_reset="earliest", isolation_level="read_committed",
+            partition_assignment_strategy=(RangePartitionAssignor,), **_FETCH, **bus.client_settings)
+        _back_off_metadata(self.consumer._client)
+        # Transactional (detect): a producer per input partition, its transactional id
+        # the group's and the partition's. The process that takes a partition over starts
+        # that id again, which fences the previous owner (a crashed one's open transaction
+        # is aborted; a frozen one that wakes up can commit nothing of it: ProducerFenced)
+        # before the new owner reads the partition's checkpoint.
+        self.transactional = transactional
+        self.producers: dict[int, AIOKafkaProducer] = {}
+        self.on_lost: list = []        # callables(partitions): fenced, another process owns them now
+        self._in_transaction: set[int] = set()
+        self.fenced = 0                # partitions this process lost to a newer owner while it held them
+        self._released: dict[TopicPartition, int] = {}  # aligned: past the last message released
+        self.ready: set[int] = set()   # partitions assigned whose on_assigned hooks have run
         self._started = False
         self._to_commit: dict[TopicPartition, int] = {}
         self.dead_letters = 0
 
+    async def claim(self, partitions: set[int]) -> None:
+        """Start the transactional producer of each partition (transactional only)."""
+        if not self.transactional:
+            return
+        for p in sorted(partitions - set(self.producers)):
+            producer = AIOKafkaProducer(client_id=f"{self.bus.client_id}-{self.group}-p{p}",
+                                        transactional_id=f"{self.bus.wire_group(self.group)}-p{p}",
+                                        transaction_timeout_ms=10_000, **self.bus.producer_settings,
+                                        **self.bus.client_settings)
+            _back_off_metadata(producer.client)
+            await producer.start()
+            await producer.begin_transaction()  # waits for the producer id: the previous owner is fenced now
+            self.producers[p] = producer
+            self._in_transaction.add(p)
+
+    async def release(self, partitions: set[int]) -> None:
+        """Stop the producers of partitions that moved away (their output is committed);
+        what is held of them unread goes to their next owner."""
+        if self.aligner is not None:
+            self.aligner.drop(partitions)
+            self._released = {tp: o for tp, o in self._released.items() if tp.partition not in partitions}
+        for p in partitions & set(self.producers):
+            producer = self.producers.pop(p)
+            self._in_transaction.discard(p)
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+    async def _lose(self, p: int, error: BaseException) -> None:
+        """Partition p has a newer owner (this process was fenced): nothing of it is
+        committed here; its state is dropped, its uncommitted input is the new owner's."""
+        self.fenced += 1
+        log.warning("%s: partition %d was taken over by another process while this one held it (%s): its "
+                    "uncommitted output is discarded and its state dropped here", self.group, p, type(error).__name__)
+        self.forget({p})
+        for hook in self.on_lost:
+            hook({p})
+        await self.release({p})
+
     async def _start(self) -> None:
         if not self._started:
-            if self.producer is not None:
-                await self.producer.start()
             self.consumer.subscribe([self.bus.wire(t) for t in self.topics], listener=_Rebalance(self))
             await self.consumer.start()
             self._started = True
 
-    async def publish(self, message: Message, partition: int | None = None) -> None:
-        if self.producer is None:
+    async def publish(self, message: Message, partition: int | None = None, origin: int | None = None) -> None:
+        if not self.transactional or origin is None:
             await self.bus.publish(message, partition)
             return
-        if not self._in_transaction:
-            await self.producer.begin_transaction()
-            self._in_transaction = True
-        topic, value, key, headers = self.bus.record(message)
-        await self.producer.send(topic, value, key=key, headers=headers, partition=partition)
+        producer = self.producers.get(origin)
+        if producer is None:
+            return  # the input partition was lost (fenced or revoked): its output is its new owner's
+        try:
+            if origin not in self._in_transaction:
+                await producer.begin_transaction()
+                self._in_transaction.add(origin)
+            topic, value, key, headers = self.bus.record(message)
+            await producer.send(topic, value, key=key, headers=headers, partition=partition)
+        except _FENCED as e:
+            await self._lose(origin, e)
 
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         await self._start()
         records = await self.consumer.getmany(timeout_ms=int(1000 * (timeout_s if timeout_s is not None else 1.0)),
                                               max_records=max_messages)
+        # aiokafka fetches a partition as soon as it is assigned, maybe before the rebalance
+        # listener has set it up (its producer, its restored state): wait for that.
+        for tp in records:
+            while tp.partition not in self.ready and tp in self.consumer.assignment():
+                await asyncio.sleep(0.01)
+        records = {tp: recs for tp, recs in records.items() if tp.partition in self.ready}
         out: list[Message] = []
+        aligner = self.aligner
         for tp, batch in records.items():
             for rec in batch:
-                self._to_commit[tp] = rec.offset + 1
+                topic = bus_topic(rec.topic, self.bus.prefix)
+                if aligner is None:
+                    self._to_commit[tp] = rec.offset + 1
                 try:
                     value = self.bus.decoder.decode(rec.value, rec.headers)
                 except DecodeError as e:
                     await self._dead_letter(rec, e.reason)
+                    if aligner is not None and aligner.holding(topic, tp.partition) is None:
+                        self._to_commit[tp] = rec.offset + 1  # (a held message commits when it is released)
                     continue
-                out.append(Message(bus_topic(rec.topic, self.bus.prefix), value, rec.key.decode() if rec.key else None,
+                out.append(Message(topic, value, rec.key.decode() if rec.key else None,
                                    {k: v.decode(errors="replace") for k, v in rec.headers}, rec.partition, rec.offset))
+        if aligner is not None:
+            aligner.add(out)
+            drained = not records and await self._drained()
+            read = set() if drained else await self._read_to_end()
+            out = aligner.drain() if drained else aligner.release(lambda t, p: (t, p) in read)
+            # Commit up to what is released, but not past a message still held. Released in
+            # time order, a partition's offsets may interleave (origins): one released past a
+            # held one is read again after a crash, which the site tier skips (rack_vs_site.py).
+            touched = set()
+            for m in out:
+                tp = TopicPartition(self.bus.wire(m.topic), m.partition)
+                self._released[tp] = max(self._released.get(tp, 0), m.offset + 1)
+                touched.add(tp)
+            for tp in touched:
+                held = aligner.holding(bus_topic(tp.topic, self.bus.prefix), tp.partition)
+                self._to_commit[tp] = self._released[tp] if held is None else min(held, self._released[tp])
+            if out:
+                return out
         if not records and await self._drained():
             raise EndOfStream
         return out
+
+    async def _read_to_end(self) -> set[tuple[Topic, int]]:
+        """Of the (topic, partition)s the aligner waits on, those read up to their end now:
+        their end offsets asked of the broker (the last fetch's may be behind a producer
+        that runs faster than real time, as the eval's does)."""
+        waiting = {TopicPartition(self.bus.wire(t), p): (t, p) for t, p in self.aligner.waiting_on()}
+        waiting = {tp: tp_ for tp, tp_ in waiting.items() if tp in self.consumer.assignment()}
+        if not waiting:
+            return set()
+        try:
+            ends = await self.consumer.end_offsets(list(waiting))  # read_committed: the last stable offsets
+        except KafkaError:
+            return set()  # ask again on the next batch
+        return {waiting[tp] for tp, end in ends.items() if await self.consumer.position(tp) >= end}
 
     def partition_count(self, topic: Topic) -> int:
         return len(self.consumer.partitions_for_topic(self.bus.wire(topic)) or ())
@@ -249,30 +354,38 @@ class KafkaSubscription:
 
     def forget(self, partitions: set[int]) -> None:
         """Commit nothing more of these partitions: their next owner reads them again."""
+        if self.aligner is not None:
+            self.aligner.drop(partitions)
+            self._released = {tp: o for tp, o in self._released.items() if tp.partition not in partitions}
         for tp in [tp for tp in self._to_commit if tp.partition in partitions]:
             del self._to_commit[tp]
 
     async def commit(self) -> None:
-        if self.producer is None:
+        if not self.transactional:
             if self._to_commit:
                 await self.consumer.commit(dict(self._to_commit))
                 self._to_commit.clear()
             return
-        if not self._to_commit and not self._in_transaction:
-            return
-        if not self._in_transaction:
-            await self.producer.begin_transaction()
-        if self._to_commit:
-            await self.producer.send_offsets_to_transaction(dict(self._to_commit), self.bus.wire(self.group))
-        await self.producer.commit_transaction()
-        self._in_transaction = False
-        self._to_commit.clear()
+        # One transaction per input partition: its output, its checkpoint and its offsets.
+        for p in sorted(set(self.producers) & ({tp.partition for tp in self._to_commit} | self._in_transaction)):
+            producer, offsets = self.producers[p], {tp: o for tp, o in self._to_commit.items() if tp.partition == p}
+            try:
+                if p not in self._in_transaction:
+                    await producer.begin_transaction()
+                self._in_transaction.add(p)
+                if offsets:
+                    await producer.send_offsets_to_transaction(offsets, self.bus.wire_group(self.group))
+                await producer.commit_transaction()
+                self._in_transaction.discard(p)
+                for tp in offsets:
+                    del self._to_commit[tp]
+            except _FENCED as e:
+                await self._lose(p, e)
 
     async def close(self) -> None:
         if self._started:
             await self.consumer.stop()
-            if self.producer is not None:
-                await self.producer.stop()  # an open transaction is aborted: uncommitted input is read again
+            await self.release(set(self.producers))  # open transactions are aborted: uncommitted input is read again
             self._started = False
 
 
@@ -281,15 +394,21 @@ class KafkaBus:
 
     def __init__(self, bootstrap: str, partitions: int = 6, retention_hours: float = 24.0,
                  client_id: str = "fleetwatch", prefix: str = "", buffer_mb: float = 256.0,
-                 connect_timeout_s: float = 30.0) -> None:
+                 connect_timeout_s: float = 30.0, *, security: dict | None = None, replication_factor: int = 0,
+                 min_insync_replicas: int = 0, create_topics: bool = True) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.bootstrap = bootstrap
         self.prefix = prefix
         self.client_id = client_id
+        # Where and how every Kafka client of this bus connects (kafka_settings.client_settings):
+        # bootstrap servers, TLS and SASL. Every AIOKafka* client takes **client_settings.
+        self.client_settings = {"bootstrap_servers": bootstrap, **(security or {})}
+        self.topic_settings = KafkaConfig(bootstrap=bootstrap, replication_factor=replication_factor,
+                                          min_insync_replicas=min_insync_replicas, create_topics=create_topics)
         self.specs = topic_specs(partitions, retention_hours)
         self.producer_settings = dict(acks="all", enable_idempotence=True, compression_type="zstd", linger_ms=5,
                                       max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024)
-        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, client_id=client_id, **self.producer_settings)
+        self.producer = AIOKafkaProducer(client_id=client_id, **self.producer_settings, **self.client_settings)
         _back_off_metadata(self.producer.client)
         self.subscriptions: list[KafkaSubscription] = []
         self.end_offsets: dict[TopicPartition, int] = {}
@@ -309,48 +428,169 @@ class KafkaBus:
         self.dead_letters = 0
         self.delivery_failures = 0
 
+    @classmethod
+    def from_config(cls, k: KafkaConfig, client_id: str = "fleetwatch", env=None, warn: bool = True) -> "KafkaBus":
+        """The bus of the `kafka.*` settings (security from kafka_settings: ConfigError if inconsistent)."""
+        settings = client_settings(k, env, warn)
+        return cls(k.bootstrap, k.partitions, k.retention_hours, client_id=client_id, prefix=k.topic_prefix,
+                   buffer_mb=k.buffer_mb, connect_timeout_s=k.connect_timeout_s,
+                   security={key: v for key, v in settings.items() if key != "bootstrap_servers"},
+                   replication_factor=k.replication_factor, min_insync_replicas=k.min_insync_replicas,
+                   create_topics=k.create_topics)
+
     async def start(self) -> None:
-        """Reach the brokers (retrying: they may be starting too), create missing topics."""
+        """Reach the brokers (retrying: they may be starting too), create missing topics
+        (kafka.create_topics) or check that they exist."""
+        await self.connect(self.ensure_topics if self.topic_settings.create_topics else self.check_topics)
+        await self.producer.start()
+        self._pump_task = asyncio.create_task(self._pump(), name="kafka-producer")
+        self._watch_task = asyncio.create_task(self._watch(), name="kafka-producer-watch")
+
+    async def connect(self, first) -> object:
+        """`await first()` (an admin request), retried while the brokers cannot be reached, for
+        up to connect_timeout_s; then ConfigError (status 2)."""
         deadline = time.monotonic() + self.connect_timeout_s
         retried = False
         while True:
             try:
-                await self.ensure_topics()
-                break
+                return await first()
             except KafkaConnectionError as e:
                 if time.monotonic() >= deadline:
+                    protocol = self.client_settings.get("security_protocol", "PLAINTEXT")
                     raise ConfigError(f"cannot reach Kafka at {self.bootstrap} (tried for {self.connect_timeout_s:g} s: "
-                                      f"{e}): is the broker running, and are --kafka / kafka.bootstrap right?") from None
+                                      f"{e}): is the broker running, and are --kafka / kafka.bootstrap right" +
+                                      (f", and does it take {protocol} there (kafka.security_protocol; the TLS and "
+                                       f"SASL settings: see the log lines above)?" if protocol != "PLAINTEXT" else "?")
+                                      ) from None
                 if not retried:
                     log.warning("Kafka at %s is not reachable yet (%s); retrying for up to %g s", self.bootstrap,
                                 e, self.connect_timeout_s)
                 retried = True
                 await asyncio.sleep(1.0)
-        await self.producer.start()
-        self._pump_task = asyncio.create_task(self._pump(), name="kafka-producer")
-        self._watch_task = asyncio.create_task(self._watch(), name="kafka-producer-watch")
 
-    async def ensure_topics(self) -> None:
-        """Create missing topics with explicit partitions, retention and compaction."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
-        await admin.start()
+    async def _admin(self) -> AIOKafkaAdminClient:
+        admin = AIOKafkaAdminClient(client_id=self.client_id, **self.client_settings)
+        try:
+            await admin.start()
+        except BaseException:
+            await admin.close()
+            raise
+        return admin
+
+    def topic_configs(self, spec: TopicSpec, min_insync: int) -> dict[str, str]:
+        # Compacted topics roll segments every 10 minutes: only closed segments are
+        # compacted, and a restore reads what compaction has not removed yet.
+        return {"retention.ms": str(int(spec.retention_hours * _HOUR_MS)),
+                "cleanup.policy": "compact" if spec.compact else "delete",
+                **({"segment.ms": "600000"} if spec.compact else {}),
+                "compression.type": "producer", "min.insync.replicas": str(min_insync)}
+
+    async def ensure_topics(self, update: bool = False) -> list[str]:
+        """Create missing topics with explicit partitions, replicas, retention, compaction and
+        min.insync.replicas; with `update`, also set those configs on existing topics (the
+        `fleetwatch topics create` command). Returns what it did, a line per topic. A broker
+        that refuses for lack of rights (agents and collectors need none) is warned about
+        once, and the process goes on: `fleetwatch topics create` creates them."""
+        admin = await self._admin()
         try:
             existing = set(await admin.list_topics())
-            # Compacted topics roll segments every 10 minutes: only closed segments are
-            # compacted, and a restore reads what compaction has not removed yet.
-            new = [NewTopic(self.wire(name), spec.partitions, 1, topic_configs={
-                       "retention.ms": str(int(spec.retention_hours * _HOUR_MS)),
-                       "cleanup.policy": "compact" if spec.compact else "delete",
-                       **({"segment.ms": "600000"} if spec.compact else {}),
-                       "compression.type": "producer"})
-                   for name, spec in self.specs.items() if self.wire(name) not in existing]
+            wanted = {self.wire(name): spec for name, spec in self.specs.items()}
+            if not update and set(wanted) <= existing:
+                return []  # (a broker that is down now does not matter)
+            factor, insync = replication(self.topic_settings, len((await admin.describe_cluster())["brokers"]))
+            new = [NewTopic(topic, spec.partitions, factor, topic_configs=self.topic_configs(spec, insync))
+                   for topic, spec in wanted.items() if topic not in existing]
+            done: list[str] = []
+            refused: list[tuple[str, str]] = []
             if new:
-                try:
-                    await admin.create_topics(new)
-                except TopicAlreadyExistsError:
-                    pass  # another process created them first
+                response = await admin.create_topics(new)
+                for topic, code, *message in response.topic_errors:
+                    error = for_code(code)
+                    if code == 0:
+                        spec = wanted[topic]
+                        done.append(f"created {topic}: {spec.partitions} partition{'s' * (spec.partitions != 1)}, "
+                                    f"replication factor {factor}, "
+                                    f"min.insync.replicas {insync}")
+                    elif error is TopicAlreadyExistsError:
+                        existing.add(topic)  # another process created it first
+                    elif error in (TopicAuthorizationFailedError, ClusterAuthorizationFailedError):
+                        refused.append((topic, error.message))
+                    else:
+                        raise ConfigError(f"Kafka at {self.bootstrap} refused to create topic {topic}: {error.message}"
+                                          f"{f' ({message[0]})' if message and message[0] else ''}")
+            if refused:
+                log.warning("not allowed to create the topics %s on Kafka at %s (%s): going on without; create them "
+                            "once with `fleetwatch topics create` as a user with the Create right, or set "
+                            "kafka.create_topics = false", ", ".join(t for t, _ in refused), self.bootstrap,
+                            refused[0][1])
+                done += [f"not created {topic}: {why}" for topic, why in refused]
+            if update:
+                done += await self._update_topics(admin, {t: wanted[t] for t in sorted(existing & set(wanted))},
+                                                  factor, insync)
+            return done
         finally:
             await admin.close()
+
+    async def check_topics(self) -> list[str]:
+        """kafka.create_topics = false: reach the brokers and warn about missing topics (a
+        producer waits for them, a consumer reads nothing of them)."""
+        admin = await self._admin()
+        try:
+            existing = set(await admin.list_topics())
+        finally:
+            await admin.close()
+        missing = [self.wire(name) for name in self.specs if self.wire(name) not in existing]
+        if missing:
+            log.warning("topics %s do not exist on Kafka at %s and kafka.create_topics = false: run `fleetwatch topics "
+                        "create` once; until then what goes to them waits", ", ".join(missing), self.bootstrap)
+        return missing
+
+    async def _update_topics(self, admin: AIOKafkaAdminClient, topics: dict[str, TopicSpec], factor: int,
+                             insync: int) -> list[str]:
+        """Set retention, cleanup policy and min.insync.replicas of existing topics to what a
+        new one would get (other topic configs stay). Partitions and replicas are only
+        reported: adding partitions would move keys, replicas move with kafka-reassign-partitions."""
+        if not topics:
+            return []
+        described = {d["topic"]: d for d in await admin.describe_topics(list(topics))}
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+        current: dict[str, dict[str, str]] = {}
+        overrides: dict[str, dict[str, str]] = {}
+        for response in responses:
+            for code, message, _, name, entries in response.resources:
+                if code:
+                    raise ConfigError(f"Kafka at {self.bootstrap}: cannot read the configs of topic {name}: "
+                                      f"{for_code(code).message} {message or ''}".rstrip())
+                current[name] = {e[0]: e[1] for e in entries}
+                # v0: is_default; v1+: config_source, 1 = set on the topic
+                overrides[name] = {e[0]: e[1] for e in entries
+                                   if (not e[3] if response.API_VERSION == 0 else e[3] == 1)}
+        out, alter = [], []
+        for topic, spec in topics.items():
+            partitions = described[topic]["partitions"]
+            replicas = min((len(p["replicas"]) for p in partitions), default=0)
+            notes = []
+            if len(partitions) != spec.partitions:
+                notes.append(f"{len(partitions)} partitions, not {spec.partitions} (left as they are: more "
+                             f"partitions would move keys)")
+            # min.insync.replicas above the topic's replicas would refuse every write
+            want = self.topic_configs(spec, min(insync, replicas) if replicas < factor else insync)
+            if replicas < factor:
+                notes.append(f"replication factor {replicas}, not {factor}: add replicas with "
+                             f"kafka-reassign-partitions, then run this again")
+            changed = {k: v for k, v in want.items() if current[topic].get(k) != v}
+            if changed:
+                alter.append(ConfigResource(ConfigResourceType.TOPIC, topic, {**overrides[topic], **want}))
+                notes.insert(0, "updated " + ", ".join(f"{k} {current[topic].get(k)} -> {v}"
+                                                        for k, v in changed.items()))
+            out.append(f"exists {topic}: " + ("; ".join(notes) if notes else "up to date"))
+        if alter:
+            for response in await admin.alter_configs(alter):
+                for code, message, _, name in response.resources:
+                    if code:
+                        raise ConfigError(f"Kafka at {self.bootstrap} refused to change the configs of topic {name}: "
+                                          f"{for_code(code).message} {message or ''}".rstrip())
+        return out
 
     def record(self, message: Message) -> tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]:
         """(topic on the cluster, value, key, headers) of a message, as the producers send it."""
@@ -419,14 +659,12 @@ class KafkaBus:
         for sub in self.subscriptions:
             consumer = sub.consumer
             for tp in consumer.assignment():
-                end = consumer.last_stable_offset(tp)
-                if end is None:
-                    end = consumer.highwater(tp)
-                if end is None:
-                    continue
-                with contextlib.suppress(Exception):
-                    position = await asyncio.wait_for(consumer.position(tp), timeout_s)
-                    out[(sub.group, tp.topic, tp.partition)] = max(0, end - position)
+                with contextlib.suppress(Exception):  # (a partition revoked meanwhile: AssertionError)
+                    end = consumer.last_stable_offset(tp)
+                    end = consumer.highwater(tp) if end is None else end
+                    if end is not None:
+                        position = await asyncio.wait_for(consumer.position(tp), timeout_s)
+                        out[(sub.group, tp.topic, tp.partition)] = max(0, end - position)
         return out
 
     async def _watch(self, stuck_after_s: float = 5.0) -> None:
@@ -466,18 +704,20 @@ class KafkaBus:
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(in_flight)} messages were not delivered to Kafka: {failed[0]!r}")
 
-    def subscribe(self, topics: list[Topic], group: str, transactional: bool = False) -> KafkaSubscription:
-        sub = KafkaSubscription(self, topics, group, transactional)
+    def subscribe(self, topics: list[Topic], group: str, transactional: bool = False,
+                  align: bool = False) -> KafkaSubscription:
+        sub = KafkaSubscription(self, topics, group, transactional, align)
         self.subscriptions.append(sub)
         return sub
 
-    async def read_latest(self, topic: Topic, partitions: set[int]) -> dict[int, Message]:
+    async def read_latest(self, topic: Topic, partitions: set[int], key=None) -> dict[int, Message]:
         """The last committed message of each of the topic's `partitions` (a compacted
-        topic's latest state), read from the beginning up to the last stable offset."""
+        topic's latest state), read from the beginning up to the last stable offset; with
+        `key(partition)`, the last one of that key (several states share a partition)."""
         if not partitions:
             return {}
-        reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, client_id=f"{self.client_id}-restore",
-                                  isolation_level="read_committed", enable_auto_commit=False, **_FETCH)
+        reader = AIOKafkaConsumer(client_id=f"{self.client_id}-restore", isolation_level="read_committed",
+                                  enable_auto_commit=False, **_FETCH, **self.client_settings)
         await reader.start()
         latest: dict[int, Message] = {}
         try:
@@ -488,6 +728,8 @@ class KafkaBus:
             while any([await reader.position(tp) < ends[tp] for tp in tps]):
                 for tp, records in (await reader.getmany(timeout_ms=1000)).items():
                     for rec in records:
+                        if key is not None and rec.key != key(tp.partition).encode():
+                            continue
                         try:
                             latest[tp.partition] = Message(topic, self.decoder.decode(rec.value, rec.headers),
                                                            partition=tp.partition, offset=rec.offset)
@@ -500,9 +742,8 @@ class KafkaBus:
 
     async def end(self, topics: list[Topic]) -> None:
         await self.flush()
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
-        probe = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, client_id=f"{self.client_id}-end")
-        await admin.start()
+        admin = await self._admin()
+        probe = AIOKafkaConsumer(client_id=f"{self.client_id}-end", **self.client_settings)
         await probe.start()
         try:
             described = await admin.describe_topics([self.wire(t) for t in topics])
@@ -515,6 +756,11 @@ class KafkaBus:
     def wire(self, topic: str) -> str:
         """The topic's name on the cluster (a prefix lets several fleets share one)."""
         return f"{self.prefix}{topic}"
+
+    def wire_group(self, group: str) -> str:
+        """A consumer group's id on the cluster, and the start of its transactional ids:
+        kafka.topic_prefix, then fleetwatch. (like the topics: one prefixed ACL covers all)."""
+        return f"{self.prefix}{GROUP_PREFIX}{group}"
 
     async def close(self) -> None:
         for sub in self.subscriptions:

@@ -44,7 +44,8 @@ class MemorySubscription:
             raise EndOfStream
         return out
 
-    async def publish(self, message: Message, partition: int | None = None) -> None:
+    async def publish(self, message: Message, partition: int | None = None, origin: int | None = None) -> None:
+        """(`origin`: over Kafka the input partition whose transaction carries it; in-process none.)"""
         await self.bus.publish(message)
 
     async def commit(self) -> None:

@@ -25,6 +25,7 @@ class Output:
     alerts: list[tuple[datetime, Alert]] = field(default_factory=list)
     health: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)  # rows of the `event` schema (gpu_replaced)
+    racks: pa.RecordBatch | None = None  # rack summaries for the site tier (`rack_summary`), where it runs apart
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Stats:
     gpu_samples: int = 0
     facility_samples: int = 0
     events: int = 0
+    late_samples: int = 0  # GPU and facility rows behind their partition's watermark (detect/watermark.py)
     invalid_values: dict[str, int] = field(default_factory=dict)
     alerts_fired: int = 0
     alerts_resolved: int = 0
@@ -85,6 +87,17 @@ class FacilityBatch:
         np.logical_or.at(any_hit, np.searchsorted(racks, self.rack[rows]), hit)
         judge(out, name, racks[keep], any_hit[keep], self.now, score[first][keep],
               lambda i: evidence(int(rows[first[keep][i]])))
+
+
+@dataclass
+class RackBatch:
+    """Rack summaries (model.RACK_SUMMARY) for the site tier: a row per rack."""
+    slots: np.ndarray       # rack slot of each row
+    ts: np.ndarray          # seconds
+    now: float              # the batch's time: its latest summary
+    gpu_ref: np.ndarray     # the rack's GPUs at zero power, C (NaN: unknown)
+    coolant: np.ndarray     # the rack's mean coolant temperature, C (NaN: unknown)
+    explained: np.ndarray   # bool: a rack alert explains a thermal anomaly
 
 
 @dataclass

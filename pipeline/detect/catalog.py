@@ -52,6 +52,8 @@ class AlertSpec:
     inhibits: tuple[str, ...] = ()    # alerts it mutes in routing while it fires, with the same INHIBIT_EQUAL
                                       # labels (the default alerts.inhibit_rules)
     suppresses: tuple[str, ...] = ()  # alerts its detector keeps from firing while it is pending or firing
+                                      # (of its own detection tier: engine.RACK_TIER or SITE_TIER, or from the
+                                      # rack tier to the site tier, which the rack summaries carry)
     meaning: str = ""     # one line for the runbook index
     method: str = ""      # how it is detected, in a few words
     detection: str = ""   # how it is detected, for docs/detection.md
@@ -252,7 +254,7 @@ ALERTS: tuple[AlertSpec, ...] = (
               "Check the rack's coolant loop for air (bleed it), its filters and cold plates; cap or drain the rack "
               "if it keeps rising.",
               detector="peer_rack_temperature", family="peers", evidence=("excess_c",),
-              inhibits=_COOLING_TARGETS, suppresses=_COOLING_SUPPRESSES,
+              inhibits=_COOLING_TARGETS + ("RackHeatImbalance",),
               meaning="all the rack's GPUs hotter over their coolant than the site's other racks",
               method="physics + peers: rack against site",
               detection="Each rack's GPUs taken to zero power (the median over its nodes, as above) minus the "
@@ -260,9 +262,8 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "coolant that cools them. A rack whose gap exceeds the median of the site's racks by "
                         "`rack_temp_excess_c` (5 C) has something that warms all its GPUs alike while the coolant "
                         "reads normal: air in the loop, fouled cold plates, wrong coolant mix. It needs three racks "
-                        "with data (over Kafka: the rack's facility data and its nodes' telemetry in one detect "
-                        "process), is quiet while the rack has a coolant alert, and explains (suppresses) its GPUs' "
-                        "thermal alerts."),
+                        "with data in the site, is quiet while the rack has a coolant alert, and inhibits its GPUs' thermal alerts "
+                        "and the rack's heat balance at notification (the site tier judges it, apart from them)."),
     AlertSpec("RackHeatImbalance", "warning", "rack",
               "rack {rack}: the coolant carries {coolant_w:.0f} W, {ratio:.0%} of the rack's {power_w:.0f} W "
               "(expected {expected:.0%})",

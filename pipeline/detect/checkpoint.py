@@ -70,9 +70,13 @@ def _checkpoint_batch(table: pa.Table) -> pa.RecordBatch:
 
 
 class Checkpointer:
-    def __init__(self, engine: Engine, partitions: int) -> None:
+    """`owner`: the identity column whose key places an entity's state: `owner` (its data's
+    key: the rack tier) or `site` (the site tier, whose input is keyed by site)."""
+
+    def __init__(self, engine: Engine, partitions: int, owner: str = "owner") -> None:
         self.engine = engine
         self.partitions = partitions
+        self.owner = owner
         self._partition_of: dict[str, int] = {}
 
     def partition(self, owners: pa.Array) -> np.ndarray:
@@ -88,7 +92,7 @@ class Checkpointer:
     def _rows(self, scope: str, partitions: set[int]) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
         """Identities of the scope's entities in `partitions`, their slots and partitions."""
         ids = self.engine.identities(scope)
-        owner_part = self.partition(ids.column("owner"))
+        owner_part = self.partition(ids.column(self.owner))
         slots = np.flatnonzero(np.isin(owner_part, list(partitions)))
         return ids.take(pa.array(slots)), slots, owner_part[slots]
 

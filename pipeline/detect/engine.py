@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from pipeline.bus.base import Message, Topic
 from pipeline.config import Config
 from pipeline.detect import kernels
-from pipeline.detect.batch import EventBatch, FacilityBatch, GpuBatch, Output, Stats, numeric, seconds
+from pipeline.detect.batch import EventBatch, FacilityBatch, GpuBatch, Output, RackBatch, Stats, numeric, seconds
 from pipeline.detect.catalog import DETECTOR_ALERTS, explained_by
 from pipeline.detect.families.coolant import Coolant
 from pipeline.detect.families.counters import Counters
@@ -38,6 +38,7 @@ from pipeline.detect.families.over_temperature import OverTemperature
 from pipeline.detect.families.pdu import PduLoad
 from pipeline.detect.families.peers import Peers
 from pipeline.detect.families.performance import Performance
+from pipeline.detect.families.rack_vs_site import RackVsSite
 from pipeline.detect.families.staleness import Staleness
 from pipeline.detect.families.siblings import SiblingTemperature
 from pipeline.detect.families.site_power import SitePower
@@ -46,6 +47,7 @@ from pipeline.detect.family import Family, JoinedArrays
 from pipeline.detect.health import NodeHealth, NodeIdentity, Tracker
 from pipeline.detect.inventory import Inventory
 from pipeline.detect.state import SlotArrays
+from pipeline.detect.watermark import Watermarks
 from pipeline.model import GPU_METRICS, Alert
 
 log = logging.getLogger(__name__)
@@ -54,29 +56,39 @@ F = TypeVar("F", bound=Family)
 # The order the families run in, for each topic's batches: a family reads what the
 # ones before it learnt or alerted on the same batch (peers read the siblings' excess,
 # over-temperature the runaway and node alerts, the clocks-event check every thermal one).
-FAMILIES: tuple[type[Family], ...] = (
+# Two tiers: a rack's families need only the rack's data (its nodes' GPUs and events, its
+# CDU and PDU; the site meter is one more "rack"), the site tier compares a site's racks
+# from their summaries. One process runs both, handing the summaries over directly; over
+# Kafka they run apart, each partitioned by its own key (docs/kafka.md).
+RACK_TIER: tuple[type[Family], ...] = (
     SiblingTemperature, Peers, OverTemperature, Drift, Performance, Counters, Staleness,  # GPU telemetry
     Coolant, PduLoad, HeatBalance, SitePower,                                             # facility
     Xid,                                                                                  # events
 )
+SITE_TIER: tuple[type[Family], ...] = (RackVsSite,)                                       # rack summaries
+FAMILIES = RACK_TIER + SITE_TIER
 
 
 class Engine:
     """`families`: the detector families to run, in order (tests add one)."""
 
-    def __init__(self, cfg: Config, node_staleness: bool = True, *,
-                 families: tuple[type[Family], ...] = FAMILIES) -> None:
+    def __init__(self, cfg: Config, *, families: tuple[type[Family], ...] = FAMILIES) -> None:
         kernels.warm_up()  # compile or load from cache now, not on the first sample
         self.cfg = cfg
-        self.node_staleness = node_staleness  # needs all nodes' data in one order (see families/staleness.py)
         self.stats = Stats()
-        self.inventory = Inventory()
+        self.inventory = Inventory(cfg.kafka.partitions)
+        # Event time of GPU telemetry and of facility readings, per partition (their own clocks:
+        # over Kafka one topic may be read ahead of the other).
+        self.gpu_time = Watermarks(cfg.detect.lateness_s)
+        self.facility_time = Watermarks(cfg.detect.lateness_s)
         self.trackers: dict[str, Tracker] = {}
         self.families = [family(self) for family in families]
         self._by_type = {type(f): f for f in self.families}
         raised = [name for f in self.families for name in f.raises]
         catalog = {spec.name for spec in DETECTOR_ALERTS}
-        if len(raised) != len(set(raised)) or set(raised) != catalog:
+        # A tier raises its share of the catalog; all the families together raise all of it.
+        expected = catalog if families == FAMILIES else set(raised) & catalog
+        if len(raised) != len(set(raised)) or set(raised) != expected:
             raise ValueError(f"each detector alert of the catalog must be raised by one family: not in the catalog "
                              f"{sorted(set(raised) - catalog)}, raised by none {sorted(catalog - set(raised))}, "
                              f"or one raised by two")
@@ -89,9 +101,11 @@ class Engine:
             f.check_declared()
         # Per topic: the families that observe (not all do), and those that evaluate, in order.
         self._by_topic = {}
-        for topic in (Topic.GPU, Topic.FACILITY, Topic.EVENTS):
+        for topic in (Topic.GPU, Topic.FACILITY, Topic.EVENTS, Topic.RACKS):
             mine = [f for f in self.families if f.topic == topic]
             self._by_topic[topic] = ([f for f in mine if type(f).observe is not Family.observe], mine)
+        # Rack summaries go straight to the site tier where it runs here; else out.racks carries them.
+        self.site_tier_here = bool(self._by_topic[Topic.RACKS][1])
         self.health = NodeHealth()
         self._resume_pending = False  # see resume()
 
@@ -144,6 +158,12 @@ class Engine:
             self._facility(batch, out)
         elif message.topic == Topic.EVENTS:
             self._events(batch, out)
+        elif message.topic == Topic.RACKS:
+            self._racks(batch, out)
+        if out.racks is not None and self.site_tier_here:
+            racks, out.racks = out.racks, None
+            self.inventory.current = racks
+            self._racks(racks, out)
         if out.alerts:
             self.stats.alerts_fired += sum(a.ends_at is None for _, a in out.alerts)
             self.stats.alerts_resolved += sum(a.ends_at is not None for _, a in out.alerts)
@@ -220,10 +240,31 @@ class Engine:
 
     # ---- batches -----------------------------------------------------------------
 
+    def _on_time(self, batch: pa.RecordBatch, clock: Watermarks, part: np.ndarray, ts: np.ndarray,
+                 *arrays: np.ndarray) -> tuple:
+        """The batch without its late rows (counted, logged once), and its arrays likewise;
+        the partitions' clocks then advance."""
+        late = clock.late(part, ts)
+        if late.any():
+            if not self.stats.late_samples:
+                log.warning("detect: rows more than detect.lateness_s (%g s) behind their partition's latest are late: "
+                            "archived, not detected on; counted in fleetwatch_late_samples_total, logged once",
+                            clock.lateness_s)
+            self.stats.late_samples += int(late.sum())
+            keep = ~late
+            batch, ts, part = batch.filter(pa.array(keep)), ts[keep], part[keep]
+            arrays = tuple(a[keep] for a in arrays)
+        clock.advance(part, ts)
+        return (batch, ts, *arrays)
+
     def _gpu(self, batch: pa.RecordBatch, out: Output) -> None:
         inv = self.inventory
         slots = inv.gpu_ids.slots(batch.column("gpu_uuid"))
         ts = seconds(batch)
+        batch, ts, slots = self._on_time(batch, self.gpu_time, inv.rack_partition[inv.node.rack[inv.gpu.node[slots]]],
+                                         ts, slots)
+        if batch.num_rows == 0:
+            return
         if inv.replaced or inv.gpu.retired[slots].any():
             self._replacements(out, slots, float(ts.max()))
         if self._resume_pending:
@@ -241,11 +282,23 @@ class Engine:
         keys = pc.binary_join_element_wise(batch.column("device"), batch.column("metric"), "/")
         slots = inv.point_ids.slots(keys)
         ts = seconds(batch)
+        batch, ts, slots = self._on_time(batch, self.facility_time, inv.rack_partition[inv.point.rack[slots]], ts, slots)
+        if batch.num_rows == 0:
+            return
         self.stats.facility_samples += batch.num_rows
         value = numeric(batch, "value", self.stats)
         self._run(Topic.FACILITY, FacilityBatch(slots=slots, ts=ts, now=float(ts.max()), value=value,
                                                 kind=inv.point.kind[slots], rack=inv.point.rack[slots],
                                                 devices=inv.point_devices), out)
+
+    def _racks(self, batch: pa.RecordBatch, out: Output) -> None:
+        slots = self.inventory.rack_ids.slots(pc.binary_join_element_wise(batch.column("site"), batch.column("rack"),
+                                                                          "/"))
+        ts = seconds(batch)
+        col = lambda name: pc.fill_null(batch.column(name), float("nan")).to_numpy(zero_copy_only=False)  # noqa: E731
+        self._run(Topic.RACKS, RackBatch(slots=slots, ts=ts, now=float(ts.max()), gpu_ref=col("gpu_at_zero_power_c"),
+                                         coolant=col("coolant_mean_c"),
+                                         explained=batch.column("explained").to_numpy(zero_copy_only=False)), out)
 
     def _events(self, batch: pa.RecordBatch, out: Output) -> None:
         batch = batch.filter(pc.is_valid(batch.column("gpu_uuid")))  # node-level events: none alert yet

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.bus.keys import partition_for
 from pipeline.detect.health import NodeIdentity
 from pipeline.detect.state import KeyIndex, SlotArrays
 from pipeline.model import PointKind, point_kind
@@ -19,7 +20,8 @@ log = logging.getLogger("pipeline.detect.engine")
 
 
 class Inventory:
-    def __init__(self) -> None:
+    def __init__(self, partitions: int = 1) -> None:
+        self.partitions = partitions  # of the bus's rack-keyed topics (kafka.partitions): event time is per partition
         self.current: pa.RecordBatch | None = None  # the batch whose new keys are being registered
         # Keys -> slots: GPU UUID, node name, "site/rack", "device/metric".
         self.gpu_ids = KeyIndex(self._new_gpus)
@@ -34,6 +36,7 @@ class Inventory:
         self.node_names: list[str] = []
         self.rack_names: list[tuple[str, str]] = []   # (site, rack)
         self.rack_site: list[int] = []  # site index of each rack slot (racks of one site are peers)
+        self.rack_partition = np.zeros(0, np.int64)  # the partition each rack's data travel in (bus/keys.py)
         self.site_index: dict[str, int] = {}
         self.point_devices: list[str] = []
         self.point_classes: list[str] = []  # each point's device_class (what its kind was read from)
@@ -60,10 +63,13 @@ class Inventory:
         self.node.rack[start:start + len(rows)] = racks
 
     def _new_racks(self, keys: pa.Array, rows: np.ndarray) -> None:
+        parts = []
         for key in keys.to_pylist():
             site, rack = key.split("/", 1)
             self.rack_names.append((site, rack))
             self.rack_site.append(self.site_index.setdefault(site, len(self.site_index)))
+            parts.append(partition_for(rack or site, self.partitions))
+        self.rack_partition = np.concatenate([self.rack_partition, np.asarray(parts, np.int64)])
 
     def _new_gpus(self, keys: pa.Array, rows: np.ndarray) -> None:
         b = self.current
@@ -148,28 +154,29 @@ class Inventory:
 
     def identities(self, scope: str) -> pa.RecordBatch:
         """Every known entity of a scope, in slot order, with the labels that identify it
-        and `owner`: the bus key its data arrives under (node; rack, or site for site-level
-        facility devices)."""
+        and `owner`: the bus key its data arrives under (bus/keys.py: its rack, or its site
+        where it has no rack)."""
         nodes = np.asarray(self.node_names, dtype=object)
         sites = np.asarray([s for s, _ in self.rack_names], dtype=object)
         racks = np.asarray([r for _, r in self.rack_names], dtype=object)
+        owners = np.where(racks == "", sites, racks)
         if scope == "gpu":
             node = self.gpu.node[:self.gpu_count]
             rack = self.node.rack[node]
             cols = {"gpu_uuid": self.gpu_ids.keys, "node": nodes[node], "site": sites[rack], "rack": racks[rack],
                     "gpu": self.gpu.index[:self.gpu_count],
-                    "owner": np.where(self.gpu.retired[:self.gpu_count], None, nodes[node])}  # retired: no partition
+                    "owner": np.where(self.gpu.retired[:self.gpu_count], None, owners[rack])}  # retired: no partition
         elif scope == "node":
             rack = self.node.rack[:len(nodes)]
-            cols = {"node": nodes, "site": sites[rack], "rack": racks[rack], "owner": nodes}
+            cols = {"node": nodes, "site": sites[rack], "rack": racks[rack], "owner": owners[rack]}
         elif scope == "rack":  # a site's own entry (rack "") arrives keyed by the site
-            cols = {"site": sites, "rack": racks, "owner": np.where(racks == "", sites, racks)}
+            cols = {"site": sites, "rack": racks, "owner": owners}
         else:
             rack = self.point.rack[:len(self.point_devices)]
             parts = pc.split_pattern(self.point_ids.keys, "/", max_splits=1)
             cols = {"device": pc.list_element(parts, 0), "metric": pc.list_element(parts, 1),
                     "site": sites[rack], "rack": racks[rack], "device_class": np.asarray(self.point_classes, object),
-                    "owner": np.where(racks[rack] == "", sites[rack], racks[rack])}
+                    "owner": owners[rack]}
         return pa.RecordBatch.from_pydict({k: pa.array(v, pa.int16() if k == "gpu" else pa.string())
                                            if not isinstance(v, pa.Array) else v for k, v in cols.items()})
 

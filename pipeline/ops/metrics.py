@@ -149,7 +149,9 @@ class FleetwatchCollector(Collector):
         engine, writer = self.ctx.engine, self.ctx.writer
         if engine is not None:
             counts["FleetwatchWatchdog"] = 0
-            counts.update((name, len(tr.active)) for name, tr in engine.trackers.items())
+            for tier in (engine, self.ctx.site_engine):
+                for name, tr in (tier.trackers.items() if tier is not None else ()):
+                    counts[name] = counts.get(name, 0) + len(tr.active)
         if writer is not None:
             counts["FleetwatchArchiveFailing"] = int(writer.outage is not None and writer.outage.alert is not None)
         for alert in self.own_alerts():
@@ -160,6 +162,14 @@ class FleetwatchCollector(Collector):
             firing.add_metric([name, ALERTS_BY_NAME[name].severity], n)
         yield firing
         if engine is not None:
+            late = _counter("fleetwatch_late_samples_total", "rows behind their partition's watermark by more than "
+                            "detect.lateness_s: archived, not detected on", [])
+            late.add_metric([], engine.stats.late_samples)
+            yield late
+            fenced = _counter("fleetwatch_partitions_fenced_total", "partitions this process lost to a newer owner "
+                              "while it held them (a frozen process that woke up): nothing of them was committed", [])
+            fenced.add_metric([], sum(getattr(sub, "fenced", 0) for sub in getattr(self.ctx.bus, "subscriptions", ())))
+            yield fenced
             nodes = _gauge("fleetwatch_nodes", "nodes per health state", ["state"])
             for state, n in engine.health.counts(len(engine.node_names)).items():
                 nodes.add_metric([state], n)

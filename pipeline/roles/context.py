@@ -51,7 +51,8 @@ class Context:
         self.cfg, self.roles, self.bus, self.stop, self.console = cfg, roles, bus, stop, console
         self.gates: list[Gate] = []
         self.sources: dict[str, Source] = {}
-        self.engine: Any = None    # the detector Engine, once detect built it
+        self.engine: Any = None    # the detector Engine, once detect built it (over Kafka: its rack tier)
+        self.site_engine: Any = None  # over Kafka: the site tier's Engine (roles/detect.py)
         self.writer: Any = None    # the archive's ArchiveWriter, once archive built it
         self.notifier: Any = None  # notify's Notifier, once notify built it
         self.collectors: list = []  # prometheus_client collectors roles add to the process's /metrics
@@ -104,8 +105,9 @@ class Context:
         return self.progress.reader(role, gate, sub)
 
     async def emit(self, topic: Topic, batch: pa.RecordBatch) -> None:
-        """A source's batch onto the bus, as keys.messages cuts and keys it."""
-        for message in keys.messages(topic, batch, self.bus.keyed):
+        """A source's batch onto the bus, as keys.messages cuts and keys it (over Kafka a
+        message per partition: each holds the racks that land there)."""
+        for message in keys.messages(topic, batch, self.bus.keyed, self.cfg.kafka.partitions if self.bus.keyed else 0):
             await self.bus.publish(message)
 
     def emitter(self, role: str):

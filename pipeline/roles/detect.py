@@ -2,6 +2,11 @@
 its state checkpointed: over Kafka per partition in the state topic, in one transaction
 with the output and the input offsets; without Kafka in <data_dir>/state/.
 
+Over Kafka it runs as two tiers (docs/kafka.md): the rack tier reads GPU telemetry,
+events and facility readings (keyed by rack, aligned by event time) in consumer group
+`detect`, and sends rack summaries keyed by site; the site tier reads those in group
+`detect-site`. Every detect process runs both; Kafka spreads each tier's partitions.
+
 This module imports the Engine (whose import compiles Numba kernels): only a process
 that runs detect imports it (the role table names it as a string).
 """
@@ -11,17 +16,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
 import pyarrow as pa
 
 from pipeline.sinks.alerts import read_jsonl
 from pipeline.bus import Bus, EndOfStream, Message, Topic
 from pipeline.bus import keys
-from pipeline.bus.batching import coalesce
+from pipeline.bus.align import ORIGIN
+from pipeline.bus.batching import coalesce, coalesce_by_time
 from pipeline.bus.intake import Gate
 from pipeline.config import Config
 from pipeline.detect.checkpoint import Checkpointer, CheckpointUnreadable, LocalCheckpoint, reconcile
-from pipeline.detect.engine import Engine
+from pipeline.detect.engine import RACK_TIER, SITE_TIER, Engine
 from pipeline.model import EVENT, NODE_HEALTH, alerts_to_batch
 
 log = logging.getLogger("fleetwatch")
@@ -30,10 +37,9 @@ log = logging.getLogger("fleetwatch")
 def make_detector(cfg: Config) -> tuple[Engine, LocalCheckpoint | None, list]:
     """The Engine of a detect role: over Kafka fresh (each partition's state comes from the
     state topic as it is assigned), without Kafka resumed from the data directory."""
-    engine = Engine(cfg, node_staleness=not cfg.kafka.bootstrap)
     if cfg.kafka.bootstrap:
-        return engine, None, []
-    return resume_embedded(cfg, engine)
+        return Engine(cfg, families=RACK_TIER), None, []
+    return resume_embedded(cfg, Engine(cfg))
 
 
 def build(ctx, spec):
@@ -41,20 +47,34 @@ def build(ctx, spec):
     checkpoint, its gate."""
     cfg, k = ctx.cfg, ctx.cfg.kafka
     engine, local, resolved_at_start = ctx.detector()
-    if k.bootstrap:
-        sub, checkpoint = ctx.bus.subscribe(list(spec.inputs), spec.group, transactional=True), \
-            Checkpointer(engine, k.partitions)
-    else:
-        sub, checkpoint = ctx.bus.subscribe(list(spec.inputs), spec.group), None
+    if not k.bootstrap:
+        sub = ctx.bus.subscribe(list(spec.inputs), spec.group)
+        return lambda: detect_role(ctx.bus, engine, sub, k.commit_interval_s, None, local,
+                                   cfg.daemon.checkpoint_interval_s, resolved_at_start, ctx.gate(sub, spec.group),
+                                   ctx.progress.detected)
+    sub = ctx.bus.subscribe(list(spec.inputs), spec.group, transactional=True, align=True)
+    site = ctx.site_engine = Engine(cfg, families=SITE_TIER)
+    site_sub = ctx.bus.subscribe([Topic.RACKS], f"{spec.group}-site", transactional=True, align=True)
     gate = ctx.gate(sub, spec.group)
-    return lambda: detect_role(ctx.bus, engine, sub, k.commit_interval_s, checkpoint, local,
-                               cfg.daemon.checkpoint_interval_s, resolved_at_start, gate, ctx.progress.detected)
+
+    async def both_tiers() -> None:
+        site_tier = asyncio.create_task(detect_role(ctx.bus, site, site_sub, k.commit_interval_s,
+                                                    Checkpointer(site, k.partitions, "site"), tier="site",
+                                                    timed=ctx.progress.detected), name="detect-site")
+        try:
+            await detect_role(ctx.bus, engine, sub, k.commit_interval_s, Checkpointer(engine, k.partitions),
+                              gate=gate, timed=ctx.progress.detected)
+            await ctx.bus.end([Topic.RACKS])  # a finite run: the site tier drains what the rack tier sent
+            await site_tier
+        finally:
+            site_tier.cancel()
+    return both_tiers
 
 
 async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
                       checkpoint: Checkpointer | None, local: LocalCheckpoint | None = None,
                       checkpoint_interval_s: float = 10.0, resolved_at_start: list | None = None,
-                      gate: Gate | None = None, timed=None) -> None:
+                      gate: Gate | None = None, timed=None, tier: str = "rack") -> None:
     """Telemetry in, alerts and node health out. Over Kafka the output, the input offsets
     and a checkpoint of the detector state of each partition processed commit together
     (one transaction per commit interval); a partition that moves to another detect
@@ -66,14 +86,14 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
     dirty: set[int] = set()  # partitions processed since their last checkpoint
     background: set[asyncio.Task] = set()  # in-process event publishes (below)
 
-    async def publish_events(rows: list[dict]) -> None:
+    async def publish_events(rows: list[dict], origin: int | None) -> None:
         """Events the engine found (a GPU replaced) go to the events topic, archived with the
         sources' events. Detect reads that topic too: in-process it must not wait on its own
         queue, so the publish runs beside it."""
         batch = pa.RecordBatch.from_pylist(rows, schema=EVENT)
         for m in keys.messages(Topic.EVENTS, batch, bus.keyed):
             if bus.keyed:
-                await sub.publish(m)
+                await sub.publish(m, origin=origin)
             else:
                 task = asyncio.create_task(sub.publish(m))
                 background.add(task)
@@ -82,17 +102,17 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
     async def commit(partitions: set[int]) -> None:
         if checkpoint is not None:
             for p, state in checkpoint.snapshot(partitions & dirty).items():
-                await sub.publish(Message(Topic.STATE, state, key=keys.checkpoint_key(p)), partition=p)
+                await sub.publish(Message(Topic.STATE, state, key=keys.checkpoint_key(p, tier)), partition=p, origin=p)
             dirty.difference_update(partitions)
         await sub.commit()
 
     async def restore(partitions: set[int]) -> None:
         async with busy:
-            checkpoint.partitions = sub.partition_count(Topic.GPU) or checkpoint.partitions
-            latest = await bus.read_latest(Topic.STATE, partitions)
+            checkpoint.partitions = sub.partition_count(sub.topics[0]) or checkpoint.partitions
+            latest = await bus.read_latest(Topic.STATE, partitions, key=lambda p: keys.checkpoint_key(p, tier))
             held = [checkpoint.restore(m.value) for m in latest.values()]
-            log.info("detect: assigned partitions %s; restored the detector state of %s (%d GPUs, %d nodes, "
-                     "%d racks, %d alerts firing)%s", sorted(partitions), sorted(latest),
+            log.info("detect (%s tier): assigned partitions %s; restored the detector state of %s (%d GPUs, %d nodes, "
+                     "%d racks, %d alerts firing)%s", tier, sorted(partitions), sorted(latest),
                      *(sum(h[k] for h in held) for k in ("gpu", "node", "rack", "alerts")),
                      f"; no checkpoint yet for {sorted(partitions - set(latest))}" if partitions - set(latest) else "")
 
@@ -100,11 +120,17 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
         async with busy:
             await commit(partitions)
             checkpoint.forget(partitions)
-            log.info("detect: partitions %s revoked; their state is checkpointed and dropped here", sorted(partitions))
+            log.info("detect (%s tier): partitions %s revoked; their state is checkpointed and dropped here", tier,
+                     sorted(partitions))
+
+    def lost(partitions: set[int]) -> None:  # fenced: another process owns them; nothing here is committed
+        checkpoint.forget(partitions)
+        dirty.difference_update(partitions)
 
     if checkpoint is not None:
         sub.on_assigned.append(restore)
         sub.before_revoke.append(hand_over)
+        sub.on_lost.append(lost)
     if resolved_at_start:
         for m in keys.messages(Topic.ALERTS, alerts_to_batch(resolved_at_start), keyed=True):
             await sub.publish(m)
@@ -125,22 +151,28 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
             if gate is not None:  # bad rows are dead-lettered here, the rest goes on (bus/intake.py)
                 messages = await gate.screen(messages)
             dirty.update(m.partition for m in messages)
-            for message in coalesce(messages):
-                started = time.perf_counter()
-                out = engine.process(message)
-                if timed is not None:
-                    timed(message.topic, time.perf_counter() - started)
-                # Keyed on every bus, so that an alert's changes, and a node's states, stay in
-                # order (the health topic is compacted to the latest state per node).
-                if out.alerts:
-                    for m in keys.messages(Topic.ALERTS, alerts_to_batch(out.alerts), keyed=True):
-                        await sub.publish(m)
-                if out.health:
-                    for m in keys.messages(Topic.HEALTH, pa.RecordBatch.from_pylist(out.health, schema=NODE_HEALTH),
-                                           keyed=True):
-                        await sub.publish(m)
-                if out.events:
-                    await publish_events(out.events)
+            # Per input partition (over Kafka its output commits in that partition's transaction).
+            for p, of_partition in by_partition(messages).items():
+                origin = p if p >= 0 else None
+                for message in (coalesce(of_partition) if tier == "rack" else coalesce_by_time(of_partition)):
+                    started = time.perf_counter()
+                    out = engine.process(message)
+                    if timed is not None:
+                        timed(message.topic, time.perf_counter() - started)
+                    # Keyed on every bus, so that an alert's changes, and a node's states, stay in
+                    # order (the health topic is compacted to the latest state per node).
+                    if out.alerts:
+                        for m in keys.messages(Topic.ALERTS, alerts_to_batch(out.alerts), keyed=True):
+                            await sub.publish(m, origin=origin)
+                    if out.health:
+                        for m in keys.messages(Topic.HEALTH, pa.RecordBatch.from_pylist(out.health,
+                                                                                        schema=NODE_HEALTH), keyed=True):
+                            await sub.publish(m, origin=origin)
+                    if out.events:
+                        await publish_events(out.events, origin)
+                    if out.racks is not None:  # the site tier runs apart (over Kafka); it aligns by origin
+                        for m in keys.messages(Topic.RACKS, out.racks, keyed=True):
+                            await sub.publish(replace(m, headers={ORIGIN: str(p)}), origin=origin)
             if time.monotonic() >= next_commit:
                 await commit(set(dirty))
                 next_commit = time.monotonic() + commit_interval_s
@@ -148,6 +180,14 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
                 await local.save()
                 next_save = time.monotonic() + checkpoint_interval_s
 
+
+
+def by_partition(messages: list[Message]) -> dict[int, list[Message]]:
+    """Messages grouped by the partition they came from, in order within each."""
+    out: dict[int, list[Message]] = {}
+    for m in messages:
+        out.setdefault(m.partition, []).append(m)
+    return out
 
 
 def resume_embedded(cfg: Config, engine: Engine) -> tuple[Engine, LocalCheckpoint, list]:
@@ -159,7 +199,7 @@ def resume_embedded(cfg: Config, engine: Engine) -> tuple[Engine, LocalCheckpoin
     try:
         held = local.restore()
     except CheckpointUnreadable:  # failed half-way: a fresh engine
-        engine = Engine(cfg, node_staleness=engine.node_staleness)
+        engine = Engine(cfg)
         local, held = LocalCheckpoint(engine, cfg.state_dir), None
     if held is not None:
         log.info("detect: restored the detector state from %s (%d GPUs, %d nodes, %d racks, %d alerts firing)",

@@ -3,9 +3,13 @@
     <data_dir>/archive/<dataset>/date=YYYY-MM-DD/hour=HH/part-<first ts>-<writer>-<seq>.parquet
 
 Batches are buffered per dataset (and per source partition, from Kafka) and written
-as one file per buffer and hour partition per flush. Each file is written into `<data_dir>/archive/.staging/` (same filesystem,
-outside every dataset) and renamed into place, so a reader never sees a partial
-file and no temporary file ever sits inside a dataset. File names never collide
+as one file per buffer and hour partition per flush. A file holds one schema version,
+the current one (an older batch is upgraded as it is buffered); the version is in the
+file's Arrow schema metadata. Files written before a column was added lack it, and
+readers read a dataset by column name with missing columns as null (docs/data.md).
+Each file is written into `<data_dir>/archive/.staging/` (same filesystem, outside
+every dataset) and renamed into place, so a reader never sees a partial file and no
+temporary file ever sits inside a dataset. File names never collide
 with earlier data, so appending never overwrites it.
 
 A write that fails (disk full, permission error, archive/ deleted) leaves no partial
@@ -28,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.model import SCHEMAS
+from pipeline.model import SCHEMAS, upgraded
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +84,12 @@ class ArchiveWriter:
             leftover.unlink()
 
     def add(self, dataset: str, batch: pa.RecordBatch, partition: int = -1, offset: int = -1) -> bool:
-        """Buffer a batch; True when the dataset's buffers are full and should be flushed."""
+        """Buffer a batch; True when the dataset's buffers are full and should be flushed.
+        A batch of the previous schema version (model.UPGRADES) is upgraded first, so a
+        buffer, and every file, holds the current version only."""
         if batch.schema != SCHEMAS[dataset]:
+            if b"fleetwatch.version" in (batch.schema.metadata or {}):
+                batch = upgraded(batch)
             batch = pa.RecordBatch.from_arrays([batch.column(f.name).cast(f.type) for f in SCHEMAS[dataset]],
                                                schema=SCHEMAS[dataset])
         buf = self._buffers.setdefault((dataset, partition), _Buffer())

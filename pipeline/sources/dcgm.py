@@ -8,7 +8,7 @@ or `fleetwatch run --source dcgm --dcgm-targets URL[,URL...]`).
   is parsed in a worker thread (prometheus_client's parser, each distinct label set once per
   text: `dcgm_samples`); the `DCGM_FI_*` fields of the counters table (sources/dcgm_fields.py)
   become gpu_samples columns in base units, one row per GPU (its `UUID` label). What arrived is
-  published as one batch (keyed by node on the bus) once every target has answered or failed, or
+  published as one batch (keyed by rack on the bus) once every target has answered or failed, or
   at the latest every min(interval, 1 s). Fields an exporter does not send, or sends as NaN or
   Inf, are null.
 - Who is who: the node is the target's `node` label, else the exporter's `Hostname` label,

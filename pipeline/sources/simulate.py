@@ -550,7 +550,7 @@ class SimulatorSource:
             await emit(Topic.GPU, tick.gpu)
             if self.bms is None:
                 await emit(Topic.FACILITY, tick.facility)
-            if tick.events is not None:  # a node's events go where its telemetry goes (keyed by node)
+            if tick.events is not None:  # a rack's events go where its telemetry goes (keyed by rack)
                 await emit(Topic.EVENTS, tick.events)
             self.gpu_samples += tick.gpu.num_rows
             if tick.labels is not None:

@@ -22,6 +22,7 @@ from pipeline.bus.codec import encode
 from pipeline.bus.kafka import DEAD_LETTER, KafkaBus
 from pipeline.sources.simulate import FleetSimulator
 from tests.conftest import make_config
+from tests.helpers import stop_in_order
 from tests.services import KafkaBroker
 
 pytestmark = pytest.mark.kafka
@@ -297,24 +298,6 @@ def start_role(role: str, broker, cwd, env: dict[str, str]) -> subprocess.Popen:
     return proc
 
 
-def stop_in_order(procs: dict[str, subprocess.Popen], groups: list[list[str]]) -> dict[str, str]:
-    """SIGTERM each group in turn (data order), wait for it; every process must exit 0.
-    Returns each process's log; kills whatever is left on the way out."""
-    logs = {}
-    try:
-        for group in groups:
-            for name in group:
-                procs[name].send_signal(signal.SIGTERM)
-            for name in group:
-                procs[name].wait(timeout=90)
-                logs[name] = procs[name].log_path.read_text()
-                assert procs[name].returncode == 0, f"{name}: {logs[name][-2000:]}"
-    finally:
-        for p in procs.values():
-            p.kill()
-    return logs
-
-
 SUMMARY = (r"stopped after [\d.]+ s: (\d+) GPU samples published, (\d+) GPU samples, (\d+) alerts raised, "
            r"(\d+) rows archived")
 
@@ -352,7 +335,8 @@ def test_a_second_archive_joining_rebalances_without_loss_or_duplicates(broker, 
     import polars as pl
 
     from tests.helpers import archived
-    env = role_env("b", FLEETWATCH_KAFKA__PARTITIONS="4", FLEETWATCH_ARCHIVE__FLUSH_INTERVAL_S="2")
+    env = role_env("b", FLEETWATCH_KAFKA__PARTITIONS="4", FLEETWATCH_ARCHIVE__FLUSH_INTERVAL_S="2",
+                   FLEETWATCH_FLEET__RACKS="4")  # racks r01-r04 on partitions 1-3: both archives get some
     procs = {"simulate": start_role("simulate", broker, tmp_path, env),
              "archive-a": start_role("archive", broker, tmp_path, env)}
     time.sleep(8)
@@ -369,7 +353,7 @@ def test_a_second_archive_joining_rebalances_without_loss_or_duplicates(broker, 
     assert gpu.select(pl.struct("gpu_uuid", "ts").n_unique()).item() == published
 
 
-ASSIGNED = re.compile(r"detect: assigned partitions \[([\d, ]*)\]; restored the detector state of \[([\d, ]*)\] "
+ASSIGNED = re.compile(r"detect \(rack tier\): assigned partitions \[([\d, ]*)\]; restored the detector state of \[([\d, ]*)\] "
                       r"\((\d+) GPUs, (\d+) nodes, (\d+) racks, (\d+) alerts firing\)")
 
 
@@ -400,6 +384,7 @@ def test_detect_scales_out_and_a_killed_detector_s_partitions_continue_from_its_
         ("detect-c", "detect"), ("simulate", "simulate"))}
     detects = ["detect-a", "detect-b", "detect-c"]
     alerts_log = tmp_path / "data" / "alerts.jsonl"
+    name, survivors = None, detects
 
     def victim() -> tuple[str, dict] | None:
         """A detect process owning the node of an alert that is firing (and old enough
@@ -416,8 +401,8 @@ def test_detect_scales_out_and_a_killed_detector_s_partitions_continue_from_its_
         if sum(len(o) for o in owners.values()) != 6 or not all(owners.values()):
             return None  # the group has not settled on three members yet
         for a in open_alerts.values():
-            if "node" in a["labels"]:
-                p = partition_for(a["labels"]["node"], 6)
+            if "node" in a["labels"]:  # (its data are keyed by its rack)
+                p = partition_for(a["labels"]["rack"], 6)
                 return next(name for name, parts in owners.items() if p in parts), a
         return None
 

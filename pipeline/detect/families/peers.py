@@ -1,10 +1,11 @@
-"""Peers one and two levels up: a node's GPUs against the rack's other nodes at the same
-power (NodeThermalAnomaly), and a rack's GPUs over their coolant against the site's
-other racks (RackThermalAnomaly)."""
+"""Peers one level up: a node's GPUs against the rack's other nodes at the same power
+(NodeThermalAnomaly). It also summarises each rack for the site tier, which judges the
+rack against the site's other racks (families/rack_vs_site.py)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.bus.base import Topic
 from pipeline.detect.batch import GpuBatch, Output
@@ -12,12 +13,13 @@ from pipeline.detect.families.heat_balance import HeatBalance
 from pipeline.detect.families.staleness import Staleness
 from pipeline.detect.family import Family, State, evidence
 from pipeline.detect.state import group_median
+from pipeline.model import RACK_SUMMARY
 
 
 class Peers(Family):
     topic = Topic.GPU
     name = "peers"
-    raises = ("NodeThermalAnomaly", "RackThermalAnomaly")
+    raises = ("NodeThermalAnomaly",)
     node = State("node", fields={"ref_temp": (np.float64, np.nan)})  # median GPU temperature at zero power
 
     def evaluate(self, b: GpuBatch, out: Output) -> None:
@@ -40,7 +42,7 @@ class Peers(Family):
         rack = node_rack[nodes]
         excess = ref.ref_temp[nodes] - rack_med[rack]
         judged = np.flatnonzero(steady & (rack_n[rack] >= 3))  # others neither raise nor clear it
-        self._rack_against_site(b, out, np.unique(rack), rack_med, rack_n)
+        self._summarize_racks(b, out, np.unique(rack), rack_med, rack_n)
         self.judge(out, "NodeThermalAnomaly", nodes[judged], excess[judged] > d.node_temp_excess_c, b.now,
                    excess[judged], evidence(excess_c=excess[judged], node_temp_c=view.node_temp[judged],
                                             rack_median_c=rack_med[rack[judged]] + d.thermal_c_per_w
@@ -48,27 +50,19 @@ class Peers(Family):
                                             threshold_c=d.node_temp_excess_c))
         b.node_hot = self.alerted("NodeThermalAnomaly", n_nodes)[nodes][b.group]
 
-    def _rack_against_site(self, b: GpuBatch, out: Output, racks: np.ndarray, rack_ref: np.ndarray,
-                           rack_n: np.ndarray) -> None:
-        """Physics and peers one level further up: each rack's GPUs at zero power (the
-        median of its nodes' references) against the rack's own mean coolant temperature
-        (CDU supply and return), and that approach against the site's other racks. It
-        finds what warms every GPU of a rack alike while the coolant reads normal: air
-        in the loop, fouled cold plates. It needs the rack's coolant readings in this
-        process (over Kafka, the rack's facility partition and its nodes'), and three racks."""
+    def _summarize_racks(self, b: GpuBatch, out: Output, racks: np.ndarray, rack_ref: np.ndarray,
+                         rack_n: np.ndarray) -> None:
+        """The site tier's input (families/rack_vs_site.py): each rack of the batch's GPUs at
+        zero power (the median of its nodes' references, known from three nodes), its
+        mean coolant temperature (CDU supply and return), and whether a rack alert (its
+        coolant) explains its heat."""
         inv, loop = self.inventory, self.engine.family(HeatBalance).loop
-        n_racks = inv.rack_count
-        loop.ensure(n_racks)
-        approach = rack_ref - 0.5 * (loop.supply_c[:n_racks] + loop.return_c[:n_racks])
-        sites = np.asarray(inv.rack_site, np.int64)
-        known = np.isfinite(approach) & (rack_n >= 3)
-        site_med, site_n = group_median(approach, sites, len(inv.site_index), known)
-        excess = approach[racks] - site_med[sites[racks]]
-        judged = np.flatnonzero(known[racks] & (site_n[sites[racks]] >= 3))
-        racks, excess = racks[judged], excess[judged]
-        cooling = self.engine.racks_explaining("RackThermalAnomaly")[racks]
-        threshold = self.config.rack_temp_excess_c
-        self.judge(out, "RackThermalAnomaly", racks, (excess > threshold) & ~cooling, b.now, excess,
-                   evidence(excess_c=excess, gpu_at_zero_power_c=rack_ref[racks],
-                            coolant_mean_c=(rack_ref - approach)[racks], site_median_approach_c=site_med[sites[racks]],
-                            threshold_c=threshold))
+        loop.ensure(inv.rack_count)
+        ref = np.where(rack_n[racks] >= 3, rack_ref[racks], np.nan)
+        coolant = 0.5 * (loop.supply_c[racks] + loop.return_c[racks])
+        names = [inv.rack_names[r] for r in racks.tolist()]
+        ts = pa.array(np.full(racks.shape[0], round(b.now * 1e9), np.int64)).cast(RACK_SUMMARY.field("ts").type)
+        out.racks = pa.RecordBatch.from_arrays(
+            [ts, pa.array([s for s, _ in names]), pa.array([r for _, r in names]),
+             pa.array(ref, from_pandas=True), pa.array(coolant, from_pandas=True),
+             pa.array(self.engine.racks_explaining("RackThermalAnomaly")[racks])], schema=RACK_SUMMARY)

@@ -39,28 +39,25 @@ class Staleness(Family):
         b.gap = np.where(seen_before, gap, np.nan)
 
     def evaluate(self, b: GpuBatch, out: Output) -> None:
-        """GPUs of reporting nodes that went silent, and nodes that went silent.
-
-        A GPU is judged against its own node's latest sample, so it does not matter
-        how far apart different nodes' data arrive. A node is judged against the
-        latest sample of the whole fleet, which holds only where all nodes' data
-        arrive in one order (in-process); over Kafka's partitions that needs
-        per-partition watermarks (roadmap), so it is off there (Engine(node_staleness=False))."""
+        """GPUs of reporting nodes that went silent, and nodes that went silent, by event
+        time (detect/watermark.py): a GPU against its own node's latest sample, a node
+        against its partition's watermark, each past the lateness bound, so that what
+        arrives late within it (an XID explaining the silence, a slow scrape) is in first."""
         inv, gpu, node, k, t = self.inventory, self.gpu, self.node, self.config.missing_after_intervals, b.now
+        lateness = self.config.lateness_s
         n_gpus, n_nodes = inv.gpu_count, inv.node_count
         present = np.zeros(n_nodes, bool)
         present[b.nodes] = True
         gpu_node = inv.gpu.node[:n_gpus]
         cand = np.flatnonzero(present[gpu_node] & ~inv.gpu.retired[:n_gpus])
         silent = node.last_seen[gpu_node[cand]] - gpu.last_seen[cand]
-        self.judge(out, "GpuNotReporting", cand, (silent > k * gpu.interval[cand]) & ~gpu.offbus[cand], t, silent,
-                   lambda i: {"silent_s": float(silent[i])})
-        if not self.engine.node_staleness:
-            return
+        self.judge(out, "GpuNotReporting", cand, (silent - lateness > k * gpu.interval[cand]) & ~gpu.offbus[cand], t,
+                   silent, lambda i: {"silent_s": float(silent[i])})
         all_nodes = np.arange(n_nodes)
-        node_silent = t - node.last_seen[:n_nodes]
-        self.judge(out, "NodeNotReporting", all_nodes, node_silent > 2 * k * node.interval[:n_nodes], t, node_silent,
-                   lambda i: {"silent_s": float(node_silent[i])})
+        clock = self.engine.gpu_time.watermark(inv.rack_partition[inv.node.rack[:n_nodes]]) + lateness
+        node_silent = clock - node.last_seen[:n_nodes]
+        self.judge(out, "NodeNotReporting", all_nodes, node_silent - lateness > 2 * k * node.interval[:n_nodes], t,
+                   node_silent, lambda i: {"silent_s": float(node_silent[i])})
 
     def latest(self) -> float | None:
         """Unix seconds of the latest GPU sample seen (None before any)."""

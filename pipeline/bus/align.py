@@ -1,0 +1,122 @@
+"""Event-time alignment of what a consumer reads, per partition.
+
+A rack's GPU telemetry, events and facility readings travel on one partition number of
+three topics (bus/keys.py), and Kafka may hand one topic's partition over far ahead of
+another's: after a restart, under lag, or when a producer is faster than the consumer.
+Detection needs them in the order they happened: an XID before the missing scrapes it
+explains, a coolant alert before the GPU temperatures it explains. The site tier has
+the same need one level up: a site's rack summaries come from several rack-tier
+partitions (header `fw-origin`), each in time order, and a rack is judged against the
+others at the same time.
+
+So a consumer holds each partition's messages in a queue per source (a topic, or an
+origin) and releases them in timestamp order (a tie in source order, as one process
+sees a tick), a message only once every other source of its partition has a later
+message waiting, or has been read to its end (its watermark has passed), or, for
+origins, has sent nothing for `idle_s` (a rack tier that stopped). A held message is not
+committed: a crash reads it again.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Callable, Hashable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.bus.base import Message, Topic
+
+HOLD_LIMIT = 100_000  # messages held at most: past it the oldest go on (a source that never catches up)
+ORIGIN = "fw-origin"  # header: the rack-tier partition a rack summary comes from
+
+
+def start_time(batch: pa.RecordBatch) -> int:
+    """The batch's earliest `ts`, in its unit (0 for a batch without one)."""
+    if "ts" not in batch.schema.names or batch.num_rows == 0:
+        return 0
+    first = pc.min(batch.column("ts").view(pa.int64())).as_py()
+    return 0 if first is None else first
+
+
+class Aligner:
+    """`topics`: the sources where they are the topics read (their order breaks ties);
+    with `by_origin`, a single topic whose sources are the `fw-origin` headers, which
+    stop being waited for after `idle_s` (wall clock) without a message."""
+
+    def __init__(self, topics: list[Topic], by_origin: bool = False, idle_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.topics = list(topics)
+        self.by_origin = by_origin
+        self.idle_s, self.clock = idle_s, clock
+        self.rank = {t: i for i, t in enumerate(topics)}
+        self.queues: dict[int, dict[Hashable, collections.deque]] = {}
+        self.last_heard: dict[tuple[int, Hashable], float] = {}  # (partition, origin) -> when
+        self.held = 0
+
+    def _source(self, m: Message) -> Hashable:
+        return m.headers.get(ORIGIN, "") if self.by_origin else m.topic
+
+    def add(self, messages: list[Message]) -> None:
+        now = self.clock()
+        for m in messages:
+            by_source = self.queues.setdefault(m.partition, {} if self.by_origin else
+                                               {t: collections.deque() for t in self.topics})
+            source = self._source(m)
+            rank = source if self.by_origin else self.rank[m.topic]
+            by_source.setdefault(source, collections.deque()).append((start_time(m.value), str(rank), m))
+            if self.by_origin:
+                self.last_heard[(m.partition, source)] = now
+            self.held += 1
+
+    def waiting_on(self) -> set[tuple[Topic, int]]:
+        """(topic, partition) with a source that holds nothing while another source of the
+        partition holds messages: whether they are read to their end decides what can go.
+        (Not origins: another process's open transaction is beyond the end a reader sees,
+        so an origin is waited for until it sends, or goes idle.)"""
+        if self.by_origin:
+            return set()
+        return {(source, p) for p, by_source in self.queues.items() if any(by_source.values())
+                for source, q in by_source.items() if not q}
+
+    def _blocks(self, p: int, source: Hashable, now: float, read_to_end: Callable[[Topic, int], bool]) -> bool:
+        """An empty source that may still send something earlier than what the others hold."""
+        if self.by_origin:
+            return now - self.last_heard.get((p, source), -1e18) < self.idle_s
+        return not read_to_end(source, p)
+
+    def release(self, read_to_end: Callable[[Topic, int], bool], everything: bool = False) -> list[Message]:
+        """Every message that no other source of its partition can still precede, in
+        order per partition. `read_to_end(topic, partition)`: nothing more to read there now."""
+        out: list[Message] = []
+        now = self.clock()
+        for p, by_source in self.queues.items():
+            while True:
+                heads = [q[0] for q in by_source.values() if q]
+                if not heads:
+                    break
+                head = min(heads, key=lambda h: (h[0], h[1]))
+                waiting = [s for s, q in by_source.items() if not q and self._blocks(p, s, now, read_to_end)]
+                if waiting and self.held <= HOLD_LIMIT and not everything:
+                    break
+                by_source[self._source(head[2])].popleft()
+                self.held -= 1
+                out.append(head[2])
+        return out
+
+    def drain(self) -> list[Message]:
+        """Everything held, in order (the stream ended)."""
+        return self.release(lambda t, p: True, everything=True)
+
+    def holding(self, topic: Topic, partition: int) -> int | None:
+        """Offset of the first message held of a topic's partition (None: none held)."""
+        offsets = [q[0][2].offset for q in self.queues.get(partition, {}).values()
+                   if q and q[0][2].topic == topic]
+        return min(offsets) if offsets else None
+
+    def drop(self, partitions: set[int]) -> None:
+        """Forget what is held of these partitions (they moved: the next owner reads them)."""
+        for p in partitions:
+            for q in self.queues.pop(p, {}).values():
+                self.held -= len(q)

@@ -1,0 +1,46 @@
+"""Event time: when the data say it is, per partition of the bus, not when they arrived.
+
+A rack's records travel in one Kafka partition (bus/keys.py), and within it they arrive
+in about the order they were taken. A partition's clock is the latest sample time seen
+in it; its watermark trails the clock by the lateness bound (`detect.lateness_s`). A node
+or GPU is missing only once the watermark has passed its last sample by its reporting
+intervals, so data delayed by less than the bound (an agent's slow scrape, a topic read
+behind another, an XID sent after the scrapes it explains) arrive before anyone is
+judged missing. A row older than its partition's watermark is late: counted, archived
+by the archive (which reads every row), and not used for detection, whose state it
+would move back in time.
+
+One process uses the same partitions (kafka.partitions of the rack's key) as Kafka, so
+it judges silence exactly as a detect process of a scaled-out fleet does. Clocks are
+not checkpointed: a process that takes a partition over starts its clock at the first
+sample it reads there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Watermarks:
+    def __init__(self, lateness_s: float) -> None:
+        self.lateness_s = lateness_s
+        self.clock = np.full(0, np.nan)  # per partition: the latest sample time seen
+
+    def _ensure(self, n: int) -> None:
+        if self.clock.shape[0] < n:
+            self.clock = np.concatenate([self.clock, np.full(n - self.clock.shape[0], np.nan)])
+
+    def late(self, partition: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """Per row: older than its partition's watermark before this batch."""
+        self._ensure(int(partition.max()) + 1 if partition.size else 0)
+        return ts < self.clock[partition] - self.lateness_s
+
+    def advance(self, partition: np.ndarray, ts: np.ndarray) -> None:
+        if partition.size:
+            self._ensure(int(partition.max()) + 1)
+            np.fmax.at(self.clock, partition, ts)
+
+    def watermark(self, partition: np.ndarray) -> np.ndarray:
+        """Per entry: its partition's watermark (NaN before the partition's first sample)."""
+        self._ensure(int(partition.max()) + 1 if partition.size else 0)
+        return self.clock[partition] - self.lateness_s

@@ -1,0 +1,61 @@
+"""End-to-end: scale-out gives the answers of one process. `fleetwatch eval --kafka
+--detect-processes 3` produces the scenario through a real broker and detects it with three
+`fleetwatch detect` processes (two tiers each, rack-keyed partitions, event-time alignment,
+per-partition transactions); its JSON must equal the in-process run's, with one of them
+killed or frozen half-way."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import fleetwatch
+from tests.services import KafkaBroker
+
+pytestmark = pytest.mark.slow
+
+ARGS = ("--duration", "1800", "--seed", "3", "--fault-interval", "60", "--config", "fleetwatch.toml")
+# A site cap the simulated site crosses at its busiest: the site tier's alert is in the run.
+CONFIG = "[detect]\nsite_power_cap_w = 320000\n"
+
+
+@pytest.fixture(scope="module")
+def broker():
+    b = KafkaBroker().start()
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("in-process")
+    (cwd / "fleetwatch.toml").write_text(CONFIG)
+    r = fleetwatch("eval", *ARGS, "--json", "out.json", cwd=cwd, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return scores(cwd / "out.json")
+
+
+def scores(path) -> dict:
+    out = json.loads(path.read_text())
+    del out["wall_s"]
+    return out
+
+
+@pytest.mark.parametrize("chaos", ["kill", "freeze"])
+def test_three_detect_processes_raise_what_one_process_raises_even_when_one_dies_or_freezes(
+        broker, in_process, tmp_path, chaos):
+    (tmp_path / "fleetwatch.toml").write_text(CONFIG)
+    r = fleetwatch("eval", *ARGS, "--json", "kafka.json", "--kafka", broker.bootstrap, "--detect-processes", "3",
+                   "--chaos", chaos, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "3 detect processes; pid" in r.stdout  # the victim was struck half-way
+    if chaos == "freeze":  # it woke up fenced: nothing of its partitions was committed by it
+        assert " 0 partitions fenced" not in r.stdout, r.stdout
+    kafka = scores(tmp_path / "kafka.json")
+    assert kafka == in_process
+    # The run has what makes scale-out hard: rack faults (the rack's GPUs and coolant in one
+    # partition), a rack against the site (the site tier) and the site's power.
+    faults = in_process["faults"]
+    assert faults["rack_cooling_degraded"]["detected"] >= 1 and faults["coolant_flow_loss"]["injected"] >= 1
+    assert in_process["false_alerts_by_alertname"].get("SitePowerOverCap", 0) >= 1
