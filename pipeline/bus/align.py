@@ -45,7 +45,7 @@ class Aligner:
     with `by_origin`, a single topic whose sources are the `fw-origin` headers, which
     stop being waited for after `idle_s` (wall clock) without a message."""
 
-    def __init__(self, topics: list[Topic], by_origin: bool = False, idle_s: float = 30.0,
+    def __init__(self, topics: list[Topic], by_origin: bool = False, idle_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.topics = list(topics)
         self.by_origin = by_origin

@@ -50,9 +50,10 @@ class Subscription(Protocol):
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         """Up to `max_messages` in order; [] on timeout; EndOfStream when drained after end()."""
 
-    async def publish(self, message: Message, partition: int | None = None) -> None:
+    async def publish(self, message: Message, partition: int | None = None, origin: int | None = None) -> None:
         """Output of processing this subscription's input: on a transactional
-        subscription it becomes visible together with the next commit."""
+        subscription, with `origin` the input partition it came of, it becomes visible
+        together with that partition's next commit."""
 
     async def commit(self) -> None:
         """Everything returned so far is processed and its output durable: the input

@@ -40,7 +40,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (ClusterAuthorizationFailedError, KafkaConnectionError, KafkaTimeoutError,
                             TopicAlreadyExistsError, TopicAuthorizationFailedError, for_code)
-from aiokafka.errors import InvalidProducerEpoch, KafkaError, ProducerFenced
+from aiokafka.errors import IllegalOperation, InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from pipeline.bus.align import Aligner
 from pipeline.bus.base import EndOfStream, Message, Topic
@@ -179,6 +179,7 @@ class KafkaSubscription:
         self.fenced = 0                # partitions this process lost to a newer owner while it held them
         self._released: dict[TopicPartition, int] = {}  # aligned: past the last message released
         self.ready: set[int] = set()   # partitions assigned whose on_assigned hooks have run
+        self._rejoin = False           # a partition's transaction failed: rejoin the group (_lose)
         self._started = False
         self._to_commit: dict[TopicPartition, int] = {}
         self.dead_letters = 0
@@ -207,19 +208,26 @@ class KafkaSubscription:
         for p in partitions & set(self.producers):
             producer = self.producers.pop(p)
             self._in_transaction.discard(p)
-            with contextlib.suppress(Exception):
-                await producer.stop()
+            with contextlib.suppress(Exception):  # (a fenced producer may never finish stopping)
+                await asyncio.wait_for(producer.stop(), 5.0)
 
     async def _lose(self, p: int, error: BaseException) -> None:
-        """Partition p has a newer owner (this process was fenced): nothing of it is
-        committed here; its state is dropped, its uncommitted input is the new owner's."""
-        self.fenced += 1
-        log.warning("%s: partition %d was taken over by another process while this one held it (%s): its "
-                    "uncommitted output is discarded and its state dropped here", self.group, p, type(error).__name__)
+        """Partition p's transaction failed: it has a newer owner (this process was fenced,
+        ProducerFenced), or the broker aborted it (this process was frozen past
+        transaction_timeout_ms). Nothing of it is committed here: its state is dropped, it
+        is read no more, and the consumer rejoins its group, so that whoever owns it now
+        (maybe this process again) starts from its last checkpoint and committed offsets."""
+        if isinstance(error, _FENCED):
+            self.fenced += 1
+        log.warning("%s: partition %d %s (%s): its uncommitted output is discarded and its state dropped here; "
+                    "rejoining the group", self.group, p, "was taken over by another process while this one held it"
+                    if isinstance(error, _FENCED) else "lost its transaction", f"{type(error).__name__}: {error}")
+        self.ready.discard(p)
         self.forget({p})
         for hook in self.on_lost:
             hook({p})
         await self.release({p})
+        self._rejoin = True
 
     async def _start(self) -> None:
         if not self._started:
@@ -240,11 +248,15 @@ class KafkaSubscription:
                 self._in_transaction.add(origin)
             topic, value, key, headers = self.bus.record(message)
             await producer.send(topic, value, key=key, headers=headers, partition=partition)
-        except _FENCED as e:
+        except (KafkaError, IllegalOperation) as e:  # fenced, or the transaction was aborted
             await self._lose(origin, e)
 
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         await self._start()
+        if self._rejoin:  # the group assigns the lost partitions anew: their owner restores them
+            self._rejoin = False
+            self.consumer.unsubscribe()
+            self.consumer.subscribe([self.bus.wire(t) for t in self.topics], listener=_Rebalance(self))
         records = await self.consumer.getmany(timeout_ms=int(1000 * (timeout_s if timeout_s is not None else 1.0)),
                                               max_records=max_messages)
         # aiokafka fetches a partition as soon as it is assigned, maybe before the rebalance
@@ -379,7 +391,7 @@ class KafkaSubscription:
                 self._in_transaction.discard(p)
                 for tp in offsets:
                     del self._to_commit[tp]
-            except _FENCED as e:
+            except (KafkaError, IllegalOperation) as e:  # fenced, or the transaction was aborted
                 await self._lose(p, e)
 
     async def close(self) -> None:

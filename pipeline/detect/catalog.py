@@ -95,16 +95,18 @@ ALERTS: tuple[AlertSpec, ...] = (
               "Check `nvidia-smi` on the node and the kernel log for XIDs; drain if the GPU is gone.",
               detector="staleness", family="staleness", evidence=("silent_s",),
               meaning="one GPU silent while its node still reports", method="staleness",
-              detection="A GPU silent for `detect.missing_after_intervals` of its own reporting interval while "
-                        "its node still reports (judged against the node's latest sample)."),
+              detection="A GPU silent for `detect.missing_after_intervals` of its own reporting interval, plus "
+                        "`detect.lateness_s` (5 s), while its node still reports (judged by event time, against the "
+                        "node's latest sample: an XID 79 up to the bound late still explains the silence)."),
     AlertSpec("NodeNotReporting", "critical", "node",
               "{node} sent no GPU telemetry for {silent_s:.0f} s",
               "Check that the node is up and its agent runs; then check its network path.",
               detector="staleness", family="staleness", evidence=("silent_s",), inhibits=("GpuNotReporting",),
               meaning="no GPU telemetry from the node", method="staleness",
-              detection="A node silent for twice `detect.missing_after_intervals` of its reporting interval, "
-                        "against the latest sample of the whole fleet (in-process only: over Kafka's partitions "
-                        "that needs per-partition watermarks). Its GPUs' `GpuNotReporting` are inhibited."),
+              detection="A node silent for twice `detect.missing_after_intervals` of its reporting interval, plus "
+                        "`detect.lateness_s`, against the latest sample of its partition (event time per Kafka "
+                        "partition, the same in one process: [Kafka](kafka.md#scale-out-the-same-answers-as-one-"
+                        "process)). Its GPUs' `GpuNotReporting` are inhibited."),
     AlertSpec("GpuUncorrectableEcc", "critical", "gpu",
               "{node} GPU {gpu}: uncorrectable memory error ({what})",
               "Drain the node; reset the GPU to apply a pending row remap; a remap failure means RMA.",
@@ -262,8 +264,9 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "coolant that cools them. A rack whose gap exceeds the median of the site's racks by "
                         "`rack_temp_excess_c` (5 C) has something that warms all its GPUs alike while the coolant "
                         "reads normal: air in the loop, fouled cold plates, wrong coolant mix. It needs three racks "
-                        "with data in the site, is quiet while the rack has a coolant alert, and inhibits its GPUs' thermal alerts "
-                        "and the rack's heat balance at notification (the site tier judges it, apart from them)."),
+                        "with data in the site, is quiet while the rack has a coolant alert, and inhibits its GPUs' "
+                        "thermal alerts and the rack's heat balance at notification (the site tier judges it, apart "
+                        "from them)."),
     AlertSpec("RackHeatImbalance", "warning", "rack",
               "rack {rack}: the coolant carries {coolant_w:.0f} W, {ratio:.0%} of the rack's {power_w:.0f} W "
               "(expected {expected:.0%})",
@@ -280,8 +283,9 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "the loop, cold plates losing contact) or a flow or temperature sensor that drifted. Judged "
                         "only once the prediction has settled and where the expected delta-T is at least "
                         "`heat_balance_min_delta_c` (1.5 C, well above sensor resolution); quiet while a coolant "
-                        "alert, `RackThermalAnomaly` or `PduOverload` explains it. It explains nothing itself: a "
-                        "drifting sensor raises it too, and it must not hide a GPU that really overheats."),
+                        "alert or `PduOverload` explains it (`RackThermalAnomaly` inhibits it at notify). It explains "
+                        "nothing itself: a drifting sensor raises it too, and it must not hide a GPU that really "
+                        "overheats."),
     AlertSpec("PduOverload", "critical", "rack",
               "rack {rack}: PDU {device} draws {power_w:.0f} W, {ratio:.0%} of its {rating_w:.0f} W rating",
               "Lower the rack's GPU power caps or drain nodes before the breaker trips.",

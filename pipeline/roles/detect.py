@@ -61,13 +61,19 @@ def build(ctx, spec):
         site_tier = asyncio.create_task(detect_role(ctx.bus, site, site_sub, k.commit_interval_s,
                                                     Checkpointer(site, k.partitions, "site"), tier="site",
                                                     timed=ctx.progress.detected), name="detect-site")
+        rack_tier = asyncio.create_task(detect_role(ctx.bus, engine, sub, k.commit_interval_s,
+                                                    Checkpointer(engine, k.partitions), gate=gate,
+                                                    timed=ctx.progress.detected), name="detect-rack")
         try:
-            await detect_role(ctx.bus, engine, sub, k.commit_interval_s, Checkpointer(engine, k.partitions),
-                              gate=gate, timed=ctx.progress.detected)
+            done, _ = await asyncio.wait({rack_tier, site_tier}, return_when=asyncio.FIRST_COMPLETED)
+            if site_tier in done:
+                site_tier.result()  # a site tier that failed fails the role
+            await rack_tier
             await ctx.bus.end([Topic.RACKS])  # a finite run: the site tier drains what the rack tier sent
             await site_tier
         finally:
-            site_tier.cancel()
+            for task in (rack_tier, site_tier):
+                task.cancel()
     return both_tiers
 
 
