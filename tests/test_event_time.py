@@ -5,6 +5,7 @@ keyed messages, a partition at a time."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import pyarrow.compute as pc
@@ -20,16 +21,19 @@ START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 class Fleet:
     """Simulator ticks as the keyed messages of each topic, and an engine."""
 
-    def __init__(self, seed: int = 5) -> None:
+    def __init__(self, seed: int = 5, one_stream: bool = False) -> None:
         self.cfg = make_config(fleet={"racks": 4, "nodes_per_rack": 4, "fault_interval_s": 0,
                                       "gpu_reset_interval_s": 0, "seed": seed})
         self.sim = FleetSimulator(self.cfg.fleet, start=START)
-        self.engine = Engine(self.cfg)
+        self.engine = Engine(self.cfg, one_stream=one_stream)  # as a detect process over Kafka, by default
         self.alerts = []
 
-    def tick(self, drop_node: str | None = None) -> dict[Topic, list[Message]]:
+    def tick(self, drop_node: str | None = None, drop_rack: str | None = None) -> dict[Topic, list[Message]]:
         t = self.sim.step()
         gpu = t.gpu if drop_node is None else t.gpu.filter(pc.not_equal(t.gpu.column("node"), drop_node))
+        if drop_rack is not None:
+            gpu = gpu.filter(pc.not_equal(gpu.column("rack"), drop_rack))
+            t = replace(t, facility=t.facility.filter(pc.not_equal(t.facility.column("rack"), drop_rack)))
         return {topic: keys.messages(topic, b, keyed=True)
                 for topic, b in ((Topic.GPU, gpu), (Topic.FACILITY, t.facility), (Topic.EVENTS, t.events))
                 if b is not None}
@@ -118,3 +122,16 @@ def test_one_process_judges_silence_by_the_same_partitions_as_kafka():
     racks = [inv.rack_names[r][1] for r in range(inv.rack_count)]
     assert list(inv.rack_partition) == [keys.partition_for(r, cfg.kafka.partitions) for r in racks]
     assert sorted(racks) == sorted(set(batch.column("rack").to_pylist()))
+
+
+def test_a_rack_that_goes_dark_is_not_reporting_in_one_process():
+    """One process reads one ordered stream: a rack whose nodes and CDU all go silent (its
+    partition's only rack here) is judged by the stream's time. Over Kafka such a partition
+    has no clock of its own (the documented limit)."""
+    for one_stream, expect in ((True, {f"r03-n0{i}" for i in range(1, 5)}), (False, set())):
+        f = Fleet(one_stream=one_stream)
+        assert [keys.partition_for(r, f.cfg.kafka.partitions) for r in ("r01", "r02", "r03", "r04")].count(
+            keys.partition_for("r03", f.cfg.kafka.partitions)) == 1
+        f.run(120)
+        f.run(60, drop_rack="r03")
+        assert {a.labels["node"] for a in f.fired("NodeNotReporting")} == expect

@@ -72,7 +72,7 @@ FAMILIES = RACK_TIER + SITE_TIER
 class Engine:
     """`families`: the detector families to run, in order (tests add one)."""
 
-    def __init__(self, cfg: Config, *, families: tuple[type[Family], ...] = FAMILIES) -> None:
+    def __init__(self, cfg: Config, *, families: tuple[type[Family], ...] = FAMILIES, one_stream: bool = True) -> None:
         kernels.warm_up()  # compile or load from cache now, not on the first sample
         self.cfg = cfg
         self.stats = Stats()
@@ -80,6 +80,7 @@ class Engine:
         # Event time of GPU telemetry and of facility readings, per partition (their own clocks:
         # over Kafka one topic may be read ahead of the other).
         self.gpu_time = Watermarks(cfg.detect.lateness_s)
+        self.one_stream = one_stream  # all of the fleet's data in one order (in-process); over Kafka, partitions
         self.facility_time = Watermarks(cfg.detect.lateness_s)
         self.trackers: dict[str, Tracker] = {}
         self.families = [family(self) for family in families]

@@ -10,9 +10,12 @@ judged missing. A row older than its partition's watermark is late: counted, arc
 by the archive (which reads every row), and not used for detection, whose state it
 would move back in time.
 
-One process uses the same partitions (kafka.partitions of the rack's key) as Kafka, so
-it judges silence exactly as a detect process of a scaled-out fleet does. Clocks are
-not checkpointed: a process that takes a partition over starts its clock at the first
+One process reads one stream, in order: there every partition's clock is the newest
+sample of the whole stream (`one_stream`), which is what each partition's clock is
+over Kafka while its racks report, and which still moves on when every rack of a
+partition goes silent. Over Kafka a partition whose racks all go silent, facility
+readings included, has no clock to judge them by (docs/kafka.md). Clocks are not
+checkpointed: a process that takes a partition over starts its clock at the first
 sample it reads there.
 """
 
@@ -40,7 +43,10 @@ class Watermarks:
             self._ensure(int(partition.max()) + 1)
             np.fmax.at(self.clock, partition, ts)
 
-    def watermark(self, partition: np.ndarray) -> np.ndarray:
-        """Per entry: its partition's watermark (NaN before the partition's first sample)."""
+    def watermark(self, partition: np.ndarray, one_stream: bool = False) -> np.ndarray:
+        """Per entry: its partition's watermark (NaN before the partition's first sample);
+        with `one_stream`, the whole stream's."""
         self._ensure(int(partition.max()) + 1 if partition.size else 0)
+        if one_stream and np.isfinite(self.clock).any():
+            return np.full(partition.shape[0], np.nanmax(self.clock) - self.lateness_s)
         return self.clock[partition] - self.lateness_s

@@ -38,7 +38,7 @@ def make_detector(cfg: Config) -> tuple[Engine, LocalCheckpoint | None, list]:
     """The Engine of a detect role: over Kafka fresh (each partition's state comes from the
     state topic as it is assigned), without Kafka resumed from the data directory."""
     if cfg.kafka.bootstrap:
-        return Engine(cfg, families=RACK_TIER), None, []
+        return Engine(cfg, families=RACK_TIER, one_stream=False), None, []
     return resume_embedded(cfg, Engine(cfg))
 
 

@@ -143,9 +143,10 @@ def test_the_agents_metrics_are_dcgm_exporters_and_another_fleetwatch_ingests_th
 
 
 @pytest.mark.kafka
-def test_the_dcgm_role_alone_publishes_each_nodes_scrape_to_kafka_keyed_by_node(tmp_path):
+def test_the_dcgm_role_alone_publishes_each_scrape_to_kafka_keyed_by_rack(tmp_path):
     """`fleetwatch dcgm --kafka`: the role as its own process, on the agent-only install (no
-    numba, no polars), sends one gpu_sample v3 message per node and scrape, keyed by the node."""
+    numba, no polars), sends gpu_sample v3 messages keyed by rack (a node without one: by
+    its site), each node's 8 GPUs of every scrape in them."""
     import asyncio
     import subprocess
     import sys
@@ -184,8 +185,11 @@ def test_the_dcgm_role_alone_publishes_each_nodes_scrape_to_kafka_keyed_by_node(
         for n in nodes:
             n.close()
     assert not (tmp_path / "blocked.log").exists()
-    assert len(messages) >= 3 * 5
+    assert len(messages) >= 5
     for m in messages:
-        assert set(m.value.column("node").to_pylist()) == {m.key} and m.value.num_rows == 8
+        racks, sites = set(m.value.column("rack").to_pylist()), set(m.value.column("site").to_pylist())
+        assert racks == {m.key} or (racks == {""} and sites == {m.key})
+        assert m.value.num_rows % 8 == 0
         assert m.headers["fw-schema"] == "gpu_sample" and m.headers["fw-version"] == "3"
-    assert {m.key for m in messages} == {"gpu-node-0", "gpu-node-1", "gpu-node-2"}
+    assert {n for m in messages for n in m.value.column("node").to_pylist()} == {"gpu-node-0", "gpu-node-1",
+                                                                                  "gpu-node-2"}
