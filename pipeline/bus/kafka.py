@@ -40,7 +40,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (ClusterAuthorizationFailedError, KafkaConnectionError, KafkaTimeoutError,
                             TopicAlreadyExistsError, TopicAuthorizationFailedError, for_code)
-from aiokafka.errors import IllegalOperation, InvalidProducerEpoch, KafkaError, ProducerFenced
+from aiokafka.errors import IllegalOperation, IllegalStateError, InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from pipeline.bus.align import Aligner
 from pipeline.bus.base import EndOfStream, Message, Topic
@@ -313,9 +313,10 @@ class KafkaSubscription:
             return set()
         try:
             ends = await self.consumer.end_offsets(list(waiting))  # read_committed: the last stable offsets
-        except KafkaError:
+            return {waiting[tp] for tp, end in ends.items()
+                    if tp in self.consumer.assignment() and await self.consumer.position(tp) >= end}
+        except (KafkaError, IllegalStateError):  # (a rebalance meanwhile: the partition is not ours now)
             return set()  # ask again on the next batch
-        return {waiting[tp] for tp, end in ends.items() if await self.consumer.position(tp) >= end}
 
     def partition_count(self, topic: Topic) -> int:
         return len(self.consumer.partitions_for_topic(self.bus.wire(topic)) or ())
@@ -328,9 +329,12 @@ class KafkaSubscription:
         ends = {tp: off for tp, off in self.bus.end_offsets.items() if tp.topic in names}
         if {tp.topic for tp in ends} != names or self.assignments == 0:
             return False  # end() not called for all our topics, or not yet in the group
-        for tp in self.consumer.assignment():
-            if await self.consumer.position(tp) < ends.get(tp, 0):
-                return False
+        try:
+            for tp in self.consumer.assignment():
+                if await self.consumer.position(tp) < ends.get(tp, 0):
+                    return False
+        except IllegalStateError:  # a rebalance meanwhile: ask again
+            return False
         return True
 
     async def _dead_letter(self, rec, reason: str) -> None:
