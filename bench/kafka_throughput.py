@@ -331,19 +331,26 @@ def throughput(args) -> None:
     notify = stage(args, "consume", prefix, "notify")
     t = detect["tasks_cpu_s"]
     rack, site = t.get("detect rack tier", 0.0), t.get("detect site tier", 0.0)
-    rows = [("simulate: the simulator alone (not a Fleetwatch cost in production)", produced2["simulate_cpu_s"]),
-            ("source: key, encode, publish (any source's bus side)", produced2["publish_cpu_s"]),
-            ("detect process (both tiers, Kafka clients, all threads)", detect["cpu_s"]),
-            ("  of which the rack tier's task (fetch, decode, align, gate, detect, publish)", rack),
-            ("  of which the site tier's task", site),
-            ("  of which the Kafka clients' tasks, other threads", detect["cpu_s"] - rack - site),
-            ("archive process", archive["cpu_s"]),
-            (f"notify process ({detect.get('alerts_fired', 0)} alerts)", notify["cpu_s"])]
-    print(f"\nCPU per role, one process each, second backlog ({samples:,} GPU samples, {values:,} metric values):")
-    print(f"{'role':80s} {'CPU s':>7s} {'CPU s/M values':>15s}")
-    for name, cpu in rows:
-        print(f"{name:80s} {cpu:7.2f} {cpu * per_m:15.2f}")
+    def rate(res: dict, key: str = "taken_s") -> float | None:
+        return samples / res[key] if res.get(key) else None
+    rows = [("simulate: the simulator alone (not a Fleetwatch cost in production)", produced2["simulate_cpu_s"],
+             samples / produced2["simulate_wall_s"]),
+            ("source: key, encode, publish (any source's bus side)", produced2["publish_cpu_s"],
+             samples / produced2["publish_wall_s"]),
+            ("detect process (both tiers, Kafka clients, all threads)", detect["cpu_s"], rate(detect)),
+            ("  of which the rack tier's task (fetch, decode, align, gate, detect, publish)", rack, None),
+            ("  of which the site tier's task", site, None),
+            ("  of which the Kafka clients' tasks, other threads", detect["cpu_s"] - rack - site, None),
+            ("archive process", archive["cpu_s"], rate(archive)),
+            (f"notify process ({detect.get('alerts_fired', 0)} alerts)", notify["cpu_s"], None)]
+    print(f"\nCPU per role, one process each, second backlog ({samples:,} GPU samples, {values:,} metric values); "
+          f"GPU samples/s: wall, from its first message to its last sample taken:")
+    print(f"{'role':80s} {'CPU s':>7s} {'CPU s/M values':>15s} {'GPU samples/s':>14s}")
+    for name, cpu, wall in rows:
+        print(f"{name:80s} {cpu:7.2f} {cpu * per_m:15.2f} {f'{wall:,.0f}' if wall else '':>14s}")
     fleet = 100_000 * VALUES  # values/s of 100,000 GPUs at 1 Hz
+    print("(at this fleet's CPU per value: a fleet of few racks per partition pays more per value for its per-scrape "
+          "costs than a large one; BENCHMARKS.md)")
     for name, cpu in (("detect", detect["cpu_s"]), ("archive", archive["cpu_s"]),
                       ("source bus side", produced2["publish_cpu_s"])):
         cores = fleet * cpu / values

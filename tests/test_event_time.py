@@ -100,7 +100,7 @@ def test_an_xid_later_than_the_bound_finds_the_gpu_already_missing():
     assert sorted(a.alertname for a in f.alerts) == ["GpuFellOffBus", "GpuNotReporting"]
 
 
-def test_rows_behind_the_watermark_are_late_counted_and_not_detected_on():
+def test_rows_behind_their_series_newest_are_late_counted_and_not_detected_on():
     f = Fleet()
     f.run(120)
     old = f.tick()[Topic.GPU]

@@ -33,7 +33,7 @@ class Stats:
     gpu_samples: int = 0
     facility_samples: int = 0
     events: int = 0
-    late_samples: int = 0  # GPU and facility rows behind their partition's watermark (detect/watermark.py)
+    late_samples: int = 0  # GPU and facility rows behind their series' newest (detect/watermark.py)
     invalid_values: dict[str, int] = field(default_factory=dict)
     alerts_fired: int = 0
     alerts_resolved: int = 0

@@ -47,7 +47,7 @@ from pipeline.detect.family import Family, JoinedArrays
 from pipeline.detect.health import NodeHealth, NodeIdentity, Tracker
 from pipeline.detect.inventory import Inventory
 from pipeline.detect.state import SlotArrays
-from pipeline.detect.watermark import Watermarks
+from pipeline.detect.watermark import SeriesClocks, Watermarks
 from pipeline.model import GPU_METRICS, Alert
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,11 @@ class Engine:
         self.cfg = cfg
         self.stats = Stats()
         self.inventory = Inventory(cfg.kafka.partitions)
-        # Event time of GPU telemetry and of facility readings, per partition (their own clocks:
-        # over Kafka one topic may be read ahead of the other).
+        # Event time (detect/watermark.py): GPU telemetry's per partition, which judges silence,
+        # and each GPU's and facility point's newest sample, behind which a row is late.
         self.gpu_time = Watermarks(cfg.detect.lateness_s)
+        self.gpu_series, self.point_series = SeriesClocks(cfg.detect.lateness_s), SeriesClocks(cfg.detect.lateness_s)
         self.one_stream = one_stream  # all of the fleet's data in one order (in-process); over Kafka, partitions
-        self.facility_time = Watermarks(cfg.detect.lateness_s)
         self.trackers: dict[str, Tracker] = {}
         self.families = [family(self) for family in families]
         self._by_type = {type(f): f for f in self.families}
@@ -241,29 +241,31 @@ class Engine:
 
     # ---- batches -----------------------------------------------------------------
 
-    def _on_time(self, batch: pa.RecordBatch, clock: Watermarks, part: np.ndarray, ts: np.ndarray,
-                 *arrays: np.ndarray) -> tuple:
-        """The batch without its late rows (counted, logged once), and its arrays likewise;
-        the partitions' clocks then advance."""
-        late = clock.late(part, ts)
+    def _on_time(self, batch: pa.RecordBatch, series: SeriesClocks, slots: np.ndarray, ts: np.ndarray,
+                 clock: Watermarks | None = None, part: np.ndarray | None = None) -> tuple:
+        """The batch without its late rows (counted, logged once), its slots and times
+        likewise; the series' clocks, and the partitions' (`clock`), then advance."""
+        late = series.late(slots, ts)
         if late.any():
             if not self.stats.late_samples:
-                log.warning("detect: rows more than detect.lateness_s (%g s) behind their partition's latest are late: "
+                log.warning("detect: rows more than detect.lateness_s (%g s) behind their series' newest are late: "
                             "archived, not detected on; counted in fleetwatch_late_samples_total, logged once",
-                            clock.lateness_s)
+                            series.lateness_s)
             self.stats.late_samples += int(late.sum())
             keep = ~late
-            batch, ts, part = batch.filter(pa.array(keep)), ts[keep], part[keep]
-            arrays = tuple(a[keep] for a in arrays)
-        clock.advance(part, ts)
-        return (batch, ts, *arrays)
+            batch, ts, slots = batch.filter(pa.array(keep)), ts[keep], slots[keep]
+            part = part[keep] if part is not None else None
+        series.advance(slots, ts)
+        if clock is not None:
+            clock.advance(part, ts)
+        return batch, ts, slots
 
     def _gpu(self, batch: pa.RecordBatch, out: Output) -> None:
         inv = self.inventory
         slots = inv.gpu_ids.slots(batch.column("gpu_uuid"))
         ts = seconds(batch)
-        batch, ts, slots = self._on_time(batch, self.gpu_time, inv.rack_partition[inv.node.rack[inv.gpu.node[slots]]],
-                                         ts, slots)
+        batch, ts, slots = self._on_time(batch, self.gpu_series, slots, ts, self.gpu_time,
+                                         inv.rack_partition[inv.node.rack[inv.gpu.node[slots]]])
         if batch.num_rows == 0:
             return
         if inv.replaced or inv.gpu.retired[slots].any():
@@ -283,7 +285,7 @@ class Engine:
         keys = pc.binary_join_element_wise(batch.column("device"), batch.column("metric"), "/")
         slots = inv.point_ids.slots(keys)
         ts = seconds(batch)
-        batch, ts, slots = self._on_time(batch, self.facility_time, inv.rack_partition[inv.point.rack[slots]], ts, slots)
+        batch, ts, slots = self._on_time(batch, self.point_series, slots, ts)
         if batch.num_rows == 0:
             return
         self.stats.facility_samples += batch.num_rows

@@ -6,9 +6,10 @@ in it; its watermark trails the clock by the lateness bound (`detect.lateness_s`
 or GPU is missing only once the watermark has passed its last sample by its reporting
 intervals, so data delayed by less than the bound (an agent's slow scrape, a topic read
 behind another, an XID sent after the scrapes it explains) arrive before anyone is
-judged missing. A row older than its partition's watermark is late: counted, archived
-by the archive (which reads every row), and not used for detection, whose state it
-would move back in time.
+judged missing. A row more than the bound older than its own series' newest (a GPU's,
+a facility point's) is late: counted, archived by the archive (which reads every row),
+and not used for detection, whose state it would move back in time. (Per series, not
+per partition: one node whose clock runs ahead must not make its neighbours late.)
 
 One process reads one stream, in order: there every partition's clock is the newest
 sample of the whole stream (`one_stream`), which is what each partition's clock is
@@ -33,11 +34,6 @@ class Watermarks:
         if self.clock.shape[0] < n:
             self.clock = np.concatenate([self.clock, np.full(n - self.clock.shape[0], np.nan)])
 
-    def late(self, partition: np.ndarray, ts: np.ndarray) -> np.ndarray:
-        """Per row: older than its partition's watermark before this batch."""
-        self._ensure(int(partition.max()) + 1 if partition.size else 0)
-        return ts < self.clock[partition] - self.lateness_s
-
     def advance(self, partition: np.ndarray, ts: np.ndarray) -> None:
         if partition.size:
             self._ensure(int(partition.max()) + 1)
@@ -50,3 +46,21 @@ class Watermarks:
         if one_stream and np.isfinite(self.clock).any():
             return np.full(partition.shape[0], np.nanmax(self.clock) - self.lateness_s)
         return self.clock[partition] - self.lateness_s
+
+
+class SeriesClocks:
+    """The newest sample time of each series (slot): what makes a row late."""
+
+    def __init__(self, lateness_s: float) -> None:
+        self.lateness_s = lateness_s
+        self.latest = np.full(0, -np.inf)
+
+    def late(self, slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """Per row: more than the lateness bound older than its series' newest before this batch."""
+        if slots.size and slots.max() >= self.latest.shape[0]:
+            grow = max(int(slots.max()) + 1, 2 * self.latest.shape[0])
+            self.latest = np.concatenate([self.latest, np.full(grow - self.latest.shape[0], -np.inf)])
+        return ts < self.latest[slots] - self.lateness_s
+
+    def advance(self, slots: np.ndarray, ts: np.ndarray) -> None:
+        np.maximum.at(self.latest, slots, ts)

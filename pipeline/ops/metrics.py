@@ -162,7 +162,7 @@ class FleetwatchCollector(Collector):
             firing.add_metric([name, ALERTS_BY_NAME[name].severity], n)
         yield firing
         if engine is not None:
-            late = _counter("fleetwatch_late_samples_total", "rows behind their partition's watermark by more than "
+            late = _counter("fleetwatch_late_samples_total", "rows behind their series' newest by more than "
                             "detect.lateness_s: archived, not detected on", [])
             late.add_metric([], engine.stats.late_samples)
             yield late
