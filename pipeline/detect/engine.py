@@ -79,7 +79,7 @@ class Engine:
         self.inventory = Inventory(cfg.kafka.partitions)
         # Event time (detect/watermark.py): GPU telemetry's per partition, which judges silence,
         # and each GPU's and facility point's newest sample, behind which a row is late.
-        self.gpu_time = Watermarks(cfg.detect.lateness_s)
+        self.gpu_time = Watermarks()
         self.gpu_series, self.point_series = SeriesClocks(cfg.detect.lateness_s), SeriesClocks(cfg.detect.lateness_s)
         self.one_stream = one_stream  # all of the fleet's data in one order (in-process); over Kafka, partitions
         self.trackers: dict[str, Tracker] = {}

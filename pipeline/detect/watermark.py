@@ -24,28 +24,28 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.detect.state import SlotArrays
+
 
 class Watermarks:
-    def __init__(self, lateness_s: float) -> None:
-        self.lateness_s = lateness_s
-        self.clock = np.full(0, np.nan)  # per partition: the latest sample time seen
+    """Per partition: the newest sample time seen (its clock)."""
 
-    def _ensure(self, n: int) -> None:
-        if self.clock.shape[0] < n:
-            self.clock = np.concatenate([self.clock, np.full(n - self.clock.shape[0], np.nan)])
+    def __init__(self) -> None:
+        self.arrays = SlotArrays({"clock": (np.float64, np.nan)})
 
     def advance(self, partition: np.ndarray, ts: np.ndarray) -> None:
         if partition.size:
-            self._ensure(int(partition.max()) + 1)
-            np.fmax.at(self.clock, partition, ts)
+            self.arrays.ensure(int(partition.max()) + 1)
+            np.fmax.at(self.arrays.clock, partition, ts)
 
-    def watermark(self, partition: np.ndarray, one_stream: bool = False) -> np.ndarray:
-        """Per entry: its partition's watermark (NaN before the partition's first sample);
-        with `one_stream`, the whole stream's."""
-        self._ensure(int(partition.max()) + 1 if partition.size else 0)
-        if one_stream and np.isfinite(self.clock).any():
-            return np.full(partition.shape[0], np.nanmax(self.clock) - self.lateness_s)
-        return self.clock[partition] - self.lateness_s
+    def newest(self, partition: np.ndarray, one_stream: bool = False) -> np.ndarray:
+        """Per entry: its partition's clock (NaN before the partition's first sample); with
+        `one_stream`, the whole stream's. The watermark trails it by the lateness bound."""
+        self.arrays.ensure(int(partition.max()) + 1 if partition.size else 0)
+        clock = self.arrays.clock
+        if one_stream and np.isfinite(clock).any():
+            return np.full(partition.shape[0], np.nanmax(clock))
+        return clock[partition]
 
 
 class SeriesClocks:
@@ -53,14 +53,12 @@ class SeriesClocks:
 
     def __init__(self, lateness_s: float) -> None:
         self.lateness_s = lateness_s
-        self.latest = np.full(0, -np.inf)
+        self.arrays = SlotArrays({"latest": (np.float64, -np.inf)})
 
     def late(self, slots: np.ndarray, ts: np.ndarray) -> np.ndarray:
         """Per row: more than the lateness bound older than its series' newest before this batch."""
-        if slots.size and slots.max() >= self.latest.shape[0]:
-            grow = max(int(slots.max()) + 1, 2 * self.latest.shape[0])
-            self.latest = np.concatenate([self.latest, np.full(grow - self.latest.shape[0], -np.inf)])
-        return ts < self.latest[slots] - self.lateness_s
+        self.arrays.ensure(int(slots.max()) + 1 if slots.size else 0)
+        return ts < self.arrays.latest[slots] - self.lateness_s
 
     def advance(self, slots: np.ndarray, ts: np.ndarray) -> None:
-        np.maximum.at(self.latest, slots, ts)
+        np.maximum.at(self.arrays.latest, slots, ts)

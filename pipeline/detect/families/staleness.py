@@ -54,8 +54,7 @@ class Staleness(Family):
         self.judge(out, "GpuNotReporting", cand, (silent - lateness > k * gpu.interval[cand]) & ~gpu.offbus[cand], t,
                    silent, lambda i: {"silent_s": float(silent[i])})
         all_nodes = np.arange(n_nodes)
-        clock = self.engine.gpu_time.watermark(inv.rack_partition[inv.node.rack[:n_nodes]],
-                                               self.engine.one_stream) + lateness
+        clock = self.engine.gpu_time.newest(inv.rack_partition[inv.node.rack[:n_nodes]], self.engine.one_stream)
         node_silent = clock - node.last_seen[:n_nodes]
         self.judge(out, "NodeNotReporting", all_nodes, node_silent - lateness > 2 * k * node.interval[:n_nodes], t,
                    node_silent, lambda i: {"silent_s": float(node_silent[i])})
