@@ -299,3 +299,49 @@ def refuse_bad_widgets(cfg, env=None, warn=True) -> None:
     from pipeline.config import ConfigError
     if any(t.startswith("bad") for t in cfg.dcgm.targets):
         raise ConfigError(f"config error: widget {cfg.dcgm.targets[0]}")
+
+
+# ---- the rack tier over Kafka: one engine call per scrape of all partitions held ----
+
+def _scrape(topic: Topic, ts: int, racks: list[str], partition: int) -> Message:
+    batch = pa.RecordBatch.from_pydict({"ts": pa.array([ts] * len(racks), pa.timestamp("ms")),
+                                        "site": ["s"] * len(racks), "rack": racks})
+    return Message(topic, batch, racks[0], {"fw-keys": ",".join(racks)}, partition)
+
+
+def test_partitions_merge_in_event_time_and_only_one_scrape_joins():
+    from pipeline.roles.detect import coalesce_by_tick, in_time_order
+    p0 = [_scrape(Topic.GPU, 1000, ["r1"], 0), _scrape(Topic.FACILITY, 1000, ["r1"], 0),
+          _scrape(Topic.GPU, 2000, ["r1"], 0)]
+    p1 = [_scrape(Topic.GPU, 1000, ["r2"], 1), _scrape(Topic.GPU, 2000, ["r2"], 1),
+          _scrape(Topic.FACILITY, 2000, ["r2"], 1)]
+    merged = in_time_order(p0 + p1)
+    # Each partition's own order is kept, and a tick's GPU rows come before its facility rows.
+    assert [m for m in merged if m.partition == 0] == p0 and [m for m in merged if m.partition == 1] == p1
+    assert [(m.topic, m.value.column("ts")[0].value) for m in merged] == [
+        (Topic.GPU, 1000), (Topic.GPU, 1000), (Topic.FACILITY, 1000),
+        (Topic.GPU, 2000), (Topic.GPU, 2000), (Topic.FACILITY, 2000)]
+    # One engine call per topic and scrape, with both partitions' racks in it.
+    calls = coalesce_by_tick(merged)
+    assert [(m.topic, m.value.num_rows, m.value.column("ts")[0].value) for m in calls] == [
+        (Topic.GPU, 2, 1000), (Topic.FACILITY, 1, 1000), (Topic.GPU, 2, 2000), (Topic.FACILITY, 1, 2000)]
+
+
+def test_each_output_row_commits_with_the_partition_its_rack_came_in():
+    from pipeline.roles.detect import Owners
+    partitions = 6
+    racks = [f"r{i:02d}" for i in range(12)]
+    held = {keys.partition_for(r, partitions) for r in racks[:4]}
+    owners = Owners(partitions, held)
+    rows = [{"site": "s", "rack": r, "node": f"{r}-n1"} for r in racks[:4]] + [{"site": "s", "rack": "", "node": None}]
+    grouped = owners.group(rows)
+    for p, of_p in grouped:
+        assert p in held
+        for row in of_p:  # a rack's row goes with its own partition; one of no rack held, with the first held
+            own = keys.partition_for(keys.rack_key(row["site"], row["rack"]), partitions)
+            assert p == (own if own in held else min(held))
+    assert sorted(r["node"] or "" for _, of_p in grouped for r in of_p) == sorted(r["node"] or "" for r in rows)
+    summaries = pa.RecordBatch.from_pylist(rows[:4])
+    split = owners.split(summaries)
+    assert sum(b.num_rows for _, b in split) == 4
+    assert all(keys.partition_for(r, partitions) == p for p, b in split for r in b.column("rack").to_pylist())

@@ -143,23 +143,7 @@ async def _produce(bus: KafkaBus, cfg: Config, duration_s: float) -> tuple[list[
                     await bus.publish(m)
         gpu_samples += tick.gpu.num_rows
     await bus.flush()
-    return labels, await _end_offsets(bus, RACK_INPUTS), gpu_samples
-
-
-async def _end_offsets(bus: KafkaBus, topics: list[Topic]) -> dict[TopicPartition, int]:
-    probe = AIOKafkaConsumer(isolation_level="read_committed", **bus.client_settings)
-    await probe.start()
-    try:
-        tps = [TopicPartition(bus.wire(t), p) for t in topics
-               for p in (probe.partitions_for_topic(bus.wire(t)) or await _partitions(probe, bus.wire(t)))]
-        return await probe.end_offsets(tps)
-    finally:
-        await probe.stop()
-
-
-async def _partitions(probe: AIOKafkaConsumer, topic: str) -> set[int]:
-    await probe._client.force_metadata_update()
-    return probe.partitions_for_topic(topic) or set()
+    return labels, await bus.ends(RACK_INPUTS), gpu_samples
 
 
 async def _committed(bus: KafkaBus, group: str) -> dict[TopicPartition, int]:
@@ -178,8 +162,7 @@ async def _nothing_after(bus: KafkaBus, committed: dict[TopicPartition, int], to
     probe = AIOKafkaConsumer(isolation_level="read_committed", enable_auto_commit=False, **bus.client_settings)
     await probe.start()
     try:
-        parts = await _partitions(probe, bus.wire(topic))
-        tps = [TopicPartition(bus.wire(topic), p) for p in sorted(parts)]
+        tps = sorted(await bus.partitions([topic]))
         if not tps:
             return True
         probe.assign(tps)
@@ -230,7 +213,7 @@ async def _alerts(bus: KafkaBus) -> list[dict[str, Any]]:
     alerts: list[dict[str, Any]] = []
     firing: dict[str, dict[str, Any]] = {}
     try:
-        tps = [TopicPartition(bus.wire(Topic.ALERTS), p) for p in sorted(await _partitions(reader, bus.wire(Topic.ALERTS)))]
+        tps = sorted(await bus.partitions([Topic.ALERTS]))
         reader.assign(tps)
         await reader.seek_to_beginning(*tps)
         ends = await reader.end_offsets(tps)

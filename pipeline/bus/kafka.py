@@ -181,6 +181,7 @@ class KafkaSubscription:
         self.ready: set[int] = set()   # partitions assigned whose on_assigned hooks have run
         self._rejoin = False           # a partition's transaction failed: rejoin the group (_lose)
         self._started = False
+        self._ends_probe: AIOKafkaConsumer | None = None  # asks the broker for end offsets (_read_to_end)
         self._to_commit: dict[TopicPartition, int] = {}
         self.dead_letters = 0
 
@@ -286,6 +287,11 @@ class KafkaSubscription:
             drained = not records and await self._drained()
             read = set() if drained else await self._read_to_end()
             out = aligner.drain() if drained else aligner.release(lambda t, p: (t, p) in read)
+            if not drained and (more := aligner.waiting_on() - read):
+                # Sources that ran empty while releasing (the last topic of a tick waits on the
+                # first one's end): read to their end too? Then on, not on the next batch.
+                read |= await self._read_to_end(more)
+                out += aligner.release(lambda t, p: (t, p) in read)
             # Commit up to what is released, but not past a message still held. Released in
             # time order, a partition's offsets may interleave (origins): one released past a
             # held one is read again after a crash, which the site tier skips (rack_vs_site.py).
@@ -303,16 +309,23 @@ class KafkaSubscription:
             raise EndOfStream
         return out
 
-    async def _read_to_end(self) -> set[tuple[Topic, int]]:
+    async def _read_to_end(self, only: set | None = None) -> set[tuple[Topic, int]]:
         """Of the (topic, partition)s the aligner waits on, those read up to their end now:
         their end offsets asked of the broker (the last fetch's may be behind a producer
         that runs faster than real time, as the eval's does)."""
-        waiting = {TopicPartition(self.bus.wire(t), p): (t, p) for t, p in self.aligner.waiting_on()}
+        waiting = {TopicPartition(self.bus.wire(t), p): (t, p) for t, p in (only or self.aligner.waiting_on())}
         waiting = {tp: tp_ for tp, tp_ in waiting.items() if tp in self.consumer.assignment()}
         if not waiting:
             return set()
+        if self._ends_probe is None:
+            # Its own connection: on the consumer's, a ListOffsets request waits behind the fetch
+            # in flight, which the broker holds up to fetch_max_wait_ms (500 ms) while nothing is new.
+            self._ends_probe = AIOKafkaConsumer(client_id=f"{self.bus.client_id}-{self.group}-ends",
+                                                isolation_level="read_committed", enable_auto_commit=False,
+                                                **self.bus.client_settings)
+            await self._ends_probe.start()
         try:
-            ends = await self.consumer.end_offsets(list(waiting))  # read_committed: the last stable offsets
+            ends = await self._ends_probe.end_offsets(list(waiting))  # read_committed: the last stable offsets
             return {waiting[tp] for tp, end in ends.items()
                     if tp in self.consumer.assignment() and await self.consumer.position(tp) >= end}
         except (KafkaError, IllegalStateError):  # (a rebalance meanwhile: the partition is not ours now)
@@ -403,6 +416,9 @@ class KafkaSubscription:
             await self.consumer.stop()
             await self.release(set(self.producers))  # open transactions are aborted: uncommitted input is read again
             self._started = False
+        if self._ends_probe is not None:
+            await self._ends_probe.stop()
+            self._ends_probe = None
 
 
 class KafkaBus:
@@ -758,16 +774,26 @@ class KafkaBus:
 
     async def end(self, topics: list[Topic]) -> None:
         await self.flush()
+        self.end_offsets.update(await self.ends(topics))
+
+    async def partitions(self, topics: list[Topic]) -> list[TopicPartition]:
+        """Every partition of `topics`, as the cluster has them now."""
         admin = await self._admin()
+        try:
+            described = await admin.describe_topics([self.wire(t) for t in topics])
+            return [TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]]
+        finally:
+            await admin.close()
+
+    async def ends(self, topics: list[Topic]) -> dict[TopicPartition, int]:
+        """The end offset of every partition of `topics`: past every record written so far
+        (the high watermark; an open transaction's records included)."""
         probe = AIOKafkaConsumer(client_id=f"{self.client_id}-end", **self.client_settings)
         await probe.start()
         try:
-            described = await admin.describe_topics([self.wire(t) for t in topics])
-            tps = [TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]]
-            self.end_offsets.update(await probe.end_offsets(tps))
+            return await probe.end_offsets(await self.partitions(topics))
         finally:
             await probe.stop()
-            await admin.close()
 
     def wire(self, topic: str) -> str:
         """The topic's name on the cluster (a prefix lets several fleets share one)."""

@@ -26,6 +26,8 @@ partition owns a node's or a rack's state. No Kafka client is imported here.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -63,21 +65,15 @@ def murmur2(data: bytes) -> int:
     return h
 
 
+@functools.lru_cache(maxsize=1 << 20)  # a fleet's racks, sites and nodes: hashed once per process
 def partition_for(key: str, partitions: int) -> int:
     """The partition Kafka's default partitioner (murmur2, as the Java client) gives a key."""
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
-_PARTITION_OF: dict[tuple[str, int], int] = {}  # partition_for, memoised for the producers' few keys
-
-
-def _partition_of(key: str, partitions: int) -> int:
-    p = _PARTITION_OF.get((key, partitions))
-    if p is None:
-        if len(_PARTITION_OF) >= 1_000_000:
-            _PARTITION_OF.clear()
-        p = _PARTITION_OF[(key, partitions)] = partition_for(key, partitions)
-    return p
+def rack_key(site: str | None, rack: str | None) -> str:
+    """One record's rack_keys: its rack, or its site where it has no rack."""
+    return rack or site or ""
 
 
 def checkpoint_key(partition: int, tier: str = "rack") -> str:
@@ -116,7 +112,7 @@ def by_partition(topic: Topic, batch: pa.RecordBatch, keys: pa.Array, partitions
         return []
     names = sorted(pc.unique(keys).to_pylist())
     rank = pc.index_in(keys, pa.array(names, keys.type)).to_numpy()  # each row's key, as its place in `names`
-    part = np.array([_partition_of(k, partitions) for k in names], np.int64)[rank]
+    part = np.array([partition_for(k, partitions) for k in names], np.int64)[rank]
     order = np.lexsort((rank, part))  # by partition, then key; stable: a key's rows keep their order
     batch, rank, part = batch.take(pa.array(order)), rank[order], part[order]
     starts = np.concatenate([[0], np.flatnonzero(np.diff(part)) + 1, [len(part)]])

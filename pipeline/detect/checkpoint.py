@@ -77,17 +77,11 @@ class Checkpointer:
         self.engine = engine
         self.partitions = partitions
         self.owner = owner
-        self._partition_of: dict[str, int] = {}
 
     def partition(self, owners: pa.Array) -> np.ndarray:
         """The partition of each owner key (where its data arrives); -1 for none."""
-        out = np.empty(len(owners), np.int64)
-        for i, key in enumerate(owners.to_pylist()):  # once per entity per checkpoint; cached
-            p = self._partition_of.get(key)
-            if p is None:
-                p = self._partition_of[key] = partition_for(key, self.partitions) if key else -1
-            out[i] = p
-        return out
+        return np.fromiter((partition_for(key, self.partitions) if key else -1 for key in owners.to_pylist()),
+                           np.int64, len(owners))
 
     def _rows(self, scope: str, partitions: set[int]) -> tuple[pa.RecordBatch, np.ndarray, np.ndarray]:
         """Identities of the scope's entities in `partitions`, their slots and partitions."""

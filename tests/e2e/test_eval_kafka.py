@@ -7,6 +7,7 @@ killed or frozen half-way."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -50,8 +51,11 @@ def test_three_detect_processes_raise_what_one_process_raises_even_when_one_dies
                    "--chaos", chaos, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "3 detect processes; pid" in r.stdout  # the victim was struck half-way
-    if chaos == "freeze":  # it woke up fenced: nothing of its partitions was committed by it
-        assert " 0 partitions fenced" not in r.stdout, r.stdout
+    # The others took its partitions over from its checkpoints. (A frozen one that wakes up
+    # is fenced only if it tries to commit before it learns of the rebalance; either way it
+    # commits nothing of them, which the equal scores below show.)
+    restored = re.search(r"(\d+) restored from a checkpoint", r.stdout)
+    assert restored and int(restored.group(1)) >= 1, r.stdout
     kafka = scores(tmp_path / "kafka.json")
     assert kafka == in_process
     # The run has what makes scale-out hard: rack faults (the rack's GPUs and coolant in one
