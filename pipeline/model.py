@@ -63,7 +63,7 @@ _GPU_FIELDS = [
 GPU_INFO: tuple[str, ...] = ("model", "pci_bus_id", "driver_version", "serial")
 # Who uses the GPU, where the collector knows it (dcgm-exporter's Kubernetes pod mapping).
 GPU_WORKLOAD: tuple[str, ...] = ("pod", "namespace", "container")
-GPU_SAMPLE = _schema("gpu_sample", 3, _GPU_FIELDS + [
+_GPU_V3_FIELDS = _GPU_FIELDS + [
     _f("model", pa.string(), "GPU model name, e.g. NVIDIA H100 80GB HBM3 (NVML device name, dcgm-exporter modelName)"),
     _f("pci_bus_id", pa.string(), "PCI bus id, e.g. 00000000:18:00.0 (NVML busId, dcgm-exporter pci_bus_id)"),
     _f("driver_version", pa.string(), "NVIDIA driver version, e.g. 580.159.04"),
@@ -71,15 +71,25 @@ GPU_SAMPLE = _schema("gpu_sample", 3, _GPU_FIELDS + [
     _f("pod", pa.string(), "Kubernetes pod using the GPU (dcgm-exporter's pod mapping); several: comma-separated"),
     _f("namespace", pa.string(), "the pod's namespace; several: comma-separated"),
     _f("container", pa.string(), "the pod's container; several: comma-separated"),
+]
+# How the GPU is set (v4): what its power is held to, a cap's or its default.
+GPU_SETTINGS: tuple[str, ...] = ("power_limit_w",)
+GPU_SAMPLE = _schema("gpu_sample", 4, _GPU_V3_FIELDS + [
+    _f("power_limit_w", pa.float64(), "enforced power limit, W: the GPU's default or a cap (NVML enforced limit, "
+       "DCGM_FI_DEV_ENFORCED_POWER_LIMIT); null where unknown"),
 ], "one row per GPU per scrape (v2: slowdown_temp_c added; v3: model, pci_bus_id, driver_version, serial, pod, "
-   "namespace, container)")
+   "namespace, container; v4: power_limit_w)")
+GPU_SAMPLE_V3 = _schema("gpu_sample", 3, _GPU_V3_FIELDS,
+                        "one row per GPU per scrape (v2: slowdown_temp_c added; v3: model, pci_bus_id, driver_version, "
+                        "serial, pod, namespace, container)")
 GPU_SAMPLE_V2 = _schema("gpu_sample", 2, _GPU_FIELDS, "one row per GPU per scrape (v2: slowdown_temp_c added)")
 
 
-def _gpu_v2_to_v3(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """What the GPU is was not sent before v3: null, as for a GPU that does not say."""
-    nulls = pa.nulls(batch.num_rows, pa.string())
-    return pa.RecordBatch.from_arrays([*batch.columns, *(nulls for _ in GPU_INFO + GPU_WORKLOAD)], schema=GPU_SAMPLE)
+def _gpu_to_current(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """What an older version did not send (what the GPU is before v3, its limit before v4):
+    null, as for a GPU that does not say."""
+    return pa.RecordBatch.from_arrays([batch.column(f.name) if f.name in batch.schema.names
+                                       else pa.nulls(batch.num_rows, f.type) for f in GPU_SAMPLE], schema=GPU_SAMPLE)
 
 
 class ClockEventReason(enum.IntFlag):
@@ -291,7 +301,8 @@ WIRE_SCHEMAS: tuple[pa.Schema, ...] = (*SCHEMAS.values(), RACK_SUMMARY, CHECKPOI
 # Older versions a reader still takes, each with what upgrades a batch of it to the current one:
 # a rolling upgrade updates the readers first, and what the old writers send goes on.
 UPGRADES: dict[tuple[str, int], tuple[pa.Schema, Any]] = {
-    ("gpu_sample", 2): (GPU_SAMPLE_V2, _gpu_v2_to_v3),
+    ("gpu_sample", 2): (GPU_SAMPLE_V2, _gpu_to_current),
+    ("gpu_sample", 3): (GPU_SAMPLE_V3, _gpu_to_current),
     ("facility_sample", 1): (FACILITY_SAMPLE_V1, _facility_v1_to_v2),
     ("detector_checkpoint", 1): (CHECKPOINT_V1, _checkpoint_v1_to_v2),
 }

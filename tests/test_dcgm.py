@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import ConfigError
-from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE
+from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS
 from pipeline.sources.dcgm import (DOWN, GARBAGE, HTTP_STATUS, NO_GPUS, TIMEOUT, DcgmMetrics, DcgmSource,
                                    ExpositionError, Target, dcgm_samples, load_mapping, load_targets,
                                    parse_exposition, reference_samples, target_url)
@@ -45,7 +45,7 @@ def rows_of(text: str, src: DcgmSource | None = None, target: Target | None = No
 # ---- the counters table ------------------------------------------------------------------
 
 def test_every_gpu_sample_metric_is_one_dcgm_field_and_names_are_dcgm_exporters():
-    assert sorted(BY_COLUMN) == sorted(GPU_METRICS)
+    assert sorted(BY_COLUMN) == sorted(GPU_METRICS + GPU_SETTINGS)
     assert len({f.name for f in FIELDS}) == len(FIELDS)
     assert all(f.name.startswith("DCGM_FI_DEV_") and f.type in ("gauge", "counter") for f in FIELDS)
     # dcgm-exporter's default-counters.csv, as its fixture shows it (HELP and TYPE lines)

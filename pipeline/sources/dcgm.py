@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ConfigError, DcgmConfig
-from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_WORKLOAD, TS
+from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD, TS
 from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, LABEL_COLUMNS, XID, column_array
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ class DcgmSource:
             "rack": pa.array([rack] * n, pa.string()), "node": pa.array([node] * n, pa.string()),
             "gpu": pa.array(gpu), "gpu_uuid": pa.array(p.uuids, pa.string())}
         missing = np.full(n, np.nan)
-        for m in GPU_METRICS:
+        for m in GPU_METRICS + GPU_SETTINGS:
             cols[m] = column_array(m, p.values.get(m, missing))
         for m in GPU_INFO + GPU_WORKLOAD:
             cols[m] = pa.array(p.info[m], pa.string())

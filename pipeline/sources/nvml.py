@@ -37,7 +37,7 @@ import pyarrow as pa
 import pynvml
 
 from pipeline.config import AgentConfig, ConfigError
-from pipeline.model import EVENT, GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_WORKLOAD
+from pipeline.model import EVENT, GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +298,8 @@ class NvmlAgent:
             cols[name] = pa.array(info[name], pa.string())
         for name in GPU_WORKLOAD:  # NVML does not know which pod uses a GPU
             cols[name] = pa.nulls(n, pa.string())
+        for name in GPU_SETTINGS:
+            cols[name] = pa.nulls(n, pa.float64())
         return pa.RecordBatch.from_pydict(cols, schema=GPU_SAMPLE)
 
     # ---- events (their own thread) ---------------------------------------------------

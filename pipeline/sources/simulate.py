@@ -497,6 +497,7 @@ class FleetSimulator:
             "ecc_dbe_volatile_total": self.dbe.copy(), "remapped_rows_correctable": self.remap_c.copy(),
             "remapped_rows_uncorrectable": self.remap_u.copy(), "remapped_rows_pending": self.remap_pending.copy(),
             "remapped_rows_failure": self.remap_failure.copy(), "nvlink_crc_errors_total": self.nvlink.copy(),
+            "power_limit_w": np.full(G, self.cfg.power_limit_w),
         })
         gpu = pa.RecordBatch.from_pydict({f.name: cols[f.name] for f in GPU_SAMPLE}, schema=GPU_SAMPLE)
         if fx["missing"].any():

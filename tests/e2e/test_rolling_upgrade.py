@@ -2,7 +2,7 @@
 
 Consumers are upgraded first, then the producers, a node's agent at a time over days
 (docs/data.md#schema-changes). Meanwhile the topics carry both versions: here some
-nodes' agents still send gpu_sample v2 throughout, others switch to v3 halfway, and
+nodes' agents still send gpu_sample v2 throughout, others switch to the current version halfway, and
 one rack's facility collector still sends facility_sample v1 while the other has
 switched halfway, interleaved with current messages from the simulator. Detect,
 archive and notify at the current version (`fleetwatch run --kafka`'s daemon, without
@@ -28,7 +28,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pipeline.analytics.archive import scan
 from pipeline.bus import Message, Topic, keys
 from pipeline.bus.kafka import DEAD_LETTER, KafkaBus
-from pipeline.model import FACILITY_SAMPLE, FACILITY_SAMPLE_V1, GPU_INFO, GPU_SAMPLE, GPU_SAMPLE_V2, GPU_WORKLOAD
+from pipeline.model import FACILITY_SAMPLE, FACILITY_SAMPLE_V1, GPU_INFO, GPU_SAMPLE, GPU_SAMPLE_V2, GPU_SETTINGS, GPU_WORKLOAD, \
+    schema_version
 from pipeline.sources.simulate import FleetSimulator
 from tests.conftest import make_config
 from tests.services import KafkaBroker
@@ -40,7 +41,7 @@ WARM_UP, FAULTY = 180, 40  # ticks (1 s each): baselines first, then the faults
 TICKS = WARM_UP + FAULTY
 HALF = TICKS // 2
 OLD_NODES = {"r01-n01", "r01-n02", "r02-n01"}  # agents still at gpu_sample v2 throughout
-SWITCHING = {"r01-n03", "r02-n02"}            # agents upgraded to v3 halfway
+SWITCHING = {"r01-n03", "r02-n02"}            # agents upgraded to the current version halfway
 OLD_RACK = 1                                  # rack index whose facility collector stays at v1
 
 
@@ -61,7 +62,7 @@ async def produce(cfg, sim: FleetSimulator) -> dict:
     bus = KafkaBus.from_config(cfg.kafka)
     await bus.start()
     old_rack = sim.rack_names[OLD_RACK]
-    sent = {"gpu_v2": 0, "gpu_v3": 0, "facility_v1": 0, "facility_v2": 0, "gpu_rows": 0, "facility_rows": 0}
+    sent = {"gpu_v2": 0, "gpu_current": 0, "facility_v1": 0, "facility_v2": 0, "gpu_rows": 0, "facility_rows": 0}
     storm = fault = None
     for tick in range(TICKS):
         if tick == WARM_UP:  # faults on what the old producers report: a GPU's counters, a rack's leak sensor
@@ -74,7 +75,7 @@ async def produce(cfg, sim: FleetSimulator) -> dict:
                 batch = message.value.filter(pc.equal(message.value.column("node"), node))
                 if old_node(node, tick):
                     batch = downgraded(batch, GPU_SAMPLE_V2)
-                sent[f"gpu_v{'2' if old_node(node, tick) else '3'}"] += 1
+                sent["gpu_v2" if old_node(node, tick) else "gpu_current"] += 1
                 sent["gpu_rows"] += batch.num_rows
                 await bus.publish(Message(Topic.GPU, batch, key=message.key))
         for message in keys.messages(Topic.FACILITY, t.facility, keyed=True):
@@ -140,9 +141,10 @@ def test_current_consumers_take_the_previous_version_from_producers_mid_upgrade(
     (tmp_path / "data").mkdir()
     sim = FleetSimulator(cfg.fleet, start=datetime.now(timezone.utc) - timedelta(minutes=10))
     sent = asyncio.run(produce(cfg, sim))
-    assert sent["gpu_v2"] and sent["gpu_v3"] and sent["facility_v1"] and sent["facility_v2"]
+    assert sent["gpu_v2"] and sent["gpu_current"] and sent["facility_v1"] and sent["facility_v2"]
     # An old producer's messages say their version: fw-version 2 (GPU) and 1 (facility) beside the current.
-    assert asyncio.run(versions_on_the_wire(cfg, Topic.GPU)) == {"2": sent["gpu_v2"], "3": sent["gpu_v3"]}
+    assert asyncio.run(versions_on_the_wire(cfg, Topic.GPU)) == {"2": sent["gpu_v2"],
+                                                                   str(schema_version(GPU_SAMPLE)): sent["gpu_current"]}
     assert asyncio.run(versions_on_the_wire(cfg, Topic.FACILITY)) == {"1": sent["facility_v1"],
                                                                         "2": sent["facility_v2"]}
 
@@ -169,11 +171,11 @@ def test_current_consumers_take_the_previous_version_from_producers_mid_upgrade(
     gpu = scan(archive / "gpu_samples").collect()
     assert gpu.height == sent["gpu_rows"] == summary.rows_archived["gpu_samples"]
     assert gpu.select(pl.struct("gpu_uuid", "ts").n_unique()).item() == gpu.height  # each row once
-    added = [*GPU_INFO, *GPU_WORKLOAD]
+    added = [*GPU_INFO, *GPU_WORKLOAD, *GPU_SETTINGS]
     old_rows = gpu.filter(pl.col("node").is_in(OLD_NODES))
     assert old_rows.height and all(old_rows[c].null_count() == old_rows.height for c in added)
     current_rows = gpu.filter(~pl.col("node").is_in(OLD_NODES | SWITCHING))
-    assert current_rows["model"].null_count() == 0  # what the simulator's v3 producers say stays
+    assert current_rows["model"].null_count() == 0  # what the simulator's current producers say stays
     switched = gpu.filter(pl.col("node").is_in(SWITCHING)).sort("ts")
     assert switched["model"].null_count() == switched.height // 2  # null before the switch, then set
     # Every archived file is the current version: the archive upgraded before it buffered.
