@@ -246,6 +246,21 @@ RACK_SUMMARY = _schema("rack_summary", 1, [
     _f("explained", pa.bool_(), "a rack alert (its coolant) explains a thermal anomaly of the rack", nullable=False),
 ], "what the rack tier of detection tells the site tier about a rack (fleetwatch.racks, key: site)")
 
+POWER_REQUEST = _schema("power_request", 1, [
+    _f("id", pa.string(), "request id, unique per site (the sender's, or made up on arrival)", nullable=False),
+    _f("ts", TS, "when the request was issued", nullable=False),
+    _f("site", pa.string(), "site whose load is to be reduced", nullable=False),
+    _f("racks", pa.string(), "racks the request covers, comma-separated; null or empty: the whole site"),
+    _f("target_kw", pa.float64(), "hold the covered power at or under this, kW (one of target_kw, reduction_kw, "
+       "reduction_pct)"),
+    _f("reduction_kw", pa.float64(), "shed this much from the baseline, kW"),
+    _f("reduction_pct", pa.float64(), "shed this share of the baseline, percent (0-100)"),
+    _f("start", TS, "when the reduction is to start", nullable=False),
+    _f("duration_s", pa.float64(), "how long it is held, from start, s", nullable=False),
+    _f("ramp_s", pa.float64(), "deadline to reach the target after start, s (e.g. 30)", nullable=False),
+    _f("source", pa.string(), "how it arrived: cli, http, kafka, mqtt or eval", nullable=False),
+], "a power reduction asked of a site or some of its racks: demand response, interruptible load")
+
 SCHEMAS: dict[str, pa.Schema] = {
     "gpu_samples": GPU_SAMPLE,
     "facility_samples": FACILITY_SAMPLE,
@@ -297,7 +312,7 @@ def upgraded(batch: pa.RecordBatch) -> pa.RecordBatch:
     """A batch of an older version UPGRADES knows, at the current version (as it is if current)."""
     key = (schema_name(batch.schema), schema_version(batch.schema))
     return UPGRADES[key][1](batch) if key in UPGRADES else batch
-WIRE_SCHEMAS: tuple[pa.Schema, ...] = (*SCHEMAS.values(), RACK_SUMMARY, CHECKPOINT)
+WIRE_SCHEMAS: tuple[pa.Schema, ...] = (*SCHEMAS.values(), RACK_SUMMARY, CHECKPOINT, POWER_REQUEST)
 # Older versions a reader still takes, each with what upgrades a batch of it to the current one:
 # a rolling upgrade updates the readers first, and what the old writers send goes on.
 UPGRADES: dict[tuple[str, int], tuple[pa.Schema, Any]] = {

@@ -1,0 +1,146 @@
+"""Per-GPU power caps that shed a requested number of watts at the least lost work.
+
+Each GPU's cost of a cap is read off the measured power -> throughput curve
+(power/curve.py), relative to the work it does now:
+
+  - a busy GPU drawing D W, capped to c < D, keeps curve(c) / curve(D) of its work;
+    it saves D - c W. A GPU drawing less than a cap saves nothing from it (a watt it
+    does not draw is not a saving), so savings count from the draw, never the limit;
+  - an idle GPU does no work: capping it costs nothing and saves what it draws above
+    the cap (about nothing), but it keeps a job that starts during the event from
+    taking the watts back. Idle GPUs are capped first, to their minimum limit;
+  - a flexibility class bounds each GPU's loss: 0 never capped, 1/2/3 at most
+    10/25/50% of its work (`CLASS_MAX_LOSS`), and no cap goes below the GPU's
+    minimum limit.
+
+The plan takes the cheapest watts first across the fleet: on the curve's concave hull
+a GPU's next watt never costs less than its previous one, so sorting every GPU's
+segments between hull vertices by work lost per watt and taking them in order until
+the target is met is optimal (a fractional knapsack), and the last segment taken is
+cut where the target is met. The target is the request plus headroom for the meter's
+error. `uniform_cost` is what one cap on every GPU would cost for the same
+reduction: the baseline the eval compares with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.power.curve import PowerCurve
+
+CLASS_MAX_LOSS = np.array([0.0, 0.10, 0.25, 0.50])  # by flexibility class 0..3: the most work a cap may cost
+IDLE_UTIL = 0.05  # utilisation under which a GPU does no work worth counting
+
+
+@dataclass(frozen=True)
+class GpuPower:
+    """The GPUs a plan may cap, one entry per GPU (numpy arrays of one length)."""
+    power_w: np.ndarray        # what each draws now (its demand, as far as anyone knows)
+    busy: np.ndarray           # bool: doing work (utilisation above IDLE_UTIL)
+    flex_class: np.ndarray     # int 0..3
+    min_limit_w: np.ndarray    # the lowest limit each takes (NVML constraints)
+    max_limit_w: np.ndarray    # its default limit
+
+    def __len__(self) -> int:
+        return len(self.power_w)
+
+
+@dataclass(frozen=True)
+class Plan:
+    cap_w: np.ndarray          # per GPU: the cap to set; NaN = leave it as it is
+    saving_w: float            # the reduction the plan expects (from the draws)
+    wanted_w: float            # what it was asked for, headroom included
+    work_lost: float           # expected, in GPUs' worth of full-load work (the true curve)
+    work_now: float            # the work the GPUs do now, same unit
+    capacity_w: float          # the most any plan could shed, within every class
+
+    @property
+    def met(self) -> bool:
+        return self.saving_w >= self.wanted_w - 1e-6
+
+    @property
+    def loss_pct(self) -> float:
+        return 100.0 * self.work_lost / self.work_now if self.work_now > 0 else 0.0
+
+
+def floors(gpus: GpuPower, curve: PowerCurve) -> np.ndarray:
+    """Per GPU, the lowest cap its class allows (NaN: class 0, never capped). On the true
+    curve: the class is a promise about the work actually lost."""
+    max_loss = CLASS_MAX_LOSS[np.clip(gpus.flex_class.astype(np.int64), 0, len(CLASS_MAX_LOSS) - 1)]
+    keep = (1.0 - max_loss) * curve.at(gpus.power_w)
+    floor = np.where(gpus.busy, curve.power_for(keep), gpus.min_limit_w)
+    floor = np.maximum(floor, gpus.min_limit_w)
+    return np.where(max_loss > 0, floor, np.nan)
+
+
+def capacity_w(gpus: GpuPower, curve: PowerCurve) -> float:
+    """The most the GPUs can shed within every class: the site's flexible capacity."""
+    floor = floors(gpus, curve)
+    return float(np.nansum(np.where(np.isnan(floor), 0.0, np.maximum(gpus.power_w - floor, 0.0))))
+
+
+def plan(gpus: GpuPower, reduction_w: float, curve: PowerCurve, headroom_w: float = 0.0) -> Plan:
+    """Caps that shed `reduction_w` + `headroom_w` at the least work lost; as much as
+    the classes allow when that is less (`Plan.met` says which)."""
+    wanted = max(0.0, reduction_w) + max(0.0, headroom_w)
+    hull = curve.hull()
+    n = len(gpus)
+    floor = floors(gpus, curve)
+    cappable = ~np.isnan(floor)
+    draw = gpus.power_w.astype(np.float64)
+    cap = np.full(n, np.nan)
+    idle = cappable & ~gpus.busy
+    cap[idle] = gpus.min_limit_w[idle]  # idle first: free, and no job takes the watts back
+    saved_idle = np.maximum(draw[idle] - cap[idle], 0.0)
+    need = wanted - saved_idle.sum()
+    busy = np.flatnonzero(cappable & gpus.busy & (draw > floor))
+    if need > 0 and busy.size:
+        # Each busy GPU's breakpoints from its draw down to its floor: the hull's vertices
+        # strictly between, as an (n, k) array padded with the floor (zero-width segments).
+        inner = hull.power_w[1:]
+        lo, hi = floor[busy], draw[busy]
+        points = np.where((inner[None, :] > lo[:, None]) & (inner[None, :] < hi[:, None]), inner[None, :], lo[:, None])
+        points = np.concatenate([hi[:, None], -np.sort(-points, axis=1), lo[:, None]], axis=1)
+        watts = points[:, :-1] - points[:, 1:]                 # what each segment saves
+        work = hull.at(points[:, :-1]) - hull.at(points[:, 1:])  # what it costs (hull: per-GPU convex)
+        price = np.where(watts > 0, work / np.where(watts > 0, watts, 1.0), np.inf)
+        step = np.broadcast_to(np.arange(watts.shape[1]), watts.shape)
+        order = np.lexsort((step.ravel(), price.ravel()))     # cheapest first; a GPU's own in order
+        flat_w = watts.ravel()[order]
+        taken = np.cumsum(flat_w)
+        last = int(np.searchsorted(taken, need))              # the segment where the target is met
+        take = np.zeros(flat_w.size)
+        take[:last] = flat_w[:last]
+        if last < flat_w.size:
+            take[last] = need - (taken[last - 1] if last else 0.0)
+        shed = np.zeros(watts.size)
+        shed[order] = take
+        shed = shed.reshape(watts.shape).sum(axis=1)
+        chosen = shed > 1e-9
+        cap[busy[chosen]] = draw[busy][chosen] - shed[chosen]
+    saving = float(np.nansum(np.maximum(draw - np.where(np.isnan(cap), draw, cap), 0.0)))
+    work_now = float(np.sum(np.where(gpus.busy, curve.at(draw), 0.0)))
+    kept = np.where(gpus.busy, curve.at(np.where(np.isnan(cap), draw, np.minimum(cap, draw))), 0.0)
+    return Plan(cap, saving, wanted, work_now - float(kept.sum()), work_now, capacity_w(gpus, curve))
+
+
+def uniform_cost(gpus: GpuPower, reduction_w: float, curve: PowerCurve) -> tuple[float, float]:
+    """One cap on every GPU, the highest that sheds `reduction_w`: (that cap, the work it
+    costs, in the unit of Plan.work_lost). The cap is at its floor (the minimum limit)
+    when even that does not shed enough."""
+    draw = gpus.power_w.astype(np.float64)
+    lo, hi = float(np.max(gpus.min_limit_w)), float(np.max(draw)) if draw.size else 0.0
+
+    def shed(c: float) -> float:
+        return float(np.maximum(draw - c, 0.0).sum())
+    if draw.size == 0 or shed(lo) <= reduction_w:
+        c = lo
+    else:
+        for _ in range(60):  # bisection: shed() falls as the cap rises
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if shed(mid) >= reduction_w else (lo, mid)
+        c = lo
+    lost = np.where(gpus.busy, curve.at(draw) - curve.at(np.minimum(draw, c)), 0.0)
+    return c, float(lost.sum())

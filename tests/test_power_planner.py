@@ -1,0 +1,116 @@
+"""The power planner (issue 15, item 2): per-GPU caps from the recorded H100's curve that
+shed the target at the least work, within every flexibility class and limit."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.power.curve import from_recording
+from pipeline.power.planner import CLASS_MAX_LOSS, GpuPower, capacity_w, plan, uniform_cost
+
+CURVE = from_recording()
+
+
+def test_the_curve_is_the_recorded_h100s():
+    # The recording's steady states (its README): 500 W keeps 84% of the work for 71% of the power.
+    assert CURVE.min_limit_w == 200 and CURVE.max_limit_w == 700
+    assert CURVE.at(700) == pytest.approx(1.0) and CURVE.at(500) == pytest.approx(0.84, abs=0.01)
+    assert CURVE.at(350) == pytest.approx(0.50, abs=0.02) and CURVE.at(200) == pytest.approx(0.26, abs=0.01)
+    assert CURVE.clock_at(500) == pytest.approx(1153, abs=20)
+    # On the hull, a watt never costs less than the watt above it; 350 W lies under it.
+    hull = CURVE.hull()
+    slopes = np.diff(hull.throughput[1:]) / np.diff(hull.power_w[1:])  # (from the minimum limit up)
+    assert np.all(np.diff(slopes) <= 1e-12) and 350 > hull.power_w[1] and not np.any(np.abs(hull.power_w - 349.4) < 1)
+
+
+fleets = st.integers(1, 12).flatmap(lambda n: st.tuples(
+    st.lists(st.floats(60, 700), min_size=n, max_size=n),
+    st.lists(st.booleans(), min_size=n, max_size=n),
+    st.lists(st.integers(0, 3), min_size=n, max_size=n)))
+
+
+def gpus_of(power, busy, classes) -> GpuPower:
+    n = len(power)
+    busy = np.array(busy) & (np.array(power) > 100)  # a busy GPU draws more than an idle one
+    return GpuPower(np.array(power, float), busy, np.array(classes), np.full(n, 200.0), np.full(n, 700.0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(fleets, st.floats(0, 1.2))
+def test_a_plan_keeps_every_promise(fleet, share):
+    gpus = gpus_of(*fleet)
+    cap = capacity_w(gpus, CURVE)
+    p = plan(gpus, share * cap, CURVE)
+    capped = ~np.isnan(p.cap_w)
+    assert not np.any(capped & (gpus.flex_class == 0))                     # class 0: never capped
+    assert np.all(p.cap_w[capped] >= gpus.min_limit_w[capped] - 1e-6)      # never below the minimum limit
+    assert np.all(p.cap_w[capped] <= gpus.max_limit_w[capped] + 1e-6)
+    busy = gpus.busy
+    kept = CURVE.at(np.minimum(np.where(capped, p.cap_w, gpus.power_w), gpus.power_w))
+    loss = np.where(busy, 1 - kept / CURVE.at(gpus.power_w), 0.0)
+    assert np.all(loss <= CLASS_MAX_LOSS[gpus.flex_class] + 1e-6)          # each class's bound on lost work
+    assert np.all(~capped[~busy & (gpus.flex_class > 0)] == False)  # noqa: E712  (idle ones capped first)
+    assert p.saving_w <= cap + 1e-6
+    assert p.met == (share * cap <= cap + 1e-6)
+    idle = np.maximum(gpus.power_w - p.cap_w, 0)[capped & ~busy].sum()
+    if p.met:  # no more than asked, beyond what the idle GPUs shed for free
+        assert share * cap - 1e-3 <= p.saving_w <= max(share * cap, idle) + 1e-3
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(250, 700), min_size=2, max_size=3), st.floats(0.1, 0.9))
+def test_no_other_caps_shed_as_much_for_less_work(power, share):
+    """Against every combination of caps on a 5 W grid (on the hull the planner optimises on)."""
+    n = len(power)
+    gpus = GpuPower(np.array(power), np.ones(n, bool), np.full(n, 3), np.full(n, 200.0), np.full(n, 700.0))
+    need = share * capacity_w(gpus, CURVE)
+    p = plan(gpus, need, CURVE)
+    hull = CURVE.hull()
+    chosen = np.where(np.isnan(p.cap_w), gpus.power_w, p.cap_w)
+    cost = float(np.sum(hull.at(gpus.power_w) - hull.at(chosen)))
+    from pipeline.power.planner import floors
+    lows = floors(gpus, CURVE)
+    grids = [np.append(np.arange(np.ceil(lo / 5) * 5, d, 5.0), d) for lo, d in zip(lows, gpus.power_w)]
+    for caps in itertools.product(*grids):
+        caps = np.array(caps)
+        if np.sum(gpus.power_w - caps) >= need:
+            assert cost <= np.sum(hull.at(gpus.power_w) - hull.at(caps)) + 1e-9
+
+
+def test_watts_a_gpu_does_not_draw_are_not_savings():
+    # A GPU at 300 W under a 700 W limit: a 500 W cap saves nothing; idle GPUs are capped
+    # first (free) but count only what they draw above their cap.
+    gpus = GpuPower(np.array([300.0, 650.0, 80.0]), np.array([True, True, False]), np.array([3, 3, 3]),
+                    np.full(3, 200.0), np.full(3, 700.0))
+    p = plan(gpus, 100.0, CURVE)
+    assert p.met and p.saving_w == pytest.approx(100.0)
+    assert p.cap_w[2] == 200.0                        # idle: to its minimum, for nothing
+    assert p.cap_w[1] == pytest.approx(550.0)         # the cheap watts: the top of the busy GPU at 650 W
+    assert np.isnan(p.cap_w[0])                       # 300 W: its watts cost more
+
+
+def test_more_than_the_classes_allow_is_not_met_and_says_how_much_is_possible():
+    gpus = GpuPower(np.array([700.0, 700.0]), np.array([True, True]), np.array([0, 1]),
+                    np.full(2, 200.0), np.full(2, 700.0))
+    p = plan(gpus, 500.0, CURVE)
+    assert not p.met and p.saving_w == pytest.approx(p.capacity_w)
+    assert 0 < p.capacity_w < 150  # class 1 loses at most 10% of its work: ~110 W of one GPU
+
+
+def test_uniform_capping_sheds_the_same_watts_and_the_plan_costs_no_more():
+    rng = np.random.default_rng(1)
+    n = 512
+    busy = rng.random(n) < 0.8
+    gpus = GpuPower(np.where(busy, rng.uniform(300, 700, n), 75.0), busy, np.full(n, 3), np.full(n, 200.0),
+                    np.full(n, 700.0))
+    for share in (0.1, 0.2, 0.3, 0.4):
+        need = share * gpus.power_w.sum()
+        cap, uniform = uniform_cost(gpus, need, CURVE)
+        assert np.maximum(gpus.power_w - cap, 0).sum() == pytest.approx(need, rel=1e-6)
+        p = plan(gpus, need, CURVE)
+        assert p.met and p.work_lost <= uniform * 1.001
