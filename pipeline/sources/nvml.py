@@ -10,6 +10,9 @@
 - A field or call that answers NVML_ERROR_NOT_SUPPORTED is remembered per GPU and
   not asked again; its column is null, never 0.
 - Base units: W, J, C, MHz, bytes, 0-1.
+- Power limits (sources/nvml_power.py): each scrape reads the enforced limit (`power_limit_w`);
+  `agent.power` applies and restores caps on the agent's NVML thread (`await agent.on_nvml_thread(
+  agent.power.apply, gpu, watts)`), and close() restores every cap the agent set.
 - Events without waiting for the next scrape: XID and ECC events through an NVML
   event set, waited on in a thread of their own and published at once.
 - A GPU that answers NVML_ERROR_GPU_IS_LOST, or drops out of the device count,
@@ -30,7 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -38,8 +41,10 @@ import pynvml
 
 from pipeline.config import AgentConfig, ConfigError
 from pipeline.model import EVENT, GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD
+from pipeline.sources.nvml_power import PowerLimiter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Field id -> (column, divisor to base units). One batched call per GPU per scrape.
 FIELDS: dict[int, tuple[str, float]] = {
@@ -86,6 +91,10 @@ def _pstate(h) -> float:
     return pynvml.nvmlDeviceGetPerformanceState(h)
 
 
+def _power_limit(h) -> float:
+    return pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0  # mW
+
+
 # Values without a field id: name -> (columns, call).
 CALLS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "temperature": (("gpu_temp_c",), _temperature),
@@ -95,8 +104,10 @@ CALLS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "memory": (("mem_used_bytes",), _mem_used),
     "clocks_event_reasons": (("clock_event_reasons",), _reasons),
     "pstate": (("pstate",), _pstate),
+    "power_limit": (("power_limit_w",), _power_limit),
 }
 METRICS = list(GPU_METRICS)
+COLUMNS = METRICS + list(GPU_SETTINGS)  # what a scrape reads
 EVENT_TYPES = pynvml.nvmlEventTypeXidCriticalError | pynvml.nvmlEventTypeDoubleBitEccError
 _NO_DRIVER = {pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: "the NVML library (libnvidia-ml.so.1) is not installed",
               pynvml.NVML_ERROR_DRIVER_NOT_LOADED: "the NVIDIA driver is not loaded"}
@@ -139,6 +150,7 @@ class NvmlAgent:
         self.driver_version: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml-scrape")
         self._events_stop = threading.Event()
+        self.power = PowerLimiter(self)  # blocking: through on_nvml_thread from async code
 
     # ---- start-up ----------------------------------------------------------------
 
@@ -186,6 +198,19 @@ class NvmlAgent:
 
     def close(self) -> None:
         self._events_stop.set()
+        restored = []
+        try:  # a cap never outlives the agent: restored on the NVML thread, after any scrape in flight
+            future = self._pool.submit(self.power.restore_all)
+        except RuntimeError:  # closed before: nothing runs on the pool any more
+            future = None
+        try:
+            restored = future.result() if future is not None else []
+        except Exception:  # still shut NVML down; say which GPUs may stay capped
+            log.exception("restoring power caps at shutdown failed: GPUs %s may stay capped (`nvidia-smi -q -d "
+                          "POWER`)", sorted(self.power.capped))
+        for r in restored:
+            if r.status != "restored":
+                log.error("GPU %d (%s): power cap not restored at shutdown: %s", r.gpu, r.gpu_uuid, r.detail)
         self._pool.shutdown(wait=True)
         try:
             pynvml.nvmlShutdown()
@@ -199,7 +224,7 @@ class NvmlAgent:
         t0 = time.perf_counter()
         events = self._check_count()
         n = len(self.gpus)
-        values = {m: np.full(n, np.nan) for m in METRICS}
+        values = {m: np.full(n, np.nan) for m in COLUMNS}
         ts = np.zeros(n, np.int64)
         answered = np.zeros(n, bool)
         for i, g in enumerate(self.gpus):
@@ -281,7 +306,7 @@ class NvmlAgent:
                 "node": pa.array([self.node] * n),
                 "gpu": pa.array(np.array([self.gpus[i].index for i in rows], np.int16)),
                 "gpu_uuid": pa.array([self.gpus[i].uuid for i in rows])}
-        for m in METRICS:
+        for m in COLUMNS:
             v = values[m][rows]
             missing = np.isnan(v)
             typ = GPU_SAMPLE.field(m).type
@@ -298,8 +323,6 @@ class NvmlAgent:
             cols[name] = pa.array(info[name], pa.string())
         for name in GPU_WORKLOAD:  # NVML does not know which pod uses a GPU
             cols[name] = pa.nulls(n, pa.string())
-        for name in GPU_SETTINGS:
-            cols[name] = pa.nulls(n, pa.float64())
         return pa.RecordBatch.from_pydict(cols, schema=GPU_SAMPLE)
 
     # ---- events (their own thread) ---------------------------------------------------
@@ -339,6 +362,11 @@ class NvmlAgent:
             pynvml.nvmlEventSetFree(event_set)
 
     # ---- the async face ---------------------------------------------------------------
+
+    async def on_nvml_thread(self, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` on the agent's NVML thread, between scrapes: for the blocking NVML work
+        of async callers, e.g. `await agent.on_nvml_thread(agent.power.apply, 3, 500.0)`."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def run(self, publish_samples: Callable[[pa.RecordBatch], Awaitable[None]],
                   publish_events: Callable[[pa.RecordBatch], Awaitable[None]], stop: asyncio.Event) -> None:

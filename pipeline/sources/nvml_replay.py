@@ -14,9 +14,19 @@ Each `nvmlDeviceGetFieldValues` call on a GPU starts its next recorded scrape: t
 agent calls it first in every scrape, and the other calls of that scrape read the
 same trace row. Cumulative counters keep counting when the trace wraps around.
 
+Power limits, from the power-cap recording (`h100_powercap_*`): each GPU starts at the
+default limit and `nvmlDeviceSetPowerManagementLimit` changes it (outside the constraints:
+NVML_ERROR_INVALID_ARGUMENT, as the real library). A limit below the default the trace was
+recorded at holds the GPU down once it has settled (`settle_s` after the set, wall clock):
+power is min(trace, limit), the SM clock the measured curve's at that power
+(power/curve.py) where that is lower, the clocks event reasons gain 0x4 (SW power cap), and
+the energy counter rises by the capped power. Without a cap the trace plays as recorded.
+
 Scripted events for tests: `xid(gpu, code)` queues an XID event, `lose(gpu)` makes
 the GPU answer NVML_ERROR_GPU_IS_LOST, `vanish(gpu)` removes it from the device
-count, `reset(gpu)` zeroes its energy and error counters as a GPU reset does.
+count, `reset(gpu)` zeroes its energy and error counters as a GPU reset does,
+`deny_caps(gpu)` makes setting its power limit answer NVML_ERROR_NO_PERMISSION (an agent not
+running as root).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import contextlib
 import ctypes
 import json
 import queue
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,6 +66,9 @@ _CALL_KEYS = {  # pynvml function -> the recording's key for its support and lat
 }
 _CLOCK_KEYS = {pynvml.NVML_CLOCK_SM: ("clock_sm", "sm_mhz"), pynvml.NVML_CLOCK_MEM: ("clock_mem", "mem_mhz")}
 _ERRORS = {"Not Supported": pynvml.NVML_ERROR_NOT_SUPPORTED}
+SW_POWER_CAP = 0x4  # nvmlClocksEventReasonSwPowerCap
+SETTLE_S = 0.3  # the recording: power settled under a new limit 0.2-0.4 s after the set
+_POWERCAP_FILES = ("h100_powercap_summary.json", "h100_powercap_trace.jsonl", "h100_powercap_load.jsonl")
 
 
 @dataclass
@@ -66,6 +80,10 @@ class _Gpu:
     offsets: dict[str, float] = field(default_factory=dict)  # counter offsets (wraps, resets)
     lost: bool = False
     vanished: bool = False
+    limit_mw: int | None = None  # the power management limit (None: no power-cap recording, as recorded)
+    old_limit_mw: int | None = None  # what holds the power until the new limit settles
+    settles_at: float = 0.0          # time.monotonic() when limit_mw takes over from old_limit_mw
+    caps_denied: bool = False
 
 
 _RECORDING_FILES = ("h100_inventory.json", "h100_load_trace.jsonl")
@@ -85,11 +103,20 @@ def recording_dir(recording: Path | str, key: str = "agent.replay") -> Path:
 
 class NvmlReplay:
     def __init__(self, recording: Path | str = "h100", gpus: int = 8, latency: bool = True,
-                 init_error: int | None = None) -> None:
+                 init_error: int | None = None, settle_s: float = SETTLE_S) -> None:
         d = recording_dir(recording)
         self.inventory = json.loads((d / "h100_inventory.json").read_text())
         self.trace = [json.loads(line) for line in (d / "h100_load_trace.jsonl").read_text().splitlines() if line]
         self.latency = latency
+        self.settle_s = settle_s
+        # A recording of one's own may lack the power-cap files: its limits are then read-only.
+        self.powercap: dict | None = None
+        self.curve = None
+        if all((d / name).is_file() for name in _POWERCAP_FILES):
+            from pipeline.power.curve import from_recording
+            self.powercap = json.loads((d / "h100_powercap_summary.json").read_text())
+            self.curve = from_recording(d)
+            self.set_limit_us = statistics.median(s["call_us"] for s in self.powercap["set_log"])
         self.init_error = init_error  # e.g. NVML_ERROR_DRIVER_NOT_LOADED: nvmlInit fails with it
         self.calls: dict[str, int] = {}  # how often each function was called (tests: unsupported not retried)
         self.field_requests: dict[int, int] = {}  # how often each field id was asked for
@@ -98,8 +125,9 @@ class NvmlReplay:
         self._lock = threading.Lock()
         stride = max(1, len(self.trace) // max(gpus, 1))
         uuid = self.inventory["support"]["uuid"]["value"]
+        default = self.powercap["default_mw"] if self.powercap else None
         self.gpus = [_Gpu(i, ctypes.pointer(pynvml.struct_c_nvmlDevice_t()), f"{uuid[:-2]}{i + 1:02d}",
-                          row=(i * stride) - 1) for i in range(gpus)]
+                          row=(i * stride) - 1, limit_mw=default, old_limit_mw=default) for i in range(gpus)]
 
     # ---- scripted events -----------------------------------------------------------
 
@@ -112,10 +140,13 @@ class NvmlReplay:
     def vanish(self, gpu: int) -> None:
         self.gpus[gpu].vanished = True
 
+    def deny_caps(self, gpu: int) -> None:
+        self.gpus[gpu].caps_denied = True
+
     def reset(self, gpu: int) -> None:
         g = self.gpus[gpu]
         with self._lock:
-            row = self.trace[max(g.row, 0)]
+            row = self._row(g)  # (after a wrap too)
             g.offsets = {c: -float(row[c]) for c in _COUNTERS}
 
     # ---- the recording -------------------------------------------------------------
@@ -153,6 +184,25 @@ class NvmlReplay:
 
     def _visible(self) -> list[_Gpu]:
         return [g for g in self.gpus if not g.vanished]
+
+    def _held_mw(self, g: _Gpu) -> int | None:
+        """The limit holding this GPU's power below the trace's now, if one does."""
+        if self.powercap is None:
+            return None
+        limit = g.limit_mw if time.monotonic() >= g.settles_at else g.old_limit_mw
+        # the trace ran at the default limit: only a lower one changes what it shows
+        if limit < self.powercap["default_mw"] and self._row(g)["power_mw"] > limit:
+            return limit
+        return None
+
+    def _capped_energy(self, g: _Gpu) -> None:
+        """The energy counter rises by the capped power over the row just entered (under the lock)."""
+        held = self._held_mw(g)
+        if held is None or g.row % len(self.trace) == 0:  # (a wrap adds no energy of its own)
+            return
+        row, before = self._row(g), self.trace[g.row % len(self.trace) - 1]
+        g.offsets["energy_mj"] = g.offsets.get("energy_mj", 0.0) - (row["energy_mj"] - before["energy_mj"]) * (
+            1 - held / row["power_mw"])
 
     # ---- pynvml's functions ----------------------------------------------------------
 
@@ -213,6 +263,8 @@ class NvmlReplay:
                 last, first = self.trace[-1], self.trace[0]
                 for c in _COUNTERS:
                     g.offsets[c] = g.offsets.get(c, 0.0) + last[c] - first[c]
+            self._capped_energy(g)
+        held = self._held_mw(g)
         recorded = {getattr(pynvml, name): v for name, v in self.inventory["field_values"].items()
                     if hasattr(pynvml, name)}
         out = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
@@ -224,6 +276,8 @@ class NvmlReplay:
                 column, vtype = _TRACE_FIELDS[fid]
                 out[i].nvmlReturn, out[i].valueType, out[i].timestamp = 0, vtype, now_us
                 value = int(self._value(g, column))
+                if column == "power_mw" and held is not None:
+                    value = held
                 if vtype == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
                     out[i].value.uiVal = value
                 else:
@@ -255,7 +309,11 @@ class NvmlReplay:
         g = self._gpu(handle)
         key, column = _CLOCK_KEYS[clock]
         self._call("nvmlDeviceGetClockInfo", key)
-        return int(self._value(g, column))
+        mhz = int(self._value(g, column))
+        held = self._held_mw(g) if clock == pynvml.NVML_CLOCK_SM else None
+        if held is not None:  # the clock the GPU ran at when held to that power (the measured curve)
+            mhz = min(mhz, int(round(float(self.curve.clock_at(held / 1000.0)))))
+        return mhz
 
     def nvmlDeviceGetUtilizationRates(self, handle):  # noqa: N802
         g = self._gpu(handle)
@@ -271,7 +329,8 @@ class NvmlReplay:
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle) -> int:  # noqa: N802
         g = self._gpu(handle)
         self._call("nvmlDeviceGetCurrentClocksEventReasons", "clocks_event_reasons")
-        return int(self._value(g, "throttle"))
+        reasons = int(self._value(g, "throttle"))
+        return reasons | SW_POWER_CAP if self._held_mw(g) is not None else reasons
 
     def nvmlDeviceGetPerformanceState(self, handle) -> int:  # noqa: N802
         g = self._gpu(handle)
@@ -281,6 +340,45 @@ class NvmlReplay:
     def nvmlDeviceGetFanSpeed(self, handle) -> int:  # noqa: N802
         self._gpu(handle)
         return self._call("nvmlDeviceGetFanSpeed", "fan_speed")["value"]
+
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, handle) -> list[int]:  # noqa: N802
+        self._gpu(handle)
+        s = self._call("nvmlDeviceGetPowerManagementLimitConstraints", "power_limit_constraints_mw")
+        return list(self.powercap["constraints_mw"] if self.powercap else s["value"])
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, handle) -> int:  # noqa: N802
+        self._gpu(handle)
+        s = self._call("nvmlDeviceGetPowerManagementDefaultLimit", "power_limit_default_mw")
+        return int(self.powercap["default_mw"] if self.powercap else s["value"])
+
+    def nvmlDeviceGetPowerManagementLimit(self, handle) -> int:  # noqa: N802
+        g = self._gpu(handle)
+        s = self._call("nvmlDeviceGetPowerManagementLimit", "power_limit_mw")
+        return int(s["value"] if g.limit_mw is None else g.limit_mw)
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle) -> int:  # noqa: N802
+        """The limit in force: the recording's enforced limit followed the set at once (the power
+        takes `settle_s` to follow it)."""
+        g = self._gpu(handle)
+        s = self._call("nvmlDeviceGetEnforcedPowerLimit", "enforced_power_limit_mw")
+        return int(s["value"] if g.limit_mw is None else g.limit_mw)
+
+    def nvmlDeviceSetPowerManagementLimit(self, handle, limit: int) -> None:  # noqa: N802
+        g = self._gpu(handle)
+        self.calls["nvmlDeviceSetPowerManagementLimit"] = self.calls.get("nvmlDeviceSetPowerManagementLimit", 0) + 1
+        self.threads.add(threading.current_thread().name)
+        if self.powercap is None:  # nothing recorded of setting a limit on this GPU
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        self._block(self.set_limit_us)
+        if g.caps_denied:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
+        low, high = self.powercap["constraints_mw"]
+        if not low <= limit <= high:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        with self._lock:
+            now = time.monotonic()
+            g.old_limit_mw = g.limit_mw if now >= g.settles_at else g.old_limit_mw  # a set before the last settled
+            g.limit_mw, g.settles_at = int(limit), now + self.settle_s
 
     def nvmlDeviceGetSupportedEventTypes(self, handle) -> int:  # noqa: N802
         self._gpu(handle)

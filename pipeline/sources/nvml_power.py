@@ -1,0 +1,159 @@
+"""Power limits through NVML: the NVML agent applies and restores power caps on its GPUs.
+
+`PowerLimiter` (the agent's `power`) works on the agent's GPU handles. Each call blocks for
+NVML's latency (a set took 8-23 ms on the recorded H100): run it on the agent's NVML thread,
+`await agent.on_nvml_thread(agent.power.apply, gpu, watts)`, never on the event loop; there
+it also runs between scrapes, not during one.
+
+A cap is checked against the GPU's constraints before NVML is asked, set, then read back
+from the enforced limit: it is `ok` only if the GPU enforces what was asked. Every outcome is
+a `CapResult` that says what happened and, when it failed, what to do; nothing raises for a
+GPU that refuses. Restoring puts the GPU back to its default limit. The agent restores every
+cap it set when it closes: a cap never outlives the agent that set it (a killed process
+cannot; the limit then holds until the next set, GPU reset or driver reload).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import pynvml
+
+if TYPE_CHECKING:
+    from pipeline.sources.nvml import Gpu, NvmlAgent
+
+log = logging.getLogger(__name__)
+
+TOLERANCE_W = 1.0  # the enforced limit read back is the request within this
+STATUSES = ("ok", "restored", "not_permitted", "out_of_range", "gpu_lost", "not_supported", "error")
+
+
+@dataclass(frozen=True)
+class CapResult:
+    gpu: int
+    gpu_uuid: str
+    requested_w: float | None  # None: back to the default limit
+    enforced_w: float | None   # read back after the set; None where it could not be read
+    status: str                # one of STATUSES
+    detail: str                # what happened; when it failed, what to do
+
+
+class Limits(NamedTuple):
+    min_w: float
+    max_w: float
+    default_w: float
+    enforced_w: float
+
+
+class PowerLimiter:
+    """Power caps on the agent's GPUs (by the agent's GPU index). Blocking: call on the
+    agent's NVML thread (NvmlAgent.on_nvml_thread), which also serialises the calls."""
+
+    def __init__(self, agent: NvmlAgent) -> None:
+        self.agent = agent
+        self._capped: dict[int, float] = {}  # GPU index -> the cap this limiter set, W
+        self._bounds: dict[int, tuple[float, float, float]] = {}  # constraints and default, W: fixed per GPU
+
+    @property
+    def capped(self) -> dict[int, float]:
+        """The GPUs this limiter holds to a cap now: GPU index -> W."""
+        return dict(self._capped)
+
+    def limits(self, gpu: int) -> Limits:
+        """The GPU's limit constraints, default and enforced limit, W. Raises pynvml.NVMLError
+        (NotSupported, GpuIsLost, ...) and KeyError for a GPU index the agent does not have."""
+        g = self._gpu(gpu)
+        if g is None:
+            raise KeyError(f"no GPU {gpu} on node {self.agent.node}")
+        low, high, default = self._constraints(g)
+        return Limits(low, high, default, pynvml.nvmlDeviceGetEnforcedPowerLimit(g.handle) / 1000.0)
+
+    def apply(self, gpu: int, cap_w: float) -> CapResult:
+        """Hold the GPU's power to `cap_w` W."""
+        return self._set(gpu, float(cap_w))
+
+    def restore(self, gpu: int) -> CapResult:
+        """Put the GPU back to its default power limit."""
+        return self._set(gpu, None)
+
+    def restore_all(self) -> list[CapResult]:
+        """Restore every GPU this limiter capped (the agent's close() does)."""
+        return [self.restore(i) for i in sorted(self._capped)]
+
+    # ---- one set ------------------------------------------------------------------------
+
+    def _set(self, gpu: int, cap_w: float | None) -> CapResult:
+        g = self._gpu(gpu)
+        if g is None:
+            return CapResult(gpu, "", cap_w, None, "error",
+                             f"no GPU {gpu} on node {self.agent.node} (GPUs: "
+                             f"{', '.join(str(x.index) for x in self.agent.gpus) or 'none'}): nothing set")
+
+        def result(status: str, detail: str, enforced_w: float | None = None) -> CapResult:
+            r = CapResult(g.index, g.uuid, cap_w, enforced_w, status, detail)
+            (log.info if status in ("ok", "restored") else log.warning)("GPU %d (%s): power limit: %s: %s",
+                                                                        g.index, g.uuid, status, detail)
+            return r
+
+        if g.uuid in self.agent.lost:
+            self._capped.pop(g.index, None)
+            return result("gpu_lost", _LOST.format(g=g))
+        try:
+            low, high, default = self._constraints(g)
+            target = default if cap_w is None else cap_w
+            if cap_w is not None and not (math.isfinite(cap_w) and low <= cap_w <= high):
+                return result("out_of_range", f"{cap_w:g} W is outside GPU {g.index}'s power limit range, "
+                                              f"{low:g}-{high:g} W (its NVML constraints): ask for a cap within it; "
+                                              f"nothing changed")
+            pynvml.nvmlDeviceSetPowerManagementLimit(g.handle, int(round(target * 1000)))
+            if cap_w is None or abs(cap_w - default) <= TOLERANCE_W:  # at its default: nothing to restore later
+                self._capped.pop(g.index, None)
+            else:
+                self._capped[g.index] = cap_w
+            enforced = pynvml.nvmlDeviceGetEnforcedPowerLimit(g.handle) / 1000.0
+        except pynvml.NVMLError as e:
+            return self._refused(g, cap_w, e, result)
+        if abs(enforced - target) > TOLERANCE_W:
+            return result("error", f"the limit was set to {target:g} W but GPU {g.index} enforces {enforced:g} W: "
+                                   f"another limit wins (another tool's, or the board's); check `nvidia-smi -q -d "
+                                   f"POWER`", enforced)
+        if cap_w is None:
+            return result("restored", f"back to its default limit, {default:g} W", enforced)
+        return result("ok", f"held to {cap_w:g} W (range {low:g}-{high:g} W, default {default:g} W)", enforced)
+
+    def _refused(self, g: Gpu, cap_w: float | None, e: pynvml.NVMLError, result) -> CapResult:
+        what = f"{type(e).__name__}, NVML error {e.value}"
+        if isinstance(e, pynvml.NVMLError_NoPermission):
+            return result("not_permitted", f"NVML refused to set the power limit ({what}): only root may change "
+                                           f"power limits; run the agent as root. Nothing changed")
+        if isinstance(e, pynvml.NVMLError_InvalidArgument):  # constraints read fine, the driver said otherwise
+            asked = "its default limit" if cap_w is None else f"{cap_w:g} W"
+            return result("out_of_range", f"the driver refused {asked} ({what}); its constraints: "
+                                          f"{_range(self._bounds.get(g.index))}. Nothing changed")
+        if isinstance(e, pynvml.NVMLError_GpuIsLost):
+            self._capped.pop(g.index, None)  # nothing to restore on it (a reset brings back the default)
+            return result("gpu_lost", _LOST.format(g=g))
+        if isinstance(e, pynvml.NVMLError_NotSupported):
+            return result("not_supported", f"GPU {g.index} has no settable power limit through NVML ({what}): it "
+                                           f"cannot be capped")
+        return result("error", f"NVML: {e} ({what})")
+
+    def _constraints(self, g: Gpu) -> tuple[float, float, float]:
+        if g.index not in self._bounds:
+            low, high = pynvml.nvmlDeviceGetPowerManagementLimitConstraints(g.handle)
+            default = pynvml.nvmlDeviceGetPowerManagementDefaultLimit(g.handle)
+            self._bounds[g.index] = (low / 1000.0, high / 1000.0, default / 1000.0)
+        return self._bounds[g.index]
+
+    def _gpu(self, gpu: int) -> Gpu | None:
+        return next((g for g in self.agent.gpus if g.index == gpu), None)
+
+
+_LOST = "GPU {g.index} is lost (NVML_ERROR_GPU_IS_LOST): no limit set; see runbooks/GpuFellOffBus.md"
+
+
+def _range(bounds: tuple[float, float, float] | None) -> str:
+    return "unknown" if bounds is None else f"{bounds[0]:g}-{bounds[1]:g} W"

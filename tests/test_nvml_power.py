@@ -1,0 +1,236 @@
+"""Power caps through the NVML agent (sources/nvml_power.py), against the recorded H100
+(sources/nvml_replay.py replays the power-cap recording: limits, the setter, and a capped
+GPU's power, clock, clock reasons and energy): apply, refuse, restore, and restore at close.
+
+Replayed GPU 3 starts at trace row 168 and GPU 4 at 224: rows 131-376 are the recorded load,
+above 520 W, so both run under load for the scrapes of these tests."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+
+import pyarrow as pa
+import pytest
+
+from pipeline.power.curve import from_recording
+from pipeline.sources.nvml import NvmlAgent
+from pipeline.sources.nvml_replay import SW_POWER_CAP, NvmlReplay
+from tests.conftest import H100, make_config
+from tests.test_nvml import TRACE
+
+CAPPED, OTHER = 3, 4
+CURVE = from_recording(H100)
+
+
+def opened(replay: NvmlReplay, scrapes: int = 5) -> NvmlAgent:
+    a = NvmlAgent(make_config().agent, "node-1")
+    a.open()
+    for _ in range(scrapes):  # into the recorded load
+        a.scrape()
+    return a
+
+
+def rows(batch: pa.RecordBatch) -> dict[int, dict]:
+    return {r["gpu"]: r for r in batch.to_pylist()}
+
+
+def trace_row(replay: NvmlReplay, gpu: int) -> dict:
+    return TRACE[replay.gpus[gpu].row % len(TRACE)]
+
+
+def test_a_cap_holds_the_gpu_to_it_and_its_clock_reason_says_so():
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)  # settled at once: every scrape is capped
+    with replay.installed():
+        a = opened(replay)
+        before = a.scrape()
+        r = a.power.apply(CAPPED, 500)
+        assert (r.status, r.requested_w, r.enforced_w, r.gpu, r.gpu_uuid) == ("ok", 500.0, 500.0, 3, a.gpus[3].uuid)
+        assert a.power.limits(CAPPED) == (200.0, 700.0, 700.0, 500.0) and a.power.capped == {CAPPED: 500.0}
+        seen = []
+        for _ in range(30):
+            s = rows(a.scrape().samples)
+            seen.append((s, trace_row(replay, CAPPED), trace_row(replay, OTHER)))
+    assert all(x["power_limit_w"] == 700.0 for x in before.samples.to_pylist())
+    clock_at_cap = round(float(CURVE.clock_at(500.0)))
+    for s, t3, t4 in seen:
+        capped, other = s[CAPPED], s[OTHER]
+        assert t3["power_mw"] > 520_000  # the recorded load is above the cap ...
+        assert capped["power_w"] <= 500.0  # ... and the GPU is held to it
+        assert capped["sm_clock_mhz"] == min(t3["sm_mhz"], clock_at_cap) < 1300
+        assert capped["clock_event_reasons"] & SW_POWER_CAP and capped["power_limit_w"] == 500.0
+        # a GPU without a cap plays the trace as recorded
+        assert (other["power_w"], other["sm_clock_mhz"], other["clock_event_reasons"], other["power_limit_w"]) == (
+            t4["power_mw"] / 1000, t4["sm_mhz"], t4["throttle"], 700.0)
+    # the capped GPU's energy counter rises by 500 W, not by the recorded load's power
+    energy = [s[CAPPED]["energy_j"] for s, _, _ in seen]
+    recorded = [t3["energy_mj"] / 1000 for _, t3, _ in seen]
+    for i in range(1, len(seen)):
+        t3 = seen[i][1]
+        assert energy[i] - energy[i - 1] == pytest.approx((recorded[i] - recorded[i - 1]) * 500_000 / t3["power_mw"],
+                                                          abs=0.003)
+    assert energy[-1] - energy[0] < 0.8 * (recorded[-1] - recorded[0])
+
+
+def test_restore_puts_the_default_limit_back_and_the_trace_plays_as_recorded():
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed():
+        a = opened(replay)
+        assert a.power.apply(CAPPED, 350).status == "ok"
+        capped = rows(a.scrape().samples)[CAPPED]
+        r = a.power.restore(CAPPED)
+        assert (r.status, r.requested_w, r.enforced_w) == ("restored", None, 700.0)
+        assert a.power.capped == {} and a.power.limits(CAPPED).enforced_w == 700.0
+        back = [(rows(a.scrape().samples)[CAPPED], trace_row(replay, CAPPED)) for _ in range(10)]
+        assert a.power.restore_all() == []  # nothing capped any more
+    assert capped["power_w"] == 350.0 and capped["power_limit_w"] == 350.0
+    for s, t in back:
+        assert (s["power_w"], s["sm_clock_mhz"], s["clock_event_reasons"], s["power_limit_w"]) == (
+            t["power_mw"] / 1000, t["sm_mhz"], t["throttle"], 700.0)
+
+
+def test_a_new_limit_holds_the_power_only_once_it_has_settled():
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=3600)  # not within this test
+    with replay.installed():
+        a = opened(replay)
+        assert a.power.apply(CAPPED, 500).status == "ok"
+        s, t = rows(a.scrape().samples)[CAPPED], trace_row(replay, CAPPED)
+    assert s["power_limit_w"] == 500.0  # the enforced limit follows the set at once (as recorded) ...
+    assert s["power_w"] == t["power_mw"] / 1000 > 500.0  # ... the power not yet
+
+
+@pytest.mark.parametrize("cap_w", [150.0, 701.0, float("nan")])
+def test_a_cap_outside_the_constraints_is_refused_and_nothing_changes(cap_w):
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed():
+        a = opened(replay)
+        r = a.power.apply(CAPPED, cap_w)
+        s = rows(a.scrape().samples)[CAPPED]
+    assert (r.status, r.enforced_w) == ("out_of_range", None)
+    assert "200-700 W" in r.detail and "nothing changed" in r.detail
+    assert "nvmlDeviceSetPowerManagementLimit" not in replay.calls  # refused before asking NVML
+    assert a.power.capped == {} and s["power_limit_w"] == 700.0 and s["power_w"] > 500.0
+
+
+def test_the_driver_refusing_a_limit_out_of_range_is_out_of_range_too():
+    """The replay answers as the real library does, whatever the limiter checked first."""
+    import pynvml
+    replay = NvmlReplay(H100, gpus=8, latency=False)
+    with replay.installed():
+        a = opened(replay)
+        with pytest.raises(pynvml.NVMLError_InvalidArgument):
+            pynvml.nvmlDeviceSetPowerManagementLimit(a.gpus[CAPPED].handle, 150_000)
+        a.power._bounds[CAPPED] = (100.0, 700.0, 700.0)  # as if the constraints read had said 100 W
+        r = a.power.apply(CAPPED, 150)
+    assert r.status == "out_of_range" and "NVMLError_InvalidArgument" in r.detail and a.power.capped == {}
+
+
+def test_an_agent_without_permission_is_told_to_run_as_root():
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed():
+        a = opened(replay)
+        replay.deny_caps(CAPPED)
+        r = a.power.apply(CAPPED, 500)
+        s = rows(a.scrape().samples)[CAPPED]
+        other = a.power.apply(OTHER, 500)
+    assert (r.status, r.enforced_w) == ("not_permitted", None) and "root" in r.detail
+    assert s["power_limit_w"] == 700.0 and s["power_w"] > 500.0
+    assert other.status == "ok" and a.power.capped == {OTHER: 500.0}  # only that GPU refuses
+
+
+def test_a_lost_gpu_is_not_capped():
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed():
+        a = opened(replay)
+        replay.lose(CAPPED)
+        first = a.power.apply(CAPPED, 500)  # NVML says so
+        events = a.scrape().events
+        calls = dict(replay.calls)
+        second = a.power.apply(CAPPED, 500)  # the agent knows it: NVML is not asked
+        assert replay.calls == calls
+    assert (first.status, second.status) == ("gpu_lost", "gpu_lost") and "GpuFellOffBus" in first.detail
+    assert [e["kind"] for e in events] == ["gpu_lost"] and a.power.capped == {}
+
+
+def test_a_gpu_index_the_agent_does_not_have():
+    replay = NvmlReplay(H100, gpus=2, latency=False)
+    with replay.installed():
+        a = opened(replay, 0)
+        r = a.power.apply(7, 500)
+    assert r.status == "error" and "no GPU 7" in r.detail and "0, 1" in r.detail
+
+
+def test_close_restores_every_cap_the_agent_set():
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed():
+        a = opened(replay)
+        assert [a.power.apply(g, w).status for g, w in ((1, 400), (CAPPED, 500))] == ["ok", "ok"]
+        a.close()
+    assert [g.limit_mw for g in replay.gpus] == [700_000] * 8 and a.power.capped == {}
+
+
+def test_through_the_running_agent_caps_run_on_its_nvml_thread_and_close_restores_them():
+    """The async face: a cap applied while the agent scrapes (NVML latency on), its samples
+    once it has settled, and the cap gone when the agent stops."""
+    replay = NvmlReplay(H100, gpus=8)
+    samples: list[pa.RecordBatch] = []
+
+    async def main():
+        a = NvmlAgent(make_config(agent={"interval_s": 0.05}).agent, "node-1")
+
+        async def publish(batch):
+            samples.append(batch)
+
+        async def discard(batch):
+            pass
+        stop = asyncio.Event()
+        task = asyncio.create_task(a.run(publish, discard, stop))
+
+        async def until(condition):
+            while not condition():
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.01)
+        await until(lambda: len(samples) >= 3)
+        result = await a.on_nvml_thread(a.power.apply, CAPPED, 500.0)
+        await until(lambda: time.monotonic() >= replay.gpus[CAPPED].settles_at)  # the replay's settle, not a guess
+        settled = len(samples) + 1  # the scrape in flight may have begun before it
+        await until(lambda: len(samples) >= settled + 5)
+        stop.set()
+        await task
+        return a, result, settled
+    with replay.installed():
+        a, result, settled = asyncio.run(main())
+    assert result.status == "ok" and result.enforced_w == 500.0
+    after = [rows(b)[CAPPED] for b in samples[settled:]]
+    assert all(s["power_w"] <= 500.0 and s["clock_event_reasons"] & SW_POWER_CAP for s in after)
+    assert all(s["power_limit_w"] == 500.0 for s in after)
+    assert trace_row(replay, CAPPED)["power_mw"] > 520_000  # the load was above the cap throughout
+    assert replay.gpus[CAPPED].limit_mw == 700_000 and a.power.capped == {}  # restored when the agent stopped
+    assert threading.main_thread().name not in replay.threads
+    assert replay.threads == {"nvml-scrape_0", "nvml-events"}
+
+
+def test_an_unsupported_power_limit_is_null_and_asked_once():
+    replay = NvmlReplay(H100, gpus=8, latency=False)
+    replay.inventory["support"]["enforced_power_limit_mw"] = {"ok": False, "value": "NVMLError: Not Supported",
+                                                              "us": 5.0}
+    with replay.installed():
+        a = opened(replay)
+        batch = a.scrape().samples
+    assert batch.column("power_limit_w").null_count == 8
+    assert replay.calls["nvmlDeviceGetEnforcedPowerLimit"] == 8  # once per GPU, then remembered
+    assert all(g.unsupported.count("power_limit") == 1 and "power_limit" not in g.calls for g in a.gpus)
+
+
+def test_a_recording_without_the_power_cap_files_reads_its_limit_but_sets_none(tmp_path):
+    for name in ("h100_inventory.json", "h100_load_trace.jsonl"):
+        shutil.copy(H100 / name, tmp_path / name)
+    replay = NvmlReplay(tmp_path, gpus=2, latency=False)
+    with replay.installed():
+        a = opened(replay)
+        r = a.power.apply(1, 500)
+        batch = a.scrape().samples
+    assert r.status == "not_supported" and "cannot be capped" in r.detail
+    assert batch.column("power_limit_w").to_pylist() == [700.0, 700.0]
