@@ -17,6 +17,12 @@ Facility: the coolant takes LIQUID_FRACTION of the rack's IT heat, so
 return - supply = heat / (flow x cp); GPU temperatures ride on the mean coolant
 temperature, so a failing pump heats every GPU of the rack. The site meter adds
 cooling overhead, so PUE > 1.
+
+Power caps (`set_caps`), from the recorded H100's cap steps (recordings/h100/README.md,
+power/curve.py): NVML reports a new limit at once and the power settles under it within
+0.2-0.4 s (first order, tau CAP_TAU_S); a GPU the cap holds below its draw runs at the
+curve's clock for that power with reason 0x4 (SW power cap) and does the curve's share
+of its work (`work_done` against `work_uncapped`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pipeline.config import FleetConfig
 from pipeline.faults import FAULTS_BY_NAME, NORMAL_EVENTS
 from pipeline.model import COOLANT_CP_J_PER_KG_K, EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE, GPU_WORKLOAD
 from pipeline.model import ClockEventReason as Reason
+from pipeline.power.curve import PowerCurve, from_recording
 
 IDLE_POWER_W = 71.0
 NODE_BASE_POWER_W = 1500.0        # CPUs, NICs, fans, PSU losses of an idle node
@@ -47,6 +54,7 @@ HBM_K, HBM_C = 0.02353, 3.53
 TAU_FAST_S, TAU_SLOW_S = 0.2, 6.5
 FAST_SHARE_GPU, FAST_SHARE_HBM = 0.6, 0.32
 RETURN_TAU_S = 20.0
+CAP_TAU_S = 0.1                   # a new power limit: settled (to 5%) within 0.3 s, as recorded
 SLOWDOWN_C = 89.0                 # HW thermal slowdown threshold (the recorded H100's NVML threshold)
 MEM_IDLE_B = 503_316_480
 MEM_CLOCK_MHZ = 2619.0
@@ -88,8 +96,9 @@ class Tick:
 
 
 class FleetSimulator:
-    def __init__(self, cfg: FleetConfig, start: datetime | None = None) -> None:
+    def __init__(self, cfg: FleetConfig, start: datetime | None = None, curve: PowerCurve | None = None) -> None:
         self.cfg = cfg
+        self.curve = curve if curve is not None else from_recording()  # power -> throughput and SM clock
         self.rng = np.random.default_rng(cfg.seed)
         self.dt = cfg.sample_interval_s
         self.start = (start or datetime.now(timezone.utc)).astimezone(timezone.utc)
@@ -127,6 +136,12 @@ class FleetSimulator:
         self.pcie_frac = np.zeros(self.n_gpus)
         self.nvlink_frac = np.zeros(self.n_gpus)
         self.last_power = np.full(self.n_gpus, IDLE_POWER_W)
+        # Power caps: the limit set (what NVML reports) and the one the power controller has reached.
+        self._cap_w = np.full(self.n_gpus, float(cfg.power_limit_w))
+        self._limit_w = self._cap_w.copy()
+        # Work in GPU-seconds of a fully loaded uncapped GPU: done, and what it would have been uncapped.
+        self.work_done = np.zeros(self.n_gpus)
+        self.work_uncapped = np.zeros(self.n_gpus)
         # Jobs run on groups of nodes.
         self.node_group = np.arange(self.n_nodes) // JOB_GROUP_NODES
         n_groups = int(self.node_group.max()) + 1
@@ -235,6 +250,33 @@ class FleetSimulator:
         self.faults.append(f)
         self._pending_labels.append(f)
         return f
+
+    @property
+    def caps(self) -> np.ndarray:
+        """Each GPU's power limit in W (cfg.power_limit_w where none is set), as NVML reports it."""
+        return self._cap_w.copy()
+
+    def set_caps(self, gpus, cap_w) -> None:
+        """Cap GPUs `gpus` (indices in the simulator's GPU order) to `cap_w` W (one value, or one
+        per GPU); NaN restores the default limit. A cap outside the GPU's limits raises
+        ValueError and sets nothing, as NVML refuses an out-of-range limit."""
+        gpus = np.atleast_1d(np.asarray(gpus))
+        if gpus.size == 0:
+            return
+        if not np.issubdtype(gpus.dtype, np.integer):
+            raise TypeError(f"GPU indices must be integers, not {gpus.dtype}")
+        cap = np.broadcast_to(np.asarray(cap_w, np.float64), gpus.shape)
+        bad_gpu = (gpus < 0) | (gpus >= self.n_gpus)
+        if bad_gpu.any():
+            raise ValueError(f"GPU index {int(gpus[bad_gpu][0])} out of range: the fleet has {self.n_gpus} GPUs")
+        lo, hi = self.curve.min_limit_w, float(self.cfg.power_limit_w)
+        bad = ~np.isnan(cap) & ~((cap >= lo) & (cap <= hi))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            g = int(gpus[i])
+            raise ValueError(f"power cap {cap[i]:g} W for GPU {g} ({self.node_names[self.gpu_node[g]]} "
+                             f"gpu {self.gpu_index[g]}, {self.gpu_uuids[g]}) outside its limits [{lo:g}, {hi:g}] W")
+        self._cap_w[gpus] = np.where(np.isnan(cap), hi, cap)
 
     # ---- faults --------------------------------------------------------------
 
@@ -427,8 +469,9 @@ class FleetSimulator:
         # Power and clocks.
         demand = IDLE_POWER_W + intensity * 800.0 * self.power_spread
         capped = busy & (demand >= limit)
-        power = np.where(busy, np.minimum(demand * rng.normal(1.0, 0.004, G), limit - np.abs(rng.normal(1.5, 1.0, G))),
-                         IDLE_POWER_W + rng.normal(0.0, 0.3, G))
+        drawn = demand * rng.normal(1.0, 0.004, G)
+        below = np.abs(rng.normal(1.5, 1.0, G))  # how far under its limit a GPU holds (the same draws as ever)
+        power = np.where(busy, np.minimum(drawn, limit - below), IDLE_POWER_W + rng.normal(0.0, 0.3, G))
         sm = np.where(capped, 1380.0 + 15.0 * rng.integers(-2, 3, G), np.where(busy, 1980.0, 345.0))
         reasons = np.where(capped, int(Reason.SW_POWER_CAP),
                            np.where(busy, 0, int(Reason.GPU_IDLE))).astype(np.int64)
@@ -448,6 +491,26 @@ class FleetSimulator:
         power = np.where(hot & busy, power * 0.6, power)
         sm = np.where(hot & busy, np.round(sm * 0.5 / 15.0) * 15.0, sm)
         reasons = np.where(hot, reasons | int(Reason.HW_THERMAL_SLOWDOWN | Reason.HW_SLOWDOWN), reasons)
+        # A cap below the default limit holds whatever the GPU would draw at the default (faults
+        # included) under it: the power controller's limit settles towards the cap first order.
+        # Only GPUs under such a cap change, so an uncapped fleet is bit-identical to one without caps.
+        self._limit_w += (self._cap_w - self._limit_w) * (1.0 - np.exp(-dt / CAP_TAU_S))
+        settled = np.abs(self._cap_w - self._limit_w) < 1e-3  # within NVML's mW: reached
+        self._limit_w[settled] = self._cap_w[settled]
+        free_power = power
+        held = busy & (self._limit_w < limit) & (power > self._limit_w - below)
+        any_held = bool(held.any())
+        if any_held:
+            power = np.where(held, self._limit_w - below, power)
+            sm = np.where(held, np.minimum(sm, self.curve.clock_at(power)), sm)
+            reasons = np.where(held, reasons | int(Reason.SW_POWER_CAP), reasons)
+        # Work: a busy GPU's job does `intensity` of a full-load GPU's work at the default limit,
+        # scaled by the curve between that nominal power and the power it holds (faults lower both).
+        working = busy & ~fx["missing"]
+        rate = np.where(working, intensity / self.curve.at(np.minimum(demand, limit)), 0.0) * dt
+        work_free = rate * self.curve.at(free_power)
+        self.work_uncapped += work_free
+        self.work_done += rate * self.curve.at(power) if any_held else work_free
         self.last_power = power
 
         # Rack power and coolant.
@@ -497,7 +560,7 @@ class FleetSimulator:
             "ecc_dbe_volatile_total": self.dbe.copy(), "remapped_rows_correctable": self.remap_c.copy(),
             "remapped_rows_uncorrectable": self.remap_u.copy(), "remapped_rows_pending": self.remap_pending.copy(),
             "remapped_rows_failure": self.remap_failure.copy(), "nvlink_crc_errors_total": self.nvlink.copy(),
-            "power_limit_w": np.full(G, self.cfg.power_limit_w),
+            "power_limit_w": self._cap_w.copy(),
         })
         gpu = pa.RecordBatch.from_pydict({f.name: cols[f.name] for f in GPU_SAMPLE}, schema=GPU_SAMPLE)
         if fx["missing"].any():
