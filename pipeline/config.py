@@ -251,6 +251,29 @@ class DcgmConfig:
 
 
 @dataclass(frozen=True)
+class FlexRule:
+    """A flexibility class for the nodes whose name matches."""
+    nodes: str = _spec("", doc="glob of node names, e.g. r01-*", nonempty="give a glob of node names, e.g. r01-*")
+    flex_class: int = _spec(2, min=0, max=3, doc="0 = never cap; 1/2/3 = may lose up to 10/25/50% of throughput")
+
+
+@dataclass(frozen=True)
+class PowerConfig:
+    default_class: int = _spec(2, min=0, max=3, doc="flexibility class of a node no rule names: 0 = never cap its "
+                               "GPUs; 1/2/3 = a cap may cost them up to 10/25/50% of their throughput")
+    classes: list[FlexRule] = _spec([], doc="classes by node, as [[power.classes]] tables (nodes = GLOB, flex_class "
+                                    "= N); the first that matches a node wins")
+    headroom_pct: float = _spec(5.0, min=0, max=50, doc="shed this share beyond a request's reduction, for the "
+                                "meter's error")
+    baseline_s: float = _spec(300.0, min=10, doc="a request's baseline: the site meter's mean over this long before "
+                              "it starts")
+    control_interval_s: float = _spec(5.0, min=0.5, max=60, doc="during a request, compare the meter with the target "
+                                      "and correct the caps this often")
+    restore_rate_kw_s: float = _spec(5.0, min=0.01, doc="after a request, let the site's power rise no faster than "
+                                     "this (and never past detect.site_power_cap_w)")
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     source: str = _spec("simulate", choices=("simulate", "nvml", "dcgm"),
                         doc="what `fleetwatch run` reads: the simulated fleet, this node's GPUs through NVML, or "
@@ -299,6 +322,7 @@ class Config:
     dcgm: DcgmConfig = field(default_factory=DcgmConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     intake: IntakeConfig = field(default_factory=IntakeConfig)
+    power: PowerConfig = field(default_factory=PowerConfig)
 
     @property
     def archive_dir(self) -> Path:

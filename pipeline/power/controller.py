@@ -1,0 +1,340 @@
+"""The demand-response loop of a site: plan caps, apply them, verify by the meter, restore.
+
+It follows the site's GPU samples (each GPU's draw, utilisation and enforced limit) and
+its facility readings (the site meter; each rack's PDU), and drives each accepted
+request through its phases:
+
+  pending     before its start; the meter's readings of the last `power.baseline_s`
+              make its baseline (the average before the event, as demand-response
+              programs measure it)
+  active      from its start: caps planned (power/planner.py) for the reduction plus
+              headroom, applied, then checked every `power.control_interval_s` against
+              the meter (or the covered racks' PDUs): a shortfall is planned again on top
+              (feedback: the planner's estimate of a GPU's demand is only an estimate),
+              an excess given back
+  restoring   from its end: the caps rise step by step, no faster than
+              `power.restore_rate_kw_s` and never past the site's power cap, so the
+              site's power does not spike back (every GPU's job resumes at once otherwise)
+  done        every GPU at its default limit again; the outcome is final
+
+Caps go out through an `Actuator` (the simulator's in `fleetwatch eval`; the agents' over
+the bus); a cap is never left behind: a request that ends, is cancelled or whose
+controller stops restores what it set. The outcome of a request (`Outcome`) is what the
+report and the eval read: when the target was reached, the reduction held, what it cost.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import PowerConfig
+from pipeline.power.curve import PowerCurve
+from pipeline.power.planner import IDLE_UTIL, GpuPower, plan, uniform_cost
+from pipeline.power.request import PowerRequest
+
+log = logging.getLogger("fleetwatch")
+
+SETTLE_S = 2.0  # after caps change, the meter's 1 s readings show them within this
+
+
+class Actuator(Protocol):
+    def apply(self, caps: dict[str, float | None]) -> None:
+        """Set each GPU's (by UUID) power limit to W; None: back to its default."""
+
+
+@dataclass
+class Outcome:
+    """What a request achieved (kW, s); None before it is known."""
+    request: PowerRequest
+    baseline_kw: float | None = None
+    requested_kw: float | None = None
+    reached_s: float | None = None        # from start to the first reading at the target
+    achieved_kw: list[float] = field(default_factory=list)  # each reading, from reached to end
+    planned_loss_pct: float | None = None  # the plan's estimate of the work lost
+    uniform_loss_pct: float | None = None  # uniform capping's, for the same reduction
+    restore_peak_kw: float | None = None   # the highest reading while restoring, above the baseline
+    over_site_cap: bool = False
+    gpus_capped: int = 0
+
+    @property
+    def met(self) -> bool:
+        """Reached by the ramp deadline, and the reduction held (every reading within 2%)."""
+        if self.reached_s is None or self.reached_s > self.request.ramp_s or not self.achieved_kw:
+            return False
+        return min(self.achieved_kw) >= 0.98 * self.requested_kw
+
+    def shortfall_max_pct(self) -> float:
+        if not self.requested_kw:
+            return 0.0
+        worst = min(self.achieved_kw) if self.achieved_kw else 0.0
+        return max(0.0, 100.0 * (self.requested_kw - worst) / self.requested_kw)
+
+    def energy_curtailed_kwh(self, interval_s: float) -> float:
+        return sum(self.achieved_kw) * interval_s / 3600.0
+
+
+class GpuTable:
+    """The latest reading of every GPU, by UUID: arrays indexed by slot."""
+
+    def __init__(self, classify) -> None:
+        self.classify = classify
+        self.slot: dict[str, int] = {}
+        self.uuids: list[str] = []
+        self.racks: list[str] = []
+        self.nodes: list[str] = []
+        self._known = pa.array([], pa.string())
+        n = 0
+        self.power_w, self.util = np.zeros(n), np.zeros(n)
+        self.limit_w, self.flex = np.zeros(n), np.zeros(n, np.int64)
+
+    def update(self, batch: pa.RecordBatch) -> None:
+        uuids = batch.column("gpu_uuid")
+        slots = pc.index_in(uuids, self._known)
+        if slots.null_count:  # GPUs not seen before: once per GPU ever
+            self._register(batch)
+            slots = pc.index_in(uuids, self._known)
+        slots = slots.to_numpy().astype(np.int64)
+        self.power_w[slots] = batch.column("power_w").to_numpy(zero_copy_only=False)
+        self.util[slots] = batch.column("util_gpu").to_numpy(zero_copy_only=False)
+        self.limit_w[slots] = batch.column("power_limit_w").to_numpy(zero_copy_only=False)
+
+    def _register(self, batch: pa.RecordBatch) -> None:
+        rows = {u: i for i, u in enumerate(batch.column("gpu_uuid").to_pylist()) if u not in self.slot}
+        racks, nodes = batch.column("rack").to_pylist(), batch.column("node").to_pylist()
+        for u, i in rows.items():
+            self.slot[u] = len(self.uuids)
+            self.uuids.append(u)
+            self.racks.append(racks[i])
+            self.nodes.append(nodes[i])
+        grow = len(rows)
+        self.power_w = np.concatenate([self.power_w, np.zeros(grow)])
+        self.util = np.concatenate([self.util, np.zeros(grow)])
+        self.limit_w = np.concatenate([self.limit_w, np.full(grow, np.nan)])
+        self.flex = np.concatenate([self.flex, np.array([self.classify(nodes[i]) for i in rows.values()], np.int64)])
+        self._known = pa.array(self.uuids, pa.string())
+
+    def covered(self, racks: tuple[str, ...]) -> np.ndarray:
+        if not racks:
+            return np.arange(len(self.uuids))
+        return np.flatnonzero(np.isin(np.array(self.racks, dtype=object), list(racks)))
+
+
+class Controller:
+    """One site's demand response (see the module doc). `observe` each GPU and facility
+    batch, call `step(now)` every control interval."""
+
+    def __init__(self, site: str, curve: PowerCurve, actuator: Actuator, settings: PowerConfig,
+                 site_cap_w: float = 0.0) -> None:
+        self.site, self.curve, self.actuator, self.s = site, curve, actuator, settings
+        self.site_cap_w = site_cap_w  # detect.site_power_cap_w; 0: none
+        self.gpus = GpuTable(self._classify)
+        self.meter: deque[tuple[datetime, float]] = deque()   # site power readings, kW
+        self.pdu: dict[str, tuple[datetime, float]] = {}      # rack -> its latest PDU reading, kW
+        self.requests: list[tuple[PowerRequest, Outcome]] = []
+        self.active: PowerRequest | None = None
+        self.phase = "idle"
+        self.cap = np.zeros(0)               # per GPU slot: the cap this controller set (NaN: none)
+        self.demand = np.zeros(0)            # per slot: the draw when it was first capped (its demand)
+        self.extra_w = 0.0                   # feedback: watts planned beyond the target
+        self.changed_at: datetime | None = None
+
+    # ---- what the site reports ---------------------------------------------------------
+
+    def _classify(self, node: str) -> int:
+        for rule in self.s.classes:
+            if fnmatch.fnmatchcase(node, rule.nodes):
+                return rule.flex_class
+        return self.s.default_class
+
+    def observe_gpus(self, batch: pa.RecordBatch) -> None:
+        self.gpus.update(batch)
+
+    def observe_facility(self, batch: pa.RecordBatch) -> None:
+        power = pc.equal(batch.column("metric"), "power_w")
+        for cls, into in (("meter", None), ("rack", self.pdu)):
+            rows = batch.filter(pc.and_(power, pc.equal(batch.column("device_class"), cls)))
+            for ts, rack, value in zip(rows.column("ts").to_pylist(), rows.column("rack").to_pylist(),
+                                       rows.column("value").to_pylist()):  # a meter and a PDU per rack per scrape
+                if value is None:
+                    continue
+                if into is None:
+                    self.meter.append((ts, value / 1000.0))
+                else:
+                    into[rack] = (ts, value / 1000.0)
+        horizon = self.s.baseline_s + 3600.0
+        while self.meter and (self.meter[-1][0] - self.meter[0][0]).total_seconds() > horizon:
+            self.meter.popleft()
+
+    def covered_kw(self, req: PowerRequest) -> float | None:
+        """The covered load's power now: the site meter, or the covered racks' PDUs."""
+        if not req.racks:
+            return self.meter[-1][1] if self.meter else None
+        readings = [self.pdu[r][1] for r in req.racks if r in self.pdu]
+        return sum(readings) if len(readings) == len(req.racks) else None
+
+    def baseline_kw(self, now: datetime) -> float | None:
+        since = now - timedelta(seconds=self.s.baseline_s)
+        values = [kw for t, kw in self.meter if since <= t <= now]
+        return float(np.mean(values)) if values else None
+
+    # ---- the requests --------------------------------------------------------------
+
+    def submit(self, req: PowerRequest) -> Outcome:
+        outcome = Outcome(req)
+        self.requests.append((req, outcome))
+        return outcome
+
+    def step(self, now: datetime) -> None:
+        n = len(self.gpus.uuids)
+        if self.cap.size < n:
+            self.cap = np.concatenate([self.cap, np.full(n - self.cap.size, np.nan)])
+            self.demand = np.concatenate([self.demand, np.full(n - self.demand.size, np.nan)])
+        if self.active is None:
+            for req, _ in self.requests:
+                if self.phase == "idle" and req.start <= now < req.end and not self._started(req):
+                    self._start(req, now)
+                    break
+            return
+        req, out = self.active, self._outcome(self.active)
+        covered = self.covered_kw(req)
+        if self.phase == "active":
+            achieved = out.baseline_kw - covered if covered is not None else None
+            if achieved is not None:
+                if out.reached_s is None and achieved >= 0.98 * out.requested_kw:
+                    out.reached_s = (now - req.start).total_seconds()
+                if out.reached_s is not None:
+                    out.achieved_kw.append(achieved)
+            if now >= req.end:
+                self.phase = "restoring"
+                out.restore_peak_kw = 0.0
+            elif achieved is not None and self._settled(now):
+                self._correct(req, out, achieved, now)
+        if self.phase == "restoring":
+            if covered is not None:
+                out.restore_peak_kw = max(out.restore_peak_kw or 0.0, covered - out.baseline_kw)
+                if self.site_cap_w and self.meter and self.meter[-1][1] * 1000.0 > self.site_cap_w:
+                    out.over_site_cap = True
+            self._restore_step(now)
+
+    def _started(self, req: PowerRequest) -> bool:
+        return self._outcome(req).baseline_kw is not None
+
+    def _outcome(self, req: PowerRequest) -> Outcome:
+        return next(o for r, o in self.requests if r is req)
+
+    def _start(self, req: PowerRequest, now: datetime) -> None:
+        out = self._outcome(req)
+        baseline = self.baseline_kw(req.start) if not req.racks else self.covered_kw(req)
+        if baseline is None:
+            log.warning("power request %s: no meter reading to baseline %s on; it is not run", req.id, req.where())
+            out.baseline_kw = float("nan")
+            return
+        out.baseline_kw = baseline
+        out.requested_kw = req.reduction_w(baseline) / 1000.0
+        self.active, self.phase, self.extra_w = req, "active", 0.0
+        snapshot = self._snapshot(req)
+        p = self._plan(req, out, now)
+        cost_w = out.requested_kw * 1000.0
+        _, uniform = uniform_cost(snapshot, cost_w, self.curve)
+        out.planned_loss_pct = p.loss_pct
+        out.uniform_loss_pct = 100.0 * uniform / p.work_now if p.work_now > 0 else 0.0
+        log.info("power request %s: %s of %s from a baseline of %.1f kW: %d GPUs capped, %.1f%% of their work "
+                 "(uniform capping: %.1f%%)", req.id, req.goal(), req.where(), baseline, out.gpus_capped,
+                 p.loss_pct, out.uniform_loss_pct)
+
+    def _snapshot(self, req: PowerRequest) -> GpuPower:
+        g = self.gpus
+        mine = g.covered(req.racks)
+        draw = np.where(np.isnan(self.demand), g.power_w, np.fmax(self.demand, g.power_w))
+        full = GpuPower(draw, g.util >= IDLE_UTIL, g.flex, np.full(draw.size, self.curve.min_limit_w),
+                        np.where(np.isnan(g.limit_w), self.curve.max_limit_w, g.limit_w))
+        return GpuPower(*(a[mine] for a in (full.power_w, full.busy, full.flex_class, full.min_limit_w,
+                                            full.max_limit_w)))
+
+    def _plan(self, req: PowerRequest, out: Outcome, now: datetime):
+        mine = self.gpus.covered(req.racks)
+        snapshot = self._snapshot(req)
+        want = out.requested_kw * 1000.0
+        p = plan(snapshot, want + self.extra_w, self.curve, headroom_w=want * self.s.headroom_pct / 100.0)
+        caps = {}
+        new = np.full(self.cap.size, np.nan)
+        new[mine] = p.cap_w
+        for slot in np.flatnonzero(~np.isnan(new) | ~np.isnan(self.cap)):
+            old, cap = self.cap[slot], new[slot]
+            if np.isnan(cap):
+                caps[self.gpus.uuids[slot]] = None
+            elif np.isnan(old) or abs(old - cap) >= 1.0:
+                caps[self.gpus.uuids[slot]] = round(float(cap), 1)
+                if np.isnan(self.demand[slot]):
+                    self.demand[slot] = snapshot.power_w[np.searchsorted(mine, slot)]
+        self.cap = new
+        self.demand[np.isnan(new)] = np.nan
+        out.gpus_capped = int(np.count_nonzero(~np.isnan(new)))
+        if caps:
+            self.actuator.apply(caps)
+            self.changed_at = now
+        return p
+
+    def _settled(self, now: datetime) -> bool:
+        return self.changed_at is None or (now - self.changed_at).total_seconds() >= SETTLE_S
+
+    def _correct(self, req: PowerRequest, out: Outcome, achieved_kw: float, now: datetime) -> None:
+        """Feedback: plan a shortfall on top, give an excess beyond the headroom back."""
+        want = out.requested_kw
+        margin = want * self.s.headroom_pct / 100.0
+        if achieved_kw < want:
+            self.extra_w += (want - achieved_kw) * 1000.0
+        elif achieved_kw > want + 2 * margin and self.extra_w > 0:
+            self.extra_w = max(0.0, self.extra_w - (achieved_kw - want - margin) * 1000.0)
+        else:
+            return
+        self._plan(req, out, now)
+
+    def _restore_step(self, now: datetime) -> None:
+        """Raise every cap by one step: the uniform rise whose added draw (at most each
+        GPU's demand) is the restore rate times the interval, and stays under the site cap."""
+        capped = np.flatnonzero(~np.isnan(self.cap))
+        budget_w = self.s.restore_rate_kw_s * 1000.0 * self.s.control_interval_s
+        if self.site_cap_w and self.meter:
+            budget_w = max(0.0, min(budget_w, self.site_cap_w - self.meter[-1][1] * 1000.0))
+        cap, demand = self.cap[capped], self.demand[capped]
+        limit = self.curve.max_limit_w  # back to the default limit
+
+        def added(rise: float) -> float:
+            return float(np.sum(np.minimum(demand, np.minimum(cap + rise, limit)) - np.minimum(demand, cap)))
+        lo, hi = 0.0, float(np.max(limit - cap)) if capped.size else 0.0
+        if added(hi) <= budget_w:
+            rise = hi
+        else:
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if added(mid) <= budget_w else (lo, mid)
+            rise = lo
+        new = np.minimum(cap + rise, limit)
+        done = new >= limit - 1e-6
+        caps: dict[str, float | None] = {}
+        for slot, c, d in zip(capped, new, done):
+            caps[self.gpus.uuids[slot]] = None if d else round(float(c), 1)
+        self.cap[capped] = np.where(done, np.nan, new)
+        self.demand[capped[done]] = np.nan
+        if caps:
+            self.actuator.apply(caps)
+            self.changed_at = now
+        if not np.any(~np.isnan(self.cap)):
+            self.active, self.phase = None, "idle"
+
+    def stop(self) -> None:
+        """Restore every cap set (a cap never outlives its controller)."""
+        capped = np.flatnonzero(~np.isnan(self.cap))
+        if capped.size:
+            self.actuator.apply({self.gpus.uuids[s]: None for s in capped})
+            self.cap[capped] = np.nan

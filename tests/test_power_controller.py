@@ -1,0 +1,90 @@
+"""The demand-response loop against the simulated fleet (issue 15): caps planned, applied,
+verified by the site meter, and restored in steps; a cap never outlives its request."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pytest
+
+from pipeline.analytics.evaluate import EVAL_EPOCH
+from pipeline.config import FleetConfig, FlexRule, PowerConfig
+from pipeline.power.controller import Controller
+from pipeline.power.curve import from_recording
+from pipeline.power.request import PowerRequest
+from pipeline.sources.simulate import FleetSimulator
+
+CURVE = from_recording()
+INTERVAL = 5
+
+
+class SimActuator:
+    """Caps onto the simulator's GPUs, as the agents would set them; remembers each call."""
+
+    def __init__(self, sim: FleetSimulator) -> None:
+        self.sim, self.index, self.calls = sim, {u: i for i, u in enumerate(sim.gpu_uuids)}, []
+
+    def apply(self, caps: dict) -> None:
+        self.calls.append(dict(caps))
+        self.sim.set_caps(np.array([self.index[u] for u in caps]),
+                          np.array([np.nan if w is None else w for w in caps.values()]))
+
+
+def run(seconds: int, requests: list[PowerRequest], **settings):
+    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0), start=EVAL_EPOCH)
+    actuator = SimActuator(sim)
+    ctl = Controller(sim.cfg.site, CURVE, actuator, PowerConfig(**{"default_class": 3, **settings}))
+    outcomes = [ctl.submit(r) for r in requests]
+    meter, caps = [], []
+    for i in range(seconds):
+        tick = sim.step()
+        ctl.observe_gpus(tick.gpu)
+        ctl.observe_facility(tick.facility)
+        if i % INTERVAL == 0:
+            ctl.step(sim.now)
+        meter.append(ctl.meter[-1][1])
+        caps.append(sim.caps)
+    return sim, ctl, outcomes, np.array(meter), np.array(caps), actuator
+
+
+def request(start_s: float, pct: float, duration_s: float = 300, **kw) -> PowerRequest:
+    return PowerRequest(site="site-a", start=EVAL_EPOCH + timedelta(seconds=start_s), duration_s=duration_s,
+                        reduction_pct=pct, **kw)
+
+
+def test_a_request_is_reached_within_its_ramp_held_by_the_meter_and_then_restored():
+    sim, ctl, (out,), meter, caps, _ = run(1000, [request(400, 10)])
+    assert out.met and out.reached_s <= 30, (out.reached_s, out.shortfall_max_pct())
+    start, end = 400, 700
+    hold = meter[start + 30:end]
+    assert np.all(out.baseline_kw - hold >= 0.98 * out.requested_kw)       # what the meter saw, every second
+    assert np.any(caps[start + 10] < 700) and np.all(caps[-1] == 700)      # capped, then every cap restored
+    assert out.planned_loss_pct < 100 and out.uniform_loss_pct > 0
+    lost = 1 - sim.work_done.sum() / sim.work_uncapped.sum()
+    assert 0 < lost < out.planned_loss_pct / 100  # lost during the event only (a third of the run)
+
+
+def test_the_restore_is_staged_at_the_rate_and_under_the_site_cap():
+    rate = 0.5  # kW/s
+    _, _, (out,), meter, caps, actuator = run(1100, [request(400, 15)], restore_rate_kw_s=rate)
+    after = meter[700:]
+    # Each step adds at most rate x interval of GPU draw (the meter: plus its cooling overhead and noise).
+    rises = np.diff(after[::INTERVAL])
+    assert rises.max() <= rate * INTERVAL * 1.12 + 1.5, rises.max()
+    assert sum(1 for c in actuator.calls if any(w is not None for w in c.values())) > 3  # in several steps
+    assert np.all(caps[-1] == 700) and out.restore_peak_kw < 0.05 * out.baseline_kw
+
+
+def test_never_capped_class_0_and_a_stopped_controller_leaves_no_cap():
+    sim, ctl, (out,), _, caps, _ = run(500, [request(400, 8, duration_s=600)], classes=[FlexRule("r01-*", 0)])
+    r01 = np.array([n.startswith("r01-") for n in (sim.node_names[i] for i in sim.gpu_node)])
+    assert np.all(caps[:, r01] == 700) and np.any(caps[-1][~r01] < 700)
+    ctl.stop()
+    assert np.all(sim.caps == 700)
+
+
+@pytest.mark.parametrize("pct", [10, 20])
+def test_the_plan_costs_no_more_work_than_uniform_capping(pct):
+    _, _, (out,), _, _, _ = run(800, [request(400, pct)])
+    assert out.met and out.planned_loss_pct <= out.uniform_loss_pct * 1.05
