@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--chaos", choices=("kill", "freeze"),
                     help="with --kafka: half-way, kill one detect process with SIGKILL, or freeze it (SIGSTOP) past "
                          "the group's session timeout and let it go on; the scores must not change")
+    ev.add_argument("--power-requests", type=int, default=0, metavar="N",
+                    help="N demand-response events (each sheds 10-40%% of the GPUs' power for up to 10 min); "
+                         "the JSON gains demand_response")
 
     rp = sub.add_parser("replay", help="score a univariate series (CSV timestamp,value) for anomalies")
     rp.add_argument("series", metavar="SERIES.csv")
@@ -225,6 +228,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                                  "fleet.fault_interval_s": args.fault_interval}))
     out = _output_file("--json", args.json) if args.json else None
     _logging(cfg)
+    if args.power_requests < 0:
+        raise ConfigError(f"--power-requests {args.power_requests}: must be 0 or more")
+    if cfg.kafka.bootstrap and args.power_requests:
+        raise ConfigError("--power-requests runs in-process: leave out --kafka")
     if not cfg.kafka.bootstrap and (args.detect_processes != 1 or args.chaos):
         raise ConfigError("--detect-processes and --chaos need --kafka HOST:PORT (detect processes over Kafka)")
     t0 = time.perf_counter()
@@ -233,13 +240,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from pipeline.analytics.eval_kafka import simulate_kafka
         run, processes = simulate_kafka(cfg, args.duration, args.detect_processes, args.config, args.chaos)
     else:
-        run = simulate(cfg, args.duration)
+        run = simulate(cfg, args.duration, args.power_requests)
     wall = time.perf_counter() - t0
     result = score(run)
     result["seed"] = cfg.fleet.seed
     result["duration_s"] = args.duration
     result["wall_s"] = round(wall, 2)
     print(table(result))
+    if "demand_response" in result:
+        print("demand response: " + ", ".join(f"{k} {v}" for k, v in result["demand_response"].items()))
     if processes is not None:  # the JSON keeps the in-process run's keys: this goes to the terminal
         struck = {"kill": "killed with SIGKILL", "freeze": "frozen (SIGSTOP, then SIGCONT)"}.get(processes["chaos"])
         print(f"over Kafka at {cfg.kafka.bootstrap}: {processes['detect_processes']} detect processes"

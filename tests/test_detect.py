@@ -417,3 +417,34 @@ def test_rack_and_site_power_are_read_from_the_device_class_not_the_device_s_nam
     h.run(FAULTS_BY_NAME["pdu_overload"].score_window_s, _asset_tags)
     [a] = h.fired("PduOverload")
     assert a.labels["rack"] == h.sim.rack_names[1]
+
+
+def test_gpus_under_a_power_cap_are_not_stragglers_unless_they_draw_well_under_it(warm):
+    """Demand response caps some GPUs of a node (power/): at their cap, with the clock the cap
+    allows and reason 0x4, they are not stragglers; a capped GPU that draws well under its
+    cap at full utilisation still is, and so is the straggler fault on an uncapped GPU."""
+    h = warm(seed=5)
+    busy = np.flatnonzero(h.sim.group_busy[h.sim.node_group][h.sim.gpu_node])
+    node = h.sim.gpu_node[busy[0]]
+    mine = np.flatnonzero(h.sim.gpu_node == node)
+    h.sim.group_intensity[h.sim.node_group[node]] = 1.0  # full load: every GPU of the node at its limit
+    h.sim.set_caps(mine[:4], np.array([300.0, 350.0, 400.0, 500.0]))  # half the node capped, the rest at 700 W
+    h.run(120)
+    assert h.fired("GpuStraggler") == []
+    h.sim.inject("straggler_gpu", gpu=int(mine[-1]), duration_s=120)
+    h.run(60)
+    assert [a.labels["gpu"] for a in h.fired("GpuStraggler")] == [str(h.sim.gpu_index[mine[-1]])]
+
+
+def test_a_capped_gpu_drawing_well_under_its_cap_at_full_load_is_a_straggler(warm):
+    """(One whose draw still reaches its cap is hidden by it: the cap holds its peers too.)"""
+    h = warm(seed=5)
+    busy = np.flatnonzero(h.sim.group_busy[h.sim.node_group][h.sim.gpu_node])
+    node = h.sim.gpu_node[busy[0]]
+    mine = np.flatnonzero(h.sim.gpu_node == node)
+    h.sim.group_intensity[h.sim.node_group[node]] = 1.0
+    h.sim.set_caps(mine[:4], np.full(4, 650.0))  # half the node a little capped
+    victim = int(mine[2])  # a straggler draws 65-80% of what it would: well under its cap
+    h.sim.inject("straggler_gpu", gpu=victim, duration_s=120)
+    h.run(60)
+    assert [a.labels["gpu"] for a in h.fired("GpuStraggler")] == [str(h.sim.gpu_index[victim])]

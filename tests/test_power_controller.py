@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.analytics.evaluate import EVAL_EPOCH
 from pipeline.config import FleetConfig, FlexRule, PowerConfig
+from pipeline.power.actuator import SimulatorActuator
 from pipeline.power.controller import Controller
 from pipeline.power.curve import from_recording
 from pipeline.power.request import PowerRequest
@@ -19,21 +20,9 @@ CURVE = from_recording()
 INTERVAL = 5
 
 
-class SimActuator:
-    """Caps onto the simulator's GPUs, as the agents would set them; remembers each call."""
-
-    def __init__(self, sim: FleetSimulator) -> None:
-        self.sim, self.index, self.calls = sim, {u: i for i, u in enumerate(sim.gpu_uuids)}, []
-
-    def apply(self, caps: dict) -> None:
-        self.calls.append(dict(caps))
-        self.sim.set_caps(np.array([self.index[u] for u in caps]),
-                          np.array([np.nan if w is None else w for w in caps.values()]))
-
-
 def run(seconds: int, requests: list[PowerRequest], **settings):
     sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0), start=EVAL_EPOCH)
-    actuator = SimActuator(sim)
+    actuator = SimulatorActuator(sim)
     ctl = Controller(sim.cfg.site, CURVE, actuator, PowerConfig(**{"default_class": 3, **settings}))
     outcomes = [ctl.submit(r) for r in requests]
     meter, caps = [], []
@@ -73,7 +62,7 @@ def test_the_restore_is_staged_at_the_rate_and_under_the_site_cap():
     rises = np.diff(after[::INTERVAL])
     assert rises.max() <= rate * INTERVAL * 1.12 + 1.5, rises.max()
     assert sum(1 for c in actuator.calls if any(w is not None for w in c.values())) > 3  # in several steps
-    assert np.all(caps[-1] == 700) and out.restore_peak_kw < 0.05 * out.baseline_kw
+    assert np.all(caps[-1] == 700) and out.restore_overshoot_kw < 0.05 * out.baseline_kw
 
 
 def test_never_capped_class_0_and_a_stopped_controller_leaves_no_cap():

@@ -36,17 +36,25 @@ class EvalRun:
     end: datetime
     node_hours: float
     gpu_samples: int
+    demand_response: dict[str, Any] | None = None
 
 
-def simulate(cfg: Config, duration_s: float) -> EvalRun:
-    """Drive simulator and engine in lock step, as fast as the CPU allows."""
+def simulate(cfg: Config, duration_s: float, power_requests: int = 0) -> EvalRun:
+    """Drive simulator and engine in lock step, as fast as the CPU allows; with
+    `power_requests`, demand-response events too (analytics/demand_response.py)."""
     engine = Engine(cfg)
     sim = FleetSimulator(cfg.fleet, start=EVAL_EPOCH)
+    dr = None
+    if power_requests:
+        from pipeline.analytics.demand_response import DemandResponse
+        dr = DemandResponse(cfg, sim, duration_s, power_requests)
     labels: list[dict[str, Any]] = []
     alerts: list[dict[str, Any]] = []
     firing: dict[str, dict[str, Any]] = {}  # fingerprint -> its alert while it fires
     for _ in range(int(round(duration_s / cfg.fleet.sample_interval_s))):
         tick = sim.step()
+        if dr is not None:
+            dr.tick(tick.gpu, tick.facility)
         if tick.labels is not None:
             labels.extend(tick.labels.to_pylist())
         for topic, batch in ((Topic.GPU, tick.gpu), (Topic.FACILITY, tick.facility), (Topic.EVENTS, tick.events)):
@@ -59,7 +67,8 @@ def simulate(cfg: Config, duration_s: float) -> EvalRun:
                     alerts.append(firing[alert.fingerprint])
                 elif alert.fingerprint in firing:
                     firing.pop(alert.fingerprint)["ends_at"] = alert.ends_at
-    return EvalRun(labels, alerts, sim.now, sim.n_nodes * duration_s / 3600.0, engine.stats.gpu_samples)
+    return EvalRun(labels, alerts, sim.now, sim.n_nodes * duration_s / 3600.0, engine.stats.gpu_samples,
+                   dr.score() if dr is not None else None)
 
 
 def _targets(label: dict[str, Any], alert_labels: dict[str, str]) -> bool:
@@ -124,6 +133,7 @@ def score(run: EvalRun) -> dict[str, Any]:
         "faults_not_scored": len(faults) - len(scored),
         "normal_events": sum(lab["normal"] for lab in run.labels),
         "gpu_samples": run.gpu_samples,
+        **({"demand_response": run.demand_response} if run.demand_response is not None else {}),
     }
 
 

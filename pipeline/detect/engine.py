@@ -48,7 +48,7 @@ from pipeline.detect.health import NodeHealth, NodeIdentity, Tracker
 from pipeline.detect.inventory import Inventory
 from pipeline.detect.state import SlotArrays
 from pipeline.detect.watermark import SeriesClocks, Watermarks
-from pipeline.model import GPU_METRICS, Alert
+from pipeline.model import GPU_METRICS, GPU_SETTINGS, Alert
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Family)
@@ -273,7 +273,7 @@ class Engine:
         if self._resume_pending:
             self._resume_clock(float(ts.max()))
         self.stats.gpu_samples += batch.num_rows
-        metrics = {name: numeric(batch, name, self.stats) for name in GPU_METRICS}
+        metrics = {name: numeric(batch, name, self.stats) for name in GPU_METRICS + GPU_SETTINGS}
         node = inv.gpu.node[slots]
         nodes, group = np.unique(node, return_inverse=True)
         self._run(Topic.GPU, GpuBatch(slots=slots, ts=ts, now=float(ts.max()), metrics=metrics, node=node,

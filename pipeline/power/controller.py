@@ -30,13 +30,13 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import PowerConfig
+from pipeline.power.actuator import Actuator
 from pipeline.power.curve import PowerCurve
 from pipeline.power.planner import IDLE_UTIL, GpuPower, plan, uniform_cost
 from pipeline.power.request import PowerRequest
@@ -44,11 +44,7 @@ from pipeline.power.request import PowerRequest
 log = logging.getLogger("fleetwatch")
 
 SETTLE_S = 2.0  # after caps change, the meter's 1 s readings show them within this
-
-
-class Actuator(Protocol):
-    def apply(self, caps: dict[str, float | None]) -> None:
-        """Set each GPU's (by UUID) power limit to W; None: back to its default."""
+MINUTE = 60     # meter readings (1 s) per interval a hold is judged on
 
 
 @dataclass
@@ -61,22 +57,38 @@ class Outcome:
     achieved_kw: list[float] = field(default_factory=list)  # each reading, from reached to end
     planned_loss_pct: float | None = None  # the plan's estimate of the work lost
     uniform_loss_pct: float | None = None  # uniform capping's, for the same reduction
-    restore_peak_kw: float | None = None   # the highest reading while restoring, above the baseline
+    restoring_kw: list[float] = field(default_factory=list)  # the readings while the caps rise
+    restored_kw: list[float] = field(default_factory=list)   # the minute after the last cap is gone
     over_site_cap: bool = False
     gpus_capped: int = 0
 
+    def minute_means(self) -> list[float]:
+        """The reduction held, as the mean of each minute of the hold (a demand-response
+        program settles on interval means, not on single readings)."""
+        x = self.achieved_kw
+        return [float(np.mean(x[i:i + MINUTE])) for i in range(0, len(x), MINUTE) if len(x[i:i + MINUTE]) >= MINUTE // 2]
+
     @property
     def met(self) -> bool:
-        """Reached by the ramp deadline, and the reduction held (every reading within 2%)."""
+        """Reached by the ramp deadline, and held: every minute's mean within 2% of the target."""
         if self.reached_s is None or self.reached_s > self.request.ramp_s or not self.achieved_kw:
             return False
-        return min(self.achieved_kw) >= 0.98 * self.requested_kw
+        return min(self.minute_means() or [min(self.achieved_kw)]) >= 0.98 * self.requested_kw
 
     def shortfall_max_pct(self) -> float:
+        """The worst minute of the hold, below the target."""
         if not self.requested_kw:
             return 0.0
-        worst = min(self.achieved_kw) if self.achieved_kw else 0.0
+        worst = min(self.minute_means() or self.achieved_kw or [0.0])
         return max(0.0, 100.0 * (self.requested_kw - worst) / self.requested_kw)
+
+    @property
+    def restore_overshoot_kw(self) -> float | None:
+        """How far the power spiked while the caps rose, above where it settled once they
+        were gone (a rebound; the load's own growth is not one)."""
+        if not self.restoring_kw or not self.restored_kw:
+            return None
+        return max(0.0, max(self.restoring_kw) - float(np.mean(self.restored_kw)))
 
     def energy_curtailed_kwh(self, interval_s: float) -> float:
         return sum(self.achieved_kw) * interval_s / 3600.0
@@ -146,6 +158,7 @@ class Controller:
         self.demand = np.zeros(0)            # per slot: the draw when it was first capped (its demand)
         self.extra_w = 0.0                   # feedback: watts planned beyond the target
         self.changed_at: datetime | None = None
+        self.last_step: datetime | None = None
 
     # ---- what the site reports ---------------------------------------------------------
 
@@ -194,10 +207,21 @@ class Controller:
         return outcome
 
     def step(self, now: datetime) -> None:
+        try:
+            self._step(now)
+        finally:
+            self.last_step = now
+
+    def _step(self, now: datetime) -> None:
         n = len(self.gpus.uuids)
         if self.cap.size < n:
             self.cap = np.concatenate([self.cap, np.full(n - self.cap.size, np.nan)])
             self.demand = np.concatenate([self.demand, np.full(n - self.demand.size, np.nan)])
+        for req, o in self.requests:  # the minute after a restore: where the load settled
+            if o.restoring_kw and req is not self.active and len(o.restored_kw) < MINUTE / self.s.control_interval_s:
+                kw = self.covered_kw(req)
+                if kw is not None:
+                    o.restored_kw.append(kw)
         if self.active is None:
             for req, _ in self.requests:
                 if self.phase == "idle" and req.start <= now < req.end and not self._started(req):
@@ -215,12 +239,13 @@ class Controller:
                     out.achieved_kw.append(achieved)
             if now >= req.end:
                 self.phase = "restoring"
-                out.restore_peak_kw = 0.0
             elif achieved is not None and self._settled(now):
                 self._correct(req, out, achieved, now)
         if self.phase == "restoring":
-            if covered is not None:
-                out.restore_peak_kw = max(out.restore_peak_kw or 0.0, covered - out.baseline_kw)
+            if covered is not None:  # the site's every reading since the last step: a spike is short
+                since = self.last_step or now
+                out.restoring_kw.append(max([kw for t, kw in self.meter if t > since] or [covered])
+                                        if not req.racks else covered)
                 if self.site_cap_w and self.meter and self.meter[-1][1] * 1000.0 > self.site_cap_w:
                     out.over_site_cap = True
             self._restore_step(now)
@@ -288,15 +313,14 @@ class Controller:
         return self.changed_at is None or (now - self.changed_at).total_seconds() >= SETTLE_S
 
     def _correct(self, req: PowerRequest, out: Outcome, achieved_kw: float, now: datetime) -> None:
-        """Feedback: plan a shortfall on top, give an excess beyond the headroom back."""
+        """Feedback (integral): plan a shortfall on top, give an excess beyond the headroom
+        back; the load moves under a request (jobs start and end), the caps follow it."""
         want = out.requested_kw
         margin = want * self.s.headroom_pct / 100.0
-        if achieved_kw < want:
-            self.extra_w += (want - achieved_kw) * 1000.0
-        elif achieved_kw > want + 2 * margin and self.extra_w > 0:
-            self.extra_w = max(0.0, self.extra_w - (achieved_kw - want - margin) * 1000.0)
-        else:
+        error = want + margin / 2 - achieved_kw  # aim inside the headroom
+        if abs(error) <= margin / 2:
             return
+        self.extra_w = max(-want * 1000.0, self.extra_w + error * 1000.0)
         self._plan(req, out, now)
 
     def _restore_step(self, now: datetime) -> None:

@@ -31,3 +31,25 @@ def test_eval_cli_writes_the_documented_json(tmp_path):
     assert r2.returncode == 0, r2.stderr[-2000:]
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["faults"] == out["faults"] and again["false_alerts"] == out["false_alerts"]
+    assert "demand_response" not in out  # only with --power-requests
+
+
+def test_eval_with_power_requests_scores_demand_response_and_capping_raises_no_fault_alert(tmp_path):
+    """Demand-response events on the loaded simulated fleet (every node may lose up to half its
+    work: class 3): the controller meets them by the meter, and the capped GPUs raise no
+    fault alert (a capped GPU is not a straggler)."""
+    (tmp_path / "fleetwatch.toml").write_text("[power]\ndefault_class = 3\n")
+    r = fleetwatch("eval", "--duration", "3600", "--seed", "1", "--fault-interval", "0", "--power-requests", "3",
+                   "--config", "fleetwatch.toml", "--json", "out.json", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    dr = out["demand_response"]
+    assert set(dr) == {"requests", "met", "rejected", "time_to_target_p99_s", "reduction_shortfall_max_pct",
+                       "throughput_cost_pct", "uniform_cap_cost_pct", "restore_overshoot_max_kw",
+                       "restore_over_site_cap"}
+    assert dr["requests"] == 3 and dr["rejected"] == 0 and dr["met"] >= 1
+    assert dr["time_to_target_p99_s"] <= 30 and 0 < dr["throughput_cost_pct"] < 50
+    assert out["false_alerts"] == 0, out["false_alerts_by_alertname"]
+    assert "demand response: requests 3" in r.stdout
+    bad = fleetwatch("eval", "--duration", "60", "--power-requests", "-1", cwd=tmp_path)
+    assert bad.returncode == 2 and "--power-requests -1: must be 0 or more" in bad.stderr

@@ -26,14 +26,26 @@ class Performance(Family):
         group, n_groups, reasons = b.group, b.n_groups, b.reasons
         power, sm, util = b.metrics["power_w"], b.metrics["sm_clock_mhz"], b.metrics["util_gpu"]
         include = (util >= 0.9) & ((reasons & ANY_SLOWDOWN) == 0)
-        med_power, n_power = group_median(power, group, n_groups, include)
-        med_sm, _ = group_median(sm, group, n_groups, include)
+        # A GPU held to a power cap below its node's highest limit (demand response: power/)
+        # runs at its cap, with the clock the cap allows: it is judged against its cap, not
+        # its peers' power or clock, and it is no peer of the uncapped ones. One that draws
+        # well under its cap still straggles. (A straggler whose draw still reaches its cap
+        # is hidden by it until the cap goes.)
+        limit = b.metrics["power_limit_w"]
+        top = np.full(n_groups, -np.inf)
+        np.fmax.at(top, group, limit)
+        with np.errstate(invalid="ignore"):
+            capped = limit < top[group]
+        med_power, n_power = group_median(power, group, n_groups, include & ~capped)
+        med_sm, _ = group_median(sm, group, n_groups, include & ~capped)
         ratio = self.config.straggler_ratio
+        expected = np.where(capped, np.fmin(limit, med_power[group]), med_power[group])
         straggler = (include & (n_power[group] >= 4) & (med_power[group] > 200.0)
-                     & (power < ratio * med_power[group]) & (sm < ratio * med_sm[group]))
+                     & (power < ratio * expected) & (capped | (sm < ratio * med_sm[group])))
         self.judge(out, "GpuStraggler", b.slots, straggler, b.now, power / med_power[group],
                    evidence(power_w=power, sm_mhz=sm, util=util, peer_power_w=med_power[group],
-                            peer_sm_mhz=med_sm[group], ratio_threshold=ratio))
+                            peer_sm_mhz=med_sm[group], power_limit_w=b.metrics["power_limit_w"],
+                            ratio_threshold=ratio))
         brake_gpus = np.bincount(group, (reasons & POWER_BRAKE) != 0, n_groups)
         self.judge(out, "NodePowerBrake", b.nodes, brake_gpus > 0, b.now, brake_gpus,
                    evidence(gpus=brake_gpus, reason_bit=hex(POWER_BRAKE)))

@@ -1,0 +1,142 @@
+"""`fleetwatch eval --power-requests N`: demand-response events on the simulated fleet.
+
+N requests, evenly spread over the run after a baseline window, each asking the site to
+shed 10-40% (drawn from the run's seed) of its GPUs' power at the time (the flexible part
+of its load; the rest of the site, CPUs and cooling base, is not capped), for 10 minutes
+or the time left, with a 30 s ramp. The site's controller (power/controller.py) plans,
+applies the caps to the simulated GPUs (power/actuator.py), verifies them by the site
+meter and restores them in steps; the detectors run on the same samples meanwhile, so a
+capped GPU that raises a fault alert shows up as a false alert in the eval's scores.
+
+Scored (the JSON's `demand_response`):
+  requests, met                       met: at the target by its ramp deadline, and held
+                                      (every meter reading of the hold within 2% of it)
+  rejected                            refused when asked (more than the flexibility
+                                      classes allow; the refusal is logged)
+  time_to_target_p99_s                from start to the first meter reading at the target
+  reduction_shortfall_max_pct         the worst reading of a hold, below its target
+  throughput_cost_pct                 the work the fleet's GPUs lost from start to end,
+                                      measured (the simulator's work done against uncapped)
+  uniform_cap_cost_pct                what one cap on every GPU would have cost for the
+                                      same reduction (the curve, on the same fleet at start)
+  restore_overshoot_max_kw            the highest meter reading while the caps rose, above
+                                      where the power settled the minute after (a rebound)
+  restore_over_site_cap               restores with a reading above detect.site_power_cap_w
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.power.actuator import SimulatorActuator
+from pipeline.power.controller import Controller, Outcome
+from pipeline.power.curve import from_recording
+from pipeline.power.planner import IDLE_UTIL, GpuPower, capacity_w
+from pipeline.power.request import PowerRequest, Rejected, validate
+from pipeline.sources.simulate import FleetSimulator
+
+log = logging.getLogger("fleetwatch")
+
+SHARE_RANGE = (0.10, 0.40)
+EVENT_S = 600.0
+RAMP_S = 30.0
+
+
+@dataclass
+class _Event:
+    start_s: float
+    share: float
+    duration_s: float
+    request: PowerRequest | None = None
+    outcome: Outcome | None = None
+    work_at_start: tuple[float, float] | None = None
+    work_at_end: tuple[float, float] | None = None
+    rejected: str = ""
+
+
+@dataclass
+class DemandResponse:
+    """The eval's events on one simulator: `tick` after each step, `score` at the end."""
+    cfg: Config
+    sim: FleetSimulator
+    duration_s: float
+    n: int
+    events: list[_Event] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.curve = from_recording()
+        self.controller = Controller(self.cfg.fleet.site, self.curve, SimulatorActuator(self.sim), self.cfg.power,
+                                     self.cfg.detect.site_power_cap_w)
+        rng = np.random.default_rng(self.cfg.fleet.seed + 15)
+        first = self.cfg.power.baseline_s
+        slot = (self.duration_s - first) / max(self.n, 1)
+        for i in range(self.n):
+            length = min(EVENT_S, slot / 2)  # room after each for its restore
+            self.events.append(_Event(first + i * slot, float(rng.uniform(*SHARE_RANGE)), length))
+        self.step_every = max(1, int(round(self.cfg.power.control_interval_s / self.cfg.fleet.sample_interval_s)))
+        self.ticks = 0
+
+    def tick(self, gpu, facility) -> None:
+        ctl, now = self.controller, self.sim.now
+        ctl.observe_gpus(gpu)
+        if facility is not None:
+            ctl.observe_facility(facility)
+        elapsed = self.ticks * self.cfg.fleet.sample_interval_s
+        for e in self.events:
+            if e.request is None and not e.rejected and elapsed >= e.start_s:
+                self._ask(e, now)
+            if e.outcome is not None and e.work_at_end is None and now >= e.request.end:
+                e.work_at_end = self._work()
+        if self.ticks % self.step_every == 0:
+            ctl.step(now)
+        self.ticks += 1
+
+    def _work(self) -> tuple[float, float]:
+        return float(self.sim.work_done.sum()), float(self.sim.work_uncapped.sum())
+
+    def _ask(self, e: _Event, now) -> None:
+        g = self.controller.gpus
+        busy = g.util >= IDLE_UTIL
+        gpus = GpuPower(g.power_w, busy, g.flex, np.full(len(g.uuids), self.curve.min_limit_w),
+                        np.full(len(g.uuids), self.curve.max_limit_w))
+        req = PowerRequest(site=self.cfg.fleet.site, start=now, duration_s=e.duration_s,
+                           reduction_kw=round(e.share * float(g.power_w.sum()) / 1000.0, 1), ramp_s=RAMP_S,
+                           source="eval", id=f"eval-{len(self.controller.requests) + 1}", ts=now)
+        baseline = self.controller.baseline_kw(now)
+        try:
+            validate(req, now, [r for r, o in self.controller.requests if now < r.end + timedelta(minutes=5)],
+                     baseline, capacity_w(gpus, self.curve) / 1000.0)
+        except Rejected as why:
+            e.rejected = str(why)
+            log.warning("eval: power request refused: %s", why)
+            return
+        e.request, e.outcome, e.work_at_start = req, self.controller.submit(req), self._work()
+
+    def score(self) -> dict[str, Any]:
+        done = [e for e in self.events if e.outcome is not None and e.outcome.baseline_kw is not None]
+        outcomes = [e.outcome for e in done]
+        reached = [o.reached_s for o in outcomes if o.reached_s is not None]
+        lost = uncapped = 0.0
+        for e in done:
+            end = e.work_at_end or self._work()
+            lost += (end[1] - e.work_at_start[1]) - (end[0] - e.work_at_start[0])
+            uncapped += end[1] - e.work_at_start[1]
+        weights = [e.duration_s for e in done]
+        uniform = float(np.average([o.uniform_loss_pct for o in outcomes], weights=weights)) if outcomes else None
+        return {
+            "requests": len(self.events),
+            "met": sum(o.met for o in outcomes),
+            "rejected": sum(bool(e.rejected) for e in self.events),
+            "time_to_target_p99_s": round(float(np.percentile(reached, 99)), 1) if reached else None,
+            "reduction_shortfall_max_pct": round(max((o.shortfall_max_pct() for o in outcomes), default=0.0), 2),
+            "throughput_cost_pct": round(100.0 * lost / uncapped, 2) if uncapped else None,
+            "uniform_cap_cost_pct": round(uniform, 2) if uniform is not None else None,
+            "restore_overshoot_max_kw": round(max((o.restore_overshoot_kw or 0.0 for o in outcomes), default=0.0), 1),
+            "restore_over_site_cap": sum(o.over_site_cap for o in outcomes),
+        }
