@@ -80,6 +80,10 @@ class DetectConfig:
     cusum_slack_c: float = _spec(1.0, min=0, doc="CUSUM slack k for thermal drift (C)")
     cusum_limit: float = _spec(600.0, min=1, doc="CUSUM decision limit h (C x samples)")
     drift_confirm_samples: int = _spec(60, min=1, doc="samples a drift must hold before it alerts (drifts are slow)")
+    cap_not_binding_ratio: float = _spec(0.9, min=0.1, max=1.0, doc="a busy GPU under a power cap drawing less than "
+                                         "this share of it, without reason 0x4, saves nothing (PowerCapNotBinding)")
+    cap_not_binding_samples: int = _spec(60, min=1, doc="samples a cap must save nothing before it alerts (a load "
+                                         "dips for seconds: a checkpoint, a data-loader stall)")
     drift_baseline_halflife_s: float = _spec(6 * 3600.0, min=60, doc="baseline memory of the drift detector")
     thermal_margin_c: float = _spec(4.0, min=0, max=40, doc="a GPU this close to its own HW slowdown threshold "
                                     "(NVML; H100: 89 C) is over temperature")

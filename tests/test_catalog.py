@@ -48,10 +48,13 @@ def _faults() -> list:
 
 def _the_rest() -> list:
     """What no simulator fault raises: XIDs, silent GPUs and nodes, a GPU near its own slowdown
-    threshold, forced clocks, a drifting flow meter, the site over its power cap."""
+    threshold, forced clocks, a drifting flow meter, the site over its power cap, a power cap
+    that saves nothing."""
     h = Harness(seed=19, racks=4, nodes_per_rack=4)
-    h.engine = Engine(make_config(detect={"site_power_cap_w": 1.0}, fleet=h.cfg.fleet.__dict__))
+    h.engine = Engine(make_config(detect={"site_power_cap_w": 1.0, "cap_not_binding_samples": 10},
+                                  fleet=h.cfg.fleet.__dict__))
     hot, slowed, silent_gpu, silent_node = _gpu(0, 0, 1), _gpu(0, 1, 2), _gpu(0, 2, 5), 3 * 4 + 2
+    slack = _gpu(0, 3, 6)  # capped at 500 W, its job drawing 300 W: the cap saves nothing
 
     def mutate(topic, batch):
         if topic == Topic.GPU:
@@ -60,7 +63,13 @@ def _the_rest() -> list:
             limit[uuid == h.sim.gpu_uuids[hot]] = 40.0
             reasons = batch.column("clock_event_reasons").to_numpy(zero_copy_only=False).copy()
             reasons[uuid == h.sim.gpu_uuids[slowed]] |= 0x48
-            for name, values in (("slowdown_temp_c", limit), ("clock_event_reasons", reasons)):
+            mine = uuid == h.sim.gpu_uuids[slack]
+            reasons[mine] &= ~0x4
+            cap = batch.column("power_limit_w").to_numpy(zero_copy_only=False).copy()
+            power = batch.column("power_w").to_numpy(zero_copy_only=False).copy()
+            cap[mine], power[mine] = 500.0, 300.0
+            for name, values in (("slowdown_temp_c", limit), ("clock_event_reasons", reasons),
+                                 ("power_limit_w", cap), ("power_w", power)):
                 batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values))
             keep = (uuid != h.sim.gpu_uuids[silent_gpu]) & (
                 batch.column("node").to_numpy(zero_copy_only=False) != h.sim.node_names[silent_node])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -21,11 +21,13 @@ import numpy as np
 
 from pipeline.bus import Message, Topic
 from pipeline.config import Config
+from pipeline.detect.catalog import ALERTS
 from pipeline.detect.engine import Engine
 from pipeline.faults import FAULTS, FAULTS_BY_NAME
 from pipeline.sources.simulate import FleetSimulator
 
 EVAL_EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
+POWER_ALERTS = {spec.name for spec in ALERTS if spec.family == "power"}
 GRACE_S = 60.0
 
 
@@ -86,6 +88,9 @@ def _window(label: dict[str, Any], end: datetime) -> tuple[datetime, datetime]:
 
 
 def score(run: EvalRun) -> dict[str, Any]:
+    # Demand response's own alerts (a cap that saves nothing) are no fault's: scored with it.
+    power = [a for a in run.alerts if a["labels"]["alertname"] in POWER_ALERTS]
+    run = replace(run, alerts=[a for a in run.alerts if a["labels"]["alertname"] not in POWER_ALERTS])
     faults = [lab for lab in run.labels if not lab["normal"]]
     scored = [f for f in faults
               if f["start"] + timedelta(seconds=FAULTS_BY_NAME[f["fault_type"]].score_window_s) <= run.end]
@@ -133,7 +138,8 @@ def score(run: EvalRun) -> dict[str, Any]:
         "faults_not_scored": len(faults) - len(scored),
         "normal_events": sum(lab["normal"] for lab in run.labels),
         "gpu_samples": run.gpu_samples,
-        **({"demand_response": run.demand_response} if run.demand_response is not None else {}),
+        **({"demand_response": {**run.demand_response, "cap_not_binding_alerts": len(power)}}
+           if run.demand_response is not None else {}),
     }
 
 

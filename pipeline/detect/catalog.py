@@ -200,6 +200,16 @@ ALERTS: tuple[AlertSpec, ...] = (
               meaning="lower power and clocks than its peers at full utilisation", method="peers",
               detection="At >= 90% utilisation and without HW-slowdown reasons, a GPU whose power and SM clock are "
                         "both below `straggler_ratio` of its node's median."),
+    AlertSpec("PowerCapNotBinding", "warning", "gpu",
+              "{node} GPU {gpu} is capped at {power_limit_w:.0f} W but draws {power_w:.0f} W: the cap saves nothing",
+              "Nothing is wrong with the GPU: its load fell under its cap. A demand-response request counts on "
+              "savings this GPU no longer gives; the site's loop re-plans from the meter (docs/power.md).",
+              detector="power_cap", family="power", fire_after="cap_not_binding_samples",
+              evidence=("power_w", "power_limit_w"),
+              meaning="a busy GPU under a power cap draws well under it", method="threshold",
+              detection="A busy GPU (>= 5% utilisation) whose enforced limit is below the highest seen for it (its "
+                        "default) and that draws less than `cap_not_binding_ratio` of that cap without clock reason "
+                        "0x4 (SW power cap), for `cap_not_binding_samples` samples."),
     AlertSpec("NodePowerBrake", "critical", "node",
               "{node}: HW power brake slowdown on {gpus:.0f} GPUs",
               "Check the node's power supplies and the rack PDU; the brake is asserted by the board.",

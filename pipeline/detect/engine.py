@@ -38,6 +38,7 @@ from pipeline.detect.families.over_temperature import OverTemperature
 from pipeline.detect.families.pdu import PduLoad
 from pipeline.detect.families.peers import Peers
 from pipeline.detect.families.performance import Performance
+from pipeline.detect.families.power_caps import PowerCaps
 from pipeline.detect.families.rack_vs_site import RackVsSite
 from pipeline.detect.families.staleness import Staleness
 from pipeline.detect.families.siblings import SiblingTemperature
@@ -61,7 +62,7 @@ F = TypeVar("F", bound=Family)
 # from their summaries. One process runs both, handing the summaries over directly; over
 # Kafka they run apart, each partitioned by its own key (docs/kafka.md).
 RACK_TIER: tuple[type[Family], ...] = (
-    SiblingTemperature, Peers, OverTemperature, Drift, Performance, Counters, Staleness,  # GPU telemetry
+    SiblingTemperature, Peers, OverTemperature, Drift, Performance, Counters, Staleness, PowerCaps,  # GPU
     Coolant, PduLoad, HeatBalance, SitePower,                                             # facility
     Xid,                                                                                  # events
 )
