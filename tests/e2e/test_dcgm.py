@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.sources.dcgm import parse_exposition
 from pipeline.sources.dcgm_fields import LABELS, MIB
+from pipeline.model import GPU_SAMPLE, schema_version
 from tests.dcgm_exporter import DcgmExporter
 from tests.helpers import archived, start, wait_for
 from tests.services import free_port
@@ -145,7 +146,7 @@ def test_the_agents_metrics_are_dcgm_exporters_and_another_fleetwatch_ingests_th
 @pytest.mark.kafka
 def test_the_dcgm_role_alone_publishes_each_scrape_to_kafka_keyed_by_rack(tmp_path):
     """`fleetwatch dcgm --kafka`: the role as its own process, on the agent-only install (no
-    numba, no polars), sends gpu_sample v3 messages keyed by rack (a node without one: by
+    numba, no polars), sends gpu_sample messages of the current version keyed by rack (a node without one: by
     its site), each node's 8 GPUs of every scrape in them."""
     import asyncio
     import subprocess
@@ -190,6 +191,6 @@ def test_the_dcgm_role_alone_publishes_each_scrape_to_kafka_keyed_by_rack(tmp_pa
         racks, sites = set(m.value.column("rack").to_pylist()), set(m.value.column("site").to_pylist())
         assert racks == {m.key} or (racks == {""} and sites == {m.key})
         assert m.value.num_rows % 8 == 0
-        assert m.headers["fw-schema"] == "gpu_sample" and m.headers["fw-version"] == "3"
+        assert m.headers["fw-schema"] == "gpu_sample" and m.headers["fw-version"] == str(schema_version(GPU_SAMPLE))
     assert {n for m in messages for n in m.value.column("node").to_pylist()} == {"gpu-node-0", "gpu-node-1",
                                                                                   "gpu-node-2"}

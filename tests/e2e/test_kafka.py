@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pipeline.bus import EndOfStream, Message, Topic
 from pipeline.bus.codec import encode
 from pipeline.bus.kafka import DEAD_LETTER, KafkaBus
+from pipeline.model import GPU_SAMPLE, schema_version
 from pipeline.sources.simulate import FleetSimulator
 from tests.conftest import make_config
 from tests.helpers import stop_in_order
@@ -76,7 +77,8 @@ def test_batches_round_trip_exactly_and_in_order_per_node(broker):
     for node in {m.key for m in sent}:  # a node's scrapes stay in order (one partition per key)
         ts = [m.value.column("ts")[0].as_py() for m in got if m.key == node]
         assert ts == sorted(ts) and len(ts) == 20
-    assert all(m.headers["fw-schema"] == "gpu_sample" and m.headers["fw-version"] == "3" for m in got)
+    version = str(schema_version(GPU_SAMPLE))
+    assert all(m.headers["fw-schema"] == "gpu_sample" and m.headers["fw-version"] == version for m in got)
 
 
 def test_bad_messages_are_dead_lettered_and_the_rest_flows(broker):
