@@ -17,10 +17,11 @@ request through its phases:
               site's power does not spike back (every GPU's job resumes at once otherwise)
   done        every GPU at its default limit again; the outcome is final
 
-Caps go out through an `Actuator` (the simulator's in `fleetwatch eval`; the agents' over
-the bus); a cap is never left behind: a request that ends, is cancelled or whose
-controller stops restores what it set. The outcome of a request (`Outcome`) is what the
-report and the eval read: when the target was reached, the reduction held, what it cost.
+Caps go out through an `Actuator` (power/actuator.py: the simulator's in `fleetwatch
+eval`; the agents' over the bus is the next step); a cap is never left behind: a request
+that ends, or whose controller stops, restores what it set. The outcome of a request
+(`Outcome`) is what the eval reads: when the target was reached, the reduction held,
+what it cost. One request runs at a time (requests that overlap are refused).
 """
 
 from __future__ import annotations
@@ -89,9 +90,6 @@ class Outcome:
         if not self.restoring_kw or not self.restored_kw:
             return None
         return max(0.0, max(self.restoring_kw) - float(np.mean(self.restored_kw)))
-
-    def energy_curtailed_kwh(self, interval_s: float) -> float:
-        return sum(self.achieved_kw) * interval_s / 3600.0
 
 
 class GpuTable:
