@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pipeline.bus.codec import Decoder, encode
+from pipeline.model import POWER_REQUEST
 from pipeline.power.request import PowerRequest, Rejected, from_dict, validate
 
 NOW = datetime(2026, 12, 1, 18, 0, tzinfo=timezone.utc)
@@ -23,14 +23,15 @@ def rejected(req: PowerRequest, accepted=(), **kw) -> str:
     return str(e.value)
 
 
-def test_a_request_in_its_json_form_round_trips_and_travels_as_its_schema():
+def test_a_request_in_its_json_form_round_trips_and_is_a_row_of_its_schema():
     req = request(start="2026-12-01T18:05:00Z", racks=["r01", "r02"], ramp_s=20, id="dr-7")
     validate(req, NOW, [], baseline_kw=800, flexible_kw=300)
     assert (req.start, req.end, req.racks, req.reduction_w(800)) == (
         NOW + timedelta(minutes=5), NOW + timedelta(minutes=20), ("r01", "r02"), 160_000)
     assert from_dict(req.to_dict(), "http", NOW) == PowerRequest(**{**req.__dict__, "source": "http"})
-    value, headers = encode(req.to_batch())
-    back = Decoder().decode(value, headers).to_pylist()[0]
+    batch = req.to_batch()
+    assert batch.schema.equals(POWER_REQUEST, check_metadata=True)
+    back = batch.to_pylist()[0]
     assert back["id"] == "dr-7" and back["racks"] == "r01,r02" and back["reduction_pct"] == 20
     assert from_dict({**back, "start": req.to_dict()["start"], "ts": req.to_dict()["ts"]}, "kafka", NOW).racks == req.racks
     assert request(start="now").start == NOW and request().racks == ()

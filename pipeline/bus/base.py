@@ -46,6 +46,7 @@ class Subscription(Protocol):
     before_revoke: list  # run before partitions move to another consumer (then it commits)
     assignments: int     # bumped each time partitions are (re)assigned to this consumer
     holds_input: bool    # True where input not yet committed waits on the bus (Kafka): reading can pause
+    ready: set[int]      # partitions assigned and set up (on_assigned run): this consumer's now; empty in-process
 
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         """Up to `max_messages` in order; [] on timeout; EndOfStream when drained after end()."""

@@ -124,6 +124,14 @@ def bus_topic(wire_name: str, prefix: str) -> Topic:
     return Topic(wire_name[len(prefix):])
 
 
+STOP_PRODUCER_S = 5.0  # a producer that moved away gets this long to close its connections
+
+
+async def _stop_producer(producer: AIOKafkaProducer) -> None:
+    with contextlib.suppress(Exception):  # (a fenced producer may never finish stopping)
+        await asyncio.wait_for(producer.stop(), STOP_PRODUCER_S)
+
+
 class _Rebalance(ConsumerRebalanceListener):
     """Before partitions move to another consumer, the role makes its output durable
     and commits, so the new owner starts exactly where this one stopped."""
@@ -182,6 +190,7 @@ class KafkaSubscription:
         self._rejoin = False           # a partition's transaction failed: rejoin the group (_lose)
         self._started = False
         self._ends_probe: AIOKafkaConsumer | None = None  # asks the broker for end offsets (_read_to_end)
+        self._stopping: set[asyncio.Task] = set()  # producers of partitions that moved away, shutting down
         self._to_commit: dict[TopicPartition, int] = {}
         self.dead_letters = 0
 
@@ -209,8 +218,13 @@ class KafkaSubscription:
         for p in partitions & set(self.producers):
             producer = self.producers.pop(p)
             self._in_transaction.discard(p)
-            with contextlib.suppress(Exception):  # (a fenced producer may never finish stopping)
-                await asyncio.wait_for(producer.stop(), 5.0)
+            # Stopped beside the rebalance, not inside it: a producer's shutdown can outlast the
+            # group's rebalance timeout under load, and a member that overruns it is dropped from
+            # the group (seen: a detect process that never rejoined). Its output is committed, or
+            # is aborted when the partition's next owner starts its transactional id.
+            task = asyncio.create_task(_stop_producer(producer), name=f"stop-producer-p{p}")
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
 
     async def _lose(self, p: int, error: BaseException) -> None:
         """Partition p's transaction failed: it has a newer owner (this process was fenced,
@@ -416,6 +430,8 @@ class KafkaSubscription:
             await self.consumer.stop()
             await self.release(set(self.producers))  # open transactions are aborted: uncommitted input is read again
             self._started = False
+        if self._stopping:
+            await asyncio.wait(set(self._stopping), timeout=STOP_PRODUCER_S)
         if self._ends_probe is not None:
             await self._ends_probe.stop()
             self._ends_probe = None

@@ -22,6 +22,7 @@ class MemorySubscription:
         self.before_revoke: list = []  # and nothing is ever revoked
         self.assignments = 1
         self.holds_input = False  # a batch not taken is gone: nothing to pause on
+        self.ready: set[int] = set()  # (no partitions)
 
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         if self._open == 0 and self.queue.empty():

@@ -165,7 +165,7 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
                 # engine judges a scrape of every rack read in one pass, as in-process (a batch is
                 # one time: partitions at different times, after a hand-over, stay apart); each
                 # output row goes to the transaction of the partition its rack's data came in.
-                owners = Owners(sub.partition_count(sub.topics[0]), {m.partition for m in messages})
+                owners = Owners(sub.partition_count(sub.topics[0]), set(sub.ready) | {m.partition for m in messages})
                 work = [(None, m) for m in coalesce_by_tick(in_time_order(messages))]
             else:  # per input partition (over Kafka its output commits in that partition's transaction)
                 work = [(p if p >= 0 else None, m) for p, of_partition in by_partition(messages).items()
@@ -176,16 +176,21 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
                 if timed is not None:
                     timed(message.topic, time.perf_counter() - started)
                 routed = owners.group if owners is not None else (lambda rows, labels=None: [(origin, rows)])
+                alerts = routed(out.alerts, lambda a: a[1].labels) if out.alerts else []
+                health = routed(out.health) if out.health else []
+                events = routed(out.events) if out.events else []
+                # A partition given output has changed state: its checkpoint goes with it.
+                dirty.update(o for o, _ in alerts + health + events if o is not None)
                 # Keyed on every bus, so that an alert's changes, and a node's states, stay in
                 # order (the health topic is compacted to the latest state per node).
-                for o, alerts in routed(out.alerts, lambda a: a[1].labels) if out.alerts else ():
-                    for m in keys.messages(Topic.ALERTS, alerts_to_batch(alerts), keyed=True):
+                for o, rows in alerts:
+                    for m in keys.messages(Topic.ALERTS, alerts_to_batch(rows), keyed=True):
                         await sub.publish(m, origin=o)
-                for o, rows in routed(out.health) if out.health else ():
+                for o, rows in health:
                     for m in keys.messages(Topic.HEALTH, pa.RecordBatch.from_pylist(rows, schema=NODE_HEALTH),
                                            keyed=True):
                         await sub.publish(m, origin=o)
-                for o, rows in routed(out.events) if out.events else ():
+                for o, rows in events:
                     await publish_events(rows, o)
                 if out.racks is not None:  # the site tier runs apart (over Kafka); it aligns by origin
                     for m in keys.messages(Topic.RACKS, out.racks, keyed=True):
@@ -228,8 +233,8 @@ def coalesce_by_tick(messages: list[Message]) -> list[Message]:
 class Owners:
     """Where an output row commits when one engine call judged several input partitions:
     in the transaction of the partition its rack's data came in (bus/keys.py: its rack, or
-    its site without one), which this process holds; a row of no such rack goes with the
-    batch's first partition."""
+    its site without one), which this process holds; a row of no rack it holds goes with
+    the lowest partition it holds."""
 
     def __init__(self, partitions: int, held: set[int]) -> None:
         self.partitions, self.held, self.fallback = partitions, held, min(held)
