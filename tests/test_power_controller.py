@@ -77,3 +77,14 @@ def test_never_capped_class_0_and_a_stopped_controller_leaves_no_cap():
 def test_the_plan_costs_no_more_work_than_uniform_capping(pct):
     _, _, (out,), _, _, _ = run(800, [request(400, pct)])
     assert out.met and out.planned_loss_pct <= out.uniform_loss_pct * 1.05
+
+
+def test_a_hold_is_judged_on_each_minute_s_mean_of_the_meter_s_readings():
+    from pipeline.power.controller import Outcome
+    out = Outcome(request(0, 10), baseline_kw=100.0, requested_kw=10.0, reached_s=5.0)
+    # 1 s readings for 149 s: at the target, but 8 kW through most of the second minute.
+    out.achieved_kw = [(5.0 + t, 8.0 if 70 <= t < 110 else 10.5) for t in range(149)]
+    assert out.minute_means() == pytest.approx([10.5, 8.0 * 40 / 60 + 10.5 * 20 / 60])  # the last 29 s: no minute
+    assert not out.met and out.shortfall_max_pct() == pytest.approx(100 * (10 - 8.8333333) / 10)
+    out.achieved_kw = [(5.0 + t, 10.5) for t in range(149)]
+    assert out.met and out.shortfall_max_pct() == 0.0

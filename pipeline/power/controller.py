@@ -45,7 +45,7 @@ from pipeline.power.request import PowerRequest
 log = logging.getLogger("fleetwatch")
 
 SETTLE_S = 2.0  # after caps change, the meter's 1 s readings show them within this
-MINUTE = 60     # meter readings (1 s) per interval a hold is judged on
+MINUTE_S = 60.0  # the interval a hold is judged on
 
 
 @dataclass
@@ -55,7 +55,8 @@ class Outcome:
     baseline_kw: float | None = None
     requested_kw: float | None = None
     reached_s: float | None = None        # from start to the first reading at the target
-    achieved_kw: list[float] = field(default_factory=list)  # each reading, from reached to end
+    achieved_kw: list[tuple[float, float]] = field(default_factory=list)  # (s from start, kW): each reading of
+                                                                           # the hold, from reached to end
     planned_loss_pct: float | None = None  # the plan's estimate of the work lost
     uniform_loss_pct: float | None = None  # uniform capping's, for the same reduction
     restoring_kw: list[float] = field(default_factory=list)  # the readings while the caps rise
@@ -65,22 +66,33 @@ class Outcome:
 
     def minute_means(self) -> list[float]:
         """The reduction held, as the mean of each minute of the hold (a demand-response
-        program settles on interval means, not on single readings)."""
-        x = self.achieved_kw
-        return [float(np.mean(x[i:i + MINUTE])) for i in range(0, len(x), MINUTE) if len(x[i:i + MINUTE]) >= MINUTE // 2]
+        program settles on interval means, not on single readings); a last minute shorter
+        than half of one is left out."""
+        if not self.achieved_kw:
+            return []
+        t = np.array([x for x, _ in self.achieved_kw])
+        kw = np.array([y for _, y in self.achieved_kw])
+        minute = ((t - t[0]) // MINUTE_S).astype(np.int64)
+        out = []
+        for m in np.unique(minute):
+            mine = minute == m
+            if m == minute[-1] and m > 0 and t[mine][-1] - t[mine][0] < MINUTE_S / 2:
+                continue
+            out.append(float(kw[mine].mean()))
+        return out
 
     @property
     def met(self) -> bool:
         """Reached by the ramp deadline, and held: every minute's mean within 2% of the target."""
         if self.reached_s is None or self.reached_s > self.request.ramp_s or not self.achieved_kw:
             return False
-        return min(self.minute_means() or [min(self.achieved_kw)]) >= 0.98 * self.requested_kw
+        return min(self.minute_means()) >= 0.98 * self.requested_kw
 
     def shortfall_max_pct(self) -> float:
         """The worst minute of the hold, below the target."""
         if not self.requested_kw:
             return 0.0
-        worst = min(self.minute_means() or self.achieved_kw or [0.0])
+        worst = min(self.minute_means() or [0.0])
         return max(0.0, 100.0 * (self.requested_kw - worst) / self.requested_kw)
 
     @property
@@ -216,7 +228,7 @@ class Controller:
             self.cap = np.concatenate([self.cap, np.full(n - self.cap.size, np.nan)])
             self.demand = np.concatenate([self.demand, np.full(n - self.demand.size, np.nan)])
         for req, o in self.requests:  # the minute after a restore: where the load settled
-            if o.restoring_kw and req is not self.active and len(o.restored_kw) < MINUTE / self.s.control_interval_s:
+            if o.restoring_kw and req is not self.active and len(o.restored_kw) < MINUTE_S / self.s.control_interval_s:
                 kw = self.covered_kw(req)
                 if kw is not None:
                     o.restored_kw.append(kw)
@@ -229,12 +241,19 @@ class Controller:
         req, out = self.active, self._outcome(self.active)
         covered = self.covered_kw(req)
         if self.phase == "active":
-            achieved = out.baseline_kw - covered if covered is not None else None
-            if achieved is not None:
-                if out.reached_s is None and achieved >= 0.98 * out.requested_kw:
-                    out.reached_s = (now - req.start).total_seconds()
-                if out.reached_s is not None:
-                    out.achieved_kw.append(achieved)
+            achieved = None
+            if covered is not None:  # every reading since the last step (the site meter's), in order
+                last = self.last_step
+                readings = ([(t, kw) for t, kw in self.meter if req.start <= t <= now and (last is None or t > last)]
+                            if not req.racks else []) or [(now, covered)]
+                for t, kw in readings:
+                    value = out.baseline_kw - kw
+                    at_s = (t - req.start).total_seconds()
+                    if out.reached_s is None and value >= 0.98 * out.requested_kw:
+                        out.reached_s = at_s
+                    if out.reached_s is not None and t < req.end:
+                        out.achieved_kw.append((at_s, value))
+                achieved = out.baseline_kw - float(np.mean([kw for _, kw in readings]))
             if now >= req.end:
                 self.phase = "restoring"
             elif achieved is not None and self._settled(now):
