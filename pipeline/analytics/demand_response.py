@@ -39,7 +39,6 @@ from pipeline.config import Config
 from pipeline.power.actuator import SimulatorActuator
 from pipeline.power.controller import Controller, Outcome
 from pipeline.power.curve import from_recording
-from pipeline.power.planner import IDLE_UTIL, GpuPower, capacity_w
 from pipeline.power.request import PowerRequest, Rejected, validate
 from pipeline.sources.simulate import FleetSimulator
 
@@ -104,16 +103,13 @@ class DemandResponse:
 
     def _ask(self, e: _Event, now) -> None:
         g = self.controller.gpus
-        busy = g.util >= IDLE_UTIL
-        gpus = GpuPower(g.power_w, busy, g.flex, np.full(len(g.uuids), self.curve.min_limit_w),
-                        np.full(len(g.uuids), self.curve.max_limit_w))
         req = PowerRequest(site=self.cfg.fleet.site, start=now, duration_s=e.duration_s,
                            reduction_kw=round(e.share * float(g.power_w.sum()) / 1000.0, 1), ramp_s=RAMP_S,
                            source="eval", id=f"eval-{len(self.controller.requests) + 1}", ts=now)
         baseline = self.controller.baseline_kw(now)
         try:
             validate(req, now, [r for r, o in self.controller.requests if now < r.end + timedelta(minutes=5)],
-                     baseline, capacity_w(gpus, self.curve) / 1000.0)
+                     baseline, self.controller.flexible_kw())
         except Rejected as why:
             e.rejected = str(why)
             log.warning("eval: power request refused: %s", why)

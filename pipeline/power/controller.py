@@ -37,9 +37,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import PowerConfig
+from pipeline.detect.state import KeyIndex
 from pipeline.power.actuator import Actuator
 from pipeline.power.curve import PowerCurve
-from pipeline.power.planner import IDLE_UTIL, GpuPower, plan, uniform_cost
+from pipeline.power.planner import IDLE_UTIL, GpuPower, capacity_w, plan, uniform_cost
 from pipeline.power.request import PowerRequest
 
 log = logging.getLogger("fleetwatch")
@@ -105,44 +106,37 @@ class Outcome:
 
 
 class GpuTable:
-    """The latest reading of every GPU, by UUID: arrays indexed by slot."""
+    """The latest reading of every GPU, by UUID: arrays indexed by slot (detect/state.KeyIndex)."""
 
     def __init__(self, classify) -> None:
         self.classify = classify
-        self.slot: dict[str, int] = {}
+        self.ids = KeyIndex(on_new=self._register)
         self.uuids: list[str] = []
         self.racks: list[str] = []
         self.nodes: list[str] = []
-        self._known = pa.array([], pa.string())
-        n = 0
-        self.power_w, self.util = np.zeros(n), np.zeros(n)
-        self.limit_w, self.flex = np.zeros(n), np.zeros(n, np.int64)
+        self.power_w, self.util, self.limit_w = np.zeros(0), np.zeros(0), np.zeros(0)
+        self.flex = np.zeros(0, np.int64)
+        self._batch: pa.RecordBatch | None = None
 
     def update(self, batch: pa.RecordBatch) -> None:
-        uuids = batch.column("gpu_uuid")
-        slots = pc.index_in(uuids, self._known)
-        if slots.null_count:  # GPUs not seen before: once per GPU ever
-            self._register(batch)
-            slots = pc.index_in(uuids, self._known)
-        slots = slots.to_numpy().astype(np.int64)
+        self._batch = batch
+        slots = self.ids.slots(batch.column("gpu_uuid"))
         self.power_w[slots] = batch.column("power_w").to_numpy(zero_copy_only=False)
         self.util[slots] = batch.column("util_gpu").to_numpy(zero_copy_only=False)
         self.limit_w[slots] = batch.column("power_limit_w").to_numpy(zero_copy_only=False)
 
-    def _register(self, batch: pa.RecordBatch) -> None:
-        rows = {u: i for i, u in enumerate(batch.column("gpu_uuid").to_pylist()) if u not in self.slot}
-        racks, nodes = batch.column("rack").to_pylist(), batch.column("node").to_pylist()
-        for u, i in rows.items():
-            self.slot[u] = len(self.uuids)
-            self.uuids.append(u)
-            self.racks.append(racks[i])
-            self.nodes.append(nodes[i])
-        grow = len(rows)
+    def _register(self, new: pa.Array, first_rows: np.ndarray) -> None:
+        """GPUs never seen before (once per GPU ever): their place, their node's class."""
+        rows = pa.array(first_rows)
+        nodes = self._batch.column("node").take(rows).to_pylist()
+        self.uuids += new.to_pylist()
+        self.racks += self._batch.column("rack").take(rows).to_pylist()
+        self.nodes += nodes
+        grow = len(nodes)
         self.power_w = np.concatenate([self.power_w, np.zeros(grow)])
         self.util = np.concatenate([self.util, np.zeros(grow)])
         self.limit_w = np.concatenate([self.limit_w, np.full(grow, np.nan)])
-        self.flex = np.concatenate([self.flex, np.array([self.classify(nodes[i]) for i in rows.values()], np.int64)])
-        self._known = pa.array(self.uuids, pa.string())
+        self.flex = np.concatenate([self.flex, np.array([self.classify(n) for n in nodes], np.int64)])
 
     def covered(self, racks: tuple[str, ...]) -> np.ndarray:
         if not racks:
@@ -222,11 +216,15 @@ class Controller:
         finally:
             self.last_step = now
 
+    def _fit(self) -> None:
+        """The per-GPU arrays of this controller, grown to the GPUs seen so far."""
+        grow = len(self.gpus.uuids) - self.cap.size
+        if grow > 0:
+            self.cap = np.concatenate([self.cap, np.full(grow, np.nan)])
+            self.demand = np.concatenate([self.demand, np.full(grow, np.nan)])
+
     def _step(self, now: datetime) -> None:
-        n = len(self.gpus.uuids)
-        if self.cap.size < n:
-            self.cap = np.concatenate([self.cap, np.full(n - self.cap.size, np.nan)])
-            self.demand = np.concatenate([self.demand, np.full(n - self.demand.size, np.nan)])
+        self._fit()
         for req, o in self.requests:  # the minute after a restore: where the load settled
             if o.restoring_kw and req is not self.active and len(o.restored_kw) < MINUTE_S / self.s.control_interval_s:
                 kw = self.covered_kw(req)
@@ -283,7 +281,7 @@ class Controller:
         out.baseline_kw = baseline
         out.requested_kw = req.reduction_w(baseline) / 1000.0
         self.active, self.phase, self.extra_w = req, "active", 0.0
-        snapshot = self._snapshot(req)
+        snapshot = self._snapshot(req.racks)
         p = self._plan(req, out, now)
         cost_w = out.requested_kw * 1000.0
         _, uniform = uniform_cost(snapshot, cost_w, self.curve)
@@ -293,9 +291,15 @@ class Controller:
                  "(uniform capping: %.1f%%)", req.id, req.goal(), req.where(), baseline, out.gpus_capped,
                  p.loss_pct, out.uniform_loss_pct)
 
-    def _snapshot(self, req: PowerRequest) -> GpuPower:
+    def flexible_kw(self, racks: tuple[str, ...] = ()) -> float:
+        """What the GPUs of `racks` (none: the site) can shed now within every class."""
+        return capacity_w(self._snapshot(racks), self.curve) / 1000.0
+
+    def _snapshot(self, racks: tuple[str, ...]) -> GpuPower:
+        """The covered GPUs as the planner sees them; a GPU capped here at its demand then."""
+        self._fit()
         g = self.gpus
-        mine = g.covered(req.racks)
+        mine = g.covered(racks)
         draw = np.where(np.isnan(self.demand), g.power_w, np.fmax(self.demand, g.power_w))
         full = GpuPower(draw, g.util >= IDLE_UTIL, g.flex, np.full(draw.size, self.curve.min_limit_w),
                         np.where(np.isnan(g.limit_w), self.curve.max_limit_w, g.limit_w))
@@ -304,7 +308,7 @@ class Controller:
 
     def _plan(self, req: PowerRequest, out: Outcome, now: datetime):
         mine = self.gpus.covered(req.racks)
-        snapshot = self._snapshot(req)
+        snapshot = self._snapshot(req.racks)
         want = out.requested_kw * 1000.0
         p = plan(snapshot, want + self.extra_w, self.curve, headroom_w=want * self.s.headroom_pct / 100.0)
         caps = {}
