@@ -15,10 +15,12 @@ import shutil
 import sys
 import tempfile
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
+from pipeline.analytics import capacity
 from pipeline.config import Config, ConfigError, load_config, reference
 from pipeline.detect.catalog import SEVERITIES
 from pipeline.logs import FORMATS as LOG_FORMATS, configure as configure_logging
@@ -58,7 +60,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="serve /metrics, /healthz and /readyz here, e.g. 0.0.0.0:9410 (daemon.http; off by "
                               "default)")
         for opt in options[name]:  # each role's own (pipeline/roles: RoleOption)
-            run.add_argument(opt.flag, metavar=opt.metavar, help=opt.help, dest=opt.dest)
+            if opt.switch:
+                run.add_argument(opt.flag, action="store_true", help=opt.help, dest=opt.dest)
+            else:
+                run.add_argument(opt.flag, metavar=opt.metavar, help=opt.help, dest=opt.dest)
+        if name == "power":
+            power_actions(run)
         if name == "run":
             run.add_argument("--source", choices=tuple(spec.run_source for spec in ROLE_TABLE if spec.run_source),
                              help="simulated fleet (default), this node's GPUs through NVML, or dcgm-exporter "
@@ -129,7 +136,41 @@ def _parser() -> argparse.ArgumentParser:
                     help="leave out alerts resolved longer ago than this (default 24h; 0 = no limit)")
     al.add_argument("--limit", type=int, default=50, metavar="N", help="show at most N alerts (default 50)")
     al.add_argument("--json", action="store_true", help="a JSON array of Alertmanager alert objects")
+    capacity.add_parser(sub)
     return p
+
+
+def power_actions(pw: argparse.ArgumentParser) -> None:
+    """`fleetwatch power ACTION`: the power role's requests. Without an action, `fleetwatch power`
+    runs the role itself."""
+    acts = pw.add_subparsers(dest="power_command", metavar="ACTION", required=False,
+                             help="without one: run the power role")
+
+    def data_dir(sp: argparse.ArgumentParser) -> None:  # SUPPRESS: an action's absent flag keeps the role's
+        sp.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML config file")
+        sp.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS, help="the daemon's data_dir")
+    rq = acts.add_parser("request", help="ask the site to shed power for a while; prints the id and what happens")
+    data_dir(rq)
+    rq.add_argument("--site", metavar="S", help="the site (default fleet.site)")
+    rq.add_argument("--racks", metavar="R[,R...]", help="only these racks (default the whole site)")
+    goal = rq.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target-kw", type=float, metavar="KW", help="hold the covered power at or under this")
+    goal.add_argument("--reduction-kw", type=float, metavar="KW", help="shed this much from the baseline")
+    goal.add_argument("--reduction-pct", type=float, metavar="PCT", help="shed this share of the baseline")
+    rq.add_argument("--start", default="now", metavar="WHEN", help="now (default), +5m (from now) or an RFC 3339 "
+                    "time (2026-12-01T18:00:00Z)")
+    rq.add_argument("--duration", required=True, metavar="DURATION", help="how long it holds: 90s, 10m, 1h")
+    rq.add_argument("--ramp", default="30s", metavar="DURATION", help="deadline to reach the target (default 30s)")
+    rq.add_argument("--id", metavar="ID", help="the request's id (default: made up)")
+    st = acts.add_parser("status", help="every request, its state (rejected: why) and its live numbers")
+    data_dir(st)
+    st.add_argument("--json", action="store_true", help="as JSON")
+    ca = acts.add_parser("cancel", help="end a request now: its caps are restored in steps")
+    data_dir(ca)
+    ca.add_argument("id", metavar="ID", help="the request's id, or a unique prefix of it")
+    rp = acts.add_parser("report", help="each request that is over, from the archive (power_requests)")
+    data_dir(rp)
+    rp.add_argument("--json", action="store_true", help="a JSON array of the rows")
 
 
 def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
@@ -364,6 +405,102 @@ def cmd_silence(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_power(args: argparse.Namespace) -> int:
+    """`fleetwatch power request|status|cancel|report`."""
+    from pipeline.power.request import Rejected
+    from pipeline.power.store import request_store
+    from pipeline.roles.power import status_doc
+    from pipeline.sinks.silences import parse_duration
+    if args.power_command == "report":
+        return power_report(args)
+    store = request_store(_existing_data_dir(args))
+    now = datetime.now(timezone.utc)
+    if args.power_command == "request":
+        cfg = load_config(getattr(args, "config", None), overrides=_overrides(args))
+        start: str = args.start.strip()
+        if start.startswith("+"):
+            start = (now + timedelta(seconds=parse_duration(start[1:], "--start +"))).isoformat()
+        data = {"site": args.site or cfg.fleet.site, "racks": args.racks or "", "target_kw": args.target_kw,
+                "reduction_kw": args.reduction_kw, "reduction_pct": args.reduction_pct, "start": start,
+                "duration_s": parse_duration(args.duration, "--duration"), "ramp_s": parse_duration(args.ramp, "--ramp")}
+        if args.id:
+            data["id"] = args.id
+        try:
+            entry, req = store.add({k: v for k, v in data.items() if v is not None}, "cli", now)
+        except Rejected as why:
+            raise ConfigError(f"power request rejected: {why}") from None
+        when = "now" if entry.request["start"] == "now" else req.start.strftime("%Y-%m-%d %H:%M:%S UTC")
+        print(f"power request {entry.id} stored (pending): {req.goal()} of {req.where()} from {when} for "
+              f"{req.duration_s:g} s, reaching it within {req.ramp_s:g} s. The power role judges it against the "
+              f"fleet's live state: `fleetwatch power status` shows its verdict and numbers")
+    elif args.power_command == "cancel":
+        e = store.cancel(args.id, now)
+        print(f"power request {e.id}: " + ("cancel asked; the power role restores its caps in steps"
+                                           if e.state in ("active", "restoring") else
+                                           "cancelled" if e.state == "cancelled" else f"already {e.state}"))
+    else:
+        doc = status_doc(store)
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            print(power_table(doc, store.path))
+    return 0
+
+
+def power_table(doc: dict[str, Any], path: Path) -> str:
+    """`fleetwatch power status`: one line per request, then the role's view of the site."""
+    def kw(x: Any) -> str:
+        return "-" if x is None else f"{x:.1f}"
+    head = ["ID", "STATE", "WHERE", "GOAL", "START", "HOLD", "BASELINE kW", "ASKED kW", "ACHIEVED kW", "GPUS"]
+    rows = []
+    for r in doc["requests"]:
+        goal = (f"<= {r['target_kw']:g} kW" if r.get("target_kw") is not None else f"-{r['reduction_kw']:g} kW"
+                if r.get("reduction_kw") is not None else f"-{r.get('reduction_pct'):g}%")
+        where = r["site"] + (f" {r['racks']}" if r.get("racks") else "")
+        rows.append([r["id"], r["state"], where, goal, str(r["start"])[:19], f"{r['duration_s']:g}s",
+                     kw(r.get("baseline_kw")), kw(r.get("requested_kw")), kw(r.get("achieved_kw")),
+                     str(r.get("gpus_capped", "-")), r.get("reason") or r.get("missed") or ""])
+    if not rows:
+        lines = [f"no power requests (in {path})"]
+    else:
+        widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip()
+                 + ("  " + x[-1] if len(x) > len(head) and x[-1] else "") for x in [head, *rows]]
+        lines.append(f"power requests: {len(rows)} (in {path})")
+    role = doc.get("role")
+    if role:
+        lines.append(f"power role (as of {role['updated']}): site {role['site']} {kw(role.get('site_kw'))} kW, "
+                     f"{role['gpus']} GPUs, flexible {kw(role.get('flexible_kw'))} kW, {role['phase']}"
+                     + (", dry run" if role.get("dry_run") else "")
+                     + (f"; grid-signal requests rejected: {role['grid_signal_rejected']} (last: "
+                        f"{role['grid_signal_last_rejection']})" if role.get("grid_signal_rejected") else ""))
+    else:
+        lines.append("the power role has not run on this data directory yet: requests stay pending until it does")
+    return "\n".join(lines)
+
+
+def power_report(args: argparse.Namespace) -> int:
+    """`fleetwatch power report`: the archived power_requests rows, oldest first."""
+    from pipeline.analytics.archive import scan
+    from pipeline.model import POWER_REQUEST_REPORT, iso_utc
+    from pipeline.roles.power import summary
+    cfg = load_config(getattr(args, "config", None), overrides=_overrides(args))
+    folder = Path(cfg.archive_dir) / "power_requests"
+    files = sorted(folder.glob("**/*.parquet")) if folder.is_dir() else []
+    # By column name (a later version's files may add columns), without the hive partition columns.
+    rows = (scan(folder).select(POWER_REQUEST_REPORT.names).sort("ts").collect().to_dicts() if files else [])
+    if args.json:
+        print(json.dumps(rows, indent=2, default=lambda t: iso_utc(t) if isinstance(t, datetime) else str(t)))
+        return 0
+    if not rows:
+        print(f"no power request archived yet (in {folder}): a request is reported when it is over")
+        return 0
+    for r in rows:
+        print(f"{r['id']}  {r['state']}{' (dry run)' if r['dry_run'] else ''}  {r['site']}"
+              f"{' ' + r['racks'] if r['racks'] else ''}  {str(r['start'])[:19]} -> {str(r['end'])[:19]}: {summary(r)}")
+    return 0
+
+
 def cmd_alerts(args: argparse.Namespace) -> int:
     from pipeline.analytics.alerts_table import AlertQuery, query, table
     from pipeline.sinks.silences import parse_duration
@@ -384,7 +521,10 @@ def cmd_alerts(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"eval": cmd_eval, "replay": cmd_replay, "config": cmd_config, "silence": cmd_silence,
-               "alerts": cmd_alerts, "topics": cmd_topics}.get(args.command, cmd_run)
+               "alerts": cmd_alerts, "topics": cmd_topics,
+               "capacity": capacity.cmd_capacity}.get(args.command, cmd_run)
+    if getattr(args, "power_command", None):
+        handler = cmd_power
     try:
         status = handler(args)
         sys.stdout.flush()  # a reader that went away shows here, not as a message at exit

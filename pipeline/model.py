@@ -259,7 +259,68 @@ POWER_REQUEST = _schema("power_request", 1, [
     _f("duration_s", pa.float64(), "how long it is held, from start, s", nullable=False),
     _f("ramp_s", pa.float64(), "deadline to reach the target after start, s (e.g. 30)", nullable=False),
     _f("source", pa.string(), "how it arrived: cli, http, kafka, mqtt or eval", nullable=False),
-], "a power reduction asked of a site or some of its racks: demand response, interruptible load")
+], "a power reduction asked of a site or some of its racks: demand response, interruptible load "
+   "(fleetwatch.power.requests, key: site: the grid signal)")
+
+POWER_CAP = _schema("power_cap", 1, [
+    _f("ts", TS, "when the controller sent it", nullable=False),
+    _f("site", pa.string(), "site label", nullable=False),
+    _f("rack", pa.string(), "rack label", nullable=False),
+    _f("node", pa.string(), "the node whose agent applies it", nullable=False),
+    _f("gpu_uuid", pa.string(), "NVML UUID of the GPU", nullable=False),
+    _f("cap_w", pa.float64(), "the power limit to hold, W; null: back to the GPU's default limit"),
+    _f("request_id", pa.string(), "the power request it serves", nullable=False),
+    _f("lease_s", pa.float64(), "the agent restores the default limit when no cap for the GPU arrives within "
+       "this, s (a cap never outlives its controller)", nullable=False),
+], "a power cap for one GPU, from the power role to the node's agent (fleetwatch.power.caps, key: rack)")
+
+POWER_ACTION = _schema("power_action", 1, [
+    _f("ts", TS, "when the agent acted", nullable=False),
+    _f("site", pa.string(), "site label", nullable=False),
+    _f("rack", pa.string(), "rack label", nullable=False),
+    _f("node", pa.string(), "node name", nullable=False),
+    _f("gpu_uuid", pa.string(), "NVML UUID of the GPU"),
+    _f("gpu", pa.int16(), "GPU index on the node; null where the UUID is not the agent's"),
+    _f("request_id", pa.string(), "the power request the cap served"),
+    _f("requested_w", pa.float64(), "the limit asked for, W; null: the default limit"),
+    _f("enforced_w", pa.float64(), "the enforced limit read back after the set, W; null where unread"),
+    _f("status", pa.string(), "ok, restored, not_permitted, out_of_range, gpu_lost, not_supported, error",
+       nullable=False),
+    _f("cause", pa.string(), "why: cap (a command), lease (no renewal within its lease), stop (the agent "
+       "stopped)", nullable=False),
+    _f("detail", pa.string(), "what happened; when it failed, what to do", nullable=False),
+], "what an agent did with a power cap (fleetwatch.power.actions, key: rack; archived as power_actions)")
+
+POWER_REQUEST_REPORT = _schema("power_request_report", 1, [
+    _f("ts", TS, "when the request was over: its caps all restored", nullable=False),
+    _f("id", pa.string(), "request id", nullable=False),
+    _f("site", pa.string(), "site label", nullable=False),
+    _f("racks", pa.string(), "racks it covered, comma-separated; null: the whole site"),
+    _f("source", pa.string(), "how it arrived: cli, http, kafka, mqtt or eval", nullable=False),
+    _f("start", TS, "when the reduction was to start", nullable=False),
+    _f("end", TS, "when the hold was to end (start + duration_s)", nullable=False),
+    _f("ramp_s", pa.float64(), "deadline to reach the target after start, s", nullable=False),
+    _f("target_kw", pa.float64(), "the covered power asked for, kW, where the request gave one"),
+    _f("requested_kw", pa.float64(), "the reduction asked, kW, from the baseline; null: never started"),
+    _f("baseline_kw", pa.float64(), "the covered load's baseline, kW (power.baseline_s of the meter before start)"),
+    _f("reached_s", pa.float64(), "from start to the first reading at the target, s; null: never reached"),
+    _f("reduction_p50_kw", pa.float64(), "the reduction held, median of the hold's readings, kW"),
+    _f("reduction_min_kw", pa.float64(), "the reduction held, the lowest minute mean of the hold, kW"),
+    _f("energy_curtailed_kwh", pa.float64(), "the reduction integrated over the hold, kWh"),
+    _f("gpus_capped", pa.int64(), "GPUs under a cap at the end of the hold"),
+    _f("throughput_lost_gpu_h", pa.float64(), "work the caps cost, in full-load GPU-hours (the planner's model: "
+       "each GPU's curve and learned sensitivity)"),
+    _f("throughput_lost_tflop", pa.float64(), "the same in TFLOP, at 989 TFLOP/s per full-load GPU (H100 SXM, "
+       "dense BF16)"),
+    _f("uniform_lost_gpu_h", pa.float64(), "what one cap on every covered GPU would have cost for the same "
+       "watts, full-load GPU-hours"),
+    _f("restore_peak_kw", pa.float64(), "the highest covered power while the caps rose, kW"),
+    _f("met", pa.bool_(), "reached by the ramp deadline and held (every minute within 2% of the target)",
+       nullable=False),
+    _f("state", pa.string(), "done, or cancelled (ended early by `fleetwatch power cancel`)", nullable=False),
+    _f("missed_reason", pa.string(), "why it was not met; null when met"),
+    _f("dry_run", pa.bool_(), "planned and reported, no cap applied (power.dry_run)", nullable=False),
+], "one power request, reported when it is over (fleetwatch.power.reports, key: site; archived as power_requests)")
 
 SCHEMAS: dict[str, pa.Schema] = {
     "gpu_samples": GPU_SAMPLE,
@@ -268,6 +329,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     "alerts": ALERT,
     "node_health": NODE_HEALTH,
     "fault_labels": FAULT_LABEL,
+    "power_actions": POWER_ACTION,
+    "power_requests": POWER_REQUEST_REPORT,
 }
 
 
@@ -312,9 +375,7 @@ def upgraded(batch: pa.RecordBatch) -> pa.RecordBatch:
     """A batch of an older version UPGRADES knows, at the current version (as it is if current)."""
     key = (schema_name(batch.schema), schema_version(batch.schema))
     return UPGRADES[key][1](batch) if key in UPGRADES else batch
-WIRE_SCHEMAS: tuple[pa.Schema, ...] = (*SCHEMAS.values(), RACK_SUMMARY, CHECKPOINT)
-# Documented in schemas/ before a topic carries them (the power request's intakes are being built).
-NOT_YET_ON_THE_BUS: tuple[pa.Schema, ...] = (POWER_REQUEST,)
+WIRE_SCHEMAS: tuple[pa.Schema, ...] = (*SCHEMAS.values(), RACK_SUMMARY, CHECKPOINT, POWER_REQUEST, POWER_CAP)
 # Older versions a reader still takes, each with what upgrades a batch of it to the current one:
 # a rolling upgrade updates the readers first, and what the old writers send goes on.
 UPGRADES: dict[tuple[str, int], tuple[pa.Schema, Any]] = {
@@ -470,7 +531,7 @@ def alert_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
 def schema_files(directory: os.PathLike[str] | str) -> dict[str, dict[str, Any]]:
     """{file path: content} of the schemas/ folder, as the code defines it."""
     out = {}
-    for schema in (*WIRE_SCHEMAS, *NOT_YET_ON_THE_BUS, *(old for old, _ in UPGRADES.values())):
+    for schema in (*WIRE_SCHEMAS, *(old for old, _ in UPGRADES.values())):
         doc = schema_to_json(schema)
         out[str(Path(directory) / f"{doc['name']}.v{doc['version']}.json")] = doc
     return out

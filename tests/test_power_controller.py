@@ -88,3 +88,56 @@ def test_a_hold_is_judged_on_each_minute_s_mean_of_the_meter_s_readings():
     assert not out.met and out.shortfall_max_pct() == pytest.approx(100 * (10 - 8.8333333) / 10)
     out.achieved_kw = [(5.0 + t, 10.5) for t in range(149)]
     assert out.met and out.shortfall_max_pct() == 0.0
+
+
+def _true_reduction_kw(sim) -> float:
+    """What the caps shed this second by the simulator's hidden truth, at the meter."""
+    from pipeline.sources.simulate import COOLING_OVERHEAD
+    return (1.0 + COOLING_OVERHEAD) * float(np.sum(sim.power_uncapped - sim.last_power)) / 1000.0
+
+
+@pytest.mark.parametrize("change", ["start", "end"])
+def test_a_job_that_starts_or_ends_during_a_request_moves_the_baseline_not_the_reduction(change):
+    """The load Fleetwatch does not control moves under a request: a job group starts (or
+    ends) half-way. The baseline follows it (its GPUs and CPUs, through the PDUs), so the
+    request is still met, and what it claims is what the caps really shed."""
+    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0), start=EVAL_EPOCH)
+    ctl = Controller(sim.cfg.site, CURVE, SimulatorActuator(sim), PowerConfig(default_class=3))
+    out = ctl.submit(request(400, 10))
+    group = int(np.flatnonzero(~sim.group_busy if change == "start" else sim.group_busy)[0])
+    truth = []
+    for i in range(720):
+        if i == 550:
+            sim.group_until[group] = sim.t  # flips at the next step
+        tick = sim.step()
+        ctl.observe_gpus(tick.gpu)
+        ctl.observe_facility(tick.facility)
+        if i % INTERVAL == 0:
+            ctl.step(sim.now)
+        if 430 <= i < 700:
+            truth.append(_true_reduction_kw(sim))
+    moved = [kw for t, kw in out.adjustment_kw if t > 160]
+    assert abs(np.mean(moved)) > 10  # the group's load: over 10 kW either way
+    assert out.met, (out.minute_means(), out.requested_kw)
+    claimed = np.array([kw for t, kw in out.achieved_kw if t >= 30])
+    assert np.mean(truth) == pytest.approx(np.mean(claimed[: len(truth)]), rel=0.03)
+
+
+def test_a_node_whose_power_reading_is_stuck_is_left_as_it_is():
+    """A stuck power sensor: the caps can neither be verified nor moved on its node (the
+    detectors read its GPUs' heat against their power, and against each other)."""
+    sim2 = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0), start=EVAL_EPOCH)
+    ctl2 = Controller(sim2.cfg.site, CURVE, SimulatorActuator(sim2), PowerConfig(default_class=3))
+    ctl2.submit(request(400, 10))
+    node = int(sim2.gpu_node[np.flatnonzero(sim2.group_busy[sim2.node_group][sim2.gpu_node])[0]])
+    for i in range(700):
+        if i == 300:
+            sim2.inject("stuck_power_sensor", gpu=int(node * 8 + 3), duration_s=1000)
+        tick = sim2.step()
+        ctl2.observe_gpus(tick.gpu)
+        ctl2.observe_facility(tick.facility)
+        if i % INTERVAL == 0:
+            ctl2.step(sim2.now)
+        if i > 300:
+            assert np.all(sim2.caps[sim2.gpu_node == node] == 700), i
+    assert np.any(sim2.caps < 700)

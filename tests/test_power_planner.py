@@ -114,3 +114,99 @@ def test_uniform_capping_sheds_the_same_watts_and_the_plan_costs_no_more():
         assert np.maximum(gpus.power_w - cap, 0).sum() == pytest.approx(need, rel=1e-6)
         p = plan(gpus, need, CURVE)
         assert p.met and p.work_lost <= uniform * 1.001
+
+
+# ---- per-GPU curves: a job's sensitivity (power/learn.py) ----------------------------------------
+
+from pipeline.power.planner import GRID_W, floors, keep, rate_for  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0, 1), st.floats(0.01, 1))
+def test_keep_and_rate_for_are_inverses_and_a_memory_bound_job_keeps_more(s, r):
+    k = keep(s, r)
+    assert r - 1e-12 <= k <= 1.0 + 1e-12                     # never less than a compute-bound job keeps
+    if s >= 0.05:  # (a job all memory-bound keeps everything at any rate: no inverse)
+        assert rate_for(s, k) == pytest.approx(r, rel=1e-6, abs=1e-9)
+    assert keep(1.0, r) == pytest.approx(r) and keep(0.0, r) == 1.0 and keep(s, 1.0) == 1.0
+
+
+sensitive_fleets = st.integers(1, 10).flatmap(lambda n: st.tuples(
+    st.lists(st.floats(60, 700), min_size=n, max_size=n),
+    st.lists(st.booleans(), min_size=n, max_size=n),
+    st.lists(st.integers(0, 3), min_size=n, max_size=n),
+    st.lists(st.floats(0, 1), min_size=n, max_size=n)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(sensitive_fleets, st.floats(0, 1.2))
+def test_with_learned_curves_a_plan_keeps_every_promise(fleet, share):
+    power, busy, classes, sens = fleet
+    base = gpus_of(power, busy, classes)
+    gpus = GpuPower(base.power_w, base.busy, base.flex_class, base.min_limit_w, base.max_limit_w, np.array(sens))
+    cap = capacity_w(gpus, CURVE)
+    assert cap >= capacity_w(base, CURVE) - 1e-6             # a job that loses less may give more
+    p = plan(gpus, share * cap, CURVE)
+    capped = ~np.isnan(p.cap_w)
+    assert not np.any(capped & (gpus.flex_class == 0))
+    assert np.all(p.cap_w[capped] >= gpus.min_limit_w[capped] - 1e-6)
+    loss = np.where(gpus.busy, 1 - gpus.work(p.cap_w, CURVE) / np.maximum(gpus.work(np.full(len(gpus), np.nan), CURVE),
+                                                                          1e-12), 0.0)
+    assert np.all(loss <= CLASS_MAX_LOSS[gpus.flex_class] + 1e-6)  # the class's bound, on the job's own curve
+    assert p.saving_w <= cap + 1e-6 and p.met == (share * cap <= cap + 1e-6)
+    assert p.work_lost == pytest.approx(float(np.sum(gpus.work(np.full(len(gpus), np.nan), CURVE)
+                                                     - gpus.work(p.cap_w, CURVE))), abs=1e-9)
+
+
+def _model_costs(gpus: GpuPower, grids: list[np.ndarray]) -> list[np.ndarray]:
+    """Per GPU, what each cap of its grid costs on the planner's model: its work on the hull,
+    shaped by its sensitivity, interpolated between the planner's breakpoints (hull vertices;
+    the grid where the hull is the curve)."""
+    hull = CURVE.hull()
+    grid = np.arange(GRID_W, CURVE.max_limit_w, GRID_W)
+    grid = grid[np.abs(CURVE.at(grid) - hull.at(grid)) < 1e-9]
+    out = []
+    for d, s, lo, caps in zip(gpus.power_w, gpus.sens, floors(gpus, CURVE), grids):
+        pts = np.union1d(np.union1d(hull.power_w[1:], grid), [lo, d])
+        pts = pts[(pts >= lo) & (pts <= d)]
+        work = hull.at(d) * keep(s, hull.at(pts) / hull.at(d))
+        out.append(hull.at(d) - np.interp(caps, pts, work))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(250, 698), st.floats(0, 1)), min_size=2, max_size=3), st.floats(0.1, 0.9))
+def test_with_learned_curves_no_other_caps_shed_as_much_for_less_work(gpus_sens, share):
+    """Against every combination of caps on a 5 W grid, on the planner's model of each GPU's work."""
+    power, sens = (np.array(x) for x in zip(*gpus_sens))
+    n = len(power)
+    gpus = GpuPower(power, np.ones(n, bool), np.full(n, 3), np.full(n, 200.0), np.full(n, 700.0), sens)
+    need = share * capacity_w(gpus, CURVE)
+    p = plan(gpus, need, CURVE)
+    chosen = np.where(np.isnan(p.cap_w), power, p.cap_w)
+    cost = sum(float(c[0]) for c in _model_costs(gpus, [np.array([c]) for c in chosen]))
+    grids = [np.append(np.arange(np.ceil(lo / 5) * 5, d, 5.0), d) for lo, d in zip(floors(gpus, CURVE), power)]
+    costs = _model_costs(gpus, grids)
+    shed = sum(np.meshgrid(*[d - g for d, g in zip(power, grids)], indexing="ij"))
+    total = sum(np.meshgrid(*costs, indexing="ij"))
+    assert cost <= total[shed >= need].min() + 1e-9
+
+
+def test_the_cheap_watts_are_a_memory_bound_jobs():
+    # Two GPUs at 698 W: the compute-bound one loses the curve's share, the memory-bound one
+    # (a fifth of its time on compute) a fifth of that at the top: the plan takes its watts.
+    gpus = GpuPower(np.array([698.0, 698.0]), np.ones(2, bool), np.full(2, 3), np.full(2, 200.0),
+                    np.full(2, 700.0), np.array([1.0, 0.2]))
+    p = plan(gpus, 150.0, CURVE)
+    assert np.isnan(p.cap_w[0]) and p.cap_w[1] == pytest.approx(548.0)
+    _, uniform = uniform_cost(gpus, 150.0, CURVE)
+    assert p.work_lost < 0.4 * uniform
+
+
+def test_gpus_alike_share_a_cut_evenly():
+    # The same curve and draw everywhere: the plan is uniform capping (the first event of a
+    # fleet whose curves are not learned yet caps every job a little, and learns them all).
+    n = 16
+    gpus = GpuPower(np.full(n, 698.0), np.ones(n, bool), np.full(n, 3), np.full(n, 200.0), np.full(n, 700.0))
+    p = plan(gpus, 0.1 * 698.0 * n, CURVE)
+    assert np.ptp(p.cap_w) <= GRID_W + 1e-6 and not np.isnan(p.cap_w).any()

@@ -29,16 +29,18 @@ def make_config(tmp_path, **sections):
 
 def test_the_table_gives_the_roles_their_inputs_groups_and_what_run_runs(tmp_path):
     from pipeline.roles import DATASET_OF_TOPIC, ROLE_SPECS, ROLES, SOURCE_ROLES, run_roles, whole
-    assert set(ROLES) == {"simulate", "agent", "dcgm", "facility", "detect", "archive", "notify"}
+    assert set(ROLES) == {"simulate", "agent", "dcgm", "facility", "detect", "power", "archive", "notify"}
     assert SOURCE_ROLES == {"simulate": "simulate", "nvml": "agent", "dcgm": "dcgm"}
     assert ROLE_SPECS["detect"].group == "detect" and set(ROLE_SPECS["detect"].inputs) == {
         Topic.GPU, Topic.FACILITY, Topic.EVENTS}
     assert ROLE_SPECS["archive"].group == "archive" and set(ROLE_SPECS["archive"].inputs) == set(DATASET_OF_TOPIC)
     assert ROLE_SPECS["notify"].inputs == (Topic.ALERTS,)
     cfg = make_config(tmp_path)
-    assert run_roles(cfg) == {"simulate", "detect", "archive", "notify"}
+    assert ROLE_SPECS["power"].group == "power" and set(ROLE_SPECS["power"].inputs) == {
+        Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS}
+    assert run_roles(cfg) == {"simulate", "detect", "power", "archive", "notify"}
     assert run_roles(make_config(tmp_path, daemon={"source": "nvml"}, mqtt={"broker": "bms:1883"})) == {
-        "agent", "facility", "detect", "archive", "notify"}
+        "agent", "facility", "detect", "power", "archive", "notify"}
     assert whole(run_roles(cfg)) and not whole(frozenset({"notify"})) and not whole(frozenset({"simulate"}))
 
 
@@ -149,7 +151,7 @@ def test_a_new_source_is_a_row_in_the_table_and_the_daemon_runs_it(tmp_path, mon
                             in_run=lambda cfg: True, outputs=(Topic.GPU,))
     table = tuple(s for s in registry.ROLE_TABLE if s.stage != registry.SOURCE) + (row,)
     monkeypatch.setattr(registry, "ROLE_TABLE", table)
-    assert registry.run_roles(cfg) == {"counting", "detect", "archive", "notify"}
+    assert registry.run_roles(cfg) == {"counting", "detect", "power", "archive", "notify"}
     summary = asyncio.run(run_daemon(cfg, duration_s=3))
     assert summary.gpu_samples_published == 2 * SOURCE_BATCH.num_rows
     assert summary.gpu_samples == 2 * SOURCE_BATCH.num_rows  # detect got both scrapes
@@ -269,6 +271,18 @@ def test_the_command_line_has_one_subcommand_per_role():
     text = _parser().format_help()
     for name in ROLES:
         assert name in text
+
+
+def test_the_power_subcommand_runs_the_role_and_has_its_request_actions():
+    """`fleetwatch power` runs the role (like every role's subcommand); its actions manage requests."""
+    from pipeline.cli import _overrides, _parser
+    args = _parser().parse_args(["power", "--kafka", "k:9092", "--dry-run"])
+    assert args.command == "power" and args.power_command is None
+    assert _overrides(args)["power"] == {"dry_run": True}
+    args = _parser().parse_args(["power", "request", "--reduction-kw", "40", "--duration", "10m", "--data-dir", "d"])
+    assert args.power_command == "request" and args.data_dir == "d" and args.reduction_kw == 40
+    assert _parser().parse_args(["power", "--data-dir", "d", "status"]).data_dir == "d"  # either side of the action
+    assert _parser().parse_args(["run", "--dry-run"]).dry_run  # `run` takes every role's options
 
 
 def test_a_new_source_brings_its_own_option_and_checks_in_its_row(tmp_path, monkeypatch):

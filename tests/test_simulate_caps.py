@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.model import ClockEventReason
+from pipeline.power.planner import keep
 from pipeline.power.curve import from_recording
 from pipeline.sources.simulate import CAP_TAU_S, FleetSimulator
 from tests.conftest import make_config
@@ -32,10 +33,12 @@ def quiet(**fleet):
 
 
 def busy_sim(seed: int = 1, **fleet) -> FleetSimulator:
-    """Every GPU runs a full-load job for good (2 racks x 4 nodes x 8 GPUs unless told)."""
+    """Every GPU runs a full-load compute-bound job (the recorded matmul's) for good (2 racks x 4
+    nodes x 8 GPUs unless told)."""
     sim = FleetSimulator(quiet(seed=seed, **{"racks": 2, "nodes_per_rack": 4, **fleet}), start=START, curve=CURVE)
     sim.group_busy[:] = True
     sim.group_intensity[:] = 1.0
+    sim.group_sens[:] = 1.0
     sim.group_until[:] = 1e9
     sim._init_thermal_state()
     return sim
@@ -242,3 +245,35 @@ def test_whatever_the_caps_power_holds_under_them_and_work_never_grows(caps, bus
     assert np.array_equal(sim.work_uncapped, twin.work_uncapped)
     idle = ~np.repeat(np.array(busy), 32)
     assert (sim.work_done[idle] == 0).all() and np.array_equal(power[idle], free[idle])
+
+
+# ---- jobs differ: sensitivity -----------------------------------------------------------------
+
+def test_a_memory_bound_job_keeps_more_of_its_work_and_its_memory_traffic_shows_it():
+    """Same cap, same power, same clock: the compute-bound job keeps the curve's share of its
+    work, the memory-bound one (a fifth of its time on compute) most of it; util_mem falls
+    with the work kept, which is what Fleetwatch learns from (power/learn.py)."""
+    sim, twin = busy_sim(), busy_sim()
+    sim.group_sens[:] = twin.group_sens[:] = [1.0, 0.2]  # nodes 0-3, nodes 4-7
+    sim.set_caps(np.arange(64), 350.0)
+    for _ in range(60):
+        t, tt = sim.step(), twin.step()
+    kept = sim.work_done / sim.work_uncapped
+    assert kept[:32] == pytest.approx(0.50, abs=0.02)                      # the curve's, as recorded
+    assert kept[32:] == pytest.approx(float(keep(0.2, kept[:32].mean())), abs=0.02) and kept[32:].min() > 0.8
+    assert np.array_equal(col(t, "sm_clock_mhz")[:32] > 0, col(t, "sm_clock_mhz")[32:] > 0)
+    assert abs(np.median(col(t, "sm_clock_mhz")[:32]) - np.median(col(t, "sm_clock_mhz")[32:])) < 20
+    mem, free = col(t, "util_mem"), col(tt, "util_mem")
+    assert mem[:32] == pytest.approx(free[:32] * 0.5, abs=0.015)
+    assert mem[32:] == pytest.approx(free[32:] * kept[32:], abs=0.015)
+
+
+def test_sensitivities_come_from_their_own_stream():
+    """Two seeds' fleets draw the same jobs from the fleet's generator whatever the
+    sensitivities are; a seed always gives the same sensitivities."""
+    a, b = (FleetSimulator(quiet(seed=5), start=START, curve=CURVE) for _ in range(2))
+    assert np.array_equal(a.group_sens, b.group_sens) and np.array_equal(a.group_busy, b.group_busy)
+    assert 0.0 < a.group_sens.min() and a.group_sens.max() <= 1.0
+    state = a.rng.bit_generator.state
+    a._draw_sensitivity(np.ones(4))
+    assert a.rng.bit_generator.state == state  # the fleet's own draws are untouched

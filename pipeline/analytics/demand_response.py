@@ -10,15 +10,23 @@ capped GPU that raises a fault alert shows up as a false alert in the eval's sco
 
 Scored (the JSON's `demand_response`):
   requests, met                       met: at the target by its ramp deadline, and held
-                                      (every meter reading of the hold within 2% of it)
+                                      (every minute's mean of the hold within 2% of it), as
+                                      the controller measures it: the site meter against the
+                                      baseline adjusted for the load it does not control
   rejected                            refused when asked (more than the flexibility
                                       classes allow; the refusal is logged)
   time_to_target_p99_s                from start to the first meter reading at the target
-  reduction_shortfall_max_pct         the worst reading of a hold, below its target
+  reduction_shortfall_max_pct         the worst minute of a hold, below its target
+  reduction_true_min_pct              the same worst minute by the simulator's truth: what the
+                                      caps shed (each GPU's draw were no cap set, less what it
+                                      drew, plus cooling), as % of the target; under 98 the
+                                      adjusted baseline claimed more than the caps did
   throughput_cost_pct                 the work the fleet's GPUs lost from start to end,
                                       measured (the simulator's work done against uncapped)
-  uniform_cap_cost_pct                what one cap on every GPU would have cost for the
-                                      same reduction (the curve, on the same fleet at start)
+  uniform_cap_cost_pct                what one cap on every flexible GPU would have lost over
+                                      the same seconds, each second shedding the watts the
+                                      caps really shed then, on the same work model (each
+                                      job's own sensitivity, which Fleetwatch only learns)
   restore_overshoot_max_kw            the highest meter reading while the caps rose, above
                                       where the power settled the minute after (a rebound)
   restore_over_site_cap               restores with a reading above detect.site_power_cap_w
@@ -40,7 +48,7 @@ from pipeline.power.actuator import SimulatorActuator
 from pipeline.power.controller import Controller, Outcome
 from pipeline.power.curve import from_recording
 from pipeline.power.request import PowerRequest, Rejected, validate
-from pipeline.sources.simulate import FleetSimulator
+from pipeline.sources.simulate import COOLING_OVERHEAD, FleetSimulator
 
 log = logging.getLogger("fleetwatch")
 
@@ -58,6 +66,9 @@ class _Event:
     outcome: Outcome | None = None
     work_at_start: tuple[float, float] | None = None
     work_at_end: tuple[float, float] | None = None
+    uniform_lost: float = 0.0                 # what one cap on every flexible GPU would have cost, same watts
+    true_kw: list[tuple[float, float]] = field(default_factory=list)  # (s from start, kW): the reduction
+                                              # against the simulator's own uncapped power, each second
     rejected: str = ""
 
 
@@ -82,6 +93,8 @@ class DemandResponse:
             self.events.append(_Event(first + i * slot, float(rng.uniform(*SHARE_RANGE)), length))
         self.step_every = max(1, int(round(self.cfg.power.control_interval_s / self.cfg.fleet.sample_interval_s)))
         self.ticks = 0
+        classify = self.controller._classify
+        self.flexible = np.array([classify(self.sim.node_names[n]) > 0 for n in self.sim.gpu_node])
 
     def tick(self, gpu, facility) -> None:
         ctl, now = self.controller, self.sim.now
@@ -89,6 +102,9 @@ class DemandResponse:
         if facility is not None:
             ctl.observe_facility(facility)
         elapsed = self.ticks * self.cfg.fleet.sample_interval_s
+        running = [e for e in self.events if e.work_at_start is not None and e.work_at_end is None]
+        if running:
+            self._truth(running, now)
         for e in self.events:
             if e.request is None and not e.rejected and elapsed >= e.start_s:
                 self._ask(e, now)
@@ -97,6 +113,22 @@ class DemandResponse:
         if self.ticks % self.step_every == 0:
             ctl.step(now)
         self.ticks += 1
+
+    def _truth(self, running: list[_Event], now) -> None:
+        """This second, by the simulator's hidden truth: the watts the caps shed (each GPU's
+        draw were no cap set, less what it drew) and what uniform capping would have cost
+        for the same watts: one cap on every flexible GPU, on the same work model (each
+        job's own sensitivity) the measured cost comes from."""
+        sim, dt = self.sim, self.cfg.fleet.sample_interval_s
+        free, drawn = sim.power_uncapped, sim.last_power
+        shed = float(np.sum(np.maximum(free - drawn, 0.0)))
+        cap = uniform_cap(free[self.flexible], shed, self.curve.min_limit_w)
+        held = np.where(self.flexible, np.minimum(free, cap), free)
+        lost = float(np.sum(sim.work_rate(free) - sim.work_rate(held))) * dt
+        for e in running:
+            e.uniform_lost += lost
+            if now < e.request.end:
+                e.true_kw.append(((now - e.request.start).total_seconds(), (1.0 + COOLING_OVERHEAD) * shed / 1000.0))
 
     def _work(self) -> tuple[float, float]:
         return float(self.sim.work_done.sum()), float(self.sim.work_uncapped.sum())
@@ -120,13 +152,14 @@ class DemandResponse:
         done = [e for e in self.events if e.outcome is not None and e.outcome.baseline_kw is not None]
         outcomes = [e.outcome for e in done]
         reached = [o.reached_s for o in outcomes if o.reached_s is not None]
-        lost = uncapped = 0.0
+        lost = uncapped = uniform_lost = 0.0
         for e in done:
             end = e.work_at_end or self._work()
             lost += (end[1] - e.work_at_start[1]) - (end[0] - e.work_at_start[0])
             uncapped += end[1] - e.work_at_start[1]
-        weights = [e.duration_s for e in done]
-        uniform = float(np.average([o.uniform_loss_pct for o in outcomes], weights=weights)) if outcomes else None
+            uniform_lost += e.uniform_lost
+        true_min = [min(_minute_means(e.true_kw, e.outcome.reached_s)) / e.outcome.requested_kw
+                    for e in done if e.outcome.requested_kw and _minute_means(e.true_kw, e.outcome.reached_s)]
         return {
             "requests": len(self.events),
             "met": sum(o.met for o in outcomes),
@@ -134,7 +167,29 @@ class DemandResponse:
             "time_to_target_p99_s": round(float(np.percentile(reached, 99)), 1) if reached else None,
             "reduction_shortfall_max_pct": round(max((o.shortfall_max_pct() for o in outcomes), default=0.0), 2),
             "throughput_cost_pct": round(100.0 * lost / uncapped, 2) if uncapped else None,
-            "uniform_cap_cost_pct": round(uniform, 2) if uniform is not None else None,
+            "uniform_cap_cost_pct": round(100.0 * uniform_lost / uncapped, 2) if uncapped else None,
+            "reduction_true_min_pct": round(100.0 * min(true_min), 1) if true_min else None,
             "restore_overshoot_max_kw": round(max((o.restore_overshoot_kw or 0.0 for o in outcomes), default=0.0), 1),
             "restore_over_site_cap": sum(o.over_site_cap for o in outcomes),
         }
+
+
+def uniform_cap(draw_w: np.ndarray, shed_w: float, min_w: float) -> float:
+    """The one cap that sheds `shed_w` from GPUs drawing `draw_w` (W) each, no lower than `min_w`."""
+    if draw_w.size == 0 or shed_w <= 0:
+        return float(np.max(draw_w, initial=min_w))
+    f = -np.sort(-draw_w)
+    csum = np.cumsum(f)
+    at = csum - np.arange(1, f.size + 1) * f      # what a cap at each draw would shed (nondecreasing)
+    j = int(np.searchsorted(at, shed_w))
+    cap = (csum[j - 1] - shed_w) / j if j > 0 else float(f[0])
+    return max(float(cap), min_w)
+
+
+def _minute_means(readings: list[tuple[float, float]], reached_s: float | None) -> list[float]:
+    """A hold's minute means (Outcome.minute_means' rule) of readings from `reached_s` on."""
+    if reached_s is None:
+        return []
+    from pipeline.power.controller import Outcome
+    out = Outcome(None, achieved_kw=[(t, kw) for t, kw in readings if t >= reached_s])  # type: ignore[arg-type]
+    return out.minute_means()

@@ -18,6 +18,10 @@ class Topic(StrEnum):
     LABELS = "fleetwatch.labels"
     RACKS = "fleetwatch.racks"  # rack summaries, the rack tier of detection to the site tier (Kafka only)
     STATE = "fleetwatch.state"  # detector checkpoints, one per partition and tier (Kafka only)
+    POWER_REQUESTS = "fleetwatch.power.requests"  # power requests in: the grid signal (a utility's or BMS gateway's)
+    POWER_CAPS = "fleetwatch.power.caps"        # power caps to the agents: commands, by rack
+    POWER_ACTIONS = "fleetwatch.power.actions"  # what the agents did with them, by rack
+    POWER_REPORTS = "fleetwatch.power.reports"  # one row per power request when it is over, by site
 
 
 # Header of a message that repeats a state to show its sender is alive (FleetwatchWatchdog's
@@ -83,6 +87,11 @@ class Bus(Protocol):
     async def close(self) -> None: ...
 
     def subscribe(self, topics: list[Topic], group: str) -> Subscription: ...
+
+    def listen(self, topic: Topic, keys: list[str]):
+        """What is published on `topic` from now on in the partitions of `keys` (none: all),
+        outside any group (commands to one node: its rack's power caps): `get_batch` as a
+        Subscription's."""
 
     async def end(self, topics: list[Topic]) -> None:
         """No more messages on these topics: subscribers drain, then see EndOfStream."""

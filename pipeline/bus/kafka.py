@@ -75,6 +75,12 @@ def topic_specs(partitions: int, retention_hours: float) -> dict[str, TopicSpec]
         Topic.LABELS: TopicSpec(1, max(retention_hours, 24 * 30)),
         Topic.RACKS: TopicSpec(partitions, retention_hours),
         Topic.STATE: TopicSpec(partitions, retention_hours, compact=True),
+        # Power: requests in (the grid signal), caps to the agents (by rack: an agent reads
+        # its rack's partition), what the agents did; kept a week, as events are.
+        Topic.POWER_REQUESTS: TopicSpec(1, max(retention_hours, 24 * 7)),
+        Topic.POWER_CAPS: TopicSpec(partitions, retention_hours),
+        Topic.POWER_ACTIONS: TopicSpec(partitions, max(retention_hours, 24 * 7)),
+        Topic.POWER_REPORTS: TopicSpec(1, max(retention_hours, 24 * 30)),  # one row per request, kept as alerts are
         DEAD_LETTER: TopicSpec(1, max(retention_hours, 24 * 7)),
     }
 
@@ -758,6 +764,12 @@ class KafkaBus:
         self.subscriptions.append(sub)
         return sub
 
+    def listen(self, topic: Topic, keys: list[str]) -> "KafkaListener":
+        """A reader of what is published on `topic` from now on, in the partitions of `keys`
+        only (an agent: its rack's power caps; none: every partition), outside any group:
+        it commits nothing."""
+        return KafkaListener(self, topic, keys)
+
     async def read_latest(self, topic: Topic, partitions: set[int], key=None) -> dict[int, Message]:
         """The last committed message of each of the topic's `partitions` (a compacted
         topic's latest state), read from the beginning up to the last stable offset; with
@@ -827,3 +839,53 @@ class KafkaBus:
             if task is not None:
                 task.cancel()
         await self.producer.stop()
+
+
+class KafkaListener:
+    """`KafkaBus.listen`: the partitions of some keys of one topic, from their end when it
+    starts, read by a consumer of no group (commands: what was sent before it listened is
+    stale, the sender repeats what still holds)."""
+
+    holds_input = False
+
+    def __init__(self, bus: KafkaBus, topic: Topic, keys: list[str]) -> None:
+        self.bus, self.topic, self.keys = bus, topic, keys
+        self.consumer: AIOKafkaConsumer | None = None
+
+    async def _start(self) -> None:
+        from pipeline.bus.keys import partition_for
+        consumer = AIOKafkaConsumer(client_id=f"{self.bus.client_id}-listen", isolation_level="read_committed",
+                                    enable_auto_commit=False, **_FETCH, **self.bus.client_settings)
+        _back_off_metadata(consumer._client)
+        await consumer.start()
+        count = self.bus.specs[self.topic].partitions  # as the producers place keys (bus/keys.py)
+        tps = sorted({TopicPartition(self.bus.wire(self.topic), p) for p in
+                      ({partition_for(k, count) for k in self.keys} if self.keys else range(count))})
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:  # resolved now: what is sent from here on is read
+            await consumer.position(tp)
+        self.consumer = consumer
+
+    async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
+        if self.consumer is None:
+            await self._start()
+        records = await self.consumer.getmany(timeout_ms=int(1000 * (timeout_s if timeout_s is not None else 1.0)),
+                                              max_records=max_messages)
+        out = []
+        for tp, batch in records.items():
+            for rec in batch:
+                try:
+                    value = self.bus.decoder.decode(rec.value, rec.headers)
+                except DecodeError as e:
+                    log.warning("%s[%d]@%d does not decode (%s): skipped", rec.topic, rec.partition, rec.offset,
+                                e.reason)
+                    continue
+                out.append(Message(self.topic, value, rec.key.decode() if rec.key else None, {}, rec.partition,
+                                   rec.offset))
+        return out
+
+    async def close(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+            self.consumer = None

@@ -7,7 +7,10 @@ are one rack's (its nodes' GPUs and events, its CDU and PDU) or one site's (the
 racks against each other, the site meter), so:
 
   GPU telemetry, events, facility      by rack (site-level devices, rack "": by site)
+  power caps and the agents' actions   by rack (an agent reads its rack's partition)
   rack summaries (the site tier)       by site
+  power requests (the grid signal)     by site
+  power request reports                by site
   node health                          by node (compacted to a node's latest state)
   alerts                               by fingerprint (an alert's changes stay in order)
   detector checkpoints                 by tier and partition (the partition they are the state of)
@@ -35,8 +38,9 @@ import pyarrow.compute as pc
 from pipeline.bus.base import Message, Topic
 from pipeline.bus.batching import BUNDLE, split_by
 
-KEY_COLUMN = {Topic.HEALTH: "node", Topic.ALERTS: "fingerprint", Topic.RACKS: "site"}
-BY_RACK = (Topic.GPU, Topic.EVENTS, Topic.FACILITY)  # keyed by rack_keys
+KEY_COLUMN = {Topic.HEALTH: "node", Topic.ALERTS: "fingerprint", Topic.RACKS: "site", Topic.POWER_REQUESTS: "site",
+              Topic.POWER_REPORTS: "site"}
+BY_RACK = (Topic.GPU, Topic.EVENTS, Topic.FACILITY, Topic.POWER_CAPS, Topic.POWER_ACTIONS)  # keyed by rack_keys
 
 
 def murmur2(data: bytes) -> int:

@@ -69,6 +69,7 @@ class MemoryBus:
     def __init__(self, queue_size: int = 8192) -> None:
         self._queue_size = queue_size
         self._subs: dict[tuple[Topic, str], MemorySubscription] = {}
+        self._listeners = 0
 
     async def start(self) -> None:
         """Nothing to connect to."""
@@ -87,6 +88,12 @@ class MemoryBus:
                 raise ValueError(f"group {group!r} already subscribes to {t}")
             self._subs[(t, group)] = sub
         return sub
+
+    def listen(self, topic: Topic, keys: list[str]) -> MemorySubscription:
+        """What is published on `topic` from now on (in-process every key is in reach): a
+        subscription of its own, ended with the topic."""
+        self._listeners += 1
+        return self.subscribe([topic], f"listen-{self._listeners}")
 
     async def publish(self, message: Message) -> None:
         for (topic, _), sub in self._subs.items():

@@ -45,7 +45,7 @@ class AlertSpec:
     action: str     # the first thing to do, repeated in the description
     detector: str = ""   # the alert's `detector` field (Alert.detector)
     family: str = ""     # the detector family that raises it (pipeline/detect/<family>; archive: sinks/archive_outage;
-                         # ops: pipeline/ops, the process's own health)
+                         # ops: pipeline/ops, the process's own health; control: the power role, roles/power.py)
     fire_after: int | str | None = "fire_after"  # evaluations in a row before it fires: a number, or the
                                                  # detect.* key that sets it; None: not a tracked condition
     evidence: tuple[str, ...] = ()    # evidence keys its summary uses (the detector emits them)
@@ -210,6 +210,17 @@ ALERTS: tuple[AlertSpec, ...] = (
               detection="A busy GPU (>= 5% utilisation) whose enforced limit is below the highest seen for it (its "
                         "default) and that draws less than `cap_not_binding_ratio` of that cap without clock reason "
                         "0x4 (SW power cap), for `cap_not_binding_samples` samples."),
+    AlertSpec("PowerTargetMissed", "warning", "site",
+              "site {site}: power request {request} {missed}",
+              "Check `fleetwatch power status`: at the classes' capacity the loop can shed no more; pause class-0 or "
+              "new jobs by hand, or tell the energy desk the commitment is at risk.",
+              detector="power_control", family="control", fire_after=None, evidence=("request", "missed"),
+              meaning="a power request's reduction was not reached by its ramp deadline, or a minute of its hold fell "
+                      "short", method="the site's control loop",
+              detection="Raised by the power role (`fleetwatch power`, [Power](power.md)) when a request's reduction "
+                        "(baseline minus the meter) is not within 2% of its target by the request's ramp deadline, or "
+                        "when a minute's mean of the hold falls under it; resolved when the request is over. Labelled "
+                        "with the site, an empty `rack` and `request` (its id). Not raised in dry-run."),
     AlertSpec("NodePowerBrake", "critical", "node",
               "{node}: HW power brake slowdown on {gpus:.0f} GPUs",
               "Check the node's power supplies and the rack PDU; the brake is asserted by the board.",
@@ -359,9 +370,10 @@ ALERTS: tuple[AlertSpec, ...] = (
 ALERTS_BY_NAME: dict[str, AlertSpec] = {a.name: a for a in ALERTS}
 
 # The alerts the detectors raise (the rest Fleetwatch raises about itself: pipeline/sinks/archive_outage.py,
-# pipeline/ops/selfalerts.py).
+# pipeline/ops/selfalerts.py; or the power role about a request: pipeline/roles/power.py).
 # The engine tracks each on its `entity` (a site-scoped alert on the site's rack "" entry).
-DETECTOR_ALERTS: tuple[AlertSpec, ...] = tuple(a for a in ALERTS if a.scope != "fleetwatch")
+NOT_DETECTORS = ("archive", "ops", "control")  # families outside the detect engine
+DETECTOR_ALERTS: tuple[AlertSpec, ...] = tuple(a for a in ALERTS if a.family not in NOT_DETECTORS)
 
 
 def explained_by(target: str, scope: str) -> tuple[str, ...]:
@@ -388,6 +400,21 @@ XID_ALERTS: dict[int, str] = {
     74: "GpuNvlinkError", 79: "GpuFellOffBus", 92: "GpuHighSbeRate",
     119: "GpuGspError", 120: "GpuGspError",
 }
+
+
+def raised(name: str, labels: dict[str, str], evidence: dict, now, runbook_base_url: str = "",
+           score: float = 1.0):
+    """A firing Alert of the catalog's `name` raised outside the detectors (an Alert of the model):
+    its severity, summary over labels and evidence, action and runbook from the catalog."""
+    from pipeline.model import Alert
+    spec = ALERTS_BY_NAME[name]
+    labels = {"alertname": name, "severity": spec.severity, **labels}
+    facts = ", ".join(f"{k}={v}" for k, v in evidence.items())
+    return Alert(labels=labels,
+                 annotations={"summary": spec.summary.format(**{**labels, **evidence}),
+                              "description": spec.action + (f" Evidence ({spec.detector}): {facts}." if facts else ""),
+                              "runbook_url": runbook_url(runbook_base_url, name)},
+                 starts_at=now, detector=spec.detector, score=score, evidence=evidence)
 
 
 def runbook_url(base_url: str, alertname: str) -> str:

@@ -4,12 +4,19 @@ daemon's event loop: a scrape collects between two steps of the roles, never bes
     /metrics   Prometheus text (or OpenMetrics, as the scraper asks), from the process's registry
     /healthz   200 while the process is live, 503 and why otherwise (ops/health.py)
     /readyz    200 once it is ready, 503 and why otherwise
+
+and what the process's roles add (`routes`: (method, path) -> an async handler that takes
+the request's body and returns (status, a JSON-able value)), e.g. the power role's
+`POST /power/requests`. They are looked up when a request arrives: the server starts
+before the roles are built.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -20,6 +27,7 @@ from pipeline.config import ConfigError, host_port
 log = logging.getLogger("fleetwatch")
 
 INDEX = "Fleetwatch: /metrics (Prometheus), /healthz (alive, loops turning), /readyz (ready)\n"
+Route = Callable[[bytes], Awaitable[tuple[int, Any]]]  # body -> (status, JSON)
 
 
 class HttpServer:
@@ -30,6 +38,7 @@ class HttpServer:
         self.address = address
         self.host, self.port = host_port("daemon.http", address, 9410)
         self.registry, self.live, self.ready = registry, live, ready
+        self.routes: dict[tuple[str, str], Route] = {}  # the roles' (ops/monitor.py attach: the context's)
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -38,6 +47,7 @@ class HttpServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_route("*", "/{path:.+}", self._routed)  # last: the fixed paths above come first
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         try:
@@ -55,7 +65,19 @@ class HttpServer:
             self._runner = None
 
     async def _index(self, request: web.Request) -> web.Response:
-        return web.Response(text=INDEX)
+        extra = sorted({path for _, path in self.routes})
+        return web.Response(text=INDEX + "".join(f"{path}\n" for path in extra))
+
+    async def _routed(self, request: web.Request) -> web.Response:
+        handler = self.routes.get((request.method, request.path))
+        if handler is None:
+            allowed = sorted(m for m, p in self.routes if p == request.path)
+            if allowed:
+                return web.json_response({"error": f"{request.method} {request.path}: use {', '.join(allowed)}"},
+                                         status=405, headers={"Allow": ", ".join(allowed)})
+            raise web.HTTPNotFound(text=f"{request.path}: not served here; see / for what is\n")
+        status, value = await handler(await request.read())
+        return web.json_response(value, status=status, dumps=lambda v: json.dumps(v, default=str))
 
     async def _metrics(self, request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))

@@ -75,6 +75,8 @@ class Operations:
         """The roles are built and started: `running` is the daemon's list (name, stage, work, task)."""
         from pipeline.roles import DETECT, SINK
         self.ctx = ctx
+        if self.http is not None:
+            self.http.routes = ctx.routes  # what the roles serve (the power role's requests)
         h = self.health
         h.progress = ctx.progress
         h.in_process = isinstance(ctx.bus, MemoryBus)

@@ -6,12 +6,15 @@ request through its phases:
 
   pending     before its start; the meter's readings of the last `power.baseline_s`
               make its baseline (the average before the event, as demand-response
-              programs measure it)
+              programs measure it), adjusted during the event for the load Fleetwatch
+              does not control (`adjustment_kw`: jobs that start or end, their CPUs)
   active      from its start: caps planned (power/planner.py) for the reduction plus
-              headroom, applied, then checked every `power.control_interval_s` against
-              the meter (or the covered racks' PDUs): a shortfall is planned again on top
-              (feedback: the planner's estimate of a GPU's demand is only an estimate),
-              an excess given back
+              headroom on each GPU's learned curve (power/learn.py), applied, then
+              checked every `power.control_interval_s` against the meter (or the covered
+              racks' PDUs): a shortfall is planned again on top (feedback: the planner's
+              estimate of a GPU's demand is only an estimate), an excess given back; and
+              re-planned as the curves learn (the first caps spread the cut evenly and
+              show each job's sensitivity; later ones take the cheap watts where they are)
   restoring   from its end: the caps rise step by step, no faster than
               `power.restore_rate_kw_s` and never past the site's power cap, so the
               site's power does not spike back (every GPU's job resumes at once otherwise)
@@ -37,16 +40,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import PowerConfig
+from pipeline.model import HW_SLOWDOWN_ANY
 from pipeline.detect.state import KeyIndex
 from pipeline.power.actuator import Actuator
 from pipeline.power.curve import PowerCurve
-from pipeline.power.planner import IDLE_UTIL, GpuPower, capacity_w, plan, uniform_cost
+from pipeline.power.learn import MIN_REF, NOT_BINDING_W, CurveLearner
+from pipeline.power.planner import IDLE_UTIL, GpuPower, capacity_w, floors, plan, uniform_cost
 from pipeline.power.request import PowerRequest
 
 log = logging.getLogger("fleetwatch")
 
 SETTLE_S = 2.0  # after caps change, the meter's 1 s readings show them within this
 MINUTE_S = 60.0  # the interval a hold is judged on
+SLOPE_SPREAD_KW = 5.0  # the meter's slope on the PDUs is fitted once their sum has varied this much
+PROBE_SHARE = 0.1      # a job whose curve is not learned yet is capped this share under its draw ...
+PROBE_POINTS = 10      # ... until this many of its samples under a cap are learned from
+STUCK_READINGS = 3     # identical power readings in a row: a stuck sensor (detect/families/siblings.py's rule)
+RELEARNED = 0.05       # a plan is made again when a job's learned sensitivity moved this much since
 
 
 @dataclass
@@ -64,6 +74,10 @@ class Outcome:
     restored_kw: list[float] = field(default_factory=list)   # the minute after the last cap is gone
     over_site_cap: bool = False
     gpus_capped: int = 0
+    meter_per_it: tuple[float, float] = (1.0, 1.0)  # the meter's kW per kW of the PDUs (cooling) at start:
+                                          # (for a rise, for a fall) of the load not controlled
+    adjustment_kw: list[tuple[float, float]] = field(default_factory=list)  # (s from start, kW): the
+                                          # baseline's adjustment for the load not controlled, each reading
 
     def minute_means(self) -> list[float]:
         """The reduction held, as the mean of each minute of the hold (a demand-response
@@ -115,15 +129,27 @@ class GpuTable:
         self.racks: list[str] = []
         self.nodes: list[str] = []
         self.power_w, self.util, self.limit_w = np.zeros(0), np.zeros(0), np.zeros(0)
+        self.util_mem = np.zeros(0)
+        self.flat = np.zeros(0, np.int64)   # identical power readings in a row (a stuck sensor: detect's rule)
+        self.forced = np.zeros(0, bool)     # clocks forced down by hardware or heat (a brake, a thermal slowdown)
+        self.node_ix = np.zeros(0, np.int64)  # each GPU's node, numbered
+        self._node_ids: dict[str, int] = {}
         self.flex = np.zeros(0, np.int64)
+        self.slots = np.zeros(0, np.int64)  # the last batch's rows' slots
         self._batch: pa.RecordBatch | None = None
 
     def update(self, batch: pa.RecordBatch) -> None:
         self._batch = batch
         slots = self.ids.slots(batch.column("gpu_uuid"))
-        self.power_w[slots] = batch.column("power_w").to_numpy(zero_copy_only=False)
+        power = batch.column("power_w").to_numpy(zero_copy_only=False)
+        self.flat[slots] = np.where(power == self.power_w[slots], self.flat[slots] + 1, 0)
+        self.power_w[slots] = power
+        reasons = batch.column("clock_event_reasons").to_numpy(zero_copy_only=False)
+        self.forced[slots] = (np.nan_to_num(reasons).astype(np.int64) & int(HW_SLOWDOWN_ANY)) != 0
         self.util[slots] = batch.column("util_gpu").to_numpy(zero_copy_only=False)
+        self.util_mem[slots] = batch.column("util_mem").to_numpy(zero_copy_only=False)
         self.limit_w[slots] = batch.column("power_limit_w").to_numpy(zero_copy_only=False)
+        self.slots = np.asarray(slots, np.int64)
 
     def _register(self, new: pa.Array, first_rows: np.ndarray) -> None:
         """GPUs never seen before (once per GPU ever): their place, their node's class."""
@@ -135,8 +161,21 @@ class GpuTable:
         grow = len(nodes)
         self.power_w = np.concatenate([self.power_w, np.zeros(grow)])
         self.util = np.concatenate([self.util, np.zeros(grow)])
+        self.util_mem = np.concatenate([self.util_mem, np.zeros(grow)])
+        self.flat = np.concatenate([self.flat, np.zeros(grow, np.int64)])
+        self.forced = np.concatenate([self.forced, np.zeros(grow, bool)])
+        self.node_ix = np.concatenate([self.node_ix, np.array([self._node_ids.setdefault(n, len(self._node_ids))
+                                                               for n in nodes], np.int64)])
         self.limit_w = np.concatenate([self.limit_w, np.full(grow, np.nan)])
         self.flex = np.concatenate([self.flex, np.array([self.classify(n) for n in nodes], np.int64)])
+
+    def stuck_nodes(self, readings: int) -> np.ndarray:
+        """Per GPU: a GPU of its node reports the same power `readings` times in a row. Its
+        siblings' heat is read against its power (detect/families/siblings.py): with one
+        reading stuck, a cap that moves any of them moves the comparison."""
+        stuck = np.zeros(len(self._node_ids), bool)
+        stuck[self.node_ix[self.flat >= readings]] = True
+        return stuck[self.node_ix]
 
     def covered(self, racks: tuple[str, ...]) -> np.ndarray:
         if not racks:
@@ -153,14 +192,22 @@ class Controller:
         self.site, self.curve, self.actuator, self.s = site, curve, actuator, settings
         self.site_cap_w = site_cap_w  # detect.site_power_cap_w; 0: none
         self.gpus = GpuTable(self._classify)
+        self.learner = CurveLearner(curve)                    # each GPU's sensitivity, from its samples
         self.meter: deque[tuple[datetime, float]] = deque()   # site power readings, kW
+        self.it: deque[tuple[datetime, float, float]] = deque()  # (ts, meter kW, the PDUs' sum kW) per scrape
         self.pdu: dict[str, tuple[datetime, float]] = {}      # rack -> its latest PDU reading, kW
         self.requests: list[tuple[PowerRequest, Outcome]] = []
         self.active: PowerRequest | None = None
         self.phase = "idle"
         self.cap = np.zeros(0)               # per GPU slot: the cap this controller set (NaN: none)
         self.demand = np.zeros(0)            # per slot: the draw when it was first capped (its demand)
+        self.steady = np.zeros(0, bool)      # per slot: its job ran before the request (or has a reference
+                                             # since it started) and still runs
+        self.mine = np.zeros(0, bool)        # per slot: covered by the active request
+        self.base_it_kw = 0.0                # the PDUs' mean over the baseline window
+        self.adjust_kw: dict[datetime, float] = {}  # meter reading's ts -> the baseline's adjustment then
         self.extra_w = 0.0                   # feedback: watts planned beyond the target
+        self.planned_on: tuple[np.ndarray, np.ndarray] | None = None  # (steady, sensitivities) of the last plan
         self.changed_at: datetime | None = None
         self.last_step: datetime | None = None
 
@@ -173,7 +220,23 @@ class Controller:
         return self.s.default_class
 
     def observe_gpus(self, batch: pa.RecordBatch) -> None:
-        self.gpus.update(batch)
+        g = self.gpus
+        g.update(batch)
+        rows = g.slots
+        self.learner.observe(rows, np.where(g.forced[rows], np.nan, g.power_w[rows]), g.util[rows],
+                             g.util_mem[rows], g.limit_w[rows], self.curve.max_limit_w)  # (a slowdown: no sample)
+        if self.active is not None:
+            self._fit()
+            # A job that ended is over for this request; a node with a power reading stuck can be
+            # neither verified nor moved (its detectors read heat against power, siblings against siblings).
+            self.steady[rows] &= (g.util[rows] >= IDLE_UTIL) & ~g.stuck_nodes(STUCK_READINGS)[rows]
+            # A job that started since: counted as it draws until it has a reference (its own uncapped
+            # draw, the learner's), then the caps may take from it like from any other.
+            lr = self.learner
+            join = rows[self.mine[rows] & ~self.steady[rows] & (g.util[rows] >= IDLE_UTIL)
+                        & ~g.stuck_nodes(STUCK_READINGS)[rows] & (lr.ref_n[rows] >= MIN_REF)
+                        & np.isnan(self.cap[rows])]
+            self.steady[join] = True
 
     def observe_facility(self, batch: pa.RecordBatch) -> None:
         power = pc.equal(batch.column("metric"), "power_w")
@@ -187,9 +250,15 @@ class Controller:
                     self.meter.append((ts, value / 1000.0))
                 else:
                     into[rack] = (ts, value / 1000.0)
+        if self.meter and self.pdu and (not self.it or self.it[-1][0] != self.meter[-1][0]):
+            ts, kw = self.meter[-1]
+            self.it.append((ts, kw, sum(v for _, v in self.pdu.values())))
+            if self.active is not None and self.phase == "active" and not self.active.racks:
+                self.adjust_kw[ts] = self._adjustment_kw(self._outcome(self.active), self.it[-1][2])
         horizon = self.s.baseline_s + 3600.0
-        while self.meter and (self.meter[-1][0] - self.meter[0][0]).total_seconds() > horizon:
-            self.meter.popleft()
+        for q in (self.meter, self.it):
+            while q and (q[-1][0] - q[0][0]).total_seconds() > horizon:
+                q.popleft()
 
     def covered_kw(self, req: PowerRequest) -> float | None:
         """The covered load's power now: the site meter, or the covered racks' PDUs."""
@@ -199,9 +268,39 @@ class Controller:
         return sum(readings) if len(readings) == len(req.racks) else None
 
     def baseline_kw(self, now: datetime) -> float | None:
+        """The site meter's mean over `power.baseline_s` before `now`: a request's baseline
+        before its adjustment."""
         since = now - timedelta(seconds=self.s.baseline_s)
         values = [kw for t, kw in self.meter if since <= t <= now]
         return float(np.mean(values)) if values else None
+
+    def meter_per_it(self) -> tuple[float, float]:
+        """The meter's kW per kW of the PDUs' sum (its cooling): the slope fitted over the
+        history once the IT load has varied enough; until then bounds that never credit a
+        change the meter may not show: 1 for a rise (cooling never falls as the load rises),
+        the meter's mean over the PDUs' for a fall (the site's fixed load does not fall)."""
+        if not self.it:
+            return 1.0, 1.0
+        m = np.array([x[1] for x in self.it])
+        it = np.array([x[2] for x in self.it])
+        if len(self.it) >= 30 and np.ptp(it) >= SLOPE_SPREAD_KW:
+            slope = float(np.clip(np.cov(it, m, bias=True)[0, 1] / np.var(it), 1.0, 2.0))
+            return slope, slope
+        return 1.0, float(max(1.0, m.mean() / it.mean())) if it.mean() > 0 else 1.0
+
+    def _adjustment_kw(self, out: Outcome, it_kw: float) -> float:
+        """What the load Fleetwatch does not control added since the baseline window, at the
+        meter: the PDUs' change less what the caps changed, each GPU a cap holds (a steady
+        job drawing at its cap) from its job's uncapped draw (the learner's reference, which
+        follows the job while no cap holds it)."""
+        g = self.gpus
+        # Under a hardware or thermal slowdown the GPU's demand fell for its own reasons (under a
+        # deep cap a power brake does not show in the draw): what it sheds is not the cap's.
+        held = np.flatnonzero(self.steady & (g.power_w >= self.cap - NOT_BINDING_W) & ~g.forced)  # (NaN: no cap)
+        capped_change_kw = float(np.sum(g.power_w[held] - self.learner.ref_power[held])) / 1000.0
+        change = (it_kw - self.base_it_kw) - capped_change_kw
+        rise, fall = out.meter_per_it
+        return (rise if change >= 0 else fall) * change
 
     # ---- the requests --------------------------------------------------------------
 
@@ -222,6 +321,9 @@ class Controller:
         if grow > 0:
             self.cap = np.concatenate([self.cap, np.full(grow, np.nan)])
             self.demand = np.concatenate([self.demand, np.full(grow, np.nan)])
+            self.steady = np.concatenate([self.steady, np.zeros(grow, bool)])
+            self.mine = np.concatenate([self.mine, np.zeros(grow, bool)])
+        self.learner.grow(self.cap.size)
 
     def _step(self, now: datetime) -> None:
         self._fit()
@@ -238,20 +340,29 @@ class Controller:
             return
         req, out = self.active, self._outcome(self.active)
         covered = self.covered_kw(req)
+        if self.phase == "active" and not req.racks:  # the caps themselves move the IT load: a fit soon
+            out.meter_per_it = self.meter_per_it()
         if self.phase == "active":
             achieved = None
             if covered is not None:  # every reading since the last step (the site meter's), in order
                 last = self.last_step
                 readings = ([(t, kw) for t, kw in self.meter if req.start <= t <= now and (last is None or t > last)]
                             if not req.racks else []) or [(now, covered)]
+                values = []
                 for t, kw in readings:
-                    value = out.baseline_kw - kw
+                    adjust = self.adjust_kw.pop(t, None)
+                    if adjust is None:
+                        adjust = self._adjustment_kw(out, self._covered_it_kw(req))
+                    value = out.baseline_kw + adjust - kw
+                    values.append(value)
                     at_s = (t - req.start).total_seconds()
                     if out.reached_s is None and value >= 0.98 * out.requested_kw:
                         out.reached_s = at_s
                     if out.reached_s is not None and t < req.end:
                         out.achieved_kw.append((at_s, value))
-                achieved = out.baseline_kw - float(np.mean([kw for _, kw in readings]))
+                        out.adjustment_kw.append((at_s, adjust))
+                achieved = float(np.mean(values))
+            self.adjust_kw = {t: v for t, v in self.adjust_kw.items() if t > now}
             if now >= req.end:
                 self.phase = "restoring"
             elif achieved is not None and self._settled(now):
@@ -264,6 +375,13 @@ class Controller:
                 if self.site_cap_w and self.meter and self.meter[-1][1] * 1000.0 > self.site_cap_w:
                     out.over_site_cap = True
             self._restore_step(now)
+
+    def _covered_it_kw(self, req: PowerRequest) -> float:
+        """The covered IT load now: every PDU (the site), or the covered racks' (their sum is
+        the covered power itself)."""
+        if req.racks:
+            return self.covered_kw(req) or 0.0
+        return sum(v for _, v in self.pdu.values())
 
     def _started(self, req: PowerRequest) -> bool:
         return self._outcome(req).baseline_kw is not None
@@ -280,6 +398,23 @@ class Controller:
             return
         out.baseline_kw = baseline
         out.requested_kw = req.reduction_w(baseline) / 1000.0
+        # The adjustment's reference: the IT load over the same window, and each GPU whose job ran
+        # before the request at that job's own uncapped draw (a job that started within the window
+        # counts from its level, not the window's mean).
+        self._fit()
+        since = req.start - timedelta(seconds=self.s.baseline_s)
+        if req.racks:
+            self.base_it_kw, out.meter_per_it = baseline, (1.0, 1.0)
+        else:
+            window = [it for t, _, it in self.it if since <= t <= req.start]
+            self.base_it_kw = float(np.mean(window)) if window else self._covered_it_kw(req)
+            out.meter_per_it = self.meter_per_it()
+        self.mine = np.zeros(self.cap.size, bool)
+        self.mine[self.gpus.covered(req.racks)] = True
+        lr = self.learner
+        self.steady = (self.mine & (self.gpus.util >= IDLE_UTIL) & (lr.ref_n >= MIN_REF)
+                       & ~self.gpus.stuck_nodes(STUCK_READINGS))
+        self.adjust_kw = {}
         self.active, self.phase, self.extra_w = req, "active", 0.0
         snapshot = self._snapshot(req.racks)
         p = self._plan(req, out, now)
@@ -296,24 +431,33 @@ class Controller:
         return capacity_w(self._snapshot(racks), self.curve) / 1000.0
 
     def _snapshot(self, racks: tuple[str, ...]) -> GpuPower:
-        """The covered GPUs as the planner sees them; a GPU capped here at its demand then."""
+        """The covered GPUs as the planner sees them: a GPU capped here at its demand then, each
+        at its learned sensitivity's pessimistic side."""
         self._fit()
         g = self.gpus
         mine = g.covered(racks)
+        max_w = np.where(np.isnan(g.limit_w), self.curve.max_limit_w, g.limit_w)
         draw = np.where(np.isnan(self.demand), g.power_w, np.fmax(self.demand, g.power_w))
-        full = GpuPower(draw, g.util >= IDLE_UTIL, g.flex, np.full(draw.size, self.curve.min_limit_w),
-                        np.where(np.isnan(g.limit_w), self.curve.max_limit_w, g.limit_w))
+        busy = g.util >= IDLE_UTIL
+        flex = g.flex
+        if self.active is not None:  # only a steady job's saving is the request's: the baseline's
+            flex = np.where(self.steady, flex, 0)  # adjustment counts the rest (idle GPUs, new jobs) as drawn
+        full = GpuPower(draw, busy, flex, np.full(draw.size, self.curve.min_limit_w),
+                        np.where(self.cap >= 0, self.curve.max_limit_w, max_w), self.learner.upper())
         return GpuPower(*(a[mine] for a in (full.power_w, full.busy, full.flex_class, full.min_limit_w,
-                                            full.max_limit_w)))
+                                            full.max_limit_w, full.sensitivity)))
 
     def _plan(self, req: PowerRequest, out: Outcome, now: datetime):
         mine = self.gpus.covered(req.racks)
         snapshot = self._snapshot(req.racks)
         want = out.requested_kw * 1000.0
         p = plan(snapshot, want + self.extra_w, self.curve, headroom_w=want * self.s.headroom_pct / 100.0)
+        self.planned_on = (self.steady.copy(), self.learner.upper())
         caps = {}
         new = np.full(self.cap.size, np.nan)
-        new[mine] = p.cap_w
+        new[mine] = self._probe(snapshot, p.cap_w, mine)
+        stuck = self.gpus.stuck_nodes(STUCK_READINGS)
+        new[stuck] = self.cap[stuck]  # the node as it is (none stays none)
         for slot in np.flatnonzero(~np.isnan(new) | ~np.isnan(self.cap)):
             old, cap = self.cap[slot], new[slot]
             if np.isnan(cap):
@@ -322,6 +466,8 @@ class Controller:
                 caps[self.gpus.uuids[slot]] = round(float(cap), 1)
                 if np.isnan(self.demand[slot]):
                     self.demand[slot] = snapshot.power_w[np.searchsorted(mine, slot)]
+            else:
+                new[slot] = old  # (a change under a watt is not sent: the cap stays what the GPU has)
         self.cap = new
         self.demand[np.isnan(new)] = np.nan
         out.gpus_capped = int(np.count_nonzero(~np.isnan(new)))
@@ -330,19 +476,46 @@ class Controller:
             self.changed_at = now
         return p
 
+    def _probe(self, snapshot: GpuPower, cap_w: np.ndarray, mine: np.ndarray) -> np.ndarray:
+        """The plan's caps, and a light one on each steady job the plan leaves alone and whose
+        curve is not learned yet: PROBE_SHARE under its draw (within its class), so that its
+        samples show what a cap costs it; the watts it sheds count like any others."""
+        lr = self.learner
+        unknown = (self.steady[mine] & (lr.points[mine] < PROBE_POINTS) & np.isnan(cap_w) & snapshot.busy
+                   & (snapshot.flex_class > 0))
+        if not unknown.any():
+            return cap_w
+        probe = np.fmax((1.0 - PROBE_SHARE) * snapshot.power_w, np.fmax(floors(snapshot, self.curve),
+                                                                        snapshot.min_limit_w))
+        return np.where(unknown & (probe < snapshot.power_w - 1.0), probe, cap_w)
+
     def _settled(self, now: datetime) -> bool:
         return self.changed_at is None or (now - self.changed_at).total_seconds() >= SETTLE_S
 
     def _correct(self, req: PowerRequest, out: Outcome, achieved_kw: float, now: datetime) -> None:
         """Feedback (integral): plan a shortfall on top, give an excess beyond the headroom
-        back; the load moves under a request (jobs start and end), the caps follow it."""
+        back; the load moves under a request (jobs start and end), the caps follow it. The
+        plan is made again every step: the curves learn as the caps show each job's cost."""
         want = out.requested_kw
         margin = want * self.s.headroom_pct / 100.0
         error = want + margin / 2 - achieved_kw  # aim inside the headroom
-        if abs(error) <= margin / 2:
-            return
-        self.extra_w = max(-want * 1000.0, self.extra_w + error * 1000.0)
-        self._plan(req, out, now)
+        if abs(error) <= margin / 2 and not self._relearned():
+            return  # the caps stay: one moved back and forth heats and cools a GPU for nothing
+        if abs(error) > margin / 2:
+            self.extra_w = max(-want * 1000.0, self.extra_w + error * 1000.0)
+        p = self._plan(req, out, now)
+        # Anti-windup: at the classes' capacity a shortfall stays, and more asked only waits to
+        # over-shed the moment capacity returns (a job starts).
+        self.extra_w = min(self.extra_w, max(0.0, p.capacity_w - want * 1000.0))
+
+    def _relearned(self) -> bool:
+        """Whether the plan's inputs moved: jobs that joined or ended, curves learned since."""
+        if self.planned_on is None:
+            return True
+        steady, sens = self.planned_on
+        if steady.size != self.steady.size or np.any(steady != self.steady):
+            return True
+        return bool(np.any(np.abs(self.learner.upper()[: sens.size] - sens) > RELEARNED))
 
     def _restore_step(self, now: datetime) -> None:
         """Raise every cap by one step: the uniform rise whose added draw (at most each
@@ -352,6 +525,9 @@ class Controller:
         if self.site_cap_w and self.meter:
             budget_w = max(0.0, min(budget_w, self.site_cap_w - self.meter[-1][1] * 1000.0))
         cap, demand = self.cap[capped], self.demand[capped]
+        # A job that started under a cap (during the request or its restore): its demand is not known.
+        new_job = (self.gpus.util[capped] >= IDLE_UTIL) & ~self.steady[capped]
+        demand = np.where(new_job, np.fmax(demand, self.curve.max_limit_w), demand)
         limit = self.curve.max_limit_w  # back to the default limit
 
         def added(rise: float) -> float:
@@ -376,6 +552,24 @@ class Controller:
             self.changed_at = now
         if not np.any(~np.isnan(self.cap)):
             self.active, self.phase = None, "idle"
+
+    def cancel(self, request_id: str) -> str:
+        """End a request early (`fleetwatch power cancel`): one not started yet is dropped
+        ("dropped"); the active one goes to its staged restore at the next step
+        ("restoring"); one over or unknown is left as it is ("")."""
+        for i, (req, out) in enumerate(self.requests):
+            if req.id != request_id:
+                continue
+            if req is self.active:
+                if self.phase != "active":
+                    return ""
+                self.phase = "restoring"
+                return "restoring"
+            if out.baseline_kw is None:
+                del self.requests[i]
+                return "dropped"
+            return ""
+        return ""
 
     def stop(self) -> None:
         """Restore every cap set (a cap never outlives its controller)."""

@@ -1,11 +1,15 @@
 """Per-GPU power caps that shed a requested number of watts at the least lost work.
 
 Each GPU's cost of a cap is read off the measured power -> throughput curve
-(power/curve.py), relative to the work it does now:
+(power/curve.py), shaped by its job's sensitivity s (power/learn.py: the compute-bound
+share of the job's time, learned from the fleet's samples; 1 = the recorded matmul's,
+where nothing is learned yet), relative to the work it does now:
 
-  - a busy GPU drawing D W, capped to c < D, keeps curve(c) / curve(D) of its work;
-    it saves D - c W. A GPU drawing less than a cap saves nothing from it (a watt it
-    does not draw is not a saving), so savings count from the draw, never the limit;
+  - a busy GPU drawing D W, capped to c < D, runs its compute at r = curve(c) / curve(D)
+    of its rate and keeps 1 / (s / r + 1 - s) of its work (`keep`: the memory-bound rest
+    of its time does not slow down); it saves D - c W. A GPU drawing less than a cap
+    saves nothing from it (a watt it does not draw is not a saving), so savings count
+    from the draw, never the limit;
   - an idle GPU does no work: capping it costs nothing and saves what it draws above
     the cap (about nothing), but it keeps a job that starts during the event from
     taking the watts back. Idle GPUs are capped first, to their minimum limit;
@@ -13,13 +17,16 @@ Each GPU's cost of a cap is read off the measured power -> throughput curve
     10/25/50% of its work (`CLASS_MAX_LOSS`), and no cap goes below the GPU's
     minimum limit.
 
-The plan takes the cheapest watts first across the fleet: on the curve's concave hull
-a GPU's next watt never costs less than its previous one, so sorting every GPU's
-segments between hull vertices by work lost per watt and taking them in order until
-the target is met is optimal (a fractional knapsack), and the last segment taken is
-cut where the target is met. The target is the request plus headroom for the meter's
-error. `uniform_cost` is what one cap on every GPU would cost for the same
-reduction: the baseline the eval compares with.
+The plan takes the cheapest watts first across the fleet. Each GPU's work as a function
+of its cap is concave (the curve's upper concave hull, composed with `keep`, which is
+concave and increasing), so its next watt never costs less than its previous one:
+cutting every GPU's range into segments (between the hull's vertices, and every
+`GRID_W` watts where the hull is the measured curve, as `keep` bends it), sorting all segments by work lost per watt and
+taking them in order until the target is met is optimal (a fractional knapsack on the
+segments' chords), and the last segment taken is cut where the target is met. Equal
+prices go to the shallowest segments first, so GPUs alike share a cut evenly. The
+target is the request plus headroom for the meter's error. `uniform_cost` is what one
+cap on every GPU would cost for the same reduction, on the same model.
 """
 
 from __future__ import annotations
@@ -32,6 +39,23 @@ from pipeline.power.curve import PowerCurve
 
 CLASS_MAX_LOSS = np.array([0.0, 0.10, 0.25, 0.50])  # by flexibility class 0..3: the most work a cap may cost
 IDLE_UTIL = 0.05  # utilisation under which a GPU does no work worth counting
+GRID_W = 10.0     # segment length where keep() bends the curve: the plan's chords are within ~0.1% of it
+
+
+def keep(sensitivity, rate) -> np.ndarray:
+    """The share of its work a job of `sensitivity` (its compute-bound share) keeps when its
+    compute runs at `rate` (0..1) of its uncapped rate: 1 / (s / r + 1 - s)."""
+    s = np.asarray(sensitivity, np.float64)
+    r = np.clip(np.asarray(rate, np.float64), 0.0, 1.0)
+    out = r / np.maximum(s + (1.0 - s) * r, 1e-12)
+    return np.where(r >= 1.0, 1.0, out)
+
+
+def rate_for(sensitivity, kept) -> np.ndarray:
+    """The compute rate at which a job of `sensitivity` keeps `kept` of its work: keep's inverse."""
+    s = np.asarray(sensitivity, np.float64)
+    k = np.asarray(kept, np.float64)
+    return s * k / np.maximum(1.0 - (1.0 - s) * k, 1e-12)
 
 
 @dataclass(frozen=True)
@@ -42,9 +66,22 @@ class GpuPower:
     flex_class: np.ndarray     # int 0..3
     min_limit_w: np.ndarray    # the lowest limit each takes (NVML constraints)
     max_limit_w: np.ndarray    # its default limit
+    sensitivity: np.ndarray | None = None  # its job's compute-bound share, 0..1 (None: 1, the H100 curve's)
 
     def __len__(self) -> int:
         return len(self.power_w)
+
+    @property
+    def sens(self) -> np.ndarray:
+        return np.ones(len(self)) if self.sensitivity is None else np.clip(self.sensitivity.astype(np.float64), 0.0, 1.0)
+
+    def work(self, cap_w, curve: PowerCurve) -> np.ndarray:
+        """Each GPU's work held to `cap_w` (NaN: uncapped), in full-load GPUs' worth (the true curve)."""
+        draw = self.power_w.astype(np.float64)
+        at = curve.at(draw)
+        held = np.where(np.isnan(cap_w), draw, np.minimum(cap_w, draw))
+        r = curve.at(held) / np.where(at > 0, at, 1.0)
+        return np.where(self.busy, at * keep(self.sens, r), 0.0)
 
 
 @dataclass(frozen=True)
@@ -69,8 +106,8 @@ def floors(gpus: GpuPower, curve: PowerCurve) -> np.ndarray:
     """Per GPU, the lowest cap its class allows (NaN: class 0, never capped). On the true
     curve: the class is a promise about the work actually lost."""
     max_loss = CLASS_MAX_LOSS[np.clip(gpus.flex_class.astype(np.int64), 0, len(CLASS_MAX_LOSS) - 1)]
-    keep = (1.0 - max_loss) * curve.at(gpus.power_w)
-    floor = np.where(gpus.busy, curve.power_for(keep), gpus.min_limit_w)
+    lowest = rate_for(gpus.sens, 1.0 - max_loss) * curve.at(gpus.power_w)
+    floor = np.where(gpus.busy, curve.power_for(lowest), gpus.min_limit_w)
     floor = np.maximum(floor, gpus.min_limit_w)
     return np.where(max_loss > 0, floor, np.nan)
 
@@ -97,17 +134,24 @@ def plan(gpus: GpuPower, reduction_w: float, curve: PowerCurve, headroom_w: floa
     need = wanted - saved_idle.sum()
     busy = np.flatnonzero(cappable & gpus.busy & (draw > floor))
     if need > 0 and busy.size:
-        # Each busy GPU's breakpoints from its draw down to its floor: the hull's vertices
-        # strictly between, as an (n, k) array padded with the floor (zero-width segments).
-        inner = hull.power_w[1:]
+        # Each busy GPU's breakpoints from its draw down to its floor: the hull's vertices and
+        # the grid strictly between, as an (n, k) array padded with the floor (zero-width segments).
+        # The grid only where the hull is the curve itself: across a chord over a measured point
+        # under the hull (350 W) a cap inside would cost the curve's dip, not the chord's; there
+        # the cut stays whole, vertex to vertex (GPUs alike at both ends, one cut between).
+        grid = np.arange(GRID_W, curve.max_limit_w, GRID_W)
+        grid = grid[np.abs(curve.at(grid) - hull.at(grid)) < 1e-9]
+        inner = np.union1d(hull.power_w[1:], grid)
         lo, hi = floor[busy], draw[busy]
         points = np.where((inner[None, :] > lo[:, None]) & (inner[None, :] < hi[:, None]), inner[None, :], lo[:, None])
         points = np.concatenate([hi[:, None], -np.sort(-points, axis=1), lo[:, None]], axis=1)
         watts = points[:, :-1] - points[:, 1:]                 # what each segment saves
-        work = hull.at(points[:, :-1]) - hull.at(points[:, 1:])  # what it costs (hull: per-GPU convex)
-        price = np.where(watts > 0, work / np.where(watts > 0, watts, 1.0), np.inf)
+        top = hull.at(hi)[:, None]                             # the work now, on the hull
+        worth = top * keep(gpus.sens[busy][:, None], hull.at(points) / top)  # concave in the cap, per GPU
+        work = worth[:, :-1] - worth[:, 1:]                    # what each segment costs
+        price = np.where(watts > 0, np.round(work / np.where(watts > 0, watts, 1.0), 12), np.inf)
         step = np.broadcast_to(np.arange(watts.shape[1]), watts.shape)
-        order = np.lexsort((step.ravel(), price.ravel()))     # cheapest first; a GPU's own in order
+        order = np.lexsort((step.ravel(), price.ravel()))     # cheapest first; the shallowest of equals
         flat_w = watts.ravel()[order]
         taken = np.cumsum(flat_w)
         last = int(np.searchsorted(taken, need))              # the segment where the target is met
@@ -121,9 +165,9 @@ def plan(gpus: GpuPower, reduction_w: float, curve: PowerCurve, headroom_w: floa
         chosen = shed > 1e-9
         cap[busy[chosen]] = draw[busy][chosen] - shed[chosen]
     saving = float(np.nansum(np.maximum(draw - np.where(np.isnan(cap), draw, cap), 0.0)))
-    work_now = float(np.sum(np.where(gpus.busy, curve.at(draw), 0.0)))
-    kept = np.where(gpus.busy, curve.at(np.where(np.isnan(cap), draw, np.minimum(cap, draw))), 0.0)
-    return Plan(cap, saving, wanted, work_now - float(kept.sum()), work_now, capacity_w(gpus, curve))
+    work_now = float(gpus.work(np.full(n, np.nan), curve).sum())
+    kept = float(gpus.work(cap, curve).sum())
+    return Plan(cap, saving, wanted, work_now - kept, work_now, capacity_w(gpus, curve))
 
 
 def uniform_cost(gpus: GpuPower, reduction_w: float, curve: PowerCurve) -> tuple[float, float]:
@@ -142,5 +186,5 @@ def uniform_cost(gpus: GpuPower, reduction_w: float, curve: PowerCurve) -> tuple
             mid = 0.5 * (lo + hi)
             lo, hi = (mid, hi) if shed(mid) >= reduction_w else (lo, mid)
         c = lo
-    lost = np.where(gpus.busy, curve.at(draw) - curve.at(np.minimum(draw, c)), 0.0)
+    lost = gpus.work(np.full(len(gpus), np.nan), curve) - gpus.work(np.full(len(gpus), c), curve)
     return c, float(lost.sum())

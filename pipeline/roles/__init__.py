@@ -6,7 +6,8 @@ configuration, and where its builder is (`module:function`, imported only when a
 process runs the role: a notify-only process never imports the detector, whose
 import compiles Numba kernels). The daemon (pipeline/daemon.py) builds the rows of
 its roles through roles/context.py, starts them, and drains them stage by stage.
-The command line makes one subcommand per row.
+The command line makes one subcommand per row (`fleetwatch power` also has the actions
+that manage its requests: request, status, cancel, report).
 
 Builders take (ctx, spec): a source's returns a `Source` (sources/base.py), detect's
 and a sink's return the coroutine function that consumes until its input ends, or
@@ -28,10 +29,12 @@ from pipeline.config import Config
 # sources' topics end, detect finishes and its topics end; then the sinks finish.
 SOURCE, COLLECTOR, DETECT, SINK = "source", "collector", "detect", "sink"
 
-SOURCE_TOPICS = [Topic.GPU, Topic.FACILITY, Topic.EVENTS, Topic.LABELS]
-DETECT_TOPICS = [Topic.ALERTS, Topic.HEALTH]
+# Power requests (the grid signal) come from outside, like the sources' data: they end with them.
+SOURCE_TOPICS = [Topic.GPU, Topic.FACILITY, Topic.EVENTS, Topic.LABELS, Topic.POWER_ACTIONS, Topic.POWER_REQUESTS]
+DETECT_TOPICS = [Topic.ALERTS, Topic.HEALTH, Topic.POWER_CAPS, Topic.POWER_REPORTS]
 DATASET_OF_TOPIC = {Topic.GPU: "gpu_samples", Topic.FACILITY: "facility_samples", Topic.EVENTS: "events",
-                    Topic.ALERTS: "alerts", Topic.HEALTH: "node_health", Topic.LABELS: "fault_labels"}
+                    Topic.ALERTS: "alerts", Topic.HEALTH: "node_health", Topic.LABELS: "fault_labels",
+                    Topic.POWER_ACTIONS: "power_actions", Topic.POWER_REPORTS: "power_requests"}
 
 
 @dataclass(frozen=True)
@@ -43,12 +46,15 @@ class RoleOption:
     key: str                  # "section.name" it sets
     split: bool = False       # a comma-separated list
     implies_source: str = ""  # with `run`: this daemon.source, unless --source says otherwise
+    switch: bool = False      # a flag without a value: it sets the key to true
 
     @property
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
 
-    def value(self, text: str):
+    def value(self, text):
+        if self.switch:
+            return True
         return [t.strip() for t in text.split(",") if t.strip()] if self.split else text
 
 
@@ -60,6 +66,9 @@ REPLAY = RoleOption("--replay", "DIR", "replay recorded NVML data instead of the
 DCGM_TARGETS = RoleOption("--dcgm-targets", "URL[,URL...]", "dcgm-exporter endpoints to scrape (dcgm.targets): URLs "
                           "or HOST:PORT, comma-separated; with `run` they imply --source dcgm", "dcgm.targets",
                           split=True, implies_source="dcgm")
+
+DRY_RUN = RoleOption("--dry-run", "", "the power role plans and reports each request's caps but applies none "
+                     "(power.dry_run)", "power.dry_run", switch=True)
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,11 @@ ROLE_TABLE: tuple[RoleSpec, ...] = (
              "run only detection, consuming from and producing to Kafka (consumer group 'detect')",
              in_run=lambda cfg: True, inputs=(Topic.GPU, Topic.FACILITY, Topic.EVENTS), group="detect",
              outputs=(Topic.ALERTS, Topic.HEALTH, Topic.EVENTS)),
+    RoleSpec("power", DETECT, "pipeline.roles.power:build",
+             "run only the power role (demand response for fleet.site: requests in, caps out), consuming from "
+             "Kafka (consumer group 'power'; one process per site); its requests: power request|status|cancel|report",
+             in_run=lambda cfg: True, inputs=(Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS), group="power",
+             outputs=(Topic.POWER_CAPS, Topic.ALERTS, Topic.POWER_REPORTS), options=(DRY_RUN,)),
     RoleSpec("archive", SINK, "pipeline.sinks.archive_sink:build",
              "run only the Parquet archive, consuming from Kafka (consumer group 'archive')",
              in_run=lambda cfg: True, inputs=tuple(DATASET_OF_TOPIC), group="archive"),

@@ -13,8 +13,8 @@ the bus, the stop request, and these, each made once when the first role needs i
 
 Builders also leave what the status line, the summary report and /metrics read: the sources
 (`sources`), the archive's writer (`writer`), the notifier (`notifier`), the collectors roles
-add to /metrics (`collectors`). `progress` (ops/progress.py) counts what each role produced
-and read, at the emit and at the intake gate.
+add to /metrics (`collectors`), the HTTP endpoints they add to --http (`routes`). `progress`
+(ops/progress.py) counts what each role produced and read, at the emit and at the intake gate.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ class Context:
         self.writer: Any = None    # the archive's ArchiveWriter, once archive built it
         self.notifier: Any = None  # notify's Notifier, once notify built it
         self.collectors: list = []  # prometheus_client collectors roles add to the process's /metrics
+        self.routes: dict = {}      # (method, path) -> handler: HTTP endpoints roles add to --http (ops/http.py)
+        self.power: Any = None      # the power role's PowerRole, once built
         self.progress = Progress()  # what each role produced and read (ops/progress.py)
         self._detector: tuple | None = None
         self._sim: Any = None

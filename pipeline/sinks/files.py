@@ -47,3 +47,72 @@ def append_durably(path: Path, text: str) -> None:
             raise
     finally:
         os.close(fd)
+
+
+class SharedJson:
+    """A JSON file that writers (the CLI, an HTTP endpoint) change one at a time under an
+    advisory lock and replace atomically, and that a daemon re-reads when it changed: the
+    silences (sinks/silences.py) and the power requests (power/store.py). `what` names its
+    content in messages ("silences")."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path, self.what = Path(path), what
+        self._stamp: tuple[int, int, int] | None = None
+
+    def changed(self) -> bool:
+        """Has the file changed since the last call (or write)? A replace gives a new inode."""
+        try:
+            st = self.path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        changed, self._stamp = stamp != self._stamp, stamp
+        return changed
+
+    def read(self) -> dict | None:
+        """The document (None: no file yet); ConfigError saying what to do when it does not parse."""
+        import json
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+            return doc
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise self.unreadable(e) from None
+
+    def unreadable(self, e: Exception):
+        """The ConfigError of a file that does not parse, or whose content is wrong."""
+        from pipeline.config import ConfigError
+        return ConfigError(f"{self.what} file {self.path} is unreadable ({type(e).__name__}: {e}); fix it, or move "
+                           f"it away to start with none")
+
+    def locked(self):
+        """A context: writers one at a time (re-read under it: no writer loses another's
+        change; a corrupt file stops a writer rather than being replaced)."""
+        import contextlib
+        import fcntl
+
+        from pipeline.config import ConfigError
+
+        @contextlib.contextmanager
+        def lock():
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path.with_name(f".{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ConfigError(f"cannot write {self.what} in {self.path.parent} ({e.strerror}); check --data-dir "
+                                  f"and its permissions") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the lock
+        return lock()
+
+    def write(self, doc: dict) -> None:
+        """Replace the file (under `locked`)."""
+        import json
+        write_atomically(self.path, json.dumps(doc, indent=2) + "\n")
+        self.changed()  # what we wrote is what we have

@@ -9,7 +9,6 @@ an entry can be POSTed to an Alertmanager's /api/v2/silences as it is.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from pipeline.config import ConfigError
 from pipeline.humanize import age
 from pipeline.model import iso_utc, parse_iso_utc
-from pipeline.sinks.files import write_atomically
+from pipeline.sinks.files import SharedJson
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +123,9 @@ class SilenceStore:
     an advisory lock; readers (the daemon) call refresh() to pick up changes."""
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+        self.file = SharedJson(path, "silences")
+        self.path = self.file.path
         self._silences: dict[str, Silence] = {}
-        self._stamp: tuple[int, int, int] | None = None
         self.refresh()
 
     def add(self, matchers: Iterable[Matcher | str], duration_s: float, created_by: str, comment: str,
@@ -175,17 +174,10 @@ class SilenceStore:
         return [s for s in self.all() if s.active(now)]
 
     def refresh(self) -> bool:
-        """Re-read the file if it changed (a replace gives a new inode); True if the silences changed.
-        A file that does not parse is logged (once per version) and the last good set kept."""
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            changed, self._silences, self._stamp = bool(self._silences), {}, None
-            return changed
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
+        """Re-read the file if it changed; True if the silences changed. A file that does not
+        parse is logged (once per version) and the last good set kept."""
+        if not self.file.changed():
             return False
-        self._stamp = stamp
         try:
             silences = self._read()
         except ConfigError as e:
@@ -196,37 +188,21 @@ class SilenceStore:
         return changed
 
     def _read(self) -> dict[str, Silence]:
+        doc = self.file.read()
         try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
-            return {s.id: s for s in map(Silence.from_json, doc["silences"])}
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
-            raise ConfigError(f"silences file {self.path} is unreadable ({type(e).__name__}: {e}); fix it, or move "
-                              f"it away to start with no silences") from None
+            return {s.id: s for s in map(Silence.from_json, doc["silences"])} if doc is not None else {}
+        except (ValueError, KeyError, TypeError, ConfigError) as e:
+            raise self.file.unreadable(e) from None
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """Serialise writers (two operators adding silences at once) and re-read under the lock,
-        so no writer loses another's silence; a corrupt file stops a writer rather than being replaced."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path.with_name(f".{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise ConfigError(f"cannot write silences in {self.path.parent} ({e.strerror}); check --data-dir "
-                              f"and its permissions") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        """Writers one at a time (two operators adding silences at once), on the file as it is now."""
+        with self.file.locked():
             self._silences = self._read()
             yield
-        finally:
-            os.close(fd)  # releases the lock
 
     def _write(self) -> None:
-        doc = {"version": 1, "silences": [s.to_json() for s in self.all()]}
-        write_atomically(self.path, json.dumps(doc, indent=2) + "\n")  # under the writers' lock
-        st = self.path.stat()
-        self._stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        self.file.write({"version": 1, "silences": [s.to_json() for s in self.all()]})
 
 
 def silence_store(data_dir: str | os.PathLike[str]) -> SilenceStore:

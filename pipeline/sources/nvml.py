@@ -31,6 +31,7 @@ import asyncio
 import logging
 import threading
 import time
+from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
@@ -151,6 +152,7 @@ class NvmlAgent:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml-scrape")
         self._events_stop = threading.Event()
         self.power = PowerLimiter(self)  # blocking: through on_nvml_thread from async code
+        self.opened = asyncio.Event()  # set once open() found the GPUs
 
     # ---- start-up ----------------------------------------------------------------
 
@@ -373,6 +375,7 @@ class NvmlAgent:
         """Scrape every interval until `stop`; events as they come."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._pool, self.open)
+        self.opened.set()
         pending: asyncio.Queue[dict] = asyncio.Queue()
         watcher = threading.Thread(target=self.watch_events, name="nvml-events", daemon=True,
                                    args=(lambda e: loop.call_soon_threadsafe(pending.put_nowait, e),))
@@ -422,6 +425,10 @@ def _is_lost(g: Gpu) -> bool:
     return False
 
 
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
 def _now_ns() -> int:
     """Wall clock at microsecond resolution (NVML's own; whole microseconds convert to datetime)."""
     return time.time_ns() // 1000 * 1000
@@ -459,9 +466,10 @@ class NvmlSource:
     latest scrape is also served under dcgm-exporter's names (`exposition`, a collector
     for /metrics: sources/dcgm_exposition.py)."""
 
-    def __init__(self, agent: NvmlAgent, replay=None, replay_name: str = "") -> None:
+    def __init__(self, agent: NvmlAgent, replay=None, replay_name: str = "", caps=None) -> None:
         from pipeline.sources.dcgm_exposition import GpuExposition
         self.agent, self.replay, self.replay_name = agent, replay, replay_name
+        self.caps = caps  # the power role's caps for this node (bus.listen), or None
         self.gpu_samples = 0
         self.exposition = GpuExposition()
 
@@ -485,7 +493,21 @@ class NvmlSource:
                     self.exposition.forget(e["gpu_uuid"])
             await emit(Topic.EVENTS, batch)
         with self.replay.installed() if self.replay is not None else contextlib.nullcontext():
-            await self.agent.run(samples, events, stop)
+            if self.caps is None:
+                await self.agent.run(samples, events, stop)
+                return
+            from pipeline.sources.nvml_power import NvmlCaps
+            from pipeline.sources.power_caps import alongside, follow_caps
+            applier = NvmlCaps(self.agent, self.agent.cfg.site, self.agent.cfg.rack)
+
+            async def follow(stop: asyncio.Event) -> None:
+                await self.agent.opened.wait()  # the GPUs are known
+                try:
+                    await follow_caps(self.caps, applier, emit, stop, _utc_now)
+                finally:
+                    if (close := getattr(self.caps, "close", None)) is not None:
+                        await close()
+            await alongside(lambda source_stop: self.agent.run(samples, events, source_stop), follow, stop)
 
     def stats(self) -> dict[str, int]:
         return {"gpu_samples": self.gpu_samples}
@@ -510,6 +532,8 @@ def build(ctx, spec) -> NvmlSource:
     if a.replay:
         from pipeline.sources.nvml_replay import NvmlReplay
         replay = NvmlReplay(a.replay, a.replay_gpus)
-    source = NvmlSource(agent, replay, a.replay)
+    from pipeline.bus.base import Topic
+    from pipeline.bus.keys import rack_key
+    source = NvmlSource(agent, replay, a.replay, ctx.bus.listen(Topic.POWER_CAPS, [rack_key(a.site, a.rack)]))
     ctx.collectors.append(source.exposition)  # /metrics under dcgm-exporter's names
     return source

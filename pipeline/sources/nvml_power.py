@@ -157,3 +157,32 @@ _LOST = "GPU {g.index} is lost (NVML_ERROR_GPU_IS_LOST): no limit set; see runbo
 
 def _range(bounds: tuple[float, float, float] | None) -> str:
     return "unknown" if bounds is None else f"{bounds[0]:g}-{bounds[1]:g} W"
+
+
+class NvmlCaps:
+    """The agent's CapApplier (sources/power_caps.py): the power role's commands for this
+    node's GPUs, applied by UUID through its PowerLimiter on the NVML thread."""
+
+    def __init__(self, agent: NvmlAgent, site: str, rack: str) -> None:
+        self.agent, self.site, self.rack = agent, site, rack
+
+    def mine(self, caps):
+        from pipeline.sources.power_caps import for_node
+        return for_node(caps, self.agent.node)
+
+    async def apply(self, uuids: list[str], cap_w: list[float | None]) -> list[CapResult]:
+        return await self.agent.on_nvml_thread(self._apply, uuids, cap_w)
+
+    def _apply(self, uuids: list[str], cap_w: list[float | None]) -> list[CapResult]:
+        index = {g.uuid: g.index for g in self.agent.gpus}
+        out = []
+        for uuid, w in zip(uuids, cap_w):
+            if uuid not in index:
+                out.append(CapResult(-1, uuid, w, None, "error", f"no GPU {uuid} on node {self.agent.node}: the "
+                                     f"power role's view of the fleet is stale (a replaced GPU?); nothing set"))
+            else:
+                out.append(self.agent.power.restore(index[uuid]) if w is None else self.agent.power.apply(index[uuid], w))
+        return out
+
+    def where(self, uuid: str) -> tuple[str, str]:
+        return self.rack, self.agent.node

@@ -23,6 +23,15 @@ power/curve.py): NVML reports a new limit at once and the power settles under it
 0.2-0.4 s (first order, tau CAP_TAU_S); a GPU the cap holds below its draw runs at the
 curve's clock for that power with reason 0x4 (SW power cap) and does the curve's share
 of its work (`work_done` against `work_uncapped`).
+
+Jobs differ in how much of their work a cap costs (`group_sens`, the compute-bound share of
+a job's time): a compute-bound job (training, prefill) runs at the curve's rate, a
+memory-bound one (decode, embedding lookups) waits on HBM, whose bandwidth a lower SM clock
+barely touches. A job of sensitivity s held to a compute rate r (the curve at the capped
+power over the curve at its draw) keeps 1 / (s / r + 1 - s) of its work (Amdahl), and its
+memory traffic (`util_mem`) falls with its work: what NVML would show, and what Fleetwatch
+learns sensitivities from (power/learn.py). Sensitivities come from a separate generator
+(seed, 15), and change nothing without a cap: an uncapped run stays bit-identical.
 """
 
 from __future__ import annotations
@@ -58,6 +67,12 @@ CAP_TAU_S = 0.1                   # a new power limit: settled (to 5%) within 0.
 SLOWDOWN_C = 89.0                 # HW thermal slowdown threshold (the recorded H100's NVML threshold)
 MEM_IDLE_B = 503_316_480
 MEM_CLOCK_MHZ = 2619.0
+# Per job, the compute-bound share of its time: most jobs are compute-bound (training, prefill);
+# MEMORY_BOUND_SHARE of those that fill the power limit, and every job that does not
+# (intensity < 1: memory- or I/O-bound), wait mostly on memory.
+COMPUTE_BOUND_SENS = (0.8, 1.0)
+MEMORY_BOUND_SENS = (0.1, 0.4)
+MEMORY_BOUND_SHARE = 0.3
 GPU_MODEL = "NVIDIA H100 80GB HBM3"  # the recorded H100's NVML name
 DRIVER_VERSION = "580.159.04"        # and its driver
 _HGX_BUSES = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)  # an HGX H100 8-GPU board's PCI buses
@@ -149,6 +164,12 @@ class FleetSimulator:
         self.group_until = rng.uniform(0, 1800, n_groups)
         self.group_intensity = self._draw_intensity(n_groups)
         self.group_mem = rng.uniform(55e9, 78e9, n_groups)
+        # A separate stream: drawing sensitivities leaves the fleet's own draws (and an uncapped run) as they were.
+        self.sens_rng = np.random.default_rng((cfg.seed, 15))
+        self.group_sens = self._draw_sensitivity(self.group_intensity)
+        # The hidden truth of the last tick, for the eval: each GPU's draw were no cap set, its work rate.
+        self.power_uncapped = np.zeros(self.n_gpus)
+        self._rate = np.zeros(self.n_gpus)
         # Facility state.
         self.return_temp = np.full(R, cfg.supply_temp_c + 4.0)
         self.pdu_energy = rng.uniform(1e9, 1e11, R)
@@ -171,6 +192,27 @@ class FleetSimulator:
     def _draw_intensity(self, n: int) -> np.ndarray:
         # Most jobs saturate the power cap; some are memory- or I/O-bound.
         return np.where(self.rng.random(n) < 0.85, 1.0, self.rng.uniform(0.35, 0.7, n))
+
+    def _draw_sensitivity(self, intensity: np.ndarray) -> np.ndarray:
+        r = self.sens_rng
+        n = intensity.size
+        memory = (intensity < 1.0) | (r.random(n) < MEMORY_BOUND_SHARE)
+        return np.where(memory, r.uniform(*MEMORY_BOUND_SENS, n), r.uniform(*COMPUTE_BOUND_SENS, n))
+
+    def keep(self, power_w, free_w=None, gpus=None) -> np.ndarray:
+        """The share of its uncapped work each GPU's job keeps held to `power_w` (W) instead of
+        `free_w` (its draw were no cap set; default: this tick's): the simulator's truth."""
+        gpus = slice(None) if gpus is None else gpus
+        free = self.power_uncapped[gpus] if free_w is None else np.asarray(free_w, np.float64)
+        sens = self.group_sens[self.node_group][self.gpu_node][gpus]
+        at_free = self.curve.at(free)
+        r = np.where(at_free > 0, self.curve.at(np.minimum(power_w, free)) / np.where(at_free > 0, at_free, 1.0), 1.0)
+        held = 1.0 / (sens / np.maximum(r, 1e-9) + 1.0 - sens)
+        return np.where(r >= 1.0, 1.0, np.where(r > 0, held, 0.0))  # exactly 1 where the cap does not hold
+
+    def work_rate(self, power_w) -> np.ndarray:
+        """Each GPU's work per second (full-load GPU-seconds) held to `power_w`, this tick."""
+        return self._rate * self.curve.at(self.power_uncapped) * self.keep(power_w)
 
     def _init_thermal_state(self) -> None:
         busy = self.group_busy[self.node_group][self.gpu_node]
@@ -408,6 +450,7 @@ class FleetSimulator:
         starting = due[self.group_busy[due]]
         self.group_intensity[starting] = self._draw_intensity(starting.size)
         self.group_mem[starting] = rng.uniform(55e9, 78e9, starting.size)
+        self.group_sens[starting] = self._draw_sensitivity(self.group_intensity[starting])
         durations = np.where(self.group_busy[due],
                              np.clip(rng.exponential(2400, due.size), 300, 4 * 3600),
                              np.clip(rng.exponential(480, due.size), 60, 3600))
@@ -507,10 +550,13 @@ class FleetSimulator:
         # Work: a busy GPU's job does `intensity` of a full-load GPU's work at the default limit,
         # scaled by the curve between that nominal power and the power it holds (faults lower both).
         working = busy & ~fx["missing"]
-        rate = np.where(working, intensity / self.curve.at(np.minimum(demand, limit)), 0.0) * dt
+        rate = np.where(working, intensity / self.curve.at(np.minimum(demand, limit)), 0.0)
+        self._rate, self.power_uncapped = rate, free_power
+        rate = rate * dt
         work_free = rate * self.curve.at(free_power)
         self.work_uncapped += work_free
-        self.work_done += rate * self.curve.at(power) if any_held else work_free
+        kept = self.keep(power) if any_held else None  # the job's sensitivity: what the cap costs it
+        self.work_done += work_free * kept if any_held else work_free
         self.last_power = power
 
         # Rack power and coolant.
@@ -554,7 +600,7 @@ class FleetSimulator:
             "ts": pa.array(np.full(G, self._start_ns + int(round(self.t * 1e9)), "datetime64[ns]"), GPU_SAMPLE.field("ts").type),
             "power_w": reported_power, "energy_j": np.round(self.energy_j, 3), "gpu_temp_c": gpu_temp,
             "mem_temp_c": mem_temp, "sm_clock_mhz": sm, "mem_clock_mhz": np.full(G, MEM_CLOCK_MHZ),
-            "util_gpu": np.round(util, 2), "util_mem": np.round(np.where(busy, util * 0.34, 0.0), 2),
+            "util_gpu": np.round(util, 2), "util_mem": np.round(np.where(busy, util * 0.34 * (kept if any_held else 1.0), 0.0), 2),
             "mem_used_bytes": mem_used, "clock_event_reasons": reasons, "pstate": np.zeros(G, np.int16),
             "pcie_replay_total": self.pcie.copy(), "ecc_sbe_volatile_total": self.sbe.copy(),
             "ecc_dbe_volatile_total": self.dbe.copy(), "remapped_rows_correctable": self.remap_c.copy(),
@@ -590,11 +636,20 @@ class SimulatorSource:
     facility readings go out on MQTT instead of the bus, as a real site's do, and the
     publisher drains its buffer after the stop."""
 
-    def __init__(self, sim: FleetSimulator, speed: float, bms=None, mqtt_broker: str = "") -> None:
+    def __init__(self, sim: FleetSimulator, speed: float, bms=None, mqtt_broker: str = "", caps=None) -> None:
         self.sim, self.speed, self.bms, self.mqtt_broker = sim, speed, bms, mqtt_broker
+        self.caps = caps  # the power role's caps (bus.listen), followed as agents do (sources/power_caps.py)
         self.gpu_samples = 0
 
     async def run(self, emit, stop) -> None:
+        if self.caps is None:
+            return await self._run(emit, stop)
+        from pipeline.sources.power_caps import SimulatedCaps, alongside, follow_caps
+        applier = SimulatedCaps(self.sim)
+        await alongside(lambda source_stop: self._run(emit, source_stop),
+                        lambda stop: follow_caps(self.caps, applier, emit, stop, lambda: self.sim.now), stop)
+
+    async def _run(self, emit, stop) -> None:
         import asyncio
         if self.bms is None:
             await self._simulate(emit, stop)
@@ -656,4 +711,5 @@ def build(ctx, spec) -> SimulatorSource:
         from pipeline.sources.bms import BmsPublisher
         bms = BmsPublisher(*host_port("mqtt.broker", m.broker, 1883), client_id=f"fleetwatch-bms-sim-{cfg.fleet.site}",
                            topic_root=m.topic_root)
-    return SimulatorSource(ctx.simulator(), cfg.fleet.speed, bms, m.broker)
+    from pipeline.bus.base import Topic
+    return SimulatorSource(ctx.simulator(), cfg.fleet.speed, bms, m.broker, ctx.bus.listen(Topic.POWER_CAPS, []))  # every rack's

@@ -16,3 +16,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if E2E in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def broker():
+    """A Kafka broker for the module's tests (a module that needs its own settings defines its own)."""
+    from tests.services import KafkaBroker
+    b = KafkaBroker().start()
+    yield b
+    b.close()

@@ -1,0 +1,538 @@
+"""The power role: demand response for one site (`fleet.site`).
+
+It follows the site's GPU and facility data (consumer group `power`) into the site's
+controller (power/controller.py) and steps it every `power.control_interval_s` of the
+data's time. Requests come in three ways, each ending in the request store
+(`<data_dir>/power/`, power/store.py) with the role's verdict:
+
+  the command line   `fleetwatch power request` writes the store; the role re-reads it
+  HTTP               `POST /power/requests` on the process's --http (a route this role adds)
+  the grid signal    power_request rows on fleetwatch.power.requests (a utility's or BMS
+                     gateway's); a row that is not a valid request is dead-lettered with
+                     the reason, counted, and logged once
+
+A request is judged when it arrives, against the fleet's live state (what the covered
+GPUs can shed within their classes: `Controller.flexible_kw`), and accepted or rejected
+saying why. Caps go out as `power_cap` rows on fleetwatch.power.caps (power/actuator.py
+BusActuator: each agent applies its node's, renewed within their lease); with
+`power.dry_run` nothing is sent (DryRunActuator: the plan is logged and reported).
+`PowerTargetMissed` fires on the alerts topic when a request's target is not reached by
+its ramp deadline or a minute of its hold falls short, and resolves at the request's
+end. Each request, when over, is one `power_request_report` row on
+fleetwatch.power.reports (archived as `power_requests`; `fleetwatch power report`).
+
+One power process per site: it is the site's only controller (Kafka: replicas 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.bus import EndOfStream, Message, Topic
+from pipeline.bus.intake import Rejection, dead_letters_for
+from pipeline.config import Config
+from pipeline.detect.catalog import raised
+from pipeline.model import POWER_REQUEST_REPORT, alerts_to_batch, iso_utc
+from pipeline.power.controller import Controller, Outcome
+from pipeline.power.curve import from_recording
+from pipeline.power.planner import uniform_cost
+from pipeline.power.request import PowerRequest, Rejected, validate
+from pipeline.power.store import OPEN, Entry, RequestStore, request_store
+
+log = logging.getLogger("fleetwatch")
+
+TFLOPS_PER_GPU = 989.0  # H100 SXM dense BF16 at full work: a full-load GPU-hour is 989 x 3600 TFLOP
+STATUS_EVERY_S = 1.0    # the status file is replaced at most this often (wall clock), and on each verdict
+MISSED = "PowerTargetMissed"
+BAD_REQUEST = "bad_request"  # the dead-letter reason of a grid-signal row that is not a valid request
+
+
+class DryRunActuator:
+    """`power.dry_run`: the caps planned, logged and kept (`planned`, UUID -> W), none applied."""
+
+    def __init__(self) -> None:
+        self.planned: dict[str, float] = {}
+        self.changes = 0
+
+    def apply(self, caps: dict[str, float | None]) -> None:
+        self.changes += len(caps)
+        for uuid, w in caps.items():
+            if w is None:
+                self.planned.pop(uuid, None)
+            else:
+                self.planned[uuid] = w
+        log.debug("power (dry run): %d caps planned, %d GPUs under a planned cap", len(caps), len(self.planned))
+
+
+@dataclass
+class Tracked:
+    """A request the role judged, and what it measures of it beyond the controller's Outcome."""
+    entry: Entry
+    req: PowerRequest | None = None
+    outcome: Outcome | None = None
+    state: str = "pending"
+    reason: str = ""
+    cancelled: bool = False
+    lost_gpu_h: float = 0.0       # the caps' cost, integrated over the request's steps
+    uniform_gpu_h: float = 0.0    # one cap on every covered GPU for the same watts, same steps
+    alert: Any = None             # the firing PowerTargetMissed
+    reported: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PowerRole:
+    """The role's logic, apart from the bus (tests drive it with batches and a clock)."""
+
+    def __init__(self, cfg: Config, store: RequestStore, actuator, publish: Callable[[Topic, pa.RecordBatch],
+                 Awaitable[None]], dry_run: bool | None = None, wall: Callable[[], float] = time.monotonic) -> None:
+        self.cfg, self.store, self.actuator, self.publish = cfg, store, actuator, publish
+        self.site = cfg.fleet.site
+        self.dry_run = cfg.power.dry_run if dry_run is None else dry_run
+        self.curve = from_recording()
+        self.ctl = Controller(self.site, self.curve, actuator, cfg.power, cfg.detect.site_power_cap_w)
+        self.tracked: dict[str, Tracked] = {}
+        self.now: datetime | None = None       # the data's time: the newest GPU or facility reading
+        self.next_step: datetime | None = None
+        self.last_step: datetime | None = None
+        self.wall = wall
+        self._status_at = -math.inf
+        self._dirty = True
+        self.signals_rejected = 0
+        self.signals_seen: set[str] = set()  # grid-signal ids taken or rejected (a redelivery is not news)
+        self.last_signal_rejection = ""
+
+    # ---- data in ------------------------------------------------------------------
+
+    def observe(self, message: Message) -> None:
+        batch = message.value
+        if batch.num_rows == 0:
+            return
+        keep = pc.equal(batch.column("site"), self.site)
+        if message.topic == Topic.FACILITY:  # the controller reads the meter's and the PDUs' power only
+            keep = pc.and_(keep, pc.equal(batch.column("metric"), "power_w"))
+        if not pc.all(keep).as_py():
+            batch = batch.filter(keep)
+            if batch.num_rows == 0:
+                return
+        # Microseconds, as Python's datetime holds them (the controller's clock): a reading's
+        # nanoseconds (the live simulator's, an agent's) are truncated.
+        i = batch.schema.get_field_index("ts")
+        batch = batch.set_column(i, "ts", batch.column(i).cast(pa.timestamp("us", tz="UTC"), safe=False))
+        if message.topic == Topic.GPU:
+            self.ctl.observe_gpus(batch)
+        elif message.topic == Topic.FACILITY:
+            self.ctl.observe_facility(batch)
+        else:
+            return
+        newest = pc.max(batch.column("ts")).as_py()
+        if newest is not None and (self.now is None or newest > self.now):
+            self.now = newest
+
+    def clock(self) -> datetime:
+        """The role's now: the data's, or the wall clock's before any data."""
+        return self.now or datetime.now(timezone.utc)
+
+    # ---- requests in ----------------------------------------------------------------
+
+    def submit(self, data: dict[str, Any], source: str) -> Entry:
+        """A request from HTTP or the grid signal: stored, then judged now if the fleet is known.
+        Rejected (raised) for what needs no fleet to refuse (its form, in the past, overlapping)."""
+        entry, _ = self.store.add(data, source, self.clock())
+        self._take(entry)
+        return entry
+
+    async def grid_signal(self, message: Message, dead_letters) -> None:
+        """power_request rows from the topic; a row that is not a valid request is dead-lettered."""
+        bad: list[tuple[dict, str]] = []
+        for row in message.value.to_pylist():
+            rid = str(row.get("id") or "")
+            if rid and (self.store.known(rid) or rid in self.signals_seen):
+                continue  # delivered again (a restart re-reads what was not committed)
+            if rid:
+                self.signals_seen.add(rid)
+            try:
+                self.submit({k: v for k, v in row.items() if v is not None and k != "source"}, "kafka")
+            except Rejected as why:
+                bad.append((row, str(why)))
+        if not bad:
+            return
+        for row, why in bad:
+            if self.signals_rejected == 0:
+                log.warning("power: a grid-signal request was rejected (%s: %s); it is dead-lettered to %s. Further "
+                            "rejected requests are counted and dead-lettered, not logged", row.get("id"), why,
+                            dead_letters.where)
+            self.signals_rejected += 1
+            self.last_signal_rejection = f"{row.get('id')}: {why}"
+        rows = pa.Table.from_pylist([r for r, _ in bad], schema=message.value.schema)
+        await dead_letters.write("power", [(message, Rejection(BAD_REQUEST, why, rows.slice(i, 1).to_batches()[0]))
+                                           for i, (_, why) in enumerate(bad)])
+        self._dirty = True
+
+    def poll_store(self) -> None:
+        """Requests the CLI added or cancelled since the last look, and those still waiting to be judged."""
+        self.store.refresh()
+        for entry in self.store.entries():
+            t = self.tracked.get(entry.id)
+            if t is None:
+                if entry.state in OPEN and not entry.cancelled:
+                    self._take(entry)
+                continue
+            if entry.cancelled and not t.cancelled and t.state in OPEN:
+                self._cancel(t)
+
+    def _take(self, entry: Entry) -> None:
+        """Judge a request once the fleet is known (GPU data and a meter reading); until then it waits."""
+        if not self.ctl.gpus.uuids or not self.ctl.meter:
+            return
+        now = self.clock()
+        t = Tracked(entry)
+        self.tracked[entry.id] = t
+        try:
+            req = entry.parsed(now)
+            if entry.state in ("accepted", "active", "restoring") and req.start < now:
+                # Accepted before this process started (a restart): it goes on from now to its end.
+                if req.end <= now:
+                    raise Rejected("it ended while the power role was down")
+                req = dataclasses.replace(req, start=now, duration_s=(req.end - now).total_seconds(),
+                                          ramp_s=min(req.ramp_s, (req.end - now).total_seconds()))
+            if req.site != self.site:
+                raise Rejected(f"site {req.site!r}: this power role controls site {self.site!r} (fleet.site); send it "
+                               f"to that site's")
+            unknown = sorted(set(req.racks) - set(self.ctl.gpus.racks))
+            if unknown:
+                raise Rejected(f"racks {', '.join(unknown)}: no GPU of site {self.site} reports from them")
+            open_ = [o.req for o in self.tracked.values() if o.req is not None and o.state in OPEN and o is not t]
+            baseline = self.ctl.covered_kw(req) if req.racks else self.ctl.baseline_kw(now)
+            validate(req, now, [r for r in open_ if r.end > now], baseline, self.ctl.flexible_kw(req.racks))
+        except Rejected as why:
+            t.state, t.reason = "rejected", str(why)
+            log.warning("power request %s rejected: %s", entry.id, why)
+            self.store.set_state(entry.id, "rejected", str(why))
+            self._dirty = True
+            return
+        t.req, t.outcome, t.state = req, self.ctl.submit(req), "accepted"
+        log.info("power request %s accepted (%s): %s of %s from %s for %.0f s, ramp %.0f s%s", req.id, req.source,
+                 req.goal(), req.where(), iso_utc(req.start), req.duration_s, req.ramp_s,
+                 " (dry run: nothing applied)" if self.dry_run else "")
+        self.store.set_state(entry.id, "accepted", start=iso_utc(req.start))
+        self._dirty = True
+
+    def _cancel(self, t: Tracked) -> None:
+        t.cancelled = True
+        what = self.ctl.cancel(t.req.id) if t.req is not None else ""
+        log.info("power request %s cancelled: %s", t.entry.id, {"dropped": "it had not started",
+                                                                 "restoring": "its caps are restored in steps"}.get(
+            what, "it was over"))
+        if what == "dropped":
+            self._set(t, "cancelled", "cancelled before its start")
+        self._dirty = True
+
+    # ---- the loop -----------------------------------------------------------------
+
+    async def tick(self) -> None:
+        """After each read: new requests, a control step when one is due, the status file."""
+        self.poll_store()  # (also the requests that wait for the fleet to be known)
+        if self.now is not None:
+            interval = timedelta(seconds=self.cfg.power.control_interval_s)
+            if self.next_step is None:
+                self.next_step = self.now
+            if self.now >= self.next_step:
+                await self.step(self.now)
+                self.next_step = max(self.next_step + interval, self.now)
+        if self._dirty or self.wall() - self._status_at >= STATUS_EVERY_S:
+            self.write_status()
+
+    async def step(self, now: datetime) -> None:
+        ctl = self.ctl
+        ctl.step(now)
+        dt = (now - self.last_step).total_seconds() if self.last_step is not None else 0.0
+        self.last_step = now
+        for t in list(self.tracked.values()):
+            if t.req is None or t.state not in OPEN:
+                continue
+            o, req = t.outcome, t.req
+            started = o.baseline_kw is not None
+            if started and math.isnan(o.baseline_kw):
+                await self._finish(t, now, "done", "no meter reading to take its baseline on")
+                continue
+            if ctl.active is req:
+                self._account(t, dt)
+                self._set(t, "active" if ctl.phase == "active" else "restoring")
+                if ctl.phase == "active" and not self.dry_run and not t.cancelled:
+                    await self._judge(t, now)
+            elif started:
+                await self._finish(t, now, "cancelled" if t.cancelled else "done")
+            elif now >= req.end:
+                await self._finish(t, now, "done", "never started: no data at its start")
+        await self._send_caps(now)
+
+    def _account(self, t: Tracked, dt: float) -> None:
+        """The caps' cost over the last step, and uniform capping's for the same watts (the planner's model)."""
+        if dt <= 0:
+            return
+        ctl = self.ctl
+        try:
+            snap = ctl._snapshot(t.req.racks)
+        except Exception:  # the controller's internals moved: the cost is left out, the loop goes on
+            return
+        mine = ctl.gpus.covered(t.req.racks)
+        cap = ctl.cap[mine] if ctl.cap.size else np.full(mine.size, np.nan)
+        full = snap.work(np.full(mine.size, np.nan), self.curve)
+        lost = float(np.sum(full - snap.work(cap, self.curve)))
+        shed_w = float(np.nansum(np.maximum(snap.power_w - np.where(np.isnan(cap), snap.power_w, cap), 0.0)))
+        uniform = uniform_cost(snap, shed_w, self.curve)[1] if shed_w > 0 else 0.0
+        t.lost_gpu_h += max(lost, 0.0) * dt / 3600.0
+        t.uniform_gpu_h += max(uniform, 0.0) * dt / 3600.0
+
+    async def _judge(self, t: Tracked, now: datetime, final: bool = False) -> None:
+        """PowerTargetMissed: not reached by the ramp deadline, or a whole minute of the hold short
+        (`final`: the request is over, every minute counts)."""
+        if t.alert is not None or "missed" in t.extra:
+            return
+        o, req = t.outcome, t.req
+        since = (now - req.start).total_seconds()
+        missed = ""
+        if since > req.ramp_s and (o.reached_s is None or o.reached_s > req.ramp_s):
+            got = o.achieved_kw[-1][1] if o.achieved_kw else None
+            missed = (f"did not reach {o.requested_kw:.1f} kW of reduction within its {req.ramp_s:g} s ramp"
+                      + (f" (reached at {o.reached_s:.0f} s)" if o.reached_s is not None else
+                         f" ({got:.1f} kW now)" if got is not None else ""))
+        else:
+            means = o.minute_means()
+            if not final and o.achieved_kw:  # only the minutes that are over
+                means = means[:int((o.achieved_kw[-1][0] - o.achieved_kw[0][0]) // 60)]
+            short = [(i, m) for i, m in enumerate(means) if m < 0.98 * o.requested_kw]
+            if short:
+                i, m = short[0]
+                missed = (f"held {m:.1f} kW of its {o.requested_kw:.1f} kW reduction in minute {i + 1} of the hold")
+        if missed:
+            t.alert = raised(MISSED, {"site": self.site, "rack": "", "request": req.id},
+                             {"request": req.id, "missed": missed}, now, self.cfg.alerts.runbook_base_url)
+            log.warning("power request %s: %s", req.id, missed)
+            t.extra["missed"] = missed
+            await self.publish(Topic.ALERTS, alerts_to_batch([(now, t.alert)]))
+
+    async def _finish(self, t: Tracked, now: datetime, state: str, why: str = "") -> None:
+        o = t.outcome
+        if not why and not self.dry_run and not t.cancelled and o.requested_kw:
+            await self._judge(t, now, final=True)  # a last minute short: raised, and resolved with the request
+        if t.alert is not None:
+            resolved = dataclasses.replace(t.alert, ends_at=max(now, t.alert.starts_at))
+            await self.publish(Topic.ALERTS, alerts_to_batch([(resolved.ends_at, resolved)]))
+            t.alert = None
+        if t.cancelled:  # ended early on purpose: not met, whatever it held until then
+            held = o.achieved_kw[-1][0] if o.achieved_kw else 0.0
+            why = why or f"cancelled after {held:.0f} s of its {t.req.duration_s:g} s"
+        elif not why and not o.met:
+            why = "dry run: no cap applied" if self.dry_run else t.extra.get("missed") or _shortfall(o)
+        self._set(t, state, why)
+        if not t.reported:
+            t.reported = True
+            await self.publish(Topic.POWER_REPORTS, report_batch([report_row(t, now, self.dry_run)]))
+        log.info("power request %s %s: %s", t.req.id, state, summary(report_row(t, now, self.dry_run)))
+
+    def _set(self, t: Tracked, state: str, reason: str = "") -> None:
+        if (t.state, t.reason) != (state, reason):
+            t.state, t.reason = state, reason
+            self.store.set_state(t.entry.id, state, reason)
+            self._dirty = True
+
+    async def _send_caps(self, now: datetime) -> None:
+        rows = getattr(self.actuator, "rows", None)
+        if rows is None:
+            return
+        active = self.ctl.active
+        current = active.id if active is not None else next(
+            (t.req.id for t in reversed(list(self.tracked.values())) if t.req is not None), "")
+        batch = rows(now, self.ctl.gpus, current)
+        if batch is not None and batch.num_rows:
+            await self.publish(Topic.POWER_CAPS, batch)
+
+    async def close(self) -> None:
+        """The process stops: every cap restored (sent), alerts resolved; the store keeps what is
+        not over, and the next start resumes it."""
+        now = self.clock()
+        self.ctl.stop()
+        await self._send_caps(now)
+        for t in self.tracked.values():
+            if t.alert is not None:
+                resolved = dataclasses.replace(t.alert, ends_at=max(now, t.alert.starts_at))
+                await self.publish(Topic.ALERTS, alerts_to_batch([(resolved.ends_at, resolved)]))
+                t.alert = None
+        self.write_status()
+
+    # ---- what the user sees ------------------------------------------------------------
+
+    def live(self, t: Tracked) -> dict[str, Any]:
+        o = t.outcome
+        out: dict[str, Any] = {"state": t.state, "reason": t.reason}
+        if t.req is not None:
+            out["start"] = iso_utc(t.req.start)  # "now" resolved, on the role's clock
+        if o is not None and o.baseline_kw is not None and not math.isnan(o.baseline_kw):
+            out.update(baseline_kw=_r(o.baseline_kw), requested_kw=_r(o.requested_kw),
+                       achieved_kw=_r(o.achieved_kw[-1][1]) if o.achieved_kw else None,
+                       reached_s=_r(o.reached_s), gpus_capped=o.gpus_capped,
+                       throughput_lost_gpu_h=_r(t.lost_gpu_h, 3), uniform_lost_gpu_h=_r(t.uniform_gpu_h, 3))
+        if "missed" in t.extra:
+            out["missed"] = t.extra["missed"]
+        return out
+
+    def status(self) -> dict[str, Any]:
+        ctl = self.ctl
+        return {"updated": iso_utc(self.clock()), "site": self.site, "dry_run": self.dry_run,
+                "gpus": len(ctl.gpus.uuids), "site_kw": _r(ctl.meter[-1][1]) if ctl.meter else None,
+                "flexible_kw": _r(ctl.flexible_kw()) if ctl.gpus.uuids else None, "phase": ctl.phase,
+                "grid_signal_rejected": self.signals_rejected, "grid_signal_last_rejection": self.last_signal_rejection,
+                "requests": {i: self.live(t) for i, t in self.tracked.items()}}
+
+    def write_status(self) -> None:
+        try:
+            self.store.write_status(self.status())
+        except OSError as e:
+            log.warning("power: cannot write %s (%s); `fleetwatch power status` shows older numbers",
+                        self.store.status_path, e)
+        self._status_at, self._dirty = self.wall(), False
+
+    def routes(self) -> dict[tuple[str, str], Callable[[bytes], Awaitable[tuple[int, Any]]]]:
+        """The HTTP endpoints this role adds to the process's --http (ops/http.py)."""
+        async def post(body: bytes) -> tuple[int, Any]:
+            try:
+                data = json.loads(body or b"{}")
+                if not isinstance(data, dict):
+                    raise Rejected("the body must be a JSON object of a power request (schemas/power_request.v1.json)")
+                entry = self.submit(data, "http")
+            except ValueError as why:  # Rejected, or JSON that does not parse
+                return 400, {"error": str(why)}
+            t = self.tracked.get(entry.id)
+            state, reason = (t.state, t.reason) if t is not None else (entry.state, entry.reason)
+            self.write_status()
+            return (400 if state == "rejected" else 202), {"id": entry.id, "state": state, "reason": reason}
+
+        async def get(body: bytes) -> tuple[int, Any]:
+            return 200, status_doc(self.store)
+        return {("POST", "/power/requests"): post, ("GET", "/power/requests"): get}
+
+
+def _r(x: float | None, digits: int = 2) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), digits)
+
+
+def _shortfall(o: Outcome) -> str:
+    if o.reached_s is None:
+        return "never reached its target"
+    return f"reached at {o.reached_s:.0f} s" + (f"; the worst minute held {min(o.minute_means()):.1f} kW of "
+                                               f"{o.requested_kw:.1f} kW" if o.minute_means() else "")
+
+
+def report_row(t: Tracked, now: datetime, dry_run: bool) -> dict[str, Any]:
+    """One request's power_request_report row (model.POWER_REQUEST_REPORT)."""
+    req, o = t.req, t.outcome
+    held = [kw for _, kw in o.achieved_kw] if o is not None else []
+    times = np.array([s for s, _ in o.achieved_kw]) if held else np.zeros(0)
+    energy = None
+    if held:
+        spacing = np.diff(times, append=times[-1] + (float(np.median(np.diff(times))) if len(times) > 1 else 1.0))
+        energy = float(np.sum(np.array(held) * spacing)) / 3600.0
+    means = o.minute_means() if o is not None else []
+    started = o is not None and o.baseline_kw is not None and not math.isnan(o.baseline_kw)
+    return {
+        "ts": now, "id": req.id, "site": req.site, "racks": ",".join(req.racks) or None, "source": req.source,
+        "start": req.start, "end": req.end, "ramp_s": req.ramp_s, "target_kw": req.target_kw,
+        "requested_kw": o.requested_kw if started else None, "baseline_kw": o.baseline_kw if started else None,
+        "reached_s": o.reached_s, "reduction_p50_kw": float(np.median(held)) if held else None,
+        "reduction_min_kw": min(means) if means else None, "energy_curtailed_kwh": energy,
+        "gpus_capped": o.gpus_capped if started else 0, "throughput_lost_gpu_h": t.lost_gpu_h,
+        "throughput_lost_tflop": t.lost_gpu_h * 3600.0 * TFLOPS_PER_GPU, "uniform_lost_gpu_h": t.uniform_gpu_h,
+        "restore_peak_kw": max(o.restoring_kw) if o.restoring_kw else None,
+        "met": bool(started and o.met and not t.cancelled),
+        "state": "cancelled" if t.state == "cancelled" else "done",
+        "missed_reason": None if started and o.met and not t.cancelled else (t.reason or None), "dry_run": dry_run,
+    }
+
+
+def report_batch(rows: list[dict[str, Any]]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist(rows, schema=POWER_REQUEST_REPORT)
+
+
+def summary(row: dict[str, Any]) -> str:
+    """A report row in one line (the log, `fleetwatch power report`)."""
+    def f(x, unit, digits=1):
+        return "-" if x is None else f"{x:.{digits}f}{unit}"
+    return (f"{'met' if row['met'] else 'NOT met'}; asked {f(row['requested_kw'], ' kW')} from "
+            f"{f(row['baseline_kw'], ' kW')}, reached in {f(row['reached_s'], ' s', 0)}, held p50 "
+            f"{f(row['reduction_p50_kw'], ' kW')} min {f(row['reduction_min_kw'], ' kW')}, "
+            f"{f(row['energy_curtailed_kwh'], ' kWh', 2)} curtailed, {row['gpus_capped']} GPUs capped, "
+            f"{f(row['throughput_lost_gpu_h'], ' GPU-h', 2)} lost (uniform capping "
+            f"{f(row['uniform_lost_gpu_h'], ' GPU-h', 2)}), restore peak {f(row['restore_peak_kw'], ' kW')}"
+            + (f"; {row['missed_reason']}" if row.get("missed_reason") else ""))
+
+
+def status_doc(store: RequestStore) -> dict[str, Any]:
+    """Every stored request with its state, and the role's live numbers where it wrote them
+    (`fleetwatch power status --json`, GET /power/requests)."""
+    store.refresh()
+    live = store.status()
+    numbers = live.get("requests", {})
+    requests = []
+    for e in store.entries():
+        row = {"id": e.id, **e.request, "state": e.state, "reason": e.reason, "submitted": e.submitted,
+               "cancelled": e.cancelled or None}
+        row.update({k: v for k, v in numbers.get(e.id, {}).items() if k not in ("state", "reason")})
+        requests.append(row)
+    return {"role": {k: v for k, v in live.items() if k != "requests"} or None, "requests": requests}
+
+
+# ---- the role --------------------------------------------------------------------
+
+def build(ctx, spec):
+    """The power role of this process: its subscription, its store, its actuator, its routes."""
+    cfg = ctx.cfg
+    sub = ctx.bus.subscribe(list(spec.inputs), spec.group)
+    gate = ctx.gate(sub, spec.group)
+    if cfg.power.dry_run:
+        actuator = DryRunActuator()
+    else:
+        from pipeline.power.actuator import BusActuator
+        actuator = BusActuator(cfg.fleet.site, cfg.power.lease_s)
+    role = PowerRole(cfg, request_store(cfg.data_dir), actuator, ctx.emit)
+    ctx.routes.update(role.routes())
+    ctx.power = role
+    dead_letters = dead_letters_for(sub, cfg.data_dir)
+    log.info("power: site %s, requests in %s%s", role.site, role.store.folder,
+             " (dry run: caps are planned and reported, never applied)" if role.dry_run else "")
+    return lambda: power_role(role, sub, gate, dead_letters, cfg.kafka.commit_interval_s)
+
+
+async def power_role(role: PowerRole, sub, gate, dead_letters, commit_interval_s: float) -> None:
+    """Read, observe, step, until the inputs end; then restore every cap."""
+    next_commit = time.monotonic() + commit_interval_s
+    try:
+        while True:
+            try:
+                messages = await sub.get_batch(max_messages=4096, timeout_s=0.5)
+            except EndOfStream:
+                break
+            for m in await gate.screen(messages):
+                if m.topic == Topic.POWER_REQUESTS:
+                    await role.grid_signal(m, dead_letters)
+                else:
+                    role.observe(m)
+            await role.tick()
+            if time.monotonic() >= next_commit:
+                await sub.commit()
+                next_commit = time.monotonic() + commit_interval_s
+    finally:
+        await asyncio.shield(role.close())
+    await sub.commit()

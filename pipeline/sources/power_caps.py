@@ -1,0 +1,210 @@
+"""A source's side of power caps: follow the power role's commands, apply them, hold them
+on a lease, report what happened.
+
+The power role (roles/power.py) sends `power_cap` rows on fleetwatch.power.caps, keyed by
+rack (power/actuator.py: BusActuator), and sends every held cap again each third of its
+lease. A source that owns GPUs follows them with `follow_caps`:
+
+  - the latest row of each of its GPUs is applied through its `CapApplier` (the NVML
+    agent's: sources/nvml_power.py on its NVML thread; the simulator's), unless the GPU
+    already holds that cap: then the row only renews the lease;
+  - a GPU whose cap was not renewed within its lease is restored to its default limit
+    (cause `lease`): a planner that died or lost the bus leaves no cap behind;
+  - when the source stops, every cap it holds is restored (cause `stop`);
+  - each change is a `power_action` row (fleetwatch.power.actions, archived as
+    power_actions): the limit asked, the enforced limit read back, the status
+    (sources/nvml_power.py: STATUSES) and what to do when it failed.
+
+The lease is judged on the source's clock: the simulator's for the simulated fleet (it
+may run faster than real time, as the commands' timestamps do), the wall clock for an agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Awaitable, Callable, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.bus.base import EndOfStream, Topic
+from pipeline.model import POWER_ACTION
+from pipeline.sources.nvml_power import CapResult
+
+log = logging.getLogger("fleetwatch")
+
+POLL_S = 1.0  # how long a wait for commands lasts before the leases are checked again
+
+
+class CapApplier(Protocol):
+    site: str
+
+    def mine(self, caps: pa.RecordBatch) -> np.ndarray:
+        """Which rows are for this source's GPUs (bool per row)."""
+
+    async def apply(self, uuids: list[str], cap_w: list[float | None]) -> list[CapResult]:
+        """Set each GPU's limit (None: its default); one result per GPU, in order."""
+
+    def where(self, uuid: str) -> tuple[str, str]:
+        """(rack, node) of one of its GPUs."""
+
+
+@dataclass
+class CapHolder:
+    """The caps a source holds and their leases (UUID -> W, UUID -> until)."""
+    held: dict[str, float] = field(default_factory=dict)
+    until: dict[str, datetime] = field(default_factory=dict)
+    request: dict[str, str] = field(default_factory=dict)
+    actions: int = 0
+    failures: int = 0
+
+    def take(self, caps: pa.RecordBatch) -> tuple[list[str], list[float | None]]:
+        """The commands that change a GPU's limit (the last row of each GPU wins); every
+        row renews its GPU's lease."""
+        uuids = caps.column("gpu_uuid").to_pylist()
+        watts = caps.column("cap_w").to_pylist()
+        ts = caps.column("ts").to_pylist()
+        lease = caps.column("lease_s").to_pylist()
+        requests = caps.column("request_id").to_pylist()
+        latest: dict[str, float | None] = {}
+        for u, w, t, s, r in zip(uuids, watts, ts, lease, requests):  # a few rows per GPU per lease, not per sample
+            latest[u] = w
+            self.request[u] = r
+            if w is None:
+                self.until.pop(u, None)
+            else:
+                self.until[u] = t + timedelta(seconds=s)
+        change = [(u, w) for u, w in latest.items() if self.held.get(u) != w]
+        return [u for u, _ in change], [w for _, w in change]
+
+    def expired(self, now: datetime) -> list[str]:
+        return [u for u, t in self.until.items() if t < now and u in self.held]
+
+    def record(self, results: list[CapResult]) -> None:
+        for r in results:
+            if r.status == "ok":
+                self.held[r.gpu_uuid] = r.requested_w
+            elif r.status in ("restored", "gpu_lost"):
+                self.held.pop(r.gpu_uuid, None)
+                self.until.pop(r.gpu_uuid, None)
+            if r.status not in ("ok", "restored"):
+                self.failures += 1
+        self.actions += len(results)
+
+
+def action_rows(applier: CapApplier, holder: CapHolder, results: list[CapResult], cause: str,
+                now: datetime) -> pa.RecordBatch:
+    where = [applier.where(r.gpu_uuid) for r in results]
+    return pa.RecordBatch.from_pydict({
+        "ts": pa.array([now] * len(results), POWER_ACTION.field("ts").type),
+        "site": [applier.site] * len(results),
+        "rack": [w[0] for w in where],
+        "node": [w[1] for w in where],
+        "gpu_uuid": [r.gpu_uuid or None for r in results],
+        "gpu": pa.array([r.gpu if r.gpu_uuid else None for r in results], pa.int16()),
+        "request_id": [holder.request.get(r.gpu_uuid) for r in results],
+        "requested_w": pa.array([r.requested_w for r in results], pa.float64()),
+        "enforced_w": pa.array([r.enforced_w for r in results], pa.float64()),
+        "status": [r.status for r in results],
+        "cause": [cause] * len(results),
+        "detail": [r.detail for r in results],
+    }, schema=POWER_ACTION)
+
+
+async def follow_caps(sub, applier: CapApplier, emit: Callable[[Topic, pa.RecordBatch], Awaitable[None]],
+                      stop: asyncio.Event, clock: Callable[[], datetime], holder: CapHolder | None = None) -> CapHolder:
+    """Until `stop`: apply the commands of `sub` (a subscription to fleetwatch.power.caps)
+    that are `applier`'s, restore caps whose lease ran out; at the end, restore every cap held."""
+    holder = holder or CapHolder()
+
+    async def act(uuids: list[str], watts: list[float | None], cause: str) -> None:
+        if not uuids:
+            return
+        results = await applier.apply(uuids, watts)
+        holder.record(results)
+        await emit(Topic.POWER_ACTIONS, action_rows(applier, holder, results, cause, clock()))
+
+    ended = False
+    try:
+        while not stop.is_set():
+            if not ended:
+                try:
+                    messages = await sub.get_batch(timeout_s=POLL_S)
+                except EndOfStream:
+                    ended, messages = True, []
+            else:
+                await asyncio.wait([asyncio.ensure_future(stop.wait())], timeout=POLL_S)
+                messages = []
+            for m in messages:
+                rows = m.value.filter(pa.array(applier.mine(m.value)))
+                if rows.num_rows:
+                    await act(*holder.take(rows), "cap")
+            if lapsed := holder.expired(clock()):
+                log.warning("power caps of %d GPUs not renewed within their lease (the power role is gone or cut "
+                            "off): back to their default limits", len(lapsed))
+                await act(lapsed, [None] * len(lapsed), "lease")
+    finally:
+        await act(list(holder.held), [None] * len(holder.held), "stop")
+    return holder
+
+
+def for_node(caps: pa.RecordBatch, node: str) -> np.ndarray:
+    return pc.equal(caps.column("node"), node).to_numpy(zero_copy_only=False)
+
+
+class SimulatedCaps:
+    """The simulator's CapApplier: the commands for its GPUs, set as NVML would (a cap
+    outside a GPU's limits is refused and changes nothing)."""
+
+    def __init__(self, sim) -> None:
+        self.sim, self.site = sim, sim.cfg.site
+        self.index = {u: i for i, u in enumerate(sim.gpu_uuids)}
+
+    def mine(self, caps: pa.RecordBatch) -> np.ndarray:
+        return pc.is_in(caps.column("gpu_uuid"), pa.array(list(self.index))).to_numpy(zero_copy_only=False)
+
+    async def apply(self, uuids: list[str], cap_w: list[float | None]) -> list[CapResult]:
+        out = []
+        for uuid, w in zip(uuids, cap_w):  # one per GPU whose cap changes: a few per step of the role
+            g = self.index[uuid]
+            try:
+                self.sim.set_caps(np.array([g]), np.array([np.nan if w is None else w]))
+            except ValueError as e:
+                out.append(CapResult(int(self.sim.gpu_index[g]), uuid, w, float(self.sim.caps[g]), "out_of_range",
+                                     f"{e}; nothing changed"))
+                continue
+            out.append(CapResult(int(self.sim.gpu_index[g]), uuid, w, float(self.sim.caps[g]),
+                                 "restored" if w is None else "ok", "back to its default limit" if w is None
+                                 else f"held to {w:g} W"))
+        return out
+
+    def where(self, uuid: str) -> tuple[str, str]:
+        g = self.index[uuid]
+        return self.sim.rack_names[self.sim.gpu_rack[g]], self.sim.node_names[self.sim.gpu_node[g]]
+
+
+async def alongside(run: Callable[[asyncio.Event], Awaitable[None]], follow: Callable[[asyncio.Event], Awaitable],
+                    stop: asyncio.Event) -> None:
+    """`run(source_stop)`, a source's loop, with `follow(stop)` (follow_caps) beside it:
+    the source stops once the follower has restored its caps, so the restores go out
+    through it (an agent's NVML thread) and their actions are published before it ends."""
+    source_stop = asyncio.Event()
+
+    async def caps() -> None:
+        try:
+            await follow(stop)
+        except Exception:  # the source's data matters more than the caps: it goes on
+            log.exception("following power caps failed; this source takes no caps until it restarts")
+            await stop.wait()
+        finally:
+            source_stop.set()
+    follower = asyncio.create_task(caps(), name="power-caps")
+    try:
+        await run(source_stop)
+    finally:  # the source ended: normally once the follower is done; if it failed, the follower goes too
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)

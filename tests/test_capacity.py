@@ -1,0 +1,308 @@
+"""The capacity report (analytics/capacity.py): a known fleet hour split exactly, the real
+simulator and detectors' archive adding up, empty and partial archives, older files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.analytics.capacity import FAULT_ALERTS, add_parser, cmd_capacity, report, text
+from pipeline.bus import Message, Topic
+from pipeline.config import ConfigError
+from pipeline.detect.engine import Engine
+from pipeline.model import (FACILITY_SAMPLE, FACILITY_SAMPLE_V1, GPU_SAMPLE, GPU_SAMPLE_V3, NODE_HEALTH, Alert,
+                            alerts_to_batch)
+from pipeline.power.curve import from_recording
+from pipeline.sinks.parquet import ArchiveWriter
+from pipeline.sources.simulate import FleetSimulator
+from tests.conftest import make_config
+
+T0 = datetime(2026, 3, 1, 10, 0, tzinfo=timezone.utc)
+STEP_S = 10.0
+N = 360  # one hour of 10 s samples
+H100 = from_recording()
+
+
+def batch(schema: pa.Schema, rows: dict) -> pa.RecordBatch:
+    """Columns given, the schema's others null."""
+    n = len(next(iter(rows.values())))
+    return pa.RecordBatch.from_arrays([pa.array(rows[f.name], f.type) if f.name in rows else pa.nulls(n, f.type)
+                                       for f in schema], schema=schema)
+
+
+def gpu_rows(node: str, gpu: int, ks, util, power, limit) -> dict:
+    ks = np.asarray(list(ks))
+    full = lambda v: list(np.broadcast_to(np.asarray(v, np.float64), ks.shape))  # noqa: E731
+    return {"ts": [T0 + timedelta(seconds=float(k) * STEP_S) for k in ks], "site": ["s1"] * len(ks),
+            "rack": ["r01"] * len(ks), "node": [node] * len(ks), "gpu": [gpu] * len(ks),
+            "gpu_uuid": [f"GPU-{node}-{gpu}"] * len(ks), "util_gpu": full(util), "power_w": full(power),
+            "power_limit_w": full(limit)}
+
+
+def alert(name: str, severity: str, labels: dict, start_s: float, end_s: float | None) -> Alert:
+    return Alert({"alertname": name, "severity": severity, "site": "s1", "rack": "r01", **labels},
+                 {"summary": name}, T0 + timedelta(seconds=start_s), "test", 1.0,
+                 ends_at=None if end_s is None else T0 + timedelta(seconds=end_s))
+
+
+def write_file(folder: Path, table: pa.Table, name: str) -> None:
+    """A file as an older Fleetwatch wrote it, beside the writer's (same hive layout)."""
+    part = folder / f"date={T0:%Y-%m-%d}" / f"hour={T0:%H}"
+    part.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, part / name)
+
+
+@pytest.fixture
+def known(tmp_path: Path) -> Path:
+    """One hour of a 7-GPU fleet whose split is known:
+    n01 g0 productive; g1 idle; g2 capped to 500 W for the second half (700 W before);
+    g3 an uncorrectable ECC alert (critical) for minutes 10-20;
+    n02 failing per node_health for minutes 30-45, a straggler warning all along (not a fault),
+        g1 silent for minutes 20-30, alerted as not reporting (a fault) for the last 5;
+    n03 g0 productive, in a file of gpu_sample v3 (no power_limit_w column);
+    a rack-scope critical alert (not a GPU's fault); the site meter 100 kW then 200 kW, the second
+    half in a facility_sample v1 file (no device_class)."""
+    data = tmp_path / "data"
+    w = ArchiveWriter(data / "archive", writer_id="test")
+    half = N // 2
+    for rows in (gpu_rows("n01", 0, range(N), 0.9, 700, 700),
+                 gpu_rows("n01", 1, range(N), 0.0, 70, 700),
+                 gpu_rows("n01", 2, range(half), 0.95, 700, 700),
+                 gpu_rows("n01", 2, range(half, N), 0.95, 499, 500),
+                 gpu_rows("n01", 3, range(N), 0.9, 690, 700),
+                 gpu_rows("n02", 0, range(N), 0.9, 600, 700),
+                 gpu_rows("n02", 1, [*range(120), *range(180, N)], 0.9, 650, 700)):
+        w.add("gpu_samples", batch(GPU_SAMPLE, rows))
+    old = gpu_rows("n03", 0, range(N), 0.9, 680, 0)
+    del old["power_limit_w"]
+    write_file(data / "archive" / "gpu_samples", pa.Table.from_batches([batch(GPU_SAMPLE_V3, old)]),
+               "part-0-old-000001.parquet")
+    w.add("alerts", alerts_to_batch([
+        (T0 + timedelta(seconds=600), alert("GpuUncorrectableEcc", "critical", {"node": "n01", "gpu": "3"}, 600, None)),
+        (T0 + timedelta(seconds=1200), alert("GpuUncorrectableEcc", "critical", {"node": "n01", "gpu": "3"}, 600, 1200)),
+        (T0 + timedelta(seconds=1500), alert("GpuNotReporting", "critical", {"node": "n02", "gpu": "1"}, 1500, None)),
+        (T0 + timedelta(seconds=1800), alert("GpuNotReporting", "critical", {"node": "n02", "gpu": "1"}, 1500, 1800)),
+        (T0, alert("GpuStraggler", "warning", {"node": "n02", "gpu": "0"}, 0, None)),
+        (T0, alert("CoolantLeak", "critical", {}, 0, None))]))
+    w.add("node_health", batch(NODE_HEALTH, {
+        "ts": [T0 - timedelta(hours=1), T0 + timedelta(seconds=1800), T0 + timedelta(seconds=2700)],
+        "site": ["s1"] * 3, "rack": ["r01"] * 3, "node": ["n02"] * 3,
+        "state": ["suspect", "failing", "suspect"], "previous": ["healthy", "suspect", "failing"],
+        "reasons": ["GpuStraggler", "GpuStraggler,GpuUncorrectableEcc", "GpuStraggler"]}))
+
+    def meter(ks, kw: float, schema: pa.Schema, cls: bool) -> pa.RecordBatch:
+        ks = list(ks)
+        rows = {"ts": [T0 + timedelta(seconds=k * STEP_S) for k in ks], "site": ["s1"] * len(ks),
+                "rack": [""] * len(ks), "device": ["meter-main"] * len(ks), "metric": ["power_w"] * len(ks),
+                "value": [kw * 1000.0] * len(ks), "quality": [1] * len(ks)}
+        if cls:
+            rows["device_class"] = ["meter"] * len(ks)
+        return batch(schema, rows)
+    w.add("facility_samples", meter(range(half), 100.0, FACILITY_SAMPLE, True))
+    # Not the site's power: a rack PDU's, and a reading of bad quality.
+    w.add("facility_samples", batch(FACILITY_SAMPLE, {
+        "ts": [T0, T0], "site": ["s1"] * 2, "rack": ["r01", ""], "device": ["pdu-r01", "meter-main"],
+        "metric": ["power_w"] * 2, "value": [5e6, 9e6], "quality": [1, 0], "device_class": ["rack", "meter"]}))
+    w.flush()
+    write_file(data / "archive" / "facility_samples",
+               pa.Table.from_batches([meter(range(half, N), 200.0, FACILITY_SAMPLE_V1, False)]),
+               "part-0-old-000002.parquet")
+    return data
+
+
+def lost_to_cap(cap: float, draw: float) -> float:
+    return 1.0 - float(H100.at(cap) / H100.at(draw))
+
+
+def test_known_hour_splits_as_expected(known: Path) -> None:
+    r = report(known / "archive", site_power_cap_w=400_000.0)
+    assert (r.start, r.end) == (T0, T0 + timedelta(hours=1))
+    assert r.gpus == 7 and r.sample_interval_s == STEP_S
+    lost = 0.5 * lost_to_cap(500, 700)
+    assert r.capped == pytest.approx(0.5)
+    assert r.capped_lost == pytest.approx(lost)
+    # the ECC alert; n02's two GPUs while failing; n02 g1's silence while alerted
+    assert r.faulted == pytest.approx(10 / 60 + 2 * 15 / 60 + 5 / 60)
+    assert r.idle == pytest.approx(1.0)
+    assert r.not_reporting == pytest.approx(5 / 60)
+    assert r.productive == pytest.approx(7.0 - lost - r.faulted - 1.0 - 5 / 60)
+    assert r.total == pytest.approx(7.0)
+    assert r.top_faulted == [{"site": "s1", "node": "n02", "gpu_hours": round(0.5 + 5 / 60, 3)},
+                             {"site": "s1", "node": "n01", "gpu_hours": round(10 / 60, 3)}]
+
+    s = r.site
+    assert (s.sites, s.avg_kw, s.max_kw, s.max_reading_kw) == (1, pytest.approx(150.0), 200.0, 200.0)
+    assert s.capacity_kw == 400.0 and s.capacity_factor_pct == pytest.approx(37.5)
+    assert s.metered_hours == pytest.approx(1.0) and s.energy_mwh == pytest.approx(0.15)
+
+    j = r.to_json()
+    assert json.loads(json.dumps(j)) == j
+    assert list(j) == ["from", "to", "hours", "gpus", "sample_interval_s", "gpu_hours", "shares_pct", "site",
+                       "top_faulted", "missing"]
+    assert set(j["gpu_hours"]) == {"total", "productive", "faulted", "capped_lost", "capped", "idle", "not_reporting"}
+    assert set(j["shares_pct"]) == {"productive", "faulted", "capped_lost", "idle", "not_reporting"}
+    assert sum(j["shares_pct"].values()) == pytest.approx(100.0, abs=0.05)
+    assert set(j["site"]) >= {"avg_kw", "p95_kw", "max_kw", "capacity_kw", "capacity_factor_pct"}
+    assert j["from"] == "2026-03-01T10:00:00.000Z" and j["missing"] == []
+    assert "capacity factor 37.5%" in text(r)
+
+
+def test_a_period_counts_only_its_samples(known: Path) -> None:
+    r = report(known / "archive", T0 + timedelta(minutes=30), T0 + timedelta(minutes=45))
+    assert r.hours == pytest.approx(0.25) and r.total == pytest.approx(7 * 0.25)
+    assert r.faulted == pytest.approx(2 * 0.25)  # n02 failed for exactly this quarter
+    assert r.capped == pytest.approx(0.25) and r.not_reporting == pytest.approx(0.0)
+    assert r.site.avg_kw == pytest.approx(200.0)
+    assert r.site.capacity_factor_pct is None  # no capacity given
+
+
+def test_fault_cover_is_the_union_of_a_gpus_and_its_nodes_faults() -> None:
+    import polars as pl
+
+    from pipeline.analytics.capacity import _fault_cover
+    at = lambda m: T0 + timedelta(minutes=m)  # noqa: E731
+    faults = pl.DataFrame({"site": ["s1"] * 5, "node": ["n1", "n1", "n1", "n1", "n2"],
+                           "fgpu": [0, None, 1, 0, None], "fstart": [at(-5), at(5), at(20), at(50), at(0)],
+                           "fend": [at(10), at(15), at(30), None, at(1)]},
+                          schema_overrides={"fgpu": pl.Int16, "fstart": pl.Datetime("ns", "UTC"),
+                                            "fend": pl.Datetime("ns", "UTC")})
+    gpus = pl.DataFrame({"site": ["s1"] * 3, "node": ["n1", "n1", "n3"], "gpu": [0, 1, 0]},
+                        schema_overrides={"gpu": pl.Int16})
+    cover = dict(((n, g), h) for _, n, g, h in _fault_cover(faults, gpus, at(0), at(60)).iter_rows())
+    # GPU 0: its own 0-10 (clipped at the start) joined with the node's 5-15, and 50 to the end
+    # (still open); GPU 1: the node's 5-15 and its own 20-30; n3 had none.
+    assert cover == {("n1", 0): pytest.approx(25 / 60), ("n1", 1): pytest.approx(20 / 60)}
+
+
+def test_fault_alerts_come_from_the_catalog() -> None:
+    assert {"GpuUncorrectableEcc", "GpuFellOffBus", "NodePowerBrake"} <= set(FAULT_ALERTS)
+    assert not {"GpuStraggler", "PowerCapNotBinding", "CoolantLeak", "FleetwatchStalled"} & set(FAULT_ALERTS)
+
+
+def test_empty_and_partial_archives(tmp_path: Path) -> None:
+    r = report(tmp_path / "archive")  # nothing at all
+    assert (r.gpus, r.total, r.site.sites) == (0, 0.0, 0)
+    assert r.missing == ["gpu_samples", "facility_samples", "alerts", "node_health"]
+    assert r.to_json()["site"]["capacity_factor_pct"] is None and "no GPU samples" in text(r)
+
+    w = ArchiveWriter(tmp_path / "archive", writer_id="test")
+    (tmp_path / "archive" / "alerts").mkdir()  # a dataset folder without files yet
+    w.add("gpu_samples", batch(GPU_SAMPLE, gpu_rows("n01", 0, range(10), 0.9, 700, 700)))
+    w.flush()
+    r = report(tmp_path / "archive", site_power_cap_w=1e6)
+    assert r.gpus == 1 and r.productive == pytest.approx(100 / 3600) and r.total == r.productive
+    assert r.missing == ["facility_samples", "alerts", "node_health"]
+    assert r.site.sites == 0 and r.site.capacity_kw == 1000.0 and r.site.capacity_factor_pct is None
+    assert "no site meter readings" in text(r)
+    # A period without samples
+    r = report(tmp_path / "archive", T0 + timedelta(days=1), T0 + timedelta(days=2))
+    assert r.gpus == 0 and r.total == 0.0
+
+
+def test_an_archive_of_older_files_only(tmp_path: Path) -> None:
+    """gpu_sample v3 files (no power_limit_w) and facility_sample v1 (no device_class)."""
+    rows = gpu_rows("n01", 0, range(N), 0.9, 700, 0)
+    del rows["power_limit_w"]
+    write_file(tmp_path / "archive" / "gpu_samples", pa.Table.from_batches([batch(GPU_SAMPLE_V3, rows)]), "a.parquet")
+    meter = {"ts": [T0, T0 + timedelta(minutes=1)], "site": ["s1"] * 2, "rack": ["", ""],
+             "device": ["meter-main"] * 2, "metric": ["power_w"] * 2, "value": [1e5, 3e5], "quality": [1, 1]}
+    write_file(tmp_path / "archive" / "facility_samples",
+               pa.Table.from_batches([batch(FACILITY_SAMPLE_V1, meter)]), "b.parquet")
+    r = report(tmp_path / "archive", site_power_cap_w=4e5)
+    assert (r.gpus, r.productive, r.capped, r.total) == (1, pytest.approx(1.0), 0.0, pytest.approx(1.0))
+    assert r.site.avg_kw == pytest.approx(200.0) and r.site.capacity_factor_pct == pytest.approx(50.0)
+
+
+def run_cli(*argv: str) -> int:
+    p = argparse.ArgumentParser(prog="fleetwatch")
+    add_parser(p.add_subparsers(dest="command", required=True))
+    return cmd_capacity(p.parse_args(["capacity", *argv]))
+
+
+def test_cli(known: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "fleetwatch.toml"
+    config.write_text("[detect]\nsite_power_cap_w = 300000.0\n")
+    assert run_cli("--data-dir", str(known), "--config", str(config), "--json") == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["gpus"] == 7 and j["site"]["capacity_kw"] == 300.0 and j["site"]["capacity_factor_pct"] == 50.0
+
+    assert run_cli("--data-dir", str(known), "--to", "2026-03-01T10:45:00Z", "--since", "15m", "--json") == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["from"] == "2026-03-01T10:30:00.000Z" and j["gpu_hours"]["faulted"] == 0.5
+
+    assert run_cli("--data-dir", str(known)) == 0
+    out = capsys.readouterr().out
+    assert "7 GPUs" in out and "lost to caps" in out and "connection capacity unknown" in out
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_cli("--data-dir", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="--since"):
+        run_cli("--data-dir", str(known), "--since", "soon")
+    with pytest.raises(ConfigError, match="--from"):
+        run_cli("--data-dir", str(known), "--from", "yesterday")
+    with pytest.raises(ConfigError, match="after"):
+        run_cli("--data-dir", str(known), "--from", "2026-03-01T11:00:00", "--to", "2026-03-01T10:00:00")
+
+
+def test_the_real_simulator_and_detectors(tmp_path: Path) -> None:
+    """The simulated fleet, detected by the real engine and archived by the real writer, with a
+    node's GPUs capped half-way and an uncorrectable ECC error injected: every class shows,
+    and the hours add up."""
+    cfg = make_config(fleet={"racks": 1, "nodes_per_rack": 4, "fault_interval_s": 0.0, "gpu_reset_interval_s": 0.0})
+    sim = FleetSimulator(cfg.fleet, start=T0)
+    engine = Engine(cfg)
+    w = ArchiveWriter(tmp_path / "archive", writer_id="sim")
+    steps = 600
+    for i in range(steps):
+        if i == 200:
+            sim.inject("ecc_uncorrectable", gpu=3, duration_s=300)
+        if i == steps // 2:
+            sim.set_caps(np.arange(8, 16), 450.0)
+        tick = sim.step()
+        w.add("gpu_samples", tick.gpu)
+        w.add("facility_samples", tick.facility)
+        for topic, b in ((Topic.GPU, tick.gpu), (Topic.FACILITY, tick.facility), (Topic.EVENTS, tick.events)):
+            if b is not None:
+                out = engine.process(Message(topic, b))
+                if out.alerts:
+                    w.add("alerts", alerts_to_batch(out.alerts))
+                if out.health:
+                    w.add("node_health", pa.RecordBatch.from_pylist(out.health, schema=NODE_HEALTH))
+    w.flush()
+    r = report(tmp_path / "archive", site_power_cap_w=1e6)
+    hours = steps * cfg.fleet.sample_interval_s / 3600.0
+    assert r.gpus == 32 and r.hours == pytest.approx(hours)
+    assert r.total == pytest.approx(32 * hours)
+    assert r.faulted > 0 and r.top_faulted[0]["node"] == sim.node_names[0]
+    assert r.capped > 0 and 0 < r.capped_lost < r.capped * lost_to_cap(450, 700) + 1e-9
+    assert r.productive > 0
+    assert 0 < r.site.avg_kw <= r.site.p95_kw <= r.site.max_kw <= r.site.max_reading_kw
+    assert r.site.capacity_factor_pct == pytest.approx(100 * r.site.avg_kw / 1000.0)
+    # The same classes by another reader and another method: DuckDB SQL, an as-of join on the
+    # node states and the fault alerts' episodes.
+    faulted_h, idle_h = oracle(tmp_path / "archive")
+    assert r.faulted == pytest.approx(faulted_h) and r.idle == pytest.approx(idle_h)
+
+
+def oracle(archive: Path) -> tuple[float, float]:
+    duckdb = pytest.importorskip("duckdb")
+    names = ", ".join(f"'{n}'" for n in FAULT_ALERTS)
+    read = lambda d: f"read_parquet('{archive}/{d}/*/*/*.parquet', union_by_name=true)"  # noqa: E731
+    return duckdb.sql(f"""
+        with h as (select ts, site, node, state from {read('node_health')}),
+        a as (select site, node, try_cast(any_value(gpu) as smallint) as fgpu, starts_at, max(ends_at) as ends_at
+              from {read('alerts')} where alertname in ({names}) group by fingerprint, site, node, starts_at),
+        g as (select g.ts, g.site, g.node, g.gpu, g.util_gpu, coalesce(h.state, '') = 'failing' as failing
+              from {read('gpu_samples')} g asof left join h on g.site = h.site and g.node = h.node and g.ts >= h.ts),
+        f as (select *, failing or exists (select 1 from a where a.site = g.site and a.node = g.node
+                        and (a.fgpu is null or a.fgpu = g.gpu) and g.ts >= a.starts_at
+                        and (a.ends_at is null or g.ts < a.ends_at)) as faulted from g)
+        select sum(faulted::int) / 3600.0, sum((not faulted and util_gpu < 0.05)::int) / 3600.0 from f
+    """).fetchall()[0]

@@ -1,0 +1,129 @@
+"""Power caps over the bus (power/actuator.py's BusActuator -> sources/power_caps.py): the
+NVML agent, replaying the recorded H100, follows the power role's commands for its node,
+applies them through NVML, reports each as a power_action row, restores a cap whose lease
+ran out and every cap when it stops. The simulator follows them the same way."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+import pyarrow as pa
+import pytest
+
+from pipeline.bus import MemoryBus, Topic
+from pipeline.bus.base import Message
+from pipeline.model import POWER_ACTION, POWER_CAP
+from pipeline.power.actuator import BusActuator
+from pipeline.sources.nvml import NvmlAgent, NvmlSource
+from pipeline.sources.nvml_replay import NvmlReplay
+from pipeline.sources.power_caps import CapHolder, SimulatedCaps, follow_caps
+from pipeline.sources.simulate import FleetSimulator
+from tests.conftest import H100, make_config
+
+
+def caps(rows: list[tuple[str, str, float | None, float]]) -> pa.RecordBatch:
+    """power_cap rows (node, uuid, cap W, lease s), sent now."""
+    now = datetime.now(timezone.utc)
+    return pa.RecordBatch.from_pylist([
+        {"ts": now, "site": "site-a", "rack": "rack-0", "node": node, "gpu_uuid": uuid, "cap_w": cap,
+         "request_id": "dr-1", "lease_s": lease} for node, uuid, cap, lease in rows], schema=POWER_CAP)
+
+
+async def until(condition, task: asyncio.Task) -> None:
+    while not condition():
+        assert not task.done(), task.exception() if not task.cancelled() else "cancelled"
+        await asyncio.sleep(0.01)
+
+
+def test_the_agent_applies_its_nodes_caps_reports_them_and_restores_on_lease_and_stop():
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    uuid = [g.uuid for g in replay.gpus]
+    actions: list[dict] = []
+
+    async def main():
+        bus = MemoryBus()
+        listener = bus.listen(Topic.POWER_CAPS, ["rack-0"])
+        source = NvmlSource(NvmlAgent(make_config(agent={"interval_s": 0.05}).agent, "node-1"), replay, "h100",
+                            listener)
+
+        async def emit(topic, batch):
+            if topic == Topic.POWER_ACTIONS:
+                assert batch.schema == POWER_ACTION
+                actions.extend(batch.to_pylist())
+        stop = asyncio.Event()
+        task = asyncio.create_task(source.run(emit, stop))
+        await until(lambda: source.agent.opened.is_set(), task)
+        await bus.publish(Message(Topic.POWER_CAPS, caps([
+            ("node-1", uuid[3], 500.0, 3600), ("node-1", uuid[4], 100.0, 3600),  # 100 W: under its 200 W minimum
+            ("node-2", "GPU-of-another-node", 450.0, 3600), ("node-1", "GPU-not-here", 450.0, 3600)])))
+        await until(lambda: len(actions) >= 3, task)
+        # A renewal of what GPU 3 holds changes nothing; GPU 5's short lease runs out.
+        await bus.publish(Message(Topic.POWER_CAPS, caps([("node-1", uuid[3], 500.0, 3600),
+                                                          ("node-1", uuid[5], 450.0, 0.2)])))
+        await until(lambda: any(a["cause"] == "lease" for a in actions), task)
+        assert replay.gpus[3].limit_mw == 500_000 and replay.gpus[5].limit_mw == 700_000
+        stop.set()
+        await task
+    asyncio.run(main())
+
+    got = [(a["gpu_uuid"], a["requested_w"], a["enforced_w"], a["status"], a["cause"]) for a in actions]
+    assert got == [(uuid[3], 500.0, 500.0, "ok", "cap"), (uuid[4], 100.0, None, "out_of_range", "cap"),
+                   ("GPU-not-here", 450.0, None, "error", "cap"),
+                   (uuid[5], 450.0, 450.0, "ok", "cap"), (uuid[5], None, 700.0, "restored", "lease"),
+                   (uuid[3], None, 700.0, "restored", "stop")]
+    assert all(a["node"] == "node-1" and a["rack"] == "rack-0" and a["request_id"] == "dr-1" for a in actions[:2])
+    assert "200" in actions[1]["detail"] and "700" in actions[1]["detail"]  # says the range it must be within
+    assert [g.limit_mw for g in replay.gpus] == [700_000] * 8
+
+
+def test_the_power_roles_rows_carry_changes_and_renew_every_held_cap_each_third_of_the_lease():
+    sim = FleetSimulator(make_config(fleet={"racks": 1, "nodes_per_rack": 2}).fleet)
+
+    class Gpus:  # the controller's GpuTable, as far as the actuator reads it
+        uuids = list(sim.gpu_uuids)
+        racks = [sim.rack_names[r] for r in sim.gpu_rack]
+        nodes = [sim.node_names[n] for n in sim.gpu_node]
+    t0 = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    act = BusActuator("site-a", lease_s=60.0)
+    act.apply({Gpus.uuids[0]: 500.0, Gpus.uuids[1]: 450.0})
+
+    def sent(at_s: float) -> list[tuple[str, float | None]]:
+        batch = act.rows(t0 + timedelta(seconds=at_s), Gpus, "dr-1")
+        return [] if batch is None else list(zip(batch.column("gpu_uuid").to_pylist(),
+                                                 batch.column("cap_w").to_pylist()))
+    assert sent(0) == [(Gpus.uuids[0], 500.0), (Gpus.uuids[1], 450.0)]
+    assert sent(5) == []                                  # nothing changed, not yet a third of the lease
+    act.apply({Gpus.uuids[1]: None})
+    assert sent(10) == [(Gpus.uuids[1], None)]            # the restore goes at once
+    assert sent(21) == [(Gpus.uuids[0], 500.0)]           # the held cap again: its lease renewed
+    assert sent(30) == []
+
+
+@pytest.mark.parametrize("lease_s", [3600.0, 0.0])
+def test_the_simulator_follows_caps_on_its_own_clock(lease_s):
+    """Its lease is judged on simulated time: a cap whose lease ended in the simulator's past goes."""
+    sim = FleetSimulator(make_config(fleet={"racks": 1, "nodes_per_rack": 2}).fleet)
+    applier = SimulatedCaps(sim)
+    actions: list[dict] = []
+
+    async def main():
+        bus = MemoryBus()
+        sub = bus.listen(Topic.POWER_CAPS, [])
+
+        async def emit(topic, batch):
+            actions.extend(batch.to_pylist())
+        stop = asyncio.Event()
+        holder = CapHolder()
+        batch = caps([(sim.node_names[0], sim.gpu_uuids[0], 450.0, lease_s)])
+        batch = batch.set_column(0, "ts", pa.array([sim.now] * 1, POWER_CAP.field("ts").type))
+        await bus.publish(Message(Topic.POWER_CAPS, batch))
+        task = asyncio.create_task(follow_caps(sub, applier, emit, stop, lambda: sim.now + timedelta(seconds=1),
+                                               holder))
+        await until(lambda: len(actions) >= (2 if lease_s == 0 else 1), task)
+        stop.set()
+        await task
+    asyncio.run(main())
+    assert [(a["status"], a["cause"]) for a in actions] == (
+        [("ok", "cap"), ("restored", "lease")] if lease_s == 0 else [("ok", "cap"), ("restored", "stop")])
+    assert sim.caps[0] == sim.cfg.power_limit_w

@@ -1,0 +1,88 @@
+"""Learning each GPU's power -> throughput curve from its samples (issue 15, item 2): a job's
+sensitivity (its compute-bound share) from util_mem and power under a cap, never from the
+simulator's hidden truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.power.curve import from_recording
+from pipeline.power.learn import MIN_REF, PRIOR_WEIGHT, CurveLearner
+from pipeline.power.planner import keep
+from tests.test_simulate_caps import busy_sim, col
+
+CURVE = from_recording()
+
+
+def feed(learner: CurveLearner, tick) -> None:
+    n = tick.gpu.num_rows
+    learner.observe(np.arange(n), col(tick, "power_w"), col(tick, "util_gpu"), col(tick, "util_mem"),
+                    col(tick, "power_limit_w"), 700.0)
+
+
+def test_from_the_simulators_samples_each_job_s_sensitivity_is_learned():
+    """Two jobs of known sensitivity (8 nodes of 8 GPUs, a job per 4 nodes):
+    uncapped for 20 s, then capped for 20 s to 500 and 400 W; the learner sees only samples."""
+    sim = busy_sim(racks=1, nodes_per_rack=8)
+    truth = np.array([1.0, 0.3])
+    sim.group_sens[:] = truth
+    learner = CurveLearner(CURVE)
+    for _ in range(20):
+        feed(learner, sim.step())
+    assert np.all(learner.sensitivity() == 1.0)  # nothing capped yet: the recorded curve's
+    sim.set_caps(np.arange(64), np.where(np.arange(64) % 2 == 0, 500.0, 400.0))
+    for _ in range(20):
+        feed(learner, sim.step())
+    s = learner.sensitivity()
+    want = np.repeat(truth, 32)
+    assert np.abs(s - want).max() < 0.1, (s.reshape(2, 32).mean(axis=1), truth)
+    assert np.all(learner.upper() >= s) and np.mean(learner.upper() >= want - 0.02) > 0.9
+
+
+def test_an_idle_gpu_forgets_its_job():
+    sim = busy_sim(racks=1, nodes_per_rack=4)
+    sim.group_sens[:] = 0.2
+    learner = CurveLearner(CURVE)
+    for _ in range(10):
+        feed(learner, sim.step())
+    sim.set_caps(np.arange(32), 450.0)
+    for _ in range(10):
+        feed(learner, sim.step())
+    assert np.all(learner.sensitivity() < 0.4)
+    sim.group_busy[:] = False  # the job ends; the next one is another's
+    feed(learner, sim.step())
+    assert np.all(learner.sensitivity() == 1.0) and np.all(learner.ref_n == 0)
+
+
+def test_a_job_that_starts_under_a_cap_has_no_reference_and_stays_at_the_recorded_curve():
+    sim = busy_sim(racks=1, nodes_per_rack=4)
+    sim.group_sens[:] = 0.2
+    sim.set_caps(np.arange(32), 400.0)
+    learner = CurveLearner(CURVE)
+    for _ in range(30):
+        feed(learner, sim.step())
+    assert np.all(learner.ref_n == 0) and np.all(learner.sensitivity() == 1.0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(0, 1), st.lists(st.floats(250, 650), min_size=1, max_size=30), st.floats(500, 698))
+def test_exact_samples_give_the_least_squares_slope_with_the_prior(s, capped_w, ref_w):
+    """Samples on the model itself (no rounding): the fit is (prior + sum xy) / (prior + sum xx)."""
+    learner = CurveLearner(CURVE)
+    one = np.array([0])
+    for _ in range(MIN_REF):
+        learner.observe(one, np.array([ref_w]), np.array([1.0]), np.array([0.34]), np.array([700.0]), 700.0)
+    xs = []
+    for p in capped_w:
+        if p >= 0.97 * ref_w:
+            continue  # not held by the cap: nothing to learn
+        r = float(CURVE.at(p) / CURVE.at(ref_w))
+        mem = 0.34 * float(keep(s, r))
+        learner.observe(one, np.array([p]), np.array([1.0]), np.array([mem]), np.array([p + 1.0]), 700.0)
+        xs.append(1.0 / r - 1.0)
+    sxx = float(np.sum(np.square(xs)))
+    assert learner.sensitivity()[0] == pytest.approx((PRIOR_WEIGHT + s * sxx) / (PRIOR_WEIGHT + sxx), abs=1e-9)
+    assert learner.points[0] == len(xs)

@@ -1,0 +1,340 @@
+"""The power role (issue 15): requests in by the CLI's store, by HTTP and by the grid-signal
+topic, judged against the live fleet (accepted, or rejected saying why), driven through the
+site's loop on the simulated fleet, PowerTargetMissed when the target is out of reach, and
+one report row per request archived as `power_requests`. Real components; the clock is the
+simulator's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from pipeline.analytics.evaluate import EVAL_EPOCH
+from pipeline.bus import Message, Topic
+from pipeline.model import POWER_REQUEST_REPORT, alert_rows, iso_utc
+from pipeline.power.actuator import SimulatorActuator
+from pipeline.power.request import PowerRequest
+from pipeline.power.store import request_store
+from pipeline.roles.power import DryRunActuator, PowerRole, report_batch, status_doc
+from pipeline.sources.simulate import FleetSimulator
+from tests.conftest import fleetwatch, make_config
+
+
+class Harness:
+    """The simulated fleet, the role, and what the role published."""
+
+    def __init__(self, tmp_path: Path, dry_run: bool = False, sim: FleetSimulator | None = None, **power) -> None:
+        self.cfg = make_config(data_dir=str(tmp_path / "data"), fleet={"racks": 2, "seed": 4, "fault_interval_s": 0,
+                                                                       "gpu_reset_interval_s": 0},
+                               power={"default_class": 3, "baseline_s": 60, **power})
+        self.sim = sim or FleetSimulator(self.cfg.fleet, start=EVAL_EPOCH)
+        self.store = request_store(self.cfg.data_dir)
+        self.actuator = DryRunActuator() if dry_run else SimulatorActuator(self.sim)
+        self.published: list[tuple[Topic, pa.RecordBatch]] = []
+        self.wall = 0.0
+
+        async def publish(topic: Topic, batch: pa.RecordBatch) -> None:
+            self.published.append((topic, batch))
+        self.role = PowerRole(self.cfg, self.store, self.actuator, publish, dry_run=dry_run, wall=lambda: self.wall)
+
+    def run(self, seconds: int) -> None:
+        async def go() -> None:
+            for _ in range(seconds):
+                tick = self.sim.step()
+                self.role.observe(Message(Topic.GPU, tick.gpu))
+                self.role.observe(Message(Topic.FACILITY, tick.facility))
+                self.wall += 1.0
+                await self.role.tick()
+        asyncio.run(go())
+
+    def of(self, topic: Topic) -> list[dict]:
+        rows = []
+        for t, b in self.published:
+            if t == topic:
+                rows += alert_rows(b) if topic == Topic.ALERTS else b.to_pylist()
+        return rows
+
+    def ask(self, **kw) -> str:
+        data = {"site": "site-a", "duration_s": 300, "ramp_s": 30, "start": "now", **kw}
+        entry, _ = self.store.add(data, "cli", self.sim.now)
+        return entry.id
+
+
+def test_a_request_from_the_store_is_accepted_reached_held_restored_and_reported(tmp_path):
+    h = Harness(tmp_path)
+    h.run(90)
+    rid = h.ask(reduction_pct=8)
+    h.run(5)
+    assert h.store.entries()[0].state in ("accepted", "active")
+    h.run(300 + 200)
+    (entry,) = h.store.entries()
+    assert entry.state == "done", (entry.state, entry.reason)
+    (row,) = h.of(Topic.POWER_REPORTS)
+    assert row["id"] == rid and row["met"] and row["state"] == "done" and not row["dry_run"]
+    assert row["reached_s"] <= 30 and row["reduction_min_kw"] >= 0.98 * row["requested_kw"]
+    assert row["energy_curtailed_kwh"] == pytest.approx(row["reduction_p50_kw"] * 270 / 3600, rel=0.2)
+    assert 0 < row["throughput_lost_gpu_h"] < 1 and row["uniform_lost_gpu_h"] > 0
+    assert row["throughput_lost_tflop"] == pytest.approx(row["throughput_lost_gpu_h"] * 3600 * 989)
+    assert row["restore_peak_kw"] > 0  # the highest covered power while the caps rose
+    assert (h.sim.caps == 700).all()  # every cap restored
+    assert not h.of(Topic.ALERTS)
+    # the status the CLI reads: the verdict and the role's numbers
+    doc = status_doc(h.store)
+    (req,) = doc["requests"]
+    assert req["state"] == "done" and req["baseline_kw"] == pytest.approx(row["baseline_kw"], abs=0.01)
+    assert doc["role"]["site"] == "site-a" and doc["role"]["gpus"] == 128
+
+
+def test_archived_as_power_requests_and_read_back_with_polars(tmp_path):
+    import polars as pl
+
+    from pipeline.sinks.parquet import ArchiveWriter
+    h = Harness(tmp_path)
+    h.run(90)
+    h.ask(reduction_pct=8, duration_s=120)
+    h.run(120 + 150)
+    (row,) = h.of(Topic.POWER_REPORTS)
+    writer = ArchiveWriter(h.cfg.archive_dir)
+    writer.add("power_requests", report_batch([row]))
+    writer.flush()
+    got = pl.read_parquet(sorted(Path(h.cfg.archive_dir, "power_requests").glob("**/*.parquet")))
+    assert got.height == 1 and got["id"][0] == row["id"] and got["met"][0]
+    assert got["throughput_lost_gpu_h"][0] == pytest.approx(row["throughput_lost_gpu_h"])
+    out = fleetwatch("power", "report", "--json", "--data-dir", h.cfg.data_dir)
+    assert out.returncode == 0, out.stderr
+    (back,) = json.loads(out.stdout)
+    assert back["id"] == row["id"] and back["met"] is True
+    out = fleetwatch("power", "report", "--data-dir", h.cfg.data_dir)
+    assert out.returncode == 0 and row["id"] in out.stdout and "met;" in out.stdout, out.stdout
+
+
+def test_an_impossible_target_raises_power_target_missed_and_resolves_it_at_the_end(tmp_path):
+    # Half a second to reach it: the meter's first reading after the caps comes a second later.
+    h = Harness(tmp_path)
+    h.run(90)
+    rid = h.ask(reduction_pct=8, ramp_s=0.5, duration_s=120)
+    h.run(120 + 150)
+    alerts = h.of(Topic.ALERTS)
+    assert [a["status"] for a in alerts] == ["firing", "resolved"], alerts
+    a = alerts[0]
+    assert a["labels"]["alertname"] == "PowerTargetMissed" and a["labels"]["request"] == rid
+    assert a["labels"]["site"] == "site-a" and a["labels"]["rack"] == "" and a["labels"]["severity"] == "warning"
+    assert "ramp" in a["annotations"]["summary"] and a["annotations"]["runbook_url"].endswith("PowerTargetMissed.md")
+    (row,) = h.of(Topic.POWER_REPORTS)
+    assert not row["met"] and row["missed_reason"]
+
+
+def test_a_request_over_the_flexible_capacity_is_rejected_saying_why(tmp_path):
+    h = Harness(tmp_path, classes=[{"nodes": "r0*", "flex_class": 0}])  # nothing may be capped
+    h.run(90)
+    h.ask(reduction_kw=10)
+    h.run(2)
+    (entry,) = h.store.entries()
+    assert entry.state == "rejected" and "can shed at most 0.0 kW" in entry.reason, entry.reason
+    out = fleetwatch("power", "status", "--data-dir", h.cfg.data_dir)
+    assert out.returncode == 0 and "rejected" in out.stdout and "can shed at most" in out.stdout, out.stdout
+    (row,) = h.of(Topic.POWER_REPORTS) or [None]
+    assert row is None  # refused when asked: nothing ran (the store keeps the verdict)
+
+
+def test_dry_run_plans_and_reports_without_applying(tmp_path):
+    h = Harness(tmp_path, dry_run=True)
+    h.run(90)
+    h.ask(reduction_pct=8, duration_s=60)
+    h.run(20)
+    assert h.actuator.planned and (h.sim.caps == 700).all()  # planned, never applied
+    h.run(60 + 200)
+    (row,) = h.of(Topic.POWER_REPORTS)
+    assert row["dry_run"] and not row["met"] and row["missed_reason"].startswith("dry run")
+    assert not h.of(Topic.ALERTS)  # a dry run misses by design: no alert
+
+
+def test_cancel_drops_a_pending_request_and_restores_an_active_one(tmp_path):
+    h = Harness(tmp_path)
+    h.run(90)
+    later = h.ask(reduction_pct=5, start=iso_utc(h.sim.now + timedelta(seconds=400)), duration_s=60)
+    h.run(2)
+    h.store.cancel(later, h.sim.now)
+    h.run(2)
+    assert h.store.entries()[0].state == "cancelled"
+    rid = h.ask(reduction_pct=8, duration_s=600)
+    h.run(60)
+    assert (h.sim.caps < 700).any()
+    h.store.cancel(rid, h.sim.now)
+    h.run(200)
+    assert (h.sim.caps == 700).all()
+    states = {e.id: e.state for e in h.store.entries()}
+    assert states[rid] == "cancelled"
+    (row,) = [r for r in h.of(Topic.POWER_REPORTS) if r["id"] == rid]
+    assert row["state"] == "cancelled" and row["end"] > h.sim.now  # ended before its time
+    assert not row["met"] and row["missed_reason"].startswith("cancelled after ")
+
+
+def test_grid_signal_rows_are_taken_and_bad_ones_dead_lettered_with_the_reason(tmp_path):
+    from pipeline.bus.intake import FileDeadLetters
+    h = Harness(tmp_path)
+    h.run(90)
+    good = PowerRequest(site="site-a", start=h.sim.now, duration_s=60, reduction_pct=5, source="kafka", id="grid-1",
+                        ts=h.sim.now)
+    bad = PowerRequest(site="site-a", start=h.sim.now - timedelta(hours=1), duration_s=60, reduction_pct=5,
+                       source="kafka", id="grid-2", ts=h.sim.now)
+    batch = pa.Table.from_batches([good.to_batch(), bad.to_batch()]).combine_chunks().to_batches()[0]
+    letters = FileDeadLetters(Path(h.cfg.data_dir) / "deadletter" / "intake.jsonl")
+    asyncio.run(h.role.grid_signal(Message(Topic.POWER_REQUESTS, batch), letters))
+    asyncio.run(h.role.grid_signal(Message(Topic.POWER_REQUESTS, batch), letters))  # delivered again: taken once
+    states = {e.id: e.state for e in h.store.entries()}
+    assert states == {"grid-1": "accepted"}
+    (line,) = letters.path.read_text().splitlines()
+    dead = json.loads(line)
+    assert dead["reason"] == "bad_request" and "in the past" in dead["detail"] and dead["row"]["id"] == "grid-2"
+    assert h.role.status()["grid_signal_rejected"] == 1
+
+
+def test_the_report_schema_is_the_archived_dataset_s():
+    from pipeline.model import SCHEMAS
+    assert SCHEMAS["power_requests"] is POWER_REQUEST_REPORT
+
+
+def test_http_post_and_get_against_the_real_server(tmp_path):
+    import socket
+
+    import aiohttp
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.ops.http import HttpServer
+    h = Harness(tmp_path)
+    h.run(90)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def go():
+        server = HttpServer(f"127.0.0.1:{port}", CollectorRegistry(), lambda: [], lambda: [])
+        await server.start()
+        server.routes = h.role.routes()  # as ops.attach hands over the context's
+        url = f"http://127.0.0.1:{port}/power/requests"
+        try:
+            async with aiohttp.ClientSession() as client:
+                async with client.post(url, json={"site": "site-a", "reduction_pct": 5, "duration_s": 60}) as r:
+                    ok = (r.status, await r.json())
+                async with client.post(url, json={"site": "site-a", "reduction_kw": 5000, "duration_s": 60,
+                                                  "start": iso_utc(h.sim.now + timedelta(hours=1))}) as r:
+                    over = (r.status, await r.json())
+                async with client.post(url, data=b"{not json") as r:
+                    garbled = (r.status, await r.json())
+                async with client.get(url) as r:
+                    listing = (r.status, await r.json())
+                async with client.delete(url) as r:
+                    wrong = r.status
+                async with client.get(f"http://127.0.0.1:{port}/") as r:
+                    index = await r.text()
+        finally:
+            await server.close()
+        return ok, over, garbled, listing, wrong, index
+    ok, over, garbled, listing, wrong, index = asyncio.run(go())
+    assert ok[0] == 202 and ok[1]["state"] == "accepted" and ok[1]["id"]
+    assert over[0] == 400 and over[1]["state"] == "rejected" and "can shed at most" in over[1]["reason"]
+    assert garbled[0] == 400 and "error" in garbled[1]
+    assert listing[0] == 200 and [r["state"] for r in listing[1]["requests"]] == ["accepted", "rejected"]
+    assert listing[1]["requests"][0]["source"] == "http"
+    assert wrong == 405 and "/power/requests" in index
+
+
+def test_a_grid_signal_over_the_in_process_bus_reaches_the_built_role(tmp_path):
+    """The role as the daemon builds it (roles/power.py build, over the MemoryBus): a request
+    published on fleetwatch.power.requests is accepted, and the role ends with its inputs."""
+    from pipeline.bus import MemoryBus
+    from pipeline.daemon import build_roles
+    from pipeline.roles.context import Context
+    from pipeline.sinks.console import Console
+    h = Harness(tmp_path)
+    h.sim = FleetSimulator(h.cfg.fleet)  # on the wall clock: the intake gate judges readings against it
+
+    async def go():
+        bus = MemoryBus()
+        ctx = Context(h.cfg, frozenset({"power"}), bus, asyncio.Event(), Console())
+        (running,) = build_roles(ctx)
+        caps = bus.subscribe([Topic.POWER_CAPS], "test-caps")
+        task = asyncio.create_task(running.work())
+        for i in range(120):
+            tick = h.sim.step()
+            await bus.publish(Message(Topic.GPU, tick.gpu))
+            await bus.publish(Message(Topic.FACILITY, tick.facility))
+            if i == 90:
+                req = PowerRequest(site="site-a", start=h.sim.now, duration_s=600, reduction_pct=5, source="kafka",
+                                   id="grid-7", ts=h.sim.now)
+                await bus.publish(Message(Topic.POWER_REQUESTS, req.to_batch()))
+            await asyncio.sleep(0)
+        await bus.end([Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS])
+        await asyncio.wait_for(task, 30)
+        await bus.end([Topic.POWER_CAPS])
+        sent = []
+        try:
+            while True:
+                sent += [m.value for m in await caps.get_batch()]
+        except Exception:
+            pass
+        return ctx, sent
+    ctx, sent = asyncio.run(go())
+    assert ("POST", "/power/requests") in ctx.routes
+    states = {e.id: e.state for e in request_store(h.cfg.data_dir).entries()}
+    assert states["grid-7"] in ("accepted", "active")  # the process stopped while it ran: resumed at the next start
+    rows = pa.Table.from_batches(sent).to_pylist()
+    assert rows and {r["request_id"] for r in rows} == {"grid-7"}
+    last = {r["gpu_uuid"]: r["cap_w"] for r in rows}  # each GPU's last command
+    assert any(r["cap_w"] is not None for r in rows)
+    assert set(last.values()) == {None}  # the role stopped: every cap it sent is lifted
+
+
+def test_the_command_line_round_trip_and_its_refusals(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+
+    def fw(*args):
+        return fleetwatch("power", *args, "--data-dir", str(data))
+    ok = fw("request", "--reduction-kw", "40", "--duration", "10m", "--start", "+1h", "--id", "ev1")
+    assert ok.returncode == 0, ok.stderr
+    assert "power request ev1 stored (pending): shed 40 kW of site site-a" in ok.stdout
+    for args, why in ((["--reduction-kw", "20", "--duration", "5m", "--start", "+65m"], "overlaps request ev1"),
+                      (["--reduction-kw", "-3", "--duration", "5m"], "reduction_kw = -3: must be positive"),
+                      (["--reduction-pct", "120", "--duration", "5m"], "must be between 0 and 100"),
+                      (["--target-kw", "100", "--duration", "5m", "--start", "2020-01-01T00:00:00Z"], "in the past"),
+                      (["--target-kw", "100", "--duration", "5m", "--start", "2030-01-01T00:00:00"], "time zone"),
+                      (["--reduction-kw", "5", "--duration", "5m", "--id", "ev1", "--start", "+3h"], "id ev1 is taken")):
+        bad = fw("request", *args)
+        assert bad.returncode == 2 and "power request rejected: " in bad.stderr and why in bad.stderr, (args, bad.stderr)
+    both = fw("request", "--reduction-kw", "5", "--target-kw", "3", "--duration", "5m")
+    assert both.returncode == 2 and "not allowed with" in both.stderr  # one goal only (argparse)
+    listing = fw("status")
+    assert listing.returncode == 0 and "ev1" in listing.stdout and "pending" in listing.stdout
+    assert "has not run on this data directory" in listing.stdout
+    cancelled = fw("cancel", "ev")
+    assert cancelled.returncode == 0 and "ev1: cancelled" in cancelled.stdout
+    (req,) = json.loads(fw("status", "--json").stdout)["requests"]
+    assert req["state"] == "cancelled" and req["cancelled"]
+    missing = fw("cancel", "nope")
+    assert missing.returncode == 2 and "no power request with id 'nope'" in missing.stderr
+    nowhere = fleetwatch("power", "status", "--data-dir", str(tmp_path / "typo"))
+    assert nowhere.returncode == 2 and "does not exist" in nowhere.stderr
+
+
+def test_a_restart_resumes_an_active_request_to_its_own_end(tmp_path):
+    h = Harness(tmp_path)
+    h.run(90)
+    rid = h.ask(reduction_pct=8, duration_s=300)  # start "now": the role's clock fixes it when it accepts
+    h.run(60)
+    (entry,) = h.store.entries()
+    assert entry.state == "active" and entry.request["start"] != "now"
+    end = h.role.tracked[rid].req.end
+    asyncio.run(h.role.close())  # the process stops: every cap lifted, the store keeps the request
+    assert (h.sim.caps == 700).all()
+    again = Harness(tmp_path, sim=h.sim)  # a new process on the same fleet and data directory
+    again.run(10)
+    t = again.role.tracked[rid]
+    assert t.state == "active" and t.req.end == end  # from now to the end it had, not a new 300 s
+    assert (again.sim.caps < 700).any()
