@@ -256,17 +256,21 @@ class DcgmConfig:
 
 @dataclass(frozen=True)
 class FlexRule:
-    """A flexibility class for the nodes whose name matches."""
-    nodes: str = _spec("", doc="glob of node names, e.g. r01-*", nonempty="give a glob of node names, e.g. r01-*")
+    """A flexibility class for the GPUs whose node, and workload where given, match (power/classes.py)."""
+    nodes: str = _spec("*", doc="glob of node names, e.g. r01-*", nonempty="give a glob of node names, e.g. r01-* "
+                       "(* for every node)")
     flex_class: int = _spec(2, min=0, max=3, doc="0 = never cap; 1/2/3 = may lose up to 10/25/50% of throughput")
+    namespace: str = _spec("", doc="glob of the Kubernetes namespace of the pod on the GPU (the samples' namespace, "
+                           "from dcgm-exporter's pod mapping); empty = any")
+    pod: str = _spec("", doc="glob of the pod on the GPU (the samples' pod); empty = any")
 
 
 @dataclass(frozen=True)
 class PowerConfig:
     default_class: int = _spec(2, min=0, max=3, doc="flexibility class of a node no rule names: 0 = never cap its "
                                "GPUs; 1/2/3 = a cap may cost them up to 10/25/50% of their throughput")
-    classes: list[FlexRule] = _spec([], doc="classes by node, as [[power.classes]] tables (nodes = GLOB, flex_class "
-                                    "= N); the first that matches a node wins")
+    classes: list[FlexRule] = _spec([], doc="classes by node or workload, as [[power.classes]] tables (nodes = GLOB, "
+                                    "namespace = GLOB, pod = GLOB, flex_class = N); the first that matches a GPU wins")
     headroom_pct: float = _spec(5.0, min=0, max=50, doc="shed this share beyond a request's reduction, for the "
                                 "meter's error")
     baseline_s: float = _spec(300.0, min=10, doc="a request's baseline: the site meter's mean over this long before "

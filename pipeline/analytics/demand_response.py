@@ -93,8 +93,8 @@ class DemandResponse:
             self.events.append(_Event(first + i * slot, float(rng.uniform(*SHARE_RANGE)), length))
         self.step_every = max(1, int(round(self.cfg.power.control_interval_s / self.cfg.fleet.sample_interval_s)))
         self.ticks = 0
-        classify = self.controller._classify
-        self.flexible = np.array([classify(self.sim.node_names[n]) > 0 for n in self.sim.gpu_node])
+        classes = self.controller.classes
+        self.flexible = np.array([classes.of(self.sim.node_names[n]) > 0 for n in self.sim.gpu_node])
 
     def tick(self, gpu, facility) -> None:
         ctl, now = self.controller, self.sim.now

@@ -29,7 +29,6 @@ what it cost. One request runs at a time (requests that overlap are refused).
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from pipeline.config import PowerConfig
 from pipeline.model import HW_SLOWDOWN_ANY
 from pipeline.detect.state import KeyIndex
 from pipeline.power.actuator import Actuator
+from pipeline.power.classes import FlexClasses
 from pipeline.power.curve import PowerCurve
 from pipeline.power.learn import MIN_REF, NOT_BINDING_W, CurveLearner
 from pipeline.power.planner import IDLE_UTIL, GpuPower, capacity_w, floors, plan, uniform_cost
@@ -122,8 +122,8 @@ class Outcome:
 class GpuTable:
     """The latest reading of every GPU, by UUID: arrays indexed by slot (detect/state.KeyIndex)."""
 
-    def __init__(self, classify) -> None:
-        self.classify = classify
+    def __init__(self, classes: FlexClasses) -> None:
+        self.classes = classes
         self.ids = KeyIndex(on_new=self._register)
         self.uuids: list[str] = []
         self.racks: list[str] = []
@@ -150,9 +150,11 @@ class GpuTable:
         self.util_mem[slots] = batch.column("util_mem").to_numpy(zero_copy_only=False)
         self.limit_w[slots] = batch.column("power_limit_w").to_numpy(zero_copy_only=False)
         self.slots = np.asarray(slots, np.int64)
+        if self.classes.by_workload:  # the job on a GPU changes, and its class with it
+            self.flex[slots] = self.classes.of_rows(batch)
 
     def _register(self, new: pa.Array, first_rows: np.ndarray) -> None:
-        """GPUs never seen before (once per GPU ever): their place, their node's class."""
+        """GPUs never seen before (once per GPU ever): their place, their class."""
         rows = pa.array(first_rows)
         nodes = self._batch.column("node").take(rows).to_pylist()
         self.uuids += new.to_pylist()
@@ -167,7 +169,7 @@ class GpuTable:
         self.node_ix = np.concatenate([self.node_ix, np.array([self._node_ids.setdefault(n, len(self._node_ids))
                                                                for n in nodes], np.int64)])
         self.limit_w = np.concatenate([self.limit_w, np.full(grow, np.nan)])
-        self.flex = np.concatenate([self.flex, np.array([self.classify(n) for n in nodes], np.int64)])
+        self.flex = np.concatenate([self.flex, self.classes.of_rows(self._batch.take(rows))])
 
     def stuck_nodes(self, readings: int) -> np.ndarray:
         """Per GPU: a GPU of its node reports the same power `readings` times in a row. Its
@@ -191,7 +193,8 @@ class Controller:
                  site_cap_w: float = 0.0) -> None:
         self.site, self.curve, self.actuator, self.s = site, curve, actuator, settings
         self.site_cap_w = site_cap_w  # detect.site_power_cap_w; 0: none
-        self.gpus = GpuTable(self._classify)
+        self.classes = FlexClasses(settings)
+        self.gpus = GpuTable(self.classes)
         self.learner = CurveLearner(curve)                    # each GPU's sensitivity, from its samples
         self.meter: deque[tuple[datetime, float]] = deque()   # site power readings, kW
         self.it: deque[tuple[datetime, float, float]] = deque()  # (ts, meter kW, the PDUs' sum kW) per scrape
@@ -212,12 +215,6 @@ class Controller:
         self.last_step: datetime | None = None
 
     # ---- what the site reports ---------------------------------------------------------
-
-    def _classify(self, node: str) -> int:
-        for rule in self.s.classes:
-            if fnmatch.fnmatchcase(node, rule.nodes):
-                return rule.flex_class
-        return self.s.default_class
 
     def observe_gpus(self, batch: pa.RecordBatch) -> None:
         g = self.gpus

@@ -1,0 +1,50 @@
+"""Each GPU's flexibility class: how much of its work a cap may cost (planner.CLASS_MAX_LOSS).
+
+The first `[[power.classes]]` rule whose globs all match wins, else `power.default_class`.
+A rule names nodes (`nodes`, default every node) and, optionally, the Kubernetes workload
+on the GPU as the samples carry it (`namespace`, `pod`: dcgm-exporter's pod mapping,
+gpu_sample's workload columns), so a class can follow a job rather than a machine: an
+inference namespace never capped on any node, a batch namespace capped deeply. A GPU's
+class is taken again from each of its samples where a rule names a workload (jobs come and
+go), once per GPU otherwise.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import PowerConfig
+
+_SEP = "\x1f"  # between a row's node, namespace and pod in its key (not in any name)
+
+
+class FlexClasses:
+    def __init__(self, settings: PowerConfig) -> None:
+        self.rules, self.default = settings.classes, settings.default_class
+        self.by_workload = any(r.namespace or r.pod for r in self.rules)  # classes change with the jobs
+        self._known: dict[str, int] = {}  # key -> class: a fleet has few distinct ones
+
+    def of(self, node: str, namespace: str | None = None, pod: str | None = None) -> int:
+        for rule in self.rules:
+            if (fnmatch.fnmatchcase(node, rule.nodes or "*")
+                    and (not rule.namespace or fnmatch.fnmatchcase(namespace or "", rule.namespace))
+                    and (not rule.pod or fnmatch.fnmatchcase(pod or "", rule.pod))):
+                return rule.flex_class
+        return self.default
+
+    def of_rows(self, batch: pa.RecordBatch) -> np.ndarray:
+        """The class of each row's GPU (int64), one rule lookup per distinct node and workload."""
+        keys = (pc.binary_join_element_wise(*(pc.fill_null(batch.column(c), "") for c in ("node", "namespace", "pod")),
+                                            _SEP) if self.by_workload else batch.column("node"))
+        encoded = pc.dictionary_encode(keys)
+        classes = np.array([self._class_of_key(k) for k in encoded.dictionary.to_pylist()], np.int64)
+        return classes[encoded.indices.to_numpy(zero_copy_only=False)]
+
+    def _class_of_key(self, key: str) -> int:
+        if key not in self._known:
+            self._known[key] = self.of(*key.split(_SEP))
+        return self._known[key]
