@@ -99,6 +99,17 @@ def test_any_message_becomes_a_row_a_duplicate_or_a_dead_letter(messages):
                     assert v in (0.0, 1.0)
 
 
+def test_the_power_branch_of_the_tree_is_not_equipment_and_is_left_alone(tmp_path):
+    """Power requests and their answers (power/mqtt_intake.py) share the site's tree: the
+    collector neither reads them as readings nor dead-letters them."""
+    collector = MqttCollector("h", 1, "p", tmp_path / "dead.jsonl")
+    for topic in ("bms/v1/p/power/requests", "bms/v1/p/power/requests/dr-1/status", "bms/v1/p/power/requests/rejected"):
+        collector.handle(topic, b'{"id": "dr-1", "reduction_kw": 20}')
+    collector.handle("bms/v1/p/powerhouse/x/y", b"{}")  # only the branch itself: this is a bad topic
+    assert collector.stats.messages == 1 and sum(collector.stats.dead_letters.values()) == 1
+    collector.dead_letters.close()
+
+
 def test_backoff_doubles_up_to_its_cap_with_jitter_and_starts_over_after_a_connection():
     backoff = Backoff(initial_s=0.1, max_s=2.0, rng=random.Random(1))
     delays = [backoff.next_s() for _ in range(12)]

@@ -43,14 +43,17 @@ class Harness:
         self.role = PowerRole(self.cfg, self.store, self.actuator, publish, dry_run=dry_run, wall=lambda: self.wall)
 
     def run(self, seconds: int) -> None:
-        async def go() -> None:
-            for _ in range(seconds):
-                tick = self.sim.step()
-                self.role.observe(Message(Topic.GPU, tick.gpu))
-                self.role.observe(Message(Topic.FACILITY, tick.facility))
-                self.wall += 1.0
-                await self.role.tick()
-        asyncio.run(go())
+        asyncio.run(self.advance(seconds))
+
+    async def advance(self, seconds: int) -> None:
+        """The fleet's data into the role, a simulated second at a time (other tasks run between)."""
+        for _ in range(seconds):
+            tick = self.sim.step()
+            self.role.observe(Message(Topic.GPU, tick.gpu))
+            self.role.observe(Message(Topic.FACILITY, tick.facility))
+            self.wall += 1.0
+            await self.role.tick()
+            await asyncio.sleep(0)
 
     def of(self, topic: Topic) -> list[dict]:
         rows = []

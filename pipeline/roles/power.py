@@ -2,7 +2,7 @@
 
 It follows the site's GPU and facility data (consumer group `power`) into the site's
 controller (power/controller.py) and steps it every `power.control_interval_s` of the
-data's time. Requests come in three ways, each ending in the request store
+data's time. Requests come in three ways (four with MQTT), each ending in the request store
 (`<data_dir>/power/`, power/store.py) with the role's verdict:
 
   the command line   `fleetwatch power request` writes the store; the role re-reads it
@@ -10,6 +10,8 @@ data's time. Requests come in three ways, each ending in the request store
   the grid signal    power_request rows on fleetwatch.power.requests (a utility's or BMS
                      gateway's); a row that is not a valid request is dead-lettered with
                      the reason, counted, and logged once
+  MQTT               with mqtt.broker set, <topic_root>/<site>/power/requests, answered on
+                     .../<id>/status (power/mqtt_intake.py)
 
 A request is judged when it arrives, against the fleet's live state (what the covered
 GPUs can shed within their classes: `Controller.flexible_kw`), and accepted or rejected
@@ -512,6 +514,10 @@ def build(ctx, spec):
     dead_letters = dead_letters_for(sub, cfg.data_dir)
     log.info("power: site %s, requests in %s%s", role.site, role.store.folder,
              " (dry run: caps are planned and reported, never applied)" if role.dry_run else "")
+    if cfg.mqtt.broker:  # requests from a BMS gateway under the tree too (power/mqtt_intake.py)
+        from pipeline.power.mqtt_intake import intake_for
+        intake = intake_for(cfg, role)
+        return lambda: intake.alongside(power_role(role, sub, gate, dead_letters, cfg.kafka.commit_interval_s))
     return lambda: power_role(role, sub, gate, dead_letters, cfg.kafka.commit_interval_s)
 
 

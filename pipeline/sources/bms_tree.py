@@ -10,6 +10,9 @@ milliseconds; `quality` 1 is good, anything else bad or uncertain (default 1).
 Classes, their points and the metric each point becomes are in `CLASS_POINTS`
 and `POINT_METRICS`; the units each metric accepts in `UNITS`.
 
+`<root>/<site>/power/...` is not equipment: it carries power requests and their answers
+(power/mqtt_intake.py), and the collector leaves it alone (`POWER_BRANCH`).
+
 Pure functions and tables, no I/O: the collector (sources/mqtt.py) and the
 simulator's publisher (sources/bms.py) share them, so the two cannot drift apart.
 """
@@ -23,6 +26,7 @@ from enum import StrEnum
 
 DEFAULT_ROOT = "bms/v1"
 META = "meta"
+POWER_BRANCH = "power"  # <root>/<site>/power/...: demand-response requests, not readings
 
 
 class Reason(StrEnum):

@@ -60,8 +60,8 @@ import pyarrow as pa
 
 from pipeline.bus.intake import TimeWindow
 from pipeline.model import FACILITY_SAMPLE, TS, iso_utc
-from pipeline.sources.bms_tree import DEFAULT_ROOT, PointMeta, Reason, Rejected, decode_meta, decode_reading, \
-    parse_topic
+from pipeline.sources.bms_tree import DEFAULT_ROOT, POWER_BRANCH, PointMeta, Reason, Rejected, decode_meta, \
+    decode_reading, parse_topic
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,7 @@ class MqttCollector:
         # queued QoS 1 readings) under it. Two collectors with one id evict each other.
         self.client_id = client_id or f"fleetwatch-facility-{site}"
         self.subscription = f"{topic_root}/{site}/#"
+        self._power_branch = f"{topic_root}/{site}/{POWER_BRANCH}/"
         self.flush_interval_s = flush_interval_s
         self.max_batch_rows = max_batch_rows
         self.max_points = max_points
@@ -196,6 +197,8 @@ class MqttCollector:
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Take one message: a row, a point's metadata, a dropped duplicate, or a dead letter."""
+        if topic.startswith(self._power_branch):  # the power role's requests and answers, not readings
+            return
         self.stats.messages += 1
         point = self._points.get(topic)
         try:
@@ -308,13 +311,9 @@ class MqttCollector:
         while not stop.is_set():
             try:
                 async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=False,
-                                          keepalive=self.keepalive_s, queue_type=_handoff(self.handle)) as client:
-                    granted = (await client.subscribe(self.subscription, qos=1))[0]
-                    if granted.is_failure or granted.value != 1:
-                        raise PermissionError(
-                            f"MQTT {self.host}:{self.port} granted {granted} for the QoS 1 subscription to "
-                            f"{self.subscription} (client id {self.client_id}): allow this client to read it "
-                            "with QoS 1 in the broker's ACL and limits")
+                                          keepalive=self.keepalive_s, queue_type=handoff(self.handle)) as client:
+                    await subscribe_qos1(client, self.subscription, f"MQTT {self.host}:{self.port}", self.client_id,
+                                         "allow this client to read it with QoS 1 in the broker's ACL and limits")
                     down_s = outages.up()
                     if down_s is not None:
                         self.stats.reconnects += 1
@@ -335,7 +334,16 @@ class MqttCollector:
                     await asyncio.wait_for(stop.wait(), delay)
 
 
-def _handoff(handle: Callable[[str, bytes], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
+async def subscribe_qos1(client: aiomqtt.Client, topic: str, broker: str, client_id: str, what_to_do: str) -> None:
+    """Subscribe with QoS 1 (what a persistent session needs to lose nothing); PermissionError
+    saying what to do when the broker grants less."""
+    granted = (await client.subscribe(topic, qos=1))[0]
+    if granted.is_failure or granted.value != 1:
+        raise PermissionError(f"{broker} granted {granted} for the QoS 1 subscription to {topic} (client id "
+                              f"{client_id}): {what_to_do}")
+
+
+def handoff(handle: Callable[[str, bytes], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
     """aiomqtt's incoming queue, replaced by a direct call of `handle`. aiomqtt puts
     each message as paho reads it, before paho acknowledges it to the broker, so a
     reading is in the collector's rows before the broker forgets it, and there is

@@ -1,0 +1,244 @@
+"""Power requests over MQTT, under the BMS tree (issue 15): what a BMS gateway sends the
+power role, and the role's answers, on the broker of the facility data (`mqtt.broker`).
+
+    <root>/<site>/power/requests               in:  one request per message, the JSON of
+                                                    schemas/power_request.v1.json (QoS 1)
+    <root>/<site>/power/requests/<id>/status   out: {"id", "state", "reason"}, retained, QoS 1
+    <root>/<site>/power/requests/rejected      out: {"id", "reason"} of a message refused, QoS 1
+
+`<root>` is `mqtt.topic_root`, `<site>` the tree's (`mqtt.site`, default `fleet.site`).
+
+- Each message takes the HTTP endpoint's path: `PowerRole.submit` (the store's checks, then
+  the role's verdict against the live fleet), with source `mqtt`. Its verdict goes to its
+  status topic, and each change of its state after that (pending -> accepted -> active ->
+  restoring -> done, or rejected, cancelled) too: a request stored before the fleet is known
+  is answered pending, then accepted or rejected when the role judges it. The status is retained: a gateway that
+  subscribes (again) reads each request's latest state (the broker keeps one small message
+  per request id).
+- A message that is not JSON, not a JSON object, or not a valid request (power/request.py's
+  Rejected: a field malformed or missing, in the past, overlapping one not over) is counted
+  (also in the role's status, `grid_signal_rejected`), logged once, and answered on
+  `rejected` with the reason (and on its status topic, state rejected, where it has an id).
+  An id that cannot be a topic level (empty, or with /, + or #) is refused the same way.
+- An id names one request. A repeat of a known id (a QoS 1 redelivery, a resend) is not
+  taken again: it is answered with that request's state as it is ("already have it"; an
+  accepted request stays accepted), and counted as a duplicate. A message refused before
+  it was stored is refused once: the same bytes again get the same answer, uncounted; a
+  corrected one under the same id is judged anew.
+- A persistent session (client id `fleetwatch-power-<site>`, clean_session False): what a
+  gateway publishes while the role is away is queued by the broker and taken at the
+  reconnect. The broker going away: reconnects with sources/mqtt.py's backoff, logging once
+  per outage; answers not yet published wait for the next connection.
+
+As the facility collector does, each message is handled as paho reads it (sources/mqtt.py
+`handoff`), before it is acknowledged: a request is in the store before the broker
+forgets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Awaitable
+
+import aiomqtt
+
+from pipeline.power.request import Rejected
+from pipeline.power.store import OPEN
+from pipeline.sources.bms_tree import DEFAULT_ROOT, POWER_BRANCH
+from pipeline.sources.mqtt import Backoff, Outages, handoff, subscribe_qos1, until_first_error, while_connected
+
+log = logging.getLogger("fleetwatch")
+
+SOURCE = "mqtt"  # the request's `source`
+STARTED = ("active", "restoring", "done")  # states past an accepted verdict
+
+
+@dataclass
+class IntakeStats:
+    messages: int = 0    # every message on the requests topic
+    taken: int = 0       # stored, then judged by the role (accepted, rejected, or pending the fleet)
+    duplicates: int = 0  # a repeat of an id already taken or refused: answered, not taken again
+    rejected: int = 0    # refused before they were stored: not JSON, not an object, not a valid request
+    reconnects: int = 0
+
+
+class MqttIntake:
+    """The power role's MQTT intake: `run(stop)` until stop is set; `alongside(work)` for the
+    length of the role's work. `handle(topic, payload)` is the per-message path (no broker)."""
+
+    def __init__(self, role, host: str, port: int, site: str, topic_root: str = DEFAULT_ROOT,
+                 client_id: str | None = None, keepalive_s: int = 10, backoff: Backoff | None = None,
+                 follow_s: float = 0.5) -> None:
+        self.role, self.host, self.port, self.site = role, host, port, site
+        self.topic = f"{topic_root}/{site}/{POWER_BRANCH}/requests"
+        self.rejected_topic = f"{self.topic}/rejected"
+        self.client_id = client_id or f"fleetwatch-power-{site}"
+        self.keepalive_s, self.backoff, self.follow_s = keepalive_s, backoff or Backoff(), follow_s
+        self.stats = IntakeStats()
+        self.answered: dict[str, dict[str, Any]] = {}  # id -> the status last published (the ids that came here)
+        self.refused: dict[str, bytes] = {}           # id -> the message refused before it was stored
+        self.outbox: deque[tuple[str, dict[str, Any], bool]] = deque()  # (topic, doc, retain) to publish
+        self._wake = asyncio.Event()
+        self.subscribed = asyncio.Event()  # set while connected and subscribed (tests)
+
+    def status_topic(self, request_id: str) -> str:
+        return f"{self.topic}/{request_id}/status"
+
+    # ---- the per-message path (no network) ---------------------------------------------
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        if topic != self.topic:  # an answer of ours, or a subscription left in the session
+            return
+        self.stats.messages += 1
+        try:
+            self._take(payload)
+        except Exception:  # a fault in the role's judging must not drop the connection
+            log.exception("power: MQTT request on %s could not be handled; it is dropped", self.topic)
+        self.role.write_status()
+
+    def _take(self, payload: bytes) -> None:
+        try:
+            data = json.loads(payload)
+        except (ValueError, RecursionError) as e:
+            self._refuse("", payload, f"not JSON ({type(e).__name__}: {str(e)[:200]})")
+            return
+        if not isinstance(data, dict):
+            self._refuse("", payload, "the message must be a JSON object of a power request "
+                                      "(schemas/power_request.v1.json)")
+            return
+        rid = str(data.get("id") or "")
+        if rid and any(c in rid for c in "/+#"):
+            self._refuse("", payload, f"id {rid!r}: an id with /, + or # cannot be a topic level of its status")
+            return
+        if rid and self.refused.get(rid) == payload:  # redelivered: refused already
+            self.stats.duplicates += 1
+            self._answer(rid, {"id": rid, "state": "rejected", "reason": self.answered[rid]["reason"]})
+            return
+        if rid:
+            self.role.store.refresh()
+            if self.role.store.known(rid) or rid in self.role.tracked:  # redelivered, or resent: already have it
+                self.stats.duplicates += 1
+                log.info("power: MQTT request %s again: already have it (%s); not taken again", rid,
+                         self.current(rid)["state"])
+                self._answer(rid, self.current(rid))
+                return
+        try:
+            entry = self.role.submit(data, SOURCE)
+        except Rejected as why:
+            self._refuse(rid, payload, str(why))
+            return
+        self.stats.taken += 1
+        self.refused.pop(entry.id, None)
+        self._answer(entry.id, self.current(entry.id))
+
+    def current(self, request_id: str) -> dict[str, Any]:
+        """A request's state as the role has it (the store's, before the role judged it)."""
+        t = self.role.tracked.get(request_id)
+        if t is not None:
+            return {"id": request_id, "state": t.state, "reason": t.reason}
+        e = next((e for e in self.role.store.entries() if e.id == request_id), None)
+        if e is None:
+            return self.answered.get(request_id, {"id": request_id, "state": "unknown", "reason": ""})
+        return {"id": request_id, "state": e.state, "reason": e.reason}
+
+    def _refuse(self, rid: str, payload: bytes, why: str) -> None:
+        """Not stored: counted, logged once, answered on `rejected` (and on its status topic)."""
+        if self.stats.rejected == 0:
+            log.warning("power: an MQTT request on %s was refused (%s: %s); answered on %s. Further refused "
+                        "requests are counted and answered, not logged", self.topic, rid or "no id", why,
+                        self.rejected_topic)
+        self.stats.rejected += 1
+        self.role.signals_rejected += 1
+        self.role.last_signal_rejection = f"{rid or '(no id)'}: {why}"
+        self.outbox.append((self.rejected_topic, {"id": rid or None, "reason": why}, False))
+        if rid:
+            self.refused[rid] = payload
+            self._answer(rid, {"id": rid, "state": "rejected", "reason": why})
+        self._wake.set()
+
+    def _answer(self, rid: str, doc: dict[str, Any]) -> None:
+        self.answered[rid] = doc
+        self.outbox.append((self.status_topic(rid), doc, True))
+        self._wake.set()
+
+    def follow(self) -> None:
+        """Each change of state of the requests that came here (pending -> accepted, ... done)."""
+        for rid, last in list(self.answered.items()):
+            if last["state"] not in OPEN:
+                continue
+            now = self.current(rid)
+            if now == last:
+                continue
+            if last["state"] == "pending" and now["state"] in STARTED:  # judged and started between two looks:
+                self._answer(rid, {"id": rid, "state": "accepted", "reason": ""})  # the verdict is said first
+            self._answer(rid, now)
+
+    # ---- the connection ------------------------------------------------------------
+
+    async def alongside(self, work: Awaitable[None]) -> None:
+        """Take requests while `work` (the role) runs; a failure of either ends both."""
+        stop = asyncio.Event()
+
+        async def then_stop() -> None:
+            try:
+                await work
+            finally:
+                stop.set()
+        await until_first_error(then_stop(), self.run(stop))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        outages = Outages(f"MQTT {self.host}:{self.port}", self.backoff, log)
+        while not stop.is_set():
+            try:
+                async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=False,
+                                          keepalive=self.keepalive_s, queue_type=handoff(self.handle)) as client:
+                    await subscribe_qos1(client, self.topic, f"MQTT {self.host}:{self.port}", self.client_id,
+                                         f"allow the power role to read it with QoS 1 and to write {self.topic}/# in "
+                                         f"the broker's ACL")
+                    down_s = outages.up()
+                    if down_s is None:
+                        log.info("power: MQTT %s:%d: taking requests on %s (QoS 1, session %s)", self.host,
+                                 self.port, self.topic, self.client_id)
+                    else:
+                        self.stats.reconnects += 1
+                        log.info("power: MQTT %s:%d: reconnected after %.1f s; the broker resends what it queued",
+                                 self.host, self.port, down_s)
+                    self.subscribed.set()
+                    try:
+                        await while_connected(client, self._publish(client, stop))
+                    finally:
+                        self.subscribed.clear()
+            except aiomqtt.MqttError as e:
+                delay = outages.down(e, f"power requests over MQTT wait; retrying with backoff up to "
+                                        f"{self.backoff.max_s:g} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+
+    async def _publish(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        """The answers, as they come and as the requests' states change; what is left at a stop, then return."""
+        while True:
+            self.follow()
+            while self.outbox:
+                topic, doc, retain = self.outbox[0]
+                await client.publish(topic, json.dumps(doc).encode(), qos=1, retain=retain)
+                self.outbox.popleft()  # only once the broker has it: a lost connection sends it again
+            if stop.is_set():
+                return
+            self._wake.clear()
+            waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waits, timeout=self.follow_s, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+
+
+def intake_for(cfg, role) -> MqttIntake:
+    """The role's intake on `mqtt.broker`, under the tree of `mqtt.site` (default `fleet.site`)."""
+    from pipeline.config import host_port
+    m = cfg.mqtt
+    return MqttIntake(role, *host_port("mqtt.broker", m.broker, 1883), site=m.site or cfg.fleet.site,
+                      topic_root=m.topic_root)
