@@ -15,8 +15,9 @@ lease. A source that owns GPUs follows them with `follow_caps`:
     power_actions): the limit asked, the enforced limit read back, the status
     (sources/nvml_power.py: STATUSES) and what to do when it failed.
 
-The lease is judged on the source's clock: the simulator's for the simulated fleet (it
-may run faster than real time, as the commands' timestamps do), the wall clock for an agent.
+The lease runs on the source's clock from when a row arrives (the power role's clock, its
+data's time, may lag it: Kafka lag): the simulator's for the simulated fleet (it may run
+faster than real time), the wall clock for an agent.
 """
 
 from __future__ import annotations
@@ -62,27 +63,27 @@ class CapHolder:
     actions: int = 0
     failures: int = 0
 
-    def take(self, caps: pa.RecordBatch) -> tuple[list[str], list[float | None]]:
+    def take(self, caps: pa.RecordBatch, now: datetime) -> tuple[list[str], list[float | None]]:
         """The commands that change a GPU's limit (the last row of each GPU wins); every
-        row renews its GPU's lease."""
+        row renews its GPU's lease from `now`, when it arrived: the lease is contact with
+        the power role, and the role's clock (its data's time) may lag this one."""
         uuids = caps.column("gpu_uuid").to_pylist()
         watts = caps.column("cap_w").to_pylist()
-        ts = caps.column("ts").to_pylist()
         lease = caps.column("lease_s").to_pylist()
         requests = caps.column("request_id").to_pylist()
         latest: dict[str, float | None] = {}
-        for u, w, t, s, r in zip(uuids, watts, ts, lease, requests):  # a few rows per GPU per lease, not per sample
+        for u, w, s, r in zip(uuids, watts, lease, requests):  # a few rows per GPU per lease, not per sample
             latest[u] = w
             self.request[u] = r
             if w is None:
                 self.until.pop(u, None)
             else:
-                self.until[u] = t + timedelta(seconds=s)
+                self.until[u] = now + timedelta(seconds=s)
         change = [(u, w) for u, w in latest.items() if self.held.get(u) != w]
         return [u for u, _ in change], [w for _, w in change]
 
     def expired(self, now: datetime) -> list[str]:
-        return [u for u, t in self.until.items() if t < now and u in self.held]
+        return [u for u, t in self.until.items() if t <= now and u in self.held]
 
     def record(self, results: list[CapResult]) -> None:
         for r in results:
@@ -142,7 +143,7 @@ async def follow_caps(sub, applier: CapApplier, emit: Callable[[Topic, pa.Record
             for m in messages:
                 rows = m.value.filter(pa.array(applier.mine(m.value)))
                 if rows.num_rows:
-                    await act(*holder.take(rows), "cap")
+                    await act(*holder.take(rows, clock()), "cap")
             if lapsed := holder.expired(clock()):
                 log.warning("power caps of %d GPUs not renewed within their lease (the power role is gone or cut "
                             "off): back to their default limits", len(lapsed))
