@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -17,7 +18,8 @@ from pipeline.model import POWER_ACTION, POWER_CAP
 from pipeline.power.actuator import BusActuator
 from pipeline.sources.nvml import NvmlAgent, NvmlSource
 from pipeline.sources.nvml_replay import NvmlReplay
-from pipeline.sources.power_caps import CapHolder, SimulatedCaps, follow_caps
+from pipeline.sources.nvml_power import CapResult
+from pipeline.sources.power_caps import RETRY_S, CapHolder, SimulatedCaps, follow_caps
 from pipeline.sources.simulate import FleetSimulator
 from tests.conftest import H100, make_config
 
@@ -100,6 +102,17 @@ def test_the_power_roles_rows_carry_changes_and_renew_every_held_cap_each_third_
     assert sent(30) == []
 
 
+def following(applier, clock, actions: list[dict]) -> tuple[MemoryBus, asyncio.Event, asyncio.Task]:
+    """follow_caps on a bus of its own (in a running loop): the bus to send caps on, its stop, its task."""
+    bus = MemoryBus()
+    sub = bus.listen(Topic.POWER_CAPS, [])
+
+    async def emit(topic, batch):
+        actions.extend(batch.to_pylist())
+    stop = asyncio.Event()
+    return bus, stop, asyncio.create_task(follow_caps(sub, applier, emit, stop, clock, CapHolder()))
+
+
 @pytest.mark.parametrize("lease_s", [3600.0, 0.0])
 def test_the_simulator_follows_caps_on_its_own_clock(lease_s):
     """Its lease is judged on simulated time: a cap whose lease ended in the simulator's past goes."""
@@ -108,18 +121,10 @@ def test_the_simulator_follows_caps_on_its_own_clock(lease_s):
     actions: list[dict] = []
 
     async def main():
-        bus = MemoryBus()
-        sub = bus.listen(Topic.POWER_CAPS, [])
-
-        async def emit(topic, batch):
-            actions.extend(batch.to_pylist())
-        stop = asyncio.Event()
-        holder = CapHolder()
+        bus, stop, task = following(applier, lambda: sim.now + timedelta(seconds=1), actions)
         batch = caps([(sim.node_names[0], sim.gpu_uuids[0], 450.0, lease_s)])
         batch = batch.set_column(0, "ts", pa.array([sim.now] * 1, POWER_CAP.field("ts").type))
         await bus.publish(Message(Topic.POWER_CAPS, batch))
-        task = asyncio.create_task(follow_caps(sub, applier, emit, stop, lambda: sim.now + timedelta(seconds=1),
-                                               holder))
         await until(lambda: len(actions) >= (2 if lease_s == 0 else 1), task)
         stop.set()
         await task
@@ -127,3 +132,88 @@ def test_the_simulator_follows_caps_on_its_own_clock(lease_s):
     assert [(a["status"], a["cause"]) for a in actions] == (
         [("ok", "cap"), ("restored", "lease")] if lease_s == 0 else [("ok", "cap"), ("restored", "stop")])
     assert sim.caps[0] == sim.cfg.power_limit_w
+
+
+class RefusesOnce:
+    """A source's GPUs whose first restore fails (another tool holds the limit a while)."""
+    site = "site-a"
+
+    def __init__(self) -> None:
+        self.refused = False
+        self.limits: dict[str, float | None] = {}
+
+    def mine(self, caps):
+        return np.ones(caps.num_rows, bool)
+
+    async def apply(self, uuids, cap_w):
+        out = []
+        for u, w in zip(uuids, cap_w):
+            if w is None and not self.refused:
+                self.refused = True
+                out.append(CapResult(0, u, None, 500.0, "error", "another limit wins"))
+                continue
+            self.limits[u] = w
+            out.append(CapResult(0, u, w, w or 700.0, "restored" if w is None else "ok", ""))
+        return out
+
+    def where(self, uuid):
+        return "rack-0", "node-1"
+
+
+def test_a_restore_that_failed_is_tried_again_until_it_holds():
+    applier, actions = RefusesOnce(), []
+    now = [datetime(2026, 12, 1, tzinfo=timezone.utc)]
+
+    async def main():
+        bus, stop, task = following(applier, lambda: now[0], actions)
+        await bus.publish(Message(Topic.POWER_CAPS, caps([("node-1", "GPU-a", 500.0, 3600)])))
+        await until(lambda: len(actions) == 1, task)
+        await bus.publish(Message(Topic.POWER_CAPS, caps([("node-1", "GPU-a", None, 3600)])))
+        await until(lambda: len(actions) == 2, task)
+        now[0] += timedelta(seconds=RETRY_S + 1)  # the role sends nothing more for it
+        await until(lambda: len(actions) == 3, task)
+        stop.set()
+        await task
+    asyncio.run(main())
+    assert [(a["status"], a["cause"]) for a in actions] == [("ok", "cap"), ("error", "cap"), ("restored", "lease")]
+    assert applier.limits == {"GPU-a": None}
+
+
+def test_caps_are_followed_again_after_the_bus_failed(monkeypatch):
+    """A listener that fails (Kafka away when the agent starts) is tried again, backing off;
+    the source's own loop never stops for it."""
+    import pipeline.sources.power_caps as power_caps
+    monkeypatch.setattr(power_caps, "FOLLOW_RETRY_MAX_S", 0.05)
+    sim = FleetSimulator(make_config(fleet={"racks": 1, "nodes_per_rack": 2}).fleet)
+    applier, actions, ran = SimulatedCaps(sim), [], []
+
+    async def main():
+        bus = MemoryBus()
+        listener = bus.listen(Topic.POWER_CAPS, [])
+        calls = [0]
+
+        class Flaky:  # the first read fails, as a consumer that cannot reach its brokers
+            async def get_batch(self, **kw):
+                calls[0] += 1
+                if calls[0] == 1:
+                    raise ConnectionError("brokers unreachable")
+                return await listener.get_batch(**kw)
+
+        async def emit(topic, batch):
+            actions.extend(batch.to_pylist())
+
+        async def source(source_stop):
+            while not source_stop.is_set():
+                ran.append(1)
+                await asyncio.sleep(0.01)
+        stop = asyncio.Event()
+        task = asyncio.create_task(power_caps.alongside(
+            source, lambda stop: follow_caps(Flaky(), applier, emit, stop, lambda: sim.now), stop))
+        await until(lambda: calls[0] >= 2, task)
+        await bus.publish(Message(Topic.POWER_CAPS, caps([(sim.node_names[0], sim.gpu_uuids[0], 450.0, 3600)])))
+        await until(lambda: len(actions) >= 1, task)
+        stop.set()
+        await task
+    asyncio.run(main())
+    assert [(a["status"], a["cause"]) for a in actions] == [("ok", "cap"), ("restored", "stop")]
+    assert ran

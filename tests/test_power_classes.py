@@ -68,3 +68,11 @@ def test_a_gpus_class_follows_the_job_on_it():
     ctl.observe_gpus(sample("inference"))  # an inference job took the GPU: never capped now
     assert ctl.gpus.flex.tolist() == [0]
     assert np.isclose(ctl.flexible_kw(), 0.0)
+
+
+def test_a_gpu_pods_share_takes_the_most_protective_of_their_classes():
+    c = FlexClasses(PowerConfig(default_class=2, classes=RULES))
+    assert c.of("r03-n01", "inference-eu,batch", "llm-0,train-7") == 0
+    assert c.of("r03-n01", "batch,inference-eu", "train-7,llm-0") == 0
+    assert c.of("r03-n01", "batch,batch", "train-7,train-8") == 3
+    assert c.of("r03-n01", "batch,dev", "train-7,x") == 2  # dev's pod has no rule: the default

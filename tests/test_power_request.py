@@ -57,7 +57,9 @@ def test_malformed_json_is_refused_naming_the_field():
                       ({"site": "dc1", "duration_s": "soon"}, "duration_s = 'soon': not a number"),
                       ({"site": "dc1", "duration_s": 60, "start": "18:00"}, "start = '18:00': not a time"),
                       ({"site": "dc1", "duration_s": 60, "start": "2026-12-01T18:00:00"}, "give the time zone"),
-                      ({"site": "dc1", "duration_s": 60, "racks": [1]}, "racks = [1]: a list of rack names")]:
+                      ({"site": "dc1", "duration_s": 60, "racks": [1]}, "racks = [1]: a list of rack names"),
+                      ({"site": "dc1", "duration_s": 60, "reduction_kw": 5, "id": "dr/1"}, "id 'dr/1': at most 128"),
+                      ({"site": "dc1", "duration_s": 60, "reduction_kw": 5, "id": "x" * 129}, "...: at most 128")]:
         with pytest.raises(Rejected, match=re.escape(why)):
             from_dict(data, "http", NOW)
 

@@ -17,8 +17,8 @@ import pytest
 from pipeline.analytics.evaluate import EVAL_EPOCH
 from pipeline.bus import Message, Topic
 from pipeline.model import POWER_REQUEST_REPORT, alert_rows, iso_utc
-from pipeline.power.actuator import SimulatorActuator
-from pipeline.power.request import PowerRequest
+from pipeline.power.actuator import BusActuator, SimulatorActuator
+from pipeline.power.request import PowerRequest, Rejected
 from pipeline.power.store import request_store
 from pipeline.roles.power import DryRunActuator, PowerRole, report_batch, status_doc
 from pipeline.sources.simulate import FleetSimulator
@@ -28,19 +28,21 @@ from tests.conftest import fleetwatch, make_config
 class Harness:
     """The simulated fleet, the role, and what the role published."""
 
-    def __init__(self, tmp_path: Path, dry_run: bool = False, sim: FleetSimulator | None = None, **power) -> None:
+    def __init__(self, tmp_path: Path, dry_run: bool = False, sim: FleetSimulator | None = None, actuator=None,
+                 **power) -> None:
         self.cfg = make_config(data_dir=str(tmp_path / "data"), fleet={"racks": 2, "seed": 4, "fault_interval_s": 0,
                                                                        "gpu_reset_interval_s": 0},
                                power={"default_class": 3, "baseline_s": 60, **power})
         self.sim = sim or FleetSimulator(self.cfg.fleet, start=EVAL_EPOCH)
         self.store = request_store(self.cfg.data_dir)
-        self.actuator = DryRunActuator() if dry_run else SimulatorActuator(self.sim)
+        self.actuator = actuator or (DryRunActuator() if dry_run else SimulatorActuator(self.sim))
         self.published: list[tuple[Topic, pa.RecordBatch]] = []
         self.wall = 0.0
 
         async def publish(topic: Topic, batch: pa.RecordBatch) -> None:
             self.published.append((topic, batch))
-        self.role = PowerRole(self.cfg, self.store, self.actuator, publish, dry_run=dry_run, wall=lambda: self.wall)
+        self.role = PowerRole(self.cfg, self.store, self.actuator, publish, dry_run=dry_run, wall=lambda: self.wall,
+                              utc_now=lambda: self.sim.now)
 
     def run(self, seconds: int) -> None:
         asyncio.run(self.advance(seconds))
@@ -341,3 +343,56 @@ def test_a_restart_resumes_an_active_request_to_its_own_end(tmp_path):
     t = again.role.tracked[rid]
     assert t.state == "active" and t.req.end == end  # from now to the end it had, not a new 300 s
     assert (again.sim.caps < 700).any()
+
+
+def test_one_device_whose_clock_runs_ahead_neither_ends_a_request_nor_skips_its_steps(tmp_path):
+    """The role keeps time by its facility readings' median: a PDU stamped 250 s early (within
+    the intake's window) is one reading, not the site's clock."""
+    h = Harness(tmp_path)
+    h.run(90)
+    h.ask(reduction_pct=8, duration_s=300)
+    h.run(60)
+    tick = h.sim.step()
+    facility = tick.facility
+    ts = facility.column("ts").to_pylist()
+    ts[0] = ts[0] + timedelta(seconds=250)
+    h.role.observe(Message(Topic.FACILITY, facility.set_column(0, "ts", pa.array(ts, facility.schema.field("ts").type))))
+    h.run(60)
+    assert h.store.entries()[0].state == "active"  # 120 s into a 300 s hold
+    assert not h.of(Topic.POWER_REPORTS)
+
+
+def test_data_far_behind_the_wall_clock_sends_restores_but_no_caps(tmp_path):
+    """A restart that reads an hour of backlog: the caps planned on it are for a fleet as it
+    was an hour ago, so none goes out until the role catches up."""
+    h = Harness(tmp_path, actuator=BusActuator("site-a", lease_s=60.0))
+    h.role.utc_now = lambda: h.sim.now + timedelta(hours=1)
+    h.run(90)
+    h.ask(reduction_pct=8, duration_s=120)
+    h.run(60)
+    assert h.store.entries()[0].state == "active"
+    assert not [r for r in h.of(Topic.POWER_CAPS) if r["cap_w"] is not None]
+    h.role.utc_now = lambda: h.sim.now  # caught up: the caps it holds go out at the next renewal
+    h.run(30)
+    assert [r for r in h.of(Topic.POWER_CAPS) if r["cap_w"] is not None]
+
+
+def test_a_request_file_edited_into_garbage_mid_event_does_not_stop_the_role(tmp_path, caplog):
+    h = Harness(tmp_path)
+    h.run(90)
+    h.ask(reduction_pct=8, duration_s=120)
+    h.run(30)
+    h.store.path.write_text("{not json", encoding="utf-8")
+    h.run(120 + 150)  # its phases cannot be written: logged once, the event runs to its end
+    (row,) = h.of(Topic.POWER_REPORTS)
+    assert row["state"] == "done" and row["met"]
+    assert (h.sim.caps == 700).all()
+    assert len([r for r in caplog.records if "cannot take it" in r.getMessage()]) == 1
+    with pytest.raises(Rejected, match="not stored: .*unreadable"):  # HTTP, Kafka and MQTT senders are told
+        h.role.submit({"site": "site-a", "duration_s": 60, "reduction_kw": 5}, "http")
+
+
+def test_a_lease_shorter_than_three_control_steps_is_refused_before_the_role_starts(tmp_path):
+    out = fleetwatch("config", env={"FLEETWATCH_POWER__LEASE_S": "10", "FLEETWATCH_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 2
+    assert "power.lease_s = 10 is under 3 x power.control_interval_s (5)" in out.stderr and "15 or more" in out.stderr

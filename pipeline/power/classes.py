@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import PowerConfig
 
+CACHE_MAX = 65536  # distinct node, namespace and pod keys remembered
 _SEP = "\x1f"  # between a row's node, namespace and pod in its key (not in any name)
 
 
@@ -29,10 +30,17 @@ class FlexClasses:
         self._known: dict[str, int] = {}  # key -> class: a fleet has few distinct ones
 
     def of(self, node: str, namespace: str | None = None, pod: str | None = None) -> int:
+        """A GPU several pods share (dcgm-exporter lists them comma-separated, in the same order
+        as their namespaces) takes the most protective class of theirs."""
+        spaces, pods = (namespace or "").split(","), (pod or "").split(",")
+        pairs = zip(spaces, pods) if len(spaces) == len(pods) else ((n, q) for n in spaces for q in pods)
+        return min(self._of_one(node, n.strip(), q.strip()) for n, q in pairs)
+
+    def _of_one(self, node: str, namespace: str, pod: str) -> int:
         for rule in self.rules:
             if (fnmatch.fnmatchcase(node, rule.nodes or "*")
-                    and (not rule.namespace or fnmatch.fnmatchcase(namespace or "", rule.namespace))
-                    and (not rule.pod or fnmatch.fnmatchcase(pod or "", rule.pod))):
+                    and (not rule.namespace or fnmatch.fnmatchcase(namespace, rule.namespace))
+                    and (not rule.pod or fnmatch.fnmatchcase(pod, rule.pod))):
                 return rule.flex_class
         return self.default
 
@@ -46,5 +54,7 @@ class FlexClasses:
 
     def _class_of_key(self, key: str) -> int:
         if key not in self._known:
+            if len(self._known) >= CACHE_MAX:  # pods come and go: a fresh start now and then
+                self._known.clear()
             self._known[key] = self.of(*key.split(_SEP))
         return self._known[key]

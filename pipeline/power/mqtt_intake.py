@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 from collections import deque
@@ -47,7 +48,7 @@ from typing import Any, Awaitable
 
 import aiomqtt
 
-from pipeline.power.request import Rejected
+from pipeline.power.request import ID, Rejected
 from pipeline.power.store import OPEN
 from pipeline.sources.bms_tree import DEFAULT_ROOT, POWER_BRANCH
 from pipeline.sources.mqtt import Backoff, Outages, handoff, subscribe_qos1, until_first_error, while_connected
@@ -55,6 +56,8 @@ from pipeline.sources.mqtt import Backoff, Outages, handoff, subscribe_qos1, unt
 log = logging.getLogger("fleetwatch")
 
 SOURCE = "mqtt"  # the request's `source`
+KEEP_REFUSED = 10000  # refused ids remembered to answer a redelivery alike
+MAX_PAYLOAD = 64 * 1024  # a request is a few hundred bytes: anything this big is refused unread
 STARTED = ("active", "restoring", "done")  # states past an accepted verdict
 
 
@@ -81,7 +84,7 @@ class MqttIntake:
         self.keepalive_s, self.backoff, self.follow_s = keepalive_s, backoff or Backoff(), follow_s
         self.stats = IntakeStats()
         self.answered: dict[str, dict[str, Any]] = {}  # id -> the status last published (the ids that came here)
-        self.refused: dict[str, bytes] = {}           # id -> the message refused before it was stored
+        self.refused: dict[str, bytes] = {}           # id -> sha256 of the message refused (bounded)
         self.outbox: deque[tuple[str, dict[str, Any], bool]] = deque()  # (topic, doc, retain) to publish
         self._wake = asyncio.Event()
         self.subscribed = asyncio.Event()  # set while connected and subscribed (tests)
@@ -102,6 +105,10 @@ class MqttIntake:
         self.role.write_status()
 
     def _take(self, payload: bytes) -> None:
+        if len(payload) > MAX_PAYLOAD:
+            self._refuse("", b"", f"{len(payload)} bytes: a power request is a small JSON object (at most "
+                                  f"{MAX_PAYLOAD} bytes)")
+            return
         try:
             data = json.loads(payload)
         except (ValueError, RecursionError) as e:
@@ -112,10 +119,10 @@ class MqttIntake:
                                       "(schemas/power_request.v1.json)")
             return
         rid = str(data.get("id") or "")
-        if rid and any(c in rid for c in "/+#"):
-            self._refuse("", payload, f"id {rid!r}: an id with /, + or # cannot be a topic level of its status")
+        if rid and not ID.fullmatch(rid):  # not a topic level of its status, nor a line of the log
+            self._refuse("", payload, f"id {rid[:40]!r}: at most 128 letters, digits and . _ : -")
             return
-        if rid and self.refused.get(rid) == payload:  # redelivered: refused already
+        if rid and self.refused.get(rid) == hashlib.sha256(payload).digest():  # redelivered: refused already
             self.stats.duplicates += 1
             self._answer(rid, {"id": rid, "state": "rejected", "reason": self.answered[rid]["reason"]})
             return
@@ -157,7 +164,9 @@ class MqttIntake:
         self.role.last_signal_rejection = f"{rid or '(no id)'}: {why}"
         self.outbox.append((self.rejected_topic, {"id": rid or None, "reason": why}, False))
         if rid:
-            self.refused[rid] = payload
+            self.refused[rid] = hashlib.sha256(payload).digest()
+            while len(self.refused) > KEEP_REFUSED:  # the oldest go first
+                self.refused.pop(next(iter(self.refused)))
             self._answer(rid, {"id": rid, "state": "rejected", "reason": why})
         self._wake.set()
 

@@ -8,6 +8,8 @@ message says what was wrong and what would be accepted; it never half-accepts.
 
 from __future__ import annotations
 
+import re
+
 import math
 import uuid
 from dataclasses import dataclass, field, fields
@@ -26,6 +28,8 @@ DEFAULT_RAMP_S = 30.0
 class Rejected(ValueError):
     """The request is refused; the message says why."""
 
+
+ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a request id that is safe in a topic, a file and a log
 
 @dataclass(frozen=True)
 class PowerRequest:
@@ -109,6 +113,9 @@ def from_dict(data: dict[str, Any], source: str, now: datetime | None = None) ->
     kw["ts"] = _time(data.get("ts"), "ts", now)
     if data.get("id"):
         kw["id"] = str(data["id"])
+        if not ID.fullmatch(kw["id"]):  # it names files' entries, topics and log lines
+            raise Rejected(f"id {kw['id'][:40]!r}{'...' if len(kw['id']) > 40 else ''}: at most 128 letters, digits "
+                           f"and . _ : - (or none: one is made up)")
     return PowerRequest(**kw)
 
 

@@ -14,6 +14,7 @@ restoring (the caps rise), done, cancelled, rejected (`reason` says why).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -63,6 +64,7 @@ class RequestStore:
         self.path = self.file.path
         self.status_path = self.folder / "status.json"
         self._entries: dict[str, Entry] = {}
+        self._unwritable = ""  # why the role's last write failed (logged once)
         self.refresh()
 
     # ---- writers (the CLI, the role's HTTP endpoint and its verdicts) ----------------------
@@ -99,15 +101,23 @@ class RequestStore:
 
     def set_state(self, request_id: str, state: str, reason: str = "", start: str | None = None) -> None:
         """The role's verdict or a change of phase; `start`: the time a start of "now" came to be
-        (a restart resumes the request from it, not from its own now)."""
-        with self._locked():
-            e = self._entries.get(request_id)
-            if e is None or ((e.state, e.reason) == (state, reason) and start in (None, e.request.get("start"))):
-                return
-            e.state, e.reason = state, reason
-            if start is not None:
-                e.request["start"] = start
-            self._write()
+        (a restart resumes the request from it, not from its own now). A file that cannot be read
+        or written (edited by hand into garbage, a full disk) is logged once: the role goes on
+        with the state in its memory and its status file, and writes it once the file is fixed."""
+        try:
+            with self._locked():
+                e = self._entries.get(request_id)
+                if e is None or ((e.state, e.reason) == (state, reason) and start in (None, e.request.get("start"))):
+                    return
+                e.state, e.reason = state, reason
+                if start is not None:
+                    e.request["start"] = start
+                self._write()
+            self._unwritable = ""
+        except (ConfigError, OSError) as why:
+            if str(why) != self._unwritable:
+                log.error("power request %s is %s, but %s cannot take it: %s", request_id, state, self.path, why)
+                self._unwritable = str(why)
 
     def write_status(self, status: dict[str, Any]) -> None:
         """The role's live view of its requests (baseline, target, achieved)."""
@@ -159,7 +169,9 @@ class RequestStore:
     def _read(self) -> dict[str, Entry]:
         doc = self.file.read()
         try:
-            return {e.id: e for e in (Entry(**d) for d in doc["requests"])} if doc is not None else {}
+            known = {f.name for f in dataclasses.fields(Entry)}  # a key an operator added is not a reason to stop
+            return ({e.id: e for e in (Entry(**{k: v for k, v in d.items() if k in known}) for d in doc["requests"])}
+                    if doc is not None else {})
         except (ValueError, KeyError, TypeError) as e:
             raise self.file.unreadable(e) from None
 

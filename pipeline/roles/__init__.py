@@ -116,7 +116,8 @@ ROLE_TABLE: tuple[RoleSpec, ...] = (
              "run only the power role (demand response for fleet.site: requests in, caps out), consuming from "
              "Kafka (consumer group 'power'; one process per site); its requests: power request|status|cancel|report",
              in_run=lambda cfg: True, inputs=(Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS), group="power",
-             outputs=(Topic.POWER_CAPS, Topic.ALERTS, Topic.POWER_REPORTS), options=(DRY_RUN,)),
+             outputs=(Topic.POWER_CAPS, Topic.ALERTS, Topic.POWER_REPORTS), options=(DRY_RUN,),
+             preflight="pipeline.roles.power:preflight"),
     RoleSpec("archive", SINK, "pipeline.sinks.archive_sink:build",
              "run only the Parquet archive, consuming from Kafka (consumer group 'archive')",
              in_run=lambda cfg: True, inputs=tuple(DATASET_OF_TOPIC), group="archive"),

@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 
 from pipeline.bus import EndOfStream, Message, Topic
 from pipeline.bus.intake import Rejection, dead_letters_for
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.detect.catalog import raised
 from pipeline.model import POWER_REQUEST_REPORT, alerts_to_batch, iso_utc
 from pipeline.power.controller import Controller, Outcome
@@ -98,7 +98,8 @@ class PowerRole:
     """The role's logic, apart from the bus (tests drive it with batches and a clock)."""
 
     def __init__(self, cfg: Config, store: RequestStore, actuator, publish: Callable[[Topic, pa.RecordBatch],
-                 Awaitable[None]], dry_run: bool | None = None, wall: Callable[[], float] = time.monotonic) -> None:
+                 Awaitable[None]], dry_run: bool | None = None, wall: Callable[[], float] = time.monotonic,
+                 utc_now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
         self.cfg, self.store, self.actuator, self.publish = cfg, store, actuator, publish
         self.site = cfg.fleet.site
         self.dry_run = cfg.power.dry_run if dry_run is None else dry_run
@@ -109,6 +110,8 @@ class PowerRole:
         self.next_step: datetime | None = None
         self.last_step: datetime | None = None
         self.wall = wall
+        self.utc_now = utc_now  # the wall clock: is the data's time far behind it (lagging)?
+        self.lagging = False
         self._status_at = -math.inf
         self._dirty = True
         self.signals_rejected = 0
@@ -138,9 +141,15 @@ class PowerRole:
             self.ctl.observe_facility(batch)
         else:
             return
-        newest = pc.max(batch.column("ts")).as_py()
-        if newest is not None and (self.now is None or newest > self.now):
-            self.now = newest
+        if message.topic == Topic.FACILITY:
+            # The role's clock is the meter's and the PDUs' (what a request is judged on): a
+            # batch's median reading time, so one device or agent whose clock runs ahead (the
+            # intake lets a reading through up to intake.max_ahead_s early) does not end a
+            # request or skip its control steps.
+            us = batch.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
+            median = datetime.fromtimestamp(0, timezone.utc) + timedelta(microseconds=int(np.median(us)))
+            if self.now is None or median > self.now:
+                self.now = median
 
     def clock(self) -> datetime:
         """The role's now: the data's, or the wall clock's before any data."""
@@ -151,7 +160,10 @@ class PowerRole:
     def submit(self, data: dict[str, Any], source: str) -> Entry:
         """A request from HTTP or the grid signal: stored, then judged now if the fleet is known.
         Rejected (raised) for what needs no fleet to refuse (its form, in the past, overlapping)."""
-        entry, _ = self.store.add(data, source, self.clock())
+        try:
+            entry, _ = self.store.add(data, source, self.clock())
+        except ConfigError as why:  # the store's file is unreadable: the sender is told, the role goes on
+            raise Rejected(f"not stored: {why}") from None
         self._take(entry)
         return entry
 
@@ -359,8 +371,23 @@ class PowerRole:
         current = active.id if active is not None else next(
             (t.req.id for t in reversed(list(self.tracked.values())) if t.req is not None), "")
         batch = rows(now, self.ctl.gpus, current)
+        if batch is not None and self._behind(now):  # restores only: a cap for a time long past is no cap
+            batch = batch.filter(pc.is_null(batch.column("cap_w")))
         if batch is not None and batch.num_rows:
             await self.publish(Topic.POWER_CAPS, batch)
+
+    def _behind(self, now: datetime) -> bool:
+        """The data is more than a lease behind the wall clock (a restart that reads hours of Kafka
+        backlog): the caps it plans are for a fleet as it was, so none is sent until it catches up.
+        A simulated fleet at another speed than real time has its own clock (intake's rule)."""
+        lag_s = (self.utc_now() - now).total_seconds()
+        behind = self.cfg.fleet.speed == 1 and lag_s > self.cfg.power.lease_s
+        if behind != self.lagging:
+            (log.warning if behind else log.info)(
+                "power: the data is %.0f s behind the wall clock: %s", lag_s,
+                "no new caps are sent until it catches up (restores are)" if behind else "caught up; caps go out again")
+            self.lagging = behind
+        return behind
 
     async def close(self) -> None:
         """The process stops: every cap restored (sent), alerts resolved; the store keeps what is
@@ -497,6 +524,15 @@ def status_doc(store: RequestStore) -> dict[str, Any]:
 
 
 # ---- the role --------------------------------------------------------------------
+
+def preflight(cfg: Config, env=None, warn: bool = True) -> None:
+    """Before the role starts: its caps are renewed at its steps, each third of a lease at most."""
+    p = cfg.power
+    if p.lease_s < 3 * p.control_interval_s:
+        raise ConfigError(f"config error: power.lease_s = {p.lease_s:g} is under 3 x power.control_interval_s "
+                          f"({p.control_interval_s:g}): the role renews caps at its steps, so the agents would restore "
+                          f"them between two; raise power.lease_s to {3 * p.control_interval_s:g} or more")
+
 
 def build(ctx, spec):
     """The power role of this process: its subscription, its store, its actuator, its routes."""

@@ -9,7 +9,8 @@ lease. A source that owns GPUs follows them with `follow_caps`:
     agent's: sources/nvml_power.py on its NVML thread; the simulator's), unless the GPU
     already holds that cap: then the row only renews the lease;
   - a GPU whose cap was not renewed within its lease is restored to its default limit
-    (cause `lease`): a planner that died or lost the bus leaves no cap behind;
+    (cause `lease`): a planner that died or lost the bus leaves no cap behind; a restore
+    that failed is tried again the same way every RETRY_S;
   - when the source stops, every cap it holds is restored (cause `stop`);
   - each change is a `power_action` row (fleetwatch.power.actions, archived as
     power_actions): the limit asked, the enforced limit read back, the status
@@ -23,6 +24,7 @@ faster than real time), the wall clock for an agent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -39,6 +41,8 @@ from pipeline.sources.nvml_power import CapResult
 log = logging.getLogger("fleetwatch")
 
 POLL_S = 1.0  # how long a wait for commands lasts before the leases are checked again
+FOLLOW_RETRY_MAX_S = 60.0  # following the commands again after a failure: backing off up to this
+RETRY_S = 30.0  # a restore that failed is tried again this long after (through the lease's path)
 
 
 class CapApplier(Protocol):
@@ -75,8 +79,9 @@ class CapHolder:
         for u, w, s, r in zip(uuids, watts, lease, requests):  # a few rows per GPU per lease, not per sample
             latest[u] = w
             self.request[u] = r
-            if w is None:
-                self.until.pop(u, None)
+            if w is None:  # restored now; if that fails, the lease path tries again
+                if u in self.held:
+                    self.until[u] = now + timedelta(seconds=RETRY_S)
             else:
                 self.until[u] = now + timedelta(seconds=s)
         change = [(u, w) for u, w in latest.items() if self.held.get(u) != w]
@@ -138,7 +143,8 @@ async def follow_caps(sub, applier: CapApplier, emit: Callable[[Topic, pa.Record
                 except EndOfStream:
                     ended, messages = True, []
             else:
-                await asyncio.wait([asyncio.ensure_future(stop.wait())], timeout=POLL_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), POLL_S)
                 messages = []
             for m in messages:
                 rows = m.value.filter(pa.array(applier.mine(m.value)))
@@ -196,11 +202,20 @@ async def alongside(run: Callable[[asyncio.Event], Awaitable[None]], follow: Cal
     source_stop = asyncio.Event()
 
     async def caps() -> None:
+        failures = 0
         try:
-            await follow(stop)
-        except Exception:  # the source's data matters more than the caps: it goes on
-            log.exception("following power caps failed; this source takes no caps until it restarts")
-            await stop.wait()
+            while not stop.is_set():
+                try:
+                    await follow(stop)
+                    return
+                except Exception as e:  # the bus is away: the source's data goes on, caps are followed again
+                    failures += 1
+                    wait_s = min(FOLLOW_RETRY_MAX_S, 2.0 ** failures)
+                    (log.exception if failures == 1 else log.warning)(
+                        "following power caps failed (%s: %s); the caps held were restored, trying again in %.0f s",
+                        type(e).__name__, e, wait_s)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), wait_s)
         finally:
             source_stop.set()
     follower = asyncio.create_task(caps(), name="power-caps")
