@@ -16,6 +16,7 @@ from pipeline.detect.families.counters import Counters
 from pipeline.detect.families.drift import Drift
 from pipeline.faults import FAULTS_BY_NAME
 from pipeline.model import ClockEventReason
+from pipeline.power.curve import from_recording
 from pipeline.sinks.routing import Router
 from pipeline.sources.simulate import FleetSimulator
 from tests.conftest import make_config
@@ -437,7 +438,8 @@ def test_gpus_under_a_power_cap_are_not_stragglers_unless_they_draw_well_under_i
 
 
 def test_a_capped_gpu_drawing_well_under_its_cap_at_full_load_is_a_straggler(warm):
-    """(One whose draw still reaches its cap is hidden by it: the cap holds its peers too.)"""
+    """Its clock is well under the one its cap allows (the H100 curve's: too few capped peers
+    here to judge by)."""
     h = warm(seed=5)
     busy = np.flatnonzero(h.sim.group_busy[h.sim.node_group][h.sim.gpu_node])
     node = h.sim.gpu_node[busy[0]]
@@ -448,3 +450,63 @@ def test_a_capped_gpu_drawing_well_under_its_cap_at_full_load_is_a_straggler(war
     h.sim.inject("straggler_gpu", gpu=victim, duration_s=120)
     h.run(60)
     assert [a.labels["gpu"] for a in h.fired("GpuStraggler")] == [str(h.sim.gpu_index[victim])]
+
+
+def _full_load_node(h: Harness) -> np.ndarray:
+    """The GPUs of a busy node, its job at full load (every GPU at its limit)."""
+    busy = np.flatnonzero(h.sim.group_busy[h.sim.node_group][h.sim.gpu_node])
+    node = h.sim.gpu_node[busy[0]]
+    h.sim.group_intensity[h.sim.node_group[node]] = 1.0
+    return np.flatnonzero(h.sim.gpu_node == node)
+
+
+@pytest.mark.parametrize("cap_w, factor, held", [(500.0, 0.7, False), (510.0, 0.75, True)])
+def test_a_straggler_in_a_node_capped_as_one_is_judged_by_the_clock_the_cap_allows(warm, cap_w, factor, held):
+    """Demand response caps a whole node alike: its power no longer tells a straggler (the
+    cap compresses every GPU's draw). Healthy GPUs under the same cap settle at the same
+    clock; a straggler runs slower, whether it draws under its cap (no reason 0x4) or the
+    cap holds it too (the same watts, fewer MHz)."""
+    h = warm(seed=5)
+    mine = _full_load_node(h)
+    h.sim.set_caps(mine, cap_w)
+    h.run(60)
+    assert h.fired("GpuStraggler") == []
+    victim = int(mine[5])
+    h.sim.inject("straggler_gpu", gpu=victim, duration_s=120, params={"factor": factor})
+    h.run(10)
+    [a] = h.fired("GpuStraggler")
+    assert a.labels["gpu"] == str(h.sim.gpu_index[victim])
+    assert a.evidence["capped"] == 1.0 and a.evidence["sm_mhz"] < 0.85 * a.evidence["peer_sm_mhz"]
+    assert abs(a.evidence["power_w"] - cap_w) < 5.0 if held else a.evidence["power_w"] < cap_w - 5.0
+    assert a.evidence["peer_sm_mhz"] == pytest.approx(float(from_recording().clock_at(cap_w)), rel=0.02)
+
+
+def test_a_straggler_under_a_cap_deeper_than_its_fault_is_not_one(warm):
+    """A straggler whose fault lets it run faster than its cap allows does, held there, what a
+    healthy GPU under that cap does (the simulator's work agrees): the cap hides it until it goes."""
+    h = warm(seed=5)
+    mine = _full_load_node(h)
+    h.sim.set_caps(mine, 300.0)
+    h.sim.inject("straggler_gpu", gpu=int(mine[1]), duration_s=90, params={"factor": 0.7})
+    h.run(60)
+    assert h.fired("GpuStraggler") == []
+    h.sim.set_caps(mine, np.nan)
+    h.run(5)
+    assert [a.labels["gpu"] for a in h.fired("GpuStraggler")] == [str(h.sim.gpu_index[mine[1]])]
+
+
+@pytest.mark.parametrize("draw", range(4))
+def test_healthy_gpus_under_any_caps_are_not_stragglers(warm, draw):
+    """Property: whatever caps a node's GPUs get (each its own, from the lowest limit up,
+    changed every 20 s, some GPUs left at their default), no healthy GPU is a straggler:
+    each is judged against the clock its own cap allows."""
+    h = warm(seed=5)
+    mine = _full_load_node(h)
+    rng = np.random.default_rng(draw)
+    lo = h.sim.curve.min_limit_w
+    for _ in range(6):
+        caps = rng.uniform(lo, 700.0, mine.size)
+        caps[rng.random(mine.size) < 0.25] = np.nan
+        h.sim.set_caps(mine, np.round(caps))
+        h.run(20)
+    assert h.fired("GpuStraggler") == [], [a.annotations["summary"] for a in h.fired("GpuStraggler")]

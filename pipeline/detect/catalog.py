@@ -199,7 +199,16 @@ ALERTS: tuple[AlertSpec, ...] = (
               evidence=("power_w", "sm_mhz", "peer_power_w", "peer_sm_mhz"),
               meaning="lower power and clocks than its peers at full utilisation", method="peers",
               detection="At >= 90% utilisation and without HW-slowdown reasons, a GPU whose power and SM clock are "
-                        "both below `straggler_ratio` of its node's median."),
+                        "both below `straggler_ratio` of its node's median. Under a power cap (a limit below the "
+                        "highest the GPU or its node has shown: demand response, [Power](power.md)) the cap sets "
+                        "the power, and healthy GPUs under the same cap settle at the same SM clock: a capped GPU "
+                        "is judged by its clock alone, below `straggler_ratio` of the clock its cap allows. That "
+                        "is the H100 curve's clock at its cap (`power/curve.py`) times the median, over the "
+                        "node's GPUs that their caps hold (reason 0x4, at least 4), of each one's clock over the "
+                        "curve's at its own cap (peers at other caps compare); with fewer, the curve's clock. A "
+                        "straggler is caught whether it draws under its cap or the cap holds it (same watts, "
+                        "fewer MHz). One whose fault still lets it run as fast as a deeper cap allows does, "
+                        "held there, what its peers do, and shows when the cap goes."),
     AlertSpec("PowerCapNotBinding", "warning", "gpu",
               "{node} GPU {gpu} is capped at {power_limit_w:.0f} W but draws {power_w:.0f} W: the cap saves nothing",
               "Nothing is wrong with the GPU: its load fell under its cap. A demand-response request counts on "
