@@ -38,7 +38,6 @@ forgets it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -51,7 +50,7 @@ import aiomqtt
 from pipeline.power.request import ID, Rejected
 from pipeline.power.store import OPEN
 from pipeline.sources.bms_tree import DEFAULT_ROOT, POWER_BRANCH
-from pipeline.sources.mqtt import Backoff, Outages, handoff, subscribe_qos1, until_first_error, while_connected
+from pipeline.sources.mqtt import Backoff, keep_subscribed, until_first_error
 
 log = logging.getLogger("fleetwatch")
 
@@ -201,32 +200,9 @@ class MqttIntake:
         await until_first_error(then_stop(), self.run(stop))
 
     async def run(self, stop: asyncio.Event) -> None:
-        outages = Outages(f"MQTT {self.host}:{self.port}", self.backoff, log)
-        while not stop.is_set():
-            try:
-                async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=False,
-                                          keepalive=self.keepalive_s, queue_type=handoff(self.handle)) as client:
-                    await subscribe_qos1(client, self.topic, f"MQTT {self.host}:{self.port}", self.client_id,
-                                         f"allow the power role to read it with QoS 1 and to write {self.topic}/# in "
-                                         f"the broker's ACL")
-                    down_s = outages.up()
-                    if down_s is None:
-                        log.info("power: MQTT %s:%d: taking requests on %s (QoS 1, session %s)", self.host,
-                                 self.port, self.topic, self.client_id)
-                    else:
-                        self.stats.reconnects += 1
-                        log.info("power: MQTT %s:%d: reconnected after %.1f s; the broker resends what it queued",
-                                 self.host, self.port, down_s)
-                    self.subscribed.set()
-                    try:
-                        await while_connected(client, self._publish(client, stop))
-                    finally:
-                        self.subscribed.clear()
-            except aiomqtt.MqttError as e:
-                delay = outages.down(e, f"power requests over MQTT wait; retrying with backoff up to "
-                                        f"{self.backoff.max_s:g} s")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+        await keep_subscribed(self, self.topic, stop, lambda client: self._publish(client, stop),
+                              f"allow the power role to read it with QoS 1 and to write {self.topic}/# in the "
+                              f"broker's ACL", "Power requests over MQTT wait meanwhile", who="power: ")
 
     async def _publish(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         """The answers, as they come and as the requests' states change; what is left at a stop, then return."""

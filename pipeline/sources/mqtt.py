@@ -307,31 +307,41 @@ class MqttCollector:
             await self._flush(publish)
 
     async def _connect_loop(self, stop: asyncio.Event) -> None:
-        outages = Outages(f"MQTT {self.host}:{self.port}", self.backoff, log)
-        while not stop.is_set():
-            try:
-                async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=False,
-                                          keepalive=self.keepalive_s, queue_type=handoff(self.handle)) as client:
-                    await subscribe_qos1(client, self.subscription, f"MQTT {self.host}:{self.port}", self.client_id,
-                                         "allow this client to read it with QoS 1 in the broker's ACL and limits")
-                    down_s = outages.up()
-                    if down_s is not None:
-                        self.stats.reconnects += 1
-                        log.info("MQTT %s:%d: reconnected after %.1f s; the broker resends what it queued",
-                                 self.host, self.port, down_s)
-                    else:
-                        log.info("MQTT %s:%d: subscribed to %s (QoS 1, session %s)", self.host, self.port,
-                                 self.subscription, self.client_id)
-                    self.subscribed.set()
-                    try:
-                        await while_connected(client, stop.wait())
-                    finally:
-                        self.subscribed.clear()
-            except aiomqtt.MqttError as e:
-                delay = outages.down(e, f"retrying with backoff up to {self.backoff.max_s:g} s. Check that the "
-                                        f"broker runs and that host and port are right")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+        await keep_subscribed(self, self.subscription, stop, lambda client: stop.wait(),
+                              "allow this client to read it with QoS 1 in the broker's ACL and limits",
+                              "Check that the broker runs and that host and port are right")
+
+
+async def keep_subscribed(owner, topic: str, stop: asyncio.Event,
+                          while_up: Callable[[aiomqtt.Client], Awaitable[None]], what_to_do: str, retry_hint: str,
+                          who: str = "") -> None:
+    """Until `stop`: connect in a persistent session, subscribe to `topic` with QoS 1 and run
+    `while_up(client)` while the connection lasts; reconnect with backoff. The facility
+    collector and the power role's MQTT intake (power/mqtt_intake.py) share it. `owner` has
+    host, port, client_id, keepalive_s, backoff, handle (each message, on the client's
+    thread: `handoff`), stats.reconnects and the event `subscribed`; `who` prefixes its logs."""
+    broker = f"MQTT {owner.host}:{owner.port}"
+    outages = Outages(broker, owner.backoff, log)
+    while not stop.is_set():
+        try:
+            async with aiomqtt.Client(owner.host, owner.port, identifier=owner.client_id, clean_session=False,
+                                      keepalive=owner.keepalive_s, queue_type=handoff(owner.handle)) as client:
+                await subscribe_qos1(client, topic, broker, owner.client_id, what_to_do)
+                down_s = outages.up()
+                if down_s is not None:
+                    owner.stats.reconnects += 1
+                    log.info("%s%s: reconnected after %.1f s; the broker resends what it queued", who, broker, down_s)
+                else:
+                    log.info("%s%s: subscribed to %s (QoS 1, session %s)", who, broker, topic, owner.client_id)
+                owner.subscribed.set()
+                try:
+                    await while_connected(client, while_up(client))
+                finally:
+                    owner.subscribed.clear()
+        except aiomqtt.MqttError as e:
+            delay = outages.down(e, f"{who}retrying with backoff up to {owner.backoff.max_s:g} s. {retry_hint}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
 
 
 async def subscribe_qos1(client: aiomqtt.Client, topic: str, broker: str, client_id: str, what_to_do: str) -> None:
