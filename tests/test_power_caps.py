@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.bus import MemoryBus, Topic
 from pipeline.bus.base import Message
+from pipeline.detect.state import KeyIndex
 from pipeline.model import POWER_ACTION, POWER_CAP
 from pipeline.power.actuator import BusActuator
 from pipeline.sources.nvml import NvmlAgent, NvmlSource
@@ -86,6 +87,8 @@ def test_the_power_roles_rows_carry_changes_and_renew_every_held_cap_each_third_
         uuids = list(sim.gpu_uuids)
         racks = [sim.rack_names[r] for r in sim.gpu_rack]
         nodes = [sim.node_names[n] for n in sim.gpu_node]
+        ids = KeyIndex()
+    Gpus.ids.slots(pa.array(Gpus.uuids))
     t0 = datetime(2026, 12, 1, tzinfo=timezone.utc)
     act = BusActuator("site-a", lease_s=60.0)
     act.apply({Gpus.uuids[0]: 500.0, Gpus.uuids[1]: 450.0})

@@ -69,8 +69,8 @@ class BusActuator:
                 self.held[uuid] = w
 
     def rows(self, now: datetime, gpus, request_id: str) -> pa.RecordBatch | None:
-        """The rows to send now (None: nothing): `gpus` is the controller's GpuTable (where
-        each UUID's node and rack are)."""
+        """The rows to send now (None: nothing): `gpus` is the controller's GpuTable (its slot
+        of each UUID, and each slot's node and rack)."""
         send = dict(self._changed)
         if self.held and (self._renewed is None or (now - self._renewed).total_seconds() >= self.lease_s / 3):
             send = {**self.held, **send}
@@ -78,9 +78,8 @@ class BusActuator:
         self._changed = {}
         if not send:
             return None
-        where = {u: i for i, u in enumerate(gpus.uuids)}
-        uuids = [u for u in send if u in where]
-        slots = [where[u] for u in uuids]
+        uuids = list(send)  # the controller's own GPUs: its table knows each
+        slots = gpus.ids.slots(pa.array(uuids, pa.string()))
         n = len(uuids)
         return pa.RecordBatch.from_pydict({
             "ts": pa.array([now] * n, POWER_CAP.field("ts").type),

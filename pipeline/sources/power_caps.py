@@ -175,18 +175,19 @@ class SimulatedCaps:
         return pc.is_in(caps.column("gpu_uuid"), pa.array(list(self.index))).to_numpy(zero_copy_only=False)
 
     async def apply(self, uuids: list[str], cap_w: list[float | None]) -> list[CapResult]:
-        out = []
-        for uuid, w in zip(uuids, cap_w):  # one per GPU whose cap changes: a few per step of the role
-            g = self.index[uuid]
+        refused: dict[str, str] = {}
+        for uuid, w in zip(uuids, cap_w):  # one at a time: a refused cap leaves the others set
             try:
-                self.sim.set_caps(np.array([g]), np.array([np.nan if w is None else w]))
+                self.sim.set_caps(np.array([self.index[uuid]]), np.array([np.nan if w is None else w]))
             except ValueError as e:
-                out.append(CapResult(int(self.sim.gpu_index[g]), uuid, w, float(self.sim.caps[g]), "out_of_range",
-                                     f"{e}; nothing changed"))
-                continue
-            out.append(CapResult(int(self.sim.gpu_index[g]), uuid, w, float(self.sim.caps[g]),
-                                 "restored" if w is None else "ok", "back to its default limit" if w is None
-                                 else f"held to {w:g} W"))
+                refused[uuid] = f"{e}; nothing changed"
+        limits = self.sim.caps  # each GPU's limit now, read once
+        out = []
+        for uuid, w in zip(uuids, cap_w):
+            g = self.index[uuid]
+            status, detail = (("out_of_range", refused[uuid]) if uuid in refused else
+                              ("restored", "back to its default limit") if w is None else ("ok", f"held to {w:g} W"))
+            out.append(CapResult(int(self.sim.gpu_index[g]), uuid, w, float(limits[g]), status, detail))
         return out
 
     def where(self, uuid: str) -> tuple[str, str]:
