@@ -427,6 +427,18 @@ class Controller:
         """What the GPUs of `racks` (none: the site) can shed now within every class."""
         return capacity_w(self._snapshot(racks), self.curve) / 1000.0
 
+    def work_lost(self, racks: tuple[str, ...] = ()) -> tuple[float, float]:
+        """What the caps on the GPUs of `racks` (none: the site) cost now, and what one cap on
+        every one of them would cost for the same watts: (lost, uniform), in full-load GPUs'
+        worth of work, on the planner's model (each GPU's learned curve)."""
+        snap = self._snapshot(racks)
+        mine = self.gpus.covered(racks)
+        cap = self.cap[mine] if self.cap.size else np.full(mine.size, np.nan)
+        lost = float(np.sum(snap.work(np.full(mine.size, np.nan), self.curve) - snap.work(cap, self.curve)))
+        shed_w = float(np.nansum(np.maximum(snap.power_w - np.where(np.isnan(cap), snap.power_w, cap), 0.0)))
+        uniform = uniform_cost(snap, shed_w, self.curve)[1] if shed_w > 0 else 0.0
+        return max(lost, 0.0), max(uniform, 0.0)
+
     def _snapshot(self, racks: tuple[str, ...]) -> GpuPower:
         """The covered GPUs as the planner sees them: a GPU capped here at its demand then, each
         at its learned sensitivity's pessimistic side."""

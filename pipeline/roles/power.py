@@ -49,7 +49,6 @@ from pipeline.detect.catalog import raised
 from pipeline.model import POWER_REQUEST_REPORT, alerts_to_batch, iso_utc
 from pipeline.power.controller import Controller, Outcome
 from pipeline.power.curve import from_recording
-from pipeline.power.planner import uniform_cost
 from pipeline.power.request import PowerRequest, Rejected, validate
 from pipeline.power.store import OPEN, Entry, RequestStore, request_store
 
@@ -103,8 +102,7 @@ class PowerRole:
         self.cfg, self.store, self.actuator, self.publish = cfg, store, actuator, publish
         self.site = cfg.fleet.site
         self.dry_run = cfg.power.dry_run if dry_run is None else dry_run
-        self.curve = from_recording()
-        self.ctl = Controller(self.site, self.curve, actuator, cfg.power, cfg.detect.site_power_cap_w)
+        self.ctl = Controller(self.site, from_recording(), actuator, cfg.power, cfg.detect.site_power_cap_w)
         self.tracked: dict[str, Tracked] = {}
         self.now: datetime | None = None       # the data's time: the newest GPU or facility reading
         self.next_step: datetime | None = None
@@ -296,19 +294,9 @@ class PowerRole:
         """The caps' cost over the last step, and uniform capping's for the same watts (the planner's model)."""
         if dt <= 0:
             return
-        ctl = self.ctl
-        try:
-            snap = ctl._snapshot(t.req.racks)
-        except Exception:  # the controller's internals moved: the cost is left out, the loop goes on
-            return
-        mine = ctl.gpus.covered(t.req.racks)
-        cap = ctl.cap[mine] if ctl.cap.size else np.full(mine.size, np.nan)
-        full = snap.work(np.full(mine.size, np.nan), self.curve)
-        lost = float(np.sum(full - snap.work(cap, self.curve)))
-        shed_w = float(np.nansum(np.maximum(snap.power_w - np.where(np.isnan(cap), snap.power_w, cap), 0.0)))
-        uniform = uniform_cost(snap, shed_w, self.curve)[1] if shed_w > 0 else 0.0
-        t.lost_gpu_h += max(lost, 0.0) * dt / 3600.0
-        t.uniform_gpu_h += max(uniform, 0.0) * dt / 3600.0
+        lost, uniform = self.ctl.work_lost(t.req.racks)
+        t.lost_gpu_h += lost * dt / 3600.0
+        t.uniform_gpu_h += uniform * dt / 3600.0
 
     async def _judge(self, t: Tracked, now: datetime, final: bool = False) -> None:
         """PowerTargetMissed: not reached by the ramp deadline, or a whole minute of the hold short
