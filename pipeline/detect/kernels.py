@@ -243,6 +243,220 @@ def group_median(values, groups, n_groups, include, out):
     return counts
 
 
+# ---- calibration: how rare a statistic is against its series' own history ----------
+#
+# A raw deviation means different things on different series: on a spiky latency series
+# a 6 sd step happens every hour, on a clean temperature never. Like Numenta's anomaly
+# likelihood, a calibrated score is the tail probability of a statistic against the
+# series' own past, so one threshold means the same on every series.
+#
+# Each series keeps a histogram of the statistic's past values (CAL_BINS log-spaced
+# bins, forgotten at a half-life of CAL_HISTORY samples: O(1) memory). A new value's tail
+# probability is the share of that history at or above it, where at least CAL_TAIL_MIN
+# samples lie above it. Further out the history is too thin to count, and its tail is
+# extended as a Gaussian's whose scale makes it fall as the history does over the octave
+# below where it is still counted: white noise keeps its Gaussian tail (an exponential or
+# power-law extension would put a 6 sd step on it at one in ten thousand), a heavy-tailed
+# series gets a wider one, as it breaks its record now and then. A prior of
+# CAL_PRIOR_N samples of |N(0, 1)| makes a young series behave as a plain z-score.
+# Scores are p on a log scale, log(p) / log(CAL_P_FLOOR) in [0, 1]: 0.5 is one in a
+# thousand of the series' own past, 1 is one in a million or rarer.
+#
+# Each sample weighs 2^(1/CAL_HISTORY) times the one before (the history forgets without
+# touching every bin); the weights are rescaled past _CAL_RENORM. A history is CAL_BINS
+# bins then their total; its newest sample's weight is kept apart, one per series.
+
+CAL_BINS = 56
+CAL_BIN0 = 0.25           # upper edge of the first bin; each next edge is 2^(1/4) higher (up to ~4,000)
+CAL_PER_OCTAVE = 4
+CAL_HISTORY = 5000.0      # half-life of the history, in samples
+CAL_PRIOR_N = 20.0
+CAL_TAIL_MIN = 10.0       # samples of history above a value for its share to count as measured
+CAL_P_FLOOR = 1e-12
+CAL_MIN_STAT = 1.5
+_CAL_LOG_FLOOR = math.log(CAL_P_FLOOR)
+_CAL_RENORM = 1e200
+
+
+@njit(cache=True, nogil=True)
+def _cal_bin(stat: float) -> int:
+    if stat < CAL_BIN0:
+        return 0
+    return min(int(CAL_PER_OCTAVE * math.log2(stat / CAL_BIN0)) + 1, CAL_BINS - 1)
+
+
+@njit(cache=True, nogil=True)
+def _cal_edge(b: int) -> float:
+    """The lower edge of bin b."""
+    return 0.0 if b <= 0 else CAL_BIN0 * 2.0 ** ((b - 1) / CAL_PER_OCTAVE)
+
+
+@njit(cache=True, nogil=True)
+def _gauss_scale(edge: float, ratio: float) -> float:
+    """The sd k of a |N(0, k^2)| whose tail beyond `edge` is `ratio` of its tail beyond
+    edge / 2 (that ratio rises with k): bisection on log k."""
+    lo, hi = -4.0, 8.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        k = math.exp(mid)
+        r = math.erfc(edge / (k * math.sqrt(2.0))) / max(math.erfc(edge / (2.0 * k * math.sqrt(2.0))), 1e-300)
+        if r < ratio:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp(0.5 * (lo + hi))
+
+
+@njit(cache=True, nogil=True)
+def tail_probability(stat: float, hist, w: float) -> float:
+    """P(statistic >= stat) by the history `hist` whose newest sample weighs `w`; 1 under
+    CAL_MIN_STAT: a deviation under 1.5 sd is no evidence, however rare on a series that
+    never moves (a constant's history is all zeros)."""
+    if stat < CAL_MIN_STAT:
+        return 1.0
+    b = _cal_bin(stat)
+    above = 0.0
+    for k in range(b + 1, CAL_BINS):
+        above += hist[k]
+    if b == 0:
+        frac = 1.0 - stat / CAL_BIN0
+    elif b == CAL_BINS - 1:
+        frac = 0.0
+    else:  # the part of this bin above stat, evenly spread in log
+        frac = math.log(_cal_edge(b + 1) / stat) / math.log(_cal_edge(b + 1) / _cal_edge(b))
+    above += min(max(frac, 0.0), 1.0) * hist[b]
+    if above < CAL_TAIL_MIN * w:  # too few to count: extend the tail from where there are enough
+        j = b
+        mass = 0.0
+        for k in range(b, CAL_BINS):
+            mass += hist[k]
+        while j > CAL_PER_OCTAVE + 1 and mass < CAL_TAIL_MIN * w:
+            j -= 1
+            mass += hist[j]
+        wider = mass
+        for k in range(j - CAL_PER_OCTAVE, j):
+            wider += hist[k]
+        if mass >= CAL_TAIL_MIN * w and wider > mass and j > CAL_PER_OCTAVE:
+            edge = _cal_edge(j)
+            k = _gauss_scale(edge, mass / wider)
+            above = mass * math.erfc(stat / (k * math.sqrt(2.0))) / math.erfc(edge / (k * math.sqrt(2.0)))
+    gauss = math.erfc(stat / math.sqrt(2.0))  # P(|N(0, 1)| >= stat)
+    return (above / w + CAL_PRIOR_N * gauss) / (hist[CAL_BINS] / w + CAL_PRIOR_N)
+
+
+@njit(cache=True, nogil=True)
+def remember(stat: float, hist, w: float) -> None:
+    b = _cal_bin(stat)
+    hist[b] += w
+    hist[CAL_BINS] += w
+
+
+@njit(cache=True, nogil=True)
+def next_weight(w: float, hists) -> float:
+    """The next sample's weight; rescales the histories (rows of `hists`) when it grows large."""
+    w *= 2.0 ** (1.0 / CAL_HISTORY)
+    if w > _CAL_RENORM:
+        hists /= w
+        w = 1.0
+    return w
+
+
+@njit(cache=True, nogil=True)
+def calibrated(p: float) -> float:
+    """A tail probability as a score in [0, 1]."""
+    return min(1.0, max(0.0, math.log(max(p, 1e-300)) / _CAL_LOG_FLOOR))
+
+
+# ---- one univariate series (detect/series.py) --------------------------------------
+
+S_LEVEL, S_SCALE, S_SPREAD, S_QUANTUM, S_SLOW, S_LAST_X, S_LAST_T, S_RUN_SD, S_PERIOD = range(9)  # its float state
+C_COUNT, C_OUTLIERS, C_BINS, C_POS = range(4)  # its int state; C_BINS: the profile's phases (0: no season)
+_MAD_TO_SD = math.sqrt(math.pi / 2.0)  # mean absolute deviation x this = sd, for Gaussian noise
+
+
+@njit(cache=True, nogil=True)
+def series_score(x_in, t_in, f, c, window, prof, recent, hists, weight, out,
+                 halflife, scale_halflife, warmup, z_gate, relearn, profile_rate, slow_rate, floor_spread):
+    """Score samples of one series in time order (detect/series.py says how). Its state:
+    f (floats, by the S_* indices), c (ints, by the C_* ones), the window ring, the
+    seasonal profile, the outlier run, and the calibration histories of |z| and of the
+    slow mean (two rows) with their newest weight."""
+    size = window.shape[0]
+    for i in range(x_in.shape[0]):
+        x = x_in[i]
+        t = t_in[i]
+        if not math.isfinite(x):
+            out[i] = 0.0
+            continue
+        pos = int(round(t))
+        if c[C_COUNT] > 0:
+            for k in range(c[C_POS] + 1, min(pos, c[C_POS] + size + 1)):
+                window[k % size] = np.nan  # a gap
+        window[pos % size] = x
+        c[C_POS] = pos
+        nb = c[C_BINS]
+        ph = int((pos % f[S_PERIOD]) * (nb / f[S_PERIOD])) % nb if nb > 0 else 0  # as season.phases
+        seasonal = prof[ph] if nb > 0 else 0.0
+        d = x - seasonal
+        if c[C_COUNT] == 0:
+            f[S_LEVEL] = d
+            f[S_SCALE] = 0.0
+            f[S_SPREAD] = 0.0
+            f[S_QUANTUM] = np.inf
+            f[S_SLOW] = 0.0
+            f[S_LAST_X] = x
+            f[S_LAST_T] = t
+            c[C_COUNT] = 1
+            out[i] = 0.0
+            continue
+        n = c[C_COUNT]
+        e = d - f[S_LEVEL]
+        q = f[S_QUANTUM] if math.isfinite(f[S_QUANTUM]) else 0.0
+        floor = max(q, floor_spread * f[S_SPREAD], 1e-9 * abs(f[S_LEVEL]), 1e-12)
+        sd = math.sqrt(f[S_SCALE] * f[S_SCALE] + floor * floor)
+        z = e / sd
+        dt = t - f[S_LAST_T]
+        f[S_LAST_T] = t
+        c[C_COUNT] = n + 1
+        step = abs(x - f[S_LAST_X])  # after scoring: a constant's first step is measured against no quantum
+        if step > 0.0:
+            f[S_QUANTUM] = min(f[S_QUANTUM], step)
+        f[S_LAST_X] = x
+        if n < warmup:
+            a = max(_alpha(dt, halflife, n), 1.0 / (n + 1.0))
+            f[S_LEVEL] += a * e
+            f[S_SCALE] += (_MAD_TO_SD * abs(e) - f[S_SCALE]) / n
+            f[S_SPREAD] += (abs(x - f[S_LEVEL]) - f[S_SPREAD]) / n
+            out[i] = 0.0
+            continue
+        if c[C_OUTLIERS] == 0:
+            f[S_RUN_SD] = sd
+        if abs(e) > z_gate * f[S_RUN_SD]:  # judged by the scale when the run began (a step can set the quantum)
+            recent[c[C_OUTLIERS] % relearn] = d
+            c[C_OUTLIERS] += 1
+            if c[C_OUTLIERS] >= relearn:  # a new regime: start from where it is
+                f[S_LEVEL] = np.median(recent)
+                f[S_SLOW] = 0.0
+                c[C_OUTLIERS] = 0
+        else:
+            c[C_OUTLIERS] = 0
+            f[S_LEVEL] += _alpha(dt, halflife, n) * e
+            if nb > 0:  # clipped: a day without its pattern must not teach the profile to forget it
+                prof[ph] += profile_rate * min(max(x - f[S_LEVEL] - prof[ph], -2.0 * sd), 2.0 * sd)
+            f[S_SCALE] += _alpha(dt, scale_halflife, n) * (_MAD_TO_SD * abs(e) - f[S_SCALE])
+            f[S_SPREAD] += _alpha(dt, scale_halflife, n) * (abs(x - f[S_LEVEL]) - f[S_SPREAD])
+        f[S_SLOW] += slow_rate * (min(max(z, -z_gate), z_gate) - f[S_SLOW])
+        slow = abs(f[S_SLOW]) / math.sqrt(slow_rate / (2.0 - slow_rate))  # in its own sd on white noise
+        point = min(abs(z), 1e9)
+        w = weight[0]
+        p = 2.0 * min(tail_probability(point, hists[0], w), tail_probability(slow, hists[1], w))
+        if c[C_OUTLIERS] <= 1:  # a run of outliers is one event in the history, not one per sample
+            remember(point, hists[0], w)
+            remember(slow, hists[1], w)
+        weight[0] = next_weight(w, hists)
+        out[i] = calibrated(p)
+
+
 def warm_up() -> None:
     """Compile (or load from the on-disk cache) every kernel before the first sample."""
     f = np.zeros(2)

@@ -1,24 +1,29 @@
-"""Scoring one arbitrary univariate series online (`fleetwatch replay`).
+"""Scoring one arbitrary univariate series online (`fleetwatch replay`), with no
+per-series tuning: each sample is scored only against what came before it.
 
-The same Numba kernels as the fleet detectors, one series, one sample at a time in
-timestamp order, each sample scored only against what came before it:
-
-1. Time is measured in typical sampling intervals (an EW average of past gaps), so
-   the detector needs no tuning to the series' time scale, and a gap lets the
-   baseline forget in proportion to its length.
-2. An EWMA mean/variance baseline (half-life HALFLIFE_SAMPLES intervals) gives a
-   z-score. Outliers (|z| > Z_GATE) do not move the baseline; RELEARN outliers in a
-   row mean the level changed and the baseline starts over.
-3. A streaming median/MAD baseline (same half-life and warm-up; kernels.robust_zscore)
-   gives a robust z; a spike moves that baseline one small step whatever its size. Where
-   it puts a sample less than 1/ROBUST_VETO as far out as the EWMA does, the EWMA
-   baseline has been pulled by spikes (or restarted inside a burst of them) and
-   the robust z is used; elsewhere the EWMA z, the more precise on clean noise.
-4. A CUSUM of that z, clipped to +-CUSUM_CLIP, catches shifts and trends too small
-   for one sample; clipped, a lone spike adds little to it, so only several
-   outliers close together raise it.
-5. anomaly_score = max(z^2 / (z^2 + Z_HALF^2), S^2 / (S^2 + H^2)): 0 for normal,
-   0.5 at |z| = Z_HALF or S = H, towards 1 beyond.
+1. Time is measured in typical sampling intervals (an EW average of past gaps), so the
+   scorer needs no tuning to the series' time scale, and a gap lets the baselines forget
+   in proportion to its length.
+2. Seasonality (detect/season.py): every few hundred samples the last WINDOW samples'
+   autocorrelation names the period, if any (daily, weekly, or whatever repeats), and
+   its profile. The prediction is then level + profile[phase]; each phase keeps
+   learning (PROFILE_RATE per visit), so a pattern that drifts is followed. A profile
+   that stops explaining the window is dropped.
+3. The level is an EW mean (half-life HALFLIFE intervals) of what the profile leaves;
+   the noise scale an EW mean absolute deviation (SCALE_HALFLIFE). The scale never goes
+   below a floor that knows noiseless and quantized series: one quantum (the smallest
+   step the series has taken, 1 for integers), 1% of the series' own spread, and
+   1e-9 of its level, so a sine without noise or an integer counter is not an anomaly
+   at every turn.
+4. z = (x - prediction) / scale. Beyond Z_GATE a sample is an outlier and teaches
+   nothing (a fault must not become the normal); RELEARN outliers in a row are a new
+   regime: the level restarts at their median, and the next samples score against it.
+   A level shift therefore scores high where it begins, for RELEARN samples at most.
+5. A slow EW mean of the clipped z (SLOW_RATE) catches shifts too small for one sample.
+6. |z| and the slow mean (in its own sd) are each calibrated against the series' own
+   history of them (kernels.tail_probability): anomaly_score = log(p) / log(1e-6), p
+   twice the smaller tail probability, so 0.5 means one in a thousand of this series'
+   own past, on every series. The numbers are in kernels.series_score.
 """
 
 from __future__ import annotations
@@ -28,17 +33,22 @@ import math
 import numpy as np
 from numba import njit
 
-from pipeline.detect.state import Cusum, EwmaZ, RobustZ
+from pipeline.detect import kernels, season
+from pipeline.detect.kernels import C_BINS, C_COUNT, C_OUTLIERS, C_POS, S_LEVEL, S_PERIOD, S_SCALE, S_SLOW
 
-HALFLIFE_SAMPLES = 20.0
+WINDOW = 8192          # samples kept for finding the period: 3 weeks of 5-minute samples fit, or 5 days of 1-minute
+DETECT_EVERY = 128     # samples between the first period searches; then a quarter of the samples so far,
+DETECT_MAX = 4096      # up to this (a search is an FFT of the window and a few profile fits, ~1 ms)
+HALFLIFE = 20.0
+SCALE_HALFLIFE = 50.0
 WARMUP = 20
-Z_GATE = 6.0
-RELEARN = 15
-Z_HALF = 4.5
-CUSUM_K = 1.5   # in standard deviations
-CUSUM_H = 15.0
-ROBUST_VETO = 2.0
-CUSUM_CLIP = Z_GATE  # z beyond the EWMA gate is an outlier: the point score's, not the drift's
+Z_GATE = 5.0
+RELEARN = 5
+PROFILE_RATE = 0.1
+SLOW_RATE = 0.1
+FLOOR_SPREAD = 0.01
+ADOPT_KEEP = 0.1       # of the calibration history, when the season changes: it measured another model
+PARAMS = (HALFLIFE, SCALE_HALFLIFE, WARMUP, Z_GATE, RELEARN, PROFILE_RATE, SLOW_RATE, FLOOR_SPREAD)
 
 
 @njit(cache=True, nogil=True)
@@ -59,23 +69,70 @@ def typical_time(ts):
     return out
 
 
+class SeriesScorer:
+    """One series' scorer: `update` takes samples in time order (time in typical
+    intervals, `typical_time`) and returns their scores; its state carries over."""
+
+    def __init__(self) -> None:
+        self.f = np.zeros(9)
+        self.c = np.zeros(4, np.int64)
+        self.window = np.full(WINDOW, np.nan)
+        self.prof = np.zeros(WINDOW // 2)
+        self.recent = np.zeros(RELEARN)
+        self.hists = np.zeros((2, kernels.CAL_BINS + 1))
+        self.weight = np.ones(1)
+        self.samples = 0  # finite or not: the period searches run at sample counts, so a prefix scores the same
+        self.next_search = DETECT_EVERY
+
+    def update(self, t: np.ndarray, x: np.ndarray) -> np.ndarray:
+        out = np.empty(x.shape[0])
+        i = 0
+        while i < x.shape[0]:
+            j = min(x.shape[0], i + self.next_search - self.samples)
+            kernels.series_score(x[i:j], t[i:j], self.f, self.c, self.window, self.prof, self.recent, self.hists,
+                                 self.weight, out[i:j], *PARAMS)
+            self.samples += j - i
+            i = j
+            if self.samples == self.next_search:
+                if self.c[C_COUNT] > 0:
+                    self._find_season()
+                # a quarter of the samples so far: a season shows soon after two periods fit
+                self.next_search = self.samples + min(max(DETECT_EVERY, self.samples // 4), DETECT_MAX)
+        return out
+
+    def _find_season(self) -> None:
+        """Between batches: look for the period in the window, and adopt, keep or drop it."""
+        pos, w = int(self.c[C_POS]), WINDOW
+        first = max(0, pos - w + 1)
+        window = self.window[np.arange(first, pos + 1) % w]
+        change = season.update(window, first, float(self.f[S_PERIOD]))
+        if change is not None:
+            self._adopt(window, first, change)
+
+    def _adopt(self, window: np.ndarray, first: int, new: season.Season) -> None:
+        self.prof[:] = 0.0
+        self.prof[:new.profile.size] = new.profile
+        self.f[S_PERIOD] = new.period
+        self.c[C_BINS] = new.profile.size
+        span = window[-max(int(new.period), RELEARN):]
+        pos = first + window.size - span.size + np.arange(span.size, dtype=np.float64)
+        left = span - (new.profile[season.phases(pos, new.period)] if new.period else 0.0)
+        if np.isfinite(left).any():
+            self.f[S_LEVEL] = float(np.nanmean(left))
+        if new.sd > 0:
+            self.f[S_SCALE] = new.sd
+        self.c[C_OUTLIERS] = 0
+        self.f[S_SLOW] = 0.0
+        self.hists *= ADOPT_KEEP
+
+
 def score_series(ts: np.ndarray, values: np.ndarray) -> np.ndarray:
     """anomaly_score in [0, 1] for each sample; 0 where the value is missing."""
     ts = np.asarray(ts, np.float64)
     values = np.asarray(values, np.float64)
     order = np.argsort(ts, kind="stable")  # a CSV out of order is scored in time order
     t = typical_time(ts[order])
-    x = values[order]
-    slots = np.zeros(x.shape[0], np.int64)
-    ewma = EwmaZ(HALFLIFE_SAMPLES, Z_GATE, WARMUP, RELEARN, min_sd_rel=1e-3, min_sd_abs=1e-9)
-    ze, _ = ewma.update(x, slots, t)
-    zr = RobustZ(HALFLIFE_SAMPLES, WARMUP, min_sd_rel=1e-3, min_sd_abs=1e-9).update(x, slots, t)
-    z = np.clip(np.nan_to_num(np.where(ROBUST_VETO * np.abs(zr) < np.abs(ze), zr, ze), nan=0.0), -1e6, 1e6)
-    zc = np.clip(z, -CUSUM_CLIP, CUSUM_CLIP)
-    cus = Cusum(HALFLIFE_SAMPLES * 4, CUSUM_K, CUSUM_H, WARMUP).update(np.where(np.isfinite(x), zc, np.nan), slots)
-    s = np.nan_to_num(np.abs(cus), nan=0.0) * CUSUM_H
-    score = np.maximum(z * z / (z * z + Z_HALF ** 2), s * s / (s * s + CUSUM_H ** 2))
-    score = np.where(np.isfinite(x), score, 0.0)
+    score = SeriesScorer().update(t, values[order])
     out = np.empty_like(score)
     out[order] = np.clip(score, 0.0, 1.0)
     return out
