@@ -71,3 +71,26 @@ def test_shedding_keeps_the_newest_within_the_bound_and_counts_the_rest(tmp_path
     w.flush()
     kept = archived(tmp_path, "gpu_samples")  # the newest ten scrapes
     assert kept.height == 10 * 16 and kept["ts"].min() == pl.from_arrow(batches[40].column("ts")).min()
+
+
+def test_the_outage_alert_comes_from_the_catalog_and_resolves_on_the_first_write():
+    from pipeline.detect.catalog import ALERTS_BY_NAME
+    from pipeline.model import iso_utc
+    from pipeline.sinks.archive_outage import ALERTNAME, ArchiveOutage
+    outage = ArchiveOutage("site-a", "https://wiki/runbooks/", retry_max_s=60.0)
+    outage.instance = "archiver-1"
+    fired = outage.failed(OSError(28, "No space left on device"), held_rows=120)
+    assert outage.failed(OSError(28, "No space left on device"), held_rows=240) is None  # once per outage
+    assert fired.labels == {"alertname": ALERTNAME, "severity": "critical", "site": "site-a", "instance": "archiver-1"}
+    since = iso_utc(fired.starts_at, "seconds")
+    assert fired.annotations == {
+        "summary": f"archive on archiver-1 cannot write since {since}: [Errno 28] No space left on device",
+        "description": ALERTS_BY_NAME[ALERTNAME].action + " Evidence (archive): error=[Errno 28] No space left on "
+                                                         f"device, held_rows=120, since={iso_utc(fired.starts_at)}.",
+        "runbook_url": "https://wiki/runbooks/FleetwatchArchiveFailing.md"}
+    assert fired.evidence == {"error": "[Errno 28] No space left on device", "held_rows": 120,
+                              "since": iso_utc(fired.starts_at)}
+    assert (fired.status, fired.detector, fired.score) == ("firing", "archive", 120.0)
+    resolved = outage.recovered(held_rows=0)
+    assert resolved.status == "resolved" and resolved.fingerprint == fired.fingerprint
+    assert outage.recovered(held_rows=0) is None

@@ -276,6 +276,9 @@ def test_stalled_fires_per_role_and_what_and_resolves_when_it_moves_and_at_the_s
     assert stalled.annotations["summary"] == "Fleetwatch agent on host/42 stalled: no samples published for 12 s"
     assert stalled.annotations["runbook_url"] == "https://wiki/runbooks/FleetwatchStalled.md"
     assert stalled.evidence == {"role": "agent", "detail": "no samples published for 12 s"}
+    assert stalled.annotations["description"] == (ALERTS_BY_NAME[STALLED].action +
+                                                  " Evidence (progress): role=agent, detail=no samples published for 12 s.")
+    assert (stalled.detector, stalled.score) == ("progress", 1.0)
     assert a.update(healthy=True, stalls={("agent", SAMPLES): "no samples published for 13 s"}) == []
     changes = a.update(healthy=True, stalls={})
     assert [(c.alertname, c.status) for c in changes] == [(STALLED, "resolved"), (WATCHDOG, "firing")]

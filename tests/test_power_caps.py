@@ -80,6 +80,59 @@ def test_the_agent_applies_its_nodes_caps_reports_them_and_restores_on_lease_and
     assert [g.limit_mw for g in replay.gpus] == [700_000] * 8
 
 
+def test_an_agents_lease_runs_on_its_monotonic_clock_not_the_wall_clock(monkeypatch):
+    """An NTP step of the wall clock neither cuts a lease (a step forward) nor stretches it
+    (a step back): only the monotonic clock ends it. The power_action rows keep the wall time."""
+    import pipeline.sources.nvml as nvml
+    import pipeline.sources.power_caps as power_caps
+    monkeypatch.setattr(power_caps, "POLL_S", 0.01)
+    t0 = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    wall, mono, polls = [t0], [1000.0], [0]
+    monkeypatch.setattr(nvml, "_utc_now", lambda: wall[0])
+    replay = NvmlReplay(H100, gpus=2, latency=False, settle_s=0)
+    uuid = [g.uuid for g in replay.gpus]
+    actions: list[dict] = []
+
+    async def main():
+        bus = MemoryBus()
+        listener = bus.listen(Topic.POWER_CAPS, ["rack-0"])
+
+        class Polled:  # the listener, counting the follower's rounds (each ends with a look at the leases)
+            async def get_batch(self, **kw):
+                polls[0] += 1
+                return await listener.get_batch(**kw)
+        source = NvmlSource(NvmlAgent(make_config(agent={"interval_s": 0.05}).agent, "node-1"), replay, "h100",
+                            Polled(), lease_clock=lambda: mono[0])
+
+        async def emit(topic, batch):
+            if topic == Topic.POWER_ACTIONS:
+                actions.extend(batch.to_pylist())
+
+        async def checks(n: int) -> None:  # the follower looks at its leases n more times
+            seen = polls[0]
+            await until(lambda: polls[0] >= seen + n + 1, task)
+        stop = asyncio.Event()
+        task = asyncio.create_task(source.run(emit, stop))
+        await until(lambda: source.agent.opened.is_set(), task)
+        await bus.publish(Message(Topic.POWER_CAPS, caps([("node-1", uuid[1], 500.0, 60.0)])))
+        await until(lambda: len(actions) == 1, task)
+        wall[0] = t0 + timedelta(hours=1)  # stepped forward: the lease is not over
+        await checks(5)
+        wall[0] = t0 - timedelta(hours=1)  # stepped back
+        mono[0] += 59.0
+        await checks(5)
+        assert len(actions) == 1 and replay.gpus[1].limit_mw == 500_000
+        mono[0] += 2.0  # 61 s since the row arrived: over, whatever the wall clock says
+        await until(lambda: len(actions) == 2, task)
+        stop.set()
+        await task
+    asyncio.run(main())
+    assert [(a["gpu_uuid"], a["status"], a["cause"]) for a in actions] == [
+        (uuid[1], "ok", "cap"), (uuid[1], "restored", "lease")]
+    assert [a["ts"] for a in actions] == [t0, t0 - timedelta(hours=1)]  # stamped with the wall clock
+    assert replay.gpus[1].limit_mw == 700_000
+
+
 def test_the_power_roles_rows_carry_changes_and_renew_every_held_cap_each_third_of_the_lease():
     sim = FleetSimulator(make_config(fleet={"racks": 1, "nodes_per_rack": 2}).fleet)
 

@@ -481,6 +481,8 @@ class KafkaBus:
         self.decoder = Decoder()
         self.dead_letters = 0
         self.delivery_failures = 0
+        self._counts: dict[Topic, int] = {}  # partitions of each topic on the cluster when the bus started
+        self._count_noted: set[Topic] = set()  # topics whose count on the cluster differs from the config's (logged)
 
     @classmethod
     def from_config(cls, k: KafkaConfig, client_id: str = "fleetwatch", env=None, warn: bool = True) -> "KafkaBus":
@@ -497,6 +499,12 @@ class KafkaBus:
         (kafka.create_topics) or check that they exist."""
         await self.connect(self.ensure_topics if self.topic_settings.create_topics else self.check_topics)
         await self.producer.start()
+        try:  # how many partitions each topic has, for the producer's first messages (partition_count)
+            cluster = await self.producer.client.fetch_all_metadata()
+            self._counts = {t: len(found) for t in self.specs if (found := cluster.partitions_for_topic(self.wire(t)))}
+        except KafkaError as e:
+            log.debug("no metadata from Kafka at %s yet (%s): partitions counted as kafka.partitions says until the "
+                      "producer has some", self.bootstrap, e)
         self._pump_task = asyncio.create_task(self._pump(), name="kafka-producer")
         self._watch_task = asyncio.create_task(self._watch(), name="kafka-producer-watch")
 
@@ -823,6 +831,25 @@ class KafkaBus:
         finally:
             await probe.stop()
 
+    def partition_count(self, topic: Topic, found: set[int] | None = None) -> int:
+        """How many partitions `topic` has on the cluster: a key's partition (bus/keys.py:
+        partition_for) is murmur2 modulo it, as the producer's partitioner places it with the
+        cluster's metadata. `found`, the partitions a client's metadata has; else the producer's
+        metadata; else the count when the bus started; else (no metadata: the topic is not
+        there yet) kafka.partitions, what it will be created with. A count that differs from
+        kafka.partitions (a topic created with another, or given more partitions) is logged once."""
+        configured = self.specs[topic].partitions
+        found = found or self.producer.client.cluster.partitions_for_topic(self.wire(topic))
+        count = len(found) if found else self._counts.get(topic)
+        if count is None:
+            return configured
+        if count != configured and topic not in self._count_noted:
+            self._count_noted.add(topic)
+            log.warning("%s has %d partitions on Kafka at %s, kafka.partitions says %d: keys are placed by the "
+                        "cluster's count (set kafka.partitions to %d to match)", self.wire(topic), count,
+                        self.bootstrap, configured, count)
+        return count
+
     def wire(self, topic: str) -> str:
         """The topic's name on the cluster (a prefix lets several fleets share one)."""
         return f"{self.prefix}{topic}"
@@ -851,25 +878,42 @@ class KafkaListener:
     def __init__(self, bus: KafkaBus, topic: Topic, keys: list[str]) -> None:
         self.bus, self.topic, self.keys = bus, topic, keys
         self.consumer: AIOKafkaConsumer | None = None
+        self.count = 0  # the topic's partitions, as its keys were placed on them (bus/keys.py)
 
     async def _start(self) -> None:
-        from pipeline.bus.keys import partition_for
         consumer = AIOKafkaConsumer(client_id=f"{self.bus.client_id}-listen", isolation_level="read_committed",
                                     enable_auto_commit=False, **_FETCH, **self.bus.client_settings)
         _back_off_metadata(consumer._client)
         await consumer.start()
-        count = self.bus.specs[self.topic].partitions  # as the producers place keys (bus/keys.py)
+        wire = self.bus.wire(self.topic)
+        try:
+            await consumer._client.set_topics([wire])  # the topic's metadata, fetched now
+            await self._assign(consumer, self.bus.partition_count(self.topic, consumer.partitions_for_topic(wire)))
+        except BaseException:
+            await consumer.stop()
+            raise
+        self.consumer = consumer
+
+    async def _assign(self, consumer: AIOKafkaConsumer, count: int) -> None:
+        """Listen to the partitions of the keys over `count` partitions (the producers place a
+        key by the cluster's count: KafkaBus.partition_count), from their end."""
+        from pipeline.bus.keys import partition_for
+        self.count = count
         tps = sorted({TopicPartition(self.bus.wire(self.topic), p) for p in
                       ({partition_for(k, count) for k in self.keys} if self.keys else range(count))})
         consumer.assign(tps)
         await consumer.seek_to_end(*tps)
         for tp in tps:  # resolved now: what is sent from here on is read
             await consumer.position(tp)
-        self.consumer = consumer
 
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         if self.consumer is None:
             await self._start()
+        found = self.consumer.partitions_for_topic(self.bus.wire(self.topic))  # refreshed every few minutes
+        if found and len(found) != self.count:  # partitions added (or the topic was not there): keys moved
+            log.warning("%s has %d partitions now, not %d: listening to the partitions of %s again",
+                        self.bus.wire(self.topic), len(found), self.count, ", ".join(self.keys) or "every key")
+            await self._assign(self.consumer, self.bus.partition_count(self.topic, found))
         records = await self.consumer.getmany(timeout_ms=int(1000 * (timeout_s if timeout_s is not None else 1.0)),
                                               max_records=max_messages)
         out = []

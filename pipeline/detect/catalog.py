@@ -412,15 +412,17 @@ XID_ALERTS: dict[int, str] = {
 
 
 def raised(name: str, labels: dict[str, str], evidence: dict, now, runbook_base_url: str = "",
-           score: float = 1.0):
-    """A firing Alert of the catalog's `name` raised outside the detectors (an Alert of the model):
-    its severity, summary over labels and evidence, action and runbook from the catalog."""
+           score: float = 1.0, shown: dict | None = None):
+    """A firing Alert of the catalog's `name` raised outside the detectors (the power role,
+    ops/selfalerts.py, sinks/archive_outage.py; an Alert of the model): its severity, summary
+    over labels and evidence, action and runbook from the catalog. `shown`: values the summary
+    shows in place of the evidence's (a time to the second where the evidence has it finer)."""
     from pipeline.model import Alert
     spec = ALERTS_BY_NAME[name]
     labels = {"alertname": name, "severity": spec.severity, **labels}
     facts = ", ".join(f"{k}={v}" for k, v in evidence.items())
     return Alert(labels=labels,
-                 annotations={"summary": spec.summary.format(**{**labels, **evidence}),
+                 annotations={"summary": spec.summary.format(**{**labels, **evidence, **(shown or {})}),
                               "description": spec.action + (f" Evidence ({spec.detector}): {facts}." if facts else ""),
                               "runbook_url": runbook_url(runbook_base_url, name)},
                  starts_at=now, detector=spec.detector, score=score, evidence=evidence)

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 from pipeline.bus import Message, Topic
 from pipeline.bus.base import HEARTBEAT
-from pipeline.detect.catalog import ALERTS_BY_NAME, runbook_url
+from pipeline.detect.catalog import raised
 from pipeline.model import Alert, alerts_to_batch
 
 WATCHDOG, STALLED = "FleetwatchWatchdog", "FleetwatchStalled"
@@ -71,16 +71,8 @@ class SelfAlerts:
         return [self._resolve(key, now) for key in list(self.firing)]
 
     def _fire(self, key: tuple[str, ...], now: datetime, labels: dict[str, str], evidence: dict) -> Alert:
-        spec = ALERTS_BY_NAME[key[0]]
-        labels = {"alertname": spec.name, "severity": spec.severity, "site": self.site, "instance": self.instance,
-                  **labels}
-        summary = spec.summary.format(instance=self.instance, site=self.site, **evidence)
-        facts = ", ".join(f"{k}={v}" for k, v in evidence.items())
-        alert = Alert(labels=labels,
-                      annotations={"summary": summary,
-                                   "description": spec.action + (f" Evidence (ops): {facts}." if facts else ""),
-                                   "runbook_url": runbook_url(self.runbook_base_url, spec.name)},
-                      starts_at=now, detector=spec.detector, score=1.0, evidence=evidence)
+        alert = raised(key[0], {"site": self.site, "instance": self.instance, **labels}, evidence, now,
+                       self.runbook_base_url)
         self.firing[key] = alert
         return alert
 

@@ -580,6 +580,11 @@ class Controller:
             return ""
         return ""
 
+    def forget(self, request_id: str) -> None:
+        """Drop a request that is over (its owner reported it): a long-running controller keeps
+        only what it still drives. The active one stays until its caps are restored."""
+        self.requests = [(r, o) for r, o in self.requests if r.id != request_id or r is self.active]
+
     def stop(self) -> None:
         """Restore every cap set (a cap never outlives its controller)."""
         capped = np.flatnonzero(~np.isnan(self.cap))

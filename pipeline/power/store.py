@@ -9,7 +9,10 @@ view (baseline, target, achieved, capped GPUs), replaced as it runs; `fleetwatch
 status` shows both.
 
 States: pending (not judged by the role yet), accepted (before its start), active,
-restoring (the caps rise), done, cancelled, rejected (`reason` says why).
+restoring (the caps rise), done, cancelled, rejected (`reason` says why). `reported`: when
+the role sent the request's report row. The role prunes a request over `RETENTION_S` after
+the last of its end, its cancel and its report, so the file (read whole at every change)
+does not grow with every request ever made.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +36,9 @@ log = logging.getLogger("fleetwatch")
 
 STATES = ("pending", "accepted", "active", "restoring", "done", "cancelled", "rejected")
 OPEN = ("pending", "accepted", "active", "restoring")  # not over: an overlap with these is refused
+NOT_STARTED = "cancelled before its start"
+RETENTION_S = 7 * 86400.0  # a request over stays listed (`fleetwatch power status`) this long; its report row is
+                           # archived (`fleetwatch power report`)
 
 
 @dataclass
@@ -44,17 +50,55 @@ class Entry:
     reason: str = ""
     submitted: str = ""
     cancelled: str = ""  # when a cancel was asked (RFC 3339); the role ends the request
+    reported: str = ""   # when the role sent its power_request_report row (RFC 3339, the role's clock)
 
     @property
     def id(self) -> str:
         return str(self.request["id"])
+
+    @property
+    def unreported(self) -> bool:
+        """Cancelled before its start and no report row sent yet (nothing ran): the role sends one.
+        Every other request over was reported by the role as it ended it."""
+        return self.state == "cancelled" and self.reason == NOT_STARTED and not self.reported
+
+    def last_news(self) -> datetime | None:
+        """The last of its submission, its end, its cancel and its report: it is kept RETENTION_S after."""
+        times = [when(s) for s in (self.submitted, self.cancelled, self.reported)]
+        start, duration = when(self.request.get("start")), self.request.get("duration_s")
+        if start is not None and isinstance(duration, (int, float)):
+            times.append(start + timedelta(seconds=float(duration)))
+        return max((t for t in times if t is not None), default=None)
 
     def parsed(self, now: datetime) -> PowerRequest:
         return from_dict(self.request, str(self.request.get("source") or "cli"), now)
 
     def to_json(self) -> dict[str, Any]:
         return {"request": self.request, "state": self.state, "reason": self.reason, "submitted": self.submitted,
-                "cancelled": self.cancelled}
+                "cancelled": self.cancelled, "reported": self.reported}
+
+
+@dataclass(frozen=True)
+class Change:
+    """The role's write of one request: its verdict or phase, the time a start of "now" came to
+    be (a restart resumes the request from it, not from its own now), when its report went out."""
+    id: str
+    state: str
+    reason: str = ""
+    start: str | None = None
+    reported: str = ""
+
+    def then(self, later: "Change") -> "Change":
+        """This change, and a later one of the same request (the file only needs the last state)."""
+        return Change(self.id, later.state, later.reason, later.start or self.start, later.reported or self.reported)
+
+
+def when(value: Any) -> datetime | None:
+    """A stored time (RFC 3339); None for none, "now" or garbage."""
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")) if value and value != "now" else None
+    except ValueError:
+        return None
 
 
 class RequestStore:
@@ -95,35 +139,53 @@ class RequestStore:
             if e.state in OPEN and not e.cancelled:
                 e.cancelled = iso_utc(now)
                 if e.state in ("pending", "accepted"):
-                    e.state, e.reason = "cancelled", "cancelled before its start"
+                    e.state, e.reason = "cancelled", NOT_STARTED
                 self._write()
             return e
 
-    def set_state(self, request_id: str, state: str, reason: str = "", start: str | None = None) -> None:
-        """The role's verdict or a change of phase; `start`: the time a start of "now" came to be
-        (a restart resumes the request from it, not from its own now). A file that cannot be read
-        or written (edited by hand into garbage, a full disk) is logged once: the role goes on
-        with the state in its memory and its status file, and writes it once the file is fixed."""
+    def apply(self, changes: list[Change], prune_at: datetime | None = None) -> tuple[bool, list[str]]:
+        """The role's changes in one write, and with `prune_at` (the role's now) the requests over
+        and reported dropped RETENTION_S after their last news: (written, the ids pruned). Blocks
+        on the lock and the disk: the role calls it off its event loop. A file that cannot be
+        read or written (edited by hand into garbage, a full disk) is logged once and nothing is
+        written (False): the role goes on with the state in its memory and its status file, and
+        writes it once the file is fixed."""
         try:
             with self._locked():
-                e = self._entries.get(request_id)
-                if e is None or ((e.state, e.reason) == (state, reason) and start in (None, e.request.get("start"))):
-                    return
-                e.state, e.reason = state, reason
-                if start is not None:
-                    e.request["start"] = start
-                self._write()
+                dirty = False
+                for c in changes:
+                    e = self._entries.get(c.id)
+                    if e is None or ((e.state, e.reason) == (c.state, c.reason)
+                                     and c.start in (None, e.request.get("start")) and c.reported in ("", e.reported)):
+                        continue
+                    e.state, e.reason = c.state, c.reason
+                    if c.start is not None:
+                        e.request["start"] = c.start
+                    e.reported = c.reported or e.reported
+                    dirty = True
+                pruned = []
+                if prune_at is not None:
+                    before = prune_at - timedelta(seconds=RETENTION_S)
+                    pruned = [e.id for e in self._entries.values() if e.state not in OPEN and not e.unreported
+                              and (e.last_news() or prune_at) < before]
+                    for i in pruned:
+                        del self._entries[i]
+                if dirty or pruned:
+                    self._write()
             self._unwritable = ""
+            return True, pruned
         except (ConfigError, OSError) as why:
             if str(why) != self._unwritable:
-                log.error("power request %s is %s, but %s cannot take it: %s", request_id, state, self.path, why)
+                log.error("power request %s, but %s cannot take it: %s",
+                          "; ".join(f"{c.id} is {c.state}" for c in changes) or "pruning", self.path, why)
                 self._unwritable = str(why)
+            return False, []
 
     def write_status(self, status: dict[str, Any]) -> None:
-        """The role's live view of its requests (baseline, target, achieved)."""
+        """The role's live view of its requests (baseline, target, achieved); off its event loop."""
         self.folder.mkdir(parents=True, exist_ok=True)
         # Replaced whole (a reader never sees half of it), not fsynced: it is rewritten every second
-        # from the role's memory, and the event loop must not wait on the disk for it.
+        # from the role's memory.
         tmp = self.status_path.with_name(f".{self.status_path.name}.tmp")
         tmp.write_text(json.dumps(status, indent=1, default=str) + "\n", encoding="utf-8")
         os.replace(tmp, self.status_path)
@@ -191,4 +253,4 @@ def request_store(data_dir: str | os.PathLike[str]) -> RequestStore:
     return RequestStore(Path(data_dir) / "power")
 
 
-__all__ = ["Entry", "RequestStore", "Rejected", "request_store", "STATES"]
+__all__ = ["Change", "Entry", "RequestStore", "Rejected", "request_store", "STATES", "when"]

@@ -108,8 +108,10 @@ class Context:
 
     async def emit(self, topic: Topic, batch: pa.RecordBatch) -> None:
         """A source's batch onto the bus, as keys.messages cuts and keys it (over Kafka a
-        message per partition: each holds the racks that land there)."""
-        for message in keys.messages(topic, batch, self.bus.keyed, self.cfg.kafka.partitions if self.bus.keyed else 0):
+        message per partition: each holds the racks that land there, over the partitions
+        the topic has on the cluster, where the producer places the message by its key)."""
+        count = self.bus.partition_count(topic) if self.bus.keyed and topic in keys.BY_RACK else 0
+        for message in keys.messages(topic, batch, self.bus.keyed, count):
             await self.bus.publish(message)
 
     def emitter(self, role: str):

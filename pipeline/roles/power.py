@@ -21,7 +21,11 @@ BusActuator: each agent applies its node's, renewed within their lease); with
 `PowerTargetMissed` fires on the alerts topic when a request's target is not reached by
 its ramp deadline or a minute of its hold falls short, and resolves at the request's
 end. Each request, when over, is one `power_request_report` row on
-fleetwatch.power.reports (archived as `power_requests`; `fleetwatch power report`).
+fleetwatch.power.reports (archived as `power_requests`; `fleetwatch power report`), also one
+cancelled before its start and one found over when the role starts (it ended while the role
+was down: nothing measured, nulls). The role writes the store off its event loop (one
+worker thread, in order: `flush`), and prunes the requests over from it and from its memory
+a week after (power/store.py RETENTION_S); the controller forgets one once it is reported.
 
 One power process per site: it is the site's only controller (Kafka: replicas 1).
 """
@@ -34,6 +38,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Awaitable, Callable
@@ -50,7 +55,7 @@ from pipeline.model import POWER_REQUEST_REPORT, alerts_to_batch, iso_utc
 from pipeline.power.controller import Controller, Outcome
 from pipeline.power.curve import from_recording
 from pipeline.power.request import PowerRequest, Rejected, validate
-from pipeline.power.store import OPEN, Entry, RequestStore, request_store
+from pipeline.power.store import NOT_STARTED, OPEN, Change, Entry, RequestStore, request_store, when
 
 log = logging.getLogger("fleetwatch")
 
@@ -58,6 +63,11 @@ TFLOPS_PER_GPU = 989.0  # H100 SXM dense BF16 at full work: a full-load GPU-hour
 STATUS_EVERY_S = 1.0    # the status file is replaced at most this often (wall clock), and on each verdict
 MISSED = "PowerTargetMissed"
 BAD_REQUEST = "bad_request"  # the dead-letter reason of a grid-signal row that is not a valid request
+PRUNE_EVERY = timedelta(hours=1)  # of the data's time: the store is pruned at the role's first step, then this often
+ENDED_DOWN = "it ended while the power role was down: nothing was verified"
+NEVER_TAKEN = ("it ended before the power role took it (the role was down, or had no data of the fleet): nothing "
+               "was done")
+CANCELLED_DOWN = "cancelled while the power role was down: nothing was verified"
 
 
 class DryRunActuator:
@@ -90,6 +100,8 @@ class Tracked:
     uniform_gpu_h: float = 0.0    # one cap on every covered GPU for the same watts, same steps
     alert: Any = None             # the firing PowerTargetMissed
     reported: bool = False
+    unseen: bool = False          # over while the role was down: neither what it achieved nor what it cost is known
+    final: dict[str, Any] | None = None  # its live numbers when reported (the outcome is dropped then)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,6 +127,17 @@ class PowerRole:
         self.signals_rejected = 0
         self.signals_seen: set[str] = set()  # grid-signal ids taken or rejected (a redelivery is not news)
         self.last_signal_rejection = ""
+        self.latest = ""  # the last request accepted: the one restores after it are sent for
+        # The role's writes: a store of its own, used only by one worker thread (in order, off the
+        # event loop; the file's lock keeps it and `store`, the readers' and the MQTT intake's, apart).
+        self._disk = RequestStore(store.folder)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="power-store")
+        self._changes: dict[str, Change] = {}          # request id -> its state to write, merged
+        self._retry: list[Change] = []                 # (the worker's) what the file could not take yet
+        self._unwritten = False                        # the last write failed: the next tick tries again
+        self._unsent: list[tuple[dict[str, Any], Change]] = []  # report rows, and their mark once sent
+        self._inflight: list[Future] = []
+        self._pruned_at: datetime | None = None
 
     # ---- data in ------------------------------------------------------------------
 
@@ -156,11 +179,23 @@ class PowerRole:
     # ---- requests in ----------------------------------------------------------------
 
     def submit(self, data: dict[str, Any], source: str) -> Entry:
-        """A request from HTTP or the grid signal: stored, then judged now if the fleet is known.
-        Rejected (raised) for what needs no fleet to refuse (its form, in the past, overlapping)."""
+        """A request from MQTT: stored before this returns (the intake's handler runs as paho reads
+        the message, and acknowledges it after), then judged now if the fleet is known; the verdict
+        is written off the loop. Rejected (raised) for what needs no fleet to refuse (its form, in
+        the past, overlapping)."""
         try:
             entry, _ = self.store.add(data, source, self.clock())
         except ConfigError as why:  # the store's file is unreadable: the sender is told, the role goes on
+            raise Rejected(f"not stored: {why}") from None
+        self._take(entry)
+        self._write()
+        return entry
+
+    async def arrive(self, data: dict[str, Any], source: str) -> Entry:
+        """A request from HTTP or the grid signal: `submit`'s, stored off the event loop."""
+        try:
+            entry, _ = await asyncio.wrap_future(self._pool.submit(self._disk.add, data, source, self.clock()))
+        except ConfigError as why:
             raise Rejected(f"not stored: {why}") from None
         self._take(entry)
         return entry
@@ -175,9 +210,10 @@ class PowerRole:
             if rid:
                 self.signals_seen.add(rid)
             try:
-                self.submit({k: v for k, v in row.items() if v is not None and k != "source"}, "kafka")
+                await self.arrive({k: v for k, v in row.items() if v is not None and k != "source"}, "kafka")
             except Rejected as why:
                 bad.append((row, str(why)))
+        await self.flush()
         if not bad:
             return
         for row, why in bad:
@@ -192,17 +228,36 @@ class PowerRole:
                                            for i, (_, why) in enumerate(bad)])
         self._dirty = True
 
-    def poll_store(self) -> None:
-        """Requests the CLI added or cancelled since the last look, and those still waiting to be judged."""
+    async def poll_store(self) -> None:
+        """Requests the CLI added or cancelled since the last look, and those still waiting to be
+        judged; a request cancelled that this process did not run is reported (on the data's clock)."""
         self.store.refresh()
         for entry in self.store.entries():
             t = self.tracked.get(entry.id)
             if t is None:
-                if entry.state in OPEN and not entry.cancelled:
+                if entry.unreported or (entry.state in OPEN and entry.cancelled):
+                    if self.now is not None:
+                        self._cancelled_unrun(entry)
+                elif entry.state in OPEN:
                     self._take(entry)
                 continue
             if entry.cancelled and not t.cancelled and t.state in OPEN:
                 self._cancel(t)
+        await self._send_reports()
+
+    def _cancelled_unrun(self, entry: Entry) -> None:
+        """Cancelled before its start, or while the role was down (it resumed nothing): one report row."""
+        now = self.clock()
+        t = Tracked(entry, cancelled=True, unseen=entry.state in OPEN)
+        self.tracked[entry.id] = t
+        try:  # a start of "now" never taken: "now" was when it was sent
+            t.req = entry.parsed(when(entry.submitted) or now)
+        except Rejected as why:  # edited by hand: no report row can say what it was
+            t.state, t.reason = entry.state, entry.reason
+            log.warning("power request %s is cancelled, but it cannot be reported: %s", entry.id, why)
+            return
+        self._set(t, "cancelled", entry.reason if entry.state == "cancelled" else CANCELLED_DOWN)
+        self._report(t, now)
 
     def _take(self, entry: Entry) -> None:
         """Judge a request once the fleet is known (GPU data and a meter reading); until then it waits."""
@@ -213,10 +268,13 @@ class PowerRole:
         self.tracked[entry.id] = t
         try:
             req = entry.parsed(now)
+            if req.end <= now:  # over before this process took it (the role was down): said, not judged
+                t.req, t.unseen = req, True
+                self._set(t, "done", NEVER_TAKEN if entry.state == "pending" else ENDED_DOWN)
+                self._report(t, req.end)
+                return
             if entry.state in ("accepted", "active", "restoring") and req.start < now:
                 # Accepted before this process started (a restart): it goes on from now to its end.
-                if req.end <= now:
-                    raise Rejected("it ended while the power role was down")
                 req = dataclasses.replace(req, start=now, duration_s=(req.end - now).total_seconds(),
                                           ramp_s=min(req.ramp_s, (req.end - now).total_seconds()))
             if req.site != self.site:
@@ -229,17 +287,15 @@ class PowerRole:
             baseline = self.ctl.covered_kw(req) if req.racks else self.ctl.baseline_kw(now)
             validate(req, now, [r for r in open_ if r.end > now], baseline, self.ctl.flexible_kw(req.racks))
         except Rejected as why:
-            t.state, t.reason = "rejected", str(why)
             log.warning("power request %s rejected: %s", entry.id, why)
-            self.store.set_state(entry.id, "rejected", str(why))
-            self._dirty = True
+            self._set(t, "rejected", str(why))
             return
         t.req, t.outcome, t.state = req, self.ctl.submit(req), "accepted"
+        self.latest = req.id
         log.info("power request %s accepted (%s): %s of %s from %s for %.0f s, ramp %.0f s%s", req.id, req.source,
                  req.goal(), req.where(), iso_utc(req.start), req.duration_s, req.ramp_s,
                  " (dry run: nothing applied)" if self.dry_run else "")
-        self.store.set_state(entry.id, "accepted", start=iso_utc(req.start))
-        self._dirty = True
+        self._change(Change(entry.id, "accepted", start=iso_utc(req.start)))
 
     def _cancel(self, t: Tracked) -> None:
         t.cancelled = True
@@ -247,15 +303,18 @@ class PowerRole:
         log.info("power request %s cancelled: %s", t.entry.id, {"dropped": "it had not started",
                                                                  "restoring": "its caps are restored in steps"}.get(
             what, "it was over"))
-        if what == "dropped":
-            self._set(t, "cancelled", "cancelled before its start")
+        if what == "dropped":  # nothing ran: its report says so
+            self._set(t, "cancelled", NOT_STARTED)
+            self._report(t, self.clock())
         self._dirty = True
 
     # ---- the loop -----------------------------------------------------------------
 
     async def tick(self) -> None:
-        """After each read: new requests, a control step when one is due, the status file."""
-        self.poll_store()  # (also the requests that wait for the fleet to be known)
+        """After each read: new requests, a control step when one is due, the status file, the
+        store's changes (and its pruning when due), written off the event loop."""
+        await self.poll_store()  # (also the requests that wait for the fleet to be known)
+        prune = None
         if self.now is not None:
             interval = timedelta(seconds=self.cfg.power.control_interval_s)
             if self.next_step is None:
@@ -263,8 +322,11 @@ class PowerRole:
             if self.now >= self.next_step:
                 await self.step(self.now)
                 self.next_step = max(self.next_step + interval, self.now)
+            if self._pruned_at is None or self.now >= self._pruned_at + PRUNE_EVERY:
+                prune = self._pruned_at = self.now
         if self._dirty or self.wall() - self._status_at >= STATUS_EVERY_S:
             self.write_status()
+        await self.flush(prune)
 
     async def step(self, now: datetime) -> None:
         ctl = self.ctl
@@ -340,24 +402,84 @@ class PowerRole:
         elif not why and not o.met:
             why = "dry run: no cap applied" if self.dry_run else t.extra.get("missed") or _shortfall(o)
         self._set(t, state, why)
-        if not t.reported:
-            t.reported = True
-            await self.publish(Topic.POWER_REPORTS, report_batch([report_row(t, now, self.dry_run)]))
-        log.info("power request %s %s: %s", t.req.id, state, summary(report_row(t, now, self.dry_run)))
+        self._report(t, now)
+        await self._send_reports()
 
     def _set(self, t: Tracked, state: str, reason: str = "") -> None:
         if (t.state, t.reason) != (state, reason):
             t.state, t.reason = state, reason
-            self.store.set_state(t.entry.id, state, reason)
+            self._change(Change(t.entry.id, state, reason))
             self._dirty = True
+
+    def _report(self, t: Tracked, over: datetime) -> None:
+        """Its report row (`ts`: when it was over), sent at the next `_send_reports`. What it measured
+        stays for the status as numbers; the controller forgets it."""
+        if t.reported:
+            return
+        t.reported = True
+        row = report_row(t, over, self.dry_run)
+        self._unsent.append((row, Change(t.entry.id, t.state, t.reason, reported=iso_utc(self.clock()))))
+        t.final, t.outcome = self.live(t), None
+        if t.req is not None:
+            self.ctl.forget(t.req.id)
+        log.info("power request %s %s: %s", t.entry.id, t.state, summary(row))
+
+    async def _send_reports(self) -> None:
+        """The report rows made, then their mark in the store (a crash between: sent again, not lost)."""
+        if not self._unsent:
+            return
+        n = len(self._unsent)
+        await self.publish(Topic.POWER_REPORTS, report_batch([row for row, _ in self._unsent[:n]]))
+        sent, self._unsent = self._unsent[:n], self._unsent[n:]
+        for _, mark in sent:
+            self._change(mark)
+
+    # ---- the store, off the event loop -------------------------------------------------
+
+    def _change(self, c: Change) -> None:
+        old = self._changes.get(c.id)
+        self._changes[c.id] = old.then(c) if old is not None else c
+
+    def _write(self, prune_at: datetime | None = None) -> None:
+        """Hand the changes so far to the worker (and the pruning with `prune_at`, the role's now)."""
+        if self._changes or prune_at is not None or self._unwritten:
+            changes, self._changes = list(self._changes.values()), {}
+            self._inflight.append(self._pool.submit(self._apply, changes, prune_at))
+
+    def _apply(self, changes: list[Change], prune_at: datetime | None) -> tuple[bool, list[str]]:
+        """In the worker: the changes after those the file could not take before, in order."""
+        merged: dict[str, Change] = {}
+        for c in [*self._retry, *changes]:
+            merged[c.id] = merged[c.id].then(c) if c.id in merged else c
+        written, pruned = self._disk.apply(list(merged.values()), prune_at)
+        self._retry = [] if written else list(merged.values())
+        return written, pruned
+
+    async def flush(self, prune_at: datetime | None = None) -> None:
+        """Write what the role changed and wait for every write handed over (the status file's too).
+        A change the file could not take is written with the next; a request pruned leaves the
+        role's memory."""
+        self._write(prune_at)
+        inflight, self._inflight = self._inflight, []
+        for done in inflight:
+            result = await asyncio.wrap_future(done)
+            if result is None:  # the status file
+                continue
+            written, pruned = result
+            self._unwritten = not written
+            for i in pruned:
+                if i in self.tracked and self.tracked[i].state not in OPEN:
+                    del self.tracked[i]
+                self.signals_seen.discard(i)
+        if inflight:
+            self.store.refresh()  # the readers' store sees what was written
 
     async def _send_caps(self, now: datetime) -> None:
         rows = getattr(self.actuator, "rows", None)
         if rows is None:
             return
         active = self.ctl.active
-        current = active.id if active is not None else next(
-            (t.req.id for t in reversed(list(self.tracked.values())) if t.req is not None), "")
+        current = active.id if active is not None else self.latest
         batch = rows(now, self.ctl.gpus, current)
         if batch is not None and self._behind(now):  # restores only: a cap for a time long past is no cap
             batch = batch.filter(pc.is_null(batch.column("cap_w")))
@@ -388,11 +510,15 @@ class PowerRole:
                 resolved = dataclasses.replace(t.alert, ends_at=max(now, t.alert.starts_at))
                 await self.publish(Topic.ALERTS, alerts_to_batch([(resolved.ends_at, resolved)]))
                 t.alert = None
+        await self._send_reports()
         self.write_status()
+        await self.flush()
 
     # ---- what the user sees ------------------------------------------------------------
 
     def live(self, t: Tracked) -> dict[str, Any]:
+        if t.final is not None:
+            return t.final
         o = t.outcome
         out: dict[str, Any] = {"state": t.state, "reason": t.reason}
         if t.req is not None:
@@ -415,11 +541,16 @@ class PowerRole:
                 "requests": {i: self.live(t) for i, t in self.tracked.items()}}
 
     def write_status(self) -> None:
-        try:
-            self.store.write_status(self.status())
-        except OSError as e:
-            log.warning("power: cannot write %s (%s); `fleetwatch power status` shows older numbers",
-                        self.store.status_path, e)
+        """The status file, from the role's memory now, written by the worker (`flush` waits for it)."""
+        doc = self.status()
+
+        def write() -> None:
+            try:
+                self._disk.write_status(doc)
+            except OSError as e:
+                log.warning("power: cannot write %s (%s); `fleetwatch power status` shows older numbers",
+                            self._disk.status_path, e)
+        self._inflight.append(self._pool.submit(write))
         self._status_at, self._dirty = self.wall(), False
 
     def routes(self) -> dict[tuple[str, str], Callable[[bytes], Awaitable[tuple[int, Any]]]]:
@@ -429,12 +560,13 @@ class PowerRole:
                 data = json.loads(body or b"{}")
                 if not isinstance(data, dict):
                     raise Rejected("the body must be a JSON object of a power request (schemas/power_request.v1.json)")
-                entry = self.submit(data, "http")
+                entry = await self.arrive(data, "http")
             except ValueError as why:  # Rejected, or JSON that does not parse
                 return 400, {"error": str(why)}
             t = self.tracked.get(entry.id)
             state, reason = (t.state, t.reason) if t is not None else (entry.state, entry.reason)
             self.write_status()
+            await self.flush()
             return (400 if state == "rejected" else 202), {"id": entry.id, "state": state, "reason": reason}
 
         async def get(body: bytes) -> tuple[int, Any]:
@@ -454,7 +586,8 @@ def _shortfall(o: Outcome) -> str:
 
 
 def report_row(t: Tracked, now: datetime, dry_run: bool) -> dict[str, Any]:
-    """One request's power_request_report row (model.POWER_REQUEST_REPORT)."""
+    """One request's power_request_report row (model.POWER_REQUEST_REPORT): null where nothing was
+    measured (not started: no reduction; over while the role was down, `unseen`: nor its cost)."""
     req, o = t.req, t.outcome
     held = [kw for _, kw in o.achieved_kw] if o is not None else []
     times = np.array([s for s, _ in o.achieved_kw]) if held else np.zeros(0)
@@ -468,11 +601,14 @@ def report_row(t: Tracked, now: datetime, dry_run: bool) -> dict[str, Any]:
         "ts": now, "id": req.id, "site": req.site, "racks": ",".join(req.racks) or None, "source": req.source,
         "start": req.start, "end": req.end, "ramp_s": req.ramp_s, "target_kw": req.target_kw,
         "requested_kw": o.requested_kw if started else None, "baseline_kw": o.baseline_kw if started else None,
-        "reached_s": o.reached_s, "reduction_p50_kw": float(np.median(held)) if held else None,
+        "reached_s": o.reached_s if o is not None else None,
+        "reduction_p50_kw": float(np.median(held)) if held else None,
         "reduction_min_kw": min(means) if means else None, "energy_curtailed_kwh": energy,
-        "gpus_capped": o.gpus_capped if started else 0, "throughput_lost_gpu_h": t.lost_gpu_h,
-        "throughput_lost_tflop": t.lost_gpu_h * 3600.0 * TFLOPS_PER_GPU, "uniform_lost_gpu_h": t.uniform_gpu_h,
-        "restore_peak_kw": max(o.restoring_kw) if o.restoring_kw else None,
+        "gpus_capped": None if t.unseen else o.gpus_capped if started else 0,
+        "throughput_lost_gpu_h": None if t.unseen else t.lost_gpu_h,
+        "throughput_lost_tflop": None if t.unseen else t.lost_gpu_h * 3600.0 * TFLOPS_PER_GPU,
+        "uniform_lost_gpu_h": None if t.unseen else t.uniform_gpu_h,
+        "restore_peak_kw": max(o.restoring_kw) if o is not None and o.restoring_kw else None,
         "met": bool(started and o.met and not t.cancelled),
         "state": "cancelled" if t.state == "cancelled" else "done",
         "missed_reason": None if started and o.met and not t.cancelled else (t.reason or None), "dry_run": dry_run,
@@ -490,7 +626,7 @@ def summary(row: dict[str, Any]) -> str:
     return (f"{'met' if row['met'] else 'NOT met'}; asked {f(row['requested_kw'], ' kW')} from "
             f"{f(row['baseline_kw'], ' kW')}, reached in {f(row['reached_s'], ' s', 0)}, held p50 "
             f"{f(row['reduction_p50_kw'], ' kW')} min {f(row['reduction_min_kw'], ' kW')}, "
-            f"{f(row['energy_curtailed_kwh'], ' kWh', 2)} curtailed, {row['gpus_capped']} GPUs capped, "
+            f"{f(row['energy_curtailed_kwh'], ' kWh', 2)} curtailed, {f(row['gpus_capped'], '', 0)} GPUs capped, "
             f"{f(row['throughput_lost_gpu_h'], ' GPU-h', 2)} lost (uniform capping "
             f"{f(row['uniform_lost_gpu_h'], ' GPU-h', 2)}), restore peak {f(row['restore_peak_kw'], ' kW')}"
             + (f"; {row['missed_reason']}" if row.get("missed_reason") else ""))

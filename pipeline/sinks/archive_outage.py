@@ -17,7 +17,7 @@ import time
 from datetime import datetime, timezone
 
 from pipeline.bus import Message, Topic
-from pipeline.detect.catalog import ALERTS_BY_NAME, runbook_url
+from pipeline.detect.catalog import raised
 from pipeline.model import Alert, alerts_to_batch, iso_utc
 
 log = logging.getLogger("fleetwatch")
@@ -33,7 +33,7 @@ class ArchiveOutage:
     def __init__(self, site: str, runbook_base_url: str, retry_max_s: float, retry_initial_s: float = 1.0) -> None:
         self.site = site
         self.instance = socket.gethostname()
-        self.runbook = runbook_url(runbook_base_url, ALERTNAME)
+        self.runbook_base_url = runbook_base_url
         self.retry_initial_s = min(retry_initial_s, retry_max_s)
         self.retry_max_s = retry_max_s
         self.failures = 0        # failed write attempts, every outage
@@ -90,17 +90,10 @@ class ArchiveOutage:
         return resolved
 
     def _alert(self, held_rows: int) -> Alert:
-        spec = ALERTS_BY_NAME[ALERTNAME]
         now = datetime.now(timezone.utc)
-        labels = {"alertname": ALERTNAME, "severity": spec.severity, "site": self.site, "instance": self.instance}
-        evidence = {"error": self.error, "held_rows": held_rows, "since": iso_utc(now)}
-        summary = spec.summary.format(instance=self.instance, since=iso_utc(now, "seconds"), error=self.error)
-        return Alert(labels=labels,
-                     annotations={"summary": summary,
-                                  "description": f"{spec.action} Evidence (archive): error={self.error}, "
-                                                 f"held_rows={held_rows}.",
-                                  "runbook_url": self.runbook},
-                     starts_at=now, detector="archive", score=float(held_rows), evidence=evidence)
+        return raised(ALERTNAME, {"site": self.site, "instance": self.instance},
+                      {"error": self.error, "held_rows": held_rows, "since": iso_utc(now)}, now, self.runbook_base_url,
+                      score=float(held_rows), shown={"since": iso_utc(now, "seconds")})
 
     @staticmethod
     def message(alert: Alert) -> Message:

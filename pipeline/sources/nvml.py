@@ -466,10 +466,12 @@ class NvmlSource:
     latest scrape is also served under dcgm-exporter's names (`exposition`, a collector
     for /metrics: sources/dcgm_exposition.py)."""
 
-    def __init__(self, agent: NvmlAgent, replay=None, replay_name: str = "", caps=None) -> None:
+    def __init__(self, agent: NvmlAgent, replay=None, replay_name: str = "", caps=None,
+                 lease_clock: Callable[[], float] = time.monotonic) -> None:
         from pipeline.sources.dcgm_exposition import GpuExposition
         self.agent, self.replay, self.replay_name = agent, replay, replay_name
         self.caps = caps  # the power role's caps for this node (bus.listen), or None
+        self.lease_clock = lease_clock  # the caps' leases run on it: monotonic, an NTP step moves no lease
         self.gpu_samples = 0
         self.exposition = GpuExposition()
 
@@ -503,7 +505,7 @@ class NvmlSource:
             async def follow(stop: asyncio.Event) -> None:
                 await self.agent.opened.wait()  # the GPUs are known
                 try:
-                    await follow_caps(self.caps, applier, emit, stop, _utc_now)
+                    await follow_caps(self.caps, applier, emit, stop, _utc_now, lease_clock=self.lease_clock)
                 finally:
                     if (close := getattr(self.caps, "close", None)) is not None:
                         await close()

@@ -18,7 +18,9 @@ lease. A source that owns GPUs follows them with `follow_caps`:
 
 The lease runs on the source's clock from when a row arrives (the power role's clock, its
 data's time, may lag it: Kafka lag): the simulator's for the simulated fleet (it may run
-faster than real time), the wall clock for an agent.
+faster than real time), a monotonic clock for an agent (time.monotonic: an NTP step of the
+wall clock neither stretches nor cuts a lease). The power_action rows are stamped with the
+source's time (the wall clock for an agent).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Awaitable, Callable, Protocol
 
 import numpy as np
@@ -60,14 +62,15 @@ class CapApplier(Protocol):
 
 @dataclass
 class CapHolder:
-    """The caps a source holds and their leases (UUID -> W, UUID -> until)."""
+    """The caps a source holds and their leases (UUID -> W, UUID -> until: seconds on the
+    lease clock, the one `now` of take() and expired() reads)."""
     held: dict[str, float] = field(default_factory=dict)
-    until: dict[str, datetime] = field(default_factory=dict)
+    until: dict[str, float] = field(default_factory=dict)
     request: dict[str, str] = field(default_factory=dict)
     actions: int = 0
     failures: int = 0
 
-    def take(self, caps: pa.RecordBatch, now: datetime) -> tuple[list[str], list[float | None]]:
+    def take(self, caps: pa.RecordBatch, now: float) -> tuple[list[str], list[float | None]]:
         """The commands that change a GPU's limit (the last row of each GPU wins); every
         row renews its GPU's lease from `now`, when it arrived: the lease is contact with
         the power role, and the role's clock (its data's time) may lag this one."""
@@ -81,13 +84,13 @@ class CapHolder:
             self.request[u] = r
             if w is None:  # restored now; if that fails, the lease path tries again
                 if u in self.held:
-                    self.until[u] = now + timedelta(seconds=RETRY_S)
+                    self.until[u] = now + RETRY_S
             else:
-                self.until[u] = now + timedelta(seconds=s)
+                self.until[u] = now + s
         change = [(u, w) for u, w in latest.items() if self.held.get(u) != w]
         return [u for u, _ in change], [w for _, w in change]
 
-    def expired(self, now: datetime) -> list[str]:
+    def expired(self, now: float) -> list[str]:
         return [u for u, t in self.until.items() if t <= now and u in self.held]
 
     def record(self, results: list[CapResult]) -> None:
@@ -122,10 +125,16 @@ def action_rows(applier: CapApplier, holder: CapHolder, results: list[CapResult]
 
 
 async def follow_caps(sub, applier: CapApplier, emit: Callable[[Topic, pa.RecordBatch], Awaitable[None]],
-                      stop: asyncio.Event, clock: Callable[[], datetime], holder: CapHolder | None = None) -> CapHolder:
+                      stop: asyncio.Event, clock: Callable[[], datetime], holder: CapHolder | None = None,
+                      lease_clock: Callable[[], float] | None = None) -> CapHolder:
     """Until `stop`: apply the commands of `sub` (a subscription to fleetwatch.power.caps)
-    that are `applier`'s, restore caps whose lease ran out; at the end, restore every cap held."""
+    that are `applier`'s, restore caps whose lease ran out; at the end, restore every cap held.
+    `clock` stamps the power_action rows; leases run on `lease_clock` (seconds: an agent's
+    time.monotonic), by default on `clock` (the simulator's time)."""
     holder = holder or CapHolder()
+    if lease_clock is None:
+        def lease_clock() -> float:
+            return clock().timestamp()
 
     async def act(uuids: list[str], watts: list[float | None], cause: str) -> None:
         if not uuids:
@@ -149,8 +158,8 @@ async def follow_caps(sub, applier: CapApplier, emit: Callable[[Topic, pa.Record
             for m in messages:
                 rows = m.value.filter(pa.array(applier.mine(m.value)))
                 if rows.num_rows:
-                    await act(*holder.take(rows, clock()), "cap")
-            if lapsed := holder.expired(clock()):
+                    await act(*holder.take(rows, lease_clock()), "cap")
+            if lapsed := holder.expired(lease_clock()):
                 log.warning("power caps of %d GPUs not renewed within their lease (the power role is gone or cut "
                             "off): back to their default limits", len(lapsed))
                 await act(lapsed, [None] * len(lapsed), "lease")

@@ -70,3 +70,65 @@ def test_an_agent_takes_its_racks_caps_off_kafka_and_reports_what_it_did(broker)
     assert [(a["node"], a["gpu_uuid"], a["requested_w"], a["status"], a["cause"]) for a in got] == [
         ("r02-n01", gpu[1], 410.0, "ok", "cap"), ("r02-n01", gpu[1], None, "restored", "stop")]
     assert [g.limit_mw for g in replay.gpus] == [700_000] * 4
+
+
+def test_a_listener_follows_the_partitions_the_cluster_has_not_the_config(broker, caplog):
+    """fleetwatch.power.caps was created with 5 partitions, kafka.partitions says 3: the power
+    role's messages go where the cluster's 5 put their keys, and the agent of rack r02 listens
+    to that partition, not to the one 3 would give (r02: partition 1 of 3, 2 of 5). Given
+    more partitions later (7: r02 on partition 4), it listens there."""
+    from aiokafka.admin import NewPartitions
+    racks = [f"r{i:02d}" for i in range(1, 13)]
+    prefix = f"t{uuid.uuid4().hex[:6]}."
+
+    def mine(count: int) -> list[str]:
+        return [r for r in racks if keys.partition_for(r, count) == keys.partition_for("r02", count)]
+    assert keys.partition_for("r02", 3) != keys.partition_for("r02", 5) != keys.partition_for("r02", 7)
+
+    async def send(bus: KafkaBus, listener, cap_w: float) -> set[str]:
+        """Caps for every rack, cut as the power role's do (RoleContext.emit); the racks the listener hears."""
+        now = datetime.now(timezone.utc)
+        rows = [{"ts": now, "site": "site-a", "rack": r, "node": f"{r}-n01", "gpu_uuid": f"GPU-{r}", "cap_w": cap_w,
+                 "request_id": "dr-8", "lease_s": 3600.0} for r in racks]
+        for m in keys.messages(Topic.POWER_CAPS, pa.RecordBatch.from_pylist(rows, schema=POWER_CAP), keyed=True,
+                               partitions=bus.partition_count(Topic.POWER_CAPS)):
+            await bus.publish(m)
+        await bus.flush()
+        heard: set[str] = set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while "r02" not in heard and loop.time() < deadline:
+            heard |= {r for m in await listener.get_batch(timeout_s=0.5) for r in m.value.column("rack").to_pylist()}
+        heard |= {r for m in await listener.get_batch(timeout_s=0.5) for r in m.value.column("rack").to_pylist()}
+        return heard
+
+    async def go():
+        created = KafkaBus(broker.bootstrap, partitions=5, prefix=prefix)  # the topics, as another config made them
+        await created.start()
+        await created.close()
+        bus = KafkaBus(broker.bootstrap, partitions=3, prefix=prefix)  # kafka.partitions = 3
+        await bus.start()
+        listener = bus.listen(Topic.POWER_CAPS, [keys.rack_key("site-a", "r02")])
+        try:
+            await listener.get_batch(timeout_s=0.1)  # it listens from here on
+            assert listener.count == 5
+            first = await send(bus, listener, 450.0)
+            admin = await bus._admin()
+            try:
+                await admin.create_partitions({bus.wire(Topic.POWER_CAPS): NewPartitions(7)})
+            finally:
+                await admin.close()
+            for client in (listener.consumer._client, bus.producer.client):  # (they look every few minutes)
+                await client.force_metadata_update()
+            await listener.get_batch(timeout_s=0.1)
+            assert listener.count == 7
+            then = await send(bus, listener, 400.0)
+        finally:
+            await listener.close()
+            await bus.close()
+        return first, then
+    with caplog.at_level("WARNING", logger="pipeline.bus.kafka"):
+        first, then = asyncio.run(go())
+    assert first == set(mine(5)) and then == set(mine(7))
+    noted = [r.getMessage() for r in caplog.records if "kafka.partitions says 3" in r.getMessage()]
+    assert len(noted) == 1 and f"{prefix}fleetwatch.power.caps has 5 partitions" in noted[0]
