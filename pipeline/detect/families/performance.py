@@ -19,6 +19,7 @@ POWER_BRAKE = int(ClockEventReason.HW_POWER_BRAKE_SLOWDOWN)
 FORCED = int(FORCED_SLOWDOWN)
 ANY_SLOWDOWN = int(HW_SLOWDOWN_ANY)
 SW_POWER_CAP = int(ClockEventReason.SW_POWER_CAP)
+CAP_SETTLE_S = 2.0
 
 
 @functools.cache
@@ -31,7 +32,9 @@ class Performance(Family):
     topic = Topic.GPU
     name = "performance"
     raises = ("GpuStraggler", "NodePowerBrake", "GpuHwSlowdown")
-    limit = State("gpu", fields={"top_w": (np.float64, np.nan)})  # the highest enforced limit seen: its default
+    # Per GPU: the highest enforced limit seen (its default), the limit last seen and when it changed.
+    limit = State("gpu", fields={"top_w": (np.float64, np.nan), "last_w": (np.float64, np.nan),
+                                 "changed_at": (np.float64, -np.inf)})
 
     def evaluate(self, b: GpuBatch, out: Output) -> None:
         group, n_groups, reasons = b.group, b.n_groups, b.reasons
@@ -48,6 +51,12 @@ class Performance(Family):
         seen[b.slots] = np.fmax(seen[b.slots], limit)
         with np.errstate(invalid="ignore"):
             capped = limit < np.fmax(top[group], seen[b.slots]) - 1.0
+            moved = np.abs(limit - self.limit.last_w[b.slots]) > 1.0
+        self.limit.changed_at[b.slots] = np.where(moved, b.ts, self.limit.changed_at[b.slots])
+        self.limit.last_w[b.slots] = np.where(np.isnan(limit), self.limit.last_w[b.slots], limit)
+        # A new limit takes the recorded H100 0.2-0.4 s to settle, undershooting by up to 100 W and
+        # 400 MHz on the way (h100_powercap_trace): a GPU settling is neither a straggler nor a peer.
+        include &= b.ts - self.limit.changed_at[b.slots] >= CAP_SETTLE_S
         med_power, n_power = group_median(power, group, n_groups, include & ~capped)
         med_sm, _ = group_median(sm, group, n_groups, include & ~capped)
         ratio = self.config.straggler_ratio
