@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--chaos", choices=("kill", "freeze"),
                     help="with --kafka: half-way, kill one detect process with SIGKILL, or freeze it (SIGSTOP) past "
                          "the group's session timeout and let it go on; the scores must not change")
+    ev.add_argument("--normal", choices=("realistic", "simple"),
+                    help="what the fleet does between faults (fleet.normal; default realistic): diurnal inference, "
+                         "training power swings, checkpoints, rolling reboots, sensor noise and dropouts, skewed "
+                         "clocks; or the steady, exact fleet of before")
     ev.add_argument("--power-requests", type=int, default=0, metavar="N",
                     help="N demand-response events (each sheds 10-40%% of the GPUs' power for up to 10 min); "
                          "the JSON gains demand_response")
@@ -265,8 +269,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.analytics.evaluate import score, simulate, table
     if args.duration <= 0:
         raise ConfigError(f"--duration {args.duration}: must be > 0 seconds")
-    cfg = load_config(args.config, overrides=_overrides(args, **{"fleet.speed": 0.0,
-                                                                 "fleet.fault_interval_s": args.fault_interval}))
+    extra = {"fleet.speed": 0.0, "fleet.fault_interval_s": args.fault_interval}
+    if args.normal:
+        extra["fleet.normal"] = args.normal
+    cfg = load_config(args.config, overrides=_overrides(args, **extra))
     out = _output_file("--json", args.json) if args.json else None
     _logging(cfg)
     if args.power_requests < 0:

@@ -54,6 +54,12 @@ class FleetConfig:
     faults: list[str] = _spec(list(FAULT_TYPES), choices=FAULT_TYPES, doc="fault types to inject")
     gpu_reset_interval_s: float = _spec(1800.0, min=0.0, doc="mean time between harmless GPU resets; 0 = none")
     seed: int = _spec(0, min=0, doc="random seed; the same seed gives the same fleet")
+    normal: str = _spec("realistic", choices=("realistic", "simple"),
+                        doc="what normal operation looks like: realistic adds diurnal inference load, training jobs "
+                            "swinging power in lockstep across racks, checkpoint stalls, rolling reboots and driver "
+                            "upgrades (labelled normal events), sensor noise, quantization, dropouts, recalibration "
+                            "steps and node clocks skewed by up to 3 s (sources/simulate.py); simple is the steady "
+                            "fleet of before, reading exact values on one clock")
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,8 @@ class DetectConfig:
                                           "carries more or less than liquid_fraction by this share")
     heat_balance_min_delta_c: float = _spec(1.5, min=0.1, doc="judge the heat balance only when the expected "
                                             "coolant delta-T is at least this (sensor resolution)")
+    heat_balance_sensor_c: float = _spec(0.5, min=0, doc="heat balance alerts only when the measured delta-T is also off "
+                                         "by more than this (C): how far two coolant sensors' calibration can be off together")
     coolant_lag_s: float = _spec(20.0, min=0, doc="time constant of the coolant's return temperature after a "
                                  "power change")
     flow_loss_ratio: float = _spec(0.6, min=0.05, max=0.99, doc="flow below this share of its baseline")
@@ -116,6 +124,9 @@ class DetectConfig:
     pdu_load_ratio: float = _spec(0.95, min=0.1, max=2.0, doc="PDU power above this share of its rating")
     xid_hold_s: float = _spec(900.0, min=1, doc="an XID keeps its alert firing this long")
     missing_after_intervals: float = _spec(3.0, min=1.5, doc="a GPU unseen this many intervals is missing")
+    maintenance_s: float = _spec(1800.0, min=0, doc="a node announced as going down for maintenance (an event of kind "
+                                 "node_reboot or driver_upgrade) is not reported missing for this long after the "
+                                 "announcement; 0 = always reported")
     lateness_s: float = _spec(5.0, min=0, doc="event-time lateness bound: a GPU or node is judged missing once data "
                               "this much newer than its last sample arrived in its partition; older rows are late "
                               "(counted and archived, not detected on)")

@@ -56,5 +56,8 @@ FAULTS: tuple[FaultType, ...] = (
 FAULT_TYPES: tuple[str, ...] = tuple(f.name for f in FAULTS)
 FAULTS_BY_NAME: dict[str, FaultType] = {f.name: f for f in FAULTS}
 
-# Normal events the simulator labels too: any alert they cause is a false alert.
-NORMAL_EVENTS: tuple[str, ...] = ("gpu_reset",)
+# Normal events the simulator labels too: any alert they cause is a false alert. A GPU reset
+# loses one scrape; with the realistic normal (fleet.normal), a node drained for a rolling
+# reboot, or for one that upgrades its driver, stops reporting for minutes, announced by an
+# event row of the same kind.
+NORMAL_EVENTS: tuple[str, ...] = ("gpu_reset", "node_reboot", "driver_upgrade")

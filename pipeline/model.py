@@ -186,7 +186,8 @@ EVENT = _schema("event", 1, [
     _f("node", pa.string(), "node name", nullable=False),
     _f("gpu", pa.int16(), "GPU index; null for node events"),
     _f("gpu_uuid", pa.string(), "NVML UUID"),
-    _f("kind", pa.string(), "xid, gpu_lost, gpu_reset, gpu_replaced (detect: a new UUID in a GPU slot)",
+    _f("kind", pa.string(), "xid, gpu_lost, gpu_reset, gpu_replaced (detect: a new UUID in a GPU slot); node "
+       "events (gpu null): node_reboot, driver_upgrade (a node drained for maintenance, about to go down)",
        nullable=False),
     _f("code", pa.int32(), "XID number for kind=xid"),
     _f("text", pa.string(), "human-readable detail"),
@@ -225,7 +226,7 @@ NODE_HEALTH = _schema("node_health", 1, [
 
 FAULT_LABEL = _schema("fault_label", 1, [
     _f("fault_id", pa.int64(), "id unique within a simulator run", nullable=False),
-    _f("fault_type", pa.string(), "entry of the fault catalog, or a normal event (gpu_reset)", nullable=False),
+    _f("fault_type", pa.string(), "entry of the fault catalog, or a normal event (gpu_reset, node_reboot, driver_upgrade)", nullable=False),
     _f("normal", pa.bool_(), "true for normal events that must not alert", nullable=False),
     _f("site", pa.string(), "target site", nullable=False),
     _f("rack", pa.string(), "target rack", nullable=False),

@@ -19,8 +19,11 @@ H100 = REPO / "pipeline" / "sources" / "recordings" / "h100"  # the recording th
 
 
 def make_config(**sections) -> Config:
-    """Defaults with overrides, e.g. make_config(fleet={"racks": 1}); ignores FLEETWATCH_* env."""
-    return load_config(env={}, overrides=sections)
+    """Defaults with overrides, e.g. make_config(fleet={"racks": 1}); ignores FLEETWATCH_* env.
+    The simulated fleet is the simple normal's (steady jobs, exact readings, one clock) unless a
+    test asks for fleet={"normal": "realistic"} (tests/test_simulate_normal.py): a test of
+    something else wants a fleet whose numbers it can predict."""
+    return load_config(env={}, overrides={**sections, "fleet": {"normal": "simple", **sections.get("fleet", {})}})
 
 
 def fleetwatch(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300,

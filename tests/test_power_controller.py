@@ -21,7 +21,7 @@ INTERVAL = 5
 
 
 def run(seconds: int, requests: list[PowerRequest], **settings):
-    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0), start=EVAL_EPOCH)
+    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple"), start=EVAL_EPOCH)
     actuator = SimulatorActuator(sim)
     ctl = Controller(sim.cfg.site, CURVE, actuator, PowerConfig(**{"default_class": 3, **settings}))
     outcomes = [ctl.submit(r) for r in requests]
@@ -101,7 +101,7 @@ def test_a_job_that_starts_or_ends_during_a_request_moves_the_baseline_not_the_r
     """The load Fleetwatch does not control moves under a request: a job group starts (or
     ends) half-way. The baseline follows it (its GPUs and CPUs, through the PDUs), so the
     request is still met, and what it claims is what the caps really shed."""
-    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0), start=EVAL_EPOCH)
+    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple"), start=EVAL_EPOCH)
     ctl = Controller(sim.cfg.site, CURVE, SimulatorActuator(sim), PowerConfig(default_class=3))
     out = ctl.submit(request(400, 10))
     group = int(np.flatnonzero(~sim.group_busy if change == "start" else sim.group_busy)[0])
@@ -126,7 +126,7 @@ def test_a_job_that_starts_or_ends_during_a_request_moves_the_baseline_not_the_r
 def test_a_node_whose_power_reading_is_stuck_is_left_as_it_is():
     """A stuck power sensor: the caps can neither be verified nor moved on its node (the
     detectors read its GPUs' heat against their power, and against each other)."""
-    sim2 = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0), start=EVAL_EPOCH)
+    sim2 = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple"), start=EVAL_EPOCH)
     ctl2 = Controller(sim2.cfg.site, CURVE, SimulatorActuator(sim2), PowerConfig(default_class=3))
     ctl2.submit(request(400, 10))
     node = int(sim2.gpu_node[np.flatnonzero(sim2.group_busy[sim2.node_group][sim2.gpu_node])[0]])

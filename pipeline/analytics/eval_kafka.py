@@ -88,7 +88,7 @@ async def _run(cfg: Config, duration_s: float, processes: int, config_file: str 
         await bus.close()
     n_nodes = cfg.fleet.racks * cfg.fleet.nodes_per_rack
     run = EvalRun(labels, alerts, EVAL_EPOCH + timedelta(seconds=duration_s), n_nodes * duration_s / 3600.0,
-                  gpu_samples)
+                  gpu_samples, normal=cfg.fleet.normal)
     logs = [Path(p.log_path).read_text(errors="replace") for p in procs]
     return run, {"detect_processes": processes, "chaos": chaos, "victim": victim,
                  "fenced": sum(text.count("was taken over by another process") for text in logs),

@@ -5,8 +5,10 @@ A fault counts as detected when an alert named for its type (faults.py) fires on
 its target (the GPU, the node, or the rack) between its start and its end plus
 a grace period. Time to detect is from injection to the alert's start. An alert
 that matches no fault is a false alert; one raised by a normal event (a GPU
-reset) is false too. Faults that started too close to the end of the run to be
-detectable (their score window runs past the end) are left out, and counted.
+reset; with the realistic normal, a node's rolling reboot or driver upgrade) is
+false too, and counted by that event when it fires on the event's target during
+it. Faults that started too close to the end of the run to be detectable (their
+score window runs past the end) are left out, and counted.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class EvalRun:
     node_hours: float
     gpu_samples: int
     demand_response: dict[str, Any] | None = None
+    normal: str = "simple"         # the simulator's normal (fleet.normal)
 
 
 def simulate(cfg: Config, duration_s: float, power_requests: int = 0) -> EvalRun:
@@ -70,7 +73,7 @@ def simulate(cfg: Config, duration_s: float, power_requests: int = 0) -> EvalRun
                 elif alert.fingerprint in firing:
                     firing.pop(alert.fingerprint)["ends_at"] = alert.ends_at
     return EvalRun(labels, alerts, sim.now, sim.n_nodes * duration_s / 3600.0, engine.stats.gpu_samples,
-                   dr.score() if dr is not None else None)
+                   dr.score() if dr is not None else None, cfg.fleet.normal)
 
 
 def _targets(label: dict[str, Any], alert_labels: dict[str, str]) -> bool:
@@ -128,15 +131,28 @@ def score(run: EvalRun) -> dict[str, Any]:
     by_name: dict[str, int] = {}
     for a in false_alerts:
         by_name[a["labels"]["alertname"]] = by_name.get(a["labels"]["alertname"], 0) + 1
+    normal = [lab for lab in run.labels if lab["normal"]]
+    by_event: dict[str, int] = {}
+    for a in false_alerts:  # raised on a normal event's target while it lasted
+        lab = next((lab for lab in normal if _targets(lab, a["labels"])
+                    and _window(lab, run.end)[0] <= a["starts_at"] <= _window(lab, run.end)[1]), None)
+        if lab is not None:
+            by_event[lab["fault_type"]] = by_event.get(lab["fault_type"], 0) + 1
+    events: dict[str, int] = {}
+    for lab in normal:
+        events[lab["fault_type"]] = events.get(lab["fault_type"], 0) + 1
     return {
+        "normal": run.normal,
         "faults": per_type,
         "false_alerts": len(false_alerts),
         "false_alerts_by_alertname": dict(sorted(by_name.items())),
+        "false_alerts_by_normal_event": dict(sorted(by_event.items())),
         "false_alerts_per_1000_node_hours": round(1000.0 * len(false_alerts) / run.node_hours, 3),
         "node_hours": round(run.node_hours, 3),
         "alerts": len(run.alerts),
         "faults_not_scored": len(faults) - len(scored),
-        "normal_events": sum(lab["normal"] for lab in run.labels),
+        "normal_events": len(normal),
+        "normal_events_by_type": dict(sorted(events.items())),
         "gpu_samples": run.gpu_samples,
         **({"demand_response": {**run.demand_response, "cap_not_binding_alerts": len(power)}}
            if run.demand_response is not None else {}),
@@ -154,6 +170,8 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"false alerts: {result['false_alerts']} over {result['node_hours']:.1f} node-hours = "
                  f"{result['false_alerts_per_1000_node_hours']:.2f} per 1000 node-hours "
                  f"{json.dumps(result['false_alerts_by_alertname']) if result['false_alerts'] else ''}")
+    by_type = ", ".join(f"{k} {v}" for k, v in result["normal_events_by_type"].items())
     lines.append(f"alerts raised: {result['alerts']}; faults too late to score: {result['faults_not_scored']}; "
-                 f"normal GPU resets: {result['normal_events']}")
+                 f"normal events: {result['normal_events']}{f' ({by_type})' if by_type else ''}; "
+                 f"normal: {result['normal']}")
     return "\n".join(lines)

@@ -106,7 +106,9 @@ ALERTS: tuple[AlertSpec, ...] = (
               detection="A node silent for twice `detect.missing_after_intervals` of its reporting interval, plus "
                         "`detect.lateness_s`, against the latest sample of its partition (event time per Kafka "
                         "partition, the same in one process: [Kafka](kafka.md#scale-out-the-same-answers-as-one-"
-                        "process)). Its GPUs' `GpuNotReporting` are inhibited."),
+                        "process)). Its GPUs' `GpuNotReporting` are inhibited. A node announced as going down for "
+                        "maintenance (an event `node_reboot` or `driver_upgrade`) is not reported for "
+                        "`detect.maintenance_s` after the announcement."),
     AlertSpec("GpuUncorrectableEcc", "critical", "gpu",
               "{node} GPU {gpu}: uncorrectable memory error ({what})",
               "Drain the node; reset the GPU to apply a pending row remap; a remap failure means RMA.",
@@ -265,7 +267,11 @@ ALERTS: tuple[AlertSpec, ...] = (
               "Power capping and accounting are blind on this GPU; reset it at the next drain.",
               detector="flatline", family="counters", evidence=("power_w", "samples"),
               meaning="power reading frozen at one value", method="flat-line (Numba)",
-              detection="`stuck_samples` identical power readings in a row. Real sensors always carry noise."),
+              detection="`stuck_samples` identical power readings in a row under load (utilisation 25% or more), "
+                        "where a real sensor's reading moves every sample. At idle a reading to whole watts may "
+                        "repeat for minutes (an H100 idles at 71.0 +- 0.2 W): there a run must be one in a million "
+                        "by the idle runs that GPU has finished with a flicker (geometric, from their mean) and 3x "
+                        "its longest, and an idle GPU is not judged before it has finished 5."),
     AlertSpec("CoolantFlowLoss", "critical", "rack",
               "rack {rack}: coolant flow {flow_lpm:.0f} l/min, {ratio:.0%} of its normal {baseline_lpm:.0f}",
               "Check the CDU pumps and valves now; cap or drain the rack's GPUs if temperatures climb.",

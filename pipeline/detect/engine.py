@@ -40,7 +40,7 @@ from pipeline.detect.families.peers import Peers
 from pipeline.detect.families.performance import Performance
 from pipeline.detect.families.power_caps import PowerCaps
 from pipeline.detect.families.rack_vs_site import RackVsSite
-from pipeline.detect.families.staleness import Staleness
+from pipeline.detect.families.staleness import MAINTENANCE, Staleness
 from pipeline.detect.families.siblings import SiblingTemperature
 from pipeline.detect.families.site_power import SitePower
 from pipeline.detect.families.xid import Xid
@@ -305,7 +305,11 @@ class Engine:
                                          explained=batch.column("explained").to_numpy(zero_copy_only=False)), out)
 
     def _events(self, batch: pa.RecordBatch, out: Output) -> None:
-        batch = batch.filter(pc.is_valid(batch.column("gpu_uuid")))  # node-level events: none alert yet
+        planned = batch.filter(pc.is_in(batch.column("kind"), pa.array(MAINTENANCE)))
+        if planned.num_rows:  # node events: a planned outage
+            self.inventory.current = planned
+            self.family(Staleness).maintenance(self.inventory.node_ids.slots(planned.column("node")), seconds(planned))
+        batch = batch.filter(pc.is_valid(batch.column("gpu_uuid")))  # the other node-level events alert nothing yet
         if batch.num_rows == 0:
             return
         self.inventory.current = batch

@@ -32,13 +32,64 @@ power over the curve at its draw) keeps 1 / (s / r + 1 - s) of its work (Amdahl)
 memory traffic (`util_mem`) falls with its work: what NVML would show, and what Fleetwatch
 learns sensitivities from (power/learn.py). Sensitivities come from a separate generator
 (seed, 15), and change nothing without a cap: an uncapped run stays bit-identical.
+
+The realistic normal (fleet.normal = "realistic", the default; RealisticNormal): what a real
+GPU fleet does when nothing is wrong, none of it labelled a fault. Each phenomenon (PHENOMENA)
+draws from a generator of its own, (seed, 16, i), and the job structure from (seed, 16), so
+the simple normal (fleet.normal = "simple": steady jobs, exact readings, one clock) is
+bit-identical to the simulator before it, and a phenomenon can be turned off alone.
+- Jobs: a quarter of the 4-node groups serve inference; the others run training jobs on
+  runs of 2-4 neighbouring groups (8-16 nodes, one or two racks) that start and stop
+  together (the lead group's churn, as before).
+- diurnal: inference follows the time of day (local time = UTC): a service's utilisation
+  goes from 15-30% at 04:00 to 60-90% at 16:00 (cosine), times minutes-scale bursts (8%,
+  tau 5 min) and 4% per GPU and sample. Production LLM inference (Azure's public LLM
+  inference traces, Patel et al., "Splitwise", ISCA 2024; Stojkovic et al., "DynamoLLM",
+  HPCA 2025) follows the day, its night several times lighter than its afternoon.
+- training: a synchronous job alternates compute (pinned at the power limit) and
+  collective communication, where its GPUs draw 300-450 W at full clocks and utilisation,
+  all its GPUs at once, with a step of 15-45 s (3% jitter), 20-35% of it communicating: a
+  16-node job swings the site meter by ~45 kW. Meta's Llama 3 report ("The Llama 3 Herd of
+  Models", 2024, sec. 3.3.4) saw tens of thousands of GPUs raise and drop their power together
+  (collectives, checkpoints), swinging the data centre by tens of MW; Patel et al.
+  ("Characterizing Power Management Opportunities for LLMs in the Cloud", ASPLOS 2024) measured
+  the same swings on LLM training servers.
+- checkpoints: every 20-60 min a training job stalls for 30-90 s while it writes its state:
+  every GPU of the job at ~90 W (sd 10), no utilisation, idle clocks (reason 0x1), memory
+  held. Synchronous checkpoints of large models stall training for tens of seconds
+  (Mohan et al., "CheckFreq", FAST 2021; Llama 3, above).
+- reboots: rolling maintenance, as NVIDIA's GPU Operator upgrades drivers (a few nodes at a
+  time: cordon, drain, reload, uncordon). Each node is rebooted about twice a day (a fleet in a
+  maintenance campaign: the hardest normal), 1-3 fault-free nodes of one rack at a time:
+  drained (idle, still reporting) for 30-90 s, announced by an event row (node-level, kind
+  `node_reboot` or `driver_upgrade`), then silent for 120-300 s, then back idle for 60-180 s
+  before it takes jobs again; back with its counters started over (NVML's energy counts
+  from driver load), after an upgrade (half the batches) with NEW_DRIVER_VERSION. Labelled
+  as normal events (faults.NORMAL_EVENTS), node scope, over the whole window.
+- noise, quantization: facility temperatures carry 0.03 C of sensor noise, differential
+  pressure 0.4 kPa; the BMS reports temperatures to 0.1 C, flow to 0.5 L/min, pressure to
+  1 kPa, PDU power to 1 W and energy to 1 Wh, the site meter to 100 W and 1 kWh (BACnet and
+  Modbus points of CDUs and meters are scaled integers at about these resolutions).
+- power_quantization: GPU power reported to 1 W (as collectors that round it do; NVML
+  itself reports mW).
+- dropouts: 0.1% of GPU rows and 0.02% of whole node scrapes missing, each for one sample
+  (never long enough for NodeNotReporting), and 0.1% of facility readings.
+- recalibration: each facility temperature sensor starts off by N(0, 0.1 C) and about once a
+  day steps by 0.2-0.5 C either way (a recalibration, a swapped probe), and stays there.
+- clock_skew: each node stamps its GPU samples and events by its own clock, a fixed offset
+  within +-3 s (to the ms); the BMS is 1-2 s off. Labels keep the true time.
+A node whose fault needs load (faults.py: needs_load) is kept busy, as in the simple normal: it
+computes and communicates with its job (a synchronous job moves in lockstep; the faults'
+signatures hold in either phase), but its job takes no checkpoint while the fault lasts (a
+stall would hide the fault while its label says it is there), and no fault is injected on a
+node drained for maintenance nor maintenance on a node with a fault.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -111,7 +162,10 @@ class Tick:
 
 
 class FleetSimulator:
-    def __init__(self, cfg: FleetConfig, start: datetime | None = None, curve: PowerCurve | None = None) -> None:
+    def __init__(self, cfg: FleetConfig, start: datetime | None = None, curve: PowerCurve | None = None,
+                 phenomena: tuple[str, ...] | None = None) -> None:
+        """`phenomena`: with the realistic normal (cfg.normal), only these of PHENOMENA (default:
+        all of them), to see what each one does."""
         self.cfg = cfg
         self.curve = curve if curve is not None else from_recording()  # power -> throughput and SM clock
         self.rng = np.random.default_rng(cfg.seed)
@@ -160,6 +214,10 @@ class FleetSimulator:
         # Jobs run on groups of nodes.
         self.node_group = np.arange(self.n_nodes) // JOB_GROUP_NODES
         n_groups = int(self.node_group.max()) + 1
+        # The job each group of nodes runs (its lead group's state): its own, unless the realistic
+        # normal joins groups into training jobs spanning racks.
+        self.job_of_group = np.arange(n_groups)
+        self.gpu_job = self.node_group[self.gpu_node]
         self.group_busy = rng.random(n_groups) < 0.7
         self.group_until = rng.uniform(0, 1800, n_groups)
         self.group_intensity = self._draw_intensity(n_groups)
@@ -181,8 +239,16 @@ class FleetSimulator:
         self.next_reset_s = self._exp(cfg.gpu_reset_interval_s)
         self._fault_order: list[str] = []
         self.resetting = np.zeros(self.n_gpus, bool)
+        self._node_index = {name: n for n, name in enumerate(self.node_names)}
+        self.normal: RealisticNormal | None = None
         self._init_thermal_state()
         self._build_static_columns()
+        # Last, from streams of its own: the simple normal's draws (and a simple run) stay as they were.
+        if cfg.normal == "realistic":
+            self.normal = RealisticNormal(self, phenomena)
+            self._init_thermal_state()
+        elif phenomena:
+            raise ValueError(f"phenomena {phenomena} need the realistic normal (fleet.normal = \"realistic\")")
 
     # ---- setup ---------------------------------------------------------------
 
@@ -204,7 +270,7 @@ class FleetSimulator:
         `free_w` (its draw were no cap set; default: this tick's): the simulator's truth."""
         gpus = slice(None) if gpus is None else gpus
         free = self.power_uncapped[gpus] if free_w is None else np.asarray(free_w, np.float64)
-        sens = self.group_sens[self.node_group][self.gpu_node][gpus]
+        sens = self.group_sens[self.gpu_job][gpus]
         at_free = self.curve.at(free)
         r = np.where(at_free > 0, self.curve.at(np.minimum(power_w, free)) / np.where(at_free > 0, at_free, 1.0), 1.0)
         held = 1.0 / (sens / np.maximum(r, 1e-9) + 1.0 - sens)
@@ -215,7 +281,7 @@ class FleetSimulator:
         return self._rate * self.curve.at(self.power_uncapped) * self.keep(power_w)
 
     def _init_thermal_state(self) -> None:
-        busy = self.group_busy[self.node_group][self.gpu_node]
+        busy = self.group_busy[self.gpu_job] if self.normal is None else self.normal.load()[0]
         p = np.where(busy, self.cfg.power_limit_w, IDLE_POWER_W)
         coolant = self.cfg.supply_temp_c + 2.0
         self.g_fast[:] = self.g_slow[:] = coolant + GPU_K * p + GPU_C
@@ -265,10 +331,14 @@ class FleetSimulator:
         events: list[dict] = []
         self._apply_fault_starts_and_ends(events)
         self._update_jobs()
+        if self.normal is not None:
+            self.normal.advance()
         gpu, facility = self._physics()
         ts = self.now
+        if events and self.normal is not None:  # an event is stamped by its node's clock
+            events = [{**e, "ts": self.normal.node_time(e["node"], ts)} for e in events]
         return Tick(ts=ts, gpu=gpu, facility=facility,
-                    events=pa.RecordBatch.from_pylist([{**e, "ts": ts} for e in events], schema=EVENT) if events else None,
+                    events=pa.RecordBatch.from_pylist([{"ts": ts, **e} for e in events], schema=EVENT) if events else None,
                     labels=labels)
 
     def inject(self, kind: str, rack: int | None = None, node: int | None = None, gpu: int | None = None,
@@ -374,6 +444,8 @@ class FleetSimulator:
             target = self._free_target("gpu")
             if target is not None:
                 self.inject("gpu_reset", gpu=target[2])
+        if self.normal is not None:
+            self.normal.schedule(now)
         if not self._pending_labels:
             return None
         rows = []
@@ -396,6 +468,10 @@ class FleetSimulator:
         return {"site": self.cfg.site, "rack": self.rack_names[f.rack], "node": self.node_names[f.node],
                 "gpu": int(self.gpu_index[f.gpu]), "gpu_uuid": self.gpu_uuids[f.gpu],
                 "kind": kind, "code": code, "text": text}
+
+    def _node_event(self, f: ActiveFault, kind: str, text: str) -> dict:
+        return {"site": self.cfg.site, "rack": self.rack_names[f.rack], "node": self.node_names[f.node],
+                "gpu": None, "gpu_uuid": None, "kind": kind, "code": None, "text": text}
 
     def _zero_counters(self, g: int) -> None:
         """A GPU reset zeroes the energy counter and the volatile error counters."""
@@ -424,6 +500,12 @@ class FleetSimulator:
                     f.params["stuck_w"] = float(self.last_power[f.gpu])
                 elif f.kind == "gpu_reset":
                     self._zero_counters(f.gpu)
+                elif f.kind in REBOOTS:  # drained now, announced: down after drain_s for about down_s
+                    p = f.params
+                    what = (f"drained for a driver upgrade {p['driver_from']} -> {p['driver']}"
+                            if f.kind == "driver_upgrade" else "drained for a rolling reboot")
+                    events.append(self._node_event(f, f.kind, f"{what}: down in {p['drain_s']:.0f} s for about "
+                                                              f"{p['down_s']:.0f} s"))
         ended = [f for f in self.faults if f.end_s <= self.t]
         for f in ended:
             if f.kind in ("gpu_fell_off_bus", "ecc_uncorrectable"):
@@ -435,7 +517,7 @@ class FleetSimulator:
     # ---- jobs ----------------------------------------------------------------
 
     def _update_jobs(self) -> None:
-        forced = {int(self.node_group[f.node]) for f in self.faults
+        forced = {int(self.job_of_group[self.node_group[f.node]]) for f in self.faults
                   if f.node is not None and f.kind in FAULTS_BY_NAME and FAULTS_BY_NAME[f.kind].needs_load}
         for g in forced:
             if not self.group_busy[g]:
@@ -499,14 +581,21 @@ class FleetSimulator:
                     fx["leak"][f.rack] = 1.0 if f.kind == "coolant_leak" else 0.0
                 case "pdu_overload":
                     fx["pdu_ratio"][f.rack] = p["load_ratio"]
+                case "node_reboot" | "driver_upgrade":  # drained (RealisticNormal.load), then down
+                    if p["drain_s"] <= age < p["drain_s"] + p["down_s"]:
+                        fx["missing"][self.gpu_node == f.node] = True
         return fx
 
     def _physics(self) -> tuple[pa.RecordBatch, pa.RecordBatch]:
         cfg, rng, dt = self.cfg, self.rng, self.dt
         G = self.n_gpus
         fx = self._fault_effects()
-        busy = self.group_busy[self.node_group][self.gpu_node]
-        intensity = self.group_intensity[self.node_group][self.gpu_node]
+        nm = self.normal
+        if nm is None:
+            busy = self.group_busy[self.gpu_job]
+            intensity = self.group_intensity[self.gpu_job]
+        else:
+            busy, intensity = nm.load()
         limit = cfg.power_limit_w
 
         # Power and clocks.
@@ -518,6 +607,8 @@ class FleetSimulator:
         sm = np.where(capped, 1380.0 + 15.0 * rng.integers(-2, 3, G), np.where(busy, 1980.0, 345.0))
         reasons = np.where(capped, int(Reason.SW_POWER_CAP),
                            np.where(busy, 0, int(Reason.GPU_IDLE))).astype(np.int64)
+        if nm is not None:  # training jobs' communication phases and checkpoint stalls; faults come after
+            power, sm, reasons, capped = nm.phases(busy, power, sm, reasons, capped)
         perf = fx["perf"]
         slow = busy & (perf < 1.0)
         power = np.where(slow, power * perf, power)
@@ -561,6 +652,8 @@ class FleetSimulator:
 
         # Rack power and coolant.
         util = np.where(busy, np.where(capped | braked | slow, rng.uniform(0.99, 1.0, G), intensity), 0.0)
+        if nm is not None and nm.stalled is not None:
+            util = np.where(nm.stalled, 0.0, util)
         node_power = (np.bincount(self.gpu_node, power, self.n_nodes)
                       + NODE_BASE_POWER_W + NODE_LOAD_POWER_W * np.bincount(self.gpu_node, util, self.n_nodes) / cfg.gpus_per_node)
         rack_it = np.bincount(self.node_rack, node_power, self.n_racks)
@@ -594,10 +687,17 @@ class FleetSimulator:
         self.sbe += rng.random(G) < 2e-6
 
         reported_power = np.where(np.isnan(fx["stuck"]), np.round(power, 3), fx["stuck"])
-        mem_used = np.where(busy, self.group_mem[self.node_group][self.gpu_node], MEM_IDLE_B).astype(np.int64)
+        mem_used = np.where(busy, self.group_mem[self.gpu_job], MEM_IDLE_B).astype(np.int64)
         cols = dict(self._gpu_static)
+        ts_ns = self._start_ns + int(round(self.t * 1e9))
+        if nm is None:
+            gpu_ts = np.full(G, ts_ns, "datetime64[ns]")
+        else:
+            gpu_ts = nm.gpu_ts(ts_ns)
+            reported_power = nm.gpu_power(reported_power)
+            cols["driver_version"] = nm.driver_column()
         cols.update({
-            "ts": pa.array(np.full(G, self._start_ns + int(round(self.t * 1e9)), "datetime64[ns]"), GPU_SAMPLE.field("ts").type),
+            "ts": pa.array(gpu_ts, GPU_SAMPLE.field("ts").type),
             "power_w": reported_power, "energy_j": np.round(self.energy_j, 3), "gpu_temp_c": gpu_temp,
             "mem_temp_c": mem_temp, "sm_clock_mhz": sm, "mem_clock_mhz": np.full(G, MEM_CLOCK_MHZ),
             "util_gpu": np.round(util, 2), "util_mem": np.round(np.where(busy, util * 0.34 * (kept if any_held else 1.0), 0.0), 2),
@@ -609,8 +709,9 @@ class FleetSimulator:
             "power_limit_w": self._cap_w.copy(),
         })
         gpu = pa.RecordBatch.from_pydict({f.name: cols[f.name] for f in GPU_SAMPLE}, schema=GPU_SAMPLE)
-        if fx["missing"].any():
-            gpu = gpu.filter(pa.array(~fx["missing"]))
+        missing = fx["missing"] if nm is None else nm.dropped(fx["missing"])
+        if missing.any():
+            gpu = gpu.filter(pa.array(~missing))
 
         # Facility: CDU points and PDU per rack, then the site meter.
         pdu_power = np.maximum(rack_it, fx["pdu_ratio"] * cfg.pdu_rating_w) * rng.normal(1.0, 0.002, self.n_racks)
@@ -618,16 +719,329 @@ class FleetSimulator:
         site_power = pdu_power.sum() * (1.0 + COOLING_OVERHEAD) + SITE_BASE_W
         self.meter_energy += site_power * dt
         dp = NOMINAL_DP_KPA * (flow / NOMINAL_FLOW_LPM) ** 2
-        per_rack = np.column_stack([
-            supply, self.return_temp, flow, dp, np.ones(self.n_racks), fx["leak"], pdu_power, self.pdu_energy,
-        ])
-        values = np.concatenate([np.round(per_rack, 3).ravel(), [round(site_power, 1), round(self.meter_energy, 1)]])
-        n = values.size
+        if nm is None:
+            per_rack = np.column_stack([
+                supply, self.return_temp, flow, dp, np.ones(self.n_racks), fx["leak"], pdu_power, self.pdu_energy,
+            ])
+            values = np.concatenate([np.round(per_rack, 3).ravel(), [round(site_power, 1), round(self.meter_energy, 1)]])
+            fac_ts, kept_points = np.full(values.size, ts_ns, "datetime64[ns]"), None
+        else:
+            values, fac_ts, kept_points = nm.facility(ts_ns, supply, flow, dp, fx["leak"], pdu_power, site_power)
         fcols = dict(self._fac_static)
-        fcols["ts"] = pa.array(np.full(n, self._start_ns + int(round(self.t * 1e9)), "datetime64[ns]"), FACILITY_SAMPLE.field("ts").type)
+        fcols["ts"] = pa.array(fac_ts, FACILITY_SAMPLE.field("ts").type)
         fcols["value"] = values
         facility = pa.RecordBatch.from_pydict({f.name: fcols[f.name] for f in FACILITY_SAMPLE}, schema=FACILITY_SAMPLE)
+        if kept_points is not None and not kept_points.all():
+            facility = facility.filter(pa.array(kept_points))
         return gpu, facility
+
+
+# ---- the realistic normal ------------------------------------------------------
+# What a real fleet does when nothing is wrong (module docstring: where each number comes from).
+PHENOMENA = ("diurnal", "training", "checkpoints", "reboots", "noise", "quantization", "dropouts",
+             "recalibration", "clock_skew", "power_quantization")
+REBOOTS = ("node_reboot", "driver_upgrade")
+INFERENCE_SHARE = 0.25                # job groups that serve inference
+TRAINING_JOB_GROUPS = (2, 4)          # a training job spans 2-4 groups of 4 nodes: 8-16 nodes, 1-2 racks
+STEP_PERIOD_S = (15.0, 45.0)          # a training job's compute + communication cycle
+STEP_JITTER = 0.03                    # step to step, relative
+COMM_SHARE = (0.2, 0.35)              # share of the cycle spent communicating
+COMM_POWER_W = (300.0, 450.0)         # a GPU's draw while its job communicates
+CHECKPOINT_EVERY_S = (20 * 60.0, 60 * 60.0)
+CHECKPOINT_STALL_S = (30.0, 90.0)
+CHECKPOINT_POWER_W = (90.0, 10.0)     # a stalled GPU: mean and sd (memory held, no kernels)
+MAX_SM_MHZ = 1980.0
+IDLE_SM_MHZ = 345.0
+DIURNAL_TROUGH_H = 4.0                # local (= UTC) hour of the least inference load; the peak is 12 h later
+INFERENCE_LOW = (0.15, 0.3)           # a service's utilisation at the trough
+INFERENCE_HIGH = (0.6, 0.9)           # and at the peak
+INFERENCE_BURST = (0.08, 300.0)       # minutes-scale load bursts: relative sd and time constant (s)
+INFERENCE_GPU_SD = 0.04               # per GPU and sample (batching)
+REBOOT_EVERY_NODE_S = 12 * 3600.0     # each node drained and rebooted about twice a day (a maintenance campaign)
+REBOOT_BATCH = (1, 3)                 # nodes of one rack at a time
+REBOOT_DRAIN_S = (30.0, 90.0)         # announced and drained, still reporting
+REBOOT_DOWN_S = (120.0, 300.0)        # silent
+REBOOT_HOLD_S = (60.0, 180.0)         # back, idle, before it takes jobs again
+UPGRADE_SHARE = 0.5                   # batches that upgrade the driver (of the nodes still on the old one)
+NEW_DRIVER_VERSION = "580.173.02"     # made up: a later release of the same branch
+GPU_DROPOUT = 1e-3                    # a GPU's row missing from a scrape
+NODE_DROPOUT = 2e-4                   # a whole node's scrape missing
+POINT_DROPOUT = 1e-3                  # one facility reading missing
+TEMP_NOISE_C = 0.03                   # facility temperature sensors (on top of the supply's control noise)
+DP_NOISE_KPA = 0.4
+RACK_QUANTA = np.array([0.1, 0.1, 0.5, 1.0, 1.0, 1.0, 1.0, 3600.0])  # supply, return C; flow L/min; dp kPa;
+# pump, leak; PDU W; PDU energy J (1 Wh). The site meter: 100 W and 1 kWh.
+METER_QUANTA = (100.0, 3.6e6)
+CALIBRATION_SD_C = 0.1                # each temperature sensor's offset at the start
+RECALIBRATION_EVERY_S = 24 * 3600.0   # per sensor
+RECALIBRATION_STEP_C = (0.2, 0.5)
+CLOCK_SKEW_S = 3.0                    # each node's clock: a fixed offset within +-3 s
+BMS_SKEW_S = (1.0, 2.0)               # the BMS's clock, either way
+
+
+class RealisticNormal:
+    """The realistic normal of a FleetSimulator (fleet.normal = "realistic"): job structure,
+    phases, maintenance and how sensors and clocks report. Each phenomenon draws from its
+    own generator (seed, 16, i), the job structure from (seed, 16): the simulator's own draws
+    are those of the simple normal, and turning one phenomenon off changes no other."""
+
+    def __init__(self, sim: FleetSimulator, phenomena: tuple[str, ...] | None = None) -> None:
+        on = PHENOMENA if phenomena is None else tuple(phenomena)
+        unknown = set(on) - set(PHENOMENA)
+        if unknown:
+            raise ValueError(f"unknown phenomena {sorted(unknown)}; known: {', '.join(PHENOMENA)}")
+        self.sim, self.on = sim, frozenset(on)
+        seed = sim.cfg.seed
+        self.rngs = {name: np.random.default_rng((seed, 16, i + 1)) for i, name in enumerate(PHENOMENA)}
+        G, N, R = sim.n_gpus, sim.n_nodes, sim.n_racks
+        n = sim.group_busy.size
+        # Jobs: inference services on single groups, training jobs on runs of 2-4 neighbouring groups.
+        jobs = np.random.default_rng((seed, 16))
+        self.inference = jobs.random(n) < INFERENCE_SHARE
+        if n >= 3 and not self.inference.any():
+            self.inference[jobs.integers(n)] = True
+        job = np.arange(n)
+        g = 0
+        while g < n:
+            if self.inference[g]:
+                g += 1
+                continue
+            size, h = int(jobs.integers(TRAINING_JOB_GROUPS[0], TRAINING_JOB_GROUPS[1] + 1)), g + 1
+            while h < n and h - g < size and not self.inference[h]:
+                h += 1
+            job[g:h] = g
+            g = h
+        sim.job_of_group = job
+        sim.gpu_job = job[sim.node_group][sim.gpu_node]
+        self.lead = (job == np.arange(n)) & ~self.inference      # training jobs, by their lead group
+        self.gpu_training = ~self.inference[sim.node_group][sim.gpu_node]
+        self.gpu_inference = ~self.gpu_training if "diurnal" in self.on else np.zeros(G, bool)
+        self._was_busy = sim.group_busy.copy()
+        # Training jobs' steps and checkpoints (per lead group).
+        r, c = self.rngs["training"], self.rngs["checkpoints"]
+        self.period, self.comm_share = r.uniform(*STEP_PERIOD_S, n), r.uniform(*COMM_SHARE, n)
+        self.comm_w, self.phase = r.uniform(*COMM_POWER_W, n), r.random(n)
+        self.comm = np.zeros(n, bool)
+        self.ckpt_next = c.random(n) * c.uniform(*CHECKPOINT_EVERY_S, n)  # running jobs: part-way to their next
+        self.stall_until = np.full(n, -np.inf)
+        # Inference services' levels and bursts.
+        d = self.rngs["diurnal"]
+        self.inf_low, self.inf_high, self.burst = d.uniform(*INFERENCE_LOW, n), d.uniform(*INFERENCE_HIGH, n), np.ones(n)
+        # Per tick: nodes drained for maintenance, nodes a fault keeps at a steady full load.
+        self.drained, self.held = np.zeros(N, bool), np.zeros(N, bool)
+        self.stalled: np.ndarray | None = None
+        self._gpu_noise = self._comm_noise = self._stall_w = None
+        # Maintenance.
+        self.next_maint = (float(self.rngs["reboots"].exponential(self._maint_mean()))
+                           if "reboots" in self.on else float("inf"))
+        self.upgraded = np.zeros(N, bool)
+        self._up: set[int] = set()
+        self._driver = None
+        # Facility sensors: calibration offsets (supply, then return, per rack) and their steps.
+        k = self.rngs["recalibration"]
+        self.offset = np.zeros((2, R))
+        self.next_recal = np.full((2, R), np.inf)
+        if "recalibration" in self.on:
+            self.offset = k.normal(0.0, CALIBRATION_SD_C, (2, R))
+            self.next_recal = k.exponential(RECALIBRATION_EVERY_S, (2, R))
+        # Clocks.
+        s = self.rngs["clock_skew"]
+        skew = np.round(s.uniform(-CLOCK_SKEW_S, CLOCK_SKEW_S, N), 3)  # ms: timestamps stay datetime-exact
+        bms = round(float(s.choice([-1.0, 1.0]) * s.uniform(*BMS_SKEW_S)), 3)
+        if "clock_skew" not in self.on:
+            skew, bms = np.zeros(N), 0.0
+        self.node_skew_s, self.bms_skew_s = skew, bms
+        self._gpu_skew_ns = np.round(skew[sim.gpu_node] * 1e9).astype(np.int64)
+        self._bms_skew_ns = int(round(bms * 1e9))
+
+    def _maint_mean(self) -> float:
+        return REBOOT_EVERY_NODE_S * (REBOOT_BATCH[0] + REBOOT_BATCH[1]) / 2 / self.sim.n_nodes
+
+    # ---- per tick ----------------------------------------------------------------
+
+    def advance(self) -> None:
+        """Move the phases on one sample interval (after the jobs' churn, before the physics)."""
+        sim, on = self.sim, self.on
+        t, dt, n, G = sim.t, sim.dt, self.period.size, sim.n_gpus
+        self.drained[:] = False
+        self.held[:] = False
+        for f in sim.faults:
+            if f.node is None:
+                continue
+            if f.kind in REBOOTS:
+                self.drained[f.node] = True
+                if f.fault_id not in self._up and sim.t >= f.start_s + f.params["drain_s"] + f.params["down_s"]:
+                    self._back(f)
+            elif f.kind in FAULTS_BY_NAME and FAULTS_BY_NAME[f.kind].needs_load:
+                self.held[f.node] = True  # the fault shows under load: its node is kept busy
+        self._up &= {f.fault_id for f in sim.faults}
+        # A job with such a node takes no checkpoint while the fault lasts (one in progress ends).
+        held_job = np.zeros(n, bool)
+        held_job[sim.job_of_group[sim.node_group[self.held]]] = True
+        busy = sim.group_busy
+        started = self.lead & busy & ~self._was_busy
+        self._was_busy = busy.copy()
+        running = self.lead & busy
+        if "training" in on:
+            r = self.rngs["training"]
+            if started.any():  # a new job: its own step
+                k = int(started.sum())
+                self.period[started], self.comm_share[started] = r.uniform(*STEP_PERIOD_S, k), r.uniform(*COMM_SHARE, k)
+                self.comm_w[started], self.phase[started] = r.uniform(*COMM_POWER_W, k), r.random(k)
+            step = dt / self.period * (1.0 + r.normal(0.0, STEP_JITTER, n))
+            self.phase = np.where(self.stall_until > t, self.phase, (self.phase + step) % 1.0)
+            self.comm = self.phase < self.comm_share
+            self._comm_noise = r.normal(1.0, 0.02, G)
+        if "checkpoints" in on:
+            c = self.rngs["checkpoints"]
+            if started.any():
+                self.ckpt_next[started] = t + c.uniform(*CHECKPOINT_EVERY_S, int(started.sum()))
+                self.stall_until[started] = -np.inf
+            self.stall_until[held_job] = np.minimum(self.stall_until[held_job], t)
+            due = running & ~held_job & (t >= self.ckpt_next) & (self.stall_until <= t)
+            if due.any():
+                k = int(due.sum())
+                self.stall_until[due] = t + c.uniform(*CHECKPOINT_STALL_S, k)
+                self.ckpt_next[due] = self.stall_until[due] + c.uniform(*CHECKPOINT_EVERY_S, k)
+            self._stall_w = c.normal(*CHECKPOINT_POWER_W, G)
+        if "diurnal" in on:
+            d = self.rngs["diurnal"]
+            sd, tau = INFERENCE_BURST
+            a = float(np.exp(-dt / tau))
+            self.burst = 1.0 + (self.burst - 1.0) * a + d.normal(0.0, sd * np.sqrt(1.0 - a * a), n)
+            self._gpu_noise = d.normal(0.0, INFERENCE_GPU_SD, G)
+        if "recalibration" in on:
+            due = t >= self.next_recal
+            if due.any():  # a technician's recalibration, a swapped sensor: the offset steps, and stays
+                k = self.rngs["recalibration"]
+                m = int(due.sum())
+                self.offset[due] += k.choice([-1.0, 1.0], m) * k.uniform(*RECALIBRATION_STEP_C, m)
+                self.next_recal[due] += k.exponential(RECALIBRATION_EVERY_S, m)
+
+    def _back(self, f: ActiveFault) -> None:
+        """A node back from its reboot: the driver loaded anew (its counters start over), the new
+        one after an upgrade."""
+        sim = self.sim
+        self._up.add(f.fault_id)
+        for g in np.flatnonzero(sim.gpu_node == f.node):
+            sim._zero_counters(int(g))
+        if f.kind == "driver_upgrade":
+            self.upgraded[f.node] = True
+            self._driver = None
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each GPU's job: busy, and its intensity (the share of the power range it uses)."""
+        sim = self.sim
+        job = sim.gpu_job
+        busy, intensity = sim.group_busy[job], sim.group_intensity[job]
+        if self._gpu_noise is not None and self.gpu_inference.any():  # services run day and night
+            hour = ((sim._start_ns / 1e9 + sim.t) / 3600.0) % 24.0
+            day = 0.5 - 0.5 * np.cos(2 * np.pi * (hour - DIURNAL_TROUGH_H) / 24.0)
+            level = (self.inf_low + (self.inf_high - self.inf_low) * day) * self.burst
+            inf = self.gpu_inference
+            busy = busy | inf
+            intensity = np.where(inf, np.clip(level[job] + self._gpu_noise, 0.05, 1.0), intensity)
+        held, drained = self.held[sim.gpu_node], self.drained[sim.gpu_node]
+        return (busy | held) & ~drained, np.where(held, 1.0, intensity)
+
+    def phases(self, busy, power, sm, reasons, capped):
+        """Training jobs in lockstep: near the power limit while they compute, 300-450 W while they
+        communicate (a node with a fault too: the faults that need load still show), near idle
+        while they checkpoint."""
+        sim = self.sim
+        job = sim.gpu_job
+        train = busy & self.gpu_training
+        stall = None
+        if self._stall_w is not None:
+            stall = train & (self.stall_until > sim.t)[job]
+            if stall.any():
+                power = np.where(stall, np.maximum(self._stall_w, IDLE_POWER_W), power)
+                sm = np.where(stall, IDLE_SM_MHZ, sm)
+                reasons = np.where(stall, int(Reason.GPU_IDLE), reasons)
+                capped = capped & ~stall
+            else:
+                stall = None
+        self.stalled = stall
+        if self._comm_noise is not None:
+            comm = train & self.comm[job]
+            if stall is not None:
+                comm &= ~stall
+            power = np.where(comm, np.minimum(self.comm_w[job] * self._comm_noise, power), power)
+            sm = np.where(comm, MAX_SM_MHZ, sm)
+            reasons = np.where(comm, 0, reasons)
+            capped = capped & ~comm
+        return power, sm, reasons, capped
+
+    # ---- what is reported ----------------------------------------------------------
+
+    def gpu_ts(self, ts_ns: int) -> np.ndarray:
+        return (ts_ns + self._gpu_skew_ns).astype("datetime64[ns]")
+
+    def node_time(self, node: str, ts: datetime) -> datetime:
+        return ts + timedelta(seconds=float(self.node_skew_s[self.sim._node_index[node]]))
+
+    def gpu_power(self, reported: np.ndarray) -> np.ndarray:
+        return np.round(reported) if "power_quantization" in self.on else reported  # 1 W
+
+    def driver_column(self) -> pa.Array:
+        if self._driver is None:
+            versions = np.where(self.upgraded[self.sim.gpu_node], NEW_DRIVER_VERSION, DRIVER_VERSION)
+            self._driver = pa.array(versions.tolist(), pa.string())
+        return self._driver
+
+    def dropped(self, missing: np.ndarray) -> np.ndarray:
+        if "dropouts" not in self.on:
+            return missing
+        r = self.rngs["dropouts"]
+        return missing | (r.random(missing.size) < GPU_DROPOUT) | (r.random(self.sim.n_nodes) < NODE_DROPOUT)[self.sim.gpu_node]
+
+    def facility(self, ts_ns: int, supply, flow, dp, leak, pdu_power, site_power):
+        """The BMS's readings: calibration offsets, sensor noise, its resolution, its clock, and a
+        reading missing now and then."""
+        sim, on = self.sim, self.on
+        R = sim.n_racks
+        ret = sim.return_temp + self.offset[1]
+        supply = supply + self.offset[0]
+        if "noise" in on:
+            z = self.rngs["noise"]
+            supply, ret = supply + z.normal(0.0, TEMP_NOISE_C, R), ret + z.normal(0.0, TEMP_NOISE_C, R)
+            dp = dp + z.normal(0.0, DP_NOISE_KPA, R)
+        per_rack = np.column_stack([supply, ret, flow, dp, np.ones(R), leak, pdu_power, sim.pdu_energy])
+        meter = np.array([site_power, sim.meter_energy])
+        if "quantization" in on:
+            per_rack = np.round(per_rack / RACK_QUANTA) * RACK_QUANTA
+            meter = np.round(meter / METER_QUANTA) * METER_QUANTA
+        values = np.concatenate([np.round(per_rack, 3).ravel(), np.round(meter, 1)])
+        ts = np.full(values.size, ts_ns + self._bms_skew_ns, "datetime64[ns]")
+        kept = (self.rngs["dropouts"].random(values.size) >= POINT_DROPOUT) if "dropouts" in on else None
+        return values, ts, kept
+
+    # ---- maintenance ---------------------------------------------------------------
+
+    def schedule(self, now: float) -> None:
+        """Rolling reboots: now and then a few nodes of one rack, free of faults, are drained and
+        rebooted, upgrading their driver in half the batches; each is a labelled normal event."""
+        sim = self.sim
+        r = self.rngs["reboots"]
+        while now >= self.next_maint:
+            self.next_maint += float(r.exponential(self._maint_mean()))
+            busy_racks = {f.rack for f in sim.faults if f.node is None}
+            busy_nodes = {f.node for f in sim.faults if f.node is not None}
+            free = [n for n in range(sim.n_nodes) if n not in busy_nodes and sim.node_rack[n] not in busy_racks]
+            if not free:
+                continue
+            rack = sim.node_rack[free[int(r.integers(len(free)))]]
+            cand = [n for n in free if sim.node_rack[n] == rack]
+            k = min(len(cand), int(r.integers(REBOOT_BATCH[0], REBOOT_BATCH[1] + 1)))
+            upgrade = bool(r.random() < UPGRADE_SHARE)
+            for n in sorted(int(x) for x in r.choice(cand, k, replace=False)):
+                drain, down, hold = (round(float(r.uniform(*span)), 1)
+                                     for span in (REBOOT_DRAIN_S, REBOOT_DOWN_S, REBOOT_HOLD_S))
+                kind = "driver_upgrade" if upgrade and not self.upgraded[n] else "node_reboot"
+                params = {"drain_s": drain, "down_s": down, "hold_s": hold}
+                if kind == "driver_upgrade":
+                    params.update(driver_from=DRIVER_VERSION, driver=NEW_DRIVER_VERSION)
+                sim.inject(kind, node=n, duration_s=drain + down + hold, params=params)
 
 
 class SimulatorSource:

@@ -24,6 +24,9 @@ def test_eval_cli_writes_the_documented_json(tmp_path):
             assert 0.0 <= f["recall"] <= 1.0
     assert out["node_hours"] == pytest.approx(32.0)
     assert out["false_alerts_per_1000_node_hours"] >= 0.0
+    assert out["normal"] == "realistic"  # the default: the harder normal (sources/simulate.py)
+    assert set(out["false_alerts_by_normal_event"]) <= set(out["normal_events_by_type"]) <= {
+        "gpu_reset", "node_reboot", "driver_upgrade"}
     assert sum(f["injected"] for f in out["faults"].values()) >= 8
     assert "fault type" in r.stdout and "false alerts" in r.stdout
     # Deterministic for a seed.
@@ -34,13 +37,30 @@ def test_eval_cli_writes_the_documented_json(tmp_path):
     assert "demand_response" not in out  # only with --power-requests
 
 
+def test_eval_with_the_simple_normal_runs_the_steady_fleet_and_says_so(tmp_path):
+    r = fleetwatch("eval", "--duration", "1200", "--seed", "4", "--normal", "simple", "--json", "out.json",
+                   cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["normal"] == "simple" and "normal: simple" in r.stdout
+    assert set(out["normal_events_by_type"]) <= {"gpu_reset"}  # no rolling reboots
+    # The same through the environment (fleet.normal).
+    r2 = fleetwatch("eval", "--duration", "1200", "--seed", "4", "--json", "env.json", cwd=tmp_path, timeout=300,
+                    env={"FLEETWATCH_FLEET__NORMAL": "simple"})
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    again = json.loads((tmp_path / "env.json").read_text())
+    assert again["faults"] == out["faults"] and again["false_alerts"] == out["false_alerts"]
+    bad = fleetwatch("eval", "--duration", "60", "--normal", "odd", cwd=tmp_path)
+    assert bad.returncode == 2 and "--normal" in bad.stderr
+
+
 def test_eval_with_power_requests_scores_demand_response_and_capping_raises_no_fault_alert(tmp_path):
     """Demand-response events on the loaded simulated fleet (every node may lose up to half its
     work: class 3): the controller meets them by the meter, and the capped GPUs raise no
     fault alert (a capped GPU is not a straggler)."""
     (tmp_path / "fleetwatch.toml").write_text("[power]\ndefault_class = 3\n")
     r = fleetwatch("eval", "--duration", "3600", "--seed", "1", "--fault-interval", "0", "--power-requests", "3",
-                   "--config", "fleetwatch.toml", "--json", "out.json", cwd=tmp_path, timeout=300)
+                   "--normal", "simple", "--config", "fleetwatch.toml", "--json", "out.json", cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     dr = out["demand_response"]

@@ -14,6 +14,12 @@ from pipeline.detect.families.xid import Xid
 from pipeline.detect.family import Family, State, evidence
 from pipeline.detect.state import CounterDelta, Flatline
 
+STUCK_BUSY_UTIL = 0.25  # utilisation from which a GPU's power moves every reading
+STUCK_P = 1e-6          # how unlikely an idle run must be, by the GPU's own finished idle runs
+IDLE_RUN_RATE = 0.05    # EW weight of each finished idle run in their mean
+IDLE_RUNS = 5           # finished idle runs before an idle GPU is judged
+IDLE_LONGEST = 3.0      # ... and how much longer than its longest one a run must be
+
 
 class Counters(Family):
     topic = Topic.GPU
@@ -23,6 +29,11 @@ class Counters(Family):
     pcie = State("gpu", lambda _: CounterDelta())        # PCIe replays
     nvlink = State("gpu", lambda _: CounterDelta())      # NVLink CRC errors
     power_flat = State("gpu", lambda _: Flatline())      # identical power readings in a row
+    # Per GPU: its power reading's current run of repeats and last value; the mean and longest of
+    # the idle runs it finished with a flicker, and how many.
+    repeats = State("gpu", fields={"run": (np.float64, 0.0), "last_w": (np.float64, np.nan),
+                                   "idle_run": (np.float64, np.nan), "idle_longest": (np.float64, 0.0),
+                                   "idle_runs": (np.float64, 0.0)})
 
     def observe(self, b: GpuBatch) -> None:
         b.power_runs = self.power_flat.update(b.metrics["power_w"], b.slots)  # the siblings distrust a stuck one
@@ -49,8 +60,31 @@ class Counters(Family):
         _, nvlink_rate = self.nvlink.update(m["nvlink_crc_errors_total"], slots, b.ts)
         self.judge(out, "GpuNvlinkErrorStorm", slots, nvlink_rate > d.nvlink_crc_rate_per_s, t, nvlink_rate,
                    evidence(rate_per_s=nvlink_rate, threshold_per_s=d.nvlink_crc_rate_per_s))
+        # A reading frozen to the last digit is a stuck sensor where readings move: under load.
+        # At idle they may not (an H100 idles at 71.0 +- 0.2 W: read to 1 W, it repeats for
+        # minutes, some GPUs far longer than others): an idle GPU is judged by the idle runs
+        # it has finished with a flicker (a change under 1% of the reading; a load starting or
+        # ending is no idle run): a run must be as unlikely as STUCK_P by their mean
+        # (geometric) and IDLE_LONGEST x the longest; until IDLE_RUNS of them, not judged idle.
+        rep = self.repeats
+        rep.ensure(self.inventory.gpu_count)
+        power = m["power_w"]
         runs = b.power_runs.astype(float)
-        self.judge(out, "GpuPowerSensorStuck", slots, runs >= d.stuck_samples, t, runs,
+        prev, last = rep.run[slots], rep.last_w[slots]
+        idle = m["util_gpu"] < STUCK_BUSY_UTIL
+        with np.errstate(invalid="ignore"):
+            ended = idle & (runs == 0) & (prev > 0) & (np.abs(power - last) <= 0.01 * np.abs(last))
+        mean = rep.idle_run[slots]
+        mean = np.where(ended, np.where(np.isnan(mean), prev, mean + IDLE_RUN_RATE * (prev - mean)), mean)
+        longest = np.where(ended, np.fmax(rep.idle_longest[slots], prev), rep.idle_longest[slots])
+        count = rep.idle_runs[slots] + ended
+        rep.idle_run[slots], rep.idle_longest[slots], rep.idle_runs[slots] = mean, longest, count
+        rep.run[slots], rep.last_w[slots] = runs, np.where(np.isfinite(power), power, last)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            unlikely = np.log(STUCK_P) / np.log(mean / (mean + 1.0))
+        idle_need = np.where(count >= IDLE_RUNS, np.fmax(np.ceil(unlikely), IDLE_LONGEST * longest), np.inf)
+        need = np.maximum(d.stuck_samples, np.where(idle, idle_need, 0.0))
+        self.judge(out, "GpuPowerSensorStuck", slots, runs >= need, t, runs,
                    evidence(power_w=m["power_w"], samples=runs))
         # A GPU that fell off the bus stays alerted until it reports again (here it did).
         self.judge(out, "GpuFellOffBus", slots, np.zeros(slots.shape[0], bool), t, np.zeros(slots.shape[0]),

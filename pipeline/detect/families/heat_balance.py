@@ -54,7 +54,11 @@ class HeatBalance(Family):
         explained = self.engine.racks_explaining("RackHeatImbalance")[racks]
         judged = np.flatnonzero(settled & np.isfinite(ratio) & (expected >= d.heat_balance_min_delta_c) & ~explained)
         coolant_w = heat_capacity_w_per_c * measured
-        self.judge(out, "RackHeatImbalance", racks[judged], np.abs(ratio[judged] - 1.0) > d.heat_balance_tolerance,
+        # Off by more than the tolerance, and by more than two sensors' calibration can be (a
+        # BMS's temperatures drift by tenths of a degree and are recalibrated in steps).
+        off = ((np.abs(ratio[judged] - 1.0) > d.heat_balance_tolerance)
+               & (np.abs(measured - expected)[judged] > d.heat_balance_sensor_c))
+        self.judge(out, "RackHeatImbalance", racks[judged], off,
                    b.now, ratio[judged],
                    evidence(coolant_w=coolant_w[judged], power_w=power[judged],
                             ratio=(coolant_w / power)[judged], expected=d.liquid_fraction,

@@ -1,5 +1,8 @@
 """Who reports, how often, and who went silent: a GPU of a reporting node that stopped
-(GpuNotReporting) and a node that stopped (NodeNotReporting)."""
+(GpuNotReporting) and a node that stopped (NodeNotReporting), unless it said it would:
+a node announced as going down for maintenance (an event of a MAINTENANCE kind: a rolling
+reboot, a driver upgrade, as NVIDIA's GPU Operator drains nodes for one) is quiet for
+detect.maintenance_s."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from pipeline.bus.base import Topic
 from pipeline.detect.batch import GpuBatch, Output
 from pipeline.detect.family import Family, State
 
+MAINTENANCE = ("node_reboot", "driver_upgrade")  # node events (schemas/event.v1.json) that announce a planned outage
+
 
 class Staleness(Family):
     topic = Topic.GPU
@@ -16,7 +21,8 @@ class Staleness(Family):
     raises = ("GpuNotReporting", "NodeNotReporting")
     gpu = State("gpu", fields={"last_seen": (np.float64, np.nan), "interval": (np.float64, np.nan),
                                "offbus": (np.bool_, False)})  # fell off the bus: not also GpuNotReporting
-    node = State("node", fields={"last_seen": (np.float64, np.nan), "interval": (np.float64, np.nan)})
+    node = State("node", fields={"last_seen": (np.float64, np.nan), "interval": (np.float64, np.nan),
+                                 "quiet_until": (np.float64, -np.inf)})
 
     def ensure(self) -> None:
         self.gpu.ensure(self.inventory.gpu_count)
@@ -56,8 +62,15 @@ class Staleness(Family):
         all_nodes = np.arange(n_nodes)
         clock = self.engine.gpu_time.newest(inv.rack_partition[inv.node.rack[:n_nodes]], self.engine.one_stream)
         node_silent = clock - node.last_seen[:n_nodes]
-        self.judge(out, "NodeNotReporting", all_nodes, node_silent - lateness > 2 * k * node.interval[:n_nodes], t,
+        quiet = node.quiet_until[:n_nodes] > clock
+        self.judge(out, "NodeNotReporting", all_nodes,
+                   (node_silent - lateness > 2 * k * node.interval[:n_nodes]) & ~quiet, t,
                    node_silent, lambda i: {"silent_s": float(node_silent[i])})
+
+    def maintenance(self, nodes: np.ndarray, ts: np.ndarray) -> None:
+        """Nodes announced (at `ts`, Unix seconds) as going down for maintenance."""
+        self.ensure()
+        np.maximum.at(self.node.quiet_until, nodes, ts + self.config.maintenance_s)
 
     def latest(self) -> float | None:
         """Unix seconds of the latest GPU sample seen (None before any)."""
