@@ -14,7 +14,7 @@ its one corpus-wide threshold (chosen to maximize the score, as NAB does), the w
 caught / missed and false-positive rows there, and each detector's values/s (one
 core, whole corpus, after a warm-up call so that JIT compilation is not counted). Then
 the speed on one long series (LONG points, 1-minute samples with a daily season and
-noise), where the period search runs every 4,096 samples instead of at the corpus'
+noise), where the period search runs every 8,192 samples instead of at the corpus'
 short series' start, against the previous scorer.
 
     python bench/anomaly_corpus.py [--seed 16] [--json]

@@ -6,12 +6,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline.analytics.evaluate import EVAL_EPOCH
 from pipeline.config import FleetConfig, FlexRule, PowerConfig
 from pipeline.power.actuator import SimulatorActuator
-from pipeline.power.controller import Controller
+from pipeline.power.classes import FlexClasses
+from pipeline.power.controller import STUCK_READINGS, Controller, GpuTable
 from pipeline.power.curve import from_recording
 from pipeline.power.request import PowerRequest
 from pipeline.sources.simulate import FleetSimulator
@@ -141,3 +143,25 @@ def test_a_node_whose_power_reading_is_stuck_is_left_as_it_is():
         if i > 300:
             assert np.all(sim2.caps[sim2.gpu_node == node] == 700), i
     assert np.any(sim2.caps < 700)
+
+
+def test_a_reading_held_still_by_a_cap_or_idle_is_no_stuck_sensor_but_a_busy_uncapped_one_is():
+    """GPU power read to whole watts: a capped GPU holds its cap (the same reading for
+    minutes), an idle one its 71 W; neither takes its node out of a request. A busy GPU with
+    no cap whose reading does not move for STUCK_READINGS scrapes does."""
+    sim = FleetSimulator(FleetConfig(racks=1, nodes_per_rack=3, normal="simple"))
+    table = GpuTable(FlexClasses(PowerConfig()))
+    base = sim.step().gpu
+    node = np.array(base.column("node").to_pylist())
+    first, second, third = sorted(set(node))
+    power = np.where(node == first, 500.0, np.where(node == second, 71.0, 690.0))
+    limit = np.where(node == first, 500.0, 700.0)
+    util = np.where(node == second, 0.0, 1.0)
+    for i in range(STUCK_READINGS + 5):
+        batch = base.set_column(base.schema.get_field_index("power_w"), "power_w", pa.array(power))
+        batch = batch.set_column(batch.schema.get_field_index("power_limit_w"), "power_limit_w", pa.array(limit))
+        batch = batch.set_column(batch.schema.get_field_index("util_gpu"), "util_gpu", pa.array(util))
+        table.update(batch)
+    stuck = table.stuck_nodes(STUCK_READINGS)[table.ids.slots(base.column("gpu_uuid"))]
+    assert not stuck[node == first].any() and not stuck[node == second].any()
+    assert stuck[node == third].all()

@@ -38,7 +38,7 @@ from pipeline.detect.kernels import C_BINS, C_COUNT, C_OUTLIERS, C_POS, S_LEVEL,
 
 WINDOW = 8192          # samples kept for finding the period: 3 weeks of 5-minute samples fit, or 5 days of 1-minute
 DETECT_EVERY = 128     # samples between the first period searches; then a quarter of the samples so far,
-DETECT_MAX = 4096      # up to this (a search is an FFT of the window and a few profile fits, ~1 ms)
+DETECT_MAX = WINDOW    # up to once a window (a search is an FFT of the window and a few profile fits, ~1 ms)
 HALFLIFE = 20.0
 SCALE_HALFLIFE = 50.0
 WARMUP = 20

@@ -55,7 +55,7 @@ MINUTE_S = 60.0  # the interval a hold is judged on
 SLOPE_SPREAD_KW = 5.0  # the meter's slope on the PDUs is fitted once their sum has varied this much
 PROBE_SHARE = 0.1      # a job whose curve is not learned yet is capped this share under its draw ...
 PROBE_POINTS = 10      # ... until this many of its samples under a cap are learned from
-STUCK_READINGS = 3     # identical power readings in a row: a stuck sensor (detect/families/siblings.py's rule)
+STUCK_READINGS = 30    # identical power readings in a row where they should move: a stuck sensor (detect.stuck_samples)
 RELEARNED = 0.05       # a plan is made again when a job's learned sensitivity moved this much since
 
 
@@ -142,7 +142,13 @@ class GpuTable:
         self._batch = batch
         slots = self.ids.slots(batch.column("gpu_uuid"))
         power = batch.column("power_w").to_numpy(zero_copy_only=False)
-        self.flat[slots] = np.where(power == self.power_w[slots], self.flat[slots] + 1, 0)
+        # A reading that repeats where it should move: a busy GPU's that no cap holds (a cap holds
+        # the draw still, and an idle GPU read to whole watts repeats for minutes).
+        limit = batch.column("power_limit_w").to_numpy(zero_copy_only=False)
+        util = batch.column("util_gpu").to_numpy(zero_copy_only=False)
+        with np.errstate(invalid="ignore"):
+            moves = (util >= IDLE_UTIL) & ~(limit < np.nanmax(np.append(limit, 0.0)) - 1.0)
+        self.flat[slots] = np.where((power == self.power_w[slots]) & moves, self.flat[slots] + 1, 0)
         self.power_w[slots] = power
         reasons = batch.column("clock_event_reasons").to_numpy(zero_copy_only=False)
         self.forced[slots] = (np.nan_to_num(reasons).astype(np.int64) & int(HW_SLOWDOWN_ANY)) != 0
