@@ -36,3 +36,19 @@ def test_the_uniform_cap_sheds_exactly_the_watts(shed):
     cap = uniform_cap(draw, shed, 200.0)
     assert np.maximum(draw - cap, 0.0).sum() == pytest.approx(shed, abs=1e-6)
     assert uniform_cap(draw, 1e9, 200.0) == 200.0  # no lower than the minimum limit
+
+
+def test_on_the_realistic_normal_what_the_meter_credits_is_what_the_caps_shed():
+    """Training jobs swing whole racks by tens of kW every 15-45 s, checkpoints stall them,
+    inference follows the day: the adjusted baseline credits the caps with what they shed
+    by the simulator's truth, not the jobs' own swings (a job's uncapped draw above its cap,
+    not its mean: before, the loop measured 90% where the caps shed 150-500% and capped on)."""
+    cfg = make_config(fleet={"seed": 1, "fault_interval_s": 0, "normal": "realistic"}, power={"default_class": 3})
+    dr = score(simulate(cfg, 1500, 2))["demand_response"]
+    assert dr["requests"] == 2 and dr["rejected"] == 0
+    # Every minute of each hold as measured within 20% of the target of the same minute by the
+    # truth (11.5% here; 89.9% when the reference was the draw's mean). A job that pauses or ends
+    # during a hold takes its share with it: on a fleet this small a shortfall can be real, and
+    # the truth shows it too.
+    assert dr["credit_error_max_pct"] <= 20
+    assert 0 < dr["throughput_cost_pct"] <= 1.05 * dr["uniform_cap_cost_pct"]

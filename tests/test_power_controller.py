@@ -165,3 +165,24 @@ def test_a_reading_held_still_by_a_cap_or_idle_is_no_stuck_sensor_but_a_busy_unc
     stuck = table.stuck_nodes(STUCK_READINGS)[table.ids.slots(base.column("gpu_uuid"))]
     assert not stuck[node == first].any() and not stuck[node == second].any()
     assert stuck[node == third].all()
+
+
+def test_in_a_fleet_of_two_models_each_gpu_is_judged_against_its_own_default_limit():
+    """An A100 at its 400 W default next to H100s at 700 W is not capped: its reading stuck
+    while busy takes its node out of a request (against the batch's 700 W it looked capped,
+    held still, and the stuck sensor went unseen)."""
+    sim = FleetSimulator(FleetConfig(racks=1, nodes_per_rack=2, normal="simple"))
+    table = GpuTable(FlexClasses(PowerConfig()))
+    base = sim.step().gpu
+    node = np.array(base.column("node").to_pylist())
+    a100 = node == sorted(set(node))[1]
+    columns = {"power_w": np.where(a100, 390.0, 690.0), "power_limit_w": np.where(a100, 400.0, 700.0),
+               "util_gpu": np.ones(len(node)),
+               "model": pa.array(np.where(a100, "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3").tolist())}
+    batch = base
+    for name, values in columns.items():
+        batch = batch.set_column(batch.schema.get_field_index(name), name, pa.array(values))
+    for _ in range(STUCK_READINGS + 1):
+        table.update(batch)
+    stuck = table.stuck_nodes(STUCK_READINGS)[table.ids.slots(base.column("gpu_uuid"))]
+    assert stuck.all()  # both nodes: every busy, uncapped GPU whose reading never moves

@@ -210,3 +210,29 @@ def test_gpus_alike_share_a_cut_evenly():
     gpus = GpuPower(np.full(n, 698.0), np.ones(n, bool), np.full(n, 3), np.full(n, 200.0), np.full(n, 700.0))
     p = plan(gpus, 0.1 * 698.0 * n, CURVE)
     assert np.ptp(p.cap_w) <= GRID_W + 1e-6 and not np.isnan(p.cap_w).any()
+
+
+@settings(max_examples=200, deadline=None)
+@given(sensitive_fleets, st.floats(0.05, 1.2), st.data())
+def test_a_gpu_that_draws_its_demand_part_of_the_time_delivers_and_costs_its_share(fleet, share, data):
+    """A training job draws its demand only between its communication phases (its duty): a cap
+    sheds duty x (demand - cap) and costs work that share of the time, so the price of its
+    watts, and the order the plan takes them in, are the same; what the plan counts is scaled."""
+    power, busy, classes, sens = fleet
+    base = gpus_of(power, busy, classes)
+    duty = np.array(data.draw(st.lists(st.floats(0.2, 1.0), min_size=len(power), max_size=len(power))))
+    gpus = GpuPower(base.power_w, base.busy, base.flex_class, base.min_limit_w, base.max_limit_w, np.array(sens), duty)
+    cap = capacity_w(gpus, CURVE)
+    p = plan(gpus, share * cap, CURVE)
+    expected = duty * np.maximum(gpus.power_w - np.where(np.isnan(p.cap_w), gpus.power_w, p.cap_w), 0.0)
+    assert p.saving_w == pytest.approx(float(expected.sum()), abs=1e-6)
+    assert p.met == (share * cap <= cap + 1e-6) and p.saving_w <= cap + 1e-6
+    capped = ~np.isnan(p.cap_w)
+    assert np.all(p.cap_w[capped] >= floors(gpus, CURVE)[capped] - 1e-6)  # every class's bound still holds
+    # One duty for every GPU: the same caps as the plan for the watts it stands for at full duty.
+    same = GpuPower(*(getattr(gpus, f) for f in ("power_w", "busy", "flex_class", "min_limit_w", "max_limit_w",
+                                               "sensitivity")), np.full(len(power), 0.5))
+    full = GpuPower(*(getattr(gpus, f) for f in ("power_w", "busy", "flex_class", "min_limit_w", "max_limit_w",
+                                               "sensitivity")))
+    want = share * capacity_w(same, CURVE)
+    np.testing.assert_allclose(plan(same, want, CURVE).cap_w, plan(full, 2 * want, CURVE).cap_w, atol=1e-6)

@@ -21,6 +21,10 @@ Scored (the JSON's `demand_response`):
                                       caps shed (each GPU's draw were no cap set, less what it
                                       drew, plus cooling), as % of the target; under 98 the
                                       adjusted baseline claimed more than the caps did
+  credit_error_max_pct                the largest gap, in any minute of a hold, between the
+                                      reduction the controller measured and what the caps shed
+                                      by the simulator's truth, as % of the target: how far the
+                                      adjusted baseline can be trusted
   throughput_cost_pct                 the work the fleet's GPUs lost from start to end,
                                       measured (the simulator's work done against uncapped)
   uniform_cap_cost_pct                what one cap on every flexible GPU would have lost over
@@ -158,8 +162,12 @@ class DemandResponse:
             lost += (end[1] - e.work_at_start[1]) - (end[0] - e.work_at_start[0])
             uncapped += end[1] - e.work_at_start[1]
             uniform_lost += e.uniform_lost
-        true_min = [min(_minute_means(e.true_kw, e.outcome.reached_s)) / e.outcome.requested_kw
-                    for e in done if e.outcome.requested_kw and _minute_means(e.true_kw, e.outcome.reached_s)]
+        true_min, credit_error = [], []
+        for e in done:
+            truth, measured = _minute_means(e.true_kw, e.outcome.reached_s), e.outcome.minute_means()
+            if e.outcome.requested_kw and truth:
+                true_min.append(min(truth) / e.outcome.requested_kw)
+                credit_error += [abs(m - t) / e.outcome.requested_kw for m, t in zip(measured, truth)]
         return {
             "requests": len(self.events),
             "met": sum(o.met for o in outcomes),
@@ -169,6 +177,7 @@ class DemandResponse:
             "throughput_cost_pct": round(100.0 * lost / uncapped, 2) if uncapped else None,
             "uniform_cap_cost_pct": round(100.0 * uniform_lost / uncapped, 2) if uncapped else None,
             "reduction_true_min_pct": round(100.0 * min(true_min), 1) if true_min else None,
+            "credit_error_max_pct": round(100.0 * max(credit_error), 1) if credit_error else None,
             "restore_overshoot_max_kw": round(max((o.restore_overshoot_kw or 0.0 for o in outcomes), default=0.0), 1),
             "restore_over_site_cap": sum(o.over_site_cap for o in outcomes),
         }

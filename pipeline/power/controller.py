@@ -7,14 +7,18 @@ request through its phases:
   pending     before its start; the meter's readings of the last `power.baseline_s`
               make its baseline (the average before the event, as demand-response
               programs measure it), adjusted during the event for the load Fleetwatch
-              does not control (`adjustment_kw`: jobs that start or end, their CPUs)
+              does not control (`adjustment_kw`: jobs that start, end or pause, their
+              CPUs; a GPU a cap holds counts at what its job would draw uncapped, its
+              draw's distribution above the cap: learn.py's `demand_above`)
   active      from its start: caps planned (power/planner.py) for the reduction plus
-              headroom on each GPU's learned curve (power/learn.py), applied, then
-              checked every `power.control_interval_s` against the meter (or the covered
-              racks' PDUs): a shortfall is planned again on top (feedback: the planner's
-              estimate of a GPU's demand is only an estimate), an excess given back; and
-              re-planned as the curves learn (the first caps spread the cut evenly and
-              show each job's sensitivity; later ones take the cheap watts where they are)
+              headroom on each GPU's learned curve and demand (power/learn.py: a training
+              job's compute-phase draw, for the share of its step it draws it), applied,
+              then checked every `power.control_interval_s` against the meter (or the
+              covered racks' PDUs): a shortfall is planned again on top (feedback: the
+              planner's estimate of a GPU's demand is only an estimate), an excess given
+              back; and re-planned as the curves learn (the first caps spread the cut
+              evenly and show each job's sensitivity; later ones take the cheap watts where
+              they are) and as jobs end or pause (a checkpoint: the job keeps its caps)
   restoring   from its end: the caps rise step by step, no faster than
               `power.restore_rate_kw_s` and never past the site's power cap, so the
               site's power does not spike back (every GPU's job resumes at once otherwise)
@@ -56,6 +60,14 @@ SLOPE_SPREAD_KW = 5.0  # the meter's slope on the PDUs is fitted once their sum 
 PROBE_SHARE = 0.1      # a job whose curve is not learned yet is capped this share under its draw ...
 PROBE_POINTS = 10      # ... until this many of its samples under a cap are learned from
 STUCK_READINGS = 30    # identical power readings in a row where they should move: a stuck sensor (detect.stuck_samples)
+PAUSED_MEM = 0.5       # an idle GPU holding this share of its job's memory: the job paused (a checkpoint)
+SWING_Z = 2.0          # the headroom's floor: this many sd of the reduction's minute means above the target
+SWING_S = 300.0        # ... as they moved over this long
+BIAS_READINGS = 60     # the meter's reduction against the caps' expected one: a mean over this many readings,
+BIAS_PRIOR = 10        # ... where the mean before the caps last changed counts as this many (a new plan
+                       # has its own errors: its first readings move the mean fast)
+UNHELD_SAMPLES = 20    # a capped GPU drawing under its cap this many samples in a row: its load fell (longer
+                       # than a training job's communication phase), its cap is expected to shed nothing
 RELEARNED = 0.05       # a plan is made again when a job's learned sensitivity moved this much since
 
 
@@ -130,6 +142,10 @@ class GpuTable:
         self.nodes: list[str] = []
         self.power_w, self.util, self.limit_w = np.zeros(0), np.zeros(0), np.zeros(0)
         self.util_mem = np.zeros(0)
+        self.job_mem = np.zeros(0)          # the memory its job held when last busy, bytes
+        self.default_w = np.zeros(0)        # its default limit: the highest enforced limit seen
+        self.model_max_w: dict[str | None, float] = {}  # the highest enforced limit seen per GPU model
+        self.paused = np.zeros(0, bool)     # idle with its job's memory held: a checkpoint stall, not a job's end
         self.flat = np.zeros(0, np.int64)   # identical power readings in a row (a stuck sensor: detect's rule)
         self.forced = np.zeros(0, bool)     # clocks forced down by hardware or heat (a brake, a thermal slowdown)
         self.node_ix = np.zeros(0, np.int64)  # each GPU's node, numbered
@@ -146,14 +162,29 @@ class GpuTable:
         # the draw still, and an idle GPU read to whole watts repeats for minutes).
         limit = batch.column("power_limit_w").to_numpy(zero_copy_only=False)
         util = batch.column("util_gpu").to_numpy(zero_copy_only=False)
+        # Each GPU's default limit: the highest seen for it or for its model (a fleet mixes models,
+        # and a GPU first seen under a cap has not shown its own yet).
+        models = pc.dictionary_encode(batch.column("model"))
+        names = models.dictionary.to_pylist() + [None]
+        codes = pc.fill_null(models.indices, len(names) - 1).to_numpy(zero_copy_only=False)
+        top = np.array([self.model_max_w.get(m, np.nan) for m in names])
+        np.fmax.at(top, codes, limit)
+        self.model_max_w.update(zip(names, top.tolist()))
+        by_model = top[codes]
+        self.default_w[slots] = np.fmax(np.fmax(self.default_w[slots], limit), by_model)
         with np.errstate(invalid="ignore"):
-            moves = (util >= IDLE_UTIL) & ~(limit < np.nanmax(np.append(limit, 0.0)) - 1.0)
+            moves = (util >= IDLE_UTIL) & ~(limit < self.default_w[slots] - 1.0)
         self.flat[slots] = np.where((power == self.power_w[slots]) & moves, self.flat[slots] + 1, 0)
         self.power_w[slots] = power
         reasons = batch.column("clock_event_reasons").to_numpy(zero_copy_only=False)
         self.forced[slots] = (np.nan_to_num(reasons).astype(np.int64) & int(HW_SLOWDOWN_ANY)) != 0
         self.util[slots] = batch.column("util_gpu").to_numpy(zero_copy_only=False)
         self.util_mem[slots] = batch.column("util_mem").to_numpy(zero_copy_only=False)
+        mem = np.nan_to_num(batch.column("mem_used_bytes").to_numpy(zero_copy_only=False).astype(np.float64))
+        busy = util >= IDLE_UTIL
+        self.job_mem[slots] = np.where(busy, mem, self.job_mem[slots])
+        self.paused[slots] = ~busy & (self.job_mem[slots] > 0) & (mem >= PAUSED_MEM * self.job_mem[slots])
+        self.job_mem[slots[~busy & ~self.paused[slots]]] = 0.0  # the job freed its memory: over
         self.limit_w[slots] = batch.column("power_limit_w").to_numpy(zero_copy_only=False)
         self.slots = np.asarray(slots, np.int64)
         if self.classes.by_workload:  # the job on a GPU changes, and its class with it
@@ -170,6 +201,9 @@ class GpuTable:
         self.power_w = np.concatenate([self.power_w, np.zeros(grow)])
         self.util = np.concatenate([self.util, np.zeros(grow)])
         self.util_mem = np.concatenate([self.util_mem, np.zeros(grow)])
+        self.job_mem = np.concatenate([self.job_mem, np.zeros(grow)])
+        self.default_w = np.concatenate([self.default_w, np.full(grow, np.nan)])
+        self.paused = np.concatenate([self.paused, np.zeros(grow, bool)])
         self.flat = np.concatenate([self.flat, np.zeros(grow, np.int64)])
         self.forced = np.concatenate([self.forced, np.zeros(grow, bool)])
         self.node_ix = np.concatenate([self.node_ix, np.array([self._node_ids.setdefault(n, len(self._node_ids))
@@ -213,9 +247,14 @@ class Controller:
         self.steady = np.zeros(0, bool)      # per slot: its job ran before the request (or has a reference
                                              # since it started) and still runs
         self.mine = np.zeros(0, bool)        # per slot: covered by the active request
+        self.unheld = np.zeros(0, np.int64)  # per slot: samples in a row a cap set here did not hold it
         self.base_it_kw = 0.0                # the PDUs' mean over the baseline window
         self.adjust_kw: dict[datetime, float] = {}  # meter reading's ts -> the baseline's adjustment then
         self.extra_w = 0.0                   # feedback: watts planned beyond the target
+        self.bias_kw = 0.0                   # the meter's reduction less the caps' expected one, a minute's mean
+        self.bias_n = 0                      # readings since the caps last changed
+        self.residual: deque[tuple[float, float]] = deque()  # (s from start, kW): each reading less the
+                                             # caps' expected reduction then
         self.planned_on: tuple[np.ndarray, np.ndarray] | None = None  # (steady, sensitivities) of the last plan
         self.changed_at: datetime | None = None
         self.last_step: datetime | None = None
@@ -227,12 +266,16 @@ class Controller:
         g.update(batch)
         rows = g.slots
         self.learner.observe(rows, np.where(g.forced[rows], np.nan, g.power_w[rows]), g.util[rows],
-                             g.util_mem[rows], g.limit_w[rows], self.curve.max_limit_w)  # (a slowdown: no sample)
+                             g.util_mem[rows], g.limit_w[rows], self.curve.max_limit_w, g.paused[rows])  # (a slowdown: no sample)
         if self.active is not None:
             self._fit()
-            # A job that ended is over for this request; a node with a power reading stuck can be
-            # neither verified nor moved (its detectors read heat against power, siblings against siblings).
-            self.steady[rows] &= (g.util[rows] >= IDLE_UTIL) & ~g.stuck_nodes(STUCK_READINGS)[rows]
+            held = g.power_w[rows] >= self.cap[rows] - NOT_BINDING_W  # (NaN: no cap, never held)
+            self.unheld[rows] = np.where(held | np.isnan(self.cap[rows]), 0, self.unheld[rows] + 1)
+            # A job that ended is over for this request (one paused keeps its cap: it resumes under
+            # it); a node with a power reading stuck can be neither verified nor moved (its
+            # detectors read heat against power, siblings against siblings).
+            self.steady[rows] &= (g.util[rows] >= IDLE_UTIL) | g.paused[rows]
+            self.steady[rows] &= ~g.stuck_nodes(STUCK_READINGS)[rows]
             # A job that started since: counted as it draws until it has a reference (its own uncapped
             # draw, the learner's), then the caps may take from it like from any other.
             lr = self.learner
@@ -300,7 +343,7 @@ class Controller:
         # Under a hardware or thermal slowdown the GPU's demand fell for its own reasons (under a
         # deep cap a power brake does not show in the draw): what it sheds is not the cap's.
         held = np.flatnonzero(self.steady & (g.power_w >= self.cap - NOT_BINDING_W) & ~g.forced)  # (NaN: no cap)
-        capped_change_kw = float(np.sum(g.power_w[held] - self.learner.ref_power[held])) / 1000.0
+        capped_change_kw = float(np.sum(g.power_w[held] - self.learner.demand_above(held, g.power_w[held]))) / 1000.0
         change = (it_kw - self.base_it_kw) - capped_change_kw
         rise, fall = out.meter_per_it
         return (rise if change >= 0 else fall) * change
@@ -326,6 +369,7 @@ class Controller:
             self.demand = np.concatenate([self.demand, np.full(grow, np.nan)])
             self.steady = np.concatenate([self.steady, np.zeros(grow, bool)])
             self.mine = np.concatenate([self.mine, np.zeros(grow, bool)])
+            self.unheld = np.concatenate([self.unheld, np.zeros(grow, np.int64)])
         self.learner.grow(self.cap.size)
 
     def _step(self, now: datetime) -> None:
@@ -357,14 +401,19 @@ class Controller:
                     if adjust is None:
                         adjust = self._adjustment_kw(out, self._covered_it_kw(req))
                     value = out.baseline_kw + adjust - kw
-                    values.append(value)
                     at_s = (t - req.start).total_seconds()
+                    values.append((at_s, value))
                     if out.reached_s is None and value >= 0.98 * out.requested_kw:
                         out.reached_s = at_s
                     if out.reached_s is not None and t < req.end:
                         out.achieved_kw.append((at_s, value))
                         out.adjustment_kw.append((at_s, adjust))
-                achieved = float(np.mean(values))
+                expected = self._expected_kw(req, out)
+                for at_s, v in values:
+                    self.bias_n += 1
+                    self.residual.append((at_s, v - expected))
+                    self.bias_kw += (v - expected - self.bias_kw) / min(self.bias_n + BIAS_PRIOR, BIAS_READINGS)
+                achieved = expected + self.bias_kw
             self.adjust_kw = {t: v for t, v in self.adjust_kw.items() if t > now}
             if now >= req.end:
                 self.phase = "restoring"
@@ -418,7 +467,8 @@ class Controller:
         self.steady = (self.mine & (self.gpus.util >= IDLE_UTIL) & (lr.ref_n >= MIN_REF)
                        & ~self.gpus.stuck_nodes(STUCK_READINGS))
         self.adjust_kw = {}
-        self.active, self.phase, self.extra_w = req, "active", 0.0
+        self.active, self.phase, self.extra_w, self.bias_kw = req, "active", 0.0, 0.0
+        self.residual.clear()
         snapshot = self._snapshot(req.racks)
         p = self._plan(req, out, now)
         cost_w = out.requested_kw * 1000.0
@@ -441,7 +491,7 @@ class Controller:
         mine = self.gpus.covered(racks)
         cap = self.cap[mine] if self.cap.size else np.full(mine.size, np.nan)
         lost = float(np.sum(snap.work(np.full(mine.size, np.nan), self.curve) - snap.work(cap, self.curve)))
-        shed_w = float(np.nansum(np.maximum(snap.power_w - np.where(np.isnan(cap), snap.power_w, cap), 0.0)))
+        shed_w = float(np.sum(snap.shed(cap)))
         uniform = uniform_cost(snap, shed_w, self.curve)[1] if shed_w > 0 else 0.0
         return max(lost, 0.0), max(uniform, 0.0)
 
@@ -452,27 +502,33 @@ class Controller:
         g = self.gpus
         mine = g.covered(racks)
         max_w = np.where(np.isnan(g.limit_w), self.curve.max_limit_w, g.limit_w)
-        draw = np.where(np.isnan(self.demand), g.power_w, np.fmax(self.demand, g.power_w))
         busy = g.util >= IDLE_UTIL
+        # A job's draw when it draws (a training job between its communication phases), not this sample's.
+        now_w = np.where(busy & (self.learner.ref_n >= MIN_REF),
+                         np.fmax(g.power_w, np.fmin(self.learner.demand(), max_w)), g.power_w)
+        draw = np.where(np.isnan(self.demand), now_w, np.fmax(self.demand, g.power_w))
         flex = g.flex
         if self.active is not None:  # only a steady job's saving is the request's: the baseline's
             flex = np.where(self.steady, flex, 0)  # adjustment counts the rest (idle GPUs, new jobs) as drawn
+        duty = np.where(busy & (self.learner.ref_n >= MIN_REF), self.learner.duty(self.curve.max_limit_w), 1.0)
         full = GpuPower(draw, busy, flex, np.full(draw.size, self.curve.min_limit_w),
-                        np.where(self.cap >= 0, self.curve.max_limit_w, max_w), self.learner.upper())
+                        np.where(self.cap >= 0, self.curve.max_limit_w, max_w), self.learner.upper(), duty)
         return GpuPower(*(a[mine] for a in (full.power_w, full.busy, full.flex_class, full.min_limit_w,
-                                            full.max_limit_w, full.sensitivity)))
+                                            full.max_limit_w, full.sensitivity, full.duty)))
 
     def _plan(self, req: PowerRequest, out: Outcome, now: datetime):
         mine = self.gpus.covered(req.racks)
         snapshot = self._snapshot(req.racks)
         want = out.requested_kw * 1000.0
         p = plan(snapshot, want + self.extra_w, self.curve, headroom_w=want * self.s.headroom_pct / 100.0)
-        self.planned_on = (self.steady.copy(), self.learner.upper())
+        self.planned_on = (self.steady & ~self.gpus.paused, self.learner.upper())
         caps = {}
         new = np.full(self.cap.size, np.nan)
         new[mine] = self._probe(snapshot, p.cap_w, mine)
         stuck = self.gpus.stuck_nodes(STUCK_READINGS)
         new[stuck] = self.cap[stuck]  # the node as it is (none stays none)
+        paused = self.gpus.paused & self.steady
+        new[paused] = self.cap[paused]  # a job paused resumes as it was capped (it sheds nothing meanwhile)
         for slot in np.flatnonzero(~np.isnan(new) | ~np.isnan(self.cap)):
             old, cap = self.cap[slot], new[slot]
             if np.isnan(cap):
@@ -488,7 +544,7 @@ class Controller:
         out.gpus_capped = int(np.count_nonzero(~np.isnan(new)))
         if caps:
             self.actuator.apply(caps)
-            self.changed_at = now
+            self.changed_at, self.bias_n = now, 0
         return p
 
     def _probe(self, snapshot: GpuPower, cap_w: np.ndarray, mine: np.ndarray) -> np.ndarray:
@@ -504,15 +560,45 @@ class Controller:
                                                                         snapshot.min_limit_w))
         return np.where(unknown & (probe < snapshot.power_w - 1.0), probe, cap_w)
 
+    def _minute_swing_kw(self) -> float:
+        """How much the reduction's mean over a minute moves by itself: the spread (a robust sd:
+        a job's stall is no swing) of the means of every minute of readings in the last
+        `SWING_S`, less what the caps were expected to shed at each (the plan's own changes are
+        no swing). A training job's shed comes and goes with its step, and a minute holds more
+        or fewer of its communication phases; 0 before a minute and a half of the hold."""
+        while self.residual and self.residual[-1][0] - self.residual[0][0] > SWING_S:
+            self.residual.popleft()
+        if len(self.residual) < 2 or self.residual[-1][0] - self.residual[0][0] < 1.5 * MINUTE_S:
+            return 0.0
+        t, v = (np.array(x) for x in zip(*self.residual))
+        end = np.searchsorted(t, t + MINUTE_S)  # from each reading, the readings of a minute on
+        i = np.flatnonzero(end < t.size)
+        c = np.concatenate([[0.0], np.cumsum(v)])
+        means = (c[end[i]] - c[i]) / (end[i] - i)
+        return float(1.4826 * np.median(np.abs(means - np.median(means))))
+
+    def _expected_kw(self, req: PowerRequest, out: Outcome) -> float:
+        """What the caps set shed at the meter by the plan's model: each steady GPU's duty of
+        its demand above its cap (a paused job's, or one whose load fell under its cap for
+        longer than a communication phase: nothing), with the site's cooling."""
+        snap = self._snapshot(req.racks)
+        mine = self.gpus.covered(req.racks)
+        on = self.steady[mine] & ~self.gpus.paused[mine] & (self.unheld[mine] < UNHELD_SAMPLES)
+        return float(np.sum(snap.shed(self.cap[mine])[on])) / 1000.0 * (out.meter_per_it[1] if not req.racks else 1.0)
+
     def _settled(self, now: datetime) -> bool:
         return self.changed_at is None or (now - self.changed_at).total_seconds() >= SETTLE_S
 
     def _correct(self, req: PowerRequest, out: Outcome, achieved_kw: float, now: datetime) -> None:
         """Feedback (integral): plan a shortfall on top, give an excess beyond the headroom
         back; the load moves under a request (jobs start and end), the caps follow it. The
-        plan is made again every step: the curves learn as the caps show each job's cost."""
+        plan is made again every step: the curves learn as the caps show each job's cost.
+        `achieved_kw` is the caps' expected reduction now plus the meter's mean bias against it
+        (not the last readings: a training job's shed comes and goes with its step, and caps
+        that chased it would swing with it); the headroom grows to `SWING_Z` sd of the minute
+        means, which a hold is judged on."""
         want = out.requested_kw
-        margin = want * self.s.headroom_pct / 100.0
+        margin = max(want * self.s.headroom_pct / 100.0, 2.0 * SWING_Z * self._minute_swing_kw())
         error = want + margin / 2 - achieved_kw  # aim inside the headroom
         if abs(error) <= margin / 2 and not self._relearned():
             return  # the caps stay: one moved back and forth heats and cools a GPU for nothing
@@ -528,7 +614,8 @@ class Controller:
         if self.planned_on is None:
             return True
         steady, sens = self.planned_on
-        if steady.size != self.steady.size or np.any(steady != self.steady):
+        now = self.steady & ~self.gpus.paused
+        if steady.size != now.size or np.any(steady != now):
             return True
         return bool(np.any(np.abs(self.learner.upper()[: sens.size] - sens) > RELEARNED))
 
@@ -564,7 +651,7 @@ class Controller:
         self.demand[capped[done]] = np.nan
         if caps:
             self.actuator.apply(caps)
-            self.changed_at = now
+            self.changed_at, self.bias_n = now, 0
         if not np.any(~np.isnan(self.cap)):
             self.active, self.phase = None, "idle"
 

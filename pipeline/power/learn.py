@@ -16,13 +16,23 @@ of work, so util_mem under the cap over util_mem before it is w, the work it kee
 through 0 of slope s; `CurveLearner` fits the slope per GPU by least squares, with the
 prior s = 1 as `PRIOR_WEIGHT` pseudo-samples, from:
 
-  - the reference: an exponential mean of the GPU's draw and util_mem while it is busy and
-    not held by a cap (none below its default, or one it draws `NOT_BINDING_W` under): the
-    job's own uncapped behaviour;
+  - the reference: the job's own uncapped behaviour, while the GPU is busy and no cap is
+    set below its default: util_mem's exponential mean, and the distribution of its draw
+    (a histogram whose weights fade over `DEMAND_SAMPLES`). A training job draws near its
+    limit while it computes and far under it while its GPUs communicate (every 15-45 s, in
+    lockstep); an inference job's draw moves with its requests. What a cap takes from a
+    GPU it holds is what that GPU would draw now: its draw above the cap
+    (`demand_above`), not its mean or its last sample. A load that steps up (its last few
+    samples' mean `STEP_UP` of the default limit above the distribution's upper half: a
+    new job, a bigger batch) starts the distribution afresh. Under a cap the reference stays as
+    it was (the draw shows only what the cap allows, and a job's communication phases
+    under it would pull the distribution down to them);
   - the points: samples busy, under a cap, drawing at least `MIN_SHED` below the reference
     (the cap binds; otherwise r is 1 and the sample says nothing);
   - a new job: a GPU that goes idle forgets its reference and its fit (the next job is
-    another's). A GPU whose job starts under a cap has no reference, and stays at s = 1.
+    another's), unless its job only paused: idle with its memory still held (a training
+    job writing a checkpoint stalls its GPUs for tens of seconds; a job that ends frees its
+    memory). A GPU whose job starts under a cap has no reference, and stays at s = 1.
 
 `sensitivity()` is the fit, `upper()` the fit plus its uncertainty (the planner's: a
 class's bound is a promise about work, so it rests on the pessimistic side). Batch at a
@@ -40,7 +50,11 @@ from pipeline.power.curve import PowerCurve
 PRIOR_WEIGHT = 0.05   # the prior s = 1, as pseudo-samples at x = 0.22 (a 700 -> 500 W cap's)
 REF_SAMPLES = 30      # the reference's exponential mean of util_mem spans about this many samples (its
                       # integer percent needs them) ...
-REF_POWER_SAMPLES = 5  # ... of the draw, these (a job whose load steps is followed within seconds)
+DEMAND_SAMPLES = 120  # ... its draw's distribution, these: several training steps (15-45 s), and a job
+                      # whose load moved for good is followed within minutes
+STEP_UP = 0.1         # (a share of the default limit: 70 W on an H100)
+RECENT_SAMPLES = 5    # the last few samples' exponential mean, that shows a step
+DEMAND_BINS = 64      # the distribution's resolution: 64 bins up to 1.1x the default limit (12 W on an H100)
 MIN_REF = 5           # samples of reference before a capped one counts
 MIN_SHED = 0.03       # a cap binds when the draw is this share below the reference
 NOT_BINDING_W = 10.0  # a GPU drawing this far under its limit is not held by it (the simulator's and
@@ -53,23 +67,63 @@ IDLE_UTIL = 0.05      # (power/planner.py's: under it a GPU does no work, and it
 class CurveLearner:
     """Per GPU slot (the caller's indices, grown with `grow`): the sensitivity learned so far."""
     curve: PowerCurve
-    ref_power: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    draw: np.ndarray = field(default_factory=lambda: np.zeros((0, DEMAND_BINS), np.float32))  # per slot: the
+                                                    # weights of its uncapped draw's bins ...
+    draw_w: np.ndarray = field(default_factory=lambda: np.zeros((0, DEMAND_BINS), np.float32))  # ... and their
+                                                    # weighted sums of watts (a bin's mean, not its centre)
+    recent: np.ndarray = field(default_factory=lambda: np.zeros(0))    # per slot: its draw's recent mean
     ref_mem: np.ndarray = field(default_factory=lambda: np.zeros(0))
     ref_n: np.ndarray = field(default_factory=lambda: np.zeros(0))
     sxx: np.ndarray = field(default_factory=lambda: np.zeros(0))
     sxy: np.ndarray = field(default_factory=lambda: np.zeros(0))
     points: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
+    def __post_init__(self) -> None:
+        self.bin_w = 1.1 * self.curve.max_limit_w / DEMAND_BINS
+        self.edges = (np.arange(DEMAND_BINS) + 1) * self.bin_w  # each bin's upper edge
+
     def grow(self, n: int) -> None:
         extra = n - self.ref_n.size
         if extra > 0:
-            for name in ("ref_power", "ref_mem", "ref_n", "sxx", "sxy", "points"):
+            for name in ("recent", "ref_mem", "ref_n", "sxx", "sxy", "points"):
                 setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra)]))
+            self.draw = np.concatenate([self.draw, np.zeros((extra, DEMAND_BINS), np.float32)])
+            self.draw_w = np.concatenate([self.draw_w, np.zeros((extra, DEMAND_BINS), np.float32)])
+
+    def demand(self, slots: np.ndarray | None = None) -> np.ndarray:
+        """What each GPU's job draws when it draws: the mean of the upper half of its uncapped
+        draw (a training job's compute phase; 0 without a reference)."""
+        sl = slice(None) if slots is None else slots
+        cum = np.cumsum(self.draw[sl], axis=1)
+        return self._mean(sl, cum > 0.5 * cum[:, -1:])
+
+    def duty(self, default_w: float, slots: np.ndarray | None = None) -> np.ndarray:
+        """The share of the time each GPU draws its demand (within `STEP_UP` of the default
+        limit under it): about 1 for a steady job, the compute share of a training job's step;
+        1 without a reference."""
+        sl = slice(None) if slots is None else slots
+        w = self.draw[sl]
+        total = w.sum(axis=1, dtype=np.float64)
+        near = self.edges[None, :] > (self.demand(slots) - STEP_UP * default_w)[:, None]
+        return np.divide(np.sum(w * near, axis=1, dtype=np.float64), total, out=np.ones(total.size), where=total > 0)
+
+    def demand_above(self, slots: np.ndarray, level_w: np.ndarray) -> np.ndarray:
+        """What each GPU would draw, uncapped, when its draw is at least `level_w` (a cap holds
+        it there): its uncapped draw's mean above the level; the level itself where its job
+        never drew that much (what the cap takes is then not known, and not credited)."""
+        level = np.asarray(level_w, np.float64)
+        return np.fmax(self._mean(slots, self.edges[None, :] > level[:, None]), level)
+
+    def _mean(self, slots, mask: np.ndarray) -> np.ndarray:
+        mass = np.sum(self.draw[slots] * mask, axis=1, dtype=np.float64)
+        total = np.sum(self.draw_w[slots] * mask, axis=1, dtype=np.float64)
+        return np.divide(total, mass, out=np.zeros(mass.size), where=mass > 0)
 
     def observe(self, slots: np.ndarray, power_w: np.ndarray, util: np.ndarray, util_mem: np.ndarray,
-                limit_w: np.ndarray, default_w: float) -> None:
+                limit_w: np.ndarray, default_w: float, paused: np.ndarray | None = None) -> None:
         """One batch of samples: per row its GPU's slot, draw, utilisation, memory utilisation
-        and enforced limit (NaN where unknown); `default_w` the GPUs' default limit."""
+        and enforced limit (NaN where unknown); `default_w` the GPUs' default limit; `paused`
+        per row: idle, its job's memory still held (None: an idle GPU's job is over)."""
         self.grow(int(slots.max()) + 1 if slots.size else 0)
         power = np.asarray(power_w, np.float64)
         util = np.nan_to_num(np.asarray(util, np.float64))
@@ -77,23 +131,32 @@ class CurveLearner:
         limit = np.nan_to_num(np.asarray(limit_w, np.float64), nan=default_w)
         ok = np.isfinite(power)
         idle = ok & (util < IDLE_UTIL)
-        if idle.any():  # the job is over: the next one is learned afresh
-            gone = slots[idle]
-            for a in (self.ref_power, self.ref_mem, self.ref_n, self.sxx, self.sxy, self.points):
+        over = idle if paused is None else idle & ~np.asarray(paused, bool)
+        if over.any():  # the job is over: the next one is learned afresh
+            gone = slots[over]
+            for a in (self.draw, self.draw_w, self.recent, self.ref_mem, self.ref_n, self.sxx, self.sxy, self.points):
                 a[gone] = 0.0
         busy = ok & ~idle
         capped = limit < default_w - 0.5
-        free = busy & (~capped | (power < limit - NOT_BINDING_W)) & (mem > 0)
+        free = busy & ~capped & (mem > 0)
         if free.any():
             s = slots[free]
             n = self.ref_n[s] + 1.0
-            a = np.maximum(1.0 / n, 1.0 / REF_POWER_SAMPLES)
-            self.ref_power[s] += a * (power[free] - self.ref_power[s])
+            self.recent[s] += np.maximum(1.0 / n, 1.0 / RECENT_SAMPLES) * (power[free] - self.recent[s])
+            stepped = self.recent[s] > self.demand(s) + STEP_UP * default_w
+            fade = np.where(stepped, 0.0, 1.0 - 1.0 / DEMAND_SAMPLES).astype(np.float32)[:, None]
+            self.draw[s] *= fade
+            self.draw_w[s] *= fade
+            at = (s, np.clip((power[free] / self.bin_w).astype(np.int64), 0, DEMAND_BINS - 1))
+            np.add.at(self.draw, at, 1.0)
+            np.add.at(self.draw_w, at, power[free])
             a = np.maximum(1.0 / n, 1.0 / REF_SAMPLES)
             self.ref_mem[s] += a * (mem[free] - self.ref_mem[s])
             self.ref_n[s] = n
         known = busy & capped & (self.ref_n[slots] >= MIN_REF)
-        ref_p = self.ref_power[slots]
+        ref_p = np.zeros(power.size)
+        if known.any():
+            ref_p[known] = self.demand_above(slots[known], power[known])
         held = known & (power < (1.0 - MIN_SHED) * ref_p)
         if held.any():
             s = slots[held]

@@ -13,6 +13,10 @@ where nothing is learned yet), relative to the work it does now:
   - an idle GPU does no work: capping it costs nothing and saves what it draws above
     the cap (about nothing), but it keeps a job that starts during the event from
     taking the watts back. Idle GPUs are capped first, to their minimum limit;
+  - a GPU that draws its demand D only part of the time (its duty: a training job
+    between its communication phases, when it draws far less and no cap binds) saves
+    duty x (D - c) from a cap, and loses work only that share of the time: its price per
+    watt is the same, what it delivers is scaled;
   - a flexibility class bounds each GPU's loss: 0 never capped, 1/2/3 at most
     10/25/50% of its work (`CLASS_MAX_LOSS`), and no cap goes below the GPU's
     minimum limit.
@@ -67,6 +71,7 @@ class GpuPower:
     min_limit_w: np.ndarray    # the lowest limit each takes (NVML constraints)
     max_limit_w: np.ndarray    # its default limit
     sensitivity: np.ndarray | None = None  # its job's compute-bound share, 0..1 (None: 1, the H100 curve's)
+    duty: np.ndarray | None = None  # the share of the time it draws power_w, 0..1 (None: 1, all of it)
 
     def __len__(self) -> int:
         return len(self.power_w)
@@ -75,13 +80,23 @@ class GpuPower:
     def sens(self) -> np.ndarray:
         return np.ones(len(self)) if self.sensitivity is None else np.clip(self.sensitivity.astype(np.float64), 0.0, 1.0)
 
+    @property
+    def on(self) -> np.ndarray:
+        return np.ones(len(self)) if self.duty is None else np.clip(self.duty.astype(np.float64), 0.0, 1.0)
+
     def work(self, cap_w, curve: PowerCurve) -> np.ndarray:
-        """Each GPU's work held to `cap_w` (NaN: uncapped), in full-load GPUs' worth (the true curve)."""
+        """Each GPU's work held to `cap_w` (NaN: uncapped), in full-load GPUs' worth (the true
+        curve): the cap holds it back only for its duty."""
         draw = self.power_w.astype(np.float64)
         at = curve.at(draw)
         held = np.where(np.isnan(cap_w), draw, np.minimum(cap_w, draw))
         r = curve.at(held) / np.where(at > 0, at, 1.0)
-        return np.where(self.busy, at * keep(self.sens, r), 0.0)
+        return np.where(self.busy, at * (1.0 - self.on * (1.0 - keep(self.sens, r))), 0.0)
+
+    def shed(self, cap_w) -> np.ndarray:
+        """Each GPU's expected saving under `cap_w` (NaN: uncapped): its duty times its draw above the cap."""
+        draw = self.power_w.astype(np.float64)
+        return self.on * np.maximum(draw - np.where(np.isnan(cap_w), draw, cap_w), 0.0)
 
 
 @dataclass(frozen=True)
@@ -114,8 +129,7 @@ def floors(gpus: GpuPower, curve: PowerCurve) -> np.ndarray:
 
 def capacity_w(gpus: GpuPower, curve: PowerCurve) -> float:
     """The most the GPUs can shed within every class: the site's flexible capacity."""
-    floor = floors(gpus, curve)
-    return float(np.nansum(np.where(np.isnan(floor), 0.0, np.maximum(gpus.power_w - floor, 0.0))))
+    return float(np.nansum(gpus.shed(floors(gpus, curve))))
 
 
 def plan(gpus: GpuPower, reduction_w: float, curve: PowerCurve, headroom_w: float = 0.0) -> Plan:
@@ -130,7 +144,7 @@ def plan(gpus: GpuPower, reduction_w: float, curve: PowerCurve, headroom_w: floa
     cap = np.full(n, np.nan)
     idle = cappable & ~gpus.busy
     cap[idle] = gpus.min_limit_w[idle]  # idle first: free, and no job takes the watts back
-    saved_idle = np.maximum(draw[idle] - cap[idle], 0.0)
+    saved_idle = gpus.shed(cap)[idle]
     need = wanted - saved_idle.sum()
     busy = np.flatnonzero(cappable & gpus.busy & (draw > floor))
     if need > 0 and busy.size:
@@ -145,10 +159,11 @@ def plan(gpus: GpuPower, reduction_w: float, curve: PowerCurve, headroom_w: floa
         lo, hi = floor[busy], draw[busy]
         points = np.where((inner[None, :] > lo[:, None]) & (inner[None, :] < hi[:, None]), inner[None, :], lo[:, None])
         points = np.concatenate([hi[:, None], -np.sort(-points, axis=1), lo[:, None]], axis=1)
-        watts = points[:, :-1] - points[:, 1:]                 # what each segment saves
+        on = gpus.on[busy][:, None]
+        watts = on * (points[:, :-1] - points[:, 1:])          # what each segment saves (its duty of the time)
         top = hull.at(hi)[:, None]                             # the work now, on the hull
         worth = top * keep(gpus.sens[busy][:, None], hull.at(points) / top)  # concave in the cap, per GPU
-        work = worth[:, :-1] - worth[:, 1:]                    # what each segment costs
+        work = on * (worth[:, :-1] - worth[:, 1:])             # what each segment costs
         price = np.where(watts > 0, np.round(work / np.where(watts > 0, watts, 1.0), 12), np.inf)
         step = np.broadcast_to(np.arange(watts.shape[1]), watts.shape)
         order = np.lexsort((step.ravel(), price.ravel()))     # cheapest first; the shallowest of equals
@@ -163,8 +178,8 @@ def plan(gpus: GpuPower, reduction_w: float, curve: PowerCurve, headroom_w: floa
         shed[order] = take
         shed = shed.reshape(watts.shape).sum(axis=1)
         chosen = shed > 1e-9
-        cap[busy[chosen]] = draw[busy][chosen] - shed[chosen]
-    saving = float(np.nansum(np.maximum(draw - np.where(np.isnan(cap), draw, cap), 0.0)))
+        cap[busy[chosen]] = draw[busy][chosen] - shed[chosen] / np.maximum(on[chosen, 0], 1e-9)
+    saving = float(np.sum(gpus.shed(cap)))
     work_now = float(gpus.work(np.full(n, np.nan), curve).sum())
     kept = float(gpus.work(cap, curve).sum())
     return Plan(cap, saving, wanted, work_now - kept, work_now, capacity_w(gpus, curve))
@@ -178,7 +193,7 @@ def uniform_cost(gpus: GpuPower, reduction_w: float, curve: PowerCurve) -> tuple
     lo, hi = float(np.max(gpus.min_limit_w)), float(np.max(draw)) if draw.size else 0.0
 
     def shed(c: float) -> float:
-        return float(np.maximum(draw - c, 0.0).sum())
+        return float(gpus.shed(np.full(len(gpus), c)).sum())
     if draw.size == 0 or shed(lo) <= reduction_w:
         c = lo
     else:
