@@ -336,6 +336,41 @@ def test_a_heat_balance_that_does_not_close_alerts_and_a_load_change_does_not():
     assert "of the rack's" in a.annotations["summary"]
 
 
+def _shift_facility(device: str, metric: str, add: float):
+    """A mutate hook: one facility point reads `add` over the truth (a sensor's calibration offset)."""
+    def mutate(topic, batch):
+        if topic != Topic.FACILITY:
+            return batch
+        hit = pa.compute.and_(pa.compute.equal(batch.column("device"), device),
+                              pa.compute.equal(batch.column("metric"), metric)).to_numpy(zero_copy_only=False)
+        value = batch.column("value").to_numpy(zero_copy_only=False).copy()
+        value[hit] += add
+        return batch.set_column(batch.schema.get_field_index("value"), "value", pa.array(value))
+    return mutate
+
+
+def test_a_rack_s_sensor_offset_is_learned_and_a_loop_that_loses_heat_still_alerts():
+    """A BMS's temperature sensors carry calibration offsets and are recalibrated in steps of
+    tenths of a degree. The return sensor reads 0.45 C high for an hour, then 0.3 C more (0.75 C:
+    26% of a 2.9 C delta-T, past the tolerance and the 0.5 C sensor floor): the rack's offset,
+    learned while it was healthy, explains it. A flow meter reading 40% high still alerts."""
+    h = Harness(seed=19)
+
+    def busy(seconds, mutate):
+        for _ in range(int(seconds // 60)):  # every job kept running at full load (the simulator's churn)
+            h.sim.group_busy[:] = True
+            h.sim.group_intensity[:] = 1.0
+            h.run(60, mutate)
+    busy(3600, _shift_facility("cdu-r02", "return_temp_c", 0.45))
+    busy(600, _shift_facility("cdu-r02", "return_temp_c", 0.75))
+    assert h.fired() == [], [a.annotations["summary"] for a in h.fired()]
+    busy(120, lambda t, b: _scale_facility("cdu-r02", "flow_lpm", 1.4)(t, _shift_facility("cdu-r02", "return_temp_c",
+                                                                                         0.75)(t, b)))
+    [a] = h.fired()
+    assert a.alertname == "RackHeatImbalance" and a.labels["rack"] == "r02"
+    assert 0.2 < a.evidence["sensor_offset_c"] <= 1.0
+
+
 def test_a_rack_hotter_over_its_coolant_than_the_site_explains_its_gpus():
     """Rack against site: a rack whose GPUs all run hot over their coolant (air in the
     loop) is one RackThermalAnomaly. The site tier judges it apart from the rack's own

@@ -319,7 +319,10 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "the loop, cold plates losing contact) or a flow or temperature sensor that drifted. Judged "
                         "only once the prediction has settled and where the expected delta-T is at least "
                         "`heat_balance_min_delta_c` (1.5 C, well above sensor resolution); quiet while a coolant "
-                        "alert or `PduOverload` explains it (`RackThermalAnomaly` inhibits it at notify). It explains "
+                        "alert or `PduOverload` explains it, and for three coolant lags after (`RackThermalAnomaly` "
+                        "inhibits it at notify). The rack's two temperature sensors' offset (a BMS recalibrates them "
+                        "in steps of tenths of a degree) is learned while the rack is healthy, over 30 minutes, up to "
+                        "twice `heat_balance_sensor_c`. It explains "
                         "nothing itself: a drifting sensor raises it too, and it must not hide a GPU that really "
                         "overheats."),
     AlertSpec("PduOverload", "critical", "rack",

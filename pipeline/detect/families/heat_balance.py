@@ -12,6 +12,11 @@ from pipeline.detect.family import Family, State, evidence, lag
 from pipeline.model import PointKind
 from pipeline.model import COOLANT_CP_J_PER_KG_K
 
+SETTLE_LAGS = 3.0  # after what explained a rack ends, its loop still carries that heat for this many lags
+OFFSET_TAU_S = 1800.0  # the rack's two temperature sensors' offset is learned over this long (a BMS
+                       # recalibrates each in steps of tenths of a degree, about once a day) ...
+OFFSET_MAX_SENSORS = 2.0  # ... and explains at most this many heat_balance_sensor_c: a larger gap is the loop's
+
 
 class HeatBalance(Family):
     topic = Topic.FACILITY
@@ -21,7 +26,9 @@ class HeatBalance(Family):
     # through the coolant's lag.
     loop = State("rack", fields={"supply_c": (np.float64, np.nan), "return_c": (np.float64, np.nan),
                                  "flow_lpm": (np.float64, np.nan), "expected_dt": (np.float64, np.nan),
-                                 "power_t": (np.float64, np.nan)}, checkpoint="rack")
+                                 "power_t": (np.float64, np.nan), "explained_t": (np.float64, np.nan),
+                                 "offset_c": (np.float64, 0.0)},
+                 checkpoint="rack")
 
     def evaluate(self, b: FacilityBatch, out: Output) -> None:
         """Liquid cooling takes a known share of IT power, so the PDU's power and the flow
@@ -49,19 +56,39 @@ class HeatBalance(Family):
         prev = np.where(np.isnan(loop.expected_dt[racks]), measured, loop.expected_dt[racks])
         expected = lag(prev, predicted, a)
         loop.expected_dt[racks], loop.power_t[racks] = expected, t_row
+        # The delta-T as its two sensors would read it without their calibration offset.
+        measured = measured - loop.offset_c[racks]
         ratio = measured / expected
         settled = np.abs(predicted - expected) < 0.1 * expected
+        # Quiet while something explains it (a coolant fault, a PDU overload), and for a few of
+        # the coolant's lags after: the prediction comes back through the same lag as the loop,
+        # and a rack whose load swings (training jobs in lockstep) can look settled at a peak
+        # long before it is.
         explained = self.engine.racks_explaining("RackHeatImbalance")[racks]
-        judged = np.flatnonzero(settled & np.isfinite(ratio) & (expected >= d.heat_balance_min_delta_c) & ~explained)
+        loop.explained_t[racks[explained]] = t_row[explained]
+        recent = (t_row - loop.explained_t[racks]) < SETTLE_LAGS * d.coolant_lag_s  # (NaN: never)
+        judged = np.flatnonzero(settled & np.isfinite(ratio) & (expected >= d.heat_balance_min_delta_c)
+                                & ~explained & ~recent)
         coolant_w = heat_capacity_w_per_c * measured
         # Off by more than the tolerance, and by more than two sensors' calibration can be (a
         # BMS's temperatures drift by tenths of a degree and are recalibrated in steps).
         off = ((np.abs(ratio[judged] - 1.0) > d.heat_balance_tolerance)
                & (np.abs(measured - expected)[judged] > d.heat_balance_sensor_c))
+        # A healthy rack teaches the offset: settled, nothing explaining it, not off, not alerting.
+        quiet = np.zeros(racks.size, bool)
+        quiet[judged[~off]] = True
+        quiet &= ~self.alerted("RackHeatImbalance", self.inventory.rack_count)[racks]
+        learn = np.flatnonzero(quiet & np.isfinite(dt))
+        if learn.size:
+            r = racks[learn]
+            w = 1.0 - np.exp(-np.maximum(dt[learn], 0.0) / OFFSET_TAU_S)
+            bound = OFFSET_MAX_SENSORS * d.heat_balance_sensor_c
+            loop.offset_c[r] = np.clip(loop.offset_c[r] + w * (measured - expected)[learn], -bound, bound)
         self.judge(out, "RackHeatImbalance", racks[judged], off,
                    b.now, ratio[judged],
                    evidence(coolant_w=coolant_w[judged], power_w=power[judged],
                             ratio=(coolant_w / power)[judged], expected=d.liquid_fraction,
                             delta_t_c=measured[judged], expected_delta_t_c=expected[judged],
+                            sensor_offset_c=loop.offset_c[racks[judged]],
                             tolerance=d.heat_balance_tolerance, flow_lpm=loop.flow_lpm[racks[judged]],
                             supply_c=loop.supply_c[racks[judged]], return_c=loop.return_c[racks[judged]]))
