@@ -305,17 +305,25 @@ def test_a_forced_slowdown_alerts_unless_another_alert_explains_it():
     assert {x.alertname for x in h2.fired()} == {"NodePowerBrake"}
 
 
-def _scale_facility(device: str, metric: str, factor: float):
-    """A mutate hook: one facility point reads `factor` times the truth (a drifting sensor)."""
+def _alter_facility(device: str, metric: str, change):
+    """A mutate hook: one facility point reads `change(truth)` (a drifting or offset sensor)."""
     def mutate(topic, batch):
         if topic != Topic.FACILITY:
             return batch
         hit = pa.compute.and_(pa.compute.equal(batch.column("device"), device),
                               pa.compute.equal(batch.column("metric"), metric)).to_numpy(zero_copy_only=False)
         value = batch.column("value").to_numpy(zero_copy_only=False).copy()
-        value[hit] *= factor
+        value[hit] = change(value[hit])
         return batch.set_column(batch.schema.get_field_index("value"), "value", pa.array(value))
     return mutate
+
+
+def _scale_facility(device: str, metric: str, factor: float):
+    return _alter_facility(device, metric, lambda v: v * factor)
+
+
+def _shift_facility(device: str, metric: str, add: float):
+    return _alter_facility(device, metric, lambda v: v + add)
 
 
 def test_a_heat_balance_that_does_not_close_alerts_and_a_load_change_does_not():
@@ -334,19 +342,6 @@ def test_a_heat_balance_that_does_not_close_alerts_and_a_load_change_does_not():
     assert a.evidence["ratio"] == pytest.approx(0.8 * 1.4, rel=0.05)
     assert a.evidence["power_w"] > 30_000 and a.evidence["coolant_w"] > a.evidence["power_w"]
     assert "of the rack's" in a.annotations["summary"]
-
-
-def _shift_facility(device: str, metric: str, add: float):
-    """A mutate hook: one facility point reads `add` over the truth (a sensor's calibration offset)."""
-    def mutate(topic, batch):
-        if topic != Topic.FACILITY:
-            return batch
-        hit = pa.compute.and_(pa.compute.equal(batch.column("device"), device),
-                              pa.compute.equal(batch.column("metric"), metric)).to_numpy(zero_copy_only=False)
-        value = batch.column("value").to_numpy(zero_copy_only=False).copy()
-        value[hit] += add
-        return batch.set_column(batch.schema.get_field_index("value"), "value", pa.array(value))
-    return mutate
 
 
 def test_a_rack_s_sensor_offset_is_learned_and_a_loop_that_loses_heat_still_alerts():
