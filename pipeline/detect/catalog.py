@@ -179,7 +179,8 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "busy and idle nodes compare, against the median of the rack's other nodes. It alerts above "
                         "`node_temp_excess_c` (6 C), for example on a restricted coolant branch, where the GPUs "
                         "agree with their siblings and the rack's coolant is fine. It is judged only while the "
-                        "node's power is steady, and it explains (suppresses) the GPUs' over-temperature alerts."),
+                        "node's power is steady, or in step with its rack's (the nodes of one training job swing "
+                        "together and lag alike), and it explains (suppresses) the GPUs' over-temperature alerts."),
     AlertSpec("GpuThermalDrift", "warning", "gpu",
               "{node} GPU {gpu} runs {excess_c:.1f} C hotter than its siblings than it used to",
               "Schedule an inspection of the GPU's cold plate and coolant connections.",

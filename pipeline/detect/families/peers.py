@@ -33,7 +33,16 @@ class Peers(Family):
         ref.ensure(n_nodes)
         reporting = self.engine.family(Staleness).node
         nodes = b.nodes
-        steady = (view.node_swing < d.runaway_steady_w) & (view.node_gpus >= 3)
+        # Judged at steady power, or in step with the rack: the nodes of one training job swing
+        # together every 15-45 s and are never steady, but at the same power at the same time
+        # their temperatures lag alike, and the comparison is fair (three of the rack's nodes
+        # in the batch at least: a batch of one node is in step with itself).
+        rack_of = inv.node.rack[nodes]
+        step_power, in_batch = group_median(view.node_power, rack_of, inv.rack_count)
+        step_swing, _ = group_median(view.node_swing, rack_of, inv.rack_count)
+        in_step = ((np.abs(view.node_power - step_power[rack_of]) < d.runaway_steady_w)
+                   & (np.abs(view.node_swing - step_swing[rack_of]) < d.runaway_steady_w) & (in_batch[rack_of] >= 3))
+        steady = ((view.node_swing < d.runaway_steady_w) | in_step) & (view.node_gpus >= 3)
         ref.ref_temp[nodes] = np.where(steady, view.node_temp - d.thermal_c_per_w * view.node_power, np.nan)
         fresh = np.isfinite(ref.ref_temp[:n_nodes]) & (b.now - reporting.last_seen[:n_nodes]
                                                        <= 5 * reporting.interval[:n_nodes])
