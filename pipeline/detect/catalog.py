@@ -271,8 +271,9 @@ ALERTS: tuple[AlertSpec, ...] = (
               detection="`stuck_samples` identical power readings in a row under load (utilisation 25% or more), "
                         "where a real sensor's reading moves every sample. At idle a reading to whole watts may "
                         "repeat for minutes (an H100 idles at 71.0 +- 0.2 W): there a run must be one in a million "
-                        "by the idle runs that GPU has finished with a flicker (geometric, from their mean) and 3x "
-                        "its longest, and an idle GPU is not judged before it has finished 5."),
+                        "by the idle runs that GPU has finished with a flicker (geometric, from their mean), 3x "
+                        "its longest and at least 300 samples (an idle GPU's level drifts with its temperature, "
+                        "across a whole watt or onto one), and an idle GPU is not judged before it has finished 5."),
     AlertSpec("CoolantFlowLoss", "critical", "rack",
               "rack {rack}: coolant flow {flow_lpm:.0f} l/min, {ratio:.0%} of its normal {baseline_lpm:.0f}",
               "Check the CDU pumps and valves now; cap or drain the rack's GPUs if temperatures climb.",

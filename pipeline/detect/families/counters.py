@@ -18,7 +18,10 @@ STUCK_BUSY_UTIL = 0.25  # utilisation from which a GPU's power moves every readi
 STUCK_P = 1e-6          # how unlikely an idle run must be, by the GPU's own finished idle runs
 IDLE_RUN_RATE = 0.05    # EW weight of each finished idle run in their mean
 IDLE_RUNS = 5           # finished idle runs before an idle GPU is judged
-IDLE_LONGEST = 3.0      # ... and how much longer than its longest one a run must be
+IDLE_LONGEST = 3.0      # ... and how much longer than its longest one a run must be, and never shorter than
+IDLE_MIN_SAMPLES = 300  # ... this: an idle GPU's level drifts with its temperature, across a whole watt or
+                        # onto one, and the runs it finished at one level say little of the next (24 h of the
+                        # realistic normal: 20 false alerts with runs of 30 after runs of 1)
 
 
 class Counters(Family):
@@ -65,7 +68,8 @@ class Counters(Family):
         # minutes, some GPUs far longer than others): an idle GPU is judged by the idle runs
         # it has finished with a flicker (a change under 1% of the reading; a load starting or
         # ending is no idle run): a run must be as unlikely as STUCK_P by their mean
-        # (geometric) and IDLE_LONGEST x the longest; until IDLE_RUNS of them, not judged idle.
+        # (geometric) and IDLE_LONGEST x the longest, and last IDLE_MIN_SAMPLES; until IDLE_RUNS
+        # of them, not judged idle.
         rep = self.repeats
         rep.ensure(self.inventory.gpu_count)
         power = m["power_w"]
@@ -82,7 +86,8 @@ class Counters(Family):
         rep.run[slots], rep.last_w[slots] = runs, np.where(np.isfinite(power), power, last)
         with np.errstate(divide="ignore", invalid="ignore"):
             unlikely = np.log(STUCK_P) / np.log(mean / (mean + 1.0))
-        idle_need = np.where(count >= IDLE_RUNS, np.fmax(np.ceil(unlikely), IDLE_LONGEST * longest), np.inf)
+        idle_need = np.where(count >= IDLE_RUNS, np.fmax(np.fmax(np.ceil(unlikely), IDLE_LONGEST * longest),
+                                                         IDLE_MIN_SAMPLES), np.inf)
         need = np.maximum(d.stuck_samples, np.where(idle, idle_need, 0.0))
         self.judge(out, "GpuPowerSensorStuck", slots, runs >= need, t, runs,
                    evidence(power_w=m["power_w"], samples=runs))
