@@ -94,6 +94,10 @@ def test_a_daily_season_scores_low_and_a_spike_on_it_scores_top():
     assert (s[3000:3003] > ONE_IN_A_MILLION).all()
     assert np.quantile(s[normal], 0.99) < ONE_IN_A_THOUSAND
     assert s[normal].max() < ONE_IN_A_MILLION
+    # The bar: under 0.2 at the 99th percentile of the whole normal part, warm-up included.
+    everything = np.ones(i.size, bool)
+    everything[3000:3003] = False
+    assert np.quantile(s[everything], 0.99) < 0.2
 
 
 @given(st.sampled_from([48, 96, 288]), st.floats(1.0, 100.0), st.sampled_from(["sine", "square", "sawtooth"]))
