@@ -56,8 +56,9 @@ FAULTS: tuple[FaultType, ...] = (
 FAULT_TYPES: tuple[str, ...] = tuple(f.name for f in FAULTS)
 FAULTS_BY_NAME: dict[str, FaultType] = {f.name: f for f in FAULTS}
 
+# Node events (schemas/event.v1.json) that announce a planned outage: a node drained for a
+# rolling reboot, or for one that upgrades its driver, about to stop reporting for minutes.
+MAINTENANCE_EVENTS: tuple[str, ...] = ("node_reboot", "driver_upgrade")
 # Normal events the simulator labels too: any alert they cause is a false alert. A GPU reset
-# loses one scrape; with the realistic normal (fleet.normal), a node drained for a rolling
-# reboot, or for one that upgrades its driver, stops reporting for minutes, announced by an
-# event row of the same kind.
-NORMAL_EVENTS: tuple[str, ...] = ("gpu_reset", "node_reboot", "driver_upgrade")
+# loses one scrape; with the realistic normal (fleet.normal), the maintenance events.
+NORMAL_EVENTS: tuple[str, ...] = ("gpu_reset",) + MAINTENANCE_EVENTS

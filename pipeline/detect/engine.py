@@ -40,7 +40,7 @@ from pipeline.detect.families.peers import Peers
 from pipeline.detect.families.performance import Performance
 from pipeline.detect.families.power_caps import PowerCaps
 from pipeline.detect.families.rack_vs_site import RackVsSite
-from pipeline.detect.families.staleness import MAINTENANCE, Staleness
+from pipeline.detect.families.staleness import Staleness
 from pipeline.detect.families.siblings import SiblingTemperature
 from pipeline.detect.families.site_power import SitePower
 from pipeline.detect.families.xid import Xid
@@ -49,6 +49,7 @@ from pipeline.detect.health import NodeHealth, NodeIdentity, Tracker
 from pipeline.detect.inventory import Inventory
 from pipeline.detect.state import SlotArrays
 from pipeline.detect.watermark import SeriesClocks, Watermarks
+from pipeline.faults import MAINTENANCE_EVENTS
 from pipeline.model import GPU_METRICS, GPU_SETTINGS, Alert
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,7 @@ class Engine:
                                          explained=batch.column("explained").to_numpy(zero_copy_only=False)), out)
 
     def _events(self, batch: pa.RecordBatch, out: Output) -> None:
-        planned = batch.filter(pc.is_in(batch.column("kind"), pa.array(MAINTENANCE)))
+        planned = batch.filter(pc.is_in(batch.column("kind"), pa.array(MAINTENANCE_EVENTS)))
         if planned.num_rows:  # node events: a planned outage
             self.inventory.current = planned
             self.family(Staleness).maintenance(self.inventory.node_ids.slots(planned.column("node")), seconds(planned))

@@ -172,20 +172,20 @@ class GpuTable:
         self.model_max_w.update(zip(names, top.tolist()))
         by_model = top[codes]
         self.default_w[slots] = np.fmax(np.fmax(self.default_w[slots], limit), by_model)
+        busy = util >= IDLE_UTIL
         with np.errstate(invalid="ignore"):
-            moves = (util >= IDLE_UTIL) & ~(limit < self.default_w[slots] - 1.0)
+            moves = busy & ~(limit < self.default_w[slots] - 1.0)
         self.flat[slots] = np.where((power == self.power_w[slots]) & moves, self.flat[slots] + 1, 0)
         self.power_w[slots] = power
         reasons = batch.column("clock_event_reasons").to_numpy(zero_copy_only=False)
         self.forced[slots] = (np.nan_to_num(reasons).astype(np.int64) & int(HW_SLOWDOWN_ANY)) != 0
-        self.util[slots] = batch.column("util_gpu").to_numpy(zero_copy_only=False)
+        self.util[slots] = util
         self.util_mem[slots] = batch.column("util_mem").to_numpy(zero_copy_only=False)
         mem = np.nan_to_num(batch.column("mem_used_bytes").to_numpy(zero_copy_only=False).astype(np.float64))
-        busy = util >= IDLE_UTIL
         self.job_mem[slots] = np.where(busy, mem, self.job_mem[slots])
         self.paused[slots] = ~busy & (self.job_mem[slots] > 0) & (mem >= PAUSED_MEM * self.job_mem[slots])
         self.job_mem[slots[~busy & ~self.paused[slots]]] = 0.0  # the job freed its memory: over
-        self.limit_w[slots] = batch.column("power_limit_w").to_numpy(zero_copy_only=False)
+        self.limit_w[slots] = limit
         self.slots = np.asarray(slots, np.int64)
         if self.classes.by_workload:  # the job on a GPU changes, and its class with it
             self.flex[slots] = self.classes.of_rows(batch)
@@ -269,8 +269,7 @@ class Controller:
                              g.util_mem[rows], g.limit_w[rows], self.curve.max_limit_w, g.paused[rows])  # (a slowdown: no sample)
         if self.active is not None:
             self._fit()
-            held = g.power_w[rows] >= self.cap[rows] - NOT_BINDING_W  # (NaN: no cap, never held)
-            self.unheld[rows] = np.where(held | np.isnan(self.cap[rows]), 0, self.unheld[rows] + 1)
+            self.unheld[rows] = np.where(self._held(rows) | np.isnan(self.cap[rows]), 0, self.unheld[rows] + 1)
             # A job that ended is over for this request (one paused keeps its cap: it resumes under
             # it); a node with a power reading stuck can be neither verified nor moved (its
             # detectors read heat against power, siblings against siblings).
@@ -342,7 +341,7 @@ class Controller:
         g = self.gpus
         # Under a hardware or thermal slowdown the GPU's demand fell for its own reasons (under a
         # deep cap a power brake does not show in the draw): what it sheds is not the cap's.
-        held = np.flatnonzero(self.steady & (g.power_w >= self.cap - NOT_BINDING_W) & ~g.forced)  # (NaN: no cap)
+        held = np.flatnonzero(self.steady & self._held() & ~g.forced)
         capped_change_kw = float(np.sum(g.power_w[held] - self.learner.demand_above(held, g.power_w[held]))) / 1000.0
         change = (it_kw - self.base_it_kw) - capped_change_kw
         rise, fall = out.meter_per_it
@@ -503,14 +502,16 @@ class Controller:
         mine = g.covered(racks)
         max_w = np.where(np.isnan(g.limit_w), self.curve.max_limit_w, g.limit_w)
         busy = g.util >= IDLE_UTIL
-        # A job's draw when it draws (a training job between its communication phases), not this sample's.
-        now_w = np.where(busy & (self.learner.ref_n >= MIN_REF),
-                         np.fmax(g.power_w, np.fmin(self.learner.demand(), max_w)), g.power_w)
+        # A job's draw when it draws (a training job between its communication phases), not this sample's,
+        # for the share of the time it draws it.
+        known = busy & (self.learner.ref_n >= MIN_REF)
+        demand = self.learner.demand()
+        now_w = np.where(known, np.fmax(g.power_w, np.fmin(demand, max_w)), g.power_w)
         draw = np.where(np.isnan(self.demand), now_w, np.fmax(self.demand, g.power_w))
         flex = g.flex
         if self.active is not None:  # only a steady job's saving is the request's: the baseline's
             flex = np.where(self.steady, flex, 0)  # adjustment counts the rest (idle GPUs, new jobs) as drawn
-        duty = np.where(busy & (self.learner.ref_n >= MIN_REF), self.learner.duty(self.curve.max_limit_w), 1.0)
+        duty = np.where(known, self.learner.duty(demand, self.curve.max_limit_w), 1.0)
         full = GpuPower(draw, busy, flex, np.full(draw.size, self.curve.min_limit_w),
                         np.where(self.cap >= 0, self.curve.max_limit_w, max_w), self.learner.upper(), duty)
         return GpuPower(*(a[mine] for a in (full.power_w, full.busy, full.flex_class, full.min_limit_w,
@@ -521,7 +522,7 @@ class Controller:
         snapshot = self._snapshot(req.racks)
         want = out.requested_kw * 1000.0
         p = plan(snapshot, want + self.extra_w, self.curve, headroom_w=want * self.s.headroom_pct / 100.0)
-        self.planned_on = (self.steady & ~self.gpus.paused, self.learner.upper())
+        self.planned_on = (self._shedding(), self.learner.upper())
         caps = {}
         new = np.full(self.cap.size, np.nan)
         new[mine] = self._probe(snapshot, p.cap_w, mine)
@@ -560,6 +561,14 @@ class Controller:
                                                                         snapshot.min_limit_w))
         return np.where(unknown & (probe < snapshot.power_w - 1.0), probe, cap_w)
 
+    def _held(self, slots=slice(None)) -> np.ndarray:
+        """Per GPU: held by the cap set here (drawing within NOT_BINDING_W of it; no cap: never)."""
+        return self.gpus.power_w[slots] >= self.cap[slots] - NOT_BINDING_W
+
+    def _shedding(self) -> np.ndarray:
+        """Per GPU: its job's saving counts for the request now (steady, not paused by a checkpoint)."""
+        return self.steady & ~self.gpus.paused
+
     def _minute_swing_kw(self) -> float:
         """How much the reduction's mean over a minute moves by itself: the spread (a robust sd:
         a job's stall is no swing) of the means of every minute of readings in the last
@@ -583,7 +592,7 @@ class Controller:
         longer than a communication phase: nothing), with the site's cooling."""
         snap = self._snapshot(req.racks)
         mine = self.gpus.covered(req.racks)
-        on = self.steady[mine] & ~self.gpus.paused[mine] & (self.unheld[mine] < UNHELD_SAMPLES)
+        on = self._shedding()[mine] & (self.unheld[mine] < UNHELD_SAMPLES)
         return float(np.sum(snap.shed(self.cap[mine])[on])) / 1000.0 * (out.meter_per_it[1] if not req.racks else 1.0)
 
     def _settled(self, now: datetime) -> bool:
@@ -614,7 +623,7 @@ class Controller:
         if self.planned_on is None:
             return True
         steady, sens = self.planned_on
-        now = self.steady & ~self.gpus.paused
+        now = self._shedding()
         if steady.size != now.size or np.any(steady != now):
             return True
         return bool(np.any(np.abs(self.learner.upper()[: sens.size] - sens) > RELEARNED))

@@ -97,14 +97,13 @@ class CurveLearner:
         cum = np.cumsum(self.draw[sl], axis=1)
         return self._mean(sl, cum > 0.5 * cum[:, -1:])
 
-    def duty(self, default_w: float, slots: np.ndarray | None = None) -> np.ndarray:
-        """The share of the time each GPU draws its demand (within `STEP_UP` of the default
-        limit under it): about 1 for a steady job, the compute share of a training job's step;
-        1 without a reference."""
-        sl = slice(None) if slots is None else slots
-        w = self.draw[sl]
+    def duty(self, demand: np.ndarray, default_w: float) -> np.ndarray:
+        """The share of the time each GPU draws its `demand` (`demand()`, within `STEP_UP` of the
+        default limit under it): about 1 for a steady job, the compute share of a training job's
+        step; 1 without a reference."""
+        w = self.draw
         total = w.sum(axis=1, dtype=np.float64)
-        near = self.edges[None, :] > (self.demand(slots) - STEP_UP * default_w)[:, None]
+        near = self.edges[None, :] > (demand - STEP_UP * default_w)[:, None]
         return np.divide(np.sum(w * near, axis=1, dtype=np.float64), total, out=np.ones(total.size), where=total > 0)
 
     def demand_above(self, slots: np.ndarray, level_w: np.ndarray) -> np.ndarray:

@@ -95,7 +95,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import FleetConfig
-from pipeline.faults import FAULTS_BY_NAME, NORMAL_EVENTS
+from pipeline.faults import FAULTS_BY_NAME, MAINTENANCE_EVENTS, NORMAL_EVENTS
 from pipeline.model import COOLANT_CP_J_PER_KG_K, EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE, GPU_WORKLOAD
 from pipeline.model import ClockEventReason as Reason
 from pipeline.power.curve import PowerCurve, from_recording
@@ -500,7 +500,7 @@ class FleetSimulator:
                     f.params["stuck_w"] = float(self.last_power[f.gpu])
                 elif f.kind == "gpu_reset":
                     self._zero_counters(f.gpu)
-                elif f.kind in REBOOTS:  # drained now, announced: down after drain_s for about down_s
+                elif f.kind in MAINTENANCE_EVENTS:  # drained now, announced: down after drain_s for about down_s
                     p = f.params
                     what = (f"drained for a driver upgrade {p['driver_from']} -> {p['driver']}"
                             if f.kind == "driver_upgrade" else "drained for a rolling reboot")
@@ -740,7 +740,6 @@ class FleetSimulator:
 # What a real fleet does when nothing is wrong (module docstring: where each number comes from).
 PHENOMENA = ("diurnal", "training", "checkpoints", "reboots", "noise", "quantization", "dropouts",
              "recalibration", "clock_skew", "power_quantization")
-REBOOTS = ("node_reboot", "driver_upgrade")
 INFERENCE_SHARE = 0.25                # job groups that serve inference
 TRAINING_JOB_GROUPS = (2, 4)          # a training job spans 2-4 groups of 4 nodes: 8-16 nodes, 1-2 racks
 STEP_PERIOD_S = (15.0, 45.0)          # a training job's compute + communication cycle
@@ -868,7 +867,7 @@ class RealisticNormal:
         for f in sim.faults:
             if f.node is None:
                 continue
-            if f.kind in REBOOTS:
+            if f.kind in MAINTENANCE_EVENTS:
                 self.drained[f.node] = True
                 if f.fault_id not in self._up and sim.t >= f.start_s + f.params["drain_s"] + f.params["down_s"]:
                     self._back(f)

@@ -1,8 +1,8 @@
 """Who reports, how often, and who went silent: a GPU of a reporting node that stopped
 (GpuNotReporting) and a node that stopped (NodeNotReporting), unless it said it would:
-a node announced as going down for maintenance (an event of a MAINTENANCE kind: a rolling
-reboot, a driver upgrade, as NVIDIA's GPU Operator drains nodes for one) is quiet for
-detect.maintenance_s."""
+a node announced as going down for maintenance (an event of a faults.MAINTENANCE_EVENTS
+kind: a rolling reboot, a driver upgrade, as NVIDIA's GPU Operator drains nodes for one)
+is quiet for detect.maintenance_s."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pipeline.bus.base import Topic
 from pipeline.detect.batch import GpuBatch, Output
 from pipeline.detect.family import Family, State
 
-MAINTENANCE = ("node_reboot", "driver_upgrade")  # node events (schemas/event.v1.json) that announce a planned outage
 
 
 class Staleness(Family):
