@@ -581,7 +581,7 @@ class FleetSimulator:
                     fx["leak"][f.rack] = 1.0 if f.kind == "coolant_leak" else 0.0
                 case "pdu_overload":
                     fx["pdu_ratio"][f.rack] = p["load_ratio"]
-                case "node_reboot" | "driver_upgrade":  # drained (RealisticNormal.load), then down
+                case kind if kind in MAINTENANCE_EVENTS:  # drained (RealisticNormal.load), then down
                     if p["drain_s"] <= age < p["drain_s"] + p["down_s"]:
                         fx["missing"][self.gpu_node == f.node] = True
         return fx
