@@ -58,7 +58,8 @@ class FleetConfig:
                         doc="what normal operation looks like: realistic adds diurnal inference load, training jobs "
                             "swinging power in lockstep across racks, checkpoint stalls, rolling reboots and driver "
                             "upgrades (labelled normal events), sensor noise, quantization, dropouts, recalibration "
-                            "steps and node clocks skewed by up to 3 s (sources/simulate.py); simple is the steady "
+                            "steps, a 5% spread in the GPUs' temperature rise per watt and node clocks skewed by up "
+                            "to 3 s (sources/simulate.py); simple is the steady "
                             "fleet of before, reading exact values on one clock")
 
 

@@ -251,6 +251,37 @@ def test_site_power_over_its_cap_alerts_once_and_resolves_when_load_drops():
     assert [x.alertname for _, x in h.changes if x.ends_at is not None] == ["SitePowerOverCap"]
 
 
+def test_a_gpu_that_runs_warmer_per_watt_is_no_drift_when_its_load_rises():
+    """A GPU whose cold plate conducts 15% worse than its siblings' (3 sd of the realistic
+    normal's spread) runs 1.4 C over them at 300 W and 3.6 C at 700 W: after an hour at the
+    light load, a heavy one (an inference service's afternoon) moves its excess by 2 C,
+    which a constant baseline would call a drift. The drift's baseline is what the GPU's
+    power explains: nothing is raised, and a real drift on a sibling still is."""
+    h = Harness(seed=17, racks=1, normal="simple")
+    hot = 8 * 1 + 2  # node 1, GPU 2
+    h.sim.k_spread[hot] = 1.15
+    h.sim.group_busy[:] = True
+    h.sim.group_until[:] = 1e9
+    excess = []
+
+    def watch(topic, batch):
+        if topic == Topic.GPU:
+            temp = dict(zip(batch.column("gpu_uuid").to_pylist(), batch.column("gpu_temp_c").to_pylist()))
+            node = [temp[u] for u in h.sim.gpu_uuids[8:16]]
+            excess.append(temp[h.sim.gpu_uuids[hot]] - float(np.median(node)))
+        return batch
+    h.sim.group_intensity[:] = 0.3
+    h.run(3600, watch)
+    light = float(np.mean(excess[-600:]))
+    h.sim.group_intensity[:] = 0.85
+    h.run(3600, watch)
+    assert float(np.mean(excess[-600:])) - light >= 1.5  # what a constant baseline calls a drift
+    assert h.fired() == [], [a.annotations["summary"] for a in h.fired()]
+    f = h.sim.inject("thermal_drift", gpu=8 * 2 + 5, duration_s=3 * 3600, params={"rate_c_per_h": 4.0})
+    h.run(2 * 3600)
+    assert [(a.labels["node"], a.labels["gpu"]) for a in h.fired()] == [(h.sim.node_names[f.node], "5")]
+
+
 def test_a_rising_excess_alerts_before_the_full_threshold_and_a_steady_one_never():
     """Rate of change: a GPU 7.5 C hotter than its siblings all along is not a runaway;
     one heating at 0.15 C/s is alerted while its excess is still under 10 C."""

@@ -325,3 +325,24 @@ def test_a_recalibrated_temperature_sensor_steps_and_stays():
     # The reading carries it: return - true return temperature.
     t = sim.step()
     assert point(t, "cdu-r03", "return_temp_c") == pytest.approx(sim.return_temp[2] + nm.offset[1, 2], abs=1e-3)
+
+
+def test_a_gpu_s_temperature_rise_per_watt_is_its_own():
+    """thermal_spread: each GPU's rise per watt is its model's times N(1, 5%), so its excess
+    over its siblings grows with its power (the drift detector's baseline learns that)."""
+    sim = FleetSimulator(fleet(seed=12), start=START, phenomena=("thermal_spread",))
+    spread = sim.normal.k_spread
+    assert 0.03 < spread.std() < 0.07 and abs(spread.mean() - 1.0) < 0.02
+    assert np.array_equal(FleetSimulator(fleet(seed=12), start=START, phenomena=()).normal.k_spread,
+                          np.ones(sim.n_gpus))
+
+    def excess_at(intensity: float) -> np.ndarray:
+        all_busy(sim)
+        sim.group_intensity[:] = intensity
+        sim._init_thermal_state()
+        for _ in range(60):
+            temp, power = gpu_arrays(sim, sim.step(), "gpu_temp_c", "power_w")
+        return temp - np.median(temp.reshape(-1, 8), axis=1).repeat(8), power
+    (light, p_light), (heavy, p_heavy) = excess_at(0.3), excess_at(1.0)
+    gain = np.polyfit(spread * (p_heavy - p_light), heavy - light, 1)[0]
+    assert 0.03 < gain < 0.05  # the model's rise per watt (0.039 C/W) times each GPU's own spread

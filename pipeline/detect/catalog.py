@@ -190,8 +190,11 @@ ALERTS: tuple[AlertSpec, ...] = (
               detection="A slow rise of the runaway's excess, under load only (at idle, integer temperatures move "
                         "it by ~2 C). A CUSUM with slack `cusum_slack_c` and limit `cusum_limit` sums what no "
                         "single sample shows. It is clamped at twice the limit, so it forgets a finished fault. The "
-                        "baseline stops learning while the sum is non-zero, so a drift cannot teach the baseline to "
-                        "follow it. The drift must hold `drift_confirm_samples` to alert. Samples it cannot judge "
+                        "baseline is what the GPU's own power explains, learnt per GPU as a regression on it: a GPU "
+                        "whose cold plate conducts a little worse than its siblings' runs further above them at "
+                        "full power than at low power, and its load follows the day, so a constant baseline would "
+                        "call every afternoon a drift. It stops learning while the sum is non-zero, so a drift "
+                        "cannot teach the baseline to follow it. The drift must hold `drift_confirm_samples` to alert. Samples it cannot judge "
                         "(idle, forced clocks, coolant alert) neither raise nor clear it. A drift already alerted "
                         "stands for the GPU's runaway."),
     AlertSpec("GpuStraggler", "warning", "gpu",

@@ -122,19 +122,33 @@ class RobustZ:
 
 
 class Cusum:
-    def __init__(self, halflife_s: float, k: float, h: float, warmup: int, cap: float = 2.0) -> None:
-        self.params = (halflife_s, k, h, warmup, cap)
+    def __init__(self, halflife_s: float, k: float, h: float, warmup: int, cap: float = 2.0,
+                 prior_var: float = 1.0, slope_sd: float = 0.0) -> None:
+        self.params = (halflife_s, k, h, warmup, cap, prior_var, slope_sd)
         self.arrays = SlotArrays({"mean": (np.float64, 0.0), "count": (np.int64, 0),
-                                  "s_hi": (np.float64, 0.0), "s_lo": (np.float64, 0.0)})
+                                  "s_hi": (np.float64, 0.0), "s_lo": (np.float64, 0.0),
+                                  "c_mean": (np.float64, np.nan), "c_var": (np.float64, 0.0),
+                                  "cov": (np.float64, 0.0)})
         self._out = Outputs(score=np.float64)
 
-    def update(self, values: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """Signed score per sample: S+/h upwards, -S-/h downwards; |score| >= 1 is an alarm."""
+    def update(self, values: np.ndarray, slots: np.ndarray, covariate: np.ndarray | None = None) -> np.ndarray:
+        """Signed score per sample: S+/h upwards, -S-/h downwards; |score| >= 1 is an alarm.
+        The baseline regresses on `covariate` (kernels.cusum; NaN or none: explains nothing)."""
         self.arrays.ensure(int(slots.max()) + 1 if slots.size else 0)
+        if covariate is None:
+            covariate = np.full(values.shape[0], np.nan)
         (score,) = self._out.take(values.shape[0])
         s = self.arrays
-        kernels.cusum(values, slots, s.mean, s.count, s.s_hi, s.s_lo, *self.params, score)
+        kernels.cusum(values, covariate, slots, s.mean, s.count, s.s_hi, s.s_lo, s.c_mean, s.c_var, s.cov,
+                      *self.params, score)
         return score
+
+    def baseline(self, slots: np.ndarray, covariate: np.ndarray) -> np.ndarray:
+        """What the learnt baseline expects at `covariate`, per row (after update)."""
+        s = self.arrays
+        dc = np.nan_to_num(covariate - s.c_mean[slots])
+        prior_var = self.params[5]
+        return s.mean[slots] + s.cov[slots] / (s.c_var[slots] + prior_var) * dc
 
 
 class CounterDelta:

@@ -76,6 +76,11 @@ bit-identical to the simulator before it, and a phenomenon can be turned off alo
   (never long enough for NodeNotReporting), and 0.1% of facility readings.
 - recalibration: each facility temperature sensor starts off by N(0, 0.1 C) and about once a
   day steps by 0.2-0.5 C either way (a recalibration, a swapped probe), and stays there.
+- thermal_spread: each GPU's temperature rise per watt differs from its model's by N(0, 5%) (the
+  contact of its cold plate, its place in the node's coolant path): at 700 W a GPU 2 sd out
+  runs 2.8 C hotter than its siblings, at 200 W 0.8 C, so its excess over them follows its
+  load. Identical GPUs under one application differ in temperature, power and speed (Sinha et
+  al., "Not All GPUs Are Created Equal", SC 2022).
 - clock_skew: each node stamps its GPU samples and events by its own clock, a fixed offset
   within +-3 s (to the ms); the BMS is 1-2 s off. Labels keep the true time.
 A node whose fault needs load (faults.py: needs_load) is kept busy, as in the simple normal: it
@@ -666,8 +671,9 @@ class FleetSimulator:
 
         # Temperatures: two first-order lags towards the steady state.
         base = coolant_mean[self.gpu_rack] + self.temp_offset + fx["extra_temp"]
-        g_target = base + GPU_K * self.k_spread * power + GPU_C
-        m_target = base + HBM_K * self.k_spread * power + HBM_C
+        k_spread = self.k_spread if self.normal is None else self.k_spread * self.normal.k_spread
+        g_target = base + GPU_K * k_spread * power + GPU_C
+        m_target = base + HBM_K * k_spread * power + HBM_C
         af, asl = 1.0 - np.exp(-dt / TAU_FAST_S), 1.0 - np.exp(-dt / TAU_SLOW_S)
         self.g_fast += (g_target - self.g_fast) * af
         self.g_slow += (g_target - self.g_slow) * asl
@@ -739,7 +745,7 @@ class FleetSimulator:
 # ---- the realistic normal ------------------------------------------------------
 # What a real fleet does when nothing is wrong (module docstring: where each number comes from).
 PHENOMENA = ("diurnal", "training", "checkpoints", "reboots", "noise", "quantization", "dropouts",
-             "recalibration", "clock_skew", "power_quantization")
+             "recalibration", "clock_skew", "power_quantization", "thermal_spread")
 INFERENCE_SHARE = 0.25                # job groups that serve inference
 TRAINING_JOB_GROUPS = (2, 4)          # a training job spans 2-4 groups of 4 nodes: 8-16 nodes, 1-2 racks
 STEP_PERIOD_S = (15.0, 45.0)          # a training job's compute + communication cycle
@@ -774,6 +780,7 @@ METER_QUANTA = (100.0, 3.6e6)
 CALIBRATION_SD_C = 0.1                # each temperature sensor's offset at the start
 RECALIBRATION_EVERY_S = 24 * 3600.0   # per sensor
 RECALIBRATION_STEP_C = (0.2, 0.5)
+THERMAL_SPREAD = 0.05                 # sd of a GPU's temperature rise per watt against its model's
 CLOCK_SKEW_S = 3.0                    # each node's clock: a fixed offset within +-3 s
 BMS_SKEW_S = (1.0, 2.0)               # the BMS's clock, either way
 
@@ -843,6 +850,9 @@ class RealisticNormal:
         if "recalibration" in self.on:
             self.offset = k.normal(0.0, CALIBRATION_SD_C, (2, R))
             self.next_recal = k.exponential(RECALIBRATION_EVERY_S, (2, R))
+        # Each GPU's rise per watt (its cold plate's contact, its place in the coolant path).
+        self.k_spread = (self.rngs["thermal_spread"].normal(1.0, THERMAL_SPREAD, G) if "thermal_spread" in self.on
+                         else np.ones(G))
         # Clocks.
         s = self.rngs["clock_skew"]
         skew = np.round(s.uniform(-CLOCK_SKEW_S, CLOCK_SKEW_S, N), 3)  # ms: timestamps stay datetime-exact

@@ -24,6 +24,7 @@ class SiblingView:
     """Per row unless said: the GPU against its node's siblings."""
     excess: np.ndarray          # temperature over the siblings' median at equal power, C (NaN under 3 siblings)
     peer_c: np.ndarray          # the siblings' median (power-adjusted), C
+    power_eff: np.ndarray       # the power the GPU's temperature follows now (its fast and slow lags), W
     node_temp: np.ndarray       # per node of the batch: median power-adjusted GPU temperature
     node_power: np.ndarray      # per node of the batch: median effective power
     node_gpus: np.ndarray       # per node of the batch: GPUs in that median
@@ -93,5 +94,5 @@ class SiblingTemperature(Family):
                                          power_w=b.metrics["power_w"], peer_power_w=med_p_eff[group],
                                          threshold_c=d.peer_temp_excess_c, early_threshold_c=d.runaway_early_c,
                                          rise_threshold_c=d.runaway_rise_c))
-        b.siblings = SiblingView(excess=excess, peer_c=peer_c, node_temp=med_temp, node_power=med_p_eff,
+        b.siblings = SiblingView(excess=excess, peer_c=peer_c, power_eff=p_eff, node_temp=med_temp, node_power=med_p_eff,
                                  node_gpus=n_temp, node_swing=node_swing, cooling_alerted=cooling)
