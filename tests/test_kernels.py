@@ -145,13 +145,17 @@ def test_robust_zscore_flags_a_level_shift_then_follows_it():
     assert np.median(z[400:]) < 1.0  # the new level is the new normal within ~100 samples
 
 
-def ref_cusum(values, slots, halflife, k, h, warmup, cap=2.0, covariate=None, prior_var=1.0, slope_sd=0.0):
-    """The CUSUM one sample at a time, its baseline an EW ridge regression on the covariate."""
+def ref_cusum(values, slots, halflife, k, h, warmup, cap=2.0, covariate=None, prior_var=1.0, slope_sd=0.0,
+              seconds=None):
+    """The CUSUM one sample at a time, its baseline an EW ridge regression on the covariate,
+    each sample weighted by the seconds it stands for."""
     st_ = {}
     out = []
     if covariate is None:
         covariate = np.full(len(values), math.nan)
-    for x, s, c in zip(values, slots, covariate):
+    if seconds is None:
+        seconds = np.ones(len(values))
+    for x, s, c, w in zip(values, slots, covariate, seconds):
         if not math.isfinite(x):
             out.append(math.nan)
             continue
@@ -169,10 +173,10 @@ def ref_cusum(values, slots, halflife, k, h, warmup, cap=2.0, covariate=None, pr
         d = dx - m["cov"] / (m["cv"] + prior_var) * dc
         slack = k + slope_sd * abs(dc) * math.sqrt(prior_var / (m["cv"] + prior_var))
         if m["count"] >= warmup:
-            m["hi"] = min(max(0.0, m["hi"] + d - slack), cap * h)
-            m["lo"] = min(max(0.0, m["lo"] - d - slack), cap * h)
+            m["hi"] = min(max(0.0, m["hi"] + w * (d - slack)), cap * h)
+            m["lo"] = min(max(0.0, m["lo"] - w * (d + slack)), cap * h)
         if m["hi"] == 0 and m["lo"] == 0:
-            a = max(1 - math.exp(-math.log(2) / halflife), 1 / (m["count"] + 1))
+            a = max(min(1 - math.exp(-math.log(2) * w / halflife), kernels.MAX_ALPHA), 1 / (m["count"] + 1))
             m["mean"] += a * dx
             if math.isfinite(m["cm"]):
                 m["cm"] += a * dc
@@ -197,8 +201,10 @@ def test_cusum_with_a_covariate_matches_reference(b, seed):
     values, slots, _ = b
     rng = np.random.default_rng(seed)
     covariate = np.where(rng.random(values.shape[0]) < 0.1, np.nan, rng.normal(300.0, 150.0, values.shape[0]))
-    score = Cusum(50.0, 0.5, 10.0, 3, prior_var=100.0, slope_sd=0.01).update(values, slots, covariate)
-    want = ref_cusum(values, slots, 50.0, 0.5, 10.0, 3, covariate=covariate, prior_var=100.0, slope_sd=0.01)
+    seconds = rng.choice([0.0, 1.0, 2.5, 30.0], values.shape[0])
+    score = Cusum(50.0, 0.5, 10.0, 3, prior_var=100.0, slope_sd=0.01).update(values, slots, covariate, seconds)
+    want = ref_cusum(values, slots, 50.0, 0.5, 10.0, 3, covariate=covariate, prior_var=100.0, slope_sd=0.01,
+                     seconds=seconds)
     np.testing.assert_allclose(score, want, rtol=1e-7, atol=1e-7)
 
 
@@ -213,6 +219,20 @@ def test_cusum_catches_a_slow_drift_that_a_zscore_misses():
     assert (score[:1000] < 1.0).all()
 
 
+def test_cusum_alarms_after_the_same_time_whatever_the_sampling_interval():
+    """A drift read every second or every 30 s (a DCGM exporter's default) alarms about
+    as soon: the sums are in C x seconds, the half-life in seconds."""
+    def first_alarm(interval: float) -> float:
+        t = np.arange(0.0, 4 * 3600.0, interval)
+        rng = np.random.default_rng(1)
+        x = rng.normal(0, 0.3, t.size) + np.where(t > 3600, (t - 3600) / 3600 * 3.0, 0.0)  # 3 C per hour
+        score = Cusum(6 * 3600.0, 1.0, 600.0, 60).update(x, np.zeros(t.size, np.int64), None, np.full(t.size, interval))
+        return float(t[np.argmax(score >= 1.0)])
+    every_second, every_30s = first_alarm(1.0), first_alarm(30.0)
+    assert 3600 < every_second < 3 * 3600
+    assert abs(every_30s - every_second) < 0.1 * (every_second - 3600)
+
+
 def test_cusum_baseline_follows_its_covariate_and_still_catches_a_drift():
     """A value that follows its covariate (a GPU's excess over its siblings with its own
     power, which follows the day) is no drift once the slope is learnt; without the
@@ -223,11 +243,11 @@ def test_cusum_baseline_follows_its_covariate_and_still_catches_a_drift():
     power = 400.0 - 220.0 * np.cos(2 * np.pi * (t / 86400.0)) + rng.normal(0, 30.0, n)
     x = 0.008 * power + rng.normal(0, 0.4, n)  # 3.5 C more at the peak than at the trough
     slots = np.zeros(n, np.int64)
-    args = (2160.0, 1.0, 60.0, 60)             # the detector's 6-h half-life, in samples
-    assert (np.abs(Cusum(*args, prior_var=2500.0).update(x, slots, power)[n // 3:]) < 1.0).all()
-    assert (np.abs(Cusum(*args).update(x, slots)[n // 3:]) >= 1.0).any()
+    args, tens = (6 * 3600.0, 1.0, 600.0, 60), np.full(n, 10.0)   # the detector's settings
+    assert (np.abs(Cusum(*args, prior_var=2500.0).update(x, slots, power, tens)[n // 3:]) < 1.0).all()
+    assert (np.abs(Cusum(*args).update(x, slots, None, tens)[n // 3:]) >= 1.0).any()
     drift = np.where(t > 2 * 86400, (t - 2 * 86400) / 3600.0 * 2.0, 0.0)  # 2 C per hour from day 3
-    score = Cusum(*args, prior_var=2500.0).update(x + drift, slots, power)
+    score = Cusum(*args, prior_var=2500.0).update(x + drift, slots, power, tens)
     first = int(np.argmax(score >= 1.0))
     assert (score[:2 * 86400 // 10] < 1.0).all() and 0 < (first - 2 * 86400 // 10) * 10 < 2 * 3600
 

@@ -89,11 +89,14 @@ def ewma_zscore(values, slots, ts, mean, var, count, last_ts, outliers,
 
 
 @njit(cache=True, nogil=True)
-def cusum(values, covariate, slots, mean, count, s_hi, s_lo, c_mean, c_var, cov,
+def cusum(values, covariate, weight, slots, mean, count, s_hi, s_lo, c_mean, c_var, cov,
           halflife_s, k, h, warmup, cap, prior_var, slope_sd, score_out):
     """Two-sided CUSUM against a slow EW baseline, for drifts too slow for a z-score.
 
-    S+ = max(0, S+ + d - k), S- = max(0, S- - d - k), d = x - baseline;
+    S+ = max(0, S+ + w (d - k)), S- = max(0, S- - w (d + k)), d = x - baseline, w the
+    seconds the sample stands for (its interval): the sums are in units x seconds and
+    the baseline's half-life in seconds, so a series scraped every 30 s (a DCGM
+    exporter) alarms after the same time as one read every second, not 30 times later.
     score_out = S+ / h when S+ leads, else -S- / h: |score| >= 1 is an alarm, its
     sign the direction. The baseline is what x owes to a covariate it moves with
     (the fleet's seasonality: a GPU's excess over its siblings follows its own load,
@@ -103,13 +106,12 @@ def cusum(values, covariate, slots, mean, count, s_hi, s_lo, c_mean, c_var, cov,
     learnt on, the baseline is uncertain by up to slope_sd per unit (the spread of slopes
     a series may have), less as the series shows its own: the slack widens by
     slope_sd |c - c_mean| sqrt(prior_var / (c_var + prior_var)), so a GPU that sat at one
-    load for hours and moves to another is not a drift before its slope is known. The baseline learns only while both
-    sums are zero, so a drift never teaches the baseline to follow it (as the replay
-    scorer learns nothing from outliers). Each sum is clamped at cap * h: once the
-    drift is gone the alarm clears within about cap * h / k samples instead of
-    remembering a finished fault for hours.
+    load for hours and moves to another is not a drift before its slope is known. The
+    baseline learns only while both sums are zero, so a drift never teaches the baseline
+    to follow it (as the replay scorer learns nothing from outliers). Each sum is clamped
+    at cap * h: once the drift is gone the alarm clears within about cap * h / k seconds
+    instead of remembering a finished fault for hours.
     """
-    learn = 1.0 - math.exp(-_LN2 / halflife_s)  # one weight per call: samples are evenly weighted here
     for i in range(values.shape[0]):
         s = slots[i]
         x = values[i]
@@ -135,11 +137,12 @@ def cusum(values, covariate, slots, mean, count, s_hi, s_lo, c_mean, c_var, cov,
         dx = x - mean[s]
         d = dx - cov[s] / (c_var[s] + prior_var) * dc
         slack = k + slope_sd * abs(dc) * math.sqrt(prior_var / (c_var[s] + prior_var))
+        w = weight[i]
         if count[s] >= warmup:
-            s_hi[s] = min(max(0.0, s_hi[s] + d - slack), cap * h)
-            s_lo[s] = min(max(0.0, s_lo[s] - d - slack), cap * h)
+            s_hi[s] = min(max(0.0, s_hi[s] + w * (d - slack)), cap * h)
+            s_lo[s] = min(max(0.0, s_lo[s] - w * (d + slack)), cap * h)
         if s_hi[s] == 0.0 and s_lo[s] == 0.0:
-            a = max(learn, 1.0 / (count[s] + 1.0))
+            a = _alpha(w, halflife_s, count[s])
             mean[s] += a * dx
             if math.isfinite(c_mean[s]):
                 c_mean[s] += a * dc
@@ -488,8 +491,8 @@ def warm_up() -> None:
     i = np.zeros(2, np.int64)
     ewma_zscore(f, i, f, f.copy(), f.copy(), i.copy(), f.copy(), i.copy(), 60.0, 6.0, 2, 10, 0.0, 1e-9,
                 f.copy(), f.copy())
-    cusum(f, f.copy(), i, f.copy(), i.copy(), f.copy(), f.copy(), f.copy(), f.copy(), f.copy(), 60.0, 1.0, 10.0, 2, 2.0,
-          1.0, 0.0, f.copy())
+    cusum(f, f.copy(), f.copy(), i, f.copy(), i.copy(), f.copy(), f.copy(), f.copy(), f.copy(), f.copy(), 60.0, 1.0,
+          10.0, 2, 2.0, 1.0, 0.0, f.copy())
     robust_zscore(f, i, f, f.copy(), f.copy(), i.copy(), f.copy(), 60.0, 2, 0.0, 1e-9, f.copy())
     counter_delta(f, i, f, np.full(2, np.nan), f.copy(), f.copy(), f.copy())
     flatline(f, i, np.full(2, np.nan), i.copy(), i.copy())

@@ -131,15 +131,18 @@ class Cusum:
                                   "cov": (np.float64, 0.0)})
         self._out = Outputs(score=np.float64)
 
-    def update(self, values: np.ndarray, slots: np.ndarray, covariate: np.ndarray | None = None) -> np.ndarray:
+    def update(self, values: np.ndarray, slots: np.ndarray, covariate: np.ndarray | None = None,
+               seconds: np.ndarray | None = None) -> np.ndarray:
         """Signed score per sample: S+/h upwards, -S-/h downwards; |score| >= 1 is an alarm.
-        The baseline regresses on `covariate` (kernels.cusum; NaN or none: explains nothing)."""
+        The baseline regresses on `covariate` (kernels.cusum; NaN or none: explains nothing);
+        `seconds`, what each sample stands for (its interval; none: 1 s each)."""
         self.arrays.ensure(int(slots.max()) + 1 if slots.size else 0)
-        if covariate is None:
-            covariate = np.full(values.shape[0], np.nan)
-        (score,) = self._out.take(values.shape[0])
+        n = values.shape[0]
+        covariate = np.full(n, np.nan) if covariate is None else covariate
+        seconds = np.ones(n) if seconds is None else seconds
+        (score,) = self._out.take(n)
         s = self.arrays
-        kernels.cusum(values, covariate, slots, s.mean, s.count, s.s_hi, s.s_lo, s.c_mean, s.c_var, s.cov,
+        kernels.cusum(values, covariate, seconds, slots, s.mean, s.count, s.s_hi, s.s_lo, s.c_mean, s.c_var, s.cov,
                       *self.params, score)
         return score
 

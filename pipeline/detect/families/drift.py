@@ -25,6 +25,7 @@ POWER_PRIOR_VAR = 50.0 ** 2
 # How far a GPU's rise per watt may be from its siblings' (relative): until its own slope
 # is known, a load it has not run at is that uncertain (kernels.cusum's slope_sd).
 SLOPE_SPREAD = 0.1
+MAX_SAMPLE_S = 60.0  # the most time one sample stands for in the sums (after a silence, not its length)
 
 
 class Drift(Family):
@@ -44,7 +45,8 @@ class Drift(Family):
         slots, view, temp = b.slots, b.siblings, b.metrics["gpu_temp_c"]
         forced = (~(b.metrics["util_gpu"] >= DRIFT_MIN_UTIL) | view.cooling_alerted | b.hot
                   | ((b.reasons & ANY_SLOWDOWN) != 0))
-        score = self.drift.update(np.where(forced, np.nan, view.excess), slots, view.power_eff)
+        seconds = np.clip(np.nan_to_num(b.gap, nan=1.0), 0.0, MAX_SAMPLE_S)
+        score = self.drift.update(np.where(forced, np.nan, view.excess), slots, view.power_eff, seconds)
         excess = view.excess - self.drift.baseline(slots, view.power_eff)
         seen = np.flatnonzero(np.isfinite(score))  # unobserved samples neither raise nor clear it
         hit = (score[seen] >= 1.0) & (excess[seen] > self.config.cusum_slack_c)
