@@ -123,3 +123,20 @@ def test_a_checkpoint_of_version_1_is_read_and_its_points_keep_their_kind(stream
     assert second.inventory.point_classes == first.inventory.point_classes
     assert second.inventory.point.kind[:n].tolist() == first.inventory.point.kind[:n].tolist()
     assert before + alerts(second, ticks[450:]) == reference
+
+
+def test_the_cluster_s_partition_count_places_checkpoints_and_event_time(stream):
+    """A topic created with more partitions than kafka.partitions says: the detector's
+    checkpoints and each rack's event-time clock follow the cluster's count, as the
+    producer's partitioner places the racks' data."""
+    cfg, ticks = stream
+    engine = Engine(cfg)
+    before = alerts(engine, ticks[:5])
+    inv = engine.inventory
+    assert list(inv.rack_partition) == [keys.partition_for(r or s, cfg.kafka.partitions) for s, r in inv.rack_names]
+    checkpoint = Checkpointer(engine, cfg.kafka.partitions)
+    checkpoint.repartition(7)
+    assert list(inv.rack_partition) == [keys.partition_for(r or s, 7) for s, r in inv.rack_names]
+    assert sorted(checkpoint.snapshot(set(range(7)))) == sorted({keys.partition_for(k, 7) for k in ("r01", "r02", "site-a")})
+    assert before + alerts(engine, ticks[5:60]) == alerts(Engine(cfg), ticks[:60])  # one stream: the same alerts
+    assert len(inv.rack_partition) == inv.rack_count

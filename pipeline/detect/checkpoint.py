@@ -78,6 +78,12 @@ class Checkpointer:
         self.partitions = partitions
         self.owner = owner
 
+    def repartition(self, partitions: int) -> None:
+        """The cluster's partition count (not kafka.partitions where they differ): where each
+        entity's checkpoint goes, and the partition whose event time each rack follows."""
+        self.partitions = partitions
+        self.engine.inventory.repartition(partitions)
+
     def partition(self, owners: pa.Array) -> np.ndarray:
         """The partition of each owner key (where its data arrives); -1 for none."""
         return np.fromiter((partition_for(key, self.partitions) if key else -1 for key in owners.to_pylist()),

@@ -21,7 +21,7 @@ log = logging.getLogger("pipeline.detect.engine")
 
 class Inventory:
     def __init__(self, partitions: int = 1) -> None:
-        self.partitions = partitions  # of the bus's rack-keyed topics (kafka.partitions): event time is per partition
+        self.partitions = partitions  # of the bus's rack-keyed topics (repartition): event time is per partition
         self.current: pa.RecordBatch | None = None  # the batch whose new keys are being registered
         # Keys -> slots: GPU UUID, node name, "site/rack", "device/metric".
         self.gpu_ids = KeyIndex(self._new_gpus)
@@ -70,6 +70,13 @@ class Inventory:
             self.rack_site.append(self.site_index.setdefault(site, len(self.site_index)))
             parts.append(partition_for(rack or site, self.partitions))
         self.rack_partition = np.concatenate([self.rack_partition, np.asarray(parts, np.int64)])
+
+    def repartition(self, partitions: int) -> None:
+        """The bus's rack-keyed topics have `partitions` (the cluster's count, which may differ
+        from kafka.partitions): each rack's data travel in the partition that count gives."""
+        self.partitions = partitions
+        self.rack_partition = np.asarray([partition_for(rack or site, partitions) for site, rack in self.rack_names],
+                                         np.int64)
 
     def _new_gpus(self, keys: pa.Array, rows: np.ndarray) -> None:
         b = self.current

@@ -116,7 +116,7 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
 
     async def restore(partitions: set[int]) -> None:
         async with busy:
-            checkpoint.partitions = sub.partition_count(sub.topics[0]) or checkpoint.partitions
+            checkpoint.repartition(sub.partition_count(sub.topics[0]) or checkpoint.partitions)
             latest = await bus.read_latest(Topic.STATE, partitions, key=lambda p: keys.checkpoint_key(p, tier))
             held = [checkpoint.restore(m.value) for m in latest.values()]
             log.info("detect (%s tier): assigned partitions %s; restored the detector state of %s (%d GPUs, %d nodes, "
