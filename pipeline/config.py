@@ -275,6 +275,8 @@ class FlexRule:
     namespace: str = _spec("", doc="glob of the Kubernetes namespace of the pod on the GPU (the samples' namespace, "
                            "from dcgm-exporter's pod mapping); empty = any")
     pod: str = _spec("", doc="glob of the pod on the GPU (the samples' pod); empty = any")
+    feature: str = _spec("", doc="glob of a label of the node (a Slurm feature, with power.node_labels = slurm); "
+                         "empty = any")
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,15 @@ class PowerConfig:
     default_class: int = _spec(2, min=0, max=3, doc="flexibility class of a node no rule names: 0 = never cap its "
                                "GPUs; 1/2/3 = a cap may cost them up to 10/25/50% of their throughput")
     classes: list[FlexRule] = _spec([], doc="classes by node or workload, as [[power.classes]] tables (nodes = GLOB, "
-                                    "namespace = GLOB, pod = GLOB, flex_class = N); the first that matches a GPU wins")
+                                    "namespace = GLOB, pod = GLOB, feature = GLOB, flex_class = N); the first that "
+                                    "matches a GPU wins")
+    node_labels: str = _spec("none", choices=("none", "slurm"),
+                             doc="where nodes' labels for the rules' `feature` come from: slurm = each node's "
+                                 "features, by sinfo (SLURM_CONF names the cluster); until they are first read "
+                                 "every GPU is class 0")
+    sinfo: str = _spec("sinfo", nonempty="give Slurm's sinfo command or its path",
+                       doc="Slurm's sinfo command (power.node_labels = slurm)")
+    node_labels_interval_s: float = _spec(60.0, min=1, max=86400, doc="read the node labels this often")
     headroom_pct: float = _spec(5.0, min=0, max=50, doc="shed this share beyond a request's reduction, for the "
                                 "meter's error")
     baseline_s: float = _spec(300.0, min=10, doc="a request's baseline: the site meter's mean over this long before "

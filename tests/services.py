@@ -392,6 +392,60 @@ class Mosquitto(Service):
         return [self.binary, "-c", str(self.config)]
 
 
+def slurm_binary(name: str) -> str:
+    found = shutil.which(name) or next((f"{d}/{name}" for d in ("/usr/sbin", "/usr/bin") if Path(f"{d}/{name}").exists()),
+                                       None)
+    if found is None:
+        raise RuntimeError(f"the Slurm tests need {name}: install it (Debian/Ubuntu: apt-get install slurmctld "
+                           f"slurm-client)")
+    return found
+
+
+class Slurmctld(Service):
+    """A private slurmctld (no slurmd, no munge: auth/none, for tests only) on a free
+    loopback port, with `nodes` (name -> features) that exist only in its config (DOWN,
+    never contacted). Clients find it by `env` (SLURM_CONF)."""
+
+    name = "slurmctld"
+    stop_timeout_s = 10.0
+
+    def __init__(self, nodes: dict[str, str], workdir: Path | None = None) -> None:
+        super().__init__()
+        self.binary = slurm_binary("slurmctld")
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="slurm-"))
+        for sub in ("state", "spool"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        me = pwd.getpwuid(os.getuid()).pw_name
+        d = self.dir
+        self.config = d / "slurm.conf"
+        self.config.write_text("\n".join([
+            "ClusterName=fleetwatch-test",
+            f"SlurmctldHost={socket.gethostname().split('.')[0]}",  # slurmctld starts only where it names itself
+            f"SlurmUser={me}", f"SlurmdUser={me}",
+            f"SlurmctldPort={self.port}", f"SlurmdPort={free_port()}",
+            "AuthType=auth/none", "CredType=cred/none", "MailProg=/bin/true",
+            f"StateSaveLocation={d / 'state'}", f"SlurmdSpoolDir={d / 'spool'}",
+            f"SlurmctldPidFile={d / 'slurmctld.pid'}", f"SlurmdPidFile={d / 'slurmd.pid'}",
+            f"SlurmctldLogFile={d / 'slurmctld.log'}",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
+            "SchedulerType=sched/builtin", "SelectType=select/cons_tres",
+            "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
+            "JobAcctGatherType=jobacct_gather/none", "ReturnToService=0",
+            # NodeAddr: a name that does not resolve costs slurmctld ~10 s at start, then hides the node.
+            *(f"NodeName={n} NodeAddr=127.0.0.1 CPUs=1 RealMemory=1000 State=DOWN Reason=test"
+              + (f" Features={f}" if f else "") for n, f in nodes.items()),
+            "PartitionName=gpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+        ]) + "\n")
+        self.env = {**os.environ, "SLURM_CONF": str(self.config)}
+
+    def command(self) -> list[str]:
+        return [self.binary, "-D", "-c", "-f", str(self.config)]
+
+    def scontrol(self, *args: str) -> None:
+        subprocess.run([slurm_binary("scontrol"), *args], env=self.env, check=True, capture_output=True, timeout=30)
+
+
 class _ReceiverServer(ThreadingHTTPServer):
     daemon_threads = True
 

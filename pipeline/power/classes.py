@@ -6,7 +6,9 @@ on the GPU as the samples carry it (`namespace`, `pod`: dcgm-exporter's pod mapp
 gpu_sample's workload columns), so a class can follow a job rather than a machine: an
 inference namespace never capped on any node, a batch namespace capped deeply. A GPU's
 class is taken again from each of its samples where a rule names a workload (jobs come and
-go), once per GPU otherwise.
+go), once per GPU otherwise. A rule may also name a label of the node (`feature`: a Slurm
+feature, power/node_labels.py); where labels are configured and not read yet, every GPU is
+class 0.
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ class FlexClasses:
         self.rules, self.default = settings.classes, settings.default_class
         self.by_workload = any(r.namespace or r.pod for r in self.rules)  # classes change with the jobs
         self._known: dict[str, int] = {}  # key -> class: a fleet has few distinct ones
+        self.node_labels: dict[str, frozenset[str]] = {}
+        self.labels_known = settings.node_labels == "none"  # a source configured and not read yet: class 0
+        self.version = 0  # bumped when the labels change: every GPU's class is taken again
+
+    def set_node_labels(self, labels: dict[str, frozenset[str]]) -> bool:
+        """Every node's labels, as the source read them; whether any class may have changed."""
+        if self.labels_known and labels == self.node_labels:
+            return False
+        self.node_labels, self.labels_known = labels, True
+        self._known.clear()
+        self.version += 1
+        return True
 
     def of(self, node: str, namespace: str | None = None, pod: str | None = None) -> int:
         """A GPU several pods share (dcgm-exporter lists them comma-separated, in the same order
@@ -37,10 +51,14 @@ class FlexClasses:
         return min(self._of_one(node, n.strip(), q.strip()) for n, q in pairs)
 
     def _of_one(self, node: str, namespace: str, pod: str) -> int:
+        if not self.labels_known:
+            return 0
+        labels = self.node_labels.get(node, frozenset())
         for rule in self.rules:
             if (fnmatch.fnmatchcase(node, rule.nodes or "*")
                     and (not rule.namespace or fnmatch.fnmatchcase(namespace, rule.namespace))
-                    and (not rule.pod or fnmatch.fnmatchcase(pod, rule.pod))):
+                    and (not rule.pod or fnmatch.fnmatchcase(pod, rule.pod))
+                    and (not rule.feature or any(fnmatch.fnmatchcase(f, rule.feature) for f in labels))):
                 return rule.flex_class
         return self.default
 

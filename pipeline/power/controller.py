@@ -151,6 +151,7 @@ class GpuTable:
         self.node_ix = np.zeros(0, np.int64)  # each GPU's node, numbered
         self._node_ids: dict[str, int] = {}
         self.flex = np.zeros(0, np.int64)
+        self._classes_version = classes.version
         self.slots = np.zeros(0, np.int64)  # the last batch's rows' slots
         self._batch: pa.RecordBatch | None = None
 
@@ -187,6 +188,10 @@ class GpuTable:
         self.job_mem[slots[~busy & ~self.paused[slots]]] = 0.0  # the job freed its memory: over
         self.limit_w[slots] = limit
         self.slots = np.asarray(slots, np.int64)
+        if self.classes.version != self._classes_version:  # the nodes' labels changed: every GPU's class again
+            self._classes_version = self.classes.version
+            by_node = {node: self.classes.of(node) for node in set(self.nodes)}
+            self.flex[:] = [by_node[node] for node in self.nodes]
         if self.classes.by_workload:  # the job on a GPU changes, and its class with it
             self.flex[slots] = self.classes.of_rows(batch)
 

@@ -54,6 +54,7 @@ from pipeline.detect.catalog import raised
 from pipeline.model import POWER_REQUEST_REPORT, alerts_to_batch, iso_utc
 from pipeline.power.controller import Controller, Outcome
 from pipeline.power.curve import from_recording
+from pipeline.power.node_labels import poller_for
 from pipeline.power.request import PowerRequest, Rejected, validate
 from pipeline.power.store import NOT_STARTED, OPEN, Change, Entry, RequestStore, request_store, when
 
@@ -115,6 +116,7 @@ class PowerRole:
         self.site = cfg.fleet.site
         self.dry_run = cfg.power.dry_run if dry_run is None else dry_run
         self.ctl = Controller(self.site, from_recording(), actuator, cfg.power, cfg.detect.site_power_cap_w)
+        self.labels = poller_for(cfg.power, self.ctl.classes)  # nodes' labels for the classes (Slurm features)
         self.tracked: dict[str, Tracked] = {}
         self.now: datetime | None = None       # the data's time: the newest GPU or facility reading
         self.next_step: datetime | None = None
@@ -313,6 +315,8 @@ class PowerRole:
     async def tick(self) -> None:
         """After each read: new requests, a control step when one is due, the status file, the
         store's changes (and its pruning when due), written off the event loop."""
+        if self.labels is not None:
+            self.labels.poll()
         await self.poll_store()  # (also the requests that wait for the fleet to be known)
         prune = None
         if self.now is not None:
@@ -503,6 +507,8 @@ class PowerRole:
         """The process stops: every cap restored (sent), alerts resolved; the store keeps what is
         not over, and the next start resumes it."""
         now = self.clock()
+        if self.labels is not None:
+            await self.labels.close()
         self.ctl.stop()
         await self._send_caps(now)
         for t in self.tracked.values():
@@ -538,6 +544,7 @@ class PowerRole:
                 "gpus": len(ctl.gpus.uuids), "site_kw": _r(ctl.meter[-1][1]) if ctl.meter else None,
                 "flexible_kw": _r(ctl.flexible_kw()) if ctl.gpus.uuids else None, "phase": ctl.phase,
                 "grid_signal_rejected": self.signals_rejected, "grid_signal_last_rejection": self.last_signal_rejection,
+                **({"node_labels": self.labels.status()} if self.labels is not None else {}),
                 "requests": {i: self.live(t) for i, t in self.tracked.items()}}
 
     def write_status(self) -> None:

@@ -1,0 +1,156 @@
+"""Flexibility classes from node labels (power/node_labels.py): Slurm's node features, read
+by sinfo from a real slurmctld, set the classes of a rule's `feature`; the labels follow
+`scontrol update`; a scheduler that cannot answer keeps the labels last read, and before the
+first read every GPU is class 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+import pytest
+
+from pipeline.config import FlexRule, PowerConfig
+from pipeline.model import GPU_SAMPLE
+from pipeline.power.actuator import Actuator
+from pipeline.power.classes import FlexClasses
+from pipeline.power.controller import Controller
+from pipeline.power.curve import from_recording
+from pipeline.power.node_labels import LabelPoller, LabelsUnavailable, SlurmFeatures, parse_sinfo
+from tests.conftest import make_config
+from tests.services import Slurmctld
+from tests.test_batching import of_schema
+
+RULES = [FlexRule(feature="noflex", flex_class=0), FlexRule(feature="flex[1-3]", flex_class=3),
+         FlexRule("r02-*", 1)]
+NODES = {"r01-n01": "noflex", "r01-n02": "flex3,ib", "r01-n03": "", "r02-n01": "flex1", "r02-n02": ""}
+
+
+def test_sinfo_lines_become_each_nodes_labels():
+    text = "r01-n01|flex3\nr01-n02|(null)\nr01-n01|flex3,ib\nr02-n01|gpu, flex1\n\n"  # a node per partition
+    assert parse_sinfo(text) == {"r01-n01": frozenset({"flex3", "ib"}), "r01-n02": frozenset(),
+                                 "r02-n01": frozenset({"gpu", "flex1"})}
+
+
+def test_a_feature_rule_matches_a_label_of_the_node_and_nothing_is_capped_before_they_are_read():
+    c = FlexClasses(PowerConfig(default_class=2, classes=RULES, node_labels="slurm"))
+    assert [c.of(n) for n in NODES] == [0, 0, 0, 0, 0]  # not read yet: never capped on a guess
+    assert c.set_node_labels(parse_sinfo("\n".join(f"{n}|{f}" for n, f in NODES.items())))
+    assert [c.of(n) for n in NODES] == [0, 3, 2, 3, 1]
+    assert c.of("r09-n01") == 2  # a node the scheduler does not know: the default
+    assert not c.set_node_labels(c.node_labels)  # the same labels again: nothing to take again
+    without = FlexClasses(PowerConfig(default_class=2, classes=RULES))  # no source: labels are none, known
+    assert [without.of(n) for n in NODES] == [2, 2, 2, 1, 1]
+
+
+@pytest.fixture()
+def slurm(tmp_path):
+    ctl = Slurmctld(NODES, tmp_path / "slurm").start(timeout_s=60)
+    yield ctl
+    ctl.close()
+
+
+async def _read(source: SlurmFeatures, tries: int = 100):
+    """sinfo, until slurmctld (listening) answers."""
+    for _ in range(tries):
+        try:
+            return await source.fetch()
+        except LabelsUnavailable:
+            await asyncio.sleep(0.1)
+    return await source.fetch()
+
+
+def test_slurm_features_are_read_from_slurmctld_and_follow_scontrol_update(slurm):
+    source = SlurmFeatures(env=slurm.env)
+    labels = asyncio.run(_read(source))
+    assert labels == {n: frozenset(f.split(",")) if f else frozenset() for n, f in NODES.items()}
+    slurm.scontrol("update", "NodeName=r01-n03", "AvailableFeatures=flex2", "ActiveFeatures=flex2")
+    assert asyncio.run(source.fetch())["r01-n03"] == {"flex2"}
+
+
+def test_a_slurmctld_that_does_not_answer_keeps_the_labels_last_read_and_says_so_once(slurm, caplog):
+    class Nowhere(Actuator):
+        def apply(self, caps):
+            pass
+    cfg = make_config(power={"node_labels": "slurm", "classes": [{"feature": "noflex", "flex_class": 0},
+                                                                 {"feature": "flex3", "flex_class": 3}]}).power
+    ctl = Controller("site-a", from_recording(), Nowhere(), cfg)
+    now = [0.0]
+    poller = LabelPoller(SlurmFeatures(env=slurm.env, timeout_s=2), ctl.classes, 60.0, clock=lambda: now[0])
+    batch = of_schema(GPU_SAMPLE, node=list(NODES), gpu_uuid=[f"GPU-{i}" for i in range(len(NODES))],
+                      power_w=[650.0] * len(NODES), util_gpu=[0.9] * len(NODES), power_limit_w=[700.0] * len(NODES))
+
+    async def run_poller(steps: int) -> None:
+        for _ in range(steps):
+            poller.poll()
+            await asyncio.sleep(0.05)
+        for _ in range(200):  # the fetch in flight, taken
+            if poller._task is None or poller._task.done():
+                break
+            await asyncio.sleep(0.05)
+        poller.poll()
+        now[0] += 61.0
+
+    async def scenario() -> None:
+        ctl.observe_gpus(batch)
+        assert ctl.gpus.flex.tolist() == [0] * 5 and np.isclose(ctl.flexible_kw(), 0.0)  # not read yet
+        for _ in range(100):
+            await run_poller(1)
+            if poller.reads:
+                break
+        ctl.observe_gpus(batch)
+        assert ctl.gpus.flex.tolist() == [0, 3, 2, 2, 2]
+        slurm.stop()
+        with caplog.at_level(logging.WARNING, logger="pipeline.power"):
+            for _ in range(3):
+                await run_poller(1)
+        ctl.observe_gpus(batch)
+        assert ctl.gpus.flex.tolist() == [0, 3, 2, 2, 2]  # the labels last read stand
+        warned = [r.getMessage() for r in caplog.records if "node labels from slurm" in r.getMessage()]
+        assert len(warned) == 1 and "the labels last read stand" in warned[0], warned
+        assert poller.failures == 3
+        assert poller.status() == {"source": "slurm", "read": True, "nodes": 5, "reads": 1, "failures": 3,
+                                   "failing": poller.failure}
+        assert "did not answer within 2 s" in poller.failure or "exited with" in poller.failure
+        await poller.close()
+    asyncio.run(scenario())
+
+
+def test_sinfo_missing_is_an_error_that_says_what_to_do():
+    with pytest.raises(LabelsUnavailable, match="install Slurm's client .* or set power.sinfo"):
+        asyncio.run(SlurmFeatures(sinfo="/nonexistent/sinfo").fetch())
+
+
+def test_the_power_role_never_caps_a_node_slurm_protects(tmp_path, monkeypatch):
+    """The role reads the features in its loop: a request caps the fleet, never the GPUs of
+    r01-n07 and r02-n06 (feature noflex: class 0), which it caps without the labels (the
+    default class, 3, lets the plan take them: they are among its cheapest)."""
+    from tests.test_power_role import Harness
+    slurm = Slurmctld({"r01-n07": "noflex", "r02-n06": "ib,noflex", "r01-n05": "flex3"}, tmp_path / "slurm").start()
+    try:
+        monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
+        plain = Harness(tmp_path / "plain")
+        labelled = Harness(tmp_path / "labelled", node_labels="slurm", classes=[{"feature": "noflex", "flex_class": 0}])
+
+        async def scenario(h: Harness) -> np.ndarray:  # one event loop, as in the daemon: sinfo runs beside the ticks
+            if h.role.labels is not None:
+                for _ in range(600):
+                    await h.advance(1)
+                    if h.role.labels.reads:
+                        break
+                    await asyncio.sleep(0.05)
+                assert h.role.labels.reads and h.role.ctl.classes.node_labels["r02-n06"] == {"ib", "noflex"}
+            await h.advance(90)
+            h.ask(reduction_pct=8)
+            await h.advance(120)
+            caps = h.sim.caps.copy()
+            await h.role.close()
+            return caps
+        protected = np.isin(np.array(plain.sim.node_names)[plain.sim.gpu_node], ["r01-n07", "r02-n06"])
+        without = asyncio.run(scenario(plain))
+        assert (without[protected] < 700).any()  # the plan takes them when nothing says no
+        caps = asyncio.run(scenario(labelled))
+        assert (caps[protected] == 700).all() and (caps[~protected] < 700).any()
+    finally:
+        slurm.close()
