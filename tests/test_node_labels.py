@@ -39,6 +39,7 @@ def test_a_feature_rule_matches_a_label_of_the_node_and_nothing_is_capped_before
     assert c.set_node_labels(parse_sinfo("\n".join(f"{n}|{f}" for n, f in NODES.items())))
     assert [c.of(n) for n in NODES] == [0, 3, 2, 3, 1]
     assert c.of("r09-n01") == 2  # a node the scheduler does not know: the default
+    assert c.of("r01-n02.dc1.example.com") == 3  # samples with the full host name, Slurm with the short one
     assert not c.set_node_labels(c.node_labels)  # the same labels again: nothing to take again
     without = FlexClasses(PowerConfig(default_class=2, classes=RULES))  # no source: labels are none, known
     assert [without.of(n) for n in NODES] == [2, 2, 2, 1, 1]

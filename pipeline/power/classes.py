@@ -53,7 +53,8 @@ class FlexClasses:
     def _of_one(self, node: str, namespace: str, pod: str) -> int:
         if not self.labels_known:
             return 0
-        labels = self.node_labels.get(node, frozenset())
+        # Slurm names nodes by their short host name; samples may carry the full one.
+        labels = self.node_labels.get(node) or self.node_labels.get(node.split(".", 1)[0], frozenset())
         for rule in self.rules:
             if (fnmatch.fnmatchcase(node, rule.nodes or "*")
                     and (not rule.namespace or fnmatch.fnmatchcase(namespace, rule.namespace))
