@@ -126,13 +126,17 @@ def test_sinfo_missing_is_an_error_that_says_what_to_do():
 def test_the_power_role_never_caps_a_node_slurm_protects(tmp_path, monkeypatch):
     """The role reads the features in its loop: a request caps the fleet, never the GPUs of
     r01-n07 and r02-n06 (feature noflex: class 0), which it caps without the labels (the
-    default class, 3, lets the plan take them: they are among its cheapest)."""
+    default class, 3, lets the plan take them: they are among its cheapest). A node marked
+    noflex during the request has its caps lifted at the next read."""
     from tests.test_power_role import Harness
-    slurm = Slurmctld({"r01-n07": "noflex", "r02-n06": "ib,noflex", "r01-n05": "flex3"}, tmp_path / "slurm").start()
+    slurm = Slurmctld({"r01-n07": "noflex", "r02-n06": "ib,noflex", "r01-n05": "flex3", "r02-n08": "flex3"},
+                      tmp_path / "slurm").start()
     try:
         monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
         plain = Harness(tmp_path / "plain")
-        labelled = Harness(tmp_path / "labelled", node_labels="slurm", classes=[{"feature": "noflex", "flex_class": 0}])
+        labelled = Harness(tmp_path / "labelled", node_labels="slurm", node_labels_interval_s=1,
+                           classes=[{"feature": "noflex", "flex_class": 0}])
+        late = np.array(plain.sim.node_names)[plain.sim.gpu_node] == "r02-n08"
 
         async def scenario(h: Harness) -> np.ndarray:  # one event loop, as in the daemon: sinfo runs beside the ticks
             if h.role.labels is not None:
@@ -146,6 +150,16 @@ def test_the_power_role_never_caps_a_node_slurm_protects(tmp_path, monkeypatch):
             h.ask(reduction_pct=8)
             await h.advance(120)
             caps = h.sim.caps.copy()
+            if h.role.labels is not None:
+                assert (caps[late] < 700).all()  # r02-n08 (flex3) is capped, until its scheduler says no
+                slurm.scontrol("update", "NodeName=r02-n08", "AvailableFeatures=noflex", "ActiveFeatures=noflex")
+                for _ in range(600):  # until the role has read the change (a read a second, wall time)
+                    await h.advance(1)
+                    if h.role.ctl.classes.node_labels["r02-n08"] == {"noflex"}:
+                        break
+                    await asyncio.sleep(0.05)
+                await h.advance(2 * int(h.cfg.power.control_interval_s))  # the next plan, not some later one
+                assert (h.sim.caps[late] == 700).all()
             await h.role.close()
             return caps
         protected = np.isin(np.array(plain.sim.node_names)[plain.sim.gpu_node], ["r01-n07", "r02-n06"])

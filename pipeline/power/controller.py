@@ -260,7 +260,8 @@ class Controller:
         self.bias_n = 0                      # readings since the caps last changed
         self.residual: deque[tuple[float, float]] = deque()  # (s from start, kW): each reading less the
                                              # caps' expected reduction then
-        self.planned_on: tuple[np.ndarray, np.ndarray] | None = None  # (steady, sensitivities) of the last plan
+        # (steady, sensitivities, classes) of the last plan
+        self.planned_on: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.changed_at: datetime | None = None
         self.last_step: datetime | None = None
 
@@ -527,7 +528,7 @@ class Controller:
         snapshot = self._snapshot(req.racks)
         want = out.requested_kw * 1000.0
         p = plan(snapshot, want + self.extra_w, self.curve, headroom_w=want * self.s.headroom_pct / 100.0)
-        self.planned_on = (self._shedding(), self.learner.upper())
+        self.planned_on = (self._shedding(), self.learner.upper(), self.gpus.flex.copy())
         caps = {}
         new = np.full(self.cap.size, np.nan)
         new[mine] = self._probe(snapshot, p.cap_w, mine)
@@ -627,10 +628,10 @@ class Controller:
         """Whether the plan's inputs moved: jobs that joined or ended, curves learned since."""
         if self.planned_on is None:
             return True
-        steady, sens = self.planned_on
+        steady, sens, flex = self.planned_on
         now = self._shedding()
-        if steady.size != now.size or np.any(steady != now):
-            return True
+        if steady.size != now.size or np.any(steady != now) or np.any(flex != self.gpus.flex[:flex.size]):
+            return True  # (a class changed: a node's labels said so, or a job of another class came)
         return bool(np.any(np.abs(self.learner.upper()[: sens.size] - sens) > RELEARNED))
 
     def _restore_step(self, now: datetime) -> None:
