@@ -479,10 +479,22 @@ def power_table(doc: dict[str, Any], path: Path) -> str:
                      f"{role['gpus']} GPUs, flexible {kw(role.get('flexible_kw'))} kW, {role['phase']}"
                      + (", dry run" if role.get("dry_run") else "")
                      + (f"; grid-signal requests rejected: {role['grid_signal_rejected']} (last: "
-                        f"{role['grid_signal_last_rejection']})" if role.get("grid_signal_rejected") else ""))
+                        f"{role['grid_signal_last_rejection']})" if role.get("grid_signal_rejected") else "")
+                     + _labels_line(role.get("node_labels")))
     else:
         lines.append("the power role has not run on this data directory yet: requests stay pending until it does")
     return "\n".join(lines)
+
+
+def _labels_line(labels: dict | None) -> str:
+    """The classes' node labels, where a source is configured: read, or why not."""
+    if not labels:
+        return ""
+    if not labels["read"]:
+        return (f"; node labels from {labels['source']} not read yet ({labels['failing'] or 'reading'}): every GPU "
+                f"is class 0")
+    return (f"; node labels from {labels['source']}: {labels['nodes']} nodes"
+            + (f" (the last read failed: {labels['failing']}; the labels before stand)" if labels["failing"] else ""))
 
 
 def power_report(args: argparse.Namespace) -> int:

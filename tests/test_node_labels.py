@@ -18,7 +18,7 @@ from pipeline.power.classes import FlexClasses
 from pipeline.power.controller import Controller
 from pipeline.power.curve import from_recording
 from pipeline.power.node_labels import LabelPoller, LabelsUnavailable, SlurmFeatures, parse_sinfo
-from tests.conftest import make_config
+from tests.conftest import fleetwatch, make_config
 from tests.services import Slurmctld
 from tests.test_batching import of_schema
 
@@ -167,5 +167,23 @@ def test_the_power_role_never_caps_a_node_slurm_protects(tmp_path, monkeypatch):
         assert (without[protected] < 700).any()  # the plan takes them when nothing says no
         caps = asyncio.run(scenario(labelled))
         assert (caps[protected] == 700).all() and (caps[~protected] < 700).any()
+        shown = fleetwatch("power", "status", "--data-dir", labelled.cfg.data_dir)
+        assert shown.returncode == 0 and "node labels from slurm: 4 nodes" in shown.stdout, shown.stdout
     finally:
         slurm.close()
+
+
+def test_power_status_says_when_the_labels_were_never_read():
+    """sinfo missing from the start: every GPU is class 0, and the status line says why."""
+    from pipeline.cli import _labels_line
+    classes = FlexClasses(PowerConfig(classes=RULES, node_labels="slurm"))
+    poller = LabelPoller(SlurmFeatures(sinfo="/nonexistent/sinfo"), classes, 60.0)
+
+    async def once() -> None:
+        poller.poll()
+        await asyncio.gather(poller._task, return_exceptions=True)
+        poller.poll()
+    asyncio.run(once())
+    line = _labels_line(poller.status())
+    assert line.startswith("; node labels from slurm not read yet (cannot run '/nonexistent/sinfo'")
+    assert line.endswith("every GPU is class 0") and classes.of("r01-n02") == 0
