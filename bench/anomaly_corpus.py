@@ -55,7 +55,7 @@ def previous(ts: np.ndarray, values: np.ndarray) -> np.ndarray:
     ze, _ = EwmaZ(20.0, 6.0, 20, 15, min_sd_rel=1e-3, min_sd_abs=1e-9).update(x, slots, t)
     zr = RobustZ(20.0, 20, min_sd_rel=1e-3, min_sd_abs=1e-9).update(x, slots, t)
     z = np.clip(np.nan_to_num(np.where(2.0 * np.abs(zr) < np.abs(ze), zr, ze), nan=0.0), -1e6, 1e6)
-    cus = Cusum(80.0, 1.5, 15.0, 20).update(np.where(np.isfinite(x), np.clip(z, -6.0, 6.0), np.nan), slots)
+    cus, _ = Cusum(80.0, 1.5, 15.0, 20).update(np.where(np.isfinite(x), np.clip(z, -6.0, 6.0), np.nan), slots)
     s = np.nan_to_num(np.abs(cus), nan=0.0) * 15.0
     score = np.where(np.isfinite(x), np.maximum(z * z / (z * z + 4.5 ** 2), s * s / (s * s + 15.0 ** 2)), 0.0)
     out = np.empty_like(score)

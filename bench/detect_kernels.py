@@ -191,7 +191,7 @@ def main() -> None:
     for x, s, t in batches:
         z, _ = ewma.update(x, s, t)
         assert np.allclose(z, nz.update(x, s, t), equal_nan=True, rtol=1e-9, atol=1e-9), "numpy EWMA differs"
-        assert np.allclose(cus.update(x, s), nc.update(x, s), equal_nan=True, rtol=1e-9, atol=1e-9), \
+        assert np.allclose(cus.update(x, s)[0], nc.update(x, s), equal_nan=True, rtol=1e-9, atol=1e-9), \
             "numpy CUSUM differs"
         assert np.allclose(rob.update(x, s, t), nr.update(x, s, t), equal_nan=True, rtol=1e-9, atol=1e-9), \
             "numpy robust z differs"

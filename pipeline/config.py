@@ -59,8 +59,8 @@ class FleetConfig:
                             "swinging power in lockstep across racks, checkpoint stalls, rolling reboots and driver "
                             "upgrades (labelled normal events), sensor noise, quantization, dropouts, recalibration "
                             "steps, a 5% spread in the GPUs' temperature rise per watt and node clocks skewed by up "
-                            "to 3 s (sources/simulate.py); simple is the steady "
-                            "fleet of before, reading exact values on one clock")
+                            "to 3 s (sources/simulate.py); simple is the steady fleet of before, reading exact "
+                            "values on one clock")
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ class DetectConfig:
     warmup_samples: int = _spec(60, min=2, doc="samples a series needs before it can alert")
     relearn_samples: int = _spec(3600, min=10, doc="consecutive outliers after which a baseline relearns")
     cusum_slack_c: float = _spec(1.0, min=0, doc="CUSUM slack k for thermal drift (C)")
-    cusum_limit: float = _spec(600.0, min=1, doc="CUSUM decision limit h (C x seconds: the same time to alert at any scrape interval)")
+    cusum_limit: float = _spec(600.0, min=1, doc="CUSUM decision limit h (C x seconds: the same time to alert at "
+                               "any scrape interval)")
     drift_confirm_samples: int = _spec(60, min=1, doc="samples a drift must hold before it alerts (drifts are slow)")
     cap_not_binding_ratio: float = _spec(0.9, min=0.1, max=1.0, doc="a busy GPU under a power cap drawing less than "
                                          "this share of it, without reason 0x4, saves nothing (PowerCapNotBinding)")

@@ -147,10 +147,10 @@ def test_robust_zscore_flags_a_level_shift_then_follows_it():
 
 def ref_cusum(values, slots, halflife, k, h, warmup, cap=2.0, covariate=None, prior_var=1.0, slope_sd=0.0,
               seconds=None):
-    """The CUSUM one sample at a time, its baseline an EW ridge regression on the covariate,
-    each sample weighted by the seconds it stands for."""
+    """(scores, baselines): the CUSUM one sample at a time, its baseline an EW ridge regression
+    on the covariate, each sample weighted by the seconds it stands for."""
     st_ = {}
-    out = []
+    out, bases = [], []
     if covariate is None:
         covariate = np.full(len(values), math.nan)
     if seconds is None:
@@ -158,6 +158,7 @@ def ref_cusum(values, slots, halflife, k, h, warmup, cap=2.0, covariate=None, pr
     for x, s, c, w in zip(values, slots, covariate, seconds):
         if not math.isfinite(x):
             out.append(math.nan)
+            bases.append(math.nan)
             continue
         m = st_.setdefault(s, {"count": 0, "cm": math.nan})
         if not math.isfinite(m["cm"]):
@@ -167,10 +168,13 @@ def ref_cusum(values, slots, halflife, k, h, warmup, cap=2.0, covariate=None, pr
         if m["count"] == 0:
             m.update(mean=x, count=1, hi=0.0, lo=0.0)
             out.append(0.0)
+            bases.append(x)
             continue
         dc = c - m["cm"] if math.isfinite(m["cm"]) else 0.0
         dx = x - m["mean"]
-        d = dx - m["cov"] / (m["cv"] + prior_var) * dc
+        explained = m["cov"] / (m["cv"] + prior_var) * dc
+        bases.append(m["mean"] + explained)
+        d = dx - explained
         slack = k + slope_sd * abs(dc) * math.sqrt(prior_var / (m["cv"] + prior_var))
         if m["count"] >= warmup:
             m["hi"] = min(max(0.0, m["hi"] + w * (d - slack)), cap * h)
@@ -184,15 +188,15 @@ def ref_cusum(values, slots, halflife, k, h, warmup, cap=2.0, covariate=None, pr
                 m["cov"] = (1 - a) * (m["cov"] + a * dx * dc)
             m["count"] += 1
         out.append(m["hi"] / h if m["hi"] >= m["lo"] else -m["lo"] / h)
-    return np.array(out)
+    return np.array(out), np.array(bases)
 
 
 @settings(max_examples=200, deadline=None)
 @given(batches())
 def test_cusum_matches_reference(b):
     values, slots, _ = b
-    score = Cusum(50.0, 0.5, 10.0, 3).update(values, slots)
-    np.testing.assert_allclose(score, ref_cusum(values, slots, 50.0, 0.5, 10.0, 3), rtol=1e-9, atol=1e-9)
+    score, _ = Cusum(50.0, 0.5, 10.0, 3).update(values, slots)
+    np.testing.assert_allclose(score, ref_cusum(values, slots, 50.0, 0.5, 10.0, 3)[0], rtol=1e-9, atol=1e-9)
 
 
 @settings(max_examples=200, deadline=None)
@@ -202,10 +206,11 @@ def test_cusum_with_a_covariate_matches_reference(b, seed):
     rng = np.random.default_rng(seed)
     covariate = np.where(rng.random(values.shape[0]) < 0.1, np.nan, rng.normal(300.0, 150.0, values.shape[0]))
     seconds = rng.choice([0.0, 1.0, 2.5, 30.0], values.shape[0])
-    score = Cusum(50.0, 0.5, 10.0, 3, prior_var=100.0, slope_sd=0.01).update(values, slots, covariate, seconds)
-    want = ref_cusum(values, slots, 50.0, 0.5, 10.0, 3, covariate=covariate, prior_var=100.0, slope_sd=0.01,
-                     seconds=seconds)
+    score, base = Cusum(50.0, 0.5, 10.0, 3, prior_var=100.0, slope_sd=0.01).update(values, slots, covariate, seconds)
+    want, want_base = ref_cusum(values, slots, 50.0, 0.5, 10.0, 3, covariate=covariate, prior_var=100.0,
+                                slope_sd=0.01, seconds=seconds)
     np.testing.assert_allclose(score, want, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(base, want_base, rtol=1e-7, atol=1e-7)
 
 
 def test_cusum_catches_a_slow_drift_that_a_zscore_misses():
@@ -213,7 +218,7 @@ def test_cusum_catches_a_slow_drift_that_a_zscore_misses():
     rng = np.random.default_rng(0)
     x = rng.normal(0, 0.5, n) + np.where(np.arange(n) > 1000, (np.arange(n) - 1000) * 0.002, 0.0)
     slots = np.zeros(n, np.int64)
-    score = Cusum(3600.0, 1.0, 100.0, 60).update(x, slots)
+    score, _ = Cusum(3600.0, 1.0, 100.0, 60).update(x, slots)
     first = int(np.argmax(score >= 1.0))
     assert 1000 < first < 2500
     assert (score[:1000] < 1.0).all()
@@ -226,7 +231,8 @@ def test_cusum_alarms_after_the_same_time_whatever_the_sampling_interval():
         t = np.arange(0.0, 4 * 3600.0, interval)
         rng = np.random.default_rng(1)
         x = rng.normal(0, 0.3, t.size) + np.where(t > 3600, (t - 3600) / 3600 * 3.0, 0.0)  # 3 C per hour
-        score = Cusum(6 * 3600.0, 1.0, 600.0, 60).update(x, np.zeros(t.size, np.int64), None, np.full(t.size, interval))
+        score, _ = Cusum(6 * 3600.0, 1.0, 600.0, 60).update(x, np.zeros(t.size, np.int64), None,
+                                                             np.full(t.size, interval))
         return float(t[np.argmax(score >= 1.0)])
     every_second, every_30s = first_alarm(1.0), first_alarm(30.0)
     assert 3600 < every_second < 3 * 3600
@@ -244,10 +250,10 @@ def test_cusum_baseline_follows_its_covariate_and_still_catches_a_drift():
     x = 0.008 * power + rng.normal(0, 0.4, n)  # 3.5 C more at the peak than at the trough
     slots = np.zeros(n, np.int64)
     args, tens = (6 * 3600.0, 1.0, 600.0, 60), np.full(n, 10.0)   # the detector's settings
-    assert (np.abs(Cusum(*args, prior_var=2500.0).update(x, slots, power, tens)[n // 3:]) < 1.0).all()
-    assert (np.abs(Cusum(*args).update(x, slots, None, tens)[n // 3:]) >= 1.0).any()
+    assert (np.abs(Cusum(*args, prior_var=2500.0).update(x, slots, power, tens)[0][n // 3:]) < 1.0).all()
+    assert (np.abs(Cusum(*args).update(x, slots, None, tens)[0][n // 3:]) >= 1.0).any()
     drift = np.where(t > 2 * 86400, (t - 2 * 86400) / 3600.0 * 2.0, 0.0)  # 2 C per hour from day 3
-    score = Cusum(*args, prior_var=2500.0).update(x + drift, slots, power, tens)
+    score, _ = Cusum(*args, prior_var=2500.0).update(x + drift, slots, power, tens)
     first = int(np.argmax(score >= 1.0))
     assert (score[:2 * 86400 // 10] < 1.0).all() and 0 < (first - 2 * 86400 // 10) * 10 < 2 * 3600
 
@@ -255,7 +261,7 @@ def test_cusum_baseline_follows_its_covariate_and_still_catches_a_drift():
 def test_cusum_forgets_a_finished_drift():
     """Clamped at cap * h: after the level returns, the alarm clears within ~cap * h / k samples."""
     x = np.r_[np.zeros(200), np.full(3000, 5.0), np.zeros(400)]
-    score = Cusum(3600.0, 1.0, 100.0, 60, cap=2.0).update(x, np.zeros(x.size, np.int64))
+    score, _ = Cusum(3600.0, 1.0, 100.0, 60, cap=2.0).update(x, np.zeros(x.size, np.int64))
     assert score[3199] == 2.0           # saturated at the cap, not at 3000 x 4
     assert (score[3200 + 201:] < 1.0).all()
 

@@ -194,7 +194,8 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "whose cold plate conducts a little worse than its siblings' runs further above them at "
                         "full power than at low power, and its load follows the day, so a constant baseline would "
                         "call every afternoon a drift. It stops learning while the sum is non-zero, so a drift "
-                        "cannot teach the baseline to follow it. The drift must hold `drift_confirm_samples` to alert. Samples it cannot judge "
+                        "cannot teach the baseline to follow it. The drift must hold `drift_confirm_samples` to "
+                        "alert. Samples it cannot judge "
                         "(idle, forced clocks, coolant alert) neither raise nor clear it. A drift already alerted "
                         "stands for the GPU's runaway."),
     AlertSpec("GpuStraggler", "warning", "gpu",

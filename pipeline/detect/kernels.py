@@ -90,7 +90,7 @@ def ewma_zscore(values, slots, ts, mean, var, count, last_ts, outliers,
 
 @njit(cache=True, nogil=True)
 def cusum(values, covariate, weight, slots, mean, count, s_hi, s_lo, c_mean, c_var, cov,
-          halflife_s, k, h, warmup, cap, prior_var, slope_sd, score_out):
+          halflife_s, k, h, warmup, cap, prior_var, slope_sd, score_out, base_out):
     """Two-sided CUSUM against a slow EW baseline, for drifts too slow for a z-score.
 
     S+ = max(0, S+ + w (d - k)), S- = max(0, S- - w (d + k)), d = x - baseline, w the
@@ -98,7 +98,8 @@ def cusum(values, covariate, weight, slots, mean, count, s_hi, s_lo, c_mean, c_v
     the baseline's half-life in seconds, so a series scraped every 30 s (a DCGM
     exporter) alarms after the same time as one read every second, not 30 times later.
     score_out = S+ / h when S+ leads, else -S- / h: |score| >= 1 is an alarm, its
-    sign the direction. The baseline is what x owes to a covariate it moves with
+    sign the direction; base_out the baseline the sample was judged against (NaN for a
+    missing sample). The baseline is what x owes to a covariate it moves with
     (the fleet's seasonality: a GPU's excess over its siblings follows its own load,
     which follows the day), an EW ridge regression: mean + beta (c - c_mean),
     beta = cov / (c_var + prior_var), so a covariate that hardly moved explains nothing.
@@ -117,6 +118,7 @@ def cusum(values, covariate, weight, slots, mean, count, s_hi, s_lo, c_mean, c_v
         x = values[i]
         if not math.isfinite(x):
             score_out[i] = np.nan
+            base_out[i] = np.nan
             continue
         c = covariate[i]
         if not math.isfinite(c_mean[s]):
@@ -132,10 +134,13 @@ def cusum(values, covariate, weight, slots, mean, count, s_hi, s_lo, c_mean, c_v
             s_hi[s] = 0.0
             s_lo[s] = 0.0
             score_out[i] = 0.0
+            base_out[i] = x
             continue
         dc = c - c_mean[s] if math.isfinite(c_mean[s]) else 0.0
         dx = x - mean[s]
-        d = dx - cov[s] / (c_var[s] + prior_var) * dc
+        explained = cov[s] / (c_var[s] + prior_var) * dc
+        base_out[i] = mean[s] + explained
+        d = dx - explained
         slack = k + slope_sd * abs(dc) * math.sqrt(prior_var / (c_var[s] + prior_var))
         w = weight[i]
         if count[s] >= warmup:
@@ -492,7 +497,7 @@ def warm_up() -> None:
     ewma_zscore(f, i, f, f.copy(), f.copy(), i.copy(), f.copy(), i.copy(), 60.0, 6.0, 2, 10, 0.0, 1e-9,
                 f.copy(), f.copy())
     cusum(f, f.copy(), f.copy(), i, f.copy(), i.copy(), f.copy(), f.copy(), f.copy(), f.copy(), f.copy(), 60.0, 1.0,
-          10.0, 2, 2.0, 1.0, 0.0, f.copy())
+          10.0, 2, 2.0, 1.0, 0.0, f.copy(), f.copy())
     robust_zscore(f, i, f, f.copy(), f.copy(), i.copy(), f.copy(), 60.0, 2, 0.0, 1e-9, f.copy())
     counter_delta(f, i, f, np.full(2, np.nan), f.copy(), f.copy(), f.copy())
     flatline(f, i, np.full(2, np.nan), i.copy(), i.copy())

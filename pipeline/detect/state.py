@@ -129,29 +129,23 @@ class Cusum:
                                   "s_hi": (np.float64, 0.0), "s_lo": (np.float64, 0.0),
                                   "c_mean": (np.float64, np.nan), "c_var": (np.float64, 0.0),
                                   "cov": (np.float64, 0.0)})
-        self._out = Outputs(score=np.float64)
+        self._out = Outputs(score=np.float64, base=np.float64)
 
     def update(self, values: np.ndarray, slots: np.ndarray, covariate: np.ndarray | None = None,
-               seconds: np.ndarray | None = None) -> np.ndarray:
-        """Signed score per sample: S+/h upwards, -S-/h downwards; |score| >= 1 is an alarm.
-        The baseline regresses on `covariate` (kernels.cusum; NaN or none: explains nothing);
-        `seconds`, what each sample stands for (its interval; none: 1 s each)."""
+               seconds: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(signed score, the baseline each sample was judged against) per sample: S+/h upwards,
+        -S-/h downwards, |score| >= 1 is an alarm. The baseline regresses on `covariate`
+        (kernels.cusum; NaN or none: explains nothing); `seconds`, what each sample stands for
+        (its interval; none: 1 s each)."""
         self.arrays.ensure(int(slots.max()) + 1 if slots.size else 0)
         n = values.shape[0]
         covariate = np.full(n, np.nan) if covariate is None else covariate
         seconds = np.ones(n) if seconds is None else seconds
-        (score,) = self._out.take(n)
+        score, base = self._out.take(n)
         s = self.arrays
         kernels.cusum(values, covariate, seconds, slots, s.mean, s.count, s.s_hi, s.s_lo, s.c_mean, s.c_var, s.cov,
-                      *self.params, score)
-        return score
-
-    def baseline(self, slots: np.ndarray, covariate: np.ndarray) -> np.ndarray:
-        """What the learnt baseline expects at `covariate`, per row (after update)."""
-        s = self.arrays
-        dc = np.nan_to_num(covariate - s.c_mean[slots])
-        prior_var = self.params[5]
-        return s.mean[slots] + s.cov[slots] / (s.c_var[slots] + prior_var) * dc
+                      *self.params, score, base)
+        return score, base
 
 
 class CounterDelta:

@@ -132,8 +132,8 @@ class LabelPoller:
             self._task = None
 
 
-def poller_for(settings, classes: FlexClasses, env: dict[str, str] | None = None) -> LabelPoller | None:
+def poller_for(settings, classes: FlexClasses) -> LabelPoller | None:
     """The poller `power.node_labels` asks for; None for "none"."""
     if settings.node_labels == "slurm":
-        return LabelPoller(SlurmFeatures(settings.sinfo, env), classes, settings.node_labels_interval_s)
+        return LabelPoller(SlurmFeatures(settings.sinfo), classes, settings.node_labels_interval_s)
     return None

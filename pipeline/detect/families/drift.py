@@ -46,8 +46,8 @@ class Drift(Family):
         forced = (~(b.metrics["util_gpu"] >= DRIFT_MIN_UTIL) | view.cooling_alerted | b.hot
                   | ((b.reasons & ANY_SLOWDOWN) != 0))
         seconds = np.clip(np.nan_to_num(b.gap, nan=1.0), 0.0, MAX_SAMPLE_S)
-        score = self.drift.update(np.where(forced, np.nan, view.excess), slots, view.power_eff, seconds)
-        excess = view.excess - self.drift.baseline(slots, view.power_eff)
+        score, baseline = self.drift.update(np.where(forced, np.nan, view.excess), slots, view.power_eff, seconds)
+        excess = view.excess - baseline
         seen = np.flatnonzero(np.isfinite(score))  # unobserved samples neither raise nor clear it
         hit = (score[seen] >= 1.0) & (excess[seen] > self.config.cusum_slack_c)
         self.judge(out, "GpuThermalDrift", slots[seen], hit, b.now, score[seen],

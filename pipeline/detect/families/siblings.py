@@ -94,5 +94,6 @@ class SiblingTemperature(Family):
                                          power_w=b.metrics["power_w"], peer_power_w=med_p_eff[group],
                                          threshold_c=d.peer_temp_excess_c, early_threshold_c=d.runaway_early_c,
                                          rise_threshold_c=d.runaway_rise_c))
-        b.siblings = SiblingView(excess=excess, peer_c=peer_c, power_eff=p_eff, node_temp=med_temp, node_power=med_p_eff,
-                                 node_gpus=n_temp, node_swing=node_swing, cooling_alerted=cooling)
+        b.siblings = SiblingView(excess=excess, peer_c=peer_c, power_eff=p_eff, node_temp=med_temp,
+                                 node_power=med_p_eff, node_gpus=n_temp, node_swing=node_swing,
+                                 cooling_alerted=cooling)
