@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from pipeline.analytics.evaluate import EvalRun, score
+from datetime import datetime, timezone
+
+from pipeline.analytics.evaluate import EvalRun, score, table
 
 
-def _label(kind, start, end, node="r01-n01", gpu=0, rack="r01", normal=False):
-    return {"fault_type": kind, "normal": normal, "rack": rack, "node": node, "gpu": gpu, "start": start, "end": end}
+def _label(kind, start, end, node="r01-n01", gpu=0, rack="r01", normal=False, fault_id=0):
+    return {"fault_id": fault_id, "fault_type": kind, "normal": normal, "rack": rack, "node": node, "gpu": gpu,
+            "start": start, "end": end}
 
 
 def test_scoring_rules():
@@ -31,3 +34,46 @@ def test_scoring_rules():
     assert out["faults"]["thermal_drift"]["injected"] == 0 and out["faults_not_scored"] == 1
     assert out["false_alerts"] == 2  # wrong GPU, and the alert a normal GPU reset caused
     assert out["false_alerts_per_1000_node_hours"] == 200.0
+
+
+def test_a_fault_without_a_signature_is_counted_apart_not_missed():
+    from datetime import datetime, timedelta, timezone
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    s = lambda x: t0 + timedelta(seconds=x)  # noqa: E731
+    labels = [_label("stuck_power_sensor", s(100), s(700), gpu=0, fault_id=1),   # found
+              _label("stuck_power_sensor", s(1000), s(1600), gpu=1, fault_id=2),  # an idle GPU that stayed put
+              _label("stuck_power_sensor", s(2000), s(2600), gpu=2, fault_id=3)]  # the same, alerted anyway
+    alerts = [{"labels": {"alertname": "GpuPowerSensorStuck", "rack": "r01", "node": "r01-n01", "gpu": g},
+               "starts_at": s(t)} for g, t in (("0", 130), ("2", 2400))]
+    run = EvalRun(labels, alerts, s(3600), node_hours=1.0, gpu_samples=0, without_signature=frozenset({2, 3}))
+    out = score(run)
+    p = out["faults"]["stuck_power_sensor"]
+    assert (p["injected"], p["without_signature"], p["detected"], p["recall"]) == (1, 2, 1, 1.0)
+    assert out["faults_without_signature"] == 2 and out["false_alerts"] == 0
+    assert "without a signature (not scored): 2" in table(out)
+    missed = score(EvalRun(labels, alerts, s(3600), node_hours=1.0, gpu_samples=0))["faults"]["stuck_power_sensor"]
+    assert (missed["injected"], missed["without_signature"], missed["recall"]) == (3, 0, 0.6667)
+
+
+def test_the_simulator_knows_a_stuck_sensor_that_hid_nothing():
+    """A sensor frozen on a GPU that stays idle hid nothing (its draw flickers 0.3 W around
+    71 W); one frozen under a load that moves hid what the load did."""
+    from tests.conftest import make_config
+    from pipeline.sources.simulate import FleetSimulator
+    cfg = make_config(fleet={"racks": 1, "nodes_per_rack": 8, "fault_interval_s": 0, "gpu_reset_interval_s": 0,
+                             "seed": 5})
+    sim = FleetSimulator(cfg.fleet, start=datetime(2026, 1, 1, tzinfo=timezone.utc))
+    sim.group_busy[:] = False
+    sim.group_until[:] = 1e9
+    idle = sim.inject("stuck_power_sensor", gpu=0, duration_s=120)
+    sim.step()
+    job = sim.node_group[4]  # (another job group's node than GPU 0's)
+    assert job != sim.node_group[0]
+    loaded = sim.inject("stuck_power_sensor", gpu=4 * 8, duration_s=120)
+    sim.step()
+    sim.group_busy[job] = True  # its job starts after its sensor froze at idle
+    sim.group_intensity[job] = 1.0
+    for _ in range(60):
+        sim.step()
+    assert sim.without_signature() == {idle.fault_id}
+    assert loaded.fault_id not in sim.without_signature() and sim.hidden_w[loaded.fault_id] > 100.0

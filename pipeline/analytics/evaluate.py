@@ -8,7 +8,10 @@ that matches no fault is a false alert; one raised by a normal event (a GPU
 reset; with the realistic normal, a node's rolling reboot or driver upgrade) is
 false too, and counted by that event when it fires on the event's target during
 it. Faults that started too close to the end of the run to be detectable (their
-score window runs past the end) are left out, and counted.
+score window runs past the end) are left out, and counted; so are faults without a
+signature, that nothing could have told from healthy by the simulator's own truth (a
+stuck power sensor on a GPU whose draw never left the frozen reading by more than about
+a watt: FleetSimulator.without_signature). An alert on one is explained, not false.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class EvalRun:
     gpu_samples: int
     demand_response: dict[str, Any] | None = None
     normal: str = "simple"         # the simulator's normal (fleet.normal)
+    without_signature: frozenset[int] = frozenset()  # fault ids: nothing could tell them from healthy
 
 
 def simulate(cfg: Config, duration_s: float, power_requests: int = 0) -> EvalRun:
@@ -73,7 +77,7 @@ def simulate(cfg: Config, duration_s: float, power_requests: int = 0) -> EvalRun
                 elif alert.fingerprint in firing:
                     firing.pop(alert.fingerprint)["ends_at"] = alert.ends_at
     return EvalRun(labels, alerts, sim.now, sim.n_nodes * duration_s / 3600.0, engine.stats.gpu_samples,
-                   dr.score() if dr is not None else None, cfg.fleet.normal)
+                   dr.score() if dr is not None else None, cfg.fleet.normal, frozenset(sim.without_signature()))
 
 
 def _targets(label: dict[str, Any], alert_labels: dict[str, str]) -> bool:
@@ -95,8 +99,9 @@ def score(run: EvalRun) -> dict[str, Any]:
     power = [a for a in run.alerts if a["labels"]["alertname"] in POWER_ALERTS]
     run = replace(run, alerts=[a for a in run.alerts if a["labels"]["alertname"] not in POWER_ALERTS])
     faults = [lab for lab in run.labels if not lab["normal"]]
-    scored = [f for f in faults
-              if f["start"] + timedelta(seconds=FAULTS_BY_NAME[f["fault_type"]].score_window_s) <= run.end]
+    in_time = [f for f in faults
+               if f["start"] + timedelta(seconds=FAULTS_BY_NAME[f["fault_type"]].score_window_s) <= run.end]
+    scored = [f for f in in_time if f["fault_id"] not in run.without_signature]
 
     def matches(alert: dict[str, Any], fault: dict[str, Any]) -> bool:
         """The alert for the fault's type and target fired in its window, or was still
@@ -121,6 +126,7 @@ def score(run: EvalRun) -> dict[str, Any]:
         false_pos = sum(not ok for _, ok in named)
         per_type[ftype.name] = {
             "injected": len(mine),
+            "without_signature": sum(f["fault_type"] == ftype.name for f in in_time) - len(mine),
             "detected": len(ttds),
             "recall": round(len(ttds) / len(mine), 4) if mine else None,
             "precision": round(true_pos / (true_pos + false_pos), 4) if true_pos + false_pos else None,
@@ -150,7 +156,8 @@ def score(run: EvalRun) -> dict[str, Any]:
         "false_alerts_per_1000_node_hours": round(1000.0 * len(false_alerts) / run.node_hours, 3),
         "node_hours": round(run.node_hours, 3),
         "alerts": len(run.alerts),
-        "faults_not_scored": len(faults) - len(scored),
+        "faults_not_scored": len(faults) - len(in_time),
+        "faults_without_signature": len(in_time) - len(scored),
         "normal_events": len(normal),
         "normal_events_by_type": dict(sorted(events.items())),
         "gpu_samples": run.gpu_samples,
@@ -172,6 +179,7 @@ def table(result: dict[str, Any]) -> str:
                  f"{json.dumps(result['false_alerts_by_alertname']) if result['false_alerts'] else ''}")
     by_type = ", ".join(f"{k} {v}" for k, v in result["normal_events_by_type"].items())
     lines.append(f"alerts raised: {result['alerts']}; faults too late to score: {result['faults_not_scored']}; "
+                 f"without a signature (not scored): {result['faults_without_signature']}; "
                  f"normal events: {result['normal_events']}{f' ({by_type})' if by_type else ''}; "
                  f"normal: {result['normal']}")
     return "\n".join(lines)

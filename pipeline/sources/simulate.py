@@ -106,6 +106,8 @@ from pipeline.model import ClockEventReason as Reason
 from pipeline.power.curve import PowerCurve, from_recording
 
 IDLE_POWER_W = 71.0
+NO_SIGNATURE_W = 2.0              # a frozen reading the truth never left by more than a whole-watt reading's step
+                                  # and the idle sensor's noise hides nothing: a fault without a signature
 NODE_BASE_POWER_W = 1500.0        # CPUs, NICs, fans, PSU losses of an idle node
 NODE_LOAD_POWER_W = 1500.0        # extra at full utilisation
 LIQUID_FRACTION = 0.8             # share of IT heat the coolant loop removes
@@ -239,6 +241,7 @@ class FleetSimulator:
         self.meter_energy = float(rng.uniform(1e12, 1e13))
         # Faults.
         self.faults: list[ActiveFault] = []
+        self.hidden_w: dict[int, float] = {}  # per stuck sensor's fault: the furthest the truth went from its reading
         self.next_fault_id = 1
         self.next_fault_s = self._exp(cfg.fault_interval_s)
         self.next_reset_s = self._exp(cfg.gpu_reset_interval_s)
@@ -465,6 +468,13 @@ class FleetSimulator:
             })
         self._pending_labels = []
         return pa.RecordBatch.from_pylist(rows, schema=FAULT_LABEL)
+
+    def without_signature(self) -> set[int]:
+        """The faults so far that nothing could have told from healthy (ids): a stuck power
+        sensor whose GPU's true draw never left the frozen reading by more than
+        `NO_SIGNATURE_W` (an idle GPU that stayed put), so a healthy sensor would have read
+        about the same."""
+        return {fid for fid, w in self.hidden_w.items() if w <= NO_SIGNATURE_W}
 
     def _at(self, t_s: float) -> datetime:
         return datetime.fromtimestamp(self._start_ns / 1e9 + t_s, timezone.utc)
@@ -693,6 +703,10 @@ class FleetSimulator:
         self.sbe += rng.random(G) < 2e-6
 
         reported_power = np.where(np.isnan(fx["stuck"]), np.round(power, 3), fx["stuck"])
+        for f in self.faults:  # (a few at a time)
+            if f.kind == "stuck_power_sensor":
+                gone = abs(float(power[f.gpu]) - f.params["stuck_w"])
+                self.hidden_w[f.fault_id] = max(self.hidden_w.get(f.fault_id, 0.0), gone)
         mem_used = np.where(busy, self.group_mem[self.gpu_job], MEM_IDLE_B).astype(np.int64)
         cols = dict(self._gpu_static)
         ts_ns = self._start_ns + int(round(self.t * 1e9))
