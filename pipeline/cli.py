@@ -21,13 +21,14 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.analytics import capacity
+from pipeline.analytics.query import FORMATS as QUERY_FORMATS
 from pipeline.config import Config, ConfigError, load_config, reference
 from pipeline.detect.catalog import SEVERITIES
 from pipeline.logs import FORMATS as LOG_FORMATS, configure as configure_logging
 from pipeline.redact import redact_text
 
 log = logging.getLogger("fleetwatch")
-FULL_INSTALL_ONLY = ("numba", "polars")  # the extra `all` of pyproject.toml
+FULL_INSTALL_ONLY = ("numba", "polars", "duckdb")  # the extra `all` of pyproject.toml
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,6 +142,14 @@ def _parser() -> argparse.ArgumentParser:
     al.add_argument("--limit", type=int, default=50, metavar="N", help="show at most N alerts (default 50)")
     al.add_argument("--json", action="store_true", help="a JSON array of Alertmanager alert objects")
     capacity.add_parser(sub)
+
+    qu = sub.add_parser("query", help="SQL over the archive with DuckDB: a view per dataset (gpu_samples, alerts, "
+                                      "...); docs/queries.md has ready ones")
+    data_dir(qu)
+    qu.add_argument("sql", metavar="SQL", help="the query, e.g. \"select alertname, count(*) from alerts group by 1\"; "
+                                              "- reads it from standard input")
+    qu.add_argument("--format", choices=QUERY_FORMATS, default="table", help="default table")
+    qu.add_argument("--out", metavar="FILE", help="write the result here (parquet needs it); default standard output")
     return p
 
 
@@ -385,11 +394,16 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 def _existing_data_dir(args: argparse.Namespace) -> Path:
     """The configured data_dir, which a daemon must have created: a typo should not go unnoticed."""
+    return Path(_existing_config(args).data_dir)
+
+
+def _existing_config(args: argparse.Namespace) -> Config:
+    """The configuration, its data_dir one a daemon has created."""
     cfg = load_config(args.config, overrides=_overrides(args))
     if not Path(cfg.data_dir).is_dir():
         raise ConfigError(f"data_dir {cfg.data_dir!r} does not exist; pass the daemon's --data-dir "
                           f"(or set FLEETWATCH_DATA_DIR)")
-    return Path(cfg.data_dir)
+    return cfg
 
 
 def cmd_silence(args: argparse.Namespace) -> int:
@@ -536,11 +550,28 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    from pipeline.analytics.query import Archive, QueryError, write
+    if args.format == "parquet" and not args.out:
+        raise ConfigError("--format parquet writes a binary file: give --out FILE")
+    out = _output_file("--out", args.out) if args.out else None
+    cfg = _existing_config(args)
+    sql = sys.stdin.read() if args.sql == "-" else args.sql
+    if not sql.strip():
+        raise ConfigError("query: no SQL given (an empty string, or nothing on standard input)")
+    try:
+        table = Archive(Path(cfg.archive_dir)).run(sql)
+    except QueryError as e:
+        raise ConfigError(f"query: {e}") from None
+    write(table, args.format, path=out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"eval": cmd_eval, "replay": cmd_replay, "config": cmd_config, "silence": cmd_silence,
                "alerts": cmd_alerts, "topics": cmd_topics,
-               "capacity": capacity.cmd_capacity}.get(args.command, cmd_run)
+               "capacity": capacity.cmd_capacity, "query": cmd_query}.get(args.command, cmd_run)
     if getattr(args, "power_command", None):
         handler = cmd_power
     try:
