@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                 run.add_argument(opt.flag, metavar=opt.metavar, help=opt.help, dest=opt.dest)
         if name == "power":
             power_actions(run)
+        if name == "archive":
+            archive_actions(run)
         if name == "run":
             run.add_argument("--source", choices=tuple(spec.run_source for spec in ROLE_TABLE if spec.run_source),
                              help="simulated fleet (default), this node's GPUs through NVML, or dcgm-exporter "
@@ -153,15 +155,37 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _action_data_dir(sp: argparse.ArgumentParser) -> None:
+    """A role action's --config and --data-dir (SUPPRESS: an action's absent flag keeps the role's)."""
+    sp.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML config file")
+    sp.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS, help="the daemon's data_dir")
+
+
+def archive_actions(ar: argparse.ArgumentParser) -> None:
+    """`fleetwatch archive ACTION`: the archive's upkeep. Without an action, `fleetwatch archive`
+    runs the role itself."""
+    acts = ar.add_subparsers(dest="archive_command", metavar="ACTION", required=False,
+                             help="without one: run the archive role")
+    cp = acts.add_parser("compact", help="merge each closed hour's small files into one per source partition, "
+                                         "while the daemon runs (docs/data.md#compaction-and-retention)")
+    _action_data_dir(cp)
+    cp.add_argument("--after", metavar="DURATION", help="only hours that ended this long ago (default "
+                                                         "archive.compact_after_s; 0: every hour, a late file is "
+                                                         "merged at the next pass)")
+    pr = acts.add_parser("prune", help="delete the hours past their dataset's retention (archive.retention_days_*)")
+    _action_data_dir(pr)
+    pr.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+    st = acts.add_parser("stats", help="files, rows and bytes per dataset and day, bytes per metric value")
+    _action_data_dir(st)
+    st.add_argument("--json", action="store_true", help="one object per dataset and day")
+
+
 def power_actions(pw: argparse.ArgumentParser) -> None:
     """`fleetwatch power ACTION`: the power role's requests. Without an action, `fleetwatch power`
     runs the role itself."""
     acts = pw.add_subparsers(dest="power_command", metavar="ACTION", required=False,
                              help="without one: run the power role")
-
-    def data_dir(sp: argparse.ArgumentParser) -> None:  # SUPPRESS: an action's absent flag keeps the role's
-        sp.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="TOML config file")
-        sp.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS, help="the daemon's data_dir")
+    data_dir = _action_data_dir
     rq = acts.add_parser("request", help="ask the site to shed power for a while; prints the id and what happens")
     data_dir(rq)
     rq.add_argument("--site", metavar="S", help="the site (default fleet.site)")
@@ -550,6 +574,26 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    """`fleetwatch archive compact|prune|stats`: the archive's upkeep by hand (docs/data.md)."""
+    cfg = _existing_config(args)
+    archive = Path(cfg.archive_dir)
+    if args.archive_command == "stats":
+        from pipeline.analytics.archive_stats import stats, text
+        days = stats(archive)
+        print(json.dumps([d.to_json() for d in days], indent=2) if args.json else text(days))
+    elif args.archive_command == "prune":
+        from pipeline.sinks.retention import prune
+        print(f"{archive}: {prune(archive, cfg.archive, dry_run=args.dry_run).line(args.dry_run)}")
+    else:
+        from pipeline.sinks.compaction import compact
+        from pipeline.sinks.silences import parse_duration
+        after = (cfg.archive.compact_after_s if args.after is None else 0.0 if args.after.strip() == "0"
+                 else parse_duration(args.after, "--after"))
+        print(f"{archive}: {compact(archive, after_s=after).line()}")
+    return 0
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from pipeline.analytics.query import Archive, QueryError, write
     if args.format == "parquet" and not args.out:
@@ -574,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
                "capacity": capacity.cmd_capacity, "query": cmd_query}.get(args.command, cmd_run)
     if getattr(args, "power_command", None):
         handler = cmd_power
+    if getattr(args, "archive_command", None):
+        handler = cmd_archive
     try:
         status = handler(args)
         sys.stdout.flush()  # a reader that went away shows here, not as a message at exit

@@ -76,6 +76,16 @@ class ArchiveConfig:
                                "and outboxes: below it the archive holds data as on a full disk; 0 = off")
     retry_max_s: float = _spec(30.0, min=0.1, max=3600, doc="longest wait between write attempts while the archive "
                                "is failing (backoff from 1 s)")
+    upkeep_interval_s: float = _spec(600.0, min=0.0, doc="this often the archive role merges the closed hours' small "
+                                     "files (one per hour and source partition) and deletes the hours past their "
+                                     "retention (docs/data.md#compaction-and-retention); 0 = never (`fleetwatch archive "
+                                     "compact|prune` do it by hand)")
+    compact_after_s: float = _spec(900.0, min=0.0, doc="an hour is merged once it ended this long ago: data later "
+                                   "than that still lands, beside the merged file, and is merged at the next pass")
+    retention_days_samples: float = _spec(30.0, min=0.0, doc="gpu_samples and facility_samples are deleted an hour "
+                                          "at a time once this many days old, by the clock; 0 = kept forever")
+    retention_days_records: float = _spec(400.0, min=0.0, doc="the same for events, alerts, node_health, fault_labels "
+                                          "and power_*: what operators look back on for a year; 0 = kept forever")
 
 
 @dataclass(frozen=True)

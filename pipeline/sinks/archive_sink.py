@@ -4,7 +4,9 @@ A write that fails (full disk, permissions, archive/ gone) stops nothing: what i
 took goes back into the buffers, nothing is committed, and the archive retries with
 backoff and raises FleetwatchArchiveFailing (archive_outage.py). What it holds
 meanwhile is bounded by `buffer_mb`: in-process the oldest rows are dropped
-(counted); over Kafka reading pauses, and the data waits on Kafka.
+(counted); over Kafka reading pauses, and the data waits on Kafka. Closed hours are
+compacted (sinks/compaction.py) and expired ones deleted (sinks/retention.py) in a
+thread every `archive.upkeep_interval_s`.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 
 from pipeline.bus.base import HEARTBEAT, Message
+from pipeline.config import ArchiveConfig
 from pipeline.roles import DATASET_OF_TOPIC
 from pipeline.sinks.archive_outage import ArchiveOutage
 from pipeline.sinks.base import SinkBase, consume
+from pipeline.sinks.compaction import compact
+from pipeline.sinks.retention import prune
 from pipeline.sinks.parquet import ArchiveWriter
 
 log = logging.getLogger("fleetwatch")
@@ -25,8 +31,15 @@ log = logging.getLogger("fleetwatch")
 
 class ArchiveSink(SinkBase):
     def __init__(self, writer: ArchiveWriter, sub, flush_interval_s: float, outage: ArchiveOutage | None = None,
-                 buffer_mb: float = 256.0) -> None:
+                 buffer_mb: float = 256.0, upkeep: ArchiveConfig | None = None) -> None:
         self.writer, self.sub, self.flush_interval_s = writer, sub, flush_interval_s
+        # Compaction (sinks/compaction.py) and retention (sinks/retention.py) in a thread, after the
+        # first write (a killed run's leftovers are finished then) and every upkeep_interval_s after;
+        # never two at once. None: neither.
+        self.upkeep = upkeep if upkeep is not None and upkeep.upkeep_interval_s > 0 else None
+        self.next_upkeep = time.monotonic()
+        self.upkeeping: asyncio.Task | None = None
+        self.upkeep_stop = threading.Event()
         self.outage = outage or ArchiveOutage("", "", 30.0)
         self.buffer_mb, self.bound = buffer_mb, int(buffer_mb * 2**20)
         self.paused = False
@@ -60,7 +73,31 @@ class ArchiveSink(SinkBase):
         writer.last_durable = time.monotonic()
         if (alert := outage.recovered(held)) is not None:
             self._announce(alert)
+        self._maybe_upkeep()
         return True
+
+    def _maybe_upkeep(self) -> None:
+        if (self.upkeep is None or time.monotonic() < self.next_upkeep
+                or (self.upkeeping is not None and not self.upkeeping.done())):
+            return
+        self.next_upkeep = time.monotonic() + self.upkeep.upkeep_interval_s
+        self.upkeeping = asyncio.create_task(asyncio.to_thread(self._upkeep), name="archive-upkeep")
+
+    def _upkeep(self) -> None:
+        """(In a thread.) Merge the closed hours, then delete the expired ones."""
+        a, root = self.upkeep, self.writer.root
+        for what, work in (("compaction", lambda: compact(root, a.compact_after_s, None, self.upkeep_stop)),
+                           ("retention", lambda: prune(root, a))):
+            if self.upkeep_stop.is_set():
+                return
+            try:
+                done = work()
+            except Exception as e:  # a full disk, a file another tool holds: the files stay as they are
+                log.warning("archive: %s failed (%s: %s); the files stay as they are, and it is tried again in "
+                            "%g s", what, type(e).__name__, e, a.upkeep_interval_s)
+                continue
+            if done.hours or getattr(done, "recovered", 0):
+                log.info("archive: %s", done.line())
 
     async def before_revoke(self, partitions: set[int]) -> None:  # the subscription commits right after
         if not await self.flush():
@@ -116,15 +153,20 @@ class ArchiveSink(SinkBase):
             self.writer.shed(0)
 
     async def close(self) -> None:
+        if self.upkeeping is not None:  # stops after the hour in progress (a killed one is finished next time)
+            self.upkeep_stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.upkeeping), 60.0)
         if self.alerts is not None:  # the last outage alert goes out before the role ends
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.alerts, 5.0)
 
 
 async def archive_role(writer: ArchiveWriter, sub, flush_interval_s: float, outage: ArchiveOutage | None = None,
-                       buffer_mb: float = 256.0, stop: asyncio.Event | None = None, gate=None) -> None:
+                       buffer_mb: float = 256.0, stop: asyncio.Event | None = None, gate=None,
+                       upkeep: ArchiveConfig | None = None) -> None:
     """Every topic -> Parquet, until the topics end (see the module doc)."""
-    await consume(sub, ArchiveSink(writer, sub, flush_interval_s, outage, buffer_mb), gate, stop)
+    await consume(sub, ArchiveSink(writer, sub, flush_interval_s, outage, buffer_mb, upkeep), gate, stop)
 
 
 def build(ctx, spec):
@@ -137,5 +179,5 @@ def build(ctx, spec):
     writer.outage = ArchiveOutage(cfg.fleet.site, cfg.alerts.runbook_base_url, cfg.archive.retry_max_s)
     sub = ctx.bus.subscribe(list(spec.inputs), spec.group)
     gate = ctx.gate(sub, spec.group)
-    return lambda: archive_role(writer, sub, cfg.archive.flush_interval_s, writer.outage,
-                                cfg.archive.outage_buffer_mb, ctx.stop, gate)
+    a = cfg.archive
+    return lambda: archive_role(writer, sub, a.flush_interval_s, writer.outage, a.outage_buffer_mb, ctx.stop, gate, a)

@@ -23,7 +23,8 @@ from tests.conftest import fleetwatch
 QUIET_PIPE = (0, 141)  # done, or ended like a Unix tool whose reader went away (128 + SIGPIPE)
 
 
-FAST = {"FLEETWATCH_FLEET__SPEED": "20", "FLEETWATCH_FLEET__RACKS": "2", "FLEETWATCH_ARCHIVE__FLUSH_INTERVAL_S": "1"}
+FAST = {"FLEETWATCH_FLEET__SPEED": "20", "FLEETWATCH_FLEET__RACKS": "2", "FLEETWATCH_ARCHIVE__FLUSH_INTERVAL_S": "1",
+        "FLEETWATCH_ARCHIVE__UPKEEP_INTERVAL_S": "0"}  # (as tests/helpers.FAST)
 
 
 def _env() -> dict[str, str]:
