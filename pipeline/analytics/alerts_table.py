@@ -62,7 +62,12 @@ def query(data_dir: Path, q: AlertQuery, now: float | None = None) -> AlertListi
     looked = [jsonl, dataset]
     bad: list[int] = []
     if jsonl.exists():
-        latest, bad = read_jsonl(jsonl)
+        # Rotated at midnight (sinks/files.Rotation): the alerts resolved the day before are in the
+        # newest of the rotated files; the firing ones were carried into the new file.
+        rotated = sorted(data_dir.glob("alerts.*.jsonl"), key=lambda f: f.stat().st_mtime)
+        latest = read_jsonl(rotated[-1])[0] if rotated else {}
+        now_latest, bad = read_jsonl(jsonl)
+        latest.update(now_latest)
         source: Path | None = jsonl
     elif dataset.is_dir():
         latest, source = read_archive(dataset), dataset

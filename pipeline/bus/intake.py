@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 from pipeline.bus.base import Message, Topic
 from pipeline.model import ALERT, EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE, NODE_HEALTH, TS, iso_utc, \
     schema_name
-from pipeline.sinks.files import append_durably
+from pipeline.sinks.files import Rotation, append_durably
 
 log = logging.getLogger(__name__)
 
@@ -269,8 +269,9 @@ class FileDeadLetters:
     """In-process: one JSON line per rejected row, `{"time", "group", "topic", "reason",
     "detail", "row"}` (timestamps in the row as RFC 3339 with nanoseconds), fsynced."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, rotation: Rotation | None = None) -> None:
         self.path = Path(path)
+        self.rotation = rotation  # sinks/files.Rotation: daily and by size
         self.where = str(self.path)
         self.failing = False
         self.lost = 0  # rejected rows not kept: the file could not be written (a full disk)
@@ -288,7 +289,7 @@ class FileDeadLetters:
                       for r in table.to_pylist()]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            append_durably(self.path, "".join(lines))  # one fsync per get_batch
+            append_durably(self.path, "".join(lines), self.rotation)  # one fsync per get_batch
         except OSError as e:  # a full disk must not stop the consumer: the bad rows are counted, not kept
             if not self.failing:
                 log.error("%s: cannot write dead letters to %s (%s): rejected rows are counted but not kept until "
@@ -314,11 +315,12 @@ class KafkaDeadLetters:
                                for m, r in rejected))  # sent together, each acknowledged
 
 
-def dead_letters_for(subscription, data_dir: str | Path) -> DeadLetters:
-    """The dead-letter path of a consumer: the bus's topic where there is one, else a file."""
+def dead_letters_for(subscription, cfg) -> DeadLetters:
+    """The dead-letter path of a consumer: the bus's topic where there is one, else a file
+    under the config's data_dir, rotated as its daemon section says."""
     if hasattr(subscription, "dead_letter_rows"):
         return KafkaDeadLetters(subscription)
-    return FileDeadLetters(Path(data_dir) / "deadletter" / "intake.jsonl")
+    return FileDeadLetters(Path(cfg.data_dir) / "deadletter" / "intake.jsonl", Rotation.of(cfg.daemon))
 
 
 class Gate:

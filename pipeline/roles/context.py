@@ -94,10 +94,10 @@ class Context:
         (dead letters of group "intake")."""
         if isinstance(self.bus, MemoryBus):
             if self._screen_once is None:
-                self._screen_once = ScreenOnce(Gate("intake", dead_letters_for(sub, self.cfg.data_dir), self.window()))
+                self._screen_once = ScreenOnce(Gate("intake", dead_letters_for(sub, self.cfg), self.window()))
                 self.gates.append(self._screen_once.gate)
             return self._counted(group, self._screen_once.view(sub.topics), sub)
-        self.gates.append(Gate(group, dead_letters_for(sub, self.cfg.data_dir), self.window()))
+        self.gates.append(Gate(group, dead_letters_for(sub, self.cfg), self.window()))
         return self._counted(group, self.gates[-1], sub)
 
     def _counted(self, group: str, gate, sub):

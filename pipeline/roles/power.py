@@ -678,7 +678,7 @@ def build(ctx, spec):
     role = PowerRole(cfg, request_store(cfg.data_dir), actuator, ctx.emit)
     ctx.routes.update(role.routes())
     ctx.power = role
-    dead_letters = dead_letters_for(sub, cfg.data_dir)
+    dead_letters = dead_letters_for(sub, cfg)
     log.info("power: site %s, requests in %s%s", role.site, role.store.folder,
              " (dry run: caps are planned and reported, never applied)" if role.dry_run else "")
     if cfg.mqtt.broker:  # requests from a BMS gateway under the tree too (power/mqtt_intake.py)

@@ -7,21 +7,34 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.model import parse_iso_utc
-from pipeline.sinks.files import append_durably
+from pipeline.sinks.files import Rotation, append_durably
 
 
 class AlertLog:
-    """Append-only JSON lines, one per alert state change, fsynced per batch."""
+    """Append-only JSON lines, one per alert state change, fsynced per batch; rotated daily and
+    by size (`rotation`, sinks/files.Rotation), the new file starting with the latest line of
+    every alert still firing, so that a reader of alerts.jsonl alone knows what fires."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, rotation: Rotation | None = None) -> None:
         self.path = Path(path)
+        self.rotation = rotation
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.open("a").close()  # there from the start, before the first alert: tail -F and tools find it
 
     def append(self, alerts: list[dict[str, Any]]) -> None:
         if not alerts:
             return
-        append_durably(self.path, "".join(json.dumps(a, sort_keys=True) + "\n" for a in alerts))
+        append_durably(self.path, "".join(_line(a) for a in alerts), self.rotation, carry=firing_lines)
+
+
+def _line(alert: dict[str, Any]) -> str:
+    return json.dumps(alert, sort_keys=True) + "\n"
+
+
+def firing_lines(path: Path) -> str:
+    """The latest line of each alert firing in the log at `path`, oldest change first."""
+    latest, _ = read_jsonl(path)
+    return "".join(_line(a) for a in sorted((a for a in latest.values() if a["status"] == "firing"), key=changed_at))
 
 
 def changed_at(alert: dict[str, Any]) -> float:

@@ -4,7 +4,12 @@ silences write, each fsynced before anyone is told it is written."""
 from __future__ import annotations
 
 import os
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Callable
 
 
 def fsync_dir(path: Path) -> None:
@@ -27,9 +32,60 @@ def write_atomically(path: Path, text: str | bytes) -> None:
     fsync_dir(path.parent)
 
 
-def append_durably(path: Path, text: str) -> None:
-    """Append `text` (whole lines) to `path` and fsync it. An append that fails (a full disk)
-    leaves the file as it was, so trying again never leaves half a line before the retry."""
+@dataclass(frozen=True)
+class Rotation:
+    """When a JSON-lines file (alerts.jsonl, the dead letters) starts afresh: on the first write
+    of a new UTC day, and once it holds `max_bytes`. The file it was is kept beside it as
+    `<stem>.<YYYY-MM-DD>[.<n>]<suffix>` (the day of its last line) for `keep_days`."""
+    max_bytes: int = 256 * 2**20
+    keep_days: float = 30.0
+
+    @staticmethod
+    def of(daemon) -> "Rotation":
+        """From the config's daemon section (jsonl_max_mb, jsonl_keep_days)."""
+        return Rotation(int(daemon.jsonl_max_mb * 2**20), daemon.jsonl_keep_days)
+
+
+def rotate(path: Path, rotation: Rotation, now: float | None = None,
+           carry: Callable[[Path], str] | None = None) -> Path | None:
+    """Start `path` afresh if `rotation` says so; returns the name it was kept under. The new
+    file starts with `carry(old path)` (alerts.jsonl: the alerts still firing, so that its
+    readers need only it). `path` is never missing: the old file gets its second name by a
+    hard link, then the new content replaces it in one rename."""
+    now = time.time() if now is None else now
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    last_day = datetime.fromtimestamp(st.st_mtime, timezone.utc).date()
+    today = datetime.fromtimestamp(now, timezone.utc).date()
+    if st.st_size == 0 or (last_day >= today and st.st_size < rotation.max_bytes):
+        return None
+    n, kept = 0, path.with_name(f"{path.stem}.{last_day}{path.suffix}")
+    while kept.exists():
+        n += 1
+        kept = path.with_name(f"{path.stem}.{last_day}.{n}{path.suffix}")
+    head = carry(path) if carry is not None else ""
+    os.link(path, kept)
+    write_atomically(path, head)
+    cutoff = today - timedelta(days=rotation.keep_days)
+    for old in path.parent.glob(f"{path.stem}.*{path.suffix}"):
+        m = _ROTATED.fullmatch(old.name[len(path.stem):])
+        if m and datetime.fromisoformat(m[1]).date() < cutoff:
+            old.unlink(missing_ok=True)
+    return kept
+
+
+_ROTATED = re.compile(r"\.(\d{4}-\d{2}-\d{2})(?:\.\d+)?\.[A-Za-z0-9]+")
+
+
+def append_durably(path: Path, text: str, rotation: Rotation | None = None,
+                   carry: Callable[[Path], str] | None = None) -> None:
+    """Append `text` (whole lines) to `path` and fsync it, after rotating it if `rotation` says
+    so (`rotate`). An append that fails (a full disk) leaves the file as it was, so trying
+    again never leaves half a line before the retry."""
+    if rotation is not None:
+        rotate(path, rotation, carry=carry)
     data = text.encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:

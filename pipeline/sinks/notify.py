@@ -34,7 +34,7 @@ from pipeline.model import iso_utc
 from pipeline.redact import redact_text
 from pipeline.sinks.alerts import AlertLog
 from pipeline.sinks.console import Console
-from pipeline.sinks.files import append_durably, write_atomically
+from pipeline.sinks.files import Rotation, append_durably, write_atomically
 from pipeline.sinks.outbox import WINDOW, Outbox, Record
 from pipeline.sinks.receivers import RECEIVER_KINDS, receiver_kind
 from pipeline.sinks.receivers.base import ReceiverKind
@@ -89,9 +89,11 @@ class Delivery:
     retried until a 2xx, a permanent error (dead letter at once) or max_age (dead letter).
     Failures are logged once per outage, with a summary when it ends."""
 
-    def __init__(self, receiver: Receiver, outbox: Outbox, dead_letters: Path, policy: RetryPolicy) -> None:
+    def __init__(self, receiver: Receiver, outbox: Outbox, dead_letters: Path, policy: RetryPolicy,
+                 rotation: Rotation | None = None) -> None:
         self.receiver = receiver
         self.outbox = outbox
+        self.rotation = rotation  # of the dead-letter file
         self.dead_letters = dead_letters
         self.policy = policy
         self.client = Client(receiver, policy.timeout_s)
@@ -197,7 +199,7 @@ class Delivery:
                 "receiver": self.receiver.name, "reason": reason, "attempts": self._attempts if i == 0 else 0,
                 "dead_lettered_at": iso_utc(now), "id": r.id, "created": iso_utc(r.created),
                 "payload": r.payload})) + "\n")
-        append_durably(self.dead_letters, "".join(lines))
+        append_durably(self.dead_letters, "".join(lines), self.rotation)
         for r in records:
             self.outbox.ack(r.seq)
         self._attempts = 0
@@ -235,7 +237,7 @@ class Notifier:
         self.console = console
         self.data = Path(cfg.data_dir)
         self.state_dir = self.data / "notify"
-        self.alert_log = AlertLog(cfg.alerts_log)
+        self.alert_log = AlertLog(cfg.alerts_log, Rotation.of(cfg.daemon))
         silences = SilenceStore(self.data / "silences.json")
         # Every kind is built (its settings checked), those with receivers are used, in registry order.
         self.kinds: dict[str, ReceiverKind] = {
@@ -333,7 +335,7 @@ class Notifier:
                 log.info("receiver %s: %d notifications left in its outbox by the last run go out first",
                          r.name, outbox.pending)
             self.deliveries[r.name] = Delivery(r, outbox, self.data / "deadletter" / f"alerts-{r.name}.jsonl",
-                                               self.policy)
+                                               self.policy, Rotation.of(self.cfg.daemon))
         for d in sorted((self.data / "outbox").glob("*")):
             if d.is_dir() and d.name not in self.deliveries and any(d.glob("*.jsonl")):
                 log.warning("outbox %s belongs to no configured receiver; its notifications are not delivered "

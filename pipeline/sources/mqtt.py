@@ -60,6 +60,7 @@ import pyarrow as pa
 
 from pipeline.bus.intake import TimeWindow
 from pipeline.model import FACILITY_SAMPLE, TS, iso_utc
+from pipeline.sinks.files import Rotation, rotate
 from pipeline.sources.bms_tree import DEFAULT_ROOT, POWER_BRANCH, PointMeta, Reason, Rejected, decode_meta, \
     decode_reading, parse_topic
 
@@ -136,11 +137,17 @@ class _Point:
 class DeadLetterFile:
     """Messages that did not become rows, one JSON line each; opened on first use."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, rotation: Rotation | None = None) -> None:
         self.path = Path(path)
+        self.rotation = rotation  # sinks/files.Rotation: daily and by size
         self._file: IO[str] | None = None
 
     def write(self, topic: str, payload: bytes, reason: str, detail: str) -> None:
+        if self.rotation is not None:
+            if self._file is not None:
+                self._file.flush()
+            if rotate(self.path, self.rotation) is not None:
+                self.close()  # (the handle is the old file's, under its new name)
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
@@ -163,7 +170,7 @@ class MqttCollector:
     def __init__(self, host: str, port: int, site: str, dead_letter_path: Path, client_id: str | None = None,
                  topic_root: str = DEFAULT_ROOT, flush_interval_s: float = 0.2, max_batch_rows: int = 4096,
                  max_points: int = 100_000, keepalive_s: int = 10, backoff: Backoff | None = None,
-                 window: TimeWindow | None = None) -> None:
+                 window: TimeWindow | None = None, dead_letter_rotation: Rotation | None = None) -> None:
         self.host, self.port, self.site, self.topic_root = host, port, site, topic_root
         # One fixed id per collector: the broker keeps its session (subscription and
         # queued QoS 1 readings) under it. Two collectors with one id evict each other.
@@ -177,7 +184,7 @@ class MqttCollector:
         self.backoff = backoff or Backoff()
         self.window = window or TimeWindow()  # default: nothing more than 5 min ahead of the wall clock
         self.stats = CollectorStats()
-        self.dead_letters = DeadLetterFile(dead_letter_path)
+        self.dead_letters = DeadLetterFile(dead_letter_path, dead_letter_rotation)
         self._points: dict[str, _Point] = {}       # reading topic -> point
         self._bad_units: dict[str, Rejected] = {}  # reading topic -> why its metadata was refused
         self._full = asyncio.Event()               # max_batch_rows reached: flush now
@@ -463,6 +470,7 @@ def build(ctx, spec) -> MqttSource:
     cfg, m = ctx.cfg, ctx.cfg.mqtt
     collector = MqttCollector(*host_port("mqtt.broker", m.broker, 1883), site=m.site or cfg.fleet.site,
                               dead_letter_path=cfg.mqtt_dead_letters, client_id=m.client_id or None,
-                              topic_root=m.topic_root, window=ctx.window())
+                              topic_root=m.topic_root, window=ctx.window(),
+                              dead_letter_rotation=Rotation.of(cfg.daemon))
     # The simulator of this process publishes its facility data on the broker (simulate's build).
     return MqttSource(collector, m.broker, cfg.mqtt_dead_letters, wait_subscribed="simulate" in ctx.roles)
