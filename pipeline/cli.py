@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
-from pipeline.analytics import capacity
+from pipeline.analytics import capacity, report
 from pipeline.analytics.query import FORMATS as QUERY_FORMATS
 from pipeline.config import Config, ConfigError, load_config, reference
 from pipeline.detect.catalog import SEVERITIES
@@ -28,7 +28,7 @@ from pipeline.logs import FORMATS as LOG_FORMATS, configure as configure_logging
 from pipeline.redact import redact_text
 
 log = logging.getLogger("fleetwatch")
-FULL_INSTALL_ONLY = ("numba", "polars", "duckdb")  # the extra `all` of pyproject.toml
+FULL_INSTALL_ONLY = ("numba", "polars", "duckdb", "matplotlib")  # the extra `all` of pyproject.toml
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     al.add_argument("--limit", type=int, default=50, metavar="N", help="show at most N alerts (default 50)")
     al.add_argument("--json", action="store_true", help="a JSON array of Alertmanager alert objects")
     capacity.add_parser(sub)
+    report.add_parser(sub)
 
     qu = sub.add_parser("query", help="SQL over the archive with DuckDB: a view per dataset (gpu_samples, alerts, "
                                       "...); docs/queries.md has ready ones")
@@ -615,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"eval": cmd_eval, "replay": cmd_replay, "config": cmd_config, "silence": cmd_silence,
                "alerts": cmd_alerts, "topics": cmd_topics,
-               "capacity": capacity.cmd_capacity, "query": cmd_query}.get(args.command, cmd_run)
+               "capacity": capacity.cmd_capacity, "query": cmd_query,
+               "report": report.cmd_report}.get(args.command, cmd_run)
     if getattr(args, "power_command", None):
         handler = cmd_power
     if getattr(args, "archive_command", None):

@@ -424,13 +424,35 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                          "against its connection capacity")
     cp.add_argument("--config", metavar="FILE", help="TOML config file (see docs/configuration.md)")
     cp.add_argument("--data-dir", metavar="DIR", help="the daemon's data_dir")
-    cp.add_argument("--since", metavar="DURATION",
-                    help="the last 24h, 7d, ... (from the newest data if the archive is ahead of the clock, as a "
-                         "simulation's is); default: the whole archive")
-    cp.add_argument("--from", dest="start", metavar="TIME", help="start, ISO 8601 (UTC unless it says otherwise)")
-    cp.add_argument("--to", dest="end", metavar="TIME", help="end, ISO 8601 (default: the archive's last data)")
+    period_options(cp, "the whole archive")
     cp.add_argument("--json", action="store_true", help="the report as JSON")
     return cp
+
+
+def period_options(p: argparse.ArgumentParser, default: str) -> None:
+    """--since, --from, --to: a period of the archive (`period`)."""
+    p.add_argument("--since", metavar="DURATION",
+                   help="the last 24h, 7d, ... (from the newest data if the archive is ahead of the clock, as a "
+                        f"simulation's is); default: {default}")
+    p.add_argument("--from", dest="start", metavar="TIME", help="start, ISO 8601 (UTC unless it says otherwise)")
+    p.add_argument("--to", dest="end", metavar="TIME", help="end, ISO 8601 (default: the archive's last data)")
+
+
+def period(args: argparse.Namespace, archive: Path) -> tuple[datetime | None, datetime | None]:
+    """The period `period_options` asked for: (since, until), None where not given."""
+    from pipeline.config import ConfigError
+    from pipeline.sinks.silences import parse_duration
+    if args.since and args.start:
+        raise ConfigError("--since and --from: give one of them")
+    since = _iso("--from", args.start) if args.start else None
+    until = _iso("--to", args.end) if args.end else None
+    if args.since:
+        seconds = parse_duration(args.since, "--since")
+        ref = until or max([datetime.now(timezone.utc), *filter(None, [newest(archive)])])
+        since = datetime.fromtimestamp(ref.timestamp() - seconds, timezone.utc)
+    if since and until and until <= since:
+        raise ConfigError(f"--to {args.end}: must be after the start ({iso_utc(since)})")
+    return since, until
 
 
 def _iso(flag: str, text: str) -> datetime:
@@ -443,23 +465,13 @@ def _iso(flag: str, text: str) -> datetime:
 
 def cmd_capacity(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError, load_config
-    from pipeline.sinks.silences import parse_duration
     cfg = load_config(args.config, overrides={"data_dir": args.data_dir} if args.data_dir is not None else None)
     data_dir = Path(cfg.data_dir)
     if not data_dir.is_dir():
         raise ConfigError(f"data_dir {cfg.data_dir!r} does not exist; pass the daemon's --data-dir "
                           f"(or set FLEETWATCH_DATA_DIR)")
-    if args.since and args.start:
-        raise ConfigError("--since and --from: give one of them")
     archive = cfg.archive_dir
-    since = _iso("--from", args.start) if args.start else None
-    until = _iso("--to", args.end) if args.end else None
-    if args.since:
-        seconds = parse_duration(args.since, "--since")
-        ref = until or max([datetime.now(timezone.utc), *filter(None, [newest(archive)])])
-        since = datetime.fromtimestamp(ref.timestamp() - seconds, timezone.utc)
-    if since and until and until <= since:
-        raise ConfigError(f"--to {args.end}: must be after the start ({iso_utc(since)})")
+    since, until = period(args, archive)
     r = report(archive, since, until, cfg.detect.site_power_cap_w)
     print(json.dumps(r.to_json(), indent=2) if args.json else text(r))
     return 0
