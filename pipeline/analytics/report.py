@@ -308,7 +308,7 @@ CSS = """body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1100p
 h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 h3{font-size:1em}table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:.2em .6em;
 text-align:left}th{background:#f4f4f4}img{max-width:100%;display:block;margin:.5em 0}.none{color:#777}
-nav a{margin-right:1em}.facts{font-size:1.05em}"""
+nav a{margin-right:1em}.facts{font-size:1.05em}td:first-child{white-space:nowrap}"""
 
 
 def page(sections: list[Section], since: datetime, until: datetime, where: str) -> str:
