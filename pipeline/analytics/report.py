@@ -167,7 +167,9 @@ def _heat(con, period: str) -> Section:
         im = ax.imshow(grid, cmap=cmap, aspect="auto")
         for (r, n), v in np.ndenumerate(grid):
             if not np.isnan(v):
-                ax.text(n, r, f"{v:.0f}", ha="center", va="center", fontsize=7, color="black")
+                red, green, blue, _ = im.cmap(im.norm(v))  # (white on a dark cell)
+                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+                ax.text(n, r, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
         ax.set_yticks(range(len(racks)), racks, fontsize=8)
         ax.set_xticks(range(width), [str(i + 1) for i in range(width)], fontsize=8)
         ax.set_xlabel("node in rack (by name)")
@@ -176,8 +178,9 @@ def _heat(con, period: str) -> Section:
         s.charts.append(Chart(key.replace("_c", ""), title, _png(fig)))
     worst = min((c for c in cells if c["margin_c"] is not None), key=lambda c: c["margin_c"], default=None)
     if worst is not None:
-        s.html = (f"<p>Least margin: <b>{worst['node']}</b>, {worst['margin_c']:.0f} C under its slowdown "
-                  f"threshold (hottest {worst['hottest_c']:.0f} C).</p>")
+        m = worst["margin_c"]
+        s.html = (f"<p>Least margin: <b>{worst['node']}</b>, {abs(m):.0f} C {'under' if m >= 0 else 'over'} its "
+                  f"GPUs' slowdown threshold (hottest {worst['hottest_c']:.0f} C).</p>")
     return s
 
 
