@@ -114,7 +114,7 @@ def known_archive(tmp_path: Path) -> Path:
 def simulated_archive(archive: Path, cfg: Config, steps: int,
                       actions: dict[int, Callable[[FleetSimulator], None]] | None = None) -> FleetSimulator:
     """`steps` ticks of the simulated fleet from T0, detected by the real engine, every dataset
-    it makes archived (samples, events, alerts, node health); `actions[i]` acts on the
+    it makes archived (samples, events, fault labels, alerts, node health); `actions[i]` acts on the
     simulator before tick i (a fault injected, caps set)."""
     sim = FleetSimulator(cfg.fleet, start=T0)
     engine = Engine(cfg)
@@ -127,6 +127,8 @@ def simulated_archive(archive: Path, cfg: Config, steps: int,
         w.add("facility_samples", tick.facility)
         if tick.events is not None:
             w.add("events", tick.events)
+        if tick.labels is not None:
+            w.add("fault_labels", tick.labels)
         for topic, b in ((Topic.GPU, tick.gpu), (Topic.FACILITY, tick.facility), (Topic.EVENTS, tick.events)):
             if b is not None:
                 out = engine.process(Message(topic, b))

@@ -46,6 +46,7 @@ def test_the_page_is_whole_and_says_what_the_archive_says(data: Path, tmp_path: 
         assert f"<section id='{section}'>" in page
     assert "<b>32</b> GPUs on <b>4</b> nodes" in page
     assert "GpuUncorrectableEcc" in page and "r01-n01" in page  # the alert, its node among the failed and offenders
+    assert re.search(r"Of <b>1</b> labelled faults, <b>1</b> were alerted on, in \d+ s \(p50\)", page)
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
     assert len(images) == 7 and all(non_blank(base64.b64decode(i)) for i in images)
 

@@ -101,12 +101,46 @@ def _summary(con, period: str, since: datetime, until: datetime) -> Section:
                      f"and {period} group by node order by times desc, node")
     facts = (f"<p class='facts'><b>{g['gpus']:,}</b> GPUs on <b>{g['nodes']:,}</b> nodes, "
              f"<b>{h['node_hours']:,.1f}</b> node-hours reported, from {iso_utc(since)} to {iso_utc(until)}; "
-             f"<b>{sum(a['n'] for a in alerts):,}</b> alerts raised; <b>{len(failed)}</b> nodes failed.</p>")
+             f"<b>{sum(a['n'] for a in alerts):,}</b> alerts raised; <b>{len(failed)}</b> nodes failed."
+             + _time_to_detect(con, period) + "</p>")
     return Section("summary", "The fleet", facts
                    + "<h3>Alerts by name and severity</h3>"
                    + _table(["alert", "severity", "raised"], [[a["alertname"], a["severity"], a["n"]] for a in alerts])
                    + "<h3>Nodes that failed</h3>"
                    + _table(["node", "times", "first"], [[f["node"], f["times"], iso_utc(f["first"])] for f in failed]))
+
+
+def _time_to_detect(con, period: str) -> str:
+    """Where the archive holds the truth (`fault_labels`: a simulation's, or an operator's
+    labels), how soon the faults were alerted on: an alert named for the fault's type on its
+    target, from its start to its end plus the eval's grace, of the faults whose score window
+    the data covers, or one still firing when it started (analytics/evaluate.py's rules)."""
+    from pipeline.analytics.evaluate import GRACE_S
+    from pipeline.faults import FAULTS
+    pairs = ", ".join(f"('{f.name}', '{a}')" for f in FAULTS for a in f.alertnames)
+    windows = ", ".join(f"('{f.name}', {f.score_window_s:g})" for f in FAULTS)
+    [t] = _q(con, f"""
+        with pairs(fault_type, alertname) as (values {pairs}),
+        windows(fault_type, window_s) as (values {windows}),
+        f as (select fault_id, fault_type, rack, node, gpu, start, "end" from fault_labels join windows using (fault_type)
+              where not normal and {period.replace('ts', 'start')}
+                and start + to_seconds(window_s) <= (select max(ts) from gpu_samples)),  -- (scored as the eval does)
+        episode as (select fingerprint, alertname, rack, node, gpu, starts_at, max(ends_at) as ends_at
+                    from alerts group by all),  -- (ends_at null: still firing)
+        hit as (select f.fault_id, min(greatest(a.starts_at, f.start)) as first from f join pairs using (fault_type)
+                join episode a on a.alertname = pairs.alertname and a.rack = f.rack
+                 and (f.node is null or a.node = f.node) and (f.gpu is null or a.gpu = cast(f.gpu as varchar))
+                 and a.starts_at <= f."end" + interval {GRACE_S:g} second
+                 and (a.starts_at >= f.start or a.ends_at is null or a.ends_at >= f.start)  -- (already firing)
+                group by f.fault_id)
+        select count(*) as faults, count(hit.first) as found,
+               quantile_cont(greatest(epoch(hit.first) - epoch(f.start), 0), 0.5) as p50,
+               quantile_cont(greatest(epoch(hit.first) - epoch(f.start), 0), 0.99) as p99
+        from f left join hit using (fault_id)""")
+    if not t["faults"]:
+        return ""
+    return (f" Of <b>{t['faults']}</b> labelled faults, <b>{t['found']}</b> were alerted on"
+            + (f", in {t['p50']:.0f} s (p50) and {t['p99']:.0f} s (p99)" if t["found"] else "") + ".")
 
 
 def _timeline(con, since: datetime, until: datetime) -> Section:
