@@ -18,10 +18,13 @@ def test_eval_cli_writes_the_documented_json(tmp_path):
     out = json.loads((tmp_path / "out.json").read_text())
     assert set(out["faults"]) == set(FAULT_TYPES)
     for name, f in out["faults"].items():
-        assert set(f) == {"injected", "detected", "recall", "precision", "ttd_p50_s", "ttd_p99_s"}
+        assert set(f) == {"injected", "without_signature", "detected", "recall", "precision", "ttd_p50_s",
+                          "ttd_p99_s"}
         assert isinstance(f["injected"], int) and 0 <= f["detected"] <= f["injected"]
+        assert isinstance(f["without_signature"], int) and f["without_signature"] >= 0
         if f["injected"]:
             assert 0.0 <= f["recall"] <= 1.0
+    assert out["faults_without_signature"] == sum(f["without_signature"] for f in out["faults"].values())
     assert out["node_hours"] == pytest.approx(32.0)
     assert out["false_alerts_per_1000_node_hours"] >= 0.0
     assert out["normal"] == "realistic"  # the default: the harder normal (sources/simulate.py)
