@@ -82,3 +82,14 @@ def test_the_mqtt_dead_letters_rotate_under_an_open_handle(tmp_path: Path) -> No
     [kept] = tmp_path.glob("mqtt.*.jsonl")
     assert [json.loads(x)["detail"] for x in kept.read_text().splitlines()] == ["one"]
     assert [json.loads(x)["detail"] for x in dead.path.read_text().splitlines()] == ["two"]
+
+
+def test_without_hard_links_the_old_file_is_copied(tmp_path: Path, monkeypatch) -> None:
+    def no_links(*_):
+        raise PermissionError("operation not permitted")
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "alerts.jsonl"
+    append_durably(path, "a\n")
+    age(path, 1)
+    kept = rotate(path, Rotation())
+    assert kept is not None and kept.read_text() == "a\n" and path.read_text() == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -66,7 +67,10 @@ def rotate(path: Path, rotation: Rotation, now: float | None = None,
         n += 1
         kept = path.with_name(f"{path.stem}.{last_day}.{n}{path.suffix}")
     head = carry(path) if carry is not None else ""
-    os.link(path, kept)
+    try:
+        os.link(path, kept)
+    except OSError:  # a filesystem without hard links: a copy (one writer: nothing is appended meanwhile)
+        shutil.copy2(path, kept)
     write_atomically(path, head)
     cutoff = today - timedelta(days=rotation.keep_days)
     for old in path.parent.glob(f"{path.stem}.*{path.suffix}"):
