@@ -25,7 +25,8 @@ A run starts by finishing what a killed one left: before the swap, its work fold
 deleted (the inputs are still live); after it, step 3 is done again. A reader that
 listed the hour just before the swap and opens a file after it gets "file not found"
 and reads again (DuckDB and polars list and open within one query: milliseconds).
-Archive processes sharing a folder (Kafka) take turns: one lock per archive.
+Archive processes sharing a folder (Kafka) take turns, and retention with them
+(sinks/retention.py): one lock per archive (`locked`).
 
 Memory: one partition-hour is read whole (about 200 bytes a row; a 10,000-GPU fleet
 sampled every 10 s writes 3.6 million GPU rows an hour, split across the partitions).
@@ -33,6 +34,7 @@ sampled every 10 s writes 3.6 million GPU rows an hour, split across the partiti
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -43,7 +45,7 @@ import re
 import shutil
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -51,8 +53,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.model import SCHEMAS, schema_version, upgraded
+from pipeline.model import SCHEMAS
 from pipeline.sinks.files import fsync_dir, write_atomically
+from pipeline.sinks.parquet import as_current
 
 log = logging.getLogger("fleetwatch")
 
@@ -82,7 +85,6 @@ class CompactionStats:
     bytes_in: int = 0
     bytes_out: int = 0
     recovered: int = 0        # work a killed run left, finished or undone
-    by_dataset: dict[str, int] = field(default_factory=dict)  # hours merged per dataset
 
     def line(self) -> str:
         return (f"{self.hours} hours compacted: {self.files_in} files -> {self.files_out}, {self.rows:,} rows, "
@@ -99,9 +101,7 @@ def compact(archive: Path, after_s: float = 900.0, now: datetime | None = None,
     stats = CompactionStats()
     if not archive.is_dir():
         return stats
-    (archive / WORK).mkdir(exist_ok=True)
-    with open(archive / WORK / "lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # archive processes sharing the folder take turns
+    with locked(archive):
         stats.recovered = recover(archive)
         for dataset in datasets or tuple(SCHEMAS):
             closed = hours(archive / dataset)
@@ -114,6 +114,16 @@ def compact(archive: Path, after_s: float = 900.0, now: datetime | None = None,
                 if start + timedelta(hours=1, seconds=after_s) <= ref:
                     _compact_hour(archive, dataset, folder, stats)
     return stats
+
+
+@contextlib.contextmanager
+def locked(archive: Path):
+    """The archive's upkeep lock: compactions and prunes of one folder (from any process
+    sharing it) take turns."""
+    (archive / WORK).mkdir(exist_ok=True)
+    with open(archive / WORK / "lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def recover(archive: Path) -> int:
@@ -198,22 +208,12 @@ def _compact_hour(archive: Path, dataset: str, folder: Path, stats: CompactionSt
     stats.rows += rows
     stats.bytes_in += bytes_in
     stats.bytes_out += bytes_out
-    stats.by_dataset[dataset] = stats.by_dataset.get(dataset, 0) + 1
 
 
 def _read(dataset: str, files: list[Path]) -> pa.Table:
     """The files' rows in the current schema, sorted by entity and time."""
-    schema = SCHEMAS[dataset]
-    parts = []
-    for f in files:
-        for batch in pq.read_table(f).to_batches():
-            if batch.schema.metadata and b"fleetwatch.version" in batch.schema.metadata \
-                    and schema_version(batch.schema) != schema_version(schema):
-                batch = upgraded(batch)
-            parts.append(pa.RecordBatch.from_arrays(
-                [batch.column(c.name).cast(c.type) if c.name in batch.schema.names else pa.nulls(batch.num_rows, c.type)
-                 for c in schema], schema=schema))
-    table = pa.Table.from_batches(parts, schema=schema)
+    parts = [as_current(dataset, batch) for f in files for batch in pq.read_table(f).to_batches()]
+    table = pa.Table.from_batches(parts, schema=SCHEMAS[dataset])
     return table.sort_by([(k, "ascending") for k in SORT_KEYS[dataset]]).combine_chunks()
 
 

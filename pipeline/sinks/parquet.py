@@ -41,6 +41,17 @@ HOUR_NS = 3_600_000_000_000
 TIME_COLUMN = {name: ("start" if name == "fault_labels" else "ts") for name in SCHEMAS}
 
 
+def as_current(dataset: str, batch: pa.RecordBatch) -> pa.RecordBatch:
+    """`batch` at its dataset's current schema: a batch of an older version (model.UPGRADES)
+    upgraded, then its columns by name, cast to the current types."""
+    schema = SCHEMAS[dataset]
+    if batch.schema == schema:
+        return batch
+    if b"fleetwatch.version" in (batch.schema.metadata or {}):
+        batch = upgraded(batch)
+    return pa.RecordBatch.from_arrays([batch.column(f.name).cast(f.type) for f in schema], schema=schema)
+
+
 @dataclass
 class _Buffer:
     batches: list[pa.RecordBatch] = field(default_factory=list)
@@ -87,11 +98,7 @@ class ArchiveWriter:
         """Buffer a batch; True when the dataset's buffers are full and should be flushed.
         A batch of the previous schema version (model.UPGRADES) is upgraded first, so a
         buffer, and every file, holds the current version only."""
-        if batch.schema != SCHEMAS[dataset]:
-            if b"fleetwatch.version" in (batch.schema.metadata or {}):
-                batch = upgraded(batch)
-            batch = pa.RecordBatch.from_arrays([batch.column(f.name).cast(f.type) for f in SCHEMAS[dataset]],
-                                               schema=SCHEMAS[dataset])
+        batch = as_current(dataset, batch)
         buf = self._buffers.setdefault((dataset, partition), _Buffer())
         buf.batches.append(batch)
         buf.rows += batch.num_rows

@@ -12,7 +12,7 @@ schedule (sinks/archive_sink.py); `fleetwatch archive prune [--dry-run]` does it
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import shutil
 import uuid
@@ -21,9 +21,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from pipeline.config import ArchiveConfig
-from pipeline.sinks.compaction import WORK, hours
-
-log = logging.getLogger("fleetwatch")
+from pipeline.sinks.compaction import WORK, hours, locked
 
 SAMPLES = ("gpu_samples", "facility_samples")
 
@@ -38,7 +36,6 @@ class PruneStats:
     files: int = 0
     bytes: int = 0
     by_dataset: dict[str, int] = field(default_factory=dict)  # hours per dataset
-    oldest_kept: dict[str, str] = field(default_factory=dict)
 
     def line(self, dry_run: bool = False) -> str:
         verb = "would delete" if dry_run else "deleted"
@@ -52,26 +49,28 @@ def prune(archive: Path, settings: ArchiveConfig, now: datetime | None = None, d
     archive = Path(archive)
     now = now or datetime.now(timezone.utc)
     out = PruneStats()
-    for dataset in SCHEMAS:
-        days = retention_days(settings, dataset)
-        if days <= 0:
-            continue
-        cutoff = now - timedelta(days=days)
-        for start, folder in hours(archive / dataset):
-            if start + timedelta(hours=1) > cutoff:
-                out.oldest_kept[dataset] = start.isoformat()
-                break
-            files = list(folder.glob("*.parquet"))
-            out.hours += 1
-            out.files += len(files)
-            out.bytes += sum(f.stat().st_size for f in files)
-            out.by_dataset[dataset] = out.by_dataset.get(dataset, 0) + 1
-            if not dry_run:
-                gone = archive / WORK / f"pruned-{uuid.uuid4().hex[:12]}"
-                gone.parent.mkdir(exist_ok=True)
-                os.rename(folder, gone)  # out of sight in one step
-                shutil.rmtree(gone, ignore_errors=True)
-                day = folder.parent
-                if not any(day.iterdir()):
-                    day.rmdir()
+    if not archive.is_dir():
+        return out
+    # Never under a compaction of the same hour (one lock for both); a dry run only reads.
+    with contextlib.nullcontext() if dry_run else locked(archive):
+        for dataset in SCHEMAS:
+            days = retention_days(settings, dataset)
+            if days <= 0:
+                continue
+            cutoff = now - timedelta(days=days)
+            for start, folder in hours(archive / dataset):
+                if start + timedelta(hours=1) > cutoff:
+                    break
+                files = list(folder.glob("*.parquet"))
+                out.hours += 1
+                out.files += len(files)
+                out.bytes += sum(f.stat().st_size for f in files)
+                out.by_dataset[dataset] = out.by_dataset.get(dataset, 0) + 1
+                if not dry_run:
+                    gone = archive / WORK / f"pruned-{uuid.uuid4().hex[:12]}"
+                    os.rename(folder, gone)  # out of sight in one step
+                    shutil.rmtree(gone, ignore_errors=True)
+                    day = folder.parent
+                    if not any(day.iterdir()):
+                        day.rmdir()
     return out
