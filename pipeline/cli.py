@@ -22,7 +22,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.analytics import capacity, report
 from pipeline.analytics.query import FORMATS as QUERY_FORMATS
-from pipeline.config import Config, ConfigError, load_config, reference
+from pipeline.config import Config, ConfigError, existing_data_dir, load_config, reference
 from pipeline.detect.catalog import SEVERITIES
 from pipeline.logs import FORMATS as LOG_FORMATS, configure as configure_logging
 from pipeline.redact import redact_text
@@ -186,9 +186,8 @@ def power_actions(pw: argparse.ArgumentParser) -> None:
     runs the role itself."""
     acts = pw.add_subparsers(dest="power_command", metavar="ACTION", required=False,
                              help="without one: run the power role")
-    data_dir = _action_data_dir
     rq = acts.add_parser("request", help="ask the site to shed power for a while; prints the id and what happens")
-    data_dir(rq)
+    _action_data_dir(rq)
     rq.add_argument("--site", metavar="S", help="the site (default fleet.site)")
     rq.add_argument("--racks", metavar="R[,R...]", help="only these racks (default the whole site)")
     goal = rq.add_mutually_exclusive_group(required=True)
@@ -201,13 +200,13 @@ def power_actions(pw: argparse.ArgumentParser) -> None:
     rq.add_argument("--ramp", default="30s", metavar="DURATION", help="deadline to reach the target (default 30s)")
     rq.add_argument("--id", metavar="ID", help="the request's id (default: made up)")
     st = acts.add_parser("status", help="every request, its state (rejected: why) and its live numbers")
-    data_dir(st)
+    _action_data_dir(st)
     st.add_argument("--json", action="store_true", help="as JSON")
     ca = acts.add_parser("cancel", help="end a request now: its caps are restored in steps")
-    data_dir(ca)
+    _action_data_dir(ca)
     ca.add_argument("id", metavar="ID", help="the request's id, or a unique prefix of it")
     rp = acts.add_parser("report", help="each request that is over, from the archive (power_requests)")
-    data_dir(rp)
+    _action_data_dir(rp)
     rp.add_argument("--json", action="store_true", help="a JSON array of the rows")
 
 
@@ -424,11 +423,7 @@ def _existing_data_dir(args: argparse.Namespace) -> Path:
 
 def _existing_config(args: argparse.Namespace) -> Config:
     """The configuration, its data_dir one a daemon has created."""
-    cfg = load_config(args.config, overrides=_overrides(args))
-    if not Path(cfg.data_dir).is_dir():
-        raise ConfigError(f"data_dir {cfg.data_dir!r} does not exist; pass the daemon's --data-dir "
-                          f"(or set FLEETWATCH_DATA_DIR)")
-    return cfg
+    return existing_data_dir(load_config(args.config, overrides=_overrides(args)))
 
 
 def cmd_silence(args: argparse.Namespace) -> int:

@@ -526,6 +526,15 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def existing_data_dir(cfg: Config) -> Config:
+    """`cfg`, whose data_dir a daemon must have created (the commands that read one): a typo
+    should not go unnoticed."""
+    if not Path(cfg.data_dir).is_dir():
+        raise ConfigError(f"data_dir {cfg.data_dir!r} does not exist; pass the daemon's --data-dir "
+                          f"(or set FLEETWATCH_DATA_DIR)")
+    return cfg
+
+
 def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
                 overrides: Mapping[str, Any] | None = None) -> Config:
     """Defaults < TOML file < FLEETWATCH_* env < overrides (already typed, e.g. CLI flags)."""

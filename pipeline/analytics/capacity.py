@@ -464,12 +464,9 @@ def _iso(flag: str, text: str) -> datetime:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError, load_config
-    cfg = load_config(args.config, overrides={"data_dir": args.data_dir} if args.data_dir is not None else None)
-    data_dir = Path(cfg.data_dir)
-    if not data_dir.is_dir():
-        raise ConfigError(f"data_dir {cfg.data_dir!r} does not exist; pass the daemon's --data-dir "
-                          f"(or set FLEETWATCH_DATA_DIR)")
+    from pipeline.config import existing_data_dir, load_config
+    cfg = existing_data_dir(load_config(args.config, overrides={"data_dir": args.data_dir}
+                                        if args.data_dir is not None else None))
     archive = cfg.archive_dir
     since, until = period(args, archive)
     r = report(archive, since, until, cfg.detect.site_power_cap_w)

@@ -49,14 +49,31 @@ class Section:
     charts: list[Chart] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Period:
+    """[since, until), and its bounds as SQL literals."""
+    since: datetime
+    until: datetime
+
+    @property
+    def lo(self) -> str:
+        return iso_utc(self.since, "microseconds")
+
+    @property
+    def hi(self) -> str:
+        return iso_utc(self.until, "microseconds")
+
+    def where(self, column: str = "ts") -> str:
+        return f"{column} >= '{self.lo}' and {column} < '{self.hi}'"
+
+
 def build(archive: Path, since: datetime, until: datetime, cfg) -> list[Section]:
     """The page's sections for [since, until)."""
     con = Archive(Path(archive)).connect()
-    period = f"ts >= '{iso_utc(since, 'microseconds')}' and ts < '{iso_utc(until, 'microseconds')}'"
+    p = Period(since, until)
     try:
-        return [_summary(con, period, since, until), _timeline(con, since, until), _heat(con, period),
-                _power(con, period, cfg), _coolant(con, period, cfg), _capacity(archive, since, until, cfg),
-                _offenders(con, since, until)]
+        return [_summary(con, p), _timeline(con, p), _heat(con, p), _power(con, p, cfg), _coolant(con, p, cfg),
+                _capacity(archive, p, cfg), _offenders(con, p)]
     finally:
         con.close()
 
@@ -90,19 +107,19 @@ def _figure(width: float = 10.0, height: float = 3.5):
     return plt.subplots(figsize=(width, height))
 
 
-def _summary(con, period: str, since: datetime, until: datetime) -> Section:
+def _summary(con, p: Period) -> Section:
     [g] = _q(con, f"select count(distinct gpu_uuid) as gpus, count(distinct node) as nodes from gpu_samples "
-                  f"where {period}")
+                  f"where {p.where()}")
     [h] = _q(con, f"select coalesce(sum(span), 0) / 3600.0 as node_hours from (select node, "  # (as reported)
-                  f"epoch(max(ts)) - epoch(min(ts)) as span from gpu_samples where {period} group by node)")
+                  f"epoch(max(ts)) - epoch(min(ts)) as span from gpu_samples where {p.where()} group by node)")
     alerts = _q(con, f"select alertname, severity, count(*) as n from alerts where status = 'firing' and "
-                     f"{period.replace('ts', 'starts_at')} group by all order by n desc, alertname")
+                     f"{p.where('starts_at')} group by all order by n desc, alertname")
     failed = _q(con, f"select node, count(*) as times, min(ts) as first from node_health where state = 'failing' "
-                     f"and {period} group by node order by times desc, node")
+                     f"and {p.where()} group by node order by times desc, node")
     facts = (f"<p class='facts'><b>{g['gpus']:,}</b> GPUs on <b>{g['nodes']:,}</b> nodes, "
-             f"<b>{h['node_hours']:,.1f}</b> node-hours reported, from {iso_utc(since)} to {iso_utc(until)}; "
+             f"<b>{h['node_hours']:,.1f}</b> node-hours reported, from {iso_utc(p.since)} to {iso_utc(p.until)}; "
              f"<b>{sum(a['n'] for a in alerts):,}</b> alerts raised; <b>{len(failed)}</b> nodes failed."
-             + _time_to_detect(con, period) + "</p>")
+             + _time_to_detect(con, p) + "</p>")
     return Section("summary", "The fleet", facts
                    + "<h3>Alerts by name and severity</h3>"
                    + _table(["alert", "severity", "raised"], [[a["alertname"], a["severity"], a["n"]] for a in alerts])
@@ -110,7 +127,7 @@ def _summary(con, period: str, since: datetime, until: datetime) -> Section:
                    + _table(["node", "times", "first"], [[f["node"], f["times"], iso_utc(f["first"])] for f in failed]))
 
 
-def _time_to_detect(con, period: str) -> str:
+def _time_to_detect(con, p: Period) -> str:
     """Where the archive holds the truth (`fault_labels`: a simulation's, or an operator's
     labels), how soon the faults were alerted on: an alert named for the fault's type on its
     target, from its start to its end plus the eval's grace, of the faults whose score window
@@ -123,7 +140,7 @@ def _time_to_detect(con, period: str) -> str:
         with pairs(fault_type, alertname) as (values {pairs}),
         windows(fault_type, window_s) as (values {windows}),
         f as (select fault_id, fault_type, rack, node, gpu, start, "end" from fault_labels join windows using (fault_type)
-              where not normal and {period.replace('ts', 'start')}
+              where not normal and {p.where('start')}
                 and start + to_seconds(window_s) <= (select max(ts) from gpu_samples)),  -- (scored as the eval does)
         episode as (select fingerprint, alertname, rack, node, gpu, starts_at, max(ends_at) as ends_at
                     from alerts group by all),  -- (ends_at null: still firing)
@@ -143,9 +160,9 @@ def _time_to_detect(con, period: str) -> str:
             + (f", in {t['p50']:.0f} s (p50) and {t['p99']:.0f} s (p99)" if t["found"] else "") + ".")
 
 
-def _timeline(con, since: datetime, until: datetime) -> Section:
+def _timeline(con, p: Period) -> Section:
     s = Section("timeline", "Alerts and node health over time")
-    lo, hi = iso_utc(since, "microseconds"), iso_utc(until, "microseconds")
+    lo, hi, since, until = p.lo, p.hi, p.since, p.until
     spans = _q(con, f"""
         select coalesce(node, rack, site, 'site') as who, alertname, severity, starts_at,
                coalesce(max(ends_at), timestamptz '{hi}') as ends_at  -- (still firing: to the period's end)
@@ -179,12 +196,12 @@ def _timeline(con, since: datetime, until: datetime) -> Section:
     return s
 
 
-def _heat(con, period: str) -> Section:
+def _heat(con, p: Period) -> Section:
     s = Section("heat", "GPU temperature and margin to slowdown, rack x node")
     cells = _q(con, f"""
         select rack, node, dense_rank() over (partition by rack order by node) as slot,
                max(gpu_temp_c) as hottest_c, min(slowdown_temp_c - gpu_temp_c) as margin_c
-        from gpu_samples where {period} group by rack, node order by rack, node""")
+        from gpu_samples where {p.where()} group by rack, node order by rack, node""")
     if not cells:
         s.html = "<p class='none'>no GPU samples in the period</p>"
         return s
@@ -218,16 +235,16 @@ def _heat(con, period: str) -> Section:
     return s
 
 
-def _minutes(con, period: str, device_class: str, metric: str) -> list[dict[str, Any]]:
+def _minutes(con, p: Period, device_class: str, metric: str) -> list[dict[str, Any]]:
     return _q(con, f"""
         select rack, date_trunc('minute', ts) as minute, avg(value) as value from facility_samples
-        where {period} and device_class = '{device_class}' and metric = '{metric}' and quality = 1
+        where {p.where()} and device_class = '{device_class}' and metric = '{metric}' and quality = 1
         group by all order by rack, minute""")
 
 
-def _power(con, period: str, cfg) -> Section:
+def _power(con, p: Period, cfg) -> Section:
     s = Section("power", "Power: racks against their PDU rating, the site against its cap")
-    pdu, meter = _minutes(con, period, "rack", "power_w"), _minutes(con, period, "meter", "power_w")
+    pdu, meter = _minutes(con, p, "rack", "power_w"), _minutes(con, p, "meter", "power_w")
     if not pdu and not meter:
         s.html = "<p class='none'>no PDU or meter readings in the period</p>"
         return s
@@ -258,7 +275,7 @@ def _power(con, period: str, cfg) -> Section:
     return s
 
 
-def _coolant(con, period: str, cfg) -> Section:
+def _coolant(con, p: Period, cfg) -> Section:
     s = Section("coolant", "Coolant delta-T per rack: measured against what its power predicts")
     rows_ = _q(con, f"""
         with m as (
@@ -266,10 +283,10 @@ def _coolant(con, period: str, cfg) -> Section:
                  avg(value) filter (where metric = 'supply_temp_c') as supply,
                  avg(value) filter (where metric = 'return_temp_c') as ret,
                  avg(value) filter (where metric = 'flow_lpm') as flow
-          from facility_samples where {period} and device_class = 'cdu' and quality = 1 group by all),
+          from facility_samples where {p.where()} and device_class = 'cdu' and quality = 1 group by all),
         p as (
           select rack, date_trunc('minute', ts) as minute, avg(value) as power
-          from facility_samples where {period} and device_class = 'rack' and metric = 'power_w' and quality = 1
+          from facility_samples where {p.where()} and device_class = 'rack' and metric = 'power_w' and quality = 1
           group by all)
         select m.rack, m.minute, m.ret - m.supply as measured,
                {cfg.detect.liquid_fraction} * p.power / (m.flow / 60.0 * {COOLANT_CP_J_PER_KG_K}) as predicted
@@ -296,10 +313,10 @@ def _coolant(con, period: str, cfg) -> Section:
     return s
 
 
-def _capacity(archive: Path, since: datetime, until: datetime, cfg) -> Section:
+def _capacity(archive: Path, p: Period, cfg) -> Section:
     from pipeline.analytics.capacity import report
     s = Section("capacity", "Where the GPU-hours went")
-    r = report(Path(archive), since, until, cfg.detect.site_power_cap_w)
+    r = report(Path(archive), p.since, p.until, cfg.detect.site_power_cap_w)
     if not r.total:
         s.html = "<p class='none'>no GPU samples in the period</p>"
         return s
@@ -322,16 +339,15 @@ def _capacity(archive: Path, since: datetime, until: datetime, cfg) -> Section:
     return s
 
 
-def _offenders(con, since: datetime, until: datetime) -> Section:
-    lo, hi = iso_utc(since, "microseconds"), iso_utc(until, "microseconds")
-    week = iso_utc(until - timedelta(days=REPEAT_DAYS), "microseconds")
+def _offenders(con, p: Period) -> Section:
+    week = Period(p.until - timedelta(days=REPEAT_DAYS), p.until)
     top = _q(con, f"""
         select node, count(*) as alerts, string_agg(distinct alertname, ', ' order by alertname) as names
-        from alerts where status = 'firing' and node is not null and starts_at >= '{lo}' and starts_at < '{hi}'
+        from alerts where status = 'firing' and node is not null and {p.where('starts_at')}
         group by node order by alerts desc, node limit 10""")
     repeat = _q(con, f"""
         select node, count(distinct cast(starts_at as date)) as days, count(*) as alerts
-        from alerts where status = 'firing' and node is not null and starts_at >= '{week}' and starts_at < '{hi}'
+        from alerts where status = 'firing' and node is not null and {week.where('starts_at')}
         group by node having count(distinct cast(starts_at as date)) >= {REPEAT_MIN_DAYS}
         order by days desc, alerts desc, node""")
     return Section("offenders", "Top offenders",
@@ -380,11 +396,9 @@ def cmd_report(args) -> int:
     from datetime import timezone
 
     from pipeline.analytics.capacity import newest, period
-    from pipeline.config import ConfigError, load_config
-    cfg = load_config(args.config, overrides={"data_dir": args.data_dir} if args.data_dir is not None else None)
-    if not Path(cfg.data_dir).is_dir():
-        raise ConfigError(f"data_dir {cfg.data_dir!r} does not exist; pass the daemon's --data-dir "
-                          f"(or set FLEETWATCH_DATA_DIR)")
+    from pipeline.config import ConfigError, existing_data_dir, load_config
+    cfg = existing_data_dir(load_config(args.config, overrides={"data_dir": args.data_dir}
+                                        if args.data_dir is not None else None))
     archive = Path(cfg.archive_dir)
     if not (args.since or args.start):
         args.since = "24h"
