@@ -334,6 +334,25 @@ SCHEMAS: dict[str, pa.Schema] = {
     "power_requests": POWER_REQUEST_REPORT,
 }
 
+# How the archive stores each dataset: its record's schema with every time in microseconds
+# (Spark and Trino refuse Parquet's nanosecond timestamps; the bus keeps nanoseconds), marked
+# with the archive's format: 1 (unmarked, before 2026-12) held nanoseconds, and is still read.
+ARCHIVE_FORMAT = 2
+ARCHIVE_TS = pa.timestamp("us", tz="UTC")
+
+
+def _on_disk(schema: pa.Schema) -> pa.Schema:
+    fields = [f.with_type(ARCHIVE_TS) if pa.types.is_timestamp(f.type) else f for f in schema]
+    return pa.schema(fields, metadata={**schema.metadata, b"fleetwatch.archive_format": str(ARCHIVE_FORMAT).encode()})
+
+
+ARCHIVE_SCHEMAS: dict[str, pa.Schema] = {name: _on_disk(schema) for name, schema in SCHEMAS.items()}
+
+
+def archive_format(schema: pa.Schema) -> int:
+    """The archive format a file was written in (its schema's metadata; 1 where unmarked)."""
+    return int((schema.metadata or {}).get(b"fleetwatch.archive_format", b"1"))
+
 
 # Detector checkpoints on the state topic (detect/checkpoint.py). Open: after these
 # identity columns come one float64 column per state array (`<container>.<field>`) of

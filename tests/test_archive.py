@@ -9,7 +9,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.model import GPU_SAMPLE
+from pipeline.model import ARCHIVE_SCHEMAS
 from pipeline.sinks.parquet import ArchiveWriter
 from pipeline.sources.simulate import FleetSimulator
 from tests.conftest import make_config
@@ -56,7 +56,7 @@ def test_appending_never_overwrites_and_both_readers_agree(tmp_path):
     df = lf.collect()
     assert df.height == expected
     assert df["hour"].unique().to_list() == [10]
-    assert df.select(pl.exclude("date", "hour")).schema == pl.from_arrow(GPU_SAMPLE.empty_table()).schema
+    assert df.select(pl.exclude("date", "hour")).schema == pl.from_arrow(ARCHIVE_SCHEMAS["gpu_samples"].empty_table()).schema
     con = duckdb.connect()
     n_duck = con.execute(f"select count(*) from read_parquet('{tmp_path}/gpu_samples/*/*/*.parquet', "
                          f"hive_partitioning=true)").fetchall()[0][0]

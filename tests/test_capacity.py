@@ -82,8 +82,8 @@ def test_fault_cover_is_the_union_of_a_gpus_and_its_nodes_faults() -> None:
     faults = pl.DataFrame({"site": ["s1"] * 5, "node": ["n1", "n1", "n1", "n1", "n2"],
                            "fgpu": [0, None, 1, 0, None], "fstart": [at(-5), at(5), at(20), at(50), at(0)],
                            "fend": [at(10), at(15), at(30), None, at(1)]},
-                          schema_overrides={"fgpu": pl.Int16, "fstart": pl.Datetime("ns", "UTC"),
-                                            "fend": pl.Datetime("ns", "UTC")})
+                          schema_overrides={"fgpu": pl.Int16, "fstart": pl.Datetime("us", "UTC"),
+                                            "fend": pl.Datetime("us", "UTC")})
     gpus = pl.DataFrame({"site": ["s1"] * 3, "node": ["n1", "n1", "n3"], "gpu": [0, 1, 0]},
                         schema_overrides={"gpu": pl.Int16})
     cover = dict(((n, g), h) for _, n, g, h in _fault_cover(faults, gpus, at(0), at(60)).iter_rows())

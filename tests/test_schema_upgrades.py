@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from pipeline.analytics.archive import scan
 from pipeline.bus.codec import Decoder, encode
-from pipeline.model import SCHEMAS, UPGRADES, WIRE_SCHEMAS, legacy_device_class, schema_name, schema_version
+from pipeline.model import ARCHIVE_SCHEMAS, SCHEMAS, UPGRADES, WIRE_SCHEMAS, legacy_device_class, schema_name, schema_version
 from pipeline.sinks.parquet import ArchiveWriter
 from tests.conftest import make_config
 from tests.test_codec import batches
@@ -116,7 +116,7 @@ def test_an_archive_hour_with_files_of_both_versions_reads_back_whole(key, tmp_p
     writer.add(dataset, current)  # and a new one, in the same buffer
     (path,) = writer.flush()
     assert path.parent == hour
-    assert pq.read_schema(path).equals(CURRENT[key[0]], check_metadata=True)  # the file: the current version
+    assert pq.read_schema(path).equals(ARCHIVE_SCHEMAS[dataset], check_metadata=True)  # the current version
 
     rows = scan(tmp_path / "archive" / dataset).collect()
     assert rows.height == 3 * current.num_rows

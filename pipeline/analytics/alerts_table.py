@@ -45,12 +45,11 @@ class AlertListing:
 
 def read_archive(dataset: Path) -> dict[str, dict[str, Any]]:
     """Latest alert per fingerprint from the archive's alerts dataset."""
-    import polars as pl  # only this path needs it; keeps the common path light
+    from pipeline.analytics.archive import scan  # polars: only this path needs it; keeps the common path light
 
-    files = sorted(dataset.glob("*/*/*.parquet"))
-    if not files:
+    if not any(dataset.glob("*/*/*.parquet")):
         return {}
-    df = pl.read_parquet(files, hive_partitioning=False)
+    df = scan(dataset, "alerts").collect()
     df = df.sort("ts", maintain_order=True).unique("fingerprint", keep="last")
     table = df.select(ALERT.names).to_arrow().cast(ALERT)
     return {a["fingerprint"]: a for batch in table.to_batches() for a in alert_rows(batch)}

@@ -7,14 +7,15 @@ with the current schema, those columns are null in the older files' rows, as the
 upgrades an older message (model.UPGRADES), and a column an upgrade derives is derived
 here too (a facility reading's device_class from its device id). Polars reads the
 first file's schema unless told otherwise, and then fails on a file with more columns:
-`scan` tells it.
+`scan` tells it. Files of archive format 1 (before 2026-12) hold their times in
+nanoseconds, read as the microseconds of format 2 (model.ARCHIVE_SCHEMAS).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.model import SCHEMAS
+from pipeline.model import ARCHIVE_SCHEMAS
 
 
 def scan(dataset_dir: Path | str, dataset: str | None = None):
@@ -24,8 +25,9 @@ def scan(dataset_dir: Path | str, dataset: str | None = None):
 
     dataset_dir = Path(dataset_dir)
     name = dataset or dataset_dir.name
-    schema = pl.from_arrow(SCHEMAS[name].empty_table()).schema
-    frame = pl.scan_parquet(dataset_dir, hive_partitioning=True, schema=schema, missing_columns="insert")
+    schema = pl.from_arrow(ARCHIVE_SCHEMAS[name].empty_table()).schema
+    frame = pl.scan_parquet(dataset_dir, hive_partitioning=True, schema=schema, missing_columns="insert",
+                            cast_options=pl.ScanCastOptions(datetime_cast="nanosecond-downcast"))
     if name == "facility_samples":  # version 1 had no device_class: its readers read it off the id
         frame = frame.with_columns(pl.col("device_class").fill_null(legacy_device_class()))
     return frame

@@ -289,7 +289,7 @@ def _fault_intervals(alerts, health, start: datetime, end: datetime):
     """(site, node, gpu or null for the whole node, start, end) of every fault overlapping the period."""
     import polars as pl
     cols = {"site": pl.String, "node": pl.String, "fgpu": pl.Int16,
-            "fstart": pl.Datetime("ns", "UTC"), "fend": pl.Datetime("ns", "UTC")}
+            "fstart": pl.Datetime("us", "UTC"), "fend": pl.Datetime("us", "UTC")}
     parts = [pl.DataFrame(schema=cols)]
     if alerts is not None:
         # One episode per fingerprint and start (an alert that fires again is a new episode);

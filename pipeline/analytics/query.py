@@ -8,6 +8,11 @@ columns `date` and `hour`:
   - across schema versions by column name: a file written before a column existed reads
     null there (DuckDB's `union_by_name`), and a column an upgrade derives is derived
     as the bus derives it (facility_sample v1's `device_class`, by model.legacy_device_class);
+  - across archive formats: times are TIMESTAMPTZ (microseconds, archive format 2); while
+    a dataset still holds files of format 1 (nanoseconds, before 2026-12; compaction
+    rewrites them) they are TIMESTAMPTZ_NS in SQL, exact, and results come out truncated
+    to the microsecond as polars reads them (`_microseconds`; a cast in the view would
+    round, and hide the times from DuckDB's row-group filters);
   - on an empty or partial archive: a dataset without files is an empty view of the
     same columns, so a query that names it returns no rows instead of failing;
   - while the daemon writes: a file appears only by rename (sinks/parquet.py), so a
@@ -28,7 +33,7 @@ from typing import IO
 
 import pyarrow as pa
 
-from pipeline.model import SCHEMAS, iso_utc, legacy_device_class
+from pipeline.model import ARCHIVE_SCHEMAS, SCHEMAS, iso_utc, legacy_device_class
 
 FORMATS = ("table", "csv", "json", "parquet")
 HIVE_TYPES = "{'date': DATE, 'hour': INTEGER}"
@@ -49,7 +54,7 @@ class Archive:
         con.execute("SET TimeZone = 'UTC'")  # the archive's times are UTC: shown as such
         con.create_function("fw_legacy_device_class", lambda device, rack: legacy_device_class(device, rack),
                             ["VARCHAR", "VARCHAR"], "VARCHAR", type="arrow")
-        for name, schema in SCHEMAS.items():
+        for name, schema in ARCHIVE_SCHEMAS.items():
             empty = f"_{name}_columns"
             con.from_arrow(schema.empty_table()).create(empty)
             folder = self.archive_dir / name
@@ -82,7 +87,8 @@ class Archive:
 
 
 def _microseconds(table: pa.Table) -> pa.Table:
-    """Times to the microsecond (the archive's are in ns, which Spark and Python's datetime refuse)."""
+    """Times to the microsecond, truncated as pyarrow and polars do (Spark and Python's datetime
+    refuse nanoseconds, which format-1 files and some SQL functions make)."""
     for i, f in enumerate(table.schema):
         if pa.types.is_timestamp(f.type) and f.type.unit == "ns":
             table = table.set_column(i, f.name, table.column(i).cast(pa.timestamp("us", f.type.tz), safe=False))

@@ -10,8 +10,10 @@ are together, so its row groups' statistics let a reader skip the rest), in row 
 (`part-p<P>-o<first>-<last>.parquet`, the union of its inputs' ranges), so
 `ArchiveWriter.archived_until` still finds every offset on disk and a redelivered message
 is never written twice; in-process it is `part-<first ts ns>-compacted-<seq>.parquet`.
-An hour whose files are one per partition already is left alone; one that gets a late
-file is merged again.
+Merged files are written as the writer writes them (times in microseconds, archive format
+2), so compaction also rewrites an hour of format-1 files (nanoseconds, before 2026-12)
+for readers that refuse those (Spark, Trino). An hour whose files are one per partition in
+the current format already is left alone; one that gets a late file is merged again.
 
 Atomic for readers, no row lost or twice, whatever is killed when:
   1. the new hour is built beside the archive, in `archive/.compaction/<work>/hour/`,
@@ -53,9 +55,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.model import SCHEMAS
+from pipeline.model import ARCHIVE_FORMAT, SCHEMAS, archive_format
 from pipeline.sinks.files import fsync_dir, write_atomically
-from pipeline.sinks.parquet import as_current
+from pipeline.sinks.parquet import as_current, on_disk
 
 log = logging.getLogger("fleetwatch")
 
@@ -167,8 +169,9 @@ def _groups(files: list[Path]) -> dict[str, list[Path]]:
 def _compact_hour(archive: Path, dataset: str, folder: Path, stats: CompactionStats) -> None:
     files = sorted(folder.glob("*.parquet"))
     groups = _groups(files)
-    if all(len(g) == 1 for g in groups.values()):
-        return  # one file per partition already
+    if all(len(g) == 1 for g in groups.values()) and all(
+            archive_format(pq.read_schema(f)) == ARCHIVE_FORMAT for f in files):
+        return  # one file per partition already, as the writer writes them today
     rel = folder.relative_to(archive).as_posix()
     work = archive / WORK / f"{dataset}-{folder.parent.name[5:]}-{folder.name[5:]}-{uuid.uuid4().hex[:8]}"
     new = work / "hour"
@@ -189,7 +192,7 @@ def _compact_hour(archive: Path, dataset: str, folder: Path, stats: CompactionSt
             name = (f"part-{key}-o{min(int(m[2]) for m in ranges):016d}-"
                     f"{max(int(m[3]) for m in ranges):016d}.parquet")
         out = new / name
-        pq.write_table(table, out, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(on_disk(dataset, table), out, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         with open(out, "rb") as f:
             os.fsync(f.fileno())
         if pq.ParquetFile(out).metadata.num_rows != table.num_rows:

@@ -4,7 +4,8 @@
 
 Batches are buffered per dataset (and per source partition, from Kafka) and written
 as one file per buffer and hour partition per flush. A file holds one schema version,
-the current one (an older batch is upgraded as it is buffered); the version is in the
+the current one (an older batch is upgraded as it is buffered), with its times in
+microseconds (`on_disk`: model.ARCHIVE_SCHEMAS, archive format 2); both are in the
 file's Arrow schema metadata. Files written before a column was added lack it, and
 readers read a dataset by column name with missing columns as null (docs/data.md).
 Each file is written into `<data_dir>/archive/.staging/` (same filesystem, outside
@@ -32,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.model import SCHEMAS, upgraded
+from pipeline.model import ARCHIVE_SCHEMAS, SCHEMAS, upgraded
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,11 @@ def as_current(dataset: str, batch: pa.RecordBatch) -> pa.RecordBatch:
     if b"fleetwatch.version" in (batch.schema.metadata or {}):
         batch = upgraded(batch)
     return pa.RecordBatch.from_arrays([batch.column(f.name).cast(f.type) for f in schema], schema=schema)
+
+
+def on_disk(dataset: str, table: pa.Table) -> pa.Table:
+    """A table of the current schema as the archive stores it: times truncated to the microsecond."""
+    return table.cast(ARCHIVE_SCHEMAS[dataset], safe=False)
 
 
 @dataclass
@@ -240,7 +246,7 @@ class ArchiveWriter:
         final_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.staging / f"{dataset}-{name}"
         try:
-            pq.write_table(table, tmp, compression=self.compression)
+            pq.write_table(on_disk(dataset, table), tmp, compression=self.compression)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final_dir / name)

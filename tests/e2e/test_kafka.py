@@ -231,7 +231,7 @@ def test_sigkill_and_restart_archives_every_produced_sample_exactly_once(broker,
         got = await drain(sub)
         await bus.close()
         return pl.from_arrow(pa.Table.from_batches([m.value for m in got]))
-    in_kafka = asyncio.run(produced()).select("gpu_uuid", "ts")
+    in_kafka = asyncio.run(produced()).select("gpu_uuid", pl.col("ts").dt.cast_time_unit("us"))  # as archived
     in_archive = archived(data, "gpu_samples").select("gpu_uuid", "ts")
     print(f"sigkill: {before} rows archived before the kill; in Kafka {in_kafka.height}, "
           f"archived {in_archive.height}, unique {in_archive.unique().height}")
