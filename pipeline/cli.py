@@ -22,7 +22,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.analytics import capacity, report
 from pipeline.analytics.query import FORMATS as QUERY_FORMATS
-from pipeline.config import Config, ConfigError, existing_data_dir, load_config, reference
+from pipeline.config import Config, ConfigError, existing_data_dir, load_config, local_archive, reference
 from pipeline.detect.catalog import SEVERITIES
 from pipeline.logs import FORMATS as LOG_FORMATS, configure as configure_logging
 from pipeline.redact import redact_text
@@ -537,7 +537,7 @@ def power_report(args: argparse.Namespace) -> int:
     from pipeline.model import POWER_REQUEST_REPORT, iso_utc
     from pipeline.roles.power import summary
     cfg = load_config(getattr(args, "config", None), overrides=_overrides(args))
-    folder = Path(cfg.archive_dir) / "power_requests"
+    folder = local_archive(cfg, "fleetwatch power report") / "power_requests"
     files = sorted(folder.glob("**/*.parquet")) if folder.is_dir() else []
     # By column name (a later version's files may add columns), without the hive partition columns.
     rows = (scan(folder).select(POWER_REQUEST_REPORT.names).sort("ts").collect().to_dicts() if files else [])
@@ -570,10 +570,21 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _archive(cfg):
+    """`fleetwatch query`'s views of the archive, wherever it lives (archive.url)."""
+    from pipeline.analytics.query import Archive
+    if cfg.archive.url:
+        from pipeline.sinks.delta import location
+        return Archive(delta=location(cfg.archive))
+    return Archive(Path(cfg.archive_dir))
+
+
 def cmd_archive(args: argparse.Namespace) -> int:
     """`fleetwatch archive compact|prune|stats`: the archive's upkeep by hand (docs/data.md)."""
     cfg = _existing_config(args)
-    archive = Path(cfg.archive_dir)
+    if cfg.archive.url and args.archive_command != "stats":
+        return _delta_upkeep(args, cfg)
+    archive = local_archive(cfg, f"fleetwatch archive {args.archive_command}")
     if args.archive_command == "stats":
         from pipeline.analytics.archive_stats import stats, text
         days = stats(archive)
@@ -583,15 +594,33 @@ def cmd_archive(args: argparse.Namespace) -> int:
         print(f"{archive}: {prune(archive, cfg.archive, dry_run=args.dry_run).line(args.dry_run)}")
     else:
         from pipeline.sinks.compaction import compact
-        from pipeline.sinks.silences import parse_duration
-        after = (cfg.archive.compact_after_s if args.after is None else 0.0 if args.after.strip() == "0"
-                 else parse_duration(args.after, "--after"))
-        print(f"{archive}: {compact(archive, after_s=after).line()}")
+        print(f"{archive}: {compact(archive, after_s=_compact_after(args, cfg)).line()}")
+    return 0
+
+
+def _compact_after(args: argparse.Namespace, cfg) -> float:
+    from pipeline.sinks.silences import parse_duration
+    return (cfg.archive.compact_after_s if args.after is None else 0.0 if args.after.strip() == "0"
+            else parse_duration(args.after, "--after"))
+
+
+def _delta_upkeep(args: argparse.Namespace, cfg) -> int:
+    """`fleetwatch archive compact|prune` on the Delta tables of archive.url (sinks/delta.py)."""
+    from pipeline.sinks import delta
+    where = delta.location(cfg.archive)
+    try:
+        if args.archive_command == "prune":
+            line = delta.prune(where, cfg.archive, dry_run=args.dry_run).line(args.dry_run)
+        else:
+            line = delta.compact(where, after_s=_compact_after(args, cfg)).line()
+    except OSError as e:
+        raise ConfigError(f"archive {args.archive_command}: {e}") from None
+    print(f"{cfg.archive.url}: {line}")
     return 0
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from pipeline.analytics.query import Archive, QueryError, write
+    from pipeline.analytics.query import QueryError, write
     if args.format == "parquet" and not args.out:
         raise ConfigError("--format parquet writes a binary file: give --out FILE")
     out = _output_file("--out", args.out) if args.out else None
@@ -600,8 +629,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     if not sql.strip():
         raise ConfigError("query: no SQL given (an empty string, or nothing on standard input)")
     try:
-        table = Archive(Path(cfg.archive_dir)).run(sql)
-    except QueryError as e:
+        table = _archive(cfg).run(sql)
+    except (QueryError, OSError) as e:  # (OSError: the object storage of archive.url refused or unreachable)
         raise ConfigError(f"query: {e}") from None
     write(table, args.format, path=out)
     return 0

@@ -63,6 +63,9 @@ class FleetConfig:
                             "values on one clock")
 
 
+_S3_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/=-]*)?")
+
+
 @dataclass(frozen=True)
 class ArchiveConfig:
     enabled: bool = _spec(True, doc="write the Parquet archive")
@@ -86,6 +89,23 @@ class ArchiveConfig:
                                           "at a time once this many days old, by the clock; 0 = kept forever")
     retention_days_records: float = _spec(400.0, min=0.0, doc="the same for events, alerts, node_health, fault_labels "
                                           "and power_*: what operators look back on for a year; 0 = kept forever")
+    url: str = _spec("", doc="where the archive lives: empty = <data_dir>/archive on local disk (the default); "
+                     "s3://bucket/prefix = a Delta Lake table per dataset on S3-compatible object storage "
+                     "(docs/data.md#object-storage)")
+    s3_endpoint_url: str = _spec("", doc="an S3-compatible server's URL (MinIO, Ceph, s3proxy); empty = AWS S3")
+    s3_region: str = _spec("", doc="the bucket's region; empty = AWS_REGION from the environment, else us-east-1")
+    s3_allow_http: bool = _spec(False, doc="allow a plain-HTTP s3_endpoint_url (a test server; never across a network)")
+    credentials_file: str = _spec("", doc="an AWS shared-credentials file (INI: aws_access_key_id, "
+                                  "aws_secret_access_key, aws_session_token); empty = the environment's AWS_* "
+                                  "variables or the instance's role. Never printed")
+    credentials_profile: str = _spec("default", doc="the profile (section) of credentials_file to use")
+
+    def __post_init__(self) -> None:
+        if self.url and not _S3_URL.fullmatch(self.url):
+            from pipeline.redact import redact_url
+            raise ConfigError(f"config error: archive.url = {redact_url(self.url)!r}: expected s3://bucket or "
+                              f"s3://bucket/prefix (credentials go in the environment or archive.credentials_file), "
+                              f"or empty for <data_dir>/archive")
 
 
 @dataclass(frozen=True)
@@ -533,6 +553,14 @@ def existing_data_dir(cfg: Config) -> Config:
         raise ConfigError(f"data_dir {cfg.data_dir!r} does not exist; pass the daemon's --data-dir "
                           f"(or set FLEETWATCH_DATA_DIR)")
     return cfg
+
+
+def local_archive(cfg: Config, command: str) -> Path:
+    """The archive folder of a command that reads local files only (archive.url empty)."""
+    if cfg.archive.url:
+        raise ConfigError(f"{command} reads an archive on local disk; archive.url is {cfg.archive.url}: use "
+                          f"`fleetwatch query` there (or leave archive.url empty)")
+    return cfg.archive_dir
 
 
 def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,

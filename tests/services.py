@@ -31,9 +31,9 @@ from typing import Callable
 from pipeline.sinks.webhook import verify_signature
 
 REPO = Path(__file__).resolve().parents[1]
-POM = REPO / "scripts" / "kafka" / "pom.xml"
 KAFKA_VERSION = "4.4.0"
-CACHE = Path(os.environ.get("KAFKA_LOCAL_CACHE", Path.home() / ".cache" / "fleetwatch")) / f"kafka-{KAFKA_VERSION}"
+S3PROXY_VERSION = "4.1.0"
+CACHE = Path(os.environ.get("KAFKA_LOCAL_CACHE", Path.home() / ".cache" / "fleetwatch"))
 
 
 def free_port() -> int:
@@ -42,19 +42,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def kafka_libs() -> Path:
-    """The jars of Kafka and its runtime dependencies, fetched with Maven once."""
-    libs = CACHE / "libs"
-    if (libs / f"kafka_2.13-{KAFKA_VERSION}.jar").exists():
+def maven_libs(project: str, version: str, jar: str) -> Path:
+    """The jars of `scripts/<project>/pom.xml`'s dependency and its runtime dependencies,
+    fetched from Maven Central once (into CACHE/<project>-<version>/libs; `jar` is there when done)."""
+    libs = CACHE / f"{project}-{version}" / "libs"
+    if (libs / jar).exists():
         return libs
     if shutil.which("mvn") is None or shutil.which("java") is None:
-        raise RuntimeError("Kafka for tests needs Java 17 and Maven (mvn) on PATH")
-    tmp = CACHE / "libs.partial"
+        raise RuntimeError(f"{project} for tests needs Java 17 and Maven (mvn) on PATH")
+    tmp = libs.with_name("libs.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run(["mvn", "-q", "-B", "-f", str(POM), "dependency:copy-dependencies", "-DincludeScope=runtime",
-                    f"-DoutputDirectory={tmp}", f"-Dkafka.version={KAFKA_VERSION}"], check=True)
+    subprocess.run(["mvn", "-q", "-B", "-f", str(REPO / "scripts" / project / "pom.xml"),
+                    "dependency:copy-dependencies", "-DincludeScope=runtime", f"-DoutputDirectory={tmp}",
+                    f"-D{project}.version={version}"], check=True)
     tmp.replace(libs)
     return libs
+
+
+def kafka_libs() -> Path:
+    return maven_libs("kafka", KAFKA_VERSION, f"kafka_2.13-{KAFKA_VERSION}.jar")
+
+
+def s3proxy_libs() -> Path:
+    """s3proxy (an S3-compatible server, its filesystem backend built in) and its dependencies, ~60 MB."""
+    return maven_libs("s3proxy", S3PROXY_VERSION, f"s3proxy-{S3PROXY_VERSION}.jar")
 
 
 class Service:
@@ -654,3 +665,59 @@ class Prometheus(Service):
     def query(self, expr: str) -> list[dict]:
         """An instant query's result: [{"metric": {labels}, "value": [time, "value"]}, ...]."""
         return self.api("query", query=expr)["result"]
+
+
+
+class S3Proxy(Service):
+    """s3proxy, an S3-compatible server, on a free loopback port: plain HTTP, AWS SigV2/V4
+    auth for `access_key`/`secret_key`, objects kept as files under `dir`/data (its filesystem
+    backend), so `stop()` and `start()` again keep them. `storage_options` are what deltalake
+    and polars need to reach it."""
+
+    name = "s3proxy"
+    stop_timeout_s = 10.0
+
+    def __init__(self, workdir: Path | None = None, access_key: str = "fleetwatch",
+                 secret_key: str = "fleetwatch-secret") -> None:
+        super().__init__()
+        self.libs = s3proxy_libs()
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="s3proxy-"))
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.access_key, self.secret_key = access_key, secret_key
+        self.config = self.dir / "s3proxy.properties"
+        self.config.write_text("\n".join([
+            f"s3proxy.endpoint={self.endpoint}",
+            "s3proxy.authorization=aws-v2-or-v4",
+            f"s3proxy.identity={access_key}",
+            f"s3proxy.credential={secret_key}",
+            "jclouds.provider=filesystem",
+            # The backend's own identity: unused by the filesystem, but s3proxy requires one.
+            "jclouds.identity=local",
+            "jclouds.credential=local",
+            f"jclouds.filesystem.basedir={self.dir / 'data'}",
+        ]) + "\n")
+        # Without a config logback logs at DEBUG: a line per Jetty event and request.
+        self.logback = self.dir / "logback.xml"
+        self.logback.write_text('<configuration><appender name="out" class="ch.qos.logback.core.ConsoleAppender">'
+                                '<encoder><pattern>%d %-5level %logger{36} - %msg%n</pattern></encoder></appender>'
+                                '<root level="WARN"><appender-ref ref="out"/></root></configuration>\n')
+
+    def command(self) -> list[str]:
+        return ["java", "-Xms64m", "-Xmx512m", "-XX:+UseSerialGC", f"-Dlogback.configurationFile={self.logback}",
+                "-cp", f"{self.libs}/*", "org.gaul.s3proxy.Main", "--properties", str(self.config)]
+
+    # Jetty opens its connector only after its handlers have started: listening is ready.
+
+    @property
+    def storage_options(self) -> dict[str, str]:
+        """deltalake/polars (object_store) options. Commits are safe for concurrent writers with
+        no more: object_store PUTs each commit file with If-None-Match: *, which s3proxy honours."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+
+    def create_bucket(self, name: str) -> None:
+        from pyarrow.fs import S3FileSystem  # pyarrow signs the request; no boto3 needed
+        S3FileSystem(access_key=self.access_key, secret_key=self.secret_key, endpoint_override=self.endpoint,
+                     scheme="http", region="us-east-1", allow_bucket_creation=True).create_dir(name)

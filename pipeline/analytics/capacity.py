@@ -464,10 +464,10 @@ def _iso(flag: str, text: str) -> datetime:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    from pipeline.config import existing_data_dir, load_config
+    from pipeline.config import existing_data_dir, load_config, local_archive
     cfg = existing_data_dir(load_config(args.config, overrides={"data_dir": args.data_dir}
                                         if args.data_dir is not None else None))
-    archive = cfg.archive_dir
+    archive = local_archive(cfg, "fleetwatch capacity")
     since, until = period(args, archive)
     r = report(archive, since, until, cfg.detect.site_power_cap_w)
     print(json.dumps(r.to_json(), indent=2) if args.json else text(r))

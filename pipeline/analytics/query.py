@@ -16,7 +16,8 @@ columns `date` and `hour`:
   - on an empty or partial archive: a dataset without files is an empty view of the
     same columns, so a query that names it returns no rows instead of failing;
   - while the daemon writes: a file appears only by rename (sinks/parquet.py), so a
-    query sees whole files, and each view reads the files there when it runs.
+    query sees whole files, and each view reads the files there when it runs; on object
+    storage (`archive.url`), each view reads its Delta table's latest version.
 
 The queries an SRE asks first are in docs/queries.md (tests/test_query.py runs each).
 """
@@ -34,6 +35,7 @@ from typing import IO
 import pyarrow as pa
 
 from pipeline.model import ARCHIVE_SCHEMAS, SCHEMAS, iso_utc, legacy_device_class
+from pipeline.sinks.delta import DeltaLocation
 
 FORMATS = ("table", "csv", "json", "parquet")
 HIVE_TYPES = "{'date': DATE, 'hour': INTEGER}"
@@ -45,8 +47,10 @@ class QueryError(Exception):
 
 @dataclass(frozen=True)
 class Archive:
-    """A DuckDB connection with a view per dataset of `archive_dir` (module doc)."""
-    archive_dir: Path
+    """A DuckDB connection with a view per dataset of `archive_dir` (module doc), or of the
+    Delta tables at `delta` (sinks/delta.py: `archive.url`), each read at its latest version."""
+    archive_dir: Path | None = None
+    delta: DeltaLocation | None = None
 
     def connect(self):
         import duckdb  # only `fleetwatch query` and the report need it
@@ -57,8 +61,13 @@ class Archive:
         for name, schema in ARCHIVE_SCHEMAS.items():
             empty = f"_{name}_columns"
             con.from_arrow(schema.empty_table()).create(empty)
-            folder = self.archive_dir / name
-            if any(folder.glob("**/*.parquet")):
+            table = self.delta.table(name) if self.delta is not None else None
+            folder = self.archive_dir / name if self.archive_dir is not None else None
+            if table is not None:  # (DuckDB's delta extension is a download: read through deltalake's dataset)
+                con.register(f"_{name}_delta", table.to_pyarrow_dataset())
+                source = (f"select * replace (date::date as date, hour::integer as hour) from "
+                          f"(select * from {empty} union all by name select * from _{name}_delta)")
+            elif folder is not None and any(folder.glob("**/*.parquet")):
                 files = str(folder / "**" / "*.parquet").replace("'", "''")
                 source = (f"select * from {empty} union all by name select * from read_parquet('{files}', "
                           f"hive_partitioning = true, union_by_name = true, hive_types = {HIVE_TYPES})")

@@ -396,10 +396,10 @@ def cmd_report(args) -> int:
     from datetime import timezone
 
     from pipeline.analytics.capacity import newest, period
-    from pipeline.config import ConfigError, existing_data_dir, load_config
+    from pipeline.config import ConfigError, existing_data_dir, load_config, local_archive
     cfg = existing_data_dir(load_config(args.config, overrides={"data_dir": args.data_dir}
                                         if args.data_dir is not None else None))
-    archive = Path(cfg.archive_dir)
+    archive = local_archive(cfg, "fleetwatch report")
     if not (args.since or args.start):
         args.since = "24h"
     if not args.end:  # the last data's time: a live fleet's is now, a stopped one's shows its last day

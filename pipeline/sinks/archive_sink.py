@@ -1,4 +1,6 @@
-"""The archive as a sink (sinks/base.py): every topic -> Parquet (sinks/parquet.py).
+"""The archive as a sink (sinks/base.py): every topic -> Parquet, on local disk
+(sinks/parquet.py, the default) or as Delta Lake tables on object storage (sinks/delta.py,
+`archive.url`).
 
 A write that fails (full disk, permissions, archive/ gone) stops nothing: what it
 took goes back into the buffers, nothing is committed, and the archive retries with
@@ -22,15 +24,13 @@ from pipeline.config import ArchiveConfig
 from pipeline.roles import DATASET_OF_TOPIC
 from pipeline.sinks.archive_outage import ArchiveOutage
 from pipeline.sinks.base import SinkBase, consume
-from pipeline.sinks.compaction import compact
-from pipeline.sinks.retention import prune
-from pipeline.sinks.parquet import ArchiveWriter
+from pipeline.sinks.parquet import ArchiveBuffers, ArchiveWriter
 
 log = logging.getLogger("fleetwatch")
 
 
 class ArchiveSink(SinkBase):
-    def __init__(self, writer: ArchiveWriter, sub, flush_interval_s: float, outage: ArchiveOutage | None = None,
+    def __init__(self, writer: ArchiveBuffers, sub, flush_interval_s: float, outage: ArchiveOutage | None = None,
                  buffer_mb: float = 256.0, upkeep: ArchiveConfig | None = None) -> None:
         self.writer, self.sub, self.flush_interval_s = writer, sub, flush_interval_s
         # Compaction (sinks/compaction.py) and retention (sinks/retention.py) in a thread, after the
@@ -84,10 +84,9 @@ class ArchiveSink(SinkBase):
         self.upkeeping = asyncio.create_task(asyncio.to_thread(self._upkeep), name="archive-upkeep")
 
     def _upkeep(self) -> None:
-        """(In a thread.) Merge the closed hours, then delete the expired ones."""
-        a, root = self.upkeep, self.writer.root
-        for what, work in (("compaction", lambda: compact(root, a.compact_after_s, None, self.upkeep_stop)),
-                           ("retention", lambda: prune(root, a))):
+        """(In a thread.) Merge the closed hours, then delete the expired ones (the writer's storage says how)."""
+        a = self.upkeep
+        for what, work in self.writer.upkeep(a, self.upkeep_stop):
             if self.upkeep_stop.is_set():
                 return
             try:
@@ -162,7 +161,7 @@ class ArchiveSink(SinkBase):
                 await asyncio.wait_for(self.alerts, 5.0)
 
 
-async def archive_role(writer: ArchiveWriter, sub, flush_interval_s: float, outage: ArchiveOutage | None = None,
+async def archive_role(writer: ArchiveBuffers, sub, flush_interval_s: float, outage: ArchiveOutage | None = None,
                        buffer_mb: float = 256.0, stop: asyncio.Event | None = None, gate=None,
                        upkeep: ArchiveConfig | None = None) -> None:
     """Every topic -> Parquet, until the topics end (see the module doc)."""
@@ -174,8 +173,12 @@ def build(ctx, spec):
     cfg = ctx.cfg
     if not cfg.archive.enabled:
         return None
-    writer = ctx.writer = ArchiveWriter(cfg.archive_dir, cfg.archive.compression, cfg.archive.max_buffer_rows,
-                                        min_free_mb=cfg.archive.min_free_mb)
+    if cfg.archive.url:
+        from pipeline.sinks.delta import DeltaArchiveWriter
+        writer = ctx.writer = DeltaArchiveWriter.from_config(cfg.archive)
+    else:
+        writer = ctx.writer = ArchiveWriter(cfg.archive_dir, cfg.archive.compression, cfg.archive.max_buffer_rows,
+                                            min_free_mb=cfg.archive.min_free_mb)
     writer.outage = ArchiveOutage(cfg.fleet.site, cfg.alerts.runbook_base_url, cfg.archive.retry_max_s)
     sub = ctx.bus.subscribe(list(spec.inputs), spec.group)
     gate = ctx.gate(sub, spec.group)

@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -67,25 +68,17 @@ class _Buffer:
     nbytes: int = 0  # estimated: rows x the dataset's bytes per row (ArchiveWriter.row_bytes)
 
 
-class ArchiveWriter:
-    """Buffers per dataset and source partition; writes one file per buffer and hour.
+class ArchiveBuffers:
+    """What every archive writer does before its storage: buffer per dataset and source
+    partition (batches upgraded to the current schema), bound what is held, know which
+    offsets are stored. A writer adds `write` (the taken buffers to storage, leaving in
+    `taken` exactly what is not stored) and `stored_until` (the highest offset of a
+    source partition in storage); `upkeep` is what the archive role runs now and then."""
 
-    From a partitioned bus (Kafka) a file is named after the partition and the offset
-    range it holds, `part-p<partition>-o<first>-<last>.parquet`, and `archived_until`
-    says which offsets are already on disk, so a consumer that restarts from its last
-    commit skips what it had archived: redelivery never duplicates a row. In-process,
-    files are named `part-<first ts ns>-<writer>-<seq>.parquet`.
-    """
-
-    def __init__(self, root: Path, compression: str = "zstd", max_buffer_rows: int = 500_000,
-                 writer_id: str | None = None, min_free_mb: float = 0.0) -> None:
-        self.root = Path(root)
-        self.staging = self.root / ".staging"
-        self.staging.mkdir(parents=True, exist_ok=True)
-        self.compression = None if compression == "none" else compression
+    def __init__(self, root, max_buffer_rows: int = 500_000, writer_id: str | None = None) -> None:
+        self.root = root  # where it writes, as logs and the summary name it
         self.max_buffer_rows = max_buffer_rows
         self.writer_id = writer_id or uuid.uuid4().hex[:12]
-        self._seq = 0
         self._buffers: dict[tuple[str, int], _Buffer] = {}
         self._archived: dict[tuple[str, int], int] = {}
         self._row_bytes: dict[str, float] = {}  # dataset -> bytes per row (row_bytes)
@@ -94,11 +87,18 @@ class ArchiveWriter:
         self.files_by_dataset: dict[str, int] = {name: 0 for name in SCHEMAS}
         self.last_durable: float | None = None  # time.monotonic() the archive's data was last all durable
         self.redelivered_skipped = 0  # messages not written again: their offsets were archived
-        self.min_free_bytes = int(min_free_mb * 2**20)  # below this free space, writing fails as a full disk
         self.rows_dropped: dict[str, int] = {name: 0 for name in SCHEMAS}  # shed while the archive could not write
         self.outage = None  # the archive role's ArchiveOutage (sinks/archive_outage.py), for status and summary
-        for leftover in self.staging.glob("*.parquet"):  # from a crash mid-write: never renamed, never visible
-            leftover.unlink()
+
+    def write(self, taken: dict[tuple[str, int], _Buffer]) -> list:
+        raise NotImplementedError
+
+    def stored_until(self, dataset: str, partition: int) -> int:
+        raise NotImplementedError
+
+    def upkeep(self, cfg, stop) -> list[tuple[str, Callable[[], Any]]]:
+        """(what, run) of each upkeep pass; run() returns stats with `hours` and `line()`."""
+        return []
 
     def add(self, dataset: str, batch: pa.RecordBatch, partition: int = -1, offset: int = -1) -> bool:
         """Buffer a batch; True when the dataset's buffers are full and should be flushed.
@@ -118,10 +118,7 @@ class ArchiveWriter:
         """The highest offset of `partition` already in the archive (-1: none)."""
         key = (dataset, partition)
         if key not in self._archived:
-            last = -1
-            for f in (self.root / dataset).glob(f"*/*/part-p{partition:04d}-o*-*.parquet"):
-                last = max(last, int(f.stem.rsplit("-", 1)[1]))
-            self._archived[key] = last
+            self._archived[key] = self.stored_until(dataset, partition)
         return self._archived[key]
 
     def forget_archived(self) -> None:
@@ -187,6 +184,43 @@ class ArchiveWriter:
             rows += self._buffers.pop(key).rows
         return rows
 
+    def flush(self) -> list:
+        return self.write(self.take())
+
+
+class ArchiveWriter(ArchiveBuffers):
+    """The archive on local disk: one Parquet file per buffer and hour (module doc).
+
+    From a partitioned bus (Kafka) a file is named after the partition and the offset
+    range it holds, `part-p<partition>-o<first>-<last>.parquet`, and `archived_until`
+    says which offsets are already on disk, so a consumer that restarts from its last
+    commit skips what it had archived: redelivery never duplicates a row. In-process,
+    files are named `part-<first ts ns>-<writer>-<seq>.parquet`.
+    """
+
+    def __init__(self, root: Path, compression: str = "zstd", max_buffer_rows: int = 500_000,
+                 writer_id: str | None = None, min_free_mb: float = 0.0) -> None:
+        super().__init__(Path(root), max_buffer_rows, writer_id)
+        self.staging = self.root / ".staging"
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.compression = None if compression == "none" else compression
+        self._seq = 0
+        self.min_free_bytes = int(min_free_mb * 2**20)  # below this free space, writing fails as a full disk
+        for leftover in self.staging.glob("*.parquet"):  # from a crash mid-write: never renamed, never visible
+            leftover.unlink()
+
+    def stored_until(self, dataset: str, partition: int) -> int:
+        last = -1
+        for f in (self.root / dataset).glob(f"*/*/part-p{partition:04d}-o*-*.parquet"):
+            last = max(last, int(f.stem.rsplit("-", 1)[1]))
+        return last
+
+    def upkeep(self, cfg, stop) -> list[tuple[str, Callable[[], Any]]]:
+        from pipeline.sinks.compaction import compact
+        from pipeline.sinks.retention import prune
+        return [("compaction", lambda: compact(self.root, cfg.compact_after_s, None, stop)),
+                ("retention", lambda: prune(self.root, cfg))]
+
     def _check_free(self) -> None:
         if self.min_free_bytes:
             st = os.statvfs(self.root)
@@ -230,9 +264,6 @@ class ArchiveWriter:
             if partition >= 0:
                 self._archived[(dataset, partition)] = max(self.archived_until(dataset, partition), buf.last_offset)
         return paths
-
-    def flush(self) -> list[Path]:
-        return self.write(self.take())
 
     def _write_file(self, dataset: str, hour: int, table: pa.Table, partition: int, buf: _Buffer) -> Path:
         start = datetime.fromtimestamp(hour * 3600, timezone.utc)

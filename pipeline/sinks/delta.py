@@ -1,0 +1,275 @@
+"""The archive on object storage: a Delta Lake table per dataset (`archive.url = "s3://bucket/prefix"`).
+
+    s3://bucket/prefix/<dataset>/_delta_log/...                 the table's commits
+    s3://bucket/prefix/<dataset>/date=YYYY-MM-DD/hour=H/*.parquet
+
+Why Delta Lake (the `deltalake` package, delta-rs) and not Iceberg: the table's whole state
+is its log in the bucket, so there is no catalog service to run, and a commit is one object
+written only if absent (`If-None-Match: *`, which S3, MinIO and s3proxy honour), so several
+archive processes append to one table safely. Each commit can also carry application
+transactions (app id, version), which is what exactly-once over Kafka needs:
+
+  - each flush of a dataset is one commit: rows in the archive's format (model.ARCHIVE_SCHEMAS,
+    times in microseconds), partitioned by `date` and `hour` as the local archive is, and
+    for each source partition it holds, the transaction (`fleetwatch-archive-p<P>`, its
+    last offset); `stored_until` reads that back, so a redelivered batch is never written
+    twice, after a restart or a rebalance (ArchiveBuffers.archived_until);
+  - a commit that fails (the bucket unreachable, credentials refused) raises OSError and
+    leaves its buffers with the writer, as a full disk does (archive_outage.py); before a
+    retry, a partition whose transaction is already in the table (the commit landed, its
+    reply was lost) is dropped instead of written again. In-process (no offsets) such a
+    reply lost can write a flush twice.
+
+Upkeep (the archive role, `fleetwatch archive compact|prune`): a closed hour's small files
+are merged by Delta's `optimize.compact` (one commit; readers of the previous version keep
+reading it); hours past their retention are deleted by a partition predicate (no file is
+read); files no version references any more are vacuumed once they are `VACUUM_AFTER_H`
+old, so a reader of a version that recent never loses a file under it.
+
+Credentials come from `archive.credentials_file` (an AWS shared-credentials file) or, by
+default, from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+or the instance's role): never from the config, never printed, and masked in every error
+this module raises.
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import ArchiveConfig, ConfigError
+from pipeline.model import ARCHIVE_SCHEMAS, SCHEMAS
+from pipeline.redact import MASK
+from pipeline.sinks.parquet import TIME_COLUMN, ArchiveBuffers, _Buffer, on_disk
+from pipeline.sinks.retention import retention_days
+
+log = logging.getLogger("fleetwatch")
+
+PARTITIONS = ["date", "hour"]
+VACUUM_AFTER_H = 24  # a file no version references is deleted once this old (readers of older versions)
+APP = "fleetwatch-archive-p{:04d}"  # a source partition's transaction in a table
+
+
+@dataclass(frozen=True)
+class DeltaLocation:
+    """Where the tables are (`s3://bucket/prefix`, or a local folder in tests) and how to reach them."""
+    url: str
+    storage_options: dict[str, str] = field(default_factory=dict, repr=False)  # holds secrets: never shown
+
+    def table_uri(self, dataset: str) -> str:
+        return f"{self.url.rstrip('/')}/{dataset}"
+
+    def table(self, dataset: str):
+        """The dataset's DeltaTable at its latest version; None before its first commit."""
+        from deltalake import DeltaTable
+        uri = self.table_uri(dataset)
+        try:
+            if not DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
+                return None
+            return DeltaTable(uri, storage_options=self.storage_options)
+        except Exception as e:  # unreachable, refused: the caller's error, without the secrets
+            raise self.error(f"reading {uri}", e) from None
+
+    def error(self, doing: str, e: BaseException) -> OSError:
+        """An OSError for `e`, with every secret of the storage options masked."""
+        text = f"{type(e).__name__}: {e}"
+        for key in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            if self.storage_options.get(key):
+                text = text.replace(self.storage_options[key], MASK)
+        return OSError(f"object storage: {doing}: {text.strip()}")
+
+
+def location(cfg: ArchiveConfig) -> DeltaLocation:
+    """The archive's location and storage options from its config (module doc: credentials)."""
+    options: dict[str, str] = {}
+    if cfg.s3_endpoint_url:
+        options["AWS_ENDPOINT_URL"] = cfg.s3_endpoint_url
+    if cfg.s3_region:
+        options["AWS_REGION"] = cfg.s3_region
+    if cfg.s3_allow_http:
+        options["AWS_ALLOW_HTTP"] = "true"
+    if cfg.credentials_file:
+        options.update(_credentials(Path(cfg.credentials_file), cfg.credentials_profile))
+    return DeltaLocation(cfg.url, options)
+
+
+def _credentials(path: Path, profile: str) -> dict[str, str]:
+    ini = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as f:
+            ini.read_file(f)
+    except OSError as e:
+        raise ConfigError(f"config error: archive.credentials_file {str(path)!r}: {e.strerror}") from None
+    except configparser.Error:
+        raise ConfigError(f"config error: archive.credentials_file {str(path)!r} is not an AWS credentials file "
+                          f"(INI: [{profile}] with aws_access_key_id and aws_secret_access_key)") from None
+    if not ini.has_section(profile) or not {"aws_access_key_id", "aws_secret_access_key"} <= set(ini[profile]):
+        raise ConfigError(f"config error: archive.credentials_file {str(path)!r}: no [{profile}] section with "
+                          f"aws_access_key_id and aws_secret_access_key (archive.credentials_profile)")
+    section = ini[profile]
+    out = {"AWS_ACCESS_KEY_ID": section["aws_access_key_id"], "AWS_SECRET_ACCESS_KEY": section["aws_secret_access_key"]}
+    if section.get("aws_session_token"):
+        out["AWS_SESSION_TOKEN"] = section["aws_session_token"]
+    return out
+
+
+def with_partitions(dataset: str, table: pa.Table) -> pa.Table:
+    """The table as stored: the archive's format, plus `date` and `hour` of its time column (UTC)."""
+    table = on_disk(dataset, table)
+    ts = table.column(TIME_COLUMN[dataset])
+    return (table.append_column("date", pc.strftime(ts, format="%Y-%m-%d"))
+            .append_column("hour", pc.hour(ts).cast(pa.int32())))
+
+
+class DeltaArchiveWriter(ArchiveBuffers):
+    """ArchiveBuffers whose storage is a Delta table per dataset (module doc)."""
+
+    def __init__(self, where: DeltaLocation, compression: str = "zstd", max_buffer_rows: int = 500_000,
+                 writer_id: str | None = None) -> None:
+        super().__init__(where.url, max_buffer_rows, writer_id)
+        self.where = where
+        self.compression = compression.upper()
+
+    @classmethod
+    def from_config(cls, cfg: ArchiveConfig) -> "DeltaArchiveWriter":
+        return cls(location(cfg), cfg.compression, cfg.max_buffer_rows)
+
+    def stored_until(self, dataset: str, partition: int) -> int:
+        table = self.where.table(dataset)
+        version = table.transaction_version(APP.format(partition)) if table is not None else None
+        return -1 if version is None else int(version)
+
+    def write(self, taken: dict[tuple[str, int], _Buffer]) -> list[str]:
+        """One commit per dataset of what `taken` holds for it; what is committed leaves `taken`."""
+        from deltalake import CommitProperties, Transaction, WriterProperties, write_deltalake
+        written = []
+        for dataset in sorted({d for d, _ in taken}):
+            keys = [k for k in taken if k[0] == dataset]
+            if any(p >= 0 for _, p in keys):  # a retry: what an earlier commit whose reply was lost holds
+                for key in [k for k in keys if k[1] >= 0 and self.stored_until(*k) >= taken[k].last_offset]:
+                    self._archived[key] = taken.pop(key).last_offset
+                    keys.remove(key)
+            tables = [pa.Table.from_batches(taken[k].batches, schema=SCHEMAS[dataset]) for k in keys]
+            rows = sum(t.num_rows for t in tables)
+            if rows == 0:
+                for k in keys:
+                    del taken[k]
+                continue
+            txns = [Transaction(APP.format(p), taken[(dataset, p)].last_offset) for _, p in keys if p >= 0]
+            table = with_partitions(dataset, pa.concat_tables(tables).combine_chunks())
+            uri = self.where.table_uri(dataset)
+            try:
+                write_deltalake(uri, table, mode="append", partition_by=PARTITIONS, schema_mode="merge",
+                                storage_options=self.where.storage_options,
+                                writer_properties=WriterProperties(compression=self.compression),
+                                commit_properties=CommitProperties(app_transactions=txns or None))
+            except Exception as e:  # what is not committed stays in `taken` (the outage path retries it)
+                raise self.where.error(f"appending {rows} rows to {uri}", e) from None
+            for k in keys:
+                buf = taken.pop(k)
+                if k[1] >= 0:
+                    self._archived[k] = max(self.archived_until(*k), buf.last_offset)
+            self.rows_written[dataset] += rows
+            self.files_written += 1
+            self.files_by_dataset[dataset] += 1
+            written.append(uri)
+        return written
+
+    def upkeep(self, cfg: ArchiveConfig, stop) -> list[tuple[str, Callable[[], Any]]]:
+        return [("compaction", lambda: compact(self.where, cfg.compact_after_s, stop=stop)),
+                ("retention", lambda: prune(self.where, cfg))]
+
+
+@dataclass
+class DeltaUpkeep:
+    """What a compaction or prune pass of the Delta tables did."""
+    what: str
+    hours: int = 0
+    files_in: int = 0
+    files_out: int = 0
+    rows: int = 0
+    vacuumed: int = 0
+
+    def line(self, dry_run: bool = False) -> str:
+        if self.what == "compaction":
+            return (f"{self.hours} closed hours compacted: {self.files_in} files -> {self.files_out}; "
+                    f"{self.vacuumed} unreferenced files vacuumed")
+        verb = "would delete" if dry_run else "deleted"
+        return f"{verb} {self.hours} hours past their retention ({self.rows} rows); {self.vacuumed} files vacuumed"
+
+
+def _hours(table) -> dict[tuple[str, int], int]:
+    """Files per (date, hour) partition of the table's current version."""
+    actions = pa.table(table.get_add_actions(flatten=True))
+    counts: dict[tuple[str, int], int] = {}
+    for d, h in zip(actions.column("partition.date").to_pylist(), actions.column("partition.hour").to_pylist()):
+        counts[(d, int(h))] = counts.get((d, int(h)), 0) + 1
+    return counts
+
+
+def _start(date: str, hour: int) -> datetime:
+    return datetime.fromisoformat(date).replace(hour=hour, tzinfo=timezone.utc)
+
+
+def compact(where: DeltaLocation, after_s: float = 900.0, now: datetime | None = None, stop=None) -> DeltaUpkeep:
+    """Merge the files of every hour that ended `after_s` ago and has more than one, then vacuum."""
+    now = now or datetime.now(timezone.utc)
+    stats = DeltaUpkeep("compaction")
+    for dataset in ARCHIVE_SCHEMAS:
+        table = where.table(dataset)
+        if table is None:
+            continue
+        for (date, hour), files in sorted(_hours(table).items()):
+            if stop is not None and stop.is_set():
+                return stats
+            if files < 2 or _start(date, hour) + timedelta(hours=1, seconds=after_s) > now:
+                continue
+            try:
+                done = table.optimize.compact(partition_filters=[("date", "=", date), ("hour", "=", str(hour))])
+            except Exception as e:
+                raise where.error(f"compacting {where.table_uri(dataset)} date={date} hour={hour}", e) from None
+            stats.hours += 1
+            stats.files_in += int(done.get("numFilesRemoved", files))
+            stats.files_out += int(done.get("numFilesAdded", 1))
+        stats.vacuumed += _vacuum(where, table, dataset)
+    return stats
+
+
+def prune(where: DeltaLocation, cfg: ArchiveConfig, now: datetime | None = None, dry_run: bool = False) -> DeltaUpkeep:
+    """Delete the hours past each dataset's retention (a partition predicate: no file read), then vacuum."""
+    now = now or datetime.now(timezone.utc)
+    stats = DeltaUpkeep("retention")
+    for dataset in ARCHIVE_SCHEMAS:
+        days = retention_days(cfg, dataset)
+        table = where.table(dataset) if days > 0 else None
+        if table is None:
+            continue
+        cutoff = now - timedelta(days=days)
+        expired = [(d, h) for d, h in _hours(table) if _start(d, h) + timedelta(hours=1) <= cutoff]
+        if not expired:
+            continue
+        stats.hours += len(expired)
+        predicate = (f"date < '{cutoff:%Y-%m-%d}' or (date = '{cutoff:%Y-%m-%d}' and hour < {cutoff.hour})")
+        if dry_run:
+            continue
+        try:
+            done = table.delete(predicate)
+        except Exception as e:
+            raise where.error(f"deleting expired hours of {where.table_uri(dataset)}", e) from None
+        stats.rows += int(done.get("num_deleted_rows", 0) or 0)
+        stats.vacuumed += _vacuum(where, table, dataset)
+    return stats
+
+
+def _vacuum(where: DeltaLocation, table, dataset: str) -> int:
+    try:
+        return len(table.vacuum(retention_hours=VACUUM_AFTER_H, dry_run=False, enforce_retention_duration=False))
+    except Exception as e:
+        raise where.error(f"vacuuming {where.table_uri(dataset)}", e) from None

@@ -1,0 +1,64 @@
+"""Where the archive lives (archive.url, sinks/delta.py): the URL checked, credentials read
+from an AWS credentials file and never shown, and the commands that read local files only
+saying so. The Delta tables themselves are tested on a real S3 server (tests/e2e/test_archive_s3.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.sinks.delta import location
+from tests.conftest import fleetwatch
+
+
+def archive(**env: str):
+    return load_config(None, env={f"FLEETWATCH_ARCHIVE__{k.upper()}": v for k, v in env.items()}).archive
+
+
+def test_the_url_is_s3_or_empty_and_a_credential_in_it_is_masked():
+    assert archive().url == "" and archive(url="s3://fleet-archive/site-a").url == "s3://fleet-archive/site-a"
+    for bad in ("fleet/archive", "s3://", "http://fleet/archive", "s3://AKIAEXAMPLE:hunter22@fleet/x"):
+        with pytest.raises(ConfigError) as e:
+            archive(url=bad)
+        assert "archive.url" in str(e.value) and "s3://bucket/prefix" in str(e.value)
+        assert "hunter22" not in str(e.value)
+
+
+def test_credentials_from_a_file_and_the_options_for_an_s3_compatible_server(tmp_path):
+    creds = tmp_path / "credentials"
+    creds.write_text("[default]\naws_access_key_id = AKIADEFAULT\naws_secret_access_key = s3cr3t-default\n\n"
+                     "[archive]\naws_access_key_id = AKIAARCHIVE\naws_secret_access_key = s3cr3t-archive\n"
+                     "aws_session_token = t0ken\n")
+    where = location(archive(url="s3://fleet/a", s3_endpoint_url="http://minio:9000", s3_allow_http="true",
+                             s3_region="eu-west-1", credentials_file=str(creds), credentials_profile="archive"))
+    assert where.storage_options == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_ALLOW_HTTP": "true",
+                                     "AWS_REGION": "eu-west-1", "AWS_ACCESS_KEY_ID": "AKIAARCHIVE",
+                                     "AWS_SECRET_ACCESS_KEY": "s3cr3t-archive", "AWS_SESSION_TOKEN": "t0ken"}
+    assert "s3cr3t" not in repr(where) and where.table_uri("alerts") == "s3://fleet/a/alerts"
+    # Without a file: nothing but the server's options (object storage reads AWS_* from the environment).
+    assert location(archive(url="s3://fleet/a")).storage_options == {}
+    error = where.error("appending", RuntimeError("signature for s3cr3t-archive and t0ken refused"))
+    assert isinstance(error, OSError) and "s3cr3t-archive" not in str(error) and "t0ken" not in str(error)
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "No such file"),
+    ("not an ini file", "is not an AWS credentials file"),
+    ("[default]\naws_access_key_id = AKIA\n", "no [default] section with aws_access_key_id and aws_secret_access_key"),
+])
+def test_a_bad_credentials_file_says_what_is_wrong(tmp_path, content, says):
+    creds = tmp_path / "credentials"
+    if content is not None:
+        creds.write_text(content)
+    with pytest.raises(ConfigError) as e:
+        location(archive(url="s3://fleet/a", credentials_file=str(creds)))
+    assert says in str(e.value) and str(creds) in str(e.value)
+
+
+def test_commands_that_read_local_files_say_so_on_object_storage(tmp_path):
+    (tmp_path / "data").mkdir()
+    env = {"FLEETWATCH_ARCHIVE__URL": "s3://fleet/a"}
+    for args in (["report"], ["capacity"], ["archive", "stats"], ["power", "report"]):
+        r = fleetwatch(*args, "--data-dir", "data", cwd=tmp_path, env=env)
+        assert r.returncode != 0 and "reads an archive on local disk; archive.url is s3://fleet/a" in r.stderr, args
+
