@@ -1,8 +1,8 @@
 """Archive storage and query time, before and after compaction (sinks/compaction.py).
 
-Writes HOURS of a simulated fleet (NODES nodes x 8 GPUs, one sample a second, the simple
-normal, faults off) through the archive's own writer, flushed every 10 simulated seconds
-as the daemon at real time does (about 360 files per dataset and hour), then in one run:
+Writes HOURS of a simulated fleet (NODES nodes x 8 GPUs, one sample every INTERVAL seconds,
+the simple normal, faults off) through the archive's own writer, flushed every 10 simulated
+seconds as the daemon at real time does (about 360 files per dataset and hour), then in one run:
 
   files, bytes, bytes per metric value    of gpu_samples, as written and compacted
                                           (a metric value: one non-null reading)
@@ -13,7 +13,7 @@ as the daemon at real time does (about 360 files per dataset and hour), then in 
 
 and prints each pair with its ratio.
 
-    python bench/archive_compaction.py [--hours 2] [--nodes 32] [--json]
+    python bench/archive_compaction.py [--hours 2] [--nodes 32] [--interval 1] [--json]
 """
 
 from __future__ import annotations
@@ -45,17 +45,19 @@ FLUSH_S = 10
 SQL = "select node, quantile_cont(gpu_temp_c, 0.99) as p99 from gpu_samples group by node order by node"
 
 
-def write(archive: Path, hours: float, nodes: int) -> None:
+def write(archive: Path, hours: float, nodes: int, interval_s: float) -> None:
     racks = max(1, nodes // 8)
     cfg = load_config(env={}, overrides={"fleet": {"normal": "simple", "racks": racks, "nodes_per_rack": nodes // racks,
-                                                    "fault_interval_s": 0.0, "gpu_reset_interval_s": 0.0}})
+                                                    "fault_interval_s": 0.0, "gpu_reset_interval_s": 0.0,
+                                                    "sample_interval_s": interval_s}})
     sim = FleetSimulator(cfg.fleet, start=T0)
     w = ArchiveWriter(archive, writer_id="bench")
-    for i in range(int(hours * 3600)):
+    flush_every = max(1, round(FLUSH_S / interval_s))
+    for i in range(int(hours * 3600 / interval_s)):
         tick = sim.step()
         w.add("gpu_samples", tick.gpu)
         w.add("facility_samples", tick.facility)
-        if (i + 1) % FLUSH_S == 0:
+        if (i + 1) % flush_every == 0:
             w.flush()
     w.flush()
 
@@ -87,13 +89,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--hours", type=float, default=2.0)
     p.add_argument("--nodes", type=int, default=32)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between a GPU's samples")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="fw-compaction-"))
     try:
         archive = root / "archive"
         t = time.perf_counter()
-        write(archive, a.hours, a.nodes)
+        write(archive, a.hours, a.nodes, a.interval)
         written_s = time.perf_counter() - t
         before = {**storage(archive), **queries(archive)}
         t = time.perf_counter()
@@ -104,7 +107,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     same = before["answer"] == after["answer"] and before["polars_answer"] == after["polars_answer"]
     agree = all(abs(d["p99"] - q["p99"]) < 1e-9 for d, q in zip(after["answer"], after["polars_answer"]))
-    result = {"hours": a.hours, "gpus": a.nodes * 8, "rows": stats.rows, "write_s": round(written_s, 1),
+    result = {"hours": a.hours, "gpus": a.nodes * 8, "interval_s": a.interval, "rows": stats.rows, "write_s": round(written_s, 1),
               "compact_s": round(compact_s, 2), "identical_before_after": same, "duckdb_polars_agree": agree,
               **{f"{k}_{when}": round(v, 4) if isinstance(v, float) else v for when, d in (("before", before),
                  ("after", after)) for k, v in d.items() if k in ("files", "bytes", "bytes_per_value", "duckdb_s",
@@ -112,7 +115,7 @@ def main() -> None:
     if a.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{a.hours:g} h of {a.nodes * 8} GPUs at 1 s ({stats.rows:,} rows in all datasets), written in "
+    print(f"{a.hours:g} h of {a.nodes * 8} GPUs at {a.interval:g} s ({stats.rows:,} rows in all datasets), written in "
           f"{written_s:.0f} s, compacted in {compact_s:.2f} s; answers identical before and after: {same}; "
           f"DuckDB and polars agree: {agree}")
     print(f"{'gpu_samples':24s} {'as written':>12s} {'compacted':>12s} {'ratio':>8s}")

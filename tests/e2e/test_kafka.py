@@ -241,16 +241,24 @@ def test_sigkill_and_restart_archives_every_produced_sample_exactly_once(broker,
     assert in_kafka.join(in_archive, on=["gpu_uuid", "ts"], how="anti").height == 0  # nothing lost
 
 
-def test_archive_that_wrote_but_never_committed_skips_the_redelivery(broker, tmp_path):
-    """The window SIGKILL can hit: files renamed into place, offsets not committed. The
-    restarted archive gets every message again and writes none of them twice."""
+@pytest.mark.parametrize("store", ["disk", "s3"])
+def test_archive_that_wrote_but_never_committed_skips_the_redelivery(broker, tmp_path, store):
+    """The window SIGKILL can hit: files renamed into place (on S3: the Delta commit made),
+    offsets not committed. The restarted archive gets every message again and writes none
+    of them twice: on disk the file names hold the offsets, on S3 each commit does."""
     import polars as pl
 
     from pipeline.sinks.archive_sink import archive_role
+    from pipeline.sinks.delta import DeltaArchiveWriter, DeltaLocation
     from pipeline.sinks.parquet import ArchiveWriter
+    from tests.services import S3Proxy
     prefix = f"w{uuid.uuid4().hex[:6]}."
+    s3 = S3Proxy().start() if store == "s3" else None
+    if s3 is not None:
+        s3.create_bucket("fleet")
+        where = DeltaLocation("s3://fleet/archive", s3.storage_options)
 
-    async def run_archive(commit: bool) -> ArchiveWriter:
+    async def run_archive(commit: bool):
         bus = KafkaBus(broker.bootstrap, partitions=2, prefix=prefix)
         await bus.start()
         sub = bus.subscribe([Topic.GPU], "archive")
@@ -259,7 +267,7 @@ def test_archive_that_wrote_but_never_committed_skips_the_redelivery(broker, tmp
                 pass
             sub.commit = crash_before_commit
         await bus.end([Topic.GPU])
-        writer = ArchiveWriter(tmp_path / "archive")
+        writer = DeltaArchiveWriter(where) if s3 is not None else ArchiveWriter(tmp_path / "archive")
         await archive_role(writer, sub, flush_interval_s=0.5)
         await bus.close()
         return writer
@@ -275,10 +283,15 @@ def test_archive_that_wrote_but_never_committed_skips_the_redelivery(broker, tmp
         first = await run_archive(commit=False)
         second = await run_archive(commit=True)
         return first, second
-    first, second = asyncio.run(go())
+    try:
+        first, second = asyncio.run(go())
+        rows = (pl.scan_delta(where.table_uri("gpu_samples"), storage_options=s3.storage_options) if s3 is not None
+                else pl.scan_parquet(tmp_path / "archive" / "gpu_samples", hive_partitioning=True)).collect()
+    finally:
+        if s3 is not None:
+            s3.close()
     assert first.rows_written["gpu_samples"] == 10 * 32
     assert second.redelivered_skipped == 40 and second.rows_written["gpu_samples"] == 0
-    rows = pl.scan_parquet(tmp_path / "archive" / "gpu_samples", hive_partitioning=True).collect()
     assert rows.height == 320 and rows.select(pl.struct("gpu_uuid", "ts").n_unique()).item() == 320
 
 
