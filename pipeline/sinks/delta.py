@@ -21,8 +21,8 @@ transactions (app id, version), which is what exactly-once over Kafka needs:
     reply lost can write a flush twice.
 
 Upkeep (the archive role, `fleetwatch archive compact|prune`): a closed hour's small files
-are merged by Delta's `optimize.compact` (one commit; readers of the previous version keep
-reading it); hours past their retention are deleted by a partition predicate (no file is
+are merged by Delta's optimize, Z-ordered by entity (`SORT_KEYS`: a node's rows together)
+where the dataset has one (one commit; readers of the previous version keep reading it); hours past their retention are deleted by a partition predicate (no file is
 read); files no version references any more are vacuumed once they are `VACUUM_AFTER_H`
 old, so a reader of a version that recent never loses a file under it.
 
@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 from pipeline.config import ArchiveConfig, ConfigError
 from pipeline.model import ARCHIVE_SCHEMAS, SCHEMAS
 from pipeline.redact import MASK
+from pipeline.sinks.compaction import SORT_KEYS
 from pipeline.sinks.parquet import TIME_COLUMN, ArchiveBuffers, _Buffer, on_disk
 from pipeline.sinks.retention import retention_days
 
@@ -231,8 +232,11 @@ def compact(where: DeltaLocation, after_s: float = 900.0, now: datetime | None =
                 return stats
             if files < 2 or _start(date, hour) + timedelta(hours=1, seconds=after_s) > now:
                 continue
+            hour_filter = [("date", "=", date), ("hour", "=", str(hour))]
+            entity = list(SORT_KEYS[dataset][:-1])  # a node's (a point's) rows together, as on disk
             try:
-                done = table.optimize.compact(partition_filters=[("date", "=", date), ("hour", "=", str(hour))])
+                done = (table.optimize.z_order(entity, partition_filters=hour_filter) if entity
+                        else table.optimize.compact(partition_filters=hour_filter))
             except Exception as e:
                 raise where.error(f"compacting {where.table_uri(dataset)} date={date} hour={hour}", e) from None
             stats.hours += 1
