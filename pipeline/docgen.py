@@ -59,9 +59,10 @@ def alerts_table() -> str:
 
 
 def runbook_index() -> str:
-    rows = ["| alertname | severity | scope | meaning | runbook |", "| --- | --- | --- | --- | --- |"]
+    rows = ["| alertname | severity | scope | remediation | meaning | runbook |", "| --- | --- | --- | --- | --- | --- |"]
     for a in ALERTS:
-        rows.append(f"| {a.name} | {a.severity} | {a.scope} | {_cell(a.meaning)} | [{a.name}.md]({a.name}.md) |")
+        rows.append(f"| {a.name} | {a.severity} | {a.scope} | {a.remediation} | {_cell(a.meaning)} "
+                    f"| [{a.name}.md]({a.name}.md) |")
     return "\n".join(rows)
 
 

@@ -193,7 +193,7 @@ EVENT = _schema("event", 1, [
     _f("text", pa.string(), "human-readable detail"),
 ], "discrete events: XIDs and GPU lifecycle")
 
-ALERT = _schema("alert", 1, [
+_ALERT_FIELDS = [
     _f("ts", TS, "when this state change was emitted", nullable=False),
     _f("fingerprint", pa.string(), "Alertmanager fingerprint of the labels (FNV-1a 64, hex)", nullable=False),
     _f("status", pa.string(), "firing or resolved", nullable=False),
@@ -212,9 +212,15 @@ ALERT = _schema("alert", 1, [
     _f("score", pa.float64(), "detector score (z, rate, ratio... see evidence)"),
     _f("labels_json", pa.string(), "all labels as JSON"),
     _f("evidence_json", pa.string(), "metric values, baselines, thresholds as JSON"),
+]
+_REMEDIATION_DOC = "none, reset_gpu, reboot_node, drain_inspect or replace (detect/catalog.REMEDIATIONS)"
+ALERT = _schema("alert", 2, _ALERT_FIELDS + [
+    _f("remediation", pa.string(), "what a remediation does to the node about it: " + _REMEDIATION_DOC),
 ], "alert state changes: firing, then resolved")
+ALERT_V1 = _schema("alert", 1, _ALERT_FIELDS, "alert state changes without their remediation: read, and upgraded "
+                                              "(the catalog's, as v2's detector gives it)")
 
-NODE_HEALTH = _schema("node_health", 1, [
+_NODE_HEALTH_FIELDS = [
     _f("ts", TS, "when the state changed", nullable=False),
     _f("site", pa.string(), "site label", nullable=False),
     _f("rack", pa.string(), "rack label", nullable=False),
@@ -222,7 +228,29 @@ NODE_HEALTH = _schema("node_health", 1, [
     _f("state", pa.string(), "healthy, suspect or failing", nullable=False),
     _f("previous", pa.string(), "state before this change", nullable=False),
     _f("reasons", pa.string(), "alertnames behind the state, comma-separated"),
+]
+NODE_HEALTH = _schema("node_health", 2, _NODE_HEALTH_FIELDS + [
+    _f("remediation", pa.string(), "the costliest of its reasons' remediations: " + _REMEDIATION_DOC),
 ], "node health transitions (the latest row per node is its state)")
+NODE_HEALTH_V1 = _schema("node_health", 1, _NODE_HEALTH_FIELDS, "node health transitions without their "
+                                                                "remediation: read, and upgraded (from the reasons)")
+
+
+def _alert_v1_to_v2(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The remediation the catalog gives the alert (its XID's, from the evidence)."""
+    from pipeline.detect.catalog import ALERTS_BY_NAME, remediation
+    names, evidence = batch.column("alertname").to_pylist(), batch.column("evidence_json").to_pylist()
+    known = [remediation(n, json.loads(e) if e else None) if n in ALERTS_BY_NAME else None
+             for n, e in zip(names, evidence)]
+    return pa.RecordBatch.from_arrays([*batch.columns, pa.array(known, pa.string())], schema=ALERT)
+
+
+def _node_health_v1_to_v2(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The costliest remediation of the alerts named in `reasons` (those the catalog knows)."""
+    from pipeline.detect.catalog import ALERTS_BY_NAME, costliest
+    known = [costliest(ALERTS_BY_NAME[r].remediation for r in (reasons or "").split(",") if r in ALERTS_BY_NAME)
+             for reasons in batch.column("reasons").to_pylist()]
+    return pa.RecordBatch.from_arrays([*batch.columns, pa.array(known, pa.string())], schema=NODE_HEALTH)
 
 FAULT_LABEL = _schema("fault_label", 1, [
     _f("fault_id", pa.int64(), "id unique within a simulator run", nullable=False),
@@ -403,6 +431,8 @@ UPGRADES: dict[tuple[str, int], tuple[pa.Schema, Any]] = {
     ("gpu_sample", 3): (GPU_SAMPLE_V3, _gpu_to_current),
     ("facility_sample", 1): (FACILITY_SAMPLE_V1, _facility_v1_to_v2),
     ("detector_checkpoint", 1): (CHECKPOINT_V1, _checkpoint_v1_to_v2),
+    ("alert", 1): (ALERT_V1, _alert_v1_to_v2),
+    ("node_health", 1): (NODE_HEALTH_V1, _node_health_v1_to_v2),
 }
 
 
@@ -524,6 +554,7 @@ def alerts_to_batch(changes: list[tuple[datetime, Alert]]) -> pa.RecordBatch:
             "detector": a.detector, "score": float(a.score),
             "labels_json": json.dumps(a.labels, sort_keys=True),
             "evidence_json": json.dumps(a.evidence, sort_keys=True, default=float),
+            "remediation": a.annotations.get("remediation"),
         }
         for k, v in row.items():
             cols[k].append(v)
@@ -542,7 +573,7 @@ def alert_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
     for r in batch.to_pylist():
         out.append(alert_json(
             r["status"], json.loads(r["labels_json"]),
-            {k: r[k] for k in ("summary", "description", "runbook_url") if r[k] is not None},
+            {k: r[k] for k in ("summary", "description", "runbook_url", "remediation") if r.get(k) is not None},
             r["starts_at"], r["ends_at"], r["fingerprint"], r["detector"], r["score"],
             json.loads(r["evidence_json"]) if r["evidence_json"] is not None else {}))
     return out

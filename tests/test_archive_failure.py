@@ -87,7 +87,7 @@ def test_the_outage_alert_comes_from_the_catalog_and_resolves_on_the_first_write
         "summary": f"archive on archiver-1 cannot write since {since}: [Errno 28] No space left on device",
         "description": ALERTS_BY_NAME[ALERTNAME].action + " Evidence (archive): error=[Errno 28] No space left on "
                                                          f"device, held_rows=120, since={iso_utc(fired.starts_at)}.",
-        "runbook_url": "https://wiki/runbooks/FleetwatchArchiveFailing.md"}
+        "runbook_url": "https://wiki/runbooks/FleetwatchArchiveFailing.md", "remediation": "none"}
     assert fired.evidence == {"error": "[Errno 28] No space left on device", "held_rows": 120,
                               "since": iso_utc(fired.starts_at)}
     assert (fired.status, fired.detector, fired.score) == ("firing", "archive", 120.0)

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from pipeline.resources import runbooks_dir
 
 SCOPES = ("gpu", "node", "rack", "site", "fleetwatch")
+# What a remediation does to a node about an alert, cheapest first (DCGM's XID actions): the
+# alert carries its own (annotation `remediation`), node health the costliest of its alerts'.
+# Only GPU and node alerts name one: a rack's or the site's problem is not a node's to fix.
+REMEDIATIONS = ("none", "reset_gpu", "reboot_node", "drain_inspect", "replace")
 SEVERITIES = ("critical", "warning", "none")
 # The labels that identify an alert's target, by scope (every alert also has alertname and severity).
 # A GPU alert also carries the GPU's UUID under dcgm-exporter's label name, `UUID`, so that it
@@ -43,6 +47,7 @@ class AlertSpec:
                     # Fleetwatch about itself
     summary: str    # format string over labels and evidence
     action: str     # the first thing to do, repeated in the description
+    remediation: str = "none"  # REMEDIATIONS: what a remediation does to the node (an XID's own: XID_REMEDIATIONS)
     detector: str = ""   # the alert's `detector` field (Alert.detector)
     family: str = ""     # the detector family that raises it (pipeline/detect/<family>; archive: sinks/archive_outage;
                          # ops: pipeline/ops, the process's own health; control: the power role, roles/power.py)
@@ -86,14 +91,14 @@ ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec("GpuFellOffBus", "critical", "gpu",
               "{node} GPU {gpu} fell off the bus (XID 79)",
               "Drain the node and reboot it; if XID 79 recurs, reseat or RMA the GPU.",
-              detector="xid", family="xid", fire_after=1, suppresses=("GpuNotReporting",),
+              remediation="reboot_node", detector="xid", family="xid", fire_after=1, suppresses=("GpuNotReporting",),
               meaning="XID 79: the GPU stopped answering on PCIe", method="XID events",
               detection=_XID + " A GPU that fell off the bus (XID 79, or the agent's `gpu_lost`) stays alerted "
                                "until it reports again, and is not also reported as `GpuNotReporting`."),
     AlertSpec("GpuNotReporting", "critical", "gpu",
               "{node} GPU {gpu} stopped reporting ({silent_s:.0f} s) while its node still reports",
               "Check `nvidia-smi` on the node and the kernel log for XIDs; drain if the GPU is gone.",
-              detector="staleness", family="staleness", evidence=("silent_s",),
+              remediation="drain_inspect", detector="staleness", family="staleness", evidence=("silent_s",),
               meaning="one GPU silent while its node still reports", method="staleness",
               detection="A GPU silent for `detect.missing_after_intervals` of its own reporting interval, plus "
                         "`detect.lateness_s` (5 s), while its node still reports (judged by event time, against the "
@@ -101,7 +106,7 @@ ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec("NodeNotReporting", "critical", "node",
               "{node} sent no GPU telemetry for {silent_s:.0f} s",
               "Check that the node is up and its agent runs; then check its network path.",
-              detector="staleness", family="staleness", evidence=("silent_s",), inhibits=("GpuNotReporting",),
+              remediation="drain_inspect", detector="staleness", family="staleness", evidence=("silent_s",), inhibits=("GpuNotReporting",),
               meaning="no GPU telemetry from the node", method="staleness",
               detection="A node silent for twice `detect.missing_after_intervals` of its reporting interval, plus "
                         "`detect.lateness_s`, against the latest sample of its partition (event time per Kafka "
@@ -112,7 +117,7 @@ ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec("GpuUncorrectableEcc", "critical", "gpu",
               "{node} GPU {gpu}: uncorrectable memory error ({what})",
               "Drain the node; reset the GPU to apply a pending row remap; a remap failure means RMA.",
-              detector="ecc", family="counters", fire_after=1, evidence=("what",),
+              remediation="reset_gpu", detector="ecc", family="counters", fire_after=1, evidence=("what",),
               meaning="uncorrectable memory error (XID 48/63/64/94/95), remap pending or failed",
               method="counter + flags, XID events",
               detection="The uncorrectable ECC counter went up, or a row remap is pending or failed, or an "
@@ -121,7 +126,7 @@ ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec("GpuNvlinkError", "warning", "gpu",
               "{node} GPU {gpu}: NVLink error (XID 74)",
               "Run `nvidia-smi nvlink -e` and `dcgmi diag -r 3`; reset the GPU if links are down.",
-              detector="xid", family="xid", fire_after=1,
+              remediation="drain_inspect", detector="xid", family="xid", fire_after=1,
               meaning="XID 74: NVLink error on one of the GPU's links", method="XID events", detection=_XID),
     AlertSpec("GpuHighSbeRate", "warning", "gpu",
               "{node} GPU {gpu}: high single-bit ECC error rate (XID 92)",
@@ -131,7 +136,7 @@ ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec("GpuGspError", "critical", "gpu",
               "{node} GPU {gpu}: GSP firmware error (XID {xid})",
               "Drain the node and reset the GPU; if it recurs, reboot and update the driver.",
-              detector="xid", family="xid", fire_after=1, evidence=("xid",),
+              remediation="reset_gpu", detector="xid", family="xid", fire_after=1, evidence=("xid",),
               meaning="XID 119/120: GSP firmware RPC timeout or error", method="XID events", detection=_XID),
     AlertSpec("GpuXid", "warning", "gpu",
               "{node} GPU {gpu}: XID {xid}",
@@ -141,7 +146,7 @@ ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec("GpuOverTemperature", "critical", "gpu",
               "{node} GPU {gpu} at {temp_c:.0f} C, over its {limit_c:.0f} C limit ({limit_why})",
               "Check the coolant loop of the rack, then the GPU's cold plate; drain if it keeps rising.",
-              detector="threshold", family="thermal", evidence=("temp_c", "limit_c", "limit_why"),
+              remediation="drain_inspect", detector="threshold", family="thermal", evidence=("temp_c", "limit_c", "limit_why"),
               suppresses=("GpuThermalDrift", "GpuHwSlowdown"),
               meaning="GPU die within `detect.thermal_margin_c` (4 C) of its own HW slowdown threshold (H100: "
                       "89 - 4 = 85 C); `detect.gpu_temp_limit_c` (85 C) where the threshold is unknown",
@@ -154,7 +159,7 @@ ALERTS: tuple[AlertSpec, ...] = (
               "{node} GPU {gpu} at {temp_c:.0f} C, {excess_c:.1f} C hotter than its siblings and rising "
               "({rise_c:+.1f} C against its last ~20 s)",
               "Drain the node; the GPU's cold plate or thermal interface is failing.",
-              detector="peer_temperature", family="thermal", evidence=("temp_c", "excess_c", "rise_c"),
+              remediation="drain_inspect", detector="peer_temperature", family="thermal", evidence=("temp_c", "excess_c", "rise_c"),
               suppresses=("GpuOverTemperature", "GpuThermalDrift", "GpuHwSlowdown"),
               meaning="GPU far hotter than its node siblings", method="peers + physics",
               detection="GPU hotter than the median of its node's GPUs by `peer_temp_excess_c`, after taking out "
@@ -171,7 +176,7 @@ ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec("NodeThermalAnomaly", "critical", "node",
               "{node}: its GPUs run {excess_c:.1f} C hotter than the rack's other nodes at the same power",
               "Check the node's coolant branch (valve, quick disconnects, manifold) and drain it if it keeps rising.",
-              detector="peer_node_temperature", family="peers", evidence=("excess_c",),
+              remediation="drain_inspect", detector="peer_node_temperature", family="peers", evidence=("excess_c",),
               suppresses=("GpuOverTemperature", "GpuHwSlowdown"),
               meaning="all the node's GPUs hotter than the rack's other nodes at the same power",
               method="peers: node against rack",
@@ -202,7 +207,7 @@ ALERTS: tuple[AlertSpec, ...] = (
               "{node} GPU {gpu} is a straggler: {power_w:.0f} W and {sm_mhz:.0f} MHz vs peers' "
               "{peer_power_w:.0f} W and {peer_sm_mhz:.0f} MHz at full utilisation",
               "Run `dcgmi diag -r 3` on the node; a straggler slows every job it is in.",
-              detector="peer_performance", family="performance",
+              remediation="drain_inspect", detector="peer_performance", family="performance",
               evidence=("power_w", "sm_mhz", "peer_power_w", "peer_sm_mhz"),
               meaning="lower power and clocks than its peers at full utilisation", method="peers",
               detection="At >= 90% utilisation and without HW-slowdown reasons, a GPU whose power and SM clock are "
@@ -240,7 +245,7 @@ ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec("NodePowerBrake", "critical", "node",
               "{node}: HW power brake slowdown on {gpus:.0f} GPUs",
               "Check the node's power supplies and the rack PDU; the brake is asserted by the board.",
-              detector="clock_reasons", family="performance", evidence=("gpus",), suppresses=("GpuHwSlowdown",),
+              remediation="drain_inspect", detector="clock_reasons", family="performance", evidence=("gpus",), suppresses=("GpuHwSlowdown",),
               meaning="HW power brake (reason 0x80) asserted on the node's GPUs", method="clock reasons",
               detection="The HW power brake bit (0x80) on a node's GPUs: one alert per node, not per GPU."),
     AlertSpec("GpuHwSlowdown", "warning", "gpu",
@@ -263,7 +268,7 @@ ALERTS: tuple[AlertSpec, ...] = (
     AlertSpec("GpuNvlinkErrorStorm", "warning", "gpu",
               "{node} GPU {gpu}: {rate_per_s:.0f} NVLink CRC errors/s",
               "Run `nvidia-smi nvlink -e`; reset the GPU or reseat the NVSwitch tray if errors persist.",
-              detector="counter_rate", family="counters", evidence=("rate_per_s",),
+              remediation="reset_gpu", detector="counter_rate", family="counters", evidence=("rate_per_s",),
               meaning="NVLink CRC errors climbing fast: marginal link", method="counter rates",
               detection="NVLink CRC errors per second above `detect.nvlink_crc_rate_per_s`. Counter resets count "
                         "as zero, never as negative rates."),
@@ -426,6 +431,26 @@ XID_ALERTS: dict[int, str] = {
 }
 
 
+# The remediation of each XID that has one other than its alert's (the runbooks' XID table).
+XID_REMEDIATIONS: dict[int, str] = {
+    61: "reset_gpu", 62: "reset_gpu",  # micro-controller breakpoint, halt (GpuXid)
+    64: "replace",                      # row remap failure (GpuUncorrectableEcc)
+    154: "drain_inspect",               # the driver asks for a recovery action: read it on the node
+}
+
+
+def remediation(name: str, evidence: dict | None = None) -> str:
+    """What a remediation does about alert `name`: its XID's action where it has one, else its spec's."""
+    xid = (evidence or {}).get("xid")
+    return XID_REMEDIATIONS.get(int(xid), ALERTS_BY_NAME[name].remediation) if xid is not None \
+        else ALERTS_BY_NAME[name].remediation
+
+
+def costliest(remediations) -> str:
+    """The costliest of some remediations (REMEDIATIONS' order); "none" of none."""
+    return max(remediations, key=REMEDIATIONS.index, default="none")
+
+
 def raised(name: str, labels: dict[str, str], evidence: dict, now, runbook_base_url: str = "",
            score: float = 1.0, shown: dict | None = None):
     """A firing Alert of the catalog's `name` raised outside the detectors (the power role,
@@ -439,7 +464,8 @@ def raised(name: str, labels: dict[str, str], evidence: dict, now, runbook_base_
     return Alert(labels=labels,
                  annotations={"summary": spec.summary.format(**{**labels, **evidence, **(shown or {})}),
                               "description": spec.action + (f" Evidence ({spec.detector}): {facts}." if facts else ""),
-                              "runbook_url": runbook_url(runbook_base_url, name)},
+                              "runbook_url": runbook_url(runbook_base_url, name),
+                              "remediation": remediation(name, evidence)},
                  starts_at=now, detector=spec.detector, score=score, evidence=evidence)
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.detect.catalog import AlertSpec, runbook_url
+from pipeline.detect.catalog import ALERTS_BY_NAME, AlertSpec, costliest, remediation, runbook_url
 from pipeline.detect.state import SlotArrays
 from pipeline.model import Alert
 
@@ -103,7 +103,8 @@ class Tracker:
         return Alert(labels=labels,
                      annotations={"summary": summary,
                                   "description": f"{spec.action} Evidence ({self.detector}): {shown}.",
-                                  "runbook_url": self._runbook},
+                                  "runbook_url": self._runbook,
+                                  "remediation": remediation(spec.name, evidence)},
                      starts_at=now, detector=self.detector, score=score, evidence=evidence)
 
 
@@ -147,7 +148,8 @@ class NodeHealth:
             who = identity(int(n))
             reasons = sorted({name for nodes, _, name in firing_by_node if np.any(nodes == n)})
             out.append({"ts": _dt(t), "site": who.site, "rack": who.rack, "node": who.node,
-                        "state": STATES[new[n]], "previous": STATES[self.state[n]], "reasons": ",".join(reasons)})
+                        "state": STATES[new[n]], "previous": STATES[self.state[n]], "reasons": ",".join(reasons),
+                        "remediation": costliest(ALERTS_BY_NAME[r].remediation for r in reasons)})
         self.state[:n_nodes] = new
         return out
 

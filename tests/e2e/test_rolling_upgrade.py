@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pipeline.analytics.archive import scan
 from pipeline.bus import Message, Topic, keys
 from pipeline.bus.kafka import DEAD_LETTER, KafkaBus
-from pipeline.model import FACILITY_SAMPLE, FACILITY_SAMPLE_V1, GPU_INFO, GPU_SAMPLE, GPU_SAMPLE_V2, GPU_SETTINGS, GPU_WORKLOAD, \
+from pipeline.model import ARCHIVE_SCHEMAS, FACILITY_SAMPLE_V1, GPU_INFO, GPU_SAMPLE, GPU_SAMPLE_V2, GPU_SETTINGS, GPU_WORKLOAD, \
     schema_version
 from pipeline.sources.simulate import FleetSimulator
 from tests.conftest import make_config
@@ -178,10 +178,10 @@ def test_current_consumers_take_the_previous_version_from_producers_mid_upgrade(
     assert current_rows["model"].null_count() == 0  # what the simulator's current producers say stays
     switched = gpu.filter(pl.col("node").is_in(SWITCHING)).sort("ts")
     assert switched["model"].null_count() == switched.height // 2  # null before the switch, then set
-    # Every archived file is the current version: the archive upgraded before it buffered.
-    for dataset, current in (("gpu_samples", GPU_SAMPLE), ("facility_samples", FACILITY_SAMPLE)):
+    # Every archived file is the current version (in the archive's format): the archive upgraded before it buffered.
+    for dataset in ("gpu_samples", "facility_samples"):
         for path in (archive / dataset).rglob("*.parquet"):
-            assert pq.read_schema(path).equals(current, check_metadata=True), path
+            assert pq.read_schema(path).equals(ARCHIVE_SCHEMAS[dataset], check_metadata=True), path
 
     facility = scan(archive / "facility_samples").collect()
     assert facility.height == sent["facility_rows"]
