@@ -106,6 +106,20 @@ def test_an_hour_of_small_files_becomes_one_with_the_same_rows(copy: Path) -> No
     assert compact(copy, after_s=900.0, now=LATER).hours == 0
 
 
+def test_an_hour_larger_than_a_pass_is_merged_in_passes_sorted_all_the_same(copy: Path, monkeypatch) -> None:
+    """Memory stays bounded: ROWS_PER_PASS rows at a time, over ranges of nodes."""
+    from pipeline.sinks import compaction
+    before = answers(copy)
+    monkeypatch.setattr(compaction, "ROWS_PER_PASS", 20_000)  # an hour of 2 nodes: 28,800 rows each
+    assert compaction._passes("gpu_samples", files(copy, "gpu_samples")[:360]) == [
+        ("r01-n01", "r01-n01"), ("r01-n02", "r01-n02")]  # a pass per node (no smaller unit: a node's rows sort)
+    compact(copy, now=LATER)
+    assert answers(copy) == before and len(files(copy, "gpu_samples")) == 2
+    table = pq.read_table(files(copy, "gpu_samples")[0])
+    keys = list(zip(*(table.column(c).to_pylist() for c in ("node", "gpu", "ts"))))
+    assert keys == sorted(keys)
+
+
 def test_a_late_file_is_merged_with_the_hour_already_compacted(copy: Path) -> None:
     before = answers(copy)
     compact(copy, now=LATER)
@@ -173,12 +187,12 @@ KILLER = textwrap.dedent("""
     from pipeline.sinks import compaction as c
     step, archive = sys.argv[1], sys.argv[2]
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-    write, exchange, move = c.pq.write_table, c._exchange, c._move_late
-    def write_table(table, where, **kw):
+    merge, exchange, move = c._merge, c._exchange, c._move_late
+    def merge_some(dataset, files, out):
         if step == "mid-write":
-            open(where, "wb").write(b"PAR1 half a file")
+            open(out, "wb").write(b"PAR1 half a file")
             die()
-        write(table, where, **kw)
+        return merge(dataset, files, out)
     def swap(a, b):
         if step == "before-swap":
             die()
@@ -187,7 +201,7 @@ KILLER = textwrap.dedent("""
         exchange(a, b)
         if step == "after-swap":
             die()
-    c.pq.write_table, c._exchange = write_table, swap
+    c._merge, c._exchange = merge_some, swap
     c.compact(archive, now=datetime(2026, 3, 2, tzinfo=timezone.utc), datasets=("gpu_samples",))
 """)
 

@@ -30,8 +30,9 @@ and reads again (DuckDB and polars list and open within one query: milliseconds)
 Archive processes sharing a folder (Kafka) take turns, and retention with them
 (sinks/retention.py): one lock per archive (`locked`).
 
-Memory: one partition-hour is read whole (about 200 bytes a row; a 10,000-GPU fleet
-sampled every 10 s writes 3.6 million GPU rows an hour, split across the partitions).
+Memory: at most ROWS_PER_PASS rows at a time (about 250 bytes a row in memory): a larger
+partition-hour (1,000 nodes at 1 s write 28.8 million GPU rows an hour) is merged in passes
+over ranges of nodes, each reading the hour's files again (`_merge`).
 """
 
 from __future__ import annotations
@@ -55,13 +56,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.model import ARCHIVE_FORMAT, SCHEMAS, archive_format
+from pipeline.model import ARCHIVE_FORMAT, ARCHIVE_SCHEMAS, SCHEMAS, archive_format
 from pipeline.sinks.files import fsync_dir, write_atomically
-from pipeline.sinks.parquet import as_current, on_disk
+from pipeline.sinks.parquet import TIME_COLUMN, as_current, on_disk
 
 log = logging.getLogger("fleetwatch")
 
 ROW_GROUP_ROWS = 1 << 20
+ROWS_PER_PASS = 4_000_000  # rows sorted in memory at a time (about 1 GB of GPU samples)
 SORT_KEYS = {
     "gpu_samples": ("node", "gpu", "ts"),
     "facility_samples": ("device", "metric", "ts"),
@@ -181,22 +183,22 @@ def _compact_hour(archive: Path, dataset: str, folder: Path, stats: CompactionSt
     rows = 0
     seq = max([int(m[1]) for f in files if (m := _COMPACTED.match(f.name))], default=0)
     for key, group in sorted(groups.items()):
-        table = _read(dataset, group)
-        rows += table.num_rows
+        out = new / f"merging-{key}.parquet"
+        written, first = _merge(dataset, group, out)
+        expected = sum(pq.ParquetFile(f).metadata.num_rows for f in group)
+        if written != expected or pq.ParquetFile(out).metadata.num_rows != expected:
+            raise OSError(f"compaction of {rel}: {expected} rows in, {written} merged; nothing swapped")
+        rows += written
         if key == "local":
             seq += 1
-            first = int(pc.min(table.column(SORT_KEYS[dataset][-1]).cast(pa.int64())).as_py())
             name = f"part-{first}-compacted-{seq:06d}.parquet"
         else:
             ranges = [_KAFKA.match(f.name) for f in group]
             name = (f"part-{key}-o{min(int(m[2]) for m in ranges):016d}-"
                     f"{max(int(m[3]) for m in ranges):016d}.parquet")
-        out = new / name
-        pq.write_table(on_disk(dataset, table), out, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         with open(out, "rb") as f:
             os.fsync(f.fileno())
-        if pq.ParquetFile(out).metadata.num_rows != table.num_rows:
-            raise OSError(f"compaction of {rel}: {out.name} reads back a different row count; nothing swapped")
+        out.rename(new / name)
         journal["outputs"].append(name)
     fsync_dir(new)
     write_atomically(work / "journal.json", json.dumps(journal))  # the outputs known: from here a swap can be recognised
@@ -213,11 +215,44 @@ def _compact_hour(archive: Path, dataset: str, folder: Path, stats: CompactionSt
     stats.bytes_out += bytes_out
 
 
-def _read(dataset: str, files: list[Path]) -> pa.Table:
-    """The files' rows in the current schema, sorted by entity and time."""
-    parts = [as_current(dataset, batch) for f in files for batch in pq.read_table(f).to_batches()]
-    table = pa.Table.from_batches(parts, schema=SCHEMAS[dataset])
-    return table.sort_by([(k, "ascending") for k in SORT_KEYS[dataset]]).combine_chunks()
+def _merge(dataset: str, files: list[Path], out: Path) -> tuple[int, int]:
+    """The files' rows into `out`, in the current schema and the archive's format, sorted by
+    entity and time: (rows, the first time in ns). An hour larger than ROWS_PER_PASS is merged
+    in passes, each over a contiguous range of the first sort key (a node's rows, say), so
+    memory stays bounded whatever the fleet's size; the file is sorted all the same."""
+    lead, rows, first = SORT_KEYS[dataset][0], 0, None
+    with pq.ParquetWriter(out, ARCHIVE_SCHEMAS[dataset], compression="zstd") as writer:
+        for bounds in _passes(dataset, files):
+            filters = None if bounds is None else [(lead, ">=", bounds[0]), (lead, "<=", bounds[1])]
+            parts = [as_current(dataset, b) for f in files for b in pq.read_table(f, filters=filters).to_batches()]
+            table = pa.Table.from_batches(parts, schema=SCHEMAS[dataset])
+            if table.num_rows == 0:
+                continue
+            table = table.sort_by([(k, "ascending") for k in SORT_KEYS[dataset]])
+            t0 = int(pc.min(table.column(TIME_COLUMN[dataset]).cast(pa.int64())).as_py())
+            first = t0 if first is None else min(first, t0)
+            writer.write_table(on_disk(dataset, table), row_group_size=ROW_GROUP_ROWS)
+            rows += table.num_rows
+    return rows, first or 0
+
+
+def _passes(dataset: str, files: list[Path]) -> list[tuple | None]:
+    """(low, high) of the first sort key for each pass of `_merge` (None: one pass, everything)."""
+    lead = SORT_KEYS[dataset][0]
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if total <= ROWS_PER_PASS or not pa.types.is_string(SCHEMAS[dataset].field(lead).type):
+        return [None]
+    counts = pc.value_counts(pa.chunked_array([pq.read_table(f, columns=[lead]).column(lead) for f in files]))
+    values, n = counts.field("values"), counts.field("counts").to_numpy()
+    order = pc.sort_indices(values).to_numpy()
+    passes, start, held = [], 0, 0
+    for i, j in enumerate(order):
+        if held and held + n[j] > ROWS_PER_PASS:
+            passes.append((values[int(order[start])].as_py(), values[int(order[i - 1])].as_py()))
+            start, held = i, 0
+        held += n[j]
+    passes.append((values[int(order[start])].as_py(), values[int(order[-1])].as_py()))
+    return passes
 
 
 def _move_late(old: Path, live: Path, known: set[str]) -> None:
