@@ -106,18 +106,20 @@ def test_an_hour_of_small_files_becomes_one_with_the_same_rows(copy: Path) -> No
     assert compact(copy, after_s=900.0, now=LATER).hours == 0
 
 
-def test_an_hour_larger_than_a_pass_is_merged_in_passes_sorted_all_the_same(copy: Path, monkeypatch) -> None:
+def test_an_hour_larger_than_a_pass_is_merged_in_passes_sorted_all_the_same(tmp_path: Path, monkeypatch) -> None:
     """Memory stays bounded: ROWS_PER_PASS rows at a time, over ranges of nodes."""
     from pipeline.sinks import compaction
-    before = answers(copy)
-    monkeypatch.setattr(compaction, "ROWS_PER_PASS", 20_000)  # an hour of 2 nodes: 28,800 rows each
-    assert compaction._passes("gpu_samples", files(copy, "gpu_samples")[:360]) == [
+    archive = tmp_path / "archive"
+    write_fleet(archive, 300)  # 5 minutes of 2 nodes: 2,400 GPU rows each
+    before = answers(archive)
+    monkeypatch.setattr(compaction, "ROWS_PER_PASS", 2_000)
+    assert compaction._passes("gpu_samples", files(archive, "gpu_samples")) == [
         ("r01-n01", "r01-n01"), ("r01-n02", "r01-n02")]  # a pass per node (no smaller unit: a node's rows sort)
-    compact(copy, now=LATER)
-    assert answers(copy) == before and len(files(copy, "gpu_samples")) == 2
-    table = pq.read_table(files(copy, "gpu_samples")[0])
+    compact(archive, now=LATER)
+    assert answers(archive) == before and len(files(archive, "gpu_samples")) == 1
+    table = pq.read_table(files(archive, "gpu_samples")[0])
     keys = list(zip(*(table.column(c).to_pylist() for c in ("node", "gpu", "ts"))))
-    assert keys == sorted(keys)
+    assert keys == sorted(keys) and len(keys) == 4_800
 
 
 def test_a_late_file_is_merged_with_the_hour_already_compacted(copy: Path) -> None:

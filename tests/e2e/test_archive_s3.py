@@ -1,37 +1,27 @@
 """End-to-end: the archive on a real S3-compatible server (s3proxy, tests/services.py) as
 Delta Lake tables (sinks/delta.py): the daemon writes it, `fleetwatch query`, polars and
 DuckDB read it back, a redelivered Kafka batch is skipped by the offsets each commit
-records (a daemon over a real Kafka killed with SIGKILL and started again), compaction and
-retention run there, and the secret key is never shown."""
+records (and over a real Kafka: tests/e2e/test_kafka.py), compaction and retention run
+there, and the secret key is never shown."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import uuid
 from datetime import timedelta
 
 import duckdb
 import polars as pl
-import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from pipeline.bus import EndOfStream, Topic
-from pipeline.bus.kafka import KafkaBus
 from pipeline.config import load_config
 from pipeline.sinks import delta
 from pipeline.sinks.delta import DeltaArchiveWriter, DeltaLocation
 from pipeline.sources.simulate import FleetSimulator
 from tests.archives import T0
 from tests.conftest import fleetwatch, make_config
-from tests.helpers import FAST, reported_samples, wait_for
-from tests.services import KafkaBroker, S3Proxy
+from tests.helpers import FAST, reported_samples
+from tests.services import S3Proxy
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +32,6 @@ def s3():
     s.create_bucket("fleet")
     yield s
     s.close()
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")}
 
 
 def env_of(s3: S3Proxy, prefix: str) -> dict[str, str]:
@@ -146,52 +132,3 @@ def test_refused_credentials_fail_the_write_without_showing_the_secret(s3):
     assert "object storage" in str(e.value) and "not-the-secret-at-all-9f3c" not in str(e.value)
     assert sum(b.rows for b in taken.values()) == 8  # kept for the retry (the archive's outage path)
 
-
-@pytest.mark.kafka
-def test_sigkill_and_restart_over_kafka_archive_each_sample_once_on_s3(s3, tmp_path):
-    """The daemon over a real Kafka, archiving to S3, killed with SIGKILL mid-stream and
-    started again: every GPU sample that reached Kafka is in the Delta table exactly once."""
-    broker = KafkaBroker().start()
-    try:
-        prefix = f"k{uuid.uuid4().hex[:6]}."
-        env = FAST | env_of(s3, prefix.rstrip(".")) | {"FLEETWATCH_KAFKA__TOPIC_PREFIX": prefix,
-                                                      "FLEETWATCH_KAFKA__PARTITIONS": "3"}
-        where = DeltaLocation(f"s3://fleet/{prefix.rstrip('.')}", s3.storage_options)
-        first = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--kafka", broker.bootstrap,
-                                  "--data-dir", "data"], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, env=clean_env() | env)
-        try:
-            wait_for(lambda: first.poll() is None and (t := where.table("gpu_samples")) is not None
-                     and t.version() >= 3, timeout=120)  # three commits of gpu_samples
-            time.sleep(0.7)  # mid-flush, mid-commit: wherever it is
-        finally:
-            first.send_signal(signal.SIGKILL)
-            first.wait()
-        r = fleetwatch("run", "--kafka", broker.bootstrap, "--duration", "5", "--data-dir", "data", cwd=tmp_path,
-                       env=env, timeout=180)
-        assert r.returncode == 0, r.stderr[-3000:]
-        print(*[line for line in r.stderr.splitlines() if "redelivered messages" in line])  # the summary
-
-        async def produced() -> pl.DataFrame:
-            bus = KafkaBus(broker.bootstrap, partitions=3, prefix=prefix)
-            await bus.start()
-            sub = bus.subscribe([Topic.GPU], f"audit-{uuid.uuid4().hex[:6]}")
-            await bus.end([Topic.GPU])
-            got = []
-            while True:
-                try:
-                    got += await sub.get_batch(timeout_s=0.5)
-                except EndOfStream:
-                    break
-            await bus.close()
-            return pl.from_arrow(pa.Table.from_batches([m.value for m in got]))
-        in_kafka = asyncio.run(produced()).select("gpu_uuid", pl.col("ts").dt.cast_time_unit("us"))
-    finally:
-        broker.close()
-    in_table = pl.scan_delta(where.table_uri("gpu_samples"), storage_options=s3.storage_options) \
-        .select("gpu_uuid", "ts").collect()
-    print(f"kafka+s3: in Kafka {in_kafka.height}, in the table {in_table.height}")
-    assert in_table.height == in_table.unique().height, "duplicates in the table"
-    assert in_table.height == in_kafka.height
-    assert in_kafka.join(in_table, on=["gpu_uuid", "ts"], how="anti").height == 0  # nothing lost
-    assert s3.secret_key not in r.stderr + r.stdout

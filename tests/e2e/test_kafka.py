@@ -192,53 +192,82 @@ def test_the_daemon_runs_every_role_over_kafka(broker, tmp_path, receiver):
     assert fired <= 3 * labels.height  # no storm: a few alerts per injected fault
 
 
-def test_sigkill_and_restart_archives_every_produced_sample_exactly_once(broker, tmp_path):
+@pytest.mark.parametrize("store", ["disk", "s3"])
+def test_sigkill_and_restart_archives_every_produced_sample_exactly_once(broker, tmp_path, store):
     """Kill the daemon with SIGKILL mid-stream, start it again: every GPU sample that
-    reached Kafka is in the archive exactly once (files named by partition and offsets,
-    offsets already archived are skipped on redelivery)."""
+    reached Kafka is in the archive exactly once. On disk the files are named by partition
+    and offsets; on S3 (a real s3proxy, sinks/delta.py) each Delta commit records them;
+    either way offsets already archived are skipped on redelivery."""
 
     import polars as pl
 
+    from pipeline.sinks.delta import DeltaLocation
     from tests.conftest import fleetwatch
     from tests.helpers import FAST, archived
+    from tests.services import S3Proxy
     prefix = f"k{uuid.uuid4().hex[:6]}."
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST | {
         "FLEETWATCH_KAFKA__TOPIC_PREFIX": prefix, "FLEETWATCH_KAFKA__PARTITIONS": "3"}
     data = tmp_path / "data"
-    first = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--kafka", broker.bootstrap,
-                              "--data-dir", str(data)], cwd=tmp_path, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 90
-        while len(list((data / "archive" / "gpu_samples").rglob("*.parquet"))) < 3:
-            assert time.monotonic() < deadline and first.poll() is None
-            time.sleep(0.2)
-        time.sleep(0.7)  # mid-flush, mid-commit: wherever it is
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-    before = archived(data, "gpu_samples").height
-    r = fleetwatch("run", "--kafka", broker.bootstrap, "--duration", "5", "--data-dir", "data", cwd=tmp_path,
-                   env={k: v for k, v in env.items() if k.startswith("FLEETWATCH_")}, timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
-    print(r.stderr.strip().splitlines()[-1])  # the summary: rows archived, redelivered messages skipped
+    s3 = S3Proxy().start() if store == "s3" else None
+    if s3 is not None:
+        s3.create_bucket("fleet")
+        env |= {"FLEETWATCH_ARCHIVE__URL": "s3://fleet/archive", "FLEETWATCH_ARCHIVE__S3_ENDPOINT_URL": s3.endpoint,
+                "FLEETWATCH_ARCHIVE__S3_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": s3.access_key,
+                "AWS_SECRET_ACCESS_KEY": s3.secret_key, "AWS_REGION": "us-east-1"}
+        where = DeltaLocation("s3://fleet/archive", s3.storage_options)
 
-    async def produced() -> pl.DataFrame:
-        bus = KafkaBus(broker.bootstrap, partitions=3, prefix=prefix)
-        await bus.start()
-        sub = bus.subscribe([Topic.GPU], f"audit-{uuid.uuid4().hex[:6]}")
-        await bus.end([Topic.GPU])
-        got = await drain(sub)
-        await bus.close()
-        return pl.from_arrow(pa.Table.from_batches([m.value for m in got]))
-    in_kafka = asyncio.run(produced()).select("gpu_uuid", pl.col("ts").dt.cast_time_unit("us"))  # as archived
-    in_archive = archived(data, "gpu_samples").select("gpu_uuid", "ts")
-    print(f"sigkill: {before} rows archived before the kill; in Kafka {in_kafka.height}, "
-          f"archived {in_archive.height}, unique {in_archive.unique().height}")
-    assert before > 0 and in_archive.height > before
-    assert in_archive.height == in_archive.unique().height, "duplicates in the archive"
-    assert in_archive.height == in_kafka.height
-    assert in_kafka.join(in_archive, on=["gpu_uuid", "ts"], how="anti").height == 0  # nothing lost
+    def in_archive() -> pl.DataFrame:
+        if s3 is None:
+            return archived(data, "gpu_samples")
+        table = where.table("gpu_samples")
+        return pl.from_arrow(table.to_pyarrow_table()) if table is not None else pl.DataFrame()
+
+    def commits() -> int:  # what the first run archived: files on disk, commits on S3
+        if s3 is None:
+            return len(list((data / "archive" / "gpu_samples").rglob("*.parquet")))
+        table = where.table("gpu_samples")
+        return table.version() + 1 if table is not None else 0
+
+    try:
+        first = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--kafka", broker.bootstrap,
+                                  "--data-dir", str(data)], cwd=tmp_path, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 90
+            while commits() < 3:
+                assert time.monotonic() < deadline and first.poll() is None
+                time.sleep(0.2)
+            time.sleep(0.7)  # mid-flush, mid-commit: wherever it is
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+        before = in_archive().height
+        r = fleetwatch("run", "--kafka", broker.bootstrap, "--duration", "5", "--data-dir", "data", cwd=tmp_path,
+                       env={k: v for k, v in env.items() if k.startswith(("FLEETWATCH_", "AWS_"))}, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        print(*[line for line in r.stderr.splitlines() if "redelivered messages" in line])  # the summary
+        assert s3 is None or s3.secret_key not in r.stderr + r.stdout
+
+        async def produced() -> pl.DataFrame:
+            bus = KafkaBus(broker.bootstrap, partitions=3, prefix=prefix)
+            await bus.start()
+            sub = bus.subscribe([Topic.GPU], f"audit-{uuid.uuid4().hex[:6]}")
+            await bus.end([Topic.GPU])
+            got = await drain(sub)
+            await bus.close()
+            return pl.from_arrow(pa.Table.from_batches([m.value for m in got]))
+        in_kafka = asyncio.run(produced()).select("gpu_uuid", pl.col("ts").dt.cast_time_unit("us"))  # as archived
+        archived_rows = in_archive().select("gpu_uuid", "ts")
+    finally:
+        if s3 is not None:
+            s3.close()
+    print(f"sigkill ({store}): {before} rows archived before the kill; in Kafka {in_kafka.height}, "
+          f"archived {archived_rows.height}, unique {archived_rows.unique().height}")
+    assert before > 0 and archived_rows.height > before
+    assert archived_rows.height == archived_rows.unique().height, "duplicates in the archive"
+    assert archived_rows.height == in_kafka.height
+    assert in_kafka.join(archived_rows, on=["gpu_uuid", "ts"], how="anti").height == 0  # nothing lost
 
 
 @pytest.mark.parametrize("store", ["disk", "s3"])
