@@ -180,7 +180,8 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         running = build_roles(ctx)
         log.info("fleetwatch running %s: %s, bus %s, archive %s, alerts %s",
                  "all roles" if whole(roles) else "role " + "/".join(sorted(roles)), ctx.describe_sources(),
-                 f"Kafka at {k.bootstrap}" if k.bootstrap else "in-process", cfg.archive_dir, cfg.alerts_log)
+                 f"Kafka at {k.bootstrap}" if k.bootstrap else "in-process", cfg.archive.url or cfg.archive_dir,
+                 cfg.alerts_log)
         await start_roles(ctx, running)
         ops.attach(ctx, running)
         status = asyncio.create_task(status_role(ctx, cfg.daemon.status_interval_s), name="status")

@@ -257,3 +257,4 @@ def test_the_archive_role_compacts_closed_hours_as_it_runs(copy: Path) -> None:
     assert len(list((copy / "gpu_samples").glob("*/hour=10/*.parquet"))) == 1
     assert len(list((copy / "gpu_samples").glob("*/hour=11/*.parquet"))) == 1  # (closed too, by the clock)
     assert answers(copy)["gpu_samples"][0] == before + 16 * 20
+

@@ -72,7 +72,7 @@ def test_an_alert_and_its_node_carry_the_remediation_from_detection_to_the_archi
     assert {a["annotations"]["remediation"] for a in alert_rows(rows)} == {"none", "replace"}  # webhooks, jsonl
     [health] = out.health
     assert health["node"] == node and health["state"] == "failing"
-    assert health["remediation"] == "reset_gpu"  # its alerts' catalog remediations: GpuUncorrectableEcc's, GpuXid's
+    assert health["remediation"] == "replace"  # the costliest of its alerts' own: XID 64's, not its alert's default
     pa.RecordBatch.from_pylist(out.health, schema=NODE_HEALTH)  # the schema takes it
 
 

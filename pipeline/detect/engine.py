@@ -336,5 +336,6 @@ class Engine:
             if scope == "rack" or entities.size == 0:
                 continue
             nodes = self.inventory.gpu.node[entities] if scope == "gpu" else entities
-            firing.append((nodes, tr.spec.severity, name))
+            remediations = [tr.active[int(e)].annotations.get("remediation", tr.spec.remediation) for e in entities]
+            firing.append((nodes, tr.spec.severity, name, remediations))
         return self.health.update(self.inventory.node_count, firing, self.node_identity, t)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.detect.catalog import ALERTS_BY_NAME, AlertSpec, costliest, remediation, runbook_url
+from pipeline.detect.catalog import AlertSpec, costliest, remediation, runbook_url
 from pipeline.detect.state import SlotArrays
 from pipeline.model import Alert
 
@@ -136,20 +136,23 @@ class NodeHealth:
 
     def update(self, n_nodes: int, firing_by_node: list[tuple[np.ndarray, str, str]],
                identity: Callable[[int], NodeIdentity], t: float) -> list[dict]:
-        """firing_by_node: (node indices with a firing alert, severity, alertname) per tracker."""
+        """firing_by_node: (node indices with a firing alert, severity, alertname, each alert's
+        remediation) per tracker."""
         self.ensure(n_nodes)
         new = np.zeros(n_nodes, np.int8)
-        for nodes, severity, _ in firing_by_node:
+        for nodes, severity, _, _ in firing_by_node:
             if nodes.size:
                 np.maximum.at(new, nodes, _RANK.get(severity, 0))
         changed = np.flatnonzero(new != self.state[:n_nodes])
         out = []
         for n in changed:
             who = identity(int(n))
-            reasons = sorted({name for nodes, _, name in firing_by_node if np.any(nodes == n)})
+            mine = [(name, [r for node, r in zip(nodes, rems) if node == n])
+                    for nodes, _, name, rems in firing_by_node if np.any(nodes == n)]
             out.append({"ts": _dt(t), "site": who.site, "rack": who.rack, "node": who.node,
-                        "state": STATES[new[n]], "previous": STATES[self.state[n]], "reasons": ",".join(reasons),
-                        "remediation": costliest(ALERTS_BY_NAME[r].remediation for r in reasons)})
+                        "state": STATES[new[n]], "previous": STATES[self.state[n]],
+                        "reasons": ",".join(sorted({name for name, _ in mine})),
+                        "remediation": costliest(r for _, rems in mine for r in rems)})
         self.state[:n_nodes] = new
         return out
 

@@ -30,8 +30,8 @@ and reads again (DuckDB and polars list and open within one query: milliseconds)
 Archive processes sharing a folder (Kafka) take turns, and retention with them
 (sinks/retention.py): one lock per archive (`locked`).
 
-Memory: at most ROWS_PER_PASS rows at a time (about 250 bytes a row in memory): a larger
-partition-hour (1,000 nodes at 1 s write 28.8 million GPU rows an hour) is merged in passes
+Memory: at most ROWS_PER_PASS rows at a time (about 250 bytes a row in memory), besides the
+hour's first sort key, read whole to plan the passes: a larger partition-hour (1,000 nodes at 1 s write 28.8 million GPU rows an hour) is merged in passes
 over ranges of nodes, each reading the hour's files again (`_merge`).
 """
 
@@ -223,7 +223,7 @@ def _merge(dataset: str, files: list[Path], out: Path) -> tuple[int, int]:
     lead, rows, first = SORT_KEYS[dataset][0], 0, None
     with pq.ParquetWriter(out, ARCHIVE_SCHEMAS[dataset], compression="zstd") as writer:
         for bounds in _passes(dataset, files):
-            filters = None if bounds is None else [(lead, ">=", bounds[0]), (lead, "<=", bounds[1])]
+            filters = None if bounds is None else (pc.field(lead) >= bounds[0]) & (pc.field(lead) <= bounds[1])
             parts = [as_current(dataset, b) for f in files for b in pq.read_table(f, filters=filters).to_batches()]
             table = pa.Table.from_batches(parts, schema=SCHEMAS[dataset])
             if table.num_rows == 0:
@@ -243,6 +243,7 @@ def _passes(dataset: str, files: list[Path]) -> list[tuple | None]:
     if total <= ROWS_PER_PASS or not pa.types.is_string(SCHEMAS[dataset].field(lead).type):
         return [None]
     counts = pc.value_counts(pa.chunked_array([pq.read_table(f, columns=[lead]).column(lead) for f in files]))
+    # (The first sort key is never null: the archive's schema says so, and Parquet enforces it.)
     values, n = counts.field("values"), counts.field("counts").to_numpy()
     order = pc.sort_indices(values).to_numpy()
     passes, start, held = [], 0, 0

@@ -15,14 +15,15 @@ transactions (app id, version), which is what exactly-once over Kafka needs:
     last offset); `stored_until` reads that back, so a redelivered batch is never written
     twice, after a restart or a rebalance (ArchiveBuffers.archived_until);
   - a commit that fails (the bucket unreachable, credentials refused) raises OSError and
-    leaves its buffers with the writer, as a full disk does (archive_outage.py); before a
-    retry, a partition whose transaction is already in the table (the commit landed, its
-    reply was lost) is dropped instead of written again. In-process (no offsets) such a
-    reply lost can write a flush twice.
+    leaves its buffers with the writer, as a full disk does (archive_outage.py); every
+    write reads the table's transactions first (the table it then appends to: no extra
+    request), and leaves out each batch whose offset is already there (a commit that
+    landed but whose reply was lost; a lookup that failed while reading). In-process (no
+    offsets) such a reply lost can write a flush twice.
 
 Upkeep (the archive role, `fleetwatch archive compact|prune`): a closed hour's small files
-are merged by Delta's optimize, Z-ordered by entity (`SORT_KEYS`: a node's rows together)
-where the dataset has one (one commit; readers of the previous version keep reading it); hours past their retention are deleted by a partition predicate (no file is
+are merged by Delta's optimize, ordered by entity (`SORT_KEYS`: a node's rows together) where
+the dataset has one (one commit; readers of the previous version keep reading it); hours past their retention are deleted by a partition predicate (no file is
 read); files no version references any more are vacuumed once they are `VACUUM_AFTER_H`
 old, so a reader of a version that recent never loses a file under it.
 
@@ -35,7 +36,9 @@ this module raises.
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -54,6 +57,7 @@ from pipeline.sinks.retention import retention_days
 log = logging.getLogger("fleetwatch")
 
 PARTITIONS = ["date", "hour"]
+PARQUET_CODEC = {"none": "UNCOMPRESSED", "lz4": "LZ4_RAW"}  # archive.compression in deltalake's words
 VACUUM_AFTER_H = 24  # a file no version references is deleted once this old (readers of older versions)
 APP = "fleetwatch-archive-p{:04d}"  # a source partition's transaction in a table
 
@@ -79,16 +83,20 @@ class DeltaLocation:
             raise self.error(f"reading {uri}", e) from None
 
     def error(self, doing: str, e: BaseException) -> OSError:
-        """An OSError for `e`, with every secret of the storage options masked."""
+        """An OSError for `e`, with every secret masked: the storage options' and the environment's."""
         text = f"{type(e).__name__}: {e}"
         for key in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-            if self.storage_options.get(key):
-                text = text.replace(self.storage_options[key], MASK)
+            for secret in (self.storage_options.get(key), os.environ.get(key)):
+                if secret:
+                    text = text.replace(secret, MASK)
         return OSError(f"object storage: {doing}: {text.strip()}")
 
 
 def location(cfg: ArchiveConfig) -> DeltaLocation:
     """The archive's location and storage options from its config (module doc: credentials)."""
+    if importlib.util.find_spec("deltalake") is None:  # the full install's: say so at start, not at the first write
+        raise ConfigError(f"config error: archive.url = {cfg.url!r} needs the deltalake package: "
+                          f"pip install 'fleetwatch[all]'")
     options: dict[str, str] = {}
     if cfg.s3_endpoint_url:
         options["AWS_ENDPOINT_URL"] = cfg.s3_endpoint_url
@@ -136,16 +144,24 @@ class DeltaArchiveWriter(ArchiveBuffers):
                  writer_id: str | None = None) -> None:
         super().__init__(where.url, max_buffer_rows, writer_id)
         self.where = where
-        self.compression = compression.upper()
+        self.compression = PARQUET_CODEC.get(compression, compression.upper())
+        self._lookup: dict[str, Any] = {}  # dataset -> its table as last read, for offset lookups
 
     @classmethod
     def from_config(cls, cfg: ArchiveConfig) -> "DeltaArchiveWriter":
         return cls(location(cfg), cfg.compression, cfg.max_buffer_rows)
 
     def stored_until(self, dataset: str, partition: int) -> int:
-        table = self.where.table(dataset)
+        """(A table read once per dataset until `forget_archived`: partitions come in bursts.)"""
+        if dataset not in self._lookup:
+            self._lookup[dataset] = self.where.table(dataset)
+        table = self._lookup[dataset]
         version = table.transaction_version(APP.format(partition)) if table is not None else None
         return -1 if version is None else int(version)
+
+    def forget_archived(self) -> None:
+        super().forget_archived()
+        self._lookup.clear()
 
     def write(self, taken: dict[tuple[str, int], _Buffer]) -> list[str]:
         """One commit per dataset of what `taken` holds for it; what is committed leaves `taken`."""
@@ -153,35 +169,45 @@ class DeltaArchiveWriter(ArchiveBuffers):
         written = []
         for dataset in sorted({d for d, _ in taken}):
             keys = [k for k in taken if k[0] == dataset]
-            if any(p >= 0 for _, p in keys):  # a retry: what an earlier commit whose reply was lost holds
-                for key in [k for k in keys if k[1] >= 0 and self.stored_until(*k) >= taken[k].last_offset]:
-                    self._archived[key] = taken.pop(key).last_offset
-                    keys.remove(key)
-            tables = [pa.Table.from_batches(taken[k].batches, schema=SCHEMAS[dataset]) for k in keys]
-            rows = sum(t.num_rows for t in tables)
-            if rows == 0:
-                for k in keys:
-                    del taken[k]
-                continue
-            txns = [Transaction(APP.format(p), taken[(dataset, p)].last_offset) for _, p in keys if p >= 0]
-            table = with_partitions(dataset, pa.concat_tables(tables).combine_chunks())
             uri = self.where.table_uri(dataset)
-            try:
-                write_deltalake(uri, table, mode="append", partition_by=PARTITIONS, schema_mode="merge",
-                                storage_options=self.where.storage_options,
-                                writer_properties=WriterProperties(compression=self.compression),
-                                commit_properties=CommitProperties(app_transactions=txns or None))
-            except Exception as e:  # what is not committed stays in `taken` (the outage path retries it)
-                raise self.where.error(f"appending {rows} rows to {uri}", e) from None
+            target = self.where.table(dataset)  # its transactions now, and the table to append to
+            batches: list[pa.RecordBatch] = []
+            txns = []
+            for k in keys:
+                buf, done = taken[k], self._committed(target, k[1])
+                batches += [b for i, b in enumerate(buf.batches) if not buf.offsets or buf.offsets[i] > done]
+                if k[1] >= 0 and buf.last_offset > done:
+                    txns.append(Transaction(APP.format(k[1]), buf.last_offset))
+            rows = sum(b.num_rows for b in batches)
+            if rows:
+                table = with_partitions(dataset, pa.Table.from_batches(batches, schema=SCHEMAS[dataset]).combine_chunks())
+                try:
+                    write_deltalake(target if target is not None else uri, table, mode="append",
+                                    partition_by=PARTITIONS, schema_mode="merge",
+                                    storage_options=None if target is not None else self.where.storage_options,
+                                    writer_properties=WriterProperties(compression=self.compression),
+                                    commit_properties=CommitProperties(app_transactions=txns or None))
+                except Exception as e:  # what is not committed stays in `taken` (the outage path retries it)
+                    raise self.where.error(f"appending {rows} rows to {uri}", e) from None
             for k in keys:
                 buf = taken.pop(k)
                 if k[1] >= 0:
-                    self._archived[k] = max(self.archived_until(*k), buf.last_offset)
+                    self._archived[k] = max(self._archived.get(k, -1), buf.last_offset)
+            if not rows:
+                continue
             self.rows_written[dataset] += rows
             self.files_written += 1
             self.files_by_dataset[dataset] += 1
             written.append(uri)
         return written
+
+    @staticmethod
+    def _committed(table, partition: int) -> int:
+        """The last offset of `partition` the table holds (-1: none, or not from Kafka)."""
+        if partition < 0 or table is None:
+            return -1
+        version = table.transaction_version(APP.format(partition))
+        return -1 if version is None else int(version)
 
     def upkeep(self, cfg: ArchiveConfig, stop) -> list[tuple[str, Callable[[], Any]]]:
         return [("compaction", lambda: compact(self.where, cfg.compact_after_s, stop=stop)),
@@ -202,8 +228,9 @@ class DeltaUpkeep:
         if self.what == "compaction":
             return (f"{self.hours} closed hours compacted: {self.files_in} files -> {self.files_out}; "
                     f"{self.vacuumed} unreferenced files vacuumed")
-        verb = "would delete" if dry_run else "deleted"
-        return f"{verb} {self.hours} hours past their retention ({self.rows} rows); {self.vacuumed} files vacuumed"
+        if dry_run:
+            return f"would delete {self.hours} hours past their retention"
+        return f"deleted {self.hours} hours past their retention ({self.rows} rows); {self.vacuumed} files vacuumed"
 
 
 def _hours(table) -> dict[tuple[str, int], int]:
@@ -233,9 +260,9 @@ def compact(where: DeltaLocation, after_s: float = 900.0, now: datetime | None =
             if files < 2 or _start(date, hour) + timedelta(hours=1, seconds=after_s) > now:
                 continue
             hour_filter = [("date", "=", date), ("hour", "=", str(hour))]
-            entity = list(SORT_KEYS[dataset][:-1])  # a node's (a point's) rows together, as on disk
+            entity = SORT_KEYS[dataset][0] if len(SORT_KEYS[dataset]) > 1 else None  # a node's rows together
             try:
-                done = (table.optimize.z_order(entity, partition_filters=hour_filter) if entity
+                done = (table.optimize.z_order([entity], partition_filters=hour_filter) if entity
                         else table.optimize.compact(partition_filters=hour_filter))
             except Exception as e:
                 raise where.error(f"compacting {where.table_uri(dataset)} date={date} hour={hour}", e) from None

@@ -66,6 +66,7 @@ class _Buffer:
     first_offset: int = -1
     last_offset: int = -1
     nbytes: int = 0  # estimated: rows x the dataset's bytes per row (ArchiveWriter.row_bytes)
+    offsets: list[int] = field(default_factory=list)  # each batch's source offset (from Kafka; else empty)
 
 
 class ArchiveBuffers:
@@ -110,15 +111,22 @@ class ArchiveBuffers:
         buf.rows += batch.num_rows
         buf.nbytes += batch.num_rows * self.row_bytes(dataset, batch)
         if offset >= 0:
+            buf.offsets.append(offset)
             buf.first_offset = offset if buf.first_offset < 0 else min(buf.first_offset, offset)
             buf.last_offset = max(buf.last_offset, offset)
         return sum(b.rows for (d, _), b in self._buffers.items() if d == dataset) >= self.max_buffer_rows
 
     def archived_until(self, dataset: str, partition: int) -> int:
-        """The highest offset of `partition` already in the archive (-1: none)."""
+        """The highest offset of `partition` already in the archive (-1: none, or storage that
+        cannot say now: a writer whose storage can fail here checks again as it writes)."""
         key = (dataset, partition)
         if key not in self._archived:
-            self._archived[key] = self.stored_until(dataset, partition)
+            try:
+                self._archived[key] = self.stored_until(dataset, partition)
+            except OSError as e:
+                log.warning("archive: which offsets of %s partition %d are stored is unknown for now (%s); what "
+                            "comes is checked against storage when it is written", dataset, partition, e)
+                return -1
         return self._archived[key]
 
     def forget_archived(self) -> None:
@@ -136,6 +144,7 @@ class ArchiveBuffers:
             new = self._buffers.get(key)
             if new is not None:
                 old.batches += new.batches
+                old.offsets += new.offsets
                 old.rows += new.rows
                 old.nbytes += new.nbytes
                 if new.first_offset >= 0:
@@ -170,6 +179,8 @@ class ArchiveBuffers:
                 break
             (dataset, _), buf = max(held, key=lambda kv: kv[1].nbytes)
             batch = buf.batches.pop(0)
+            if buf.offsets:
+                buf.offsets.pop(0)
             buf.rows -= batch.num_rows
             buf.nbytes = 0 if not buf.batches else buf.nbytes - batch.num_rows * self.row_bytes(dataset, batch)
             dropped[dataset] = dropped.get(dataset, 0) + batch.num_rows
