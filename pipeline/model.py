@@ -236,7 +236,7 @@ NODE_HEALTH_V1 = _schema("node_health", 1, _NODE_HEALTH_FIELDS, "node health tra
                                                                 "remediation: read, and upgraded (from the reasons)")
 
 
-def _as(schema: pa.Schema, batch: pa.RecordBatch) -> pa.RecordBatch:
+def cast_by_name(schema: pa.Schema, batch: pa.RecordBatch) -> pa.RecordBatch:
     """`batch`'s columns of `schema`, by name and cast (an archived file's times are microseconds)."""
     return pa.RecordBatch.from_arrays([batch.column(f.name).cast(f.type) for f in schema], schema=schema)
 
@@ -244,7 +244,7 @@ def _as(schema: pa.Schema, batch: pa.RecordBatch) -> pa.RecordBatch:
 def _alert_v1_to_v2(batch: pa.RecordBatch) -> pa.RecordBatch:
     """The remediation the catalog gives the alert (its XID's, from the evidence)."""
     from pipeline.detect.catalog import ALERTS_BY_NAME, remediation
-    batch = _as(ALERT_V1, batch)
+    batch = cast_by_name(ALERT_V1, batch)
     names, evidence = batch.column("alertname").to_pylist(), batch.column("evidence_json").to_pylist()
     known = [remediation(n, json.loads(e) if e else None) if n in ALERTS_BY_NAME else None
              for n, e in zip(names, evidence)]
@@ -254,7 +254,7 @@ def _alert_v1_to_v2(batch: pa.RecordBatch) -> pa.RecordBatch:
 def _node_health_v1_to_v2(batch: pa.RecordBatch) -> pa.RecordBatch:
     """The costliest remediation of the alerts named in `reasons` (those the catalog knows)."""
     from pipeline.detect.catalog import ALERTS_BY_NAME, costliest
-    batch = _as(NODE_HEALTH_V1, batch)
+    batch = cast_by_name(NODE_HEALTH_V1, batch)
     known = [costliest(ALERTS_BY_NAME[r].remediation for r in (reasons or "").split(",") if r in ALERTS_BY_NAME)
              for reasons in batch.column("reasons").to_pylist()]
     return pa.RecordBatch.from_arrays([*batch.columns, pa.array(known, pa.string())], schema=NODE_HEALTH)

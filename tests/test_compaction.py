@@ -113,7 +113,7 @@ def test_an_hour_larger_than_a_pass_is_merged_in_passes_sorted_all_the_same(tmp_
     write_fleet(archive, 300)  # 5 minutes of 2 nodes: 2,400 GPU rows each
     before = answers(archive)
     monkeypatch.setattr(compaction, "ROWS_PER_PASS", 2_000)
-    assert compaction._passes("gpu_samples", files(archive, "gpu_samples")) == [
+    assert compaction._passes("gpu_samples", files(archive, "gpu_samples"), 4_800) == [
         ("r01-n01", "r01-n01"), ("r01-n02", "r01-n02")]  # a pass per node (no smaller unit: a node's rows sort)
     compact(archive, now=LATER)
     assert answers(archive) == before and len(files(archive, "gpu_samples")) == 1
@@ -190,11 +190,11 @@ KILLER = textwrap.dedent("""
     step, archive = sys.argv[1], sys.argv[2]
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
     merge, exchange, move = c._merge, c._exchange, c._move_late
-    def merge_some(dataset, files, out):
+    def merge_some(dataset, files, rows_in, out):
         if step == "mid-write":
             open(out, "wb").write(b"PAR1 half a file")
             die()
-        return merge(dataset, files, out)
+        return merge(dataset, files, rows_in, out)
     def swap(a, b):
         if step == "before-swap":
             die()

@@ -441,9 +441,8 @@ XID_REMEDIATIONS: dict[int, str] = {
 
 def remediation(name: str, evidence: dict | None = None) -> str:
     """What a remediation does about alert `name`: its XID's action where it has one, else its spec's."""
-    xid = (evidence or {}).get("xid")
-    return XID_REMEDIATIONS.get(int(xid), ALERTS_BY_NAME[name].remediation) if xid is not None \
-        else ALERTS_BY_NAME[name].remediation
+    own, xid = ALERTS_BY_NAME[name].remediation, (evidence or {}).get("xid")
+    return own if xid is None else XID_REMEDIATIONS.get(int(xid), own)
 
 
 def costliest(remediations) -> str:

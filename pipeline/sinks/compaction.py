@@ -31,8 +31,9 @@ Archive processes sharing a folder (Kafka) take turns, and retention with them
 (sinks/retention.py): one lock per archive (`locked`).
 
 Memory: at most ROWS_PER_PASS rows at a time (about 250 bytes a row in memory), besides the
-hour's first sort key, read whole to plan the passes: a larger partition-hour (1,000 nodes at 1 s write 28.8 million GPU rows an hour) is merged in passes
-over ranges of nodes, each reading the hour's files again (`_merge`).
+hour's first sort key, read whole to plan the passes: a larger partition-hour (1,000 nodes
+at 1 s write 28.8 million GPU rows an hour) is merged in passes over ranges of nodes, each
+reading the hour's files again (`_merge`).
 """
 
 from __future__ import annotations
@@ -184,8 +185,8 @@ def _compact_hour(archive: Path, dataset: str, folder: Path, stats: CompactionSt
     seq = max([int(m[1]) for f in files if (m := _COMPACTED.match(f.name))], default=0)
     for key, group in sorted(groups.items()):
         out = new / f"merging-{key}.parquet"
-        written, first = _merge(dataset, group, out)
         expected = sum(pq.ParquetFile(f).metadata.num_rows for f in group)
+        written, first = _merge(dataset, group, expected, out)
         if written != expected or pq.ParquetFile(out).metadata.num_rows != expected:
             raise OSError(f"compaction of {rel}: {expected} rows in, {written} merged; nothing swapped")
         rows += written
@@ -215,14 +216,14 @@ def _compact_hour(archive: Path, dataset: str, folder: Path, stats: CompactionSt
     stats.bytes_out += bytes_out
 
 
-def _merge(dataset: str, files: list[Path], out: Path) -> tuple[int, int]:
-    """The files' rows into `out`, in the current schema and the archive's format, sorted by
+def _merge(dataset: str, files: list[Path], rows_in: int, out: Path) -> tuple[int, int]:
+    """The files' `rows_in` rows into `out`, in the current schema and the archive's format, sorted by
     entity and time: (rows, the first time in ns). An hour larger than ROWS_PER_PASS is merged
     in passes, each over a contiguous range of the first sort key (a node's rows, say), so
     memory stays bounded whatever the fleet's size; the file is sorted all the same."""
     lead, rows, first = SORT_KEYS[dataset][0], 0, None
     with pq.ParquetWriter(out, ARCHIVE_SCHEMAS[dataset], compression="zstd") as writer:
-        for bounds in _passes(dataset, files):
+        for bounds in _passes(dataset, files, rows_in):
             filters = None if bounds is None else (pc.field(lead) >= bounds[0]) & (pc.field(lead) <= bounds[1])
             parts = [as_current(dataset, b) for f in files for b in pq.read_table(f, filters=filters).to_batches()]
             table = pa.Table.from_batches(parts, schema=SCHEMAS[dataset])
@@ -236,11 +237,11 @@ def _merge(dataset: str, files: list[Path], out: Path) -> tuple[int, int]:
     return rows, first or 0
 
 
-def _passes(dataset: str, files: list[Path]) -> list[tuple | None]:
-    """(low, high) of the first sort key for each pass of `_merge` (None: one pass, everything)."""
+def _passes(dataset: str, files: list[Path], rows_in: int) -> list[tuple | None]:
+    """(low, high) of the first sort key for each pass of `_merge` over the files' `rows_in`
+    rows (None: one pass, everything)."""
     lead = SORT_KEYS[dataset][0]
-    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    if total <= ROWS_PER_PASS or not pa.types.is_string(SCHEMAS[dataset].field(lead).type):
+    if rows_in <= ROWS_PER_PASS or not pa.types.is_string(SCHEMAS[dataset].field(lead).type):
         return [None]
     counts = pc.value_counts(pa.chunked_array([pq.read_table(f, columns=[lead]).column(lead) for f in files]))
     # (The first sort key is never null: the archive's schema says so, and Parquet enforces it.)

@@ -23,9 +23,10 @@ transactions (app id, version), which is what exactly-once over Kafka needs:
 
 Upkeep (the archive role, `fleetwatch archive compact|prune`): a closed hour's small files
 are merged by Delta's optimize, ordered by entity (`SORT_KEYS`: a node's rows together) where
-the dataset has one (one commit; readers of the previous version keep reading it); hours past their retention are deleted by a partition predicate (no file is
-read); files no version references any more are vacuumed once they are `VACUUM_AFTER_H`
-old, so a reader of a version that recent never loses a file under it.
+the dataset has one (one commit; readers of the previous version keep reading it); hours
+past their retention are deleted by a partition predicate (no file is read); files no
+version references any more are vacuumed once they are `VACUUM_AFTER_H` old, so a reader
+of a version that recent never loses a file under it.
 
 Credentials come from `archive.credentials_file` (an AWS shared-credentials file) or, by
 default, from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
@@ -142,7 +143,7 @@ class DeltaArchiveWriter(ArchiveBuffers):
 
     def __init__(self, where: DeltaLocation, compression: str = "zstd", max_buffer_rows: int = 500_000,
                  writer_id: str | None = None) -> None:
-        super().__init__(where.url, max_buffer_rows, writer_id)
+        super().__init__(max_buffer_rows, writer_id)
         self.where = where
         self.compression = PARQUET_CODEC.get(compression, compression.upper())
         self._lookup: dict[str, Any] = {}  # dataset -> its table as last read, for offset lookups
@@ -155,9 +156,7 @@ class DeltaArchiveWriter(ArchiveBuffers):
         """(A table read once per dataset until `forget_archived`: partitions come in bursts.)"""
         if dataset not in self._lookup:
             self._lookup[dataset] = self.where.table(dataset)
-        table = self._lookup[dataset]
-        version = table.transaction_version(APP.format(partition)) if table is not None else None
-        return -1 if version is None else int(version)
+        return self._committed(self._lookup[dataset], partition)
 
     def forget_archived(self) -> None:
         super().forget_archived()
@@ -189,16 +188,14 @@ class DeltaArchiveWriter(ArchiveBuffers):
                                     commit_properties=CommitProperties(app_transactions=txns or None))
                 except Exception as e:  # what is not committed stays in `taken` (the outage path retries it)
                     raise self.where.error(f"appending {rows} rows to {uri}", e) from None
+                self.rows_written[dataset] += rows
+                self.files_written += 1
+                self.files_by_dataset[dataset] += 1
+                written.append(uri)
             for k in keys:
                 buf = taken.pop(k)
                 if k[1] >= 0:
                     self._archived[k] = max(self._archived.get(k, -1), buf.last_offset)
-            if not rows:
-                continue
-            self.rows_written[dataset] += rows
-            self.files_written += 1
-            self.files_by_dataset[dataset] += 1
-            written.append(uri)
         return written
 
     @staticmethod

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.model import ARCHIVE_SCHEMAS, SCHEMAS, upgraded
+from pipeline.model import ARCHIVE_SCHEMAS, SCHEMAS, cast_by_name, upgraded
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def as_current(dataset: str, batch: pa.RecordBatch) -> pa.RecordBatch:
         return batch
     if b"fleetwatch.version" in (batch.schema.metadata or {}):
         batch = upgraded(batch)
-    return pa.RecordBatch.from_arrays([batch.column(f.name).cast(f.type) for f in schema], schema=schema)
+    return cast_by_name(schema, batch)
 
 
 def on_disk(dataset: str, table: pa.Table) -> pa.Table:
@@ -76,8 +76,7 @@ class ArchiveBuffers:
     `taken` exactly what is not stored) and `stored_until` (the highest offset of a
     source partition in storage); `upkeep` is what the archive role runs now and then."""
 
-    def __init__(self, root, max_buffer_rows: int = 500_000, writer_id: str | None = None) -> None:
-        self.root = root  # where it writes, as logs and the summary name it
+    def __init__(self, max_buffer_rows: int = 500_000, writer_id: str | None = None) -> None:
         self.max_buffer_rows = max_buffer_rows
         self.writer_id = writer_id or uuid.uuid4().hex[:12]
         self._buffers: dict[tuple[str, int], _Buffer] = {}
@@ -211,7 +210,8 @@ class ArchiveWriter(ArchiveBuffers):
 
     def __init__(self, root: Path, compression: str = "zstd", max_buffer_rows: int = 500_000,
                  writer_id: str | None = None, min_free_mb: float = 0.0) -> None:
-        super().__init__(Path(root), max_buffer_rows, writer_id)
+        super().__init__(max_buffer_rows, writer_id)
+        self.root = Path(root)
         self.staging = self.root / ".staging"
         self.staging.mkdir(parents=True, exist_ok=True)
         self.compression = None if compression == "none" else compression
@@ -270,6 +270,7 @@ class ArchiveWriter(ArchiveBuffers):
                 if done.any():  # a retry writes only the hours not on disk yet
                     rest = table.filter(pa.array(~done))
                     buf.batches, buf.rows, buf.nbytes = rest.to_batches(), rest.num_rows, rest.nbytes
+                    buf.offsets = []  # (rebatched: no batch's offset any more; files are named by the range)
                 raise
             del taken[key]
             if partition >= 0:
