@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="N demand-response events (each sheds 10-40%% of the GPUs' power for up to 10 min); "
                          "the JSON gains demand_response")
 
+    ev.add_argument("--rack-cooling-loss", action="store_true",
+                    help="a quarter of the way in, rack r01 loses most of its cooling for up to 30 min: the "
+                         "remediation breaker's scenario (it must trip; the rack is not drained node by node)")
+
     rp = sub.add_parser("replay", help="score a univariate series (CSV timestamp,value) for anomalies")
     rp.add_argument("series", metavar="SERIES.csv")
     rp.add_argument("--out", required=True, metavar="SCORES.csv", help="timestamp,value,anomaly_score")
@@ -145,6 +149,14 @@ def _parser() -> argparse.ArgumentParser:
     al.add_argument("--json", action="store_true", help="a JSON array of Alertmanager alert objects")
     capacity.add_parser(sub)
     report.add_parser(sub)
+
+    rm = sub.add_parser("remediation", help="the remediation role's cases: `remediation status` (the role itself "
+                                           "is `fleetwatch remediate`)")
+    rm_acts = rm.add_subparsers(dest="remediation_command", metavar="ACTION", required=True)
+    rs = rm_acts.add_parser("status", help="open cases and their states, the circuit breaker, what the guardrails "
+                                           "refused (as of the role's last round)")
+    data_dir(rs)
+    rs.add_argument("--json", action="store_true", help="as JSON")
 
     qu = sub.add_parser("query", help="SQL over the archive with DuckDB: a view per dataset (gpu_samples, alerts, "
                                       "...); docs/queries.md has ready ones")
@@ -299,7 +311,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.analytics.evaluate import score, simulate, table
+    from pipeline.analytics.evaluate import rack_cooling_loss, score, simulate, table
+    from pipeline.analytics.remediation_eval import score as remediation_score
     if args.duration <= 0:
         raise ConfigError(f"--duration {args.duration}: must be > 0 seconds")
     extra = {"fleet.speed": 0.0, "fleet.fault_interval_s": args.fault_interval}
@@ -310,8 +323,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _logging(cfg)
     if args.power_requests < 0:
         raise ConfigError(f"--power-requests {args.power_requests}: must be 0 or more")
-    if cfg.kafka.bootstrap and args.power_requests:
-        raise ConfigError("--power-requests runs in-process: leave out --kafka")
+    if cfg.kafka.bootstrap and (args.power_requests or args.rack_cooling_loss):
+        raise ConfigError("--power-requests and --rack-cooling-loss run in-process: leave out --kafka")
     if not cfg.kafka.bootstrap and (args.detect_processes != 1 or args.chaos):
         raise ConfigError("--detect-processes and --chaos need --kafka HOST:PORT (detect processes over Kafka)")
     t0 = time.perf_counter()
@@ -320,13 +333,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from pipeline.analytics.eval_kafka import simulate_kafka
         run, processes = simulate_kafka(cfg, args.duration, args.detect_processes, args.config, args.chaos)
     else:
-        run = simulate(cfg, args.duration, args.power_requests)
+        run = simulate(cfg, args.duration, args.power_requests,
+                       (rack_cooling_loss(args.duration),) if args.rack_cooling_loss else ())
     wall = time.perf_counter() - t0
     result = score(run)
+    result["remediation"] = remediation_score(run, cfg)
     result["seed"] = cfg.fleet.seed
     result["duration_s"] = args.duration
     result["wall_s"] = round(wall, 2)
     print(table(result))
+    print("remediation (dry-run): " + ", ".join(f"{k} {v}" for k, v in result["remediation"].items()))
     if "demand_response" in result:
         print("demand response: " + ", ".join(f"{k} {v}" for k, v in result["demand_response"].items()))
     if processes is not None:  # the JSON keeps the in-process run's keys: this goes to the terminal
@@ -570,6 +586,18 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_remediation(args: argparse.Namespace) -> int:
+    """`fleetwatch remediation status`: from the state the role saved (remediate/status.py)."""
+    from pipeline.remediate.status import read, text
+    cfg = _existing_config(args)
+    status = read(cfg)
+    if status is None:
+        raise ConfigError(f"no remediation state under {cfg.state_dir}: the remediation role (`fleetwatch run` or "
+                          f"`fleetwatch remediate`) has not run with data_dir {cfg.data_dir}")
+    print(json.dumps(status, indent=2) if args.json else text(status))
+    return 0
+
+
 def _archive(cfg):
     """`fleetwatch query`'s views of the archive, wherever it lives (archive.url)."""
     from pipeline.analytics.query import Archive
@@ -641,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"eval": cmd_eval, "replay": cmd_replay, "config": cmd_config, "silence": cmd_silence,
                "alerts": cmd_alerts, "topics": cmd_topics,
                "capacity": capacity.cmd_capacity, "query": cmd_query,
-               "report": report.cmd_report}.get(args.command, cmd_run)
+               "report": report.cmd_report, "remediation": cmd_remediation}.get(args.command, cmd_run)
     if getattr(args, "power_command", None):
         handler = cmd_power
     if getattr(args, "archive_command", None):

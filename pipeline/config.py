@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.detect.catalog import inhibit_rules as catalog_inhibit_rules
+from pipeline.detect.catalog import ALERTS as CATALOG_ALERTS, inhibit_rules as catalog_inhibit_rules
 from pipeline.faults import FAULT_TYPES
 from pipeline.sinks.receivers import RECEIVER_KINDS
 
@@ -338,6 +338,59 @@ class PowerConfig:
                           "(`fleetwatch power --dry-run`)")
 
 
+# Alerts that may start a remediation unless remediate.alertnames says otherwise: the critical
+# GPU and node alerts whose remediation does something (warnings wait for a person).
+DEFAULT_REMEDIATION_ALERTS = [a.name for a in CATALOG_ALERTS
+                              if a.severity == "critical" and a.scope in ("gpu", "node") and a.remediation != "none"]
+REMEDIABLE_ALERTS = tuple(a.name for a in CATALOG_ALERTS if a.scope in ("gpu", "node"))
+REMEDIATION_BACKENDS = ("none", "slurm", "command", "kubernetes")
+
+
+@dataclass(frozen=True)
+class RemediateConfig:
+    """The remediation role (pipeline/remediate/): failing nodes out of service and back."""
+    dry_run: bool = _spec(True, doc="plan, log and archive every transition (remediation_events) but apply none; "
+                          "false applies them through remediate.backend (`fleetwatch remediate --apply`)")
+    backend: str = _spec("none", choices=REMEDIATION_BACKENDS,
+                         doc="where quarantines are applied: slurm (scontrol drain and resume; SLURM_CONF names the "
+                             "cluster), command (remediate.command for every step), kubernetes (cordon, taint, "
+                             "NodeCondition), none (nothing can be applied: dry-run only)")
+    alertnames: list[str] = _spec(DEFAULT_REMEDIATION_ALERTS, choices=REMEDIABLE_ALERTS,
+                                  doc="the allow-list: only these alerts start a remediation (each alert's "
+                                      "remediation comes from the catalog: docs/alerts.md)")
+    breaker_fleet_pct: float = _spec(5.0, min=0, max=100, doc="circuit breaker: no new quarantine once more than "
+                                     "this share of the fleet's nodes asked to be quarantined within remediate.breaker_window_s "
+                                     "(RemediationBreakerOpen fires)")
+    breaker_rack_pct: float = _spec(50.0, min=0, max=100, doc="circuit breaker: the same for the nodes of one rack")
+    breaker_window_s: float = _spec(600.0, min=1, doc="the breaker's window; it closes again once a whole window "
+                                    "passed without a new alert asking for a quarantine")
+    max_per_hour: int = _spec(10, min=0, doc="rate limit: at most this many quarantines in any hour (0: none)")
+    cooldown_s: float = _spec(3600.0, min=0, doc="a node back in service is not quarantined again for this long")
+    repeat_limit: int = _spec(3, min=1, doc="a node remediated more than this many times in 7 days goes to "
+                              "needs_repair instead of back to service")
+    drain_timeout_s: float = _spec(3600.0, min=0, doc="how long a quarantined node's work may run on; then "
+                                   "remediate.on_drain_timeout")
+    on_drain_timeout: str = _spec("wait", choices=("wait", "proceed"),
+                                  doc="wait: the node stays quarantined until its work ends; proceed: act anyway")
+    validate_command: str = _spec("", doc="the check a node must pass before it returns to service, run as "
+                                  "`COMMAND NODE` with the case as JSON on stdin (e.g. a script that runs "
+                                  "`dcgmi diag -r 1` on the node); exit 0 passes; empty: an operator returns it")
+    command: str = _spec("", doc="remediate.backend = command: the script called as `COMMAND NODE STEP ALERTNAME` "
+                         "(STEP: quarantine, drained, held, reset_gpu, reboot_node, resume) with the case as JSON on "
+                         "stdin (docs/remediation.md#the-command-backend)")
+    action_command: str = _spec("", doc="with the slurm or kubernetes backend: the script that resets a GPU or "
+                                "reboots a node, called as `COMMAND NODE ACTION ALERTNAME` with the case as JSON on "
+                                "stdin; empty: those nodes go to needs_repair for a person")
+    scontrol: str = _spec("scontrol", nonempty="give Slurm's scontrol command or its path",
+                          doc="Slurm's scontrol command (remediate.backend = slurm)")
+    kubeconfig: str = _spec("", doc="remediate.backend = kubernetes: the kubeconfig file to use; empty: the pod's "
+                            "service account inside a cluster, else ~/.kube/config")
+    command_timeout_s: float = _spec(60.0, min=1, max=86400, doc="a backend call or validation that runs longer "
+                                     "is stopped and counted as failed")
+    interval_s: float = _spec(5.0, min=0.1, max=3600, doc="check quarantined nodes (drained yet? resumed by hand?) "
+                              "this often")
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
     source: str = _spec("simulate", choices=("simulate", "nvml", "dcgm"),
@@ -393,6 +446,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     power: PowerConfig = field(default_factory=PowerConfig)
+    remediate: RemediateConfig = field(default_factory=RemediateConfig)
 
     @property
     def archive_dir(self) -> Path:

@@ -2,17 +2,18 @@
 
 The roles are the rows of the role table (pipeline/roles/__init__.py): sources
 (simulate, agent, the facility collector: sources/base.py), detect, and sinks
-(archive, notify: sinks/base.py). `fleetwatch run` runs the configured source, the
+(archive, notify: sinks/base.py), and between them remediation, which acts on detect's
+verdicts. `fleetwatch run` runs the configured source, the
 collectors with something to read and every consumer, in one process over the
-in-process bus; `fleetwatch simulate|agent|facility|detect|archive|notify` runs one
+in-process bus; `fleetwatch simulate|agent|facility|detect|power|remediate|archive|notify` runs one
 (Kafka between the processes; any number of detect, archive and notify processes
 share the work through their consumer groups). A process builds only what its
 roles need (roles/context.py): a notify-only process never builds the detector.
 
 Shutdown (SIGINT, SIGTERM, SIGHUP or --duration) drains in data order: the sources
 stop, then the collectors once what those sent them stopped arriving, their topics
-end, detect finishes what it has and ends its topics, then the sinks finish and
-flush. A process without a source drains what was on the bus when it was told to
+end, detect finishes what it has and ends its topics, remediation finishes and ends
+its topic, then the sinks finish and flush. A process without a source drains what was on the bus when it was told to
 stop. Nothing accepted is dropped.
 
 Beside the roles, `pipeline/ops` watches the process: /metrics, /healthz and /readyz on
@@ -32,7 +33,8 @@ from pipeline.bus import Bus, MemoryBus
 from pipeline.config import Config, ConfigError
 from pipeline.ops.monitor import Operations
 from pipeline import roles as registry
-from pipeline.roles import COLLECTOR, DETECT, DETECT_TOPICS, SINK, SOURCE, SOURCE_TOPICS, builder, run_roles, whole
+from pipeline.roles import (ACT, ACT_TOPICS, COLLECTOR, DETECT, DETECT_TOPICS, SINK, SOURCE, SOURCE_TOPICS, builder,
+                            run_roles, whole)
 from pipeline.roles.context import Context
 from pipeline.roles.status import log_summary, status_role
 from pipeline.sinks.console import Console
@@ -135,6 +137,9 @@ async def drain(ctx: Context, running: list[Running]) -> None:
     for r in of(DETECT):
         await r.task
     await ctx.bus.end(DETECT_TOPICS)
+    for r in of(ACT):
+        await r.task
+    await ctx.bus.end(ACT_TOPICS)
     await asyncio.gather(*(r.task for r in of(SINK)))
 
 

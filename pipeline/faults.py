@@ -45,9 +45,11 @@ FAULTS: tuple[FaultType, ...] = (
               "the rack PDU draws more than its rating"),
     FaultType("node_cooling_degraded", "node", ("NodeThermalAnomaly", "GpuOverTemperature"), (300, 900), 180, True,
               "a node's coolant branch is restricted: all its GPUs run 8-15 C hotter than the rack's other nodes"),
-    FaultType("rack_cooling_degraded", "rack", ("RackThermalAnomaly", "RackHeatImbalance"), (300, 900), 180, False,
+    FaultType("rack_cooling_degraded", "rack", ("RackThermalAnomaly", "RackHeatImbalance", "GpuOverTemperature"),
+              (300, 900), 180, False,
               "air in a rack's coolant loop (or fouled cold plates): its GPUs run 6-12 C hotter than the site's "
-              "other racks and the coolant carries 25-45% less of the rack's heat"),
+              "other racks and the coolant carries 25-45% less of the rack's heat (a worse loss, as `fleetwatch "
+              "eval --rack-cooling-loss` injects, takes them over their slowdown temperature)"),
     FaultType("thermal_drift", "gpu", ("GpuThermalDrift", "GpuThermalRunaway", "GpuOverTemperature"),
               (3 * 3600, 4 * 3600), 3 * 3600, False,
               "one GPU's temperature creeps up by 2-6 C per hour (cold plate degrading)"),

@@ -358,6 +358,28 @@ POWER_REQUEST_REPORT = _schema("power_request_report", 1, [
     _f("dry_run", pa.bool_(), "planned and reported, no cap applied (power.dry_run)", nullable=False),
 ], "one power request, reported when it is over (fleetwatch.power.reports, key: site; archived as power_requests)")
 
+REMEDIATION_EVENT = _schema("remediation_event", 1, [
+    _f("ts", TS, "when it happened (the remediation role's clock)", nullable=False),
+    _f("site", pa.string(), "site label", nullable=False),
+    _f("rack", pa.string(), "rack label"),
+    _f("node", pa.string(), "node name", nullable=False),
+    _f("case_id", pa.string(), "one remediation of the node, from its quarantine to its return (node@start); null "
+       "for a quarantine refused"),
+    _f("from_state", pa.string(), "healthy, quarantined, drained, action, validating or needs_repair", nullable=False),
+    _f("to_state", pa.string(), "the state after it; the same as from_state when a step was refused or failed",
+       nullable=False),
+    _f("alertname", pa.string(), "the alert that started the case (or was refused)"),
+    _f("fingerprint", pa.string(), "that alert's fingerprint"),
+    _f("remediation", pa.string(), "what the case does to the node: " + _REMEDIATION_DOC),
+    _f("guardrail", pa.string(), "what refused or redirected it: breaker, rate_limit, cooldown, rack_alert, "
+       "operator_resumed, repeat_offender; null when none did"),
+    _f("dry_run", pa.bool_(), "planned only: nothing was applied (remediate.dry_run)", nullable=False),
+    _f("applied", pa.bool_(), "the backend did it (false: dry-run, refused, failed, or nothing to apply)",
+       nullable=False),
+    _f("detail", pa.string(), "what happened and why; when it failed, what to do", nullable=False),
+], "one transition of a node's remediation, or a step refused or failed (fleetwatch.remediation, key: node; "
+   "archived as remediation_events)")
+
 SCHEMAS: dict[str, pa.Schema] = {
     "gpu_samples": GPU_SAMPLE,
     "facility_samples": FACILITY_SAMPLE,
@@ -367,6 +389,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "fault_labels": FAULT_LABEL,
     "power_actions": POWER_ACTION,
     "power_requests": POWER_REQUEST_REPORT,
+    "remediation_events": REMEDIATION_EVENT,
 }
 
 # How the archive stores each dataset: its record's schema with every time in microseconds

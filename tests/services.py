@@ -415,14 +415,25 @@ def slurm_binary(name: str) -> str:
 class Slurmctld(Service):
     """A private slurmctld (no slurmd, no munge: auth/none, for tests only) on a free
     loopback port, with `nodes` (name -> features) that exist only in its config (DOWN,
-    never contacted). Clients find it by `env` (SLURM_CONF)."""
+    never contacted). Clients find it by `env` (SLURM_CONF).
+
+    With `slurmd_node` (one of `nodes`), a real slurmd runs that node on this machine
+    (`apt-get install slurmd`; as root, since it runs the test jobs as their user): it is
+    IDLE once `start()` returns, and takes jobs (`sbatch -w NODE`)."""
 
     name = "slurmctld"
     stop_timeout_s = 10.0
 
-    def __init__(self, nodes: dict[str, str], workdir: Path | None = None) -> None:
+    def __init__(self, nodes: dict[str, str], workdir: Path | None = None, slurmd_node: str | None = None) -> None:
         super().__init__()
         self.binary = slurm_binary("slurmctld")
+        self.slurmd_node, self.slurmd = slurmd_node, None
+        if slurmd_node is not None:
+            assert slurmd_node in nodes, f"slurmd_node {slurmd_node!r} is not one of the nodes"
+            if shutil.which("slurmd") is None and not Path("/usr/sbin/slurmd").exists():
+                raise RuntimeError("the slurmd tests need slurmd: install it (Debian/Ubuntu: apt-get install slurmd)")
+            if os.geteuid() != 0:
+                raise RuntimeError("the slurmd tests run slurmd, which must be root to start the test jobs")
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="slurm-"))
         for sub in ("state", "spool"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
@@ -444,7 +455,10 @@ class Slurmctld(Service):
             "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
             "JobAcctGatherType=jobacct_gather/none", "ReturnToService=0",
             # NodeAddr: a name that does not resolve costs slurmctld ~10 s at start, then hides the node.
-            *(f"NodeName={n} NodeAddr=127.0.0.1 CPUs=1 RealMemory=1000 State=DOWN Reason=test"
+            # slurmd's node: no State, so that it is IDLE once its slurmd registers (ReturnToService=0
+            # keeps a DOWN one DOWN).
+            *(f"NodeName={n} NodeAddr=127.0.0.1 CPUs=1 RealMemory=1000"
+              + (" State=DOWN Reason=test" if n != slurmd_node else "")
               + (f" Features={f}" if f else "") for n, f in nodes.items()),
             "PartitionName=gpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n")
@@ -455,6 +469,46 @@ class Slurmctld(Service):
 
     def scontrol(self, *args: str) -> None:
         subprocess.run([slurm_binary("scontrol"), *args], env=self.env, check=True, capture_output=True, timeout=30)
+
+    def start(self, timeout_s: float = 60.0) -> "Slurmctld":
+        super().start(timeout_s)
+        if self.slurmd_node is not None:
+            self._start_slurmd(timeout_s)
+        return self
+
+    def _start_slurmd(self, timeout_s: float) -> None:
+        """slurmd once slurmctld answers (it registers once, at its start); back when its node is IDLE."""
+        scontrol, deadline = slurm_binary("scontrol"), time.monotonic() + timeout_s
+
+        def ask(*args: str) -> str:
+            return subprocess.run([scontrol, *args], env=self.env, capture_output=True, text=True, timeout=30).stdout
+        while "UP" not in ask("ping"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slurmctld did not answer within {timeout_s} s; see {self.dir}/slurmctld.log")
+            time.sleep(0.1)
+        with open(self.dir / "slurmd.out", "ab") as log:
+            self.slurmd = subprocess.Popen([slurm_binary("slurmd"), "-D", "-N", self.slurmd_node, "-f",
+                                            str(self.config)], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+        while " State=IDLE " not in ask("show", "node", self.slurmd_node, "--oneliner"):
+            if self.slurmd.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.slurmd_node} did not become IDLE under slurmd within {timeout_s} s; see "
+                                   f"{self.dir}/slurmd.out")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.slurmd is not None:
+            # The jobs first: their slurmstepd would outlive slurmd.
+            subprocess.run([slurm_binary("scancel"), "-w", self.slurmd_node], env=self.env, capture_output=True,
+                           timeout=30)
+            self.slurmd.terminate()
+            try:
+                self.slurmd.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self.slurmd.kill()
+                self.slurmd.wait()
+            self.slurmd = None
+        super().stop()
 
 
 class _ReceiverServer(ThreadingHTTPServer):

@@ -16,14 +16,15 @@ from pipeline.bus import Message, Topic
 from pipeline.bus import keys
 from pipeline.bus.batching import coalesce, split_by
 from pipeline.model import (ALERT, CHECKPOINT, EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE, NODE_HEALTH,
-                            POWER_ACTION, POWER_CAP, POWER_REQUEST, POWER_REQUEST_REPORT, RACK_SUMMARY,
+                            POWER_ACTION, POWER_CAP, POWER_REQUEST, POWER_REQUEST_REPORT, RACK_SUMMARY, REMEDIATION_EVENT,
                             WIRE_SCHEMAS)
 
 ROWS = pa.schema([("node", pa.string()), ("i", pa.int64())])
 SCHEMA_OF = {Topic.GPU: GPU_SAMPLE, Topic.FACILITY: FACILITY_SAMPLE, Topic.EVENTS: EVENT, Topic.ALERTS: ALERT,
              Topic.HEALTH: NODE_HEALTH, Topic.LABELS: FAULT_LABEL, Topic.STATE: CHECKPOINT, Topic.RACKS: RACK_SUMMARY,
              Topic.POWER_CAPS: POWER_CAP, Topic.POWER_ACTIONS: POWER_ACTION,
-             Topic.POWER_REQUESTS: POWER_REQUEST, Topic.POWER_REPORTS: POWER_REQUEST_REPORT}
+             Topic.POWER_REQUESTS: POWER_REQUEST, Topic.POWER_REPORTS: POWER_REQUEST_REPORT,
+             Topic.REMEDIATION: REMEDIATION_EVENT}
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
@@ -110,7 +111,7 @@ def test_coalesce_of_nothing_is_nothing_and_of_one_message_is_its_batch():
 
 def test_the_keyed_record_types_and_their_key_columns():
     assert keys.KEY_COLUMN == {Topic.HEALTH: "node", Topic.ALERTS: "fingerprint", Topic.RACKS: "site",
-                               Topic.POWER_REQUESTS: "site", Topic.POWER_REPORTS: "site"}
+                               Topic.POWER_REQUESTS: "site", Topic.POWER_REPORTS: "site", Topic.REMEDIATION: "node"}
     assert set(keys.BY_RACK) == {Topic.GPU, Topic.EVENTS, Topic.FACILITY, Topic.POWER_CAPS, Topic.POWER_ACTIONS}
     assert set(SCHEMA_OF.values()) == set(WIRE_SCHEMAS)
 

@@ -365,14 +365,14 @@ def test_the_role_needs_targets_and_the_command_line_gives_them(tmp_path):
     assert o["dcgm"]["targets"] == ["gpu-node-1:9400", "http://gpu-node-2:9400/metrics"]
     assert o["daemon"]["source"] == "dcgm"  # the targets imply the source
     cfg = make_config(data_dir=str(tmp_path), **o)
-    assert run_roles(cfg) == {"dcgm", "detect", "power", "archive", "notify"}
+    assert run_roles(cfg) == {"dcgm", "detect", "power", "remediate", "archive", "notify"}
     assert ROLE_SPECS["dcgm"].outputs == (ROLE_SPECS["agent"].outputs)
     with pytest.raises(ConfigError, match="--dcgm-targets"):
         check_roles(make_config(daemon={"source": "dcgm"}), frozenset({"dcgm", "detect", "archive", "notify"}))
     with pytest.raises(ConfigError, match="dcgm.targets_file"):
         validate(make_config(data_dir=str(tmp_path), daemon={"source": "dcgm"},
                              dcgm={"targets_file": str(tmp_path / "nope.txt")}),
-                 frozenset({"dcgm", "detect", "power", "archive", "notify"}))
+                 frozenset({"dcgm", "detect", "power", "remediate", "archive", "notify"}))
 
 
 # ---- gpu_samples v3: what the GPU is, from every source ---------------------------------------------

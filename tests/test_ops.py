@@ -360,7 +360,7 @@ def test_an_in_process_run_serves_every_documented_metric_with_its_labels(tmp_pa
         return sum(s.value for s in got[name] if s.name in (name, name + "_total")
                    and all(s.labels.get(k) == v for k, v in labels.items()))
     roles = {s.labels["role"]: s.value for s in got["fleetwatch_up"]}
-    assert roles == {"simulate": 1, "detect": 1, "power": 1, "archive": 1, "notify": 1}
+    assert roles == {"simulate": 1, "detect": 1, "power": 1, "remediate": 1, "archive": 1, "notify": 1}
     assert value("fleetwatch_samples_ingested_total", role="detect", dataset="gpu_samples") > 0
     assert value("fleetwatch_samples_ingested_total", role="simulate", dataset="gpu_samples") >= \
         value("fleetwatch_samples_ingested_total", role="detect", dataset="gpu_samples")
@@ -393,7 +393,7 @@ def test_the_http_address_is_checked_and_a_taken_port_is_a_config_error(tmp_path
     for wrong in ("http://0.0.0.0:9410", "0.0.0.0:99999", "0.0.0.0:"):
         cfg = conftest.make_config(data_dir=str(tmp_path), daemon={"http": wrong})
         with pytest.raises(ConfigError, match=f"daemon.http = '{re.escape(wrong)}': expected HOST:PORT"):
-            validate(cfg, frozenset({"simulate", "detect", "power", "archive", "notify"}))
+            validate(cfg, frozenset({"simulate", "detect", "power", "remediate", "archive", "notify"}))
 
     async def taken():
         with socket.socket() as s:

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from pipeline.bus import EndOfStream, MemoryBus, Message, Topic
 from pipeline.bus.codec import DecodeError, Decoder, encode
 from pipeline.bus.intake import FileDeadLetters, Gate, KafkaDeadLetters, ScreenOnce, TimeWindow, split
-from pipeline.roles import DATASET_OF_TOPIC, DETECT_TOPICS, SOURCE_TOPICS
+from pipeline.roles import ACT_TOPICS, DATASET_OF_TOPIC, DETECT_TOPICS, SOURCE_TOPICS
 from pipeline.roles.detect import detect_role
 from pipeline.sinks.archive_sink import archive_role
 from pipeline.sinks.notify_sink import notify_role
@@ -110,6 +110,7 @@ async def run_consumers(cfg, publish: list[Message], window: TimeWindow, kafka=N
     await bus.end(SOURCE_TOPICS)
     await asyncio.wait_for(detect, 120)
     await bus.end(DETECT_TOPICS)
+    await bus.end(ACT_TOPICS)  # no remediation here: its topic ends with detect's
     await asyncio.wait_for(asyncio.gather(*sinks), 120)
     await asyncio.wait_for(watcher, 60)
     return {"engine": engine, "gates": gates, "writer": writer, "notifier": notifier, "seen": seen,

@@ -41,6 +41,11 @@ def test_an_xid_s_remediation(name, xid, expected):
     assert remediation(name, {"xid": xid, "what": "..."}) == expected
 
 
+def test_a_row_remap_failure_seen_by_nvml_s_flag_is_replaced_as_xid_64_says():
+    assert remediation("GpuUncorrectableEcc", {"what": "row remap failure", "remap_failure": True}) == "replace"
+    assert remediation("GpuUncorrectableEcc", {"what": "row remap pending", "remap_failure": False}) == "reset_gpu"
+
+
 def test_the_costliest():
     assert costliest([]) == "none"
     assert costliest(["reset_gpu", "drain_inspect", "none"]) == "drain_inspect"

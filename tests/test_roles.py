@@ -29,7 +29,8 @@ def make_config(tmp_path, **sections):
 
 def test_the_table_gives_the_roles_their_inputs_groups_and_what_run_runs(tmp_path):
     from pipeline.roles import DATASET_OF_TOPIC, ROLE_SPECS, ROLES, SOURCE_ROLES, run_roles, whole
-    assert set(ROLES) == {"simulate", "agent", "dcgm", "facility", "detect", "power", "archive", "notify"}
+    assert set(ROLES) == {"simulate", "agent", "dcgm", "facility", "detect", "power", "remediate", "archive",
+                          "notify"}
     assert SOURCE_ROLES == {"simulate": "simulate", "nvml": "agent", "dcgm": "dcgm"}
     assert ROLE_SPECS["detect"].group == "detect" and set(ROLE_SPECS["detect"].inputs) == {
         Topic.GPU, Topic.FACILITY, Topic.EVENTS}
@@ -38,9 +39,11 @@ def test_the_table_gives_the_roles_their_inputs_groups_and_what_run_runs(tmp_pat
     cfg = make_config(tmp_path)
     assert ROLE_SPECS["power"].group == "power" and set(ROLE_SPECS["power"].inputs) == {
         Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS}
-    assert run_roles(cfg) == {"simulate", "detect", "power", "archive", "notify"}
+    assert ROLE_SPECS["remediate"].group == "remediate" and set(ROLE_SPECS["remediate"].inputs) == {
+        Topic.ALERTS, Topic.GPU}
+    assert run_roles(cfg) == {"simulate", "detect", "power", "remediate", "archive", "notify"}
     assert run_roles(make_config(tmp_path, daemon={"source": "nvml"}, mqtt={"broker": "bms:1883"})) == {
-        "agent", "facility", "detect", "power", "archive", "notify"}
+        "agent", "facility", "detect", "power", "remediate", "archive", "notify"}
     assert whole(run_roles(cfg)) and not whole(frozenset({"notify"})) and not whole(frozenset({"simulate"}))
 
 
@@ -151,7 +154,7 @@ def test_a_new_source_is_a_row_in_the_table_and_the_daemon_runs_it(tmp_path, mon
                             in_run=lambda cfg: True, outputs=(Topic.GPU,))
     table = tuple(s for s in registry.ROLE_TABLE if s.stage != registry.SOURCE) + (row,)
     monkeypatch.setattr(registry, "ROLE_TABLE", table)
-    assert registry.run_roles(cfg) == {"counting", "detect", "power", "archive", "notify"}
+    assert registry.run_roles(cfg) == {"counting", "detect", "power", "remediate", "archive", "notify"}
     summary = asyncio.run(run_daemon(cfg, duration_s=3))
     assert summary.gpu_samples_published == 2 * SOURCE_BATCH.num_rows
     assert summary.gpu_samples == 2 * SOURCE_BATCH.num_rows  # detect got both scrapes

@@ -73,7 +73,7 @@ async def _run(cfg: Config, duration_s: float, processes: int, config_file: str 
     procs = [_start_detect(cfg, workdir, i, config_file) for i in range(processes)]
     try:
         await _joined(procs, workdir)
-        labels, produced, gpu_samples = await _produce(bus, cfg, duration_s)
+        labels, produced, gpu_samples, nodes = await _produce(bus, cfg, duration_s)
         victim = await _consumed(bus, produced, procs[-1] if chaos else None, chaos)
         alerts = await _alerts(bus)
     finally:
@@ -88,7 +88,7 @@ async def _run(cfg: Config, duration_s: float, processes: int, config_file: str 
         await bus.close()
     n_nodes = cfg.fleet.racks * cfg.fleet.nodes_per_rack
     run = EvalRun(labels, alerts, EVAL_EPOCH + timedelta(seconds=duration_s), n_nodes * duration_s / 3600.0,
-                  gpu_samples, normal=cfg.fleet.normal)
+                  gpu_samples, normal=cfg.fleet.normal, nodes=nodes)
     logs = [Path(p.log_path).read_text(errors="replace") for p in procs]
     return run, {"detect_processes": processes, "chaos": chaos, "victim": victim,
                  "fenced": sum(text.count("was taken over by another process") for text in logs),
@@ -128,8 +128,9 @@ async def _joined(procs: list[subprocess.Popen], workdir: Path) -> None:
         await asyncio.sleep(0.5)
 
 
-async def _produce(bus: KafkaBus, cfg: Config, duration_s: float) -> tuple[list[dict], dict, int]:
-    """The scenario, produced as its sources would; the labels (ground truth) stay here."""
+async def _produce(bus: KafkaBus, cfg: Config, duration_s: float) -> tuple[list[dict], dict, int, dict[str, str]]:
+    """The scenario, produced as its sources would; the labels (ground truth) and the fleet's
+    nodes stay here."""
     sim = FleetSimulator(cfg.fleet, start=EVAL_EPOCH)
     labels: list[dict[str, Any]] = []
     gpu_samples = 0
@@ -143,7 +144,7 @@ async def _produce(bus: KafkaBus, cfg: Config, duration_s: float) -> tuple[list[
                     await bus.publish(m)
         gpu_samples += tick.gpu.num_rows
     await bus.flush()
-    return labels, await bus.ends(RACK_INPUTS), gpu_samples
+    return labels, await bus.ends(RACK_INPUTS), gpu_samples, sim.node_racks()
 
 
 async def _committed(bus: KafkaBus, group: str) -> dict[TopicPartition, int]:
@@ -234,7 +235,8 @@ async def _alerts(bus: KafkaBus) -> list[dict[str, Any]]:
             if labels.get("alertname") not in names:
                 continue
             if r["status"] == "firing":
-                firing[r["fingerprint"]] = {"labels": labels, "starts_at": r["starts_at"], "ends_at": None}
+                firing[r["fingerprint"]] = {"labels": labels, "starts_at": r["starts_at"], "ends_at": None,
+                                            "remediation": r["remediation"]}
                 alerts.append(firing[r["fingerprint"]])
             elif r["fingerprint"] in firing:
                 firing.pop(r["fingerprint"])["ends_at"] = r["ends_at"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -46,13 +46,26 @@ class EvalRun:
     demand_response: dict[str, Any] | None = None
     normal: str = "simple"         # the simulator's normal (fleet.normal)
     without_signature: frozenset[int] = frozenset()  # fault ids: nothing could tell them from healthy
+    nodes: dict[str, str] = field(default_factory=dict)  # node -> rack: the simulated fleet
 
 
-def simulate(cfg: Config, duration_s: float, power_requests: int = 0) -> EvalRun:
+# `fleetwatch eval --rack-cooling-loss`: a whole rack loses most of its cooling a quarter of the
+# way in, for up to 30 min: every node of it runs hot (the remediation breaker's scenario).
+RACK_COOLING_LOSS = {"kind": "rack_cooling_degraded", "rack": 0, "params": {"extra_c": 40.0, "rate_c_per_s": 0.2}}
+
+
+def rack_cooling_loss(duration_s: float) -> tuple[float, dict]:
+    return duration_s / 4, {**RACK_COOLING_LOSS, "duration_s": min(1800.0, duration_s / 2)}
+
+
+def simulate(cfg: Config, duration_s: float, power_requests: int = 0,
+             injections: tuple[tuple[float, dict], ...] = ()) -> EvalRun:
     """Drive simulator and engine in lock step, as fast as the CPU allows; with
-    `power_requests`, demand-response events too (analytics/demand_response.py)."""
+    `power_requests`, demand-response events too (analytics/demand_response.py); each of
+    `injections` (seconds in, FleetSimulator.inject's arguments) starts a fault then."""
     engine = Engine(cfg)
     sim = FleetSimulator(cfg.fleet, start=EVAL_EPOCH)
+    pending = sorted(injections, key=lambda i: i[0])
     dr = None
     if power_requests:
         from pipeline.analytics.demand_response import DemandResponse
@@ -60,7 +73,9 @@ def simulate(cfg: Config, duration_s: float, power_requests: int = 0) -> EvalRun
     labels: list[dict[str, Any]] = []
     alerts: list[dict[str, Any]] = []
     firing: dict[str, dict[str, Any]] = {}  # fingerprint -> its alert while it fires
-    for _ in range(int(round(duration_s / cfg.fleet.sample_interval_s))):
+    for i in range(int(round(duration_s / cfg.fleet.sample_interval_s))):
+        while pending and pending[0][0] <= i * cfg.fleet.sample_interval_s:
+            sim.inject(**pending.pop(0)[1])
         tick = sim.step()
         if dr is not None:
             dr.tick(tick.gpu, tick.facility)
@@ -72,12 +87,13 @@ def simulate(cfg: Config, duration_s: float, power_requests: int = 0) -> EvalRun
             for _, alert in engine.process(Message(topic, batch)).alerts:
                 if alert.ends_at is None:
                     firing[alert.fingerprint] = {"labels": dict(alert.labels), "starts_at": alert.starts_at,
-                                                 "ends_at": None}
+                                                 "ends_at": None, "remediation": alert.annotations.get("remediation")}
                     alerts.append(firing[alert.fingerprint])
                 elif alert.fingerprint in firing:
                     firing.pop(alert.fingerprint)["ends_at"] = alert.ends_at
     return EvalRun(labels, alerts, sim.now, sim.n_nodes * duration_s / 3600.0, engine.stats.gpu_samples,
-                   dr.score() if dr is not None else None, cfg.fleet.normal, frozenset(sim.without_signature()))
+                   dr.score() if dr is not None else None, cfg.fleet.normal, frozenset(sim.without_signature()),
+                   sim.node_racks())
 
 
 def _targets(label: dict[str, Any], alert_labels: dict[str, str]) -> bool:

@@ -22,6 +22,7 @@ class Topic(StrEnum):
     POWER_CAPS = "fleetwatch.power.caps"        # power caps to the agents: commands, by rack
     POWER_ACTIONS = "fleetwatch.power.actions"  # what the agents did with them, by rack
     POWER_REPORTS = "fleetwatch.power.reports"  # one row per power request when it is over, by site
+    REMEDIATION = "fleetwatch.remediation"      # the remediation role's transitions, by node
 
 
 # Header of a message that repeats a state to show its sender is alive (FleetwatchWatchdog's

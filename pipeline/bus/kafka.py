@@ -81,6 +81,7 @@ def topic_specs(partitions: int, retention_hours: float) -> dict[str, TopicSpec]
         Topic.POWER_CAPS: TopicSpec(partitions, retention_hours),
         Topic.POWER_ACTIONS: TopicSpec(partitions, max(retention_hours, 24 * 7)),
         Topic.POWER_REPORTS: TopicSpec(1, max(retention_hours, 24 * 30)),  # one row per request, kept as alerts are
+        Topic.REMEDIATION: TopicSpec(1, max(retention_hours, 24 * 30)),  # one writer (the role), kept as alerts are
         DEAD_LETTER: TopicSpec(1, max(retention_hours, 24 * 7)),
     }
 

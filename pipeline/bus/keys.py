@@ -39,7 +39,7 @@ from pipeline.bus.base import Message, Topic
 from pipeline.bus.batching import BUNDLE, split_by
 
 KEY_COLUMN = {Topic.HEALTH: "node", Topic.ALERTS: "fingerprint", Topic.RACKS: "site", Topic.POWER_REQUESTS: "site",
-              Topic.POWER_REPORTS: "site"}
+              Topic.POWER_REPORTS: "site", Topic.REMEDIATION: "node"}
 BY_RACK = (Topic.GPU, Topic.EVENTS, Topic.FACILITY, Topic.POWER_CAPS, Topic.POWER_ACTIONS)  # keyed by rack_keys
 
 

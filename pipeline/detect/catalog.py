@@ -50,7 +50,8 @@ class AlertSpec:
     remediation: str = "none"  # REMEDIATIONS: what a remediation does to the node (an XID's own: XID_REMEDIATIONS)
     detector: str = ""   # the alert's `detector` field (Alert.detector)
     family: str = ""     # the detector family that raises it (pipeline/detect/<family>; archive: sinks/archive_outage;
-                         # ops: pipeline/ops, the process's own health; control: the power role, roles/power.py)
+                         # ops: pipeline/ops, the process's own health; control: the power role, roles/power.py;
+                         # remediate: the remediation role, pipeline/remediate)
     fire_after: int | str | None = "fire_after"  # evaluations in a row before it fires: a number, or the
                                                  # detect.* key that sets it; None: not a tracked condition
     evidence: tuple[str, ...] = ()    # evidence keys its summary uses (the detector emits them)
@@ -242,6 +243,21 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "(baseline minus the meter) is not within 2% of its target by the request's ramp deadline, or "
                         "when a minute's mean of the hold falls under it; resolved when the request is over. Labelled "
                         "with the site, an empty `rack` and `request` (its id). Not raised in dry-run."),
+    AlertSpec("RemediationBreakerOpen", "critical", "site",
+              "site {site}: remediation halted: {asking} of {nodes} nodes of {where} asked to be quarantined "
+              "within {window_min:g} min",
+              "Find the common cause before any more nodes go out of service: a rack's cooling or power, a bad "
+              "driver roll-out, or a detector misfiring; `fleetwatch remediation status` lists the cases.",
+              detector="remediation_breaker", family="remediate", fire_after=None,
+              evidence=("asking", "nodes", "where", "window_min"),
+              meaning="more of the fleet, or of one rack, was quarantined within the breaker's window than "
+                      "remediation may take out of service on its own: it quarantines no more nodes",
+              method="the remediation role's circuit breaker",
+              detection="Raised by the remediation role (`fleetwatch remediate`, [Remediation](remediation.md)) when "
+                        "a quarantine would take more than `remediate.breaker_fleet_pct` of the fleet's nodes, or "
+                        "`remediate.breaker_rack_pct` of one rack's, out of service within `remediate.breaker_window_s`; "
+                        "resolved when a whole window passed without a new alert asking for one. Raised in "
+                        "dry-run too: the plan would have tripped it."),
     AlertSpec("NodePowerBrake", "critical", "node",
               "{node}: HW power brake slowdown on {gpus:.0f} GPUs",
               "Check the node's power supplies and the rack PDU; the brake is asserted by the board.",
@@ -401,7 +417,7 @@ ALERTS_BY_NAME: dict[str, AlertSpec] = {a.name: a for a in ALERTS}
 # The alerts the detectors raise (the rest Fleetwatch raises about itself: pipeline/sinks/archive_outage.py,
 # pipeline/ops/selfalerts.py; or the power role about a request: pipeline/roles/power.py).
 # The engine tracks each on its `entity` (a site-scoped alert on the site's rack "" entry).
-NOT_DETECTORS = ("archive", "ops", "control")  # families outside the detect engine
+NOT_DETECTORS = ("archive", "ops", "control", "remediate")  # families outside the detect engine
 DETECTOR_ALERTS: tuple[AlertSpec, ...] = tuple(a for a in ALERTS if a.family not in NOT_DETECTORS)
 
 
@@ -440,8 +456,12 @@ XID_REMEDIATIONS: dict[int, str] = {
 
 
 def remediation(name: str, evidence: dict | None = None) -> str:
-    """What a remediation does about alert `name`: its XID's action where it has one, else its spec's."""
-    own, xid = ALERTS_BY_NAME[name].remediation, (evidence or {}).get("xid")
+    """What a remediation does about alert `name`: its XID's action where it has one, else its spec's.
+    A row remap failure NVML's flag shows (evidence `remap_failure`) is what XID 64 reports."""
+    evidence = evidence or {}
+    own, xid = ALERTS_BY_NAME[name].remediation, evidence.get("xid")
+    if evidence.get("remap_failure"):
+        xid = 64
     return own if xid is None else XID_REMEDIATIONS.get(int(xid), own)
 
 

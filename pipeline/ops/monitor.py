@@ -73,7 +73,7 @@ class Operations:
 
     def attach(self, ctx, running) -> None:
         """The roles are built and started: `running` is the daemon's list (name, stage, work, task)."""
-        from pipeline.roles import DETECT, SINK
+        from pipeline.roles import CONSUMER_STAGES
         self.ctx = ctx
         if self.http is not None:
             self.http.routes = ctx.routes  # what the roles serve (the power role's requests)
@@ -83,7 +83,7 @@ class Operations:
         h.archive, h.flush_interval_s = ctx.writer, self.cfg.archive.flush_interval_s
         infos = []
         for r in running:
-            consumer = r.stage in (DETECT, SINK)
+            consumer = r.stage in CONSUMER_STAGES
             deps = () if h.in_process else ("kafka",)
             if not consumer and mqtt_links(r.work):
                 deps += ("mqtt",)

@@ -26,15 +26,19 @@ from pipeline.config import Config
 
 # Stages, in drain order: the sources stop first; the collectors (which read what other
 # sources of this process may still be sending them, e.g. over MQTT) after them; then the
-# sources' topics end, detect finishes and its topics end; then the sinks finish.
-SOURCE, COLLECTOR, DETECT, SINK = "source", "collector", "detect", "sink"
+# sources' topics end, detect finishes and its topics end; then what acts on detect's verdicts
+# (remediation) finishes and its topic ends; then the sinks finish.
+SOURCE, COLLECTOR, DETECT, ACT, SINK = "source", "collector", "detect", "act", "sink"
+CONSUMER_STAGES = (DETECT, ACT, SINK)
 
 # Power requests (the grid signal) come from outside, like the sources' data: they end with them.
 SOURCE_TOPICS = [Topic.GPU, Topic.FACILITY, Topic.EVENTS, Topic.LABELS, Topic.POWER_ACTIONS, Topic.POWER_REQUESTS]
 DETECT_TOPICS = [Topic.ALERTS, Topic.HEALTH, Topic.POWER_CAPS, Topic.POWER_REPORTS]
+ACT_TOPICS = [Topic.REMEDIATION]
 DATASET_OF_TOPIC = {Topic.GPU: "gpu_samples", Topic.FACILITY: "facility_samples", Topic.EVENTS: "events",
                     Topic.ALERTS: "alerts", Topic.HEALTH: "node_health", Topic.LABELS: "fault_labels",
-                    Topic.POWER_ACTIONS: "power_actions", Topic.POWER_REPORTS: "power_requests"}
+                    Topic.POWER_ACTIONS: "power_actions", Topic.POWER_REPORTS: "power_requests",
+                    Topic.REMEDIATION: "remediation_events"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ class RoleOption:
     key: str                  # "section.name" it sets
     split: bool = False       # a comma-separated list
     implies_source: str = ""  # with `run`: this daemon.source, unless --source says otherwise
-    switch: bool = False      # a flag without a value: it sets the key to true
+    switch: bool = False      # a flag without a value: it sets the key to `sets`
+    sets: bool = True
 
     @property
     def dest(self) -> str:
@@ -54,7 +59,7 @@ class RoleOption:
 
     def value(self, text):
         if self.switch:
-            return True
+            return self.sets
         return [t.strip() for t in text.split(",") if t.strip()] if self.split else text
 
 
@@ -69,6 +74,9 @@ DCGM_TARGETS = RoleOption("--dcgm-targets", "URL[,URL...]", "dcgm-exporter endpo
 
 DRY_RUN = RoleOption("--dry-run", "", "the power role plans and reports each request's caps but applies none "
                      "(power.dry_run)", "power.dry_run", switch=True)
+APPLY = RoleOption("--apply", "", "apply remediations through remediate.backend (remediate.dry_run = false); "
+                   "without it every transition is planned, logged and archived, and nothing is applied",
+                   "remediate.dry_run", switch=True, sets=False)
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,11 @@ ROLE_TABLE: tuple[RoleSpec, ...] = (
              in_run=lambda cfg: True, inputs=(Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS), group="power",
              outputs=(Topic.POWER_CAPS, Topic.ALERTS, Topic.POWER_REPORTS), options=(DRY_RUN,),
              preflight="pipeline.roles.power:preflight"),
+    RoleSpec("remediate", ACT, "pipeline.roles.remediate:build",
+             "run only the remediation role (failing nodes out of service and back, dry-run unless --apply), "
+             "consuming from Kafka (consumer group 'remediate'; one process per site); its cases: remediation status",
+             in_run=lambda cfg: True, inputs=(Topic.ALERTS, Topic.GPU), group="remediate",
+             outputs=(Topic.REMEDIATION, Topic.ALERTS), options=(APPLY,), preflight="pipeline.roles.remediate:preflight"),
     RoleSpec("archive", SINK, "pipeline.sinks.archive_sink:build",
              "run only the Parquet archive, consuming from Kafka (consumer group 'archive')",
              in_run=lambda cfg: True, inputs=tuple(DATASET_OF_TOPIC), group="archive"),
@@ -139,7 +152,7 @@ def run_roles(cfg: Config) -> frozenset[str]:
 
 def whole(roles: frozenset[str]) -> bool:
     """A source and every consumer in one process: the in-process bus will do."""
-    consumers = {spec.name for spec in ROLE_TABLE if spec.stage in (DETECT, SINK)}
+    consumers = {spec.name for spec in ROLE_TABLE if spec.stage in CONSUMER_STAGES}
     return consumers <= roles and any(spec.name in roles for spec in ROLE_TABLE if spec.stage in (SOURCE, COLLECTOR))
 
 

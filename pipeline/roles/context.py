@@ -58,6 +58,7 @@ class Context:
         self.collectors: list = []  # prometheus_client collectors roles add to the process's /metrics
         self.routes: dict = {}      # (method, path) -> handler: HTTP endpoints roles add to --http (ops/http.py)
         self.power: Any = None      # the power role's PowerRole, once built
+        self.remediator: Any = None  # the remediation role's Remediator, once built
         self.progress = Progress()  # what each role produced and read (ops/progress.py)
         self._detector: tuple | None = None
         self._sim: Any = None

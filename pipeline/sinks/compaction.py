@@ -74,6 +74,7 @@ SORT_KEYS = {
     "fault_labels": ("start",),
     "power_actions": ("node", "gpu", "ts"),
     "power_requests": ("ts",),
+    "remediation_events": ("node", "ts"),
 }
 WORK = ".compaction"
 _KAFKA = re.compile(r"part-p(\d{4})-o(\d+)-(\d+)\.parquet$")

@@ -349,6 +349,10 @@ class FleetSimulator:
                     events=pa.RecordBatch.from_pylist([{"ts": ts, **e} for e in events], schema=EVENT) if events else None,
                     labels=labels)
 
+    def node_racks(self) -> dict[str, str]:
+        """Every node's rack, by name."""
+        return {name: self.rack_names[self.node_rack[n]] for n, name in enumerate(self.node_names)}
+
     def inject(self, kind: str, rack: int | None = None, node: int | None = None, gpu: int | None = None,
                duration_s: float | None = None, params: dict | None = None) -> ActiveFault:
         """Start a fault with the next scrape (tests and demos name their target; the scheduler picks one)."""

@@ -347,18 +347,20 @@ SUMMARY = (r"stopped after [\d.]+ s: (\d+) GPU samples published, (\d+) GPU samp
 
 
 def test_one_process_per_role(broker, tmp_path):
-    """simulate, detect, archive and notify as four processes with Kafka between them.
+    """simulate, detect, remediate, archive and notify as five processes with Kafka between them.
     Stopped in data order with SIGTERM, each exits 0, and every sample the simulator
-    published is archived exactly once; every alert detect raised reaches alerts.jsonl."""
+    published is archived exactly once; every alert detect raised reaches alerts.jsonl; every
+    remediation step the remediate process planned (dry-run) is archived."""
     import json
 
     import polars as pl
 
     from tests.helpers import archived
     env = role_env("r", FLEETWATCH_KAFKA__PARTITIONS="3")
-    procs = {role: start_role(role, broker, tmp_path, env) for role in ("detect", "archive", "notify", "simulate")}
+    procs = {role: start_role(role, broker, tmp_path, env)
+             for role in ("detect", "remediate", "archive", "notify", "simulate")}
     time.sleep(12)
-    logs = stop_in_order(procs, [["simulate"], ["detect"], ["archive", "notify"]])
+    logs = stop_in_order(procs, [["simulate"], ["detect"], ["remediate"], ["archive", "notify"]])
     published = int(re.search(SUMMARY, logs["simulate"]).group(1))
     _, detected, raised, _ = map(int, re.search(SUMMARY, logs["detect"]).groups())
     gpu = archived(tmp_path / "data", "gpu_samples")
@@ -367,10 +369,16 @@ def test_one_process_per_role(broker, tmp_path):
     assert gpu.height == published and gpu.select(pl.struct("gpu_uuid", "ts").n_unique()).item() == published
     lines = [json.loads(x) for x in (tmp_path / "data" / "alerts.jsonl").read_text().splitlines()]
     # detect's alerts, and its FleetwatchWatchdog (firing while it ran, resolved at its stop: pipeline/ops)
-    detected_alerts = [a for a in lines if a["status"] == "firing" and a["labels"]["alertname"] != "FleetwatchWatchdog"]
+    detected_alerts = [a for a in lines if a["status"] == "firing"
+                       and a["labels"]["alertname"] not in ("FleetwatchWatchdog", "RemediationBreakerOpen")]
     assert len(detected_alerts) == raised >= 1
     assert [a["status"] for a in lines if a["labels"]["alertname"] == "FleetwatchWatchdog"] == ["firing", "resolved"]
     assert archived(tmp_path / "data", "alerts").height == len(lines)
+    planned = len(re.findall(r"remediation: \S+ \S+ -> \S+ \(dry-run\)", logs["remediate"]))
+    assert "remediation: dry-run (plans only)" in logs["remediate"]
+    if planned:  # an allowed alert fired within the run: its steps are archived, none applied
+        events = archived(tmp_path / "data", "remediation_events")
+        assert events.height == planned and events["dry_run"].all() and not events["applied"].any()
 
 
 def test_a_second_archive_joining_rebalances_without_loss_or_duplicates(broker, tmp_path):

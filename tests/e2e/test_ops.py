@@ -63,7 +63,7 @@ def test_a_daemon_with_http_serves_its_endpoints_notifies_systemd_and_raises_its
         status, text = http_get(f"{url}/metrics")
         metrics = {f.name: f for f in text_string_to_metric_families(text)}
         assert status == 200 and {s.labels["role"]: s.value for s in metrics["fleetwatch_up"].samples} == {
-            "simulate": 1, "detect": 1, "power": 1, "archive": 1, "notify": 1}
+            "simulate": 1, "detect": 1, "power": 1, "remediate": 1, "archive": 1, "notify": 1}
         # WatchdogSec=2s: WATCHDOG=1 every second while the loops turn
         wait_for(lambda: systemd.receive().count("WATCHDOG=1") >= 3)
 

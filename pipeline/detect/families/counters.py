@@ -53,7 +53,8 @@ class Counters(Family):
                                                                 ("row remap pending", pending[i]),
                                                                 ("row remap failure", failure[i]),
                                                                 ("XID", ecc_latched[i])) if on),
-                              "ecc_dbe_volatile_total": float(m["ecc_dbe_volatile_total"][i])})
+                              "ecc_dbe_volatile_total": float(m["ecc_dbe_volatile_total"][i]),
+                              "remap_failure": bool(failure[i])})  # the catalog's remediation: replace
         for name in ("GpuNvlinkError", "GpuHighSbeRate", "GpuGspError", "GpuXid"):
             latched = t < xid.until(name)[slots]
             self.judge(out, name, slots, latched, t, latched.astype(float), evidence())

@@ -1,0 +1,53 @@
+"""What a remediation backend does to a node, and how it says it could not.
+
+The remediation role (pipeline/remediate/) calls a backend from a worker thread, one call
+at a time, and never while dry-run: each call may block (a subprocess, an API request) and
+must end within its own timeout. `context` is what the role knows of the case, the same
+keys for every backend (JSON on a command's stdin):
+
+  alertname, fingerprint, remediation, severity, summary   the alert that started the case
+  rack, gpu                                                 where (gpu: "" for a node alert)
+  case                                                      the case id (node and its start)
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+ACTIONS = ("reset_gpu", "reboot_node")  # what `act` may be asked; drain_inspect and replace hand off to repair
+REASON_PREFIX = "fleetwatch:"           # every drain reason a backend sets starts so: ours, not an operator's
+
+
+class BackendError(Exception):
+    """A backend call failed: what was wrong and what to do (never a secret)."""
+
+
+class Unsupported(BackendError):
+    """The backend cannot do this action at all (Slurm cannot reset one GPU): the node is
+    handed to repair instead."""
+
+
+def reason(context: dict) -> str:
+    """The scheduler-visible reason of a quarantine: names the alert and its fingerprint."""
+    return (f"{REASON_PREFIX} {context.get('alertname', '?')} fingerprint={context.get('fingerprint', '?')} "
+            f"remediation={context.get('remediation', '?')}")
+
+
+class Backend(Protocol):
+    name: str
+
+    def quarantine(self, node: str, context: dict) -> None:
+        """No new work on the node (Slurm: state=drain with `reason(context)`)."""
+
+    def drained(self, node: str) -> bool:
+        """Has the work on the quarantined node finished (Slurm: DRAINED, not DRAINING)?"""
+
+    def held(self, node: str) -> bool | None:
+        """Is the node still out of service by our quarantine? False: someone returned it to
+        service (an operator's `scontrol update state=resume`); None: cannot tell now."""
+
+    def act(self, node: str, action: str, context: dict) -> None:
+        """Do `action` (one of ACTIONS) to the drained node; raise Unsupported if it cannot."""
+
+    def resume(self, node: str, context: dict) -> None:
+        """Back in service (Slurm: state=resume)."""

@@ -1,0 +1,128 @@
+"""The Slurm backend: a quarantine is a drain (`scontrol update nodename=NODE state=drain
+reason=...`), its end a resume; the cluster is the one `SLURM_CONF` names, as for any Slurm
+client. Whoever runs it must be allowed to change nodes (root, SlurmUser, or a user with
+AdminLevel=Operator).
+
+Slurm calls a node DRAINING while jobs still run on it (ALLOCATED+DRAIN, MIXED+DRAIN, or
++COMPLETING) and DRAINED once they ended (IDLE+DRAIN, or DOWN+DRAIN: a DOWN node runs
+nothing). A drain is Slurm's only out-of-service mark an operator and fleetwatch share, so:
+
+- held: the node is out of service while it has DRAIN, whoever's reason it carries now (an
+  operator who drains it again with a reason of their own owns it from then on), or while
+  it is DOWN; without DRAIN someone returned it to service.
+- quarantine and resume never take over an operator's drain: a node drained with a reason
+  not starting with REASON_PREFIX is left alone and the call fails, saying so.
+
+Slurm cannot reset a GPU or reboot a node for us: `actions` (remediate.action_command) does,
+or the node goes to repair.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+
+from pipeline.remediate.backends.base import REASON_PREFIX, BackendError, Unsupported, reason
+from pipeline.remediate.backends.command import Command, first_line, run_command
+
+# Fields `scontrol show node` may print after Reason (Slurm >= 23.02); a reason itself may hold
+# "key=value" words (ours does), so the value ends only at these or at the line's end.
+_AFTER_REASON = r"(?:Comment|Extra|ResumeAfterTime)="
+_REASON = re.compile(rf"(?:^|\s)Reason=(.*?)(?:\s+\[[^\[\]@]*@[^\[\]]*\])?\s*(?=\s{_AFTER_REASON}|$)", re.M)
+_NO_JOBS = ("IDLE", "DOWN")  # base states in which nothing runs on the node
+
+
+def parse_node(text: str) -> dict:
+    """One node of `scontrol show node NODE [--oneliner]`: {"name", "base" (IDLE, ALLOCATED,
+    MIXED, DOWN, ...), "flags" (DRAIN, COMPLETING, NOT_RESPONDING, ...), "reason" (without
+    Slurm's " [user@time]" suffix; "" when none)}. Raises ValueError when there is no state."""
+    state = re.search(r"(?:^|\s)State=(\S+)", text)
+    if state is None:
+        raise ValueError(f"no State= in {first_line(text)[:200]!r}")
+    # sinfo-style markers (IDLE*, DOWN~) are not scontrol's, but cost nothing to drop.
+    base, *flags = (word.rstrip("*~#!%$@^-") for word in state.group(1).upper().split("+"))
+    name = re.search(r"(?:^|\s)NodeName=(\S+)", text)
+    found = _REASON.search(text)
+    return {"name": name.group(1) if name else "", "base": base, "flags": frozenset(flags),
+            "reason": found.group(1).strip() if found else ""}
+
+
+def is_drained(node: dict) -> bool:
+    """DRAINED, not DRAINING: drain asked and no job left on the node."""
+    return "DRAIN" in node["flags"] and node["base"] in _NO_JOBS and "COMPLETING" not in node["flags"]
+
+
+def is_ours(node: dict) -> bool:
+    return node["reason"].startswith(REASON_PREFIX)
+
+
+class Slurm:
+    name = "slurm"
+
+    def __init__(self, scontrol: str = "scontrol", env: dict[str, str] | None = None, timeout_s: float = 60.0,
+                 actions: Command | None = None) -> None:
+        self.scontrol, self.env, self.timeout_s, self.actions = scontrol, env, timeout_s, actions
+
+    def _scontrol(self, node: str, *args: str) -> str:
+        argv = [self.scontrol, *args]
+        shown = "`" + " ".join(shlex.quote(a) for a in argv) + "`"
+        try:
+            proc = run_command(argv, self.timeout_s, self.env)
+        except OSError as e:  # not installed, not executable
+            raise BackendError(f"cannot run {self.scontrol!r} for node {node} ({e.strerror or e}): install Slurm's "
+                               f"client (Debian: slurm-client) or set remediate.scontrol to its path") from None
+        except subprocess.TimeoutExpired:
+            raise BackendError(f"{shown} for node {node} did not answer within {self.timeout_s:g} s: is slurmctld "
+                               f"up and reachable from here?") from None
+        if proc.returncode != 0:
+            message = first_line(proc.stderr) or first_line(proc.stdout) or "no message"
+            may = ", and may this user change nodes (root, SlurmUser or AdminLevel=Operator)" \
+                if args[0] == "update" else ""
+            raise BackendError(f"{shown} failed for node {node} (exit {proc.returncode}: {message}): is {node} a "
+                               f"node of this cluster (`scontrol show node {node}`){',' if may else ' and'} does "
+                               f"SLURM_CONF name the cluster{may}?")
+        return proc.stdout
+
+    def show(self, node: str) -> dict:
+        """parse_node of the node now."""
+        text = self._scontrol(node, "show", "node", node, "--oneliner")
+        try:
+            return parse_node(text)
+        except ValueError as e:
+            raise BackendError(f"`{self.scontrol} show node {node}` gave no state for node {node} ({e}): is "
+                               f"{self.scontrol!r} Slurm's scontrol?") from None
+
+    def _refuse_an_operators_drain(self, node: str, now: dict, doing: str) -> None:
+        if "DRAIN" in now["flags"] and not is_ours(now):
+            raise BackendError(f"node {node} is drained by someone else (reason {now['reason']!r}): fleetwatch "
+                               f"does not {doing} it; whoever drained it resumes it (`scontrol update "
+                               f"nodename={node} state=resume`)")
+
+    def quarantine(self, node: str, context: dict) -> None:
+        self._refuse_an_operators_drain(node, self.show(node), "take over and later resume")
+        self._scontrol(node, "update", f"nodename={node}", "state=drain", f"reason={reason(context)}")
+
+    def drained(self, node: str) -> bool:
+        return is_drained(self.show(node))
+
+    def held(self, node: str) -> bool | None:
+        try:
+            now = self.show(node)
+        except BackendError:
+            return None  # cannot tell now: the caller asks again later
+        return "DRAIN" in now["flags"] or now["base"] == "DOWN"
+
+    def act(self, node: str, action: str, context: dict) -> None:
+        if self.actions is None:
+            raise Unsupported(f"Slurm cannot {action} (node {node}) on its own: set "
+                              f"remediate.action_command to a script that does (`COMMAND NODE ACTION ALERTNAME`), "
+                              f"or the node goes to repair for a person")
+        self.actions.act(node, action, context)
+
+    def resume(self, node: str, context: dict) -> None:
+        now = self.show(node)
+        if "DRAIN" not in now["flags"]:
+            return  # already returned to service (Slurm refuses a second resume: "Invalid node state")
+        self._refuse_an_operators_drain(node, now, "resume")
+        self._scontrol(node, "update", f"nodename={node}", "state=resume")
