@@ -33,6 +33,16 @@ def reason(context: dict) -> str:
             f"remediation={context.get('remediation', '?')}")
 
 
+def delegated_action(scheduler: str, actions, node: str, action: str, context: dict) -> None:
+    """A scheduler backend's `act`: the site's action command does it (Slurm and Kubernetes can
+    neither reset a GPU nor reboot a node here); without one the node goes to repair."""
+    if actions is None:
+        raise Unsupported(f"{scheduler} cannot {action} (node {node}) on its own: set "
+                          f"remediate.action_command to a script that does (`COMMAND NODE ACTION ALERTNAME`), "
+                          f"or the node goes to repair for a person")
+    actions.act(node, action, context)
+
+
 class Backend(Protocol):
     name: str
 

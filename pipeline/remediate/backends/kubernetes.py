@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from pipeline.config import ConfigError
-from pipeline.remediate.backends.base import REASON_PREFIX, BackendError, Unsupported, reason
+from pipeline.remediate.backends.base import REASON_PREFIX, BackendError, delegated_action, reason
 from pipeline.remediate.backends.command import Command
 
 TAINT_KEY = "fleetwatch.io/remediation"
@@ -209,11 +209,7 @@ class Kubernetes:
         return bool(now.spec.unschedulable) or any(_ours(t) for t in now.spec.taints or ())
 
     def act(self, node: str, action: str, context: dict) -> None:
-        if self.actions is None:
-            raise Unsupported(f"Kubernetes cannot {action} (node {node}) on its own: set "
-                              f"remediate.action_command to a script that does (`COMMAND NODE ACTION ALERTNAME`), "
-                              f"or the node goes to repair for a person")
-        self.actions.act(node, action, context)
+        delegated_action("Kubernetes", self.actions, node, action, context)
 
     def resume(self, node: str, context: dict) -> None:
         now = self._read(node)

@@ -23,7 +23,7 @@ import re
 import shlex
 import subprocess
 
-from pipeline.remediate.backends.base import REASON_PREFIX, BackendError, Unsupported, reason
+from pipeline.remediate.backends.base import REASON_PREFIX, BackendError, delegated_action, reason
 from pipeline.remediate.backends.command import Command, first_line, run_command
 
 # Fields `scontrol show node` may print after Reason (Slurm >= 23.02); a reason itself may hold
@@ -114,11 +114,7 @@ class Slurm:
         return "DRAIN" in now["flags"] or now["base"] == "DOWN"
 
     def act(self, node: str, action: str, context: dict) -> None:
-        if self.actions is None:
-            raise Unsupported(f"Slurm cannot {action} (node {node}) on its own: set "
-                              f"remediate.action_command to a script that does (`COMMAND NODE ACTION ALERTNAME`), "
-                              f"or the node goes to repair for a person")
-        self.actions.act(node, action, context)
+        delegated_action("Slurm", self.actions, node, action, context)
 
     def resume(self, node: str, context: dict) -> None:
         now = self.show(node)
