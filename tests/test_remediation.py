@@ -259,7 +259,7 @@ def test_a_restarted_role_goes_on_with_its_cases_and_history(tmp_path):
     s.run(2)
     store.save(s.cfg, s.rem)
     again = Remediator(s.cfg, backend_for(s.cfg), validation_for(s.cfg))
-    assert store.load(s.cfg, again)
+    assert store.load(s.cfg, again) is not None
     assert {n: c.state for n, c in again.cases.items()} == {n: c.state for n, c in s.rem.cases.items()}
     assert again.guardrails.quarantines == s.rem.guardrails.quarantines and again.firing.keys() == s.rem.firing.keys()
     assert again.snapshot() == s.rem.snapshot()

@@ -3,8 +3,6 @@ refused, from the state the remediation role saved last (store.py)."""
 
 from __future__ import annotations
 
-import json
-
 from pipeline.config import Config
 from pipeline.remediate import store
 from pipeline.remediate.remediator import Remediator
@@ -13,9 +11,9 @@ from pipeline.remediate.remediator import Remediator
 def read(cfg: Config) -> dict | None:
     """The status as of the role's last round; None when no role has run with this data_dir."""
     rem = Remediator(cfg)
-    if not store.load(cfg, rem):
+    saved = store.load(cfg, rem)  # how the role ran, not how this command is configured
+    if saved is None:
         return None
-    saved = json.loads(store.state_path(cfg).read_text())  # how the role ran, not how this command is configured
     return {"state_file": str(store.state_path(cfg)), **rem.status(rem.saved_at),
             "dry_run": saved.get("dry_run", True), "backend": saved.get("backend", "none")}
 

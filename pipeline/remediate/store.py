@@ -16,17 +16,18 @@ def state_path(cfg: Config) -> Path:
     return cfg.state_dir / STATE_FILE
 
 
-def load(cfg: Config, remediator) -> bool:
-    """Restore the saved state into `remediator`; False when there is none."""
+def load(cfg: Config, remediator) -> dict | None:
+    """Restore the saved state into `remediator` and return it as saved; None when there is none."""
     path = state_path(cfg)
     if not path.exists():
-        return False
+        return None
     try:
-        remediator.restore(json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        remediator.restore(saved)
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path} cannot be read ({e}): move it aside to start remediation afresh (its open "
                           f"cases are then forgotten: check the scheduler for nodes fleetwatch drained)") from None
-    return True
+    return saved
 
 
 def save(cfg: Config, remediator) -> None:
