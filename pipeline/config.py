@@ -362,6 +362,9 @@ class RemediateConfig:
                                      "this share of the fleet's nodes asked to be quarantined within remediate.breaker_window_s "
                                      "(RemediationBreakerOpen fires)")
     breaker_rack_pct: float = _spec(50.0, min=0, max=100, doc="circuit breaker: the same for the nodes of one rack")
+    breaker_min_nodes: int = _spec(2, min=1, doc="circuit breaker: it trips only once at least this many nodes asked "
+                                   "within the window; 5% of a small fleet is under one node, and one failing node is "
+                                   "no storm")
     breaker_window_s: float = _spec(600.0, min=1, doc="the breaker's window; it closes again once a whole window "
                                     "passed without a new alert asking for a quarantine")
     max_per_hour: int = _spec(10, min=0, doc="rate limit: at most this many quarantines in any hour (0: none)")

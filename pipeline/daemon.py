@@ -143,6 +143,20 @@ async def drain(ctx: Context, running: list[Running]) -> None:
     await asyncio.gather(*(r.task for r in of(SINK)))
 
 
+async def cancel_all(tasks: list[asyncio.Task], round_s: float = 1.0) -> None:
+    """Cancel `tasks` and wait until every one has ended. A task that swallowed its cancel
+    (Python 3.11's wait_for can, when what it waits for completes at the same moment) is
+    cancelled again each round: a failed role must end the process, never leave it hanging."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=round_s)
+    for task in tasks:  # what they ended with was said by the caller or by the role itself
+        if not task.cancelled():
+            task.exception()
+
+
 async def run_daemon(cfg: Config, duration_s: float | None = None, console: Console | None = None,
                      roles: frozenset[str] | None = None) -> RunSummary:
     roles = run_roles(cfg) if roles is None else roles
@@ -203,9 +217,7 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
             for r in running:
                 if r.stop is not None:
                     r.stop.set()
-            for task in [*everything, status]:
-                task.cancel()
-            await asyncio.gather(*everything, status, return_exceptions=True)
+            await cancel_all([*everything, status])
             raise failed[0].exception()
         log.info("stopping: draining the pipeline and flushing the archive")
         await ops.stopping()

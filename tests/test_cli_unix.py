@@ -28,3 +28,24 @@ def test_the_docs_document_the_signals():
     ops = (REPO / "docs" / "operations.md").read_text()
     assert "SIGHUP" in readme and "docs/operations.md#signals" in readme
     assert "## Signals" in ops and "within 3 s" in ops and "status 130" in ops
+
+
+def test_a_task_that_swallows_its_cancel_is_cancelled_again_so_a_failed_role_ends_the_process():
+    import asyncio
+    from pipeline.daemon import cancel_all
+    swallowed = []
+
+    async def stubborn():  # what 3.11's wait_for does when the awaited completes as the cancel arrives
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.append(True)
+        await asyncio.sleep(3600)
+
+    async def main():
+        task = asyncio.create_task(stubborn())
+        await asyncio.sleep(0)
+        await cancel_all([task], round_s=0.01)
+        return task
+    task = asyncio.run(main())
+    assert swallowed == [True] and task.cancelled()

@@ -157,6 +157,16 @@ def test_the_breaker_trips_at_the_fleet_share_raises_an_alert_and_closes_after_a
     assert "r02-n06" in s.rem.cases
 
 
+def test_one_failing_node_of_a_small_fleet_is_no_storm(tmp_path):
+    """5% of 16 nodes is under one node: the breaker waits for remediate.breaker_min_nodes (2)."""
+    s = Site(tmp_path, breaker_fleet_pct=5.0)
+    s.step(alert("r01-n01"))
+    assert list(s.rem.cases) == ["r01-n01"] and s.rem.guardrails.breaker.trips == 0 and not s.alerts
+    s.step(alert("r02-n03"))
+    assert "r02-n03" not in s.rem.cases and s.rem.guardrails.breaker.where == "the fleet"
+    assert [a.alertname for a in s.alerts] == ["RemediationBreakerOpen"]
+
+
 def test_the_breaker_trips_at_the_rack_share_and_a_rack_alert_keeps_its_nodes_in_service(tmp_path):
     s = Site(tmp_path, breaker_rack_pct=50.0)
     for i in range(1, 6):
@@ -263,6 +273,27 @@ def test_a_restarted_role_goes_on_with_its_cases_and_history(tmp_path):
     assert {n: c.state for n, c in again.cases.items()} == {n: c.state for n, c in s.rem.cases.items()}
     assert again.guardrails.quarantines == s.rem.guardrails.quarantines and again.firing.keys() == s.rem.firing.keys()
     assert again.snapshot() == s.rem.snapshot()
+
+
+def test_a_state_that_cannot_be_saved_is_said_once_and_remediation_goes_on(tmp_path, caplog):
+    """A full disk (here: state/ is a file) must not stop the role: the failure is said once,
+    the next save that works says so, and the cases go on meanwhile."""
+    from pipeline.remediate import store
+    s = Site(tmp_path, apply=True)
+    save = store.saver(s.cfg, s.rem)
+    s.cfg.state_dir.parent.mkdir(parents=True, exist_ok=True)
+    s.cfg.state_dir.write_text("not a folder")
+    s.step(alert("r01-n01"))
+    with caplog.at_level("INFO", logger="pipeline.remediate"):
+        assert not save() and not save()
+        s.run(1)
+        assert s.state("r01-n01") != "healthy"
+        s.cfg.state_dir.unlink()
+        assert save()
+    said = [r.getMessage() for r in caplog.records if "state" in r.getMessage() and "remediation.json" in r.getMessage()]
+    assert len(said) == 2 and "cannot write" in said[0] and "a restart now would resume" in said[0], said
+    assert "written again" in said[1]
+    assert json.loads(store.state_path(s.cfg).read_text()) == json.loads(json.dumps(s.rem.snapshot()))
 
 
 def test_a_bad_setting_says_what_to_do():

@@ -27,8 +27,9 @@ class MemorySubscription:
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         if self._open == 0 and self.queue.empty():
             raise EndOfStream
-        try:
-            first = await asyncio.wait_for(self.queue.get(), timeout_s) if timeout_s else await self.queue.get()
+        try:  # (asyncio.timeout, not wait_for: 3.11's wait_for loses a cancel that meets a message)
+            async with asyncio.timeout(timeout_s or None):
+                first = await self.queue.get()
         except TimeoutError:
             return []
         out: list[Message] = []

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 from pipeline.bus.keys import partition_for
 from pipeline.detect.engine import Engine
 from pipeline.model import CHECKPOINT, UPGRADES, Alert, parse_iso_utc, schema_name, schema_version, upgraded
-from pipeline.sinks.files import write_atomically
+from pipeline.sinks.files import RewrittenFile
 
 log = logging.getLogger(__name__)
 
@@ -210,14 +210,15 @@ class LocalCheckpoint:
         self.engine = engine
         self.path = Path(directory) / self.FILE
         self.saves = 0
-        self._failing = False
+        self._file = RewrittenFile(log, self.path, "detect", "detection goes on, a restart now would resume from "
+                                   "the previous checkpoint")
 
     def snapshot(self) -> pa.RecordBatch | None:
         """The state now (on the event loop: the engine must not move meanwhile)."""
         return _OnePartition(self.engine).snapshot({0}).get(0)
 
-    def write(self, batch: pa.RecordBatch | None) -> None:
-        """Encode and replace the file (disk work: in a worker thread)."""
+    def write(self, batch: pa.RecordBatch | None) -> bool:
+        """Encode and replace the file (disk work: in a worker thread); False when it failed."""
         if batch is None:
             batch = pa.RecordBatch.from_pylist([], schema=CHECKPOINT)
         batch = batch.replace_schema_metadata({**batch.schema.metadata,
@@ -225,24 +226,13 @@ class LocalCheckpoint:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.path, sink.getvalue().to_pybytes())
+        return self._file.write(sink.getvalue().to_pybytes())
 
     async def save(self) -> bool:
         """Snapshot now, write it off the loop. A failure is logged (once until a save
         works again) and detection goes on; the previous checkpoint stays in place."""
-        batch = self.snapshot()
-        try:
-            await asyncio.to_thread(self.write, batch)
-        except OSError as e:
-            if not self._failing:
-                log.warning("detect: cannot write the checkpoint %s (%s); detection goes on, a restart now would "
-                            "resume from the previous one", self.path, e)
-            self._failing = True
+        if not await asyncio.to_thread(self.write, self.snapshot()):
             return False
-        if self._failing:
-            log.info("detect: checkpoint %s written again", self.path)
-        self._failing = False
         self.saves += 1
         return True
 

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 from pipeline.config import ConfigError
 from pipeline.model import iso_utc
 from pipeline.power.request import PowerRequest, Rejected, from_dict, validate
-from pipeline.sinks.files import SharedJson
+from pipeline.sinks.files import RewrittenFile, SharedJson
 
 log = logging.getLogger("fleetwatch")
 
@@ -107,6 +107,8 @@ class RequestStore:
         self.file = SharedJson(self.folder / "requests.json", "power requests")
         self.path = self.file.path
         self.status_path = self.folder / "status.json"
+        self._status_file = RewrittenFile(log, self.status_path, "power", "`fleetwatch power status` shows older "
+                                          "numbers", durable=False)
         self._entries: dict[str, Entry] = {}
         self._unwritable = ""  # why the role's last write failed (logged once)
         self.refresh()
@@ -181,14 +183,10 @@ class RequestStore:
                 self._unwritable = str(why)
             return False, []
 
-    def write_status(self, status: dict[str, Any]) -> None:
-        """The role's live view of its requests (baseline, target, achieved); off its event loop."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        # Replaced whole (a reader never sees half of it), not fsynced: it is rewritten every second
-        # from the role's memory.
-        tmp = self.status_path.with_name(f".{self.status_path.name}.tmp")
-        tmp.write_text(json.dumps(status, indent=1, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, self.status_path)
+    def write_status(self, status: dict[str, Any]) -> bool:
+        """The role's live view of its requests (baseline, target, achieved); off its event loop.
+        Not fsynced: it is rewritten every second from the role's memory."""
+        return self._status_file.write(json.dumps(status, indent=1, default=str) + "\n")
 
     # ---- readers ----------------------------------------------------------------------
 

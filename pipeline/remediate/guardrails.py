@@ -3,7 +3,8 @@ node to repair instead of back to service, and names itself in the event (`guard
 
 - breaker: no new quarantine once more than `breaker_fleet_pct` of the fleet's nodes, or
   `breaker_rack_pct` of one rack's, asked to be quarantined within `breaker_window_s` (the
-  rules below may have refused some: the storm of requests is the sign). It opens
+  rules below may have refused some: the storm of requests is the sign), and at least
+  `breaker_min_nodes` did (a share of a small fleet can be under one node). It opens
   (RemediationBreakerOpen fires) and closes once a whole window passes without a new request.
   Many nodes at once is one cause upstream, not many broken nodes.
 - rate_limit: at most `max_per_hour` quarantines in any hour.
@@ -70,9 +71,9 @@ class Guardrails:
         recent = {n: r for t, n, r in self.requests if now - t < c.breaker_window_s}
         recent.setdefault(node, rack)
         in_rack = sum(1 for r in recent.values() if r == rack)
-        if len(recent) * 100.0 > c.breaker_fleet_pct * max(fleet_nodes, 1):
+        if len(recent) >= c.breaker_min_nodes and len(recent) * 100.0 > c.breaker_fleet_pct * max(fleet_nodes, 1):
             return self._trip(now, "the fleet", len(recent), fleet_nodes)
-        if in_rack * 100.0 > c.breaker_rack_pct * max(rack_nodes, 1):
+        if in_rack >= c.breaker_min_nodes and in_rack * 100.0 > c.breaker_rack_pct * max(rack_nodes, 1):
             return self._trip(now, f"rack {rack}", in_rack, rack_nodes)
         if rack_alerted:
             return "rack_alert", (f"rack {rack} has {rack_alerted} firing: the rack's problem, not the node's; "

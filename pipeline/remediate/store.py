@@ -4,10 +4,13 @@ every round that changed it (atomically), read at start and by `fleetwatch remed
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError
-from pipeline.sinks.files import write_atomically
+from pipeline.sinks.files import RewrittenFile
+
+log = logging.getLogger("pipeline.remediate")
 
 STATE_FILE = "remediation.json"
 
@@ -30,7 +33,13 @@ def load(cfg: Config, remediator) -> dict | None:
     return saved
 
 
-def save(cfg: Config, remediator) -> None:
-    path = state_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps(remediator.snapshot()))
+def saver(cfg: Config, remediator):
+    """save() -> bool: write the state now. A failure (a full disk) is said once and the role goes
+    on deciding; the file it cannot replace stays as it was until a save works again."""
+    file = RewrittenFile(log, state_path(cfg), "remediation", "remediation goes on, but a restart now would "
+                         "resume from the cases saved before")
+    return lambda: file.write(json.dumps(remediator.snapshot()))
+
+
+def save(cfg: Config, remediator) -> bool:
+    return saver(cfg, remediator)()

@@ -467,7 +467,7 @@ class PowerRole:
         inflight, self._inflight = self._inflight, []
         for done in inflight:
             result = await asyncio.wrap_future(done)
-            if result is None:  # the status file
+            if isinstance(result, bool):  # the status file's (a failure was said by it)
                 continue
             written, pruned = result
             self._unwritten = not written
@@ -549,15 +549,7 @@ class PowerRole:
 
     def write_status(self) -> None:
         """The status file, from the role's memory now, written by the worker (`flush` waits for it)."""
-        doc = self.status()
-
-        def write() -> None:
-            try:
-                self._disk.write_status(doc)
-            except OSError as e:
-                log.warning("power: cannot write %s (%s); `fleetwatch power status` shows older numbers",
-                            self._disk.status_path, e)
-        self._inflight.append(self._pool.submit(write))
+        self._inflight.append(self._pool.submit(self._disk.write_status, self.status()))
         self._status_at, self._dirty = self.wall(), False
 
     def routes(self) -> dict[tuple[str, str], Callable[[bytes], Awaitable[tuple[int, Any]]]]:

@@ -55,7 +55,7 @@ def build(ctx, spec):
     log.info("remediation: %s, backend %s, %d alertnames allowed, %d open cases", "dry-run (plans only)"
              if rem.dry_run else "applying", cfg.remediate.backend, len(rem.allowed), len(rem.cases))
     ctx.remediator = rem
-    return lambda: remediate_role(rem, sub, gate, ctx.emit, ctx.window().now, lambda: store.save(cfg, rem),
+    return lambda: remediate_role(rem, sub, gate, ctx.emit, ctx.window().now, store.saver(cfg, rem),
                                   cfg.kafka.commit_interval_s)
 
 
@@ -83,11 +83,11 @@ async def remediate_role(rem: Remediator, sub, gate, emit, now, save, commit_int
         if alerts:
             await emit(Topic.ALERTS, alerts_to_batch([(a.ends_at or a.starts_at, a) for a in alerts]))
         if events or alerts or changes:
-            save()
+            await asyncio.to_thread(save)
         if time.monotonic() >= next_commit:
             await sub.commit()
             next_commit = time.monotonic() + commit_interval_s
-    save()
+    await asyncio.to_thread(save)
     await sub.commit()
 
 

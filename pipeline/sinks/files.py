@@ -33,6 +33,41 @@ def write_atomically(path: Path, text: str | bytes) -> None:
     fsync_dir(path.parent)
 
 
+class RewrittenFile:
+    """A file a role rewrites again and again (a checkpoint, a state, a status). A write that
+    fails (a full disk) is said once, with what it means, until one works again, which is
+    said too; the role goes on either way and the previous file stays in place. `durable`:
+    fsynced (a state a restart resumes from), or only replaced whole (a status rewritten every
+    second from memory, where a reader must never see half of it)."""
+
+    def __init__(self, log, path: Path, role: str, meaning: str, durable: bool = True) -> None:
+        self.log, self.path, self.role, self.meaning, self.durable = log, Path(path), role, meaning, durable
+        self.failing = False
+        self.failures = 0
+
+    def write(self, text: str | bytes) -> bool:
+        """Replace the file atomically; False when it could not be written."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.durable:
+                write_atomically(self.path, text)
+            else:
+                tmp = self.path.with_name(f".{self.path.name}.tmp")
+                tmp.write_bytes(text) if isinstance(text, bytes) else tmp.write_text(text, encoding="utf-8")
+                os.replace(tmp, self.path)
+        except OSError as e:
+            self.failures += 1
+            if not self.failing:
+                self.log.warning("%s: cannot write %s (%s); %s. Free space or fix permissions there; it is "
+                                 "retried", self.role, self.path, e, self.meaning)
+            self.failing = True
+            return False
+        if self.failing:
+            self.log.info("%s: %s written again", self.role, self.path)
+        self.failing = False
+        return True
+
+
 @dataclass(frozen=True)
 class Rotation:
     """When a JSON-lines file (alerts.jsonl, the dead letters) starts afresh: on the first write
