@@ -22,15 +22,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, text: str | bytes) -> None:
-    """Replace `path` with `text` (or bytes) so a crash leaves the old or the new content, never a mix."""
+def write_atomically(path: Path, text: str | bytes, fsync: bool = True) -> None:
+    """Replace `path` with `text` (or bytes) so a crash leaves the old or the new content, never a mix.
+    fsync=False: a reader still never sees half of it, but a crash may lose the new content."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") if isinstance(text, bytes) else open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if fsync:
+        fsync_dir(path.parent)
 
 
 class RewrittenFile:
@@ -43,20 +46,13 @@ class RewrittenFile:
     def __init__(self, log, path: Path, role: str, meaning: str, durable: bool = True) -> None:
         self.log, self.path, self.role, self.meaning, self.durable = log, Path(path), role, meaning, durable
         self.failing = False
-        self.failures = 0
 
     def write(self, text: str | bytes) -> bool:
         """Replace the file atomically; False when it could not be written."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.durable:
-                write_atomically(self.path, text)
-            else:
-                tmp = self.path.with_name(f".{self.path.name}.tmp")
-                tmp.write_bytes(text) if isinstance(text, bytes) else tmp.write_text(text, encoding="utf-8")
-                os.replace(tmp, self.path)
+            write_atomically(self.path, text, fsync=self.durable)
         except OSError as e:
-            self.failures += 1
             if not self.failing:
                 self.log.warning("%s: cannot write %s (%s); %s. Free space or fix permissions there; it is "
                                  "retried", self.role, self.path, e, self.meaning)
