@@ -329,15 +329,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("--detect-processes and --chaos need --kafka HOST:PORT (detect processes over Kafka)")
     t0 = time.perf_counter()
     processes = None
+    rack_loss = rack_cooling_loss(args.duration) if args.rack_cooling_loss else None
     if cfg.kafka.bootstrap:
         from pipeline.analytics.eval_kafka import simulate_kafka
         run, processes = simulate_kafka(cfg, args.duration, args.detect_processes, args.config, args.chaos)
     else:
-        run = simulate(cfg, args.duration, args.power_requests,
-                       (rack_cooling_loss(args.duration),) if args.rack_cooling_loss else ())
+        run = simulate(cfg, args.duration, args.power_requests, (rack_loss,) if rack_loss else ())
     wall = time.perf_counter() - t0
     result = score(run)
-    result["remediation"] = remediation_score(run, cfg)
+    result["remediation"] = remediation_score(run, cfg, rack_loss)
     result["seed"] = cfg.fleet.seed
     result["duration_s"] = args.duration
     result["wall_s"] = round(wall, 2)

@@ -77,3 +77,30 @@ def test_the_simulator_knows_a_stuck_sensor_that_hid_nothing():
         sim.step()
     assert sim.without_signature() == {idle.fault_id}
     assert loaded.fault_id not in sim.without_signature() and sim.hidden_w[loaded.fault_id] > 100.0
+
+
+def test_remediation_is_scored_by_the_alerts_own_explanation():
+    """A quarantine is timed against the fault on its node, even when the node's clock runs
+    behind and its alert starts before the fault's label; one a rack fault explains is counted
+    apart; one no fault explains is false."""
+    from datetime import timedelta
+
+    from pipeline.analytics.remediation_eval import score as remediation_score
+    from tests.conftest import make_config
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    s = lambda x: t0 + timedelta(seconds=x)  # noqa: E731
+    labels = [_label("gpu_fell_off_bus", s(1000), s(1400), node="r01-n01", gpu=0, fault_id=1),
+              _label("rack_cooling_degraded", s(5000), s(5600), node=None, gpu=None, rack="r03", fault_id=2)]
+
+    def alert(name, node, gpu, start, end, remediation):
+        return {"labels": {"alertname": name, "severity": "critical", "site": "site-a", "rack": node[:3],
+                           "node": node, "gpu": gpu}, "starts_at": s(start), "ends_at": s(end),
+                "remediation": remediation}
+    alerts = [alert("GpuFellOffBus", "r01-n01", "0", 997, 1400, "reboot_node"),          # 3 s early: a clock
+              alert("GpuUncorrectableEcc", "r02-n03", "1", 3000, 3300, "reset_gpu"),      # no fault at all
+              alert("GpuOverTemperature", "r03-n02", "4", 5100, 5500, "drain_inspect")]   # the rack's fault
+    nodes = {f"r0{r}-n0{n}": f"r0{r}" for r in range(1, 5) for n in range(1, 9)}
+    run = EvalRun(labels, alerts, s(7200), node_hours=64.0, gpu_samples=0, nodes=nodes)
+    out = remediation_score(run, make_config())
+    assert (out["quarantines"], out["false_quarantines"], out["quarantines_for_rack_faults"]) == (3, 1, 1)
+    assert out["time_to_quarantine_p50_s"] == 0.0 and out["breaker_trips"] == 0

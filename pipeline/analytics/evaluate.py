@@ -110,6 +110,16 @@ def _window(label: dict[str, Any], end: datetime) -> tuple[datetime, datetime]:
     return label["start"], min(label["end"], end) + timedelta(seconds=GRACE_S)
 
 
+def explains(fault: dict[str, Any], alert: dict[str, Any], end: datetime) -> bool:
+    """The alert for the fault's type and target fired in its window, or was still firing
+    when it started (a fault right after another on the same target is, to the operator,
+    the alert they already have; a node's clock that runs behind starts it a little early)."""
+    lo, hi = _window(fault, end)
+    return (alert["labels"]["alertname"] in FAULTS_BY_NAME[fault["fault_type"]].alertnames
+            and _targets(fault, alert["labels"]) and alert["starts_at"] <= hi
+            and (alert["starts_at"] >= lo or alert["ends_at"] is None or alert["ends_at"] >= fault["start"]))
+
+
 def score(run: EvalRun) -> dict[str, Any]:
     # Demand response's own alerts (a cap that saves nothing) are no fault's: scored with it.
     power = [a for a in run.alerts if a["labels"]["alertname"] in POWER_ALERTS]
@@ -119,26 +129,17 @@ def score(run: EvalRun) -> dict[str, Any]:
                if f["start"] + timedelta(seconds=FAULTS_BY_NAME[f["fault_type"]].score_window_s) <= run.end]
     scored = [f for f in in_time if f["fault_id"] not in run.without_signature]
 
-    def matches(alert: dict[str, Any], fault: dict[str, Any]) -> bool:
-        """The alert for the fault's type and target fired in its window, or was still
-        firing when it started (a fault right after another on the same target is, to the
-        operator, the alert they already have)."""
-        lo, hi = _window(fault, run.end)
-        return (alert["labels"]["alertname"] in FAULTS_BY_NAME[fault["fault_type"]].alertnames
-                and _targets(fault, alert["labels"]) and alert["starts_at"] <= hi
-                and (alert["starts_at"] >= lo or alert["ends_at"] is None or alert["ends_at"] >= fault["start"]))
-
-    explained = [any(matches(a, f) for f in faults) for a in run.alerts]
+    explained = [any(explains(f, a, run.end) for f in faults) for a in run.alerts]
     per_type: dict[str, Any] = {}
     for ftype in FAULTS:
         mine = [f for f in scored if f["fault_type"] == ftype.name]
         ttds = []
         for f in mine:
-            hits = [(a["starts_at"] - f["start"]).total_seconds() for a in run.alerts if matches(a, f)]
+            hits = [(a["starts_at"] - f["start"]).total_seconds() for a in run.alerts if explains(f, a, run.end)]
             if hits:
                 ttds.append(max(0.0, min(hits)))
         named = [(a, ok) for a, ok in zip(run.alerts, explained) if a["labels"]["alertname"] in ftype.alertnames]
-        true_pos = sum(any(matches(a, f) for f in faults if f["fault_type"] == ftype.name) for a, _ in named)
+        true_pos = sum(any(explains(f, a, run.end) for f in faults if f["fault_type"] == ftype.name) for a, _ in named)
         false_pos = sum(not ok for _, ok in named)
         per_type[ftype.name] = {
             "injected": len(mine),

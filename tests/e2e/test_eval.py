@@ -77,3 +77,19 @@ def test_eval_with_power_requests_scores_demand_response_and_capping_raises_no_f
     assert "demand response: requests 3" in r.stdout
     bad = fleetwatch("eval", "--duration", "60", "--power-requests", "-1", cwd=tmp_path)
     assert bad.returncode == 2 and "--power-requests -1: must be 0 or more" in bad.stderr
+
+
+def test_eval_with_a_rack_cooling_loss_trips_the_breaker_and_quarantines_none_of_the_rack(tmp_path):
+    """The remediation breaker's scenario, alone (no other fault to open the breaker first):
+    every node of the hot rack asks for a quarantine, the rack alert refuses the first, the
+    breaker trips on the second, and none of the rack is taken out of service."""
+    r = fleetwatch("eval", "--duration", "2400", "--seed", "1", "--fault-interval", "0", "--rack-cooling-loss",
+                   "--json", "out.json", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rem = json.loads((tmp_path / "out.json").read_text())["remediation"]
+    loss = rem["rack_cooling_loss"]
+    assert loss["rack"] == "r01" and loss["nodes"] == 8 and loss["nodes_asking"] >= 2
+    assert loss["nodes_quarantined"] == 0 and loss["breaker_open"] is True
+    assert set(loss["refused_by_guardrail"]) <= {"breaker", "rack_alert"} and loss["refused_by_guardrail"]["breaker"] >= 1
+    assert rem["breaker_trips"] == 1 and rem["quarantines"] == 0 and rem["false_quarantines"] == 0
+    assert "rack_cooling_loss" in r.stdout
