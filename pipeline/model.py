@@ -111,6 +111,7 @@ class ClockEventReason(enum.IntFlag):
 FORCED_SLOWDOWN = (ClockEventReason.HW_SLOWDOWN | ClockEventReason.SW_THERMAL_SLOWDOWN
                    | ClockEventReason.HW_THERMAL_SLOWDOWN)
 HW_SLOWDOWN_ANY = FORCED_SLOWDOWN | ClockEventReason.HW_POWER_BRAKE_SLOWDOWN  # any of them, or the power brake
+SW_POWER_CAP = int(ClockEventReason.SW_POWER_CAP)  # a power cap holds the clock: the GPU draws its cap
 CLOCK_EVENT_TEXT = {ClockEventReason.HW_SLOWDOWN: "HW slowdown",
                     ClockEventReason.SW_THERMAL_SLOWDOWN: "SW thermal slowdown",
                     ClockEventReason.HW_THERMAL_SLOWDOWN: "HW thermal slowdown"}

@@ -573,6 +573,29 @@ def test_healthy_gpus_under_any_caps_are_not_stragglers(warm, draw):
     assert h.fired("GpuStraggler") == [], [a.annotations["summary"] for a in h.fired("GpuStraggler")]
 
 
+def test_a_gpu_its_cap_holds_to_the_watt_is_no_stuck_sensor_and_no_runaway(warm):
+    """A GPU held at its cap reads the same watt again and again (to 1 W, as DCGM and the
+    realistic normal read it): that is what it draws, not a frozen sensor. Taken for one, it
+    was judged at its node's median power, and two GPUs at a 500 W cap among six at 200 W
+    looked 12 C too hot for their watts (two false GpuThermalRunaway alerts on a 128-node eval
+    with demand response)."""
+    h = warm(seed=5)
+    mine = _full_load_node(h)
+    h.sim.set_caps(mine[:6], 200.0)
+    h.sim.set_caps(mine[6:], 500.0)
+    pinned = {h.sim.gpu_uuids[g] for g in mine[6:]}
+
+    def to_the_watt(topic, batch):
+        if topic != Topic.GPU:
+            return batch
+        power = batch.column("power_w").to_numpy(zero_copy_only=False).copy()
+        held = np.isin(batch.column("gpu_uuid").to_numpy(zero_copy_only=False), list(pinned))
+        power[held] = np.where(power[held] > 490.0, 498.0, power[held])  # once settled at the cap
+        return batch.set_column(batch.schema.get_field_index("power_w"), "power_w", pa.array(power))
+    h.run(180, to_the_watt)
+    assert h.fired("GpuThermalRunaway") == [], [a.annotations["summary"] for a in h.fired("GpuThermalRunaway")]
+
+
 def test_a_node_hotter_than_its_rack_is_found_while_the_rack_swings_in_lockstep():
     """The realistic normal, seed 2: rack r04 runs one training job whose nodes swing together
     every 31 s, never at steady power, when node r04-n03's coolant branch is restricted (45 min

@@ -11,14 +11,13 @@ from pipeline.bus.base import Topic
 from pipeline.detect.batch import GpuBatch, Output
 from pipeline.detect.family import Family, State, evidence
 from pipeline.detect.state import group_median
-from pipeline.model import CLOCK_EVENT_TEXT, FORCED_SLOWDOWN, HW_SLOWDOWN_ANY, ClockEventReason
+from pipeline.model import CLOCK_EVENT_TEXT, FORCED_SLOWDOWN, HW_SLOWDOWN_ANY, SW_POWER_CAP, ClockEventReason
 from pipeline.power.curve import PowerCurve, from_recording
 
 # As plain ints: numpy is slow with enum operands.
 POWER_BRAKE = int(ClockEventReason.HW_POWER_BRAKE_SLOWDOWN)
 FORCED = int(FORCED_SLOWDOWN)
 ANY_SLOWDOWN = int(HW_SLOWDOWN_ANY)
-SW_POWER_CAP = int(ClockEventReason.SW_POWER_CAP)
 CAP_SETTLE_S = 2.0
 
 

@@ -13,9 +13,8 @@ import numpy as np
 from pipeline.bus.base import Topic
 from pipeline.detect.batch import GpuBatch, Output
 from pipeline.detect.family import Family, State, evidence
-from pipeline.model import ClockEventReason
+from pipeline.model import SW_POWER_CAP
 
-SW_POWER_CAP = int(ClockEventReason.SW_POWER_CAP)
 BUSY_UTIL = 0.05  # an idle GPU under a cap is capped on purpose (power/planner.py: idle first)
 
 

@@ -14,9 +14,11 @@ from pipeline.bus.base import Topic
 from pipeline.detect.batch import GpuBatch, Output
 from pipeline.detect.family import Family, State, evidence, lag
 from pipeline.detect.state import group_median
+from pipeline.model import SW_POWER_CAP
 
 THERMAL_TAU_S = 6.5  # slow thermal time constant of an H100 (the recorded trace, sources/recordings/h100)
 RISE_TAU_S = 20.0    # memory of the average a rising temperature excess is compared with
+PINNED_SHARE = 0.02  # a GPU within this share under its limit, with reason 0x4, is held there
 
 
 @dataclass
@@ -48,8 +50,11 @@ class SiblingTemperature(Family):
         # power through two lags (H100 trace: ~60% at once, the rest with tau 6.5 s), so it
         # reflects 0.6 P + 0.4 P_slow. A power reading that repeats exactly is not trusted
         # (a stuck sensor): that GPU is taken to draw its peers' median, in P_slow as well,
-        # so that the real reading coming back later is not a jump in the excess.
-        stuck = b.power_runs >= 3
+        # so that the real reading coming back later is not a jump in the excess. Except at
+        # the GPU's limit with reason 0x4: a cap holds it there, steady to the watt, and that
+        # is what it draws, whatever the sensor (a deep cap's repeats are no stuck sensor).
+        pinned = ((b.reasons & SW_POWER_CAP) != 0) & (power >= (1.0 - PINNED_SHARE) * b.metrics["power_limit_w"])
+        stuck = (b.power_runs >= 3) & ~pinned
         med_power, _ = group_median(np.where(stuck, np.nan, power), group, n_groups)
         power = np.where(stuck, med_power[group], power)
         a = 1.0 - np.exp(-np.nan_to_num(b.gap, nan=1.0) / THERMAL_TAU_S)
