@@ -293,8 +293,9 @@ ALERTS: tuple[AlertSpec, ...] = (
               "Power capping and accounting are blind on this GPU; reset it at the next drain.",
               detector="flatline", family="counters", evidence=("power_w", "samples"),
               meaning="power reading frozen at one value", method="flat-line (Numba)",
-              detection="`stuck_samples` identical power readings in a row under load (utilisation 25% or more), "
-                        "where a real sensor's reading moves every sample. At idle a reading to whole watts may "
+              detection="`stuck_samples` identical power readings in a row under load (utilisation 25% or more, "
+                        "or a reading over a quarter of the GPU's highest limit: a job's draw frozen after the job paused or "
+                        "ended), where a real sensor's reading moves every sample. At idle a reading to whole watts may "
                         "repeat for minutes (an H100 idles at 71.0 +- 0.2 W): there a run must be one in a million "
                         "by the idle runs that GPU has finished with a flicker (geometric, from their mean), 3x "
                         "its longest and at least 300 samples (an idle GPU's level drifts with its temperature, "

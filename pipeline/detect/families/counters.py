@@ -15,6 +15,8 @@ from pipeline.detect.family import Family, State, evidence
 from pipeline.detect.state import CounterDelta, Flatline
 
 STUCK_BUSY_UTIL = 0.25  # utilisation from which a GPU's power moves every reading
+IDLE_MAX_SHARE = 0.25   # no idle GPU draws this share of its limit (an H100 idles at 71 of 700 W): a repeat
+                        # above it is a load's reading frozen (its job paused or ended), judged as under load
 STUCK_P = 1e-6          # how unlikely an idle run must be, by the GPU's own finished idle runs
 IDLE_RUN_RATE = 0.05    # EW weight of each finished idle run in their mean
 IDLE_RUNS = 5           # finished idle runs before an idle GPU is judged
@@ -33,10 +35,10 @@ class Counters(Family):
     nvlink = State("gpu", lambda _: CounterDelta())      # NVLink CRC errors
     power_flat = State("gpu", lambda _: Flatline())      # identical power readings in a row
     # Per GPU: its power reading's current run of repeats and last value; the mean and longest of
-    # the idle runs it finished with a flicker, and how many.
+    # the idle runs it finished with a flicker, and how many; the highest limit it reported.
     repeats = State("gpu", fields={"run": (np.float64, 0.0), "last_w": (np.float64, np.nan),
                                    "idle_run": (np.float64, np.nan), "idle_longest": (np.float64, 0.0),
-                                   "idle_runs": (np.float64, 0.0)})
+                                   "idle_runs": (np.float64, 0.0), "top_limit_w": (np.float64, np.nan)})
 
     def observe(self, b: GpuBatch) -> None:
         b.power_runs = self.power_flat.update(b.metrics["power_w"], b.slots)  # the siblings distrust a stuck one
@@ -76,8 +78,10 @@ class Counters(Family):
         power = m["power_w"]
         runs = b.power_runs.astype(float)
         prev, last = rep.run[slots], rep.last_w[slots]
-        idle = m["util_gpu"] < STUCK_BUSY_UTIL
         with np.errstate(invalid="ignore"):
+            top = np.fmax(rep.top_limit_w[slots], m["power_limit_w"])  # its default: a cap holds idle GPUs too
+            rep.top_limit_w[slots] = top
+            idle = (m["util_gpu"] < STUCK_BUSY_UTIL) & ~(power > IDLE_MAX_SHARE * top)
             ended = idle & (runs == 0) & (prev > 0) & (np.abs(power - last) <= 0.01 * np.abs(last))
         mean = rep.idle_run[slots]
         mean = np.where(ended, np.where(np.isnan(mean), prev, mean + IDLE_RUN_RATE * (prev - mean)), mean)
