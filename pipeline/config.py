@@ -326,6 +326,9 @@ class PowerConfig:
     node_labels_interval_s: float = _spec(60.0, min=1, max=86400, doc="read the node labels this often")
     headroom_pct: float = _spec(5.0, min=0, max=50, doc="shed this share beyond a request's reduction, for the "
                                 "meter's error")
+    headroom_sd: float = _spec(3.0, min=0, max=10, doc="aim this many standard deviations of the reduction's minute "
+                               "means (how much the load's swings move them) above the target, when that is more "
+                               "than headroom_pct: a hold is judged minute by minute (docs/power.md)")
     baseline_s: float = _spec(300.0, min=10, doc="a request's baseline: the site meter's mean over this long before "
                               "it starts")
     control_interval_s: float = _spec(5.0, min=0.5, max=60, doc="during a request, compare the meter with the target "

@@ -61,7 +61,6 @@ PROBE_SHARE = 0.1      # a job whose curve is not learned yet is capped this sha
 PROBE_POINTS = 10      # ... until this many of its samples under a cap are learned from
 STUCK_READINGS = 30    # identical power readings in a row where they should move: a stuck sensor (detect.stuck_samples)
 PAUSED_MEM = 0.5       # an idle GPU holding this share of its job's memory: the job paused (a checkpoint)
-SWING_Z = 2.0          # the headroom's floor: this many sd of the reduction's minute means above the target
 SWING_S = 300.0        # ... as they moved over this long
 BIAS_READINGS = 60     # the meter's reduction against the caps' expected one: a mean over this many readings,
 BIAS_PRIOR = 10        # ... where the mean before the caps last changed counts as this many (a new plan
@@ -610,10 +609,10 @@ class Controller:
         plan is made again every step: the curves learn as the caps show each job's cost.
         `achieved_kw` is the caps' expected reduction now plus the meter's mean bias against it
         (not the last readings: a training job's shed comes and goes with its step, and caps
-        that chased it would swing with it); the headroom grows to `SWING_Z` sd of the minute
+        that chased it would swing with it); the headroom grows to `power.headroom_sd` sd of the minute
         means, which a hold is judged on."""
         want = out.requested_kw
-        margin = max(want * self.s.headroom_pct / 100.0, 2.0 * SWING_Z * self._minute_swing_kw())
+        margin = max(want * self.s.headroom_pct / 100.0, 2.0 * self.s.headroom_sd * self._minute_swing_kw())
         error = want + margin / 2 - achieved_kw  # aim inside the headroom
         if abs(error) <= margin / 2 and not self._relearned():
             return  # the caps stay: one moved back and forth heats and cools a GPU for nothing
