@@ -75,7 +75,7 @@ def score(run, cfg: Config, rack_loss: tuple[float, dict] | None = None) -> dict
     raised: dict[str, list[dict]] = {}
     for a in run.alerts:
         raised.setdefault(fingerprint(a["labels"]), []).append(a)
-    quarantines = [e for e in events if e.from_state == HEALTHY and e.to_state == QUARANTINED]
+    quarantines = [e for e in events if _quarantined(e)]
     ttq, false, for_rack = [], 0, 0
     for q in quarantines:
         alert = max((a for a in raised.get(q.fingerprint, []) if a["starts_at"].timestamp() <= q.ts),
@@ -88,10 +88,6 @@ def score(run, cfg: Config, rack_loss: tuple[float, dict] | None = None) -> dict
             for_rack += 1
         else:
             false += 1
-    refused: dict[str, int] = {}
-    for e in events:
-        if e.guardrail and e.from_state == e.to_state:
-            refused[e.guardrail] = refused.get(e.guardrail, 0) + 1
     return {
         "quarantines": len(quarantines),
         "time_to_quarantine_p50_s": round(float(np.percentile(ttq, 50)), 2) if ttq else None,
@@ -99,7 +95,7 @@ def score(run, cfg: Config, rack_loss: tuple[float, dict] | None = None) -> dict
         "false_quarantines": false,
         "quarantines_for_rack_faults": for_rack,
         "breaker_trips": rem.guardrails.breaker.trips,
-        "refused_by_guardrail": dict(sorted(refused.items())),
+        "refused_by_guardrail": _refused(events),
         "needs_repair": sum(1 for e in events if e.to_state == "needs_repair" and e.from_state != e.to_state),
         "returned_to_service": sum(1 for e in events if e.to_state == HEALTHY and e.from_state != HEALTHY),
         "open_at_end": len(rem.cases),
@@ -118,15 +114,24 @@ def _rack_loss(run, cfg: Config, rack_loss: tuple[float, dict], events: list[Eve
                  and abs(lab["start"].timestamp() - start) <= cfg.fleet.sample_interval_s)
     lo, hi = label["start"].timestamp(), label["end"].timestamp() + GRACE_S
     mine = [e for e in events if e.rack == label["rack"] and lo <= e.ts <= hi]
-    refused: dict[str, int] = {}
-    for e in mine:
-        if e.guardrail and e.from_state == e.to_state:
-            refused[e.guardrail] = refused.get(e.guardrail, 0) + 1
     return {
         "rack": label["rack"],
         "nodes": sum(1 for r in run.nodes.values() if r == label["rack"]),
         "nodes_asking": len({e.node for e in mine}),
-        "nodes_quarantined": len({e.node for e in mine if e.from_state == HEALTHY and e.to_state == QUARANTINED}),
+        "nodes_quarantined": len({e.node for e in mine if _quarantined(e)}),
         "breaker_open": any(a < hi and b > lo for a, b in spans),
-        "refused_by_guardrail": dict(sorted(refused.items())),
+        "refused_by_guardrail": _refused(mine),
     }
+
+
+def _quarantined(e: Event) -> bool:
+    return e.from_state == HEALTHY and e.to_state == QUARANTINED
+
+
+def _refused(events: list[Event]) -> dict[str, int]:
+    """Steps a guardrail refused, by guardrail."""
+    refused: dict[str, int] = {}
+    for e in events:
+        if e.guardrail and e.from_state == e.to_state:
+            refused[e.guardrail] = refused.get(e.guardrail, 0) + 1
+    return dict(sorted(refused.items()))
