@@ -8,6 +8,7 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.bus import keys
 from pipeline.bus.align import ORIGIN, Aligner
 from pipeline.bus.base import Message, Topic
 from pipeline.bus.batching import coalesce_by_time
@@ -58,6 +59,39 @@ def test_origins_are_waited_for_until_they_send_or_go_idle():
     assert a.release(lambda t, p: True) == []
     now[0] = 31.0  # origin 1 sent nothing for idle_s
     assert [m.offset for m in a.release(lambda t, p: True)] == [2]
+
+
+def test_an_expected_origin_is_waited_for_before_it_sends_and_a_moved_partition_forgets_it(caplog):
+    """A site-tier partition taken over mid-run: its checkpoint names the racks, so the
+    origins that hold them are waited for from the start; the first messages read (the
+    live rack tiers') do not go past one whose rack tier is being taken over and later
+    sends what came earlier."""
+    now = [0.0]
+    a = Aligner([Topic.RACKS], by_origin=True, idle_s=30.0, clock=lambda: now[0])
+    a.expect(0, ["1", "2"])
+    a.add([msg(Topic.RACKS, t, t, origin="1") for t in (10, 11, 12)])
+    assert a.release(lambda t, p: True) == []  # origin 2 has sent nothing yet, and may send 10
+    a.add([msg(Topic.RACKS, 10, 20, origin="2")])
+    assert [m.offset for m in a.release(lambda t, p: True)] == [10, 20]
+    now[0] = 31.0  # origin 2 went idle: the rest goes on, said once
+    assert [m.offset for m in a.release(lambda t, p: True)] == [11, 12]
+    a.release(lambda t, p: True)
+    assert [r.getMessage() for r in caplog.records] == [
+        "partition 0: nothing from origin 2 for 30 s; what the others sent goes on without it (its rack-tier "
+        "partition has no data, or no live process holds it)"]
+    a.drop({0})
+    a.add([msg(Topic.RACKS, 13, 13, origin="1")])
+    assert [m.offset for m in a.release(lambda t, p: True)] == [13]  # partition 0 moved away and back: not expected
+
+
+def test_a_site_partition_expects_the_rack_tier_partitions_of_its_sites_racks():
+    racks = [("site-a", "r01"), ("site-a", "r02"), ("site-a", "r03"), ("site-a", ""), ("east", "r09")]
+    a, east = keys.partition_for("site-a", 6), keys.partition_for("east", 6)
+    assert a != east
+    expected = {keys.partition_for(r or "site-a", 12) for r in ("r01", "r02", "r03", "")}
+    assert keys.origins(racks, a, 6, 12) == expected  # the site meter's summaries come from its site's key
+    assert keys.origins(racks, east, 6, 12) == {keys.partition_for("r09", 12)}
+    assert keys.origins(racks, (a + 1) % 6 if (a + 1) % 6 != east else (a + 2) % 6, 6, 12) == set()
 
 
 def test_the_summaries_of_one_tick_are_judged_together():

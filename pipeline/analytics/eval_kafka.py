@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,9 @@ async def _run(cfg: Config, duration_s: float, processes: int, config_file: str 
         labels, produced, gpu_samples, nodes = await _produce(bus, cfg, duration_s)
         victim = await _consumed(bus, produced, procs[-1] if chaos else None, chaos)
         alerts = await _alerts(bus)
+    except BaseException:
+        log.error("eval: the detect processes' logs are kept in %s", workdir)
+        raise
     finally:
         for p in procs:
             if p.poll() is None:
@@ -90,6 +94,7 @@ async def _run(cfg: Config, duration_s: float, processes: int, config_file: str 
     run = EvalRun(labels, alerts, EVAL_EPOCH + timedelta(seconds=duration_s), n_nodes * duration_s / 3600.0,
                   gpu_samples, normal=cfg.fleet.normal, nodes=nodes)
     logs = [Path(p.log_path).read_text(errors="replace") for p in procs]
+    shutil.rmtree(workdir, ignore_errors=True)
     return run, {"detect_processes": processes, "chaos": chaos, "victim": victim,
                  "fenced": sum(text.count("was taken over by another process") for text in logs),
                  "restored": sum(len(re.findall(r"restored the detector state of \[\d", text)) for text in logs)}

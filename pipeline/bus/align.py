@@ -20,13 +20,16 @@ committed: a crash reads it again.
 from __future__ import annotations
 
 import collections
+import logging
 import time
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.bus.base import Message, Topic
+
+log = logging.getLogger("fleetwatch")
 
 HOLD_LIMIT = 100_000  # messages held at most: past it the oldest go on (a source that never catches up)
 ORIGIN = "fw-origin"  # header: the rack-tier partition a rack summary comes from
@@ -53,7 +56,20 @@ class Aligner:
         self.rank = {t: i for i, t in enumerate(topics)}
         self.queues: dict[int, dict[Hashable, collections.deque]] = {}
         self.last_heard: dict[tuple[int, Hashable], float] = {}  # (partition, origin) -> when
+        self.gone: set[tuple[int, Hashable]] = set()  # (partition, origin) idle since it was logged
         self.held = 0
+
+    def expect(self, partition: int, sources: Iterable[Hashable]) -> None:
+        """Sources a partition's messages come from, known before they send (an assigned
+        site-tier partition: the origins of the racks its checkpoint holds). Each is waited
+        for as one that has sent, from now: else the first messages read after a hand-over
+        would go on past an origin that sends nothing yet (one whose rack tier is being
+        taken over) and later sends what came earlier."""
+        by_source = self.queues.setdefault(partition, {})
+        now = self.clock()
+        for source in sources:
+            by_source.setdefault(source, collections.deque())
+            self.last_heard[(partition, source)] = now
 
     def _source(self, m: Message) -> Hashable:
         return m.headers.get(ORIGIN, "") if self.by_origin else m.topic
@@ -68,6 +84,7 @@ class Aligner:
             by_source.setdefault(source, collections.deque()).append((start_time(m.value), str(rank), m))
             if self.by_origin:
                 self.last_heard[(m.partition, source)] = now
+                self.gone.discard((m.partition, source))
             self.held += 1
 
     def waiting_on(self) -> set[tuple[Topic, int]]:
@@ -82,9 +99,15 @@ class Aligner:
 
     def _blocks(self, p: int, source: Hashable, now: float, read_to_end: Callable[[Topic, int], bool]) -> bool:
         """An empty source that may still send something earlier than what the others hold."""
-        if self.by_origin:
-            return now - self.last_heard.get((p, source), -1e18) < self.idle_s
-        return not read_to_end(source, p)
+        if not self.by_origin:
+            return not read_to_end(source, p)
+        if now - self.last_heard.get((p, source), -1e18) < self.idle_s:
+            return True
+        if (p, source) not in self.gone:
+            self.gone.add((p, source))
+            log.warning("partition %d: nothing from origin %s for %.0f s; what the others sent goes on without it "
+                        "(its rack-tier partition has no data, or no live process holds it)", p, source, self.idle_s)
+        return False
 
     def release(self, read_to_end: Callable[[Topic, int], bool], everything: bool = False) -> list[Message]:
         """Every message that no other source of its partition can still precede, in
@@ -120,3 +143,5 @@ class Aligner:
         for p in partitions:
             for q in self.queues.pop(p, {}).values():
                 self.held -= len(q)
+        self.last_heard = {k: t for k, t in self.last_heard.items() if k[0] not in partitions}
+        self.gone = {k for k in self.gone if k[0] not in partitions}

@@ -70,6 +70,10 @@ class Subscription(Protocol):
 
     def resume(self) -> None: ...
 
+    def expect(self, partition: int, origins: set[int]) -> None:
+        """Messages of this partition also come from these origins (rack-tier partitions),
+        which may not have sent yet: an aligned reader waits for them (bus/align.py)."""
+
     def forget(self, partitions: set[int]) -> None:
         """Commit nothing more of these partitions: they go to their next owner uncommitted."""
 

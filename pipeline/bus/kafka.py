@@ -269,7 +269,10 @@ class KafkaSubscription:
                 await producer.begin_transaction()
                 self._in_transaction.add(origin)
             topic, value, key, headers = self.bus.record(message)
-            await producer.send(topic, value, key=key, headers=headers, partition=partition)
+            delivery = await producer.send(topic, value, key=key, headers=headers, partition=partition)
+            # Its failure is the transaction's (commit() raises it, or the partition was lost):
+            # read here, or asyncio logs each undelivered record's as a traceback.
+            delivery.add_done_callback(lambda d: d.cancelled() or d.exception())
         except (KafkaError, IllegalOperation) as e:  # fenced, or the transaction was aborted
             await self._lose(origin, e)
 
@@ -401,6 +404,11 @@ class KafkaSubscription:
 
     def resume(self) -> None:
         self.consumer.resume(*self.consumer.assignment())
+
+    def expect(self, partition: int, origins: set[int]) -> None:
+        """An aligned partition's messages also come from these origins (bus/align.py)."""
+        if self.aligner is not None and self.aligner.by_origin:
+            self.aligner.expect(partition, sorted(str(o) for o in origins))
 
     def forget(self, partitions: set[int]) -> None:
         """Commit nothing more of these partitions: their next owner reads them again."""

@@ -80,6 +80,13 @@ def rack_key(site: str | None, rack: str | None) -> str:
     return rack or site or ""
 
 
+def origins(racks: list[tuple[str, str]], partition: int, site_partitions: int, rack_partitions: int) -> set[int]:
+    """The rack-tier partitions whose summaries a site-tier `partition` reads (header
+    `fw-origin`, bus/align.py): those holding the `racks` ((site, rack)) of its sites."""
+    return {partition_for(rack_key(site, rack), rack_partitions) for site, rack in racks
+            if partition_for(site, site_partitions) == partition}
+
+
 def checkpoint_key(partition: int, tier: str = "rack") -> str:
     """The key of a partition's detector checkpoint on the state topic: the partition of
     the rack tier's input ("3"), or of the site tier's ("site-3"); both in that partition."""

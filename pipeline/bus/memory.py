@@ -59,6 +59,9 @@ class MemorySubscription:
     def resume(self) -> None:
         """See pause()."""
 
+    def expect(self, partition: int, origins: set[int]) -> None:
+        """One consumer sees every message in publish order: nothing to wait for."""
+
     def forget(self, partitions: set[int]) -> None:
         """No partitions, nothing committed."""
 

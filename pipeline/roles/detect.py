@@ -119,10 +119,17 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
             checkpoint.repartition(sub.partition_count(sub.topics[0]) or checkpoint.partitions)
             latest = await bus.read_latest(Topic.STATE, partitions, key=lambda p: keys.checkpoint_key(p, tier))
             held = [checkpoint.restore(m.value) for m in latest.values()]
+            origins: set[int] = set()
+            if tier == "site":  # wait for every rack the checkpoint knows, whoever sends first (bus/align.py)
+                racks, rack_partitions = engine.inventory.rack_names, bus.partition_count(Topic.GPU)
+                for p in partitions:
+                    origins |= (of_p := keys.origins(racks, p, checkpoint.partitions, rack_partitions))
+                    sub.expect(p, of_p)
             log.info("detect (%s tier): assigned partitions %s; restored the detector state of %s (%d GPUs, %d nodes, "
-                     "%d racks, %d alerts firing)%s", tier, sorted(partitions), sorted(latest),
+                     "%d racks, %d alerts firing)%s%s", tier, sorted(partitions), sorted(latest),
                      *(sum(h[k] for h in held) for k in ("gpu", "node", "rack", "alerts")),
-                     f"; no checkpoint yet for {sorted(partitions - set(latest))}" if partitions - set(latest) else "")
+                     f"; no checkpoint yet for {sorted(partitions - set(latest))}" if partitions - set(latest) else "",
+                     f"; waiting for the summaries of rack-tier partitions {sorted(origins)}" if origins else "")
 
     async def hand_over(partitions: set[int]) -> None:
         async with busy:

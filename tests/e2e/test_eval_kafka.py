@@ -52,9 +52,12 @@ def scores(path) -> dict:
 def test_three_detect_processes_raise_what_one_process_raises_even_when_one_dies_or_freezes(
         broker, in_process, tmp_path, chaos):
     (tmp_path / "fleetwatch.toml").write_text(CONFIG)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     r = fleetwatch("eval", *ARGS, "--json", "kafka.json", "--kafka", broker.bootstrap, "--detect-processes", "3",
-                   "--chaos", chaos, cwd=tmp_path, timeout=600)
+                   "--chaos", chaos, cwd=tmp_path, timeout=600, env={"TMPDIR": str(scratch)})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert list(scratch.iterdir()) == []  # the detect processes' working directory is gone
     assert "3 detect processes; pid" in r.stdout  # the victim was struck half-way
     # The others took its partitions over from its checkpoints. (A frozen one that wakes up
     # is fenced only if it tries to commit before it learns of the rebalance; either way it
