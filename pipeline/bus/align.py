@@ -12,9 +12,10 @@ others at the same time.
 So a consumer holds each partition's messages in a queue per source (a topic, or an
 origin) and releases them in timestamp order (a tie in source order, as one process
 sees a tick), a message only once every other source of its partition has a later
-message waiting, or has been read to its end (its watermark has passed), or, for
-origins, has sent nothing for `idle_s` (a rack tier that stopped). A held message is not
-committed: a crash reads it again.
+message waiting, or has been read to its end (its watermark has passed; an origin's
+tier has also committed all its own input, bus/kafka.py), or, for origins, has sent
+nothing for `idle_s` (the bound for a rack-tier partition whose input no process gets
+through). A held message is not committed: a crash reads it again.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def start_time(batch: pa.RecordBatch) -> int:
 class Aligner:
     """`topics`: the sources where they are the topics read (their order breaks ties);
     with `by_origin`, a single topic whose sources are the `fw-origin` headers, which
-    stop being waited for after `idle_s` (wall clock) without a message."""
+    stop being waited for once read to their end, or after `idle_s` (wall clock) without
+    a message."""
 
     def __init__(self, topics: list[Topic], by_origin: bool = False, idle_s: float = 60.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -57,19 +59,23 @@ class Aligner:
         self.queues: dict[int, dict[Hashable, collections.deque]] = {}
         self.last_heard: dict[tuple[int, Hashable], float] = {}  # (partition, origin) -> when
         self.gone: set[tuple[int, Hashable]] = set()  # (partition, origin) idle since it was logged
+        self.maybe: set[tuple[int, Hashable]] = set()  # (partition, origin) expected, never heard: maybe not ours
         self.held = 0
 
-    def expect(self, partition: int, sources: Iterable[Hashable]) -> None:
+    def expect(self, partition: int, sources: Iterable[Hashable], maybe: bool = False) -> None:
         """Sources a partition's messages come from, known before they send (an assigned
         site-tier partition: the origins of the racks its checkpoint holds). Each is waited
         for as one that has sent, from now: else the first messages read after a hand-over
         would go on past an origin that sends nothing yet (one whose rack tier is being
-        taken over) and later sends what came earlier."""
+        taken over) and later sends what came earlier. `maybe`: sources that may send
+        nothing here at all (a cold start's every origin): given up without a warning."""
         by_source = self.queues.setdefault(partition, {})
         now = self.clock()
         for source in sources:
             by_source.setdefault(source, collections.deque())
             self.last_heard[(partition, source)] = now
+            if maybe:
+                self.maybe.add((partition, source))
 
     def _source(self, m: Message) -> Hashable:
         return m.headers.get(ORIGIN, "") if self.by_origin else m.topic
@@ -85,33 +91,36 @@ class Aligner:
             if self.by_origin:
                 self.last_heard[(m.partition, source)] = now
                 self.gone.discard((m.partition, source))
+                self.maybe.discard((m.partition, source))
             self.held += 1
 
-    def waiting_on(self) -> set[tuple[Topic, int]]:
-        """(topic, partition) with a source that holds nothing while another source of the
-        partition holds messages: whether they are read to their end decides what can go.
-        (Not origins: another process's open transaction is beyond the end a reader sees,
-        so an origin is waited for until it sends, or goes idle.)"""
-        if self.by_origin:
-            return set()
+    def waiting_on(self) -> set[tuple[Hashable, int]]:
+        """(source, partition) with a source that holds nothing while another source of the
+        partition holds messages: whether it is read to its end decides what can go (an
+        origin: its own tier has committed all its input, so that everything it will send
+        for it is visible, and the partition is read to its end after that)."""
         return {(source, p) for p, by_source in self.queues.items() if any(by_source.values())
                 for source, q in by_source.items() if not q}
 
     def _blocks(self, p: int, source: Hashable, now: float, read_to_end: Callable[[Topic, int], bool]) -> bool:
         """An empty source that may still send something earlier than what the others hold."""
+        if read_to_end(source, p):
+            return False
         if not self.by_origin:
-            return not read_to_end(source, p)
+            return True
         if now - self.last_heard.get((p, source), -1e18) < self.idle_s:
             return True
         if (p, source) not in self.gone:
             self.gone.add((p, source))
+            if (p, source) in self.maybe:
+                return False
             log.warning("partition %d: nothing from origin %s for %.0f s; what the others sent goes on without it "
-                        "(its rack-tier partition has no data, or no live process holds it)", p, source, self.idle_s)
+                        "(no process has got through its rack-tier partition's input since)", p, source, self.idle_s)
         return False
 
-    def release(self, read_to_end: Callable[[Topic, int], bool], everything: bool = False) -> list[Message]:
+    def release(self, read_to_end: Callable[[Hashable, int], bool], everything: bool = False) -> list[Message]:
         """Every message that no other source of its partition can still precede, in
-        order per partition. `read_to_end(topic, partition)`: nothing more to read there now."""
+        order per partition. `read_to_end(source, partition)`: nothing more to read there now."""
         out: list[Message] = []
         now = self.clock()
         for p, by_source in self.queues.items():
@@ -145,3 +154,4 @@ class Aligner:
                 self.held -= len(q)
         self.last_heard = {k: t for k, t in self.last_heard.items() if k[0] not in partitions}
         self.gone = {k for k in self.gone if k[0] not in partitions}
+        self.maybe = {k for k in self.maybe if k[0] not in partitions}

@@ -70,9 +70,10 @@ class Subscription(Protocol):
 
     def resume(self) -> None: ...
 
-    def expect(self, partition: int, origins: set[int]) -> None:
+    def expect(self, partition: int, origins: set[int], maybe: bool = False) -> None:
         """Messages of this partition also come from these origins (rack-tier partitions),
-        which may not have sent yet: an aligned reader waits for them (bus/align.py)."""
+        which may not have sent yet: an aligned reader waits for them (bus/align.py);
+        `maybe`: they may send nothing here at all."""
 
     def forget(self, partitions: set[int]) -> None:
         """Commit nothing more of these partitions: they go to their next owner uncommitted."""

@@ -33,6 +33,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
+from typing import Hashable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -167,7 +168,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
 class KafkaSubscription:
     def __init__(self, bus: "KafkaBus", topics: list[Topic], group: str, transactional: bool = False,
-                 align: bool = False) -> None:
+                 align: bool = False, upstream: tuple[str, list[Topic]] | None = None) -> None:
         self.bus = bus
         # Event-time order (bus/align.py): of the topics read, or of one topic's origins.
         self.aligner = Aligner(topics, by_origin=len(topics) == 1) if align else None
@@ -197,6 +198,10 @@ class KafkaSubscription:
         self._rejoin = False           # a partition's transaction failed: rejoin the group (_lose)
         self._started = False
         self._ends_probe: AIOKafkaConsumer | None = None  # asks the broker for end offsets (_read_to_end)
+        # Aligned by origin: the group and topics of the tier that sends (its input partitions
+        # are the origins), whose committed offsets say when an origin can send no more.
+        self.upstream = upstream
+        self._upstream_admin: AIOKafkaAdminClient | None = None
         self._stopping: set[asyncio.Task] = set()  # producers of partitions that moved away, shutting down
         self._to_commit: dict[TopicPartition, int] = {}
         self.dead_letters = 0
@@ -333,14 +338,25 @@ class KafkaSubscription:
             raise EndOfStream
         return out
 
-    async def _read_to_end(self, only: set | None = None) -> set[tuple[Topic, int]]:
-        """Of the (topic, partition)s the aligner waits on, those read up to their end now:
-        their end offsets asked of the broker (the last fetch's may be behind a producer
-        that runs faster than real time, as the eval's does)."""
-        waiting = {TopicPartition(self.bus.wire(t), p): (t, p) for t, p in (only or self.aligner.waiting_on())}
+    async def _read_to_end(self, only: set | None = None) -> set[tuple[Hashable, int]]:
+        """Of the (source, partition)s the aligner waits on, those read up to their end now:
+        a topic's end offsets asked of the broker (the last fetch's may be behind a producer
+        that runs faster than real time, as the eval's does); an origin's, see _origins_done."""
+        asked = only or self.aligner.waiting_on()
+        origins = {(o, p) for o, p in asked if not isinstance(o, Topic)}
+        waiting = {TopicPartition(self.bus.wire(t), p): (t, p) for t, p in asked - origins}
         waiting = {tp: tp_ for tp, tp_ in waiting.items() if tp in self.consumer.assignment()}
+        done = await self._origins_done(origins) if origins else set()
         if not waiting:
-            return set()
+            return done
+        try:
+            ends = await (await self._probe()).end_offsets(list(waiting))  # read_committed: the last stable offsets
+            return done | {waiting[tp] for tp, end in ends.items()
+                           if tp in self.consumer.assignment() and await self.consumer.position(tp) >= end}
+        except (KafkaError, IllegalStateError):  # (a rebalance meanwhile: the partition is not ours now)
+            return done  # ask again on the next batch
+
+    async def _probe(self) -> AIOKafkaConsumer:
         if self._ends_probe is None:
             # Its own connection: on the consumer's, a ListOffsets request waits behind the fetch
             # in flight, which the broker holds up to fetch_max_wait_ms (500 ms) while nothing is new.
@@ -348,12 +364,37 @@ class KafkaSubscription:
                                                 isolation_level="read_committed", enable_auto_commit=False,
                                                 **self.bus.client_settings)
             await self._ends_probe.start()
+        return self._ends_probe
+
+    async def _origins_done(self, asked: set[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Origins (the sending tier's input partitions, `upstream`) that can send nothing
+        more now: that tier has committed all its input of the partition (its output commits
+        with its offsets, so all it sent for it is visible), and this partition is read to
+        its end after that. A partition of no data is done at once; one whose process froze
+        is not, until its next owner gets through it."""
+        if self.upstream is None:
+            return set()
+        group, topics = self.upstream
+        asked = {(o, p) for o, p in asked if str(o).isdigit()}  # (a summary without its header: no origin to ask)
+        origins = {int(o) for o, _ in asked}
+        tps = [TopicPartition(self.bus.wire(t), o) for t in topics for o in sorted(origins)]
         try:
-            ends = await self._ends_probe.end_offsets(list(waiting))  # read_committed: the last stable offsets
-            return {waiting[tp] for tp, end in ends.items()
-                    if tp in self.consumer.assignment() and await self.consumer.position(tp) >= end}
-        except (KafkaError, IllegalStateError):  # (a rebalance meanwhile: the partition is not ours now)
+            if self._upstream_admin is None:
+                self._upstream_admin = AIOKafkaAdminClient(client_id=f"{self.bus.client_id}-{self.group}-upstream",
+                                                           **self.bus.client_settings)
+                await self._upstream_admin.start()
+            committed = await self._upstream_admin.list_consumer_group_offsets(self.bus.wire_group(group),
+                                                                               partitions=tps)
+            ends = await (await self._probe()).end_offsets(tps)
+        except KafkaError:
             return set()  # ask again on the next batch
+        behind = {tp.partition for tp in tps
+                  if max(getattr(committed.get(tp), "offset", -1), 0) < ends.get(tp, 0)}
+        idle = origins - behind
+        if not idle:
+            return set()
+        read = await self._read_to_end({(self.topics[0], p) for o, p in asked if int(o) in idle})
+        return {(o, p) for o, p in asked if int(o) in idle and (self.topics[0], p) in read}
 
     def partition_count(self, topic: Topic) -> int:
         return len(self.consumer.partitions_for_topic(self.bus.wire(topic)) or ())
@@ -405,10 +446,10 @@ class KafkaSubscription:
     def resume(self) -> None:
         self.consumer.resume(*self.consumer.assignment())
 
-    def expect(self, partition: int, origins: set[int]) -> None:
+    def expect(self, partition: int, origins: set[int], maybe: bool = False) -> None:
         """An aligned partition's messages also come from these origins (bus/align.py)."""
         if self.aligner is not None and self.aligner.by_origin:
-            self.aligner.expect(partition, sorted(str(o) for o in origins))
+            self.aligner.expect(partition, sorted(str(o) for o in origins), maybe)
 
     def forget(self, partitions: set[int]) -> None:
         """Commit nothing more of these partitions: their next owner reads them again."""
@@ -450,6 +491,9 @@ class KafkaSubscription:
         if self._ends_probe is not None:
             await self._ends_probe.stop()
             self._ends_probe = None
+        if self._upstream_admin is not None:
+            await self._upstream_admin.close()
+            self._upstream_admin = None
 
 
 class KafkaBus:
@@ -776,8 +820,8 @@ class KafkaBus:
             raise RuntimeError(f"{len(failed)} of {len(in_flight)} messages were not delivered to Kafka: {failed[0]!r}")
 
     def subscribe(self, topics: list[Topic], group: str, transactional: bool = False,
-                  align: bool = False) -> KafkaSubscription:
-        sub = KafkaSubscription(self, topics, group, transactional, align)
+                  align: bool = False, upstream: tuple[str, list[Topic]] | None = None) -> KafkaSubscription:
+        sub = KafkaSubscription(self, topics, group, transactional, align, upstream)
         self.subscriptions.append(sub)
         return sub
 

@@ -59,7 +59,7 @@ class MemorySubscription:
     def resume(self) -> None:
         """See pause()."""
 
-    def expect(self, partition: int, origins: set[int]) -> None:
+    def expect(self, partition: int, origins: set[int], maybe: bool = False) -> None:
         """One consumer sees every message in publish order: nothing to wait for."""
 
     def forget(self, partitions: set[int]) -> None:

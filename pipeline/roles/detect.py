@@ -56,7 +56,8 @@ def build(ctx, spec):
                                    ctx.progress.detected)
     sub = ctx.bus.subscribe(list(spec.inputs), spec.group, transactional=True, align=True)
     site = ctx.site_engine = Engine(cfg, families=SITE_TIER)
-    site_sub = ctx.bus.subscribe([Topic.RACKS], f"{spec.group}-site", transactional=True, align=True)
+    site_sub = ctx.bus.subscribe([Topic.RACKS], f"{spec.group}-site", transactional=True, align=True,
+                                 upstream=(spec.group, list(spec.inputs)))
     gate = ctx.gate(sub, spec.group)
 
     async def both_tiers() -> None:
@@ -122,9 +123,11 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
             origins: set[int] = set()
             if tier == "site":  # wait for every rack the checkpoint knows, whoever sends first (bus/align.py)
                 racks, rack_partitions = engine.inventory.rack_names, bus.partition_count(Topic.GPU)
-                for p in partitions:
+                for p in partitions & set(latest):
                     origins |= (of_p := keys.origins(racks, p, checkpoint.partitions, rack_partitions))
                     sub.expect(p, of_p)
+                for p in partitions - set(latest):  # a cold start: any rack-tier partition may hold its racks
+                    sub.expect(p, set(range(rack_partitions)), maybe=True)
             log.info("detect (%s tier): assigned partitions %s; restored the detector state of %s (%d GPUs, %d nodes, "
                      "%d racks, %d alerts firing)%s%s", tier, sorted(partitions), sorted(latest),
                      *(sum(h[k] for h in held) for k in ("gpu", "node", "rack", "alerts")),
