@@ -526,7 +526,9 @@ def power_table(doc: dict[str, Any], path: Path) -> str:
     role = doc.get("role")
     if role:
         lines.append(f"power role (as of {role['updated']}): site {role['site']} {kw(role.get('site_kw'))} kW, "
-                     f"{role['gpus']} GPUs, flexible {kw(role.get('flexible_kw'))} kW, {role['phase']}"
+                     f"{role['gpus']} GPUs, flexible {kw(role.get('flexible_kw'))} kW"
+                     + _firm_line(role.get("firm_kw"), role.get("largest_job"), role.get("jobs"))
+                     + f", {role['phase']}"
                      + (", dry run" if role.get("dry_run") else "")
                      + (f"; grid-signal requests rejected: {role['grid_signal_rejected']} (last: "
                         f"{role['grid_signal_last_rejection']})" if role.get("grid_signal_rejected") else "")
@@ -534,6 +536,15 @@ def power_table(doc: dict[str, Any], path: Path) -> str:
     else:
         lines.append("the power role has not run on this data directory yet: requests stay pending until it does")
     return "\n".join(lines)
+
+
+def _firm_line(firm_kw: float | None, largest: dict | None, jobs: dict | None) -> str:
+    """What the site can promise: the flexible capacity without the job that holds the most."""
+    if firm_kw is None or largest is None:
+        return ""
+    unread = jobs is not None and not jobs["reads"]
+    return (f" (firm {firm_kw:.1f} kW if {largest['job']} ends or pauses: {largest['gpus']} GPUs, "
+            f"{largest['kw']:.1f} kW" + ("; jobs not read yet: each node counts alone" if unread else "") + ")")
 
 
 def _labels_line(labels: dict | None) -> str:

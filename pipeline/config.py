@@ -323,7 +323,14 @@ class PowerConfig:
                                  "every GPU is class 0")
     sinfo: str = _spec("sinfo", nonempty="give Slurm's sinfo command or its path",
                        doc="Slurm's sinfo command (power.node_labels = slurm)")
-    node_labels_interval_s: float = _spec(60.0, min=1, max=86400, doc="read the node labels this often")
+    jobs: str = _spec("none", choices=("none", "slurm"),
+                      doc="which job runs on each node, for the firm capacity (`fleetwatch power status`: what "
+                          "the classes allow if the job holding the most of it ends or pauses): slurm = the "
+                          "running jobs, by squeue; none = each node counts as a job of its own")
+    squeue: str = _spec("squeue", nonempty="give Slurm's squeue command or its path",
+                        doc="Slurm's squeue command (power.jobs = slurm)")
+    node_labels_interval_s: float = _spec(60.0, min=1, max=86400, doc="read the node labels (and the jobs) this "
+                                          "often")
     headroom_pct: float = _spec(5.0, min=0, max=50, doc="shed this share beyond a request's reduction, for the "
                                 "meter's error")
     headroom_sd: float = _spec(3.0, min=0, max=10, doc="aim this many standard deviations of the reduction's minute "

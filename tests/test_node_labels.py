@@ -1,12 +1,15 @@
-"""Flexibility classes from node labels (power/node_labels.py): Slurm's node features, read
+"""What the scheduler says about nodes (power/node_labels.py): Slurm's node features, read
 by sinfo from a real slurmctld, set the classes of a rule's `feature`; the labels follow
 `scontrol update`; a scheduler that cannot answer keeps the labels last read, and before the
-first read every GPU is class 0."""
+first read every GPU is class 0. Its running jobs, read by squeue from a real slurmctld and
+slurmd, group the nodes for the firm capacity."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -17,9 +20,10 @@ from pipeline.power.actuator import Actuator
 from pipeline.power.classes import FlexClasses
 from pipeline.power.controller import Controller
 from pipeline.power.curve import from_recording
-from pipeline.power.node_labels import LabelPoller, LabelsUnavailable, SlurmFeatures, parse_sinfo
+from pipeline.power.node_labels import (JobPoller, LabelPoller, LabelsUnavailable, SlurmQuery, expand_hostlist,
+                                        parse_sinfo, parse_squeue, slurm_features, slurm_jobs)
 from tests.conftest import fleetwatch, make_config
-from tests.services import Slurmctld
+from tests.services import Slurmctld, slurm_binary
 from tests.test_batching import of_schema
 
 RULES = [FlexRule(feature="noflex", flex_class=0), FlexRule(feature="flex[1-3]", flex_class=3),
@@ -52,7 +56,7 @@ def slurm(tmp_path):
     ctl.close()
 
 
-async def _read(source: SlurmFeatures, tries: int = 100):
+async def _read(source: SlurmQuery, tries: int = 100):
     """sinfo, until slurmctld (listening) answers."""
     for _ in range(tries):
         try:
@@ -63,7 +67,7 @@ async def _read(source: SlurmFeatures, tries: int = 100):
 
 
 def test_slurm_features_are_read_from_slurmctld_and_follow_scontrol_update(slurm):
-    source = SlurmFeatures(env=slurm.env)
+    source = slurm_features(env=slurm.env)
     labels = asyncio.run(_read(source))
     assert labels == {n: frozenset(f.split(",")) if f else frozenset() for n, f in NODES.items()}
     slurm.scontrol("update", "NodeName=r01-n03", "AvailableFeatures=flex2", "ActiveFeatures=flex2")
@@ -78,7 +82,7 @@ def test_a_slurmctld_that_does_not_answer_keeps_the_labels_last_read_and_says_so
                                                                  {"feature": "flex3", "flex_class": 3}]}).power
     ctl = Controller("site-a", from_recording(), Nowhere(), cfg)
     now = [0.0]
-    poller = LabelPoller(SlurmFeatures(env=slurm.env, timeout_s=2), ctl.classes, 60.0, clock=lambda: now[0])
+    poller = LabelPoller(slurm_features(env=slurm.env, timeout_s=2), ctl.classes, 60.0, clock=lambda: now[0])
     batch = of_schema(GPU_SAMPLE, node=list(NODES), gpu_uuid=[f"GPU-{i}" for i in range(len(NODES))],
                       power_w=[650.0] * len(NODES), util_gpu=[0.9] * len(NODES), power_limit_w=[700.0] * len(NODES))
 
@@ -120,7 +124,7 @@ def test_a_slurmctld_that_does_not_answer_keeps_the_labels_last_read_and_says_so
 
 def test_sinfo_missing_is_an_error_that_says_what_to_do():
     with pytest.raises(LabelsUnavailable, match="install Slurm's client .* or set power.sinfo"):
-        asyncio.run(SlurmFeatures(sinfo="/nonexistent/sinfo").fetch())
+        asyncio.run(slurm_features(sinfo="/nonexistent/sinfo").fetch())
 
 
 def test_the_power_role_never_caps_a_node_slurm_protects(tmp_path, monkeypatch):
@@ -177,7 +181,7 @@ def test_power_status_says_when_the_labels_were_never_read():
     """sinfo missing from the start: every GPU is class 0, and the status line says why."""
     from pipeline.cli import _labels_line
     classes = FlexClasses(PowerConfig(classes=RULES, node_labels="slurm"))
-    poller = LabelPoller(SlurmFeatures(sinfo="/nonexistent/sinfo"), classes, 60.0)
+    poller = LabelPoller(slurm_features(sinfo="/nonexistent/sinfo"), classes, 60.0)
 
     async def once() -> None:
         poller.poll()
@@ -187,3 +191,57 @@ def test_power_status_says_when_the_labels_were_never_read():
     line = _labels_line(poller.status())
     assert line.startswith("; node labels from slurm not read yet (cannot run '/nonexistent/sinfo'")
     assert line.endswith("every GPU is class 0") and classes.of("r01-n02") == 0
+
+
+def test_slurm_host_lists_and_squeue_lines_become_each_nodes_job():
+    assert expand_hostlist("gpu-a[01-03,07],gpu-b1") == ["gpu-a01", "gpu-a02", "gpu-a03", "gpu-a07", "gpu-b1"]
+    assert expand_hostlist("r[1-2]-n[08-10]") == ["r1-n08", "r1-n09", "r1-n10", "r2-n08", "r2-n09", "r2-n10"]
+    assert expand_hostlist("") == [] and expand_hostlist("node") == ["node"]
+    assert parse_squeue("41|r01-n[01-02]\n42|r02-n05\n\n") == {"r01-n01": "41", "r01-n02": "41", "r02-n05": "42"}
+
+
+def test_running_jobs_are_read_from_squeue_and_the_poller_hands_them_over(tmp_path):
+    ctl = Slurmctld({"gpu-a1": "", "gpu-a2": ""}, tmp_path / "slurm", slurmd_node="gpu-a1").start(timeout_s=60)
+    try:
+        source, seen = slurm_jobs(env=ctl.env, timeout_s=10), []
+        assert asyncio.run(source.fetch()) == {}  # nothing runs
+        job = subprocess.run([slurm_binary("sbatch"), "--parsable", "-w", "gpu-a1", "-o", "/dev/null",
+                              "--wrap", "sleep 300"], env=ctl.env, capture_output=True, text=True, check=True,
+                             cwd=tmp_path).stdout.strip()
+        deadline = time.monotonic() + 30
+        while asyncio.run(source.fetch()) != {"gpu-a1": job}:  # the scheduler's next pass, ~2 s
+            assert time.monotonic() < deadline, asyncio.run(source.fetch())
+            time.sleep(0.2)
+        poller = JobPoller(source, seen.append, 60.0)
+
+        async def one_read() -> None:
+            poller.poll()
+            while not poller._task.done():
+                await asyncio.sleep(0.05)
+            poller.poll()
+            await poller.close()
+        asyncio.run(one_read())
+        assert seen == [{"gpu-a1": job}] and poller.status() == {"source": "slurm", "reads": 1, "failures": 0,
+                                                                 "failing": None, "jobs": 1}
+        subprocess.run([slurm_binary("scancel"), job], env=ctl.env, check=True)
+    finally:
+        ctl.close()
+
+
+def test_squeue_missing_keeps_each_node_a_job_of_its_own_and_says_so_once(caplog):
+    seen = []
+    poller = JobPoller(slurm_jobs(squeue="/nonexistent/squeue"), seen.append, 0.0)
+
+    async def reads(n: int) -> None:
+        for _ in range(n):
+            poller.poll()
+            while not poller._task.done():
+                await asyncio.sleep(0.01)
+        poller.poll()
+        await poller.close()
+    with caplog.at_level(logging.WARNING, logger="pipeline.power"):
+        asyncio.run(reads(3))
+    assert seen == [] and poller.failures >= 3
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "set power.squeue to its path" in warned[0], warned
+    assert "until they are read each node counts as a job of its own" in warned[0]

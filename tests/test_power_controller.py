@@ -186,3 +186,21 @@ def test_in_a_fleet_of_two_models_each_gpu_is_judged_against_its_own_default_lim
         table.update(batch)
     stuck = table.stuck_nodes(STUCK_READINGS)[table.ids.slots(base.column("gpu_uuid"))]
     assert stuck.all()  # both nodes: every busy, uncapped GPU whose reading never moves
+
+
+def test_the_firm_capacity_is_what_is_left_if_the_scheduler_s_largest_job_goes():
+    """What a site can promise (N-1): the flexible capacity less the job that holds the most
+    of it, as the scheduler groups the nodes; a node no job is known on stands alone."""
+    sim, ctl, _, _, _, _ = run(30, [])
+    flexible = ctl.flexible_kw()
+    alone = ctl.firm()
+    assert alone.largest.startswith("node ") and alone.largest_gpus == 8  # no jobs known: the largest node
+    assert alone.kw == pytest.approx(flexible - alone.largest_kw)
+    nodes = sim.node_names
+    half = len(nodes) // 2
+    ctl.set_jobs({n: "1234" for n in nodes[:half]} | {n: "99" for n in nodes[half:half + 2]})
+    firm = ctl.firm()
+    assert firm.largest == "job 1234" and firm.largest_gpus == 8 * half and firm.kw < alone.kw
+    assert firm.kw == pytest.approx(flexible - firm.largest_kw)
+    ctl.set_jobs({n: "1" for n in nodes})
+    assert ctl.firm().kw == 0.0 and ctl.firm().largest == "job 1"

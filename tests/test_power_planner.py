@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.power.curve import from_recording
-from pipeline.power.planner import CLASS_MAX_LOSS, GpuPower, capacity_w, plan, uniform_cost
+from pipeline.power.planner import CLASS_MAX_LOSS, GpuPower, capacity_w, firm_capacity_w, plan, uniform_cost
 
 CURVE = from_recording()
 
@@ -100,6 +100,30 @@ def test_more_than_the_classes_allow_is_not_met_and_says_how_much_is_possible():
     p = plan(gpus, 500.0, CURVE)
     assert not p.met and p.saving_w == pytest.approx(p.capacity_w)
     assert 0 < p.capacity_w < 150  # class 1 loses at most 10% of its work: ~110 W of one GPU
+
+
+@settings(max_examples=200, deadline=None)
+@given(fleets, st.lists(st.integers(0, 3), min_size=12, max_size=12))
+def test_the_firm_capacity_is_what_is_left_without_the_job_that_holds_the_most(fleet, jobs):
+    """N-1: whichever single job ends or pauses, at least the firm capacity is left."""
+    gpus = gpus_of(*fleet)
+    job = np.array(jobs[:len(gpus)])
+    left, largest, held = firm_capacity_w(gpus, CURVE, job)
+    total = capacity_w(gpus, CURVE)
+    assert left + held == pytest.approx(total, abs=1e-6)
+    for j in np.unique(job):
+        rest = GpuPower(*(a[job != j] for a in (gpus.power_w, gpus.busy, gpus.flex_class, gpus.min_limit_w,
+                                                gpus.max_limit_w)))
+        assert capacity_w(rest, CURVE) >= left - 1e-6
+    assert (largest == -1) == (total == 0)
+
+
+def test_the_firm_capacity_of_two_jobs_is_the_smaller_ones():
+    # Job 0: three GPUs at 700 W; job 1: one. Class 3: each may lose half its work.
+    gpus = GpuPower(np.full(4, 700.0), np.full(4, True), np.full(4, 3), np.full(4, 200.0), np.full(4, 700.0))
+    left, largest, held = firm_capacity_w(gpus, CURVE, np.array([0, 0, 0, 1]))
+    assert largest == 0 and held == pytest.approx(3 * left)
+    assert firm_capacity_w(gpus, CURVE, np.zeros(4, np.int64))[0] == 0.0  # one job holds it all: nothing is firm
 
 
 def test_uniform_capping_sheds_the_same_watts_and_the_plan_costs_no_more():

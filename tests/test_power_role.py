@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -145,6 +147,32 @@ def test_a_request_over_the_flexible_capacity_is_rejected_saying_why(tmp_path):
     assert out.returncode == 0 and "rejected" in out.stdout and "can shed at most" in out.stdout, out.stdout
     (row,) = h.of(Topic.POWER_REPORTS) or [None]
     assert row is None  # refused when asked: nothing ran (the store keeps the verdict)
+
+
+def test_a_request_over_the_firm_capacity_is_accepted_at_risk_and_status_says_what_a_site_may_promise(
+        tmp_path, caplog):
+    """N-1 (docs/power.md): a request over what is left if the largest job goes is taken (it
+    is the capacity the site has now), said to be at risk; the status shows the firm capacity."""
+    h = Harness(tmp_path)
+    h.run(90)
+    h.role.ctl.set_jobs({n: "4242" for n in h.sim.node_names[:12]})  # the scheduler: one job on 12 of 16 nodes
+    firm = h.role.ctl.firm()
+    assert firm.largest == "job 4242" and firm.largest_gpus == 96 and firm.kw < h.role.ctl.flexible_kw()
+    with caplog.at_level(logging.INFO, logger="fleetwatch"):
+        h.ask(reduction_kw=round(firm.kw + 5.0, 1), duration_s=60)
+        h.run(2)
+    (entry,) = h.store.entries()
+    assert entry.state in ("accepted", "active"), entry.reason
+    (accepted,) = [r.getMessage() for r in caplog.records if "accepted" in r.getMessage()]
+    assert re.search(r"at risk: [\d.]+ kW is more than the [\d.]+ kW left if job 4242 \(96 GPUs\) ends or pauses",
+                     accepted), accepted
+    status = h.role.status()
+    assert status["largest_job"]["job"] == "job 4242" and status["largest_job"]["gpus"] == 96
+    assert status["firm_kw"] == pytest.approx(status["flexible_kw"] - status["largest_job"]["kw"], abs=0.02)
+    h.role.write_status()
+    asyncio.run(h.role.flush())
+    out = fleetwatch("power", "status", "--data-dir", h.cfg.data_dir)
+    assert re.search(r"flexible [\d.]+ kW \(firm [\d.]+ kW if job 4242 ends or pauses: 96 GPUs", out.stdout), out.stdout
 
 
 def test_dry_run_plans_and_reports_without_applying(tmp_path):

@@ -15,6 +15,10 @@ Scored (the JSON's `demand_response`):
                                       baseline adjusted for the load it does not control
   rejected                            refused when asked (more than the flexibility
                                       classes allow; the refusal is logged)
+  over_firm, met_over_firm            accepted requests that asked more than the firm
+                                      capacity (what the classes allow once the job holding
+                                      the most of it ends or pauses: N-1, Controller.firm),
+                                      and how many of those were met anyway
   time_to_target_p99_s                from start to the first meter reading at the target
   reduction_shortfall_max_pct         the worst minute of a hold, below its target
   reduction_true_min_pct              the same worst minute by the simulator's truth: what the
@@ -74,6 +78,7 @@ class _Event:
     true_kw: list[tuple[float, float]] = field(default_factory=list)  # (s from start, kW): the reduction
                                               # against the simulator's own uncapped power, each second
     rejected: str = ""
+    over_firm: bool = False                   # it asked more than is left if the largest job ends or pauses
 
 
 @dataclass
@@ -143,6 +148,11 @@ class DemandResponse:
                            reduction_kw=round(e.share * float(g.power_w.sum()) / 1000.0, 1), ramp_s=RAMP_S,
                            source="eval", id=f"eval-{len(self.controller.requests) + 1}", ts=now)
         baseline = self.controller.baseline_kw(now)
+        # The scheduler's word on jobs (Slurm's squeue in a fleet): the simulator's, per node.
+        sim = self.sim
+        self.controller.set_jobs({name: str(int(sim.job_of_group[sim.node_group[n]]))
+                                  for n, name in enumerate(sim.node_names)})
+        firm = self.controller.firm()
         try:
             validate(req, now, [r for r, o in self.controller.requests if now < r.end + timedelta(minutes=5)],
                      baseline, self.controller.flexible_kw())
@@ -151,6 +161,7 @@ class DemandResponse:
             log.warning("eval: power request refused: %s", why)
             return
         e.request, e.outcome, e.work_at_start = req, self.controller.submit(req), self._work()
+        e.over_firm = firm is not None and req.reduction_kw > firm.kw
 
     def score(self) -> dict[str, Any]:
         done = [e for e in self.events if e.outcome is not None and e.outcome.baseline_kw is not None]
@@ -172,6 +183,8 @@ class DemandResponse:
             "requests": len(self.events),
             "met": sum(o.met for o in outcomes),
             "rejected": sum(bool(e.rejected) for e in self.events),
+            "over_firm": sum(e.over_firm for e in done),
+            "met_over_firm": sum(e.over_firm and e.outcome.met for e in done),
             "time_to_target_p99_s": round(float(np.percentile(reached, 99)), 1) if reached else None,
             "reduction_shortfall_max_pct": round(max((o.shortfall_max_pct() for o in outcomes), default=0.0), 2),
             "throughput_cost_pct": round(100.0 * lost / uncapped, 2) if uncapped else None,

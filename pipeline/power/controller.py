@@ -49,7 +49,7 @@ from pipeline.power.actuator import Actuator
 from pipeline.power.classes import FlexClasses
 from pipeline.power.curve import PowerCurve
 from pipeline.power.learn import MIN_REF, NOT_BINDING_W, CurveLearner
-from pipeline.power.planner import IDLE_UTIL, GpuPower, capacity_w, floors, plan, uniform_cost
+from pipeline.power.planner import IDLE_UTIL, GpuPower, capacity_w, firm_capacity_w, floors, plan, uniform_cost
 from pipeline.power.request import PowerRequest
 
 log = logging.getLogger("fleetwatch")
@@ -68,6 +68,15 @@ BIAS_PRIOR = 10        # ... where the mean before the caps last changed counts 
 UNHELD_SAMPLES = 20    # a capped GPU drawing under its cap this many samples in a row: its load fell (longer
                        # than a training job's communication phase), its cap is expected to shed nothing
 RELEARNED = 0.05       # a plan is made again when a job's learned sensitivity moved this much since
+
+
+@dataclass(frozen=True)
+class Firm:
+    """The flexible capacity left without its largest job (Controller.firm)."""
+    kw: float                 # what is left
+    largest: str | None       # "job 1234" (the scheduler's), or "node gpu-a1" (no job known there)
+    largest_kw: float         # what that job holds
+    largest_gpus: int
 
 
 @dataclass
@@ -239,6 +248,7 @@ class Controller:
         self.site_cap_w = site_cap_w  # detect.site_power_cap_w; 0: none
         self.classes = FlexClasses(settings)
         self.gpus = GpuTable(self.classes)
+        self.jobs: dict[str, str] = {}                        # node -> its job, as the scheduler says (set_jobs)
         self.learner = CurveLearner(curve)                    # each GPU's sensitivity, from its samples
         self.meter: deque[tuple[datetime, float]] = deque()   # site power readings, kW
         self.it: deque[tuple[datetime, float, float]] = deque()  # (ts, meter kW, the PDUs' sum kW) per scrape
@@ -486,6 +496,25 @@ class Controller:
     def flexible_kw(self, racks: tuple[str, ...] = ()) -> float:
         """What the GPUs of `racks` (none: the site) can shed now within every class."""
         return capacity_w(self._snapshot(racks), self.curve) / 1000.0
+
+    def set_jobs(self, jobs: dict[str, str]) -> None:
+        """Which job runs on each node now, as the scheduler says (power/node_labels.py)."""
+        self.jobs = jobs
+
+    def firm(self, racks: tuple[str, ...] = ()) -> Firm | None:
+        """What the GPUs of `racks` (none: the site) can shed now within every class if the
+        job that holds the most of it ends or pauses: what a site can promise (N-1). A
+        node without a known job counts as a job of its own. None before any GPU reports."""
+        mine = self.gpus.covered(racks)
+        if not mine.size:
+            return None
+        nodes = [self.gpus.nodes[i] for i in mine]
+        names, job = np.unique(np.array([f"job {self.jobs[n]}" if n in self.jobs else f"node {n}" for n in nodes],
+                                        dtype=object), return_inverse=True)
+        left_w, largest, held_w = firm_capacity_w(self._snapshot(racks), self.curve, job)
+        if largest < 0:
+            return Firm(0.0, None, 0.0, 0)
+        return Firm(left_w / 1000.0, str(names[largest]), held_w / 1000.0, int(np.sum(job == largest)))
 
     def work_lost(self, racks: tuple[str, ...] = ()) -> tuple[float, float]:
         """What the caps on the GPUs of `racks` (none: the site) cost now, and what one cap on

@@ -1,13 +1,15 @@
-"""Node labels that set flexibility classes (power/classes.py: a `[[power.classes]]` rule's
-`feature`), read from where a fleet already says which nodes may be capped.
+"""What the scheduler says about nodes, read from where a fleet already says it: labels
+that set flexibility classes (power/classes.py: a `[[power.classes]]` rule's `feature`),
+and which job runs on each node (the site's firm capacity: Controller.firm).
 
-A source is one `fetch()` that returns every node's labels. Slurm's are the node features
-an administrator gives in slurm.conf or with `scontrol update NodeName=... Features=...`
-(`sinfo -N -h -o "%N|%f"`; the cluster is the one `SLURM_CONF` names, as for any Slurm
-client). `LabelPoller` runs a fetch in the background every `power.node_labels_interval_s`
-from the power role's loop, so a slow scheduler never holds the control loop: a failure
-keeps the labels last read (logged once until it changes), and until the first read every
-GPU is class 0, so that a node its scheduler protects is never capped on a guess.
+A source is one `fetch()`. Slurm's labels are the node features an administrator gives in
+slurm.conf or with `scontrol update NodeName=... Features=...` (`sinfo -N -h -o "%N|%f"`),
+its jobs the running ones (`squeue -h -t R -o "%i|%N"`); the cluster is the one
+`SLURM_CONF` names, as for any Slurm client. A `Poller` runs a fetch in the background
+every `power.node_labels_interval_s` from the power role's loop, so a slow scheduler never
+holds the control loop: a failure keeps what was last read (logged once until it changes).
+Until the first read of labels every GPU is class 0, so that a node its scheduler protects
+is never capped on a guess; until the first read of jobs each node counts as a job of its own.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Protocol
 
 from pipeline.power.classes import FlexClasses
 
 log = logging.getLogger("pipeline.power")
 
 Labels = dict[str, frozenset[str]]
+Jobs = dict[str, str]  # node -> the job running on it
 FETCH_TIMEOUT_S = 10.0
 
 
@@ -33,6 +37,12 @@ class NodeLabelSource(Protocol):
     name: str
 
     async def fetch(self) -> Labels: ...
+
+
+class JobSource(Protocol):
+    name: str
+
+    async def fetch(self) -> Jobs: ...
 
 
 def parse_sinfo(text: str) -> Labels:
@@ -49,42 +59,105 @@ def parse_sinfo(text: str) -> Labels:
     return labels
 
 
-class SlurmFeatures:
-    name = "slurm"
-
-    def __init__(self, sinfo: str = "sinfo", env: dict[str, str] | None = None,
-                 timeout_s: float = FETCH_TIMEOUT_S) -> None:
-        self.sinfo, self.env, self.timeout_s = sinfo, env, timeout_s
-
-    async def fetch(self) -> Labels:
-        try:
-            proc = await asyncio.create_subprocess_exec(self.sinfo, "-N", "-h", "-o", "%N|%f", env=self.env,
-                                                        stdout=asyncio.subprocess.PIPE,
-                                                        stderr=asyncio.subprocess.PIPE)
-        except OSError as e:  # not installed, not executable
-            raise LabelsUnavailable(f"cannot run {self.sinfo!r} ({e.strerror or e}): install Slurm's client "
-                                    f"(Debian: slurm-client) or set power.sinfo to its path") from None
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), self.timeout_s)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise LabelsUnavailable(f"{self.sinfo} did not answer within {self.timeout_s:g} s: is slurmctld up "
-                                    f"and reachable from here?") from None
-        if proc.returncode != 0:
-            first = (err.decode(errors="replace").strip().splitlines() or ["no message"])[0]
-            raise LabelsUnavailable(f"{self.sinfo} exited with {proc.returncode}: {first} (is slurmctld up, and "
-                                    f"does SLURM_CONF name the cluster?)")
-        return parse_sinfo(out.decode(errors="replace"))
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Slurm's compressed host list ("gpu-a[01-03,07],gpu-b1", "r[1-2]-n[1-2]") as names,
+    in order; a range keeps its lower bound's zero padding, as Slurm writes it."""
+    names: list[str] = []
+    depth, start = 0, 0
+    for i, ch in enumerate(hostlist + ","):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            names += _expand_one(hostlist[start:i].strip())
+            start = i + 1
+    return names
 
 
-class LabelPoller:
+def _expand_one(name: str) -> list[str]:
+    if not name:
+        return []
+    open_ = name.find("[")
+    close = name.find("]", open_)
+    if open_ < 0 or close < 0:
+        return [name]
+    head, ranges, rest = name[:open_], name[open_ + 1:close], _expand_one(name[close + 1:]) or [""]
+    out = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        width = len(lo) if lo.startswith("0") else 0
+        numbers = range(int(lo), int(hi or lo) + 1) if lo.isdigit() and (hi or lo).isdigit() else None
+        for n in (numbers if numbers is not None else [part]):
+            out += [f"{head}{str(n).zfill(width) if numbers is not None else n}{tail}" for tail in rest]
+    return out
+
+
+def parse_squeue(text: str) -> Jobs:
+    """`squeue -h -t R -o "%i|%N"` lines: a running job and its nodes (a compressed host list)."""
+    jobs: Jobs = {}
+    for line in text.splitlines():
+        job, sep, nodes = line.partition("|")
+        if sep and job.strip():
+            jobs.update(dict.fromkeys(expand_hostlist(nodes.strip()), job.strip()))
+    return jobs
+
+
+async def run_slurm(command: str, args: list[str], env: dict[str, str] | None, timeout_s: float,
+                    setting: str) -> str:
+    """A Slurm client's output; LabelsUnavailable saying what to do when it has none."""
+    try:
+        proc = await asyncio.create_subprocess_exec(command, *args, env=env, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+    except OSError as e:  # not installed, not executable
+        raise LabelsUnavailable(f"cannot run {command!r} ({e.strerror or e}): install Slurm's client "
+                                f"(Debian: slurm-client) or set {setting} to its path") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise LabelsUnavailable(f"{command} did not answer within {timeout_s:g} s: is slurmctld up "
+                                f"and reachable from here?") from None
+    if proc.returncode != 0:
+        first = (err.decode(errors="replace").strip().splitlines() or ["no message"])[0]
+        raise LabelsUnavailable(f"{command} exited with {proc.returncode}: {first} (is slurmctld up, and "
+                                f"does SLURM_CONF name the cluster?)")
+    return out.decode(errors="replace")
+
+
+@dataclass
+class SlurmQuery:
+    """A Slurm client command whose output, parsed, is what the source says."""
+    command: str
+    args: tuple[str, ...]
+    parse: Callable[[str], Any]
+    setting: str                     # the setting that names the command
+    env: dict[str, str] | None = None
+    timeout_s: float = FETCH_TIMEOUT_S
+    name: ClassVar[str] = "slurm"
+
+    async def fetch(self) -> Any:
+        return self.parse(await run_slurm(self.command, list(self.args), self.env, self.timeout_s, self.setting))
+
+
+def slurm_features(sinfo: str = "sinfo", env: dict[str, str] | None = None,
+                   timeout_s: float = FETCH_TIMEOUT_S) -> SlurmQuery:
+    """Each node's features (a NodeLabelSource)."""
+    return SlurmQuery(sinfo, ("-N", "-h", "-o", "%N|%f"), parse_sinfo, "power.sinfo", env, timeout_s)
+
+
+def slurm_jobs(squeue: str = "squeue", env: dict[str, str] | None = None,
+               timeout_s: float = FETCH_TIMEOUT_S) -> SlurmQuery:
+    """The running jobs' nodes (a JobSource)."""
+    return SlurmQuery(squeue, ("-h", "-t", "R", "-o", "%i|%N"), parse_squeue, "power.squeue", env, timeout_s)
+
+
+class Poller:
     """`poll()` from the role's loop: starts a fetch when one is due, hands a finished one's
-    labels to the classes. Never waits on the source."""
+    result to `take`. Never waits on the source."""
+    what = ""  # what the source says, for the log
 
-    def __init__(self, source: NodeLabelSource, classes: FlexClasses, interval_s: float,
+    def __init__(self, source: NodeLabelSource | JobSource, interval_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.source, self.classes, self.interval_s, self.clock = source, classes, interval_s, clock
+        self.source, self.interval_s, self.clock = source, interval_s, clock
         self._task: asyncio.Task | None = None
         self._next = -float("inf")
         self.failure = ""      # the last failure's message, "" after a read
@@ -99,31 +172,30 @@ class LabelPoller:
             self._next = self.clock() + self.interval_s
             self._task = asyncio.create_task(self.source.fetch())
 
+    def take(self, result, again: bool) -> None:
+        """A read's result (`again`: the first since a failure)."""
+
+    def meanwhile(self) -> str:
+        """What stands while the source fails."""
+        return ""
+
     def _take(self, task: asyncio.Task) -> None:
         error = task.exception()
         if error is None:
-            labels = task.result()
-            changed = self.classes.set_node_labels(labels)
             self.reads += 1
-            if self.failure or self.reads == 1:
-                log.info("power: node labels from %s: %d nodes, %d with labels%s", self.source.name, len(labels),
-                         sum(1 for v in labels.values() if v), " (read again after a failure)" if self.failure else "")
-            elif changed:
-                log.info("power: node labels from %s changed: flexibility classes taken again", self.source.name)
+            self.take(task.result(), bool(self.failure))
             self.failure = ""
             return
         self.failures += 1
         message = str(error) if isinstance(error, LabelsUnavailable) else f"{type(error).__name__}: {error}"
         if message != self.failure:  # once until it changes: a scheduler down for an hour is one line
-            log.warning("power: node labels from %s: %s; %s", self.source.name, message,
-                        "the labels last read stand" if self.classes.labels_known
-                        else "until they are read every GPU is class 0 (never capped)")
+            log.warning("power: %s from %s: %s; %s", self.what, self.source.name, message, self.meanwhile())
         self.failure = message
 
     def status(self) -> dict:
-        """For `fleetwatch power status --json`: whether the classes have the labels, and why not."""
-        return {"source": self.source.name, "read": self.classes.labels_known, "nodes": len(self.classes.node_labels),
-                "reads": self.reads, "failures": self.failures, "failing": self.failure or None}
+        """For `fleetwatch power status --json`: whether it was read, and why not."""
+        return {"source": self.source.name, "reads": self.reads, "failures": self.failures,
+                "failing": self.failure or None}
 
     async def close(self) -> None:
         if self._task is not None:
@@ -132,8 +204,64 @@ class LabelPoller:
             self._task = None
 
 
+class LabelPoller(Poller):
+    """Node labels, handed to the flexibility classes."""
+    what = "node labels"
+
+    def __init__(self, source: NodeLabelSource, classes: FlexClasses, interval_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(source, interval_s, clock)
+        self.classes = classes
+
+    def take(self, labels: Labels, again: bool) -> None:
+        changed = self.classes.set_node_labels(labels)
+        if again or self.reads == 1:
+            log.info("power: node labels from %s: %d nodes, %d with labels%s", self.source.name, len(labels),
+                     sum(1 for v in labels.values() if v), " (read again after a failure)" if again else "")
+        elif changed:
+            log.info("power: node labels from %s changed: flexibility classes taken again", self.source.name)
+
+    def meanwhile(self) -> str:
+        return ("the labels last read stand" if self.classes.labels_known
+                else "until they are read every GPU is class 0 (never capped)")
+
+    def status(self) -> dict:
+        return {"source": self.source.name, "read": self.classes.labels_known, "nodes": len(self.classes.node_labels),
+                **{k: v for k, v in super().status().items() if k != "source"}}
+
+
+class JobPoller(Poller):
+    """The jobs running on each node, handed to the controller (its firm capacity)."""
+    what = "jobs"
+
+    def __init__(self, source: JobSource, apply: Callable[[Jobs], None], interval_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(source, interval_s, clock)
+        self.apply, self.jobs = apply, 0
+
+    def take(self, jobs: Jobs, again: bool) -> None:
+        self.apply(jobs)
+        self.jobs = len(set(jobs.values()))
+        if again or self.reads == 1:
+            log.info("power: jobs from %s: %d running on %d nodes%s", self.source.name, self.jobs, len(jobs),
+                     " (read again after a failure)" if again else "")
+
+    def meanwhile(self) -> str:
+        return "the jobs last read stand" if self.reads else "until they are read each node counts as a job of its own"
+
+    def status(self) -> dict:
+        return {**super().status(), "jobs": self.jobs}
+
+
 def poller_for(settings, classes: FlexClasses) -> LabelPoller | None:
     """The poller `power.node_labels` asks for; None for "none"."""
     if settings.node_labels == "slurm":
-        return LabelPoller(SlurmFeatures(settings.sinfo), classes, settings.node_labels_interval_s)
+        return LabelPoller(slurm_features(settings.sinfo), classes, settings.node_labels_interval_s)
+    return None
+
+
+def job_poller_for(settings, apply: Callable[[Jobs], None]) -> JobPoller | None:
+    """The poller `power.jobs` asks for; None for "none"."""
+    if settings.jobs == "slurm":
+        return JobPoller(slurm_jobs(settings.squeue), apply, settings.node_labels_interval_s)
     return None

@@ -132,6 +132,18 @@ def capacity_w(gpus: GpuPower, curve: PowerCurve) -> float:
     return float(np.nansum(gpus.shed(floors(gpus, curve))))
 
 
+def firm_capacity_w(gpus: GpuPower, curve: PowerCurve, job: np.ndarray) -> tuple[float, int, float]:
+    """What the GPUs can shed within every class once the job that sheds the most of it
+    has ended or paused (N-1, as a grid plans for losing its largest unit): a job's GPUs
+    share their flexible load's fate. `job` numbers each GPU's job (0..k-1). Returns the
+    watts left, the largest job's number (-1: none) and the watts it held."""
+    by_job = np.bincount(job, weights=np.nan_to_num(gpus.shed(floors(gpus, curve))), minlength=1)
+    largest = int(np.argmax(by_job))
+    if by_job[largest] <= 0:
+        return 0.0, -1, 0.0
+    return float(by_job.sum() - by_job[largest]), largest, float(by_job[largest])
+
+
 def plan(gpus: GpuPower, reduction_w: float, curve: PowerCurve, headroom_w: float = 0.0) -> Plan:
     """Caps that shed `reduction_w` + `headroom_w` at the least work lost; as much as
     the classes allow when that is less (`Plan.met` says which)."""

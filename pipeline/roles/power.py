@@ -52,9 +52,9 @@ from pipeline.bus.intake import Rejection, dead_letters_for
 from pipeline.config import Config, ConfigError
 from pipeline.detect.catalog import raised
 from pipeline.model import POWER_REQUEST_REPORT, alerts_to_batch, iso_utc
-from pipeline.power.controller import Controller, Outcome
+from pipeline.power.controller import Controller, Firm, Outcome
 from pipeline.power.curve import from_recording
-from pipeline.power.node_labels import poller_for
+from pipeline.power.node_labels import job_poller_for, poller_for
 from pipeline.power.request import PowerRequest, Rejected, validate
 from pipeline.power.store import NOT_STARTED, OPEN, Change, Entry, RequestStore, request_store, when
 
@@ -117,6 +117,7 @@ class PowerRole:
         self.dry_run = cfg.power.dry_run if dry_run is None else dry_run
         self.ctl = Controller(self.site, from_recording(), actuator, cfg.power, cfg.detect.site_power_cap_w)
         self.labels = poller_for(cfg.power, self.ctl.classes)  # nodes' labels for the classes (Slurm features)
+        self.jobs = job_poller_for(cfg.power, self.ctl.set_jobs)  # the jobs on the nodes: the firm capacity
         self.tracked: dict[str, Tracked] = {}
         self.now: datetime | None = None       # the data's time: the newest GPU or facility reading
         self.next_step: datetime | None = None
@@ -294,9 +295,12 @@ class PowerRole:
             return
         t.req, t.outcome, t.state = req, self.ctl.submit(req), "accepted"
         self.latest = req.id
-        log.info("power request %s accepted (%s): %s of %s from %s for %.0f s, ramp %.0f s%s", req.id, req.source,
+        firm, wanted_kw = self.ctl.firm(req.racks), req.reduction_w(baseline) / 1000.0 if baseline else 0.0
+        at_risk = (f"; at risk: {wanted_kw:.1f} kW is more than the {firm.kw:.1f} kW left if {firm.largest} "
+                   f"({firm.largest_gpus} GPUs) ends or pauses" if firm is not None and wanted_kw > firm.kw else "")
+        log.info("power request %s accepted (%s): %s of %s from %s for %.0f s, ramp %.0f s%s%s", req.id, req.source,
                  req.goal(), req.where(), iso_utc(req.start), req.duration_s, req.ramp_s,
-                 " (dry run: nothing applied)" if self.dry_run else "")
+                 " (dry run: nothing applied)" if self.dry_run else "", at_risk)
         self._change(Change(entry.id, "accepted", start=iso_utc(req.start)))
 
     def _cancel(self, t: Tracked) -> None:
@@ -315,8 +319,9 @@ class PowerRole:
     async def tick(self) -> None:
         """After each read: new requests, a control step when one is due, the status file, the
         store's changes (and its pruning when due), written off the event loop."""
-        if self.labels is not None:
-            self.labels.poll()
+        for poller in (self.labels, self.jobs):
+            if poller is not None:
+                poller.poll()
         await self.poll_store()  # (also the requests that wait for the fleet to be known)
         prune = None
         if self.now is not None:
@@ -507,8 +512,9 @@ class PowerRole:
         """The process stops: every cap restored (sent), alerts resolved; the store keeps what is
         not over, and the next start resumes it."""
         now = self.clock()
-        if self.labels is not None:
-            await self.labels.close()
+        for poller in (self.labels, self.jobs):
+            if poller is not None:
+                await poller.close()
         self.ctl.stop()
         await self._send_caps(now)
         for t in self.tracked.values():
@@ -542,9 +548,11 @@ class PowerRole:
         ctl = self.ctl
         return {"updated": iso_utc(self.clock()), "site": self.site, "dry_run": self.dry_run,
                 "gpus": len(ctl.gpus.uuids), "site_kw": _r(ctl.meter[-1][1]) if ctl.meter else None,
-                "flexible_kw": _r(ctl.flexible_kw()) if ctl.gpus.uuids else None, "phase": ctl.phase,
+                "flexible_kw": _r(ctl.flexible_kw()) if ctl.gpus.uuids else None,
+                **_firm(ctl.firm() if ctl.gpus.uuids else None), "phase": ctl.phase,
                 "grid_signal_rejected": self.signals_rejected, "grid_signal_last_rejection": self.last_signal_rejection,
                 **({"node_labels": self.labels.status()} if self.labels is not None else {}),
+                **({"jobs": self.jobs.status()} if self.jobs is not None else {}),
                 "requests": {i: self.live(t) for i, t in self.tracked.items()}}
 
     def write_status(self) -> None:
@@ -575,6 +583,14 @@ class PowerRole:
 
 def _r(x: float | None, digits: int = 2) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), digits)
+
+
+def _firm(firm: Firm | None) -> dict[str, Any]:
+    """The status's firm capacity: what is left if the job holding the most of it goes."""
+    if firm is None:
+        return {"firm_kw": None, "largest_job": None}
+    return {"firm_kw": _r(firm.kw), "largest_job": None if firm.largest is None else
+            {"job": firm.largest, "kw": _r(firm.largest_kw), "gpus": firm.largest_gpus}}
 
 
 def _shortfall(o: Outcome) -> str:
