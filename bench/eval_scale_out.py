@@ -45,6 +45,9 @@ def main() -> int:
     ap.add_argument("--processes", type=int, default=3)
     ap.add_argument("--chaos", choices=("kill", "freeze"))
     ap.add_argument("--kafka", metavar="HOST:PORT", help="a running broker (default: start a local one)")
+    ap.add_argument("--normal", choices=("realistic", "simple"), default="realistic",
+                    help="the fleet's normal (realistic: node clocks skewed up to 3 s, which an alert's start "
+                         "time follows by how batches are cut)")
     args = ap.parse_args()
     broker = None
     if not args.kafka:
@@ -53,7 +56,8 @@ def main() -> int:
     bootstrap = args.kafka or broker.bootstrap
     try:
         cfg = load_config(None, overrides={"fleet": {"speed": 0.0, "fault_interval_s": args.fault_interval,
-                                                     "seed": args.seed}, "kafka": {"bootstrap": bootstrap}})
+                                                     "seed": args.seed, "normal": args.normal},
+                                           "kafka": {"bootstrap": bootstrap}})
         t0 = time.perf_counter()
         one = simulate(cfg, args.duration)
         t1 = time.perf_counter()
