@@ -204,3 +204,5 @@ def test_the_firm_capacity_is_what_is_left_if_the_scheduler_s_largest_job_goes()
     assert firm.kw == pytest.approx(flexible - firm.largest_kw)
     ctl.set_jobs({n: "1" for n in nodes})
     assert ctl.firm().kw == 0.0 and ctl.firm().largest == "job 1"
+    ctl.gpus.nodes[:] = [f"{n}.dc1.example.com" for n in ctl.gpus.nodes]  # samples with the full host name
+    assert ctl.firm().largest == "job 1"

@@ -508,8 +508,9 @@ class Controller:
         mine = self.gpus.covered(racks)
         if not mine.size:
             return None
-        nodes = [self.gpus.nodes[i] for i in mine]
-        names, job = np.unique(np.array([f"job {self.jobs[n]}" if n in self.jobs else f"node {n}" for n in nodes],
+        # Slurm names nodes by their short host name; samples may carry the full one.
+        of = [self.jobs.get(n) or self.jobs.get(n.split(".", 1)[0]) for n in (self.gpus.nodes[i] for i in mine)]
+        names, job = np.unique(np.array([f"job {j}" if j else f"node {self.gpus.nodes[i]}" for i, j in zip(mine, of)],
                                         dtype=object), return_inverse=True)
         left_w, largest, held_w = firm_capacity_w(self._snapshot(racks), self.curve, job)
         if largest < 0:
