@@ -102,7 +102,7 @@ class Aligner:
         return {(source, p) for p, by_source in self.queues.items() if any(by_source.values())
                 for source, q in by_source.items() if not q}
 
-    def _blocks(self, p: int, source: Hashable, now: float, read_to_end: Callable[[Topic, int], bool]) -> bool:
+    def _blocks(self, p: int, source: Hashable, now: float, read_to_end: Callable[[Hashable, int], bool]) -> bool:
         """An empty source that may still send something earlier than what the others hold."""
         if read_to_end(source, p):
             return False
