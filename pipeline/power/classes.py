@@ -25,6 +25,12 @@ CACHE_MAX = 65536  # distinct node, namespace and pod keys remembered
 _SEP = "\x1f"  # between a row's node, namespace and pod in its key (not in any name)
 
 
+def scheduler_entry(by_node: dict, node: str):
+    """A node's entry in what the scheduler says (its labels, its job), or None. Slurm names
+    nodes by their short host name; samples may carry the full one."""
+    return by_node.get(node) or by_node.get(node.split(".", 1)[0])
+
+
 class FlexClasses:
     def __init__(self, settings: PowerConfig) -> None:
         self.rules, self.default = settings.classes, settings.default_class
@@ -53,8 +59,7 @@ class FlexClasses:
     def _of_one(self, node: str, namespace: str, pod: str) -> int:
         if not self.labels_known:
             return 0
-        # Slurm names nodes by their short host name; samples may carry the full one.
-        labels = self.node_labels.get(node) or self.node_labels.get(node.split(".", 1)[0], frozenset())
+        labels = scheduler_entry(self.node_labels, node) or frozenset()
         for rule in self.rules:
             if (fnmatch.fnmatchcase(node, rule.nodes or "*")
                     and (not rule.namespace or fnmatch.fnmatchcase(namespace, rule.namespace))

@@ -46,7 +46,7 @@ from pipeline.config import PowerConfig
 from pipeline.model import HW_SLOWDOWN_ANY
 from pipeline.detect.state import KeyIndex
 from pipeline.power.actuator import Actuator
-from pipeline.power.classes import FlexClasses
+from pipeline.power.classes import FlexClasses, scheduler_entry
 from pipeline.power.curve import PowerCurve
 from pipeline.power.learn import MIN_REF, NOT_BINDING_W, CurveLearner
 from pipeline.power.planner import IDLE_UTIL, GpuPower, capacity_w, firm_capacity_w, floors, plan, uniform_cost
@@ -77,6 +77,11 @@ class Firm:
     largest: str | None       # "job 1234" (the scheduler's), or "node gpu-a1" (no job known there)
     largest_kw: float         # what that job holds
     largest_gpus: int
+
+    @property
+    def flexible_kw(self) -> float:
+        """All of it, the largest job's included (Controller.flexible_kw)."""
+        return self.kw + self.largest_kw
 
 
 @dataclass
@@ -508,8 +513,7 @@ class Controller:
         mine = self.gpus.covered(racks)
         if not mine.size:
             return None
-        # Slurm names nodes by their short host name; samples may carry the full one.
-        of = [self.jobs.get(n) or self.jobs.get(n.split(".", 1)[0]) for n in (self.gpus.nodes[i] for i in mine)]
+        of = [scheduler_entry(self.jobs, self.gpus.nodes[i]) for i in mine]
         names, job = np.unique(np.array([f"job {j}" if j else f"node {self.gpus.nodes[i]}" for i, j in zip(mine, of)],
                                         dtype=object), return_inverse=True)
         left_w, largest, held_w = firm_capacity_w(self._snapshot(racks), self.curve, job)

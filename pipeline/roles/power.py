@@ -546,10 +546,10 @@ class PowerRole:
 
     def status(self) -> dict[str, Any]:
         ctl = self.ctl
+        firm = ctl.firm()  # (the flexible capacity too: one snapshot of the fleet)
         return {"updated": iso_utc(self.clock()), "site": self.site, "dry_run": self.dry_run,
                 "gpus": len(ctl.gpus.uuids), "site_kw": _r(ctl.meter[-1][1]) if ctl.meter else None,
-                "flexible_kw": _r(ctl.flexible_kw()) if ctl.gpus.uuids else None,
-                **_firm(ctl.firm() if ctl.gpus.uuids else None), "phase": ctl.phase,
+                "flexible_kw": _r(firm.flexible_kw) if firm is not None else None, **_firm(firm), "phase": ctl.phase,
                 "grid_signal_rejected": self.signals_rejected, "grid_signal_last_rejection": self.last_signal_rejection,
                 **({"node_labels": self.labels.status()} if self.labels is not None else {}),
                 **({"jobs": self.jobs.status()} if self.jobs is not None else {}),
