@@ -5,7 +5,7 @@ The end-to-end tests (processes, brokers, tmpfs) are in tests/e2e/test_replay.py
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.detect.kernels import CAL_P_FLOOR
@@ -62,6 +62,7 @@ def test_rare_spikes_on_clean_noise_score_high_and_nothing_else_does():
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64), st.just(1.0)), max_size=200))
+@example([1.0, 0, 0, 0, 0, 0, 0, 1.4343515973679452e308, 1, 1, 1, 0, 0, 1, 0, 1, 0, 1, 0, 0, 1.0])  # (overflowed)
 def test_score_is_always_in_unit_interval_and_online(values):
     v = np.array(values, np.float64)
     ts = np.arange(v.size, dtype=np.float64)

@@ -405,6 +405,7 @@ def calibrated(p: float) -> float:
 S_LEVEL, S_SCALE, S_SPREAD, S_QUANTUM, S_SLOW, S_LAST_X, S_LAST_T, S_RUN_SD, S_PERIOD = range(9)  # its float state
 C_COUNT, C_OUTLIERS, C_BINS, C_POS = range(4)  # its int state; C_BINS: the profile's phases (0: no season)
 _MAD_TO_SD = math.sqrt(math.pi / 2.0)  # mean absolute deviation x this = sd, for Gaussian noise
+SERIES_MAX = 1e150  # a value beyond this is no measurement: its square (the scale's) would overflow to inf
 
 
 @njit(cache=True, nogil=True)
@@ -418,7 +419,7 @@ def series_score(x_in, t_in, f, c, window, prof, recent, hists, weight, out,
     for i in range(x_in.shape[0]):
         x = x_in[i]
         t = t_in[i]
-        if not math.isfinite(x):
+        if not abs(x) <= SERIES_MAX:  # (NaN too)
             out[i] = 0.0
             continue
         pos = int(round(t))

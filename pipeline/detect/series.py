@@ -127,7 +127,8 @@ class SeriesScorer:
 
 
 def score_series(ts: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """anomaly_score in [0, 1] for each sample; 0 where the value is missing."""
+    """anomaly_score in [0, 1] for each sample; 0 where the value is missing, or beyond
+    kernels.SERIES_MAX (1e150: no measurement; the scorer's arithmetic would overflow)."""
     ts = np.asarray(ts, np.float64)
     values = np.asarray(values, np.float64)
     order = np.argsort(ts, kind="stable")  # a CSV out of order is scored in time order
