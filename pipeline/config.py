@@ -306,8 +306,8 @@ class FlexRule:
     namespace: str = _spec("", doc="glob of the Kubernetes namespace of the pod on the GPU (the samples' namespace, "
                            "from dcgm-exporter's pod mapping); empty = any")
     pod: str = _spec("", doc="glob of the pod on the GPU (the samples' pod); empty = any")
-    feature: str = _spec("", doc="glob of a label of the node (a Slurm feature, with power.node_labels = slurm); "
-                         "empty = any")
+    feature: str = _spec("", doc="glob of a label of the node (power.node_labels): a Slurm feature, or a "
+                         "Kubernetes node label as key=value (e.g. fleetwatch.io/flex=*); empty = any")
 
 
 @dataclass(frozen=True)
@@ -317,18 +317,23 @@ class PowerConfig:
     classes: list[FlexRule] = _spec([], doc="classes by node or workload, as [[power.classes]] tables (nodes = GLOB, "
                                     "namespace = GLOB, pod = GLOB, feature = GLOB, flex_class = N); the first that "
                                     "matches a GPU wins")
-    node_labels: str = _spec("none", choices=("none", "slurm"),
+    node_labels: str = _spec("none", choices=("none", "slurm", "kubernetes"),
                              doc="where nodes' labels for the rules' `feature` come from: slurm = each node's "
-                                 "features, by sinfo (SLURM_CONF names the cluster); until they are first read "
-                                 "every GPU is class 0")
+                                 "features, by sinfo (SLURM_CONF names the cluster); kubernetes = each node's "
+                                 "labels as key=value, from the API server (power.kubeconfig); until they are first "
+                                 "read every GPU is class 0")
     sinfo: str = _spec("sinfo", nonempty="give Slurm's sinfo command or its path",
                        doc="Slurm's sinfo command (power.node_labels = slurm)")
-    jobs: str = _spec("none", choices=("none", "slurm"),
+    jobs: str = _spec("none", choices=("none", "slurm", "kubernetes"),
                       doc="which job runs on each node, for the firm capacity (`fleetwatch power status`: what "
                           "the classes allow if the job holding the most of it ends or pauses): slurm = the "
-                          "running jobs, by squeue; none = each node counts as a job of its own")
+                          "running jobs, by squeue; kubernetes = the controller (Job, PyTorchJob, ReplicaSet...) "
+                          "of the running pods holding the most of a node's GPUs (nvidia.com/gpu); none = each "
+                          "node counts as a job of its own")
     squeue: str = _spec("squeue", nonempty="give Slurm's squeue command or its path",
                         doc="Slurm's squeue command (power.jobs = slurm)")
+    kubeconfig: str = _spec("", doc="the kubeconfig of the cluster (power.node_labels or power.jobs = kubernetes); "
+                            "empty = the pod's service account in a cluster, else $KUBECONFIG or ~/.kube/config")
     node_labels_interval_s: float = _spec(60.0, min=1, max=86400, doc="read the node labels (and the jobs) this "
                                           "often")
     headroom_pct: float = _spec(5.0, min=0, max=50, doc="shed this share beyond a request's reduction, for the "

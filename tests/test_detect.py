@@ -542,18 +542,20 @@ def test_a_straggler_in_a_node_capped_as_one_is_judged_by_the_clock_the_cap_allo
     assert a.evidence["peer_sm_mhz"] == pytest.approx(float(from_recording().clock_at(cap_w)), rel=0.02)
 
 
-def test_a_straggler_under_a_cap_deeper_than_its_fault_is_not_one(warm):
-    """A straggler whose fault lets it run faster than its cap allows does, held there, what a
-    healthy GPU under that cap does (the simulator's work agrees): the cap hides it until it goes."""
+def test_a_straggler_held_by_a_cap_deeper_than_its_fault_is_still_one(warm):
+    """A straggler is less efficient at any power (uncapped, it runs fewer MHz than the curve
+    gives its own draw): held by a cap deeper than its fault, it still runs slower than the
+    clock that cap allows its peers, and is found under the cap, not only once it goes."""
     h = warm(seed=5)
     mine = _full_load_node(h)
     h.sim.set_caps(mine, 300.0)
-    h.sim.inject("straggler_gpu", gpu=int(mine[1]), duration_s=90, params={"factor": 0.7})
-    h.run(60)
+    h.run(30)
     assert h.fired("GpuStraggler") == []
-    h.sim.set_caps(mine, np.nan)
-    h.run(5)
-    assert [a.labels["gpu"] for a in h.fired("GpuStraggler")] == [str(h.sim.gpu_index[mine[1]])]
+    h.sim.inject("straggler_gpu", gpu=int(mine[1]), duration_s=90, params={"factor": 0.7})
+    h.run(15)
+    [a] = h.fired("GpuStraggler")
+    assert a.labels["gpu"] == str(h.sim.gpu_index[mine[1]])
+    assert a.evidence["capped"] == 1.0 and abs(a.evidence["power_w"] - 300.0) < 5.0  # the cap holds it
 
 
 @pytest.mark.parametrize("draw", range(4))
@@ -607,3 +609,19 @@ def test_a_node_hotter_than_its_rack_is_found_while_the_rack_swings_in_lockstep(
     cooling = result["faults"]["node_cooling_degraded"]
     assert cooling["injected"] == cooling["detected"] == 1, cooling
     assert result["false_alerts"] == 0, result["false_alerts_by_alertname"]
+
+
+def test_a_straggler_left_uncapped_among_capped_siblings_is_judged_by_the_clock_its_limit_allows(warm):
+    """Demand response lifts the cap of a GPU a fault alert names, or leaves a class-0 GPU
+    uncapped among capped siblings: with fewer than 4 uncapped peers it has none to be judged
+    against, so it is judged like a capped GPU at its own (default) limit."""
+    h = warm(seed=5)
+    mine = _full_load_node(h)
+    h.sim.set_caps(mine[1:], 450.0)
+    h.run(30)
+    assert h.fired("GpuStraggler") == []  # the healthy one left uncapped runs at its limit's clock
+    h.sim.inject("straggler_gpu", gpu=int(mine[0]), duration_s=90, params={"factor": 0.75})
+    h.run(15)
+    [a] = h.fired("GpuStraggler")
+    assert a.labels["gpu"] == str(h.sim.gpu_index[mine[0]]) and a.evidence["capped"] == 0.0
+    assert a.evidence["peer_sm_mhz"] == pytest.approx(float(from_recording().clock_at(700.0)), rel=0.03)

@@ -206,3 +206,78 @@ def test_the_firm_capacity_is_what_is_left_if_the_scheduler_s_largest_job_goes()
     assert ctl.firm().kw == 0.0 and ctl.firm().largest == "job 1"
     ctl.gpus.nodes[:] = [f"{n}.dc1.example.com" for n in ctl.gpus.nodes]  # samples with the full host name
     assert ctl.firm().largest == "job 1"
+
+
+def test_a_gpu_or_node_a_fault_alert_names_is_uncapped_while_it_fires_and_the_target_still_held():
+    """A failing GPU does not draw by its curve and its node may be drained: while a fault
+    alert names it (a node alert: every GPU of the node) its cap is restored and the others
+    shed its share; demand response's own alerts change nothing. Resolved, it is not capped
+    again in that request, and may be in the next."""
+    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple"),
+                         start=EVAL_EPOCH)
+    ctl = Controller(sim.cfg.site, CURVE, SimulatorActuator(sim), PowerConfig(default_class=3))
+    out = ctl.submit(request(400, 10, duration_s=600))
+
+    def alert(name: str, fingerprint: str, firing: bool, slot: int, gpu: bool = True):
+        labels = {"alertname": name, "site": sim.cfg.site, "node": ctl.gpus.nodes[slot]}
+        if gpu:
+            labels["UUID"] = ctl.gpus.uuids[slot]
+        ctl.observe_alerts([(fingerprint, firing, labels)])
+
+    index = {u: i for i, u in enumerate(sim.gpu_uuids)}
+    victim = other = -1
+    for i in range(1300):
+        tick = sim.step()
+        ctl.observe_gpus(tick.gpu)
+        ctl.observe_facility(tick.facility)
+        if i % INTERVAL == 0:
+            ctl.step(sim.now)
+        caps = sim.caps
+        if i == 500:  # mid-hold: two capped GPUs on different nodes
+            capped = [s for s in range(len(ctl.gpus.uuids)) if caps[index[ctl.gpus.uuids[s]]] < 700]
+            victim = capped[0]
+            other = next(s for s in capped if ctl.gpus.nodes[s] != ctl.gpus.nodes[victim])
+            alert("PowerCapNotBinding", "not-binding", True, victim)  # demand response's own: no fault
+            alert("GpuStraggler", "straggler", True, victim)
+            alert("NodePowerBrake", "brake", True, other, gpu=False)
+        if 510 <= i < 800:
+            assert caps[index[ctl.gpus.uuids[victim]]] == 700, i
+            node = [index[u] for u, n in zip(ctl.gpus.uuids, ctl.gpus.nodes) if n == ctl.gpus.nodes[other]]
+            assert np.all(caps[node] == 700), i
+        if i == 800:  # resolved: not capped again in this request (uncapped, it had no capped peers' clock)
+            alert("GpuStraggler", "straggler", False, victim)
+            alert("NodePowerBrake", "brake", False, other, gpu=False)
+            assert ctl.suspects == {} and set(ctl.benched) == {"straggler", "brake"}
+        if 800 <= i < 1000:
+            assert caps[index[ctl.gpus.uuids[victim]]] == 700, i
+    assert out.met, (out.minute_means(), out.requested_kw)
+    assert np.all(sim.caps == 700) and ctl.benched == {}  # every cap restored after the request, the bench emptied
+    assert ctl.flex()[victim] == 3
+
+
+def test_a_node_whose_power_sensor_the_detectors_found_stuck_is_left_as_it_is():
+    """GpuPowerSensorStuck on a capped GPU (the controller's own rule sees a stuck reading only
+    on an uncapped one): its node's caps are neither lifted nor moved while it fires, since a
+    cap moved there moves its GPUs' heat against a reading that stays."""
+    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple"),
+                         start=EVAL_EPOCH)
+    ctl = Controller(sim.cfg.site, CURVE, SimulatorActuator(sim), PowerConfig(default_class=3))
+    out = ctl.submit(request(400, 10, duration_s=600))
+    index = {u: i for i, u in enumerate(sim.gpu_uuids)}
+    held = None
+    for i in range(1000):
+        tick = sim.step()
+        ctl.observe_gpus(tick.gpu)
+        ctl.observe_facility(tick.facility)
+        if i % INTERVAL == 0:
+            ctl.step(sim.now)
+        if i == 450:
+            slot = next(s for s in range(len(ctl.gpus.uuids)) if sim.caps[index[ctl.gpus.uuids[s]]] < 700)
+            node = [index[u] for u, n in zip(ctl.gpus.uuids, ctl.gpus.nodes) if n == ctl.gpus.nodes[slot]]
+            ctl.observe_alerts([("stuck", True, {"alertname": "GpuPowerSensorStuck", "node": ctl.gpus.nodes[slot],
+                                                 "UUID": ctl.gpus.uuids[slot]})])
+            held = sim.caps[node].copy()
+            assert ctl.flex()[slot] == 3  # not a suspect: left as it is, not uncapped
+        if held is not None and i < 1000:
+            assert np.array_equal(sim.caps[node], held), i
+    assert out.met, (out.minute_means(), out.requested_kw)

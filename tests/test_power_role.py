@@ -283,6 +283,7 @@ def test_a_grid_signal_over_the_in_process_bus_reaches_the_built_role(tmp_path):
     published on fleetwatch.power.requests is accepted, and the role ends with its inputs."""
     from pipeline.bus import MemoryBus
     from pipeline.daemon import build_roles
+    from pipeline.model import Alert, alerts_to_batch
     from pipeline.roles.context import Context
     from pipeline.sinks.console import Console
     h = Harness(tmp_path)
@@ -302,9 +303,20 @@ def test_a_grid_signal_over_the_in_process_bus_reaches_the_built_role(tmp_path):
                 req = PowerRequest(site="site-a", start=h.sim.now, duration_s=600, reduction_pct=5, source="kafka",
                                    id="grid-7", ts=h.sim.now)
                 await bus.publish(Message(Topic.POWER_REQUESTS, req.to_batch()))
+            if i == 100:  # a fault alert on a GPU of the site reaches the role's side input
+                gpu = tick.gpu.select(["node", "gpu", "gpu_uuid"]).slice(0, 1).to_pylist()[0]
+                alert = Alert({"alertname": "GpuStraggler", "severity": "warning", "site": "site-a",
+                               "node": gpu["node"], "gpu": str(gpu["gpu"]), "UUID": gpu["gpu_uuid"]}, {}, h.sim.now,
+                              "test", 1.0)
+                await bus.publish(Message(Topic.ALERTS, alerts_to_batch([(h.sim.now, alert)])))
+                suspect = (gpu["node"], gpu["gpu_uuid"])
             await asyncio.sleep(0)
-        await bus.end([Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS])
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert list(ctx.power.ctl.suspects.values()) == [suspect]
+        await bus.end([Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS])  # the alerts, which it writes too, go on
         await asyncio.wait_for(task, 30)
+        assert not any(t == Topic.ALERTS for t, _ in bus._subs)  # its listener is closed with it
         await bus.end([Topic.POWER_CAPS])
         sent = []
         try:
@@ -424,3 +436,32 @@ def test_a_lease_shorter_than_three_control_steps_is_refused_before_the_role_sta
     out = fleetwatch("config", env={"FLEETWATCH_POWER__LEASE_S": "10", "FLEETWATCH_DATA_DIR": str(tmp_path)})
     assert out.returncode == 2
     assert "power.lease_s = 10 is under 3 x power.control_interval_s (5)" in out.stderr and "15 or more" in out.stderr
+
+
+def test_fault_alerts_of_the_site_s_gpus_keep_them_out_of_plans_and_nothing_else_does(tmp_path):
+    """The alerts side input: a fault alert on one of the site's GPUs or nodes marks it, its
+    resolution clears it; demand response's own alerts, another site's, Fleetwatch's own (no
+    site) and a row whose labels are not JSON change nothing."""
+    from pipeline.model import Alert, alerts_to_batch
+    h = Harness(tmp_path)
+    h.run(3)
+    uuid, node = h.role.ctl.gpus.uuids[5], h.role.ctl.gpus.nodes[5]
+
+    def alert(name: str, **labels) -> Alert:
+        return Alert({"alertname": name, "severity": "warning", **labels}, {}, h.sim.now, "test", 1.0)
+    straggler = alert("GpuStraggler", site="site-a", node=node, gpu="5", UUID=uuid)
+    batch = alerts_to_batch([(h.sim.now, a) for a in (
+        straggler, alert("NodePowerBrake", site="site-b", node=node),
+        alert("PowerCapNotBinding", site="site-a", node=node, gpu="5", UUID=uuid),
+        alert("FleetwatchStalled", role="detect"))])
+    garbled = batch.set_column(batch.schema.get_field_index("labels_json"), "labels_json",
+                               pa.array(["{not json"] * batch.num_rows))
+    h.role.observe(Message(Topic.ALERTS, garbled))
+    assert h.role.ctl.suspects == {}
+    h.role.observe(Message(Topic.ALERTS, batch))
+    assert h.role.ctl.suspects == {straggler.fingerprint: (node, uuid)}
+    assert h.role.ctl.flex()[5] == 0 and h.role.ctl.flex()[4] == 3
+    resolved = alerts_to_batch([(h.sim.now, Alert(straggler.labels, {}, straggler.starts_at, "test", 1.0,
+                                                   ends_at=h.sim.now))])
+    h.role.observe(Message(Topic.ALERTS, resolved))
+    assert h.role.ctl.suspects == {} and h.role.ctl.flex()[5] == 3

@@ -123,6 +123,10 @@ class DemandResponse:
             ctl.step(now)
         self.ticks += 1
 
+    def alerts(self, alerts) -> None:
+        """The detectors' alerts as they change: the GPUs they name are left out of plans."""
+        self.controller.observe_alerts((a.fingerprint, a.ends_at is None, a.labels) for a in alerts)
+
     def _truth(self, running: list[_Event], now) -> None:
         """This second, by the simulator's hidden truth: the watts the caps shed (each GPU's
         draw were no cap set, less what it drew) and what uniform capping would have cost

@@ -84,7 +84,10 @@ def simulate(cfg: Config, duration_s: float, power_requests: int = 0,
         for topic, batch in ((Topic.GPU, tick.gpu), (Topic.FACILITY, tick.facility), (Topic.EVENTS, tick.events)):
             if batch is None:
                 continue
-            for _, alert in engine.process(Message(topic, batch)).alerts:
+            changes = engine.process(Message(topic, batch)).alerts
+            if dr is not None and changes:
+                dr.alerts(alert for _, alert in changes)
+            for _, alert in changes:
                 if alert.ends_at is None:
                     firing[alert.fingerprint] = {"labels": dict(alert.labels), "starts_at": alert.starts_at,
                                                  "ends_at": None, "remediation": alert.annotations.get("remediation")}

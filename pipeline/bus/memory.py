@@ -65,6 +65,11 @@ class MemorySubscription:
     def forget(self, partitions: set[int]) -> None:
         """No partitions, nothing committed."""
 
+    async def close(self) -> None:
+        """Nothing more is delivered to it (a listener whose reader stopped must not fill up and
+        hold its publishers)."""
+        self.bus.unsubscribe(self)
+
 
 class MemoryBus:
     keyed = False  # one consumer per group sees every message in publish order: no keys needed
@@ -98,6 +103,9 @@ class MemoryBus:
         subscription of its own, ended with the topic."""
         self._listeners += 1
         return self.subscribe([topic], f"listen-{self._listeners}")
+
+    def unsubscribe(self, sub: MemorySubscription) -> None:
+        self._subs = {k: s for k, s in self._subs.items() if s is not sub}
 
     async def publish(self, message: Message) -> None:
         for (topic, _), sub in self._subs.items():

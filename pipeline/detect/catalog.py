@@ -220,8 +220,9 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "node's GPUs that their caps hold (reason 0x4, at least 4), of each one's clock over the "
                         "curve's at its own cap (peers at other caps compare); with fewer, the curve's clock. A "
                         "straggler is caught whether it draws under its cap or the cap holds it (same watts, "
-                        "fewer MHz). One whose fault still lets it run as fast as a deeper cap allows does, "
-                        "held there, what its peers do, and shows when the cap goes."),
+                        "fewer MHz). A GPU with fewer than 4 uncapped peers (one left uncapped among capped "
+                        "siblings) is judged the same way at its own limit. A fault that only lowers the clock "
+                        "ceiling hides under a cap deeper than it, and shows when the cap goes."),
     AlertSpec("PowerCapNotBinding", "warning", "gpu",
               "{node} GPU {gpu} is capped at {power_limit_w:.0f} W but draws {power_w:.0f} W: the cap saves nothing",
               "Nothing is wrong with the GPU: its load fell under its cap. A demand-response request counts on "

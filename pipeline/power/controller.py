@@ -18,7 +18,8 @@ request through its phases:
               planner's estimate of a GPU's demand is only an estimate), an excess given
               back; and re-planned as the curves learn (the first caps spread the cut
               evenly and show each job's sensitivity; later ones take the cheap watts where
-              they are) and as jobs end or pause (a checkpoint: the job keeps its caps)
+              they are) and as jobs end or pause (a checkpoint: the job keeps its caps);
+              a GPU a fault alert names is left out (`observe_alerts`)
   restoring   from its end: the caps rise step by step, no faster than
               `power.restore_rate_kw_s` and never past the site's power cap, so the
               site's power does not spike back (every GPU's job resumes at once otherwise)
@@ -37,12 +38,14 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import PowerConfig
+from pipeline.detect.catalog import ALERTS
 from pipeline.model import HW_SLOWDOWN_ANY
 from pipeline.detect.state import KeyIndex
 from pipeline.power.actuator import Actuator
@@ -68,6 +71,15 @@ BIAS_PRIOR = 10        # ... where the mean before the caps last changed counts 
 UNHELD_SAMPLES = 20    # a capped GPU drawing under its cap this many samples in a row: its load fell (longer
                        # than a training job's communication phase), its cap is expected to shed nothing
 RELEARNED = 0.05       # a plan is made again when a job's learned sensitivity moved this much since
+# A power reading the detectors found stuck: its node is left as it is, like one the controller finds
+# stuck itself (STUCK_READINGS, which it can see only on an uncapped GPU): a cap moved there moves a
+# GPU's heat against a reading that stays, which its detectors would take for a fault.
+FROZEN_ALERTS = frozenset({"GpuPowerSensorStuck"})
+# Fault alerts on a GPU or a node (detect's, not demand response's own): while one fires, the GPUs
+# it names are not capped (Controller.observe_alerts).
+SUSPECT_ALERTS = frozenset(a.name for a in ALERTS if a.scope in ("gpu", "node") and a.family != "power") \
+    - FROZEN_ALERTS
+ALERTS_READ = SUSPECT_ALERTS | FROZEN_ALERTS
 
 
 @dataclass(frozen=True)
@@ -278,6 +290,12 @@ class Controller:
         self.planned_on: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.changed_at: datetime | None = None
         self.last_step: datetime | None = None
+        self.suspects: dict[str, tuple[str, str | None]] = {}  # firing fault alert's fingerprint -> (node, UUID;
+                                                                # None: every GPU of the node)
+        self.benched: dict[str, tuple[str, str | None]] = {}   # the same, resolved during the active request
+        self.frozen: dict[str, str] = {}                        # a FROZEN_ALERTS alert's fingerprint -> its node
+        self._masks: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None  # ((version, GPUs), suspect, frozen)
+        self._suspects_version = 0
 
     # ---- what the site reports ---------------------------------------------------------
 
@@ -294,14 +312,63 @@ class Controller:
             # it); a node with a power reading stuck can be neither verified nor moved (its
             # detectors read heat against power, siblings against siblings).
             self.steady[rows] &= (g.util[rows] >= IDLE_UTIL) | g.paused[rows]
-            self.steady[rows] &= ~g.stuck_nodes(STUCK_READINGS)[rows]
+            self.steady[rows] &= ~self._stuck()[rows]
             # A job that started since: counted as it draws until it has a reference (its own uncapped
             # draw, the learner's), then the caps may take from it like from any other.
             lr = self.learner
             join = rows[self.mine[rows] & ~self.steady[rows] & (g.util[rows] >= IDLE_UTIL)
-                        & ~g.stuck_nodes(STUCK_READINGS)[rows] & (lr.ref_n[rows] >= MIN_REF)
+                        & ~self._stuck()[rows] & (lr.ref_n[rows] >= MIN_REF)
                         & np.isnan(self.cap[rows])]
             self.steady[join] = True
+
+    def observe_alerts(self, alerts: Iterable[tuple[str, bool, Mapping[str, str]]]) -> None:
+        """Alerts as they fire and resolve: (fingerprint, firing, labels). A GPU a fault alert
+        names (a node's: every GPU of it) is left out of plans while the alert fires, and for the
+        rest of the request it fired in; its cap is restored at the next plan: a failing GPU does
+        not draw by its curve, its node may be drained, and a cap would change the clocks and heat
+        the detectors judge it by."""
+        for fingerprint, firing, labels in alerts:
+            if labels.get("alertname") in FROZEN_ALERTS:
+                if firing:
+                    self.frozen[fingerprint] = labels.get("node", "")
+                elif self.frozen.pop(fingerprint, None) is None:
+                    continue
+                self._suspects_version += 1
+                continue
+            if labels.get("alertname") not in SUSPECT_ALERTS:
+                continue
+            if firing:
+                self.suspects[fingerprint] = (labels.get("node", ""), labels.get("UUID"))
+            elif (target := self.suspects.pop(fingerprint, None)) is None:
+                continue
+            elif self.active is not None:
+                # Not capped again in this request: uncapped among capped peers, a straggler has no
+                # peers to be judged against, and its alert resolves only because its cap went.
+                self.benched[fingerprint] = target
+            self._suspects_version += 1
+
+    def flex(self) -> np.ndarray:
+        """Each GPU's class now: its own, 0 while a fault alert names it (observe_alerts)."""
+        if not self.suspects and not self.benched:
+            return self.gpus.flex
+        return np.where(self._alert_masks()[0], 0, self.gpus.flex)
+
+    def _stuck(self) -> np.ndarray:
+        """Per GPU: its node has a power reading stuck (the controller's rule, or the detectors')."""
+        stuck = self.gpus.stuck_nodes(STUCK_READINGS)
+        return stuck | self._alert_masks()[1] if self.frozen else stuck
+
+    def _alert_masks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per GPU: named by a suspect alert; on a node of a frozen one (made again as they change)."""
+        g = self.gpus
+        key = (self._suspects_version, len(g.uuids))
+        if self._masks is None or self._masks[0] != key:
+            targets = [*self.suspects.values(), *self.benched.values()]
+            uuids, nodes = np.array(g.uuids, dtype=object), np.array(g.nodes, dtype=object)
+            suspect = (np.isin(uuids, [u for _, u in targets if u is not None])
+                       | np.isin(nodes, [n for n, u in targets if u is None]))
+            self._masks = (key, suspect, np.isin(nodes, list(self.frozen.values())))
+        return self._masks[1], self._masks[2]
 
     def observe_facility(self, batch: pa.RecordBatch) -> None:
         power = pc.equal(batch.column("metric"), "power_w")
@@ -484,7 +551,7 @@ class Controller:
         self.mine[self.gpus.covered(req.racks)] = True
         lr = self.learner
         self.steady = (self.mine & (self.gpus.util >= IDLE_UTIL) & (lr.ref_n >= MIN_REF)
-                       & ~self.gpus.stuck_nodes(STUCK_READINGS))
+                       & ~self._stuck())
         self.adjust_kw = {}
         self.active, self.phase, self.extra_w, self.bias_kw = req, "active", 0.0, 0.0
         self.residual.clear()
@@ -547,7 +614,7 @@ class Controller:
         demand = self.learner.demand()
         now_w = np.where(known, np.fmax(g.power_w, np.fmin(demand, max_w)), g.power_w)
         draw = np.where(np.isnan(self.demand), now_w, np.fmax(self.demand, g.power_w))
-        flex = g.flex
+        flex = self.flex()
         if self.active is not None:  # only a steady job's saving is the request's: the baseline's
             flex = np.where(self.steady, flex, 0)  # adjustment counts the rest (idle GPUs, new jobs) as drawn
         duty = np.where(known, self.learner.duty(demand, self.curve.max_limit_w), 1.0)
@@ -561,11 +628,11 @@ class Controller:
         snapshot = self._snapshot(req.racks)
         want = out.requested_kw * 1000.0
         p = plan(snapshot, want + self.extra_w, self.curve, headroom_w=want * self.s.headroom_pct / 100.0)
-        self.planned_on = (self._shedding(), self.learner.upper(), self.gpus.flex.copy())
+        self.planned_on = (self._shedding(), self.learner.upper(), self.flex().copy())
         caps = {}
         new = np.full(self.cap.size, np.nan)
         new[mine] = self._probe(snapshot, p.cap_w, mine)
-        stuck = self.gpus.stuck_nodes(STUCK_READINGS)
+        stuck = self._stuck()
         new[stuck] = self.cap[stuck]  # the node as it is (none stays none)
         paused = self.gpus.paused & self.steady
         new[paused] = self.cap[paused]  # a job paused resumes as it was capped (it sheds nothing meanwhile)
@@ -663,7 +730,7 @@ class Controller:
             return True
         steady, sens, flex = self.planned_on
         now = self._shedding()
-        if steady.size != now.size or np.any(steady != now) or np.any(flex != self.gpus.flex[:flex.size]):
+        if steady.size != now.size or np.any(steady != now) or np.any(flex != self.flex()[:flex.size]):
             return True  # (a class changed: a node's labels said so, or a job of another class came)
         return bool(np.any(np.abs(self.learner.upper()[: sens.size] - sens) > RELEARNED))
 
@@ -702,6 +769,8 @@ class Controller:
             self.changed_at, self.bias_n = now, 0
         if not np.any(~np.isnan(self.cap)):
             self.active, self.phase = None, "idle"
+            self.benched.clear()
+            self._suspects_version += 1
 
     def cancel(self, request_id: str) -> str:
         """End a request early (`fleetwatch power cancel`): one not started yet is dropped

@@ -5,7 +5,13 @@ and which job runs on each node (the site's firm capacity: Controller.firm).
 A source is one `fetch()`. Slurm's labels are the node features an administrator gives in
 slurm.conf or with `scontrol update NodeName=... Features=...` (`sinfo -N -h -o "%N|%f"`),
 its jobs the running ones (`squeue -h -t R -o "%i|%N"`); the cluster is the one
-`SLURM_CONF` names, as for any Slurm client. A `Poller` runs a fetch in the background
+`SLURM_CONF` names, as for any Slurm client. Kubernetes' labels are each node's labels as
+`key=value` (`kubectl label node NODE fleetwatch.io/flex=3`), its jobs the controllers of the
+running pods (a Job, a PyTorchJob, a ReplicaSet...; a pod without one is its own job): on a
+node, the one whose pods hold the most GPUs (`nvidia.com/gpu` limits; a node whose pods ask
+for none counts as a job of its own); DaemonSet and mirror pods never count. The cluster is
+the one `power.kubeconfig` names (pipeline/kube.py); the identity needs list on nodes and
+pods. A `Poller` runs a fetch in the background
 every `power.node_labels_interval_s` from the power role's loop, so a slow scheduler never
 holds the control loop: a failure keeps what was last read (logged once until it changes).
 Until the first read of labels every GPU is class 0, so that a node its scheduler protects
@@ -20,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Protocol
 
+from pipeline.kube import Cluster, connect, needs_node, no_answer, said
 from pipeline.power.classes import FlexClasses
 
 log = logging.getLogger("pipeline.power")
@@ -27,6 +34,7 @@ log = logging.getLogger("pipeline.power")
 Labels = dict[str, frozenset[str]]
 Jobs = dict[str, str]  # node -> the job running on it
 FETCH_TIMEOUT_S = 10.0
+GPU_RESOURCE = "nvidia.com/gpu"  # the NVIDIA device plugin's resource
 
 
 class LabelsUnavailable(Exception):
@@ -150,6 +158,87 @@ def slurm_jobs(squeue: str = "squeue", env: dict[str, str] | None = None,
     return SlurmQuery(squeue, ("-h", "-t", "R", "-o", "%i|%N"), parse_squeue, "power.squeue", env, timeout_s)
 
 
+def parse_nodes(nodes) -> Labels:
+    """A NodeList's items: each node's labels as `key=value` strings."""
+    return {n.metadata.name: frozenset(f"{k}={v}" for k, v in (n.metadata.labels or {}).items()) for n in nodes}
+
+
+def _gpus(pod) -> int:
+    total = 0
+    for container in pod.spec.containers or ():
+        limit = ((container.resources.limits if container.resources else None) or {}).get(GPU_RESOURCE)
+        if limit is not None and str(limit).isdigit():
+            total += int(limit)
+    return total
+
+
+def parse_pods(pods) -> Jobs:
+    """A PodList's items (running pods): the job holding the most GPUs of each node (its
+    controller, or the pod itself; named namespace/kind/name), ties by name."""
+    held: dict[str, dict[str, int]] = {}
+    for pod in pods:
+        node, gpus = pod.spec.node_name if pod.spec else None, _gpus(pod)
+        if not node or not gpus or not needs_node(pod):
+            continue
+        meta = pod.metadata
+        owner = next((r for r in meta.owner_references or () if r.controller), None)
+        job = f"{meta.namespace}/{owner.kind}/{owner.name}" if owner else f"{meta.namespace}/Pod/{meta.name}"
+        on = held.setdefault(node, {})
+        on[job] = on.get(job, 0) + gpus
+    return {node: min(jobs, key=lambda j: (-jobs[j], j)) for node, jobs in held.items()}
+
+
+class KubernetesQuery:
+    """A list on the Kubernetes API whose answer's items, parsed, are what the source says."""
+    name: ClassVar[str] = "kubernetes"
+
+    def __init__(self, cluster: Cluster, what: str, request: Callable[[Any, float], Any], parse: Callable[[Any], Any],
+                 timeout_s: float = FETCH_TIMEOUT_S) -> None:
+        self.cluster, self.what, self.request, self.parse, self.timeout_s = cluster, what, request, parse, timeout_s
+
+    async def fetch(self) -> Any:
+        return self.parse(await asyncio.to_thread(self._list))
+
+    def _list(self) -> list:
+        c = self.cluster
+        try:
+            # (connect, read): clients before 32 ignore a single float, waiting for ever
+            return self.request(c.api, (self.timeout_s, self.timeout_s)).items
+        except c.ApiException as e:
+            status = said(e)
+            if e.status == 401:
+                raise LabelsUnavailable(f"the Kubernetes API did not accept fleetwatch's credentials listing "
+                                        f"{self.what} ({status}): renew the token or client certificate of {c.where}") \
+                    from None
+            if e.status == 403:
+                raise LabelsUnavailable(f"the Kubernetes API forbade listing {self.what} ({status}): RBAC: the "
+                                        f"identity of {c.where} needs list on nodes (power.node_labels) and pods "
+                                        f"(power.jobs), in a ClusterRole bound to it") from None
+            raise LabelsUnavailable(f"the Kubernetes API failed listing {self.what} ({status}): is the API server "
+                                    f"healthy (`kubectl get --raw /readyz`)?") from None
+        except c.HTTPError as e:  # no answer at all
+            timed_out, why = no_answer(c, e)
+            if timed_out:
+                raise LabelsUnavailable(f"the Kubernetes API at {c.host} did not answer within {self.timeout_s:g} s "
+                                        f"listing {self.what}: is the API server up and reachable from here?") \
+                    from None
+            raise LabelsUnavailable(f"cannot reach the Kubernetes API at {c.host} listing {self.what} ({why}): is the "
+                                    f"API server up and reachable from here, and does {c.where} name it?") from None
+
+
+def kubernetes_labels(kubeconfig: str = "", timeout_s: float = FETCH_TIMEOUT_S) -> KubernetesQuery:
+    """Each node's labels (a NodeLabelSource)."""
+    cluster = connect(kubeconfig, "power.kubeconfig", "power.node_labels = kubernetes")
+    return KubernetesQuery(cluster, "nodes", lambda api, t: api.list_node(_request_timeout=t), parse_nodes, timeout_s)
+
+
+def kubernetes_jobs(kubeconfig: str = "", timeout_s: float = FETCH_TIMEOUT_S) -> KubernetesQuery:
+    """The job on each node, from the running pods (a JobSource)."""
+    cluster = connect(kubeconfig, "power.kubeconfig", "power.jobs = kubernetes")
+    return KubernetesQuery(cluster, "pods", lambda api, t: api.list_pod_for_all_namespaces(
+        field_selector="status.phase=Running", _request_timeout=t), parse_pods, timeout_s)
+
+
 class Poller:
     """`poll()` from the role's loop: starts a fetch when one is due, hands a finished one's
     result to `take`. Never waits on the source."""
@@ -257,6 +346,8 @@ def poller_for(settings, classes: FlexClasses) -> LabelPoller | None:
     """The poller `power.node_labels` asks for; None for "none"."""
     if settings.node_labels == "slurm":
         return LabelPoller(slurm_features(settings.sinfo), classes, settings.node_labels_interval_s)
+    if settings.node_labels == "kubernetes":
+        return LabelPoller(kubernetes_labels(settings.kubeconfig), classes, settings.node_labels_interval_s)
     return None
 
 
@@ -264,4 +355,6 @@ def job_poller_for(settings, apply: Callable[[Jobs], None]) -> JobPoller | None:
     """The poller `power.jobs` asks for; None for "none"."""
     if settings.jobs == "slurm":
         return JobPoller(slurm_jobs(settings.squeue), apply, settings.node_labels_interval_s)
+    if settings.jobs == "kubernetes":
+        return JobPoller(kubernetes_jobs(settings.kubeconfig), apply, settings.node_labels_interval_s)
     return None

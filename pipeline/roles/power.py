@@ -2,7 +2,10 @@
 
 It follows the site's GPU and facility data (consumer group `power`) into the site's
 controller (power/controller.py) and steps it every `power.control_interval_s` of the
-data's time. Requests come in three ways (four with MQTT), each ending in the request store
+data's time. Beside them it listens to the alerts (`bus.listen`: from when it starts, outside
+its group, so the alerts topic, which it writes too, does not hold its end): a GPU or node a
+fault alert names is not capped while the alert fires (Controller.observe_alerts). An alert
+that fired before the role started is not known to it until it fires again. Requests come in three ways (four with MQTT), each ending in the request store
 (`<data_dir>/power/`, power/store.py) with the role's verdict:
 
   the command line   `fleetwatch power request` writes the store; the role re-reads it
@@ -33,6 +36,7 @@ One power process per site: it is the site's only controller (Kafka: replicas 1)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -52,7 +56,7 @@ from pipeline.bus.intake import Rejection, dead_letters_for
 from pipeline.config import Config, ConfigError
 from pipeline.detect.catalog import raised
 from pipeline.model import POWER_REQUEST_REPORT, alerts_to_batch, iso_utc
-from pipeline.power.controller import Controller, Firm, Outcome
+from pipeline.power.controller import ALERTS_READ, Controller, Firm, Outcome
 from pipeline.power.curve import from_recording
 from pipeline.power.node_labels import job_poller_for, poller_for
 from pipeline.power.request import PowerRequest, Rejected, validate
@@ -151,10 +155,15 @@ class PowerRole:
         keep = pc.equal(batch.column("site"), self.site)
         if message.topic == Topic.FACILITY:  # the controller reads the meter's and the PDUs' power only
             keep = pc.and_(keep, pc.equal(batch.column("metric"), "power_w"))
+        if message.topic == Topic.ALERTS:  # (a fleetwatch alert has no site: null, not kept)
+            keep = pc.and_(pc.fill_null(keep, False), pc.is_in(batch.column("alertname"), pa.array(sorted(ALERTS_READ))))
         if not pc.all(keep).as_py():
             batch = batch.filter(keep)
             if batch.num_rows == 0:
                 return
+        if message.topic == Topic.ALERTS:
+            self.ctl.observe_alerts(_alert_changes(batch))
+            return
         # Microseconds, as Python's datetime holds them (the controller's clock): a reading's
         # nanoseconds (the live simulator's, an agent's) are truncated.
         i = batch.schema.get_field_index("ts")
@@ -692,13 +701,35 @@ def build(ctx, spec):
     if cfg.mqtt.broker:  # requests from a BMS gateway under the tree too (power/mqtt_intake.py)
         from pipeline.power.mqtt_intake import intake_for
         intake = intake_for(cfg, role)
-        return lambda: intake.alongside(power_role(role, sub, gate, dead_letters, cfg.kafka.commit_interval_s))
-    return lambda: power_role(role, sub, gate, dead_letters, cfg.kafka.commit_interval_s)
+        return lambda: intake.alongside(power_role(role, sub, gate, dead_letters, cfg.kafka.commit_interval_s,
+                                                   ctx.bus.listen(Topic.ALERTS, [])))
+    return lambda: power_role(role, sub, gate, dead_letters, cfg.kafka.commit_interval_s, ctx.bus.listen(Topic.ALERTS, []))
 
 
-async def power_role(role: PowerRole, sub, gate, dead_letters, commit_interval_s: float) -> None:
+def _alert_changes(batch: pa.RecordBatch):
+    """(fingerprint, firing, labels) of each row whose labels are a JSON object (the alerts'
+    consumers dead-letter the others; this side input skips them)."""
+    for r in batch.select(["fingerprint", "status", "labels_json"]).to_pylist():
+        try:
+            labels = json.loads(r["labels_json"] or "")
+        except ValueError:
+            continue
+        if isinstance(labels, dict):
+            yield r["fingerprint"], r["status"] == "firing", labels
+
+
+async def follow_alerts(role: PowerRole, alerts) -> None:
+    """The alerts as they come, into the role (a side input: see the module doc)."""
+    with contextlib.suppress(EndOfStream):
+        while True:
+            for m in await alerts.get_batch(max_messages=4096, timeout_s=0.5):
+                role.observe(m)
+
+
+async def power_role(role: PowerRole, sub, gate, dead_letters, commit_interval_s: float, alerts=None) -> None:
     """Read, observe, step, until the inputs end; then restore every cap."""
     next_commit = time.monotonic() + commit_interval_s
+    side = asyncio.create_task(follow_alerts(role, alerts), name="power-alerts") if alerts is not None else None
     try:
         while True:
             try:
@@ -715,5 +746,10 @@ async def power_role(role: PowerRole, sub, gate, dead_letters, commit_interval_s
                 await sub.commit()
                 next_commit = time.monotonic() + commit_interval_s
     finally:
+        if side is not None:
+            side.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EndOfStream):
+                await side
+            await alerts.close()
         await asyncio.shield(role.close())
     await sub.commit()

@@ -22,7 +22,8 @@ Power caps (`set_caps`), from the recorded H100's cap steps (recordings/h100/REA
 power/curve.py): NVML reports a new limit at once and the power settles under it within
 0.2-0.4 s (first order, tau CAP_TAU_S); a GPU the cap holds below its draw runs at the
 curve's clock for that power with reason 0x4 (SW power cap) and does the curve's share
-of its work (`work_done` against `work_uncapped`).
+of its work (`work_done` against `work_uncapped`). A straggler, less efficient at any power,
+loses the curve's share of its own lower clock: held by a cap it stays slower than its peers.
 
 Jobs differ in how much of their work a cap costs (`group_sens`, the compute-bound share of
 a job's time): a compute-bound job (training, prefill) runs at the curve's rate, a
@@ -655,7 +656,12 @@ class FleetSimulator:
         any_held = bool(held.any())
         if any_held:
             power = np.where(held, self._limit_w - below, power)
-            sm = np.where(held, np.minimum(sm, self.curve.clock_at(power)), sm)
+            # A straggler is less efficient at any power: held, it keeps its own clock's share of
+            # what the curve loses between its draw and its cap (a healthy GPU runs the curve's clock).
+            clock = self.curve.clock_at(power)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                own = np.round(sm * clock / self.curve.clock_at(free_power) / 15.0) * 15.0
+            sm = np.where(held, np.where(slow, np.minimum(sm, own), np.minimum(sm, clock)), sm)
             reasons = np.where(held, reasons | int(Reason.SW_POWER_CAP), reasons)
         # Work: a busy GPU's job does `intensity` of a full-load GPU's work at the default limit,
         # scaled by the curve between that nominal power and the power it holds (faults lower both).

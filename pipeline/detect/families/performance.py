@@ -66,19 +66,23 @@ class Performance(Family):
         # its own cap (power/curve.py), so peers at other caps compare; their median times the
         # curve's clock at this GPU's cap is what it should run at. With fewer than 4 such
         # peers, the curve's clock itself. A straggler runs slower whether its cap holds it
-        # (same power, lower clock) or not (under its cap, reason 0x4 gone).
+        # (same power, lower clock) or not (under its cap, reason 0x4 gone). A GPU with fewer than
+        # 4 uncapped peers (one left uncapped among capped siblings) is judged the same way at its
+        # own limit: a busy GPU that no slowdown explains runs at least the clock its limit allows.
         allowed = _curve().clock_at(np.nan_to_num(limit))
         with np.errstate(invalid="ignore", divide="ignore"):
             pace = sm / allowed
         held = include & capped & ((reasons & SW_POWER_CAP) != 0) & (allowed > 0)
         med_pace, n_pace = group_median(pace, group, n_groups, held)
         ref = np.where(n_pace[group] >= 4, med_pace[group], 1.0)
-        expected_sm = np.where(capped, ref * allowed, med_sm[group])
-        straggler = uncapped | (include & capped & (allowed > 0) & (sm < ratio * expected_sm))
+        with np.errstate(invalid="ignore"):
+            by_clock = capped | ((n_power[group] < 4) & (limit > 0))  # (a source without limits: not judged)
+        expected_sm = np.where(by_clock, ref * allowed, med_sm[group])
+        straggler = uncapped | (include & by_clock & (allowed > 0) & (sm < ratio * expected_sm))
         with np.errstate(invalid="ignore", divide="ignore"):
-            score = np.where(capped, sm / expected_sm, power / med_power[group])
+            score = np.where(by_clock, sm / expected_sm, power / med_power[group])
         self.judge(out, "GpuStraggler", b.slots, straggler, b.now, score,
-                   evidence(power_w=power, sm_mhz=sm, util=util, peer_power_w=np.where(capped, limit, med_power[group]),
+                   evidence(power_w=power, sm_mhz=sm, util=util, peer_power_w=np.where(by_clock, limit, med_power[group]),
                             peer_sm_mhz=expected_sm, power_limit_w=limit, capped=capped.astype(float),
                             ratio_threshold=ratio))
         brake_gpus = np.bincount(group, (reasons & POWER_BRAKE) != 0, n_groups)

@@ -32,20 +32,16 @@ the step again next round.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from pipeline.config import ConfigError
+from pipeline.kube import connect, needs_node, no_answer, said
 from pipeline.remediate.backends.base import REASON_PREFIX, BackendError, delegated_action, reason
 from pipeline.remediate.backends.command import Command
 
 TAINT_KEY = "fleetwatch.io/remediation"
 CONDITION = "FleetwatchRemediation"
-_MIRROR = "kubernetes.io/config.mirror"  # the kubelet's copy of a static pod
-_FINISHED = ("Succeeded", "Failed")
 _RBAC = ("the identity fleetwatch uses (the pod's service account, or the kubeconfig's user) needs, in a "
          "ClusterRole bound to it: get and patch on nodes and nodes/status, list on pods")
 
@@ -62,52 +58,13 @@ def _our_condition(node: Any) -> Any:
     return next((c for c in (node.status.conditions if node.status else None) or () if c.type == CONDITION), None)
 
 
-def needs_node(pod: Any) -> bool:
-    """Does this pod keep its node busy? Not a DaemonSet's, a mirror pod or a finished one;
-    a terminating pod still does until it is gone."""
-    meta = pod.metadata
-    if any(ref.controller and ref.kind == "DaemonSet" for ref in meta.owner_references or ()):
-        return False
-    if _MIRROR in (meta.annotations or {}):
-        return False
-    return (pod.status.phase if pod.status else None) not in _FINISHED
-
-
 class Kubernetes:
     name = "kubernetes"
 
     def __init__(self, kubeconfig: str = "", timeout_s: float = 60.0, actions: Command | None = None) -> None:
-        try:
-            import urllib3
-            import yaml
-            from kubernetes import client, config
-        except ImportError as e:
-            raise ConfigError(f"remediate.backend = kubernetes needs the Kubernetes Python client ({e}): "
-                              f"pip install 'fleetwatch[kubernetes]'") from None
         self.kubeconfig, self.timeout_s, self.actions = kubeconfig, timeout_s, actions
-        self._ApiException, self._urllib3 = client.ApiException, urllib3.exceptions
-        conf = client.Configuration()
-        in_cluster = not kubeconfig and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-        path = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"  # as kubectl finds one, read now
-        where = "the pod's service account" if in_cluster else f"kubeconfig {path}"
-        if kubeconfig and not os.path.isfile(os.path.expanduser(kubeconfig)):
-            raise ConfigError(f"remediate.kubeconfig: no file {kubeconfig!r}: give the path of the kubeconfig that "
-                              f"reaches the cluster, or leave it empty for the pod's service account")
-        try:
-            if in_cluster:
-                config.load_incluster_config(client_configuration=conf)
-            else:  # persist_config=False: fleetwatch never writes the site's kubeconfig
-                config.load_kube_config(config_file=path, client_configuration=conf, persist_config=False)
-        except config.ConfigException as e:
-            raise ConfigError(f"cannot use {where} for remediate.backend = kubernetes ({e}): set "
-                              f"remediate.kubeconfig to a kubeconfig that reaches the cluster") from None
-        except (OSError, yaml.YAMLError) as e:  # never str(e): a YAML error quotes the file, tokens included
-            raise ConfigError(f"cannot read {where} for remediate.backend = kubernetes ({type(e).__name__}): "
-                              f"check that it is a readable kubeconfig (`kubectl --kubeconfig FILE get nodes`)") \
-                from None
-        conf.retries = 0
-        self.host = conf.host
-        self.api = client.CoreV1Api(client.ApiClient(conf))
+        self.cluster = connect(kubeconfig, "remediate.kubeconfig", "remediate.backend = kubernetes")
+        self.host, self.api = self.cluster.host, self.cluster.api
 
     # ---- the API, its errors said so that a person can act on them ----
 
@@ -115,29 +72,23 @@ class Kubernetes:
         try:
             # (connect, read): clients before 32 ignore a single float, waiting for ever
             return request(*args, _request_timeout=(self.timeout_s, self.timeout_s), **kwargs)
-        except self._ApiException as e:
+        except self.cluster.ApiException as e:
             raise BackendError(self._refused(node, doing, e)) from None
-        except self._urllib3.HTTPError as e:  # no answer at all
-            why = getattr(e, "reason", None) or e  # urllib3 wraps it in MaxRetryError
-            # (a refused connection is a NewConnectionError, which urllib3 derives from its timeouts)
-            if isinstance(why, self._urllib3.TimeoutError) and not isinstance(why, self._urllib3.NewConnectionError):
+        except self.cluster.HTTPError as e:  # no answer at all
+            timed_out, why = no_answer(self.cluster, e)
+            if timed_out:
                 raise BackendError(f"the Kubernetes API at {self.host} did not answer within {self.timeout_s:g} s "
                                    f"while {doing} node {node}: is the API server up and reachable from here? "
                                    f"(remediate.command_timeout_s sets the wait)") from None
             raise BackendError(f"cannot reach the Kubernetes API at {self.host} while {doing} node {node} "
-                               f"({str(why).split(': ', 1)[-1]}): is the API server up and reachable from here, "
+                               f"({why}): is the API server up and reachable from here, "
                                f"and does {self._where()} name the right server?") from None
 
     def _where(self) -> str:
         return f"remediate.kubeconfig ({self.kubeconfig})" if self.kubeconfig else "the kubeconfig in use"
 
     def _refused(self, node: str, doing: str, e: Any) -> str:
-        status = f"HTTP {e.status} {e.reason}"
-        try:  # the API server's Status names who was refused what; it never echoes a token
-            said = str(json.loads(e.body).get("message", ""))[:300]
-        except (TypeError, ValueError, AttributeError):
-            said = ""
-        status += f": {said}" if said else ""
+        status = said(e)
         if e.status == 401:
             return (f"the Kubernetes API did not accept fleetwatch's credentials while {doing} node {node} ({status}): "
                     f"renew the token or client certificate of {self._where()} (in a pod: its service account)")
