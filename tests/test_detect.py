@@ -625,3 +625,23 @@ def test_a_straggler_left_uncapped_among_capped_siblings_is_judged_by_the_clock_
     [a] = h.fired("GpuStraggler")
     assert a.labels["gpu"] == str(h.sim.gpu_index[mine[0]]) and a.evidence["capped"] == 0.0
     assert a.evidence["peer_sm_mhz"] == pytest.approx(float(from_recording().clock_at(700.0)), rel=0.03)
+
+
+def test_a_stuck_power_sensor_under_a_cap_unlike_its_peers_caps_is_no_runaway(warm):
+    """Demand response caps a node's GPUs unevenly and moves the caps. A sensor that sticks
+    on a GPU at 200 W goes on reading 200 W once its cap rises to 650 W; until
+    GpuPowerSensorStuck says so, the GPU is taken to draw like its peers: at their share of
+    their own limits times its own (650 W), not at their median watts (200 W, which made its
+    real 650 W look 18 C too hot; one at 500 W among peers at 200 W raised a false
+    GpuThermalRunaway on a 128-node eval)."""
+    h = warm(seed=5)
+    mine = _full_load_node(h)
+    h.sim.set_caps(mine[:6], 200.0)
+    h.sim.set_caps(mine[6:], [650.0, 200.0])
+    h.run(60)
+    h.sim.inject("stuck_power_sensor", gpu=int(mine[7]), duration_s=300)
+    h.run(5)
+    h.sim.set_caps(mine[7:], 650.0)
+    h.run(120)
+    assert h.fired("GpuThermalRunaway") == [], [a.annotations["summary"] for a in h.fired("GpuThermalRunaway")]
+    assert [a.labels["gpu"] for a in h.fired("GpuPowerSensorStuck")] == [str(h.sim.gpu_index[mine[7]])]

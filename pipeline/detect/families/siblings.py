@@ -49,14 +49,23 @@ class SiblingTemperature(Family):
         # taken out before comparing it with the median of its node. Temperature follows
         # power through two lags (H100 trace: ~60% at once, the rest with tau 6.5 s), so it
         # reflects 0.6 P + 0.4 P_slow. A power reading that repeats exactly is not trusted
-        # (a stuck sensor): that GPU is taken to draw its peers' median, in P_slow as well,
+        # (a stuck sensor): that GPU is taken to draw like its peers (below), in P_slow as well,
         # so that the real reading coming back later is not a jump in the excess. Except at
         # the GPU's limit with reason 0x4: a cap holds it there, steady to the watt, and that
         # is what it draws, whatever the sensor (a deep cap's repeats are no stuck sensor).
         pinned = ((b.reasons & SW_POWER_CAP) != 0) & (power >= (1.0 - PINNED_SHARE) * b.metrics["power_limit_w"])
         stuck = (b.power_runs >= 3) & ~pinned
+        # Its peers' share of their own limits, times its own: under caps that differ within the
+        # node (demand response's plan), a GPU held at 500 W among peers at 200 W is not taken to
+        # draw 200 W and look 12 C too hot. Without a limit, the peers' median power.
+        limit = b.metrics["power_limit_w"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = power / limit
         med_power, _ = group_median(np.where(stuck, np.nan, power), group, n_groups)
-        power = np.where(stuck, med_power[group], power)
+        med_share, _ = group_median(np.where(stuck | ~(limit > 0), np.nan, share), group, n_groups)
+        with np.errstate(invalid="ignore"):
+            guess = np.where((limit > 0) & ~np.isnan(med_share[group]), med_share[group] * limit, med_power[group])
+        power = np.where(stuck, guess, power)
         a = 1.0 - np.exp(-np.nan_to_num(b.gap, nan=1.0) / THERMAL_TAU_S)
         p_slow = lag(state.p_slow[slots], power, a)
         state.p_slow[slots] = p_slow
