@@ -465,3 +465,34 @@ def test_fault_alerts_of_the_site_s_gpus_keep_them_out_of_plans_and_nothing_else
                                                    ends_at=h.sim.now))])
     h.role.observe(Message(Topic.ALERTS, resolved))
     assert h.role.ctl.suspects == {} and h.role.ctl.flex()[5] == 3
+
+
+def test_an_alerts_listener_that_fails_is_said_once_and_read_again(tmp_path, caplog):
+    """The side input never ends the role: a listener that cannot read (a broker away) is
+    logged once, tried again, and what it reads then still reaches the controller."""
+    from pipeline.bus import EndOfStream
+    from pipeline.model import Alert, alerts_to_batch
+    from pipeline.roles.power import follow_alerts
+    h = Harness(tmp_path)
+    h.run(3)
+    alert = Alert({"alertname": "GpuStraggler", "severity": "warning", "site": "site-a",
+                   "node": h.role.ctl.gpus.nodes[0], "gpu": "0", "UUID": h.role.ctl.gpus.uuids[0]}, {}, h.sim.now,
+                  "test", 1.0)
+
+    class BrokerAway:  # what a listener does while its broker is unreachable, then once it is back
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None):
+            self.calls += 1
+            if self.calls <= 3:
+                raise ConnectionError("broker away")
+            if self.calls == 4:
+                return [Message(Topic.ALERTS, alerts_to_batch([(h.sim.now, alert)]))]
+            raise EndOfStream
+    with caplog.at_level(logging.INFO, "fleetwatch"):
+        asyncio.run(follow_alerts(h.role, BrokerAway(), retry_s=0.0))
+    said = [r.getMessage() for r in caplog.records if "alerts" in r.getMessage()]
+    assert said == ["power: cannot read the alerts (ConnectionError: broker away): GPUs that fault alerts name may "
+                    "be capped until they are read again; trying again every 0 s", "power: reading the alerts again"]
+    assert list(h.role.ctl.suspects) == [alert.fingerprint]

@@ -94,10 +94,11 @@ class Bus(Protocol):
 
     def subscribe(self, topics: list[Topic], group: str) -> Subscription: ...
 
-    def listen(self, topic: Topic, keys: list[str]):
+    def listen(self, topic: Topic, keys: list[str], since_s: float = 0.0):
         """What is published on `topic` from now on in the partitions of `keys` (none: all),
-        outside any group (commands to one node: its rack's power caps): `get_batch` as a
-        Subscription's."""
+        outside any group (commands to one node: its rack's power caps), and with `since_s`
+        what was published that long before too (Kafka: by the records' times; in-process
+        nothing was): `get_batch` as a Subscription's, `close()` when done."""
 
     async def end(self, topics: list[Topic]) -> None:
         """No more messages on these topics: subscribers drain, then see EndOfStream."""

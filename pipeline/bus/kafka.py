@@ -825,11 +825,12 @@ class KafkaBus:
         self.subscriptions.append(sub)
         return sub
 
-    def listen(self, topic: Topic, keys: list[str]) -> "KafkaListener":
+    def listen(self, topic: Topic, keys: list[str], since_s: float = 0.0) -> "KafkaListener":
         """A reader of what is published on `topic` from now on, in the partitions of `keys`
         only (an agent: its rack's power caps; none: every partition), outside any group:
-        it commits nothing."""
-        return KafkaListener(self, topic, keys)
+        it commits nothing. With `since_s`, from the first record of that long ago (by the
+        records' timestamps: the alerts still firing when the power role starts)."""
+        return KafkaListener(self, topic, keys, since_s)
 
     async def read_latest(self, topic: Topic, partitions: set[int], key=None) -> dict[int, Message]:
         """The last committed message of each of the topic's `partitions` (a compacted
@@ -928,8 +929,8 @@ class KafkaListener:
 
     holds_input = False
 
-    def __init__(self, bus: KafkaBus, topic: Topic, keys: list[str]) -> None:
-        self.bus, self.topic, self.keys = bus, topic, keys
+    def __init__(self, bus: KafkaBus, topic: Topic, keys: list[str], since_s: float = 0.0) -> None:
+        self.bus, self.topic, self.keys, self.since_s = bus, topic, keys, since_s
         self.consumer: AIOKafkaConsumer | None = None
         self.count = 0  # the topic's partitions, as its keys were placed on them (bus/keys.py)
 
@@ -941,21 +942,28 @@ class KafkaListener:
         wire = self.bus.wire(self.topic)
         try:
             await consumer._client.set_topics([wire])  # the topic's metadata, fetched now
-            await self._assign(consumer, self.bus.partition_count(self.topic, consumer.partitions_for_topic(wire)))
+            await self._assign(consumer, self.bus.partition_count(self.topic, consumer.partitions_for_topic(wire)),
+                               self.since_s)
         except BaseException:
             await consumer.stop()
             raise
         self.consumer = consumer
 
-    async def _assign(self, consumer: AIOKafkaConsumer, count: int) -> None:
+    async def _assign(self, consumer: AIOKafkaConsumer, count: int, since_s: float = 0.0) -> None:
         """Listen to the partitions of the keys over `count` partitions (the producers place a
-        key by the cluster's count: KafkaBus.partition_count), from their end."""
+        key by the cluster's count: KafkaBus.partition_count), from their end (or from
+        `since_s` ago: once, when the listener starts)."""
         from pipeline.bus.keys import partition_for
         self.count = count
         tps = sorted({TopicPartition(self.bus.wire(self.topic), p) for p in
                       ({partition_for(k, count) for k in self.keys} if self.keys else range(count))})
         consumer.assign(tps)
         await consumer.seek_to_end(*tps)
+        if since_s > 0 and tps:
+            found = await consumer.offsets_for_times({tp: int((time.time() - since_s) * 1000) for tp in tps})
+            for tp, at in found.items():
+                if at is not None:  # (none: nothing that recent there, the end stands)
+                    consumer.seek(tp, at.offset)
         for tp in tps:  # resolved now: what is sent from here on is read
             await consumer.position(tp)
 

@@ -98,9 +98,10 @@ class MemoryBus:
             self._subs[(t, group)] = sub
         return sub
 
-    def listen(self, topic: Topic, keys: list[str]) -> MemorySubscription:
-        """What is published on `topic` from now on (in-process every key is in reach): a
-        subscription of its own, ended with the topic."""
+    def listen(self, topic: Topic, keys: list[str], since_s: float = 0.0) -> MemorySubscription:
+        """What is published on `topic` from now on (in-process every key is in reach, and
+        nothing was published before the process: `since_s` finds nothing): a subscription of
+        its own, ended with the topic."""
         self._listeners += 1
         return self.subscribe([topic], f"listen-{self._listeners}")
 

@@ -2,11 +2,13 @@
 
 It follows the site's GPU and facility data (consumer group `power`) into the site's
 controller (power/controller.py) and steps it every `power.control_interval_s` of the
-data's time. Beside them it listens to the alerts (`bus.listen`: from when it starts, outside
-its group, so the alerts topic, which it writes too, does not hold its end): a GPU or node a
-fault alert names is not capped while the alert fires (Controller.observe_alerts). An alert
-that fired before the role started is not known to it until it fires again. Requests come in three ways (four with MQTT), each ending in the request store
-(`<data_dir>/power/`, power/store.py) with the role's verdict:
+data's time. Beside them it listens to the alerts (`bus.listen`, outside its group, so the
+alerts topic, which it writes too, does not hold its end): a GPU or node a fault alert names
+is not capped while the alert fires (Controller.observe_alerts). Over Kafka it first reads the
+last ALERTS_LOOKBACK_S of them, so a restarted role knows the alerts still firing (one that
+fired longer ago is known when it fires again); a listener that fails is logged and tried again,
+the role goes on. Requests come in three ways (four with MQTT), each ending in the request
+store (`<data_dir>/power/`, power/store.py) with the role's verdict:
 
   the command line   `fleetwatch power request` writes the store; the role re-reads it
   HTTP               `POST /power/requests` on the process's --http (a route this role adds)
@@ -73,6 +75,7 @@ ENDED_DOWN = "it ended while the power role was down: nothing was verified"
 NEVER_TAKEN = ("it ended before the power role took it (the role was down, or had no data of the fleet): nothing "
                "was done")
 CANCELLED_DOWN = "cancelled while the power role was down: nothing was verified"
+ALERTS_LOOKBACK_S = 86400.0  # the alerts read again when the role starts (over Kafka): a day's are few
 
 
 class DryRunActuator:
@@ -702,8 +705,9 @@ def build(ctx, spec):
         from pipeline.power.mqtt_intake import intake_for
         intake = intake_for(cfg, role)
         return lambda: intake.alongside(power_role(role, sub, gate, dead_letters, cfg.kafka.commit_interval_s,
-                                                   ctx.bus.listen(Topic.ALERTS, [])))
-    return lambda: power_role(role, sub, gate, dead_letters, cfg.kafka.commit_interval_s, ctx.bus.listen(Topic.ALERTS, []))
+                                                   ctx.bus.listen(Topic.ALERTS, [], ALERTS_LOOKBACK_S)))
+    return lambda: power_role(role, sub, gate, dead_letters, cfg.kafka.commit_interval_s,
+                              ctx.bus.listen(Topic.ALERTS, [], ALERTS_LOOKBACK_S))
 
 
 def _alert_changes(batch: pa.RecordBatch):
@@ -718,12 +722,27 @@ def _alert_changes(batch: pa.RecordBatch):
             yield r["fingerprint"], r["status"] == "firing", labels
 
 
-async def follow_alerts(role: PowerRole, alerts) -> None:
-    """The alerts as they come, into the role (a side input: see the module doc)."""
-    with contextlib.suppress(EndOfStream):
-        while True:
-            for m in await alerts.get_batch(max_messages=4096, timeout_s=0.5):
-                role.observe(m)
+async def follow_alerts(role: PowerRole, alerts, retry_s: float = 5.0) -> None:
+    """The alerts as they come, into the role (a side input: see the module doc). A failure is
+    logged once until the listener reads again, and tried again `retry_s` later."""
+    failing = ""
+    while True:
+        try:
+            messages = await alerts.get_batch(max_messages=4096, timeout_s=0.5)
+        except EndOfStream:
+            return
+        except Exception as e:  # (a broker away: the role's own inputs say so too)
+            if f"{type(e).__name__}: {e}" != failing:
+                failing = f"{type(e).__name__}: {e}"
+                log.warning("power: cannot read the alerts (%s): GPUs that fault alerts name may be capped until "
+                            "they are read again; trying again every %g s", failing, retry_s)
+            await asyncio.sleep(retry_s)
+            continue
+        if failing:
+            log.info("power: reading the alerts again")
+            failing = ""
+        for m in messages:
+            role.observe(m)
 
 
 async def power_role(role: PowerRole, sub, gate, dead_letters, commit_interval_s: float, alerts=None) -> None:
@@ -748,7 +767,7 @@ async def power_role(role: PowerRole, sub, gate, dead_letters, commit_interval_s
     finally:
         if side is not None:
             side.cancel()
-            with contextlib.suppress(asyncio.CancelledError, EndOfStream):
+            with contextlib.suppress(asyncio.CancelledError):
                 await side
             await alerts.close()
         await asyncio.shield(role.close())

@@ -1,7 +1,8 @@
 """The power role over a real Kafka broker: the fleet's data and a grid-signal request
 (fleetwatch.power.requests, keyed by site) come in, the request is judged and run, its caps
 go out on fleetwatch.power.caps, and its report on fleetwatch.power.reports; a row that is
-not a valid request is dead-lettered with the reason."""
+not a valid request is dead-lettered with the reason. A fault alert published before the role
+started is known to it (it reads the alerts of the last day first)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pipeline.bus import EndOfStream, Topic
 from pipeline.bus import keys
 from pipeline.bus.kafka import KafkaBus
 from pipeline.daemon import build_roles
+from pipeline.model import Alert, alerts_to_batch
 from pipeline.power.request import PowerRequest
 from pipeline.power.store import request_store
 from pipeline.roles.context import Context
@@ -37,6 +39,10 @@ def test_a_grid_signal_over_kafka_is_run_by_the_power_role_and_reported(broker, 
         bus = KafkaBus.from_config(cfg.kafka)
         await bus.start()
         ctx = Context(cfg, frozenset({"power"}), bus, asyncio.Event(), Console())
+        before = Alert({"alertname": "GpuStraggler", "severity": "warning", "site": "site-a", "rack": "r01",
+                        "node": sim.node_names[0], "gpu": "0", "UUID": sim.gpu_uuids[0]}, {}, sim.now, "test", 1.0)
+        await ctx.emit(Topic.ALERTS, alerts_to_batch([(sim.now, before)]))
+        await bus.flush()
         (role,) = build_roles(ctx)
         outputs = bus.subscribe([Topic.POWER_CAPS, Topic.POWER_REPORTS], "test-outputs")
         task = asyncio.create_task(role.work())
@@ -54,6 +60,11 @@ def test_a_grid_signal_over_kafka_is_run_by_the_power_role_and_reported(broker, 
                     for m in keys.messages(Topic.POWER_REQUESTS, both, keyed=True, partitions=1):
                         await bus.publish(m)
                 await asyncio.sleep(0.01)
+            for _ in range(300):  # the alert from before the role started, read back by its side input
+                if ctx.power.ctl.suspects:
+                    break
+                await asyncio.sleep(0.1)
+            assert list(ctx.power.ctl.suspects) == [before.fingerprint]
             await bus.end([Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS])
             await asyncio.wait_for(task, 120)
             await bus.end([Topic.POWER_CAPS, Topic.POWER_REPORTS])
