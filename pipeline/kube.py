@@ -7,6 +7,7 @@ an error (a kubeconfig holds tokens), and the site's kubeconfig is never written
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -62,19 +63,23 @@ def connect(kubeconfig: str, setting: str, use: str) -> Cluster:
                    urllib3.exceptions.NewConnectionError)
 
 
-def no_answer(cluster: Cluster, error: Exception) -> tuple[bool, str]:
-    """For an HTTPError: (whether it timed out, the reason in a few words). urllib3 wraps the
-    cause in MaxRetryError; a refused connection is a NewConnectionError, which urllib3 derives
-    from its timeouts."""
+def unanswered(cluster: Cluster, error: Exception, timeout_s: float, doing: str, where: str,
+               wait_hint: str = "") -> str:
+    """What to say of an HTTPError (no answer at all) while `doing` ("while reading node X",
+    "listing nodes"): timed out, or not reached (`where`: the kubeconfig in use). urllib3 wraps
+    the cause in MaxRetryError; a refused connection is a NewConnectionError, which urllib3
+    derives from its timeouts."""
     why = getattr(error, "reason", None) or error
-    timed_out = isinstance(why, cluster.TimeoutError) and not isinstance(why, cluster.NewConnectionError)
-    return timed_out, str(why).split(": ", 1)[-1]
+    if isinstance(why, cluster.TimeoutError) and not isinstance(why, cluster.NewConnectionError):
+        return (f"the Kubernetes API at {cluster.host} did not answer within {timeout_s:g} s {doing}: is the API "
+                f"server up and reachable from here?{wait_hint}")
+    return (f"cannot reach the Kubernetes API at {cluster.host} {doing} ({str(why).split(': ', 1)[-1]}): is the "
+            f"API server up and reachable from here, and does {where} name the right server?")
 
 
 def said(error: Any) -> str:
     """An ApiException as "HTTP 403 Forbidden: <the Status's message>" (the API server's Status
     names who was refused what; it never echoes a token)."""
-    import json
     status = f"HTTP {error.status} {error.reason}"
     try:
         message = str(json.loads(error.body).get("message", ""))[:300]

@@ -20,11 +20,21 @@ from pipeline.power.actuator import Actuator
 from pipeline.power.classes import FlexClasses
 from pipeline.power.controller import Controller
 from pipeline.power.curve import from_recording
-from pipeline.power.node_labels import (JobPoller, LabelPoller, LabelsUnavailable, SlurmQuery, expand_hostlist,
-                                        parse_sinfo, parse_squeue, slurm_features, slurm_jobs)
+from pipeline.power.node_labels import (JobPoller, LabelPoller, LabelsUnavailable, Poller, SlurmQuery,
+                                        expand_hostlist, parse_sinfo, parse_squeue, slurm_features, slurm_jobs)
 from tests.conftest import fleetwatch, make_config
 from tests.services import Slurmctld, slurm_binary
 from tests.test_batching import of_schema
+
+async def poll_reads(poller: Poller, times: int = 1) -> None:
+    """`times` reads of the poller's source, each handed over as the role's loop does it: a
+    poll starts the fetch, the next after it finished takes the result."""
+    for _ in range(times):
+        poller.poll()
+        while poller._task is not None and not poller._task.done():
+            await asyncio.sleep(0.02)
+        poller.poll()
+
 
 RULES = [FlexRule(feature="noflex", flex_class=0), FlexRule(feature="flex[1-3]", flex_class=3),
          FlexRule("r02-*", 1)]
@@ -183,11 +193,7 @@ def test_power_status_says_when_the_labels_were_never_read():
     classes = FlexClasses(PowerConfig(classes=RULES, node_labels="slurm"))
     poller = LabelPoller(slurm_features(sinfo="/nonexistent/sinfo"), classes, 60.0)
 
-    async def once() -> None:
-        poller.poll()
-        await asyncio.gather(poller._task, return_exceptions=True)
-        poller.poll()
-    asyncio.run(once())
+    asyncio.run(poll_reads(poller))
     line = _labels_line(poller.status())
     assert line.startswith("; node labels from slurm not read yet (cannot run '/nonexistent/sinfo'")
     assert line.endswith("every GPU is class 0") and classes.of("r01-n02") == 0
@@ -215,10 +221,7 @@ def test_running_jobs_are_read_from_squeue_and_the_poller_hands_them_over(tmp_pa
         poller = JobPoller(source, seen.append, 60.0)
 
         async def one_read() -> None:
-            poller.poll()
-            while not poller._task.done():
-                await asyncio.sleep(0.05)
-            poller.poll()
+            await poll_reads(poller)
             await poller.close()
         asyncio.run(one_read())
         assert seen == [{"gpu-a1": job}] and poller.status() == {"source": "slurm", "reads": 1, "failures": 0,
@@ -233,11 +236,7 @@ def test_squeue_missing_keeps_each_node_a_job_of_its_own_and_says_so_once(caplog
     poller = JobPoller(slurm_jobs(squeue="/nonexistent/squeue"), seen.append, 0.0)
 
     async def reads(n: int) -> None:
-        for _ in range(n):
-            poller.poll()
-            while not poller._task.done():
-                await asyncio.sleep(0.01)
-        poller.poll()
+        await poll_reads(poller, n)
         await poller.close()
     with caplog.at_level(logging.WARNING, logger="pipeline.power"):
         asyncio.run(reads(3))

@@ -17,6 +17,7 @@ from pipeline.power.classes import FlexClasses
 from pipeline.power.node_labels import (JobPoller, LabelPoller, LabelsUnavailable, job_poller_for, kubernetes_jobs,
                                         kubernetes_labels, poller_for)
 from tests.kube_apiserver import TOKEN, StandInApiServer, node_object, pod_object
+from tests.test_node_labels import poll_reads
 
 
 @pytest.fixture()
@@ -63,10 +64,7 @@ def test_the_job_on_a_node_is_the_controller_of_the_pods_holding_most_of_its_gpu
     poller = JobPoller(source, seen.append, 60.0)
 
     async def one_read() -> None:
-        poller.poll()
-        while not poller._task.done():
-            await asyncio.sleep(0.02)
-        poller.poll()
+        await poll_reads(poller)
         await poller.close()
     asyncio.run(one_read())
     assert seen == [{"gpu-a1": "training/PyTorchJob/llama", "gpu-a2": "serve/ReplicaSet/vllm-7d9f",
@@ -105,17 +103,10 @@ def test_an_api_that_refuses_or_does_not_answer_keeps_what_was_read_and_says_wha
                                       default_class=3, node_labels="kubernetes"))
     poller = LabelPoller(kubernetes_labels(kubeconfig, timeout_s=5), classes, 0.0)
 
-    async def read() -> None:
-        poller.poll()
-        while not poller._task.done():
-            await asyncio.sleep(0.02)
-        poller.poll()
-
     async def reads() -> None:
-        await read()
+        await poll_reads(poller)
         api.forbidden = {"list"}
-        await read()
-        await read()
+        await poll_reads(poller, 2)
         await poller.close()
     with caplog.at_level(logging.WARNING, "pipeline.power"):
         asyncio.run(reads())

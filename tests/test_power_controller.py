@@ -22,18 +22,29 @@ CURVE = from_recording()
 INTERVAL = 5
 
 
+def fleet(**settings) -> tuple[FleetSimulator, Controller]:
+    """The simple normal's 2-rack fleet, steady and fault-free, and its controller (class 3 unless told)."""
+    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple"),
+                         start=EVAL_EPOCH)
+    return sim, Controller(sim.cfg.site, CURVE, SimulatorActuator(sim), PowerConfig(**{"default_class": 3, **settings}))
+
+
+def advance(sim: FleetSimulator, ctl: Controller, i: int) -> None:
+    """Second `i`: the fleet's readings into the controller, and its step every INTERVAL."""
+    tick = sim.step()
+    ctl.observe_gpus(tick.gpu)
+    ctl.observe_facility(tick.facility)
+    if i % INTERVAL == 0:
+        ctl.step(sim.now)
+
+
 def run(seconds: int, requests: list[PowerRequest], **settings):
-    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple"), start=EVAL_EPOCH)
-    actuator = SimulatorActuator(sim)
-    ctl = Controller(sim.cfg.site, CURVE, actuator, PowerConfig(**{"default_class": 3, **settings}))
+    sim, ctl = fleet(**settings)
+    actuator = ctl.actuator
     outcomes = [ctl.submit(r) for r in requests]
     meter, caps = [], []
     for i in range(seconds):
-        tick = sim.step()
-        ctl.observe_gpus(tick.gpu)
-        ctl.observe_facility(tick.facility)
-        if i % INTERVAL == 0:
-            ctl.step(sim.now)
+        advance(sim, ctl, i)
         meter.append(ctl.meter[-1][1])
         caps.append(sim.caps)
     return sim, ctl, outcomes, np.array(meter), np.array(caps), actuator
@@ -103,19 +114,14 @@ def test_a_job_that_starts_or_ends_during_a_request_moves_the_baseline_not_the_r
     """The load Fleetwatch does not control moves under a request: a job group starts (or
     ends) half-way. The baseline follows it (its GPUs and CPUs, through the PDUs), so the
     request is still met, and what it claims is what the caps really shed."""
-    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple"), start=EVAL_EPOCH)
-    ctl = Controller(sim.cfg.site, CURVE, SimulatorActuator(sim), PowerConfig(default_class=3))
+    sim, ctl = fleet()
     out = ctl.submit(request(400, 10))
     group = int(np.flatnonzero(~sim.group_busy if change == "start" else sim.group_busy)[0])
     truth = []
     for i in range(720):
         if i == 550:
             sim.group_until[group] = sim.t  # flips at the next step
-        tick = sim.step()
-        ctl.observe_gpus(tick.gpu)
-        ctl.observe_facility(tick.facility)
-        if i % INTERVAL == 0:
-            ctl.step(sim.now)
+        advance(sim, ctl, i)
         if 430 <= i < 700:
             truth.append(_true_reduction_kw(sim))
     moved = [kw for t, kw in out.adjustment_kw if t > 160]
@@ -128,18 +134,13 @@ def test_a_job_that_starts_or_ends_during_a_request_moves_the_baseline_not_the_r
 def test_a_node_whose_power_reading_is_stuck_is_left_as_it_is():
     """A stuck power sensor: the caps can neither be verified nor moved on its node (the
     detectors read its GPUs' heat against their power, and against each other)."""
-    sim2 = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple"), start=EVAL_EPOCH)
-    ctl2 = Controller(sim2.cfg.site, CURVE, SimulatorActuator(sim2), PowerConfig(default_class=3))
+    sim2, ctl2 = fleet()
     ctl2.submit(request(400, 10))
     node = int(sim2.gpu_node[np.flatnonzero(sim2.group_busy[sim2.node_group][sim2.gpu_node])[0]])
     for i in range(700):
         if i == 300:
             sim2.inject("stuck_power_sensor", gpu=int(node * 8 + 3), duration_s=1000)
-        tick = sim2.step()
-        ctl2.observe_gpus(tick.gpu)
-        ctl2.observe_facility(tick.facility)
-        if i % INTERVAL == 0:
-            ctl2.step(sim2.now)
+        advance(sim2, ctl2, i)
         if i > 300:
             assert np.all(sim2.caps[sim2.gpu_node == node] == 700), i
     assert np.any(sim2.caps < 700)
@@ -213,9 +214,7 @@ def test_a_gpu_or_node_a_fault_alert_names_is_uncapped_while_it_fires_and_the_ta
     alert names it (a node alert: every GPU of the node) its cap is restored and the others
     shed its share; demand response's own alerts change nothing. Resolved, it is not capped
     again in that request, and may be in the next."""
-    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple"),
-                         start=EVAL_EPOCH)
-    ctl = Controller(sim.cfg.site, CURVE, SimulatorActuator(sim), PowerConfig(default_class=3))
+    sim, ctl = fleet()
     out = ctl.submit(request(400, 10, duration_s=600))
 
     def alert(name: str, fingerprint: str, firing: bool, slot: int, gpu: bool = True):
@@ -227,11 +226,7 @@ def test_a_gpu_or_node_a_fault_alert_names_is_uncapped_while_it_fires_and_the_ta
     index = {u: i for i, u in enumerate(sim.gpu_uuids)}
     victim = other = -1
     for i in range(1300):
-        tick = sim.step()
-        ctl.observe_gpus(tick.gpu)
-        ctl.observe_facility(tick.facility)
-        if i % INTERVAL == 0:
-            ctl.step(sim.now)
+        advance(sim, ctl, i)
         caps = sim.caps
         if i == 500:  # mid-hold: two capped GPUs on different nodes
             capped = [s for s in range(len(ctl.gpus.uuids)) if caps[index[ctl.gpus.uuids[s]]] < 700]
@@ -259,18 +254,12 @@ def test_a_node_whose_power_sensor_the_detectors_found_stuck_is_left_as_it_is():
     """GpuPowerSensorStuck on a capped GPU (the controller's own rule sees a stuck reading only
     on an uncapped one): its node's caps are neither lifted nor moved while it fires, since a
     cap moved there moves its GPUs' heat against a reading that stays."""
-    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple"),
-                         start=EVAL_EPOCH)
-    ctl = Controller(sim.cfg.site, CURVE, SimulatorActuator(sim), PowerConfig(default_class=3))
+    sim, ctl = fleet()
     out = ctl.submit(request(400, 10, duration_s=600))
     index = {u: i for i, u in enumerate(sim.gpu_uuids)}
     held = None
     for i in range(1000):
-        tick = sim.step()
-        ctl.observe_gpus(tick.gpu)
-        ctl.observe_facility(tick.facility)
-        if i % INTERVAL == 0:
-            ctl.step(sim.now)
+        advance(sim, ctl, i)
         if i == 450:
             slot = next(s for s in range(len(ctl.gpus.uuids)) if sim.caps[index[ctl.gpus.uuids[s]]] < 700)
             node = [index[u] for u, n in zip(ctl.gpus.uuids, ctl.gpus.nodes) if n == ctl.gpus.nodes[slot]]

@@ -311,13 +311,13 @@ class Controller:
             # A job that ended is over for this request (one paused keeps its cap: it resumes under
             # it); a node with a power reading stuck can be neither verified nor moved (its
             # detectors read heat against power, siblings against siblings).
-            self.steady[rows] &= (g.util[rows] >= IDLE_UTIL) | g.paused[rows]
-            self.steady[rows] &= ~self._stuck()[rows]
+            stuck = self._stuck()[rows]
+            self.steady[rows] &= ((g.util[rows] >= IDLE_UTIL) | g.paused[rows]) & ~stuck
             # A job that started since: counted as it draws until it has a reference (its own uncapped
             # draw, the learner's), then the caps may take from it like from any other.
             lr = self.learner
             join = rows[self.mine[rows] & ~self.steady[rows] & (g.util[rows] >= IDLE_UTIL)
-                        & ~self._stuck()[rows] & (lr.ref_n[rows] >= MIN_REF)
+                        & ~stuck & (lr.ref_n[rows] >= MIN_REF)
                         & np.isnan(self.cap[rows])]
             self.steady[join] = True
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Protocol
 
-from pipeline.kube import Cluster, connect, needs_node, no_answer, said
+from pipeline.kube import Cluster, connect, needs_node, said, unanswered
 from pipeline.power.classes import FlexClasses
 
 log = logging.getLogger("pipeline.power")
@@ -217,13 +217,7 @@ class KubernetesQuery:
             raise LabelsUnavailable(f"the Kubernetes API failed listing {self.what} ({status}): is the API server "
                                     f"healthy (`kubectl get --raw /readyz`)?") from None
         except c.HTTPError as e:  # no answer at all
-            timed_out, why = no_answer(c, e)
-            if timed_out:
-                raise LabelsUnavailable(f"the Kubernetes API at {c.host} did not answer within {self.timeout_s:g} s "
-                                        f"listing {self.what}: is the API server up and reachable from here?") \
-                    from None
-            raise LabelsUnavailable(f"cannot reach the Kubernetes API at {c.host} listing {self.what} ({why}): is the "
-                                    f"API server up and reachable from here, and does {c.where} name it?") from None
+            raise LabelsUnavailable(unanswered(c, e, self.timeout_s, f"listing {self.what}", c.where)) from None
 
 
 def kubernetes_labels(kubeconfig: str = "", timeout_s: float = FETCH_TIMEOUT_S) -> KubernetesQuery:

@@ -75,6 +75,7 @@ ENDED_DOWN = "it ended while the power role was down: nothing was verified"
 NEVER_TAKEN = ("it ended before the power role took it (the role was down, or had no data of the fleet): nothing "
                "was done")
 CANCELLED_DOWN = "cancelled while the power role was down: nothing was verified"
+_ALERTS_READ = pa.array(sorted(ALERTS_READ))  # the alertnames the controller takes (observe_alerts)
 ALERTS_LOOKBACK_S = 86400.0  # the alerts read again when the role starts (over Kafka): a day's are few
 
 
@@ -159,7 +160,7 @@ class PowerRole:
         if message.topic == Topic.FACILITY:  # the controller reads the meter's and the PDUs' power only
             keep = pc.and_(keep, pc.equal(batch.column("metric"), "power_w"))
         if message.topic == Topic.ALERTS:  # (a fleetwatch alert has no site: null, not kept)
-            keep = pc.and_(pc.fill_null(keep, False), pc.is_in(batch.column("alertname"), pa.array(sorted(ALERTS_READ))))
+            keep = pc.and_(pc.fill_null(keep, False), pc.is_in(batch.column("alertname"), _ALERTS_READ))
         if not pc.all(keep).as_py():
             batch = batch.filter(keep)
             if batch.num_rows == 0:

@@ -36,7 +36,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from pipeline.kube import connect, needs_node, no_answer, said
+from pipeline.kube import connect, needs_node, said, unanswered
 from pipeline.remediate.backends.base import REASON_PREFIX, BackendError, delegated_action, reason
 from pipeline.remediate.backends.command import Command
 
@@ -75,14 +75,8 @@ class Kubernetes:
         except self.cluster.ApiException as e:
             raise BackendError(self._refused(node, doing, e)) from None
         except self.cluster.HTTPError as e:  # no answer at all
-            timed_out, why = no_answer(self.cluster, e)
-            if timed_out:
-                raise BackendError(f"the Kubernetes API at {self.host} did not answer within {self.timeout_s:g} s "
-                                   f"while {doing} node {node}: is the API server up and reachable from here? "
-                                   f"(remediate.command_timeout_s sets the wait)") from None
-            raise BackendError(f"cannot reach the Kubernetes API at {self.host} while {doing} node {node} "
-                               f"({why}): is the API server up and reachable from here, "
-                               f"and does {self._where()} name the right server?") from None
+            raise BackendError(unanswered(self.cluster, e, self.timeout_s, f"while {doing} node {node}", self._where(),
+                                          " (remediate.command_timeout_s sets the wait)")) from None
 
     def _where(self) -> str:
         return f"remediate.kubeconfig ({self.kubeconfig})" if self.kubeconfig else "the kubeconfig in use"
