@@ -61,8 +61,9 @@ _GPU_FIELDS = [
 ]
 # What the GPU is, where known (v3); last, so that the metric columns keep their positions.
 GPU_INFO: tuple[str, ...] = ("model", "pci_bus_id", "driver_version", "serial")
-# Who uses the GPU, where the collector knows it (dcgm-exporter's Kubernetes pod mapping).
-GPU_WORKLOAD: tuple[str, ...] = ("pod", "namespace", "container")
+# Who uses the GPU, where the collector knows it: dcgm-exporter's Kubernetes pod mapping (v3),
+# the scheduler's job from its HPC job mapping (v5).
+GPU_WORKLOAD: tuple[str, ...] = ("pod", "namespace", "container", "job")
 _GPU_V3_FIELDS = _GPU_FIELDS + [
     _f("model", pa.string(), "GPU model name, e.g. NVIDIA H100 80GB HBM3 (NVML device name, dcgm-exporter modelName)"),
     _f("pci_bus_id", pa.string(), "PCI bus id, e.g. 00000000:18:00.0 (NVML busId, dcgm-exporter pci_bus_id)"),
@@ -74,11 +75,18 @@ _GPU_V3_FIELDS = _GPU_FIELDS + [
 ]
 # How the GPU is set (v4): what its power is held to, a cap's or its default.
 GPU_SETTINGS: tuple[str, ...] = ("power_limit_w",)
-GPU_SAMPLE = _schema("gpu_sample", 4, _GPU_V3_FIELDS + [
+_GPU_V4_FIELDS = _GPU_V3_FIELDS + [
     _f("power_limit_w", pa.float64(), "enforced power limit, W: the GPU's default or a cap (NVML enforced limit, "
        "DCGM_FI_DEV_ENFORCED_POWER_LIMIT); null where unknown"),
+]
+GPU_SAMPLE = _schema("gpu_sample", 5, _GPU_V4_FIELDS + [
+    _f("job", pa.string(), "the scheduler's job using the GPU (dcgm-exporter's hpc_job label, or the NVML agent's "
+       "nvml.job_mapping_dir: the same files); several: comma-separated; null where unknown"),
 ], "one row per GPU per scrape (v2: slowdown_temp_c added; v3: model, pci_bus_id, driver_version, serial, pod, "
-   "namespace, container; v4: power_limit_w)")
+   "namespace, container; v4: power_limit_w; v5: job)")
+GPU_SAMPLE_V4 = _schema("gpu_sample", 4, _GPU_V4_FIELDS,
+                        "one row per GPU per scrape (v2: slowdown_temp_c added; v3: model, pci_bus_id, driver_version, "
+                        "serial, pod, namespace, container; v4: power_limit_w)")
 GPU_SAMPLE_V3 = _schema("gpu_sample", 3, _GPU_V3_FIELDS,
                         "one row per GPU per scrape (v2: slowdown_temp_c added; v3: model, pci_bus_id, driver_version, "
                         "serial, pod, namespace, container)")
@@ -86,7 +94,7 @@ GPU_SAMPLE_V2 = _schema("gpu_sample", 2, _GPU_FIELDS, "one row per GPU per scrap
 
 
 def _gpu_to_current(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """What an older version did not send (what the GPU is before v3, its limit before v4):
+    """What an older version did not send (what the GPU is before v3, its limit before v4, its job before v5):
     null, as for a GPU that does not say."""
     return pa.RecordBatch.from_arrays([batch.column(f.name) if f.name in batch.schema.names
                                        else pa.nulls(batch.num_rows, f.type) for f in GPU_SAMPLE], schema=GPU_SAMPLE)
@@ -460,6 +468,7 @@ WIRE_SCHEMAS: tuple[pa.Schema, ...] = (*SCHEMAS.values(), RACK_SUMMARY, CHECKPOI
 UPGRADES: dict[tuple[str, int], tuple[pa.Schema, Any]] = {
     ("gpu_sample", 2): (GPU_SAMPLE_V2, _gpu_to_current),
     ("gpu_sample", 3): (GPU_SAMPLE_V3, _gpu_to_current),
+    ("gpu_sample", 4): (GPU_SAMPLE_V4, _gpu_to_current),
     ("facility_sample", 1): (FACILITY_SAMPLE_V1, _facility_v1_to_v2),
     ("detector_checkpoint", 1): (CHECKPOINT_V1, _checkpoint_v1_to_v2),
     ("alert", 1): (ALERT_V1, _alert_v1_to_v2),

@@ -224,12 +224,12 @@ def test_a_facility_sample_of_version_1_is_upgraded_with_the_class_its_readers_r
 def test_a_gpu_sample_of_version_2_is_upgraded_with_what_the_gpu_is_unknown():
     """A rolling upgrade: agents still on version 2 send no model, bus id, driver or serial;
     consumers on a later version read their samples with those null (and the power limit,
-    v4), the metrics as sent."""
-    from pipeline.model import GPU_INFO, GPU_SAMPLE_V2
+    v4, and the job, v5), the metrics as sent."""
+    from pipeline.model import GPU_INFO, GPU_SAMPLE_V2, GPU_WORKLOAD
     v2 = one_row(GPU_SAMPLE_V2)
     value, headers = encode(v2)
     assert headers == headers_of("gpu_sample", 2)
     back = Decoder().decode(value, headers)
-    assert back.schema.equals(GPU_SAMPLE) and schema_version(back.schema) == 4
-    assert all(back.column(name).to_pylist() == [None] for name in (*GPU_INFO, "power_limit_w"))
+    assert back.schema.equals(GPU_SAMPLE) and schema_version(back.schema) == 5
+    assert all(back.column(name).to_pylist() == [None] for name in (*GPU_INFO, *GPU_WORKLOAD, "power_limit_w"))
     assert back.select(GPU_SAMPLE_V2.names).to_pydict() == v2.to_pydict()

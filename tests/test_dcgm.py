@@ -113,6 +113,25 @@ def test_an_h100_node_as_dcgm_exporter_serves_it_becomes_eight_gpu_sample_rows()
     assert state.node == "gpu-node-017" and state.last_xid == {u: 0.0 for u in batch.column("gpu_uuid").to_pylist()}
 
 
+def test_the_hpc_job_mapping_names_each_gpus_jobs():
+    """dcgm-exporter with --hpc-job-mapping-dir sends a GPU's series once per job, with an
+    `hpc_job` label: one row per GPU, its jobs comma-separated; a GPU without one: null."""
+    lines = []
+    for line in H100_8GPU.read_text().splitlines():
+        if 'gpu="0"' in line:  # two jobs share GPU 0
+            lines += [line.replace('{gpu="0"', '{gpu="0",hpc_job="4242"'),
+                      line.replace('{gpu="0"', '{gpu="0",hpc_job="4243"')]
+        elif 'gpu="1"' in line:
+            lines.append(line.replace('DCGM_FI_DRIVER_VERSION=', 'hpc_job="4250",DCGM_FI_DRIVER_VERSION='))
+        else:
+            lines.append(line)
+    batch, _, _ = rows_of("\n".join(lines) + "\n")
+    assert batch.num_rows == 8
+    r = {x["gpu"]: x for x in batch.to_pylist()}
+    assert [r[g]["job"] for g in range(3)] == ["4242,4243", "4250", None]
+    assert r[0]["power_w"] == 698.512 and r[0]["pod"] is None
+
+
 def test_escaped_labels_nan_missing_fields_pod_mapping_and_an_older_exporter():
     batch, _, _ = rows_of(A100_ODD.read_text())
     r = {x["gpu"]: x for x in batch.to_pylist()}
@@ -457,6 +476,7 @@ def test_the_exposition_has_dcgm_exporters_labels_units_and_fleetwatchs_extras()
     assert value[XID] == {str(g): 0 for g in range(8)}
     info = families["fleetwatch_gpu_info"].samples[0].labels
     assert info["site"] == "site-a" and info["rack"] == "rack-0" and info["serial"] == "0000000000001"
+    assert info["hpc_job"] == ""  # no job mapping: no job
     assert families["fleetwatch_gpu_sample_timestamp_seconds"].samples[0].value == pytest.approx(
         row["ts"].timestamp(), abs=1e-6)
     # an XID sets the last-XID gauge, a lost GPU's series go

@@ -548,6 +548,47 @@ def test_kubernetes_central_roles_are_deployments_with_probes_on_their_endpoints
     assert deployments["fleetwatch-notify"]["spec"]["strategy"]["type"] == "Recreate"
 
 
+def test_kubernetes_applies_in_name_order_each_object_after_its_namespace_and_service_account():
+    """`kubectl apply -f deploy/kubernetes/` creates the files' objects in name order, and the
+    API refuses an object in a namespace not yet there (kubernetes/kubectl#1356)."""
+    made: set[tuple[str, str]] = set()
+    for d in k8s_docs():
+        meta = d["metadata"]
+        if ns := meta.get("namespace"):
+            assert ("Namespace", ns) in made, f"{d['kind']} {meta['name']} before its namespace {ns}"
+        if d["kind"] in ("Deployment", "DaemonSet"):
+            account = d["spec"]["template"]["spec"]["serviceAccountName"]
+            assert ("ServiceAccount", account) in made, f"{meta['name']} before its service account {account}"
+        made.add((d["kind"], meta["name"]))
+
+
+def test_only_the_roles_that_call_the_kubernetes_api_get_a_token_with_what_they_call():
+    """power lists nodes (their labels: classes) and pods (jobs); remediate gets and patches
+    nodes and their status and lists pods (pipeline/remediate/backends/kubernetes.py). Every
+    other role runs without a token."""
+    docs = k8s_docs()
+    accounts = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceAccount"}
+    roles = {d["metadata"]["name"]: d["rules"] for d in docs if d["kind"] == "ClusterRole"}
+    bound = {s["name"]: roles[d["roleRef"]["name"]] for d in docs if d["kind"] == "ClusterRoleBinding"
+             for s in d["subjects"] if s["kind"] == "ServiceAccount" and s["namespace"] == "fleetwatch"}
+
+    def rights(rules) -> set[tuple[str, str]]:
+        assert all(r["apiGroups"] == [""] for r in rules)  # the core API only
+        return {(res, verb) for r in rules for res in r["resources"] for verb in r["verbs"]}
+
+    pods = {d["metadata"]["name"].removeprefix("fleetwatch-"): d["spec"]["template"]["spec"]
+            for d in docs if d["kind"] in ("Deployment", "DaemonSet")}
+    for role, pod in pods.items():
+        account = pod["serviceAccountName"]
+        if role in ("power", "remediate"):
+            assert account == f"fleetwatch-{role}" and accounts[account]["automountServiceAccountToken"] is True
+        else:
+            assert accounts[account]["automountServiceAccountToken"] is False and account not in bound, role
+    assert rights(bound["fleetwatch-power"]) == {("nodes", "list"), ("pods", "list")}
+    assert rights(bound["fleetwatch-remediate"]) == {("nodes", "get"), ("nodes", "patch"), ("nodes/status", "get"),
+                                                     ("nodes/status", "patch"), ("pods", "list")}
+
+
 def test_kubernetes_settings_are_config_keys(tmp_path):
     docs = k8s_docs()
     env = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "fleetwatch-env")["data"]

@@ -154,3 +154,38 @@ def test_eight_replayed_gpus_out_of_step_raise_no_alert():
             fired = [x.annotations["summary"] for _, x in engine.process(Message(Topic.GPU, batch)).alerts]
             assert fired == [], f"scrape {i}: {fired}"
     assert engine.stats.gpu_samples == 8 * len(TRACE)
+
+
+def test_the_job_mapping_directory_names_each_gpus_jobs_as_the_scheduler_writes_them(tmp_path, caplog):
+    """agent.job_mapping_dir is dcgm-exporter's --hpc-job-mapping-dir: a file per GPU index
+    that the scheduler's prolog writes (one job per line) and its epilog removes. Each sample
+    carries its GPU's jobs; a missing directory is said once and costs no sample."""
+    jobs = tmp_path / "dcgm-job-map"
+    jobs.mkdir()
+    (jobs / "0").write_text("4242\n")
+    (jobs / "1").write_text("4242\n4250\n\n")  # two jobs share GPU 1
+    (jobs / "notes.txt").write_text("not a GPU\n")
+    replay = NvmlReplay(H100, gpus=4, latency=False)
+    with replay.installed():
+        a = agent(job_mapping_dir=str(jobs))
+        a.open()
+        first = a.scrape().samples.column("job").to_pylist()
+        (jobs / "0").unlink()                 # the epilog: job 4242 ended on GPU 0
+        (jobs / "3").write_text("4300\n")     # the prolog: job 4300 got GPU 3
+        second = a.scrape().samples.column("job").to_pylist()
+        jobs.rename(tmp_path / "gone")
+        with caplog.at_level("WARNING", logger="pipeline.sources.job_mapping"):
+            third, fourth = a.scrape().samples, a.scrape().samples
+    assert first == ["4242", "4242,4250", None, None]
+    assert second == [None, "4242,4250", None, "4300"]
+    assert third.num_rows == fourth.num_rows == 4 and third.column("job").null_count == 4
+    said = [r.getMessage() for r in caplog.records if "job mapping" in r.getMessage()]
+    assert len(said) == 1 and "agent.job_mapping_dir" in said[0] and str(jobs) in said[0]
+
+
+def test_without_a_job_mapping_the_agents_samples_name_no_job():
+    replay = NvmlReplay(H100, gpus=2, latency=False)
+    with replay.installed():
+        a = agent()
+        a.open()
+        assert a.scrape().samples.column("job").to_pylist() == [None, None]

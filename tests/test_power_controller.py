@@ -270,3 +270,41 @@ def test_a_node_whose_power_sensor_the_detectors_found_stuck_is_left_as_it_is():
         if held is not None and i < 1000:
             assert np.array_equal(sim.caps[node], held), i
     assert out.met, (out.minute_means(), out.requested_kw)
+
+
+def named(batch: pa.RecordBatch, jobs: dict[str, str]) -> pa.RecordBatch:
+    """The batch with the job column the samples would carry (dcgm-exporter's hpc_job), by UUID."""
+    column = pa.array([jobs.get(u) for u in batch.column("gpu_uuid").to_pylist()], pa.string())
+    return batch.set_column(batch.schema.get_field_index("job"), batch.schema.field("job"), column)
+
+
+def test_the_job_the_samples_name_is_a_gpus_job_before_the_scheduler_s_and_another_one_is_learned_afresh():
+    sim, ctl = fleet()
+    uuids = sim.gpu_uuids
+    three_quarters = {u: "7001" for u in uuids[len(uuids) // 4:]}  # (the first quarter is idle on this seed)
+    ctl.set_jobs({n: "1234" for n in sim.node_names})  # the scheduler says one job everywhere
+    for i in range(460):
+        tick = sim.step()
+        ctl.observe_gpus(named(tick.gpu, three_quarters))
+        ctl.observe_facility(tick.facility)
+        if i == 400:
+            ctl.submit(request(400, 10, duration_s=600))
+        if i % INTERVAL == 0:
+            ctl.step(sim.now)
+    firm = ctl.firm()
+    assert firm.largest == "job 7001" and firm.largest_gpus == len(three_quarters)
+    slots = ctl.gpus.ids.slots(pa.array(uuids))
+    capped = [u for u, s in zip(uuids, slots) if u in three_quarters and not np.isnan(ctl.cap[s])]
+    assert capped, "the request capped some of job 7001's GPUs"
+    moved, slot = capped[0], int(slots[uuids.index(capped[0])])
+    assert ctl.learner.ref_n[slot] > 10 and ctl.steady[slot]
+    # The scheduler gives that GPU to another job, with no idle gap between: learned afresh, and
+    # out of the request's plan (its cap lifted) until it has a reference of its own.
+    capped_at = ctl.cap[slot]
+    tick = sim.step()
+    ctl.observe_gpus(named(tick.gpu, three_quarters | {moved: "7002"}))
+    assert ctl.learner.ref_n[slot] <= 1 and not ctl.steady[slot]
+    ctl.observe_facility(tick.facility)
+    ctl.step(sim.now)
+    assert not np.isnan(capped_at) and np.isnan(ctl.cap[slot])
+    assert ctl.firm().largest == "job 7001" and ctl.firm().largest_gpus == len(three_quarters) - 1

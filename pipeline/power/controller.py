@@ -171,6 +171,8 @@ class GpuTable:
         self.default_w = np.zeros(0)        # its default limit: the highest enforced limit seen
         self.model_max_w: dict[str | None, float] = {}  # the highest enforced limit seen per GPU model
         self.paused = np.zeros(0, bool)     # idle with its job's memory held: a checkpoint stall, not a job's end
+        self.job = np.zeros(0, object)      # the scheduler's job the samples name (their job column), or None
+        self.new_job = np.zeros(0, bool)    # the last batch's rows: the samples name another job than before
         self.flat = np.zeros(0, np.int64)   # identical power readings in a row (a stuck sensor: detect's rule)
         self.forced = np.zeros(0, bool)     # clocks forced down by hardware or heat (a brake, a thermal slowdown)
         self.node_ix = np.zeros(0, np.int64)  # each GPU's node, numbered
@@ -209,7 +211,14 @@ class GpuTable:
         self.util_mem[slots] = batch.column("util_mem").to_numpy(zero_copy_only=False)
         mem = np.nan_to_num(batch.column("mem_used_bytes").to_numpy(zero_copy_only=False).astype(np.float64))
         self.job_mem[slots] = np.where(busy, mem, self.job_mem[slots])
-        self.paused[slots] = ~busy & (self.job_mem[slots] > 0) & (mem >= PAUSED_MEM * self.job_mem[slots])
+        # The job the samples name (dcgm-exporter's hpc_job, the agent's job mapping): another one than
+        # before is a new job, whatever its draw; not named, the draw and the memory tell (below).
+        job = batch.column("job").to_numpy(zero_copy_only=False)
+        known = (job != None) & (self.job[slots] != None)  # noqa: E711 (elementwise on an object array)
+        self.new_job = known & (job != self.job[slots])
+        self.job[slots] = job
+        self.paused[slots] = ~busy & (self.job_mem[slots] > 0) & (mem >= PAUSED_MEM * self.job_mem[slots]) \
+            & ~self.new_job
         self.job_mem[slots[~busy & ~self.paused[slots]]] = 0.0  # the job freed its memory: over
         self.limit_w[slots] = limit
         self.slots = np.asarray(slots, np.int64)
@@ -234,6 +243,7 @@ class GpuTable:
         self.job_mem = np.concatenate([self.job_mem, np.zeros(grow)])
         self.default_w = np.concatenate([self.default_w, np.full(grow, np.nan)])
         self.paused = np.concatenate([self.paused, np.zeros(grow, bool)])
+        self.job = np.concatenate([self.job, np.full(grow, None, object)])
         self.flat = np.concatenate([self.flat, np.zeros(grow, np.int64)])
         self.forced = np.concatenate([self.forced, np.zeros(grow, bool)])
         self.node_ix = np.concatenate([self.node_ix, np.array([self._node_ids.setdefault(n, len(self._node_ids))
@@ -304,7 +314,8 @@ class Controller:
         g.update(batch)
         rows = g.slots
         self.learner.observe(rows, np.where(g.forced[rows], np.nan, g.power_w[rows]), g.util[rows],
-                             g.util_mem[rows], g.limit_w[rows], self.curve.max_limit_w, g.paused[rows])  # (a slowdown: no sample)
+                             g.util_mem[rows], g.limit_w[rows], self.curve.max_limit_w, g.paused[rows],
+                             g.new_job)  # (a slowdown: no sample)
         if self.active is not None:
             self._fit()
             self.unheld[rows] = np.where(self._held(rows) | np.isnan(self.cap[rows]), 0, self.unheld[rows] + 1)
@@ -312,7 +323,7 @@ class Controller:
             # it); a node with a power reading stuck can be neither verified nor moved (its
             # detectors read heat against power, siblings against siblings).
             stuck = self._stuck()[rows]
-            self.steady[rows] &= ((g.util[rows] >= IDLE_UTIL) | g.paused[rows]) & ~stuck
+            self.steady[rows] &= ((g.util[rows] >= IDLE_UTIL) | g.paused[rows]) & ~stuck & ~g.new_job
             # A job that started since: counted as it draws until it has a reference (its own uncapped
             # draw, the learner's), then the caps may take from it like from any other.
             lr = self.learner
@@ -575,12 +586,13 @@ class Controller:
 
     def firm(self, racks: tuple[str, ...] = ()) -> Firm | None:
         """What the GPUs of `racks` (none: the site) can shed now within every class if the
-        job that holds the most of it ends or pauses: what a site can promise (N-1). A
-        node without a known job counts as a job of its own. None before any GPU reports."""
+        job that holds the most of it ends or pauses: what a site can promise (N-1). A GPU's
+        job is the one its samples name, else the scheduler's on its node (set_jobs); a node
+        without a known job counts as a job of its own. None before any GPU reports."""
         mine = self.gpus.covered(racks)
         if not mine.size:
             return None
-        of = [scheduler_entry(self.jobs, self.gpus.nodes[i]) for i in mine]
+        of = [self.gpus.job[i] or scheduler_entry(self.jobs, self.gpus.nodes[i]) for i in mine]
         names, job = np.unique(np.array([f"job {j}" if j else f"node {self.gpus.nodes[i]}" for i, j in zip(mine, of)],
                                         dtype=object), return_inverse=True)
         left_w, largest, held_w = firm_capacity_w(self._snapshot(racks), self.curve, job)

@@ -32,7 +32,8 @@ prior s = 1 as `PRIOR_WEIGHT` pseudo-samples, from:
   - a new job: a GPU that goes idle forgets its reference and its fit (the next job is
     another's), unless its job only paused: idle with its memory still held (a training
     job writing a checkpoint stalls its GPUs for tens of seconds; a job that ends frees its
-    memory). A GPU whose job starts under a cap has no reference, and stays at s = 1.
+    memory), and one whose samples name another job (the scheduler's, `new_job`), busy or
+    not. A GPU whose job starts under a cap has no reference, and stays at s = 1.
 
 `sensitivity()` is the fit, `upper()` the fit plus its uncertainty (the planner's: a
 class's bound is a promise about work, so it rests on the pessimistic side). Batch at a
@@ -119,10 +120,12 @@ class CurveLearner:
         return np.divide(total, mass, out=np.zeros(mass.size), where=mass > 0)
 
     def observe(self, slots: np.ndarray, power_w: np.ndarray, util: np.ndarray, util_mem: np.ndarray,
-                limit_w: np.ndarray, default_w: float, paused: np.ndarray | None = None) -> None:
+                limit_w: np.ndarray, default_w: float, paused: np.ndarray | None = None,
+                new_job: np.ndarray | None = None) -> None:
         """One batch of samples: per row its GPU's slot, draw, utilisation, memory utilisation
         and enforced limit (NaN where unknown); `default_w` the GPUs' default limit; `paused`
-        per row: idle, its job's memory still held (None: an idle GPU's job is over)."""
+        per row: idle, its job's memory still held (None: an idle GPU's job is over); `new_job`
+        per row: the samples name another job than before (learned afresh, busy or not)."""
         self.grow(int(slots.max()) + 1 if slots.size else 0)
         power = np.asarray(power_w, np.float64)
         util = np.nan_to_num(np.asarray(util, np.float64))
@@ -131,6 +134,8 @@ class CurveLearner:
         ok = np.isfinite(power)
         idle = ok & (util < IDLE_UTIL)
         over = idle if paused is None else idle & ~np.asarray(paused, bool)
+        if new_job is not None:
+            over |= np.asarray(new_job, bool)
         if over.any():  # the job is over: the next one is learned afresh
             gone = slots[over]
             for a in (self.draw, self.draw_w, self.recent, self.ref_mem, self.ref_n, self.sxx, self.sxy, self.points):

@@ -16,8 +16,9 @@ or `fleetwatch run --source dcgm --dcgm-targets URL[,URL...]`).
   (`dcgm.mapping_file`, CSV node,site,rack), else `dcgm.site`/`dcgm.rack`. `gpu`,
   `modelName`, `pci_bus_id`, `DCGM_FI_DRIVER_VERSION` (and `DCGM_FI_DEV_SERIAL` where the
   exporter enables it) fill the row, and the pod mapping's `pod`, `namespace` and `container`
-  say who uses the GPU. A GPU seen in several series (several pods, MIG instances) is one row,
-  its pods comma-separated.
+  and the HPC job mapping's `hpc_job` (the `job` column) say who uses the GPU. A GPU seen in
+  several series (several pods or jobs, MIG instances) is one row, its pods and jobs
+  comma-separated.
 - Events: `DCGM_FI_DEV_XID_ERRORS` is the last XID's value: a change to a non-zero value is an
   `xid` event (the value at a GPU's first scrape is its baseline: the gauge cannot say when that
   XID happened). Energy going backwards is a `gpu_reset` event, as the NVML agent reports it.
@@ -49,7 +50,7 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, DcgmConfig
 from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD, TS
-from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, LABEL_COLUMNS, XID, column_array
+from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, LABEL_COLUMNS, WORKLOAD_LABELS, XID, column_array
 
 log = logging.getLogger(__name__)
 
@@ -251,11 +252,12 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
             for label, column in LABEL_COLUMNS.items():
                 if column in info:
                     info[column].append(labels.get(label) or None)
-            for label in GPU_WORKLOAD:
-                info[label].append(None)
-        for label in GPU_WORKLOAD:  # a GPU shared by pods: each one, comma-separated, first seen first
-            if (v := labels.get(label)) and v not in (known := info[label][r] or "").split(","):
-                info[label][r] = f"{known},{v}" if known else v
+            for column in GPU_WORKLOAD:
+                info[column].append(None)
+        # A GPU shared by pods or jobs (a series for each): each one, comma-separated, first seen first.
+        for label, column in WORKLOAD_LABELS.items():
+            if (v := labels.get(label)) and v not in (known := info[column][r] or "").split(","):
+                info[column][r] = f"{known},{v}" if known else v
         rs.append(r)
         vs.append(value)
     n = len(rows)

@@ -14,7 +14,9 @@ Every DCGM name is served as a gauge: prometheus_client's encoders would rename 
 series to NAME_total (and OpenMetrics requires it), which would break the names; PromQL's
 rate() and increase() work on either type. Fleetwatch's own extras:
 
-  fleetwatch_gpu_info{<DCGM labels>, site, rack, node, serial} 1
+  fleetwatch_gpu_info{<DCGM labels>, site, rack, node, serial, hpc_job} 1
+                                     (hpc_job: the GPU's jobs, comma-separated, from
+                                     agent.job_mapping_dir; empty without one)
   fleetwatch_gpu_sample_timestamp_seconds{<DCGM labels>}       when the agent read the GPU
 """
 
@@ -31,7 +33,7 @@ from pipeline.sources.dcgm_fields import FB_FREE, FIELDS, LABELS, MIB, XID
 _SERVED = [f for f in FIELDS if f.column]
 _FB_FREE_HELP = next(f.help for f in FIELDS if f.name == FB_FREE)
 _XID_HELP = next(f.help for f in FIELDS if f.name == XID)
-INFO_LABELS = (*LABELS, "site", "rack", "node", "serial")
+INFO_LABELS = (*LABELS, "site", "rack", "node", "serial", "hpc_job")
 
 
 def _floats(batch: pa.RecordBatch, column: str) -> np.ndarray:
@@ -60,10 +62,11 @@ class GpuExposition:
         gpu = batch.column("gpu").to_pylist()
         uuids = batch.column("gpu_uuid").to_pylist()
         text = {c: pc.fill_null(batch.column(c), "").to_pylist() for c in ("pci_bus_id", "model", "driver_version",
-                                                                          "node", "site", "rack", "serial")}
+                                                                          "node", "site", "rack", "serial", "job")}
         labels = [(str(gpu[i]), uuids[i], text["pci_bus_id"][i], f"nvidia{gpu[i]}", text["model"][i],
                    text["node"][i], text["driver_version"][i]) for i in range(n)]
-        info = [(*labels[i], text["site"][i], text["rack"][i], text["node"][i], text["serial"][i]) for i in range(n)]
+        info = [(*labels[i], text["site"][i], text["rack"][i], text["node"][i], text["serial"][i], text["job"][i])
+                for i in range(n)]
         values = {f.name: f.from_column(_floats(batch, f.column)) for f in _SERVED}
         used = _floats(batch, "mem_used_bytes")
         total = np.array([self.fb_total_bytes.get(u, np.nan) for u in uuids], np.float64)

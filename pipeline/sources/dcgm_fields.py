@@ -113,6 +113,10 @@ LABELS: tuple[str, ...] = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "
 LABEL_COLUMNS: dict[str, str] = {"gpu": "gpu", "UUID": "gpu_uuid", "pci_bus_id": "pci_bus_id", "modelName": "model",
                                  "Hostname": "node", "DCGM_FI_DRIVER_VERSION": "driver_version",
                                  "DCGM_FI_DEV_SERIAL": "serial"}  # the serial, where the exporter's CSV enables it
+# Who uses the GPU: the pod mapping's labels (Kubernetes) and the HPC job mapping's (a scheduler's
+# prolog writes a file per GPU under --hpc-job-mapping-dir), and the gpu_samples column each fills.
+WORKLOAD_LABELS: dict[str, str] = {"pod": "pod", "namespace": "namespace", "container": "container",
+                                   "hpc_job": "job"}
 
 
 def column_array(column: str, values: np.ndarray) -> pa.Array:

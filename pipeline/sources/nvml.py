@@ -42,6 +42,7 @@ import pynvml
 
 from pipeline.config import AgentConfig, ConfigError
 from pipeline.model import EVENT, GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD
+from pipeline.sources.job_mapping import JobMapping
 from pipeline.sources.nvml_power import PowerLimiter
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class NvmlAgent:
         self._events_stop = threading.Event()
         self.power = PowerLimiter(self)  # blocking: through on_nvml_thread from async code
         self.opened = asyncio.Event()  # set once open() found the GPUs
+        self.job_mapping = JobMapping(cfg.job_mapping_dir) if cfg.job_mapping_dir else None
 
     # ---- start-up ----------------------------------------------------------------
 
@@ -323,8 +325,10 @@ class NvmlAgent:
                 "driver_version": [self.driver_version] * n, "serial": [g.serial for g in gpus]}
         for name in GPU_INFO:
             cols[name] = pa.array(info[name], pa.string())
-        for name in GPU_WORKLOAD:  # NVML does not know which pod uses a GPU
+        for name in GPU_WORKLOAD:  # NVML does not know which pod uses a GPU; the scheduler's job mapping may
             cols[name] = pa.nulls(n, pa.string())
+        if self.job_mapping is not None:
+            cols["job"] = pa.array(self.job_mapping.jobs([g.index for g in gpus]), pa.string())
         return pa.RecordBatch.from_pydict(cols, schema=GPU_SAMPLE)
 
     # ---- events (their own thread) ---------------------------------------------------
