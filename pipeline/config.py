@@ -290,7 +290,7 @@ class DcgmConfig:
                               "Prometheus file_sd JSON ([{\"targets\": [...], \"labels\": {\"site\": ..., \"rack\": "
                               "..., \"node\": ...}}])")
     mapping_file: str = _spec("", doc="CSV with the header node,site,rack: the site and rack of each node (its "
-                              "Hostname label), read at start; a target's own labels come first")
+                              "hostname label), read at start; a target's own labels come first")
     site: str = _spec("site-a", doc="site of a node neither its target's labels nor the mapping file place")
     rack: str = _spec("rack-0", doc="rack of a node neither its target's labels nor the mapping file place")
     interval_s: float = _spec(10.0, min=0.05, max=3600, doc="scrape interval (dcgm-exporter refreshes its values "

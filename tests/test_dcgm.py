@@ -132,6 +132,39 @@ def test_the_hpc_job_mapping_names_each_gpus_jobs():
     assert r[0]["power_w"] == 698.512 and r[0]["pod"] is None
 
 
+def test_the_node_is_the_hostname_label_of_either_dcgm_exporter_generation():
+    """dcgm-exporter renamed its `Hostname` label to `hostname` (NVIDIA/dcgm-exporter#655):
+    both name the node, not the target's address."""
+    text = H100_8GPU.read_text()
+    new = text.replace('Hostname="gpu-node-017"', 'hostname="gpu-node-042"')
+    old = text.replace('Hostname="gpu-node-017"', 'Hostname="gpu-node-043"')
+    for exposition, node in ((new, "gpu-node-042"), (old, "gpu-node-043")):
+        batch, _, state = rows_of(exposition, target=Target("http://10.0.3.17:9400/metrics"))
+        assert set(batch.column("node").to_pylist()) == {node} and state.node == node and batch.num_rows == 8
+
+
+def test_dcgm_blank_values_an_older_exporter_serves_are_missing_not_readings():
+    """gpu-monitoring-tools and early dcgm-exporters served DCGM's "no value" encodings
+    (NVIDIA/gpu-monitoring-tools#97: an HBM temperature of 9223372036854776000)."""
+    blanks = {"DCGM_FI_DEV_MEMORY_TEMP": "9223372036854775794",   # int64 NOT_SUPPORTED
+              "DCGM_FI_DEV_POWER_USAGE": "140737488355328",       # fp64 BLANK
+              "DCGM_FI_DEV_SM_CLOCK": "2147483634",               # int32 NOT_SUPPORTED
+              "DCGM_FI_DEV_XID_ERRORS": "9223372036854775792"}    # int64 BLANK
+    lines = []
+    for line in H100_8GPU.read_text().splitlines():
+        name = line.split("{", 1)[0]
+        if 'gpu="0"' in line and name in blanks:
+            line = line.rsplit(" ", 1)[0] + " " + blanks[name]
+        lines.append(line)
+    src = source()
+    rows_of(H100_8GPU.read_text(), src)  # the last XID, 0, is the GPUs' baseline
+    batch, events, _ = rows_of("\n".join(lines) + "\n", src)
+    r = {x["gpu"]: x for x in batch.to_pylist()}
+    assert (r[0]["mem_temp_c"], r[0]["power_w"], r[0]["sm_clock_mhz"]) == (None, None, None)
+    assert None not in (r[1]["mem_temp_c"], r[1]["power_w"], r[1]["sm_clock_mhz"])
+    assert r[0]["gpu_temp_c"] == 61.0 and events == []  # the rest of the row, and no XID from a blank
+
+
 def test_escaped_labels_nan_missing_fields_pod_mapping_and_an_older_exporter():
     batch, _, _ = rows_of(A100_ODD.read_text())
     r = {x["gpu"]: x for x in batch.to_pylist()}

@@ -197,6 +197,25 @@ def test_split_keeps_the_good_rows_of_a_batch_and_says_why_for_the_rest():
         [(r.reason, r.detail, r.rows.num_rows) for r in rejected]
 
 
+def test_readings_no_gpu_can_give_are_rejected_with_their_rows_and_the_rest_goes_on():
+    """What real exporters have sent: a die at 345 C and at 82505 C (dcgm-exporter 3.3.5,
+    NVIDIA/dcgm-exporter#312), DCGM's "no value" sentinel as a counter, 150% utilisation."""
+    batch = sim_ticks(make_config(fleet={"racks": 1, "nodes_per_rack": 1}), 1)[0].value
+    cols = {c: batch.column(c).to_pylist() for c in ("gpu_temp_c", "util_gpu", "ecc_sbe_volatile_total",
+                                                     "power_limit_w")}
+    cols["gpu_temp_c"][0], cols["gpu_temp_c"][1] = 345.0, 82505.0
+    cols["util_gpu"][2] = 1.5
+    cols["ecc_sbe_volatile_total"][3] = 9223372036854775794 - 2 ** 62  # still far past any count
+    cols["power_limit_w"][4] = 140737488355328.0
+    cols["gpu_temp_c"][5] = 130.0  # hot, but a reading: kept for the detectors
+    bad = batch
+    for c, v in cols.items():
+        bad = bad.set_column(bad.schema.get_field_index(c), GPU_SAMPLE.field(c), pa.array(v, GPU_SAMPLE.field(c).type))
+    valid, rejected = split(Topic.GPU, bad)
+    assert valid.num_rows == batch.num_rows - 5 and 130.0 in valid.column("gpu_temp_c").to_pylist()
+    assert sum(r.rows.num_rows for r in rejected if r.reason == "out_of_range") == 5
+
+
 def test_a_dead_letter_file_that_cannot_be_written_stops_nothing(tmp_path):
     """A full or broken disk under deadletter/: the bad rows are counted (not kept), the good go on."""
     (tmp_path / "deadletter").write_text("a file where the folder should be")

@@ -25,6 +25,10 @@ class Topic(StrEnum):
     REMEDIATION = "fleetwatch.remediation"      # the remediation role's transitions, by node
 
 
+# How long the alerts topic keeps its records at least (`fleetwatch topics create`), so a role that
+# starts reads back every alert still firing that fired within it (the power role).
+ALERTS_KEPT_H = 24 * 30
+
 # Header of a message that repeats a state to show its sender is alive (FleetwatchWatchdog's
 # heartbeat): it changes nothing, so the archive does not keep it (notify reads it: sinks/heartbeats.py).
 HEARTBEAT = "fw-heartbeat"

@@ -71,13 +71,20 @@ _IDENTITY = {"gpu_sample": ("site", "node", "gpu_uuid"), "facility_sample": ("si
              "event": ("site", "node", "kind"), "alert": ("fingerprint", "alertname", "status"),
              "node_health": ("node", "state"), "fault_label": ("fault_type",)}
 _TOGETHER = {"event": (("gpu_uuid", "gpu"),)}  # (column, what must not be null where it is set)
-_TEMP = (None, 1000.0)  # C: far above any part that still reports
+# C: a die or HBM shuts down long before; above, a broken sensor or an exporter's garbage (dcgm-exporter
+# 3.3.5 served GPU temperatures of 345 and 82505 C: NVIDIA/dcgm-exporter#312).
+_TEMP = (None, 200.0)
+_COUNT = (None, 1e15)  # cumulative counters; DCGM's int64 "no value" is 9.2e18
 # (low, high) of values that can be true; None = no limit that way.
 _RANGES = {
     "gpu_sample": {"gpu": (0, 1023), "pstate": (0, 32), "power_w": (None, 1e5), "energy_j": (None, 1e15),
                    "gpu_temp_c": _TEMP, "mem_temp_c": _TEMP, "slowdown_temp_c": _TEMP,
                    "sm_clock_mhz": (None, 1e5), "mem_clock_mhz": (None, 1e5),
-                   "util_gpu": (None, 1.0), "util_mem": (None, 1.0), "mem_used_bytes": (None, 2 ** 50)},
+                   "util_gpu": (None, 1.0), "util_mem": (None, 1.0), "mem_used_bytes": (None, 2 ** 50),
+                   "power_limit_w": (None, 1e5), "clock_event_reasons": (None, 2 ** 32),
+                   **dict.fromkeys(("pcie_replay_total", "ecc_sbe_volatile_total", "ecc_dbe_volatile_total",
+                                    "remapped_rows_correctable", "remapped_rows_uncorrectable",
+                                    "nvlink_crc_errors_total"), _COUNT)},
     "facility_sample": {"value": (-1e18, 1e18), "quality": (0, 1)},
     "event": {"gpu": (0, 1023)},
     "fault_label": {"gpu": (0, 1023)},

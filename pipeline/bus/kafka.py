@@ -44,7 +44,7 @@ from aiokafka.errors import (ClusterAuthorizationFailedError, KafkaConnectionErr
 from aiokafka.errors import IllegalOperation, IllegalStateError, InvalidProducerEpoch, KafkaError, ProducerFenced
 
 from pipeline.bus.align import Aligner
-from pipeline.bus.base import EndOfStream, Message, Topic
+from pipeline.bus.base import ALERTS_KEPT_H, EndOfStream, Message, Topic
 from pipeline.bus.codec import DecodeError, Decoder, encode
 from pipeline.bus.kafka_settings import GROUP_PREFIX, client_settings, replication
 from pipeline.config import ConfigError, KafkaConfig
@@ -71,9 +71,9 @@ def topic_specs(partitions: int, retention_hours: float) -> dict[str, TopicSpec]
         Topic.GPU: TopicSpec(partitions, retention_hours),
         Topic.FACILITY: TopicSpec(partitions, retention_hours),
         Topic.EVENTS: TopicSpec(partitions, max(retention_hours, 24 * 7)),
-        Topic.ALERTS: TopicSpec(max(1, partitions // 2), max(retention_hours, 24 * 30)),
+        Topic.ALERTS: TopicSpec(max(1, partitions // 2), max(retention_hours, ALERTS_KEPT_H)),
         Topic.HEALTH: TopicSpec(partitions, retention_hours, compact=True),
-        Topic.LABELS: TopicSpec(1, max(retention_hours, 24 * 30)),
+        Topic.LABELS: TopicSpec(1, max(retention_hours, ALERTS_KEPT_H)),
         Topic.RACKS: TopicSpec(partitions, retention_hours),
         Topic.STATE: TopicSpec(partitions, retention_hours, compact=True),
         # Power: requests in (the grid signal), caps to the agents (by rack: an agent reads
@@ -81,8 +81,8 @@ def topic_specs(partitions: int, retention_hours: float) -> dict[str, TopicSpec]
         Topic.POWER_REQUESTS: TopicSpec(1, max(retention_hours, 24 * 7)),
         Topic.POWER_CAPS: TopicSpec(partitions, retention_hours),
         Topic.POWER_ACTIONS: TopicSpec(partitions, max(retention_hours, 24 * 7)),
-        Topic.POWER_REPORTS: TopicSpec(1, max(retention_hours, 24 * 30)),  # one row per request, kept as alerts are
-        Topic.REMEDIATION: TopicSpec(1, max(retention_hours, 24 * 30)),  # one writer (the role), kept as alerts are
+        Topic.POWER_REPORTS: TopicSpec(1, max(retention_hours, ALERTS_KEPT_H)),  # one row per request, kept as alerts are
+        Topic.REMEDIATION: TopicSpec(1, max(retention_hours, ALERTS_KEPT_H)),  # one writer (the role), kept as alerts are
         DEAD_LETTER: TopicSpec(1, max(retention_hours, 24 * 7)),
     }
 

@@ -5,8 +5,8 @@ controller (power/controller.py) and steps it every `power.control_interval_s` o
 data's time. Beside them it listens to the alerts (`bus.listen`, outside its group, so the
 alerts topic, which it writes too, does not hold its end): a GPU or node a fault alert names
 is not capped while the alert fires (Controller.observe_alerts). Over Kafka it first reads the
-last ALERTS_LOOKBACK_S of them, so a restarted role knows the alerts still firing (one that
-fired longer ago is known when it fires again); a listener that fails is logged and tried again,
+last ALERTS_LOOKBACK_S of them (what the topic keeps: 30 days), so a restarted role knows the
+alerts still firing (one that fired longer ago is known when it fires again); a listener that fails is logged and tried again,
 the role goes on. Requests come in three ways (four with MQTT), each ending in the request
 store (`<data_dir>/power/`, power/store.py) with the role's verdict:
 
@@ -54,6 +54,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.bus import EndOfStream, Message, Topic
+from pipeline.bus.base import ALERTS_KEPT_H
 from pipeline.bus.intake import Rejection, dead_letters_for
 from pipeline.config import Config, ConfigError
 from pipeline.detect.catalog import raised
@@ -76,7 +77,8 @@ NEVER_TAKEN = ("it ended before the power role took it (the role was down, or ha
                "was done")
 CANCELLED_DOWN = "cancelled while the power role was down: nothing was verified"
 _ALERTS_READ = pa.array(sorted(ALERTS_READ))  # the alertnames the controller takes (observe_alerts)
-ALERTS_LOOKBACK_S = 86400.0  # the alerts read again when the role starts (over Kafka): a day's are few
+# The alerts read again when the role starts (over Kafka): all the topic keeps (the few of a month).
+ALERTS_LOOKBACK_S = ALERTS_KEPT_H * 3600.0
 
 
 class DryRunActuator:

@@ -9,9 +9,11 @@ or `fleetwatch run --source dcgm --dcgm-targets URL[,URL...]`).
   text: `dcgm_samples`); the `DCGM_FI_*` fields of the counters table (sources/dcgm_fields.py)
   become gpu_samples columns in base units, one row per GPU (its `UUID` label). What arrived is
   published as one batch (keyed by rack on the bus) once every target has answered or failed, or
-  at the latest every min(interval, 1 s). Fields an exporter does not send, or sends as NaN or
-  Inf, are null.
-- Who is who: the node is the target's `node` label, else the exporter's `Hostname` label,
+  at the latest every min(interval, 1 s). Fields an exporter does not send, or sends as NaN,
+  Inf or one of DCGM's blank values (an older exporter's "not supported", 9223372036854775794),
+  are null.
+- Who is who: the node is the target's `node` label, else the exporter's `hostname` label
+  (`Hostname` before dcgm-exporter#655),
   else the target's host; site and rack are the target's labels, else the mapping file's
   (`dcgm.mapping_file`, CSV node,site,rack), else `dcgm.site`/`dcgm.rack`. `gpu`,
   `modelName`, `pci_bus_id`, `DCGM_FI_DRIVER_VERSION` (and `DCGM_FI_DEV_SERIAL` where the
@@ -50,7 +52,8 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, DcgmConfig
 from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD, TS
-from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, LABEL_COLUMNS, WORKLOAD_LABELS, XID, column_array
+from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, COLUMN_LABELS, WORKLOAD_LABELS, XID, column_array, \
+    dcgm_blank
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +159,7 @@ def load_mapping(path: str) -> dict[str, tuple[str, str]]:
 class Exposition:
     """One exporter's GPUs, a row each, in DCGM order of first appearance."""
     uuids: list[str]
-    info: dict[str, list[str | None]]           # gpu, node (Hostname), model, pci_bus_id, driver_version, serial
+    info: dict[str, list[str | None]]           # gpu, node (hostname), model, pci_bus_id, driver_version, serial
     values: dict[str, np.ndarray]               # gpu_samples column -> base units, NaN = not sent
     xid: np.ndarray                             # last XID per GPU, NaN = not sent
     samples: int = 0                            # DCGM samples read
@@ -245,13 +248,14 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
     for name, labels, value in samples:
         spec = BY_NAME[name]
         rs, vs = found.setdefault(spec.column or XID, ([], []))
-        key = labels.get("UUID") or f"{labels.get('Hostname', '')}:{labels.get('gpu', '')}"
+        host = labels.get("hostname") or labels.get("Hostname") or ""
+        key = labels.get("UUID") or f"{host}:{labels.get('gpu', '')}"
         r = rows.get(key)
         if r is None:
             r = rows[key] = len(rows)
-            for label, column in LABEL_COLUMNS.items():
+            for column, names in COLUMN_LABELS.items():
                 if column in info:
-                    info[column].append(labels.get(label) or None)
+                    info[column].append(next((v for n in names if (v := labels.get(n))), None))
             for column in GPU_WORKLOAD:
                 info[column].append(None)
         # A GPU shared by pods or jobs (a series for each): each one, comma-separated, first seen first.
@@ -265,6 +269,7 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
     for column, (rs, vs) in found.items():
         v = np.full(n, np.nan)
         v[np.asarray(rs, np.int64)] = np.asarray(vs, np.float64)
+        v[dcgm_blank(v)] = np.nan  # an older exporter's "no value": missing, as today's leaves it out
         values[column] = v
     xid = values.pop(XID, np.full(n, np.nan))
     for column, v in values.items():

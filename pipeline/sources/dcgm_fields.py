@@ -110,13 +110,32 @@ BY_COLUMN: dict[str, DcgmField] = {f.column: f for f in FIELDS if f.column}
 
 # dcgm-exporter's labels on every series, in its order, and the gpu_samples column each is.
 LABELS: tuple[str, ...] = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION")
-LABEL_COLUMNS: dict[str, str] = {"gpu": "gpu", "UUID": "gpu_uuid", "pci_bus_id": "pci_bus_id", "modelName": "model",
-                                 "Hostname": "node", "DCGM_FI_DRIVER_VERSION": "driver_version",
-                                 "DCGM_FI_DEV_SERIAL": "serial"}  # the serial, where the exporter's CSV enables it
+# Each column's labels, the first one present wins: dcgm-exporter renamed `Hostname` to `hostname`
+# in 2026 (NVIDIA/dcgm-exporter#655); the serial is there where the exporter's CSV enables it.
+COLUMN_LABELS: dict[str, tuple[str, ...]] = {"gpu": ("gpu",), "gpu_uuid": ("UUID",), "pci_bus_id": ("pci_bus_id",),
+                                             "model": ("modelName",), "node": ("hostname", "Hostname"),
+                                             "driver_version": ("DCGM_FI_DRIVER_VERSION",),
+                                             "serial": ("DCGM_FI_DEV_SERIAL",)}
 # Who uses the GPU: the pod mapping's labels (Kubernetes) and the HPC job mapping's (a scheduler's
 # prolog writes a file per GPU under --hpc-job-mapping-dir), and the gpu_samples column each fills.
 WORKLOAD_LABELS: dict[str, str] = {"pod": "pod", "namespace": "namespace", "container": "container",
                                    "hpc_job": "job"}
+
+
+# DCGM's "no value" encodings (dcgm_structs.h: BLANK, NOT_FOUND, NOT_SUPPORTED, NOT_PERMISSIONED,
+# BLANK + 0..3). dcgm-exporter skips them since 2.x, but older exporters (and gpu-monitoring-tools)
+# served them as readings: a memory temperature of 9223372036854775794 on GPUs that have none.
+DCGM_INT32_BLANK = 0x7FFFFFF0
+DCGM_INT64_BLANK = 0x7FFFFFFFFFFFFFF0
+DCGM_FP64_BLANK = 140737488355328.0
+
+
+def dcgm_blank(values: np.ndarray) -> np.ndarray:
+    """Where raw DCGM values (float64, in DCGM's unit) are one of DCGM's blanks, not readings."""
+    with np.errstate(invalid="ignore"):
+        return (((values >= DCGM_INT32_BLANK) & (values <= DCGM_INT32_BLANK + 3))
+                | ((values >= DCGM_FP64_BLANK) & (values <= DCGM_FP64_BLANK + 3))
+                | (values >= float(DCGM_INT64_BLANK)))
 
 
 def column_array(column: str, values: np.ndarray) -> pa.Array:

@@ -2,7 +2,7 @@
 (fleetwatch.power.requests, keyed by site) come in, the request is judged and run, its caps
 go out on fleetwatch.power.caps, and its report on fleetwatch.power.reports; a row that is
 not a valid request is dead-lettered with the reason. A fault alert published before the role
-started is known to it (it reads the alerts of the last day first)."""
+started is known to it (it reads the alerts the topic keeps first)."""
 
 from __future__ import annotations
 
