@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -189,3 +192,33 @@ def test_without_a_job_mapping_the_agents_samples_name_no_job():
         a = agent()
         a.open()
         assert a.scrape().samples.column("job").to_pylist() == [None, None]
+
+
+def test_the_slurm_prolog_and_epilog_shipped_name_each_gpus_jobs_for_the_agent(tmp_path):
+    """deploy/slurm/fleetwatch-job-map, run by slurmd as Prolog and Epilog with the job's
+    environment, keeps the directory the agent reads (agent.job_mapping_dir)."""
+    script = Path(__file__).resolve().parent.parent / "deploy" / "slurm" / "fleetwatch-job-map"
+    jobs = tmp_path / "dcgm-job-map"
+
+    def slurmd(context: str, job: str, gpus: str) -> subprocess.CompletedProcess:
+        env = {"PATH": os.environ["PATH"], "FLEETWATCH_JOB_MAP_DIR": str(jobs), "SLURM_SCRIPT_CONTEXT": context,
+               "SLURM_JOB_ID": job, "SLURM_JOB_GPUS": gpus}
+        return subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=30)
+
+    replay = NvmlReplay(H100, gpus=4, latency=False)
+    with replay.installed():
+        a = agent(job_mapping_dir=str(jobs))
+        a.open()
+        seen = []
+        for context, job, gpus in (("prolog_slurmd", "4242", "0,1"), ("prolog_slurmd", "4243", "1"),
+                                   ("prolog_slurmd", "4243", "1"),  # a prolog run twice: one line
+                                   ("epilog_slurmd", "4242", "0,1"), ("epilog_slurmd", "4243", "1"),
+                                   ("epilog_slurmd", "4243", "1")):
+            assert slurmd(context, job, gpus).returncode == 0
+            seen.append(a.scrape().samples.column("job").to_pylist())
+    assert seen == [["4242", "4242", None, None], ["4242", "4242,4243", None, None],
+                    ["4242", "4242,4243", None, None], [None, "4243", None, None],
+                    [None, None, None, None], [None, None, None, None]]
+    assert list(jobs.iterdir()) == []  # nothing left behind
+    alone = slurmd("", "1", "0")  # not run by slurmd: says so, and never fails a job
+    assert alone.returncode == 0 and "Prolog or Epilog" in alone.stderr

@@ -8,8 +8,10 @@ epilog removes it. A GPU without a file has no job (null). Several jobs on one G
 comma-separated, as the DCGM source writes a GPU seen in several `hpc_job` series.
 
 Read at each scrape, one directory listing; a file is read again only when its size or time
-changed. A directory that is missing or unreadable gives no jobs and is said once, until it
-is readable again: the samples go on without them.
+changed, or it was replaced. A directory that is missing or unreadable gives no jobs and is
+said once, until it is readable again: the samples go on without them.
+
+`deploy/slurm/fleetwatch-job-map` is a Slurm Prolog and Epilog that keeps such a directory.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 class JobMapping:
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self._files: dict[str, tuple[tuple[int, int], str | None]] = {}  # name -> ((mtime_ns, size), jobs)
+        self._files: dict[str, tuple[tuple[int, ...], str | None]] = {}  # name -> ((inode, mtime, size), jobs)
         self._failing: str | None = None
 
     def jobs(self, indices: list[int]) -> list[str | None]:
@@ -38,11 +40,11 @@ class JobMapping:
         if self._failing is not None:
             log.info("agent: job mapping %s readable again", self.directory)
             self._failing = None
-        files: dict[str, tuple[tuple[int, int], str | None]] = {}
+        files: dict[str, tuple[tuple[int, ...], str | None]] = {}
         for name, entry in entries.items():
             try:
                 st = entry.stat()
-                stamp = (st.st_mtime_ns, st.st_size)
+                stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # (an epilog's rename: another inode)
                 known = self._files.get(name)
                 files[name] = known if known and known[0] == stamp else (stamp, _read(entry.path))
             except OSError:  # removed by the epilog since the listing: no job
