@@ -589,6 +589,34 @@ def test_only_the_roles_that_call_the_kubernetes_api_get_a_token_with_what_they_
                                                      ("nodes/status", "patch"), ("pods", "list")}
 
 
+def _merge(base, patch):
+    """A strategic merge patch as kubectl applies this one: maps merged, containers by name."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in patch.items()}}
+    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(c, dict) and "name" in c for c in patch):
+        named = {c["name"]: c for c in patch}
+        return [_merge(c, named[c["name"]]) if c.get("name") in named else c for c in base]
+    return patch
+
+
+def test_the_power_caps_patch_lets_the_agent_cap_and_changes_nothing_else():
+    """Setting a power limit in a container needs root with CAP_SYS_ADMIN (NVML refuses
+    otherwise: NVIDIA/nvidia-docker#495); the shipped DaemonSet runs the agent unprivileged."""
+    import kubernetes_validate
+    daemonset = next(d for d in k8s_docs() if d["kind"] == "DaemonSet")
+    patch = yaml.safe_load((DEPLOY / "kubernetes" / "power-caps" / "agent-patch.yaml").read_text())
+    patched = _merge(daemonset, patch)
+    kubernetes_validate.validate(patched, kubernetes_validate.latest_version(), strict=True)
+    pod, shipped = patched["spec"]["template"]["spec"], daemonset["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 0 and pod["securityContext"]["runAsNonRoot"] is False
+    (container,) = pod["containers"]
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN"]}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False  # kept from the shipped one
+    assert shipped["securityContext"]["runAsNonRoot"] is True  # as shipped: unprivileged
+    assert {k: v for k, v in container.items() if k != "securityContext"} == \
+        {k: v for k, v in shipped["containers"][0].items() if k != "securityContext"}
+
+
 def test_kubernetes_settings_are_config_keys(tmp_path):
     docs = k8s_docs()
     env = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "fleetwatch-env")["data"]
@@ -614,6 +642,9 @@ def test_systemd_units_verify(tmp_path):
     installed = Path(sys.executable).parent / "fleetwatch"
     for path in (DEPLOY / "systemd").glob("*.service"):
         (tmp_path / path.name).write_text(path.read_text().replace("/opt/fleetwatch/bin/fleetwatch", str(installed)))
+    for dropin in (DEPLOY / "systemd").glob("*.service.d/*.conf"):  # the agent's power caps: as root
+        (tmp_path / dropin.parent.name).mkdir(exist_ok=True)
+        (tmp_path / dropin.parent.name / dropin.name).write_text(dropin.read_text())
     r = subprocess.run([tool("systemd-analyze"), "verify", *sorted(map(str, tmp_path.glob("*.service")))],
                        capture_output=True, text=True)
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr

@@ -128,7 +128,8 @@ class PowerLimiter:
         what = f"{type(e).__name__}, NVML error {e.value}"
         if isinstance(e, pynvml.NVMLError_NoPermission):
             return result("not_permitted", f"NVML refused to set the power limit ({what}): only root may change "
-                                           f"power limits; run the agent as root. Nothing changed")
+                                           f"power limits; run the agent as root (in a container: root with CAP_SYS_ADMIN; "
+                                           f"deploy/ has a systemd drop-in and a Kubernetes patch). Nothing changed")
         if isinstance(e, pynvml.NVMLError_InvalidArgument):  # constraints read fine, the driver said otherwise
             asked = "its default limit" if cap_w is None else f"{cap_w:g} W"
             return result("out_of_range", f"the driver refused {asked} ({what}); its constraints: "
