@@ -299,6 +299,9 @@ def test_compose_agent_names_its_node_after_the_host():
     assert not agent["environment"].get("FLEETWATCH_AGENT__NODE")
     assert agent["profiles"] == ["gpu"]
     assert agent["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    # the power role's caps: root with CAP_SYS_ADMIN, as NVML wants in a container; no other role
+    assert agent["user"] == "root" and agent["cap_add"] == ["SYS_ADMIN"]
+    assert [name for name, svc in compose()["services"].items() if "cap_add" in svc or "user" in svc] == ["agent"]
 
 
 def test_compose_wires_alertmanager_prometheus_and_grafana_to_the_files_in_deploy():
