@@ -8,6 +8,7 @@ above 520 W, so both run under load for the scrapes of these tests."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import threading
 import time
@@ -234,3 +235,60 @@ def test_a_recording_without_the_power_cap_files_reads_its_limit_but_sets_none(t
         batch = a.scrape().samples
     assert r.status == "not_supported" and "cannot be capped" in r.detail
     assert batch.column("power_limit_w").to_pylist() == [700.0, 700.0]
+
+
+def test_a_cap_never_raises_a_gpu_past_the_limit_its_operator_set_and_restore_goes_back_to_it():
+    """A site that runs its GPUs at 600 W (`nvidia-smi -pl 600`): a cap of 500 W holds them
+    at 500, a cap of 650 W leaves them at 600, and a restore brings them back to 600, not to
+    the 700 W default."""
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed():
+        replay.gpus[CAPPED].limit_mw = replay.gpus[CAPPED].old_limit_mw = 600_000  # the operator's policy
+        a = opened(replay)
+        held = a.power.apply(CAPPED, 500)
+        over = a.power.apply(CAPPED, 650)
+        assert a.power.capped == {}  # at its own limit: nothing to restore
+        again = a.power.apply(CAPPED, 450)
+        back = a.power.restore(CAPPED)
+        other = a.power.apply(OTHER, 650), a.power.restore(OTHER)  # a GPU at its default: 650 is a cap
+    assert (held.status, held.enforced_w) == ("ok", 500.0)
+    assert (over.status, over.enforced_w) == ("ok", 600.0) and "would raise it" in over.detail
+    assert (again.status, again.enforced_w) == ("ok", 450.0)
+    assert (back.status, back.enforced_w) == ("restored", 600.0) and "own limit" in back.detail
+    assert [(r.status, r.enforced_w) for r in other] == [("ok", 650.0), ("restored", 700.0)]
+
+
+def test_caps_an_agent_left_when_it_was_killed_are_restored_by_the_next_one(tmp_path):
+    """A killed agent cannot restore its caps (close() never runs); its ledger names the own
+    limits of the GPUs it held, and the next agent on the node restores them when it starts."""
+    ledger_dir = tmp_path / "agent"
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed():
+        replay.gpus[1].limit_mw = replay.gpus[1].old_limit_mw = 600_000  # the operator's policy on GPU 1
+        killed = NvmlAgent(make_config().agent, "node-1", ledger_dir)
+        killed.open()
+        assert [killed.power.apply(g, 400).status for g in (1, CAPPED)] == ["ok", "ok"]
+        assert [g.limit_mw for g in replay.gpus][:4] == [700_000, 400_000, 700_000, 400_000]
+        # SIGKILL: no close(), the caps stay on the GPUs
+        nxt = NvmlAgent(make_config().agent, "node-1", ledger_dir)
+        nxt.open()
+        limits = [g.limit_mw for g in replay.gpus]
+        after = nxt.power.apply(CAPPED, 500), nxt.power.restore(CAPPED)
+    assert sorted((r.gpu, r.status, r.enforced_w) for r in nxt.recovered) == [(1, "restored", 600.0),
+                                                                              (CAPPED, "restored", 700.0)]
+    assert limits == [700_000, 600_000] + [700_000] * 6 and nxt.power.capped == {}
+    assert [(r.status, r.enforced_w) for r in after] == [("ok", 500.0), ("restored", 700.0)]
+    assert json.loads((ledger_dir / "power-limits.json").read_text())["own_w"] == {}  # holds nothing now
+
+
+def test_without_a_writable_ledger_caps_go_on_and_the_failure_is_said_once(tmp_path, caplog):
+    blocked = tmp_path / "agent"
+    blocked.write_text("a file where the folder should be")
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed(), caplog.at_level("WARNING"):
+        a = NvmlAgent(make_config().agent, "node-1", blocked)
+        a.open()
+        results = [a.power.apply(g, 500).status for g in (1, 2)] + [a.power.restore(g).status for g in (1, 2)]
+    assert results == ["ok", "ok", "restored", "restored"]
+    said = [r.getMessage() for r in caplog.records if "ledger" in r.getMessage()]
+    assert len(said) == 1 and "cannot be written" in said[0]

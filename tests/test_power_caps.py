@@ -80,6 +80,35 @@ def test_the_agent_applies_its_nodes_caps_reports_them_and_restores_on_lease_and
     assert [g.limit_mw for g in replay.gpus] == [700_000] * 8
 
 
+def test_an_agent_that_starts_after_one_was_killed_holding_caps_restores_them_and_reports_it(tmp_path):
+    """power_action rows with cause `start`: the caps a killed agent left, by its ledger."""
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    uuid = [g.uuid for g in replay.gpus]
+    actions: list[dict] = []
+
+    async def main():
+        with replay.installed():  # the agent before, killed while it held GPU 2 at 450 W
+            killed = NvmlAgent(make_config().agent, "node-1", tmp_path)
+            killed.open()
+            assert killed.power.apply(2, 450).status == "ok"
+        bus = MemoryBus()
+        source = NvmlSource(NvmlAgent(make_config(agent={"interval_s": 0.05}).agent, "node-1", tmp_path), replay,
+                            "h100", bus.listen(Topic.POWER_CAPS, ["rack-0"]))
+
+        async def emit(topic, batch):
+            if topic == Topic.POWER_ACTIONS:
+                actions.extend(batch.to_pylist())
+        stop = asyncio.Event()
+        task = asyncio.create_task(source.run(emit, stop))
+        await until(lambda: actions, task)
+        stop.set()
+        await task
+    asyncio.run(main())
+    assert [(a["gpu_uuid"], a["requested_w"], a["enforced_w"], a["status"], a["cause"]) for a in actions] == [
+        (uuid[2], None, 700.0, "restored", "start")]
+    assert [g.limit_mw for g in replay.gpus] == [700_000] * 8
+
+
 def test_an_agents_lease_runs_on_its_monotonic_clock_not_the_wall_clock(monkeypatch):
     """An NTP step of the wall clock neither cuts a lease (a step forward) nor stretches it
     (a step back): only the monotonic clock ends it. The power_action rows keep the wall time."""

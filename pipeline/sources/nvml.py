@@ -34,6 +34,7 @@ import time
 from datetime import datetime, timezone
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Awaitable, Callable, TypeVar
 
 import numpy as np
@@ -143,7 +144,9 @@ class Scrape:
 
 
 class NvmlAgent:
-    def __init__(self, cfg: AgentConfig, node: str) -> None:
+    def __init__(self, cfg: AgentConfig, node: str, state_dir: Path | None = None) -> None:
+        """`state_dir`: where the agent keeps what must outlive it (the own power limits of the
+        GPUs it caps: sources/nvml_power.py); None: nothing kept."""
         self.cfg = cfg
         self.node = node
         self.gpus: list[Gpu] = []
@@ -152,9 +155,11 @@ class NvmlAgent:
         self.driver_version: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml-scrape")
         self._events_stop = threading.Event()
-        self.power = PowerLimiter(self)  # blocking: through on_nvml_thread from async code
+        self.power = PowerLimiter(self, state_dir / "power-limits.json" if state_dir else None)  # blocking:
+        # through on_nvml_thread from async code
         self.opened = asyncio.Event()  # set once open() found the GPUs
         self.job_mapping = JobMapping(cfg.job_mapping_dir) if cfg.job_mapping_dir else None
+        self.recovered: list = []  # CapResults of open()'s recovery: caps a stopped agent left, restored
 
     # ---- start-up ----------------------------------------------------------------
 
@@ -177,6 +182,8 @@ class NvmlAgent:
         self.gpus = [self._discover(i) for i in range(pynvml.nvmlDeviceGetCount())]
         log.info("NVML agent on %s: driver %s, %d GPUs: %s", self.node, self.driver_version,
                  len(self.gpus), ", ".join(f"{g.index}: {g.name} {g.uuid} {g.pci_bus_id}" for g in self.gpus))
+        # Caps an agent before this one left (killed, crashed) go back to the GPUs' own limits.
+        self.recovered = self.power.recover()
 
     def _discover(self, index: int) -> Gpu:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
@@ -503,11 +510,14 @@ class NvmlSource:
                 await self.agent.run(samples, events, stop)
                 return
             from pipeline.sources.nvml_power import NvmlCaps
-            from pipeline.sources.power_caps import alongside, follow_caps
+            from pipeline.sources.power_caps import CapHolder, action_rows, alongside, follow_caps
             applier = NvmlCaps(self.agent, self.agent.cfg.site, self.agent.cfg.rack)
 
             async def follow(stop: asyncio.Event) -> None:
                 await self.agent.opened.wait()  # the GPUs are known
+                if self.agent.recovered:  # caps a stopped agent left, restored at start: said like any other
+                    await emit(Topic.POWER_ACTIONS, action_rows(applier, CapHolder(), self.agent.recovered, "start",
+                                                                _utc_now()))
                 try:
                     await follow_caps(self.caps, applier, emit, stop, _utc_now, lease_clock=self.lease_clock)
                 finally:
@@ -533,7 +543,7 @@ def build(ctx, spec) -> NvmlSource:
     """The agent role: this node (agent.node, else the host name), replaying agent.replay if set."""
     import socket
     a = ctx.cfg.agent
-    agent = NvmlAgent(a, a.node or socket.gethostname())
+    agent = NvmlAgent(a, a.node or socket.gethostname(), Path(ctx.cfg.data_dir) / "agent")
     replay = None
     if a.replay:
         from pipeline.sources.nvml_replay import NvmlReplay

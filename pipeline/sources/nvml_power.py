@@ -8,16 +8,25 @@ it also runs between scrapes, not during one.
 A cap is checked against the GPU's constraints before NVML is asked, set, then read back
 from the enforced limit: it is `ok` only if the GPU enforces what was asked. Every outcome is
 a `CapResult` that says what happened and, when it failed, what to do; nothing raises for a
-GPU that refuses. Restoring puts the GPU back to its default limit. The agent restores every
-cap it set when it closes: a cap never outlives the agent that set it (a killed process
-cannot; the limit then holds until the next set, GPU reset or driver reload).
+GPU that refuses.
+
+A cap only ever lowers a GPU's limit. Its own limit, the one it had before its first cap
+(the site's `nvidia-smi -pl` policy, or its default), is read then and is what a restore
+sets: a cap asked at or above it leaves the GPU at it, and a restore never raises a GPU
+past the limit its operator chose. The agent restores every cap it set when it closes. So
+that a killed agent's caps do not outlive it either, the own limits of the GPUs it holds
+are written to a ledger (`<data_dir>/agent/power-limits.json`) before the first cap; the
+next agent on the node restores what the ledger names when it starts (`recover`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import pynvml
@@ -52,10 +61,13 @@ class PowerLimiter:
     """Power caps on the agent's GPUs (by the agent's GPU index). Blocking: call on the
     agent's NVML thread (NvmlAgent.on_nvml_thread), which also serialises the calls."""
 
-    def __init__(self, agent: NvmlAgent) -> None:
+    def __init__(self, agent: NvmlAgent, ledger: Path | None = None) -> None:
         self.agent = agent
+        self.ledger = ledger  # the own limits of the GPUs held, for the next agent if this one is killed
         self._capped: dict[int, float] = {}  # GPU index -> the cap this limiter set, W
+        self._own: dict[int, float] = {}     # GPU index -> its limit before its first cap, W (what restore sets)
         self._bounds: dict[int, tuple[float, float, float]] = {}  # constraints and default, W: fixed per GPU
+        self._ledger_failing = False
 
     @property
     def capped(self) -> dict[int, float]:
@@ -83,6 +95,27 @@ class PowerLimiter:
         """Restore every GPU this limiter capped (the agent's close() does)."""
         return [self.restore(i) for i in sorted(self._capped)]
 
+    def recover(self) -> list[CapResult]:
+        """At start: every GPU the ledger names (an agent that stopped without restoring, a
+        kill or a crash) back to its own limit; the ledger then names what this one holds."""
+        try:
+            own = json.loads(self.ledger.read_text())["own_w"] if self.ledger and self.ledger.exists() else {}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("power limits ledger %s unreadable (%s): GPUs a stopped agent left capped keep their caps "
+                        "until restored by hand (`nvidia-smi -q -d POWER`)", self.ledger, e)
+            return []
+        by_uuid = {g.uuid: g.index for g in self.agent.gpus}
+        results = []
+        for uuid, watts in own.items():
+            if uuid not in by_uuid:
+                log.warning("power limits ledger: GPU %s is no longer on node %s: not restored", uuid, self.agent.node)
+                continue
+            self._own[by_uuid[uuid]] = float(watts)
+            self._capped[by_uuid[uuid]] = math.nan  # held by the stopped agent, at a cap this one does not know
+            results.append(self.restore(by_uuid[uuid]))
+        self._write_ledger()
+        return results
+
     # ---- one set ------------------------------------------------------------------------
 
     def _set(self, gpu: int, cap_w: float | None) -> CapResult:
@@ -103,16 +136,22 @@ class PowerLimiter:
             return result("gpu_lost", _LOST.format(g=g))
         try:
             low, high, default = self._constraints(g)
-            target = default if cap_w is None else cap_w
             if cap_w is not None and not (math.isfinite(cap_w) and low <= cap_w <= high):
                 return result("out_of_range", f"{cap_w:g} W is outside GPU {g.index}'s power limit range, "
                                               f"{low:g}-{high:g} W (its NVML constraints): ask for a cap within it; "
                                               f"nothing changed")
+            if cap_w is not None and g.index not in self._own:  # its first cap: what to come back to, kept first
+                self._own[g.index] = pynvml.nvmlDeviceGetPowerManagementLimit(g.handle) / 1000.0
+                self._write_ledger()
+            own = self._own.get(g.index, default)
+            target = own if cap_w is None else min(cap_w, own)  # a cap never raises the limit
             pynvml.nvmlDeviceSetPowerManagementLimit(g.handle, int(round(target * 1000)))
-            if cap_w is None or abs(cap_w - default) <= TOLERANCE_W:  # at its default: nothing to restore later
+            if abs(target - own) <= TOLERANCE_W:  # at its own limit: nothing to restore later
                 self._capped.pop(g.index, None)
+                if self._own.pop(g.index, None) is not None:
+                    self._write_ledger()
             else:
-                self._capped[g.index] = cap_w
+                self._capped[g.index] = target
             enforced = pynvml.nvmlDeviceGetEnforcedPowerLimit(g.handle) / 1000.0
         except pynvml.NVMLError as e:
             return self._refused(g, cap_w, e, result)
@@ -120,9 +159,32 @@ class PowerLimiter:
             return result("error", f"the limit was set to {target:g} W but GPU {g.index} enforces {enforced:g} W: "
                                    f"another limit wins (another tool's, or the board's); check `nvidia-smi -q -d "
                                    f"POWER`", enforced)
+        mine = "its default" if abs(own - default) <= TOLERANCE_W else f"its own limit (default {default:g} W)"
         if cap_w is None:
-            return result("restored", f"back to its default limit, {default:g} W", enforced)
-        return result("ok", f"held to {cap_w:g} W (range {low:g}-{high:g} W, default {default:g} W)", enforced)
+            return result("restored", f"back to {mine}, {own:g} W", enforced)
+        if target < cap_w:
+            return result("ok", f"left at {mine}, {own:g} W: a cap of {cap_w:g} W would raise it", enforced)
+        return result("ok", f"held to {cap_w:g} W (range {low:g}-{high:g} W, {mine} {own:g} W)", enforced)
+
+    def _write_ledger(self) -> None:
+        """The own limits of the GPUs held now, by UUID (written aside, then renamed)."""
+        if self.ledger is None:
+            return
+        own = {g.uuid: self._own[g.index] for g in self.agent.gpus if g.index in self._own}
+        try:
+            self.ledger.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.ledger.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"version": 1, "node": self.agent.node, "own_w": own}))
+            os.replace(tmp, self.ledger)
+            if self._ledger_failing:
+                log.info("power limits ledger %s written again", self.ledger)
+            self._ledger_failing = False
+        except OSError as e:
+            if not self._ledger_failing:
+                log.warning("power limits ledger %s cannot be written (%s): caps go on, but an agent killed while "
+                            "holding some leaves them to the next set, a GPU reset or a driver reload",
+                            self.ledger, e.strerror or e)
+            self._ledger_failing = True
 
     def _refused(self, g: Gpu, cap_w: float | None, e: pynvml.NVMLError, result) -> CapResult:
         what = f"{type(e).__name__}, NVML error {e.value}"
