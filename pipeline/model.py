@@ -81,7 +81,7 @@ _GPU_V4_FIELDS = _GPU_V3_FIELDS + [
 ]
 GPU_SAMPLE = _schema("gpu_sample", 5, _GPU_V4_FIELDS + [
     _f("job", pa.string(), "the scheduler's job using the GPU (dcgm-exporter's hpc_job label, or the NVML agent's "
-       "nvml.job_mapping_dir: the same files); several: comma-separated; null where unknown"),
+       "agent.job_mapping_dir: the same files); several: comma-separated; null where unknown"),
 ], "one row per GPU per scrape (v2: slowdown_temp_c added; v3: model, pci_bus_id, driver_version, serial, pod, "
    "namespace, container; v4: power_limit_w; v5: job)")
 GPU_SAMPLE_V4 = _schema("gpu_sample", 4, _GPU_V4_FIELDS,

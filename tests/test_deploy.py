@@ -594,8 +594,9 @@ def test_only_the_roles_that_call_the_kubernetes_api_get_a_token_with_what_they_
 
 def _merge(base, patch):
     """A strategic merge patch as kubectl applies this one: maps merged, containers by name."""
-    if isinstance(base, dict) and isinstance(patch, dict):
-        return {**base, **{k: _merge(base.get(k), v) for k, v in patch.items()}}
+    if isinstance(base, dict) and isinstance(patch, dict):  # (null deletes a key)
+        merged = {**base, **{k: _merge(base.get(k), v) for k, v in patch.items()}}
+        return {k: v for k, v in merged.items() if v is not None}
     if isinstance(base, list) and isinstance(patch, list) and all(isinstance(c, dict) and "name" in c for c in patch):
         named = {c["name"]: c for c in patch}
         return [_merge(c, named[c["name"]]) if c.get("name") in named else c for c in base]
@@ -618,6 +619,9 @@ def test_the_power_caps_patch_lets_the_agent_cap_and_changes_nothing_else():
     assert shipped["securityContext"]["runAsNonRoot"] is True  # as shipped: unprivileged
     assert {k: v for k, v in container.items() if k != "securityContext"} == \
         {k: v for k, v in shipped["containers"][0].items() if k != "securityContext"}
+    # its data (the ledger of own limits) on the node: it outlives a replaced pod
+    assert pod["volumes"] == [{"name": "data", "hostPath": {"path": "/var/lib/fleetwatch-agent",
+                                                            "type": "DirectoryOrCreate"}}]
 
 
 def test_kubernetes_settings_are_config_keys(tmp_path):
@@ -654,6 +658,18 @@ def test_systemd_units_verify(tmp_path):
     sysusers = subprocess.run([tool("systemd-sysusers"), "--dry-run", str(DEPLOY / "systemd" / "fleetwatch.sysusers")],
                               capture_output=True, text=True)
     assert sysusers.returncode == 0 and "ignoring" not in sysusers.stderr, sysusers.stderr
+
+
+def test_the_power_caps_drop_in_runs_the_agent_as_root_in_a_state_directory_of_its_own():
+    """systemd hands a StateDirectory to the unit's user: shared with fleetwatch.service (user
+    fleetwatch) on one host, a root agent would take /var/lib/fleetwatch from it at each start."""
+    lines = [line.strip() for line in (DEPLOY / "systemd" / "fleetwatch-agent.service.d" / "power-caps.conf")
+             .read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert {"User=root", "Group=root"} <= set(lines)
+    assert lines.index("StateDirectory=") < lines.index("StateDirectory=fleetwatch-agent")  # reset, then its own
+    assert "Environment=FLEETWATCH_DATA_DIR=%S/fleetwatch-agent" in lines
+    central = dict(kv for _, *kv in units()["fleetwatch.service"] if len(kv) == 2)
+    assert central.get("StateDirectory") == "fleetwatch"
 
 
 @pytest.mark.parametrize("unit,role,port", [("fleetwatch-agent.service", "agent", AGENT_PORT),

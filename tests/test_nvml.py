@@ -219,6 +219,18 @@ def test_the_slurm_prolog_and_epilog_shipped_name_each_gpus_jobs_for_the_agent(t
     assert seen == [["4242", "4242", None, None], ["4242", "4242,4243", None, None],
                     ["4242", "4242,4243", None, None], [None, "4243", None, None],
                     [None, None, None, None], [None, None, None, None]]
-    assert list(jobs.iterdir()) == []  # nothing left behind
+    assert [p.name for p in jobs.iterdir()] == [".lock"]  # nothing left behind but the lock
     alone = slurmd("", "1", "0")  # not run by slurmd: says so, and never fails a job
     assert alone.returncode == 0 and "Prolog or Epilog" in alone.stderr
+
+    # Jobs that share a GPU start and end together: every prolog's line lands, every epilog's goes.
+    def together(context: str) -> None:
+        env = {"PATH": os.environ["PATH"], "FLEETWATCH_JOB_MAP_DIR": str(jobs), "SLURM_SCRIPT_CONTEXT": context,
+               "SLURM_JOB_GPUS": "0,1"}
+        runs = [subprocess.Popen([str(script)], env={**env, "SLURM_JOB_ID": str(j)}) for j in range(100, 112)]
+        assert [r.wait(timeout=60) for r in runs] == [0] * len(runs)
+    for _ in range(3):
+        together("prolog_slurmd")
+        assert [sorted((jobs / g).read_text().split()) for g in ("0", "1")] == [[str(j) for j in range(100, 112)]] * 2
+        together("epilog_slurmd")
+        assert not (jobs / "0").exists() and not (jobs / "1").exists()

@@ -247,15 +247,16 @@ def test_a_cap_never_raises_a_gpu_past_the_limit_its_operator_set_and_restore_go
         a = opened(replay)
         held = a.power.apply(CAPPED, 500)
         over = a.power.apply(CAPPED, 650)
-        assert a.power.capped == {}  # at its own limit: nothing to restore
-        again = a.power.apply(CAPPED, 450)
-        back = a.power.restore(CAPPED)
+        assert a.power.capped == {}  # held at its own limit
+        back = a.power.restore(CAPPED)  # the end of a request whose last step asked for more than 600 W
+        again, back_again = a.power.apply(CAPPED, 450), a.power.restore(CAPPED)
         other = a.power.apply(OTHER, 650), a.power.restore(OTHER)  # a GPU at its default: 650 is a cap
     assert (held.status, held.enforced_w) == ("ok", 500.0)
     assert (over.status, over.enforced_w) == ("ok", 600.0) and "would raise it" in over.detail
-    assert (again.status, again.enforced_w) == ("ok", 450.0)
     assert (back.status, back.enforced_w) == ("restored", 600.0) and "own limit" in back.detail
+    assert [(r.status, r.enforced_w) for r in (again, back_again)] == [("ok", 450.0), ("restored", 600.0)]
     assert [(r.status, r.enforced_w) for r in other] == [("ok", 650.0), ("restored", 700.0)]
+    assert replay.gpus[CAPPED].limit_mw == 600_000 and a.power.restore_all() == []
 
 
 def test_caps_an_agent_left_when_it_was_killed_are_restored_by_the_next_one(tmp_path):
@@ -292,3 +293,31 @@ def test_without_a_writable_ledger_caps_go_on_and_the_failure_is_said_once(tmp_p
     assert results == ["ok", "ok", "restored", "restored"]
     said = [r.getMessage() for r in caplog.records if "ledger" in r.getMessage()]
     assert len(said) == 1 and "cannot be written" in said[0]
+
+
+def test_a_cap_refused_leaves_nothing_in_the_ledger_and_a_bad_ledger_is_moved_aside(tmp_path, caplog):
+    """As the shipped unprivileged agent: every cap not_permitted, nothing held, nothing for the
+    next agent to restore. A ledger that is not one is set aside (never overwritten) and the
+    agent starts; entries that are not limits are skipped."""
+    ledger = tmp_path / "power-limits.json"
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed():
+        replay.gpus[CAPPED].caps_denied = True
+        a = NvmlAgent(make_config().agent, "node-1", tmp_path)
+        a.open()
+        assert a.power.apply(CAPPED, 500).status == "not_permitted"
+        assert json.loads(ledger.read_text())["own_w"] == {} and a.power.restore_all() == []
+        assert NvmlAgent(make_config().agent, "node-1", tmp_path).power.recover() == []
+        ledger.write_text("{not json")
+        with caplog.at_level("WARNING"):
+            b = NvmlAgent(make_config().agent, "node-1", tmp_path)
+            b.open()
+        assert b.recovered == [] and (tmp_path / "power-limits.unreadable").read_text() == "{not json"
+        uuid = [g.uuid for g in replay.gpus]
+        replay.gpus[2].limit_mw = 300_000  # left capped by a killed agent
+        ledger.write_text(json.dumps({"version": 1, "own_w": {uuid[0]: None, uuid[1]: "x", uuid[2]: 700.0,
+                                                              uuid[4]: 700.0, "GPU-gone": 650.0}}))
+        c = NvmlAgent(make_config().agent, "node-1", tmp_path)
+        c.open()
+    assert [(r.gpu, r.status, r.enforced_w) for r in c.recovered] == [(2, "restored", 700.0)]  # GPU 4: at its own
+    assert any("unreadable" in r.getMessage() for r in caplog.records)

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -39,7 +40,9 @@ from tests.conftest import make_config
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 NOW_S = START.timestamp() + 60.0  # the receivers' clock, injected: never the wall clock
 NOW_NS = int(NOW_S * 1e9)
-REASONS = {"null_field", "empty_identity", "out_of_range", "bad_timestamp", "time_ahead", "too_old", "bad_alert"}
+REASONS = {"null_field", "empty_identity", "out_of_range", "value_out_of_range", "bad_timestamp", "time_ahead",
+           "too_old", "bad_alert"}
+KEPT = "value_out_of_range"  # the row went on, one reading nulled: dead-lettered, not lost
 SCHEMA_OF = {Topic.GPU: GPU_SAMPLE, Topic.FACILITY: FACILITY_SAMPLE, Topic.EVENTS: EVENT, Topic.ALERTS: ALERT,
              Topic.HEALTH: NODE_HEALTH, Topic.LABELS: FAULT_LABEL}
 
@@ -183,21 +186,23 @@ def test_split_keeps_the_good_rows_of_a_batch_and_says_why_for_the_rest():
            .set_column(5, GPU_SAMPLE.field("gpu_uuid"), pa.array(uuids))
            .set_column(0, GPU_SAMPLE.field("ts"), pa.array(ts, pa.int64()).cast(TS)))
     valid, rejected = split(Topic.GPU, bad)
-    assert valid.num_rows == batch.num_rows - 4
+    assert valid.num_rows == batch.num_rows - 3  # the 1e308 C row goes on, that reading nulled
     by_reason = Counter()
     for r in rejected:
         by_reason[r.reason] += r.rows.num_rows
-    assert by_reason == {"out_of_range": 2, "empty_identity": 1, "bad_timestamp": 1}
-    assert any("gpu_temp_c = 1e+308" in r.detail for r in rejected)
+    assert by_reason == {"out_of_range": 1, "value_out_of_range": 1, "empty_identity": 1, "bad_timestamp": 1}
+    assert any("gpu_temp_c = 1e+308" in r.detail and r.reason == "value_out_of_range" for r in rejected)
+    kept = valid.filter(pc.equal(valid.column("gpu_uuid"), uuids[1]))
+    assert kept.column("gpu_temp_c").to_pylist() == [None] and kept.column("power_w").null_count == 0
     assert split(Topic.GPU, batch)[1] == []  # the simulator's data is clean
     # A table of several messages' batches (the gate's one pass over a get_batch) finds the same
     table_valid, table_rejected = split(Topic.GPU, pa.Table.from_batches([batch, bad, batch]))
-    assert table_valid.num_rows == 3 * batch.num_rows - 4
+    assert table_valid.num_rows == 3 * batch.num_rows - 3
     assert [(r.reason, r.detail, r.rows.num_rows) for r in table_rejected] == \
         [(r.reason, r.detail, r.rows.num_rows) for r in rejected]
 
 
-def test_readings_no_gpu_can_give_are_rejected_with_their_rows_and_the_rest_goes_on():
+def test_readings_no_gpu_can_give_are_nulled_and_their_rows_go_on():
     """What real exporters have sent: a die at 345 C and at 82505 C (dcgm-exporter 3.3.5,
     NVIDIA/dcgm-exporter#312), DCGM's "no value" sentinel as a counter, 150% utilisation."""
     batch = sim_ticks(make_config(fleet={"racks": 1, "nodes_per_rack": 1}), 1)[0].value
@@ -212,8 +217,13 @@ def test_readings_no_gpu_can_give_are_rejected_with_their_rows_and_the_rest_goes
     for c, v in cols.items():
         bad = bad.set_column(bad.schema.get_field_index(c), GPU_SAMPLE.field(c), pa.array(v, GPU_SAMPLE.field(c).type))
     valid, rejected = split(Topic.GPU, bad)
-    assert valid.num_rows == batch.num_rows - 5 and 130.0 in valid.column("gpu_temp_c").to_pylist()
-    assert sum(r.rows.num_rows for r in rejected if r.reason == "out_of_range") == 5
+    # every row goes on, with its other readings; the five readings are nulled and dead-lettered
+    assert valid.num_rows == batch.num_rows and valid.column("gpu_temp_c").to_pylist()[:2] == [None, None]
+    assert 130.0 in valid.column("gpu_temp_c").to_pylist() and valid.column("power_w").null_count == 0
+    assert [valid.column(c).to_pylist()[i] for c, i in (("util_gpu", 2), ("ecc_sbe_volatile_total", 3),
+                                                          ("power_limit_w", 4))] == [None, None, None]
+    assert sum(r.rows.num_rows for r in rejected if r.reason == "value_out_of_range") == 5
+    assert all("the rest of the row kept" in r.detail for r in rejected)
 
 
 def test_a_dead_letter_file_that_cannot_be_written_stops_nothing(tmp_path):
@@ -334,8 +344,8 @@ def test_no_batch_stops_a_consumer_in_process(bad):
         out = asyncio.run(run_consumers(cfg, publish, TimeWindow(300, 7 * 86400, lambda: NOW_S)))
         letters = dead_lines(data)
         assert all(x["reason"] in REASONS and x["detail"] and "row" in x for x in letters)
-        dead = Counter((x["group"], x["topic"]) for x in letters)
-        assert sum(dead.values()) == sum(sum(g.rejected.values()) for g in out["gates"].values())
+        dead = Counter((x["group"], x["topic"]) for x in letters if x["reason"] != KEPT)
+        assert sum(dead.values()) == sum(n for g in out["gates"].values() for r, n in g.rejected.items() if r != KEPT)
         assert {g for g, _ in dead} <= {"intake"}  # screened once for every group
         check_nothing_lost(out, dead, data, good)
 

@@ -282,6 +282,7 @@ def test_the_job_the_samples_name_is_a_gpus_job_before_the_scheduler_s_and_anoth
     sim, ctl = fleet()
     uuids = sim.gpu_uuids
     three_quarters = {u: "7001" for u in uuids[len(uuids) // 4:]}  # (the first quarter is idle on this seed)
+    three_quarters[uuids[-1]] = "7001,7002"  # a GPU the job shares (sharding): it counts in the first
     ctl.set_jobs({n: "1234" for n in sim.node_names})  # the scheduler says one job everywhere
     for i in range(460):
         tick = sim.step()
@@ -294,7 +295,7 @@ def test_the_job_the_samples_name_is_a_gpus_job_before_the_scheduler_s_and_anoth
     firm = ctl.firm()
     assert firm.largest == "job 7001" and firm.largest_gpus == len(three_quarters)
     slots = ctl.gpus.ids.slots(pa.array(uuids))
-    capped = [u for u, s in zip(uuids, slots) if u in three_quarters and not np.isnan(ctl.cap[s])]
+    capped = [u for u, s in zip(uuids, slots) if three_quarters.get(u) == "7001" and not np.isnan(ctl.cap[s])]
     assert capped, "the request capped some of job 7001's GPUs"
     moved, slot = capped[0], int(slots[uuids.index(capped[0])])
     assert ctl.learner.ref_n[slot] > 10 and ctl.steady[slot]
@@ -308,3 +309,18 @@ def test_the_job_the_samples_name_is_a_gpus_job_before_the_scheduler_s_and_anoth
     ctl.step(sim.now)
     assert not np.isnan(capped_at) and np.isnan(ctl.cap[slot])
     assert ctl.firm().largest == "job 7001" and ctl.firm().largest_gpus == len(three_quarters) - 1
+
+
+def test_a_new_job_is_one_that_shares_none_of_the_jobs_the_gpu_had():
+    """The job mapping as Slurm keeps it: the epilog removes a GPU's file before the next job's
+    prolog writes it (A, none, B: a new job); a job that comes to share the GPU (B, then B and
+    C) and the first one's end (then C) are the same work going on."""
+    sim = FleetSimulator(FleetConfig(racks=1, nodes_per_rack=1, normal="simple"))
+    table = GpuTable(FlexClasses(PowerConfig()))
+    base = sim.step().gpu
+    uuid = base.column("gpu_uuid").to_pylist()[0]
+    seen = []
+    for job in ("A", None, "B", "B,C", "C", "C", "D", None, None, "D"):
+        table.update(named(base, {uuid: job} if job else {}))
+        seen.append(bool(table.new_job[0]))
+    assert seen == [False, False, True, False, False, False, True, False, False, False]

@@ -19,9 +19,12 @@ consumer commits, counted per reason, and logged once per reason.
 Reasons:
   null_field     a non-nullable column is null (or an event's GPU index, where it names a GPU UUID)
   empty_identity an identity column (site, node, GPU UUID, device, metric, ...) is empty
-  out_of_range   a GPU index outside 0-1023, a P-state outside 0-32, a quality other than
-                 0/1, or a finite value beyond anything physical (NaN, Inf and negative
-                 metric values are not rejected: detect counts and skips them per value)
+  out_of_range   a GPU index outside 0-1023, a quality other than 0/1, or a facility value
+                 beyond anything physical
+  value_out_of_range  a GPU reading beyond anything physical (a P-state outside 0-32, a 345 C
+                 die): only that value is nulled, and the row goes on with its other readings
+                 (the row as it came is dead-lettered with this reason); NaN, Inf and negative
+                 metric values are not touched: detect counts and skips them per value
   bad_timestamp  a time outside 2000-2200 (epoch seconds or milliseconds in a nanosecond
                  column, or the int64 limits)
   time_ahead     a reading stamped more than intake.max_ahead_s ahead of the receiver's clock
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 NULL_FIELD = "null_field"
 EMPTY_IDENTITY = "empty_identity"
 OUT_OF_RANGE = "out_of_range"
+VALUE_OUT_OF_RANGE = "value_out_of_range"  # one reading nulled: its row goes on
 BAD_TIMESTAMP = "bad_timestamp"
 TIME_AHEAD = "time_ahead"
 TOO_OLD = "too_old"
@@ -89,6 +93,10 @@ _RANGES = {
     "event": {"gpu": (0, 1023)},
     "fault_label": {"gpu": (0, 1023)},
 }
+# Where a value out of its range rejects the whole row: what says which GPU, or a row's one value.
+# Elsewhere (a GPU reading) only that value is nulled: the row's other readings go on.
+_ROW_RANGES = {("gpu_sample", "gpu"), ("facility_sample", "value"), ("facility_sample", "quality"),
+               ("event", "gpu"), ("fault_label", "gpu")}
 # Every timestamp: nanoseconds since the epoch between these years.
 PLAUSIBLE_NS = (946_684_800 * 10**9, 7_258_118_400 * 10**9)  # 2000-01-01, 2200-01-01
 
@@ -204,6 +212,7 @@ def split(topic: Topic, batch: pa.RecordBatch, window: TimeWindow | None = None,
             bad = _mask(col.is_valid()) & ((ns < PLAUSIBLE_NS[0]) | (ns >= PLAUSIBLE_NS[1]))
             v.mark(bad, BAD_TIMESTAMP, f"{f.name} {int(ns[bad][0])} is not nanoseconds since the epoch between "
                                        f"2000 and 2200 ({_when(int(ns[bad][0]))})")
+    nulled: list[tuple[str, np.ndarray, str]] = []  # (column, rows, detail): readings taken out, rows kept
     for c, (lo_v, hi_v) in _RANGES.get(name, {}).items():
         col = batch.column(c)
         low, high = (s.as_py() for s in pc.min_max(col).values())
@@ -215,15 +224,28 @@ def split(topic: Topic, batch: pa.RecordBatch, window: TimeWindow | None = None,
                 bad = np.isfinite(x) & ((x < lo_v if lo_v is not None else False) |
                                         (x > hi_v if hi_v is not None else False))
             if bad.any():
-                v.mark(bad, OUT_OF_RANGE, f"{c} = {_first(col, bad)!r} is outside "
-                                          f"[{'' if lo_v is None else lo_v}, {'' if hi_v is None else hi_v}]")
+                detail = (f"{c} = {_first(col, bad)!r} is outside "
+                          f"[{'' if lo_v is None else lo_v}, {'' if hi_v is None else hi_v}]")
+                if (name, c) in _ROW_RANGES:
+                    v.mark(bad, OUT_OF_RANGE, detail)
+                else:
+                    nulled.append((c, bad, detail))
     if name == "alert":
         _alerts(batch, v)
-    if v.rule is None or not v.rules:
-        return batch, []
+    kept = np.ones(batch.num_rows, bool) if v.rule is None else v.rule < 0
     rejected = [Rejection(reason, detail, batch.filter(pa.array(v.rule == k)))
                 for k, (reason, detail) in enumerate(v.rules)]
-    return batch.filter(pa.array(v.rule < 0)), rejected
+    for c, bad, detail in nulled:  # one reading a GPU cannot give: that value null, the rest of its row kept
+        bad &= kept
+        if bad.any():
+            rejected.append(Rejection(VALUE_OUT_OF_RANGE, f"{detail}: that value nulled, the rest of the row kept",
+                                      batch.filter(pa.array(bad))))
+    for c, bad, _ in nulled:
+        i = batch.schema.get_field_index(c)
+        batch = batch.set_column(i, batch.schema.field(i), pc.if_else(pa.array(bad), None, batch.column(c)))
+    if not rejected:
+        return batch, []
+    return (batch if kept.all() else batch.filter(pa.array(kept))), rejected
 
 
 def _when(ns: int) -> str:

@@ -112,7 +112,8 @@ def numeric(batch: pa.RecordBatch, name: str, stats: Stats) -> np.ndarray:
     """A metric column as float64 with NaN for null; NaN, Inf and negative values
     are counted (logged once per column) and turned into NaN so no detector sees them."""
     col = batch.column(name)
-    x = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+    x = pc.cast(col, pa.float64(), safe=False).to_numpy(zero_copy_only=False)  # (an int64 past 2**53: inexact, and
+    # judged below like any other value, never an error)
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(x) | (x < 0)
     if col.null_count:

@@ -23,8 +23,8 @@ from pipeline.model import PointKind, point_kind
 from pipeline.ops.health import Health
 from pipeline.ops.progress import Progress
 
-INTAKE_REASONS = (intake.NULL_FIELD, intake.EMPTY_IDENTITY, intake.OUT_OF_RANGE, intake.BAD_TIMESTAMP,
-                  intake.TIME_AHEAD, intake.TOO_OLD, intake.BAD_ALERT)
+INTAKE_REASONS = (intake.NULL_FIELD, intake.EMPTY_IDENTITY, intake.OUT_OF_RANGE, intake.VALUE_OUT_OF_RANGE,
+                  intake.BAD_TIMESTAMP, intake.TIME_AHEAD, intake.TOO_OLD, intake.BAD_ALERT)
 GPU_LABELS = ["site", "rack", "node", "gpu", "UUID"]
 
 

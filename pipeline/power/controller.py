@@ -171,8 +171,9 @@ class GpuTable:
         self.default_w = np.zeros(0)        # its default limit: the highest enforced limit seen
         self.model_max_w: dict[str | None, float] = {}  # the highest enforced limit seen per GPU model
         self.paused = np.zeros(0, bool)     # idle with its job's memory held: a checkpoint stall, not a job's end
-        self.job = np.zeros(0, object)      # the scheduler's job the samples name (their job column), or None
-        self.new_job = np.zeros(0, bool)    # the last batch's rows: the samples name another job than before
+        self.job = np.zeros(0, object)      # the scheduler's jobs the samples name now (their job column), or None
+        self.last_job = np.zeros(0, object)  # the last jobs they named (a job's end names none until the next)
+        self.new_job = np.zeros(0, bool)    # the last batch's rows: the samples name other jobs than before
         self.flat = np.zeros(0, np.int64)   # identical power readings in a row (a stuck sensor: detect's rule)
         self.forced = np.zeros(0, bool)     # clocks forced down by hardware or heat (a brake, a thermal slowdown)
         self.node_ix = np.zeros(0, np.int64)  # each GPU's node, numbered
@@ -211,12 +212,17 @@ class GpuTable:
         self.util_mem[slots] = batch.column("util_mem").to_numpy(zero_copy_only=False)
         mem = np.nan_to_num(batch.column("mem_used_bytes").to_numpy(zero_copy_only=False).astype(np.float64))
         self.job_mem[slots] = np.where(busy, mem, self.job_mem[slots])
-        # The job the samples name (dcgm-exporter's hpc_job, the agent's job mapping): another one than
-        # before is a new job, whatever its draw; not named, the draw and the memory tell (below).
+        # The jobs the samples name (dcgm-exporter's hpc_job, the agent's job mapping): none of the ones
+        # named last is a new job, whatever its draw (A, none, B: the epilog ran before the next prolog;
+        # A, then A and B sharing the GPU: the same job goes on); not named, the draw and memory tell.
         job = batch.column("job").to_numpy(zero_copy_only=False)
-        known = (job != None) & (self.job[slots] != None)  # noqa: E711 (elementwise on an object array)
-        self.new_job = known & (job != self.job[slots])
+        named = job != None  # noqa: E711 (elementwise on an object array)
+        last = self.last_job[slots]
+        self.new_job = named & (last != None) & (job != last)  # noqa: E711
+        for row in np.flatnonzero(self.new_job):  # (a GPU whose jobs changed: rare)
+            self.new_job[row] = set(job[row].split(",")).isdisjoint(last[row].split(","))
         self.job[slots] = job
+        self.last_job[slots[named]] = job[named]
         self.paused[slots] = ~busy & (self.job_mem[slots] > 0) & (mem >= PAUSED_MEM * self.job_mem[slots]) \
             & ~self.new_job
         self.job_mem[slots[~busy & ~self.paused[slots]]] = 0.0  # the job freed its memory: over
@@ -244,6 +250,7 @@ class GpuTable:
         self.default_w = np.concatenate([self.default_w, np.full(grow, np.nan)])
         self.paused = np.concatenate([self.paused, np.zeros(grow, bool)])
         self.job = np.concatenate([self.job, np.full(grow, None, object)])
+        self.last_job = np.concatenate([self.last_job, np.full(grow, None, object)])
         self.flat = np.concatenate([self.flat, np.zeros(grow, np.int64)])
         self.forced = np.concatenate([self.forced, np.zeros(grow, bool)])
         self.node_ix = np.concatenate([self.node_ix, np.array([self._node_ids.setdefault(n, len(self._node_ids))
@@ -587,12 +594,13 @@ class Controller:
     def firm(self, racks: tuple[str, ...] = ()) -> Firm | None:
         """What the GPUs of `racks` (none: the site) can shed now within every class if the
         job that holds the most of it ends or pauses: what a site can promise (N-1). A GPU's
-        job is the one its samples name, else the scheduler's on its node (set_jobs); a node
-        without a known job counts as a job of its own. None before any GPU reports."""
+        job is the one its samples name (the first of several sharing it), else the scheduler's
+        on its node (set_jobs); a node without a known job counts as a job of its own. None
+        before any GPU reports."""
         mine = self.gpus.covered(racks)
         if not mine.size:
             return None
-        of = [self.gpus.job[i] or scheduler_entry(self.jobs, self.gpus.nodes[i]) for i in mine]
+        of = [(self.gpus.job[i] or "").split(",")[0] or scheduler_entry(self.jobs, self.gpus.nodes[i]) for i in mine]
         names, job = np.unique(np.array([f"job {j}" if j else f"node {self.gpus.nodes[i]}" for i, j in zip(mine, of)],
                                         dtype=object), return_inverse=True)
         left_w, largest, held_w = firm_capacity_w(self._snapshot(racks), self.curve, job)

@@ -515,9 +515,10 @@ class NvmlSource:
 
             async def follow(stop: asyncio.Event) -> None:
                 await self.agent.opened.wait()  # the GPUs are known
-                if self.agent.recovered:  # caps a stopped agent left, restored at start: said like any other
+                if self.agent.recovered:  # caps a stopped agent left, restored at start: said like any other,
                     await emit(Topic.POWER_ACTIONS, action_rows(applier, CapHolder(), self.agent.recovered, "start",
                                                                 _utc_now()))
+                    self.agent.recovered = []  # once (follow runs again after a bus failure)
                 try:
                     await follow_caps(self.caps, applier, emit, stop, _utc_now, lease_clock=self.lease_clock)
                 finally:

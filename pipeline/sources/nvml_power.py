@@ -21,6 +21,7 @@ next agent on the node restores what the ledger names when it starts (`recover`)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -44,7 +45,7 @@ STATUSES = ("ok", "restored", "not_permitted", "out_of_range", "gpu_lost", "not_
 class CapResult:
     gpu: int
     gpu_uuid: str
-    requested_w: float | None  # None: back to the default limit
+    requested_w: float | None  # None: back to its own limit (the default where it never had a cap)
     enforced_w: float | None   # read back after the set; None where it could not be read
     status: str                # one of STATUSES
     detail: str                # what happened; when it failed, what to do
@@ -64,8 +65,9 @@ class PowerLimiter:
     def __init__(self, agent: NvmlAgent, ledger: Path | None = None) -> None:
         self.agent = agent
         self.ledger = ledger  # the own limits of the GPUs held, for the next agent if this one is killed
-        self._capped: dict[int, float] = {}  # GPU index -> the cap this limiter set, W
-        self._own: dict[int, float] = {}     # GPU index -> its limit before its first cap, W (what restore sets)
+        self._own: dict[int, float] = {}     # GPU index -> its limit before its first cap, W: held from that
+                                             # cap until a restore, which sets it back
+        self._capped: dict[int, float] = {}  # GPU index -> the cap this limiter set below it, W
         self._bounds: dict[int, tuple[float, float, float]] = {}  # constraints and default, W: fixed per GPU
         self._ledger_failing = False
 
@@ -84,35 +86,50 @@ class PowerLimiter:
         return Limits(low, high, default, pynvml.nvmlDeviceGetEnforcedPowerLimit(g.handle) / 1000.0)
 
     def apply(self, gpu: int, cap_w: float) -> CapResult:
-        """Hold the GPU's power to `cap_w` W."""
+        """Hold the GPU's power to `cap_w` W (at most its own limit)."""
         return self._set(gpu, float(cap_w))
 
     def restore(self, gpu: int) -> CapResult:
-        """Put the GPU back to its default power limit."""
+        """Put the GPU back to its own limit (its default where this limiter never capped it)."""
         return self._set(gpu, None)
 
     def restore_all(self) -> list[CapResult]:
-        """Restore every GPU this limiter capped (the agent's close() does)."""
-        return [self.restore(i) for i in sorted(self._capped)]
+        """Restore every GPU this limiter holds (the agent's close() does)."""
+        return [self.restore(i) for i in sorted(set(self._own) | set(self._capped))]
 
     def recover(self) -> list[CapResult]:
-        """At start: every GPU the ledger names (an agent that stopped without restoring, a
-        kill or a crash) back to its own limit; the ledger then names what this one holds."""
-        try:
-            own = json.loads(self.ledger.read_text())["own_w"] if self.ledger and self.ledger.exists() else {}
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("power limits ledger %s unreadable (%s): GPUs a stopped agent left capped keep their caps "
-                        "until restored by hand (`nvidia-smi -q -d POWER`)", self.ledger, e)
+        """At start: every GPU the ledger names whose limit is not its own any more (an agent
+        that stopped without restoring: a kill, a crash) back to it; the ledger then names
+        what this one holds. An unreadable ledger is moved aside, never overwritten."""
+        if self.ledger is None or not self.ledger.exists():
             return []
-        by_uuid = {g.uuid: g.index for g in self.agent.gpus}
+        try:
+            own = json.loads(self.ledger.read_text())["own_w"]
+            if not isinstance(own, dict):
+                raise TypeError(f"own_w is {type(own).__name__}, not an object")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            aside = self.ledger.with_suffix(".unreadable")
+            with contextlib.suppress(OSError):
+                os.replace(self.ledger, aside)
+            log.warning("power limits ledger %s unreadable (%s), moved to %s: GPUs a stopped agent left capped keep "
+                        "their caps until restored by hand (`nvidia-smi -q -d POWER`, `nvidia-smi -pl`)",
+                        self.ledger, e, aside.name)
+            return []
+        by_uuid = {g.uuid: g for g in self.agent.gpus}
         results = []
         for uuid, watts in own.items():
-            if uuid not in by_uuid:
+            g = by_uuid.get(uuid)
+            if g is None:
                 log.warning("power limits ledger: GPU %s is no longer on node %s: not restored", uuid, self.agent.node)
                 continue
-            self._own[by_uuid[uuid]] = float(watts)
-            self._capped[by_uuid[uuid]] = math.nan  # held by the stopped agent, at a cap this one does not know
-            results.append(self.restore(by_uuid[uuid]))
+            if not isinstance(watts, (int, float)) or not math.isfinite(watts) or watts <= 0:
+                log.warning("power limits ledger: GPU %s's own limit %r is not a limit: not restored", uuid, watts)
+                continue
+            with contextlib.suppress(pynvml.NVMLError):  # unread: restored anyway
+                if abs(pynvml.nvmlDeviceGetPowerManagementLimit(g.handle) / 1000.0 - watts) <= TOLERANCE_W:
+                    continue  # at its own limit already (the agent was killed before or after its cap)
+            self._own[g.index] = float(watts)
+            results.append(self.restore(g.index))
         self._write_ledger()
         return results
 
@@ -132,7 +149,7 @@ class PowerLimiter:
             return r
 
         if g.uuid in self.agent.lost:
-            self._capped.pop(g.index, None)
+            self._forget(g)
             return result("gpu_lost", _LOST.format(g=g))
         try:
             low, high, default = self._constraints(g)
@@ -140,16 +157,25 @@ class PowerLimiter:
                 return result("out_of_range", f"{cap_w:g} W is outside GPU {g.index}'s power limit range, "
                                               f"{low:g}-{high:g} W (its NVML constraints): ask for a cap within it; "
                                               f"nothing changed")
-            if cap_w is not None and g.index not in self._own:  # its first cap: what to come back to, kept first
+            first = cap_w is not None and g.index not in self._own
+            if first:  # what to come back to, in the ledger before the set (a kill after it loses nothing)
                 self._own[g.index] = pynvml.nvmlDeviceGetPowerManagementLimit(g.handle) / 1000.0
                 self._write_ledger()
             own = self._own.get(g.index, default)
             target = own if cap_w is None else min(cap_w, own)  # a cap never raises the limit
-            pynvml.nvmlDeviceSetPowerManagementLimit(g.handle, int(round(target * 1000)))
-            if abs(target - own) <= TOLERANCE_W:  # at its own limit: nothing to restore later
-                self._capped.pop(g.index, None)
-                if self._own.pop(g.index, None) is not None:
+            try:
+                pynvml.nvmlDeviceSetPowerManagementLimit(g.handle, int(round(target * 1000)))
+            except pynvml.NVMLError:
+                if first:  # nothing was set: nothing held
+                    del self._own[g.index]
                     self._write_ledger()
+                raise
+            if cap_w is None:  # back at its own limit: no longer held
+                self._capped.pop(g.index, None)
+                self._own.pop(g.index, None)
+                self._write_ledger()
+            elif abs(target - own) <= TOLERANCE_W:  # held at its own limit (a cap at or over it)
+                self._capped.pop(g.index, None)
             else:
                 self._capped[g.index] = target
             enforced = pynvml.nvmlDeviceGetEnforcedPowerLimit(g.handle) / 1000.0
@@ -165,6 +191,11 @@ class PowerLimiter:
         if target < cap_w:
             return result("ok", f"left at {mine}, {own:g} W: a cap of {cap_w:g} W would raise it", enforced)
         return result("ok", f"held to {cap_w:g} W (range {low:g}-{high:g} W, {mine} {own:g} W)", enforced)
+
+    def _forget(self, g: Gpu) -> None:
+        self._capped.pop(g.index, None)
+        if self._own.pop(g.index, None) is not None:
+            self._write_ledger()
 
     def _write_ledger(self) -> None:
         """The own limits of the GPUs held now, by UUID (written aside, then renamed)."""
@@ -193,11 +224,11 @@ class PowerLimiter:
                                            f"power limits; run the agent as root (in a container: root with CAP_SYS_ADMIN; "
                                            f"deploy/ has a systemd drop-in and a Kubernetes patch). Nothing changed")
         if isinstance(e, pynvml.NVMLError_InvalidArgument):  # constraints read fine, the driver said otherwise
-            asked = "its default limit" if cap_w is None else f"{cap_w:g} W"
+            asked = "its own limit" if cap_w is None else f"{cap_w:g} W"
             return result("out_of_range", f"the driver refused {asked} ({what}); its constraints: "
                                           f"{_range(self._bounds.get(g.index))}. Nothing changed")
         if isinstance(e, pynvml.NVMLError_GpuIsLost):
-            self._capped.pop(g.index, None)  # nothing to restore on it (a reset brings back the default)
+            self._forget(g)  # nothing to restore on it (a reset brings back the default)
             return result("gpu_lost", _LOST.format(g=g))
         if isinstance(e, pynvml.NVMLError_NotSupported):
             return result("not_supported", f"GPU {g.index} has no settable power limit through NVML ({what}): it "

@@ -8,7 +8,7 @@ lease. A source that owns GPUs follows them with `follow_caps`:
   - the latest row of each of its GPUs is applied through its `CapApplier` (the NVML
     agent's: sources/nvml_power.py on its NVML thread; the simulator's), unless the GPU
     already holds that cap: then the row only renews the lease;
-  - a GPU whose cap was not renewed within its lease is restored to its default limit
+  - a GPU whose cap was not renewed within its lease is restored to its own limit
     (cause `lease`): a planner that died or lost the bus leaves no cap behind; a restore
     that failed is tried again the same way every RETRY_S;
   - when the source stops, every cap it holds is restored (cause `stop`);
@@ -161,7 +161,7 @@ async def follow_caps(sub, applier: CapApplier, emit: Callable[[Topic, pa.Record
                     await act(*holder.take(rows, lease_clock()), "cap")
             if lapsed := holder.expired(lease_clock()):
                 log.warning("power caps of %d GPUs not renewed within their lease (the power role is gone or cut "
-                            "off): back to their default limits", len(lapsed))
+                            "off): back to their own limits", len(lapsed))
                 await act(lapsed, [None] * len(lapsed), "lease")
     finally:
         await act(list(holder.held), [None] * len(holder.held), "stop")
