@@ -255,9 +255,18 @@ def _alert_v1_to_v2(batch: pa.RecordBatch) -> pa.RecordBatch:
     from pipeline.detect.catalog import ALERTS_BY_NAME, remediation
     batch = cast_by_name(ALERT_V1, batch)
     names, evidence = batch.column("alertname").to_pylist(), batch.column("evidence_json").to_pylist()
-    known = [remediation(n, json.loads(e) if e else None) if n in ALERTS_BY_NAME else None
-             for n, e in zip(names, evidence)]
+    known = [remediation(n, _json_object(e)) if n in ALERTS_BY_NAME else None for n, e in zip(names, evidence)]
     return pa.RecordBatch.from_arrays([*batch.columns, pa.array(known, pa.string())], schema=ALERT)
+
+
+def _json_object(text: str | None) -> dict | None:
+    """An evidence's JSON object; None for none, or for what is not one (intake dead-letters
+    such an alert, bad_alert: the upgrade only must not fail on it first)."""
+    try:
+        obj = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _node_health_v1_to_v2(batch: pa.RecordBatch) -> pa.RecordBatch:

@@ -138,3 +138,16 @@ def test_an_archive_hour_with_files_of_both_versions_reads_back_whole(key, tmp_p
     # DuckDB leaves the old file's rows null; the writer's file has them upgraded.
     new_rows = current.num_rows - current.column(added[0]).null_count
     assert present == (2 * current.num_rows if dataset == "facility_samples" else new_rows)
+
+
+def test_an_old_alert_whose_evidence_is_not_a_json_object_still_decodes():
+    """Found by the property test above: an alert v1 row naming a catalog alert with evidence
+    that is not JSON, or JSON but no object, stopped the decoder (and so the consumer) in the
+    upgrade; it gets the alert's catalog remediation, and intake judges the row itself."""
+    from pipeline.model import ALERT_V1
+    rows = [{"ts": datetime(2026, 1, 1, tzinfo=timezone.utc), "fingerprint": f"f{i}", "status": "firing",
+             "alertname": "GpuXid", "severity": "critical", "starts_at": datetime(2026, 1, 1, tzinfo=timezone.utc),
+             "labels_json": '{"alertname": "GpuXid"}', "evidence_json": e} for i, e in enumerate(["x", "7", "[1]", None])]
+    v1 = pa.RecordBatch.from_pylist(rows, schema=ALERT_V1)
+    back = Decoder().decode(*encode(v1))
+    assert back.num_rows == 4 and len(set(back.column("remediation").to_pylist())) == 1

@@ -55,11 +55,19 @@ def value(tick, device: str, metric: str) -> float:
 
 # ---- determinism ------------------------------------------------------------------------------
 
+# Columns added after the goldens were taken, null from the simulator: not hashed, so a golden
+# still says the simulator's readings are bit-identical (gpu_sample v5's job).
+ADDED_SINCE = ("job",)
+
+
 def _feed(h, batch: pa.RecordBatch | None) -> None:
     if batch is None:
         h.update(b"-")
         return
     for name, c in zip(batch.schema.names, batch.columns):
+        if name in ADDED_SINCE:
+            assert c.null_count == len(c), name
+            continue
         h.update(name.encode())
         if pa.types.is_floating(c.type) or pa.types.is_integer(c.type) or pa.types.is_boolean(c.type) \
                 or pa.types.is_timestamp(c.type):

@@ -7,7 +7,9 @@ topics of a prefix of this run's own, so runs never mix. The detect processes jo
 this process waits until both tiers have committed everything, reads every alert change
 back from the alerts topic, and stops them.
 
-`chaos` tests what scale-out must survive, half-way through the rack tier's input:
+`chaos` tests what scale-out must survive, half-way through the scenario (once the first
+half is committed, so every partition has a checkpoint; the second half then lands on the
+struck process's partitions too):
 "kill" kills one detect process with SIGKILL (the survivors take its partitions over
 from its last checkpoint); "freeze" stops one with SIGSTOP past the group's session
 timeout and lets it go on (SIGCONT) once the others took its partitions: it wakes up
@@ -74,8 +76,13 @@ async def _run(cfg: Config, duration_s: float, processes: int, config_file: str 
     procs = [_start_detect(cfg, workdir, i, config_file) for i in range(processes)]
     try:
         await _joined(procs, workdir)
-        labels, produced, gpu_samples, nodes = await _produce(bus, cfg, duration_s)
-        victim = await _consumed(bus, produced, procs[-1] if chaos else None, chaos)
+        victim = procs[-1] if chaos else None
+        frozen_at: list[float] = []
+
+        async def strike() -> None:
+            frozen_at.extend(await _strike(bus, victim, chaos))
+        labels, produced, gpu_samples, nodes = await _produce(bus, cfg, duration_s, strike if chaos else None)
+        await _consumed(bus, produced, victim, frozen_at[0] if frozen_at else None)
         alerts = await _alerts(bus)
     except BaseException:
         log.error("eval: the detect processes' logs are kept in %s", workdir)
@@ -95,7 +102,7 @@ async def _run(cfg: Config, duration_s: float, processes: int, config_file: str 
                   gpu_samples, normal=cfg.fleet.normal, nodes=nodes)
     logs = [Path(p.log_path).read_text(errors="replace") for p in procs]
     shutil.rmtree(workdir, ignore_errors=True)
-    return run, {"detect_processes": processes, "chaos": chaos, "victim": victim,
+    return run, {"detect_processes": processes, "chaos": chaos, "victim": victim.pid if victim else None,
                  "fenced": sum(text.count("was taken over by another process") for text in logs),
                  "restored": sum(len(re.findall(r"restored the detector state of \[\d", text)) for text in logs)}
 
@@ -133,13 +140,18 @@ async def _joined(procs: list[subprocess.Popen], workdir: Path) -> None:
         await asyncio.sleep(0.5)
 
 
-async def _produce(bus: KafkaBus, cfg: Config, duration_s: float) -> tuple[list[dict], dict, int, dict[str, str]]:
+async def _produce(bus: KafkaBus, cfg: Config, duration_s: float,
+                   halfway=None) -> tuple[list[dict], dict, int, dict[str, str]]:
     """The scenario, produced as its sources would; the labels (ground truth) and the fleet's
-    nodes stay here."""
+    nodes stay here. `halfway` (a coroutine function) runs once half of it is produced."""
     sim = FleetSimulator(cfg.fleet, start=EVAL_EPOCH)
     labels: list[dict[str, Any]] = []
     gpu_samples = 0
-    for _ in range(int(round(duration_s / cfg.fleet.sample_interval_s))):
+    ticks = int(round(duration_s / cfg.fleet.sample_interval_s))
+    for i in range(ticks):
+        if halfway is not None and i == ticks // 2:
+            await bus.flush()
+            await halfway()
         tick = sim.step()
         if tick.labels is not None:
             labels.extend(tick.labels.to_pylist())
@@ -183,32 +195,46 @@ async def _nothing_after(bus: KafkaBus, committed: dict[TopicPartition, int], to
         await probe.stop()
 
 
+async def _strike(bus: KafkaBus, victim: subprocess.Popen, chaos: str) -> list[float]:
+    """Half-way through the scenario: once the rack tier has committed all of its first half
+    (so every partition with input has a checkpoint), kill or freeze `victim`. The second
+    half lands on its partitions too, so the others must take them over from its checkpoints
+    (struck once it had finished its own input, it would leave them nothing to take). Returns
+    when it was frozen (time.monotonic), for a freeze."""
+    so_far = await bus.ends(RACK_INPUTS)
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while True:
+        rack = await _committed(bus, "detect")
+        if all(rack.get(tp, 0) >= end for tp, end in so_far.items() if end > 0):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the detect processes did not take the first half of the scenario within "
+                               f"{JOIN_TIMEOUT_S:.0f} s")
+        await asyncio.sleep(0.5)
+    victim.send_signal(signal.SIGKILL if chaos == "kill" else signal.SIGSTOP)
+    log.info("eval: %s detect process %d half-way through the scenario", "killed" if chaos == "kill" else "froze",
+             victim.pid)
+    return [time.monotonic()] if chaos == "freeze" else []
+
+
 async def _consumed(bus: KafkaBus, produced: dict[TopicPartition, int], victim: subprocess.Popen | None,
-                    chaos: str | None) -> int | None:
+                    frozen_at: float | None) -> None:
     """Until both tiers have committed everything (the rack tier all that was produced, the
-    site tier every summary); with a `victim`, `chaos` strikes it half-way. Returns the
-    victim's pid, if struck."""
+    site tier every summary); a frozen `victim` goes on (SIGCONT) FREEZE_S after it froze."""
     total = sum(produced.values())
-    struck, frozen_at = None, None
     while True:
         await asyncio.sleep(1.0)
         rack = await _committed(bus, "detect")
         done = sum(min(rack.get(tp, 0), end) for tp, end in produced.items())
-        if victim is not None and struck is None and done >= total / 2:
-            struck = victim.pid
-            victim.send_signal(signal.SIGKILL if chaos == "kill" else signal.SIGSTOP)
-            frozen_at = time.monotonic() if chaos == "freeze" else None
-            log.info("eval: %s detect process %d at %.0f%% of the input", "killed" if chaos == "kill" else "froze",
-                     struck, 100 * done / total)
         if frozen_at is not None and time.monotonic() - frozen_at >= FREEZE_S:
             victim.send_signal(signal.SIGCONT)
             frozen_at = None
-            log.info("eval: detect process %d goes on (SIGCONT) after %.0f s frozen", struck, FREEZE_S)
+            log.info("eval: detect process %d goes on (SIGCONT) after %.0f s frozen", victim.pid, FREEZE_S)
         if done < total or frozen_at is not None:
             continue
         site = await _committed(bus, "detect-site")
         if await _nothing_after(bus, site, Topic.RACKS) and await _nothing_after(bus, rack, Topic.EVENTS):
-            return struck
+            return
 
 
 async def _alerts(bus: KafkaBus) -> list[dict[str, Any]]:
