@@ -200,10 +200,14 @@ def test_the_slurm_prolog_and_epilog_shipped_name_each_gpus_jobs_for_the_agent(t
     script = Path(__file__).resolve().parent.parent / "deploy" / "slurm" / "fleetwatch-job-map"
     jobs = tmp_path / "dcgm-job-map"
 
+    def job_env(context: str, job: str, gpus: str) -> dict[str, str]:
+        """What slurmd gives a Prolog or Epilog (and where the map is)."""
+        return {"PATH": os.environ["PATH"], "FLEETWATCH_JOB_MAP_DIR": str(jobs), "SLURM_SCRIPT_CONTEXT": context,
+                "SLURM_JOB_ID": job, "SLURM_JOB_GPUS": gpus}
+
     def slurmd(context: str, job: str, gpus: str) -> subprocess.CompletedProcess:
-        env = {"PATH": os.environ["PATH"], "FLEETWATCH_JOB_MAP_DIR": str(jobs), "SLURM_SCRIPT_CONTEXT": context,
-               "SLURM_JOB_ID": job, "SLURM_JOB_GPUS": gpus}
-        return subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=30)
+        return subprocess.run([str(script)], env=job_env(context, job, gpus), capture_output=True, text=True,
+                              timeout=30)
 
     replay = NvmlReplay(H100, gpus=4, latency=False)
     with replay.installed():
@@ -225,9 +229,7 @@ def test_the_slurm_prolog_and_epilog_shipped_name_each_gpus_jobs_for_the_agent(t
 
     # Jobs that share a GPU start and end together: every prolog's line lands, every epilog's goes.
     def together(context: str) -> None:
-        env = {"PATH": os.environ["PATH"], "FLEETWATCH_JOB_MAP_DIR": str(jobs), "SLURM_SCRIPT_CONTEXT": context,
-               "SLURM_JOB_GPUS": "0,1"}
-        runs = [subprocess.Popen([str(script)], env={**env, "SLURM_JOB_ID": str(j)}) for j in range(100, 112)]
+        runs = [subprocess.Popen([str(script)], env=job_env(context, str(j), "0,1")) for j in range(100, 112)]
         assert [r.wait(timeout=60) for r in runs] == [0] * len(runs)
     for _ in range(3):
         together("prolog_slurmd")

@@ -29,10 +29,11 @@ def fleet(**settings) -> tuple[FleetSimulator, Controller]:
     return sim, Controller(sim.cfg.site, CURVE, SimulatorActuator(sim), PowerConfig(**{"default_class": 3, **settings}))
 
 
-def advance(sim: FleetSimulator, ctl: Controller, i: int) -> None:
-    """Second `i`: the fleet's readings into the controller, and its step every INTERVAL."""
+def advance(sim: FleetSimulator, ctl: Controller, i: int, jobs: dict[str, str] | None = None) -> None:
+    """Second `i`: the fleet's readings into the controller (naming `jobs`, by UUID: `named`),
+    and its step every INTERVAL."""
     tick = sim.step()
-    ctl.observe_gpus(tick.gpu)
+    ctl.observe_gpus(tick.gpu if jobs is None else named(tick.gpu, jobs))
     ctl.observe_facility(tick.facility)
     if i % INTERVAL == 0:
         ctl.step(sim.now)
@@ -284,14 +285,9 @@ def test_the_job_the_samples_name_is_a_gpus_job_before_the_scheduler_s_and_anoth
     three_quarters = {u: "7001" for u in uuids[len(uuids) // 4:]}  # (the first quarter is idle on this seed)
     three_quarters[uuids[-1]] = "7001,7002"  # a GPU the job shares (sharding): it counts in the first
     ctl.set_jobs({n: "1234" for n in sim.node_names})  # the scheduler says one job everywhere
+    ctl.submit(request(400, 10, duration_s=600))
     for i in range(460):
-        tick = sim.step()
-        ctl.observe_gpus(named(tick.gpu, three_quarters))
-        ctl.observe_facility(tick.facility)
-        if i == 400:
-            ctl.submit(request(400, 10, duration_s=600))
-        if i % INTERVAL == 0:
-            ctl.step(sim.now)
+        advance(sim, ctl, i, three_quarters)
     firm = ctl.firm()
     assert firm.largest == "job 7001" and firm.largest_gpus == len(three_quarters)
     slots = ctl.gpus.ids.slots(pa.array(uuids))

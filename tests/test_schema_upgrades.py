@@ -147,7 +147,8 @@ def test_an_old_alert_whose_evidence_is_not_a_json_object_still_decodes():
     from pipeline.model import ALERT_V1
     rows = [{"ts": datetime(2026, 1, 1, tzinfo=timezone.utc), "fingerprint": f"f{i}", "status": "firing",
              "alertname": "GpuXid", "severity": "critical", "starts_at": datetime(2026, 1, 1, tzinfo=timezone.utc),
-             "labels_json": '{"alertname": "GpuXid"}', "evidence_json": e} for i, e in enumerate(["x", "7", "[1]", None])]
+             "labels_json": '{"alertname": "GpuXid"}', "evidence_json": e}
+            for i, e in enumerate(["x", "7", "[1]", None])]
     v1 = pa.RecordBatch.from_pylist(rows, schema=ALERT_V1)
     back = Decoder().decode(*encode(v1))
     assert back.num_rows == 4 and len(set(back.column("remediation").to_pylist())) == 1

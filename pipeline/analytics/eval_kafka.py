@@ -77,12 +77,13 @@ async def _run(cfg: Config, duration_s: float, processes: int, config_file: str 
     try:
         await _joined(procs, workdir)
         victim = procs[-1] if chaos else None
-        frozen_at: list[float] = []
+        frozen_at: float | None = None
 
         async def strike() -> None:
-            frozen_at.extend(await _strike(bus, victim, chaos))
+            nonlocal frozen_at
+            frozen_at = await _strike(bus, victim, chaos)
         labels, produced, gpu_samples, nodes = await _produce(bus, cfg, duration_s, strike if chaos else None)
-        await _consumed(bus, produced, victim, frozen_at[0] if frozen_at else None)
+        await _consumed(bus, produced, victim, frozen_at)
         alerts = await _alerts(bus)
     except BaseException:
         log.error("eval: the detect processes' logs are kept in %s", workdir)
@@ -195,7 +196,7 @@ async def _nothing_after(bus: KafkaBus, committed: dict[TopicPartition, int], to
         await probe.stop()
 
 
-async def _strike(bus: KafkaBus, victim: subprocess.Popen, chaos: str) -> list[float]:
+async def _strike(bus: KafkaBus, victim: subprocess.Popen, chaos: str) -> float | None:
     """Half-way through the scenario: once the rack tier has committed all of its first half
     (so every partition with input has a checkpoint), kill or freeze `victim`. The second
     half lands on its partitions too, so the others must take them over from its checkpoints
@@ -214,7 +215,7 @@ async def _strike(bus: KafkaBus, victim: subprocess.Popen, chaos: str) -> list[f
     victim.send_signal(signal.SIGKILL if chaos == "kill" else signal.SIGSTOP)
     log.info("eval: %s detect process %d half-way through the scenario", "killed" if chaos == "kill" else "froze",
              victim.pid)
-    return [time.monotonic()] if chaos == "freeze" else []
+    return time.monotonic() if chaos == "freeze" else None
 
 
 async def _consumed(bus: KafkaBus, produced: dict[TopicPartition, int], victim: subprocess.Popen | None,

@@ -81,8 +81,9 @@ def topic_specs(partitions: int, retention_hours: float) -> dict[str, TopicSpec]
         Topic.POWER_REQUESTS: TopicSpec(1, max(retention_hours, 24 * 7)),
         Topic.POWER_CAPS: TopicSpec(partitions, retention_hours),
         Topic.POWER_ACTIONS: TopicSpec(partitions, max(retention_hours, 24 * 7)),
-        Topic.POWER_REPORTS: TopicSpec(1, max(retention_hours, ALERTS_KEPT_H)),  # one row per request, kept as alerts are
-        Topic.REMEDIATION: TopicSpec(1, max(retention_hours, ALERTS_KEPT_H)),  # one writer (the role), kept as alerts are
+        # One row per request, and one writer (the role)'s transitions: kept as alerts are.
+        Topic.POWER_REPORTS: TopicSpec(1, max(retention_hours, ALERTS_KEPT_H)),
+        Topic.REMEDIATION: TopicSpec(1, max(retention_hours, ALERTS_KEPT_H)),
         DEAD_LETTER: TopicSpec(1, max(retention_hours, 24 * 7)),
     }
 

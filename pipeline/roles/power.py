@@ -6,8 +6,8 @@ data's time. Beside them it listens to the alerts (`bus.listen`, outside its gro
 alerts topic, which it writes too, does not hold its end): a GPU or node a fault alert names
 is not capped while the alert fires (Controller.observe_alerts). Over Kafka it first reads the
 last ALERTS_LOOKBACK_S of them (what the topic keeps: 30 days), so a restarted role knows the
-alerts still firing (one that fired longer ago is known when it fires again); a listener that fails is logged and tried again,
-the role goes on. Requests come in three ways (four with MQTT), each ending in the request
+alerts still firing (one that fired longer ago is known when it fires again); a listener that
+fails is logged and tried again, the role goes on. Requests come in three ways (four with MQTT), each ending in the request
 store (`<data_dir>/power/`, power/store.py) with the role's verdict:
 
   the command line   `fleetwatch power request` writes the store; the role re-reads it
@@ -704,13 +704,15 @@ def build(ctx, spec):
     dead_letters = dead_letters_for(sub, cfg)
     log.info("power: site %s, requests in %s%s", role.site, role.store.folder,
              " (dry run: caps are planned and reported, never applied)" if role.dry_run else "")
+
+    def run():
+        return power_role(role, sub, gate, dead_letters, cfg.kafka.commit_interval_s,
+                          ctx.bus.listen(Topic.ALERTS, [], ALERTS_LOOKBACK_S))
     if cfg.mqtt.broker:  # requests from a BMS gateway under the tree too (power/mqtt_intake.py)
         from pipeline.power.mqtt_intake import intake_for
         intake = intake_for(cfg, role)
-        return lambda: intake.alongside(power_role(role, sub, gate, dead_letters, cfg.kafka.commit_interval_s,
-                                                   ctx.bus.listen(Topic.ALERTS, [], ALERTS_LOOKBACK_S)))
-    return lambda: power_role(role, sub, gate, dead_letters, cfg.kafka.commit_interval_s,
-                              ctx.bus.listen(Topic.ALERTS, [], ALERTS_LOOKBACK_S))
+        return lambda: intake.alongside(run())
+    return run
 
 
 def _alert_changes(batch: pa.RecordBatch):

@@ -332,9 +332,9 @@ class NvmlAgent:
                 "driver_version": [self.driver_version] * n, "serial": [g.serial for g in gpus]}
         for name in GPU_INFO:
             cols[name] = pa.array(info[name], pa.string())
-        for name in GPU_WORKLOAD:  # NVML does not know which pod uses a GPU; the scheduler's job mapping may
+        for name in GPU_WORKLOAD:  # NVML does not know who uses a GPU
             cols[name] = pa.nulls(n, pa.string())
-        if self.job_mapping is not None:
+        if self.job_mapping is not None:  # the scheduler's job mapping says which job does
             cols["job"] = pa.array(self.job_mapping.jobs([g.index for g in gpus]), pa.string())
         return pa.RecordBatch.from_pydict(cols, schema=GPU_SAMPLE)
 

@@ -167,13 +167,10 @@ class PowerLimiter:
                 pynvml.nvmlDeviceSetPowerManagementLimit(g.handle, int(round(target * 1000)))
             except pynvml.NVMLError:
                 if first:  # nothing was set: nothing held
-                    del self._own[g.index]
-                    self._write_ledger()
+                    self._forget(g)
                 raise
             if cap_w is None:  # back at its own limit: no longer held
-                self._capped.pop(g.index, None)
-                self._own.pop(g.index, None)
-                self._write_ledger()
+                self._forget(g)
             elif abs(target - own) <= TOLERANCE_W:  # held at its own limit (a cap at or over it)
                 self._capped.pop(g.index, None)
             else:
@@ -193,6 +190,7 @@ class PowerLimiter:
         return result("ok", f"held to {cap_w:g} W (range {low:g}-{high:g} W, {mine} {own:g} W)", enforced)
 
     def _forget(self, g: Gpu) -> None:
+        """The GPU is no longer held (restored, lost, or its first cap refused)."""
         self._capped.pop(g.index, None)
         if self._own.pop(g.index, None) is not None:
             self._write_ledger()
@@ -221,8 +219,9 @@ class PowerLimiter:
         what = f"{type(e).__name__}, NVML error {e.value}"
         if isinstance(e, pynvml.NVMLError_NoPermission):
             return result("not_permitted", f"NVML refused to set the power limit ({what}): only root may change "
-                                           f"power limits; run the agent as root (in a container: root with CAP_SYS_ADMIN; "
-                                           f"deploy/ has a systemd drop-in and a Kubernetes patch). Nothing changed")
+                                           f"power limits; run the agent as root (in a container: root with "
+                                           f"CAP_SYS_ADMIN; deploy/ has a systemd drop-in and a Kubernetes patch). "
+                                           f"Nothing changed")
         if isinstance(e, pynvml.NVMLError_InvalidArgument):  # constraints read fine, the driver said otherwise
             asked = "its own limit" if cap_w is None else f"{cap_w:g} W"
             return result("out_of_range", f"the driver refused {asked} ({what}); its constraints: "
