@@ -453,13 +453,13 @@ def test_the_agent_and_the_simulator_say_what_each_gpu_is():
 
 # ---- the agent's exposition under dcgm-exporter's names ------------------------------------------------
 
-def _replayed_agent_exposition(scrapes: int = 60):
+def _replayed_agent_exposition(scrapes: int = 60, job_mapping_dir: str = ""):
     from prometheus_client import CollectorRegistry, generate_latest
 
     from pipeline.sources.nvml import NvmlAgent, NvmlSource
     from pipeline.sources.nvml_replay import NvmlReplay
     with NvmlReplay(H100, gpus=8, latency=False).installed():
-        agent = NvmlAgent(make_config().agent, "gpu-node-7")
+        agent = NvmlAgent(make_config(agent={"job_mapping_dir": job_mapping_dir}).agent, "gpu-node-7")
         agent.open()
         src = NvmlSource(agent)
         src.exposition.fb_total_bytes.update((g.uuid, g.mem_total_bytes) for g in agent.gpus)
@@ -518,6 +518,32 @@ def test_the_exposition_has_dcgm_exporters_labels_units_and_fleetwatchs_extras()
     families = {f.name: f for f in text_string_to_metric_families(render())}
     assert {s.labels["gpu"]: s.value for s in families[XID].samples} == {**{str(g): 0 for g in range(1, 7)}, "0": 79}
     assert len(families["DCGM_FI_DEV_POWER_USAGE"].samples) == 7
+
+
+def test_the_agents_series_carry_hpc_job_as_dcgm_exporters_do_and_read_back_as_the_job(tmp_path):
+    """With a job map, each GPU's series carry `hpc_job`, one series per job (dcgm-exporter's
+    --hpc-job-mapping-dir): per-job PromQL works on the agent, and the DCGM source reading it
+    fills the job column as the agent's own samples have it."""
+    from prometheus_client.parser import text_string_to_metric_families
+    (tmp_path / "0").write_text("4242\n4243\n")
+    (tmp_path / "3").write_text("77\n")
+    src, batch, render = _replayed_agent_exposition(5, str(tmp_path))
+    text = render()
+    power = {f.name: f for f in text_string_to_metric_families(text)}["DCGM_FI_DEV_POWER_USAGE"]
+    by_gpu: dict[str, list[str]] = {}
+    for s in power.samples:
+        by_gpu.setdefault(s.labels["gpu"], []).append(s.labels.get("hpc_job", ""))
+    assert by_gpu == {"0": ["4242", "4243"], "3": ["77"], **{g: [""] for g in "124567"}}
+    from pipeline.sources.dcgm import TargetState
+    back, _ = DcgmSource(make_config().dcgm, [], {}).rows(TargetState(Target("http://gpu-node-7:9400/metrics")),
+                                                         parse_exposition(text), 0)
+    assert back.column("job").to_pylist() == batch.column("job").to_pylist() == \
+        ["4242,4243", None, None, "77", None, None, None, None]
+    assert back.column("power_w").equals(batch.column("power_w"))  # a series per job, one reading per GPU
+    # without a job map no series has the label: the agent serves exactly dcgm-exporter's label set
+    _, _, plain = _replayed_agent_exposition(5)
+    dcgm = [f for f in text_string_to_metric_families(plain()) if f.name.startswith("DCGM_")]
+    assert dcgm and all(set(s.labels) == set(LABELS) for f in dcgm for s in f.samples)
 
 
 def test_the_exposition_is_valid_openmetrics_too():

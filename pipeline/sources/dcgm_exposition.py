@@ -6,7 +6,11 @@ process's HTTP server serves). It renders the agent's latest scrape through the 
 table (sources/dcgm_fields.py), converting back to DCGM's units (J -> mJ, 0-1 -> %,
 bytes -> MiB), one series per GPU with dcgm-exporter's labels `gpu`, `UUID`, `pci_bus_id`,
 `device`, `modelName`, `Hostname`, `DCGM_FI_DRIVER_VERSION`. A null column (the GPU does not
-support it) is no series, as dcgm-exporter leaves out what DCGM cannot read.
+support it) is no series, as dcgm-exporter leaves out what DCGM cannot read. With a job map
+(agent.job_mapping_dir) a GPU's series carry `hpc_job` as dcgm-exporter's does with its
+`--hpc-job-mapping-dir`: one series per job, so `sum by (hpc_job)` works on either; a GPU
+without a job has it empty (to Prometheus, no label), and a node whose GPUs have no job at
+all serves no `hpc_job` label.
 `DCGM_FI_DEV_XID_ERRORS` is the last XID the agent saw (0 before any), `DCGM_FI_DEV_FB_FREE`
 the memory total NVML reported at start minus what is used.
 
@@ -52,7 +56,8 @@ def exposition_value(x: float) -> float:
 
 class GpuExposition:
     def __init__(self) -> None:
-        self._snapshot: tuple = ([], {}, [], [], [])  # swapped whole: collect() may run on another thread
+        # (labels, values, ts, info, uuids, jobs), swapped whole: collect() may run on another thread
+        self._snapshot: tuple = ([], {}, [], [], [], [])
         self._xid: dict[str, int] = {}
         self.fb_total_bytes: dict[str, float] = {}  # per UUID, from NVML at start
 
@@ -72,37 +77,38 @@ class GpuExposition:
         total = np.array([self.fb_total_bytes.get(u, np.nan) for u in uuids], np.float64)
         values[FB_FREE] = (total - used) / MIB
         ts = (batch.column("ts").cast(pa.int64()).to_numpy() / 1e9).tolist()
-        self._snapshot = (labels, values, ts, info, uuids)
+        jobs = [[j for j in text["job"][i].split(",") if j] for i in range(n)]
+        self._snapshot = (labels, values, ts, info, uuids, jobs)
 
     def xid(self, uuid: str, code: int) -> None:
         self._xid[uuid] = int(code)
 
     def forget(self, uuid: str) -> None:
         """A GPU that is lost: its series go (the agent no longer reads it)."""
-        labels, values, ts, info, uuids = self._snapshot
+        labels, values, ts, info, uuids, jobs = self._snapshot
         keep = [i for i, u in enumerate(uuids) if u != uuid]
         self._snapshot = ([labels[i] for i in keep], {k: v[keep] for k, v in values.items()},
-                          [ts[i] for i in keep], [info[i] for i in keep], [uuids[i] for i in keep])
+                          [ts[i] for i in keep], [info[i] for i in keep], [uuids[i] for i in keep],
+                          [jobs[i] for i in keep])
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
-        labels, values, ts, info, uuids = self._snapshot
-        out = []
-        for f in _SERVED:
-            family = GaugeMetricFamily(f.name, f.help, labels=LABELS)
-            for lv, x in zip(labels, values[f.name].tolist()):
+        labels, values, ts, info, uuids, jobs = self._snapshot
+        # Each GPU's series: one per job when any GPU here has one (dcgm-exporter's hpc_job), else one.
+        mapped = any(jobs)
+        names = (*LABELS, "hpc_job") if mapped else LABELS
+        series = [[(*lv, j) for j in (js or [""])] if mapped else [lv] for lv, js in zip(labels, jobs)]
+
+        def family(name: str, help_: str, per_gpu) -> GaugeMetricFamily:
+            out = GaugeMetricFamily(name, help_, labels=names)
+            for ls, x in zip(series, per_gpu):
                 if math.isfinite(x):
-                    family.add_metric(lv, exposition_value(x))
-            out.append(family)
-        free = GaugeMetricFamily(FB_FREE, _FB_FREE_HELP, labels=LABELS)
-        for lv, x in zip(labels, values[FB_FREE].tolist()):
-            if math.isfinite(x):
-                free.add_metric(lv, exposition_value(x))
-        out.append(free)
-        xid = GaugeMetricFamily(XID, _XID_HELP, labels=LABELS)
-        for lv, u in zip(labels, uuids):
-            xid.add_metric(lv, self._xid.get(u, 0))
-        out.append(xid)
+                    for lv in ls:
+                        out.add_metric(lv, exposition_value(x))
+            return out
+        out = [family(f.name, f.help, values[f.name].tolist()) for f in _SERVED]
+        out.append(family(FB_FREE, _FB_FREE_HELP, values[FB_FREE].tolist()))
+        out.append(family(XID, _XID_HELP, [float(self._xid.get(u, 0)) for u in uuids]))
         gpu_info = GaugeMetricFamily("fleetwatch_gpu_info", "the GPU's identity and place in Fleetwatch's data",
                                      labels=INFO_LABELS)
         for lv in info:
