@@ -132,6 +132,40 @@ def test_a_job_that_starts_or_ends_during_a_request_moves_the_baseline_not_the_r
     assert np.mean(truth) == pytest.approx(np.mean(claimed[: len(truth)]), rel=0.03)
 
 
+@pytest.mark.parametrize("change", ["start", "end"])
+def test_a_level_to_hold_is_held_by_the_meter_itself_when_jobs_start_or_end(change):
+    """target_kw is a level (a firm service level), not an amount: a job group that starts
+    half-way must be shed too, so the meter stays at the level; one that ends gives caps back
+    (the meter is under the level by itself), where an amount to shed would hold its caps."""
+    sim, ctl = fleet()
+    baseline = []
+    for i in range(400):
+        advance(sim, ctl, i)
+        baseline.append(ctl.meter[-1][1])
+    level = round(float(np.mean(baseline[-300:])) * 0.9, 1)
+    out = ctl.submit(PowerRequest(site="site-a", start=sim.now, duration_s=400, target_kw=level))
+    group = int(np.flatnonzero(~sim.group_busy if change == "start" else sim.group_busy)[0])
+    meter, held_w = [], []
+    for i in range(400, 800):
+        if i == 550:
+            sim.group_until[group] = sim.t  # flips at the next step
+        advance(sim, ctl, i)
+        meter.append(ctl.meter[-1][1])
+        held_w.append(float(np.sum(sim.power_uncapped - sim.last_power)))
+    after = np.array(meter[250:400])  # from 100 s after the change to the end of the hold
+    if change == "start":
+        # The minute of the step is short (the group came on at once, the caps follow within
+        # seconds); every minute after it holds the level.
+        minutes = out.minute_means()
+        assert min(minutes[3:]) >= 0.98 * out.requested_kw, (minutes, out.requested_kw)
+        assert np.mean(after) <= level + 0.02 * out.requested_kw, (np.mean(after), level)
+        assert np.mean(held_w[250:400]) > np.mean(held_w[100:150]) + 10e3  # the group's load shed on top
+    else:
+        assert out.met, (out.minute_means(), out.requested_kw)
+        assert np.mean(after) < level - 10  # under the level by itself
+        assert np.mean(held_w[250:400]) < 0.5 * np.mean(held_w[100:150])  # the caps given back
+
+
 def test_a_node_whose_power_reading_is_stuck_is_left_as_it_is():
     """A stuck power sensor: the caps can neither be verified nor moved on its node (the
     detectors read its GPUs' heat against their power, and against each other)."""

@@ -9,7 +9,9 @@ request through its phases:
               programs measure it), adjusted during the event for the load Fleetwatch
               does not control (`adjustment_kw`: jobs that start, end or pause, their
               CPUs; a GPU a cap holds counts at what its job would draw uncapped, its
-              draw's distribution above the cap: learn.py's `demand_above`)
+              draw's distribution above the cap: learn.py's `demand_above`); a level to
+              hold (`target_kw`) is judged by the meter itself, and its caps shed the
+              load that came since too, or give back what left
   active      from its start: caps planned (power/planner.py) for the reduction plus
               headroom on each GPU's learned curve and demand (power/learn.py: a training
               job's compute-phase draw, for the share of its step it draws it), applied,
@@ -64,6 +66,8 @@ PROBE_SHARE = 0.1      # a job whose curve is not learned yet is capped this sha
 PROBE_POINTS = 10      # ... until this many of its samples under a cap are learned from
 STUCK_READINGS = 30    # identical power readings in a row where they should move: a stuck sensor (detect.stuck_samples)
 PAUSED_MEM = 0.5       # an idle GPU holding this share of its job's memory: the job paused (a checkpoint)
+LEVEL_WINDOW_S = 30.0  # a level to hold follows the load not controlled by its median over this long: a
+                       # step in 15 s, not a training job's communication phase (a share of its step)
 SWING_S = 300.0        # ... as they moved over this long
 BIAS_READINGS = 60     # the meter's reduction against the caps' expected one: a mean over this many readings,
 BIAS_PRIOR = 10        # ... where the mean before the caps last changed counts as this many (a new plan
@@ -303,6 +307,8 @@ class Controller:
         self.bias_n = 0                      # readings since the caps last changed
         self.residual: deque[tuple[float, float]] = deque()  # (s from start, kW): each reading less the
                                              # caps' expected reduction then
+        self.recent_adjust: deque[tuple[float, float]] = deque()  # (s from start, kW): the adjustments of
+                                             # the last LEVEL_WINDOW_S (a level to hold: load it must shed too)
         # (steady, sensitivities, classes) of the last plan
         self.planned_on: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.changed_at: datetime | None = None
@@ -500,19 +506,28 @@ class Controller:
                 readings = ([(t, kw) for t, kw in self.meter if req.start <= t <= now and (last is None or t > last)]
                             if not req.racks else []) or [(now, covered)]
                 values = []
+                # A level to hold (target_kw, a firm service level) is judged by the meter itself:
+                # the load that came since the baseline must be shed too, the load that left gives
+                # caps back. An amount to shed is judged against the adjusted baseline.
+                level = req.target_kw is not None
                 for t, kw in readings:
                     adjust = self.adjust_kw.pop(t, None)
                     if adjust is None:
                         adjust = self._adjustment_kw(out, self._covered_it_kw(req))
-                    value = out.baseline_kw + adjust - kw
+                    value = out.baseline_kw + (0.0 if level else adjust) - kw
                     at_s = (t - req.start).total_seconds()
                     values.append((at_s, value))
+                    self.recent_adjust.append((at_s, adjust))
                     if out.reached_s is None and value >= 0.98 * out.requested_kw:
                         out.reached_s = at_s
                     if out.reached_s is not None and t < req.end:
                         out.achieved_kw.append((at_s, value))
                         out.adjustment_kw.append((at_s, adjust))
+                while self.recent_adjust and self.recent_adjust[-1][0] - self.recent_adjust[0][0] > LEVEL_WINDOW_S:
+                    self.recent_adjust.popleft()
                 expected = self._expected_kw(req, out)
+                if level:  # what the caps shed less the load that came since (its recent median: no swing)
+                    expected -= float(np.median([a for _, a in self.recent_adjust]))
                 for at_s, v in values:
                     self.bias_n += 1
                     self.residual.append((at_s, v - expected))
@@ -573,6 +588,7 @@ class Controller:
         self.adjust_kw = {}
         self.active, self.phase, self.extra_w, self.bias_kw = req, "active", 0.0, 0.0
         self.residual.clear()
+        self.recent_adjust.clear()
         snapshot = self._snapshot(req.racks)
         p = self._plan(req, out, now)
         cost_w = out.requested_kw * 1000.0
