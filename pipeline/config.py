@@ -432,6 +432,10 @@ class DaemonConfig:
                             "message and the record's fields)")
     http: str = _spec("", doc="serve /metrics (Prometheus), /healthz and /readyz on HOST:PORT, e.g. 0.0.0.0:9410 "
                       "(docs/operations.md); empty = off. `eval` and `replay` never serve")
+    http_token_env: str = _spec("", doc="environment variable holding the bearer token that a change over --http "
+                                "needs (POST /power/requests: `Authorization: Bearer TOKEN`); with no token set, "
+                                "changes are taken only from this host (loopback)")
+    http_token_file: str = _spec("", doc="file holding that token (used when http_token_env is empty)")
     watchdog_heartbeat_s: float = _spec(30.0, min=1.0, max=3600.0, doc="FleetwatchWatchdog is re-sent this often "
                                         "while it fires; notify resolves one that missed three heartbeats (its "
                                         "process is gone, and the dead-man's switch trips)")
@@ -487,6 +491,29 @@ class Config:
 
 
 _HOST = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]")  # a name, an IPv4 or a bracketed IPv6 address
+
+
+def read_secret(key: str, env_name: str, file_name: str, what: str, otherwise: str,
+                env: Mapping[str, str] | None = None) -> bytes | None:
+    """A secret named by a `<key>_env` / `<key>_file` pair of settings (the environment
+    variable first), or None when neither is set; ConfigError naming the setting when the
+    one set gives nothing. The secret itself is never in a message."""
+    if env_name:
+        value = (os.environ if env is None else env).get(env_name, "")
+        if not value:
+            raise ConfigError(f"config error: {key}_env = {env_name!r}: that environment variable is not set or "
+                              f"empty; set it to {what}, or {otherwise}")
+        return value.encode()
+    if file_name:
+        try:
+            data = Path(file_name).read_bytes().strip()
+        except OSError as e:
+            raise ConfigError(f"config error: {key}_file = {file_name!r}: cannot read it ({e.strerror}); give a "
+                              f"readable file holding {what}") from None
+        if not data:
+            raise ConfigError(f"config error: {key}_file = {file_name!r}: the file is empty; put {what} in it")
+        return data
+    return None
 
 
 def host_port(key: str, value: str, default_port: int) -> tuple[str, int]:

@@ -278,6 +278,68 @@ def test_http_post_and_get_against_the_real_server(tmp_path):
     assert wrong == 405 and "/power/requests" in index
 
 
+def _own_address() -> str | None:
+    """This machine's address on its network (not loopback), or None where it has none."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # (UDP: no packet is sent; the route picks the interface)
+            return s.getsockname()[0]
+        except OSError:
+            return None
+
+
+def test_a_power_request_over_http_needs_the_token_or_comes_from_this_host(tmp_path, caplog):
+    """/metrics is served on 0.0.0.0 for Prometheus, and a POST there caps GPUs: with a token
+    set (daemon.http_token_env) a POST needs it; with none, only this host's is taken. GETs
+    stay open. The token is in no answer and no log line."""
+    import socket
+
+    import aiohttp
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.ops.http import HttpServer
+    address = _own_address()
+    if address is None or address.startswith("127."):
+        pytest.skip("this machine has no address but loopback: a POST from the network cannot be made")
+    h = Harness(tmp_path)
+    h.run(90)
+    token = "s3cret-t0ken-for-the-test"
+    body = {"site": "site-a", "reduction_pct": 5, "duration_s": 60}
+
+    async def go(with_token: bool):
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", 0))
+            port = s.getsockname()[1]
+        server = HttpServer(f"0.0.0.0:{port}", CollectorRegistry(), lambda: [], lambda: [],
+                            token.encode() if with_token else None)
+        await server.start()
+        server.routes = h.role.routes()
+        seen = []
+        try:
+            async with aiohttp.ClientSession() as client:
+                for host, auth in ((address, None), (address, "Bearer wrong"), ("127.0.0.1", None),
+                                   (address, f"Bearer {token}")):
+                    headers = {"Authorization": auth} if auth else {}
+                    async with client.post(f"http://{host}:{port}/power/requests", json=body, headers=headers) as r:
+                        seen.append((r.status, await r.text()))
+                async with client.get(f"http://{address}:{port}/power/requests") as r:
+                    seen.append((r.status, ""))
+        finally:
+            await server.close()
+        return seen
+    with caplog.at_level(logging.WARNING, logger="fleetwatch"):
+        (net, _, local, net_ok, listing) = asyncio.run(go(with_token=False))
+        assert net[0] == 403 and "taken only from this host" in net[1] and "daemon.http_token_env" in net[1]
+        assert local[0] == 202 and net_ok[0] == 403 and listing[0] == 200
+        (bare, wrong, local, right, listing) = asyncio.run(go(with_token=True))
+    assert bare[0] == 401 and "Authorization: Bearer" in bare[1] and wrong[0] == 401 and "not it" in wrong[1]
+    assert local[0] == 401  # with a token, this host needs it too
+    assert right[0] == 400 and "overlaps request" in right[1] and listing[0] == 200  # past the token, to the role
+    assert all(token not in text for _, text in (bare, wrong, local, right))
+    assert token not in caplog.text and "refused" in caplog.text
+
+
 def test_a_grid_signal_over_the_in_process_bus_reaches_the_built_role(tmp_path):
     """The role as the daemon builds it (roles/power.py build, over the MemoryBus): a request
     published on fleetwatch.power.requests is accepted, and the role ends with its inputs."""

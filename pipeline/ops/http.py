@@ -9,10 +9,17 @@ and what the process's roles add (`routes`: (method, path) -> an async handler t
 the request's body and returns (status, a JSON-able value)), e.g. the power role's
 `POST /power/requests`. They are looked up when a request arrives: the server starts
 before the roles are built.
+
+A route that changes something (any method but GET and HEAD: a power request caps GPUs)
+needs `Authorization: Bearer TOKEN` when daemon.http_token_env or daemon.http_token_file
+names a token (401 otherwise); with none set it is taken only from this host (403 from
+any other), since /metrics is commonly served on 0.0.0.0 for Prometheus.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -34,8 +41,9 @@ class HttpServer:
     """`live()` and `ready()` return what is wrong (an empty list: all is well)."""
 
     def __init__(self, address: str, registry: CollectorRegistry, live: Callable[[], list[str]],
-                 ready: Callable[[], list[str]]) -> None:
-        self.address = address
+                 ready: Callable[[], list[str]], token: bytes | None = None) -> None:
+        self.address, self._token = address, token
+        self._refused_from: set[str] = set()  # peers whose refused change was logged (once each)
         self.host, self.port = host_port("daemon.http", address, 9410)
         self.registry, self.live, self.ready = registry, live, ready
         self.routes: dict[tuple[str, str], Route] = {}  # the roles' (ops/monitor.py attach: the context's)
@@ -76,8 +84,33 @@ class HttpServer:
                 return web.json_response({"error": f"{request.method} {request.path}: use {', '.join(allowed)}"},
                                          status=405, headers={"Allow": ", ".join(allowed)})
             raise web.HTTPNotFound(text=f"{request.path}: not served here; see / for what is\n")
+        if request.method not in ("GET", "HEAD") and (refused := self._refused(request)) is not None:
+            return refused
         status, value = await handler(await request.read())
         return web.json_response(value, status=status, dumps=lambda v: json.dumps(v, default=str))
+
+    def _refused(self, request: web.Request) -> web.Response | None:
+        """Why a change is not taken from this request (None: it is)."""
+        what, peer = f"{request.method} {request.path}", request.remote or "?"
+        if self._token is not None:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token):
+                return None
+            status, why = 401, (f"{what} needs `Authorization: Bearer TOKEN`, the token in daemon.http_token_env or "
+                                f"daemon.http_token_file" + ("; the one given is not it" if given else ""))
+        else:
+            try:
+                if ipaddress.ip_address(peer.split("%")[0]).is_loopback:
+                    return None
+            except ValueError:
+                pass  # (a Unix socket or an unknown peer: not this host's loopback)
+            status, why = 403, (f"{what} from {peer}: refused; without a token (daemon.http_token_env or "
+                                f"daemon.http_token_file) changes are taken only from this host")
+        if peer not in self._refused_from and len(self._refused_from) < 1024:
+            self._refused_from.add(peer)
+            log.warning("http: %s", why)
+        return web.json_response({"error": why}, status=status,
+                                 headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from pipeline.bus.memory import MemoryBus
-from pipeline.config import Config, host_port
+from pipeline.config import Config, host_port, read_secret
 from pipeline.ops.health import TICK_S, Health, RoleInfo
 from pipeline.ops.metrics import FleetwatchCollector, registry
 from pipeline.ops.progress import Progress
@@ -47,8 +47,12 @@ class Operations:
         host = socket.gethostname()
         if cfg.daemon.http:
             from pipeline.ops.http import HttpServer
+            token = read_secret("daemon.http_token", cfg.daemon.http_token_env, cfg.daemon.http_token_file,
+                                "the bearer token", "remove daemon.http_token_env to take changes from this host only",
+                                env)
             self.http = HttpServer(cfg.daemon.http, registry(lambda: self._collectors),
-                                   lambda: self.health.unlive(self.clock()), lambda: self.health.unready(self.clock()))
+                                   lambda: self.health.unlive(self.clock()), lambda: self.health.unready(self.clock()),
+                                   token)
         # Which process raised a self-alert: the address Prometheus scrapes it at, else the host and pid.
         self.instance = f"{host}:{host_port('daemon.http', cfg.daemon.http, 9410)[1]}" if cfg.daemon.http \
             else f"{host}/{os.getpid()}"

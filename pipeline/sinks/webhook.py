@@ -27,7 +27,7 @@ from typing import Any, Mapping
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from pipeline import __version__
-from pipeline.config import AlertsConfig, ConfigError, ReceiverConfig
+from pipeline.config import AlertsConfig, ConfigError, ReceiverConfig, read_secret
 from pipeline.redact import redact_text, redact_url
 from pipeline.sinks.receivers import receiver_kind
 
@@ -126,24 +126,8 @@ def check_url(key: str, url: str) -> SplitResult:
 
 
 def _secret(where: str, rc: ReceiverConfig, env: Mapping[str, str]) -> bytes | None:
-    if rc.secret_env:
-        value = env.get(rc.secret_env, "")
-        if not value:
-            raise ConfigError(f"config error: {where}.secret_env = {rc.secret_env!r}: that environment variable is "
-                              f"not set or empty; set it to the signing secret, or remove secret_env to send "
-                              f"unsigned")
-        return value.encode()
-    if rc.secret_file:
-        try:
-            value = Path(rc.secret_file).read_bytes().strip()
-        except OSError as e:
-            raise ConfigError(f"config error: {where}.secret_file = {rc.secret_file!r}: cannot read it "
-                              f"({e.strerror}); give a readable file holding the signing secret") from None
-        if not value:
-            raise ConfigError(f"config error: {where}.secret_file = {rc.secret_file!r}: the file is empty; put "
-                              f"the signing secret in it")
-        return value
-    return None
+    return read_secret(f"{where}.secret", rc.secret_env, rc.secret_file, "the signing secret",
+                       "remove secret_env to send unsigned", env)
 
 
 # ---- signing --------------------------------------------------------------------------
