@@ -22,10 +22,10 @@ CURVE = from_recording()
 INTERVAL = 5
 
 
-def fleet(**settings) -> tuple[FleetSimulator, Controller]:
+def fleet(power_limit_w: float = 700.0, **settings) -> tuple[FleetSimulator, Controller]:
     """The simple normal's 2-rack fleet, steady and fault-free, and its controller (class 3 unless told)."""
-    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple"),
-                         start=EVAL_EPOCH)
+    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple",
+                                     power_limit_w=power_limit_w), start=EVAL_EPOCH)
     return sim, Controller(sim.cfg.site, CURVE, SimulatorActuator(sim), PowerConfig(**{"default_class": 3, **settings}))
 
 
@@ -39,8 +39,8 @@ def advance(sim: FleetSimulator, ctl: Controller, i: int, jobs: dict[str, str] |
         ctl.step(sim.now)
 
 
-def run(seconds: int, requests: list[PowerRequest], **settings):
-    sim, ctl = fleet(**settings)
+def run(seconds: int, requests: list[PowerRequest], power_limit_w: float = 700.0, **settings):
+    sim, ctl = fleet(power_limit_w, **settings)
     actuator = ctl.actuator
     outcomes = [ctl.submit(r) for r in requests]
     meter, caps = [], []
@@ -66,6 +66,40 @@ def test_a_request_is_reached_within_its_ramp_held_by_the_meter_and_then_restore
     assert out.planned_loss_pct < 100 and out.uniform_loss_pct > 0
     lost = 1 - sim.work_done.sum() / sim.work_uncapped.sum()
     assert 0 < lost < out.planned_loss_pct / 100  # lost during the event only (a third of the run)
+
+
+@pytest.mark.parametrize("own_w", [600, 400])
+def test_gpus_under_their_own_limit_are_capped_under_it_and_restored_to_it(own_w):
+    """A site's `nvidia-smi -pl 600` (or a 400 W part): the GPUs' own limit is not the recorded
+    H100's 700 W. They are learned, capped under their own limit and restored to it, never
+    stepped above it (the agent would refuse it as out of range)."""
+    sim, ctl, (out,), meter, caps, actuator = run(1000, [request(400, 10)], power_limit_w=own_w)
+    assert out.met and out.gpus_capped > 0, (out.minute_means(), out.requested_kw)
+    assert np.any(caps[420] < own_w) and np.all(caps[-1] == own_w)
+    sent = [w for c in actuator.calls for w in c.values() if w is not None]
+    assert sent and max(sent) < own_w
+
+
+def test_a_meter_reading_of_nan_is_no_reading():
+    """A site meter that sends NaN (a BMS's "no value") once before the request and once in
+    its hold: the baseline, the measure and the meter's slope on the PDUs stay numbers."""
+    import pyarrow.compute as pc
+    sim, ctl = fleet()
+    out = ctl.submit(request(300, 10))
+    for i in range(700):
+        tick = sim.step()
+        facility = tick.facility
+        if i in (250, 340):
+            meter = pc.equal(facility.column("device_class"), "meter")
+            value = pc.if_else(meter, pa.scalar(float("nan"), facility.schema.field("value").type),
+                               facility.column("value"))
+            facility = facility.set_column(facility.schema.get_field_index("value"), "value", value)
+        ctl.observe_gpus(tick.gpu)
+        ctl.observe_facility(facility)
+        if i % INTERVAL == 0:
+            ctl.step(sim.now)
+    assert np.isfinite(out.baseline_kw) and all(np.isfinite(out.minute_means()))
+    assert out.met and np.all(np.isfinite(ctl.meter_per_it()))
 
 
 def test_the_restore_is_staged_at_the_rate_and_under_the_site_cap():

@@ -37,6 +37,7 @@ what it cost. One request runs at a time (requests that overlap are refused).
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -327,7 +328,7 @@ class Controller:
         g.update(batch)
         rows = g.slots
         self.learner.observe(rows, np.where(g.forced[rows], np.nan, g.power_w[rows]), g.util[rows],
-                             g.util_mem[rows], g.limit_w[rows], self.curve.max_limit_w, g.paused[rows],
+                             g.util_mem[rows], g.limit_w[rows], self._own_w(rows), g.paused[rows],
                              g.new_job)  # (a slowdown: no sample)
         if self.active is not None:
             self._fit()
@@ -400,8 +401,8 @@ class Controller:
             rows = batch.filter(pc.and_(power, pc.equal(batch.column("device_class"), cls)))
             for ts, rack, value in zip(rows.column("ts").to_pylist(), rows.column("rack").to_pylist(),
                                        rows.column("value").to_pylist()):  # a meter and a PDU per rack per scrape
-                if value is None:
-                    continue
+                if value is None or not math.isfinite(value):  # (a meter's NaN is no reading: it would
+                    continue                                     # poison every mean it entered)
                 if into is None:
                     self.meter.append((ts, value / 1000.0))
                 else:
@@ -642,7 +643,8 @@ class Controller:
         self._fit()
         g = self.gpus
         mine = g.covered(racks)
-        max_w = np.where(np.isnan(g.limit_w), self.curve.max_limit_w, g.limit_w)
+        own = self._own_w()
+        max_w = np.where(np.isnan(g.limit_w), own, g.limit_w)
         busy = g.util >= IDLE_UTIL
         # A job's draw when it draws (a training job between its communication phases), not this sample's,
         # for the share of the time it draws it.
@@ -653,9 +655,9 @@ class Controller:
         flex = self.flex()
         if self.active is not None:  # only a steady job's saving is the request's: the baseline's
             flex = np.where(self.steady, flex, 0)  # adjustment counts the rest (idle GPUs, new jobs) as drawn
-        duty = np.where(known, self.learner.duty(demand, self.curve.max_limit_w), 1.0)
+        duty = np.where(known, self.learner.duty(demand, own), 1.0)
         full = GpuPower(draw, busy, flex, np.full(draw.size, self.curve.min_limit_w),
-                        np.where(self.cap >= 0, self.curve.max_limit_w, max_w), self.learner.upper(), duty)
+                        np.where(self.cap >= 0, own, max_w), self.learner.upper(), duty)
         return GpuPower(*(a[mine] for a in (full.power_w, full.busy, full.flex_class, full.min_limit_w,
                                             full.max_limit_w, full.sensitivity, full.duty)))
 
@@ -702,6 +704,13 @@ class Controller:
         probe = np.fmax((1.0 - PROBE_SHARE) * snapshot.power_w, np.fmax(floors(snapshot, self.curve),
                                                                         snapshot.min_limit_w))
         return np.where(unknown & (probe < snapshot.power_w - 1.0), probe, cap_w)
+
+    def _own_w(self, slots=slice(None)) -> np.ndarray:
+        """Per GPU: its own limit, which a cap is under and a restore returns to: the highest
+        it (or its model) enforced (a site's `nvidia-smi -pl 600`, a 400 W part's default), the
+        recorded H100's where nothing is known yet."""
+        own = self.gpus.default_w[slots]
+        return np.where(np.isnan(own), self.curve.max_limit_w, own)
 
     def _held(self, slots=slice(None)) -> np.ndarray:
         """Per GPU: held by the cap set here (drawing within NOT_BINDING_W of it; no cap: never)."""
@@ -780,8 +789,8 @@ class Controller:
         cap, demand = self.cap[capped], self.demand[capped]
         # A job that started under a cap (during the request or its restore): its demand is not known.
         new_job = (self.gpus.util[capped] >= IDLE_UTIL) & ~self.steady[capped]
-        demand = np.where(new_job, np.fmax(demand, self.curve.max_limit_w), demand)
-        limit = self.curve.max_limit_w  # back to the default limit
+        limit = self._own_w(capped)  # back to each GPU's own limit (a site's policy, or its model's)
+        demand = np.where(new_job, np.fmax(demand, limit), demand)
 
         def added(rise: float) -> float:
             return float(np.sum(np.minimum(demand, np.minimum(cap + rise, limit)) - np.minimum(demand, cap)))

@@ -98,13 +98,13 @@ class CurveLearner:
         cum = np.cumsum(self.draw[sl], axis=1)
         return self._mean(sl, cum > 0.5 * cum[:, -1:])
 
-    def duty(self, demand: np.ndarray, default_w: float) -> np.ndarray:
+    def duty(self, demand: np.ndarray, default_w: float | np.ndarray) -> np.ndarray:
         """The share of the time each GPU draws its `demand` (`demand()`, within `STEP_UP` of the
         default limit under it): about 1 for a steady job, the compute share of a training job's
         step; 1 without a reference."""
         w = self.draw
         total = w.sum(axis=1, dtype=np.float64)
-        near = self.edges[None, :] > (demand - STEP_UP * default_w)[:, None]
+        near = self.edges[None, :] > (demand - STEP_UP * np.asarray(default_w, np.float64))[:, None]
         return np.divide(np.sum(w * near, axis=1, dtype=np.float64), total, out=np.ones(total.size), where=total > 0)
 
     def demand_above(self, slots: np.ndarray, level_w: np.ndarray) -> np.ndarray:
@@ -120,17 +120,20 @@ class CurveLearner:
         return np.divide(total, mass, out=np.zeros(mass.size), where=mass > 0)
 
     def observe(self, slots: np.ndarray, power_w: np.ndarray, util: np.ndarray, util_mem: np.ndarray,
-                limit_w: np.ndarray, default_w: float, paused: np.ndarray | None = None,
+                limit_w: np.ndarray, default_w: float | np.ndarray, paused: np.ndarray | None = None,
                 new_job: np.ndarray | None = None) -> None:
         """One batch of samples: per row its GPU's slot, draw, utilisation, memory utilisation
-        and enforced limit (NaN where unknown); `default_w` the GPUs' default limit; `paused`
+        and enforced limit (NaN where unknown); `default_w` each GPU's own limit (a site's
+        `nvidia-smi -pl 600` or a 400 W part's; under it, a cap is set); `paused`
         per row: idle, its job's memory still held (None: an idle GPU's job is over); `new_job`
         per row: the samples name another job than before (learned afresh, busy or not)."""
         self.grow(int(slots.max()) + 1 if slots.size else 0)
         power = np.asarray(power_w, np.float64)
         util = np.nan_to_num(np.asarray(util, np.float64))
         mem = np.nan_to_num(np.asarray(util_mem, np.float64))
-        limit = np.nan_to_num(np.asarray(limit_w, np.float64), nan=default_w)
+        default_w = np.broadcast_to(np.asarray(default_w, np.float64), np.shape(power_w))
+        limit = np.asarray(limit_w, np.float64)
+        limit = np.where(np.isnan(limit), default_w, limit)
         ok = np.isfinite(power)
         idle = ok & (util < IDLE_UTIL)
         over = idle if paused is None else idle & ~np.asarray(paused, bool)
@@ -147,7 +150,7 @@ class CurveLearner:
             s = slots[free]
             n = self.ref_n[s] + 1.0
             self.recent[s] += np.maximum(1.0 / n, 1.0 / RECENT_SAMPLES) * (power[free] - self.recent[s])
-            stepped = self.recent[s] > self.demand(s) + STEP_UP * default_w
+            stepped = self.recent[s] > self.demand(s) + STEP_UP * default_w[free]
             fade = np.where(stepped, 0.0, 1.0 - 1.0 / DEMAND_SAMPLES).astype(np.float32)[:, None]
             self.draw[s] *= fade
             self.draw_w[s] *= fade
