@@ -16,6 +16,7 @@ import pwd
 import shutil
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -419,12 +420,16 @@ class Slurmctld(Service):
 
     With `slurmd_node` (one of `nodes`), a real slurmd runs that node on this machine
     (`apt-get install slurmd`; as root, since it runs the test jobs as their user): it is
-    IDLE once `start()` returns, and takes jobs (`sbatch -w NODE`)."""
+    IDLE once `start()` returns, and takes jobs (`sbatch -w NODE`). With `gpus`, that node has
+    as many GPUs as generic resources (gres/gpu, on character devices made for them under the
+    workdir: Slurm hands a job the indices of the ones it gets), and `prolog` runs as slurmd's
+    Prolog and Epilog (PrologFlags=Alloc: at allocation, as a site runs its job-map scripts)."""
 
     name = "slurmctld"
     stop_timeout_s = 10.0
 
-    def __init__(self, nodes: dict[str, str], workdir: Path | None = None, slurmd_node: str | None = None) -> None:
+    def __init__(self, nodes: dict[str, str], workdir: Path | None = None, slurmd_node: str | None = None,
+                 gpus: int = 0, prolog: Path | None = None) -> None:
         super().__init__()
         self.binary = slurm_binary("slurmctld")
         self.slurmd_node, self.slurmd = slurmd_node, None
@@ -457,11 +462,21 @@ class Slurmctld(Service):
             # NodeAddr: a name that does not resolve costs slurmctld ~10 s at start, then hides the node.
             # slurmd's node: no State, so that it is IDLE once its slurmd registers (ReturnToService=0
             # keeps a DOWN one DOWN).
-            *(f"NodeName={n} NodeAddr=127.0.0.1 CPUs=1 RealMemory=1000"
-              + (" State=DOWN Reason=test" if n != slurmd_node else "")
+            *(f"NodeName={n} NodeAddr=127.0.0.1 CPUs={2 if gpus and n == slurmd_node else 1} RealMemory=1000"
+              + (" State=DOWN Reason=test" if n != slurmd_node else f" Gres=gpu:{gpus}" if gpus else "")
               + (f" Features={f}" if f else "") for n, f in nodes.items()),
             "PartitionName=gpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+            *(["GresTypes=gpu"] if gpus else []),
+            *([f"Prolog={prolog}", f"Epilog={prolog}", "PrologFlags=Alloc"] if prolog else []),
         ]) + "\n")
+        if gpus:
+            assert slurmd_node is not None, "gpus are the slurmd node's"
+            dev = d / "dev"
+            dev.mkdir(exist_ok=True)
+            for i in range(gpus):  # (NVIDIA's major number; no driver behind them: only their indices matter)
+                if not (dev / f"nvidia{i}").exists():
+                    os.mknod(dev / f"nvidia{i}", 0o600 | stat.S_IFCHR, os.makedev(195, i))
+            (d / "gres.conf").write_text(f"NodeName={slurmd_node} Name=gpu File={dev}/nvidia[0-{gpus - 1}]\n")
         self.env = {**os.environ, "SLURM_CONF": str(self.config)}
 
     def command(self) -> list[str]:
