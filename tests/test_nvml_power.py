@@ -321,3 +321,45 @@ def test_a_cap_refused_leaves_nothing_in_the_ledger_and_a_bad_ledger_is_moved_as
         c.open()
     assert [(r.gpu, r.status, r.enforced_w) for r in c.recovered] == [(2, "restored", 700.0)]  # GPU 4: at its own
     assert any("unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_a_cap_set_but_not_read_back_is_held_so_its_restore_reaches_it():
+    """The set succeeded, the readback failed: `error` (not `not_supported`: the GPU was capped),
+    and held, so the holder (sources/power_caps.py) restores it when its cap ends."""
+    from pipeline.sources.power_caps import CapHolder
+    from tests.test_power_caps import caps
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed():
+        a = opened(replay)
+        replay.inventory["support"]["enforced_power_limit_mw"] = {"ok": False, "value": "NVMLError: Unknown Error",
+                                                                  "us": 5.0}
+        r = a.power.apply(CAPPED, 500)
+        capped = replay.gpus[CAPPED].limit_mw
+        holder = CapHolder()
+        holder.record([r])
+        restore = holder.take(caps([("node-1", r.gpu_uuid, None, 60.0)]), now=0.0)  # the request ended
+        back = a.power.restore(CAPPED)
+    assert capped == 500_000 and restore == ([r.gpu_uuid], [None])
+    assert (r.status, r.enforced_w) == ("error", None) and "could not be read back" in r.detail
+    assert replay.gpus[CAPPED].limit_mw == 700_000 and (r.held, back.held) == (True, False)
+
+
+def test_a_set_that_failed_but_may_have_changed_the_limit_is_held_and_restored_at_close():
+    """NVML's unknown error: the limit may be set. Held (and in the ledger), so close() restores it."""
+    import pynvml
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    set_limit, failed = replay.nvmlDeviceSetPowerManagementLimit, []
+
+    def flaky(handle, limit):  # sets it, then says it failed (once)
+        set_limit(handle, limit)
+        if not failed:
+            failed.append(limit)
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
+    replay.nvmlDeviceSetPowerManagementLimit = flaky
+    with replay.installed():
+        a = opened(replay)
+        r = a.power.apply(CAPPED, 500)
+        capped = replay.gpus[CAPPED].limit_mw
+        a.close()
+    assert (r.status, capped) == ("error", 500_000)
+    assert replay.gpus[CAPPED].limit_mw == 700_000 and r.held

@@ -302,3 +302,111 @@ def test_caps_are_followed_again_after_the_bus_failed(monkeypatch):
     asyncio.run(main())
     assert [(a["status"], a["cause"]) for a in actions] == [("ok", "cap"), ("restored", "stop")]
     assert ran
+
+
+def polled_source(replay: NvmlReplay, mono: list[float], actions: list[dict]):
+    """An agent replaying `replay`, its leases on `mono`, on a bus of its own (in a running loop):
+    the bus, its stop, its task, and `checks(n)`: wait until the follower has read the bus and
+    looked at its leases n more times (after a publish: the rows were acted on)."""
+    bus = MemoryBus()
+    listener = bus.listen(Topic.POWER_CAPS, ["rack-0"])
+    polls = [0]
+
+    class Polled:
+        async def get_batch(self, **kw):
+            polls[0] += 1
+            return await listener.get_batch(**kw)
+    source = NvmlSource(NvmlAgent(make_config(agent={"interval_s": 0.05}).agent, "node-1"), replay, "h100",
+                        Polled(), lease_clock=lambda: mono[0])
+
+    async def emit(topic, batch):
+        if topic == Topic.POWER_ACTIONS:
+            actions.extend(batch.to_pylist())
+    stop = asyncio.Event()
+    task = asyncio.create_task(source.run(emit, stop))
+
+    async def checks(n: int = 2) -> None:
+        seen = polls[0]
+        await until(lambda: polls[0] >= seen + n + 1, task)
+    return bus, stop, task, source, checks
+
+
+def test_a_cap_another_limit_overrides_is_still_held_so_the_roles_restore_and_the_lease_reach_it(monkeypatch):
+    """A BMC (Redfish) limit of 400 W wins over the 500 W asked: the row says `error`, with the
+    400 W enforced and why, but the agent set 500 W, so it holds it: the role's restore (a null
+    cap) and the end of its lease put the GPU back to its own limit."""
+    import pipeline.sources.power_caps as power_caps
+    monkeypatch.setattr(power_caps, "POLL_S", 0.01)
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    uuid = [g.uuid for g in replay.gpus]
+    read = replay.nvmlDeviceGetEnforcedPowerLimit
+
+    def bmc(handle):  # the out-of-band 400 W limit on GPUs 3 and 4, throughout
+        return min(read(handle), 400_000) if replay._gpu(handle) in replay.gpus[3:5] else read(handle)
+    replay.nvmlDeviceGetEnforcedPowerLimit = bmc
+    mono, actions, limits = [1000.0], [], []
+
+    async def main():
+        bus, stop, task, source, checks = polled_source(replay, mono, actions)
+        await until(lambda: source.agent.opened.is_set(), task)
+        await bus.publish(Message(Topic.POWER_CAPS, caps([("node-1", uuid[3], 500.0, 60.0),
+                                                          ("node-1", uuid[4], 500.0, 60.0)])))
+        await checks()
+        limits.append([g.limit_mw for g in replay.gpus])
+        await bus.publish(Message(Topic.POWER_CAPS, caps([("node-1", uuid[3], None, 60.0)])))  # the request ended
+        await checks()
+        mono[0] += 61.0  # GPU 4's lease ran out
+        await checks(5)
+        limits.append([g.limit_mw for g in replay.gpus])
+        stop.set()
+        await task
+    asyncio.run(main())
+    assert [(a["gpu_uuid"], a["requested_w"], a["enforced_w"], a["status"], a["cause"]) for a in actions] == [
+        (uuid[3], 500.0, 400.0, "error", "cap"), (uuid[4], 500.0, 400.0, "error", "cap"),
+        (uuid[3], None, 400.0, "error", "cap"), (uuid[4], None, 400.0, "error", "lease")]  # no `stop`: none held
+    assert all("enforces 400 W" in a["detail"] and "another limit wins" in a["detail"] for a in actions)
+    assert limits[0][3:5] == [500_000, 500_000]
+    assert limits[1] == [700_000] * 8  # back to their own limits (the BMC's is not the agent's to lift)
+
+
+def test_the_longest_lease_an_agent_keeps_is_the_longest_the_role_may_send():
+    import dataclasses
+    from pipeline.config import PowerConfig
+    from pipeline.sources.power_caps import MAX_LEASE_S
+    spec = next(f for f in dataclasses.fields(PowerConfig) if f.name == "lease_s").metadata
+    assert MAX_LEASE_S == spec["max"]  # a valid role's lease is never cut
+
+
+@pytest.mark.parametrize("lease_s", [float("inf"), 1e12, float("nan"), None])
+def test_a_lease_that_is_not_seconds_within_bounds_never_holds_a_cap_for_ever(monkeypatch, caplog, lease_s):
+    """From the wire: a lease past MAX_LEASE_S is cut to it; one that is no number (NaN, null)
+    makes its row a restore. Said once, counted; the follower goes on."""
+    import pipeline.sources.power_caps as power_caps
+    monkeypatch.setattr(power_caps, "POLL_S", 0.01)
+    replay = NvmlReplay(H100, gpus=4, latency=False, settle_s=0)
+    uuid = [g.uuid for g in replay.gpus]
+    mono, actions, limits = [1000.0], [], []
+
+    async def main():
+        bus, stop, task, source, checks = polled_source(replay, mono, actions)
+        await until(lambda: source.agent.opened.is_set(), task)
+        await bus.publish(Message(Topic.POWER_CAPS, caps([("node-1", uuid[1], 500.0, 60.0),
+                                                          ("node-1", uuid[2], 450.0, lease_s)])))  # a new cap
+        await checks()
+        await bus.publish(Message(Topic.POWER_CAPS, caps([("node-1", uuid[1], 500.0, lease_s)])))  # a renewal
+        await checks()
+        mono[0] += 3601.0  # past MAX_LEASE_S (power.lease_s's maximum, 3600 s)
+        await checks(5)
+        limits.extend(g.limit_mw for g in replay.gpus)
+        stop.set()
+        await task
+    with caplog.at_level("WARNING", logger="fleetwatch"):
+        asyncio.run(main())
+    got = [(a["gpu_uuid"], a["requested_w"], a["status"], a["cause"]) for a in actions]
+    if lease_s is None or lease_s != lease_s:  # no number: a restore
+        assert got == [(uuid[1], 500.0, "ok", "cap"), (uuid[1], None, "restored", "cap")]
+    else:  # held for MAX_LEASE_S at most
+        assert got == [(uuid[1], 500.0, "ok", "cap"), (uuid[2], 450.0, "ok", "cap"),
+                       (uuid[1], None, "restored", "lease"), (uuid[2], None, "restored", "lease")]
+    assert limits == [700_000] * 4
+    assert len([r for r in caplog.records if "lease_s" in r.getMessage()]) == 1

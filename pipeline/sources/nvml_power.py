@@ -8,7 +8,8 @@ it also runs between scrapes, not during one.
 A cap is checked against the GPU's constraints before NVML is asked, set, then read back
 from the enforced limit: it is `ok` only if the GPU enforces what was asked. Every outcome is
 a `CapResult` that says what happened and, when it failed, what to do; nothing raises for a
-GPU that refuses.
+GPU that refuses. Its `held` says whether the GPU holds a limit set here even when it failed
+(another limit wins, the readback failed): a restore must still reach it.
 
 A cap only ever lowers a GPU's limit. Its own limit, the one it had before its first cap
 (the site's `nvidia-smi -pl` policy, or its default), is read then and is what a restore
@@ -49,6 +50,8 @@ class CapResult:
     enforced_w: float | None   # read back after the set; None where it could not be read
     status: str                # one of STATUSES
     detail: str                # what happened; when it failed, what to do
+    held: bool | None = None   # whether the GPU holds (or may hold) a limit this source set, whatever the
+                               # status: its restore must reach it. None: as the status says (ok: held)
 
 
 class Limits(NamedTuple):
@@ -140,10 +143,10 @@ class PowerLimiter:
         if g is None:
             return CapResult(gpu, "", cap_w, None, "error",
                              f"no GPU {gpu} on node {self.agent.node} (GPUs: "
-                             f"{', '.join(str(x.index) for x in self.agent.gpus) or 'none'}): nothing set")
+                             f"{', '.join(str(x.index) for x in self.agent.gpus) or 'none'}): nothing set", False)
 
         def result(status: str, detail: str, enforced_w: float | None = None) -> CapResult:
-            r = CapResult(g.index, g.uuid, cap_w, enforced_w, status, detail)
+            r = CapResult(g.index, g.uuid, cap_w, enforced_w, status, detail, g.index in self._own)
             (log.info if status in ("ok", "restored") else log.warning)("GPU %d (%s): power limit: %s: %s",
                                                                         g.index, g.uuid, status, detail)
             return r
@@ -165,9 +168,9 @@ class PowerLimiter:
             target = own if cap_w is None else min(cap_w, own)  # a cap never raises the limit
             try:
                 pynvml.nvmlDeviceSetPowerManagementLimit(g.handle, int(round(target * 1000)))
-            except pynvml.NVMLError:
-                if first:  # nothing was set: nothing held
-                    self._forget(g)
+            except pynvml.NVMLError as e:
+                if first and isinstance(e, _UNCHANGED):  # nothing was set: nothing held
+                    self._forget(g)  # (any other error may have set it: held, so that a restore reaches it)
                 raise
             if cap_w is None:  # back at its own limit: no longer held
                 self._forget(g)
@@ -175,9 +178,16 @@ class PowerLimiter:
                 self._capped.pop(g.index, None)
             else:
                 self._capped[g.index] = target
-            enforced = pynvml.nvmlDeviceGetEnforcedPowerLimit(g.handle) / 1000.0
         except pynvml.NVMLError as e:
             return self._refused(g, cap_w, e, result)
+        try:
+            enforced = pynvml.nvmlDeviceGetEnforcedPowerLimit(g.handle) / 1000.0
+        except pynvml.NVMLError as e:  # the limit is set: only its readback failed (says nothing of the set)
+            if isinstance(e, pynvml.NVMLError_GpuIsLost):
+                return self._refused(g, cap_w, e, result)
+            return result("error", f"the limit was set to {target:g} W but GPU {g.index}'s enforced limit could not "
+                                   f"be read back ({type(e).__name__}, NVML error {e.value}); check `nvidia-smi -q -d "
+                                   f"POWER`")
         if abs(enforced - target) > TOLERANCE_W:
             return result("error", f"the limit was set to {target:g} W but GPU {g.index} enforces {enforced:g} W: "
                                    f"another limit wins (another tool's, or the board's); check `nvidia-smi -q -d "
@@ -245,6 +255,9 @@ class PowerLimiter:
         return next((g for g in self.agent.gpus if g.index == gpu), None)
 
 
+# A set that raised one of these changed nothing; any other error may have set the limit.
+_UNCHANGED = (pynvml.NVMLError_NoPermission, pynvml.NVMLError_InvalidArgument, pynvml.NVMLError_NotSupported,
+              pynvml.NVMLError_GpuIsLost)
 _LOST = "GPU {g.index} is lost (NVML_ERROR_GPU_IS_LOST): no limit set; see runbooks/GpuFellOffBus.md"
 
 
@@ -272,7 +285,7 @@ class NvmlCaps:
         for uuid, w in zip(uuids, cap_w):
             if uuid not in index:
                 out.append(CapResult(-1, uuid, w, None, "error", f"no GPU {uuid} on node {self.agent.node}: the "
-                                     f"power role's view of the fleet is stale (a replaced GPU?); nothing set"))
+                                     f"power role's view of the fleet is stale (a replaced GPU?); nothing set", False))
             else:
                 out.append(self.agent.power.restore(index[uuid]) if w is None else self.agent.power.apply(index[uuid], w))
         return out

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Awaitable, Callable, Protocol
@@ -45,6 +46,10 @@ log = logging.getLogger("fleetwatch")
 POLL_S = 1.0  # how long a wait for commands lasts before the leases are checked again
 FOLLOW_RETRY_MAX_S = 60.0  # following the commands again after a failure: backing off up to this
 RETRY_S = 30.0  # a restore that failed is tried again this long after (through the lease's path)
+# The longest lease a row may give a cap: power.lease_s's maximum (config.py), so the role's own
+# leases are never cut, while a broken sender's (inf, 1e12 s) still ends. A lease that is not a
+# number (null, NaN) cannot end at all: its row is taken as a restore.
+MAX_LEASE_S = 3600.0
 
 
 class CapApplier(Protocol):
@@ -69,6 +74,7 @@ class CapHolder:
     request: dict[str, str] = field(default_factory=dict)
     actions: int = 0
     failures: int = 0
+    bad_leases: int = 0  # rows whose lease_s was not a number of seconds within 0-MAX_LEASE_S
 
     def take(self, caps: pa.RecordBatch, now: float) -> tuple[list[str], list[float | None]]:
         """The commands that change a GPU's limit (the last row of each GPU wins); every
@@ -80,6 +86,9 @@ class CapHolder:
         requests = caps.column("request_id").to_pylist()
         latest: dict[str, float | None] = {}
         for u, w, s, r in zip(uuids, watts, lease, requests):  # a few rows per GPU per lease, not per sample
+            if s is None or math.isnan(s) or not 0 <= s <= MAX_LEASE_S:
+                self._bad_lease(u, s)
+                w, s = (None, 0.0) if s is None or math.isnan(s) else (w, min(max(s, 0.0), MAX_LEASE_S))
             latest[u] = w
             self.request[u] = r
             if w is None:  # restored now; if that fails, the lease path tries again
@@ -90,16 +99,31 @@ class CapHolder:
         change = [(u, w) for u, w in latest.items() if self.held.get(u) != w]
         return [u for u, _ in change], [w for _, w in change]
 
+    def _bad_lease(self, uuid: str, lease_s: float | None) -> None:
+        if not self.bad_leases:  # said once; counted in bad_leases
+            log.warning("power cap row for GPU %s has lease_s %r, not seconds within 0-%g (a broken sender): taken "
+                        "as a restore when not a number, else clamped; further bad leases are only counted",
+                        uuid, lease_s, MAX_LEASE_S)
+        self.bad_leases += 1
+
     def expired(self, now: float) -> list[str]:
         return [u for u, t in self.until.items() if t <= now and u in self.held]
 
-    def record(self, results: list[CapResult]) -> None:
+    def record(self, results: list[CapResult], now: float | None = None) -> None:
+        """`now`: on the lease clock, to try a failed restore again RETRY_S later."""
         for r in results:
-            if r.status == "ok":
-                self.held[r.gpu_uuid] = r.requested_w
-            elif r.status in ("restored", "gpu_lost"):
-                self.held.pop(r.gpu_uuid, None)
-                self.until.pop(r.gpu_uuid, None)
+            u, held = r.gpu_uuid, r.held
+            if held is None:  # as the status says: a failure changes nothing
+                held = r.status == "ok" or (r.status not in ("restored", "gpu_lost") and u in self.held)
+            if not held:
+                self.held.pop(u, None)
+                self.until.pop(u, None)
+            elif r.status == "ok":
+                self.held[u] = r.requested_w
+            elif r.requested_w is not None:  # failed, but a limit is (or may be) set: held, so a restore reaches it
+                self.held.setdefault(u, r.requested_w)
+            elif now is not None:  # a restore that failed: tried again through the lease's path
+                self.until[u] = now + RETRY_S
             if r.status not in ("ok", "restored"):
                 self.failures += 1
         self.actions += len(results)
@@ -140,7 +164,7 @@ async def follow_caps(sub, applier: CapApplier, emit: Callable[[Topic, pa.Record
         if not uuids:
             return
         results = await applier.apply(uuids, watts)
-        holder.record(results)
+        holder.record(results, lease_clock())
         await emit(Topic.POWER_ACTIONS, action_rows(applier, holder, results, cause, clock()))
 
     ended = False
