@@ -116,32 +116,14 @@ def test_an_agents_lease_runs_on_its_monotonic_clock_not_the_wall_clock(monkeypa
     import pipeline.sources.power_caps as power_caps
     monkeypatch.setattr(power_caps, "POLL_S", 0.01)
     t0 = datetime(2026, 12, 1, tzinfo=timezone.utc)
-    wall, mono, polls = [t0], [1000.0], [0]
+    wall, mono = [t0], [1000.0]
     monkeypatch.setattr(nvml, "_utc_now", lambda: wall[0])
     replay = NvmlReplay(H100, gpus=2, latency=False, settle_s=0)
     uuid = [g.uuid for g in replay.gpus]
     actions: list[dict] = []
 
     async def main():
-        bus = MemoryBus()
-        listener = bus.listen(Topic.POWER_CAPS, ["rack-0"])
-
-        class Polled:  # the listener, counting the follower's rounds (each ends with a look at the leases)
-            async def get_batch(self, **kw):
-                polls[0] += 1
-                return await listener.get_batch(**kw)
-        source = NvmlSource(NvmlAgent(make_config(agent={"interval_s": 0.05}).agent, "node-1"), replay, "h100",
-                            Polled(), lease_clock=lambda: mono[0])
-
-        async def emit(topic, batch):
-            if topic == Topic.POWER_ACTIONS:
-                actions.extend(batch.to_pylist())
-
-        async def checks(n: int) -> None:  # the follower looks at its leases n more times
-            seen = polls[0]
-            await until(lambda: polls[0] >= seen + n + 1, task)
-        stop = asyncio.Event()
-        task = asyncio.create_task(source.run(emit, stop))
+        bus, stop, task, source, checks = polled_source(replay, mono, actions)
         await until(lambda: source.agent.opened.is_set(), task)
         await bus.publish(Message(Topic.POWER_CAPS, caps([("node-1", uuid[1], 500.0, 60.0)])))
         await until(lambda: len(actions) == 1, task)
