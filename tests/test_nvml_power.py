@@ -259,6 +259,18 @@ def test_a_cap_never_raises_a_gpu_past_the_limit_its_operator_set_and_restore_go
     assert replay.gpus[CAPPED].limit_mw == 600_000 and a.power.restore_all() == []
 
 
+def test_a_restore_of_a_gpu_this_agent_never_capped_leaves_its_operators_limit():
+    """A restore that reaches a GPU this agent holds no cap on (an agent started again after
+    its ledger's restore, a role's stale view) leaves the site's 600 W as it is, not 700 W."""
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed():
+        replay.gpus[CAPPED].limit_mw = replay.gpus[CAPPED].old_limit_mw = 600_000  # the operator's policy
+        a = opened(replay)
+        r = a.power.restore(CAPPED)
+    assert (r.status, r.enforced_w) == ("restored", 600.0) and "not capped by this agent" in r.detail
+    assert replay.gpus[CAPPED].limit_mw == 600_000
+
+
 def test_caps_an_agent_left_when_it_was_killed_are_restored_by_the_next_one(tmp_path):
     """A killed agent cannot restore its caps (close() never runs); its ledger names the own
     limits of the GPUs it held, and the next agent on the node restores them when it starts."""

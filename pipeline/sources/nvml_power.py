@@ -93,7 +93,8 @@ class PowerLimiter:
         return self._set(gpu, float(cap_w))
 
     def restore(self, gpu: int) -> CapResult:
-        """Put the GPU back to its own limit (its default where this limiter never capped it)."""
+        """Put the GPU back to its own limit; one this limiter never capped is left as it is (a
+        site's `nvidia-smi -pl 600` is not raised to the default)."""
         return self._set(gpu, None)
 
     def restore_all(self) -> list[CapResult]:
@@ -160,6 +161,9 @@ class PowerLimiter:
                 return result("out_of_range", f"{cap_w:g} W is outside GPU {g.index}'s power limit range, "
                                               f"{low:g}-{high:g} W (its NVML constraints): ask for a cap within it; "
                                               f"nothing changed")
+            if cap_w is None and g.index not in self._own:  # never capped here: its limit is the site's to keep
+                enforced = pynvml.nvmlDeviceGetEnforcedPowerLimit(g.handle) / 1000.0
+                return result("restored", f"not capped by this agent: left at its {enforced:g} W", enforced)
             first = cap_w is not None and g.index not in self._own
             if first:  # what to come back to, in the ledger before the set (a kill after it loses nothing)
                 self._own[g.index] = pynvml.nvmlDeviceGetPowerManagementLimit(g.handle) / 1000.0
