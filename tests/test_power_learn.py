@@ -130,3 +130,21 @@ def test_a_job_that_pauses_keeps_what_was_learned_and_one_that_ends_forgets_it()
     assert learner.ref_n[0] == 20 and learner.demand()[0] == pytest.approx(690.0, abs=0.01)
     sample(90.0, 0.0, paused=False)
     assert learner.ref_n[0] == 0 and learner.demand()[0] == 0.0
+
+
+def test_a_1000_w_gpus_draw_is_binned_on_its_own_scale_and_a_cap_credits_what_it_would_draw():
+    """A B200 at its own 1,000 W: its draw's distribution reaches its limit (on the H100's 770 W
+    bins everything above was one bin, and a cap at 900 W was credited nothing), and a cap's
+    rate is read off the curve stretched to it (700 W is the H100's 490 W)."""
+    learner = CurveLearner(CURVE)
+    one = np.array([0])
+    for t in range(200):
+        draw = 600.0 if t % 30 < 10 else 990.0  # a training job's two phases
+        learner.observe(one, np.array([draw]), np.array([1.0]), np.array([0.34]), np.array([1000.0]), 1000.0)
+    assert learner.demand()[0] == pytest.approx(990.0, abs=2.0)
+    assert learner.demand_above(one, np.array([900.0]))[0] == pytest.approx(990.0, abs=2.0)
+    r = float(CURVE.at(0.7 * 698.0) / CURVE.at(0.7 * 990.0))
+    for _ in range(60):  # held at 700 W, keeping the Amdahl share of a job of s = 0.5
+        learner.observe(one, np.array([698.0]), np.array([1.0]), np.array([0.34 * float(keep(0.5, r))]),
+                        np.array([700.0]), 1000.0)
+    assert learner.sensitivity()[0] == pytest.approx(0.5, abs=0.05)

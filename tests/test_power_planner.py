@@ -260,3 +260,27 @@ def test_a_gpu_that_draws_its_demand_part_of_the_time_delivers_and_costs_its_sha
                                                "sensitivity")))
     want = share * capacity_w(same, CURVE)
     np.testing.assert_allclose(plan(same, want, CURVE).cap_w, plan(full, 2 * want, CURVE).cap_w, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(fleets, st.floats(0.05, 1.0), st.sampled_from([400.0, 1000.0, 1200.0]))
+def test_a_gpu_of_another_limit_is_planned_on_the_curve_stretched_to_it(fleet, share, own_w):
+    """A fleet of 1,000 W GPUs (B200) drawing 1000/700 of what an H100 fleet draws: the same plan,
+    every cap and saving stretched by 1000/700, the same work lost; the same for uniform capping.
+    On the H100's watts a B200's top 300 W would cost nothing (the curve ends at 700 W)."""
+    h100 = gpus_of(*fleet)
+    f = own_w / 700.0
+    other = GpuPower(h100.power_w * f, h100.busy, h100.flex_class, h100.min_limit_w * f, np.full(len(h100), own_w))
+    want = share * capacity_w(h100, CURVE)
+    a, b = plan(h100, want, CURVE), plan(other, want * f, CURVE)
+    assert capacity_w(other, CURVE) == pytest.approx(capacity_w(h100, CURVE) * f, rel=1e-9, abs=1e-6)
+    assert np.allclose(b.cap_w, a.cap_w * f, equal_nan=True, atol=1e-6)
+    assert b.work_lost == pytest.approx(a.work_lost, rel=1e-6, abs=1e-9) and b.saving_w == pytest.approx(a.saving_w * f)
+    assert uniform_cost(other, want * f, CURVE)[1] == pytest.approx(uniform_cost(h100, want, CURVE)[1], rel=1e-6,
+                                                                      abs=1e-9)
+
+
+def test_the_top_watts_of_a_1000_w_gpu_are_not_free():
+    b200 = GpuPower(np.array([1000.0]), np.array([True]), np.array([3]), np.array([286.0]), np.array([1000.0]))
+    p = plan(b200, 300.0, CURVE)
+    assert p.cap_w[0] == pytest.approx(700.0) and p.loss_pct == pytest.approx(100 * (1 - CURVE.at(490.0)), rel=1e-3)

@@ -656,8 +656,10 @@ class Controller:
         if self.active is not None:  # only a steady job's saving is the request's: the baseline's
             flex = np.where(self.steady, flex, 0)  # adjustment counts the rest (idle GPUs, new jobs) as drawn
         duty = np.where(known, self.learner.duty(demand, own), 1.0)
-        full = GpuPower(draw, busy, flex, np.full(draw.size, self.curve.min_limit_w),
-                        np.where(self.cap >= 0, own, max_w), self.learner.upper(), duty)
+        # A GPU of a higher limit than the curve's goes as low as the curve stretched to it; one of a lower
+        # limit no lower than the curve's minimum (a site's -pl 600 H100 still refuses under 200 W).
+        lowest = np.fmax(self.curve.min_limit_w, self.curve.min_limit_w * own / self.curve.max_limit_w)
+        full = GpuPower(draw, busy, flex, lowest, own, self.learner.upper(), duty)
         return GpuPower(*(a[mine] for a in (full.power_w, full.busy, full.flex_class, full.min_limit_w,
                                             full.max_limit_w, full.sensitivity, full.duty)))
 

@@ -18,9 +18,10 @@ prior s = 1 as `PRIOR_WEIGHT` pseudo-samples, from:
 
   - the reference: the job's own uncapped behaviour, while the GPU is busy and no cap is
     set below its default: util_mem's exponential mean, and the distribution of its draw
-    (a histogram whose weights fade over `DEMAND_SAMPLES`). A training job draws near its
-    limit while it computes and far under it while its GPUs communicate (every 15-45 s, in
-    lockstep); an inference job's draw moves with its requests. What a cap takes from a
+    (a histogram whose weights fade over `DEMAND_SAMPLES`, its bins in the curve's watts:
+    a GPU whose own limit is not the curve's is stretched to it, as the planner reads it).
+    A training job draws near its limit while it computes and far under it while its GPUs
+    communicate (every 15-45 s, in lockstep); an inference job's draw moves with its requests. What a cap takes from a
     GPU it holds is what that GPU would draw now: its draw above the cap
     (`demand_above`), not its mean or its last sample. A load that steps up (its last few
     samples' mean `STEP_UP` of the default limit above the distribution's upper half: a
@@ -55,7 +56,7 @@ DEMAND_SAMPLES = 120  # ... its draw's distribution, these: several training ste
                       # whose load moved for good is followed within minutes
 STEP_UP = 0.1         # (a share of the default limit: 70 W on an H100)
 RECENT_SAMPLES = 5    # the last few samples' exponential mean, that shows a step
-DEMAND_BINS = 64      # the distribution's resolution: 64 bins up to 1.1x the default limit (12 W on an H100)
+DEMAND_BINS = 64      # the distribution's resolution: 64 bins up to 1.1x the GPU's own limit (12 W on an H100)
 MIN_REF = 5           # samples of reference before a capped one counts
 MIN_SHED = 0.03       # a cap binds when the draw is this share below the reference
 NOT_BINDING_W = 10.0  # a GPU drawing this far under its limit is not held by it (the simulator's and
@@ -78,6 +79,8 @@ class CurveLearner:
     sxx: np.ndarray = field(default_factory=lambda: np.zeros(0))
     sxy: np.ndarray = field(default_factory=lambda: np.zeros(0))
     points: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    stretch: np.ndarray = field(default_factory=lambda: np.ones(0))  # per slot: the curve's watts per watt of
+                                                    # its own limit (planner.GpuPower.stretch): its bins and rates
 
     def __post_init__(self) -> None:
         self.bin_w = 1.1 * self.curve.max_limit_w / DEMAND_BINS
@@ -88,6 +91,7 @@ class CurveLearner:
         if extra > 0:
             for name in ("recent", "ref_mem", "ref_n", "sxx", "sxy", "points"):
                 setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra)]))
+            self.stretch = np.concatenate([self.stretch, np.ones(extra)])
             self.draw = np.concatenate([self.draw, np.zeros((extra, DEMAND_BINS), np.float32)])
             self.draw_w = np.concatenate([self.draw_w, np.zeros((extra, DEMAND_BINS), np.float32)])
 
@@ -104,7 +108,7 @@ class CurveLearner:
         step; 1 without a reference."""
         w = self.draw
         total = w.sum(axis=1, dtype=np.float64)
-        near = self.edges[None, :] > (demand - STEP_UP * np.asarray(default_w, np.float64))[:, None]
+        near = self.edges[None, :] > ((demand - STEP_UP * np.asarray(default_w, np.float64)) * self.stretch)[:, None]
         return np.divide(np.sum(w * near, axis=1, dtype=np.float64), total, out=np.ones(total.size), where=total > 0)
 
     def demand_above(self, slots: np.ndarray, level_w: np.ndarray) -> np.ndarray:
@@ -112,7 +116,7 @@ class CurveLearner:
         it there): its uncapped draw's mean above the level; the level itself where its job
         never drew that much (what the cap takes is then not known, and not credited)."""
         level = np.asarray(level_w, np.float64)
-        return np.fmax(self._mean(slots, self.edges[None, :] > level[:, None]), level)
+        return np.fmax(self._mean(slots, self.edges[None, :] > (level * self.stretch[slots])[:, None]), level)
 
     def _mean(self, slots, mask: np.ndarray) -> np.ndarray:
         mass = np.sum(self.draw[slots] * mask, axis=1, dtype=np.float64)
@@ -134,6 +138,8 @@ class CurveLearner:
         default_w = np.broadcast_to(np.asarray(default_w, np.float64), np.shape(power_w))
         limit = np.asarray(limit_w, np.float64)
         limit = np.where(np.isnan(limit), default_w, limit)
+        k = np.where(default_w > 0, self.curve.max_limit_w / np.where(default_w > 0, default_w, 1.0), 1.0)
+        self.stretch[slots] = k
         ok = np.isfinite(power)
         idle = ok & (util < IDLE_UTIL)
         over = idle if paused is None else idle & ~np.asarray(paused, bool)
@@ -154,7 +160,7 @@ class CurveLearner:
             fade = np.where(stepped, 0.0, 1.0 - 1.0 / DEMAND_SAMPLES).astype(np.float32)[:, None]
             self.draw[s] *= fade
             self.draw_w[s] *= fade
-            at = (s, np.clip((power[free] / self.bin_w).astype(np.int64), 0, DEMAND_BINS - 1))
+            at = (s, np.clip((power[free] * k[free] / self.bin_w).astype(np.int64), 0, DEMAND_BINS - 1))
             np.add.at(self.draw, at, 1.0)
             np.add.at(self.draw_w, at, power[free])
             a = np.maximum(1.0 / n, 1.0 / REF_SAMPLES)
@@ -167,8 +173,8 @@ class CurveLearner:
         held = known & (power < (1.0 - MIN_SHED) * ref_p)
         if held.any():
             s = slots[held]
-            at_ref = self.curve.at(ref_p[held])
-            r = np.clip(self.curve.at(power[held]) / np.where(at_ref > 0, at_ref, 1.0), 1e-3, 1.0)
+            at_ref = self.curve.at(ref_p[held] * k[held])
+            r = np.clip(self.curve.at(power[held] * k[held]) / np.where(at_ref > 0, at_ref, 1.0), 1e-3, 1.0)
             w = np.clip(mem[held] / self.ref_mem[s], 1e-3, 1.0)
             x, y = 1.0 / r - 1.0, 1.0 / w - 1.0
             np.add.at(self.sxx, s, x * x)

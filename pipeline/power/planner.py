@@ -19,7 +19,11 @@ where nothing is learned yet), relative to the work it does now:
     watt is the same, what it delivers is scaled;
   - a flexibility class bounds each GPU's loss: 0 never capped, 1/2/3 at most
     10/25/50% of its work (`CLASS_MAX_LOSS`), and no cap goes below the GPU's
-    minimum limit.
+    minimum limit;
+  - a GPU whose own limit is not the curve's (a 1,000 W B200, a 400 W A100) is read off the
+    curve stretched to its limit (`GpuPower.stretch`: the same share of its limit costs the
+    same share of its work), as the capacity report reads it; on the H100's watts a B200's
+    top 300 W would look free.
 
 The plan takes the cheapest watts first across the fleet. Each GPU's work as a function
 of its cap is concave (the curve's upper concave hull, composed with `keep`, which is
@@ -69,7 +73,7 @@ class GpuPower:
     busy: np.ndarray           # bool: doing work (utilisation above IDLE_UTIL)
     flex_class: np.ndarray     # int 0..3
     min_limit_w: np.ndarray    # the lowest limit each takes (NVML constraints)
-    max_limit_w: np.ndarray    # its default limit
+    max_limit_w: np.ndarray    # its own limit (its default, or a site's): the curve is stretched to it
     sensitivity: np.ndarray | None = None  # its job's compute-bound share, 0..1 (None: 1, the H100 curve's)
     duty: np.ndarray | None = None  # the share of the time it draws power_w, 0..1 (None: 1, all of it)
 
@@ -84,13 +88,20 @@ class GpuPower:
     def on(self) -> np.ndarray:
         return np.ones(len(self)) if self.duty is None else np.clip(self.duty.astype(np.float64), 0.0, 1.0)
 
+    def stretch(self, curve: PowerCurve) -> np.ndarray:
+        """Per GPU: the curve's watts per watt of its own (1 for a GPU whose own limit is the
+        curve's; 0.7 for a 1,000 W GPU on the H100's 700 W curve)."""
+        own = self.max_limit_w.astype(np.float64)
+        return np.where(own > 0, curve.max_limit_w / np.where(own > 0, own, 1.0), 1.0)
+
     def work(self, cap_w, curve: PowerCurve) -> np.ndarray:
         """Each GPU's work held to `cap_w` (NaN: uncapped), in full-load GPUs' worth (the true
         curve): the cap holds it back only for its duty."""
         draw = self.power_w.astype(np.float64)
-        at = curve.at(draw)
+        k = self.stretch(curve)
+        at = curve.at(draw * k)
         held = np.where(np.isnan(cap_w), draw, np.minimum(cap_w, draw))
-        r = curve.at(held) / np.where(at > 0, at, 1.0)
+        r = curve.at(held * k) / np.where(at > 0, at, 1.0)
         return np.where(self.busy, at * (1.0 - self.on * (1.0 - keep(self.sens, r))), 0.0)
 
     def shed(self, cap_w) -> np.ndarray:
@@ -121,8 +132,9 @@ def floors(gpus: GpuPower, curve: PowerCurve) -> np.ndarray:
     """Per GPU, the lowest cap its class allows (NaN: class 0, never capped). On the true
     curve: the class is a promise about the work actually lost."""
     max_loss = CLASS_MAX_LOSS[np.clip(gpus.flex_class.astype(np.int64), 0, len(CLASS_MAX_LOSS) - 1)]
-    lowest = rate_for(gpus.sens, 1.0 - max_loss) * curve.at(gpus.power_w)
-    floor = np.where(gpus.busy, curve.power_for(lowest), gpus.min_limit_w)
+    k = gpus.stretch(curve)
+    lowest = rate_for(gpus.sens, 1.0 - max_loss) * curve.at(gpus.power_w * k)
+    floor = np.where(gpus.busy, curve.power_for(lowest) / k, gpus.min_limit_w)
     floor = np.maximum(floor, gpus.min_limit_w)
     return np.where(max_loss > 0, floor, np.nan)
 
@@ -167,14 +179,15 @@ def plan(gpus: GpuPower, reduction_w: float, curve: PowerCurve, headroom_w: floa
         # the cut stays whole, vertex to vertex (GPUs alike at both ends, one cut between).
         grid = np.arange(GRID_W, curve.max_limit_w, GRID_W)
         grid = grid[np.abs(curve.at(grid) - hull.at(grid)) < 1e-9]
-        inner = np.union1d(hull.power_w[1:], grid)
+        k = gpus.stretch(curve)[busy][:, None]
+        inner = np.union1d(hull.power_w[1:], grid)[None, :] / k  # in each GPU's own watts
         lo, hi = floor[busy], draw[busy]
-        points = np.where((inner[None, :] > lo[:, None]) & (inner[None, :] < hi[:, None]), inner[None, :], lo[:, None])
+        points = np.where((inner > lo[:, None]) & (inner < hi[:, None]), inner, lo[:, None])
         points = np.concatenate([hi[:, None], -np.sort(-points, axis=1), lo[:, None]], axis=1)
         on = gpus.on[busy][:, None]
         watts = on * (points[:, :-1] - points[:, 1:])          # what each segment saves (its duty of the time)
-        top = hull.at(hi)[:, None]                             # the work now, on the hull
-        worth = top * keep(gpus.sens[busy][:, None], hull.at(points) / top)  # concave in the cap, per GPU
+        top = hull.at(hi[:, None] * k)                         # the work now, on the hull
+        worth = top * keep(gpus.sens[busy][:, None], hull.at(points * k) / top)  # concave in the cap, per GPU
         work = on * (worth[:, :-1] - worth[:, 1:])             # what each segment costs
         price = np.where(watts > 0, np.round(work / np.where(watts > 0, watts, 1.0), 12), np.inf)
         step = np.broadcast_to(np.arange(watts.shape[1]), watts.shape)
@@ -200,12 +213,14 @@ def plan(gpus: GpuPower, reduction_w: float, curve: PowerCurve, headroom_w: floa
 def uniform_cost(gpus: GpuPower, reduction_w: float, curve: PowerCurve) -> tuple[float, float]:
     """One cap on every GPU, the highest that sheds `reduction_w`: (that cap, the work it
     costs, in the unit of Plan.work_lost). The cap is at its floor (the minimum limit)
-    when even that does not shed enough."""
-    draw = gpus.power_w.astype(np.float64)
-    lo, hi = float(np.max(gpus.min_limit_w)), float(np.max(draw)) if draw.size else 0.0
+    when even that does not shed enough. GPUs of other limits get the same share of
+    theirs (the cap is in the curve's watts)."""
+    k = gpus.stretch(curve)
+    draw = gpus.power_w.astype(np.float64) * k
+    lo, hi = float(np.max(gpus.min_limit_w * k)), float(np.max(draw)) if draw.size else 0.0
 
     def shed(c: float) -> float:
-        return float(gpus.shed(np.full(len(gpus), c)).sum())
+        return float(gpus.shed(np.full(len(gpus), c) / k).sum())
     if draw.size == 0 or shed(lo) <= reduction_w:
         c = lo
     else:
@@ -213,5 +228,5 @@ def uniform_cost(gpus: GpuPower, reduction_w: float, curve: PowerCurve) -> tuple
             mid = 0.5 * (lo + hi)
             lo, hi = (mid, hi) if shed(mid) >= reduction_w else (lo, mid)
         c = lo
-    lost = gpus.work(np.full(len(gpus), np.nan), curve) - gpus.work(np.full(len(gpus), c), curve)
+    lost = gpus.work(np.full(len(gpus), np.nan), curve) - gpus.work(np.full(len(gpus), c) / k, curve)
     return c, float(lost.sum())
