@@ -463,7 +463,7 @@ def cmd_silence(args: argparse.Namespace) -> int:
 
 def cmd_power(args: argparse.Namespace) -> int:
     """`fleetwatch power request|status|cancel|report`."""
-    from pipeline.power.request import Rejected
+    from pipeline.power.request import MAX_AHEAD_S, Rejected
     from pipeline.power.store import request_store
     from pipeline.roles.power import status_doc
     from pipeline.sinks.silences import parse_duration
@@ -475,7 +475,11 @@ def cmd_power(args: argparse.Namespace) -> int:
         cfg = load_config(getattr(args, "config", None), overrides=_overrides(args))
         start: str = args.start.strip()
         if start.startswith("+"):
-            start = (now + timedelta(seconds=parse_duration(start[1:], "--start +"))).isoformat()
+            try:
+                start = (now + timedelta(seconds=parse_duration(start[1:], "--start +"))).isoformat()
+            except OverflowError:  # past year 9999: refused as any start too far ahead is (power/request.py)
+                raise ConfigError(f"power request rejected: --start {start}: too far ahead; at most "
+                                  f"{MAX_AHEAD_S / 86400:g} days ahead are taken") from None
         data = {"site": args.site or cfg.fleet.site, "racks": args.racks or "", "target_kw": args.target_kw,
                 "reduction_kw": args.reduction_kw, "reduction_pct": args.reduction_pct, "start": start,
                 "duration_s": parse_duration(args.duration, "--duration"), "ramp_s": parse_duration(args.ramp, "--ramp")}

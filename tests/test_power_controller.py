@@ -102,6 +102,30 @@ def test_a_meter_reading_of_nan_is_no_reading():
     assert out.met and np.all(np.isfinite(ctl.meter_per_it()))
 
 
+def test_a_meter_gone_silent_is_no_hold_seen():
+    """The site meter sends nothing for 90 s of a hold (the PDUs and the GPUs go on): no
+    reading of those 90 s is the reduction's, and the caps stay as they were (nothing
+    measured, nothing corrected), where its last reading had counted again at every step."""
+    import pyarrow.compute as pc
+    sim, ctl = fleet()
+    out = ctl.submit(request(300, 10))
+    caps_at = {}
+    for i in range(700):
+        tick = sim.step()
+        facility = tick.facility
+        if 450 <= i < 540:
+            facility = facility.filter(pc.not_equal(facility.column("device_class"), "meter"))
+        ctl.observe_gpus(tick.gpu)
+        ctl.observe_facility(facility)
+        if i % INTERVAL == 0:
+            ctl.step(sim.now)
+        if i in (460, 535):
+            caps_at[i] = sim.caps.copy()
+    silent = [s for s, _ in out.achieved_kw if 151 <= s < 240]  # (s from the start: 451-539)
+    assert not silent and out.achieved_kw[-1][0] > 240
+    assert np.array_equal(caps_at[460], caps_at[535])
+
+
 def test_the_restore_is_staged_at_the_rate_and_under_the_site_cap():
     rate = 0.5  # kW/s
     _, _, (out,), meter, caps, actuator = run(1100, [request(400, 15)], restore_rate_kw_s=rate)

@@ -84,3 +84,15 @@ def test_overlapping_requests_on_the_same_load_are_refused_and_others_taken():
     validate(request(racks=["r03"]), NOW, [first])                        # other racks
     validate(request(start="2026-12-01T18:15:00Z"), NOW, [first])         # after it ends
     validate(request(site="dc2"), NOW, [first])                           # another site
+
+
+def test_a_request_too_long_or_too_far_ahead_is_refused_before_its_end_is_read():
+    """Past the bounds its end is past year 9999 (OverflowError on every read of it before)."""
+    assert "duration_s = 1e+12: at most 604800 s (7 days)" in rejected(request(duration_s=1e12))
+    assert "days ahead (now 2026-12-01T18:00:00.000Z); at most 365 days ahead" in rejected(
+        request(start="9999-12-31T23:59:00Z", duration_s=600))
+    validate(request(duration_s=7 * 86400, start="2027-11-30T18:00:00Z"), NOW, [])  # a week, within a year
+    with pytest.raises(Rejected, match="start = '9999-12-31T23:00:00-05:00': out of range"):
+        request(start="9999-12-31T23:00:00-05:00")
+    with pytest.raises(Rejected, match="duration_s = 1000.*: not a number"):
+        request(duration_s=10 ** 400)  # (JSON's integers have no bound)

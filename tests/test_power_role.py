@@ -13,6 +13,7 @@ import re
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -558,3 +559,234 @@ def test_an_alerts_listener_that_fails_is_said_once_and_read_again(tmp_path, cap
     assert said == ["power: cannot read the alerts (ConnectionError: broker away): GPUs that fault alerts name may "
                     "be capped until they are read again; trying again every 0 s", "power: reading the alerts again"]
     assert list(h.role.ctl.suspects) == [alert.fingerprint]
+
+
+# ---- review fixes: a POST racing the tick, requests out of range, a restart under caps, a silent meter ----
+
+
+def _post(h: Harness, body: bytes):
+    return asyncio.run(h.role.routes()[("POST", "/power/requests")](body))
+
+
+def test_a_post_whose_request_a_tick_took_first_is_taken_once_and_its_cancel_holds(tmp_path):
+    """The POST awaits the worker's write; a tick between re-reads the file and takes the request
+    first. Taken again, the controller held it twice and, after a cancel, ran the other."""
+    import threading
+    h = Harness(tmp_path)
+    h.run(90)
+    role = h.role
+    add, answer = role._disk.add, threading.Event()
+
+    def add_then_hold(*args):  # the file has it; the worker's answer waits for the test
+        entry = add(*args)
+        answer.wait(30)
+        return entry
+    role._disk.add = add_then_hold
+
+    async def race():
+        post = asyncio.create_task(role.routes()[("POST", "/power/requests")](
+            b'{"site": "site-a", "reduction_pct": 8, "duration_s": 300, "id": "dr-2"}'))
+        while not (h.store.refresh() or h.store.known("dr-2")):
+            await asyncio.sleep(0.01)
+        tick = asyncio.create_task(role.tick())  # (its flush waits on the worker too)
+        while "dr-2" not in role.tracked:
+            await asyncio.sleep(0.01)
+        answer.set()
+        await tick
+        return await post
+    status, body = asyncio.run(race())
+    assert status == 202 and body["state"] == "accepted"
+    assert [r.id for r, _ in role.ctl.requests] == ["dr-2"]
+    h.run(40)
+    assert (h.sim.caps < 700).any()
+    h.store.cancel("dr-2", h.sim.now)
+    h.run(30)
+    assert h.store.entries()[0].state == "cancelled" and role.ctl.phase == "idle"
+    assert (h.sim.caps == 700).all()  # and nothing capped them again
+
+
+def test_a_request_out_of_range_is_refused_on_every_path_and_one_stored_before_stops_nothing(tmp_path):
+    """A request ending past year 9999 raised OverflowError wherever its end was read: the role
+    crash-looped, the store refused every later request, HTTP answered 500, the grid signal's
+    row killed the role. Bounded now (power/request.py MAX_DURATION_S, MAX_AHEAD_S)."""
+    from pipeline.bus.intake import FileDeadLetters
+    h = Harness(tmp_path)
+    h.run(90)
+    now = iso_utc(h.sim.now)
+
+    def old(rid: str, state: str, **request) -> dict:
+        return {"request": {"site": "site-a", "reduction_kw": 5, "ramp_s": 30, "id": rid, "source": "cli", "ts": now,
+                            **request}, "state": state, "reason": "", "submitted": now, "cancelled": "",
+                "reported": ""}
+    older = request_store(h.cfg.data_dir)  # an older version's process, with no bounds, stored them
+    with older.file.locked():
+        older.file.write({"version": 1, "requests": [
+            old("long", "pending", duration_s=1e12, start="now"),
+            old("far", "cancelled", duration_s=600, start="9999-12-31T23:59:00Z"),
+            old("far-run", "accepted", duration_s=600, start="9999-12-31T23:59:00Z")]})
+    h.run(5)
+    states = {e.id: (e.state, e.reason) for e in h.store.entries()}
+    assert states["long"][0] == "rejected" and "at most 604800 s (7 days)" in states["long"][1]
+    assert states["far-run"][0] == "rejected" and "at most 365 days ahead" in states["far-run"][1]
+    again = Harness(tmp_path, sim=h.sim)  # a restart reads them again
+    again.run(3)
+    assert h.store.known(h.ask(reduction_kw=5, duration_s=60))  # the store takes others
+    with pytest.raises(Rejected, match="at most 604800 s"):
+        h.ask(reduction_kw=5, duration_s=1e12)
+    # HTTP: 400 with the reason
+    status, body = _post(h, b'{"site": "site-a", "reduction_kw": 5, "duration_s": 1e12}')
+    assert status == 400 and "at most 604800 s" in body["error"]
+    status, body = _post(h, b'{"site": "site-a", "reduction_kw": 5, "duration_s": 1' + b"0" * 400 + b"}")
+    assert status == 400 and "duration_s" in body["error"]
+    # the grid signal: dead-lettered, also a row that raises what no check foresaw
+    letters = FileDeadLetters(Path(h.cfg.data_dir) / "deadletter" / "intake.jsonl")
+    long = PowerRequest(site="site-a", start=h.sim.now, duration_s=1e12, reduction_kw=5, source="kafka",
+                        id="grid-long", ts=h.sim.now)
+    asyncio.run(h.role.grid_signal(Message(Topic.POWER_REQUESTS, long.to_batch()), letters))
+    add = h.role._disk.add
+    h.role._disk.add = lambda *a: (_ for _ in ()).throw(RuntimeError("a surprise"))
+    odd = PowerRequest(site="site-a", start=h.sim.now, duration_s=60, reduction_kw=5, source="kafka",
+                       id="grid-odd", ts=h.sim.now)
+    asyncio.run(h.role.grid_signal(Message(Topic.POWER_REQUESTS, odd.to_batch()), letters))
+    h.role._disk.add = add
+    dead = [json.loads(line) for line in letters.path.read_text().splitlines()]
+    assert [(d["row"]["id"], d["reason"]) for d in dead] == [("grid-long", "bad_request"), ("grid-odd", "bad_request")]
+    assert "at most 604800 s" in dead[0]["detail"] and "RuntimeError: a surprise" in dead[1]["detail"]
+    assert h.role.status()["grid_signal_rejected"] == 2
+    h.run(3)  # the role goes on
+
+
+def test_the_command_line_refuses_a_request_out_of_range_with_status_2(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for args, why in ((["--duration", "20000000d"], "at most 604800 s (7 days)"),
+                      (["--duration", "10m", "--start", "9999-12-31T23:59:00Z"], "at most 365 days ahead"),
+                      (["--duration", "10m", "--start", "+20000000d"], "at most 365 days ahead")):
+        out = fleetwatch("power", "request", "--reduction-kw", "5", *args, "--data-dir", str(data))
+        assert out.returncode == 2 and "power request rejected: " in out.stderr and why in out.stderr, args
+        assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_restart_resumes_a_level_that_its_own_caps_hold_the_meter_under(tmp_path):
+    """Killed while a target_kw request holds its caps (the agents keep them for their lease):
+    the new process judged it again on the capped meter, "already under it", and dropped it."""
+    h = Harness(tmp_path)
+    h.run(90)
+    base = h.role.ctl.baseline_kw(h.sim.now)
+    rid = h.ask(target_kw=round(base - 15, 1), duration_s=600)
+    h.run(60)
+    (entry,) = h.store.entries()
+    assert entry.state == "active" and h.role.ctl.meter[-1][1] < base - 14  # the caps hold the meter down
+    first = h.role.tracked[rid].outcome.baseline_kw
+    again = Harness(tmp_path, sim=h.sim)  # killed: no close(), the caps stay on the GPUs
+    again.run(5)
+    (entry,) = again.store.entries()
+    assert entry.state == "active", entry.reason
+    assert [r.id for r, _ in again.role.ctl.requests] == [rid]
+    assert entry.baseline_kw == pytest.approx(first)  # the first start's, kept: not the capped meter's
+    t = again.role.tracked[rid]
+    assert t.outcome.requested_kw == pytest.approx(h.role.tracked[rid].outcome.requested_kw)  # 15 kW, not 0
+
+
+def test_a_restarted_role_measures_a_reduction_from_the_load_before_any_cap(tmp_path):
+    """Killed while its caps hold: the agents keep them for their lease, then restore them. The
+    new process measures from the baseline the first one took, meter and PDUs alike (the PDUs'
+    mean over a window of capped load would read the lapse of the old caps as load that came,
+    and credit 16 kW where the caps held back 1)."""
+    from tests.test_power_controller import _true_reduction_kw
+    h = Harness(tmp_path)
+    h.run(90)
+    rid = h.ask(reduction_kw=15, duration_s=900)
+    h.run(60)
+    left = np.flatnonzero(h.sim.caps < 700)
+    again = Harness(tmp_path, sim=h.sim)  # killed: no close(), the caps stay on the GPUs
+    again.run(60)
+    again.sim.set_caps(left, 700.0)  # their lease lapses: the agents restore what the killed process set
+    again.run(120)
+    truth = []
+    for _ in range(60):
+        again.run(1)
+        truth.append(_true_reduction_kw(again.sim))
+    o = again.role.tracked[rid].outcome
+    assert np.mean(truth) >= 0.95 * o.requested_kw, (np.mean(truth), o.minute_means())
+    assert o.minute_means()[-1] == pytest.approx(np.mean(truth), rel=0.1)
+
+
+def _without_meter(h: Harness, seconds: int, facility: bool = True) -> None:
+    """The fleet's GPU data and (with `facility`) its PDUs, not its meter; or no facility data at all."""
+    import pyarrow.compute as pc
+
+    async def go():
+        for _ in range(seconds):
+            tick = h.sim.step()
+            h.role.observe(Message(Topic.GPU, tick.gpu))
+            if facility:
+                f = tick.facility
+                h.role.observe(Message(Topic.FACILITY, f.filter(pc.not_equal(f.column("device_class"), "meter"))))
+            h.wall += 1.0
+            await h.role.tick()
+    asyncio.run(go())
+
+
+def test_with_the_meter_silent_a_request_due_is_refused_and_a_later_one_waits_for_it(tmp_path):
+    """No meter reading in the baseline window: nothing to judge a request's size by (10 MW of a
+    130 kW site was accepted). One due now is refused; one later waits, judged when the meter
+    is back, refused at its start if it is not."""
+    h = Harness(tmp_path)
+    h.run(90)
+    _without_meter(h, 70)
+    due = h.ask(reduction_kw=10000, duration_s=60)
+    soon = h.ask(reduction_pct=5, duration_s=60, start=iso_utc(h.sim.now + timedelta(seconds=100)))
+    later = h.ask(reduction_pct=5, duration_s=60, start=iso_utc(h.sim.now + timedelta(minutes=10)))
+    _without_meter(h, 3)
+    status, body = _post(h, b'{"site": "site-a", "reduction_kw": 10000, "duration_s": 60, "id": "web"}')
+    states = {e.id: (e.state, e.reason) for e in h.store.entries()}
+    assert states[due][0] == "rejected" and "no meter reading since " in states[due][1], states[due]
+    assert "send it again once" in states[due][1]
+    assert status == 400 and body["state"] == "rejected" and "no meter reading since" in body["reason"]
+    for rid in (soon, later):
+        assert states[rid][0] == "pending" and "no meter reading since" in states[rid][1], states[rid]
+    _without_meter(h, 100)  # `soon` comes due with the meter still silent
+    states = {e.id: (e.state, e.reason) for e in h.store.entries()}
+    assert states[soon][0] == "rejected" and "no meter reading since" in states[soon][1]
+    h.run(70)  # the meter is back: `later` is judged
+    states = {e.id: (e.state, e.reason) for e in h.store.entries()}
+    assert states[later] == ("accepted", "")
+    assert [r.id for r, _ in h.role.ctl.requests] == [later]
+
+
+class _SimAndBus(BusActuator):
+    """Caps onto the simulator and as the rows the agents would read (renewals included)."""
+
+    def __init__(self, sim: FleetSimulator) -> None:
+        super().__init__("site-a", lease_s=60.0)
+        self.sim = SimulatorActuator(sim)
+
+    def apply(self, caps):
+        super().apply(caps)
+        self.sim.apply(caps)
+
+
+def test_with_the_facility_data_stopped_the_caps_are_renewed_and_the_hold_is_not_verified(tmp_path):
+    """The role's clock followed the facility data only: with it stopped, no step ran and no cap
+    was renewed (the agents restore at their lease) while the request showed active, met."""
+    h = Harness(tmp_path, actuator=None)
+    h.actuator = _SimAndBus(h.sim)
+    h.role = PowerRole(h.cfg, h.store, h.actuator, h.role.publish, wall=lambda: h.wall, utc_now=lambda: h.sim.now)
+    h.run(90)
+    rid = h.ask(reduction_pct=8, duration_s=300)
+    h.run(60)
+    assert h.store.entries()[0].state == "active" and not h.of(Topic.ALERTS)
+    sent = len(h.of(Topic.POWER_CAPS))
+    _without_meter(h, 150, facility=False)
+    renewed = [r for r in h.of(Topic.POWER_CAPS)[sent:] if r["cap_w"] is not None]
+    assert len({r["ts"] for r in renewed}) >= 4  # each third of the 60 s lease
+    missed = h.role.status()["requests"][rid]["missed"]
+    assert missed.startswith("no meter reading since ") and "not verified" in missed
+    (alert,) = h.of(Topic.ALERTS)
+    assert alert["status"] == "firing" and alert["annotations"]["summary"].endswith(missed)
+    h.run(300)  # the facility data is back; the request ends
+    (row,) = h.of(Topic.POWER_REPORTS)
+    assert not row["met"] and "no meter reading from " in row["missed_reason"], row["missed_reason"]
+    (entry,) = h.store.entries()
+    assert entry.state == "done" and "not verified" in entry.reason

@@ -120,6 +120,8 @@ class Outcome:
                                           # (for a rise, for a fall) of the load not controlled
     adjustment_kw: list[tuple[float, float]] = field(default_factory=list)  # (s from start, kW): the
                                           # baseline's adjustment for the load not controlled, each reading
+    given_baseline: tuple[float, float | None] | None = None  # (meter, PDUs) kW from a first start (submit)
+    base_it_kw: float | None = None       # the PDUs' sum the adjustment counts from (a restart resumes on it)
 
     def minute_means(self) -> list[float]:
         """The reduction held, as the mean of each minute of the hold (a demand-response
@@ -461,8 +463,11 @@ class Controller:
 
     # ---- the requests --------------------------------------------------------------
 
-    def submit(self, req: PowerRequest) -> Outcome:
-        outcome = Outcome(req)
+    def submit(self, req: PowerRequest, baseline: tuple[float, float | None] | None = None) -> Outcome:
+        """Take `req`; `baseline`: (the meter's, the PDUs' kW) it was given at its first start,
+        for a request a restart resumes (the meter now is held down by the caps the agents still
+        hold for their lease: a baseline taken on it would ask nothing of them)."""
+        outcome = Outcome(req, given_baseline=baseline)
         self.requests.append((req, outcome))
         return outcome
 
@@ -501,11 +506,18 @@ class Controller:
         if self.phase == "active" and not req.racks:  # the caps themselves move the IT load: a fit soon
             out.meter_per_it = self.meter_per_it()
         if self.phase == "active":
-            achieved = None
-            if covered is not None:  # every reading since the last step (the site meter's), in order
-                last = self.last_step
-                readings = ([(t, kw) for t, kw in self.meter if req.start <= t <= now and (last is None or t > last)]
-                            if not req.racks else []) or [(now, covered)]
+            achieved, last = None, self.last_step
+            # Every reading since the last step (the site meter's), in order; the covered racks' sum once
+            # each has a reading since. None new (a meter gone silent): nothing measured, no correction
+            # (the last reading again would be a hold nobody saw; the role reports the silence).
+            if covered is None:
+                readings = []
+            elif not req.racks:
+                readings = [(t, kw) for t, kw in self.meter if req.start <= t <= now and (last is None or t > last)]
+            else:
+                fresh = last is None or min(self.pdu[r][0] for r in req.racks) > last
+                readings = [(now, covered)] if fresh else []
+            if readings:
                 values = []
                 # A level to hold (target_kw, a firm service level) is judged by the meter itself:
                 # the load that came since the baseline must be shed too, the load that left gives
@@ -563,7 +575,8 @@ class Controller:
 
     def _start(self, req: PowerRequest, now: datetime) -> None:
         out = self._outcome(req)
-        baseline = self.baseline_kw(req.start) if not req.racks else self.covered_kw(req)
+        given = out.given_baseline
+        baseline = given[0] if given else self.baseline_kw(req.start) if not req.racks else self.covered_kw(req)
         if baseline is None:
             log.warning("power request %s: no meter reading to baseline %s on; it is not run", req.id, req.where())
             out.baseline_kw = float("nan")
@@ -581,6 +594,9 @@ class Controller:
             window = [it for t, _, it in self.it if since <= t <= req.start]
             self.base_it_kw = float(np.mean(window)) if window else self._covered_it_kw(req)
             out.meter_per_it = self.meter_per_it()
+        if given and given[1] is not None:
+            self.base_it_kw = given[1]
+        out.base_it_kw = self.base_it_kw
         self.mine = np.zeros(self.cap.size, bool)
         self.mine[self.gpus.covered(req.racks)] = True
         lr = self.learner

@@ -23,6 +23,11 @@ from pipeline.model import POWER_REQUEST, iso_utc
 GOALS = ("target_kw", "reduction_kw", "reduction_pct")
 START_GRACE_S = 30.0   # a start this far in the past is taken as "now" (clock skew, transit)
 DEFAULT_RAMP_S = 30.0
+# The longest request and the farthest start taken: a demand-response event lasts hours and is
+# announced a day or so ahead, so a week and a year are generous; past them a request is a typo
+# (20000000d), and its end is past what a time can hold (year 9999) or a report row's (2262).
+MAX_DURATION_S = 7 * 86400.0
+MAX_AHEAD_S = 365 * 86400.0
 
 
 class Rejected(ValueError):
@@ -101,7 +106,7 @@ def from_dict(data: dict[str, Any], source: str, now: datetime | None = None) ->
         if data.get(name) is not None:
             try:
                 kw[name] = float(data[name])
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # (an integer of 400 digits)
                 raise Rejected(f"{name} = {data[name]!r}: not a number") from None
     racks = data.get("racks") or ()
     if isinstance(racks, str):
@@ -128,7 +133,24 @@ def _time(value: Any, name: str, now: datetime) -> datetime:
         raise Rejected(f"{name} = {value!r}: not a time; give RFC 3339 (2026-12-01T18:00:00Z) or \"now\"") from None
     if t.tzinfo is None:
         raise Rejected(f"{name} = {value!r}: give the time zone (a Z for UTC)")
-    return t.astimezone(timezone.utc)
+    try:
+        return t.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:00:00-05:00 is past the last time in UTC
+        raise Rejected(f"{name} = {value!r}: out of range") from None
+
+
+def in_range(req: PowerRequest, now: datetime) -> None:
+    """Rejected unless `req` lasts at most MAX_DURATION_S and starts at most MAX_AHEAD_S after
+    `now`: what makes its `end` a time (checked before anything reads it, a stored request's too)."""
+    if not math.isfinite(req.duration_s) or req.duration_s <= 0:
+        raise Rejected(f"duration_s = {req.duration_s:g}: must be positive")
+    if req.duration_s > MAX_DURATION_S:
+        raise Rejected(f"duration_s = {req.duration_s:g}: at most {MAX_DURATION_S:g} s ({MAX_DURATION_S / 86400:g} "
+                       f"days); a demand-response event lasts hours, not weeks: send a longer one as several")
+    ahead = (req.start - now).total_seconds()
+    if ahead > MAX_AHEAD_S:
+        raise Rejected(f"start {iso_utc(req.start)} is {ahead / 86400:.0f} days ahead (now {iso_utc(now)}); at most "
+                       f"{MAX_AHEAD_S / 86400:g} days ahead are taken: send it nearer its time")
 
 
 def validate(req: PowerRequest, now: datetime, accepted: list[PowerRequest], baseline_kw: float | None = None,
@@ -147,6 +169,7 @@ def validate(req: PowerRequest, now: datetime, accepted: list[PowerRequest], bas
         raise Rejected(f"duration_s = {req.duration_s:g}: must be positive")
     if not math.isfinite(req.ramp_s) or req.ramp_s <= 0 or req.ramp_s > req.duration_s:
         raise Rejected(f"ramp_s = {req.ramp_s:g}: must be positive and no longer than duration_s ({req.duration_s:g})")
+    in_range(req, now)
     late = (now - req.start).total_seconds()
     if late > START_GRACE_S:
         raise Rejected(f"start {iso_utc(req.start)} is {late:.0f} s in the past (now {iso_utc(now)}); "

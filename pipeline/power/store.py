@@ -10,9 +10,10 @@ status` shows both.
 
 States: pending (not judged by the role yet), accepted (before its start), active,
 restoring (the caps rise), done, cancelled, rejected (`reason` says why). `reported`: when
-the role sent the request's report row. The role prunes a request over `RETENTION_S` after
-the last of its end, its cancel and its report, so the file (read whole at every change)
-does not grow with every request ever made.
+the role sent the request's report row; `baseline_kw` and `base_it_kw`: the baseline it took
+at its start (the meter's, and the PDUs' that its adjustment counts from). The
+role prunes a request over `RETENTION_S` after the last of its end, its cancel and its
+report, so the file (read whole at every change) does not grow with every request ever made.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Iterator
 
 from pipeline.config import ConfigError
 from pipeline.model import iso_utc
-from pipeline.power.request import PowerRequest, Rejected, from_dict, validate
+from pipeline.power.request import PowerRequest, Rejected, from_dict, in_range, validate
 from pipeline.sinks.files import RewrittenFile, SharedJson
 
 log = logging.getLogger("fleetwatch")
@@ -51,6 +52,9 @@ class Entry:
     submitted: str = ""
     cancelled: str = ""  # when a cancel was asked (RFC 3339); the role ends the request
     reported: str = ""   # when the role sent its power_request_report row (RFC 3339, the role's clock)
+    baseline_kw: float | None = None  # the baseline taken at its start, before its caps: a restart resumes on it
+                                      # (the meter then is held down by the caps the agents still apply)
+    base_it_kw: float | None = None   # the PDUs' sum over the same window (the adjustment's reference)
 
     @property
     def id(self) -> str:
@@ -67,7 +71,10 @@ class Entry:
         times = [when(s) for s in (self.submitted, self.cancelled, self.reported)]
         start, duration = when(self.request.get("start")), self.request.get("duration_s")
         if start is not None and isinstance(duration, (int, float)):
-            times.append(start + timedelta(seconds=float(duration)))
+            try:
+                times.append(start + timedelta(seconds=float(duration)))
+            except (OverflowError, ValueError):  # past year 9999 (stored by an older version): no end to keep it by
+                pass
         return max((t for t in times if t is not None), default=None)
 
     def parsed(self, now: datetime) -> PowerRequest:
@@ -75,22 +82,27 @@ class Entry:
 
     def to_json(self) -> dict[str, Any]:
         return {"request": self.request, "state": self.state, "reason": self.reason, "submitted": self.submitted,
-                "cancelled": self.cancelled, "reported": self.reported}
+                "cancelled": self.cancelled, "reported": self.reported, "baseline_kw": self.baseline_kw, "base_it_kw": self.base_it_kw}
 
 
 @dataclass(frozen=True)
 class Change:
     """The role's write of one request: its verdict or phase, the time a start of "now" came to
-    be (a restart resumes the request from it, not from its own now), when its report went out."""
+    be (a restart resumes the request from it, not from its own now), when its report went out,
+    the baseline taken at its start."""
     id: str
     state: str
     reason: str = ""
     start: str | None = None
     reported: str = ""
+    baseline_kw: float | None = None
+    base_it_kw: float | None = None
 
     def then(self, later: "Change") -> "Change":
         """This change, and a later one of the same request (the file only needs the last state)."""
-        return Change(self.id, later.state, later.reason, later.start or self.start, later.reported or self.reported)
+        return Change(self.id, later.state, later.reason, later.start or self.start, later.reported or self.reported,
+                      self.baseline_kw if later.baseline_kw is None else later.baseline_kw,
+                      self.base_it_kw if later.base_it_kw is None else later.base_it_kw)
 
 
 def when(value: Any) -> datetime | None:
@@ -118,13 +130,15 @@ class RequestStore:
     def add(self, data: dict[str, Any], source: str, now: datetime) -> tuple[Entry, PowerRequest]:
         """Store a request after the checks that need no fleet (its form, not in the past, not
         overlapping one not over); Rejected says why not. The role judges the rest."""
-        req = from_dict(data, source, now)
+        try:
+            req = from_dict(data, source, now)
+        except ArithmeticError as why:  # a value no arithmetic takes: the sender is told, never a traceback
+            raise Rejected(f"not a valid power request: {why}") from None
         with self._locked():
             if req.id in self._entries:
                 raise Rejected(f"id {req.id} is taken by request {req.id} ({self._entries[req.id].state}); use another "
                                f"id, or none (one is made up)")
-            open_ = [e.parsed(now) for e in self._entries.values() if e.state in OPEN and not e.cancelled]
-            validate(req, now, [r for r in open_ if r.end > now])
+            validate(req, now, self._open(now))
             doc = req.to_dict()
             if data.get("start") in (None, "", "now"):
                 doc["start"] = "now"
@@ -132,6 +146,22 @@ class RequestStore:
             self._entries[entry.id] = entry
             self._write()
         return entry, req
+
+    def _open(self, now: datetime) -> list[PowerRequest]:
+        """The requests not over, not cancelled, that a new one may overlap. One that does not read
+        as a request or is out of range (edited by hand, or stored by an older version) is left out:
+        the role rejects it, and it must not stop every other request from being stored."""
+        out = []
+        for e in self._entries.values():
+            if e.state in OPEN and not e.cancelled:
+                try:
+                    req = e.parsed(now)
+                    in_range(req, now)
+                except Rejected:
+                    continue
+                if req.end > now:
+                    out.append(req)
+        return out
 
     def cancel(self, request_id: str, now: datetime) -> Entry:
         """Ask for a request's end (an id or a unique prefix): the role drops one not started and
@@ -158,12 +188,15 @@ class RequestStore:
                 for c in changes:
                     e = self._entries.get(c.id)
                     if e is None or ((e.state, e.reason) == (c.state, c.reason)
-                                     and c.start in (None, e.request.get("start")) and c.reported in ("", e.reported)):
+                                     and c.start in (None, e.request.get("start")) and c.reported in ("", e.reported)
+                                     and c.baseline_kw in (None, e.baseline_kw) and c.base_it_kw in (None, e.base_it_kw)):
                         continue
                     e.state, e.reason = c.state, c.reason
                     if c.start is not None:
                         e.request["start"] = c.start
                     e.reported = c.reported or e.reported
+                    if c.baseline_kw is not None:
+                        e.baseline_kw, e.base_it_kw = c.baseline_kw, c.base_it_kw
                     dirty = True
                 pruned = []
                 if prune_at is not None:

@@ -62,7 +62,7 @@ from pipeline.model import POWER_REQUEST_REPORT, alerts_to_batch, iso_utc
 from pipeline.power.controller import ALERTS_READ, Controller, Firm, Outcome
 from pipeline.power.curve import from_recording
 from pipeline.power.node_labels import job_poller_for, poller_for
-from pipeline.power.request import PowerRequest, Rejected, validate
+from pipeline.power.request import PowerRequest, Rejected, in_range, validate
 from pipeline.power.store import NOT_STARTED, OPEN, Change, Entry, RequestStore, request_store, when
 
 log = logging.getLogger("fleetwatch")
@@ -79,6 +79,12 @@ CANCELLED_DOWN = "cancelled while the power role was down: nothing was verified"
 _ALERTS_READ = pa.array(sorted(ALERTS_READ))  # the alertnames the controller takes (observe_alerts)
 # The alerts read again when the role starts (over Kafka): all the topic keeps (the few of a month).
 ALERTS_LOOKBACK_S = ALERTS_KEPT_H * 3600.0
+# The facility data may trail the GPU data by this much (a BMS scraped every 15-30 s) and still
+# set the role's clock alone; further behind (a feed stopped), the GPU data's time less this sets
+# it, so the steps go on and the caps are renewed within their lease (at most a third of it).
+FACILITY_SLACK_S = 30.0
+# A hold is judged by the minute: a minute with no reading of the covered load is not verified.
+HOLD_SILENT_S = 60.0
 
 
 class DryRunActuator:
@@ -129,7 +135,9 @@ class PowerRole:
         self.labels = poller_for(cfg.power, self.ctl.classes)  # nodes' labels for the classes (Slurm features)
         self.jobs = job_poller_for(cfg.power, self.ctl.set_jobs)  # the jobs on the nodes: the firm capacity
         self.tracked: dict[str, Tracked] = {}
-        self.now: datetime | None = None       # the data's time: the newest GPU or facility reading
+        self.now: datetime | None = None       # the data's time: the facility data's, else the GPU data's (observe)
+        self._facility_at: datetime | None = None  # the newest facility batch's time
+        self._gpu_at: datetime | None = None       # the newest GPU batch's time
         self.next_step: datetime | None = None
         self.last_step: datetime | None = None
         self.wall = wall
@@ -141,6 +149,7 @@ class PowerRole:
         self.signals_seen: set[str] = set()  # grid-signal ids taken or rejected (a redelivery is not news)
         self.last_signal_rejection = ""
         self.latest = ""  # the last request accepted: the one restores after it are sent for
+        self._waiting: dict[str, str] = {}  # request id -> why it is not judged yet (written to the store once)
         # The role's writes: a store of its own, used only by one worker thread (in order, off the
         # event loop; the file's lock keeps it and `store`, the readers' and the MQTT intake's, apart).
         self._disk = RequestStore(store.folder)
@@ -180,15 +189,29 @@ class PowerRole:
             self.ctl.observe_facility(batch)
         else:
             return
+        # A batch's median reading time, so one device or agent whose clock runs ahead (the intake
+        # lets a reading through up to intake.max_ahead_s early) does not end a request or skip its
+        # control steps.
+        us = batch.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
+        median = datetime.fromtimestamp(0, timezone.utc) + timedelta(microseconds=int(np.median(us)))
         if message.topic == Topic.FACILITY:
-            # The role's clock is the meter's and the PDUs' (what a request is judged on): a
-            # batch's median reading time, so one device or agent whose clock runs ahead (the
-            # intake lets a reading through up to intake.max_ahead_s early) does not end a
-            # request or skip its control steps.
-            us = batch.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
-            median = datetime.fromtimestamp(0, timezone.utc) + timedelta(microseconds=int(np.median(us)))
-            if self.now is None or median > self.now:
-                self.now = median
+            self._facility_at = max(median, self._facility_at or median)
+        else:
+            self._gpu_at = max(median, self._gpu_at or median)
+        # The role's clock is the meter's and the PDUs' (what a request is judged on: a step runs
+        # once the readings of its time are in). Should they stop while the GPUs report, the GPU
+        # data's time moves it on (never the wall clock's): with none, no step would run and no cap
+        # be renewed, the agents would restore every GPU at their lease, and the request would show
+        # active; so the steps go on and see the meter's silence (`_watch_meter`). Not while the GPU
+        # data is a backlog (more than a lease behind the wall clock, `_behind`: no cap goes out to
+        # renew then), where one topic may be read ahead of the other.
+        now = self._facility_at
+        if self._gpu_at is not None and (self.cfg.fleet.speed != 1 or (
+                self.utc_now() - self._gpu_at).total_seconds() <= self.cfg.power.lease_s):
+            gpu = self._gpu_at - timedelta(seconds=min(FACILITY_SLACK_S, self.cfg.power.lease_s / 3))
+            now = gpu if now is None else max(now, gpu)
+        if now is not None and (self.now is None or now > self.now):
+            self.now = now
 
     def clock(self) -> datetime:
         """The role's now: the data's, or the wall clock's before any data."""
@@ -215,6 +238,9 @@ class PowerRole:
             entry, _ = await asyncio.wrap_future(self._pool.submit(self._disk.add, data, source, self.clock()))
         except ConfigError as why:
             raise Rejected(f"not stored: {why}") from None
+        t = self.tracked.get(entry.id)
+        if t is not None:  # the tick re-read the file the worker wrote, and took it first: taken once
+            return t.entry
         self._take(entry)
         return entry
 
@@ -231,6 +257,9 @@ class PowerRole:
                 await self.arrive({k: v for k, v in row.items() if v is not None and k != "source"}, "kafka")
             except Rejected as why:
                 bad.append((row, str(why)))
+            except Exception as why:  # a row no check foresaw: dead-lettered with what it raised, the role goes on
+                log.debug("power: grid-signal request %s could not be taken", rid, exc_info=True)
+                bad.append((row, f"not a valid request ({type(why).__name__}: {why})"))
         await self.flush()
         if not bad:
             return
@@ -266,32 +295,42 @@ class PowerRole:
     def _cancelled_unrun(self, entry: Entry) -> None:
         """Cancelled before its start, or while the role was down (it resumed nothing): one report row."""
         now = self.clock()
+        self._waiting.pop(entry.id, None)
         t = Tracked(entry, cancelled=True, unseen=entry.state in OPEN)
         self.tracked[entry.id] = t
         try:  # a start of "now" never taken: "now" was when it was sent
-            t.req = entry.parsed(when(entry.submitted) or now)
+            req = entry.parsed(when(entry.submitted) or now)
+            in_range(req, now)  # (stored by an older version, its end may be past year 9999: no row holds it)
         except Rejected as why:  # edited by hand: no report row can say what it was
             t.state, t.reason = entry.state, entry.reason
             log.warning("power request %s is cancelled, but it cannot be reported: %s", entry.id, why)
             return
+        t.req = req
         self._set(t, "cancelled", entry.reason if entry.state == "cancelled" else CANCELLED_DOWN)
         self._report(t, now)
 
     def _take(self, entry: Entry) -> None:
-        """Judge a request once the fleet is known (GPU data and a meter reading); until then it waits."""
-        if not self.ctl.gpus.uuids or not self.ctl.meter:
+        """Judge a request once the fleet is known (GPU data and a meter reading); until then it
+        waits. One taken already is not taken again: an HTTP POST takes its request once the worker
+        stored it, and a tick between, re-reading the file, may have taken it first (taken twice, the
+        controller would run it twice, and a cancel would end only one)."""
+        if entry.id in self.tracked or not self.ctl.gpus.uuids or not self.ctl.meter:
             return
         now = self.clock()
         t = Tracked(entry)
         self.tracked[entry.id] = t
+        # Judged before this process started (a restart): resumed, not judged again on the meter
+        # now, which the caps the agents still hold (up to a lease) keep down ("already under it").
+        resumed = entry.state in ("accepted", "active", "restoring")
         try:
             req = entry.parsed(now)
+            in_range(req, now)  # before its end is read: one stored by an older version may end past year 9999
             if req.end <= now:  # over before this process took it (the role was down): said, not judged
                 t.req, t.unseen = req, True
                 self._set(t, "done", NEVER_TAKEN if entry.state == "pending" else ENDED_DOWN)
                 self._report(t, req.end)
                 return
-            if entry.state in ("accepted", "active", "restoring") and req.start < now:
+            if resumed and req.start < now:
                 # Accepted before this process started (a restart): it goes on from now to its end.
                 req = dataclasses.replace(req, start=now, duration_s=(req.end - now).total_seconds(),
                                           ramp_s=min(req.ramp_s, (req.end - now).total_seconds()))
@@ -302,21 +341,67 @@ class PowerRole:
             if unknown:
                 raise Rejected(f"racks {', '.join(unknown)}: no GPU of site {self.site} reports from them")
             open_ = [o.req for o in self.tracked.values() if o.req is not None and o.state in OPEN and o is not t]
-            baseline = self.ctl.covered_kw(req) if req.racks else self.ctl.baseline_kw(now)
-            validate(req, now, [r for r in open_ if r.end > now], baseline, self.ctl.flexible_kw(req.racks))
-        except Rejected as why:
+            baseline = flexible = None
+            if not resumed:
+                baseline = self.ctl.covered_kw(req) if req.racks else self.ctl.baseline_kw(now)
+                silent = self._silence(req, now, self.cfg.power.baseline_s)
+                if silent or baseline is None:  # nothing to judge its size by: never taken unjudged
+                    silent = silent or self._silence(req, now, -math.inf)
+                    if (req.start - now).total_seconds() > self.cfg.power.control_interval_s:
+                        del self.tracked[entry.id]  # judged when a reading comes (each tick tries again)
+                        self._wait(entry, f"{silent}: it waits and is judged once one comes (rejected if none "
+                                          f"by its start)")
+                        return
+                    raise Rejected(f"{silent}: no baseline to judge it by; check the feed of the site's facility "
+                                   f"data (its meter, its PDUs) and send it again once their readings are back")
+                flexible = self.ctl.flexible_kw(req.racks)
+            validate(req, now, [r for r in open_ if r.end > now], baseline, flexible)
+        except (Rejected, ArithmeticError) as why:  # (a value no arithmetic takes: a refusal, not a crash)
             log.warning("power request %s rejected: %s", entry.id, why)
+            self._waiting.pop(entry.id, None)
             self._set(t, "rejected", str(why))
             return
-        t.req, t.outcome, t.state = req, self.ctl.submit(req), "accepted"
+        self._waiting.pop(entry.id, None)
+        given = (entry.baseline_kw, entry.base_it_kw) if resumed and entry.baseline_kw is not None else None
+        t.req, t.outcome, t.state = req, self.ctl.submit(req, given), "accepted"
         self.latest = req.id
-        firm, wanted_kw = self.ctl.firm(req.racks), req.reduction_w(baseline) / 1000.0 if baseline else 0.0
+        if resumed:
+            log.info("power request %s resumed (%s): %s of %s until %s", req.id, entry.state, req.goal(),
+                     req.where(), iso_utc(req.end))
+            self._change(Change(entry.id, "accepted", start=iso_utc(req.start)))
+            return
+        firm, wanted_kw = self.ctl.firm(req.racks), req.reduction_w(baseline) / 1000.0
         at_risk = (f"; at risk: {wanted_kw:.1f} kW is more than the {firm.kw:.1f} kW left if {firm.largest} "
                    f"({firm.largest_gpus} GPUs) ends or pauses" if firm is not None and wanted_kw > firm.kw else "")
         log.info("power request %s accepted (%s): %s of %s from %s for %.0f s, ramp %.0f s%s%s", req.id, req.source,
                  req.goal(), req.where(), iso_utc(req.start), req.duration_s, req.ramp_s,
                  " (dry run: nothing applied)" if self.dry_run else "", at_risk)
         self._change(Change(entry.id, "accepted", start=iso_utc(req.start)))
+
+    def _wait(self, entry: Entry, why: str) -> None:
+        """A request not judged yet, and why: in the store (`fleetwatch power status`, MQTT's answer) once."""
+        if self._waiting.get(entry.id) != why:
+            self._waiting[entry.id] = why
+            log.warning("power request %s waits: %s", entry.id, why)
+            self._change(Change(entry.id, "pending", why))
+            self._dirty = True
+
+    def _last_reading(self, req: PowerRequest) -> tuple[str, datetime | None]:
+        """What judges `req` (the site meter; a rack request's PDUs) and the time of its last reading
+        (the racks': the oldest of their PDUs' last; None: none yet)."""
+        if not req.racks:
+            return "no meter reading", self.ctl.meter[-1][0] if self.ctl.meter else None
+        seen = [self.ctl.pdu.get(r) for r in req.racks]
+        return (f"no PDU reading of racks {','.join(req.racks)}",
+                None if any(x is None for x in seen) else min(ts for ts, _ in seen))
+
+    def _silence(self, req: PowerRequest, now: datetime, within_s: float) -> str:
+        """'' if the covered load has a reading within `within_s` before `now`; else what has been
+        silent, and since when."""
+        what, last = self._last_reading(req)
+        if last is None:
+            return f"{what} yet"
+        return "" if (now - last).total_seconds() <= within_s else f"{what} since {iso_utc(last)}"
 
     def _cancel(self, t: Tracked) -> None:
         t.cancelled = True
@@ -363,11 +448,20 @@ class PowerRole:
             o, req = t.outcome, t.req
             started = o.baseline_kw is not None
             if started and math.isnan(o.baseline_kw):
-                await self._finish(t, now, "done", "no meter reading to take its baseline on")
+                await self._finish(t, now, "done", f"no meter reading to take its baseline on "
+                                                   f"({self._silence(req, now, -math.inf)})")
                 continue
             if ctl.active is req:
                 self._account(t, dt)
                 self._set(t, "active" if ctl.phase == "active" else "restoring")
+                if t.entry.baseline_kw is None and "baseline_kw" not in t.extra:
+                    # Its baseline, before its caps: what a restart resumes it on (the meter then is
+                    # held down by the caps the agents keep for their lease).
+                    t.extra["baseline_kw"] = o.baseline_kw
+                    self._change(Change(t.entry.id, t.state, t.reason, baseline_kw=o.baseline_kw,
+                                        base_it_kw=o.base_it_kw))
+                if ctl.phase == "active":
+                    await self._watch_meter(t, now)
                 if ctl.phase == "active" and not self.dry_run and not t.cancelled:
                     await self._judge(t, now)
             elif started:
@@ -383,6 +477,29 @@ class PowerRole:
         lost, uniform = self.ctl.work_lost(t.req.racks)
         t.lost_gpu_h += lost * dt / 3600.0
         t.uniform_gpu_h += uniform * dt / 3600.0
+
+    async def _watch_meter(self, t: Tracked, now: datetime) -> None:
+        """A hold whose covered load had no reading for HOLD_SILENT_S is not verified (the controller
+        goes on with the last reading it has): said in the status, the verdict and PowerTargetMissed.
+        `silent` keeps the last such gap: [what, its last reading before (None: none), the first
+        after (None while it lasts)]."""
+        what, last = self._last_reading(t.req)
+        quiet = last is None or (now - last).total_seconds() > HOLD_SILENT_S
+        gap = t.extra.get("silent")
+        if quiet and (gap is None or gap[2] is not None):
+            t.extra["silent"] = [what, last, None]
+            self._dirty = True
+            log.warning("power request %s: %s", t.req.id, _gap(t.extra["silent"]))
+            if t.alert is None and not self.dry_run and not t.cancelled:
+                await self._raise_missed(t, now, _gap(t.extra["silent"]))
+        elif not quiet and gap is not None and gap[2] is None:
+            gap[2] = last  # readings again; the verdict still says the hold was not verified meanwhile
+            self._dirty = True
+
+    async def _raise_missed(self, t: Tracked, now: datetime, missed: str) -> None:
+        t.alert = raised(MISSED, {"site": self.site, "rack": "", "request": t.req.id},
+                         {"request": t.req.id, "missed": missed}, now, self.cfg.alerts.runbook_base_url)
+        await self.publish(Topic.ALERTS, alerts_to_batch([(now, t.alert)]))
 
     async def _judge(self, t: Tracked, now: datetime, final: bool = False) -> None:
         """PowerTargetMissed: not reached by the ramp deadline, or a whole minute of the hold short
@@ -406,11 +523,9 @@ class PowerRole:
                 i, m = short[0]
                 missed = (f"held {m:.1f} kW of its {o.requested_kw:.1f} kW reduction in minute {i + 1} of the hold")
         if missed:
-            t.alert = raised(MISSED, {"site": self.site, "rack": "", "request": req.id},
-                             {"request": req.id, "missed": missed}, now, self.cfg.alerts.runbook_base_url)
             log.warning("power request %s: %s", req.id, missed)
             t.extra["missed"] = missed
-            await self.publish(Topic.ALERTS, alerts_to_batch([(now, t.alert)]))
+            await self._raise_missed(t, now, missed)
 
     async def _finish(self, t: Tracked, now: datetime, state: str, why: str = "") -> None:
         o = t.outcome
@@ -425,6 +540,8 @@ class PowerRole:
             why = why or f"cancelled after {held:.0f} s of its {t.req.duration_s:g} s"
         elif not why and not o.met:
             why = "dry run: no cap applied" if self.dry_run else t.extra.get("missed") or _shortfall(o)
+        if "silent" in t.extra:  # not met, whatever the readings before said
+            why = "; ".join(x for x in (why, _gap(t.extra["silent"])) if x)
         self._set(t, state, why)
         self._report(t, now)
         await self._send_reports()
@@ -555,8 +672,9 @@ class PowerRole:
                        achieved_kw=_r(o.achieved_kw[-1][1]) if o.achieved_kw else None,
                        reached_s=_r(o.reached_s), gpus_capped=o.gpus_capped,
                        throughput_lost_gpu_h=_r(t.lost_gpu_h, 3), uniform_lost_gpu_h=_r(t.uniform_gpu_h, 3))
-        if "missed" in t.extra:
-            out["missed"] = t.extra["missed"]
+        missed = [x for x in (t.extra.get("missed"), "silent" in t.extra and _gap(t.extra["silent"])) if x]
+        if missed:
+            out["missed"] = "; ".join(missed)
         return out
 
     def status(self) -> dict[str, Any]:
@@ -583,10 +701,11 @@ class PowerRole:
                 if not isinstance(data, dict):
                     raise Rejected("the body must be a JSON object of a power request (schemas/power_request.v1.json)")
                 entry = await self.arrive(data, "http")
-            except ValueError as why:  # Rejected, or JSON that does not parse
+            except (ValueError, ArithmeticError) as why:  # Rejected, JSON that does not parse, a number too big
                 return 400, {"error": str(why)}
             t = self.tracked.get(entry.id)
-            state, reason = (t.state, t.reason) if t is not None else (entry.state, entry.reason)
+            state, reason = (t.state, t.reason) if t is not None else (entry.state,
+                                                                          self._waiting.get(entry.id, entry.reason))
             self.write_status()
             await self.flush()
             return (400 if state == "rejected" else 202), {"id": entry.id, "state": state, "reason": reason}
@@ -608,6 +727,16 @@ def _firm(firm: Firm | None) -> dict[str, Any]:
             {"job": firm.largest, "kw": _r(firm.largest_kw), "gpus": firm.largest_gpus}}
 
 
+def _gap(gap: list) -> str:
+    """A hold's gap in the covered load's readings (PowerRole._watch_meter), in words."""
+    what, since, until = gap
+    if since is None:
+        return f"{what}: the hold is not verified"
+    if until is None:
+        return f"{what} since {iso_utc(since)}: the hold is not verified"
+    return f"{what} from {iso_utc(since)} to {iso_utc(until)}: the hold is not verified in between"
+
+
 def _shortfall(o: Outcome) -> str:
     if o.reached_s is None:
         return "never reached its target"
@@ -627,6 +756,7 @@ def report_row(t: Tracked, now: datetime, dry_run: bool) -> dict[str, Any]:
         energy = float(np.sum(np.array(held) * spacing)) / 3600.0
     means = o.minute_means() if o is not None else []
     started = o is not None and o.baseline_kw is not None and not math.isnan(o.baseline_kw)
+    met = bool(started and o.met and not t.cancelled and "silent" not in t.extra)  # (a gap: not verified)
     return {
         "ts": now, "id": req.id, "site": req.site, "racks": ",".join(req.racks) or None, "source": req.source,
         "start": req.start, "end": req.end, "ramp_s": req.ramp_s, "target_kw": req.target_kw,
@@ -639,9 +769,8 @@ def report_row(t: Tracked, now: datetime, dry_run: bool) -> dict[str, Any]:
         "throughput_lost_tflop": None if t.unseen else t.lost_gpu_h * 3600.0 * TFLOPS_PER_GPU,
         "uniform_lost_gpu_h": None if t.unseen else t.uniform_gpu_h,
         "restore_peak_kw": max(o.restoring_kw) if o is not None and o.restoring_kw else None,
-        "met": bool(started and o.met and not t.cancelled),
-        "state": "cancelled" if t.state == "cancelled" else "done",
-        "missed_reason": None if started and o.met and not t.cancelled else (t.reason or None), "dry_run": dry_run,
+        "met": met, "state": "cancelled" if t.state == "cancelled" else "done",
+        "missed_reason": None if met else (t.reason or None), "dry_run": dry_run,
     }
 
 
