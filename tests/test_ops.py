@@ -509,3 +509,21 @@ def test_the_monitor_raises_stalled_on_the_alerts_topic_and_tells_systemd(tmp_pa
         await r.task
         await ops.close()
     asyncio.run(go())
+
+
+def test_the_http_token_is_read_from_the_variable_or_file_named_and_a_missing_one_says_which(tmp_path):
+    from pipeline.ops.monitor import Operations
+    port = free_port()
+
+    def ops(env=None, **daemon):
+        cfg = conftest.make_config(data_dir=str(tmp_path / "data"), daemon={"http": f"127.0.0.1:{port}", **daemon})
+        return Operations(cfg, frozenset({"power"}), env=env)
+    assert ops().http._token is None  # none named: changes from this host only
+    assert ops({"FW_TOKEN": "t0k"}, http_token_env="FW_TOKEN").http._token == b"t0k"
+    (tmp_path / "token").write_text("from-a-file\n")
+    assert ops(http_token_file=str(tmp_path / "token")).http._token == b"from-a-file"
+    with pytest.raises(ConfigError, match=r"daemon\.http_token_env = 'FW_TOKEN': that environment variable is not set"):
+        ops({}, http_token_env="FW_TOKEN")
+    with pytest.raises(ConfigError, match=r"daemon\.http_token_file = .*: the file is empty"):
+        (tmp_path / "empty").write_text("\n")
+        ops(http_token_file=str(tmp_path / "empty"))
