@@ -74,6 +74,23 @@ def test_a_period_counts_only_its_samples(known: Path) -> None:
     assert r.site.capacity_factor_pct is None  # no capacity given
 
 
+def test_a_period_inside_a_long_cap_still_counts_it_capped(tmp_path: Path) -> None:
+    """A node at its 700 W for an hour, then held at 400 W for the next (an event, or caps all
+    day): a report of the second half hour only still finds it capped, its default limit read
+    in the week before the period (its draw uncapped, not seen in the period: that limit); a
+    node never above 600 W all that while is at its own."""
+    w = ArchiveWriter(tmp_path / "archive", writer_id="t")
+    for g in range(4):
+        w.add("gpu_samples", batch(GPU_SAMPLE, gpu_rows("n01", g, range(N), 0.95, 690, 700)))
+        w.add("gpu_samples", batch(GPU_SAMPLE, gpu_rows("n01", g, range(N, 2 * N), 0.95, 399, 400)))
+        w.add("gpu_samples", batch(GPU_SAMPLE, gpu_rows("n02", g, range(2 * N), 0.95, 590, 600)))
+    w.flush()
+    r = report(tmp_path / "archive", T0 + timedelta(minutes=90), T0 + timedelta(minutes=120))
+    assert r.capped == pytest.approx(4 * 0.5) and r.capped_lost == pytest.approx(4 * 0.5 * lost_to_cap(400, 700),
+                                                                                 rel=1e-3)
+    assert r.productive == pytest.approx(4 * 0.5 + 4 * 0.5 * (1 - lost_to_cap(400, 700)), rel=1e-3)  # n02 all
+
+
 def test_fault_cover_is_the_union_of_a_gpus_and_its_nodes_faults() -> None:
     import polars as pl
 

@@ -412,3 +412,31 @@ def test_a_new_job_is_one_that_shares_none_of_the_jobs_the_gpu_had():
         table.update(named(base, {uuid: job} if job else {}))
         seen.append(bool(table.new_job[0]))
     assert seen == [False, False, True, False, False, False, True, False, False, False]
+
+
+def test_a_label_change_keeps_each_gpus_workload_class():
+    """An admin labels one node: every GPU's class is taken again, each with the workload its
+    samples named last; an inference GPU (class 0 by its namespace) on another rack stays 0,
+    where its node alone said 3 until its own rack's next batch."""
+    from datetime import datetime, timezone
+
+    from pipeline.model import GPU_SAMPLE
+    from tests.archives import batch
+    from tests.conftest import make_config
+    cfg = make_config(power={"default_class": 3, "node_labels": "slurm", "classes": [
+        {"namespace": "inference*", "flex_class": 0}, {"feature": "flex1", "flex_class": 1}]})
+    classes = FlexClasses(cfg.power)
+    table = GpuTable(classes)
+
+    def sample(node: str, rack: str, namespace: str):
+        return batch(GPU_SAMPLE, {"ts": [datetime(2026, 12, 1, tzinfo=timezone.utc)], "site": ["s"], "rack": [rack],
+                                  "node": [node], "gpu": [0], "gpu_uuid": [f"GPU-{node}"], "power_w": [600.0],
+                                  "util_gpu": [0.9], "power_limit_w": [700.0], "namespace": [namespace],
+                                  "pod": ["p-0"]})
+    classes.set_node_labels({"a1": frozenset(), "b1": frozenset(), "c1": frozenset()})
+    for node, rack, ns in (("a1", "r1", "inference-prod"), ("b1", "r2", "inference-prod"), ("c1", "r3", "batch")):
+        table.update(sample(node, rack, ns))
+    assert table.flex.tolist() == [0, 0, 3]
+    classes.set_node_labels({"a1": frozenset({"flex1"}), "b1": frozenset(), "c1": frozenset({"flex1"})})
+    table.update(sample("a1", "r1", "inference-prod"))  # rack r1's next batch, before r2's and r3's
+    assert table.flex.tolist() == [0, 0, 1]

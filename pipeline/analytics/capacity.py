@@ -15,7 +15,8 @@ what the GPU did not report. A sample is, in this order:
     (the catalog's) fired on the GPU or its node;
   - idle: utilisation under power.planner.IDLE_UTIL (an idle GPU under a cap costs nothing);
   - capped: busy with an enforced power_limit_w more than 1 W under its default limit (the
-    highest limit of its node in the period, as the straggler detector reads it); the work
+    highest limit of its node in the period and the `DEFAULT_LOOKBACK` before it, as the
+    straggler detector reads it: a node capped for all of a short period is still capped); the work
     lost is the sample's time x (1 - curve(min(cap, D)) / curve(D)), with the recorded H100's
     curve (power/curve.py) scaled to the GPU's default limit and D the GPU's mean draw
     while productive in the period (its default limit where it never was);
@@ -37,7 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ DATASETS = ("gpu_samples", "facility_samples", "alerts", "node_health")
 FAULT_ALERTS = tuple(a.name for a in DETECTOR_ALERTS if a.severity == "critical" and a.scope in ("gpu", "node"))
 CAPPED_MARGIN_W = 1.0  # a limit this far under the default is a cap (detect/families/power_caps.py)
 INTERVAL_BUCKET = "10m"  # stretches of samples whose mean spacing estimates a GPU's interval
+DEFAULT_LOOKBACK = timedelta(days=7)  # a node's default limit is also read this long before the period
 SITE_BUCKET = "1m"     # site power statistics are of 1-minute means (several meters add up per minute)
 GPU_KEY = ["site", "node", "gpu"]
 HOURS = ("productive", "faulted", "capped_lost", "idle", "not_reporting")  # these add up to the total
@@ -170,6 +172,7 @@ def report(archive: Path | str, since: datetime | None = None, until: datetime |
     g = frames["gpu_samples"]
     if g is None:
         return empty()
+    history = g
     # The archive's own bounds: time before it began, or after its last write, is not the fleet's.
     bounds = g.select(pl.col("ts").min().alias("first"), pl.col("ts").max().alias("last")).collect()
     first, last = bounds["first"][0], bounds["last"][0]
@@ -211,7 +214,12 @@ def report(archive: Path | str, since: datetime | None = None, until: datetime |
 
     site = _site_power(frames["facility_samples"], start, end, site_power_cap_w)
     faults = _fault_intervals(frames["alerts"], frames["node_health"], start, end)
-    node_default = per_gpu.group_by("site", "node").agg(pl.col("top_w").max().alias("default_w")).lazy()
+    # Each node's default limit: the highest it enforced in the period or the week before (a period
+    # inside a long event is capped all along). Per node, not per model: a site may run some nodes
+    # at a lower limit of its own, and a node never seen above a limit in all that time holds it.
+    window = history.filter((pl.col("ts") >= start - DEFAULT_LOOKBACK) & (pl.col("ts") < end))
+    node_default = (window.group_by("site", "node").agg(pl.col("power_limit_w").max().alias("default_w"))
+                    .collect(engine="streaming").lazy())
     busy = pl.col("util_gpu").is_null() | (pl.col("util_gpu") >= IDLE_UTIL)
     capped = pl.col("power_limit_w") < pl.col("default_w") - CAPPED_MARGIN_W
     s = g.join(node_default, on=["site", "node"], how="left")

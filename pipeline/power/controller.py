@@ -186,6 +186,8 @@ class GpuTable:
         self.node_ix = np.zeros(0, np.int64)  # each GPU's node, numbered
         self._node_ids: dict[str, int] = {}
         self.flex = np.zeros(0, np.int64)
+        self.namespace = np.zeros(0, object)  # per slot: the namespace and pod its samples named last, where a
+        self.pod = np.zeros(0, object)        # class rule names a workload (a label change reads them again)
         self._classes_version = classes.version
         self.slots = np.zeros(0, np.int64)  # the last batch's rows' slots
         self._batch: pa.RecordBatch | None = None
@@ -235,11 +237,17 @@ class GpuTable:
         self.job_mem[slots[~busy & ~self.paused[slots]]] = 0.0  # the job freed its memory: over
         self.limit_w[slots] = limit
         self.slots = np.asarray(slots, np.int64)
-        if self.classes.version != self._classes_version:  # the nodes' labels changed: every GPU's class again
-            self._classes_version = self.classes.version
-            by_node = {node: self.classes.of(node) for node in set(self.nodes)}
-            self.flex[:] = [by_node[node] for node in self.nodes]
         if self.classes.by_workload:  # the job on a GPU changes, and its class with it
+            self.namespace[slots] = batch.column("namespace").to_numpy(zero_copy_only=False)
+            self.pod[slots] = batch.column("pod").to_numpy(zero_copy_only=False)
+        if self.classes.version != self._classes_version:
+            # The nodes' labels changed: every GPU's class again, each with the workload it ran last (a GPU
+            # of another rack must not lose an inference namespace's class 0 until its own next sample).
+            self._classes_version = self.classes.version
+            known: dict[tuple, int] = {}
+            self.flex[:] = [known[k] if k in known else known.setdefault(k, self.classes.of(*k))
+                            for k in zip(self.nodes, self.namespace, self.pod)]
+        elif self.classes.by_workload:
             self.flex[slots] = self.classes.of_rows(batch)
 
     def _register(self, new: pa.Array, first_rows: np.ndarray) -> None:
@@ -263,6 +271,8 @@ class GpuTable:
         self.node_ix = np.concatenate([self.node_ix, np.array([self._node_ids.setdefault(n, len(self._node_ids))
                                                                for n in nodes], np.int64)])
         self.limit_w = np.concatenate([self.limit_w, np.full(grow, np.nan)])
+        self.namespace = np.concatenate([self.namespace, np.full(grow, None, object)])
+        self.pod = np.concatenate([self.pod, np.full(grow, None, object)])
         self.flex = np.concatenate([self.flex, self.classes.of_rows(self._batch.take(rows))])
 
     def stuck_nodes(self, readings: int) -> np.ndarray:
