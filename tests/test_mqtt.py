@@ -119,3 +119,16 @@ def test_backoff_doubles_up_to_its_cap_with_jitter_and_starts_over_after_a_conne
     assert len({round(d, 6) for d in delays[6:]}) > 1, "capped delays are jittered, not all equal"
     backoff.reset()
     assert backoff.next_s() <= 0.1
+
+
+def test_handoff_carries_the_retain_flag_only_to_a_handler_that_asks_for_it():
+    """The collector's handler takes (topic, payload): its point metadata comes retained. The power
+    intake's takes the flag too: a request the broker sends because it is retained is refused."""
+    import aiomqtt
+
+    from pipeline.sources.mqtt import handoff
+    got = []
+    message = aiomqtt.Message("bms/v1/p/power/requests", b"{}", qos=1, retain=True, mid=1, properties=None)
+    handoff(lambda *a: got.append(a))().put_nowait(message)
+    handoff(lambda *a: got.append(a), with_retain=True)().put_nowait(message)
+    assert got == [("bms/v1/p/power/requests", b"{}"), ("bms/v1/p/power/requests", b"{}", True)]

@@ -440,3 +440,20 @@ def test_a_label_change_keeps_each_gpus_workload_class():
     classes.set_node_labels({"a1": frozenset({"flex1"}), "b1": frozenset(), "c1": frozenset({"flex1"})})
     table.update(sample("a1", "r1", "inference-prod"))  # rack r1's next batch, before r2's and r3's
     assert table.flex.tolist() == [0, 0, 1]
+
+
+def test_a_target_never_reached_still_reports_what_it_shed():
+    """Class 1 (at most 10% of a job's work) cannot shed 30% of the site: the target is never
+    reached, and the report says what was shed after the ramp and the energy from the start
+    (before, p50, min and energy were all null while GPUs were capped)."""
+    from pipeline.power.store import Entry
+    from pipeline.roles.power import Tracked, report_row
+    req = request(300, 30)
+    sim, ctl, (out,), _, _, _ = run(700, [req], default_class=1)
+    assert out.reached_s is None and not out.achieved_kw and out.gpus_capped > 0
+    hold = out.hold()
+    assert hold and hold[0][0] >= req.ramp_s and all(t < req.duration_s for t, _ in hold)
+    row = report_row(Tracked(Entry(req.to_dict()), req, out, state="done"), sim.now, dry_run=False)
+    assert 0 < row["reduction_min_kw"] <= row["reduction_p50_kw"] < out.requested_kw
+    assert row["energy_curtailed_kwh"] > row["reduction_p50_kw"] * (req.duration_s - req.ramp_s) / 3600 * 0.9
+    assert not row["met"]

@@ -790,3 +790,52 @@ def test_with_the_facility_data_stopped_the_caps_are_renewed_and_the_hold_is_not
     assert not row["met"] and "no meter reading from " in row["missed_reason"], row["missed_reason"]
     (entry,) = h.store.entries()
     assert entry.state == "done" and "not verified" in entry.reason
+
+
+def test_a_grid_signal_refused_before_it_was_stored_is_judged_again_when_sent_again(tmp_path):
+    """Only a stored id is "seen": a row refused (here it overlaps a request running) and sent again
+    under the same id once that one is over is judged again and taken; the same row delivered again
+    is not dead-lettered twice."""
+    h = Harness(tmp_path)
+    h.run(90)
+    h.ask(reduction_pct=5, duration_s=120)
+    h.run(5)
+    letters: list = []
+
+    class Letters:
+        where = "memory"
+
+        async def write(self, role, items):
+            letters.extend(r for _, r in items)
+
+    def row():
+        req = PowerRequest(site="site-a", start=h.sim.now + timedelta(seconds=60), duration_s=120, reduction_pct=5,
+                           source="kafka", id="utility-42", ts=h.sim.now)
+        return Message(Topic.POWER_REQUESTS, req.to_batch())
+
+    async def go():
+        refused = row()
+        await h.role.grid_signal(refused, Letters())      # overlaps the running one: refused
+        await h.role.grid_signal(refused, Letters())      # the same row delivered again
+        assert not h.store.known("utility-42") and len(letters) == 1 and "overlaps" in letters[0].detail
+        await h.advance(200)                              # the first is over
+        await h.role.grid_signal(row(), Letters())        # the utility sends it again
+    asyncio.run(go())
+    assert {e.id: e.state for e in h.store.entries()}["utility-42"] == "accepted"
+    assert len(letters) == 1 and h.role.signals_rejected == 1
+
+
+def test_mqtt_site_other_than_fleet_site_is_refused_before_the_power_role_starts(tmp_path):
+    """The intake listens under mqtt.site and the collector stamps the meter's rows with it, while the
+    role keeps fleet.site's rows only: every request would be rejected for "no meter reading"."""
+    from pipeline.config import ConfigError
+    from pipeline.roles.power import preflight
+    for mqtt in ({"broker": "bms:1883"}, {"broker": "bms:1883", "site": "site-a"}, {"site": "site-b"}):
+        preflight(make_config(data_dir=str(tmp_path), mqtt=mqtt))  # same site, default, or no MQTT: fine
+    with pytest.raises(ConfigError, match="mqtt.site = 'site-b' differs from fleet.site = 'site-a'"):
+        preflight(make_config(data_dir=str(tmp_path), mqtt={"broker": "bms:1883", "site": "site-b"}))
+    out = fleetwatch("config", env={"FLEETWATCH_MQTT__BROKER": "bms:1883", "FLEETWATCH_MQTT__SITE": "site-b",
+                                    "FLEETWATCH_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 2, out.stderr
+    assert "mqtt.site = 'site-b' differs from fleet.site = 'site-a'" in out.stderr
+    assert "set mqtt.site to 'site-a'" in out.stderr

@@ -110,6 +110,8 @@ class Outcome:
     reached_s: float | None = None        # from start to the first reading at the target
     achieved_kw: list[tuple[float, float]] = field(default_factory=list)  # (s from start, kW): each reading of
                                                                            # the hold, from reached to end
+    shed_kw: list[tuple[float, float]] = field(default_factory=list)  # the same from the start (the ramp's too:
+                                                                       # the energy curtailed, a target never reached)
     planned_loss_pct: float | None = None  # the plan's estimate of the work lost
     uniform_loss_pct: float | None = None  # uniform capping's, for the same reduction
     restoring_kw: list[float] = field(default_factory=list)  # the readings while the caps rise
@@ -123,14 +125,22 @@ class Outcome:
     given_baseline: tuple[float, float | None] | None = None  # (meter, PDUs) kW from a first start (submit)
     base_it_kw: float | None = None       # the PDUs' sum the adjustment counts from (a restart resumes on it)
 
+    def hold(self) -> list[tuple[float, float]]:
+        """The readings of the hold: from the target reached; one never reached, from its ramp's
+        deadline (what it delivered when it was due: a settlement counts it too)."""
+        if self.achieved_kw or not self.shed_kw:
+            return self.achieved_kw
+        return [(t, kw) for t, kw in self.shed_kw if t >= self.request.ramp_s]
+
     def minute_means(self) -> list[float]:
         """The reduction held, as the mean of each minute of the hold (a demand-response
         program settles on interval means, not on single readings); a last minute shorter
         than half of one is left out."""
-        if not self.achieved_kw:
+        hold = self.hold()
+        if not hold:
             return []
-        t = np.array([x for x, _ in self.achieved_kw])
-        kw = np.array([y for _, y in self.achieved_kw])
+        t = np.array([x for x, _ in hold])
+        kw = np.array([y for _, y in hold])
         minute = ((t - t[0]) // MINUTE_S).astype(np.int64)
         out = []
         for m in np.unique(minute):
@@ -543,9 +553,11 @@ class Controller:
                     self.recent_adjust.append((at_s, adjust))
                     if out.reached_s is None and value >= 0.98 * out.requested_kw:
                         out.reached_s = at_s
-                    if out.reached_s is not None and t < req.end:
-                        out.achieved_kw.append((at_s, value))
-                        out.adjustment_kw.append((at_s, adjust))
+                    if t < req.end:
+                        out.shed_kw.append((at_s, value))
+                        if out.reached_s is not None:
+                            out.achieved_kw.append((at_s, value))
+                            out.adjustment_kw.append((at_s, adjust))
                 while self.recent_adjust and self.recent_adjust[-1][0] - self.recent_adjust[0][0] > LEVEL_WINDOW_S:
                     self.recent_adjust.popleft()
                 expected = self._expected_kw(req, out)

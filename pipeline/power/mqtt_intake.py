@@ -6,7 +6,8 @@ power role, and the role's answers, on the broker of the facility data (`mqtt.br
     <root>/<site>/power/requests/<id>/status   out: {"id", "state", "reason"}, retained, QoS 1
     <root>/<site>/power/requests/rejected      out: {"id", "reason"} of a message refused, QoS 1
 
-`<root>` is `mqtt.topic_root`, `<site>` the tree's (`mqtt.site`, default `fleet.site`).
+`<root>` is `mqtt.topic_root`, `<site>` the tree's (`mqtt.site`, default `fleet.site`; the power
+role's preflight refuses a `mqtt.site` other than `fleet.site`).
 
 - Each message takes the HTTP endpoint's path: `PowerRole.submit` (the store's checks, then
   the role's verdict against the live fleet), with source `mqtt`. Its verdict goes to its
@@ -24,7 +25,23 @@ power role, and the role's answers, on the broker of the facility data (`mqtt.br
   taken again: it is answered with that request's state as it is ("already have it"; an
   accepted request stays accepted), and counted as a duplicate. A message refused before
   it was stored is refused once: the same bytes again get the same answer, uncounted; a
-  corrected one under the same id is judged anew.
+  corrected one under the same id is judged anew. A request without an id is a new one at
+  each message: a QoS 1 redelivery of it (the connection dropped after it was taken, before
+  the broker had the acknowledgement; aiomqtt does not pass MQTT's DUP flag on) overlaps
+  the first and is refused while that one is not over, and is taken again after it: a
+  gateway that may resend gives each request an id.
+- A message the broker sends with the retain flag (a request published retained: the
+  broker sends it again at every SUBSCRIBE, so at each reconnect or restart) is not taken:
+  it is counted (`retained`, and in `grid_signal_rejected`), logged once, and answered on
+  `rejected` (never on its status topic, which holds the state of a request taken under
+  that id) telling the gateway to publish unretained and to clear it with an empty
+  retained message. An empty message (that clearing) is no request and is left alone.
+- A restart: the requests of source `mqtt` in the store are followed again, and each one's
+  state is published once (retained) at the start, since the last one the previous process
+  published may be behind it (it ended while the role was down). A request resumed goes on
+  from its state: `accepted` is not said again after `active`.
+- When the role prunes a request from the store (a week after it is over), an empty
+  retained message on its status topic makes the broker forget that too.
 - A persistent session (client id `fleetwatch-power-<site>`, clean_session False): what a
   gateway publishes while the role is away is queued by the broker and taken at the
   reconnect. The broker going away: reconnects with sources/mqtt.py's backoff, logging once
@@ -66,6 +83,7 @@ class IntakeStats:
     taken: int = 0       # stored, then judged by the role (accepted, rejected, or pending the fleet)
     duplicates: int = 0  # a repeat of an id already taken or refused: answered, not taken again
     rejected: int = 0    # refused before they were stored: not JSON, not an object, not a valid request
+    retained: int = 0    # sent by the broker as retained: refused, never taken (it would come at each reconnect)
     reconnects: int = 0
 
 
@@ -83,22 +101,41 @@ class MqttIntake:
         self.keepalive_s, self.backoff, self.follow_s = keepalive_s, backoff or Backoff(), follow_s
         self.stats = IntakeStats()
         self.answered: dict[str, dict[str, Any]] = {}  # id -> the status last published (the ids that came here)
+        self.kept: set[str] = set()                   # the ids of `answered` that are stored requests (pruned later)
         self.refused: dict[str, bytes] = {}           # id -> sha256 of the message refused (bounded)
-        self.outbox: deque[tuple[str, dict[str, Any], bool]] = deque()  # (topic, doc, retain) to publish
+        # (topic, doc, retain) to publish; doc None: an empty message (a retained status cleared)
+        self.outbox: deque[tuple[str, dict[str, Any] | None, bool]] = deque()
         self._wake = asyncio.Event()
         self.subscribed = asyncio.Event()  # set while connected and subscribed (tests)
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """The MQTT requests in the store (a previous process took them): followed from here, each
+        one's state published now. What that process published last may be behind the store (it
+        stopped between a change and its publish, or the request ended while the role was down), and
+        `answered` does not survive it: without this their status stayed at `active` for good."""
+        self.role.store.refresh()
+        for e in self.role.store.entries():
+            if e.request.get("source") == SOURCE:
+                self.kept.add(e.id)
+                self._answer(e.id, self.current(e.id))
 
     def status_topic(self, request_id: str) -> str:
         return f"{self.topic}/{request_id}/status"
 
     # ---- the per-message path (no network) ---------------------------------------------
 
-    def handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
         if topic != self.topic:  # an answer of ours, or a subscription left in the session
             return
         self.stats.messages += 1
+        if not payload:  # a gateway clearing a retained request (as `_retained` tells it to): no request
+            return
         try:
-            self._take(payload)
+            if retained:
+                self._retained(payload)
+            else:
+                self._take(payload)
         except Exception:  # a fault in the role's judging must not drop the connection
             log.exception("power: MQTT request on %s could not be handled; it is dropped", self.topic)
         self.role.write_status()
@@ -129,6 +166,7 @@ class MqttIntake:
             self.role.store.refresh()
             if self.role.store.known(rid) or rid in self.role.tracked:  # redelivered, or resent: already have it
                 self.stats.duplicates += 1
+                self.kept.add(rid)
                 log.info("power: MQTT request %s again: already have it (%s); not taken again", rid,
                          self.current(rid)["state"])
                 self._answer(rid, self.current(rid))
@@ -140,7 +178,31 @@ class MqttIntake:
             return
         self.stats.taken += 1
         self.refused.pop(entry.id, None)
+        self.kept.add(entry.id)
         self._answer(entry.id, self.current(entry.id))
+
+    def _retained(self, payload: bytes) -> None:
+        """A retained request: the broker sends it again at every SUBSCRIBE (each reconnect, each
+        restart), and one without an id would be a new request each time. Refused, on `rejected`
+        only: its status topic holds the state of the request taken under its id, if any."""
+        try:
+            data = json.loads(payload) if len(payload) <= MAX_PAYLOAD else None
+        except (ValueError, RecursionError):
+            data = None
+        rid = str(data.get("id") or "") if isinstance(data, dict) else ""
+        rid = rid if ID.fullmatch(rid) else ""
+        why = (f"a retained message, not taken: the broker sends it again at every subscription (each reconnect), "
+               f"where it would be taken again; publish requests with retain false, and clear this one by "
+               f"publishing an empty retained message on {self.topic}")
+        if self.stats.retained == 0:
+            log.warning("power: an MQTT request on %s (%s) is %s. Answered on %s; further retained "
+                        "requests are counted and answered, not logged", self.topic, rid or "no id", why,
+                        self.rejected_topic)
+        self.stats.retained += 1
+        self.role.signals_rejected += 1
+        self.role.last_signal_rejection = f"{rid or '(no id)'}: {why}"
+        self.outbox.append((self.rejected_topic, {"id": rid or None, "reason": why}, False))
+        self._wake.set()
 
     def current(self, request_id: str) -> dict[str, Any]:
         """A request's state as the role has it (the store's, before the role judged it)."""
@@ -169,19 +231,33 @@ class MqttIntake:
             self._answer(rid, {"id": rid, "state": "rejected", "reason": why})
         self._wake.set()
 
+    def _forget(self, rid: str) -> None:
+        """Pruned (a week after it was over): an empty retained message, so the broker forgets its
+        status too (it would keep one per request ever made)."""
+        del self.answered[rid]
+        self.kept.discard(rid)
+        self.outbox.append((self.status_topic(rid), None, True))
+        self._wake.set()
+
     def _answer(self, rid: str, doc: dict[str, Any]) -> None:
         self.answered[rid] = doc
         self.outbox.append((self.status_topic(rid), doc, True))
         self._wake.set()
 
     def follow(self) -> None:
-        """Each change of state of the requests that came here (pending -> accepted, ... done)."""
+        """Each change of state of the requests that came here (pending -> accepted, ... done), and
+        the status of those the role pruned cleared."""
         for rid, last in list(self.answered.items()):
+            if rid in self.kept and not self.role.store.known(rid) and rid not in self.role.tracked:
+                self._forget(rid)
+                continue
             if last["state"] not in OPEN:
                 continue
             now = self.current(rid)
             if now == last:
                 continue
+            if last["state"] in STARTED and now["state"] in ("pending", "accepted"):
+                continue  # resumed after a restart (the role re-accepts it): not news, it goes on
             if last["state"] == "pending" and now["state"] in STARTED:  # judged and started between two looks:
                 self._answer(rid, {"id": rid, "state": "accepted", "reason": ""})  # the verdict is said first
             self._answer(rid, now)
@@ -202,7 +278,8 @@ class MqttIntake:
     async def run(self, stop: asyncio.Event) -> None:
         await keep_subscribed(self, self.topic, stop, lambda client: self._publish(client, stop),
                               f"allow the power role to read it with QoS 1 and to write {self.topic}/# in the "
-                              f"broker's ACL", "Power requests over MQTT wait meanwhile", who="power: ")
+                              f"broker's ACL", "Power requests over MQTT wait meanwhile", who="power: ",
+                              with_retain=True)
 
     async def _publish(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         """The answers, as they come and as the requests' states change; what is left at a stop, then return."""
@@ -210,7 +287,7 @@ class MqttIntake:
             self.follow()
             while self.outbox:
                 topic, doc, retain = self.outbox[0]
-                await client.publish(topic, json.dumps(doc).encode(), qos=1, retain=retain)
+                await client.publish(topic, b"" if doc is None else json.dumps(doc).encode(), qos=1, retain=retain)
                 self.outbox.popleft()  # only once the broker has it: a lost connection sends it again
             if stop.is_set():
                 return

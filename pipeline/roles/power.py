@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -71,6 +72,7 @@ TFLOPS_PER_GPU = 989.0  # H100 SXM dense BF16 at full work: a full-load GPU-hour
 STATUS_EVERY_S = 1.0    # the status file is replaced at most this often (wall clock), and on each verdict
 MISSED = "PowerTargetMissed"
 BAD_REQUEST = "bad_request"  # the dead-letter reason of a grid-signal row that is not a valid request
+KEEP_REFUSED = 10000  # grid-signal rows refused remembered (id -> hash), so a redelivery is not dead-lettered twice
 PRUNE_EVERY = timedelta(hours=1)  # of the data's time: the store is pruned at the role's first step, then this often
 ENDED_DOWN = "it ended while the power role was down: nothing was verified"
 NEVER_TAKEN = ("it ended before the power role took it (the role was down, or had no data of the fleet): nothing "
@@ -146,7 +148,8 @@ class PowerRole:
         self._status_at = -math.inf
         self._dirty = True
         self.signals_rejected = 0
-        self.signals_seen: set[str] = set()  # grid-signal ids taken or rejected (a redelivery is not news)
+        self.signals_seen: set[str] = set()  # grid-signal ids stored (a redelivery is not news)
+        self.signals_refused: dict[str, str] = {}  # grid-signal id -> the hash of its row refused (bounded)
         self.last_signal_rejection = ""
         self.latest = ""  # the last request accepted: the one restores after it are sent for
         self._waiting: dict[str, str] = {}  # request id -> why it is not judged yet (written to the store once)
@@ -251,8 +254,11 @@ class PowerRole:
             rid = str(row.get("id") or "")
             if rid and (self.store.known(rid) or rid in self.signals_seen):
                 continue  # delivered again (a restart re-reads what was not committed)
-            if rid:
-                self.signals_seen.add(rid)
+            # Only a stored id is "seen": one refused (overlapping, the store unreadable...) may be sent
+            # again and is judged again; the same row again (a redelivery) is not dead-lettered twice.
+            digest = hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
+            if rid and self.signals_refused.get(rid) == digest:
+                continue
             try:
                 await self.arrive({k: v for k, v in row.items() if v is not None and k != "source"}, "kafka")
             except Rejected as why:
@@ -260,6 +266,15 @@ class PowerRole:
             except Exception as why:  # a row no check foresaw: dead-lettered with what it raised, the role goes on
                 log.debug("power: grid-signal request %s could not be taken", rid, exc_info=True)
                 bad.append((row, f"not a valid request ({type(why).__name__}: {why})"))
+            else:
+                if rid:
+                    self.signals_seen.add(rid)
+                    self.signals_refused.pop(rid, None)
+                continue
+            if rid:
+                self.signals_refused[rid] = digest
+                while len(self.signals_refused) > KEEP_REFUSED:  # the oldest go first
+                    self.signals_refused.pop(next(iter(self.signals_refused)))
         await self.flush()
         if not bad:
             return
@@ -510,14 +525,14 @@ class PowerRole:
         since = (now - req.start).total_seconds()
         missed = ""
         if since > req.ramp_s and (o.reached_s is None or o.reached_s > req.ramp_s):
-            got = o.achieved_kw[-1][1] if o.achieved_kw else None
+            got = o.shed_kw[-1][1] if o.shed_kw else None
             missed = (f"did not reach {o.requested_kw:.1f} kW of reduction within its {req.ramp_s:g} s ramp"
                       + (f" (reached at {o.reached_s:.0f} s)" if o.reached_s is not None else
                          f" ({got:.1f} kW now)" if got is not None else ""))
         else:
-            means = o.minute_means()
-            if not final and o.achieved_kw:  # only the minutes that are over
-                means = means[:int((o.achieved_kw[-1][0] - o.achieved_kw[0][0]) // 60)]
+            means, hold = o.minute_means(), o.hold()
+            if not final and hold:  # only the minutes that are over
+                means = means[:int((hold[-1][0] - hold[0][0]) // 60)]
             short = [(i, m) for i, m in enumerate(means) if m < 0.98 * o.requested_kw]
             if short:
                 i, m = short[0]
@@ -669,7 +684,7 @@ class PowerRole:
             out["start"] = iso_utc(t.req.start)  # "now" resolved, on the role's clock
         if o is not None and o.baseline_kw is not None and not math.isnan(o.baseline_kw):
             out.update(baseline_kw=_r(o.baseline_kw), requested_kw=_r(o.requested_kw),
-                       achieved_kw=_r(o.achieved_kw[-1][1]) if o.achieved_kw else None,
+                       achieved_kw=_r(o.shed_kw[-1][1]) if o.shed_kw else None,
                        reached_s=_r(o.reached_s), gpus_capped=o.gpus_capped,
                        throughput_lost_gpu_h=_r(t.lost_gpu_h, 3), uniform_lost_gpu_h=_r(t.uniform_gpu_h, 3))
         missed = [x for x in (t.extra.get("missed"), "silent" in t.extra and _gap(t.extra["silent"])) if x]
@@ -748,12 +763,13 @@ def report_row(t: Tracked, now: datetime, dry_run: bool) -> dict[str, Any]:
     """One request's power_request_report row (model.POWER_REQUEST_REPORT): null where nothing was
     measured (not started: no reduction; over while the role was down, `unseen`: nor its cost)."""
     req, o = t.req, t.outcome
-    held = [kw for _, kw in o.achieved_kw] if o is not None else []
-    times = np.array([s for s, _ in o.achieved_kw]) if held else np.zeros(0)
+    held = [kw for _, kw in o.hold()] if o is not None else []
+    every = (o.shed_kw or o.achieved_kw) if o is not None else []  # the energy: every reading from the start
+    times = np.array([s for s, _ in every])
     energy = None
-    if held:
+    if every:
         spacing = np.diff(times, append=times[-1] + (float(np.median(np.diff(times))) if len(times) > 1 else 1.0))
-        energy = float(np.sum(np.array(held) * spacing)) / 3600.0
+        energy = float(np.sum(np.array([kw for _, kw in every]) * spacing)) / 3600.0
     means = o.minute_means() if o is not None else []
     started = o is not None and o.baseline_kw is not None and not math.isnan(o.baseline_kw)
     met = bool(started and o.met and not t.cancelled and "silent" not in t.extra)  # (a gap: not verified)
@@ -809,12 +825,22 @@ def status_doc(store: RequestStore) -> dict[str, Any]:
 # ---- the role --------------------------------------------------------------------
 
 def preflight(cfg: Config, env=None, warn: bool = True) -> None:
-    """Before the role starts: its caps are renewed at its steps, each third of a lease at most."""
+    """Before the role starts: its caps are renewed at its steps, each third of a lease at most; with
+    MQTT, the BMS tree's site is the role's."""
     p = cfg.power
     if p.lease_s < 3 * p.control_interval_s:
         raise ConfigError(f"config error: power.lease_s = {p.lease_s:g} is under 3 x power.control_interval_s "
                           f"({p.control_interval_s:g}): the role renews caps at its steps, so the agents would restore "
                           f"them between two; raise power.lease_s to {3 * p.control_interval_s:g} or more")
+    m, site = cfg.mqtt, cfg.fleet.site
+    if m.broker and m.site and m.site != site:
+        # The intake listens under mqtt.site and the collector stamps the meter's rows with it, but the
+        # role keeps only fleet.site's rows: every request would be rejected for "no meter reading".
+        raise ConfigError(f"config error: mqtt.site = {m.site!r} differs from fleet.site = {site!r}: the power role "
+                          f"controls fleet.site, but takes MQTT requests under mqtt.site's tree and the facility "
+                          f"collector stamps the meter's readings with mqtt.site, so the role would see no meter "
+                          f"reading and reject every request; set mqtt.site to {site!r} (or leave it empty: it "
+                          f"defaults to fleet.site), or fleet.site to {m.site!r}")
 
 
 def build(ctx, spec):

@@ -321,18 +321,20 @@ class MqttCollector:
 
 async def keep_subscribed(owner, topic: str, stop: asyncio.Event,
                           while_up: Callable[[aiomqtt.Client], Awaitable[None]], what_to_do: str, retry_hint: str,
-                          who: str = "") -> None:
+                          who: str = "", with_retain: bool = False) -> None:
     """Until `stop`: connect in a persistent session, subscribe to `topic` with QoS 1 and run
     `while_up(client)` while the connection lasts; reconnect with backoff. The facility
     collector and the power role's MQTT intake (power/mqtt_intake.py) share it. `owner` has
     host, port, client_id, keepalive_s, backoff, handle (each message, on the client's
-    thread: `handoff`), stats.reconnects and the event `subscribed`; `who` prefixes its logs."""
+    thread: `handoff`; with `with_retain`, its retain flag too), stats.reconnects and the
+    event `subscribed`; `who` prefixes its logs."""
     broker = f"MQTT {owner.host}:{owner.port}"
     outages = Outages(broker, owner.backoff, log)
     while not stop.is_set():
         try:
             async with aiomqtt.Client(owner.host, owner.port, identifier=owner.client_id, clean_session=False,
-                                      keepalive=owner.keepalive_s, queue_type=handoff(owner.handle)) as client:
+                                      keepalive=owner.keepalive_s,
+                                      queue_type=handoff(owner.handle, with_retain)) as client:
                 await subscribe_qos1(client, topic, broker, owner.client_id, what_to_do)
                 down_s = outages.up()
                 if down_s is not None:
@@ -360,14 +362,19 @@ async def subscribe_qos1(client: aiomqtt.Client, topic: str, broker: str, client
                               f"{client_id}): {what_to_do}")
 
 
-def handoff(handle: Callable[[str, bytes], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
-    """aiomqtt's incoming queue, replaced by a direct call of `handle`. aiomqtt puts
-    each message as paho reads it, before paho acknowledges it to the broker, so a
-    reading is in the collector's rows before the broker forgets it, and there is
-    no per-message queue and task on the event loop."""
+def handoff(handle: Callable[..., None], with_retain: bool = False) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """aiomqtt's incoming queue, replaced by a direct call of `handle(topic, payload)`
+    (`handle(topic, payload, retained)` with `with_retain`: the power intake refuses a
+    request the broker sends because it is retained). aiomqtt puts each message as paho
+    reads it, before paho acknowledges it to the broker, so a reading is in the
+    collector's rows before the broker forgets it, and there is no per-message queue
+    and task on the event loop."""
     class Handoff(asyncio.Queue[aiomqtt.Message]):
         def put_nowait(self, item: aiomqtt.Message) -> None:
-            handle(item.topic.value, item.payload)
+            if with_retain:
+                handle(item.topic.value, item.payload, bool(item.retain))
+            else:
+                handle(item.topic.value, item.payload)
     return Handoff
 
 

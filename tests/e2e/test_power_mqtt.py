@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import aiomqtt
@@ -16,7 +17,7 @@ import pytest
 
 from pipeline.bus import Message, Topic
 from pipeline.power.mqtt_intake import MqttIntake
-from pipeline.power.store import request_store
+from pipeline.power.store import RETENTION_S, request_store
 from pipeline.sources.mqtt import Backoff
 from pipeline.sources.simulate import FleetSimulator
 from tests.services import Mosquitto
@@ -51,7 +52,7 @@ class Gateway:
 
     def __init__(self, broker: Mosquitto, topic: str) -> None:
         self.broker, self.topic = broker, topic
-        self.got: list[tuple[str, dict, bool]] = []  # (topic, doc, retained)
+        self.got: list[tuple[str, dict | None, bool]] = []  # (topic, doc, retained); None: an empty message
         self.ready = asyncio.Event()
         self.task = asyncio.create_task(self._run())
         self._client: aiomqtt.Client | None = None
@@ -65,7 +66,7 @@ class Gateway:
             async for m in client.messages:
                 if m.topic.value == self.topic:  # `<topic>/#` matches the requests themselves too
                     continue
-                self.got.append((m.topic.value, json.loads(m.payload), m.retain))
+                self.got.append((m.topic.value, json.loads(m.payload) if m.payload else None, m.retain))
 
     async def send(self, payload: bytes | dict) -> None:
         await asyncio.wait_for(self.ready.wait(), DEADLINE_S)
@@ -73,7 +74,7 @@ class Gateway:
         await self._client.publish(self.topic, body, qos=1)
 
     def states(self, rid: str) -> list[str]:
-        return [d["state"] for t, d, _ in self.got if t == f"{self.topic}/{rid}/status"]
+        return [d["state"] for t, d, _ in self.got if t == f"{self.topic}/{rid}/status" and d is not None]
 
     def rejected(self) -> list[dict]:
         return [d for t, d, _ in self.got if t == f"{self.topic}/rejected"]
@@ -232,3 +233,151 @@ def test_the_built_power_role_takes_mqtt_requests_when_mqtt_broker_is_set(broker
     assert "accepted" in gw.states("gw-built"), gw.got
     (entry,) = request_store(Path(cfg.data_dir)).entries()
     assert entry.id == "gw-built" and entry.request["source"] == "mqtt"
+
+
+async def until_advancing(h: Harness, condition, what: str, at_most_s: int = 2000) -> None:
+    """Drive the fleet a simulated second at a time (the intake publishes between) until `condition`."""
+    for _ in range(at_most_s):
+        if condition():
+            return
+        await h.advance(1)
+        await asyncio.sleep(0.01)
+    assert condition(), f"not within {at_most_s} simulated s: {what}"
+
+
+def test_a_retained_request_is_never_taken_and_the_gateway_is_told_to_publish_it_unretained(broker, tmp_path,
+                                                                                            caplog):
+    """A request published retained comes again at every SUBSCRIBE (each reconnect, each restart):
+    without an id it would be a new request each time. It is refused on `rejected` saying what to do,
+    never on its status topic; the empty retained message that clears it is no request."""
+    root = f"t{uuid.uuid4().hex[:8]}/bms"
+    h = Harness(tmp_path, dry_run=True)
+    client_id = f"power-{uuid.uuid4().hex[:6]}"
+    topic = f"{root}/site-a/power/requests"
+
+    def intake() -> MqttIntake:
+        return MqttIntake(h.role, broker.host, broker.port, "site-a", topic_root=root, backoff=fast_backoff(),
+                          client_id=client_id)
+
+    async def go():
+        await h.advance(90)
+        async with aiomqtt.Client(broker.host, broker.port, identifier=f"bms-{uuid.uuid4().hex[:6]}") as bms:
+            await bms.publish(topic, json.dumps(request(id="gw-kept", duration_s=60)).encode(), qos=1, retain=True)
+        first, stop = intake(), asyncio.Event()
+        task = asyncio.create_task(first.run(stop))
+        await until(lambda: first.stats.messages == 1, "the retained request came")
+        await asyncio.to_thread(broker.stop)  # a reconnect: the broker sends it again
+        await until(lambda: not first.subscribed.is_set(), "the intake saw the broker go")
+        await asyncio.to_thread(broker.start)
+        await until(lambda: first.stats.messages == 2, "it came again after the reconnect")
+        await h.advance(5)
+        stop.set()
+        await asyncio.wait_for(task, DEADLINE_S)
+        gw = Gateway(broker, topic)
+        await asyncio.wait_for(gw.ready.wait(), DEADLINE_S)
+        second, stop = intake(), asyncio.Event()  # a restart: again
+        task = asyncio.create_task(second.run(stop))
+        await until(lambda: second.stats.messages == 1 and gw.got, "it came again at the restart, answered")
+        await gw._client.publish(topic, b"", qos=1, retain=True)  # the gateway clears it, as told
+        await until(lambda: second.stats.messages == 2, "the clearing message came")
+        await h.advance(5)
+        stop.set()
+        await asyncio.wait_for(task, DEADLINE_S)
+        await gw.close()
+        return first, second, gw
+
+    first, second, gw = asyncio.run(go())
+    assert request_store(h.cfg.data_dir).entries() == []  # never taken
+    assert first.stats.taken == 0 and first.stats.retained == 2
+    assert second.stats.rejected == 0 and second.stats.taken == 0 and second.stats.retained == 1
+    (answer,) = gw.rejected()
+    assert answer["id"] == "gw-kept"
+    assert "retain false" in answer["reason"] and "empty retained message" in answer["reason"]
+    assert not [t for t, _, _ in gw.got if t.endswith("/status")]  # its status topic is not the refusal's
+    assert h.role.status()["grid_signal_rejected"] == 3
+    logged = [r for r in caplog.records if "retain false" in r.getMessage()]
+    assert len(logged) == 2  # once per intake, not at each reconnect
+
+
+def test_after_a_restart_the_states_of_the_requests_taken_before_are_published(broker, tmp_path):
+    """A new process knows nothing of what the old one answered: the MQTT requests in the store are
+    followed again, so a request accepted before the restart is not left `active` on its status
+    topic for good, and its resumption is no step back to `accepted`."""
+    root = f"t{uuid.uuid4().hex[:8]}/bms"
+    h = Harness(tmp_path, dry_run=True)
+    client_id = f"power-{uuid.uuid4().hex[:6]}"
+
+    def intake() -> MqttIntake:
+        return MqttIntake(h.role, broker.host, broker.port, "site-a", topic_root=root, backoff=fast_backoff(),
+                          client_id=client_id)
+
+    async def go():
+        await h.advance(90)
+        first, stop = intake(), asyncio.Event()
+        task = asyncio.create_task(first.run(stop))
+        await asyncio.wait_for(first.subscribed.wait(), DEADLINE_S)
+        gw = Gateway(broker, first.topic)
+        await gw.send(request(id="gw-r", duration_s=60))
+        await until_advancing(h, lambda: "active" in gw.states("gw-r"), "gw-r answered active")
+        stop.set()  # the process stops (its role is not closed: a crash)
+        await asyncio.wait_for(task, DEADLINE_S)
+
+        async def publish(topic, batch):
+            h.published.append((topic, batch))
+        h.role = PowerRole(h.cfg, request_store(h.cfg.data_dir), h.actuator, publish, dry_run=True,
+                           wall=lambda: h.wall, utc_now=lambda: h.sim.now)
+        second, stop = intake(), asyncio.Event()
+        task = asyncio.create_task(second.run(stop))
+        await asyncio.wait_for(second.subscribed.wait(), DEADLINE_S)
+        await until_advancing(h, lambda: gw.states("gw-r")[-1:] == ["done"], "gw-r answered done after the restart")
+        late = Gateway(broker, first.topic)  # subscribes now: reads the retained state
+        await until(lambda: any(r for _, _, r in late.got), "the retained state")
+        stop.set()
+        await asyncio.wait_for(task, DEADLINE_S)
+        await gw.close()
+        await late.close()
+        return gw, late
+
+    from pipeline.roles.power import PowerRole
+    gw, late = asyncio.run(go())
+    (entry,) = request_store(h.cfg.data_dir).entries()
+    assert entry.state == "done"
+    states = gw.states("gw-r")
+    assert states[-1] == "done" and "accepted" not in states[states.index("active"):], states
+    assert late.states("gw-r") == ["done"]
+
+
+def test_a_request_pruned_from_the_store_has_its_retained_status_cleared(broker, tmp_path):
+    """A week after a request is over the role prunes it: the broker forgets its status too (an
+    empty retained message), or it would keep one per request ever made."""
+    root = f"t{uuid.uuid4().hex[:8]}/bms"
+    h = Harness(tmp_path, dry_run=True)
+
+    async def go():
+        await h.advance(90)
+        intake = MqttIntake(h.role, broker.host, broker.port, "site-a", topic_root=root, backoff=fast_backoff(),
+                            client_id=f"power-{uuid.uuid4().hex[:6]}")
+        stop = asyncio.Event()
+        task = asyncio.create_task(intake.run(stop))
+        await asyncio.wait_for(intake.subscribed.wait(), DEADLINE_S)
+        gw = Gateway(broker, intake.topic)
+        await gw.send(request(id="gw-p", duration_s=30))
+        await until_advancing(h, lambda: gw.states("gw-p")[-1:] == ["done"] and request_store(
+            h.cfg.data_dir).entries()[0].reported, "gw-p done and reported")
+        await h.role.flush(h.sim.now + timedelta(seconds=RETENTION_S + 3600))  # the role's pruning, a week on
+        assert not h.role.store.known("gw-p")
+        status = f"{intake.topic}/gw-p/status"
+        await until(lambda: (status, None, False) in gw.got, "the status cleared")
+        late = Gateway(broker, intake.topic)  # subscribes now: no retained status left
+        await asyncio.wait_for(late.ready.wait(), DEADLINE_S)
+        await late._client.publish(f"{intake.topic}/marker", b"{}", qos=1)  # after the retained ones
+        await until(lambda: any(t.endswith("/marker") for t, _, _ in late.got), "the marker")
+        stop.set()
+        await asyncio.wait_for(task, DEADLINE_S)
+        await gw.close()
+        await late.close()
+        return intake, late
+
+    intake, late = asyncio.run(go())
+    assert not [t for t, _, _ in late.got if t.endswith("/status")], late.got
+    assert "gw-p" not in intake.answered
