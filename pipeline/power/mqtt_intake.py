@@ -199,10 +199,14 @@ class MqttIntake:
                         "requests are counted and answered, not logged", self.topic, rid or "no id", why,
                         self.rejected_topic)
         self.stats.retained += 1
+        self._tell_rejected(rid, why)
+        self._wake.set()
+
+    def _tell_rejected(self, rid: str, why: str) -> None:
+        """A message not taken: counted in the role's status, answered on `rejected`."""
         self.role.signals_rejected += 1
         self.role.last_signal_rejection = f"{rid or '(no id)'}: {why}"
         self.outbox.append((self.rejected_topic, {"id": rid or None, "reason": why}, False))
-        self._wake.set()
 
     def current(self, request_id: str) -> dict[str, Any]:
         """A request's state as the role has it (the store's, before the role judged it)."""
@@ -221,9 +225,7 @@ class MqttIntake:
                         "requests are counted and answered, not logged", self.topic, rid or "no id", why,
                         self.rejected_topic)
         self.stats.rejected += 1
-        self.role.signals_rejected += 1
-        self.role.last_signal_rejection = f"{rid or '(no id)'}: {why}"
-        self.outbox.append((self.rejected_topic, {"id": rid or None, "reason": why}, False))
+        self._tell_rejected(rid, why)
         if rid:
             self.refused[rid] = hashlib.sha256(payload).digest()
             while len(self.refused) > KEEP_REFUSED:  # the oldest go first

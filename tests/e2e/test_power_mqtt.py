@@ -88,6 +88,19 @@ def request(**kw) -> dict:
     return {"site": "site-a", "duration_s": 600, "ramp_s": 30, "start": "now", "reduction_pct": 5, **kw}
 
 
+
+def role_and_intakes(broker, tmp_path):
+    """A dry-run role on the simulated fleet, and a maker of its MQTT intakes under a topic root of
+    the test's own, all with one client id (one persistent session at the broker, as a restart has)."""
+    root = f"t{uuid.uuid4().hex[:8]}/bms"
+    h = Harness(tmp_path, dry_run=True)
+    client_id = f"power-{uuid.uuid4().hex[:6]}"
+
+    def intake() -> MqttIntake:
+        return MqttIntake(h.role, broker.host, broker.port, "site-a", topic_root=root, backoff=fast_backoff(),
+                          client_id=client_id)
+    return h, intake
+
 def test_requests_over_mqtt_are_judged_answered_and_taken_once(broker, tmp_path, caplog):
     root = f"t{uuid.uuid4().hex[:8]}/bms"
     h = Harness(tmp_path, dry_run=True)
@@ -152,13 +165,7 @@ def test_requests_over_mqtt_are_judged_answered_and_taken_once(broker, tmp_path,
 
 
 def test_a_request_sent_while_the_role_is_away_or_the_broker_restarts_is_taken(broker, tmp_path):
-    root = f"t{uuid.uuid4().hex[:8]}/bms"
-    h = Harness(tmp_path, dry_run=True)
-    client_id = f"power-{uuid.uuid4().hex[:6]}"
-
-    def intake() -> MqttIntake:
-        return MqttIntake(h.role, broker.host, broker.port, "site-a", topic_root=root, backoff=fast_backoff(),
-                          client_id=client_id)
+    h, intake = role_and_intakes(broker, tmp_path)
 
     async def go():
         await h.advance(90)
@@ -250,14 +257,8 @@ def test_a_retained_request_is_never_taken_and_the_gateway_is_told_to_publish_it
     """A request published retained comes again at every SUBSCRIBE (each reconnect, each restart):
     without an id it would be a new request each time. It is refused on `rejected` saying what to do,
     never on its status topic; the empty retained message that clears it is no request."""
-    root = f"t{uuid.uuid4().hex[:8]}/bms"
-    h = Harness(tmp_path, dry_run=True)
-    client_id = f"power-{uuid.uuid4().hex[:6]}"
-    topic = f"{root}/site-a/power/requests"
-
-    def intake() -> MqttIntake:
-        return MqttIntake(h.role, broker.host, broker.port, "site-a", topic_root=root, backoff=fast_backoff(),
-                          client_id=client_id)
+    h, intake = role_and_intakes(broker, tmp_path)
+    topic = intake().topic
 
     async def go():
         await h.advance(90)
@@ -303,13 +304,7 @@ def test_after_a_restart_the_states_of_the_requests_taken_before_are_published(b
     """A new process knows nothing of what the old one answered: the MQTT requests in the store are
     followed again, so a request accepted before the restart is not left `active` on its status
     topic for good, and its resumption is no step back to `accepted`."""
-    root = f"t{uuid.uuid4().hex[:8]}/bms"
-    h = Harness(tmp_path, dry_run=True)
-    client_id = f"power-{uuid.uuid4().hex[:6]}"
-
-    def intake() -> MqttIntake:
-        return MqttIntake(h.role, broker.host, broker.port, "site-a", topic_root=root, backoff=fast_backoff(),
-                          client_id=client_id)
+    h, intake = role_and_intakes(broker, tmp_path)
 
     async def go():
         await h.advance(90)
