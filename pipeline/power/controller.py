@@ -75,6 +75,8 @@ BIAS_PRIOR = 10        # ... where the mean before the caps last changed counts 
                        # has its own errors: its first readings move the mean fast)
 UNHELD_SAMPLES = 20    # a capped GPU drawing under its cap this many samples in a row: its load fell (longer
                        # than a training job's communication phase), its cap is expected to shed nothing
+SILENT_S = 60.0        # a GPU with no sample for this long behind the fleet's newest (two missed 30 s scrapes)
+                       # is gone from the request: fell off the bus, its node drained, its agent stopped
 RELEARNED = 0.05       # a plan is made again when a job's learned sensitivity moved this much since
 # A power reading the detectors found stuck: its node is left as it is, like one the controller finds
 # stuck itself (STUCK_READINGS, which it can see only on an uncapped GPU): a cap moved there moves a
@@ -200,6 +202,7 @@ class GpuTable:
         self.pod = np.zeros(0, object)        # class rule names a workload (a label change reads them again)
         self._classes_version = classes.version
         self.slots = np.zeros(0, np.int64)  # the last batch's rows' slots
+        self.seen = np.zeros(0)             # per slot: its newest sample's time (unix s)
         self._batch: pa.RecordBatch | None = None
 
     def update(self, batch: pa.RecordBatch) -> None:
@@ -247,6 +250,8 @@ class GpuTable:
         self.job_mem[slots[~busy & ~self.paused[slots]]] = 0.0  # the job freed its memory: over
         self.limit_w[slots] = limit
         self.slots = np.asarray(slots, np.int64)
+        ts = batch.column("ts").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        np.fmax.at(self.seen, self.slots, ts.to_numpy(zero_copy_only=False) / 1e6)
         if self.classes.by_workload:  # the job on a GPU changes, and its class with it
             self.namespace[slots] = batch.column("namespace").to_numpy(zero_copy_only=False)
             self.pod[slots] = batch.column("pod").to_numpy(zero_copy_only=False)
@@ -281,9 +286,14 @@ class GpuTable:
         self.node_ix = np.concatenate([self.node_ix, np.array([self._node_ids.setdefault(n, len(self._node_ids))
                                                                for n in nodes], np.int64)])
         self.limit_w = np.concatenate([self.limit_w, np.full(grow, np.nan)])
+        self.seen = np.concatenate([self.seen, np.zeros(grow)])
         self.namespace = np.concatenate([self.namespace, np.full(grow, None, object)])
         self.pod = np.concatenate([self.pod, np.full(grow, None, object)])
         self.flex = np.concatenate([self.flex, self.classes.of_rows(self._batch.take(rows))])
+
+    def silent(self) -> np.ndarray:
+        """Per GPU: no sample for SILENT_S behind the fleet's newest (on the data's time)."""
+        return self.seen < (self.seen.max(initial=0.0) - SILENT_S)
 
     def stuck_nodes(self, readings: int) -> np.ndarray:
         """Per GPU: a GPU of its node reports the same power `readings` times in a row. Its
@@ -336,6 +346,8 @@ class Controller:
         self.planned_on: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.changed_at: datetime | None = None
         self.last_step: datetime | None = None
+        self.counted: datetime | None = None  # the newest reading of the active request measured (one that
+                                              # comes late, stamped before the last step, still counts)
         self.suspects: dict[str, tuple[str, str | None]] = {}  # firing fault alert's fingerprint -> (node, UUID;
                                                                 # None: every GPU of the node)
         self.benched: dict[str, tuple[str, str | None]] = {}   # the same, resolved during the active request
@@ -349,8 +361,12 @@ class Controller:
         g = self.gpus
         g.update(batch)
         rows = g.slots
+        self._fit()
+        # An enforced limit the source does not send (dcgm-exporter's default counters leave it out):
+        # the cap set here, so that a capped draw is never taken for the job's own.
+        limit = np.where(np.isnan(g.limit_w[rows]), self.cap[rows], g.limit_w[rows])
         self.learner.observe(rows, np.where(g.forced[rows], np.nan, g.power_w[rows]), g.util[rows],
-                             g.util_mem[rows], g.limit_w[rows], self._own_w(rows), g.paused[rows],
+                             g.util_mem[rows], limit, self._own_w(rows), g.paused[rows],
                              g.new_job)  # (a slowdown: no sample)
         if self.active is not None:
             self._fit()
@@ -504,7 +520,11 @@ class Controller:
             self.cap = np.concatenate([self.cap, np.full(grow, np.nan)])
             self.demand = np.concatenate([self.demand, np.full(grow, np.nan)])
             self.steady = np.concatenate([self.steady, np.zeros(grow, bool)])
-            self.mine = np.concatenate([self.mine, np.zeros(grow, bool)])
+            new = np.zeros(grow, bool)
+            if self.active is not None:  # a GPU first seen during a request it covers (a board replaced, a node back)
+                racks = self.active.racks
+                new[:] = [not racks or r in racks for r in self.gpus.racks[self.cap.size - grow:]]
+            self.mine = np.concatenate([self.mine, new])
             self.unheld = np.concatenate([self.unheld, np.zeros(grow, np.int64)])
         self.learner.grow(self.cap.size)
 
@@ -523,21 +543,25 @@ class Controller:
             return
         req, out = self.active, self._outcome(self.active)
         covered = self.covered_kw(req)
+        if self.phase == "active":
+            self._drop_silent()
         if self.phase == "active" and not req.racks:  # the caps themselves move the IT load: a fit soon
             out.meter_per_it = self.meter_per_it()
         if self.phase == "active":
-            achieved, last = None, self.last_step
-            # Every reading since the last step (the site meter's), in order; the covered racks' sum once
-            # each has a reading since. None new (a meter gone silent): nothing measured, no correction
-            # (the last reading again would be a hold nobody saw; the role reports the silence).
+            achieved, seen = None, self.counted
+            # Every reading not measured yet (the site meter's), in order, late ones too (a BMS polled
+            # slower than the GPUs, a reconnect); the covered racks' sum once each has a newer one. None
+            # new (a meter gone silent): nothing measured, no correction (the last reading again would
+            # be a hold nobody saw; the role reports the silence).
             if covered is None:
                 readings = []
             elif not req.racks:
-                readings = [(t, kw) for t, kw in self.meter if req.start <= t <= now and (last is None or t > last)]
+                readings = [(t, kw) for t, kw in self.meter if req.start <= t <= now and (seen is None or t > seen)]
             else:
-                fresh = last is None or min(self.pdu[r][0] for r in req.racks) > last
-                readings = [(now, covered)] if fresh else []
+                newest = min(self.pdu[r][0] for r in req.racks)
+                readings = [(newest, covered)] if newest >= req.start and (seen is None or newest > seen) else []
             if readings:
+                self.counted = readings[-1][0]
                 values = []
                 # A level to hold (target_kw, a firm service level) is judged by the meter itself:
                 # the load that came since the baseline must be shed too, the load that left gives
@@ -624,7 +648,7 @@ class Controller:
         lr = self.learner
         self.steady = (self.mine & (self.gpus.util >= IDLE_UTIL) & (lr.ref_n >= MIN_REF)
                        & ~self._stuck())
-        self.adjust_kw = {}
+        self.adjust_kw, self.counted = {}, None
         self.active, self.phase, self.extra_w, self.bias_kw = req, "active", 0.0, 0.0
         self.residual.clear()
         self.recent_adjust.clear()
@@ -690,7 +714,7 @@ class Controller:
         demand = self.learner.demand()
         now_w = np.where(known, np.fmax(g.power_w, np.fmin(demand, max_w)), g.power_w)
         draw = np.where(np.isnan(self.demand), now_w, np.fmax(self.demand, g.power_w))
-        flex = self.flex()
+        flex = np.where(g.silent(), 0, self.flex())  # a GPU gone silent is no capacity: nothing would show its cap
         if self.active is not None:  # only a steady job's saving is the request's: the baseline's
             flex = np.where(self.steady, flex, 0)  # adjustment counts the rest (idle GPUs, new jobs) as drawn
         duty = np.where(known, self.learner.duty(demand, own), 1.0)
@@ -744,6 +768,21 @@ class Controller:
         probe = np.fmax((1.0 - PROBE_SHARE) * snapshot.power_w, np.fmax(floors(snapshot, self.curve),
                                                                         snapshot.min_limit_w))
         return np.where(unknown & (probe < snapshot.power_w - 1.0), probe, cap_w)
+
+    def _drop_silent(self) -> None:
+        """A GPU gone silent (GpuTable.silent) leaves the request: no longer steady (its change is the
+        load not controlled, which the PDUs show), its cap lifted (a restore its agent takes if it
+        still runs; a lease lapses otherwise). Back, it joins again like a new job."""
+        gone = np.flatnonzero(self.gpus.silent() & (self.steady | ~np.isnan(self.cap)))
+        if not gone.size:
+            return
+        self.steady[gone] = False
+        capped = gone[~np.isnan(self.cap[gone])]
+        if capped.size:
+            self.actuator.apply({self.gpus.uuids[i]: None for i in capped})
+            self.cap[capped] = self.demand[capped] = np.nan
+            log.info("power request %s: %d GPUs sent no sample for %.0f s: left out, their caps lifted",
+                     self.active.id if self.active else "-", len(gone), SILENT_S)
 
     def _own_w(self, slots=slice(None)) -> np.ndarray:
         """Per GPU: its own limit, which a cap is under and a restore returns to: the highest

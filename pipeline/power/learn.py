@@ -134,7 +134,9 @@ class CurveLearner:
         self.grow(int(slots.max()) + 1 if slots.size else 0)
         power = np.asarray(power_w, np.float64)
         util = np.nan_to_num(np.asarray(util, np.float64))
-        mem = np.nan_to_num(np.asarray(util_mem, np.float64))
+        mem = np.asarray(util_mem, np.float64)
+        has_mem = mem > 0  # (null where the source sends none: a trimmed dcgm-exporter counters file, MIG)
+        mem = np.nan_to_num(mem)
         default_w = np.broadcast_to(np.asarray(default_w, np.float64), np.shape(power_w))
         limit = np.asarray(limit_w, np.float64)
         limit = np.where(np.isnan(limit), default_w, limit)
@@ -151,7 +153,7 @@ class CurveLearner:
                 a[gone] = 0.0
         busy = ok & ~idle
         capped = limit < default_w - 0.5
-        free = busy & ~capped & (mem > 0)
+        free = busy & ~capped  # the draw's reference needs no util_mem: only the points do
         if free.any():
             s = slots[free]
             n = self.ref_n[s] + 1.0
@@ -164,13 +166,14 @@ class CurveLearner:
             np.add.at(self.draw, at, 1.0)
             np.add.at(self.draw_w, at, power[free])
             a = np.maximum(1.0 / n, 1.0 / REF_SAMPLES)
-            self.ref_mem[s] += a * (mem[free] - self.ref_mem[s])
+            m = has_mem[free]
+            self.ref_mem[s[m]] += a[m] * (mem[free][m] - self.ref_mem[s[m]])
             self.ref_n[s] = n
         known = busy & capped & (self.ref_n[slots] >= MIN_REF)
         ref_p = np.zeros(power.size)
         if known.any():
             ref_p[known] = self.demand_above(slots[known], power[known])
-        held = known & (power < (1.0 - MIN_SHED) * ref_p)
+        held = known & (power < (1.0 - MIN_SHED) * ref_p) & has_mem & (self.ref_mem[slots] > 0)
         if held.any():
             s = slots[held]
             at_ref = self.curve.at(ref_p[held] * k[held])
