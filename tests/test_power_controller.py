@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from pipeline.analytics.evaluate import EVAL_EPOCH
@@ -83,7 +84,6 @@ def test_gpus_under_their_own_limit_are_capped_under_it_and_restored_to_it(own_w
 def test_a_meter_reading_of_nan_is_no_reading():
     """A site meter that sends NaN (a BMS's "no value") once before the request and once in
     its hold: the baseline, the measure and the meter's slope on the PDUs stay numbers."""
-    import pyarrow.compute as pc
     sim, ctl = fleet()
     out = ctl.submit(request(300, 10))
     for i in range(700):
@@ -106,7 +106,6 @@ def test_a_meter_gone_silent_is_no_hold_seen():
     """The site meter sends nothing for 90 s of a hold (the PDUs and the GPUs go on): no
     reading of those 90 s is the reduction's, and the caps stay as they were (nothing
     measured, nothing corrected), where its last reading had counted again at every step."""
-    import pyarrow.compute as pc
     sim, ctl = fleet()
     out = ctl.submit(request(300, 10))
     caps_at = {}
@@ -166,6 +165,23 @@ def _true_reduction_kw(sim) -> float:
     """What the caps shed this second by the simulator's hidden truth, at the meter."""
     from pipeline.sources.simulate import COOLING_OVERHEAD
     return (1.0 + COOLING_OVERHEAD) * float(np.sum(sim.power_uncapped - sim.last_power)) / 1000.0
+
+
+def drive(sim, ctl, seconds: int, transform=None, truth_in: range = range(0)) -> list[float]:
+    """Second by second: the fleet's readings into the controller (`transform(i, tick)` -> the GPU
+    and facility batches it sees), its step every INTERVAL; the simulator's true reduction at
+    each second of `truth_in`."""
+    truth = []
+    for i in range(seconds):
+        tick = sim.step()
+        gpu, facility = transform(i, tick) if transform else (tick.gpu, tick.facility)
+        ctl.observe_gpus(gpu)
+        ctl.observe_facility(facility)
+        if i % INTERVAL == 0:
+            ctl.step(sim.now)
+        if i in truth_in:
+            truth.append(_true_reduction_kw(sim))
+    return truth
 
 
 @pytest.mark.parametrize("change", ["start", "end"])
@@ -465,7 +481,6 @@ def test_meter_readings_that_come_late_are_measured():
     step was skipped: 6 s late, none was, and the request was never reached)."""
     from collections import deque
 
-    import pyarrow.compute as pc
     sim, ctl = fleet()
     out = ctl.submit(request(400, 10, duration_s=300))
     late: deque = deque()
@@ -488,12 +503,13 @@ def test_gpus_that_stop_reporting_leave_the_request_and_new_ones_join_it(change)
     or its boards are replaced (new UUIDs: "replaced"). The silent GPUs leave the request and its
     capacity (they stayed steady, credited and counted for good: 11.1 kW claimed where 7.2 were
     shed), and the new ones join it; what is claimed is what the caps shed."""
-    import pyarrow.compute as pc
     sim, ctl = fleet()
     out = ctl.submit(request(400, 10, duration_s=400))
-    truth, hidden, rename = [], None, {}
-    for i in range(820):
-        if i == 550:
+    hidden, rename = None, {}
+
+    def seen(i: int, tick):
+        nonlocal hidden, rename
+        if i == 549:  # (after this second: the next step flips the job)
             node = int(sim.gpu_node[np.flatnonzero(sim.caps < 700)[0]])
             if change == "gone":
                 group = int(sim.gpu_job[np.flatnonzero(sim.gpu_node == node)[0]])
@@ -505,19 +521,14 @@ def test_gpus_that_stop_reporting_leave_the_request_and_new_ones_join_it(change)
                 ctl.actuator.apply({u: None for u in rename})  # the new boards come up at their default limit
                 for old, new in rename.items():
                     ctl.actuator.index[new] = ctl.actuator.index[old]
-        tick = sim.step()
         gpu = tick.gpu
-        if hidden is not None:
+        if hidden is not None and i >= 550:
             gpu = gpu.filter(pc.invert(pc.is_in(gpu.column("gpu_uuid"), value_set=hidden)))
-        if rename:
+        if rename and i >= 550:
             gpu = gpu.set_column(gpu.schema.get_field_index("gpu_uuid"), "gpu_uuid",
                                  pa.array([rename.get(u, u) for u in gpu.column("gpu_uuid").to_pylist()]))
-        ctl.observe_gpus(gpu)
-        ctl.observe_facility(tick.facility)
-        if i % INTERVAL == 0:
-            ctl.step(sim.now)
-        if 650 <= i < 800:
-            truth.append(_true_reduction_kw(sim))
+        return gpu, tick.facility
+    truth = drive(sim, ctl, 820, seen, range(650, 800))
     claimed = [kw for t, kw in out.achieved_kw if 250 <= t < 400]
     assert np.mean(claimed) == pytest.approx(np.mean(truth), rel=0.05) and out.met
     old = ctl.gpus.ids.slots(hidden if hidden is not None else pa.array(list(rename)))
@@ -548,18 +559,12 @@ def test_a_column_the_source_does_not_send_leaves_the_loop_working(column):
     capped. Now the loop meets the target and claims what it sheds."""
     sim, ctl = fleet()
     out = ctl.submit(request(400, 10, duration_s=400))
-    truth = []
-    for i in range(820):
-        tick = sim.step()
-        gpu = tick.gpu
-        f = gpu.schema.field(column)
-        gpu = gpu.set_column(gpu.schema.get_field_index(column), f, pa.nulls(gpu.num_rows, f.type))
-        ctl.observe_gpus(gpu)
-        ctl.observe_facility(tick.facility)
-        if i % INTERVAL == 0:
-            ctl.step(sim.now)
-        if 460 <= i < 800:
-            truth.append(_true_reduction_kw(sim))
+
+    def without(i: int, tick):
+        f = tick.gpu.schema.field(column)
+        return tick.gpu.set_column(tick.gpu.schema.get_field_index(column), f, pa.nulls(tick.gpu.num_rows, f.type)), \
+            tick.facility
+    truth = drive(sim, ctl, 820, without, range(460, 800))
     assert out.met, (out.minute_means(), out.requested_kw)
     claimed = [kw for t, kw in out.achieved_kw if 60 <= t < 400]
     assert np.mean(claimed) == pytest.approx(np.mean(truth), rel=0.05)

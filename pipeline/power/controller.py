@@ -250,8 +250,9 @@ class GpuTable:
         self.job_mem[slots[~busy & ~self.paused[slots]]] = 0.0  # the job freed its memory: over
         self.limit_w[slots] = limit
         self.slots = np.asarray(slots, np.int64)
-        ts = batch.column("ts").cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-        np.fmax.at(self.seen, self.slots, ts.to_numpy(zero_copy_only=False) / 1e6)
+        ts = batch.column("ts")
+        per_s = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}[ts.type.unit]
+        np.fmax.at(self.seen, self.slots, ts.cast(pa.int64()).to_numpy(zero_copy_only=False) / per_s)
         if self.classes.by_workload:  # the job on a GPU changes, and its class with it
             self.namespace[slots] = batch.column("namespace").to_numpy(zero_copy_only=False)
             self.pod[slots] = batch.column("pod").to_numpy(zero_copy_only=False)
