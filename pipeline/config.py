@@ -309,8 +309,9 @@ class FlexRule:
     namespace: str = _spec("", doc="glob of the Kubernetes namespace of the pod on the GPU (the samples' namespace, "
                            "from dcgm-exporter's pod mapping); empty = any")
     pod: str = _spec("", doc="glob of the pod on the GPU (the samples' pod); empty = any")
-    feature: str = _spec("", doc="glob of a label of the node (power.node_labels): a Slurm feature, or a "
-                         "Kubernetes node label as key=value (e.g. fleetwatch.io/flex=*); empty = any")
+    feature: str = _spec("", doc="glob of a label of the node (power.node_labels, which must then be slurm or "
+                         "kubernetes): a Slurm feature, or a Kubernetes node label as key=value (e.g. "
+                         "fleetwatch.io/flex=*); empty = any")
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,8 @@ class PowerConfig:
                              doc="where nodes' labels for the rules' `feature` come from: slurm = each node's "
                                  "features, by sinfo (SLURM_CONF names the cluster); kubernetes = each node's "
                                  "labels as key=value, from the API server (power.kubeconfig); until they are first "
-                                 "read every GPU is class 0")
+                                 "read every GPU is class 0, and a node a read does not list takes the most "
+                                 "protective class a feature rule could give it (a warning names it)")
     sinfo: str = _spec("sinfo", nonempty="give Slurm's sinfo command or its path",
                        doc="Slurm's sinfo command (power.node_labels = slurm)")
     jobs: str = _spec("none", choices=("none", "slurm", "kubernetes"),
@@ -354,6 +356,14 @@ class PowerConfig:
                            "has not renewed its cap for this long (a cap never outlives its controller)")
     dry_run: bool = _spec(False, doc="the power role plans, reports and archives each request's caps but applies none "
                           "(`fleetwatch power --dry-run`)")
+
+    def __post_init__(self) -> None:
+        featured = next((r.feature for r in self.classes if r.feature), None)
+        if featured is not None and self.node_labels == "none":  # it would match no node, silently
+            raise ConfigError(f"config error: power.classes: a rule names feature = {featured!r}, but "
+                              f"power.node_labels is \"none\", so no node has labels and the rule would never "
+                              f"match (its nodes would take power.default_class): set power.node_labels = \"slurm\" "
+                              f"(Slurm features) or \"kubernetes\" (node labels), or remove the rule's feature")
 
 
 # Alerts that may start a remediation unless remediate.alertnames says otherwise: the critical

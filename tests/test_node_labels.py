@@ -21,7 +21,8 @@ from pipeline.power.classes import FlexClasses
 from pipeline.power.controller import Controller
 from pipeline.power.curve import from_recording
 from pipeline.power.node_labels import (JobPoller, LabelPoller, LabelsUnavailable, Poller, SlurmQuery,
-                                        expand_hostlist, parse_sinfo, parse_squeue, slurm_features, slurm_jobs)
+                                        expand_hostlist, gpus_of_tres, parse_sinfo, parse_squeue, slurm_features,
+                                        slurm_jobs)
 from tests.conftest import fleetwatch, make_config
 from tests.services import Slurmctld, slurm_binary
 from tests.test_batching import of_schema
@@ -52,11 +53,28 @@ def test_a_feature_rule_matches_a_label_of_the_node_and_nothing_is_capped_before
     assert [c.of(n) for n in NODES] == [0, 0, 0, 0, 0]  # not read yet: never capped on a guess
     assert c.set_node_labels(parse_sinfo("\n".join(f"{n}|{f}" for n, f in NODES.items())))
     assert [c.of(n) for n in NODES] == [0, 3, 2, 3, 1]
-    assert c.of("r09-n01") == 2  # a node the scheduler does not know: the default
     assert c.of("r01-n02.dc1.example.com") == 3  # samples with the full host name, Slurm with the short one
     assert not c.set_node_labels(c.node_labels)  # the same labels again: nothing to take again
-    without = FlexClasses(PowerConfig(default_class=2, classes=RULES))  # no source: labels are none, known
+    without = FlexClasses(PowerConfig(default_class=2, classes=RULES[2:]))  # no source: labels are none, known
     assert [without.of(n) for n in NODES] == [2, 2, 2, 1, 1]
+
+
+def test_a_node_the_labels_do_not_list_is_not_capped_on_a_guess():
+    """Labels read, but not the sample's node (Slurm's NodeName is not its host name): it takes
+    the most protective class a feature rule could give it, not the default."""
+    c = FlexClasses(PowerConfig(default_class=2, classes=RULES, node_labels="slurm"))
+    c.set_node_labels(parse_sinfo("r01-n01|noflex\nr01-n03|(null)\n"))
+    assert c.of("r09-n01") == 0  # noflex could be its: never capped (was the default, 2)
+    assert c.of("r01-n03") == 2 and c.of("r01-n03.dc1.example.com") == 2  # listed with no labels: the default
+    ordered = FlexClasses(PowerConfig(default_class=2, node_labels="slurm", classes=[
+        FlexRule(feature="flex3", flex_class=3), FlexRule("r02-*", 1), FlexRule(feature="noflex", flex_class=0)]))
+    ordered.set_node_labels({})
+    # the feature rules down to the first rule that matches without one (r02-*: 1), else the default
+    assert ordered.of("r09-n01") == 0 and ordered.of("r02-n01") == 1
+    deeper = FlexClasses(PowerConfig(default_class=2, node_labels="slurm", classes=[FlexRule(feature="flex3",
+                                                                                             flex_class=3)]))
+    deeper.set_node_labels({})
+    assert deeper.of("r09-n01") == 2  # no feature rule protects more than the default
 
 
 @pytest.fixture()
@@ -132,6 +150,51 @@ def test_a_slurmctld_that_does_not_answer_keeps_the_labels_last_read_and_says_so
     asyncio.run(scenario())
 
 
+def test_nodes_slurm_does_not_list_are_never_capped_and_said_once(slurm, caplog):
+    """Labels read from slurmctld, but the samples name nodes by a host name Slurm's NodeName is
+    not: their GPUs take class 0 (noflex could be theirs), not the default (2); one warning names
+    a few of them and the likely cause; a node first named after a read is said at the next."""
+    class Nowhere(Actuator):
+        def apply(self, caps):
+            pass
+    cfg = make_config(power={"node_labels": "slurm", "default_class": 2, "classes": [
+        {"feature": "noflex", "flex_class": 0}, {"feature": "flex3", "flex_class": 3}]}).power
+    ctl = Controller("site-a", from_recording(), Nowhere(), cfg)
+    now = [0.0]  # a read when the test says (none in flight at an assert: asyncio.run would wait on it)
+    poller = LabelPoller(slurm_features(env=slurm.env, timeout_s=5), ctl.classes, 60.0, clock=lambda: now[0])
+
+    async def read() -> None:
+        now[0] += 61.0
+        await poll_reads(poller)
+
+    def batch(nodes: list[str]):
+        return of_schema(GPU_SAMPLE, node=nodes, gpu_uuid=[f"GPU-{n}" for n in nodes], power_w=[650.0] * len(nodes),
+                         util_gpu=[0.9] * len(nodes), power_limit_w=[700.0] * len(nodes))
+    named = ["r01-n01", "r01-n03.dc1.example.com", *(f"dgx-r01-n{i:02d}" for i in range(1, 8))]
+
+    async def scenario() -> None:
+        ctl.observe_gpus(batch(named))
+        for _ in range(100):  # until slurmctld answers
+            await read()
+            if poller.reads:
+                break
+            await asyncio.sleep(0.1)
+        ctl.observe_gpus(batch(named))
+        assert ctl.gpus.flex.tolist() == [0, 2] + [0] * 7
+        ctl.observe_gpus(batch(["dgx-r02-n01"]))  # named after the read
+        assert ctl.gpus.flex.tolist()[-1] == 0
+        for _ in range(3):
+            await read()
+        await poller.close()
+    with caplog.at_level(logging.WARNING, logger="pipeline.power"):
+        asyncio.run(scenario())
+    warned = [r.getMessage() for r in caplog.records if "do not list" in r.getMessage()]
+    assert len(warned) == 2, warned
+    assert ("do not list 7 node(s) the samples name (dgx-r01-n01, dgx-r01-n02, dgx-r01-n03, dgx-r01-n04, "
+            "dgx-r01-n05 and 2 more)") in warned[0] and "NodeName" in warned[0] and "NodeHostname" in warned[0]
+    assert "do not list 1 node(s) the samples name (dgx-r02-n01)" in warned[1]
+
+
 def test_sinfo_missing_is_an_error_that_says_what_to_do():
     with pytest.raises(LabelsUnavailable, match="install Slurm's client .* or set power.sinfo"):
         asyncio.run(slurm_features(sinfo="/nonexistent/sinfo").fetch())
@@ -143,11 +206,11 @@ def test_the_power_role_never_caps_a_node_slurm_protects(tmp_path, monkeypatch):
     default class, 3, lets the plan take them: they are among its cheapest). A node marked
     noflex during the request has its caps lifted at the next read."""
     from tests.test_power_role import Harness
-    slurm = Slurmctld({"r01-n07": "noflex", "r02-n06": "ib,noflex", "r01-n05": "flex3", "r02-n08": "flex3"},
-                      tmp_path / "slurm").start()
+    plain = Harness(tmp_path / "plain")
+    slurm = Slurmctld({**dict.fromkeys(plain.sim.node_names, ""), "r01-n07": "noflex", "r02-n06": "ib,noflex",
+                       "r01-n05": "flex3", "r02-n08": "flex3"}, tmp_path / "slurm").start()
     try:
         monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
-        plain = Harness(tmp_path / "plain")
         labelled = Harness(tmp_path / "labelled", node_labels="slurm", node_labels_interval_s=1,
                            classes=[{"feature": "noflex", "flex_class": 0}])
         late = np.array(plain.sim.node_names)[plain.sim.gpu_node] == "r02-n08"
@@ -182,7 +245,7 @@ def test_the_power_role_never_caps_a_node_slurm_protects(tmp_path, monkeypatch):
         caps = asyncio.run(scenario(labelled))
         assert (caps[protected] == 700).all() and (caps[~protected] < 700).any()
         shown = fleetwatch("power", "status", "--data-dir", labelled.cfg.data_dir)
-        assert shown.returncode == 0 and "node labels from slurm: 4 nodes" in shown.stdout, shown.stdout
+        assert shown.returncode == 0 and "node labels from slurm: 16 nodes" in shown.stdout, shown.stdout
     finally:
         slurm.close()
 
@@ -206,14 +269,30 @@ def test_slurm_host_lists_and_squeue_lines_become_each_nodes_job():
     assert parse_squeue("41|r01-n[01-02]\n42|r02-n05\n\n") == {"r01-n01": "41", "r01-n02": "41", "r02-n05": "42"}
 
 
+def test_a_node_jobs_share_is_the_job_holding_the_most_of_its_gpus():
+    """select/cons_tres: jobs share a node. Not the last squeue prints (a large job would lose
+    nodes and the firm capacity be overstated): the one asking for the most GPUs there (per node,
+    per job spread over its nodes, per task), else the one on the most nodes, else the lowest id."""
+    assert parse_squeue("1001|dgx[001-004]\n1002|dgx003\n")["dgx003"] == "1001"
+    assert parse_squeue("7|a[1-2]|N/A|N/A|gres/gpu:1|8\n"        # 8 tasks of 1 GPU on 2 nodes: 4 a node
+                        "8|a1|gres:gpu:3|N/A|N/A|1\n"
+                        "9|a2|N/A|gres/gpu:a100=6|N/A|1\n"
+                        "10|a3|N/A|N/A|N/A|1\n11|a3|(null)|N/A|N/A|1\n") == {"a1": "7", "a2": "9", "a3": "10"}
+    assert [gpus_of_tres(t) for t in ("N/A", "gres:gpu:4", "gres/gpu:a100=2,gres:nic:1", "gres:gpu:a100",
+                                      "gres:shard:8", "")] == [0, 4, 2, 1, 0, 0]
+
+
 def test_running_jobs_are_read_from_squeue_and_the_poller_hands_them_over(tmp_path):
-    ctl = Slurmctld({"gpu-a1": "", "gpu-a2": ""}, tmp_path / "slurm", slurmd_node="gpu-a1").start(timeout_s=60)
+    ctl = Slurmctld({"gpu-a1": "", "gpu-a2": ""}, tmp_path / "slurm", slurmd_node="gpu-a1", gpus=4).start(timeout_s=60)
     try:
         source, seen = slurm_jobs(env=ctl.env, timeout_s=10), []
         assert asyncio.run(source.fetch()) == {}  # nothing runs
-        job = subprocess.run([slurm_binary("sbatch"), "--parsable", "-w", "gpu-a1", "-o", "/dev/null",
-                              "--wrap", "sleep 300"], env=ctl.env, capture_output=True, text=True, check=True,
-                             cwd=tmp_path).stdout.strip()
+
+        def sbatch(*args: str) -> str:
+            return subprocess.run([slurm_binary("sbatch"), "--parsable", "-w", "gpu-a1", "-o", "/dev/null",
+                                   "--mem=100", *args, "--wrap", "sleep 300"], env=ctl.env, capture_output=True,
+                                  text=True, check=True, cwd=tmp_path).stdout.strip()
+        job = sbatch("--gres=gpu:3")
         deadline = time.monotonic() + 30
         while asyncio.run(source.fetch()) != {"gpu-a1": job}:  # the scheduler's next pass, ~2 s
             assert time.monotonic() < deadline, asyncio.run(source.fetch())
@@ -226,7 +305,18 @@ def test_running_jobs_are_read_from_squeue_and_the_poller_hands_them_over(tmp_pa
         asyncio.run(one_read())
         assert seen == [{"gpu-a1": job}] and poller.status() == {"source": "slurm", "reads": 1, "failures": 0,
                                                                  "failing": None, "jobs": 1}
-        subprocess.run([slurm_binary("scancel"), job], env=ctl.env, check=True)
+        # A second job shares the node (select/cons_tres: 1 GPU of 4, a CPU of 2); squeue prints it
+        # after the first. The node stays the job's that holds most of it.
+        small = sbatch("--gpus=1")
+
+        def running() -> list[str]:
+            return subprocess.run([slurm_binary("squeue"), "-h", "-t", "R", "-o", "%i"], env=ctl.env,
+                                  capture_output=True, text=True, check=True).stdout.split()
+        while sorted(running()) != sorted([job, small]):
+            assert time.monotonic() < deadline + 30, running()
+            time.sleep(0.2)
+        assert asyncio.run(source.fetch()) == {"gpu-a1": job}
+        subprocess.run([slurm_binary("scancel"), job, small], env=ctl.env, check=True)
     finally:
         ctl.close()
 

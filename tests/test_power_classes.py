@@ -5,10 +5,11 @@ the job on it."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import FlexRule, PowerConfig
+from pipeline.config import ConfigError, FlexRule, PowerConfig, load_config
 from pipeline.model import GPU_SAMPLE
 from pipeline.power.actuator import Actuator
 from pipeline.power.classes import FlexClasses
@@ -34,7 +35,6 @@ def test_the_first_rule_whose_globs_all_match_wins():
 def test_a_namespace_rule_needs_no_node_glob_in_the_config_file(tmp_path):
     path = tmp_path / "fw.toml"
     path.write_text('[[power.classes]]\nnamespace = "inference"\nflex_class = 0\n')
-    from pipeline.config import load_config
     rule = load_config(str(path), env={}).power.classes[0]
     assert (rule.nodes, rule.namespace, rule.pod, rule.flex_class) == ("*", "inference", "", 0)
 
@@ -76,3 +76,16 @@ def test_a_gpu_pods_share_takes_the_most_protective_of_their_classes():
     assert c.of("r03-n01", "batch,inference-eu", "train-7,llm-0") == 0
     assert c.of("r03-n01", "batch,batch", "train-7,train-8") == 3
     assert c.of("r03-n01", "batch,dev", "train-7,x") == 2  # dev's pod has no rule: the default
+
+
+def test_a_feature_rule_without_a_source_of_labels_is_refused_saying_what_to_set(tmp_path):
+    """No labels are read (power.node_labels = "none"): the rule would match no node, and the
+    nodes it means to protect would be capped at the default class."""
+    path = tmp_path / "fw.toml"
+    rule = '[[power.classes]]\nfeature = "noflex"\nflex_class = 0\n'
+    path.write_text(rule)
+    with pytest.raises(ConfigError, match=r"feature = 'noflex'.*set power.node_labels = \"slurm\""):
+        load_config(str(path), env={})
+    assert load_config(str(path), env={"FLEETWATCH_POWER__NODE_LABELS": "slurm"}).power.classes[0].feature == "noflex"
+    path.write_text('[power]\nnode_labels = "kubernetes"\n' + rule)
+    assert load_config(str(path), env={}).power.node_labels == "kubernetes"

@@ -4,7 +4,8 @@ and which job runs on each node (the site's firm capacity: Controller.firm).
 
 A source is one `fetch()`. Slurm's labels are the node features an administrator gives in
 slurm.conf or with `scontrol update NodeName=... Features=...` (`sinfo -N -h -o "%N|%f"`),
-its jobs the running ones (`squeue -h -t R -o "%i|%N"`); the cluster is the one
+its jobs the running ones (`squeue -h -t R -O ...`: on a node jobs share, the one asking for
+the most GPUs there); the cluster is the one
 `SLURM_CONF` names, as for any Slurm client. Kubernetes' labels are each node's labels as
 `key=value` (`kubectl label node NODE fleetwatch.io/flex=3`), its jobs the controllers of the
 running pods (a Job, a PyTorchJob, a ReplicaSet...; a pod without one is its own job): on a
@@ -98,14 +99,39 @@ def _expand_one(name: str) -> list[str]:
     return out
 
 
+# squeue's fields, `|` after each (a field with no size is printed whole): a job's GPUs per node,
+# per job or per task, as it asked for them (--gres/--gpus-per-node, --gpus, --gpus-per-task).
+SQUEUE_FIELDS = "JobID:|,NodeList:|,tres-per-node:|,tres-per-job:|,tres-per-task:|,NumTasks:"
+
+
+def gpus_of_tres(tres: str) -> int:
+    """The GPUs a TRES list asks for ("gres:gpu:4", "gres/gpu:a100=2,gres:nic:1"; Slurm 22.05
+    writes `gres:`, later ones `gres/`), 0 for none or "N/A"."""
+    total = 0
+    for entry in tres.split(","):
+        name, *rest = entry.strip().removeprefix("gres:").removeprefix("gres/").replace("=", ":").split(":")
+        if name == "gpu":
+            total += int(rest[-1]) if rest and rest[-1].isdigit() else 1  # (a type alone: one)
+    return total
+
+
 def parse_squeue(text: str) -> Jobs:
-    """`squeue -h -t R -o "%i|%N"` lines: a running job and its nodes (a compressed host list)."""
-    jobs: Jobs = {}
+    """`squeue -h -t R -O <SQUEUE_FIELDS>` lines: a running job, its nodes (a compressed host
+    list) and what it asked for. A node several jobs share (select/cons_tres) is the job's that
+    holds the most of its GPUs, as the Kubernetes source takes it; where they say none, the
+    one on the most nodes (losing it loses the most); ties: the lowest job id."""
+    held: dict[str, dict[str, tuple[int, int]]] = {}
     for line in text.splitlines():
-        job, sep, nodes = line.partition("|")
-        if sep and job.strip():
-            jobs.update(dict.fromkeys(expand_hostlist(nodes.strip()), job.strip()))
-    return jobs
+        job, nodes, per_node, per_job, per_task, tasks, *_ = [*line.split("|"), "", "", "", "", ""]
+        job, names = job.strip(), expand_hostlist(nodes.strip())
+        if not job or not names:
+            continue
+        n = len(names)
+        gpus = (gpus_of_tres(per_node) or -(-gpus_of_tres(per_job) // n)  # (spread evenly: rounded up)
+                or -(-gpus_of_tres(per_task) * (int(tasks) if tasks.strip().isdigit() else 1) // n))
+        for node in names:
+            held.setdefault(node, {})[job] = (gpus, n)
+    return {node: min(jobs, key=lambda j: (-jobs[j][0], -jobs[j][1], len(j), j)) for node, jobs in held.items()}
 
 
 async def run_slurm(command: str, args: list[str], env: dict[str, str] | None, timeout_s: float,
@@ -118,8 +144,9 @@ async def run_slurm(command: str, args: list[str], env: dict[str, str] | None, t
         raise LabelsUnavailable(f"cannot run {command!r} ({e.strerror or e}): install Slurm's client "
                                 f"(Debian: slurm-client) or set {setting} to its path") from None
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout_s):  # (3.11's wait_for can lose a cancel: the process then never ends)
+            out, err = await proc.communicate()
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise LabelsUnavailable(f"{command} did not answer within {timeout_s:g} s: is slurmctld up "
@@ -155,7 +182,7 @@ def slurm_features(sinfo: str = "sinfo", env: dict[str, str] | None = None,
 def slurm_jobs(squeue: str = "squeue", env: dict[str, str] | None = None,
                timeout_s: float = FETCH_TIMEOUT_S) -> SlurmQuery:
     """The running jobs' nodes (a JobSource)."""
-    return SlurmQuery(squeue, ("-h", "-t", "R", "-o", "%i|%N"), parse_squeue, "power.squeue", env, timeout_s)
+    return SlurmQuery(squeue, ("-h", "-t", "R", "-O", SQUEUE_FIELDS), parse_squeue, "power.squeue", env, timeout_s)
 
 
 def parse_nodes(nodes) -> Labels:
