@@ -48,6 +48,24 @@ def test_node_labels_set_the_classes_of_feature_rules(api, tmp_path):
     assert [r.path for r in api.sent("GET")] == ["/api/v1/nodes"]
 
 
+def test_a_node_the_api_does_not_list_is_not_capped_on_a_guess_and_said_once(api, tmp_path, caplog):
+    """dcgm-exporter without NODE_NAME names its pod, not the node: the labels never list it."""
+    from pipeline.model import GPU_SAMPLE
+    from tests.test_batching import of_schema
+    api.nodes = {"gpu-a1": labelled("gpu-a1", **{"fleetwatch.io/flex": "3"})}
+    classes = FlexClasses(PowerConfig(classes=[FlexRule(feature="fleetwatch.io/flex=0", flex_class=0),
+                                               FlexRule(feature="fleetwatch.io/flex=3", flex_class=3)],
+                                      default_class=2, node_labels="kubernetes"))
+    classes.set_node_labels(asyncio.run(kubernetes_labels(str(api.kubeconfig(tmp_path / "kubeconfig")),
+                                                          timeout_s=5).fetch()))
+    with caplog.at_level(logging.WARNING, logger="pipeline.power"):
+        for _ in range(2):
+            got = classes.of_rows(of_schema(GPU_SAMPLE, node=["gpu-a1", "dcgm-exporter-x7k2"]))
+    assert got.tolist() == [3, 0]  # flex=0 could be its label: never capped (not the default, 2)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "(dcgm-exporter-x7k2)" in warned[0] and "NODE_NAME" in warned[0], warned
+
+
 def test_the_job_on_a_node_is_the_controller_of_the_pods_holding_most_of_its_gpus(api, tmp_path):
     api.pods = [
         pod_object("llama-worker-0", "gpu-a1", owner="PyTorchJob", owner_name="llama", gpus=8),
