@@ -839,3 +839,123 @@ def test_mqtt_site_other_than_fleet_site_is_refused_before_the_power_role_starts
     assert out.returncode == 2, out.stderr
     assert "mqtt.site = 'site-b' differs from fleet.site = 'site-a'" in out.stderr
     assert "set mqtt.site to 'site-a'" in out.stderr
+
+
+def _as_kafka_carries_it(tick, meter_first: bool) -> tuple[list[Message], list[Message]]:
+    """A second of the fleet as Kafka carries it: (a message per node's GPUs, one per rack's and
+    the meter's facility rows)."""
+    from pipeline.bus.batching import split_by
+    facility = split_by(Topic.FACILITY, tick.facility, "rack")
+    return split_by(Topic.GPU, tick.gpu, "node"), facility[-1:] + facility[:-1] if meter_first else facility
+
+
+def test_a_read_of_per_node_messages_is_observed_a_batch_at_a_time_and_decides_as_message_by_message(tmp_path):
+    """power_role joins a read's per-node GPU and per-rack facility messages into a batch per run
+    (the controller's cost is per batch: 12,500 messages a scrape at 100k GPUs); what it decides is
+    what observing them one by one decides: the clock, the caps, the state, the report. A read of two
+    or three seconds holds each GPU more than once: a GPU's scrapes stay apart, in order."""
+    from pipeline.bus import EndOfStream
+    from pipeline.roles.power import power_role
+    one, joined = Harness(tmp_path / "one"), Harness(tmp_path / "joined")
+    reads = [1] * 60 + [2, 1, 3, 1] * 12 + [1] * 50 + [3, 2] * 20 + [1] * 80  # seconds of data per read
+    seen: dict[str, list] = {"one": [], "joined": []}
+    batches: list[int] = []
+    observe = joined.role.observe
+
+    def counted(message):
+        batches.append(len(message) if isinstance(message, list) else 1)
+        observe(message)
+    joined.role.observe = counted
+
+    def read(h: Harness, i: int) -> list[Message]:
+        if i == 60:
+            h.ask(reduction_pct=8, duration_s=240)
+        gpu, facility = [], []  # a read of three seconds: each topic's messages together (partitions)
+        for k in range(reads[i]):
+            g, f = _as_kafka_carries_it(h.sim.step(), meter_first=(i + k) % 3 != 0)
+            if reads[i] == 3:
+                gpu, facility = gpu + g, facility + f
+            else:
+                gpu, facility = gpu + g + f, facility
+            h.wall += 1.0
+        return gpu + facility
+
+    def snapshot(h: Harness) -> tuple:
+        return h.role.now, h.sim.caps.tolist(), h.role.ctl.phase
+
+    async def by_message():
+        for i in range(len(reads)):
+            for m in read(one, i):
+                one.role.observe(m)
+            await one.role.tick()
+            seen["one"].append(snapshot(one))
+        await one.role.close()
+
+    class Sub:
+        i = 0
+
+        async def get_batch(self, max_messages, timeout_s):
+            if self.i:  # the role ticked after the read before
+                seen["joined"].append(snapshot(joined))
+            if self.i == len(reads):
+                raise EndOfStream
+            self.i += 1
+            return read(joined, self.i - 1)
+
+        async def commit(self):
+            pass
+
+    class Gate:
+        async def screen(self, messages):
+            return messages
+    asyncio.run(by_message())
+    asyncio.run(power_role(joined.role, Sub(), Gate(), None, 60.0))
+    assert seen["one"] == seen["joined"]
+    assert [s[2] for s in seen["one"]].count("active") > 100  # the request was held, under caps
+    a, b = one.role.ctl, joined.role.ctl
+    for name in ("power_w", "default_w", "flat", "limit_w", "paused", "seen", "flex"):
+        np.testing.assert_array_equal(getattr(a.gpus, name), getattr(b.gpus, name), err_msg=name)
+    for name in ("draw", "draw_w", "recent", "ref_n", "ref_mem", "sxx", "sxy", "points"):
+        np.testing.assert_array_equal(getattr(a.learner, name), getattr(b.learner, name), err_msg=name)
+    for name in ("cap", "steady", "unheld", "mine"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert list(a.it) == list(b.it) and list(a.meter) == list(b.meter) and a.pdu == b.pdu
+    assert [{**r, "id": None} for r in one.of(Topic.POWER_REPORTS)] == \
+        [{**r, "id": None} for r in joined.of(Topic.POWER_REPORTS)]
+    # A read of one second: its GPU messages (16 nodes) in one batch, its facility ones in one or two
+    # (the meter's ends a batch); two scrapes of a GPU in one read never share one.
+    assert sum(batches) == 19 * sum(reads) and len(batches) < 4 * len(reads)
+
+
+def test_a_list_of_messages_moves_the_clock_to_the_latest_of_their_medians(tmp_path):
+    """role.observe of a list (power_role's batch of a run) moves the role's clock as observing each
+    message in turn would: each message's median time, the rows of other sites left out, the latest."""
+    from pipeline.bus.batching import split_by
+    one, joined = Harness(tmp_path / "one"), Harness(tmp_path / "joined")
+    tick = one.sim.step()
+    joined.sim.step()
+
+    def shifted(m: Message, offsets_s, site=None) -> Message:
+        b = m.value
+        ts = pa.array(b.column("ts").cast(pa.int64()).to_numpy() + (np.asarray(offsets_s) * 1e9).astype(np.int64))
+        b = b.set_column(b.schema.get_field_index("ts"), b.schema.field("ts"), ts.cast(b.schema.field("ts").type))
+        if site is not None:
+            b = b.set_column(b.schema.get_field_index("site"), b.schema.field("site"), pa.array([site] * b.num_rows))
+        return Message(m.topic, b)
+    gpu = split_by(Topic.GPU, tick.gpu, "node")[:5]
+    gpus = [shifted(gpu[0], [0, 0, 0, 9, 9, 9, 9, 9]),        # median 9 s on
+            shifted(gpu[1], [3, 3, 3, 3, 40, 40, 40, 40]),    # 21.5 s: the latest
+            shifted(gpu[2], [50] * 8, site="site-b"),         # another site's: not read
+            shifted(gpu[3], [1, 2, 2, 2, 2, 2, 2, 30]),       # 2 s
+            Message(Topic.GPU, gpu[4].value.slice(0, 0))]     # empty
+    facility = split_by(Topic.FACILITY, tick.facility, "rack")
+    facilities = [shifted(facility[0], [7] * facility[0].value.num_rows),
+                  shifted(facility[1], [0] * 6 + [5, 100]),  # its power_w row's time (5 s), not its energy's
+                  shifted(facility[2], [2, 2])]
+    for m in gpus + facilities:
+        one.role.observe(m)
+    joined.role.observe(gpus)
+    joined.role.observe(facilities)
+    assert joined.role._gpu_at == one.role._gpu_at == tick.ts + timedelta(seconds=21.5)
+    assert joined.role._facility_at == one.role._facility_at == tick.ts + timedelta(seconds=7)
+    assert joined.role.now == one.role.now

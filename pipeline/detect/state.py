@@ -59,32 +59,78 @@ class Outputs:
 
 
 class KeyIndex:
-    """Dense slots for string keys. Lookups are one vectorised hash probe per batch;
-    only keys never seen before run Python (once each, through `on_new`)."""
+    """Dense slots for string keys, in first-seen order (a null is a key too). A batch costs what
+    its own rows cost, however many keys are known: a large batch is one vectorised hash probe
+    against the known keys; a small one (a node's scrape against a 100k-GPU site) looks up only
+    its distinct keys, in a dict kept beside them (built the first time a small batch comes).
+    Only keys never seen before run Python once each (through `on_new`)."""
+
+    SMALL = 8  # a batch is small where the known keys are SMALL times its rows or more
 
     def __init__(self, on_new: Callable[[pa.Array, np.ndarray], None] | None = None) -> None:
-        self.keys = pa.array([], pa.string())
         self._on_new = on_new
         self._last: tuple[pa.Array, np.ndarray] | None = None
+        self._parts: list[pa.Array] = []  # the known keys in slot order, in pieces (`keys` joins them)
+        self._n = 0
+        self._slot: dict[str | None, int] = {}  # key -> slot for the first `_in_slot` keys
+        self._in_slot = 0
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self._n
+
+    @property
+    def keys(self) -> pa.Array:
+        """The known keys, each at its slot."""
+        if len(self._parts) != 1:
+            self._parts = [pa.concat_arrays(self._parts) if self._parts else pa.array([], pa.string())]
+        return self._parts[0]
 
     def slots(self, keys: pa.Array) -> np.ndarray:
         if self._last is not None and self._last[0] is keys:
             return self._last[1]  # the same column object again (static columns of a source)
-        idx = pc.index_in(keys, value_set=self.keys)
-        if idx.null_count:
-            unseen = pc.is_null(idx)
-            new = pc.unique(pc.filter(keys, unseen))
-            first_rows = pc.index_in(new, value_set=keys).to_numpy().astype(np.int64)
-            self.keys = pa.concat_arrays([self.keys, new.cast(pa.string())])
-            if self._on_new is not None:
-                self._on_new(new, first_rows)
-            idx = pc.index_in(keys, value_set=self.keys)
-        out = idx.to_numpy().astype(np.int64)
+        col = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+        if col.type != pa.string():
+            col = col.cast(pa.string())
+        out = self._small(col) if len(col) * self.SMALL <= self._n else self._large(col)
         self._last = (keys, out)
         return out
+
+    def _large(self, keys: pa.Array) -> np.ndarray:
+        idx = pc.index_in(keys, value_set=self.keys)
+        if idx.null_count:
+            new = pc.unique(pc.filter(keys, pc.is_null(idx)))
+            self._add(new, pc.index_in(new, value_set=keys).to_numpy().astype(np.int64))
+            idx = pc.index_in(keys, value_set=self.keys)
+        return idx.to_numpy().astype(np.int64)
+
+    def _small(self, keys: pa.Array) -> np.ndarray:
+        if self._in_slot < self._n:  # keys registered by large batches since: into the dict
+            rest = self.keys.slice(self._in_slot).to_pylist()
+            self._slot.update(zip(rest, range(self._in_slot, self._n)))
+            self._in_slot = self._n
+        enc = pc.dictionary_encode(keys, null_encoding="encode")  # distinct keys in first-seen order
+        codes = enc.indices.to_numpy().astype(np.int64)
+        distinct = enc.dictionary.to_pylist()
+        get = self._slot.get
+        found = np.fromiter((get(k, -1) for k in distinct), np.int64, len(distinct))
+        unseen = found < 0
+        if unseen.any():
+            fresh = np.flatnonzero(unseen)
+            _, first_rows = np.unique(codes, return_index=True)  # each distinct key's first row
+            found[fresh] = np.arange(self._n, self._n + fresh.size)
+            self._add(enc.dictionary.take(pa.array(fresh)), first_rows[fresh].astype(np.int64))
+        return found[codes]
+
+    def _add(self, new: pa.Array, first_rows: np.ndarray) -> None:
+        """Keys never seen (distinct, in first-seen order), the next slots; `on_new` told."""
+        start = self._n
+        self._parts.append(new)
+        self._n += len(new)
+        if self._in_slot == start and self._slot:  # the dict is kept: it takes them now
+            self._slot.update(zip(new.to_pylist(), range(start, self._n)))
+            self._in_slot = self._n
+        if self._on_new is not None:
+            self._on_new(new, first_rows)
 
 
 class EwmaZ:

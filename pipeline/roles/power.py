@@ -166,38 +166,56 @@ class PowerRole:
 
     # ---- data in ------------------------------------------------------------------
 
-    def observe(self, message: Message) -> None:
-        batch = message.value
-        if batch.num_rows == 0:
+    def observe(self, message: Message | list[Message]) -> None:
+        """A message's rows into the controller, and the role's clock on. A list: consecutive
+        messages of one topic and schema (`power_role` joins a scrape's per-node messages: the
+        controller's cost is per batch), observed as one batch; the clock moves as it would
+        message by message (to the latest of their medians)."""
+        messages = message if isinstance(message, list) else [message]
+        parts = [m.value for m in messages if m.value.num_rows]
+        if not parts:
             return
+        topic = messages[0].topic
+        batch = parts[0] if len(parts) == 1 else pa.concat_batches(parts)
+        # Each row's message (in a list), for the medians of each.
+        of = np.repeat(np.arange(len(parts)), [p.num_rows for p in parts]) if len(parts) > 1 else None
         keep = pc.equal(batch.column("site"), self.site)
-        if message.topic == Topic.FACILITY:  # the controller reads the meter's and the PDUs' power only
+        if topic == Topic.FACILITY:  # the controller reads the meter's and the PDUs' power only
             keep = pc.and_(keep, pc.equal(batch.column("metric"), "power_w"))
-        if message.topic == Topic.ALERTS:  # (a fleetwatch alert has no site: null, not kept)
+        if topic == Topic.ALERTS:  # (a fleetwatch alert has no site: null, not kept)
             keep = pc.and_(pc.fill_null(keep, False), pc.is_in(batch.column("alertname"), _ALERTS_READ))
         if not pc.all(keep).as_py():
+            if of is not None:
+                of = of[pc.fill_null(keep, False).to_numpy(zero_copy_only=False)]
             batch = batch.filter(keep)
             if batch.num_rows == 0:
                 return
-        if message.topic == Topic.ALERTS:
+        if topic == Topic.ALERTS:
             self.ctl.observe_alerts(_alert_changes(batch))
             return
         # Microseconds, as Python's datetime holds them (the controller's clock): a reading's
         # nanoseconds (the live simulator's, an agent's) are truncated.
         i = batch.schema.get_field_index("ts")
         batch = batch.set_column(i, "ts", batch.column(i).cast(pa.timestamp("us", tz="UTC"), safe=False))
-        if message.topic == Topic.GPU:
+        if topic == Topic.GPU:
             self.ctl.observe_gpus(batch)
-        elif message.topic == Topic.FACILITY:
+        elif topic == Topic.FACILITY:
             self.ctl.observe_facility(batch)
         else:
             return
         # A batch's median reading time, so one device or agent whose clock runs ahead (the intake
         # lets a reading through up to intake.max_ahead_s early) does not end a request or skip its
-        # control steps.
+        # control steps. Of a list, each message's (as np.median takes it), and the latest of them.
         us = batch.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
-        median = datetime.fromtimestamp(0, timezone.utc) + timedelta(microseconds=int(np.median(us)))
-        if message.topic == Topic.FACILITY:
+        if of is None:
+            mid = int(np.median(us))
+        else:
+            ts, n = us[np.lexsort((us, of))], np.bincount(of)
+            n = n[n > 0]
+            first = np.cumsum(n) - n
+            mid = int(((ts[first + (n - 1) // 2].astype(np.float64) + ts[first + n // 2]) / 2).max())
+        median = datetime.fromtimestamp(0, timezone.utc) + timedelta(microseconds=mid)
+        if topic == Topic.FACILITY:
             self._facility_at = max(median, self._facility_at or median)
         else:
             self._gpu_at = max(median, self._gpu_at or median)
@@ -906,20 +924,79 @@ async def follow_alerts(role: PowerRole, alerts, retry_s: float = 5.0) -> None:
 
 
 async def power_role(role: PowerRole, sub, gate, dead_letters, commit_interval_s: float, alerts=None) -> None:
-    """Read, observe, step, until the inputs end; then restore every cap."""
+    """Read, observe, step, until the inputs end; then restore every cap.
+
+    A read's GPU and facility messages (one per node or rack on Kafka: 12,500 per scrape of a
+    100k-GPU site) are observed a group at a time, as one batch: the controller's cost is per
+    batch. A group is consecutive messages of one topic and schema that the controller takes as
+    it would one by one (`groups`); a grid signal is judged after the messages before it. (One
+    difference: a GPU's default limit follows its model's highest limit in its whole group, not
+    only in the messages before its own: a model's highest limit rising shows a scrape sooner.)"""
     next_commit = time.monotonic() + commit_interval_s
     side = asyncio.create_task(follow_alerts(role, alerts), name="power-alerts") if alerts is not None else None
+    ctl = role.ctl
+
+    def settled() -> bool:
+        """The controller's meter-vs-PDU history holds the meter's last reading (`observe_facility`
+        adds a point after a batch where it does not): PDU-only batches add none now."""
+        return bool(ctl.pdu) and (not ctl.meter or (bool(ctl.it) and ctl.it[-1][0] == ctl.meter[-1][0]))
+
+    def groups(run: list[Message]):
+        """`run` (one topic, one schema) in the groups observed as one batch each, in order. GPU: no
+        GPU twice in a group (two scrapes of one GPU stay two updates, in order). Facility: a group
+        ends at a message holding a meter's row (each is a point of the meter-vs-PDU history), and
+        until `settled`, one message each. Lazy: each group is cut after the one before is observed."""
+        topic, i = run[0].topic, 0
+        if topic == Topic.FACILITY:
+            while i < len(run) and not settled():
+                yield run[i:i + 1]
+                i += 1
+            run = run[i:]
+        if len(run) < 2 or topic not in (Topic.GPU, Topic.FACILITY):
+            yield from ([m] for m in run)
+            return
+        of = np.repeat(np.arange(len(run)), [m.value.num_rows for m in run])  # each row's message
+        if topic == Topic.GPU:
+            codes = pc.dictionary_encode(pa.concat_arrays([m.value.column("gpu_uuid") for m in run]),
+                                         null_encoding="encode").indices.to_numpy()
+            order = np.argsort(codes, kind="stable")
+            again = codes[order[1:]] == codes[order[:-1]]  # a row whose GPU has a row before it
+            prev = np.full(len(run), -1)  # per message: the latest message before it in the run with one of its GPUs
+            np.maximum.at(prev, of[order[1:][again]], of[order[:-1][again]])
+            cuts, start = [], 0
+            for j in np.flatnonzero(prev >= 0).tolist():
+                if prev[j] >= start:
+                    cuts.append(j)
+                    start = j
+        else:
+            meter = pc.fill_null(pc.equal(pa.concat_arrays([m.value.column("device_class") for m in run]), "meter"),
+                                 False).to_numpy(zero_copy_only=False)
+            cuts = (np.flatnonzero(np.bincount(of, weights=meter, minlength=len(run)) > 0) + 1).tolist()
+        for a, b in zip([0, *cuts], [*cuts, len(run)]):
+            if a < b:
+                yield run[a:b]
+
+    def observe(run: list[Message]) -> None:
+        for group in groups(run) if run else ():
+            role.observe(group)
+        run.clear()
+
     try:
         while True:
             try:
                 messages = await sub.get_batch(max_messages=4096, timeout_s=0.5)
             except EndOfStream:
                 break
+            run: list[Message] = []  # consecutive messages of one topic and schema
             for m in await gate.screen(messages):
                 if m.topic == Topic.POWER_REQUESTS:
+                    observe(run)
                     await role.grid_signal(m, dead_letters)
-                else:
-                    role.observe(m)
+                    continue
+                if run and (m.topic != run[0].topic or not m.value.schema.equals(run[0].value.schema)):
+                    observe(run)
+                run.append(m)
+            observe(run)
             await role.tick()
             if time.monotonic() >= next_commit:
                 await sub.commit()
