@@ -345,13 +345,11 @@ def test_after_a_restart_the_states_of_the_requests_taken_before_are_published(b
 def test_a_request_pruned_from_the_store_has_its_retained_status_cleared(broker, tmp_path):
     """A week after a request is over the role prunes it: the broker forgets its status too (an
     empty retained message), or it would keep one per request ever made."""
-    root = f"t{uuid.uuid4().hex[:8]}/bms"
-    h = Harness(tmp_path, dry_run=True)
+    h, make_intake = role_and_intakes(broker, tmp_path)
 
     async def go():
         await h.advance(90)
-        intake = MqttIntake(h.role, broker.host, broker.port, "site-a", topic_root=root, backoff=fast_backoff(),
-                            client_id=f"power-{uuid.uuid4().hex[:6]}")
+        intake = make_intake()
         stop = asyncio.Event()
         task = asyncio.create_task(intake.run(stop))
         await asyncio.wait_for(intake.subscribed.wait(), DEADLINE_S)
