@@ -465,7 +465,7 @@ def cmd_power(args: argparse.Namespace) -> int:
     """`fleetwatch power request|status|cancel|report`."""
     from pipeline.power.request import MAX_AHEAD_S, Rejected
     from pipeline.power.store import request_store
-    from pipeline.roles.power import status_doc
+    from pipeline.power.report import status_doc
     from pipeline.sinks.silences import parse_duration
     if args.power_command == "report":
         return power_report(args)
@@ -566,7 +566,7 @@ def power_report(args: argparse.Namespace) -> int:
     """`fleetwatch power report`: the archived power_requests rows, oldest first."""
     from pipeline.analytics.archive import scan
     from pipeline.model import POWER_REQUEST_REPORT, iso_utc
-    from pipeline.roles.power import summary
+    from pipeline.power.report import summary
     cfg = load_config(getattr(args, "config", None), overrides=_overrides(args))
     folder = local_archive(cfg, "fleetwatch power report") / "power_requests"
     files = sorted(folder.glob("**/*.parquet")) if folder.is_dir() else []

@@ -463,7 +463,7 @@ def test_a_target_never_reached_still_reports_what_it_shed():
     reached, and the report says what was shed after the ramp and the energy from the start
     (before, p50, min and energy were all null while GPUs were capped)."""
     from pipeline.power.store import Entry
-    from pipeline.roles.power import Tracked, report_row
+    from pipeline.power.report import Tracked, report_row
     req = request(300, 30)
     sim, ctl, (out,), _, _, _ = run(700, [req], default_class=1)
     assert out.reached_s is None and not out.achieved_kw and out.gpus_capped > 0

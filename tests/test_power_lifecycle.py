@@ -16,8 +16,9 @@ import pytest
 
 from pipeline.bus import Topic
 from pipeline.model import iso_utc
+from pipeline.power.report import report_batch
 from pipeline.power.store import NOT_STARTED, RETENTION_S, Change, RequestStore, request_store
-from pipeline.roles.power import CANCELLED_DOWN, ENDED_DOWN, NEVER_TAKEN, report_batch
+from pipeline.roles.power import CANCELLED_DOWN, ENDED_DOWN, NEVER_TAKEN
 from tests.conftest import fleetwatch
 from tests.test_power_role import Harness
 

@@ -23,7 +23,8 @@ from pipeline.model import POWER_REQUEST_REPORT, alert_rows, iso_utc
 from pipeline.power.actuator import BusActuator, SimulatorActuator
 from pipeline.power.request import PowerRequest, Rejected
 from pipeline.power.store import request_store
-from pipeline.roles.power import DryRunActuator, PowerRole, report_batch, status_doc
+from pipeline.power.report import report_batch, status_doc
+from pipeline.roles.power import DryRunActuator, PowerRole
 from pipeline.sources.simulate import FleetSimulator
 from tests.conftest import fleetwatch, make_config
 
