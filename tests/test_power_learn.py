@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.power.curve import from_recording
-from pipeline.power.learn import MIN_REF, PRIOR_WEIGHT, CurveLearner
+from pipeline.power.learn import MIN_REF_S, PRIOR_WEIGHT, CurveLearner
 from pipeline.power.planner import keep
 from tests.test_simulate_caps import busy_sim, col
 
@@ -73,7 +73,7 @@ def test_exact_samples_give_the_least_squares_slope_with_the_prior(s, capped_w, 
     """Samples on the model itself (no rounding): the fit is (prior + sum xy) / (prior + sum xx)."""
     learner = CurveLearner(CURVE)
     one = np.array([0])
-    for _ in range(MIN_REF):
+    for _ in range(int(MIN_REF_S)):  # (1 s apart)
         learner.observe(one, np.array([ref_w]), np.array([1.0]), np.array([0.34]), np.array([700.0]), 700.0)
     xs = []
     for p in capped_w:

@@ -21,9 +21,9 @@ from pipeline.analytics.evaluate import EVAL_EPOCH
 from pipeline.bus import Message, Topic
 from pipeline.model import POWER_REQUEST_REPORT, alert_rows, iso_utc
 from pipeline.power.actuator import BusActuator, SimulatorActuator
+from pipeline.power.report import report_batch, status_doc
 from pipeline.power.request import PowerRequest, Rejected
 from pipeline.power.store import request_store
-from pipeline.power.report import report_batch, status_doc
 from pipeline.roles.power import DryRunActuator, PowerRole
 from pipeline.sources.simulate import FleetSimulator
 from tests.conftest import fleetwatch, make_config
@@ -914,9 +914,10 @@ def test_a_read_of_per_node_messages_is_observed_a_batch_at_a_time_and_decides_a
     assert seen["one"] == seen["joined"]
     assert [s[2] for s in seen["one"]].count("active") > 100  # the request was held, under caps
     a, b = one.role.ctl, joined.role.ctl
-    for name in ("power_w", "default_w", "flat", "limit_w", "paused", "seen", "flex"):
+    for name in ("power_w", "default_w", "flat", "limit_w", "paused", "seen_us", "flex"):
         np.testing.assert_array_equal(getattr(a.gpus, name), getattr(b.gpus, name), err_msg=name)
-    for name in ("draw", "draw_w", "recent", "ref_n", "ref_mem", "sxx", "sxy", "points"):
+    assert a.gpus.interval_s == b.gpus.interval_s == 1.0
+    for name in ("draw", "draw_w", "recent", "ref_n", "ref_s", "ref_mem", "sxx", "sxy", "points"):
         np.testing.assert_array_equal(getattr(a.learner, name), getattr(b.learner, name), err_msg=name)
     for name in ("cap", "steady", "unheld", "mine"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)

@@ -36,6 +36,7 @@ what it cost. One request runs at a time (requests that overlap are refused).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import deque
@@ -54,7 +55,7 @@ from pipeline.detect.state import KeyIndex
 from pipeline.power.actuator import Actuator
 from pipeline.power.classes import FlexClasses, scheduler_entry
 from pipeline.power.curve import PowerCurve
-from pipeline.power.learn import MIN_REF, NOT_BINDING_W, CurveLearner
+from pipeline.power.learn import NOT_BINDING_W, CurveLearner, span_seconds
 from pipeline.power.planner import IDLE_UTIL, GpuPower, capacity_w, firm_capacity_w, floors, plan, uniform_cost
 from pipeline.power.request import PowerRequest
 
@@ -63,20 +64,24 @@ log = logging.getLogger("fleetwatch")
 SETTLE_S = 2.0  # after caps change, the meter's 1 s readings show them within this
 MINUTE_S = 60.0  # the interval a hold is judged on
 SLOPE_SPREAD_KW = 5.0  # the meter's slope on the PDUs is fitted once their sum has varied this much
+CAPS_HISTORY_S = 600.0  # what the caps changed, kept this long for PDUs polled less often than the meter
+MIN_METER_SLOPE = 0.1  # ... and no lower than this where the meter reads less than their sum (one feed of two)
 PROBE_SHARE = 0.1      # a job whose curve is not learned yet is capped this share under its draw ...
 PROBE_POINTS = 10      # ... until this many of its samples under a cap are learned from
-STUCK_READINGS = 30    # identical power readings in a row where they should move: a stuck sensor (detect.stuck_samples)
+STUCK_READINGS = 30    # identical power readings in a row where they should move: a stuck sensor (detect.stuck_samples;
+                       # a count, not seconds: the chance of a repeat is per reading)
 PAUSED_MEM = 0.5       # an idle GPU holding this share of its job's memory: the job paused (a checkpoint)
 LEVEL_WINDOW_S = 30.0  # a level to hold follows the load not controlled by its median over this long: a
                        # step in 15 s, not a training job's communication phase (a share of its step)
 SWING_S = 300.0        # ... as they moved over this long
-BIAS_READINGS = 60     # the meter's reduction against the caps' expected one: a mean over this many readings,
-BIAS_PRIOR = 10        # ... where the mean before the caps last changed counts as this many (a new plan
-                       # has its own errors: its first readings move the mean fast)
-UNHELD_SAMPLES = 20    # a capped GPU drawing under its cap this many samples in a row: its load fell (longer
+BIAS_S = 60.0          # the meter's reduction against the caps' expected one: a mean over this long (2
+BIAS_PRIOR_S = 10.0    # readings at least), where the mean before the caps last changed counts as this long
+                       # (a new plan has its own errors: its first readings move the mean fast)
+UNHELD_S = 20.0        # a capped GPU drawing under its cap this long (2 samples at least): its load fell (longer
                        # than a training job's communication phase), its cap is expected to shed nothing
-SILENT_S = 60.0        # a GPU with no sample for this long behind the fleet's newest (two missed 30 s scrapes)
-                       # is gone from the request: fell off the bus, its node drained, its agent stopped
+SILENT_S = 60.0        # a GPU with no sample for this long behind the fleet's newest (two missed 20-s scrapes),
+SILENT_INTERVALS = 3   # or this many scrape intervals, if longer, is gone from the request: fell off the bus,
+                       # its node drained, its agent stopped
 RELEARNED = 0.05       # a plan is made again when a job's learned sensitivity moved this much since
 # A power reading the detectors found stuck: its node is left as it is, like one the controller finds
 # stuck itself (STUCK_READINGS, which it can see only on an uncapped GPU): a cap moved there moves a
@@ -197,12 +202,17 @@ class GpuTable:
         self.forced = np.zeros(0, bool)     # clocks forced down by hardware or heat (a brake, a thermal slowdown)
         self.node_ix = np.zeros(0, np.int64)  # each GPU's node, numbered
         self._node_ids: dict[str, int] = {}
+        self.rack_ix = np.zeros(0, np.int64)  # each GPU's rack, numbered (rack_ids)
+        self.rack_ids: dict[str, int] = {}
         self.flex = np.zeros(0, np.int64)
         self.namespace = np.zeros(0, object)  # per slot: the namespace and pod its samples named last, where a
         self.pod = np.zeros(0, object)        # class rule names a workload (a label change reads them again)
         self._classes_version = classes.version
         self.slots = np.zeros(0, np.int64)  # the last batch's rows' slots
-        self.seen = np.zeros(0)             # per slot: its newest sample's time (unix s)
+        self.seen_us = np.zeros(0, np.int64)  # per slot: its newest sample's time (unix us)
+        self.dt_s = np.zeros(0)             # the last batch's rows: the seconds since their GPU's sample before
+        self.interval_s = 1.0               # the fleet's scrape interval: the batches' median dt, smoothed
+        self._first_interval = True
         self._batch: pa.RecordBatch | None = None
 
     def update(self, batch: pa.RecordBatch) -> None:
@@ -251,8 +261,16 @@ class GpuTable:
         self.limit_w[slots] = limit
         self.slots = np.asarray(slots, np.int64)
         ts = batch.column("ts")
-        per_s = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}[ts.type.unit]
-        np.fmax.at(self.seen, self.slots, ts.cast(pa.int64()).to_numpy(zero_copy_only=False) / per_s)
+        us = pc.cast(ts, pa.timestamp("us", ts.type.tz), safe=False).cast(pa.int64()).to_numpy(zero_copy_only=False)
+        prev = self.seen_us[self.slots]
+        dt = (us - prev) / 1e6  # (in integer microseconds first: a 1 s scrape is exactly 1.0)
+        ok = (prev > 0) & (dt > 0)  # (a GPU's first sample, or one older than its newest: the fleet's interval)
+        if ok.any():  # (smoothed: one node's batch after its reconnect is no new interval)
+            step = float(np.median(dt[ok]))
+            self.interval_s = step if self._first_interval else self.interval_s + 0.1 * (step - self.interval_s)
+            self._first_interval = False
+        self.dt_s = np.where(ok, dt, self.interval_s)
+        np.maximum.at(self.seen_us, self.slots, us)
         if self.classes.by_workload:  # the job on a GPU changes, and its class with it
             self.namespace[slots] = batch.column("namespace").to_numpy(zero_copy_only=False)
             self.pod[slots] = batch.column("pod").to_numpy(zero_copy_only=False)
@@ -284,17 +302,22 @@ class GpuTable:
         self.last_job = np.concatenate([self.last_job, np.full(grow, None, object)])
         self.flat = np.concatenate([self.flat, np.zeros(grow, np.int64)])
         self.forced = np.concatenate([self.forced, np.zeros(grow, bool)])
+        racks = self.racks[-grow:]
+        self.rack_ix = np.concatenate([self.rack_ix, np.array([self.rack_ids.setdefault(r, len(self.rack_ids))
+                                                               for r in racks], np.int64)])
         self.node_ix = np.concatenate([self.node_ix, np.array([self._node_ids.setdefault(n, len(self._node_ids))
                                                                for n in nodes], np.int64)])
         self.limit_w = np.concatenate([self.limit_w, np.full(grow, np.nan)])
-        self.seen = np.concatenate([self.seen, np.zeros(grow)])
+        self.seen_us = np.concatenate([self.seen_us, np.zeros(grow, np.int64)])
         self.namespace = np.concatenate([self.namespace, np.full(grow, None, object)])
         self.pod = np.concatenate([self.pod, np.full(grow, None, object)])
         self.flex = np.concatenate([self.flex, self.classes.of_rows(self._batch.take(rows))])
 
     def silent(self) -> np.ndarray:
-        """Per GPU: no sample for SILENT_S behind the fleet's newest (on the data's time)."""
-        return self.seen < (self.seen.max(initial=0.0) - SILENT_S)
+        """Per GPU: no sample for SILENT_S (or SILENT_INTERVALS scrapes, if longer) behind the
+        fleet's newest (on the data's time)."""
+        after_us = 1e6 * max(SILENT_S, SILENT_INTERVALS * self.interval_s)
+        return self.seen_us < self.seen_us.max(initial=0) - after_us
 
     def stuck_nodes(self, readings: int) -> np.ndarray:
         """Per GPU: a GPU of its node reports the same power `readings` times in a row. Its
@@ -325,6 +348,9 @@ class Controller:
         self.meter: deque[tuple[datetime, float]] = deque()   # site power readings, kW
         self.it: deque[tuple[datetime, float, float]] = deque()  # (ts, meter kW, the PDUs' sum kW) per scrape
         self.pdu: dict[str, tuple[datetime, float]] = {}      # rack -> its latest PDU reading, kW
+        self.caps_then: deque[tuple[datetime, np.ndarray]] = deque()  # during a request, at each facility batch:
+                                             # what the caps changed in each rack's draw then, W (GpuTable.rack_ix);
+                                             # a PDU polled less often is read against the caps at its own time
         self.requests: list[tuple[PowerRequest, Outcome]] = []
         self.active: PowerRequest | None = None
         self.phase = "idle"
@@ -333,12 +359,12 @@ class Controller:
         self.steady = np.zeros(0, bool)      # per slot: its job ran before the request (or has a reference
                                              # since it started) and still runs
         self.mine = np.zeros(0, bool)        # per slot: covered by the active request
-        self.unheld = np.zeros(0, np.int64)  # per slot: samples in a row a cap set here did not hold it
+        self.unheld = np.zeros(0)            # per slot: seconds in a row a cap set here did not hold it
         self.base_it_kw = 0.0                # the PDUs' mean over the baseline window
         self.adjust_kw: dict[datetime, float] = {}  # meter reading's ts -> the baseline's adjustment then
         self.extra_w = 0.0                   # feedback: watts planned beyond the target
         self.bias_kw = 0.0                   # the meter's reduction less the caps' expected one, a minute's mean
-        self.bias_n = 0                      # readings since the caps last changed
+        self.bias_s = 0.0                    # the readings' seconds since the caps last changed
         self.residual: deque[tuple[float, float]] = deque()  # (s from start, kW): each reading less the
                                              # caps' expected reduction then
         self.recent_adjust: deque[tuple[float, float]] = deque()  # (s from start, kW): the adjustments of
@@ -368,10 +394,11 @@ class Controller:
         limit = np.where(np.isnan(g.limit_w[rows]), self.cap[rows], g.limit_w[rows])
         self.learner.observe(rows, np.where(g.forced[rows], np.nan, g.power_w[rows]), g.util[rows],
                              g.util_mem[rows], limit, self._own_w(rows), g.paused[rows],
-                             g.new_job)  # (a slowdown: no sample)
+                             g.new_job, g.dt_s)  # (a slowdown: no sample)
         if self.active is not None:
             self._fit()
-            self.unheld[rows] = np.where(self._held(rows) | np.isnan(self.cap[rows]), 0, self.unheld[rows] + 1)
+            self.unheld[rows] = np.where(self._held(rows) | np.isnan(self.cap[rows]), 0.0,
+                                         self.unheld[rows] + span_seconds(g.dt_s, UNHELD_S))
             # A job that ended is over for this request (one paused keeps its cap: it resumes under
             # it); a node with a power reading stuck can be neither verified nor moved (its
             # detectors read heat against power, siblings against siblings).
@@ -381,7 +408,7 @@ class Controller:
             # draw, the learner's), then the caps may take from it like from any other.
             lr = self.learner
             join = rows[self.mine[rows] & ~self.steady[rows] & (g.util[rows] >= IDLE_UTIL)
-                        & ~stuck & (lr.ref_n[rows] >= MIN_REF)
+                        & ~stuck & lr.referenced(rows)
                         & np.isnan(self.cap[rows])]
             self.steady[join] = True
 
@@ -446,6 +473,8 @@ class Controller:
                     self.meter.append((ts, value / 1000.0))
                 else:
                     into[rack] = (ts, value / 1000.0)
+        if self.active is not None and self.phase == "active" and batch.num_rows:
+            self._record_caps(pc.max(batch.column("ts")).as_py())
         if self.meter and self.pdu and (not self.it or self.it[-1][0] != self.meter[-1][0]):
             ts, kw = self.meter[-1]
             self.it.append((ts, kw, sum(v for _, v in self.pdu.values())))
@@ -474,29 +503,67 @@ class Controller:
         """The meter's kW per kW of the PDUs' sum (its cooling): the slope fitted over the
         history once the IT load has varied enough; until then bounds that never credit a
         change the meter may not show: 1 for a rise (cooling never falls as the load rises),
-        the meter's mean over the PDUs' for a fall (the site's fixed load does not fall)."""
+        the meter's mean over the PDUs' for a fall (the site's fixed load does not fall).
+        A meter that reads less than the PDUs' sum does not see all of their load (one feed of
+        two, a meter behind part of the site): its slope may be under 1, and until it is
+        fitted, it shows its mean share of a change (at most that, its fixed load being none)."""
         if not self.it:
             return 1.0, 1.0
         m = np.array([x[1] for x in self.it])
         it = np.array([x[2] for x in self.it])
+        share = float(m.mean() / it.mean()) if it.mean() > 0 else 1.0
         if len(self.it) >= 30 and np.ptp(it) >= SLOPE_SPREAD_KW:
-            slope = float(np.clip(np.cov(it, m, bias=True)[0, 1] / np.var(it), 1.0, 2.0))
+            floor = 1.0 if share >= 1.0 else MIN_METER_SLOPE
+            slope = float(np.clip(np.cov(it, m, bias=True)[0, 1] / np.var(it), floor, 2.0))
             return slope, slope
-        return 1.0, float(max(1.0, m.mean() / it.mean())) if it.mean() > 0 else 1.0
+        return (1.0, share) if share >= 1.0 else (share, share)
 
     def _adjustment_kw(self, out: Outcome, it_kw: float) -> float:
         """What the load Fleetwatch does not control added since the baseline window, at the
         meter: the PDUs' change less what the caps changed, each GPU a cap holds (a steady
         job drawing at its cap) from its job's uncapped draw (the learner's reference, which
         follows the job while no cap holds it)."""
+        racks = out.request.racks or tuple(self.pdu)
+        change = (it_kw - self.base_it_kw) - self._capped_change_kw(racks)
+        rise, fall = out.meter_per_it
+        return (rise if change >= 0 else fall) * change
+
+    def _capped_now_w(self) -> np.ndarray:
+        """Per rack (GpuTable.rack_ix): what the caps set here change in its GPUs' draw now, each
+        GPU a cap holds (a steady job drawing at its cap) from its job's uncapped draw (the
+        learner's reference, which follows the job while no cap holds it); <= 0."""
         g = self.gpus
         # Under a hardware or thermal slowdown the GPU's demand fell for its own reasons (under a
         # deep cap a power brake does not show in the draw): what it sheds is not the cap's.
         held = np.flatnonzero(self.steady & self._held() & ~g.forced)
-        capped_change_kw = float(np.sum(g.power_w[held] - self.learner.demand_above(held, g.power_w[held]))) / 1000.0
-        change = (it_kw - self.base_it_kw) - capped_change_kw
-        rise, fall = out.meter_per_it
-        return (rise if change >= 0 else fall) * change
+        change = g.power_w[held] - self.learner.demand_above(held, g.power_w[held])
+        return np.bincount(g.rack_ix[held], weights=change, minlength=len(g.rack_ids))
+
+    def _record_caps(self, ts: datetime) -> None:
+        if self.caps_then and ts <= self.caps_then[-1][0]:
+            return  # (a batch late behind the last: the caps then were the record's before it)
+        self.caps_then.append((ts, self._capped_now_w()))
+        while (ts - self.caps_then[0][0]).total_seconds() > CAPS_HISTORY_S:
+            self.caps_then.popleft()
+
+    def _capped_change_kw(self, racks: Iterable[str]) -> float:
+        """What the caps changed in the draw of `racks` when their PDUs last read: at each
+        reading's own time (the record nearest it; now, without records), so a PDU polled less
+        often than the GPUs and the meter is read against the caps it saw."""
+        if not self.caps_then:
+            return float(np.sum(self._capped_now_w())) / 1000.0
+        at = np.array([t.timestamp() for t, _ in self.caps_then])
+        by_time: dict[datetime, list[int]] = {}
+        for r in racks:
+            if r in self.pdu and r in self.gpus.rack_ids:
+                by_time.setdefault(self.pdu[r][0], []).append(self.gpus.rack_ids[r])
+        total = 0.0
+        for t, ix in by_time.items():
+            i = int(np.clip(np.searchsorted(at, t.timestamp()), 1, max(at.size - 1, 1)))
+            nearest = i - 1 if at.size == 1 or abs(at[i - 1] - t.timestamp()) <= abs(at[i] - t.timestamp()) else i
+            then = self.caps_then[nearest][1]
+            total += float(np.sum(then[[k for k in ix if k < then.size]]))
+        return total / 1000.0
 
     # ---- the requests --------------------------------------------------------------
 
@@ -526,7 +593,7 @@ class Controller:
                 racks = self.active.racks
                 new[:] = [not racks or r in racks for r in self.gpus.racks[self.cap.size - grow:]]
             self.mine = np.concatenate([self.mine, new])
-            self.unheld = np.concatenate([self.unheld, np.zeros(grow, np.int64)])
+            self.unheld = np.concatenate([self.unheld, np.zeros(grow)])
         self.learner.grow(self.cap.size)
 
     def _step(self, now: datetime) -> None:
@@ -562,6 +629,10 @@ class Controller:
                 newest = min(self.pdu[r][0] for r in req.racks)
                 readings = [(newest, covered)] if newest >= req.start and (seen is None or newest > seen) else []
             if readings:
+                # The seconds each reading stands for: the meter's interval (a BMS polls every 1-60 s),
+                # the covered racks' since the last sum measured.
+                every_s = self._meter_interval_s() if not req.racks else \
+                    (readings[-1][0] - seen).total_seconds() if seen is not None else self.s.control_interval_s
                 self.counted = readings[-1][0]
                 values = []
                 # A level to hold (target_kw, a firm service level) is judged by the meter itself:
@@ -589,9 +660,10 @@ class Controller:
                 if level:  # what the caps shed less the load that came since (its recent median: no swing)
                     expected -= float(np.median([a for _, a in self.recent_adjust]))
                 for at_s, v in values:
-                    self.bias_n += 1
+                    self.bias_s += every_s
                     self.residual.append((at_s, v - expected))
-                    self.bias_kw += (v - expected - self.bias_kw) / min(self.bias_n + BIAS_PRIOR, BIAS_READINGS)
+                    self.bias_kw += (v - expected - self.bias_kw) * min(every_s / min(self.bias_s + BIAS_PRIOR_S, BIAS_S),
+                                                                        0.5)
                 achieved = expected + self.bias_kw
             self.adjust_kw = {t: v for t, v in self.adjust_kw.items() if t > now}
             if now >= req.end:
@@ -606,6 +678,12 @@ class Controller:
                 if self.site_cap_w and self.meter and self.meter[-1][1] * 1000.0 > self.site_cap_w:
                     out.over_site_cap = True
             self._restore_step(now)
+
+    def _meter_interval_s(self) -> float:
+        """The site meter's interval: its last readings' median step (1 s before any)."""
+        times = [t for t, _ in itertools.islice(reversed(self.meter), 11)][::-1]
+        steps = [(b - a).total_seconds() for a, b in zip(times, times[1:]) if b > a]
+        return float(np.median(steps)) if steps else 1.0
 
     def _covered_it_kw(self, req: PowerRequest) -> float:
         """The covered IT load now: every PDU (the site), or the covered racks' (their sum is
@@ -647,12 +725,14 @@ class Controller:
         self.mine = np.zeros(self.cap.size, bool)
         self.mine[self.gpus.covered(req.racks)] = True
         lr = self.learner
-        self.steady = (self.mine & (self.gpus.util >= IDLE_UTIL) & (lr.ref_n >= MIN_REF)
+        self.steady = (self.mine & (self.gpus.util >= IDLE_UTIL) & lr.referenced()
                        & ~self._stuck())
         self.adjust_kw, self.counted = {}, None
         self.active, self.phase, self.extra_w, self.bias_kw = req, "active", 0.0, 0.0
         self.residual.clear()
         self.recent_adjust.clear()
+        self.caps_then.clear()
+        self._record_caps(now)  # (none yet: a PDU reading from before the plan saw none)
         snapshot = self._snapshot(req.racks)
         p = self._plan(req, out, now)
         cost_w = out.requested_kw * 1000.0
@@ -711,7 +791,7 @@ class Controller:
         busy = g.util >= IDLE_UTIL
         # A job's draw when it draws (a training job between its communication phases), not this sample's,
         # for the share of the time it draws it.
-        known = busy & (self.learner.ref_n >= MIN_REF)
+        known = busy & self.learner.referenced()
         demand = self.learner.demand()
         now_w = np.where(known, np.fmax(g.power_w, np.fmin(demand, max_w)), g.power_w)
         draw = np.where(np.isnan(self.demand), now_w, np.fmax(self.demand, g.power_w))
@@ -754,7 +834,7 @@ class Controller:
         out.gpus_capped = int(np.count_nonzero(~np.isnan(new)))
         if caps:
             self.actuator.apply(caps)
-            self.changed_at, self.bias_n = now, 0
+            self.changed_at, self.bias_s = now, 0.0
         return p
 
     def _probe(self, snapshot: GpuPower, cap_w: np.ndarray, mine: np.ndarray) -> np.ndarray:
@@ -823,7 +903,7 @@ class Controller:
         longer than a communication phase: nothing), with the site's cooling."""
         snap = self._snapshot(req.racks)
         mine = self.gpus.covered(req.racks)
-        on = self._shedding()[mine] & (self.unheld[mine] < UNHELD_SAMPLES)
+        on = self._shedding()[mine] & (self.unheld[mine] < UNHELD_S)
         return float(np.sum(snap.shed(self.cap[mine])[on])) / 1000.0 * (out.meter_per_it[1] if not req.racks else 1.0)
 
     def _settled(self, now: datetime) -> bool:
@@ -891,7 +971,7 @@ class Controller:
         self.demand[capped[done]] = np.nan
         if caps:
             self.actuator.apply(caps)
-            self.changed_at, self.bias_n = now, 0
+            self.changed_at, self.bias_s = now, 0.0
         if not np.any(~np.isnan(self.cap)):
             self.active, self.phase = None, "idle"
             self.benched.clear()

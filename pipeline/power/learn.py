@@ -18,7 +18,7 @@ prior s = 1 as `PRIOR_WEIGHT` pseudo-samples, from:
 
   - the reference: the job's own uncapped behaviour, while the GPU is busy and no cap is
     set below its default: util_mem's exponential mean, and the distribution of its draw
-    (a histogram whose weights fade over `DEMAND_SAMPLES`, its bins in the curve's watts:
+    (a histogram whose weights fade over `DEMAND_S`, its bins in the curve's watts:
     a GPU whose own limit is not the curve's is stretched to it, as the planner reads it).
     A training job draws near its limit while it computes and far under it while its GPUs
     communicate (every 15-45 s, in lockstep); an inference job's draw moves with its requests. What a cap takes from a
@@ -49,20 +49,37 @@ import numpy as np
 
 from pipeline.power.curve import PowerCurve
 
+# Spans are in seconds, so that a fleet scraped every 30 s (dcgm-exporter under Prometheus) learns
+# in the same time as one sampled every second; each also needs a least number of samples, which
+# a slow scrape reaches later (`span_weight`).
 PRIOR_WEIGHT = 0.05   # the prior s = 1, as pseudo-samples at x = 0.22 (a 700 -> 500 W cap's)
 REF_SAMPLES = 30      # the reference's exponential mean of util_mem spans about this many samples (its
-                      # integer percent needs them) ...
-DEMAND_SAMPLES = 120  # ... its draw's distribution, these: several training steps (15-45 s), and a job
-                      # whose load moved for good is followed within minutes
+                      # integer percent needs them, whatever their interval) ...
+DEMAND_S = 120.0      # ... its draw's distribution, this long: several training steps (15-45 s), and a
+DEMAND_MIN = 20       # job whose load moved for good is followed within minutes; and at least this many
+                      # samples (its upper half and its duty need them)
 STEP_UP = 0.1         # (a share of the default limit: 70 W on an H100)
-RECENT_SAMPLES = 5    # the last few samples' exponential mean, that shows a step
+RECENT_S = 5.0        # the last few seconds' exponential mean, that shows a step (2 samples at least)
 DEMAND_BINS = 64      # the distribution's resolution: 64 bins up to 1.1x the GPU's own limit (12 W on an H100)
-MIN_REF = 5           # samples of reference before a capped one counts
+MIN_REF_S = 5.0       # seconds of reference before a capped sample counts (2 samples at least)
 MIN_SHED = 0.03       # a cap binds when the draw is this share below the reference
 NOT_BINDING_W = 10.0  # a GPU drawing this far under its limit is not held by it (the simulator's and
                       # the recorded H100's hold 1-4 W under)
 NOISE_Y = 0.03        # util_mem's resolution (an integer percent of ~34%) as an error on y
 IDLE_UTIL = 0.05      # (power/planner.py's: under it a GPU does no work, and its job is over)
+
+
+def span_weight(dt_s, span_s: float, min_samples: float) -> np.ndarray:
+    """What one sample counts for in a mean over `span_s` seconds: its interval's share of the
+    span (`dt_s`, the seconds since its GPU's sample before), at most 1 / `min_samples` (a mean
+    needs that many samples, however slow the scrape)."""
+    return np.minimum(np.asarray(dt_s, np.float64) / span_s, 1.0 / min_samples)
+
+
+def span_seconds(dt_s, span_s: float) -> np.ndarray:
+    """What one sample adds to a duration that must last `span_s`: its interval, at most half
+    the span (two samples in a row at least: one 30-s scrape may catch any phase of a job)."""
+    return np.minimum(np.asarray(dt_s, np.float64), span_s / 2)
 
 
 @dataclass
@@ -75,7 +92,8 @@ class CurveLearner:
                                                     # weighted sums of watts (a bin's mean, not its centre)
     recent: np.ndarray = field(default_factory=lambda: np.zeros(0))    # per slot: its draw's recent mean
     ref_mem: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    ref_n: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    ref_n: np.ndarray = field(default_factory=lambda: np.zeros(0))    # per slot: samples of reference ...
+    ref_s: np.ndarray = field(default_factory=lambda: np.zeros(0))    # ... and their seconds (span_seconds)
     sxx: np.ndarray = field(default_factory=lambda: np.zeros(0))
     sxy: np.ndarray = field(default_factory=lambda: np.zeros(0))
     points: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -89,11 +107,17 @@ class CurveLearner:
     def grow(self, n: int) -> None:
         extra = n - self.ref_n.size
         if extra > 0:
-            for name in ("recent", "ref_mem", "ref_n", "sxx", "sxy", "points"):
+            for name in ("recent", "ref_mem", "ref_n", "ref_s", "sxx", "sxy", "points"):
                 setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra)]))
             self.stretch = np.concatenate([self.stretch, np.ones(extra)])
             self.draw = np.concatenate([self.draw, np.zeros((extra, DEMAND_BINS), np.float32)])
             self.draw_w = np.concatenate([self.draw_w, np.zeros((extra, DEMAND_BINS), np.float32)])
+
+    def referenced(self, slots: np.ndarray | None = None) -> np.ndarray:
+        """Per GPU: its job's uncapped draw is known (MIN_REF_S of reference), so a cap's cost and
+        what it sheds can be judged against it."""
+        sl = slice(None) if slots is None else slots
+        return self.ref_s[sl] >= MIN_REF_S
 
     def demand(self, slots: np.ndarray | None = None) -> np.ndarray:
         """What each GPU's job draws when it draws: the mean of the upper half of its uncapped
@@ -125,12 +149,13 @@ class CurveLearner:
 
     def observe(self, slots: np.ndarray, power_w: np.ndarray, util: np.ndarray, util_mem: np.ndarray,
                 limit_w: np.ndarray, default_w: float | np.ndarray, paused: np.ndarray | None = None,
-                new_job: np.ndarray | None = None) -> None:
+                new_job: np.ndarray | None = None, dt_s: float | np.ndarray = 1.0) -> None:
         """One batch of samples: per row its GPU's slot, draw, utilisation, memory utilisation
         and enforced limit (NaN where unknown); `default_w` each GPU's own limit (a site's
         `nvidia-smi -pl 600` or a 400 W part's; under it, a cap is set); `paused`
         per row: idle, its job's memory still held (None: an idle GPU's job is over); `new_job`
-        per row: the samples name another job than before (learned afresh, busy or not)."""
+        per row: the samples name another job than before (learned afresh, busy or not); `dt_s`
+        per row: the seconds since its GPU's sample before (the scrape interval)."""
         self.grow(int(slots.max()) + 1 if slots.size else 0)
         power = np.asarray(power_w, np.float64)
         util = np.nan_to_num(np.asarray(util, np.float64))
@@ -149,17 +174,19 @@ class CurveLearner:
             over |= np.asarray(new_job, bool)
         if over.any():  # the job is over: the next one is learned afresh
             gone = slots[over]
-            for a in (self.draw, self.draw_w, self.recent, self.ref_mem, self.ref_n, self.sxx, self.sxy, self.points):
+            for a in (self.draw, self.draw_w, self.recent, self.ref_mem, self.ref_n, self.ref_s, self.sxx, self.sxy,
+                      self.points):
                 a[gone] = 0.0
         busy = ok & ~idle
         capped = limit < default_w - 0.5
         free = busy & ~capped  # the draw's reference needs no util_mem: only the points do
         if free.any():
             s = slots[free]
+            dt = np.broadcast_to(np.asarray(dt_s, np.float64), power.shape)[free]
             n = self.ref_n[s] + 1.0
-            self.recent[s] += np.maximum(1.0 / n, 1.0 / RECENT_SAMPLES) * (power[free] - self.recent[s])
+            self.recent[s] += np.maximum(1.0 / n, span_weight(dt, RECENT_S, 2)) * (power[free] - self.recent[s])
             stepped = self.recent[s] > self.demand(s) + STEP_UP * default_w[free]
-            fade = np.where(stepped, 0.0, 1.0 - 1.0 / DEMAND_SAMPLES).astype(np.float32)[:, None]
+            fade = np.where(stepped, 0.0, 1.0 - span_weight(dt, DEMAND_S, DEMAND_MIN)).astype(np.float32)[:, None]
             self.draw[s] *= fade
             self.draw_w[s] *= fade
             at = (s, np.clip((power[free] * k[free] / self.bin_w).astype(np.int64), 0, DEMAND_BINS - 1))
@@ -169,7 +196,8 @@ class CurveLearner:
             m = has_mem[free]
             self.ref_mem[s[m]] += a[m] * (mem[free][m] - self.ref_mem[s[m]])
             self.ref_n[s] = n
-        known = busy & capped & (self.ref_n[slots] >= MIN_REF)
+            self.ref_s[s] += span_seconds(dt, MIN_REF_S)
+        known = busy & capped & self.referenced(slots)
         ref_p = np.zeros(power.size)
         if known.any():
             ref_p[known] = self.demand_above(slots[known], power[known])
