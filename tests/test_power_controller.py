@@ -645,3 +645,51 @@ def test_a_fleet_scraped_every_30_s_is_held_like_one_sampled_every_second():
         ctl.step(sim.now)
     assert ctl.gpus.interval_s == 30.0
     assert out.met, (out.minute_means(), out.requested_kw)
+
+
+def test_a_pdu_whose_clock_runs_ahead_leaves_the_other_racks_credit_as_it_was():
+    """One rack's PDU stamps its readings 120 s ahead (intake takes up to 300 s): the caps'
+    records are dated by each facility batch's median, so the other rack's PDU is still read
+    against the caps it saw (dated by the batch's newest, every record was 120 s late, and the
+    request claimed 6-9 kW under what it shed and missed)."""
+    sim, ctl = fleet()
+    out = ctl.submit(request(400, 10))
+
+    def ahead(i, tick):
+        f = tick.facility
+        late = pc.and_(pc.equal(f.column("device_class"), "rack"), pc.equal(f.column("rack"), "r02"))
+        ts = pc.if_else(late, pa.array([t + timedelta(seconds=120) for t in f.column("ts").to_pylist()],
+                                       f.schema.field("ts").type), f.column("ts"))
+        return tick.gpu, f.set_column(f.schema.get_field_index("ts"), "ts", ts)
+    truth = np.array(drive(sim, ctl, 720, ahead, range(400, 700)))
+    at = {round(t): kw for t, kw in out.shed_kw}
+    claimed = np.array([at.get(s, np.nan) for s in range(5, 300)])
+    assert np.nanmax(np.abs(claimed - truth[5:])) < 0.1 * out.requested_kw
+    assert out.met, (out.minute_means(), out.requested_kw)
+
+
+def test_the_fleet_s_interval_and_silence_hold_against_one_node_back_late_and_one_clock_ahead():
+    """A fleet scraped every 30 s: one node's message back after an hour is no new interval (it
+    had made the fleet's 390 s, and a GPU gone was found after 20 minutes); a replayed batch
+    stands for no time; one GPU whose clock runs 120 s ahead silences no other GPU."""
+    sim = FleetSimulator(FleetConfig(racks=1, nodes_per_rack=4, normal="simple", sample_interval_s=30),
+                         start=EVAL_EPOCH)
+    table = GpuTable(FlexClasses(PowerConfig()))
+
+    def shifted(b, seconds):
+        return b.set_column(0, "ts", pa.array([t + timedelta(seconds=seconds) for t in b.column("ts").to_pylist()],
+                                              b.schema.field("ts").type))
+    first = sim.step().gpu
+    node = pc.equal(first.column("node"), first.column("node")[0])
+    table.update(shifted(first.filter(node), -3600))  # (its last sample an hour before)
+    for _ in range(3):
+        table.update(sim.step().gpu.filter(pc.invert(node)))
+    b = sim.step().gpu
+    table.update(b.filter(node))  # back: 3,720 s after its last
+    assert table.interval_s == 30.0 and np.all(table.dt_s == 3720.0)
+    table.update(b.filter(pc.invert(node)))
+    table.update(b.filter(pc.invert(node)))  # (delivered twice)
+    assert np.all(table.dt_s == 0.0)
+    table.update(shifted(b.slice(8, 1), 120))
+    silent = table.silent()[table.ids.slots(b.column("gpu_uuid"))]
+    assert not silent.any()

@@ -79,7 +79,7 @@ BIAS_PRIOR_S = 10.0    # readings at least), where the mean before the caps last
                        # (a new plan has its own errors: its first readings move the mean fast)
 UNHELD_S = 20.0        # a capped GPU drawing under its cap this long (2 samples at least): its load fell (longer
                        # than a training job's communication phase), its cap is expected to shed nothing
-SILENT_S = 60.0        # a GPU with no sample for this long behind the fleet's newest (two missed 20-s scrapes),
+SILENT_S = 60.0        # a GPU with no sample for this long behind the fleet's newest (GpuTable.silent),
 SILENT_INTERVALS = 3   # or this many scrape intervals, if longer, is gone from the request: fell off the bus,
                        # its node drained, its agent stopped
 RELEARNED = 0.05       # a plan is made again when a job's learned sensitivity moved this much since
@@ -264,12 +264,17 @@ class GpuTable:
         us = pc.cast(ts, pa.timestamp("us", ts.type.tz), safe=False).cast(pa.int64()).to_numpy(zero_copy_only=False)
         prev = self.seen_us[self.slots]
         dt = (us - prev) / 1e6  # (in integer microseconds first: a 1 s scrape is exactly 1.0)
-        ok = (prev > 0) & (dt > 0)  # (a GPU's first sample, or one older than its newest: the fleet's interval)
-        if ok.any():  # (smoothed: one node's batch after its reconnect is no new interval)
-            step = float(np.median(dt[ok]))
+        ok = (prev > 0) & (dt > 0)
+        # The fleet's interval, smoothed, from steps shorter than a GPU gone (a node back after an hour
+        # is no new interval).
+        steps = dt[ok & (dt <= self.silent_after_s())]
+        if steps.size:
+            step = float(np.median(steps))
             self.interval_s = step if self._first_interval else self.interval_s + 0.1 * (step - self.interval_s)
             self._first_interval = False
-        self.dt_s = np.where(ok, dt, self.interval_s)
+        # A GPU's first sample stands for the fleet's interval; one not newer than its last (a replay, a
+        # duplicate) for no time.
+        self.dt_s = np.where(ok, dt, np.where(prev > 0, 0.0, self.interval_s))
         np.maximum.at(self.seen_us, self.slots, us)
         if self.classes.by_workload:  # the job on a GPU changes, and its class with it
             self.namespace[slots] = batch.column("namespace").to_numpy(zero_copy_only=False)
@@ -313,11 +318,18 @@ class GpuTable:
         self.pod = np.concatenate([self.pod, np.full(grow, None, object)])
         self.flex = np.concatenate([self.flex, self.classes.of_rows(self._batch.take(rows))])
 
+    def silent_after_s(self) -> float:
+        return max(SILENT_S, SILENT_INTERVALS * self.interval_s)
+
     def silent(self) -> np.ndarray:
         """Per GPU: no sample for SILENT_S (or SILENT_INTERVALS scrapes, if longer) behind the
-        fleet's newest (on the data's time)."""
-        after_us = 1e6 * max(SILENT_S, SILENT_INTERVALS * self.interval_s)
-        return self.seen_us < self.seen_us.max(initial=0) - after_us
+        fleet's newest, on the data's time: the newest a tenth of the GPUs (two at least) reached,
+        so that one GPU whose clock runs ahead (intake takes 300 s) silences no other."""
+        n = self.seen_us.size
+        if not n:
+            return np.zeros(0, bool)
+        newest = np.partition(self.seen_us, n - min(n, max(2, n // 10)))[n - min(n, max(2, n // 10))]
+        return self.seen_us < newest - 1e6 * self.silent_after_s()
 
     def stuck_nodes(self, readings: int) -> np.ndarray:
         """Per GPU: a GPU of its node reports the same power `readings` times in a row. Its
@@ -348,7 +360,8 @@ class Controller:
         self.meter: deque[tuple[datetime, float]] = deque()   # site power readings, kW
         self.it: deque[tuple[datetime, float, float]] = deque()  # (ts, meter kW, the PDUs' sum kW) per scrape
         self.pdu: dict[str, tuple[datetime, float]] = {}      # rack -> its latest PDU reading, kW
-        self.caps_then: deque[tuple[datetime, np.ndarray]] = deque()  # during a request, at each facility batch:
+        self.caps_from = 0.0                 # when the active request's plan was made (unix s)
+        self.caps_then: deque[tuple[float, np.ndarray]] = deque()  # during a request, at each facility batch:
                                              # what the caps changed in each rack's draw then, W (GpuTable.rack_ix);
                                              # a PDU polled less often is read against the caps at its own time
         self.requests: list[tuple[PowerRequest, Outcome]] = []
@@ -474,7 +487,9 @@ class Controller:
                 else:
                     into[rack] = (ts, value / 1000.0)
         if self.active is not None and self.phase == "active" and batch.num_rows:
-            self._record_caps(pc.max(batch.column("ts")).as_py())
+            # (at the batch's median time: one PDU whose clock runs ahead must not date the record)
+            ts = batch.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
+            self._record_caps(pa.scalar(int(np.median(ts)), batch.column("ts").type).as_py())
         if self.meter and self.pdu and (not self.it or self.it[-1][0] != self.meter[-1][0]):
             ts, kw = self.meter[-1]
             self.it.append((ts, kw, sum(v for _, v in self.pdu.values())))
@@ -540,29 +555,35 @@ class Controller:
         return np.bincount(g.rack_ix[held], weights=change, minlength=len(g.rack_ids))
 
     def _record_caps(self, ts: datetime) -> None:
-        if self.caps_then and ts <= self.caps_then[-1][0]:
+        at = ts.timestamp()
+        if self.caps_then and at <= self.caps_then[-1][0]:
             return  # (a batch late behind the last: the caps then were the record's before it)
-        self.caps_then.append((ts, self._capped_now_w()))
-        while (ts - self.caps_then[0][0]).total_seconds() > CAPS_HISTORY_S:
+        self.caps_then.append((at, self._capped_now_w()))
+        while at - self.caps_then[0][0] > CAPS_HISTORY_S:
             self.caps_then.popleft()
 
     def _capped_change_kw(self, racks: Iterable[str]) -> float:
         """What the caps changed in the draw of `racks` when their PDUs last read: at each
-        reading's own time (the record nearest it; now, without records), so a PDU polled less
-        often than the GPUs and the meter is read against the caps it saw."""
+        reading's own time (the record nearest it; none before the request's plan; now, without
+        records), so a PDU polled less often than the GPUs and the meter is read against the caps
+        it saw."""
         if not self.caps_then:
             return float(np.sum(self._capped_now_w())) / 1000.0
-        at = np.array([t.timestamp() for t, _ in self.caps_then])
-        by_time: dict[datetime, list[int]] = {}
-        for r in racks:
-            if r in self.pdu and r in self.gpus.rack_ids:
-                by_time.setdefault(self.pdu[r][0], []).append(self.gpus.rack_ids[r])
+        ids = self.gpus.rack_ids
+        read = [(ids[r], self.pdu[r][0].timestamp()) for r in racks if r in self.pdu and r in ids]
+        if not read:
+            return 0.0
+        rack, t = (np.array(x) for x in zip(*read))
+        at = np.fromiter((a for a, _ in self.caps_then), np.float64, len(self.caps_then))
+        right = np.minimum(np.searchsorted(at, t), at.size - 1)
+        left = np.maximum(right - 1, 0)
+        nearest = np.where(np.abs(at[left] - t) <= np.abs(at[right] - t), left, right)
+        saw = t >= self.caps_from  # (a reading from before the plan saw none)
         total = 0.0
-        for t, ix in by_time.items():
-            i = int(np.clip(np.searchsorted(at, t.timestamp()), 1, max(at.size - 1, 1)))
-            nearest = i - 1 if at.size == 1 or abs(at[i - 1] - t.timestamp()) <= abs(at[i] - t.timestamp()) else i
-            then = self.caps_then[nearest][1]
-            total += float(np.sum(then[[k for k in ix if k < then.size]]))
+        for n in np.unique(nearest[saw]):  # (a few: PDUs read in rounds since the last)
+            then = self.caps_then[int(n)][1]
+            k = rack[saw & (nearest == n)]
+            total += float(np.sum(then[k[k < then.size]]))
         return total / 1000.0
 
     # ---- the requests --------------------------------------------------------------
@@ -732,7 +753,8 @@ class Controller:
         self.residual.clear()
         self.recent_adjust.clear()
         self.caps_then.clear()
-        self._record_caps(now)  # (none yet: a PDU reading from before the plan saw none)
+        self.caps_from = now.timestamp()
+        self._record_caps(now)  # (none yet)
         snapshot = self._snapshot(req.racks)
         p = self._plan(req, out, now)
         cost_w = out.requested_kw * 1000.0
