@@ -94,6 +94,11 @@ SUSPECT_ALERTS = frozenset(a.name for a in ALERTS if a.scope in ("gpu", "node") 
 ALERTS_READ = SUSPECT_ALERTS | FROZEN_ALERTS
 
 
+def unix_us(ts: pa.Array) -> np.ndarray:
+    """A timestamp column as integer unix microseconds (whatever its unit)."""
+    return pc.cast(ts, pa.timestamp("us", ts.type.tz), safe=False).cast(pa.int64()).to_numpy(zero_copy_only=False)
+
+
 @dataclass(frozen=True)
 class Firm:
     """The flexible capacity left without its largest job (Controller.firm)."""
@@ -261,7 +266,7 @@ class GpuTable:
         self.limit_w[slots] = limit
         self.slots = np.asarray(slots, np.int64)
         ts = batch.column("ts")
-        us = pc.cast(ts, pa.timestamp("us", ts.type.tz), safe=False).cast(pa.int64()).to_numpy(zero_copy_only=False)
+        us = unix_us(ts)
         prev = self.seen_us[self.slots]
         dt = (us - prev) / 1e6  # (in integer microseconds first: a 1 s scrape is exactly 1.0)
         ok = (prev > 0) & (dt > 0)
@@ -488,8 +493,7 @@ class Controller:
                     into[rack] = (ts, value / 1000.0)
         if self.active is not None and self.phase == "active" and batch.num_rows:
             # (at the batch's median time: one PDU whose clock runs ahead must not date the record)
-            ts = batch.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False)
-            self._record_caps(pa.scalar(int(np.median(ts)), batch.column("ts").type).as_py())
+            self._record_caps(float(np.median(unix_us(batch.column("ts")))) / 1e6)
         if self.meter and self.pdu and (not self.it or self.it[-1][0] != self.meter[-1][0]):
             ts, kw = self.meter[-1]
             self.it.append((ts, kw, sum(v for _, v in self.pdu.values())))
@@ -554,8 +558,8 @@ class Controller:
         change = g.power_w[held] - self.learner.demand_above(held, g.power_w[held])
         return np.bincount(g.rack_ix[held], weights=change, minlength=len(g.rack_ids))
 
-    def _record_caps(self, ts: datetime) -> None:
-        at = ts.timestamp()
+    def _record_caps(self, at: float) -> None:
+        """What the caps change in each rack's draw now, dated `at` (unix s)."""
         if self.caps_then and at <= self.caps_then[-1][0]:
             return  # (a batch late behind the last: the caps then were the record's before it)
         self.caps_then.append((at, self._capped_now_w()))
@@ -754,7 +758,7 @@ class Controller:
         self.recent_adjust.clear()
         self.caps_then.clear()
         self.caps_from = now.timestamp()
-        self._record_caps(now)  # (none yet)
+        self._record_caps(self.caps_from)  # (none yet)
         snapshot = self._snapshot(req.racks)
         p = self._plan(req, out, now)
         cost_w = out.requested_kw * 1000.0
