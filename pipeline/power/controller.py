@@ -366,7 +366,7 @@ class Controller:
         self.it: deque[tuple[datetime, float, float]] = deque()  # (ts, meter kW, the PDUs' sum kW) per scrape
         self.pdu: dict[str, tuple[datetime, float]] = {}      # rack -> its latest PDU reading, kW
         self.caps_from = 0.0                 # when the active request's plan was made (unix s)
-        self.caps_then: deque[tuple[float, np.ndarray]] = deque()  # during a request, at each facility batch:
+        self.caps_then: deque[tuple[float, np.ndarray]] = deque()  # during a request, at each PDUs' reading:
                                              # what the caps changed in each rack's draw then, W (GpuTable.rack_ix);
                                              # a PDU polled less often is read against the caps at its own time
         self.requests: list[tuple[PowerRequest, Outcome]] = []
@@ -481,8 +481,10 @@ class Controller:
 
     def observe_facility(self, batch: pa.RecordBatch) -> None:
         power = pc.equal(batch.column("metric"), "power_w")
+        pdu_read = False
         for cls, into in (("meter", None), ("rack", self.pdu)):
             rows = batch.filter(pc.and_(power, pc.equal(batch.column("device_class"), cls)))
+            pdu_read |= into is not None and rows.num_rows > 0
             for ts, rack, value in zip(rows.column("ts").to_pylist(), rows.column("rack").to_pylist(),
                                        rows.column("value").to_pylist()):  # a meter and a PDU per rack per scrape
                 if value is None or not math.isfinite(value):  # (a meter's NaN is no reading: it would
@@ -491,8 +493,9 @@ class Controller:
                     self.meter.append((ts, value / 1000.0))
                 else:
                     into[rack] = (ts, value / 1000.0)
-        if self.active is not None and self.phase == "active" and batch.num_rows:
-            # (at the batch's median time: one PDU whose clock runs ahead must not date the record)
+        if self.active is not None and self.phase == "active" and pdu_read:
+            # What the PDUs just read is set against the caps now, dated by the batch's median time (one
+            # PDU whose clock runs ahead must not date the record).
             self._record_caps(float(np.median(unix_us(batch.column("ts")))) / 1e6)
         if self.meter and self.pdu and (not self.it or self.it[-1][0] != self.meter[-1][0]):
             ts, kw = self.meter[-1]
