@@ -36,7 +36,8 @@ Scored (the JSON's `demand_response`):
                                       caps really shed then, on the same work model (each
                                       job's own sensitivity, which Fleetwatch only learns)
   restore_overshoot_max_kw            the highest meter reading while the caps rose, above
-                                      where the power settled the minute after (a rebound)
+                                      the highest of the minute after (a rebound; a swing
+                                      peaks in both)
   restore_over_site_cap               restores with a reading above detect.site_power_cap_w
   cap_not_binding_alerts              PowerCapNotBinding alerts raised (a job's load fell under
                                       its cap); not fault alerts, so not false ones

@@ -127,7 +127,8 @@ class Outcome:
     planned_loss_pct: float | None = None  # the plan's estimate of the work lost
     uniform_loss_pct: float | None = None  # uniform capping's, for the same reduction
     restoring_kw: list[float] = field(default_factory=list)  # the readings while the caps rise
-    restored_kw: list[float] = field(default_factory=list)   # the minute after the last cap is gone
+    restored_kw: list[float] = field(default_factory=list)   # the minute after the last cap is gone (each
+                                                              # step's peak, as restoring_kw's)
     over_site_cap: bool = False
     gpus_capped: int = 0
     meter_per_it: tuple[float, float] = (1.0, 1.0)  # the meter's kW per kW of the PDUs (cooling) at start:
@@ -178,11 +179,12 @@ class Outcome:
 
     @property
     def restore_overshoot_kw(self) -> float | None:
-        """How far the power spiked while the caps rose, above where it settled once they
-        were gone (a rebound; the load's own growth is not one)."""
+        """How far the power spiked while the caps rose, above the highest it reached in the
+        minute after they were gone: a rebound, peaks against peaks (a training job's swing
+        peaks in both; the load's own growth is no rebound)."""
         if not self.restoring_kw or not self.restored_kw:
             return None
-        return max(0.0, max(self.restoring_kw) - float(np.mean(self.restored_kw)))
+        return max(0.0, max(self.restoring_kw) - max(self.restored_kw))
 
 
 class GpuTable:
@@ -365,7 +367,10 @@ class Controller:
         self.meter: deque[tuple[datetime, float]] = deque()   # site power readings, kW
         self.it: deque[tuple[datetime, float, float]] = deque()  # (ts, meter kW, the PDUs' sum kW) per scrape
         self.pdu: dict[str, tuple[datetime, float]] = {}      # rack -> its latest PDU reading, kW
-        self.caps_from = 0.0                 # when the active request's plan was made (unix s)
+        self.pdu_then: deque[tuple[float, float, float]] = deque()  # at each PDUs' reading: (unix s, their
+                                             # sum kW, what the caps changed in it kW during a request)
+        self.started_at: datetime | None = None  # when the active request's first plan was made ...
+        self.caps_from = 0.0                 # ... (unix s)
         self.caps_then: deque[tuple[float, np.ndarray]] = deque()  # during a request, at each PDUs' reading:
                                              # what the caps changed in each rack's draw then, W (GpuTable.rack_ix);
                                              # a PDU polled less often is read against the caps at its own time
@@ -493,19 +498,43 @@ class Controller:
                     self.meter.append((ts, value / 1000.0))
                 else:
                     into[rack] = (ts, value / 1000.0)
-        if self.active is not None and self.phase == "active" and pdu_read:
-            # What the PDUs just read is set against the caps now, dated by the batch's median time (one
-            # PDU whose clock runs ahead must not date the record).
-            self._record_caps(float(np.median(unix_us(batch.column("ts")))) / 1e6)
+        active = self.active is not None and self.phase == "active"
+        if pdu_read:
+            # What the PDUs just read, and what the caps changed in it (each PDU reading against the caps
+            # at its own time), dated by the batch's median time (one PDU whose clock runs ahead must not
+            # date it): a meter reading is set against the PDUs at its own time, not at its arrival.
+            at = float(np.median(unix_us(batch.column("ts")))) / 1e6
+            if active:
+                self._record_caps(at)
+            if self.pdu_then and at == self.pdu_then[-1][0]:  # (the same read, rack by rack: the sum so far)
+                self.pdu_then.pop()
+            if not self.pdu_then or at > self.pdu_then[-1][0]:
+                self.pdu_then.append((at, sum(v for _, v in self.pdu.values()),
+                                      self._capped_change_kw(tuple(self.pdu)) if active else 0.0))
         if self.meter and self.pdu and (not self.it or self.it[-1][0] != self.meter[-1][0]):
             ts, kw = self.meter[-1]
-            self.it.append((ts, kw, sum(v for _, v in self.pdu.values())))
-            if self.active is not None and self.phase == "active" and not self.active.racks:
-                self.adjust_kw[ts] = self._adjustment_kw(self._outcome(self.active), self.it[-1][2])
+            _, it_kw, capped_kw = self._pdus_at(ts)
+            self.it.append((ts, kw, it_kw))
+            if active and not self.active.racks:
+                self.adjust_kw[ts] = self._adjustment_kw(self._outcome(self.active), it_kw, capped_kw)
         horizon = self.s.baseline_s + 3600.0
         for q in (self.meter, self.it):
             while q and (q[-1][0] - q[0][0]).total_seconds() > horizon:
                 q.popleft()
+        while self.pdu_then and self.pdu_then[-1][0] - self.pdu_then[0][0] > horizon:
+            self.pdu_then.popleft()
+
+    def _pdus_at(self, ts: datetime) -> tuple[float, float, float | None]:
+        """The PDUs' reading nearest `ts`: (unix s, their sum kW, what the caps changed in it kW;
+        None: not known, work it out now). A meter delivered late (a BMS bridged over MQTT) is
+        paired with the PDUs as they read then."""
+        t, best = ts.timestamp(), None
+        for entry in reversed(self.pdu_then):  # (from the newest: the nearest is a few back at most)
+            if best is None or abs(entry[0] - t) < abs(best[0] - t):
+                best = entry
+            if entry[0] <= t:
+                break
+        return best if best is not None else (t, sum(v for _, v in self.pdu.values()), None)
 
     def covered_kw(self, req: PowerRequest) -> float | None:
         """The covered load's power now: the site meter, or the covered racks' PDUs."""
@@ -540,13 +569,14 @@ class Controller:
             return slope, slope
         return (1.0, share) if share >= 1.0 else (share, share)
 
-    def _adjustment_kw(self, out: Outcome, it_kw: float) -> float:
+    def _adjustment_kw(self, out: Outcome, it_kw: float, capped_kw: float | None = None) -> float:
         """What the load Fleetwatch does not control added since the baseline window, at the
-        meter: the PDUs' change less what the caps changed, each GPU a cap holds (a steady
-        job drawing at its cap) from its job's uncapped draw (the learner's reference, which
-        follows the job while no cap holds it)."""
-        racks = out.request.racks or tuple(self.pdu)
-        change = (it_kw - self.base_it_kw) - self._capped_change_kw(racks)
+        meter: the PDUs' change less what the caps changed (`capped_kw`; None: at the PDUs'
+        latest readings), each GPU a cap holds (a steady job drawing at its cap) from its job's
+        uncapped draw (the learner's reference, which follows the job while no cap holds it)."""
+        if capped_kw is None:
+            capped_kw = self._capped_change_kw(out.request.racks or tuple(self.pdu))
+        change = (it_kw - self.base_it_kw) - capped_kw
         rise, fall = out.meter_per_it
         return (rise if change >= 0 else fall) * change
 
@@ -626,11 +656,11 @@ class Controller:
 
     def _step(self, now: datetime) -> None:
         self._fit()
-        for req, o in self.requests:  # the minute after a restore: where the load settled
+        for req, o in self.requests:  # the minute after a restore: where the load settled, peaks as in it
             if o.restoring_kw and req is not self.active and len(o.restored_kw) < MINUTE_S / self.s.control_interval_s:
                 kw = self.covered_kw(req)
                 if kw is not None:
-                    o.restored_kw.append(kw)
+                    o.restored_kw.append(self._peak_since(kw) if not req.racks else kw)
         if self.active is None:
             for req, _ in self.requests:
                 if self.phase == "idle" and req.start <= now < req.end and not self._started(req):
@@ -669,8 +699,9 @@ class Controller:
                 level = req.target_kw is not None
                 for t, kw in readings:
                     adjust = self.adjust_kw.pop(t, None)
-                    if adjust is None:
-                        adjust = self._adjustment_kw(out, self._covered_it_kw(req))
+                    if adjust is None:  # (a meter reading that came late, or the covered racks' sum)
+                        adjust = self._adjustment_kw(out, self._covered_it_kw(req)) if req.racks else \
+                            self._adjustment_kw(out, *self._pdus_at(t)[1:])
                     value = out.baseline_kw + (0.0 if level else adjust) - kw
                     at_s = (t - req.start).total_seconds()
                     values.append((at_s, value))
@@ -687,9 +718,14 @@ class Controller:
                 expected = self._expected_kw(req, out)
                 if level:  # what the caps shed less the load that came since (its recent median: no swing)
                     expected -= float(np.median([a for _, a in self.recent_adjust]))
+                # (the start's own readings do count: the first plan's shortfall shows there first)
+                changed_s = -math.inf if self.changed_at is None or self.changed_at <= self.started_at else \
+                    (self.changed_at - req.start).total_seconds()
                 for at_s, v in values:
-                    self.bias_s += every_s
                     self.residual.append((at_s, v - expected))
+                    if at_s < changed_s:
+                        continue  # (read before the caps it would be set against: a meter delivered late)
+                    self.bias_s += every_s
                     self.bias_kw += (v - expected - self.bias_kw) * min(every_s / min(self.bias_s + BIAS_PRIOR_S, BIAS_S),
                                                                         0.5)
                 achieved = expected + self.bias_kw
@@ -700,12 +736,15 @@ class Controller:
                 self._correct(req, out, achieved, now)
         if self.phase == "restoring":
             if covered is not None:  # the site's every reading since the last step: a spike is short
-                since = self.last_step or now
-                out.restoring_kw.append(max([kw for t, kw in self.meter if t > since] or [covered])
-                                        if not req.racks else covered)
+                out.restoring_kw.append(self._peak_since(covered) if not req.racks else covered)
                 if self.site_cap_w and self.meter and self.meter[-1][1] * 1000.0 > self.site_cap_w:
                     out.over_site_cap = True
             self._restore_step(now)
+
+    def _peak_since(self, last_kw: float) -> float:
+        """The site meter's highest reading since the last step (its last one without any new)."""
+        since = self.last_step
+        return max([kw for t, kw in self.meter if since is None or t > since] or [last_kw])
 
     def _meter_interval_s(self) -> float:
         """The site meter's interval: its last readings' median step (1 s before any)."""
@@ -760,7 +799,7 @@ class Controller:
         self.residual.clear()
         self.recent_adjust.clear()
         self.caps_then.clear()
-        self.caps_from = now.timestamp()
+        self.started_at, self.caps_from = now, now.timestamp()
         self._record_caps(self.caps_from)  # (none yet)
         snapshot = self._snapshot(req.racks)
         p = self._plan(req, out, now)
@@ -936,7 +975,11 @@ class Controller:
         return float(np.sum(snap.shed(self.cap[mine])[on])) / 1000.0 * (out.meter_per_it[1] if not req.racks else 1.0)
 
     def _settled(self, now: datetime) -> bool:
-        return self.changed_at is None or (now - self.changed_at).total_seconds() >= SETTLE_S
+        """The caps last set have settled, and the meter has read since (a meter delivered late
+        tells nothing yet of caps set after its readings: correcting on it again would correct
+        the same shortfall twice)."""
+        return self.changed_at is None or ((now - self.changed_at).total_seconds() >= SETTLE_S
+                                           and self.counted is not None and self.counted >= self.changed_at)
 
     def _correct(self, req: PowerRequest, out: Outcome, achieved_kw: float, now: datetime) -> None:
         """Feedback (integral): plan a shortfall on top, give an excess beyond the headroom
