@@ -367,6 +367,7 @@ class Controller:
         self.meter: deque[tuple[datetime, float]] = deque()   # site power readings, kW
         self.it: deque[tuple[datetime, float, float]] = deque()  # (ts, meter kW, the PDUs' sum kW) per scrape
         self.pdu: dict[str, tuple[datetime, float]] = {}      # rack -> its latest PDU reading, kW
+        self.pdu_at = np.zeros(0)            # per rack (GpuTable.rack_ix): self.pdu's time, unix s (_pdu_read_at)
         self.pdu_then: deque[tuple[float, float, float]] = deque()  # at each PDUs' reading: (unix s, their
                                              # sum kW, what the caps changed in it kW during a request)
         self.started_at: datetime | None = None  # when the active request's first plan was made ...
@@ -498,6 +499,8 @@ class Controller:
                     self.meter.append((ts, value / 1000.0))
                 else:
                     into[rack] = (ts, value / 1000.0)
+                    if (k := self.gpus.rack_ids.get(rack)) is not None and k < self.pdu_at.size:
+                        self.pdu_at[k] = ts.timestamp()
         active = self.active is not None and self.phase == "active"
         if pdu_read:
             # What the PDUs just read, and what the caps changed in it (each PDU reading against the caps
@@ -510,7 +513,7 @@ class Controller:
                 self.pdu_then.pop()
             if not self.pdu_then or at > self.pdu_then[-1][0]:
                 self.pdu_then.append((at, sum(v for _, v in self.pdu.values()),
-                                      self._capped_change_kw(tuple(self.pdu)) if active else 0.0))
+                                      self._capped_change_kw(()) if active else 0.0))
         if self.meter and self.pdu and (not self.it or self.it[-1][0] != self.meter[-1][0]):
             ts, kw = self.meter[-1]
             _, it_kw, capped_kw = self._pdus_at(ts)
@@ -575,7 +578,7 @@ class Controller:
         latest readings), each GPU a cap holds (a steady job drawing at its cap) from its job's
         uncapped draw (the learner's reference, which follows the job while no cap holds it)."""
         if capped_kw is None:
-            capped_kw = self._capped_change_kw(out.request.racks or tuple(self.pdu))
+            capped_kw = self._capped_change_kw(out.request.racks)
         change = (it_kw - self.base_it_kw) - capped_kw
         rise, fall = out.meter_per_it
         return (rise if change >= 0 else fall) * change
@@ -591,6 +594,16 @@ class Controller:
         change = g.power_w[held] - self.learner.demand_above(held, g.power_w[held])
         return np.bincount(g.rack_ix[held], weights=change, minlength=len(g.rack_ids))
 
+    def _pdu_read_at(self) -> np.ndarray:
+        """Per rack (GpuTable.rack_ix): its PDU's latest reading's time (unix s; NaN: none yet)."""
+        grow = len(self.gpus.rack_ids) - self.pdu_at.size
+        if grow > 0:
+            self.pdu_at = np.concatenate([self.pdu_at, np.full(grow, np.nan)])
+            for rack, k in self.gpus.rack_ids.items():  # (a rack's GPUs seen after its PDU)
+                if k >= self.pdu_at.size - grow and rack in self.pdu:
+                    self.pdu_at[k] = self.pdu[rack][0].timestamp()
+        return self.pdu_at
+
     def _record_caps(self, at: float) -> None:
         """What the caps change in each rack's draw now, dated `at` (unix s)."""
         if self.caps_then and at <= self.caps_then[-1][0]:
@@ -599,18 +612,23 @@ class Controller:
         while at - self.caps_then[0][0] > CAPS_HISTORY_S:
             self.caps_then.popleft()
 
-    def _capped_change_kw(self, racks: Iterable[str]) -> float:
-        """What the caps changed in the draw of `racks` when their PDUs last read: at each
-        reading's own time (the record nearest it; none before the request's plan; now, without
-        records), so a PDU polled less often than the GPUs and the meter is read against the caps
-        it saw."""
+    def _capped_change_kw(self, racks: tuple[str, ...]) -> float:
+        """What the caps changed in the draw of `racks` (none: every rack a PDU reads) when their
+        PDUs last read: at each reading's own time (the record nearest it; none before the
+        request's plan; now, without records), so a PDU polled less often than the GPUs and the
+        meter is read against the caps it saw."""
         if not self.caps_then:
             return float(np.sum(self._capped_now_w())) / 1000.0
-        ids = self.gpus.rack_ids
-        read = [(ids[r], self.pdu[r][0].timestamp()) for r in racks if r in self.pdu and r in ids]
-        if not read:
+        read = self._pdu_read_at()
+        if racks:
+            ids = self.gpus.rack_ids
+            rack = np.array([ids[r] for r in racks if r in ids], np.int64)
+            rack = rack[np.isfinite(read[rack])]
+        else:
+            rack = np.flatnonzero(np.isfinite(read))
+        if not rack.size:
             return 0.0
-        rack, t = (np.array(x) for x in zip(*read))
+        t = read[rack]
         at = np.fromiter((a for a, _ in self.caps_then), np.float64, len(self.caps_then))
         right = np.minimum(np.searchsorted(at, t), at.size - 1)
         left = np.maximum(right - 1, 0)
