@@ -335,8 +335,8 @@ class GpuTable:
         n = self.seen_us.size
         if not n:
             return np.zeros(0, bool)
-        newest = np.partition(self.seen_us, n - min(n, max(2, n // 10)))[n - min(n, max(2, n // 10))]
-        return self.seen_us < newest - 1e6 * self.silent_after_s()
+        k = n - min(n, max(2, n // 10))
+        return self.seen_us < np.partition(self.seen_us, k)[k] - 1e6 * self.silent_after_s()
 
     def stuck_nodes(self, readings: int) -> np.ndarray:
         """Per GPU: a GPU of its node reports the same power `readings` times in a row. Its
