@@ -158,3 +158,30 @@ def test_gpu_reset_zeroes_counters_and_skips_one_scrape():
     assert sim.gpu_uuids[9] not in during["gpu_uuid"].to_list()
     after = pl.from_arrow(sim.step().gpu).filter(pl.col("gpu_uuid") == sim.gpu_uuids[9]).row(0, named=True)
     assert before["energy_j"] > 1e5 and after["energy_j"] < 2000
+
+
+def test_a_fleet_scraped_every_30_s_is_the_fleet_read_every_30th_second():
+    """The physics steps at most a second whatever the scrape: a slow scrape reads the same
+    fleet (faults and jobs included) at fewer instants, and its energy counters still count
+    every second between (a meter's energy over a scrape is its mean power, not one instant's)."""
+    fast, slow = (FleetSimulator(quiet(seed=3, normal="simple", sample_interval_s=s, fault_interval_s=600), start=START)
+                  for s in (1, 30))
+    for _ in range(4):
+        for _ in range(29):
+            fast.step()
+        a, b = fast.step(), slow.step()
+        assert a.ts == b.ts and a.gpu.equals(b.gpu) and a.facility.equals(b.facility)
+
+
+
+def test_a_slow_scrape_s_energy_counters_count_the_seconds_between():
+    """Under the realistic normal (training jobs swing the site's power within a scrape), the
+    counters a 30-s scrape reads are those a 1-s one reads at the same instant."""
+    fast, slow = (FleetSimulator(quiet(seed=3, normal="realistic", sample_interval_s=s), start=START)
+                  for s in (1, 30))
+    for _ in range(5):
+        for _ in range(30):
+            fast.step()
+        slow.step()
+        assert slow.meter_energy == fast.meter_energy
+        assert (slow.pdu_energy == fast.pdu_energy).all() and (slow.energy_j == fast.energy_j).all()

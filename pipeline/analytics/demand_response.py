@@ -129,13 +129,13 @@ class DemandResponse:
         self.controller.observe_alerts((a.fingerprint, a.ends_at is None, a.labels) for a in alerts)
 
     def _truth(self, running: list[_Event], now) -> None:
-        """This second, by the simulator's hidden truth: the watts the caps shed (each GPU's
+        """This scrape, by the simulator's hidden truth: the watts the caps shed (each GPU's
         draw were no cap set, less what it drew) and what uniform capping would have cost
         for the same watts: one cap on every flexible GPU, on the same work model (each
         job's own sensitivity) the measured cost comes from."""
         sim, dt = self.sim, self.cfg.fleet.sample_interval_s
-        free, drawn = sim.power_uncapped, sim.last_power
-        shed = float(np.sum(np.maximum(free - drawn, 0.0)))
+        free = sim.power_uncapped
+        shed = sim.scrape_shed_j / dt  # the scrape's mean: every physics step since the last counts
         cap = uniform_cap(free[self.flexible], shed, self.curve.min_limit_w)
         held = np.where(self.flexible, np.minimum(free, cap), free)
         lost = float(np.sum(sim.work_rate(free) - sim.work_rate(held))) * dt

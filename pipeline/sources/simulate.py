@@ -94,6 +94,7 @@ node drained for maintenance nor maintenance on a node with a fault.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -122,6 +123,8 @@ HBM_K, HBM_C = 0.02353, 3.53
 TAU_FAST_S, TAU_SLOW_S = 0.2, 6.5
 FAST_SHARE_GPU, FAST_SHARE_HBM = 0.6, 0.32
 RETURN_TAU_S = 20.0
+PHYSICS_STEP_S = 1.0              # the physics' longest step: a fleet scraped every 30 s is the fleet
+                                  # read every 30th second, its energy counters counting every second
 CAP_TAU_S = 0.1                   # a new power limit: settled (to 5%) within 0.3 s, as recorded
 SLOWDOWN_C = 89.0                 # HW thermal slowdown threshold (the recorded H100's NVML threshold)
 MEM_IDLE_B = 503_316_480
@@ -177,7 +180,9 @@ class FleetSimulator:
         self.cfg = cfg
         self.curve = curve if curve is not None else from_recording()  # power -> throughput and SM clock
         self.rng = np.random.default_rng(cfg.seed)
-        self.dt = cfg.sample_interval_s
+        self.interval = cfg.sample_interval_s  # a scrape's
+        self.substeps = max(1, math.ceil(self.interval / PHYSICS_STEP_S - 1e-9))
+        self.dt = self.interval / self.substeps  # the physics'
         self.start = (start or datetime.now(timezone.utc)).astimezone(timezone.utc)
         self._start_ns = int(self.start.timestamp() * 1e9)
         self.t = 0.0  # simulated seconds since start
@@ -235,6 +240,7 @@ class FleetSimulator:
         self.group_sens = self._draw_sensitivity(self.group_intensity)
         # The hidden truth of the last tick, for the eval: each GPU's draw were no cap set, its work rate.
         self.power_uncapped = np.zeros(self.n_gpus)
+        self.scrape_shed_j = 0.0  # the GPUs' energy the caps shed since the last scrape (a truth it misses)
         self._rate = np.zeros(self.n_gpus)
         # Facility state.
         self.return_temp = np.full(R, cfg.supply_temp_c + 4.0)
@@ -334,15 +340,21 @@ class FleetSimulator:
         return datetime.fromtimestamp(self._start_ns / 1e9 + self.t, timezone.utc)
 
     def step(self) -> Tick:
-        """Advance one sample interval and return what the fleet reported."""
-        labels = self._schedule(self.t + self.dt)
-        self.t += self.dt
+        """Advance one sample interval and return what the fleet reported (its last physics step)."""
         events: list[dict] = []
-        self._apply_fault_starts_and_ends(events)
-        self._update_jobs()
-        if self.normal is not None:
-            self.normal.advance()
-        gpu, facility = self._physics()
+        labels = []
+        self.scrape_shed_j = 0.0
+        for last in range(self.substeps - 1, -1, -1):
+            if (new := self._schedule(self.t + self.dt)) is not None:
+                labels.append(new)
+            self.t += self.dt
+            self._apply_fault_starts_and_ends(events)
+            self._update_jobs()
+            if self.normal is not None:
+                self.normal.advance()
+            emitted = self._physics(emit=last == 0)
+        gpu, facility = emitted
+        labels = (labels[0] if len(labels) == 1 else pa.concat_batches(labels)) if labels else None
         ts = self.now
         if events and self.normal is not None:  # an event is stamped by its node's clock
             events = [{**e, "ts": self.normal.node_time(e["node"], ts)} for e in events]
@@ -367,7 +379,7 @@ class FleetSimulator:
         if rack is None:
             raise ValueError(f"fault {kind} needs a target")
         if duration_s is None:
-            duration_s = float(self.rng.uniform(*ftype.duration_s)) if ftype else self.dt
+            duration_s = float(self.rng.uniform(*ftype.duration_s)) if ftype else self.interval  # (one scrape)
         start = self.t + self.dt
         f = ActiveFault(self.next_fault_id, kind, rack, node, gpu, start, start + duration_s,
                         self._draw_params(kind) | (params or {}))
@@ -606,7 +618,7 @@ class FleetSimulator:
                         fx["missing"][self.gpu_node == f.node] = True
         return fx
 
-    def _physics(self) -> tuple[pa.RecordBatch, pa.RecordBatch]:
+    def _physics(self, emit: bool = True) -> tuple[pa.RecordBatch, pa.RecordBatch] | None:
         cfg, rng, dt = self.cfg, self.rng, self.dt
         G = self.n_gpus
         fx = self._fault_effects()
@@ -674,6 +686,7 @@ class FleetSimulator:
         kept = self.keep(power) if any_held else None  # the job's sensitivity: what the cap costs it
         self.work_done += work_free * kept if any_held else work_free
         self.last_power = power
+        self.scrape_shed_j += float(np.sum(np.maximum(free_power - power, 0.0))) * dt  # what caps shed, every step
 
         # Rack power and coolant.
         util = np.where(busy, np.where(capped | braked | slow, rng.uniform(0.99, 1.0, G), intensity), 0.0)
@@ -717,6 +730,13 @@ class FleetSimulator:
             if f.kind == "stuck_power_sensor":
                 gone = abs(float(power[f.gpu]) - f.params["stuck_w"])
                 self.hidden_w[f.fault_id] = max(self.hidden_w.get(f.fault_id, 0.0), gone)
+        # The racks' and the site's power, their energy counters: every step; the rest only when scraped.
+        pdu_power = np.maximum(rack_it, fx["pdu_ratio"] * cfg.pdu_rating_w) * rng.normal(1.0, 0.002, self.n_racks)
+        self.pdu_energy += pdu_power * dt
+        site_power = pdu_power.sum() * (1.0 + COOLING_OVERHEAD) + SITE_BASE_W
+        self.meter_energy += site_power * dt
+        if not emit:
+            return None
         mem_used = np.where(busy, self.group_mem[self.gpu_job], MEM_IDLE_B).astype(np.int64)
         cols = dict(self._gpu_static)
         ts_ns = self._start_ns + int(round(self.t * 1e9))
@@ -744,10 +764,6 @@ class FleetSimulator:
             gpu = gpu.filter(pa.array(~missing))
 
         # Facility: CDU points and PDU per rack, then the site meter.
-        pdu_power = np.maximum(rack_it, fx["pdu_ratio"] * cfg.pdu_rating_w) * rng.normal(1.0, 0.002, self.n_racks)
-        self.pdu_energy += pdu_power * dt
-        site_power = pdu_power.sum() * (1.0 + COOLING_OVERHEAD) + SITE_BASE_W
-        self.meter_energy += site_power * dt
         dp = NOMINAL_DP_KPA * (flow / NOMINAL_FLOW_LPM) ** 2
         if nm is None:
             per_rack = np.column_stack([
