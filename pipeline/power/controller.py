@@ -1011,17 +1011,13 @@ class Controller:
         (not the last readings: a training job's shed comes and goes with its step, and caps
         that chased it would swing with it); the headroom grows to `power.headroom_sd` sd of the minute
         means, which a hold is judged on."""
-        want, swing = out.requested_kw, self._minute_swing_kw()
-        floor = want * self.s.headroom_pct / 100.0
-        aim = want + max(floor, 2.0 * self.s.headroom_sd * swing) / 2  # aim inside the headroom
-        # The caps stay from the target up to a minute's swing above the aim (or half the headroom):
-        # one moved back and forth heats and cools a GPU for nothing. (Up to the headroom's top, twice
-        # `headroom_sd` swings above the target, a slow scrape's swing had let a hold shed 3x its target.)
-        within = want <= achieved_kw <= aim + max(floor / 2, swing)
-        if within and not self._relearned():
-            return
-        if not within:
-            self.extra_w = max(-want * 1000.0, self.extra_w + (aim - achieved_kw) * 1000.0)
+        want = out.requested_kw
+        margin = max(want * self.s.headroom_pct / 100.0, 2.0 * self.s.headroom_sd * self._minute_swing_kw())
+        error = want + margin / 2 - achieved_kw  # aim inside the headroom
+        if abs(error) <= margin / 2 and not self._relearned():
+            return  # the caps stay: one moved back and forth heats and cools a GPU for nothing
+        if abs(error) > margin / 2:
+            self.extra_w = max(-want * 1000.0, self.extra_w + error * 1000.0)
         p = self._plan(req, out, now)
         # Anti-windup: at the classes' capacity a shortfall stays, and more asked only waits to
         # over-shed the moment capacity returns (a job starts).
