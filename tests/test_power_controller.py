@@ -707,6 +707,20 @@ def test_a_restore_overshoot_is_the_rise_s_peak_against_the_peak_of_the_minute_a
     assert out.restore_overshoot_kw == pytest.approx(21.0)
 
 
+def meter_late(seconds: int):
+    """A `drive` transform: the site meter's readings delivered `seconds` after they were read
+    (a BMS bridged over MQTT), the PDUs' and GPUs' on time."""
+    late: list[pa.RecordBatch] = []
+
+    def transform(i, tick):
+        f = tick.facility
+        meter = pc.equal(f.column("device_class"), "meter")
+        late.append(f.filter(meter))
+        f = f.filter(pc.invert(meter))
+        return tick.gpu, pa.concat_batches([f, late.pop(0)]) if len(late) > seconds else f
+    return transform
+
+
 def test_a_meter_delivered_20_s_late_is_set_against_the_pdus_and_caps_of_its_own_time():
     """The site meter's readings come 20 s after they were read (a BMS bridged over MQTT), the
     PDUs' and the GPUs' on time. Each reading is set against the PDUs as they read then, a
@@ -718,14 +732,23 @@ def test_a_meter_delivered_20_s_late_is_set_against_the_pdus_and_caps_of_its_own
                          start=EVAL_EPOCH)
     ctl = Controller(sim.cfg.site, CURVE, SimulatorActuator(sim), PowerConfig(default_class=3))
     out = ctl.submit(request(400, 15))
-    late: list[pa.RecordBatch] = []
-
-    def meter_late(i, tick):
-        f = tick.facility
-        meter = pc.equal(f.column("device_class"), "meter")
-        late.append(f.filter(meter))
-        f = f.filter(pc.invert(meter))
-        return tick.gpu, pa.concat_batches([f, late.pop(0)]) if len(late) > 20 else f
-    truth = drive(sim, ctl, 800, meter_late, range(430, 700))
+    truth = drive(sim, ctl, 800, meter_late(20), range(430, 700))
     assert out.met, (out.minute_means(), out.requested_kw)
     assert np.mean(truth) < 1.25 * out.requested_kw, (np.mean(truth), out.requested_kw)
+
+
+def test_a_meter_delivered_20_s_late_has_its_hold_and_restore_read_by_their_own_time():
+    """The site meter's readings come 20 s after they were read: the hold's last 20 s come while
+    the caps rise, and the rise's last readings after the last cap went. Each is taken where its
+    own time puts it: the hold's measured (they had been dropped), the rise's peak over the rise's
+    readings (those that came after the last cap went had counted as the minute after it)."""
+    sim, ctl = fleet()
+    out = ctl.submit(request(400, 10, duration_s=300))
+    drive(sim, ctl, 900, meter_late(20))
+    assert out.met and out.achieved_kw[-1][0] >= 298, out.achieved_kw[-1]
+    assert out.restore_done is not None and ctl.caught_up(out, sim.now)
+    end = out.restore_done + timedelta(seconds=ctl.s.control_interval_s)
+    rise = [kw for t, kw in ctl.meter if out.restore_from <= t <= end]
+    after = [kw for t, kw in ctl.meter if end < t <= end + timedelta(seconds=60)]
+    assert max(out.restoring_kw) == max(rise) and max(out.restored_kw) == max(after)
+    assert max(rise) > max(kw for t, kw in ctl.meter if out.restore_from - timedelta(seconds=60) <= t < out.restore_from)

@@ -35,9 +35,10 @@ Scored (the JSON's `demand_response`):
                                       the same seconds, each second shedding the watts the
                                       caps really shed then, on the same work model (each
                                       job's own sensitivity, which Fleetwatch only learns)
-  restore_overshoot_max_kw            the highest meter reading while the caps rose, above
-                                      the highest of the minute after (a rebound; a swing
-                                      peaks in both)
+  restore_overshoot_max_kw            the highest meter reading while the caps rose (to a
+                                      step after the last went), above the highest of the
+                                      minute after (a rebound; a swing peaks in both), by
+                                      the readings' own time
   restore_over_site_cap               restores with a reading above detect.site_power_cap_w
   cap_not_binding_alerts              PowerCapNotBinding alerts raised (a job's load fell under
                                       its cap); not fault alerts, so not false ones

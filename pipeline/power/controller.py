@@ -63,6 +63,7 @@ log = logging.getLogger("fleetwatch")
 
 SETTLE_S = 2.0  # after caps change, the meter's 1 s readings show them within this
 MINUTE_S = 60.0  # the interval a hold is judged on
+MINUTE = timedelta(seconds=MINUTE_S)
 SLOPE_SPREAD_KW = 5.0  # the meter's slope on the PDUs is fitted once their sum has varied this much
 CAPS_HISTORY_S = 600.0  # what the caps changed, kept this long for PDUs polled less often than the meter
 MIN_METER_SLOPE = 0.1  # ... and no lower than this where the meter reads less than their sum (one feed of two)
@@ -126,9 +127,13 @@ class Outcome:
                                                                        # the energy curtailed, a target never reached)
     planned_loss_pct: float | None = None  # the plan's estimate of the work lost
     uniform_loss_pct: float | None = None  # uniform capping's, for the same reduction
-    restoring_kw: list[float] = field(default_factory=list)  # the readings while the caps rise
-    restored_kw: list[float] = field(default_factory=list)   # the minute after the last cap is gone (each
-                                                              # step's peak, as restoring_kw's)
+    restoring_kw: list[float] = field(default_factory=list)  # the readings while the caps rise (each step's
+                                                              # peak of those it took, by their own time)
+    restored_kw: list[float] = field(default_factory=list)   # the same in the minute after the last cap went
+    restore_from: datetime | None = None  # when the caps began to rise: its end, or the step a cancel took
+    restore_done: datetime | None = None  # when the last cap was gone
+    read_to: datetime | None = None       # from the restore: the newest covered reading taken, by its own
+    meter_to: datetime | None = None      # time (a meter delivered late), and the site meter's
     over_site_cap: bool = False
     gpus_capped: int = 0
     meter_per_it: tuple[float, float] = (1.0, 1.0)  # the meter's kW per kW of the PDUs (cooling) at start:
@@ -676,11 +681,10 @@ class Controller:
 
     def _step(self, now: datetime) -> None:
         self._fit()
-        for req, o in self.requests:  # the minute after a restore: where the load settled, peaks as in it
-            if o.restoring_kw and req is not self.active and len(o.restored_kw) < MINUTE_S / self.s.control_interval_s:
-                kw = self.covered_kw(req)
-                if kw is not None:
-                    o.restored_kw.append(self._peak_since(kw) if not req.racks else kw)
+        for req, o in self.requests:  # after a restore: its rise's readings that came late, the minute after
+            if req is not self.active and o.restore_done is not None and now < o.restore_done + 3 * MINUTE \
+                    and (o.read_to is None or o.read_to < self._rise_end(o) + MINUTE):
+                self._after_hold(req, o)
         if self.active is None:
             for req, _ in self.requests:
                 if self.phase == "idle" and req.start <= now < req.end and not self._started(req):
@@ -688,7 +692,6 @@ class Controller:
                     break
             return
         req, out = self.active, self._outcome(self.active)
-        covered = self.covered_kw(req)
         if self.phase == "active":
             self._drop_silent()
         if self.phase == "active" and not req.racks:  # the caps themselves move the IT load: a fit soon
@@ -699,40 +702,15 @@ class Controller:
             # slower than the GPUs, a reconnect); the covered racks' sum once each has a newer one. None
             # new (a meter gone silent): nothing measured, no correction (the last reading again would
             # be a hold nobody saw; the role reports the silence).
-            if covered is None:
-                readings = []
-            elif not req.racks:
-                readings = [(t, kw) for t, kw in self.meter if req.start <= t <= now and (seen is None or t > seen)]
-            else:
-                newest = min(self.pdu[r][0] for r in req.racks)
-                readings = [(newest, covered)] if newest >= req.start and (seen is None or newest > seen) else []
+            readings = [(t, kw) for t, kw in self._covered_since(req, seen) if req.start <= t <= now]
             if readings:
                 # The seconds each reading stands for: the meter's interval (a BMS polls every 1-60 s),
                 # the covered racks' since the last sum measured.
                 every_s = self._meter_interval_s() if not req.racks else \
                     (readings[-1][0] - seen).total_seconds() if seen is not None else self.s.control_interval_s
                 self.counted = readings[-1][0]
-                values = []
-                # A level to hold (target_kw, a firm service level) is judged by the meter itself:
-                # the load that came since the baseline must be shed too, the load that left gives
-                # caps back. An amount to shed is judged against the adjusted baseline.
+                values = [self._measure(req, out, t, kw) for t, kw in readings]
                 level = req.target_kw is not None
-                for t, kw in readings:
-                    adjust = self.adjust_kw.pop(t, None)
-                    if adjust is None:  # (a meter reading that came late, or the covered racks' sum)
-                        adjust = self._adjustment_kw(out, self._covered_it_kw(req)) if req.racks else \
-                            self._adjustment_kw(out, *self._pdus_at(t)[1:])
-                    value = out.baseline_kw + (0.0 if level else adjust) - kw
-                    at_s = (t - req.start).total_seconds()
-                    values.append((at_s, value))
-                    self.recent_adjust.append((at_s, adjust))
-                    if out.reached_s is None and value >= 0.98 * out.requested_kw:
-                        out.reached_s = at_s
-                    if t < req.end:
-                        out.shed_kw.append((at_s, value))
-                        if out.reached_s is not None:
-                            out.achieved_kw.append((at_s, value))
-                            out.adjustment_kw.append((at_s, adjust))
                 while self.recent_adjust and self.recent_adjust[-1][0] - self.recent_adjust[0][0] > LEVEL_WINDOW_S:
                     self.recent_adjust.popleft()
                 expected = self._expected_kw(req, out)
@@ -757,16 +735,91 @@ class Controller:
             elif achieved is not None and self._settled(now):
                 self._correct(req, out, achieved, now)
         if self.phase == "restoring":
-            if covered is not None:  # the site's every reading since the last step: a spike is short
-                out.restoring_kw.append(self._peak_since(covered) if not req.racks else covered)
-                if self.site_cap_w and self.meter and self.meter[-1][1] * 1000.0 > self.site_cap_w:
-                    out.over_site_cap = True
+            if out.restore_from is None:
+                out.restore_from = min(now, req.end)
+                out.read_to = out.meter_to = self.counted
+            self._after_hold(req, out)
             self._restore_step(now)
+            if self.phase == "idle":
+                out.restore_done = now
 
-    def _peak_since(self, last_kw: float) -> float:
-        """The site meter's highest reading since the last step (its last one without any new)."""
-        since = self.last_step
-        return max([kw for t, kw in self.meter if since is None or t > since] or [last_kw])
+    def _covered_since(self, req: PowerRequest, since: datetime | None) -> list[tuple[datetime, float]]:
+        """The covered load's readings stamped after `since` (None: every one kept), oldest first: the
+        site meter's, or the covered racks' sum once each has read again (stamped by the oldest).
+        None new (a meter gone silent): nothing (the last reading again would be a hold nobody saw)."""
+        if not req.racks:
+            return self._meter_since(since)
+        covered = self.covered_kw(req)
+        if covered is None:
+            return []
+        newest = min(self.pdu[r][0] for r in req.racks)
+        return [(newest, covered)] if since is None or newest > since else []
+
+    def _meter_since(self, since: datetime | None) -> list[tuple[datetime, float]]:
+        new = []
+        for t, kw in reversed(self.meter):  # (from the newest: a few steps' worth at most)
+            if since is not None and t <= since:
+                break
+            new.append((t, kw))
+        return new[::-1]
+
+    def _measure(self, req: PowerRequest, out: Outcome, t: datetime, kw: float) -> tuple[float, float]:
+        """One reading of the covered load as the reduction it shows: (s from start, kW), kept in the
+        outcome. A level to hold (target_kw, a firm service level) is judged by the meter itself: the
+        load that came since the baseline must be shed too, the load that left gives caps back. An
+        amount to shed is judged against the adjusted baseline."""
+        adjust = self.adjust_kw.pop(t, None)
+        if adjust is None:  # (a meter reading that came late, or the covered racks' sum)
+            adjust = self._adjustment_kw(out, self._covered_it_kw(req)) if req.racks else \
+                self._adjustment_kw(out, *self._pdus_at(t)[1:])
+        value = out.baseline_kw + (0.0 if req.target_kw is not None else adjust) - kw
+        at_s = (t - req.start).total_seconds()
+        self.recent_adjust.append((at_s, adjust))
+        if out.reached_s is None and value >= 0.98 * out.requested_kw:
+            out.reached_s = at_s
+        if t < req.end:
+            out.shed_kw.append((at_s, value))
+            if out.reached_s is not None:
+                out.achieved_kw.append((at_s, value))
+                out.adjustment_kw.append((at_s, adjust))
+        return at_s, value
+
+    def _rise_end(self, out: Outcome) -> datetime:
+        """Until when the readings show the caps rising: a step after the last one went."""
+        return out.restore_done + timedelta(seconds=self.s.control_interval_s)
+
+    def caught_up(self, out: Outcome, now: datetime) -> bool:
+        """Whether a restore's rise has all its readings in, by their own time (a meter delivered late
+        sends its last ones after the last cap went), or a minute has passed waiting (a meter gone
+        silent): its report can go."""
+        if out.restore_done is None:
+            return False
+        return (out.read_to is not None and out.read_to >= self._rise_end(out)) or now >= out.restore_done + MINUTE
+
+    def _after_hold(self, req: PowerRequest, out: Outcome) -> None:
+        """The readings since the last taken, each where its own time puts it (a meter delivered late
+        sends the hold's last seconds while the caps rise, and the rise's after the last cap went):
+        the hold's measured, the rise's peak (a spike is short: each step's highest), the peak of the
+        minute after the last cap went; a site reading over the site's power cap while they rose."""
+        new = self._covered_since(req, out.read_to)
+        if new:
+            out.read_to = new[-1][0]
+        for t, kw in new:
+            if t < out.restore_from and (self.counted is None or t > self.counted) and t >= req.start:
+                self._measure(req, out, t, kw)
+        end = None if out.restore_done is None else self._rise_end(out)
+        rising = [kw for t, kw in new if t >= out.restore_from and (end is None or t <= end)]
+        if rising:
+            out.restoring_kw.append(max(rising))
+        after = [] if end is None else [kw for t, kw in new if end < t <= end + MINUTE]
+        if after:
+            out.restored_kw.append(max(after))
+        meter = new if not req.racks else self._meter_since(out.meter_to)
+        if meter:
+            out.meter_to = meter[-1][0]
+        if self.site_cap_w and any(kw * 1000.0 > self.site_cap_w for t, kw in meter
+                                   if t >= out.restore_from and (end is None or t <= end)):
+            out.over_site_cap = True
 
     def _meter_interval_s(self) -> float:
         """The site meter's interval: its last readings' median step (1 s before any)."""

@@ -478,6 +478,8 @@ class PowerRole:
                     await self._watch_meter(t, now)
                 if ctl.phase == "active" and not self.dry_run and not t.cancelled:
                     await self._judge(t, now)
+            elif started and o.restore_done is not None and not ctl.caught_up(o, now):
+                continue  # (its rise's last readings still to come: a meter delivered late)
             elif started:
                 await self._finish(t, now, "cancelled" if t.cancelled else "done")
             elif now >= req.end:
