@@ -13,6 +13,9 @@ Calibration, from the recorded H100 (pipeline/sources/recordings/h100/h100_load_
   with tau ~6.5 s (GPU 54 C at 2 s, 59 C at 10 s, 62 C at 22 s). So temperatures
   follow two first-order lags, tau 0.2 s and 6.5 s, towards a steady state that is
   linear in power above the coolant temperature.
+Time: the physics steps every PHYSICS_STEP_S (1 s) or every scrape if faster; a fleet scraped
+every 30 s is the same fleet read every 30th second, its energy counters and work counting
+every second between.
 Facility: the coolant takes LIQUID_FRACTION of the rack's IT heat, so
 return - supply = heat / (flow x cp); GPU temperatures ride on the mean coolant
 temperature, so a failing pump heats every GPU of the rack. The site meter adds
