@@ -752,3 +752,37 @@ def test_a_meter_delivered_20_s_late_has_its_hold_and_restore_read_by_their_own_
     after = [kw for t, kw in ctl.meter if end < t <= end + timedelta(seconds=60)]
     assert max(out.restoring_kw) == max(rise) and max(out.restored_kw) == max(after)
     assert max(rise) > max(kw for t, kw in ctl.meter if out.restore_from - timedelta(seconds=60) <= t < out.restore_from)
+
+
+def test_a_cancel_takes_effect_at_the_next_step_so_the_readings_before_it_show_the_caps():
+    """A cancel between two steps: the caps hold until the step restores them, so the readings
+    meanwhile are the hold's (the phase had turned at once, the PDUs' records stopped counting the
+    caps, and those readings showed no reduction)."""
+    sim, ctl = fleet()
+    out = ctl.submit(request(400, 10, duration_s=300))
+    for i in range(620):
+        tick = sim.step()
+        ctl.observe_gpus(tick.gpu)
+        ctl.observe_facility(tick.facility)
+        if i == 552:
+            assert ctl.cancel(out.request.id) == "restoring" and ctl.cancel(out.request.id) == ""
+        if i % INTERVAL == 0:
+            ctl.step(sim.now)
+    assert out.restore_from == out.request.start + timedelta(seconds=156)  # (the step after it)
+    assert min(kw for t, kw in out.shed_kw[-8:]) >= 0.98 * out.requested_kw, out.shed_kw[-8:]
+
+
+def test_a_meter_reading_delivered_again_after_newer_ones_hides_none_of_them():
+    """At-least-once delivery: the meter's reading of 2 s ago comes again after the newer ones.
+    Every reading of the hold is still measured once (walking back from the newest to the first
+    reading already taken had stopped at the old one and lost the two after it)."""
+    sim, ctl = fleet()
+    out = ctl.submit(request(400, 10, duration_s=300))
+    meter: list[pa.RecordBatch] = []
+
+    def again(i, tick):
+        f = tick.facility
+        meter.append(f.filter(pc.equal(f.column("device_class"), "meter")))
+        return tick.gpu, pa.concat_batches([f, meter[-3]]) if i == 502 else f
+    drive(sim, ctl, 720, again)
+    assert [t for t, _ in out.shed_kw] == [float(s) for s in range(300)]

@@ -961,3 +961,24 @@ def test_a_list_of_messages_moves_the_clock_to_the_latest_of_their_medians(tmp_p
     assert joined.role._gpu_at == one.role._gpu_at == tick.ts + timedelta(seconds=21.5)
     assert joined.role._facility_at == one.role._facility_at == tick.ts + timedelta(seconds=7)
     assert joined.role.now == one.role.now
+
+
+def test_a_request_restored_and_waiting_for_the_meter_s_last_readings_is_reported_when_the_role_stops(tmp_path):
+    """The role stops after a request's last cap went, before the meter's readings of the rise are
+    all in: the request is over, so it is finished and reported, met, before the role goes (left
+    for the next start, it was taken for one that ended while the role was down: not met)."""
+    h = Harness(tmp_path)
+    h.run(90)
+    rid = h.ask(reduction_pct=8, duration_s=120)
+    for _ in range(400):
+        h.run(1)
+        t = h.role.tracked[rid]
+        if t.outcome is not None and t.outcome.restore_done is not None:
+            break
+    assert not t.reported and t.state == "restoring"
+    asyncio.run(h.role.close())
+    (row,) = h.of(Topic.POWER_REPORTS)
+    assert row["id"] == rid and row["state"] == "done" and row["met"]
+    again = Harness(tmp_path, sim=h.sim)
+    again.run(10)
+    assert not again.of(Topic.POWER_REPORTS)

@@ -383,6 +383,7 @@ class Controller:
         self.requests: list[tuple[PowerRequest, Outcome]] = []
         self.active: PowerRequest | None = None
         self.phase = "idle"
+        self.cancelling = False              # the active request cancelled: restored from the next step
         self.cap = np.zeros(0)               # per GPU slot: the cap this controller set (NaN: none)
         self.demand = np.zeros(0)            # per slot: the draw when it was first capped (its demand)
         self.steady = np.zeros(0, bool)      # per slot: its job ran before the request (or has a reference
@@ -586,7 +587,7 @@ class Controller:
         uncapped draw (the learner's reference, which follows the job while no cap holds it)."""
         if capped_kw is None:
             capped_kw = self._capped_change_kw(out.request.racks)
-        change = (it_kw - self.base_it_kw) - capped_kw
+        change = (it_kw - (self.base_it_kw if out.base_it_kw is None else out.base_it_kw)) - capped_kw
         rise, fall = out.meter_per_it
         return (rise if change >= 0 else fall) * change
 
@@ -709,7 +710,11 @@ class Controller:
                 every_s = self._meter_interval_s() if not req.racks else \
                     (readings[-1][0] - seen).total_seconds() if seen is not None else self.s.control_interval_s
                 self.counted = readings[-1][0]
-                values = [self._measure(req, out, t, kw) for t, kw in readings]
+                values = []
+                for t, kw in readings:
+                    at_s, value, adjust = self._measure(req, out, t, kw)
+                    values.append((at_s, value))
+                    self.recent_adjust.append((at_s, adjust))
                 level = req.target_kw is not None
                 while self.recent_adjust and self.recent_adjust[-1][0] - self.recent_adjust[0][0] > LEVEL_WINDOW_S:
                     self.recent_adjust.popleft()
@@ -730,8 +735,8 @@ class Controller:
                                                                         0.5)
                 achieved = expected + self.bias_kw
             self.adjust_kw = {t: v for t, v in self.adjust_kw.items() if t > now}
-            if now >= req.end:
-                self.phase = "restoring"
+            if now >= req.end or self.cancelling:
+                self.phase, self.cancelling = "restoring", False
             elif achieved is not None and self._settled(now):
                 self._correct(req, out, achieved, now)
         if self.phase == "restoring":
@@ -756,25 +761,21 @@ class Controller:
         return [(newest, covered)] if since is None or newest > since else []
 
     def _meter_since(self, since: datetime | None) -> list[tuple[datetime, float]]:
-        new = []
-        for t, kw in reversed(self.meter):  # (from the newest: a few steps' worth at most)
-            if since is not None and t <= since:
-                break
-            new.append((t, kw))
-        return new[::-1]
+        """The site meter's readings stamped after `since`, in the order they came (one resent or
+        delivered out of order hides no newer one)."""
+        return [(t, kw) for t, kw in self.meter if since is None or t > since]
 
-    def _measure(self, req: PowerRequest, out: Outcome, t: datetime, kw: float) -> tuple[float, float]:
-        """One reading of the covered load as the reduction it shows: (s from start, kW), kept in the
-        outcome. A level to hold (target_kw, a firm service level) is judged by the meter itself: the
-        load that came since the baseline must be shed too, the load that left gives caps back. An
-        amount to shed is judged against the adjusted baseline."""
-        adjust = self.adjust_kw.pop(t, None)
-        if adjust is None:  # (a meter reading that came late, or the covered racks' sum)
+    def _measure(self, req: PowerRequest, out: Outcome, t: datetime, kw: float) -> tuple[float, float, float]:
+        """One reading of the covered load as the reduction it shows: (s from start, kW, the baseline's
+        adjustment kW), kept in the outcome. A level to hold (target_kw, a firm service level) is
+        judged by the meter itself: the load that came since the baseline must be shed too, the load
+        that left gives caps back. An amount to shed is judged against the adjusted baseline."""
+        adjust = self.adjust_kw.pop(t, None) if req is self.active else None  # (worked out on arrival
+        if adjust is None:  # for the active request; a meter reading that came late, the racks' sum)
             adjust = self._adjustment_kw(out, self._covered_it_kw(req)) if req.racks else \
                 self._adjustment_kw(out, *self._pdus_at(t)[1:])
         value = out.baseline_kw + (0.0 if req.target_kw is not None else adjust) - kw
         at_s = (t - req.start).total_seconds()
-        self.recent_adjust.append((at_s, adjust))
         if out.reached_s is None and value >= 0.98 * out.requested_kw:
             out.reached_s = at_s
         if t < req.end:
@@ -782,7 +783,7 @@ class Controller:
             if out.reached_s is not None:
                 out.achieved_kw.append((at_s, value))
                 out.adjustment_kw.append((at_s, adjust))
-        return at_s, value
+        return at_s, value, adjust
 
     def _rise_end(self, out: Outcome) -> datetime:
         """Until when the readings show the caps rising: a step after the last one went."""
@@ -1132,9 +1133,9 @@ class Controller:
             if req.id != request_id:
                 continue
             if req is self.active:
-                if self.phase != "active":
+                if self.phase != "active" or self.cancelling:
                     return ""
-                self.phase = "restoring"
+                self.cancelling = True  # (until the step, the caps hold: the readings meanwhile are the hold's)
                 return "restoring"
             if out.baseline_kw is None:
                 del self.requests[i]

@@ -418,8 +418,9 @@ class PowerRole:
         return "" if (now - last).total_seconds() <= within_s else f"{what} since {iso_utc(last)}"
 
     def _cancel(self, t: Tracked) -> None:
-        t.cancelled = True
         what = self.ctl.cancel(t.req.id) if t.req is not None else ""
+        if t.outcome is None or t.outcome.restore_done is None:  # (one restored, its report waiting for
+            t.cancelled = True                                     # the meter's last readings, is over)
         log.info("power request %s cancelled: %s", t.entry.id, {"dropped": "it had not started",
                                                                  "restoring": "its caps are restored in steps"}.get(
             what, "it was over"))
@@ -479,7 +480,7 @@ class PowerRole:
                 if ctl.phase == "active" and not self.dry_run and not t.cancelled:
                     await self._judge(t, now)
             elif started and o.restore_done is not None and not ctl.caught_up(o, now):
-                continue  # (its rise's last readings still to come: a meter delivered late)
+                self._set(t, "restoring")  # (its rise's last readings still to come: a meter delivered late)
             elif started:
                 await self._finish(t, now, "cancelled" if t.cancelled else "done")
             elif now >= req.end:
@@ -665,6 +666,9 @@ class PowerRole:
                 await poller.close()
         self.ctl.stop()
         await self._send_caps(now)
+        for t in list(self.tracked.values()):  # restored, waiting for the meter's last readings: over
+            if t.state in OPEN and t.outcome is not None and t.outcome.restore_done is not None:
+                await self._finish(t, now, "cancelled" if t.cancelled else "done")
         for t in self.tracked.values():
             if t.alert is not None:
                 resolved = dataclasses.replace(t.alert, ends_at=max(now, t.alert.starts_at))
