@@ -34,7 +34,10 @@ Scored (the JSON's `demand_response`):
   uniform_cap_cost_pct                what one cap on every flexible GPU would have lost over
                                       the same seconds, each second shedding the watts the
                                       caps really shed then, on the same work model (each
-                                      job's own sensitivity, which Fleetwatch only learns)
+                                      job's own sensitivity, which Fleetwatch only learns); at
+                                      a scrape slower than the simulator's 1-s physics, each
+                                      scrape's mean shed against the uncapped draws of its
+                                      instant
   restore_overshoot_max_kw            the highest meter reading while the caps rose (to a
                                       step after the last went), above the highest of the
                                       minute after (a rebound; a swing peaks in both), by

@@ -189,6 +189,7 @@ class FleetSimulator:
         self.start = (start or datetime.now(timezone.utc)).astimezone(timezone.utc)
         self._start_ns = int(self.start.timestamp() * 1e9)
         self.t = 0.0  # simulated seconds since start
+        self.scrapes = 0
         R, N, G = cfg.racks, cfg.nodes_per_rack, cfg.gpus_per_node
         self.n_racks, self.n_nodes, self.n_gpus = R, R * N, R * N * G
         self._pending_labels: list[ActiveFault] = []
@@ -347,15 +348,19 @@ class FleetSimulator:
         events: list[dict] = []
         labels = []
         self.scrape_shed_j = 0.0
-        for last in range(self.substeps - 1, -1, -1):
-            if (new := self._schedule(self.t + self.dt)) is not None:
+        # Each step's time from the scrape's count, not summed (2.5 / 3 summed thrice passes 2.5, and
+        # an event of one scrape would last two).
+        scrape, self.scrapes = self.t, self.scrapes + 1
+        for k in range(1, self.substeps + 1):
+            t = self.scrapes * self.interval if k == self.substeps else scrape + k * self.dt
+            if (new := self._schedule(t)) is not None:
                 labels.append(new)
-            self.t += self.dt
+            self.t = t
             self._apply_fault_starts_and_ends(events)
             self._update_jobs()
             if self.normal is not None:
                 self.normal.advance()
-            emitted = self._physics(emit=last == 0)
+            emitted = self._physics(emit=k == self.substeps)
         gpu, facility = emitted
         labels = (labels[0] if len(labels) == 1 else pa.concat_batches(labels)) if labels else None
         ts = self.now
@@ -729,10 +734,6 @@ class FleetSimulator:
         self.sbe += rng.random(G) < 2e-6
 
         reported_power = np.where(np.isnan(fx["stuck"]), np.round(power, 3), fx["stuck"])
-        for f in self.faults:  # (a few at a time)
-            if f.kind == "stuck_power_sensor":
-                gone = abs(float(power[f.gpu]) - f.params["stuck_w"])
-                self.hidden_w[f.fault_id] = max(self.hidden_w.get(f.fault_id, 0.0), gone)
         # The racks' and the site's power, their energy counters: every step; the rest only when scraped.
         pdu_power = np.maximum(rack_it, fx["pdu_ratio"] * cfg.pdu_rating_w) * rng.normal(1.0, 0.002, self.n_racks)
         self.pdu_energy += pdu_power * dt
@@ -740,6 +741,10 @@ class FleetSimulator:
         self.meter_energy += site_power * dt
         if not emit:
             return None
+        for f in self.faults:  # (a few at a time; what a scrape would have shown: its signature)
+            if f.kind == "stuck_power_sensor":
+                gone = abs(float(power[f.gpu]) - f.params["stuck_w"])
+                self.hidden_w[f.fault_id] = max(self.hidden_w.get(f.fault_id, 0.0), gone)
         mem_used = np.where(busy, self.group_mem[self.gpu_job], MEM_IDLE_B).astype(np.int64)
         cols = dict(self._gpu_static)
         ts_ns = self._start_ns + int(round(self.t * 1e9))
