@@ -50,7 +50,7 @@ def write(archive: Path, hours: float, nodes: int, interval_s: float) -> None:
     cfg = load_config(env={}, overrides={"fleet": {"normal": "simple", "racks": racks, "nodes_per_rack": nodes // racks,
                                                     "fault_interval_s": 0.0, "gpu_reset_interval_s": 0.0,
                                                     "sample_interval_s": interval_s}})
-    sim = FleetSimulator(cfg.fleet, start=T0)
+    sim = FleetSimulator(cfg.fleet, start=T0, physics_step_s=float("inf"))  # (rows only: one step a scrape)
     w = ArchiveWriter(archive, writer_id="bench")
     flush_every = max(1, round(FLUSH_S / interval_s))
     for i in range(int(hours * 3600 / interval_s)):

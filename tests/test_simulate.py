@@ -198,3 +198,12 @@ def test_a_gpu_reset_costs_one_scrape_at_a_scrape_interval_the_physics_divides_u
             resets += sum(r["fault_type"] == "gpu_reset" for r in tick.labels.to_pylist())
         missing += sim.n_gpus - tick.gpu.num_rows
     assert resets > 50 and missing == resets
+
+
+def test_a_benchmark_that_needs_only_rows_steps_once_a_scrape():
+    """physics_step_s=inf: one physics step per 30-s scrape, its counters counting the scrape's
+    instant (bench/archive_compaction.py writes a day of 1,000 nodes this way)."""
+    sim = FleetSimulator(quiet(seed=3, sample_interval_s=30), start=START, physics_step_s=float("inf"))
+    before = sim.meter_energy
+    fac = pl.from_arrow(sim.step().facility).filter((pl.col("device_class") == "meter") & (pl.col("metric") == "power_w"))
+    assert sim.t == 30.0 and sim.meter_energy - before == pytest.approx(fac["value"][0] * 30, rel=1e-6)

@@ -177,14 +177,15 @@ class Tick:
 
 class FleetSimulator:
     def __init__(self, cfg: FleetConfig, start: datetime | None = None, curve: PowerCurve | None = None,
-                 phenomena: tuple[str, ...] | None = None) -> None:
+                 phenomena: tuple[str, ...] | None = None, physics_step_s: float = PHYSICS_STEP_S) -> None:
         """`phenomena`: with the realistic normal (cfg.normal), only these of PHENOMENA (default:
-        all of them), to see what each one does."""
+        all of them), to see what each one does. `physics_step_s`: the physics' longest step (a
+        benchmark that needs only rows of a slow scrape steps once per scrape: `float("inf")`)."""
         self.cfg = cfg
         self.curve = curve if curve is not None else from_recording()  # power -> throughput and SM clock
         self.rng = np.random.default_rng(cfg.seed)
         self.interval = cfg.sample_interval_s  # a scrape's
-        self.substeps = max(1, math.ceil(self.interval / PHYSICS_STEP_S - 1e-9))
+        self.substeps = max(1, math.ceil(self.interval / physics_step_s - 1e-9))
         self.dt = self.interval / self.substeps  # the physics'
         self.start = (start or datetime.now(timezone.utc)).astimezone(timezone.utc)
         self._start_ns = int(self.start.timestamp() * 1e9)
