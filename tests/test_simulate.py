@@ -173,7 +173,6 @@ def test_a_fleet_scraped_every_30_s_is_the_fleet_read_every_30th_second():
         assert a.ts == b.ts and a.gpu.equals(b.gpu) and a.facility.equals(b.facility)
 
 
-
 def test_a_slow_scrape_s_energy_counters_count_the_seconds_between():
     """Under the realistic normal (training jobs swing the site's power within a scrape), the
     counters a 30-s scrape reads are those a 1-s one reads at the same instant."""

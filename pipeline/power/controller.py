@@ -809,7 +809,10 @@ class Controller:
             if t < out.restore_from and (self.counted is None or t > self.counted) and t >= req.start:
                 self._measure(req, out, t, kw)
         end = None if out.restore_done is None else self._rise_end(out)
-        rising = [kw for t, kw in new if t >= out.restore_from and (end is None or t <= end)]
+
+        def rising_at(t: datetime) -> bool:
+            return t >= out.restore_from and (end is None or t <= end)
+        rising = [kw for t, kw in new if rising_at(t)]
         if rising:
             out.restoring_kw.append(max(rising))
         after = [] if end is None else [kw for t, kw in new if end < t <= end + MINUTE]
@@ -818,8 +821,7 @@ class Controller:
         meter = new if not req.racks else self._meter_since(out.meter_to)
         if meter:
             out.meter_to = meter[-1][0]
-        if self.site_cap_w and any(kw * 1000.0 > self.site_cap_w for t, kw in meter
-                                   if t >= out.restore_from and (end is None or t <= end)):
+        if self.site_cap_w and any(kw * 1000.0 > self.site_cap_w for t, kw in meter if rising_at(t)):
             out.over_site_cap = True
 
     def _meter_interval_s(self) -> float:
