@@ -569,6 +569,11 @@ def test_the_agent_role_registers_its_exposition_for_metrics(tmp_path):
     ctx = Context(cfg, frozenset({"agent"}), MemoryBus(), asyncio.Event(), Console())
     src = builder(ROLE_SPECS["agent"])(ctx, ROLE_SPECS["agent"])
     assert src.exposition in ctx.collectors
+    # scraped before the agent's first read (a real H200's daemon answered 500 then): no GPU series yet
+    from prometheus_client import CollectorRegistry, generate_latest
+    registry = CollectorRegistry()
+    registry.register(src.exposition)
+    assert not [x for x in generate_latest(registry).decode().splitlines() if x.startswith("DCGM_")]
     targets = tmp_path / "t.txt"
     targets.write_text("gpu-node-1:9400\n")
     ctx = Context(make_config(data_dir=str(tmp_path), dcgm={"targets_file": str(targets)}), frozenset({"dcgm"}),

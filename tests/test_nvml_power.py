@@ -18,8 +18,9 @@ import pytest
 
 from pipeline.power.curve import from_recording
 from pipeline.sources.nvml import NvmlAgent
-from pipeline.sources.nvml_replay import SW_POWER_CAP, NvmlReplay
-from tests.conftest import H100, make_config
+from pipeline.sources.nvml_power import ENFORCE_WAIT_S
+from pipeline.sources.nvml_replay import ENFORCE_LAG_S, SW_POWER_CAP, NvmlReplay
+from tests.conftest import H100, REPO, make_config
 from tests.test_nvml import TRACE
 
 CAPPED, OTHER = 3, 4
@@ -98,8 +99,70 @@ def test_a_new_limit_holds_the_power_only_once_it_has_settled():
         a = opened(replay)
         assert a.power.apply(CAPPED, 500).status == "ok"
         s, t = rows(a.scrape().samples)[CAPPED], trace_row(replay, CAPPED)
-    assert s["power_limit_w"] == 500.0  # the enforced limit follows the set at once (as recorded) ...
+    assert s["power_limit_w"] == 500.0  # the enforced limit follows the set within 0.1 s (apply waited) ...
     assert s["power_w"] == t["power_mw"] / 1000 > 500.0  # ... the power not yet
+
+
+def test_a_gpu_enforces_a_new_limit_a_moment_after_the_set_and_the_readback_waits_for_it():
+    """On a real H200 (scripts/gpu-check, 2026-12-04) the enforced limit read back at once after a
+    set still said the old one: every cap and restore was reported `error: another limit wins`."""
+    import pynvml
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)  # enforce_lag_s: the measured 0.1 s
+    with replay.installed():
+        a = opened(replay)
+        h = a.gpus[OTHER].handle
+        pynvml.nvmlDeviceSetPowerManagementLimit(h, 400_000)
+        at_once = pynvml.nvmlDeviceGetEnforcedPowerLimit(h)
+        capped = a.power.apply(CAPPED, 500)
+        restored = a.power.restore(CAPPED)
+    assert at_once == 700_000  # the replay answers as the GPU did
+    assert (capped.status, capped.enforced_w) == ("ok", 500.0)
+    assert (restored.status, restored.enforced_w) == ("restored", 700.0)
+
+
+@pytest.mark.parametrize("recording", [H100, REPO / "tests" / "data" / "h200"])
+def test_the_replays_enforced_limit_lag_and_the_readbacks_wait_are_what_the_gpus_showed(recording):
+    """Each set in a power-cap recording: the enforced limit still said the old one in the trace
+    row `old_s` after the set began and the new one `new_s` after."""
+    summary = json.loads(next(recording.glob("*_powercap_summary.json")).read_text())
+    trace = [json.loads(x) for x in next(recording.glob("*_powercap_trace.jsonl")).read_text().splitlines()]
+    old_s, new_s = [], []
+    for s in summary["set_log"]:
+        after = [r for r in trace if r["t"] >= s["t"]]
+        first = next(i for i, r in enumerate(after) if r["enforced_mw"] == s["target_mw"])
+        new_s.append(after[first]["t"] - s["t"])
+        old_s.append(after[first - 1]["t"] - s["t"] if first else 0.0)
+    assert max(old_s) < ENFORCE_LAG_S <= max(new_s) + 0.01  # the replay's lag: the slowest set's
+    assert ENFORCE_WAIT_S >= 4 * max(new_s)  # the readback waits well past it
+
+
+def test_a_nodes_gpus_are_all_set_before_any_is_read_back_and_one_asked_twice_in_order():
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    order = []
+    with replay.installed():
+        a = opened(replay)
+        for name in ("nvmlDeviceSetPowerManagementLimit", "nvmlDeviceGetEnforcedPowerLimit"):
+            def logged(handle, *args, _call=getattr(replay, name), _name=name):
+                order.append((_name.removeprefix("nvmlDevice"), next(g.index for g in a.gpus if g.handle == handle)))
+                return _call(handle, *args)
+            setattr(replay, name, logged)
+        with replay.installed():
+            together = a.power.set_many([(g, 500.0) for g in range(8)])
+            sets = order.index(("GetEnforcedPowerLimit", 0))
+            twice = a.power.set_many([(CAPPED, 400.0), (CAPPED, 300.0)])
+    assert [r.status for r in together] == ["ok"] * 8
+    assert order[:sets] == [("SetPowerManagementLimit", g) for g in range(8)]  # the wait is shared
+    assert [(r.status, r.enforced_w) for r in twice] == [("ok", 400.0), ("ok", 300.0)]
+    assert a.power.capped[CAPPED] == 300.0
+
+
+def test_a_limit_the_gpu_never_comes_to_enforce_is_overridden_and_still_held():
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0, enforce_lag_s=3600)
+    with replay.installed():
+        a = opened(replay)
+        r = a.power.apply(CAPPED, 500)
+    assert (r.status, r.enforced_w, r.held) == ("error", 700.0, True)  # a restore must still reach it
+    assert "enforces 700 W 0.5 s later: another limit wins" in r.detail
 
 
 @pytest.mark.parametrize("cap_w", [150.0, 701.0, float("nan")])

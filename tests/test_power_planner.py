@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from pipeline.power.curve import from_recording
 from pipeline.power.planner import CLASS_MAX_LOSS, GpuPower, capacity_w, firm_capacity_w, plan, uniform_cost
+from tests.conftest import REPO
 
 CURVE = from_recording()
 
@@ -26,6 +27,18 @@ def test_the_curve_is_the_recorded_h100s():
     hull = CURVE.hull()
     slopes = np.diff(hull.throughput[1:]) / np.diff(hull.power_w[1:])  # (from the minimum limit up)
     assert np.all(np.diff(slopes) <= 1e-12) and 350 > hull.power_w[1] and not np.any(np.abs(hull.power_w - 349.4) < 1)
+
+
+def test_a_real_h200_recorded_by_gpu_check_is_a_curve_and_the_h100_prior_is_close_to_it():
+    """scripts/gpu-check's recording of a real H200 (tests/data/h200, its README) reads as a
+    curve; the planner's prior for every GPU, the H100's hull, is within 0.03 of it."""
+    h200 = from_recording(REPO / "tests" / "data" / "h200")
+    assert (h200.min_limit_w, h200.max_limit_w) == (200, 700)
+    assert h200.at(h200.power_w[1:]).tolist() == pytest.approx([0.26, 0.57, 0.84, 1.0], abs=0.01)
+    # held to its 200 W minimum, the H200 drew more: its clock was at its 345 MHz floor
+    assert h200.power_w[1] > 204 and h200.sm_clock_mhz[1] == 345
+    prior = CURVE.hull()
+    assert np.abs(prior.at(h200.power_w[1:]) - h200.throughput[1:]).max() < 0.03
 
 
 fleets = st.integers(1, 12).flatmap(lambda n: st.tuples(

@@ -73,11 +73,17 @@ class PowerCurve:
 
 
 def from_recording(folder: Path | str = RECORDINGS / "h100") -> PowerCurve:
-    """The curve measured in a power-cap recording (the files' format: their README)."""
+    """The curve measured in a power-cap recording: MODEL_powercap_{summary.json,trace.jsonl,
+    load.jsonl} in `folder` (the format: the shipped recording's README; `scripts/gpu-check`
+    records one on a real GPU)."""
     folder = Path(folder)
-    summary = json.loads((folder / "h100_powercap_summary.json").read_text())
-    trace = [json.loads(line) for line in (folder / "h100_powercap_trace.jsonl").read_text().splitlines() if line]
-    load = [json.loads(line) for line in (folder / "h100_powercap_load.jsonl").read_text().splitlines() if line]
+    found = sorted(folder.glob("*_powercap_summary.json"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{folder}: expected one *_powercap_summary.json, found {len(found)}")
+    model = found[0].name.removesuffix("_powercap_summary.json")
+    summary = json.loads(found[0].read_text())
+    trace = [json.loads(line) for line in (folder / f"{model}_powercap_trace.jsonl").read_text().splitlines() if line]
+    load = [json.loads(line) for line in (folder / f"{model}_powercap_load.jsonl").read_text().splitlines() if line]
     t0 = trace[0]["t_wall"] - trace[0]["t"]
     sets = [(0.0, summary["default_mw"])] + [(s["t"], s["target_mw"]) for s in summary["set_log"]]
     ends = [t for t, _ in sets[1:]] + [trace[-1]["t"] + 1e-9]

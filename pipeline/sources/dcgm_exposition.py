@@ -57,7 +57,9 @@ def exposition_value(x: float) -> float:
 class GpuExposition:
     def __init__(self) -> None:
         # (labels, values, ts, info, uuids, jobs), swapped whole: collect() may run on another thread
-        self._snapshot: tuple = ([], {}, [], [], [], [])
+        # (no GPUs read yet: every family empty; /metrics is scraped from the daemon's start)
+        self._snapshot: tuple = ([], {name: np.empty(0) for name in (*(f.name for f in _SERVED), FB_FREE)}, [], [], [],
+                                 [])
         self._xid: dict[str, int] = {}
         self.fb_total_bytes: dict[str, float] = {}  # per UUID, from NVML at start
 

@@ -6,7 +6,9 @@ NVML's latency (a set took 8-23 ms on the recorded H100): run it on the agent's 
 it also runs between scrapes, not during one.
 
 A cap is checked against the GPU's constraints before NVML is asked, set, then read back
-from the enforced limit: it is `ok` only if the GPU enforces what was asked. Every outcome is
+from the enforced limit: it is `ok` only if the GPU enforces what was asked. A real GPU
+enforces a new limit only some 0.1 s after the set, so the readback waits for it (a node's
+GPUs set together share the wait: `set_many`). Every outcome is
 a `CapResult` that says what happened and, when it failed, what to do; nothing raises for a
 GPU that refuses. Its `held` says whether the GPU holds a limit set here even when it failed
 (another limit wins, the readback failed): a restore must still reach it.
@@ -27,6 +29,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -39,6 +42,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOLERANCE_W = 1.0  # the enforced limit read back is the request within this
+# A GPU enforces a new limit 40-110 ms after the set began (seen on a real H100 and H200; the set
+# call itself takes 8-23 ms): read back at once it still says the old limit. So the readback
+# polls, for at most this long, before it calls the set overridden.
+ENFORCE_WAIT_S = 0.5
+ENFORCE_POLL_S = 0.01
 STATUSES = ("ok", "restored", "not_permitted", "out_of_range", "gpu_lost", "not_supported", "error")
 
 
@@ -90,16 +98,29 @@ class PowerLimiter:
 
     def apply(self, gpu: int, cap_w: float) -> CapResult:
         """Hold the GPU's power to `cap_w` W (at most its own limit)."""
-        return self._set(gpu, float(cap_w))
+        return self.set_many([(gpu, float(cap_w))])[0]
 
     def restore(self, gpu: int) -> CapResult:
         """Put the GPU back to its own limit; one this limiter never capped is left as it is (a
         site's `nvidia-smi -pl 600` is not raised to the default)."""
-        return self._set(gpu, None)
+        return self.set_many([(gpu, None)])[0]
 
     def restore_all(self) -> list[CapResult]:
         """Restore every GPU this limiter holds (the agent's close() does)."""
-        return [self.restore(i) for i in sorted(set(self._own) | set(self._capped))]
+        return self.set_many([(i, None) for i in sorted(set(self._own) | set(self._capped))])
+
+    def set_many(self, asks: list[tuple[int, float | None]]) -> list[CapResult]:
+        """Caps (W) or restores (None) of several GPUs: each set, then all read back together.
+        A GPU enforces a new limit only some 0.1 s after the set (`ENFORCE_WAIT_S`), so a node's
+        GPUs share that wait rather than each taking its own. A GPU asked twice is set in order."""
+        results: list[CapResult] = []
+        group: list[CapResult | _Pending] = []
+        for gpu, cap_w in asks:
+            if any(isinstance(x, _Pending) and x.g.index == gpu for x in group):
+                results += self._confirm(group)
+                group = []
+            group.append(self._start(gpu, cap_w))
+        return results + self._confirm(group)
 
     def recover(self) -> list[CapResult]:
         """At start: every GPU the ledger names whose limit is not its own any more (an agent
@@ -139,31 +160,27 @@ class PowerLimiter:
 
     # ---- one set ------------------------------------------------------------------------
 
-    def _set(self, gpu: int, cap_w: float | None) -> CapResult:
+    def _start(self, gpu: int, cap_w: float | None) -> CapResult | _Pending:
+        """Check and set one GPU's limit: a CapResult when that settles it (refused, nothing to
+        do), else what to read back."""
         g = self._gpu(gpu)
         if g is None:
             return CapResult(gpu, "", cap_w, None, "error",
                              f"no GPU {gpu} on node {self.agent.node} (GPUs: "
                              f"{', '.join(str(x.index) for x in self.agent.gpus) or 'none'}): nothing set", False)
-
-        def result(status: str, detail: str, enforced_w: float | None = None) -> CapResult:
-            r = CapResult(g.index, g.uuid, cap_w, enforced_w, status, detail, g.index in self._own)
-            (log.info if status in ("ok", "restored") else log.warning)("GPU %d (%s): power limit: %s: %s",
-                                                                        g.index, g.uuid, status, detail)
-            return r
-
         if g.uuid in self.agent.lost:
             self._forget(g)
-            return result("gpu_lost", _LOST.format(g=g))
+            return self._result(g, cap_w, "gpu_lost", _LOST.format(g=g))
         try:
             low, high, default = self._constraints(g)
             if cap_w is not None and not (math.isfinite(cap_w) and low <= cap_w <= high):
-                return result("out_of_range", f"{cap_w:g} W is outside GPU {g.index}'s power limit range, "
-                                              f"{low:g}-{high:g} W (its NVML constraints): ask for a cap within it; "
-                                              f"nothing changed")
+                return self._result(g, cap_w, "out_of_range",
+                                    f"{cap_w:g} W is outside GPU {g.index}'s power limit range, {low:g}-{high:g} W "
+                                    f"(its NVML constraints): ask for a cap within it; nothing changed")
             if cap_w is None and g.index not in self._own:  # never capped here: its limit is the site's to keep
                 enforced = pynvml.nvmlDeviceGetEnforcedPowerLimit(g.handle) / 1000.0
-                return result("restored", f"not capped by this agent: left at its {enforced:g} W", enforced)
+                return self._result(g, cap_w, "restored", f"not capped by this agent: left at its {enforced:g} W",
+                                    enforced)
             first = cap_w is not None and g.index not in self._own
             if first:  # what to come back to, in the ledger before the set (a kill after it loses nothing)
                 self._own[g.index] = pynvml.nvmlDeviceGetPowerManagementLimit(g.handle) / 1000.0
@@ -183,25 +200,56 @@ class PowerLimiter:
             else:
                 self._capped[g.index] = target
         except pynvml.NVMLError as e:
-            return self._refused(g, cap_w, e, result)
-        try:
-            enforced = pynvml.nvmlDeviceGetEnforcedPowerLimit(g.handle) / 1000.0
-        except pynvml.NVMLError as e:  # the limit is set: only its readback failed (says nothing of the set)
-            if isinstance(e, pynvml.NVMLError_GpuIsLost):
-                return self._refused(g, cap_w, e, result)
-            return result("error", f"the limit was set to {target:g} W but GPU {g.index}'s enforced limit could not "
-                                   f"be read back ({type(e).__name__}, NVML error {e.value}); check `nvidia-smi -q -d "
-                                   f"POWER`")
+            return self._refused(g, cap_w, e)
+        return _Pending(g, cap_w, target, own, low, high, default)
+
+    def _confirm(self, group: list[CapResult | _Pending]) -> list[CapResult]:
+        """Read back the enforced limits of the GPUs set, until each enforces its target or
+        `ENFORCE_WAIT_S` has passed; then what each one enforces says how its set went."""
+        pending = [x for x in group if isinstance(x, _Pending)]
+        read: dict[int, float | pynvml.NVMLError] = {}
+        deadline = time.monotonic() + ENFORCE_WAIT_S
+        while True:
+            for p in pending:
+                if p.g.index in read and not _behind(read[p.g.index], p.target):
+                    continue
+                try:
+                    read[p.g.index] = pynvml.nvmlDeviceGetEnforcedPowerLimit(p.g.handle) / 1000.0
+                except pynvml.NVMLError as e:  # said once: a readback that fails is not polled
+                    read[p.g.index] = e
+            if not any(_behind(read[p.g.index], p.target) for p in pending) or time.monotonic() >= deadline:
+                break
+            time.sleep(ENFORCE_POLL_S)
+        return [x if isinstance(x, CapResult) else self._verdict(x, read[x.g.index]) for x in group]
+
+    def _verdict(self, p: _Pending, enforced: float | pynvml.NVMLError) -> CapResult:
+        g, cap_w, target, own = p.g, p.cap_w, p.target, p.own
+        if isinstance(enforced, pynvml.NVMLError):  # the limit is set: only its readback failed
+            if isinstance(enforced, pynvml.NVMLError_GpuIsLost):
+                return self._refused(g, cap_w, enforced)
+            return self._result(g, cap_w, "error",
+                                f"the limit was set to {target:g} W but GPU {g.index}'s enforced limit could not be "
+                                f"read back ({type(enforced).__name__}, NVML error {enforced.value}); check "
+                                f"`nvidia-smi -q -d POWER`")
         if abs(enforced - target) > TOLERANCE_W:
-            return result("error", f"the limit was set to {target:g} W but GPU {g.index} enforces {enforced:g} W: "
-                                   f"another limit wins (another tool's, or the board's); check `nvidia-smi -q -d "
-                                   f"POWER`", enforced)
-        mine = "its default" if abs(own - default) <= TOLERANCE_W else f"its own limit (default {default:g} W)"
+            return self._result(g, cap_w, "error",
+                                f"the limit was set to {target:g} W but GPU {g.index} enforces {enforced:g} W "
+                                f"{ENFORCE_WAIT_S:g} s later: another limit wins (another tool's, or the board's); "
+                                f"check `nvidia-smi -q -d POWER`", enforced)
+        mine = "its default" if abs(own - p.default) <= TOLERANCE_W else f"its own limit (default {p.default:g} W)"
         if cap_w is None:
-            return result("restored", f"back to {mine}, {own:g} W", enforced)
+            return self._result(g, cap_w, "restored", f"back to {mine}, {own:g} W", enforced)
         if target < cap_w:
-            return result("ok", f"left at {mine}, {own:g} W: a cap of {cap_w:g} W would raise it", enforced)
-        return result("ok", f"held to {cap_w:g} W (range {low:g}-{high:g} W, {mine} {own:g} W)", enforced)
+            return self._result(g, cap_w, "ok", f"left at {mine}, {own:g} W: a cap of {cap_w:g} W would raise it",
+                                enforced)
+        return self._result(g, cap_w, "ok", f"held to {cap_w:g} W (range {p.low:g}-{p.high:g} W, {mine} {own:g} W)",
+                            enforced)
+
+    def _result(self, g: Gpu, cap_w: float | None, status: str, detail: str,
+                enforced_w: float | None = None) -> CapResult:
+        (log.info if status in ("ok", "restored") else log.warning)("GPU %d (%s): power limit: %s: %s",
+                                                                    g.index, g.uuid, status, detail)
+        return CapResult(g.index, g.uuid, cap_w, enforced_w, status, detail, g.index in self._own)
 
     def _forget(self, g: Gpu) -> None:
         """The GPU is no longer held (restored, lost, or its first cap refused)."""
@@ -229,7 +277,10 @@ class PowerLimiter:
                             self.ledger, e.strerror or e)
             self._ledger_failing = True
 
-    def _refused(self, g: Gpu, cap_w: float | None, e: pynvml.NVMLError, result) -> CapResult:
+    def _refused(self, g: Gpu, cap_w: float | None, e: pynvml.NVMLError) -> CapResult:
+        def result(status: str, detail: str) -> CapResult:
+            return self._result(g, cap_w, status, detail)
+
         what = f"{type(e).__name__}, NVML error {e.value}"
         if isinstance(e, pynvml.NVMLError_NoPermission):
             return result("not_permitted", f"NVML refused to set the power limit ({what}): only root may change "
@@ -259,6 +310,23 @@ class PowerLimiter:
         return next((g for g in self.agent.gpus if g.index == gpu), None)
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A GPU whose limit was set, its enforced limit still to be read back."""
+    g: Gpu
+    cap_w: float | None
+    target: float  # the limit set, W
+    own: float     # the GPU's own limit, W
+    low: float
+    high: float
+    default: float
+
+
+def _behind(enforced: float | pynvml.NVMLError, target: float) -> bool:
+    """Not (yet) enforcing the target; a failed readback is final."""
+    return not isinstance(enforced, pynvml.NVMLError) and abs(enforced - target) > TOLERANCE_W
+
+
 # A set that raised one of these changed nothing; any other error may have set the limit.
 _UNCHANGED = (pynvml.NVMLError_NoPermission, pynvml.NVMLError_InvalidArgument, pynvml.NVMLError_NotSupported,
               pynvml.NVMLError_GpuIsLost)
@@ -285,14 +353,12 @@ class NvmlCaps:
 
     def _apply(self, uuids: list[str], cap_w: list[float | None]) -> list[CapResult]:
         index = {g.uuid: g.index for g in self.agent.gpus}
-        out = []
-        for uuid, w in zip(uuids, cap_w):
-            if uuid not in index:
-                out.append(CapResult(-1, uuid, w, None, "error", f"no GPU {uuid} on node {self.agent.node}: the "
-                                     f"power role's view of the fleet is stale (a replaced GPU?); nothing set", False))
-            else:
-                out.append(self.agent.power.restore(index[uuid]) if w is None else self.agent.power.apply(index[uuid], w))
-        return out
+        known = [(index[u], w) for u, w in zip(uuids, cap_w) if u in index]
+        done = iter(self.agent.power.set_many(known))  # one readback wait for the node's GPUs
+        return [next(done) if u in index else
+                CapResult(-1, u, w, None, "error", f"no GPU {u} on node {self.agent.node}: the power role's view of "
+                          f"the fleet is stale (a replaced GPU?); nothing set", False)
+                for u, w in zip(uuids, cap_w)]
 
     def where(self, uuid: str) -> tuple[str, str]:
         return self.rack, self.agent.node

@@ -16,7 +16,8 @@ same trace row. Cumulative counters keep counting when the trace wraps around.
 
 Power limits, from the power-cap recording (`h100_powercap_*`): each GPU starts at the
 default limit and `nvmlDeviceSetPowerManagementLimit` changes it (outside the constraints:
-NVML_ERROR_INVALID_ARGUMENT, as the real library). A limit below the default the trace was
+NVML_ERROR_INVALID_ARGUMENT, as the real library). The enforced limit follows the set
+`enforce_lag_s` later, as a real GPU's does (read back at once, it still says the old one). A limit below the default the trace was
 recorded at holds the GPU down once it has settled (`settle_s` after the set, wall clock):
 power is min(trace, limit), the SM clock the measured curve's at that power
 (power/curve.py) where that is lower, the clocks event reasons gain 0x4 (SW power cap), and
@@ -68,6 +69,9 @@ _CLOCK_KEYS = {pynvml.NVML_CLOCK_SM: ("clock_sm", "sm_mhz"), pynvml.NVML_CLOCK_M
 _ERRORS = {"Not Supported": pynvml.NVML_ERROR_NOT_SUPPORTED}
 SW_POWER_CAP = 0x4  # nvmlClocksEventReasonSwPowerCap
 SETTLE_S = 0.3  # the recording: power settled under a new limit 0.2-0.4 s after the set
+# The enforced limit follows a set 40-110 ms after the call began (the H100 recording's 20 Hz trace
+# and a real H200's, scripts/gpu-check): read back at once, it still says the old limit.
+ENFORCE_LAG_S = 0.1
 _POWERCAP_FILES = ("h100_powercap_summary.json", "h100_powercap_trace.jsonl", "h100_powercap_load.jsonl")
 
 
@@ -83,6 +87,8 @@ class _Gpu:
     limit_mw: int | None = None  # the power management limit (None: no power-cap recording, as recorded)
     old_limit_mw: int | None = None  # what holds the power until the new limit settles
     settles_at: float = 0.0          # time.monotonic() when limit_mw takes over from old_limit_mw
+    enforced_before_mw: int | None = None  # the enforced limit until enforces_at (None: as recorded)
+    enforces_at: float = 0.0               # time.monotonic() when the enforced limit becomes limit_mw
     caps_denied: bool = False
 
 
@@ -103,12 +109,14 @@ def recording_dir(recording: Path | str, key: str = "agent.replay") -> Path:
 
 class NvmlReplay:
     def __init__(self, recording: Path | str = "h100", gpus: int = 8, latency: bool = True,
-                 init_error: int | None = None, settle_s: float = SETTLE_S) -> None:
+                 init_error: int | None = None, settle_s: float = SETTLE_S,
+                 enforce_lag_s: float = ENFORCE_LAG_S) -> None:
         d = recording_dir(recording)
         self.inventory = json.loads((d / "h100_inventory.json").read_text())
         self.trace = [json.loads(line) for line in (d / "h100_load_trace.jsonl").read_text().splitlines() if line]
         self.latency = latency
         self.settle_s = settle_s
+        self.enforce_lag_s = enforce_lag_s
         # A recording of one's own may lack the power-cap files: its limits are then read-only.
         self.powercap: dict | None = None
         self.curve = None
@@ -357,11 +365,18 @@ class NvmlReplay:
         return int(s["value"] if g.limit_mw is None else g.limit_mw)
 
     def nvmlDeviceGetEnforcedPowerLimit(self, handle) -> int:  # noqa: N802
-        """The limit in force: the recording's enforced limit followed the set at once (the power
-        takes `settle_s` to follow it)."""
+        """The limit in force: a set's, `enforce_lag_s` after it (the power takes `settle_s`)."""
         g = self._gpu(handle)
         s = self._call("nvmlDeviceGetEnforcedPowerLimit", "enforced_power_limit_mw")
-        return int(s["value"] if g.limit_mw is None else g.limit_mw)
+        with self._lock:
+            return int(self._enforced_mw(g, s["value"]))
+
+    def _enforced_mw(self, g: _Gpu, recorded: int) -> int:
+        if g.limit_mw is None:
+            return recorded
+        if time.monotonic() < g.enforces_at:
+            return recorded if g.enforced_before_mw is None else g.enforced_before_mw
+        return g.limit_mw
 
     def nvmlDeviceSetPowerManagementLimit(self, handle, limit: int) -> None:  # noqa: N802
         g = self._gpu(handle)
@@ -378,7 +393,10 @@ class NvmlReplay:
         with self._lock:
             now = time.monotonic()
             g.old_limit_mw = g.limit_mw if now >= g.settles_at else g.old_limit_mw  # a set before the last settled
+            rec = self._support("enforced_power_limit_mw")
+            g.enforced_before_mw = self._enforced_mw(g, rec["value"]) if rec["ok"] else None
             g.limit_mw, g.settles_at = int(limit), now + self.settle_s
+            g.enforces_at = now + self.enforce_lag_s
 
     def nvmlDeviceGetSupportedEventTypes(self, handle) -> int:  # noqa: N802
         self._gpu(handle)

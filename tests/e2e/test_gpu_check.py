@@ -1,0 +1,36 @@
+"""scripts/gpu-check, the one-shot check of the agent and its cap path on a real GPU, run here on
+the shipped H100 recording (`--replay h100`) so that it keeps working between the runs on real
+hardware (tests/data/h200 holds one)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_gpu_check_caps_restores_and_runs_the_daemon_on_the_replay(tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu-check"), "--out", str(out), "--replay", "h100",
+                        "--step-s", "2", "--daemon-s", "12"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = json.loads((out / "gpu-check.json").read_text())
+    caps = report["caps"]
+    assert caps["caps_w"] == [500, 350, 200]  # 5/7 and 1/2 of the default, and the minimum
+    assert [(r["status"], r["enforced_w"]) for r in caps["results"]] == [
+        ("ok", 500.0), ("ok", 350.0), ("ok", 200.0), ("out_of_range", None), ("restored", 700.0)]
+    assert [s["enforced_w"] for s in caps["steady"]][-1] == 700.0
+    assert report["idle"]["null_columns"] == ["container", "job", "namespace", "nvlink_crc_errors_total", "pod"]
+    daemon = report["killed_then_daemon"]
+    assert daemon["daemon_rc"] == 0 and daemon["gpu_samples"]["rows"] > 0
+    assert any(x.startswith("DCGM_FI_DEV_POWER_USAGE{") for x in daemon["metrics_dcgm_lines"])
+    summary = json.loads((out / "nvidia_h100_80gb_hbm3_powercap_summary.json").read_text())
+    assert [(s["target_mw"], s["result"]) for s in summary["set_log"]] == [
+        (500_000, "ok"), (350_000, "ok"), (200_000, "ok"), (700_000, "restored")]
+    assert "GPU-00000000-0000-4000-8000-000000000001" in (out / "gpu-check.json").read_text()
