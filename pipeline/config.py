@@ -263,7 +263,7 @@ class AgentConfig:
     interval_s: float = _spec(1.0, min=0.05, max=3600, doc="scrape interval")
     events: bool = _spec(True, doc="publish XID/ECC events as they happen (an NVML event thread)")
     replay: str = _spec("", doc="recorded NVML data to replay instead of the GPUs: a shipped recording by name "
-                        "(h100) or a directory of the same files; empty = real NVML")
+                        "(h100, h200) or a directory of the same files; empty = real NVML")
     replay_gpus: int = _spec(8, min=1, max=64, doc="GPUs the replay pretends to have")
     job_mapping_dir: str = _spec("", doc="dcgm-exporter's HPC job mapping directory (--hpc-job-mapping-dir: a file "
                                  "per GPU index, one job id per line, that the scheduler's prolog writes and its "

@@ -30,4 +30,11 @@ def schemas_dir() -> Path:
 
 def recordings() -> list[str]:
     """Names of the shipped NVML recordings (`fleetwatch run --replay NAME`)."""
-    return sorted(p.name for p in RECORDINGS.iterdir() if (p / "h100_inventory.json").is_file())
+    return sorted(p.name for p in RECORDINGS.iterdir() if recording_name(p))
+
+
+def recording_name(folder: Path) -> str | None:
+    """The prefix of a recording's files (`h100` for h100_inventory.json, ...; scripts/gpu-check
+    --record NAME writes NAME_*); None where the folder holds no inventory or several."""
+    found = sorted(folder.glob("*_inventory.json")) if folder.is_dir() else []
+    return found[0].name.removesuffix("_inventory.json") if len(found) == 1 else None

@@ -15,7 +15,8 @@ import pytest
 from pipeline.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-H100 = REPO / "pipeline" / "sources" / "recordings" / "h100"  # the recording that ships with the package
+H100 = REPO / "pipeline" / "sources" / "recordings" / "h100"  # the recordings that ship with the package
+H200 = REPO / "pipeline" / "sources" / "recordings" / "h200"
 
 
 def make_config(**sections) -> Config:

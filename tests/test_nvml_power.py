@@ -20,7 +20,7 @@ from pipeline.power.curve import from_recording
 from pipeline.sources.nvml import NvmlAgent
 from pipeline.sources.nvml_power import ENFORCE_WAIT_S
 from pipeline.sources.nvml_replay import ENFORCE_LAG_S, SW_POWER_CAP, NvmlReplay
-from tests.conftest import H100, REPO, make_config
+from tests.conftest import H100, H200, REPO, make_config
 from tests.test_nvml import TRACE
 
 CAPPED, OTHER = 3, 4
@@ -76,6 +76,23 @@ def test_a_cap_holds_the_gpu_to_it_and_its_clock_reason_says_so():
     assert energy[-1] - energy[0] < 0.8 * (recorded[-1] - recorded[0])
 
 
+def test_the_h200_recording_caps_by_its_own_curve():
+    """The shipped H200 recording (scripts/gpu-check --record on a real H200) replays its own
+    limits and power-cap curve: a 500 W cap holds its load to it at the H200's clock there."""
+    replay = NvmlReplay(H200, gpus=8, latency=False, settle_s=0)
+    curve = from_recording(H200)
+    with replay.installed():
+        a = opened(replay)
+        r = a.power.apply(CAPPED, 500)
+        seen = [(rows(a.scrape().samples)[CAPPED], trace_row(replay, CAPPED)) for _ in range(20)]
+        limits = a.power.limits(CAPPED)
+    assert (r.status, r.enforced_w) == ("ok", 500.0) and limits[:3] == (200.0, 700.0, 700.0)
+    assert all(t["power_mw"] > 520_000 for _, t in seen)  # the recorded load, above the cap ...
+    for s, t in seen:  # ... held to it, at the H200's clock for 500 W (1181 MHz, the H100's 1153)
+        assert s["model"] == "NVIDIA H200" and s["power_w"] == 500.0
+        assert s["sm_clock_mhz"] == min(t["sm_mhz"], round(float(curve.clock_at(500.0))))
+
+
 def test_restore_puts_the_default_limit_back_and_the_trace_plays_as_recorded():
     replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
     with replay.installed():
@@ -120,19 +137,19 @@ def test_a_gpu_enforces_a_new_limit_a_moment_after_the_set_and_the_readback_wait
     assert (restored.status, restored.enforced_w) == ("restored", 700.0)
 
 
-@pytest.mark.parametrize("recording", [H100, REPO / "tests" / "data" / "h200"])
-def test_the_replays_enforced_limit_lag_and_the_readbacks_wait_are_what_the_gpus_showed(recording):
-    """Each set in a power-cap recording: the enforced limit still said the old one in the trace
-    row `old_s` after the set began and the new one `new_s` after."""
-    summary = json.loads(next(recording.glob("*_powercap_summary.json")).read_text())
-    trace = [json.loads(x) for x in next(recording.glob("*_powercap_trace.jsonl")).read_text().splitlines()]
+def test_the_replays_enforced_limit_lag_and_the_readbacks_wait_are_what_the_gpus_showed():
+    """Each set in the power-cap recordings (an H100, two H200 runs): the enforced limit still said
+    the old one in the trace row `old_s` after the set began and the new one `new_s` after."""
     old_s, new_s = [], []
-    for s in summary["set_log"]:
-        after = [r for r in trace if r["t"] >= s["t"]]
-        first = next(i for i, r in enumerate(after) if r["enforced_mw"] == s["target_mw"])
-        new_s.append(after[first]["t"] - s["t"])
-        old_s.append(after[first - 1]["t"] - s["t"] if first else 0.0)
-    assert max(old_s) < ENFORCE_LAG_S <= max(new_s) + 0.01  # the replay's lag: the slowest set's
+    for recording in (H100, H200, REPO / "tests" / "data" / "h200"):
+        summary = json.loads(next(recording.glob("*_powercap_summary.json")).read_text())
+        trace = [json.loads(x) for x in next(recording.glob("*_powercap_trace.jsonl")).read_text().splitlines()]
+        for s in summary["set_log"]:
+            after = [r for r in trace if r["t"] >= s["t"]]
+            first = next(i for i, r in enumerate(after) if r["enforced_mw"] == s["target_mw"])
+            new_s.append(after[first]["t"] - s["t"])
+            old_s.append(after[first - 1]["t"] - s["t"] if first else 0.0)
+    assert max(old_s) < ENFORCE_LAG_S <= max(new_s)  # the replay's lag: the slowest set's
     assert ENFORCE_WAIT_S >= 4 * max(new_s)  # the readback waits well past it
 
 

@@ -98,6 +98,9 @@ def from_recording(folder: Path | str = RECORDINGS / "h100") -> PowerCurve:
         c += [r["sm_mhz"] for r in rows]
         w += tflops
     limits = sorted(points)
+    if not limits:
+        raise ValueError(f"{folder}: no step of {model}_powercap_trace.jsonl held the GPU at its limit under a load "
+                         f"with its TFLOP/s in {model}_powercap_load.jsonl: there is no curve to read")
     power = np.array([np.mean(points[x][0]) for x in limits])
     tflops = np.array([np.mean(points[x][2]) for x in limits])
     clock = np.array([np.mean(points[x][1]) for x in limits])

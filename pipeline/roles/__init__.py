@@ -65,8 +65,8 @@ class RoleOption:
 
 MQTT = RoleOption("--mqtt", "HOST:PORT", "the BMS's MQTT broker (mqtt.broker): the simulator publishes its facility "
                   "data there, the facility collector reads it", "mqtt.broker")
-REPLAY = RoleOption("--replay", "DIR", "replay recorded NVML data instead of the GPUs (agent.replay): h100, the "
-                    "shipped recording of a real H100, or a directory of the same files", "agent.replay",
+REPLAY = RoleOption("--replay", "DIR", "replay recorded NVML data instead of the GPUs (agent.replay): h100 or h200, "
+                    "the shipped recordings of a real H100 and H200, or a directory of the same files", "agent.replay",
                     implies_source="nvml")
 DCGM_TARGETS = RoleOption("--dcgm-targets", "URL[,URL...]", "dcgm-exporter endpoints to scrape (dcgm.targets): URLs "
                           "or HOST:PORT, comma-separated; with `run` they imply --source dcgm", "dcgm.targets",

@@ -14,7 +14,7 @@ Each `nvmlDeviceGetFieldValues` call on a GPU starts its next recorded scrape: t
 agent calls it first in every scrape, and the other calls of that scrape read the
 same trace row. Cumulative counters keep counting when the trace wraps around.
 
-Power limits, from the power-cap recording (`h100_powercap_*`): each GPU starts at the
+Power limits, from the power-cap recording (`NAME_powercap_*`): each GPU starts at the
 default limit and `nvmlDeviceSetPowerManagementLimit` changes it (outside the constraints:
 NVML_ERROR_INVALID_ARGUMENT, as the real library). The enforced limit follows the set
 `enforce_lag_s` later, as a real GPU's does (read back at once, it still says the old one). A limit below the default the trace was
@@ -46,7 +46,7 @@ from typing import Iterator
 import pynvml
 
 from pipeline.config import ConfigError
-from pipeline.resources import RECORDINGS, recordings
+from pipeline.resources import RECORDINGS, recording_name, recordings
 
 # Trace columns -> what each call returns (the recording's own names).
 _TRACE_FIELDS = {  # field id -> (trace column, NVML value type)
@@ -72,7 +72,7 @@ SETTLE_S = 0.3  # the recording: power settled under a new limit 0.2-0.4 s after
 # The enforced limit follows a set 40-110 ms after the call began (the H100 recording's 20 Hz trace
 # and a real H200's, scripts/gpu-check): read back at once, it still says the old limit.
 ENFORCE_LAG_S = 0.1
-_POWERCAP_FILES = ("h100_powercap_summary.json", "h100_powercap_trace.jsonl", "h100_powercap_load.jsonl")
+_POWERCAP_FILES = ("_powercap_summary.json", "_powercap_trace.jsonl", "_powercap_load.jsonl")  # after NAME
 
 
 @dataclass
@@ -92,18 +92,21 @@ class _Gpu:
     caps_denied: bool = False
 
 
-_RECORDING_FILES = ("h100_inventory.json", "h100_load_trace.jsonl")
+_RECORDING_FILES = ("_inventory.json", "_load_trace.jsonl")  # after the recording's NAME (h100)
 
 
 def recording_dir(recording: Path | str, key: str = "agent.replay") -> Path:
     """The folder of a recording: a shipped one by name (`h100`), or a directory
     holding the same files. ConfigError, naming `key`, for anything else."""
     d = RECORDINGS / str(recording) if str(recording) in recordings() else Path(recording)
-    missing = [name for name in _RECORDING_FILES if not (d / name).is_file()]
+    name = recording_name(d)
+    missing = [f"{name or 'NAME'}{suffix}" for suffix in _RECORDING_FILES
+               if name is None or not (d / f"{name}{suffix}").is_file()]
     if missing:
         raise ConfigError(f"config error: {key} = {str(recording)!r}: not a shipped recording "
-                          f"({', '.join(recordings())}) nor a directory holding {' and '.join(_RECORDING_FILES)} "
-                          f"(missing {', '.join(missing)})")
+                          f"({', '.join(recordings())}) nor a directory holding one recording's "
+                          f"{' and '.join('NAME' + x for x in _RECORDING_FILES)}, as the shipped h100's "
+                          f"h100_inventory.json (missing {', '.join(missing)})")
     return d
 
 
@@ -112,18 +115,22 @@ class NvmlReplay:
                  init_error: int | None = None, settle_s: float = SETTLE_S,
                  enforce_lag_s: float = ENFORCE_LAG_S) -> None:
         d = recording_dir(recording)
-        self.inventory = json.loads((d / "h100_inventory.json").read_text())
-        self.trace = [json.loads(line) for line in (d / "h100_load_trace.jsonl").read_text().splitlines() if line]
+        name = recording_name(d)
+        self.inventory = json.loads((d / f"{name}_inventory.json").read_text())
+        self.trace = [json.loads(line) for line in (d / f"{name}_load_trace.jsonl").read_text().splitlines() if line]
         self.latency = latency
         self.settle_s = settle_s
         self.enforce_lag_s = enforce_lag_s
         # A recording of one's own may lack the power-cap files: its limits are then read-only.
         self.powercap: dict | None = None
         self.curve = None
-        if all((d / name).is_file() for name in _POWERCAP_FILES):
+        if all((d / f"{name}{suffix}").is_file() for suffix in _POWERCAP_FILES):
             from pipeline.power.curve import from_recording
-            self.powercap = json.loads((d / "h100_powercap_summary.json").read_text())
-            self.curve = from_recording(d)
+            self.powercap = json.loads((d / f"{name}_powercap_summary.json").read_text())
+            try:
+                self.curve = from_recording(d)
+            except ValueError as e:
+                raise ConfigError(f"config error: agent.replay = {str(recording)!r}: {e}") from None
             self.set_limit_us = statistics.median(s["call_us"] for s in self.powercap["set_log"])
         self.init_error = init_error  # e.g. NVML_ERROR_DRIVER_NOT_LOADED: nvmlInit fails with it
         self.calls: dict[str, int] = {}  # how often each function was called (tests: unsupported not retried)
@@ -298,6 +305,23 @@ class NvmlReplay:
                 out[i].nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
         return out
 
+    def nvmlDeviceGetPowerUsage(self, handle) -> int:  # noqa: N802
+        """The 1 s average, as the field NVML_FI_DEV_POWER_AVERAGE (the trace's `power_mw`)."""
+        g = self._gpu(handle)
+        self._call("nvmlDeviceGetPowerUsage", "power_usage_mw")
+        held = self._held_mw(g)
+        return int(self._value(g, "power_mw") if held is None else held)
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle) -> int:  # noqa: N802
+        g = self._gpu(handle)
+        self._call("nvmlDeviceGetTotalEnergyConsumption", "total_energy_mj")
+        return int(self._value(g, "energy_mj"))
+
+    def nvmlDeviceGetPcieReplayCounter(self, handle) -> int:  # noqa: N802
+        g = self._gpu(handle)
+        self._call("nvmlDeviceGetPcieReplayCounter", "pcie_replay_counter")
+        return int(self._value(g, "pcie_replay"))
+
     def nvmlDeviceGetTemperature(self, handle, sensor: int) -> int:  # noqa: N802
         g = self._gpu(handle)
         self._call("nvmlDeviceGetTemperature", "temperature_gpu")
@@ -315,6 +339,8 @@ class NvmlReplay:
 
     def nvmlDeviceGetClockInfo(self, handle, clock: int) -> int:  # noqa: N802
         g = self._gpu(handle)
+        if clock not in _CLOCK_KEYS:  # a clock the recording did not trace
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
         key, column = _CLOCK_KEYS[clock]
         self._call("nvmlDeviceGetClockInfo", key)
         mhz = int(self._value(g, column))

@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from pipeline.sources.nvml import NvmlAgent
+from pipeline.sources.nvml_replay import NvmlReplay
+from tests.conftest import REPO, make_config
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +20,8 @@ pytestmark = pytest.mark.slow
 def test_gpu_check_caps_restores_and_runs_the_daemon_on_the_replay(tmp_path):
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu-check"), "--out", str(out), "--replay", "h100",
-                        "--step-s", "2", "--daemon-s", "12"], capture_output=True, text=True, timeout=300)
+                        "--step-s", "2", "--daemon-s", "12", "--record", "mine"], capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     report = json.loads((out / "gpu-check.json").read_text())
     caps = report["caps"]
@@ -30,7 +33,15 @@ def test_gpu_check_caps_restores_and_runs_the_daemon_on_the_replay(tmp_path):
     daemon = report["killed_then_daemon"]
     assert daemon["daemon_rc"] == 0 and daemon["gpu_samples"]["rows"] > 0
     assert any(x.startswith("DCGM_FI_DEV_POWER_USAGE{") for x in daemon["metrics_dcgm_lines"])
-    summary = json.loads((out / "nvidia_h100_80gb_hbm3_powercap_summary.json").read_text())
+    summary = json.loads((out / "mine" / "mine_powercap_summary.json").read_text())
     assert [(s["target_mw"], s["result"]) for s in summary["set_log"]] == [
         (500_000, "ok"), (350_000, "ok"), (200_000, "ok"), (700_000, "restored")]
     assert "GPU-00000000-0000-4000-8000-000000000001" in (out / "gpu-check.json").read_text()
+    # --record: a recording the replay plays (no load here: no power-cap curve, its limits read-only)
+    assert report["record"]["inventory_errors"] == [] and report["duty"]["cap"] == "ok"
+    replay = NvmlReplay(out / "mine", gpus=2, latency=False)
+    with replay.installed():
+        agent = NvmlAgent(make_config().agent, "node-1")
+        agent.open()
+        rows = [agent.scrape().samples for _ in range(3)][-1].to_pylist()
+    assert [r["model"] for r in rows] == ["NVIDIA H100 80GB HBM3"] * 2 and rows[0]["power_w"] > 0

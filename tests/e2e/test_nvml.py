@@ -3,31 +3,34 @@
 from __future__ import annotations
 
 import ctypes.util
+import json
 
 import pynvml
 import pytest
 
 from pipeline.sources.nvml import NvmlUnavailable
 from pipeline.sources.nvml_replay import NvmlReplay
-from tests.conftest import H100, fleetwatch
+from tests.conftest import H100, H200, fleetwatch
 from tests.helpers import archived
 from tests.test_nvml import TRACE, agent
 
 
-def test_the_archive_holds_what_the_gpu_reported(tmp_path):
-    """`fleetwatch run --replay`: 8 replayed H100s through the whole daemon. Power,
+@pytest.mark.parametrize("name, model", [("h100", "NVIDIA H100 80GB HBM3"), ("h200", "NVIDIA H200")])
+def test_the_archive_holds_what_the_gpu_reported(tmp_path, name, model):
+    """`fleetwatch run --replay`: 8 replayed H100s (or H200s) through the whole daemon. Power,
     temperatures, clocks, clock reasons and utilisation in Parquet are the recorded
-    trace's, scrape after scrape, in base units; NVLink (not supported on that GPU) is null."""
-    r = fleetwatch("run", "--replay", "h100", "--duration", "4", "--data-dir", "data", cwd=tmp_path,
+    trace's, scrape after scrape, in base units; NVLink (not supported in those VMs) is null."""
+    r = fleetwatch("run", "--replay", name, "--duration", "4", "--data-dir", "data", cwd=tmp_path,
                    env={"FLEETWATCH_AGENT__INTERVAL_S": "0.2", "FLEETWATCH_AGENT__NODE": "gpu-node-7"}, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = archived(tmp_path / "data", "gpu_samples").sort("gpu", "ts")
     assert rows["gpu"].n_unique() == 8 and rows.height >= 8 * 10
-    assert set(rows["node"]) == {"gpu-node-7"}
-    stride = len(TRACE) // 8
+    assert set(rows["node"]) == {"gpu-node-7"} and set(rows["model"]) == {model}
+    trace = TRACE if name == "h100" else [json.loads(x) for x in (H200 / "h200_load_trace.jsonl").read_text().splitlines()]
+    stride = len(trace) // 8
     for gpu, got in rows.group_by("gpu"):
         start = gpu[0] * stride
-        want = [TRACE[(start + k) % len(TRACE)] for k in range(got.height)]
+        want = [trace[(start + k) % len(trace)] for k in range(got.height)]
 
         def recorded(column: str, divisor: float = 1.0) -> list[float]:
             return [row[column] / divisor for row in want]
@@ -43,6 +46,9 @@ def test_the_archive_holds_what_the_gpu_reported(tmp_path):
     assert rows["nvlink_crc_errors_total"].null_count() == rows.height  # NOT_SUPPORTED -> null, never 0
     assert rows["pcie_replay_total"].null_count() == 0
     assert "0 alerts raised" in r.stderr  # the recorded load and cooldown are normal operation
+    if name == "h200":  # rows remapped before (5 correctable, 2 not), none pending or failed: no alert
+        assert set(rows["remapped_rows_correctable"]) == {5} and set(rows["remapped_rows_uncorrectable"]) == {2}
+        assert set(rows["remapped_rows_failure"]) == {False} and set(rows["remapped_rows_pending"]) == {False}
 
 
 def test_no_driver_is_one_clear_message_and_exit_status_2(tmp_path):
