@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOLERANCE_W = 1.0  # the enforced limit read back is the request within this
-# A GPU enforces a new limit 40-110 ms after the set began (seen on a real H100 and H200; the set
+# A GPU enforces a new limit 30-120 ms after the set began (seen on a real H100 and H200; the set
 # call itself takes 8-23 ms): read back at once it still says the old limit. So the readback
 # polls, for at most this long, before it calls the set overridden.
 ENFORCE_WAIT_S = 0.5
@@ -141,7 +141,7 @@ class PowerLimiter:
                         self.ledger, e, aside.name)
             return []
         by_uuid = {g.uuid: g for g in self.agent.gpus}
-        results = []
+        back: list[int] = []
         for uuid, watts in own.items():
             g = by_uuid.get(uuid)
             if g is None:
@@ -154,7 +154,8 @@ class PowerLimiter:
                 if abs(pynvml.nvmlDeviceGetPowerManagementLimit(g.handle) / 1000.0 - watts) <= TOLERANCE_W:
                     continue  # at its own limit already (the agent was killed before or after its cap)
             self._own[g.index] = float(watts)
-            results.append(self.restore(g.index))
+            back.append(g.index)
+        results = self.set_many([(i, None) for i in back])  # one readback wait for them all
         self._write_ledger()
         return results
 
