@@ -173,6 +173,43 @@ def test_a_nodes_gpus_are_all_set_before_any_is_read_back_and_one_asked_twice_in
     assert a.power.capped[CAPPED] == 300.0
 
 
+def test_a_gpu_lost_between_its_set_and_its_readback_says_the_limit_was_set():
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed():
+        a = opened(replay)
+        set_limit = replay.nvmlDeviceSetPowerManagementLimit
+
+        def set_then_lost(handle, limit):
+            set_limit(handle, limit)
+            replay.lose(CAPPED)
+        replay.nvmlDeviceSetPowerManagementLimit = set_then_lost
+        with replay.installed():
+            r = a.power.apply(CAPPED, 500)
+    assert (r.status, r.held) == ("gpu_lost", False) and a.power.capped == {}
+    assert "set to 500 W, then GPU 3 was lost before its readback" in r.detail
+
+
+def test_a_failure_that_is_not_nvmls_fails_only_its_own_gpu_of_the_batch():
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed():
+        a = opened(replay)
+        own, enforced = replay.nvmlDeviceGetPowerManagementLimit, replay.nvmlDeviceGetEnforcedPowerLimit
+
+        def surprise(call, gpu):
+            def answer(handle):
+                if handle == a.gpus[gpu].handle:
+                    raise RuntimeError("binding surprise")
+                return call(handle)
+            return answer
+        replay.nvmlDeviceGetPowerManagementLimit = surprise(own, 1)  # before its set
+        replay.nvmlDeviceGetEnforcedPowerLimit = surprise(enforced, OTHER)  # after its set
+        with replay.installed():
+            results = a.power.set_many([(1, 500.0), (CAPPED, 500.0), (OTHER, 500.0)])
+    assert [(r.status, r.held) for r in results] == [("error", False), ("ok", True), ("error", True)]
+    assert all("RuntimeError" in results[i].detail for i in (0, 2))
+    assert a.power.capped == {CAPPED: 500.0, OTHER: 500.0}  # OTHER's cap was set: a restore must reach it
+
+
 def test_a_limit_the_gpu_never_comes_to_enforce_is_overridden_and_still_held():
     replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0, enforce_lag_s=3600)
     with replay.installed():

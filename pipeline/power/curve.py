@@ -72,14 +72,15 @@ class PowerCurve:
                           self.min_limit_w, self.max_limit_w, np.concatenate([[0.0], cs[idx]]))
 
 
-def from_recording(folder: Path | str = RECORDINGS / "h100") -> PowerCurve:
-    """The curve measured in a power-cap recording: MODEL_powercap_{summary.json,trace.jsonl,
+def from_recording(folder: Path | str = RECORDINGS / "h100", name: str | None = None) -> PowerCurve:
+    """The curve measured in a power-cap recording: NAME_powercap_{summary.json,trace.jsonl,
     load.jsonl} in `folder` (the format: the shipped recording's README; `scripts/gpu-check`
-    records one on a real GPU)."""
+    records one on a real GPU). Without `name`, the folder's one such recording."""
     folder = Path(folder)
-    found = sorted(folder.glob("*_powercap_summary.json"))
-    if len(found) != 1:
-        raise FileNotFoundError(f"{folder}: expected one *_powercap_summary.json, found {len(found)}")
+    found = [folder / f"{name}_powercap_summary.json"] if name else sorted(folder.glob("*_powercap_summary.json"))
+    if len(found) != 1 or not found[0].is_file():
+        raise ValueError(f"{folder}: expected one {name or '*'}_powercap_summary.json, found "
+                         f"{', '.join(x.name for x in found if x.is_file()) or 'none'}")
     model = found[0].name.removesuffix("_powercap_summary.json")
     summary = json.loads(found[0].read_text())
     trace = [json.loads(line) for line in (folder / f"{model}_powercap_trace.jsonl").read_text().splitlines() if line]

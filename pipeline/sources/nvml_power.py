@@ -119,7 +119,14 @@ class PowerLimiter:
             if any(isinstance(x, _Pending) and x.g.index == gpu for x in group):
                 results += self._confirm(group)
                 group = []
-            group.append(self._start(gpu, cap_w))
+            try:
+                group.append(self._start(gpu, cap_w))
+            except Exception as e:  # not NVML's word (a binding's surprise): the batch's other GPUs still answer
+                log.exception("GPU %s: power limit: unexpected failure", gpu)
+                g = self._gpu(gpu)
+                group.append(CapResult(gpu, g.uuid if g else "", cap_w, None, "error",
+                                       f"unexpected {type(e).__name__} setting GPU {gpu}'s power limit: {e}; check "
+                                       f"`nvidia-smi -q -d POWER`", g is not None and g.index in self._own))
         return results + self._confirm(group)
 
     def recover(self) -> list[CapResult]:
@@ -208,7 +215,7 @@ class PowerLimiter:
         """Read back the enforced limits of the GPUs set, until each enforces its target or
         `ENFORCE_WAIT_S` has passed; then what each one enforces says how its set went."""
         pending = [x for x in group if isinstance(x, _Pending)]
-        read: dict[int, float | pynvml.NVMLError] = {}
+        read: dict[int, float | Exception] = {}
         deadline = time.monotonic() + ENFORCE_WAIT_S
         while True:
             for p in pending:
@@ -216,22 +223,26 @@ class PowerLimiter:
                     continue
                 try:
                     read[p.g.index] = pynvml.nvmlDeviceGetEnforcedPowerLimit(p.g.handle) / 1000.0
-                except pynvml.NVMLError as e:  # said once: a readback that fails is not polled
+                except Exception as e:  # said once: a readback that fails is not polled
                     read[p.g.index] = e
             if not any(_behind(read[p.g.index], p.target) for p in pending) or time.monotonic() >= deadline:
                 break
             time.sleep(ENFORCE_POLL_S)
         return [x if isinstance(x, CapResult) else self._verdict(x, read[x.g.index]) for x in group]
 
-    def _verdict(self, p: _Pending, enforced: float | pynvml.NVMLError) -> CapResult:
+    def _verdict(self, p: _Pending, enforced: float | Exception) -> CapResult:
         g, cap_w, target, own = p.g, p.cap_w, p.target, p.own
-        if isinstance(enforced, pynvml.NVMLError):  # the limit is set: only its readback failed
-            if isinstance(enforced, pynvml.NVMLError_GpuIsLost):
-                return self._refused(g, cap_w, enforced)
+        if isinstance(enforced, pynvml.NVMLError_GpuIsLost):  # set, then lost: a reset brings back the default
+            self._forget(g)
+            return self._result(g, cap_w, "gpu_lost",
+                                f"the limit was set to {target:g} W, then GPU {g.index} was lost before its readback "
+                                f"(NVML_ERROR_GPU_IS_LOST); see runbooks/GpuFellOffBus.md")
+        if isinstance(enforced, Exception):  # the limit is set: only its readback failed
+            what = (f"{type(enforced).__name__}, NVML error {enforced.value}" if isinstance(enforced, pynvml.NVMLError)
+                    else f"{type(enforced).__name__}: {enforced}")
             return self._result(g, cap_w, "error",
                                 f"the limit was set to {target:g} W but GPU {g.index}'s enforced limit could not be "
-                                f"read back ({type(enforced).__name__}, NVML error {enforced.value}); check "
-                                f"`nvidia-smi -q -d POWER`")
+                                f"read back ({what}); check `nvidia-smi -q -d POWER`")
         if abs(enforced - target) > TOLERANCE_W:
             return self._result(g, cap_w, "error",
                                 f"the limit was set to {target:g} W but GPU {g.index} enforces {enforced:g} W "
@@ -323,9 +334,9 @@ class _Pending:
     default: float
 
 
-def _behind(enforced: float | pynvml.NVMLError, target: float) -> bool:
+def _behind(enforced: float | Exception, target: float) -> bool:
     """Not (yet) enforcing the target; a failed readback is final."""
-    return not isinstance(enforced, pynvml.NVMLError) and abs(enforced - target) > TOLERANCE_W
+    return not isinstance(enforced, Exception) and abs(enforced - target) > TOLERANCE_W
 
 
 # A set that raised one of these changed nothing; any other error may have set the limit.
@@ -354,7 +365,7 @@ class NvmlCaps:
 
     def _apply(self, uuids: list[str], cap_w: list[float | None]) -> list[CapResult]:
         index = {g.uuid: g.index for g in self.agent.gpus}
-        known = [(index[u], w) for u, w in zip(uuids, cap_w) if u in index]
+        known = [(index[u], None if w is None else float(w)) for u, w in zip(uuids, cap_w) if u in index]
         done = iter(self.agent.power.set_many(known))  # one readback wait for the node's GPUs
         return [next(done) if u in index else
                 CapResult(-1, u, w, None, "error", f"no GPU {u} on node {self.agent.node}: the power role's view of "

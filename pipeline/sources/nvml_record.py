@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import re
+import socket
 import statistics
 import time
 from collections import defaultdict
@@ -106,6 +108,18 @@ FIELDS = ("NVML_FI_DEV_MEMORY_TEMP", "NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "NV
 # The load trace's field-value columns (the replay's names: sources/nvml_replay.py's _TRACE_FIELDS).
 _TRACE_FIELDS = {"fv_82": "NVML_FI_DEV_MEMORY_TEMP", "fv_143": "NVML_FI_DEV_REMAPPED_UNC",
                  "ecc_sbe_vol": "NVML_FI_DEV_ECC_SBE_VOL_TOTAL", "ecc_dbe_vol": "NVML_FI_DEV_ECC_DBE_VOL_TOTAL"}
+
+
+def scrub(text: str, host: str | None = None) -> str:
+    """A GPU's identifiers and the host's name replaced by placeholders, as in the shipped
+    recordings: what a recording or a check writes can be shared."""
+    text = re.sub(r"GPU-[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", "GPU-00000000-0000-4000-8000-000000000001",
+                  text)
+    text = re.sub(r"(Serial Number\s*:\s*)\S+", r"\g<1>0000000000001", text)
+    text = re.sub(r'("serial": )"[^"]*"', r'\g<1>"0000000000001"', text)
+    text = re.sub(r"(GPU PDI\s*:\s*)\S+", r"\g<1>0x0000000000000000", text)
+    host = socket.gethostname() if host is None else host
+    return re.sub(rf"\b{re.escape(host)}\b", "gpu-node", text) if host else text
 
 
 def jsonable(v: Any) -> Any:

@@ -100,6 +100,10 @@ def recording_dir(recording: Path | str, key: str = "agent.replay") -> Path:
     holding the same files. ConfigError, naming `key`, for anything else."""
     d = RECORDINGS / str(recording) if str(recording) in recordings() else Path(recording)
     name = recording_name(d)
+    several = sorted(x.name for x in d.glob("*_inventory.json")) if d.is_dir() else []
+    if name is None and len(several) > 1:
+        raise ConfigError(f"config error: {key} = {str(recording)!r}: several recordings in one directory "
+                          f"({', '.join(several)}): give each its own")
     missing = [f"{name or 'NAME'}{suffix}" for suffix in _RECORDING_FILES
                if name is None or not (d / f"{name}{suffix}").is_file()]
     if missing:
@@ -128,8 +132,8 @@ class NvmlReplay:
             from pipeline.power.curve import from_recording
             self.powercap = json.loads((d / f"{name}_powercap_summary.json").read_text())
             try:
-                self.curve = from_recording(d)
-            except ValueError as e:
+                self.curve = from_recording(d, name)
+            except (ValueError, OSError) as e:
                 raise ConfigError(f"config error: agent.replay = {str(recording)!r}: {e}") from None
             self.set_limit_us = statistics.median(s["call_us"] for s in self.powercap["set_log"])
         self.init_error = init_error  # e.g. NVML_ERROR_DRIVER_NOT_LOADED: nvmlInit fails with it
@@ -410,6 +414,7 @@ class NvmlReplay:
         self.threads.add(threading.current_thread().name)
         if self.powercap is None:  # nothing recorded of setting a limit on this GPU
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        began = time.monotonic()  # the enforced limit's lag counts from here, as it was measured
         self._block(self.set_limit_us)
         if g.caps_denied:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
@@ -422,7 +427,7 @@ class NvmlReplay:
             rec = self._support("enforced_power_limit_mw")
             g.enforced_before_mw = self._enforced_mw(g, rec["value"]) if rec["ok"] else None
             g.limit_mw, g.settles_at = int(limit), now + self.settle_s
-            g.enforces_at = now + self.enforce_lag_s
+            g.enforces_at = began + self.enforce_lag_s
 
     def nvmlDeviceGetSupportedEventTypes(self, handle) -> int:  # noqa: N802
         self._gpu(handle)
