@@ -342,6 +342,16 @@ def test_an_unsupported_power_limit_is_null_and_asked_once():
     assert all(g.unsupported.count("power_limit") == 1 and "power_limit" not in g.calls for g in a.gpus)
 
 
+def test_a_folder_of_two_recordings_is_a_config_error_that_names_them(tmp_path):
+    from pipeline.config import ConfigError
+    for prefix in ("h100", "mine"):
+        for suffix in ("_inventory.json", "_load_trace.jsonl"):
+            shutil.copy(H100 / f"h100{suffix}", tmp_path / f"{prefix}{suffix}")
+    with pytest.raises(ConfigError, match=r"several recordings in one directory \(h100_inventory.json, "
+                                          r"mine_inventory.json\)"):
+        NvmlReplay(tmp_path)
+
+
 def test_a_recording_without_the_power_cap_files_reads_its_limit_but_sets_none(tmp_path):
     for name in ("h100_inventory.json", "h100_load_trace.jsonl"):
         shutil.copy(H100 / name, tmp_path / name)
