@@ -548,7 +548,7 @@ def build(ctx, spec) -> NvmlSource:
     replay = None
     if a.replay:
         from pipeline.sources.nvml_replay import NvmlReplay
-        replay = NvmlReplay(a.replay, a.replay_gpus)
+        replay = NvmlReplay(a.replay, a.replay_gpus, interval_s=a.interval_s)  # played at its recorded speed
     from pipeline.bus.base import Topic
     from pipeline.bus.keys import rack_key
     source = NvmlSource(agent, replay, a.replay, ctx.bus.listen(Topic.POWER_CAPS, [rack_key(a.site, a.rack)]))

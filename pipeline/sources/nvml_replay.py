@@ -12,7 +12,9 @@ latency (the agent must keep that off the event loop).
 
 Each `nvmlDeviceGetFieldValues` call on a GPU starts its next recorded scrape: the
 agent calls it first in every scrape, and the other calls of that scrape read the
-same trace row. Cumulative counters keep counting when the trace wraps around.
+same trace row. Given the agent's interval (`interval_s`), a scrape moves as many rows as
+the trace recorded in that time, so the GPU runs at its own speed; without it, one row.
+Cumulative counters keep counting when the trace wraps around.
 
 Power limits, from the power-cap recording (`NAME_powercap_*`): each GPU starts at the
 default limit and `nvmlDeviceSetPowerManagementLimit` changes it (outside the constraints:
@@ -117,13 +119,21 @@ def recording_dir(recording: Path | str, key: str = "agent.replay") -> Path:
 class NvmlReplay:
     def __init__(self, recording: Path | str = "h100", gpus: int = 8, latency: bool = True,
                  init_error: int | None = None, settle_s: float = SETTLE_S,
-                 enforce_lag_s: float = ENFORCE_LAG_S) -> None:
+                 enforce_lag_s: float = ENFORCE_LAG_S, interval_s: float | None = None) -> None:
+        """`interval_s`: the agent's scrape interval, for the trace to play at the speed it was
+        recorded (a 10 Hz trace scraped every second moves 10 rows a scrape); None: a row a
+        scrape, whatever the interval (tests step through the trace row by row)."""
         d = recording_dir(recording)
         name = recording_name(d)
         self.inventory = json.loads((d / f"{name}_inventory.json").read_text())
         self.trace = [json.loads(line) for line in (d / f"{name}_load_trace.jsonl").read_text().splitlines() if line]
         self.latency = latency
         self.settle_s = settle_s
+        # Slow motion is not harmless: an H200's temperature jumps 13 C in the first 0.1 s of a load,
+        # while its 1 s power average takes a second to follow; stretched tenfold, that read as a
+        # thermal runaway on every replayed GPU.
+        period_s = statistics.median(b["t"] - a["t"] for a, b in zip(self.trace, self.trace[1:]))
+        self.rows_per_scrape = 1 if interval_s is None else max(1, round(interval_s / period_s))
         self.enforce_lag_s = enforce_lag_s
         # A recording of one's own may lack the power-cap files: its limits are then read-only.
         self.powercap: dict | None = None
@@ -277,12 +287,13 @@ class NvmlReplay:
             self.field_requests[fid] = self.field_requests.get(fid, 0) + 1
         self._block(self.inventory["field_values_call_us"])
         with self._lock:
-            g.row += 1
-            if g.row > 0 and g.row % len(self.trace) == 0:  # the trace wraps: counters keep counting
-                last, first = self.trace[-1], self.trace[0]
-                for c in _COUNTERS:
-                    g.offsets[c] = g.offsets.get(c, 0.0) + last[c] - first[c]
-            self._capped_energy(g)
+            for _ in range(self.rows_per_scrape):
+                g.row += 1
+                if g.row > 0 and g.row % len(self.trace) == 0:  # the trace wraps: counters keep counting
+                    last, first = self.trace[-1], self.trace[0]
+                    for c in _COUNTERS:
+                        g.offsets[c] = g.offsets.get(c, 0.0) + last[c] - first[c]
+                self._capped_energy(g)
         held = self._held_mw(g)
         recorded = {getattr(pynvml, name): v for name, v in self.inventory["field_values"].items()
                     if hasattr(pynvml, name)}

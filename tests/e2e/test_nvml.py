@@ -19,23 +19,26 @@ from tests.test_nvml import TRACE, agent
 def test_the_archive_holds_what_the_gpu_reported(tmp_path, name, model):
     """`fleetwatch run --replay`: 8 replayed H100s (or H200s) through the whole daemon. Power,
     temperatures, clocks, clock reasons and utilisation in Parquet are the recorded
-    trace's, scrape after scrape, in base units; NVLink (not supported in those VMs) is null."""
-    r = fleetwatch("run", "--replay", name, "--duration", "4", "--data-dir", "data", cwd=tmp_path,
-                   env={"FLEETWATCH_AGENT__INTERVAL_S": "0.2", "FLEETWATCH_AGENT__NODE": "gpu-node-7"}, timeout=120)
+    trace's, at the speed it was recorded, in base units; NVLink (not supported in those VMs) is null."""
+    r = fleetwatch("run", "--replay", name, "--duration", "8", "--data-dir", "data", cwd=tmp_path,
+                   env={"FLEETWATCH_AGENT__INTERVAL_S": "0.5", "FLEETWATCH_AGENT__NODE": "gpu-node-7"}, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = archived(tmp_path / "data", "gpu_samples").sort("gpu", "ts")
     assert rows["gpu"].n_unique() == 8 and rows.height >= 8 * 10
     assert set(rows["node"]) == {"gpu-node-7"} and set(rows["model"]) == {model}
     trace = TRACE if name == "h100" else [json.loads(x) for x in (H200 / "h200_load_trace.jsonl").read_text().splitlines()]
     stride = len(trace) // 8
-    for gpu, got in rows.group_by("gpu"):
+    for gpu, got in rows.group_by("gpu"):  # at its recorded speed: 0.5 s scrapes of a 10 Hz trace, 5 rows a scrape
         start = gpu[0] * stride
-        want = [trace[(start + k) % len(trace)] for k in range(got.height)]
+        want = [trace[(start - 1 + 5 * (k + 1)) % len(trace)] for k in range(got.height)]
 
         def recorded(column: str, divisor: float = 1.0) -> list[float]:
             return [row[column] / divisor for row in want]
         assert got["power_w"].to_list() == recorded("power_mw", 1000)  # mW -> W
-        assert got["energy_j"].to_list() == recorded("energy_mj", 1000)  # mJ -> J
+        wraps = [(start - 1 + 5 * (k + 1)) // len(trace) for k in range(got.height)]  # the counter keeps counting
+        assert got["energy_j"].to_list() == pytest.approx([(row["energy_mj"] + w * (trace[-1]["energy_mj"] -
+                                                                                   trace[0]["energy_mj"])) / 1000
+                                                           for row, w in zip(want, wraps)], abs=1e-6)  # mJ -> J
         assert got["gpu_temp_c"].to_list() == recorded("temp_c")
         assert got["mem_temp_c"].to_list() == recorded("fv_82")
         assert got["sm_clock_mhz"].to_list() == recorded("sm_mhz")
@@ -49,6 +52,17 @@ def test_the_archive_holds_what_the_gpu_reported(tmp_path, name, model):
     if name == "h200":  # rows remapped before (5 correctable, 2 not), none pending or failed: no alert
         assert set(rows["remapped_rows_correctable"]) == {5} and set(rows["remapped_rows_uncorrectable"]) == {2}
         assert set(rows["remapped_rows_failure"]) == {False} and set(rows["remapped_rows_pending"]) == {False}
+
+
+def test_eight_replayed_h200s_at_the_default_interval_raise_nothing(tmp_path):
+    """The replay plays its 10 Hz trace at the speed it was recorded. Played a row a scrape (ten
+    times slower), an H200's load start (13 C in 0.1 s, its 1 s power average a second behind) read
+    as a GpuThermalRunaway on each GPU in turn, the first 26 s in."""
+    r = fleetwatch("run", "--replay", "h200", "--duration", "40", "--data-dir", "data", cwd=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "0 alerts raised" in r.stderr, [x for x in r.stderr.splitlines() if "FIRING" in x]
+    rows = archived(tmp_path / "data", "gpu_samples")
+    assert rows["gpu_temp_c"].max() >= 55 and rows["power_w"].max() > 650  # loads started and ran meanwhile
 
 
 def test_no_driver_is_one_clear_message_and_exit_status_2(tmp_path):
