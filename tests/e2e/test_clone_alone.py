@@ -63,7 +63,8 @@ def test_the_wheel_carries_every_module_the_recording_the_runbooks_and_the_schem
     want = {str(p.relative_to(REPO)) for p in (REPO / "pipeline").rglob("*.py")}
     want |= {f"pipeline/runbooks/{p.name}" for p in (REPO / "runbooks").glob("*.md")}
     want |= {f"pipeline/schemas/{p.name}" for p in (REPO / "schemas").iterdir()}
-    want |= {f"pipeline/sources/recordings/h100/{p.name}" for p in H100.iterdir()}
+    want |= {str(p.relative_to(REPO)) for p in H100.parent.glob("*/*")  # every shipped recording (h100, h200)
+             if "__pycache__" not in p.parts}
     assert want - names == set()
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
