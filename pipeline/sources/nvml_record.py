@@ -119,7 +119,12 @@ def scrub(text: str, host: str | None = None) -> str:
     text = re.sub(r'("serial": )"[^"]*"', r'\g<1>"0000000000001"', text)
     text = re.sub(r"(GPU PDI\s*:\s*)\S+", r"\g<1>0x0000000000000000", text)
     host = socket.gethostname() if host is None else host
-    return re.sub(rf"\b{re.escape(host)}\b", "gpu-node", text) if host else text
+    for name in {host, host.split(".")[0]} - {""}:  # where a host's name is written: never a bare word, which may
+        h = re.escape(name)                          # be any word ("gpu", "node") of the text
+        text = re.sub(rf'Hostname="{h}"', 'Hostname="gpu-node"', text)
+        text = re.sub(rf'("(node|host|hostname)": ?)"{h}"', r'\g<1>"gpu-node"', text)
+        text = re.sub(rf"\b(on|host|node) {h}(?=[\s:/,.)]|$)", r"\g<1> gpu-node", text)
+    return text
 
 
 def jsonable(v: Any) -> Any:

@@ -132,8 +132,14 @@ class NvmlReplay:
         # Slow motion is not harmless: an H200's temperature jumps 13 C in the first 0.1 s of a load,
         # while its 1 s power average takes a second to follow; stretched tenfold, that read as a
         # thermal runaway on every replayed GPU.
-        period_s = statistics.median(b["t"] - a["t"] for a, b in zip(self.trace, self.trace[1:]))
-        self.rows_per_scrape = 1 if interval_s is None else max(1, round(interval_s / period_s))
+        self.rows_per_scrape = 1
+        if interval_s is not None:
+            steps = [b["t"] - a["t"] for a, b in zip(self.trace, self.trace[1:])]
+            period_s = statistics.median(steps) if steps else 0.0
+            if not period_s > 0:
+                raise ConfigError(f"config error: agent.replay = {str(recording)!r}: its load trace has no time step "
+                                  f"(`t` must rise row by row)")
+            self.rows_per_scrape = max(1, round(interval_s / period_s))
         self.enforce_lag_s = enforce_lag_s
         # A recording of one's own may lack the power-cap files: its limits are then read-only.
         self.powercap: dict | None = None
@@ -145,7 +151,11 @@ class NvmlReplay:
                 self.curve = from_recording(d, name)
             except (ValueError, OSError) as e:
                 raise ConfigError(f"config error: agent.replay = {str(recording)!r}: {e}") from None
-            self.set_limit_us = statistics.median(s["call_us"] for s in self.powercap["set_log"])
+            spent = [s["call_us"] for s in self.powercap["set_log"] if s.get("call_us") is not None]
+            if not spent:
+                raise ConfigError(f"config error: agent.replay = {str(recording)!r}: its power-cap summary times no "
+                                  f"set (`call_us` in set_log): a recording whose caps were all refused cannot replay one")
+            self.set_limit_us = statistics.median(spent)
         self.init_error = init_error  # e.g. NVML_ERROR_DRIVER_NOT_LOADED: nvmlInit fails with it
         self.calls: dict[str, int] = {}  # how often each function was called (tests: unsupported not retried)
         self.field_requests: dict[int, int] = {}  # how often each field id was asked for

@@ -49,3 +49,24 @@ def test_gpu_check_caps_restores_and_runs_the_daemon_on_the_replay(tmp_path):
         agent.open()
         rows = [agent.scrape().samples for _ in range(3)][-1].to_pylist()
     assert [r["model"] for r in rows] == ["NVIDIA H100 80GB HBM3"] * 2 and rows[0]["power_w"] > 0
+
+
+def test_the_last_guard_puts_a_gpu_left_capped_back_at_its_own_limit():
+    """gpu-check's `put_back`, on the replay: whatever left the GPU capped (a killed agent's cap
+    the daemon never restored), the GPU ends at the limit it had, and says so."""
+    import importlib.machinery
+    import importlib.util
+
+    import pynvml
+    loader = importlib.machinery.SourceFileLoader("gpu_check", str(REPO / "scripts" / "gpu-check"))
+    gpu_check = importlib.util.module_from_spec(importlib.util.spec_from_loader("gpu_check", loader))
+    loader.exec_module(gpu_check)
+    replay = NvmlReplay("h100", gpus=1, latency=False)
+    with replay.installed():
+        own = gpu_check.own_limit_mw(0)
+        pynvml.nvmlDeviceSetPowerManagementLimit(replay.gpus[0].handle, 400_000)
+        capped = gpu_check.put_back(0, own)
+        again = gpu_check.put_back(0, own)
+    assert own == 700_000
+    assert capped == (700.0, "set back to 700 W by the last guard", True)
+    assert again == (700.0, "at its own limit", True)
