@@ -140,3 +140,29 @@ def test_the_cluster_s_partition_count_places_checkpoints_and_event_time(stream)
     assert sorted(checkpoint.snapshot(set(range(7)))) == sorted({keys.partition_for(k, 7) for k in ("r01", "r02", "site-a")})
     assert before + alerts(engine, ticks[5:60]) == alerts(Engine(cfg), ticks[:60])  # one stream: the same alerts
     assert len(inv.rack_partition) == inv.rack_count
+
+
+def test_a_checkpoint_without_streak_times_restores_and_goes_on_as_before(stream, tmp_path):
+    """A checkpoint written before the trackers kept when each streak began (`<alert>.since`):
+    a streak it holds goes on by its count, and the alerts are those of an engine never stopped."""
+    from pipeline.detect.checkpoint import LocalCheckpoint
+    cfg, ticks = stream
+    reference = alerts(Engine(cfg), ticks)
+    first = Engine(cfg)
+    before = alerts(first, ticks[:450])
+
+    def in_a_streak() -> bool:  # a hit streak that has not fired, or a firing alert's clear streak
+        return any(((t.arrays.hits > 0) & ~t.arrays.firing | t.arrays.firing & (t.arrays.clears > 0)).any()
+                   for t in first.trackers.values())
+    cut = 450
+    while not in_a_streak():
+        before += alerts(first, ticks[cut:cut + 1])
+        cut += 1
+    old = LocalCheckpoint(first, tmp_path)
+    batch = old.snapshot()
+    since = [n for n in batch.schema.names if n.endswith(".since")]
+    assert since  # the trackers' streak times are checkpointed
+    old.write(batch.drop_columns(since))
+    second = Engine(cfg)
+    LocalCheckpoint(second, tmp_path).restore()
+    assert before + alerts(second, ticks[cut:]) == reference

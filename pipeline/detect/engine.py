@@ -99,7 +99,8 @@ class Engine:
         for spec in DETECTOR_ALERTS:  # catalog order; the catalog says its detector and fire-after
             fire_after = getattr(d, spec.fire_after) if isinstance(spec.fire_after, str) else spec.fire_after
             self.trackers[spec.name] = Tracker(spec, spec.detector, fire_after, d.resolve_after,
-                                               self.inventory.labels_getter(spec.entity), cfg.alerts.runbook_base_url)
+                                               self.inventory.labels_getter(spec.entity), cfg.alerts.runbook_base_url,
+                                               d.streak_s)
         for f in self.families:
             f.check_declared()
         # Per topic: the families that observe (not all do), and those that evaluate, in order.

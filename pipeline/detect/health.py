@@ -3,7 +3,10 @@
 A `Tracker` follows one alertname over its entities (GPU slots, nodes or racks):
 a condition must hold `fire_after` evaluations in a row to fire and be clear
 `resolve_after` evaluations in a row to resolve, so one problem is one alert, not
-a flapping stream. `NodeHealth` turns the firing alerts into one state per node.
+a flapping stream. A streak must also last as long as it would at the 1 s scrapes
+the detectors are tuned at (`detect.streak_s` per evaluation after the first): at
+0.2-s scrapes three evaluations are 0.4 s, shorter than a real H200's temperature
+leads its 1 s power average at a load start. `NodeHealth` turns the firing alerts into one state per node.
 """
 
 from __future__ import annotations
@@ -28,14 +31,20 @@ def _dt(t: float) -> datetime:
 
 class Tracker:
     def __init__(self, spec: AlertSpec, detector: str, fire_after: int, resolve_after: int,
-                 labels_for: Callable[[int], dict[str, str]], runbook_base_url: str) -> None:
+                 labels_for: Callable[[int], dict[str, str]], runbook_base_url: str, streak_s: float = 0.0) -> None:
         self.spec = spec
         self.detector = detector
         self.fire_after = fire_after
         self.resolve_after = resolve_after
+        # The least event time a streak spans; a quarter of a step less for the scrapes' jitter.
+        self._fire_span_s, self._resolve_span_s = ((n - 1.25) * streak_s if n > 1 else 0.0
+                                                   for n in (fire_after, resolve_after))
         self._labels_for = labels_for
         self._runbook = runbook_url(runbook_base_url, spec.name)
-        self.arrays = SlotArrays({"hits": (np.int32, 0), "clears": (np.int32, 0), "firing": (np.bool_, False)})
+        # When the entity's streak (of hits or of clears: one is 0) began; -inf (no bound) for a
+        # streak restored from a checkpoint written before it was kept.
+        self.arrays = SlotArrays({"hits": (np.int32, 0), "clears": (np.int32, 0), "firing": (np.bool_, False),
+                                  "since": (np.float64, -np.inf)})
         self.active: dict[int, Alert] = {}
         self._pending = False  # some entity has a hit streak that has not fired (yet)
 
@@ -52,11 +61,12 @@ class Tracker:
         s.ensure(int(entities.max()) + 1)
         hits = np.where(hit, s.hits[entities] + 1, 0)
         clears = np.where(hit, 0, s.clears[entities] + 1)
+        since = np.where((hits == 1) | (clears == 1), t, s.since[entities])
         firing = s.firing[entities]
-        s.hits[entities], s.clears[entities] = hits, clears
+        s.hits[entities], s.clears[entities], s.since[entities] = hits, clears, since
         self._pending = bool((s.hits > 0).any())
-        start = np.flatnonzero(hit & ~firing & (hits >= self.fire_after))
-        stop = np.flatnonzero(firing & (clears >= self.resolve_after))
+        start = np.flatnonzero(hit & ~firing & (hits >= self.fire_after) & (t - since >= self._fire_span_s))
+        stop = np.flatnonzero(firing & (clears >= self.resolve_after) & (t - since >= self._resolve_span_s))
         if start.size == 0 and stop.size == 0:
             return []
         changes = []

@@ -60,9 +60,21 @@ def test_eight_replayed_h200s_at_the_default_interval_raise_nothing(tmp_path):
     as a GpuThermalRunaway on each GPU in turn, the first 26 s in."""
     r = fleetwatch("run", "--replay", "h200", "--duration", "40", "--data-dir", "data", cwd=tmp_path, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "0 alerts raised" in r.stderr, [x for x in r.stderr.splitlines() if "FIRING" in x]
+    assert "0 alerts raised" in r.stderr, [x for x in (r.stdout + r.stderr).splitlines() if "FIRING" in x]
     rows = archived(tmp_path / "data", "gpu_samples")
     assert rows["gpu_temp_c"].max() >= 55 and rows["power_w"].max() > 650  # loads started and ran meanwhile
+
+
+def test_eight_replayed_h200s_scraped_every_0_2_s_raise_nothing(tmp_path):
+    """At 0.2-s scrapes an H200's load start had 5 evaluations in a row of a GPU hotter than its
+    power explains (its temperature leads its 1 s power average by up to a second), and 3 fired
+    GpuThermalRunaway, 2 s in. A streak must now last as long as at 1 s (`detect.streak_s`)."""
+    r = fleetwatch("run", "--replay", "h200", "--duration", "15", "--data-dir", "data", cwd=tmp_path,
+                   env={"FLEETWATCH_AGENT__INTERVAL_S": "0.2"}, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "0 alerts raised" in r.stderr, [x for x in (r.stdout + r.stderr).splitlines() if "FIRING" in x]
+    rows = archived(tmp_path / "data", "gpu_samples")
+    assert rows.height >= 8 * 50 and rows["gpu_temp_c"].max() >= 50  # the scrapes came, a load started
 
 
 def test_no_driver_is_one_clear_message_and_exit_status_2(tmp_path):
