@@ -145,7 +145,7 @@ DEVICE_CLASSES = ("cdu", "rack", "meter")
 class PointKind:
     """What a facility point measures, for the detectors that read it (plain ints, as
     numpy compares them per batch)."""
-    OTHER, LEAK, FLOW, PDU_POWER, SITE_POWER, SUPPLY, RETURN = range(7)
+    OTHER, LEAK, FLOW, PDU_POWER, SITE_POWER, SUPPLY, RETURN, PDU_ENERGY = range(8)
 
 
 def point_kind(device_class: str, metric: str) -> int:
@@ -162,6 +162,8 @@ def point_kind(device_class: str, metric: str) -> int:
         return PointKind.PDU_POWER
     if metric == "power_w" and device_class == "meter":
         return PointKind.SITE_POWER
+    if metric == "energy_j" and device_class == "rack":
+        return PointKind.PDU_ENERGY
     return PointKind.OTHER
 
 

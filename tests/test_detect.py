@@ -416,6 +416,50 @@ def test_a_rack_s_sensor_offset_is_learned_and_a_loop_that_loses_heat_still_aler
     assert 0.2 < a.evidence["sensor_offset_c"] <= 1.0
 
 
+def _rack_readings(t: float, power_w: float, energy_j: float | None, flow_lpm: float, delta_t_c: float):
+    """One BMS scrape of rack r01: its CDU's supply, return and flow, its PDU's power (an
+    instant) and energy counter."""
+    from pipeline.model import FACILITY_SAMPLE
+    points = [("cdu-r01", "cdu", "supply_temp_c", 30.0), ("cdu-r01", "cdu", "return_temp_c", 30.0 + delta_t_c),
+              ("cdu-r01", "cdu", "flow_lpm", flow_lpm), ("pdu-r01", "rack", "power_w", power_w)]
+    if energy_j is not None:
+        points.append(("pdu-r01", "rack", "energy_j", energy_j))
+    n = len(points)
+    return pa.RecordBatch.from_pydict({
+        "ts": pa.array([int(t * 1e9)] * n, FACILITY_SAMPLE.field("ts").type), "site": ["site-a"] * n,
+        "rack": ["r01"] * n, "device": [p[0] for p in points], "metric": [p[2] for p in points],
+        "value": [p[3] for p in points], "quality": pa.array([1] * n, pa.int8()),
+        "device_class": [p[1] for p in points]}, schema=FACILITY_SAMPLE)
+
+
+@pytest.mark.parametrize("counter", [True, False])
+def test_pdus_read_every_30_s_are_set_against_the_coolant_by_their_energy_counter(counter):
+    """A training job swings a rack between 40 kW (compute) and 15 kW (communication); a BMS
+    that reads it every 30 s catches its PDU at 40 kW each time while the loop carries the
+    heat of the 30 kW mean. Set against the instant, the loop looks 25% short of heat: the
+    30-s eval had raised RackHeatImbalance falsely on seeds 2 and 3. With the PDU's energy
+    counter, the mean is what the prediction steps with, and only a real imbalance alerts (a
+    flow meter reading 40% high). A counter that starts over (a PDU replaced) costs one
+    scrape of the instant; a PDU without a counter is set against its instants."""
+    engine = Engine(make_config())
+    mean_w, flow = 30_000.0, 60.0
+    delta_t = 0.8 * mean_w / (flow / 60.0 * 4186.0)  # what the coolant carries of the mean: 5.7 C
+    changes = []
+    for k in range(200):
+        t = 1_767_225_600.0 + 30.0 * k
+        flow_read = flow * (1.4 if k >= 150 else 1.0)
+        energy_j = (1e9 if k < 100 else -mean_w * 30.0 * 100) + mean_w * 30.0 * k  # 0 again at k = 100
+        batch = _rack_readings(t, 40_000.0, energy_j if counter else None, flow_read, delta_t)
+        changes += [(k, a) for _, a in engine.process(Message(Topic.FACILITY, batch)).alerts]
+    fired = [(k, a) for k, a in changes if a.ends_at is None]
+    if not counter:  # the instants: 'too little heat' within minutes, long before the flow meter drifts
+        assert fired and fired[0][0] < 150 and fired[0][1].evidence["ratio"] == pytest.approx(0.6, rel=0.02)
+        return
+    [(k, a)] = fired
+    assert a.alertname == "RackHeatImbalance" and k >= 150  # the flow meter
+    assert a.evidence["power_w"] == pytest.approx(mean_w) and a.evidence["ratio"] == pytest.approx(0.8 * 1.4, rel=0.02)
+
+
 def test_a_rack_hotter_over_its_coolant_than_the_site_explains_its_gpus():
     """Rack against site: a rack whose GPUs all run hot over their coolant (air in the
     loop) is one RackThermalAnomaly. The site tier judges it apart from the rack's own

@@ -236,3 +236,19 @@ def test_the_slurm_prolog_and_epilog_shipped_name_each_gpus_jobs_for_the_agent(t
         assert [sorted((jobs / g).read_text().split()) for g in ("0", "1")] == [[str(j) for j in range(100, 112)]] * 2
         together("epilog_slurmd")
         assert not (jobs / "0").exists() and not (jobs / "1").exists()
+
+
+def test_the_replay_plays_at_the_recorded_speed_at_an_interval_of_part_rows():
+    """0.25-s scrapes of the 10 Hz trace: 2.5 rows a scrape, played as 2, 3, 2, 3 (it had rounded
+    to 2, and the trace ran 20% slow); 1-s scrapes: 10 rows each."""
+    for interval_s, want in ((0.25, [1, 4, 6, 9, 11, 14]), (1.0, [9, 19, 29])):
+        replay = NvmlReplay(H100, gpus=1, latency=False, interval_s=interval_s)
+        with replay.installed():
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            got = []
+            for _ in want:
+                pynvml.nvmlDeviceGetFieldValues(handle, [pynvml.NVML_FI_DEV_POWER_AVERAGE])
+                got.append(pynvml.nvmlDeviceGetPowerUsage(handle))
+            pynvml.nvmlShutdown()
+        assert got == [TRACE[row]["power_mw"] for row in want], interval_s

@@ -13,7 +13,8 @@ latency (the agent must keep that off the event loop).
 Each `nvmlDeviceGetFieldValues` call on a GPU starts its next recorded scrape: the
 agent calls it first in every scrape, and the other calls of that scrape read the
 same trace row. Given the agent's interval (`interval_s`), a scrape moves as many rows as
-the trace recorded in that time, so the GPU runs at its own speed; without it, one row.
+the trace recorded in that time, so the GPU runs at its own speed (a part of a row is carried
+to the next scrape: 0.25-s scrapes of a 10 Hz trace move 2, 3, 2, 3 rows); without it, one row.
 Cumulative counters keep counting when the trace wraps around.
 
 Power limits, from the power-cap recording (`NAME_powercap_*`): each GPU starts at the
@@ -83,6 +84,7 @@ class _Gpu:
     handle: object
     uuid: str
     row: int                   # trace row of the current scrape
+    rows_owed: float = 0.0     # the part of a row its scrapes have moved without a whole row yet
     offsets: dict[str, float] = field(default_factory=dict)  # counter offsets (wraps, resets)
     lost: bool = False
     vanished: bool = False
@@ -132,14 +134,15 @@ class NvmlReplay:
         # Slow motion is not harmless: an H200's temperature jumps 13 C in the first 0.1 s of a load,
         # while its 1 s power average takes a second to follow; stretched tenfold, that read as a
         # thermal runaway on every replayed GPU.
-        self.rows_per_scrape = 1
+        self.rows_per_scrape = 1.0
         if interval_s is not None:
             steps = [b["t"] - a["t"] for a, b in zip(self.trace, self.trace[1:])]
             period_s = statistics.median(steps) if steps else 0.0
             if not period_s > 0:
                 raise ConfigError(f"config error: agent.replay = {str(recording)!r}: its load trace has no time step "
                                   f"(`t` must rise row by row)")
-            self.rows_per_scrape = max(1, round(interval_s / period_s))
+            # (0.25-s scrapes of a 10 Hz trace: 2, 3, 2, 3, ...; rounded, for a period of 0.1000000000000014 s)
+            self.rows_per_scrape = round(interval_s / period_s, 6)
         self.enforce_lag_s = enforce_lag_s
         # A recording of one's own may lack the power-cap files: its limits are then read-only.
         self.powercap: dict | None = None
@@ -297,7 +300,10 @@ class NvmlReplay:
             self.field_requests[fid] = self.field_requests.get(fid, 0) + 1
         self._block(self.inventory["field_values_call_us"])
         with self._lock:
-            for _ in range(self.rows_per_scrape):
+            g.rows_owed += self.rows_per_scrape
+            rows = int(g.rows_owed)
+            g.rows_owed -= rows
+            for _ in range(rows):
                 g.row += 1
                 if g.row > 0 and g.row % len(self.trace) == 0:  # the trace wraps: counters keep counting
                     last, first = self.trace[-1], self.trace[0]

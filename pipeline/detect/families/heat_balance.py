@@ -16,6 +16,7 @@ SETTLE_LAGS = 3.0  # after what explained a rack ends, its loop still carries th
 OFFSET_TAU_S = 1800.0  # the rack's two temperature sensors' offset is learned over this long (a BMS
                        # recalibrates each in steps of tenths of a degree, about once a day) ...
 OFFSET_MAX_SENSORS = 2.0  # ... and explains at most this many heat_balance_sensor_c: a larger gap is the loop's
+MEAN_POWER_AFTER_S = 5.0  # PDUs read this far apart or more: their energy counter's mean power drives the prediction
 
 
 class HeatBalance(Family):
@@ -23,11 +24,14 @@ class HeatBalance(Family):
     name = "heat_balance"
     raises = ("RackHeatImbalance",)
     # Per rack: the latest coolant readings, and the delta-T its PDU's power predicts,
-    # through the coolant's lag.
+    # through the coolant's lag; the PDU's latest energy reading, and the one the last
+    # prediction stepped from.
     loop = State("rack", fields={"supply_c": (np.float64, np.nan), "return_c": (np.float64, np.nan),
                                  "flow_lpm": (np.float64, np.nan), "expected_dt": (np.float64, np.nan),
                                  "power_t": (np.float64, np.nan), "explained_t": (np.float64, np.nan),
-                                 "offset_c": (np.float64, 0.0)},
+                                 "offset_c": (np.float64, 0.0),
+                                 "energy_j": (np.float64, np.nan), "energy_t": (np.float64, np.nan),
+                                 "stepped_j": (np.float64, np.nan), "stepped_t": (np.float64, np.nan)},
                  checkpoint="rack")
 
     def evaluate(self, b: FacilityBatch, out: Output) -> None:
@@ -42,10 +46,13 @@ class HeatBalance(Family):
         for k, name in ((PointKind.SUPPLY, "supply_c"), (PointKind.RETURN, "return_c"), (PointKind.FLOW, "flow_lpm")):
             rows = np.flatnonzero((kind == k) & np.isfinite(value))
             getattr(loop, name)[rack[rows]] = value[rows]
+        rows = np.flatnonzero((kind == PointKind.PDU_ENERGY) & np.isfinite(value) & (rack >= 0))
+        loop.energy_j[rack[rows]], loop.energy_t[rack[rows]] = value[rows], b.ts[rows]
         rows = np.flatnonzero((kind == PointKind.PDU_POWER) & np.isfinite(value) & (rack >= 0))
         if rows.size == 0:
             return
-        racks, power, t_row = rack[rows], value[rows], b.ts[rows]
+        racks, t_row = rack[rows], b.ts[rows]
+        power = self._stepping_power(racks, value[rows], t_row)
         heat_capacity_w_per_c = loop.flow_lpm[racks] / 60.0 * COOLANT_CP_J_PER_KG_K  # kg/s x J/(kg K)
         predicted = d.liquid_fraction * power / heat_capacity_w_per_c
         dt = t_row - loop.power_t[racks]
@@ -92,3 +99,20 @@ class HeatBalance(Family):
                             sensor_offset_c=loop.offset_c[racks[judged]],
                             tolerance=d.heat_balance_tolerance, flow_lpm=loop.flow_lpm[racks[judged]],
                             supply_c=loop.supply_c[racks[judged]], return_c=loop.return_c[racks[judged]]))
+
+    def _stepping_power(self, racks: np.ndarray, instant_w: np.ndarray, t_row: np.ndarray) -> np.ndarray:
+        """The power the prediction steps with from the rack's last PDU reading to this one.
+        PDUs read seconds apart: the instant, as good as the mean. Read 30 s apart, a training
+        job's swing makes the instant a poor stand-in for the heat that went into the coolant
+        meanwhile (false RackHeatImbalance at 30-s scrapes): the energy counter's mean, where
+        the PDU sends one read with its power, its counter has not gone back (a reset) and the
+        readings are far enough apart for its resolution."""
+        loop = self.loop
+        fresh = np.abs(loop.energy_t[racks] - t_row) < 0.5
+        span_s = loop.energy_t[racks] - loop.stepped_t[racks]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_w = (loop.energy_j[racks] - loop.stepped_j[racks]) / span_s
+        use = fresh & (span_s >= MEAN_POWER_AFTER_S) & (mean_w >= 0)
+        loop.stepped_j[racks] = np.where(fresh, loop.energy_j[racks], np.nan)
+        loop.stepped_t[racks] = np.where(fresh, loop.energy_t[racks], np.nan)
+        return np.where(use, mean_w, instant_w)
