@@ -164,10 +164,11 @@ class DetectConfig:
                               "(counted and archived, not detected on)")
     fire_after: int = _spec(3, min=1, doc="consecutive hits before a soft condition fires")
     resolve_after: int = _spec(30, min=1, doc="consecutive clear evaluations before an alert resolves")
-    streak_s: float = _spec(1.0, min=0, doc="the least time one evaluation of `fire_after` and `resolve_after` stands "
-                            "for (s): a streak of N must also span (N - 1) x this of event time, so scrapes faster "
-                            "than the 1 s the detectors are tuned at neither fire nor resolve sooner; 0 = count "
-                            "evaluations only")
+    streak_s: float = _spec(1.0, min=0, doc="the least time one evaluation of a streak stands for (s): N hits in a "
+                            "row (`fire_after`, `drift_confirm_samples`, `cap_not_binding_samples`) or N clear "
+                            "(`resolve_after`) must also span (N - 1.5) x this of event time (half a step for "
+                            "jitter), so scrapes faster than the 1 s the detectors are tuned at neither fire nor "
+                            "resolve sooner; 0 = count evaluations only")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -156,12 +157,19 @@ def test_a_checkpoint_without_streak_times_restores_and_goes_on_as_before(stream
                    for t in first.trackers.values())
     cut = 450
     while not in_a_streak():
+        assert cut < len(ticks), "no streak in progress to restore"
         before += alerts(first, ticks[cut:cut + 1])
         cut += 1
     old = LocalCheckpoint(first, tmp_path)
     batch = old.snapshot()
     since = [n for n in batch.schema.names if n.endswith(".since")]
-    assert since  # the trackers' streak times are checkpointed
+    assert since  # the trackers' streak times are checkpointed ...
+    restored = Engine(cfg)
+    old.write(batch)
+    LocalCheckpoint(restored, tmp_path).restore()
+    again = LocalCheckpoint(restored, tmp_path).snapshot()
+    assert again.select(since).equals(batch.select(since))  # ... and restored as they were
+    assert any(np.isfinite(again.column(c).to_numpy(zero_copy_only=False)).any() for c in since)
     old.write(batch.drop_columns(since))
     second = Engine(cfg)
     LocalCheckpoint(second, tmp_path).restore()

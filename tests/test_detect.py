@@ -432,32 +432,57 @@ def _rack_readings(t: float, power_w: float, energy_j: float | None, flow_lpm: f
         "device_class": [p[1] for p in points]}, schema=FACILITY_SAMPLE)
 
 
-@pytest.mark.parametrize("counter", [True, False])
-def test_pdus_read_every_30_s_are_set_against_the_coolant_by_their_energy_counter(counter):
-    """A training job swings a rack between 40 kW (compute) and 15 kW (communication); a BMS
-    that reads it every 30 s catches its PDU at 40 kW each time while the loop carries the
-    heat of the 30 kW mean. Set against the instant, the loop looks 25% short of heat: the
-    30-s eval had raised RackHeatImbalance falsely on seeds 2 and 3. With the PDU's energy
-    counter, the mean is what the prediction steps with, and only a real imbalance alerts (a
-    flow meter reading 40% high). A counter that starts over (a PDU replaced) costs one
-    scrape of the instant; a PDU without a counter is set against its instants."""
+def _swinging_rack(counter: str):
+    """A training job swings rack r01 between 40 kW (compute) and 15 kW (communication); a BMS
+    that reads it every 30 s catches its PDU at 40 kW each time while the loop carries the heat
+    of the 30 kW mean. From scrape 150 its flow meter reads 40% high (a real imbalance). The
+    PDU's energy counter: "fine" (0.1 J, starting over at scrape 100: a PDU replaced, and 1 GJ
+    ahead from scrape 120: a BMS that re-based it), "none",
+    "coarse" (0.1 kWh: 2.5 steps a scrape) or "frozen" (from scrape 60: a BMS resending a
+    cached value). (the fired alerts with their scrape, the prediction's delta-T per scrape)"""
+    from pipeline.detect.families.heat_balance import HeatBalance
     engine = Engine(make_config())
+    family = engine.family(HeatBalance)
     mean_w, flow = 30_000.0, 60.0
     delta_t = 0.8 * mean_w / (flow / 60.0 * 4186.0)  # what the coolant carries of the mean: 5.7 C
-    changes = []
+    changes, predicted = [], []
     for k in range(200):
         t = 1_767_225_600.0 + 30.0 * k
-        flow_read = flow * (1.4 if k >= 150 else 1.0)
-        energy_j = (1e9 if k < 100 else -mean_w * 30.0 * 100) + mean_w * 30.0 * k  # 0 again at k = 100
-        batch = _rack_readings(t, 40_000.0, energy_j if counter else None, flow_read, delta_t)
+        energy_j = {"fine": (1_000_000_000.5 if k < 100 else 0.5 - mean_w * 30.0 * 100) + mean_w * 30.0 * k
+                    + (1e9 if k >= 120 else 0.0),
+                    "none": None, "coarse": round((1e9 + mean_w * 30.0 * k) / 360_000) * 360_000,
+                    "frozen": 1_000_000_000.5 + mean_w * 30.0 * min(k, 60)}[counter]
+        batch = _rack_readings(t, 40_000.0, energy_j, flow * (1.4 if k >= 150 else 1.0), delta_t)
         changes += [(k, a) for _, a in engine.process(Message(Topic.FACILITY, batch)).alerts]
-    fired = [(k, a) for k, a in changes if a.ends_at is None]
-    if not counter:  # the instants: 'too little heat' within minutes, long before the flow meter drifts
-        assert fired and fired[0][0] < 150 and fired[0][1].evidence["ratio"] == pytest.approx(0.6, rel=0.02)
-        return
+        predicted.append(float(family.loop.expected_dt[0]))
+    return [(k, a) for k, a in changes if a.ends_at is None], predicted, delta_t
+
+
+def test_pdus_read_every_30_s_are_set_against_the_coolant_by_their_energy_counter():
+    """Set against the 40 kW instants, the loop looks 25% short of heat: the 30-s eval had
+    raised RackHeatImbalance falsely on seeds 2 and 3. With the PDU's energy counter the mean
+    is what the prediction steps with, and only the flow meter alerts. The scrapes whose counter
+    started over or jumped step with the instant, and the next ones with the mean again."""
+    fired, predicted, delta_t = _swinging_rack("fine")
     [(k, a)] = fired
     assert a.alertname == "RackHeatImbalance" and k >= 150  # the flow meter
-    assert a.evidence["power_w"] == pytest.approx(mean_w) and a.evidence["ratio"] == pytest.approx(0.8 * 1.4, rel=0.02)
+    assert a.evidence["power_w"] == pytest.approx(30_000.0) and a.evidence["ratio"] == pytest.approx(1.12, rel=0.02)
+    assert predicted[99] == pytest.approx(delta_t, rel=0.01)
+    assert predicted[100] == pytest.approx(delta_t + 0.78 * (40 / 30 - 1) * delta_t, rel=0.01)  # the instant, once
+    assert predicted[103] == pytest.approx(delta_t, rel=0.02)
+    assert predicted[120] == pytest.approx(predicted[100], rel=0.01) and predicted[123] == pytest.approx(delta_t, rel=0.02)
+
+
+@pytest.mark.parametrize("counter", ["none", "coarse", "frozen"])
+def test_a_pdu_without_a_counter_fit_for_it_is_set_against_its_instants(counter):
+    """No counter, one too coarse for its interval (0.1 kWh every 30 s: +-20%), or one that
+    stands still: the instant, as before (and the instants' aliasing raises the imbalance; the
+    rack is still judged, not blinded by a mean of 0)."""
+    fired, predicted, _ = _swinging_rack(counter)
+    assert fired and fired[0][0] < 150
+    assert fired[0][1].evidence["power_w"] == 40_000.0 and fired[0][1].evidence["ratio"] == pytest.approx(0.6, rel=0.02)
+    if counter == "frozen":
+        assert fired[0][0] > 60  # the counter was fit until it froze
 
 
 def test_a_rack_hotter_over_its_coolant_than_the_site_explains_its_gpus():

@@ -38,17 +38,17 @@ def test_at_1_s_scrapes_the_counts_decide_as_they_always_did():
 def test_at_0_2_s_scrapes_a_condition_must_hold_as_long_as_at_1_s():
     """A real H200's temperature leads its 1 s power average by up to a second when a load
     starts: at 0.2-s scrapes that was 5 hits in a row, and 3 fired. Now a streak must span
-    the 2 s (less a quarter step for jitter) that three 1-s scrapes span, and a clear one the 29 s."""
+    the 2 s (less half a step for jitter) that three 1-s scrapes span, and a clear one the 29 s."""
     assert play(tracker(), 0.2, [True] * 6 + [False] * 200) == []  # a 1.2 s lead: no alert
     changes = play(tracker(), 0.2, [True] * 10 + [False] * 200)
-    assert changes == [(1.8, True), (1.8 + 29.0, False)]  # fired 1.8 s into it, resolved 28.8 s after it cleared
+    assert changes == [(1.6, True), (2.0 + 28.6, False)]  # fired 1.6 s into it, resolved 28.6 s after it cleared
     assert play(tracker(streak_s=0.0), 0.2, [True] * 3) == [(0.4, True)]  # 0: counts alone, as before
 
 
 def test_a_streak_broken_by_one_clear_starts_again():
     changes = play(tracker(), 0.2, [True] * 8 + [False] + [True] * 8)
-    assert changes == []  # 1.4 s, a break, 1.4 s: never 1.75 s in a row
-    assert play(tracker(), 0.2, [True] * 8 + [False] + [True] * 10) == [(3.6, True)]  # 1.8 s from the break
+    assert changes == []  # 1.4 s, a break, 1.4 s: never 1.5 s in a row
+    assert play(tracker(), 0.2, [True] * 8 + [False] + [True] * 9) == [(3.4, True)]  # 1.6 s from the break
 
 
 def test_at_slow_scrapes_the_counts_still_decide():
@@ -58,6 +58,29 @@ def test_at_slow_scrapes_the_counts_still_decide():
 
 @pytest.mark.parametrize("fire_after", [1, 2])
 def test_fire_at_once_stays_at_once(fire_after):
-    """`fire_after = 1` (an XID, a leak) fires on its first hit at any scrape interval; 2 needs 0.75 s."""
-    want = [(0.0, True)] if fire_after == 1 else [(0.8, True)]
+    """`fire_after = 1` (an XID, a leak) fires on its first hit at any scrape interval; 2 needs 0.5 s."""
+    want = [(0.0, True)] if fire_after == 1 else [(0.6, True)]
     assert play(tracker(fire_after=fire_after), 0.2, [True] * 6) == want
+
+
+def test_a_batch_stamped_before_the_streak_began_pulls_its_start_back():
+    """Over Kafka one partition's batch can be stamped before another's that began a streak (`t`
+    is each batch's event time). The streak spans from its earliest evaluation: a clear from a
+    batch an hour ahead must not hold a firing alert for that hour."""
+    tr = tracker()
+    assert play(tr, 1.0, [True] * 3, t0=1000.0) == [(2.0, True)]
+    assert play(tr, 1.0, [False], t0=1000.0 + 3600.0) == []  # its first clear, from a batch an hour ahead
+    assert play(tr, 1.0, [False] * 40, t0=1004.0) == [(29.0, False)]  # 31 clears, the first 28.5 s from 1004
+
+    tr = tracker()
+    assert play(tr, 0.2, [True], t0=1000.0) == []  # a hit, then batches stamped up to 2.8 s before it
+    assert play(tr, 0.2, [True] * 12, t0=997.2) == [(1.6, True)]  # 1.5 s from 997.2 or more (it never fired before)
+
+
+def test_a_restart_s_downtime_is_no_time_a_condition_held():
+    """Two hits at 0.2-s scrapes, 60 s down, one more: a 0.4-s streak, not a 60-s one
+    (`Engine.resume` shifts the streaks as it does the staleness clocks)."""
+    tr = tracker()
+    play(tr, 0.2, [True, True], t0=1000.0)
+    tr.shift(60.0)
+    assert play(tr, 0.2, [True] * 8, t0=1060.4) == [(1.2, True)]  # the 9th hit: 1.6 s held, 0.4 s before the restart

@@ -201,6 +201,8 @@ class Engine:
             return
         jump = t - last
         self.family(Staleness).shift(jump)
+        for tr in self.trackers.values():
+            tr.shift(jump)
         log.info("detect: resumed from the checkpoint; data continues %.0f s after its latest sample "
                  "(not counted as silence)", jump)
 

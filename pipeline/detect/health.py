@@ -36,8 +36,9 @@ class Tracker:
         self.detector = detector
         self.fire_after = fire_after
         self.resolve_after = resolve_after
-        # The least event time a streak spans; a quarter of a step less for the scrapes' jitter.
-        self._fire_span_s, self._resolve_span_s = ((n - 1.25) * streak_s if n > 1 else 0.0
+        # The least event time a streak spans; half a step less for the scrapes' jitter (an agent's
+        # first scrapes ran 300-410 ms late on a real H200).
+        self._fire_span_s, self._resolve_span_s = ((n - 1.5) * streak_s if n > 1 else 0.0
                                                    for n in (fire_after, resolve_after))
         self._labels_for = labels_for
         self._runbook = runbook_url(runbook_base_url, spec.name)
@@ -61,7 +62,9 @@ class Tracker:
         s.ensure(int(entities.max()) + 1)
         hits = np.where(hit, s.hits[entities] + 1, 0)
         clears = np.where(hit, 0, s.clears[entities] + 1)
-        since = np.where((hits == 1) | (clears == 1), t, s.since[entities])
+        # (a batch stamped before the streak's start, which one partition's lag can bring, pulls it
+        # back: the streak then spans from the earliest of its evaluations)
+        since = np.where((hits == 1) | (clears == 1), t, np.minimum(s.since[entities], t))
         firing = s.firing[entities]
         s.hits[entities], s.clears[entities], s.since[entities] = hits, clears, since
         self._pending = bool((s.hits > 0).any())
@@ -96,6 +99,11 @@ class Tracker:
         for e in entities.tolist():
             self.active.pop(e, None)
         self.refresh()
+
+    def shift(self, seconds: float) -> None:
+        """Move the streaks' start times by `seconds`: after a restart, the downtime is no time a
+        condition held (or was clear)."""
+        self.arrays.since += seconds  # (-inf stays)
 
     def refresh(self) -> None:
         """Recompute what update() keeps incrementally, after state was set from outside."""
