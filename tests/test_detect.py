@@ -416,6 +416,51 @@ def test_a_rack_s_sensor_offset_is_learned_and_a_loop_that_loses_heat_still_aler
     assert 0.2 < a.evidence["sensor_offset_c"] <= 1.0
 
 
+def _loaded(h: Harness, seconds: float, intensity: float, mutate=None) -> None:
+    """Every job kept running at `intensity` (the simulator's churn undone each minute)."""
+    for _ in range(int(seconds // 60)):
+        h.sim.group_busy[:] = True
+        h.sim.group_intensity[:] = intensity
+        h.run(60, mutate)
+
+
+def test_a_stuck_power_sensor_is_found_at_30_s_scrapes():
+    """dcgm-exporter's default: a scrape every 30 s. `detect.stuck_samples` (30 identical readings)
+    is 15 minutes there, longer than the stuck sensors of a simulated day lasted (none of 53 found
+    on seeds 1-3). A GPU at 60% load whose readings rarely repeat: a run of 2 minutes as unlikely
+    as 1e-9 by its own share of repeats is stuck; found within the 10-minute fault."""
+    h = Harness(seed=11, sample_interval_s=30, normal="realistic")
+    _loaded(h, 2400, 0.6)
+    assert h.fired() == []
+    stuck = 5 * 8 + 3
+    h.sim.inject("stuck_power_sensor", gpu=stuck, duration_s=600)
+    _loaded(h, 600, 0.6)
+    [a] = h.fired()
+    assert a.alertname == "GpuPowerSensorStuck" and a.labels["node"] == h.sim.node_names[5] and a.labels["gpu"] == "3"
+    assert a.evidence["samples"] < 30
+
+
+def test_gpus_held_at_their_limit_repeat_their_reading_and_are_not_stuck():
+    """At full load a GPU's own limit holds it (reason 0x4) and its reading repeats to the watt
+    (a real H200 at 700 and 500 W: 10% of 1-s readings, at 350 and 200 W: 50%): read every 30 s,
+    the GPU's share of repeats under a lighter load (5 hours of it) would call stuck runs of them.
+    Held, it is judged by `detect.stuck_samples` alone."""
+    from pipeline.detect.families.counters import Counters
+
+    def as_real_h200s(topic, batch):  # the simulator's held readings move a little more: read to 5 W
+        if topic != Topic.GPU:
+            return batch
+        power = batch.column("power_w").to_numpy(zero_copy_only=False)
+        return batch.set_column(batch.schema.get_field_index("power_w"), "power_w", pa.array(np.round(power / 5) * 5))
+    h = Harness(seed=11, sample_interval_s=30, normal="realistic")
+    _loaded(h, 5 * 3600, 0.6)  # 600 readings that rarely repeat: the share learned moves slowly
+    longest = 0
+    for _ in range(120):
+        _loaded(h, 60, 1.0, as_real_h200s)
+        longest = max(longest, int(h.engine.family(Counters).repeats.run[:64].max()))
+    assert longest >= 8 and h.fired() == [], [a.annotations["summary"] for a in h.fired()]
+
+
 def _rack_readings(t: float, power_w: float, energy_j: float | None, flow_lpm: float, delta_t_c: float):
     """One BMS scrape of rack r01: its CDU's supply, return and flow, its PDU's power (an
     instant) and energy counter."""

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.model import Alert
+from pipeline.model import SW_POWER_CAP, Alert
 
 if TYPE_CHECKING:
     from pipeline.detect.families.siblings import SiblingView
@@ -39,6 +39,8 @@ class Stats:
     alerts_resolved: int = 0
 
 
+PINNED_SHARE = 0.02  # a GPU within this share under its limit, with reason 0x4, is held there
+
 @dataclass
 class GpuBatch:
     """One GPU telemetry batch as arrays, row-aligned. The fields after `reasons` are
@@ -62,6 +64,14 @@ class GpuBatch:
     @property
     def n_groups(self) -> int:
         return self.nodes.shape[0]
+
+    def held_at_limit(self) -> np.ndarray:
+        """Per row: its limit holds it (reason 0x4 and within PINNED_SHARE under the limit): it
+        draws the limit, steady to the watt, whatever the load (a deep cap's repeats are no stuck
+        sensor)."""
+        with np.errstate(invalid="ignore"):
+            return ((self.reasons & SW_POWER_CAP) != 0) & (
+                self.metrics["power_w"] >= (1.0 - PINNED_SHARE) * self.metrics["power_limit_w"])
 
 
 @dataclass

@@ -296,7 +296,11 @@ ALERTS: tuple[AlertSpec, ...] = (
               meaning="power reading frozen at one value", method="flat-line (Numba)",
               detection="`stuck_samples` identical power readings in a row under load (utilisation 25% or more, "
                         "or a reading over a quarter of the GPU's highest limit: a job's draw frozen after the job paused or "
-                        "ended), where a real sensor's reading moves every sample. At idle a reading to whole watts may "
+                        "ended), where a real sensor's reading moves every sample. Scraped more than 4 s apart (30 readings "
+                        "are 15 minutes at dcgm-exporter's 30 s), a run of 2 minutes is enough once it is as unlikely as "
+                        "1e-9 by the share of that GPU's loaded readings that repeat the last (after 60 of them); not "
+                        "while a limit holds the GPU (a cap, or its own limit at full load, reason 0x4: a real H200 held "
+                        "there repeats its reading to the watt 10-50% of the time), where `stuck_samples` stays. At idle a reading to whole watts may "
                         "repeat for minutes (an H100 idles at 71.0 +- 0.2 W): there a run must be one in a million "
                         "by the idle runs that GPU has finished with a flicker (geometric, from their mean), 3x "
                         "its longest and at least 300 samples (an idle GPU's level drifts with its temperature, "

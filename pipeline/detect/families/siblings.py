@@ -14,11 +14,9 @@ from pipeline.bus.base import Topic
 from pipeline.detect.batch import GpuBatch, Output
 from pipeline.detect.family import Family, State, evidence, lag
 from pipeline.detect.state import group_median
-from pipeline.model import SW_POWER_CAP
 
 THERMAL_TAU_S = 6.5  # slow thermal time constant of an H100 (the recorded trace, sources/recordings/h100)
 RISE_TAU_S = 20.0    # memory of the average a rising temperature excess is compared with
-PINNED_SHARE = 0.02  # a GPU within this share under its limit, with reason 0x4, is held there
 
 
 @dataclass
@@ -53,7 +51,7 @@ class SiblingTemperature(Family):
         # so that the real reading coming back later is not a jump in the excess. Except at
         # the GPU's limit with reason 0x4: a cap holds it there, steady to the watt, and that
         # is what it draws, whatever the sensor (a deep cap's repeats are no stuck sensor).
-        pinned = ((b.reasons & SW_POWER_CAP) != 0) & (power >= (1.0 - PINNED_SHARE) * b.metrics["power_limit_w"])
+        pinned = b.held_at_limit()
         stuck = (b.power_runs >= 3) & ~pinned
         # Its peers' share of their own limits, times its own: under caps that differ within the
         # node (demand response's plan), a GPU held at 500 W among peers at 200 W is not taken to
