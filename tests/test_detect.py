@@ -440,20 +440,43 @@ def test_a_stuck_power_sensor_is_found_at_30_s_scrapes():
     assert a.evidence["samples"] < 30
 
 
-def test_gpus_held_at_their_limit_repeat_their_reading_and_are_not_stuck():
+def test_a_power_sensor_stuck_for_an_hour_stays_alerted():
+    """The run's own readings past 2 minutes teach the GPU's share of repeats nothing: had they,
+    the share would climb towards 1 and the need past the run (resolved after 39 minutes at
+    1-s scrapes). Whatever the share, `detect.stuck_samples` readings are a stuck sensor."""
+    h = Harness(seed=11)
+    _loaded(h, 600, 0.6)
+    h.sim.inject("stuck_power_sensor", gpu=5 * 8 + 3, duration_s=3600)
+    _loaded(h, 3540, 0.6)
+    [a] = h.fired()
+    assert a.alertname == "GpuPowerSensorStuck" and a.evidence["samples"] == 30 + 3 - 1  # stuck_samples, fire_after
+    assert [x for _, x in h.changes if x.ends_at is not None] == []
+
+
+@pytest.mark.parametrize("told", [True, False])
+def test_gpus_held_at_their_limit_repeat_their_reading_and_are_not_stuck(told):
     """At full load a GPU's own limit holds it (reason 0x4) and its reading repeats to the watt
     (a real H200 at 700 and 500 W: 10% of 1-s readings, at 350 and 200 W: 50%): read every 30 s,
     the GPU's share of repeats under a lighter load (5 hours of it) would call stuck runs of them.
-    Held, it is judged by `detect.stuck_samples` alone."""
+    Held, it is judged by `detect.stuck_samples` alone; and so is every GPU where the source
+    sends no clocks event reasons nor enforced limit to tell (dcgm-exporter's default counters)."""
     from pipeline.detect.families.counters import Counters
+
+    def untold(batch):
+        for name in ("clock_event_reasons", "power_limit_w"):
+            i = batch.schema.get_field_index(name)
+            batch = batch.set_column(i, batch.schema.field(i), pa.nulls(batch.num_rows, batch.schema.field(i).type))
+        return batch
 
     def as_real_h200s(topic, batch):  # the simulator's held readings move a little more: read to 5 W
         if topic != Topic.GPU:
             return batch
         power = batch.column("power_w").to_numpy(zero_copy_only=False)
-        return batch.set_column(batch.schema.get_field_index("power_w"), "power_w", pa.array(np.round(power / 5) * 5))
+        batch = batch.set_column(batch.schema.get_field_index("power_w"), "power_w", pa.array(np.round(power / 5) * 5))
+        return batch if told else untold(batch)
     h = Harness(seed=11, sample_interval_s=30, normal="realistic")
-    _loaded(h, 5 * 3600, 0.6)  # 600 readings that rarely repeat: the share learned moves slowly
+    for _ in range(5 * 60):  # 600 readings that rarely repeat: the share learned moves slowly
+        _loaded(h, 60, 0.6, None if told else lambda topic, b: b if topic != Topic.GPU else untold(b))
     longest = 0
     for _ in range(120):
         _loaded(h, 60, 1.0, as_real_h200s)

@@ -10,7 +10,6 @@ import numpy as np
 
 from pipeline.bus.base import Topic
 from pipeline.detect.batch import GpuBatch, Output
-from pipeline.detect.families.staleness import Staleness
 from pipeline.detect.families.xid import Xid
 from pipeline.detect.family import Family, State, evidence
 from pipeline.detect.state import CounterDelta, Flatline
@@ -29,8 +28,8 @@ LOADED_RATE = 0.002     # EW weight of a loaded reading in the GPU's share of lo
                         # (the plain mean of the first 500)
 LOADED_READINGS = 60    # loaded readings seen before that share is trusted (a share under 1/60 is taken as 1/60)
 LOADED_STUCK_P = 1e-9   # how unlikely a loaded run must be by that share: a load's steady phases bunch its repeats
-LOADED_MIN_S = 120.0    # ... and at the least a run this long where that is fewer than stuck_samples readings (the
-                        # simulated fleet's steady phases repeat a loaded GPU's reading for up to 70 s at 10-s scrapes)
+LOADED_MIN_S = 120.0    # ... and a run this long at the least (the simulated fleet's steady phases repeat a loaded
+                        # GPU's reading for up to 70 s at 10-s scrapes)
 
 
 class Counters(Family):
@@ -46,7 +45,8 @@ class Counters(Family):
     repeats = State("gpu", fields={"run": (np.float64, 0.0), "last_w": (np.float64, np.nan),
                                    "idle_run": (np.float64, np.nan), "idle_longest": (np.float64, 0.0),
                                    "idle_runs": (np.float64, 0.0), "top_limit_w": (np.float64, np.nan),
-                                   "loaded_repeat": (np.float64, np.nan), "loaded_seen": (np.float64, 0.0)})
+                                   "loaded_repeat": (np.float64, np.nan), "loaded_seen": (np.float64, 0.0),
+                                   "run_from": (np.float64, np.nan)})
 
     def observe(self, b: GpuBatch) -> None:
         b.power_runs = self.power_flat.update(b.metrics["power_w"], b.slots)  # the siblings distrust a stuck one
@@ -109,26 +109,30 @@ class Counters(Family):
                    evidence())
 
     def _loaded_need(self, b: GpuBatch, runs: np.ndarray, idle: np.ndarray, top: np.ndarray) -> np.ndarray:
-        """Repeats in a row that make a loaded GPU's power sensor stuck: `stuck_samples` at the 1-s
-        scrapes the detectors are tuned at. Read further apart (dcgm-exporter's 30 s: 15 minutes,
-        longer than the stuck sensors of the simulated day lasted), a run of LOADED_MIN_S where that
-        is fewer readings, and as unlikely as LOADED_STUCK_P by the share of the GPU's own loaded readings
-        that repeat the last (p^n), once it has shown LOADED_READINGS; not while a limit holds it (a
-        cap, or its own limit at full load: a real H200 held there repeats its reading to the watt
-        10-50% of the time) and not before it was seen under no cap."""
+        """Repeats in a row that make a loaded GPU's power sensor stuck: `stuck_samples`, tuned at
+        1-s scrapes (30 s). Read further apart (dcgm-exporter's 30 s: 15 minutes, longer than the
+        stuck sensors of a simulated day lasted), fewer: a run that has lasted LOADED_MIN_S and is
+        as unlikely as LOADED_STUCK_P by the share of the GPU's own loaded readings that repeat the
+        last (p^n; 6 readings at least), once it has shown LOADED_READINGS. Not while a limit holds
+        the GPU (a cap, or its own limit at full load: a real H200 held there repeats its reading to
+        the watt 10-50% of the time), nor where the source sends no clocks event reasons or no
+        enforced limit to tell (dcgm-exporter's default counters). A run's own readings past
+        LOADED_MIN_S do not teach the share (a stuck sensor would teach it that it repeats)."""
         d, rep, slots = self.config, self.repeats, b.slots
         power, limit = b.metrics["power_w"], b.metrics["power_limit_w"]
         held = b.held_at_limit() | (limit < top - 1.0)
-        learn = ~idle & np.isfinite(power) & ~held
+        told = np.isfinite(b.metrics["clock_event_reasons"]) & np.isfinite(limit)
+        run_from = np.where(runs == 0, b.ts, rep.run_from[slots])  # (when the run's first reading came)
+        rep.run_from[slots] = run_from
+        lasted_s = b.ts - run_from
+        learn = ~idle & np.isfinite(power) & ~held & told & (lasted_s < LOADED_MIN_S)
         repeat = (runs > 0).astype(float)
         share, seen = rep.loaded_repeat[slots], rep.loaded_seen[slots]
         weight = np.maximum(LOADED_RATE, 1.0 / (seen + 1.0))
         share = np.where(learn, np.nan_to_num(share) + weight * (repeat - np.nan_to_num(share)), share)
         seen = seen + learn
         rep.loaded_repeat[slots], rep.loaded_seen[slots] = share, seen
-        interval = np.nan_to_num(self.engine.family(Staleness).gpu.interval[slots], nan=d.streak_s)
-        by_time = np.minimum(d.stuck_samples, np.ceil(LOADED_MIN_S / np.maximum(interval, 1e-9)))
         with np.errstate(divide="ignore", invalid="ignore"):
             unlikely = np.ceil(np.log(LOADED_STUCK_P) / np.log(np.fmax(share, 1.0 / LOADED_READINGS)))
-        judged = (seen >= LOADED_READINGS) & ~held
-        return np.where(judged, np.fmax(unlikely, by_time), d.stuck_samples)
+        judged = (seen >= LOADED_READINGS) & (share < 1.0) & ~held & told & (lasted_s >= LOADED_MIN_S)
+        return np.where(judged, np.minimum(d.stuck_samples, unlikely), d.stuck_samples)
