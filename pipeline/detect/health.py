@@ -6,7 +6,8 @@ a condition must hold `fire_after` evaluations in a row to fire and be clear
 a flapping stream. A streak must also last as long as it would at the 1 s scrapes
 the detectors are tuned at (`detect.streak_s` per evaluation after the first): at
 0.2-s scrapes three evaluations are 0.4 s, shorter than a real H200's temperature
-leads its 1 s power average at a load start. `NodeHealth` turns the firing alerts into one state per node.
+leads its 1 s power average at a load start. `NodeHealth` turns the firing alerts
+into one state per node.
 """
 
 from __future__ import annotations
