@@ -748,10 +748,10 @@ def test_a_meter_delivered_20_s_late_has_its_hold_and_restore_read_by_their_own_
     assert out.met and out.achieved_kw[-1][0] >= 298, out.achieved_kw[-1]
     assert out.restore_done is not None and ctl.caught_up(out, sim.now)
     end = out.restore_done + timedelta(seconds=ctl.s.control_interval_s)
-    rise = [kw for t, kw in ctl.meter if out.restore_from <= t <= end]
-    after = [kw for t, kw in ctl.meter if end < t <= end + timedelta(seconds=60)]
+    rise = [kw for t, _, kw in ctl.meter if out.restore_from <= t <= end]  # (the instants: a spike's peak)
+    after = [kw for t, _, kw in ctl.meter if end < t <= end + timedelta(seconds=60)]
     assert max(out.restoring_kw) == max(rise) and max(out.restored_kw) == max(after)
-    assert max(rise) > max(kw for t, kw in ctl.meter if out.restore_from - timedelta(seconds=60) <= t < out.restore_from)
+    assert max(rise) > max(kw for t, _, kw in ctl.meter if out.restore_from - timedelta(seconds=60) <= t < out.restore_from)
 
 
 def test_a_cancel_takes_effect_at_the_next_step_so_the_readings_before_it_show_the_caps():
@@ -786,3 +786,113 @@ def test_a_meter_reading_delivered_again_after_newer_ones_hides_none_of_them():
         return tick.gpu, pa.concat_batches([f, meter[-3]]) if i == 502 else f
     drive(sim, ctl, 720, again)
     assert [t for t, _ in out.shed_kw] == [float(s) for s in range(300)]
+
+
+@pytest.mark.parametrize("every_s, ramp_s, reached_s, in_time", [
+    (30.0, 30.0, 31.4, True),    # a meter read every 30 s: its first reading after the deadline judges it
+    (30.0, 30.0, 61.4, False),   # ... not the one after that
+    (1.0, 30.0, 30.4, True),     # every second: the reading at the deadline's second
+    (1.0, 30.0, 31.4, False),
+    (30.0, 20.0, 31.4, False),   # a ramp shorter than the meter's interval: no reading can show it
+])
+def test_a_ramp_is_judged_by_the_first_reading_that_can_show_its_deadline(every_s, ramp_s, reached_s, in_time):
+    req = request(0, 10, ramp_s=ramp_s)
+    times = np.arange(1.4, 300, every_s)
+    out = Outcome(req, requested_kw=10.0, reached_s=reached_s, shed_kw=[(t, 0.0 if t < reached_s else 11.0) for t in times],
+                  achieved_kw=[(t, 11.0) for t in times if t >= reached_s])
+    assert out.in_time is in_time and out.met is in_time
+
+
+def test_a_ramp_whose_meter_went_silent_is_not_judged_by_a_reading_long_after_it():
+    times = [1.4, 2.4, 3.4, 4.4, 300.4]
+    out = Outcome(request(0, 10), requested_kw=10.0, reached_s=300.4, shed_kw=[(t, 11.0 * (t > 100)) for t in times])
+    assert out.due_s() == 30.0 and not out.in_time
+    assert not Outcome(request(0, 10), shed_kw=[(t, 0.0) for t in times[:4]]).ramp_judged(30.5)  # (it may come yet)
+    assert Outcome(request(0, 10), shed_kw=[(t, 0.0) for t in times[:4]]).ramp_judged(31.5)
+
+
+def test_a_fleet_scraped_every_30_s_is_measured_over_each_scrape_by_the_energy_counters():
+    """The realistic normal, the GPUs, the meter and the PDUs all read every 30 s: the fleet's training
+    jobs swing between compute and communication in lockstep, and one instant of them swings the
+    site by half a request or more. Every reading of the measure is now its scrape's mean: the
+    meter's and the PDUs' by their energy counters, and what the caps changed by each GPU's energy
+    counter against its job's uncapped draw. On this seed the measure's minutes are within a quarter
+    of the truth's (0.39 of the request apart with instants) and the request is met (it was not).
+    (Not on every seed: a job that ends or stalls in a 2-rack fleet moves the measure by more, with
+    instants or means; docs/power.md.)"""
+    from pipeline.analytics.demand_response import DemandResponse, _minute_means
+    from pipeline.config import load_config
+    cfg = load_config(None, env={"FLEETWATCH_POWER__DEFAULT_CLASS": "3", "FLEETWATCH_FLEET__SAMPLE_INTERVAL_S": "30",
+                                 "FLEETWATCH_FLEET__SEED": "8", "FLEETWATCH_FLEET__FAULT_INTERVAL_S": "0",
+                                 "FLEETWATCH_FLEET__RACKS": "2"})
+    sim = FleetSimulator(cfg.fleet, start=EVAL_EPOCH)
+    dr = DemandResponse(cfg, sim, 1500, 1)
+    for _ in range(1500 // 30):
+        tick = sim.step()
+        dr.tick(tick.gpu, tick.facility)
+    (event,) = dr.events
+    out = event.outcome
+    truth, measured = _minute_means(event.true_kw, out.reached_s, 30.0), out.minute_means()
+    assert len(truth) >= 8 and len(measured) >= len(truth)
+    assert max(abs(m - t) for m, t in zip(measured, truth)) < 0.25 * out.requested_kw, (measured, truth)
+    assert out.met, (measured, out.requested_kw)
+
+
+def test_caps_never_applied_are_not_credited_at_30_s_where_the_source_sends_no_enforced_limit():
+    """dcgm-exporter's default counters leave the enforced limit out, and the cap set here stands
+    for it: a GPU whose mean draw over the scrape is over that cap was not held by it (the agents
+    did not apply it, here a dry run). It had been credited its whole draw above the cap."""
+    from pipeline.roles.power import DryRunActuator
+    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple",
+                                     sample_interval_s=30), start=EVAL_EPOCH)
+    ctl = Controller(sim.cfg.site, CURVE, DryRunActuator(), PowerConfig(default_class=3))
+    out = ctl.submit(request(900, 8, duration_s=600, ramp_s=60))
+    planned = 0
+    for _ in range(60):
+        tick = sim.step()
+        gpu = tick.gpu
+        at = gpu.schema.get_field_index("power_limit_w")
+        gpu = gpu.set_column(at, gpu.schema.field(at), pa.nulls(gpu.num_rows, pa.float64()))
+        ctl.observe_gpus(gpu)
+        ctl.observe_facility(tick.facility)
+        ctl.step(sim.now)
+        planned = max(planned, int(np.sum(~np.isnan(ctl.cap))))
+    assert planned > 0  # (planned, never applied)
+    assert out.reached_s is None and max(abs(m) for m in out.minute_means()) < 0.1 * out.requested_kw
+
+
+def test_a_gpu_sample_delivered_again_does_not_rewind_its_energy_counter():
+    """At-least-once delivery: the 30-s sample comes again after the 60-s one. The next mean spans
+    60 -> 90 s (the counter of the resent sample had been taken as the latest: 2x the draw)."""
+    sim, ctl = fleet()
+    row = sim.step().gpu.slice(0, 1)
+    t0, e0 = row.column("ts")[0].as_py(), 1234567.891
+
+    def sample(t_s: float) -> pa.RecordBatch:
+        d = row.to_pydict()
+        d["ts"], d["energy_j"], d["power_w"] = [t0 + timedelta(seconds=t_s)], [e0 + 500.125 * t_s], [500.0]
+        return pa.RecordBatch.from_pydict(d, schema=row.schema)
+    for t in (0, 30, 60, 30, 90):
+        ctl.gpus.update(sample(t))
+    assert ctl.gpus.mean_w[0] == pytest.approx(500.125)
+    ctl.gpus.update(pa.concat_batches([sample(150), sample(120)]))  # (two in one batch, the newer first)
+    ctl.gpus.update(sample(180))
+    assert ctl.gpus.mean_w[0] == pytest.approx(500.125)
+
+
+def test_a_fleet_read_every_second_is_measured_on_its_instants_even_after_a_node_s_gap():
+    """The agent's 1-s scrapes: one node's samples missing for 7 s leave its GPUs 8 s apart, but the
+    fleet is read every second, and the caps' change stays on the instants (its PDUs' are)."""
+    sim, ctl = fleet()
+    ctl.submit(request(400, 10))
+    for i in range(480):
+        tick = sim.step()
+        gpu = tick.gpu
+        if 460 <= i < 467:
+            gpu = gpu.filter(pc.not_equal(gpu.column("node"), "r01-n05"))
+        ctl.observe_gpus(gpu)
+        ctl.observe_facility(tick.facility)
+        if i % INTERVAL == 0:
+            ctl.step(sim.now)
+        if i == 467:
+            assert ctl.gpus.interval_s == 1.0 and np.all(np.isnan(ctl.gpus.mean_w))

@@ -148,3 +148,40 @@ def test_a_1000_w_gpus_draw_is_binned_on_its_own_scale_and_a_cap_credits_what_it
         learner.observe(one, np.array([698.0]), np.array([1.0]), np.array([0.34 * float(keep(0.5, r))]),
                         np.array([700.0]), 1000.0)
     assert learner.sensitivity()[0] == pytest.approx(0.5, abs=0.05)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(250, 350), st.floats(0.5, 0.9), st.floats(460, 650), st.floats(0, 1))
+def test_over_a_30_s_scrape_a_swinging_job_s_shed_follows_the_share_of_it_at_the_cap(low_w, duty, cap_w, share):
+    """A training job that draws 700 W while it computes and `low_w` while it communicates
+    (`duty` of the time computing, uncapped). Scraped every 30 s, a scrape may hold more or
+    fewer of its phases: its energy counter's mean tells how many, and what the cap took over it
+    is the share at the cap times its draw above the cap (an instant had told only the phase it
+    caught)."""
+    learner = CurveLearner(CURVE)
+    one = np.array([0])
+    for t in range(200):  # the uncapped reference, a second at a time
+        draw = 700.0 if (t % 20) < 20 * duty else low_w
+        learner.observe(one, np.array([draw]), np.array([1.0]), np.array([0.34]), np.array([700.0]), 700.0)
+    mean_w = share * cap_w + (1 - share) * low_w  # the scrape's: `share` of it computing, held at the cap
+    shed = learner.shed_over(one, np.array([cap_w]), np.array([mean_w]))[0]
+    assert shed == pytest.approx(share * (700.0 - cap_w), abs=0.05 * (700.0 - cap_w) + 2.0)
+    assert learner.shed_over(one, np.array([cap_w]), np.array([low_w]))[0] < 0.05 * (700.0 - cap_w) + 2.0
+
+
+def test_a_steady_job_s_scrape_at_idle_sheds_nothing_and_never_more_than_its_draw_above_the_cap():
+    """A steady job's reference (700 W, always) says nothing of a scrape it stalled in: the cap
+    held it at most the share of the scrape its mean is above idle, and nothing where its readings
+    show its load fell under the cap."""
+    learner = CurveLearner(CURVE)
+    one = np.array([0, 0])
+    for _ in range(60):
+        learner.observe(one[:1], np.array([699.0]), np.array([1.0]), np.array([0.34]), np.array([700.0]), 700.0)
+    shed = learner.shed_over(one, np.array([500.0, 500.0]), np.array([80.0, 500.0]))
+    assert shed[0] < 5.0 and shed[1] == pytest.approx(199.0, abs=2.0)
+    assert learner.shed_over(one[:1], np.array([720.0]), np.array([700.0]))[0] == 0.0  # (never drawn that high)
+    # Its load fell under the cap (read under it at both ends of the scrape): nothing; a mean over the
+    # cap (the cap not applied yet): nothing.
+    fell = learner.shed_over(one, np.array([500.0, 500.0]), np.array([480.0, 480.0]), np.array([False, True]))
+    assert fell[0] == 0.0 and fell[1] > 150.0
+    assert learner.shed_over(one[:1], np.array([500.0]), np.array([690.0]))[0] == 0.0

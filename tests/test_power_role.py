@@ -982,3 +982,16 @@ def test_a_request_restored_and_waiting_for_the_meter_s_last_readings_is_reporte
     again = Harness(tmp_path, sim=h.sim)
     again.run(10)
     assert not again.of(Topic.POWER_REPORTS)
+
+
+def test_a_request_on_one_rack_is_judged_by_its_pdu_through_the_role(tmp_path):
+    """A rack request is judged by the covered racks' PDUs; the role reads their last reading's time
+    to tell a silent PDU (it had unpacked each reading as two values, and crashed on three)."""
+    h = Harness(tmp_path)
+    h.run(90)
+    rid = h.ask(reduction_pct=8, racks=["r01"])
+    h.run(300 + 200)
+    (entry,) = h.store.entries()
+    assert entry.state == "done", (entry.state, entry.reason)
+    (row,) = h.of(Topic.POWER_REPORTS)
+    assert row["id"] == rid and row["met"] and row["racks"] == "r01", row

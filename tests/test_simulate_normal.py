@@ -284,7 +284,7 @@ def test_the_bms_reports_at_its_resolution_and_gpu_power_in_watts():
         ratio = per_rack / RACK_QUANTA
         assert np.allclose(ratio, np.round(ratio), atol=1e-6)
         site, energy = (v for d, v in zip(fac["device"], fac["value"]) if d == "meter-main")
-        assert site % 100 == 0 and energy % 3.6e6 == 0
+        assert site % 100 == 0 and energy % 3600 == 0
         power = t.gpu.column("power_w").to_numpy()
         assert np.array_equal(power, np.round(power))
 

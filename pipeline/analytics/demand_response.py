@@ -184,7 +184,8 @@ class DemandResponse:
             uniform_lost += e.uniform_lost
         true_min, credit_error = [], []
         for e in done:
-            truth, measured = _minute_means(e.true_kw, e.outcome.reached_s), e.outcome.minute_means()
+            truth = _minute_means(e.true_kw, e.outcome.reached_s, self.cfg.fleet.sample_interval_s)
+            measured = e.outcome.minute_means()
             if e.outcome.requested_kw and truth:
                 true_min.append(min(truth) / e.outcome.requested_kw)
                 credit_error += [abs(m - t) / e.outcome.requested_kw for m, t in zip(measured, truth)]
@@ -217,10 +218,13 @@ def uniform_cap(draw_w: np.ndarray, shed_w: float, min_w: float) -> float:
     return max(float(cap), min_w)
 
 
-def _minute_means(readings: list[tuple[float, float]], reached_s: float | None) -> list[float]:
-    """A hold's minute means (Outcome.minute_means' rule) of readings from `reached_s` on."""
+def _minute_means(readings: list[tuple[float, float]], reached_s: float | None, interval_s: float) -> list[float]:
+    """A hold's minute means (Outcome.minute_means' rule) of the truth's readings from the scrape
+    the meter's reading at `reached_s` shows on (the meter's clock may run up to half an
+    interval ahead of the truth's: 30 s late, each minute had been set against the next)."""
     if reached_s is None:
         return []
     from pipeline.power.controller import Outcome
-    out = Outcome(None, achieved_kw=[(t, kw) for t, kw in readings if t >= reached_s])  # type: ignore[arg-type]
+    out = Outcome(None, achieved_kw=[(t, kw) for t, kw in readings  # type: ignore[arg-type]
+                                     if t >= reached_s - interval_s / 2])
     return out.minute_means()

@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import PowerConfig
+from pipeline.counters import MEAN_AFTER_S, Counter, counter_step_j, interval_mean_w
 from pipeline.detect.catalog import ALERTS
 from pipeline.model import HW_SLOWDOWN_ANY
 from pipeline.detect.state import KeyIndex
@@ -168,10 +169,37 @@ class Outcome:
             out.append(float(kw[mine].mean()))
         return out
 
+    def _readings_s(self) -> tuple[np.ndarray, float]:
+        """The readings' times from the start, in order, and their usual interval (0 before two)."""
+        t = np.sort([x for x, _ in self.shed_kw])
+        return t, float(np.median(np.diff(t))) if t.size > 1 else 0.0
+
+    def due_s(self) -> float:
+        """When the ramp is judged: at its deadline, or by the first reading after it where that
+        comes within the readings' usual interval (a meter read every 30 s shows no moment between
+        its readings: the first that can show the deadline's is the one that judges it). A ramp
+        shorter than that interval is judged at its deadline: no reading of it can show it met."""
+        ramp = self.request.ramp_s
+        t, gap = self._readings_s()
+        after = t[t >= ramp]
+        return float(after[0]) if after.size and gap <= ramp and after[0] <= ramp + gap else ramp
+
+    def ramp_judged(self, since_s: float) -> bool:
+        """Whether the ramp can be judged `since_s` from the start: its due reading came, or it is
+        past the deadline by more than the readings' usual interval."""
+        ramp = self.request.ramp_s
+        t, gap = self._readings_s()
+        return since_s > ramp and (bool(t.size and t[-1] >= ramp) or since_s > ramp + gap)
+
+    @property
+    def in_time(self) -> bool:
+        """At the target by its ramp's deadline (`due_s`)."""
+        return self.reached_s is not None and self.reached_s <= self.due_s()
+
     @property
     def met(self) -> bool:
         """Reached by the ramp deadline, and held: every minute's mean within 2% of the target."""
-        if self.reached_s is None or self.reached_s > self.request.ramp_s or not self.achieved_kw:
+        if not self.in_time or not self.achieved_kw:
             return False
         return min(self.minute_means()) >= 0.98 * self.requested_kw
 
@@ -212,6 +240,11 @@ class GpuTable:
         self.new_job = np.zeros(0, bool)    # the last batch's rows: the samples name other jobs than before
         self.flat = np.zeros(0, np.int64)   # identical power readings in a row (a stuck sensor: detect's rule)
         self.forced = np.zeros(0, bool)     # clocks forced down by hardware or heat (a brake, a thermal slowdown)
+        self.energy_j = np.zeros(0)         # its energy counter's latest reading (NaN: none) ...
+        self.energy_step_j = np.zeros(0)    # ... its resolution (pipeline/counters.py) ...
+        self.mean_w = np.zeros(0)           # ... and its mean draw since the sample before (NaN: read less than
+                                            # 5 s apart, or no counter to trust: the instant stands for it)
+        self.before_w = np.zeros(0)         # the power its sample before read
         self.node_ix = np.zeros(0, np.int64)  # each GPU's node, numbered
         self._node_ids: dict[str, int] = {}
         self.rack_ix = np.zeros(0, np.int64)  # each GPU's rack, numbered (rack_ids)
@@ -249,6 +282,8 @@ class GpuTable:
         with np.errstate(invalid="ignore"):
             moves = busy & ~(limit < self.default_w[slots] - 1.0)
         self.flat[slots] = np.where((power == self.power_w[slots]) & moves, self.flat[slots] + 1, 0)
+        before_w = self.power_w[slots]
+        self.before_w[slots] = before_w
         self.power_w[slots] = power
         reasons = batch.column("clock_event_reasons").to_numpy(zero_copy_only=False)
         self.forced[slots] = (np.nan_to_num(reasons).astype(np.int64) & int(HW_SLOWDOWN_ANY)) != 0
@@ -287,6 +322,7 @@ class GpuTable:
         # A GPU's first sample stands for the fleet's interval; one not newer than its last (a replay, a
         # duplicate) for no time.
         self.dt_s = np.where(ok, dt, np.where(prev > 0, 0.0, self.interval_s))
+        self._count_energy(batch, ok | (prev == 0), dt, before_w, power, us)
         np.maximum.at(self.seen_us, self.slots, us)
         if self.classes.by_workload:  # the job on a GPU changes, and its class with it
             self.namespace[slots] = batch.column("namespace").to_numpy(zero_copy_only=False)
@@ -300,6 +336,28 @@ class GpuTable:
                             for k in zip(self.nodes, self.namespace, self.pod)]
         elif self.classes.by_workload:
             self.flex[slots] = self.classes.of_rows(batch)
+
+    def means(self) -> bool:
+        """Whether the fleet is read 5 s apart or more: each reading then stands for its scrape by its
+        energy counter's mean (pipeline/counters.py); read faster, the instants do."""
+        return self.interval_s >= MEAN_AFTER_S
+
+    def _count_energy(self, batch: pa.RecordBatch, newer: np.ndarray, dt: np.ndarray, before_w: np.ndarray,
+                      power: np.ndarray, us: np.ndarray) -> None:
+        """Each row's mean draw since its GPU's sample before, by its energy counter (`mean_w`); only rows
+        newer than their GPU's last move the counter on (a replayed sample must not rewind it), the
+        newest of a GPU's rows last."""
+        slots = self.slots
+        energy = batch.column("energy_j").to_numpy(zero_copy_only=False).astype(np.float64)
+        if self.means():  # (read faster: NaN, and the counter's resolution not worked out, which costs)
+            self.energy_step_j[slots] = np.fmin(self.energy_step_j[slots], counter_step_j(energy))
+            self.mean_w[slots] = interval_mean_w(energy - self.energy_j[slots], np.where(newer, dt, np.nan),
+                                                 self.energy_step_j[slots], before_w, power)
+        else:
+            self.mean_w[slots] = np.nan
+        order = np.argsort(np.where(newer, us, np.iinfo(np.int64).min), kind="stable")
+        order = order[newer[order]]
+        self.energy_j[slots[order]] = energy[order]
 
     def _register(self, new: pa.Array, first_rows: np.ndarray) -> None:
         """GPUs never seen before (once per GPU ever): their place, their class."""
@@ -319,6 +377,8 @@ class GpuTable:
         self.last_job = np.concatenate([self.last_job, np.full(grow, None, object)])
         self.flat = np.concatenate([self.flat, np.zeros(grow, np.int64)])
         self.forced = np.concatenate([self.forced, np.zeros(grow, bool)])
+        for name in ("energy_j", "energy_step_j", "mean_w", "before_w"):
+            setattr(self, name, np.concatenate([getattr(self, name), np.full(grow, np.nan)]))
         racks = self.racks[-grow:]
         self.rack_ix = np.concatenate([self.rack_ix, np.array([self.rack_ids.setdefault(r, len(self.rack_ids))
                                                                for r in racks], np.int64)])
@@ -369,9 +429,12 @@ class Controller:
         self.gpus = GpuTable(self.classes)
         self.jobs: dict[str, str] = {}                        # node -> its job, as the scheduler says (set_jobs)
         self.learner = CurveLearner(curve)                    # each GPU's sensitivity, from its samples
-        self.meter: deque[tuple[datetime, float]] = deque()   # site power readings, kW
+        # Power readings as the measure takes them: read 5 s apart or more, each the mean since the one
+        # before by the device's energy counter (pipeline/counters.py), else the instant, as read.
+        self.meter: deque[tuple[datetime, float, float]] = deque()  # site power readings: (ts, kW, instant kW)
         self.it: deque[tuple[datetime, float, float]] = deque()  # (ts, meter kW, the PDUs' sum kW) per scrape
-        self.pdu: dict[str, tuple[datetime, float]] = {}      # rack -> its latest PDU reading, kW
+        self.pdu: dict[str, tuple[datetime, float, float]] = {}  # rack -> its latest PDU reading: (ts, kW, instant kW)
+        self.counters: dict[tuple[str, str], Counter] = {}  # (device class, device) -> its energy counter
         self.pdu_at = np.zeros(0)            # per rack (GpuTable.rack_ix): self.pdu's time, unix s (_pdu_read_at)
         self.pdu_then: deque[tuple[float, float, float]] = deque()  # at each PDUs' reading: (unix s, their
                                              # sum kW, what the caps changed in it kW during a request)
@@ -492,20 +555,39 @@ class Controller:
         return self._masks[1], self._masks[2]
 
     def observe_facility(self, batch: pa.RecordBatch) -> None:
-        power = pc.equal(batch.column("metric"), "power_w")
+        metric, device_class = batch.column("metric"), batch.column("device_class")
         pdu_read = None  # the PDU readings' times, if the batch holds some
+        # The counters' means only where the GPUs too are read 5 s apart or more (GpuTable.means): the caps'
+        # change each PDU reading is set against comes from the GPUs' readings, means or instants like them.
+        means = self.gpus.means()
+        if not means:
+            self.counters.clear()
         for cls, into in (("meter", None), ("rack", self.pdu)):
-            rows = batch.filter(pc.and_(power, pc.equal(batch.column("device_class"), cls)))
-            if into is not None and rows.num_rows:
-                pdu_read = unix_us(rows.column("ts"))
-            for ts, rack, value in zip(rows.column("ts").to_pylist(), rows.column("rack").to_pylist(),
-                                       rows.column("value").to_pylist()):  # a meter and a PDU per rack per scrape
+            mine = pc.equal(device_class, cls)
+            if into is not None:
+                read = batch.filter(pc.and_(mine, pc.equal(metric, "power_w")))
+                if read.num_rows:
+                    pdu_read = unix_us(read.column("ts"))
+            wanted = pa.array(["power_w", "energy_j"] if means else ["power_w"])
+            rows = batch.filter(pc.and_(mine, pc.is_in(metric, wanted)))
+            # Each device's readings in time order, a counter's before the power read with it (a batch may
+            # hold a backlog of several scrapes): a meter and a PDU per rack per scrape.
+            for ts, power, device, rack, value in sorted(zip(
+                    rows.column("ts").to_pylist(), pc.equal(rows.column("metric"), "power_w").to_pylist(),
+                    rows.column("device").to_pylist(), rows.column("rack").to_pylist(),
+                    rows.column("value").to_pylist()), key=lambda r: (r[0], r[1])):
                 if value is None or not math.isfinite(value):  # (a meter's NaN is no reading: it would
                     continue                                     # poison every mean it entered)
+                counter = self.counters.setdefault((cls, device), Counter()) if means else None
+                if not power:
+                    if counter is not None:
+                        counter.count(value, ts.timestamp())
+                    continue
+                kw = (counter.mean_w(value, ts.timestamp()) if counter is not None else value) / 1000.0
                 if into is None:
-                    self.meter.append((ts, value / 1000.0))
+                    self.meter.append((ts, kw, value / 1000.0))
                 else:
-                    into[rack] = (ts, value / 1000.0)
+                    into[rack] = (ts, kw, value / 1000.0)
                     if (k := self.gpus.rack_ids.get(rack)) is not None and k < self.pdu_at.size:
                         self.pdu_at[k] = ts.timestamp()
         active = self.active is not None and self.phase == "active"
@@ -520,10 +602,10 @@ class Controller:
             if self.pdu_then and at == self.pdu_then[-1][0]:  # (the same read, rack by rack: the sum so far)
                 self.pdu_then.pop()
             if not self.pdu_then or at > self.pdu_then[-1][0]:
-                self.pdu_then.append((at, sum(v for _, v in self.pdu.values()),
+                self.pdu_then.append((at, sum(v for _, v, _ in self.pdu.values()),
                                       self._capped_change_kw(()) if active else 0.0))
         if self.meter and self.pdu and (not self.it or self.it[-1][0] != self.meter[-1][0]):
-            ts, kw = self.meter[-1]
+            ts, kw, _ = self.meter[-1]
             _, it_kw, capped_kw = self._pdus_at(ts)
             self.it.append((ts, kw, it_kw))
             if active and not self.active.racks:
@@ -545,20 +627,22 @@ class Controller:
                 best = entry
             if entry[0] <= t:
                 break
-        return best if best is not None else (t, sum(v for _, v in self.pdu.values()), None)
+        return best if best is not None else (t, sum(v for _, v, _ in self.pdu.values()), None)
 
-    def covered_kw(self, req: PowerRequest) -> float | None:
-        """The covered load's power now: the site meter, or the covered racks' PDUs."""
+    def covered_kw(self, req: PowerRequest, instant: bool = False) -> float | None:
+        """The covered load's power now: the site meter, or the covered racks' PDUs (as the measure
+        takes them; `instant`: as read)."""
+        i = 2 if instant else 1
         if not req.racks:
-            return self.meter[-1][1] if self.meter else None
-        readings = [self.pdu[r][1] for r in req.racks if r in self.pdu]
+            return self.meter[-1][i] if self.meter else None
+        readings = [self.pdu[r][i] for r in req.racks if r in self.pdu]
         return sum(readings) if len(readings) == len(req.racks) else None
 
     def baseline_kw(self, now: datetime) -> float | None:
         """The site meter's mean over `power.baseline_s` before `now`: a request's baseline
         before its adjustment."""
         since = now - timedelta(seconds=self.s.baseline_s)
-        values = [kw for t, kw in self.meter if since <= t <= now]
+        values = [kw for t, kw, _ in self.meter if since <= t <= now]
         return float(np.mean(values)) if values else None
 
     def meter_per_it(self) -> tuple[float, float]:
@@ -598,9 +682,15 @@ class Controller:
         g = self.gpus
         # Under a hardware or thermal slowdown the GPU's demand fell for its own reasons (under a
         # deep cap a power brake does not show in the draw): what it sheds is not the cap's.
-        held = np.flatnonzero(self.steady & self._held() & ~g.forced)
-        change = g.power_w[held] - self.learner.demand_above(held, g.power_w[held])
-        return np.bincount(g.rack_ix[held], weights=change, minlength=len(g.rack_ids))
+        capped = self.steady & ~np.isnan(self.cap) & ~g.forced
+        # Scraped 5 s apart or more: over the scrape, by its energy counter's mean (an instant of a training
+        # job may catch it communicating, when its cap sheds nothing, or computing, when it sheds all).
+        slow = np.flatnonzero(capped & np.isfinite(g.mean_w))
+        held = np.flatnonzero(capped & np.isnan(g.mean_w))
+        held = held[self._held(held)]
+        change = np.concatenate([g.power_w[held] - self.learner.demand_above(held, g.power_w[held]),
+                                 -self._shed_over_w(slow)])
+        return np.bincount(g.rack_ix[np.concatenate([held, slow])], weights=change, minlength=len(g.rack_ids))
 
     def _pdu_read_at(self) -> np.ndarray:
         """Per rack (GpuTable.rack_ix): its PDU's latest reading's time (unix s; NaN: none yet)."""
@@ -703,7 +793,7 @@ class Controller:
             # slower than the GPUs, a reconnect); the covered racks' sum once each has a newer one. None
             # new (a meter gone silent): nothing measured, no correction (the last reading again would
             # be a hold nobody saw; the role reports the silence).
-            readings = [(t, kw) for t, kw in self._covered_since(req, seen) if req.start <= t <= now]
+            readings = [(t, kw) for t, kw, _ in self._covered_since(req, seen) if req.start <= t <= now]
             if readings:
                 # The seconds each reading stands for: the meter's interval (a BMS polls every 1-60 s),
                 # the covered racks' since the last sum measured.
@@ -748,7 +838,7 @@ class Controller:
             if self.phase == "idle":
                 out.restore_done = now
 
-    def _covered_since(self, req: PowerRequest, since: datetime | None) -> list[tuple[datetime, float]]:
+    def _covered_since(self, req: PowerRequest, since: datetime | None) -> list[tuple[datetime, float, float]]:
         """The covered load's readings stamped after `since` (None: every one kept), oldest first: the
         site meter's, or the covered racks' sum once each has read again (stamped by the oldest).
         None new (a meter gone silent): nothing (the last reading again would be a hold nobody saw)."""
@@ -758,12 +848,12 @@ class Controller:
         if covered is None:
             return []
         newest = min(self.pdu[r][0] for r in req.racks)
-        return [(newest, covered)] if since is None or newest > since else []
+        return [(newest, covered, self.covered_kw(req, instant=True))] if since is None or newest > since else []
 
-    def _meter_since(self, since: datetime | None) -> list[tuple[datetime, float]]:
+    def _meter_since(self, since: datetime | None) -> list[tuple[datetime, float, float]]:
         """The site meter's readings stamped after `since`, in the order they came (one resent or
         delivered out of order hides no newer one)."""
-        return [(t, kw) for t, kw in self.meter if since is None or t > since]
+        return [r for r in self.meter if since is None or r[0] > since]
 
     def _measure(self, req: PowerRequest, out: Outcome, t: datetime, kw: float) -> tuple[float, float, float]:
         """One reading of the covered load as the reduction it shows: (s from start, kW, the baseline's
@@ -805,28 +895,28 @@ class Controller:
         new = self._covered_since(req, out.read_to)
         if new:
             out.read_to = new[-1][0]
-        for t, kw in new:
+        for t, kw, _ in new:
             if t < out.restore_from and (self.counted is None or t > self.counted) and t >= req.start:
                 self._measure(req, out, t, kw)
         end = None if out.restore_done is None else self._rise_end(out)
 
         def rising_at(t: datetime) -> bool:
             return t >= out.restore_from and (end is None or t <= end)
-        rising = [kw for t, kw in new if rising_at(t)]
+        rising = [kw for t, _, kw in new if rising_at(t)]  # (peaks: the instants)
         if rising:
             out.restoring_kw.append(max(rising))
-        after = [] if end is None else [kw for t, kw in new if end < t <= end + MINUTE]
+        after = [] if end is None else [kw for t, _, kw in new if end < t <= end + MINUTE]
         if after:
             out.restored_kw.append(max(after))
         meter = new if not req.racks else self._meter_since(out.meter_to)
         if meter:
             out.meter_to = meter[-1][0]
-        if self.site_cap_w and any(kw * 1000.0 > self.site_cap_w for t, kw in meter if rising_at(t)):
+        if self.site_cap_w and any(kw * 1000.0 > self.site_cap_w for t, _, kw in meter if rising_at(t)):
             out.over_site_cap = True
 
     def _meter_interval_s(self) -> float:
         """The site meter's interval: its last readings' median step (1 s before any)."""
-        times = [t for t, _ in itertools.islice(reversed(self.meter), 11)][::-1]
+        times = [t for t, *_ in itertools.islice(reversed(self.meter), 11)][::-1]
         steps = [(b - a).total_seconds() for a, b in zip(times, times[1:]) if b > a]
         return float(np.median(steps)) if steps else 1.0
 
@@ -835,7 +925,7 @@ class Controller:
         the covered power itself)."""
         if req.racks:
             return self.covered_kw(req) or 0.0
-        return sum(v for _, v in self.pdu.values())
+        return sum(v for _, v, _ in self.pdu.values())
 
     def _started(self, req: PowerRequest) -> bool:
         return self._outcome(req).baseline_kw is not None
@@ -1022,6 +1112,14 @@ class Controller:
         """Per GPU: held by the cap set here (drawing within NOT_BINDING_W of it; no cap: never)."""
         return self.gpus.power_w[slots] >= self.cap[slots] - NOT_BINDING_W
 
+    def _shed_over_w(self, slots: np.ndarray) -> np.ndarray:
+        """What the cap each GPU of `slots` enforced (the one set here where the source sends none) took
+        from its draw over its last scrape, by its energy counter's mean (CurveLearner.shed_over)."""
+        g = self.gpus
+        limit = np.where(np.isnan(g.limit_w[slots]), self.cap[slots], g.limit_w[slots])
+        held = (g.power_w[slots] >= limit - NOT_BINDING_W) | (g.before_w[slots] >= limit - NOT_BINDING_W)
+        return self.learner.shed_over(slots, limit, g.mean_w[slots], held)
+
     def _shedding(self) -> np.ndarray:
         """Per GPU: its job's saving counts for the request now (steady, not paused by a checkpoint)."""
         return self.steady & ~self.gpus.paused
@@ -1095,7 +1193,7 @@ class Controller:
         capped = np.flatnonzero(~np.isnan(self.cap))
         budget_w = self.s.restore_rate_kw_s * 1000.0 * self.s.control_interval_s
         if self.site_cap_w and self.meter:
-            budget_w = max(0.0, min(budget_w, self.site_cap_w - self.meter[-1][1] * 1000.0))
+            budget_w = max(0.0, min(budget_w, self.site_cap_w - self.meter[-1][2] * 1000.0))
         cap, demand = self.cap[capped], self.demand[capped]
         # A job that started under a cap (during the request or its restore): its demand is not known.
         new_job = (self.gpus.util[capped] >= IDLE_UTIL) & ~self.steady[capped]

@@ -65,6 +65,9 @@ MIN_REF_S = 5.0       # seconds of reference before a capped sample counts (2 sa
 MIN_SHED = 0.03       # a cap binds when the draw is this share below the reference
 NOT_BINDING_W = 10.0  # a GPU drawing this far under its limit is not held by it (the simulator's and
                       # the recorded H100's hold 1-4 W under)
+IDLE_SHARE = 0.1      # a GPU's idle draw, as a share of its limit (an H100's 70 W of 700)
+STEADY_UNDER = 0.05   # a job that drew under a cap this share of its reference or less never drew under it
+SHED_NOISE_W = 10.0   # a scrape's mean draw is this uncertain as a measure of the phases it held (W)
 NOISE_Y = 0.03        # util_mem's resolution (an integer percent of ~34%) as an error on y
 IDLE_UTIL = 0.05      # (power/planner.py's: under it a GPU does no work, and its job is over)
 
@@ -141,6 +144,40 @@ class CurveLearner:
         never drew that much (what the cap takes is then not known, and not credited)."""
         level = np.asarray(level_w, np.float64)
         return np.fmax(self._mean(slots, self.edges[None, :] > (level * self.stretch[slots])[:, None]), level)
+
+    def shed_over(self, slots: np.ndarray, cap_w: np.ndarray, mean_w: np.ndarray,
+                  held_at_ends: np.ndarray | None = None) -> np.ndarray:
+        """What each GPU's cap took from its draw over a scrape whose mean draw was `mean_w` (its
+        energy counter's): a scrape of 30 s holds more or fewer of a training job's communication
+        phases, which a cap does not touch. On its uncapped draw's distribution X, the cap takes
+        max(X - cap, 0) and leaves min(X, cap); the estimate is the first's mean, moved by the
+        regression of it on the second by how far the scrape's mean is from the second's mean
+        (a job of two levels: exact), between 0 and the most the scrape's mean allows: the cap held
+        the GPU at most the share of the scrape its mean is above idle (a steady job's reference
+        says nothing of a scrape it stalled in; its own low draw would not do: read every 30 s, a
+        job whose step is a multiple of the scrape is read in one phase only). A mean over the cap:
+        the cap did not hold it (not applied yet, or set during the scrape): nothing. Nor where a job
+        that never drew under the cap in its reference was read under it at both ends of the scrape
+        (`held_at_ends` False: its load fell under the cap)."""
+        cap = np.asarray(cap_w, np.float64)
+        mean = np.asarray(mean_w, np.float64)
+        weight = self.draw[slots].astype(np.float64)
+        total = weight.sum(axis=1, keepdims=True)
+        p = np.divide(weight, total, out=np.zeros_like(weight), where=total > 0)
+        watts = np.divide(self.draw_w[slots], self.draw[slots], out=np.zeros_like(weight),
+                          where=self.draw[slots] > 0)
+        kept, taken = np.minimum(watts, cap[:, None]), np.maximum(watts - cap[:, None], 0.0)
+        kept_mean, taken_mean = np.sum(p * kept, axis=1), np.sum(p * taken, axis=1)
+        cov = np.sum(p * kept * taken, axis=1) - kept_mean * taken_mean
+        var = np.sum(p * kept * kept, axis=1) - kept_mean ** 2
+        est = taken_mean + cov / (var + SHED_NOISE_W ** 2) * (mean - kept_mean)
+        idle = IDLE_SHARE * self.curve.max_limit_w / self.stretch[slots]
+        held = cap - NOT_BINDING_W  # (a GPU held at its cap draws within this of it)
+        at_cap = np.clip((mean - idle) / np.fmax(held - idle, 1.0), 0.0, 1.0)
+        most = np.fmax(self.demand_above(slots, cap) - cap, 0.0)
+        fell = np.zeros(mean.shape, bool) if held_at_ends is None else \
+            ~np.asarray(held_at_ends, bool) & (np.sum(p * (watts < held[:, None]), axis=1) < STEADY_UNDER)
+        return np.where((mean <= cap + NOT_BINDING_W) & ~fell, np.clip(est, 0.0, at_cap * most), 0.0)
 
     def _mean(self, slots, mask: np.ndarray) -> np.ndarray:
         mass = np.sum(self.draw[slots] * mask, axis=1, dtype=np.float64)

@@ -407,7 +407,7 @@ class PowerRole:
             return "no meter reading", self.ctl.meter[-1][0] if self.ctl.meter else None
         seen = [self.ctl.pdu.get(r) for r in req.racks]
         return (f"no PDU reading of racks {','.join(req.racks)}",
-                None if any(x is None for x in seen) else min(ts for ts, _ in seen))
+                None if any(x is None for x in seen) else min(x[0] for x in seen))
 
     def _silence(self, req: PowerRequest, now: datetime, within_s: float) -> str:
         """'' if the covered load has a reading within `within_s` before `now`; else what has been
@@ -526,7 +526,7 @@ class PowerRole:
         o, req = t.outcome, t.req
         since = (now - req.start).total_seconds()
         missed = ""
-        if since > req.ramp_s and (o.reached_s is None or o.reached_s > req.ramp_s):
+        if o.ramp_judged(since) and not o.in_time:
             got = o.shed_kw[-1][1] if o.shed_kw else None
             missed = (f"did not reach {o.requested_kw:.1f} kW of reduction within its {req.ramp_s:g} s ramp"
                       + (f" (reached at {o.reached_s:.0f} s)" if o.reached_s is not None else

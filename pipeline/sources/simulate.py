@@ -72,8 +72,9 @@ bit-identical to the simulator before it, and a phenomenon can be turned off alo
   as normal events (faults.NORMAL_EVENTS), node scope, over the whole window.
 - noise, quantization: facility temperatures carry 0.03 C of sensor noise, differential
   pressure 0.4 kPa; the BMS reports temperatures to 0.1 C, flow to 0.5 L/min, pressure to
-  1 kPa, PDU power to 1 W and energy to 1 Wh, the site meter to 100 W and 1 kWh (BACnet and
-  Modbus points of CDUs and meters are scaled integers at about these resolutions).
+  1 kPa, PDU power to 1 W and energy to 1 Wh, the site meter to 100 W and 1 Wh (BACnet and
+  Modbus points of CDUs and meters are scaled integers at about these resolutions; a revenue
+  meter keeps its energy as a count of Wh).
 - power_quantization: GPU power reported to 1 W (as collectors that round it do; NVML
   itself reports mW).
 - dropouts: 0.1% of GPU rows and 0.02% of whole node scrapes missing, each for one sample
@@ -824,8 +825,8 @@ POINT_DROPOUT = 1e-3                  # one facility reading missing
 TEMP_NOISE_C = 0.03                   # facility temperature sensors (on top of the supply's control noise)
 DP_NOISE_KPA = 0.4
 RACK_QUANTA = np.array([0.1, 0.1, 0.5, 1.0, 1.0, 1.0, 1.0, 3600.0])  # supply, return C; flow L/min; dp kPa;
-# pump, leak; PDU W; PDU energy J (1 Wh). The site meter: 100 W and 1 kWh.
-METER_QUANTA = (100.0, 3.6e6)
+# pump, leak; PDU W; PDU energy J (1 Wh). The site meter: 100 W and 1 Wh.
+METER_QUANTA = (100.0, 3600.0)
 CALIBRATION_SD_C = 0.1                # each temperature sensor's offset at the start
 RECALIBRATION_EVERY_S = 24 * 3600.0   # per sensor
 RECALIBRATION_STEP_C = (0.2, 0.5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.bus.base import Topic
+from pipeline.counters import counter_step_j, step_mean
 from pipeline.detect.batch import FacilityBatch, Output
 from pipeline.detect.family import Family, State, evidence, lag
 from pipeline.model import PointKind
@@ -16,10 +17,7 @@ SETTLE_LAGS = 3.0  # after what explained a rack ends, its loop still carries th
 OFFSET_TAU_S = 1800.0  # the rack's two temperature sensors' offset is learned over this long (a BMS
                        # recalibrates each in steps of tenths of a degree, about once a day) ...
 OFFSET_MAX_SENSORS = 2.0  # ... and explains at most this many heat_balance_sensor_c: a larger gap is the loop's
-MEAN_POWER_AFTER_S = 5.0  # PDUs read this far apart or more: their energy counter's mean power drives the prediction,
-COUNTER_STEPS = 50.0      # where the energy between two readings is this many of the counter's steps (2%) or more
-# The steps a counter's readings can come in (J): 1 mJ to 1 MWh, in decades of J and of Wh.
-STEPS_J = np.sort(np.concatenate([10.0 ** np.arange(-3, 10), 3.6 * 10.0 ** np.arange(0, 10)]))[::-1]
+
 
 
 class HeatBalance(Family):
@@ -110,35 +108,13 @@ class HeatBalance(Family):
         PDUs read seconds apart: the instant, as good as the mean. Read 30 s apart, a training
         job's swing makes the instant a poor stand-in for the heat that went into the coolant
         meanwhile (false RackHeatImbalance at 30-s scrapes): the energy counter's mean since
-        the reading the last step took. Only where the PDU sent its counter with this power
-        reading (in the same batch or before it, within a quarter of the interval), the energy
-        between is 50 of the counter's steps or more (a 0.1 kWh counter read every 30 s is not:
-        +-20%), and the mean is plausible against the instants (a counter that went back, a
-        reset, or stood still, a BMS resending a cached value): else the instant, as without
-        a counter."""
+        the reading the last step took, where the PDU sent its counter with this power reading (in
+        the same batch or before it, within a quarter of the interval) and the counter can be
+        trusted (pipeline/counters.py): else the instant, as without a counter."""
         loop = self.loop
-        interval_s = np.nan_to_num(t_row - loop.power_t[racks], nan=0.0)
-        fresh = np.abs(loop.energy_t[racks] - t_row) <= np.maximum(0.5, 0.25 * interval_s)
-        span_s = loop.energy_t[racks] - loop.stepped_t[racks]
-        energy_j = loop.energy_j[racks] - loop.stepped_j[racks]
-        before_w = np.where(np.isnan(loop.power_w[racks]), instant_w, loop.power_w[racks])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean_w = energy_j / span_s
-            use = (fresh & (span_s >= MEAN_POWER_AFTER_S) & (energy_j >= COUNTER_STEPS * loop.energy_step_j[racks])
-                   & (mean_w >= 0.25 * np.fmin(before_w, instant_w)) & (mean_w <= 4.0 * np.fmax(before_w, instant_w)))
-        # (a reading that came without its counter leaves the last one taken: the next spans both)
-        loop.stepped_j[racks] = np.where(fresh, loop.energy_j[racks], loop.stepped_j[racks])
-        loop.stepped_t[racks] = np.where(fresh, loop.energy_t[racks], loop.stepped_t[racks])
+        power_w, (loop.stepped_j[racks], loop.stepped_t[racks]) = step_mean(
+            loop.energy_j[racks], loop.energy_t[racks], loop.stepped_j[racks], loop.stepped_t[racks],
+            loop.energy_step_j[racks], loop.power_w[racks], loop.power_t[racks], instant_w, t_row)
         loop.power_w[racks] = instant_w
-        return np.where(use, mean_w, instant_w)
+        return power_w
 
-
-def counter_step_j(readings: np.ndarray) -> np.ndarray:
-    """The coarsest step each reading of an energy counter is a whole number of (J; 0: finer
-    than 1 mJ; NaN for 0, which tells nothing): a counter's resolution is the finest of these
-    over its readings (a reading on a coarser step is one by chance)."""
-    n = np.round(readings[:, None] / STEPS_J[None, :])
-    off_j = np.abs(readings[:, None] - n * STEPS_J[None, :])
-    whole = (n != 0) & (off_j <= 1e-12 * np.abs(readings[:, None]) + 1e-9)  # (to the float's precision)
-    step = np.where(whole.any(axis=1), STEPS_J[np.argmax(whole, axis=1)], 0.0)
-    return np.where(readings == 0, np.nan, step)
