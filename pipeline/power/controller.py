@@ -1170,8 +1170,15 @@ class Controller:
         error = want + margin / 2 - achieved_kw  # aim inside the headroom
         if abs(error) <= margin / 2 and not self._relearned():
             return  # the caps stay: one moved back and forth heats and cools a GPU for nothing
-        if abs(error) > margin / 2:
+        # A meter read 5 s apart or more: an excess is not given back in the hold's last minute and the two
+        # readings it takes to correct one (a give-back that overshoots shows a scrape later, and its correction
+        # after the last minute is judged).
+        every_s = self._meter_interval_s()
+        late = every_s >= MEAN_AFTER_S and (req.end - now).total_seconds() < MINUTE_S + 2 * every_s
+        if abs(error) > margin / 2 and not (error < 0 and late):
             self.extra_w = max(-want * 1000.0, self.extra_w + error * 1000.0)
+        elif not self._relearned():
+            return
         p = self._plan(req, out, now)
         # Anti-windup: at the classes' capacity a shortfall stays, and more asked only waits to
         # over-shed the moment capacity returns (a job starts).
