@@ -41,6 +41,7 @@ class Stats:
 
 PINNED_SHARE = 0.02  # a GPU within this share under its limit, with reason 0x4, is held there
 
+
 @dataclass
 class GpuBatch:
     """One GPU telemetry batch as arrays, row-aligned. The fields after `reasons` are

@@ -172,11 +172,11 @@ class CurveLearner:
         var = np.sum(p * kept * kept, axis=1) - kept_mean ** 2
         est = taken_mean + cov / (var + SHED_NOISE_W ** 2) * (mean - kept_mean)
         idle = IDLE_SHARE * self.curve.max_limit_w / self.stretch[slots]
-        held = cap - NOT_BINDING_W  # (a GPU held at its cap draws within this of it)
-        at_cap = np.clip((mean - idle) / np.fmax(held - idle, 1.0), 0.0, 1.0)
+        held_w = cap - NOT_BINDING_W  # (a GPU held at its cap draws within this of it)
+        at_cap = np.clip((mean - idle) / np.fmax(held_w - idle, 1.0), 0.0, 1.0)
         most = np.fmax(self.demand_above(slots, cap) - cap, 0.0)
         fell = np.zeros(mean.shape, bool) if held_at_ends is None else \
-            ~np.asarray(held_at_ends, bool) & (np.sum(p * (watts < held[:, None]), axis=1) < STEADY_UNDER)
+            ~np.asarray(held_at_ends, bool) & (np.sum(p * (watts < held_w[:, None]), axis=1) < STEADY_UNDER)
         return np.where((mean <= cap + NOT_BINDING_W) & ~fell, np.clip(est, 0.0, at_cap * most), 0.0)
 
     def _mean(self, slots, mask: np.ndarray) -> np.ndarray:

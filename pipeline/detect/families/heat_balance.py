@@ -19,7 +19,6 @@ OFFSET_TAU_S = 1800.0  # the rack's two temperature sensors' offset is learned o
 OFFSET_MAX_SENSORS = 2.0  # ... and explains at most this many heat_balance_sensor_c: a larger gap is the loop's
 
 
-
 class HeatBalance(Family):
     topic = Topic.FACILITY
     name = "heat_balance"
