@@ -916,3 +916,37 @@ def test_an_excess_is_not_given_back_in_the_hold_s_last_minute():
     assert np.array_equal(sim.caps, before)
     ctl._correct(req, out, 2.0 * out.requested_kw, req.end - timedelta(seconds=200))
     assert np.sum(sim.caps) > np.sum(before)  # (raised: the excess given back)
+
+
+def test_a_job_read_in_one_phase_every_30_s_is_planned_and_credited_at_its_energy_counters_level():
+    """Read every 30 s, a training job whose step is a multiple of the scrape shows one phase in every
+    reading: here each uncapped reading catches its communication (330 W) while its energy counter
+    holds its draw (490-700 W, the simple normal's jobs). The plan and the credit take the counter's
+    level: the readings alone had credited a third of what the caps shed."""
+    sim = FleetSimulator(FleetConfig(racks=2, seed=4, fault_interval_s=0, gpu_reset_interval_s=0, normal="simple",
+                                     sample_interval_s=30), start=EVAL_EPOCH)
+    ctl = Controller(sim.cfg.site, CURVE, SimulatorActuator(sim), PowerConfig(default_class=3))
+
+    def observe() -> None:
+        tick = sim.step()
+        gpu = tick.gpu
+        power, limit, util = (gpu.column(c).to_numpy(zero_copy_only=False) for c in
+                              ("power_w", "power_limit_w", "util_gpu"))
+        caught = np.where((util >= 0.05) & (limit >= 699.0), 330.0, power)  # (uncapped: its communication)
+        at = gpu.schema.get_field_index("power_w")
+        ctl.observe_gpus(gpu.set_column(at, gpu.schema.field(at), pa.array(caught, pa.float64())))
+        ctl.observe_facility(tick.facility)
+        ctl.step(sim.now)
+    for _ in range(20):
+        observe()
+    busy = ctl.gpus.util >= 0.05
+    assert busy.sum() > 20
+    assert ctl.learner.demand()[busy] == pytest.approx(ctl.gpus.mean_w[busy], rel=0.02)  # (its counter's, not 330 W)
+    ctl.submit(request(sim.t + 30, 40, duration_s=900, ramp_s=60))
+    for _ in range(10):
+        observe()
+    capped = ~np.isnan(ctl.cap)
+    assert capped.sum() > 0
+    credited = -float(np.sum(ctl._capped_now_w()))
+    true = float(np.sum(np.maximum(sim.power_uncapped - sim.last_power, 0.0)))
+    assert credited == pytest.approx(true, rel=0.1), (credited, true)

@@ -917,7 +917,8 @@ def test_a_read_of_per_node_messages_is_observed_a_batch_at_a_time_and_decides_a
     for name in ("power_w", "default_w", "flat", "limit_w", "paused", "seen_us", "flex"):
         np.testing.assert_array_equal(getattr(a.gpus, name), getattr(b.gpus, name), err_msg=name)
     assert a.gpus.interval_s == b.gpus.interval_s == 1.0
-    for name in ("draw", "draw_w", "recent", "ref_n", "ref_s", "ref_mem", "sxx", "sxy", "points"):
+    for name in ("draw", "draw_w", "recent", "ref_n", "ref_s", "ref_mem", "sxx", "sxy", "points", "level_sum",
+                 "level_mass", "was_free"):
         np.testing.assert_array_equal(getattr(a.learner, name), getattr(b.learner, name), err_msg=name)
     for name in ("cap", "steady", "unheld", "mine"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)

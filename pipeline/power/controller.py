@@ -487,7 +487,7 @@ class Controller:
         limit = np.where(np.isnan(g.limit_w[rows]), self.cap[rows], g.limit_w[rows])
         self.learner.observe(rows, np.where(g.forced[rows], np.nan, g.power_w[rows]), g.util[rows],
                              g.util_mem[rows], limit, self._own_w(rows), g.paused[rows],
-                             g.new_job, g.dt_s)  # (a slowdown: no sample)
+                             g.new_job, g.dt_s, np.where(g.forced[rows], np.nan, g.mean_w[rows]))  # (a slowdown: no sample)
         if self.active is not None:
             self._fit()
             self.unheld[rows] = np.where(self._held(rows) | np.isnan(self.cap[rows]), 0.0,

@@ -27,7 +27,13 @@ prior s = 1 as `PRIOR_WEIGHT` pseudo-samples, from:
     samples' mean `STEP_UP` of the default limit above the distribution's upper half: a
     new job, a bigger batch) starts the distribution afresh. Under a cap the reference stays as
     it was (the draw shows only what the cap allows, and a job's communication phases
-    under it would pull the distribution down to them);
+    under it would pull the distribution down to them). Read 5 s apart or more, the readings
+    give the distribution's shape and the energy counter its level (`level_w`, the mean of
+    the scrapes busy and uncapped from end to end, faded with the readings): read every 30 s,
+    a job whose step is a multiple of the scrape is read in one phase only, or in one more
+    often than it runs, and its readings alone had put a job drawing 590 W on average at
+    330 W. Readings on both sides of the level are weighed to it (`_levelled`); readings all
+    on one side are bounded by it (`shed_over`, `duty`);
   - the points: samples busy, under a cap, drawing at least `MIN_SHED` below the reference
     (the cap binds; otherwise r is 1 and the sample says nothing);
   - a new job: a GPU that goes idle forgets its reference and its fit (the next job is
@@ -85,6 +91,13 @@ def span_seconds(dt_s, span_s: float) -> np.ndarray:
     return np.minimum(np.asarray(dt_s, np.float64), span_s / 2)
 
 
+def _tilted(theta: np.ndarray, z: np.ndarray, log_w: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Weights exp(log_w + theta z), normalised per row (bins not `seen`: 0)."""
+    a = np.where(seen, log_w + theta * z, -np.inf)
+    e = np.exp(a - a.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
 @dataclass
 class CurveLearner:
     """Per GPU slot (the caller's indices, grown with `grow`): the sensitivity learned so far."""
@@ -102,6 +115,15 @@ class CurveLearner:
     points: np.ndarray = field(default_factory=lambda: np.zeros(0))
     stretch: np.ndarray = field(default_factory=lambda: np.ones(0))  # per slot: the curve's watts per watt of
                                                     # its own limit (planner.GpuPower.stretch): its bins and rates
+    level_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))   # per slot: its scrapes' mean draws by the
+    level_mass: np.ndarray = field(default_factory=lambda: np.zeros(0))  # energy counter, weighted and faded as the
+                                                    # distribution's samples are (`level_w`), and their weight
+    was_free: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per slot: its last sample busy, uncapped
+    # `_levelled`'s per slot, worked out when first read after the slot's last sample (`fresh`)
+    tilted_p: np.ndarray = field(default_factory=lambda: np.zeros((0, DEMAND_BINS)), repr=False)
+    tilted_inside: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)
+    tilted_level: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    fresh: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)
 
     def __post_init__(self) -> None:
         self.bin_w = 1.1 * self.curve.max_limit_w / DEMAND_BINS
@@ -110,9 +132,14 @@ class CurveLearner:
     def grow(self, n: int) -> None:
         extra = n - self.ref_n.size
         if extra > 0:
-            for name in ("recent", "ref_mem", "ref_n", "ref_s", "sxx", "sxy", "points"):
+            for name in ("recent", "ref_mem", "ref_n", "ref_s", "sxx", "sxy", "points", "level_sum", "level_mass"):
                 setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra)]))
             self.stretch = np.concatenate([self.stretch, np.ones(extra)])
+            self.was_free = np.concatenate([self.was_free, np.zeros(extra, bool)])
+            self.fresh = np.concatenate([self.fresh, np.zeros(extra, bool)])
+            self.tilted_inside = np.concatenate([self.tilted_inside, np.zeros(extra, bool)])
+            self.tilted_level = np.concatenate([self.tilted_level, np.full(extra, np.nan)])
+            self.tilted_p = np.concatenate([self.tilted_p, np.zeros((extra, DEMAND_BINS))])
             self.draw = np.concatenate([self.draw, np.zeros((extra, DEMAND_BINS), np.float32)])
             self.draw_w = np.concatenate([self.draw_w, np.zeros((extra, DEMAND_BINS), np.float32)])
 
@@ -125,40 +152,131 @@ class CurveLearner:
     def demand(self, slots: np.ndarray | None = None) -> np.ndarray:
         """What each GPU's job draws when it draws: the mean of the upper half of its uncapped
         draw (a training job's compute phase; 0 without a reference)."""
-        sl = slice(None) if slots is None else slots
-        cum = np.cumsum(self.draw[sl], axis=1)
-        return self._mean(sl, cum > 0.5 * cum[:, -1:])
+        sl = np.arange(self.ref_n.size) if slots is None else np.asarray(slots)
+        out = self._readings_demand(sl)
+        rows, p, watts, inside, level = self._levelled(sl)
+        if rows.size:
+            cum = np.cumsum(p, axis=1)
+            out[rows] = np.where(inside, self._weighted(p, watts, cum > 0.5 * cum[:, -1:]), np.fmax(out[rows], level))
+        return out
+
+    def _readings_demand(self, slots) -> np.ndarray:
+        """`demand()` by the readings alone (a step up is one above them: the level moves later)."""
+        cum = np.cumsum(self.draw[slots], axis=1)
+        return self._mean(slots, cum > 0.5 * cum[:, -1:])
 
     def duty(self, demand: np.ndarray, default_w: float | np.ndarray) -> np.ndarray:
         """The share of the time each GPU draws its `demand` (`demand()`, within `STEP_UP` of the
         default limit under it): about 1 for a steady job, the compute share of a training job's
-        step; 1 without a reference."""
+        step; 1 without a reference, or where its readings all lie under its level (taken then); where
+        they all lie over it, at most the share of the time its level allows at the demand."""
         w = self.draw
         total = w.sum(axis=1, dtype=np.float64)
-        near = self.edges[None, :] > ((demand - STEP_UP * np.asarray(default_w, np.float64)) * self.stretch)[:, None]
-        return np.divide(np.sum(w * near, axis=1, dtype=np.float64), total, out=np.ones(total.size), where=total > 0)
+        floor = np.broadcast_to(demand - STEP_UP * np.asarray(default_w, np.float64), total.shape)
+        near = self.edges[None, :] > (floor * self.stretch)[:, None]
+        out = np.divide(np.sum(w * near, axis=1, dtype=np.float64), total, out=np.ones(total.size), where=total > 0)
+        rows, p, watts, inside, level = self._levelled(np.arange(total.size))
+        if rows.size:
+            # Readings all under the level: the level all the time; all over it: at most the share of the time
+            # the level allows at the demand above idle.
+            idle = IDLE_SHARE * self.curve.max_limit_w / self.stretch[rows]
+            d = np.asarray(demand, np.float64)[rows]
+            allowed = np.clip((level - idle) / np.fmax(d - idle, 1.0), 0.0, 1.0)
+            readings_w = np.sum(p * watts, axis=1)
+            one_sided = np.where(readings_w < level, 1.0, np.minimum(out[rows], allowed))
+            out[rows] = np.where(inside, np.sum(p * (watts > floor[rows, None]), axis=1), one_sided)
+        return out
 
     def demand_above(self, slots: np.ndarray, level_w: np.ndarray) -> np.ndarray:
         """What each GPU would draw, uncapped, when its draw is at least `level_w` (a cap holds
         it there): its uncapped draw's mean above the level; the level itself where its job
-        never drew that much (what the cap takes is then not known, and not credited)."""
+        never drew that much (what the cap takes is then not known, and not credited), at least
+        its energy counter's level where its readings lie all under it (`_levelled`)."""
         level = np.asarray(level_w, np.float64)
-        return np.fmax(self._mean(slots, self.edges[None, :] > (level * self.stretch[slots])[:, None]), level)
+        out = np.fmax(self._mean(slots, self.edges[None, :] > (level * self.stretch[slots])[:, None]), level)
+        rows, p, watts, inside, mean = self._levelled(slots)
+        if rows.size:
+            at = np.broadcast_to(level, out.shape)[rows]
+            # (a mean above any level is at least the whole mean)
+            out[rows] = np.where(inside, np.fmax(self._weighted(p, watts, watts > at[:, None]), at),
+                                 np.fmax(out[rows], mean))
+        return out
+
+    def level_w(self, slots=slice(None)) -> np.ndarray:
+        """Each GPU's uncapped draw's mean by its energy counter (NaN: not known). Read 5 s apart or
+        more, its readings give its draw's shape and the counter its level: a mean holds every phase of
+        the scrape, a reading one instant. Known while its scrapes' weight is at least half its readings'
+        (a fleet back at 1 s, or a counter no longer trusted, lets it fade with them)."""
+        mass = self.level_mass[slots]
+        known = (mass > 0) & (mass >= 0.5 * self.draw[slots].sum(axis=1, dtype=np.float64))
+        return np.divide(self.level_sum[slots], mass, out=np.full(mass.shape, np.nan), where=known)
+
+    def _levelled(self, slots: np.ndarray):
+        """The GPUs of `slots` whose level is known: (their indices in `slots`; per bin, the weight and
+        watts of their draw's distribution; whether their readings lie on both sides of the level; the
+        level). Readings on both sides: their distribution tilted to the level (the least change that
+        gives that mean: exponential tilting; a job of two levels read in either phase too often comes
+        out exact). All on one side (a job read in one phase only): the readings as they are, which the
+        level bounds (`shed_over`, `demand`, `duty`)."""
+        slots = np.asarray(slots)
+        stale = np.unique(slots[~self.fresh[slots]])
+        if stale.size:
+            self._tilt(stale)
+        level = self.tilted_level[slots]
+        rows = np.flatnonzero(np.isfinite(level))
+        s = slots[rows]
+        watts = np.divide(self.draw_w[s], self.draw[s], out=np.zeros((s.size, DEMAND_BINS)), where=self.draw[s] > 0)
+        return rows, self.tilted_p[s], watts, self.tilted_inside[s], level[rows]
+
+    def _tilt(self, s: np.ndarray) -> None:
+        """`_levelled`'s distribution of the GPUs `s`, kept until their next sample."""
+        self.fresh[s] = True
+        level = self.level_w(s)
+        self.tilted_level[s] = level
+        s, at = s[np.isfinite(level)], level[np.isfinite(level)][:, None]
+        if s.size == 0:
+            return
+        weight = self.draw[s].astype(np.float64)
+        watts = np.divide(self.draw_w[s], self.draw[s], out=np.zeros(weight.shape), where=weight > 0)
+        seen = weight > 0
+        total = weight.sum(axis=1, keepdims=True)
+        counts = weight > 1e-6 * total  # (a reading faded to nothing says nothing of the draw's range)
+        lo = np.min(np.where(counts, watts, np.inf), axis=1, keepdims=True)
+        hi = np.max(np.where(counts, watts, -np.inf), axis=1, keepdims=True)
+        inside = (lo + 0.5 < at) & (at < hi - 0.5)
+        z = np.where(seen, (watts - at) / 100.0, 0.0)
+        log_w = np.log(np.where(seen, weight, 1.0))
+        theta_lo, theta_hi = np.full((s.size, 1), -60.0), np.full((s.size, 1), 60.0)
+        for _ in range(30):  # (the tilted mean rises with theta: bisect it to the level)
+            theta = 0.5 * (theta_lo + theta_hi)
+            above = np.sum(_tilted(theta, z, log_w, seen) * z, axis=1, keepdims=True) > 0
+            theta_hi, theta_lo = np.where(above, theta, theta_hi), np.where(above, theta_lo, theta)
+        tilted = _tilted(0.5 * (theta_lo + theta_hi), z, log_w, seen)
+        inside &= np.abs(np.sum(tilted * z, axis=1, keepdims=True)) < 0.01  # (within 1 W of the level: no theta
+                                                                           # in range reached it, else)
+        raw = np.divide(weight, total, out=np.zeros(weight.shape), where=total > 0)
+        self.tilted_p[s] = np.where(inside, tilted, raw)
+        self.tilted_inside[s] = inside[:, 0]
+
+    @staticmethod
+    def _weighted(p: np.ndarray, watts: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        mass = np.sum(p * mask, axis=1)
+        return np.divide(np.sum(p * watts * mask, axis=1), mass, out=np.zeros(mass.size), where=mass > 0)
 
     def shed_over(self, slots: np.ndarray, cap_w: np.ndarray, mean_w: np.ndarray,
                   held_at_ends: np.ndarray | None = None) -> np.ndarray:
         """What each GPU's cap took from its draw over a scrape whose mean draw was `mean_w` (its
         energy counter's): a scrape of 30 s holds more or fewer of a training job's communication
-        phases, which a cap does not touch. On its uncapped draw's distribution X, the cap takes
-        max(X - cap, 0) and leaves min(X, cap); the estimate is the first's mean, moved by the
-        regression of it on the second by how far the scrape's mean is from the second's mean
-        (a job of two levels: exact), between 0 and the most the scrape's mean allows: the cap held
-        the GPU at most the share of the scrape its mean is above idle (a steady job's reference
-        says nothing of a scrape it stalled in; its own low draw would not do: read every 30 s, a
-        job whose step is a multiple of the scrape is read in one phase only). A mean over the cap:
-        the cap did not hold it (not applied yet, or set during the scrape): nothing. Nor where a job
-        that never drew under the cap in its reference was read under it at both ends of the scrape
-        (`held_at_ends` False: its load fell under the cap)."""
+        phases, which a cap does not touch. On its uncapped draw's distribution X (at its level
+        where known: `_levelled`), the cap takes max(X - cap, 0) and leaves min(X, cap); the estimate
+        is the first's mean, moved by the regression of it on the second by how far the scrape's mean
+        is from the second's mean (a job of two levels: exact), between 0 and the most the scrape's
+        mean allows: the cap held the GPU at most the share of the scrape its mean is above idle (a
+        steady job's reference says nothing of a scrape it stalled in; its own low draw would not do:
+        read every 30 s, a job whose step is a multiple of the scrape is read in one phase only). A
+        mean over the cap: the cap did not hold it (not applied yet, or set during the scrape):
+        nothing. Nor where a job that never drew under the cap in its reference was read under it at
+        both ends of the scrape (`held_at_ends` False: its load fell under the cap)."""
         cap = np.asarray(cap_w, np.float64)
         mean = np.asarray(mean_w, np.float64)
         weight = self.draw[slots].astype(np.float64)
@@ -166,12 +284,32 @@ class CurveLearner:
         p = np.divide(weight, total, out=np.zeros_like(weight), where=total > 0)
         watts = np.divide(self.draw_w[slots], self.draw[slots], out=np.zeros_like(weight),
                           where=self.draw[slots] > 0)
+        rows, p_at, watts_at, inside, level = self._levelled(slots)
+        p[rows], watts[rows] = p_at, watts_at
+        at = np.full(mean.shape, np.nan)  # (per GPU of `slots`: its level)
+        at[rows] = level
         kept, taken = np.minimum(watts, cap[:, None]), np.maximum(watts - cap[:, None], 0.0)
         kept_mean, taken_mean = np.sum(p * kept, axis=1), np.sum(p * taken, axis=1)
         cov = np.sum(p * kept * taken, axis=1) - kept_mean * taken_mean
         var = np.sum(p * kept * kept, axis=1) - kept_mean ** 2
-        est = taken_mean + cov / (var + SHED_NOISE_W ** 2) * (mean - kept_mean)
         idle = IDLE_SHARE * self.curve.max_limit_w / self.stretch[slots]
+        # At its level L, what a cap takes on average is at least L - cap and at most the chord from idle to the
+        # GPU's own limit at L (max(X - cap, 0) is convex in X, which never leaves that range). Readings all
+        # under L: their shed, at least L - cap. All over it (they caught the job computing only): how much of
+        # the scrape it computed they cannot tell, but its scrapes average L, and max(X - cap, 0) = X - min(X,
+        # cap): L less the scrape's mean.
+        chord = np.full(mean.shape, np.inf)
+        if rows.size:
+            own = self.curve.max_limit_w / self.stretch[slots][rows]
+            c = cap[rows]
+            chord[rows] = np.maximum(level - idle[rows], 0.0) * np.maximum(own - c, 0.0) / (own - idle[rows])
+            under = rows[~inside & (np.sum(p_at * watts_at, axis=1) < level)]
+            taken_mean[under] = np.maximum(taken_mean[under], np.maximum(at[under] - cap[under], 0.0))
+        est = taken_mean + cov / (var + SHED_NOISE_W ** 2) * (mean - kept_mean)
+        if rows.size:
+            over = rows[~inside & (np.sum(p_at * watts_at, axis=1) > level)]
+            est[over] = at[over] - mean[over]
+        est = np.minimum(est, chord)
         held_w = cap - NOT_BINDING_W  # (a GPU held at its cap draws within this of it)
         at_cap = np.clip((mean - idle) / np.fmax(held_w - idle, 1.0), 0.0, 1.0)
         most = np.fmax(self.demand_above(slots, cap) - cap, 0.0)
@@ -186,15 +324,18 @@ class CurveLearner:
 
     def observe(self, slots: np.ndarray, power_w: np.ndarray, util: np.ndarray, util_mem: np.ndarray,
                 limit_w: np.ndarray, default_w: float | np.ndarray, paused: np.ndarray | None = None,
-                new_job: np.ndarray | None = None, dt_s: float | np.ndarray = 1.0) -> None:
+                new_job: np.ndarray | None = None, dt_s: float | np.ndarray = 1.0,
+                mean_w: np.ndarray | None = None) -> None:
         """One batch of samples: per row its GPU's slot, draw, utilisation, memory utilisation
         and enforced limit (NaN where unknown); `default_w` each GPU's own limit (a site's
         `nvidia-smi -pl 600` or a 400 W part's; under it, a cap is set); `paused`
         per row: idle, its job's memory still held (None: an idle GPU's job is over); `new_job`
         per row: the samples name another job than before (learned afresh, busy or not); `dt_s`
-        per row: the seconds since its GPU's sample before (the scrape interval)."""
+        per row: the seconds since its GPU's sample before (the scrape interval); `mean_w` per row: its
+        mean draw since then by its energy counter (NaN, or None: read faster, the instants do)."""
         self.grow(int(slots.max()) + 1 if slots.size else 0)
         power = np.asarray(power_w, np.float64)
+        mean = None if mean_w is None else np.asarray(mean_w, np.float64)
         util = np.nan_to_num(np.asarray(util, np.float64))
         mem = np.asarray(util_mem, np.float64)
         has_mem = mem > 0  # (null where the source sends none: a trimmed dcgm-exporter counters file, MIG)
@@ -206,34 +347,46 @@ class CurveLearner:
         self.stretch[slots] = k
         ok = np.isfinite(power)
         idle = ok & (util < IDLE_UTIL)
-        over = idle if paused is None else idle & ~np.asarray(paused, bool)
+        over = idle.copy() if paused is None else idle & ~np.asarray(paused, bool)  # (not idle itself: |= below)
         if new_job is not None:
             over |= np.asarray(new_job, bool)
+        self.fresh[slots[over]] = False
         if over.any():  # the job is over: the next one is learned afresh
             gone = slots[over]
             for a in (self.draw, self.draw_w, self.recent, self.ref_mem, self.ref_n, self.ref_s, self.sxx, self.sxy,
-                      self.points):
+                      self.points, self.level_sum, self.level_mass):
                 a[gone] = 0.0
+            self.was_free[gone] = False  # (a scrape across two jobs is neither's)
         busy = ok & ~idle
         capped = limit < default_w - 0.5
         free = busy & ~capped  # the draw's reference needs no util_mem: only the points do
         if free.any():
             s = slots[free]
+            self.fresh[s] = False  # (the histogram and the level move: `_levelled` works them out again)
             dt = np.broadcast_to(np.asarray(dt_s, np.float64), power.shape)[free]
             n = self.ref_n[s] + 1.0
             self.recent[s] += np.maximum(1.0 / n, span_weight(dt, RECENT_S, 2)) * (power[free] - self.recent[s])
-            stepped = self.recent[s] > self.demand(s) + STEP_UP * default_w[free]
+            stepped = self.recent[s] > self._readings_demand(s) + STEP_UP * default_w[free]
             fade = np.where(stepped, 0.0, 1.0 - span_weight(dt, DEMAND_S, DEMAND_MIN)).astype(np.float32)[:, None]
             self.draw[s] *= fade
             self.draw_w[s] *= fade
             at = (s, np.clip((power[free] * k[free] / self.bin_w).astype(np.int64), 0, DEMAND_BINS - 1))
             np.add.at(self.draw, at, 1.0)
             np.add.at(self.draw_w, at, power[free])
+            # The level fades with the readings, and counts only a scrape busy and uncapped from end to end
+            # (one a job started, stalled or was capped in holds what it did not draw).
+            self.level_sum[s] *= fade[:, 0]
+            self.level_mass[s] *= fade[:, 0]
+            if mean is not None:
+                scraped = np.isfinite(mean[free]) & self.was_free[s]
+                np.add.at(self.level_sum, s[scraped], mean[free][scraped])
+                np.add.at(self.level_mass, s[scraped], 1.0)
             a = np.maximum(1.0 / n, 1.0 / REF_SAMPLES)
             m = has_mem[free]
             self.ref_mem[s[m]] += a[m] * (mem[free][m] - self.ref_mem[s[m]])
             self.ref_n[s] = n
             self.ref_s[s] += span_seconds(dt, MIN_REF_S)
+        self.was_free[slots] = free
         known = busy & capped & self.referenced(slots)
         ref_p = np.zeros(power.size)
         if known.any():
