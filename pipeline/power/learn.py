@@ -194,12 +194,12 @@ class CurveLearner:
         its energy counter's level where its readings lie all under it (`_levelled`)."""
         level = np.asarray(level_w, np.float64)
         out = np.fmax(self._mean(slots, self.edges[None, :] > (level * self.stretch[slots])[:, None]), level)
-        rows, p, watts, inside, mean = self._levelled(slots)
+        rows, p, watts, inside, counted = self._levelled(slots)
         if rows.size:
             at = np.broadcast_to(level, out.shape)[rows]
-            # (a mean above any level is at least the whole mean)
+            # (a mean above any level is at least the whole mean, the counter's)
             out[rows] = np.where(inside, np.fmax(self._weighted(p, watts, watts > at[:, None]), at),
-                                 np.fmax(out[rows], mean))
+                                 np.fmax(out[rows], counted))
         return out
 
     def level_w(self, slots=slice(None)) -> np.ndarray:
@@ -225,8 +225,7 @@ class CurveLearner:
         level = self.tilted_level[slots]
         rows = np.flatnonzero(np.isfinite(level))
         s = slots[rows]
-        watts = np.divide(self.draw_w[s], self.draw[s], out=np.zeros((s.size, DEMAND_BINS)), where=self.draw[s] > 0)
-        return rows, self.tilted_p[s], watts, self.tilted_inside[s], level[rows]
+        return rows, self.tilted_p[s], self._bins(s)[1], self.tilted_inside[s], level[rows]
 
     def _tilt(self, s: np.ndarray) -> None:
         """`_levelled`'s distribution of the GPUs `s`, kept until their next sample."""
@@ -236,16 +235,14 @@ class CurveLearner:
         s, at = s[np.isfinite(level)], level[np.isfinite(level)][:, None]
         if s.size == 0:
             return
-        weight = self.draw[s].astype(np.float64)
-        watts = np.divide(self.draw_w[s], self.draw[s], out=np.zeros(weight.shape), where=weight > 0)
-        seen = weight > 0
-        total = weight.sum(axis=1, keepdims=True)
-        counts = weight > 1e-6 * total  # (a reading faded to nothing says nothing of the draw's range)
+        raw, watts = self._bins(s)
+        seen = raw > 0
+        counts = raw > 1e-6  # (a reading faded to nothing says nothing of the draw's range)
         lo = np.min(np.where(counts, watts, np.inf), axis=1, keepdims=True)
         hi = np.max(np.where(counts, watts, -np.inf), axis=1, keepdims=True)
         inside = (lo + 0.5 < at) & (at < hi - 0.5)
         z = np.where(seen, (watts - at) / 100.0, 0.0)
-        log_w = np.log(np.where(seen, weight, 1.0))
+        log_w = np.log(np.where(seen, raw, 1.0))
         theta_lo, theta_hi = np.full((s.size, 1), -60.0), np.full((s.size, 1), 60.0)
         for _ in range(30):  # (the tilted mean rises with theta: bisect it to the level)
             theta = 0.5 * (theta_lo + theta_hi)
@@ -254,9 +251,15 @@ class CurveLearner:
         tilted = _tilted(0.5 * (theta_lo + theta_hi), z, log_w, seen)
         inside &= np.abs(np.sum(tilted * z, axis=1, keepdims=True)) < 0.01  # (within 1 W of the level: no theta
                                                                            # in range reached it, else)
-        raw = np.divide(weight, total, out=np.zeros(weight.shape), where=total > 0)
         self.tilted_p[s] = np.where(inside, tilted, raw)
         self.tilted_inside[s] = inside[:, 0]
+
+    def _bins(self, slots) -> tuple[np.ndarray, np.ndarray]:
+        """Each GPU's readings' distribution: per bin, its share of their weight and its mean watts."""
+        weight = self.draw[slots].astype(np.float64)
+        total = weight.sum(axis=1, keepdims=True)
+        p = np.divide(weight, total, out=np.zeros_like(weight), where=total > 0)
+        return p, np.divide(self.draw_w[slots], self.draw[slots], out=np.zeros_like(weight), where=weight > 0)
 
     @staticmethod
     def _weighted(p: np.ndarray, watts: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -279,11 +282,7 @@ class CurveLearner:
         both ends of the scrape (`held_at_ends` False: its load fell under the cap)."""
         cap = np.asarray(cap_w, np.float64)
         mean = np.asarray(mean_w, np.float64)
-        weight = self.draw[slots].astype(np.float64)
-        total = weight.sum(axis=1, keepdims=True)
-        p = np.divide(weight, total, out=np.zeros_like(weight), where=total > 0)
-        watts = np.divide(self.draw_w[slots], self.draw[slots], out=np.zeros_like(weight),
-                          where=self.draw[slots] > 0)
+        p, watts = self._bins(slots)
         rows, p_at, watts_at, inside, level = self._levelled(slots)
         p[rows], watts[rows] = p_at, watts_at
         at = np.full(mean.shape, np.nan)  # (per GPU of `slots`: its level)
@@ -303,11 +302,12 @@ class CurveLearner:
             own = self.curve.max_limit_w / self.stretch[slots][rows]
             c = cap[rows]
             chord[rows] = np.maximum(level - idle[rows], 0.0) * np.maximum(own - c, 0.0) / (own - idle[rows])
-            under = rows[~inside & (np.sum(p_at * watts_at, axis=1) < level)]
+            readings_w = np.sum(p_at * watts_at, axis=1)  # (their mean: the level's where they are tilted to it)
+            under = rows[~inside & (readings_w < level)]
             taken_mean[under] = np.maximum(taken_mean[under], np.maximum(at[under] - cap[under], 0.0))
         est = taken_mean + cov / (var + SHED_NOISE_W ** 2) * (mean - kept_mean)
         if rows.size:
-            over = rows[~inside & (np.sum(p_at * watts_at, axis=1) > level)]
+            over = rows[~inside & (readings_w > level)]
             est[over] = at[over] - mean[over]
         est = np.minimum(est, chord)
         held_w = cap - NOT_BINDING_W  # (a GPU held at its cap draws within this of it)
