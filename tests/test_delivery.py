@@ -331,3 +331,29 @@ def test_a_20000_record_backlog_drains_in_bounded_memory(tmp_path, http):
     assert recv.taken == ids
     assert growth < disk / 2  # a window at a time; the backlog as Python objects would be several times `disk`
     assert not list(outbox.dir.glob("*.jsonl"))
+
+
+def test_a_stop_after_the_outbox_disk_failed_leaves_no_unread_error_to_log(tmp_path, http, caplog, monkeypatch):
+    """The outbox's disk fills while a record is acked: run() logs it and waits to try again. A stop
+    then (the daemon drained on SIGTERM) read the failed try's error nowhere, and asyncio logged it
+    with a traceback when the future was collected (a full-disk e2e run once ended so)."""
+    import gc
+    recv = http().start()
+    delivery, _ = make_delivery(tmp_path, recv.url, policy=RetryPolicy(5.0, 0.01, 60.0, 3600.0), n=3)
+
+    def full(seq):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(delivery.outbox, "ack", full)
+
+    async def go():
+        task = asyncio.create_task(delivery.run())
+        delivery.kick()
+        await until(lambda: "No space left" in caplog.text)
+        await delivery.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        gc.collect()
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(go())
+        gc.collect()
+    assert "never retrieved" not in caplog.text and "Traceback" not in caplog.text, caplog.text

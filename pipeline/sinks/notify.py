@@ -138,7 +138,10 @@ class Delivery:
         self._stopping = True
         self.client.abort()
         if self._inflight is not None:
-            await asyncio.wait([asyncio.wrap_future(self._inflight)], timeout=self.policy.timeout_s + 1)
+            done, _ = await asyncio.wait([asyncio.wrap_future(self._inflight)], timeout=self.policy.timeout_s + 1)
+            for f in done:  # its error read here (run() logged an OSError when it came, and any other ended
+                if not f.cancelled():  # run()): one left unread is logged with a traceback when collected
+                    f.exception()
         self._executor.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.outbox.close)
         self.client.close()
