@@ -536,7 +536,8 @@ def power_table(doc: dict[str, Any], path: Path) -> str:
                      + (", dry run" if role.get("dry_run") else "")
                      + (f"; grid-signal requests rejected: {role['grid_signal_rejected']} (last: "
                         f"{role['grid_signal_last_rejection']})" if role.get("grid_signal_rejected") else "")
-                     + _labels_line(role.get("node_labels")))
+                     + _labels_line(role.get("node_labels"))
+                     + (f"; {role['slow_readings']}" if role.get("slow_readings") else ""))
     else:
         lines.append("the power role has not run on this data directory yet: requests stay pending until it does")
     return "\n".join(lines)

@@ -996,3 +996,38 @@ def test_a_request_on_one_rack_is_judged_by_its_pdu_through_the_role(tmp_path):
     assert entry.state == "done", (entry.state, entry.reason)
     (row,) = h.of(Topic.POWER_REPORTS)
     assert row["id"] == rid and row["met"] and row["racks"] == "r01", row
+
+
+def test_a_fleet_read_every_30_s_puts_a_request_at_risk_and_status_says_how_often_to_read_it(tmp_path, caplog):
+    """Read every 30 s (dcgm-exporter's default under Prometheus), a hold is judged on two
+    readings a minute and corrected one late: the eval meets 16 of 24 requests there, 21 at
+    1 or 10 s. The operator is told when a request comes, and by the status, what to change."""
+    slow = make_config(fleet={"racks": 2, "seed": 4, "fault_interval_s": 0, "gpu_reset_interval_s": 0,
+                              "sample_interval_s": 30})
+    h = Harness(tmp_path, sim=FleetSimulator(slow.fleet, start=EVAL_EPOCH))
+    h.run(6)  # three minutes, a reading every 30 s
+    with caplog.at_level(logging.INFO, logger="fleetwatch"):
+        h.ask(reduction_pct=8, duration_s=300)
+        h.run(1)
+    (accepted,) = [r.getMessage() for r in caplog.records if "accepted" in r.getMessage()]
+    assert re.search(r"at risk: GPUs read every 30 s and the site meter read every 30 s: .* read them every 10 s "
+                     r"or faster \(agent\.interval_s, dcgm\.interval_s", accepted), accepted
+    status = h.role.status()
+    assert status["gpu_interval_s"] == pytest.approx(30) and status["meter_interval_s"] == pytest.approx(30)
+    h.role.write_status()
+    asyncio.run(h.role.flush())
+    out = fleetwatch("power", "status", "--data-dir", h.cfg.data_dir)
+    assert "; GPUs read every 30 s and the site meter read every 30 s: " in out.stdout, out.stdout
+
+
+def test_a_fleet_read_every_second_is_not_at_risk_from_its_readings(tmp_path, caplog):
+    h = Harness(tmp_path)
+    h.run(90)
+    with caplog.at_level(logging.INFO, logger="fleetwatch"):
+        h.ask(reduction_pct=8, duration_s=60)
+        h.run(2)
+    (accepted,) = [r.getMessage() for r in caplog.records if "accepted" in r.getMessage()]
+    assert "at risk" not in accepted, accepted
+    status = h.role.status()
+    assert status["gpu_interval_s"] == pytest.approx(1) and status["meter_interval_s"] == pytest.approx(1)
+    assert status["slow_readings"] is None

@@ -38,6 +38,11 @@ Scored (the JSON's `demand_response`):
                                       a scrape slower than the simulator's 1-s physics, each
                                       scrape's mean shed against the uncapped draws of its
                                       instant
+  oracle_cap_cost_pct                 the least any per-GPU caps within the classes could have
+                                      lost for the same watts each second, knowing each GPU's
+                                      draw and its job's true sensitivity at that instant (the
+                                      planner given the truth, replanned every scrape): what no
+                                      planner can beat on the fleet's mix of jobs
   restore_overshoot_max_kw            the highest meter reading while the caps rose (to a
                                       step after the last went), above the highest of the
                                       minute after (a rebound; a swing peaks in both), by
@@ -60,6 +65,7 @@ from pipeline.config import Config
 from pipeline.power.actuator import SimulatorActuator
 from pipeline.power.controller import Controller, Outcome
 from pipeline.power.curve import from_recording
+from pipeline.power.planner import GpuPower, plan
 from pipeline.power.request import PowerRequest, Rejected, validate
 from pipeline.sources.simulate import COOLING_OVERHEAD, FleetSimulator
 
@@ -80,6 +86,7 @@ class _Event:
     work_at_start: tuple[float, float] | None = None
     work_at_end: tuple[float, float] | None = None
     uniform_lost: float = 0.0                 # what one cap on every flexible GPU would have cost, same watts
+    oracle_lost: float = 0.0                  # the least any caps could have cost, same watts (the truth known)
     true_kw: list[tuple[float, float]] = field(default_factory=list)  # (s from start, kW): the reduction
                                               # against the simulator's own uncapped power, each second
     rejected: str = ""
@@ -108,7 +115,8 @@ class DemandResponse:
         self.step_every = max(1, int(round(self.cfg.power.control_interval_s / self.cfg.fleet.sample_interval_s)))
         self.ticks = 0
         classes = self.controller.classes
-        self.flexible = np.array([classes.of(self.sim.node_names[n]) > 0 for n in self.sim.gpu_node])
+        self.flex_class = np.array([classes.of(self.sim.node_names[n]) for n in self.sim.gpu_node])
+        self.flexible = self.flex_class > 0
 
     def tick(self, gpu, facility) -> None:
         ctl, now = self.controller, self.sim.now
@@ -134,17 +142,29 @@ class DemandResponse:
 
     def _truth(self, running: list[_Event], now) -> None:
         """This scrape, by the simulator's hidden truth: the watts the caps shed (each GPU's
-        draw were no cap set, less what it drew) and what uniform capping would have cost
-        for the same watts: one cap on every flexible GPU, on the same work model (each
-        job's own sensitivity) the measured cost comes from."""
+        draw were no cap set, less what it drew), what uniform capping would have cost for
+        the same watts (one cap on every flexible GPU), and the least any caps within the
+        classes could have cost for them (the planner given every GPU's draw and its job's
+        sensitivity as they are this instant: what no planner can beat on this fleet's mix),
+        both on the same work model the measured cost comes from."""
         sim, dt = self.sim, self.cfg.fleet.sample_interval_s
         free = sim.power_uncapped
         shed = sim.scrape_shed_j / dt  # the scrape's mean: every physics step since the last counts
+        work_free = sim.work_rate(free)
         cap = uniform_cap(free[self.flexible], shed, self.curve.min_limit_w)
         held = np.where(self.flexible, np.minimum(free, cap), free)
-        lost = float(np.sum(sim.work_rate(free) - sim.work_rate(held))) * dt
+        lost = float(np.sum(work_free - sim.work_rate(held))) * dt
+        oracle = 0.0
+        if shed > 0:
+            n = len(free)
+            best = plan(GpuPower(power_w=free, busy=work_free > 0, flex_class=self.flex_class,
+                                 min_limit_w=np.full(n, self.curve.min_limit_w),
+                                 max_limit_w=np.full(n, self.cfg.fleet.power_limit_w),
+                                 sensitivity=sim.group_sens[sim.gpu_job]), shed, self.curve)
+            oracle = float(np.sum(work_free - sim.work_rate(np.fmin(free, best.cap_w)))) * dt
         for e in running:
             e.uniform_lost += lost
+            e.oracle_lost += oracle
             if now < e.request.end:
                 e.true_kw.append(((now - e.request.start).total_seconds(), (1.0 + COOLING_OVERHEAD) * shed / 1000.0))
 
@@ -176,12 +196,13 @@ class DemandResponse:
         done = [e for e in self.events if e.outcome is not None and e.outcome.baseline_kw is not None]
         outcomes = [e.outcome for e in done]
         reached = [o.reached_s for o in outcomes if o.reached_s is not None]
-        lost = uncapped = uniform_lost = 0.0
+        lost = uncapped = uniform_lost = oracle_lost = 0.0
         for e in done:
             end = e.work_at_end or self._work()
             lost += (end[1] - e.work_at_start[1]) - (end[0] - e.work_at_start[0])
             uncapped += end[1] - e.work_at_start[1]
             uniform_lost += e.uniform_lost
+            oracle_lost += e.oracle_lost
         true_min, credit_error = [], []
         for e in done:
             truth = _minute_means(e.true_kw, e.outcome.reached_s, self.cfg.fleet.sample_interval_s)
@@ -199,6 +220,7 @@ class DemandResponse:
             "reduction_shortfall_max_pct": round(max((o.shortfall_max_pct() for o in outcomes), default=0.0), 2),
             "throughput_cost_pct": round(100.0 * lost / uncapped, 2) if uncapped else None,
             "uniform_cap_cost_pct": round(100.0 * uniform_lost / uncapped, 2) if uncapped else None,
+            "oracle_cap_cost_pct": round(100.0 * oracle_lost / uncapped, 2) if uncapped else None,
             "reduction_true_min_pct": round(100.0 * min(true_min), 1) if true_min else None,
             "credit_error_max_pct": round(100.0 * max(credit_error), 1) if credit_error else None,
             "restore_overshoot_max_kw": round(max((o.restore_overshoot_kw or 0.0 for o in outcomes), default=0.0), 1),

@@ -84,6 +84,8 @@ UNHELD_S = 20.0        # a capped GPU drawing under its cap this long (2 samples
 SILENT_S = 60.0        # a GPU with no sample for this long behind the fleet's newest (GpuTable.silent),
 SILENT_INTERVALS = 3   # or this many scrape intervals, if longer, is gone from the request: fell off the bus,
                        # its node drained, its agent stopped
+SLOW_READINGS_S = 10.0  # GPUs or a meter read further apart than this: requests are met less often (the eval, seeds
+                        # 1-3: 21 of 24 at 1 s and at 10 s, 16 at 30 s; docs/power.md#scraped-every-10-or-30-seconds)
 RELEARNED = 0.05       # a plan is made again when a job's learned sensitivity moved this much since
 # A power reading the detectors found stuck: its node is left as it is, like one the controller finds
 # stuck itself (STUCK_READINGS, which it can see only on an uncapped GPU): a cap moved there moves a
@@ -336,6 +338,11 @@ class GpuTable:
                             for k in zip(self.nodes, self.namespace, self.pod)]
         elif self.classes.by_workload:
             self.flex[slots] = self.classes.of_rows(batch)
+
+    @property
+    def known_interval_s(self) -> float | None:
+        """The fleet's scrape interval once two scrapes have shown it (None before)."""
+        return None if self._first_interval else self.interval_s
 
     def means(self) -> bool:
         """Whether the fleet is read 5 s apart or more: each reading then stands for its scrape by its
@@ -913,6 +920,22 @@ class Controller:
             out.meter_to = meter[-1][0]
         if self.site_cap_w and any(kw * 1000.0 > self.site_cap_w for t, _, kw in meter if rising_at(t)):
             out.over_site_cap = True
+
+    def readings_interval_s(self) -> tuple[float | None, float | None]:
+        """How often the GPUs and the site meter are read (s; None before two readings)."""
+        return self.gpus.known_interval_s, self._meter_interval_s() if len(self.meter) > 1 else None
+
+    def slow_readings(self) -> str:
+        """Why requests here are met less often than the loop can, in words: the GPUs or the
+        meter read further apart than SLOW_READINGS_S ('' when neither is)."""
+        slow = [f"{what} read every {every:.0f} s" for what, every in zip(("GPUs", "the site meter"),
+                                                                          self.readings_interval_s())
+                if every is not None and every > SLOW_READINGS_S + 0.5]
+        if not slow:
+            return ""
+        return (f"{' and '.join(slow)}: a hold is judged on a few readings a minute and corrected a reading "
+                f"late; read them every {SLOW_READINGS_S:.0f} s or faster (agent.interval_s, dcgm.interval_s with "
+                f"dcgm-exporter's --collect-interval, the BMS's poll)")
 
     def _meter_interval_s(self) -> float:
         """The site meter's interval: its last readings' median step (1 s before any)."""

@@ -387,6 +387,8 @@ class PowerRole:
         firm, wanted_kw = self.ctl.firm(req.racks), req.reduction_w(baseline) / 1000.0
         at_risk = (f"; at risk: {wanted_kw:.1f} kW is more than the {firm.kw:.1f} kW left if {firm.largest} "
                    f"({firm.largest_gpus} GPUs) ends or pauses" if firm is not None and wanted_kw > firm.kw else "")
+        if slow := self.ctl.slow_readings():
+            at_risk += f"; at risk: {slow}"
         log.info("power request %s accepted (%s): %s of %s from %s for %.0f s, ramp %.0f s%s%s", req.id, req.source,
                  req.goal(), req.where(), iso_utc(req.start), req.duration_s, req.ramp_s,
                  " (dry run: nothing applied)" if self.dry_run else "", at_risk)
@@ -703,6 +705,8 @@ class PowerRole:
         return {"updated": iso_utc(self.clock()), "site": self.site, "dry_run": self.dry_run,
                 "gpus": len(ctl.gpus.uuids), "site_kw": _r(ctl.meter[-1][1]) if ctl.meter else None,
                 "flexible_kw": _r(firm.flexible_kw) if firm is not None else None, **_firm(firm), "phase": ctl.phase,
+                **dict(zip(("gpu_interval_s", "meter_interval_s"), map(_r, ctl.readings_interval_s()))),
+                "slow_readings": ctl.slow_readings() or None,
                 "grid_signal_rejected": self.signals_rejected, "grid_signal_last_rejection": self.last_signal_rejection,
                 **({"node_labels": self.labels.status()} if self.labels is not None else {}),
                 **({"jobs": self.jobs.status()} if self.jobs is not None else {}),
