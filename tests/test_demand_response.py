@@ -52,7 +52,22 @@ def test_on_the_realistic_normal_what_the_meter_credits_is_what_the_caps_shed():
     # the truth shows it too.
     assert dr["credit_error_max_pct"] <= 20
     assert 0 < dr["throughput_cost_pct"] <= 1.05 * dr["uniform_cap_cost_pct"]
-    # The planner handed the truth each second (25.4% here, the loop 29.1%, uniform 30.8%): the
-    # least the same watts could cost on this fleet's mix.
-    assert 0 < dr["oracle_cap_cost_pct"] < dr["throughput_cost_pct"]
-    assert dr["oracle_cap_cost_pct"] < 0.9 * dr["uniform_cap_cost_pct"]
+    # The planner handed the truth each second (20.3% here, uniform 27.3%): the loop, on curves it
+    # learned, costs about as little (20.1%; 29.1% when communication phases under a cap were
+    # learned as caps that cost nothing). The oracle is the least on the planner's concave model of
+    # the curve; the simulator's curve dips under it near 350 W, where a plan can do a little better.
+    assert 0 < dr["oracle_cap_cost_pct"] < 0.9 * dr["uniform_cap_cost_pct"]
+    assert dr["throughput_cost_pct"] < 1.05 * dr["oracle_cap_cost_pct"]
+
+
+def test_a_class_is_a_promise_about_work_kept_by_the_truth():
+    """Class 1 (a job may lose at most 10% of its work) on the realistic normal: over two hours
+    and 8 requests, no GPU loses more of its work over a request than that, by the simulator's
+    truth. The learner had taken a training job's communication phases under its cap (at full
+    speed, far under it) for a cap that cost nothing, and learned compute-bound jobs as
+    memory-bound: 353 GPUs lost more than 10% and the fleet 10.2% of its work over the requests."""
+    cfg = make_config(fleet={"seed": 3, "fault_interval_s": 300, "normal": "realistic"}, power={"default_class": 1})
+    dr = score(simulate(cfg, 7200, 8))["demand_response"]
+    assert dr["requests"] == 8 and dr["met"] >= 1  # (the rest refused: more than class 1 can shed)
+    assert dr["class_bound_exceeded"] == 0
+    assert 0 < dr["throughput_cost_pct"] < 10

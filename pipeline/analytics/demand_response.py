@@ -19,6 +19,10 @@ Scored (the JSON's `demand_response`):
                                       capacity (what the classes allow once the job holding
                                       the most of it ends or pauses: N-1, Controller.firm),
                                       and how many of those were met anyway
+  class_bound_exceeded                GPUs, summed over the requests, that lost more of their work
+                                      from start to end than their flexibility class allows
+                                      (CLASS_MAX_LOSS, with 1% of slack), by the truth: a class is
+                                      a promise about work
   time_to_target_p99_s                from start to the first meter reading at the target
   reduction_shortfall_max_pct         the worst minute of a hold, below its target
   reduction_true_min_pct              the same worst minute by the simulator's truth: what the
@@ -65,7 +69,7 @@ from pipeline.config import Config
 from pipeline.power.actuator import SimulatorActuator
 from pipeline.power.controller import Controller, Outcome
 from pipeline.power.curve import from_recording
-from pipeline.power.planner import GpuPower, plan
+from pipeline.power.planner import CLASS_MAX_LOSS, GpuPower, plan
 from pipeline.power.request import PowerRequest, Rejected, validate
 from pipeline.sources.simulate import COOLING_OVERHEAD, FleetSimulator
 
@@ -74,6 +78,7 @@ log = logging.getLogger("fleetwatch")
 SHARE_RANGE = (0.10, 0.40)
 EVENT_S = 600.0
 RAMP_S = 30.0
+CLASS_SLACK = 0.01  # a class's bound is kept if a GPU loses no more than this beyond it
 
 
 @dataclass
@@ -91,6 +96,8 @@ class _Event:
                                               # against the simulator's own uncapped power, each second
     rejected: str = ""
     over_firm: bool = False                   # it asked more than is left if the largest job ends or pauses
+    work_free: np.ndarray | None = None       # per GPU over the request, by the truth: its work were no cap set,
+    work_held: np.ndarray | None = None       # and the work it did
 
 
 @dataclass
@@ -162,11 +169,25 @@ class DemandResponse:
                                  max_limit_w=np.full(n, self.cfg.fleet.power_limit_w),
                                  sensitivity=sim.group_sens[sim.gpu_job]), shed, self.curve)
             oracle = float(np.sum(work_free - sim.work_rate(np.fmin(free, best.cap_w)))) * dt
+        done = sim.work_rate(sim.last_power) * dt
         for e in running:
             e.uniform_lost += lost
             e.oracle_lost += oracle
             if now < e.request.end:
+                e.work_free = work_free * dt + (0.0 if e.work_free is None else e.work_free)
+                e.work_held = done + (0.0 if e.work_held is None else e.work_held)
+            if now < e.request.end:
                 e.true_kw.append(((now - e.request.start).total_seconds(), (1.0 + COOLING_OVERHEAD) * shed / 1000.0))
+
+    def _over_class(self, e: _Event) -> int:
+        """The GPUs that lost more of their work over the request than their class allows (the
+        classes' promise, by the truth; CLASS_SLACK beyond it)."""
+        if e.work_free is None:
+            return 0
+        allowed = CLASS_MAX_LOSS[np.clip(self.flex_class, 0, len(CLASS_MAX_LOSS) - 1)]
+        worked = e.work_free > 0
+        lost = 1.0 - e.work_held[worked] / e.work_free[worked]
+        return int(np.count_nonzero(lost > allowed[worked] + CLASS_SLACK))
 
     def _work(self) -> tuple[float, float]:
         return float(self.sim.work_done.sum()), float(self.sim.work_uncapped.sum())
@@ -216,6 +237,7 @@ class DemandResponse:
             "rejected": sum(bool(e.rejected) for e in self.events),
             "over_firm": sum(e.over_firm for e in done),
             "met_over_firm": sum(e.over_firm and e.outcome.met for e in done),
+            "class_bound_exceeded": sum(self._over_class(e) for e in done),
             "time_to_target_p99_s": round(float(np.percentile(reached, 99)), 1) if reached else None,
             "reduction_shortfall_max_pct": round(max((o.shortfall_max_pct() for o in outcomes), default=0.0), 2),
             "throughput_cost_pct": round(100.0 * lost / uncapped, 2) if uncapped else None,

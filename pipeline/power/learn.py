@@ -34,8 +34,10 @@ prior s = 1 as `PRIOR_WEIGHT` pseudo-samples, from:
     often than it runs, and its readings alone had put a job drawing 590 W on average at
     330 W. Readings on both sides of the level are weighed to it (`_levelled`); readings all
     on one side are bounded by it (`shed_over`, `duty`);
-  - the points: samples busy, under a cap, drawing at least `MIN_SHED` below the reference
-    (the cap binds; otherwise r is 1 and the sample says nothing);
+  - the points: samples busy and held by a cap (drawing within `NOT_BINDING_W` of the limit
+    the GPU enforces) at least `MIN_SHED` below the reference. A sample under its cap is
+    not held by it: a training job communicating draws far under its cap at full speed,
+    and counted, it read as a cap that cost nothing (a job of s 0.97 learned at 0.17);
   - a new job: a GPU that goes idle forgets its reference and its fit (the next job is
     another's), unless its job only paused: idle with its memory still held (a training
     job writing a checkpoint stalls its GPUs for tens of seconds; a job that ends frees its
@@ -391,7 +393,10 @@ class CurveLearner:
         ref_p = np.zeros(power.size)
         if known.any():
             ref_p[known] = self.demand_above(slots[known], power[known])
-        held = known & (power < (1.0 - MIN_SHED) * ref_p) & has_mem & (self.ref_mem[slots] > 0)
+        # A point only where the cap holds the draw (a training job communicating under its cap draws far
+        # under it at full speed: taken for held, it read as a cap that cost nothing, s 0.17 for s 0.97).
+        held = (known & (power >= limit - NOT_BINDING_W) & (power < (1.0 - MIN_SHED) * ref_p) & has_mem
+                & (self.ref_mem[slots] > 0))
         if held.any():
             s = slots[held]
             at_ref = self.curve.at(ref_p[held] * k[held])

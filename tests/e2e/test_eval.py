@@ -67,13 +67,14 @@ def test_eval_with_power_requests_scores_demand_response_and_capping_raises_no_f
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "out.json").read_text())
     dr = out["demand_response"]
-    assert set(dr) == {"requests", "met", "rejected", "over_firm", "met_over_firm", "time_to_target_p99_s",
+    assert set(dr) == {"requests", "met", "rejected", "over_firm", "met_over_firm", "class_bound_exceeded",
+                       "time_to_target_p99_s",
                        "reduction_shortfall_max_pct",
                        "throughput_cost_pct", "uniform_cap_cost_pct", "oracle_cap_cost_pct",
                        "reduction_true_min_pct",
                        "credit_error_max_pct", "restore_overshoot_max_kw", "restore_over_site_cap", "cap_not_binding_alerts"}
     assert dr["requests"] == 3 and dr["rejected"] == 0 and dr["met"] == 3
-    assert dr["reduction_true_min_pct"] >= 98 and dr["restore_over_site_cap"] == 0
+    assert dr["reduction_true_min_pct"] >= 98 and dr["restore_over_site_cap"] == 0 and dr["class_bound_exceeded"] == 0
     assert dr["time_to_target_p99_s"] <= 30 and 0 < dr["throughput_cost_pct"] < 50
     assert out["false_alerts"] == 0, out["false_alerts_by_alertname"]
     assert "demand response: requests 3" in r.stdout
