@@ -950,3 +950,27 @@ def test_a_job_read_in_one_phase_every_30_s_is_planned_and_credited_at_its_energ
     credited = -float(np.sum(ctl._capped_now_w()))
     true = float(np.sum(np.maximum(sim.power_uncapped - sim.last_power, 0.0)))
     assert credited == pytest.approx(true, rel=0.1), (credited, true)
+
+
+def test_a_load_that_rises_under_its_cap_is_learned_afresh_and_its_class_kept():
+    """A memory-bound job (s 0.2) drawing 470 W is the cheapest to cap: learned under a first
+    request, it is capped deep in the second; then its load steps up to the limit under the cap.
+    Planned on 470 W, that cap would take more of its work at 700 W than class 2 allows (25%).
+    Held at its cap, it moves more memory than its uncapped reference did, which a cap alone
+    never makes a job do: it is uncapped, learned afresh, and capped again on what it draws."""
+    sim, ctl = fleet(default_class=2)
+    sim.group_busy[:], sim.group_until[:] = True, 1e9  # every job runs throughout
+    sim.group_intensity[:], sim.group_sens[:] = 1.0, 0.9
+    sim.group_intensity[0], sim.group_sens[0] = 0.5, 0.2
+    job = np.flatnonzero(sim.gpu_job == 0)
+    ctl.submit(request(60, 8, duration_s=300))
+    ctl.submit(request(420, 15, duration_s=600))
+    for i in range(1020):
+        if i == 420:
+            start = sim.work_done[job].copy(), sim.work_uncapped[job].copy()
+        if i == 700:
+            assert np.sum(sim.caps[job] < 300) >= 8  # the cheapest: capped deep on its 470 W
+            sim.group_intensity[0] = 1.0           # its load steps up under the cap
+        advance(sim, ctl, i)
+    lost = 1.0 - (sim.work_done[job] - start[0]) / (sim.work_uncapped[job] - start[1])
+    assert lost.max() <= 0.25, lost.max()

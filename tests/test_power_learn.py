@@ -138,6 +138,26 @@ def test_a_training_job_s_communication_under_its_cap_is_no_point_on_its_curve(s
     assert learner.points[0] == pytest.approx(400, abs=1)  # the compute seconds only
 
 
+def test_a_load_that_steps_up_is_a_new_reference_for_its_memory_traffic_too():
+    """A job at half load (470 W, util_mem 17%) steps up to the limit (700 W, 34%), then is
+    capped at 500 W. Its memory traffic under the cap is set against the new level, not a blend
+    of both (with it, the cap's samples moved more memory than the reference: s 0.07 for 0.2)."""
+    s = 0.2
+    learner = CurveLearner(CURVE)
+    one = np.array([0])
+
+    def second(power: float, mem: float, cap_w: float = 700.0) -> None:
+        learner.observe(one, np.array([power]), np.array([1.0]), np.array([mem]), np.array([cap_w]), 700.0)
+    for _ in range(300):
+        second(470.0, 0.17)
+    for _ in range(60):
+        second(698.5, 0.34)
+    r = float(CURVE.at(498.5) / CURVE.at(698.5))
+    for _ in range(120):
+        second(498.5, round(0.34 * float(keep(s, r)), 2), 500.0)
+    assert learner.sensitivity()[0] == pytest.approx(s, abs=0.05)
+
+
 def test_a_job_that_pauses_keeps_what_was_learned_and_one_that_ends_forgets_it():
     """A checkpoint stalls a training job for tens of seconds (idle, its memory held): the
     same job resumes. A job that ends frees its memory: the next one is another's."""

@@ -85,7 +85,10 @@ SILENT_S = 60.0        # a GPU with no sample for this long behind the fleet's n
 SILENT_INTERVALS = 3   # or this many scrape intervals, if longer, is gone from the request: fell off the bus,
                        # its node drained, its agent stopped
 SLOW_READINGS_S = 10.0  # GPUs or a meter read further apart than this: requests are met less often (the eval, seeds
-                        # 1-3: 21 of 24 at 1 s and at 10 s, 16 at 30 s; docs/power.md#scraped-every-10-or-30-seconds)
+                        # 1-3: 21 of 24 at 1 s, 18 at 10 s, 17 at 30 s, where it costs as much as uniform capping)
+ROSE_S = 20.0          # a capped GPU moving more memory than its uncapped reference this long (2 samples at least):
+ROSE_SHARE = 0.1       # more than this share above it, and MEM_STEP (util_mem's resolution), its load rose (_rose)
+MEM_STEP = 0.01
 RELEARNED = 0.05       # a plan is made again when a job's learned sensitivity moved this much since
 # A power reading the detectors found stuck: its node is left as it is, like one the controller finds
 # stuck itself (STUCK_READINGS, which it can see only on an uncapped GPU): a cap moved there moves a
@@ -460,6 +463,7 @@ class Controller:
                                              # since it started) and still runs
         self.mine = np.zeros(0, bool)        # per slot: covered by the active request
         self.unheld = np.zeros(0)            # per slot: seconds in a row a cap set here did not hold it
+        self.rose_s = np.zeros(0)            # ... and in which its load rose under the cap (_rose)
         self.base_it_kw = 0.0                # the PDUs' mean over the baseline window
         self.adjust_kw: dict[datetime, float] = {}  # meter reading's ts -> the baseline's adjustment then
         self.extra_w = 0.0                   # feedback: watts planned beyond the target
@@ -492,9 +496,10 @@ class Controller:
         # An enforced limit the source does not send (dcgm-exporter's default counters leave it out):
         # the cap set here, so that a capped draw is never taken for the job's own.
         limit = np.where(np.isnan(g.limit_w[rows]), self.cap[rows], g.limit_w[rows])
+        new_job = g.new_job | self._rose(rows)
         self.learner.observe(rows, np.where(g.forced[rows], np.nan, g.power_w[rows]), g.util[rows],
                              g.util_mem[rows], limit, self._own_w(rows), g.paused[rows],
-                             g.new_job, g.dt_s, np.where(g.forced[rows], np.nan, g.mean_w[rows]))  # (a slowdown: no sample)
+                             new_job, g.dt_s, np.where(g.forced[rows], np.nan, g.mean_w[rows]))  # (a slowdown: no sample)
         if self.active is not None:
             self._fit()
             self.unheld[rows] = np.where(self._held(rows) | np.isnan(self.cap[rows]), 0.0,
@@ -503,7 +508,7 @@ class Controller:
             # it); a node with a power reading stuck can be neither verified nor moved (its
             # detectors read heat against power, siblings against siblings).
             stuck = self._stuck()[rows]
-            self.steady[rows] &= ((g.util[rows] >= IDLE_UTIL) | g.paused[rows]) & ~stuck & ~g.new_job
+            self.steady[rows] &= ((g.util[rows] >= IDLE_UTIL) | g.paused[rows]) & ~stuck & ~new_job
             # A job that started since: counted as it draws until it has a reference (its own uncapped
             # draw, the learner's), then the caps may take from it like from any other.
             lr = self.learner
@@ -511,6 +516,22 @@ class Controller:
                         & ~stuck & lr.referenced(rows)
                         & np.isnan(self.cap[rows])]
             self.steady[join] = True
+
+    def _rose(self, rows: np.ndarray) -> np.ndarray:
+        """Per row: its GPU's load rose under the cap set here, ROSE_S in a row. Held at its cap, it
+        moves more memory than its uncapped reference did, which a cap alone never makes a job do (a
+        training job's step up, an inference's traffic). Its cap was planned on a draw it no longer
+        has and can take more of its work than its class allows (a job at 480 W capped to 200 W
+        stepped up to 700 W: 33% of its work lost, class 2 allowing 25%), so it is learned afresh,
+        uncapped, like a new job. False outside a request."""
+        if self.active is None:
+            return np.zeros(rows.size, bool)
+        g, ref = self.gpus, self.learner.ref_mem[rows]
+        held = ~np.isnan(self.cap[rows]) & self._held(rows)
+        with np.errstate(invalid="ignore"):  # (util_mem NaN where the source sends none: never)
+            rose = held & (ref > 0) & (g.util_mem[rows] > ref * (1.0 + ROSE_SHARE) + MEM_STEP)
+        self.rose_s[rows] = np.where(rose, self.rose_s[rows] + span_seconds(g.dt_s, ROSE_S), 0.0)
+        return self.rose_s[rows] >= ROSE_S
 
     def observe_alerts(self, alerts: Iterable[tuple[str, bool, Mapping[str, str]]]) -> None:
         """Alerts as they fire and resolve: (fingerprint, firing, labels). A GPU a fault alert
@@ -775,6 +796,7 @@ class Controller:
                 new[:] = [not racks or r in racks for r in self.gpus.racks[self.cap.size - grow:]]
             self.mine = np.concatenate([self.mine, new])
             self.unheld = np.concatenate([self.unheld, np.zeros(grow)])
+            self.rose_s = np.concatenate([self.rose_s, np.zeros(grow)])
         self.learner.grow(self.cap.size)
 
     def _step(self, now: datetime) -> None:

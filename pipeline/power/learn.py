@@ -383,6 +383,9 @@ class CurveLearner:
                 scraped = np.isfinite(mean[free]) & self.was_free[s]
                 np.add.at(self.level_sum, s[scraped], mean[free][scraped])
                 np.add.at(self.level_mass, s[scraped], 1.0)
+            # A load that stepped up is a new reference for its memory traffic too (blended with the old
+            # level, a cap's samples moved more memory than it: learned as a cap that cost nothing).
+            n = np.where(stepped, 1.0, n)
             a = np.maximum(1.0 / n, 1.0 / REF_SAMPLES)
             m = has_mem[free]
             self.ref_mem[s[m]] += a[m] * (mem[free][m] - self.ref_mem[s[m]])
