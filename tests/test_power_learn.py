@@ -118,9 +118,10 @@ def test_a_swinging_job_s_demand_is_its_compute_phase_draw_and_a_cap_does_not_lo
 def test_a_training_job_s_communication_under_its_cap_is_no_point_on_its_curve(s):
     """A training job in lockstep, capped at 500 W: it computes at the cap, losing work by its
     sensitivity, and communicates a third of each 30 s step at 400 W, under the cap, at full
-    speed. Only the samples the cap holds are points: before, the communication's counted as
-    a cap that cost nothing, and a job of s 0.97 was learned at 0.17 (the planner then took
-    it for memory-bound, capped it deepest and could break its class's bound)."""
+    speed, moving less memory. Only the samples the cap holds are points, set against the
+    memory its compute phases moved uncapped: before, the communication's counted as a cap that
+    cost nothing, and a job of s 0.97 was learned at 0.17 (the planner then took it for
+    memory-bound, capped it deepest and could break its class's bound)."""
     learner = CurveLearner(CURVE)
     one = np.array([0])
     r = float(CURVE.at(498.5) / CURVE.at(698.5))
@@ -128,7 +129,8 @@ def test_a_training_job_s_communication_under_its_cap_is_no_point_on_its_curve(s
     def second(t: int, cap_w: float) -> None:
         computing = t % 30 >= 10
         power = min(698.5 if computing else 400.0, cap_w - 1.5)
-        mem = 0.34 * (float(keep(s, r)) if computing and cap_w < 700 else 1.0)
+        # (communicating, its GPUs move less of their own memory: the reference is the compute phase's)
+        mem = 0.34 * (float(keep(s, r)) if cap_w < 700 else 1.0) if computing else 0.15
         learner.observe(one, np.array([power]), np.array([1.0]), np.array([mem]), np.array([cap_w]), 700.0)
     for t in range(300):
         second(t, 700.0)

@@ -17,7 +17,8 @@ through 0 of slope s; `CurveLearner` fits the slope per GPU by least squares, wi
 prior s = 1 as `PRIOR_WEIGHT` pseudo-samples, from:
 
   - the reference: the job's own uncapped behaviour, while the GPU is busy and no cap is
-    set below its default: util_mem's exponential mean, and the distribution of its draw
+    set below its default: util_mem's exponential mean over the samples at its demand (the
+    phase a cap holds: a training job computing), and the distribution of its draw
     (a histogram whose weights fade over `DEMAND_S`, its bins in the curve's watts:
     a GPU whose own limit is not the curve's is stretched to it, as the planner reads it).
     A training job draws near its limit while it computes and far under it while its GPUs
@@ -25,9 +26,10 @@ prior s = 1 as `PRIOR_WEIGHT` pseudo-samples, from:
     GPU it holds is what that GPU would draw now: its draw above the cap
     (`demand_above`), not its mean or its last sample. A load that steps up (its last few
     samples' mean `STEP_UP` of the default limit above the distribution's upper half: a
-    new job, a bigger batch) starts the distribution afresh. Under a cap the reference stays as
-    it was (the draw shows only what the cap allows, and a job's communication phases
-    under it would pull the distribution down to them). Read 5 s apart or more, the readings
+    new job, a bigger batch) starts the distribution and util_mem's mean afresh. Under a cap
+    the reference stays as it was (the draw shows only what the cap allows, and a job's
+    communication phases under it would pull the distribution down to them); a load that
+    rises under its cap is found by the controller (`Controller._rose`) and learned afresh. Read 5 s apart or more, the readings
     give the distribution's shape and the energy counter its level (`level_w`, the mean of
     the scrapes busy and uncapped from end to end, faded with the readings): read every 30 s,
     a job whose step is a multiple of the scrape is read in one phase only, or in one more
@@ -368,7 +370,12 @@ class CurveLearner:
             dt = np.broadcast_to(np.asarray(dt_s, np.float64), power.shape)[free]
             n = self.ref_n[s] + 1.0
             self.recent[s] += np.maximum(1.0 / n, span_weight(dt, RECENT_S, 2)) * (power[free] - self.recent[s])
-            stepped = self.recent[s] > self._readings_demand(s) + STEP_UP * default_w[free]
+            demand_now = self._readings_demand(s)
+            stepped = self.recent[s] > demand_now + STEP_UP * default_w[free]
+            # util_mem's reference from the samples at the job's demand (a training job computing), the
+            # phase a cap holds: a job communicating may move less memory, and blended in, a capped
+            # compute sample would read as moving more than the reference (a free cap; a load that rose).
+            top = stepped | (power[free] >= demand_now - STEP_UP * default_w[free])
             fade = np.where(stepped, 0.0, 1.0 - span_weight(dt, DEMAND_S, DEMAND_MIN)).astype(np.float32)[:, None]
             self.draw[s] *= fade
             self.draw_w[s] *= fade
@@ -385,9 +392,8 @@ class CurveLearner:
                 np.add.at(self.level_mass, s[scraped], 1.0)
             # A load that stepped up is a new reference for its memory traffic too (blended with the old
             # level, a cap's samples moved more memory than it: learned as a cap that cost nothing).
-            n = np.where(stepped, 1.0, n)
-            a = np.maximum(1.0 / n, 1.0 / REF_SAMPLES)
-            m = has_mem[free]
+            a = np.where(stepped, 1.0, np.maximum(1.0 / n, 1.0 / REF_SAMPLES))
+            m = has_mem[free] & top
             self.ref_mem[s[m]] += a[m] * (mem[free][m] - self.ref_mem[s[m]])
             self.ref_n[s] = n
             self.ref_s[s] += span_seconds(dt, MIN_REF_S)
