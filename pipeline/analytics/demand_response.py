@@ -92,16 +92,14 @@ class _Event:
     duration_s: float
     request: PowerRequest | None = None
     outcome: Outcome | None = None
-    work_at_start: tuple[float, float] | None = None
-    work_at_end: tuple[float, float] | None = None
+    work_at_start: tuple[np.ndarray, np.ndarray] | None = None  # per GPU, the simulator's work done and
+    work_at_end: tuple[np.ndarray, np.ndarray] | None = None    # uncapped (its truth), at start and end
     uniform_lost: float = 0.0                 # what one cap on every flexible GPU would have cost, same watts
     oracle_lost: float = 0.0                  # the least any caps could have cost, same watts (the truth known)
     true_kw: list[tuple[float, float]] = field(default_factory=list)  # (s from start, kW): the reduction
                                               # against the simulator's own uncapped power, each second
     rejected: str = ""
     over_firm: bool = False                   # it asked more than is left if the largest job ends or pauses
-    gpu_work_at_start: tuple[np.ndarray, np.ndarray] | None = None  # per GPU, the simulator's work done and
-    gpu_work_at_end: tuple[np.ndarray, np.ndarray] | None = None    # uncapped (its truth), at start and end
 
 
 @dataclass
@@ -142,7 +140,7 @@ class DemandResponse:
             if e.request is None and not e.rejected and elapsed >= e.start_s:
                 self._ask(e, now)
             if e.outcome is not None and e.work_at_end is None and now >= e.request.end:
-                e.work_at_end, e.gpu_work_at_end = self._work(), self._gpu_work()
+                e.work_at_end = self._work()
         if self.ticks % self.step_every == 0:
             ctl.step(now)
         self.ticks += 1
@@ -182,20 +180,17 @@ class DemandResponse:
     def _over_class(self, e: _Event) -> int:
         """The GPUs that lost more of their work over the request than their class allows (the
         classes' promise, by the truth; CLASS_SLACK beyond it)."""
-        if e.gpu_work_at_start is None:
+        if e.work_at_start is None:
             return 0
-        (done0, free0), (done1, free1) = e.gpu_work_at_start, e.gpu_work_at_end or self._gpu_work()
+        (done0, free0), (done1, free1) = e.work_at_start, e.work_at_end or self._work()
         done, free = done1 - done0, free1 - free0
         allowed = CLASS_MAX_LOSS[np.clip(self.flex_class, 0, len(CLASS_MAX_LOSS) - 1)]
         worked = free > 0
         lost = 1.0 - done[worked] / free[worked]
         return int(np.count_nonzero(lost > allowed[worked] + CLASS_SLACK))
 
-    def _gpu_work(self) -> tuple[np.ndarray, np.ndarray]:
+    def _work(self) -> tuple[np.ndarray, np.ndarray]:
         return self.sim.work_done.copy(), self.sim.work_uncapped.copy()
-
-    def _work(self) -> tuple[float, float]:
-        return float(self.sim.work_done.sum()), float(self.sim.work_uncapped.sum())
 
     def _ask(self, e: _Event, now) -> None:
         g = self.controller.gpus
@@ -216,7 +211,6 @@ class DemandResponse:
             log.warning("eval: power request refused: %s", why)
             return
         e.request, e.outcome, e.work_at_start = req, self.controller.submit(req), self._work()
-        e.gpu_work_at_start = self._gpu_work()
         e.over_firm = firm is not None and req.reduction_kw > firm.kw
 
     def score(self) -> dict[str, Any]:
@@ -225,9 +219,10 @@ class DemandResponse:
         reached = [o.reached_s for o in outcomes if o.reached_s is not None]
         lost = uncapped = uniform_lost = oracle_lost = 0.0
         for e in done:
-            end = e.work_at_end or self._work()
-            lost += (end[1] - e.work_at_start[1]) - (end[0] - e.work_at_start[0])
-            uncapped += end[1] - e.work_at_start[1]
+            (done0, free0), (done1, free1) = e.work_at_start, e.work_at_end or self._work()
+            # (totals first, then their difference: the fleet's sums as they were at each end)
+            lost += (float(free1.sum()) - float(free0.sum())) - (float(done1.sum()) - float(done0.sum()))
+            uncapped += float(free1.sum()) - float(free0.sum())
             uniform_lost += e.uniform_lost
             oracle_lost += e.oracle_lost
         true_min, credit_error = [], []
