@@ -151,7 +151,7 @@ class _Rebalance(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked) -> None:
         if revoked:
             partitions = {tp.partition for tp in revoked}
-            self.sub.ready -= partitions
+            self.sub.revoking(partitions)
             for hook in self.sub.before_revoke:
                 await hook(partitions)
             await self.sub.commit()
@@ -196,6 +196,7 @@ class KafkaSubscription:
         self.fenced = 0                # partitions this process lost to a newer owner while it held them
         self._released: dict[TopicPartition, int] = {}  # aligned: past the last message released
         self.ready: set[int] = set()   # partitions assigned whose on_assigned hooks have run
+        self._revoking: set[int] = set()  # partitions a rebalance is taking away (revoking)
         self._rejoin = False           # a partition's transaction failed: rejoin the group (_lose)
         self._started = False
         self._ends_probe: AIOKafkaConsumer | None = None  # asks the broker for end offsets (_read_to_end)
@@ -222,9 +223,23 @@ class KafkaSubscription:
             self.producers[p] = producer
             self._in_transaction.add(p)
 
+    def revoking(self, partitions: set[int]) -> None:
+        """A rebalance takes these partitions away: from now on get_batch hands out none of
+        their messages and commits none of their offsets (what the aligner holds of them
+        included). The role's hand-over has checkpointed and dropped their state; handed out
+        after it (this listener runs beside the role's loop), they would be judged on a
+        forgotten state, and the rebalance's commit would commit that output with their
+        offsets, taken from the next owner: a cold detector raising again an alert firing
+        there (seen on a loaded machine, with a begin_transaction that raced the commit's)."""
+        self.ready -= partitions
+        self._revoking |= partitions
+        if self.aligner is not None:
+            self.aligner.drop(partitions)
+
     async def release(self, partitions: set[int]) -> None:
         """Stop the producers of partitions that moved away (their output is committed);
         what is held of them unread goes to their next owner."""
+        self._revoking -= partitions
         if self.aligner is not None:
             self.aligner.drop(partitions)
             self._released = {tp: o for tp, o in self._released.items() if tp.partition not in partitions}
@@ -293,27 +308,28 @@ class KafkaSubscription:
         # aiokafka fetches a partition as soon as it is assigned, maybe before the rebalance
         # listener has set it up (its producer, its restored state): wait for that.
         for tp in records:
-            while tp.partition not in self.ready and tp in self.consumer.assignment():
+            while tp.partition not in self.ready | self._revoking and tp in self.consumer.assignment():
                 await asyncio.sleep(0.01)
         records = {tp: recs for tp, recs in records.items() if tp.partition in self.ready}
         out: list[Message] = []
         aligner = self.aligner
+        fetched: dict[TopicPartition, int] = {}  # committable once handed out (below: no await after)
         for tp, batch in records.items():
             for rec in batch:
                 topic = bus_topic(rec.topic, self.bus.prefix)
                 if aligner is None:
-                    self._to_commit[tp] = rec.offset + 1
+                    fetched[tp] = rec.offset + 1
                 try:
                     value = self.bus.decoder.decode(rec.value, rec.headers)
                 except DecodeError as e:
                     await self._dead_letter(rec, e.reason)
                     if aligner is not None and aligner.holding(topic, tp.partition) is None:
-                        self._to_commit[tp] = rec.offset + 1  # (a held message commits when it is released)
+                        fetched[tp] = rec.offset + 1  # (a held message commits when it is released)
                     continue
                 out.append(Message(topic, value, rec.key.decode() if rec.key else None,
                                    {k: v.decode(errors="replace") for k, v in rec.headers}, rec.partition, rec.offset))
         if aligner is not None:
-            aligner.add(out)
+            aligner.add([m for m in out if m.partition in self.ready])  # (revoked while dead-lettering)
             drained = not records and await self._drained()
             read = set() if drained else await self._read_to_end()
             out = aligner.drain() if drained else aligner.release(lambda t, p: (t, p) in read)
@@ -322,6 +338,7 @@ class KafkaSubscription:
                 # first one's end): read to their end too? Then on, not on the next batch.
                 read |= await self._read_to_end(more)
                 out += aligner.release(lambda t, p: (t, p) in read)
+            out = [m for m in out if m.partition in self.ready]  # (revoked while reading to the end)
             # Commit up to what is released, but not past a message still held. Released in
             # time order, a partition's offsets may interleave (origins): one released past a
             # held one is read again after a crash, which the site tier skips (rack_vs_site.py).
@@ -332,12 +349,19 @@ class KafkaSubscription:
                 touched.add(tp)
             for tp in touched:
                 held = aligner.holding(bus_topic(tp.topic, self.bus.prefix), tp.partition)
-                self._to_commit[tp] = self._released[tp] if held is None else min(held, self._released[tp])
+                fetched[tp] = self._released[tp] if held is None else min(held, self._released[tp])
             if out:
-                return out
+                return self._hand_out(out, fetched)
         if not records and await self._drained():
             raise EndOfStream
-        return out
+        return self._hand_out(out, fetched)
+
+    def _hand_out(self, out: list[Message], fetched: dict[TopicPartition, int]) -> list[Message]:
+        """The batch get_batch returns, and its offsets to commit: of the partitions still held
+        only (no await from here to the caller: a revocation that began meanwhile took its
+        partitions out of `ready`, and their messages go to the next owner)."""
+        self._to_commit.update((tp, o) for tp, o in fetched.items() if tp.partition in self.ready)
+        return [m for m in out if m.partition in self.ready]
 
     async def _read_to_end(self, only: set | None = None) -> set[tuple[Hashable, int]]:
         """Of the (source, partition)s the aligner waits on, those read up to their end now:
