@@ -159,6 +159,8 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned) -> None:
         self.sub.assignments += 1
+        self.sub._revoking.clear()  # (aiokafka revokes every partition first: none is being revoked now,
+                                    # also where a hook failed and release() never ran)
         if assigned:
             partitions = {tp.partition for tp in assigned}
             await self.sub.claim(partitions)  # fences a previous owner before its state is read
@@ -314,6 +316,7 @@ class KafkaSubscription:
         out: list[Message] = []
         aligner = self.aligner
         fetched: dict[TopicPartition, int] = {}  # committable once handed out (below: no await after)
+        dead: list[tuple[TopicPartition, Topic, int]] = []  # aligned: dead-lettered, past them
         for tp, batch in records.items():
             for rec in batch:
                 topic = bus_topic(rec.topic, self.bus.prefix)
@@ -323,8 +326,8 @@ class KafkaSubscription:
                     value = self.bus.decoder.decode(rec.value, rec.headers)
                 except DecodeError as e:
                     await self._dead_letter(rec, e.reason)
-                    if aligner is not None and aligner.holding(topic, tp.partition) is None:
-                        fetched[tp] = rec.offset + 1  # (a held message commits when it is released)
+                    if aligner is not None:
+                        dead.append((tp, topic, rec.offset + 1))
                     continue
                 out.append(Message(topic, value, rec.key.decode() if rec.key else None,
                                    {k: v.decode(errors="replace") for k, v in rec.headers}, rec.partition, rec.offset))
@@ -350,6 +353,9 @@ class KafkaSubscription:
             for tp in touched:
                 held = aligner.holding(bus_topic(tp.topic, self.bus.prefix), tp.partition)
                 fetched[tp] = self._released[tp] if held is None else min(held, self._released[tp])
+            for tp, topic, past in dead:  # not past a message held (this batch's are held until released)
+                if aligner.holding(topic, tp.partition) is None:
+                    fetched[tp] = max(fetched.get(tp, 0), past)
             if out:
                 return self._hand_out(out, fetched)
         if not records and await self._drained():
