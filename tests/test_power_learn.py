@@ -315,3 +315,34 @@ def test_a_job_s_level_is_its_own_and_fades_when_its_counter_stops():
     read(690.0, 690.0, n=20)
     read(300.0, np.nan, n=120, dt_s=1.0)  # (back at 1 s: no means; the load fell)
     assert np.isnan(learner.level_w(one)[0]) and learner.demand()[0] < 400.0
+
+
+def scattered_fits(s: float, scatter: float, points: int, jobs: int = 60) -> CurveLearner:
+    """`jobs` GPUs of sensitivity s, each with `points` samples under caps of 350-600 W whose
+    util_mem reads the truth times (1 + scatter x a normal draw): a scrape every 30 s catches
+    any moment of a job's phases."""
+    rng = np.random.default_rng(7)
+    learner = CurveLearner(CURVE)
+    slots = np.arange(jobs)
+    ones, ref_w = np.ones(jobs), 650.0
+    for _ in range(int(MIN_REF_S)):
+        learner.observe(slots, np.full(jobs, ref_w), ones, np.full(jobs, 0.34), np.full(jobs, 700.0), 700.0)
+    for _ in range(points):
+        cap = rng.uniform(350.0, 600.0, jobs)
+        work = keep(s, CURVE.at(cap) / CURVE.at(ref_w))
+        mem = np.clip(0.34 * work * (1.0 + scatter * rng.standard_normal(jobs)), 0.01, 1.0)
+        learner.observe(slots, cap - 1.0, ones, mem, cap, 700.0)
+    return learner
+
+
+def test_scattered_points_keep_the_planner_s_bound_over_the_truth():
+    """A compute-bound job read every 30 s: its points scatter, and the fit of 30 of them falls
+    under the truth for many jobs (0.78 for 0.89 in an eval: its GPUs lost 52% under a 50%
+    class). The bound the planner caps by rests on the points' own scatter: over the truth for
+    nearly every job; points without scatter keep it tight."""
+    truth = 0.9
+    noisy = scattered_fits(truth, 0.08, 30)
+    assert np.mean(noisy.sensitivity() < truth - 0.03) > 0.2  # the fit does wander under
+    assert np.mean(noisy.upper() >= truth) >= 0.95
+    exact = scattered_fits(truth, 0.0, 30)
+    assert np.all(np.abs(exact.sensitivity() - truth) < 0.01) and np.all(exact.upper() - exact.sensitivity() < 0.05)
