@@ -85,7 +85,7 @@ SILENT_S = 60.0        # a GPU with no sample for this long behind the fleet's n
 SILENT_INTERVALS = 3   # or this many scrape intervals, if longer, is gone from the request: fell off the bus,
                        # its node drained, its agent stopped
 SLOW_READINGS_S = 10.0  # GPUs or a meter read further apart than this: requests are met less often (the eval, seeds
-                        # 1-3: 21 of 24 at 1 s, 18 at 10 s, 17 at 30 s, where it costs as much as uniform capping)
+                        # 1-3: 21 of 24 at 1 s, 17 at 10 s, 16 at 30 s, where it costs 0.91-0.98x uniform capping)
 ROSE_S = 20.0          # a capped GPU moving more memory than its uncapped reference this long (2 samples at least):
 ROSE_SHARE = 0.1       # more than this share above it, and MEM_STEP (util_mem's resolution), its load rose (_rose)
 MEM_STEP = 0.01

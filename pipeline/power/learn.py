@@ -435,11 +435,12 @@ class CurveLearner:
         return np.clip((PRIOR_WEIGHT + self.sxy[sl]) / (PRIOR_WEIGHT + self.sxx[sl]), 0.0, 1.0)
 
     def upper(self, slots: np.ndarray | None = None) -> np.ndarray:
-        """The fit plus its standard error times Student's t (97.5%, for the points less one):
-        the error from the points' own scatter about the fit, util_mem's resolution at least.
-        Read every 30 s, a job's 30-50 points scattered by the phases they caught had put its
-        fit under the truth by more than a fixed error allowed (0.78 for 0.89: its GPUs lost
-        52% under a 50% class); few points, or scattered ones, keep the bound up."""
+        """The fit plus its standard error, from the points' own scatter about the fit or
+        util_mem's resolution where that is larger, times Student's t at 97.5% for the points
+        less one (a point alone: 2, the resolution's error being known; the bound rises at the
+        second point, then narrows as they come). Read every 30 s, a job's 30-50 points
+        scattered by the phases they caught had put its fit under the truth by more than the
+        resolution allowed (0.78 for 0.89: its GPUs lost 52% under a 50% class)."""
         sl = slice(None) if slots is None else slots
         fit, n = self.sensitivity(slots), self.points[sl]
         sxx, sxy, syy = self.sxx[sl], self.sxy[sl], self.syy[sl]
