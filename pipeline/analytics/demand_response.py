@@ -221,8 +221,9 @@ class DemandResponse:
         for e in done:
             (done0, free0), (done1, free1) = e.work_at_start, e.work_at_end or self._work()
             # (totals first, then their difference: the fleet's sums as they were at each end)
-            lost += (float(free1.sum()) - float(free0.sum())) - (float(done1.sum()) - float(done0.sum()))
-            uncapped += float(free1.sum()) - float(free0.sum())
+            free = float(free1.sum()) - float(free0.sum())
+            lost += free - (float(done1.sum()) - float(done0.sum()))
+            uncapped += free
             uniform_lost += e.uniform_lost
             oracle_lost += e.oracle_lost
         true_min, credit_error = [], []

@@ -496,13 +496,14 @@ class Controller:
         # An enforced limit the source does not send (dcgm-exporter's default counters leave it out):
         # the cap set here, so that a capped draw is never taken for the job's own.
         limit = np.where(np.isnan(g.limit_w[rows]), self.cap[rows], g.limit_w[rows])
-        new_job = g.new_job | self._rose(rows)
+        held = self._held(rows)
+        new_job = g.new_job | self._rose(rows, held)
         self.learner.observe(rows, np.where(g.forced[rows], np.nan, g.power_w[rows]), g.util[rows],
                              g.util_mem[rows], limit, self._own_w(rows), g.paused[rows],
                              new_job, g.dt_s, np.where(g.forced[rows], np.nan, g.mean_w[rows]))  # (a slowdown: no sample)
         if self.active is not None:
             self._fit()
-            self.unheld[rows] = np.where(self._held(rows) | np.isnan(self.cap[rows]), 0.0,
+            self.unheld[rows] = np.where(held | np.isnan(self.cap[rows]), 0.0,
                                          self.unheld[rows] + span_seconds(g.dt_s, UNHELD_S))
             # A job that ended is over for this request (one paused keeps its cap: it resumes under
             # it); a node with a power reading stuck can be neither verified nor moved (its
@@ -517,9 +518,10 @@ class Controller:
                         & np.isnan(self.cap[rows])]
             self.steady[join] = True
 
-    def _rose(self, rows: np.ndarray) -> np.ndarray:
-        """Per row: its GPU's load rose under the cap set here, ROSE_S in a row. Held at its cap, it
-        moves more memory than its uncapped reference did, which a cap alone never makes a job do (a
+    def _rose(self, rows: np.ndarray, held: np.ndarray) -> np.ndarray:
+        """Per row (`held`: by the cap set here, `_held`): its GPU's load rose under that cap, ROSE_S in
+        a row. Held at its cap, it moves more memory than its uncapped reference did, which a cap
+        alone never makes a job do (a
         training job's step up, an inference's traffic). Its cap was planned on a draw it no longer
         has and can take more of its work than its class allows (a job at 470 W capped to 200 W
         stepped up to 700 W: 33% of its work lost, class 2 allowing 25%), so it is learned afresh,
@@ -528,7 +530,6 @@ class Controller:
             self.rose_s[rows] = 0.0
             return np.zeros(rows.size, bool)
         g, ref = self.gpus, self.learner.ref_mem[rows]
-        held = ~np.isnan(self.cap[rows]) & self._held(rows)
         with np.errstate(invalid="ignore"):  # (util_mem NaN where the source sends none: never)
             rose = held & (ref > 0) & (g.util_mem[rows] > ref * (1.0 + ROSE_SHARE) + MEM_STEP)
         self.rose_s[rows] = np.where(rose, self.rose_s[rows] + span_seconds(g.dt_s, ROSE_S), 0.0)
