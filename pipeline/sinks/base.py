@@ -36,6 +36,10 @@ class Sink(Protocol):
     def flushed(self, durable: bool) -> None:
         """After a due flush and, when durable, its commit."""
 
+    async def before_revoke(self, partitions: set[int]) -> None:
+        """Before partitions move to another consumer (the subscription commits right after):
+        make what was taken durable, or raise so that nothing is committed."""
+
     def wait_s(self) -> float | None:
         """How long to wait for input before calling `add([])` (None: until input comes)."""
 
@@ -59,6 +63,11 @@ class SinkBase:
     def flushed(self, durable: bool) -> None:
         pass
 
+    async def before_revoke(self, partitions: set[int]) -> None:
+        if not await self.flush():  # type: ignore[attr-defined]
+            raise RuntimeError(f"{type(self).__name__} could not make its output durable: partitions "
+                               f"{sorted(partitions)} handed over uncommitted (their new owner reads them again)")
+
     def wait_s(self) -> float | None:
         return None
 
@@ -75,37 +84,44 @@ class SinkBase:
 
 async def consume(sub, sink: Sink, gate=None, stop: asyncio.Event | None = None) -> None:
     """Feed `sink` from `sub` until its topics end; commit only what `flush` made durable.
-    A sink with `before_revoke(partitions)` gets it, under the flush lock, before
-    partitions move to another consumer (the subscription commits right after)."""
-    durable = asyncio.Lock()  # a flush and a rebalance never interleave
+    Before partitions move to another consumer (the subscription commits right after), the
+    sink's `before_revoke` runs under the flush lock."""
+    durable = asyncio.Lock()  # a flush, a batch on its way into the sink and a rebalance never interleave
 
-    async def flush_and_commit() -> bool:
+    async def flush_and_commit() -> bool:  # (under `durable`)
+        if not await sink.flush():
+            return False
+        await sub.commit()  # only now is the output durable
+        return True
+
+    async def before_revoke(partitions: set[int]) -> None:
         async with durable:
-            if not await sink.flush():
-                return False
-            await sub.commit()  # only now is the output durable
-            return True
-
-    if (revoke := getattr(sink, "before_revoke", None)) is not None:
-        async def before_revoke(partitions: set[int]) -> None:
-            async with durable:
-                await revoke(partitions)
-        sub.before_revoke.append(before_revoke)
+            await sink.before_revoke(partitions)
+    sub.before_revoke.append(before_revoke)
     await sink.start()
     try:
         while True:
-            if sink.stalled and stop is not None and stop.is_set() and not await flush_and_commit():
-                sink.abandon()
-                return
+            if sink.stalled and stop is not None and stop.is_set():
+                async with durable:
+                    if not await flush_and_commit():
+                        sink.abandon()
+                        return
             try:
                 messages = await (sub.get_batch() if (wait := sink.wait_s()) is None else sub.get_batch(timeout_s=wait))
             except EndOfStream:
-                if not await flush_and_commit():
-                    sink.abandon()
+                async with durable:
+                    if not await flush_and_commit():
+                        sink.abandon()
                 return
-            if gate is not None:  # bad rows are dead-lettered here, the rest goes on (bus/intake.py)
-                messages = await gate.screen(messages)
-            if sink.add(messages):
-                sink.flushed(await flush_and_commit())
+            # Handed out, the batch's offsets are the subscription's to commit: a revoke that
+            # runs while the gate dead-letters (an await) waits until the batch is in the sink,
+            # or its commit would take rows that are on no disk from the next owner.
+            async with durable:
+                if gate is not None:  # bad rows are dead-lettered here, the rest goes on (bus/intake.py)
+                    messages = await gate.screen(messages)
+                due = sink.add(messages)
+                made_durable = due and await flush_and_commit()
+            if due:
+                sink.flushed(made_durable)
     finally:
         await sink.close()
