@@ -204,6 +204,26 @@ def test_inference_follows_the_time_of_day(hour):
     assert util.std() > 0.02  # noisy
 
 
+
+def test_an_inference_service_keeps_what_a_cap_costs_it_through_its_group_s_churn():
+    """A service runs day and night: its group's job churn starts no new job on its GPUs, so its
+    sensitivity stays (redrawn, its GPUs' job changed under their caps with no sign a sample or
+    the scheduler would give, and the power loop broke a class's bound learning an old job).
+    Training groups still start jobs of their own."""
+    sim = FleetSimulator(fleet(seed=5), start=START, phenomena=("diurnal",))
+    services = sim.normal.services
+    assert services.any() and not services.all()
+    before = sim.group_sens.copy()
+    started = np.zeros(services.size, bool)
+    for _ in range(3 * 3600):
+        busy = sim.group_busy.copy()
+        sim.step()
+        started |= sim.group_busy & ~busy
+    assert started[services].any() and started[~services].any()  # churn on both
+    assert np.array_equal(sim.group_sens[services], before[services])
+    assert not np.array_equal(sim.group_sens[~services & started], before[~services & started])
+
+
 # ---- maintenance ------------------------------------------------------------------------------
 
 def test_rolling_reboots_are_announced_silent_for_minutes_and_labelled_normal():

@@ -44,7 +44,8 @@ the simple normal (fleet.normal = "simple": steady jobs, exact readings, one clo
 bit-identical to the simulator before it, and a phenomenon can be turned off alone.
 - Jobs: a quarter of the 4-node groups serve inference; the others run training jobs on
   runs of 2-4 neighbouring groups (8-16 nodes, one or two racks) that start and stop
-  together (the lead group's churn, as before).
+  together (the lead group's churn, as before). With diurnal on, a service runs day and
+  night and keeps its sensitivity through its group's churn.
 - diurnal: inference follows the time of day (local time = UTC): a service's utilisation
   goes from 15-30% at 04:00 to 60-90% at 16:00 (cosine), times minutes-scale bursts (8%,
   tau 5 min) and 4% per GPU and sample. Production LLM inference (Azure's public LLM
@@ -574,7 +575,12 @@ class FleetSimulator:
         starting = due[self.group_busy[due]]
         self.group_intensity[starting] = self._draw_intensity(starting.size)
         self.group_mem[starting] = rng.uniform(55e9, 78e9, starting.size)
-        self.group_sens[starting] = self._draw_sensitivity(self.group_intensity[starting])
+        drawn = self._draw_sensitivity(self.group_intensity[starting])
+        # A service runs day and night (RealisticNormal): its group's churn starts no new job there,
+        # and it keeps what a cap costs it (redrawn, its GPUs' job changed under their caps with no
+        # sign a scheduler or a sample would give).
+        kept = self.normal.services[starting] if self.normal is not None else np.zeros(starting.size, bool)
+        self.group_sens[starting] = np.where(kept, self.group_sens[starting], drawn)
         durations = np.where(self.group_busy[due],
                              np.clip(rng.exponential(2400, due.size), 300, 4 * 3600),
                              np.clip(rng.exponential(480, due.size), 60, 3600))
@@ -872,6 +878,7 @@ class RealisticNormal:
         self.lead = (job == np.arange(n)) & ~self.inference      # training jobs, by their lead group
         self.gpu_training = ~self.inference[sim.node_group][sim.gpu_node]
         self.gpu_inference = ~self.gpu_training if "diurnal" in self.on else np.zeros(G, bool)
+        self.services = self.inference if "diurnal" in self.on else np.zeros(n, bool)  # groups serving day and night
         self._was_busy = sim.group_busy.copy()
         # Training jobs' steps and checkpoints (per lead group).
         r, c = self.rngs["training"], self.rngs["checkpoints"]
