@@ -346,3 +346,37 @@ def test_scattered_points_keep_the_planner_s_bound_over_the_truth():
     assert np.mean(noisy.upper() >= truth) >= 0.9  # (97% here; 67% by util_mem's resolution alone)
     exact = scattered_fits(truth, 0.0, 30)
     assert np.all(np.abs(exact.sensitivity() - truth) < 0.01) and np.all(exact.upper() - exact.sensitivity() < 0.06)
+
+
+
+@pytest.mark.parametrize("under_w, comm_w", [(1.5, 395.0), (15.0, 350.0)])
+def test_where_the_gpu_sends_its_clock_reasons_they_say_whether_the_cap_holds_it(under_w, comm_w):
+    """A training job capped at 400 W whose GPUs communicate at 395 W, at full speed: within
+    NOT_BINDING_W of the cap, but no power cap holds their clock (reason 0x4 clear). Counted,
+    those seconds read as a cap that cost nothing (a job of s 0.95 learned at 0.14 in an eval
+    at 30-s scrapes, then capped deep: its GPUs lost 28% under a 25% class). A part that
+    settles 15 W under its cap (reason 0x4 set) is held all the same (its job communicating at
+    350 W). Where the source sends
+    no clock reasons, the draw near the limit decides, as before."""
+    s = 0.95
+    held_w = 400.0 - under_w
+    r = float(CURVE.at(held_w) / CURVE.at(698.5))
+
+    def learned(reasons: bool) -> CurveLearner:
+        learner = CurveLearner(CURVE)
+        one = np.array([0])
+        for t in range(900):
+            computing, cap_w = t % 30 >= 10, (700.0 if t < 300 else 400.0)
+            held = computing and cap_w < 700
+            power = held_w if held else (698.5 if computing else comm_w)
+            mem = 0.34 * (float(keep(s, r)) if held else 1.0)
+            learner.observe(one, np.array([power]), np.array([1.0]), np.array([mem]), np.array([cap_w]), 700.0,
+                            cap_reason=np.array([float(held)]) if reasons else None)
+        return learner
+    by_reasons, by_power = learned(True), learned(False)
+    assert by_reasons.sensitivity()[0] == pytest.approx(s, abs=0.03)
+    assert by_reasons.points[0] == pytest.approx(400, abs=1)  # the compute seconds only
+    if under_w < 10:  # its communication counted too
+        assert by_power.points[0] == pytest.approx(600, abs=1) and by_power.sensitivity()[0] < 0.75
+    else:  # nothing taken for held: the recorded curve, the most a cap can cost
+        assert by_power.points[0] == 0 and by_power.sensitivity()[0] == 1.0

@@ -51,7 +51,7 @@ import pyarrow.compute as pc
 from pipeline.config import PowerConfig
 from pipeline.counters import MEAN_AFTER_S, Counter, counter_step_j, interval_mean_w
 from pipeline.detect.catalog import ALERTS
-from pipeline.model import HW_SLOWDOWN_ANY
+from pipeline.model import HW_SLOWDOWN_ANY, SW_POWER_CAP
 from pipeline.detect.state import KeyIndex
 from pipeline.power.actuator import Actuator
 from pipeline.power.classes import FlexClasses, scheduler_entry
@@ -85,7 +85,7 @@ SILENT_S = 60.0        # a GPU with no sample for this long behind the fleet's n
 SILENT_INTERVALS = 3   # or this many scrape intervals, if longer, is gone from the request: fell off the bus,
                        # its node drained, its agent stopped
 SLOW_READINGS_S = 10.0  # GPUs or a meter read further apart than this: requests are met less often (the eval, seeds
-                        # 1-3: 21 of 24 at 1 s, 17 at 10 s, 16 at 30 s, where it costs 0.91-0.98x uniform capping)
+                        # 1-3: 21 of 24 at 1 s, 17 at 10 s, 16 at 30 s, where it costs 0.89-0.98x uniform capping)
 ROSE_S = 20.0          # a capped GPU moving more memory than its uncapped reference this long (2 samples at least):
 ROSE_SHARE = 0.1       # more than this share above it, and MEM_STEP (util_mem's resolution), its load rose (_rose)
 MEM_STEP = 0.01
@@ -245,6 +245,7 @@ class GpuTable:
         self.new_job = np.zeros(0, bool)    # the last batch's rows: the samples name other jobs than before
         self.flat = np.zeros(0, np.int64)   # identical power readings in a row (a stuck sensor: detect's rule)
         self.forced = np.zeros(0, bool)     # clocks forced down by hardware or heat (a brake, a thermal slowdown)
+        self.cap_reason = np.zeros(0)       # its SW power cap clock reason (0x4): 1 set, 0 clear, NaN not sent
         self.energy_j = np.zeros(0)         # its energy counter's latest reading (NaN: none) ...
         self.energy_step_j = np.zeros(0)    # ... its resolution (pipeline/counters.py) ...
         self.mean_w = np.zeros(0)           # ... and its mean draw since the sample before (NaN: read less than
@@ -292,6 +293,8 @@ class GpuTable:
         self.power_w[slots] = power
         reasons = batch.column("clock_event_reasons").to_numpy(zero_copy_only=False)
         self.forced[slots] = (np.nan_to_num(reasons).astype(np.int64) & int(HW_SLOWDOWN_ANY)) != 0
+        self.cap_reason[slots] = np.where(np.isnan(reasons.astype(np.float64)), np.nan,
+                                          (np.nan_to_num(reasons).astype(np.int64) & SW_POWER_CAP) != 0)
         self.util[slots] = util
         self.util_mem[slots] = batch.column("util_mem").to_numpy(zero_copy_only=False)
         mem = np.nan_to_num(batch.column("mem_used_bytes").to_numpy(zero_copy_only=False).astype(np.float64))
@@ -387,7 +390,7 @@ class GpuTable:
         self.last_job = np.concatenate([self.last_job, np.full(grow, None, object)])
         self.flat = np.concatenate([self.flat, np.zeros(grow, np.int64)])
         self.forced = np.concatenate([self.forced, np.zeros(grow, bool)])
-        for name in ("energy_j", "energy_step_j", "mean_w", "before_w"):
+        for name in ("energy_j", "cap_reason", "energy_step_j", "mean_w", "before_w"):
             setattr(self, name, np.concatenate([getattr(self, name), np.full(grow, np.nan)]))
         racks = self.racks[-grow:]
         self.rack_ix = np.concatenate([self.rack_ix, np.array([self.rack_ids.setdefault(r, len(self.rack_ids))
@@ -500,7 +503,8 @@ class Controller:
         new_job = g.new_job | self._rose(rows, held)
         self.learner.observe(rows, np.where(g.forced[rows], np.nan, g.power_w[rows]), g.util[rows],
                              g.util_mem[rows], limit, self._own_w(rows), g.paused[rows],
-                             new_job, g.dt_s, np.where(g.forced[rows], np.nan, g.mean_w[rows]))  # (a slowdown: no sample)
+                             new_job, g.dt_s, np.where(g.forced[rows], np.nan, g.mean_w[rows]),  # (a slowdown: no sample)
+                             g.cap_reason[rows])
         if self.active is not None:
             self._fit()
             self.unheld[rows] = np.where(held | np.isnan(self.cap[rows]), 0.0,

@@ -36,10 +36,14 @@ prior s = 1 as `PRIOR_WEIGHT` pseudo-samples, from:
     often than it runs, and its readings alone had put a job drawing 590 W on average at
     330 W. Readings on both sides of the level are weighed to it (`_levelled`); readings all
     on one side are bounded by it (`shed_over`, `duty`);
-  - the points: samples busy and held by a cap (drawing within `NOT_BINDING_W` of the limit
-    the GPU enforces) at least `MIN_SHED` below the reference. A sample under its cap is
+  - the points: samples busy and held by a cap at least `MIN_SHED` below the reference:
+    with the SW power cap clock reason 0x4 where the source sends clock reasons, else
+    drawing within `NOT_BINDING_W` of the limit the GPU enforces. A sample under its cap is
     not held by it: a training job communicating draws far under its cap at full speed,
-    and counted, it read as a cap that cost nothing (a job of s 0.97 learned at 0.17);
+    and counted, it read as a cap that cost nothing (a job of s 0.97 learned at 0.17); one
+    whose communication draws the cap's watts by itself is within `NOT_BINDING_W` of it, and
+    only its clock reasons tell (a job of s 0.95 learned at 0.14 at 30-s scrapes), as they
+    tell of a part that settles further under its cap;
   - a new job: a GPU that goes idle forgets its reference and its fit (the next job is
     another's), unless its job only paused: idle with its memory still held (a training
     job writing a checkpoint stalls its GPUs for tens of seconds; a job that ends frees its
@@ -341,14 +345,15 @@ class CurveLearner:
     def observe(self, slots: np.ndarray, power_w: np.ndarray, util: np.ndarray, util_mem: np.ndarray,
                 limit_w: np.ndarray, default_w: float | np.ndarray, paused: np.ndarray | None = None,
                 new_job: np.ndarray | None = None, dt_s: float | np.ndarray = 1.0,
-                mean_w: np.ndarray | None = None) -> None:
+                mean_w: np.ndarray | None = None, cap_reason: np.ndarray | None = None) -> None:
         """One batch of samples: per row its GPU's slot, draw, utilisation, memory utilisation
         and enforced limit (NaN where unknown); `default_w` each GPU's own limit (a site's
         `nvidia-smi -pl 600` or a 400 W part's; under it, a cap is set); `paused`
         per row: idle, its job's memory still held (None: an idle GPU's job is over); `new_job`
         per row: the samples name another job than before (learned afresh, busy or not); `dt_s`
         per row: the seconds since its GPU's sample before (the scrape interval); `mean_w` per row: its
-        mean draw since then by its energy counter (NaN, or None: read faster, the instants do)."""
+        mean draw since then by its energy counter (NaN, or None: read faster, the instants do); `cap_reason`
+        per row: its SW power cap clock reason (0x4), 1 set, 0 clear, NaN (or None) not sent."""
         self.grow(int(slots.max()) + 1 if slots.size else 0)
         power = np.asarray(power_w, np.float64)
         mean = None if mean_w is None else np.asarray(mean_w, np.float64)
@@ -416,8 +421,14 @@ class CurveLearner:
             ref_p[known] = self.demand_above(slots[known], power[known])
         # A point only where the cap holds the draw (a training job communicating under its cap draws far
         # under it at full speed: taken for held, it read as a cap that cost nothing, s 0.17 for s 0.97).
-        held = (known & (power >= limit - NOT_BINDING_W) & (power < (1.0 - MIN_SHED) * ref_p) & has_mem
-                & (self.ref_mem[slots] > 0))
+        # Held by the cap: where the GPU says so (reason 0x4: a part that settles more than NOT_BINDING_W
+        # under its cap too; clear: a training job communicating at the cap's watts by itself), else by
+        # its draw near the limit.
+        at_cap = power >= limit - NOT_BINDING_W
+        if cap_reason is not None:
+            reason = np.asarray(cap_reason, np.float64)
+            at_cap = np.where(np.isnan(reason), at_cap, reason > 0)
+        held = (known & at_cap & (power < (1.0 - MIN_SHED) * ref_p) & has_mem & (self.ref_mem[slots] > 0))
         if held.any():
             s = slots[held]
             at_ref = self.curve.at(ref_p[held] * k[held])
