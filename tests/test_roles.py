@@ -226,6 +226,37 @@ def test_consume_commits_only_after_the_sink_made_the_output_durable():
     assert "commit" not in " ".join(flaky.log) and "abandoned" in flaky.log and flaky.log[-1] == "closed"
 
 
+
+def test_a_hand_over_that_cannot_make_the_output_durable_commits_none_of_its_partitions():
+    """Before partitions move on, the sink makes what it took durable (SinkBase.before_revoke:
+    a flush). Where it cannot, the hook raises, so the rebalance commits nothing, and the
+    partitions' offsets are forgotten, so no later commit takes them either: their next owner
+    reads them again."""
+    from pipeline.sinks.base import SinkBase, consume
+
+    class Stuck(SinkBase):
+        def add(self, messages):
+            return False
+
+        async def flush(self) -> bool:
+            return False
+
+    async def go():
+        bus = MemoryBus()
+        await bus.start()
+        sub = bus.subscribe([Topic.ALERTS], "test")
+        forgotten = []
+        sub.forget = forgotten.append
+        role = asyncio.create_task(consume(sub, Stuck()))
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match=r"partitions \[3\] handed over uncommitted"):
+            await sub.before_revoke[0]({3})
+        await bus.end([Topic.ALERTS])
+        await role
+        return forgotten
+    assert asyncio.run(go()) == [{3}]
+
+
 # ---- keying -------------------------------------------------------------------------
 
 def test_murmur2_is_kafkas():

@@ -41,7 +41,8 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (ClusterAuthorizationFailedError, KafkaConnectionError, KafkaTimeoutError,
                             TopicAlreadyExistsError, TopicAuthorizationFailedError, for_code)
-from aiokafka.errors import IllegalOperation, IllegalStateError, InvalidProducerEpoch, KafkaError, ProducerFenced
+from aiokafka.errors import (CommitFailedError, IllegalOperation, IllegalStateError, InvalidProducerEpoch, KafkaError,
+                            ProducerFenced)
 
 from pipeline.bus.align import Aligner
 from pipeline.bus.base import ALERTS_KEPT_H, EndOfStream, Message, Topic
@@ -493,8 +494,18 @@ class KafkaSubscription:
     async def commit(self) -> None:
         if not self.transactional:
             if self._to_commit:
-                await self.consumer.commit(dict(self._to_commit))
+                held = self.consumer.assignment()
+                offsets = {tp: o for tp, o in self._to_commit.items() if tp in held}
                 self._to_commit.clear()
+                try:
+                    if offsets:
+                        await self.consumer.commit(offsets)
+                except CommitFailedError as e:
+                    # The group moved these partitions on while this process held them: it overran the
+                    # rebalance timeout (a flush stuck on a full disk, a frozen process). Nothing of them
+                    # is committed; their next owner reads them again from the last commit.
+                    log.warning("%s: offsets not committed, the group moved the partitions on meanwhile (%s); "
+                                "their next owner reads them again", self.group, e)
             return
         # One transaction per input partition: its output, its checkpoint and its offsets.
         for p in sorted(set(self.producers) & ({tp.partition for tp in self._to_commit} | self._in_transaction)):

@@ -96,7 +96,11 @@ async def consume(sub, sink: Sink, gate=None, stop: asyncio.Event | None = None)
 
     async def before_revoke(partitions: set[int]) -> None:
         async with durable:
-            await sink.before_revoke(partitions)
+            try:
+                await sink.before_revoke(partitions)
+            except BaseException:
+                sub.forget(partitions)  # not durable: none of their offsets is committed, now or later
+                raise
     sub.before_revoke.append(before_revoke)
     await sink.start()
     try:

@@ -260,6 +260,35 @@ def test_a_revoke_while_the_archive_dead_letters_commits_only_rows_on_disk(broke
     assert on_disk == good  # ... and every good row of them is on disk
 
 
+def test_offsets_of_a_partition_no_longer_held_are_dropped_not_committed(broker):
+    """A commit after the group moved a partition on (a revoke whose hand-over failed, a member
+    that overran the rebalance timeout) commits the partitions still held and drops the rest:
+    their next owner reads them again. aiokafka refuses the whole commit for one partition not
+    assigned (IllegalStateError), which had ended the role."""
+    from aiokafka import TopicPartition
+    prefix = f"c{uuid.uuid4().hex[:6]}."
+
+    async def go():
+        bus = KafkaBus(broker.bootstrap, partitions=1, prefix=prefix)
+        await bus.start()
+        for b in sim_batches(2):
+            await bus.publish(Message(Topic.GPU, b, key="r01"))
+        await bus.flush()
+        sub = bus.subscribe([Topic.GPU], "archive")
+        got = []
+        while len(got) < 2:
+            got += await sub.get_batch(timeout_s=1.0)
+        moved = TopicPartition(bus.wire(Topic.GPU), 7)  # (not this consumer's)
+        sub._to_commit[moved] = 5
+        await sub.commit()
+        committed = await sub.consumer.committed(TopicPartition(bus.wire(Topic.GPU), 0))
+        await sub.close()
+        await bus.close()
+        return committed, moved in sub._to_commit
+    committed, kept = asyncio.run(go())
+    assert committed == 2 and not kept
+
+
 def test_the_daemon_runs_every_role_over_kafka(broker, tmp_path, receiver):
     """`fleetwatch run --kafka`: the same roles and code, Kafka between them. Every sample
     produced lands in the archive exactly once; alerts reach alerts.jsonl and the webhook."""
