@@ -353,8 +353,8 @@ def test_scattered_points_keep_the_planner_s_bound_over_the_truth():
 def test_where_the_gpu_sends_its_clock_reasons_they_say_whether_the_cap_holds_it(under_w, comm_w):
     """A training job capped at 400 W whose GPUs communicate at 395 W, at full speed: within
     NOT_BINDING_W of the cap, but no power cap holds their clock (reason 0x4 clear). Counted,
-    those seconds read as a cap that cost nothing (a job of s 0.95 learned at 0.14 in an eval
-    at 30-s scrapes, then capped deep: its GPUs lost 28% under a 25% class). A part that
+    those seconds read as a cap that cost nothing (a job of s 0.95 learned at 0.14-0.20 in an
+    eval at 30-s scrapes; capped deep, its GPUs lost 28% under a 25% class). A part that
     settles 15 W under its cap (reason 0x4 set) is held all the same (its job communicating at
     350 W). Where the source sends
     no clock reasons, the draw near the limit decides, as before."""

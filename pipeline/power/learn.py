@@ -42,7 +42,7 @@ prior s = 1 as `PRIOR_WEIGHT` pseudo-samples, from:
     not held by it: a training job communicating draws far under its cap at full speed,
     and counted, it read as a cap that cost nothing (a job of s 0.97 learned at 0.17); one
     whose communication draws the cap's watts by itself is within `NOT_BINDING_W` of it, and
-    only its clock reasons tell (a job of s 0.95 learned at 0.14 at 30-s scrapes), as they
+    only its clock reasons tell (a job of s 0.95 learned at 0.14-0.20 at 30-s scrapes), as they
     tell of a part that settles further under its cap;
   - a new job: a GPU that goes idle forgets its reference and its fit (the next job is
     another's), unless its job only paused: idle with its memory still held (a training
