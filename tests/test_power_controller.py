@@ -974,3 +974,30 @@ def test_a_load_that_rises_under_its_cap_is_learned_afresh_and_its_class_kept():
         advance(sim, ctl, i)
     lost = 1.0 - (sim.work_done[job] - start[0]) / (sim.work_uncapped[job] - start[1])
     assert lost.max() <= 0.25, lost.max()
+
+
+@pytest.mark.parametrize("reasons", [True, False])
+def test_a_part_that_settles_15_w_under_its_cap_is_held_by_its_clock_reasons(reasons):
+    """A part whose power controller holds it 15 W under its cap (reason 0x4 set): where the
+    source sends clock reasons the cap holds it, and what it sheds counts; where it sends none,
+    only a draw within NOT_BINDING_W of the cap is held, and its shed is not credited."""
+    sim, ctl = fleet()
+    ctl.submit(request(60, 10))
+    for i in range(120):
+        tick = sim.step()
+        gpu = tick.gpu
+        power, reasons_col = gpu.column("power_w"), gpu.column("clock_event_reasons")
+        capped = pc.not_equal(pc.bit_wise_and(pc.fill_null(reasons_col, 0), 4), 0)
+        gpu = gpu.set_column(gpu.schema.get_field_index("power_w"), gpu.schema.field("power_w"),
+                             pc.if_else(capped, pc.subtract(power, 15.0), power))
+        if not reasons:
+            i_r = gpu.schema.get_field_index("clock_event_reasons")
+            gpu = gpu.set_column(i_r, gpu.schema.field(i_r), pa.nulls(gpu.num_rows, reasons_col.type))
+        ctl.observe_gpus(gpu)
+        ctl.observe_facility(tick.facility)
+        if i % INTERVAL == 0:
+            ctl.step(sim.now)
+    at_cap = ctl.gpus.ids.slots(gpu.column("gpu_uuid"))[capped.to_numpy(zero_copy_only=False)]  # (0x4 set)
+    assert at_cap.size > 0
+    assert np.all(ctl._held(at_cap) == reasons)
+    assert (ctl._capped_now_w().sum() < 0) == reasons

@@ -56,7 +56,7 @@ from pipeline.detect.state import KeyIndex
 from pipeline.power.actuator import Actuator
 from pipeline.power.classes import FlexClasses, scheduler_entry
 from pipeline.power.curve import PowerCurve
-from pipeline.power.learn import NOT_BINDING_W, CurveLearner, span_seconds
+from pipeline.power.learn import NOT_BINDING_W, CurveLearner, held_by_cap, span_seconds
 from pipeline.power.planner import IDLE_UTIL, GpuPower, capacity_w, firm_capacity_w, floors, plan, uniform_cost
 from pipeline.power.request import PowerRequest
 
@@ -85,7 +85,7 @@ SILENT_S = 60.0        # a GPU with no sample for this long behind the fleet's n
 SILENT_INTERVALS = 3   # or this many scrape intervals, if longer, is gone from the request: fell off the bus,
                        # its node drained, its agent stopped
 SLOW_READINGS_S = 10.0  # GPUs or a meter read further apart than this: requests are met less often (the eval, seeds
-                        # 1-3: 21 of 24 at 1 s, 17 at 10 s, 16 at 30 s, where it costs 0.89-0.98x uniform capping)
+                        # 1-3: 21 of 24 at 1 s, 19 at 10 s, 16 at 30 s, where it costs 0.89-0.98x uniform capping)
 ROSE_S = 20.0          # a capped GPU moving more memory than its uncapped reference this long (2 samples at least):
 ROSE_SHARE = 0.1       # more than this share above it, and MEM_STEP (util_mem's resolution), its load rose (_rose)
 MEM_STEP = 0.01
@@ -1160,8 +1160,9 @@ class Controller:
         return np.where(np.isnan(own), self.curve.max_limit_w, own)
 
     def _held(self, slots=slice(None)) -> np.ndarray:
-        """Per GPU: held by the cap set here (drawing within NOT_BINDING_W of it; no cap: never)."""
-        return self.gpus.power_w[slots] >= self.cap[slots] - NOT_BINDING_W
+        """Per GPU: held by the cap set here (learn.held_by_cap; no cap: never)."""
+        cap = self.cap[slots]
+        return ~np.isnan(cap) & held_by_cap(self.gpus.power_w[slots], cap, self.gpus.cap_reason[slots])
 
     def _shed_over_w(self, slots: np.ndarray) -> np.ndarray:
         """What the cap each GPU of `slots` enforced (the one set here where the source sends none) took

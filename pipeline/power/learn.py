@@ -87,6 +87,18 @@ NOISE_Y = 0.03        # util_mem's resolution (an integer percent of ~34%) as an
 IDLE_UTIL = 0.05      # (power/planner.py's: under it a GPU does no work, and its job is over)
 
 
+def held_by_cap(power_w, limit_w, cap_reason=None) -> np.ndarray:
+    """Whether a cap holds each GPU: its SW power cap clock reason (0x4: 1 set, 0 clear) where
+    its source sends clock reasons (NaN, or None: not sent), else its draw within NOT_BINDING_W
+    of the limit. Only the reason tells a part that settles further under its cap, or a training
+    job communicating at the cap's watts by itself (not held: at full speed)."""
+    at = np.asarray(power_w, np.float64) >= np.asarray(limit_w, np.float64) - NOT_BINDING_W
+    if cap_reason is None:
+        return at
+    reason = np.asarray(cap_reason, np.float64)
+    return np.where(np.isnan(reason), at, reason > 0)
+
+
 def student_t975(df: np.ndarray) -> np.ndarray:
     """Student's t 97.5% quantile for `df` degrees of freedom (Cornish-Fisher's first terms:
     within 1% from df 5, 4% under at df 3, 3.9 at 2 and 7.2 at 1 for 4.3 and 12.7); 2 with none.
@@ -421,14 +433,8 @@ class CurveLearner:
             ref_p[known] = self.demand_above(slots[known], power[known])
         # A point only where the cap holds the draw (a training job communicating under its cap draws far
         # under it at full speed: taken for held, it read as a cap that cost nothing, s 0.17 for s 0.97).
-        # Held by the cap: where the GPU says so (reason 0x4: a part that settles more than NOT_BINDING_W
-        # under its cap too; clear: a training job communicating at the cap's watts by itself), else by
-        # its draw near the limit.
-        at_cap = power >= limit - NOT_BINDING_W
-        if cap_reason is not None:
-            reason = np.asarray(cap_reason, np.float64)
-            at_cap = np.where(np.isnan(reason), at_cap, reason > 0)
-        held = (known & at_cap & (power < (1.0 - MIN_SHED) * ref_p) & has_mem & (self.ref_mem[slots] > 0))
+        held = (known & held_by_cap(power, limit, cap_reason) & (power < (1.0 - MIN_SHED) * ref_p) & has_mem
+                & (self.ref_mem[slots] > 0))
         if held.any():
             s = slots[held]
             at_ref = self.curve.at(ref_p[held] * k[held])
