@@ -291,10 +291,10 @@ class GpuTable:
         before_w = self.power_w[slots]
         self.before_w[slots] = before_w
         self.power_w[slots] = power
-        reasons = batch.column("clock_event_reasons").to_numpy(zero_copy_only=False)
-        self.forced[slots] = (np.nan_to_num(reasons).astype(np.int64) & int(HW_SLOWDOWN_ANY)) != 0
-        self.cap_reason[slots] = np.where(np.isnan(reasons.astype(np.float64)), np.nan,
-                                          (np.nan_to_num(reasons).astype(np.int64) & SW_POWER_CAP) != 0)
+        reasons = batch.column("clock_event_reasons").to_numpy(zero_copy_only=False).astype(np.float64)  # (null: NaN)
+        bits = np.nan_to_num(reasons).astype(np.int64)
+        self.forced[slots] = (bits & int(HW_SLOWDOWN_ANY)) != 0
+        self.cap_reason[slots] = np.where(np.isnan(reasons), np.nan, (bits & SW_POWER_CAP) != 0)
         self.util[slots] = util
         self.util_mem[slots] = batch.column("util_mem").to_numpy(zero_copy_only=False)
         mem = np.nan_to_num(batch.column("mem_used_bytes").to_numpy(zero_copy_only=False).astype(np.float64))
@@ -525,8 +525,7 @@ class Controller:
     def _rose(self, rows: np.ndarray, held: np.ndarray) -> np.ndarray:
         """Per row (`held`: by the cap set here, `_held`): its GPU's load rose under that cap, ROSE_S in
         a row. Held at its cap, it moves more memory than its uncapped reference did, which a cap
-        alone never makes a job do (a
-        training job's step up, an inference's traffic). Its cap was planned on a draw it no longer
+        alone never makes a job do (a training job's step up, an inference's traffic). Its cap was planned on a draw it no longer
         has and can take more of its work than its class allows (a job at 470 W capped to 200 W
         stepped up to 700 W: 33% of its work lost, class 2 allowing 25%), so it is learned afresh,
         uncapped, like a new job. False outside a request."""
