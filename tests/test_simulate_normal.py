@@ -207,8 +207,8 @@ def test_inference_follows_the_time_of_day(hour):
 
 def test_an_inference_service_keeps_what_a_cap_costs_it_through_its_group_s_churn():
     """A service runs day and night: its group's job churn starts no new job on its GPUs, so its
-    sensitivity stays (redrawn, its GPUs' job changed under their caps with no sign a sample or
-    the scheduler would give, and the power loop broke a class's bound learning an old job).
+    sensitivity stays (redrawn, its GPUs' job changed under their caps with no idle moment and no
+    new job name, and the power loop broke a class's bound learning an old job).
     Training groups still start jobs of their own."""
     sim = FleetSimulator(fleet(seed=5), start=START, phenomena=("diurnal",))
     services = sim.normal.services

@@ -578,7 +578,7 @@ class FleetSimulator:
         drawn = self._draw_sensitivity(self.group_intensity[starting])
         # A service runs day and night (RealisticNormal): its group's churn starts no new job there,
         # and it keeps what a cap costs it (redrawn, its GPUs' job changed under their caps with no
-        # sign a scheduler or a sample would give).
+        # idle moment and no new job name: nothing that tells the power loop of a new job).
         kept = self.normal.services[starting] if self.normal is not None else np.zeros(starting.size, bool)
         self.group_sens[starting] = np.where(kept, self.group_sens[starting], drawn)
         durations = np.where(self.group_busy[due],
@@ -877,8 +877,8 @@ class RealisticNormal:
         sim.gpu_job = job[sim.node_group][sim.gpu_node]
         self.lead = (job == np.arange(n)) & ~self.inference      # training jobs, by their lead group
         self.gpu_training = ~self.inference[sim.node_group][sim.gpu_node]
-        self.gpu_inference = ~self.gpu_training if "diurnal" in self.on else np.zeros(G, bool)
         self.services = self.inference if "diurnal" in self.on else np.zeros(n, bool)  # groups serving day and night
+        self.gpu_inference = self.services[sim.node_group][sim.gpu_node]
         self._was_busy = sim.group_busy.copy()
         # Training jobs' steps and checkpoints (per lead group).
         r, c = self.rngs["training"], self.rngs["checkpoints"]
