@@ -348,7 +348,6 @@ def test_scattered_points_keep_the_planner_s_bound_over_the_truth():
     assert np.all(np.abs(exact.sensitivity() - truth) < 0.01) and np.all(exact.upper() - exact.sensitivity() < 0.06)
 
 
-
 @pytest.mark.parametrize("under_w, comm_w", [(1.5, 395.0), (15.0, 350.0)])
 def test_where_the_gpu_sends_its_clock_reasons_they_say_whether_the_cap_holds_it(under_w, comm_w):
     """A training job capped at 400 W whose GPUs communicate at 395 W, at full speed: within
@@ -356,8 +355,7 @@ def test_where_the_gpu_sends_its_clock_reasons_they_say_whether_the_cap_holds_it
     those seconds read as a cap that cost nothing (a job of s 0.95 learned at 0.14-0.20 in an
     eval at 30-s scrapes; capped deep, its GPUs lost 28% under a 25% class). A part that
     settles 15 W under its cap (reason 0x4 set) is held all the same (its job communicating at
-    350 W). Where the source sends
-    no clock reasons, the draw near the limit decides, as before."""
+    350 W). Where the source sends no clock reasons, the draw near the limit decides, as before."""
     s = 0.95
     held_w = 400.0 - under_w
     r = float(CURVE.at(held_w) / CURVE.at(698.5))
