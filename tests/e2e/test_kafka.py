@@ -260,6 +260,21 @@ def test_a_revoke_while_the_archive_dead_letters_commits_only_rows_on_disk(broke
     assert on_disk == good  # ... and every good row of them is on disk
 
 
+async def two_handed_out(broker, prefix: str):
+    """A bus of one partition holding two messages, and the archive's subscription that read both
+    (uncommitted)."""
+    bus = KafkaBus(broker.bootstrap, partitions=1, prefix=prefix)
+    await bus.start()
+    for b in sim_batches(2):
+        await bus.publish(Message(Topic.GPU, b, key="r01"))
+    await bus.flush()
+    sub = bus.subscribe([Topic.GPU], "archive")
+    got = []
+    while len(got) < 2:
+        got += await sub.get_batch(timeout_s=1.0)
+    return bus, sub
+
+
 def test_offsets_of_a_partition_no_longer_held_are_dropped_not_committed(broker):
     """A commit after the group moved a partition on (a revoke whose hand-over failed, a member
     that overran the rebalance timeout) commits the partitions still held and drops the rest:
@@ -269,15 +284,7 @@ def test_offsets_of_a_partition_no_longer_held_are_dropped_not_committed(broker)
     prefix = f"c{uuid.uuid4().hex[:6]}."
 
     async def go():
-        bus = KafkaBus(broker.bootstrap, partitions=1, prefix=prefix)
-        await bus.start()
-        for b in sim_batches(2):
-            await bus.publish(Message(Topic.GPU, b, key="r01"))
-        await bus.flush()
-        sub = bus.subscribe([Topic.GPU], "archive")
-        got = []
-        while len(got) < 2:
-            got += await sub.get_batch(timeout_s=1.0)
+        bus, sub = await two_handed_out(broker, prefix)
         moved = TopicPartition(bus.wire(Topic.GPU), 7)  # (not this consumer's)
         sub._to_commit[moved] = 5
         await sub.commit()
@@ -287,6 +294,54 @@ def test_offsets_of_a_partition_no_longer_held_are_dropped_not_committed(broker)
         return committed, moved in sub._to_commit
     committed, kept = asyncio.run(go())
     assert committed == 2 and not kept
+
+
+def test_a_member_frozen_past_its_session_commits_nothing_goes_on_and_its_messages_are_read_again(broker, caplog):
+    """A process frozen past its group's session timeout (a GC pause, SIGSTOP, a host swapping):
+    the group hands its partition to another member, and when it wakes its commit is refused
+    (CommitFailedError). It commits nothing, logs why, and goes on: it rejoins and reads the
+    messages again, as their next owner did. The refusal had ended the role."""
+    import threading
+
+    from aiokafka import TopicPartition
+    from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+    prefix = f"f{uuid.uuid4().hex[:6]}."
+
+    async def next_owner(bus: KafkaBus) -> int:
+        """Another member of the group: joins once the frozen one is out, and reads the messages."""
+        other = AIOKafkaConsumer(bus.wire(Topic.GPU), bootstrap_servers=broker.bootstrap,
+                                 group_id=bus.wire_group("archive"), enable_auto_commit=False,
+                                 auto_offset_reset="earliest", partition_assignment_strategy=(RangePartitionAssignor,))
+        await other.start()
+        try:
+            read, deadline = 0, time.monotonic() + 120
+            while read < 2 and time.monotonic() < deadline:
+                read += sum(len(v) for v in (await other.getmany(timeout_ms=1000)).values())
+            return read
+        finally:
+            await other.stop()
+
+    async def go():
+        bus, sub = await two_handed_out(broker, prefix)
+        # Frozen: this event loop runs nothing (no heartbeat) while the next owner takes the partition.
+        read = []
+        owner = threading.Thread(target=lambda: read.append(asyncio.run(next_owner(bus))))
+        owner.start()
+        owner.join()
+        await sub.commit()  # (awake: the group moved on)
+        committed = await sub.consumer.committed(TopicPartition(bus.wire(Topic.GPU), 0))
+        again, deadline = [], time.monotonic() + 120
+        while len(again) < 2 and time.monotonic() < deadline:
+            again += await sub.get_batch(timeout_s=1.0)
+        await sub.close()
+        await bus.close()
+        return read[0], committed, len(again)
+    with caplog.at_level("WARNING", logger="pipeline.bus.kafka"):
+        read, committed, again = asyncio.run(go())
+    assert read == 2          # the next owner read both messages ...
+    assert committed is None  # ... the frozen member committed none of them ...
+    assert "offsets not committed, the group moved the partitions on meanwhile" in caplog.text
+    assert again == 2         # ... and it went on, reading them again once it rejoined
 
 
 def test_the_daemon_runs_every_role_over_kafka(broker, tmp_path, receiver):
