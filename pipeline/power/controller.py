@@ -56,7 +56,7 @@ from pipeline.detect.state import KeyIndex
 from pipeline.power.actuator import Actuator
 from pipeline.power.classes import FlexClasses, scheduler_entry
 from pipeline.power.curve import PowerCurve
-from pipeline.power.learn import NOT_BINDING_W, CurveLearner, held_by_cap, span_seconds
+from pipeline.power.learn import CurveLearner, held_by_cap, span_seconds
 from pipeline.power.planner import IDLE_UTIL, GpuPower, capacity_w, firm_capacity_w, floors, plan, uniform_cost
 from pipeline.power.request import PowerRequest
 
@@ -250,7 +250,8 @@ class GpuTable:
         self.energy_step_j = np.zeros(0)    # ... its resolution (pipeline/counters.py) ...
         self.mean_w = np.zeros(0)           # ... and its mean draw since the sample before (NaN: read less than
                                             # 5 s apart, or no counter to trust: the instant stands for it)
-        self.before_w = np.zeros(0)         # the power its sample before read
+        self.before_w = np.zeros(0)         # the power its sample before read ...
+        self.before_reason = np.zeros(0)    # ... and its SW power cap clock reason (as cap_reason)
         self.node_ix = np.zeros(0, np.int64)  # each GPU's node, numbered
         self._node_ids: dict[str, int] = {}
         self.rack_ix = np.zeros(0, np.int64)  # each GPU's rack, numbered (rack_ids)
@@ -294,6 +295,7 @@ class GpuTable:
         reasons = batch.column("clock_event_reasons").to_numpy(zero_copy_only=False).astype(np.float64)  # (null: NaN)
         bits = np.nan_to_num(reasons).astype(np.int64)
         self.forced[slots] = (bits & int(HW_SLOWDOWN_ANY)) != 0
+        self.before_reason[slots] = self.cap_reason[slots]
         self.cap_reason[slots] = np.where(np.isnan(reasons), np.nan, (bits & SW_POWER_CAP) != 0)
         self.util[slots] = util
         self.util_mem[slots] = batch.column("util_mem").to_numpy(zero_copy_only=False)
@@ -390,7 +392,7 @@ class GpuTable:
         self.last_job = np.concatenate([self.last_job, np.full(grow, None, object)])
         self.flat = np.concatenate([self.flat, np.zeros(grow, np.int64)])
         self.forced = np.concatenate([self.forced, np.zeros(grow, bool)])
-        for name in ("energy_j", "cap_reason", "energy_step_j", "mean_w", "before_w"):
+        for name in ("energy_j", "cap_reason", "energy_step_j", "mean_w", "before_w", "before_reason"):
             setattr(self, name, np.concatenate([getattr(self, name), np.full(grow, np.nan)]))
         racks = self.racks[-grow:]
         self.rack_ix = np.concatenate([self.rack_ix, np.array([self.rack_ids.setdefault(r, len(self.rack_ids))
@@ -1165,10 +1167,12 @@ class Controller:
 
     def _shed_over_w(self, slots: np.ndarray) -> np.ndarray:
         """What the cap each GPU of `slots` enforced (the one set here where the source sends none) took
-        from its draw over its last scrape, by its energy counter's mean (CurveLearner.shed_over)."""
+        from its draw over its last scrape, by its energy counter's mean (CurveLearner.shed_over); held
+        at either end of the scrape by learn.held_by_cap."""
         g = self.gpus
         limit = np.where(np.isnan(g.limit_w[slots]), self.cap[slots], g.limit_w[slots])
-        held = (g.power_w[slots] >= limit - NOT_BINDING_W) | (g.before_w[slots] >= limit - NOT_BINDING_W)
+        held = held_by_cap(g.power_w[slots], limit, g.cap_reason[slots]) \
+            | held_by_cap(g.before_w[slots], limit, g.before_reason[slots])
         return self.learner.shed_over(slots, limit, g.mean_w[slots], held)
 
     def _shedding(self) -> np.ndarray:
