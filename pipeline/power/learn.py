@@ -84,6 +84,7 @@ IDLE_SHARE = 0.1      # a GPU's idle draw, as a share of its limit (an H100's 70
 STEADY_UNDER = 0.05   # a job that drew under a cap this share of its reference or less never drew under it
 SHED_NOISE_W = 10.0   # a scrape's mean draw is this uncertain as a measure of the phases it held (W)
 NOISE_Y = 0.03        # util_mem's resolution (an integer percent of ~34%) as an error on y
+HELD_THROUGH_S = 2.0  # readings this close: a point needs the cap to have held at the one before too
 IDLE_UTIL = 0.05      # (power/planner.py's: under it a GPU does no work, and its job is over)
 
 
@@ -151,6 +152,7 @@ class CurveLearner:
     level_mass: np.ndarray = field(default_factory=lambda: np.zeros(0))  # energy counter, weighted and faded as the
                                                     # distribution's samples are (`level_w`), and their weight
     was_free: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per slot: its last sample busy, uncapped
+    was_held: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per slot: its last sample held by a cap
     # `_levelled`'s per slot, worked out when first read after the slot's last sample (`fresh`)
     tilted_p: np.ndarray = field(default_factory=lambda: np.zeros((0, DEMAND_BINS)), repr=False)
     tilted_inside: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)
@@ -168,6 +170,7 @@ class CurveLearner:
                 setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra)]))
             self.stretch = np.concatenate([self.stretch, np.ones(extra)])
             self.was_free = np.concatenate([self.was_free, np.zeros(extra, bool)])
+            self.was_held = np.concatenate([self.was_held, np.zeros(extra, bool)])
             self.fresh = np.concatenate([self.fresh, np.zeros(extra, bool)])
             self.tilted_inside = np.concatenate([self.tilted_inside, np.zeros(extra, bool)])
             self.tilted_level = np.concatenate([self.tilted_level, np.full(extra, np.nan)])
@@ -433,7 +436,14 @@ class CurveLearner:
             ref_p[known] = self.demand_above(slots[known], power[known])
         # A point only where the cap holds the draw (a training job communicating under its cap draws far
         # under it at full speed: taken for held, it read as a cap that cost nothing, s 0.17 for s 0.97).
-        held = (known & held_by_cap(power, limit, cap_reason) & (power < (1.0 - MIN_SHED) * ref_p) & has_mem
+        # The draw and util_mem are averages over the second before the reading (NVML's and dcgm-exporter's
+        # on current GPUs), the clock reason an instant: the first reading after a job's communication
+        # reads held with the communication's draw and memory traffic blended in, a cap that costs less
+        # than it does (s 0.91 for 0.95). Read that often, the cap must have held at the reading before too.
+        held_now = held_by_cap(power, limit, cap_reason)
+        through = self.was_held[slots] | (np.broadcast_to(np.asarray(dt_s, np.float64), power.shape) > HELD_THROUGH_S)
+        self.was_held[slots] = held_now
+        held = (known & held_now & through & (power < (1.0 - MIN_SHED) * ref_p) & has_mem
                 & (self.ref_mem[slots] > 0))
         if held.any():
             s = slots[held]
