@@ -71,3 +71,35 @@ def test_a_class_is_a_promise_about_work_kept_by_the_truth():
     assert dr["requests"] == 8 and dr["met"] >= 1  # (the rest refused: more than class 1 can shed)
     assert dr["class_bound_exceeded"] == 0
     assert 0 < dr["throughput_cost_pct"] < 10
+
+
+def test_a_gpu_no_agent_reaches_is_no_free_watts_for_uniform_capping_or_the_oracle():
+    """A GPU fallen off the bus still draws and does no work. Neither the uniform cap nor the
+    oracle can cap it, as the loop cannot: its watts had been free for both (the oracle shed
+    300 W there at no cost). It counts as a GPU never capped."""
+    from datetime import timedelta
+
+    from pipeline.analytics.demand_response import DemandResponse, _Event
+    from pipeline.power.request import PowerRequest
+    from pipeline.sources.simulate import FleetSimulator
+    cfg = make_config(fleet={"seed": 1, "fault_interval_s": 0, "racks": 1}, power={"default_class": 3})
+    sim = FleetSimulator(cfg.fleet)
+    lost = 3
+    sim.inject("gpu_fell_off_bus", gpu=lost, duration_s=600)
+    for _ in range(3):
+        sim.step()
+    assert sim.unreachable[lost] and sim.power_uncapped[lost] > 500.0  # busy, drawing, doing no work
+
+    def costs(dr: DemandResponse) -> tuple[float, float]:
+        e = _Event(0.0, 0.1, 600.0, request=PowerRequest(site=cfg.fleet.site, start=sim.now, duration_s=600,
+                                                         reduction_pct=10))
+        sim.scrape_shed_j = 300.0 * cfg.fleet.sample_interval_s  # (the caps shed 300 W this scrape)
+        dr._truth([e], sim.now + timedelta(seconds=1))
+        return e.uniform_lost, e.oracle_lost
+    off_the_bus = costs(DemandResponse(cfg, sim, 3600, 1))
+    assert off_the_bus[1] > 0
+    sim.unreachable[lost] = False
+    never_capped = DemandResponse(cfg, sim, 3600, 1)
+    never_capped.flex_class[lost] = 0
+    never_capped.flexible[lost] = False
+    assert off_the_bus == costs(never_capped)

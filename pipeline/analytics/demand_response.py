@@ -35,8 +35,8 @@ Scored (the JSON's `demand_response`):
                                       adjusted baseline can be trusted
   throughput_cost_pct                 the work the fleet's GPUs lost from start to end,
                                       measured (the simulator's work done against uncapped)
-  uniform_cap_cost_pct                what one cap on every flexible GPU would have lost over
-                                      the same seconds, each second shedding the watts the
+  uniform_cap_cost_pct                what one cap on every flexible GPU an agent reaches (for
+                                      the oracle too) would have lost over the same seconds, each second shedding the watts the
                                       caps really shed then, on the same work model (each
                                       job's own sensitivity, which Fleetwatch only learns); at
                                       a scrape slower than the simulator's 1-s physics, each
@@ -160,13 +160,16 @@ class DemandResponse:
         free = sim.power_uncapped
         shed = sim.scrape_shed_j / dt  # the scrape's mean: every physics step since the last counts
         work_free = sim.work_rate(free)
-        cap = uniform_cap(free[self.flexible], shed, self.curve.min_limit_w)
-        held = np.where(self.flexible, np.minimum(free, cap), free)
+        # Neither may cap a GPU no agent reaches (fallen off the bus, resetting): it draws and does no
+        # work, and counted, its watts were free for both.
+        flexible = self.flexible & ~sim.unreachable
+        cap = uniform_cap(free[flexible], shed, self.curve.min_limit_w)
+        held = np.where(flexible, np.minimum(free, cap), free)
         lost = float(np.sum(work_free - sim.work_rate(held))) * dt
         oracle = 0.0
         if shed > 0:
             n = len(free)
-            best = plan(GpuPower(power_w=free, busy=work_free > 0, flex_class=self.flex_class,
+            best = plan(GpuPower(power_w=free, busy=work_free > 0, flex_class=np.where(flexible, self.flex_class, 0),
                                  min_limit_w=np.full(n, self.curve.min_limit_w),
                                  max_limit_w=np.full(n, self.cfg.fleet.power_limit_w),
                                  sensitivity=sim.group_sens[sim.gpu_job]), shed, self.curve)

@@ -247,6 +247,7 @@ class FleetSimulator:
         self.group_sens = self._draw_sensitivity(self.group_intensity)
         # The hidden truth of the last tick, for the eval: each GPU's draw were no cap set, its work rate.
         self.power_uncapped = np.zeros(self.n_gpus)
+        self.unreachable = np.zeros(self.n_gpus, bool)  # off the bus or resetting: no agent can cap it
         self.scrape_shed_j = 0.0  # the GPUs' energy the caps shed since the last scrape (a truth it misses)
         self._rate = np.zeros(self.n_gpus)
         # Facility state.
@@ -696,6 +697,7 @@ class FleetSimulator:
         working = busy & ~fx["missing"]
         rate = np.where(working, intensity / self.curve.at(np.minimum(demand, limit)), 0.0)
         self._rate, self.power_uncapped = rate, free_power
+        self.unreachable = fx["missing"]
         rate = rate * dt
         work_free = rate * self.curve.at(free_power)
         self.work_uncapped += work_free
