@@ -152,7 +152,8 @@ class CurveLearner:
     level_mass: np.ndarray = field(default_factory=lambda: np.zeros(0))  # energy counter, weighted and faded as the
                                                     # distribution's samples are (`level_w`), and their weight
     was_free: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per slot: its last sample busy, uncapped
-    was_held: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per slot: its last sample held by a cap
+    was_held: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per slot: its last sample held at its
+                                                    # limit (held_by_cap: a cap's or its own)
     # `_levelled`'s per slot, worked out when first read after the slot's last sample (`fresh`)
     tilted_p: np.ndarray = field(default_factory=lambda: np.zeros((0, DEMAND_BINS)), repr=False)
     tilted_inside: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)
@@ -381,6 +382,7 @@ class CurveLearner:
         limit = np.where(np.isnan(limit), default_w, limit)
         k = np.where(default_w > 0, self.curve.max_limit_w / np.where(default_w > 0, default_w, 1.0), 1.0)
         self.stretch[slots] = k
+        dt_all = np.broadcast_to(np.asarray(dt_s, np.float64), power.shape)
         ok = np.isfinite(power)
         idle = ok & (util < IDLE_UTIL)
         over = idle.copy() if paused is None else idle & ~np.asarray(paused, bool)  # (not idle itself: |= below)
@@ -392,14 +394,14 @@ class CurveLearner:
             for a in (self.draw, self.draw_w, self.recent, self.ref_mem, self.ref_n, self.ref_s, self.sxx, self.sxy,
                       self.syy, self.points, self.level_sum, self.level_mass):
                 a[gone] = 0.0
-            self.was_free[gone] = False  # (a scrape across two jobs is neither's)
+            self.was_free[gone] = self.was_held[gone] = False  # (a scrape across two jobs is neither's)
         busy = ok & ~idle
         capped = limit < default_w - 0.5
         free = busy & ~capped  # the draw's reference needs no util_mem: only the points do
         if free.any():
             s = slots[free]
             self.fresh[s] = False  # (the histogram and the level move: `_levelled` works them out again)
-            dt = np.broadcast_to(np.asarray(dt_s, np.float64), power.shape)[free]
+            dt = dt_all[free]
             n = self.ref_n[s] + 1.0
             self.recent[s] += np.maximum(1.0 / n, span_weight(dt, RECENT_S, 2)) * (power[free] - self.recent[s])
             demand_now = self._readings_demand(s)
@@ -439,9 +441,10 @@ class CurveLearner:
         # The draw and util_mem are averages over the second before the reading (NVML's and dcgm-exporter's
         # on current GPUs), the clock reason an instant: the first reading after a job's communication
         # reads held with the communication's draw and memory traffic blended in, a cap that costs less
-        # than it does (s 0.91 for 0.95). Read that often, the cap must have held at the reading before too.
-        held_now = held_by_cap(power, limit, cap_reason)
-        through = self.was_held[slots] | (np.broadcast_to(np.asarray(dt_s, np.float64), power.shape) > HELD_THROUGH_S)
+        # than it does (s 0.92 for 0.95). Read HELD_THROUGH_S apart or less, the cap must have held at the
+        # reading before too (a GPU's rows come one per batch: the power role cuts its runs so).
+        held_now = ok & held_by_cap(power, limit, cap_reason)
+        through = self.was_held[slots] | (dt_all > HELD_THROUGH_S)
         self.was_held[slots] = held_now
         held = (known & held_now & through & (power < (1.0 - MIN_SHED) * ref_p) & has_mem
                 & (self.ref_mem[slots] > 0))

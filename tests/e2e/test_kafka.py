@@ -324,10 +324,17 @@ def test_a_member_frozen_past_its_session_commits_nothing_goes_on_and_its_messag
     async def go():
         bus, sub = await two_handed_out(broker, prefix)
         # Frozen: this event loop runs nothing (no heartbeat) while the next owner takes the partition.
-        read = []
-        owner = threading.Thread(target=lambda: read.append(asyncio.run(next_owner(bus))))
+        read: list = []
+
+        def other_member() -> None:
+            try:
+                read.append(asyncio.run(next_owner(bus)))
+            except Exception as e:  # (raised below, in the test)
+                read.append(e)
+        owner = threading.Thread(target=other_member, daemon=True)
         owner.start()
-        owner.join()
+        owner.join(180)
+        assert read and not isinstance(read[0], Exception), read
         await sub.commit()  # (awake: the group moved on)
         committed = await sub.consumer.committed(TopicPartition(bus.wire(Topic.GPU), 0))
         again, deadline = [], time.monotonic() + 120
