@@ -21,32 +21,6 @@ def gpu_batches(n: int, start: datetime) -> list[pa.RecordBatch]:
     return [sim.step().gpu for _ in range(n)]
 
 
-def test_messages_another_archive_wrote_meanwhile_are_not_written_again(tmp_path):
-    """Two archive processes on one folder: one read messages 0-5 of a partition and was frozen
-    past its session timeout; another took the partition over and wrote 0-3 (in a different
-    cut: its own flushes). The first, awake, writes only 4-5: every row once. It had written
-    0-5 as a file beside the other's 0-3, 4 messages' rows twice. An hour with no such file is
-    written as it was."""
-    start = datetime(2026, 3, 1, 10, 59, 58, tzinfo=timezone.utc)  # (the last two across the hour)
-    batches = gpu_batches(6, start)
-    frozen, next_owner = ArchiveWriter(tmp_path), ArchiveWriter(tmp_path)
-    for offset, b in enumerate(batches):
-        frozen.add("gpu_samples", b, partition=1, offset=offset)
-    for offset, b in enumerate(batches[:2]):
-        next_owner.add("gpu_samples", b, partition=1, offset=offset)
-    next_owner.flush()
-    for offset, b in enumerate(batches[2:4], start=2):
-        next_owner.add("gpu_samples", b, partition=1, offset=offset)
-    next_owner.flush()
-    written = frozen.flush()
-    assert [(p.parent.name, p.name) for p in written] == [
-        ("hour=11", "part-p0001-o0000000000000004-0000000000000005.parquet")]
-    archive = pl.scan_parquet(tmp_path / "gpu_samples", hive_partitioning=True).collect()
-    assert archive.height == sum(b.num_rows for b in batches)
-    assert archive.select(pl.struct("gpu_uuid", "ts").n_unique()).item() == archive.height
-    assert frozen.redelivered_skipped == 4
-
-
 def test_hive_layout_zstd_and_atomic(tmp_path):
     w = ArchiveWriter(tmp_path, "zstd")
     start = datetime(2026, 3, 1, 23, 59, 30, tzinfo=timezone.utc)  # crosses an hour and a day

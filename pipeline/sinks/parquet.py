@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
-import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,7 +39,6 @@ from pipeline.model import ARCHIVE_SCHEMAS, SCHEMAS, cast_by_name, upgraded
 log = logging.getLogger(__name__)
 
 HOUR_NS = 3_600_000_000_000
-_OFFSET_FILE = re.compile(r"part-p\d+-o(\d+)-(\d+)\.parquet")  # a file from Kafka: its offsets
 # The column that places a row in a partition.
 TIME_COLUMN = {name: ("start" if name == "fault_labels" else "ts") for name in SCHEMAS}
 
@@ -207,11 +204,8 @@ class ArchiveWriter(ArchiveBuffers):
     From a partitioned bus (Kafka) a file is named after the partition and the offset
     range it holds, `part-p<partition>-o<first>-<last>.parquet`, and `archived_until`
     says which offsets are already on disk, so a consumer that restarts from its last
-    commit skips what it had archived: redelivery never duplicates a row. Each write also
-    leaves out the messages a file in the hour already holds, checked and written under a
-    lock per source partition (`_partition_lock`): an archive frozen past its session
-    timeout writes its buffer before it learns that another took its partitions over and
-    wrote them. In-process, files are named `part-<first ts ns>-<writer>-<seq>.parquet`.
+    commit skips what it had archived: redelivery never duplicates a row. In-process,
+    files are named `part-<first ts ns>-<writer>-<seq>.parquet`.
     """
 
     def __init__(self, root: Path, compression: str = "zstd", max_buffer_rows: int = 500_000,
@@ -265,86 +259,33 @@ class ArchiveWriter(ArchiveBuffers):
             ts = table.column(TIME_COLUMN[dataset]).cast(pa.int64()).to_numpy()
             hours = ts // HOUR_NS
             done = np.zeros(len(hours), dtype=bool)
-            offsets = (np.repeat(np.asarray(buf.offsets, np.int64), [b.num_rows for b in buf.batches])
-                       if partition >= 0 and len(buf.offsets) == len(buf.batches) else None)
-            with self._partition_lock(dataset, partition):
-                try:
-                    for hour in np.unique(hours):
-                        in_hour = hours == hour
-                        first, last = buf.first_offset, buf.last_offset
-                        if offsets is not None:
-                            # Messages another archive wrote since this one read them: it took the partition
-                            # over while this process was frozen past its session timeout (or it overran
-                            # a rebalance), and this one learns of it only after its write.
-                            elsewhere = in_hour & self._stored_in_hour(dataset, int(hour), partition, offsets)
-                            if elsewhere.any():
-                                self.redelivered_skipped += len(np.unique(offsets[elsewhere]))
-                                log.warning("archive: %s partition %d: %d rows were written by another archive "
-                                            "meanwhile (it took the partition over); not written again",
-                                            dataset, partition, int(elsewhere.sum()))
-                                done |= elsewhere
-                                in_hour &= ~elsewhere
-                                if not in_hour.any():
-                                    continue
-                                first, last = int(offsets[in_hour].min()), int(offsets[in_hour].max())
-                        part = table if in_hour.all() else table.filter(pa.array(in_hour))
-                        paths.append(self._write_file(dataset, int(hour), part, partition, first, last))
-                        self.rows_written[dataset] += part.num_rows
-                        done |= in_hour
-                except BaseException:
-                    if done.any():  # a retry writes only the hours not on disk yet
-                        rest = table.filter(pa.array(~done))
-                        buf.batches, buf.rows, buf.nbytes = rest.to_batches(), rest.num_rows, rest.nbytes
-                        buf.offsets = []  # (rebatched: no batch's offset any more; files are named by the range)
-                    raise
+            try:
+                for hour in np.unique(hours):
+                    in_hour = hours == hour
+                    part = table if in_hour.all() else table.filter(pa.array(in_hour))
+                    paths.append(self._write_file(dataset, int(hour), part, partition, buf))
+                    self.rows_written[dataset] += part.num_rows
+                    done |= in_hour
+            except BaseException:
+                if done.any():  # a retry writes only the hours not on disk yet
+                    rest = table.filter(pa.array(~done))
+                    buf.batches, buf.rows, buf.nbytes = rest.to_batches(), rest.num_rows, rest.nbytes
+                    buf.offsets = []  # (rebatched: no batch's offset any more; files are named by the range)
+                raise
             del taken[key]
             if partition >= 0:
                 self._archived[(dataset, partition)] = max(self.archived_until(dataset, partition), buf.last_offset)
         return paths
 
-    def _hour_dir(self, dataset: str, hour: int) -> Path:
+    def _write_file(self, dataset: str, hour: int, table: pa.Table, partition: int, buf: _Buffer) -> Path:
         start = datetime.fromtimestamp(hour * 3600, timezone.utc)
-        return self.root / dataset / f"date={start:%Y-%m-%d}" / f"hour={start:%H}"
-
-    @contextlib.contextmanager
-    def _partition_lock(self, dataset: str, partition: int):
-        """Archive processes sharing this folder write one source partition at a time: what is on disk is
-        checked and written under it (in-process, no partitions: no lock)."""
-        if partition < 0:
-            yield
-            return
-        locks = self.root / ".locks"  # (beside .staging, which holds only files being written)
-        locks.mkdir(exist_ok=True)
-        with open(locks / f"{dataset}-p{partition:04d}", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    def _stored_in_hour(self, dataset: str, hour: int, partition: int, offsets: np.ndarray) -> np.ndarray:
-        """Per row (its message's offset): a file of `partition` in the hour's folder covers it. A file
-        named `-o<first>-<last>` holds every row of that hour of the partition's messages first..last."""
-        covered = np.zeros(offsets.size, bool)
-        lo = int(offsets.min())
-        with contextlib.suppress(FileNotFoundError):
-            with os.scandir(self._hour_dir(dataset, hour)) as entries:
-                mine = f"part-p{partition:04d}-o"
-                for e in entries:
-                    m = _OFFSET_FILE.fullmatch(e.name) if e.name.startswith(mine) else None
-                    if m and int(m[2]) >= lo:
-                        covered |= (offsets >= int(m[1])) & (offsets <= int(m[2]))
-        return covered
-
-    def _write_file(self, dataset: str, hour: int, table: pa.Table, partition: int, first_offset: int,
-                    last_offset: int) -> Path:
         if partition >= 0:
-            name = f"part-p{partition:04d}-o{first_offset:016d}-{last_offset:016d}.parquet"
+            name = f"part-p{partition:04d}-o{buf.first_offset:016d}-{buf.last_offset:016d}.parquet"
         else:
             first_ns = int(table.column(TIME_COLUMN[dataset]).cast(pa.int64()).to_numpy().min())
             self._seq += 1
             name = f"part-{first_ns}-{self.writer_id}-{self._seq:06d}.parquet"
-        final_dir = self._hour_dir(dataset, hour)
+        final_dir = self.root / dataset / f"date={start:%Y-%m-%d}" / f"hour={start:%H}"
         final_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.staging / f"{dataset}-{name}"
         try:
