@@ -36,12 +36,12 @@ Scored (the JSON's `demand_response`):
   throughput_cost_pct                 the work the fleet's GPUs lost from start to end,
                                       measured (the simulator's work done against uncapped)
   uniform_cap_cost_pct                what one cap on every flexible GPU an agent reaches (for
-                                      the oracle too) would have lost over the same seconds, each second shedding the watts the
-                                      caps really shed then, on the same work model (each
-                                      job's own sensitivity, which Fleetwatch only learns); at
-                                      a scrape slower than the simulator's 1-s physics, each
-                                      scrape's mean shed against the uncapped draws of its
-                                      instant
+                                      the oracle too) would have lost over the same seconds,
+                                      each second shedding the watts the caps really shed then,
+                                      on the same work model (each job's own sensitivity, which
+                                      Fleetwatch only learns); at a scrape slower than the
+                                      simulator's 1-s physics, each scrape's mean shed against
+                                      the uncapped draws of its instant
   oracle_cap_cost_pct                 what the planner would have lost for the same watts each
                                       scrape, handed each GPU's draw and its job's true
                                       sensitivity at that instant and replanning every scrape:
