@@ -27,9 +27,10 @@ def gpu_files(data: Path) -> set[Path]:
 
 
 def test_a_failed_write_hands_back_exactly_what_is_not_on_disk(tmp_path):
-    """A flush whose second hour cannot be written (a file where its folder goes): the
-    first hour's file stays, the second hour's rows come back for the retry, nothing
-    half-written is left, and the retry writes each row once."""
+    """A flush whose second hour cannot be written (a file where its folder goes): no hour's
+    file is placed, every row comes back for the retry, nothing half-written is left, and
+    the retry writes each row once. The first hour's file had stayed: over Kafka, a process
+    killed before its retry was read again from after the whole buffer, the rest lost."""
     from datetime import datetime, timezone
 
     from tests.test_archive import gpu_batches
@@ -45,12 +46,40 @@ def test_a_failed_write_hands_back_exactly_what_is_not_on_disk(tmp_path):
         w.write(taken)
     w.put_back(taken)
     rows = pl.from_arrow(pa.Table.from_batches(batches))
-    first_hour = rows.filter(pl.col("ts") < datetime(2026, 3, 2, tzinfo=timezone.utc)).height
-    assert w.held_rows() == sum(b.num_rows for b in batches) - first_hour > 0
-    assert pl.read_parquet(sorted(gpu_files(tmp_path))).height == first_hour  # that hour's file is in place
+    assert 0 < rows.filter(pl.col("ts") < datetime(2026, 3, 2, tzinfo=timezone.utc)).height < rows.height
+    assert w.held_rows() == rows.height  # every row back: ...
+    assert not gpu_files(tmp_path)  # ... and none on disk
     assert not list((tmp_path / "archive" / ".staging").iterdir())
     blocker.unlink()
     w.flush()
+    gpu = archived(tmp_path, "gpu_samples")
+    assert gpu.height == sum(b.num_rows for b in batches)
+    assert gpu.select(pl.struct("gpu_uuid", "ts").is_unique().all()).item()
+
+
+def test_a_kafka_buffer_whose_second_hour_fails_is_not_taken_for_archived_by_a_restart(tmp_path):
+    """Over Kafka: a flush across an hour whose second hour cannot be written, and the process
+    killed before its retry. The restart reads its partition again from the last commit and
+    skips what the file names say is archived: nothing of that buffer, so every row is written.
+    The first hour's file had named the whole offset range, and the second hour was lost."""
+    from datetime import datetime, timezone
+
+    from tests.test_archive import gpu_batches
+    batches = gpu_batches(60, datetime(2026, 3, 1, 23, 59, 30, tzinfo=timezone.utc))  # crosses an hour
+    w = ArchiveWriter(tmp_path / "archive")
+    for offset, b in enumerate(batches):
+        w.add("gpu_samples", b, partition=0, offset=offset)
+    blocker = tmp_path / "archive" / "gpu_samples" / "date=2026-03-02"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("in the way")
+    with pytest.raises(OSError):
+        w.write(w.take())
+    blocker.unlink()  # (killed; restarted with room)
+    again = ArchiveWriter(tmp_path / "archive")
+    for offset, b in enumerate(batches):
+        if offset > again.archived_until("gpu_samples", 0):
+            again.add("gpu_samples", b, partition=0, offset=offset)
+    again.flush()
     gpu = archived(tmp_path, "gpu_samples")
     assert gpu.height == sum(b.num_rows for b in batches)
     assert gpu.select(pl.struct("gpu_uuid", "ts").is_unique().all()).item()

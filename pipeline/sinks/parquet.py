@@ -15,7 +15,9 @@ with earlier data, so appending never overwrites it.
 
 A write that fails (disk full, permission error, archive/ deleted) leaves no partial
 file behind and hands back what it could not write (`put_back`), so the caller can
-hold it and try again; folders are created again on every write.
+hold it and try again; folders are created again on every write. A buffer's files (one
+per hour) are all written in staging before any is renamed into place, so a write that
+fails leaves none of its hours on disk.
 """
 
 from __future__ import annotations
@@ -243,8 +245,10 @@ class ArchiveWriter(ArchiveBuffers):
 
     def write(self, taken: dict[tuple[str, int], _Buffer]) -> list[Path]:
         """Write taken buffers: one file per buffer and hour, atomically renamed into place.
-        What is written leaves `taken`; on an error, `taken` keeps exactly what is not on
-        disk yet (for put_back), and no partial file is left anywhere."""
+        A buffer's hours are all staged before any is renamed, so a full disk or a folder that
+        cannot be made leaves none of them on disk (only a rename failing after another, rare,
+        leaves some). What is written leaves `taken`; on an error, `taken` keeps exactly what
+        is not on disk (for put_back), and no partial file is left anywhere."""
         paths = []
         if taken:
             self.staging.mkdir(parents=True, exist_ok=True)  # again: archive/ may have been deleted
@@ -258,16 +262,28 @@ class ArchiveWriter(ArchiveBuffers):
                 continue
             ts = table.column(TIME_COLUMN[dataset]).cast(pa.int64()).to_numpy()
             hours = ts // HOUR_NS
+            # Every hour staged first: with one hour placed and the next failed, a process killed before its
+            # retry had been read again from after the whole buffer (archived_until), the rest lost.
+            staged: list[tuple[Path, Path, np.ndarray]] = []
             done = np.zeros(len(hours), dtype=bool)
             try:
                 for hour in np.unique(hours):
                     in_hour = hours == hour
-                    part = table if in_hour.all() else table.filter(pa.array(in_hour))
-                    paths.append(self._write_file(dataset, int(hour), part, partition, buf))
-                    self.rows_written[dataset] += part.num_rows
+                    tmp, final = self._stage(dataset, int(hour), table if in_hour.all()
+                                             else table.filter(pa.array(in_hour)), partition, buf)
+                    staged.append((tmp, final, in_hour))
+                for tmp, final, in_hour in staged:
+                    os.replace(tmp, final)
+                    paths.append(final)
+                    self.rows_written[dataset] += int(in_hour.sum())
+                    self.files_written += 1
+                    self.files_by_dataset[dataset] += 1
                     done |= in_hour
             except BaseException:
-                if done.any():  # a retry writes only the hours not on disk yet
+                for tmp, _, _ in staged:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink(missing_ok=True)
+                if done.any():  # a rename failed after others (rare): a retry writes only the hours not placed
                     rest = table.filter(pa.array(~done))
                     buf.batches, buf.rows, buf.nbytes = rest.to_batches(), rest.num_rows, rest.nbytes
                     buf.offsets = []  # (rebatched: no batch's offset any more; files are named by the range)
@@ -277,7 +293,8 @@ class ArchiveWriter(ArchiveBuffers):
                 self._archived[(dataset, partition)] = max(self.archived_until(dataset, partition), buf.last_offset)
         return paths
 
-    def _write_file(self, dataset: str, hour: int, table: pa.Table, partition: int, buf: _Buffer) -> Path:
+    def _stage(self, dataset: str, hour: int, table: pa.Table, partition: int, buf: _Buffer) -> tuple[Path, Path]:
+        """One hour's file written and fsynced in staging, its folder made: (staged, final path)."""
         start = datetime.fromtimestamp(hour * 3600, timezone.utc)
         if partition >= 0:
             name = f"part-p{partition:04d}-o{buf.first_offset:016d}-{buf.last_offset:016d}.parquet"
@@ -287,16 +304,13 @@ class ArchiveWriter(ArchiveBuffers):
             name = f"part-{first_ns}-{self.writer_id}-{self._seq:06d}.parquet"
         final_dir = self.root / dataset / f"date={start:%Y-%m-%d}" / f"hour={start:%H}"
         final_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.staging / f"{dataset}-{name}"
+        tmp = self.staging / f"{dataset}-{hour}-{name}"  # (a buffer's hours share a Kafka name)
         try:
             pq.write_table(on_disk(dataset, table), tmp, compression=self.compression)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, final_dir / name)
         except BaseException:
             with contextlib.suppress(OSError):  # a partial file (full disk) frees its space, never shows
                 tmp.unlink(missing_ok=True)
             raise
-        self.files_written += 1
-        self.files_by_dataset[dataset] += 1
-        return final_dir / name
+        return tmp, final_dir / name
