@@ -527,10 +527,10 @@ class Controller:
     def _rose(self, rows: np.ndarray, held: np.ndarray) -> np.ndarray:
         """Per row (`held`: by the cap set here, `_held`): its GPU's load rose under that cap, ROSE_S in
         a row. Held at its cap, it moves more memory than its uncapped reference did, which a cap
-        alone never makes a job do (a training job's step up, an inference's traffic). Its cap was planned on a draw it no longer
-        has and can take more of its work than its class allows (a job at 470 W capped to 200 W
-        stepped up to 700 W: 33% of its work lost, class 2 allowing 25%), so it is learned afresh,
-        uncapped, like a new job. False outside a request."""
+        alone never makes a job do (a training job's step up, an inference's traffic). Its cap was
+        planned on a draw it no longer has and can take more of its work than its class allows (a
+        job at 470 W capped to 200 W stepped up to 700 W: 33% of its work lost, class 2 allowing
+        25%), so it is learned afresh, uncapped, like a new job. False outside a request."""
         if self.active is None:
             self.rose_s[rows] = 0.0
             return np.zeros(rows.size, bool)

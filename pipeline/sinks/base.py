@@ -94,6 +94,14 @@ async def consume(sub, sink: Sink, gate=None, stop: asyncio.Event | None = None)
         await sub.commit()  # only now is the output durable
         return True
 
+    async def finish() -> bool:
+        """The last flush and commit before the loop ends; what it cannot make durable is abandoned."""
+        async with durable:
+            if await flush_and_commit():
+                return True
+            sink.abandon()
+            return False
+
     async def before_revoke(partitions: set[int]) -> None:
         async with durable:
             try:
@@ -105,17 +113,12 @@ async def consume(sub, sink: Sink, gate=None, stop: asyncio.Event | None = None)
     await sink.start()
     try:
         while True:
-            if sink.stalled and stop is not None and stop.is_set():
-                async with durable:
-                    if not await flush_and_commit():
-                        sink.abandon()
-                        return
+            if sink.stalled and stop is not None and stop.is_set() and not await finish():
+                return
             try:
                 messages = await (sub.get_batch() if (wait := sink.wait_s()) is None else sub.get_batch(timeout_s=wait))
             except EndOfStream:
-                async with durable:
-                    if not await flush_and_commit():
-                        sink.abandon()
+                await finish()
                 return
             # Handed out, the batch's offsets are the subscription's to commit: a revoke that
             # runs while the gate dead-letters (an await) waits until the batch is in the sink,
