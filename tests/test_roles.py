@@ -226,7 +226,6 @@ def test_consume_commits_only_after_the_sink_made_the_output_durable():
     assert "commit" not in " ".join(flaky.log) and "abandoned" in flaky.log and flaky.log[-1] == "closed"
 
 
-
 def test_a_hand_over_that_cannot_make_the_output_durable_commits_none_of_its_partitions():
     """Before partitions move on, the sink makes what it took durable (SinkBase.before_revoke:
     a flush). Where it cannot, the hook raises, so the rebalance commits nothing, and the

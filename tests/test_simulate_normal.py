@@ -204,7 +204,6 @@ def test_inference_follows_the_time_of_day(hour):
     assert util.std() > 0.02  # noisy
 
 
-
 def test_an_inference_service_keeps_what_a_cap_costs_it_through_its_group_s_churn():
     """A service runs day and night: its group's job churn starts no new job on its GPUs, so its
     sensitivity stays (redrawn, its GPUs' job changed under their caps with no idle moment and no
