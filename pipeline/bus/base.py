@@ -82,6 +82,10 @@ class Subscription(Protocol):
     def forget(self, partitions: set[int]) -> None:
         """Commit nothing more of these partitions: they go to their next owner uncommitted."""
 
+    async def held_still(self, partitions: set[int]) -> set[int]:
+        """Those of `partitions` still this consumer's by the group's word, asked before output is
+        written (a member frozen past its session may have lost some); the rest are forgotten."""
+
 
 class Bus(Protocol):
     keyed: bool  # True where order holds only per key: producers then send one message per key

@@ -42,7 +42,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (ClusterAuthorizationFailedError, KafkaConnectionError, KafkaTimeoutError,
                             TopicAlreadyExistsError, TopicAuthorizationFailedError, for_code)
 from aiokafka.errors import (CommitFailedError, IllegalOperation, IllegalStateError, InvalidProducerEpoch, KafkaError,
-                            ProducerFenced)
+                            ProducerFenced, RebalanceInProgressError)
 
 from pipeline.bus.align import Aligner
 from pipeline.bus.base import ALERTS_KEPT_H, EndOfStream, Message, Topic
@@ -135,6 +135,7 @@ def bus_topic(wire_name: str, prefix: str) -> Topic:
 
 
 STOP_PRODUCER_S = 5.0  # a producer that moved away gets this long to close its connections
+ASK_GROUP_S = 10.0     # held_still(): a group that does not answer within this leaves the partitions held
 
 
 async def _stop_producer(producer: AIOKafkaProducer) -> None:
@@ -160,6 +161,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned) -> None:
         self.sub.assignments += 1
+        self.sub._committed.clear()  # (positions start again at the group's commits, maybe another member's)
         self.sub._revoking.clear()  # (aiokafka revokes every partition first: none is being revoked now,
                                     # also where a hook failed and release() never ran)
         if assigned:
@@ -209,6 +211,7 @@ class KafkaSubscription:
         self._upstream_admin: AIOKafkaAdminClient | None = None
         self._stopping: set[asyncio.Task] = set()  # producers of partitions that moved away, shutting down
         self._to_commit: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}  # the group's commit of each partition read (held_still)
         self.dead_letters = 0
 
     async def claim(self, partitions: set[int]) -> None:
@@ -314,6 +317,8 @@ class KafkaSubscription:
             while tp.partition not in self.ready | self._revoking and tp in self.consumer.assignment():
                 await asyncio.sleep(0.01)
         records = {tp: recs for tp, recs in records.items() if tp.partition in self.ready}
+        for tp, batch in records.items():  # (read from the group's commit on: its first record is at it)
+            self._committed.setdefault(tp, batch[0].offset)
         out: list[Message] = []
         aligner = self.aligner
         fetched: dict[TopicPartition, int] = {}  # committable once handed out (below: no await after)
@@ -490,6 +495,53 @@ class KafkaSubscription:
             self._released = {tp: o for tp, o in self._released.items() if tp.partition not in partitions}
         for tp in [tp for tp in self._to_commit if tp.partition in partitions]:
             del self._to_commit[tp]
+        for tp in [tp for tp in self._committed if tp.partition in partitions]:
+            del self._committed[tp]
+
+    def _membership(self) -> tuple[int, str]:
+        """aiokafka's generation and member id of this consumer in its group ((-1, ""): it heard
+        it was dropped, a heartbeat's UnknownMemberId, and rejoins)."""
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        return getattr(coordinator, "generation", 0), getattr(coordinator, "member_id", "")
+
+    async def held_still(self, partitions: set[int]) -> set[int]:
+        """Those of `partitions` the group says are still this member's. A member frozen
+        past its session timeout (a stalled VM, a process stopped in a debugger) learns that
+        the group dropped it only when it next speaks to the group, and its revoke flushes
+        before it rejoins: asked before output is written (the archive), a partition the
+        group gave another member meanwhile is not written twice. The question is a commit
+        of the offsets the group holds (as far as this member knows: it moves nothing of its
+        own). A group busy rebalancing still counts this member's (eager: no one reads them
+        before its revoke ends); one that does not answer within ASK_GROUP_S leaves them held
+        (as if never asked). A member aiokafka knows was dropped is not asked, and one dropped
+        while asking is not believed: an empty group takes a commit of no generation as a
+        standalone consumer's."""
+        if self.transactional:  # a newer owner fences these by their producer
+            return set(partitions)
+        assigned = {tp for tp in self.consumer.assignment() if tp.partition in partitions}
+        held, why = {tp.partition for tp in assigned}, "no longer assigned here"
+        member = self._membership()
+        if member[0] < 0:
+            held, why = set(), "the group dropped this member"
+        elif asked := {tp: self._committed[tp] for tp in assigned if tp in self._committed}:
+            try:
+                async with asyncio.timeout(ASK_GROUP_S):
+                    await self.consumer.commit(asked)
+            except CommitFailedError as e:
+                if not isinstance(e.__cause__, RebalanceInProgressError):
+                    held, why = set(), str(e.__cause__ or e)
+            except (TimeoutError, KafkaError) as e:
+                log.warning("%s: the group did not say whether partitions %s are still this member's (%s: %s); "
+                            "taken as held", self.group, sorted(held), type(e).__name__, e)
+            if self._membership() != member:
+                held, why = set(), "the group dropped this member while it asked"
+        if lost := set(partitions) - held:
+            log.warning("%s: partitions %s were given to another member while this one held them (%s): what it "
+                        "read of them is not written here, and their next owner reads it again",
+                        self.group, sorted(lost), why)
+            self.revoking(lost)  # (none of them handed out until the group assigns them again)
+            self.forget(lost)
+        return held
 
     async def commit(self) -> None:
         if not self.transactional:
@@ -498,8 +550,11 @@ class KafkaSubscription:
                 offsets = {tp: o for tp, o in self._to_commit.items() if tp in held}
                 self._to_commit.clear()
                 try:
+                    if offsets and self._membership()[0] < 0:  # (an empty group would take it: held_still)
+                        raise CommitFailedError("this member was dropped from the group")
                     if offsets:
                         await self.consumer.commit(offsets)
+                        self._committed.update(offsets)
                 except CommitFailedError as e:
                     # The group moved these partitions on while this process held them: it overran the
                     # rebalance timeout (a flush stuck on a full disk, a frozen process). Nothing of them

@@ -65,6 +65,10 @@ class MemorySubscription:
     def forget(self, partitions: set[int]) -> None:
         """No partitions, nothing committed."""
 
+    async def held_still(self, partitions: set[int]) -> set[int]:
+        """One consumer: nothing is ever taken from it."""
+        return set(partitions)
+
     async def close(self) -> None:
         """Nothing more is delivered to it (a listener whose reader stopped must not fill up and
         hold its publishers)."""

@@ -59,6 +59,8 @@ class ArchiveSink(SinkBase):
     async def flush(self) -> bool:
         # Take the buffers on the loop, write them in a thread: the loop never waits on disk.
         writer, outage = self.writer, self.outage
+        if reading := writer.partitions():  # (over Kafka) none that another member took meanwhile
+            writer.discard(reading - await self.sub.held_still(reading))
         held, taken = writer.held_rows(), writer.take()
         if not taken:
             writer.last_durable = time.monotonic()

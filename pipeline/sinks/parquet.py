@@ -188,6 +188,10 @@ class ArchiveBuffers:
             self.rows_dropped[dataset] += batch.num_rows
         return dropped
 
+    def partitions(self) -> set[int]:
+        """The source partitions something is buffered of (none in-process)."""
+        return {p for (_, p), buf in self._buffers.items() if p >= 0 and buf.batches}
+
     def discard(self, partitions: set[int]) -> int:
         """Forget what is buffered for these source partitions (they moved to another
         consumer, which reads them again from the last commit); returns the rows."""
