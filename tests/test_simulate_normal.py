@@ -145,6 +145,34 @@ def test_training_jobs_swing_whole_racks_in_lockstep():
             assert np.ptp(pdu[r]) > 15_000
 
 
+def test_a_reading_after_a_phase_change_blends_both_phases_and_its_reasons_are_the_instant_s():
+    """NVML's power is a mean over the last second and its clock event reasons the instant's; a
+    training job's phases change between the simulator's steps. The first reading after a change
+    lies between the two phases' draws (by the share of the second each had), with the new
+    phase's reasons: computing at the limit (0x4) with part of the communication's draw in it.
+    Every other reading is the instant's, as without averaged readings."""
+    phases = ("training", "averaged_readings")
+    runs = [all_busy(FleetSimulator(fleet(seed=1, racks=2), start=START, phenomena=p)) for p in (phases[:1], phases)]
+    instant, averaged, reasons, changed = [], [], [], []
+    for _ in range(180):
+        ticks = [sim.step() for sim in runs]
+        instant.append(gpu_arrays(runs[0], ticks[0], "power_w")[0])
+        p, r = gpu_arrays(runs[1], ticks[1], "power_w", "clock_event_reasons")
+        averaged.append(p)
+        reasons.append(r)
+        changed.append(runs[1].normal._phase_changed[runs[1].gpu_job] & runs[1].normal.gpu_training)
+    instant, averaged, reasons, changed = map(np.array, (instant, averaged, reasons, changed))
+    seen = ~np.isnan(instant) & ~np.isnan(averaged)
+    assert np.array_equal(instant[~changed & seen], averaged[~changed & seen])
+    into = changed[1:] & (reasons[1:] == int(ClockEventReason.SW_POWER_CAP)) & seen[1:] & seen[:-1]
+    assert into.sum() > 100  # (GPUs x changes into compute)
+    before, now, read = instant[:-1][into], instant[1:][into], averaged[1:][into]
+    assert (now > 650).all() and (before < 470).all()  # computing now, communicating a step before
+    assert ((before < read) & (read < now)).mean() > 0.95, "the reading blends both phases"
+    share = (now - read) / (now - before)  # the share of the second still communicating
+    assert 0.3 < share.mean() < 0.7 and share.min() >= 0 and share.max() <= 1
+
+
 def test_checkpoints_stall_a_whole_job_together_and_wait_for_a_fault_to_end():
     sim = all_busy(FleetSimulator(fleet(seed=2), start=START, phenomena=("checkpoints",)))
     nm = sim.normal

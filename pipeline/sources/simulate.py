@@ -78,6 +78,11 @@ bit-identical to the simulator before it, and a phenomenon can be turned off alo
   meter keeps its energy as a count of Wh).
 - power_quantization: GPU power reported to 1 W (as collectors that round it do; NVML
   itself reports mW).
+- averaged_readings: GPU power and utilisations are means over the last second, as NVML reports
+  them, while clocks and clock event reasons are the instant's. A training job's phases change
+  between the physics' steps, so the reading after a change blends both phases: the first
+  reading of compute under a cap has reason 0x4 and part of the communication's draw and memory
+  traffic in it.
 - dropouts: 0.1% of GPU rows and 0.02% of whole node scrapes missing, each for one sample
   (never long enough for NodeNotReporting), and 0.1% of facility readings.
 - recalibration: each facility temperature sensor starts off by N(0, 0.1 C) and about once a
@@ -710,6 +715,9 @@ class FleetSimulator:
         util = np.where(busy, np.where(capped | braked | slow, rng.uniform(0.99, 1.0, G), intensity), 0.0)
         if nm is not None and nm.stalled is not None:
             util = np.where(nm.stalled, 0.0, util)
+        util_mem = np.where(busy, util * 0.34 * (kept if any_held else 1.0), 0.0)
+        read_power, read_util, read_util_mem = (power, util, util_mem) if nm is None else nm.averaged(
+            busy, power, util, util_mem)
         node_power = (np.bincount(self.gpu_node, power, self.n_nodes)
                       + NODE_BASE_POWER_W + NODE_LOAD_POWER_W * np.bincount(self.gpu_node, util, self.n_nodes) / cfg.gpus_per_node)
         rack_it = np.bincount(self.node_rack, node_power, self.n_racks)
@@ -743,7 +751,7 @@ class FleetSimulator:
             frac -= whole
         self.sbe += rng.random(G) < 2e-6
 
-        reported_power = np.where(np.isnan(fx["stuck"]), np.round(power, 3), fx["stuck"])
+        reported_power = np.where(np.isnan(fx["stuck"]), np.round(read_power, 3), fx["stuck"])
         # The racks' and the site's power, their energy counters: every step; the rest only when scraped.
         pdu_power = np.maximum(rack_it, fx["pdu_ratio"] * cfg.pdu_rating_w) * rng.normal(1.0, 0.002, self.n_racks)
         self.pdu_energy += pdu_power * dt
@@ -768,7 +776,7 @@ class FleetSimulator:
             "ts": pa.array(gpu_ts, GPU_SAMPLE.field("ts").type),
             "power_w": reported_power, "energy_j": np.round(self.energy_j, 3), "gpu_temp_c": gpu_temp,
             "mem_temp_c": mem_temp, "sm_clock_mhz": sm, "mem_clock_mhz": np.full(G, MEM_CLOCK_MHZ),
-            "util_gpu": np.round(util, 2), "util_mem": np.round(np.where(busy, util * 0.34 * (kept if any_held else 1.0), 0.0), 2),
+            "util_gpu": np.round(read_util, 2), "util_mem": np.round(read_util_mem, 2),
             "mem_used_bytes": mem_used, "clock_event_reasons": reasons, "pstate": np.zeros(G, np.int16),
             "pcie_replay_total": self.pcie.copy(), "ecc_sbe_volatile_total": self.sbe.copy(),
             "ecc_dbe_volatile_total": self.dbe.copy(), "remapped_rows_correctable": self.remap_c.copy(),
@@ -803,13 +811,14 @@ class FleetSimulator:
 # ---- the realistic normal ------------------------------------------------------
 # What a real fleet does when nothing is wrong (module docstring: where each number comes from).
 PHENOMENA = ("diurnal", "training", "checkpoints", "reboots", "noise", "quantization", "dropouts",
-             "recalibration", "clock_skew", "power_quantization", "thermal_spread")
+             "recalibration", "clock_skew", "power_quantization", "thermal_spread", "averaged_readings")
 INFERENCE_SHARE = 0.25                # job groups that serve inference
 TRAINING_JOB_GROUPS = (2, 4)          # a training job spans 2-4 groups of 4 nodes: 8-16 nodes, 1-2 racks
 STEP_PERIOD_S = (15.0, 45.0)          # a training job's compute + communication cycle
 STEP_JITTER = 0.03                    # step to step, relative
 COMM_SHARE = (0.2, 0.35)              # share of the cycle spent communicating
 COMM_POWER_W = (300.0, 450.0)         # a GPU's draw while its job communicates
+AVERAGED_S = 1.0                      # NVML's power and utilisation: means over the last second
 CHECKPOINT_EVERY_S = (20 * 60.0, 60 * 60.0)
 CHECKPOINT_STALL_S = (30.0, 90.0)
 CHECKPOINT_POWER_W = (90.0, 10.0)     # a stalled GPU: mean and sd (memory held, no kernels)
@@ -887,6 +896,12 @@ class RealisticNormal:
         self.period, self.comm_share = r.uniform(*STEP_PERIOD_S, n), r.uniform(*COMM_SHARE, n)
         self.comm_w, self.phase = r.uniform(*COMM_POWER_W, n), r.random(n)
         self.comm = np.zeros(n, bool)
+        # Averaged readings: when each job last changed phase (s), and what its GPUs read before.
+        self.averaging = "averaged_readings" in self.on and "training" in self.on
+        self._phase_changed = np.zeros(n, bool)
+        self._changed_at = np.full(n, -np.inf)
+        self._instant: tuple | None = None  # the last physics step's (power, util_gpu, util_mem)
+        self._before: tuple | None = None   # ... the last one before its job's phase changed
         self.ckpt_next = c.random(n) * c.uniform(*CHECKPOINT_EVERY_S, n)  # running jobs: part-way to their next
         self.stall_until = np.full(n, -np.inf)
         # Inference services' levels and bursts.
@@ -957,8 +972,15 @@ class RealisticNormal:
                 self.period[started], self.comm_share[started] = r.uniform(*STEP_PERIOD_S, k), r.uniform(*COMM_SHARE, k)
                 self.comm_w[started], self.phase[started] = r.uniform(*COMM_POWER_W, k), r.random(k)
             step = dt / self.period * (1.0 + r.normal(0.0, STEP_JITTER, n))
-            self.phase = np.where(self.stall_until > t, self.phase, (self.phase + step) % 1.0)
-            self.comm = self.phase < self.comm_share
+            moving = self.stall_until <= t
+            self.phase = np.where(moving, (self.phase + step) % 1.0, self.phase)
+            comm = self.phase < self.comm_share
+            # When the phase changed, between two steps: (its distance past the boundary) / (its speed).
+            self._phase_changed = (comm != self.comm) & moving & ~started
+            past = (self.phase - np.where(comm, 0.0, self.comm_share)) % 1.0
+            self._changed_at = np.where(self._phase_changed, t - past * dt / step, self._changed_at)
+            self._changed_at[started | ~moving] = -np.inf  # (a job's start, a checkpoint: on a step)
+            self.comm = comm
             self._comm_noise = r.normal(1.0, 0.02, G)
         if "checkpoints" in on:
             c = self.rngs["checkpoints"]
@@ -1041,6 +1063,27 @@ class RealisticNormal:
         return power, sm, reasons, capped
 
     # ---- what is reported ----------------------------------------------------------
+
+    def averaged(self, busy: np.ndarray, *instant: np.ndarray) -> tuple[np.ndarray, ...]:
+        """What NVML reports of these instants (power, utilisations): means over the last
+        AVERAGED_S, so a reading just after a training job's phase changed blends both phases,
+        while its clocks and clock event reasons are the instant's. Phases change at any time,
+        not on the physics' steps: the first reading of compute under a cap has reason 0x4 and
+        part of the communication's draw and memory traffic (as a real GPU read every second).
+        Each physics step, for any scrape (a 30-s scrape reads the last second only)."""
+        if not self.averaging:
+            return instant
+        sim = self.sim
+        changed = self._phase_changed[sim.gpu_job]
+        if self._instant is None:
+            self._instant = self._before = instant
+        self._before = tuple(np.where(changed, last, kept) for last, kept in zip(self._instant, self._before))
+        self._instant = instant
+        share = np.clip(1.0 - (sim.t - self._changed_at[sim.gpu_job]) / AVERAGED_S, 0.0, 1.0)  # (before it)
+        share = np.where(busy & self.gpu_training & (self.stalled is None or ~self.stalled), share, 0.0)
+        if not share.any():
+            return instant
+        return tuple(share * before + (1.0 - share) * now for before, now in zip(self._before, instant))
 
     def gpu_ts(self, ts_ns: int) -> np.ndarray:
         return (ts_ns + self._gpu_skew_ns).astype("datetime64[ns]")
