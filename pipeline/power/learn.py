@@ -43,7 +43,11 @@ prior s = 1 as `PRIOR_WEIGHT` pseudo-samples, from:
     and counted, it read as a cap that cost nothing (a job of s 0.97 learned at 0.17); one
     whose communication draws the cap's watts by itself is within `NOT_BINDING_W` of it, and
     only its clock reasons tell (a job of s 0.95 learned at 0.14-0.20 at 30-s scrapes), as they
-    tell of a part that settles further under its cap;
+    tell of a part that settles further under its cap. The draw and util_mem are means over the
+    second before a reading, the reason the instant's: a point needs the cap held at the reading
+    before too (read 2 s apart or less), or a draw within `NOT_BINDING_W` of the least its job's
+    held samples drew under their limit (further apart), and a point far under a fit of
+    `FIRM_POINTS` or more (a phase the reference does not describe) does not count;
   - a new job: a GPU that goes idle forgets its reference and its fit (the next job is
     another's), unless its job only paused: idle with its memory still held (a training
     job writing a checkpoint stalls its GPUs for tens of seconds; a job that ends frees its
@@ -85,6 +89,8 @@ STEADY_UNDER = 0.05   # a job that drew under a cap this share of its reference 
 SHED_NOISE_W = 10.0   # a scrape's mean draw is this uncertain as a measure of the phases it held (W)
 NOISE_Y = 0.03        # util_mem's resolution (an integer percent of ~34%) as an error on y
 HELD_THROUGH_S = 2.0  # readings this close: a point needs the cap to have held at the one before too
+FIRM_POINTS = 8       # a fit on this many points or more takes no point this many of its errors ...
+UNDER_FIT_ERRORS = 4.0  # ... under it (`observe`: a cap that would cost far less than the job's points say)
 IDLE_UTIL = 0.05      # (power/planner.py's: under it a GPU does no work, and its job is over)
 
 
@@ -154,6 +160,8 @@ class CurveLearner:
     was_free: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per slot: its last sample busy, uncapped
     was_held: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per slot: its last sample held at its
                                                     # limit (held_by_cap: a cap's or its own)
+    held_gap: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per slot: the least a held sample of its job
+                                                    # drew under its limit (W; inf: none yet)
     # `_levelled`'s per slot, worked out when first read after the slot's last sample (`fresh`)
     tilted_p: np.ndarray = field(default_factory=lambda: np.zeros((0, DEMAND_BINS)), repr=False)
     tilted_inside: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)
@@ -172,6 +180,7 @@ class CurveLearner:
             self.stretch = np.concatenate([self.stretch, np.ones(extra)])
             self.was_free = np.concatenate([self.was_free, np.zeros(extra, bool)])
             self.was_held = np.concatenate([self.was_held, np.zeros(extra, bool)])
+            self.held_gap = np.concatenate([self.held_gap, np.full(extra, np.inf)])
             self.fresh = np.concatenate([self.fresh, np.zeros(extra, bool)])
             self.tilted_inside = np.concatenate([self.tilted_inside, np.zeros(extra, bool)])
             self.tilted_level = np.concatenate([self.tilted_level, np.full(extra, np.nan)])
@@ -395,6 +404,7 @@ class CurveLearner:
                       self.syy, self.points, self.level_sum, self.level_mass):
                 a[gone] = 0.0
             self.was_free[gone] = self.was_held[gone] = False  # (a scrape across two jobs is neither's)
+            self.held_gap[gone] = np.inf
         busy = ok & ~idle
         capped = limit < default_w - 0.5
         free = busy & ~capped  # the draw's reference needs no util_mem: only the points do
@@ -442,18 +452,34 @@ class CurveLearner:
         # on current GPUs), the clock reason an instant: the first reading after a job's communication
         # reads held with the communication's draw and memory traffic blended in, a cap that costs less
         # than it does (s 0.92 for 0.95). Read HELD_THROUGH_S apart or less, the cap must have held at the
-        # reading before too (a GPU's rows come one per batch: the power role cuts its runs so).
+        # reading before too (a GPU's rows come one per batch: the power role cuts its runs so). Read
+        # further apart, the reading before tells nothing: a point needs a draw within NOT_BINDING_W of the
+        # least its job's held samples drew under their limit (a blend draws further under; a part that
+        # settles 15 W under its cap keeps its points). Either way a load that fell under its cap for part
+        # of the second is no point either.
         held_now = ok & held_by_cap(power, limit, cap_reason)
         through = self.was_held[slots] | (dt_all > HELD_THROUGH_S)
         self.was_held[slots] = held_now
-        held = (known & held_now & through & (power < (1.0 - MIN_SHED) * ref_p) & has_mem
-                & (self.ref_mem[slots] > 0))
+        gap = np.where(held_now & known, limit - power, np.inf)
+        least = np.minimum(self.held_gap[slots], gap)
+        np.minimum.at(self.held_gap, slots, gap)
+        held = (known & held_now & through & (gap <= least + NOT_BINDING_W) & (power < (1.0 - MIN_SHED) * ref_p)
+                & has_mem & (self.ref_mem[slots] > 0))
         if held.any():
             s = slots[held]
             at_ref = self.curve.at(ref_p[held] * k[held])
             r = np.clip(self.curve.at(power[held] * k[held]) / np.where(at_ref > 0, at_ref, 1.0), 1e-3, 1.0)
             w = np.clip(mem[held] / self.ref_mem[s], 1e-3, 1.0)
             x, y = 1.0 / r - 1.0, 1.0 / w - 1.0
+            # A point far under a firm fit is a phase the reference does not describe, not a cheaper cap:
+            # read every 30 s, a job of 29.9-s steps is read communicating for 20 minutes on end, and a
+            # cap just under its communication's draw holds it there at no cost (0x4, util_mem at the
+            # reference) while costing its unseen compute dearly: 40 such points at 1.5 times the cap's
+            # x put s 0.97 at 0.33, and 23 GPUs lost 54% under a 50% class. Points over the fit (a
+            # dearer cap) always count: the bound errs on the side of the class.
+            firm = self.points[s] >= FIRM_POINTS
+            under = y < self.sensitivity(s) * x - UNDER_FIT_ERRORS * self._error_y(s)
+            s, x, y = s[~(firm & under)], x[~(firm & under)], y[~(firm & under)]
             np.add.at(self.sxx, s, x * x)
             np.add.at(self.sxy, s, x * y)
             np.add.at(self.syy, s, y * y)
@@ -473,7 +499,14 @@ class CurveLearner:
         resolution allowed (0.78 for 0.89: its GPUs lost 52% under a 50% class)."""
         sl = slice(None) if slots is None else slots
         fit, n = self.sensitivity(slots), self.points[sl]
+        err = self._error_y(slots) / np.sqrt(PRIOR_WEIGHT + self.sxx[sl])
+        return np.clip(fit + student_t975(n - 1.0) * err, 0.0, 1.0)
+
+    def _error_y(self, slots: np.ndarray | None = None) -> np.ndarray:
+        """A point's error about the fit: the points' own scatter, or util_mem's resolution where
+        that is larger."""
+        sl = slice(None) if slots is None else slots
+        fit, n = self.sensitivity(slots), self.points[sl]
         sxx, sxy, syy = self.sxx[sl], self.sxy[sl], self.syy[sl]
         scatter = np.maximum(syy - 2.0 * fit * sxy + fit * fit * sxx, 0.0) / np.maximum(n - 1.0, 1.0)
-        err = np.sqrt(np.maximum(scatter, NOISE_Y ** 2) / (PRIOR_WEIGHT + sxx))
-        return np.clip(fit + student_t975(n - 1.0) * err, 0.0, 1.0)
+        return np.sqrt(np.maximum(scatter, NOISE_Y ** 2))
