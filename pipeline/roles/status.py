@@ -3,13 +3,13 @@ lines, and the summary when it stops. Each part shows only for the roles the pro
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from pipeline import roles as registry
 from pipeline.roles import whole
 from pipeline.roles.context import Context
+from pipeline.waits import wait_set
 
 log = logging.getLogger("fleetwatch")
 
@@ -50,10 +50,7 @@ async def status_role(ctx: Context, interval_s: float) -> None:
         return ctx.engine.stats.gpu_samples if ctx.engine is not None else 0
     last_n, last_t = processed(), time.monotonic()
     while not ctx.stop.is_set():
-        try:
-            await asyncio.wait_for(ctx.stop.wait(), period)
-        except TimeoutError:
-            pass
+        await wait_set(ctx.stop, period)
         now = time.monotonic()
         rate = (processed() - last_n) / max(now - last_t, 1e-9)
         last_n, last_t = processed(), now

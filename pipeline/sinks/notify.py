@@ -40,6 +40,7 @@ from pipeline.sinks.receivers import RECEIVER_KINDS, receiver_kind
 from pipeline.sinks.receivers.base import ReceiverKind
 from pipeline.sinks.silences import SilenceStore
 from pipeline.sinks.webhook import Client, Outcome, Receiver, body_of, load_receivers
+from pipeline.waits import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -420,10 +421,7 @@ class Notifier:
         while True:
             wake = [t for t in (kind.next_wakeup() for kind in self._in_use) if t is not None]
             timeout = max(0.01, min([TICK_S, *(t - time.time() for t in wake)]))
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+            await wait_set(self._wake, timeout)
             self._wake.clear()
             if self._closing:
                 return

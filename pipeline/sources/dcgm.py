@@ -54,6 +54,7 @@ from pipeline.config import ConfigError, DcgmConfig
 from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD, TS
 from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, COLUMN_LABELS, WORKLOAD_LABELS, XID, column_array, \
     dcgm_blank
+from pipeline.waits import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -601,10 +602,7 @@ def build(ctx, spec) -> DcgmSource:
 async def _wait(event: asyncio.Event, seconds: float, other: asyncio.Event | None = None) -> None:
     """Until `event` (or `other`) is set, or `seconds` passed."""
     if other is None:
-        try:
-            await asyncio.wait_for(event.wait(), seconds)
-        except TimeoutError:
-            pass
+        await wait_set(event, seconds)
         return
     waiters = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(other.wait())]
     try:

@@ -45,7 +45,6 @@ loses nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
@@ -63,6 +62,7 @@ from pipeline.model import FACILITY_SAMPLE, TS, iso_utc
 from pipeline.sinks.files import Rotation, rotate
 from pipeline.sources.bms_tree import DEFAULT_ROOT, POWER_BRANCH, PointMeta, Reason, Rejected, decode_meta, \
     decode_reading, parse_topic
+from pipeline.waits import wait_set
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +308,7 @@ class MqttCollector:
 
     async def _flush_every(self, publish: Publish, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), self.flush_interval_s)
+            await wait_set(self._full, self.flush_interval_s)
             self._full.clear()
             await self._flush(publish)
 
@@ -349,8 +348,7 @@ async def keep_subscribed(owner, topic: str, stop: asyncio.Event,
                     owner.subscribed.clear()
         except aiomqtt.MqttError as e:
             delay = outages.down(e, f"{who}retrying with backoff up to {owner.backoff.max_s:g} s. {retry_hint}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+            await wait_set(stop, delay)
 
 
 async def subscribe_qos1(client: aiomqtt.Client, topic: str, broker: str, client_id: str, what_to_do: str) -> None:

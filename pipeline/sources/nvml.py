@@ -45,6 +45,7 @@ from pipeline.config import AgentConfig, ConfigError
 from pipeline.model import EVENT, GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD
 from pipeline.sources.job_mapping import JobMapping
 from pipeline.sources.nvml_power import PowerLimiter
+from pipeline.waits import wait_set
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -412,10 +413,7 @@ class NvmlAgent:
                 if delay < 0:  # the scrape took longer than the interval: skip, do not pile up
                     next_at = time.monotonic()
                     continue
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass
+                await wait_set(stop, delay)
         finally:
             self._events_stop.set()
             if watcher.is_alive():

@@ -26,7 +26,6 @@ source's time (the wall clock for an agent).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import pyarrow.compute as pc
 from pipeline.bus.base import EndOfStream, Topic
 from pipeline.model import POWER_ACTION
 from pipeline.sources.nvml_power import CapResult
+from pipeline.waits import wait_set
 
 log = logging.getLogger("fleetwatch")
 
@@ -176,8 +176,7 @@ async def follow_caps(sub, applier: CapApplier, emit: Callable[[Topic, pa.Record
                 except EndOfStream:
                     ended, messages = True, []
             else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), POLL_S)
+                await wait_set(stop, POLL_S)
                 messages = []
             for m in messages:
                 rows = m.value.filter(pa.array(applier.mine(m.value)))
@@ -248,8 +247,7 @@ async def alongside(run: Callable[[asyncio.Event], Awaitable[None]], follow: Cal
                     (log.exception if failures == 1 else log.warning)(
                         "following power caps failed (%s: %s); the caps held were restored, trying again in %.0f s",
                         type(e).__name__, e, wait_s)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), wait_s)
+                    await wait_set(stop, wait_s)
         finally:
             source_stop.set()
     follower = asyncio.create_task(caps(), name="power-caps")

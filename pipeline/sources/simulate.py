@@ -116,6 +116,7 @@ from pipeline.faults import FAULTS_BY_NAME, MAINTENANCE_EVENTS, NORMAL_EVENTS
 from pipeline.model import COOLANT_CP_J_PER_KG_K, EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE, GPU_WORKLOAD
 from pipeline.model import ClockEventReason as Reason
 from pipeline.power.curve import PowerCurve, from_recording
+from pipeline.waits import wait_set
 
 IDLE_POWER_W = 71.0
 NO_SIGNATURE_W = 2.0              # a frozen reading the truth never left by more than a whole-watt reading's step
@@ -1202,10 +1203,7 @@ class SimulatorSource:
             if self.speed > 0:
                 delay = t0 + self.sim.t / self.speed - time.monotonic()
                 if delay > 0:
-                    try:
-                        await asyncio.wait_for(stop.wait(), delay)
-                    except TimeoutError:
-                        pass
+                    await wait_set(stop, delay)
                     continue
             await asyncio.sleep(0)  # behind schedule or flat out: let the consumers run
 

@@ -1,0 +1,21 @@
+"""Waiting on an asyncio.Event for at most some seconds, in one place.
+
+Python 3.11's `asyncio.wait_for(event.wait(), s)` drops a cancel that arrives as the event
+is set: it returns, and the task runs on (a role loop that goes round once more and waits
+again; at a stop, `daemon.cancel_all` must cancel it a second time). `asyncio.timeout`
+keeps the cancel (fixed in 3.12's wait_for, which is built on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+async def wait_set(event: asyncio.Event, seconds: float | None) -> bool:
+    """Until `event` is set (True) or `seconds` passed (False; None: no limit)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+        return True
+    except TimeoutError:
+        return False
