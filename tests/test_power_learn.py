@@ -468,3 +468,44 @@ def test_a_job_read_in_one_phase_for_minutes_under_a_cap_at_that_phase_s_draw_ke
         read(317.0, 0.34, 318.0, 1.0)
     assert learner.sensitivity()[0] >= learned - 0.02
     assert learner.upper()[0] >= s
+
+
+def test_a_reading_over_its_limit_after_a_cap_is_lowered_shuts_no_job_out_of_learning():
+    """A cap lowered within a reading's second: that reading averages part of the second at the old
+    limit and draws over the new one. Counted as its draw under the limit (-50 W), every later
+    reading 1 W under the cap was more than NOT_BINDING_W further under than it, and none was a
+    point again: the job stayed at the prior s = 1."""
+    s, learner, one = 0.5, CurveLearner(CURVE), np.array([0])
+
+    def read(power_w, mem, limit_w, reason) -> None:
+        learner.observe(one, np.array([power_w]), np.array([1.0]), np.array([mem]), np.array([limit_w]), 700.0,
+                        cap_reason=np.array([reason]))
+    for _ in range(30):
+        read(698.0, 0.34, 700.0, 0.0)
+    read(499.0, 0.34 * float(keep(s, CURVE.at(499.0) / CURVE.at(698.0))), 500.0, 1.0)
+    read(450.0, 0.34 * float(keep(s, CURVE.at(450.0) / CURVE.at(698.0))), 400.0, 1.0)  # lowered within the second
+    for _ in range(60):
+        read(399.0, 0.34 * float(keep(s, CURVE.at(399.0) / CURVE.at(698.0))), 400.0, 1.0)
+    assert learner.points[0] >= 60
+    assert abs(learner.sensitivity()[0] - s) < 0.05
+
+
+def test_a_fit_firm_on_light_caps_still_learns_from_a_deep_one():
+    """Nine points under a light cap (660 W) say little about a job, and the prior (s = 1) still
+    weighs on their fit: a point far under that fit at a deep cap is within the fit's error at its
+    own x, and counts. Judged by the points' error alone, every 400-W point of a job of s 0.5 was
+    dropped and its bound stayed at 1."""
+    s, learner, one = 0.5, CurveLearner(CURVE), np.array([0])
+
+    def read(power_w, limit_w) -> None:
+        work = float(keep(s, CURVE.at(power_w) / CURVE.at(698.0))) if limit_w < 700 else 1.0
+        learner.observe(one, np.array([power_w]), np.array([1.0]), np.array([0.34 * work]), np.array([limit_w]),
+                        700.0, cap_reason=np.array([1.0 if limit_w < 700 else 0.0]))
+    for _ in range(30):
+        read(698.0, 700.0)
+    for _ in range(10):
+        read(659.0, 660.0)
+    for _ in range(40):
+        read(399.0, 400.0)
+    assert learner.points[0] == 49  # (the first under the light cap: the reading before it was not held)
+    assert abs(learner.sensitivity()[0] - s) < 0.05 and learner.upper()[0] < 0.7

@@ -45,9 +45,9 @@ prior s = 1 as `PRIOR_WEIGHT` pseudo-samples, from:
     only its clock reasons tell (a job of s 0.95 learned at 0.14-0.20 at 30-s scrapes), as they
     tell of a part that settles further under its cap. The draw and util_mem are means over the
     second before a reading, the reason the instant's: a point needs the cap held at the reading
-    before too (read 2 s apart or less), or a draw within `NOT_BINDING_W` of the least its job's
-    held samples drew under their limit (further apart), and a point far under a fit of
-    `FIRM_POINTS` or more (a phase the reference does not describe) does not count;
+    before too (read 2 s apart or less) and a draw within `NOT_BINDING_W` of the least its job's
+    held samples drew under their limit, and a point far under a fit of `FIRM_POINTS` or more
+    (a phase the reference does not describe) does not count;
   - a new job: a GPU that goes idle forgets its reference and its fit (the next job is
     another's), unless its job only paused: idle with its memory still held (a training
     job writing a checkpoint stalls its GPUs for tens of seconds; a job that ends frees its
@@ -90,7 +90,7 @@ SHED_NOISE_W = 10.0   # a scrape's mean draw is this uncertain as a measure of t
 NOISE_Y = 0.03        # util_mem's resolution (an integer percent of ~34%) as an error on y
 HELD_THROUGH_S = 2.0  # readings this close: a point needs the cap to have held at the one before too
 FIRM_POINTS = 8       # a fit on this many points or more takes no point this many of its errors ...
-UNDER_FIT_ERRORS = 4.0  # ... under it (`observe`: a cap that would cost far less than the job's points say)
+UNDER_FIT_ERRORS = 4.0  # ... under it, at the point's x (`observe`: a cap far cheaper than the points say)
 IDLE_UTIL = 0.05      # (power/planner.py's: under it a GPU does no work, and its job is over)
 
 
@@ -453,16 +453,16 @@ class CurveLearner:
         # reads held with the communication's draw and memory traffic blended in, a cap that costs less
         # than it does (s 0.92 for 0.95). Read HELD_THROUGH_S apart or less, the cap must have held at the
         # reading before too (a GPU's rows come one per batch: the power role cuts its runs so). Read
-        # further apart, the reading before tells nothing: a point needs a draw within NOT_BINDING_W of the
-        # least its job's held samples drew under their limit (a blend draws further under; a part that
-        # settles 15 W under its cap keeps its points). Either way a load that fell under its cap for part
-        # of the second is no point either.
+        # further apart, the reading before tells nothing, so at any interval a point also needs a draw
+        # within NOT_BINDING_W of the least its job's held samples drew under their limit: a blend draws
+        # further under, as does a load that fell under its cap for part of the second, while a part that
+        # settles 15 W under its cap keeps its points.
         held_now = ok & held_by_cap(power, limit, cap_reason)
         through = self.was_held[slots] | (dt_all > HELD_THROUGH_S)
         self.was_held[slots] = held_now
-        gap = np.where(held_now & known, limit - power, np.inf)
-        least = np.minimum(self.held_gap[slots], gap)
-        np.minimum.at(self.held_gap, slots, gap)
+        gap = np.where(held_now & known, np.maximum(limit - power, 0.0), np.inf)  # (over it: a cap lowered
+        np.minimum.at(self.held_gap, slots, gap)                                  # within the second)
+        least = self.held_gap[slots]
         held = (known & held_now & through & (gap <= least + NOT_BINDING_W) & (power < (1.0 - MIN_SHED) * ref_p)
                 & has_mem & (self.ref_mem[slots] > 0))
         if held.any():
@@ -478,7 +478,8 @@ class CurveLearner:
             # x put s 0.97 at 0.33, and 23 GPUs lost 54% under a 50% class. Points over the fit (a
             # dearer cap) always count: the bound errs on the side of the class.
             firm = self.points[s] >= FIRM_POINTS
-            under = y < self.sensitivity(s) * x - UNDER_FIT_ERRORS * self._error_y(s)
+            spread = self._error_y(s) * np.sqrt(1.0 + x * x / (PRIOR_WEIGHT + self.sxx[s]))  # (at this x)
+            under = y < self.sensitivity(s) * x - UNDER_FIT_ERRORS * spread
             s, x, y = s[~(firm & under)], x[~(firm & under)], y[~(firm & under)]
             np.add.at(self.sxx, s, x * x)
             np.add.at(self.sxy, s, x * y)
