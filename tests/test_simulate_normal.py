@@ -173,6 +173,35 @@ def test_a_reading_after_a_phase_change_blends_both_phases_and_its_reasons_are_t
     assert 0.3 < share.mean() < 0.7 and share.min() >= 0 and share.max() <= 1
 
 
+def test_under_a_cap_the_reading_after_communication_blends_its_memory_traffic_in_too():
+    """Capped at 500 W, a job's compute moves less memory than its communication (which the cap
+    does not hold): the first reading of compute after it has util_mem between the two phases',
+    as its draw is, with the cap's reason (0x4). The power learner must not take it for a cap that
+    costs less than it does (power/learn.py)."""
+    sim = all_busy(FleetSimulator(fleet(seed=1, racks=2), start=START, phenomena=("training", "averaged_readings")))
+    sim.set_caps(np.arange(sim.n_gpus), 500.0)
+    train = sim.normal.gpu_training
+    power, mem, reasons, changed = [], [], [], []
+    for _ in range(180):
+        tick = sim.step()
+        p, m, r = gpu_arrays(sim, tick, "power_w", "util_mem", "clock_event_reasons")
+        power.append(p)
+        mem.append(m)
+        reasons.append(r)
+        changed.append(sim.normal._phase_changed[sim.gpu_job] & train)
+    power, mem, reasons, changed = map(np.array, (power, mem, reasons, changed))
+    held = reasons == int(ClockEventReason.SW_POWER_CAP)
+    steady = held & ~changed & train & ~np.isnan(mem)
+    comm = ~held & ~changed & train & (power < 480) & ~np.isnan(mem)
+    into = changed & held & ~np.isnan(mem)
+    assert steady.sum() > 1000 and comm.sum() > 100 and into.sum() > 50
+    held_mem, comm_mem = np.median(mem[steady]), np.median(mem[comm])
+    assert held_mem < comm_mem - 0.03  # (the cap costs the compute its memory traffic)
+    blended = mem[into]
+    assert ((held_mem - 0.01 < blended) & (blended < comm_mem + 0.01)).all()
+    assert (blended > held_mem + 0.01).mean() > 0.5  # most carry part of the communication's traffic
+
+
 def test_checkpoints_stall_a_whole_job_together_and_wait_for_a_fault_to_end():
     sim = all_busy(FleetSimulator(fleet(seed=2), start=START, phenomena=("checkpoints",)))
     nm = sim.normal
