@@ -1,4 +1,4 @@
-"""Waiting on an asyncio.Event for at most some seconds, in one place.
+"""Waiting on asyncio Events for at most some seconds, in one place.
 
 Python 3.11's `asyncio.wait_for(event.wait(), s)` drops a cancel that arrives as the event
 is set: it returns, and the task runs on (a role loop that goes round once more and waits
@@ -19,3 +19,14 @@ async def wait_set(event: asyncio.Event, seconds: float | None) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+async def wait_any(events: list[asyncio.Event], seconds: float | None) -> None:
+    """Until one of `events` is set or `seconds` passed (asyncio.wait: no cancel is lost); the
+    waiters go with it, cancelled or not."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

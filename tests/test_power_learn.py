@@ -472,9 +472,9 @@ def test_a_job_read_in_one_phase_for_minutes_under_a_cap_at_that_phase_s_draw_ke
 
 def test_a_reading_over_its_limit_after_a_cap_is_lowered_shuts_no_job_out_of_learning():
     """A cap lowered within a reading's second: that reading averages part of the second at the old
-    limit and draws over the new one. Counted as its draw under the limit (-50 W), every later
-    reading 1 W under the cap was more than NOT_BINDING_W further under than it, and none was a
-    point again: the job stayed at the prior s = 1."""
+    limit and draws over the new one. Counted as its draw under the limit (-50 W, or 0), every
+    later reading of a part that settles 15 W under its cap was more than NOT_BINDING_W further
+    under than it, and none was a point again: the job stayed at the prior s = 1."""
     s, learner, one = 0.5, CurveLearner(CURVE), np.array([0])
 
     def read(power_w, mem, limit_w, reason) -> None:
@@ -482,10 +482,10 @@ def test_a_reading_over_its_limit_after_a_cap_is_lowered_shuts_no_job_out_of_lea
                         cap_reason=np.array([reason]))
     for _ in range(30):
         read(698.0, 0.34, 700.0, 0.0)
-    read(499.0, 0.34 * float(keep(s, CURVE.at(499.0) / CURVE.at(698.0))), 500.0, 1.0)
+    read(485.0, 0.34 * float(keep(s, CURVE.at(485.0) / CURVE.at(698.0))), 500.0, 1.0)
     read(450.0, 0.34 * float(keep(s, CURVE.at(450.0) / CURVE.at(698.0))), 400.0, 1.0)  # lowered within the second
     for _ in range(60):
-        read(399.0, 0.34 * float(keep(s, CURVE.at(399.0) / CURVE.at(698.0))), 400.0, 1.0)
+        read(385.0, 0.34 * float(keep(s, CURVE.at(385.0) / CURVE.at(698.0))), 400.0, 1.0)
     assert learner.points[0] >= 60
     assert abs(learner.sensitivity()[0] - s) < 0.05
 

@@ -515,12 +515,13 @@ class KafkaSubscription:
         before its revoke ends); one that does not answer within ASK_GROUP_S leaves them held
         (as if never asked). A member aiokafka knows was dropped is not asked, and one dropped
         while asking is not believed: an empty group takes a commit of no generation as a
-        standalone consumer's."""
+        standalone consumer's. Called under the sink's flush lock (consume()), which a revoke
+        waits for: no new assignment can come while it asks."""
         if self.transactional:  # a newer owner fences these by their producer
             return set(partitions)
         assigned = {tp for tp in self.consumer.assignment() if tp.partition in partitions}
         held, why = {tp.partition for tp in assigned}, "no longer assigned here"
-        member = self._membership()
+        member, unanswered = self._membership(), None
         if member[0] < 0:
             held, why = set(), "the group dropped this member"
         elif asked := {tp: self._committed[tp] for tp in assigned if tp in self._committed}:
@@ -531,10 +532,12 @@ class KafkaSubscription:
                 if not isinstance(e.__cause__, RebalanceInProgressError):
                     held, why = set(), str(e.__cause__ or e)
             except (TimeoutError, KafkaError) as e:
-                log.warning("%s: the group did not say whether partitions %s are still this member's (%s: %s); "
-                            "taken as held", self.group, sorted(held), type(e).__name__, e)
+                unanswered = e
             if self._membership() != member:
                 held, why = set(), "the group dropped this member while it asked"
+            elif unanswered is not None:
+                log.warning("%s: the group did not say whether partitions %s are still this member's (%s: %s); "
+                            "taken as held", self.group, sorted(held), type(unanswered).__name__, unanswered)
         if lost := set(partitions) - held:
             log.warning("%s: partitions %s were given to another member while this one held them (%s): what it "
                         "read of them is not written here, and their next owner reads it again",

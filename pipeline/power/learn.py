@@ -456,15 +456,16 @@ class CurveLearner:
         # further apart, the reading before tells nothing, so at any interval a point also needs a draw
         # within NOT_BINDING_W of the least its job's held samples drew under their limit: a blend draws
         # further under, as does a load that fell under its cap for part of the second, while a part that
-        # settles 15 W under its cap keeps its points.
+        # settles 15 W under its cap keeps its points. A reading over its limit (a cap lowered within its
+        # second) is neither a point nor a gap: as the least, it would shut such a part out for good.
         held_now = ok & held_by_cap(power, limit, cap_reason)
         through = self.was_held[slots] | (dt_all > HELD_THROUGH_S)
         self.was_held[slots] = held_now
-        gap = np.where(held_now & known, np.maximum(limit - power, 0.0), np.inf)  # (over it: a cap lowered
-        np.minimum.at(self.held_gap, slots, gap)                                  # within the second)
+        gap = np.where(held_now & known & (power <= limit), limit - power, np.inf)
+        np.minimum.at(self.held_gap, slots, gap)
         least = self.held_gap[slots]
-        held = (known & held_now & through & (gap <= least + NOT_BINDING_W) & (power < (1.0 - MIN_SHED) * ref_p)
-                & has_mem & (self.ref_mem[slots] > 0))
+        held = (known & held_now & through & np.isfinite(gap) & (gap <= least + NOT_BINDING_W)
+                & (power < (1.0 - MIN_SHED) * ref_p) & has_mem & (self.ref_mem[slots] > 0))
         if held.any():
             s = slots[held]
             at_ref = self.curve.at(ref_p[held] * k[held])
@@ -478,8 +479,9 @@ class CurveLearner:
             # x put s 0.97 at 0.33, and 23 GPUs lost 54% under a 50% class. Points over the fit (a
             # dearer cap) always count: the bound errs on the side of the class.
             firm = self.points[s] >= FIRM_POINTS
-            spread = self._error_y(s) * np.sqrt(1.0 + x * x / (PRIOR_WEIGHT + self.sxx[s]))  # (at this x)
-            under = y < self.sensitivity(s) * x - UNDER_FIT_ERRORS * spread
+            fit = self.sensitivity(s)
+            spread = self._error_y(s, fit) * np.sqrt(1.0 + x * x / (PRIOR_WEIGHT + self.sxx[s]))  # (at this x)
+            under = y < fit * x - UNDER_FIT_ERRORS * spread
             s, x, y = s[~(firm & under)], x[~(firm & under)], y[~(firm & under)]
             np.add.at(self.sxx, s, x * x)
             np.add.at(self.sxy, s, x * y)
@@ -500,14 +502,13 @@ class CurveLearner:
         resolution allowed (0.78 for 0.89: its GPUs lost 52% under a 50% class)."""
         sl = slice(None) if slots is None else slots
         fit, n = self.sensitivity(slots), self.points[sl]
-        err = self._error_y(slots) / np.sqrt(PRIOR_WEIGHT + self.sxx[sl])
+        err = self._error_y(slots, fit) / np.sqrt(PRIOR_WEIGHT + self.sxx[sl])
         return np.clip(fit + student_t975(n - 1.0) * err, 0.0, 1.0)
 
-    def _error_y(self, slots: np.ndarray | None = None) -> np.ndarray:
-        """A point's error about the fit: the points' own scatter, or util_mem's resolution where
-        that is larger."""
+    def _error_y(self, slots: np.ndarray | None, fit: np.ndarray) -> np.ndarray:
+        """A point's error about the fit (`sensitivity` of `slots`): the points' own scatter, or
+        util_mem's resolution where that is larger."""
         sl = slice(None) if slots is None else slots
-        fit, n = self.sensitivity(slots), self.points[sl]
-        sxx, sxy, syy = self.sxx[sl], self.sxy[sl], self.syy[sl]
+        n, sxx, sxy, syy = self.points[sl], self.sxx[sl], self.sxy[sl], self.syy[sl]
         scatter = np.maximum(syy - 2.0 * fit * sxy + fit * fit * sxx, 0.0) / np.maximum(n - 1.0, 1.0)
         return np.sqrt(np.maximum(scatter, NOISE_Y ** 2))

@@ -68,6 +68,7 @@ from pipeline.power.request import ID, Rejected
 from pipeline.power.store import OPEN
 from pipeline.sources.bms_tree import DEFAULT_ROOT, POWER_BRANCH
 from pipeline.sources.mqtt import Backoff, keep_subscribed, until_first_error
+from pipeline.waits import wait_any
 
 log = logging.getLogger("fleetwatch")
 
@@ -294,10 +295,7 @@ class MqttIntake:
             if stop.is_set():
                 return
             self._wake.clear()
-            waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
-            await asyncio.wait(waits, timeout=self.follow_s, return_when=asyncio.FIRST_COMPLETED)
-            for w in waits:
-                w.cancel()
+            await wait_any([self._wake, stop], self.follow_s)
 
 
 def intake_for(cfg, role) -> MqttIntake:

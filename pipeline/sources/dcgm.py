@@ -54,7 +54,7 @@ from pipeline.config import ConfigError, DcgmConfig
 from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD, TS
 from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, COLUMN_LABELS, WORKLOAD_LABELS, XID, column_array, \
     dcgm_blank
-from pipeline.waits import wait_set
+from pipeline.waits import wait_any, wait_set
 
 log = logging.getLogger(__name__)
 
@@ -603,10 +603,5 @@ async def _wait(event: asyncio.Event, seconds: float, other: asyncio.Event | Non
     """Until `event` (or `other`) is set, or `seconds` passed."""
     if other is None:
         await wait_set(event, seconds)
-        return
-    waiters = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(other.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
+    else:
+        await wait_any([event, other], seconds)

@@ -78,11 +78,11 @@ bit-identical to the simulator before it, and a phenomenon can be turned off alo
   meter keeps its energy as a count of Wh).
 - power_quantization: GPU power reported to 1 W (as collectors that round it do; NVML
   itself reports mW).
-- averaged_readings: GPU power and utilisations are means over the last second, as NVML reports
-  them, while clocks and clock event reasons are the instant's. A training job's phases change
-  between the physics' steps, so the reading after a change blends both phases: the first
-  reading of compute under a cap has reason 0x4 and part of the communication's draw and memory
-  traffic in it.
+- averaged_readings: NVML reports GPU power and utilisations as means over the last second, and
+  clocks and clock event reasons as the instant's. A training job's phases change between the
+  physics' steps, so the reading after a change blends both phases: the first reading of compute
+  under a cap has reason 0x4 and part of the communication's draw and memory traffic in it.
+  (Everything else changes on a step, and its reading is the step's.)
 - dropouts: 0.1% of GPU rows and 0.02% of whole node scrapes missing, each for one sample
   (never long enough for NodeNotReporting), and 0.1% of facility readings.
 - recalibration: each facility temperature sensor starts off by N(0, 0.1 C) and about once a
@@ -1070,7 +1070,7 @@ class RealisticNormal:
         AVERAGED_S, so a reading just after a training job's phase changed blends both phases,
         while its clocks and clock event reasons are the instant's. Phases change at any time,
         not on the physics' steps: the first reading of compute under a cap has reason 0x4 and
-        part of the communication's draw and memory traffic (as a real GPU read every second).
+        part of the communication's draw and memory traffic, as a real GPU's does.
         Each physics step, for any scrape (a 30-s scrape reads the last second only)."""
         if not self.averaging:
             return instant
