@@ -553,9 +553,9 @@ class KafkaSubscription:
                 offsets = {tp: o for tp, o in self._to_commit.items() if tp in held}
                 self._to_commit.clear()
                 try:
-                    if offsets and self._membership()[0] < 0:  # (an empty group would take it: held_still)
-                        raise CommitFailedError("this member was dropped from the group")
                     if offsets:
+                        if self._membership()[0] < 0:  # (an empty group would take it: held_still)
+                            raise CommitFailedError("this member was dropped from the group")
                         await self.consumer.commit(offsets)
                         self._committed.update(offsets)
                 except CommitFailedError as e:

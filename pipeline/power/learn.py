@@ -481,8 +481,8 @@ class CurveLearner:
             firm = self.points[s] >= FIRM_POINTS
             fit = self.sensitivity(s)
             spread = self._error_y(s, fit) * np.sqrt(1.0 + x * x / (PRIOR_WEIGHT + self.sxx[s]))  # (at this x)
-            under = y < fit * x - UNDER_FIT_ERRORS * spread
-            s, x, y = s[~(firm & under)], x[~(firm & under)], y[~(firm & under)]
+            counts = ~(firm & (y < fit * x - UNDER_FIT_ERRORS * spread))
+            s, x, y = s[counts], x[counts], y[counts]
             np.add.at(self.sxx, s, x * x)
             np.add.at(self.sxy, s, x * y)
             np.add.at(self.syy, s, y * y)

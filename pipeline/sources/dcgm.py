@@ -510,7 +510,7 @@ class DcgmSource:
                 delay = next_at - time.monotonic()
                 if delay < 0:  # the scrape took longer than the interval: skip, do not pile up
                     next_at, delay = time.monotonic(), 0.0
-                await _wait(stop, delay)
+                await wait_set(stop, delay)
 
         async def publish() -> None:
             taken = arrived[:]
@@ -528,7 +528,7 @@ class DcgmSource:
                 followers = [asyncio.create_task(follow(session, st)) for st in self.states]
                 try:
                     while not stop.is_set():
-                        await _wait(everyone, flush_s, stop)
+                        await wait_any([everyone, stop], flush_s)
                         if arrived:
                             await publish()
                 finally:
@@ -597,11 +597,3 @@ def build(ctx, spec) -> DcgmSource:
     log.info("dcgm: %d dcgm-exporter targets, every %g s, timeout %g s, %d at once", len(source.states),
              cfg.interval_s, cfg.timeout_s, cfg.concurrency)
     return source
-
-
-async def _wait(event: asyncio.Event, seconds: float, other: asyncio.Event | None = None) -> None:
-    """Until `event` (or `other`) is set, or `seconds` passed."""
-    if other is None:
-        await wait_set(event, seconds)
-    else:
-        await wait_any([event, other], seconds)
