@@ -6,6 +6,7 @@ backend and the validation command against real scripts that record what they we
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -151,6 +152,24 @@ def test_a_node_slurm_does_not_know_is_an_error_naming_it(backend):
     with pytest.raises(BackendError, match="r09-n99"):
         backend.quarantine("r09-n99", CONTEXT)
     assert backend.held("r09-n99") is None  # cannot tell: the caller asks again
+
+
+def test_a_node_the_samples_name_by_its_full_host_name_is_drained_and_resumed_by_slurms_short_name(
+        slurm, backend, caplog):
+    """Slurm's NodeName is the short host name; dcgm-exporter and agents often send the FQDN."""
+    full = "fw-n09.gpu.example.com"
+    with caplog.at_level(logging.INFO, "pipeline.remediate"):
+        backend.quarantine(full, CONTEXT)
+        assert backend.held(full) is True and backend.drained(full) is True
+    node = backend.show("fw-n09")
+    assert ("DRAIN" in node["flags"], node["reason"]) == (True, OURS)
+    assert [r.getMessage() for r in caplog.records if "short host name" in r.getMessage()] == [
+        "remediate: Slurm names node fw-n09.gpu.example.com fw-n09 (its short host name): drained and resumed by "
+        "that name"]  # once
+    backend.resume(full, CONTEXT)
+    assert "DRAIN" not in backend.show("fw-n09")["flags"]
+    with pytest.raises(BackendError, match=r"Slurm knows neither r09-n99.gpu.example.com nor its short name r09-n99"):
+        backend.quarantine("r09-n99.gpu.example.com", CONTEXT)
 
 
 def test_an_update_slurm_refuses_says_what_slurm_said(backend):

@@ -13,12 +13,17 @@ nothing). A drain is Slurm's only out-of-service mark an operator and fleetwatch
 - quarantine and resume never take over an operator's drain: a node drained with a reason
   not starting with REASON_PREFIX is left alone and the call fails, saying so.
 
+Slurm names nodes by their short host name (NodeName) where the samples may carry the full
+one (dcgm-exporter's Hostname, an agent's FQDN): a node Slurm does not know by its full name is
+looked up, drained and resumed by its short name (the first label), said once per node.
+
 Slurm cannot reset a GPU or reboot a node for us: `actions` (remediate.action_command) does,
 or the node goes to repair.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import shlex
 import subprocess
@@ -31,6 +36,12 @@ from pipeline.remediate.backends.command import Command, first_line, run_command
 _AFTER_REASON = r"(?:Comment|Extra|ResumeAfterTime)="
 _REASON = re.compile(rf"(?:^|\s)Reason=(.*?)(?:\s+\[[^\[\]@]*@[^\[\]]*\])?\s*(?=\s{_AFTER_REASON}|$)", re.M)
 _NO_JOBS = ("IDLE", "DOWN")  # base states in which nothing runs on the node
+
+log = logging.getLogger("pipeline.remediate")
+
+
+class UnknownNode(BackendError):
+    """Slurm answered that it has no node of this name."""
 
 
 def parse_node(text: str) -> dict:
@@ -63,6 +74,7 @@ class Slurm:
     def __init__(self, scontrol: str = "scontrol", env: dict[str, str] | None = None, timeout_s: float = 60.0,
                  actions: Command | None = None) -> None:
         self.scontrol, self.env, self.timeout_s, self.actions = scontrol, env, timeout_s, actions
+        self._names: dict[str, str] = {}  # a node as the samples name it -> Slurm's NodeName, where they differ
 
     def _scontrol(self, node: str, *args: str) -> str:
         argv = [self.scontrol, *args]
@@ -79,29 +91,53 @@ class Slurm:
             message = first_line(proc.stderr) or first_line(proc.stdout) or "no message"
             may = ", and may this user change nodes (root, SlurmUser or AdminLevel=Operator)" \
                 if args[0] == "update" else ""
-            raise BackendError(f"{shown} failed for node {node} (exit {proc.returncode}: {message}): is {node} a "
-                               f"node of this cluster (`scontrol show node {node}`){',' if may else ' and'} does "
-                               f"SLURM_CONF name the cluster{may}?")
+            error = UnknownNode if re.search(r"\bnot found\b", message, re.I) else BackendError
+            raise error(f"{shown} failed for node {node} (exit {proc.returncode}: {message}): is {node} a "
+                        f"node of this cluster (`scontrol show node {node}`){',' if may else ' and'} does "
+                        f"SLURM_CONF name the cluster{may}?")
         return proc.stdout
 
-    def show(self, node: str) -> dict:
-        """parse_node of the node now."""
-        text = self._scontrol(node, "show", "node", node, "--oneliner")
+    def _show(self, name: str) -> dict:
+        text = self._scontrol(name, "show", "node", name, "--oneliner")
         try:
             return parse_node(text)
         except ValueError as e:
-            raise BackendError(f"`{self.scontrol} show node {node}` gave no state for node {node} ({e}): is "
+            raise BackendError(f"`{self.scontrol} show node {name}` gave no state for node {name} ({e}): is "
                                f"{self.scontrol!r} Slurm's scontrol?") from None
+
+    def show(self, node: str) -> dict:
+        """parse_node of the node now (by Slurm's name for it: `slurm_name`)."""
+        name = self._names.get(node, node)
+        try:
+            return self._show(name)
+        except UnknownNode:
+            short = node.split(".", 1)[0]
+            if name != node or short == node:
+                raise
+            try:
+                found = self._show(short)
+            except UnknownNode:
+                raise BackendError(f"Slurm knows neither {node} nor its short name {short} (`scontrol show node "
+                                   f"{short}`): is it a node of this cluster, and does SLURM_CONF name the "
+                                   f"cluster?") from None
+            self._names[node] = short
+            log.info("remediate: Slurm names node %s %s (its short host name): drained and resumed by that name",
+                     node, short)
+            return found
+
+    def slurm_name(self, node: str) -> str:
+        """The name Slurm knows `node` by (after a `show`)."""
+        return self._names.get(node, node)
 
     def _refuse_an_operators_drain(self, node: str, now: dict, doing: str) -> None:
         if "DRAIN" in now["flags"] and not is_ours(now):
             raise BackendError(f"node {node} is drained by someone else (reason {now['reason']!r}): fleetwatch "
                                f"does not {doing} it; whoever drained it resumes it (`scontrol update "
-                               f"nodename={node} state=resume`)")
+                               f"nodename={self.slurm_name(node)} state=resume`)")
 
     def quarantine(self, node: str, context: dict) -> None:
         self._refuse_an_operators_drain(node, self.show(node), "take over and later resume")
-        self._scontrol(node, "update", f"nodename={node}", "state=drain", f"reason={reason(context)}")
+        self._scontrol(node, "update", f"nodename={self.slurm_name(node)}", "state=drain", f"reason={reason(context)}")
 
     def drained(self, node: str) -> bool:
         return is_drained(self.show(node))
@@ -121,4 +157,4 @@ class Slurm:
         if "DRAIN" not in now["flags"]:
             return  # already returned to service (Slurm refuses a second resume: "Invalid node state")
         self._refuse_an_operators_drain(node, now, "resume")
-        self._scontrol(node, "update", f"nodename={node}", "state=resume")
+        self._scontrol(node, "update", f"nodename={self.slurm_name(node)}", "state=resume")
