@@ -381,6 +381,32 @@ def test_where_the_gpu_sends_its_clock_reasons_they_say_whether_the_cap_holds_it
         assert by_power.points[0] == 0 and by_power.sensitivity()[0] == 1.0
 
 
+TICK, CAP_W, REF_W = 0.05, 400.0, 698.5
+PER = int(round(1.0 / TICK))  # ticks in a second
+
+
+def swinging_job(s: float, duration_s: float, offset_s: float, comm_w: float = 350.0):
+    """A training job of sensitivity s ticked 20 times a second: computing at REF_W for 70% of
+    each 17.3 s step (`offset_s` into one at 0), communicating at comm_w moving as much memory as
+    it does computing uncapped; capped at CAP_W from 300 s on, which holds its compute."""
+    t = np.arange(int(duration_s / TICK)) * TICK
+    computing = (t + offset_s) % 17.3 >= 0.3 * 17.3
+    capped = t >= 300.0
+    held = computing & capped
+    work = float(keep(s, CURVE.at(CAP_W - 1.0) / CURVE.at(REF_W)))
+    return (capped, held, np.where(held, CAP_W - 1.0, np.where(computing, REF_W, comm_w)),
+            np.where(held, 0.34 * work, 0.34))
+
+
+def read_at(learner: CurveLearner, job, i: int, reason_at: int, dt_s: float = 1.0) -> None:
+    """A reading at tick i as NVML gives it: the second before's means, the clock reason of tick
+    `reason_at` (the instant's: i - 1)."""
+    capped, held, power, mem = job
+    learner.observe(np.array([0]), np.array([power[i - PER:i].mean()]), np.array([1.0]),
+                    np.array([mem[i - PER:i].mean()]), np.array([CAP_W if capped[i - 1] else 700.0]), 700.0,
+                    dt_s=dt_s, cap_reason=np.array([float(held[reason_at])]))
+
+
 @pytest.mark.parametrize("s", [0.95, 0.5])
 def test_readings_averaged_over_a_second_with_an_instant_clock_reason_keep_the_bound_over_the_truth(s):
     """NVML's power and utilisation (and dcgm-exporter's, read from them) are averages over the
@@ -390,21 +416,11 @@ def test_readings_averaged_over_a_second_with_an_instant_clock_reason_keep_the_b
     reason set and the communication blended into its draw and memory traffic. Taken for a
     point, it read as a cap that costs less than it does (0.92 for 0.95), and the bound was under
     the truth in every run. A point needs the cap to have held at the reading before too."""
-    tick, cap_w, ref_w = 0.05, 400.0, 698.5
-    work = float(keep(s, CURVE.at(cap_w - 1.0) / CURVE.at(ref_w)))
     fits, bounds = [], []
     for seed in range(6):
-        t = np.arange(int(1200 / tick)) * tick
-        computing = (t + np.random.default_rng(seed).uniform(0.0, 17.3)) % 17.3 >= 0.3 * 17.3
-        capped = t >= 300.0
-        held = computing & capped
-        power = np.where(held, cap_w - 1.0, np.where(computing, ref_w, 350.0))
-        mem = np.where(held, 0.34 * work, 0.34)
-        learner, one, per = CurveLearner(CURVE), np.array([0]), int(round(1.0 / tick))
-        for i in range(per, t.size, per):  # each reading: the second before's means, the instant's reason
-            learner.observe(one, np.array([power[i - per:i].mean()]), np.array([1.0]),
-                            np.array([mem[i - per:i].mean()]), np.array([cap_w if capped[i - 1] else 700.0]),
-                            700.0, cap_reason=np.array([float(held[i - 1])]))
+        job, learner = swinging_job(s, 1200, np.random.default_rng(seed).uniform(0.0, 17.3)), CurveLearner(CURVE)
+        for i in range(PER, job[0].size, PER):
+            read_at(learner, job, i, i - 1)
         fits.append(learner.sensitivity()[0])
         bounds.append(learner.upper()[0])
         assert 500 <= learner.points[0] <= 640  # (of ~630 capped seconds computing: all but each phase's first)
@@ -421,23 +437,12 @@ def test_readings_far_apart_that_blend_a_phase_in_keep_the_bound_over_the_truth(
     half-hour runs at 10 s (fits 0.89-0.94 for 0.95, 0.47-0.50 for 0.5) and 2-4 of 10 at 30 s. A
     point needs a draw within NOT_BINDING_W of the least its job's held samples drew under their
     cap."""
-    tick, cap_w, ref_w = 0.05, 400.0, 698.5
-    work = float(keep(s, CURVE.at(cap_w - 1.0) / CURVE.at(ref_w)))
     fits, bounds = [], []
     for seed in range(10):
         rng = np.random.default_rng(seed)
-        t = np.arange(int(2100 / tick)) * tick
-        computing = (t + rng.uniform(0.0, 17.3)) % 17.3 >= 0.3 * 17.3
-        capped = t >= 300.0
-        held = computing & capped
-        power = np.where(held, cap_w - 1.0, np.where(computing, ref_w, 350.0))
-        mem = np.where(held, 0.34 * work, 0.34)
-        learner, one, per = CurveLearner(CURVE), np.array([0]), int(round(1.0 / tick))
-        first = per + int(rng.integers(0, int(every_s / tick)))
-        for i in range(first, t.size, int(every_s / tick)):
-            learner.observe(one, np.array([power[i - per:i].mean()]), np.array([1.0]),
-                            np.array([mem[i - per:i].mean()]), np.array([cap_w if capped[i - 1] else 700.0]),
-                            700.0, dt_s=float(every_s), cap_reason=np.array([float(held[i - 1])]))
+        job, learner, step = swinging_job(s, 2100, rng.uniform(0.0, 17.3)), CurveLearner(CURVE), int(every_s / TICK)
+        for i in range(PER + int(rng.integers(0, step)), job[0].size, step):
+            read_at(learner, job, i, i - 1, float(every_s))
         fits.append(learner.sensitivity()[0])
         bounds.append(learner.upper()[0])
         assert learner.points[0] >= 1200 / every_s * 0.5  # (of ~1260 capped seconds computing)
@@ -454,23 +459,13 @@ def test_clock_reasons_read_up_to_a_second_off_the_power_s_second_keep_the_bound
     a compute instant's reason, is a point at no cost. Up to 1 s apart (DCGM reads a GPU's fields
     in one pass) the bound stays over the truth in every run; 3 s apart, with such a
     communication phase, it was under it in 4-6 of 10 runs at 10 s (not covered)."""
-    tick, cap_w, ref_w, comm_w = 0.05, 400.0, 698.5, 392.0
-    work = float(keep(s, CURVE.at(cap_w - 1.0) / CURVE.at(ref_w)))
     bounds = []
     for seed in range(10):
         rng = np.random.default_rng(seed)
-        t = np.arange(int(2100 / tick)) * tick
-        computing = (t + rng.uniform(0.0, 17.3)) % 17.3 >= 0.3 * 17.3
-        capped = t >= 300.0
-        held = computing & capped
-        power = np.where(held, cap_w - 1.0, np.where(computing, ref_w, comm_w))
-        mem = np.where(held, 0.34 * work, 0.34)
-        learner, one, per, step = CurveLearner(CURVE), np.array([0]), int(round(1.0 / tick)), int(every_s / tick)
-        for i in range(2 * per + int(rng.integers(0, step)), t.size - 2 * per, step):
-            instant = i - 1 + int(round(rng.uniform(-1.0, 1.0) / tick))  # the reason's own time
-            learner.observe(one, np.array([power[i - per:i].mean()]), np.array([1.0]),
-                            np.array([mem[i - per:i].mean()]), np.array([cap_w if capped[i - 1] else 700.0]),
-                            700.0, dt_s=float(every_s), cap_reason=np.array([float(held[instant])]))
+        job = swinging_job(s, 2100, rng.uniform(0.0, 17.3), comm_w=392.0)
+        learner, step = CurveLearner(CURVE), int(every_s / TICK)
+        for i in range(2 * PER + int(rng.integers(0, step)), job[0].size - 2 * PER, step):
+            read_at(learner, job, i, i - 1 + int(round(rng.uniform(-1.0, 1.0) / TICK)), float(every_s))
         bounds.append(learner.upper()[0])
         assert learner.points[0] >= 1200 / every_s * 0.5
     assert np.all(np.array(bounds) >= s), bounds
