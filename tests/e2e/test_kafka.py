@@ -351,6 +351,35 @@ def test_a_member_frozen_past_its_session_commits_nothing_goes_on_and_its_messag
     assert again == 2         # ... and it went on, reading them again once it rejoined
 
 
+def test_a_group_that_does_not_answer_whether_partitions_are_still_held_leaves_them_held(broker, caplog,
+                                                                                      monkeypatch):
+    """The archive asks the group before each write (held_still). A group coordinator that does
+    not answer (its broker stopped, a network partition) within ASK_GROUP_S leaves the partitions
+    held, as if never asked, and says so: the archive writes on rather than stopping, and the
+    revoke that follows any real loss of them still hands them over."""
+    import pipeline.bus.kafka as kafka
+    monkeypatch.setattr(kafka, "ASK_GROUP_S", 1.0)
+    prefix = f"s{uuid.uuid4().hex[:6]}."
+
+    async def go():
+        bus, sub = await two_handed_out(broker, prefix)
+        await sub.commit()  # (a commit the group holds: what held_still asks with)
+        os.killpg(broker.proc.pid, signal.SIGSTOP)  # the broker, and with it the group, silent
+        try:
+            held = await sub.held_still({0})
+        finally:
+            os.killpg(broker.proc.pid, signal.SIGCONT)
+        answered = await sub.held_still({0})  # (answered again once it runs)
+        await sub.close()
+        await bus.close()
+        return held, answered
+    with caplog.at_level("WARNING", logger="pipeline.bus.kafka"):
+        held, answered = asyncio.run(go())
+    assert held == {0} and answered == {0}
+    assert re.search(r"the group did not say whether partitions \[0\] are still this member's \(TimeoutError", caplog.text)
+    assert "given to another member" not in caplog.text
+
+
 def test_an_archive_frozen_past_its_session_writes_no_row_its_next_owner_wrote(broker, tmp_path, caplog):
     """An archive process frozen past its session timeout while holding message 0 unwritten:
     another archive takes the partition over and writes 0-3, and 4-5 come after it stopped.
