@@ -290,7 +290,7 @@ class ArchiveWriter(ArchiveBuffers):
                 if done.any():  # a rename failed after others (rare): a retry writes only the hours not placed
                     rest = table.filter(pa.array(~done))
                     buf.batches, buf.rows, buf.nbytes = rest.to_batches(), rest.num_rows, rest.nbytes
-                    buf.offsets = []  # (rebatched: no batch's offset any more; files are named by the range)
+                    buf.offsets = []  # (rebatched: no batch's offset; files here are named by first/last_offset)
                 raise
             del taken[key]
             if partition >= 0:
