@@ -22,7 +22,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.analytics import capacity, report
 from pipeline.analytics.query import FORMATS as QUERY_FORMATS
-from pipeline.config import Config, ConfigError, existing_data_dir, load_config, local_archive, reference
+from pipeline.config import Config, ConfigError, existing_data_dir, load_config, reference
 from pipeline.detect.catalog import SEVERITIES
 from pipeline.logs import FORMATS as LOG_FORMATS, configure as configure_logging
 from pipeline.redact import redact_text
@@ -565,19 +565,21 @@ def _labels_line(labels: dict | None) -> str:
 
 def power_report(args: argparse.Namespace) -> int:
     """`fleetwatch power report`: the archived power_requests rows, oldest first."""
-    from pipeline.analytics.archive import scan
+    from pipeline.analytics.archive import dataset, place, reading, shown
     from pipeline.model import POWER_REQUEST_REPORT, iso_utc
     from pipeline.power.report import summary
     cfg = load_config(getattr(args, "config", None), overrides=_overrides(args))
-    folder = local_archive(cfg, "fleetwatch power report") / "power_requests"
-    files = sorted(folder.glob("**/*.parquet")) if folder.is_dir() else []
-    # By column name (a later version's files may add columns), without the hive partition columns.
-    rows = (scan(folder).select(POWER_REQUEST_REPORT.names).sort("ts").collect().to_dicts() if files else [])
+    where = place(cfg, data_dir_must_exist=False)
+    with reading("power report"):
+        frame = dataset(where, "power_requests")
+        # By column name (a later version's files may add columns), without the hive partition columns.
+        rows = frame.select(POWER_REQUEST_REPORT.names).sort("ts").collect().to_dicts() if frame is not None else []
     if args.json:
         print(json.dumps(rows, indent=2, default=lambda t: iso_utc(t) if isinstance(t, datetime) else str(t)))
         return 0
     if not rows:
-        print(f"no power request archived yet (in {folder}): a request is reported when it is over")
+        print(f"no power request archived yet (in {shown(where)}/power_requests): a request is reported when it "
+              f"is over")
         return 0
     for r in rows:
         print(f"{r['id']}  {r['state']}{' (dry run)' if r['dry_run'] else ''}  {r['site']}"
@@ -614,31 +616,34 @@ def cmd_remediation(args: argparse.Namespace) -> int:
     return 0
 
 
-def _archive(cfg):
-    """`fleetwatch query`'s views of the archive, wherever it lives (archive.url)."""
-    from pipeline.analytics.query import Archive
-    if cfg.archive.url:
-        from pipeline.sinks.delta import location
-        return Archive(delta=location(cfg.archive))
-    return Archive(Path(cfg.archive_dir))
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    """`fleetwatch archive compact|prune|stats`: the archive's upkeep by hand (docs/data.md)."""
-    cfg = _existing_config(args)
-    if cfg.archive.url and args.archive_command != "stats":
-        return _delta_upkeep(args, cfg)
-    archive = local_archive(cfg, f"fleetwatch archive {args.archive_command}")
+    """`fleetwatch archive compact|prune|stats`: the archive's upkeep by hand (docs/data.md),
+    on local disk or on object storage (archive.url: no data_dir needed there)."""
+    from pipeline.analytics.archive import place, reading, shown
+    cfg = load_config(args.config, overrides=_overrides(args))
+    where = place(cfg)
     if args.archive_command == "stats":
         from pipeline.analytics.archive_stats import stats, text
-        days = stats(archive)
+        with reading("archive stats"):
+            days = stats(where)
         print(json.dumps([d.to_json() for d in days], indent=2) if args.json else text(days))
+        return 0
+    if cfg.archive.url:
+        from pipeline.sinks import delta
+        with reading(f"archive {args.archive_command}"):
+            if args.archive_command == "prune":
+                line = delta.prune(where, cfg.archive, dry_run=args.dry_run).line(args.dry_run)
+            else:
+                line = delta.compact(where, after_s=_compact_after(args, cfg)).line()
     elif args.archive_command == "prune":
         from pipeline.sinks.retention import prune
-        print(f"{archive}: {prune(archive, cfg.archive, dry_run=args.dry_run).line(args.dry_run)}")
+        line = prune(where, cfg.archive, dry_run=args.dry_run).line(args.dry_run)
     else:
         from pipeline.sinks.compaction import compact
-        print(f"{archive}: {compact(archive, after_s=_compact_after(args, cfg)).line()}")
+        line = compact(where, after_s=_compact_after(args, cfg)).line()
+    print(f"{shown(where)}: {line}")
     return 0
 
 
@@ -648,33 +653,21 @@ def _compact_after(args: argparse.Namespace, cfg) -> float:
             else parse_duration(args.after, "--after"))
 
 
-def _delta_upkeep(args: argparse.Namespace, cfg) -> int:
-    """`fleetwatch archive compact|prune` on the Delta tables of archive.url (sinks/delta.py)."""
-    from pipeline.sinks import delta
-    where = delta.location(cfg.archive)
-    try:
-        if args.archive_command == "prune":
-            line = delta.prune(where, cfg.archive, dry_run=args.dry_run).line(args.dry_run)
-        else:
-            line = delta.compact(where, after_s=_compact_after(args, cfg)).line()
-    except OSError as e:
-        raise ConfigError(f"archive {args.archive_command}: {e}") from None
-    print(f"{cfg.archive.url}: {line}")
-    return 0
-
-
 def cmd_query(args: argparse.Namespace) -> int:
-    from pipeline.analytics.query import QueryError, write
+    from pipeline.analytics.archive import place, reading
+    from pipeline.analytics.query import Archive, QueryError, write
     if args.format == "parquet" and not args.out:
         raise ConfigError("--format parquet writes a binary file: give --out FILE")
     out = _output_file("--out", args.out) if args.out else None
-    cfg = _existing_config(args)
+    cfg = load_config(args.config, overrides=_overrides(args))
+    where = place(cfg)  # (on local disk: the data_dir a daemon made)
     sql = sys.stdin.read() if args.sql == "-" else args.sql
     if not sql.strip():
         raise ConfigError("query: no SQL given (an empty string, or nothing on standard input)")
     try:
-        table = _archive(cfg).run(sql)
-    except (QueryError, OSError) as e:  # (OSError: the object storage of archive.url refused or unreachable)
+        with reading("query"):
+            table = Archive.at(where).run(sql)
+    except QueryError as e:
         raise ConfigError(f"query: {e}") from None
     write(table, args.format, path=out)
     return 0

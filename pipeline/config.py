@@ -672,14 +672,6 @@ def existing_data_dir(cfg: Config) -> Config:
     return cfg
 
 
-def local_archive(cfg: Config, command: str) -> Path:
-    """The archive folder of a command that reads local files only (archive.url empty)."""
-    if cfg.archive.url:
-        raise ConfigError(f"{command} reads an archive on local disk; archive.url is {cfg.archive.url}: use "
-                          f"`fleetwatch query` there (or leave archive.url empty)")
-    return cfg.archive_dir
-
-
 def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
                 overrides: Mapping[str, Any] | None = None) -> Config:
     """Defaults < TOML file < FLEETWATCH_* env < overrides (already typed, e.g. CLI flags)."""

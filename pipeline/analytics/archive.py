@@ -9,13 +9,79 @@ here too (a facility reading's device_class from its device id). Polars reads th
 first file's schema unless told otherwise, and then fails on a file with more columns:
 `scan` tells it. Files of archive format 1 (before 2026-12) hold their times in
 nanoseconds, read as the microseconds of format 2 (model.ARCHIVE_SCHEMAS).
+
+`dataset` is what the commands that read the archive (`fleetwatch capacity`, `report`, `power
+report`) read, wherever it lives: on local disk, or as the Delta tables of `archive.url`
+(sinks/delta.py), the same frame either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator, Union
 
 from pipeline.model import ARCHIVE_SCHEMAS
+from pipeline.sinks.delta import DeltaLocation
+
+Place = Union[Path, DeltaLocation]  # where an archive is: its folder, or its Delta tables
+
+
+def place(cfg, data_dir_must_exist: bool = True) -> Place:
+    """The archive of a config: `<data_dir>/archive` (its data_dir made by a daemon, unless
+    told otherwise: a typo should not read as an empty archive), or the Delta tables of
+    archive.url (read from anywhere: no data_dir needed)."""
+    if cfg.archive.url:
+        from pipeline.sinks.delta import location
+        return location(cfg.archive)
+    if data_dir_must_exist:
+        from pipeline.config import existing_data_dir
+        existing_data_dir(cfg)
+    return Path(cfg.archive_dir)
+
+
+@contextlib.contextmanager
+def reading(command: str) -> Iterator[None]:
+    """An archive that cannot be read (its bucket unreachable, credentials refused) is the user's
+    to fix: said as a ConfigError (`fleetwatch: <command>: object storage: ...`), not a traceback."""
+    from pipeline.config import ConfigError
+    try:
+        yield
+    except OSError as e:
+        hint = (" (is the bucket reachable from here, archive.s3_endpoint_url right if it is not AWS, and are "
+                "credentials set: AWS_* or archive.credentials_file?)" if str(e).startswith("object storage:") else "")
+        raise ConfigError(f"{command}: {e}{hint}") from None
+
+
+def shown(where: Place) -> str:
+    """Where the archive is, for a person (no secret)."""
+    return where.url if isinstance(where, DeltaLocation) else str(where)
+
+
+def dataset(where: Place, name: str):
+    """A dataset of the archive as `scan` reads it (its current schema, `date` and `hour`
+    included), or None while it holds nothing. Raises OSError where object storage cannot be read."""
+    import polars as pl
+
+    if not isinstance(where, DeltaLocation):
+        folder = Path(where) / name
+        if not folder.is_dir() or next(folder.glob("*/*/*.parquet"), None) is None:
+            return None
+        return scan(folder, name)
+    table = where.table(name)
+    if table is None:
+        return None
+    try:
+        stored = pl.scan_pyarrow_dataset(table.to_pyarrow_dataset())
+        there = stored.collect_schema()
+    except Exception as e:  # (the table's files listed, its log read: unreachable, refused)
+        raise where.error(f"reading {where.table_uri(name)}", e) from None
+    schema = pl.from_arrow(ARCHIVE_SCHEMAS[name].empty_table()).schema
+    # Delta merges a newer version's columns into the table: the rows before read null there,
+    # as scan's missing columns do; the partitions are the hive columns' types.
+    frame = stored.select([pl.col(c).cast(t) if c in there else pl.lit(None, t).alias(c) for c, t in schema.items()]
+                          + [pl.col("date").str.to_date(), pl.col("hour").cast(pl.Int64)])
+    return _derived(frame, name)
 
 
 def scan(dataset_dir: Path | str, dataset: str | None = None):
@@ -28,6 +94,13 @@ def scan(dataset_dir: Path | str, dataset: str | None = None):
     schema = pl.from_arrow(ARCHIVE_SCHEMAS[name].empty_table()).schema
     frame = pl.scan_parquet(dataset_dir, hive_partitioning=True, schema=schema, missing_columns="insert",
                             cast_options=pl.ScanCastOptions(datetime_cast="nanosecond-downcast"))
+    return _derived(frame, name)
+
+
+def _derived(frame, name: str):
+    """The columns an upgrade derives, derived (module doc)."""
+    import polars as pl
+
     if name == "facility_samples":  # version 1 had no device_class: its readers read it off the id
         frame = frame.with_columns(pl.col("device_class").fill_null(legacy_device_class()))
     return frame

@@ -1,5 +1,5 @@
 """`fleetwatch archive stats`: files, rows and bytes per dataset and day, from the Parquet
-footers alone (no data is read): what the archive holds, what it costs per metric value
+footers alone (no data is read; on local disk or archive.url's Delta tables): what the archive holds, what it costs per metric value
 (one non-null reading: a GPU sample's power is one, its temperature another), and where
 compaction (sinks/compaction.py) has not run yet.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.model import SCHEMAS
+from pipeline.sinks.delta import DeltaLocation
 
 _DAY = re.compile(r"date=(\d{4}-\d{2}-\d{2})$")
 
@@ -37,7 +38,11 @@ class DayStats:
 
 def file_values(path: Path) -> tuple[int, int]:
     """(rows, non-null cells) of a Parquet file, from its footer."""
-    meta = pq.ParquetFile(path).metadata
+    return footer_values(pq.ParquetFile(path).metadata)
+
+
+def footer_values(meta) -> tuple[int, int]:
+    """(rows, non-null cells) of a Parquet footer (pyarrow's FileMetaData)."""
     values = 0
     for rg in range(meta.num_row_groups):
         group = meta.row_group(rg)
@@ -48,8 +53,13 @@ def file_values(path: Path) -> tuple[int, int]:
     return meta.num_rows, values
 
 
-def stats(archive: Path) -> list[DayStats]:
-    """Per dataset and day, oldest first; a dataset without files has no rows here."""
+def stats(where: Path | DeltaLocation) -> list[DayStats]:
+    """Per dataset and day, oldest first; a dataset without files has no rows here. On object
+    storage (archive.url), the files of each Delta table's latest version, each footer read
+    from the bucket (one request a file). Raises OSError where the bucket cannot be read."""
+    if isinstance(where, DeltaLocation):
+        return _delta_stats(where)
+    archive = where
     out = []
     for dataset in SCHEMAS:
         for day_dir in sorted((Path(archive) / dataset).glob("date=*")):
@@ -67,6 +77,30 @@ def stats(archive: Path) -> list[DayStats]:
                                                               day.values + values)
             if day.files:
                 out.append(day)
+    return out
+
+
+def _delta_stats(where: DeltaLocation) -> list[DayStats]:
+    import pyarrow as pa
+    out = []
+    for dataset in SCHEMAS:
+        table = where.table(dataset)
+        if table is None:
+            continue
+        try:  # (the log's file list and sizes, then each footer: the bucket read)
+            sizes = dict(zip(*pa.table(table.get_add_actions(flatten=True)).select(["path", "size_bytes"])
+                             .to_pydict().values()))
+            footers = [(f.path, f.metadata) for f in table.to_pyarrow_dataset().get_fragments()]  # (paths as the log's)
+        except Exception as e:  # unreachable, refused, a file vacuumed under a reader of an old version
+            raise where.error(f"reading {where.table_uri(dataset)}", e) from None
+        days: dict[str, DayStats] = {}
+        for path, meta in footers:
+            m = _DAY.search(path.rsplit("/", 2)[0])
+            day = days.setdefault(m[1] if m else "", DayStats(dataset, m[1] if m else ""))
+            rows, values = footer_values(meta)
+            day.files, day.rows, day.bytes, day.values = (day.files + 1, day.rows + rows,
+                                                          day.bytes + sizes.get(path, 0), day.values + values)
+        out += [days[d] for d in sorted(days)]
     return out
 
 

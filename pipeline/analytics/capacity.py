@@ -1,10 +1,10 @@
 """`fleetwatch capacity`: where the fleet's GPU capacity went over a period, and the site's
 power against its connection capacity.
 
-Read from the Parquet archive (`<data_dir>/archive/`: gpu_samples, facility_samples, alerts,
-node_health) with polars (the full install's reader; DuckDB is only a test dependency), by
-column name, so files of older schema versions in the same folder read with the newer
-columns null (analytics/archive.py). A dataset that is missing or empty counts as no data.
+Read from the archive (gpu_samples, facility_samples, alerts, node_health; on local disk or
+archive.url's Delta tables) with polars (the full install's reader; DuckDB is only a test
+dependency), by column name, so files of older schema versions in the same folder read with
+the newer columns null (analytics/archive.py). A dataset that is missing or empty counts as no data.
 
 Each GPU sample stands for its GPU's sample interval: the median, over the GPU's 10-minute
 stretches in the period, of their samples' mean spacing. Gaps thus count nothing; they are
@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.analytics.archive import Place, dataset, place, reading
 from pipeline.detect.catalog import DETECTOR_ALERTS
 from pipeline.model import iso_utc
 from pipeline.power.planner import IDLE_UTIL
@@ -131,36 +132,27 @@ class CapacityReport:
 # ---- reading -----------------------------------------------------------------------------
 
 
-def _dataset(archive: Path, name: str):
-    """The dataset as a LazyFrame at the current schema, or None when it has no files."""
-    from pipeline.analytics.archive import scan
-    folder = archive / name
-    if not folder.is_dir() or next(folder.glob("*/*/*.parquet"), None) is None:
-        return None
-    return scan(folder, name)
-
-
 def _utc(t: datetime) -> datetime:
     return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
 
-def newest(archive: Path) -> datetime | None:
+def newest(where: Place) -> datetime | None:
     """The last GPU sample's time (one column read)."""
     import polars as pl
-    g = _dataset(Path(archive), "gpu_samples")
+    g = dataset(where, "gpu_samples")
     if g is None:
         return None
     t = g.select(pl.col("ts").max()).collect().item()
     return _utc(t) if t is not None else None
 
 
-def report(archive: Path | str, since: datetime | None = None, until: datetime | None = None,
+def report(where: Place | str, since: datetime | None = None, until: datetime | None = None,
            site_power_cap_w: float = 0.0, curve=None) -> CapacityReport:
     """The capacity report of the archive folder `archive` (`<data_dir>/archive`) over
     [since, until) (None: from the first sample, to the last)."""
     import polars as pl
-    archive = Path(archive)
-    frames = {name: _dataset(archive, name) for name in DATASETS}
+    where = Path(where) if isinstance(where, str) else where
+    frames = {name: dataset(where, name) for name in DATASETS}
     missing = [name for name, f in frames.items() if f is None]
     since = _utc(since) if since else None
     until = _utc(until) if until else None
@@ -446,7 +438,7 @@ def period_options(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--to", dest="end", metavar="TIME", help="end, ISO 8601 (default: the archive's last data)")
 
 
-def period(args: argparse.Namespace, archive: Path) -> tuple[datetime | None, datetime | None]:
+def period(args: argparse.Namespace, where: Place) -> tuple[datetime | None, datetime | None]:
     """The period `period_options` asked for: (since, until), None where not given."""
     from pipeline.config import ConfigError
     from pipeline.sinks.silences import parse_duration
@@ -456,7 +448,7 @@ def period(args: argparse.Namespace, archive: Path) -> tuple[datetime | None, da
     until = _iso("--to", args.end) if args.end else None
     if args.since:
         seconds = parse_duration(args.since, "--since")
-        ref = until or max([datetime.now(timezone.utc), *filter(None, [newest(archive)])])
+        ref = until or max([datetime.now(timezone.utc), *filter(None, [newest(where)])])
         since = datetime.fromtimestamp(ref.timestamp() - seconds, timezone.utc)
     if since and until and until <= since:
         raise ConfigError(f"--to {args.end}: must be after the start ({iso_utc(since)})")
@@ -472,11 +464,11 @@ def _iso(flag: str, text: str) -> datetime:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    from pipeline.config import existing_data_dir, load_config, local_archive
-    cfg = existing_data_dir(load_config(args.config, overrides={"data_dir": args.data_dir}
-                                        if args.data_dir is not None else None))
-    archive = local_archive(cfg, "fleetwatch capacity")
-    since, until = period(args, archive)
-    r = report(archive, since, until, cfg.detect.site_power_cap_w)
+    from pipeline.config import load_config
+    cfg = load_config(args.config, overrides={"data_dir": args.data_dir} if args.data_dir is not None else None)
+    where = place(cfg)
+    with reading("capacity"):
+        since, until = period(args, where)
+        r = report(where, since, until, cfg.detect.site_power_cap_w)
     print(json.dumps(r.to_json(), indent=2) if args.json else text(r))
     return 0

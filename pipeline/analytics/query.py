@@ -52,6 +52,11 @@ class Archive:
     archive_dir: Path | None = None
     delta: DeltaLocation | None = None
 
+    @classmethod
+    def at(cls, where: Path | DeltaLocation) -> "Archive":
+        """The views of the archive at `where` (analytics/archive.py's place)."""
+        return cls(delta=where) if isinstance(where, DeltaLocation) else cls(Path(where))
+
     def connect(self):
         import duckdb  # only `fleetwatch query` and the report need it
         con = duckdb.connect()

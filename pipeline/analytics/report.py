@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pipeline.analytics.archive import Place, place, reading, shown
 from pipeline.analytics.query import Archive
 from pipeline.model import COOLANT_CP_J_PER_KG_K, iso_utc
 
@@ -67,13 +68,13 @@ class Period:
         return f"{column} >= '{self.lo}' and {column} < '{self.hi}'"
 
 
-def build(archive: Path, since: datetime, until: datetime, cfg) -> list[Section]:
+def build(where: Place, since: datetime, until: datetime, cfg) -> list[Section]:
     """The page's sections for [since, until)."""
-    con = Archive(Path(archive)).connect()
+    con = Archive.at(where).connect()
     p = Period(since, until)
     try:
         return [_summary(con, p), _timeline(con, p), _heat(con, p), _power(con, p, cfg), _coolant(con, p, cfg),
-                _capacity(archive, p, cfg), _offenders(con, p)]
+                _capacity(where, p, cfg), _offenders(con, p)]
     finally:
         con.close()
 
@@ -313,10 +314,10 @@ def _coolant(con, p: Period, cfg) -> Section:
     return s
 
 
-def _capacity(archive: Path, p: Period, cfg) -> Section:
+def _capacity(where: Place, p: Period, cfg) -> Section:
     from pipeline.analytics.capacity import report
     s = Section("capacity", "Where the GPU-hours went")
-    r = report(Path(archive), p.since, p.until, cfg.detect.site_power_cap_w)
+    r = report(where, p.since, p.until, cfg.detect.site_power_cap_w)
     if not r.total:
         s.html = "<p class='none'>no GPU samples in the period</p>"
         return s
@@ -396,19 +397,20 @@ def cmd_report(args) -> int:
     from datetime import timezone
 
     from pipeline.analytics.capacity import newest, period
-    from pipeline.config import ConfigError, existing_data_dir, load_config, local_archive
-    cfg = existing_data_dir(load_config(args.config, overrides={"data_dir": args.data_dir}
-                                        if args.data_dir is not None else None))
-    archive = local_archive(cfg, "fleetwatch report")
+    from pipeline.config import ConfigError, load_config
+    cfg = load_config(args.config, overrides={"data_dir": args.data_dir} if args.data_dir is not None else None)
+    where = place(cfg)
     if not (args.since or args.start):
         args.since = "24h"
-    if not args.end:  # the last data's time: a live fleet's is now, a stopped one's shows its last day
-        args.end = iso_utc((newest(archive) or datetime.now(timezone.utc)) + timedelta(microseconds=1), "microseconds")
-    since, until = period(args, archive)
     out = Path(args.out or ("report.html" if args.format == "html" else "report-png"))
     if args.format == "html" and (out.is_dir() or not out.parent.is_dir()):
         raise ConfigError(f"--out {out}: give a file in a folder that exists")
-    sections = build(archive, since, until, cfg)
+    with reading("report"):
+        if not args.end:  # the last data's time: a live fleet's is now, a stopped one's shows its last day
+            args.end = iso_utc((newest(where) or datetime.now(timezone.utc)) + timedelta(microseconds=1),
+                               "microseconds")
+        since, until = period(args, where)
+        sections = build(where, since, until, cfg)
     if args.format == "png":
         out.mkdir(parents=True, exist_ok=True)
         charts = [c for s in sections for c in s.charts]
@@ -416,6 +418,6 @@ def cmd_report(args) -> int:
             (out / f"{c.name}.png").write_bytes(c.png)
         print(f"{len(charts)} charts in {out}/")
     else:
-        out.write_text(page(sections, since, until, str(archive)), encoding="utf-8")
+        out.write_text(page(sections, since, until, shown(where)), encoding="utf-8")
         print(f"report of {iso_utc(since)} to {iso_utc(until)}: {out} ({out.stat().st_size / 1024:,.0f} KB)")
     return 0

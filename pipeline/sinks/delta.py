@@ -40,6 +40,7 @@ import configparser
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -85,7 +86,8 @@ class DeltaLocation:
 
     def error(self, doing: str, e: BaseException) -> OSError:
         """An OSError for `e`, with every secret masked: the storage options' and the environment's."""
-        text = f"{type(e).__name__}: {e}"
+        # delta-rs gives the chain of causes on lines of its own, coloured: one line, plain.
+        text = re.sub(r"\s*\n\s*(?:↳\s*)?", ": ", re.sub(r"\x1b\[[0-9;]*m", "", f"{type(e).__name__}: {e}").strip())
         for key in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
             for secret in (self.storage_options.get(key), os.environ.get(key)):
                 if secret:

@@ -17,6 +17,7 @@ from deltalake import DeltaTable
 from pipeline.config import load_config
 from pipeline.sinks import delta
 from pipeline.sinks.delta import DeltaArchiveWriter, DeltaLocation
+from pipeline.sinks.parquet import ArchiveWriter
 from pipeline.sources.simulate import FleetSimulator
 from tests.archives import T0
 from tests.conftest import fleetwatch, make_config
@@ -132,3 +133,61 @@ def test_refused_credentials_fail_the_write_without_showing_the_secret(s3):
     assert "object storage" in str(e.value) and "not-the-secret-at-all-9f3c" not in str(e.value)
     assert sum(b.rows for b in taken.values()) == 8  # kept for the retry (the archive's outage path)
 
+
+
+def test_capacity_power_report_stats_and_report_read_the_bucket_as_they_read_local_disk(s3, tmp_path):
+    """The same archive on local disk and as Delta tables on S3 (a known fleet hour, files of older
+    versions among them, and one power request): `fleetwatch capacity --json` and `power report
+    --json` give the same answers from both, `archive stats` counts the same rows, and `report`
+    writes its page from the bucket, with no data_dir on the reading machine. All four had
+    refused object storage."""
+    import pyarrow as pa
+
+    from pipeline.analytics.archive import dataset
+    from pipeline.model import POWER_REQUEST_REPORT, SCHEMAS
+    from tests.archives import batch, known_archive
+    data = known_archive(tmp_path / "local")
+    w = ArchiveWriter(data / "archive", writer_id="test")
+    w.add("power_requests", batch(POWER_REQUEST_REPORT, {
+        "ts": [T0 + timedelta(minutes=40)], "id": ["dr-1"], "site": ["s1"], "source": ["cli"],
+        "start": [T0 + timedelta(minutes=20)], "end": [T0 + timedelta(minutes=35)], "ramp_s": [30.0],
+        "requested_kw": [50.0], "baseline_kw": [200.0], "reached_s": [12.5], "reduction_p50_kw": [52.0],
+        "reduction_min_kw": [50.5], "energy_curtailed_kwh": [13.0], "gpus_capped": [96],
+        "throughput_lost_gpu_h": [1.5], "uniform_lost_gpu_h": [2.0], "met": [True], "state": ["done"],
+        "dry_run": [False]}))
+    w.flush()
+    where = DeltaLocation("s3://fleet/readers", s3.storage_options)
+    copy = DeltaArchiveWriter(where, writer_id="copy")
+    for name in SCHEMAS:  # every dataset as the reader sees it locally, older files upgraded
+        frame = dataset(data / "archive", name)
+        if frame is not None:
+            for b in frame.drop("date", "hour").collect().to_arrow().to_batches():
+                copy.add(name, pa.RecordBatch.from_pydict(b.to_pydict(), schema=SCHEMAS[name]))
+    copy.flush()
+
+    env, away = env_of(s3, "readers"), tmp_path / "analyst"  # (no data_dir there)
+    away.mkdir()
+    answers = {}
+    for args in (["capacity", "--json"], ["power", "report", "--json"]):
+        local = fleetwatch(*args, "--data-dir", str(data), cwd=tmp_path)
+        remote = fleetwatch(*args, cwd=away, env=env)
+        assert local.returncode == 0 and remote.returncode == 0, (local.stderr[-2000:], remote.stderr[-2000:])
+        answers[args[0]] = json.loads(remote.stdout)
+        assert answers[args[0]] == json.loads(local.stdout), args
+    assert answers["capacity"]["gpu_hours"]["capped_lost"] > 0 and answers["capacity"]["gpu_hours"]["faulted"] > 0
+    assert [r["id"] for r in answers["power"]] == ["dr-1"]
+
+    def rows(out: str) -> dict:
+        return {(d["dataset"], d["day"]): d["rows"] for d in json.loads(out)}
+    local = fleetwatch("archive", "stats", "--json", "--data-dir", str(data), cwd=tmp_path)
+    remote = fleetwatch("archive", "stats", "--json", cwd=away, env=env)
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    assert rows(remote.stdout) == rows(local.stdout) and len(rows(local.stdout)) >= 5
+    assert all(d["bytes"] > 0 and d["values"] > 0 for d in json.loads(remote.stdout))
+
+    page = fleetwatch("report", "--out", "report.html", cwd=away, env=env, timeout=300)
+    assert page.returncode == 0, page.stderr[-2000:]
+    html = (away / "report.html").read_text()
+    assert "s3://fleet/readers" in html and "GpuUncorrectableEcc" in html
+    for out in (remote.stdout, remote.stderr, page.stdout, page.stderr, html):
+        assert s3.secret_key not in out
