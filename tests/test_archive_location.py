@@ -81,18 +81,21 @@ def sim_batches(n: int):
     return [sim.step().gpu for _ in range(n)]
 
 
-def test_a_commit_whose_reply_was_lost_is_not_written_again(tmp_path, monkeypatch):
+@pytest.mark.parametrize("partition, app", [(2, "fleetwatch-archive-p0002"), (-1, "fleetwatch-archive-wb1")])
+def test_a_commit_whose_reply_was_lost_is_not_written_again(tmp_path, monkeypatch, partition, app):
     """The commit lands, the writer hears an error; meanwhile newer offsets of the partition
-    arrive. The retry writes only those (the table's transaction says what it holds)."""
+    arrive. The retry writes only those (the table's transaction says what it holds). In-process
+    (partition -1, no Kafka offsets) the writer numbers its batches itself: the retry had written
+    the first six twice."""
     import deltalake
     import polars as pl
 
     from pipeline.sinks import delta
     where = delta.DeltaLocation(str(tmp_path / "tables"))
-    w = delta.DeltaArchiveWriter(where)
+    w = delta.DeltaArchiveWriter(where, writer_id="b1")
     batches = sim_batches(10)
     for offset, b in enumerate(batches[:6]):
-        w.add("gpu_samples", b, 2, offset)
+        w.add("gpu_samples", b, partition, offset if partition >= 0 else -1)
     real = deltalake.write_deltalake
 
     def lands_then_fails(*args, **kw):
@@ -104,12 +107,12 @@ def test_a_commit_whose_reply_was_lost_is_not_written_again(tmp_path, monkeypatc
         w.write(taken)
     w.put_back(taken)  # as the archive's outage path does
     for offset, b in list(enumerate(batches))[6:]:
-        w.add("gpu_samples", b, 2, offset)
+        w.add("gpu_samples", b, partition, offset if partition >= 0 else -1)
     monkeypatch.setattr(deltalake, "write_deltalake", real)
     w.flush()
     rows = pl.read_delta(where.table_uri("gpu_samples"))
     assert rows.height == sum(b.num_rows for b in batches) == rows.select("gpu_uuid", "ts").unique().height
-    assert where.table("gpu_samples").transaction_version("fleetwatch-archive-p0002") == 9
+    assert where.table("gpu_samples").transaction_version(app) == 9
 
 
 @pytest.mark.parametrize("codec", ["none", "lz4", "zstd", "snappy", "gzip"])

@@ -19,7 +19,9 @@ transactions (app id, version), which is what exactly-once over Kafka needs:
     write reads the table's transactions first (the table it then appends to: no extra
     request), and leaves out each batch whose offset is already there (a commit that
     landed but whose reply was lost; a lookup that failed while reading). In-process (no
-    offsets) such a reply lost can write a flush twice.
+    Kafka offsets) each batch takes the writer's own sequence number instead, recorded as the
+    writer's transaction (`fleetwatch-archive-w<writer id>`), so a lost reply is not written
+    twice there either (a restarted writer has a new id: its buffers died with it).
 
 Upkeep (the archive role, `fleetwatch archive compact|prune`): a closed hour's small files
 are merged by Delta's optimize, ordered by entity (`SORT_KEYS`: a node's rows together) where
@@ -62,6 +64,7 @@ PARTITIONS = ["date", "hour"]
 PARQUET_CODEC = {"none": "UNCOMPRESSED", "lz4": "LZ4_RAW"}  # archive.compression in deltalake's words
 VACUUM_AFTER_H = 24  # a file no version references is deleted once this old (readers of older versions)
 APP = "fleetwatch-archive-p{:04d}"  # a source partition's transaction in a table
+WRITER_APP = "fleetwatch-archive-w{}"  # an in-process writer's own (module doc)
 
 
 @dataclass(frozen=True)
@@ -149,10 +152,17 @@ class DeltaArchiveWriter(ArchiveBuffers):
         self.where = where
         self.compression = PARQUET_CODEC.get(compression, compression.upper())
         self._lookup: dict[str, Any] = {}  # dataset -> its table as last read, for offset lookups
+        self._sequence = -1  # in-process: the last batch's own number (module doc)
 
     @classmethod
     def from_config(cls, cfg: ArchiveConfig) -> "DeltaArchiveWriter":
         return cls(location(cfg), cfg.compression, cfg.max_buffer_rows)
+
+    def add(self, dataset: str, batch: pa.RecordBatch, partition: int = -1, offset: int = -1) -> bool:
+        if partition < 0:  # in-process: numbered here, as Kafka numbers a partition's messages
+            self._sequence += 1
+            offset = self._sequence
+        return super().add(dataset, batch, partition, offset)
 
     def stored_until(self, dataset: str, partition: int) -> int:
         """(A table read once per dataset until `forget_archived`: partitions come in bursts.)"""
@@ -177,8 +187,8 @@ class DeltaArchiveWriter(ArchiveBuffers):
             for k in keys:
                 buf, done = taken[k], self._committed(target, k[1])
                 batches += [b for i, b in enumerate(buf.batches) if not buf.offsets or buf.offsets[i] > done]
-                if k[1] >= 0 and buf.last_offset > done:
-                    txns.append(Transaction(APP.format(k[1]), buf.last_offset))
+                if buf.last_offset > done:
+                    txns.append(Transaction(self._app(k[1]), buf.last_offset))
             rows = sum(b.num_rows for b in batches)
             if rows:
                 table = with_partitions(dataset, pa.Table.from_batches(batches, schema=SCHEMAS[dataset]).combine_chunks())
@@ -200,12 +210,15 @@ class DeltaArchiveWriter(ArchiveBuffers):
                     self._archived[k] = max(self._archived.get(k, -1), buf.last_offset)
         return written
 
-    @staticmethod
-    def _committed(table, partition: int) -> int:
-        """The last offset of `partition` the table holds (-1: none, or not from Kafka)."""
-        if partition < 0 or table is None:
+    def _app(self, partition: int) -> str:
+        """The transaction that says how far a source partition (or this writer, in-process) is stored."""
+        return APP.format(partition) if partition >= 0 else WRITER_APP.format(self.writer_id)
+
+    def _committed(self, table, partition: int) -> int:
+        """The last offset of `partition` (in-process: of this writer's batches) the table holds; -1: none."""
+        if table is None:
             return -1
-        version = table.transaction_version(APP.format(partition))
+        version = table.transaction_version(self._app(partition))
         return -1 if version is None else int(version)
 
     def upkeep(self, cfg: ArchiveConfig, stop) -> list[tuple[str, Callable[[], Any]]]:
