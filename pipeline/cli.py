@@ -570,7 +570,7 @@ def power_report(args: argparse.Namespace) -> int:
     from pipeline.power.report import summary
     cfg = load_config(getattr(args, "config", None), overrides=_overrides(args))
     where = place(cfg, data_dir_must_exist=False)
-    with reading("power report"):
+    with reading("power report", where):
         frame = dataset(where, "power_requests")
         # By column name (a later version's files may add columns), without the hive partition columns.
         rows = frame.select(POWER_REQUEST_REPORT.names).sort("ts").collect().to_dicts() if frame is not None else []
@@ -616,8 +616,6 @@ def cmd_remediation(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def cmd_archive(args: argparse.Namespace) -> int:
     """`fleetwatch archive compact|prune|stats`: the archive's upkeep by hand (docs/data.md),
     on local disk or on object storage (archive.url: no data_dir needed there)."""
@@ -626,13 +624,13 @@ def cmd_archive(args: argparse.Namespace) -> int:
     where = place(cfg)
     if args.archive_command == "stats":
         from pipeline.analytics.archive_stats import stats, text
-        with reading("archive stats"):
+        with reading("archive stats", where):
             days = stats(where)
         print(json.dumps([d.to_json() for d in days], indent=2) if args.json else text(days))
         return 0
     if cfg.archive.url:
         from pipeline.sinks import delta
-        with reading(f"archive {args.archive_command}"):
+        with reading(f"archive {args.archive_command}", where):
             if args.archive_command == "prune":
                 line = delta.prune(where, cfg.archive, dry_run=args.dry_run).line(args.dry_run)
             else:
@@ -665,7 +663,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     if not sql.strip():
         raise ConfigError("query: no SQL given (an empty string, or nothing on standard input)")
     try:
-        with reading("query"):
+        with reading("query", where):
             table = Archive.at(where).run(sql)
     except QueryError as e:
         raise ConfigError(f"query: {e}") from None

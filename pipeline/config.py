@@ -419,6 +419,10 @@ class RemediateConfig:
                                 "stdin; empty: those nodes go to needs_repair for a person")
     scontrol: str = _spec("scontrol", nonempty="give Slurm's scontrol command or its path",
                           doc="Slurm's scontrol command (remediate.backend = slurm)")
+    slurm_short_names: bool = _spec(False, doc="remediate.backend = slurm: a node the samples name by its full host "
+                                    "name (gpu-001.dc1.example.com) that Slurm does not know is drained and resumed "
+                                    "by its short name (gpu-001), Slurm's usual NodeName. Only where no two nodes "
+                                    "this role sees share a short name: a drain would reach the wrong machine")
     kubeconfig: str = _spec("", doc="remediate.backend = kubernetes: the kubeconfig file to use; empty: the pod's "
                             "service account inside a cluster, else ~/.kube/config")
     command_timeout_s: float = _spec(60.0, min=1, max=86400, doc="a backend call or validation that runs longer "

@@ -125,3 +125,65 @@ def test_every_archive_codec_writes_a_delta_table(tmp_path, codec):
     w.add("gpu_samples", sim_batches(1)[0])
     w.flush()
     assert pl.read_delta(where.table_uri("gpu_samples")).height == 8
+
+
+def delta_copy(tmp_path):
+    """The known fleet hour (tests/archives.py) on disk and as Delta tables in a local folder."""
+    import pyarrow as pa
+
+    from pipeline.analytics.archive import dataset
+    from pipeline.model import SCHEMAS
+    from pipeline.sinks.delta import DeltaArchiveWriter, DeltaLocation
+    from tests.archives import known_archive
+    data = known_archive(tmp_path / "local")
+    where = DeltaLocation(str(tmp_path / "tables"))
+    copy = DeltaArchiveWriter(where, writer_id="copy")
+    for name in SCHEMAS:
+        frame = dataset(data / "archive", name)
+        if frame is not None:
+            for b in frame.drop("date", "hour").collect().to_arrow().to_batches():
+                copy.add(name, pa.RecordBatch.from_pydict(b.to_pydict(), schema=SCHEMAS[name]))
+    copy.flush()
+    return data / "archive", where
+
+
+def test_a_file_gone_from_the_bucket_while_it_is_read_is_an_error_of_one_line_with_what_to_check(tmp_path):
+    """Most of a read happens when the lazy frame is collected (polars) or the query runs (DuckDB),
+    after the table was opened: a failure there is said as one at the opening is."""
+    import polars as pl
+
+    from pipeline.analytics.archive import dataset, reading
+    from pipeline.analytics.query import Archive
+    _, where = delta_copy(tmp_path)
+    frame = dataset(where, "gpu_samples")
+    connection = Archive.at(where).connect()
+    for f in (tmp_path / "tables" / "gpu_samples").rglob("*.parquet"):
+        f.unlink()  # (a compaction's vacuum under an old reader; a bucket's lifecycle rule)
+    for command, read in (("capacity", lambda: frame.select(pl.len()).collect()),
+                          ("report", lambda: connection.execute("select count(*) from gpu_samples").fetchall())):
+        with pytest.raises(ConfigError) as e:
+            with reading(command, where):
+                read()
+        said = str(e.value)
+        assert said.startswith(f"{command}: object storage: reading {where.url}: ") and "\n" not in said, said
+        assert "\x1b" not in said and "is the bucket reachable from here" in said
+
+
+def test_a_defect_while_reading_is_shown_as_one_not_as_the_bucket_s_fault(tmp_path):
+    from pipeline.analytics.archive import reading
+    _, where = delta_copy(tmp_path)
+    with pytest.raises(KeyError):
+        with reading("capacity", where):
+            {}["date"]
+
+
+def test_a_table_retention_emptied_is_missing_as_a_folder_without_files_is(tmp_path):
+    from deltalake import DeltaTable
+
+    from pipeline.analytics.archive import dataset
+    from pipeline.analytics.capacity import report
+    local, where = delta_copy(tmp_path)
+    assert report(where).to_json() == report(local).to_json()  # (the same answers from both)
+    DeltaTable(where.table_uri("alerts")).delete()
+    assert dataset(where, "alerts") is None
+    assert report(where).missing == ["alerts"]

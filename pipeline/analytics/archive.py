@@ -18,6 +18,7 @@ report`) read, wherever it lives: on local disk, or as the Delta tables of `arch
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -40,17 +41,37 @@ def place(cfg, data_dir_must_exist: bool = True) -> Place:
     return Path(cfg.archive_dir)
 
 
+def read_errors() -> tuple[type[BaseException], ...]:
+    """What reading an archive raises when the data, not the code, is at fault: OSError (disk,
+    bucket), and where loaded, deltalake's (a table this reader cannot read) and DuckDB's (a
+    file it cannot parse). Anything else is a defect and is shown as one."""
+    kinds: list[type[BaseException]] = [OSError]
+    for module, name in (("deltalake.exceptions", "DeltaError"), ("duckdb", "Error")):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return tuple(kinds)
+
+
 @contextlib.contextmanager
-def reading(command: str) -> Iterator[None]:
-    """An archive that cannot be read (its bucket unreachable, credentials refused) is the user's
-    to fix: said as a ConfigError (`fleetwatch: <command>: object storage: ...`), not a traceback."""
+def reading(command: str, where: Place) -> Iterator[None]:
+    """An archive that cannot be read (its bucket unreachable, credentials refused, a file gone
+    under a reader) is the user's to fix: said as a ConfigError (`fleetwatch: <command>: ...`),
+    not a traceback; on object storage through DeltaLocation.error (one line, secrets masked),
+    with what to check. Most reads happen at a lazy frame's collect, so the whole command runs
+    inside."""
     from pipeline.config import ConfigError
     try:
         yield
-    except OSError as e:
-        hint = (" (is the bucket reachable from here, archive.s3_endpoint_url right if it is not AWS, and are "
-                "credentials set: AWS_* or archive.credentials_file?)" if str(e).startswith("object storage:") else "")
-        raise ConfigError(f"{command}: {e}{hint}") from None
+    except read_errors() as e:
+        said = str(e)
+        if isinstance(where, DeltaLocation) and not said.startswith("object storage:"):
+            said = str(where.error(f"reading {where.url}", e))
+        if said.startswith("object storage:") and "DeltaProtocolError" in said:
+            said += " (the table uses a Delta feature this reader lacks: deltalake may need upgrading)"
+        elif said.startswith("object storage:"):
+            said += (" (is the bucket reachable from here, archive.s3_endpoint_url right if it is not AWS, and are "
+                     "credentials set: AWS_* or archive.credentials_file?)")
+        raise ConfigError(f"{command}: {said}") from None
 
 
 def shown(where: Place) -> str:
@@ -60,7 +81,8 @@ def shown(where: Place) -> str:
 
 def dataset(where: Place, name: str):
     """A dataset of the archive as `scan` reads it (its current schema, `date` and `hour`
-    included), or None while it holds nothing. Raises OSError where object storage cannot be read."""
+    included), or None while it holds no file. Raises OSError where object storage cannot be
+    read (its files are read when the frame is collected: run it under `reading`)."""
     import polars as pl
 
     if not isinstance(where, DeltaLocation):
@@ -68,19 +90,21 @@ def dataset(where: Place, name: str):
         if not folder.is_dir() or next(folder.glob("*/*/*.parquet"), None) is None:
             return None
         return scan(folder, name)
+    from deltalake.exceptions import DeltaError
     table = where.table(name)
-    if table is None:
-        return None
     try:
+        if table is None or not table.file_uris():  # (retention can empty a table: no file, as on disk)
+            return None
         stored = pl.scan_pyarrow_dataset(table.to_pyarrow_dataset())
         there = stored.collect_schema()
-    except Exception as e:  # (the table's files listed, its log read: unreachable, refused)
+    except (OSError, DeltaError) as e:  # (its log read, its files listed: unreachable, refused, unsupported)
         raise where.error(f"reading {where.table_uri(name)}", e) from None
     schema = pl.from_arrow(ARCHIVE_SCHEMAS[name].empty_table()).schema
     # Delta merges a newer version's columns into the table: the rows before read null there,
-    # as scan's missing columns do; the partitions are the hive columns' types.
+    # as scan's missing columns do; the partitions are the hive columns' types (the date's format
+    # given, so that a filter on the frame still reaches the scan: only the period is read).
     frame = stored.select([pl.col(c).cast(t) if c in there else pl.lit(None, t).alias(c) for c, t in schema.items()]
-                          + [pl.col("date").str.to_date(), pl.col("hour").cast(pl.Int64)])
+                          + [pl.col("date").str.to_date("%Y-%m-%d"), pl.col("hour").cast(pl.Int64)])
     return _derived(frame, name)
 
 

@@ -82,6 +82,7 @@ def stats(where: Path | DeltaLocation) -> list[DayStats]:
 
 def _delta_stats(where: DeltaLocation) -> list[DayStats]:
     import pyarrow as pa
+    from deltalake.exceptions import DeltaError
     out = []
     for dataset in SCHEMAS:
         table = where.table(dataset)
@@ -91,7 +92,7 @@ def _delta_stats(where: DeltaLocation) -> list[DayStats]:
             sizes = dict(zip(*pa.table(table.get_add_actions(flatten=True)).select(["path", "size_bytes"])
                              .to_pydict().values()))
             footers = [(f.path, f.metadata) for f in table.to_pyarrow_dataset().get_fragments()]  # (paths as the log's)
-        except Exception as e:  # unreachable, refused, a file vacuumed under a reader of an old version
+        except (OSError, DeltaError) as e:  # unreachable, refused, a file vacuumed under a reader, unsupported
             raise where.error(f"reading {where.table_uri(dataset)}", e) from None
         days: dict[str, DayStats] = {}
         for path, meta in footers:

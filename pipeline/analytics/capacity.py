@@ -148,8 +148,9 @@ def newest(where: Place) -> datetime | None:
 
 def report(where: Place | str, since: datetime | None = None, until: datetime | None = None,
            site_power_cap_w: float = 0.0, curve=None) -> CapacityReport:
-    """The capacity report of the archive folder `archive` (`<data_dir>/archive`) over
-    [since, until) (None: from the first sample, to the last)."""
+    """The capacity report of the archive at `where` (`<data_dir>/archive`, or archive.url's
+    Delta tables: analytics/archive.py's place) over [since, until) (None: from the first
+    sample, to the last)."""
     import polars as pl
     where = Path(where) if isinstance(where, str) else where
     frames = {name: dataset(where, name) for name in DATASETS}
@@ -467,7 +468,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     cfg = load_config(args.config, overrides={"data_dir": args.data_dir} if args.data_dir is not None else None)
     where = place(cfg)
-    with reading("capacity"):
+    with reading("capacity", where):
         since, until = period(args, where)
         r = report(where, since, until, cfg.detect.site_power_cap_w)
     print(json.dumps(r.to_json(), indent=2) if args.json else text(r))

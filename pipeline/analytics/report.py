@@ -405,7 +405,7 @@ def cmd_report(args) -> int:
     out = Path(args.out or ("report.html" if args.format == "html" else "report-png"))
     if args.format == "html" and (out.is_dir() or not out.parent.is_dir()):
         raise ConfigError(f"--out {out}: give a file in a folder that exists")
-    with reading("report"):
+    with reading("report", where):
         if not args.end:  # the last data's time: a live fleet's is now, a stopped one's shows its last day
             args.end = iso_utc((newest(where) or datetime.now(timezone.utc)) + timedelta(microseconds=1),
                                "microseconds")

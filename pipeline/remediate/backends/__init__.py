@@ -20,7 +20,7 @@ def backend_for(cfg: Config) -> Backend | None:
         actions = Command(r.action_command, timeout_s=r.command_timeout_s) if r.action_command.strip() else None
         if r.backend == "slurm":
             from pipeline.remediate.backends.slurm import Slurm
-            return Slurm(r.scontrol, timeout_s=r.command_timeout_s, actions=actions)
+            return Slurm(r.scontrol, timeout_s=r.command_timeout_s, actions=actions, short_names=r.slurm_short_names)
         from pipeline.remediate.backends.kubernetes import Kubernetes
         return Kubernetes(r.kubeconfig, timeout_s=r.command_timeout_s, actions=actions)
     if r.backend == "command":

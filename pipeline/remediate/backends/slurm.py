@@ -13,9 +13,12 @@ nothing). A drain is Slurm's only out-of-service mark an operator and fleetwatch
 - quarantine and resume never take over an operator's drain: a node drained with a reason
   not starting with REASON_PREFIX is left alone and the call fails, saying so.
 
-Slurm names nodes by their short host name (NodeName) where the samples may carry the full
-one (dcgm-exporter's Hostname, an agent's FQDN): a node Slurm does not know by its full name is
-looked up, drained and resumed by its short name (the first label), said once per node.
+Slurm usually names nodes by their short host name (NodeName) where the samples may carry the
+full one (dcgm-exporter's Hostname, an agent's FQDN). With `short_names` (remediate.slurm_short_names)
+a node Slurm does not know by its full name is looked up, drained and resumed by its short name
+(the first label), said once per node; without it, the error says that Slurm knows the short
+name. Off by default: a drain is the one call that must never reach another machine, and two
+domains may share a short name.
 
 Slurm cannot reset a GPU or reboot a node for us: `actions` (remediate.action_command) does,
 or the node goes to repair.
@@ -41,7 +44,8 @@ log = logging.getLogger("pipeline.remediate")
 
 
 class UnknownNode(BackendError):
-    """Slurm answered that it has no node of this name."""
+    """Slurm answered that it has no node of this name (`said`: Slurm's words)."""
+    said = ""
 
 
 def parse_node(text: str) -> dict:
@@ -72,8 +76,9 @@ class Slurm:
     name = "slurm"
 
     def __init__(self, scontrol: str = "scontrol", env: dict[str, str] | None = None, timeout_s: float = 60.0,
-                 actions: Command | None = None) -> None:
+                 actions: Command | None = None, short_names: bool = False) -> None:
         self.scontrol, self.env, self.timeout_s, self.actions = scontrol, env, timeout_s, actions
+        self.short_names = short_names
         self._names: dict[str, str] = {}  # a node as the samples name it -> Slurm's NodeName, where they differ
 
     def _scontrol(self, node: str, *args: str) -> str:
@@ -92,9 +97,11 @@ class Slurm:
             may = ", and may this user change nodes (root, SlurmUser or AdminLevel=Operator)" \
                 if args[0] == "update" else ""
             error = UnknownNode if re.search(r"\bnot found\b", message, re.I) else BackendError
-            raise error(f"{shown} failed for node {node} (exit {proc.returncode}: {message}): is {node} a "
-                        f"node of this cluster (`scontrol show node {node}`){',' if may else ' and'} does "
-                        f"SLURM_CONF name the cluster{may}?")
+            failed = error(f"{shown} failed for node {node} (exit {proc.returncode}: {message}): is {node} a "
+                           f"node of this cluster (`scontrol show node {node}`){',' if may else ' and'} does "
+                           f"SLURM_CONF name the cluster{may}?")
+            failed.said = message
+            raise failed
         return proc.stdout
 
     def _show(self, name: str) -> dict:
@@ -110,16 +117,20 @@ class Slurm:
         name = self._names.get(node, node)
         try:
             return self._show(name)
-        except UnknownNode:
+        except UnknownNode as unknown:
             short = node.split(".", 1)[0]
             if name != node or short == node:
                 raise
             try:
                 found = self._show(short)
-            except UnknownNode:
-                raise BackendError(f"Slurm knows neither {node} nor its short name {short} (`scontrol show node "
-                                   f"{short}`): is it a node of this cluster, and does SLURM_CONF name the "
-                                   f"cluster?") from None
+            except UnknownNode as e:
+                raise BackendError(f"Slurm knows neither {node} nor its short name {short} ({unknown.said}; "
+                                   f"{e.said}): is it a node of this cluster, and does SLURM_CONF name the cluster?") \
+                    from None
+            if not self.short_names:
+                raise BackendError(f"{unknown}: Slurm knows its short name {short}; if that is this node (Slurm's "
+                                   f"NodeName is the short host name), set remediate.slurm_short_names = true") \
+                    from None
             self._names[node] = short
             log.info("remediate: Slurm names node %s %s (its short host name): drained and resumed by that name",
                      node, short)
@@ -137,7 +148,8 @@ class Slurm:
 
     def quarantine(self, node: str, context: dict) -> None:
         self._refuse_an_operators_drain(node, self.show(node), "take over and later resume")
-        self._scontrol(node, "update", f"nodename={self.slurm_name(node)}", "state=drain", f"reason={reason(context)}")
+        name = self.slurm_name(node)
+        self._scontrol(name, "update", f"nodename={name}", "state=drain", f"reason={reason(context)}")
 
     def drained(self, node: str) -> bool:
         return is_drained(self.show(node))
@@ -157,4 +169,5 @@ class Slurm:
         if "DRAIN" not in now["flags"]:
             return  # already returned to service (Slurm refuses a second resume: "Invalid node state")
         self._refuse_an_operators_drain(node, now, "resume")
-        self._scontrol(node, "update", f"nodename={self.slurm_name(node)}", "state=resume")
+        name = self.slurm_name(node)
+        self._scontrol(name, "update", f"nodename={name}", "state=resume")
