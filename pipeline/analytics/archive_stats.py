@@ -1,7 +1,7 @@
 """`fleetwatch archive stats`: files, rows and bytes per dataset and day, from the Parquet
-footers alone (no data is read; on local disk or archive.url's Delta tables): what the archive holds, what it costs per metric value
-(one non-null reading: a GPU sample's power is one, its temperature another), and where
-compaction (sinks/compaction.py) has not run yet.
+footers alone (no data is read; on local disk or archive.url's Delta tables): what the
+archive holds, what it costs per metric value (one non-null reading: a GPU sample's power
+is one, its temperature another), and where compaction (sinks/compaction.py) has not run yet.
 """
 
 from __future__ import annotations

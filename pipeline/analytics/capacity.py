@@ -4,7 +4,8 @@ power against its connection capacity.
 Read from the archive (gpu_samples, facility_samples, alerts, node_health; on local disk or
 archive.url's Delta tables) with polars (the full install's reader; DuckDB is only a test
 dependency), by column name, so files of older schema versions in the same folder read with
-the newer columns null (analytics/archive.py). A dataset that is missing or empty counts as no data.
+the newer columns null (analytics/archive.py). A dataset that is missing or empty counts as
+no data.
 
 Each GPU sample stands for its GPU's sample interval: the median, over the GPU's 10-minute
 stretches in the period, of their samples' mean spacing. Gaps thus count nothing; they are

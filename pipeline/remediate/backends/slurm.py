@@ -14,11 +14,11 @@ nothing). A drain is Slurm's only out-of-service mark an operator and fleetwatch
   not starting with REASON_PREFIX is left alone and the call fails, saying so.
 
 Slurm usually names nodes by their short host name (NodeName) where the samples may carry the
-full one (dcgm-exporter's Hostname, an agent's FQDN). With `short_names` (remediate.slurm_short_names)
-a node Slurm does not know by its full name is looked up, drained and resumed by its short name
-(the first label), said once per node; without it, the error says that Slurm knows the short
-name. Off by default: a drain is the one call that must never reach another machine, and two
-domains may share a short name.
+full one (dcgm-exporter's Hostname, an agent's FQDN). With `short_names`
+(remediate.slurm_short_names) a node Slurm does not know by its full name is looked up,
+drained and resumed by its short name (the first label), said once per node; without it, the
+error says that Slurm knows the short name. Off by default: a drain is the one call that must
+never reach another machine, and two domains may share a short name.
 
 Slurm cannot reset a GPU or reboot a node for us: `actions` (remediate.action_command) does,
 or the node goes to repair.
