@@ -455,9 +455,10 @@ class DaemonConfig:
                                 "needs (POST /power/requests: `Authorization: Bearer TOKEN`); with no token set, "
                                 "changes are taken only from this host (loopback)")
     http_token_file: str = _spec("", doc="file holding that token (used when http_token_env is empty)")
-    watchdog_heartbeat_s: float = _spec(30.0, min=1.0, max=3600.0, doc="FleetwatchWatchdog is re-sent this often "
-                                        "while it fires; notify resolves one that missed three heartbeats (its "
-                                        "process is gone, and the dead-man's switch trips)")
+    watchdog_heartbeat_s: float = _spec(30.0, min=1.0, max=3600.0, doc="FleetwatchWatchdog and "
+                                        "FleetwatchArchiveFailing are re-sent this often while they fire; notify "
+                                        "resolves one that missed three heartbeats (its process is gone: the "
+                                        "dead-man's switch trips, a stopped archive's outage ends)")
     stall_intervals: int = _spec(10, min=1, max=10000, doc="a role that makes no progress for this many of its "
                                  "intervals (a source's scrape interval, at least 1 s; the archive's flush interval) "
                                  "is stalled: FleetwatchStalled fires (and for a source, /healthz fails)")

@@ -123,3 +123,71 @@ def test_a_heartbeat_is_marked_as_one_and_the_archive_does_not_keep_it(tmp_path)
     sink = ArchiveSink(writer, MemoryBus().subscribe([Topic.ALERTS], "archive"), 60.0)
     sink.add([first, again])
     assert writer.held_rows() == 1
+
+
+def archive_failing_json(clock: Clock) -> dict:
+    from pipeline.sinks.archive_outage import ArchiveOutage
+    outage = ArchiveOutage("site-a", "", retry_max_s=60.0, heartbeat_s=10.0, clock=clock)
+    return outage.failed(OSError(28, "No space left on device"), held_rows=120).to_json()
+
+
+def test_notify_resolves_an_archive_outage_whose_archive_stopped_while_failing():
+    """FleetwatchArchiveFailing lives on heartbeats too: over Kafka the archive that stops while
+    it cannot write is replaced by one elsewhere (another host, pod or name), which cannot
+    resolve its predecessor's alert; it had fired for ever."""
+    clock = Clock()
+    beats = Heartbeats(10.0, clock)
+    a = archive_failing_json(clock)
+    assert beats.take([a]) == [a]
+    clock.t += 10
+    assert beats.take([a]) == []  # a heartbeat
+    clock.t += MISSED * 10 + 1
+    [gone] = beats.expired()
+    assert gone["status"] == "resolved" and gone["labels"]["alertname"] == "FleetwatchArchiveFailing"
+
+
+def test_the_failing_archive_sends_its_alert_again_every_heartbeat_and_stops_once_it_writes():
+    from pipeline.sinks.archive_outage import ArchiveOutage
+    clock = Clock()
+    outage = ArchiveOutage("site-a", "", retry_max_s=60.0, heartbeat_s=30.0, clock=clock)
+    assert outage.heartbeat() is None  # not failing
+    fired = outage.failed(OSError(28, "No space left on device"), held_rows=120)
+    clock.t += 29
+    assert outage.failed(OSError(28, "No space left on device"), held_rows=240) is None and outage.heartbeat() is None
+    clock.t += 1
+    beat = outage.heartbeat()
+    assert beat is not None and beat.fingerprint == fired.fingerprint and beat.ends_at is None
+    assert outage.heartbeat() is None  # one per heartbeat
+    clock.t += 60
+    assert outage.recovered(held_rows=0).ends_at is not None and outage.heartbeat() is None
+
+
+def test_a_running_archive_that_cannot_write_beats_on_the_alerts_topic_as_a_heartbeat(tmp_path):
+    """Through the role: beats come while it fails (marked, so neither notify nor the archive
+    takes them for a state change), from a task of their own (a hung write stops no beat)."""
+    from pipeline.bus import Message
+    from pipeline.model import alert_rows
+    from pipeline.sinks.archive_outage import ArchiveOutage
+    from pipeline.sinks.archive_sink import archive_role
+    from tests.test_archive_location import sim_batches
+
+    async def go() -> list:
+        bus = MemoryBus()
+        await bus.start()
+        alerts = bus.subscribe([Topic.ALERTS], "notify")
+        writer = ArchiveWriter(tmp_path / "archive", min_free_mb=1e12)  # (every write fails: "no space")
+        outage = ArchiveOutage("site-a", "", retry_max_s=0.2, heartbeat_s=0.2)
+        role = asyncio.create_task(archive_role(writer, bus.subscribe([Topic.GPU], "archive"), 0.05, outage))
+        await bus.publish(Message(Topic.GPU, sim_batches(1)[0]))
+        seen: list = []
+        for _ in range(600):  # until a firing and two beats came (a pattern, not a time)
+            seen += [(m.headers, alert_rows(m.value)) for m in await alerts.get_batch(timeout_s=0.05)]
+            if sum(1 for h, _ in seen if h) >= 2:
+                break
+        role.cancel()
+        await asyncio.gather(role, return_exceptions=True)
+        return seen
+    seen = asyncio.run(go())
+    first, *beats = seen
+    assert first[0] == {} and [a["labels"]["alertname"] for a in first[1]] == ["FleetwatchArchiveFailing"]
+    assert len(beats) >= 2 and all(h == {HEARTBEAT: "1"} and a == first[1] for h, a in beats)

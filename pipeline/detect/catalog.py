@@ -390,8 +390,10 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "alerting go on. The archive retries with backoff (up to `archive.retry_max_s`) and holds up "
                         "to `archive.outage_buffer_mb`: in-process it then drops the oldest rows, counted per "
                         "dataset on the status line and in the summary; over Kafka it commits nothing and pauses "
-                        "reading, so nothing is lost. Resolves on the first write that succeeds. Labelled with the "
-                        "site and the archive's host (`instance`)."),
+                        "reading, so nothing is lost. Resolves on the first write that succeeds. While it fires "
+                        "the archive sends it again every `daemon.watchdog_heartbeat_s`, and notify resolves one "
+                        "that missed three (an archive that stopped while failing: its successor, on another "
+                        "host, cannot). Labelled with the site and the archive's host (`instance`)."),
     AlertSpec("FleetwatchWatchdog", "none", "fleetwatch",
               "Fleetwatch on {instance} is healthy; this alert always fires (dead-man's switch)",
               "Nothing while it fires. Route it to a heartbeat check that pages when it stops arriving.",

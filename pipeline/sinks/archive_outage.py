@@ -4,8 +4,11 @@ with backoff, hold the data within a bound, and alert.
 The archive sink (`sinks/archive_sink.py`) asks `due()` before each write. The first
 failed write of an outage logs once and returns the `FleetwatchArchiveFailing` alert,
 firing, which the role publishes on the alerts topic: notify delivers it like any
-other alert. The first write that succeeds again returns it resolved. Detection and
-alerting never wait on the archive.
+other alert. The first write that succeeds again returns it resolved. While it fires it
+is sent again every `daemon.watchdog_heartbeat_s` (`heartbeat()`), so that notify resolves
+the alert of an archive that stopped while failing (sinks/heartbeats.py): over Kafka its
+successor, on another host or under another name, cannot. Detection and alerting never
+wait on the archive.
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ import dataclasses
 import logging
 import socket
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
-from pipeline.bus import Message, Topic
 from pipeline.detect.catalog import raised
-from pipeline.model import Alert, alerts_to_batch, iso_utc
+from pipeline.model import Alert, iso_utc
 
 log = logging.getLogger("fleetwatch")
 
@@ -30,8 +33,11 @@ def describe(error: BaseException) -> str:
 
 
 class ArchiveOutage:
-    def __init__(self, site: str, runbook_base_url: str, retry_max_s: float, retry_initial_s: float = 1.0) -> None:
+    def __init__(self, site: str, runbook_base_url: str, retry_max_s: float, retry_initial_s: float = 1.0,
+                 heartbeat_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.site = site
+        self.heartbeat_s, self.clock = heartbeat_s, clock
+        self._beat = float("-inf")  # when the firing alert was last sent
         self.instance = socket.gethostname()
         self.runbook_base_url = runbook_base_url
         self.retry_initial_s = min(retry_initial_s, retry_max_s)
@@ -64,10 +70,19 @@ class ArchiveOutage:
             log.error("archive cannot write (%s): holding %d rows in memory and retrying with backoff (up to %g s); "
                       "detection and alerting go on; %s firing", self.error, held_rows, self.retry_max_s, ALERTNAME)
             self.alert = self._alert(held_rows)
+            self._beat = self.clock()
         else:
             log.debug("archive write failed again (%s), next try in %.1f s", self.error, self._delay)
         self._delay = min(self._delay * 2, self.retry_max_s)
         return self.alert if started else None
+
+    def heartbeat(self) -> Alert | None:
+        """The firing alert again, when a heartbeat is due (not a state change: notify only
+        notes that the failing archive is still there)."""
+        if self.alert is None or self.clock() - self._beat < self.heartbeat_s:
+            return None
+        self._beat = self.clock()
+        return self.alert
 
     def shed(self, dropped: dict[str, int], bound_mb: float) -> None:
         """Rows dropped to stay within the bound (in-process): logged once per outage."""
@@ -94,12 +109,6 @@ class ArchiveOutage:
         return raised(ALERTNAME, {"site": self.site, "instance": self.instance},
                       {"error": self.error, "held_rows": held_rows, "since": iso_utc(now)}, now, self.runbook_base_url,
                       score=float(held_rows), shown={"since": iso_utc(now, "seconds")})
-
-    @staticmethod
-    def message(alert: Alert) -> Message:
-        """The alert as a message of the alerts topic (keyed by fingerprint, as detect's are)."""
-        return Message(Topic.ALERTS, alerts_to_batch([(alert.ends_at or alert.starts_at, alert)]),
-                       key=alert.fingerprint)
 
     def status(self, held_rows: int, dropped_total: int) -> str:
         """For the status line: empty unless the archive is failing or had to drop rows."""

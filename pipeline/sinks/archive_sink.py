@@ -6,7 +6,8 @@ A write that fails (full disk, permissions, archive/ gone) stops nothing: what i
 took goes back into the buffers, nothing is committed, and the archive retries with
 backoff and raises FleetwatchArchiveFailing (archive_outage.py). What it holds
 meanwhile is bounded by `buffer_mb`: in-process the oldest rows are dropped
-(counted); over Kafka reading pauses, and the data waits on Kafka. Closed hours are
+(counted); over Kafka reading pauses, and the data waits on Kafka. The alert is sent again
+every heartbeat while it fires (archive_outage.py). Closed hours are
 compacted (sinks/compaction.py) and expired ones deleted (sinks/retention.py) in a
 thread every `archive.upkeep_interval_s`.
 """
@@ -21,6 +22,7 @@ import time
 
 from pipeline.bus.base import HEARTBEAT, Message
 from pipeline.config import ArchiveConfig
+from pipeline.ops.selfalerts import message as alert_message
 from pipeline.roles import DATASET_OF_TOPIC
 from pipeline.sinks.archive_outage import ArchiveOutage
 from pipeline.sinks.base import SinkBase, consume
@@ -44,16 +46,28 @@ class ArchiveSink(SinkBase):
         self.buffer_mb, self.bound = buffer_mb, int(buffer_mb * 2**20)
         self.paused = False
         self.alerts: asyncio.Task | None = None  # publishes outage alerts in order, off the archive's loop
+        self.beating: asyncio.Task | None = None  # re-sends the firing outage alert (start, _beat)
         self.next_flush = time.monotonic() + flush_interval_s
         self.assignments = sub.assignments
 
-    def _announce(self, alert) -> None:
+    async def start(self) -> None:
+        self.beating = asyncio.create_task(self._beat(), name="archive-heartbeat")
+
+    async def _beat(self) -> None:
+        """The failing archive's alert again every heartbeat, off the loop that may wait on a
+        hung write (the outage's own clock says when)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.outage.heartbeat_s / 4))
+            if (beat := self.outage.heartbeat()) is not None:
+                self._announce(beat, heartbeat=True)
+
+    def _announce(self, alert, heartbeat: bool = False) -> None:
         before = self.alerts
 
         async def publish() -> None:
             if before is not None:
                 await before
-            await self.sub.publish(ArchiveOutage.message(alert))
+            await self.sub.publish(alert_message(alert, heartbeat))
         self.alerts = asyncio.create_task(publish(), name="archive-alert")
 
     async def flush(self) -> bool:
@@ -154,6 +168,9 @@ class ArchiveSink(SinkBase):
             self.writer.shed(0)
 
     async def close(self) -> None:
+        if self.beating is not None:
+            self.beating.cancel()
+            await asyncio.gather(self.beating, return_exceptions=True)
         if self.upkeeping is not None:  # stops after the hour in progress (a killed one is finished next time)
             self.upkeep_stop.set()
             with contextlib.suppress(Exception):
@@ -181,7 +198,8 @@ def build(ctx, spec):
     else:
         writer = ctx.writer = ArchiveWriter(cfg.archive_dir, cfg.archive.compression, cfg.archive.max_buffer_rows,
                                             min_free_mb=cfg.archive.min_free_mb)
-    writer.outage = ArchiveOutage(cfg.fleet.site, cfg.alerts.runbook_base_url, cfg.archive.retry_max_s)
+    writer.outage = ArchiveOutage(cfg.fleet.site, cfg.alerts.runbook_base_url, cfg.archive.retry_max_s,
+                                  heartbeat_s=cfg.daemon.watchdog_heartbeat_s)
     sub = ctx.bus.subscribe(list(spec.inputs), spec.group)
     gate = ctx.gate(sub, spec.group)
     a = cfg.archive

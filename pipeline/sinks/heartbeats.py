@@ -1,5 +1,7 @@
-"""Alerts that live on heartbeats: FleetwatchWatchdog, which a detect process sends again
-every `daemon.watchdog_heartbeat_s` while it fires (ops/selfalerts.py).
+"""Alerts that live on heartbeats, which their process sends again every
+`daemon.watchdog_heartbeat_s` while they fire: FleetwatchWatchdog (a detect process,
+ops/selfalerts.py) and FleetwatchArchiveFailing (an archive that cannot write,
+sinks/archive_outage.py).
 
 notify passes the first firing and the resolution on as state changes, and keeps the
 repeats to itself: they change nothing (no alerts.jsonl line, no notification), they say
@@ -20,7 +22,7 @@ from pipeline.model import iso_utc
 log = logging.getLogger("fleetwatch")
 
 MISSED = 3  # heartbeats missed in a row before the alert's process counts as gone
-HEARTBEAT_ALERTS = frozenset({"FleetwatchWatchdog"})
+HEARTBEAT_ALERTS = frozenset({"FleetwatchWatchdog", "FleetwatchArchiveFailing"})
 
 
 class Heartbeats:
