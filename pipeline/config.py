@@ -407,7 +407,8 @@ class RemediateConfig:
     drain_timeout_s: float = _spec(3600.0, min=0, doc="how long a quarantined node's work may run on; then "
                                    "remediate.on_drain_timeout")
     on_drain_timeout: str = _spec("wait", choices=("wait", "proceed"),
-                                  doc="wait: the node stays quarantined until its work ends; proceed: act anyway")
+                                  doc="wait: the node stays quarantined until its work ends, and "
+                                  "RemediationDrainOverdue fires on it meanwhile; proceed: act anyway")
     validate_command: str = _spec("", doc="the check a node must pass before it returns to service, run as "
                                   "`COMMAND NODE` with the case as JSON on stdin (e.g. a script that runs "
                                   "`dcgmi diag -r 1` on the node); exit 0 passes; empty: an operator returns it")

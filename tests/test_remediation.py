@@ -318,6 +318,42 @@ def test_a_drain_past_its_timeout_waits_and_says_so_once_or_goes_on_when_told(tm
     goes.run(15)
     assert goes.states("r01-n01")[:3] == ["quarantined", "drained", "action"]
     assert "ran past remediate.drain_timeout_s" in [e for e in goes.events if e.to_state == "drained"][0].detail
+    assert goes.alerts == []  # (it went on: nothing waits)
+
+
+def test_a_drain_that_waits_past_its_timeout_raises_an_alert_until_the_node_drains(tmp_path):
+    """Waiting for a node's work to end is a person's to shorten: an event alone (the role's
+    log, remediation_events) reached no one. RemediationDrainOverdue fires once the timeout
+    passes, survives a restart as the same alert, and resolves when the node drains."""
+    from pipeline.remediate import store
+    s = Site(tmp_path, apply=True, drain_timeout_s=10.0)
+    (tmp_path / "busy.r01-n01").touch()
+    s.step(alert("r01-n01"))
+    s.run(9)
+    assert s.alerts == []
+    s.run(3)
+    [fired] = s.alerts
+    assert fired.labels == {"alertname": "RemediationDrainOverdue", "severity": "warning", "site": "site-a",
+                            "rack": "r01", "node": "r01-n01"}
+    assert fired.annotations["summary"] == "r01-n01: quarantined for GpuUncorrectableEcc 0 min ago, its work still runs"
+    assert fired.starts_at.timestamp() == s.rem.cases["r01-n01"].since + 10.0 and fired.ends_at is None
+    s.run(30)
+    assert len(s.alerts) == 1  # once
+    store.save(s.cfg, s.rem)
+    again = Remediator(s.cfg, backend_for(s.cfg), validation_for(s.cfg))
+    store.load(s.cfg, again)
+    assert again.overdue["r01-n01"].fingerprint == fired.fingerprint
+    assert again.overdue["r01-n01"].starts_at == fired.starts_at  # the same alert, not a second firing
+    (tmp_path / "busy.r01-n01").unlink()  # the work ended
+    s.run(2)
+    resolved = s.alerts[-1]
+    assert resolved.fingerprint == fired.fingerprint and resolved.ends_at is not None
+    assert s.state("r01-n01") != "quarantined" and s.rem.overdue == {}
+    dry = Site(tmp_path / "dry", drain_timeout_s=10.0)  # dry-run: a node drains at once, nothing waits
+    (tmp_path / "dry" / "busy.r01-n01").touch()
+    dry.step(alert("r01-n01"))
+    dry.run(30)
+    assert dry.alerts == []
 
 
 def test_an_alert_that_keeps_asking_is_one_request_and_does_not_trip_the_breaker_later(tmp_path):

@@ -259,6 +259,19 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "`remediate.breaker_rack_pct` of one rack's, out of service within `remediate.breaker_window_s`; "
                         "resolved when a whole window passed without a new alert asking for one. Raised in "
                         "dry-run too: the plan would have tripped it."),
+    AlertSpec("RemediationDrainOverdue", "warning", "node",
+              "{node}: quarantined for {trigger} {waited_min:.0f} min ago, its work still runs",
+              "End or requeue the node's jobs (Slurm: `scontrol requeue`; Kubernetes: evict its pods), or set "
+              "remediate.on_drain_timeout = proceed; `fleetwatch remediation status` shows the case.",
+              detector="remediation_drain", family="remediate", fire_after=None,
+              evidence=("trigger", "waited_min"),
+              meaning="a quarantined node's work ran past remediate.drain_timeout_s: its remediation waits for it",
+              method="the remediation role's cases",
+              detection="Raised by the remediation role (`fleetwatch remediate`, [Remediation](remediation.md)) when "
+                        "a node it quarantined still runs work `remediate.drain_timeout_s` later and "
+                        "`remediate.on_drain_timeout` is `wait`: its case waits for the work to end, and a person may "
+                        "end it. Resolved when the node drains, or its case ends otherwise (an operator's resume). "
+                        "Labelled with the site, rack and node. Not raised in dry-run (a node drains at once)."),
     AlertSpec("NodePowerBrake", "critical", "node",
               "{node}: HW power brake slowdown on {gpus:.0f} GPUs",
               "Check the node's power supplies and the rack PDU; the brake is asserted by the board.",

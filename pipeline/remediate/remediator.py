@@ -1,5 +1,5 @@
 """The remediation state machine: alert changes in, node cases driven through their states
-(cases.py), events and the breaker's alert out.
+(cases.py), events and the role's own alerts out (the breaker's, a drain overdue).
 
 `step(now, changes)` is the one entry: it takes the alert changes since the last step, opens a
 case for a node whose allowed alert asks for a remediation (unless a guardrail refuses:
@@ -30,6 +30,7 @@ from pipeline.remediate.guardrails import Guardrails
 
 log = logging.getLogger("pipeline.remediate")
 BREAKER_ALERT = "RemediationBreakerOpen"
+DRAIN_ALERT = "RemediationDrainOverdue"
 
 
 class Remediator:
@@ -44,6 +45,7 @@ class Remediator:
         self.firing: dict[str, AlertChange] = {}     # fingerprint -> firing alert (GPU, node and rack)
         self.cases: dict[str, Case] = {}             # node -> its open case
         self.breaker_alert: Alert | None = None
+        self.overdue: dict[str, Alert] = {}          # node -> its RemediationDrainOverdue, firing
         self.refused: Counter[str] = Counter()       # guardrail -> refusals recorded (once per alert and rule)
         self._said: set[tuple[str, str, str]] = set()  # (node, fingerprint, guardrail) already recorded
         self._unapplied: dict[str, str] = {}            # node -> why its quarantine failed (said once)
@@ -76,10 +78,34 @@ class Remediator:
             self._next_check = now + self.rc.interval_s
             for case in list(self.cases.values()):
                 self._advance(case, now, events)
+            alerts += self._overdue(now)  # (as the cases were just found: a drain is seen at a check)
         for e in events:
             log.info("remediation: %s %s -> %s%s: %s", e.node, e.from_state, e.to_state,
                      " (dry-run)" if e.dry_run else "", e.detail)
         return events, alerts
+
+    def _overdue(self, now: float) -> list[Alert]:
+        """RemediationDrainOverdue's changes: firing for each case still quarantined (its work
+        runs on) past remediate.drain_timeout_s while it waits for it; resolved once the case
+        moves on or ends, however it does."""
+        waiting = {} if self.dry_run or self.rc.on_drain_timeout != "wait" else {
+            c.node: c for c in self.cases.values()
+            if c.state == QUARANTINED and now - c.since >= self.rc.drain_timeout_s}
+        changes = []
+        for node, case in waiting.items():
+            if node not in self.overdue:
+                self.overdue[node] = self._drain_alert(case, case.since + self.rc.drain_timeout_s)
+                changes.append(self.overdue[node])
+                log.warning("remediation: %s", self.overdue[node].annotations["summary"])
+        for node in [n for n in self.overdue if n not in waiting]:
+            alert = self.overdue.pop(node)
+            changes.append(dataclasses.replace(alert, ends_at=max(_dt(now), alert.starts_at)))
+        return changes
+
+    def _drain_alert(self, case: Case, at: float) -> Alert:
+        return raised(DRAIN_ALERT, {"site": self.site, "rack": case.rack, "node": case.node},
+                      {"trigger": case.trigger.alertname, "waited_min": round(self.rc.drain_timeout_s / 60, 1),
+                       "case": case.id}, _dt(at), self.cfg.alerts.runbook_base_url)
 
     def _take(self, changes: list[AlertChange]) -> None:
         for ch in changes:
@@ -301,7 +327,7 @@ class Remediator:
                            "fingerprints": sorted(c.fingerprints)} for c in self.cases.values()],
                 "guardrails": self.guardrails.snapshot(), "refused": dict(self.refused),
                 "breaker_alert": None if self.breaker_alert is None else self.breaker_alert.starts_at.timestamp(),
-                "saved_at": self.saved_at}
+                "overdue": sorted(self.overdue), "saved_at": self.saved_at}
 
     def restore(self, snap: dict) -> None:
         self.nodes = dict(snap.get("nodes", {}))
@@ -313,6 +339,8 @@ class Remediator:
         self.guardrails.restore(snap.get("guardrails", {}))
         self.refused = Counter(snap.get("refused", {}))
         self.saved_at = snap.get("saved_at", 0.0)
+        self.overdue = {n: self._drain_alert(self.cases[n], self.cases[n].since + self.rc.drain_timeout_s)
+                        for n in snap.get("overdue", []) if n in self.cases}  # (the same alert: its start is the case's)
         if snap.get("breaker_alert") is not None and self.guardrails.breaker.open:
             self.breaker_alert = raised(BREAKER_ALERT, {"site": self.site, "rack": ""}, self.guardrails.evidence(),
                                         _dt(snap["breaker_alert"]), self.cfg.alerts.runbook_base_url)
