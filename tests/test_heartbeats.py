@@ -134,14 +134,18 @@ def archive_failing_json(clock: Clock) -> dict:
 def test_notify_resolves_an_archive_outage_whose_archive_stopped_while_failing():
     """FleetwatchArchiveFailing lives on heartbeats too: over Kafka the archive that stops while
     it cannot write is replaced by one elsewhere (another host, pod or name), which cannot
-    resolve its predecessor's alert; it had fired for ever."""
+    resolve its predecessor's alert; it had fired for ever. Unlike the Watchdog it says
+    something is wrong: notify that hears nothing at all (cut off from the bus, lagging) does
+    not take the silence for a fixed disk."""
     clock = Clock()
     beats = Heartbeats(10.0, clock)
-    a = archive_failing_json(clock)
-    assert beats.take([a]) == [a]
+    a, w = archive_failing_json(clock), watchdog_json(clock)
+    assert beats.take([a, w]) == [a, w]
     clock.t += 10
-    assert beats.take([a]) == []  # a heartbeat
-    clock.t += MISSED * 10 + 1
+    assert beats.take([a, w]) == []  # heartbeats
+    clock.t += MISSED * 10 + 1  # notify heard nothing since: neither is resolved for it
+    assert [g["labels"]["alertname"] for g in beats.expired()] == ["FleetwatchWatchdog"]
+    beats.take([w])  # the bus speaks again (a Watchdog back): the archive's silence is its own
     [gone] = beats.expired()
     assert gone["status"] == "resolved" and gone["labels"]["alertname"] == "FleetwatchArchiveFailing"
 

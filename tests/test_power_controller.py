@@ -321,7 +321,7 @@ def test_the_firm_capacity_is_what_is_left_if_the_scheduler_s_largest_job_goes()
 def test_a_gpu_or_node_a_fault_alert_names_is_uncapped_while_it_fires_and_the_target_still_held():
     """A failing GPU does not draw by its curve and its node may be drained: while a fault
     alert names it (a node alert: every GPU of the node) its cap is restored and the others
-    shed its share; demand response's own alerts change nothing. Resolved, it is not capped
+    shed its share; demand response's and remediation's own alerts change nothing. Resolved, it is not capped
     again in that request, and may be in the next."""
     sim, ctl = fleet()
     out = ctl.submit(request(400, 10, duration_s=600))
@@ -344,6 +344,8 @@ def test_a_gpu_or_node_a_fault_alert_names_is_uncapped_while_it_fires_and_the_ta
             alert("PowerCapNotBinding", "not-binding", True, victim)  # demand response's own: no fault
             alert("GpuStraggler", "straggler", True, victim)
             alert("NodePowerBrake", "brake", True, other, gpu=False)
+            alert("RemediationDrainOverdue", "overdue", True, capped[-1], gpu=False)  # remediation's own: no fault
+            assert set(ctl.suspects) == {"straggler", "brake"}
         if 510 <= i < 800:
             assert caps[index[ctl.gpus.uuids[victim]]] == 700, i
             node = [index[u] for u, n in zip(ctl.gpus.uuids, ctl.gpus.nodes) if n == ctl.gpus.nodes[other]]

@@ -5,6 +5,7 @@ would; Slurm itself is tested in test_remediate_backends.py and tests/e2e/test_r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -335,15 +336,16 @@ def test_a_drain_that_waits_past_its_timeout_raises_an_alert_until_the_node_drai
     [fired] = s.alerts
     assert fired.labels == {"alertname": "RemediationDrainOverdue", "severity": "warning", "site": "site-a",
                             "rack": "r01", "node": "r01-n01"}
-    assert fired.annotations["summary"] == "r01-n01: quarantined for GpuUncorrectableEcc 0 min ago, its work still runs"
+    assert fired.annotations["summary"] == "r01-n01: quarantined for GpuUncorrectableEcc 10s ago, its work still runs"
     assert fired.starts_at.timestamp() == s.rem.cases["r01-n01"].since + 10.0 and fired.ends_at is None
     s.run(30)
     assert len(s.alerts) == 1  # once
     store.save(s.cfg, s.rem)
-    again = Remediator(s.cfg, backend_for(s.cfg), validation_for(s.cfg))
-    store.load(s.cfg, again)
+    longer = dataclasses.replace(s.cfg, remediate=dataclasses.replace(s.cfg.remediate, drain_timeout_s=3600.0))
+    again = Remediator(longer, backend_for(longer), validation_for(longer))  # (its timeout changed meanwhile)
+    store.load(longer, again)
     assert again.overdue["r01-n01"].fingerprint == fired.fingerprint
-    assert again.overdue["r01-n01"].starts_at == fired.starts_at  # the same alert, not a second firing
+    assert again.overdue["r01-n01"].starts_at == fired.starts_at  # the same alert as told, not a second firing
     (tmp_path / "busy.r01-n01").unlink()  # the work ended
     s.run(2)
     resolved = s.alerts[-1]
@@ -364,3 +366,60 @@ def test_an_alert_that_keeps_asking_is_one_request_and_does_not_trip_the_breaker
     s.step(alert("r02-n01"))
     assert "r02-n01" in s.rem.cases and s.rem.guardrails.breaker.trips == 0
     assert [e.guardrail for e in s.events if e.node == "r01-n01"] == ["cooldown"]
+
+
+def test_the_role_goes_on_when_its_own_alert_meets_its_own_full_queue(tmp_path):
+    """In-process the role reads the alerts topic it publishes its own alerts on. A slow
+    backend call (here a quarantine that takes 0.5 s) while the GPU samples keep coming fills
+    its queue; waiting then for room in that queue to publish the breaker's alert never ended,
+    and every publisher on the bus waited behind it."""
+    import asyncio
+
+    from pipeline.bus import MemoryBus, Message, Topic
+    from pipeline.detect.catalog import raised
+    from pipeline.model import alert_rows, alerts_to_batch
+    from pipeline.roles.remediate import remediate_role
+    from tests.test_archive_location import sim_batches
+    s = Site(tmp_path, apply=True, breaker_fleet_pct=5.0, breaker_min_nodes=2)
+    (tmp_path / "tooling.sh").write_text(SCRIPT.replace('echo "$1 $2 $3"', 'sleep 0.5; echo "$1 $2 $3"'))
+
+    class Gate:
+        async def screen(self, messages):
+            return messages
+
+    def fault(node: str):
+        a = raised("GpuUncorrectableEcc", {"site": "site-a", "rack": node.split("-")[0], "node": node, "gpu": "3",
+                                           "UUID": f"GPU-{node}-3"}, {"what": "DBE"}, _dt(s.t))
+        return Message(Topic.ALERTS, alerts_to_batch([(a.starts_at, a)]))
+
+    async def go() -> list[str]:
+        bus = MemoryBus(queue_size=4)
+        await bus.start()
+        told = bus.subscribe([Topic.ALERTS], "notify")
+        sub = bus.subscribe([Topic.ALERTS, Topic.GPU], "remediate")
+
+        async def emit(topic, batch):
+            await bus.publish(Message(topic, batch))
+        role = asyncio.create_task(remediate_role(s.rem, sub, Gate(), emit, lambda: s.t, lambda: None, 60.0))
+        gpu = sim_batches(1)[0]
+
+        async def samples() -> None:  # the bus runs on while the backend is slow
+            for _ in range(40):
+                await bus.publish(Message(Topic.GPU, gpu))
+        feeding = asyncio.create_task(samples())
+        names: list[str] = []
+        for node in ("r01-n01", "r02-n02"):
+            await bus.publish(fault(node))
+        while "RemediationBreakerOpen" not in names:
+            names += [r["labels"]["alertname"] for m in await told.get_batch(timeout_s=1.0) for r in alert_rows(m.value)]
+        await feeding
+        await bus.end([Topic.ALERTS, Topic.GPU])
+        await role
+        return names
+    names = asyncio.run(asyncio.wait_for(go(), 60))
+    assert "RemediationBreakerOpen" in names
+
+
+def _dt(t: float):
+    from datetime import datetime, timezone
+    return datetime.fromtimestamp(t, timezone.utc)

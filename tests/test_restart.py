@@ -218,8 +218,12 @@ def test_alerts_are_made_to_agree_with_what_alerts_jsonl_told(tmp_path):
     pcie, nvlink = firing["GpuPcieReplayStorm"], firing["GpuNvlinkErrorStorm"]
     third = {**nvlink.to_json(), "labels": {**nvlink.labels, "gpu": "7", "node": "r02-n04"}}
     third["fingerprint"] = fingerprint(third["labels"])
+    # The remediation role's own alerts are its own: it restores them with its cases.
+    drain = {"labels": {"alertname": "RemediationDrainOverdue", "severity": "warning", "site": "site-a",
+                        "rack": "r01", "node": "r01-n01"}, "status": "firing", "startsAt": "2026-01-01T00:01:00.000Z"}
+    drain["fingerprint"] = fingerprint(drain["labels"])
     logged = {pcie.fingerprint: {**pcie.to_json(), "status": "resolved", "endsAt": "2026-01-01T00:03:20.000Z"},
-              nvlink.fingerprint: nvlink.to_json(), third["fingerprint"]: third}
+              nvlink.fingerprint: nvlink.to_json(), third["fingerprint"]: third, drain["fingerprint"]: drain}
     now = r.engine.latest_data_time()
     out = reconcile(r.engine, logged, now)
     assert [(a.fingerprint, a.status) for _, a in out] == [(third["fingerprint"], "resolved")]

@@ -260,11 +260,11 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "resolved when a whole window passed without a new alert asking for one. Raised in "
                         "dry-run too: the plan would have tripped it."),
     AlertSpec("RemediationDrainOverdue", "warning", "node",
-              "{node}: quarantined for {trigger} {waited_min:.0f} min ago, its work still runs",
+              "{node}: quarantined for {trigger} {waited} ago, its work still runs",
               "End or requeue the node's jobs (Slurm: `scontrol requeue`; Kubernetes: evict its pods), or set "
               "remediate.on_drain_timeout = proceed; `fleetwatch remediation status` shows the case.",
               detector="remediation_drain", family="remediate", fire_after=None,
-              evidence=("trigger", "waited_min"),
+              evidence=("trigger", "waited"),
               meaning="a quarantined node's work ran past remediate.drain_timeout_s: its remediation waits for it",
               method="the remediation role's cases",
               detection="Raised by the remediation role (`fleetwatch remediate`, [Remediation](remediation.md)) when "

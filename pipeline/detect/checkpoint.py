@@ -302,6 +302,12 @@ class LocalCheckpoint:
                     "up again and alerts firing before the restart resolve or fire again", self.path, why, aside.name)
 
 
+def _family(alertname) -> str:
+    from pipeline.detect.catalog import ALERTS_BY_NAME
+    spec = ALERTS_BY_NAME.get(alertname)
+    return spec.family if spec is not None else ""
+
+
 def reconcile(engine: Engine, logged: dict[str, dict[str, Any]], now: float) -> list[tuple[datetime, Alert]]:
     """Make the engine's firing alerts those that alerts.jsonl (what operators were told:
     the latest change per fingerprint) says are firing. The checkpoint can lag the log by
@@ -311,8 +317,10 @@ def reconcile(engine: Engine, logged: dict[str, dict[str, Any]], now: float) -> 
     - firing in the log, not in the engine (fired after the checkpoint, or no checkpoint):
       resolved now, returned as state changes to publish; it fires again if its
       condition holds, instead of staying firing for ever.
-    Alerts firing in both go on from the checkpoint, and are not raised again."""
-    told = {fp: a for fp, a in logged.items() if a.get("status") == "firing"}
+    Alerts firing in both go on from the checkpoint, and are not raised again. The remediation
+    role's own alerts are left to it: it restores them with its cases (remediate/store.py)."""
+    told = {fp: a for fp, a in logged.items() if a.get("status") == "firing"
+            and _family(a.get("labels", {}).get("alertname")) != "remediate"}
     kept: set[str] = set()
     dropped = 0
     for tr in engine.trackers.values():

@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import PowerConfig
 from pipeline.counters import MEAN_AFTER_S, Counter, counter_step_j, interval_mean_w
-from pipeline.detect.catalog import ALERTS
+from pipeline.detect.catalog import DETECTOR_ALERTS
 from pipeline.model import HW_SLOWDOWN_ANY, SW_POWER_CAP
 from pipeline.detect.state import KeyIndex
 from pipeline.power.actuator import Actuator
@@ -94,9 +94,9 @@ RELEARNED = 0.05       # a plan is made again when a job's learned sensitivity m
 # stuck itself (STUCK_READINGS, which it can see only on an uncapped GPU): a cap moved there moves a
 # GPU's heat against a reading that stays, which its detectors would take for a fault.
 FROZEN_ALERTS = frozenset({"GpuPowerSensorStuck"})
-# Fault alerts on a GPU or a node (detect's, not demand response's own): while one fires, the GPUs
-# it names are not capped (Controller.observe_alerts).
-SUSPECT_ALERTS = frozenset(a.name for a in ALERTS if a.scope in ("gpu", "node") and a.family != "power") \
+# Fault alerts on a GPU or a node (detect's, not demand response's own, nor remediation's about its
+# cases): while one fires, the GPUs it names are not capped (Controller.observe_alerts).
+SUSPECT_ALERTS = frozenset(a.name for a in DETECTOR_ALERTS if a.scope in ("gpu", "node") and a.family != "power") \
     - FROZEN_ALERTS
 ALERTS_READ = SUSPECT_ALERTS | FROZEN_ALERTS
 

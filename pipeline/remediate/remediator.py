@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 
 from pipeline.config import Config
 from pipeline.detect.catalog import ALERTS_BY_NAME, raised
+from pipeline.humanize import age
 from pipeline.model import Alert
 from pipeline.remediate.backends.base import Backend, BackendError, Unsupported
 from pipeline.remediate.cases import (ACTION, DRAINED, HAND_OFF, HEALTHY, NEEDS_REPAIR, QUARANTINED, VALIDATING,
@@ -104,8 +105,8 @@ class Remediator:
 
     def _drain_alert(self, case: Case, at: float) -> Alert:
         return raised(DRAIN_ALERT, {"site": self.site, "rack": case.rack, "node": case.node},
-                      {"trigger": case.trigger.alertname, "waited_min": round(self.rc.drain_timeout_s / 60, 1),
-                       "case": case.id}, _dt(at), self.cfg.alerts.runbook_base_url)
+                      {"trigger": case.trigger.alertname, "waited": age(self.rc.drain_timeout_s), "case": case.id},
+                      _dt(at), self.cfg.alerts.runbook_base_url)
 
     def _take(self, changes: list[AlertChange]) -> None:
         for ch in changes:
@@ -327,7 +328,8 @@ class Remediator:
                            "fingerprints": sorted(c.fingerprints)} for c in self.cases.values()],
                 "guardrails": self.guardrails.snapshot(), "refused": dict(self.refused),
                 "breaker_alert": None if self.breaker_alert is None else self.breaker_alert.starts_at.timestamp(),
-                "overdue": sorted(self.overdue), "saved_at": self.saved_at}
+                "overdue": {n: a.starts_at.timestamp() for n, a in sorted(self.overdue.items())},
+                "saved_at": self.saved_at}
 
     def restore(self, snap: dict) -> None:
         self.nodes = dict(snap.get("nodes", {}))
@@ -339,8 +341,8 @@ class Remediator:
         self.guardrails.restore(snap.get("guardrails", {}))
         self.refused = Counter(snap.get("refused", {}))
         self.saved_at = snap.get("saved_at", 0.0)
-        self.overdue = {n: self._drain_alert(self.cases[n], self.cases[n].since + self.rc.drain_timeout_s)
-                        for n in snap.get("overdue", []) if n in self.cases}  # (the same alert: its start is the case's)
+        self.overdue = {n: self._drain_alert(self.cases[n], at)  # (the same alert as it was told: its start saved)
+                        for n, at in dict(snap.get("overdue", {})).items() if n in self.cases}
         if snap.get("breaker_alert") is not None and self.guardrails.breaker.open:
             self.breaker_alert = raised(BREAKER_ALERT, {"site": self.site, "rack": ""}, self.guardrails.evidence(),
                                         _dt(snap["breaker_alert"]), self.cfg.alerts.runbook_base_url)

@@ -1,7 +1,7 @@
 """The remediation role: reads the alerts (and, for the breaker's shares, which nodes exist
 from the GPU samples), drives each failing node's case (pipeline/remediate/), publishes every
-transition on the remediation topic (archived as remediation_events) and the breaker's alert on
-the alerts topic.
+transition on the remediation topic (archived as remediation_events) and its own alerts
+(RemediationBreakerOpen, RemediationDrainOverdue) on the alerts topic.
 
 Its state (open cases, the guardrails' history, alerts firing) is saved to
 <data_dir>/state/remediation.json after every round that changed it, and read back at start
@@ -68,6 +68,18 @@ def nodes_of(batch) -> dict[str, str]:
 async def remediate_role(rem: Remediator, sub, gate, emit, now, save, commit_interval_s: float) -> None:
     """Read, step, publish, save; until the alerts end."""
     next_commit = time.monotonic() + commit_interval_s
+    alerting: asyncio.Task | None = None  # the role's own alerts, in order, off its loop
+
+    def publish_alerts(batch) -> asyncio.Task:
+        # The role reads the alerts topic it publishes on: in-process, waiting here for room in its
+        # own full queue (a slow backend call while the bus ran on) would never end.
+        before = alerting
+
+        async def publish() -> None:
+            if before is not None:
+                await before
+            await emit(Topic.ALERTS, batch)
+        return asyncio.create_task(publish(), name="remediation-alerts")
     while True:
         try:
             messages = await sub.get_batch(max_messages=4096, timeout_s=min(rem.rc.interval_s, 1.0))
@@ -81,12 +93,14 @@ async def remediate_role(rem: Remediator, sub, gate, emit, now, save, commit_int
         if events:
             await emit(Topic.REMEDIATION, events_to_batch(events))
         if alerts:
-            await emit(Topic.ALERTS, alerts_to_batch([(a.ends_at or a.starts_at, a) for a in alerts]))
+            alerting = publish_alerts(alerts_to_batch([(a.ends_at or a.starts_at, a) for a in alerts]))
         if events or alerts or changes:
             await asyncio.to_thread(save)
         if time.monotonic() >= next_commit:
             await sub.commit()
             next_commit = time.monotonic() + commit_interval_s
+    if alerting is not None:
+        await alerting
     await asyncio.to_thread(save)
     await sub.commit()
 

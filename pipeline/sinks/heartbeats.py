@@ -23,12 +23,17 @@ log = logging.getLogger("fleetwatch")
 
 MISSED = 3  # heartbeats missed in a row before the alert's process counts as gone
 HEARTBEAT_ALERTS = frozenset({"FleetwatchWatchdog", "FleetwatchArchiveFailing"})
+# Of those, the ones that say something is wrong: resolved for silence only while notify hears
+# other messages within a heartbeat (the Watchdogs beat that often), so that notify cut off from
+# the bus, or lagging behind it, never tells operators that a full disk is fixed.
+CONDITIONS = frozenset({"FleetwatchArchiveFailing"})
 
 
 class Heartbeats:
     def __init__(self, heartbeat_s: float, clock: Callable[[], float] = time.time) -> None:
         self.heartbeat_s, self.expire_after_s, self.clock = heartbeat_s, MISSED * heartbeat_s, clock
         self.heard: dict[str, tuple[float, dict[str, Any]]] = {}  # fingerprint -> (last heard, the firing alert)
+        self.last_message = clock()  # when notify last heard any alert (CONDITIONS)
 
     def seed(self, latest: dict[str, dict[str, Any]]) -> None:
         """After a restart: heartbeat alerts alerts.jsonl says are firing, as heard now (their
@@ -41,6 +46,8 @@ class Heartbeats:
     def take(self, alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The state changes among `alerts`; a repeat of a firing heartbeat alert only says it is alive."""
         now, out = self.clock(), []
+        if alerts:
+            self.last_message = now
         for a in alerts:
             if a["labels"].get("alertname") in HEARTBEAT_ALERTS:
                 fp = a["fingerprint"]
@@ -57,8 +64,9 @@ class Heartbeats:
     def expired(self) -> list[dict[str, Any]]:
         """Resolutions of the heartbeat alerts not heard of for MISSED heartbeats."""
         now, out = self.clock(), []
+        hearing = now - self.last_message <= self.heartbeat_s
         for fp, (heard, a) in list(self.heard.items()):
-            if now - heard > self.expire_after_s:
+            if now - heard > self.expire_after_s and (hearing or a["labels"].get("alertname") not in CONDITIONS):
                 del self.heard[fp]
                 log.warning("notify: %s of %s: no heartbeat for %.0f s (daemon.watchdog_heartbeat_s = %g): "
                             "resolved, its process is gone", a["labels"].get("alertname"),
