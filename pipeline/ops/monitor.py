@@ -16,13 +16,13 @@ while live. A blocked event loop sends nothing, and answers no probe.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable, Mapping
 
+from pipeline.bus.in_order import InOrder
 from pipeline.bus.memory import MemoryBus
 from pipeline.config import Config, host_port, read_secret
 from pipeline.ops.health import TICK_S, Health, RoleInfo
@@ -62,7 +62,7 @@ class Operations:
         self.alerts = SelfAlerts(site, self.instance, cfg.alerts.runbook_base_url, watchdog="detect" in roles,
                                  resolve_after=cfg.daemon.stall_intervals, heartbeat_s=cfg.daemon.watchdog_heartbeat_s)
         self._task: asyncio.Task | None = None
-        self._publishing: asyncio.Task | None = None
+        self._publishing = InOrder("ops-alerts")
         self._stopping = False
         self._ready_since: float | None = None
         self._last_watchdog = float("-inf")
@@ -103,9 +103,7 @@ class Operations:
         self.sd.stopping()
         if self.ctx is not None:
             self._publish(self.alerts.resolve_all())
-        if self._publishing is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._publishing), 5.0)
+        await self._publishing.drained(5.0)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -159,17 +157,15 @@ class Operations:
     def _publish(self, alerts: list, heartbeat: bool = False) -> None:
         if not alerts:
             return
-        bus, before = self.ctx.bus, self._publishing
+        bus = self.ctx.bus
 
         async def publish() -> None:
-            if before is not None:
-                await before
             for a in alerts:
                 try:
                     await bus.publish(message(a, heartbeat))
                 except Exception as e:
                     log.error("ops: cannot publish %s (%s): %r", a.alertname, a.status, e)
-        self._publishing = asyncio.create_task(publish(), name="ops-alerts")
+        self._publishing.then(publish)
 
     def _say(self, unready: list[str], changes: list) -> None:
         """Log what changed: readiness (once per change of reasons) and each self-alert."""

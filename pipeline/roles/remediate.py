@@ -13,6 +13,7 @@ One remediation process per site: it is a decision maker, not a worker to scale 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -20,6 +21,7 @@ import pyarrow.compute as pc
 
 from pipeline.bus import EndOfStream, Message, Topic
 from pipeline.bus.base import HEARTBEAT
+from pipeline.bus.in_order import InOrder
 from pipeline.config import Config, ConfigError
 from pipeline.remediate import store
 from pipeline.model import alerts_to_batch
@@ -68,18 +70,9 @@ def nodes_of(batch) -> dict[str, str]:
 async def remediate_role(rem: Remediator, sub, gate, emit, now, save, commit_interval_s: float) -> None:
     """Read, step, publish, save; until the alerts end."""
     next_commit = time.monotonic() + commit_interval_s
-    alerting: asyncio.Task | None = None  # the role's own alerts, in order, off its loop
-
-    def publish_alerts(batch) -> asyncio.Task:
-        # The role reads the alerts topic it publishes on: in-process, waiting here for room in its
-        # own full queue (a slow backend call while the bus ran on) would never end.
-        before = alerting
-
-        async def publish() -> None:
-            if before is not None:
-                await before
-            await emit(Topic.ALERTS, batch)
-        return asyncio.create_task(publish(), name="remediation-alerts")
+    # The role reads the alerts topic it publishes on: in-process, waiting for room in its own full
+    # queue (a slow backend call while the bus ran on) would never end.
+    alerting = InOrder("remediation-alerts")
     while True:
         try:
             messages = await sub.get_batch(max_messages=4096, timeout_s=min(rem.rc.interval_s, 1.0))
@@ -93,14 +86,14 @@ async def remediate_role(rem: Remediator, sub, gate, emit, now, save, commit_int
         if events:
             await emit(Topic.REMEDIATION, events_to_batch(events))
         if alerts:
-            alerting = publish_alerts(alerts_to_batch([(a.ends_at or a.starts_at, a) for a in alerts]))
+            alerting.then(functools.partial(emit, Topic.ALERTS,
+                                            alerts_to_batch([(a.ends_at or a.starts_at, a) for a in alerts])))
         if events or alerts or changes:
             await asyncio.to_thread(save)
         if time.monotonic() >= next_commit:
             await sub.commit()
             next_commit = time.monotonic() + commit_interval_s
-    if alerting is not None:
-        await alerting
+    await alerting.drained()
     await asyncio.to_thread(save)
     await sub.commit()
 

@@ -21,6 +21,7 @@ import threading
 import time
 
 from pipeline.bus.base import HEARTBEAT, Message
+from pipeline.bus.in_order import InOrder
 from pipeline.config import ArchiveConfig
 from pipeline.ops.selfalerts import message as alert_message
 from pipeline.roles import DATASET_OF_TOPIC
@@ -45,7 +46,7 @@ class ArchiveSink(SinkBase):
         self.outage = outage or ArchiveOutage("", "", 30.0)
         self.buffer_mb, self.bound = buffer_mb, int(buffer_mb * 2**20)
         self.paused = False
-        self.alerts: asyncio.Task | None = None  # publishes outage alerts in order, off the archive's loop
+        self.alerts = InOrder("archive-alert")  # the outage alert's changes, off the archive's loop
         self.beating: asyncio.Task | None = None  # re-sends the firing outage alert (start, _beat)
         self.next_flush = time.monotonic() + flush_interval_s
         self.assignments = sub.assignments
@@ -62,13 +63,7 @@ class ArchiveSink(SinkBase):
                 self._announce(beat, heartbeat=True)
 
     def _announce(self, alert, heartbeat: bool = False) -> None:
-        before = self.alerts
-
-        async def publish() -> None:
-            if before is not None:
-                await before
-            await self.sub.publish(alert_message(alert, heartbeat))
-        self.alerts = asyncio.create_task(publish(), name="archive-alert")
+        self.alerts.then(lambda: self.sub.publish(alert_message(alert, heartbeat)))
 
     async def flush(self) -> bool:
         # Take the buffers on the loop, write them in a thread: the loop never waits on disk.
@@ -175,9 +170,7 @@ class ArchiveSink(SinkBase):
             self.upkeep_stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.upkeeping), 60.0)
-        if self.alerts is not None:  # the last outage alert goes out before the role ends
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.alerts, 5.0)
+        await self.alerts.drained(5.0)  # the last outage alert goes out before the role ends
 
 
 async def archive_role(writer: ArchiveBuffers, sub, flush_interval_s: float, outage: ArchiveOutage | None = None,
