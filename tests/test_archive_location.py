@@ -187,3 +187,39 @@ def test_a_table_retention_emptied_is_missing_as_a_folder_without_files_is(tmp_p
     DeltaTable(where.table_uri("alerts")).delete()
     assert dataset(where, "alerts") is None
     assert report(where).missing == ["alerts"]
+
+
+def test_archive_stats_of_a_delta_table_are_read_from_its_log_not_from_each_file(tmp_path, monkeypatch):
+    """A year of hours on object storage is tens of thousands of files: one request for each
+    footer took minutes. A table's log holds each file's rows and null counts; only a table
+    created before it kept every column's (Delta's default: the first 32, and gpu_samples has
+    35) has its files' footers read, and still counts the same."""
+    from pipeline.analytics.archive_stats import footer_values, stats
+    from pipeline.sinks import delta
+    _, where = delta_copy(tmp_path)
+    counted = {(d.dataset, d.day): (d.files, d.rows, d.values) for d in stats(where)}
+    footers = {}
+    for name in {name for name, _ in counted}:
+        for f in where.table(name).to_pyarrow_dataset().get_fragments():
+            rows, values = footer_values(f.metadata)
+            footers[name] = tuple(map(sum, zip(footers.get(name, (0, 0, 0)), (1, rows, values))))
+    assert {name: c for (name, _), c in counted.items()} == footers  # (one day in the known hour)
+    for f in (tmp_path / "tables").rglob("*.parquet"):
+        f.write_bytes(b"no footer here")  # what a read of one would now fail on
+    assert {(d.dataset, d.day): (d.files, d.rows, d.values) for d in stats(where)} == counted
+    # A table its log knows only the first 32 columns of: the footers, and the same count.
+    monkeypatch.setattr(delta, "NEW_TABLE", None)
+    older = delta.DeltaLocation(str(tmp_path / "older"))
+    writer = delta.DeltaArchiveWriter(older, writer_id="old")
+    batches = sim_batches(3)
+    for b in batches:
+        writer.add("gpu_samples", b)
+    writer.flush()
+    [day] = stats(older)
+    assert (day.rows, day.values) == footer_values(next(iter(
+        older.table("gpu_samples").to_pyarrow_dataset().get_fragments())).metadata)
+    assert day.rows == sum(b.num_rows for b in batches)
+    for f in (tmp_path / "older").rglob("*.parquet"):
+        f.write_bytes(b"no footer here")
+    with pytest.raises(OSError, match="reading .*gpu_samples"):
+        stats(older)

@@ -1,5 +1,5 @@
 """`fleetwatch archive stats`: files, rows and bytes per dataset and day, from the Parquet
-footers alone (no data is read; on local disk or archive.url's Delta tables): what the
+footers on local disk and from each table's log on object storage (no data is read): what the
 archive holds, what it costs per metric value (one non-null reading: a GPU sample's power
 is one, its temperature another), and where compaction (sinks/compaction.py) has not run yet.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.model import SCHEMAS
-from pipeline.sinks.delta import DeltaLocation
+from pipeline.sinks.delta import PARTITIONS, DeltaLocation
 
 _DAY = re.compile(r"date=(\d{4}-\d{2}-\d{2})$")
 
@@ -55,8 +55,8 @@ def footer_values(meta) -> tuple[int, int]:
 
 def stats(where: Path | DeltaLocation) -> list[DayStats]:
     """Per dataset and day, oldest first; a dataset without files has no rows here. On object
-    storage (archive.url), the files of each Delta table's latest version, each footer read
-    from the bucket (one request a file). Raises OSError where the bucket cannot be read."""
+    storage (archive.url), the files of each Delta table's latest version, as its log counts
+    them (_delta_stats). Raises OSError where the bucket cannot be read."""
     if isinstance(where, DeltaLocation):
         return _delta_stats(where)
     archive = where
@@ -81,28 +81,52 @@ def stats(where: Path | DeltaLocation) -> list[DayStats]:
 
 
 def _delta_stats(where: DeltaLocation) -> list[DayStats]:
-    import pyarrow as pa
+    """From each table's log: a file's rows and null counts are in its add action. Only a file
+    whose log entry lacks a column's (a table created before sinks/delta.NEW_TABLE, where Delta
+    kept the first 32 columns'; a file older than a column) has its footer read."""
     from deltalake.exceptions import DeltaError
+    from pyarrow import ArrowException
     out = []
     for dataset in SCHEMAS:
         table = where.table(dataset)
         if table is None:
             continue
-        try:  # (the log's file list and sizes, then each footer: the bucket read)
-            sizes = dict(zip(*pa.table(table.get_add_actions(flatten=True)).select(["path", "size_bytes"])
-                             .to_pydict().values()))
-            footers = [(f.path, f.metadata) for f in table.to_pyarrow_dataset().get_fragments()]  # (paths as the log's)
-        except (OSError, DeltaError) as e:  # unreachable, refused, a file vacuumed under a reader, unsupported
+        try:
+            files = _logged(table)
+            unlogged = {path for path, (_, values, _) in files.items() if values is None}
+            if unlogged:  # (paths as the log's)
+                for fragment in table.to_pyarrow_dataset().get_fragments():
+                    if fragment.path in unlogged:
+                        rows, values = footer_values(fragment.metadata)
+                        files[fragment.path] = (rows, values, files[fragment.path][2])
+        except (OSError, DeltaError, ArrowException) as e:  # unreachable, refused, vacuumed, not Parquet
             raise where.error(f"reading {where.table_uri(dataset)}", e) from None
         days: dict[str, DayStats] = {}
-        for path, meta in footers:
+        for path, (rows, values, size) in files.items():
             m = _DAY.search(path.rsplit("/", 2)[0])
             day = days.setdefault(m[1] if m else "", DayStats(dataset, m[1] if m else ""))
-            rows, values = footer_values(meta)
-            day.files, day.rows, day.bytes, day.values = (day.files + 1, day.rows + rows,
-                                                          day.bytes + sizes.get(path, 0), day.values + values)
+            day.files, day.rows, day.bytes, day.values = (day.files + 1, day.rows + rows, day.bytes + size,
+                                                          day.values + (values or 0))
         out += [days[d] for d in sorted(days)]
     return out
+
+
+def _logged(table) -> dict[str, tuple[int, int | None, int]]:
+    """path: (rows, non-null cells or None where the log does not say, bytes) of the table's files."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    actions = pa.table(table.get_add_actions(flatten=True))
+    columns = [f.name for f in table.schema().fields if f.name not in PARTITIONS]
+    rows = pc.fill_null(actions.column("num_records"), 0)
+    nulls = [actions.column(f"null_count.{c}") if f"null_count.{c}" in actions.column_names
+             else pa.nulls(actions.num_rows, pa.int64()) for c in columns]
+    values = pa.array([0] * actions.num_rows, pa.int64())
+    for n in nulls:  # a null anywhere (no statistics for a column) leaves the file's total null
+        values = pc.add(values, pc.subtract(rows, n))
+    known = pc.and_(actions.column("num_records").is_valid(), values.is_valid())
+    return {path: (r, v if k else None, size) for path, r, v, k, size in zip(
+        actions.column("path").to_pylist(), rows.to_pylist(), values.to_pylist(), known.to_pylist(),
+        actions.column("size_bytes").to_pylist())}
 
 
 def text(days: list[DayStats]) -> str:

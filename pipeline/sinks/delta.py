@@ -65,6 +65,9 @@ PARQUET_CODEC = {"none": "UNCOMPRESSED", "lz4": "LZ4_RAW"}  # archive.compressio
 VACUUM_AFTER_H = 24  # a file no version references is deleted once this old (readers of older versions)
 APP = "fleetwatch-archive-p{:04d}"  # a source partition's transaction in a table
 WRITER_APP = "fleetwatch-archive-w{}"  # an in-process writer's own (module doc)
+# A new table's log keeps every column's statistics (Delta's default: the first 32; gpu_samples
+# has 35), so `archive stats` counts rows and values from the log, without a request per file.
+NEW_TABLE = {"delta.dataSkippingNumIndexedCols": "-1"}
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,7 @@ class DeltaArchiveWriter(ArchiveBuffers):
                     write_deltalake(target if target is not None else uri, table, mode="append",
                                     partition_by=PARTITIONS, schema_mode="merge",
                                     storage_options=None if target is not None else self.where.storage_options,
+                                    configuration=None if target is not None else NEW_TABLE,
                                     writer_properties=WriterProperties(compression=self.compression),
                                     commit_properties=CommitProperties(app_transactions=txns or None))
                 except Exception as e:  # what is not committed stays in `taken` (the outage path retries it)
