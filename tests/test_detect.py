@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.bus import Message, Topic
 from pipeline.detect.catalog import ALERTS_BY_NAME
@@ -183,6 +185,38 @@ def test_an_integer_reading_past_what_a_float_holds_exactly_is_judged_not_an_err
     h.run(5, mutate=huge)
     assert h.engine.stats.invalid_values == {"ecc_sbe_volatile_total": 5}
     assert h.engine.stats.gpu_samples == 35 * 64
+
+
+_READING = st.one_of(st.none(), st.sampled_from([float("nan"), float("inf"), -float("inf"), -1.0, -0.0, 0, 1, -1,
+                                                  2**53 + 1, 2**63 - 1, -2**63, 2**64 - 1]),
+                     st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**63, 2**64 - 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(["double", "float", "int64", "int16", "uint64", "bool"]),
+       values=st.lists(_READING, max_size=40))
+def test_a_reading_is_its_value_as_a_float_or_nan_and_each_bad_one_is_counted(kind, values):
+    """numeric(): what every detector sees of a column, whatever its Arrow type. A null is NaN
+    and no error; a NaN, an infinity or a negative reading is NaN and counted; the rest is the
+    value as a float (an int64 past 2**53 rounded, never refused)."""
+    from pipeline.detect.batch import numeric
+    from pipeline.detect.batch import Stats
+    typ = {"double": pa.float64(), "float": pa.float32(), "int64": pa.int64(), "int16": pa.int16(),
+           "uint64": pa.uint64(), "bool": pa.bool_()}[kind]
+    fits = {"double": lambda v: isinstance(v, float),
+            "float": lambda v: isinstance(v, float) and not 3e38 <= abs(v) < np.inf,  # (float32's range)
+            "int64": lambda v: isinstance(v, int) and v < 2**63, "int16": lambda v: isinstance(v, int) and -2**15 <= v < 2**15,
+            "uint64": lambda v: isinstance(v, int) and 0 <= v, "bool": lambda v: isinstance(v, int) and v in (0, 1)}
+    column = [v if v is None or fits[kind](v) else None for v in values]
+    if kind == "bool":
+        column = [None if v is None else bool(v) for v in column]
+    stats = Stats()
+    got = numeric(pa.RecordBatch.from_pydict({"x": pa.array(column, typ)}), "x", stats)
+    as_float = [None if v is None else float(np.float32(v)) if kind == "float" else float(v) for v in column]
+    want = [np.nan if v is None or not (0 <= v < np.inf) else v for v in as_float]
+    assert got.dtype == np.float64 and np.array_equal(got, np.array(want, np.float64), equal_nan=True)
+    bad = sum(v is not None and not (0 <= v < np.inf) for v in as_float)
+    assert stats.invalid_values == ({"x": bad} if bad else {})
 
 
 def test_unsupported_fields_are_null_not_zero_and_do_not_alert():
