@@ -47,7 +47,7 @@ def rows_of(text: str, src: DcgmSource | None = None, target: Target | None = No
 def test_every_gpu_sample_metric_is_one_dcgm_field_and_names_are_dcgm_exporters():
     assert sorted(BY_COLUMN) == sorted(GPU_METRICS + GPU_SETTINGS)
     assert len({f.name for f in FIELDS}) == len(FIELDS)
-    assert all(f.name.startswith("DCGM_FI_DEV_") and f.type in ("gauge", "counter") for f in FIELDS)
+    assert all(f.name.startswith(("DCGM_FI_DEV_", "DCGM_FI_PROF_")) and f.type in ("gauge", "counter") for f in FIELDS)
     # dcgm-exporter's default-counters.csv, as its fixture shows it (HELP and TYPE lines)
     text = H100_8GPU.read_text()
     for f in FIELDS:
@@ -141,6 +141,75 @@ def test_the_node_is_the_hostname_label_of_either_dcgm_exporter_generation():
     for exposition, node in ((new, "gpu-node-042"), (old, "gpu-node-043")):
         batch, _, state = rows_of(exposition, target=Target("http://10.0.3.17:9400/metrics"))
         assert set(batch.column("node").to_pylist()) == {node} and state.node == node and batch.num_rows == 8
+
+
+@pytest.mark.parametrize("says", ["localhost", "3f546054f69d"])
+def test_a_hostname_label_that_names_no_node_gives_way_to_the_target_s_host(says, caplog):
+    """dcgm-exporter 4 run with -r names its host engine's host, `localhost` (NVIDIA/dcgm-exporter#572);
+    in Docker without NODE_NAME it names the container (#581), anew at each restart. Either made
+    every such node one node, or a new node each restart: the target's host names them, said once."""
+    import logging
+    text = H100_8GPU.read_text().replace('Hostname="gpu-node-017"', f'Hostname="{says}"')
+    src = source()
+    with caplog.at_level(logging.WARNING, "pipeline.sources.dcgm"):
+        for _ in range(3):
+            batch, _, state = rows_of(text, src, Target("http://gpu-node-9.example.org:9400/metrics"))
+    assert set(batch.column("node").to_pylist()) == {"gpu-node-9.example.org"} == {state.node}
+    [said] = [r.getMessage() for r in caplog.records if "no node's name" in r.getMessage()]
+    assert repr(says) in said and "gpu-node-9.example.org" in said and "target's labels" in said
+    labelled = Target("http://gpu-node-9.example.org:9400/metrics", {"node": "n9"})
+    assert set(rows_of(text, source(), labelled)[0].column("node").to_pylist()) == {"n9"}
+
+
+def _mig(text: str, active: tuple[float, float] | None) -> str:
+    """GPU 0 of the H100 fixture as a MIG GPU of two 3g.40gb instances, as dcgm-exporter serves
+    one (each field once per instance; GPU_UTIL and MEM_COPY_UTIL 0 there, NVIDIA/dcgm-exporter#216)."""
+    out = []
+    for line in text.splitlines():
+        if 'gpu="0"' not in line:
+            out.append(line)
+            continue
+        name = line[:line.index("{")]
+        for gi, fb, act in ((1, 30000, active and active[0]), (2, 5000, active and active[1])):
+            labelled = line.replace('{gpu="0"', f'{{gpu="0",GPU_I_PROFILE="3g.40gb",GPU_I_ID="{gi}"')
+            if name == "DCGM_FI_DEV_FB_USED":
+                labelled = labelled[:labelled.rindex("}") + 1] + f" {fb}"
+            elif name in ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_MEM_COPY_UTIL"):
+                labelled = labelled[:labelled.rindex("}") + 1] + " 0"
+            out.append(labelled)
+            if name == "DCGM_FI_DEV_GPU_UTIL" and act is not None:
+                out.append("DCGM_FI_PROF_GR_ENGINE_ACTIVE" + labelled[len(name):labelled.rindex("}") + 1] + f" {act}")
+    return "\n".join(out) + "\n"
+
+
+def test_a_mig_gpu_is_one_row_with_its_instances_memory_and_their_activity_by_compute_slices():
+    """A MIG GPU's device-level utilisation reads 0 whatever runs on it: taken as it came, a fully
+    busy inference GPU was idle for the capacity report and the first to cap for the power
+    planner, and its memory was one instance's, whichever series came last."""
+    text = H100_8GPU.read_text()
+    whole = {x["gpu"]: x for x in rows_of(text)[0].to_pylist()}
+    batch, _, _ = rows_of(_mig(text, (0.95, 0.4)))
+    assert batch.num_rows == 8
+    r = {x["gpu"]: x for x in batch.to_pylist()}
+    assert r[0]["util_gpu"] == pytest.approx((0.95 * 3 + 0.4 * 3) / 7)  # 7 compute slices, 3 of them idle
+    assert r[0]["mem_used_bytes"] == (30000 + 5000) * MIB and r[0]["util_mem"] is None
+    assert r[0]["power_w"] == whole[0]["power_w"] and r[0]["energy_j"] == whole[0]["energy_j"]
+    assert all(r[g] == whole[g] for g in range(1, 8))  # the GPUs without MIG: as before
+    # Without the DCP fields (dcgm-exporter's default counters): unknown, not idle.
+    r = {x["gpu"]: x for x in rows_of(_mig(text, None))[0].to_pylist()}
+    assert r[0]["util_gpu"] is None and r[0]["mem_used_bytes"] == 35000 * MIB
+    # A whole GPU's own graphics activity does not replace its GPU_UTIL.
+    extra = "DCGM_FI_PROF_GR_ENGINE_ACTIVE" + text.splitlines()[2][len("DCGM_FI_DEV_SM_CLOCK"):].rsplit(" ", 1)[0]
+    assert rows_of(text + extra + " 0.2\n")[0].to_pylist()[0]["util_gpu"] == whole[0]["util_gpu"]
+
+
+def test_a_link_s_own_series_is_no_gpu_of_its_own():
+    """dcgm-exporter's link entities carry `nvlink`, `gpu_uuid` and `hostname`, not `UUID`: read as
+    a GPU, each made a phantom row keyed by host and index."""
+    link = ('DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL{nvlink="3",gpu="0",gpu_uuid="GPU-85a0bcc1-6a06-ce83-'
+            '4dad-5d99f5e2fc57",pci_bus_id="00000000:18:00.0",device="nvidia0",model_name="m",hostname="n1"} 4\n')
+    batch, _, _ = rows_of(H100_8GPU.read_text() + link)
+    assert batch.num_rows == 8 and batch.column("nvlink_crc_errors_total").null_count == 8
 
 
 def test_dcgm_blank_values_an_older_exporter_serves_are_missing_not_readings():

@@ -13,14 +13,15 @@ or `fleetwatch run --source dcgm --dcgm-targets URL[,URL...]`).
   Inf or one of DCGM's blank values (an older exporter's "not supported", 9223372036854775794),
   are null.
 - Who is who: the node is the target's `node` label, else the exporter's `hostname` label
-  (`Hostname` before dcgm-exporter#655),
-  else the target's host; site and rack are the target's labels, else the mapping file's
+  (`Hostname` before dcgm-exporter#655) unless it names no node (`localhost`, a container's
+  id), else the target's host; site and rack are the target's labels, else the mapping file's
   (`dcgm.mapping_file`, CSV node,site,rack), else `dcgm.site`/`dcgm.rack`. `gpu`,
   `modelName`, `pci_bus_id`, `DCGM_FI_DRIVER_VERSION` (and `DCGM_FI_DEV_SERIAL` where the
   exporter enables it) fill the row, and the pod mapping's `pod`, `namespace` and `container`
   and the HPC job mapping's `hpc_job` (the `job` column) say who uses the GPU. A GPU seen in
   several series (several pods or jobs, MIG instances) is one row, its pods and jobs
-  comma-separated.
+  comma-separated; a MIG GPU's memory is its instances' sum and its utilisation their
+  graphics activity by compute slices (`_mig_gpu`).
 - Events: `DCGM_FI_DEV_XID_ERRORS` is the last XID's value: a change to a non-zero value is an
   `xid` event (the value at a GPU's first scrape is its baseline: the gauge cannot say when that
   XID happened). Energy going backwards is a `gpu_reset` event, as the NVML agent reports it.
@@ -52,11 +53,15 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, DcgmConfig
 from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD, TS
-from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, COLUMN_LABELS, WORKLOAD_LABELS, XID, column_array, \
-    dcgm_blank
+from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, COLUMN_LABELS, GR_ENGINE_ACTIVE, WORKLOAD_LABELS, XID, \
+    column_array, dcgm_blank
 from pipeline.waits import wait_any, wait_set
 
 log = logging.getLogger(__name__)
+
+# Host names an exporter may send that name no node (TargetState's node: the target's host instead).
+_LOOPBACK = re.compile(r"localhost(\.localdomain)?|ip6-localhost|127(\.\d{1,3}){3}|::1", re.I)
+_CONTAINER_ID = re.compile(r"[0-9a-f]{12}")
 
 MAX_BYTES = 16 * 2 ** 20  # an exposition of 8 GPUs is ~25 KB; past this it is not one
 # Why a scrape failed (counted per reason).
@@ -166,7 +171,7 @@ class Exposition:
     samples: int = 0                            # DCGM samples read
 
 
-_WANTED = frozenset(n for n, f in BY_NAME.items() if f.column or f.name == XID)
+_WANTED = frozenset(n for n, f in BY_NAME.items() if f.column or f.name in (XID, GR_ENGINE_ACTIVE))
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
@@ -245,10 +250,12 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
     rows: dict[str, int] = {}
     info: dict[str, list[str | None]] = {c: [] for c in ("gpu", "node", *GPU_INFO, *GPU_WORKLOAD)}
     found: dict[str, tuple[list[int], list[float]]] = {}
+    instances: dict[int, dict[str, MigInstance]] = {}  # a MIG GPU's row -> its GPU instances (GPU_I_ID)
     samples = dcgm_samples(text) if fast else reference_samples(text)
     for name, labels, value in samples:
+        if "nvlink" in labels:  # a link's own series (dcgm-exporter's link entities): the GPU's total is read
+            continue
         spec = BY_NAME[name]
-        rs, vs = found.setdefault(spec.column or XID, ([], []))
         host = labels.get("hostname") or labels.get("Hostname") or ""
         key = labels.get("UUID") or f"{host}:{labels.get('gpu', '')}"
         r = rows.get(key)
@@ -263,6 +270,19 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
         for label, column in WORKLOAD_LABELS.items():
             if (v := labels.get(label)) and v not in (known := info[column][r] or "").split(","):
                 info[column][r] = f"{known},{v}" if known else v
+        if (gi := labels.get("GPU_I_ID")) is not None:
+            instance = instances.setdefault(r, {}).setdefault(gi, MigInstance(labels.get("GPU_I_PROFILE", "")))
+            if dcgm_blank(np.float64(value)):
+                value = math.nan
+            if name == GR_ENGINE_ACTIVE:
+                instance.active = value
+                continue
+            if spec.column == "mem_used_bytes":
+                instance.fb_used = value
+                continue
+        if name == GR_ENGINE_ACTIVE:  # (a whole GPU's: GPU_UTIL says it)
+            continue
+        rs, vs = found.setdefault(spec.column or XID, ([], []))
         rs.append(r)
         vs.append(value)
     n = len(rows)
@@ -272,10 +292,47 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
         v[np.asarray(rs, np.int64)] = np.asarray(vs, np.float64)
         v[dcgm_blank(v)] = np.nan  # an older exporter's "no value": missing, as today's leaves it out
         values[column] = v
+    for r, of_gpu in instances.items():
+        _mig_gpu(values, n, r, list(of_gpu.values()), info["model"][r] or "")
     xid = values.pop(XID, np.full(n, np.nan))
     for column, v in values.items():
         values[column] = BY_COLUMN[column].to_column(v)
     return Exposition(list(rows), info, values, xid, len(samples))
+
+
+@dataclass
+class MigInstance:
+    """One GPU instance of a MIG GPU, as dcgm-exporter serves it (GPU_I_ID, GPU_I_PROFILE labels)."""
+    profile: str                  # e.g. 3g.40gb: 3 compute slices
+    active: float = math.nan      # DCGM_FI_PROF_GR_ENGINE_ACTIVE, 0-1 of the instance
+    fb_used: float = math.nan     # DCGM_FI_DEV_FB_USED, MiB of the instance's memory
+
+    @property
+    def slices(self) -> int | None:
+        m = _MIG_PROFILE.match(self.profile)
+        return int(m[1] or m[2]) if m else None
+
+
+_MIG_PROFILE = re.compile(r"(?:(\d+)c\.)?(\d+)g\.")  # 3g.40gb; a compute instance's 1c.3g.40gb
+# Compute slices of a MIG GPU (A100, H100, H200, B200: 7; A30: 4): instances not configured are idle.
+_MIG_SLICES = {"A30": 4}
+
+
+def _mig_gpu(values: dict[str, np.ndarray], n: int, r: int, of_gpu: list[MigInstance], model: str) -> None:
+    """A MIG GPU's series are its instances' (NVIDIA/dcgm-exporter#317): the device's fields repeat
+    on each, but memory is each instance's own, and GPU_UTIL and MEM_COPY_UTIL read 0 there (#216),
+    which would call a busy GPU idle. Its memory is the instances' sum; its utilisation their graphics
+    activity weighted by compute slices, where the exporter sends it (DCP fields), else unknown."""
+    def column(name: str) -> np.ndarray:
+        return values.setdefault(name, np.full(n, np.nan))
+    fb = [i.fb_used for i in of_gpu if not math.isnan(i.fb_used)]
+    if fb and math.isnan(column("mem_used_bytes")[r]):  # (a series of the whole GPU's, if any, says it)
+        column("mem_used_bytes")[r] = sum(fb)
+    total = next((k for name, k in _MIG_SLICES.items() if name in model), 7)
+    known = all(i.slices is not None and not math.isnan(i.active) for i in of_gpu)
+    column("util_gpu")[r] = (min(sum(i.active * i.slices for i in of_gpu) / total, 1.0) * 100.0  # (in %)
+                             if known and of_gpu else math.nan)
+    column("util_mem")[r] = math.nan
 
 
 def gpu_index(texts: list[str | None], fallback: int) -> np.ndarray:
@@ -294,6 +351,7 @@ class TargetState:
     failing: str = ""                                      # the reason it fails now; "" while it answers
     detail: str = ""
     node: str = ""                                         # the node its last good scrape named
+    said_hostname: str = ""                                # the exporter's unusable host name, said once
     last_xid: dict[str, float] = field(default_factory=dict)     # per UUID
     last_energy: dict[str, float] = field(default_factory=dict)  # per UUID (J)
 
@@ -358,11 +416,28 @@ class DcgmSource:
             return Scraped(st, reason=GARBAGE, detail=f"not readable as GPU samples: {e!r}"[:300])
         return Scraped(st, batch, events)
 
+    @staticmethod
+    def _exporters_host(st: TargetState, host: str | None) -> str | None:
+        """The exporter's hostname label, unless it cannot name the node: dcgm-exporter -r names
+        its host engine's (`localhost` from v4, NVIDIA/dcgm-exporter#572), and in a container
+        without NODE_NAME it names the container (Docker's 12 hex digits, #581: a new node at
+        each restart). Then None (the target's host), said once per target."""
+        if host is None or not (_LOOPBACK.fullmatch(host) or _CONTAINER_ID.fullmatch(host)):
+            return host
+        if st.said_hostname != host:
+            st.said_hostname = host
+            log.warning("dcgm: %s: the exporter names its host %r, which is no node's name (dcgm-exporter -r "
+                        "names its host engine's; in a container it names the container): its GPUs are node "
+                        "%r, the target's host; give the node in the target's labels to name it otherwise",
+                        st.target.url, host, urlsplit(st.target.url).hostname)
+        return None
+
     def rows(self, st: TargetState, p: Exposition, ts_ns: int) -> tuple[pa.RecordBatch, list[dict]]:
         """One target's GPUs as gpu_samples rows, and its events (XID changes, GPU resets)."""
         n = len(p.uuids)
         target = st.target
-        node = target.label("node") or next((h for h in p.info["node"] if h), None) or urlsplit(target.url).hostname
+        node = target.label("node") or self._exporters_host(st, next((h for h in p.info["node"] if h), None)) \
+            or urlsplit(target.url).hostname
         mapped = self.mapping.get(node, ("", ""))
         site = target.label("site") or mapped[0] or self.cfg.site
         rack = target.label("rack") or mapped[1] or self.cfg.rack

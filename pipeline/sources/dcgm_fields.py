@@ -101,9 +101,13 @@ FIELDS: tuple[DcgmField, ...] = (
       note="NVML's clocks event reasons bits; DCGM 3.3+ also calls it DCGM_FI_DEV_CLOCKS_EVENT_REASONS"),
     _("DCGM_FI_DEV_PSTATE", "gauge", "", "Performance state (P-State) 0-15. 0=highest", "pstate"),
     _("DCGM_FI_DEV_SLOWDOWN_TEMP", "gauge", "C", "Slowdown temperature for the device.", "slowdown_temp_c"),
+    _("DCGM_FI_PROF_GR_ENGINE_ACTIVE", "gauge", "ratio", "Ratio of time the graphics engine is active.",
+      note="read for MIG instances only (dcgm-exporter's dcp-metrics-included.csv): a MIG GPU's `util_gpu` is its "
+           "instances' activity weighted by their compute slices (GPU_UTIL reads 0 there)"),
 )
 del _
 XID = "DCGM_FI_DEV_XID_ERRORS"
+GR_ENGINE_ACTIVE = "DCGM_FI_PROF_GR_ENGINE_ACTIVE"
 FB_FREE = "DCGM_FI_DEV_FB_FREE"
 BY_NAME: dict[str, DcgmField] = {n: f for f in FIELDS for n in (f.name, *f.aliases)}
 BY_COLUMN: dict[str, DcgmField] = {f.column: f for f in FIELDS if f.column}
