@@ -460,6 +460,27 @@ def test_a_round_reads_the_good_targets_and_counts_each_bad_one_by_reason():
     assert 'fleetwatch_dcgm_targets{state="failing"} 5.0' in text and "fleetwatch_dcgm_scrapes_total 16.0" in text
 
 
+def test_an_exporter_with_its_1x_names_is_told_how_to_fix_it(tmp_path):
+    """dcgm-exporter --use-old-namespace serves dcgm_gpu_temp and the like: no field Fleetwatch
+    reads, which said only "no DCGM field with a GPU"."""
+    old = tmp_path / "old-namespace.txt"
+    old.write_text(H100_8GPU.read_text().replace("DCGM_FI_DEV_", "dcgm_").replace("UUID=", "uuid="))
+    ex = DcgmExporter(fixture=old)
+    src = source([ex.url])
+
+    async def one_round():
+        import aiohttp
+        async with aiohttp.ClientSession() as session:
+            return await src.round(session, asyncio.Semaphore(4))
+    try:
+        batch, _ = asyncio.run(one_round())
+    finally:
+        ex.close()
+    [state] = src.states
+    assert batch is None or batch.num_rows == 0
+    assert state.failing == NO_GPUS and "run the exporter without --use-old-namespace" in state.detail
+
+
 def test_one_exporter_under_two_names_is_read_once(caplog):
     ex = DcgmExporter()
     src = source([ex.url, ex.url.replace("127.0.0.1", "localhost")])

@@ -409,7 +409,10 @@ class DcgmSource:
         except ExpositionError as e:
             return Scraped(st, reason=GARBAGE, detail=str(e))
         if not parsed.uuids:
-            return Scraped(st, reason=NO_GPUS, detail=f"no DCGM field with a GPU in {len(body)} bytes")
+            old_names = b"\ndcgm_" in body  # dcgm-exporter --use-old-namespace (its 1.x names)
+            return Scraped(st, reason=NO_GPUS, detail=f"no DCGM field with a GPU in {len(body)} bytes" + (
+                "; its metrics have dcgm-exporter 1.x's names (dcgm_*): run the exporter without "
+                "--use-old-namespace" if old_names else ""))
         try:
             batch, events = self.rows(st, parsed, ts)
         except Exception as e:  # labels or values no gpu_samples row can hold: this target's problem only
