@@ -85,6 +85,54 @@ def test_a_kafka_buffer_whose_second_hour_fails_is_not_taken_for_archived_by_a_r
     assert gpu.select(pl.struct("gpu_uuid", "ts").is_unique().all()).item()
 
 
+@pytest.mark.parametrize("then", ["killed", "retried"])
+def test_a_kafka_buffer_killed_between_its_hours_renames_is_placed_whole_by_the_restart(tmp_path, monkeypatch, caplog,
+                                                                                        then):
+    """Over Kafka: a flush across an hour, its first hour renamed into place, the second's rename
+    failing (not a full disk: that fails in staging), and the process killed before its retry. The
+    placed file's name covers the whole offset range, so the restart reads none of it again: it
+    places the staged hour itself. A staged file that is not whole is not placed. The second hour
+    had been lost."""
+    import logging
+    import os
+    from datetime import datetime, timezone
+
+    from pipeline.sinks import parquet
+    from tests.test_archive import gpu_batches
+    batches = gpu_batches(60, datetime(2026, 3, 1, 23, 59, 30, tzinfo=timezone.utc))  # crosses an hour
+    w = ArchiveWriter(tmp_path / "archive")
+    for offset, b in enumerate(batches):
+        w.add("gpu_samples", b, partition=0, offset=offset)
+    placed, replace = [], os.replace
+
+    def second_placement_fails(src, dst):
+        if "gpu_samples" in Path(dst).parts:  # (a staged file renamed into its dataset)
+            placed.append(dst)
+            if len(placed) == 2:
+                raise OSError(5, "Input/output error", str(dst))
+        replace(src, dst)
+    monkeypatch.setattr(parquet.os, "replace", second_placement_fails)
+    taken = w.take()
+    with pytest.raises(OSError):
+        w.write(taken)
+    monkeypatch.undo()
+    assert len(gpu_files(tmp_path)) == 1 and len(list((tmp_path / "archive" / ".staging").iterdir())) == 1
+    if then == "retried":  # (the outage path: put back, written again; the staged hour taken along)
+        w.put_back(taken)
+        w.flush()
+        assert not list((tmp_path / "archive" / ".staging").iterdir()) and len(gpu_files(tmp_path)) == 2
+    (tmp_path / "archive" / ".staging" / ("gpu_samples-1-" + Path(placed[0]).name)).write_bytes(b"half a file")
+    with caplog.at_level(logging.WARNING, "pipeline.sinks.parquet"):
+        again = ArchiveWriter(tmp_path / "archive")  # (killed; restarted)
+    assert not list((tmp_path / "archive" / ".staging").iterdir())
+    assert ("archive: placed" in caplog.text) == (then == "killed")
+    assert "cannot be placed" in caplog.text  # (the half file: removed)
+    assert again.archived_until("gpu_samples", 0) == len(batches) - 1  # the partition's reread skips it all
+    gpu = archived(tmp_path, "gpu_samples")
+    assert gpu.height == sum(b.num_rows for b in batches)
+    assert gpu.select(pl.struct("gpu_uuid", "ts").is_unique().all()).item()
+
+
 def test_shedding_keeps_the_newest_within_the_bound_and_counts_the_rest(tmp_path):
     from datetime import datetime, timezone
 

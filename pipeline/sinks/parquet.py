@@ -17,7 +17,10 @@ A write that fails (disk full, permission error, archive/ deleted) leaves no par
 file behind and hands back what it could not write (`put_back`), so the caller can
 hold it and try again; folders are created again on every write. A buffer's files (one
 per hour) are all written in staging before any is renamed into place, so a write that
-fails leaves none of its hours on disk.
+fails leaves none of its hours on disk. Only a rename failing after another can leave some:
+over Kafka the hours not placed then stay in staging (a staged name holds only whole files:
+each is written as `.partial` first), and a restart places them (`_recover_staged`), since
+the placed file's name says its whole offset range is archived.
 """
 
 from __future__ import annotations
@@ -94,6 +97,37 @@ class ArchiveBuffers:
 
     def write(self, taken: dict[tuple[str, int], _Buffer]) -> list:
         raise NotImplementedError
+
+    def _recover_staged(self) -> None:
+        """What a killed process left in staging. A Kafka buffer's hour whose sibling hour was placed
+        (a rename failed after another, then the kill) is placed now: the placed file's name covers
+        the whole offset range, so the restart reads nothing of it again. Anything else (half-written,
+        or a buffer none of whose hours was placed, which its partition delivers again) goes."""
+        for leftover in sorted(self.staging.iterdir()):
+            dataset, hour, name = (leftover.name.split("-", 2) + ["", ""])[:3]
+            try:
+                if (leftover.suffix == ".parquet" and name.startswith("part-p") and dataset in SCHEMAS
+                        and hour.isdigit() and self._placed(dataset, name)):
+                    pq.read_metadata(leftover)  # whole (a file from before `.partial` may be half of one)
+                    final = self._hour_dir(dataset, int(hour)) / name
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(leftover, final)
+                    log.warning("archive: placed %s, one hour of a write a stopped process had left half done "
+                                "(its other hour was in place)", final)
+                    continue
+            except (OSError, pa.ArrowException) as e:
+                log.warning("archive: %s left in staging cannot be placed (%s): removed; its partition "
+                            "delivers it again only if it was not committed", leftover.name, e)
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    def _placed(self, dataset: str, name: str) -> bool:
+        """A file of this name (a Kafka buffer's, one per hour) is in one of the dataset's hours."""
+        return next((self.root / dataset).glob(f"date=*/hour=*/{name}"), None) is not None
+
+    def _hour_dir(self, dataset: str, hour: int) -> Path:
+        start = datetime.fromtimestamp(hour * 3600, timezone.utc)
+        return self.root / dataset / f"date={start:%Y-%m-%d}" / f"hour={start:%H}"
 
     def stored_until(self, dataset: str, partition: int) -> int:
         raise NotImplementedError
@@ -223,8 +257,7 @@ class ArchiveWriter(ArchiveBuffers):
         self.compression = None if compression == "none" else compression
         self._seq = 0
         self.min_free_bytes = int(min_free_mb * 2**20)  # below this free space, writing fails as a full disk
-        for leftover in self.staging.glob("*.parquet"):  # from a crash mid-write: never renamed, never visible
-            leftover.unlink()
+        self._recover_staged()
 
     def stored_until(self, dataset: str, partition: int) -> int:
         last = -1
@@ -284,7 +317,9 @@ class ArchiveWriter(ArchiveBuffers):
                     self.files_by_dataset[dataset] += 1
                     done |= in_hour
             except BaseException:
-                for tmp, _, _ in staged:
+                for tmp, final, _ in staged:
+                    if partition >= 0 and tmp.exists() and self._placed(dataset, final.name):
+                        continue  # its sibling hour is placed: kept for the retry, or for a restart to place
                     with contextlib.suppress(OSError):
                         tmp.unlink(missing_ok=True)
                 if done.any():  # a rename failed after others (rare): a retry writes only the hours not placed
@@ -299,22 +334,23 @@ class ArchiveWriter(ArchiveBuffers):
 
     def _stage(self, dataset: str, hour: int, table: pa.Table, partition: int, buf: _Buffer) -> tuple[Path, Path]:
         """One hour's file written and fsynced in staging, its folder made: (staged, final path)."""
-        start = datetime.fromtimestamp(hour * 3600, timezone.utc)
         if partition >= 0:
             name = f"part-p{partition:04d}-o{buf.first_offset:016d}-{buf.last_offset:016d}.parquet"
         else:
             first_ns = int(table.column(TIME_COLUMN[dataset]).cast(pa.int64()).to_numpy().min())
             self._seq += 1
             name = f"part-{first_ns}-{self.writer_id}-{self._seq:06d}.parquet"
-        final_dir = self.root / dataset / f"date={start:%Y-%m-%d}" / f"hour={start:%H}"
+        final_dir = self._hour_dir(dataset, hour)
         final_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.staging / f"{dataset}-{hour}-{name}"  # (a buffer's hours share a Kafka name)
+        partial = tmp.with_name(tmp.name + ".partial")  # a staged name holds only whole files (_recover_staged)
         try:
-            pq.write_table(on_disk(dataset, table), tmp, compression=self.compression)
-            with open(tmp, "rb") as f:
+            pq.write_table(on_disk(dataset, table), partial, compression=self.compression)
+            with open(partial, "rb") as f:
                 os.fsync(f.fileno())
+            os.replace(partial, tmp)
         except BaseException:
             with contextlib.suppress(OSError):  # a partial file (full disk) frees its space, never shows
-                tmp.unlink(missing_ok=True)
+                partial.unlink(missing_ok=True)
             raise
         return tmp, final_dir / name
