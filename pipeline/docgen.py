@@ -4,10 +4,14 @@
     runbooks  runbooks/README.md    the runbook index, from the alert catalog
     config    docs/configuration.md the table of every configuration key (config.reference())
     dcgm      docs/collectors.md    the DCGM counters table (sources/dcgm_fields.py)
+    inhibit   deploy/alertmanager/alertmanager.yml
+                                    the default inhibit rules, as Alertmanager's: the Alertmanager
+                                    kind's alerts are inhibited there, not by Fleetwatch
 
 Each sits between `<!-- BEGIN generated: NAME (scripts/update-docs) -->` and
-`<!-- END generated: NAME -->`; edit the source, then run scripts/update-docs (tests
-run `--check`, which changes nothing and fails on a stale table).
+`<!-- END generated: NAME -->` (in YAML, the same words as `#` comments); edit the source,
+then run scripts/update-docs (tests run `--check`, which changes nothing and fails on a
+stale table).
 """
 
 from __future__ import annotations
@@ -78,13 +82,28 @@ def dcgm_table() -> str:
     return counters_table()
 
 
+def alertmanager_inhibit_rules() -> str:
+    """The default alerts.inhibit_rules (config.DEFAULT_INHIBIT_RULES, from the catalog) in
+    Alertmanager's words; its regex matchers are anchored, as Fleetwatch's full matches are."""
+    from pipeline.config import DEFAULT_INHIBIT_RULES
+    lines = ["inhibit_rules:"]
+    for r in DEFAULT_INHIBIT_RULES:
+        lines += [f"  - source_matchers: [{json.dumps(f'alertname =~ {json.dumps(r.source)}')}]",
+                  f"    target_matchers: [{json.dumps(f'alertname =~ {json.dumps(r.target)}')}]",
+                  f"    equal: [{', '.join(r.equal)}]"]
+    return "\n".join(lines)
+
+
 GENERATED = {"alerts": ("docs/detection.md", alerts_table), "runbooks": ("runbooks/README.md", runbook_index),
-             "config": ("docs/configuration.md", config_table), "dcgm": ("docs/collectors.md", dcgm_table)}
+             "config": ("docs/configuration.md", config_table), "dcgm": ("docs/collectors.md", dcgm_table),
+             "inhibit": ("deploy/alertmanager/alertmanager.yml", alertmanager_inhibit_rules)}
 
 
-def render(text: str, name: str, content: str) -> str:
+def render(text: str, name: str, content: str, yaml: bool = False) -> str:
     """`text` with the block `name` holding `content`; ValueError if its markers are missing."""
     begin, end = BEGIN.format(name=name), END.format(name=name)
+    if yaml:
+        begin, end = (f"# {m.removeprefix('<!-- ').removesuffix(' -->')}" for m in (begin, end))
     pattern = re.compile(re.escape(begin) + r"\n.*?" + re.escape(end), re.S)
     if len(pattern.findall(text)) != 1:
         raise ValueError(f"no single '{begin}' ... '{end}' block")
@@ -99,7 +118,7 @@ def update(root: Path, check: bool = False) -> list[str]:
         file = root / path
         text = file.read_text()
         try:
-            new = render(text, name, make())
+            new = render(text, name, make(), yaml=path.endswith(".yml"))
         except ValueError as e:
             raise SystemExit(f"{path}: {e}") from None
         if new != text:

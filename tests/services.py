@@ -663,18 +663,22 @@ def alertmanager_binary() -> str:
 class Alertmanager(Service):
     """A Prometheus Alertmanager on a free loopback port, clustering off, routing every
     alert (grouped by alertname and rack, 1 s group_wait and group_interval) to one
-    webhook receiver with send_resolved."""
+    webhook receiver with send_resolved; or run with `config`, a file of its own."""
 
     name = "alertmanager"
     stop_timeout_s = 10.0
 
-    def __init__(self, webhook_url: str, workdir: Path | None = None) -> None:
+    def __init__(self, webhook_url: str = "", workdir: Path | None = None, config: Path | None = None) -> None:
         super().__init__()
         self.binary = alertmanager_binary()
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="alertmanager-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.config = self.dir / "alertmanager.yml"
+        self.config = config or self.dir / "alertmanager.yml"
+        if config is None:
+            self._write_config(webhook_url)
+
+    def _write_config(self, webhook_url: str) -> None:
         self.config.write_text("\n".join([
             "route:",
             "  receiver: test",

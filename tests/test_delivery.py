@@ -357,3 +357,41 @@ def test_a_stop_after_the_outbox_disk_failed_leaves_no_unread_error_to_log(tmp_p
         asyncio.run(go())
         gc.collect()
     assert "never retrieved" not in caplog.text and "Traceback" not in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize("kind", ["alertmanager", "webhook"])
+def test_a_receiver_configured_again_hears_what_changed_while_none_of_its_kind_was(tmp_path, http, kind):
+    """A receiver kind's state (the alerts Alertmanager is re-sent, the webhook groups) was kept
+    only while a receiver of that kind was configured. Removed, then configured again: an alert
+    that resolved meanwhile went on being sent as firing, for ever, and one that fired meanwhile
+    never went out. alerts.jsonl, written first, is what the kind takes them from."""
+    recv = http(keep_bodies=True).start()
+
+    def notifier(receivers: bool) -> Notifier:
+        return Notifier(make_config(data_dir=str(tmp_path / "data"), alerts={
+            "resend_interval_s": 1, "group_wait_s": 0, "group_interval_s": 0,
+            "receivers": [{"name": "r", "url": recv.url, "kind": kind}] if receivers else []}))
+
+    def firing_names(body) -> set[str]:
+        if kind == "alertmanager":  # (a postable alert has an endsAt only once resolved)
+            return {a["labels"]["node"] for a in body if "endsAt" not in a}
+        return {a["labels"]["node"] for a in body["alerts"] if a["status"] == "firing"}
+
+    async def run(n: Notifier, changes: list[dict], until_seen=None) -> None:
+        await n.start()
+        try:
+            if changes:
+                await n.handle(changes)
+            if until_seen is not None:
+                await until(until_seen)
+        finally:
+            await n.close()
+    asyncio.run(run(notifier(True), [alert("GpuXid", "r01", "a"), alert("GpuXid", "r01", "b")],
+                    lambda: any(firing_names(b) == {"a", "b"} for b in recv.bodies)))
+    asyncio.run(run(notifier(False), [alert("GpuXid", "r01", "a", resolved=True), alert("GpuXid", "r01", "c")]))
+    seen = len(recv.bodies)
+    asyncio.run(run(notifier(True), [], lambda: any(firing_names(b) == {"b", "c"} for b in recv.bodies[seen:])))
+    told_after = recv.bodies[seen:]
+    assert not any("a" in firing_names(b) for b in told_after)
+    if kind == "webhook":  # its firing went out there: so does its resolution
+        assert any(a["labels"]["node"] == "a" and a["status"] == "resolved" for b in told_after for a in b["alerts"])

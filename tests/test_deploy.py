@@ -637,7 +637,9 @@ def test_kubernetes_settings_are_config_keys(tmp_path):
     notify_toml = notify_toml["data"]["notify.toml"]
     (tmp_path / "notify.toml").write_text(notify_toml)
     cfg = load_config(tmp_path / "notify.toml", env=env)
-    assert [r.kind for r in cfg.alerts.receivers] == ["alertmanager"]
+    # One receiver per Alertmanager replica (each must hear every alert), never the balanced service.
+    assert [r.kind for r in cfg.alerts.receivers] == ["alertmanager"] * 3
+    assert all("alertmanager-operated" in r.url for r in cfg.alerts.receivers)
 
 
 # ---------------------------------------------------------------- systemd

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 from pipeline.config import AlertsConfig, Config, ConfigError
 from pipeline.model import iso_utc
 from pipeline.redact import redact_text
-from pipeline.sinks.alerts import AlertLog
+from pipeline.sinks.alerts import AlertLog, read_jsonl
 from pipeline.sinks.console import Console
 from pipeline.sinks.files import Rotation, append_durably, write_atomically
 from pipeline.sinks.outbox import WINDOW, Outbox, Record
@@ -346,8 +346,18 @@ class Notifier:
                             "(configure a receiver named %s again, or remove the folder)", d, d.name)
 
     def _restore(self) -> None:
+        latest = self._latest() if self._in_use else {}
         for kind in self._in_use:
-            kind.restore(self._load(kind.state_file))
+            kind.restore(self._load(kind.state_file), latest)
+
+    def _latest(self) -> dict[str, dict[str, Any]]:
+        """Each alert's latest change in alerts.jsonl (written before any kind's state)."""
+        try:
+            return read_jsonl(self.alert_log.path)[0]
+        except OSError as e:
+            log.error("%s is unreadable (%s): alerts that changed while a receiver kind's state did not "
+                      "hear it are not known to it", self.alert_log.path, e)
+            return {}
 
     def _load(self, name: str) -> dict[str, Any]:
         path = self.state_dir / name

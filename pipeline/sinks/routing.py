@@ -206,6 +206,16 @@ class Router:
             g.alerts = {fp: a for fp, a in g.alerts.items() if a["status"] == "firing" or fp in g.notified}
             self._drop_if_empty(key)
 
+    def reconcile(self, latest: dict[str, dict[str, Any]], now: float) -> None:
+        """Take what alerts.jsonl says changed while these groups did not hear it: an alert that
+        fired while no webhook receiver was configured (notified after group_wait), one that
+        resolved then (its resolution goes out where its firing did; it had been re-sent as
+        firing at every repeat_interval, for ever)."""
+        held = {fp: a for g in self._groups.values() for fp, a in g.alerts.items()}
+        self.add([a for fp, a in latest.items() if a["status"] == "firing" and fp not in held]
+                 + [latest[fp] for fp, a in held.items()
+                    if a["status"] == "firing" and fp in latest and latest[fp]["status"] == "resolved"], now)
+
     # ---- internals -------------------------------------------------------------------
 
     def _group_of(self, labels: dict[str, str]) -> tuple[str, dict[str, str]]:

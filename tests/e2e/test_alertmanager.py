@@ -99,3 +99,37 @@ def test_alerts_reach_alertmanager_grouped_then_resolve(tmp_path, am, hook):
           f"delivered, {stats.pending} pending")
     assert pushes >= 2 and received >= 2 * len(firing)  # re-pushed while firing
     assert stats.pending == 0 and stats.dead_lettered == 0
+
+
+def test_the_shipped_alertmanager_config_inhibits_as_fleetwatch_s_default_rules_do(tmp_path):
+    """Alerts pushed to Alertmanager are inhibited there, not by Fleetwatch: the shipped
+    deploy/alertmanager/alertmanager.yml carries the catalog's rules (generated), so a rack's
+    coolant leak mutes its GPUs' over-temperature alerts and not another rack's."""
+    from pathlib import Path
+    shipped = Path(__file__).resolve().parents[2] / "deploy" / "alertmanager" / "alertmanager.yml"
+    am = Alertmanager(config=shipped, workdir=tmp_path).start()
+    cfg = make_config(data_dir=str(tmp_path / "data"), alerts={
+        "receivers": [{"name": "am", "url": am.url, "kind": "alertmanager"}]})
+    pushed = [alert("CoolantLeak", "r01", "r01-cdu"), alert("GpuOverTemperature", "r01", "r01-n1"),
+              alert("GpuOverTemperature", "r02", "r02-n1")]
+
+    def states() -> dict[str, dict]:
+        return {a["labels"]["rack"] + "/" + a["labels"]["alertname"]: a["status"]
+                for a in json.loads(get(f"{am.url}/api/v2/alerts"))}
+
+    async def go():
+        notifier = Notifier(cfg)
+        await notifier.start()
+        try:
+            await notifier.handle(pushed)
+            await until(lambda: states().get("r01/GpuOverTemperature", {}).get("state") == "suppressed"
+                        and len(states()) == 3, timeout=30)
+        finally:
+            await notifier.close()
+    try:
+        asyncio.run(go())
+        now = states()
+    finally:
+        am.close()
+    assert now["r01/GpuOverTemperature"]["inhibitedBy"] == [fingerprint(pushed[0]["labels"])]
+    assert now["r02/GpuOverTemperature"]["state"] == "active" and now["r01/CoolantLeak"]["state"] == "active"

@@ -28,7 +28,10 @@ class ReceiverKind:
                                  about every second with none: the payloads due now; they are
                                  appended to the outboxes, then snapshot() goes to
                                  <data_dir>/notify/<state_file> when `changed`, then written()
-        restore(state)           at start, and after a write that failed (the state on disk)
+        restore(state, latest)   at start, and after a write that failed (the state on disk);
+                                 `latest`: each alert's latest change in alerts.jsonl (fingerprint ->
+                                 alert object), which the notifier writes first: the truth where the
+                                 kind's state is behind it (a receiver added or removed since, a lost file)
 
     A kind whose receivers POST elsewhere than their configured url says where (post_url).
     Every payload is JSON; the notifier signs, sends and retries it (pipeline/sinks/notify.py).
@@ -64,5 +67,5 @@ class ReceiverKind:
     def snapshot(self) -> dict[str, Any]:
         return {}
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any], latest: dict[str, dict[str, Any]]) -> None:
         pass

@@ -4,6 +4,7 @@ group timers, inhibit_rules, silences), shared by every webhook receiver."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from pipeline.config import AlertsConfig
@@ -65,8 +66,9 @@ class WebhookKind(ReceiverKind):
     def snapshot(self) -> dict[str, Any]:
         return self.router.snapshot()
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any], latest: dict[str, dict[str, Any]]) -> None:
         self.router.restore(state)
+        self.router.reconcile(latest, time.time())
 
 
 KIND = WebhookKind
