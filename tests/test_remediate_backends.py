@@ -28,6 +28,7 @@ CONTEXT = {"alertname": "GpuUncorrectableEcc", "fingerprint": "3f2a9c", "remedia
            "severity": "critical", "summary": "GPU 3 of r01-n01: uncorrectable ECC errors", "rack": "r01",
            "gpu": "GPU-3", "case": "r01-n01@2026-01-05T10:00:00Z"}
 OURS = reason(CONTEXT)
+DOWN_AS_TESTS_START = OURS + "; DOWN before: test"  # (the test cluster's nodes are DOWN, reason "test")
 
 # What slurmctld 22.05 prints (`scontrol show node NODE --oneliner`), shortened in the middle.
 ONELINE = ("NodeName=r01-n01 CoresPerSocket=1  CPUAlloc=0 CPUEfctv=1 CPUTot=1 CPULoad=N/A AvailableFeatures=(null) "
@@ -74,7 +75,7 @@ def test_the_reason_loses_slurms_user_and_time_and_keeps_its_own_equals_signs():
 
 # ---- Slurm, against a real slurmctld (its nodes DOWN, no slurmd) ----
 
-NODES = {f"fw-n{i:02d}": "" for i in range(1, 11)}
+NODES = {f"fw-n{i:02d}": "" for i in range(1, 15)}
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +103,12 @@ def test_a_quarantine_drains_the_node_with_a_reason_naming_the_alert(slurm, back
                            text=True, check=True).stdout
     assert "DRAIN" in shown and "Reason=fleetwatch: GpuUncorrectableEcc fingerprint=3f2a9c" in shown, shown
     node = backend.show("fw-n01")
-    assert (node["base"], "DRAIN" in node["flags"], node["reason"]) == ("DOWN", True, OURS)  # DOWN+DRAIN
+    # DOWN+DRAIN, the reason it was DOWN for kept in ours
+    assert (node["base"], "DRAIN" in node["flags"], node["reason"]) == ("DOWN", True, DOWN_AS_TESTS_START)
     assert backend.drained("fw-n01") is True  # no job on it
     assert backend.held("fw-n01") is True
     backend.quarantine("fw-n01", CONTEXT)  # again (a restart mid-case): the same drain
-    assert backend.show("fw-n01")["reason"] == OURS
+    assert backend.show("fw-n01")["reason"] == DOWN_AS_TESTS_START
 
 
 def test_an_operators_resume_ends_the_hold_and_ours_is_then_nothing_to_do(slurm, backend):
@@ -117,14 +119,52 @@ def test_an_operators_resume_ends_the_hold_and_ours_is_then_nothing_to_do(slurm,
     backend.resume("fw-n02", CONTEXT)  # Slurm itself would refuse a second resume ("Invalid node state")
 
 
-def test_resume_returns_a_drained_down_node_to_service(backend):
-    """Without slurmd the node is DOWN+DRAIN; a resume makes it IDLE+NOT_RESPONDING (Slurm
-    would mark it DOWN again once it never answers), the reason gone."""
+def test_a_node_drained_while_down_is_put_back_down_with_its_reason_never_into_service(slurm, backend):
+    """A DOWN node (an operator's "ops: PSU swap pending", or Slurm's "Not responding") is drained
+    all the same, so that it cannot come back into service with its fault. Its resume had made it
+    IDLE, back in service, the operator's reason gone: it is now DOWN again, with that reason.
+    An operator's FAIL is never taken over."""
+    slurm.scontrol("update", "nodename=fw-n03", "state=down", "reason=ops: PSU swap pending")
     backend.quarantine("fw-n03", CONTEXT)
+    node = backend.show("fw-n03")
+    assert (node["base"], "DRAIN" in node["flags"]) == ("DOWN", True)
+    assert node["reason"] == OURS + "; DOWN before: ops: PSU swap pending"  # theirs, seen in sinfo too
     backend.resume("fw-n03", CONTEXT)
     node = backend.show("fw-n03")
-    assert (node["base"], node["flags"], node["reason"]) == ("IDLE", {"NOT_RESPONDING"}, "")
-    assert backend.held("fw-n03") is False
+    assert (node["base"], "DRAIN" in node["flags"], node["reason"]) == ("DOWN", False, "ops: PSU swap pending")
+    slurm.scontrol("update", "nodename=fw-n11", "state=fail", "reason=ops: retire")
+    with pytest.raises(BackendError, match="fw-n11 is FAIL, set by someone else \\(reason 'ops: retire'\\)"):
+        backend.quarantine("fw-n11", CONTEXT)
+    node = backend.show("fw-n11")
+    assert ("FAIL" in node["flags"], "DRAIN" in node["flags"], node["reason"]) == (True, False, "ops: retire")
+    assert backend.held("fw-n11") is True  # out of service: a case on it is not "returned by hand"
+
+
+@pytest.mark.parametrize("name", ["fw-n1[2-3]", "fw-n12,fw-n13", "ALL", "all", "fw-n12 fw-n13"])
+def test_a_name_scontrol_would_take_for_several_nodes_drains_none(slurm, backend, name):
+    """A node's name comes from the samples: `fw-n1[2-3]` had drained both nodes."""
+    with pytest.raises(BackendError, match="is not one node's name"):
+        backend.quarantine(name, CONTEXT)
+    assert not any("DRAIN" in backend.show(n)["flags"] for n in ("fw-n12", "fw-n13"))
+
+
+def test_a_drain_slurmctld_applied_after_scontrol_gave_up_is_the_quarantine(slurm, tmp_path):
+    """scontrol gives up after its own timeout while a slow slurmctld may still apply the update:
+    that drain, ours, had been left with no case to ever resume it."""
+    import os
+    import stat
+    wrapper = tmp_path / "scontrol"
+    real = slurm_binary("scontrol")  # an update of fw-n14 lands, of any node its answer is lost
+    wrapper.write_text(f'#!/bin/sh\ncase "$1" in update)\n  [ "$2" = nodename=fw-n14 ] && {real} "$@" >/dev/null\n'
+                       '  echo "slurm_update error: Socket timed out on send/recv operation" >&2; exit 1;;\nesac\n'
+                       f'exec {real} "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    slow = Slurm(scontrol=str(wrapper), env={**slurm.env, "PATH": os.environ["PATH"]}, timeout_s=30)
+    slow.quarantine("fw-n14", CONTEXT)  # no error: the drain is there, and ours
+    assert "DRAIN" in slow.show("fw-n14")["flags"]
+    with pytest.raises(BackendError, match="Socket timed out"):  # ... where it is not, the failure stands
+        slow.quarantine("fw-n10", CONTEXT)
+    assert "DRAIN" not in slow.show("fw-n10")["flags"]
 
 
 def test_an_operators_own_drain_holds_the_node_and_is_never_taken_over(slurm, backend):
@@ -169,7 +209,7 @@ def test_a_node_the_samples_name_by_its_full_host_name_is_drained_by_slurms_shor
         site.quarantine(full, CONTEXT)
         assert site.held(full) is True and site.drained(full) is True
     node = site.show("fw-n09")
-    assert ("DRAIN" in node["flags"], node["reason"]) == (True, OURS)
+    assert ("DRAIN" in node["flags"], node["reason"]) == (True, DOWN_AS_TESTS_START)
     assert [r.getMessage() for r in caplog.records if "short host name" in r.getMessage()] == [
         "remediate: Slurm names node fw-n09.gpu.example.com fw-n09 (its short host name): drained and resumed by "
         "that name"]  # once

@@ -3,8 +3,8 @@ that set flexibility classes (power/classes.py: a `[[power.classes]]` rule's `fe
 and which job runs on each node (the site's firm capacity: Controller.firm).
 
 A source is one `fetch()`. Slurm's labels are the node features an administrator gives in
-slurm.conf or with `scontrol update NodeName=... Features=...` (`sinfo -N -h -o "%N|%f"`),
-its jobs the running ones (`squeue -h -t R -O ...`: on a node jobs share, the one asking for
+slurm.conf or with `scontrol update NodeName=... Features=...` (`sinfo -a -N -h -o "%N|%f"`),
+its jobs the running ones (`squeue -a -h -t R -O ...`: on a node jobs share, the one asking for
 the most GPUs there); the cluster is the one
 `SLURM_CONF` names, as for any Slurm client. Kubernetes' labels are each node's labels as
 `key=value` (`kubectl label node NODE fleetwatch.io/flex=3`), its jobs the controllers of the
@@ -176,13 +176,16 @@ class SlurmQuery:
 def slurm_features(sinfo: str = "sinfo", env: dict[str, str] | None = None,
                    timeout_s: float = FETCH_TIMEOUT_S) -> SlurmQuery:
     """Each node's features (a NodeLabelSource)."""
-    return SlurmQuery(sinfo, ("-N", "-h", "-o", "%N|%f"), parse_sinfo, "power.sinfo", env, timeout_s)
+    # -a: hidden partitions and those the querying user's group cannot use are nodes of the site too
+    return SlurmQuery(sinfo, ("-a", "-N", "-h", "-o", "%N|%f"), parse_sinfo, "power.sinfo", env, timeout_s)
 
 
 def slurm_jobs(squeue: str = "squeue", env: dict[str, str] | None = None,
                timeout_s: float = FETCH_TIMEOUT_S) -> SlurmQuery:
     """The running jobs' nodes (a JobSource)."""
-    return SlurmQuery(squeue, ("-h", "-t", "R", "-O", SQUEUE_FIELDS), parse_squeue, "power.squeue", env, timeout_s)
+    # -a: jobs in hidden partitions too (PrivateData=jobs still hides other users' jobs: run as root or SlurmUser)
+    return SlurmQuery(squeue, ("-a", "-h", "-t", "R", "-O", SQUEUE_FIELDS), parse_squeue, "power.squeue", env,
+                      timeout_s)
 
 
 def parse_nodes(nodes) -> Labels:

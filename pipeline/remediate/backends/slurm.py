@@ -9,9 +9,16 @@ nothing). A drain is Slurm's only out-of-service mark an operator and fleetwatch
 
 - held: the node is out of service while it has DRAIN, whoever's reason it carries now (an
   operator who drains it again with a reason of their own owns it from then on), or while
-  it is DOWN; without DRAIN someone returned it to service.
-- quarantine and resume never take over an operator's drain: a node drained with a reason
-  not starting with REASON_PREFIX is left alone and the call fails, saying so.
+  it is DOWN or FAIL; without any of them someone returned it to service.
+- quarantine and resume never take over an operator's drain or FAIL: a node drained or FAIL
+  with a reason not starting with REASON_PREFIX is left alone and the call fails, saying so.
+- a DOWN node (an operator's, or Slurm's own "Not responding") is drained all the same, so that
+  it cannot come back into service with its fault, and its reason is kept in ours
+  (`DOWN_BEFORE`); a resume that finds it still DOWN puts it back as it was (DOWN, that
+  reason), one that went DOWN under our drain is only undrained (`state=undrain`): whatever
+  made it DOWN is not ours to clear, and only a node that is up is resumed into service.
+- one node at a time: a name from the samples that is a hostlist expression (`gpu[01-04]`,
+  `a,b`) or ALL, which scontrol would expand to several nodes, is refused.
 
 Slurm usually names nodes by their short host name (NodeName) where the samples may carry the
 full one (dcgm-exporter's Hostname, an agent's FQDN). With `short_names`
@@ -20,8 +27,9 @@ drained and resumed by its short name (the first label), said once per node; wit
 error says that Slurm knows the short name. Off by default: a drain is the one call that must
 never reach another machine, and two domains may share a short name.
 
-Slurm cannot reset a GPU or reboot a node for us: `actions` (remediate.action_command) does,
-or the node goes to repair.
+Slurm cannot reset a GPU, and reboots a node only where its RebootProgram is set, with a reboot
+that clears the drain (`scontrol reboot ASAP nextstate=resume`): `actions` (remediate.action_command)
+does both, keeping the node drained, or the node goes to repair.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from pipeline.remediate.backends.command import Command, first_line, run_command
 _AFTER_REASON = r"(?:Comment|Extra|ResumeAfterTime)="
 _REASON = re.compile(rf"(?:^|\s)Reason=(.*?)(?:\s+\[[^\[\]@]*@[^\[\]]*\])?\s*(?=\s{_AFTER_REASON}|$)", re.M)
 _NO_JOBS = ("IDLE", "DOWN")  # base states in which nothing runs on the node
+_ONE_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a host name: no range, list or space scontrol expands
+DOWN_BEFORE = "; DOWN before: "  # in our reason: the reason of the DOWN node we drained, put back at resume
 
 log = logging.getLogger("pipeline.remediate")
 
@@ -107,13 +117,20 @@ class Slurm:
     def _show(self, name: str) -> dict:
         text = self._scontrol(name, "show", "node", name, "--oneliner")
         try:
-            return parse_node(text)
+            node = parse_node(text)
         except ValueError as e:
             raise BackendError(f"`{self.scontrol} show node {name}` gave no state for node {name} ({e}): is "
                                f"{self.scontrol!r} Slurm's scontrol?") from None
+        if node["name"] and node["name"] != name:
+            raise BackendError(f"`{self.scontrol} show node {name}` answered for node {node['name']}: fleetwatch "
+                               f"changes only the node it asked for")
+        return node
 
     def show(self, node: str) -> dict:
         """parse_node of the node now (by Slurm's name for it: `slurm_name`)."""
+        if not _ONE_NODE.fullmatch(node) or node.upper() == "ALL":
+            raise BackendError(f"{node!r} is not one node's name: scontrol would take it for several nodes (a "
+                               f"hostlist expression, a list or ALL); fleetwatch drains one node at a time")
         name = self._names.get(node, node)
         try:
             return self._show(name)
@@ -140,16 +157,38 @@ class Slurm:
         """The name Slurm knows `node` by (after a `show`)."""
         return self._names.get(node, node)
 
-    def _refuse_an_operators_drain(self, node: str, now: dict, doing: str) -> None:
-        if "DRAIN" in now["flags"] and not is_ours(now):
+    def _refuse_an_operators_mark(self, node: str, now: dict, doing: str) -> None:
+        if is_ours(now):
+            return
+        if "DRAIN" in now["flags"]:
             raise BackendError(f"node {node} is drained by someone else (reason {now['reason']!r}): fleetwatch "
                                f"does not {doing} it; whoever drained it resumes it (`scontrol update "
                                f"nodename={self.slurm_name(node)} state=resume`)")
+        if "FAIL" in now["flags"]:
+            raise BackendError(f"node {node} is FAIL, set by someone else (reason {now['reason']!r}): fleetwatch "
+                               f"does not {doing} it; whoever set it returns it")
 
     def quarantine(self, node: str, context: dict) -> None:
-        self._refuse_an_operators_drain(node, self.show(node), "take over and later resume")
+        now = self.show(node)
+        if "DRAIN" in now["flags"] and is_ours(now):
+            return  # already (a restart mid-case): its reason, and what it keeps, stay
+        self._refuse_an_operators_mark(node, now, "take over and later resume")
         name = self.slurm_name(node)
-        self._scontrol(name, "update", f"nodename={name}", "state=drain", f"reason={reason(context)}")
+        why = reason(context)
+        if now["base"] == "DOWN" and not is_ours(now):
+            why += DOWN_BEFORE + (now["reason"] or "none")
+        try:
+            self._scontrol(name, "update", f"nodename={name}", "state=drain", f"reason={why}")
+        except BackendError as failed:
+            # scontrol gives up after its own timeout (~10 s) while a slow slurmctld may still apply the
+            # update: a drain of ours found now is this one, which no case would otherwise ever resume.
+            try:
+                now = self._show(name)
+            except BackendError:
+                raise failed from None
+            if not ("DRAIN" in now["flags"] and is_ours(now)):
+                raise failed from None
+            log.info("remediate: scontrol reported a failure, but node %s carries our drain: quarantined", node)
 
     def drained(self, node: str) -> bool:
         return is_drained(self.show(node))
@@ -159,7 +198,7 @@ class Slurm:
             now = self.show(node)
         except BackendError:
             return None  # cannot tell now: the caller asks again later
-        return "DRAIN" in now["flags"] or now["base"] == "DOWN"
+        return "DRAIN" in now["flags"] or "FAIL" in now["flags"] or now["base"] == "DOWN"
 
     def act(self, node: str, action: str, context: dict) -> None:
         delegated_action("Slurm", self.actions, node, action, context)
@@ -168,6 +207,13 @@ class Slurm:
         now = self.show(node)
         if "DRAIN" not in now["flags"]:
             return  # already returned to service (Slurm refuses a second resume: "Invalid node state")
-        self._refuse_an_operators_drain(node, now, "resume")
+        self._refuse_an_operators_mark(node, now, "resume")
         name = self.slurm_name(node)
-        self._scontrol(name, "update", f"nodename={name}", "state=resume")
+        if now["base"] != "DOWN":
+            self._scontrol(name, "update", f"nodename={name}", "state=resume")
+            return
+        # DOWN: ours to undrain, not to bring up (undrain keeps it DOWN, where resume would not)...
+        self._scontrol(name, "update", f"nodename={name}", "state=undrain")
+        if DOWN_BEFORE in now["reason"]:  # ... and DOWN when we drained it: with the reason it had
+            self._scontrol(name, "update", f"nodename={name}", "state=down",
+                           f"reason={now['reason'].split(DOWN_BEFORE, 1)[1]}")
