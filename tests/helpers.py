@@ -44,6 +44,24 @@ def wait_for(predicate, timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+def freeze(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP the process group of `pid` and return once every thread of `pid` is stopped: a
+    stop reaches a thread running on another core a moment later, and a JVM's network thread
+    had answered a request sent after killpg returned (a flaky test under load)."""
+    import signal
+    os.killpg(pid, signal.SIGSTOP)
+
+    def states() -> set[str]:
+        out = set()
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            try:  # (state: the field after the parenthesised name)
+                out.add(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                pass
+        return out
+    wait_for(lambda: states() <= {"T", "t"}, timeout)
+
+
 def http_get(url: str) -> tuple[int, str]:
     """(status, body) of a GET; (0, why) when nothing answers."""
     import urllib.error

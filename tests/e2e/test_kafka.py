@@ -24,7 +24,7 @@ from pipeline.bus.kafka import DEAD_LETTER, KafkaBus
 from pipeline.model import GPU_SAMPLE, schema_version
 from pipeline.sources.simulate import FleetSimulator
 from tests.conftest import make_config
-from tests.helpers import stop_in_order
+from tests.helpers import freeze, stop_in_order
 from tests.services import KafkaBroker
 
 pytestmark = pytest.mark.kafka
@@ -370,7 +370,7 @@ def test_a_group_that_does_not_answer_whether_partitions_are_still_held_leaves_t
             await sub.commit()
         assert sub._committed
         asked = (dict(sub._committed), sub.consumer.assignment(), sub._membership())  # (said if it fails)
-        os.killpg(broker.proc.pid, signal.SIGSTOP)  # the broker, and with it the group, silent
+        freeze(broker.proc.pid)  # the broker, and with it the group, silent (every thread)
         try:
             held = await sub.held_still({0})
         finally:
