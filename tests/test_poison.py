@@ -370,3 +370,18 @@ def test_a_nan_dbe_counter_beside_a_pending_row_remap_alerts_instead_of_killing_
     changes = [a for _ in range(cfg.detect.fire_after) for _, a in engine.process(Message(Topic.GPU, batch)).alerts]
     [ecc] = [a for a in changes if a.alertname == "GpuUncorrectableEcc"]
     assert "row remap pending" in ecc.annotations["summary"] + ecc.evidence["what"]
+
+
+def test_an_alert_whose_label_name_alertmanager_refuses_is_dead_lettered_at_intake():
+    """Another producer on the alerts topic (a Kubernetes label copied as it is): Alertmanager
+    answers 400 for the whole push holding it, and a firing alert is pushed again each minute,
+    each time dead-lettering the chunk of up to 500 around it at the receiver."""
+    from pipeline.model import Alert
+    ok = Alert(labels={"alertname": "GpuXid", "severity": "warning", "site": "s", "rack": "r01", "node": "n1"},
+               annotations={"summary": "x"}, starts_at=START, detector="xid", score=1.0)
+    odd = Alert(labels={**ok.labels, "k8s.node/zone": "a"}, annotations={"summary": "x"}, starts_at=START,
+                detector="xid", score=1.0)
+    valid, rejected = split(Topic.ALERTS, alerts_to_batch([(START, ok), (START, odd)]))
+    assert valid.num_rows == 1 and json.loads(valid.column("labels_json")[0].as_py()) == ok.labels
+    [r] = rejected
+    assert r.reason == "bad_alert" and "Prometheus label name" in r.detail and r.rows.num_rows == 1

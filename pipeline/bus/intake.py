@@ -40,6 +40,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -255,6 +256,11 @@ def _when(ns: int) -> str:
         return f"{ns} ns"
 
 
+# A label name Alertmanager takes (model.LabelName.IsValid): it answers 400 for a push holding another,
+# and a firing alert is pushed again each minute.
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
 def _alerts(batch: pa.RecordBatch, v: _Verdicts) -> None:
     """Alerts are a handful per tick: their JSON is checked row by row."""
     status = batch.column("status")
@@ -269,13 +275,15 @@ def _alerts(batch: pa.RecordBatch, v: _Verdicts) -> None:
         except ValueError:
             obj = None
         bad_labels[i] = not (isinstance(obj, dict) and isinstance(obj.get("alertname"), str)
-                             and all(isinstance(x, str) for x in obj.values()))
+                             and all(isinstance(x, str) for x in obj.values())
+                             and all(_LABEL_NAME.fullmatch(k) for k in obj))
         if evidence is not None:
             try:
                 json.loads(evidence)
             except ValueError:
                 bad_evidence[i] = True
-    v.mark(bad_labels, BAD_ALERT, "labels_json is not a JSON object of strings with an alertname")
+    v.mark(bad_labels, BAD_ALERT, "labels_json is not a JSON object of strings with an alertname, each name a "
+                                  "Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*: Alertmanager refuses others)")
     v.mark(bad_evidence, BAD_ALERT, "evidence_json is not JSON")
 
 
