@@ -33,7 +33,7 @@ def test_hive_layout_zstd_and_atomic(tmp_path):
         assert p.name.startswith("part-") and p.suffix == ".parquet"
         meta = pq.ParquetFile(p).metadata
         assert meta.row_group(0).column(0).compression == "ZSTD"
-    assert list((tmp_path / ".staging").iterdir()) == []  # nothing left half-written
+    assert staged(tmp_path) == []  # nothing left half-written
     dataset_files = list((tmp_path / "gpu_samples").rglob("*"))
     assert not [f for f in dataset_files if f.name.startswith((".", "_"))]
 
@@ -65,11 +65,30 @@ def test_appending_never_overwrites_and_both_readers_agree(tmp_path):
     assert abs(power - df["power_w"].mean()) < 1e-6
 
 
+def staged(archive: Path) -> list[Path]:
+    """Files in staging (each writer's folder, and what older versions left in `.staging`)."""
+    return [f for f in (archive / ".staging").rglob("*") if f.is_file() and f.name != ".lock"]
+
+
 def test_staging_leftovers_from_a_crash_are_removed(tmp_path):
     (tmp_path / ".staging").mkdir(parents=True)
     (tmp_path / ".staging" / "part-1-x-000001.parquet").write_bytes(b"half a file")
     ArchiveWriter(tmp_path)
-    assert list((tmp_path / ".staging").iterdir()) == []
+    assert staged(tmp_path) == []
+
+
+def test_a_writer_starting_beside_a_live_one_leaves_its_staging_alone(tmp_path):
+    """Archive processes may share a folder: one starting had removed (and would now place) the
+    files another was writing, whose rename then failed as an outage. Each stages in a folder of
+    its own, locked while it lives; a start recovers only the folders of writers that are gone."""
+    live = ArchiveWriter(tmp_path)
+    writing = live.staging / "gpu_samples-493000-part-1-w-000001.parquet.partial"
+    writing.write_bytes(b"half a file, being written")
+    ArchiveWriter(tmp_path)
+    assert writing.exists()
+    live.close()  # (or killed: the lock goes with the process)
+    ArchiveWriter(tmp_path)
+    assert not writing.exists() and not live.staging.exists()
 
 
 def test_flush_is_signalled_when_the_buffer_is_full(tmp_path):

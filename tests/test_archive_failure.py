@@ -20,6 +20,7 @@ import pytest
 from pipeline.sinks.parquet import ArchiveWriter
 
 from tests.helpers import archived
+from tests.test_archive import staged
 
 
 def gpu_files(data: Path) -> set[Path]:
@@ -49,7 +50,7 @@ def test_a_failed_write_hands_back_exactly_what_is_not_on_disk(tmp_path):
     assert 0 < rows.filter(pl.col("ts") < datetime(2026, 3, 2, tzinfo=timezone.utc)).height < rows.height
     assert w.held_rows() == rows.height  # every row back: ...
     assert not gpu_files(tmp_path)  # ... and none on disk
-    assert not list((tmp_path / "archive" / ".staging").iterdir())
+    assert not staged(tmp_path / "archive")
     blocker.unlink()
     w.flush()
     gpu = archived(tmp_path, "gpu_samples")
@@ -116,15 +117,20 @@ def test_a_kafka_buffer_killed_between_its_hours_renames_is_placed_whole_by_the_
     with pytest.raises(OSError):
         w.write(taken)
     monkeypatch.undo()
-    assert len(gpu_files(tmp_path)) == 1 and len(list((tmp_path / "archive" / ".staging").iterdir())) == 1
-    if then == "retried":  # (the outage path: put back, written again; the staged hour taken along)
+    assert len(gpu_files(tmp_path)) == 1 and len(staged(tmp_path / "archive")) == 1
+    if then == "retried":  # (the outage path: put back with what came meanwhile, written again)
+        more = gpu_batches(20, datetime(2026, 3, 2, 0, 0, 30, tzinfo=timezone.utc))
+        for offset, b in enumerate(more, len(batches)):
+            w.add("gpu_samples", b, partition=0, offset=offset)
         w.put_back(taken)
-        w.flush()
-        assert not list((tmp_path / "archive" / ".staging").iterdir()) and len(gpu_files(tmp_path)) == 2
-    (tmp_path / "archive" / ".staging" / ("gpu_samples-1-" + Path(placed[0]).name)).write_bytes(b"half a file")
+        w.flush()  # (the hour under a name of the longer range: the staged one had been placed too at a restart)
+        batches += more
+        assert not staged(tmp_path / "archive") and len(gpu_files(tmp_path)) == 2
+    (w.staging / ("gpu_samples-1-" + Path(placed[0]).name)).write_bytes(b"half a file")
+    w.close()  # (killed: its lock goes with it)
     with caplog.at_level(logging.WARNING, "pipeline.sinks.parquet"):
         again = ArchiveWriter(tmp_path / "archive")  # (killed; restarted)
-    assert not list((tmp_path / "archive" / ".staging").iterdir())
+    assert not staged(tmp_path / "archive")
     assert ("archive: placed" in caplog.text) == (then == "killed")
     assert "cannot be placed" in caplog.text  # (the half file: removed)
     assert again.archived_until("gpu_samples", 0) == len(batches) - 1  # the partition's reread skips it all

@@ -171,6 +171,7 @@ class ArchiveSink(SinkBase):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self.upkeeping), 60.0)
         await self.alerts.drained(5.0)  # the last outage alert goes out before the role ends
+        self.writer.close()
 
 
 async def archive_role(writer: ArchiveBuffers, sub, flush_interval_s: float, outage: ArchiveOutage | None = None,

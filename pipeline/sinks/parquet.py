@@ -8,8 +8,9 @@ the current one (an older batch is upgraded as it is buffered), with its times i
 microseconds (`on_disk`: model.ARCHIVE_SCHEMAS, archive format 2); both are in the
 file's Arrow schema metadata. Files written before a column was added lack it, and
 readers read a dataset by column name with missing columns as null (docs/data.md).
-Each file is written into `<data_dir>/archive/.staging/` (same filesystem, outside
-every dataset) and renamed into place, so a reader never sees a partial file and no
+Each file is written into `<data_dir>/archive/.staging/<writer id>/` (same filesystem,
+outside every dataset; a folder of its own, locked while the writer lives, so that writers
+sharing an archive never touch each other's files) and renamed into place, so a reader never sees a partial file and no
 temporary file ever sits inside a dataset. File names never collide
 with earlier data, so appending never overwrites it.
 
@@ -27,8 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
+import re
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -42,6 +46,7 @@ import pyarrow.parquet as pq
 from pipeline.model import ARCHIVE_SCHEMAS, SCHEMAS, cast_by_name, upgraded
 
 log = logging.getLogger(__name__)
+_KAFKA_NAME = re.compile(r"part-p(\d{4})-o(\d{16})-(\d{16})\.parquet")  # a Kafka buffer's file: partition, offsets
 
 HOUR_NS = 3_600_000_000_000
 # The column that places a row in a partition.
@@ -98,43 +103,15 @@ class ArchiveBuffers:
     def write(self, taken: dict[tuple[str, int], _Buffer]) -> list:
         raise NotImplementedError
 
-    def _recover_staged(self) -> None:
-        """What a killed process left in staging. A Kafka buffer's hour whose sibling hour was placed
-        (a rename failed after another, then the kill) is placed now: the placed file's name covers
-        the whole offset range, so the restart reads nothing of it again. Anything else (half-written,
-        or a buffer none of whose hours was placed, which its partition delivers again) goes."""
-        for leftover in sorted(self.staging.iterdir()):
-            dataset, hour, name = (leftover.name.split("-", 2) + ["", ""])[:3]
-            try:
-                if (leftover.suffix == ".parquet" and name.startswith("part-p") and dataset in SCHEMAS
-                        and hour.isdigit() and self._placed(dataset, name)):
-                    pq.read_metadata(leftover)  # whole (a file from before `.partial` may be half of one)
-                    final = self._hour_dir(dataset, int(hour)) / name
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(leftover, final)
-                    log.warning("archive: placed %s, one hour of a write a stopped process had left half done "
-                                "(its other hour was in place)", final)
-                    continue
-            except (OSError, pa.ArrowException) as e:
-                log.warning("archive: %s left in staging cannot be placed (%s): removed; its partition "
-                            "delivers it again only if it was not committed", leftover.name, e)
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-
-    def _placed(self, dataset: str, name: str) -> bool:
-        """A file of this name (a Kafka buffer's, one per hour) is in one of the dataset's hours."""
-        return next((self.root / dataset).glob(f"date=*/hour=*/{name}"), None) is not None
-
-    def _hour_dir(self, dataset: str, hour: int) -> Path:
-        start = datetime.fromtimestamp(hour * 3600, timezone.utc)
-        return self.root / dataset / f"date={start:%Y-%m-%d}" / f"hour={start:%H}"
-
     def stored_until(self, dataset: str, partition: int) -> int:
         raise NotImplementedError
 
     def upkeep(self, cfg, stop) -> list[tuple[str, Callable[[], Any]]]:
         """(what, run) of each upkeep pass; run() returns stats with `hours` and `line()`."""
         return []
+
+    def close(self) -> None:
+        """The role stops (what is held is the caller's: flushed or handed back before)."""
 
     def add(self, dataset: str, batch: pa.RecordBatch, partition: int = -1, offset: int = -1) -> bool:
         """Buffer a batch; True when the dataset's buffers are full and should be flushed.
@@ -252,8 +229,11 @@ class ArchiveWriter(ArchiveBuffers):
                  writer_id: str | None = None, min_free_mb: float = 0.0) -> None:
         super().__init__(max_buffer_rows, writer_id)
         self.root = Path(root)
-        self.staging = self.root / ".staging"
-        self.staging.mkdir(parents=True, exist_ok=True)
+        # Staging of its own, locked while it lives: archive processes that share a folder never
+        # touch each other's files, and a restart recovers only those of a process that is gone.
+        self.staging = self.root / ".staging" / self.writer_id
+        self._lock = None
+        self._ensure_staging()
         self.compression = None if compression == "none" else compression
         self._seq = 0
         self.min_free_bytes = int(min_free_mb * 2**20)  # below this free space, writing fails as a full disk
@@ -270,6 +250,81 @@ class ArchiveWriter(ArchiveBuffers):
         from pipeline.sinks.retention import prune
         return [("compaction", lambda: compact(self.root, cfg.compact_after_s, None, stop)),
                 ("retention", lambda: prune(self.root, cfg))]
+
+    def close(self) -> None:
+        """Its staging folder goes, unless a failed write left an hour there for the next start."""
+        with contextlib.suppress(OSError):
+            if not any(f.name != ".lock" for f in self.staging.iterdir()):
+                shutil.rmtree(self.staging, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.close()
+
+    def _ensure_staging(self) -> None:
+        """The staging folder and its lock (again after archive/ was deleted under a running writer)."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+        if self._lock is None or not (self.staging / ".lock").exists():
+            if self._lock is not None:
+                self._lock.close()
+            self._lock = open(self.staging / ".lock", "w")
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+
+    def _recover_staged(self) -> None:
+        """What stopped processes left in staging (their folders unlocked; files of versions that
+        staged in `.staging` itself). A Kafka buffer's hour that a rename failing after another's,
+        then a kill, left there is placed now: the placed files say its offsets are archived, so
+        the restart reads none of it again. Anything else (half-written, a buffer none of whose
+        hours was placed, which its partition delivers again, an hour already there) goes."""
+        for folder in sorted(self.staging.parent.iterdir()):
+            if folder == self.staging:
+                continue
+            if folder.is_dir():
+                try:
+                    with open(folder / ".lock", "a") as lock:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held: its process lives)
+                        for leftover in sorted(folder.iterdir()):
+                            if leftover.name != ".lock":
+                                self._recover(leftover)
+                        shutil.rmtree(folder, ignore_errors=True)
+                except (BlockingIOError, OSError):
+                    continue
+            else:
+                self._recover(folder)
+
+    def _recover(self, leftover: Path) -> None:
+        dataset, hour, name = (leftover.name.split("-", 2) + ["", ""])[:3]
+        m = _KAFKA_NAME.fullmatch(name)
+        try:
+            if (leftover.suffix == ".parquet" and m and dataset in SCHEMAS and hour.isdigit()
+                    and self.stored_until(dataset, int(m[1])) >= int(m[3])
+                    and not self._overlaps(dataset, int(hour), int(m[1]), int(m[2]), int(m[3]))):
+                pq.read_metadata(leftover)  # whole (a file from before `.partial` may be half of one)
+                final = self._hour_dir(dataset, int(hour)) / name
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(leftover, final)
+                log.warning("archive: placed %s, one hour of a write a stopped process had left half done "
+                            "(its other hour was in place)", final)
+                return
+        except (OSError, pa.ArrowException) as e:
+            log.warning("archive: %s left in staging cannot be placed (%s): removed; its partition "
+                        "delivers it again only if it was not committed", leftover.name, e)
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+
+    def _overlaps(self, dataset: str, hour: int, partition: int, first: int, last: int) -> bool:
+        """The hour holds a file of the partition with offsets in first..last (a retry's, placed)."""
+        for f in self._hour_dir(dataset, hour).glob(f"part-p{partition:04d}-o*.parquet"):
+            m = _KAFKA_NAME.fullmatch(f.name)
+            if m and int(m[2]) <= last and first <= int(m[3]):
+                return True
+        return False
+
+    def _placed(self, dataset: str, name: str) -> bool:
+        """A file of this name (a Kafka buffer's, one per hour) is in one of the dataset's hours."""
+        return next((self.root / dataset).glob(f"date=*/hour=*/{name}"), None) is not None
+
+    def _hour_dir(self, dataset: str, hour: int) -> Path:
+        start = datetime.fromtimestamp(hour * 3600, timezone.utc)
+        return self.root / dataset / f"date={start:%Y-%m-%d}" / f"hour={start:%H}"
 
     def _check_free(self) -> None:
         if self.min_free_bytes:
@@ -288,7 +343,7 @@ class ArchiveWriter(ArchiveBuffers):
         is not on disk (for put_back), and no partial file is left anywhere."""
         paths = []
         if taken:
-            self.staging.mkdir(parents=True, exist_ok=True)  # again: archive/ may have been deleted
+            self._ensure_staging()  # again: archive/ may have been deleted
             self._check_free()
         for key in list(taken):
             (dataset, partition), buf = key, taken[key]
@@ -330,6 +385,8 @@ class ArchiveWriter(ArchiveBuffers):
             del taken[key]
             if partition >= 0:
                 self._archived[(dataset, partition)] = max(self.archived_until(dataset, partition), buf.last_offset)
+                for kept in self.staging.glob(f"{dataset}-*-part-p{partition:04d}-o*.parquet"):
+                    kept.unlink(missing_ok=True)  # an hour a failed write kept: this write placed its rows
         return paths
 
     def _stage(self, dataset: str, hour: int, table: pa.Table, partition: int, buf: _Buffer) -> tuple[Path, Path]:

@@ -19,6 +19,7 @@ import polars as pl
 import pytest
 
 from tests.helpers import FAST, archived, wait_for
+from tests.test_archive import staged
 from tests.test_archive_failure import gpu_files
 
 
@@ -157,7 +158,7 @@ def test_full_disk_in_process_alerts_keep_flowing_and_drops_are_counted(tmp_path
         assert dropped_gpu > 0 and gpu.height > 0
         assert gpu.height + dropped_gpu == published  # every sample is archived or counted as dropped
         assert gpu.select(pl.struct("gpu_uuid", "ts").is_unique().all()).item()
-        assert not list((data / "archive" / ".staging").iterdir())  # no partial file left behind
+        assert not staged(data / "archive")  # no partial file left behind
         # The outage alert is archived with the rest, firing and resolved.
         mine = archived(data, "alerts").filter(pl.col("alertname") == ALERT)
         assert sorted(mine["status"].to_list()) == ["firing", "firing", "resolved", "resolved"]
@@ -241,7 +242,7 @@ def test_full_disk_over_kafka_loses_nothing(broker, tmp_path):
             filler.unlink()
             wait_for(lambda: alert_log(data, "resolved"), timeout=90)
             wait_for(lambda: len(gpu_files(data)) > len(files), timeout=60)
-            assert not list((archive_fs / ".staging").iterdir())  # the partial file is gone
+            assert not staged(archive_fs)  # the partial file is gone
             # Outage 2: full again, and this archive is stopped while it cannot write.
             filler = fill(archive_fs, leave=0)
             wait_for(lambda: len(alert_log(data, "firing")) >= 2, timeout=90)
