@@ -75,7 +75,7 @@ def test_the_reason_loses_slurms_user_and_time_and_keeps_its_own_equals_signs():
 
 # ---- Slurm, against a real slurmctld (its nodes DOWN, no slurmd) ----
 
-NODES = {f"fw-n{i:02d}": "" for i in range(1, 15)}
+NODES = {f"fw-n{i:02d}": "" for i in range(1, 17)}
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +146,17 @@ def test_a_name_scontrol_would_take_for_several_nodes_drains_none(slurm, backend
     with pytest.raises(BackendError, match="is not one node's name"):
         backend.quarantine(name, CONTEXT)
     assert not any("DRAIN" in backend.show(n)["flags"] for n in ("fw-n12", "fw-n13"))
+
+
+def test_a_resume_cut_off_between_its_two_steps_is_finished_by_the_next(slurm, backend):
+    """A DOWN node's resume is an undrain, then its DOWN reason back: cut off between them, the
+    next resume found no drain and left the node with our reason for good."""
+    slurm.scontrol("update", "nodename=fw-n16", "state=down", "reason=ops: PSU swap pending")
+    backend.quarantine("fw-n16", CONTEXT)
+    slurm.scontrol("update", "nodename=fw-n16", "state=undrain")  # (the first step, then the cut)
+    backend.resume("fw-n16", CONTEXT)
+    node = backend.show("fw-n16")
+    assert (node["base"], "DRAIN" in node["flags"], node["reason"]) == ("DOWN", False, "ops: PSU swap pending")
 
 
 def test_a_drain_slurmctld_applied_after_scontrol_gave_up_is_the_quarantine(slurm, tmp_path):

@@ -117,14 +117,10 @@ class Slurm:
     def _show(self, name: str) -> dict:
         text = self._scontrol(name, "show", "node", name, "--oneliner")
         try:
-            node = parse_node(text)
+            return parse_node(text)
         except ValueError as e:
             raise BackendError(f"`{self.scontrol} show node {name}` gave no state for node {name} ({e}): is "
                                f"{self.scontrol!r} Slurm's scontrol?") from None
-        if node["name"] and node["name"] != name:
-            raise BackendError(f"`{self.scontrol} show node {name}` answered for node {node['name']}: fleetwatch "
-                               f"changes only the node it asked for")
-        return node
 
     def show(self, node: str) -> dict:
         """parse_node of the node now (by Slurm's name for it: `slurm_name`)."""
@@ -205,10 +201,13 @@ class Slurm:
 
     def resume(self, node: str, context: dict) -> None:
         now = self.show(node)
+        name = self.slurm_name(node)
         if "DRAIN" not in now["flags"]:
+            if now["base"] == "DOWN" and is_ours(now) and DOWN_BEFORE in now["reason"]:  # undrained, then cut off
+                self._scontrol(name, "update", f"nodename={name}", "state=down",
+                               f"reason={now['reason'].split(DOWN_BEFORE, 1)[1]}")
             return  # already returned to service (Slurm refuses a second resume: "Invalid node state")
         self._refuse_an_operators_mark(node, now, "resume")
-        name = self.slurm_name(node)
         if now["base"] != "DOWN":
             self._scontrol(name, "update", f"nodename={name}", "state=resume")
             return
