@@ -359,12 +359,13 @@ def test_a_stop_after_the_outbox_disk_failed_leaves_no_unread_error_to_log(tmp_p
     assert "never retrieved" not in caplog.text and "Traceback" not in caplog.text, caplog.text
 
 
-@pytest.mark.parametrize("kind", ["alertmanager", "webhook"])
-def test_a_receiver_configured_again_hears_what_changed_while_none_of_its_kind_was(tmp_path, http, kind):
+@pytest.mark.parametrize("kind, rotated", [("alertmanager", False), ("webhook", False), ("webhook", True)])
+def test_a_receiver_configured_again_hears_what_changed_while_none_of_its_kind_was(tmp_path, http, kind, rotated):
     """A receiver kind's state (the alerts Alertmanager is re-sent, the webhook groups) was kept
     only while a receiver of that kind was configured. Removed, then configured again: an alert
     that resolved meanwhile went on being sent as firing, for ever, and one that fired meanwhile
-    never went out. alerts.jsonl, written first, is what the kind takes them from."""
+    never went out. alerts.jsonl, written first, is what the kind takes them from; rotated since
+    (it starts with the alerts still firing), an alert it does not name resolved too."""
     recv = http(keep_bodies=True).start()
 
     def notifier(receivers: bool) -> Notifier:
@@ -389,6 +390,10 @@ def test_a_receiver_configured_again_hears_what_changed_while_none_of_its_kind_w
     asyncio.run(run(notifier(True), [alert("GpuXid", "r01", "a"), alert("GpuXid", "r01", "b")],
                     lambda: any(firing_names(b) == {"a", "b"} for b in recv.bodies)))
     asyncio.run(run(notifier(False), [alert("GpuXid", "r01", "a", resolved=True), alert("GpuXid", "r01", "c")]))
+    if rotated:  # (a new day's file: the latest line of each alert still firing)
+        from pipeline.sinks.alerts import firing_lines
+        log = tmp_path / "data" / "alerts.jsonl"
+        log.write_text(firing_lines(log))
     seen = len(recv.bodies)
     asyncio.run(run(notifier(True), [], lambda: any(firing_names(b) == {"b", "c"} for b in recv.bodies[seen:])))
     told_after = recv.bodies[seen:]

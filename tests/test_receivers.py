@@ -104,3 +104,9 @@ def test_the_alertmanager_kind_pushes_postable_alerts_and_resends_once_per_outbo
     resolved = kind.enqueue([_alert("resolved")], later + 1, lambda _: 2)
     assert resolved.payloads["oncall"][0][0]["endsAt"] == "2027-01-15T08:05:00.000Z"
     assert kind.next_wakeup() is None and len(kind.firing) == 0
+    # Restored from alerts.jsonl's latest changes; where it cannot be read, from its own state.
+    again = receiver_kind("alertmanager")(cfg, receivers, None)
+    again.restore({"last_resend": 5.0, "firing": {"x": {"labels": {"alertname": "Kept"}}}}, {"0123456789abcdef": _alert()})
+    assert len(again.firing) == 1 and again.firing.resend(5.0 + cfg.resend_interval_s)[0][0]["labels"] == _alert()["labels"]
+    again.restore({"last_resend": 5.0, "firing": {"x": {"labels": {"alertname": "Kept"}}}}, None)
+    assert again.firing.resend(1e9) == [[{"labels": {"alertname": "Kept"}}]]

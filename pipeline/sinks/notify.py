@@ -231,6 +231,13 @@ class Delivery:
         self._outage_since, self._failures, self._dead_since_ok = None, 0, 0
 
 
+def is_alert(a: Any) -> bool:
+    """An Alertmanager alert object notify can route and send (anything else is skipped)."""
+    return (isinstance(a, dict) and a.get("status") in ("firing", "resolved") and isinstance(a.get("labels"), dict)
+            and isinstance(a.get("annotations"), dict) and isinstance(a.get("fingerprint"), str)
+            and all(isinstance(a.get(k), str) for k in ("startsAt", "endsAt")))
+
+
 class Notifier:
     """Drives the receivers for the notify role; see the module doc. handle() and the timer
     share the receiver kinds under a lock; state goes to disk in a worker thread."""
@@ -345,19 +352,22 @@ class Notifier:
                 log.warning("outbox %s belongs to no configured receiver; its notifications are not delivered "
                             "(configure a receiver named %s again, or remove the folder)", d, d.name)
 
-    def _restore(self) -> None:
-        latest = self._latest() if self._in_use else {}
+    def _restore(self, reconcile: bool = True) -> None:
+        """The kinds' state from disk; at start also what alerts.jsonl says changed without them
+        (not after a failed write: the same batch comes again, and the log can be 256 MB)."""
+        latest = self._latest() if reconcile and self._in_use else None
         for kind in self._in_use:
             kind.restore(self._load(kind.state_file), latest)
 
-    def _latest(self) -> dict[str, dict[str, Any]]:
-        """Each alert's latest change in alerts.jsonl (written before any kind's state)."""
+    def _latest(self) -> dict[str, dict[str, Any]] | None:
+        """Each alert's latest change in alerts.jsonl (written before any kind's state); None
+        where it cannot be read (the kinds keep their own state)."""
         try:
-            return read_jsonl(self.alert_log.path)[0]
+            return {fp: a for fp, a in read_jsonl(self.alert_log.path)[0].items() if is_alert(a)}
         except OSError as e:
             log.error("%s is unreadable (%s): alerts that changed while a receiver kind's state did not "
                       "hear it are not known to it", self.alert_log.path, e)
-            return {}
+            return None
 
     def _load(self, name: str) -> dict[str, Any]:
         path = self.state_dir / name
@@ -372,9 +382,7 @@ class Notifier:
     def _valid(self, alerts: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ok = []
         for a in alerts:
-            if isinstance(a, dict) and a.get("status") in ("firing", "resolved") and isinstance(a.get("labels"), dict) \
-                    and isinstance(a.get("annotations"), dict) and isinstance(a.get("fingerprint"), str) \
-                    and all(isinstance(a.get(k), str) for k in ("startsAt", "endsAt")):
+            if is_alert(a):
                 ok.append(a)
                 continue
             self._stats.bad_alerts += 1
@@ -402,7 +410,7 @@ class Notifier:
         try:
             seqs = await asyncio.to_thread(self._write, changes, work, states, now)
         except OSError:
-            await asyncio.to_thread(self._restore)  # back to what the disk says was enqueued
+            await asyncio.to_thread(self._restore, False)  # back to what the disk says was enqueued
             raise
         for kind in self._in_use:
             kind.written(seqs)

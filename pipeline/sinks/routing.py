@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import AlertsConfig, ConfigError
-from pipeline.model import fingerprint
+from pipeline.model import fingerprint, iso_utc
 from pipeline.sinks.silences import Silence, SilenceStore
 
 log = logging.getLogger(__name__)
@@ -210,11 +210,13 @@ class Router:
         """Take what alerts.jsonl says changed while these groups did not hear it: an alert that
         fired while no webhook receiver was configured (notified after group_wait), one that
         resolved then (its resolution goes out where its firing did; it had been re-sent as
-        firing at every repeat_interval, for ever)."""
-        held = {fp: a for g in self._groups.values() for fp, a in g.alerts.items()}
+        firing at every repeat_interval, for ever). A log that rotated since starts with every
+        alert still firing, so one it does not name at all resolved too (unless it is empty)."""
+        held = {fp: a for g in self._groups.values() for fp, a in g.alerts.items() if a["status"] == "firing"}
         self.add([a for fp, a in latest.items() if a["status"] == "firing" and fp not in held]
-                 + [latest[fp] for fp, a in held.items()
-                    if a["status"] == "firing" and fp in latest and latest[fp]["status"] == "resolved"], now)
+                 + [latest[fp] for fp in held if fp in latest and latest[fp]["status"] == "resolved"]
+                 + [{**a, "status": "resolved", "endsAt": iso_utc(now)} for fp, a in held.items()
+                    if latest and fp not in latest], now)
 
     # ---- internals -------------------------------------------------------------------
 

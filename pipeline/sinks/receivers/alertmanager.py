@@ -42,7 +42,7 @@ def chunks(alerts: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 class FiringAlerts:
     """The alerts firing now (their postable form, by fingerprint) and when they were last
-    pushed again. Only the time is persisted: a restart takes the firing alerts from
+    pushed again; persisted with the notifier's state. A restart takes the firing alerts from
     alerts.jsonl, which also knows what changed while no Alertmanager receiver was configured."""
 
     def __init__(self, resend_interval_s: float, external_url: str) -> None:
@@ -80,13 +80,15 @@ class FiringAlerts:
         return chunks(list(self._firing.values()))
 
     def snapshot(self) -> dict[str, Any]:
-        return {"version": 2, "last_resend": self.last_resend}
+        return {"version": 1, "last_resend": self.last_resend, "firing": self._firing}
 
-    def restore(self, state: dict[str, Any], latest: dict[str, dict[str, Any]]) -> None:
+    def restore(self, state: dict[str, Any], latest: dict[str, dict[str, Any]] | None) -> None:
         """A receiver added since alerts fired gets them at once (no last_resend); an alert that
-        resolved while none was configured is no longer pushed as firing (it had been, for ever)."""
+        resolved while none was configured is no longer pushed as firing (it had been, for ever).
+        Without `latest` (after a failed write; an unreadable alerts.jsonl), its own state."""
         self.last_resend = float(state.get("last_resend", 0.0))
-        self._firing = {fp: postable(a, self.external_url) for fp, a in latest.items() if a["status"] == "firing"}
+        self._firing = (dict(state.get("firing", {})) if latest is None else
+                        {fp: postable(a, self.external_url) for fp, a in latest.items() if a["status"] == "firing"})
 
 
 class AlertmanagerKind(ReceiverKind):
@@ -127,7 +129,7 @@ class AlertmanagerKind(ReceiverKind):
     def snapshot(self) -> dict[str, Any]:
         return self.firing.snapshot()
 
-    def restore(self, state: dict[str, Any], latest: dict[str, dict[str, Any]]) -> None:
+    def restore(self, state: dict[str, Any], latest: dict[str, dict[str, Any]] | None) -> None:
         self.firing.restore(state, latest)
 
 

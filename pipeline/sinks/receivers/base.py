@@ -29,9 +29,10 @@ class ReceiverKind:
                                  appended to the outboxes, then snapshot() goes to
                                  <data_dir>/notify/<state_file> when `changed`, then written()
         restore(state, latest)   at start, and after a write that failed (the state on disk);
-                                 `latest`: each alert's latest change in alerts.jsonl (fingerprint ->
-                                 alert object), which the notifier writes first: the truth where the
-                                 kind's state is behind it (a receiver added or removed since, a lost file)
+                                 `latest` (at start): each alert's latest change in alerts.jsonl
+                                 (fingerprint -> alert object), which the notifier writes first: the
+                                 truth where the kind's state is behind it (a receiver added or removed
+                                 since); None after a failed write, or where the log cannot be read
 
     A kind whose receivers POST elsewhere than their configured url says where (post_url).
     Every payload is JSON; the notifier signs, sends and retries it (pipeline/sinks/notify.py).
@@ -67,5 +68,5 @@ class ReceiverKind:
     def snapshot(self) -> dict[str, Any]:
         return {}
 
-    def restore(self, state: dict[str, Any], latest: dict[str, dict[str, Any]]) -> None:
+    def restore(self, state: dict[str, Any], latest: dict[str, dict[str, Any]] | None) -> None:
         pass

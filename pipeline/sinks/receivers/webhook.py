@@ -66,9 +66,10 @@ class WebhookKind(ReceiverKind):
     def snapshot(self) -> dict[str, Any]:
         return self.router.snapshot()
 
-    def restore(self, state: dict[str, Any], latest: dict[str, dict[str, Any]]) -> None:
+    def restore(self, state: dict[str, Any], latest: dict[str, dict[str, Any]] | None) -> None:
         self.router.restore(state)
-        self.router.reconcile(latest, time.time())
+        if latest is not None:
+            self.router.reconcile(latest, time.time())
 
 
 KIND = WebhookKind
