@@ -370,8 +370,8 @@ def test_a_group_that_does_not_answer_whether_partitions_are_still_held_leaves_t
             await sub.commit()
         assert sub._committed
         asked = (dict(sub._committed), sub.consumer.assignment(), sub._membership())  # (said if it fails)
-        freeze(broker.proc.pid)  # the broker, and with it the group, silent (every thread)
         try:
+            freeze(broker.proc.pid)  # the broker, and with it the group, silent (every thread)
             held = await sub.held_still({0})
         finally:
             os.killpg(broker.proc.pid, signal.SIGCONT)
