@@ -10,8 +10,8 @@ file's Arrow schema metadata. Files written before a column was added lack it, a
 readers read a dataset by column name with missing columns as null (docs/data.md).
 Each file is written into `<data_dir>/archive/.staging/<writer id>/` (same filesystem,
 outside every dataset; a folder of its own, locked while the writer lives, so that writers
-sharing an archive never touch each other's files) and renamed into place, so a reader never sees a partial file and no
-temporary file ever sits inside a dataset. File names never collide
+sharing an archive never touch each other's files) and renamed into place, so a reader
+never sees a partial file and no temporary file ever sits inside a dataset. File names never collide
 with earlier data, so appending never overwrites it.
 
 A write that fails (disk full, permission error, archive/ deleted) leaves no partial
@@ -261,12 +261,18 @@ class ArchiveWriter(ArchiveBuffers):
 
     def _ensure_staging(self) -> None:
         """The staging folder and its lock (again after archive/ was deleted under a running writer)."""
-        self.staging.mkdir(parents=True, exist_ok=True)
-        if self._lock is None or not (self.staging / ".lock").exists():
+        for _ in range(5):
+            self.staging.mkdir(parents=True, exist_ok=True)
+            if self._lock is not None and (self.staging / ".lock").exists():
+                return
             if self._lock is not None:
                 self._lock.close()
-            self._lock = open(self.staging / ".lock", "w")
-            fcntl.flock(self._lock, fcntl.LOCK_EX)
+                self._lock = None
+            with contextlib.suppress(FileNotFoundError):  # (a sibling starting removed it as it was made: again)
+                self._lock = open(self.staging / ".lock", "w")
+                fcntl.flock(self._lock, fcntl.LOCK_EX)
+        if self._lock is None or not (self.staging / ".lock").exists():
+            raise OSError(errno.EAGAIN, "cannot keep a staging folder of its own", str(self.staging))
 
     def _recover_staged(self) -> None:
         """What stopped processes left in staging (their folders unlocked; files of versions that
