@@ -99,11 +99,17 @@ GENERATED = {"alerts": ("docs/detection.md", alerts_table), "runbooks": ("runboo
              "inhibit": ("deploy/alertmanager/alertmanager.yml", alertmanager_inhibit_rules)}
 
 
-def render(text: str, name: str, content: str, yaml: bool = False) -> str:
-    """`text` with the block `name` holding `content`; ValueError if its markers are missing."""
+def markers(name: str, path: str) -> tuple[str, str]:
+    """The lines that open and close the block `name` in the file at `path` (YAML: comments)."""
     begin, end = BEGIN.format(name=name), END.format(name=name)
-    if yaml:
+    if path.endswith(".yml"):
         begin, end = (f"# {m.removeprefix('<!-- ').removesuffix(' -->')}" for m in (begin, end))
+    return begin, end
+
+
+def render(text: str, name: str, content: str, path: str = ".md") -> str:
+    """`text` with the block `name` holding `content`; ValueError if its markers are missing."""
+    begin, end = markers(name, path)
     pattern = re.compile(re.escape(begin) + r"\n.*?" + re.escape(end), re.S)
     if len(pattern.findall(text)) != 1:
         raise ValueError(f"no single '{begin}' ... '{end}' block")
@@ -118,7 +124,7 @@ def update(root: Path, check: bool = False) -> list[str]:
         file = root / path
         text = file.read_text()
         try:
-            new = render(text, name, make(), yaml=path.endswith(".yml"))
+            new = render(text, name, make(), path)
         except ValueError as e:
             raise SystemExit(f"{path}: {e}") from None
         if new != text:

@@ -228,7 +228,8 @@ def test_generated_docs_are_current():
 def test_update_docs_check_changes_nothing_and_fails_on_a_stale_table(tmp_path):
     for name, (path, _) in docgen.GENERATED.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        block = f"{docgen.BEGIN.format(name=name)}\nold\n{docgen.END.format(name=name)}"
+        begin, end = docgen.markers(name, path)
+        block = f"{begin}\nold\n{end}"
         (tmp_path / path).write_text(f"intro\n{block}\nrest\n")
     assert sorted(docgen.update(tmp_path, check=True)) == sorted(p for p, _ in docgen.GENERATED.values())
     assert "old" in (tmp_path / "docs" / "detection.md").read_text()
