@@ -198,6 +198,9 @@ def test_a_mig_gpu_is_one_row_with_its_instances_memory_and_their_activity_by_co
     # Without the DCP fields (dcgm-exporter's default counters): unknown, not idle.
     r = {x["gpu"]: x for x in rows_of(_mig(text, None))[0].to_pylist()}
     assert r[0]["util_gpu"] is None and r[0]["mem_used_bytes"] == 35000 * MIB
+    # Empty GPU_I_* labels on a whole GPU's series: no MIG.
+    assert rows_of(text.replace('{gpu="', '{GPU_I_PROFILE="",GPU_I_ID="",gpu="'))[0].to_pylist() == list(
+        whole.values())
     # A whole GPU's own graphics activity does not replace its GPU_UTIL.
     extra = "DCGM_FI_PROF_GR_ENGINE_ACTIVE" + text.splitlines()[2][len("DCGM_FI_DEV_SM_CLOCK"):].rsplit(" ", 1)[0]
     assert rows_of(text + extra + " 0.2\n")[0].to_pylist()[0]["util_gpu"] == whole[0]["util_gpu"]

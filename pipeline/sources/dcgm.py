@@ -270,7 +270,7 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
         for label, column in WORKLOAD_LABELS.items():
             if (v := labels.get(label)) and v not in (known := info[column][r] or "").split(","):
                 info[column][r] = f"{known},{v}" if known else v
-        if (gi := labels.get("GPU_I_ID")) is not None:
+        if gi := labels.get("GPU_I_ID"):  # (an empty label, as some exporters render it for a whole GPU: none)
             instance = instances.setdefault(r, {}).setdefault(gi, MigInstance(labels.get("GPU_I_PROFILE", "")))
             if dcgm_blank(np.float64(value)):
                 value = math.nan
