@@ -417,6 +417,15 @@ def test_energy_going_backwards_is_a_gpu_reset_event():
 
 # ---- scraping real HTTP servers ----------------------------------------------------------------------
 
+def scrape_rounds(src: DcgmSource, n: int = 1) -> list:
+    """n rounds of the source's scrape, one HTTP session: each round's (batch, events)."""
+    async def rounds():
+        import aiohttp
+        async with aiohttp.ClientSession() as session:
+            return [await src.round(session, asyncio.Semaphore(4)) for _ in range(n)]
+    return asyncio.run(rounds())
+
+
 def test_a_round_reads_the_good_targets_and_counts_each_bad_one_by_reason():
     good = [DcgmExporter(hostname=f"gpu-node-{i}", tag=i) for i in range(3)]
     slow = DcgmExporter(hostname="slow", tag=10, mode="slow", delay_s=2.0)
@@ -429,15 +438,8 @@ def test_a_round_reads_the_good_targets_and_counts_each_bad_one_by_reason():
     servers = [*good, slow, garbage, error, empty]
     src = source([s.url for s in [*good, slow, garbage, error, empty, down]], timeout_s=0.5)
 
-    async def rounds(n):
-        import aiohttp
-        out = []
-        async with aiohttp.ClientSession() as session:
-            for _ in range(n):
-                out.append(await src.round(session, asyncio.Semaphore(4)))
-        return out
     try:
-        (batch, events), (batch2, _) = asyncio.run(rounds(2))
+        (batch, events), (batch2, _) = scrape_rounds(src, 2)
     finally:
         for s in servers:
             s.close()
@@ -470,13 +472,8 @@ def test_an_exporter_with_its_1x_names_is_told_how_to_fix_it(tmp_path):
     old.write_text(H100_8GPU.read_text().replace("DCGM_FI_DEV_", "dcgm_").replace("UUID=", "uuid="))
     ex = DcgmExporter(fixture=old)
     src = source([ex.url])
-
-    async def one_round():
-        import aiohttp
-        async with aiohttp.ClientSession() as session:
-            return await src.round(session, asyncio.Semaphore(4))
     try:
-        batch, _ = asyncio.run(one_round())
+        [(batch, _)] = scrape_rounds(src)
     finally:
         ex.close()
     [state] = src.states
@@ -487,13 +484,8 @@ def test_an_exporter_with_its_1x_names_is_told_how_to_fix_it(tmp_path):
 def test_one_exporter_under_two_names_is_read_once(caplog):
     ex = DcgmExporter()
     src = source([ex.url, ex.url.replace("127.0.0.1", "localhost")])
-
-    async def one_round():
-        import aiohttp
-        async with aiohttp.ClientSession() as session:
-            return await src.round(session, asyncio.Semaphore(4))
     try:
-        batch, _ = asyncio.run(one_round())
+        [(batch, _)] = scrape_rounds(src)
     finally:
         ex.close()
     assert batch.num_rows == 8 and sorted(batch.column("gpu_uuid").to_pylist()) == sorted(ex.uuids)
