@@ -262,6 +262,7 @@ class Notifier:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._lockfile = None
+        self.firing_at_start: dict[str, dict[str, Any]] = {}  # what alerts.jsonl said fires when it started
         self._bad_logged = False
         self._closing = False
         self._write_lock = threading.Lock()  # a write cut off by a cancel may still run in its thread
@@ -339,7 +340,9 @@ class Notifier:
         except BlockingIOError:
             raise ConfigError(f"config error: data_dir = {str(self.data)!r}: another notify process uses its "
                               f"outboxes and notifier state; give each notify process its own data_dir") from None
-        self._restore()
+        latest = self._latest()  # (read once: the kinds, and the heartbeats of firing_at_start)
+        self.firing_at_start = {fp: a for fp, a in (latest or {}).items() if a["status"] == "firing"}
+        self._restore(latest)
         for r in self.receivers:
             outbox = Outbox(self.data / "outbox" / r.name)
             if outbox.pending:
@@ -352,10 +355,9 @@ class Notifier:
                 log.warning("outbox %s belongs to no configured receiver; its notifications are not delivered "
                             "(configure a receiver named %s again, or remove the folder)", d, d.name)
 
-    def _restore(self, reconcile: bool = True) -> None:
+    def _restore(self, latest: dict[str, dict[str, Any]] | None) -> None:
         """The kinds' state from disk; at start also what alerts.jsonl says changed without them
-        (not after a failed write: the same batch comes again, and the log can be 256 MB)."""
-        latest = self._latest() if reconcile and self._in_use else None
+        (`latest`; None after a failed write: the same batch comes again, and the log can be 256 MB)."""
         for kind in self._in_use:
             kind.restore(self._load(kind.state_file), latest)
 
@@ -366,7 +368,8 @@ class Notifier:
             return {fp: a for fp, a in read_jsonl(self.alert_log.path)[0].items() if is_alert(a)}
         except OSError as e:
             log.error("%s is unreadable (%s): alerts that changed while a receiver kind's state did not "
-                      "hear it are not known to it", self.alert_log.path, e)
+                      "hear it are not known to it, and Watchdogs firing before the restart are not watched",
+                      self.alert_log.path, e)
             return None
 
     def _load(self, name: str) -> dict[str, Any]:
@@ -410,7 +413,7 @@ class Notifier:
         try:
             seqs = await asyncio.to_thread(self._write, changes, work, states, now)
         except OSError:
-            await asyncio.to_thread(self._restore, False)  # back to what the disk says was enqueued
+            await asyncio.to_thread(self._restore, None)  # back to what the disk says was enqueued
             raise
         for kind in self._in_use:
             kind.written(seqs)

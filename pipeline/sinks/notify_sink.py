@@ -14,7 +14,6 @@ import time
 
 from pipeline.bus.base import Message
 from pipeline.model import alert_rows
-from pipeline.sinks.alerts import read_jsonl
 from pipeline.sinks.base import SinkBase, consume
 from pipeline.sinks.heartbeats import Heartbeats
 from pipeline.sinks.notify import Notifier
@@ -31,11 +30,8 @@ class NotifySink(SinkBase):
 
     async def start(self) -> None:
         await self.notifier.start()
-        try:  # a Watchdog firing before a restart: its process must go on beating, or it resolves
-            self.heartbeats.seed(read_jsonl(self.notifier.alert_log.path)[0])
-        except OSError as e:
-            log.warning("notify: cannot read %s (%s): Watchdogs firing before the restart are not watched",
-                        self.notifier.alert_log.path, e)
+        # A Watchdog firing before a restart: its process must go on beating, or it resolves.
+        self.heartbeats.seed(self.notifier.firing_at_start)
 
     def wait_s(self) -> float:
         return self.heartbeats.wait_s()  # input or not, look at the heartbeats this often
