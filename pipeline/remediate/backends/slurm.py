@@ -202,17 +202,16 @@ class Slurm:
     def resume(self, node: str, context: dict) -> None:
         now = self.show(node)
         name = self.slurm_name(node)
-        if "DRAIN" not in now["flags"]:
-            if now["base"] == "DOWN" and is_ours(now) and DOWN_BEFORE in now["reason"]:  # undrained, then cut off
-                self._scontrol(name, "update", f"nodename={name}", "state=down",
-                               f"reason={now['reason'].split(DOWN_BEFORE, 1)[1]}")
+        if "DRAIN" in now["flags"]:
+            self._refuse_an_operators_mark(node, now, "resume")
+            if now["base"] != "DOWN":
+                self._scontrol(name, "update", f"nodename={name}", "state=resume")
+                return
+            # DOWN: ours to undrain, not to bring up (undrain keeps it DOWN, where resume would not)...
+            self._scontrol(name, "update", f"nodename={name}", "state=undrain")
+        elif not is_ours(now):
             return  # already returned to service (Slurm refuses a second resume: "Invalid node state")
-        self._refuse_an_operators_mark(node, now, "resume")
-        if now["base"] != "DOWN":
-            self._scontrol(name, "update", f"nodename={name}", "state=resume")
-            return
-        # DOWN: ours to undrain, not to bring up (undrain keeps it DOWN, where resume would not)...
-        self._scontrol(name, "update", f"nodename={name}", "state=undrain")
-        if DOWN_BEFORE in now["reason"]:  # ... and DOWN when we drained it: with the reason it had
+        # ... and DOWN when we drained it (or undrained by a resume cut off here): with the reason it had
+        if now["base"] == "DOWN" and DOWN_BEFORE in now["reason"]:
             self._scontrol(name, "update", f"nodename={name}", "state=down",
                            f"reason={now['reason'].split(DOWN_BEFORE, 1)[1]}")
