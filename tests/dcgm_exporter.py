@@ -31,12 +31,15 @@ class _Server(ThreadingHTTPServer):
 class DcgmExporter:
     """Serves `fixture` under `hostname`, its GPUs' UUIDs made unique by `tag`. `mode`: ok,
     slow (answers after `delay_s`), garbage (an HTML error page with status 200), error (HTTP
-    500). `xid[gpu] = code` sets a GPU's last XID; `hidden` GPUs are left out."""
+    500). `xid[gpu] = code` sets a GPU's last XID, `xid_total[gpu, code]` and `xid_count[gpu, code]`
+    serve dcgm-exporter's own XID counters; `hidden` GPUs are left out."""
 
     def __init__(self, fixture: Path = H100_8GPU, hostname: str = "gpu-node-017", tag: int = 0,
                  mode: str = "ok", delay_s: float = 0.0, static: bool = False) -> None:
         self.mode, self.delay_s, self.static = mode, delay_s, static
         self.xid: dict[int, int] = {}
+        self.xid_total: dict[tuple[int, int], int] = {}
+        self.xid_count: dict[tuple[int, int], int] = {}
         self.hidden: set[int] = set()
         self.requests = 0
         self.closed = False
@@ -113,6 +116,16 @@ class DcgmExporter:
             elif name == "DCGM_FI_DEV_XID_ERRORS" and gpu in self.xid:
                 value = str(self.xid[gpu])
             out.append(f"{head} {value}")
+        labels = {gpu: head[head.index("{"):-1] for name, gpu, head, _ in self.lines if gpu >= 0}
+        for name, typ, help_, series in (
+                ("DCGM_EXP_XID_ERRORS_TOTAL", "counter", "Total XID errors observed since exporter start.",
+                 self.xid_total),
+                ("DCGM_EXP_XID_ERRORS_COUNT", "gauge", "XID errors observed during the configured time window.",
+                 self.xid_count)):
+            if series:
+                out += [f"# HELP {name} {help_}", f"# TYPE {name} {typ}"]
+                out += [f'{name}{labels[gpu]},xid="{code}"}} {n}' for (gpu, code), n in series.items()
+                        if gpu not in self.hidden]
         return "\n".join(out) + "\n"
 
     def close(self) -> None:

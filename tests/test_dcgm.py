@@ -47,7 +47,7 @@ def rows_of(text: str, src: DcgmSource | None = None, target: Target | None = No
 def test_every_gpu_sample_metric_is_one_dcgm_field_and_names_are_dcgm_exporters():
     assert sorted(BY_COLUMN) == sorted(GPU_METRICS + GPU_SETTINGS)
     assert len({f.name for f in FIELDS}) == len(FIELDS)
-    assert all(f.name.startswith(("DCGM_FI_DEV_", "DCGM_FI_PROF_")) and f.type in ("gauge", "counter") for f in FIELDS)
+    assert all(f.name.startswith(("DCGM_FI_DEV_", "DCGM_FI_PROF_", "DCGM_EXP_")) and f.type in ("gauge", "counter") for f in FIELDS)
     # dcgm-exporter's default-counters.csv, as its fixture shows it (HELP and TYPE lines)
     text = H100_8GPU.read_text()
     for f in FIELDS:
@@ -406,6 +406,76 @@ def test_an_xid_is_a_change_of_the_last_xid_and_the_first_value_is_only_a_baseli
         ex.close()
 
 
+def _xids(events) -> list[tuple[int, int, str]]:
+    return [(e["gpu"], e["code"], e["text"]) for e in events if e["kind"] == "xid"]
+
+
+def test_an_xid_that_repeats_is_seen_in_dcgm_exporters_xid_counters():
+    """The last-XID gauge stays at 94 when 94 comes again; DCGM_EXP_XID_ERRORS_TOTAL counts
+    it, and the gauge and the counter telling of the same XID are one event."""
+    src = source()
+    ex = DcgmExporter(tag=1)
+    try:
+        ex.xid[3], ex.xid_total[3, 13] = 13, 2  # before Fleetwatch read the GPU: a baseline, logged once
+        assert rows_of(ex.render(), src)[1] == [] and src.xid_baselines == ["gpu-node-017 GPU 3 XID 13"]
+        ex.xid[2], ex.xid_total[2, 94] = 94, 1  # both say it: one event
+        assert _xids(rows_of(ex.render(), src)[1]) == [(2, 94, "from dcgm-exporter's DCGM_FI_DEV_XID_ERRORS")]
+        ex.xid_total[2, 94] = 2  # again: the gauge still reads 94
+        assert _xids(rows_of(ex.render(), src)[1]) == [(2, 94, "from dcgm-exporter's DCGM_EXP_XID_ERRORS_TOTAL")]
+        ex.xid_total[2, 94] = 5
+        assert _xids(rows_of(ex.render(), src)[1]) == [
+            (2, 94, "3 times since the last scrape, from dcgm-exporter's DCGM_EXP_XID_ERRORS_TOTAL")]
+        assert rows_of(ex.render(), src)[1] == []  # nothing new
+        ex.xid[3], ex.xid_total[3, 13] = 13, 3  # the baseline's XID again
+        assert _xids(rows_of(ex.render(), src)[1]) == [(3, 13, "from dcgm-exporter's DCGM_EXP_XID_ERRORS_TOTAL")]
+        # The exporter starts again: its totals from zero, series only for XIDs since.
+        ex.xid_total.clear()
+        assert rows_of(ex.render(), src)[1] == []
+        ex.xid_total[2, 94] = 1
+        assert _xids(rows_of(ex.render(), src)[1]) == [(2, 94, "from dcgm-exporter's DCGM_EXP_XID_ERRORS_TOTAL")]
+        ex.xid_total[2, 94] = 4
+        assert rows_of(ex.render(), src)[1] != []
+        ex.xid_total[2, 94] = 2  # went down without a scrape between: started again, and 2 since
+        assert _xids(rows_of(ex.render(), src)[1]) == [
+            (2, 94, "2 times since the last scrape, from dcgm-exporter's DCGM_EXP_XID_ERRORS_TOTAL")]
+    finally:
+        ex.close()
+
+
+def test_the_xid_windows_count_is_read_where_the_total_is_not_served():
+    src = source()
+    ex = DcgmExporter(tag=1)
+    try:
+        rows_of(ex.render(), src)
+        ex.xid[5], ex.xid_count[5, 48] = 48, 1
+        assert _xids(rows_of(ex.render(), src)[1]) == [(5, 48, "from dcgm-exporter's DCGM_FI_DEV_XID_ERRORS")]
+        ex.xid_count[5, 48] = 2
+        assert _xids(rows_of(ex.render(), src)[1]) == [(5, 48, "from dcgm-exporter's DCGM_EXP_XID_ERRORS_COUNT")]
+        ex.xid_count[5, 48] = 1  # the first left the window: nothing new
+        assert rows_of(ex.render(), src)[1] == []
+        del ex.xid_count[5, 48]  # the window emptied
+        assert rows_of(ex.render(), src)[1] == []
+        ex.xid_count[5, 48] = 1  # and one came since
+        assert _xids(rows_of(ex.render(), src)[1]) == [(5, 48, "from dcgm-exporter's DCGM_EXP_XID_ERRORS_COUNT")]
+    finally:
+        ex.close()
+
+
+def test_xid_counter_series_without_an_xid_or_on_a_mig_gpus_instances_count_once():
+    base = H100_8GPU.read_text()
+    head = next(line for line in base.splitlines() if line.startswith('DCGM_FI_DEV_GPU_TEMP{gpu="0"'))
+    labels = head[head.index("{"):head.index("}")]
+
+    def text(n: int) -> str:  # the count's empty series, and a MIG GPU's two instances repeating the GPU's total
+        return base + "".join([f'DCGM_EXP_XID_ERRORS_COUNT{labels}}} 0\n',
+                               *(f'DCGM_EXP_XID_ERRORS_TOTAL{labels},GPU_I_ID="{gi}",GPU_I_PROFILE="3g.40gb",'
+                                 f'xid="31"}} {n}\n' for gi in (1, 2))])
+    src = source()
+    rows_of(text(1), src)
+    assert _xids(rows_of(text(2), src)[1]) == [(0, 31, "from dcgm-exporter's DCGM_EXP_XID_ERRORS_TOTAL")]
+    assert parse_exposition(text(2)).uuids == parse_exposition(base).uuids  # no GPU of their own
+
+
 def test_energy_going_backwards_is_a_gpu_reset_event():
     src = source()
     text = H100_8GPU.read_text()
@@ -597,11 +667,20 @@ def test_the_exposition_has_dcgm_exporters_labels_units_and_fleetwatchs_extras()
     assert info["hpc_job"] == ""  # no job mapping: no job
     assert families["fleetwatch_gpu_sample_timestamp_seconds"].samples[0].value == pytest.approx(
         row["ts"].timestamp(), abs=1e-6)
-    # an XID sets the last-XID gauge, a lost GPU's series go
+    # an XID sets the last-XID gauge and counts in the total (the same XID twice: twice), a lost GPU's series go;
+    # the DCGM source reading the agent sees each of them
+    reader = source()
+    rows_of(render(), reader, Target("http://gpu-node-7:9400/metrics"))
+    src.exposition.xid(row["gpu_uuid"], 79)
+    assert _xids(rows_of(render(), reader)[1]) == [(0, 79, "from dcgm-exporter's DCGM_FI_DEV_XID_ERRORS")]
     src.exposition.xid(row["gpu_uuid"], 79)
     src.exposition.forget(batch.to_pylist()[7]["gpu_uuid"])
-    families = {f.name: f for f in text_string_to_metric_families(render())}
+    text = render()
+    assert _xids(rows_of(text, reader)[1]) == [(0, 79, "from dcgm-exporter's DCGM_EXP_XID_ERRORS_TOTAL")]
+    families = {f.name: f for f in text_string_to_metric_families(text)}
     assert {s.labels["gpu"]: s.value for s in families[XID].samples} == {**{str(g): 0 for g in range(1, 7)}, "0": 79}
+    assert [(s.labels["gpu"], s.labels["xid"], s.value) for s in families["DCGM_EXP_XID_ERRORS_TOTAL"].samples] == [
+        ("0", "79", 2)]
     assert len(families["DCGM_FI_DEV_POWER_USAGE"].samples) == 7
 
 

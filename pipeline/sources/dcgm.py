@@ -24,7 +24,10 @@ or `fleetwatch run --source dcgm --dcgm-targets URL[,URL...]`).
   graphics activity by compute slices (`_mig_gpu`).
 - Events: `DCGM_FI_DEV_XID_ERRORS` is the last XID's value: a change to a non-zero value is an
   `xid` event (the value at a GPU's first scrape is its baseline: the gauge cannot say when that
-  XID happened). Energy going backwards is a `gpu_reset` event, as the NVML agent reports it.
+  XID happened). dcgm-exporter's own XID counters (`DCGM_EXP_XID_ERRORS_TOTAL`, `_COUNT`, a series
+  per `xid`) show an XID that repeats, which the gauge cannot; the gauge and the counters telling of
+  one XID are one event (`XidTally`). Energy going backwards is a `gpu_reset` event, as the NVML
+  agent reports it.
 - Failures: a target that is down (connection refused, no route, DNS), slow (past the
   timeout), answers other than 200, sends more than 16 MiB, or sends what is not the text
   format, or no GPU, is counted per reason, logged when it starts failing and when it
@@ -54,7 +57,7 @@ import pyarrow as pa
 from pipeline.config import ConfigError, DcgmConfig
 from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD, TS
 from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, COLUMN_LABELS, GR_ENGINE_ACTIVE, WORKLOAD_LABELS, XID, \
-    column_array, dcgm_blank
+    XID_COUNT, XID_TOTAL, column_array, dcgm_blank
 from pipeline.waits import wait_any, wait_set
 
 log = logging.getLogger(__name__)
@@ -169,9 +172,13 @@ class Exposition:
     values: dict[str, np.ndarray]               # gpu_samples column -> base units, NaN = not sent
     xid: np.ndarray                             # last XID per GPU, NaN = not sent
     samples: int = 0                            # DCGM samples read
+    # The exporter's XID counters (XID_TOTAL, XID_COUNT): (row, name, XID) -> value, the largest
+    # where a GPU repeats them (a MIG GPU's instances).
+    xid_counts: dict[tuple[int, str, int], float] = field(default_factory=dict)
 
 
-_WANTED = frozenset(n for n, f in BY_NAME.items() if f.column or f.name in (XID, GR_ENGINE_ACTIVE))
+_XID_COUNTERS = (XID_TOTAL, XID_COUNT)
+_WANTED = frozenset(n for n, f in BY_NAME.items() if f.column or f.name in (XID, GR_ENGINE_ACTIVE, *_XID_COUNTERS))
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
@@ -251,6 +258,7 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
     info: dict[str, list[str | None]] = {c: [] for c in ("gpu", "node", *GPU_INFO, *GPU_WORKLOAD)}
     found: dict[str, tuple[list[int], list[float]]] = {}
     instances: dict[int, dict[str, MigInstance]] = {}  # a MIG GPU's row -> its GPU instances (GPU_I_ID)
+    xid_counts: dict[tuple[int, str, int], float] = {}
     samples = dcgm_samples(text) if fast else reference_samples(text)
     for name, labels, value in samples:
         if "nvlink" in labels:  # a link's own series (dcgm-exporter's link entities): the GPU's total is read
@@ -270,6 +278,12 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
         for label, column in WORKLOAD_LABELS.items():
             if (v := labels.get(label)) and v not in (known := info[column][r] or "").split(","):
                 info[column][r] = f"{known},{v}" if known else v
+        if name in _XID_COUNTERS:  # (the COUNT's series without an `xid` label says there were none)
+            code = labels.get("xid", "")
+            if code.isdigit() and int(code) and math.isfinite(value) and not dcgm_blank(np.float64(value)):
+                key = (r, name, int(code))
+                xid_counts[key] = max(value, xid_counts.get(key, 0.0))
+            continue
         if gi := labels.get("GPU_I_ID"):  # (an empty label, as some exporters render it for a whole GPU: none)
             instance = instances.setdefault(r, {}).setdefault(gi, MigInstance(labels.get("GPU_I_PROFILE", "")))
             if dcgm_blank(np.float64(value)):
@@ -297,7 +311,7 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
     xid = values.pop(XID, np.full(n, np.nan))
     for column, v in values.items():
         values[column] = BY_COLUMN[column].to_column(v)
-    return Exposition(list(rows), info, values, xid, len(samples))
+    return Exposition(list(rows), info, values, xid, len(samples), xid_counts)
 
 
 @dataclass
@@ -346,6 +360,24 @@ def gpu_index(texts: list[str | None], fallback: int) -> np.ndarray:
 # ---- the source ---------------------------------------------------------------------------------
 
 @dataclass
+class XidTally:
+    """How many of one XID one GPU had since Fleetwatch first read it, as each of the exporter's
+    series shows it. Each is a lower bound (the last-XID gauge sees a change, not a repeat; the
+    window's count misses what leaves the window as new ones come; the total is exact but starts
+    again with the exporter), so the largest is what is known, and events go out as it grows."""
+    seen: Counter[str] = field(default_factory=Counter)  # series -> XIDs it showed
+    last: dict[str, float] = field(default_factory=dict)  # a counter series -> its last value
+    sent: float = 0.0                                      # XIDs published as events
+
+    def count(self, name: str, value: float) -> None:
+        """A counter series' value now: what it grew by is new (a total that went down started
+        again with its exporter: all of it is new; a window's count that went down lost old ones)."""
+        old = self.last.get(name, 0.0)
+        self.seen[name] += value - old if value >= old else (value if name == XID_TOTAL else 0.0)
+        self.last[name] = value
+
+
+@dataclass
 class TargetState:
     target: Target
     failing: str = ""                                      # the reason it fails now; "" while it answers
@@ -354,6 +386,7 @@ class TargetState:
     said_hostname: str = ""                                # the exporter's unusable host name, said once
     last_xid: dict[str, float] = field(default_factory=dict)     # per UUID
     last_energy: dict[str, float] = field(default_factory=dict)  # per UUID (J)
+    xids: dict[str, dict[int, XidTally]] = field(default_factory=dict)  # per UUID, per XID
 
 
 @dataclass
@@ -458,17 +491,40 @@ class DcgmSource:
         batch = pa.RecordBatch.from_pydict(cols, schema=GPU_SAMPLE)
         events = []
         energy = p.values.get("energy_j", missing)
+        counted: dict[int, list[tuple[str, int, float]]] = {}
+        for (r, name, code), value in p.xid_counts.items():
+            counted.setdefault(r, []).append((name, code, value))
         for i, uuid in enumerate(p.uuids):  # a handful of GPUs per target: Python per GPU, not per value
+            first = uuid not in st.xids
+            tallies = st.xids.setdefault(uuid, {})
             x = p.xid[i]
             if math.isfinite(x):
                 before = st.last_xid.get(uuid)
                 if before is None:
                     if x:
-                        self.xid_baselines.append(f"{node} GPU {gpu[i]} XID {int(x)}")
+                        self._baseline(f"{node} GPU {gpu[i]} XID {int(x)}")
                 elif x and x != before:
-                    events.append(self._event(ts_ns, site, rack, node, int(gpu[i]), uuid, "xid", int(x),
-                                              f"from dcgm-exporter's {XID}"))
+                    tallies.setdefault(int(x), XidTally()).seen[XID] += 1
                 st.last_xid[uuid] = x
+            now = set()
+            for name, code, value in counted.get(i, ()):
+                now.add((name, code))
+                tally = tallies.setdefault(code, XidTally())
+                if first:  # there before Fleetwatch read the GPU: a baseline
+                    tally.last[name] = value
+                    self._baseline(f"{node} GPU {gpu[i]} XID {code}")
+                else:
+                    tally.count(name, value)
+            for code, tally in tallies.items():
+                for name in [n for n in tally.last if (n, code) not in now]:
+                    tally.last[name] = 0.0  # gone: the window emptied, or the exporter started again
+                known, source = max((v, n) for n, v in tally.seen.items()) if tally.seen else (0.0, "")
+                if known > tally.sent:
+                    times = known - tally.sent
+                    tally.sent = known
+                    events.append(self._event(ts_ns, site, rack, node, int(gpu[i]), uuid, "xid", code,
+                                              f"from dcgm-exporter's {source}" if times == 1 else
+                                              f"{times:.0f} times since the last scrape, from dcgm-exporter's {source}"))
             e = energy[i]
             if math.isfinite(e):
                 if e < st.last_energy.get(uuid, -math.inf):
@@ -477,6 +533,10 @@ class DcgmSource:
                                               f"{e:.0f} J: GPU reset, counters restart at zero"))
                 st.last_energy[uuid] = e
         return batch, events
+
+    def _baseline(self, what: str) -> None:
+        if what not in self.xid_baselines:
+            self.xid_baselines.append(what)
 
     @staticmethod
     def _event(ts_ns: int, site: str, rack: str, node: str, gpu: int, uuid: str, kind: str, code: int | None,

@@ -11,8 +11,10 @@ support it) is no series, as dcgm-exporter leaves out what DCGM cannot read. Wit
 `--hpc-job-mapping-dir`: one series per job, so `sum by (hpc_job)` works on either; a GPU
 without a job has it empty (to Prometheus, no label), and a node whose GPUs have no job at
 all serves no `hpc_job` label.
-`DCGM_FI_DEV_XID_ERRORS` is the last XID the agent saw (0 before any), `DCGM_FI_DEV_FB_FREE`
-the memory total NVML reported at start minus what is used.
+`DCGM_FI_DEV_XID_ERRORS` is the last XID the agent saw (0 before any), `DCGM_EXP_XID_ERRORS_TOTAL`
+how many of each it saw since it started (a series per `xid`, as dcgm-exporter's: an XID that
+repeats shows there), `DCGM_FI_DEV_FB_FREE` the memory total NVML reported at start minus what
+is used.
 
 Every DCGM name is served as a gauge: prometheus_client's encoders would rename a counter's
 series to NAME_total (and OpenMetrics requires it), which would break the names; PromQL's
@@ -32,11 +34,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.sources.dcgm_fields import FB_FREE, FIELDS, LABELS, MIB, XID
+from collections import Counter
+
+from pipeline.sources.dcgm_fields import FB_FREE, FIELDS, LABELS, MIB, XID, XID_TOTAL
 
 _SERVED = [f for f in FIELDS if f.column]
 _FB_FREE_HELP = next(f.help for f in FIELDS if f.name == FB_FREE)
 _XID_HELP = next(f.help for f in FIELDS if f.name == XID)
+_XID_TOTAL_HELP = next(f.help for f in FIELDS if f.name == XID_TOTAL)
 INFO_LABELS = (*LABELS, "site", "rack", "node", "serial", "hpc_job")
 
 
@@ -61,6 +66,7 @@ class GpuExposition:
         self._snapshot: tuple = ([], {name: np.empty(0) for name in (*(f.name for f in _SERVED), FB_FREE)}, [], [], [],
                                  [])
         self._xid: dict[str, int] = {}
+        self._xid_total: Counter[tuple[str, int]] = Counter()  # (UUID, XID) -> XIDs seen
         self.fb_total_bytes: dict[str, float] = {}  # per UUID, from NVML at start
 
     def update(self, batch: pa.RecordBatch) -> None:
@@ -84,6 +90,7 @@ class GpuExposition:
 
     def xid(self, uuid: str, code: int) -> None:
         self._xid[uuid] = int(code)
+        self._xid_total[uuid, int(code)] += 1
 
     def forget(self, uuid: str) -> None:
         """A GPU that is lost: its series go (the agent no longer reads it)."""
@@ -111,6 +118,12 @@ class GpuExposition:
         out = [family(f.name, f.help, values[f.name].tolist()) for f in _SERVED]
         out.append(family(FB_FREE, _FB_FREE_HELP, values[FB_FREE].tolist()))
         out.append(family(XID, _XID_HELP, [float(self._xid.get(u, 0)) for u in uuids]))
+        totals = GaugeMetricFamily(XID_TOTAL, _XID_TOTAL_HELP, labels=(*names, "xid"))
+        row = {u: i for i, u in enumerate(uuids)}
+        for (uuid, code), n in sorted(self._xid_total.items()):
+            for lv in series[row[uuid]] if uuid in row else ():
+                totals.add_metric((*lv, str(code)), n)
+        out.append(totals)
         gpu_info = GaugeMetricFamily("fleetwatch_gpu_info", "the GPU's identity and place in Fleetwatch's data",
                                      labels=INFO_LABELS)
         for lv in info:

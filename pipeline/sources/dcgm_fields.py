@@ -75,6 +75,12 @@ FIELDS: tuple[DcgmField, ...] = (
     _("DCGM_FI_DEV_XID_ERRORS", "gauge", "", "Value of the last XID error encountered.", default=True,
       note="not a column: a change to a non-zero value is an `xid` event (the value present at the first "
            "scrape is the baseline; the gauge cannot say when it happened)"),
+    _("DCGM_EXP_XID_ERRORS_TOTAL", "counter", "", "Total XID errors observed since exporter start.",
+      note="dcgm-exporter's own, one series per `xid` label (not in its default counters: add it to see an XID "
+           "that repeats): every increase is an `xid` event, which the last-XID gauge cannot show"),
+    _("DCGM_EXP_XID_ERRORS_COUNT", "gauge", "", "XID errors observed during the configured time window.",
+      note="dcgm-exporter's own, one series per `xid` label: an increase is an `xid` event (a lower bound where "
+           "older ones leave the window as new ones come)"),
     _("DCGM_FI_DEV_FB_FREE", "gauge", "MiB", "Framebuffer memory free (in MiB).", default=True,
       note="not stored; the agent serves it from the memory total NVML reports at start"),
     _("DCGM_FI_DEV_FB_USED", "gauge", "MiB", "Framebuffer memory used (in MiB).", "mem_used_bytes",
@@ -107,6 +113,8 @@ FIELDS: tuple[DcgmField, ...] = (
 )
 del _
 XID = "DCGM_FI_DEV_XID_ERRORS"
+XID_TOTAL = "DCGM_EXP_XID_ERRORS_TOTAL"
+XID_COUNT = "DCGM_EXP_XID_ERRORS_COUNT"
 GR_ENGINE_ACTIVE = "DCGM_FI_PROF_GR_ENGINE_ACTIVE"
 FB_FREE = "DCGM_FI_DEV_FB_FREE"
 BY_NAME: dict[str, DcgmField] = {n: f for f in FIELDS for n in (f.name, *f.aliases)}
