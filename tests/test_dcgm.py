@@ -206,6 +206,20 @@ def test_a_mig_gpu_is_one_row_with_its_instances_memory_and_their_activity_by_co
     assert rows_of(text + extra + " 0.2\n")[0].to_pylist()[0]["util_gpu"] == whole[0]["util_gpu"]
 
 
+def test_the_power_management_limit_stands_in_for_the_enforced_limit_where_that_is_not_sent():
+    base = H100_8GPU.read_text()
+    assert "ENFORCED_POWER_LIMIT" not in base  # dcgm-exporter's default counters have neither
+
+    def limit(name: str, gpu: int, watts: float) -> str:
+        head = next(line for line in base.splitlines() if line.startswith(f'DCGM_FI_DEV_GPU_TEMP{{gpu="{gpu}"'))
+        return f"{name}{head[head.index('{'):head.index('}') + 1]} {watts}\n"
+    mgmt = base + limit("DCGM_FI_DEV_POWER_MGMT_LIMIT", 0, 600) + limit("DCGM_FI_DEV_POWER_MGMT_LIMIT", 1, 700)
+    assert rows_of(base)[0].column("power_limit_w").null_count == 8
+    assert rows_of(mgmt)[0].column("power_limit_w").to_pylist() == [600.0, 700.0] + [None] * 6
+    both = mgmt + limit("DCGM_FI_DEV_ENFORCED_POWER_LIMIT", 1, 450)  # another limiter is lower: the enforced one
+    assert rows_of(both)[0].column("power_limit_w").to_pylist()[:3] == [600.0, 450.0, None]
+
+
 def test_a_link_s_own_series_is_no_gpu_of_its_own():
     """dcgm-exporter's link entities carry `nvlink`, `gpu_uuid` and `hostname`, not `UUID`: read as
     a GPU, each made a phantom row keyed by host and index."""

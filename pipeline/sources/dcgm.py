@@ -56,8 +56,8 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, DcgmConfig
 from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD, TS
-from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, COLUMN_LABELS, GR_ENGINE_ACTIVE, WORKLOAD_LABELS, XID, \
-    XID_COUNT, XID_TOTAL, column_array, dcgm_blank
+from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, COLUMN_LABELS, GR_ENGINE_ACTIVE, STANDS_IN, \
+    WORKLOAD_LABELS, XID, XID_COUNT, XID_TOTAL, column_array, dcgm_blank
 from pipeline.waits import wait_any, wait_set
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,8 @@ class Exposition:
 
 
 _XID_COUNTERS = (XID_TOTAL, XID_COUNT)
-_WANTED = frozenset(n for n, f in BY_NAME.items() if f.column or f.name in (XID, GR_ENGINE_ACTIVE, *_XID_COUNTERS))
+_WANTED = frozenset(n for n, f in BY_NAME.items()
+                    if f.column or f.stands_in or f.name in (XID, GR_ENGINE_ACTIVE, *_XID_COUNTERS))
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
@@ -296,7 +297,7 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
                 continue
         if name == GR_ENGINE_ACTIVE:  # (a whole GPU's: GPU_UTIL says it)
             continue
-        rs, vs = found.setdefault(spec.column or XID, ([], []))
+        rs, vs = found.setdefault(spec.column or (spec.name if spec.stands_in else XID), ([], []))
         rs.append(r)
         vs.append(value)
     n = len(rows)
@@ -308,6 +309,10 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
         values[column] = v
     for r, of_gpu in instances.items():
         _mig_gpu(values, n, r, list(of_gpu.values()), info["model"][r] or "")
+    for spec in STANDS_IN:  # (in the same DCGM unit as the column's own field)
+        if (v := values.pop(spec.name, None)) is not None:
+            own = values.setdefault(spec.stands_in, np.full(n, np.nan))
+            np.copyto(own, v, where=np.isnan(own))
     xid = values.pop(XID, np.full(n, np.nan))
     for column, v in values.items():
         values[column] = BY_COLUMN[column].to_column(v)

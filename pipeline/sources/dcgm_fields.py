@@ -37,6 +37,7 @@ class DcgmField:
     base: str = ""             # the column's unit, where it is not the DCGM unit
     default: bool = False      # in dcgm-exporter's default-counters.csv (not commented out)
     aliases: tuple[str, ...] = ()  # the same field under another DCGM version's name (read, never served)
+    stands_in: str = ""        # a column this field fills where the column's own field is not sent (never served)
     note: str = ""             # for the docs
 
     def to_column(self, values: np.ndarray) -> np.ndarray:
@@ -58,6 +59,9 @@ FIELDS: tuple[DcgmField, ...] = (
     _("DCGM_FI_DEV_ENFORCED_POWER_LIMIT", "gauge", "W",
       "Effective power limit that the driver enforces after taking into account all limiters (in W).",
       "power_limit_w", note="not in dcgm-exporter's default counters: add it to its counters file for power caps"),
+    _("DCGM_FI_DEV_POWER_MGMT_LIMIT", "gauge", "W", "Power management limit (in W).", stands_in="power_limit_w",
+      note="`power_limit_w` where the exporter sends no DCGM_FI_DEV_ENFORCED_POWER_LIMIT: the limit set (`nvidia-smi "
+           "-pl`, a cap), which is the enforced one unless another limiter is lower"),
     _("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "counter", "mJ", "Total energy consumption since boot (in mJ).",
       "energy_j", per_base=1000.0, base="J", default=True),
     _("DCGM_FI_DEV_PCIE_TX_THROUGHPUT", "counter", "KB",
@@ -119,6 +123,7 @@ GR_ENGINE_ACTIVE = "DCGM_FI_PROF_GR_ENGINE_ACTIVE"
 FB_FREE = "DCGM_FI_DEV_FB_FREE"
 BY_NAME: dict[str, DcgmField] = {n: f for f in FIELDS for n in (f.name, *f.aliases)}
 BY_COLUMN: dict[str, DcgmField] = {f.column: f for f in FIELDS if f.column}
+STANDS_IN: tuple[DcgmField, ...] = tuple(f for f in FIELDS if f.stands_in)
 
 # dcgm-exporter's labels on every series, in its order, and the gpu_samples column each is.
 LABELS: tuple[str, ...] = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION")
