@@ -159,6 +159,20 @@ def test_a_resume_cut_off_between_its_two_steps_is_finished_by_the_next(slurm, b
     assert (node["base"], "DRAIN" in node["flags"], node["reason"]) == ("DOWN", False, "ops: PSU swap pending")
 
 
+def test_a_quarantine_after_a_resume_cut_off_keeps_the_operators_down_reason(slurm, backend):
+    """Cut off after its undrain, the node is DOWN with our reason, which keeps theirs: a new
+    quarantine then had drained it with our plain reason, and its resume left theirs lost."""
+    slurm.scontrol("update", "nodename=fw-n15", "state=down", "reason=ops: PSU swap pending")
+    backend.quarantine("fw-n15", CONTEXT)
+    slurm.scontrol("update", "nodename=fw-n15", "state=undrain")  # (the first step, then the cut)
+    backend.quarantine("fw-n15", CONTEXT)
+    node = backend.show("fw-n15")
+    assert ("DRAIN" in node["flags"], node["reason"]) == (True, OURS + "; DOWN before: ops: PSU swap pending")
+    backend.resume("fw-n15", CONTEXT)
+    node = backend.show("fw-n15")
+    assert (node["base"], "DRAIN" in node["flags"], node["reason"]) == ("DOWN", False, "ops: PSU swap pending")
+
+
 def test_a_drain_slurmctld_applied_after_scontrol_gave_up_is_the_quarantine(slurm, tmp_path):
     """scontrol gives up after its own timeout while a slow slurmctld may still apply the update:
     that drain, ours, had been left with no case to ever resume it."""

@@ -173,6 +173,8 @@ class Slurm:
         why = reason(context)
         if now["base"] == "DOWN" and not is_ours(now):
             why += DOWN_BEFORE + (now["reason"] or "none")
+        elif now["base"] == "DOWN" and DOWN_BEFORE in now["reason"]:  # a resume cut off after its undrain
+            why += DOWN_BEFORE + now["reason"].split(DOWN_BEFORE, 1)[1]
         try:
             self._scontrol(name, "update", f"nodename={name}", "state=drain", f"reason={why}")
         except BackendError as failed:
