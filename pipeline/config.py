@@ -182,6 +182,14 @@ class ReceiverConfig:
     secret_file: str = _spec("", doc="file holding the signing secret (used when secret_env is empty)")
     tls_verify: bool = _spec(True, doc="verify the receiver's TLS certificate")
     ca_file: str = _spec("", doc="CA bundle for the receiver's certificate; empty = the system's")
+    bearer_token_env: str = _spec("", doc="environment variable holding a bearer token, sent as `Authorization: "
+                                  "Bearer` (an Alertmanager or webhook behind an authenticating proxy)")
+    bearer_token_file: str = _spec("", doc="file holding the bearer token, read at every request as Prometheus "
+                                   "reads its credentials_file (a rotated token is taken without a restart); used "
+                                   "when bearer_token_env is empty")
+    cert_file: str = _spec("", doc="client certificate (PEM) for mutual TLS, https:// only; read again when it "
+                           "changes on disk")
+    key_file: str = _spec("", doc="the client certificate's private key (PEM); empty = in cert_file")
 
 
 @dataclass(frozen=True)

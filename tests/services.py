@@ -105,12 +105,12 @@ class Service:
                 time.sleep(0.1)
         raise RuntimeError(f"{self.name} did not listen on 127.0.0.1:{self.port} within {timeout_s} s")
 
-    def wait_ready(self, url: str, timeout_s: float):
-        """Listening is not ready: wait until `url` answers 200."""
+    def wait_ready(self, url: str, timeout_s: float, context=None):
+        """Listening is not ready: wait until `url` answers 200 (https: with `context`)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                with urllib.request.urlopen(url, timeout=2) as r:
+                with urllib.request.urlopen(url, timeout=2, context=context) as r:
                     if r.status == 200:
                         return self
             except OSError:
@@ -307,6 +307,19 @@ def self_signed_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localh
             "-CAcreateserial", "-out", str(f["server.pem"]), "-days", "2", "-extfile", str(f["server.ext"]))
     f["server-keystore.pem"].write_text(f["server.key"].read_text() + f["server.pem"].read_text())
     return f
+
+
+def client_certificate(ca: dict[str, Path], folder: Path, cn: str) -> tuple[Path, Path]:
+    """A client certificate for mutual TLS that `ca` (self_signed_tls's) signed: its PEM file and key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key, csr, ext = (folder / f"{cn}.{x}" for x in ("pem", "key", "csr", "ext"))
+    ext.write_text("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                   "extendedKeyUsage=clientAuth\n")
+    for args in (("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={cn}"),
+                 ("x509", "-req", "-in", str(csr), "-CA", str(ca["ca.pem"]), "-CAkey", str(ca["ca.key"]),
+                  "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    return cert, key
 
 
 class SecureKafkaBroker(KafkaBroker):
@@ -668,12 +681,25 @@ class Alertmanager(Service):
     name = "alertmanager"
     stop_timeout_s = 10.0
 
-    def __init__(self, webhook_url: str = "", workdir: Path | None = None, config: Path | None = None) -> None:
+    def __init__(self, webhook_url: str = "", workdir: Path | None = None, config: Path | None = None,
+                 client_tls: tuple[dict[str, Path], tuple[Path, Path]] | None = None) -> None:
+        """client_tls: (self_signed_tls's files, a client certificate and key it signed): Alertmanager
+        speaks HTTPS and takes only clients with a certificate that CA signed (its web config)."""
         super().__init__()
         self.binary = alertmanager_binary()
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="alertmanager-"))
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if client_tls else 'http'}://127.0.0.1:{self.port}"
+        self.web_config, self.client_context = None, None
+        if client_tls is not None:
+            ca, (cert, key) = client_tls
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.web_config = self.dir / "web.yml"
+            self.web_config.write_text(f"tls_server_config:\n  cert_file: {ca['server.pem']}\n  key_file: "
+                                       f"{ca['server.key']}\n  client_auth_type: RequireAndVerifyClientCert\n"
+                                       f"  client_ca_file: {ca['ca.pem']}\n")
+            self.client_context = ssl.create_default_context(cafile=str(ca["ca.pem"]))
+            self.client_context.load_cert_chain(cert, key)
         self.config = config or self.dir / "alertmanager.yml"
         if config is None:
             self._write_config(webhook_url)
@@ -695,11 +721,12 @@ class Alertmanager(Service):
 
     def command(self) -> list[str]:
         return [self.binary, f"--config.file={self.config}", f"--storage.path={self.dir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address="]
+                f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=",
+                *([f"--web.config.file={self.web_config}"] if self.web_config else [])]
 
     def start(self, timeout_s: float = 60.0) -> "Alertmanager":
         super().start(timeout_s)
-        return self.wait_ready(f"{self.url}/-/ready", timeout_s)
+        return self.wait_ready(f"{self.url}/-/ready", timeout_s, self.client_context)
 
 
 def prometheus_binary() -> str:

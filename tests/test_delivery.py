@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import ConfigError
 from pipeline.model import Alert
 from pipeline.sinks.notify import Delivery, Notifier, RetryPolicy
 from pipeline.sinks import outbox as outbox_module
@@ -33,8 +34,8 @@ FAST_RETRY = RetryPolicy(timeout_s=1.0, initial_s=0.02, max_s=0.1, max_age_s=360
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
 
 
-def receiver_of(url: str, name: str = "hook", **kw) -> Receiver:
-    return load_receivers(make_config(alerts={"receivers": [{"name": name, "url": url, **kw}]}).alerts)[0]
+def receiver_of(url: str, name: str = "hook", env: dict | None = None, **kw) -> Receiver:
+    return load_receivers(make_config(alerts={"receivers": [{"name": name, "url": url, **kw}]}).alerts, env)[0]
 
 
 def alert(name: str, rack: str, node: str, resolved: bool = False) -> dict:
@@ -274,6 +275,50 @@ def test_tls_is_verified_by_default_against_ca_file(tmp_path, http, caplog):
     assert "TLS certificate verification is off" in caplog.text
     assert Client(unverified, 2.0).post(b"{}", "k3", time.time()).ok
     assert recv.taken == ["k2", "k3"]
+
+
+def test_a_bearer_token_from_the_environment_or_a_file_read_at_every_request(tmp_path, http):
+    recv = http(keep_bodies=True).start()
+    from_env = receiver_of(recv.url, bearer_token_env="FW_TEST_TOKEN", env={"FW_TEST_TOKEN": "tok-env"})
+    assert Client(from_env, 2.0).post(b"{}", "k1", time.time()).ok
+    token = tmp_path / "token"
+    token.write_text("tok-1\n")
+    client = Client(receiver_of(recv.url, bearer_token_file=str(token)), 2.0)
+    assert client.post(b"{}", "k2", time.time()).ok
+    token.write_text("tok-2")  # rotated (a projected service-account token): taken at the next request
+    assert client.post(b"{}", "k3", time.time()).ok
+    assert [h["Authorization"] for h in recv.headers] == ["Bearer tok-env", "Bearer tok-1", "Bearer tok-2"]
+    token.unlink()  # rotated away for a moment: this try fails, the next one reads it again
+    missing = client.post(b"{}", "k4", time.time())
+    assert not missing.ok and not missing.permanent and "cannot read the bearer token file" in missing.reason
+    assert "tok-" not in repr(client.receiver) and len(recv.requests) == 3
+
+
+def test_a_refused_credential_is_retried_and_says_what_to_check(http):
+    recv = http().start()
+    recv.status = 401
+    refused = Client(receiver_of(recv.url), 2.0).post(b"{}", "k1", time.time())
+    assert not refused.ok and not refused.permanent and "check the receiver's credentials" in refused.reason
+    recv.status = 404
+    assert Client(receiver_of(recv.url), 2.0).post(b"{}", "k2", time.time()).permanent
+
+
+@pytest.mark.parametrize("settings, error", [
+    ({"bearer_token_env": "FW_NOT_SET"}, "bearer_token_env = 'FW_NOT_SET': that environment variable is not set"),
+    ({"bearer_token_file": "/nonexistent/token"}, "bearer_token_file = '/nonexistent/token': cannot read it"),
+    ({"url": "http://fw:pw@127.0.0.1:9/hook", "bearer_token_file": "TOKEN"}, "both a bearer token and a user in the URL"),
+    ({"bearer_token_file": "SPACED"}, "bearer_token_file: the token holds a space"),
+    ({"cert_file": "CERT"}, "is not https://"),
+    ({"url": "https://127.0.0.1:9/hook", "key_file": "CERT"}, "without cert_file"),
+    ({"url": "https://127.0.0.1:9/hook", "cert_file": "TOKEN"}, "not a usable client certificate and key"),
+])
+def test_receiver_credentials_that_cannot_work_are_refused_at_start(tmp_path, settings, error):
+    files = {"TOKEN": "tok-x", "SPACED": "tok x", "CERT": "not a certificate"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    settings = {k: str(tmp_path / v) if v in files else v for k, v in settings.items()}
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        receiver_of(settings.pop("url", "http://127.0.0.1:9/hook"), env={}, **settings)
 
 
 def test_signature_verifies_and_tampering_or_an_old_timestamp_fails():

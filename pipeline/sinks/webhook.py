@@ -5,7 +5,9 @@ alertmanager kind, API v2 pushes).
 
 A receiver's URL may carry credentials (user:password@, sent as HTTP basic auth) or
 a token in its query string: neither is ever logged or written anywhere. Logs show
-`Receiver.shown` (pipeline/redact.py): scheme://***@host[:port]/path?key=***.
+`Receiver.shown` (pipeline/redact.py): scheme://***@host[:port]/path?key=***. A bearer token
+(`bearer_token_env`, or `bearer_token_file` read at every request) and a client certificate
+for mutual TLS (`cert_file`, `key_file`, read again when they change) are the other ways in.
 """
 
 from __future__ import annotations
@@ -40,6 +42,60 @@ _RESPONSE_LIMIT = 1 << 16  # bytes of a response body read (the rest is not want
 
 
 @dataclass(frozen=True)
+class Bearer:
+    """A bearer token: the environment's (read at start), or a file's, read at every request as
+    Prometheus reads its credentials_file, so that a rotated token (a Kubernetes projected
+    service-account token lives an hour) is taken without a restart."""
+    token: bytes | None = field(default=None, repr=False)
+    file: str = ""
+
+    def header(self) -> str:
+        """The Authorization value; OSError where the file cannot give a token now."""
+        token = self.token if self.token is not None else Path(self.file).read_bytes().strip()
+        if not token:
+            raise OSError("the file is empty")
+        if not _TOKEN.fullmatch(token):
+            raise OSError("the token holds a space, a control or a non-ASCII character")
+        return "Bearer " + token.decode()
+
+
+_TOKEN = re.compile(rb"[\x21-\x7e]+")  # what an HTTP header can carry as one token
+
+
+@dataclass(eq=False)
+class ClientCert:
+    """The client certificate of a mutual-TLS receiver, loaded into its SSL context again when its
+    files change on disk (a renewed certificate: cert-manager, an ACME client), for the next
+    connection; a renewal that does not load keeps the certificate loaded before, said once."""
+    cert_file: str
+    key_file: str
+    loaded: tuple[int, int] = (0, 0)  # the files' mtimes when loaded
+    said: tuple[int, int] = (0, 0)
+
+    def stamp(self) -> tuple[int, int]:
+        return tuple(os.stat(f).st_mtime_ns if f else 0 for f in (self.cert_file, self.key_file))  # type: ignore
+
+    def load(self, context: ssl.SSLContext) -> None:
+        """Load into context (ssl.SSLError or OSError where the files are not a certificate and its key)."""
+        stamp = self.stamp()
+        context.load_cert_chain(self.cert_file, self.key_file or None)
+        self.loaded = stamp
+
+    def refresh(self, context: ssl.SSLContext, name: str) -> None:
+        try:
+            if self.stamp() == self.loaded:
+                return
+            self.load(context)
+            log.info("receiver %s: the client certificate %s changed on disk: loaded", name, self.cert_file)
+        except (ssl.SSLError, OSError) as e:
+            stamp = self.stamp() if all(os.path.exists(f) for f in (self.cert_file, self.key_file) if f) else (-1, -1)
+            if stamp != self.said:
+                self.said = stamp
+                log.error("receiver %s: the client certificate %s changed but does not load (%s): the one loaded "
+                          "before is used", name, self.cert_file, e)
+
+
+@dataclass(frozen=True)
 class Receiver:
     """A validated receiver: everything delivery needs, secrets kept out of repr."""
     name: str
@@ -48,6 +104,8 @@ class Receiver:
     shown: str                # redacted, for logs
     secret: bytes | None = field(default=None, repr=False)
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+    bearer: Bearer | None = field(default=None, repr=False)
+    client_cert: ClientCert | None = None
 
     @property
     def post_url(self) -> str:
@@ -76,23 +134,42 @@ def load_receivers(cfg: AlertsConfig, env: Mapping[str, str] | None = None, warn
         seen[rc.name] = where
         parts = check_url(where if shorthand else f"{where}.url", rc.url)
         secret = _secret(where, rc, env)
+        bearer = _bearer(where, rc, parts, env)
+        if bearer is not None and parts.scheme == "http" and warn:
+            log.warning("receiver %s (%s): its bearer token goes over plain http: anyone on the path can read it",
+                        rc.name, redact_url(rc.url))
         if rc.ca_file and not Path(rc.ca_file).is_file():
             raise ConfigError(f"config error: {where}.ca_file = {rc.ca_file!r}: no such file; give the path of a "
                               f"PEM CA bundle, or leave it empty for the system's")
-        context = None
+        if (rc.cert_file or rc.key_file) and parts.scheme != "https":
+            raise ConfigError(f"config error: {where}.cert_file: a client certificate is for mutual TLS, and "
+                              f"{where}.url is not https://; give an https:// URL, or remove cert_file and key_file")
+        if rc.key_file and not rc.cert_file:
+            raise ConfigError(f"config error: {where}.key_file = {rc.key_file!r} without cert_file; give the client "
+                              f"certificate in cert_file")
+        context = client_cert = None
         if parts.scheme == "https":
             try:
                 context = ssl.create_default_context(cafile=rc.ca_file or None)
             except (ssl.SSLError, OSError) as e:
                 raise ConfigError(f"config error: {where}.ca_file = {rc.ca_file!r}: not a usable CA bundle "
                                   f"({e}); give a PEM file") from None
+            if rc.cert_file:
+                client_cert = ClientCert(rc.cert_file, rc.key_file)
+                try:
+                    client_cert.load(context)
+                except (ssl.SSLError, OSError) as e:
+                    raise ConfigError(f"config error: {where}.cert_file = {rc.cert_file!r}, key_file = "
+                                      f"{rc.key_file!r}: not a usable client certificate and key "
+                                      f"({getattr(e, 'strerror', None) or e}); give PEM files (the key in "
+                                      f"key_file, or in cert_file after the certificate)") from None
             if not rc.tls_verify:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
                 if warn:
                     log.warning("receiver %s (%s): TLS certificate verification is off (tls_verify = false): "
                                 "anyone on the path can read and change its alerts", rc.name, redact_url(rc.url))
-        out.append(Receiver(rc.name, rc.kind, rc.url, redact_url(rc.url), secret, context))
+        out.append(Receiver(rc.name, rc.kind, rc.url, redact_url(rc.url), secret, context, bearer, client_cert))
     return out
 
 
@@ -123,6 +200,23 @@ def check_url(key: str, url: str) -> SplitResult:
         raise ConfigError(f"config error: {key} = {shown!r}: must be an http:// or https:// URL "
                           f"with a host, e.g. https://hooks.example.com/fleetwatch")
     return parts
+
+
+def _bearer(where: str, rc: ReceiverConfig, parts: SplitResult, env: Mapping[str, str]) -> Bearer | None:
+    token = read_secret(f"{where}.bearer_token", rc.bearer_token_env, rc.bearer_token_file, "the bearer token",
+                        "remove bearer_token_env to send none", env)
+    if token is None:
+        return None
+    if parts.username is not None:
+        raise ConfigError(f"config error: {where}: both a bearer token and a user in the URL (basic auth): a request "
+                          f"carries one Authorization header; keep one of them")
+    bearer = Bearer(token if rc.bearer_token_env else None, "" if rc.bearer_token_env else rc.bearer_token_file)
+    try:
+        bearer.header()
+    except OSError as e:
+        key = "bearer_token_env" if rc.bearer_token_env else "bearer_token_file"
+        raise ConfigError(f"config error: {where}.{key}: {e}; give the token alone") from None
+    return bearer
 
 
 def _secret(where: str, rc: ReceiverConfig, env: Mapping[str, str]) -> bytes | None:
@@ -192,6 +286,12 @@ class Client:
             headers[SIGNATURE_HEADER] = sign(self.receiver.secret, body, int(now))  # fresh t on every try
         if self._auth is not None:
             headers["Authorization"] = self._auth
+        if self.receiver.bearer is not None:
+            try:
+                headers["Authorization"] = self.receiver.bearer.header()
+            except OSError as e:  # a token file rotated away for a moment: the next try reads it again
+                return Outcome(False, f"cannot read the bearer token file {self.receiver.bearer.file!r} "
+                                      f"({getattr(e, 'strerror', None) or e}); check bearer_token_file")
         return self._send(body, headers, stale_retry=True)
 
     def _send(self, body: bytes, headers: dict[str, str], stale_retry: bool) -> Outcome:
@@ -217,6 +317,12 @@ class Client:
         except ssl.SSLCertVerificationError as e:
             self.close()
             return Outcome(False, f"TLS certificate not trusted ({e.verify_message}); give its CA in ca_file")
+        except ssl.SSLError as e:  # (TLS 1.3: a server refusing the client's certificate shows only as a cut)
+            self.close()
+            mine = "the client certificate in cert_file is" if self.receiver.client_cert else "no client certificate is"
+            return Outcome(False, f"TLS failed ({type(e).__name__}: {e.reason or e}); {mine} sent: where the receiver "
+                                  f"asks for one, give one that its CA signed in cert_file and key_file",
+                           maybe_delivered=True)
         except ConnectionRefusedError:
             self.close()
             return Outcome(False, "connection refused")
@@ -249,6 +355,8 @@ class Client:
             if self._conn is not None and self._conn.sock is not None:
                 return self._conn, True
             if self._https:
+                if self.receiver.client_cert is not None:
+                    self.receiver.client_cert.refresh(self.receiver.ssl_context, self.receiver.name)
                 self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s,
                                                          context=self.receiver.ssl_context)
             else:
@@ -262,6 +370,9 @@ def _outcome(resp: http.client.HTTPResponse, text: bytes) -> Outcome:
         return Outcome(True)
     said = text[:200].decode("utf-8", "replace").strip()
     reason = f"HTTP {status} {resp.reason}" + (f": {said}" if said else "")
+    if status in (401, 403):  # credentials an operator fixes: kept and retried until alerts.max_age_s
+        return Outcome(False, f"{reason}; check the receiver's credentials (the URL's user, bearer_token_env or "
+                              f"_file, cert_file)")
     if status in (408, 429) or status >= 500:
         retry_after = resp.headers.get("Retry-After", "")
         return Outcome(False, reason, retry_after_s=float(retry_after) if retry_after.isdigit() else None)

@@ -133,3 +133,56 @@ def test_the_shipped_alertmanager_config_inhibits_as_fleetwatch_s_default_rules_
         am.close()
     assert now["r01/GpuOverTemperature"]["inhibitedBy"] == [fingerprint(pushed[0]["labels"])]
     assert now["r02/GpuOverTemperature"]["state"] == "active" and now["r01/CoolantLeak"]["state"] == "active"
+
+
+def test_an_alertmanager_that_takes_only_clients_with_a_certificate_gets_the_alerts(tmp_path):
+    """Mutual TLS, as an Alertmanager's web config asks it (client_auth_type
+    RequireAndVerifyClientCert): without a client certificate nothing goes in; with one the CA
+    did not sign, neither; a renewed certificate on disk is taken at the next connection,
+    without a restart."""
+    from pipeline.sinks.webhook import Client, load_receivers
+    from tests.services import client_certificate, self_signed_tls
+    ca = self_signed_tls(tmp_path / "tls")
+    cert, key = client_certificate(ca, tmp_path / "client", "fleetwatch")
+    am = Alertmanager("http://127.0.0.1:1/unused", tmp_path / "am", client_tls=(ca, (cert, key))).start()
+    try:
+        def receiver(**kw):
+            return load_receivers(make_config(alerts={"receivers": [
+                {"name": "am", "url": am.url, "kind": "alertmanager", "ca_file": str(ca["ca.pem"]), **kw}]}).alerts)[0]
+        body = json.dumps([{"labels": {"alertname": "GpuXid", "node": "r01-n1"}}]).encode()
+        refused = Client(receiver(), 5).post(body, "k1", 0)
+        assert not refused.ok and not refused.permanent and "no client certificate is sent" in refused.reason
+
+        other = self_signed_tls(tmp_path / "other-ca")  # a certificate no CA of Alertmanager's signed
+        mine = tmp_path / "mine"
+        mine.mkdir()
+        old_cert, old_key = client_certificate(other, tmp_path / "old", "fleetwatch")
+        (mine / "cert.pem").write_bytes(old_cert.read_bytes())
+        (mine / "key.pem").write_bytes(old_key.read_bytes())
+        client = Client(receiver(cert_file=str(mine / "cert.pem"), key_file=str(mine / "key.pem")), 5)
+        assert not client.post(body, "k2", 0).ok
+        client.close()
+        (mine / "key.pem").write_bytes(key.read_bytes())  # renewed: the key, then the certificate
+        (mine / "cert.pem").write_bytes(cert.read_bytes())
+        assert client.post(body, "k3", 0).ok
+
+        cfg = make_config(data_dir=str(tmp_path / "data"), alerts={"receivers": [
+            {"name": "am", "url": am.url, "kind": "alertmanager", "ca_file": str(ca["ca.pem"]),
+             "cert_file": str(cert), "key_file": str(key)}]})
+
+        async def go():
+            notifier = Notifier(cfg)
+            await notifier.start()
+            try:
+                await notifier.handle([alert("GpuOverTemperature", "r01", "r01-n1")])
+                await until(lambda: notifier.stats.delivered >= 1, timeout=30)
+                return notifier.stats
+            finally:
+                await notifier.close()
+        stats = asyncio.run(go())
+        assert stats.pending == 0 and stats.dead_lettered == 0
+        with urllib.request.urlopen(f"{am.url}/api/v2/alerts", timeout=5, context=am.client_context) as r:
+            names = sorted(a["labels"]["alertname"] for a in json.loads(r.read()))
+        assert names == ["GpuOverTemperature", "GpuXid"]
+    finally:
+        am.close()
