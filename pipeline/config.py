@@ -223,7 +223,8 @@ class AlertsConfig:
     group_interval_s: float = _spec(60.0, min=0, doc="wait this long before notifying a changed group again")
     repeat_interval_s: float = _spec(4 * 3600.0, min=1, doc="re-notify a group that still fires this often")
     resend_interval_s: float = _spec(60.0, min=1, doc="re-push firing alerts to Alertmanager receivers this often; "
-                                     "keep it under Alertmanager's resolve_timeout (5 min by default)")
+                                     "each push's endsAt is 4 of these later (Prometheus's lease): Alertmanager "
+                                     "resolves the alerts of a notify that stopped then")
     inhibit_rules: list[InhibitRule] = _spec(DEFAULT_INHIBIT_RULES, doc="inhibition, as [[alerts.inhibit_rules]] "
                                              "tables (TOML only); the default: rack cooling alerts mute thermal "
                                              "alerts in the rack, a silent node mutes its silent GPUs")

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError
-from pipeline.model import Alert
+from pipeline.model import Alert, parse_iso_utc
 from pipeline.sinks.notify import Delivery, Notifier, RetryPolicy
 from pipeline.sinks import outbox as outbox_module
 from pipeline.sinks.outbox import Outbox
@@ -419,8 +419,8 @@ def test_a_receiver_configured_again_hears_what_changed_while_none_of_its_kind_w
             "receivers": [{"name": "r", "url": recv.url, "kind": kind}] if receivers else []}))
 
     def firing_names(body) -> set[str]:
-        if kind == "alertmanager":  # (a postable alert has an endsAt only once resolved)
-            return {a["labels"]["node"] for a in body if "endsAt" not in a}
+        if kind == "alertmanager":  # (a firing alert's endsAt is its lease, ahead; a resolved one's is past)
+            return {a["labels"]["node"] for a in body if parse_iso_utc(a["endsAt"]) > time.time()}
         return {a["labels"]["node"] for a in body["alerts"] if a["status"] == "firing"}
 
     async def run(n: Notifier, changes: list[dict], until_seen=None) -> None:

@@ -110,3 +110,18 @@ def test_the_alertmanager_kind_pushes_postable_alerts_and_resends_once_per_outbo
     assert len(again.firing) == 1 and again.firing.resend(5.0 + cfg.resend_interval_s)[0][0]["labels"] == _alert()["labels"]
     again.restore({"last_resend": 5.0, "firing": {"x": {"labels": {"alertname": "Kept"}}}}, None)
     assert again.firing.resend(1e9) == [[{"labels": {"alertname": "Kept"}}]]
+
+
+def test_a_firing_alert_s_end_is_a_lease_stamped_when_its_push_goes_out():
+    """endsAt of a firing alert: 4 resend intervals after the try that sends it (Prometheus's
+    lease), never in the outbox record, so a push that waited out an outage arrives alive."""
+    cfg, receivers = _receivers("alertmanager")
+    kind = receiver_kind("alertmanager")(cfg, receivers, None)
+    [record] = kind.enqueue([_alert(), _alert("resolved") | {"fingerprint": "ffff"}], 100.0, lambda _: 0).payloads["oncall"]
+    kept = [dict(a) for a in record]
+    t = 1_800_000_000.0  # a try hours after the push was queued
+    sent = kind.at_send(record, t)
+    assert sent[0]["endsAt"] == "2027-01-15T08:04:00.000Z" and t + 4 * cfg.resend_interval_s == 1_800_000_240.0
+    assert sent[1]["endsAt"] == "2027-01-15T08:05:00.000Z"  # a resolution keeps its own
+    assert record == kept  # the outbox's record as it was: the next try stamps its own time
+    assert receiver_kind("webhook")(cfg, receivers, None).at_send(record, t) is record

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from pipeline.config import AlertsConfig, Config, ConfigError
 from pipeline.model import iso_utc
@@ -91,8 +91,9 @@ class Delivery:
     Failures are logged once per outage, with a summary when it ends."""
 
     def __init__(self, receiver: Receiver, outbox: Outbox, dead_letters: Path, policy: RetryPolicy,
-                 rotation: Rotation | None = None) -> None:
+                 rotation: Rotation | None = None, at_send: Callable[[Any, float], Any] | None = None) -> None:
         self.receiver = receiver
+        self.at_send = at_send or (lambda payload, now: payload)  # its kind's (ReceiverKind.at_send)
         self.outbox = outbox
         self.rotation = rotation  # of the dead-letter file
         self.dead_letters = dead_letters
@@ -161,7 +162,7 @@ class Delivery:
                 return None
             rec = head[0]
             now = time.time()
-            outcome = self.client.post(body_of(rec.payload), rec.id, now)
+            outcome = self.client.post(body_of(self.at_send(rec.payload, now)), rec.id, now)
             if outcome.ok:
                 self.outbox.ack(rec.seq)
                 self.stats.delivered += 1
@@ -349,7 +350,7 @@ class Notifier:
                 log.info("receiver %s: %d notifications left in its outbox by the last run go out first",
                          r.name, outbox.pending)
             self.deliveries[r.name] = Delivery(r, outbox, self.data / "deadletter" / f"alerts-{r.name}.jsonl",
-                                               self.policy, Rotation.of(self.cfg.daemon))
+                                               self.policy, Rotation.of(self.cfg.daemon), self.kinds[r.kind].at_send)
         for d in sorted((self.data / "outbox").glob("*")):
             if d.is_dir() and d.name not in self.deliveries and any(d.glob("*.jsonl")):
                 log.warning("outbox %s belongs to no configured receiver; its notifications are not delivered "

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from pipeline.model import fingerprint
+from pipeline.model import fingerprint, parse_iso_utc
 from pipeline.sinks.notify import Notifier
 from tests.conftest import make_config
 from tests.services import Alertmanager, HttpReceiver
@@ -75,6 +75,10 @@ def test_alerts_reach_alertmanager_grouped_then_resolve(tmp_path, am, hook):
     # Alertmanager's fingerprints are ours: pipeline.model.fingerprint is its label-set hash.
     assert sorted(a["fingerprint"] for a in reported) == sorted(ours)
     for a in reported:
+        # Its end is the lease of 4 resend intervals from the push (Prometheus's), not Alertmanager's
+        # resolve_timeout (5 min): a Fleetwatch that stops pushing has its alerts resolved seconds later.
+        lease = parse_iso_utc(a["endsAt"]) - parse_iso_utc(a["updatedAt"])
+        assert 0 < lease <= 4.5, lease
         assert a["fingerprint"] == fingerprint(a["labels"])
         assert a["labels"] == ours[a["fingerprint"]]["labels"]
         assert a["annotations"] == ours[a["fingerprint"]]["annotations"]

@@ -2,10 +2,11 @@
 Prometheus sends them, as a JSON list to POST <url>/api/v2/alerts.
 
 Every state change is pushed (a resolution with its endsAt), and the alerts still
-firing are pushed again every `alerts.resend_interval_s`. A firing alert goes without
-endsAt, so Alertmanager holds it for its own `resolve_timeout` (5 min by default: keep it
-above resend_interval_s) from the latest push; an outbox that sat out an outage never
-delivers a firing alert that is already past its end. Alertmanager groups, inhibits and
+firing are pushed again every `alerts.resend_interval_s`. A firing alert's endsAt is a lease,
+as Prometheus sends it: LEASE_RESENDS resend intervals after the push, stamped when the push
+goes out (at_send), so a push that waited in an outbox through an outage is not delivered
+already ended, and Alertmanager resolves the alerts of a Fleetwatch that stopped pushing a
+few intervals later whatever its own `resolve_timeout`. Alertmanager groups, inhibits and
 silences these itself: Fleetwatch's routing (grouping, inhibit_rules, silences) applies
 to webhook receivers only.
 """
@@ -18,9 +19,11 @@ from urllib.parse import urlsplit
 from pipeline.config import AlertsConfig
 from pipeline.sinks.receivers.base import Enqueued, ReceiverKind
 from pipeline.sinks.silences import SilenceStore
+from pipeline.model import iso_utc
 from pipeline.sinks.webhook import Receiver, generator_url
 
 CHUNK = 500  # alerts per push, so one request (and one outbox record) stays small
+LEASE_RESENDS = 4  # a firing alert's endsAt: this many resend intervals after its push (Prometheus: 4)
 
 
 def postable(alert: dict[str, Any], external_url: str) -> dict[str, Any]:
@@ -125,6 +128,10 @@ class AlertmanagerKind(ReceiverKind):
 
     def next_wakeup(self) -> float | None:
         return self.firing.next_resend
+
+    def at_send(self, payload: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+        ends = iso_utc(now + LEASE_RESENDS * self.cfg.resend_interval_s)
+        return [a if "endsAt" in a else {**a, "endsAt": ends} for a in payload]
 
     def snapshot(self) -> dict[str, Any]:
         return self.firing.snapshot()

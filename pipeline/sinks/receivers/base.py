@@ -28,6 +28,9 @@ class ReceiverKind:
                                  about every second with none: the payloads due now; they are
                                  appended to the outboxes, then snapshot() goes to
                                  <data_dir>/notify/<state_file> when `changed`, then written()
+        at_send(payload, now)    (in the receiver's thread) a payload as it goes out, at every try:
+                                 what depends on the time of sending (Alertmanager's lease) is stamped
+                                 here, not in the outbox record
         restore(state, latest)   at start, and after a write that failed (the state on disk);
                                  `latest` (at start): each alert's latest change in alerts.jsonl
                                  (fingerprint -> alert object), which the notifier writes first: the
@@ -64,6 +67,10 @@ class ReceiverKind:
     def next_wakeup(self) -> float | None:
         """The earliest time enqueue() may have something without new changes (None: nothing pending)."""
         return None
+
+    def at_send(self, payload: Any, now: float) -> Any:
+        """The payload as sent at `now` (unchanged by default; never mutate it: it is the record's)."""
+        return payload
 
     def snapshot(self) -> dict[str, Any]:
         return {}
