@@ -32,12 +32,14 @@ def test_eval_cli_writes_the_documented_json(tmp_path):
         "gpu_reset", "node_reboot", "driver_upgrade"}
     assert sum(f["injected"] for f in out["faults"].values()) >= 8
     assert "fault type" in r.stdout and "false alerts" in r.stdout
-    # Deterministic for a seed.
-    r2 = fleetwatch("eval", "--duration", "3600", "--seed", "4", "--json", "again.json", cwd=tmp_path, timeout=300)
-    assert r2.returncode == 0, r2.stderr[-2000:]
-    again = json.loads((tmp_path / "again.json").read_text())
-    assert again["faults"] == out["faults"] and again["false_alerts"] == out["false_alerts"]
     assert "demand_response" not in out  # only with --power-requests
+    # Deterministic for a seed (a shorter run, twice: the hour above once is the suite's slowest eval).
+    runs = [fleetwatch("eval", "--duration", "900", "--seed", "5", "--json", name, cwd=tmp_path, timeout=300)
+            for name in ("a.json", "b.json")]
+    assert all(x.returncode == 0 for x in runs), runs[0].stderr[-2000:]
+    a, b = (json.loads((tmp_path / name).read_text()) for name in ("a.json", "b.json"))
+    assert a["faults"] == b["faults"] and a["false_alerts"] == b["false_alerts"]
+    assert sum(f["injected"] for f in a["faults"].values()) >= 1  # (something to be the same)
 
 
 def test_eval_with_the_simple_normal_runs_the_steady_fleet_and_says_so(tmp_path):
