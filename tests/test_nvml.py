@@ -252,3 +252,150 @@ def test_the_replay_plays_at_the_recorded_speed_at_an_interval_of_part_rows():
                 got.append(pynvml.nvmlDeviceGetPowerUsage(handle))
             pynvml.nvmlShutdown()
         assert got == [TRACE[row]["power_mw"] for row in want], interval_s
+
+
+# ---- what real NVML answers that the recording does not ------------------------------------------
+
+def _scrapes(a: NvmlAgent, n: int) -> list:
+    return [a.scrape() for _ in range(n)]
+
+
+def test_an_unexpected_nvml_error_is_one_gpus_never_the_agents(caplog):
+    """NVML_ERROR_UNKNOWN from one call of one GPU nulls that value; a GPU whose reads fail
+    (RESET_REQUIRED from its batched field call) gives no row; the others go on, each error
+    said once, and the GPU is read again when it answers."""
+    replay = NvmlReplay(H100, gpus=8, latency=False)
+    with replay.installed(), caplog.at_level("INFO", logger="pipeline.sources.nvml"):
+        a = agent()
+        a.open()
+        replay.fail(1, "nvmlDeviceGetTemperature", pynvml.NVML_ERROR_UNKNOWN)
+        replay.fail(5, "nvmlDeviceGetFieldValues", pynvml.NVML_ERROR_RESET_REQUIRED)
+        failing = _scrapes(a, 3)
+        replay.fail(1, "nvmlDeviceGetTemperature", None)
+        replay.fail(5, "nvmlDeviceGetFieldValues", None)
+        back = a.scrape()
+    for s in failing:
+        rows = {r["gpu"]: r for r in s.samples.to_pylist()}
+        assert sorted(rows) == [0, 1, 2, 3, 4, 6, 7] and not s.events
+        assert rows[1]["gpu_temp_c"] is None and rows[1]["power_w"] > 0 and rows[0]["gpu_temp_c"] > 0
+    assert back.samples.num_rows == 8 and back.samples.to_pylist()[1]["gpu_temp_c"] > 0
+    said = caplog.text
+    assert said.count("nvmlDeviceGetTemperature") == 0  # (the call's name in the agent is "temperature")
+    assert said.count("temperature answers NVMLError_Unknown (999)") == 1
+    assert said.count("NVML answers NVMLError_ResetRequired (16): no samples from it") == 1
+    assert "GPU 5 (" in said and "answers again (after NVMLError_ResetRequired (16))" in said
+    assert "temperature answers again" in said
+
+
+def test_an_a100_or_a_driver_before_r535_reads_power_and_clock_reasons_the_older_way():
+    """GA100 has no NVML_FI_DEV_POWER_AVERAGE (power was null on every A100): the power comes from
+    nvmlDeviceGetPowerUsage; a driver before R535 lacks nvmlDeviceGetCurrentClocksEventReasons
+    (every scrape had failed): the clocks throttle reasons say the same bits."""
+    replay = NvmlReplay(H100, gpus=2, latency=False)
+    replay.field_errors[pynvml.NVML_FI_DEV_POWER_AVERAGE] = pynvml.NVML_ERROR_NOT_SUPPORTED
+    replay.missing.add("nvmlDeviceGetCurrentClocksEventReasons")
+    with replay.installed():
+        a = agent()
+        a.open()
+        rows = [r for s in _scrapes(a, 3) for r in s.samples.to_pylist()]
+    assert all(r["power_w"] is not None and r["power_w"] > 0 for r in rows)
+    assert all(r["clock_event_reasons"] is not None for r in rows)
+    assert replay.calls["nvmlDeviceGetPowerUsage"] == 6
+    assert replay.field_requests[pynvml.NVML_FI_DEV_POWER_AVERAGE] == 2  # asked once per GPU, then the call
+
+
+def test_the_event_thread_does_not_spin_on_a_lost_gpu_nor_die_on_an_error():
+    """A real driver answers a wait with GPU_IS_LOST at once while a lost GPU is in the set (it had
+    spun: 533,000 waits in 0.5 s); any other error had ended the thread, and XIDs with it."""
+    replay = NvmlReplay(H100, gpus=4, latency=False)
+    with replay.installed():
+        a = agent(interval_s=0.2)
+
+        async def script():
+            await asyncio.sleep(0.3)
+            replay.lose(2)
+            await asyncio.sleep(1.0)  # the scrape names it: a set without it
+            replay.xid(1, 31)
+            await asyncio.sleep(0.5)
+            replay.failures[(None, "nvmlEventSetWait_v2")] = pynvml.NVML_ERROR_UNKNOWN  # (any set)
+            await asyncio.sleep(0.3)
+            del replay.failures[(None, "nvmlEventSetWait_v2")]
+            replay.xid(3, 43)
+        _, events, _ = asyncio.run(run_agent(a, 2.5, script))
+    got = [(e["kind"], e["gpu"], e["code"]) for e in events]
+    assert ("gpu_lost", 2, None) in got and ("xid", 1, 31) in got and ("xid", 3, 43) in got
+    assert replay.calls["nvmlEventSetWait_v2"] < 60  # 500-ms waits, a second apart while lost: no spin
+
+
+def test_a_gpu_nvml_cannot_open_at_start_is_left_out_then_read_once_it_opens(caplog):
+    replay = NvmlReplay(H100, gpus=4, latency=False)
+    clock = [1000.0]
+    with replay.installed(), caplog.at_level("INFO", logger="pipeline.sources.nvml"):
+        a = agent()
+        a.clock = lambda: clock[0]
+        replay.fail(2, "nvmlDeviceGetHandleByIndex", pynvml.NVML_ERROR_UNKNOWN)
+        a.open()
+        first = a.scrape()
+        replay.fail(2, "nvmlDeviceGetHandleByIndex", None)
+        clock[0] += 61.0
+        later = a.scrape()
+    assert sorted(first.samples.column("gpu").to_pylist()) == [0, 1, 3] and a.unopened == {}
+    assert sorted(later.samples.column("gpu").to_pylist()) == [0, 1, 2, 3]
+    assert "GPU 2: NVML cannot open it (NVMLError_Unknown (999))" in caplog.text and "opens now" in caplog.text
+
+
+def test_a_lost_gpu_that_answers_again_is_read_again_under_its_new_handle():
+    replay = NvmlReplay(H100, gpus=4, latency=False)
+    clock = [1000.0]
+    with replay.installed():
+        a = agent()
+        a.clock = lambda: clock[0]
+        a.open()
+        a.scrape()
+        replay.lose(1)
+        lost = a.scrape()
+        replay.recover(1)  # reset: it answers again, under a new handle
+        clock[0] += 30.0
+        still = a.scrape()  # not looked for yet
+        clock[0] += 31.0
+        back = a.scrape()
+    assert [e["kind"] for e in lost.events] == ["gpu_lost"] and lost.samples.num_rows == 3
+    assert still.samples.num_rows == 3
+    assert back.samples.num_rows == 4 and not back.events and a.lost == set()
+
+
+def test_a_reset_gpu_gets_its_cap_again():
+    """A reset puts a GPU's power limit back to its default: the agent's cap had silently gone,
+    while the agent and the power role held it as set."""
+    replay = NvmlReplay(H100, gpus=2, latency=False, settle_s=0.0, enforce_lag_s=0.0)
+    with replay.installed():
+        a = agent()
+        a.open()
+        a.scrape()
+        assert a.power.apply(0, 500.0).status == "ok"
+        a.scrape()
+        replay.reset(0)
+        assert pynvml.nvmlDeviceGetEnforcedPowerLimit(a.gpus[0].handle) == replay.powercap["default_mw"]
+        s = a.scrape()
+        enforced = pynvml.nvmlDeviceGetEnforcedPowerLimit(a.gpus[0].handle)
+    assert [e["kind"] for e in s.events] == ["gpu_reset"]
+    assert enforced == 500_000 and a.power.capped == {0: 500.0}
+
+
+def test_what_was_not_supported_is_asked_again_later(caplog):
+    """A GPU in MIG mode answers utilisation NOT_SUPPORTED; taken out of it, it answers again,
+    which the agent had never asked again."""
+    replay = NvmlReplay(H100, gpus=1, latency=False)
+    clock = [1000.0]
+    with replay.installed(), caplog.at_level("INFO", logger="pipeline.sources.nvml"):
+        a = agent()
+        a.clock = lambda: clock[0]
+        a.open()
+        replay.fail(0, "nvmlDeviceGetUtilizationRates", pynvml.NVML_ERROR_NOT_SUPPORTED)
+        before = [s.samples.to_pylist()[0]["util_gpu"] for s in _scrapes(a, 3)]
+        replay.fail(0, "nvmlDeviceGetUtilizationRates", None)
+        asked = replay.failed["nvmlDeviceGetUtilizationRates"]
+        clock[0] += 601.0
+        after = a.scrape().samples.to_pylist()[0]["util_gpu"]
+    assert before == [None] * 3 and asked == 1 and after is not None
+    assert caplog.text.count("utilization is not supported") == 1 and "utilization answers now" in caplog.text

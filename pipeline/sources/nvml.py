@@ -7,14 +7,25 @@
   `nvmlDeviceGetFieldValues` call (power, energy, memory temperature, PCIe replays,
   ECC, row remapping, NVLink CRC), then the few values that have no field id
   (temperature, clocks, utilisation, memory use, clocks event reasons, P-state).
-- A field or call that answers NVML_ERROR_NOT_SUPPORTED is remembered per GPU and
-  not asked again; its column is null, never 0.
+- A field or call that answers NVML_ERROR_NOT_SUPPORTED (or that this driver lacks) is
+  remembered per GPU and asked again only every RETRY_UNSUPPORTED_S (a GPU taken out of MIG
+  mode answers utilisation again); its column is null, never 0. Where a driver lacks a newer
+  call or field, the older one answers: the clocks throttle reasons before R535, and
+  nvmlDeviceGetPowerUsage where NVML_FI_DEV_POWER_AVERAGE is not supported (an A100).
+- Any other NVML error (NVML_ERROR_UNKNOWN, RESET_REQUIRED, ...) is one GPU's, never the
+  agent's: a call that fails leaves its value null for that scrape, a GPU whose reads fail
+  gives no row (the detectors' GpuNotReporting follows), each said once when it starts and
+  once when it ends. A GPU NVML cannot open at start is left out and looked for again every
+  REDISCOVER_S, as a lost one is: a GPU that answers again (a reset) is read again.
 - Base units: W, J, C, MHz, bytes, 0-1.
 - Power limits (sources/nvml_power.py): each scrape reads the enforced limit (`power_limit_w`);
   `agent.power` applies and restores caps on the agent's NVML thread (`await agent.on_nvml_thread(
   agent.power.apply, gpu, watts)`), and close() restores every cap the agent set.
 - Events without waiting for the next scrape: XID and ECC events through an NVML
-  event set, waited on in a thread of their own and published at once.
+  event set, waited on in a thread of their own and published at once. The set is made
+  again without a lost GPU (NVML answers a wait with GPU_IS_LOST at once while one is in it)
+  and with a GPU found again; an NVML error backs the thread off, never ends it.
+- A GPU reset puts a power limit back to the default: a cap this agent holds is set again.
 - A GPU that answers NVML_ERROR_GPU_IS_LOST, or drops out of the device count,
   becomes a `gpu_lost` event and its samples stop. Energy going backwards means the
   GPU was reset (counters restart at zero): a `gpu_reset` event, so that detectors
@@ -88,7 +99,14 @@ def _mem_used(h) -> float:
 
 
 def _reasons(h) -> float:
-    return pynvml.nvmlDeviceGetCurrentClocksEventReasons(h)
+    try:
+        return pynvml.nvmlDeviceGetCurrentClocksEventReasons(h)
+    except pynvml.NVMLError_FunctionNotFound:  # a driver before R535: the same bits under their older name
+        return pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(h)
+
+
+def _power_usage(h) -> float:
+    return pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0  # mW
 
 
 def _pstate(h) -> float:
@@ -109,12 +127,23 @@ CALLS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "clocks_event_reasons": (("clock_event_reasons",), _reasons),
     "pstate": (("pstate",), _pstate),
     "power_limit": (("power_limit_w",), _power_limit),
+    "power_usage": (("power_w",), _power_usage),
 }
+# A field a GPU does not support -> the call that reads the same value (not asked otherwise).
+FALLBACKS: dict[int, str] = {pynvml.NVML_FI_DEV_POWER_AVERAGE: "power_usage"}  # (GA100: no field 185)
+DEFAULT_CALLS = [name for name in CALLS if name not in FALLBACKS.values()]
+# A field's return codes that mean "not on this GPU or driver" (a field id an older driver does not know).
+_NO_FIELD = (pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_INVALID_ARGUMENT)
 METRICS = list(GPU_METRICS)
 COLUMNS = METRICS + list(GPU_SETTINGS)  # what a scrape reads
 EVENT_TYPES = pynvml.nvmlEventTypeXidCriticalError | pynvml.nvmlEventTypeDoubleBitEccError
 _NO_DRIVER = {pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: "the NVML library (libnvidia-ml.so.1) is not installed",
-              pynvml.NVML_ERROR_DRIVER_NOT_LOADED: "the NVIDIA driver is not loaded"}
+              pynvml.NVML_ERROR_DRIVER_NOT_LOADED: "the NVIDIA driver is not loaded",
+              pynvml.NVML_ERROR_NO_PERMISSION: "this user may not open the GPUs (/dev/nvidia*): run the agent as "
+                                               "root or a user the device files allow"}
+REDISCOVER_S = 60.0          # a lost GPU, or one NVML could not open at start, is looked for again this often
+RETRY_UNSUPPORTED_S = 600.0  # what answered NOT_SUPPORTED is asked again this often (MIG mode can change)
+EVENTS_BACKOFF_MAX_S = 30.0  # the event thread after an NVML error: waits doubling up to this
 
 
 class NvmlUnavailable(ConfigError):
@@ -128,8 +157,10 @@ class Gpu:
     uuid: str
     name: str
     fields: list[int] = field(default_factory=lambda: list(FIELDS))  # still asked for
-    calls: list[str] = field(default_factory=lambda: list(CALLS))
-    unsupported: list[str] = field(default_factory=list)             # what answered NOT_SUPPORTED
+    calls: list[str] = field(default_factory=lambda: list(DEFAULT_CALLS))
+    unsupported: list[str] = field(default_factory=list)             # what answered NOT_SUPPORTED (said once)
+    failing: str = ""                                                # the NVML error its reads answer; "" = read
+    errors: dict[str, str] = field(default_factory=dict)             # a call or field -> the NVML error said
     energy_j: float = float("nan")                                   # last reading: resets show as a drop
     slowdown_temp_c: float = float("nan")                            # HW slowdown threshold; NaN if unknown
     pci_bus_id: str | None = None                                    # e.g. 00000000:18:00.0; None if unknown
@@ -152,6 +183,12 @@ class NvmlAgent:
         self.node = node
         self.gpus: list[Gpu] = []
         self.lost: set[str] = set()
+        self.unopened: dict[int, str] = {}  # GPU index -> the NVML error opening it answered
+        self.generation = 0  # moves when the GPUs or their handles change: the event thread's set is made again
+        self.clock = time.monotonic  # (tests move it)
+        self._next_rediscover = 0.0
+        self._next_unsupported = 0.0
+        self._said: set[str] = set()  # agent-wide NVML errors said once (device count, event registration)
         self.scrapes = 0
         self.driver_version: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml-scrape")
@@ -180,7 +217,16 @@ class NvmlAgent:
             self.driver_version = _text(pynvml.nvmlSystemGetDriverVersion())
         except pynvml.NVMLError as e:
             log.info("NVML: the driver version is not available (%s); null in the data", e)
-        self.gpus = [self._discover(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        self.gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            try:
+                self.gpus.append(self._discover(i))
+            except pynvml.NVMLError as e:  # one GPU that cannot be opened: the others are read
+                self.unopened[i] = _error(e)
+                log.error("GPU %d: NVML cannot open it (%s): left out, looked for again every %g s; check "
+                          "`nvidia-smi` and the kernel log (XIDs)", i, _error(e), REDISCOVER_S)
+        now = self.clock()
+        self._next_rediscover, self._next_unsupported = now + REDISCOVER_S, now + RETRY_UNSUPPORTED_S
         log.info("NVML agent on %s: driver %s, %d GPUs: %s", self.node, self.driver_version,
                  len(self.gpus), ", ".join(f"{g.index}: {g.name} {g.uuid} {g.pci_bus_id}" for g in self.gpus))
         # Caps an agent before this one left (killed, crashed) go back to the GPUs' own limits.
@@ -235,6 +281,14 @@ class NvmlAgent:
         """One scrape of every GPU: a row each, in base units, nulls for what is unsupported."""
         t0 = time.perf_counter()
         events = self._check_count()
+        now = self.clock()
+        if now >= self._next_rediscover:
+            self._next_rediscover = now + REDISCOVER_S
+            self._rediscover()
+        if now >= self._next_unsupported:
+            self._next_unsupported = now + RETRY_UNSUPPORTED_S
+            for g in self.gpus:  # asked again; said again only if it now answers
+                g.fields, g.calls = list(FIELDS), list(DEFAULT_CALLS)
         n = len(self.gpus)
         values = {m: np.full(n, np.nan) for m in COLUMNS}
         ts = np.zeros(n, np.int64)
@@ -248,6 +302,15 @@ class NvmlAgent:
             except pynvml.NVMLError_GpuIsLost:
                 events.append(self._lost(g, "NVML_ERROR_GPU_IS_LOST"))
                 continue
+            except pynvml.NVMLError as e:  # this GPU's reads fail: no row (GpuNotReporting), the others go on
+                if not g.failing:
+                    log.error("GPU %d (%s): NVML answers %s: no samples from it until it answers; see "
+                              "runbooks/GpuNotReporting.md", g.index, g.uuid, _error(e))
+                g.failing = _error(e)
+                continue
+            if g.failing:
+                log.warning("GPU %d (%s) answers again (after %s): its samples resume", g.index, g.uuid, g.failing)
+                g.failing = ""
             answered[i] = True
             values["slowdown_temp_c"][i] = g.slowdown_temp_c
             energy = values["energy_j"][i]
@@ -255,6 +318,7 @@ class NvmlAgent:
                 events.append(self._event(g, ts[i], "gpu_reset", None,
                                           f"energy counter went back from {g.energy_j:.0f} J to {energy:.0f} J: "
                                           f"GPU reset, counters restart at zero"))
+                self._cap_again(g)
             if np.isfinite(energy):
                 g.energy_j = energy
         self.scrapes += 1
@@ -262,37 +326,121 @@ class NvmlAgent:
                       time.perf_counter() - t0)
 
     def _read(self, g: Gpu, row: int, values: dict[str, np.ndarray]) -> None:
+        """One GPU's values into `row`. Raises NVMLError where the GPU's reads fail as a whole."""
         if g.fields:
-            for fv in pynvml.nvmlDeviceGetFieldValues(g.handle, g.fields):
+            try:
+                answers = pynvml.nvmlDeviceGetFieldValues(g.handle, g.fields)
+            except (pynvml.NVMLError_NotSupported, pynvml.NVMLError_FunctionNotFound) as e:
+                answers = []
+                for fid in list(g.fields):
+                    self._no_field(g, fid, _error(e))
+            for fv in answers:
                 column, divisor = FIELDS[fv.fieldId]
+                what = f"field {fv.fieldId} ({column})"
                 if fv.nvmlReturn == pynvml.NVML_SUCCESS:
                     values[column][row] = _field_value(fv) / divisor
-                elif fv.nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED:
-                    self._unsupported(g, f"field {fv.fieldId} ({column})")
-                    g.fields.remove(fv.fieldId)
+                    self._answers(g, what)
+                elif fv.nvmlReturn in _NO_FIELD:
+                    self._no_field(g, fv.fieldId, _error(pynvml.NVMLError(fv.nvmlReturn)))
                 elif fv.nvmlReturn == pynvml.NVML_ERROR_GPU_IS_LOST:
                     raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+                else:
+                    self._fails(g, what, _error(pynvml.NVMLError(fv.nvmlReturn)))
         for name in list(g.calls):
             columns, call = CALLS[name]
             try:
                 got = call(g.handle)
-            except pynvml.NVMLError_NotSupported:
-                self._unsupported(g, name)
+            except (pynvml.NVMLError_NotSupported, pynvml.NVMLError_FunctionNotFound) as e:
+                self._unsupported(g, name, _error(e))
                 g.calls.remove(name)
                 continue
+            except pynvml.NVMLError_GpuIsLost:
+                raise
+            except pynvml.NVMLError as e:
+                self._fails(g, name, _error(e))
+                continue
+            self._answers(g, name)
             for column, value in zip(columns, got if isinstance(got, tuple) else (got,)):
                 values[column][row] = value
 
-    def _unsupported(self, g: Gpu, what: str) -> None:
+    def _no_field(self, g: Gpu, fid: int, why: str) -> None:
+        """A field this GPU or driver does not have: not asked again; its older call, if any, is."""
+        self._unsupported(g, f"field {fid} ({FIELDS[fid][0]})", why)
+        g.fields.remove(fid)
+        if (fallback := FALLBACKS.get(fid)) and fallback not in g.calls:
+            g.calls.append(fallback)
+
+    def _unsupported(self, g: Gpu, what: str, why: str = "NVML_ERROR_NOT_SUPPORTED") -> None:
+        if what in g.unsupported:  # asked again after RETRY_UNSUPPORTED_S, and still not: said before
+            return
         g.unsupported.append(what)
-        log.info("GPU %d (%s): %s is not supported; not asked again, null in the data", g.index, g.uuid, what)
+        log.info("GPU %d (%s): %s is not supported (%s); null in the data, asked again every %g s", g.index,
+                 g.uuid, what, why, RETRY_UNSUPPORTED_S)
+
+    def _fails(self, g: Gpu, what: str, why: str) -> None:
+        """A call or field that answers an NVML error this scrape: null, said once until it answers."""
+        if g.errors.get(what) != why:
+            g.errors[what] = why
+            log.warning("GPU %d (%s): %s answers %s: null in the data until it answers", g.index, g.uuid, what, why)
+
+    def _answers(self, g: Gpu, what: str) -> None:
+        if what in g.unsupported:
+            g.unsupported.remove(what)
+            log.info("GPU %d (%s): %s answers now (it was not supported)", g.index, g.uuid, what)
+        if g.errors.pop(what, None) is not None:
+            log.info("GPU %d (%s): %s answers again", g.index, g.uuid, what)
+
+    def _rediscover(self) -> None:
+        """Lost GPUs by their UUID, and those NVML could not open at start by their index: one that
+        answers is read again (a reset GPU comes back; its handle may be new)."""
+        for g in self.gpus:
+            if g.uuid not in self.lost:
+                continue
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByUUID(g.uuid)
+                pynvml.nvmlDeviceGetFieldValues(handle, [pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION])
+            except pynvml.NVMLError:
+                continue
+            g.handle, g.failing, g.energy_j = handle, "", float("nan")
+            self.lost.discard(g.uuid)
+            self.generation += 1
+            log.warning("GPU %d (%s) answers again after it was lost: its samples resume", g.index, g.uuid)
+        known = {g.uuid for g in self.gpus}
+        for index in sorted(self.unopened):
+            try:
+                g = self._discover(index)
+            except pynvml.NVMLError as e:
+                self.unopened[index] = _error(e)
+                continue
+            del self.unopened[index]
+            if g.uuid in known:  # (the device count moved: this GPU is read already)
+                continue
+            self.gpus.append(g)
+            self.generation += 1
+            log.warning("GPU %d (%s, %s) opens now: read from this scrape on", index, g.uuid, g.name)
+
+    def _cap_again(self, g: Gpu) -> None:
+        """A reset puts the GPU's power limit back to its default: a cap held here is set again."""
+        cap = self.power.capped.get(g.index)
+        if cap is None:
+            return
+        [r] = self.power.set_many([(g.index, cap)])
+        (log.warning if r.status == "ok" else log.error)(
+            "GPU %d (%s) was reset, which puts its power limit back to the default: its cap of %g W set again: %s "
+            "(%s)", g.index, g.uuid, cap, r.status, r.detail)
 
     def _check_count(self) -> list[dict]:
         """A GPU that drops out of the device count is lost (cheap: one call a scrape)."""
-        if pynvml.nvmlDeviceGetCount() >= len(self.gpus):
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError as e:
+            self._say_once("count", "NVML: the device count is not available (%s): GPUs that drop out are found "
+                                    "by their own reads", _error(e))
+            return []
+        if count >= len(self.gpus) + len(self.unopened):
             return []
         present = set()
-        for i in range(pynvml.nvmlDeviceGetCount()):
+        for i in range(count):
             try:
                 present.add(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)))
             except pynvml.NVMLError:
@@ -301,8 +449,14 @@ class NvmlAgent:
         return [self._lost(g, "NVML_ERROR_GPU_IS_LOST" if _is_lost(g) else "no longer in the device count")
                 for g in gone]
 
+    def _say_once(self, key: str, message: str, *args) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            log.warning(message, *args)
+
     def _lost(self, g: Gpu, why: str) -> dict:
         self.lost.add(g.uuid)
+        self.generation += 1
         log.error("GPU %d (%s) is lost (%s): its samples stop; see runbooks/GpuFellOffBus.md", g.index, g.uuid, why)
         return self._event(g, _now_ns(), "gpu_lost", None, f"NVML: GPU is lost ({why})")
 
@@ -342,24 +496,45 @@ class NvmlAgent:
     # ---- events (their own thread) ---------------------------------------------------
 
     def watch_events(self, emit: Callable[[dict], None]) -> None:
-        """Wait on NVML's event set until close(); emit each XID/ECC event as it comes."""
-        event_set = pynvml.nvmlEventSetCreate()
-        for g in self.gpus:
+        """Wait on NVML's event set until close(); emit each XID/ECC event as it comes. An NVML
+        error backs off and makes the set again: this thread ends only at close()."""
+        backoff = 1.0
+        while not self._events_stop.is_set():
             try:
-                wanted = pynvml.nvmlDeviceGetSupportedEventTypes(g.handle) & EVENT_TYPES
-                pynvml.nvmlDeviceRegisterEvents(g.handle, wanted, event_set)
-            except pynvml.NVMLError as e:
-                log.warning("GPU %d (%s): cannot register for XID/ECC events (%s); they show at the next scrape "
-                            "through the ECC counters only", g.index, g.uuid, e)
-        by_uuid = {g.uuid: g for g in self.gpus}
+                self._watch(emit)
+                backoff = 1.0
+            except Exception as e:  # NVML's, or a binding's surprise: XIDs must not stop for good
+                what = _error(e) if isinstance(e, pynvml.NVMLError) else f"{type(e).__name__}: {e}"
+                self._say_once(f"events {what}", "NVML events: %s; waiting on them again in %g s (said once; the "
+                               "ECC counters still show at each scrape)", what, backoff)
+                self._events_stop.wait(backoff)
+                backoff = min(backoff * 2, EVENTS_BACKOFF_MAX_S)
+
+    def _watch(self, emit: Callable[[dict], None]) -> None:
+        """One event set of the GPUs readable now, until they change (`generation`) or close()."""
+        generation = self.generation
+        gpus = [g for g in list(self.gpus) if g.uuid not in self.lost]
+        event_set = pynvml.nvmlEventSetCreate()
         try:
-            while not self._events_stop.is_set():
+            for g in gpus:
+                try:
+                    wanted = pynvml.nvmlDeviceGetSupportedEventTypes(g.handle) & EVENT_TYPES
+                    pynvml.nvmlDeviceRegisterEvents(g.handle, wanted, event_set)
+                except pynvml.NVMLError as e:
+                    self._say_once(f"register {g.uuid}", "GPU %d (%s): cannot register for XID/ECC events (%s); "
+                                   "they show at the next scrape through the ECC counters only", g.index, g.uuid,
+                                   _error(e))
+            by_uuid = {g.uuid: g for g in gpus}
+            while not self._events_stop.is_set() and self.generation == generation:
                 try:
                     data = pynvml.nvmlEventSetWait_v2(event_set, 500)
                 except pynvml.NVMLError_Timeout:
                     continue
                 except pynvml.NVMLError_GpuIsLost:
-                    continue  # the scrape notices which one and says so
+                    # NVML answers at once while a lost GPU is in the set: the scrape names it (generation
+                    # moves, and the set is made again without it); no spinning meanwhile.
+                    self._events_stop.wait(1.0)
+                    continue
                 try:
                     g = by_uuid.get(pynvml.nvmlDeviceGetUUID(data.device))
                 except pynvml.NVMLError as e:  # the GPU went away between the event and now
@@ -422,6 +597,11 @@ class NvmlAgent:
                 await publish_events(events_batch([pending.get_nowait() for _ in range(pending.qsize())]))
             forwarder.cancel()
             await loop.run_in_executor(None, self.close)
+
+
+def _error(e: pynvml.NVMLError) -> str:
+    """An NVML error as logs name it (no call into the library: it may be what fails)."""
+    return f"{type(e).__name__} ({e.value})"
 
 
 def _is_lost(g: Gpu) -> bool:

@@ -27,10 +27,17 @@ power is min(trace, limit), the SM clock the measured curve's at that power
 the energy counter rises by the capped power. Without a cap the trace plays as recorded.
 
 Scripted events for tests: `xid(gpu, code)` queues an XID event, `lose(gpu)` makes
-the GPU answer NVML_ERROR_GPU_IS_LOST, `vanish(gpu)` removes it from the device
-count, `reset(gpu)` zeroes its energy and error counters as a GPU reset does,
+the GPU answer NVML_ERROR_GPU_IS_LOST (and an event set it is registered in answer it at once,
+as a real driver's does after XID 79), `vanish(gpu)` removes it from the device
+count, `recover(gpu)` brings a lost or vanished GPU back under a new handle, `reset(gpu)` zeroes
+its energy and error counters and puts its power limit back to the default, as a GPU reset does,
 `deny_caps(gpu)` makes setting its power limit answer NVML_ERROR_NO_PERMISSION (an agent not
-running as root).
+running as root). What a real fleet answers that the recording does not: `fail(gpu, function,
+code)` makes one function answer an NVML error for one GPU (`code` None: answer again; for
+nvmlDeviceGetHandleByIndex `gpu` is the index asked), `missing` names functions this driver
+lacks (NVML_ERROR_FUNCTION_NOT_FOUND, as a driver before R535 for
+nvmlDeviceGetCurrentClocksEventReasons), `field_errors` gives field ids the return code of
+another GPU (an A100 answers NVML_FI_DEV_POWER_AVERAGE with NOT_SUPPORTED).
 """
 
 from __future__ import annotations
@@ -160,6 +167,10 @@ class NvmlReplay:
                                   f"set (`call_us` in set_log): a recording whose caps were all refused cannot replay one")
             self.set_limit_us = statistics.median(spent)
         self.init_error = init_error  # e.g. NVML_ERROR_DRIVER_NOT_LOADED: nvmlInit fails with it
+        self.failures: dict[tuple[int, str], int] = {}  # (GPU index, function) -> the NVML error it answers
+        self.missing: set[str] = set()                  # functions this driver lacks
+        self.field_errors: dict[int, int] = {}          # field id -> the return code every GPU gives it
+        self.failed: dict[str, int] = {}                # how often each function answered a scripted failure
         self.calls: dict[str, int] = {}  # how often each function was called (tests: unsupported not retried)
         self.field_requests: dict[int, int] = {}  # how often each field id was asked for
         self.threads: set[str] = set()  # names of the threads that called NVML
@@ -182,14 +193,29 @@ class NvmlReplay:
     def vanish(self, gpu: int) -> None:
         self.gpus[gpu].vanished = True
 
+    def recover(self, gpu: int) -> None:
+        """A lost or vanished GPU answers again, under a new handle (the old one is stale)."""
+        g = self.gpus[gpu]
+        g.lost = g.vanished = False
+        g.handle = ctypes.pointer(pynvml.struct_c_nvmlDevice_t())
+
     def deny_caps(self, gpu: int) -> None:
         self.gpus[gpu].caps_denied = True
+
+    def fail(self, gpu: int, function: str, code: int | None) -> None:
+        if code is None:
+            self.failures.pop((gpu, function), None)
+        else:
+            self.failures[gpu, function] = code
 
     def reset(self, gpu: int) -> None:
         g = self.gpus[gpu]
         with self._lock:
             row = self._row(g)  # (after a wrap too)
             g.offsets = {c: -float(row[c]) for c in _COUNTERS}
+            if self.powercap is not None:  # a reset reinitialises the GPU: a limit that was set is gone
+                g.limit_mw = g.old_limit_mw = self.powercap["default_mw"]
+                g.enforced_before_mw, g.settles_at, g.enforces_at = None, 0.0, 0.0
 
     # ---- the recording -------------------------------------------------------------
 
@@ -210,13 +236,32 @@ class NvmlReplay:
         return s
 
     def _gpu(self, handle) -> _Gpu:
-        address = ctypes.addressof(handle.contents)  # handles are pointers: copies point to the same device
-        for g in self.gpus:
-            if ctypes.addressof(g.handle.contents) == address:
-                if g.lost:
-                    raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
-                return g
-        raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        g = self._find(handle)
+        if g is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if g.lost:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+        return g
+
+    def _find(self, handle) -> _Gpu | None:
+        try:
+            address = ctypes.addressof(handle.contents)  # handles are pointers: copies point to the same device
+        except (AttributeError, TypeError, ValueError):  # not a device handle (an index, an event set)
+            return None
+        return next((g for g in self.gpus if ctypes.addressof(g.handle.contents) == address), None)
+
+    def _answering(self, name: str, fn):
+        """`fn` as this driver and these GPUs answer it (missing, fail)."""
+        def call(*args, **kw):
+            if name in self.missing:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+            if self.failures and args:
+                gpu = args[0] if name == "nvmlDeviceGetHandleByIndex" else getattr(self._find(args[0]), "index", None)
+                if (code := self.failures.get((gpu, name))) is not None:
+                    self.failed[name] = self.failed.get(name, 0) + 1
+                    raise pynvml.NVMLError(code)
+            return fn(*args, **kw)
+        return call
 
     def _row(self, g: _Gpu) -> dict:
         return self.trace[max(g.row, 0) % len(self.trace)]
@@ -266,6 +311,14 @@ class NvmlReplay:
         if index >= len(visible):
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return visible[index].handle
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str):  # noqa: N802
+        g = next((g for g in self._visible() if g.uuid == uuid), None)
+        if g is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        if g.lost:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+        return g.handle
 
     def nvmlDeviceGetUUID(self, handle) -> str:  # noqa: N802
         g = self._gpu(handle)
@@ -318,7 +371,7 @@ class NvmlReplay:
         for i, fid in enumerate(field_ids):
             out[i].fieldId = fid
             rec = recorded.get(fid)
-            if fid in _TRACE_FIELDS and rec is not None and rec["ret"] == 0:
+            if fid in _TRACE_FIELDS and rec is not None and rec["ret"] == 0 and fid not in self.field_errors:
                 column, vtype = _TRACE_FIELDS[fid]
                 out[i].nvmlReturn, out[i].valueType, out[i].timestamp = 0, vtype, now_us
                 value = int(self._value(g, column))
@@ -328,6 +381,8 @@ class NvmlReplay:
                     out[i].value.uiVal = value
                 else:
                     out[i].value.ullVal = value
+            elif fid in self.field_errors:
+                out[i].nvmlReturn = self.field_errors[fid]
             elif rec is not None:  # as recorded: the value, or its error code (3 = NOT_SUPPORTED)
                 out[i].nvmlReturn, out[i].valueType, out[i].timestamp = rec["ret"], rec["type"], now_us
                 if rec["ret"] == 0:
@@ -397,6 +452,10 @@ class NvmlReplay:
         reasons = int(self._value(g, "throttle"))
         return reasons | SW_POWER_CAP if self._held_mw(g) is not None else reasons
 
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle) -> int:  # noqa: N802
+        """The same bits under their name before R535 (the newer name's key in the recording)."""
+        return self.nvmlDeviceGetCurrentClocksEventReasons(handle)
+
     def nvmlDeviceGetPerformanceState(self, handle) -> int:  # noqa: N802
         g = self._gpu(handle)
         self._call("nvmlDeviceGetPerformanceState", "pstate")
@@ -461,13 +520,16 @@ class NvmlReplay:
         return int(self.inventory["supported_event_types"])
 
     def nvmlEventSetCreate(self):  # noqa: N802
-        return object()
+        return []  # the GPUs registered in it
 
     def nvmlDeviceRegisterEvents(self, handle, event_types: int, event_set) -> None:  # noqa: N802
-        self._gpu(handle)
+        event_set.append(self._gpu(handle))
 
     def nvmlEventSetWait_v2(self, event_set, timeout_ms: int):  # noqa: N802
         self.threads.add(threading.current_thread().name)
+        self.calls["nvmlEventSetWait_v2"] = self.calls.get("nvmlEventSetWait_v2", 0) + 1
+        if any(g.lost for g in event_set):  # at once, as a real driver's after XID 79 (no wait)
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
         try:
             handle, kind, data = self._events.get(timeout=timeout_ms / 1000)
         except queue.Empty:
@@ -484,7 +546,7 @@ class NvmlReplay:
         saved = {n: getattr(pynvml, n) for n in names}
         try:
             for n in names:
-                setattr(pynvml, n, getattr(self, n))
+                setattr(pynvml, n, self._answering(n, getattr(self, n)))
             yield self
         finally:
             for n, f in saved.items():
