@@ -456,6 +456,27 @@ def test_an_xid_that_repeats_is_seen_in_dcgm_exporters_xid_counters():
         ex.close()
 
 
+def test_an_xid_counter_that_reads_nan_for_a_scrape_counts_nothing_twice_and_odd_codes_are_no_xid():
+    src = source()
+    ex = DcgmExporter(tag=1)
+    try:
+        rows_of(ex.render(), src)
+        ex.xid_total[2, 94] = 5
+        assert len(_xids(rows_of(ex.render(), src)[1])) == 1
+        for value in ("NaN", "-1", "9223372036854775792"):  # no count this scrape (a blank, a broken exporter)
+            ex.xid_total[2, 94] = value
+            assert rows_of(ex.render(), src)[1] == []
+            ex.xid_total[2, 94] = 5  # the same 5 as before: nothing new (it had read as 5 more)
+            assert rows_of(ex.render(), src)[1] == []
+        ex.xid_total[2, 94] = 6
+        assert _xids(rows_of(ex.render(), src)[1]) == [(2, 94, "from dcgm-exporter's DCGM_EXP_XID_ERRORS_TOTAL")]
+        # Codes that are no XID an event can carry (int32): not read, never a crash of the target.
+        ex.xid_total[3, "\u00b2"], ex.xid_total[3, 99999999999], ex.xid[4] = 1, 1, 99999999999
+        assert rows_of(ex.render(), src)[1] == []
+    finally:
+        ex.close()
+
+
 def test_the_xid_windows_count_is_read_where_the_total_is_not_served():
     src = source()
     ex = DcgmExporter(tag=1)

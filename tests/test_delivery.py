@@ -296,9 +296,10 @@ def test_a_bearer_token_from_the_environment_or_a_file_read_at_every_request(tmp
 
 def test_a_refused_credential_is_retried_and_says_what_to_check(http):
     recv = http().start()
-    recv.status = 401
-    refused = Client(receiver_of(recv.url), 2.0).post(b"{}", "k1", time.time())
-    assert not refused.ok and not refused.permanent and "check the receiver's credentials" in refused.reason
+    for status in (401, 403):
+        recv.status = status
+        refused = Client(receiver_of(recv.url), 2.0).post(b"{}", "k1", time.time())
+        assert not refused.ok and not refused.permanent and "check the receiver's credentials" in refused.reason
     recv.status = 404
     assert Client(receiver_of(recv.url), 2.0).post(b"{}", "k2", time.time()).permanent
 
@@ -319,6 +320,16 @@ def test_receiver_credentials_that_cannot_work_are_refused_at_start(tmp_path, se
     settings = {k: str(tmp_path / v) if v in files else v for k, v in settings.items()}
     with pytest.raises(ConfigError, match=re.escape(error)):
         receiver_of(settings.pop("url", "http://127.0.0.1:9/hook"), env={}, **settings)
+
+
+def test_an_encrypted_client_key_is_refused_at_start_not_prompted_for(tmp_path):
+    """OpenSSL asks an encrypted key's passphrase on the terminal: a daemon's start (or a reload)
+    had hung there."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=fleetwatch", "-passout", "pass:secret"], check=True, capture_output=True)
+    with pytest.raises(ConfigError, match="the key is encrypted"):
+        receiver_of("https://127.0.0.1:9/hook", cert_file=str(cert), key_file=str(key))
 
 
 def test_signature_verifies_and_tampering_or_an_old_timestamp_fails():

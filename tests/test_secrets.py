@@ -42,12 +42,16 @@ def test_redaction_masks_user_info_query_values_and_fragments():
 
 
 class _Echo(BaseHTTPRequestHandler):
-    """A receiver that refuses each request, quoting the URL it was sent (some do)."""
+    """A receiver that refuses each request, quoting the URL it was sent (some do), or with a 401
+    the credentials it was sent (some do that too)."""
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         self.rfile.read(int(self.headers["Content-Length"]))
         body = f"no such hook: http://{self.headers['Host']}{self.path}".encode()
-        self.send_response(404)
+        status = 404
+        if self.path == "/auth":
+            body, status = f"invalid credentials: {self.headers['Authorization']}".encode(), 401
+        self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -75,3 +79,19 @@ def test_failure_reasons_for_logs_and_dead_letters_hold_no_secret(echo):
     spaced = f"http://{echo}/hook?token={TOKEN} x"  # a URL no start would accept, sent anyway
     refused = Client(Receiver("oncall", "webhook", spaced, redact_url(spaced)), 5).post(b"{}", "k2", 0)
     assert not refused.ok and "InvalidURL" in refused.reason and TOKEN not in refused.reason
+
+
+def test_a_bearer_token_or_signing_secret_a_receiver_quotes_back_is_masked(echo, tmp_path):
+    from pipeline.sinks.webhook import load_receivers
+    from tests.conftest import make_config
+    bearer, signing = "tok-Bq9-s3cr3t", "sig-Wx5-s3cr3t"
+    (tmp_path / "token").write_text(bearer)
+    [r] = load_receivers(make_config(alerts={"receivers": [
+        {"name": "oncall", "url": f"http://{echo}/auth", "bearer_token_file": str(tmp_path / "token"),
+         "secret_env": "FW_SIGNING"}]}).alerts, {"FW_SIGNING": signing})
+    refused = Client(r, 5).post(signing.encode(), "k1", 0)
+    assert not refused.ok and "HTTP 401" in refused.reason and "invalid credentials: Bearer ***" in refused.reason
+    assert bearer not in refused.reason and redact_text(f"quoted {signing}") == "quoted ***"
+    url = f"http://hookuser:{PASSWORD}@{echo}/auth"  # basic auth: its header is the user and password in base64
+    basic = Client(Receiver("oncall", "webhook", url, redact_url(url)), 5).post(b"{}", "k2", 0)
+    assert "invalid credentials: Basic ***" in basic.reason

@@ -25,12 +25,12 @@ import ssl
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from pipeline import __version__
 from pipeline.config import AlertsConfig, ConfigError, ReceiverConfig, read_secret
-from pipeline.redact import redact_text, redact_url
+from pipeline.redact import hide_secret, redact_text, redact_url
 from pipeline.sinks.receivers import receiver_kind
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Bearer:
             raise OSError("the file is empty")
         if not _TOKEN.fullmatch(token):
             raise OSError("the token holds a space, a control or a non-ASCII character")
+        hide_secret(token.decode())  # a receiver's answer may quote it back: never in a log or dead letter
         return "Bearer " + token.decode()
 
 
@@ -64,35 +65,48 @@ _TOKEN = re.compile(rb"[\x21-\x7e]+")  # what an HTTP header can carry as one to
 
 @dataclass(eq=False)
 class ClientCert:
-    """The client certificate of a mutual-TLS receiver, loaded into its SSL context again when its
-    files change on disk (a renewed certificate: cert-manager, an ACME client), for the next
-    connection; a renewal that does not load keeps the certificate loaded before, said once."""
+    """The client certificate of a mutual-TLS receiver and the SSL context that holds it, made again
+    when its files change on disk (a renewed certificate: cert-manager, an ACME client) for the next
+    connection. A context is swapped in only once the new files load: a renewal half written, or
+    with a key of another certificate, keeps the one before (said once)."""
     cert_file: str
     key_file: str
+    make_context: Callable[[], ssl.SSLContext] = field(repr=False)  # the receiver's CA and verification
+    context: ssl.SSLContext | None = field(default=None, repr=False)
     loaded: tuple[int, int] = (0, 0)  # the files' mtimes when loaded
     said: tuple[int, int] = (0, 0)
 
     def stamp(self) -> tuple[int, int]:
         return tuple(os.stat(f).st_mtime_ns if f else 0 for f in (self.cert_file, self.key_file))  # type: ignore
 
-    def load(self, context: ssl.SSLContext) -> None:
-        """Load into context (ssl.SSLError or OSError where the files are not a certificate and its key)."""
+    def load(self) -> None:
+        """A context with the files' certificate and key (ssl.SSLError, OSError or ValueError where they
+        are not a certificate and its unencrypted key); the one before stays where they are not."""
         stamp = self.stamp()
-        context.load_cert_chain(self.cert_file, self.key_file or None)
-        self.loaded = stamp
+        context = self.make_context()
+        context.load_cert_chain(self.cert_file, self.key_file or None, password=_no_passphrase)
+        self.context, self.loaded = context, stamp
 
-    def refresh(self, context: ssl.SSLContext, name: str) -> None:
+    def refresh(self, name: str) -> None:
         try:
             if self.stamp() == self.loaded:
                 return
-            self.load(context)
+            self.load()
             log.info("receiver %s: the client certificate %s changed on disk: loaded", name, self.cert_file)
-        except (ssl.SSLError, OSError) as e:
-            stamp = self.stamp() if all(os.path.exists(f) for f in (self.cert_file, self.key_file) if f) else (-1, -1)
+        except (ssl.SSLError, OSError, ValueError) as e:
+            try:
+                stamp = self.stamp()
+            except OSError:
+                stamp = (-1, -1)
             if stamp != self.said:
                 self.said = stamp
                 log.error("receiver %s: the client certificate %s changed but does not load (%s): the one loaded "
                           "before is used", name, self.cert_file, e)
+
+
+def _no_passphrase() -> bytes:
+    # OpenSSL would prompt on the terminal for an encrypted key (a daemon: a hang); refused instead.
+    raise ValueError("the key is encrypted: give it unencrypted, in a file only fleetwatch may read")
 
 
 @dataclass(frozen=True)
@@ -134,6 +148,8 @@ def load_receivers(cfg: AlertsConfig, env: Mapping[str, str] | None = None, warn
         seen[rc.name] = where
         parts = check_url(where if shorthand else f"{where}.url", rc.url)
         secret = _secret(where, rc, env)
+        if secret is not None:  # (a receiver may quote what it was sent: masked wherever it would show)
+            hide_secret(secret.decode(errors="replace"))
         bearer = _bearer(where, rc, parts, env)
         if bearer is not None and parts.scheme == "http" and warn:
             log.warning("receiver %s (%s): its bearer token goes over plain http: anyone on the path can read it",
@@ -149,23 +165,28 @@ def load_receivers(cfg: AlertsConfig, env: Mapping[str, str] | None = None, warn
                               f"certificate in cert_file")
         context = client_cert = None
         if parts.scheme == "https":
+            def tls_context(rc: ReceiverConfig = rc) -> ssl.SSLContext:
+                made = ssl.create_default_context(cafile=rc.ca_file or None)
+                if not rc.tls_verify:
+                    made.check_hostname = False
+                    made.verify_mode = ssl.CERT_NONE
+                return made
             try:
-                context = ssl.create_default_context(cafile=rc.ca_file or None)
+                context = tls_context()
             except (ssl.SSLError, OSError) as e:
                 raise ConfigError(f"config error: {where}.ca_file = {rc.ca_file!r}: not a usable CA bundle "
                                   f"({e}); give a PEM file") from None
             if rc.cert_file:
-                client_cert = ClientCert(rc.cert_file, rc.key_file)
+                client_cert = ClientCert(rc.cert_file, rc.key_file, tls_context)
                 try:
-                    client_cert.load(context)
-                except (ssl.SSLError, OSError) as e:
+                    client_cert.load()
+                except (ssl.SSLError, OSError, ValueError) as e:
                     raise ConfigError(f"config error: {where}.cert_file = {rc.cert_file!r}, key_file = "
                                       f"{rc.key_file!r}: not a usable client certificate and key "
                                       f"({getattr(e, 'strerror', None) or e}); give PEM files (the key in "
                                       f"key_file, or in cert_file after the certificate)") from None
+                context = None  # (the certificate's own context, made again when it is renewed)
             if not rc.tls_verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
                 if warn:
                     log.warning("receiver %s (%s): TLS certificate verification is off (tls_verify = false): "
                                 "anyone on the path can read and change its alerts", rc.name, redact_url(rc.url))
@@ -275,6 +296,7 @@ class Client:
         if parts.username is not None:
             cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
             self._auth = "Basic " + base64.b64encode(cred).decode()
+            hide_secret(self._auth.removeprefix("Basic "))  # (a receiver may quote the header back)
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
         self._aborted = False
@@ -317,12 +339,19 @@ class Client:
         except ssl.SSLCertVerificationError as e:
             self.close()
             return Outcome(False, f"TLS certificate not trusted ({e.verify_message}); give its CA in ca_file")
-        except ssl.SSLError as e:  # (TLS 1.3: a server refusing the client's certificate shows only as a cut)
+        except ssl.SSLError as e:
             self.close()
-            mine = "the client certificate in cert_file is" if self.receiver.client_cert else "no client certificate is"
-            return Outcome(False, f"TLS failed ({type(e).__name__}: {e.reason or e}); {mine} sent: where the receiver "
-                                  f"asks for one, give one that its CA signed in cert_file and key_file",
-                           maybe_delivered=True)
+            if reused and stale_retry:  # a kept-alive connection the receiver had closed: once more, on a new one
+                return self._send(body, headers, stale_retry=False)
+            said = f"TLS failed ({type(e).__name__}: {e.reason or e})"
+            # TLS 1.3: a server that refuses the client's certificate says so after the handshake, or
+            # only cuts the connection (Go's: an EOF); either way it took no request.
+            if isinstance(e, ssl.SSLEOFError) or any(a in str(e.reason) for a in _CERTIFICATE_ALERTS):
+                mine = "the client certificate in cert_file is" if self.receiver.client_cert else \
+                    "no client certificate is"
+                return Outcome(False, f"{said}; {mine} sent: where the receiver asks for one, give one that its CA "
+                                      f"signed in cert_file and key_file")
+            return Outcome(False, said, maybe_delivered=True)
         except ConnectionRefusedError:
             self.close()
             return Outcome(False, "connection refused")
@@ -355,13 +384,19 @@ class Client:
             if self._conn is not None and self._conn.sock is not None:
                 return self._conn, True
             if self._https:
-                if self.receiver.client_cert is not None:
-                    self.receiver.client_cert.refresh(self.receiver.ssl_context, self.receiver.name)
+                context, cert = self.receiver.ssl_context, self.receiver.client_cert
+                if cert is not None:
+                    cert.refresh(self.receiver.name)
+                    context = cert.context
                 self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s,
-                                                         context=self.receiver.ssl_context)
+                                                         context=context)
             else:
                 self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
             return self._conn, False
+
+
+_CERTIFICATE_ALERTS = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN",
+                       "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED", "ACCESS_DENIED")
 
 
 def _outcome(resp: http.client.HTTPResponse, text: bytes) -> Outcome:

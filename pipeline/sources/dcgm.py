@@ -280,10 +280,11 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
             if (v := labels.get(label)) and v not in (known := info[column][r] or "").split(","):
                 info[column][r] = f"{known},{v}" if known else v
         if name in _XID_COUNTERS:  # (the COUNT's series without an `xid` label says there were none)
-            code = labels.get("xid", "")
-            if code.isdigit() and int(code) and math.isfinite(value) and not dcgm_blank(np.float64(value)):
-                key = (r, name, int(code))
-                xid_counts[key] = max(value, xid_counts.get(key, 0.0))
+            code = xid_code(labels.get("xid", ""))
+            if code is not None:  # a value that is no count (NaN, a blank, negative) is there, unknown: NaN
+                ok = math.isfinite(value) and value >= 0 and not dcgm_blank(np.float64(value))
+                key = (r, name, code)
+                xid_counts[key] = max(value, xid_counts.get(key, 0.0)) if ok else xid_counts.get(key, math.nan)
             continue
         if gi := labels.get("GPU_I_ID"):  # (an empty label, as some exporters render it for a whole GPU: none)
             instance = instances.setdefault(r, {}).setdefault(gi, MigInstance(labels.get("GPU_I_PROFILE", "")))
@@ -317,6 +318,18 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
     for column, v in values.items():
         values[column] = BY_COLUMN[column].to_column(v)
     return Exposition(list(rows), info, values, xid, len(samples), xid_counts)
+
+
+def xid_code(text: str | float) -> int | None:
+    """An XID as an event's code (int32): None for 0 (no XID) or what is no XID (a label of other
+    digits than ASCII's, a value past int32, a fraction)."""
+    if isinstance(text, str):
+        if not (text.isascii() and text.isdigit()):
+            return None
+        text = int(text)
+    elif not (math.isfinite(text) and text == int(text)):
+        return None
+    return int(text) if 0 < text < 2 ** 31 else None
 
 
 @dataclass
@@ -378,7 +391,8 @@ class XidTally:
         """A counter series' value now: what it grew by is new (a total that went down started
         again with its exporter: all of it is new; a window's count that went down lost old ones)."""
         old = self.last.get(name, 0.0)
-        self.seen[name] += value - old if value >= old else (value if name == XID_TOTAL else 0.0)
+        if not math.isnan(old):  # (NaN: no count yet from a series there before Fleetwatch: the baseline)
+            self.seen[name] += value - old if value >= old else (value if name == XID_TOTAL else 0.0)
         self.last[name] = value
 
 
@@ -446,6 +460,8 @@ class DcgmSource:
                 self._pool, parse_exposition, body.decode("utf-8", errors="replace"))
         except ExpositionError as e:
             return Scraped(st, reason=GARBAGE, detail=str(e))
+        except Exception as e:  # what no exporter should send, found by the parser: this target's problem only
+            return Scraped(st, reason=GARBAGE, detail=f"not readable as DCGM fields: {e!r}"[:300])
         if not parsed.uuids:
             old_names = b"\ndcgm_" in body  # dcgm-exporter --use-old-namespace (its 1.x names)
             return Scraped(st, reason=NO_GPUS, detail=f"no DCGM field with a GPU in {len(body)} bytes" + (
@@ -504,16 +520,20 @@ class DcgmSource:
             tallies = st.xids.setdefault(uuid, {})
             x = p.xid[i]
             if math.isfinite(x):
-                before = st.last_xid.get(uuid)
+                before, code = st.last_xid.get(uuid), xid_code(float(x))
                 if before is None:
-                    if x:
-                        self._baseline(f"{node} GPU {gpu[i]} XID {int(x)}")
-                elif x and x != before:
-                    tallies.setdefault(int(x), XidTally()).seen[XID] += 1
+                    if code:
+                        self._baseline(f"{node} GPU {gpu[i]} XID {code}")
+                elif code and x != before:
+                    tallies.setdefault(code, XidTally()).seen[XID] += 1
                 st.last_xid[uuid] = x
             now = set()
             for name, code, value in counted.get(i, ()):
                 now.add((name, code))
+                if math.isnan(value):  # there, but no count this scrape: neither new nor gone
+                    if first:  # (its first count is the baseline)
+                        tallies.setdefault(code, XidTally()).last.setdefault(name, math.nan)
+                    continue
                 tally = tallies.setdefault(code, XidTally())
                 if first:  # there before Fleetwatch read the GPU: a baseline
                     tally.last[name] = value

@@ -143,7 +143,8 @@ def test_an_alertmanager_that_takes_only_clients_with_a_certificate_gets_the_ale
     """Mutual TLS, as an Alertmanager's web config asks it (client_auth_type
     RequireAndVerifyClientCert): without a client certificate nothing goes in; with one the CA
     did not sign, neither; a renewed certificate on disk is taken at the next connection,
-    without a restart."""
+    without a restart; a renewal half written (the certificate, not yet its key) keeps the one
+    that works (it had been dropped, and the receiver with it)."""
     from pipeline.sinks.webhook import Client, load_receivers
     from tests.services import client_certificate, self_signed_tls
     ca = self_signed_tls(tmp_path / "tls")
@@ -169,6 +170,13 @@ def test_an_alertmanager_that_takes_only_clients_with_a_certificate_gets_the_ale
         (mine / "key.pem").write_bytes(key.read_bytes())  # renewed: the key, then the certificate
         (mine / "cert.pem").write_bytes(cert.read_bytes())
         assert client.post(body, "k3", 0).ok
+        client.close()
+        cert2, key2 = client_certificate(ca, tmp_path / "next", "fleetwatch")
+        (mine / "cert.pem").write_bytes(cert2.read_bytes())  # renewed again, the certificate first
+        assert client.post(body, "k4", 0).ok  # (still the one before: the new one has not its key yet)
+        client.close()
+        (mine / "key.pem").write_bytes(key2.read_bytes())
+        assert client.post(body, "k5", 0).ok
 
         cfg = make_config(data_dir=str(tmp_path / "data"), alerts={"receivers": [
             {"name": "am", "url": am.url, "kind": "alertmanager", "ca_file": str(ca["ca.pem"]),
