@@ -84,10 +84,13 @@ def test_any_message_becomes_a_row_a_duplicate_or_a_dead_letter(messages):
                                ("bms/v1/p/meter/meter-main/energy/meta", encode_meta("MWh", ""))] + messages:
             collector.handle(topic, payload)
         batch = collector.take_batch()
+        waiting = collector.waiting  # (readings whose metadata has not come: dead-lettered when it does not)
+        collector.expire_waiting(everything=True)
         collector.dead_letters.close()
         stats = collector.stats
         n_rows = batch.num_rows if batch is not None else 0
         assert stats.messages == stats.metadata + n_rows + stats.duplicates + sum(stats.dead_letters.values())
+        assert waiting <= stats.dead_letters.get("no_metadata", 0)
         lines = (Path(tmp) / "dead.jsonl").read_text().splitlines() if stats.dead_letters else []
         assert len(lines) == sum(stats.dead_letters.values())
         if batch is not None:
@@ -132,3 +135,30 @@ def test_handoff_carries_the_retain_flag_only_to_a_handler_that_asks_for_it():
     handoff(lambda *a: got.append(a))().put_nowait(message)
     handoff(lambda *a: got.append(a), with_retain=True)().put_nowait(message)
     assert got == [("bms/v1/p/power/requests", b"{}"), ("bms/v1/p/power/requests", b"{}", True)]
+
+
+def test_a_dead_letter_file_that_cannot_be_written_or_a_failing_handler_stops_nothing(tmp_path, caplog):
+    """An OSError writing the dead letter had escaped into paho, which logs, does not acknowledge,
+    and hands the same message back: 42,509 times in 5 s, and nothing else read."""
+    import aiomqtt
+
+    from pipeline.sources.mqtt import handoff
+    (tmp_path / "file").write_text("")
+    collector = MqttCollector("h", 1, "p", tmp_path / "file" / "dead.jsonl")  # (under a file: cannot be made)
+    collector.handle("bms/v1/p/cdu/cdu-r01/supply_temp/meta", encode_meta("degF", "r01"))
+    with caplog.at_level("INFO", logger="pipeline.sources.mqtt"):
+        for i in range(3):
+            collector.handle("bms/v1/p/cdu/cdu-r01/supply_temp", b"N/A")
+            collector.handle("bms/v1/p/cdu/cdu-r01/supply_temp", reading(86.0 + i, T0_MS + i))
+    assert collector.take_batch().num_rows == 3
+    assert collector.stats.dead_letters == {"bad_json": 3} and collector.stats.dead_letters_unwritten == 3
+    assert caplog.text.count("cannot write") == 1
+
+    def broken(topic, payload):
+        raise RuntimeError("a bug")
+    message = aiomqtt.Message("bms/v1/p/x", b"{}", qos=1, retain=False, mid=1, properties=None)
+    queue = handoff(broken)()
+    with caplog.at_level("ERROR", logger="pipeline.sources.mqtt"):
+        queue.put_nowait(message)  # taken (and acknowledged), said once
+        queue.put_nowait(message)
+    assert caplog.text.count("could not be handled") == 1

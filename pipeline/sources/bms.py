@@ -163,7 +163,7 @@ class BmsPublisher:
 
     async def _sessions(self) -> None:
         """Connect, send, reconnect with backoff; returns once closing and everything is sent."""
-        outages = Outages(f"MQTT {self.host}:{self.port}", self.backoff, log)
+        outages = Outages(f"MQTT {self.host}:{self.port}", self.backoff, log, self.client_id)
         while True:
             try:
                 async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=False,

@@ -13,7 +13,10 @@ as `facility_sample` record batches.
   jitter), logging once per outage.
 - A retained `<point>/meta` message gives a point's unit and rack; each reading is
   converted to the metric's base unit (degF -> C, gpm -> L/min, psi -> kPa, kW -> W,
-  kWh -> J, ...).
+  kWh -> J, ...). A reading that comes before its point's metadata waits for it (up to
+  META_GRACE_S, MAX_WAITING readings in all): a restarted collector knows no point, and the
+  broker sends the readings it queued for the session, and a retained reading, before the
+  retained metadata its subscription brings.
 - No duplicates: the last timestamp of each point is kept (at most `max_points`
   points) and a reading not newer than it is dropped and counted (a QoS 1
   redelivery or a resend after a reconnect).
@@ -32,7 +35,8 @@ as `facility_sample` record batches.
   `publish` is awaited, the next batch grows beyond `max_batch_rows`).
 
 `stats` (CollectorStats) counts messages, metadata, rows, batches, duplicates,
-reconnects and dead letters per reason; `subscribed` is an asyncio.Event set while
+reconnects and dead letters per reason (a dead letter that cannot be written is counted,
+said once, and the messages go on); `subscribed` is an asyncio.Event set while
 connected and subscribed. `handle(topic, payload)` and `take_batch()` are the
 per-message path and the batching without a broker (benchmarks, tests).
 
@@ -47,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -67,6 +72,8 @@ from pipeline.waits import wait_set
 log = logging.getLogger(__name__)
 
 Publish = Callable[[pa.RecordBatch], Awaitable[None]]
+META_GRACE_S = 60.0   # a reading waits this long for its point's metadata before it is dead-lettered
+MAX_WAITING = 10_000  # readings waiting for metadata, all points together; beyond, dead-lettered at once
 
 
 @dataclass
@@ -87,26 +94,50 @@ class Backoff:
         self.attempt = 0
 
 
+STABLE_S = 30.0  # a connection that lasted this long ends an outage (and the backoff starts over)
+FLAPS = 3        # connections in a row that end sooner: another client under the same id, most likely
+
+
 @dataclass
 class Outages:
-    """An MQTT client's connection history: said once when it goes down, once when it is back."""
+    """An MQTT client's connection history: said once when it goes down, once when it is back.
+    A connection that ends within STABLE_S does not end the outage: its backoff goes on growing
+    (two clients under one id evict each other at once, again and again) and, FLAPS in a row,
+    one error says so."""
     where: str                     # "MQTT host:port"
     backoff: Backoff
     logger: logging.Logger         # the client's own
+    client_id: str = ""
     connected_before: bool = False
     down_since: float | None = None
+    up_since: float | None = None
+    flaps: int = 0
 
     def up(self) -> float | None:
-        """Connected. The seconds it was down, or None for the first connection."""
-        down_s = time.monotonic() - (self.down_since or time.monotonic()) if self.connected_before else None
-        self.connected_before, self.down_since = True, None
-        self.backoff.reset()
+        """Connected. The seconds since the outage began (through connections that did not last),
+        or None for the first connection."""
+        now = time.monotonic()
+        down_s = now - (self.down_since or now) if self.connected_before else None
+        self.connected_before, self.up_since = True, now
         return down_s
 
     def down(self, error: BaseException, then: str) -> float:
         """Lost or refused: logged once per outage. The delay before the next try."""
+        now = time.monotonic()
+        if self.up_since is not None:
+            if now - self.up_since >= STABLE_S:  # it lasted: that outage is over, this one is new
+                self.backoff.reset()
+                self.flaps, self.down_since = 0, None
+            else:
+                self.flaps += 1
+                if self.flaps == FLAPS:
+                    self.logger.error("%s: %d connections in a row ended within %g s of their start (%s): is another "
+                                      "client connected with the client id %r? Two clients under one id evict each "
+                                      "other; give each its own", self.where, self.flaps, STABLE_S,
+                                      error.__cause__ or error, self.client_id)
+            self.up_since = None
         if self.down_since is None:
-            self.down_since = time.monotonic()
+            self.down_since = now
             self.logger.warning("%s: %s (%s); %s", self.where,
                                 "connection lost" if self.connected_before else "cannot connect",
                                 error.__cause__ or error, then)
@@ -122,6 +153,7 @@ class CollectorStats:
     duplicates: int = 0   # readings not newer than their point's last one: dropped
     reconnects: int = 0   # connections after the first
     dead_letters: dict[str, int] = field(default_factory=dict)  # reason -> messages
+    dead_letters_unwritten: int = 0  # of those, not written to the file (it could not be written)
 
 
 @dataclass(slots=True)
@@ -141,8 +173,26 @@ class DeadLetterFile:
         self.path = Path(path)
         self.rotation = rotation  # sinks/files.Rotation: daily and by size
         self._file: IO[str] | None = None
+        self.failing = ""  # why the file cannot be written now; "" while it can
 
-    def write(self, topic: str, payload: bytes, reason: str, detail: str) -> None:
+    def write(self, topic: str, payload: bytes, reason: str, detail: str) -> bool:
+        """Append one; False where the file cannot be written (a full disk, a read-only folder):
+        said once until it can again, and the messages around it go on."""
+        try:
+            self._write(topic, payload, reason, detail)
+        except OSError as e:
+            self.close()
+            if not self.failing:
+                log.error("MQTT dead letters: cannot write %s (%s): they are counted, not kept, until it can be "
+                          "written", self.path, e)
+            self.failing = str(e)
+            return False
+        if self.failing:
+            log.warning("MQTT dead letters: %s can be written again", self.path)
+            self.failing = ""
+        return True
+
+    def _write(self, topic: str, payload: bytes, reason: str, detail: str) -> None:
         if self.rotation is not None:
             if self._file is not None:
                 self._file.flush()
@@ -158,11 +208,18 @@ class DeadLetterFile:
 
     def flush(self) -> None:
         if self._file is not None:
-            self._file.flush()
+            try:
+                self._file.flush()
+            except OSError as e:
+                self.failing = self.failing or str(e)
+                self.close()
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # (what it held is lost with the disk that refused it: counted as it was written)
+                pass
             self._file = None
 
 
@@ -187,6 +244,9 @@ class MqttCollector:
         self.dead_letters = DeadLetterFile(dead_letter_path, dead_letter_rotation)
         self._points: dict[str, _Point] = {}       # reading topic -> point
         self._bad_units: dict[str, Rejected] = {}  # reading topic -> why its metadata was refused
+        self._waiting: dict[str, list[tuple[float, bytes]]] = {}  # reading topic -> (arrived, payload), in order
+        self.waiting = 0                           # readings waiting for their point's metadata
+        self.clock = time.monotonic                # (tests move it)
         self._full = asyncio.Event()               # max_batch_rows reached: flush now
         self.subscribed = asyncio.Event()          # set while connected and subscribed (health checks, tests)
         self._clear()
@@ -208,10 +268,16 @@ class MqttCollector:
             return
         self.stats.messages += 1
         point = self._points.get(topic)
-        try:
-            if point is None:
+        if point is None:
+            try:
                 self._unknown_topic(topic, payload)
-                return
+            except Rejected as e:
+                self._dead_letter(topic, payload, e)
+            return
+        self._reading(topic, point, payload)
+
+    def _reading(self, topic: str, point: _Point, payload: bytes) -> None:
+        try:
             ts, value, quality = decode_reading(payload, point.meta)
             late = self.window.judge(ts)
             if late is not None:
@@ -242,8 +308,13 @@ class MqttCollector:
         if not addr.meta:
             if topic in self._bad_units:
                 raise self._bad_units[topic]
-            raise Rejected(Reason.NO_METADATA, f"no metadata yet on {topic}/meta (a retained JSON "
-                                               '{"unit": ..., "rack": ...}); the reading is dropped')
+            if self.waiting >= MAX_WAITING:
+                raise Rejected(Reason.NO_METADATA, f"no metadata yet on {topic}/meta (a retained JSON "
+                                                   '{"unit": ..., "rack": ...}), and ' f"{MAX_WAITING} readings "
+                                                   "wait for theirs already; the reading is dropped")
+            self._waiting.setdefault(topic, []).append((self.clock(), payload))
+            self.waiting += 1
+            return
         reading_topic = topic.rsplit("/", 1)[0]
         try:
             meta = decode_meta(payload, addr.metric)
@@ -257,10 +328,30 @@ class MqttCollector:
             if len(self._points) >= self.max_points:
                 raise Rejected(Reason.TOO_MANY_POINTS, f"already {self.max_points} points; raise max_points "
                                                        "if the site has more")
-            self._points[reading_topic] = _Point(addr.device, addr.equipment_class, addr.metric, meta)
+            point = self._points[reading_topic] = _Point(addr.device, addr.equipment_class, addr.metric, meta)
         else:
             point.meta = meta
         self.stats.metadata += 1
+        for _, waited in self._waiting.pop(reading_topic, ()):  # the readings that came before it, in order
+            self.waiting -= 1
+            self._reading(reading_topic, point, waited)
+
+    def expire_waiting(self, everything: bool = False) -> None:
+        """Dead-letter the readings that waited META_GRACE_S for metadata that did not come (all of them
+        with `everything`: the collector stops)."""
+        if not self.waiting:
+            return
+        oldest = math.inf if everything else self.clock() - META_GRACE_S
+        for topic in list(self._waiting):
+            queue = self._waiting[topic]
+            while queue and queue[0][0] <= oldest:
+                _, payload = queue.pop(0)
+                self.waiting -= 1
+                self._dead_letter(topic, payload, Rejected(
+                    Reason.NO_METADATA, f"no metadata on {topic}/meta (a retained JSON " '{"unit": ..., "rack": ...}) '
+                    f"{'by the stop' if everything else f'within {META_GRACE_S:g} s'}; the reading is dropped"))
+            if not queue:
+                del self._waiting[topic]
 
     def _dead_letter(self, topic: str, payload: bytes, e: Rejected) -> None:
         count = self.stats.dead_letters.get(e.reason, 0)
@@ -268,7 +359,8 @@ class MqttCollector:
             log.warning("MQTT %s:%d: %s: %s. Dead-lettered to %s; further %s messages are counted and dead-lettered, "
                         "not logged", self.host, self.port, e.reason, e.detail, self.dead_letters.path, e.reason)
         self.stats.dead_letters[e.reason] = count + 1
-        self.dead_letters.write(topic, payload, e.reason, e.detail)
+        if not self.dead_letters.write(topic, payload, e.reason, e.detail):
+            self.stats.dead_letters_unwritten += 1
 
     @property
     def pending_rows(self) -> int:
@@ -296,11 +388,13 @@ class MqttCollector:
         """Collect until `stop` is set, then hand over the last rows and return."""
         try:
             await until_first_error(self._connect_loop(stop), self._flush_every(publish, stop))
+            self.expire_waiting(everything=True)
             await self._flush(publish)
         finally:
             self.dead_letters.close()
 
     async def _flush(self, publish: Publish) -> None:
+        self.expire_waiting()
         self.dead_letters.flush()
         batch = self.take_batch()
         if batch is not None:
@@ -328,7 +422,7 @@ async def keep_subscribed(owner, topic: str, stop: asyncio.Event,
     thread: `handoff`; with `with_retain`, its retain flag too), stats.reconnects and the
     event `subscribed`; `who` prefixes its logs."""
     broker = f"MQTT {owner.host}:{owner.port}"
-    outages = Outages(broker, owner.backoff, log)
+    outages = Outages(broker, owner.backoff, log, owner.client_id)
     while not stop.is_set():
         try:
             async with aiomqtt.Client(owner.host, owner.port, identifier=owner.client_id, clean_session=False,
@@ -367,12 +461,19 @@ def handoff(handle: Callable[..., None], with_retain: bool = False) -> type[asyn
     reads it, before paho acknowledges it to the broker, so a reading is in the
     collector's rows before the broker forgets it, and there is no per-message queue
     and task on the event loop."""
+    said = []
+
     class Handoff(asyncio.Queue[aiomqtt.Message]):
         def put_nowait(self, item: aiomqtt.Message) -> None:
-            if with_retain:
-                handle(item.topic.value, item.payload, bool(item.retain))
-            else:
-                handle(item.topic.value, item.payload)
+            try:
+                if with_retain:
+                    handle(item.topic.value, item.payload, bool(item.retain))
+                else:
+                    handle(item.topic.value, item.payload)
+            except Exception:  # paho would not acknowledge it, and hand the same message back for ever
+                if not said:
+                    said.append(True)
+                    log.exception("MQTT message on %s could not be handled (dropped; said once)", item.topic.value)
     return Handoff
 
 

@@ -170,7 +170,6 @@ def test_bad_messages_are_dead_lettered_and_the_good_ones_around_them_arrive(bro
         (f"{cdu}/supply_temp", reading(10**400, T0_MS + 700), "bad_value"),  # no float holds it
         (f"{cdu}/pump_state", reading(2, T0_MS), "bad_value"),
         (f"{cdu}/supply_temp", reading(86.0, T0_MS // 1000), "bad_timestamp"),
-        (f"{cdu}/flow", reading(26.0, T0_MS), "no_metadata"),  # before its metadata
         (f"{cdu}/diff_pressure/meta", encode_meta("inH2O", "r01"), "unknown_unit"),
         (f"{cdu}/diff_pressure", reading(3.0, T0_MS), "unknown_unit"),  # its point's unit is unknown
         (f"{cdu}/return_temp/meta", encode_meta("psi", "r01"), "unknown_unit"),  # not a temperature
@@ -178,12 +177,14 @@ def test_bad_messages_are_dead_lettered_and_the_good_ones_around_them_arrive(bro
     ]
     good_meta = [(f"{cdu}/supply_temp/meta", encode_meta("degF", "r01")),
                  (f"{cdu}/pump_state/meta", encode_meta("bool", "r01"))]
-    sequence = [*good_meta, (f"{cdu}/supply_temp", reading(86.0, T0_MS)), (f"{cdu}/pump_state", reading(True, T0_MS))]
+    sequence = [*good_meta, (f"{cdu}/supply_temp", reading(86.0, T0_MS)), (f"{cdu}/pump_state", reading(True, T0_MS)),
+                (f"{cdu}/flow", reading(26.0, T0_MS))]  # before its metadata: it waits for it
     for i, (topic, payload, _) in enumerate(bad):  # a good reading after each bad message
         sequence += [(topic, payload), (f"{cdu}/supply_temp", reading(86.0 + i, T0_MS + 1000 * (i + 1)))]
     sequence += [(f"{cdu}/flow/meta", encode_meta("gpm", "r01")), (f"{cdu}/flow", reading(26.0, T0_MS + 1)),
                  (f"{cdu}/supply_temp", reading(50.0, T0_MS)),  # not newer than the last: a duplicate
-                 (f"{cdu}/pump_state", reading(0, T0_MS + 1))]
+                 (f"{cdu}/pump_state", reading(0, T0_MS + 1)),
+                 (f"{cdu}/leak_detect", reading(True, T0_MS))]  # its metadata never comes: dead-lettered at the stop
 
     async def go():
         col = Collecting(MqttCollector(broker.host, broker.port, site, dead, backoff=fast_backoff()))
@@ -191,7 +192,7 @@ def test_bad_messages_are_dead_lettered_and_the_good_ones_around_them_arrive(bro
         async with aiomqtt.Client(broker.host, broker.port) as bms:
             for topic, payload in sequence:
                 await bms.publish(topic, payload, qos=1, retain=topic.endswith("/meta"))
-        await col.until_rows(2 + len(bad) + 2)
+        await col.until_rows(2 + len(bad) + 3)
         await asyncio.sleep(0.3)  # anything more (there should be nothing) arrives too
         await col.close()
         return col
@@ -204,11 +205,13 @@ def test_bad_messages_are_dead_lettered_and_the_good_ones_around_them_arrive(bro
     supply = [(key(r)[2], r["value"]) for r in got if r["metric"] == "supply_temp_c"]
     assert [t for t, _ in supply] == [t for t, _ in expected_supply]
     assert all(math.isclose(v, e, rel_tol=1e-12) for (_, v), (_, e) in zip(supply, expected_supply))
-    assert [(r["metric"], r["value"]) for r in got if r["metric"] != "supply_temp_c"] == [
-        ("pump_on", 1.0), ("flow_lpm", pytest.approx(26.0 * 3.785411784)), ("pump_on", 0.0)]
+    assert [(r["metric"], key(r)[2], r["value"]) for r in got if r["metric"] != "supply_temp_c"] == [
+        ("pump_on", T0_MS, 1.0), ("flow_lpm", T0_MS, pytest.approx(26.0 * 3.785411784)),
+        ("flow_lpm", T0_MS + 1, pytest.approx(26.0 * 3.785411784)), ("pump_on", T0_MS + 1, 0.0)]
     assert {r["rack"] for r in got} == {"r01"}
 
     stats = col.collector.stats
+    bad.append((f"{cdu}/leak_detect", reading(True, T0_MS), "no_metadata"))
     reasons: dict[str, int] = {}
     for _, _, reason in bad:
         reasons[reason] = reasons.get(reason, 0) + 1
@@ -222,6 +225,65 @@ def test_bad_messages_are_dead_lettered_and_the_good_ones_around_them_arrive(bro
     logged = [r.getMessage() for r in caplog.records if "Dead-lettered" in r.getMessage()]
     assert len(logged) == len(reasons)  # once per reason
     assert any("inH2O" in m and "known: kPa" in m for m in logged)
+
+
+@pytest.mark.mqtt
+def test_a_restarted_collector_keeps_what_the_broker_queued_before_the_metadata_came(broker, tmp_path):
+    """A new collector knows no point, and the broker sends what it queued for the session, and a
+    retained reading, before the retained metadata its subscription brings: every one of them had
+    been dead-lettered as having no metadata (a Kubernetes rollout, a crash)."""
+    site = f"s{uuid.uuid4().hex[:8]}"
+    cdu = f"bms/v1/{site}/cdu/cdu-r01"
+
+    async def go():
+        first = Collecting(MqttCollector(broker.host, broker.port, site, tmp_path / "dead.jsonl",
+                                         backoff=fast_backoff()))
+        await subscribed(first.collector)
+        async with aiomqtt.Client(broker.host, broker.port) as bms:
+            await bms.publish(f"{cdu}/supply_temp/meta", encode_meta("degF", "r01"), qos=1, retain=True)
+            await bms.publish(f"{cdu}/leak_detect/meta", encode_meta("bool", "r01"), qos=1, retain=True)
+            await bms.publish(f"{cdu}/supply_temp", reading(86.0, T0_MS), qos=1)
+            await first.until_rows(1)
+            await first.close()  # its session stays: the broker queues for it
+            for i in range(1, 6):
+                await bms.publish(f"{cdu}/supply_temp", reading(86.0 + i, T0_MS + 1000 * i), qos=1)
+            await bms.publish(f"{cdu}/leak_detect", reading(True, T0_MS + 500), qos=1, retain=True)  # a state
+        second = Collecting(MqttCollector(broker.host, broker.port, site, tmp_path / "dead.jsonl",
+                                          backoff=fast_backoff()))
+        await second.until_rows(6)
+        await asyncio.sleep(0.3)
+        await second.close()
+        return first, second
+
+    first, second = asyncio.run(go())
+    got = sorted((r["metric"], key(r)[2]) for r in rows(second.batches))
+    assert got == [("leak", T0_MS + 500)] + [("supply_temp_c", T0_MS + 1000 * i) for i in range(1, 6)]
+    assert second.collector.stats.dead_letters == {} and second.collector.waiting == 0
+
+
+@pytest.mark.mqtt
+def test_two_collectors_under_one_client_id_back_off_and_say_so(broker, tmp_path, caplog):
+    """The broker evicts one for the other at each connect: they had reconnected six times a second
+    each, for ever, a warning every time (a test instance pointed at production's broker)."""
+    site = f"s{uuid.uuid4().hex[:8]}"
+
+    async def go():
+        twins = [Collecting(MqttCollector(broker.host, broker.port, site, tmp_path / f"dead-{i}.jsonl"))
+                 for i in range(2)]
+        await asyncio.sleep(5.0)
+        for c in twins:
+            await c.close()
+        return twins
+
+    with caplog.at_level(logging.INFO, logger="pipeline.sources.mqtt"):
+        twins = asyncio.run(go())
+    reconnects = [c.collector.stats.reconnects for c in twins]
+    assert 1 <= max(reconnects) and sum(reconnects) <= 20, reconnects  # (a backoff that grows: under 8 each)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name == "pipeline.sources.mqtt"]
+    assert errors and all(f"client id 'fleetwatch-facility-{site}'" in m for m in errors) and len(errors) <= 2
+    lost = [r for r in caplog.records if r.levelno == logging.WARNING and "connection lost" in r.getMessage()
+            and r.name == "pipeline.sources.mqtt"]
+    assert len(lost) <= 2  # once per collector: one outage each, not one per eviction
 
 
 @pytest.mark.mqtt
