@@ -294,6 +294,15 @@ class MqttConfig:
     topic_root: str = _spec("bms/v1", doc="root of the BMS topic tree")
     client_id: str = _spec("", doc="collector's MQTT client id; empty = fleetwatch-facility-<site> (the broker keeps "
                            "the session under it: one per site)")
+    username: str = _spec("", doc="user name at the broker (every MQTT client of Fleetwatch: the collector, the "
+                          "power role's intake, the simulator's publisher); empty = anonymous")
+    password_env: str = _spec("", doc="environment variable holding the user's password")
+    password_file: str = _spec("", doc="file holding the user's password (used when password_env is empty)")
+    tls: bool = _spec(False, doc="connect over TLS (mqtts, usually port 8883), verifying the broker's certificate "
+                      "against the system's CAs or ca_file; on where ca_file or cert_file is set")
+    ca_file: str = _spec("", doc="CA bundle (PEM) for the broker's certificate; empty = the system's")
+    cert_file: str = _spec("", doc="client certificate (PEM) for a broker that asks for one (mutual TLS)")
+    key_file: str = _spec("", doc="the client certificate's key (PEM, unencrypted); empty = in cert_file")
 
 
 @dataclass(frozen=True)

@@ -401,16 +401,30 @@ class Mosquitto(Service):
     name = "mosquitto"
     stop_timeout_s = 10.0
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, users: dict[str, str] | None = None,
+                 tls: dict[str, Path] | None = None) -> None:
+        """users: name -> password, and no anonymous client; tls: self_signed_tls's files, the
+        listener speaks TLS only."""
         super().__init__()
         self.binary = mosquitto_binary()
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="mosquitto-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.host = "127.0.0.1"
         self.config = self.dir / "mosquitto.conf"
+        access = ["allow_anonymous true"]
+        if users:
+            passwords = self.dir / "passwords"
+            passwords.write_text("")
+            for name, password in users.items():
+                subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-b", str(passwords),
+                                name, password], check=True, capture_output=True)
+            access = ["allow_anonymous false", f"password_file {passwords}"]
+        if tls:
+            access += [f"cafile {tls['ca.pem']}", f"certfile {tls['server.pem']}", f"keyfile {tls['server.key']}"]
         self.config.write_text("\n".join([
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            *access,
             "persistence true",
             f"persistence_location {self.dir}/",
             # Started as root, Mosquitto switches to user `mosquitto`, who cannot write our temp dir.

@@ -94,8 +94,9 @@ class MqttIntake:
 
     def __init__(self, role, host: str, port: int, site: str, topic_root: str = DEFAULT_ROOT,
                  client_id: str | None = None, keepalive_s: int = 10, backoff: Backoff | None = None,
-                 follow_s: float = 0.5) -> None:
+                 follow_s: float = 0.5, connect: dict | None = None) -> None:
         self.role, self.host, self.port, self.site = role, host, port, site
+        self.connect = connect or {}  # credentials and TLS (sources/mqtt.py: connect_options)
         self.topic = f"{topic_root}/{site}/{POWER_BRANCH}/requests"
         self.rejected_topic = f"{self.topic}/rejected"
         self.client_id = client_id or f"fleetwatch-power-{site}"
@@ -302,5 +303,6 @@ def intake_for(cfg, role) -> MqttIntake:
     """The role's intake on `mqtt.broker`, under the tree of `mqtt.site` (default `fleet.site`)."""
     from pipeline.config import host_port
     m = cfg.mqtt
+    from pipeline.sources.mqtt import connect_options
     return MqttIntake(role, *host_port("mqtt.broker", m.broker, 1883), site=m.site or cfg.fleet.site,
-                      topic_root=m.topic_root)
+                      topic_root=m.topic_root, connect=connect_options(m))

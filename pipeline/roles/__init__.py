@@ -114,6 +114,7 @@ ROLE_TABLE: tuple[RoleSpec, ...] = (
     RoleSpec("facility", COLLECTOR, "pipeline.sources.mqtt:build",
              "run only the MQTT facility collector (a BMS topic tree), producing to Kafka",
              in_run=lambda cfg: bool(cfg.mqtt.broker), outputs=(Topic.FACILITY,), options=(MQTT,),
+             preflight="pipeline.sources.mqtt:preflight",
              check=lambda cfg: "" if cfg.mqtt.broker else
              "the facility role reads a BMS's MQTT broker: give --mqtt HOST:PORT (mqtt.broker)"),
     RoleSpec("detect", DETECT, "pipeline.roles.detect:build",

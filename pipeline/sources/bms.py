@@ -72,12 +72,13 @@ class _Outgoing:
 class BmsPublisher:
     def __init__(self, host: str, port: int, client_id: str = "fleetwatch-bms-sim", topic_root: str = DEFAULT_ROOT,
                  units: Mapping[str, str] = BMS_UNITS, max_buffered: int = 1_000_000, window: int = 64,
-                 keepalive_s: int = 10, backoff: Backoff | None = None) -> None:
+                 keepalive_s: int = 10, backoff: Backoff | None = None, connect: dict | None = None) -> None:
         for metric, unit in units.items():
             if unit not in UNITS.get(metric, {}):
                 raise ValueError(f"units[{metric!r}] = {unit!r}: not a unit of {metric}; "
                                  f"known: {', '.join(UNITS.get(metric, {})) or 'none (unknown metric)'}")
         self.host, self.port, self.client_id, self.topic_root = host, port, client_id, topic_root
+        self.connect = connect or {}  # credentials and TLS (sources/mqtt.py: connect_options)
         self.units = dict(units)
         self.max_buffered = max_buffered
         # QoS 1 messages in flight at once. More hides a broker's delayed acks (Mosquitto
@@ -167,8 +168,8 @@ class BmsPublisher:
         while True:
             try:
                 async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=False,
-                                          keepalive=self.keepalive_s,
-                                          max_inflight_messages=self.window) as client:
+                                          keepalive=self.keepalive_s, max_inflight_messages=self.window,
+                                          **self.connect) as client:
                     client.pending_calls_threshold = self.window + 1  # a window in flight is the plan, not a warning
                     down_s = outages.up()
                     if down_s is not None:

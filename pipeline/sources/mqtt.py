@@ -227,8 +227,10 @@ class MqttCollector:
     def __init__(self, host: str, port: int, site: str, dead_letter_path: Path, client_id: str | None = None,
                  topic_root: str = DEFAULT_ROOT, flush_interval_s: float = 0.2, max_batch_rows: int = 4096,
                  max_points: int = 100_000, keepalive_s: int = 10, backoff: Backoff | None = None,
-                 window: TimeWindow | None = None, dead_letter_rotation: Rotation | None = None) -> None:
+                 window: TimeWindow | None = None, dead_letter_rotation: Rotation | None = None,
+                 connect: dict | None = None) -> None:
         self.host, self.port, self.site, self.topic_root = host, port, site, topic_root
+        self.connect = connect or {}  # credentials and TLS (connect_options)
         # One fixed id per collector: the broker keeps its session (subscription and
         # queued QoS 1 readings) under it. Two collectors with one id evict each other.
         self.client_id = client_id or f"fleetwatch-facility-{site}"
@@ -412,6 +414,70 @@ class MqttCollector:
                               "Check that the broker runs and that host and port are right")
 
 
+def preflight(cfg, env=None, warn: bool = True) -> None:
+    """The broker's credentials and TLS files work, before the start (the power role and the
+    simulator's publisher connect with the same)."""
+    if cfg.mqtt.broker:
+        connect_options(cfg.mqtt, env, warn=False)
+
+
+def connect_options(cfg, env=None, warn: bool = True) -> dict:
+    """aiomqtt.Client's credentials and TLS from the [mqtt] settings (config.MqttConfig): what every
+    MQTT client of Fleetwatch connects with. ConfigError naming the setting that cannot work; the
+    password is never in a message."""
+    import ssl
+
+    from pipeline.config import ConfigError, read_secret
+    from pipeline.redact import hide_secret
+    out: dict = {}
+    password = read_secret("mqtt.password", cfg.password_env, cfg.password_file, "the MQTT user's password",
+                           "remove password_env to connect without one", env)
+    if password is not None and not cfg.username:
+        raise ConfigError("config error: mqtt.password_env/_file without mqtt.username: give the user the password "
+                          "is for")
+    if cfg.username:
+        out["username"] = cfg.username
+    if password is not None:
+        hide_secret(password.decode(errors="replace"))
+        out["password"] = password.decode(errors="replace")
+    if cfg.key_file and not cfg.cert_file:
+        raise ConfigError(f"config error: mqtt.key_file = {cfg.key_file!r} without mqtt.cert_file; give the client "
+                          f"certificate in cert_file")
+    if cfg.tls or cfg.ca_file or cfg.cert_file:
+        try:
+            context = ssl.create_default_context(cafile=cfg.ca_file or None)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(f"config error: mqtt.ca_file = {cfg.ca_file!r}: not a usable CA bundle ({e}); give a "
+                              f"PEM file, or leave it empty for the system's") from None
+        if cfg.cert_file:
+            def refuse() -> bytes:  # (OpenSSL would ask an encrypted key's passphrase on the terminal)
+                raise ValueError("the key is encrypted: give it unencrypted, in a file only fleetwatch may read")
+            try:
+                context.load_cert_chain(cfg.cert_file, cfg.key_file or None, password=refuse)
+            except (ssl.SSLError, OSError, ValueError) as e:
+                raise ConfigError(f"config error: mqtt.cert_file = {cfg.cert_file!r}, key_file = {cfg.key_file!r}: "
+                                  f"not a usable client certificate and key ({getattr(e, 'strerror', None) or e}); "
+                                  f"give PEM files") from None
+        out["tls_context"] = context
+    elif password is not None and warn:
+        log.warning("MQTT: the password for %r goes over plain TCP: anyone on the path can read it (set mqtt.tls "
+                    "and the broker's TLS port)", cfg.username)
+    return out
+
+
+_REFUSED = {4: "bad user name or password", 5: "not authorized", 134: "bad user name or password",
+            135: "not authorized"}  # CONNACK codes: MQTT 3.1.1, then MQTT 5's reason codes
+
+
+def _hint(error: BaseException, default: str) -> str:
+    rc = getattr(error, "rc", None)  # (paho's ReasonCode, or an int)
+    refused = _REFUSED.get(getattr(rc, "value", rc)) if isinstance(getattr(rc, "value", rc), int) else None
+    if refused is None:
+        return default
+    return (f"The broker refused the client ({refused}): set mqtt.username and mqtt.password_env or "
+            f"mqtt.password_file, and check the broker's ACL")
+
+
 async def keep_subscribed(owner, topic: str, stop: asyncio.Event,
                           while_up: Callable[[aiomqtt.Client], Awaitable[None]], what_to_do: str, retry_hint: str,
                           who: str = "", with_retain: bool = False) -> None:
@@ -426,8 +492,8 @@ async def keep_subscribed(owner, topic: str, stop: asyncio.Event,
     while not stop.is_set():
         try:
             async with aiomqtt.Client(owner.host, owner.port, identifier=owner.client_id, clean_session=False,
-                                      keepalive=owner.keepalive_s,
-                                      queue_type=handoff(owner.handle, with_retain)) as client:
+                                      keepalive=owner.keepalive_s, queue_type=handoff(owner.handle, with_retain),
+                                      **owner.connect) as client:
                 await subscribe_qos1(client, topic, broker, owner.client_id, what_to_do)
                 down_s = outages.up()
                 if down_s is not None:
@@ -441,7 +507,8 @@ async def keep_subscribed(owner, topic: str, stop: asyncio.Event,
                 finally:
                     owner.subscribed.clear()
         except aiomqtt.MqttError as e:
-            delay = outages.down(e, f"{who}retrying with backoff up to {owner.backoff.max_s:g} s. {retry_hint}")
+            delay = outages.down(e, f"{who}retrying with backoff up to {owner.backoff.max_s:g} s. "
+                                    f"{_hint(e, retry_hint)}")
             await wait_set(stop, delay)
 
 
@@ -577,6 +644,6 @@ def build(ctx, spec) -> MqttSource:
     collector = MqttCollector(*host_port("mqtt.broker", m.broker, 1883), site=m.site or cfg.fleet.site,
                               dead_letter_path=cfg.mqtt_dead_letters, client_id=m.client_id or None,
                               topic_root=m.topic_root, window=ctx.window(),
-                              dead_letter_rotation=Rotation.of(cfg.daemon))
+                              dead_letter_rotation=Rotation.of(cfg.daemon), connect=connect_options(m))
     # The simulator of this process publishes its facility data on the broker (simulate's build).
     return MqttSource(collector, m.broker, cfg.mqtt_dead_letters, wait_subscribed="simulate" in ctx.roles)

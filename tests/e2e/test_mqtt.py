@@ -364,3 +364,50 @@ def test_the_daemon_reads_the_facility_from_mqtt_and_alerts_on_it(broker, tmp_pa
     for fault in labels.filter(pl.col("start") < labels["start"].max()).iter_rows(named=True):
         hits = alerts.filter((pl.col("alertname") == expected[fault["fault_type"]]) & (pl.col("rack") == fault["rack"]))
         assert hits.height >= 1, f"{fault['fault_type']} on {fault['rack']} raised no alert"
+
+
+@pytest.mark.mqtt
+def test_a_broker_that_wants_a_user_and_tls_gets_them_and_a_refusal_says_what_to_set(tmp_path, caplog):
+    """Mosquitto 2 refuses anonymous clients once a listener is configured, and BMS brokers
+    want a login: there had been no way to give one (and the hint said to check host and port)."""
+    from pipeline.config import ConfigError
+    from pipeline.sources.mqtt import connect_options
+    from tests.services import self_signed_tls
+    password = "pw-Mq7-s3cr3t"
+    tls = self_signed_tls(tmp_path / "tls")
+    secure = Mosquitto(tmp_path / "broker", users={"fleetwatch": password}, tls=tls).start()
+    site = f"s{uuid.uuid4().hex[:8]}"
+    cfg = make_config(mqtt={"broker": f"127.0.0.1:{secure.port}", "username": "fleetwatch",
+                            "password_env": "FW_MQTT_PASSWORD", "ca_file": str(tls["ca.pem"])})
+    options = connect_options(cfg.mqtt, {"FW_MQTT_PASSWORD": password})
+    try:
+        async def go():
+            anonymous = Collecting(MqttCollector(secure.host, secure.port, site, tmp_path / "dead-a.jsonl",
+                                                 backoff=fast_backoff(), connect={"tls_context": options["tls_context"]}))
+            col = Collecting(MqttCollector(secure.host, secure.port, site, tmp_path / "dead.jsonl",
+                                           backoff=fast_backoff(), connect=options))
+            await subscribed(col.collector)
+            pub = BmsPublisher(secure.host, secure.port, client_id=f"sim-{site}", backoff=fast_backoff(),
+                               connect=options)
+            stop = asyncio.Event()
+            task = asyncio.create_task(pub.run(stop, drain_timeout_s=20))
+            published = simulator(site).step().facility
+            pub.publish(published)
+            stop.set()
+            await task
+            await col.until_rows(published.num_rows)
+            await col.close()
+            await anonymous.close()
+            return col, anonymous, published
+
+        with caplog.at_level(logging.INFO):
+            col, anonymous, published = asyncio.run(go())
+    finally:
+        secure.close()
+    assert_same_readings(rows(col.batches), rows([published]))
+    assert not anonymous.collector.subscribed.is_set() and anonymous.collector.stats.messages == 0
+    refused = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert refused and "set mqtt.username and mqtt.password_env" in refused[0]
+    assert password not in caplog.text
+    with pytest.raises(ConfigError, match="mqtt.password_env = 'FW_MQTT_PASSWORD': that environment variable"):
+        connect_options(cfg.mqtt, {})
