@@ -32,7 +32,9 @@ as `facility_sample` record batches.
   around it go on.
 - Rows accumulate in plain lists and go to `publish` as one record batch every
   `flush_interval_s` or `max_batch_rows` rows, whichever comes first (while a slow
-  `publish` is awaited, the next batch grows beyond `max_batch_rows`).
+  `publish` is awaited, the next batch grows beyond `max_batch_rows`, up to
+  MAX_PENDING_BATCHES of them: then the collector disconnects, its session kept, so that
+  the broker queues, and connects again once they are out).
 
 `stats` (CollectorStats) counts messages, metadata, rows, batches, duplicates,
 reconnects and dead letters per reason (a dead letter that cannot be written is counted,
@@ -41,9 +43,9 @@ connected and subscribed. `handle(topic, payload)` and `take_batch()` are the
 per-message path and the batching without a broker (benchmarks, tests).
 
 A reading is acknowledged to the broker once it is in the collector's rows, so a
-collector that is killed loses what it held in memory (at most about one flush
-interval); a dropped connection, or a restart of a broker with persistence on,
-loses nothing.
+collector that is killed loses what it held in memory (about one flush interval; while the
+bus is slow, at most MAX_PENDING_BATCHES batches, and readings waiting for their metadata);
+a dropped connection, or a restart of a broker with persistence on, loses nothing.
 """
 
 from __future__ import annotations
@@ -67,12 +69,15 @@ from pipeline.model import FACILITY_SAMPLE, TS, iso_utc
 from pipeline.sinks.files import Rotation, rotate
 from pipeline.sources.bms_tree import DEFAULT_ROOT, POWER_BRANCH, PointMeta, Reason, Rejected, decode_meta, \
     decode_reading, parse_topic
-from pipeline.waits import wait_set
+from pipeline.waits import wait_any, wait_set
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[pa.RecordBatch], Awaitable[None]]
 META_GRACE_S = 60.0   # a reading waits this long for its point's metadata before it is dead-lettered
+# Rows held while `publish` is slow (the bus full), in max_batch_rows: past it the collector leaves the
+# broker to queue (a persistent session), rather than read and acknowledge into its own memory.
+MAX_PENDING_BATCHES = 64
 MAX_WAITING = 10_000  # readings waiting for metadata, all points together; beyond, dead-lettered at once
 
 
@@ -154,6 +159,8 @@ class CollectorStats:
     reconnects: int = 0   # connections after the first
     dead_letters: dict[str, int] = field(default_factory=dict)  # reason -> messages
     dead_letters_unwritten: int = 0  # of those, not written to the file (it could not be written)
+    most_pending: int = 0   # the most rows held at once, waiting for publish (from max_batch_rows on)
+    paused: int = 0         # times the collector left the broker to queue while publish was slow
 
 
 @dataclass(slots=True)
@@ -238,6 +245,8 @@ class MqttCollector:
         self._power_branch = f"{topic_root}/{site}/{POWER_BRANCH}/"
         self.flush_interval_s = flush_interval_s
         self.max_batch_rows = max_batch_rows
+        self.max_pending_rows = max_batch_rows * MAX_PENDING_BATCHES
+        self._overfull = asyncio.Event()  # max_pending_rows held: disconnect until publish took them
         self.max_points = max_points
         self.keepalive_s = keepalive_s
         self.backoff = backoff or Backoff()
@@ -301,8 +310,16 @@ class MqttCollector:
         self._metric.append(point.metric)
         self._value.append(value)
         self._quality.append(quality)
-        if len(self._ts) >= self.max_batch_rows:
+        held = len(self._ts)
+        if held >= self.max_batch_rows:
             self._full.set()
+            self.stats.most_pending = max(self.stats.most_pending, held)
+            if held >= self.max_pending_rows and not self._overfull.is_set():
+                self._overfull.set()
+                self.stats.paused += 1
+                log.warning("MQTT %s:%d: %d readings wait for the bus (it takes them slower than they come): "
+                            "disconnected, the session kept, so that the broker queues them; back once these are "
+                            "out", self.host, self.port, held)
 
     def _unknown_topic(self, topic: str, payload: bytes) -> None:
         """A metadata message, or a reading we cannot use: raises Rejected saying why."""
@@ -407,11 +424,24 @@ class MqttCollector:
             await wait_set(self._full, self.flush_interval_s)
             self._full.clear()
             await self._flush(publish)
+            if self._overfull.is_set() and self.pending_rows < self.max_pending_rows // 2:
+                self._overfull.clear()
+                self._room.set()
 
     async def _connect_loop(self, stop: asyncio.Event) -> None:
-        await keep_subscribed(self, self.subscription, stop, lambda client: stop.wait(),
+        self._room = asyncio.Event()
+        self._room.set()
+
+        async def connected(client) -> None:  # until the stop, or too much held: then leave the broker to queue
+            await wait_any([stop, self._overfull], None)
+            if self._overfull.is_set():
+                self._room.clear()
+
+        async def may_connect() -> None:
+            await wait_any([stop, self._room], None)
+        await keep_subscribed(self, self.subscription, stop, connected,
                               "allow this client to read it with QoS 1 in the broker's ACL and limits",
-                              "Check that the broker runs and that host and port are right")
+                              "Check that the broker runs and that host and port are right", before=may_connect)
 
 
 def preflight(cfg, env=None, warn: bool = True) -> None:
@@ -480,16 +510,22 @@ def _hint(error: BaseException, default: str) -> str:
 
 async def keep_subscribed(owner, topic: str, stop: asyncio.Event,
                           while_up: Callable[[aiomqtt.Client], Awaitable[None]], what_to_do: str, retry_hint: str,
-                          who: str = "", with_retain: bool = False) -> None:
+                          who: str = "", with_retain: bool = False,
+                          before: Callable[[], Awaitable[None]] | None = None) -> None:
     """Until `stop`: connect in a persistent session, subscribe to `topic` with QoS 1 and run
     `while_up(client)` while the connection lasts; reconnect with backoff. The facility
     collector and the power role's MQTT intake (power/mqtt_intake.py) share it. `owner` has
     host, port, client_id, keepalive_s, backoff, handle (each message, on the client's
     thread: `handoff`; with `with_retain`, its retain flag too), stats.reconnects and the
-    event `subscribed`; `who` prefixes its logs."""
+    event `subscribed`; `who` prefixes its logs; `before` is awaited before each connect (the
+    collector's: room for what the broker sends)."""
     broker = f"MQTT {owner.host}:{owner.port}"
     outages = Outages(broker, owner.backoff, log, owner.client_id)
     while not stop.is_set():
+        if before is not None:
+            await before()
+            if stop.is_set():
+                return
         try:
             async with aiomqtt.Client(owner.host, owner.port, identifier=owner.client_id, clean_session=False,
                                       keepalive=owner.keepalive_s, queue_type=handoff(owner.handle, with_retain),

@@ -411,3 +411,48 @@ def test_a_broker_that_wants_a_user_and_tls_gets_them_and_a_refusal_says_what_to
     assert password not in caplog.text
     with pytest.raises(ConfigError, match="mqtt.password_env = 'FW_MQTT_PASSWORD': that environment variable"):
         connect_options(cfg.mqtt, {})
+
+
+@pytest.mark.mqtt
+def test_a_bus_that_stalls_leaves_the_broker_to_queue_not_the_collectors_memory(broker, tmp_path):
+    """While publish waits (Kafka's outbox full), the collector had read and acknowledged every
+    reading into its own memory (70,800 rows in 5 s, a pod's 1 GiB for a long stall, all lost by
+    an OOM kill): now it holds at most MAX_PENDING_BATCHES batches, then disconnects with its
+    session kept, and the broker queues the rest until the bus takes them."""
+    site = f"s{uuid.uuid4().hex[:8]}"
+    cdu = f"bms/v1/{site}/cdu/cdu-r01"
+    n = 20_000
+
+    async def go():
+        flowing = asyncio.Event()
+        batches: list[pa.RecordBatch] = []
+
+        async def publish(batch):
+            await flowing.wait()  # the bus is full until the test lets it go
+            batches.append(batch)
+        collector = MqttCollector(broker.host, broker.port, site, tmp_path / "dead.jsonl", max_batch_rows=100,
+                                  backoff=fast_backoff())
+        stop = asyncio.Event()
+        task = asyncio.create_task(collector.run(publish, stop))
+        await subscribed(collector)
+        async with aiomqtt.Client(broker.host, broker.port, max_inflight_messages=1000) as bms:
+            await bms.publish(f"{cdu}/supply_temp/meta", encode_meta("degF", "r01"), qos=1, retain=True)
+            for start in range(0, n, 500):  # (a window of QoS 1 messages in flight at a time)
+                await asyncio.gather(*(bms.publish(f"{cdu}/supply_temp", reading(86.0, T0_MS + i), qos=1)
+                                       for i in range(start, start + 500)))
+        while not collector.stats.paused:
+            await asyncio.sleep(0.05)
+        flowing.set()
+        deadline = asyncio.get_running_loop().time() + 60
+        while sum(b.num_rows for b in batches) < n and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+        return collector, batches
+
+    collector, batches = asyncio.run(go())
+    got = [key(r)[2] for r in rows(batches)]
+    assert sorted(got) == [T0_MS + i for i in range(n)]  # every one, once
+    cap = collector.max_pending_rows
+    print(f"held at most {collector.stats.most_pending} rows (cap {cap}), paused {collector.stats.paused} times")
+    assert collector.stats.paused >= 1 and collector.stats.most_pending < cap + 5_000 < n
