@@ -162,3 +162,15 @@ def test_a_dead_letter_file_that_cannot_be_written_or_a_failing_handler_stops_no
         queue.put_nowait(message)  # taken (and acknowledged), said once
         queue.put_nowait(message)
     assert caplog.text.count("could not be handled") == 1
+
+
+@pytest.mark.parametrize("settings, key", [({"site": "dc1/#"}, "mqtt.site"), ({"site": "+"}, "mqtt.site"),
+                                           ({"topic_root": "bms/#"}, "mqtt.topic_root")])
+def test_a_site_or_root_with_mqtts_wildcards_is_refused_at_start(settings, key):
+    """`<root>/<site>/#` with a site of `dc1/#` or `+` had subscribed to other sites' trees."""
+    from pipeline.config import ConfigError
+    from pipeline.sources.mqtt import preflight
+    from tests.conftest import make_config
+    with pytest.raises(ConfigError, match=f"config error: {key} = "):
+        preflight(make_config(mqtt={"broker": "127.0.0.1:1883", **settings}))
+    preflight(make_config(mqtt={"broker": "127.0.0.1:1883", "site": "dc1"}))

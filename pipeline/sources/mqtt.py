@@ -338,8 +338,8 @@ class MqttCollector:
         try:
             meta = decode_meta(payload, addr.metric)
         except Rejected as e:
-            if e.reason == Reason.UNKNOWN_UNIT:  # its readings say why too, until good metadata comes
-                self._bad_units[reading_topic] = e
+            if e.reason == Reason.UNKNOWN_UNIT and len(self._bad_units) < self.max_points:
+                self._bad_units[reading_topic] = e  # its readings say why too, until good metadata comes
             raise
         self._bad_units.pop(reading_topic, None)
         point = self._points.get(reading_topic)
@@ -445,10 +445,26 @@ class MqttCollector:
 
 
 def preflight(cfg, env=None, warn: bool = True) -> None:
-    """The broker's credentials and TLS files work, before the start (the power role and the
-    simulator's publisher connect with the same)."""
+    """The broker's credentials and TLS files work, and the tree's root and site are topic levels,
+    before the start (the power role and the simulator's publisher connect with the same)."""
     if cfg.mqtt.broker:
+        tree_site(cfg)
         connect_options(cfg.mqtt, env, warn=False)
+
+
+def tree_site(cfg) -> str:
+    """The site whose tree is read (mqtt.site, else fleet.site); ConfigError where it or
+    mqtt.topic_root would change what the subscription matches (MQTT's wildcards, a level more)."""
+    from pipeline.config import ConfigError
+    site = cfg.mqtt.site or cfg.fleet.site
+    key = "mqtt.site" if cfg.mqtt.site else "fleet.site"
+    if not site or any(c in site for c in "/+#\0"):
+        raise ConfigError(f"config error: {key} = {site!r}: the site is one level of the MQTT topic tree "
+                          f"(<topic_root>/<site>/...): give it without '/', '+' or '#'")
+    if any(c in cfg.mqtt.topic_root for c in "+#\0") or not cfg.mqtt.topic_root.strip("/"):
+        raise ConfigError(f"config error: mqtt.topic_root = {cfg.mqtt.topic_root!r}: give the tree's root levels "
+                          f"without MQTT's wildcards '+' and '#', e.g. bms/v1")
+    return site
 
 
 def connect_options(cfg, env=None, warn: bool = True) -> dict:
@@ -677,7 +693,7 @@ def build(ctx, spec) -> MqttSource:
     reading times against the process's intake window."""
     from pipeline.config import host_port
     cfg, m = ctx.cfg, ctx.cfg.mqtt
-    collector = MqttCollector(*host_port("mqtt.broker", m.broker, 1883), site=m.site or cfg.fleet.site,
+    collector = MqttCollector(*host_port("mqtt.broker", m.broker, 1883), site=tree_site(cfg),
                               dead_letter_path=cfg.mqtt_dead_letters, client_id=m.client_id or None,
                               topic_root=m.topic_root, window=ctx.window(),
                               dead_letter_rotation=Rotation.of(cfg.daemon), connect=connect_options(m))
