@@ -22,7 +22,9 @@ from typing import Any
 from pipeline import __version__
 from pipeline.analytics import capacity, report
 from pipeline.analytics.query import FORMATS as QUERY_FORMATS
-from pipeline.config import Config, ConfigError, existing_data_dir, load_config, reference
+from pipeline.config import Config, ConfigError, Unavailable, existing_data_dir, load_config, reference
+
+EX_TEMPFAIL = 75  # a service it needs is not reachable now (sysexits.h): a supervisor may try again
 from pipeline.detect.catalog import SEVERITIES
 from pipeline.logs import FORMATS as LOG_FORMATS, configure as configure_logging
 from pipeline.redact import redact_text
@@ -302,9 +304,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if cfg.daemon.log_format != "json" or isinstance(e, (BrokenPipeError, ModuleNotFoundError)):
             raise  # main() handles these (a missing module of the agent-only install: status 2)
         # JSON logs stay JSON to the end: the failure as one record (redacted), not bare text
-        if isinstance(e, ConfigError):
+        if isinstance(e, (ConfigError, Unavailable)):
             log.error("%s", e)
-            return 2
+            return 2 if isinstance(e, ConfigError) else EX_TEMPFAIL
         log.critical("failed: %r", e, exc_info=True)
         return 1
     return 0
@@ -688,6 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fleetwatch: {redact_text(str(e))}", file=sys.stderr)
         return 2
+    except Unavailable as e:
+        print(f"fleetwatch: {redact_text(str(e))}", file=sys.stderr)
+        return EX_TEMPFAIL
     except ModuleNotFoundError as e:
         if (e.name or "").partition(".")[0] not in FULL_INSTALL_ONLY:
             return _failed()

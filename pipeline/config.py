@@ -30,6 +30,12 @@ class ConfigError(ValueError):
     """A setting is wrong; the message names the key, the value and what is allowed."""
 
 
+class Unavailable(Exception):
+    """A service the process needs cannot be reached now (Kafka at start): exit status 75
+    (EX_TEMPFAIL), which a supervisor restarts, where a configuration error's 2 is not (systemd's
+    RestartPreventExitStatus=2: a node rebooted during a Kafka outage had kept its agent dead)."""
+
+
 def _spec(default: Any, *, min: float | None = None, max: float | None = None,
           choices: tuple[str, ...] | None = None, doc: str = "", nonempty: str = "") -> Any:
     meta = {"min": min, "max": max, "choices": choices, "doc": doc, "nonempty": nonempty}
@@ -242,7 +248,8 @@ class KafkaConfig:
     partitions: int = _spec(6, min=1, max=10000, doc="partitions of the telemetry topics when created")
     retention_hours: float = _spec(24.0, min=0.1, doc="retention of the telemetry topics when created")
     connect_timeout_s: float = _spec(30.0, min=0.1, doc="at start, keep trying to reach the brokers this long "
-                                     "before giving up (exit status 2)")
+                                     "before giving up (exit status 75, EX_TEMPFAIL: a supervisor starts it "
+                                     "again; a configuration error is 2)")
     buffer_mb: float = _spec(256.0, min=1, doc="producer outbox: messages wait here while the broker is "
                              "unreachable; when full, publishing blocks")
     commit_interval_s: float = _spec(1.0, min=0.05, max=60, doc="detect commits its alerts, offsets and state "

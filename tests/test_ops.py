@@ -386,6 +386,22 @@ def test_an_in_process_run_serves_every_documented_metric_with_its_labels(tmp_pa
     assert -5 < lag < 30  # against the simulator's own clock
 
 
+def test_over_kafka_each_node_of_a_rack_shows_in_the_per_gpu_metrics():
+    """An agent's messages are keyed by rack: the fleet view had kept one batch per key, so each
+    node's scrape replaced the one before and the per-GPU panels showed one node of each rack."""
+    from pipeline.bus import keys
+    from pipeline.ops.progress import FleetView
+    from pipeline.sources.simulate import FleetSimulator
+    gpu = FleetSimulator(conftest.make_config(fleet={"racks": 1, "nodes_per_rack": 3}).fleet).step().gpu
+    view = FleetView(lambda: 0.0)
+    for node in ("r01-n01", "r01-n02", "r01-n03"):
+        scrape = gpu.filter(pa.compute.equal(gpu.column("node"), node))  # one agent's
+        [message] = keys.messages(Topic.GPU, scrape, keyed=True, partitions=12)
+        assert message.key == "r01"
+        view.seen(message)
+    assert sorted(b.column("node")[0].as_py() for b in view.gpu_batches()) == ["r01-n01", "r01-n02", "r01-n03"]
+
+
 def test_the_http_address_is_checked_and_a_taken_port_is_a_config_error(tmp_path):
     from pipeline.ops.http import HttpServer
     from pipeline.ops.metrics import registry

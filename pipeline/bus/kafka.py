@@ -48,7 +48,7 @@ from pipeline.bus.align import Aligner
 from pipeline.bus.base import ALERTS_KEPT_H, EndOfStream, Message, Topic
 from pipeline.bus.codec import DecodeError, Decoder, encode
 from pipeline.bus.kafka_settings import GROUP_PREFIX, client_settings, replication
-from pipeline.config import ConfigError, KafkaConfig
+from pipeline.config import ConfigError, KafkaConfig, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -663,7 +663,7 @@ class KafkaBus:
 
     async def connect(self, first) -> object:
         """`await first()` (an admin request), retried while the brokers cannot be reached, for
-        up to connect_timeout_s; then ConfigError (status 2)."""
+        up to connect_timeout_s; then Unavailable (status 75: a supervisor tries again)."""
         deadline = time.monotonic() + self.connect_timeout_s
         retried = False
         while True:
@@ -672,7 +672,7 @@ class KafkaBus:
             except KafkaConnectionError as e:
                 if time.monotonic() >= deadline:
                     protocol = self.client_settings.get("security_protocol", "PLAINTEXT")
-                    raise ConfigError(f"cannot reach Kafka at {self.bootstrap} (tried for {self.connect_timeout_s:g} s: "
+                    raise Unavailable(f"cannot reach Kafka at {self.bootstrap} (tried for {self.connect_timeout_s:g} s: "
                                       f"{e}): is the broker running, and are --kafka / kafka.bootstrap right" +
                                       (f", and does it take {protocol} there (kafka.security_protocol; the TLS and "
                                        f"SASL settings: see the log lines above)?" if protocol != "PLAINTEXT" else "?")

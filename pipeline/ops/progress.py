@@ -71,7 +71,8 @@ class RoleProgress:
 
 class FleetView:
     """The latest GPU and facility batches detect read, as references; rendered at scrape time.
-    GPU batches by their key (a node over Kafka; in-process, the batch's first node); facility
+    GPU batches by their first node (an agent's scrape is its node's; over Kafka a message's key is
+    its rack, which every node of the rack shares: keyed by it, one node of a rack showed); facility
     batches as they came (the last FACILITY_KEPT), whose power readings (`power_w` of a rack's
     PDU or the site's meter) are taken per device when /metrics asks."""
 
@@ -86,8 +87,7 @@ class FleetView:
         if not batch.num_rows:
             return
         if message.topic == Topic.GPU:
-            key = message.key if message.key is not None else batch.column("node")[0].as_py()
-            self.gpu[key] = (self.clock(), batch)
+            self.gpu[batch.column("node")[0].as_py()] = (self.clock(), batch)
         elif message.topic == Topic.FACILITY:
             self.facility.append((self.clock(), batch))
 
