@@ -399,3 +399,47 @@ def test_what_was_not_supported_is_asked_again_later(caplog):
         after = a.scrape().samples.to_pylist()[0]["util_gpu"]
     assert before == [None] * 3 and asked == 1 and after is not None
     assert caplog.text.count("utilization is not supported") == 1 and "utilization answers now" in caplog.text
+
+
+def test_a_capped_gpu_lost_then_back_enforces_its_cap_and_its_restore_reaches_it():
+    """Lost, reset and back: its cap had silently gone (the agent still believed it held). Lost,
+    a restore answered gpu_lost, and back without a reset: it kept the cap for good, held by no one."""
+    replay = NvmlReplay(H100, gpus=2, latency=False, settle_s=0.0, enforce_lag_s=0.0)
+    clock = [1000.0]
+    with replay.installed():
+        a = agent()
+        a.clock = lambda: clock[0]
+        a.open()
+        a.scrape()
+        assert a.power.apply(0, 500.0).status == "ok" and a.power.apply(1, 500.0).status == "ok"
+        a.scrape()
+        replay.lose(0), replay.lose(1)
+        a.scrape()
+        assert a.power.restore(1).status == "gpu_lost"  # (the request ended while it was lost)
+        replay.reset(0)  # GPU 0 comes back reset (its limit the default), GPU 1 as it was (still 500 W)
+        replay.recover(0), replay.recover(1)
+        clock[0] += 61.0
+        a.scrape()
+        enforced = [pynvml.nvmlDeviceGetEnforcedPowerLimit(g.handle) for g in a.gpus]
+        back = a.power.restore(1)
+        after = pynvml.nvmlDeviceGetEnforcedPowerLimit(a.gpus[1].handle)
+    assert enforced == [500_000, 500_000] and a.power.capped == {0: 500.0}
+    assert back.status == "restored" and after == replay.powercap["default_mw"]
+
+
+def test_a_gpu_unopened_at_start_is_found_when_the_indices_move():
+    """Looked for by its index: another GPU dropping out moved it to another index, and it was
+    never looked for again."""
+    replay = NvmlReplay(H100, gpus=4, latency=False)
+    clock = [1000.0]
+    with replay.installed():
+        a = agent()
+        a.clock = lambda: clock[0]
+        replay.fail(2, "nvmlDeviceGetHandleByIndex", pynvml.NVML_ERROR_UNKNOWN)
+        a.open()
+        replay.fail(2, "nvmlDeviceGetHandleByIndex", None)
+        replay.vanish(0)  # GPU 2 is index 1 now
+        a.scrape()
+        clock[0] += 61.0
+        a.scrape()
+    assert sorted(g.uuid[-2:] for g in a.gpus) == ["01", "02", "03", "04"] and a.unopened == {}

@@ -185,7 +185,8 @@ def test_a_gpu_lost_between_its_set_and_its_readback_says_the_limit_was_set():
         replay.nvmlDeviceSetPowerManagementLimit = set_then_lost
         with replay.installed():
             r = a.power.apply(CAPPED, 500)
-    assert (r.status, r.held) == ("gpu_lost", False) and a.power.capped == {}
+    # Held: a GPU that comes back without a reset still enforces it, and its restore must reach it.
+    assert (r.status, r.held) == ("gpu_lost", True) and a.power.capped == {CAPPED: 500.0}
     assert "set to 500 W, then GPU 3 was lost before its readback" in r.detail
 
 

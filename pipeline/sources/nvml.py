@@ -189,6 +189,7 @@ class NvmlAgent:
         self._next_rediscover = 0.0
         self._next_unsupported = 0.0
         self._said: set[str] = set()  # agent-wide NVML errors said once (device count, event registration)
+        self._recap: set[int] = set()  # GPUs back from a reset or a loss: a cap held on them is set again
         self.scrapes = 0
         self.driver_version: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml-scrape")
@@ -318,9 +319,12 @@ class NvmlAgent:
                 events.append(self._event(g, ts[i], "gpu_reset", None,
                                           f"energy counter went back from {g.energy_j:.0f} J to {energy:.0f} J: "
                                           f"GPU reset, counters restart at zero"))
-                self._cap_again(g)
+                self._recap.add(g.index)
             if np.isfinite(energy):
                 g.energy_j = energy
+        if self._recap:
+            self._cap_again(sorted(self._recap))
+            self._recap.clear()
         self.scrapes += 1
         return Scrape(self._batch(values, ts, answered) if answered.any() else None, events,
                       time.perf_counter() - t0)
@@ -401,33 +405,43 @@ class NvmlAgent:
                 pynvml.nvmlDeviceGetFieldValues(handle, [pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION])
             except pynvml.NVMLError:
                 continue
-            g.handle, g.failing, g.energy_j = handle, "", float("nan")
+            g.handle, g.failing = handle, ""  # (its energy reading kept: a reset meanwhile shows as one)
             self.lost.discard(g.uuid)
+            self._recap.add(g.index)  # whether it was reset or not, the cap held on it is what it must enforce
             self.generation += 1
             log.warning("GPU %d (%s) answers again after it was lost: its samples resume", g.index, g.uuid)
-        known = {g.uuid for g in self.gpus}
-        for index in sorted(self.unopened):
+        if not self.unopened:
+            return
+        # Every index again, not the ones that failed: the indices move when a GPU drops out.
+        known, failing = {g.uuid for g in self.gpus}, {}
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError:
+            return
+        for index in range(count):
             try:
+                uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(index))
+                if uuid in known:
+                    continue
                 g = self._discover(index)
             except pynvml.NVMLError as e:
-                self.unopened[index] = _error(e)
-                continue
-            del self.unopened[index]
-            if g.uuid in known:  # (the device count moved: this GPU is read already)
+                failing[index] = _error(e)
                 continue
             self.gpus.append(g)
+            known.add(g.uuid)
             self.generation += 1
             log.warning("GPU %d (%s, %s) opens now: read from this scrape on", index, g.uuid, g.name)
+        self.unopened = failing
 
-    def _cap_again(self, g: Gpu) -> None:
-        """A reset puts the GPU's power limit back to its default: a cap held here is set again."""
-        cap = self.power.capped.get(g.index)
-        if cap is None:
-            return
-        [r] = self.power.set_many([(g.index, cap)])
-        (log.warning if r.status == "ok" else log.error)(
-            "GPU %d (%s) was reset, which puts its power limit back to the default: its cap of %g W set again: %s "
-            "(%s)", g.index, g.uuid, cap, r.status, r.detail)
+    def _cap_again(self, gpus: list[int]) -> None:
+        """A reset puts a GPU's power limit back to its default: a cap held here is set again (the GPUs
+        together: one readback wait). Logged; the power role's lease renewals find it held."""
+        capped = self.power.capped
+        asks = [(i, capped[i]) for i in gpus if i in capped]
+        for r in self.power.set_many(asks) if asks else []:
+            (log.warning if r.status == "ok" else log.error)(
+                "GPU %d (%s) was reset or lost, which puts its power limit back to the default: its cap of %g W set "
+                "again: %s (%s)", r.gpu, r.gpu_uuid, capped[r.gpu], r.status, r.detail)
 
     def _check_count(self) -> list[dict]:
         """A GPU that drops out of the device count is lost (cheap: one call a scrape)."""

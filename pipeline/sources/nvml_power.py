@@ -176,9 +176,8 @@ class PowerLimiter:
             return CapResult(gpu, "", cap_w, None, "error",
                              f"no GPU {gpu} on node {self.agent.node} (GPUs: "
                              f"{', '.join(str(x.index) for x in self.agent.gpus) or 'none'}): nothing set", False)
-        if g.uuid in self.agent.lost:
-            self._forget(g)
-            return self._result(g, cap_w, "gpu_lost", _LOST.format(g=g))
+        if g.uuid in self.agent.lost:  # (a cap held on it stays held: the GPU may come back without a reset,
+            return self._result(g, cap_w, "gpu_lost", _LOST.format(g=g))  # its cap still set; the agent resets it)
         try:
             low, high, default = self._constraints(g)
             if cap_w is not None and not (math.isfinite(cap_w) and low <= cap_w <= high):
@@ -232,8 +231,7 @@ class PowerLimiter:
 
     def _verdict(self, p: _Pending, enforced: float | Exception) -> CapResult:
         g, cap_w, target, own = p.g, p.cap_w, p.target, p.own
-        if isinstance(enforced, pynvml.NVMLError_GpuIsLost):  # set, then lost: a reset brings back the default
-            self._forget(g)
+        if isinstance(enforced, pynvml.NVMLError_GpuIsLost):  # set, then lost: still held (it may come back so)
             return self._result(g, cap_w, "gpu_lost",
                                 f"the limit was set to {target:g} W, then GPU {g.index} was lost before its readback "
                                 f"(NVML_ERROR_GPU_IS_LOST); see runbooks/GpuFellOffBus.md")
@@ -303,8 +301,7 @@ class PowerLimiter:
             asked = "its own limit" if cap_w is None else f"{cap_w:g} W"
             return result("out_of_range", f"the driver refused {asked} ({what}); its constraints: "
                                           f"{_range(self._bounds.get(g.index))}. Nothing changed")
-        if isinstance(e, pynvml.NVMLError_GpuIsLost):
-            self._forget(g)  # nothing to restore on it (a reset brings back the default)
+        if isinstance(e, pynvml.NVMLError_GpuIsLost):  # a cap it held stays held: it may come back with it
             return result("gpu_lost", _LOST.format(g=g))
         if isinstance(e, pynvml.NVMLError_NotSupported):
             return result("not_supported", f"GPU {g.index} has no settable power limit through NVML ({what}): it "
