@@ -174,3 +174,46 @@ def test_a_site_or_root_with_mqtts_wildcards_is_refused_at_start(settings, key):
     with pytest.raises(ConfigError, match=f"config error: {key} = "):
         preflight(make_config(mqtt={"broker": "127.0.0.1:1883", **settings}))
     preflight(make_config(mqtt={"broker": "127.0.0.1:1883", "site": "dc1"}))
+
+
+def test_a_pause_is_no_outage_and_a_loss_after_it_is_said():
+    """A collector that leaves the broker to queue (its bus slow) and comes back: the outage from
+    its start had never ended ("reconnected after 3611 s" at each pause, a loss after it unsaid)."""
+    from pipeline.sources.mqtt import Outages
+    now = [100.0]
+    said = []
+
+    class Log:
+        def warning(self, *a):
+            said.append(a[0] % a[1:])
+        error = warning
+    outages = Outages("MQTT b:1", Backoff(rng=random.Random(1)), Log(), "id", clock=lambda: now[0])
+    outages.down(OSError("refused"), "retrying")  # cannot connect at start
+    now[0] = 110.0
+    assert outages.up() is None  # the first connection
+    now[0] = 3700.0
+    outages.ended()  # a pause
+    now[0] = 3711.0
+    assert outages.up() is None  # back from the pause: no reconnect, no outage
+    now[0] = 3716.0
+    outages.down(OSError("gone"), "retrying")  # a loss 5 s later: a new outage, said
+    assert said == ["MQTT b:1: cannot connect (refused); retrying", "MQTT b:1: connection lost (gone); retrying"]
+
+
+def test_points_whose_metadata_never_comes_do_not_crowd_out_the_others(tmp_path):
+    collector = MqttCollector("h", 1, "p", tmp_path / "dead.jsonl")
+    now = [1000.0]
+    collector.clock = lambda: now[0]
+    orphan, good = "bms/v1/p/cdu/cdu-r09/supply_temp", "bms/v1/p/cdu/cdu-r01/supply_temp"
+    for i in range(1000):  # one point's readings, its metadata never coming: at most its share waits
+        collector.handle(orphan, reading(86.0, T0_MS + i))
+    assert collector.waiting == 256 and collector.stats.dead_letters == {"no_metadata": 744}
+    now[0] += 61.0
+    collector.expire_waiting()  # its grace is over: its next readings go at once, without waiting
+    collector.handle(orphan, reading(86.0, T0_MS + 2000))
+    assert collector.waiting == 0 and collector.stats.dead_letters == {"no_metadata": 1001}
+    for i in range(5):  # a point whose metadata comes (after a restart) still waits for it
+        collector.handle(good, reading(86.0, T0_MS + i))
+    collector.handle(good + "/meta", encode_meta("degF", "r01"))
+    assert collector.take_batch().num_rows == 5
+    collector.dead_letters.close()

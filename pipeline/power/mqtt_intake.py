@@ -301,8 +301,7 @@ class MqttIntake:
 
 def intake_for(cfg, role) -> MqttIntake:
     """The role's intake on `mqtt.broker`, under the tree of `mqtt.site` (default `fleet.site`)."""
-    from pipeline.config import host_port
     m = cfg.mqtt
-    from pipeline.sources.mqtt import connect_options, tree_site
-    return MqttIntake(role, *host_port("mqtt.broker", m.broker, 1883), site=tree_site(cfg),
+    from pipeline.sources.mqtt import broker_address, connect_options, tree_site
+    return MqttIntake(role, *broker_address(m), site=tree_site(cfg),
                       topic_root=m.topic_root, connect=connect_options(m))

@@ -51,6 +51,7 @@ a dropped connection, or a restart of a broker with persistence on, loses nothin
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import math
@@ -79,6 +80,7 @@ META_GRACE_S = 60.0   # a reading waits this long for its point's metadata befor
 # broker to queue (a persistent session), rather than read and acknowledge into its own memory.
 MAX_PENDING_BATCHES = 64
 MAX_WAITING = 10_000  # readings waiting for metadata, all points together; beyond, dead-lettered at once
+WAITING_PER_POINT = 256  # a point's own share of them (points whose metadata never comes take no more)
 
 
 @dataclass
@@ -117,18 +119,25 @@ class Outages:
     down_since: float | None = None
     up_since: float | None = None
     flaps: int = 0
+    left: bool = False  # the last connection ended by the client's own choice (a pause), no outage
+    clock: Callable[[], float] = time.monotonic
 
     def up(self) -> float | None:
         """Connected. The seconds since the outage began (through connections that did not last),
-        or None for the first connection."""
-        now = time.monotonic()
-        down_s = now - (self.down_since or now) if self.connected_before else None
-        self.connected_before, self.up_since = True, now
+        or None for the first connection and one after a pause."""
+        now = self.clock()
+        down_s = now - (self.down_since or now) if self.connected_before and not self.left else None
+        self.connected_before, self.up_since, self.left = True, now, False
         return down_s
+
+    def ended(self) -> None:
+        """The client left on its own (a pause while its bus is slow): no outage, whatever came before."""
+        self.backoff.reset()
+        self.down_since, self.up_since, self.flaps, self.left = None, None, 0, True
 
     def down(self, error: BaseException, then: str) -> float:
         """Lost or refused: logged once per outage. The delay before the next try."""
-        now = time.monotonic()
+        now = self.clock()
         if self.up_since is not None:
             if now - self.up_since >= STABLE_S:  # it lasted: that outage is over, this one is new
                 self.backoff.reset()
@@ -218,7 +227,10 @@ class DeadLetterFile:
             try:
                 self._file.flush()
             except OSError as e:
-                self.failing = self.failing or str(e)
+                if not self.failing:
+                    log.error("MQTT dead letters: cannot write %s (%s): what it held is lost; they are counted, not "
+                              "kept, until it can be written", self.path, e)
+                self.failing = str(e)
                 self.close()
 
     def close(self) -> None:
@@ -255,7 +267,8 @@ class MqttCollector:
         self.dead_letters = DeadLetterFile(dead_letter_path, dead_letter_rotation)
         self._points: dict[str, _Point] = {}       # reading topic -> point
         self._bad_units: dict[str, Rejected] = {}  # reading topic -> why its metadata was refused
-        self._waiting: dict[str, list[tuple[float, bytes]]] = {}  # reading topic -> (arrived, payload), in order
+        self._waiting: dict[str, collections.deque[tuple[float, bytes]]] = {}  # reading topic -> (arrived, payload)
+        self._orphans: set[str] = set()  # topics whose readings waited out META_GRACE_S: no wait any more
         self.waiting = 0                           # readings waiting for their point's metadata
         self.clock = time.monotonic                # (tests move it)
         self._full = asyncio.Event()               # max_batch_rows reached: flush now
@@ -317,9 +330,10 @@ class MqttCollector:
             if held >= self.max_pending_rows and not self._overfull.is_set():
                 self._overfull.set()
                 self.stats.paused += 1
-                log.warning("MQTT %s:%d: %d readings wait for the bus (it takes them slower than they come): "
-                            "disconnected, the session kept, so that the broker queues them; back once these are "
-                            "out", self.host, self.port, held)
+                (log.warning if self.stats.paused == 1 else log.debug)(
+                    "MQTT %s:%d: %d readings wait for the bus (it takes them slower than they come): disconnected, "
+                    "the session kept, so that the broker queues them (its max_queued_messages must hold them); "
+                    "back once these are out (said once; counted in the summary)", self.host, self.port, held)
 
     def _unknown_topic(self, topic: str, payload: bytes) -> None:
         """A metadata message, or a reading we cannot use: raises Rejected saying why."""
@@ -327,11 +341,18 @@ class MqttCollector:
         if not addr.meta:
             if topic in self._bad_units:
                 raise self._bad_units[topic]
-            if self.waiting >= MAX_WAITING:
-                raise Rejected(Reason.NO_METADATA, f"no metadata yet on {topic}/meta (a retained JSON "
-                                                   '{"unit": ..., "rack": ...}), and ' f"{MAX_WAITING} readings "
-                                                   "wait for theirs already; the reading is dropped")
-            self._waiting.setdefault(topic, []).append((self.clock(), payload))
+            queue = self._waiting.get(topic)
+            if topic in self._orphans or self.waiting >= MAX_WAITING or queue is not None and \
+                    len(queue) >= WAITING_PER_POINT:
+                why = ("its readings waited for it before" if topic in self._orphans else
+                       f"{MAX_WAITING} readings wait for theirs already" if self.waiting >= MAX_WAITING else
+                       f"{WAITING_PER_POINT} of its readings wait already")
+                raise Rejected(Reason.NO_METADATA, f"no metadata on {topic}/meta (a retained JSON "
+                                                   '{"unit": ..., "rack": ...}), and ' f"{why}; the reading is "
+                                                   "dropped")
+            if queue is None:
+                queue = self._waiting[topic] = collections.deque()
+            queue.append((self.clock(), payload))
             self.waiting += 1
             return
         reading_topic = topic.rsplit("/", 1)[0]
@@ -351,6 +372,7 @@ class MqttCollector:
         else:
             point.meta = meta
         self.stats.metadata += 1
+        self._orphans.discard(reading_topic)
         for _, waited in self._waiting.pop(reading_topic, ()):  # the readings that came before it, in order
             self.waiting -= 1
             self._reading(reading_topic, point, waited)
@@ -363,8 +385,10 @@ class MqttCollector:
         oldest = math.inf if everything else self.clock() - META_GRACE_S
         for topic in list(self._waiting):
             queue = self._waiting[topic]
+            if queue and queue[0][0] <= oldest and len(self._orphans) < self.max_points:
+                self._orphans.add(topic)  # its metadata did not come: its next readings are dead letters at once
             while queue and queue[0][0] <= oldest:
-                _, payload = queue.pop(0)
+                _, payload = queue.popleft()
                 self.waiting -= 1
                 self._dead_letter(topic, payload, Rejected(
                     Reason.NO_METADATA, f"no metadata on {topic}/meta (a retained JSON " '{"unit": ..., "rack": ...}) '
@@ -450,6 +474,12 @@ def preflight(cfg, env=None, warn: bool = True) -> None:
     if cfg.mqtt.broker:
         tree_site(cfg)
         connect_options(cfg.mqtt, env, warn=False)
+
+
+def broker_address(m) -> tuple[str, int]:
+    """mqtt.broker as (host, port); without a port, MQTT's (1883), or MQTT over TLS's (8883)."""
+    from pipeline.config import host_port
+    return host_port("mqtt.broker", m.broker, 8883 if m.tls or m.ca_file or m.cert_file else 1883)
 
 
 def tree_site(cfg) -> str:
@@ -558,6 +588,7 @@ async def keep_subscribed(owner, topic: str, stop: asyncio.Event,
                     await while_connected(client, while_up(client))
                 finally:
                     owner.subscribed.clear()
+            outages.ended()  # (left on its own: the stop, or the collector's pause)
         except aiomqtt.MqttError as e:
             delay = outages.down(e, f"{who}retrying with backoff up to {owner.backoff.max_s:g} s. "
                                     f"{_hint(e, retry_hint)}")
@@ -683,17 +714,16 @@ class MqttSource:
     def report(self, log: logging.Logger) -> None:
         c = self.collector.stats
         log.info("facility collector: %d MQTT messages, %d facility readings collected, %d duplicates dropped, "
-                 "%d dead-lettered%s to %s, %d reconnects", c.messages, c.rows, c.duplicates,
+                 "%d dead-lettered%s to %s, %d reconnects%s", c.messages, c.rows, c.duplicates,
                  sum(c.dead_letters.values()), f" {c.dead_letters}" if c.dead_letters else "", self.dead_letter_path,
-                 c.reconnects)
+                 c.reconnects, f", {c.paused} pauses while the bus was slow" if c.paused else "")
 
 
 def build(ctx, spec) -> MqttSource:
     """The facility role: the collector of mqtt.broker's tree for this site, checking
     reading times against the process's intake window."""
-    from pipeline.config import host_port
     cfg, m = ctx.cfg, ctx.cfg.mqtt
-    collector = MqttCollector(*host_port("mqtt.broker", m.broker, 1883), site=tree_site(cfg),
+    collector = MqttCollector(*broker_address(m), site=tree_site(cfg),
                               dead_letter_path=cfg.mqtt_dead_letters, client_id=m.client_id or None,
                               topic_root=m.topic_root, window=ctx.window(),
                               dead_letter_rotation=Rotation.of(cfg.daemon), connect=connect_options(m))

@@ -1230,10 +1230,9 @@ def build(ctx, spec) -> SimulatorSource:
     cfg, m = ctx.cfg, ctx.cfg.mqtt
     bms = None
     if m.broker:
-        from pipeline.config import host_port
         from pipeline.sources.bms import BmsPublisher
-        from pipeline.sources.mqtt import connect_options
-        bms = BmsPublisher(*host_port("mqtt.broker", m.broker, 1883), client_id=f"fleetwatch-bms-sim-{cfg.fleet.site}",
-                           topic_root=m.topic_root, connect=connect_options(m))
+        from pipeline.sources.mqtt import broker_address, connect_options
+        bms = BmsPublisher(*broker_address(m), client_id=f"fleetwatch-bms-sim-{cfg.fleet.site}",
+                           topic_root=m.topic_root, connect=connect_options(m, warn=False))
     from pipeline.bus.base import Topic
     return SimulatorSource(ctx.simulator(), cfg.fleet.speed, bms, m.broker, ctx.bus.listen(Topic.POWER_CAPS, []))  # every rack's
