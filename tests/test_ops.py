@@ -166,6 +166,19 @@ def test_a_source_waiting_for_an_unreachable_broker_is_not_ready_but_not_hung():
     assert h.unready(clock()) == h.unlive(clock()) == ["role facility: no samples published for 60 s"]
 
 
+def test_a_quiet_source_paced_by_others_stalls_but_is_not_dead():
+    """A BMS that reports on change, or every minute: the facility collector publishes nothing for
+    its window, with its MQTT link up. It had failed /healthz (a restart loop on Kubernetes, a
+    watchdog kill under systemd) where only a stall can be said: a restart makes no BMS send."""
+    h, progress, clock = health_of(RoleInfo("facility", False, 1.0, deps=("mqtt",), paced=True))
+    progress.roles["facility"].first = clock()
+    progress.deps["mqtt"] = True
+    clock.advance(60)
+    h.loop_beat = clock()
+    assert h.unlive(clock()) == [] and h.unready(clock()) == []
+    assert h.stalls(clock()) == {("facility", SAMPLES): "no samples published for 60 s"}
+
+
 def test_a_consumer_with_input_waiting_unread_stalls_one_without_input_is_idle():
     async def go():
         bus = MemoryBus()
@@ -523,6 +536,42 @@ def test_the_monitor_raises_stalled_on_the_alerts_topic_and_tells_systemd(tmp_pa
         stop.set()
         source.step()
         await r.task
+        await ops.close()
+    asyncio.run(go())
+
+
+def test_a_slow_health_check_of_kafka_keeps_the_beat_and_the_watchdog(tmp_path, notify_socket):
+    """Kafka's reachability and lag are asked one broker and partition after another, 1 s each: in
+    a brownout the check took 12 s, the loop's beat was older than LOOP_LIVE_S, /healthz said the
+    loop had stopped and systemd's watchdog killed the daemon (its archive buffer with it)."""
+    from pipeline.ops.monitor import Operations
+    from pipeline.roles.context import Context
+    from pipeline.sinks.console import Console
+    path, systemd = notify_socket
+
+    async def go():
+        clock = Clock()
+        cfg = conftest.make_config(data_dir=str(tmp_path / "data"))
+        ctx = Context(cfg, frozenset({"simulate"}), MemoryBus(), asyncio.Event(), Console())
+        ctx.progress = Progress(clock)
+        ops = Operations(cfg, frozenset({"simulate"}), clock=clock, env={"NOTIFY_SOCKET": str(path)})
+        ops.attach(ctx, [])
+
+        async def brownout() -> None:
+            await asyncio.sleep(3600)
+        ops.sample, ops.sample_timeout_s = brownout, 0.2
+        for _ in range(3):
+            clock.advance(4.0)
+            await asyncio.wait_for(ops.tick(), 5)
+        assert ops.health.unlive(clock()) == [] and ctx.progress.deps["kafka"] is False
+        systemd.setblocking(False)
+        sent = []
+        while True:
+            try:
+                sent.append(systemd.recv(4096))
+            except BlockingIOError:
+                break
+        assert b"WATCHDOG=1" in sent
         await ops.close()
     asyncio.run(go())
 

@@ -5,7 +5,10 @@ monitor sampled (Kafka and MQTT reachability, consumer backlogs).
 Live (`/healthz`, systemd's WATCHDOG=1): the event loop turned within LOOP_LIVE_S, no
 role's task ended, and no source's loop stopped: it published nothing for its stall window
 while it was not waiting for the bus to take a batch (backpressure) and what it publishes
-to and reads from is reachable. A consumer that cannot go on (a full disk under notify, a
+to and reads from is reachable. A source paced by others (`paced`: the MQTT facility
+collector, which publishes when the BMS sends; the DCGM source, whose exporters may all be
+down) is never dead for being quiet: its quiet is a stall (alerted), as a restart would not
+make a quiet BMS send. A consumer that cannot go on (a full disk under notify, a
 slow detect) is stalled, not dead: restarting it would not help, and would lose what an
 in-process daemon holds.
 
@@ -45,6 +48,7 @@ class RoleInfo:
     interval_s: float          # a source's scrape interval in wall seconds (0: flat out)
     deps: tuple[str, ...] = ()  # what it needs reachable: "kafka", "mqtt"
     task: Any = None            # its asyncio task, once started
+    paced: bool = False         # a source paced by others (a BMS, exporters): quiet is a stall, not a hang
 
 
 class Health:
@@ -115,8 +119,9 @@ class Health:
         return out
 
     def hung(self, now: float) -> dict[str, str]:
-        """role -> why its loop counts as stopped: a quiet source (see the module doc)."""
-        return self.quiet(now, consumers=False)
+        """role -> why its loop counts as stopped: a quiet source that paces itself (see the module doc)."""
+        paced = {r.name for r in self.roles if r.paced}
+        return {name: why for name, why in self.quiet(now, consumers=False).items() if name not in paced}
 
     def unlive(self, now: float) -> list[str]:
         """Why the process is not live (empty: live)."""

@@ -25,13 +25,19 @@ from collections.abc import Callable, Mapping
 from pipeline.bus.in_order import InOrder
 from pipeline.bus.memory import MemoryBus
 from pipeline.config import Config, host_port, read_secret
-from pipeline.ops.health import TICK_S, Health, RoleInfo
+from pipeline.ops.health import LOOP_LIVE_S, TICK_S, Health, RoleInfo
 from pipeline.ops.metrics import FleetwatchCollector, registry
 from pipeline.ops.progress import Progress
 from pipeline.ops.sdnotify import SdNotify
 from pipeline.ops.selfalerts import STALLED, SelfAlerts, message
 
 log = logging.getLogger("fleetwatch")
+# The health check's awaits (Kafka's reachability and lag) end within this, well inside LOOP_LIVE_S: the
+# beat and systemd's watchdog go on while a broker is slow (it had taken 12 s, and the watchdog killed).
+SAMPLE_TIMEOUT_S = LOOP_LIVE_S / 2
+# Sources paced by others: the facility collector publishes when the BMS sends, the DCGM source when an
+# exporter answers. Their quiet is a stall to alert on, never a hung loop to restart (ops/health.py).
+PACED_BY_OTHERS = frozenset({"facility", "dcgm"})
 
 
 
@@ -67,6 +73,8 @@ class Operations:
         self._ready_since: float | None = None
         self._last_watchdog = float("-inf")
         self._said_unready: tuple[str, ...] = ()
+        self._said_slow = False
+        self.sample_timeout_s = SAMPLE_TIMEOUT_S
 
     # ---- the daemon's calls ------------------------------------------------------------
 
@@ -91,7 +99,8 @@ class Operations:
             deps = () if h.in_process else ("kafka",)
             if not consumer and mqtt_links(r.work):
                 deps += ("mqtt",)
-            infos.append(RoleInfo(r.name, consumer, 0.0 if consumer else interval_s(self.cfg, r.name), deps, r.task))
+            infos.append(RoleInfo(r.name, consumer, 0.0 if consumer else interval_s(self.cfg, r.name), deps, r.task,
+                                  paced=r.name in PACED_BY_OTHERS))
         h.attach(infos)
         ctx.collectors.append(FleetwatchCollector(ctx, ctx.progress, h, ctx.window().now,
                                                   lambda: list(self.alerts.firing.values())))
@@ -126,7 +135,14 @@ class Operations:
         """One round: sample, judge, alert, notify systemd (tests call it directly)."""
         self.health.loop_beat = self.clock()
         if self.ctx is not None and not self._stopping:
-            await self.sample()
+            try:  # a slow broker (each answers within 1 s, one after another) must not stop the beat
+                await asyncio.wait_for(self.sample(), self.sample_timeout_s)
+            except TimeoutError:
+                self.health.progress.deps["kafka"] = False
+                if not self._said_slow:
+                    log.warning("ops monitor: Kafka did not answer the health check within %g s: taken as "
+                                "unreachable until it does (said once)", self.sample_timeout_s)
+                self._said_slow = True
             now = self.clock()
             unready = self.health.unready(now)
             changes = self.alerts.update(not unready, self.health.stalls(now))
