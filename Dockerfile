@@ -24,6 +24,9 @@ ENV PATH=/opt/fleetwatch/bin:$PATH \
     NUMBA_CACHE_DIR=/var/cache/fleetwatch/numba \
     NUMBA_CPU_NAME=generic \
     FLEETWATCH_DATA_DIR=/var/lib/fleetwatch
+# tini as PID 1: it forwards SIGTERM to fleetwatch from the first instant and reaps the orphans of the
+# remediation commands (Python as PID 1 does neither).
+RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 fleetwatch \
  && useradd --system --uid 10001 --gid fleetwatch --home-dir /var/lib/fleetwatch --shell /usr/sbin/nologin fleetwatch \
  && install -d -o fleetwatch -g fleetwatch -m 0750 /var/lib/fleetwatch "$NUMBA_CACHE_DIR"
@@ -39,5 +42,5 @@ VOLUME ["/var/lib/fleetwatch"]
 # 9400: the NVML agent (dcgm-exporter's port and names); 9410: the central roles.
 EXPOSE 9400 9410
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["fleetwatch"]
+ENTRYPOINT ["tini", "--", "fleetwatch"]
 CMD ["run", "--http", "0.0.0.0:9410"]

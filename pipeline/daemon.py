@@ -196,6 +196,9 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
             bus = MemoryBus()
         await bus.start()
         ctx = Context(cfg, roles, bus, stop, console)
+        if "detect" in roles:  # compiled (or loaded) off the loop, which answers the probes meanwhile: a cache
+            from pipeline.detect import kernels  # that missed had blocked it for minutes (a liveness kill)
+            await asyncio.to_thread(kernels.warm_up)
         running = build_roles(ctx)
         log.info("fleetwatch running %s: %s, bus %s, archive %s, alerts %s",
                  "all roles" if whole(roles) else "role " + "/".join(sorted(roles)), ctx.describe_sources(),

@@ -208,7 +208,8 @@ def test_the_image_runs_as_a_user_installs_everything_at_build_and_warms_numba()
     assert installs and all("--no-index" in a and "--find-links" in a for a in installs)
     assert any("pip wheel" in args and ".[all]" in args for op, args in stages[0] if op == "RUN")
     entrypoint = json.loads(dict(final)["ENTRYPOINT"])
-    assert entrypoint == ["fleetwatch"]
+    assert entrypoint == ["tini", "--", "fleetwatch"]  # an init as PID 1: signals forwarded, orphans reaped
+    assert any(op == "RUN" and "install" in args and " tini" in args for op, args in final)
 
     # NUMBA_CACHE_DIR is set, owned by that user, and filled by the warm-up, which runs as the user
     env = " ".join(args for op, args in final if op == "ENV")
@@ -524,6 +525,9 @@ def test_kubernetes_agent_is_a_critical_daemonset_on_gpu_nodes_named_after_its_n
     pod = pod_of("DaemonSet", "fleetwatch-agent")
     assert pod["priorityClassName"] == "system-node-critical"
     assert any(t["key"] == "nvidia.com/gpu" and t["operator"] == "Exists" for t in pod["tolerations"])
+    # a node remediation quarantined (its taint) keeps its agent through a rollout: its telemetry matters most
+    from pipeline.remediate.backends.kubernetes import TAINT_KEY
+    assert any(t["key"] == TAINT_KEY and t["operator"] == "Exists" for t in pod["tolerations"])
     (container,) = pod["containers"]
     assert container["args"][0] == "agent" and "agent" in container["image"]
     env = {e["name"]: e for e in container["env"]}
@@ -546,6 +550,12 @@ def test_kubernetes_central_roles_are_deployments_with_probes_on_their_endpoints
         check_probes_and_args(container, CENTRAL_PORT)
         assert d["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
         assert d["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(CENTRAL_PORT)
+    # detect's replicas are never all evicted at once, and keep their drain's time to stop
+    budgets = {d["metadata"]["name"]: d for d in k8s_docs() if d["kind"] == "PodDisruptionBudget"}
+    detect = deployments["fleetwatch-detect"]
+    assert budgets["fleetwatch-detect"]["spec"]["selector"] == detect["spec"]["selector"]
+    assert budgets["fleetwatch-detect"]["spec"]["maxUnavailable"] == 1 < detect["spec"]["replicas"]
+    assert detect["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
     # notify runs once per data directory (README, Command line)
     assert deployments["fleetwatch-notify"]["spec"]["replicas"] == 1
     assert deployments["fleetwatch-notify"]["spec"]["strategy"]["type"] == "Recreate"
@@ -690,3 +700,28 @@ def test_systemd_unit_notifies_is_watched_restarts_and_runs_as_its_user(unit, ro
     assert command[0] == "/opt/fleetwatch/bin/fleetwatch" and command[1] == role
     assert http_port(command) == port
     assert ("WantedBy", "multi-user.target") in {(k, v) for s, k, v in lines if s == "Install"}
+
+
+def test_the_prometheus_operators_podmonitor_scrapes_every_pod_and_notify_may_reach_alertmanager():
+    """The Prometheus Operator ignores the prometheus.io/* annotations, and kube-prometheus's
+    NetworkPolicy lets only Prometheus reach Alertmanager: nothing was scraped, and every alert
+    stayed in notify's outbox."""
+    import kubernetes_validate
+    folder = DEPLOY / "kubernetes" / "prometheus-operator"
+    docs = {d["kind"]: d for f in sorted(folder.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d}
+    monitor, policy = docs["PodMonitor"], docs["NetworkPolicy"]
+    kubernetes_validate.validate(policy, kubernetes_validate.latest_version(), strict=True)
+    wanted = monitor["spec"]["selector"]["matchLabels"]
+    pods = [d["spec"]["template"] for d in k8s_docs() if d["kind"] in ("Deployment", "DaemonSet")]
+    assert pods and all(wanted.items() <= p["metadata"]["labels"].items() for p in pods)  # every pod selected
+    ports = {p["name"] for pod in pods for c in pod["spec"]["containers"] for p in c["ports"]}
+    endpoints = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    assert endpoints == ports == {"metrics", "http"}
+    notify = pod_of("Deployment", "fleetwatch-notify")
+    allowed = policy["spec"]["ingress"][0]["from"][0]
+    notify_labels = next(d for d in k8s_docs() if d["kind"] == "Deployment"
+                         and d["metadata"]["name"] == "fleetwatch-notify")["spec"]["template"]["metadata"]["labels"]
+    assert allowed["podSelector"]["matchLabels"].items() <= notify_labels.items() and notify
+    assert allowed["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "fleetwatch"}
+    urls = re.findall(r"http://\S+?:(\d+)", (DEPLOY / "kubernetes" / "fleetwatch-config.yaml").read_text())
+    assert urls and {int(u) for u in urls} == {p["port"] for p in policy["spec"]["ingress"][0]["ports"]}
