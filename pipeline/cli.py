@@ -1,7 +1,8 @@
 """`fleetwatch ...`: the command line.
 
-Exit status: 0 done, 1 failed while running, 2 bad usage or configuration, 141 when the
-reader of the output went away (a pager or `head` that quit).
+Exit status: 0 done, 1 failed while running, 2 bad usage or configuration, 75 a service it
+needs out of reach at start (Kafka: a supervisor tries again), 141 when the reader of the
+output went away (a pager or `head` that quit).
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from pipeline import __version__
 from pipeline.analytics import capacity, report
 from pipeline.analytics.query import FORMATS as QUERY_FORMATS
 from pipeline.config import Config, ConfigError, Unavailable, existing_data_dir, load_config, reference
-
-EX_TEMPFAIL = 75  # a service it needs is not reachable now (sysexits.h): a supervisor may try again
 from pipeline.detect.catalog import SEVERITIES
 from pipeline.logs import FORMATS as LOG_FORMATS, configure as configure_logging
 from pipeline.redact import redact_text
 
+EX_TEMPFAIL = 75  # a service it needs is out of reach now (sysexits.h): a supervisor may try again
 log = logging.getLogger("fleetwatch")
 FULL_INSTALL_ONLY = ("numba", "polars", "duckdb", "matplotlib")  # the extra `all` of pyproject.toml
 

@@ -708,9 +708,18 @@ def test_the_prometheus_operators_podmonitor_scrapes_every_pod_and_notify_may_re
     stayed in notify's outbox."""
     import kubernetes_validate
     folder = DEPLOY / "kubernetes" / "prometheus-operator"
-    docs = {d["kind"]: d for f in sorted(folder.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d}
+    docs = {d["kind"]: d for f in sorted(folder.rglob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d}
     monitor, policy = docs["PodMonitor"], docs["NetworkPolicy"]
-    kubernetes_validate.validate(policy, kubernetes_validate.latest_version(), strict=True)
+    for kind in ("NetworkPolicy", "Role", "RoleBinding"):
+        kubernetes_validate.validate(docs[kind], kubernetes_validate.latest_version(), strict=True)
+    # `kubectl apply -f prometheus-operator/` takes no NetworkPolicy (alone it would isolate Alertmanager
+    # where no other policy selects it): that one is in kube-prometheus/, for kube-prometheus only
+    top = [d["kind"] for f in folder.glob("*.yaml") for d in yaml.safe_load_all(f.read_text()) if d]
+    assert "NetworkPolicy" not in top and {"PodMonitor", "Role", "RoleBinding"} <= set(top)
+    # the Prometheus that scrapes may list the pods of the namespace
+    assert docs["RoleBinding"]["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
+    assert {"pods"} <= set(docs["Role"]["rules"][0]["resources"]) and "list" in docs["Role"]["rules"][0]["verbs"]
+    assert docs["Role"]["metadata"]["namespace"] == monitor["metadata"]["namespace"] == "fleetwatch"
     wanted = monitor["spec"]["selector"]["matchLabels"]
     pods = [d["spec"]["template"] for d in k8s_docs() if d["kind"] in ("Deployment", "DaemonSet")]
     assert pods and all(wanted.items() <= p["metadata"]["labels"].items() for p in pods)  # every pod selected

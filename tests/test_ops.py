@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.bus import MemoryBus, Topic
+from pipeline.bus import MemoryBus, Message, Topic
 from pipeline.bus.intake import split
 from pipeline.config import ConfigError
 from pipeline.detect.catalog import ALERTS_BY_NAME
@@ -170,13 +170,32 @@ def test_a_quiet_source_paced_by_others_stalls_but_is_not_dead():
     """A BMS that reports on change, or every minute: the facility collector publishes nothing for
     its window, with its MQTT link up. It had failed /healthz (a restart loop on Kubernetes, a
     watchdog kill under systemd) where only a stall can be said: a restart makes no BMS send."""
+    from pipeline.ops.health import PACED_WINDOW_S
     h, progress, clock = health_of(RoleInfo("facility", False, 1.0, deps=("mqtt",), paced=True))
     progress.roles["facility"].first = clock()
     progress.deps["mqtt"] = True
     clock.advance(60)
     h.loop_beat = clock()
-    assert h.unlive(clock()) == [] and h.unready(clock()) == []
-    assert h.stalls(clock()) == {("facility", SAMPLES): "no samples published for 60 s"}
+    # A minute between readings is no stall either (10 s had flapped FleetwatchStalled at each reading)
+    assert h.unlive(clock()) == [] and h.unready(clock()) == [] and h.stalls(clock()) == {}
+    clock.advance(PACED_WINDOW_S)
+    h.loop_beat = clock()
+    assert h.unlive(clock()) == [] and h.stalls(clock()) == {("facility", SAMPLES): "no samples published for 660 s"}
+
+
+def test_the_facility_and_dcgm_roles_are_attached_as_paced_by_others(tmp_path):
+    from pipeline.daemon import Running
+    from pipeline.ops.monitor import Operations
+    from pipeline.roles import COLLECTOR, SOURCE
+    from pipeline.roles.context import Context
+    from pipeline.sinks.console import Console
+    cfg = conftest.make_config(data_dir=str(tmp_path / "data"))
+    roles = frozenset({"facility", "dcgm", "simulate"})
+    ctx = Context(cfg, roles, MemoryBus(), asyncio.Event(), Console())
+    ops = Operations(cfg, roles)
+    ops.attach(ctx, [Running(name, stage, object()) for name, stage in
+                     (("facility", COLLECTOR), ("dcgm", SOURCE), ("simulate", SOURCE))])
+    assert {r.name: r.paced for r in ops.health.roles} == {"facility": True, "dcgm": True, "simulate": False}
 
 
 def test_a_consumer_with_input_waiting_unread_stalls_one_without_input_is_idle():
@@ -413,6 +432,12 @@ def test_over_kafka_each_node_of_a_rack_shows_in_the_per_gpu_metrics():
         assert message.key == "r01"
         view.seen(message)
     assert sorted(b.column("node")[0].as_py() for b in view.gpu_batches()) == ["r01-n01", "r01-n02", "r01-n03"]
+    # A DCGM batch holds the targets that answered, a different set each time: each node keeps its latest.
+    view = FleetView(lambda: 0.0)
+    for nodes in (["r01-n01", "r01-n02", "r01-n03"], ["r01-n01", "r01-n03"], ["r01-n03", "r01-n02"]):
+        view.seen(Message(Topic.GPU, gpu.filter(pa.compute.is_in(gpu.column("node"), pa.array(nodes)))))
+    assert sorted(b.column("node")[0].as_py() for b in view.gpu_batches()) == ["r01-n01", "r01-n02", "r01-n03"]
+    assert sum(b.num_rows for b in view.gpu_batches()) == gpu.num_rows  # one scrape per node kept, no more
 
 
 def test_the_http_address_is_checked_and_a_taken_port_is_a_config_error(tmp_path):
@@ -549,21 +574,38 @@ def test_a_slow_health_check_of_kafka_keeps_the_beat_and_the_watchdog(tmp_path, 
     from pipeline.sinks.console import Console
     path, systemd = notify_socket
 
+    class Brownout:  # Kafka as the monitor sees it: each of its answers slow, then in time again
+        slow = {"reachable", "lag"}
+
+        async def reachable(self) -> bool:
+            if "reachable" in self.slow:
+                await asyncio.sleep(3600)
+            return True
+
+        async def lag(self) -> dict:
+            if "lag" in self.slow:
+                await asyncio.sleep(3600)
+            return {("detect", "fleetwatch.gpu", 0): 7}
+
     async def go():
         clock = Clock()
         cfg = conftest.make_config(data_dir=str(tmp_path / "data"))
-        ctx = Context(cfg, frozenset({"simulate"}), MemoryBus(), asyncio.Event(), Console())
+        kafka = Brownout()
+        ctx = Context(cfg, frozenset({"simulate"}), kafka, asyncio.Event(), Console())
         ctx.progress = Progress(clock)
         ops = Operations(cfg, frozenset({"simulate"}), clock=clock, env={"NOTIFY_SOCKET": str(path)})
         ops.attach(ctx, [])
-
-        async def brownout() -> None:
-            await asyncio.sleep(3600)
-        ops.sample, ops.sample_timeout_s = brownout, 0.2
+        ops.sample_timeout_s = 0.2
         for _ in range(3):
             clock.advance(4.0)
             await asyncio.wait_for(ops.tick(), 5)
         assert ops.health.unlive(clock()) == [] and ctx.progress.deps["kafka"] is False
+        kafka.slow = {"lag"}  # reachable in time, the lag not: reachable, the lag as it was
+        await ops.tick()
+        assert ctx.progress.deps["kafka"] is True and ctx.progress.lag == {}
+        kafka.slow = set()
+        await ops.tick()
+        assert ctx.progress.lag == {("detect", "fleetwatch.gpu", 0): 7}
         systemd.setblocking(False)
         sent = []
         while True:

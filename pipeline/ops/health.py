@@ -8,7 +8,8 @@ while it was not waiting for the bus to take a batch (backpressure) and what it 
 to and reads from is reachable. A source paced by others (`paced`: the MQTT facility
 collector, which publishes when the BMS sends; the DCGM source, whose exporters may all be
 down) is never dead for being quiet: its quiet is a stall (alerted), as a restart would not
-make a quiet BMS send. A consumer that cannot go on (a full disk under notify, a
+make a quiet BMS send, and only after PACED_WINDOW_S at least (a BMS that reports every minute
+would flap the alert at each reading). A consumer that cannot go on (a full disk under notify, a
 slow detect) is stalled, not dead: restarting it would not help, and would lose what an
 in-process daemon holds.
 
@@ -35,6 +36,7 @@ from typing import Any
 from pipeline.ops.progress import Progress
 
 TICK_S = 1.0        # the monitor's period: one health check, one backlog sample
+PACED_WINDOW_S = 600.0  # the least quiet of a source paced by others that is a stall
 LOOP_LIVE_S = 10.0  # the event loop must have turned within this
 
 # what stalled (the `stalled` label of FleetwatchStalled)
@@ -92,7 +94,8 @@ class Health:
     # ---- verdicts ----------------------------------------------------------------------
 
     def window(self, role: RoleInfo) -> float:
-        return self.stall_intervals * max(TICK_S, role.interval_s)
+        window = self.stall_intervals * max(TICK_S, role.interval_s)
+        return max(window, PACED_WINDOW_S) if role.paced else window
 
     def deps_down(self, role: RoleInfo | None = None) -> list[str]:
         names = role.deps if role is not None else tuple(dict.fromkeys(d for r in self.roles for d in r.deps))

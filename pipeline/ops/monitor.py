@@ -135,14 +135,7 @@ class Operations:
         """One round: sample, judge, alert, notify systemd (tests call it directly)."""
         self.health.loop_beat = self.clock()
         if self.ctx is not None and not self._stopping:
-            try:  # a slow broker (each answers within 1 s, one after another) must not stop the beat
-                await asyncio.wait_for(self.sample(), self.sample_timeout_s)
-            except TimeoutError:
-                self.health.progress.deps["kafka"] = False
-                if not self._said_slow:
-                    log.warning("ops monitor: Kafka did not answer the health check within %g s: taken as "
-                                "unreachable until it does (said once)", self.sample_timeout_s)
-                self._said_slow = True
+            await self.sample()
             now = self.clock()
             unready = self.health.unready(now)
             changes = self.alerts.update(not unready, self.health.stalls(now))
@@ -160,15 +153,33 @@ class Operations:
             self._ready_since = now
 
     async def sample(self) -> None:
-        """What needs awaiting: Kafka's reachability and lag, the MQTT links; then the backlogs."""
+        """What needs awaiting: Kafka's reachability and lag, each within sample_timeout_s (a slow
+        broker, each of its partitions answering within 1 s one after another, must not stop the
+        beat); the MQTT links; then the backlogs."""
         ctx, progress = self.ctx, self.health.progress
         if not isinstance(ctx.bus, MemoryBus):
-            progress.deps["kafka"] = await ctx.bus.reachable()
-            progress.lag = await ctx.bus.lag()
+            reachable = await self._bounded(ctx.bus.reachable(), "whether it is reachable")
+            progress.deps["kafka"] = bool(reachable)  # (no answer in time: unreachable, for readiness)
+            lag = await self._bounded(ctx.bus.lag(), "the consumers' lag")
+            if lag is not None:
+                progress.lag = lag
+            if reachable is not None and lag is not None and self._said_slow:
+                log.info("ops monitor: Kafka answers the health check in time again")
+                self._said_slow = False
         links = [ok for work in ctx.sources.values() for ok in mqtt_links(work)]
         if links:
             progress.deps["mqtt"] = all(links)
         self.health.sample_backlogs()
+
+    async def _bounded(self, check, what: str):
+        try:
+            return await asyncio.wait_for(check, self.sample_timeout_s)
+        except TimeoutError:
+            if not self._said_slow:
+                log.warning("ops monitor: Kafka did not say %s within %g s: taken as unreachable until it does",
+                            what, self.sample_timeout_s)
+            self._said_slow = True
+            return None
 
     def _publish(self, alerts: list, heartbeat: bool = False) -> None:
         if not alerts:

@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.bus.batching import split_by
 from pipeline.bus.base import Message, Topic
 from pipeline.model import GPU_METRICS
 from pipeline.roles import DATASET_OF_TOPIC
@@ -71,8 +72,9 @@ class RoleProgress:
 
 class FleetView:
     """The latest GPU and facility batches detect read, as references; rendered at scrape time.
-    GPU batches by their first node (an agent's scrape is its node's; over Kafka a message's key is
-    its rack, which every node of the rack shares: keyed by it, one node of a rack showed); facility
+    GPU batches cut per node, the latest of each (a message's key is its rack over Kafka, which every
+    node of the rack shares: keyed by it, one node of a rack showed; a DCGM batch holds the targets
+    that answered, a different set each time); facility
     batches as they came (the last FACILITY_KEPT), whose power readings (`power_w` of a rack's
     PDU or the site's meter) are taken per device when /metrics asks."""
 
@@ -87,7 +89,9 @@ class FleetView:
         if not batch.num_rows:
             return
         if message.topic == Topic.GPU:
-            self.gpu[batch.column("node")[0].as_py()] = (self.clock(), batch)
+            now = self.clock()
+            for part in split_by(Topic.GPU, batch, "node"):  # (zero-copy slices)
+                self.gpu[part.key] = (now, part.value)
         elif message.topic == Topic.FACILITY:
             self.facility.append((self.clock(), batch))
 
