@@ -415,6 +415,38 @@ def test_a_stop_after_the_outbox_disk_failed_leaves_no_unread_error_to_log(tmp_p
     assert "never retrieved" not in caplog.text and "Traceback" not in caplog.text, caplog.text
 
 
+def test_records_written_again_after_the_outbox_disk_failed_go_out_without_sitting_out_the_wait(tmp_path, http,
+                                                                                                   monkeypatch):
+    """The outbox's disk filled while a record was acked: the delivery slept retry_max_s (60 s)
+    whatever came meanwhile, so the alerts held through a disk-full episode were still in the
+    outbox when the daemon stopped seconds later (a full-disk e2e run ended so)."""
+    recv = http().start()
+    delivery, _ = make_delivery(tmp_path, recv.url, policy=RetryPolicy(5.0, 0.01, 60.0, 3600.0), n=3)
+    ack = delivery.outbox.ack
+    full = [True]
+
+    def ack_on_a_full_disk(seq):
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        return ack(seq)
+    monkeypatch.setattr(delivery.outbox, "ack", ack_on_a_full_disk)
+
+    async def go():
+        task = asyncio.create_task(delivery.run())
+        delivery.kick()
+        await until(lambda: full[0] and delivery.stats.delivered == 0 and len(recv.requests) >= 1)
+        await asyncio.sleep(0.1)  # (its try failed: it waits)
+        full[0] = False  # the disk has room again, and notify writes its held changes: a kick
+        delivery.outbox.append([{"n": 3}], time.time())
+        delivery.kick()
+        await until(lambda: delivery.outbox.pending == 0, timeout=10)  # not 60 s later
+        await delivery.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    asyncio.run(go())
+    assert len(recv.unique()) == 4  # the three held and the one written since, each once
+
+
 @pytest.mark.parametrize("kind, rotated", [("alertmanager", False), ("webhook", False), ("webhook", True)])
 def test_a_receiver_configured_again_hears_what_changed_while_none_of_its_kind_was(tmp_path, http, kind, rotated):
     """A receiver kind's state (the alerts Alertmanager is re-sent, the webhook groups) was kept

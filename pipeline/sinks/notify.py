@@ -124,15 +124,18 @@ class Delivery:
         while not self._stopping:
             self._wake.clear()
             self._inflight = self._executor.submit(self._drain)
+            disk = False
             try:
                 delay = await asyncio.wrap_future(self._inflight)
             except OSError as e:  # the outbox's disk (full, read-only...): the records stay; try again later
-                log.error("receiver %s: outbox %s: %s; trying again in %g s", self.receiver.name, self.outbox.dir,
-                          e, self.policy.max_s)
-                delay = self.policy.max_s
+                log.error("receiver %s: outbox %s: %s; trying again in %g s, or when records are written again",
+                          self.receiver.name, self.outbox.dir, e, self.policy.max_s)
+                delay, disk = self.policy.max_s, True
             if delay is None:
                 await self._wake.wait()
-            else:
+            elif disk:  # records written again (kick) say the disk takes writes again: no need to sit out the wait
+                await wait_set(self._wake, delay)
+            else:  # a receiver's backoff: new records must not hurry it
                 await asyncio.sleep(delay)
 
     async def stop(self) -> None:
