@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -583,6 +584,16 @@ def alert_json(status: str, labels: dict[str, str], annotations: dict[str, str],
 def parse_iso_utc(text: str) -> float:
     """Unix seconds of an RFC 3339 time as iso_utc writes it."""
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+
+
+def is_host_name(node: str) -> bool:
+    """One host name: a letter or digit, then letters, digits, '.', '_' or '-' (never an option's
+    '-' first, a list, a range or a space), and not scontrol's ALL. What a node's name from the
+    samples must be before a command or a scheduler is given it."""
+    return bool(HOST_NAME.fullmatch(node)) and node.upper() != "ALL"
 
 
 def iso_utc(t: datetime | float, timespec: str = "milliseconds") -> str:

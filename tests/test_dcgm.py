@@ -143,7 +143,7 @@ def test_the_node_is_the_hostname_label_of_either_dcgm_exporter_generation():
         assert set(batch.column("node").to_pylist()) == {node} and state.node == node and batch.num_rows == 8
 
 
-@pytest.mark.parametrize("says", ["localhost", "3f546054f69d"])
+@pytest.mark.parametrize("says", ["localhost", "3f546054f69d", "-oProxyCommand=touch owned", "a,b"])
 def test_a_hostname_label_that_names_no_node_gives_way_to_the_target_s_host(says, caplog):
     """dcgm-exporter 4 run with -r names its host engine's host, `localhost` (NVIDIA/dcgm-exporter#572);
     in Docker without NODE_NAME it names the container (#581), anew at each restart. Either made

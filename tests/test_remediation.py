@@ -127,6 +127,23 @@ def test_applied_a_node_goes_quarantined_drained_action_validating_and_back_with
     assert back.applied and "dcgmi diag -r 1: pass" in back.detail
 
 
+def test_a_node_name_that_is_no_host_name_reaches_no_command(tmp_path):
+    """A node's name comes from the samples (an exporter's Hostname label, a Kafka producer):
+    `-oProxyCommand=...` had reached the site's script as its first argument, an option to its
+    `ssh "$1"`: a command run as the remediation user."""
+    s = Site(tmp_path, apply=True)
+    for node in ("-oProxyCommand=touch owned", "gpu[01-04]", "a,b", "ALL"):
+        s.step(alert(node, rack="r01"))
+    s.run(3)
+    assert s.calls() == [] and s.rem.cases == {}
+    refused = [e for e in s.events if e.guardrail == "node_name"]
+    assert len(refused) == 4 and "is not one host name" in refused[0].detail
+    from pipeline.remediate.backends.base import BackendError
+    with pytest.raises(BackendError, match="is not one host name"):  # and if one got past: the backend refuses it
+        s.rem.backend.quarantine("-oProxyCommand=touch owned", {})
+    assert s.calls() == [] and validation_for(s.cfg).check("-x", {})[0] is False
+
+
 def test_only_allow_listed_alerts_start_a_case(tmp_path):
     s = Site(tmp_path, alertnames=["GpuFellOffBus"])
     s.step(alert("r01-n01"), alert("r01-n02", name="GpuNvlinkError", remediation="drain_inspect"))

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pipeline.config import Config
 from pipeline.detect.catalog import ALERTS_BY_NAME, raised
 from pipeline.humanize import age
-from pipeline.model import Alert
+from pipeline.model import Alert, is_host_name
 from pipeline.remediate.backends.base import Backend, BackendError, Unsupported
 from pipeline.remediate.cases import (ACTION, DRAINED, HAND_OFF, HEALTHY, NEEDS_REPAIR, QUARANTINED, VALIDATING,
                                       AlertChange, Case, Event)
@@ -144,8 +144,11 @@ class Remediator:
         for a in candidates:
             if a.node in self.cases:  # a second alert of a node opened this step
                 continue
-            refusal = g.refuse(a.node, a.rack, a.fingerprint, now, len(self.nodes), rack_nodes[a.rack],
-                               self._rack_alert(a.rack))
+            refusal = ("node_name", f"{a.node!r} is not one host name: no backend is called with it (from the "
+                                    f"samples, it would reach a command as an option, a scheduler as several "
+                                    f"nodes)") if not is_host_name(a.node) else \
+                g.refuse(a.node, a.rack, a.fingerprint, now, len(self.nodes), rack_nodes[a.rack],
+                         self._rack_alert(a.rack))
             if refusal is not None:
                 guardrail, why = refusal
                 if (a.node, a.fingerprint, guardrail) not in self._said:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+from pipeline.remediate.backends.base import BackendError, check_node
 from pipeline.remediate.backends.command import first_line, run_command, split_command
 
 
@@ -22,6 +23,10 @@ class Validation:
 
     def check(self, node: str, context: dict) -> tuple[bool, str]:
         """(passed, what the check said: its last stdout line, or why it failed)."""
+        try:
+            check_node(node)
+        except BackendError as e:
+            return False, str(e)
         try:
             proc = run_command([*self.argv, node], self.timeout_s, stdin=json.dumps({**context, "node": node}))
         except OSError as e:

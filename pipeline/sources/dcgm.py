@@ -55,7 +55,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ConfigError, DcgmConfig
-from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD, TS
+from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD, TS, is_host_name
 from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, COLUMN_LABELS, GR_ENGINE_ACTIVE, STANDS_IN, \
     WORKLOAD_LABELS, XID, XID_COUNT, XID_TOTAL, column_array, dcgm_blank
 from pipeline.waits import wait_any, wait_set
@@ -478,13 +478,16 @@ class DcgmSource:
         """The exporter's hostname label, unless it cannot name the node: dcgm-exporter -r names
         its host engine's (`localhost` from v4, NVIDIA/dcgm-exporter#572), and in a container
         without NODE_NAME it names the container (Docker's 12 hex digits, #581: a new node at
-        each restart). Then None (the target's host), said once per target."""
-        if host is None or not (_LOOPBACK.fullmatch(host) or _CONTAINER_ID.fullmatch(host)):
+        each restart), and a label that is no host name (`-oProxyCommand=...` from a tampered
+        exporter) must never become a node a command is run for. Then None (the target's host),
+        said once per target."""
+        if host is None or is_host_name(host) and not (_LOOPBACK.fullmatch(host) or _CONTAINER_ID.fullmatch(host)):
             return host
         if st.said_hostname != host:
             st.said_hostname = host
             log.warning("dcgm: %s: the exporter names its host %r, which is no node's name (dcgm-exporter -r "
-                        "names its host engine's; in a container it names the container): its GPUs are node "
+                        "names its host engine's; in a container it names the container; or no host name at "
+                        "all): its GPUs are node "
                         "%r, the target's host; give the node in the target's labels to name it otherwise",
                         st.target.url, host, urlsplit(st.target.url).hostname)
         return None

@@ -12,10 +12,23 @@ keys for every backend (JSON on a command's stdin):
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
+
+from pipeline.model import is_host_name
 
 ACTIONS = ("reset_gpu", "reboot_node")  # what `act` may be asked; drain_inspect and replace hand off to repair
 REASON_PREFIX = "fleetwatch:"           # every drain reason a backend sets starts so: ours, not an operator's
+
+
+def check_node(node: str) -> None:
+    """BackendError unless `node` is one host name (model.is_host_name): a node's name comes from the
+    samples (an exporter's Hostname label, a Kafka producer), and `-oProxyCommand=...` would reach a
+    site's `ssh "$1"` as an option, `gpu[01-04]` or `a,b` scontrol as several nodes."""
+    if not is_host_name(node):
+        raise BackendError(f"{node!r} is not one host name (a letter or digit, then letters, digits, '.', '_' or "
+                           f"'-'): a backend is never called with it (a name from the samples would reach a "
+                           f"command as an option, or a scheduler as several nodes)")
 
 
 class BackendError(Exception):
@@ -28,9 +41,11 @@ class Unsupported(BackendError):
 
 
 def reason(context: dict) -> str:
-    """The scheduler-visible reason of a quarantine: names the alert and its fingerprint."""
-    return (f"{REASON_PREFIX} {context.get('alertname', '?')} fingerprint={context.get('fingerprint', '?')} "
-            f"remediation={context.get('remediation', '?')}")
+    """The scheduler-visible reason of a quarantine: names the alert and its fingerprint (each as
+    one short word: they come from the alert rows)."""
+    def word(key: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.:-]", "_", str(context.get(key, "?")))[:64] or "?"
+    return f"{REASON_PREFIX} {word('alertname')} fingerprint={word('fingerprint')} remediation={word('remediation')}"
 
 
 def delegated_action(scheduler: str, actions, node: str, action: str, context: dict) -> None:

@@ -18,7 +18,7 @@ import signal
 import subprocess
 
 from pipeline.config import ConfigError
-from pipeline.remediate.backends.base import ACTIONS, BackendError, Unsupported
+from pipeline.remediate.backends.base import ACTIONS, BackendError, Unsupported, check_node
 
 
 def split_command(line: str) -> list[str]:
@@ -61,6 +61,7 @@ class Command:
         self.argv = split_command(path)
 
     def _call(self, node: str, step: str, context: dict) -> subprocess.CompletedProcess[str]:
+        check_node(node)  # (never a script's option: `-oProxyCommand=...` to its ssh)
         argv = [*self.argv, node, step, str(context.get("alertname", ""))]
         shown = f"`{self.path} {node} {step}`"  # never the stdin: the case is the script's business
         try:

@@ -39,7 +39,7 @@ import re
 import shlex
 import subprocess
 
-from pipeline.remediate.backends.base import REASON_PREFIX, BackendError, delegated_action, reason
+from pipeline.remediate.backends.base import REASON_PREFIX, BackendError, delegated_action, is_host_name, reason
 from pipeline.remediate.backends.command import Command, first_line, run_command
 
 # Fields `scontrol show node` may print after Reason (Slurm >= 23.02); a reason itself may hold
@@ -47,7 +47,6 @@ from pipeline.remediate.backends.command import Command, first_line, run_command
 _AFTER_REASON = r"(?:Comment|Extra|ResumeAfterTime)="
 _REASON = re.compile(rf"(?:^|\s)Reason=(.*?)(?:\s+\[[^\[\]@]*@[^\[\]]*\])?\s*(?=\s{_AFTER_REASON}|$)", re.M)
 _NO_JOBS = ("IDLE", "DOWN")  # base states in which nothing runs on the node
-_ONE_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a host name: no range, list or space scontrol expands
 DOWN_BEFORE = "; DOWN before: "  # in our reason: the reason of the DOWN node we drained, put back at resume
 
 log = logging.getLogger("pipeline.remediate")
@@ -124,7 +123,7 @@ class Slurm:
 
     def show(self, node: str) -> dict:
         """parse_node of the node now (by Slurm's name for it: `slurm_name`)."""
-        if not _ONE_NODE.fullmatch(node) or node.upper() == "ALL":
+        if not is_host_name(node):
             raise BackendError(f"{node!r} is not one node's name: scontrol would take it for several nodes (a "
                                f"hostlist expression, a list or ALL); fleetwatch drains one node at a time")
         name = self._names.get(node, node)
