@@ -233,3 +233,36 @@ def test_a_gpu_sample_of_version_2_is_upgraded_with_what_the_gpu_is_unknown():
     assert back.schema.equals(GPU_SAMPLE) and schema_version(back.schema) == 5
     assert all(back.column(name).to_pylist() == [None] for name in (*GPU_INFO, *GPU_WORKLOAD, "power_limit_w"))
     assert back.select(GPU_SAMPLE_V2.names).to_pydict() == v2.to_pydict()
+
+
+def _stream(batch: pa.RecordBatch, **options) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema, options=pa.ipc.IpcWriteOptions(**options)) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def test_string_offsets_that_point_outside_their_data_are_refused():
+    """Checked at their ends only, offsets inside a string column that point past its data had read
+    the heap into a node's name, or crashed a consumer (a segfault) at its first compute kernel:
+    every consumer of the topic, at every restart."""
+    row = one_row(GPU_SAMPLE).take(pa.array([0, 0]))
+    i = GPU_SAMPLE.get_field_index("node")
+    bad = pa.Array.from_buffers(pa.string(), 2, [None, pa.array([0, 2_000_000_000, 7], pa.int32()).buffers()[1],
+                                                 pa.py_buffer(b"r01-n01")])  # (its ends are fine)
+    columns = list(row.columns)
+    columns[i] = bad
+    value = _stream(pa.RecordBatch.from_arrays(columns, schema=GPU_SAMPLE))
+    with pytest.raises(DecodeError, match="^gpu_sample: not a readable Arrow IPC stream"):
+        Decoder().decode(value, headers_of("gpu_sample", schema_version(GPU_SAMPLE)))
+
+
+def test_a_compressed_body_is_refused():
+    """A 39 KB zstd message had decoded to a 953 MiB column: Fleetwatch's producers never compress."""
+    import numpy as np
+    many = one_row(GPU_SAMPLE).take(pa.array(np.zeros(200_000, np.int64)))
+    value = _stream(many, compression="zstd")
+    assert len(value) < many.get_total_buffer_size() / 4
+    with pytest.raises(DecodeError, match="^gpu_sample: a .*-byte message decodes to .* bytes: compressed"):
+        Decoder().decode(value, headers_of("gpu_sample", schema_version(GPU_SAMPLE)))
+    assert Decoder().decode(_stream(many), headers_of("gpu_sample", schema_version(GPU_SAMPLE))).num_rows == 200_000

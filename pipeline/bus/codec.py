@@ -89,7 +89,12 @@ class Decoder:
             key = (f"{name}.v{version}", schema_message.metadata.to_pybytes())
             schema = self._checked.get(key) or self._check(key, ipc.read_schema(schema_message), expected)
             batch = ipc.read_record_batch(reader.read_next_message(), schema)
-            batch.validate()  # buffers consistent with the schema: truncation shows here
+            # Fully: a string column's offsets inside its data too (checked only at its ends, offsets
+            # past them had read the heap, or crashed a consumer at its first compute kernel).
+            batch.validate(full=True)
+            if batch.get_total_buffer_size() > 2 * len(value) + 4096:  # (uncompressed: the buffers are the body)
+                raise DecodeError(f"{name}: a {len(value)}-byte message decodes to {batch.get_total_buffer_size()} "
+                                  f"bytes: compressed, which Fleetwatch's producers never send")
         except StopIteration:
             raise DecodeError(f"{name}: no record batch in the Arrow IPC stream") from None
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
