@@ -496,6 +496,18 @@ def test_a_request_file_edited_into_garbage_mid_event_does_not_stop_the_role(tmp
         h.role.submit({"site": "site-a", "duration_s": 60, "reduction_kw": 5}, "http")
 
 
+def test_another_sites_request_or_one_of_endless_names_is_refused_before_it_is_stored(tmp_path):
+    """Every request was stored, whatever its site, and kept for days; each stored one made the next
+    store dearer (the whole file re-read and rewritten): a flood of them over MQTT stalled the role."""
+    h = Harness(tmp_path)
+    for data in ({"site": "elsewhere", "duration_s": 60, "reduction_kw": 5},
+                 {"site": "site-a", "duration_s": 60, "reduction_kw": 5, "racks": ["r" * 200]},
+                 {"site": "s" * 500, "duration_s": 60, "reduction_kw": 5}):
+        with pytest.raises(Rejected):
+            h.role.submit(data, "mqtt")
+    assert not h.store.path.exists() or json.loads(h.store.path.read_text()).get("requests") in (None, {}, [])
+
+
 def test_a_lease_shorter_than_three_control_steps_is_refused_before_the_role_starts(tmp_path):
     out = fleetwatch("config", env={"FLEETWATCH_POWER__LEASE_S": "10", "FLEETWATCH_DATA_DIR": str(tmp_path)})
     assert out.returncode == 2

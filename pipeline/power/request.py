@@ -101,6 +101,8 @@ def from_dict(data: dict[str, Any], source: str, now: datetime | None = None) ->
     for name in ("site", "duration_s"):
         if data.get(name) in (None, ""):
             raise Rejected(f"{name} is missing")
+    if len(str(data["site"])) > 128:
+        raise Rejected(f"site {str(data['site'])[:40]!r}...: at most 128 characters")
     kw: dict[str, Any] = {"site": str(data["site"]), "source": source}
     for name in ("duration_s", "ramp_s", *GOALS):
         if data.get(name) is not None:
@@ -112,7 +114,12 @@ def from_dict(data: dict[str, Any], source: str, now: datetime | None = None) ->
     if isinstance(racks, str):
         racks = [r for r in racks.split(",") if r]
     if not isinstance(racks, (list, tuple)) or not all(isinstance(r, str) and r for r in racks):
-        raise Rejected(f"racks = {data.get('racks')!r}: a list of rack names (or empty for the whole site)")
+        shown = repr(data.get("racks"))
+        raise Rejected(f"racks = {shown[:80]}{'...' if len(shown) > 80 else ''}: a list of rack names (or empty for the "
+                       f"whole site)")
+    if len(racks) > 10_000 or any(len(r) > 128 for r in racks):
+        raise Rejected(f"racks: {len(racks)} names, the longest {max(map(len, racks))} characters: at most 10,000 "
+                       f"of at most 128 characters")
     kw["racks"] = tuple(racks)
     kw["start"] = _time(data.get("start"), "start", now)
     kw["ts"] = _time(data.get("ts"), "ts", now)

@@ -226,6 +226,7 @@ class PowerRole:
         the message, and acknowledges it after), then judged now if the fleet is known; the verdict
         is written off the loop. Rejected (raised) for what needs no fleet to refuse (its form, in
         the past, overlapping)."""
+        self._ours(data)
         try:
             entry, _ = self.store.add(data, source, self.clock())
         except ConfigError as why:  # the store's file is unreadable: the sender is told, the role goes on
@@ -234,8 +235,17 @@ class PowerRole:
         self._write()
         return entry
 
+    def _ours(self, data: dict[str, Any]) -> None:
+        """Another site's request is refused before it is stored (it had been kept for days, and each
+        stored request makes the next store dearer: a flood of them stalled the role)."""
+        site = data.get("site")
+        if site not in (None, "") and str(site) != self.site:
+            raise Rejected(f"site {str(site)[:64]!r}: this power role controls site {self.site!r} (fleet.site); send "
+                           f"it to that site's")
+
     async def arrive(self, data: dict[str, Any], source: str) -> Entry:
         """A request from HTTP or the grid signal: `submit`'s, stored off the event loop."""
+        self._ours(data)
         try:
             entry, _ = await asyncio.wrap_future(self._pool.submit(self._disk.add, data, source, self.clock()))
         except ConfigError as why:
