@@ -731,7 +731,10 @@ class PowerRole:
         """The HTTP endpoints this role adds to the process's --http (ops/http.py)."""
         async def post(body: bytes) -> tuple[int, Any]:
             try:
-                data = json.loads(body or b"{}")
+                try:
+                    data = json.loads(body or b"{}")
+                except RecursionError:  # (JSON nested thousands deep: a 400, never a traceback and a 500)
+                    raise Rejected("the body is JSON nested too deep: send a power request's object") from None
                 if not isinstance(data, dict):
                     raise Rejected("the body must be a JSON object of a power request (schemas/power_request.v1.json)")
                 entry = await self.arrive(data, "http")

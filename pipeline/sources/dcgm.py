@@ -260,6 +260,7 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
     found: dict[str, tuple[list[int], list[float]]] = {}
     instances: dict[int, dict[str, MigInstance]] = {}  # a MIG GPU's row -> its GPU instances (GPU_I_ID)
     xid_counts: dict[tuple[int, str, int], float] = {}
+    workloads: dict[tuple[int, str], dict[str, None]] = {}  # (row, column) -> its pods or jobs, in order
     samples = dcgm_samples(text) if fast else reference_samples(text)
     for name, labels, value in samples:
         if "nvlink" in labels:  # a link's own series (dcgm-exporter's link entities): the GPU's total is read
@@ -275,10 +276,11 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
                     info[column].append(next((v for n in names if (v := labels.get(n))), None))
             for column in GPU_WORKLOAD:
                 info[column].append(None)
-        # A GPU shared by pods or jobs (a series for each): each one, comma-separated, first seen first.
+        # A GPU shared by pods or jobs (a series for each): each one, comma-separated, first seen first
+        # (a dict per GPU and column: a membership test in the joined text was quadratic in the pods).
         for label, column in WORKLOAD_LABELS.items():
-            if (v := labels.get(label)) and v not in (known := info[column][r] or "").split(","):
-                info[column][r] = f"{known},{v}" if known else v
+            if v := labels.get(label):
+                workloads.setdefault((r, column), {}).setdefault(v, None)
         if name in _XID_COUNTERS:  # (the COUNT's series without an `xid` label says there were none)
             code = xid_code(labels.get("xid", ""))
             if code is not None:  # a value that is no count (NaN, a blank, negative) is there, unknown: NaN
@@ -302,6 +304,8 @@ def parse_exposition(text: str, fast: bool = True) -> Exposition:
         rs.append(r)
         vs.append(value)
     n = len(rows)
+    for (r, column), names in workloads.items():
+        info[column][r] = ",".join(names)
     values = {}
     for column, (rs, vs) in found.items():
         v = np.full(n, np.nan)
