@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from pipeline import __version__
-from pipeline.config import AlertsConfig, ConfigError, ReceiverConfig, read_secret
+from pipeline.config import AlertsConfig, ConfigError, ReceiverConfig, load_client_cert, read_secret
 from pipeline.redact import hide_secret, redact_text, redact_url
 from pipeline.sinks.receivers import receiver_kind
 
@@ -84,7 +84,7 @@ class ClientCert:
         are not a certificate and its unencrypted key); the one before stays where they are not."""
         stamp = self.stamp()
         context = self.make_context()
-        context.load_cert_chain(self.cert_file, self.key_file or None, password=_no_passphrase)
+        load_client_cert(context, self.cert_file, self.key_file)
         self.context, self.loaded = context, stamp
 
     def refresh(self, name: str) -> None:
@@ -103,10 +103,6 @@ class ClientCert:
                 log.error("receiver %s: the client certificate %s changed but does not load (%s): the one loaded "
                           "before is used", name, self.cert_file, e)
 
-
-def _no_passphrase() -> bytes:
-    # OpenSSL would prompt on the terminal for an encrypted key (a daemon: a hang); refused instead.
-    raise ValueError("the key is encrypted: give it unencrypted, in a file only fleetwatch may read")
 
 
 @dataclass(frozen=True)

@@ -503,7 +503,7 @@ def connect_options(cfg, env=None, warn: bool = True) -> dict:
     password is never in a message."""
     import ssl
 
-    from pipeline.config import ConfigError, read_secret
+    from pipeline.config import ConfigError, load_client_cert, read_secret
     from pipeline.redact import hide_secret
     out: dict = {}
     password = read_secret("mqtt.password", cfg.password_env, cfg.password_file, "the MQTT user's password",
@@ -526,10 +526,8 @@ def connect_options(cfg, env=None, warn: bool = True) -> dict:
             raise ConfigError(f"config error: mqtt.ca_file = {cfg.ca_file!r}: not a usable CA bundle ({e}); give a "
                               f"PEM file, or leave it empty for the system's") from None
         if cfg.cert_file:
-            def refuse() -> bytes:  # (OpenSSL would ask an encrypted key's passphrase on the terminal)
-                raise ValueError("the key is encrypted: give it unencrypted, in a file only fleetwatch may read")
             try:
-                context.load_cert_chain(cfg.cert_file, cfg.key_file or None, password=refuse)
+                load_client_cert(context, cfg.cert_file, cfg.key_file)
             except (ssl.SSLError, OSError, ValueError) as e:
                 raise ConfigError(f"config error: mqtt.cert_file = {cfg.cert_file!r}, key_file = {cfg.key_file!r}: "
                                   f"not a usable client certificate and key ({getattr(e, 'strerror', None) or e}); "
