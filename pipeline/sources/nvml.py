@@ -413,16 +413,15 @@ class NvmlAgent:
         if not self.unopened:
             return
         # Every index again, not the ones that failed: the indices move when a GPU drops out.
-        known, failing = {g.uuid for g in self.gpus}, {}
         try:
-            count = pynvml.nvmlDeviceGetCount()
+            uuids, failing = _uuids(pynvml.nvmlDeviceGetCount())
         except pynvml.NVMLError:
             return
-        for index in range(count):
+        known = {g.uuid for g in self.gpus}
+        for index, uuid in uuids.items():
+            if uuid in known:
+                continue
             try:
-                uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(index))
-                if uuid in known:
-                    continue
                 g = self._discover(index)
             except pynvml.NVMLError as e:
                 failing[index] = _error(e)
@@ -453,12 +452,7 @@ class NvmlAgent:
             return []
         if count >= len(self.gpus) + len(self.unopened):
             return []
-        present = set()
-        for i in range(count):
-            try:
-                present.add(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)))
-            except pynvml.NVMLError:
-                continue
+        present = set(_uuids(count)[0].values())
         gone = [g for g in self.gpus if g.uuid not in present and g.uuid not in self.lost]
         return [self._lost(g, "NVML_ERROR_GPU_IS_LOST" if _is_lost(g) else "no longer in the device count")
                 for g in gone]
@@ -611,6 +605,17 @@ class NvmlAgent:
                 await publish_events(events_batch([pending.get_nowait() for _ in range(pending.qsize())]))
             forwarder.cancel()
             await loop.run_in_executor(None, self.close)
+
+
+def _uuids(count: int) -> tuple[dict[int, str], dict[int, str]]:
+    """The UUID of each device index below `count`, and the NVML error of those that do not say."""
+    uuids, failing = {}, {}
+    for index in range(count):
+        try:
+            uuids[index] = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(index))
+        except pynvml.NVMLError as e:
+            failing[index] = _error(e)
+    return uuids, failing
 
 
 def _error(e: pynvml.NVMLError) -> str:
