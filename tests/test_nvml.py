@@ -256,6 +256,15 @@ def test_the_replay_plays_at_the_recorded_speed_at_an_interval_of_part_rows():
 
 # ---- what real NVML answers that the recording does not ------------------------------------------
 
+def clocked_agent(**cfg) -> tuple[NvmlAgent, list[float]]:
+    """An agent on a clock the test moves (`clock[0] += seconds`): when it looks for lost GPUs again,
+    and asks again what was not supported."""
+    clock = [1000.0]
+    a = agent(**cfg)
+    a.clock = lambda: clock[0]
+    return a, clock
+
+
 def _scrapes(a: NvmlAgent, n: int) -> list:
     return [a.scrape() for _ in range(n)]
 
@@ -329,10 +338,8 @@ def test_the_event_thread_does_not_spin_on_a_lost_gpu_nor_die_on_an_error():
 
 def test_a_gpu_nvml_cannot_open_at_start_is_left_out_then_read_once_it_opens(caplog):
     replay = NvmlReplay(H100, gpus=4, latency=False)
-    clock = [1000.0]
     with replay.installed(), caplog.at_level("INFO", logger="pipeline.sources.nvml"):
-        a = agent()
-        a.clock = lambda: clock[0]
+        a, clock = clocked_agent()
         replay.fail(2, "nvmlDeviceGetHandleByIndex", pynvml.NVML_ERROR_UNKNOWN)
         a.open()
         first = a.scrape()
@@ -346,10 +353,8 @@ def test_a_gpu_nvml_cannot_open_at_start_is_left_out_then_read_once_it_opens(cap
 
 def test_a_lost_gpu_that_answers_again_is_read_again_under_its_new_handle():
     replay = NvmlReplay(H100, gpus=4, latency=False)
-    clock = [1000.0]
     with replay.installed():
-        a = agent()
-        a.clock = lambda: clock[0]
+        a, clock = clocked_agent()
         a.open()
         a.scrape()
         replay.lose(1)
@@ -386,10 +391,8 @@ def test_what_was_not_supported_is_asked_again_later(caplog):
     """A GPU in MIG mode answers utilisation NOT_SUPPORTED; taken out of it, it answers again,
     which the agent had never asked again."""
     replay = NvmlReplay(H100, gpus=1, latency=False)
-    clock = [1000.0]
     with replay.installed(), caplog.at_level("INFO", logger="pipeline.sources.nvml"):
-        a = agent()
-        a.clock = lambda: clock[0]
+        a, clock = clocked_agent()
         a.open()
         replay.fail(0, "nvmlDeviceGetUtilizationRates", pynvml.NVML_ERROR_NOT_SUPPORTED)
         before = [s.samples.to_pylist()[0]["util_gpu"] for s in _scrapes(a, 3)]
@@ -405,10 +408,8 @@ def test_a_capped_gpu_lost_then_back_enforces_its_cap_and_its_restore_reaches_it
     """Lost, reset and back: its cap had silently gone (the agent still believed it held). Lost,
     a restore answered gpu_lost, and back without a reset: it kept the cap for good, held by no one."""
     replay = NvmlReplay(H100, gpus=2, latency=False, settle_s=0.0, enforce_lag_s=0.0)
-    clock = [1000.0]
     with replay.installed():
-        a = agent()
-        a.clock = lambda: clock[0]
+        a, clock = clocked_agent()
         a.open()
         a.scrape()
         assert a.power.apply(0, 500.0).status == "ok" and a.power.apply(1, 500.0).status == "ok"
@@ -431,10 +432,8 @@ def test_a_gpu_unopened_at_start_is_found_when_the_indices_move():
     """Looked for by its index: another GPU dropping out moved it to another index, and it was
     never looked for again."""
     replay = NvmlReplay(H100, gpus=4, latency=False)
-    clock = [1000.0]
     with replay.installed():
-        a = agent()
-        a.clock = lambda: clock[0]
+        a, clock = clocked_agent()
         replay.fail(2, "nvmlDeviceGetHandleByIndex", pynvml.NVML_ERROR_UNKNOWN)
         a.open()
         replay.fail(2, "nvmlDeviceGetHandleByIndex", None)
