@@ -197,11 +197,7 @@ class DeadLetterFile:
         try:
             self._write(topic, payload, reason, detail)
         except OSError as e:
-            self.close()
-            if not self.failing:
-                log.error("MQTT dead letters: cannot write %s (%s): they are counted, not kept, until it can be "
-                          "written", self.path, e)
-            self.failing = str(e)
+            self._failed(e)
             return False
         if self.failing:
             log.warning("MQTT dead letters: %s can be written again", self.path)
@@ -227,11 +223,15 @@ class DeadLetterFile:
             try:
                 self._file.flush()
             except OSError as e:
-                if not self.failing:
-                    log.error("MQTT dead letters: cannot write %s (%s): what it held is lost; they are counted, not "
-                              "kept, until it can be written", self.path, e)
-                self.failing = str(e)
-                self.close()
+                self._failed(e)
+
+    def _failed(self, e: OSError) -> None:
+        """Said once until the file can be written again; what the open file held is lost with it."""
+        self.close()
+        if not self.failing:
+            log.error("MQTT dead letters: cannot write %s (%s): what it held is lost, and they are counted, not "
+                      "kept, until it can be written", self.path, e)
+        self.failing = str(e)
 
     def close(self) -> None:
         if self._file is not None:
@@ -259,6 +259,8 @@ class MqttCollector:
         self.max_batch_rows = max_batch_rows
         self.max_pending_rows = max_batch_rows * MAX_PENDING_BATCHES
         self._overfull = asyncio.Event()  # max_pending_rows held: disconnect until publish took them
+        self._room = asyncio.Event()      # its opposite (a wait is for a set event): connect
+        self._room.set()
         self.max_points = max_points
         self.keepalive_s = keepalive_s
         self.backoff = backoff or Backoff()
@@ -329,6 +331,7 @@ class MqttCollector:
             self.stats.most_pending = max(self.stats.most_pending, held)
             if held >= self.max_pending_rows and not self._overfull.is_set():
                 self._overfull.set()
+                self._room.clear()
                 self.stats.paused += 1
                 (log.warning if self.stats.paused == 1 else log.debug)(
                     "MQTT %s:%d: %d readings wait for the bus (it takes them slower than they come): disconnected, "
@@ -453,13 +456,8 @@ class MqttCollector:
                 self._room.set()
 
     async def _connect_loop(self, stop: asyncio.Event) -> None:
-        self._room = asyncio.Event()
-        self._room.set()
-
         async def connected(client) -> None:  # until the stop, or too much held: then leave the broker to queue
             await wait_any([stop, self._overfull], None)
-            if self._overfull.is_set():
-                self._room.clear()
 
         async def may_connect() -> None:
             await wait_any([stop, self._room], None)
