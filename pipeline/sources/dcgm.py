@@ -523,40 +523,8 @@ class DcgmSource:
         for (r, name, code), value in p.xid_counts.items():
             counted.setdefault(r, []).append((name, code, value))
         for i, uuid in enumerate(p.uuids):  # a handful of GPUs per target: Python per GPU, not per value
-            first = uuid not in st.xids
-            tallies = st.xids.setdefault(uuid, {})
-            x = p.xid[i]
-            if math.isfinite(x):
-                before, code = st.last_xid.get(uuid), xid_code(float(x))
-                if before is None:
-                    if code:
-                        self._baseline(f"{node} GPU {gpu[i]} XID {code}")
-                elif code and x != before:
-                    tallies.setdefault(code, XidTally()).seen[XID] += 1
-                st.last_xid[uuid] = x
-            now = set()
-            for name, code, value in counted.get(i, ()):
-                now.add((name, code))
-                if math.isnan(value):  # there, but no count this scrape: neither new nor gone
-                    if first:  # (its first count is the baseline)
-                        tallies.setdefault(code, XidTally()).last.setdefault(name, math.nan)
-                    continue
-                tally = tallies.setdefault(code, XidTally())
-                if first:  # there before Fleetwatch read the GPU: a baseline
-                    tally.last[name] = value
-                    self._baseline(f"{node} GPU {gpu[i]} XID {code}")
-                else:
-                    tally.count(name, value)
-            for code, tally in tallies.items():
-                for name in [n for n in tally.last if (n, code) not in now]:
-                    tally.last[name] = 0.0  # gone: the window emptied, or the exporter started again
-                known, source = max((v, n) for n, v in tally.seen.items()) if tally.seen else (0.0, "")
-                if known > tally.sent:
-                    times = known - tally.sent
-                    tally.sent = known
-                    events.append(self._event(ts_ns, site, rack, node, int(gpu[i]), uuid, "xid", code,
-                                              f"from dcgm-exporter's {source}" if times == 1 else
-                                              f"{times:.0f} times since the last scrape, from dcgm-exporter's {source}"))
+            for code, text in self._xids(st, uuid, p.xid[i], counted.get(i, ()), f"{node} GPU {gpu[i]}"):
+                events.append(self._event(ts_ns, site, rack, node, int(gpu[i]), uuid, "xid", code, text))
             e = energy[i]
             if math.isfinite(e):
                 if e < st.last_energy.get(uuid, -math.inf):
@@ -565,6 +533,43 @@ class DcgmSource:
                                               f"{e:.0f} J: GPU reset, counters restart at zero"))
                 st.last_energy[uuid] = e
         return batch, events
+
+    def _xids(self, st: TargetState, uuid: str, x: float, counted, gpu: str) -> list[tuple[int, str]]:
+        """One GPU's new XIDs (code, text) from the last-XID gauge `x` and the exporter's XID counters
+        `counted` ((name, code, value); NaN: no count this scrape), by their tallies (XidTally)."""
+        first = uuid not in st.xids
+        tallies = st.xids.setdefault(uuid, {})
+        if math.isfinite(x):
+            before, code = st.last_xid.get(uuid), xid_code(float(x))
+            if before is None:
+                if code:
+                    self._baseline(f"{gpu} XID {code}")
+            elif code and x != before:
+                tallies.setdefault(code, XidTally()).seen[XID] += 1
+            st.last_xid[uuid] = x
+        now = set()
+        for name, code, value in counted:
+            now.add((name, code))
+            tally = tallies.setdefault(code, XidTally())
+            if math.isnan(value):  # there, but no count this scrape: neither new nor gone
+                if first:  # (its first count is the baseline)
+                    tally.last.setdefault(name, math.nan)
+            elif first:  # there before Fleetwatch read the GPU: a baseline
+                tally.last[name] = value
+                self._baseline(f"{gpu} XID {code}")
+            else:
+                tally.count(name, value)
+        out = []
+        for code, tally in tallies.items():
+            for name in [n for n in tally.last if (n, code) not in now]:
+                tally.last[name] = 0.0  # gone: the window emptied, or the exporter started again
+            known, source = max((v, n) for n, v in tally.seen.items()) if tally.seen else (0.0, "")
+            if known > tally.sent:
+                times = known - tally.sent
+                tally.sent = known
+                out.append((code, f"from dcgm-exporter's {source}" if times == 1 else
+                            f"{times:.0f} times since the last scrape, from dcgm-exporter's {source}"))
+        return out
 
     def _baseline(self, what: str) -> None:
         if what not in self.xid_baselines:
