@@ -478,9 +478,10 @@ class DaemonConfig:
                             "message and the record's fields)")
     http: str = _spec("", doc="serve /metrics (Prometheus), /healthz and /readyz on HOST:PORT, e.g. 0.0.0.0:9410 "
                       "(docs/operations.md); empty = off. `eval` and `replay` never serve")
-    http_token_env: str = _spec("", doc="environment variable holding the bearer token that a change over --http "
-                                "needs (POST /power/requests: `Authorization: Bearer TOKEN`); with no token set, "
-                                "changes are taken only from this host (loopback)")
+    http_token_env: str = _spec("", doc="environment variable holding the bearer token that a role's route on --http "
+                                "needs (POST and GET /power/requests: `Authorization: Bearer TOKEN`; /metrics, "
+                                "/healthz and /readyz stay open); with no token set, they are served only to this "
+                                "host (loopback)")
     http_token_file: str = _spec("", doc="file holding that token (used when http_token_env is empty)")
     watchdog_heartbeat_s: float = _spec(30.0, min=1.0, max=3600.0, doc="FleetwatchWatchdog and "
                                         "FleetwatchArchiveFailing are re-sent this often while they fire; notify "

@@ -459,6 +459,52 @@ def test_the_http_address_is_checked_and_a_taken_port_is_a_config_error(tmp_path
     asyncio.run(taken())
 
 
+def test_a_slow_client_holds_no_connection_or_route_for_long():
+    """Slowloris: headers sent a byte at a time never end in a request, and a route's body that
+    stops arriving holds its handler; both are cut off (`idle_s`, `body_deadline_s`), and the
+    server goes on answering."""
+    from pipeline.ops.http import HttpServer
+    from pipeline.ops.metrics import registry
+    port = free_port()
+
+    async def go():
+        server = HttpServer(f"127.0.0.1:{port}", registry(list), list, list, idle_s=0.5, body_deadline_s=0.5)
+        await server.start()
+
+        async def route(body: bytes):
+            return 200, {"bytes": len(body)}
+        server.routes = {("POST", "/x"): route}
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            headers_closed = False
+            for _ in range(300):  # a header line every 0.1 s, for up to 30 s
+                await asyncio.sleep(0.1)
+                if reader.at_eof() or writer.is_closing():
+                    headers_closed = True
+                    break
+                try:
+                    writer.write(b"X-Slow: 1\r\n")
+                    await writer.drain()
+                except ConnectionError:
+                    headers_closed = True
+                    break
+            writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            await writer.drain()
+            stalled_body = await asyncio.wait_for(reader.read(4096), 30)
+            writer.close()
+            fine = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/healthz")
+        finally:
+            await server.close()
+        return headers_closed, stalled_body.decode(), fine
+    headers_closed, stalled_body, fine = asyncio.run(go())
+    assert headers_closed
+    assert stalled_body.startswith("HTTP/1.1 408") and "did not arrive within 0.5 s" in stalled_body
+    assert fine[0] == 200
+
+
 def test_every_role_and_run_take_http_and_eval_and_replay_do_not():
     from pipeline.cli import _parser
     from pipeline.roles import ROLES

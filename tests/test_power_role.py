@@ -292,9 +292,10 @@ def _own_address() -> str | None:
 
 
 def test_a_power_request_over_http_needs_the_token_or_comes_from_this_host(tmp_path, caplog):
-    """/metrics is served on 0.0.0.0 for Prometheus, and a POST there caps GPUs: with a token
-    set (daemon.http_token_env) a POST needs it; with none, only this host's is taken. GETs
-    stay open. The token is in no answer and no log line."""
+    """/metrics is served on 0.0.0.0 for Prometheus, and a POST there caps GPUs (its GET names
+    the site's load and jobs): with a token set (daemon.http_token_env) both need it; with
+    none, only this host's are served. /metrics stays open. The token is in no answer and no
+    log line."""
     import socket
 
     import aiohttp
@@ -325,20 +326,26 @@ def test_a_power_request_over_http_needs_the_token_or_comes_from_this_host(tmp_p
                     headers = {"Authorization": auth} if auth else {}
                     async with client.post(f"http://{host}:{port}/power/requests", json=body, headers=headers) as r:
                         seen.append((r.status, await r.text()))
-                async with client.get(f"http://{address}:{port}/power/requests") as r:
+                for host, auth in ((address, None), ("127.0.0.1", None), (address, f"Bearer {token}")):
+                    headers = {"Authorization": auth} if auth else {}
+                    async with client.get(f"http://{host}:{port}/power/requests", headers=headers) as r:
+                        seen.append((r.status, await r.text()))
+                async with client.get(f"http://{address}:{port}/metrics") as r:
                     seen.append((r.status, ""))
         finally:
             await server.close()
         return seen
     with caplog.at_level(logging.WARNING, logger="fleetwatch"):
-        (net, _, local, net_ok, listing) = asyncio.run(go(with_token=False))
-        assert net[0] == 403 and "taken only from this host" in net[1] and "daemon.http_token_env" in net[1]
-        assert local[0] == 202 and net_ok[0] == 403 and listing[0] == 200
-        (bare, wrong, local, right, listing) = asyncio.run(go(with_token=True))
+        (net, _, local, net_ok, listing, local_listing, _, metrics) = asyncio.run(go(with_token=False))
+        assert net[0] == 403 and "served only to this host" in net[1] and "daemon.http_token_env" in net[1]
+        assert local[0] == 202 and net_ok[0] == 403 and metrics[0] == 200
+        assert listing[0] == 403 and local_listing[0] == 200 and '"requests"' in local_listing[1]
+        (bare, wrong, local, right, listing, local_listing, right_listing, metrics) = asyncio.run(go(with_token=True))
     assert bare[0] == 401 and "Authorization: Bearer" in bare[1] and wrong[0] == 401 and "not it" in wrong[1]
-    assert local[0] == 401  # with a token, this host needs it too
-    assert right[0] == 400 and "overlaps request" in right[1] and listing[0] == 200  # past the token, to the role
-    assert all(token not in text for _, text in (bare, wrong, local, right))
+    assert local[0] == 401 and local_listing[0] == 401  # with a token, this host needs it too
+    assert right[0] == 400 and "overlaps request" in right[1]  # past the token, to the role
+    assert listing[0] == 401 and right_listing[0] == 200 and '"requests"' in right_listing[1] and metrics[0] == 200
+    assert all(token not in text for _, text in (bare, wrong, local, right, listing, right_listing))
     assert token not in caplog.text and "refused" in caplog.text
 
 

@@ -10,14 +10,20 @@ the request's body and returns (status, a JSON-able value)), e.g. the power role
 `POST /power/requests`. They are looked up when a request arrives: the server starts
 before the roles are built.
 
-A route that changes something (any method but GET and HEAD: a power request caps GPUs)
+A route a role adds (a power request caps GPUs; its listing names the site's load and jobs)
 needs `Authorization: Bearer TOKEN` when daemon.http_token_env or daemon.http_token_file
 names a token (401 otherwise); with none set it is taken only from this host (403 from
 any other), since /metrics is commonly served on 0.0.0.0 for Prometheus.
+
+A slow client holds nothing for long: a connection that has not sent a whole request's
+headers within `idle_s` is closed (aiohttp >= 3.14.4 does so at its keep-alive timeout,
+which is also how long an idle connection is kept: Prometheus keeps its own between
+scrapes), and a body not read within BODY_DEADLINE_S is a 408.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -33,6 +39,8 @@ from pipeline.config import ConfigError, host_port
 
 log = logging.getLogger("fleetwatch")
 
+BODY_DEADLINE_S = 10.0  # a route's body (a power request: a few hundred bytes) arrives well within it
+IDLE_S = 75.0  # aiohttp's own default: over any scrape interval, so Prometheus's connections are kept
 INDEX = "Fleetwatch: /metrics (Prometheus), /healthz (alive, loops turning), /readyz (ready)\n"
 Route = Callable[[bytes], Awaitable[tuple[int, Any]]]  # body -> (status, JSON)
 
@@ -41,8 +49,10 @@ class HttpServer:
     """`live()` and `ready()` return what is wrong (an empty list: all is well)."""
 
     def __init__(self, address: str, registry: CollectorRegistry, live: Callable[[], list[str]],
-                 ready: Callable[[], list[str]], token: bytes | None = None) -> None:
+                 ready: Callable[[], list[str]], token: bytes | None = None, idle_s: float = IDLE_S,
+                 body_deadline_s: float = BODY_DEADLINE_S) -> None:
         self.address, self._token = address, token
+        self._idle_s, self._body_deadline_s = idle_s, body_deadline_s
         self._refused_from: set[str] = set()  # peers whose refused change was logged (once each)
         self.host, self.port = host_port("daemon.http", address, 9410)
         self.registry, self.live, self.ready = registry, live, ready
@@ -56,7 +66,7 @@ class HttpServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_route("*", "/{path:.+}", self._routed)  # last: the fixed paths above come first
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=self._idle_s)
         await self._runner.setup()
         try:
             await web.TCPSite(self._runner, self.host, self.port, reuse_address=True).start()
@@ -84,13 +94,19 @@ class HttpServer:
                 return web.json_response({"error": f"{request.method} {request.path}: use {', '.join(allowed)}"},
                                          status=405, headers={"Allow": ", ".join(allowed)})
             raise web.HTTPNotFound(text=f"{request.path}: not served here; see / for what is\n")
-        if request.method not in ("GET", "HEAD") and (refused := self._refused(request)) is not None:
+        if (refused := self._refused(request)) is not None:
             return refused
-        status, value = await handler(await request.read())
+        try:
+            async with asyncio.timeout(self._body_deadline_s):
+                body = await request.read()
+        except TimeoutError:
+            return web.json_response({"error": f"the body did not arrive within {self._body_deadline_s:g} s"},
+                                     status=408, headers={"Connection": "close"})
+        status, value = await handler(body)
         return web.json_response(value, status=status, dumps=lambda v: json.dumps(v, default=str))
 
     def _refused(self, request: web.Request) -> web.Response | None:
-        """Why a change is not taken from this request (None: it is)."""
+        """Why a role's route is not served to this request (None: it is)."""
         what, peer = f"{request.method} {request.path}", request.remote or "?"
         if self._token is not None:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -105,7 +121,7 @@ class HttpServer:
             except ValueError:
                 pass  # (a Unix socket or an unknown peer: not this host's loopback)
             status, why = 403, (f"{what} from {peer}: refused; without a token (daemon.http_token_env or "
-                                f"daemon.http_token_file) changes are taken only from this host")
+                                f"daemon.http_token_file) it is served only to this host")
         if peer not in self._refused_from and len(self._refused_from) < 1024:
             self._refused_from.add(peer)
             log.warning("http: %s", why)
