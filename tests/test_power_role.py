@@ -1051,3 +1051,27 @@ def test_a_fleet_read_every_second_is_not_at_risk_from_its_readings(tmp_path, ca
     status = h.role.status()
     assert status["gpu_interval_s"] == pytest.approx(1) and status["meter_interval_s"] == pytest.approx(1)
     assert status["slow_readings"] is None
+
+
+def test_a_flood_of_refused_mqtt_ids_holds_a_bounded_memory_and_clears_its_old_statuses(tmp_path, monkeypatch):
+    """Every refused message with an id had its status kept here and retained at the broker for
+    good: a flood of distinct ids held both without end. The last KEEP_REFUSED are kept, an older
+    one's retained status is cleared (an empty retained message), and answers on `rejected`
+    waiting for the broker are bounded (the rest counted)."""
+    from pipeline.power import mqtt_intake
+    monkeypatch.setattr(mqtt_intake, "KEEP_REFUSED", 50)
+    monkeypatch.setattr(mqtt_intake, "MAX_UNSENT_REJECTIONS", 80)
+    h = Harness(tmp_path, dry_run=True)
+    h.run(90)
+    intake = mqtt_intake.MqttIntake(h.role, "127.0.0.1", 1, "site-a")  # (never connected: no broker here)
+    taken = json.dumps({"id": "real-1", "site": "site-a", "reduction_pct": 5, "duration_s": 60}).encode()
+    intake.handle(intake.topic, taken)
+    for i in range(200):
+        intake.handle(intake.topic, json.dumps({"id": f"flood-{i}", "site": "site-a", "reduction_pct": -5}).encode())
+    assert "real-1" in intake.answered and intake.answered["real-1"]["state"] != "rejected"
+    flood = [rid for rid in intake.answered if rid.startswith("flood-")]
+    assert flood == [f"flood-{i}" for i in range(150, 200)]  # the last 50
+    cleared = [t for t, doc, retain in intake.outbox if doc is None and retain]
+    assert cleared == [intake.status_topic(f"flood-{i}") for i in range(150)]
+    on_rejected = [doc for t, doc, _ in intake.outbox if t == intake.rejected_topic]
+    assert len(on_rejected) == 80 and intake.stats.unanswered == 120 and h.role.signals_rejected == 200

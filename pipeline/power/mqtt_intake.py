@@ -41,7 +41,11 @@ role's preflight refuses a `mqtt.site` other than `fleet.site`).
   published may be behind it (it ended while the role was down). A request resumed goes on
   from its state: `accepted` is not said again after `active`.
 - When the role prunes a request from the store (a week after it is over), an empty
-  retained message on its status topic makes the broker forget that too.
+  retained message on its status topic makes the broker forget that too. The statuses of ids
+  refused before they were stored are kept for the last KEEP_REFUSED such ids; an older one's
+  is cleared the same way (a flood of refused ids would hold memory here and a retained
+  message each at the broker for good). Answers on `rejected` beyond MAX_UNSENT_REJECTIONS
+  not yet sent are counted (`unanswered`), not queued.
 - A persistent session (client id `fleetwatch-power-<site>`, clean_session False): what a
   gateway publishes while the role is away is queued by the broker and taken at the
   reconnect. The broker going away: reconnects with sources/mqtt.py's backoff, logging once
@@ -73,7 +77,8 @@ from pipeline.waits import wait_any
 log = logging.getLogger("fleetwatch")
 
 SOURCE = "mqtt"  # the request's `source`
-KEEP_REFUSED = 10000  # refused ids remembered to answer a redelivery alike
+KEEP_REFUSED = 10000  # refused ids remembered to answer a redelivery alike (their statuses kept as long)
+MAX_UNSENT_REJECTIONS = 10000  # answers on `rejected` waiting for the broker (a flood: the rest are counted)
 MAX_PAYLOAD = 64 * 1024  # a request is a few hundred bytes: anything this big is refused unread
 STARTED = ("active", "restoring", "done")  # states past an accepted verdict
 
@@ -85,6 +90,7 @@ class IntakeStats:
     duplicates: int = 0  # a repeat of an id already taken or refused: answered, not taken again
     rejected: int = 0    # refused before they were stored: not JSON, not an object, not a valid request
     retained: int = 0    # sent by the broker as retained: refused, never taken (it would come at each reconnect)
+    unanswered: int = 0  # refusals not answered on `rejected`: MAX_UNSENT_REJECTIONS were waiting to be sent
     reconnects: int = 0
 
 
@@ -107,6 +113,7 @@ class MqttIntake:
         self.refused: dict[str, bytes] = {}           # id -> sha256 of the message refused (bounded)
         # (topic, doc, retain) to publish; doc None: an empty message (a retained status cleared)
         self.outbox: deque[tuple[str, dict[str, Any] | None, bool]] = deque()
+        self._unsent_rejections = 0  # of the outbox's answers, those on `rejected`
         self._wake = asyncio.Event()
         self.subscribed = asyncio.Event()  # set while connected and subscribed (tests)
         self._adopt()
@@ -208,6 +215,11 @@ class MqttIntake:
         """A message not taken: counted in the role's status, answered on `rejected`."""
         self.role.signals_rejected += 1
         self.role.last_signal_rejection = f"{rid or '(no id)'}: {why}"
+        self._unsent_rejections += 1
+        if self._unsent_rejections > MAX_UNSENT_REJECTIONS:
+            self._unsent_rejections -= 1
+            self.stats.unanswered += 1
+            return
         self.outbox.append((self.rejected_topic, {"id": rid or None, "reason": why}, False))
 
     def current(self, request_id: str) -> dict[str, Any]:
@@ -229,16 +241,20 @@ class MqttIntake:
         self.stats.rejected += 1
         self._tell_rejected(rid, why)
         if rid:
+            self.refused.pop(rid, None)  # (refused again: the newest)
             self.refused[rid] = hashlib.sha256(payload).digest()
-            while len(self.refused) > KEEP_REFUSED:  # the oldest go first
-                self.refused.pop(next(iter(self.refused)))
+            while len(self.refused) > KEEP_REFUSED:  # the oldest go first, and their statuses with them
+                oldest = next(iter(self.refused))
+                del self.refused[oldest]
+                if oldest not in self.kept:
+                    self._forget(oldest)
             self._answer(rid, {"id": rid, "state": "rejected", "reason": why})
         self._wake.set()
 
     def _forget(self, rid: str) -> None:
         """Pruned (a week after it was over): an empty retained message, so the broker forgets its
         status too (it would keep one per request ever made)."""
-        del self.answered[rid]
+        self.answered.pop(rid, None)
         self.kept.discard(rid)
         self.outbox.append((self.status_topic(rid), None, True))
         self._wake.set()
@@ -293,6 +309,8 @@ class MqttIntake:
                 topic, doc, retain = self.outbox[0]
                 await client.publish(topic, b"" if doc is None else json.dumps(doc).encode(), qos=1, retain=retain)
                 self.outbox.popleft()  # only once the broker has it: a lost connection sends it again
+                if topic == self.rejected_topic:
+                    self._unsent_rejections -= 1
             if stop.is_set():
                 return
             self._wake.clear()
