@@ -403,6 +403,10 @@ DEFAULT_REMEDIATION_ALERTS = [a.name for a in CATALOG_ALERTS
                               if a.severity == "critical" and a.scope in ("gpu", "node") and a.remediation != "none"]
 REMEDIABLE_ALERTS = tuple(a.name for a in CATALOG_ALERTS if a.scope in ("gpu", "node"))
 REMEDIATION_BACKENDS = ("none", "slurm", "command", "kubernetes")
+# What a site's scripts and Slurm's clients need (a shell's basics, locale, Slurm's and ssh's own);
+# nothing of the daemon's secrets, which sit in its environment (*_env settings, FLEETWATCH_*, AWS_*).
+COMMAND_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_*", "TZ", "TMPDIR", "SLURM_CONF",
+               "SSH_AUTH_SOCK", "KRB5CCNAME", "KUBECONFIG")
 
 
 @dataclass(frozen=True)
@@ -452,6 +456,10 @@ class RemediateConfig:
                                     "this role sees share a short name: a drain would reach the wrong machine")
     kubeconfig: str = _spec("", doc="remediate.backend = kubernetes: the kubeconfig file to use; empty: the pod's "
                             "service account inside a cluster, else ~/.kube/config")
+    command_env: list[str] = _spec(list(COMMAND_ENV), doc="the environment variables (names, or patterns as "
+                                   "`LC_*`) that remediation's commands get from the daemon's (command, "
+                                   "action_command, validate_command, scontrol); every other is left out, since "
+                                   "the daemon's may hold its secrets (tokens, passwords, cloud credentials)")
     command_timeout_s: float = _spec(60.0, min=1, max=86400, doc="a backend call or validation that runs longer "
                                      "is stopped and counted as failed")
     interval_s: float = _spec(5.0, min=0.1, max=3600, doc="check quarantined nodes (drained yet? resumed by hand?) "

@@ -440,3 +440,32 @@ def test_the_backend_comes_from_the_config():
         backend_for(make_config(remediate={"backend": "command"}))
     with pytest.raises(ConfigError, match="cannot split 'bash \"/opt/x' into a command"):
         backend_for(make_config(remediate={"backend": "command", "command": 'bash "/opt/x'}))
+
+
+def test_a_sites_commands_get_the_environment_it_names_never_the_daemons_secrets(tmp_path, monkeypatch):
+    """The daemon's environment holds its secrets (a Kafka password, a receiver's token, cloud
+    credentials): a remediation script, its validation and scontrol got all of it, and an ssh
+    with SendEnv or a script that logs its environment passed them on. They get what
+    `remediate.command_env` names."""
+    secrets = {"FLEETWATCH_KAFKA__SASL_PASSWORD": "kafka-pw", "WEBHOOK_TOKEN": "hook-token",
+               "AWS_SECRET_ACCESS_KEY": "aws-key"}
+    for name, value in {**secrets, "LC_ALL": "C.UTF-8", "SITE_RACK_MAP": "/etc/racks"}.items():
+        monkeypatch.setenv(name, value)
+    dump = tmp_path / "env.txt"
+    script = tmp_path / "site.sh"
+    script.write_text(f"#!/bin/bash\ncat > /dev/null\nenv > {dump}\n")
+
+    def seen() -> dict[str, str]:
+        return dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    command = backend_for(make_config(remediate={"backend": "command", "command": f"bash {script}"}))
+    command.quarantine("r01-n01", CONTEXT)
+    env = seen()
+    assert not set(secrets) & set(env) and env["PATH"] == os.environ["PATH"] and env["LC_ALL"] == "C.UTF-8"
+    assert "SITE_RACK_MAP" not in env
+    validation = validation_for(make_config(remediate={"validate_command": f"bash {script}",
+                                                       "command_env": ["PATH", "SITE_*"]}))
+    assert validation.check("r01-n01", CONTEXT)[0]
+    env = seen()
+    assert not set(secrets) & set(env) and env["SITE_RACK_MAP"] == "/etc/racks" and "LC_ALL" not in env
+    slurm = backend_for(make_config(remediate={"backend": "slurm", "action_command": f"bash {script}"}))
+    assert slurm.env == slurm.actions.env and not set(secrets) & set(slurm.env) and "PATH" in slurm.env

@@ -9,7 +9,7 @@ import json
 import subprocess
 
 from pipeline.remediate.backends.base import BackendError, check_node
-from pipeline.remediate.backends.command import first_line, run_command, split_command
+from pipeline.remediate.backends.command import command_env, first_line, run_command, split_command
 
 
 def _last_line(text: str) -> str:
@@ -17,8 +17,8 @@ def _last_line(text: str) -> str:
 
 
 class Validation:
-    def __init__(self, command: str, timeout_s: float) -> None:
-        self.command, self.timeout_s = command, timeout_s
+    def __init__(self, command: str, timeout_s: float, env: dict[str, str] | None = None) -> None:
+        self.command, self.timeout_s, self.env = command, timeout_s, env
         self.argv = split_command(command)
 
     def check(self, node: str, context: dict) -> tuple[bool, str]:
@@ -28,7 +28,7 @@ class Validation:
         except BackendError as e:
             return False, str(e)
         try:
-            proc = run_command([*self.argv, node], self.timeout_s, stdin=json.dumps({**context, "node": node}))
+            proc = run_command([*self.argv, node], self.timeout_s, self.env, stdin=json.dumps({**context, "node": node}))
         except OSError as e:
             return False, f"cannot run {self.argv[0]!r}: {e.strerror or e} (check remediate.validate_command)"
         except subprocess.TimeoutExpired:
@@ -41,4 +41,6 @@ class Validation:
 def validation_for(cfg) -> Validation | None:
     """`cfg` a Config; None when remediate.validate_command is empty (an operator returns nodes)."""
     r = cfg.remediate
-    return Validation(r.validate_command, r.command_timeout_s) if r.validate_command.strip() else None
+    if not r.validate_command.strip():
+        return None
+    return Validation(r.validate_command, r.command_timeout_s, command_env(r.command_env))

@@ -16,6 +16,8 @@ import os
 import shlex
 import signal
 import subprocess
+from collections.abc import Mapping
+from fnmatch import fnmatchcase
 
 from pipeline.config import ConfigError
 from pipeline.remediate.backends.base import ACTIONS, BackendError, Unsupported, check_node
@@ -30,6 +32,13 @@ def split_command(line: str) -> list[str]:
     if not argv:
         raise ConfigError("the command is empty: give a program and its arguments")
     return argv
+
+
+def command_env(names: list[str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The daemon's environment variables that `remediate.command_env` names (or matches): a
+    site's script gets these, never the rest (the daemon's tokens and credentials)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if any(fnmatchcase(k, name) for name in names)}
 
 
 def run_command(argv: list[str], timeout_s: float, env: dict[str, str] | None = None,
