@@ -1,9 +1,15 @@
 """The one redaction of URLs, for everything a person or a file gets to see: the config
 output, logs, error messages and dead letters.
 
-A URL may carry credentials (`user:password@`, sent as HTTP basic auth) or tokens in
-its query string. Shown anywhere, it keeps its scheme, host, port and path, and masks
-the user info and every query value: `https://***@hooks.example:8443/x?token=***`.
+A URL may carry credentials (`user:password@`, sent as HTTP basic auth), tokens in its
+query string, or a token as a path segment (Slack's `/services/T.../B.../<token>`, Discord's
+`/api/webhooks/<id>/<token>`, a chat's or an incident tool's integration key). Shown
+anywhere, it keeps its scheme, host, port and the path's words, and masks the user info,
+every query value and each path segment that looks like a token (`is_token`: a run of 12
+letters and digits or more that mixes both, or of 20 or more that mixes cases; a word or a
+route such as `alertmanager-webhook` or `archive-2026` is kept, so that receivers can still
+be told apart):
+`https://***@hooks.example:8443/services/T0123/B0456/***?token=***`.
 """
 
 from __future__ import annotations
@@ -15,10 +21,25 @@ MASK = "***"
 # Up to the next white space: a quote, < or > may be part of a password or a query value.
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
 _MIN_SECRET = 3  # shorter pieces of a URL are masked inside the URL, but not hunted for in free text
+_RUN = re.compile(r"[A-Za-z0-9]+")
+
+
+def is_token(segment: str) -> bool:
+    """A path segment that is a generated token (an integration key, a UUID, base64), not words."""
+    for run in _RUN.findall(segment):
+        if len(run) >= 12 and not run.isdigit() and not run.isalpha():
+            return True
+        if len(run) >= 20 and run != run.lower() and run != run.upper():
+            return True
+    return False
+
+
+def _token_segments(path: str) -> list[str]:
+    return [seg for seg in path.split("/") if is_token(seg)]
 
 
 def redact_url(url: str) -> str:
-    """`url` with its user info, query values and fragment masked."""
+    """`url` with its user info, token-like path segments, query values and fragment masked."""
     try:
         parts = urlsplit(url)
     except ValueError:  # e.g. an unbalanced [ in the host: show nothing of it but the scheme
@@ -26,7 +47,8 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         netloc = f"{MASK}@{netloc.rpartition('@')[2]}"
-    out = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme or netloc else parts.path
+    path = "/".join(MASK if is_token(seg) else seg for seg in parts.path.split("/"))
+    out = f"{parts.scheme}://{netloc}{path}" if parts.scheme or netloc else path
     if parts.query:
         out += "?" + "&".join(f"{k}={MASK}" if sep else MASK
                               for k, sep, _ in (item.partition("=") for item in parts.query.split("&")))
@@ -41,7 +63,7 @@ def _secrets_of(url: str) -> list[str]:
         parts = urlsplit(url)
     except ValueError:
         return [url]
-    pieces = [parts.query, parts.fragment]
+    pieces = [parts.query, parts.fragment, *_token_segments(parts.path)]
     if "@" in parts.netloc:
         userinfo = parts.netloc.rpartition("@")[0]
         pieces += [userinfo, *userinfo.split(":", 1)]

@@ -95,3 +95,21 @@ def test_a_bearer_token_or_signing_secret_a_receiver_quotes_back_is_masked(echo,
     url = f"http://hookuser:{PASSWORD}@{echo}/auth"  # basic auth: its header is the user and password in base64
     basic = Client(Receiver("oncall", "webhook", url, redact_url(url)), 5).post(b"{}", "k2", 0)
     assert "invalid credentials: Basic ***" in basic.reason
+
+
+def test_a_token_in_a_webhook_urls_path_is_masked_and_its_words_are_kept():
+    """Slack's, Discord's, Teams' and PagerDuty's webhook URLs carry their secret in the path:
+    it had been shown in the config output, the logs and every error quoting the URL."""
+    slack = "https://hooks.slack.com/services/T0123ABCD/B0456EFGH/abcdEFGH1234ijklMNOP5678"
+    assert redact_url(slack) == "https://hooks.slack.com/services/T0123ABCD/B0456EFGH/***"
+    assert redact_url("https://discord.com/api/webhooks/123456789012345678/Xy-Zt_Ab9c8D7e6F5g4H3i2J1k0LmNoPqRs") == \
+        "https://discord.com/api/webhooks/123456789012345678/***"
+    assert redact_url("https://events.example/integration/0123456789abcdef0123456789abcdef/enqueue") == \
+        "https://events.example/integration/***/enqueue"
+    for kept in ("http://alertmanager-0.alertmanager:9093/api/v2/alerts", "s3://fleetwatch-archive-2026/site-a",
+                 "https://x.example/fleetwatch-alertmanager-webhook-receiver/v1"):
+        assert redact_url(kept) == kept
+    said = "404 for /services/T0123ABCD/B0456EFGH/abcdEFGH1234ijklMNOP5678: no_team"
+    assert "abcdEFGH1234ijklMNOP5678" not in redact_text(said, slack)
+    assert redact_text(f"posting to {slack} failed") == \
+        "posting to https://hooks.slack.com/services/T0123ABCD/B0456EFGH/*** failed"

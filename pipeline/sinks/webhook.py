@@ -5,7 +5,7 @@ alertmanager kind, API v2 pushes).
 
 A receiver's URL may carry credentials (user:password@, sent as HTTP basic auth) or
 a token in its query string: neither is ever logged or written anywhere. Logs show
-`Receiver.shown` (pipeline/redact.py): scheme://***@host[:port]/path?key=***. A bearer token
+`Receiver.shown` (pipeline/redact.py): scheme://***@host[:port]/path/***?key=***. A bearer token
 (`bearer_token_env`, or `bearer_token_file` read at every request) and a client certificate
 for mutual TLS (`cert_file`, `key_file`, read again when they change) are the other ways in.
 """
