@@ -344,7 +344,8 @@ POWER_ACTION = _schema("power_action", 1, [
     _f("status", pa.string(), "ok, restored, not_permitted, out_of_range, gpu_lost, not_supported, error",
        nullable=False),
     _f("cause", pa.string(), "why: cap (a command), lease (no renewal within its lease), stop (the agent "
-       "stopped), start (a cap an agent that was killed left, restored by the next one)", nullable=False),
+       "stopped), start (a cap an agent that was killed left, restored by the next one), reset (a cap set again "
+       "after a GPU reset or loss put the default limit back)", nullable=False),
     _f("detail", pa.string(), "what happened; when it failed, what to do", nullable=False),
 ], "what an agent did with a power cap (fleetwatch.power.actions, key: rack; archived as power_actions)")
 

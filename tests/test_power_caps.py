@@ -80,6 +80,40 @@ def test_the_agent_applies_its_nodes_caps_reports_them_and_restores_on_lease_and
     assert [g.limit_mw for g in replay.gpus] == [700_000] * 8
 
 
+def test_a_cap_set_again_after_a_gpu_reset_is_reported_as_an_action():
+    """A reset puts the GPU's default limit back and the agent sets its cap again: that had been
+    logged only, so power_actions (the archive's record of what was done to each GPU) showed
+    the cap held throughout while the GPU had run uncapped between the reset and the next scrape."""
+    replay = NvmlReplay(H100, gpus=4, latency=False, settle_s=0, enforce_lag_s=0)
+    uuid = [g.uuid for g in replay.gpus]
+    actions: list[dict] = []
+
+    async def main():
+        bus = MemoryBus()
+        listener = bus.listen(Topic.POWER_CAPS, ["rack-0"])
+        source = NvmlSource(NvmlAgent(make_config(agent={"interval_s": 0.05}).agent, "node-1"), replay, "h100",
+                            listener)
+
+        async def emit(topic, batch):
+            if topic == Topic.POWER_ACTIONS:
+                actions.extend(batch.to_pylist())
+        stop = asyncio.Event()
+        task = asyncio.create_task(source.run(emit, stop))
+        await until(lambda: source.agent.opened.is_set(), task)
+        await bus.publish(Message(Topic.POWER_CAPS, caps([("node-1", uuid[2], 500.0, 3600)])))
+        await until(lambda: len(actions) >= 1, task)
+        replay.reset(2)
+        await asyncio.wait_for(until(lambda: any(a["cause"] == "reset" for a in actions), task), 60)
+        assert replay.gpus[2].limit_mw == 500_000
+        stop.set()
+        await task
+    asyncio.run(main())
+    got = [(a["gpu_uuid"], a["requested_w"], a["enforced_w"], a["status"], a["cause"], a["request_id"])
+           for a in actions]
+    assert got == [(uuid[2], 500.0, 500.0, "ok", "cap", "dr-1"), (uuid[2], 500.0, 500.0, "ok", "reset", "dr-1"),
+                   (uuid[2], None, 700.0, "restored", "stop", "dr-1")]
+
+
 def test_an_agent_that_starts_after_one_was_killed_holding_caps_restores_them_and_reports_it(tmp_path):
     """power_action rows with cause `start`: the caps a killed agent left, by its ledger."""
     replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)

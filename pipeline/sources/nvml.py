@@ -199,6 +199,7 @@ class NvmlAgent:
         self.opened = asyncio.Event()  # set once open() found the GPUs
         self.job_mapping = JobMapping(cfg.job_mapping_dir) if cfg.job_mapping_dir else None
         self.recovered: list = []  # CapResults of open()'s recovery: caps a stopped agent left, restored
+        self.recapped: list = []   # CapResults of caps set again after a reset or a loss, not yet reported
 
     # ---- start-up ----------------------------------------------------------------
 
@@ -434,10 +435,13 @@ class NvmlAgent:
 
     def _cap_again(self, gpus: list[int]) -> None:
         """A reset puts a GPU's power limit back to its default: a cap held here is set again (the GPUs
-        together: one readback wait). Logged; the power role's lease renewals find it held."""
+        together: one readback wait). Logged, and reported as power_action rows (cause `reset`, by the
+        source after the scrape); the power role's lease renewals find it held."""
         capped = self.power.capped
         asks = [(i, capped[i]) for i in gpus if i in capped]
-        for r in self.power.set_many(asks) if asks else []:
+        results = self.power.set_many(asks) if asks else []
+        self.recapped += results
+        for r in results:
             (log.warning if r.status == "ok" else log.error)(
                 "GPU %d (%s) was reset or lost, which puts its power limit back to the default: its cap of %g W set "
                 "again: %s (%s)", r.gpu, r.gpu_uuid, capped[r.gpu], r.status, r.detail)
@@ -709,6 +713,13 @@ class NvmlSource:
             from pipeline.sources.nvml_power import NvmlCaps
             from pipeline.sources.power_caps import CapHolder, action_rows, alongside, follow_caps
             applier = NvmlCaps(self.agent, self.agent.cfg.site, self.agent.cfg.rack)
+            holder = CapHolder()
+
+            async def samples_and_recaps(batch: pa.RecordBatch) -> None:
+                await samples(batch)
+                if self.agent.recapped:  # (set by the scrape just done: nothing runs beside this)
+                    results, self.agent.recapped = self.agent.recapped, []
+                    await emit(Topic.POWER_ACTIONS, action_rows(applier, holder, results, "reset", _utc_now()))
 
             async def follow(stop: asyncio.Event) -> None:
                 await self.agent.opened.wait()  # the GPUs are known
@@ -717,11 +728,11 @@ class NvmlSource:
                                                                 _utc_now()))
                     self.agent.recovered = []  # once (follow runs again after a bus failure)
                 try:
-                    await follow_caps(self.caps, applier, emit, stop, _utc_now, lease_clock=self.lease_clock)
+                    await follow_caps(self.caps, applier, emit, stop, _utc_now, holder, self.lease_clock)
                 finally:
                     if (close := getattr(self.caps, "close", None)) is not None:
                         await close()
-            await alongside(lambda source_stop: self.agent.run(samples, events, source_stop), follow, stop)
+            await alongside(lambda source_stop: self.agent.run(samples_and_recaps, events, source_stop), follow, stop)
 
     def stats(self) -> dict[str, int]:
         return {"gpu_samples": self.gpu_samples}
