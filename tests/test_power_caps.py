@@ -39,24 +39,30 @@ async def until(condition, task: asyncio.Task) -> None:
         await asyncio.sleep(0.01)
 
 
+async def running_agent(replay: NvmlReplay, actions: list[dict]) -> tuple[MemoryBus, asyncio.Event, asyncio.Task]:
+    """The agent of node-1 (rack-0) on `replay`, its GPUs open, following caps on an in-process
+    bus; its power_action rows go to `actions`. Set the event to stop it, then await the task."""
+    bus = MemoryBus()
+    listener = bus.listen(Topic.POWER_CAPS, ["rack-0"])
+    source = NvmlSource(NvmlAgent(make_config(agent={"interval_s": 0.05}).agent, "node-1"), replay, "h100", listener)
+
+    async def emit(topic, batch):
+        if topic == Topic.POWER_ACTIONS:
+            assert batch.schema == POWER_ACTION
+            actions.extend(batch.to_pylist())
+    stop = asyncio.Event()
+    task = asyncio.create_task(source.run(emit, stop))
+    await until(lambda: source.agent.opened.is_set(), task)
+    return bus, stop, task
+
+
 def test_the_agent_applies_its_nodes_caps_reports_them_and_restores_on_lease_and_stop():
     replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
     uuid = [g.uuid for g in replay.gpus]
     actions: list[dict] = []
 
     async def main():
-        bus = MemoryBus()
-        listener = bus.listen(Topic.POWER_CAPS, ["rack-0"])
-        source = NvmlSource(NvmlAgent(make_config(agent={"interval_s": 0.05}).agent, "node-1"), replay, "h100",
-                            listener)
-
-        async def emit(topic, batch):
-            if topic == Topic.POWER_ACTIONS:
-                assert batch.schema == POWER_ACTION
-                actions.extend(batch.to_pylist())
-        stop = asyncio.Event()
-        task = asyncio.create_task(source.run(emit, stop))
-        await until(lambda: source.agent.opened.is_set(), task)
+        bus, stop, task = await running_agent(replay, actions)
         await bus.publish(Message(Topic.POWER_CAPS, caps([
             ("node-1", uuid[3], 500.0, 3600), ("node-1", uuid[4], 100.0, 3600),  # 100 W: under its 200 W minimum
             ("node-2", "GPU-of-another-node", 450.0, 3600), ("node-1", "GPU-not-here", 450.0, 3600)])))
@@ -89,17 +95,7 @@ def test_a_cap_set_again_after_a_gpu_reset_is_reported_as_an_action():
     actions: list[dict] = []
 
     async def main():
-        bus = MemoryBus()
-        listener = bus.listen(Topic.POWER_CAPS, ["rack-0"])
-        source = NvmlSource(NvmlAgent(make_config(agent={"interval_s": 0.05}).agent, "node-1"), replay, "h100",
-                            listener)
-
-        async def emit(topic, batch):
-            if topic == Topic.POWER_ACTIONS:
-                actions.extend(batch.to_pylist())
-        stop = asyncio.Event()
-        task = asyncio.create_task(source.run(emit, stop))
-        await until(lambda: source.agent.opened.is_set(), task)
+        bus, stop, task = await running_agent(replay, actions)
         await bus.publish(Message(Topic.POWER_CAPS, caps([("node-1", uuid[2], 500.0, 3600)])))
         await until(lambda: len(actions) >= 1, task)
         replay.reset(2)
