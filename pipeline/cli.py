@@ -121,6 +121,15 @@ def _parser() -> argparse.ArgumentParser:
                                           "of the existing ones; prints what it did")
     tc.add_argument("--config", metavar="FILE", help="TOML config file (see docs/configuration.md)")
     tc.add_argument("--kafka", metavar="BOOTSTRAP", help="Kafka at host:port (kafka.bootstrap)")
+    ta = tp_sub.add_parser("acls", help="print the kafka-acls.sh commands that give each role's user exactly the "
+                                        "rights it needs (docs/kafka.md#users-and-acls)")
+    ta.add_argument("roles", nargs="*", metavar="ROLE", help="the roles (default: every one)")
+    ta.add_argument("--principal", default="User:fleetwatch-{role}", metavar="PRINCIPAL",
+                    help="the user of each role; {role} is its name (default: User:fleetwatch-{role})")
+    ta.add_argument("--config", metavar="FILE", help="TOML config file: its kafka.topic_prefix and kafka.bootstrap")
+    ta.add_argument("--kafka", metavar="BOOTSTRAP", help="Kafka at host:port (kafka.bootstrap), for the commands")
+    ta.add_argument("--json", action="store_true", help="the rights as JSON: role -> [{operation, resource, name, "
+                                                        "pattern}]")
 
     si = sub.add_parser("silence", help="mute matching alerts for a while (add, list, expire)")
     si_sub = si.add_subparsers(dest="silence_command", required=True, metavar="ACTION")
@@ -408,6 +417,8 @@ def _redacted(value: Any) -> Any:
 
 def cmd_topics(args: argparse.Namespace) -> int:
     """`fleetwatch topics create`: every topic, created or brought to the configured settings."""
+    if args.topics_command == "acls":
+        return _topics_acls(args)
     from pipeline.bus.kafka import KafkaBus
     from pipeline.config import host_port
     cfg = load_config(args.config, overrides=_overrides(args))
@@ -431,6 +442,33 @@ def cmd_topics(args: argparse.Namespace) -> int:
         print(f"fleetwatch: {len(refused)} topics not created: this user may not create topics on {cfg.kafka.bootstrap}",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def _topics_acls(args: argparse.Namespace) -> int:
+    """`fleetwatch topics acls`: each role's rights, from the role table (bus/acls.py)."""
+    from pipeline.bus.acls import commands, role_acls
+    from pipeline.roles import ROLE_SPECS
+    cfg = load_config(args.config, overrides=_overrides(args))
+    unknown = [r for r in args.roles if r not in ROLE_SPECS]
+    if unknown:
+        raise ConfigError(f"fleetwatch topics acls: no role {', '.join(map(repr, unknown))}; the roles are "
+                          f"{', '.join(ROLE_SPECS)}")
+    if "{role}" not in args.principal and len(args.roles) != 1:
+        raise ConfigError(f"fleetwatch topics acls: --principal {args.principal!r} would give every role the same "
+                          f"user, and so every role's rights; put {{role}} in it, or name one role")
+    specs = [ROLE_SPECS[r] for r in (args.roles or ROLE_SPECS)]
+    prefix = cfg.kafka.topic_prefix
+    if args.json:
+        print(json.dumps({s.name: {"principal": args.principal.format(role=s.name),
+                                   "acls": [{"operation": a.operation, "resource": a.resource, "name": a.name,
+                                             "pattern": "prefixed" if a.prefixed else "literal"}
+                                            for a in role_acls(s, prefix)]} for s in specs}, indent=2))
+        return 0
+    print("# Each role's user: exactly what it needs (docs/kafka.md#users-and-acls). Create the topics once as an "
+          "admin\n# (`fleetwatch topics create`) and run the roles with kafka.create_topics = false.")
+    for line in commands(specs, args.principal, prefix, cfg.kafka.bootstrap or "BOOTSTRAP"):
+        print(line)
     return 0
 
 

@@ -190,8 +190,9 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         await ops.serve()  # probes answer while Kafka is reached and the kernels compile
         k = cfg.kafka
         if k.bootstrap:
+            from pipeline.bus.acls import topics_used
             from pipeline.bus.kafka import KafkaBus
-            bus = KafkaBus.from_config(k)
+            bus = KafkaBus.from_config(k, topics=topics_used([registry.ROLE_SPECS[r] for r in roles]))
         else:
             bus = MemoryBus()
         await bus.start()

@@ -325,13 +325,15 @@ def client_certificate(ca: dict[str, Path], folder: Path, cn: str) -> tuple[Path
 class SecureKafkaBroker(KafkaBroker):
     """A broker whose clients connect on `bootstrap` over SASL_SSL: TLS with a certificate of a
     self-signed test CA (`tls["ca.pem"]`), SASL PLAIN for user `admin` and SCRAM-SHA-256 for
-    `agent`, with the standard authorizer. `admin` is a super user; `agent` may do only what
-    `allow()` grants. Between the broker and its controller, and on `internal` (for
+    `agent` (and each of `users`), with the standard authorizer. `admin` is a super user; the
+    others may do only what `allow()` grants them. Between the broker and its controller, and on `internal` (for
     `allow()`), plain text on loopback."""
     name = "kafka"
 
-    def __init__(self, admin_password: str, agent_password: str, workdir: Path | None = None) -> None:
+    def __init__(self, admin_password: str, agent_password: str, workdir: Path | None = None,
+                 users: dict[str, str] | None = None) -> None:
         folder = Path(workdir or tempfile.mkdtemp(prefix="kafka-tls-"))
+        self.users = {"agent": agent_password, **(users or {})}  # SCRAM users: name -> password
         self.tls = self_signed_tls(folder / "tls")
         self.secure_port = free_port()
         self.admin_password, self.agent_password = admin_password, agent_password
@@ -362,13 +364,13 @@ class SecureKafkaBroker(KafkaBroker):
         ]
 
     def format_args(self) -> list[str]:
-        return [f"--add-scram=SCRAM-SHA-256=[name=agent,password={self.agent_password}]"]
+        return [f"--add-scram=SCRAM-SHA-256=[name={name},password={password}]" for name, password in self.users.items()]
 
-    def allow(self, *acl_args: str) -> None:
-        """Grant `agent` rights: AclCommand's arguments after --allow-principal, e.g.
+    def allow(self, *acl_args: str, user: str = "agent") -> None:
+        """Grant `user` rights: AclCommand's arguments after --allow-principal, e.g.
         ("--operation", "Write", "--topic", "*")."""
         r = self._java("org.apache.kafka.tools.AclCommand", "--bootstrap-server", self.internal, "--add",
-                       "--allow-principal", "User:agent", *acl_args)
+                       "--allow-principal", f"User:{user}", *acl_args)
         if r.returncode != 0:
             raise RuntimeError(f"AclCommand failed: {r.stderr.decode(errors='replace')[-2000:]}")
 

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.bus import Topic
 from pipeline.config import ConfigError
 from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS
 from pipeline.sources.dcgm import (DOWN, GARBAGE, HTTP_STATUS, NO_GPUS, TIMEOUT, DcgmMetrics, DcgmSource,
@@ -608,7 +609,7 @@ def test_the_role_needs_targets_and_the_command_line_gives_them(tmp_path):
     assert o["daemon"]["source"] == "dcgm"  # the targets imply the source
     cfg = make_config(data_dir=str(tmp_path), **o)
     assert run_roles(cfg) == {"dcgm", "detect", "power", "remediate", "archive", "notify"}
-    assert ROLE_SPECS["dcgm"].outputs == (ROLE_SPECS["agent"].outputs)
+    assert ROLE_SPECS["dcgm"].outputs == (Topic.GPU, Topic.EVENTS)  # the agent's, less the caps it applies
     with pytest.raises(ConfigError, match="--dcgm-targets"):
         check_roles(make_config(daemon={"source": "dcgm"}), frozenset({"dcgm", "detect", "archive", "notify"}))
     with pytest.raises(ConfigError, match="dcgm.targets_file"):

@@ -543,8 +543,14 @@ class Stepped:
 
 
 def test_the_monitor_raises_stalled_on_the_alerts_topic_and_tells_systemd(tmp_path, notify_socket):
+    """A process whose roles write the alerts topic (here remediate's) publishes its stalls there;
+    a source alone does not (its user needs no right to write alerts: bus/acls.py), and shows
+    them on its /metrics."""
     from pipeline.daemon import Running
     from pipeline.model import alert_rows
+    from prometheus_client import generate_latest
+
+    from pipeline.ops.metrics import registry
     from pipeline.ops.monitor import Operations
     from pipeline.roles import SOURCE
     from pipeline.roles.context import Context
@@ -564,7 +570,7 @@ def test_the_monitor_raises_stalled_on_the_alerts_topic_and_tells_systemd(tmp_pa
 
     async def go():
         clock = Clock()
-        roles = frozenset({"simulate"})
+        roles = frozenset({"simulate", "remediate"})
         cfg = conftest.make_config(data_dir=str(tmp_path / "data"), daemon={"stall_intervals": 3})
         bus, stop = MemoryBus(), asyncio.Event()
         alerts = bus.subscribe([Topic.ALERTS], "notify")
@@ -602,6 +608,15 @@ def test_the_monitor_raises_stalled_on_the_alerts_topic_and_tells_systemd(tmp_pa
         assert resolved["status"] == "resolved" and resolved["fingerprint"] == stalled["fingerprint"]
         assert datagrams() == [b"WATCHDOG=1"]  # live again
         assert ops.health.unready(clock()) == []
+        source_alone = Operations(cfg, frozenset({"simulate"}), clock=clock)
+        source_alone.attach(ctx, [r])
+        clock.advance(4.0)
+        await source_alone.tick()
+        await asyncio.sleep(0.05)
+        assert not await alerts.get_batch(timeout_s=0.05)
+        assert [a.alertname for a in source_alone.alerts.firing.values()] == ["FleetwatchStalled"]
+        exposed = generate_latest(registry(lambda: source_alone._collectors)).decode()
+        assert 'fleetwatch_alerts_firing{alertname="FleetwatchStalled",severity="critical"} 1.0' in exposed
         await ops.stopping()
         assert datagrams() == [b"STOPPING=1"] and ops.health.unready(clock()) == ["stopping"]
         stop.set()

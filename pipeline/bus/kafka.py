@@ -47,12 +47,11 @@ from aiokafka.errors import (CommitFailedError, IllegalOperation, IllegalStateEr
 from pipeline.bus.align import Aligner
 from pipeline.bus.base import ALERTS_KEPT_H, EndOfStream, Message, Topic
 from pipeline.bus.codec import DecodeError, Decoder, encode
-from pipeline.bus.kafka_settings import GROUP_PREFIX, client_settings, replication
+from pipeline.bus.kafka_settings import DEAD_LETTER, GROUP_PREFIX, client_settings, replication
 from pipeline.config import ConfigError, KafkaConfig, Unavailable
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTER = "fleetwatch.deadletter"
 _FENCED = (ProducerFenced, InvalidProducerEpoch)  # a newer producer of the same transactional id took over
 _HOUR_MS = 3_600_000
 _FETCH = dict(max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
@@ -613,6 +612,7 @@ class KafkaBus:
         self.topic_settings = KafkaConfig(bootstrap=bootstrap, replication_factor=replication_factor,
                                           min_insync_replicas=min_insync_replicas, create_topics=create_topics)
         self.specs = topic_specs(partitions, retention_hours)
+        self.used: set[str] | None = None  # the topics this process uses, created or checked at start (None: all)
         self.producer_settings = dict(acks="all", enable_idempotence=True, compression_type="zstd", linger_ms=5,
                                       max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024)
         self.producer = AIOKafkaProducer(client_id=client_id, **self.producer_settings, **self.client_settings)
@@ -638,14 +638,19 @@ class KafkaBus:
         self._count_noted: set[Topic] = set()  # topics whose count on the cluster differs from the config's (logged)
 
     @classmethod
-    def from_config(cls, k: KafkaConfig, client_id: str = "fleetwatch", env=None, warn: bool = True) -> "KafkaBus":
-        """The bus of the `kafka.*` settings (security from kafka_settings: ConfigError if inconsistent)."""
+    def from_config(cls, k: KafkaConfig, client_id: str = "fleetwatch", env=None, warn: bool = True,
+                    topics: set[str] | None = None) -> "KafkaBus":
+        """The bus of the `kafka.*` settings (security from kafka_settings: ConfigError if inconsistent).
+        `topics`: the ones this process uses (bus/acls.py topics_used), created or checked at start;
+        None: every one."""
         settings = client_settings(k, env, warn)
-        return cls(k.bootstrap, k.partitions, k.retention_hours, client_id=client_id, prefix=k.topic_prefix,
-                   buffer_mb=k.buffer_mb, connect_timeout_s=k.connect_timeout_s,
-                   security={key: v for key, v in settings.items() if key != "bootstrap_servers"},
-                   replication_factor=k.replication_factor, min_insync_replicas=k.min_insync_replicas,
-                   create_topics=k.create_topics)
+        bus = cls(k.bootstrap, k.partitions, k.retention_hours, client_id=client_id, prefix=k.topic_prefix,
+                  buffer_mb=k.buffer_mb, connect_timeout_s=k.connect_timeout_s,
+                  security={key: v for key, v in settings.items() if key != "bootstrap_servers"},
+                  replication_factor=k.replication_factor, min_insync_replicas=k.min_insync_replicas,
+                  create_topics=k.create_topics)
+        bus.used = topics
+        return bus
 
     async def start(self) -> None:
         """Reach the brokers (retrying: they may be starting too), create missing topics
@@ -709,7 +714,7 @@ class KafkaBus:
         admin = await self._admin()
         try:
             existing = set(await admin.list_topics())
-            wanted = {self.wire(name): spec for name, spec in self.specs.items()}
+            wanted = {self.wire(name): spec for name, spec in self.specs.items() if update or self._uses(name)}
             if not update and set(wanted) <= existing:
                 return []  # (a broker that is down now does not matter)
             factor, insync = replication(self.topic_settings, len((await admin.describe_cluster())["brokers"]))
@@ -746,6 +751,9 @@ class KafkaBus:
         finally:
             await admin.close()
 
+    def _uses(self, topic: str) -> bool:
+        return self.used is None or topic in self.used
+
     async def check_topics(self) -> list[str]:
         """kafka.create_topics = false: reach the brokers and warn about missing topics (a
         producer waits for them, a consumer reads nothing of them)."""
@@ -754,7 +762,7 @@ class KafkaBus:
             existing = set(await admin.list_topics())
         finally:
             await admin.close()
-        missing = [self.wire(name) for name in self.specs if self.wire(name) not in existing]
+        missing = [self.wire(name) for name in self.specs if self._uses(name) and self.wire(name) not in existing]
         if missing:
             log.warning("topics %s do not exist on Kafka at %s and kafka.create_topics = false: run `fleetwatch topics "
                         "create` once; until then what goes to them waits", ", ".join(missing), self.bootstrap)
@@ -964,7 +972,9 @@ class KafkaBus:
 
     async def end(self, topics: list[Topic]) -> None:
         await self.flush()
-        self.end_offsets.update(await self.ends(topics))
+        # Only this process's topics: asking about another's would create it with the broker's defaults
+        # where auto-creation is on, or be refused to a user with only its roles' rights.
+        self.end_offsets.update(await self.ends([t for t in topics if self._uses(t)]))
 
     async def partitions(self, topics: list[Topic]) -> list[TopicPartition]:
         """Every partition of `topics`, as the cluster has them now."""

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "FLEETWATCH_KAFKA_SASL_PASSWORD"
 GROUP_PREFIX = "fleetwatch."  # consumer groups and transactional ids, after kafka.topic_prefix
+DEAD_LETTER = "fleetwatch.deadletter"  # the topic a consumer writes what it cannot decode to
 
 
 def security_settings(k: KafkaConfig, env: Mapping[str, str] | None = None, warn: bool = False) -> dict[str, Any]:

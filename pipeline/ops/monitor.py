@@ -9,7 +9,9 @@
 The monitor wakes every TICK_S: it samples what needs awaiting (Kafka's reachability and
 consumer lag, the MQTT links), judges health (ops/health.py), publishes self-alert state
 changes on the alerts topic (ops/selfalerts.py; in a task of their own, so a full bus never
-holds the monitor up), and tells systemd (ops/sdnotify.py): READY=1 once ready, WATCHDOG=1
+holds the monitor up) where one of the process's roles writes that topic anyway (detect,
+power, remediate, the archive: a source's user needs no right to write alerts, bus/acls.py;
+a source's own alerts are on its /metrics, and its silence is NodeNotReporting), and tells systemd (ops/sdnotify.py): READY=1 once ready, WATCHDOG=1
 while live. A blocked event loop sends nothing, and answers no probe.
 """
 
@@ -22,6 +24,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 
+from pipeline.bus.base import Topic
 from pipeline.bus.in_order import InOrder
 from pipeline.bus.memory import MemoryBus
 from pipeline.config import Config, host_port, read_secret
@@ -30,6 +33,7 @@ from pipeline.ops.metrics import FleetwatchCollector, registry
 from pipeline.ops.progress import Progress
 from pipeline.ops.sdnotify import SdNotify
 from pipeline.ops.selfalerts import STALLED, SelfAlerts, message
+from pipeline.roles import ROLE_SPECS
 
 log = logging.getLogger("fleetwatch")
 # The health check's awaits (Kafka's reachability and lag) end within this, well inside LOOP_LIVE_S: the
@@ -67,6 +71,7 @@ class Operations:
             site = own  # an agent's (or a DCGM scraper's) own site
         self.alerts = SelfAlerts(site, self.instance, cfg.alerts.runbook_base_url, watchdog="detect" in roles,
                                  resolve_after=cfg.daemon.stall_intervals, heartbeat_s=cfg.daemon.watchdog_heartbeat_s)
+        self.publishes = any(Topic.ALERTS in ROLE_SPECS[r].outputs for r in roles if r in ROLE_SPECS)
         self._task: asyncio.Task | None = None
         self._publishing = InOrder("ops-alerts")
         self._stopping = False
@@ -182,7 +187,7 @@ class Operations:
             return None
 
     def _publish(self, alerts: list, heartbeat: bool = False) -> None:
-        if not alerts:
+        if not alerts or not self.publishes:
             return
         bus = self.ctx.bus
 

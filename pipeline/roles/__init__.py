@@ -1,7 +1,8 @@
 """The role table: every role a fleetwatch process can run, in one place.
 
 A row says what the role is (a source, detect, a sink), what it reads (topics and
-consumer group) and writes, when `fleetwatch run` includes it, what it needs from the
+consumer group, and topics it reads outside a group) and writes (every topic it produces to:
+the Kafka ACLs a role's user needs are made from it, bus/acls.py), when `fleetwatch run` includes it, what it needs from the
 configuration, and where its builder is (`module:function`, imported only when a
 process runs the role: a notify-only process never imports the detector, whose
 import compiles Numba kernels). The daemon (pipeline/daemon.py) builds the rows of
@@ -88,7 +89,10 @@ class RoleSpec:
     in_run: Callable[[Config], bool]          # does `fleetwatch run` include it with this config?
     inputs: tuple[Topic, ...] = ()            # topics it consumes ...
     group: str = ""                           # ... in this consumer group
-    outputs: tuple[Topic, ...] = ()           # topics it produces
+    outputs: tuple[Topic, ...] = ()           # topics it produces (over Kafka; its dead letters aside)
+    listens: tuple[Topic, ...] = ()           # topics it reads outside any consumer group (bus.listen, read_latest)
+    tiers: tuple[tuple[str, tuple[Topic, ...]], ...] = ()  # more consumer groups of its own: (group, topics)
+    transactional: bool = False               # its producers are transactional (ids: its groups', then -p<N>)
     run_source: str = ""                      # its daemon.source value, for a source `run` can run
     options: tuple[RoleOption, ...] = ()      # its own command-line options
     check: Callable[[Config], str] = field(default=lambda cfg: "")  # what is missing to run it ("" = nothing)
@@ -99,11 +103,13 @@ ROLE_TABLE: tuple[RoleSpec, ...] = (
     RoleSpec("simulate", SOURCE, "pipeline.sources.simulate:build",
              "run only the fleet simulator, producing to Kafka",
              in_run=lambda cfg: cfg.daemon.source == "simulate", run_source="simulate",
-             outputs=(Topic.GPU, Topic.FACILITY, Topic.EVENTS, Topic.LABELS), options=(MQTT,)),
+             outputs=(Topic.GPU, Topic.FACILITY, Topic.EVENTS, Topic.LABELS, Topic.POWER_ACTIONS),
+             listens=(Topic.POWER_CAPS,), options=(MQTT,)),
     RoleSpec("agent", SOURCE, "pipeline.sources.nvml:build",
              "run only the NVML agent of this node's GPUs, producing to Kafka",
              in_run=lambda cfg: cfg.daemon.source == "nvml", run_source="nvml",
-             outputs=(Topic.GPU, Topic.EVENTS), options=(REPLAY,), preflight="pipeline.sources.nvml:preflight"),
+             outputs=(Topic.GPU, Topic.EVENTS, Topic.POWER_ACTIONS), listens=(Topic.POWER_CAPS,), options=(REPLAY,),
+             preflight="pipeline.sources.nvml:preflight"),
     RoleSpec("dcgm", SOURCE, "pipeline.sources.dcgm:build",
              "run only the DCGM exporter source (scrapes existing dcgm-exporter endpoints), producing to Kafka",
              in_run=lambda cfg: cfg.daemon.source == "dcgm", run_source="dcgm",
@@ -120,12 +126,13 @@ ROLE_TABLE: tuple[RoleSpec, ...] = (
     RoleSpec("detect", DETECT, "pipeline.roles.detect:build",
              "run only detection, consuming from and producing to Kafka (consumer group 'detect')",
              in_run=lambda cfg: True, inputs=(Topic.GPU, Topic.FACILITY, Topic.EVENTS), group="detect",
-             outputs=(Topic.ALERTS, Topic.HEALTH, Topic.EVENTS)),
+             outputs=(Topic.ALERTS, Topic.HEALTH, Topic.EVENTS, Topic.RACKS, Topic.STATE), listens=(Topic.STATE,),
+             tiers=(("detect-site", (Topic.RACKS,)),), transactional=True),
     RoleSpec("power", DETECT, "pipeline.roles.power:build",
              "run only the power role (demand response for fleet.site: requests in, caps out), consuming from "
              "Kafka (consumer group 'power'; one process per site); its requests: power request|status|cancel|report",
              in_run=lambda cfg: True, inputs=(Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS), group="power",
-             outputs=(Topic.POWER_CAPS, Topic.ALERTS, Topic.POWER_REPORTS), options=(DRY_RUN,),
+             outputs=(Topic.POWER_CAPS, Topic.ALERTS, Topic.POWER_REPORTS), listens=(Topic.ALERTS,), options=(DRY_RUN,),
              preflight="pipeline.roles.power:preflight"),
     RoleSpec("remediate", ACT, "pipeline.roles.remediate:build",
              "run only the remediation role (failing nodes out of service and back, dry-run unless --apply), "
@@ -134,7 +141,8 @@ ROLE_TABLE: tuple[RoleSpec, ...] = (
              outputs=(Topic.REMEDIATION, Topic.ALERTS), options=(APPLY,), preflight="pipeline.roles.remediate:preflight"),
     RoleSpec("archive", SINK, "pipeline.sinks.archive_sink:build",
              "run only the Parquet archive, consuming from Kafka (consumer group 'archive')",
-             in_run=lambda cfg: True, inputs=tuple(DATASET_OF_TOPIC), group="archive"),
+             in_run=lambda cfg: True, inputs=tuple(DATASET_OF_TOPIC), group="archive",
+             outputs=(Topic.ALERTS,)),  # FleetwatchArchiveFailing (sinks/archive_outage.py)
     RoleSpec("notify", SINK, "pipeline.sinks.notify_sink:build",
              "run only alert delivery, consuming from Kafka (consumer group 'notify')",
              in_run=lambda cfg: True, inputs=(Topic.ALERTS,), group="notify",

@@ -56,7 +56,8 @@ def build(ctx, spec):
                                    ctx.progress.detected)
     sub = ctx.bus.subscribe(list(spec.inputs), spec.group, transactional=True, align=True)
     site = ctx.site_engine = Engine(cfg, families=SITE_TIER)
-    site_sub = ctx.bus.subscribe([Topic.RACKS], f"{spec.group}-site", transactional=True, align=True,
+    ((site_group, site_topics),) = spec.tiers  # the site tier: rack summaries, in a group of its own
+    site_sub = ctx.bus.subscribe(list(site_topics), site_group, transactional=True, align=True,
                                  upstream=(spec.group, list(spec.inputs)))
     gate = ctx.gate(sub, spec.group)
 

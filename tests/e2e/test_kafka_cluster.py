@@ -101,7 +101,7 @@ def leaders(bootstrap: str, topic: str) -> set[int]:
 
 
 def test_three_brokers_replicate_and_a_broker_killed_mid_stream_loses_nothing(tmp_path):
-    """A 3-node KRaft cluster: the archive creates the topics with 3 replicas and min.insync 2
+    """A 3-node KRaft cluster: the archive creates its topics with 3 replicas and min.insync 2
     (nothing configured). The broker leading the first GPU partition is killed with SIGKILL
     while the simulator produces and the archive consumes; both go on, and every sample
     published is in the Parquet archive exactly once."""
@@ -117,7 +117,7 @@ def test_three_brokers_replicate_and_a_broker_killed_mid_stream_loses_nothing(tm
         wait_until(lambda: parquet_files(data, "gpu_samples") >= 3, 90, "the archive's first files", procs)
         gpu_topic = f"{prefix}fleetwatch.gpu"
         layout = asyncio.run(topic_layout(cluster.bootstrap, [gpu_topic, f"{prefix}fleetwatch.alerts",
-                                                              f"{prefix}fleetwatch.state"]))
+                                                              f"{prefix}fleetwatch.power.reports"]))
         for topic, about in layout.items():
             assert about["replicas"] == {3} and about["min_insync"] == "2", (topic, about)
         victim = layout[gpu_topic]["leaders"][0]
@@ -150,9 +150,13 @@ def test_three_brokers_replicate_and_a_broker_killed_mid_stream_loses_nothing(tm
 # ---------------------------------------------------------------- SASL_SSL
 
 
+# A user of its own for each role the pipeline test runs, with exactly `fleetwatch topics acls`'s rights.
+ROLE_USERS = {f"fw-{role}": f"{role[:3]}-{uuid.uuid4().hex[:12]}" for role in ("simulate", "detect", "archive", "notify")}
+
+
 @pytest.fixture(scope="module")
 def secure():
-    broker = SecureKafkaBroker(ADMIN_PASSWORD, AGENT_PASSWORD).start()
+    broker = SecureKafkaBroker(ADMIN_PASSWORD, AGENT_PASSWORD, users=ROLE_USERS).start()
     # The agent (a source: a node's collector) may write and describe Fleetwatch's topics, nothing else.
     broker.allow("--operation", "Write", "--operation", "Describe", "--topic", "*")
     yield broker
@@ -160,27 +164,55 @@ def secure():
 
 
 def secure_toml(broker: SecureKafkaBroker, folder: Path, user: str, **extra: str) -> Path:
-    """A config file for `user` over SASL_SSL: admin with PLAIN, agent with SCRAM-SHA-256 and
-    its password in a file (admin's comes from the environment)."""
+    """A config file for `user` over SASL_SSL: admin with PLAIN, the others with SCRAM-SHA-256
+    and their password in a file (admin's comes from the environment)."""
     lines = ["[kafka]", 'security_protocol = "SASL_SSL"', f'ssl_cafile = "{broker.tls["ca.pem"]}"',
              f'sasl_username = "{user}"']
-    if user == "agent":
-        (folder / "agent.password").write_text(AGENT_PASSWORD + "\n")
-        lines += ['sasl_mechanism = "SCRAM-SHA-256"', f'sasl_password_file = "{folder / "agent.password"}"']
+    if user != "admin":
+        (folder / f"{user}.password").write_text(broker.users[user] + "\n")
+        lines += ['sasl_mechanism = "SCRAM-SHA-256"', f'sasl_password_file = "{folder / f"{user}.password"}"']
     lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
     path = folder / f"{user}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def grant(broker: SecureKafkaBroker, user: str, acls: list[dict]) -> None:
+    """`fleetwatch topics acls --json`'s rights for `user`: one AclCommand a kind of right."""
+    kinds: dict[tuple[str, str, str], list[str]] = {}
+    for a in acls:
+        kinds.setdefault((a["operation"], a["resource"], a["pattern"]), []).append(a["name"])
+    for (operation, resource, pattern), names in kinds.items():
+        broker.allow("--operation", operation, "--resource-pattern-type", pattern,
+                     *[arg for name in names for arg in (f"--{resource}", name)], user=user)
+
+
+async def write_an_alert(broker: SecureKafkaBroker, folder: Path, user: str, prefix: str) -> BaseException | None:
+    """What the broker answers `user` writing to the alerts topic (None: it took it)."""
+    from aiokafka import AIOKafkaProducer
+
+    from pipeline.bus.kafka_settings import client_settings
+    cfg = load_config(secure_toml(broker, folder, user), env={}, overrides={"kafka": {"bootstrap": broker.bootstrap}})
+    producer = AIOKafkaProducer(**client_settings(cfg.kafka), request_timeout_ms=10000)
+    await producer.start()
+    try:
+        await producer.send_and_wait(f"{prefix}fleetwatch.alerts", b"not an alert")
+    except Exception as e:
+        return e
+    finally:
+        await producer.stop()
+    return None
+
+
 def test_every_role_connects_over_sasl_ssl_and_no_password_shows(secure, tmp_path):
-    """`fleetwatch topics create` (admin) makes the topics once; the simulator runs as the agent
-    (SCRAM, no right to create topics), detect, archive and notify as admin (PLAIN), each a
-    process, every one connecting to the SASL_SSL listener only. Every sample is archived
-    exactly once, alerts reach alerts.jsonl, and neither password is in any output."""
+    """`fleetwatch topics create` (admin, PLAIN) makes the topics once; the simulator, detect,
+    archive and notify each run as a user of their own (SCRAM) with exactly the rights
+    `fleetwatch topics acls` prints for it, each a process, every one connecting to the SASL_SSL
+    listener only. Every sample is archived exactly once, alerts reach alerts.jsonl, no role was
+    refused anything, the simulator's user may not write an alert, and no password is in any
+    output."""
     prefix = f"s{uuid.uuid4().hex[:6]}."
     admin_cfg = secure_toml(secure, tmp_path, "admin")
-    agent_cfg = secure_toml(secure, tmp_path, "agent")
     env = clean_env(FLEETWATCH_KAFKA__TOPIC_PREFIX=prefix, FLEETWATCH_KAFKA__PARTITIONS="3")
     admin_env = env | {PASSWORD_ENV: ADMIN_PASSWORD}
     outputs = []
@@ -192,15 +224,14 @@ def test_every_role_connects_over_sasl_ssl_and_no_password_shows(secure, tmp_pat
     assert f"created {prefix}fleetwatch.gpu: 3 partitions, replication factor 1, min.insync.replicas 1" \
         in created.stdout
     assert created.stdout.count("created ") == len(topic_specs(3, 24))
+    roles = ("simulate", "detect", "archive", "notify")
+    rights = fleetwatch("topics", "acls", "--json", "--principal", "User:fw-{role}", *roles, env=env)
+    assert rights.returncode == 0, rights.stderr
+    for role, granted in json.loads(rights.stdout).items():
+        grant(secure, f"fw-{role}", granted["acls"])
 
-    procs = {"detect": start_role("detect", tmp_path, admin_env, "--config", str(admin_cfg), "--kafka",
-                                  secure.bootstrap),
-             "archive": start_role("archive", tmp_path, admin_env, "--config", str(admin_cfg), "--kafka",
-                                   secure.bootstrap),
-             "notify": start_role("notify", tmp_path, admin_env, "--config", str(admin_cfg), "--kafka",
-                                  secure.bootstrap),
-             "simulate": start_role("simulate", tmp_path, env, "--config", str(agent_cfg), "--kafka",
-                                    secure.bootstrap)}
+    procs = {role: start_role(role, tmp_path, env, "--config", str(secure_toml(secure, tmp_path, f"fw-{role}")),
+                              "--kafka", secure.bootstrap) for role in ("detect", "archive", "notify", "simulate")}
     alerts_log = tmp_path / "data" / "alerts.jsonl"
 
     def detected_alerts() -> int:
@@ -221,6 +252,10 @@ def test_every_role_connects_over_sasl_ssl_and_no_password_shows(secure, tmp_pat
     assert raised >= 1 and detected_alerts() >= 1  # alerts flowed detect -> notify (exact counts: test_kafka.py)
     assert archived(tmp_path / "data", "alerts").height == len(alerts_log.read_text().splitlines())
     assert "not allowed to create" not in logs["simulate"]  # the topics were there
+    for role, log in logs.items():  # (Kafka's refusals: TOPIC_/GROUP_/TRANSACTIONAL_ID_AUTHORIZATION_FAILED)
+        assert "AUTHORIZATION_FAILED" not in log.upper() and "not authorized" not in log.lower(), (role, log[-3000:])
+    refused = asyncio.run(write_an_alert(secure, tmp_path, "fw-simulate", prefix))
+    assert type(refused).__name__ == "TopicAuthorizationFailedError", refused
 
     # Run again with a longer retention: the existing topics are updated, not created.
     again = fleetwatch("topics", "create", "--config", str(admin_cfg), "--kafka", secure.bootstrap,
