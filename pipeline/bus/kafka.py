@@ -28,8 +28,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import collections
+import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import (ClusterAuthorizationFailedError, KafkaConnectionError, KafkaTimeoutError,
-                            TopicAlreadyExistsError, TopicAuthorizationFailedError, for_code)
+from aiokafka.errors import (ClusterAuthorizationFailedError, GroupAuthorizationFailedError, KafkaConnectionError,
+                            KafkaTimeoutError, TopicAlreadyExistsError, TopicAuthorizationFailedError,
+                            TransactionalIdAuthorizationFailed, for_code)
 from aiokafka.errors import (CommitFailedError, IllegalOperation, IllegalStateError, InvalidProducerEpoch, KafkaError,
                             ProducerFenced, RebalanceInProgressError)
 
@@ -142,6 +144,19 @@ async def _stop_producer(producer: AIOKafkaProducer) -> None:
         await asyncio.wait_for(producer.stop(), STOP_PRODUCER_S)
 
 
+# The broker's refusals for want of a right: no retry helps; the process ends saying what to grant.
+_REFUSED = (TopicAuthorizationFailedError, GroupAuthorizationFailedError, TransactionalIdAuthorizationFailed,
+            ClusterAuthorizationFailedError)
+
+
+def refused(bus: "KafkaBus", error: BaseException, what: str) -> ConfigError:
+    """A refusal as the error the process ends with (status 2: a supervisor does not retry it)."""
+    user = bus.client_settings.get("sasl_plain_username")
+    return ConfigError(f"Kafka at {bus.bootstrap} refused {f'user {user!r}' if user else 'this process'} {what} "
+                       f"({type(error).__name__}): grant its roles' rights, which `fleetwatch topics acls ROLE` "
+                       f"prints (docs/kafka.md#users-and-acls)")
+
+
 class _Rebalance(ConsumerRebalanceListener):
     """Before partitions move to another consumer, the role makes its output durable
     and commits, so the new owner starts exactly where this one stopped."""
@@ -165,7 +180,12 @@ class _Rebalance(ConsumerRebalanceListener):
                                     # also where a hook failed and release() never ran)
         if assigned:
             partitions = {tp.partition for tp in assigned}
-            await self.sub.claim(partitions)  # fences a previous owner before its state is read
+            try:
+                await self.sub.claim(partitions)  # fences a previous owner before its state is read
+            except _REFUSED as e:  # (aiokafka logs a listener's error and goes on: the role would wait for ever)
+                self.sub.refused = refused(self.sub.bus, e, f"its transactional ids "
+                                                           f"{self.sub.bus.wire_group(self.sub.group)}-p*")
+                return
             for hook in self.sub.on_assigned:
                 await hook(partitions)
             self.sub.ready |= partitions
@@ -183,6 +203,7 @@ class KafkaSubscription:
         self.before_revoke: list = []  # async callables(partitions): make output durable (then we commit)
         self.assignments = 0           # how many times partitions were (re)assigned
         self.holds_input = True        # what is not committed waits on Kafka: reading can pause
+        self.refused: ConfigError | None = None  # the broker refused a right the rebalance needed
         self.consumer = AIOKafkaConsumer(
             group_id=bus.wire_group(group), client_id=f"{bus.client_id}-{group}", enable_auto_commit=False,
             auto_offset_reset="earliest", isolation_level="read_committed",
@@ -223,7 +244,11 @@ class KafkaSubscription:
                                         transaction_timeout_ms=10_000, **self.bus.producer_settings,
                                         **self.bus.client_settings)
             _back_off_metadata(producer.client)
-            await producer.start()
+            try:
+                await producer.start()
+            except BaseException:
+                await _stop_producer(producer)
+                raise
             await producer.begin_transaction()  # waits for the producer id: the previous owner is fenced now
             self.producers[p] = producer
             self._in_transaction.add(p)
@@ -304,12 +329,18 @@ class KafkaSubscription:
 
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         await self._start()
+        if self.refused is not None:
+            raise self.refused
         if self._rejoin:  # the group assigns the lost partitions anew: their owner restores them
             self._rejoin = False
             self.consumer.unsubscribe()
             self.consumer.subscribe([self.bus.wire(t) for t in self.topics], listener=_Rebalance(self))
-        records = await self.consumer.getmany(timeout_ms=int(1000 * (timeout_s if timeout_s is not None else 1.0)),
-                                              max_records=max_messages)
+        try:
+            records = await self.consumer.getmany(timeout_ms=int(1000 * (timeout_s if timeout_s is not None else 1.0)),
+                                                  max_records=max_messages)
+        except _REFUSED as e:
+            raise refused(self.bus, e, f"reading {', '.join(self.bus.wire(t) for t in self.topics)} in group "
+                                       f"{self.bus.wire_group(self.group)}") from None
         # aiokafka fetches a partition as soon as it is assigned, maybe before the rebalance
         # listener has set it up (its producer, its restored state): wait for that.
         for tp in records:
@@ -619,6 +650,7 @@ class KafkaBus:
         _back_off_metadata(self.producer.client)
         self.subscriptions: list[KafkaSubscription] = []
         self.end_offsets: dict[TopicPartition, int] = {}
+        self.refused: ConfigError | None = None  # a write the broker refused for want of a right
         # publish() -> outbox -> _pump() -> producer (which holds one batch per partition).
         self._outbox: collections.deque[tuple] = collections.deque()
         self._outbox_bytes = 0
@@ -656,7 +688,10 @@ class KafkaBus:
         """Reach the brokers (retrying: they may be starting too), create missing topics
         (kafka.create_topics) or check that they exist."""
         await self.connect(self.ensure_topics if self.topic_settings.create_topics else self.check_topics)
-        await self.producer.start()
+        try:
+            await self.producer.start()
+        except _REFUSED as e:  # (an idempotent producer's id: WRITE on at least one topic grants it)
+            raise refused(self, e, "a producer id (a user needs WRITE on at least one topic)") from None
         try:  # how many partitions each topic has, for the producer's first messages (partition_count)
             cluster = await self.producer.client.fetch_all_metadata()
             self._counts = {t: len(found) for t in self.specs if (found := cluster.partitions_for_topic(self.wire(t)))}
@@ -822,6 +857,8 @@ class KafkaBus:
         return self.wire(message.topic), value, message.key.encode() if message.key else None, headers
 
     async def publish(self, message: Message, partition: int | None = None) -> None:
+        if self.refused is not None:
+            raise self.refused
         topic, value, key, headers = self.record(message)
         await self._room.wait()
         self._outbox.append((topic, value, key, headers, partition))
@@ -853,9 +890,17 @@ class KafkaBus:
             if self._outbox_bytes < self.outbox_limit:
                 self._room.set()
             self._in_flight.append(delivery)
+            delivery.add_done_callback(functools.partial(self._delivered, topic))
             if len(self._in_flight) >= 10_000:  # keep the list short; failures are counted
                 self._check(d for d in self._in_flight if d.done())
                 self._in_flight = [d for d in self._in_flight if not d.done()]
+
+    def _delivered(self, topic: str, delivery: asyncio.Future) -> None:
+        """A write the broker refused for want of a right: the next publish raises it (a source had
+        gone on publishing, every message failing, counted only)."""
+        e = None if delivery.cancelled() else delivery.exception()
+        if isinstance(e, _REFUSED) and self.refused is None:
+            self.refused = refused(self, e, f"a write to {topic}")
 
     def taking_messages(self, stuck_after_s: float = 5.0) -> bool:
         """False while the producer has waited more than stuck_after_s for the broker to take a
@@ -909,6 +954,8 @@ class KafkaBus:
 
     def _check(self, deliveries) -> list[BaseException]:
         failed = [d.exception() for d in deliveries if d.exception() is not None]
+        if self.refused is None and (first := next((e for e in failed if isinstance(e, _REFUSED)), None)):
+            self.refused = refused(self, first, "a write")
         if failed and self.delivery_failures == 0:
             log.error("Kafka rejected messages (not retriable): %r; counted as delivery failures", failed[0])
         self.delivery_failures += len(failed)
@@ -924,6 +971,8 @@ class KafkaBus:
         in_flight, self._in_flight = self._in_flight, []
         await asyncio.gather(*in_flight, return_exceptions=True)
         failed = self._check(in_flight)
+        if self.refused is not None:
+            raise self.refused
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(in_flight)} messages were not delivered to Kafka: {failed[0]!r}")
 
@@ -1085,8 +1134,12 @@ class KafkaListener:
             log.warning("%s has %d partitions now, not %d: listening to the partitions of %s again",
                         self.bus.wire(self.topic), len(found), self.count, ", ".join(self.keys) or "every key")
             await self._assign(self.consumer, self.bus.partition_count(self.topic, found))
-        records = await self.consumer.getmany(timeout_ms=int(1000 * (timeout_s if timeout_s is not None else 1.0)),
-                                              max_records=max_messages)
+        try:
+            records = await self.consumer.getmany(timeout_ms=int(1000 * (timeout_s if timeout_s is not None else 1.0)),
+                                                  max_records=max_messages)
+        except _REFUSED as e:
+            raise refused(self.bus, e, f"reading {', '.join(self.bus.wire(t) for t in self.topics)} in group "
+                                       f"{self.bus.wire_group(self.group)}") from None
         out = []
         for tp, batch in records.items():
             for rec in batch:

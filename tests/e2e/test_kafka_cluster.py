@@ -151,7 +151,8 @@ def test_three_brokers_replicate_and_a_broker_killed_mid_stream_loses_nothing(tm
 
 
 # A user of its own for each role the pipeline test runs, with exactly `fleetwatch topics acls`'s rights.
-ROLE_USERS = {f"fw-{role}": f"{role[:3]}-{uuid.uuid4().hex[:12]}" for role in ("simulate", "detect", "archive", "notify")}
+ROLE_USERS = {f"fw-{role}": f"{role[:3]}-{uuid.uuid4().hex[:12]}"
+              for role in ("simulate", "detect", "archive", "notify", "nobody")}  # (nobody: granted nothing)
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +301,36 @@ def test_a_user_without_the_create_right_warns_once_and_goes_on(secure, tmp_path
     r = fleetwatch("topics", "create", "--config", str(agent_cfg), "--kafka", secure.bootstrap, timeout=120)
     assert r.returncode == 1 and f"not created {prefix}fleetwatch.gpu: TOPIC_AUTHORIZATION_FAILED" in r.stdout
     assert "this user may not create topics" in r.stderr and AGENT_PASSWORD not in r.stdout + r.stderr
+
+
+def test_a_role_refused_a_right_ends_saying_what_to_grant(secure, tmp_path):
+    """Without its rights a role had gone on doing nothing: detect's transactional producers were
+    refused inside aiokafka's rebalance listener, which logs and goes on (detect waited for ever),
+    and a source's every write failed, counted only. Each now ends (status 2, which a supervisor
+    does not retry) naming the user and where to find what to grant."""
+    prefix = f"r{uuid.uuid4().hex[:6]}."
+    env = clean_env(FLEETWATCH_KAFKA__TOPIC_PREFIX=prefix, FLEETWATCH_KAFKA__PARTITIONS="3",
+                    FLEETWATCH_KAFKA__CREATE_TOPICS="false")
+    created = fleetwatch("topics", "create", "--config", str(secure_toml(secure, tmp_path, "admin")), "--kafka",
+                         secure.bootstrap, env=env | {PASSWORD_ENV: ADMIN_PASSWORD}, timeout=120)
+    assert created.returncode == 0, created.stderr[-3000:]
+    rights = json.loads(fleetwatch("topics", "acls", "--json", "detect", env=env).stdout)["detect"]["acls"]
+    grant(secure, "fw-detect", [a for a in rights if a["resource"] != "transactional-id"])
+    detect = fleetwatch("detect", "--config", str(secure_toml(secure, tmp_path, "fw-detect")), "--kafka",
+                        secure.bootstrap, "--duration", "120", "--data-dir", str(tmp_path / "d"), env=env, timeout=180)
+    assert detect.returncode == 2, detect.stderr[-3000:]
+    assert re.search(rf"refused user 'fw-detect' its transactional ids {re.escape(prefix)}fleetwatch\.detect(-site)?"
+                     rf"-p\* \(TransactionalIdAuthorizationFailed\): grant its roles' rights, which `fleetwatch "
+                     rf"topics acls ROLE` prints", detect.stderr), detect.stderr[-3000:]
+    source = fleetwatch("simulate", "--config", str(secure_toml(secure, tmp_path, "fw-detect")), "--kafka",
+                        secure.bootstrap, "--duration", "120", "--data-dir", str(tmp_path / "s"), env=env, timeout=180)
+    assert source.returncode == 2, source.stderr[-3000:]
+    assert "refused user 'fw-detect' a write to" in source.stderr and "TopicAuthorizationFailedError" in source.stderr
+    nobody = fleetwatch("simulate", "--config", str(secure_toml(secure, tmp_path, "fw-nobody")), "--kafka",
+                        secure.bootstrap, "--duration", "120", "--data-dir", str(tmp_path / "n"), env=env, timeout=180)
+    assert nobody.returncode == 2 and "refused user 'fw-nobody' a producer id" in nobody.stderr, nobody.stderr[-3000:]
+    said = detect.stderr + source.stderr + nobody.stderr
+    assert "Traceback" not in said and all(password not in said for password in ROLE_USERS.values())
 
 
 def test_topics_create_says_when_the_broker_is_unreachable(tmp_path):
