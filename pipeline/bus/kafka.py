@@ -157,6 +157,15 @@ def refused(bus: "KafkaBus", error: BaseException, what: str) -> ConfigError:
                        f"prints (docs/kafka.md#users-and-acls)")
 
 
+async def _getmany(bus: "KafkaBus", consumer: AIOKafkaConsumer, timeout_s: float | None, max_messages: int,
+                   what: str) -> dict:
+    try:
+        return await consumer.getmany(timeout_ms=int(1000 * (timeout_s if timeout_s is not None else 1.0)),
+                                      max_records=max_messages)
+    except _REFUSED as e:
+        raise refused(bus, e, what) from None
+
+
 class _Rebalance(ConsumerRebalanceListener):
     """Before partitions move to another consumer, the role makes its output durable
     and commits, so the new owner starts exactly where this one stopped."""
@@ -335,12 +344,9 @@ class KafkaSubscription:
             self._rejoin = False
             self.consumer.unsubscribe()
             self.consumer.subscribe([self.bus.wire(t) for t in self.topics], listener=_Rebalance(self))
-        try:
-            records = await self.consumer.getmany(timeout_ms=int(1000 * (timeout_s if timeout_s is not None else 1.0)),
-                                                  max_records=max_messages)
-        except _REFUSED as e:
-            raise refused(self.bus, e, f"reading {', '.join(self.bus.wire(t) for t in self.topics)} in group "
-                                       f"{self.bus.wire_group(self.group)}") from None
+        records = await _getmany(self.bus, self.consumer, timeout_s, max_messages,
+                                 f"reading {', '.join(self.bus.wire(t) for t in self.topics)} in group "
+                                 f"{self.bus.wire_group(self.group)}")
         # aiokafka fetches a partition as soon as it is assigned, maybe before the rebalance
         # listener has set it up (its producer, its restored state): wait for that.
         for tp in records:
@@ -1134,12 +1140,8 @@ class KafkaListener:
             log.warning("%s has %d partitions now, not %d: listening to the partitions of %s again",
                         self.bus.wire(self.topic), len(found), self.count, ", ".join(self.keys) or "every key")
             await self._assign(self.consumer, self.bus.partition_count(self.topic, found))
-        try:
-            records = await self.consumer.getmany(timeout_ms=int(1000 * (timeout_s if timeout_s is not None else 1.0)),
-                                                  max_records=max_messages)
-        except _REFUSED as e:
-            raise refused(self.bus, e, f"reading {', '.join(self.bus.wire(t) for t in self.topics)} in group "
-                                       f"{self.bus.wire_group(self.group)}") from None
+        records = await _getmany(self.bus, self.consumer, timeout_s, max_messages,
+                                 f"reading {self.bus.wire(self.topic)}")
         out = []
         for tp, batch in records.items():
             for rec in batch:
