@@ -308,7 +308,8 @@ class MqttConfig:
     tls: bool = _spec(False, doc="connect over TLS (mqtts, usually port 8883), verifying the broker's certificate "
                       "against the system's CAs or ca_file; on where ca_file or cert_file is set")
     ca_file: str = _spec("", doc="CA bundle (PEM) for the broker's certificate; empty = the system's")
-    cert_file: str = _spec("", doc="client certificate (PEM) for a broker that asks for one (mutual TLS)")
+    cert_file: str = _spec("", doc="client certificate (PEM) for a broker that asks for one (mutual TLS); read "
+                           "again at the next connection when it changes on disk")
     key_file: str = _spec("", doc="the client certificate's key (PEM, unencrypted); empty = in cert_file")
 
 

@@ -404,9 +404,9 @@ class Mosquitto(Service):
     stop_timeout_s = 10.0
 
     def __init__(self, workdir: Path | None = None, users: dict[str, str] | None = None,
-                 tls: dict[str, Path] | None = None) -> None:
+                 tls: dict[str, Path] | None = None, client_ca: Path | None = None) -> None:
         """users: name -> password, and no anonymous client; tls: self_signed_tls's files, the
-        listener speaks TLS only."""
+        listener speaks TLS only; client_ca: and takes only clients with a certificate that CA signed."""
         super().__init__()
         self.binary = mosquitto_binary()
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="mosquitto-"))
@@ -423,7 +423,8 @@ class Mosquitto(Service):
                                 name, password], check=True, capture_output=True)
             access = ["allow_anonymous false", f"password_file {passwords}"]
         if tls:
-            access += [f"cafile {tls['ca.pem']}", f"certfile {tls['server.pem']}", f"keyfile {tls['server.key']}"]
+            access += [f"cafile {client_ca or tls['ca.pem']}", f"certfile {tls['server.pem']}",
+                       f"keyfile {tls['server.key']}", *(["require_certificate true"] if client_ca else [])]
         self.config.write_text("\n".join([
             f"listener {self.port} 127.0.0.1",
             *access,

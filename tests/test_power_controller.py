@@ -499,6 +499,28 @@ def test_meter_readings_that_come_late_are_measured():
     assert len(out.shed_kw) >= 290 and out.met, (len(out.shed_kw), out.reached_s)
 
 
+def test_a_meter_backlog_sent_behind_its_live_readings_is_not_measured_again():
+    """A BMS gateway back from an outage sends its backlog behind its live readings (the
+    facility collector takes it, for the archive): the meter's older readings had entered the
+    measure as if they were new, and the site's power was read from one a minute old."""
+    sim, ctl = fleet()
+    out = ctl.submit(request(400, 10, duration_s=300))
+    sent = []
+    for i in range(720):
+        tick = sim.step()
+        meter = tick.facility.filter(pc.equal(tick.facility.column("device_class"), "meter"))
+        sent.append(meter)
+        ctl.observe_gpus(tick.gpu)
+        ctl.observe_facility(tick.facility)
+        if 400 <= i < 460:  # in the hold: each second, the reading of a minute before again
+            ctl.observe_facility(sent[i - 60])
+        if i % INTERVAL == 0:
+            ctl.step(sim.now)
+    times = [t for t, _, _ in ctl.meter]
+    assert times == sorted(times) and times[-1] == max(sent[-1].column("ts").to_pylist())
+    assert out.met and all(np.isfinite(out.minute_means()))
+
+
 @pytest.mark.parametrize("change", ["gone", "replaced"])
 def test_gpus_that_stop_reporting_leave_the_request_and_new_ones_join_it(change):
     """Mid-hold a capped node's GPUs stop reporting (its job ends as its node is drained: "gone"),

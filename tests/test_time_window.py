@@ -181,3 +181,19 @@ def test_without_a_limit_ahead_a_future_reading_still_hides_nothing(tmp_path):
     read(c, T0_NS, T0_NS + DAY_NS, *later)
     rows = c.take_batch().column("ts").cast(pa.int64()).to_pylist()
     assert rows == [T0_NS, T0_NS + DAY_NS, *later] and c.stats.duplicates == 0
+
+
+def test_a_gateways_backlog_behind_its_live_readings_is_taken_and_a_redelivery_is_not(tmp_path):
+    """A store-and-forward BMS gateway back from an outage sends its backlog, maybe behind its
+    live readings: every one of it had been dropped as a duplicate (older than the point's
+    newest). It is taken now; a redelivery of a recent reading, and the broker's retained one
+    sent again at a subscription, are still duplicates."""
+    c = collector(tmp_path)
+    live = [T0_NS + k * 10**9 for k in range(10)]
+    backlog = [T0_NS - (100 - k) * 10**9 for k in range(10)]
+    read(c, *live, *backlog)
+    read(c, live[5], backlog[3])  # QoS 1 redeliveries after a reconnect
+    c.handle(READING, encode_reading(30.0, T0_NS - 50 * 10**9, 1, False), retained=True)  # the broker's last
+    rows = c.take_batch().column("ts").cast(pa.int64()).to_pylist()
+    assert rows == live + backlog
+    assert c.stats.backfilled == 10 and c.stats.duplicates == 3

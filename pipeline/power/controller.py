@@ -450,6 +450,9 @@ class Controller:
         self.it: deque[tuple[datetime, float, float]] = deque()  # (ts, meter kW, the PDUs' sum kW) per scrape
         self.pdu: dict[str, tuple[datetime, float, float]] = {}  # rack -> its latest PDU reading: (ts, kW, instant kW)
         self.counters: dict[tuple[str, str], Counter] = {}  # (device class, device) -> its energy counter
+        # (device class, device, power or counter) -> its newest reading's time: an older one (a BMS gateway's
+        # backlog, sent after its live readings) is archived, but not measured here, where time runs forward
+        self.newest: dict[tuple[str, str, bool], datetime] = {}
         self.pdu_at = np.zeros(0)            # per rack (GpuTable.rack_ix): self.pdu's time, unix s (_pdu_read_at)
         self.pdu_then: deque[tuple[float, float, float]] = deque()  # at each PDUs' reading: (unix s, their
                                              # sum kW, what the caps changed in it kW during a request)
@@ -613,6 +616,9 @@ class Controller:
                     rows.column("value").to_pylist()), key=lambda r: (r[0], r[1])):
                 if value is None or not math.isfinite(value):  # (a meter's NaN is no reading: it would
                     continue                                     # poison every mean it entered)
+                if (last := self.newest.get((cls, device, power))) is not None and ts <= last:
+                    continue
+                self.newest[(cls, device, power)] = ts
                 counter = self.counters.setdefault((cls, device), Counter()) if means else None
                 if not power:
                     if counter is not None:

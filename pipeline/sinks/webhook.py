@@ -25,13 +25,14 @@ import ssl
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from pipeline import __version__
-from pipeline.config import AlertsConfig, ConfigError, ReceiverConfig, load_client_cert, read_secret
+from pipeline.config import AlertsConfig, ConfigError, ReceiverConfig, read_secret
 from pipeline.redact import hide_secret, redact_text, redact_url
 from pipeline.sinks.receivers import receiver_kind
+from pipeline.tls import ClientCert
 
 log = logging.getLogger(__name__)
 
@@ -61,48 +62,6 @@ class Bearer:
 
 
 _TOKEN = re.compile(rb"[\x21-\x7e]+")  # what an HTTP header can carry as one token
-
-
-@dataclass(eq=False)
-class ClientCert:
-    """The client certificate of a mutual-TLS receiver and the SSL context that holds it, made again
-    when its files change on disk (a renewed certificate: cert-manager, an ACME client) for the next
-    connection. A context is swapped in only once the new files load: a renewal half written, or
-    with a key of another certificate, keeps the one before (said once)."""
-    cert_file: str
-    key_file: str
-    make_context: Callable[[], ssl.SSLContext] = field(repr=False)  # the receiver's CA and verification
-    context: ssl.SSLContext | None = field(default=None, repr=False)
-    loaded: tuple[int, int] = (0, 0)  # the files' mtimes when loaded
-    said: tuple[int, int] = (0, 0)
-
-    def stamp(self) -> tuple[int, int]:
-        return tuple(os.stat(f).st_mtime_ns if f else 0 for f in (self.cert_file, self.key_file))  # type: ignore
-
-    def load(self) -> None:
-        """A context with the files' certificate and key (ssl.SSLError, OSError or ValueError where they
-        are not a certificate and its unencrypted key); the one before stays where they are not."""
-        stamp = self.stamp()
-        context = self.make_context()
-        load_client_cert(context, self.cert_file, self.key_file)
-        self.context, self.loaded = context, stamp
-
-    def refresh(self, name: str) -> None:
-        try:
-            if self.stamp() == self.loaded:
-                return
-            self.load()
-            log.info("receiver %s: the client certificate %s changed on disk: loaded", name, self.cert_file)
-        except (ssl.SSLError, OSError, ValueError) as e:
-            try:
-                stamp = self.stamp()
-            except OSError:
-                stamp = (-1, -1)
-            if stamp != self.said:
-                self.said = stamp
-                log.error("receiver %s: the client certificate %s changed but does not load (%s): the one loaded "
-                          "before is used", name, self.cert_file, e)
-
 
 
 @dataclass(frozen=True)
@@ -382,7 +341,7 @@ class Client:
             if self._https:
                 context, cert = self.receiver.ssl_context, self.receiver.client_cert
                 if cert is not None:
-                    cert.refresh(self.receiver.name)
+                    cert.refresh(f"receiver {self.receiver.name}")
                     context = cert.context
                 self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s,
                                                          context=context)

@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from pipeline.sources.bms_tree import DEFAULT_ROOT, STATE_METRICS, UNITS, Conversion, encode_meta, encode_reading, \
     reading_topic
-from pipeline.sources.mqtt import Backoff, Outages, until_first_error, while_connected
+from pipeline.sources.mqtt import Backoff, Outages, client_options, until_first_error, while_connected
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class BmsPublisher:
             try:
                 async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=False,
                                           keepalive=self.keepalive_s, max_inflight_messages=self.window,
-                                          **self.connect) as client:
+                                          **client_options(self.connect, f"MQTT {self.host}:{self.port}")) as client:
                     client.pending_calls_threshold = self.window + 1  # a window in flight is the plan, not a warning
                     down_s = outages.up()
                     if down_s is not None:

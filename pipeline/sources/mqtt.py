@@ -17,9 +17,14 @@ as `facility_sample` record batches.
   META_GRACE_S, MAX_WAITING readings in all): a restarted collector knows no point, and the
   broker sends the readings it queued for the session, and a retained reading, before the
   retained metadata its subscription brings.
-- No duplicates: the last timestamp of each point is kept (at most `max_points`
-  points) and a reading not newer than it is dropped and counted (a QoS 1
-  redelivery or a resend after a reconnect).
+- No duplicates: each point's newest time and the times of its last RECENT readings are
+  kept (at most `max_points` points); a reading at one of those times, or the broker's
+  retained one when it is not newer (sent again at each subscription), is dropped and
+  counted (a QoS 1 redelivery or a resend after a reconnect). Any other older reading is a store-and-forward
+  gateway's backlog, sent after it reconnected (maybe behind its live readings): taken,
+  and counted (`backfilled`). A backlog reading older than the point's last RECENT
+  ones that was taken before, and is sent again, is taken twice: rare, and the archive's
+  readers dedupe by time; a backlog dropped is lost for good.
 - Time that lies: a reading stamped outside `window` (bus/intake.py TimeWindow: by
   default more than 5 minutes ahead of the receiver's clock) is dead-lettered
   (time_ahead, too_old), and a reading ahead of the clock within it makes dedupe
@@ -57,6 +62,7 @@ import logging
 import math
 import random
 import time
+from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +81,7 @@ from pipeline.waits import wait_any, wait_set
 log = logging.getLogger(__name__)
 
 Publish = Callable[[pa.RecordBatch], Awaitable[None]]
+RECENT = 32  # readings per point remembered by time: a redelivery among them is a duplicate (8 bytes each)
 META_GRACE_S = 60.0   # a reading waits this long for its point's metadata before it is dead-lettered
 # Rows held while `publish` is slow (the bus full), in max_batch_rows: past it the collector leaves the
 # broker to queue (a persistent session), rather than read and acknowledge into its own memory.
@@ -164,7 +171,8 @@ class CollectorStats:
     metadata: int = 0     # metadata messages accepted
     rows: int = 0         # rows handed to publish
     batches: int = 0
-    duplicates: int = 0   # readings not newer than their point's last one: dropped
+    duplicates: int = 0   # readings seen already (retained, or one of the point's last RECENT): dropped
+    backfilled: int = 0   # readings older than their point's newest, not seen before (a gateway's backlog): taken
     reconnects: int = 0   # connections after the first
     dead_letters: dict[str, int] = field(default_factory=dict)  # reason -> messages
     dead_letters_unwritten: int = 0  # of those, not written to the file (it could not be written)
@@ -180,6 +188,12 @@ class _Point:
     meta: PointMeta
     last_ns: int = -1       # the newest reading's time, at most the receiver's clock then
     last_raw_ns: int = -1   # the newest reading's own time
+    recent: array = field(default_factory=lambda: array("q", [-1] * RECENT))  # the last taken readings' times
+    next_slot: int = 0      # (recent is a ring)
+
+    def took(self, ts: int) -> None:
+        self.recent[self.next_slot] = ts
+        self.next_slot = (self.next_slot + 1) % RECENT
 
 
 class DeadLetterFile:
@@ -269,7 +283,8 @@ class MqttCollector:
         self.dead_letters = DeadLetterFile(dead_letter_path, dead_letter_rotation)
         self._points: dict[str, _Point] = {}       # reading topic -> point
         self._bad_units: dict[str, Rejected] = {}  # reading topic -> why its metadata was refused
-        self._waiting: dict[str, collections.deque[tuple[float, bytes]]] = {}  # reading topic -> (arrived, payload)
+        # reading topic -> (arrived, payload, retained)
+        self._waiting: dict[str, collections.deque[tuple[float, bytes, bool]]] = {}
         self._orphans: set[str] = set()  # topics whose readings waited out META_GRACE_S: no wait any more
         self.waiting = 0                           # readings waiting for their point's metadata
         self.clock = time.monotonic                # (tests move it)
@@ -288,21 +303,22 @@ class MqttCollector:
 
     # ---- the per-message path (no network) ---------------------------------------------
 
-    def handle(self, topic: str, payload: bytes) -> None:
-        """Take one message: a row, a point's metadata, a dropped duplicate, or a dead letter."""
+    def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """Take one message: a row, a point's metadata, a dropped duplicate, or a dead letter.
+        `retained`: the broker's stored last reading, sent at each subscription, never a backlog."""
         if topic.startswith(self._power_branch):  # the power role's requests and answers, not readings
             return
         self.stats.messages += 1
         point = self._points.get(topic)
         if point is None:
             try:
-                self._unknown_topic(topic, payload)
+                self._unknown_topic(topic, payload, retained)
             except Rejected as e:
                 self._dead_letter(topic, payload, e)
             return
-        self._reading(topic, point, payload)
+        self._reading(topic, point, payload, retained)
 
-    def _reading(self, topic: str, point: _Point, payload: bytes) -> None:
+    def _reading(self, topic: str, point: _Point, payload: bytes, retained: bool = False) -> None:
         try:
             ts, value, quality = decode_reading(payload, point.meta)
             late = self.window.judge(ts)
@@ -311,13 +327,17 @@ class MqttCollector:
         except Rejected as e:
             self._dead_letter(topic, payload, e)
             return
-        if ts <= point.last_ns or ts == point.last_raw_ns:
+        if ts == point.last_raw_ns or ts in point.recent or retained and ts <= point.last_ns:
             self.stats.duplicates += 1
             return
-        # A reading ahead of the receiver's clock is taken (within the window), but as "the
-        # newest seen" only the clock's time is remembered: dedupe never trusts a future
-        # timestamp. Its own time still catches a second copy of it.
-        point.last_ns, point.last_raw_ns = min(ts, int(self.window.now() * 1e9)), ts
+        if ts <= point.last_ns:  # older than the newest, never seen: a gateway's backlog
+            self.stats.backfilled += 1
+        else:
+            # A reading ahead of the receiver's clock is taken (within the window), but as "the
+            # newest seen" only the clock's time is remembered: dedupe never trusts a future
+            # timestamp. Its own time still catches a second copy of it.
+            point.last_ns, point.last_raw_ns = min(ts, int(self.window.now() * 1e9)), ts
+        point.took(ts)
         self._ts.append(ts)
         self._rack.append(point.meta.rack)
         self._device.append(point.device)
@@ -338,7 +358,7 @@ class MqttCollector:
                     "the session kept, so that the broker queues them (its max_queued_messages must hold them); "
                     "back once these are out (said once; counted in the summary)", self.host, self.port, held)
 
-    def _unknown_topic(self, topic: str, payload: bytes) -> None:
+    def _unknown_topic(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """A metadata message, or a reading we cannot use: raises Rejected saying why."""
         addr = parse_topic(topic, self.topic_root, self.site)
         if not addr.meta:
@@ -355,7 +375,7 @@ class MqttCollector:
                                                    "dropped")
             if queue is None:
                 queue = self._waiting[topic] = collections.deque()
-            queue.append((self.clock(), payload))
+            queue.append((self.clock(), payload, retained))
             self.waiting += 1
             return
         reading_topic = topic.rsplit("/", 1)[0]
@@ -376,9 +396,9 @@ class MqttCollector:
             point.meta = meta
         self.stats.metadata += 1
         self._orphans.discard(reading_topic)
-        for _, waited in self._waiting.pop(reading_topic, ()):  # the readings that came before it, in order
+        for _, waited, retained in self._waiting.pop(reading_topic, ()):  # the readings before it, in order
             self.waiting -= 1
-            self._reading(reading_topic, point, waited)
+            self._reading(reading_topic, point, waited, retained)
 
     def expire_waiting(self, everything: bool = False) -> None:
         """Dead-letter the readings that waited META_GRACE_S for metadata that did not come (all of them
@@ -391,7 +411,7 @@ class MqttCollector:
             if queue and queue[0][0] <= oldest and len(self._orphans) < self.max_points:
                 self._orphans.add(topic)  # its metadata did not come: its next readings are dead letters at once
             while queue and queue[0][0] <= oldest:
-                _, payload = queue.popleft()
+                _, payload, _ = queue.popleft()
                 self.waiting -= 1
                 self._dead_letter(topic, payload, Rejected(
                     Reason.NO_METADATA, f"no metadata on {topic}/meta (a retained JSON " '{"unit": ..., "rack": ...}) '
@@ -463,7 +483,8 @@ class MqttCollector:
             await wait_any([stop, self._room], None)
         await keep_subscribed(self, self.subscription, stop, connected,
                               "allow this client to read it with QoS 1 in the broker's ACL and limits",
-                              "Check that the broker runs and that host and port are right", before=may_connect)
+                              "Check that the broker runs and that host and port are right", before=may_connect,
+                              with_retain=True)
 
 
 def preflight(cfg, env=None, warn: bool = True) -> None:
@@ -501,8 +522,9 @@ def connect_options(cfg, env=None, warn: bool = True) -> dict:
     password is never in a message."""
     import ssl
 
-    from pipeline.config import ConfigError, load_client_cert, read_secret
+    from pipeline.config import ConfigError, read_secret
     from pipeline.redact import hide_secret
+    from pipeline.tls import ClientCert
     out: dict = {}
     password = read_secret("mqtt.password", cfg.password_env, cfg.password_file, "the MQTT user's password",
                            "remove password_env to connect without one", env)
@@ -518,18 +540,22 @@ def connect_options(cfg, env=None, warn: bool = True) -> dict:
         raise ConfigError(f"config error: mqtt.key_file = {cfg.key_file!r} without mqtt.cert_file; give the client "
                           f"certificate in cert_file")
     if cfg.tls or cfg.ca_file or cfg.cert_file:
+        def make_context() -> ssl.SSLContext:
+            return ssl.create_default_context(cafile=cfg.ca_file or None)
         try:
-            context = ssl.create_default_context(cafile=cfg.ca_file or None)
+            context = make_context()
         except (ssl.SSLError, OSError) as e:
             raise ConfigError(f"config error: mqtt.ca_file = {cfg.ca_file!r}: not a usable CA bundle ({e}); give a "
                               f"PEM file, or leave it empty for the system's") from None
-        if cfg.cert_file:
+        if cfg.cert_file:  # read again at each connection where renewed on disk (client_options)
+            cert = out["client_cert"] = ClientCert(cfg.cert_file, cfg.key_file, make_context)
             try:
-                load_client_cert(context, cfg.cert_file, cfg.key_file)
+                cert.load()
             except (ssl.SSLError, OSError, ValueError) as e:
                 raise ConfigError(f"config error: mqtt.cert_file = {cfg.cert_file!r}, key_file = {cfg.key_file!r}: "
                                   f"not a usable client certificate and key ({getattr(e, 'strerror', None) or e}); "
                                   f"give PEM files") from None
+            context = cert.context
         out["tls_context"] = context
     elif password is not None and warn:
         log.warning("MQTT: the password for %r goes over plain TCP: anyone on the path can read it (set mqtt.tls "
@@ -539,6 +565,18 @@ def connect_options(cfg, env=None, warn: bool = True) -> dict:
 
 _REFUSED = {4: "bad user name or password", 5: "not authorized", 134: "bad user name or password",
             135: "not authorized"}  # CONNACK codes: MQTT 3.1.1, then MQTT 5's reason codes
+
+
+def client_options(connect: dict, who: str) -> dict:
+    """aiomqtt.Client's keyword arguments from connect_options' for this connection: a client
+    certificate renewed on disk is read again (an established connection keeps the one it
+    started with; a broker checks it at the handshake only)."""
+    options = dict(connect)
+    cert = options.pop("client_cert", None)
+    if cert is not None:
+        cert.refresh(who)
+        options["tls_context"] = cert.context
+    return options
 
 
 def _hint(error: BaseException, default: str) -> str:
@@ -571,7 +609,7 @@ async def keep_subscribed(owner, topic: str, stop: asyncio.Event,
         try:
             async with aiomqtt.Client(owner.host, owner.port, identifier=owner.client_id, clean_session=False,
                                       keepalive=owner.keepalive_s, queue_type=handoff(owner.handle, with_retain),
-                                      **owner.connect) as client:
+                                      **client_options(owner.connect, f"{who}{broker}")) as client:
                 await subscribe_qos1(client, topic, broker, owner.client_id, what_to_do)
                 down_s = outages.up()
                 if down_s is not None:
@@ -701,7 +739,7 @@ class MqttSource:
 
     def stats(self) -> dict[str, int]:
         c = self.collector.stats
-        return {"messages": c.messages, "rows": c.rows, "duplicates": c.duplicates,
+        return {"messages": c.messages, "rows": c.rows, "duplicates": c.duplicates, "backfilled": c.backfilled,
                 "dead_letters": sum(c.dead_letters.values()), "reconnects": c.reconnects}
 
     def describe(self) -> str:
@@ -709,8 +747,9 @@ class MqttSource:
 
     def report(self, log: logging.Logger) -> None:
         c = self.collector.stats
-        log.info("facility collector: %d MQTT messages, %d facility readings collected, %d duplicates dropped, "
-                 "%d dead-lettered%s to %s, %d reconnects%s", c.messages, c.rows, c.duplicates,
+        log.info("facility collector: %d MQTT messages, %d facility readings collected (%d of them a backlog older "
+                 "than their point's newest), %d duplicates dropped, %d dead-lettered%s to %s, %d reconnects%s",
+                 c.messages, c.rows, c.backfilled, c.duplicates,
                  sum(c.dead_letters.values()), f" {c.dead_letters}" if c.dead_letters else "", self.dead_letter_path,
                  c.reconnects, f", {c.paused} pauses while the bus was slow" if c.paused else "")
 

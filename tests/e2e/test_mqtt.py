@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 import uuid
 from datetime import datetime, timezone
 
@@ -411,6 +412,46 @@ def test_a_broker_that_wants_a_user_and_tls_gets_them_and_a_refusal_says_what_to
     assert password not in caplog.text
     with pytest.raises(ConfigError, match="mqtt.password_env = 'FW_MQTT_PASSWORD': that environment variable"):
         connect_options(cfg.mqtt, {})
+
+
+@pytest.mark.mqtt
+def test_a_client_certificate_renewed_on_disk_is_used_at_the_next_connection(tmp_path, caplog):
+    """A broker that takes only clients with a certificate its CA signed rotates that CA, and the
+    collector's certificate is renewed on disk (cert-manager): the collector had kept the one it
+    read at start, and the broker refused it at every reconnect until a restart."""
+    import shutil
+
+    from pipeline.sources.mqtt import connect_options
+    from tests.services import client_certificate, self_signed_tls
+    tls, rotated = self_signed_tls(tmp_path / "tls"), self_signed_tls(tmp_path / "tls2")
+    old = client_certificate(tls, tmp_path / "old", "collector")
+    new = client_certificate(rotated, tmp_path / "new", "collector")
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    shutil.copy(old[0], cert), shutil.copy(old[1], key)
+    secure = Mosquitto(tmp_path / "broker", tls=tls, client_ca=tls["ca.pem"]).start()
+    site = f"s{uuid.uuid4().hex[:8]}"
+    cfg = make_config(mqtt={"broker": f"127.0.0.1:{secure.port}", "ca_file": str(tls["ca.pem"]),
+                            "cert_file": str(cert), "key_file": str(key)})
+    try:
+        async def go():
+            col = Collecting(MqttCollector(secure.host, secure.port, site, tmp_path / "dead.jsonl",
+                                           backoff=fast_backoff(), connect=connect_options(cfg.mqtt)))
+            await subscribed(col.collector)
+            shutil.copy(new[1], key), shutil.copy(new[0], cert)  # renewed, by the new CA
+            secure.stop()
+            secure.config.write_text(secure.config.read_text().replace(str(tls["ca.pem"]), str(rotated["ca.pem"])))
+            secure.start()
+            deadline = time.monotonic() + 30
+            while col.collector.stats.reconnects == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            await col.close()
+            return col
+        with caplog.at_level(logging.INFO):
+            col = asyncio.run(go())
+    finally:
+        secure.close()
+    assert col.collector.stats.reconnects == 1, caplog.text[-3000:]
+    assert f"the client certificate {cert} changed on disk: loaded" in caplog.text
 
 
 @pytest.mark.mqtt
