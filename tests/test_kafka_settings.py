@@ -95,6 +95,18 @@ def test_bad_files_are_config_errors(tls, tmp_path):
         client_settings(kafka(security_protocol="SSL", ssl_certfile=str(tls["server.pem"])), env={})  # no key
 
 
+def test_an_encrypted_client_key_is_refused_at_start_not_prompted_for(tmp_path):
+    """OpenSSL asks an encrypted key's passphrase on the terminal: a start from a shell had
+    stopped there (and under systemd failed with OpenSSL's own words)."""
+    import subprocess
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=fleetwatch", "-passout", "pass:secret"], check=True, capture_output=True)
+    with pytest.raises(ConfigError, match=r"kafka.ssl_certfile = .*: not a PEM certificate and its unencrypted "
+                                          r"private key \(the key is encrypted"):
+        client_settings(kafka(security_protocol="SSL", ssl_certfile=str(cert), ssl_keyfile=str(key)), env={})
+
+
 def test_replication_defaults_follow_the_cluster_size():
     assert replication(kafka(), 1) == (1, 1)
     assert replication(kafka(), 2) == (1, 1)

@@ -19,7 +19,7 @@ import ssl
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.config import ConfigError, KafkaConfig
+from pipeline.config import ConfigError, KafkaConfig, load_client_cert
 from pipeline.redact import hide_secret
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,11 @@ def _ssl_context(k: KafkaConfig) -> ssl.SSLContext:
         key = _readable("kafka.ssl_keyfile", k.ssl_keyfile, "client certificate's private key (PEM)") \
             if k.ssl_keyfile else None
         try:
-            context.load_cert_chain(str(cert), str(key) if key else None)
-        except ssl.SSLError as e:
+            load_client_cert(context, str(cert), str(key) if key else "")  # (an encrypted key: refused, not asked)
+        except (ssl.SSLError, ValueError) as e:
             raise ConfigError(f"config error: kafka.ssl_certfile = {k.ssl_certfile!r}"
                               f"{f' / kafka.ssl_keyfile = {k.ssl_keyfile!r}' if key else ''}: not a PEM certificate "
-                              f"and its unencrypted private key ({e.reason or e})") from None
+                              f"and its unencrypted private key ({getattr(e, 'reason', None) or e})") from None
     return context
 
 
