@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline.bus import Bus, MemoryBus
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, Unavailable
 from pipeline.ops.monitor import Operations
 from pipeline import roles as registry
 from pipeline.roles import (ACT, ACT_TOPICS, COLLECTOR, DETECT, DETECT_TOPICS, SINK, SOURCE, SOURCE_TOPICS, builder,
@@ -216,7 +216,7 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         timer.cancel()
         failed = [t for t in done & set(everything) if t.exception() is not None]
         if failed:  # a role died: say which (setup errors say it themselves), stop the rest, exit non-zero
-            if not isinstance(failed[0].exception(), ConfigError):
+            if not isinstance(failed[0].exception(), (ConfigError, Unavailable)):
                 log.error("role %s failed: %r", failed[0].get_name(), failed[0].exception())
             for r in running:
                 if r.stop is not None:

@@ -144,17 +144,26 @@ async def _stop_producer(producer: AIOKafkaProducer) -> None:
         await asyncio.wait_for(producer.stop(), STOP_PRODUCER_S)
 
 
-# The broker's refusals for want of a right: no retry helps; the process ends saying what to grant.
+# The broker's refusals for want of a right: the process ends saying what to grant, with status 75, which a
+# supervisor restarts (rights taken away and given back, an authorizer that was down: it comes back by itself).
 _REFUSED = (TopicAuthorizationFailedError, GroupAuthorizationFailedError, TransactionalIdAuthorizationFailed,
             ClusterAuthorizationFailedError)
 
 
-def refused(bus: "KafkaBus", error: BaseException, what: str) -> ConfigError:
-    """A refusal as the error the process ends with (status 2: a supervisor does not retry it)."""
+def refused(bus: "KafkaBus", error: BaseException, what: str) -> Unavailable:
+    """A refusal as the error the process ends with."""
     user = bus.client_settings.get("sasl_plain_username")
-    return ConfigError(f"Kafka at {bus.bootstrap} refused {f'user {user!r}' if user else 'this process'} {what} "
+    return Unavailable(f"Kafka at {bus.bootstrap} refused {f'user {user!r}' if user else 'this process'} {what} "
                        f"({type(error).__name__}): grant its roles' rights, which `fleetwatch topics acls ROLE` "
                        f"prints (docs/kafka.md#users-and-acls)")
+
+
+def _refusal(error: BaseException) -> BaseException | None:
+    """The authorization error in `error` or what it was raised from (a transaction's commit raises its
+    failed write's), or None."""
+    while error is not None and not isinstance(error, _REFUSED):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 async def _getmany(bus: "KafkaBus", consumer: AIOKafkaConsumer, timeout_s: float | None, max_messages: int,
@@ -212,7 +221,7 @@ class KafkaSubscription:
         self.before_revoke: list = []  # async callables(partitions): make output durable (then we commit)
         self.assignments = 0           # how many times partitions were (re)assigned
         self.holds_input = True        # what is not committed waits on Kafka: reading can pause
-        self.refused: ConfigError | None = None  # the broker refused a right the rebalance needed
+        self.refused: Unavailable | None = None  # the broker refused a right the rebalance or a write needed
         self.consumer = AIOKafkaConsumer(
             group_id=bus.wire_group(group), client_id=f"{bus.client_id}-{group}", enable_auto_commit=False,
             auto_offset_reset="earliest", isolation_level="read_committed",
@@ -298,7 +307,13 @@ class KafkaSubscription:
         ProducerFenced), or the broker aborted it (this process was frozen past
         transaction_timeout_ms). Nothing of it is committed here: its state is dropped, it
         is read no more, and the consumer rejoins its group, so that whoever owns it now
-        (maybe this process again) starts from its last checkpoint and committed offsets."""
+        (maybe this process again) starts from its last checkpoint and committed offsets. A write
+        the broker refused for want of a right is no lost transaction: rejoining would meet it
+        again for ever, so the role ends (get_batch raises it)."""
+        if (why := _refusal(error)) is not None:
+            if self.refused is None:
+                self.refused = refused(self.bus, why, f"a write in its transactions (group {self.group})")
+            return
         if isinstance(error, _FENCED):
             self.fenced += 1
         log.warning("%s: partition %d %s (%s): its uncommitted output is discarded and its state dropped here; "
@@ -351,6 +366,8 @@ class KafkaSubscription:
         # listener has set it up (its producer, its restored state): wait for that.
         for tp in records:
             while tp.partition not in self.ready | self._revoking and tp in self.consumer.assignment():
+                if self.refused is not None:  # its claim was refused: it never becomes ready
+                    raise self.refused
                 await asyncio.sleep(0.01)
         records = {tp: recs for tp, recs in records.items() if tp.partition in self.ready}
         for tp, batch in records.items():  # (read from the group's commit on: its first record is at it)
@@ -656,7 +673,7 @@ class KafkaBus:
         _back_off_metadata(self.producer.client)
         self.subscriptions: list[KafkaSubscription] = []
         self.end_offsets: dict[TopicPartition, int] = {}
-        self.refused: ConfigError | None = None  # a write the broker refused for want of a right
+        self.refused: Unavailable | None = None  # a write the broker refused for want of a right
         # publish() -> outbox -> _pump() -> producer (which holds one batch per partition).
         self._outbox: collections.deque[tuple] = collections.deque()
         self._outbox_bytes = 0
@@ -867,6 +884,8 @@ class KafkaBus:
             raise self.refused
         topic, value, key, headers = self.record(message)
         await self._room.wait()
+        if self.refused is not None:
+            raise self.refused
         self._outbox.append((topic, value, key, headers, partition))
         self._outbox_bytes += len(value)
         self.outbox_peak_bytes = max(self.outbox_peak_bytes, self._outbox_bytes)
@@ -889,6 +908,10 @@ class KafkaBus:
                 delivery = await self.producer.send(topic, value, key=key, headers=headers, partition=partition)
             except KafkaTimeoutError:  # request_timeout_ms without room in the producer: try again
                 continue
+            except _REFUSED as e:  # (a topic the user may not even see: refused before any delivery)
+                self.refused = self.refused or refused(self, e, f"a write to {topic}")
+                self._room.set()  # a publish waiting for room raises it now
+                return
             finally:
                 self._sending_since = None
             self._outbox.popleft()
@@ -971,6 +994,8 @@ class KafkaBus:
         """Wait until everything published is acknowledged by the broker (acks=all);
         raise if any of it was not, so that the caller does not commit its input."""
         while self._outbox:
+            if self.refused is not None:
+                raise self.refused
             if self._pump_task is None or self._pump_task.done():
                 raise RuntimeError("the Kafka producer task is not running")
             await asyncio.sleep(0.01)
@@ -1109,8 +1134,10 @@ class KafkaListener:
             await consumer._client.set_topics([wire])  # the topic's metadata, fetched now
             await self._assign(consumer, self.bus.partition_count(self.topic, consumer.partitions_for_topic(wire)),
                                self.since_s)
-        except BaseException:
+        except BaseException as e:
             await consumer.stop()
+            if isinstance(e, _REFUSED):
+                raise refused(self.bus, e, f"reading {wire}") from None
             raise
         self.consumer = consumer
 

@@ -306,8 +306,9 @@ def test_a_user_without_the_create_right_warns_once_and_goes_on(secure, tmp_path
 def test_a_role_refused_a_right_ends_saying_what_to_grant(secure, tmp_path):
     """Without its rights a role had gone on doing nothing: detect's transactional producers were
     refused inside aiokafka's rebalance listener, which logs and goes on (detect waited for ever),
-    and a source's every write failed, counted only. Each now ends (status 2, which a supervisor
-    does not retry) naming the user and where to find what to grant."""
+    and a source's every write failed, counted only (or, on a topic its user may not even see,
+    its publishing hung). Each now ends (status 75: a supervisor starts it again, and once the
+    rights are given it runs) naming the user and where to find what to grant."""
     prefix = f"r{uuid.uuid4().hex[:6]}."
     env = clean_env(FLEETWATCH_KAFKA__TOPIC_PREFIX=prefix, FLEETWATCH_KAFKA__PARTITIONS="3",
                     FLEETWATCH_KAFKA__CREATE_TOPICS="false")
@@ -318,18 +319,23 @@ def test_a_role_refused_a_right_ends_saying_what_to_grant(secure, tmp_path):
     grant(secure, "fw-detect", [a for a in rights if a["resource"] != "transactional-id"])
     detect = fleetwatch("detect", "--config", str(secure_toml(secure, tmp_path, "fw-detect")), "--kafka",
                         secure.bootstrap, "--duration", "120", "--data-dir", str(tmp_path / "d"), env=env, timeout=180)
-    assert detect.returncode == 2, detect.stderr[-3000:]
+    assert detect.returncode == 75, detect.stderr[-3000:]
     assert re.search(rf"refused user 'fw-detect' its transactional ids {re.escape(prefix)}fleetwatch\.detect(-site)?"
                      rf"-p\* \(TransactionalIdAuthorizationFailed\): grant its roles' rights, which `fleetwatch "
                      rf"topics acls ROLE` prints", detect.stderr), detect.stderr[-3000:]
     source = fleetwatch("simulate", "--config", str(secure_toml(secure, tmp_path, "fw-detect")), "--kafka",
                         secure.bootstrap, "--duration", "120", "--data-dir", str(tmp_path / "s"), env=env, timeout=180)
-    assert source.returncode == 2, source.stderr[-3000:]
+    assert source.returncode == 75, source.stderr[-3000:]
     assert "refused user 'fw-detect' a write to" in source.stderr and "TopicAuthorizationFailedError" in source.stderr
+    grant(secure, "fw-notify", json.loads(fleetwatch("topics", "acls", "--json", "notify", env=env).stdout)["notify"]["acls"])
+    unseen = fleetwatch("simulate", "--config", str(secure_toml(secure, tmp_path, "fw-notify")), "--kafka",
+                        secure.bootstrap, "--duration", "120", "--data-dir", str(tmp_path / "u"), env=env, timeout=180)
+    assert unseen.returncode == 75 and f"refused user 'fw-notify' a write to {prefix}fleetwatch." in unseen.stderr, \
+        unseen.stderr[-3000:]
     nobody = fleetwatch("simulate", "--config", str(secure_toml(secure, tmp_path, "fw-nobody")), "--kafka",
                         secure.bootstrap, "--duration", "120", "--data-dir", str(tmp_path / "n"), env=env, timeout=180)
-    assert nobody.returncode == 2 and "refused user 'fw-nobody' a producer id" in nobody.stderr, nobody.stderr[-3000:]
-    said = detect.stderr + source.stderr + nobody.stderr
+    assert nobody.returncode == 75 and "refused user 'fw-nobody' a producer id" in nobody.stderr, nobody.stderr[-3000:]
+    said = detect.stderr + source.stderr + unseen.stderr + nobody.stderr
     assert "Traceback" not in said and all(password not in said for password in ROLE_USERS.values())
 
 
