@@ -521,6 +521,26 @@ def test_a_meter_backlog_sent_behind_its_live_readings_is_not_measured_again():
     assert out.met and all(np.isfinite(out.minute_means()))
 
 
+def test_one_meter_reading_stamped_ahead_hides_none_of_the_later_ones():
+    """A BMS clock that runs ahead (within the intake's window) stamps one meter reading 4
+    minutes ahead: the readings after it, older than it, are measured all the same (the site's
+    power had been frozen at that one reading for 4 minutes of a hold)."""
+    sim, ctl = fleet()
+    out = ctl.submit(request(400, 10, duration_s=300))
+    for i in range(720):
+        tick = sim.step()
+        ctl.observe_gpus(tick.gpu)
+        if i == 420:
+            meter = tick.facility.filter(pc.equal(tick.facility.column("device_class"), "meter"))
+            ahead = pc.add(meter.column("ts"), pa.scalar(timedelta(seconds=240)))
+            ctl.observe_facility(meter.set_column(meter.schema.get_field_index("ts"), "ts", ahead))
+            measured = len(ctl.meter)
+        ctl.observe_facility(tick.facility)
+        if i % INTERVAL == 0:
+            ctl.step(sim.now)
+    assert len(ctl.meter) - measured >= 290 and out.met
+
+
 @pytest.mark.parametrize("change", ["gone", "replaced"])
 def test_gpus_that_stop_reporting_leave_the_request_and_new_ones_join_it(change):
     """Mid-hold a capped node's GPUs stop reporting (its job ends as its node is drained: "gone"),

@@ -41,7 +41,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -600,6 +600,11 @@ class Controller:
         means = self.gpus.means()
         if not means:
             self.counters.clear()
+        # The data's time now, by most GPUs' clocks: a reading stamped ahead of it (a BMS clock that runs
+        # ahead, within the intake window) is measured, but is remembered as the newest only up to it, so
+        # that it never hides the device's later readings.
+        seen = self.gpus.seen_us[self.gpus.seen_us > 0]
+        now = datetime.fromtimestamp(float(np.median(seen)) / 1e6, timezone.utc) if seen.size else None
         for cls, into in (("meter", None), ("rack", self.pdu)):
             mine = pc.equal(device_class, cls)
             if into is not None:
@@ -618,7 +623,7 @@ class Controller:
                     continue                                     # poison every mean it entered)
                 if (last := self.newest.get((cls, device, power))) is not None and ts <= last:
                     continue
-                self.newest[(cls, device, power)] = ts
+                self.newest[(cls, device, power)] = ts if now is None else min(ts, now)
                 counter = self.counters.setdefault((cls, device), Counter()) if means else None
                 if not power:
                     if counter is not None:
