@@ -20,8 +20,10 @@ def written(role: str) -> set[str]:
 
 
 def test_a_nodes_agent_and_the_collectors_may_write_nothing_that_acts_on_the_fleet():
-    for source in ("agent", "dcgm", "facility", "simulate"):
+    for source in ("agent", "dcgm", "simulate"):
         assert not written(source) & CONTROL, source
+    # The facility collector (a site service) writes its own FleetwatchStalled: nothing else tells of its silence.
+    assert written("facility") & CONTROL == {"fleetwatch.alerts"}
     assert written("agent") == {"fleetwatch.gpu", "fleetwatch.events", "fleetwatch.power.actions"}
     assert topics_used([ROLE_SPECS["agent"]]) == {"fleetwatch.gpu", "fleetwatch.events", "fleetwatch.power.actions",
                                                   "fleetwatch.power.caps"}

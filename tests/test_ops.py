@@ -617,6 +617,8 @@ def test_the_monitor_raises_stalled_on_the_alerts_topic_and_tells_systemd(tmp_pa
         assert [a.alertname for a in source_alone.alerts.firing.values()] == ["FleetwatchStalled"]
         exposed = generate_latest(registry(lambda: source_alone._collectors)).decode()
         assert 'fleetwatch_alerts_firing{alertname="FleetwatchStalled",severity="critical"} 1.0' in exposed
+        # The facility collector's stall goes out all the same: no other alert tells of facility data that stopped.
+        assert [Operations(cfg, frozenset({r})).publishes for r in ("agent", "dcgm", "facility")] == [False, False, True]
         await ops.stopping()
         assert datagrams() == [b"STOPPING=1"] and ops.health.unready(clock()) == ["stopping"]
         stop.set()

@@ -9,9 +9,10 @@
 The monitor wakes every TICK_S: it samples what needs awaiting (Kafka's reachability and
 consumer lag, the MQTT links), judges health (ops/health.py), publishes self-alert state
 changes on the alerts topic (ops/selfalerts.py; in a task of their own, so a full bus never
-holds the monitor up) where one of the process's roles writes that topic anyway (detect,
-power, remediate, the archive: a source's user needs no right to write alerts, bus/acls.py;
-a source's own alerts are on its /metrics, and its silence is NodeNotReporting), and tells systemd (ops/sdnotify.py): READY=1 once ready, WATCHDOG=1
+holds the monitor up) where one of the process's roles writes that topic (detect, power,
+remediate, the archive, the facility collector: an agent's or the DCGM source's user needs
+no right to write alerts, bus/acls.py; their own alerts are on their /metrics, and their
+silence is NodeNotReporting), and tells systemd (ops/sdnotify.py): READY=1 once ready, WATCHDOG=1
 while live. A blocked event loop sends nothing, and answers no probe.
 """
 

@@ -119,7 +119,10 @@ ROLE_TABLE: tuple[RoleSpec, ...] = (
              "dcgm.targets_file"),
     RoleSpec("facility", COLLECTOR, "pipeline.sources.mqtt:build",
              "run only the MQTT facility collector (a BMS topic tree), producing to Kafka",
-             in_run=lambda cfg: bool(cfg.mqtt.broker), outputs=(Topic.FACILITY,), options=(MQTT,),
+             in_run=lambda cfg: bool(cfg.mqtt.broker), options=(MQTT,),
+             # Its own FleetwatchStalled too: no other alert tells of facility data that stopped (a site
+             # service, unlike an agent on every node, whose silence is NodeNotReporting).
+             outputs=(Topic.FACILITY, Topic.ALERTS),
              preflight="pipeline.sources.mqtt:preflight",
              check=lambda cfg: "" if cfg.mqtt.broker else
              "the facility role reads a BMS's MQTT broker: give --mqtt HOST:PORT (mqtt.broker)"),
