@@ -1055,8 +1055,9 @@ def test_a_fleet_read_every_second_is_not_at_risk_from_its_readings(tmp_path, ca
 
 def test_a_flood_of_refused_mqtt_ids_holds_a_bounded_memory_and_clears_its_old_statuses(tmp_path, monkeypatch):
     """Every refused message with an id had its status kept here and retained at the broker for
-    good: a flood of distinct ids held both without end. The last KEEP_REFUSED are kept, an older
-    one's retained status is cleared (an empty retained message), and answers on `rejected`
+    good, and every answer waited in memory for the broker's acknowledgement: a flood of distinct
+    ids held both without end. The last KEEP_REFUSED statuses are kept; an older one sent is
+    cleared (an empty retained message), one not sent yet is dropped; answers on `rejected`
     waiting for the broker are bounded (the rest counted)."""
     from pipeline.power import mqtt_intake
     monkeypatch.setattr(mqtt_intake, "KEEP_REFUSED", 50)
@@ -1066,12 +1067,18 @@ def test_a_flood_of_refused_mqtt_ids_holds_a_bounded_memory_and_clears_its_old_s
     intake = mqtt_intake.MqttIntake(h.role, "127.0.0.1", 1, "site-a")  # (never connected: no broker here)
     taken = json.dumps({"id": "real-1", "site": "site-a", "reduction_pct": 5, "duration_s": 60}).encode()
     intake.handle(intake.topic, taken)
-    for i in range(200):
+    sent = [intake.status_topic(f"flood-{i}") for i in range(10)]  # as if the broker had taken these ten
+
+    def refuse(i: int) -> None:
         intake.handle(intake.topic, json.dumps({"id": f"flood-{i}", "site": "site-a", "reduction_pct": -5}).encode())
+        if intake.status_topic(f"flood-{i}") in sent:
+            intake.statuses.pop(intake.status_topic(f"flood-{i}"))
+            intake.at_broker.add(intake.status_topic(f"flood-{i}"))
+    for i in range(200):
+        refuse(i)
     assert "real-1" in intake.answered and intake.answered["real-1"]["state"] != "rejected"
-    flood = [rid for rid in intake.answered if rid.startswith("flood-")]
-    assert flood == [f"flood-{i}" for i in range(150, 200)]  # the last 50
-    cleared = [t for t, doc, retain in intake.outbox if doc is None and retain]
-    assert cleared == [intake.status_topic(f"flood-{i}") for i in range(150)]
-    on_rejected = [doc for t, doc, _ in intake.outbox if t == intake.rejected_topic]
-    assert len(on_rejected) == 80 and intake.stats.unanswered == 120 and h.role.signals_rejected == 200
+    assert [rid for rid in intake.answered if rid.startswith("flood-")] == [f"flood-{i}" for i in range(150, 200)]
+    waiting = dict(intake.statuses)
+    assert [t for t, docs in waiting.items() if docs == [None]] == sent  # cleared; the 140 others never sent
+    assert len([t for t, docs in waiting.items() if None not in docs]) == 51  # real-1's and the last 50
+    assert len(intake.rejections) == 80 and intake.stats.unanswered == 120 and h.role.signals_rejected == 200

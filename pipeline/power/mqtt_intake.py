@@ -44,8 +44,11 @@ role's preflight refuses a `mqtt.site` other than `fleet.site`).
   retained message on its status topic makes the broker forget that too. The statuses of ids
   refused before they were stored are kept for the last KEEP_REFUSED such ids; an older one's
   is cleared the same way (a flood of refused ids would hold memory here and a retained
-  message each at the broker for good). Answers on `rejected` beyond MAX_UNSENT_REJECTIONS
-  not yet sent are counted (`unanswered`), not queued.
+  message each at the broker for good). What waits to be published is kept per id (each
+  state in order; the statuses of an id forgotten before they were sent are dropped, with
+  no clearing to send), and answers on `rejected` beyond MAX_UNSENT_REJECTIONS not yet sent
+  are counted (`unanswered`), not queued: a flood faster than the broker's
+  acknowledgements holds no more than that.
 - A persistent session (client id `fleetwatch-power-<site>`, clean_session False): what a
   gateway publishes while the role is away is queued by the broker and taken at the
   reconnect. The broker going away: reconnects with sources/mqtt.py's backoff, logging once
@@ -62,7 +65,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Awaitable
 
@@ -111,9 +114,12 @@ class MqttIntake:
         self.answered: dict[str, dict[str, Any]] = {}  # id -> the status last published (the ids that came here)
         self.kept: set[str] = set()                   # the ids of `answered` that are stored requests (pruned later)
         self.refused: dict[str, bytes] = {}           # id -> sha256 of the message refused (bounded)
-        # (topic, doc, retain) to publish; doc None: an empty message (a retained status cleared)
-        self.outbox: deque[tuple[str, dict[str, Any] | None, bool]] = deque()
-        self._unsent_rejections = 0  # of the outbox's answers, those on `rejected`
+        # What waits for the broker: each status topic's states, in order (None: an empty retained message,
+        # clearing it), and the answers on `rejected` (MAX_UNSENT_REJECTIONS at most).
+        self.statuses: OrderedDict[str, list[dict[str, Any] | None]] = OrderedDict()
+        self.rejections: deque[dict[str, Any]] = deque()
+        self.at_broker: set[str] = set()  # status topics holding a retained status there (sent, not cleared)
+        self._sending: str | None = None  # the status topic being published now
         self._wake = asyncio.Event()
         self.subscribed = asyncio.Event()  # set while connected and subscribed (tests)
         self._adopt()
@@ -215,12 +221,10 @@ class MqttIntake:
         """A message not taken: counted in the role's status, answered on `rejected`."""
         self.role.signals_rejected += 1
         self.role.last_signal_rejection = f"{rid or '(no id)'}: {why}"
-        self._unsent_rejections += 1
-        if self._unsent_rejections > MAX_UNSENT_REJECTIONS:
-            self._unsent_rejections -= 1
+        if len(self.rejections) >= MAX_UNSENT_REJECTIONS:
             self.stats.unanswered += 1
             return
-        self.outbox.append((self.rejected_topic, {"id": rid or None, "reason": why}, False))
+        self.rejections.append({"id": rid or None, "reason": why})
 
     def current(self, request_id: str) -> dict[str, Any]:
         """A request's state as the role has it (the store's, before the role judged it)."""
@@ -256,12 +260,16 @@ class MqttIntake:
         status too (it would keep one per request ever made)."""
         self.answered.pop(rid, None)
         self.kept.discard(rid)
-        self.outbox.append((self.status_topic(rid), None, True))
+        topic = self.status_topic(rid)
+        if topic in self.at_broker or topic == self._sending:
+            self.statuses[topic] = [None]
+        else:  # never sent: nothing to clear
+            self.statuses.pop(topic, None)
         self._wake.set()
 
     def _answer(self, rid: str, doc: dict[str, Any]) -> None:
         self.answered[rid] = doc
-        self.outbox.append((self.status_topic(rid), doc, True))
+        self.statuses.setdefault(self.status_topic(rid), []).append(doc)
         self._wake.set()
 
     def follow(self) -> None:
@@ -305,12 +313,24 @@ class MqttIntake:
         """The answers, as they come and as the requests' states change; what is left at a stop, then return."""
         while True:
             self.follow()
-            while self.outbox:
-                topic, doc, retain = self.outbox[0]
-                await client.publish(topic, b"" if doc is None else json.dumps(doc).encode(), qos=1, retain=retain)
-                self.outbox.popleft()  # only once the broker has it: a lost connection sends it again
-                if topic == self.rejected_topic:
-                    self._unsent_rejections -= 1
+            while self.statuses:
+                topic, docs = next(iter(self.statuses.items()))
+                self._sending = topic
+                try:  # (the connection lost: it stays, and is sent on the next)
+                    await client.publish(topic, b"" if docs[0] is None else json.dumps(docs[0]).encode(), qos=1,
+                                         retain=True)
+                finally:
+                    self._sending = None
+                (self.at_broker.add if docs[0] is not None else self.at_broker.discard)(topic)
+                if self.statuses.get(topic) is docs:  # (else forgotten meanwhile: its clearing waits instead)
+                    docs.pop(0)
+                    if not docs:
+                        del self.statuses[topic]
+            while self.rejections and not self.statuses:
+                await client.publish(self.rejected_topic, json.dumps(self.rejections[0]).encode(), qos=1)
+                self.rejections.popleft()  # only once the broker has it: a lost connection sends it again
+            if self.statuses:
+                continue
             if stop.is_set():
                 return
             self._wake.clear()
