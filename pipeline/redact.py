@@ -6,9 +6,9 @@ query string, or a token as a path segment (Slack's `/services/T.../B.../<token>
 `/api/webhooks/<id>/<token>`, a chat's or an incident tool's integration key). Shown
 anywhere, it keeps its scheme, host, port and the path's words, and masks the user info,
 every query value and each path segment that looks like a token (`is_token`: a run of 12
-letters and digits or more that mixes both, or of 20 or more that mixes cases; a word or a
-route such as `alertmanager-webhook` or `archive-2026` is kept, so that receivers can still
-be told apart):
+letters and digits or more that mixes both, or of 20 letters or more a quarter of them upper
+case; a word, a CamelCase alert name or a route such as `alertmanager-webhook` or
+`archive-2026` is kept, so that receivers and runbooks can still be told apart):
 `https://***@hooks.example:8443/services/T0123/B0456/***?token=***`.
 """
 
@@ -29,7 +29,9 @@ def is_token(segment: str) -> bool:
     for run in _RUN.findall(segment):
         if len(run) >= 12 and not run.isdigit() and not run.isalpha():
             return True
-        if len(run) >= 20 and run != run.lower() and run != run.upper():
+        # Mixed case, as base62 is: a quarter or more of its letters upper case (CamelCase names, such as
+        # the runbooks' alert names, have one a word)
+        if len(run) >= 20 and sum(c.isupper() for c in run) >= max(1, sum(c.islower() for c in run)) / 3:
             return True
     return False
 

@@ -106,8 +106,10 @@ def test_a_token_in_a_webhook_urls_path_is_masked_and_its_words_are_kept():
         "https://discord.com/api/webhooks/123456789012345678/***"
     assert redact_url("https://events.example/integration/0123456789abcdef0123456789abcdef/enqueue") == \
         "https://events.example/integration/***/enqueue"
+    assert redact_url("https://hooks.example/t/AbcDefGhiJklMnoPqrStuVwx") == "https://hooks.example/t/***"
     for kept in ("http://alertmanager-0.alertmanager:9093/api/v2/alerts", "s3://fleetwatch-archive-2026/site-a",
-                 "https://x.example/fleetwatch-alertmanager-webhook-receiver/v1"):
+                 "https://x.example/fleetwatch-alertmanager-webhook-receiver/v1",
+                 "https://runbooks.example/runbooks/FleetwatchArchiveFailing.md"):  # a runbook: an alert's name
         assert redact_url(kept) == kept
     said = "404 for /services/T0123ABCD/B0456EFGH/abcdEFGH1234ijklMNOP5678: no_team"
     assert "abcdEFGH1234ijklMNOP5678" not in redact_text(said, slack)
