@@ -499,21 +499,27 @@ def test_meter_readings_that_come_late_are_measured():
     assert len(out.shed_kw) >= 290 and out.met, (len(out.shed_kw), out.reached_s)
 
 
-def test_a_meter_backlog_sent_behind_its_live_readings_is_not_measured_again():
+@pytest.mark.parametrize("gpu_lag, back", [(0, 60), (10, 5)])
+def test_a_meter_backlog_sent_behind_its_live_readings_is_not_measured_again(gpu_lag, back):
     """A BMS gateway back from an outage sends its backlog behind its live readings (the
     facility collector takes it, for the archive): the meter's older readings had entered the
-    measure as if they were new, and the site's power was read from one a minute old."""
+    measure as if they were new, and the site's power was read from one a minute old. So too
+    where the GPUs' data comes 10 s behind the meter's (a slower scrape, a consumer's lag)."""
+    from collections import deque
     sim, ctl = fleet()
     out = ctl.submit(request(400, 10, duration_s=300))
     sent = []
+    gpus: deque = deque()
     for i in range(720):
         tick = sim.step()
         meter = tick.facility.filter(pc.equal(tick.facility.column("device_class"), "meter"))
         sent.append(meter)
-        ctl.observe_gpus(tick.gpu)
+        gpus.append(tick.gpu)
+        if len(gpus) > gpu_lag:
+            ctl.observe_gpus(gpus.popleft())
         ctl.observe_facility(tick.facility)
-        if 400 <= i < 460:  # in the hold: each second, the reading of a minute before again
-            ctl.observe_facility(sent[i - 60])
+        if 400 <= i < 460:  # in the hold: each second, an older reading again
+            ctl.observe_facility(sent[i - back])
         if i % INTERVAL == 0:
             ctl.step(sim.now)
     times = [t for t, _, _ in ctl.meter]

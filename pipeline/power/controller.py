@@ -66,6 +66,7 @@ SETTLE_S = 2.0  # after caps change, the meter's 1 s readings show them within t
 MINUTE_S = 60.0  # the interval a hold is judged on
 MINUTE = timedelta(seconds=MINUTE_S)
 SLOPE_SPREAD_KW = 5.0  # the meter's slope on the PDUs is fitted once their sum has varied this much
+NEWEST_AHEAD = timedelta(minutes=2)  # a facility reading further ahead of the GPUs' time is not taken as a device's newest
 CAPS_HISTORY_S = 600.0  # what the caps changed, kept this long for PDUs polled less often than the meter
 MIN_METER_SLOPE = 0.1  # ... and no lower than this where the meter reads less than their sum (one feed of two)
 PROBE_SHARE = 0.1      # a job whose curve is not learned yet is capped this share under its draw ...
@@ -600,11 +601,13 @@ class Controller:
         means = self.gpus.means()
         if not means:
             self.counters.clear()
-        # The data's time now, by most GPUs' clocks: a reading stamped ahead of it (a BMS clock that runs
-        # ahead, within the intake window) is measured, but is remembered as the newest only up to it, so
-        # that it never hides the device's later readings.
+        # The data's time now, by most GPUs' clocks: a reading stamped more than NEWEST_AHEAD ahead of it (a
+        # BMS clock that runs ahead, within the intake window) is measured but not remembered as the device's
+        # newest, so that it hides none of the device's later readings. (GPU data that runs behind the meter,
+        # a slower scrape or a lag, stays well within it.)
         seen = self.gpus.seen_us[self.gpus.seen_us > 0]
-        now = datetime.fromtimestamp(float(np.median(seen)) / 1e6, timezone.utc) if seen.size else None
+        ahead_of = datetime.fromtimestamp(float(np.median(seen)) / 1e6, timezone.utc) + NEWEST_AHEAD \
+            if seen.size else None
         for cls, into in (("meter", None), ("rack", self.pdu)):
             mine = pc.equal(device_class, cls)
             if into is not None:
@@ -623,7 +626,8 @@ class Controller:
                     continue                                     # poison every mean it entered)
                 if (last := self.newest.get((cls, device, power))) is not None and ts <= last:
                     continue
-                self.newest[(cls, device, power)] = ts if now is None else min(ts, now)
+                if ahead_of is None or ts <= ahead_of:
+                    self.newest[(cls, device, power)] = ts
                 counter = self.counters.setdefault((cls, device), Counter()) if means else None
                 if not power:
                     if counter is not None:
