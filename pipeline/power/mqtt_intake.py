@@ -82,6 +82,7 @@ log = logging.getLogger("fleetwatch")
 SOURCE = "mqtt"  # the request's `source`
 KEEP_REFUSED = 10000  # refused ids remembered to answer a redelivery alike (their statuses kept as long)
 MAX_UNSENT_REJECTIONS = 10000  # answers on `rejected` waiting for the broker (a flood: the rest are counted)
+REPEATS_WAITING = 8  # an id's answers waiting for the broker beyond which the same state again is not queued
 MAX_PAYLOAD = 64 * 1024  # a request is a few hundred bytes: anything this big is refused unread
 STARTED = ("active", "restoring", "done")  # states past an accepted verdict
 
@@ -118,8 +119,7 @@ class MqttIntake:
         # clearing it), and the answers on `rejected` (MAX_UNSENT_REJECTIONS at most).
         self.statuses: OrderedDict[str, list[dict[str, Any] | None]] = OrderedDict()
         self.rejections: deque[dict[str, Any]] = deque()
-        self.at_broker: set[str] = set()  # status topics holding a retained status there (sent, not cleared)
-        self._sending: str | None = None  # the status topic being published now
+        self.at_broker: set[str] = set()  # status topics that may hold a retained status there (sent or being sent)
         self._wake = asyncio.Event()
         self.subscribed = asyncio.Event()  # set while connected and subscribed (tests)
         self._adopt()
@@ -261,7 +261,7 @@ class MqttIntake:
         self.answered.pop(rid, None)
         self.kept.discard(rid)
         topic = self.status_topic(rid)
-        if topic in self.at_broker or topic == self._sending:
+        if topic in self.at_broker:
             self.statuses[topic] = [None]
         else:  # never sent: nothing to clear
             self.statuses.pop(topic, None)
@@ -269,7 +269,9 @@ class MqttIntake:
 
     def _answer(self, rid: str, doc: dict[str, Any]) -> None:
         self.answered[rid] = doc
-        self.statuses.setdefault(self.status_topic(rid), []).append(doc)
+        waiting = self.statuses.setdefault(self.status_topic(rid), [])
+        if len(waiting) < REPEATS_WAITING or waiting[-1] != doc:  # (a flood of one id's redeliveries: bounded)
+            waiting.append(doc)
         self._wake.set()
 
     def follow(self) -> None:
@@ -315,13 +317,13 @@ class MqttIntake:
             self.follow()
             while self.statuses:
                 topic, docs = next(iter(self.statuses.items()))
-                self._sending = topic
-                try:  # (the connection lost: it stays, and is sent on the next)
-                    await client.publish(topic, b"" if docs[0] is None else json.dumps(docs[0]).encode(), qos=1,
-                                         retain=True)
-                finally:
-                    self._sending = None
-                (self.at_broker.add if docs[0] is not None else self.at_broker.discard)(topic)
+                if docs[0] is not None:  # (before: the broker may keep it even if its acknowledgement is lost)
+                    self.at_broker.add(topic)
+                # (the connection lost: it stays, and is sent on the next)
+                await client.publish(topic, b"" if docs[0] is None else json.dumps(docs[0]).encode(), qos=1,
+                                     retain=True)
+                if docs[0] is None:
+                    self.at_broker.discard(topic)
                 if self.statuses.get(topic) is docs:  # (else forgotten meanwhile: its clearing waits instead)
                     docs.pop(0)
                     if not docs:
