@@ -189,11 +189,12 @@ def test_a_gateways_backlog_behind_its_live_readings_is_taken_and_a_redelivery_i
     newest). It is taken now; a redelivery of a recent reading, and the broker's retained one
     sent again at a subscription, are still duplicates."""
     c = collector(tmp_path)
-    live = [T0_NS + k * 10**9 for k in range(10)]
-    backlog = [T0_NS - (100 - k) * 10**9 for k in range(10)]
+    c.clock["now"] += 60
+    live = [T0_NS + k * 10**9 for k in range(50)]
+    backlog = [T0_NS - (100 - k) * 10**9 for k in range(10)]  # from a pause of 90 s
     read(c, *live, *backlog)
-    read(c, live[5], backlog[3])  # QoS 1 redeliveries after a reconnect
+    read(c, *live[5:40], backlog[3])  # QoS 1 redeliveries after a reconnect: a window of 35, older than the last 16
     c.handle(READING, encode_reading(30.0, T0_NS - 50 * 10**9, 1, False), retained=True)  # the broker's last
     rows = c.take_batch().column("ts").cast(pa.int64()).to_pylist()
     assert rows == live + backlog
-    assert c.stats.backfilled == 10 and c.stats.duplicates == 3
+    assert c.stats.backfilled == 10 and c.stats.duplicates == 37

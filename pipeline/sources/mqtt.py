@@ -17,14 +17,17 @@ as `facility_sample` record batches.
   META_GRACE_S, MAX_WAITING readings in all): a restarted collector knows no point, and the
   broker sends the readings it queued for the session, and a retained reading, before the
   retained metadata its subscription brings.
-- No duplicates: each point's newest time and the times of its last RECENT readings are
-  kept (at most `max_points` points); a reading at one of those times, or the broker's
-  retained one when it is not newer (sent again at each subscription), is dropped and
-  counted (a QoS 1 redelivery or a resend after a reconnect). Any other older reading is a store-and-forward
-  gateway's backlog, sent after it reconnected (maybe behind its live readings): taken,
-  and counted (`backfilled`). A backlog reading older than the point's last RECENT
-  ones that was taken before, and is sent again, is taken twice: rare, and the archive's
-  readers dedupe by time; a backlog dropped is lost for good.
+- No duplicates: for each point (at most `max_points`) the collector keeps its newest
+  time, the times of its last RECENT readings, and the stretches of time its readings
+  were taken over (SPANS of them: a pause longer than GAP_INTERVALS of its usual interval,
+  and than MIN_GAP_S, ends one). A reading at one of those times, one older than the
+  newest inside a stretch, or the broker's retained one when it is not newer (sent again
+  at each subscription), is dropped and counted (a QoS 1 redelivery, of up to the broker's
+  in-flight window, or a resend after a reconnect). Any other older reading is a
+  store-and-forward gateway's backlog from a pause, sent after it reconnected (maybe
+  behind its live readings): taken, and counted (`backfilled`). A backlog from a pause
+  shorter than the gap, or older than the point's stretches, is dropped as before; a
+  backlog dropped is lost for good, so the bounds lean to taking it.
 - Time that lies: a reading stamped outside `window` (bus/intake.py TimeWindow: by
   default more than 5 minutes ahead of the receiver's clock) is dead-lettered
   (time_ahead, too_old), and a reading ahead of the clock within it makes dedupe
@@ -81,7 +84,10 @@ from pipeline.waits import wait_any, wait_set
 log = logging.getLogger(__name__)
 
 Publish = Callable[[pa.RecordBatch], Awaitable[None]]
-RECENT = 32  # readings per point remembered by time: a redelivery among them is a duplicate (8 bytes each)
+RECENT = 16  # readings per point remembered by their exact time (a redelivery of one ahead of the clock)
+SPANS = 8    # stretches of each point's readings remembered (the oldest is forgotten)
+MIN_GAP_S = 10.0  # a pause in a point's readings that ends a stretch: at least this ...
+GAP_INTERVALS = 4  # ... and this many of its usual intervals
 META_GRACE_S = 60.0   # a reading waits this long for its point's metadata before it is dead-lettered
 # Rows held while `publish` is slow (the bus full), in max_batch_rows: past it the collector leaves the
 # broker to queue (a persistent session), rather than read and acknowledge into its own memory.
@@ -171,8 +177,8 @@ class CollectorStats:
     metadata: int = 0     # metadata messages accepted
     rows: int = 0         # rows handed to publish
     batches: int = 0
-    duplicates: int = 0   # readings seen already (retained, or one of the point's last RECENT): dropped
-    backfilled: int = 0   # readings older than their point's newest, not seen before (a gateway's backlog): taken
+    duplicates: int = 0   # readings seen already (a redelivery, a resend, the retained one again): dropped
+    backfilled: int = 0   # readings older than their point's newest from a pause in it (a gateway's backlog): taken
     reconnects: int = 0   # connections after the first
     dead_letters: dict[str, int] = field(default_factory=dict)  # reason -> messages
     dead_letters_unwritten: int = 0  # of those, not written to the file (it could not be written)
@@ -190,10 +196,31 @@ class _Point:
     last_raw_ns: int = -1   # the newest reading's own time
     recent: array = field(default_factory=lambda: array("q", [-1] * RECENT))  # the last taken readings' times
     next_slot: int = 0      # (recent is a ring)
+    spans: list[list[int]] = field(default_factory=list)  # [first, last] time of each stretch taken, in order
+    interval_ns: float = 0.0  # its usual interval: a moving mean of its steps forward (pauses left out)
+
+    def seen(self, ts: int) -> bool:
+        return ts in self.recent or any(first <= ts <= last for first, last in self.spans)
 
     def took(self, ts: int) -> None:
         self.recent[self.next_slot] = ts
         self.next_slot = (self.next_slot + 1) % RECENT
+        gap = max(MIN_GAP_S * 1e9, GAP_INTERVALS * self.interval_ns)
+        spans = self.spans
+        if spans and 0 < ts - spans[-1][1] <= gap:  # (the live stream: one step on)
+            step = ts - spans[-1][1]
+            self.interval_ns = step if not self.interval_ns else 0.9 * self.interval_ns + 0.1 * step
+            spans[-1][1] = ts
+            return
+        spans.append([ts, ts])
+        spans.sort()
+        merged = [spans[0]]
+        for span in spans[1:]:  # (a backlog closing a pause joins the stretches on either side)
+            if span[0] - merged[-1][1] <= gap:
+                merged[-1][1] = max(merged[-1][1], span[1])
+            else:
+                merged.append(span)
+        self.spans = merged[-SPANS:]
 
 
 class DeadLetterFile:
@@ -327,7 +354,7 @@ class MqttCollector:
         except Rejected as e:
             self._dead_letter(topic, payload, e)
             return
-        if ts == point.last_raw_ns or ts in point.recent or retained and ts <= point.last_ns:
+        if ts == point.last_raw_ns or ts in point.recent or ts <= point.last_ns and (retained or point.seen(ts)):
             self.stats.duplicates += 1
             return
         if ts <= point.last_ns:  # older than the newest, never seen: a gateway's backlog
