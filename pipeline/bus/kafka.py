@@ -42,7 +42,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (ClusterAuthorizationFailedError, GroupAuthorizationFailedError, KafkaConnectionError,
                             KafkaTimeoutError, TopicAlreadyExistsError, TopicAuthorizationFailedError,
-                            TransactionalIdAuthorizationFailed, for_code)
+                            TransactionalIdAuthorizationFailed, UnknownTopicOrPartitionError, for_code)
 from aiokafka.errors import (CommitFailedError, IllegalOperation, IllegalStateError, InvalidProducerEpoch, KafkaError,
                             ProducerFenced, RebalanceInProgressError)
 
@@ -166,6 +166,17 @@ def _refusal(error: BaseException) -> BaseException | None:
     return error
 
 
+def _transaction_error(producer: AIOKafkaProducer | None) -> BaseException | None:
+    """The error aiokafka holds for a transaction it put in an error state: a write refused when its
+    partition was added to the transaction, after which what the role awaits next (a send, the offsets)
+    raises a bare IllegalOperation. aiokafka has no public accessor: its transaction manager's waiter."""
+    manager = getattr(producer, "_txn_manager", None)
+    waiter = manager.wait_for_transaction_end() if manager is not None else None
+    if waiter is not None and waiter.done() and not waiter.cancelled():
+        return waiter.exception()
+    return None
+
+
 async def _getmany(bus: "KafkaBus", consumer: AIOKafkaConsumer, timeout_s: float | None, max_messages: int,
                    what: str) -> dict:
     try:
@@ -198,14 +209,21 @@ class _Rebalance(ConsumerRebalanceListener):
                                     # also where a hook failed and release() never ran)
         if assigned:
             partitions = {tp.partition for tp in assigned}
+            # aiokafka logs a listener's error and goes on: the partitions would never be ready, and the role
+            # would wait for them for ever. It ends instead (get_batch raises it; a supervisor starts it again).
             try:
                 await self.sub.claim(partitions)  # fences a previous owner before its state is read
-            except _REFUSED as e:  # (aiokafka logs a listener's error and goes on: the role would wait for ever)
-                self.sub.refused = refused(self.sub.bus, e, f"its transactional ids "
+            except _REFUSED as e:
+                self.sub.failed = refused(self.sub.bus, e, f"its transactional ids "
                                                            f"{self.sub.bus.wire_group(self.sub.group)}-p*")
                 return
-            for hook in self.sub.on_assigned:
-                await hook(partitions)
+            try:
+                for hook in self.sub.on_assigned:
+                    await hook(partitions)
+            except Exception as e:  # (restoring their state: a checkpoint that cannot be read)
+                self.sub.failed = refused(self.sub.bus, why, "reading what its partitions need") \
+                    if (why := _refusal(e)) is not None else e
+                return
             self.sub.ready |= partitions
 
 
@@ -221,7 +239,7 @@ class KafkaSubscription:
         self.before_revoke: list = []  # async callables(partitions): make output durable (then we commit)
         self.assignments = 0           # how many times partitions were (re)assigned
         self.holds_input = True        # what is not committed waits on Kafka: reading can pause
-        self.refused: Unavailable | None = None  # the broker refused a right the rebalance or a write needed
+        self.failed: Exception | None = None  # the rebalance's set-up or a write failed: the role ends (get_batch)
         self.consumer = AIOKafkaConsumer(
             group_id=bus.wire_group(group), client_id=f"{bus.client_id}-{group}", enable_auto_commit=False,
             auto_offset_reset="earliest", isolation_level="read_committed",
@@ -310,9 +328,10 @@ class KafkaSubscription:
         (maybe this process again) starts from its last checkpoint and committed offsets. A write
         the broker refused for want of a right is no lost transaction: rejoining would meet it
         again for ever, so the role ends (get_batch raises it)."""
-        if (why := _refusal(error)) is not None:
-            if self.refused is None:
-                self.refused = refused(self.bus, why, f"a write in its transactions (group {self.group})")
+        why = _refusal(error) or _refusal(_transaction_error(self.producers.get(p)))
+        if why is not None:
+            if self.failed is None:
+                self.failed = refused(self.bus, why, f"a write in its transactions (group {self.group})")
             return
         if isinstance(error, _FENCED):
             self.fenced += 1
@@ -353,8 +372,8 @@ class KafkaSubscription:
 
     async def get_batch(self, max_messages: int = 256, timeout_s: float | None = None) -> list[Message]:
         await self._start()
-        if self.refused is not None:
-            raise self.refused
+        if self.failed is not None:
+            raise self.failed
         if self._rejoin:  # the group assigns the lost partitions anew: their owner restores them
             self._rejoin = False
             self.consumer.unsubscribe()
@@ -366,8 +385,8 @@ class KafkaSubscription:
         # listener has set it up (its producer, its restored state): wait for that.
         for tp in records:
             while tp.partition not in self.ready | self._revoking and tp in self.consumer.assignment():
-                if self.refused is not None:  # its claim was refused: it never becomes ready
-                    raise self.refused
+                if self.failed is not None:  # its set-up failed: it never becomes ready
+                    raise self.failed
                 await asyncio.sleep(0.01)
         records = {tp: recs for tp, recs in records.items() if tp.partition in self.ready}
         for tp, batch in records.items():  # (read from the group's commit on: its first record is at it)
@@ -515,7 +534,7 @@ class KafkaSubscription:
             ("fw-error", reason.encode()), ("fw-source-topic", rec.topic.encode()),
             ("fw-source-partition", str(rec.partition).encode()), ("fw-source-offset", str(rec.offset).encode()),
             ("fw-consumer-group", self.group.encode())]
-        await self.bus.producer.send_and_wait(self.bus.wire(DEAD_LETTER), rec.value, key=rec.key, headers=headers)
+        await self.bus.dead_letter(rec.value, rec.key, headers)
 
     async def dead_letter_rows(self, message: Message, rows, reason: str, detail: str) -> None:
         """Rows of a decoded message that failed the content checks (bus/intake.py): one
@@ -526,8 +545,7 @@ class KafkaSubscription:
                     ("fw-source-topic", self.bus.wire(message.topic).encode()),
                     ("fw-source-partition", str(message.partition).encode()),
                     ("fw-source-offset", str(message.offset).encode()), ("fw-consumer-group", self.group.encode())]
-        await self.bus.producer.send_and_wait(self.bus.wire(DEAD_LETTER), value,
-                                              key=message.key.encode() if message.key else None, headers=headers)
+        await self.bus.dead_letter(value, message.key.encode() if message.key else None, headers)
 
     def pause(self) -> None:
         """Stop fetching every partition assigned now (the caller calls again after a rebalance)."""
@@ -673,7 +691,7 @@ class KafkaBus:
         _back_off_metadata(self.producer.client)
         self.subscriptions: list[KafkaSubscription] = []
         self.end_offsets: dict[TopicPartition, int] = {}
-        self.refused: Unavailable | None = None  # a write the broker refused for want of a right
+        self.failed: Unavailable | None = None  # a write refused for want of a right, or the producer broken
         # publish() -> outbox -> _pump() -> producer (which holds one batch per partition).
         self._outbox: collections.deque[tuple] = collections.deque()
         self._outbox_bytes = 0
@@ -880,12 +898,12 @@ class KafkaBus:
         return self.wire(message.topic), value, message.key.encode() if message.key else None, headers
 
     async def publish(self, message: Message, partition: int | None = None) -> None:
-        if self.refused is not None:
-            raise self.refused
+        if self.failed is not None:
+            raise self.failed
         topic, value, key, headers = self.record(message)
         await self._room.wait()
-        if self.refused is not None:
-            raise self.refused
+        if self.failed is not None:
+            raise self.failed
         self._outbox.append((topic, value, key, headers, partition))
         self._outbox_bytes += len(value)
         self.outbox_peak_bytes = max(self.outbox_peak_bytes, self._outbox_bytes)
@@ -908,8 +926,15 @@ class KafkaBus:
                 delivery = await self.producer.send(topic, value, key=key, headers=headers, partition=partition)
             except KafkaTimeoutError:  # request_timeout_ms without room in the producer: try again
                 continue
-            except _REFUSED as e:  # (a topic the user may not even see: refused before any delivery)
-                self.refused = self.refused or refused(self, e, f"a write to {topic}")
+            except UnknownTopicOrPartitionError:  # (not in the metadata yet: a topic being created)
+                await asyncio.sleep(1.0)
+                continue
+            except Exception as e:  # the producer cannot go on: the process ends, and its supervisor starts it again
+                self.failed = self.failed or (refused(self, e, f"a write to {topic}") if isinstance(e, _REFUSED) else
+                                              Unavailable(f"the Kafka producer to {self.bootstrap} stopped "
+                                                          f"({type(e).__name__}: {e}): the process ends, so that "
+                                                          f"its supervisor starts it afresh"))
+                log.error("%s", self.failed)
                 self._room.set()  # a publish waiting for room raises it now
                 return
             finally:
@@ -924,12 +949,19 @@ class KafkaBus:
                 self._check(d for d in self._in_flight if d.done())
                 self._in_flight = [d for d in self._in_flight if not d.done()]
 
+    async def dead_letter(self, value: bytes, key: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+        """One message on the dead-letter topic, acknowledged before it returns."""
+        try:
+            await self.producer.send_and_wait(self.wire(DEAD_LETTER), value, key=key, headers=headers)
+        except _REFUSED as e:
+            raise refused(self, e, f"a write to {self.wire(DEAD_LETTER)}") from None
+
     def _delivered(self, topic: str, delivery: asyncio.Future) -> None:
         """A write the broker refused for want of a right: the next publish raises it (a source had
         gone on publishing, every message failing, counted only)."""
         e = None if delivery.cancelled() else delivery.exception()
-        if isinstance(e, _REFUSED) and self.refused is None:
-            self.refused = refused(self, e, f"a write to {topic}")
+        if isinstance(e, _REFUSED) and self.failed is None:
+            self.failed = refused(self, e, f"a write to {topic}")
 
     def taking_messages(self, stuck_after_s: float = 5.0) -> bool:
         """False while the producer has waited more than stuck_after_s for the broker to take a
@@ -983,8 +1015,8 @@ class KafkaBus:
 
     def _check(self, deliveries) -> list[BaseException]:
         failed = [d.exception() for d in deliveries if d.exception() is not None]
-        if self.refused is None and (first := next((e for e in failed if isinstance(e, _REFUSED)), None)):
-            self.refused = refused(self, first, "a write")
+        if self.failed is None and (first := next((e for e in failed if isinstance(e, _REFUSED)), None)):
+            self.failed = refused(self, first, "a write")
         if failed and self.delivery_failures == 0:
             log.error("Kafka rejected messages (not retriable): %r; counted as delivery failures", failed[0])
         self.delivery_failures += len(failed)
@@ -994,16 +1026,16 @@ class KafkaBus:
         """Wait until everything published is acknowledged by the broker (acks=all);
         raise if any of it was not, so that the caller does not commit its input."""
         while self._outbox:
-            if self.refused is not None:
-                raise self.refused
+            if self.failed is not None:
+                raise self.failed
             if self._pump_task is None or self._pump_task.done():
                 raise RuntimeError("the Kafka producer task is not running")
             await asyncio.sleep(0.01)
         in_flight, self._in_flight = self._in_flight, []
         await asyncio.gather(*in_flight, return_exceptions=True)
         failed = self._check(in_flight)
-        if self.refused is not None:
-            raise self.refused
+        if self.failed is not None:
+            raise self.failed
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(in_flight)} messages were not delivered to Kafka: {failed[0]!r}")
 
