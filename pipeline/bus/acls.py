@@ -23,6 +23,7 @@ in another node's name (the guardrails bound what detection of them may lead to)
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 from pipeline.bus.kafka_settings import DEAD_LETTER, GROUP_PREFIX
@@ -74,7 +75,6 @@ def topics_used(specs: list[RoleSpec]) -> set[str]:
 
 def commands(specs: list[RoleSpec], principal: str, prefix: str = "", bootstrap: str = "BOOTSTRAP") -> list[str]:
     """One `kafka-acls.sh` command line per role and right; `principal` may hold `{role}`."""
-    import shlex
     lines = []
     for spec in specs:
         who = principal.format(role=spec.name)

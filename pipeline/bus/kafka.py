@@ -1014,9 +1014,7 @@ class KafkaBus:
                 stuck_since = None
 
     def _check(self, deliveries) -> list[BaseException]:
-        failed = [d.exception() for d in deliveries if d.exception() is not None]
-        if self.failed is None and (first := next((e for e in failed if isinstance(e, _REFUSED)), None)):
-            self.failed = refused(self, first, "a write")
+        failed = [d.exception() for d in deliveries if d.exception() is not None]  # (a refusal: _delivered's)
         if failed and self.delivery_failures == 0:
             log.error("Kafka rejected messages (not retriable): %r; counted as delivery failures", failed[0])
         self.delivery_failures += len(failed)

@@ -199,8 +199,8 @@ class _Point:
     spans: list[list[int]] = field(default_factory=list)  # [first, last] time of each stretch taken, in order
     interval_ns: float = 0.0  # its usual interval: a moving mean of its steps forward (pauses left out)
 
-    def seen(self, ts: int) -> bool:
-        return ts in self.recent or any(first <= ts <= last for first, last in self.spans)
+    def in_stretch(self, ts: int) -> bool:
+        return any(first <= ts <= last for first, last in self.spans)
 
     def took(self, ts: int) -> None:
         self.recent[self.next_slot] = ts
@@ -354,7 +354,7 @@ class MqttCollector:
         except Rejected as e:
             self._dead_letter(topic, payload, e)
             return
-        if ts == point.last_raw_ns or ts in point.recent or ts <= point.last_ns and (retained or point.seen(ts)):
+        if ts == point.last_raw_ns or ts in point.recent or ts <= point.last_ns and (retained or point.in_stretch(ts)):
             self.stats.duplicates += 1
             return
         if ts <= point.last_ns:  # older than the newest, never seen: a gateway's backlog
