@@ -40,9 +40,6 @@ log = logging.getLogger("fleetwatch")
 # The health check's awaits (Kafka's reachability and lag) end within this, well inside LOOP_LIVE_S: the
 # beat and systemd's watchdog go on while a broker is slow (it had taken 12 s, and the watchdog killed).
 SAMPLE_TIMEOUT_S = LOOP_LIVE_S / 2
-# Sources paced by others: the facility collector publishes when the BMS sends, the DCGM source when an
-# exporter answers. Their quiet is a stall to alert on, never a hung loop to restart (ops/health.py).
-PACED_BY_OTHERS = frozenset({"facility", "dcgm"})
 
 
 
@@ -106,7 +103,7 @@ class Operations:
             if not consumer and mqtt_links(r.work):
                 deps += ("mqtt",)
             infos.append(RoleInfo(r.name, consumer, 0.0 if consumer else interval_s(self.cfg, r.name), deps, r.task,
-                                  paced=r.name in PACED_BY_OTHERS))
+                                  paced=r.name in ROLE_SPECS and ROLE_SPECS[r.name].paced))
         h.attach(infos)
         ctx.collectors.append(FleetwatchCollector(ctx, ctx.progress, h, ctx.window().now,
                                                   lambda: list(self.alerts.firing.values())))

@@ -93,6 +93,8 @@ class RoleSpec:
     listens: tuple[Topic, ...] = ()           # topics it reads outside any consumer group (bus.listen, read_latest)
     tiers: tuple[tuple[str, tuple[Topic, ...]], ...] = ()  # more consumer groups of its own: (group, topics)
     transactional: bool = False               # its producers are transactional (ids: its groups', then -p<N>)
+    paced: bool = False                       # a source that publishes when others send (a BMS, exporters): its
+                                              # quiet is a stall to alert on, never a hung loop (ops/health.py)
     run_source: str = ""                      # its daemon.source value, for a source `run` can run
     options: tuple[RoleOption, ...] = ()      # its own command-line options
     check: Callable[[Config], str] = field(default=lambda cfg: "")  # what is missing to run it ("" = nothing)
@@ -114,12 +116,13 @@ ROLE_TABLE: tuple[RoleSpec, ...] = (
              "run only the DCGM exporter source (scrapes existing dcgm-exporter endpoints), producing to Kafka",
              in_run=lambda cfg: cfg.daemon.source == "dcgm", run_source="dcgm",
              outputs=(Topic.GPU, Topic.EVENTS), options=(DCGM_TARGETS,), preflight="pipeline.sources.dcgm:preflight",
+             paced=True,
              check=lambda cfg: "" if cfg.dcgm.targets or cfg.dcgm.targets_file else
              "the dcgm role scrapes dcgm-exporter endpoints: give --dcgm-targets URL[,URL...] (dcgm.targets) or "
              "dcgm.targets_file"),
     RoleSpec("facility", COLLECTOR, "pipeline.sources.mqtt:build",
              "run only the MQTT facility collector (a BMS topic tree), producing to Kafka",
-             in_run=lambda cfg: bool(cfg.mqtt.broker), options=(MQTT,),
+             in_run=lambda cfg: bool(cfg.mqtt.broker), options=(MQTT,), paced=True,
              # Its own FleetwatchStalled too: no other alert tells of facility data that stopped (a site
              # service, unlike an agent on every node, whose silence is NodeNotReporting).
              outputs=(Topic.FACILITY, Topic.ALERTS),
