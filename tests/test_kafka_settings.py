@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import ssl
 
 import pytest
@@ -188,3 +189,27 @@ def test_sasl_plain_without_tls_warns(caplog):
 def test_topics_create_needs_a_broker_address(capsys):
     assert main(["topics", "create"]) == 2
     assert "no Kafka given: pass --kafka HOST:PORT" in capsys.readouterr().err
+
+
+def test_a_partition_whose_set_up_fails_ends_the_role_rather_than_never_being_ready():
+    """aiokafka logs a rebalance listener's error and goes on: a transactional producer that could not
+    start (Kafka out of reach here: nothing listens on port 1) had left its partition never ready, the
+    role waiting for it for ever. The role ends with status 75 instead, which a supervisor restarts."""
+    from aiokafka import TopicPartition
+    from pipeline.bus.kafka import KafkaBus, _Rebalance
+    from pipeline.config import Unavailable
+
+    async def go():
+        bus = KafkaBus("127.0.0.1:1")
+        sub = bus.subscribe(["fleetwatch.gpu"], "detect", transactional=True)
+        try:
+            await asyncio.wait_for(_Rebalance(sub).on_partitions_assigned({TopicPartition("fleetwatch.gpu", 0)}),
+                                   60)
+            return sub
+        finally:
+            await sub.consumer.stop()
+            await bus.producer.stop()
+    sub = asyncio.run(go())
+    assert sub.ready == set() and isinstance(sub.failed, Unavailable)
+    assert re.search(r"Kafka at 127\.0\.0\.1:1 failed its transactional ids fleetwatch\.detect-p\* for group "
+                     r"detect \(KafkaConnectionError", str(sub.failed))

@@ -213,16 +213,15 @@ class _Rebalance(ConsumerRebalanceListener):
             # would wait for them for ever. It ends instead (get_batch raises it; a supervisor starts it again).
             try:
                 await self.sub.claim(partitions)  # fences a previous owner before its state is read
-            except _REFUSED as e:
-                self.sub.failed = refused(self.sub.bus, e, f"its transactional ids "
-                                                           f"{self.sub.bus.wire_group(self.sub.group)}-p*")
+            except Exception as e:
+                self.sub.failed = self.sub.set_up_failed(e, f"its transactional ids "
+                                                            f"{self.sub.bus.wire_group(self.sub.group)}-p*")
                 return
             try:
                 for hook in self.sub.on_assigned:
                     await hook(partitions)
             except Exception as e:  # (restoring their state: a checkpoint that cannot be read)
-                self.sub.failed = refused(self.sub.bus, why, "reading what its partitions need") \
-                    if (why := _refusal(e)) is not None else e
+                self.sub.failed = self.sub.set_up_failed(e, "reading what its partitions need")
                 return
             self.sub.ready |= partitions
 
@@ -269,6 +268,18 @@ class KafkaSubscription:
         self._to_commit: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}  # the group's commit of each partition read (held_still)
         self.dead_letters = 0
+
+    def set_up_failed(self, error: Exception, what: str) -> Exception:
+        """What the role ends with when its partitions' set-up failed: a refusal says what to grant, another
+        Kafka error is a service out of reach now (status 75: a supervisor starts it again), anything else
+        (a checkpoint that cannot be decoded) is itself."""
+        if (why := _refusal(error)) is not None:
+            return refused(self.bus, why, what)
+        if isinstance(error, KafkaError):
+            return Unavailable(f"Kafka at {self.bus.bootstrap} failed {what} for group {self.group} "
+                               f"({type(error).__name__}: {error}); the process ends so that its supervisor "
+                               f"starts it again")
+        return error
 
     async def claim(self, partitions: set[int]) -> None:
         """Start the transactional producer of each partition (transactional only)."""
