@@ -550,16 +550,6 @@ class Config:
 _HOST = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]")  # a name, an IPv4 or a bracketed IPv6 address
 
 
-def load_client_cert(context: Any, cert_file: str, key_file: str) -> None:
-    """A client certificate and its key (key_file empty: in cert_file) into an ssl.SSLContext. Raises
-    ssl.SSLError or OSError where they are not a PEM certificate and its key, and ValueError for an
-    encrypted key: OpenSSL would ask its passphrase on the terminal (a daemon's start, a reload: a
-    hang). The receivers' and the MQTT clients' mutual TLS."""
-    def no_passphrase() -> bytes:
-        raise ValueError("the key is encrypted: give it unencrypted, in a file only fleetwatch may read")
-    context.load_cert_chain(cert_file, key_file or None, password=no_passphrase)
-
-
 def read_secret(key: str, env_name: str, file_name: str, what: str, otherwise: str,
                 env: Mapping[str, str] | None = None) -> bytes | None:
     """A secret named by a `<key>_env` / `<key>_file` pair of settings (the environment

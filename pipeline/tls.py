@@ -1,5 +1,5 @@
-"""Mutual TLS for Fleetwatch's clients (the alert receivers, the MQTT clients): a client
-certificate read again from disk when it is renewed, for the next connection."""
+"""Mutual TLS for Fleetwatch's clients (the alert receivers, the MQTT clients, Kafka): a client
+certificate (for the receivers and MQTT) read again from disk when it is renewed, for the next connection."""
 
 from __future__ import annotations
 
@@ -9,9 +9,17 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pipeline.config import load_client_cert
-
 log = logging.getLogger("fleetwatch")
+
+
+def load_client_cert(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:
+    """A client certificate and its key (key_file empty: in cert_file) into an ssl.SSLContext. Raises
+    ssl.SSLError or OSError where they are not a PEM certificate and its key, and ValueError for an
+    encrypted key: OpenSSL would ask its passphrase on the terminal (a daemon's start, a reload: a
+    hang). Every client's mutual TLS: the receivers', the MQTT clients', Kafka's."""
+    def no_passphrase() -> bytes:
+        raise ValueError("the key is encrypted: give it unencrypted, in a file only fleetwatch may read")
+    context.load_cert_chain(cert_file, key_file or None, password=no_passphrase)
 
 
 @dataclass(eq=False)

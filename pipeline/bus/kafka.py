@@ -684,7 +684,7 @@ class KafkaBus:
     def __init__(self, bootstrap: str, partitions: int = 6, retention_hours: float = 24.0,
                  client_id: str = "fleetwatch", prefix: str = "", buffer_mb: float = 256.0,
                  connect_timeout_s: float = 30.0, *, security: dict | None = None, replication_factor: int = 0,
-                 min_insync_replicas: int = 0, create_topics: bool = True) -> None:
+                 min_insync_replicas: int = 0, create_topics: bool = True, used: set[str] | None = None) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.bootstrap = bootstrap
         self.prefix = prefix
@@ -695,7 +695,7 @@ class KafkaBus:
         self.topic_settings = KafkaConfig(bootstrap=bootstrap, replication_factor=replication_factor,
                                           min_insync_replicas=min_insync_replicas, create_topics=create_topics)
         self.specs = topic_specs(partitions, retention_hours)
-        self.used: set[str] | None = None  # the topics this process uses, created or checked at start (None: all)
+        self.used = used  # the topics this process uses, created or checked at start (None: all)
         self.producer_settings = dict(acks="all", enable_idempotence=True, compression_type="zstd", linger_ms=5,
                                       max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024)
         self.producer = AIOKafkaProducer(client_id=client_id, **self.producer_settings, **self.client_settings)
@@ -728,13 +728,11 @@ class KafkaBus:
         `topics`: the ones this process uses (bus/acls.py topics_used), created or checked at start;
         None: every one."""
         settings = client_settings(k, env, warn)
-        bus = cls(k.bootstrap, k.partitions, k.retention_hours, client_id=client_id, prefix=k.topic_prefix,
-                  buffer_mb=k.buffer_mb, connect_timeout_s=k.connect_timeout_s,
-                  security={key: v for key, v in settings.items() if key != "bootstrap_servers"},
-                  replication_factor=k.replication_factor, min_insync_replicas=k.min_insync_replicas,
-                  create_topics=k.create_topics)
-        bus.used = topics
-        return bus
+        return cls(k.bootstrap, k.partitions, k.retention_hours, client_id=client_id, prefix=k.topic_prefix,
+                   buffer_mb=k.buffer_mb, connect_timeout_s=k.connect_timeout_s,
+                   security={key: v for key, v in settings.items() if key != "bootstrap_servers"},
+                   replication_factor=k.replication_factor, min_insync_replicas=k.min_insync_replicas,
+                   create_topics=k.create_topics, used=topics)
 
     async def start(self) -> None:
         """Reach the brokers (retrying: they may be starting too), create missing topics

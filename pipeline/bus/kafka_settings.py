@@ -19,8 +19,9 @@ import ssl
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.config import ConfigError, KafkaConfig, load_client_cert
+from pipeline.config import ConfigError, KafkaConfig
 from pipeline.redact import hide_secret
+from pipeline.tls import load_client_cert
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from datetime import datetime, timezone
 from pipeline.config import Config
 from pipeline.detect.catalog import ALERTS_BY_NAME, raised
 from pipeline.humanize import age
-from pipeline.model import Alert, is_host_name
-from pipeline.remediate.backends.base import Backend, BackendError, Unsupported
+from pipeline.model import Alert
+from pipeline.remediate.backends.base import Backend, BackendError, Unsupported, not_a_host_name
 from pipeline.remediate.cases import (ACTION, DRAINED, HAND_OFF, HEALTHY, NEEDS_REPAIR, QUARANTINED, VALIDATING,
                                       AlertChange, Case, Event)
 from pipeline.remediate.guardrails import Guardrails
@@ -144,9 +144,7 @@ class Remediator:
         for a in candidates:
             if a.node in self.cases:  # a second alert of a node opened this step
                 continue
-            refusal = ("node_name", f"{a.node!r} is not one host name: no backend is called with it (from the "
-                                    f"samples, it would reach a command as an option, a scheduler as several "
-                                    f"nodes)") if not is_host_name(a.node) else \
+            refusal = ("node_name", why) if (why := not_a_host_name(a.node)) is not None else \
                 g.refuse(a.node, a.rack, a.fingerprint, now, len(self.nodes), rack_nodes[a.rack],
                          self._rack_alert(a.rack))
             if refusal is not None:

@@ -21,14 +21,21 @@ ACTIONS = ("reset_gpu", "reboot_node")  # what `act` may be asked; drain_inspect
 REASON_PREFIX = "fleetwatch:"           # every drain reason a backend sets starts so: ours, not an operator's
 
 
+def not_a_host_name(node: str) -> str | None:
+    """Why `node` reaches no backend, or None where it is one host name (model.is_host_name): a node's name
+    comes from the samples (an exporter's Hostname label, a Kafka producer), and `-oProxyCommand=...` would
+    reach a site's `ssh "$1"` as an option, `gpu[01-04]` or `a,b` scontrol as several nodes."""
+    if is_host_name(node):
+        return None
+    return (f"{node!r} is not one host name (a letter or digit, then letters, digits, '.', '_' or '-'): a backend "
+            f"is never called with it (a name from the samples would reach a command as an option, or a scheduler "
+            f"as several nodes)")
+
+
 def check_node(node: str) -> None:
-    """BackendError unless `node` is one host name (model.is_host_name): a node's name comes from the
-    samples (an exporter's Hostname label, a Kafka producer), and `-oProxyCommand=...` would reach a
-    site's `ssh "$1"` as an option, `gpu[01-04]` or `a,b` scontrol as several nodes."""
-    if not is_host_name(node):
-        raise BackendError(f"{node!r} is not one host name (a letter or digit, then letters, digits, '.', '_' or "
-                           f"'-'): a backend is never called with it (a name from the samples would reach a "
-                           f"command as an option, or a scheduler as several nodes)")
+    """BackendError unless `node` is one host name (not_a_host_name)."""
+    if (why := not_a_host_name(node)) is not None:
+        raise BackendError(why)
 
 
 class BackendError(Exception):
