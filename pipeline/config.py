@@ -431,6 +431,10 @@ class RemediateConfig:
                                    "no storm")
     breaker_window_s: float = _spec(600.0, min=1, doc="the breaker's window; it closes again once a whole window "
                                     "passed without a new alert asking for a quarantine")
+    fleet_nodes: int = _spec(0, min=0, doc="the breaker's share counts at most this many nodes in the fleet (0: the "
+                             "nodes seen in the GPU samples). Set it from a trusted inventory: any producer of GPU "
+                             "samples can name nodes that do not exist, and each one seen dilutes the share")
+    rack_nodes: int = _spec(0, min=0, doc="the same bound for the nodes of one rack (0: those seen)")
     max_per_hour: int = _spec(10, min=0, doc="rate limit: at most this many quarantines in any hour (0: none)")
     cooldown_s: float = _spec(3600.0, min=0, doc="a node back in service is not quarantined again for this long")
     repeat_limit: int = _spec(3, min=1, doc="a node remediated more than this many times in 7 days goes to "

@@ -175,6 +175,23 @@ def test_the_breaker_trips_at_the_fleet_share_raises_an_alert_and_closes_after_a
     assert "r02-n06" in s.rem.cases
 
 
+def test_nodes_no_inventory_holds_do_not_dilute_the_breaker(tmp_path):
+    """Any producer of GPU samples can name nodes: 84 made-up ones beside the 16 had raised the fleet's
+    count to 100, and 10% of it let 10 real nodes be quarantined in one window. remediate.fleet_nodes (and
+    rack_nodes) bound the count by a trusted inventory."""
+    made_up = {f"r01-x{i:02d}": "r01" for i in range(84)}
+    quarantined = {}
+    for bound in (0, 16):
+        s = Site(tmp_path / f"bound{bound}", breaker_fleet_pct=10.0, fleet_nodes=bound, rack_nodes=bound and 8)
+        s.rem.see(made_up)
+        for i in range(1, 6):
+            s.step(alert(f"r01-n0{i}"), alert(f"r02-n0{i}"))
+        quarantined[bound] = sorted(s.rem.cases)
+    assert len(quarantined[0]) == 10  # diluted: 10 of 100 is no storm
+    assert len(quarantined[16]) == 1 and s.rem.guardrails.breaker.where == "the fleet"
+    assert "2 of 16 nodes of the fleet" in s.alerts[0].annotations["summary"]
+
+
 def test_one_failing_node_of_a_small_fleet_is_no_storm(tmp_path):
     """5% of 16 nodes is under one node: the breaker waits for remediate.breaker_min_nodes (2)."""
     s = Site(tmp_path, breaker_fleet_pct=5.0)

@@ -145,8 +145,8 @@ class Remediator:
             if a.node in self.cases:  # a second alert of a node opened this step
                 continue
             refusal = ("node_name", why) if (why := not_a_host_name(a.node)) is not None else \
-                g.refuse(a.node, a.rack, a.fingerprint, now, len(self.nodes), rack_nodes[a.rack],
-                         self._rack_alert(a.rack))
+                g.refuse(a.node, a.rack, a.fingerprint, now, _bounded(len(self.nodes), self.rc.fleet_nodes),
+                         _bounded(rack_nodes[a.rack], self.rc.rack_nodes), self._rack_alert(a.rack))
             if refusal is not None:
                 guardrail, why = refusal
                 if (a.node, a.fingerprint, guardrail) not in self._said:
@@ -351,3 +351,9 @@ class Remediator:
 
 def _dt(t: float) -> datetime:
     return datetime.fromtimestamp(t, timezone.utc)
+
+
+def _bounded(seen: int, trusted: int) -> int:
+    """The breaker's denominator: the nodes seen, at most the inventory's count where one is set (names no
+    inventory holds would dilute the share)."""
+    return min(seen, trusted) if trusted > 0 else seen
