@@ -680,7 +680,12 @@ def cmd_archive(args: argparse.Namespace) -> int:
         line = prune(where, cfg.archive, dry_run=args.dry_run).line(args.dry_run)
     else:
         from pipeline.sinks.compaction import compact
-        line = compact(where, after_s=_compact_after(args, cfg)).line()
+        done = compact(where, after_s=_compact_after(args, cfg), min_free_mb=cfg.archive.min_free_mb)
+        print(f"{shown(where)}: {done.line()}")
+        for why in done.failed:
+            print(f"fleetwatch archive compact: {why}: that hour is left as it is; move the file away (or restore "
+                  f"it) and run again", file=sys.stderr)
+        return 1 if done.failed else 0
     print(f"{shown(where)}: {line}")
     return 0
 

@@ -258,3 +258,81 @@ def test_the_archive_role_compacts_closed_hours_as_it_runs(copy: Path) -> None:
     assert len(list((copy / "gpu_samples").glob("*/hour=11/*.parquet"))) == 1  # (closed too, by the clock)
     assert answers(copy)["gpu_samples"][0] == before + 16 * 20
 
+
+
+def test_an_hour_that_cannot_be_read_is_left_as_it_is_and_the_others_are_merged(copy: Path, capsys) -> None:
+    """One truncated file in the oldest hour had stopped every pass there: no later hour, no later
+    dataset merged again, and `archive compact` a pyarrow traceback naming no file."""
+    from pipeline.cli import main
+    hour10 = sorted((copy / "gpu_samples").glob("*/hour=10/*.parquet"))
+    hour10[3].write_bytes(hour10[3].read_bytes()[:100])  # a file cut short (a copy, a disk)
+    stats = compact(copy, now=LATER)
+    assert sorted((copy / "gpu_samples").glob("*/hour=10/*.parquet")) == hour10  # left as it is
+    assert len(list((copy / "gpu_samples").glob("*/hour=11/*.parquet"))) == 1
+    assert len(files(copy, "facility_samples")) == 2 and len(files(copy, "events")) <= 2
+    assert len(stats.failed) == 1 and stats.failed[0].startswith("gpu_samples/date=2026-03-01/hour=10: ")
+    assert not any((copy / WORK).glob("*-*"))  # its partial copy went at once
+    assert main(["archive", "compact", "--data-dir", str(copy.parent), "--after", "0"]) == 1
+    out, err = capsys.readouterr()
+    assert "1 hours failed and were left as they are (first: gpu_samples/date=2026-03-01/hour=10: " in out
+    assert "Traceback" not in err
+
+
+def test_an_hour_whose_copy_would_leave_too_little_free_is_left_for_later(copy: Path) -> None:
+    """The archive's floor (archive.min_free_mb) is for alerts and outboxes: a merge had filled the
+    disk to 0 bytes and left its partial copy behind."""
+    before, listing = answers(copy), files(copy, "gpu_samples")
+    free_mb = shutil.disk_usage(copy).free / 2**20
+    stats = compact(copy, now=LATER, min_free_mb=free_mb)
+    assert stats.hours == 0 and stats.short_of_space >= 2 and "left for want of free space" in stats.line()
+    assert files(copy, "gpu_samples") == listing and answers(copy) == before
+    assert compact(copy, now=LATER, min_free_mb=1).hours >= 2  # room enough: merged
+
+
+def test_one_file_of_an_older_schema_version_is_rewritten(tmp_path: Path) -> None:
+    """A one-file hour of facility_sample v1 in the current archive format: its derived device_class is
+    in the file only once its hour is rewritten through the upgrade (readers other than `fleetwatch
+    query` read it null: an alert v1's remediation too); one file had passed for compacted."""
+    from pipeline.model import _on_disk
+    archive = known_archive(tmp_path) / "archive"
+    hour = next((archive / "facility_samples").glob("*/hour=10"))
+    old = [f for f in hour.glob("*.parquet") if pq.read_schema(f).metadata[b"fleetwatch.version"] == b"1"]
+    for f in hour.glob("*.parquet"):
+        if f not in old:
+            f.unlink()
+    table = pq.read_table(old[0])
+    schema = _on_disk(table.schema)
+    pq.write_table(table.cast(schema), old[0])  # one v1 file, format 2
+    assert "device_class" not in pq.read_schema(old[0]).names
+    assert compact(archive, now=LATER).hours >= 1
+    [merged] = files(archive, "facility_samples")
+    assert pq.read_schema(merged).metadata[b"fleetwatch.version"] == b"2"
+    assert {r["device_class"] for r in pq.read_table(merged).to_pylist()} == {"meter"}
+
+
+def test_retention_frees_a_full_disk_while_every_write_fails(copy: Path) -> None:
+    """Upkeep had run only after a write that succeeded: on a disk under archive.min_free_mb, where every
+    write fails, the hours past their retention that would free it were never deleted."""
+    import asyncio
+    from pipeline.bus import MemoryBus, Message, Topic
+    from pipeline.roles import DATASET_OF_TOPIC
+    from pipeline.sinks.archive_sink import archive_role
+    cfg = make_config(fleet={"racks": 1, "nodes_per_rack": 2, "fault_interval_s": 0.0, "gpu_reset_interval_s": 0.0})
+    batch = FleetSimulator(cfg.fleet).step().gpu
+    full = ArchiveWriter(copy, min_free_mb=shutil.disk_usage(copy).free / 2**20 * 4)  # never room to write
+
+    async def run() -> None:
+        bus = MemoryBus()
+        sub = bus.subscribe(list(DATASET_OF_TOPIC), "archive")
+        upkeep = make_config(archive={"upkeep_interval_s": 3600.0}).archive  # March's hours: past 30 days
+        role = asyncio.create_task(archive_role(full, sub, 0.1, upkeep=upkeep))
+        await bus.publish(Message(Topic.GPU, batch))
+        for _ in range(600):
+            if not list((copy / "gpu_samples").glob("date=*")):
+                break
+            await asyncio.sleep(0.1)
+        role.cancel()
+        await asyncio.gather(role, return_exceptions=True)
+    asyncio.run(run())
+    # (nothing written either: the new sample's hour is not there)
+    assert not list((copy / "gpu_samples").glob("date=*")) and not list((copy / "facility_samples").glob("date=*"))

@@ -36,9 +36,9 @@ class ArchiveSink(SinkBase):
     def __init__(self, writer: ArchiveBuffers, sub, flush_interval_s: float, outage: ArchiveOutage | None = None,
                  buffer_mb: float = 256.0, upkeep: ArchiveConfig | None = None) -> None:
         self.writer, self.sub, self.flush_interval_s = writer, sub, flush_interval_s
-        # Compaction (sinks/compaction.py) and retention (sinks/retention.py) in a thread, after the
-        # first write (a killed run's leftovers are finished then) and every upkeep_interval_s after;
-        # never two at once. None: neither.
+        # Retention (sinks/retention.py) and compaction (sinks/compaction.py) in a thread, at the first
+        # flush (a killed run's leftovers are finished then) and every upkeep_interval_s after, whether
+        # the flush writes or not; never two at once. None: neither.
         self.upkeep = upkeep if upkeep is not None and upkeep.upkeep_interval_s > 0 else None
         self.next_upkeep = time.monotonic()
         self.upkeeping: asyncio.Task | None = None
@@ -71,6 +71,8 @@ class ArchiveSink(SinkBase):
         if reading := writer.partitions():  # (over Kafka) none that another member took meanwhile
             writer.discard(reading - await self.sub.held_still(reading))
         held, taken = writer.held_rows(), writer.take()
+        # Upkeep at every flush, written or not: retention is what frees a full disk for the writes.
+        self._maybe_upkeep()
         if not taken:
             writer.last_durable = time.monotonic()
             return True
@@ -84,7 +86,6 @@ class ArchiveSink(SinkBase):
         writer.last_durable = time.monotonic()
         if (alert := outage.recovered(held)) is not None:
             self._announce(alert)
-        self._maybe_upkeep()
         return True
 
     def _maybe_upkeep(self) -> None:

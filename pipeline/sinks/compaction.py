@@ -49,7 +49,7 @@ import re
 import shutil
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.model import ARCHIVE_FORMAT, ARCHIVE_SCHEMAS, SCHEMAS, archive_format
+from pipeline.model import ARCHIVE_FORMAT, ARCHIVE_SCHEMAS, SCHEMAS, archive_format, schema_version
 from pipeline.sinks.files import fsync_dir, write_atomically
 from pipeline.sinks.parquet import TIME_COLUMN, as_current, on_disk
 
@@ -91,18 +91,27 @@ class CompactionStats:
     bytes_in: int = 0
     bytes_out: int = 0
     recovered: int = 0        # work a killed run left, finished or undone
+    failed: list[str] = field(default_factory=list)  # hours left as they are: "<hour>: <why>"
+    short_of_space: int = 0   # hours not merged: their copy would leave under min_free_mb free
 
     def line(self) -> str:
         return (f"{self.hours} hours compacted: {self.files_in} files -> {self.files_out}, {self.rows:,} rows, "
                 f"{self.bytes_in / 2**20:.1f} MB -> {self.bytes_out / 2**20:.1f} MB"
-                + (f"; {self.recovered} interrupted compactions finished" if self.recovered else ""))
+                + (f"; {self.recovered} interrupted compactions finished" if self.recovered else "")
+                + (f"; {self.short_of_space} hours left for want of free space" if self.short_of_space else "")
+                + (f"; {len(self.failed)} hours failed and were left as they are (first: {self.failed[0]})"
+                   if self.failed else ""))
 
 
 def compact(archive: Path, after_s: float = 900.0, now: datetime | None = None,
-            stop: threading.Event | None = None, datasets: tuple[str, ...] | None = None) -> CompactionStats:
+            stop: threading.Event | None = None, datasets: tuple[str, ...] | None = None,
+            min_free_mb: float = 0.0) -> CompactionStats:
     """Merge every hour of `archive` that ended at least `after_s` before `now` (default: the
     later of the clock and the newest hour with data, so an archive ahead of the clock, a
-    simulation's, is compacted too). `stop` set: return after the hour in progress."""
+    simulation's, is compacted too). `stop` set: return after the hour in progress. An hour is
+    merged only where its copy would leave `min_free_mb` free (the writer's floor: alerts and
+    outboxes need it), and an hour that fails (a file that cannot be read) is left as it is, said in
+    the log and the stats, and the others are merged."""
     archive = Path(archive)
     stats = CompactionStats()
     if not archive.is_dir():
@@ -117,8 +126,15 @@ def compact(archive: Path, after_s: float = 900.0, now: datetime | None = None,
             for start, folder in closed:
                 if stop is not None and stop.is_set():
                     return stats
-                if start + timedelta(hours=1, seconds=after_s) <= ref:
-                    _compact_hour(archive, dataset, folder, stats)
+                if start + timedelta(hours=1, seconds=after_s) > ref:
+                    continue
+                try:
+                    _compact_hour(archive, dataset, folder, stats, int(min_free_mb * 2**20))
+                except (OSError, pa.ArrowException) as e:
+                    why = f"{folder.relative_to(archive).as_posix()}: {e}"
+                    log.warning("archive compaction: %s; that hour is left as it is (readers read it as it is), "
+                                "and the others are merged", why)
+                    stats.failed.append(why)
     return stats
 
 
@@ -170,14 +186,45 @@ def _groups(files: list[Path]) -> dict[str, list[Path]]:
     return groups
 
 
-def _compact_hour(archive: Path, dataset: str, folder: Path, stats: CompactionStats) -> None:
+def _current(dataset: str, f: Path) -> bool:
+    """A file as the writer writes it today: the archive's format and the dataset's schema version (an older
+    version's derived columns, null in the file, are filled only by a rewrite through the upgrade)."""
+    schema = pq.read_schema(f)
+    return archive_format(schema) == ARCHIVE_FORMAT and schema_version(schema) == schema_version(SCHEMAS[dataset])
+
+
+def _compact_hour(archive: Path, dataset: str, folder: Path, stats: CompactionStats, min_free: int = 0) -> None:
     files = sorted(folder.glob("*.parquet"))
     groups = _groups(files)
-    if all(len(g) == 1 for g in groups.values()) and all(
-            archive_format(pq.read_schema(f)) == ARCHIVE_FORMAT for f in files):
+    if all(len(g) == 1 for g in groups.values()) and all(_current(dataset, f) for f in files):
         return  # one file per partition already, as the writer writes them today
+    bytes_in = sum(f.stat().st_size for f in files)
+    if min_free and shutil.disk_usage(archive).free - bytes_in < min_free:
+        stats.short_of_space += 1  # (the merged copy is about the inputs' size; retention may free room)
+        return
     rel = folder.relative_to(archive).as_posix()
     work = archive / WORK / f"{dataset}-{folder.parent.name[5:]}-{folder.name[5:]}-{uuid.uuid4().hex[:8]}"
+    try:
+        new, journal, rows = _build(dataset, files, groups, rel, work)
+    except BaseException:  # before the swap the inputs are live: the partial copy goes now, not at the next run
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    bytes_out = sum((new / n).stat().st_size for n in journal["outputs"])
+    _exchange(new, folder)
+    _move_late(new, folder, set(journal["inputs"]) | set(journal["outputs"]))
+    shutil.rmtree(work, ignore_errors=True)
+    stats.hours += 1
+    stats.files_in += len(files)
+    stats.files_out += len(journal["outputs"])
+    stats.rows += rows
+    stats.bytes_in += bytes_in
+    stats.bytes_out += bytes_out
+
+
+def _build(dataset: str, files: list[Path], groups: dict[str, list[Path]], rel: str,
+           work: Path) -> tuple[Path, dict, int]:
+    """The merged hour in `work/hour` and its journal, written (step 1 of the module doc): (the hour's
+    folder, the journal, the rows)."""
     new = work / "hour"
     new.mkdir(parents=True)
     journal = {"hour": rel, "inputs": [f.name for f in files], "outputs": []}
@@ -204,17 +251,7 @@ def _compact_hour(archive: Path, dataset: str, folder: Path, stats: CompactionSt
         journal["outputs"].append(name)
     fsync_dir(new)
     write_atomically(work / "journal.json", json.dumps(journal))  # the outputs known: from here a swap can be recognised
-    bytes_in = sum(f.stat().st_size for f in files)
-    bytes_out = sum((new / n).stat().st_size for n in journal["outputs"])
-    _exchange(new, folder)
-    _move_late(new, folder, set(journal["inputs"]) | set(journal["outputs"]))
-    shutil.rmtree(work, ignore_errors=True)
-    stats.hours += 1
-    stats.files_in += len(files)
-    stats.files_out += len(journal["outputs"])
-    stats.rows += rows
-    stats.bytes_in += bytes_in
-    stats.bytes_out += bytes_out
+    return new, journal, rows
 
 
 def _merge(dataset: str, files: list[Path], rows_in: int, out: Path) -> tuple[int, int]:

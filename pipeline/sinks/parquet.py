@@ -248,8 +248,10 @@ class ArchiveWriter(ArchiveBuffers):
     def upkeep(self, cfg, stop) -> list[tuple[str, Callable[[], Any]]]:
         from pipeline.sinks.compaction import compact
         from pipeline.sinks.retention import prune
-        return [("compaction", lambda: compact(self.root, cfg.compact_after_s, None, stop)),
-                ("retention", lambda: prune(self.root, cfg))]
+        # Retention first: what it deletes need not be merged, and on a disk short of space it makes the room.
+        return [("retention", lambda: prune(self.root, cfg)),
+                ("compaction", lambda: compact(self.root, cfg.compact_after_s, None, stop,
+                                               min_free_mb=self.min_free_bytes / 2**20))]
 
     def close(self) -> None:
         """Its staging folder goes, unless a failed write left an hour there for the next start."""
