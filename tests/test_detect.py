@@ -134,6 +134,29 @@ def test_one_alert_per_problem_and_resolution_with_hysteresis():
     assert len(h.fired()) == 1  # it did not flap
 
 
+@pytest.mark.parametrize("twice", ["one scrape twice", "two scrapes in one message"])
+def test_a_gpu_twice_in_one_batch_is_judged_once_a_scrape(twice):
+    """A producer's retry appended to its batch, or an agent's backlog of two scrapes in one message:
+    a GPU's second row had made one alert fire twice, or its clears pop it twice (KeyError: the detect
+    role died and its batch was lost). The same alerts as each scrape once."""
+    def doubled(topic, batch):
+        if topic != Topic.GPU:
+            return batch
+        if twice == "one scrape twice":
+            return pa.concat_batches([batch, batch])
+        later = batch.set_column(0, batch.schema.field("ts"),
+                                 pa.compute.add(batch.column("ts"), pa.scalar(500_000_000, pa.duration("ns"))))
+        return pa.concat_batches([later, batch])  # (out of order too: the later scrape first)
+    alerts = {}
+    for mutate in (None, doubled):
+        h = Harness(seed=3)
+        h.run(120, mutate)
+        h.sim.inject("ecc_uncorrectable", gpu=20, duration_s=60)
+        h.run(150, mutate)
+        alerts[mutate] = [(a.alertname, a.labels["gpu"], a.ends_at is None) for _, a in h.changes]
+    assert alerts[doubled] == alerts[None] and ("GpuUncorrectableEcc", "4", True) in alerts[None]
+
+
 def test_node_health_follows_alerts():
     h = Harness(seed=6)
     h.run(120)

@@ -84,3 +84,16 @@ def test_a_restart_s_downtime_is_no_time_a_condition_held():
     play(tr, 0.2, [True, True], t0=1000.0)
     tr.shift(60.0)
     assert play(tr, 0.2, [True] * 8, t0=1060.4) == [(1.2, True)]  # the 9th hit: 1.6 s held, 0.4 s before the restart
+
+
+def test_an_entity_judged_twice_in_one_evaluation_is_one_judgement():
+    """A rack's A and B feeds are two PDU rows of one rack: its two clears had popped one alert twice
+    (KeyError: the detect role died), and two hits fired it twice. Hit where any row hit, with that
+    row's score and evidence."""
+    tr = tracker(fire_after=1, resolve_after=2)
+    twice = np.array([0, 0])
+    fired = tr.update(twice, np.array([False, True]), 1000.0, np.array([1.0, 7.0]), lambda i: {"row": i})
+    assert [(a.ends_at, a.score, a.evidence["row"]) for _, a in fired] == [(None, 7.0, 1)]
+    assert tr.update(twice, np.array([True, True]), 1001.0, np.array([1.0, 2.0]), lambda i: {}) == []
+    changes = [tr.update(twice, np.array([False, False]), t, np.array([0.0, 0.0]), lambda i: {}) for t in (1002.0, 1003.0)]
+    assert [len(c) for c in changes] == [0, 1] and changes[1][0][1].ends_at is not None and not tr.active

@@ -385,3 +385,36 @@ def test_an_alert_whose_label_name_alertmanager_refuses_is_dead_lettered_at_inta
     assert valid.num_rows == 1 and json.loads(valid.column("labels_json")[0].as_py()) == ok.labels
     [r] = rejected
     assert r.reason == "bad_alert" and "Prometheus label name" in r.detail and r.rows.num_rows == 1
+
+
+def test_a_message_the_detectors_fail_on_is_dead_lettered_whole_and_detect_goes_on(tmp_path, caplog):
+    """Input no check foresaw (a GPU twice in one batch had been one: KeyError) had ended the detect
+    role, and over Kafka every restart met it again. Here an engine that fails on one marked message
+    stands in for it."""
+    cfg = config(tmp_path)
+    ticks = [m for m in sim_ticks(cfg, 6) if m.topic == Topic.GPU]
+    poison = ticks[2]
+
+    class Failing(Engine):
+        def process(self, message):
+            if message.value is poison.value:
+                raise KeyError(3)
+            return super().process(message)
+
+    async def go():
+        bus = MemoryBus()
+        engine = Failing(cfg)
+        sub = bus.subscribe([Topic.GPU], "detect")
+        once = ScreenOnce(Gate("intake", FileDeadLetters(tmp_path / "deadletter" / "intake.jsonl"), None))
+        role = asyncio.create_task(detect_role(bus, engine, sub, 0.2, None, gate=once.view(sub.topics)))
+        for m in ticks:
+            await bus.publish(m)
+        await bus.end([Topic.GPU])
+        await asyncio.wait_for(role, 60)
+        return engine, once.gate
+    engine, gate = asyncio.run(go())
+    assert engine.stats.gpu_samples == 5 * poison.value.num_rows  # every message but the one
+    assert gate.rejected == {"detector_error": poison.value.num_rows}
+    [line] = {(x["reason"], x["detail"]) for x in dead_lines(tmp_path)}
+    assert line == ("detector_error", "KeyError: 3")
+    assert sum("the detectors failed on a fleetwatch.gpu message" in r.message for r in caplog.records) == 1

@@ -31,6 +31,9 @@ Reasons:
   too_old        a reading older than intake.max_age_s
   bad_alert      an alert whose status is not firing/resolved, whose labels_json is not a
                  JSON object of strings with an alertname, or whose evidence_json is not JSON
+  detector_error a message the detectors raised an error on, past these checks (roles/detect.py):
+                 dead-lettered whole, so that it stops neither the role nor, at every restart,
+                 the partition it came in
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ BAD_TIMESTAMP = "bad_timestamp"
 TIME_AHEAD = "time_ahead"
 TOO_OLD = "too_old"
 BAD_ALERT = "bad_alert"
+DETECTOR_ERROR = "detector_error"
 
 TOPIC_SCHEMAS: dict[Topic, pa.Schema] = {
     Topic.GPU: GPU_SAMPLE, Topic.FACILITY: FACILITY_SAMPLE, Topic.EVENTS: EVENT, Topic.ALERTS: ALERT,
@@ -411,6 +415,12 @@ class Gate:
                 clean.add(topic)
         return clean
 
+    async def reject(self, message: Message, reason: str, detail: str) -> None:
+        """A whole message rejected after the screen (a detector's error on it): dead-lettered and counted."""
+        r = Rejection(reason, detail, message.value)
+        await self.dead_letters.write(self.group, [(message, r)])
+        self._count(message, r)
+
     def _count(self, message: Message, r: Rejection) -> None:
         if r.reason not in self.rejected:
             log.warning("%s: %d %s row(s) rejected (%s: %s); dead-lettered to %s. Further %s rows are counted "
@@ -438,6 +448,9 @@ class ScreenOnce:
     class View:
         def __init__(self, shared: "ScreenOnce") -> None:
             self.shared = shared
+
+        async def reject(self, message: Message, reason: str, detail: str) -> None:
+            await self.shared.gate.reject(message, reason, detail)
 
         async def screen(self, messages: list[Message]) -> list[Message]:
             shared, verdicts = self.shared, self.shared._verdicts

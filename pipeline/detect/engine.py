@@ -269,6 +269,11 @@ class Engine:
         inv = self.inventory
         slots = inv.gpu_ids.slots(batch.column("gpu_uuid"))
         ts = seconds(batch)
+        if (rounds := once_each(slots, ts)) is not None:
+            for rows in rounds:  # the families judge each GPU once a batch: a GPU's scrapes one after another
+                inv.current = batch.take(pa.array(rows))
+                self._gpu(inv.current, out)
+            return
         batch, ts, slots = self._on_time(batch, self.gpu_series, slots, ts, self.gpu_time,
                                          inv.rack_partition[inv.node.rack[inv.gpu.node[slots]]])
         if batch.num_rows == 0:
@@ -342,3 +347,20 @@ class Engine:
             remediations = [tr.active[int(e)].annotations.get("remediation", tr.spec.remediation) for e in entities]
             firing.append((nodes, tr.spec.severity, name, remediations))
         return self.health.update(self.inventory.node_count, firing, self.node_identity, t)
+
+
+def once_each(slots: np.ndarray, ts: np.ndarray) -> list[np.ndarray] | None:
+    """None where every slot is in the batch once (the common case); else the batch's rows in rounds
+    that hold each slot at most once, its rows in time order (a message of two scrapes: an agent's
+    backlog, an exporter scraped twice), with a row that repeats another of its slot and time left
+    out (a producer's retry)."""
+    if slots.size < 2 or np.unique(slots).size == slots.size:
+        return None
+    order = np.lexsort((ts, slots))
+    s, t = slots[order], ts[order]
+    last = np.ones(order.size, bool)  # of the rows of one slot and time, the last
+    last[:-1] = (s[1:] != s[:-1]) | (t[1:] != t[:-1])
+    order, s = order[last], s[last]
+    at = np.arange(s.size)
+    rank = at - np.maximum.accumulate(np.where(np.r_[True, s[1:] != s[:-1]], at, 0))
+    return [np.sort(order[rank == r]) for r in range(int(rank.max()) + 1)]

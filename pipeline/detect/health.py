@@ -56,9 +56,20 @@ class Tracker:
 
     def update(self, entities: np.ndarray, hit: np.ndarray, t: float, score: np.ndarray,
                evidence: Evidence) -> list[tuple[datetime, Alert]]:
-        """Evaluate the condition for `entities` (unique) at time t; return state changes."""
+        """Evaluate the condition for `entities` at time t; return state changes. An entity judged twice
+        (two rows of a rack's A and B feeds) is one judgement: hit where any of its rows hit, with that
+        row's score and evidence."""
         if entities.size == 0 or not (self._pending or self.active or hit.any()):
             return []  # the common case: nothing hit, nothing pending, nothing firing
+        if entities.size > 1:
+            unique, first = np.unique(entities, return_inverse=True)
+            if unique.size < entities.size:
+                rows = np.arange(entities.size)
+                chosen = np.full(unique.size, -1)  # each entity's last row that hit, or else its last row
+                np.maximum.at(chosen, first, np.where(hit, rows + entities.size, rows))
+                chosen %= entities.size
+                entities, hit, score = unique, hit[chosen], score[chosen]
+                evidence = (lambda of: lambda i: of(int(chosen[i])))(evidence)
         s = self.arrays
         s.ensure(int(entities.max()) + 1)
         hits = np.where(hit, s.hits[entities] + 1, 0)

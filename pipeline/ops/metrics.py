@@ -24,7 +24,7 @@ from pipeline.ops.health import Health
 from pipeline.ops.progress import Progress
 
 INTAKE_REASONS = (intake.NULL_FIELD, intake.EMPTY_IDENTITY, intake.OUT_OF_RANGE, intake.VALUE_OUT_OF_RANGE,
-                  intake.BAD_TIMESTAMP, intake.TIME_AHEAD, intake.TOO_OLD, intake.BAD_ALERT)
+                  intake.BAD_TIMESTAMP, intake.TIME_AHEAD, intake.TOO_OLD, intake.BAD_ALERT, intake.DETECTOR_ERROR)
 GPU_LABELS = ["site", "rack", "node", "gpu", "UUID"]
 
 

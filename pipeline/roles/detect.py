@@ -27,6 +27,7 @@ from pipeline.bus import Bus, EndOfStream, Message, Topic
 from pipeline.bus import keys
 from pipeline.bus.align import ORIGIN, start_time
 from pipeline.bus.batching import coalesce, coalesce_by_time
+from pipeline.bus import intake
 from pipeline.bus.intake import Gate
 from pipeline.config import Config
 from pipeline.detect.checkpoint import Checkpointer, CheckpointUnreadable, LocalCheckpoint, reconcile
@@ -95,6 +96,7 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
     busy = asyncio.Lock()  # processing a batch and handing partitions over never interleave
     dirty: set[int] = set()  # partitions processed since their last checkpoint
     background: set[asyncio.Task] = set()  # in-process event publishes (below)
+    errors = 0  # messages the detectors raised on (logged with a traceback once)
 
     async def publish_events(rows: list[dict], origin: int | None) -> None:
         """Events the engine found (a GPU replaced) go to the events topic, archived with the
@@ -108,6 +110,20 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
                 task = asyncio.create_task(sub.publish(m))
                 background.add(task)
                 task.add_done_callback(background.discard)
+
+    async def detector_error(message: Message, error: Exception) -> None:
+        """A message the engine raised on: logged with its traceback once, dead-lettered whole and counted
+        (intake's detector_error). What the engine had taken of it before the error stays taken."""
+        nonlocal errors
+        what = f"{type(error).__name__}: {error}"[:300]
+        errors += 1
+        if errors == 1:
+            log.error("detect: the detectors failed on a %s message of %d rows (%s): dead-lettered whole; the role "
+                      "goes on. Further such messages are dead-lettered and counted, not logged with a traceback "
+                      "(please report it: docs/data.md#bad-input)", message.topic,
+                      message.value.num_rows, what, exc_info=error)
+        if gate is not None:
+            await gate.reject(message, intake.DETECTOR_ERROR, what)
 
     async def commit(partitions: set[int]) -> None:
         if checkpoint is not None:
@@ -183,7 +199,11 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
                         for m in (coalesce(of_partition) if tier == "rack" else coalesce_by_time(of_partition))]
             for origin, message in work:
                 started = time.perf_counter()
-                out = engine.process(message)
+                try:
+                    out = engine.process(message)
+                except Exception as e:  # input no check foresaw: the rest goes on (a crash would meet it again)
+                    await detector_error(message, e)
+                    continue
                 if timed is not None:
                     timed(message.topic, time.perf_counter() - started)
                 routed = owners.group if owners is not None else (lambda rows, labels=None: [(origin, rows)])
