@@ -157,6 +157,27 @@ def test_a_gpu_twice_in_one_batch_is_judged_once_a_scrape(twice):
     assert alerts[doubled] == alerts[None] and ("GpuUncorrectableEcc", "4", True) in alerts[None]
 
 
+def test_a_node_whose_clock_is_off_makes_no_node_silent_and_a_silent_one_is_still_found():
+    """A node whose clock runs 120 s ahead (NTP broken, inside intake.max_ahead_s) had made every other
+    node NodeNotReporting (the clock is the newest sample), and one whose clock was stepped back 30 s was
+    itself, while its rows were late. A node that does stop is still found, beside them."""
+    start = START.timestamp()
+    skew = {"r01-n02": 120.0, "r02-n01": -30.0}
+
+    def clocks_off(topic, batch):
+        if topic != Topic.GPU:
+            return batch
+        ts = batch.column("ts").cast(pa.int64()).to_numpy() / 1e9
+        node = np.asarray(batch.column("node").to_pylist())
+        shifted = ts + np.where(ts - start >= 60, [skew.get(n, 0.0) for n in node], 0.0)
+        batch = batch.set_column(0, batch.schema.field("ts"), pa.array((shifted * 1e9).astype(np.int64)).cast(
+            batch.schema.field("ts").type))
+        return batch.filter(pa.array(~((node == "r01-n04") & (ts - start >= 200))))  # this one stops
+    h = Harness()
+    h.run(400, clocks_off)
+    assert [a.labels["node"] for a in h.fired()] == ["r01-n04"] and h.fired()[0].alertname == "NodeNotReporting"
+
+
 def test_node_health_follows_alerts():
     h = Harness(seed=6)
     h.run(120)

@@ -110,9 +110,10 @@ ALERTS: tuple[AlertSpec, ...] = (
               remediation="drain_inspect", detector="staleness", family="staleness", evidence=("silent_s",), inhibits=("GpuNotReporting",),
               meaning="no GPU telemetry from the node", method="staleness",
               detection="A node silent for twice `detect.missing_after_intervals` of its reporting interval, plus "
-                        "`detect.lateness_s`, against the latest sample of its partition (event time per Kafka "
-                        "partition, the same in one process: [Kafka](kafka.md#scale-out-the-same-answers-as-one-"
-                        "process)). Its GPUs' `GpuNotReporting` are inhibited. A node announced as going down for "
+                        "`detect.lateness_s`: how far the clock of its partition (the latest sample there, event "
+                        "time per Kafka partition, the same in one process: [Kafka](kafka.md#scale-out-the-same-"
+                        "answers-as-one-process)) moved since its own latest sample came in, late ones included, so "
+                        "that a node whose clock runs ahead or behind makes no node silent. Its GPUs' `GpuNotReporting` are inhibited. A node announced as going down for "
                         "maintenance (an event `node_reboot` or `driver_upgrade`) is not reported for "
                         "`detect.maintenance_s` after the announcement."),
     AlertSpec("GpuUncorrectableEcc", "critical", "gpu",

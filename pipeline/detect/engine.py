@@ -247,11 +247,13 @@ class Engine:
     # ---- batches -----------------------------------------------------------------
 
     def _on_time(self, batch: pa.RecordBatch, series: SeriesClocks, slots: np.ndarray, ts: np.ndarray,
-                 clock: Watermarks | None = None, part: np.ndarray | None = None) -> tuple:
-        """The batch without its late rows (counted, logged once), its slots and times
-        likewise; the series' clocks, and the partitions' (`clock`), then advance."""
+                 clock: Watermarks | None = None, part: np.ndarray | None = None, on_late=None) -> tuple:
+        """The batch without its late rows (counted, logged once; `on_late(their slots)`), its slots and
+        times likewise; the series' clocks, and the partitions' (`clock`), then advance."""
         late = series.late(slots, ts)
         if late.any():
+            if on_late is not None:
+                on_late(slots[late])
             if not self.stats.late_samples:
                 log.warning("detect: rows more than detect.lateness_s (%g s) behind their series' newest are late: "
                             "archived, not detected on; counted in fleetwatch_late_samples_total, logged once",
@@ -275,7 +277,8 @@ class Engine:
                 self._gpu(inv.current, out)
             return
         batch, ts, slots = self._on_time(batch, self.gpu_series, slots, ts, self.gpu_time,
-                                         inv.rack_partition[inv.node.rack[inv.gpu.node[slots]]])
+                                         inv.rack_partition[inv.node.rack[inv.gpu.node[slots]]],
+                                         lambda late: self.family(Staleness).heard(np.unique(inv.gpu.node[late])))
         if batch.num_rows == 0:
             return
         if inv.replaced or inv.gpu.retired[slots].any():

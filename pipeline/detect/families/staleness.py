@@ -20,8 +20,11 @@ class Staleness(Family):
     raises = ("GpuNotReporting", "NodeNotReporting")
     gpu = State("gpu", fields={"last_seen": (np.float64, np.nan), "interval": (np.float64, np.nan),
                                "offbus": (np.bool_, False)})  # fell off the bus: not also GpuNotReporting
+    # A node's `heard_at`: its partition's clock when its latest sample came in. Its silence is how far the
+    # clock moved since: a node whose clock runs ahead moves the partition's clock, and one whose clock
+    # runs behind is behind it, but neither makes a node that reports silent.
     node = State("node", fields={"last_seen": (np.float64, np.nan), "interval": (np.float64, np.nan),
-                                 "quiet_until": (np.float64, -np.inf)})
+                                 "quiet_until": (np.float64, -np.inf), "heard_at": (np.float64, np.nan)})
 
     def ensure(self) -> None:
         self.gpu.ensure(self.inventory.gpu_count)
@@ -40,6 +43,7 @@ class Staleness(Family):
         gpu.last_seen[slots] = ts
         node.last_seen[b.node] = ts
         node.interval[b.node] = gpu.interval[slots]
+        self.heard(b.nodes)
         gpu.offbus[slots] = False  # a GPU that reports is on the bus again
         b.gap = np.where(seen_before, gap, np.nan)
 
@@ -59,12 +63,24 @@ class Staleness(Family):
         self.judge(out, "GpuNotReporting", cand, (silent - lateness > k * gpu.interval[cand]) & ~gpu.offbus[cand], t,
                    silent, lambda i: {"silent_s": float(silent[i])})
         all_nodes = np.arange(n_nodes)
-        clock = self.engine.gpu_time.newest(inv.rack_partition[inv.node.rack[:n_nodes]], self.engine.one_stream)
-        node_silent = clock - node.last_seen[:n_nodes]
+        clock = self.clock(all_nodes)
+        heard = node.heard_at[:n_nodes]  # (NaN: a checkpoint from before it was kept: the node's own time)
+        node_silent = clock - np.where(np.isnan(heard), node.last_seen[:n_nodes], heard)
         quiet = node.quiet_until[:n_nodes] > clock
         self.judge(out, "NodeNotReporting", all_nodes,
                    (node_silent - lateness > 2 * k * node.interval[:n_nodes]) & ~quiet, t,
                    node_silent, lambda i: {"silent_s": float(node_silent[i])})
+
+    def clock(self, nodes: np.ndarray) -> np.ndarray:
+        """Per node: its partition's clock (the whole stream's in one process)."""
+        inv = self.inventory
+        return self.engine.gpu_time.newest(inv.rack_partition[inv.node.rack[nodes]], self.engine.one_stream)
+
+    def heard(self, nodes: np.ndarray) -> None:
+        """These nodes sent samples now, late ones too (a node whose clock NTP stepped back is alive)."""
+        self.ensure()
+        if nodes.size:
+            self.node.heard_at[nodes] = np.fmax(self.node.heard_at[nodes], self.clock(nodes))
 
     def maintenance(self, nodes: np.ndarray, ts: np.ndarray) -> None:
         """Nodes announced (at `ts`, Unix seconds) as going down for maintenance."""
@@ -82,3 +98,4 @@ class Staleness(Family):
         self.ensure()
         self.gpu.last_seen[:self.inventory.gpu_count] += seconds
         self.node.last_seen[:self.inventory.node_count] += seconds
+        self.node.heard_at[:self.inventory.node_count] += seconds
