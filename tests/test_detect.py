@@ -22,6 +22,7 @@ from pipeline.power.curve import from_recording
 from pipeline.sinks.routing import Router
 from pipeline.sources.simulate import FleetSimulator
 from tests.conftest import make_config
+from tests.feeds import a_and_b_feeds
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -480,6 +481,25 @@ def test_a_heat_balance_that_does_not_close_alerts_and_a_load_change_does_not():
     assert a.evidence["ratio"] == pytest.approx(0.8 * 1.4, rel=0.05)
     assert a.evidence["power_w"] > 30_000 and a.evidence["coolant_w"] > a.evidence["power_w"]
     assert "of the rack's" in a.annotations["summary"]
+
+
+def _a_and_b_feeds(topic, batch):
+    return a_and_b_feeds(batch) if topic == Topic.FACILITY else batch
+
+
+def test_a_rack_fed_by_two_pdus_is_balanced_by_their_sum():
+    """Each PDU reads its share of the rack: each had been taken for the rack's whole power (a false
+    RackHeatImbalance that never resolved, and its two rows' clears had ended the detect role)."""
+    h = Harness(seed=19)
+    for busy in (True, False, True):
+        h.sim.group_busy[:] = busy
+        h.sim.group_intensity[:] = 1.0
+        h.run(150, _a_and_b_feeds)
+    assert h.fired() == [], [a.annotations["summary"] for a in h.fired()]
+    h.run(60, lambda t, b: _scale_facility("cdu-r02", "flow_lpm", 1.4)(t, _a_and_b_feeds(t, b)))
+    [a] = h.fired()
+    assert a.alertname == "RackHeatImbalance" and a.labels["rack"] == "r02"
+    assert a.evidence["ratio"] == pytest.approx(0.8 * 1.4, rel=0.05) and a.evidence["power_w"] > 30_000
 
 
 def test_a_rack_s_sensor_offset_is_learned_and_a_loop_that_loses_heat_still_alerts():

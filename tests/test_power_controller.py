@@ -18,6 +18,7 @@ from pipeline.power.controller import STUCK_READINGS, Controller, GpuTable, Outc
 from pipeline.power.curve import from_recording
 from pipeline.power.request import PowerRequest
 from pipeline.sources.simulate import FleetSimulator
+from tests.feeds import a_and_b_feeds
 
 CURVE = from_recording()
 INTERVAL = 5
@@ -650,6 +651,24 @@ def test_a_meter_that_reads_one_feed_of_two_counts_its_own_share_of_the_load_not
     assert abs(np.mean(moved)) > 5  # the group's load at the meter: over 5 kW either way
     claimed = np.array([kw for t, kw in out.achieved_kw if t >= 30])
     assert np.mean(claimed[: len(truth)]) == pytest.approx(np.mean(truth), rel=0.05)
+    assert out.met, (out.minute_means(), out.requested_kw)
+
+
+def test_a_rack_fed_by_two_pdus_counts_both():
+    """Each rack's A and B feeds are two PDUs, each reading its share: the last one read had replaced
+    the other as the rack's power, so the PDUs' sum (what the baseline is adjusted by, and a rack set's
+    covered load) was about half the IT load."""
+    sim, ctl = fleet()
+    out = ctl.submit(request(400, 10))
+    truth = []
+
+    def two_feeds(i, tick):
+        f = tick.facility
+        power = pc.and_(pc.equal(f.column("device_class"), "rack"), pc.equal(f.column("metric"), "power_w"))
+        truth.append(pc.sum(f.filter(power).column("value")).as_py() / 1000.0)
+        return tick.gpu, a_and_b_feeds(f)
+    drive(sim, ctl, 720, two_feeds)
+    assert ctl.it[-1][2] == pytest.approx(truth[-1], rel=0.02)
     assert out.met, (out.minute_means(), out.requested_kw)
 
 

@@ -450,6 +450,9 @@ class Controller:
         self.meter: deque[tuple[datetime, float, float]] = deque()  # site power readings: (ts, kW, instant kW)
         self.it: deque[tuple[datetime, float, float]] = deque()  # (ts, meter kW, the PDUs' sum kW) per scrape
         self.pdu: dict[str, tuple[datetime, float, float]] = {}  # rack -> its latest PDU reading: (ts, kW, instant kW)
+        # rack -> device -> its latest reading: a rack fed by A and B feeds has two PDUs, each reading its share
+        # (self.pdu holds their sum, as old as the oldest of them)
+        self.pdu_feeds: dict[str, dict[str, tuple[datetime, float, float]]] = {}
         self.counters: dict[tuple[str, str], Counter] = {}  # (device class, device) -> its energy counter
         # (device class, device, power or counter) -> its newest reading's time: an older one (a BMS gateway's
         # backlog, sent after its live readings) is archived, but not measured here, where time runs forward
@@ -637,9 +640,12 @@ class Controller:
                 if into is None:
                     self.meter.append((ts, kw, value / 1000.0))
                 else:
-                    into[rack] = (ts, kw, value / 1000.0)
+                    feeds = self.pdu_feeds.setdefault(rack, {})
+                    feeds[device] = (ts, kw, value / 1000.0)
+                    into[rack] = (min(f[0] for f in feeds.values()), sum(f[1] for f in feeds.values()),
+                                  sum(f[2] for f in feeds.values()))
                     if (k := self.gpus.rack_ids.get(rack)) is not None and k < self.pdu_at.size:
-                        self.pdu_at[k] = ts.timestamp()
+                        self.pdu_at[k] = into[rack][0].timestamp()
         active = self.active is not None and self.phase == "active"
         if pdu_read is not None:
             # What the PDUs just read, and what the caps changed in it (each PDU reading against the caps

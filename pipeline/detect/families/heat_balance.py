@@ -32,8 +32,13 @@ class HeatBalance(Family):
                                  "offset_c": (np.float64, 0.0),
                                  "energy_j": (np.float64, np.nan), "energy_t": (np.float64, np.nan),
                                  "stepped_j": (np.float64, np.nan), "stepped_t": (np.float64, np.nan),
-                                 "energy_step_j": (np.float64, np.nan), "power_w": (np.float64, np.nan)},
+                                 "energy_step_j": (np.float64, np.nan), "power_w": (np.float64, np.nan),
+                                 "energy_pdus": (np.float64, 0.0)},
                  checkpoint="rack")
+    # Per PDU (a facility point): its latest reading. A rack fed by A and B feeds has two PDUs, each
+    # reading its share: the rack's power and energy are their sums.
+    pdu = State("point", fields={"power_w": (np.float64, np.nan), "energy_j": (np.float64, np.nan)},
+                checkpoint="pdu")
 
     def evaluate(self, b: FacilityBatch, out: Output) -> None:
         """Liquid cooling takes a known share of IT power, so the PDU's power and the flow
@@ -47,14 +52,19 @@ class HeatBalance(Family):
         for k, name in ((PointKind.SUPPLY, "supply_c"), (PointKind.RETURN, "return_c"), (PointKind.FLOW, "flow_lpm")):
             rows = np.flatnonzero((kind == k) & np.isfinite(value))
             getattr(loop, name)[rack[rows]] = value[rows]
-        rows = np.flatnonzero((kind == PointKind.PDU_ENERGY) & np.isfinite(value) & (rack >= 0))
-        loop.energy_j[rack[rows]], loop.energy_t[rack[rows]] = value[rows], b.ts[rows]
-        loop.energy_step_j[rack[rows]] = np.fmin(loop.energy_step_j[rack[rows]], counter_step_j(value[rows]))
-        rows = np.flatnonzero((kind == PointKind.PDU_POWER) & np.isfinite(value) & (rack >= 0))
-        if rows.size == 0:
+        racks, t_row, energy_j, pdus = self._rack_sums(b, PointKind.PDU_ENERGY, "energy_j")
+        if racks.size:
+            # A PDU the sum did not hold before (B's first reading) is a step no power made: start again.
+            again = pdus != np.rint(loop.energy_pdus[racks])
+            loop.stepped_j[racks[again]] = np.nan
+            loop.energy_step_j[racks[again]] = np.nan
+            loop.energy_pdus[racks] = pdus
+            loop.energy_j[racks], loop.energy_t[racks] = energy_j, t_row
+            loop.energy_step_j[racks] = np.fmin(loop.energy_step_j[racks], counter_step_j(energy_j))
+        racks, t_row, instant_w, _ = self._rack_sums(b, PointKind.PDU_POWER, "power_w")
+        if racks.size == 0:
             return
-        racks, t_row = rack[rows], b.ts[rows]
-        power = self._stepping_power(racks, value[rows], t_row)
+        power = self._stepping_power(racks, instant_w, t_row)
         heat_capacity_w_per_c = loop.flow_lpm[racks] / 60.0 * COOLANT_CP_J_PER_KG_K  # kg/s x J/(kg K)
         predicted = d.liquid_fraction * power / heat_capacity_w_per_c
         dt = t_row - loop.power_t[racks]
@@ -101,6 +111,28 @@ class HeatBalance(Family):
                             sensor_offset_c=loop.offset_c[racks[judged]],
                             tolerance=d.heat_balance_tolerance, flow_lpm=loop.flow_lpm[racks[judged]],
                             supply_c=loop.supply_c[racks[judged]], return_c=loop.return_c[racks[judged]]))
+
+    def _rack_sums(self, b: FacilityBatch, kind: int, field: str) -> tuple[np.ndarray, ...]:
+        """The racks whose PDUs read `kind` in this batch, once each: (racks, the newest of their readings'
+        times, the sum of every PDU of the rack's latest reading, how many PDUs that sum holds). Each PDU's
+        latest reading (`self.pdu.<field>`) takes this batch's first."""
+        rows = np.flatnonzero((b.kind == kind) & np.isfinite(b.value) & (b.rack >= 0))
+        if rows.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
+        inv = self.inventory
+        self.pdu.ensure(len(inv.point_devices))
+        latest = getattr(self.pdu, field)
+        order = rows[np.argsort(b.ts[rows], kind="stable")]  # (a backlog: each PDU's newest reading last)
+        latest[b.slots[order]] = b.value[order]
+        racks, at = np.unique(b.rack[rows], return_inverse=True)
+        t_row = np.full(racks.size, -np.inf)
+        np.maximum.at(t_row, at, b.ts[rows])
+        n = len(inv.point_devices)
+        held = np.flatnonzero((inv.point.kind[:n] == kind) & np.isfinite(latest[:n]))
+        of_rack = inv.point.rack[held]
+        sums = np.bincount(of_rack, weights=latest[held], minlength=inv.rack_count)
+        counts = np.bincount(of_rack, minlength=inv.rack_count)
+        return racks, t_row, sums[racks], counts[racks].astype(np.float64)
 
     def _stepping_power(self, racks: np.ndarray, instant_w: np.ndarray, t_row: np.ndarray) -> np.ndarray:
         """The power the prediction steps with from the rack's last PDU reading to this one.
