@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline.bus import Topic, keys
+from pipeline.bus import Message, Topic, keys
 from pipeline.detect.checkpoint import Checkpointer
 from pipeline.detect.engine import Engine
 from pipeline.sources.simulate import FleetSimulator
@@ -174,3 +174,30 @@ def test_a_checkpoint_without_streak_times_restores_and_goes_on_as_before(stream
     second = Engine(cfg)
     LocalCheckpoint(second, tmp_path).restore()
     assert before + alerts(second, ticks[cut:]) == reference
+
+
+def test_a_facility_device_whose_name_holds_a_slash_keeps_its_kind_across_a_restore(stream):
+    """A BMS that names its devices by path (`hall1/pdu-r01`): the checkpoint's point ids had been split
+    at the first `/`, and a restored PDU became device `hall1`, metric `pdu-r01/power_w`, a point of no
+    kind (no PduOverload, no heat balance)."""
+    cfg, ticks = stream
+
+    def by_path(m):
+        if m.topic != Topic.FACILITY:
+            return m
+        v = m.value
+        i = v.schema.get_field_index("device")
+        return Message(m.topic, v.set_column(i, v.schema.field(i), pc.binary_join_element_wise(
+            pa.scalar("hall1/"), v.column(i), "")), key=m.key)
+    ticks = [[by_path(m) for m in msgs] for msgs in ticks[:300]]
+    reference = alerts(Engine(cfg), ticks)
+    first = Engine(cfg)
+    before = alerts(first, ticks[:150])
+    second = Engine(cfg)
+    for b in Checkpointer(first, PARTITIONS).snapshot(set(range(PARTITIONS))).values():
+        Checkpointer(second, PARTITIONS).restore(b)
+    n = len(first.inventory.point_devices)
+    assert "hall1/pdu-r01" in first.inventory.point_devices and len(second.inventory.point_devices) == n
+    assert sorted(zip(second.inventory.point_devices, second.inventory.point.kind[:n].tolist())) == \
+        sorted(zip(first.inventory.point_devices, first.inventory.point.kind[:n].tolist()))
+    assert before + alerts(second, ticks[150:]) == reference

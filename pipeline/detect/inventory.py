@@ -180,8 +180,9 @@ class Inventory:
             cols = {"site": sites, "rack": racks, "owner": owners}
         else:
             rack = self.point.rack[:len(self.point_devices)]
-            parts = pc.split_pattern(self.point_ids.keys, "/", max_splits=1)
-            cols = {"device": pc.list_element(parts, 0), "metric": pc.list_element(parts, 1),
+            devices = self.point_devices  # (a key is device/metric, and a device's name may hold a "/")
+            metrics = [key[len(device) + 1:] for key, device in zip(self.point_ids.keys.to_pylist(), devices)]
+            cols = {"device": np.asarray(devices, object), "metric": np.asarray(metrics, object),
                     "site": sites[rack], "rack": racks[rack], "device_class": np.asarray(self.point_classes, object),
                     "owner": owners[rack]}
         return pa.RecordBatch.from_pydict({k: pa.array(v, pa.int16() if k == "gpu" else pa.string())
