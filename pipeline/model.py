@@ -198,7 +198,8 @@ EVENT = _schema("event", 1, [
     _f("node", pa.string(), "node name", nullable=False),
     _f("gpu", pa.int16(), "GPU index; null for node events"),
     _f("gpu_uuid", pa.string(), "NVML UUID"),
-    _f("kind", pa.string(), "xid, gpu_lost, gpu_reset, gpu_replaced (detect: a new UUID in a GPU slot); node "
+    _f("kind", pa.string(), "xid, gpu_lost, gpu_reset, gpu_replaced (detect: a new UUID in a GPU slot), gpu_moved "
+       "(detect: a known UUID on another node or index); node "
        "events (gpu null): node_reboot, driver_upgrade (a node drained for maintenance, about to go down)",
        nullable=False),
     _f("code", pa.int32(), "XID number for kind=xid"),

@@ -179,6 +179,45 @@ def test_a_node_whose_clock_is_off_makes_no_node_silent_and_a_silent_one_is_stil
     assert [a.labels["node"] for a in h.fired()] == ["r01-n04"] and h.fired()[0].alertname == "NodeNotReporting"
 
 
+def _relabel(after_s: float, change):
+    """A mutate hook: from `after_s` into the run, each GPU sample's and event's (node, gpu_uuid) as
+    `change(node, uuid, gpu)` returns them."""
+    start = START.timestamp()
+
+    def mutate(topic, batch):
+        if topic not in (Topic.GPU, Topic.EVENTS) or batch.column("ts")[0].value / 1e9 - start < after_s:
+            return batch
+        rows = zip(*(batch.column(c).to_pylist() for c in ("node", "gpu_uuid", "gpu")))
+        node, uuid = zip(*(change(*row) for row in rows))
+        for name, values in (("node", node), ("gpu_uuid", uuid)):
+            i = batch.schema.get_field_index(name)
+            batch = batch.set_column(i, batch.schema.field(i), pa.array(values, pa.string()))
+        return batch
+    return mutate
+
+
+def test_a_gpu_moved_to_another_node_is_alerted_where_it_is_and_a_renamed_node_is_not_silent():
+    """The swap test of a fault: GPU 3 of r01-n01 and of r01-n02 trade places. A fault of the GPU now in
+    r01-n02 had been alerted on r01-n01, where it was (its node fixed when its UUID was first seen): the
+    remediation would drain the wrong node. And a node renamed had been NodeNotReporting for ever under
+    its old name."""
+    h = Harness(seed=3)
+    first, second = h.sim.gpu_uuids[3], h.sim.gpu_uuids[11]  # GPU 3 of r01-n01 and of r01-n02
+
+    def swap_and_rename(node, uuid, gpu):
+        uuid = {first: second, second: first}.get(uuid, uuid)
+        return ("r02-n04-new" if node == "r02-n04" else node), uuid
+    mutate = _relabel(120, swap_and_rename)
+    h.run(180, mutate)
+    h.sim.inject("ecc_uncorrectable", gpu=11, duration_s=60)  # GPU 3 of r01-n02, where r01-n01's GPU 3 is now
+    h.run(30, mutate)
+    [ecc] = h.fired()
+    assert (ecc.alertname, ecc.labels["node"], ecc.labels["gpu"]) == ("GpuUncorrectableEcc", "r01-n02", "3")
+    assert ecc.labels["UUID"] == first
+    h.run(200, mutate)
+    assert not [a for a in h.fired() if a.alertname.endswith("NotReporting")]
+
+
 def test_node_health_follows_alerts():
     h = Harness(seed=6)
     h.run(120)

@@ -215,24 +215,53 @@ class Engine:
         no longer expected to report (no GpuNotReporting) nor checkpointed. The new GPU's
         series starts fresh (warm-up); a `gpu_replaced` event says what happened."""
         now = datetime.fromtimestamp(t, timezone.utc)
-        one = np.array([old])
-        for tr in self.trackers.values():
-            if tr.spec.entity == "gpu":
-                if old in tr.active:
-                    out.alerts.append((now, dataclasses.replace(tr.active[old], ends_at=now)))
-                tr.forget(one)
-        for arrays, fields in self.state()["gpu"].values():
-            arrays.ensure(old + 1)
-            arrays.reset(one, fields)
+        self._forget(out, "gpu", np.array([old]), now)
         inv = self.inventory
         inv.gpu.retired[old], inv.gpu.retired[new] = True, False
-        labels = inv.labels_getter("gpu")(new)
         old_uuid, new_uuid = inv.gpu_ids.keys[old].as_py(), inv.gpu_ids.keys[new].as_py()
-        text = f"GPU {labels['gpu']} of {labels['node']} replaced: {old_uuid} -> {new_uuid}"
+        self._gpu_event(out, new, now, "gpu_replaced",
+                        lambda at: f"GPU {at['gpu']} of {at['node']} replaced: {old_uuid} -> {new_uuid}")
+        log.info("detect: %s; the old series is retired", out.events[-1]["text"])
+
+    def _moved(self, out: Output, slots: np.ndarray, nodes: np.ndarray, index: np.ndarray, t: float) -> None:
+        """GPUs that report from another node or index than before (moved in a swap test, their node
+        renamed): their alerts, which name where they were, resolve and their series start afresh there
+        (a new node's peers, a new slot's airflow); a `gpu_moved` event says from where. A node all of whose
+        GPUs left is forgotten (a renamed node is not NodeNotReporting for ever under its old name)."""
+        now = datetime.fromtimestamp(t, timezone.utc)
+        inv = self.inventory
+        was = [f"GPU {int(inv.gpu.index[s])} of {inv.node_names[int(inv.gpu.node[s])]}" for s in slots.tolist()]
+        self._forget(out, "gpu", slots, now)
+        left = inv.move(slots, nodes, index)
+        for s, where in zip(slots.tolist(), was):
+            self._gpu_event(out, s, now, "gpu_moved",
+                            lambda at, where=where: f"GPU {at['UUID']} moved: {where} -> GPU {at['gpu']} of {at['node']}")
+            log.info("detect: %s; its series starts afresh there", out.events[-1]["text"])
+        n = inv.gpu_count
+        holding = np.unique(inv.gpu.node[:n][~inv.gpu.retired[:n]])
+        emptied = np.setdiff1d(left, holding)
+        if emptied.size:
+            self._forget(out, "node", emptied, now)
+            log.info("detect: node(s) %s report no GPU since their GPUs moved: forgotten",
+                     ", ".join(inv.node_names[int(k)] for k in emptied))
+
+    def _forget(self, out: Output, scope: str, slots: np.ndarray, now: datetime) -> None:
+        """The entities' alerts resolve and their state is dropped (a retired or moved GPU, a node left empty)."""
+        for tr in self.trackers.values():
+            if tr.spec.entity == scope:
+                out.alerts.extend((now, dataclasses.replace(tr.active[e], ends_at=now))
+                                  for e in slots.tolist() if e in tr.active)
+                tr.forget(slots)
+        for arrays, fields in self.state()[scope].values():
+            arrays.ensure(int(slots.max()) + 1)
+            arrays.reset(slots, fields)
+
+    def _gpu_event(self, out: Output, slot: int, now: datetime, kind: str, text) -> None:
+        """An event the engine found about a GPU (`text(its labels now)` says what)."""
+        labels = self.inventory.labels_getter("gpu")(slot)
         out.events.append({"ts": now, "site": labels["site"], "rack": labels["rack"], "node": labels["node"],
-                           "gpu": int(labels["gpu"]), "gpu_uuid": new_uuid, "kind": "gpu_replaced", "code": None,
-                           "text": text})
-        log.info("detect: %s; the old series is retired", text)
+                           "gpu": int(labels["gpu"]), "gpu_uuid": labels["UUID"], "kind": kind, "code": None,
+                           "text": text(labels)})
 
     def active_alerts(self) -> list[Alert]:
         return [a for t in self.trackers.values() for a in t.active.values()]
@@ -281,6 +310,10 @@ class Engine:
                                          lambda late: self.family(Staleness).heard(np.unique(inv.gpu.node[late])))
         if batch.num_rows == 0:
             return
+        inv.current = batch
+        moved, to_node, to_index = inv.moves(slots, batch)
+        if moved.size:
+            self._moved(out, moved, to_node, to_index, float(ts.max()))
         if inv.replaced or inv.gpu.retired[slots].any():
             self._replacements(out, slots, float(ts.max()))
         if self._resume_pending:

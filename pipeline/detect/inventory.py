@@ -111,6 +111,41 @@ class Inventory:
         self.point_devices.extend(devices)
         self.point_classes.extend(classes)
 
+    # ---- moved GPUs -------------------------------------------------------------
+
+    def moves(self, slots: np.ndarray, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(slots, their new node slots, their new indices) of the known GPUs this batch names under another
+        node or index than before: a GPU moved to another node (the swap test of a fault), a node renamed.
+        `batch` is the inventory's current one (a node never seen is registered)."""
+        nodes = self.node_ids.slots(batch.column("node"))
+        index = batch.column("gpu").to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero((self.gpu.node[slots] != nodes) | (self.gpu.index[slots] != index))
+        if rows.size == 0:
+            return rows, rows, rows
+        moved, last = np.unique(slots[rows][::-1], return_index=True)  # (a slot's last row says where it is)
+        at = rows[::-1][last]
+        return moved, nodes[at], index[at]
+
+    def move(self, slots: np.ndarray, nodes: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Put GPUs where they report now; a GPU that reported where a moved one is now, and was not moved
+        itself, is taken as replaced by it (as a new UUID would be: `replacements`). Returns the nodes they
+        left."""
+        gpu = self.gpu
+        left = np.unique(gpu.node[slots])
+        for s in slots.tolist():
+            key = (int(gpu.node[s]), int(gpu.index[s]))
+            if self.gpu_at.get(key) == s:
+                del self.gpu_at[key]
+        gpu.node[slots], gpu.index[slots] = nodes, index
+        for s in slots.tolist():
+            key = (int(gpu.node[s]), int(gpu.index[s]))
+            there = self.gpu_at.get(key)
+            if there is not None and there != s and not gpu.retired[there] and \
+                    (int(gpu.node[there]), int(gpu.index[there])) == key:
+                self.replaced.append((there, s))
+            self.gpu_at[key] = s
+        return left
+
     # ---- replaced GPUs -----------------------------------------------------------
 
     def replacements(self, present: np.ndarray) -> list[tuple[int, int]]:
