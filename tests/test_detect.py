@@ -218,6 +218,26 @@ def test_a_gpu_moved_to_another_node_is_alerted_where_it_is_and_a_renamed_node_i
     assert not [a for a in h.fired() if a.alertname.endswith("NotReporting")]
 
 
+def test_one_garbled_limit_reading_makes_no_later_limit_a_cap():
+    """A GPU's default limit is the highest it enforced: one garbled reading (5,000 W, one scrape) had
+    become it for good, and every later busy scrape under the real 700 W limit read as a cap that saves
+    nothing (PowerCapNotBinding for ever). A limit counts once read twice in a row."""
+    start = START.timestamp()
+
+    def garbled(topic, batch):
+        if topic != Topic.GPU or batch.column("ts")[0].value / 1e9 - start != 60:
+            return batch
+        i = batch.schema.get_field_index("power_limit_w")
+        limit = batch.column(i).to_pylist()
+        limit = [5000.0] * len(limit)  # (every GPU: some are idle)
+        return batch.set_column(i, batch.schema.field(i), pa.array(limit, pa.float64()))
+    h = Harness(seed=3)
+    h.sim.group_busy[:] = True
+    h.sim.group_intensity[:] = 0.5  # busy, drawing well under the limit
+    h.run(300, garbled)
+    assert not h.fired("PowerCapNotBinding")
+
+
 def test_node_health_follows_alerts():
     h = Harness(seed=6)
     h.run(120)

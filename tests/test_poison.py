@@ -213,6 +213,7 @@ def test_readings_no_gpu_can_give_are_nulled_and_their_rows_go_on():
     cols["ecc_sbe_volatile_total"][3] = 9223372036854775794 - 2 ** 62  # still far past any count
     cols["power_limit_w"][4] = 140737488355328.0
     cols["gpu_temp_c"][5] = 130.0  # hot, but a reading: kept for the detectors
+    cols["power_limit_w"][6] = 65535.0  # 0xFFFF: a garbled read (a default limit made of it would be no cap's)
     bad = batch
     for c, v in cols.items():
         bad = bad.set_column(bad.schema.get_field_index(c), GPU_SAMPLE.field(c), pa.array(v, GPU_SAMPLE.field(c).type))
@@ -221,8 +222,8 @@ def test_readings_no_gpu_can_give_are_nulled_and_their_rows_go_on():
     assert valid.num_rows == batch.num_rows and valid.column("gpu_temp_c").to_pylist()[:2] == [None, None]
     assert 130.0 in valid.column("gpu_temp_c").to_pylist() and valid.column("power_w").null_count == 0
     assert [valid.column(c).to_pylist()[i] for c, i in (("util_gpu", 2), ("ecc_sbe_volatile_total", 3),
-                                                          ("power_limit_w", 4))] == [None, None, None]
-    assert sum(r.rows.num_rows for r in rejected if r.reason == "value_out_of_range") == 5
+                                                          ("power_limit_w", 4), ("power_limit_w", 6))] == [None] * 4
+    assert sum(r.rows.num_rows for r in rejected if r.reason == "value_out_of_range") == 6
     assert all("the rest of the row kept" in r.detail for r in rejected)
 
 

@@ -86,11 +86,12 @@ _TEMP = (None, 200.0)
 _COUNT = (None, 1e15)  # cumulative counters; DCGM's int64 "no value" is 9.2e18
 # (low, high) of values that can be true; None = no limit that way.
 _RANGES = {
-    "gpu_sample": {"gpu": (0, 1023), "pstate": (0, 32), "power_w": (None, 1e5), "energy_j": (None, 1e15),
+    # (A GPU's power and limit under 10 kW: the largest parts are near 1.4 kW; 65535 W is a garbled read's.)
+    "gpu_sample": {"gpu": (0, 1023), "pstate": (0, 32), "power_w": (None, 1e4), "energy_j": (None, 1e15),
                    "gpu_temp_c": _TEMP, "mem_temp_c": _TEMP, "slowdown_temp_c": _TEMP,
                    "sm_clock_mhz": (None, 1e5), "mem_clock_mhz": (None, 1e5),
                    "util_gpu": (None, 1.0), "util_mem": (None, 1.0), "mem_used_bytes": (None, 2 ** 50),
-                   "power_limit_w": (None, 1e5), "clock_event_reasons": (None, 2 ** 32),
+                   "power_limit_w": (None, 1e4), "clock_event_reasons": (None, 2 ** 32),
                    **dict.fromkeys(("pcie_replay_total", "ecc_sbe_volatile_total", "ecc_dbe_volatile_total",
                                     "remapped_rows_correctable", "remapped_rows_uncorrectable",
                                     "nvlink_crc_errors_total"), _COUNT)},

@@ -231,9 +231,11 @@ ALERTS: tuple[AlertSpec, ...] = (
               detector="power_cap", family="power", fire_after="cap_not_binding_samples",
               evidence=("power_w", "power_limit_w"),
               meaning="a busy GPU under a power cap draws well under it", method="threshold",
-              detection="A busy GPU (>= 5% utilisation) whose enforced limit is below the highest seen for it (its "
-                        "default) and that draws less than `cap_not_binding_ratio` of that cap without clock reason "
-                        "0x4 (SW power cap), for `cap_not_binding_samples` samples."),
+              detection="A busy GPU (>= 5% utilisation) whose enforced limit is below the highest seen for it in "
+                        "two readings in a row (its default) and that draws less than `cap_not_binding_ratio` of that "
+                        "cap without clock reason 0x4 (SW power cap), for `cap_not_binding_samples` samples. A limit "
+                        "an operator set under an earlier one (`nvidia-smi -pl`) reads as a cap too: silence the alert "
+                        "for those nodes."),
     AlertSpec("PowerTargetMissed", "warning", "site",
               "site {site}: power request {request} {missed}",
               "Check `fleetwatch power status`: at the classes' capacity the loop can shed no more; pause class-0 or "
