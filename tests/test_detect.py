@@ -238,6 +238,30 @@ def test_one_garbled_limit_reading_makes_no_later_limit_a_cap():
     assert not h.fired("PowerCapNotBinding")
 
 
+@pytest.mark.parametrize("labelled", [True, False])
+def test_a_node_of_another_gpu_model_is_no_peer_of_the_rack_s(labelled):
+    """An air-cooled L4 node in a rack of liquid-cooled H100s runs 30 C warmer at its own spec: it had been
+    NodeThermalAnomaly (critical, drain) against the H100s. A node's peers are its rack's nodes of its GPU
+    model (the samples' `model`); without the model sent, the rack's nodes are peers as before."""
+    def l4_node(topic, batch):
+        if topic != Topic.GPU:
+            return batch
+        l4 = np.asarray(batch.column("node").to_pylist()) == "r01-n04"
+        for name, change in (("gpu_temp_c", lambda v: np.where(l4, v + 30.0, v)),
+                             ("slowdown_temp_c", lambda v: np.where(l4, 98.0, v))):
+            i = batch.schema.get_field_index(name)
+            values = batch.column(i).to_numpy(zero_copy_only=False).astype(np.float64)
+            batch = batch.set_column(i, batch.schema.field(i), pa.array(change(values)))
+        if labelled:
+            i = batch.schema.get_field_index("model")
+            batch = batch.set_column(i, batch.schema.field(i), pa.array(
+                np.where(l4, "NVIDIA L4", "NVIDIA H100 80GB HBM3").tolist(), pa.string()))
+        return batch
+    h = Harness(seed=3)
+    h.run(300, l4_node)
+    assert [a.labels["node"] for a in h.fired("NodeThermalAnomaly")] == ([] if labelled else ["r01-n04"])
+
+
 def test_node_health_follows_alerts():
     h = Harness(seed=6)
     h.run(120)

@@ -183,7 +183,9 @@ ALERTS: tuple[AlertSpec, ...] = (
               meaning="all the node's GPUs hotter than the rack's other nodes at the same power",
               method="peers: node against rack",
               detection="Each node's median GPU temperature, taken to zero power with `thermal_c_per_w` so that "
-                        "busy and idle nodes compare, against the median of the rack's other nodes. It alerts above "
+                        "busy and idle nodes compare, against the median of the rack's other nodes of its GPU model (the "
+                        "samples' `model`; an air-cooled L4 beside liquid-cooled H100s is no peer of theirs, and "
+                        "three nodes of a model are needed). It alerts above "
                         "`node_temp_excess_c` (6 C), for example on a restricted coolant branch, where the GPUs "
                         "agree with their siblings and the rack's coolant is fine. It is judged only while the "
                         "node's power is steady, or in step with its rack's (the nodes of one training job swing "

@@ -311,6 +311,8 @@ class Engine:
         if batch.num_rows == 0:
             return
         inv.current = batch
+        if "model" in batch.schema.names:  # (nodes of one model are peers: an air-cooled L4 beside H100s is not)
+            inv.node.model[inv.gpu.node[slots]] = inv.model_ids.slots(batch.column("model"))
         moved, to_node, to_index = inv.moves(slots, batch)
         if moved.size:
             self._moved(out, moved, to_node, to_index, float(ts.max()))

@@ -28,9 +28,10 @@ class Inventory:
         self.node_ids = KeyIndex(self._new_nodes)
         self.rack_ids = KeyIndex(self._new_racks)
         self.point_ids = KeyIndex(self._new_points)
+        self.model_ids = KeyIndex()  # GPU model names (a null: not sent)
         self.gpu = SlotArrays({"node": (np.int64, -1), "index": (np.int64, 0),
                                "retired": (np.bool_, False)})  # replaced by another UUID in its (node, index)
-        self.node = SlotArrays({"rack": (np.int64, -1)})
+        self.node = SlotArrays({"rack": (np.int64, -1), "model": (np.int64, -1)})  # model: of its GPUs, as sent
         self.point = SlotArrays({"rack": (np.int64, -1), "kind": (np.int8, PointKind.OTHER)})
         self.gpu_count = 0
         self.node_names: list[str] = []

@@ -49,12 +49,17 @@ class Peers(Family):
         node_rack = inv.node.rack
         rack_med, rack_n = group_median(ref.ref_temp[:n_nodes], node_rack[:n_nodes], inv.rack_count, fresh)
         rack = node_rack[nodes]
-        excess = ref.ref_temp[nodes] - rack_med[rack]
-        judged = np.flatnonzero(steady & (rack_n[rack] >= 3))  # others neither raise nor clear it
+        # A node's peers: the rack's nodes of its GPU model (the rise per watt and the cooling are a model's).
+        n_models = len(inv.model_ids) + 1
+        peer_group = node_rack[:n_nodes] * n_models + inv.node.model[:n_nodes] + 1
+        peer_med, peer_n = group_median(ref.ref_temp[:n_nodes], peer_group, inv.rack_count * n_models, fresh)
+        peers = peer_group[nodes]
+        excess = ref.ref_temp[nodes] - peer_med[peers]
+        judged = np.flatnonzero(steady & (peer_n[peers] >= 3))  # others neither raise nor clear it
         self._summarize_racks(b, out, np.unique(rack), rack_med, rack_n)
         self.judge(out, "NodeThermalAnomaly", nodes[judged], excess[judged] > d.node_temp_excess_c, b.now,
                    excess[judged], evidence(excess_c=excess[judged], node_temp_c=view.node_temp[judged],
-                                            rack_median_c=rack_med[rack[judged]] + d.thermal_c_per_w
+                                            rack_median_c=peer_med[peers[judged]] + d.thermal_c_per_w
                                             * view.node_power[judged], node_power_w=view.node_power[judged],
                                             threshold_c=d.node_temp_excess_c))
         b.node_hot = self.alerted("NodeThermalAnomaly", n_nodes)[nodes][b.group]
