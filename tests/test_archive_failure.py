@@ -139,6 +139,50 @@ def test_a_kafka_buffer_killed_between_its_hours_renames_is_placed_whole_by_the_
     assert gpu.select(pl.struct("gpu_uuid", "ts").is_unique().all()).item()
 
 
+def test_a_staged_hour_is_placed_by_the_restart_after_compaction_merged_that_hour(tmp_path, monkeypatch):
+    """As above, killed before its retry; meanwhile the partition's next owner wrote later offsets into
+    that hour and compaction merged it with an earlier file. The merged name's range (the union of its
+    inputs') spans the staged hour's offsets, and the restart had taken it for placed and deleted it
+    (16 rows of 84 lost). A merged file keeps its inputs' exact ranges, which the restart reads."""
+    import os
+    from datetime import datetime, timedelta, timezone
+
+    from pipeline.sinks import parquet
+    from pipeline.sinks.compaction import compact
+    from tests.test_archive import gpu_batches
+    hour = datetime(2026, 3, 2, 0, 0, tzinfo=timezone.utc)
+    archive = tmp_path / "archive"
+    a, b = ArchiveWriter(archive, writer_id="a"), ArchiveWriter(archive, writer_id="b")
+    early = gpu_batches(5, hour + timedelta(seconds=5))
+    for offset, batch in enumerate(early):
+        a.add("gpu_samples", batch, partition=0, offset=offset)
+    a.flush()
+    across = gpu_batches(60, hour - timedelta(seconds=30))  # offsets 10-69 across the hour
+    for offset, batch in enumerate(across, 10):
+        a.add("gpu_samples", batch, partition=0, offset=offset)
+    placed, replace = [], os.replace
+
+    def second_placement_fails(src, dst):
+        if "gpu_samples" in Path(dst).parts:
+            placed.append(dst)
+            if len(placed) == 2:
+                raise OSError(5, "Input/output error", str(dst))
+        replace(src, dst)
+    monkeypatch.setattr(parquet.os, "replace", second_placement_fails)
+    with pytest.raises(OSError):
+        a.write(a.take())
+    monkeypatch.undo()
+    a.close()  # (killed before its retry: its staging stays)
+    later = gpu_batches(10, hour + timedelta(minutes=5))
+    for offset, batch in enumerate(later, 100):  # the next owner reads on after the placed file's range
+        b.add("gpu_samples", batch, partition=0, offset=offset)
+    b.flush()
+    assert compact(archive, after_s=0, now=hour + timedelta(days=1)).hours == 1  # (the hour of three files)
+    ArchiveWriter(archive)  # (restarted: a new process finishes what the killed one left)
+    assert not staged(archive)
+    assert archived(tmp_path, "gpu_samples").height == sum(x.num_rows for x in early + across + later)
+
+
 def test_shedding_keeps_the_newest_within_the_bound_and_counts_the_rest(tmp_path):
     from datetime import datetime, timezone
 

@@ -190,11 +190,11 @@ KILLER = textwrap.dedent("""
     step, archive = sys.argv[1], sys.argv[2]
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
     merge, exchange, move = c._merge, c._exchange, c._move_late
-    def merge_some(dataset, files, rows_in, out):
+    def merge_some(dataset, files, rows_in, out, held=None):
         if step == "mid-write":
             open(out, "wb").write(b"PAR1 half a file")
             die()
-        return merge(dataset, files, rows_in, out)
+        return merge(dataset, files, rows_in, out, held)
     def swap(a, b):
         if step == "before-swap":
             die()

@@ -77,6 +77,7 @@ SORT_KEYS = {
     "remediation_events": ("node", "ts"),
 }
 WORK = ".compaction"
+OFFSETS = b"fleetwatch.kafka_offsets"  # a merged file's exact offset ranges, JSON [[first, last], ...]
 _KAFKA = re.compile(r"part-p(\d{4})-o(\d+)-(\d+)\.parquet$")
 _COMPACTED = re.compile(r"part-\d+-compacted-(\d+)\.parquet$")
 _HOUR = re.compile(r"date=(\d{4}-\d{2}-\d{2})/hour=(\d{2})$")
@@ -234,7 +235,8 @@ def _build(dataset: str, files: list[Path], groups: dict[str, list[Path]], rel: 
     for key, group in sorted(groups.items()):
         out = new / f"merging-{key}.parquet"
         expected = sum(pq.ParquetFile(f).metadata.num_rows for f in group)
-        written, first = _merge(dataset, group, expected, out)
+        held = None if key == "local" else merged_ranges(offset_ranges(f) for f in group)
+        written, first = _merge(dataset, group, expected, out, held)
         if written != expected or pq.ParquetFile(out).metadata.num_rows != expected:
             raise OSError(f"compaction of {rel}: {expected} rows in, {written} merged; nothing swapped")
         rows += written
@@ -254,13 +256,38 @@ def _build(dataset: str, files: list[Path], groups: dict[str, list[Path]], rel: 
     return new, journal, rows
 
 
-def _merge(dataset: str, files: list[Path], rows_in: int, out: Path) -> tuple[int, int]:
+def offset_ranges(f: Path) -> list[tuple[int, int]]:
+    """The Kafka offsets a file of the archive holds: its name's range, or where it was merged, the
+    exact ranges of its inputs (OFFSETS in its metadata): the name's union may span offsets no input
+    held, which a staged file a killed write left may hold (ArchiveWriter._overlaps)."""
+    m = _KAFKA.match(f.name)
+    exact = (pq.read_schema(f).metadata or {}).get(OFFSETS)
+    return [tuple(r) for r in json.loads(exact)] if exact else [(int(m[2]), int(m[3]))] if m else []
+
+
+def merged_ranges(ranges) -> list[tuple[int, int]]:
+    """Offset ranges as few as they go: overlapping or adjacent ones joined."""
+    out: list[list[int]] = []
+    for first, last in sorted(r for rs in ranges for r in rs):
+        if out and first <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], last)
+        else:
+            out.append([first, last])
+    return [(a, b) for a, b in out]
+
+
+def _merge(dataset: str, files: list[Path], rows_in: int, out: Path,
+           held: list[tuple[int, int]] | None = None) -> tuple[int, int]:
     """The files' `rows_in` rows into `out`, in the current schema and the archive's format, sorted by
     entity and time: (rows, the first time in ns). An hour larger than ROWS_PER_PASS is merged
     in passes, each over a contiguous range of the first sort key (a node's rows, say), so
-    memory stays bounded whatever the fleet's size; the file is sorted all the same."""
+    memory stays bounded whatever the fleet's size; the file is sorted all the same. `held`: the Kafka
+    offset ranges of the inputs, kept in the file's metadata (offset_ranges)."""
     lead, rows, first = SORT_KEYS[dataset][0], 0, None
-    with pq.ParquetWriter(out, ARCHIVE_SCHEMAS[dataset], compression="zstd") as writer:
+    schema = ARCHIVE_SCHEMAS[dataset]
+    if held:
+        schema = schema.with_metadata({**schema.metadata, OFFSETS: json.dumps(held).encode()})
+    with pq.ParquetWriter(out, schema, compression="zstd") as writer:
         for bounds in _passes(dataset, files, rows_in):
             filters = None if bounds is None else (pc.field(lead) >= bounds[0]) & (pc.field(lead) <= bounds[1])
             parts = [as_current(dataset, b) for f in files for b in pq.read_table(f, filters=filters).to_batches()]
@@ -270,7 +297,8 @@ def _merge(dataset: str, files: list[Path], rows_in: int, out: Path) -> tuple[in
             table = table.sort_by([(k, "ascending") for k in SORT_KEYS[dataset]])
             t0 = int(pc.min(table.column(TIME_COLUMN[dataset]).cast(pa.int64())).as_py())
             first = t0 if first is None else min(first, t0)
-            writer.write_table(on_disk(dataset, table), row_group_size=ROW_GROUP_ROWS)
+            writer.write_table(on_disk(dataset, table).replace_schema_metadata(schema.metadata),
+                               row_group_size=ROW_GROUP_ROWS)
             rows += table.num_rows
     return rows, first or 0
 

@@ -319,10 +319,13 @@ class ArchiveWriter(ArchiveBuffers):
             leftover.unlink()
 
     def _overlaps(self, dataset: str, hour: int, partition: int, first: int, last: int) -> bool:
-        """The hour holds a file of the partition with offsets in first..last (a retry's, placed)."""
+        """The hour holds a file of the partition with offsets in first..last (a retry's, placed): by their
+        names, and a merged file by the exact ranges it holds (its name's union may span this one)."""
+        from pipeline.sinks.compaction import offset_ranges
         for f in self._hour_dir(dataset, hour).glob(f"part-p{partition:04d}-o*.parquet"):
             m = _KAFKA_NAME.fullmatch(f.name)
-            if m and int(m[2]) <= last and first <= int(m[3]):
+            if m and int(m[2]) <= last and first <= int(m[3]) and \
+                    any(a <= last and first <= b for a, b in offset_ranges(f)):
                 return True
         return False
 
