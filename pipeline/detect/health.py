@@ -62,11 +62,11 @@ class Tracker:
         if entities.size == 0 or not (self._pending or self.active or hit.any()):
             return []  # the common case: nothing hit, nothing pending, nothing firing
         if entities.size > 1:
-            unique, first = np.unique(entities, return_inverse=True)
+            unique, of_row = np.unique(entities, return_inverse=True)
             if unique.size < entities.size:
                 rows = np.arange(entities.size)
                 chosen = np.full(unique.size, -1)  # each entity's last row that hit, or else its last row
-                np.maximum.at(chosen, first, np.where(hit, rows + entities.size, rows))
+                np.maximum.at(chosen, of_row, np.where(hit, rows + entities.size, rows))
                 chosen %= entities.size
                 entities, hit, score = unique, hit[chosen], score[chosen]
                 evidence = (lambda of: lambda i: of(int(chosen[i])))(evidence)
