@@ -109,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
                                        "the reference of every key")
     cf.add_argument("--config", metavar="FILE")
     cf.add_argument("--reference", action="store_true", help="the Markdown table of every key (docs/configuration.md)")
+    # (the flags a unit passes to `run`, so that its own configuration can be checked)
+    cf.add_argument("--data-dir", metavar="DIR", help="data_dir, as `run --data-dir`")
+    cf.add_argument("--kafka", metavar="BOOTSTRAP", help="kafka.bootstrap, as `run --kafka`")
+    cf.add_argument("--http", metavar="HOST:PORT", help="daemon.http, as `run --http`")
 
     def data_dir(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", metavar="FILE", help="TOML config file (see docs/configuration.md)")
@@ -254,6 +258,9 @@ def _overrides(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
             section, key = opt.key.split(".")
             o.setdefault(section, {})[key] = opt.value(getattr(args, opt.dest))
             if opt.implies_source and args.command == "run":
+                if getattr(args, "source", None) and args.source != opt.implies_source:
+                    raise ConfigError(f"{opt.flag} is read by --source {opt.implies_source} only; with --source "
+                                      f"{args.source} it would be ignored: drop one of them")
                 o.setdefault("daemon", {})["source"] = opt.implies_source
     if getattr(args, "source", None):
         o.setdefault("daemon", {})["source"] = args.source
@@ -398,7 +405,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     from pipeline.preflight import validate
     from pipeline.roles import run_roles
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, overrides=_overrides(args))
     validate(cfg, run_roles(cfg))  # what `fleetwatch run` would refuse, this refuses too
     print(json.dumps(_redacted(dataclasses.asdict(cfg)), indent=2))
     return 0
@@ -609,7 +616,7 @@ def power_report(args: argparse.Namespace) -> int:
     from pipeline.model import POWER_REQUEST_REPORT, iso_utc
     from pipeline.power.report import summary
     cfg = load_config(getattr(args, "config", None), overrides=_overrides(args))
-    where = place(cfg, data_dir_must_exist=False)
+    where = place(cfg)
     with reading("power report", where):
         frame = dataset(where, "power_requests")
         # By column name (a later version's files may add columns), without the hive partition columns.

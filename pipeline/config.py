@@ -5,12 +5,14 @@ settings from anywhere.
 Environment overrides name a section and a key with a double underscore:
 ``FLEETWATCH_FLEET__RACKS=8``, ``FLEETWATCH_ALERTS__WEBHOOKS=http://a,http://b``;
 top-level keys have no section: ``FLEETWATCH_DATA_DIR=/var/lib/fleetwatch``. Any other
-FLEETWATCH_* variable (``FLEETWATCH_ONCALL_SECRET``, say) is not configuration and is ignored.
+FLEETWATCH_* variable (``FLEETWATCH_ONCALL_SECRET``, say) is not configuration and is ignored, unless
+its section is one of ours mistyped (``FLEETWATCH_ALERT__WEBHOOKS``): that is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
@@ -686,6 +688,11 @@ def _env_values(env: Mapping[str, str]) -> tuple[dict[str, Any], set[str]]:
         if len(path) == 1 and (path[0] not in hints or path[0] in sections):
             continue
         if len(path) > 1 and path[0] not in sections:
+            # Another tool's variable (FLEETWATCH_ONCALL__TOKEN, a receiver's secret) is none of ours; a section
+            # mistyped (ALERT for ALERTS) had been ignored without a word, and the alerts went nowhere.
+            if near := difflib.get_close_matches(path[0], sections, n=1, cutoff=0.75):
+                raise ConfigError(f"config error: environment variable {var}: unknown section {path[0]!r}; did you "
+                                  f"mean FLEETWATCH_{near[0].upper()}__{'__'.join(path[1:]).upper()}?")
             continue
         known = {f.name for f in dataclasses.fields(sections[path[0]])} if len(path) > 1 else set()
         if len(path) > 1 and path[1] not in known:
@@ -728,6 +735,11 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
             values = tomllib.loads(p.read_text())
         except FileNotFoundError:
             raise ConfigError(f"config error: file {str(p)!r} does not exist") from None
+        except OSError as e:  # (a root-only file under the service's user: exit 2, not a restart loop)
+            raise ConfigError(f"config error: file {str(p)!r} cannot be read ({e.strerror}); give a TOML file "
+                              f"the process's user may read") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config error: {p} is not UTF-8 text; give a TOML file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config error: {p} is not valid TOML: {e}") from None
     env_values, env_keys = _env_values(os.environ if env is None else env)

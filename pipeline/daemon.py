@@ -38,6 +38,7 @@ from pipeline.roles import (ACT, ACT_TOPICS, COLLECTOR, DETECT, DETECT_TOPICS, S
 from pipeline.roles.context import Context
 from pipeline.roles.status import log_summary, status_role
 from pipeline.sinks.console import Console
+from pipeline.waits import unless_set
 
 log = logging.getLogger("fleetwatch")
 
@@ -178,6 +179,8 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
         log.info("%s: stopping (another signal, %g s or more from now, exits at once without draining)",
                  sig.name, requests.repeat_s)
         stop.set()
+    # A SIGHUP ignored at start (nohup) stays ignored: a habitual `kill -HUP` "reload" must not stop it.
+    signals = tuple(sig for sig in signals if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN)
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
     console = console or Console()
@@ -195,7 +198,9 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
             bus = KafkaBus.from_config(k, topics=topics_used([registry.ROLE_SPECS[r] for r in roles]))
         else:
             bus = MemoryBus()
-        await bus.start()
+        if not await unless_set(bus.start(), stop):  # (a stop while Kafka is out of reach: nothing to drain)
+            log.info("stopped while reaching Kafka at %s: no role had started", k.bootstrap)
+            return summary
         ctx = Context(cfg, roles, bus, stop, console)
         if "detect" in roles:  # compiled (or loaded) off the loop, which answers the probes meanwhile: a cache
             from pipeline.detect import kernels  # that missed had blocked it for minutes (a liveness kill)

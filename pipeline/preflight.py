@@ -24,6 +24,8 @@ def validate(cfg: Config, roles: frozenset[str], env: Mapping[str, str] | None =
         host_port("mqtt.broker", cfg.mqtt.broker, 1883)
     if cfg.daemon.http:
         host_port("daemon.http", cfg.daemon.http, 9410)
+        from pipeline.ops.monitor import http_token
+        http_token(cfg, env)
     for address in filter(None, (a.strip() for a in cfg.kafka.bootstrap.split(","))):
         host_port("kafka.bootstrap", address, 9092)
     if cfg.kafka.bootstrap:  # TLS files, SASL user and password (pipeline/bus/kafka_settings.py)

@@ -30,3 +30,20 @@ async def wait_any(events: list[asyncio.Event], seconds: float | None) -> None:
     finally:
         for w in waiters:
             w.cancel()
+
+
+async def unless_set(work, event: asyncio.Event) -> bool:
+    """Await the coroutine `work` unless `event` is set first: then it is cancelled (False). A stop that
+    comes while the process waits on a service (Kafka at start) is not held up by it."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if task.done():
+        task.result()  # (its error, if it failed)
+        return True
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return False

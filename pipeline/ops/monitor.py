@@ -43,6 +43,13 @@ SAMPLE_TIMEOUT_S = LOOP_LIVE_S / 2
 
 
 
+def http_token(cfg: Config, env: Mapping[str, str] | None = None) -> bytes | None:
+    """The bearer token of the daemon's HTTP routes that change things (ConfigError where the setting
+    names one that is not there; None: none set)."""
+    return read_secret("daemon.http_token", cfg.daemon.http_token_env, cfg.daemon.http_token_file,
+                       "the bearer token", "remove daemon.http_token_env to take changes from this host only", env)
+
+
 class Operations:
     def __init__(self, cfg: Config, roles: frozenset[str], clock: Callable[[], float] = time.monotonic,
                  env: Mapping[str, str] | None = None) -> None:
@@ -55,9 +62,7 @@ class Operations:
         host = socket.gethostname()
         if cfg.daemon.http:
             from pipeline.ops.http import HttpServer
-            token = read_secret("daemon.http_token", cfg.daemon.http_token_env, cfg.daemon.http_token_file,
-                                "the bearer token", "remove daemon.http_token_env to take changes from this host only",
-                                env)
+            token = http_token(cfg, env)
             self.http = HttpServer(cfg.daemon.http, registry(lambda: self._collectors),
                                    lambda: self.health.unlive(self.clock()), lambda: self.health.unready(self.clock()),
                                    token)

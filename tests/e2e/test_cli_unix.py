@@ -177,12 +177,21 @@ BAD_CONFIGS = {
     "mqtt-broker": ('[mqtt]\nbroker = "bms.example:notaport"\n', {}, "mqtt.broker = 'bms.example:notaport'"),
     "external-url": ('[alerts]\nexternal_url = "fleetwatch.example"\n', {},
                      "alerts.external_url = 'fleetwatch.example'"),
+    # (a mistyped section had been ignored: the webhooks never set, alerts going nowhere)
+    "env-section": ("", {"FLEETWATCH_ALERT__WEBHOOKS": "http://x/a"},
+                    "environment variable FLEETWATCH_ALERT__WEBHOOKS: unknown section 'alert'; did you mean "
+                    "FLEETWATCH_ALERTS__WEBHOOKS?"),
+    # (`config` had passed it, `run` refused it)
+    "http-token": ('[daemon]\nhttp = "127.0.0.1:9599"\nhttp_token_env = "FW_UNSET_TOKEN"\n', {},
+                   "daemon.http_token_env = 'FW_UNSET_TOKEN': that environment variable is not set"),
+    # (a traceback and status 1, which systemd restarts for ever)
+    "not-a-file": ("", {}, "cannot be read (Is a directory)"),
 }
 
 
 @pytest.mark.parametrize("toml, env, expected", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
 def test_config_refuses_what_run_refuses(tmp_path, toml, env, expected):
-    (tmp_path / "fw.toml").write_text(toml)
+    (tmp_path / "fw.toml").mkdir() if "Is a directory" in expected else (tmp_path / "fw.toml").write_text(toml)
     run = fleetwatch("run", "--config", "fw.toml", "--duration", "30", cwd=tmp_path, env=env, timeout=60)
     config = fleetwatch("config", "--config", "fw.toml", cwd=tmp_path, env=env, timeout=60)
     for r in (run, config):
@@ -190,6 +199,33 @@ def test_config_refuses_what_run_refuses(tmp_path, toml, env, expected):
         assert expected in r.stderr and "Traceback" not in r.stderr
     assert config.stderr == run.stderr  # one validation, one message
     assert not (tmp_path / "fleetwatch-data").exists()
+
+
+def test_flags_that_contradict_or_name_nothing_are_errors(tmp_path):
+    """`--source simulate --replay h100` had run the simulator and dropped --replay without a word, and
+    `power report` on a mistyped data dir had printed [] with status 0 (every other reader says so)."""
+    r = fleetwatch("run", "--source", "simulate", "--replay", "h100", "--duration", "30", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "--replay is read by --source nvml only" in r.stderr
+    r = fleetwatch("power", "report", "--json", "--data-dir", str(tmp_path / "nope"), cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "does not exist" in r.stderr and r.stdout == ""
+
+
+def test_a_daemon_started_with_sighup_ignored_keeps_ignoring_it(tmp_path):
+    """Under `nohup` a habitual `kill -HUP` "reload" had stopped the daemon (and exit 0 is never restarted)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST
+    log = tmp_path / "stderr"
+    with open(log, "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--data-dir", str(tmp_path / "data")],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+        try:
+            wait_for(lambda: (tmp_path / "data" / "alerts.jsonl").exists())  # running
+            p.send_signal(signal.SIGHUP)
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=120)
+        finally:
+            p.kill()
+    assert p.returncode == 0 and "SIGTERM: stopping" in log.read_text() and "SIGHUP" not in log.read_text()
 
 
 def test_an_empty_data_dir_flag_is_an_error_not_the_current_directory(tmp_path):
@@ -213,6 +249,28 @@ def test_run_piped_to_head_goes_on_without_its_reader(tmp_path):
     assert r.stderr.count("console: its reader went away") == 1
     fired = [json.loads(x) for x in (tmp_path / "data" / "alerts.jsonl").read_text().splitlines()]
     assert len(fired) > 1  # more than the one line head took
+
+
+@pytest.mark.slow
+def test_sigterm_while_waiting_for_kafka_at_start_exits_0_at_once(tmp_path):
+    """Kafka out of reach at start (here for up to 10 minutes): a SIGTERM meanwhile had waited the whole
+    kafka.connect_timeout_s and exited 75 (a pod killed at its grace period, a failed systemd stop)."""
+    from tests.services import free_port
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST | {
+        "FLEETWATCH_KAFKA__CONNECT_TIMEOUT_S": "600"}
+    log = tmp_path / "stderr"
+    with open(log, "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--data-dir", str(tmp_path / "data"),
+                              "--kafka", f"127.0.0.1:{free_port()}"], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=err, text=True)
+        try:
+            wait_for(lambda: "not reachable yet" in log.read_text(), timeout=120)
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=120)
+        finally:
+            p.kill()
+    assert p.returncode == 0, log.read_text()[-3000:]
+    assert "stopped while reaching Kafka" in log.read_text()
 
 
 @pytest.mark.slow
