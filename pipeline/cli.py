@@ -738,10 +738,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that went away shows here, not as a message at exit
         return status
     except ConfigError as e:
-        print(f"fleetwatch: {redact_text(str(e))}", file=sys.stderr)
+        _say_failure(args, e)
         return 2
     except Unavailable as e:
-        print(f"fleetwatch: {redact_text(str(e))}", file=sys.stderr)
+        _say_failure(args, e)
         return EX_TEMPFAIL
     except ModuleNotFoundError as e:
         if (e.name or "").partition(".")[0] not in FULL_INSTALL_ONLY:
@@ -762,6 +762,17 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except Exception:
         return _failed()
+
+
+def _say_failure(args: argparse.Namespace, error: Exception) -> None:
+    """What ended the command, on stderr: one JSON object where JSON logs were asked for (a log shipper
+    parses every line; --log-format json or FLEETWATCH_DAEMON__LOG_FORMAT), else a line of text."""
+    if (getattr(args, "log_format", None) or os.environ.get("FLEETWATCH_DAEMON__LOG_FORMAT", "")) == "json":
+        from pipeline.logs import JsonFormatter
+        record = logging.LogRecord("fleetwatch", logging.ERROR, __file__, 0, "%s", (error,), None)
+        print(JsonFormatter().format(record), file=sys.stderr)
+    else:
+        print(f"fleetwatch: {redact_text(str(error))}", file=sys.stderr)
 
 
 def _failed() -> int:

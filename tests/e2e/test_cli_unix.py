@@ -210,6 +210,15 @@ def test_flags_that_contradict_or_name_nothing_are_errors(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr and r.stdout == ""
 
 
+def test_with_json_logs_a_failed_start_says_why_in_json(tmp_path):
+    """docs/operations.md: every stderr line one JSON object; a config error at start had been text."""
+    for args, env in ((["--log-format", "json"], {}), ([], {"FLEETWATCH_DAEMON__LOG_FORMAT": "json"})):
+        r = fleetwatch("run", *args, "--seed", "-1", "--duration", "30", cwd=tmp_path, env=env, timeout=60)
+        [line] = r.stderr.splitlines()
+        said = json.loads(line)
+        assert r.returncode == 2 and said["level"] == "ERROR" and "fleet.seed = -1: must be >= 0" in said["message"]
+
+
 def test_a_daemon_started_with_sighup_ignored_keeps_ignoring_it(tmp_path):
     """Under `nohup` a habitual `kill -HUP` "reload" had stopped the daemon (and exit 0 is never restarted)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST
