@@ -32,6 +32,9 @@ def _env() -> dict[str, str]:
 
 
 def start(tmp_path: Path, env: dict | None = None, **popen) -> subprocess.Popen:
+    """The daemon as a service manager starts it: SIGHUP at its default, whatever the test runner inherited
+    (under `nohup` it is ignored, and the daemon keeps ignoring it)."""
+    popen.setdefault("preexec_fn", lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     return subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--data-dir", str(tmp_path / "data")],
                             cwd=tmp_path, env=_env() | FAST | (env or {}), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
