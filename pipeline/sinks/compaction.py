@@ -234,8 +234,9 @@ def _build(dataset: str, files: list[Path], groups: dict[str, list[Path]], rel: 
     seq = max([int(m[1]) for f in files if (m := _COMPACTED.match(f.name))], default=0)
     for key, group in sorted(groups.items()):
         out = new / f"merging-{key}.parquet"
-        expected = sum(pq.ParquetFile(f).metadata.num_rows for f in group)
-        held = None if key == "local" else merged_ranges(offset_ranges(f) for f in group)
+        footers = [pq.read_metadata(f) for f in group]
+        expected = sum(m.num_rows for m in footers)
+        held = None if key == "local" else merged_ranges(offset_ranges(f, m) for f, m in zip(group, footers))
         written, first = _merge(dataset, group, expected, out, held)
         if written != expected or pq.ParquetFile(out).metadata.num_rows != expected:
             raise OSError(f"compaction of {rel}: {expected} rows in, {written} merged; nothing swapped")
@@ -243,10 +244,8 @@ def _build(dataset: str, files: list[Path], groups: dict[str, list[Path]], rel: 
         if key == "local":
             seq += 1
             name = f"part-{first}-compacted-{seq:06d}.parquet"
-        else:
-            ranges = [_KAFKA.match(f.name) for f in group]
-            name = (f"part-{key}-o{min(int(m[2]) for m in ranges):016d}-"
-                    f"{max(int(m[3]) for m in ranges):016d}.parquet")
+        else:  # named by the union of its inputs' offsets (ArchiveWriter.archived_until reads names)
+            name = f"part-{key}-o{held[0][0]:016d}-{held[-1][1]:016d}.parquet"
         with open(out, "rb") as f:
             os.fsync(f.fileno())
         out.rename(new / name)
@@ -256,12 +255,13 @@ def _build(dataset: str, files: list[Path], groups: dict[str, list[Path]], rel: 
     return new, journal, rows
 
 
-def offset_ranges(f: Path) -> list[tuple[int, int]]:
+def offset_ranges(f: Path, footer: pq.FileMetaData | None = None) -> list[tuple[int, int]]:
     """The Kafka offsets a file of the archive holds: its name's range, or where it was merged, the
     exact ranges of its inputs (OFFSETS in its metadata): the name's union may span offsets no input
-    held, which a staged file a killed write left may hold (ArchiveWriter._overlaps)."""
+    held, which a staged file a killed write left may hold (ArchiveWriter._overlaps). `footer`: the
+    file's, where the caller read it already."""
     m = _KAFKA.match(f.name)
-    exact = (pq.read_schema(f).metadata or {}).get(OFFSETS)
+    exact = ((footer or pq.read_metadata(f)).metadata or {}).get(OFFSETS)
     return [tuple(r) for r in json.loads(exact)] if exact else [(int(m[2]), int(m[3]))] if m else []
 
 
