@@ -675,6 +675,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
             days = stats(where)
         print(json.dumps([d.to_json() for d in days], indent=2) if args.json else text(days))
         return 0
+    failed: list[str] = []  # hours a local compaction left as they are
     if cfg.archive.url:
         from pipeline.sinks import delta
         with reading(f"archive {args.archive_command}", where):
@@ -688,13 +689,12 @@ def cmd_archive(args: argparse.Namespace) -> int:
     else:
         from pipeline.sinks.compaction import compact
         done = compact(where, after_s=_compact_after(args, cfg), min_free_mb=cfg.archive.min_free_mb)
-        print(f"{shown(where)}: {done.line()}")
-        for why in done.failed:
-            print(f"fleetwatch archive compact: {why}: that hour is left as it is; move the file away (or restore "
-                  f"it) and run again", file=sys.stderr)
-        return 1 if done.failed else 0
+        line, failed = done.line(), done.failed
     print(f"{shown(where)}: {line}")
-    return 0
+    for why in failed:
+        print(f"fleetwatch archive compact: {why}: that hour is left as it is; move the file away (or restore "
+              f"it) and run again", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _compact_after(args: argparse.Namespace, cfg) -> float:
