@@ -167,6 +167,9 @@ class DetectConfig:
     maintenance_s: float = _spec(1800.0, min=0, doc="a node announced as going down for maintenance (an event of kind "
                                  "node_reboot or driver_upgrade) is not reported missing for this long after the "
                                  "announcement; 0 = always reported")
+    forget_after_s: float = _spec(7 * 86400.0, min=0, doc="a node silent this long is forgotten (decommissioned, "
+                                  "scaled away): its alerts resolve with the annotation `resolution`, its state is "
+                                  "dropped, a `node_forgotten` event; it starts afresh if it reports again; 0 = never")
     lateness_s: float = _spec(5.0, min=0, doc="event-time lateness bound: a GPU or node is judged missing once data "
                               "this much newer than its last sample arrived in its partition; older rows are late "
                               "(counted and archived, not detected on)")

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -30,13 +31,14 @@ START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 class Harness:
     """Simulator and engine in lock step, as `fleetwatch eval` runs them."""
 
-    def __init__(self, seed: int = 0, **fleet) -> None:
+    def __init__(self, seed: int = 0, detect: dict | None = None, **fleet) -> None:
         self.cfg = make_config(fleet={"racks": 2, "nodes_per_rack": 4, "fault_interval_s": 0,
-                                      "gpu_reset_interval_s": 0, "seed": seed, **fleet})
+                                      "gpu_reset_interval_s": 0, "seed": seed, **fleet}, detect=detect or {})
         self.sim = FleetSimulator(self.cfg.fleet, start=START)
         self.engine = Engine(self.cfg)
         self.changes = []  # (ts, alert) state changes
         self.health = []
+        self.events = []  # the engine's own (gpu_replaced, gpu_moved, node_forgotten)
 
     def run(self, seconds: float, mutate=None) -> None:
         for _ in range(int(seconds / self.cfg.fleet.sample_interval_s)):
@@ -48,6 +50,7 @@ class Harness:
                     out = self.engine.process(Message(topic, batch))
                     self.changes += out.alerts
                     self.health += out.health
+                    self.events += out.events
 
     def run_until(self, seconds: float, found, mutate=None) -> None:
         """run() for at most `seconds`, a minute at a time, until found() holds: a detection
@@ -177,6 +180,33 @@ def test_a_node_whose_clock_is_off_makes_no_node_silent_and_a_silent_one_is_stil
     h = Harness()
     h.run(400, clocks_off)
     assert [a.labels["node"] for a in h.fired()] == ["r01-n04"] and h.fired()[0].alertname == "NodeNotReporting"
+
+
+def test_a_node_silent_for_good_is_forgotten_and_one_that_returns_starts_afresh():
+    """A node decommissioned or scaled away had been NodeNotReporting (critical) for ever. Silent for
+    detect.forget_after_s, it is forgotten: its alert resolves saying why, a node_forgotten event, its
+    health back; when it reports again it is a node like any other, found again when it stops."""
+    start = START.timestamp()
+
+    def away(topic, batch):
+        ts = batch.column("ts")[0].value / 1e9 - start
+        if topic != Topic.GPU or not (200 <= ts < 1200 or ts >= 1500):
+            return batch
+        return batch.filter(pc.not_equal(batch.column("node"), "r01-n04"))
+    h = Harness(detect={"forget_after_s": 600})
+    h.run(400, away)
+    assert [(a.alertname, a.labels["node"]) for a in h.fired()] == [("NodeNotReporting", "r01-n04")]
+    h.run(600, away)
+    resolved = [a for _, a in h.changes if a.ends_at is not None]
+    assert [(a.alertname, a.labels["node"]) for a in resolved] == [("NodeNotReporting", "r01-n04")]
+    assert "forgotten" in resolved[0].annotations["resolution"]
+    assert [(e["kind"], e["node"], e["gpu"]) for e in h.events] == [("node_forgotten", "r01-n04", None)]
+    assert h.health[-1]["node"] == "r01-n04" and h.health[-1]["state"] == "healthy"
+    assert h.engine.health.counts(8)["failing"] == 0
+    h.run(400, away)  # back at 1,200 s for 300 s: no alert; then silent again at 1,500 s
+    assert len(h.fired()) == 1 and len(h.events) == 1
+    h.run(200, away)
+    assert [(a.alertname, a.labels["node"]) for a in h.fired()] == [("NodeNotReporting", "r01-n04")] * 2
 
 
 def _relabel(after_s: float, change):

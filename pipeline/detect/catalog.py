@@ -115,7 +115,9 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "answers-as-one-process)) moved since its own latest sample came in, late ones included, so "
                         "that a node whose clock runs ahead or behind makes no node silent. Its GPUs' `GpuNotReporting` are inhibited. A node announced as going down for "
                         "maintenance (an event `node_reboot` or `driver_upgrade`) is not reported for "
-                        "`detect.maintenance_s` after the announcement."),
+                        "`detect.maintenance_s` after the announcement. A node silent for `detect.forget_after_s` "
+                        "(7 days) is forgotten (decommissioned, scaled away): the alert resolves with the annotation "
+                        "`resolution`, a `node_forgotten` event, and the node starts afresh if it reports again."),
     AlertSpec("GpuUncorrectableEcc", "critical", "gpu",
               "{node} GPU {gpu}: uncorrectable memory error ({what})",
               "Drain the node; reset the GPU to apply a pending row remap; a remap failure means RMA.",

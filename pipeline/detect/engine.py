@@ -215,11 +215,11 @@ class Engine:
         no longer expected to report (no GpuNotReporting) nor checkpointed. The new GPU's
         series starts fresh (warm-up); a `gpu_replaced` event says what happened."""
         now = datetime.fromtimestamp(t, timezone.utc)
-        self._forget(out, "gpu", np.array([old]), now)
         inv = self.inventory
-        inv.gpu.retired[old], inv.gpu.retired[new] = True, False
         old_uuid, new_uuid = inv.gpu_ids.keys[old].as_py(), inv.gpu_ids.keys[new].as_py()
-        self._gpu_event(out, new, now, "gpu_replaced",
+        self._forget(out, "gpu", np.array([old]), now, f"GPU replaced by {new_uuid}")
+        inv.gpu.retired[old], inv.gpu.retired[new] = True, False
+        self._event(out, "gpu", new, now, "gpu_replaced",
                         lambda at: f"GPU {at['gpu']} of {at['node']} replaced: {old_uuid} -> {new_uuid}")
         log.info("detect: %s; the old series is retired", out.events[-1]["text"])
 
@@ -231,37 +231,59 @@ class Engine:
         now = datetime.fromtimestamp(t, timezone.utc)
         inv = self.inventory
         was = [f"GPU {int(inv.gpu.index[s])} of {inv.node_names[int(inv.gpu.node[s])]}" for s in slots.tolist()]
-        self._forget(out, "gpu", slots, now)
+        self._forget(out, "gpu", slots, now, "GPU moved: alerted afresh where it reports now")
         left = inv.move(slots, nodes, index)
         for s, where in zip(slots.tolist(), was):
-            self._gpu_event(out, s, now, "gpu_moved",
+            self._event(out, "gpu", s, now, "gpu_moved",
                             lambda at, where=where: f"GPU {at['UUID']} moved: {where} -> GPU {at['gpu']} of {at['node']}")
             log.info("detect: %s; its series starts afresh there", out.events[-1]["text"])
         n = inv.gpu_count
         holding = np.unique(inv.gpu.node[:n][~inv.gpu.retired[:n]])
         emptied = np.setdiff1d(left, holding)
         if emptied.size:
-            self._forget(out, "node", emptied, now)
+            self._forget(out, "node", emptied, now, "its GPUs moved to another node")
             log.info("detect: node(s) %s report no GPU since their GPUs moved: forgotten",
                      ", ".join(inv.node_names[int(k)] for k in emptied))
 
-    def _forget(self, out: Output, scope: str, slots: np.ndarray, now: datetime) -> None:
-        """The entities' alerts resolve and their state is dropped (a retired or moved GPU, a node left empty)."""
+    def forget_nodes(self, out: Output, nodes: np.ndarray, t: float, silent_s: np.ndarray) -> None:
+        """Nodes silent for `detect.forget_after_s` (decommissioned, scaled away, dead and left): their
+        alerts and their GPUs' resolve, saying why, their state is dropped and their GPUs are no longer
+        checkpointed; a `node_forgotten` event each. One that reports again starts afresh."""
+        now = datetime.fromtimestamp(t, timezone.utc)
+        inv = self.inventory
+        n = inv.gpu_count
+        gpus = np.flatnonzero(np.isin(inv.gpu.node[:n], nodes) & ~inv.gpu.retired[:n])
+        why = f"node silent for over {self.cfg.detect.forget_after_s:g} s: forgotten (detect.forget_after_s)"
+        if gpus.size:
+            self._forget(out, "gpu", gpus, now, why)
+            inv.gpu.retired[gpus] = True  # (put back by replacements() when they report again)
+        self._forget(out, "node", nodes, now, why)
+        for k, s in zip(nodes.tolist(), silent_s.tolist()):
+            self._event(out, "node", k, now, "node_forgotten",
+                        lambda at, s=s: f"node {at['node']} silent for {s:.0f} s (detect.forget_after_s): forgotten; "
+                                        "its alerts resolved, and it starts afresh if it reports again")
+            log.warning("detect: %s", out.events[-1]["text"])
+
+    def _forget(self, out: Output, scope: str, slots: np.ndarray, now: datetime, why: str) -> None:
+        """The entities' alerts resolve, annotated with `why` (their condition did not clear), and their
+        state is dropped (a retired or moved GPU, a node left empty or silent for good)."""
         for tr in self.trackers.values():
             if tr.spec.entity == scope:
-                out.alerts.extend((now, dataclasses.replace(tr.active[e], ends_at=now))
+                out.alerts.extend((now, dataclasses.replace(tr.active[e], ends_at=now, annotations={
+                                       **tr.active[e].annotations, "resolution": why}))
                                   for e in slots.tolist() if e in tr.active)
                 tr.forget(slots)
         for arrays, fields in self.state()[scope].values():
             arrays.ensure(int(slots.max()) + 1)
             arrays.reset(slots, fields)
 
-    def _gpu_event(self, out: Output, slot: int, now: datetime, kind: str, text) -> None:
-        """An event the engine found about a GPU (`text(its labels now)` says what)."""
-        labels = self.inventory.labels_getter("gpu")(slot)
+    def _event(self, out: Output, scope: str, slot: int, now: datetime, kind: str, text) -> None:
+        """An event the engine found about a GPU or a node (`text(its labels now)` says what)."""
+        labels = self.inventory.labels_getter(scope)(slot)
+        gpu = scope == "gpu"
         out.events.append({"ts": now, "site": labels["site"], "rack": labels["rack"], "node": labels["node"],
-                           "gpu": int(labels["gpu"]), "gpu_uuid": labels["UUID"], "kind": kind, "code": None,
-                           "text": text(labels)})
+                           "gpu": int(labels["gpu"]) if gpu else None, "gpu_uuid": labels["UUID"] if gpu else None,
+                           "kind": kind, "code": None, "text": text(labels)})
 
     def active_alerts(self) -> list[Alert]:
         return [a for t in self.trackers.values() for a in t.active.values()]

@@ -66,6 +66,10 @@ class Staleness(Family):
         clock = self.clock(all_nodes)
         heard = node.heard_at[:n_nodes]  # (NaN: a checkpoint from before it was kept: the node's own time)
         node_silent = clock - np.where(np.isnan(heard), node.last_seen[:n_nodes], heard)
+        gone = np.flatnonzero(node_silent > self.config.forget_after_s) if self.config.forget_after_s else []
+        if len(gone):
+            self.engine.forget_nodes(out, gone, t, node_silent[gone])
+            node_silent[gone] = np.nan
         quiet = node.quiet_until[:n_nodes] > clock
         self.judge(out, "NodeNotReporting", all_nodes,
                    (node_silent - lateness > 2 * k * node.interval[:n_nodes]) & ~quiet, t,
