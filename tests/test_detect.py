@@ -209,6 +209,39 @@ def test_a_node_silent_for_good_is_forgotten_and_one_that_returns_starts_afresh(
     assert [(a.alertname, a.labels["node"]) for a in h.fired()] == [("NodeNotReporting", "r01-n04")] * 2
 
 
+def _counter(column: str, values):
+    """A mutate hook: GPU 1 of r01-n01's `column` reads values(seconds into the run)."""
+    start = START.timestamp()
+
+    def mutate(topic, batch):
+        if topic != Topic.GPU:
+            return batch
+        i = batch.schema.get_field_index(column)
+        col = batch.column(i).to_numpy(zero_copy_only=False).copy()
+        col[np.asarray(batch.column("gpu_uuid").to_pylist()) == h_uuid[0]] = values(batch.column("ts")[0].value / 1e9
+                                                                                    - start)
+        return batch.set_column(i, batch.schema.field(i), pa.array(col, batch.schema.field(i).type))
+    h_uuid = []
+    return mutate, h_uuid
+
+
+@pytest.mark.parametrize("column", ["ecc_dbe_volatile_total", "remapped_rows_uncorrectable"])
+def test_an_uncorrectable_counter_that_rises_alerts_and_one_bad_reading_does_not(column):
+    """dcgm-exporter's default counters carry no DBE counter: the rows remapped for uncorrectable errors are
+    the one uncorrectable-memory counter there, and had been archived, never judged. And a counter read 0
+    for one scrape (an exporter's blank) and back at 1 had been a new uncorrectable error (critical, a GPU
+    reset): 1 -> 0 -> 1 is none; 1 -> 2 is one."""
+    mutate, uuid = _counter(column, lambda s: 1 if s < 120 or s >= 121 and s < 240 else 0 if s < 121 else 2)
+    h = Harness(seed=3)
+    uuid.append(h.sim.gpu_uuids[1])
+    h.run(230, mutate)
+    assert h.fired() == []  # 1 from the start (before Fleetwatch), 0 at 120 s, 1 again at 121 s
+    h.run(20, mutate)
+    [ecc] = h.fired()
+    assert (ecc.alertname, ecc.labels["node"], ecc.labels["gpu"]) == ("GpuUncorrectableEcc", "r01-n01", "1")
+    assert ("rows remapped +1" if column.startswith("remapped") else "DBE counter +1") in ecc.annotations["summary"]
+
+
 def _relabel(after_s: float, change):
     """A mutate hook: from `after_s` into the run, each GPU sample's and event's (node, gpu_uuid) as
     `change(node, uuid, gpu)` returns them."""

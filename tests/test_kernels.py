@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -272,18 +273,42 @@ def test_counter_delta_matches_reference_and_never_goes_negative(b):
     values, slots, ts = b
     values = np.where(np.isfinite(values), np.abs(values), values)
     delta, rate = CounterDelta().update(values, slots, ts)
-    last, last_t = {}, {}
+    last, last_t, dropped_from, since_drop = {}, {}, {}, {}
     for i, (x, s, t) in enumerate(zip(values, slots, ts)):
         if not math.isfinite(x):
             assert math.isnan(delta[i]) and math.isnan(rate[i])
             continue
         prev = last.get(s)
         dt = t - last_t.get(s, 0.0)
-        expect = 0.0 if prev is None or x < prev or dt <= 0 else x - prev
+        if prev is None or dt <= 0:
+            expect = 0.0
+        elif x < prev:  # a reset, or a bad reading if it comes back
+            expect = 0.0
+            dropped_from[s], since_drop[s] = max(dropped_from.get(s, prev), prev), 0
+        elif s in dropped_from and x >= dropped_from[s]:
+            expect = x - dropped_from.pop(s)
+        else:
+            expect = x - prev
+        if s in dropped_from:
+            since_drop[s] += 1
+            if since_drop[s] > CounterDelta.GLITCH_SAMPLES:
+                del dropped_from[s]
         assert delta[i] == expect
         assert rate[i] == (0.0 if expect == 0.0 else expect / dt)
         last[s], last_t[s] = x, t
     assert (delta[np.isfinite(delta)] >= 0).all()
+
+
+@pytest.mark.parametrize("readings, increases", [
+    ([1, 0, 1], [0, 0, 0]),          # one bad reading (an exporter's blank read as 0): no new error
+    ([1, 0, 2], [0, 0, 1]),          # ... and what it rose past it is one
+    ([1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 1]),  # a reset (it stayed down): the next error counts
+    ([3, 0, 1], [0, 0, 1]),          # a reset and a new error under where it was
+])
+def test_a_counter_back_where_it_dropped_from_was_one_bad_reading(readings, increases):
+    values = np.asarray(readings, np.float64)
+    delta, _ = CounterDelta().update(values, np.zeros(values.size, np.int64), np.arange(1.0, values.size + 1))
+    assert delta.tolist() == increases
 
 
 @settings(max_examples=200, deadline=None)

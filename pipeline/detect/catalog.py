@@ -124,9 +124,11 @@ ALERTS: tuple[AlertSpec, ...] = (
               remediation="reset_gpu", detector="ecc", family="counters", fire_after=1, evidence=("what",),
               meaning="uncorrectable memory error (XID 48/63/64/94/95), remap pending or failed",
               method="counter + flags, XID events",
-              detection="The uncorrectable ECC counter went up, or a row remap is pending or failed, or an "
-                        "ECC XID (48, 63, 64, 94, 95, 140) arrived (held for `detect.xid_hold_s`). A counter that "
-                        "goes down was reset (GPU reset) and does not alert."),
+              detection="The uncorrectable ECC counter or the rows remapped for uncorrectable errors went up (the "
+                        "latter is the one such counter in dcgm-exporter's default counters), or a row remap is "
+                        "pending or failed, or an ECC XID (48, 63, 64, 94, 95, 140) arrived (held for "
+                        "`detect.xid_hold_s`). A counter that goes down was reset (GPU reset) and does not alert; "
+                        "one back where it was within 3 samples was one bad reading (1 -> 0 -> 1 is no error)."),
     AlertSpec("GpuNvlinkError", "warning", "gpu",
               "{node} GPU {gpu}: NVLink error (XID 74)",
               "Run `nvidia-smi nvlink -e` and `dcgmi diag -r 3`; reset the GPU if links are down.",

@@ -206,10 +206,14 @@ def robust_zscore(values, slots, ts, med, mad, count, last_ts,
 
 
 @njit(cache=True, nogil=True)
-def counter_delta(values, slots, ts, last_value, last_ts, delta_out, rate_out):
+def counter_delta(values, slots, ts, last_value, last_ts, dropped_from, since_drop, glitch_samples, delta_out,
+                  rate_out):
     """Increase of a cumulative counter since its previous sample, and its rate per
     second. A counter that goes down was reset (GPU reset, driver reload): the
-    increase is unknown, so 0 is reported and the new value becomes the reference."""
+    increase is unknown, so 0 is reported and the new value becomes the reference.
+    Unless it is back at (or over) where it dropped from within `glitch_samples`: the
+    drop was one bad reading (an exporter's blank read as 0), and only what it rose past
+    that is an increase (1 -> 0 -> 1 is no new error)."""
     for i in range(values.shape[0]):
         s = slots[i]
         x = values[i]
@@ -219,12 +223,25 @@ def counter_delta(values, slots, ts, last_value, last_ts, delta_out, rate_out):
             continue
         prev = last_value[s]
         dt = ts[i] - last_ts[s]
-        if not math.isfinite(prev) or x < prev or dt <= 0.0:
-            delta_out[i] = 0.0
-            rate_out[i] = 0.0
+        delta_out[i] = 0.0
+        rate_out[i] = 0.0
+        if not math.isfinite(prev) or dt <= 0.0:
+            pass
+        elif x < prev:
+            if not math.isfinite(dropped_from[s]) or prev > dropped_from[s]:
+                dropped_from[s] = prev
+            since_drop[s] = 0
+        elif math.isfinite(dropped_from[s]) and x >= dropped_from[s]:
+            delta_out[i] = x - dropped_from[s]
+            rate_out[i] = delta_out[i] / dt
+            dropped_from[s] = np.nan
         else:
             delta_out[i] = x - prev
             rate_out[i] = (x - prev) / dt
+        if math.isfinite(dropped_from[s]):
+            since_drop[s] += 1
+            if since_drop[s] > glitch_samples:  # it stayed down: a reset
+                dropped_from[s] = np.nan
         last_value[s] = x
         last_ts[s] = ts[i]
 
@@ -500,6 +517,6 @@ def warm_up() -> None:
     cusum(f, f.copy(), f.copy(), i, f.copy(), i.copy(), f.copy(), f.copy(), f.copy(), f.copy(), f.copy(), 60.0, 1.0,
           10.0, 2, 2.0, 1.0, 0.0, f.copy(), f.copy())
     robust_zscore(f, i, f, f.copy(), f.copy(), i.copy(), f.copy(), 60.0, 2, 0.0, 1e-9, f.copy())
-    counter_delta(f, i, f, np.full(2, np.nan), f.copy(), f.copy(), f.copy())
+    counter_delta(f, i, f, np.full(2, np.nan), f.copy(), np.full(2, np.nan), i.copy(), 3, f.copy(), f.copy())
     flatline(f, i, np.full(2, np.nan), i.copy(), i.copy())
     group_median(f, i, 1, np.ones(2, np.bool_), f.copy())

@@ -195,14 +195,19 @@ class Cusum:
 
 
 class CounterDelta:
+    GLITCH_SAMPLES = 3  # a counter back where it dropped from within this many samples: the drop was a bad reading
+
     def __init__(self) -> None:
-        self.arrays = SlotArrays({"last_value": (np.float64, np.nan), "last_ts": (np.float64, 0.0)})
+        self.arrays = SlotArrays({"last_value": (np.float64, np.nan), "last_ts": (np.float64, 0.0),
+                                  "dropped_from": (np.float64, np.nan), "since_drop": (np.int64, 0)})
 
     def update(self, values: np.ndarray, slots: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(increase, rate per second) per sample; 0 across a counter reset."""
-        self.arrays.ensure(int(slots.max()) + 1 if slots.size else 0)
+        """(increase, rate per second) per sample; 0 across a counter reset, and none across a bad reading."""
+        a = self.arrays
+        a.ensure(int(slots.max()) + 1 if slots.size else 0)
         delta, rate = np.empty_like(values), np.empty_like(values)
-        kernels.counter_delta(values, slots, ts, self.arrays.last_value, self.arrays.last_ts, delta, rate)
+        kernels.counter_delta(values, slots, ts, a.last_value, a.last_ts, a.dropped_from, a.since_drop,
+                              self.GLITCH_SAMPLES, delta, rate)
         return delta, rate
 
 

@@ -37,6 +37,8 @@ class Counters(Family):
     name = "counters"
     raises = ("GpuUncorrectableEcc", "GpuPcieReplayStorm", "GpuNvlinkErrorStorm", "GpuPowerSensorStuck")
     dbe = State("gpu", lambda _: CounterDelta())         # uncorrectable ECC errors
+    remapped = State("gpu", lambda _: CounterDelta())    # rows remapped for uncorrectable errors (the one
+                                                         # uncorrectable-memory counter of dcgm-exporter's defaults)
     pcie = State("gpu", lambda _: CounterDelta())        # PCIe replays
     nvlink = State("gpu", lambda _: CounterDelta())      # NVLink CRC errors
     power_flat = State("gpu", lambda _: Flatline())      # identical power readings in a row
@@ -55,11 +57,13 @@ class Counters(Family):
         d, slots, t, m = self.config, b.slots, b.now, b.metrics
         xid = self.engine.family(Xid)
         dbe_delta, _ = self.dbe.update(m["ecc_dbe_volatile_total"], slots, b.ts)
+        remapped, _ = self.remapped.update(m["remapped_rows_uncorrectable"], slots, b.ts)
         pending, failure = m["remapped_rows_pending"] == 1, m["remapped_rows_failure"] == 1
         ecc_latched = t < xid.until("GpuUncorrectableEcc")[slots]
-        self.judge(out, "GpuUncorrectableEcc", slots, (dbe_delta > 0) | pending | failure | ecc_latched, t,
-                   np.nan_to_num(dbe_delta),
+        self.judge(out, "GpuUncorrectableEcc", slots, (dbe_delta > 0) | (remapped > 0) | pending | failure | ecc_latched,
+                   t, np.nan_to_num(dbe_delta),
                    lambda i: {"what": ", ".join(w for w, on in ((f"DBE counter +{dbe_delta[i]:.0f}", dbe_delta[i] > 0),
+                                                                (f"rows remapped +{remapped[i]:.0f}", remapped[i] > 0),
                                                                 ("row remap pending", pending[i]),
                                                                 ("row remap failure", failure[i]),
                                                                 ("XID", ecc_latched[i])) if on),
