@@ -32,11 +32,12 @@ class DcgmExporter:
     """Serves `fixture` under `hostname`, its GPUs' UUIDs made unique by `tag`. `mode`: ok,
     slow (answers after `delay_s`), garbage (an HTML error page with status 200), error (HTTP
     500). `xid[gpu] = code` sets a GPU's last XID, `xid_total[gpu, code]` and `xid_count[gpu, code]`
-    serve dcgm-exporter's own XID counters; `hidden` GPUs are left out."""
+    serve dcgm-exporter's own XID counters; `hidden` GPUs are left out. `reads_every`: the exporter
+    reads the GPUs anew every that many requests (scraped faster than its -c, it serves a reading again)."""
 
     def __init__(self, fixture: Path = H100_8GPU, hostname: str = "gpu-node-017", tag: int = 0,
-                 mode: str = "ok", delay_s: float = 0.0, static: bool = False) -> None:
-        self.mode, self.delay_s, self.static = mode, delay_s, static
+                 mode: str = "ok", delay_s: float = 0.0, static: bool = False, reads_every: int = 1) -> None:
+        self.mode, self.delay_s, self.static, self.reads_every = mode, delay_s, static, reads_every
         self.xid: dict[int, int] = {}
         self.xid_total: dict[tuple[int, int], int] = {}
         self.xid_count: dict[tuple[int, int], int] = {}
@@ -100,8 +101,8 @@ class DcgmExporter:
         self.thread.start()
 
     def render(self) -> str:
-        """The exposition now: power within +-1 W of the fixture's, energy up by 700 J a scrape."""
-        k = self.requests
+        """The exposition now: power within +-1 W of the fixture's, energy up by 700 J a read."""
+        k = (self.requests - 1) // self.reads_every if self.requests else 0
         out = []
         for name, gpu, head, value in self.lines:
             if gpu < 0:

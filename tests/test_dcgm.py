@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -39,8 +40,14 @@ def rows_of(text: str, src: DcgmSource | None = None, target: Target | None = No
     if not src.states:  # the target's state lives on, scrape after scrape
         src.states.append(TargetState(target or Target("http://gpu-node-017:9400/metrics")))
     st_ = src.states[0]
+    k = getattr(src, "scraped_in_test", 0)  # the exporter read the GPUs anew: their energy counted on
+    src.scraped_in_test = k + 1
+    text = _ENERGY.sub(lambda m: f"{m[1]} {int(float(m[2])) + k * 700_000}", text) if k else text
     batch, events = src.rows(st_, parse_exposition(text), 1_767_225_600 * 10**9)
     return batch, events, st_
+
+
+_ENERGY = re.compile(r"^(DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION\{.*\}) (\d+(?:\.\d*)?)$", re.M)
 
 
 # ---- the counters table ------------------------------------------------------------------
@@ -596,6 +603,58 @@ def test_one_exporter_under_two_names_is_read_once(caplog):
         ex.close()
     assert batch.num_rows == 8 and sorted(batch.column("gpu_uuid").to_pylist()) == sorted(ex.uuids)
     assert "list the same GPUs" in caplog.text
+
+
+def test_a_gpu_two_targets_list_is_read_from_one_of_them_scrape_after_scrape(caplog):
+    """Two targets' answers in different batches (one slower, or more targets than dcgm.concurrency): the
+    GPU had been read from both by turns, moving between two nodes at every scrape (each move resolves its
+    alerts and starts its series afresh). One target reads it until that one fails; said once."""
+    ex = DcgmExporter()
+    src = source([ex.url, ex.url.replace("127.0.0.1", "localhost")])
+    first, second = src.states
+
+    async def scrape(st_):
+        import aiohttp
+        async with aiohttp.ClientSession() as session:
+            return await src.scrape(session, st_, asyncio.Semaphore(1))
+    try:
+        published = []
+        for st_ in (first, second, first, second):
+            published += [b for b, _ in src.batches([asyncio.run(scrape(st_))]) if b is not None]
+        assert [b.num_rows for b in published] == [8, 8]  # the first target's two scrapes
+        from pipeline.sources.dcgm import Scraped
+        src.batches([Scraped(first, reason=DOWN, detail="refused")])  # it fails: the other reads the GPUs
+        [(batch, _)] = src.batches([asyncio.run(scrape(second))])
+        assert batch.num_rows == 8
+    finally:
+        ex.close()
+    assert caplog.text.count("list the same GPUs") == 1
+
+
+def test_readings_an_exporter_serves_again_unchanged_are_left_out(caplog):
+    """dcgm-exporter reads the GPUs every 30 s and serves that reading until the next: scraped every
+    10 s, two scrapes in three had been new samples of the same reading, a counter's rate 0, 0, then
+    three times the rate (a PCIe replay storm never held three scrapes in a row to alert)."""
+    ex = DcgmExporter(reads_every=3)
+    src = source([ex.url])
+    try:
+        rounds = scrape_rounds(src, 6)
+    finally:
+        ex.close()
+    assert [b.num_rows if b is not None else 0 for b, _ in rounds] == [8, 0, 0, 8, 0, 0]
+    assert src.stats()["unrefreshed"] == 32 and src.stats()["gpu_samples"] == 16
+    assert caplog.text.count("served a GPU's readings unchanged") == 1 and "dcgm.interval_s" in caplog.text
+    from prometheus_client import CollectorRegistry, generate_latest
+    registry = CollectorRegistry()
+    registry.register(DcgmMetrics(src))
+    assert "fleetwatch_dcgm_unrefreshed_readings_total 32.0" in generate_latest(registry).decode()
+
+
+def test_an_exemplar_is_not_the_samples_value():
+    """An OpenMetrics proxy's exemplar after a sample (`# {trace_id=...} 7`): the fast path had read the
+    exemplar's value (energy 319,159 J read as 0.007 J: a false GPU reset)."""
+    line = 'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{gpu="0",UUID="GPU-1"} 319159391 # {trace_id="abc"} 7\n'
+    assert [v for _, _, v in dcgm_samples(line)] == [319159391.0]
 
 
 def test_the_role_needs_targets_and_the_command_line_gives_them(tmp_path):

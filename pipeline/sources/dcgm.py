@@ -225,7 +225,7 @@ def _fast_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
         if brace >= 0:
             name, close = line[:brace], line.rfind("}")
             rest = line[close + 1:]
-            if close < brace or not rest[:1].isspace():
+            if close < brace or not rest[:1].isspace() or " # " in line[brace:]:  # (an exemplar: its own braces)
                 raise _NotPlain
         else:
             name, _, rest = line.partition(" ")
@@ -410,6 +410,8 @@ class TargetState:
     last_xid: dict[str, float] = field(default_factory=dict)     # per UUID
     last_energy: dict[str, float] = field(default_factory=dict)  # per UUID (J)
     xids: dict[str, dict[int, XidTally]] = field(default_factory=dict)  # per UUID, per XID
+    listed: set[str] = field(default_factory=set)          # the GPUs its last scrape listed
+    said_unrefreshed: bool = False                         # a reading served twice, said once
 
 
 @dataclass
@@ -419,6 +421,7 @@ class Scraped:
     events: list[dict] = field(default_factory=list)
     reason: str = ""
     detail: str = ""
+    uuids: list[str] = field(default_factory=list)  # every GPU the scrape listed (fresh readings or not)
 
 
 class DcgmSource:
@@ -436,6 +439,8 @@ class DcgmSource:
         self._logged = 0
         self.xid_baselines: list[str] = []  # GPUs whose first scrape showed an XID: said once a round
         self._duplicates: set[tuple[str, str]] = set()  # pairs of targets that list the same GPUs
+        self._owner: dict[str, TargetState] = {}  # GPU UUID -> the target it is read from (of two that list it)
+        self.unrefreshed = 0  # GPU readings the exporter served again unchanged: left out
 
     # ---- one target ------------------------------------------------------------------
 
@@ -475,7 +480,7 @@ class DcgmSource:
             batch, events = self.rows(st, parsed, ts)
         except Exception as e:  # labels or values no gpu_samples row can hold: this target's problem only
             return Scraped(st, reason=GARBAGE, detail=f"not readable as GPU samples: {e!r}"[:300])
-        return Scraped(st, batch, events)
+        return Scraped(st, batch, events, uuids=parsed.uuids)
 
     @staticmethod
     def _exporters_host(st: TargetState, host: str | None) -> str | None:
@@ -522,17 +527,35 @@ class DcgmSource:
         counted: dict[int, list[tuple[str, int, float]]] = {}
         for (r, name, code), value in p.xid_counts.items():
             counted.setdefault(r, []).append((name, code, value))
+        fresh = np.ones(n, bool)
         for i, uuid in enumerate(p.uuids):  # a handful of GPUs per target: Python per GPU, not per value
             for code, text in self._xids(st, uuid, p.xid[i], counted.get(i, ()), f"{node} GPU {gpu[i]}"):
                 events.append(self._event(ts_ns, site, rack, node, int(gpu[i]), uuid, "xid", code, text))
             e = energy[i]
             if math.isfinite(e):
-                if e < st.last_energy.get(uuid, -math.inf):
+                before = st.last_energy.get(uuid, -math.inf)
+                if e < before:
                     events.append(self._event(ts_ns, site, rack, node, int(gpu[i]), uuid, "gpu_reset", None,
                                               f"energy counter went back from {st.last_energy[uuid]:.0f} J to "
                                               f"{e:.0f} J: GPU reset, counters restart at zero"))
+                fresh[i] = e != before  # (a live GPU's energy counts on between two of the exporter's reads)
                 st.last_energy[uuid] = e
+        if not fresh.all():
+            batch = self._unrefreshed(st, batch, fresh)
         return batch, events
+
+    def _unrefreshed(self, st: TargetState, batch: pa.RecordBatch, fresh: np.ndarray) -> pa.RecordBatch:
+        """The rows the exporter read anew: one it serves again as it was (scraped more often than it reads
+        the GPUs) is no new sample: a counter's rate over it would be 0 then three times the rate."""
+        self.unrefreshed += int((~fresh).sum())
+        if not st.said_unrefreshed:
+            st.said_unrefreshed = True
+            log.warning("dcgm: target %s served a GPU's readings unchanged since the last scrape (its energy "
+                        "counter too): its exporter reads the GPUs less often than every dcgm.interval_s = %g s. "
+                        "Such readings are left out (counted in fleetwatch_dcgm_unrefreshed_readings_total); set "
+                        "dcgm.interval_s to the exporter's collect interval (dcgm-exporter -c, 30000 ms by default)",
+                        st.target.url, self.cfg.interval_s)
+        return batch.filter(pa.array(fresh))
 
     def _xids(self, st: TargetState, uuid: str, x: float, counted, gpu: str) -> list[tuple[int, str]]:
         """One GPU's new XIDs (code, text) from the last-XID gauge `x` and the exporter's XID counters
@@ -607,22 +630,28 @@ class DcgmSource:
         out = []
         for gen in generations:
             gen = self._one_target_per_gpu(gen)
+            if not gen:
+                continue
             parts = [r.batch for r in gen]
             batch = parts[0] if len(parts) == 1 else pa.concat_batches(parts)
             self.gpu_samples += batch.num_rows
-            out.append((batch, [e for r in gen for e in r.events]))
+            out.append((batch if batch.num_rows else None, [e for r in gen for e in r.events]))
         return out or [(None, [])]
 
     def _one_target_per_gpu(self, gen: list[Scraped]) -> list[Scraped]:
-        """A GPU (UUID) two targets list (one exporter under two names, a copied targets file)
-        comes from the first of them only: said once per pair of targets."""
-        seen: dict[str, TargetState] = {}
+        """A GPU (UUID) two targets list (one exporter under two names, a copied targets file) is read
+        from one of them, scrape after scrape, until that one fails or stops listing it (a GPU read from
+        both by turns would move between two nodes at every scrape): said once per pair of targets."""
         keep = []
         for r in gen:
-            uuids = r.batch.column("gpu_uuid").to_pylist()
-            other = next((seen[u] for u in uuids if u in seen), None)
+            other = next((o for u in r.uuids if (o := self._owner.get(u)) is not None and o is not r.state
+                          and not o.failing), None)
             if other is None:
-                seen.update((u, r.state) for u in uuids)
+                for u in r.state.listed.difference(r.uuids):
+                    if self._owner.get(u) is r.state:
+                        del self._owner[u]
+                r.state.listed = set(r.uuids)
+                self._owner.update(dict.fromkeys(r.uuids, r.state))
                 keep.append(r)
             elif (pair := (other.target.url, r.state.target.url)) not in self._duplicates:
                 self._duplicates.add(pair)
@@ -727,7 +756,7 @@ class DcgmSource:
         return {"gpu_samples": self.gpu_samples, "batches": self.rounds, "scrapes": self.scrapes,
                 "scrape_failures": sum(self.failures.values()),
                 "targets": len(self.states), "targets_failing": sum(1 for st in self.states if st.failing),
-                **{f"failed_{r}": self.failures[r] for r in REASONS}}
+                "unrefreshed": self.unrefreshed, **{f"failed_{r}": self.failures[r] for r in REASONS}}
 
     def describe(self) -> str:
         failing = sum(1 for st in self.states if st.failing)
@@ -754,7 +783,10 @@ class DcgmMetrics:
         failing = sum(1 for st in s.states if st.failing)
         targets.add_metric(["up"], len(s.states) - failing)
         targets.add_metric(["failing"], failing)
-        return [scrapes, failures, targets]
+        unrefreshed = CounterMetricFamily("fleetwatch_dcgm_unrefreshed_readings", "GPU readings an exporter served "
+                                          "again unchanged (scraped more often than it reads the GPUs): left out")
+        unrefreshed.add_metric([], s.unrefreshed)
+        return [scrapes, failures, targets, unrefreshed]
 
 
 def preflight(cfg, env=None, warn: bool = True) -> None:

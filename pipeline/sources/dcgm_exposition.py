@@ -1,5 +1,6 @@
 """The NVML agent's GPUs on /metrics under dcgm-exporter's names, units and labels, so that
-DCGM dashboards and alert rules work on a node that runs only Fleetwatch.
+DCGM dashboards and alert rules work on a node that runs only Fleetwatch (but for what NVML cannot
+read: DCGM's profiling fields, DCGM_FI_PROF_*, and bandwidth and codec counters we keep no column of).
 
 A prometheus_client collector (the agent's build adds it to ctx.collectors, which the
 process's HTTP server serves). It renders the agent's latest scrape through the counters
