@@ -651,39 +651,71 @@ def _coerce(where: str, raw: Any, typ: Any, meta: Mapping[str, Any], from_text: 
     raise TypeError(f"unsupported config type {typ!r}")  # a programming error, not user input
 
 
-def _build(cls: type, values: Mapping[str, Any], prefix: str, from_text: Mapping[str, bool]) -> Any:
+def _build(cls: type, values: Mapping[str, Any], prefix: str, from_text: Mapping[str, bool],
+           origins: Mapping[str, str] | None = None) -> Any:
+    """`cls` from `values`; a ConfigError says where the value it names was set (`origins`: dotted key ->
+    the file, the environment variable or the command line)."""
+    origins = origins or {}
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         where = f"{prefix}{unknown[0]}"
-        raise ConfigError(f"config error: unknown key {where!r}; known keys here: {', '.join(sorted(known))}")
+        raise _set_at(ConfigError(f"config error: unknown key {where!r}; known keys here: "
+                                  f"{', '.join(sorted(known))}"), where, origins)
     kwargs = {}
     for name, f in known.items():
         if name not in values:
             continue
         typ = hints[name]
-        if dataclasses.is_dataclass(typ):
-            kwargs[name] = _table(typ, values[name], f"{prefix}{name}", from_text)
-        else:
-            kwargs[name] = _coerce(f"{prefix}{name}", values[name], typ, f.metadata, from_text.get(f"{prefix}{name}", False))
-    return cls(**kwargs)
+        key = f"{prefix}{name}"
+        try:
+            if dataclasses.is_dataclass(typ):
+                kwargs[name] = _table(typ, values[name], key, from_text, origins)
+            else:
+                kwargs[name] = _coerce(key, values[name], typ, f.metadata, from_text.get(key, False))
+        except ConfigError as e:
+            raise _set_at(e, key, origins) from None
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a check across keys (__post_init__): the first key of this table it names
+        named = next((f"{prefix}{n}" for n in kwargs if f"{prefix}{n}" in str(e)), "")
+        raise _set_at(e, named, origins) from None
 
 
-def _table(cls: type, raw: Any, where: str, from_text: Mapping[str, bool]) -> Any:
+def _set_at(e: ConfigError, key: str, origins: Mapping[str, str]) -> ConfigError:
+    """`e`, saying where `key` (or the first key under it) was set, once."""
+    if getattr(e, "origin_said", False):
+        return e
+    origin = origins.get(key) or next((o for k, o in origins.items() if k.startswith(f"{key}.")), None)
+    if origin is None:
+        return e
+    out = ConfigError(f"{e} (set {origin})")
+    out.origin_said = True
+    return out
+
+
+def _table(cls: type, raw: Any, where: str, from_text: Mapping[str, bool],
+           origins: Mapping[str, str] | None = None) -> Any:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config error: {where} must be a table")
-    return _build(cls, raw, f"{where}.", from_text)
+    return _build(cls, raw, f"{where}.", from_text, origins)
 
 
-def _env_values(env: Mapping[str, str]) -> tuple[dict[str, Any], set[str]]:
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of a nested mapping's leaves."""
+    return [k for name, v in tree.items()
+            for k in (_leaves(v, f"{prefix}{name}.") if isinstance(v, Mapping) and v else [f"{prefix}{name}"])]
+
+
+def _env_values(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     """FLEETWATCH_<SECTION>__<KEY> of a section that exists, and FLEETWATCH_<KEY> of a
     top-level key (FLEETWATCH_DATA_DIR). Other FLEETWATCH_* variables are not configuration
     and are left alone: a receiver's secret_env may well be FLEETWATCH_ONCALL_SECRET."""
     hints = typing.get_type_hints(Config)
     sections = {name: typ for name, typ in hints.items() if dataclasses.is_dataclass(typ)}
     values: dict[str, Any] = {}
-    keys: set[str] = set()
+    keys: dict[str, str] = {}  # dotted key -> the variable
     for var, text in env.items():
         if not var.startswith(ENV_PREFIX):
             continue
@@ -705,7 +737,7 @@ def _env_values(env: Mapping[str, str]) -> tuple[dict[str, Any], set[str]]:
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = text
-        keys.add(".".join(path))
+        keys[".".join(path)] = var
     return values, keys
 
 
@@ -745,11 +777,14 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
             raise ConfigError(f"config error: {p} is not UTF-8 text; give a TOML file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config error: {p} is not valid TOML: {e}") from None
+    origins = {k: f"in {path}" for k in _leaves(values)}
     env_values, env_keys = _env_values(os.environ if env is None else env)
     values = _merge(values, env_values)
     values = _merge(values, overrides or {})
+    origins |= {k: f"by the environment variable {var}" for k, var in env_keys.items()}
+    origins |= {k: "on the command line" for k in _leaves(overrides or {})}
     from_text = {k: True for k in env_keys if not _in(overrides or {}, k)}
-    return _build(Config, values, "", from_text)
+    return _build(Config, values, "", from_text, origins)
 
 
 def _in(tree: Mapping[str, Any], dotted: str) -> bool:

@@ -41,8 +41,22 @@ def test_bad_config_names_key_value_and_allowed(tmp_path, toml, words):
     f.write_text(toml)
     with pytest.raises(ConfigError) as e:
         load_config(f, env={})
-    for w in words:
+    for w in [*words, f"(set in {f})"]:
         assert w in str(e.value)
+
+
+def test_a_bad_value_says_where_it_was_set(tmp_path):
+    """The file, an environment variable or the command line: a unit's Environment= line can hide
+    what its config file shows, and the error had not said which of them to fix."""
+    f = tmp_path / "fw.toml"
+    f.write_text("[detect]\nlateness_s = 2\n[archive]\nurl = \"s3://bucket\"\n")
+    origins = [({"FLEETWATCH_DETECT__LATENESS_S": "-1"}, {}, "(set by the environment variable FLEETWATCH_DETECT__LATENESS_S)"),
+               ({}, {"detect": {"lateness_s": -1.0}}, "(set on the command line)"),
+               ({"FLEETWATCH_ARCHIVE__URL": "ftp://x"}, {}, "(set by the environment variable FLEETWATCH_ARCHIVE__URL)")]
+    for env, overrides, said in origins:
+        with pytest.raises(ConfigError) as e:
+            load_config(f, env=env, overrides=overrides)
+        assert str(e.value).endswith(said) and str(e.value).count("(set ") == 1, str(e.value)
 
 
 def test_bad_env_value_is_named(tmp_path):
