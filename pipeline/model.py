@@ -201,7 +201,7 @@ EVENT = _schema("event", 1, [
     _f("kind", pa.string(), "xid, gpu_lost, gpu_reset, gpu_replaced (detect: a new UUID in a GPU slot), gpu_moved "
        "(detect: a known UUID on another node or index); node "
        "events (gpu null): node_reboot, driver_upgrade (a node drained for maintenance, about to go down), "
-       "node_forgotten (detect: silent for detect.forget_after_s)",
+       "node_forgotten (detect: silent for detect.forget_after_s), node_moved (detect: in another rack)",
        nullable=False),
     _f("code", pa.int32(), "XID number for kind=xid"),
     _f("text", pa.string(), "human-readable detail"),

@@ -209,6 +209,30 @@ def test_a_node_silent_for_good_is_forgotten_and_one_that_returns_starts_afresh(
     assert [(a.alertname, a.labels["node"]) for a in h.fired()] == [("NodeNotReporting", "r01-n04")] * 2
 
 
+def test_a_node_moved_to_another_rack_is_alerted_where_it_is():
+    """A node moved in the hall (or its rack label corrected) had kept its first rack for good: its alerts
+    named the old rack (routed to that rack's team, suppressed by that rack's coolant) and its peers were
+    the old rack's nodes. A `node_moved` event, and it is alerted where it is."""
+    start = START.timestamp()
+
+    def moved(topic, batch):
+        if topic != Topic.GPU or batch.column("ts")[0].value / 1e9 - start < 120:
+            return batch
+        i = batch.schema.get_field_index("rack")
+        node = np.asarray(batch.column("node").to_pylist())
+        rack = np.where(node == "r01-n04", "r02", np.asarray(batch.column(i).to_pylist()))
+        return batch.set_column(i, batch.schema.field(i), pa.array(rack.tolist(), pa.string()))
+    h = Harness(seed=3)
+    was = h.sim.rack_names[0]
+    h.run(180, moved)
+    assert [(e["kind"], e["node"], e["rack"]) for e in h.events] == [("node_moved", "r01-n04", "r02")]
+    assert f"rack {was} -> rack r02" in h.events[0]["text"]
+    h.sim.inject("ecc_uncorrectable", gpu=8 * 3 + 2, duration_s=60)  # GPU 2 of r01-n04
+    h.run(30, moved)
+    [ecc] = h.fired()
+    assert (ecc.alertname, ecc.labels["rack"], ecc.labels["node"]) == ("GpuUncorrectableEcc", "r02", "r01-n04")
+
+
 def _counter(column: str, values):
     """A mutate hook: GPU 1 of r01-n01's `column` reads values(seconds into the run)."""
     start = START.timestamp()

@@ -245,6 +245,25 @@ class Engine:
             log.info("detect: node(s) %s report no GPU since their GPUs moved: forgotten",
                      ", ".join(inv.node_names[int(k)] for k in emptied))
 
+    def _reracked(self, out: Output, nodes: np.ndarray, racks: np.ndarray, t: float) -> None:
+        """Nodes that report from another rack than before (moved, or their rack label corrected): their
+        alerts and their GPUs', which name the rack they were in, resolve, and their series start afresh
+        among their new rack's peers; a `node_moved` event says from where."""
+        now = datetime.fromtimestamp(t, timezone.utc)
+        inv = self.inventory
+        was = [inv.rack_names[int(r)][1] for r in inv.node.rack[nodes]]
+        n = inv.gpu_count
+        gpus = np.flatnonzero(np.isin(inv.gpu.node[:n], nodes) & ~inv.gpu.retired[:n])
+        why = "node moved to another rack: alerted afresh where it is now"
+        if gpus.size:
+            self._forget(out, "gpu", gpus, now, why)
+        self._forget(out, "node", nodes, now, why)
+        inv.node.rack[nodes] = racks
+        for k, rack in zip(nodes.tolist(), was):
+            self._event(out, "node", k, now, "node_moved",
+                        lambda at, rack=rack: f"node {at['node']} moved: rack {rack} -> rack {at['rack']}")
+            log.info("detect: %s; its series start afresh there", out.events[-1]["text"])
+
     def forget_nodes(self, out: Output, nodes: np.ndarray, t: float, silent_s: np.ndarray) -> None:
         """Nodes silent for `detect.forget_after_s` (decommissioned, scaled away, dead and left): their
         alerts and their GPUs' resolve, saying why, their state is dropped and their GPUs are no longer
@@ -338,6 +357,9 @@ class Engine:
         moved, to_node, to_index = inv.moves(slots, batch)
         if moved.size:
             self._moved(out, moved, to_node, to_index, float(ts.max()))
+        reracked, to_rack = inv.reracked(inv.gpu.node[slots], batch)
+        if reracked.size:
+            self._reracked(out, reracked, to_rack, float(ts.max()))
         if inv.replaced or inv.gpu.retired[slots].any():
             self._replacements(out, slots, float(ts.max()))
         if self._resume_pending:

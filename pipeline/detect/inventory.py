@@ -43,6 +43,7 @@ class Inventory:
         self.point_classes: list[str] = []  # each point's device_class (what its kind was read from)
         self.gpu_at: dict[tuple[int, int], int] = {}  # (node, GPU index) -> the slot of the GPU there now
         self.replaced: list[tuple[int, int]] = []     # (old slot, new slot) seen, not yet handled
+        self._labels: tuple[np.ndarray, np.ndarray] | None = None  # (site, rack) name per rack slot (reracked)
 
     @property
     def node_count(self) -> int:
@@ -126,6 +127,23 @@ class Inventory:
         moved, last = np.unique(slots[rows][::-1], return_index=True)  # (a slot's last row says where it is)
         at = rows[::-1][last]
         return moved, nodes[at], index[at]
+
+    def reracked(self, node: np.ndarray, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(nodes, their new rack slots) of the known nodes this batch places in another rack than before
+        (moved in the hall, or the rack label corrected); `node`: each row's node slot. A node's first row
+        says where it is."""
+        nodes, first = np.unique(node, return_index=True)
+        if self._labels is None or len(self._labels[0]) != self.rack_count:
+            self._labels = (np.asarray([s for s, _ in self.rack_names], object),
+                            np.asarray([r for _, r in self.rack_names], object))
+        was = self.node.rack[nodes]
+        site = batch.column("site").to_numpy(zero_copy_only=False)[first]
+        rack = batch.column("rack").to_numpy(zero_copy_only=False)[first]
+        other = np.flatnonzero((rack != self._labels[1][was]) | (site != self._labels[0][was]))
+        if other.size == 0:
+            return other, other
+        racks = self.rack_ids.slots(pa.array([f"{s}/{r}" for s, r in zip(site[other], rack[other])], pa.string()))
+        return nodes[other], racks
 
     def move(self, slots: np.ndarray, nodes: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Put GPUs where they report now; a GPU that reported where a moved one is now, and was not moved
