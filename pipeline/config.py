@@ -388,7 +388,8 @@ class PowerConfig:
     control_interval_s: float = _spec(5.0, min=0.5, max=60, doc="during a request, compare the meter with the target "
                                       "and correct the caps this often")
     restore_rate_kw_s: float = _spec(5.0, min=0.01, doc="after a request, let the site's power rise no faster than "
-                                     "this (and never past detect.site_power_cap_w)")
+                                     "this (and not past detect.site_power_cap_w: a site already at its cap "
+                                     "restores at a tenth of this, never held)")
     lease_s: float = _spec(60.0, min=5, max=3600, doc="an agent restores a GPU's default limit when the power role "
                            "has not renewed its cap for this long (a cap never outlives its controller)")
     dry_run: bool = _spec(False, doc="the power role plans, reports and archives each request's caps but applies none "

@@ -33,10 +33,10 @@ class Harness:
     """The simulated fleet, the role, and what the role published."""
 
     def __init__(self, tmp_path: Path, dry_run: bool = False, sim: FleetSimulator | None = None, actuator=None,
-                 **power) -> None:
+                 detect: dict | None = None, **power) -> None:
         self.cfg = make_config(data_dir=str(tmp_path / "data"), fleet={"racks": 2, "seed": 4, "fault_interval_s": 0,
                                                                        "gpu_reset_interval_s": 0},
-                               power={"default_class": 3, "baseline_s": 60, **power})
+                               power={"default_class": 3, "baseline_s": 60, **power}, detect=detect or {})
         self.sim = sim or FleetSimulator(self.cfg.fleet, start=EVAL_EPOCH)
         self.store = request_store(self.cfg.data_dir)
         self.actuator = actuator or (DryRunActuator() if dry_run else SimulatorActuator(self.sim))
@@ -72,6 +72,24 @@ class Harness:
         data = {"site": "site-a", "duration_s": 300, "ramp_s": 30, "start": "now", **kw}
         entry, _ = self.store.add(data, "cli", self.sim.now)
         return entry.id
+
+
+def test_a_site_over_its_cap_at_the_end_of_a_request_slows_its_restore_but_never_holds_its_caps(tmp_path, caplog):
+    """A job that starts during a request takes the site to its connection cap: the restore, which keeps the
+    site under it, had stopped there, and 84 GPUs stayed capped for 15 minutes after the request (until the
+    load fell by itself), and the next request never ran. The restore is slowed to a tenth of its rate."""
+    h = Harness(tmp_path, detect={"site_power_cap_w": 140_000.0})
+    h.run(90)
+    first = h.ask(reduction_pct=15, duration_s=300)
+    then = h.ask(reduction_pct=10, duration_s=300, start=iso_utc(h.sim.now + timedelta(seconds=420)))
+    h.run(60)
+    h.sim.group_until[int(np.flatnonzero(~h.sim.group_busy)[0])] = h.sim.t  # a job group starts
+    h.run(350)  # the first ended at 390 s, the next starts at 510 s
+    assert (h.sim.caps == h.cfg.fleet.power_limit_w).all(), "caps outlived their request"
+    assert "slowed, not held" in caplog.text  # (the site at its cap when the first restored)
+    h.run(420)
+    met = {r["id"]: r["met"] for r in h.of(Topic.POWER_REPORTS)}
+    assert met == {first: True, then: True}
 
 
 def test_a_request_from_the_store_is_accepted_reached_held_restored_and_reported(tmp_path):

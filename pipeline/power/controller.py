@@ -90,6 +90,8 @@ SLOW_READINGS_S = 10.0  # GPUs or a meter read further apart than this: requests
 ROSE_S = 20.0          # a capped GPU moving more memory than its uncapped reference this long (2 samples at least):
 ROSE_SHARE = 0.1       # more than this share above it, and MEM_STEP (util_mem's resolution), its load rose (_rose)
 MEM_STEP = 0.01
+OVER_CAP_RESTORE = 0.1  # a site at or over its cap restores at this share of the rate: slowed, never held (a cap
+                        # must not outlive its request; the site's own load over its cap is SitePowerOverCap's)
 RELEARNED = 0.05       # a plan is made again when a job's learned sensitivity moved this much since
 # A power reading the detectors found stuck: its node is left as it is, like one the controller finds
 # stuck itself (STUCK_READINGS, which it can see only on an uncapped GPU): a cap moved there moves a
@@ -469,6 +471,7 @@ class Controller:
         self.active: PowerRequest | None = None
         self.phase = "idle"
         self.cancelling = False              # the active request cancelled: restored from the next step
+        self.said_over_cap = False           # its restore slowed by a site over its cap: said once a request
         self.cap = np.zeros(0)               # per GPU slot: the cap this controller set (NaN: none)
         self.demand = np.zeros(0)            # per slot: the draw when it was first capped (its demand)
         self.steady = np.zeros(0, bool)      # per slot: its job ran before the request (or has a reference
@@ -1037,6 +1040,7 @@ class Controller:
                        & ~self._stuck())
         self.adjust_kw, self.counted = {}, None
         self.active, self.phase, self.extra_w, self.bias_kw = req, "active", 0.0, 0.0
+        self.said_over_cap = False
         self.residual.clear()
         self.recent_adjust.clear()
         self.caps_then.clear()
@@ -1276,7 +1280,14 @@ class Controller:
         capped = np.flatnonzero(~np.isnan(self.cap))
         budget_w = self.s.restore_rate_kw_s * 1000.0 * self.s.control_interval_s
         if self.site_cap_w and self.meter:
-            budget_w = max(0.0, min(budget_w, self.site_cap_w - self.meter[-1][2] * 1000.0))
+            under_cap_w = self.site_cap_w - self.meter[-1][2] * 1000.0
+            if under_cap_w < OVER_CAP_RESTORE * budget_w and not self.said_over_cap:
+                self.said_over_cap = True
+                log.warning("power: the site reads %.1f kW against its cap of %.1f kW while request %s restores: its "
+                            "caps rise at %g of power.restore_rate_kw_s (slowed, not held: a cap does not outlive "
+                            "its request)", self.meter[-1][2], self.site_cap_w / 1000.0,
+                            self.active.id if self.active is not None else "?", OVER_CAP_RESTORE)
+            budget_w = max(OVER_CAP_RESTORE * budget_w, min(budget_w, under_cap_w))
         cap, demand = self.cap[capped], self.demand[capped]
         # A job that started under a cap (during the request or its restore): its demand is not known.
         new_job = (self.gpus.util[capped] >= IDLE_UTIL) & ~self.steady[capped]

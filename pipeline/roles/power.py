@@ -496,7 +496,9 @@ class PowerRole:
             elif started:
                 await self._finish(t, now, "cancelled" if t.cancelled else "done")
             elif now >= req.end:
-                await self._finish(t, now, "done", "never started: no data at its start")
+                held = ctl.active is not None and ctl.active is not req
+                await self._finish(t, now, "done", f"never started: request {ctl.active.id} held the site's caps "
+                                                   "until its end" if held else "never started: no data at its start")
         await self._send_caps(now)
 
     def _account(self, t: Tracked, dt: float) -> None:
