@@ -672,6 +672,28 @@ def test_a_rack_fed_by_two_pdus_counts_both():
     assert out.met, (out.minute_means(), out.requested_kw)
 
 
+def test_a_feed_that_fails_mid_request_leaves_its_rack_s_sum_and_the_other_carries_the_rack():
+    """Rack r01's A-feed PDU stops reporting mid-request and its B feed carries the whole rack (a failover):
+    the dead feed's last reading had stayed in the sum, B's doubled reading read as new load not controlled,
+    and the loop credited the caps with it: met, claiming 20 kW while the caps shed 0.7."""
+    sim, ctl = fleet()
+    out = ctl.submit(request(400, 10))
+
+    def failover(i, tick):
+        f = a_and_b_feeds(tick.facility, 0.5)
+        if i < 520:
+            return tick.gpu, f
+        device, value = f.column("device"), f.schema.get_field_index("value")
+        f = f.filter(pc.invert(pc.equal(device, "pdu-r01-a")))
+        b = pc.equal(f.column("device"), "pdu-r01-b")
+        return tick.gpu, f.set_column(value, f.schema.field(value),
+                                      pc.if_else(b, pc.multiply(f.column("value"), 2.0), f.column("value")))
+    truth = drive(sim, ctl, 760, failover, truth_in=range(550, 700))
+    claimed = [kw for t, kw in out.achieved_kw if t >= 150]
+    assert np.mean(claimed) == pytest.approx(np.mean(truth), rel=0.1)
+    assert out.met, (out.minute_means(), out.requested_kw)
+
+
 def test_pdus_polled_less_often_than_the_meter_are_matched_with_the_caps_at_their_own_time():
     """The site meter reads every second, the racks' PDUs every 30 s (a BMS polls them in
     rounds). A PDU reading from before the caps came down was read against the caps now, as if

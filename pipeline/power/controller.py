@@ -90,6 +90,8 @@ SLOW_READINGS_S = 10.0  # GPUs or a meter read further apart than this: requests
 ROSE_S = 20.0          # a capped GPU moving more memory than its uncapped reference this long (2 samples at least):
 ROSE_SHARE = 0.1       # more than this share above it, and MEM_STEP (util_mem's resolution), its load rose (_rose)
 MEM_STEP = 0.01
+FEED_SILENT_INTERVALS = 3  # a rack's feed (A or B PDU) silent this many of its intervals while another reads,
+FEED_SILENT_MIN_S = 5.0    # and this long, is out of the rack's sum (_feed)
 OVER_CAP_RESTORE = 0.1  # a site at or over its cap restores at this share of the rate: slowed, never held (a cap
                         # must not outlive its request; the site's own load over its cap is SitePowerOverCap's)
 RELEARNED = 0.05       # a plan is made again when a job's learned sensitivity moved this much since
@@ -452,9 +454,10 @@ class Controller:
         self.meter: deque[tuple[datetime, float, float]] = deque()  # site power readings: (ts, kW, instant kW)
         self.it: deque[tuple[datetime, float, float]] = deque()  # (ts, meter kW, the PDUs' sum kW) per scrape
         self.pdu: dict[str, tuple[datetime, float, float]] = {}  # rack -> its latest PDU reading: (ts, kW, instant kW)
-        # rack -> device -> its latest reading: a rack fed by A and B feeds has two PDUs, each reading its share
-        # (self.pdu holds their sum, as old as the oldest of them)
-        self.pdu_feeds: dict[str, dict[str, tuple[datetime, float, float]]] = {}
+        # rack -> device -> its latest reading (ts, kW, instant kW, its interval s): a rack fed by A and B feeds
+        # has two PDUs, each reading its share (self.pdu holds the sum of those still reporting, as old as the
+        # oldest of them: _feed)
+        self.pdu_feeds: dict[str, dict[str, tuple[datetime, float, float, float]]] = {}
         self.counters: dict[tuple[str, str], Counter] = {}  # (device class, device) -> its energy counter
         # (device class, device, power or counter) -> its newest reading's time: an older one (a BMS gateway's
         # backlog, sent after its live readings) is archived, but not measured here, where time runs forward
@@ -643,10 +646,7 @@ class Controller:
                 if into is None:
                     self.meter.append((ts, kw, value / 1000.0))
                 else:
-                    feeds = self.pdu_feeds.setdefault(rack, {})
-                    feeds[device] = (ts, kw, value / 1000.0)
-                    into[rack] = (min(f[0] for f in feeds.values()), sum(f[1] for f in feeds.values()),
-                                  sum(f[2] for f in feeds.values()))
+                    into[rack] = self._feed(rack, device, ts, kw, value / 1000.0)
                     if (k := self.gpus.rack_ids.get(rack)) is not None and k < self.pdu_at.size:
                         self.pdu_at[k] = into[rack][0].timestamp()
         active = self.active is not None and self.phase == "active"
@@ -675,6 +675,22 @@ class Controller:
                 q.popleft()
         while self.pdu_then and self.pdu_then[-1][0] - self.pdu_then[0][0] > horizon:
             self.pdu_then.popleft()
+
+    def _feed(self, rack: str, device: str, ts: datetime, kw: float, instant_kw: float) -> tuple[datetime, float, float]:
+        """A PDU's reading of its rack's feed; the rack's reading now: (its time, kW, instant kW) summed over
+        its feeds (A and B) that still report. A feed silent for FEED_SILENT_INTERVALS of its own interval
+        while another reads (its PDU failed, the B feed carries the whole rack) leaves the sum: its last
+        reading had stayed in it, and the doubled B read as new load the caps were credited with."""
+        feeds = self.pdu_feeds.setdefault(rack, {})
+        if (was := feeds.get(device)) is not None:
+            gap = (ts - was[0]).total_seconds()
+            interval = gap if math.isnan(was[3]) else 0.8 * was[3] + 0.2 * gap
+        else:
+            interval = math.nan
+        feeds[device] = (ts, kw, instant_kw, interval)
+        live = [f for f in feeds.values()
+                if not (ts - f[0]).total_seconds() > max(FEED_SILENT_INTERVALS * f[3], FEED_SILENT_MIN_S)]
+        return min(f[0] for f in live), sum(f[1] for f in live), sum(f[2] for f in live)
 
     def _pdus_at(self, ts: datetime) -> tuple[float, float, float | None]:
         """The PDUs' reading nearest `ts`: (unix s, their sum kW, what the caps changed in it kW;
