@@ -672,6 +672,28 @@ def test_a_rack_fed_by_two_pdus_is_balanced_by_their_sum():
     assert a.evidence["ratio"] == pytest.approx(0.8 * 1.4, rel=0.05) and a.evidence["power_w"] > 30_000
 
 
+def test_a_rack_whose_feed_fails_over_is_balanced_by_the_feed_that_carries_it():
+    """Rack r02's A-feed PDU stops reporting and its B feed carries the whole rack (a failover, or the A
+    side's maintenance): A's last reading had stayed in the sum beside the doubled B, 1.5x the rack's
+    power, and the coolant read as carrying too little of it (a false RackHeatImbalance)."""
+    start = START.timestamp()
+
+    def failover(topic, batch):
+        batch = _a_and_b_feeds(topic, batch)
+        if topic != Topic.FACILITY or batch.column("ts")[0].value / 1e9 - start < 300:
+            return batch
+        device, value = batch.column("device"), batch.schema.get_field_index("value")
+        batch = batch.filter(pc.invert(pc.starts_with(device, "pdu-r02-a")))
+        b = pc.starts_with(batch.column("device"), "pdu-r02-b")
+        return batch.set_column(value, batch.schema.field(value), pc.if_else(
+            b, pc.multiply(batch.column("value"), 1.0 / 0.55), batch.column("value")))
+    h = Harness(seed=19)
+    h.sim.group_busy[:] = True
+    h.sim.group_intensity[:] = 1.0
+    h.run(600, failover)
+    assert h.fired() == [], [a.annotations["summary"] for a in h.fired()]
+
+
 def test_a_rack_s_sensor_offset_is_learned_and_a_loop_that_loses_heat_still_alerts():
     """A BMS's temperature sensors carry calibration offsets and are recalibrated in steps of
     tenths of a degree. The return sensor reads 0.45 C high for an hour, then 0.3 C more (0.75 C:

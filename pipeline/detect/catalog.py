@@ -370,7 +370,8 @@ ALERTS: tuple[AlertSpec, ...] = (
               method="physics: heat balance",
               detection="The heat the coolant carries away, flow x 4186 J/(kg K) x (return - supply), against the "
                         "rack's power: the sum of its PDUs' latest readings (a rack fed by A and B feeds has two, "
-                        "each reading its share). Liquid cooling removes `liquid_fraction` (0.8) of IT power, so the PDU's power "
+                        "each reading its share; one silent for three of its intervals while the other reads, "
+                        "failed over, is left out). Liquid cooling removes `liquid_fraction` (0.8) of IT power, so the PDU's power "
                         "and the flow predict the delta-T; the prediction follows a power change with the coolant's "
                         "lag (`coolant_lag_s`, 20 s), as the return temperature does. PDUs read 5 s apart or more "
                         "step it with the mean power their energy counter gives since the last reading, not the "

@@ -16,6 +16,8 @@ from pipeline.model import COOLANT_CP_J_PER_KG_K
 SETTLE_LAGS = 3.0  # after what explained a rack ends, its loop still carries that heat for this many lags
 OFFSET_TAU_S = 1800.0  # the rack's two temperature sensors' offset is learned over this long (a BMS
                        # recalibrates each in steps of tenths of a degree, about once a day) ...
+FEED_SILENT_INTERVALS = 3.0  # a rack's PDU (its A or B feed) silent this many of its intervals while another
+FEED_SILENT_MIN_S = 5.0      # of the rack reads, and this long, is out of the rack's sums (_rack_sums)
 OFFSET_MAX_SENSORS = 2.0  # ... and explains at most this many heat_balance_sensor_c: a larger gap is the loop's
 
 
@@ -35,9 +37,12 @@ class HeatBalance(Family):
                                  "energy_step_j": (np.float64, np.nan), "power_w": (np.float64, np.nan),
                                  "energy_pdus": (np.float64, 0.0)},
                  checkpoint="rack")
-    # Per PDU (a facility point): its latest reading. A rack fed by A and B feeds has two PDUs, each
-    # reading its share: the rack's power and energy are their sums.
-    pdu = State("point", fields={"power_w": (np.float64, np.nan), "energy_j": (np.float64, np.nan)},
+    # Per PDU (a facility point): its latest reading, its time and its interval (EW mean of its gaps). A rack
+    # fed by A and B feeds has two PDUs, each reading its share: the rack's power and energy are the sums
+    # of those that still report.
+    pdu = State("point", fields={"power_w": (np.float64, np.nan), "energy_j": (np.float64, np.nan),
+                                 "power_w_t": (np.float64, np.nan), "energy_j_t": (np.float64, np.nan),
+                                 "power_w_dt": (np.float64, np.nan), "energy_j_dt": (np.float64, np.nan)},
                 checkpoint="pdu")
 
     def evaluate(self, b: FacilityBatch, out: Output) -> None:
@@ -114,21 +119,36 @@ class HeatBalance(Family):
 
     def _rack_sums(self, b: FacilityBatch, kind: int, field: str) -> tuple[np.ndarray, ...]:
         """The racks whose PDUs read `kind` in this batch, once each: (racks, the newest of their readings'
-        times, the sum of every PDU of the rack's latest reading, how many PDUs that sum holds). Each PDU's
-        latest reading (`self.pdu.<field>`) takes this batch's first."""
+        times, the sum of the latest reading of every PDU of the rack that still reports, how many PDUs that
+        sum holds). Each PDU's latest reading (`self.pdu.<field>`) takes this batch's first. A PDU silent
+        for FEED_SILENT_INTERVALS of its interval while another of its rack reads (its feed failed, the other
+        carries the whole rack) is left out: its last reading beside the doubled other had read as 1.5x the
+        rack's power."""
         rows = np.flatnonzero((b.kind == kind) & np.isfinite(b.value) & (b.rack >= 0))
         if rows.size == 0:
             return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
         inv = self.inventory
         self.pdu.ensure(len(inv.point_devices))
-        latest = getattr(self.pdu, field)
+        latest, at, every = (getattr(self.pdu, f"{field}{x}") for x in ("", "_t", "_dt"))
         order = rows[np.argsort(b.ts[rows], kind="stable")]  # (a backlog: each PDU's newest reading last)
         latest[b.slots[order]] = b.value[order]
-        racks, at = np.unique(b.rack[rows], return_inverse=True)
+        read, last = np.unique(b.slots[order][::-1], return_index=True)
+        t_new = b.ts[order][::-1][last]
+        gap = t_new - at[read]
+        step = np.isfinite(gap) & (gap > 0)
+        every[read] = np.where(step, np.where(np.isnan(every[read]), gap, 0.8 * every[read] + 0.2 * gap), every[read])
+        at[read] = np.fmax(at[read], t_new)
+        racks, of_row = np.unique(b.rack[rows], return_inverse=True)
         t_row = np.full(racks.size, -np.inf)
-        np.maximum.at(t_row, at, b.ts[rows])
+        np.maximum.at(t_row, of_row, b.ts[rows])
         n = len(inv.point_devices)
         held = np.flatnonzero((inv.point.kind[:n] == kind) & np.isfinite(latest[:n]))
+        of_rack = inv.point.rack[held]
+        newest = np.full(inv.rack_count, -np.inf)
+        np.maximum.at(newest, of_rack, np.nan_to_num(at[held], nan=-np.inf))
+        allowed = np.fmax(FEED_SILENT_INTERVALS * np.where(np.isnan(every[held]), np.inf, every[held]),
+                          FEED_SILENT_MIN_S)
+        held = held[~(newest[of_rack] - at[held] > allowed)]  # (a time not known yet: held)
         of_rack = inv.point.rack[held]
         sums = np.bincount(of_rack, weights=latest[held], minlength=inv.rack_count)
         counts = np.bincount(of_rack, minlength=inv.rack_count)
