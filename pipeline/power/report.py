@@ -61,7 +61,7 @@ def report_row(t: Tracked, now: datetime, dry_run: bool) -> dict[str, Any]:
     met = bool(started and o.met and not t.cancelled and "silent" not in t.extra)  # (a gap: not verified)
     return {
         "ts": now, "id": req.id, "site": req.site, "racks": ",".join(req.racks) or None, "source": req.source,
-        "start": req.start, "end": req.end, "ramp_s": req.ramp_s, "target_kw": req.target_kw,
+        "start": t.extra.get("asked_start", req.start), "end": req.end, "ramp_s": req.ramp_s, "target_kw": req.target_kw,
         "requested_kw": o.requested_kw if started else None, "baseline_kw": o.baseline_kw if started else None,
         "reached_s": o.reached_s if o is not None else None,
         "reduction_p50_kw": float(np.median(held)) if held else None,

@@ -355,7 +355,11 @@ class PowerRole:
                 self._report(t, req.end)
                 return
             if resumed and req.start < now:
-                # Accepted before this process started (a restart): it goes on from now to its end.
+                # Accepted before this process started (a restart): it goes on from now to its end. What it
+                # held before is not known here (the agents kept their caps a lease at most): not verified,
+                # and its report keeps the start it was asked for.
+                t.extra["silent"] = ["the power role restarted during the request", req.start, now]
+                t.extra["asked_start"] = req.start
                 req = dataclasses.replace(req, start=now, duration_s=(req.end - now).total_seconds(),
                                           ramp_s=min(req.ramp_s, (req.end - now).total_seconds()))
             if req.site != self.site:
