@@ -387,6 +387,22 @@ def test_a_cap_never_raises_a_gpu_past_the_limit_its_operator_set_and_restore_go
     assert replay.gpus[CAPPED].limit_mw == 600_000 and a.power.restore_all() == []
 
 
+def test_a_limit_its_operator_sets_during_a_cap_is_what_the_restore_leaves(caplog):
+    """`nvidia-smi -pl 400` on a GPU a 500 W cap holds (a thermal event, a site's new policy): the end of
+    the request had set it back to 700 W, the limit from before the cap. The operator's limit is the GPU's
+    own from then on: a later cap is under it and the restore leaves it."""
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed():
+        a = opened(replay)
+        a.power.apply(CAPPED, 500)
+        replay.gpus[CAPPED].limit_mw = 400_000  # the operator, by hand
+        renewed = a.power.apply(CAPPED, 500)  # the role's next step: 500 W would raise it
+        back = a.power.restore(CAPPED)
+    assert (renewed.status, renewed.enforced_w) == ("ok", 400.0)
+    assert (back.status, back.enforced_w) == ("restored", 400.0) and replay.gpus[CAPPED].limit_mw == 400_000
+    assert "set by its operator since" in caplog.text and a.power.restore_all() == []
+
+
 def test_a_restore_of_a_gpu_this_agent_never_capped_leaves_its_operators_limit():
     """A restore that reaches a GPU this agent holds no cap on (an agent started again after
     its ledger's restore, a role's stale view) leaves the site's 600 W as it is, not 700 W."""

@@ -16,7 +16,7 @@ GPU that refuses. Its `held` says whether the GPU holds a limit set here even wh
 A cap only ever lowers a GPU's limit. Its own limit, the one it had before its first cap
 (the site's `nvidia-smi -pl` policy, or its default), is read then and is what a restore
 sets: a cap asked at or above it leaves the GPU at it, and a restore never raises a GPU
-past the limit its operator chose. The agent restores every cap it set when it closes. So
+past the limit its operator chose (one set while a cap held, too: `_operators_change`). The agent restores every cap it set when it closes. So
 that a killed agent's caps do not outlive it either, the own limits of the GPUs it holds
 are written to a ledger (`<data_dir>/agent/power-limits.json`) before the first cap; the
 next agent on the node restores what the ledger names when it starts (`recover`).
@@ -79,6 +79,8 @@ class PowerLimiter:
         self._own: dict[int, float] = {}     # GPU index -> its limit before its first cap, W: held from that
                                              # cap until a restore, which sets it back
         self._capped: dict[int, float] = {}  # GPU index -> the cap this limiter set below it, W
+        self._set_w: dict[int, float] = {}   # GPU index -> the limit it set and read back (an operator's change
+                                             # since is told from it: _operators_change)
         self._bounds: dict[int, tuple[float, float, float]] = {}  # constraints and default, W: fixed per GPU
         self._ledger_failing = False
 
@@ -192,6 +194,8 @@ class PowerLimiter:
             if first:  # what to come back to, in the ledger before the set (a kill after it loses nothing)
                 self._own[g.index] = pynvml.nvmlDeviceGetPowerManagementLimit(g.handle) / 1000.0
                 self._write_ledger()
+            else:
+                self._operators_change(g)
             own = self._own.get(g.index, default)
             target = own if cap_w is None else min(cap_w, own)  # a cap never raises the limit
             try:
@@ -209,6 +213,22 @@ class PowerLimiter:
         except pynvml.NVMLError as e:
             return self._refused(g, cap_w, e)
         return _Pending(g, cap_w, target, own, low, high, default)
+
+    def _operators_change(self, g: Gpu) -> None:
+        """A held GPU whose limit is no longer the one set here: its operator set another since (`nvidia-smi
+        -pl 400` during a request), which is its own limit from now on, so that a restore does not undo it
+        (it had gone back to the limit from before the cap)."""
+        set_w = self._set_w.get(g.index)
+        if set_w is None:  # (what this agent set was not read back: nothing to tell a change by)
+            return
+        now_w = pynvml.nvmlDeviceGetPowerManagementLimit(g.handle) / 1000.0
+        if abs(now_w - set_w) > TOLERANCE_W:
+            log.warning("GPU %d (%s): its power limit is %g W, not the %g W set here: set by its operator since; "
+                        "its own limit from now on (a restore goes back to it)", g.index, g.uuid, now_w, set_w)
+            self._own[g.index] = now_w
+            self._capped.pop(g.index, None)
+            self._set_w.pop(g.index, None)
+            self._write_ledger()
 
     def _confirm(self, group: list[CapResult | _Pending]) -> list[CapResult]:
         """Read back the enforced limits of the GPUs set, until each enforces its target or
@@ -231,6 +251,10 @@ class PowerLimiter:
 
     def _verdict(self, p: _Pending, enforced: float | Exception) -> CapResult:
         g, cap_w, target, own = p.g, p.cap_w, p.target, p.own
+        if cap_w is not None and isinstance(enforced, float) and abs(enforced - target) <= TOLERANCE_W:
+            self._set_w[g.index] = target  # (what an operator's later change is told from)
+        else:
+            self._set_w.pop(g.index, None)
         if isinstance(enforced, pynvml.NVMLError_GpuIsLost):  # set, then lost: still held (it may come back so)
             return self._result(g, cap_w, "gpu_lost",
                                 f"the limit was set to {target:g} W, then GPU {g.index} was lost before its readback "
@@ -264,6 +288,7 @@ class PowerLimiter:
     def _forget(self, g: Gpu) -> None:
         """The GPU is no longer held (restored, lost, or its first cap refused)."""
         self._capped.pop(g.index, None)
+        self._set_w.pop(g.index, None)
         if self._own.pop(g.index, None) is not None:
             self._write_ledger()
 
