@@ -75,13 +75,15 @@ def test_more_than_the_site_can_shed_is_refused_with_what_it_can():
     validate(request(reduction_pct=None, target_kw=800), NOW, [], baseline_kw=1000, flexible_kw=250)
 
 
-def test_overlapping_requests_on_the_same_load_are_refused_and_others_taken():
+def test_overlapping_requests_at_one_site_are_refused_and_others_taken():
+    """The power loop runs one request at a time: one on other racks had been accepted beside the first, and
+    never ran ("never started: no data at its start")."""
     first = request(id="a", racks=["r01", "r02"])
     why = rejected(request(racks=["r02"], start="2026-12-01T18:10:00Z"), [first])
     assert "overlaps request a (site dc1 racks r01,r02, 2026-12-01T18:00:00.000Z to 2026-12-01T18:15:00.000Z" in why
     assert "overlaps request a" in rejected(request(), [first])  # the whole site covers its racks
+    assert "one request at a time" in rejected(request(racks=["r03"]), [first])  # other racks of the site
     assert "id a is taken" in rejected(request(id="a", start="2026-12-01T19:00:00Z"), [first])
-    validate(request(racks=["r03"]), NOW, [first])                        # other racks
     validate(request(start="2026-12-01T18:15:00Z"), NOW, [first])         # after it ends
     validate(request(site="dc2"), NOW, [first])                           # another site
 

@@ -73,10 +73,6 @@ class PowerRequest:
             return self.reduction_kw * 1000.0
         return baseline_kw * self.reduction_pct / 100.0 * 1000.0
 
-    def covers(self, other: "PowerRequest") -> bool:
-        """Both ask of the same load: one site, and rack sets that meet (none: the whole site)."""
-        return self.site == other.site and (not self.racks or not other.racks or bool(set(self.racks) & set(other.racks)))
-
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["racks"] = list(self.racks)
@@ -184,9 +180,12 @@ def validate(req: PowerRequest, now: datetime, accepted: list[PowerRequest], bas
     for other in accepted:
         if other.id == req.id:
             raise Rejected(f"id {req.id} is taken by an accepted request; cancel it first or use another id")
-        if other.covers(req) and other.start < req.end and req.start < other.end:
+        # One request at a time per site, racks or not: the power loop runs one (two on other racks had both
+        # been accepted, and the second never ran).
+        if other.site == req.site and other.start < req.end and req.start < other.end:
             raise Rejected(f"overlaps request {other.id} ({other.where()}, {iso_utc(other.start)} to "
-                           f"{iso_utc(other.end)}, {other.goal()}); cancel it first or start after it ends")
+                           f"{iso_utc(other.end)}, {other.goal()}): a site runs one request at a time; cancel it "
+                           f"first or start after it ends")
     if baseline_kw is not None:
         if req.target_kw is not None and req.target_kw >= baseline_kw:
             raise Rejected(f"target_kw = {req.target_kw:g}: {req.where()} draws {baseline_kw:.1f} kW, already under it")
