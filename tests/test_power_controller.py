@@ -672,6 +672,26 @@ def test_a_rack_fed_by_two_pdus_counts_both():
     assert out.met, (out.minute_means(), out.requested_kw)
 
 
+def test_a_site_with_a_meter_and_no_pdus_adjusts_its_baseline_by_the_gpus():
+    """Many sites bring only their revenue meter into monitoring, no rack PDUs: the baseline had been left
+    unadjusted, so a job group that ended mid-request was credited to the caps and the loop gave them back
+    (and one that started was shed over again, three times what was asked). The GPUs' own draw stands for
+    the IT load: what the meter credits is what the caps shed."""
+    sim, ctl = fleet()
+    out = ctl.submit(request(400, 10))
+    group = int(np.flatnonzero(sim.group_busy)[0])
+
+    def meter_only(i, tick):
+        if i == 549:
+            sim.group_until[group] = sim.t  # a job group ends
+        f = tick.facility
+        return tick.gpu, f.filter(pc.equal(f.column("device_class"), "meter"))
+    truth = drive(sim, ctl, 760, meter_only, truth_in=range(580, 700))
+    claimed = [kw for t, kw in out.achieved_kw if t >= 180]
+    assert np.mean(claimed) == pytest.approx(np.mean(truth), rel=0.1)
+    assert out.met, (out.minute_means(), out.requested_kw)
+
+
 def test_a_feed_that_fails_mid_request_leaves_its_rack_s_sum_and_the_other_carries_the_rack():
     """Rack r01's A-feed PDU stops reporting mid-request and its B feed carries the whole rack (a failover):
     the dead feed's last reading had stayed in the sum, B's doubled reading read as new load not controlled,

@@ -453,6 +453,7 @@ class Controller:
         # before by the device's energy counter (pipeline/counters.py), else the instant, as read.
         self.meter: deque[tuple[datetime, float, float]] = deque()  # site power readings: (ts, kW, instant kW)
         self.it: deque[tuple[datetime, float, float]] = deque()  # (ts, meter kW, the PDUs' sum kW) per scrape
+        self.it_from_gpus = False  # ... the GPUs' sum instead, while no PDU has reported (observe_facility)
         self.pdu: dict[str, tuple[datetime, float, float]] = {}  # rack -> its latest PDU reading: (ts, kW, instant kW)
         # rack -> device -> its latest reading (ts, kW, instant kW, its interval s): a rack fed by A and B feeds
         # has two PDUs, each reading its share (self.pdu holds the sum of those still reporting, as old as the
@@ -663,9 +664,19 @@ class Controller:
             if not self.pdu_then or at > self.pdu_then[-1][0]:
                 self.pdu_then.append((at, sum(v for _, v, _ in self.pdu.values()),
                                       self._capped_change_kw(()) if active else 0.0))
-        if self.meter and self.pdu and (not self.it or self.it[-1][0] != self.meter[-1][0]):
+        if self.meter and (self.pdu or self.gpus.uuids) and (not self.it or self.it[-1][0] != self.meter[-1][0]):
             ts, kw, _ = self.meter[-1]
-            _, it_kw, capped_kw = self._pdus_at(ts)
+            if self.pdu:
+                if self.it_from_gpus:  # (the first PDU reading: the GPUs' sums are another scale)
+                    self.it.clear()
+                    self.it_from_gpus = False
+                _, it_kw, capped_kw = self._pdus_at(ts)
+            else:  # no PDU reports (a site that brings only its revenue meter): the GPUs' own draw stands for
+                # the IT load that moves (jobs starting and ending), so that the baseline still follows it (it
+                # had been left unadjusted: a load that fell by itself was credited to the caps)
+                it_kw = float(np.nansum(self.gpus.power_w)) / 1000.0
+                capped_kw = float(np.sum(self._capped_now_w())) / 1000.0
+                self.it_from_gpus = True
             self.it.append((ts, kw, it_kw))
             if active and not self.active.racks:
                 self.adjust_kw[ts] = self._adjustment_kw(self._outcome(self.active), it_kw, capped_kw)
