@@ -672,6 +672,39 @@ def test_a_rack_fed_by_two_pdus_counts_both():
     assert out.met, (out.minute_means(), out.requested_kw)
 
 
+def test_gpus_whose_caps_are_refused_are_planned_on_no_more_nor_counted_as_capacity(caplog):
+    """Half the nodes' agents refuse every cap (not root: NVML_ERROR_NO_PERMISSION, nothing set). The
+    controller had never been told (the power role read no power_actions): it counted their GPUs as capped
+    and the site's capacity at 18.9 kW where the GPUs that take a cap shed 12.3, so later requests were
+    accepted against watts no one could shed. Told by the agents' actions, they are class 0 until a cap
+    of theirs succeeds; the request is met by the others."""
+    import pyarrow as pa
+
+    from pipeline.power.actuator import apply_to_simulator
+    sim, ctl = fleet()
+    nodes = sorted(set(sim.node_names))
+    refusing = set(nodes[:len(nodes) // 2])
+    index = {u: i for i, u in enumerate(sim.gpu_uuids)}
+
+    class Agents:  # apply what the agents may; the power role passes their power_actions on
+        def apply(self, caps):
+            ok = {u: w for u, w in caps.items() if w is None or sim.node_names[sim.gpu_node[index[u]]] not in refusing}
+            apply_to_simulator(sim, index, list(ok), [np.nan if w is None else w for w in ok.values()])
+            no = [(u, w) for u, w in caps.items() if u not in ok]
+            if no:
+                ctl.observe_actions(pa.RecordBatch.from_pydict({
+                    "gpu_uuid": [u for u, _ in no], "node": [sim.node_names[sim.gpu_node[index[u]]] for u, _ in no],
+                    "requested_w": [w for _, w in no], "status": ["not_permitted"] * len(no),
+                    "detail": ["run the agent as root"] * len(no)}))
+    ctl.actuator = Agents()
+    out = ctl.submit(request(400, 10))
+    drive(sim, ctl, 760)
+    assert out.met, (out.minute_means(), out.requested_kw)
+    assert ctl.flexible_kw() < 13.0  # what the GPUs that take a cap can shed (18.9 believed before)
+    assert ctl.refused and {n for n, _ in ctl.refused.values()} <= refusing
+    assert caplog.text.count("refused its cap") == len(ctl.refused)  # (said once a GPU)
+
+
 def test_a_site_with_a_meter_and_no_pdus_adjusts_its_baseline_by_the_gpus():
     """Many sites bring only their revenue meter into monitoring, no rack PDUs: the baseline had been left
     unadjusted, so a job group that ended mid-request was credited to the caps and the loop gave them back

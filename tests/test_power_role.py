@@ -74,6 +74,21 @@ class Harness:
         return entry.id
 
 
+def test_the_role_reads_the_agents_power_actions(tmp_path):
+    """A cap an agent refused reaches the controller (the role had not consumed power_actions)."""
+    from pipeline.roles import ROLE_SPECS
+    assert Topic.POWER_ACTIONS in ROLE_SPECS["power"].inputs
+    h = Harness(tmp_path)
+    h.run(5)
+    uuid, node = h.sim.gpu_uuids[0], h.sim.node_names[0]
+    action = {"ts": h.sim.now, "site": "site-a", "rack": "r01", "node": node, "gpu_uuid": uuid, "gpu": 0,
+              "request_id": "r", "requested_w": 500.0, "enforced_w": 700.0, "status": "not_permitted",
+              "cause": "cap", "detail": "run the agent as root"}
+    from pipeline.model import POWER_ACTION
+    h.role.observe(Message(Topic.POWER_ACTIONS, pa.RecordBatch.from_pylist([action], schema=POWER_ACTION)))
+    assert h.role.ctl.refused == {uuid: (node, "not_permitted")}
+
+
 def test_a_site_over_its_cap_at_the_end_of_a_request_slows_its_restore_but_never_holds_its_caps(tmp_path, caplog):
     """A job that starts during a request takes the site to its connection cap: the restore, which keeps the
     site under it, had stopped there, and 84 GPUs stayed capped for 15 minutes after the request (until the

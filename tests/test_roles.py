@@ -38,7 +38,7 @@ def test_the_table_gives_the_roles_their_inputs_groups_and_what_run_runs(tmp_pat
     assert ROLE_SPECS["notify"].inputs == (Topic.ALERTS,)
     cfg = make_config(tmp_path)
     assert ROLE_SPECS["power"].group == "power" and set(ROLE_SPECS["power"].inputs) == {
-        Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS}
+        Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS, Topic.POWER_ACTIONS}
     assert ROLE_SPECS["remediate"].group == "remediate" and set(ROLE_SPECS["remediate"].inputs) == {
         Topic.ALERTS, Topic.GPU}
     assert run_roles(cfg) == {"simulate", "detect", "power", "remediate", "archive", "notify"}

@@ -94,6 +94,7 @@ FEED_SILENT_INTERVALS = 3  # a rack's feed (A or B PDU) silent this many of its 
 FEED_SILENT_MIN_S = 5.0    # and this long, is out of the rack's sum (_feed)
 OVER_CAP_RESTORE = 0.1  # a site at or over its cap restores at this share of the rate: slowed, never held (a cap
                         # must not outlive its request; the site's own load over its cap is SitePowerOverCap's)
+REFUSED = frozenset({"not_permitted", "out_of_range", "not_supported"})  # an agent's statuses of a cap not set
 RELEARNED = 0.05       # a plan is made again when a job's learned sensitivity moved this much since
 # A power reading the detectors found stuck: its node is left as it is, like one the controller finds
 # stuck itself (STUCK_READINGS, which it can see only on an uncapped GPU): a cap moved there moves a
@@ -504,6 +505,7 @@ class Controller:
         self.frozen: dict[str, str] = {}                        # a FROZEN_ALERTS alert's fingerprint -> its node
         self._masks: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None  # ((version, GPUs), suspect, frozen)
         self._suspects_version = 0
+        self.refused: dict[str, tuple[str, str]] = {}  # GPU UUID -> (node, its agent's status) of a cap it refused
 
     # ---- what the site reports ---------------------------------------------------------
 
@@ -580,9 +582,29 @@ class Controller:
                 self.benched[fingerprint] = target
             self._suspects_version += 1
 
+    def observe_actions(self, batch: pa.RecordBatch) -> None:
+        """The agents' power_actions: a GPU whose cap was refused (an agent not root, a limit out of its
+        range, a GPU without power management) is class 0 until a cap of it succeeds: the plan had counted
+        it as shedding, the request fell short, and the capacity promised more than the site could shed."""
+        changed = False
+        for uuid, node, asked, status, detail in zip(*(batch.column(c).to_pylist() for c in (
+                "gpu_uuid", "node", "requested_w", "status", "detail"))):
+            if uuid is None or asked is None:
+                continue
+            if status in REFUSED:
+                if uuid not in self.refused:
+                    log.warning("power: %s of %s refused its cap (%s: %s): not planned on until a cap of it "
+                                "succeeds", uuid, node, status, detail)
+                    changed = True
+                self.refused[uuid] = (node, status)
+            elif status == "ok" and self.refused.pop(uuid, None) is not None:
+                changed = True
+        if changed:
+            self._suspects_version += 1
+
     def flex(self) -> np.ndarray:
         """Each GPU's class now: its own, 0 while a fault alert names it (observe_alerts)."""
-        if not self.suspects and not self.benched:
+        if not self.suspects and not self.benched and not self.refused:
             return self.gpus.flex
         return np.where(self._alert_masks()[0], 0, self.gpus.flex)
 
@@ -596,7 +618,7 @@ class Controller:
         g = self.gpus
         key = (self._suspects_version, len(g.uuids))
         if self._masks is None or self._masks[0] != key:
-            targets = [*self.suspects.values(), *self.benched.values()]
+            targets = [*self.suspects.values(), *self.benched.values(), *((n, u) for u, (n, _) in self.refused.items())]
             uuids, nodes = np.array(g.uuids, dtype=object), np.array(g.nodes, dtype=object)
             suspect = (np.isin(uuids, [u for _, u in targets if u is not None])
                        | np.isin(nodes, [n for n, u in targets if u is None]))

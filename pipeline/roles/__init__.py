@@ -137,7 +137,8 @@ ROLE_TABLE: tuple[RoleSpec, ...] = (
     RoleSpec("power", DETECT, "pipeline.roles.power:build",
              "run only the power role (demand response for fleet.site: requests in, caps out), consuming from "
              "Kafka (consumer group 'power'; one process per site); its requests: power request|status|cancel|report",
-             in_run=lambda cfg: True, inputs=(Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS), group="power",
+             in_run=lambda cfg: True, inputs=(Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS, Topic.POWER_ACTIONS),
+             group="power",
              outputs=(Topic.POWER_CAPS, Topic.ALERTS, Topic.POWER_REPORTS), listens=(Topic.ALERTS,), options=(DRY_RUN,),
              preflight="pipeline.roles.power:preflight"),
     RoleSpec("remediate", ACT, "pipeline.roles.remediate:build",

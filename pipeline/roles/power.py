@@ -174,6 +174,9 @@ class PowerRole:
         if topic == Topic.ALERTS:
             self.ctl.observe_alerts(_alert_changes(batch))
             return
+        if topic == Topic.POWER_ACTIONS:
+            self.ctl.observe_actions(batch)
+            return
         # Microseconds, as Python's datetime holds them (the controller's clock): a reading's
         # nanoseconds (the live simulator's, an agent's) are truncated.
         i = batch.schema.get_field_index("ts")
