@@ -827,7 +827,7 @@ def test_a_broker_outage_of_30_s_loses_nothing(tmp_path):
     goes out in order, and every published sample is archived exactly once."""
     import polars as pl
 
-    from tests.helpers import archived
+    from tests.helpers import archived, wait_for
     broker = KafkaBroker().start()  # a broker of its own: this test stops it
     try:
         env = role_env("o", FLEETWATCH_KAFKA__PARTITIONS="3", FLEETWATCH_FLEET__SPEED="5")
@@ -839,7 +839,8 @@ def test_a_broker_outage_of_30_s_loses_nothing(tmp_path):
         assert all(p.poll() is None for p in procs.values()), "a role died while the broker was down"
         broker.start()
         print(f"broker down for {time.monotonic() - down:.0f} s")
-        time.sleep(20)
+        wait_for(lambda: "takes messages again" in procs["simulate"].log_path.read_text(), timeout=120)
+        time.sleep(3)  # (a few scrapes after the backlog: the stop drains the rest)
         logs = stop_in_order(procs, [["simulate"], ["detect"], ["archive"]])
     finally:
         broker.close()
