@@ -403,6 +403,20 @@ def test_a_limit_its_operator_sets_during_a_cap_is_what_the_restore_leaves(caplo
     assert "set by its operator since" in caplog.text and a.power.restore_all() == []
 
 
+def test_a_reset_that_puts_the_default_back_is_no_operators_limit():
+    """A GPU reset puts its default limit back and the agent sets its cap again: the 700 W it found then was
+    the reset's, not the operator's, and the restore must still go back to the site's 600 W."""
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed():
+        replay.gpus[CAPPED].limit_mw = replay.gpus[CAPPED].old_limit_mw = 600_000  # the site's policy
+        a = opened(replay)
+        a.power.apply(CAPPED, 500)
+        replay.gpus[CAPPED].limit_mw = 700_000  # the reset's default
+        a._cap_again([CAPPED])
+        back = a.power.restore(CAPPED)
+    assert (back.status, back.enforced_w) == ("restored", 600.0)
+
+
 def test_a_restore_of_a_gpu_this_agent_never_capped_leaves_its_operators_limit():
     """A restore that reaches a GPU this agent holds no cap on (an agent started again after
     its ledger's restore, a role's stale view) leaves the site's 600 W as it is, not 700 W."""

@@ -439,6 +439,7 @@ class NvmlAgent:
         source after the scrape); the power role's lease renewals find it held."""
         capped = self.power.capped
         asks = [(i, capped[i]) for i in gpus if i in capped]
+        self.power.reset_happened([i for i, _ in asks])
         results = self.power.set_many(asks) if asks else []
         self.recapped += results
         for r in results:

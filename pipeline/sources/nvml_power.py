@@ -214,6 +214,11 @@ class PowerLimiter:
             return self._refused(g, cap_w, e)
         return _Pending(g, cap_w, target, own, low, high, default)
 
+    def reset_happened(self, gpus: list[int]) -> None:
+        """These GPUs were reset: the default limit the reset put back is not their operator's choice."""
+        for i in gpus:
+            self._set_w.pop(i, None)
+
     def _operators_change(self, g: Gpu) -> None:
         """A held GPU whose limit is no longer the one set here: its operator set another since (`nvidia-smi
         -pl 400` during a request), which is its own limit from now on, so that a restore does not undo it
