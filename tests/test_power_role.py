@@ -418,7 +418,7 @@ def test_a_grid_signal_over_the_in_process_bus_reaches_the_built_role(tmp_path):
         for _ in range(50):
             await asyncio.sleep(0)
         assert list(ctx.power.ctl.suspects.values()) == [suspect]
-        await bus.end([Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS])  # the alerts, which it writes too, go on
+        await bus.end([Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS, Topic.POWER_ACTIONS])  # (its alerts go on)
         await asyncio.wait_for(task, 30)
         assert not any(t == Topic.ALERTS for t, _ in bus._subs)  # its listener is closed with it
         await bus.end([Topic.POWER_CAPS])

@@ -154,6 +154,8 @@ class Outcome:
                                           # baseline's adjustment for the load not controlled, each reading
     given_baseline: tuple[float, float | None] | None = None  # (meter, PDUs) kW from a first start (submit)
     base_it_kw: float | None = None       # the PDUs' sum the adjustment counts from (a restart resumes on it)
+    it_on_gpus: bool = False              # ... taken on the GPUs' sum (a site whose PDUs send nothing): adjusted
+                                          # only while the IT load is read on the same scale
 
     def hold(self) -> list[tuple[float, float]]:
         """The readings of the hold: from the target reached; one never reached, from its ramp's
@@ -584,8 +586,9 @@ class Controller:
 
     def observe_actions(self, batch: pa.RecordBatch) -> None:
         """The agents' power_actions: a GPU whose cap was refused (an agent not root, a limit out of its
-        range, a GPU without power management) is class 0 until a cap of it succeeds: the plan had counted
-        it as shedding, the request fell short, and the capacity promised more than the site could shed."""
+        range, a GPU without power management) is class 0 until a cap of it succeeds or the next request
+        tries it again: the plan had counted it as shedding, the request fell short, and the capacity
+        promised more than the site could shed."""
         changed = False
         for uuid, node, asked, status, detail in zip(*(batch.column(c).to_pylist() for c in (
                 "gpu_uuid", "node", "requested_w", "status", "detail"))):
@@ -693,14 +696,19 @@ class Controller:
                     self.it.clear()
                     self.it_from_gpus = False
                 _, it_kw, capped_kw = self._pdus_at(ts)
-            else:  # no PDU reports (a site that brings only its revenue meter): the GPUs' own draw stands for
-                # the IT load that moves (jobs starting and ending), so that the baseline still follows it (it
-                # had been left unadjusted: a load that fell by itself was credited to the caps)
+            elif self.gpus.uuids:
+                # No PDU has reported (a site that brings only its revenue meter): the GPUs' own draw stands
+                # for the IT load that moves (jobs starting and ending), so that the baseline still follows it
+                # (it had been left unadjusted: a load that fell by itself was credited to the caps)
                 it_kw = float(np.nansum(self.gpus.power_w)) / 1000.0
                 capped_kw = float(np.sum(self._capped_now_w())) / 1000.0
                 self.it_from_gpus = True
-            self.it.append((ts, kw, it_kw))
-            if active and not self.active.racks:
+            else:
+                it_kw = None
+            if it_kw is not None:
+                self.it.append((ts, kw, it_kw))
+            if it_kw is not None and active and not self.active.racks and \
+                    self._outcome(self.active).it_on_gpus == self.it_from_gpus:
                 self.adjust_kw[ts] = self._adjustment_kw(self._outcome(self.active), it_kw, capped_kw)
         horizon = self.s.baseline_s + 3600.0
         for q in (self.meter, self.it):
@@ -715,14 +723,13 @@ class Controller:
         while another reads (its PDU failed, the B feed carries the whole rack) leaves the sum: its last
         reading had stayed in it, and the doubled B read as new load the caps were credited with."""
         feeds = self.pdu_feeds.setdefault(rack, {})
+        interval = math.nan
         if (was := feeds.get(device)) is not None:
             gap = (ts - was[0]).total_seconds()
-            interval = gap if math.isnan(was[3]) else 0.8 * was[3] + 0.2 * gap
-        else:
-            interval = math.nan
+            interval = gap if math.isnan(was[3]) else was[3] if gap > _silence_s(was[3]) else 0.8 * was[3] + 0.2 * gap
+            # (a gap past the silence allowed is an outage, not the feed's interval: it would hold the next long)
         feeds[device] = (ts, kw, instant_kw, interval)
-        live = [f for f in feeds.values()
-                if not (ts - f[0]).total_seconds() > max(FEED_SILENT_INTERVALS * f[3], FEED_SILENT_MIN_S)]
+        live = [f for f in feeds.values() if not (ts - f[0]).total_seconds() > _silence_s(f[3])]
         return min(f[0] for f in live), sum(f[1] for f in live), sum(f[2] for f in live)
 
     def _pdus_at(self, ts: datetime) -> tuple[float, float, float | None]:
@@ -770,6 +777,8 @@ class Controller:
             floor = 1.0 if share >= 1.0 else MIN_METER_SLOPE
             slope = float(np.clip(np.cov(it, m, bias=True)[0, 1] / np.var(it), floor, 2.0))
             return slope, slope
+        if self.it_from_gpus:  # (the GPUs are a part of the IT load: the meter's share of them bounds nothing)
+            return 1.0, 1.0
         return (1.0, share) if share >= 1.0 else (share, share)
 
     def _adjustment_kw(self, out: Outcome, it_kw: float, capped_kw: float | None = None) -> float:
@@ -1079,8 +1088,9 @@ class Controller:
             window = [it for t, _, it in self.it if since <= t <= req.start]
             self.base_it_kw = float(np.mean(window)) if window else self._covered_it_kw(req)
             out.meter_per_it = self.meter_per_it()
-        if given and given[1] is not None:
-            self.base_it_kw = given[1]
+        out.it_on_gpus = self.it_from_gpus
+        if given and given[1] is not None:  # (resumed: taken on the PDUs, the usual scale; a site without them
+            self.base_it_kw, out.it_on_gpus = given[1], False  # resumes unadjusted)
         out.base_it_kw = self.base_it_kw
         self.mine = np.zeros(self.cap.size, bool)
         self.mine[self.gpus.covered(req.racks)] = True
@@ -1090,6 +1100,9 @@ class Controller:
         self.adjust_kw, self.counted = {}, None
         self.active, self.phase, self.extra_w, self.bias_kw = req, "active", 0.0, 0.0
         self.said_over_cap = False
+        if self.refused:  # (each request tries them again: an agent since run as root takes its caps)
+            self.refused.clear()
+            self._suspects_version += 1
         self.residual.clear()
         self.recent_adjust.clear()
         self.caps_then.clear()
@@ -1397,3 +1410,8 @@ class Controller:
         if capped.size:
             self.actuator.apply({self.gpus.uuids[s]: None for s in capped})
             self.cap[capped] = np.nan
+
+
+def _silence_s(interval_s: float) -> float:
+    """How long a rack's feed may be silent while another reads (NaN interval, one reading so far: for ever)."""
+    return math.inf if math.isnan(interval_s) else max(FEED_SILENT_INTERVALS * interval_s, FEED_SILENT_MIN_S)

@@ -399,7 +399,8 @@ class PowerRole:
         if resumed:
             log.info("power request %s resumed (%s): %s of %s until %s", req.id, entry.state, req.goal(),
                      req.where(), iso_utc(req.end))
-            self._change(Change(entry.id, "accepted", start=iso_utc(req.start)))
+            # (the start it was asked for stays stored: a second restart still reports it)
+            self._change(Change(entry.id, "accepted", start=iso_utc(t.extra.get("asked_start", req.start))))
             return
         firm, wanted_kw = self.ctl.firm(req.racks), req.reduction_w(baseline) / 1000.0
         at_risk = (f"; at risk: {wanted_kw:.1f} kW is more than the {firm.kw:.1f} kW left if {firm.largest} "

@@ -72,7 +72,7 @@ def test_a_grid_signal_over_kafka_is_run_by_the_power_role_and_reported(broker, 
                     break
                 await asyncio.sleep(0.1)
             assert list(ctx.power.ctl.suspects) == [before.fingerprint]
-            await bus.end([Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS])
+            await bus.end([Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS, Topic.POWER_ACTIONS])
             await asyncio.wait_for(task, 120)
             await bus.end([Topic.POWER_CAPS, Topic.POWER_REPORTS])
             got = []

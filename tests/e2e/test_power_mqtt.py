@@ -231,7 +231,7 @@ def test_the_built_power_role_takes_mqtt_requests_when_mqtt_broker_is_set(broker
             await bus.publish(Message(Topic.GPU, tick.gpu))
             await bus.publish(Message(Topic.FACILITY, tick.facility))
             await asyncio.sleep(0.02)
-        await bus.end([Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS])
+        await bus.end([Topic.GPU, Topic.FACILITY, Topic.POWER_REQUESTS, Topic.POWER_ACTIONS])
         await asyncio.wait_for(task, DEADLINE_S)  # the role ends with its inputs, its intake with it
         await gw.close()
         return gw
