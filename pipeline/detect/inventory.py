@@ -137,8 +137,13 @@ class Inventory:
             self._labels = (np.asarray([s for s, _ in self.rack_names], object),
                             np.asarray([r for _, r in self.rack_names], object))
         was = self.node.rack[nodes]
-        site = batch.column("site").to_numpy(zero_copy_only=False)[first]
-        rack = batch.column("rack").to_numpy(zero_copy_only=False)[first]
+        if batch.num_rows <= 4 * first.size:  # (a node's scrape: the whole column is as cheap as its first rows)
+            site = batch.column("site").to_numpy(zero_copy_only=False)[first]
+            rack = batch.column("rack").to_numpy(zero_copy_only=False)[first]
+        else:
+            take = pa.array(first)
+            site = batch.column("site").take(take).to_numpy(zero_copy_only=False)
+            rack = batch.column("rack").take(take).to_numpy(zero_copy_only=False)
         other = np.flatnonzero((rack != self._labels[1][was]) | (site != self._labels[0][was]))
         if other.size == 0:
             return other, other

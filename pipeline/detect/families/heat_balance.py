@@ -135,7 +135,9 @@ class HeatBalance(Family):
         read, last = np.unique(b.slots[order][::-1], return_index=True)
         t_new = b.ts[order][::-1][last]
         gap = t_new - at[read]
-        step = np.isfinite(gap) & (gap > 0)
+        # (a gap past the silence allowed is an outage, not the PDU's interval: it would hold the next one long)
+        allowed = np.where(np.isnan(every[read]), np.inf, np.fmax(FEED_SILENT_INTERVALS * every[read], FEED_SILENT_MIN_S))
+        step = np.isfinite(gap) & (gap > 0) & ~(gap > allowed)
         every[read] = np.where(step, np.where(np.isnan(every[read]), gap, 0.8 * every[read] + 0.2 * gap), every[read])
         at[read] = np.fmax(at[read], t_new)
         racks, of_row = np.unique(b.rack[rows], return_inverse=True)
