@@ -650,6 +650,18 @@ def test_readings_an_exporter_serves_again_unchanged_are_left_out(caplog):
     assert "fleetwatch_dcgm_unrefreshed_readings_total 32.0" in generate_latest(registry).decode()
 
 
+def test_a_gpu_whose_energy_counter_is_stuck_keeps_its_readings():
+    """The reading anew is told by the energy counter and the power together: a counter stuck alone (a
+    firmware's, an exporter that serves 0) had dropped every reading of the GPU after its first."""
+    from pipeline.sources.dcgm import TargetState
+    src = source()
+    st_ = TargetState(Target("http://gpu-node-017:9400/metrics"))
+    text = H100_8GPU.read_text()
+    moved = re.sub(r"^(DCGM_FI_DEV_POWER_USAGE\{.*\}) (\S+)$", lambda m: f"{m[1]} {float(m[2]) + 3.5}", text, flags=re.M)
+    counts = [src.rows(st_, parse_exposition(t), 10**18 + k)[0].num_rows for k, t in enumerate((text, moved, moved))]
+    assert counts == [8, 8, 0]  # the same energy, power moved: anew; then both as before: served again
+
+
 def test_an_exemplar_is_not_the_samples_value():
     """An OpenMetrics proxy's exemplar after a sample (`# {trace_id=...} 7`): the fast path had read the
     exemplar's value (energy 319,159 J read as 0.007 J: a false GPU reset)."""

@@ -409,6 +409,7 @@ class TargetState:
     said_hostname: str = ""                                # the exporter's unusable host name, said once
     last_xid: dict[str, float] = field(default_factory=dict)     # per UUID
     last_energy: dict[str, float] = field(default_factory=dict)  # per UUID (J)
+    last_power: dict[str, float] = field(default_factory=dict)   # per UUID (W): with the energy, a reading anew
     xids: dict[str, dict[int, XidTally]] = field(default_factory=dict)  # per UUID, per XID
     listed: set[str] = field(default_factory=set)          # the GPUs its last scrape listed
     said_unrefreshed: bool = False                         # a reading served twice, said once
@@ -528,6 +529,7 @@ class DcgmSource:
         for (r, name, code), value in p.xid_counts.items():
             counted.setdefault(r, []).append((name, code, value))
         fresh = np.ones(n, bool)
+        power = p.values.get("power_w", missing)
         for i, uuid in enumerate(p.uuids):  # a handful of GPUs per target: Python per GPU, not per value
             for code, text in self._xids(st, uuid, p.xid[i], counted.get(i, ()), f"{node} GPU {gpu[i]}"):
                 events.append(self._event(ts_ns, site, rack, node, int(gpu[i]), uuid, "xid", code, text))
@@ -538,8 +540,11 @@ class DcgmSource:
                     events.append(self._event(ts_ns, site, rack, node, int(gpu[i]), uuid, "gpu_reset", None,
                                               f"energy counter went back from {st.last_energy[uuid]:.0f} J to "
                                               f"{e:.0f} J: GPU reset, counters restart at zero"))
-                fresh[i] = e != before  # (a live GPU's energy counts on between two of the exporter's reads)
+                # A live GPU's energy counts on between two of the exporter's reads, and its power moves: both as
+                # before is a reading served again (one alone, a counter stuck: the GPU's readings go on).
+                fresh[i] = e != before or power[i] != st.last_power.get(uuid, power[i])
                 st.last_energy[uuid] = e
+            st.last_power[uuid] = power[i]
         if not fresh.all():
             batch = self._unrefreshed(st, batch, fresh)
         return batch, events
