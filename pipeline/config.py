@@ -335,6 +335,12 @@ class DcgmConfig:
     timeout_s: float = _spec(5.0, min=0.01, max=600, doc="per-scrape timeout (connect, send, read); a slower "
                              "target counts as failed (timeout) this round")
     concurrency: int = _spec(64, min=1, max=10000, doc="scrapes in flight at once")
+    ca_file: str = _spec("", doc="CA bundle (PEM) for https targets' certificates (an internal CA); empty = the "
+                         "system's")
+    username: str = _spec("", doc="user for targets behind basic auth (a target's own user info in its URL comes "
+                          "first); empty = none")
+    password_env: str = _spec("", doc="environment variable holding that user's password")
+    password_file: str = _spec("", doc="file holding that user's password (used when password_env is empty)")
 
 
 @dataclass(frozen=True)

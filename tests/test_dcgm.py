@@ -669,6 +669,58 @@ def test_an_exemplar_is_not_the_samples_value():
     assert [v for _, _, v in dcgm_samples(line)] == [319159391.0]
 
 
+def test_an_exporter_behind_https_of_an_internal_ca_and_basic_auth_is_read_with_the_settings(tmp_path, caplog):
+    """An exporter behind a proxy with an internal CA's certificate and basic auth (kube-rbac-proxy, nginx):
+    it had been `down` (CERTIFICATE_VERIFY_FAILED) with no setting but SSL_CERT_FILE, which replaces the
+    system's CAs. dcgm.ca_file, dcgm.username and dcgm.password_file; the password shows nowhere."""
+    import base64
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipeline.sources.dcgm import DOWN, HTTP_STATUS
+    from tests.services import self_signed_tls
+    tls = self_signed_tls(tmp_path / "tls")
+    body = H100_8GPU.read_text().encode()
+    secret = "s3cret-of-the-exporters"
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            ok = self.headers.get("Authorization") == "Basic " + base64.b64encode(f"prom:{secret}".encode()).decode()
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(body) if ok else 0))
+            self.end_headers()
+            if ok:
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls["server.pem"], tls["server.key"])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}/metrics"
+    (tmp_path / "password").write_text(secret + "\n")
+    try:
+        plain = source([url])
+        (batch, _), = scrape_rounds(plain)
+        assert batch is None and plain.states[0].failing == DOWN and "CERTIFICATE_VERIFY_FAILED" in plain.states[0].detail
+        no_user = source([url], ca_file=str(tls["ca.pem"]))
+        scrape_rounds(no_user)
+        assert no_user.states[0].failing == HTTP_STATUS and "401" in no_user.states[0].detail
+        good = source([url], ca_file=str(tls["ca.pem"]), username="prom", password_file=str(tmp_path / "password"))
+        (batch, _), = scrape_rounds(good)
+        assert batch.num_rows == 8 and not good.states[0].failing
+    finally:
+        server.shutdown()
+    assert secret not in caplog.text
+    with pytest.raises(ConfigError, match="dcgm.ca_file"):
+        source([url], ca_file=str(tmp_path / "none.pem"))
+    with pytest.raises(ConfigError, match="without dcgm.username"):
+        source([url], password_file=str(tmp_path / "password"))
+
+
 def test_the_role_needs_targets_and_the_command_line_gives_them(tmp_path):
     from pipeline.cli import _overrides, _parser
     from pipeline.daemon import check_roles

@@ -48,13 +48,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ConfigError, DcgmConfig
+from pipeline.config import ConfigError, DcgmConfig, read_secret
 from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD, TS, is_host_name
 from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, COLUMN_LABELS, GR_ENGINE_ACTIVE, STANDS_IN, \
     WORKLOAD_LABELS, XID, XID_COUNT, XID_TOTAL, column_array, dcgm_blank
@@ -428,8 +428,10 @@ class Scraped:
 class DcgmSource:
     """dcgm-exporter endpoints as a Source (sources/base.py)."""
 
-    def __init__(self, cfg: DcgmConfig, targets: list[Target], mapping: dict[str, tuple[str, str]]) -> None:
+    def __init__(self, cfg: DcgmConfig, targets: list[Target], mapping: dict[str, tuple[str, str]],
+                 env: Mapping[str, str] | None = None) -> None:
         self.cfg = cfg
+        self._ssl, self._auth = tls_and_auth(cfg, env)
         self.states = [TargetState(t) for t in targets]
         self.mapping = mapping
         self.gpu_samples = 0
@@ -449,8 +451,11 @@ class DcgmSource:
         import aiohttp
         async with limit:
             try:
+                headers = {"Accept": "text/plain;version=0.0.4"}
+                if self._auth and "@" not in urlsplit(st.target.url).netloc:  # (a URL's own user comes first)
+                    headers["Authorization"] = self._auth
                 async with session.get(st.target.url, timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s),
-                                       headers={"Accept": "text/plain;version=0.0.4"}) as resp:
+                                       headers=headers, ssl=self._ssl) as resp:
                     if resp.status != 200:
                         return Scraped(st, reason=HTTP_STATUS, detail=f"HTTP {resp.status} {resp.reason or ''}".strip())
                     chunks, size = [], 0
@@ -794,11 +799,33 @@ class DcgmMetrics:
         return [scrapes, failures, targets, unrefreshed]
 
 
+def tls_and_auth(cfg: DcgmConfig, env: Mapping[str, str] | None = None):
+    """(the TLS context for https targets: the system's CAs, or dcgm.ca_file's; the Authorization header of
+    dcgm.username's basic auth, or None). ConfigError naming the setting; the password is never in a message."""
+    import base64
+    import ssl
+    try:
+        context = ssl.create_default_context(cafile=cfg.ca_file or None)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"config error: dcgm.ca_file = {cfg.ca_file!r}: not a readable PEM CA bundle "
+                          f"({getattr(e, 'strerror', None) or e}); give the CA that signed the exporters' "
+                          f"certificates") from None
+    password = read_secret("dcgm.password", cfg.password_env, cfg.password_file, "the exporters' password",
+                           "remove dcgm.password_env", env)
+    if password is not None and not cfg.username:
+        raise ConfigError("config error: dcgm.password_env/_file without dcgm.username: give the user the password "
+                          "is for")
+    auth = "Basic " + base64.b64encode(cfg.username.encode() + b":" + (password or b"")).decode() \
+        if cfg.username else None
+    return context, auth
+
+
 def preflight(cfg, env=None, warn: bool = True) -> None:
-    """Before the source starts: the targets and the mapping, as it reads them at start."""
+    """Before the source starts: the targets, the mapping, TLS and auth, as it reads them at start."""
     if not load_targets(cfg.dcgm):
         raise ConfigError(f"config error: dcgm.targets_file = {cfg.dcgm.targets_file!r}: names no target")
     load_mapping(cfg.dcgm.mapping_file)
+    tls_and_auth(cfg.dcgm, env)
 
 
 def build(ctx, spec) -> DcgmSource:
