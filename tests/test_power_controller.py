@@ -705,6 +705,24 @@ def test_gpus_whose_caps_are_refused_are_planned_on_no_more_nor_counted_as_capac
     assert caplog.text.count("refused its cap") == len(ctl.refused)  # (said once a GPU)
 
 
+def test_a_node_whose_clock_runs_behind_is_capped_like_the_others():
+    """A node whose agent's clock runs 90 s behind (NTP not running): its samples come on time, stamped 90 s
+    early. It had been judged silent for good, its GPUs never capped and out of the site's capacity, without
+    a word. Silence is judged by when a GPU was last heard."""
+    sim, ctl = fleet()
+    node = sorted(set(sim.node_names))[-1]
+
+    def behind(i, tick):
+        g = tick.gpu
+        ts = g.column("ts")
+        late = pc.if_else(pc.equal(g.column("node"), node), pc.subtract(ts, pa.scalar(timedelta(seconds=90))), ts)
+        return g.set_column(g.schema.get_field_index("ts"), "ts", late.cast(ts.type)), tick.facility
+    ctl.submit(request(400, 10))
+    drive(sim, ctl, 600, behind)
+    on = np.array([n == node for n in ctl.gpus.nodes])
+    assert not ctl.gpus.silent()[on].any() and (~np.isnan(ctl.cap[on])).all()
+
+
 def test_a_site_with_a_meter_and_no_pdus_adjusts_its_baseline_by_the_gpus():
     """Many sites bring only their revenue meter into monitoring, no rack PDUs: the baseline had been left
     unadjusted, so a job group that ended mid-request was credited to the caps and the loop gave them back

@@ -270,6 +270,7 @@ class GpuTable:
         self._classes_version = classes.version
         self.slots = np.zeros(0, np.int64)  # the last batch's rows' slots
         self.seen_us = np.zeros(0, np.int64)  # per slot: its newest sample's time (unix us)
+        self.heard_us = np.zeros(0, np.int64)  # per slot: the fleet's newest time (`front`) when it last sent
         self.dt_s = np.zeros(0)             # the last batch's rows: the seconds since their GPU's sample before
         self.interval_s = 1.0               # the fleet's scrape interval: the batches' median dt, smoothed
         self._first_interval = True
@@ -342,6 +343,7 @@ class GpuTable:
         self.dt_s = np.where(ok, dt, np.where(prev > 0, 0.0, self.interval_s))
         self._count_energy(batch, ok | (prev == 0), dt, before_w, power, us)
         np.maximum.at(self.seen_us, self.slots, us)
+        self.heard_us[self.slots] = self.front_us()  # (seen_us only grows: so does the front)
         if self.classes.by_workload:  # the job on a GPU changes, and its class with it
             self.namespace[slots] = batch.column("namespace").to_numpy(zero_copy_only=False)
             self.pod[slots] = batch.column("pod").to_numpy(zero_copy_only=False)
@@ -409,6 +411,7 @@ class GpuTable:
                                                                for n in nodes], np.int64)])
         self.limit_w = np.concatenate([self.limit_w, np.full(grow, np.nan)])
         self.seen_us = np.concatenate([self.seen_us, np.zeros(grow, np.int64)])
+        self.heard_us = np.concatenate([self.heard_us, np.zeros(grow, np.int64)])
         self.namespace = np.concatenate([self.namespace, np.full(grow, None, object)])
         self.pod = np.concatenate([self.pod, np.full(grow, None, object)])
         self.flex = np.concatenate([self.flex, self.classes.of_rows(self._batch.take(rows))])
@@ -416,15 +419,22 @@ class GpuTable:
     def silent_after_s(self) -> float:
         return max(SILENT_S, SILENT_INTERVALS * self.interval_s)
 
-    def silent(self) -> np.ndarray:
-        """Per GPU: no sample for SILENT_S (or SILENT_INTERVALS scrapes, if longer) behind the
-        fleet's newest, on the data's time: the newest a tenth of the GPUs (two at least) reached,
-        so that one GPU whose clock runs ahead (intake takes 300 s) silences no other."""
+    def front_us(self) -> int:
+        """The fleet's newest time: the newest a tenth of the GPUs (two at least) reached, so that one GPU
+        whose clock runs ahead (intake takes 300 s) moves it not."""
         n = self.seen_us.size
         if not n:
-            return np.zeros(0, bool)
+            return 0
         k = n - min(n, max(2, n // 10))
-        return self.seen_us < np.partition(self.seen_us, k)[k] - 1e6 * self.silent_after_s()
+        return int(np.partition(self.seen_us, k)[k])
+
+    def silent(self) -> np.ndarray:
+        """Per GPU: nothing sent while the fleet's newest time (`front_us`) moved SILENT_S (or SILENT_INTERVALS
+        scrapes, if longer), on the data's time: by when it was last heard, not by its own clock (a node whose
+        clock ran 90 s behind had been silent for good, left out of every request without a word)."""
+        if not self.heard_us.size:
+            return np.zeros(0, bool)
+        return self.heard_us < self.front_us() - 1e6 * self.silent_after_s()
 
     def stuck_nodes(self, readings: int) -> np.ndarray:
         """Per GPU: a GPU of its node reports the same power `readings` times in a row. Its
