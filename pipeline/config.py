@@ -687,6 +687,9 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, from_text: Mapping
         return cls(**kwargs)
     except ConfigError as e:  # a check across keys (__post_init__): the first key of this table it names
         named = next((f"{prefix}{n}" for n in kwargs if f"{prefix}{n}" in str(e)), "")
+        if not named:  # (none: no guess from the table's other keys)
+            e.origin_said = True
+            raise
         raise _set_at(e, named, origins) from None
 
 

@@ -606,8 +606,8 @@ class Controller:
                 continue
             if status in REFUSED:
                 if uuid not in self.refused:
-                    log.warning("power: %s of %s refused its cap (%s: %s): not planned on until a cap of it "
-                                "succeeds", uuid, node, status, detail)
+                    log.warning("power: %s of %s refused its cap (%s: %s): not planned on for the rest of the "
+                                "request (tried again at the next)", uuid, node, status, detail)
                     changed = True
                 self.refused[uuid] = (node, status)
             elif status == "ok" and self.refused.pop(uuid, None) is not None:
