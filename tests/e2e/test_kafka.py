@@ -840,7 +840,7 @@ def test_a_broker_outage_of_30_s_loses_nothing(tmp_path):
         broker.start()
         print(f"broker down for {time.monotonic() - down:.0f} s")
         wait_for(lambda: "takes messages again" in procs["simulate"].log_path.read_text(), timeout=120)
-        time.sleep(3)  # (a few scrapes after the backlog: the stop drains the rest)
+        time.sleep(10)  # (the backlog read by detect and archive before they stop: a stopped consumer reads no more)
         logs = stop_in_order(procs, [["simulate"], ["detect"], ["archive"]])
     finally:
         broker.close()
