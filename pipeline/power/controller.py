@@ -51,6 +51,7 @@ import pyarrow.compute as pc
 from pipeline.config import PowerConfig
 from pipeline.counters import MEAN_AFTER_S, Counter, counter_step_j, interval_mean_w
 from pipeline.detect.catalog import DETECTOR_ALERTS
+from pipeline.feeds import next_interval, silence_allowed_s
 from pipeline.model import HW_SLOWDOWN_ANY, SW_POWER_CAP
 from pipeline.detect.state import KeyIndex
 from pipeline.power.actuator import Actuator
@@ -90,8 +91,6 @@ SLOW_READINGS_S = 10.0  # GPUs or a meter read further apart than this: requests
 ROSE_S = 20.0          # a capped GPU moving more memory than its uncapped reference this long (2 samples at least):
 ROSE_SHARE = 0.1       # more than this share above it, and MEM_STEP (util_mem's resolution), its load rose (_rose)
 MEM_STEP = 0.01
-FEED_SILENT_INTERVALS = 3  # a rack's feed (A or B PDU) silent this many of its intervals while another reads,
-FEED_SILENT_MIN_S = 5.0    # and this long, is out of the rack's sum (_feed)
 OVER_CAP_RESTORE = 0.1  # a site at or over its cap restores at this share of the rate: slowed, never held (a cap
                         # must not outlive its request; the site's own load over its cap is SitePowerOverCap's)
 REFUSED = frozenset({"not_permitted", "out_of_range", "not_supported"})  # an agent's statuses of a cap not set
@@ -729,17 +728,13 @@ class Controller:
 
     def _feed(self, rack: str, device: str, ts: datetime, kw: float, instant_kw: float) -> tuple[datetime, float, float]:
         """A PDU's reading of its rack's feed; the rack's reading now: (its time, kW, instant kW) summed over
-        its feeds (A and B) that still report. A feed silent for FEED_SILENT_INTERVALS of its own interval
-        while another reads (its PDU failed, the B feed carries the whole rack) leaves the sum: its last
-        reading had stayed in it, and the doubled B read as new load the caps were credited with."""
+        its feeds (A and B) that still report (pipeline/feeds.py): a failed-over feed's last reading had stayed
+        in the sum, and the doubled other read as new load the caps were credited with."""
         feeds = self.pdu_feeds.setdefault(rack, {})
-        interval = math.nan
-        if (was := feeds.get(device)) is not None:
-            gap = (ts - was[0]).total_seconds()
-            interval = gap if math.isnan(was[3]) else was[3] if gap > _silence_s(was[3]) else 0.8 * was[3] + 0.2 * gap
-            # (a gap past the silence allowed is an outage, not the feed's interval: it would hold the next long)
+        was = feeds.get(device)
+        interval = next_interval(was[3], (ts - was[0]).total_seconds()) if was is not None else math.nan
         feeds[device] = (ts, kw, instant_kw, interval)
-        live = [f for f in feeds.values() if not (ts - f[0]).total_seconds() > _silence_s(f[3])]
+        live = [f for f in feeds.values() if not (ts - f[0]).total_seconds() > silence_allowed_s(f[3])]
         return min(f[0] for f in live), sum(f[1] for f in live), sum(f[2] for f in live)
 
     def _pdus_at(self, ts: datetime) -> tuple[float, float, float | None]:
@@ -1420,8 +1415,3 @@ class Controller:
         if capped.size:
             self.actuator.apply({self.gpus.uuids[s]: None for s in capped})
             self.cap[capped] = np.nan
-
-
-def _silence_s(interval_s: float) -> float:
-    """How long a rack's feed may be silent while another reads (NaN interval, one reading so far: for ever)."""
-    return math.inf if math.isnan(interval_s) else max(FEED_SILENT_INTERVALS * interval_s, FEED_SILENT_MIN_S)

@@ -10,14 +10,13 @@ from pipeline.bus.base import Topic
 from pipeline.counters import counter_step_j, step_mean
 from pipeline.detect.batch import FacilityBatch, Output
 from pipeline.detect.family import Family, State, evidence, lag
+from pipeline.feeds import next_interval, silence_allowed_s
 from pipeline.model import PointKind
 from pipeline.model import COOLANT_CP_J_PER_KG_K
 
 SETTLE_LAGS = 3.0  # after what explained a rack ends, its loop still carries that heat for this many lags
 OFFSET_TAU_S = 1800.0  # the rack's two temperature sensors' offset is learned over this long (a BMS
                        # recalibrates each in steps of tenths of a degree, about once a day) ...
-FEED_SILENT_INTERVALS = 3.0  # a rack's PDU (its A or B feed) silent this many of its intervals while another
-FEED_SILENT_MIN_S = 5.0      # of the rack reads, and this long, is out of the rack's sums (_rack_sums)
 OFFSET_MAX_SENSORS = 2.0  # ... and explains at most this many heat_balance_sensor_c: a larger gap is the loop's
 
 
@@ -121,9 +120,7 @@ class HeatBalance(Family):
         """The racks whose PDUs read `kind` in this batch, once each: (racks, the newest of their readings'
         times, the sum of the latest reading of every PDU of the rack that still reports, how many PDUs that
         sum holds). Each PDU's latest reading (`self.pdu.<field>`) takes this batch's first. A PDU silent
-        for FEED_SILENT_INTERVALS of its interval while another of its rack reads (its feed failed, the other
-        carries the whole rack) is left out: its last reading beside the doubled other had read as 1.5x the
-        rack's power."""
+        while another of its rack reads (its feed failed over: pipeline/feeds.py) is left out."""
         rows = np.flatnonzero((b.kind == kind) & np.isfinite(b.value) & (b.rack >= 0))
         if rows.size == 0:
             return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
@@ -134,11 +131,7 @@ class HeatBalance(Family):
         latest[b.slots[order]] = b.value[order]
         read, last = np.unique(b.slots[order][::-1], return_index=True)
         t_new = b.ts[order][::-1][last]
-        gap = t_new - at[read]
-        # (a gap past the silence allowed is an outage, not the PDU's interval: it would hold the next one long)
-        allowed = np.where(np.isnan(every[read]), np.inf, np.fmax(FEED_SILENT_INTERVALS * every[read], FEED_SILENT_MIN_S))
-        step = np.isfinite(gap) & (gap > 0) & ~(gap > allowed)
-        every[read] = np.where(step, np.where(np.isnan(every[read]), gap, 0.8 * every[read] + 0.2 * gap), every[read])
+        every[read] = next_interval(every[read], t_new - at[read])
         at[read] = np.fmax(at[read], t_new)
         racks, of_row = np.unique(b.rack[rows], return_inverse=True)
         t_row = np.full(racks.size, -np.inf)
@@ -148,9 +141,7 @@ class HeatBalance(Family):
         of_rack = inv.point.rack[held]
         newest = np.full(inv.rack_count, -np.inf)
         np.maximum.at(newest, of_rack, np.nan_to_num(at[held], nan=-np.inf))
-        allowed = np.fmax(FEED_SILENT_INTERVALS * np.where(np.isnan(every[held]), np.inf, every[held]),
-                          FEED_SILENT_MIN_S)
-        held = held[~(newest[of_rack] - at[held] > allowed)]  # (a time not known yet: held)
+        held = held[~(newest[of_rack] - at[held] > silence_allowed_s(every[held]))]  # (a time not known yet: held)
         of_rack = inv.point.rack[held]
         sums = np.bincount(of_rack, weights=latest[held], minlength=inv.rack_count)
         counts = np.bincount(of_rack, minlength=inv.rack_count)
