@@ -252,12 +252,7 @@ class Engine:
         now = datetime.fromtimestamp(t, timezone.utc)
         inv = self.inventory
         was = [inv.rack_names[int(r)][1] for r in inv.node.rack[nodes]]
-        n = inv.gpu_count
-        gpus = np.flatnonzero(np.isin(inv.gpu.node[:n], nodes) & ~inv.gpu.retired[:n])
-        why = "node moved to another rack: alerted afresh where it is now"
-        if gpus.size:
-            self._forget(out, "gpu", gpus, now, why)
-        self._forget(out, "node", nodes, now, why)
+        self._forget_nodes(out, nodes, now, "node moved to another rack: alerted afresh where it is now")
         inv.node.rack[nodes] = racks
         for k, rack in zip(nodes.tolist(), was):
             self._event(out, "node", k, now, "node_moved",
@@ -269,19 +264,24 @@ class Engine:
         alerts and their GPUs' resolve, saying why, their state is dropped and their GPUs are no longer
         checkpointed; a `node_forgotten` event each. One that reports again starts afresh."""
         now = datetime.fromtimestamp(t, timezone.utc)
-        inv = self.inventory
-        n = inv.gpu_count
-        gpus = np.flatnonzero(np.isin(inv.gpu.node[:n], nodes) & ~inv.gpu.retired[:n])
-        why = f"node silent for over {self.cfg.detect.forget_after_s:g} s: forgotten (detect.forget_after_s)"
-        if gpus.size:
-            self._forget(out, "gpu", gpus, now, why)
-            inv.gpu.retired[gpus] = True  # (put back by replacements() when they report again)
-        self._forget(out, "node", nodes, now, why)
+        gpus = self._forget_nodes(out, nodes, now, f"node silent for over {self.cfg.detect.forget_after_s:g} s: "
+                                                   "forgotten (detect.forget_after_s)")
+        self.inventory.gpu.retired[gpus] = True  # (put back by replacements() when they report again)
         for k, s in zip(nodes.tolist(), silent_s.tolist()):
             self._event(out, "node", k, now, "node_forgotten",
                         lambda at, s=s: f"node {at['node']} silent for {s:.0f} s (detect.forget_after_s): forgotten; "
                                         "its alerts resolved, and it starts afresh if it reports again")
             log.warning("detect: %s", out.events[-1]["text"])
+
+    def _forget_nodes(self, out: Output, nodes: np.ndarray, now: datetime, why: str) -> np.ndarray:
+        """`_forget` the nodes and their GPUs; returns the GPUs' slots."""
+        inv = self.inventory
+        n = inv.gpu_count
+        gpus = np.flatnonzero(np.isin(inv.gpu.node[:n], nodes) & ~inv.gpu.retired[:n])
+        if gpus.size:
+            self._forget(out, "gpu", gpus, now, why)
+        self._forget(out, "node", nodes, now, why)
+        return gpus
 
     def _forget(self, out: Output, scope: str, slots: np.ndarray, now: datetime, why: str) -> None:
         """The entities' alerts resolve, annotated with `why` (their condition did not clear), and their
