@@ -1,5 +1,6 @@
-"""Mutual TLS for Fleetwatch's clients (the alert receivers, the MQTT clients, Kafka): a client
-certificate (for the receivers and MQTT) read again from disk when it is renewed, for the next connection."""
+"""TLS for Fleetwatch's clients (the alert receivers, the MQTT clients, Kafka, the DCGM source): the CA a
+setting names, and for mutual TLS a client certificate (for the receivers and MQTT) read again from disk
+when it is renewed, for the next connection."""
 
 from __future__ import annotations
 
@@ -10,6 +11,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 log = logging.getLogger("fleetwatch")
+
+
+def ca_context(key: str, ca_file: str) -> ssl.SSLContext:
+    """A client context that verifies servers against `ca_file` (PEM), or the system's CAs where it is
+    empty; a ConfigError naming the setting `key` where the file is no usable CA bundle."""
+    from pipeline.config import ConfigError
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"config error: {key} = {ca_file!r}: not a usable CA bundle ({e}); give a PEM file, or "
+                          f"leave it empty for the system's") from None
 
 
 def load_client_cert(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:

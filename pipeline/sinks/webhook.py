@@ -32,7 +32,7 @@ from pipeline import __version__
 from pipeline.config import AlertsConfig, ConfigError, ReceiverConfig, read_secret
 from pipeline.redact import hide_secret, redact_text, redact_url
 from pipeline.sinks.receivers import receiver_kind
-from pipeline.tls import ClientCert
+from pipeline.tls import ClientCert, ca_context
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +120,13 @@ def load_receivers(cfg: AlertsConfig, env: Mapping[str, str] | None = None, warn
                               f"certificate in cert_file")
         context = client_cert = None
         if parts.scheme == "https":
-            def tls_context(rc: ReceiverConfig = rc) -> ssl.SSLContext:
-                made = ssl.create_default_context(cafile=rc.ca_file or None)
+            def tls_context(rc: ReceiverConfig = rc, key: str = f"{where}.ca_file") -> ssl.SSLContext:
+                made = ca_context(key, rc.ca_file)
                 if not rc.tls_verify:
                     made.check_hostname = False
                     made.verify_mode = ssl.CERT_NONE
                 return made
-            try:
-                context = tls_context()
-            except (ssl.SSLError, OSError) as e:
-                raise ConfigError(f"config error: {where}.ca_file = {rc.ca_file!r}: not a usable CA bundle "
-                                  f"({e}); give a PEM file") from None
+            context = tls_context()
             if rc.cert_file:
                 client_cert = ClientCert(rc.cert_file, rc.key_file, tls_context)
                 try:

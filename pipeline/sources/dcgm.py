@@ -803,13 +803,9 @@ def tls_and_auth(cfg: DcgmConfig, env: Mapping[str, str] | None = None):
     """(the TLS context for https targets: the system's CAs, or dcgm.ca_file's; the Authorization header of
     dcgm.username's basic auth, or None). ConfigError naming the setting; the password is never in a message."""
     import base64
-    import ssl
-    try:
-        context = ssl.create_default_context(cafile=cfg.ca_file or None)
-    except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"config error: dcgm.ca_file = {cfg.ca_file!r}: not a readable PEM CA bundle "
-                          f"({getattr(e, 'strerror', None) or e}); give the CA that signed the exporters' "
-                          f"certificates") from None
+
+    from pipeline.tls import ca_context
+    context = ca_context("dcgm.ca_file", cfg.ca_file)
     password = read_secret("dcgm.password", cfg.password_env, cfg.password_file, "the exporters' password",
                            "remove dcgm.password_env", env)
     if password is not None and not cfg.username:

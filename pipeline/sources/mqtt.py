@@ -551,7 +551,7 @@ def connect_options(cfg, env=None, warn: bool = True) -> dict:
 
     from pipeline.config import ConfigError, read_secret
     from pipeline.redact import hide_secret
-    from pipeline.tls import ClientCert
+    from pipeline.tls import ClientCert, ca_context
     out: dict = {}
     password = read_secret("mqtt.password", cfg.password_env, cfg.password_file, "the MQTT user's password",
                            "remove password_env to connect without one", env)
@@ -568,12 +568,8 @@ def connect_options(cfg, env=None, warn: bool = True) -> dict:
                           f"certificate in cert_file")
     if cfg.tls or cfg.ca_file or cfg.cert_file:
         def make_context() -> ssl.SSLContext:
-            return ssl.create_default_context(cafile=cfg.ca_file or None)
-        try:
-            context = make_context()
-        except (ssl.SSLError, OSError) as e:
-            raise ConfigError(f"config error: mqtt.ca_file = {cfg.ca_file!r}: not a usable CA bundle ({e}); give a "
-                              f"PEM file, or leave it empty for the system's") from None
+            return ca_context("mqtt.ca_file", cfg.ca_file)
+        context = make_context()
         if cfg.cert_file:  # read again at each connection where renewed on disk (client_options)
             cert = out["client_cert"] = ClientCert(cfg.cert_file, cfg.key_file, make_context)
             try:
