@@ -36,6 +36,13 @@ def stream():
     return cfg, ticks
 
 
+@pytest.fixture(scope="module")
+def reference(stream) -> list[dict]:
+    """The alert changes of one engine that never stopped, over the whole stream."""
+    cfg, ticks = stream
+    return alerts(Engine(cfg), ticks)
+
+
 def alerts(engine: Engine, ticks) -> list[dict]:
     out = []
     for msgs in ticks:
@@ -44,9 +51,8 @@ def alerts(engine: Engine, ticks) -> list[dict]:
     return out
 
 
-def test_a_restored_engine_continues_exactly_where_the_checkpoint_was_taken(stream):
+def test_a_restored_engine_continues_exactly_where_the_checkpoint_was_taken(stream, reference):
     cfg, ticks = stream
-    reference = alerts(Engine(cfg), ticks)
     first = Engine(cfg)
     before = alerts(first, ticks[:450])
     snapshots = Checkpointer(first, PARTITIONS).snapshot(set(range(PARTITIONS)))
@@ -107,13 +113,12 @@ def as_version_1(batch: pa.RecordBatch) -> pa.RecordBatch:
                                       schema=pa.schema(fields, metadata=CHECKPOINT_V1.metadata))
 
 
-def test_a_checkpoint_of_version_1_is_read_and_its_points_keep_their_kind(stream, tmp_path):
+def test_a_checkpoint_of_version_1_is_read_and_its_points_keep_their_kind(stream, reference, tmp_path):
     """An upgrade must not cost the detector its state: the embedded checkpoint file an
     older version wrote (no device classes) restores, the class of each facility point
     read off its id as that version did, and the engine goes on as if never stopped."""
     from pipeline.detect.checkpoint import LocalCheckpoint
     cfg, ticks = stream
-    reference = alerts(Engine(cfg), ticks)
     first = Engine(cfg)
     before = alerts(first, ticks[:450])
     old = LocalCheckpoint(first, tmp_path)
@@ -143,12 +148,11 @@ def test_the_cluster_s_partition_count_places_checkpoints_and_event_time(stream)
     assert len(inv.rack_partition) == inv.rack_count
 
 
-def test_a_checkpoint_without_streak_times_restores_and_goes_on_as_before(stream, tmp_path):
+def test_a_checkpoint_without_streak_times_restores_and_goes_on_as_before(stream, reference, tmp_path):
     """A checkpoint written before the trackers kept when each streak began (`<alert>.since`):
     a streak it holds goes on by its count, and the alerts are those of an engine never stopped."""
     from pipeline.detect.checkpoint import LocalCheckpoint
     cfg, ticks = stream
-    reference = alerts(Engine(cfg), ticks)
     first = Engine(cfg)
     before = alerts(first, ticks[:450])
 

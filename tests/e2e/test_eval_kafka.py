@@ -2,7 +2,10 @@
 --detect-processes 3` produces the scenario through a real broker and detects it with three
 `fleetwatch detect` processes (two tiers each, rack-keyed partitions, event-time alignment,
 per-partition transactions); its JSON must equal the in-process run's, with one of them
-killed or frozen half-way."""
+frozen half-way past its session (the harder case: it wakes up fenced). One killed outright is
+`--chaos kill`; its takeover from the checkpoint is tested by test_kafka.py's
+`test_detect_scales_out_and_a_killed_detector_s_partitions_continue_from_its_checkpoint`, and the
+eval's run of it is left out of the suite for its minute of CI time."""
 
 from __future__ import annotations
 
@@ -48,14 +51,12 @@ def scores(path) -> dict:
     return out
 
 
-@pytest.mark.parametrize("chaos", ["kill", "freeze"])
-def test_three_detect_processes_raise_what_one_process_raises_even_when_one_dies_or_freezes(
-        broker, in_process, tmp_path, chaos):
+def test_three_detect_processes_raise_what_one_process_raises_even_when_one_freezes(broker, in_process, tmp_path):
     (tmp_path / "fleetwatch.toml").write_text(CONFIG)
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     r = fleetwatch("eval", *ARGS, "--json", "kafka.json", "--kafka", broker.bootstrap, "--detect-processes", "3",
-                   "--chaos", chaos, cwd=tmp_path, timeout=600, env={"TMPDIR": str(scratch)})
+                   "--chaos", "freeze", cwd=tmp_path, timeout=600, env={"TMPDIR": str(scratch)})
     assert r.returncode == 0, r.stderr[-3000:]
     assert list(scratch.iterdir()) == []  # the detect processes' working directory is gone
     assert "3 detect processes; pid" in r.stdout  # the victim was struck half-way
