@@ -678,6 +678,7 @@ def test_an_exporter_behind_https_of_an_internal_ca_and_basic_auth_is_read_with_
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    from pipeline.redact import redact_text
     from pipeline.sources.dcgm import DOWN, HTTP_STATUS
     from tests.services import self_signed_tls
     tls = self_signed_tls(tmp_path / "tls")
@@ -715,6 +716,8 @@ def test_an_exporter_behind_https_of_an_internal_ca_and_basic_auth_is_read_with_
     finally:
         server.shutdown()
     assert secret not in caplog.text
+    header = base64.b64encode(f"prom:{secret}".encode()).decode()
+    assert redact_text(f"401: bad password {secret} in Basic {header}") == "401: bad password *** in Basic ***"
     with pytest.raises(ConfigError, match="dcgm.ca_file"):
         source([url], ca_file=str(tmp_path / "none.pem"))
     with pytest.raises(ConfigError, match="without dcgm.username"):

@@ -804,6 +804,7 @@ def tls_and_auth(cfg: DcgmConfig, env: Mapping[str, str] | None = None):
     dcgm.username's basic auth, or None). ConfigError naming the setting; the password is never in a message."""
     import base64
 
+    from pipeline.redact import hide_secret
     from pipeline.tls import ca_context
     context = ca_context("dcgm.ca_file", cfg.ca_file)
     password = read_secret("dcgm.password", cfg.password_env, cfg.password_file, "the exporters' password",
@@ -813,6 +814,9 @@ def tls_and_auth(cfg: DcgmConfig, env: Mapping[str, str] | None = None):
                           "is for")
     auth = "Basic " + base64.b64encode(cfg.username.encode() + b":" + (password or b"")).decode() \
         if cfg.username else None
+    if password:  # (an exporter's proxy may quote the password or the header back: never in a log)
+        hide_secret(password.decode(errors="replace"))
+        hide_secret(auth.removeprefix("Basic "))
     return context, auth
 
 
