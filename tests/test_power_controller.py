@@ -137,6 +137,24 @@ def test_the_restore_is_staged_at_the_rate_and_under_the_site_cap():
     assert np.all(caps[-1] == 700) and out.restore_overshoot_kw < 0.05 * out.baseline_kw
 
 
+def test_a_request_that_starts_as_the_last_ends_takes_its_caps_over_and_is_baselined_on_the_load_uncapped():
+    """Back to back (a grid event extended by a second one): B had waited for A's staged restore (at a
+    large site's rate, 76 s: its first minute at 0.6 kW of 8.8) and taken its baseline from the meter A's
+    caps held down (88 kW for 110: asked too little). B now starts from A's caps at its start, on the
+    load before A. One a minute after A's restore is baselined on the 300 s before it that no cap held."""
+    _, _, (a, b), meter, _, _ = run(1000, [request(400, 15), request(700, 10)], restore_rate_kw_s=0.2)
+    assert a.met and b.met and b.reached_s <= 30, (b.minute_means(), b.requested_kw)
+    assert a.restore_done <= b.request.start + timedelta(seconds=INTERVAL)  # (handed over, not restored)
+    assert abs(b.baseline_kw - a.baseline_kw) < 0.02 * a.baseline_kw, (a.baseline_kw, b.baseline_kw)
+    _, _, (a, c), meter, caps, _ = run(1200, [request(400, 15), request(760, 10)])
+    capped_s = (a.restore_done - a.request.start).total_seconds()
+    assert a.restore_done < c.request.start and capped_s < 320
+    uncapped = [meter[i] for i in range(760) if not 400 <= i <= 400 + capped_s][-300:]  # (the last 300 s of them)
+    assert abs(c.baseline_kw - np.mean(uncapped)) < 0.01 * c.baseline_kw, (c.baseline_kw, np.mean(uncapped))
+    assert np.mean(meter[460:760]) < c.baseline_kw - 0.5 * c.requested_kw  # (what it had been baselined on)
+    assert c.met and np.all(caps[-1] == 700)
+
+
 def test_never_capped_class_0_and_a_stopped_controller_leaves_no_cap():
     sim, ctl, (out,), _, caps, _ = run(500, [request(400, 8, duration_s=600)], classes=[FlexRule("r01-*", 0)])
     r01 = np.array([n.startswith("r01-") for n in (sim.node_names[i] for i in sim.gpu_node)])

@@ -484,6 +484,10 @@ class Controller:
                                              # what the caps changed in each rack's draw then, W (GpuTable.rack_ix);
                                              # a PDU polled less often is read against the caps at its own time
         self.requests: list[tuple[PowerRequest, Outcome]] = []
+        # When caps of this controller held the load: (first plan, last cap gone; None: still capped). A
+        # later request's baseline leaves them out (demand-response programs' baselines skip event hours):
+        # one that starts as the last ends had taken its baseline from the capped meter and asked too little.
+        self.capped_spans: deque[tuple[datetime, datetime | None]] = deque()
         self.active: PowerRequest | None = None
         self.phase = "idle"
         self.cancelling = False              # the active request cancelled: restored from the next step
@@ -759,11 +763,25 @@ class Controller:
         return sum(readings) if len(readings) == len(req.racks) else None
 
     def baseline_kw(self, now: datetime) -> float | None:
-        """The site meter's mean over `power.baseline_s` before `now`: a request's baseline
-        before its adjustment."""
-        since = now - timedelta(seconds=self.s.baseline_s)
-        values = [kw for t, kw, _ in self.meter if since <= t <= now]
+        """The site meter's mean over `power.baseline_s` before `now` while no cap of an earlier
+        request held the load: a request's baseline before its adjustment."""
+        values = [kw for t, kw, _ in self.meter if self._in_baseline(t, now)]
         return float(np.mean(values)) if values else None
+
+    def _in_baseline(self, t: datetime, now: datetime) -> bool:
+        """Whether a reading at `t` is in the baseline window of a request starting `now`: the last
+        `power.baseline_s` before it that no earlier request's caps held (its hold and its restore),
+        looking back past them as far as the readings are kept."""
+        if t > now:
+            return False
+        since = now - timedelta(seconds=self.s.baseline_s)
+        for start, end in reversed(self.capped_spans):  # (newest first: one request at a time, in order)
+            end = now if end is None else min(end, now)
+            if end <= since:
+                break
+            if start < now:
+                since -= end - max(start, since)
+        return t >= since and not any(start <= t <= (end or now) for start, end in self.capped_spans)
 
     def meter_per_it(self) -> tuple[float, float]:
         """The meter's kW per kW of the PDUs' sum (its cooling): the slope fitted over the
@@ -957,9 +975,32 @@ class Controller:
                 out.restore_from = min(now, req.end)
                 out.read_to = out.meter_to = self.counted
             self._after_hold(req, out)
-            self._restore_step(now)
-            if self.phase == "idle":
-                out.restore_done = now
+            if (after := self._takes_over(now)) is not None:
+                self._restored(out, now)
+                self._start(after, now)
+            elif self._restore_step(now):
+                self._restored(out, now)
+
+    def _restored(self, out: Outcome, now: datetime) -> None:
+        """The active request's caps are gone (or taken over by the next request's plan)."""
+        out.restore_done = now
+        self.capped_spans[-1] = (self.capped_spans[-1][0], now)
+        self.active, self.phase = None, "idle"
+        self.benched.clear()
+        self._suspects_version += 1
+
+    def _takes_over(self, now: datetime) -> PowerRequest | None:
+        """A request due now that covers every GPU the restore still caps: it starts from those
+        caps (its plan moves them), not after the restore, which had made it start late (at a
+        large site's restore rate, a minute and more). One on other racks waits for the restore."""
+        capped = np.flatnonzero(~np.isnan(self.cap))
+        for req, _ in self.requests:
+            if req.start <= now < req.end and not self._started(req) and self._baseline_of(req) is not None and (
+                    not req.racks or set(np.array(self.gpus.racks, dtype=object)[capped]) <= set(req.racks)):
+                log.info("power request %s: starts from the caps of request %s, which were being restored",
+                         req.id, self.active.id if self.active is not None else "-")
+                return req
+        return None
 
     def _covered_since(self, req: PowerRequest, since: datetime | None) -> list[tuple[datetime, float, float]]:
         """The covered load's readings stamped after `since` (None: every one kept), oldest first: the
@@ -1072,10 +1113,16 @@ class Controller:
     def _outcome(self, req: PowerRequest) -> Outcome:
         return next(o for r, o in self.requests if r is req)
 
+    def _baseline_of(self, req: PowerRequest) -> float | None:
+        """`req`'s baseline: the one it was given (resumed), the site meter's (baseline_kw), or
+        its racks' PDUs now (None: no reading)."""
+        given = self._outcome(req).given_baseline
+        return given[0] if given else self.baseline_kw(req.start) if not req.racks else self.covered_kw(req)
+
     def _start(self, req: PowerRequest, now: datetime) -> None:
         out = self._outcome(req)
         given = out.given_baseline
-        baseline = given[0] if given else self.baseline_kw(req.start) if not req.racks else self.covered_kw(req)
+        baseline = self._baseline_of(req)
         if baseline is None:
             log.warning("power request %s: no meter reading to baseline %s on; it is not run", req.id, req.where())
             out.baseline_kw = float("nan")
@@ -1086,11 +1133,10 @@ class Controller:
         # before the request at that job's own uncapped draw (a job that started within the window
         # counts from its level, not the window's mean).
         self._fit()
-        since = req.start - timedelta(seconds=self.s.baseline_s)
         if req.racks:
             self.base_it_kw, out.meter_per_it = baseline, (1.0, 1.0)
         else:
-            window = [it for t, _, it in self.it if since <= t <= req.start]
+            window = [it for t, _, it in self.it if self._in_baseline(t, req.start)]
             self.base_it_kw = float(np.mean(window)) if window else self._covered_it_kw(req)
             out.meter_per_it = self.meter_per_it()
         out.it_on_gpus = self.it_from_gpus
@@ -1112,6 +1158,10 @@ class Controller:
         self.recent_adjust.clear()
         self.caps_then.clear()
         self.started_at, self.caps_from = now, now.timestamp()
+        self.capped_spans.append((now, None))
+        while len(self.capped_spans) > 1 and self.capped_spans[0][1] < now - timedelta(
+                seconds=self.s.baseline_s + 3600.0):  # (past the readings kept: observe_facility's horizon)
+            self.capped_spans.popleft()
         self._record_caps(self.caps_from)  # (none yet)
         snapshot = self._snapshot(req.racks)
         p = self._plan(req, out, now)
@@ -1341,9 +1391,10 @@ class Controller:
             return True  # (a class changed: a node's labels said so, or a job of another class came)
         return bool(np.any(np.abs(self.learner.upper()[: sens.size] - sens) > RELEARNED))
 
-    def _restore_step(self, now: datetime) -> None:
+    def _restore_step(self, now: datetime) -> bool:
         """Raise every cap by one step: the uniform rise whose added draw (at most each
-        GPU's demand) is the restore rate times the interval, and stays under the site cap."""
+        GPU's demand) is the restore rate times the interval, and stays under the site cap.
+        Whether every cap is gone."""
         capped = np.flatnonzero(~np.isnan(self.cap))
         budget_w = self.s.restore_rate_kw_s * 1000.0 * self.s.control_interval_s
         if self.site_cap_w and self.meter:
@@ -1381,10 +1432,7 @@ class Controller:
         if caps:
             self.actuator.apply(caps)
             self.changed_at, self.bias_s = now, 0.0
-        if not np.any(~np.isnan(self.cap)):
-            self.active, self.phase = None, "idle"
-            self.benched.clear()
-            self._suspects_version += 1
+        return not np.any(~np.isnan(self.cap))
 
     def cancel(self, request_id: str) -> str:
         """End a request early (`fleetwatch power cancel`): one not started yet is dropped
