@@ -5,7 +5,7 @@ its facility readings (the site meter; each rack's PDU), and drives each accepte
 request through its phases:
 
   pending     before its start; the meter's readings of the last `power.baseline_s`
-              make its baseline (the average before the event, as demand-response
+              no earlier request's caps held make its baseline (the average before the event, as demand-response
               programs measure it), adjusted during the event for the load Fleetwatch
               does not control (`adjustment_kw`: jobs that start, end or pause, their
               CPUs; a GPU a cap holds counts at what its job would draw uncapped, its
