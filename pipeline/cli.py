@@ -72,9 +72,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "archive":
             archive_actions(run)
         if name == "run":
-            run.add_argument("--source", choices=tuple(spec.run_source for spec in ROLE_TABLE if spec.run_source),
-                             help="simulated fleet (default), this node's GPUs through NVML, or dcgm-exporter "
-                                  "endpoints (daemon.source)")
+            run.add_argument("--source", choices=(*(spec.run_source for spec in ROLE_TABLE if spec.run_source), "none"),
+                             help="simulated fleet (default), this node's GPUs through NVML, dcgm-exporter "
+                                  "endpoints, or none (the central daemon over Kafka: the agents publish) "
+                                  "(daemon.source)")
 
     ev = sub.add_parser("eval", help="score the detectors against injected faults, faster than real time")
     common(ev)

@@ -485,9 +485,10 @@ class RemediateConfig:
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    source: str = _spec("simulate", choices=("simulate", "nvml", "dcgm"),
-                        doc="what `fleetwatch run` reads: the simulated fleet, this node's GPUs through NVML, or "
-                            "existing dcgm-exporter endpoints (dcgm.targets)")
+    source: str = _spec("simulate", choices=("simulate", "nvml", "dcgm", "none"),
+                        doc="what `fleetwatch run` reads: the simulated fleet, this node's GPUs through NVML, "
+                            "existing dcgm-exporter endpoints (dcgm.targets), or none of its own (a fleet's central "
+                            "daemon over Kafka, whose agents publish there: the simulator must not)")
     status_interval_s: float = _spec(10.0, min=0.1, doc="period of status log lines when not on a terminal")
     jsonl_max_mb: float = _spec(256.0, min=0.01, doc="alerts.jsonl and the dead-letter files (deadletter/*.jsonl) "
                                 "start afresh at this size, and on the first write of each UTC day; the old one is "

@@ -58,6 +58,9 @@ def check_roles(cfg: Config, roles: frozenset[str]) -> None:
     for spec in registry.ROLE_TABLE:
         if spec.name in roles and (problem := spec.check(cfg)):
             raise ConfigError(problem)
+    if not whole(roles) and not cfg.kafka.bootstrap and cfg.daemon.source == "none" and "detect" in roles:
+        raise ConfigError("daemon.source = none: `fleetwatch run` reads no source of its own; give --kafka HOST:PORT "
+                          "(kafka.bootstrap), where the agents publish, or an MQTT broker (mqtt.broker)")
     if not whole(roles) and not cfg.kafka.bootstrap:
         raise ConfigError(f"the {'/'.join(sorted(roles))} role alone needs Kafka between the processes: "
                           f"give --kafka HOST:PORT (kafka.bootstrap), or use `fleetwatch run`")

@@ -684,6 +684,24 @@ def test_the_power_caps_drop_in_runs_the_agent_as_root_in_a_state_directory_of_i
     assert central.get("StateDirectory") == "fleetwatch"
 
 
+def test_the_central_unit_runs_no_simulated_fleet_into_the_real_topics():
+    """`fleetwatch run`'s default source is the simulator: the central unit had published 256 made-up GPUs,
+    a fault a minute, onto the fleet's Kafka beside its agents (critical alerts, drains of nodes that do
+    not exist). It runs every consumer and no source; the same without Kafka is refused, saying why."""
+    from pipeline.config import ConfigError
+    from pipeline.daemon import check_roles
+    from pipeline.roles import SOURCE_ROLES, run_roles
+    env = dict(v.split("=", 1) for s, k, v in units()["fleetwatch.service"] if s == "Service" and k == "Environment")
+    env = {k: v for k, v in env.items() if k.startswith("FLEETWATCH_") and k != "FLEETWATCH_DATA_DIR"}
+    cfg = load_config(None, env={**env, "FLEETWATCH_KAFKA__BOOTSTRAP": "kafka-1:9092"})
+    roles = run_roles(cfg)
+    assert {"archive", "detect", "notify", "power", "remediate"} <= roles and not roles & set(SOURCE_ROLES.values())
+    check_roles(cfg, roles)
+    alone = load_config(None, env=env)
+    with pytest.raises(ConfigError, match="daemon.source = none.*--kafka"):
+        check_roles(alone, run_roles(alone))
+
+
 @pytest.mark.parametrize("unit,role,port", [("fleetwatch-agent.service", "agent", AGENT_PORT),
                                             ("fleetwatch.service", "run", CENTRAL_PORT)])
 def test_systemd_unit_notifies_is_watched_restarts_and_runs_as_its_user(unit, role, port):
