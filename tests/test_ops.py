@@ -183,6 +183,17 @@ def test_a_quiet_source_paced_by_others_stalls_but_is_not_dead():
     assert h.unlive(clock()) == [] and h.stalls(clock()) == {("facility", SAMPLES): "no samples published for 660 s"}
 
 
+def test_a_source_paced_by_others_is_ready_before_it_publishes_while_its_broker_is_reached():
+    """The facility collector publishes when the BMS sends: ready only after its first publish, it held
+    up a compose stack whose simulator (the BMS there) waited for it to be healthy, for good. Ready
+    once its broker is reached; not while it is unreachable."""
+    h, progress, clock = health_of(RoleInfo("facility", False, 1.0, deps=("mqtt",), paced=True))
+    h.warmed = True
+    assert h.unready(clock()) == ["the MQTT broker is unreachable"]
+    progress.deps["mqtt"] = True
+    assert h.unready(clock()) == [] and h.unlive(clock()) == []
+
+
 def test_the_facility_and_dcgm_roles_are_attached_as_paced_by_others(tmp_path):
     from pipeline.daemon import Running
     from pipeline.ops.monitor import Operations

@@ -146,7 +146,10 @@ class Health:
         problems = []
         for r in self.roles:
             p = self.progress.roles.get(r.name)
-            if (p is None or p.first is None) and not (r.consumer and self.in_process):
+            # (a source others pace, the MQTT collector or the DCGM source, publishes when its BMS or exporters
+            # send: waiting for that, a compose stack whose simulator waited for the collector to be ready
+            # never started; its broker's reach is deps_down's)
+            if (p is None or p.first is None) and not (r.consumer and self.in_process) and not r.paced:
                 problems.append(f"role {r.name}: no successful {'read' if r.consumer else 'publish'} yet")
         problems += [f"{'Kafka' if d == 'kafka' else 'the MQTT broker'} is unreachable" for d in self.deps_down()]
         return problems + self.unlive(now)
