@@ -47,7 +47,8 @@ def read_archive(dataset: Path) -> dict[str, dict[str, Any]]:
     """Latest alert per fingerprint from the archive's alerts dataset."""
     from pipeline.analytics.archive import scan  # polars: only this path needs it; keeps the common path light
 
-    if not any(dataset.glob("*/*/*.parquet")):
+    from pipeline.sinks.parquet import DATA_FILES
+    if not any(dataset.glob(DATA_FILES)):
         return {}
     df = scan(dataset, "alerts").collect()
     df = df.sort("ts", maintain_order=True).unique("fingerprint", keep="last")

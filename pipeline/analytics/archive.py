@@ -18,12 +18,14 @@ report`) read, wherever it lives: on local disk, or as the Delta tables of `arch
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from pathlib import Path
 from typing import Iterator, Union
 
 from pipeline.model import ARCHIVE_SCHEMAS
 from pipeline.sinks.delta import DeltaLocation
+from pipeline.sinks.parquet import DATA_FILES
 
 Place = Union[Path, DeltaLocation]  # where an archive is: its folder, or its Delta tables
 
@@ -43,10 +45,11 @@ def place(cfg, data_dir_must_exist: bool = True) -> Place:
 
 def read_errors() -> tuple[type[BaseException], ...]:
     """What reading an archive raises when the data, not the code, is at fault: OSError (disk,
-    bucket), and where loaded, deltalake's (a table this reader cannot read) and DuckDB's (a
-    file it cannot parse). Anything else is a defect and is shown as one."""
+    bucket), and where loaded, deltalake's (a table this reader cannot read), DuckDB's and polars'
+    (a file it cannot parse). Anything else is a defect and is shown as one."""
     kinds: list[type[BaseException]] = [OSError]
-    for module, name in (("deltalake.exceptions", "DeltaError"), ("duckdb", "Error")):
+    for module, name in (("deltalake.exceptions", "DeltaError"), ("duckdb", "Error"),
+                         ("polars.exceptions", "ComputeError")):
         if module in sys.modules:
             kinds.append(getattr(sys.modules[module], name))
     return tuple(kinds)
@@ -66,12 +69,30 @@ def reading(command: str, where: Place) -> Iterator[None]:
         said = str(e)
         if isinstance(where, DeltaLocation) and not said.startswith("object storage:"):
             said = str(where.error(f"reading {where.url}", e))
-        if said.startswith("object storage:") and "DeltaProtocolError" in said:
+        if (damaged := damaged_file(said)) is not None:
+            said = damaged
+        elif said.startswith("object storage:") and "DeltaProtocolError" in said:
             said += " (the table uses a Delta feature this reader lacks: deltalake may need upgrading)"
         elif said.startswith("object storage:"):
             said += (" (is the bucket reachable from here, archive.s3_endpoint_url right if it is not AWS, and are "
                      "credentials set: AWS_* or archive.credentials_file?)")
         raise ConfigError(f"{command}: {said}") from None
+
+
+_DAMAGED = re.compile(r"No magic bytes found at end of file '([^']+)'|File '([^']+)' too small to be a Parquet file|"
+                      r"(parquet: File out of specification)")
+
+
+def damaged_file(said: str) -> str | None:
+    """What to do about a file of the archive that is not Parquet (zero bytes, cut short: a copy, or a
+    writer that crashed outside the archive's renames), from a reader's error (None: another error).
+    DuckDB names the file; polars does not."""
+    m = _DAMAGED.search(said)
+    if m is None:
+        return None
+    what = f"{m[1] or m[2]} is" if m[1] or m[2] else "a file of the archive is"
+    return (f"{what} not readable Parquet (zero bytes, or cut short: a copy, or a writer that crashed outside the "
+            f"archive's renames): move it out of the archive (`fleetwatch archive stats` lists every such file)")
 
 
 def shown(where: Place) -> str:
@@ -87,7 +108,7 @@ def dataset(where: Place, name: str):
 
     if not isinstance(where, DeltaLocation):
         folder = Path(where) / name
-        if not folder.is_dir() or next(folder.glob("*/*/*.parquet"), None) is None:
+        if not folder.is_dir() or next(folder.glob(DATA_FILES), None) is None:
             return None
         return scan(folder, name)
     from deltalake.exceptions import DeltaError
@@ -116,7 +137,8 @@ def scan(dataset_dir: Path | str, dataset: str | None = None):
     dataset_dir = Path(dataset_dir)
     name = dataset or dataset_dir.name
     schema = pl.from_arrow(ARCHIVE_SCHEMAS[name].empty_table()).schema
-    frame = pl.scan_parquet(dataset_dir, hive_partitioning=True, schema=schema, missing_columns="insert",
+    frame = pl.scan_parquet(str(dataset_dir / DATA_FILES), hive_partitioning=True, schema=schema,
+                            missing_columns="insert",
                             cast_options=pl.ScanCastOptions(datetime_cast="nanosecond-downcast"))
     return _derived(frame, name)
 

@@ -7,13 +7,15 @@ is one, its temperature another), and where compaction (sinks/compaction.py) has
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from pyarrow import ArrowException
 
 from pipeline.model import SCHEMAS
 from pipeline.sinks.delta import PARTITIONS, DeltaLocation
+from pipeline.sinks.parquet import HOUR_FILES
 
 _DAY = re.compile(r"date=(\d{4}-\d{2}-\d{2})$")
 
@@ -26,6 +28,7 @@ class DayStats:
     rows: int = 0
     bytes: int = 0
     values: int = 0   # non-null cells
+    unreadable: list[str] = field(default_factory=list)  # files whose footer is not Parquet's (zero bytes, cut short)
 
     @property
     def bytes_per_value(self) -> float | None:
@@ -67,15 +70,18 @@ def stats(where: Path | DeltaLocation) -> list[DayStats]:
             if not m:
                 continue
             day = DayStats(dataset, m[1])
-            for f in day_dir.glob("hour=*/*.parquet"):
+            for f in day_dir.glob(f"hour=*/{HOUR_FILES}"):
                 try:
                     rows, values = file_values(f)
                     size = f.stat().st_size
                 except FileNotFoundError:  # merged or pruned while we read: the next run counts its successor
                     continue
+                except (OSError, ArrowException):  # a file no writer of the archive wrote whole: said, not a traceback
+                    day.unreadable.append(str(f))
+                    continue
                 day.files, day.rows, day.bytes, day.values = (day.files + 1, day.rows + rows, day.bytes + size,
                                                               day.values + values)
-            if day.files:
+            if day.files or day.unreadable:
                 out.append(day)
     return out
 
@@ -85,7 +91,6 @@ def _delta_stats(where: DeltaLocation) -> list[DayStats]:
     whose log entry lacks a column's (a table created before sinks/delta.NEW_TABLE, where Delta
     kept the first 32 columns'; a file older than a column) has its footer read."""
     from deltalake.exceptions import DeltaError
-    from pyarrow import ArrowException
     out = []
     for dataset in SCHEMAS:
         table = where.table(dataset)
@@ -142,5 +147,11 @@ def text(days: list[DayStats]) -> str:
     rows += [[t.dataset, "all", f"{t.files:,}", f"{t.rows:,}", f"{t.bytes / 2**20:,.1f}",
               "-" if t.bytes_per_value is None else f"{t.bytes_per_value:.3f}"] for t in totals.values()]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in [head, *rows])
+    table = "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                       for r in [head, *rows])
+    unreadable = [f for d in days for f in d.unreadable]
+    if unreadable:
+        table += (f"\n{len(unreadable)} files are not readable Parquet (a writer that crashed before the archive "
+                  f"wrote by rename, a copy cut short): the readers refuse the archive while they are there; move "
+                  f"them out of it:\n" + "\n".join(f"  {f}" for f in unreadable))
+    return table

@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 
 from pipeline.model import ARCHIVE_FORMAT, ARCHIVE_SCHEMAS, SCHEMAS, archive_format, schema_version
 from pipeline.sinks.files import fsync_dir, write_atomically
-from pipeline.sinks.parquet import TIME_COLUMN, as_current, on_disk
+from pipeline.sinks.parquet import HOUR_FILES, TIME_COLUMN, as_current, on_disk
 
 log = logging.getLogger("fleetwatch")
 
@@ -131,7 +131,7 @@ def compact(archive: Path, after_s: float = 900.0, now: datetime | None = None,
                     continue
                 try:
                     _compact_hour(archive, dataset, folder, stats, int(min_free_mb * 2**20))
-                except (OSError, pa.ArrowException) as e:
+                except (OSError, pa.ArrowException, ValueError, KeyError) as e:  # (the data's, not the code's)
                     why = f"{folder.relative_to(archive).as_posix()}: {e}"
                     log.warning("archive compaction: %s; that hour is left as it is (readers read it as it is), "
                                 "and the others are merged", why)
@@ -195,7 +195,7 @@ def _current(dataset: str, f: Path) -> bool:
 
 
 def _compact_hour(archive: Path, dataset: str, folder: Path, stats: CompactionStats, min_free: int = 0) -> None:
-    files = sorted(folder.glob("*.parquet"))
+    files = sorted(folder.glob(HOUR_FILES))
     groups = _groups(files)
     if all(len(g) == 1 for g in groups.values()) and all(_current(dataset, f) for f in files):
         return  # one file per partition already, as the writer writes them today

@@ -49,6 +49,12 @@ log = logging.getLogger(__name__)
 _KAFKA_NAME = re.compile(r"part-p(\d{4})-o(\d{16})-(\d{16})\.parquet")  # a Kafka buffer's file: partition, offsets
 
 HOUR_NS = 3_600_000_000_000
+# An hour's data files: the writers' and compaction's names. A hidden or underscore name (a copy tool's
+# `.part-x.parquet`, Spark's `_SUCCESS`) is not data, as Hive and Spark read a folder: every reader,
+# compaction and `archive stats` skip it (read, a hidden copy of a file had counted its rows twice, and a
+# stray non-Parquet file had failed polars' scan of the whole dataset).
+HOUR_FILES = "[!._]*.parquet"
+DATA_FILES = f"date=*/hour=*/{HOUR_FILES}"  # a dataset's, from its folder (a glob for pathlib, polars, DuckDB)
 # The column that places a row in a partition.
 TIME_COLUMN = {name: ("start" if name == "fault_labels" else "ts") for name in SCHEMAS}
 
@@ -61,6 +67,14 @@ def as_current(dataset: str, batch: pa.RecordBatch) -> pa.RecordBatch:
         return batch
     if b"fleetwatch.version" in (batch.schema.metadata or {}):
         batch = upgraded(batch)
+    # A column the batch lacks (an archived file older than UPGRADES reaches, gpu_sample v1): null, as every
+    # reader reads it (compaction had raised on such an hour, and merged no later one, ever); one that may not
+    # be null is an error, said with the hour it is in.
+    lacking = [f for f in schema if f.name not in batch.schema.names]
+    if any(not f.nullable for f in lacking):
+        raise ValueError(f"a {dataset} batch without {', '.join(f.name for f in lacking if not f.nullable)}")
+    for f in lacking:
+        batch = batch.append_column(f.name, pa.nulls(batch.num_rows, f.type))
     return cast_by_name(schema, batch)
 
 
