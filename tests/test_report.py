@@ -68,3 +68,42 @@ def test_an_empty_archive_gives_a_page_that_says_so(tmp_path: Path, capsys) -> N
     assert "data:image/png" not in page
     assert main(["report", "--data-dir", str(tmp_path), "--out", str(tmp_path / "no" / "r.html")]) == 2
     assert "folder that exists" in capsys.readouterr().err
+
+
+def test_the_summary_the_timeline_and_the_power_say_what_happened_in_the_period(tmp_path: Path) -> None:
+    """Node-hours as reported: a node silent for half the hour had been counted for the whole of it (its
+    first and last sample spanned the silence). The timeline: a node that failed and recovered before the
+    period had its own empty row. Power: a rack's A and B PDUs and a site's two meters are summed (their
+    means had been averaged: the rack at half its power)."""
+    from datetime import timedelta
+
+    from pipeline.analytics.query import Archive
+    from pipeline.analytics.report import Period, _minutes, _summary, _timeline
+    from pipeline.model import FACILITY_SAMPLE, GPU_SAMPLE, NODE_HEALTH
+    from pipeline.sinks.parquet import ArchiveWriter
+    from tests.archives import N, T0, batch, gpu_rows
+    w = ArchiveWriter(tmp_path / "archive", writer_id="test")
+    w.add("gpu_samples", batch(GPU_SAMPLE, gpu_rows("n01", 0, range(N), 0.9, 600, 700)))
+    w.add("gpu_samples", batch(GPU_SAMPLE, gpu_rows("n02", 0, [*range(90), *range(270, N)], 0.9, 600, 700)))
+    w.add("node_health", batch(NODE_HEALTH, {
+        "ts": [T0 - timedelta(hours=5), T0 - timedelta(hours=4)], "site": ["s1"] * 2, "rack": ["r01"] * 2,
+        "node": ["n09"] * 2, "state": ["failing", "healthy"], "previous": ["healthy", "failing"],
+        "reasons": ["GpuFellOffBus", ""]}))
+    devices = [("r01", "pdu-r01-a", "rack", 20e3), ("r01", "pdu-r01-b", "rack", 20e3),
+               ("", "meter-1", "meter", 100e3), ("", "meter-2", "meter", 50e3)]
+    ts = [T0 + timedelta(seconds=10 * k) for k in range(N)]
+    w.add("facility_samples", batch(FACILITY_SAMPLE, {
+        "ts": ts * len(devices), "site": ["s1"] * N * len(devices),
+        "rack": [d[0] for d in devices for _ in ts], "device": [d[1] for d in devices for _ in ts],
+        "metric": ["power_w"] * N * len(devices), "value": [d[3] for d in devices for _ in ts],
+        "quality": [1] * N * len(devices), "device_class": [d[2] for d in devices for _ in ts]}))
+    w.flush()
+    con = Archive(tmp_path / "archive").connect()
+    p = Period(T0, T0 + timedelta(hours=1))
+    try:
+        assert "<b>1.5</b> node-hours reported" in _summary(con, p).html
+        assert "no alerts and no node health changes in the period" in _timeline(con, p).html
+        assert {(m["who"], m["value"]) for m in _minutes(con, p, "rack", "power_w")} == {("r01", 40e3)}
+        assert {(m["who"], m["value"]) for m in _minutes(con, p, "meter", "power_w")} == {("s1", 150e3)}
+    finally:
+        con.close()

@@ -68,9 +68,14 @@ class Period:
         return f"{column} >= '{self.lo}' and {column} < '{self.hi}'"
 
 
+PERIOD_ONLY = ("gpu_samples", "facility_samples")  # what the report reads of its period alone
+
+
 def build(where: Place, since: datetime, until: datetime, cfg) -> list[Section]:
     """The page's sections for [since, until)."""
-    con = Archive.at(where).connect()
+    # The samples of the period's days only (on an archive of years, binding every file's footer was most of a
+    # report's time); the alerts and node health whole: an alert or a failing spell may start before it.
+    con = Archive.at(where).connect(days={name: (since.date(), until.date()) for name in PERIOD_ONLY})
     p = Period(since, until)
     try:
         return [_summary(con, p), _timeline(con, p), _heat(con, p), _power(con, p, cfg), _coolant(con, p, cfg),
@@ -111,8 +116,13 @@ def _figure(width: float = 10.0, height: float = 3.5):
 def _summary(con, p: Period) -> Section:
     [g] = _q(con, f"select count(distinct gpu_uuid) as gpus, count(distinct node) as nodes from gpu_samples "
                   f"where {p.where()}")
-    [h] = _q(con, f"select coalesce(sum(span), 0) / 3600.0 as node_hours from (select node, "  # (as reported)
-                  f"epoch(max(ts)) - epoch(min(ts)) as span from gpu_samples where {p.where()} group by node)")
+    # As reported: each node's scrapes times its interval (the median step between them), so that a node silent
+    # for a while counts none of its silence (its first and last sample had spanned it)
+    [h] = _q(con, f"""
+        with t as (select distinct node, ts from gpu_samples where {p.where()}),
+        g as (select node, epoch(ts) - epoch(lag(ts) over (partition by node order by ts)) as step from t)
+        select coalesce(sum(n * coalesce(every, 0)), 0) / 3600.0 as node_hours from (
+          select node, count(*) as n, median(step) filter (where step > 0) as every from g group by node)""")
     alerts = _q(con, f"select alertname, severity, count(*) as n from alerts where status = 'firing' and "
                      f"{p.where('starts_at')} group by all order by n desc, alertname")
     failed = _q(con, f"select node, count(*) as times, min(ts) as first from node_health where state = 'failing' "
@@ -171,8 +181,10 @@ def _timeline(con, p: Period) -> Section:
         group by fingerprint, who, alertname, severity, starts_at
         having coalesce(max(ends_at), timestamptz '{hi}') >= '{lo}' order by who, starts_at""")
     failing = _q(con, f"""
-        select node, ts as start, lead(ts, 1, timestamptz '{hi}') over (partition by node order by ts) as stop, state
-        from node_health where ts < '{hi}' qualify state = 'failing'""")
+        select * from (
+          select node, ts as start, lead(ts, 1, timestamptz '{hi}') over (partition by node order by ts) as stop, state
+          from node_health where ts < '{hi}' qualify state = 'failing')
+        where stop >= '{lo}'""")  # (a spell that ended before the period is not in it)
     if not spans and not failing:
         s.html = "<p class='none'>no alerts and no node health changes in the period</p>"
         return s
@@ -237,10 +249,15 @@ def _heat(con, p: Period) -> Section:
 
 
 def _minutes(con, p: Period, device_class: str, metric: str) -> list[dict[str, Any]]:
+    """Per rack (a site's meters: per site) and minute: each device's mean, summed over the devices (a rack fed
+    by A and B PDUs, a site of two meters: their means had been averaged, the rack at half its power)."""
     return _q(con, f"""
-        select rack, date_trunc('minute', ts) as minute, avg(value) as value from facility_samples
-        where {p.where()} and device_class = '{device_class}' and metric = '{metric}' and quality = 1
-        group by all order by rack, minute""")
+        select who, minute, sum(value) as value from (
+          select if(rack = '', site, rack) as who, device, date_trunc('minute', ts) as minute, avg(value) as value
+          from facility_samples
+          where {p.where()} and device_class = '{device_class}' and metric = '{metric}' and quality = 1
+          group by all)
+        group by all order by who, minute""")
 
 
 def _power(con, p: Period, cfg) -> Section:
@@ -252,8 +269,8 @@ def _power(con, p: Period, cfg) -> Section:
     rating, cap = cfg.fleet.pdu_rating_w, cfg.detect.site_power_cap_w
     if pdu:
         fig, ax = _figure()
-        for rack in sorted({p["rack"] for p in pdu}):
-            mine = [p for p in pdu if p["rack"] == rack]
+        for rack in sorted({p["who"] for p in pdu}):
+            mine = [p for p in pdu if p["who"] == rack]
             ax.plot([p["minute"] for p in mine], [p["value"] / 1000.0 for p in mine], label=rack, linewidth=1)
         ax.axhline(rating / 1000.0, color="#c0392b", linestyle="--", linewidth=1, label="PDU rating")
         ax.set_ylabel("kW (1-minute means)")
@@ -261,15 +278,17 @@ def _power(con, p: Period, cfg) -> Section:
         s.charts.append(Chart("rack_power", "rack PDU power", _png(fig)))
     if meter:
         fig, ax = _figure(10.0, 2.8)
-        ax.plot([m["minute"] for m in meter], [m["value"] / 1000.0 for m in meter], color="#2c3e50", linewidth=1,
-                label="site meter")
+        for site in sorted({m["who"] for m in meter}):
+            mine = [m for m in meter if m["who"] == site]
+            ax.plot([m["minute"] for m in mine], [m["value"] / 1000.0 for m in mine], linewidth=1,
+                    label=f"{site} meters")
         if cap:
             ax.axhline(cap / 1000.0, color="#c0392b", linestyle="--", linewidth=1, label="site cap")
         ax.set_ylabel("kW (1-minute means)")
         ax.legend(fontsize=7)
         s.charts.append(Chart("site_power", "site power", _png(fig)))
     peak = max(pdu, key=lambda p: p["value"], default=None)
-    s.html = ("<p>" + (f"Highest rack minute: <b>{peak['rack']}</b> at {peak['value'] / 1000:.1f} kW, "
+    s.html = ("<p>" + (f"Highest rack minute: <b>{peak['who']}</b> at {peak['value'] / 1000:.1f} kW, "
                        f"{100 * peak['value'] / rating:.0f}% of its {rating / 1000:g} kW rating. " if peak else "")
               + (f"Site cap {cap / 1000:g} kW." if cap else "No site cap configured (detect.site_power_cap_w).")
               + "</p>")
@@ -285,10 +304,11 @@ def _coolant(con, p: Period, cfg) -> Section:
                  avg(value) filter (where metric = 'return_temp_c') as ret,
                  avg(value) filter (where metric = 'flow_lpm') as flow
           from facility_samples where {p.where()} and device_class = 'cdu' and quality = 1 group by all),
-        p as (
-          select rack, date_trunc('minute', ts) as minute, avg(value) as power
-          from facility_samples where {p.where()} and device_class = 'rack' and metric = 'power_w' and quality = 1
-          group by all)
+        p as (  -- (each PDU's mean, summed over the rack's: its A and B feeds)
+          select rack, minute, sum(power) as power from (
+            select rack, device, date_trunc('minute', ts) as minute, avg(value) as power
+            from facility_samples where {p.where()} and device_class = 'rack' and metric = 'power_w' and quality = 1
+            group by all) group by all)
         select m.rack, m.minute, m.ret - m.supply as measured,
                {cfg.detect.liquid_fraction} * p.power / (m.flow / 60.0 * {COOLANT_CP_J_PER_KG_K}) as predicted
         from m join p using (rack, minute) where m.flow > 0 order by m.rack, m.minute""")
