@@ -148,6 +148,24 @@ def test_an_archive_of_older_files_only(tmp_path: Path) -> None:
     assert r.site.avg_kw == pytest.approx(200.0) and r.site.capacity_factor_pct == pytest.approx(50.0)
 
 
+def test_a_renamed_node_and_a_replaced_gpu_are_the_gpus_they_were(tmp_path: Path) -> None:
+    """A node renamed half-way (the same GPUs, their UUIDs, under a new name) and a GPU replaced in its
+    slot (a new UUID where the old one was): each slot was counted a GPU, and each name's time without
+    it as not reporting (4 GPUs for 2, half the hours not reporting). Positions, by the UUIDs they share."""
+    half = N // 2
+    first, second = gpu_rows("n04", 0, range(half), 0.9, 600, 700), gpu_rows("n04b", 0, range(half, N), 0.9, 600, 700)
+    second["gpu_uuid"] = first["gpu_uuid"][:1] * len(second["ts"])  # (the same GPU under the node's new name)
+    old, new = gpu_rows("n05", 0, range(half), 0.9, 600, 700), gpu_rows("n05", 0, range(half, N), 0.9, 600, 700)
+    new["gpu_uuid"] = ["GPU-replacement"] * len(new["ts"])
+    w = ArchiveWriter(tmp_path / "archive", writer_id="test")
+    for rows in (first, second, old, new):
+        w.add("gpu_samples", batch(GPU_SAMPLE, rows))
+    w.flush()
+    r = report(tmp_path / "archive")
+    assert r.gpus == 2 and r.total == pytest.approx(2.0)
+    assert r.not_reporting == pytest.approx(0.0, abs=1e-9) and r.productive == pytest.approx(2.0)
+
+
 def run_cli(*argv: str) -> int:
     p = argparse.ArgumentParser(prog="fleetwatch")
     add_parser(p.add_subparsers(dest="command", required=True))

@@ -137,6 +137,28 @@ def _utc(t: datetime) -> datetime:
     return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
 
+def _units(per_gpu) -> list[int]:
+    """Per GPU slot (site, node, index): its physical position, one for the slots that share a GPU (its UUID)
+    and for the GPUs one slot held: a node renamed, a GPU moved or replaced is one GPU expected for the
+    period, not two (a renamed node's GPUs had been counted twice, and each name's time without it as not
+    reporting: 23% of a fleet's capacity for 4%)."""
+    parent = list(range(per_gpu.height))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    holder: dict[str, int] = {}
+    for i, uuids in enumerate(per_gpu["uuids"].to_list()):
+        for u in uuids or ():
+            if u in holder:
+                parent[root(i)] = root(holder[u])
+            else:
+                holder[u] = i
+    return [root(i) for i in range(per_gpu.height)]
+
+
 def newest(where: Place) -> datetime | None:
     """The last GPU sample's time (one column read)."""
     import polars as pl
@@ -172,7 +194,7 @@ def report(where: Place | str, since: datetime | None = None, until: datetime | 
     first, last = bounds["first"][0], bounds["last"][0]
     if first is None:
         return empty()
-    g = g.select("ts", *GPU_KEY, "power_w", "util_gpu", "power_limit_w")
+    g = g.select("ts", *GPU_KEY, "gpu_uuid", "power_w", "util_gpu", "power_limit_w")
     if since:
         g = g.filter(pl.col("ts") >= since)
     if until:
@@ -185,19 +207,20 @@ def report(where: Place | str, since: datetime | None = None, until: datetime | 
     spacing = (pl.col("last") - pl.col("first")).dt.total_nanoseconds() / (pl.col("n") - 1)
     per_gpu = (g.group_by(*GPU_KEY, pl.col("ts").dt.truncate(INTERVAL_BUCKET).alias("bucket"))
                .agg(pl.len().alias("n"), pl.col("ts").min().alias("first"), pl.col("ts").max().alias("last"),
-                    pl.col("power_limit_w").max().alias("top_w"))
+                    pl.col("power_limit_w").max().alias("top_w"), pl.col("gpu_uuid").unique().alias("uuids"))
                .group_by(GPU_KEY)
                .agg(spacing.filter((pl.col("n") > 1) & (spacing > 0)).median().alias("interval_ns"),
                     ((pl.col("last").max() - pl.col("first").min()).dt.total_nanoseconds()
                      / (pl.col("n").sum() - 1)).alias("mean_ns"),
-                    pl.col("n").sum(), pl.col("top_w").max())
+                    pl.col("n").sum(), pl.col("top_w").max(), pl.col("uuids").explode().drop_nulls().unique())
                .with_columns(pl.col("interval_ns").fill_null(pl.when(pl.col("mean_ns") > 0).then(pl.col("mean_ns"))))
                .collect(engine="streaming"))
     if per_gpu.height == 0:
         return empty()
     # A GPU with a single sample in the period takes the fleet's interval.
     fleet_ns = per_gpu["interval_ns"].median()
-    per_gpu = per_gpu.with_columns(pl.col("interval_ns").fill_null(fleet_ns).fill_null(0.0))
+    per_gpu = per_gpu.with_columns(pl.col("interval_ns").fill_null(fleet_ns).fill_null(0.0),
+                                   pl.Series("unit", _units(per_gpu)))
     interval_s = float(per_gpu["interval_ns"].median()) / 1e9
 
     start = max(_utc(first), since) if since else _utc(first)
@@ -232,7 +255,7 @@ def report(where: Place | str, since: datetime | None = None, until: datetime | 
               .collect(engine="streaming"))
     # The draw a capped GPU would have: its mean while productive (busy, uncapped, not faulted).
     draw = counts.filter(pl.col("cls") == "productive").select(*GPU_KEY, pl.col("mean_w").alias("draw_w"))
-    t = (counts.join(per_gpu.select(*GPU_KEY, "interval_ns"), on=GPU_KEY, how="left")
+    t = (counts.join(per_gpu.select(*GPU_KEY, "interval_ns", "unit"), on=GPU_KEY, how="left")
          .join(draw, on=GPU_KEY, how="left")
          .with_columns((pl.col("n") * pl.col("interval_ns") / 3.6e12).alias("h")))
 
@@ -240,23 +263,24 @@ def report(where: Place | str, since: datetime | None = None, until: datetime | 
     # Each GPU is expected for the whole period; what its samples cover beyond that (the last
     # sample's interval past a requested end, timing jitter) is scaled away, so the hours add up.
     period_h = (end - start).total_seconds() / 3600.0
-    covered = t.group_by(GPU_KEY).agg(pl.col("h").sum().alias("covered_h"))
-    t = (t.join(covered, on=GPU_KEY)
+    covered = t.group_by("unit").agg(pl.col("h").sum().alias("covered_h"))
+    t = (t.join(covered, on="unit")
          .with_columns((pl.col("h") * pl.min_horizontal(pl.lit(1.0), period_h / pl.col("covered_h"))).alias("h")))
     by_cls = dict(t.group_by("cls").agg(pl.col("h").sum()).iter_rows())
     capped_h = by_cls.get("capped", 0.0)
     lost_h = float((t["h"] * t["lost_frac"]).sum())
     # Time a GPU did not report while a fault held it (it fell off the bus, its node went silent:
     # GpuFellOffBus, GpuNotReporting, NodeNotReporting are fault alerts) was lost to the fault.
-    per = (t.group_by(GPU_KEY)
+    per = (t.group_by(*GPU_KEY, "unit")
            .agg(pl.col("h").sum().alias("reported_h"), pl.col("h").filter(pl.col("cls") == "faulted").sum()
                 .alias("faulted_h"))
            .join(_fault_cover(faults, per_gpu.select(GPU_KEY), start, end), on=GPU_KEY, how="left")
+           .with_columns(pl.col("reported_h").sum().over("unit").alias("unit_h"))
            .with_columns(pl.min_horizontal((pl.col("cover_h").fill_null(0.0) - pl.col("faulted_h")).clip(0.0),
-                                           (period_h - pl.col("reported_h")).clip(0.0)).alias("silent_h"))
+                                           (period_h - pl.col("unit_h")).clip(0.0)).alias("silent_h"))
            .with_columns((pl.col("faulted_h") + pl.col("silent_h")).alias("gpu_hours")))
     silent_h = float(per["silent_h"].sum())
-    gpus = per_gpu.height
+    gpus = per_gpu["unit"].n_unique()
     reported_h = sum(by_cls.values())
     top = (per.filter(pl.col("gpu_hours") > 0).group_by("site", "node").agg(pl.col("gpu_hours").sum())
            .sort(["gpu_hours", "node"], descending=[True, False]).head(5))
