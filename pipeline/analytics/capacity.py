@@ -194,11 +194,7 @@ def report(where: Place | str, since: datetime | None = None, until: datetime | 
     first, last = bounds["first"][0], bounds["last"][0]
     if first is None:
         return empty()
-    g = g.select("ts", *GPU_KEY, "gpu_uuid", "power_w", "util_gpu", "power_limit_w")
-    if since:
-        g = g.filter(pl.col("ts") >= since)
-    if until:
-        g = g.filter(pl.col("ts") < until)
+    g = within(g, since, until).select("ts", *GPU_KEY, "gpu_uuid", "power_w", "util_gpu", "power_limit_w")
 
     # The interval: per GPU and 10 minutes, the mean spacing of its samples; per GPU, the median of
     # those: robust to the stretches with gaps or a stray early sample, and no sort of every
@@ -234,7 +230,7 @@ def report(where: Place | str, since: datetime | None = None, until: datetime | 
     # Each node's default limit: the highest it enforced in the period or the week before (a period
     # inside a long event is capped all along). Per node, not per model: a site may run some nodes
     # at a lower limit of its own, and a node never seen above a limit in all that time holds it.
-    window = history.filter((pl.col("ts") >= start - DEFAULT_LOOKBACK) & (pl.col("ts") < end))
+    window = within(history, start - DEFAULT_LOOKBACK, end)
     node_default = (window.group_by("site", "node").agg(pl.col("power_limit_w").max().alias("default_w"))
                     .collect(engine="streaming").lazy())
     busy = pl.col("util_gpu").is_null() | (pl.col("util_gpu") >= IDLE_UTIL)
@@ -357,6 +353,17 @@ def _fault_cover(faults, gpus, start: datetime, end: datetime):
             .agg(((pl.col("fend") - pl.col("fstart")).dt.total_nanoseconds().sum() / 3.6e12).alias("cover_h")))
 
 
+def within(frame, since: datetime | None, until: datetime | None):
+    """The rows of [since, until) (None: open), by their time and by their day's partition: the day reaches
+    the scan, which reads only that period's files (by time alone, an archive of years read every footer)."""
+    import polars as pl
+    if since:
+        frame = frame.filter((pl.col("date") >= since.date()) & (pl.col("ts") >= since))
+    if until:
+        frame = frame.filter((pl.col("date") <= until.date()) & (pl.col("ts") < until))
+    return frame
+
+
 def _mark_faulted(s, g, faults):
     """Adds `faulted` to the samples `s`: the faulted ones' keys are found first, in the samples
     `g` of the nodes that had a fault only, and joined as a small table."""
@@ -379,12 +386,8 @@ def _site_power(facility, since: datetime | None, until: datetime | None, cap_w:
     import polars as pl
     if facility is None:
         return SitePower(capacity_kw=cap_w / 1000.0)
-    f = facility.filter((pl.col("metric") == "power_w") & (pl.col("device_class") == "meter")
-                        & (pl.col("quality") == 1) & pl.col("value").is_not_null())
-    if since:
-        f = f.filter(pl.col("ts") >= since)
-    if until:
-        f = f.filter(pl.col("ts") < until)
+    f = within(facility, since, until).filter((pl.col("metric") == "power_w") & (pl.col("device_class") == "meter")
+                                              & (pl.col("quality") == 1) & pl.col("value").is_not_null())
     minutes = (f.group_by("site", "device", pl.col("ts").dt.truncate(SITE_BUCKET).alias("minute"))
                .agg(pl.col("value").mean())
                .group_by("minute").agg(pl.col("value").sum().alias("w"), pl.col("site").n_unique().alias("sites")))
