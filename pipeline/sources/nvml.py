@@ -30,8 +30,10 @@
   becomes a `gpu_lost` event and its samples stop. Energy going backwards means the
   GPU was reset (counters restart at zero): a `gpu_reset` event, so that detectors
   take the drop for what it is.
-- No driver (NVML_ERROR_LIBRARY_NOT_FOUND, NVML_ERROR_DRIVER_NOT_LOADED): one clear
-  message (`NvmlUnavailable`, exit status 2).
+- No driver: one clear message. The library missing or no permission is a setup problem
+  (`NvmlUnavailable`, exit status 2); the driver not loaded yet is a moment (a boot that starts
+  the agent before the driver, a driver upgrade: `NvmlDriverNotLoaded`, exit status 75, which a
+  supervisor restarts: with 2, systemd's RestartPreventExitStatus had left the agent dead).
 
 Tests run this same code against a recording of a real H100 (sources/nvml_replay.py).
 """
@@ -52,7 +54,7 @@ import numpy as np
 import pyarrow as pa
 import pynvml
 
-from pipeline.config import AgentConfig, ConfigError
+from pipeline.config import AgentConfig, ConfigError, Unavailable
 from pipeline.model import EVENT, GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD
 from pipeline.sources.job_mapping import JobMapping
 from pipeline.sources.nvml_power import PowerLimiter
@@ -150,6 +152,10 @@ class NvmlUnavailable(ConfigError):
     """NVML cannot run on this host: a setup problem, exit status 2."""
 
 
+class NvmlDriverNotLoaded(Unavailable):
+    """The NVIDIA driver is not loaded now (module doc): exit status 75, tried again."""
+
+
 @dataclass
 class Gpu:
     index: int
@@ -211,7 +217,8 @@ class NvmlAgent:
             why = _NO_DRIVER.get(e.value)
             if why is None:
                 raise
-            raise NvmlUnavailable(
+            kind = NvmlDriverNotLoaded if e.value == pynvml.NVML_ERROR_DRIVER_NOT_LOADED else NvmlUnavailable
+            raise kind(
                 f"NVML: {why} ({type(e).__name__}, NVML error {e.value}) on node {self.node!r}. `fleetwatch agent` "
                 f"needs an NVIDIA GPU with its driver: check `nvidia-smi`. Without a GPU use `fleetwatch run` "
                 f"(simulated fleet) or agent.replay = DIR (recorded NVML data).") from None

@@ -8,7 +8,8 @@ import json
 import pynvml
 import pytest
 
-from pipeline.sources.nvml import NvmlUnavailable
+from pipeline.config import ConfigError, Unavailable
+from pipeline.sources.nvml import NvmlDriverNotLoaded, NvmlUnavailable
 from pipeline.sources.nvml_replay import NvmlReplay
 from tests.conftest import H100, H200, fleetwatch
 from tests.helpers import archived
@@ -78,9 +79,16 @@ def test_eight_replayed_h200s_scraped_every_0_2_s_raise_nothing(tmp_path):
 
 
 def test_no_driver_is_one_clear_message_and_exit_status_2(tmp_path):
+    """No library: a setup problem, status 2. The driver not loaded yet (a boot that starts the agent first, a
+    driver upgrade) is a moment: status 75, which systemd restarts (with 2, RestartPreventExitStatus=2 had
+    left a GPU node's agent dead after every such boot)."""
     replay = NvmlReplay(H100, init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
-    with replay.installed(), pytest.raises(NvmlUnavailable, match="the NVIDIA driver is not loaded"):
+    with replay.installed(), pytest.raises(NvmlDriverNotLoaded, match="the NVIDIA driver is not loaded"):
         agent().open()
+    replay = NvmlReplay(H100, init_error=pynvml.NVML_ERROR_NO_PERMISSION)
+    with replay.installed(), pytest.raises(NvmlUnavailable, match="may not open the GPUs"):
+        agent().open()
+    assert issubclass(NvmlDriverNotLoaded, Unavailable) and not issubclass(NvmlDriverNotLoaded, ConfigError)
     if ctypes.util.find_library("nvidia-ml"):
         pytest.skip("this host has NVML: the no-library case cannot be shown here")
     r = fleetwatch("run", "--source", "nvml", "--duration", "5", "--data-dir", "data", cwd=tmp_path, timeout=60)
