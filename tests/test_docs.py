@@ -125,3 +125,14 @@ def test_the_readme_is_a_front_page_that_links_every_doc():
         assert page.resolve() in targets, f"README's 'Where things are' does not link {page.relative_to(REPO)}"
     size = len(readme.read_bytes())
     assert size < 13_000, f"README.md is {size} bytes: it is the front page, move reference material to docs/"
+
+
+def test_the_metrics_labels_name_every_role_and_dataset():
+    """docs/operations.md's lists of the `role` and `dataset` label values: every role and dataset there is
+    (it had missed power, remediate and the power and remediation datasets)."""
+    from pipeline.model import SCHEMAS
+    from pipeline.roles import ROLES
+    text = (REPO / "docs" / "operations.md").read_text()
+    roles, datasets = (re.search(rf"`{label}` (?:is|an) [^(]*\(([^)]*)\)", text)[1] for label in ("role", "dataset"))
+    assert re.findall(r"`(\w+)`", roles) == list(ROLES)
+    assert re.findall(r"`(\w+)`", datasets) == list(SCHEMAS)
