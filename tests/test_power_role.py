@@ -1043,6 +1043,30 @@ def test_a_request_restored_and_waiting_for_the_meter_s_last_readings_is_reporte
     assert not again.of(Topic.POWER_REPORTS)
 
 
+def test_a_request_whose_staged_restore_a_stop_cuts_short_is_reported_with_its_hold_s_verdict(tmp_path, caplog):
+    """The role stops while a request's caps rise (a deploy at a large site, whose restore takes minutes): its
+    hold was over and judged, but it was left open in the store, and the next start took it for one that
+    ended while the role was down: not met, its verdict lost. Reported by the stop, met; its caps lifted."""
+    h = Harness(tmp_path, restore_rate_kw_s=0.05)
+    h.run(90)
+    rid = h.ask(reduction_pct=8, duration_s=120)
+    for _ in range(400):
+        h.run(1)
+        t = h.role.tracked[rid]
+        if t.outcome is not None and t.outcome.restore_from is not None and h.role.ctl.phase == "restoring":
+            break
+    h.run(10)
+    assert t.outcome.restore_done is None and (h.sim.caps < 700).any()  # (rising, 0.5 kW every step)
+    with caplog.at_level(logging.WARNING, logger="fleetwatch"):
+        asyncio.run(h.role.close())
+    assert "stops during its staged restore" in caplog.text and (h.sim.caps == 700).all()
+    (row,) = h.of(Topic.POWER_REPORTS)
+    assert row["id"] == rid and row["state"] == "done" and row["met"], row
+    again = Harness(tmp_path, sim=h.sim)
+    again.run(10)
+    assert not again.of(Topic.POWER_REPORTS)
+
+
 def test_a_request_on_one_rack_is_judged_by_its_pdu_through_the_role(tmp_path):
     """A rack request is judged by the covered racks' PDUs; the role reads their last reading's time
     to tell a silent PDU (it had unpacked each reading as two values, and crashed on three)."""

@@ -686,10 +686,15 @@ class PowerRole:
         for poller in (self.labels, self.jobs):
             if poller is not None:
                 await poller.close()
+        cut = [t for t in self.tracked.values() if t.state in OPEN and t.outcome is not None
+               and t.outcome.restore_from is not None and t.outcome.restore_done is None]
+        for t in cut:  # (a cap never outlives its controller: lifted at once, as a stop during a hold lifts them)
+            log.warning("power request %s: the power role stops during its staged restore: its %d caps left are "
+                        "lifted at once", t.req.id, int(np.count_nonzero(~np.isnan(self.ctl.cap))))
         self.ctl.stop()
         await self._send_caps(now)
-        for t in list(self.tracked.values()):  # restored, waiting for the meter's last readings: over
-            if t.state in OPEN and t.outcome is not None and t.outcome.restore_done is not None:
+        for t in list(self.tracked.values()):  # its hold over (restored or restoring): its verdict is known
+            if t.state in OPEN and t.outcome is not None and t.outcome.restore_from is not None:
                 await self._finish(t, now, "cancelled" if t.cancelled else "done")
         for t in self.tracked.values():
             if t.alert is not None:
