@@ -644,11 +644,17 @@ class Controller:
     def observe_facility(self, batch: pa.RecordBatch) -> None:
         metric, device_class = batch.column("metric"), batch.column("device_class")
         pdu_read = None  # the PDU readings' times, if the batch holds some
-        # The counters' means only where the GPUs too are read 5 s apart or more (GpuTable.means): the caps'
+        # A PDU's counter means only where the GPUs too are read 5 s apart or more (GpuTable.means): the caps'
         # change each PDU reading is set against comes from the GPUs' readings, means or instants like them.
-        means = self.gpus.means()
-        if not means:
-            self.counters.clear()
+        # The site meter's wherever it is itself read that far apart: a BMS polled every 30-60 s beside GPUs
+        # read every second had judged a hold on one or two instants a minute of a load that swings (a false
+        # "not met" at 10.5 kW of 11.1 asked, the truth 12.2), where its energy counter gives each
+        # reading's whole interval.
+        gpu_means = self.gpus.means()
+        by_class = {"rack": gpu_means,
+                    "meter": gpu_means or (len(self.meter) > 1 and self._meter_interval_s() >= MEAN_AFTER_S)}
+        for key in [k for k in self.counters if not by_class.get(k[0], False)]:
+            del self.counters[key]
         # The data's time now, by most GPUs' clocks: a reading stamped more than NEWEST_AHEAD ahead of it (a
         # BMS clock that runs ahead, within the intake window) is measured but not remembered as the device's
         # newest, so that it hides none of the device's later readings. (GPU data that runs behind the meter,
@@ -657,6 +663,7 @@ class Controller:
         ahead_of = datetime.fromtimestamp(float(np.median(seen)) / 1e6, timezone.utc) + NEWEST_AHEAD \
             if seen.size else None
         for cls, into in (("meter", None), ("rack", self.pdu)):
+            means = by_class[cls]
             mine = pc.equal(device_class, cls)
             if into is not None:
                 read = batch.filter(pc.and_(mine, pc.equal(metric, "power_w")))
@@ -765,23 +772,23 @@ class Controller:
     def baseline_kw(self, now: datetime) -> float | None:
         """The site meter's mean over `power.baseline_s` before `now` while no cap of an earlier
         request held the load: a request's baseline before its adjustment."""
-        values = [kw for t, kw, _ in self.meter if self._in_baseline(t, now)]
+        values = [kw for _, kw, _ in self._in_baseline(self.meter, now)]
         return float(np.mean(values)) if values else None
 
-    def _in_baseline(self, t: datetime, now: datetime) -> bool:
-        """Whether a reading at `t` is in the baseline window of a request starting `now`: the last
+    def _in_baseline(self, readings: Iterable[tuple], now: datetime) -> list[tuple]:
+        """The readings (time first) in the baseline window of a request starting `now`: the last
         `power.baseline_s` before it that no earlier request's caps held (its hold and its restore),
         looking back past them as far as the readings are kept."""
-        if t > now:
-            return False
-        since = now - timedelta(seconds=self.s.baseline_s)
-        for start, end in reversed(self.capped_spans):  # (newest first: one request at a time, in order)
-            end = now if end is None else min(end, now)
-            if end <= since:
-                break
-            if start < now:
-                since -= end - max(start, since)
-        return t >= since and not any(start <= t <= (end or now) for start, end in self.capped_spans)
+        spans = [(start, now if end is None else min(end, now)) for start, end in self.capped_spans if start < now]
+        need, cursor = timedelta(seconds=self.s.baseline_s), now
+        for start, end in reversed(spans):  # (newest first: one request at a time, in order)
+            if end < cursor:
+                if cursor - end >= need:
+                    break
+                need -= cursor - end
+            cursor = min(cursor, start)
+        since = cursor - need
+        return [r for r in readings if since <= r[0] <= now and not any(s <= r[0] <= e for s, e in spans)]
 
     def meter_per_it(self) -> tuple[float, float]:
         """The meter's kW per kW of the PDUs' sum (its cooling): the slope fitted over the
@@ -990,13 +997,13 @@ class Controller:
         self._suspects_version += 1
 
     def _takes_over(self, now: datetime) -> PowerRequest | None:
-        """A request due now that covers every GPU the restore still caps: it starts from those
-        caps (its plan moves them), not after the restore, which had made it start late (at a
-        large site's restore rate, a minute and more). One on other racks waits for the restore."""
-        capped = np.flatnonzero(~np.isnan(self.cap))
+        """A site's request due now: it starts from the caps being restored (its plan moves them, and
+        it covers every GPU), not after the restore, which had made it start late (at a large site's
+        restore rate, a minute and more). One on racks waits for the restore: its baseline is its
+        PDUs as they read when it starts, which the caps would hold down."""
         for req, _ in self.requests:
-            if req.start <= now < req.end and not self._started(req) and self._baseline_of(req) is not None and (
-                    not req.racks or set(np.array(self.gpus.racks, dtype=object)[capped]) <= set(req.racks)):
+            if req.start <= now < req.end and not self._started(req) and not req.racks \
+                    and self._baseline_of(req) is not None:
                 log.info("power request %s: starts from the caps of request %s, which were being restored",
                          req.id, self.active.id if self.active is not None else "-")
                 return req
@@ -1136,7 +1143,7 @@ class Controller:
         if req.racks:
             self.base_it_kw, out.meter_per_it = baseline, (1.0, 1.0)
         else:
-            window = [it for t, _, it in self.it if self._in_baseline(t, req.start)]
+            window = [it for _, _, it in self._in_baseline(self.it, req.start)]
             self.base_it_kw = float(np.mean(window)) if window else self._covered_it_kw(req)
             out.meter_per_it = self.meter_per_it()
         out.it_on_gpus = self.it_from_gpus
