@@ -44,6 +44,12 @@ def test_stray_and_hidden_files_are_no_data_for_any_reader(tmp_path: Path) -> No
     assert answers(archive) == before
     assert compact(archive, after_s=0, now=T0 + timedelta(days=1)).failed == []
     assert answers(archive) == before and (hour / f".{a_file.name}").exists()  # (left as it is: not ours)
+    # Retention takes the whole hour, strays and all, and says so (its count had been the data files only)
+    from pipeline.config import ArchiveConfig
+    from pipeline.sinks.retention import prune
+    files = sum(1 for f in hour.iterdir() if f.is_file())
+    said = prune(archive, ArchiveConfig(retention_days_samples=1), now=T0 + timedelta(days=3), dry_run=True)
+    assert said.files >= files and said.bytes >= sum(f.stat().st_size for f in hour.iterdir() if f.is_file())
 
 
 def test_a_damaged_file_is_named_with_what_to_do_and_the_rest_still_reads(tmp_path: Path) -> None:

@@ -166,6 +166,26 @@ def test_a_renamed_node_and_a_replaced_gpu_are_the_gpus_they_were(tmp_path: Path
     assert r.not_reporting == pytest.approx(0.0, abs=1e-9) and r.productive == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("shuffle", ["moved, both slots refilled", "swapped on a node"])
+def test_slots_that_reported_at_once_are_two_gpus_whatever_passed_between_them(tmp_path: Path, shuffle) -> None:
+    """A GPU moved to another node whose GPU left (an RMA shuffle), or two GPUs whose indices swapped: slots
+    joined by a UUID they both held had been one position (the fleet a GPU short, each slot's hours halved)."""
+    half = N // 2
+
+    def held(node, gpu, ks, uuid):
+        rows = gpu_rows(node, gpu, ks, 0.9, 600, 700)
+        rows["gpu_uuid"] = [uuid] * len(rows["ts"])
+        return rows
+    first, second = (("n01", 0), ("n02", 0)) if shuffle.startswith("moved") else (("n01", 0), ("n01", 1))
+    w = ArchiveWriter(tmp_path / "archive", writer_id="test")
+    for rows in (held(*first, range(half), "X"), held(*first, range(half, N), "Z"),
+                 held(*second, range(half), "W"), held(*second, range(half, N), "X")):
+        w.add("gpu_samples", batch(GPU_SAMPLE, rows))
+    w.flush()
+    r = report(tmp_path / "archive")
+    assert (r.gpus, r.total, r.productive) == (2, pytest.approx(2.0), pytest.approx(2.0))
+
+
 def run_cli(*argv: str) -> int:
     p = argparse.ArgumentParser(prog="fleetwatch")
     add_parser(p.add_subparsers(dest="command", required=True))

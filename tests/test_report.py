@@ -84,6 +84,9 @@ def test_the_summary_the_timeline_and_the_power_say_what_happened_in_the_period(
     from tests.archives import N, T0, batch, gpu_rows
     w = ArchiveWriter(tmp_path / "archive", writer_id="test")
     w.add("gpu_samples", batch(GPU_SAMPLE, gpu_rows("n01", 0, range(N), 0.9, 600, 700)))
+    late = gpu_rows("n01", 1, range(N), 0.9, 600, 700)  # (the agent stamps each GPU at its own read: ms apart)
+    late["ts"] = [t + timedelta(milliseconds=3) for t in late["ts"]]
+    w.add("gpu_samples", batch(GPU_SAMPLE, late))
     w.add("gpu_samples", batch(GPU_SAMPLE, gpu_rows("n02", 0, [*range(90), *range(270, N)], 0.9, 600, 700)))
     w.add("node_health", batch(NODE_HEALTH, {
         "ts": [T0 - timedelta(hours=5), T0 - timedelta(hours=4)], "site": ["s1"] * 2, "rack": ["r01"] * 2,
@@ -107,3 +110,24 @@ def test_the_summary_the_timeline_and_the_power_say_what_happened_in_the_period(
         assert {(m["who"], m["value"]) for m in _minutes(con, p, "meter", "power_w")} == {("s1", 150e3)}
     finally:
         con.close()
+
+
+def test_a_report_reads_only_what_it_shows_and_scores_a_fault_whose_window_runs_past_its_period(tmp_path, monkeypatch):
+    """The report binds the views it reads (a damaged file in `events`, which it never reads, had failed it)
+    and the samples of its period's days and of the score window after it (a fault labelled in its last
+    minutes, whose window the data after the period covers, had been left out on a period that ends at night)."""
+    from datetime import datetime, timezone
+
+    import tests.archives as archives
+    from pipeline.analytics.report import build
+    monkeypatch.setattr(archives, "T0", datetime(2026, 3, 1, 23, 50, tzinfo=timezone.utc))
+    cfg = make_config(fleet={"racks": 1, "nodes_per_rack": 2, "fault_interval_s": 0.0, "gpu_reset_interval_s": 0.0})
+    archives.simulated_archive(tmp_path / "archive", cfg, 1200, {
+        420: lambda sim: sim.inject("ecc_uncorrectable", gpu=3, duration_s=120),
+        500: lambda sim: sim.inject("hw_power_brake", node=1, duration_s=300)})  # (23:58:20, a 2-minute window)
+    cut = tmp_path / "archive" / "events" / "date=2026-03-01" / "hour=23" / "part-cut-000001.parquet"
+    cut.parent.mkdir(parents=True, exist_ok=True)
+    cut.write_bytes(b"PAR1" + b"x" * 100)
+    sections = build(tmp_path / "archive", archives.T0, datetime(2026, 3, 1, 23, 59, 30, tzinfo=timezone.utc), cfg)
+    summary = next(s for s in sections if s.id == "summary").html
+    assert "Of <b>2</b> labelled faults" in summary, summary

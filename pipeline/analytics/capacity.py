@@ -138,24 +138,28 @@ def _utc(t: datetime) -> datetime:
 
 
 def _units(per_gpu) -> list[int]:
-    """Per GPU slot (site, node, index): its physical position, one for the slots that share a GPU (its UUID)
-    and for the GPUs one slot held: a node renamed, a GPU moved or replaced is one GPU expected for the
-    period, not two (a renamed node's GPUs had been counted twice, and each name's time without it as not
-    reporting: 23% of a fleet's capacity for 4%)."""
+    """Per GPU slot (site, node, index): its physical position, one for two slots that held the same GPU (its
+    UUID) one after the other (a node renamed, a GPU moved to an empty slot: one GPU expected for the period,
+    not two: a renamed node's GPUs had been counted twice, and each name's time without them as not
+    reporting, 23% of a fleet's capacity for 4%); slots that reported at once are two positions whatever
+    passed between them (GPUs swapped, one moved and both slots refilled). A slot's GPUs replaced are one."""
     parent = list(range(per_gpu.height))
+    seen = list(zip(per_gpu["seen_from"].to_list(), per_gpu["seen_to"].to_list()))
+    apart = timedelta(minutes=10)  # (a rename's old and new name may overlap by a scrape or two)
 
     def root(i: int) -> int:
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
-    holder: dict[str, int] = {}
+    holders: dict[str, list[int]] = {}
     for i, uuids in enumerate(per_gpu["uuids"].to_list()):
         for u in uuids or ():
-            if u in holder:
-                parent[root(i)] = root(holder[u])
-            else:
-                holder[u] = i
+            for j in holders.setdefault(u, []):
+                (a0, a1), (b0, b1) = seen[i], seen[j]
+                if a0 >= b1 - apart or b0 >= a1 - apart:
+                    parent[root(i)] = root(j)
+            holders[u].append(i)
     return [root(i) for i in range(per_gpu.height)]
 
 
@@ -208,7 +212,8 @@ def report(where: Place | str, since: datetime | None = None, until: datetime | 
                .agg(spacing.filter((pl.col("n") > 1) & (spacing > 0)).median().alias("interval_ns"),
                     ((pl.col("last").max() - pl.col("first").min()).dt.total_nanoseconds()
                      / (pl.col("n").sum() - 1)).alias("mean_ns"),
-                    pl.col("n").sum(), pl.col("top_w").max(), pl.col("uuids").explode().drop_nulls().unique())
+                    pl.col("n").sum(), pl.col("top_w").max(), pl.col("uuids").explode().drop_nulls().unique(),
+                    pl.col("first").min().alias("seen_from"), pl.col("last").max().alias("seen_to"))
                .with_columns(pl.col("interval_ns").fill_null(pl.when(pl.col("mean_ns") > 0).then(pl.col("mean_ns"))))
                .collect(engine="streaming"))
     if per_gpu.height == 0:

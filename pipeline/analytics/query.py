@@ -116,10 +116,11 @@ class Archive:
                 con.close()
 
 
-def named(sql: str) -> set[str]:
-    """The datasets `sql` may name (a word of it; one in a string or a comment costs a view only)."""
+def named(sql: str) -> set[str] | None:
+    """The datasets `sql` may name (a word of it; one in a string or a comment costs a view only); None, every
+    one, where it names none (`show tables`, information_schema: what there is to query)."""
     words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)}
-    return {name for name in ARCHIVE_SCHEMAS if name in words}
+    return {name for name in ARCHIVE_SCHEMAS if name in words} or None
 
 
 def _globs(folder: Path, days: tuple[date, date] | None) -> str:

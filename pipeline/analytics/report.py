@@ -23,7 +23,7 @@ import base64
 import html
 import io
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +68,21 @@ class Period:
         return f"{column} >= '{self.lo}' and {column} < '{self.hi}'"
 
 
-PERIOD_ONLY = ("gpu_samples", "facility_samples")  # what the report reads of its period alone
+PERIOD_ONLY = ("gpu_samples", "facility_samples")  # what the report reads of its period alone (and just after)
+READS = (*PERIOD_ONLY, "alerts", "node_health", "fault_labels")  # every dataset it reads
 
 
 def build(where: Place, since: datetime, until: datetime, cfg) -> list[Section]:
     """The page's sections for [since, until)."""
-    # The samples of the period's days only (on an archive of years, binding every file's footer was most of a
-    # report's time); the alerts and node health whole: an alert or a failing spell may start before it.
-    con = Archive.at(where).connect(days={name: (since.date(), until.date()) for name in PERIOD_ONLY})
+    from pipeline.analytics.evaluate import GRACE_S
+    from pipeline.faults import FAULTS
+    # The views it reads only (a damaged file elsewhere is not its concern); the samples of the period's days
+    # only (on an archive of years, binding every file's footer was most of a report's time) and of the score
+    # window after it (a fault labelled in its last minutes is scored if the data goes on); the alerts and
+    # node health whole: an alert or a failing spell may start before it.
+    after = timedelta(seconds=max(f.score_window_s for f in FAULTS) + GRACE_S)
+    days = (since.astimezone(timezone.utc).date(), (until + after - timedelta(microseconds=1)).astimezone(timezone.utc).date())
+    con = Archive.at(where).connect(READS, days={name: days for name in PERIOD_ONLY})
     p = Period(since, until)
     try:
         return [_summary(con, p), _timeline(con, p), _heat(con, p), _power(con, p, cfg), _coolant(con, p, cfg),
@@ -116,13 +123,15 @@ def _figure(width: float = 10.0, height: float = 3.5):
 def _summary(con, p: Period) -> Section:
     [g] = _q(con, f"select count(distinct gpu_uuid) as gpus, count(distinct node) as nodes from gpu_samples "
                   f"where {p.where()}")
-    # As reported: each node's scrapes times its interval (the median step between them), so that a node silent
-    # for a while counts none of its silence (its first and last sample had spanned it)
+    # As reported: each node's GPU that reported most, its scrapes times its interval (the median step between
+    # them), so that a node silent for a while counts none of its silence (its first and last sample had
+    # spanned it); per GPU, as the agent stamps each GPU at its own read, milliseconds apart
     [h] = _q(con, f"""
-        with t as (select distinct node, ts from gpu_samples where {p.where()}),
-        g as (select node, epoch(ts) - epoch(lag(ts) over (partition by node order by ts)) as step from t)
-        select coalesce(sum(n * coalesce(every, 0)), 0) / 3600.0 as node_hours from (
-          select node, count(*) as n, median(step) filter (where step > 0) as every from g group by node)""")
+        with t as (select distinct node, gpu, ts from gpu_samples where {p.where()}),
+        g as (select node, gpu, epoch(ts) - epoch(lag(ts) over (partition by node, gpu order by ts)) as step from t),
+        per_gpu as (select node, count(*) * coalesce(median(step) filter (where step > 0), 0) as s
+                    from g group by node, gpu)
+        select coalesce(sum(s), 0) / 3600.0 as node_hours from (select node, max(s) as s from per_gpu group by node)""")
     alerts = _q(con, f"select alertname, severity, count(*) as n from alerts where status = 'firing' and "
                      f"{p.where('starts_at')} group by all order by n desc, alertname")
     failed = _q(con, f"select node, count(*) as times, min(ts) as first from node_health where state = 'failing' "

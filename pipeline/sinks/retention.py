@@ -22,7 +22,6 @@ from pathlib import Path
 
 from pipeline.config import ArchiveConfig
 from pipeline.sinks.compaction import WORK, hours, locked
-from pipeline.sinks.parquet import HOUR_FILES
 
 SAMPLES = ("gpu_samples", "facility_samples")
 
@@ -62,7 +61,7 @@ def prune(archive: Path, settings: ArchiveConfig, now: datetime | None = None, d
             for start, folder in hours(archive / dataset):
                 if start + timedelta(hours=1) > cutoff:
                     break
-                files = list(folder.glob(HOUR_FILES))
+                files = [f for f in folder.iterdir() if f.is_file()]  # (what goes: the hour, strays and all)
                 out.hours += 1
                 out.files += len(files)
                 out.bytes += sum(f.stat().st_size for f in files)
