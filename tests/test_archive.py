@@ -39,6 +39,26 @@ def test_hive_layout_zstd_and_atomic(tmp_path):
     assert not [f for f in dataset_files if f.name.startswith((".", "_"))]
 
 
+def test_a_write_returns_once_its_renames_are_durable(tmp_path, monkeypatch):
+    """A rename lives in its folder: unsynced, a power loss may lose it after Kafka's offsets were committed
+    (the file itself was fsynced, its name was not). Each hour folder written into is synced, and the day and
+    dataset folders a new hour or day added an entry to, before the write returns."""
+    import os
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+    w = ArchiveWriter(tmp_path, "zstd")
+    for b in gpu_batches(60, datetime(2026, 3, 1, 23, 59, 30, tzinfo=timezone.utc)):
+        w.add("gpu_samples", b)
+    monkeypatch.setattr(os, "fsync", fsync)
+    paths = w.flush()
+    folders = {str(f) for p in paths for f in (p.parent, p.parent.parent, p.parent.parent.parent)}
+    assert folders <= set(synced), sorted(folders - set(synced))
+
+
 def test_appending_never_overwrites_and_both_readers_agree(tmp_path):
     w = ArchiveWriter(tmp_path)
     start = datetime(2026, 3, 1, 10, tzinfo=timezone.utc)

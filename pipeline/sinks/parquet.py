@@ -250,6 +250,7 @@ class ArchiveWriter(ArchiveBuffers):
         self._ensure_staging()
         self.compression = None if compression == "none" else compression
         self._seq = 0
+        self._said_sync = False  # a folder fsync refused: said once
         self.min_free_bytes = int(min_free_mb * 2**20)  # below this free space, writing fails as a full disk
         self._recover_staged()
 
@@ -396,6 +397,7 @@ class ArchiveWriter(ArchiveBuffers):
                     self.files_written += 1
                     self.files_by_dataset[dataset] += 1
                     done |= in_hour
+                self._sync_folders({final.parent for _, final, _ in staged})
             except BaseException:
                 for tmp, final, _ in staged:
                     if partition >= 0 and tmp.exists() and self._placed(dataset, final.name):
@@ -413,6 +415,24 @@ class ArchiveWriter(ArchiveBuffers):
                 for kept in self.staging.glob(f"{dataset}-*-part-p{partition:04d}-o*.parquet"):
                     kept.unlink(missing_ok=True)  # an hour a failed write kept: this write placed its rows
         return paths
+
+    def _sync_folders(self, folders: set[Path]) -> None:
+        """Each hour folder a file was renamed into, and the folders above it that a new hour or day added an
+        entry to, made durable: a rename lives in its folder, which a power loss may lose unsynced, and over
+        Kafka the offsets are committed once the write returns (the file fsynced, its name not, had been a
+        loss)."""
+        for folder in sorted({f for hour in folders for f in (hour, hour.parent, hour.parent.parent)}):
+            try:
+                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:  # (a filesystem that refuses a folder's fsync: the file is there; said once)
+                if not self._said_sync:
+                    self._said_sync = True
+                    log.warning("archive: %s could not be synced (%s): a power loss may lose the latest renames",
+                                folder, e)
 
     def _stage(self, dataset: str, hour: int, table: pa.Table, partition: int, buf: _Buffer) -> tuple[Path, Path]:
         """One hour's file written and fsynced in staging, its folder made: (staged, final path)."""
@@ -436,3 +456,4 @@ class ArchiveWriter(ArchiveBuffers):
                 partial.unlink(missing_ok=True)
             raise
         return tmp, final_dir / name
+
