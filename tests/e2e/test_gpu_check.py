@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 def test_gpu_check_caps_restores_and_runs_the_daemon_on_the_replay(tmp_path):
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu-check"), "--out", str(out), "--replay", "h100",
-                        "--step-s", "2", "--daemon-s", "12", "--record", "mine", "--scale", "0.1"], capture_output=True, text=True,
+                        "--step-s", "1", "--daemon-s", "10", "--record", "mine", "--scale", "0.1"], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     report = json.loads((out / "gpu-check.json").read_text())
