@@ -85,3 +85,10 @@ def test_an_hour_of_files_older_than_the_upgrades_reach_is_compacted_as_the_read
     done = compact(archive, after_s=0, now=T0 + timedelta(days=1))
     assert done.failed == [] and (done.hours, done.files_in, done.files_out) == (1, 2, 1)
     assert Archive(archive).run(sql).to_pylist() == before == [{"n": 10, "t": 0, "w": 5000.0}]
+
+
+def test_an_archive_whose_path_holds_a_glob_character_is_read_by_every_reader(tmp_path: Path) -> None:
+    """A data_dir such as /data/fleet[a]: the readers' globs had taken `[a]` for a character class and found
+    no file (capacity: no GPU samples; query: empty views)."""
+    plain = answers(known_archive(tmp_path / "plain") / "archive")
+    assert answers(known_archive(tmp_path / "fleet[a]") / "archive") == plain and plain[0] > 0

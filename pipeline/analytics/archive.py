@@ -25,7 +25,7 @@ from typing import Iterator, Union
 
 from pipeline.model import ARCHIVE_SCHEMAS
 from pipeline.sinks.delta import DeltaLocation
-from pipeline.sinks.parquet import DATA_FILES
+from pipeline.sinks.parquet import DATA_FILES, files_glob
 
 Place = Union[Path, DeltaLocation]  # where an archive is: its folder, or its Delta tables
 
@@ -137,7 +137,7 @@ def scan(dataset_dir: Path | str, dataset: str | None = None):
     dataset_dir = Path(dataset_dir)
     name = dataset or dataset_dir.name
     schema = pl.from_arrow(ARCHIVE_SCHEMAS[name].empty_table()).schema
-    frame = pl.scan_parquet(str(dataset_dir / DATA_FILES), hive_partitioning=True, schema=schema,
+    frame = pl.scan_parquet(files_glob(dataset_dir), hive_partitioning=True, schema=schema,
                             missing_columns="insert",
                             cast_options=pl.ScanCastOptions(datetime_cast="nanosecond-downcast"))
     return _derived(frame, name)

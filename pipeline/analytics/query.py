@@ -42,7 +42,7 @@ import pyarrow as pa
 from pipeline.analytics.archive import damaged_file
 from pipeline.model import ARCHIVE_SCHEMAS, SCHEMAS, iso_utc, legacy_device_class
 from pipeline.sinks.delta import DeltaLocation
-from pipeline.sinks.parquet import DATA_FILES
+from pipeline.sinks.parquet import DATA_FILES, DAY_FILES, files_glob
 
 FORMATS = ("table", "csv", "json", "parquet")
 HIVE_TYPES = "{'date': DATE, 'hour': INTEGER}"
@@ -127,11 +127,11 @@ def _globs(folder: Path, days: tuple[date, date] | None) -> str:
     """The files of a dataset as read_parquet's list of globs (SQL; '' where there is none): every day's,
     or those of `days` only, whose folders name them (hive's `date=`): a period reads its own footers."""
     if days is None:
-        globs = [folder / DATA_FILES] if any(folder.glob(DATA_FILES)) else []
+        globs = [files_glob(folder)] if any(folder.glob(DATA_FILES)) else []
     else:
         first, last = (d.isoformat() for d in days)
-        globs = [day / DATA_FILES.split("/", 1)[1] for day in sorted(folder.glob("date=*"))
-                 if first <= day.name[5:] <= last and any(day.glob(DATA_FILES.split("/", 1)[1]))]
+        globs = [files_glob(day, DAY_FILES) for day in sorted(folder.glob("date=*"))
+                 if first <= day.name[5:] <= last and any(day.glob(DAY_FILES))]
     return ", ".join("'" + str(g).replace("'", "''") + "'" for g in globs)
 
 

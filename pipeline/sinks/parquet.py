@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import fcntl
 import logging
 import os
@@ -55,6 +56,13 @@ HOUR_NS = 3_600_000_000_000
 # stray non-Parquet file had failed polars' scan of the whole dataset).
 HOUR_FILES = "[!._]*.parquet"
 DATA_FILES = f"date=*/hour=*/{HOUR_FILES}"  # a dataset's, from its folder (a glob for pathlib, polars, DuckDB)
+DAY_FILES = f"hour=*/{HOUR_FILES}"           # a day's, from its folder
+
+
+def files_glob(folder: Path, pattern: str = DATA_FILES) -> str:
+    """`pattern` under `folder` as one glob for polars and DuckDB: the folder's own name escaped (a data_dir
+    holding `[` had been a character class to them, and found nothing)."""
+    return f"{glob.escape(str(folder))}/{pattern}"
 # The column that places a row in a partition.
 TIME_COLUMN = {name: ("start" if name == "fault_labels" else "ts") for name in SCHEMAS}
 
