@@ -167,6 +167,9 @@ class DetectConfig:
     maintenance_s: float = _spec(1800.0, min=0, doc="a node announced as going down for maintenance (an event of kind "
                                  "node_reboot or driver_upgrade) is not reported missing for this long after the "
                                  "announcement; 0 = always reported")
+    restart_grace_s: float = _spec(120.0, min=0, doc="a node whose collector said it stops on request (an event of "
+                                   "kind collector_stopping: an upgrade, a config change) is not reported missing for "
+                                   "this long after; one that stops without saying (a crash) is found as before")
     forget_after_s: float = _spec(7 * 86400.0, min=0, doc="a node silent this long is forgotten (decommissioned, "
                                   "scaled away): its alerts resolve with the annotation `resolution`, its state is "
                                   "dropped, a `node_forgotten` event; it starts afresh if it reports again; 0 = never")

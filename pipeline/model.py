@@ -191,6 +191,9 @@ def _facility_v1_to_v2(batch: pa.RecordBatch) -> pa.RecordBatch:
     cls = legacy_device_class(batch.column("device"), batch.column("rack"))
     return pa.RecordBatch.from_arrays([*batch.columns, cls], schema=FACILITY_SAMPLE)
 
+# Node events a collector sends of itself: when it starts (with the interval it reads at: an interval raised
+# tenfold had been a false NodeNotReporting per node) and when it stops on request (a restart is no outage).
+COLLECTOR_STARTED, COLLECTOR_STOPPING = "collector_started", "collector_stopping"
 EVENT = _schema("event", 1, [
     _f("ts", TS, "event time, UTC", nullable=False),
     _f("site", pa.string(), "site label", nullable=False),
@@ -201,9 +204,11 @@ EVENT = _schema("event", 1, [
     _f("kind", pa.string(), "xid, gpu_lost, gpu_reset, gpu_replaced (detect: a new UUID in a GPU slot), gpu_moved "
        "(detect: a known UUID on another node or index); node "
        "events (gpu null): node_reboot, driver_upgrade (a node drained for maintenance, about to go down), "
-       "node_forgotten (detect: silent for detect.forget_after_s), node_moved (detect: in another rack)",
+       "node_forgotten (detect: silent for detect.forget_after_s), node_moved (detect: in another rack), "
+       "collector_started (its collector started, reading every `code` ms), collector_stopping (its collector "
+       "stops on request: a restart may follow)",
        nullable=False),
-    _f("code", pa.int32(), "XID number for kind=xid"),
+    _f("code", pa.int32(), "XID number for kind=xid; the read interval in ms for kind=collector_started"),
     _f("text", pa.string(), "human-readable detail"),
 ], "discrete events: XIDs and GPU lifecycle")
 

@@ -209,6 +209,41 @@ def test_a_node_silent_for_good_is_forgotten_and_one_that_returns_starts_afresh(
     assert [(a.alertname, a.labels["node"]) for a in h.fired()] == [("NodeNotReporting", "r01-n04")] * 2
 
 
+@pytest.mark.parametrize("says", [True, False])
+def test_a_collector_that_says_it_restarts_slower_or_stops_is_no_outage(says):
+    """An agent restarted to read every 30 s instead of 1 s (a config change, an upgrade) had been a false
+    NodeNotReporting (critical: its node drained): the interval learned from its gaps said 1 s. It says when
+    it stops on request (`collector_stopping`: quiet for detect.restart_grace_s) and the interval it starts
+    at (`collector_started`). One that stops and never comes back is still found, after the grace; one
+    that says nothing is found as before (the parametrization's other half: the same silences alert)."""
+    from pipeline.model import EVENT
+    start, node = START.timestamp(), "r01-n04"
+
+    def said(kind, code, at_s):
+        return Message(Topic.EVENTS, pa.RecordBatch.from_pylist([{
+            "ts": datetime.fromtimestamp(start + at_s, timezone.utc), "site": "site-a", "rack": "r01", "node": node,
+            "gpu": None, "gpu_uuid": None, "kind": kind, "code": code, "text": kind}], schema=EVENT))
+
+    def agent(topic, batch):  # 1 s until 200 s; restarted (5 s down) to read every 30 s; stopped for good at 800 s
+        if topic != Topic.GPU:
+            return batch
+        t = batch.column("ts")[0].value / 1e9 - start
+        if t < 200 or (205 <= t < 800 and round(t - 205) % 30 == 0):
+            return batch
+        return batch.filter(pc.not_equal(batch.column("node"), node))
+    h = Harness()
+    h.run(200, agent)
+    if says:
+        h.engine.process(said("collector_stopping", None, 199.5))
+        h.engine.process(said("collector_started", 30_000, 204.5))
+    h.run(595, agent)
+    assert [a.alertname for a in h.fired()] == ([] if says else ["NodeNotReporting"])
+    if says:
+        h.engine.process(said("collector_stopping", None, 795.5))
+    h.run(300, agent)  # stopped at 795 s: found after the grace (120 s), not at once, nor never
+    assert [(a.alertname, a.labels["node"]) for a in h.fired()][-1:] == [("NodeNotReporting", node)]
+
+
 def test_a_node_moved_to_another_rack_is_alerted_where_it_is():
     """A node moved in the hall (or its rack label corrected) had kept its first rack for good: its alerts
     named the old rack (routed to that rack's team, suppressed by that rack's coolant) and its peers were

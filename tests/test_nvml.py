@@ -84,10 +84,13 @@ def test_an_xid_is_published_at_once_not_at_the_next_scrape():
             await asyncio.sleep(0.5)
             replay.xid(3, 79)
         _, events, _ = asyncio.run(run_agent(a, 1.5, inject))
-    [event] = events
+    started, event, stopping = events  # (the agent's own: it started, reading every 30 s; it stops on request)
     assert (event["kind"], event["code"], event["gpu"]) == ("xid", 79, 3)
     assert event["gpu_uuid"] == a.gpus[3].uuid and event["node"] == "node-1"
     assert a.scrapes == 1  # the only scrape was at start: the event did not wait for the next one
+    assert (started["kind"], started["code"], started["gpu"], started["node"]) == ("collector_started", 30_000, None,
+                                                                                   "node-1")
+    assert (stopping["kind"], stopping["gpu_uuid"]) == ("collector_stopping", None)
 
 
 def test_a_lost_gpu_becomes_an_event_and_its_samples_stop():

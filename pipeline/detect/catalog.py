@@ -115,7 +115,11 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "answers-as-one-process)) moved since its own latest sample came in, late ones included, so "
                         "that a node whose clock runs ahead or behind makes no node silent. Its GPUs' `GpuNotReporting` are inhibited. A node announced as going down for "
                         "maintenance (an event `node_reboot` or `driver_upgrade`) is not reported for "
-                        "`detect.maintenance_s` after the announcement. A node silent for `detect.forget_after_s` "
+                        "`detect.maintenance_s` after the announcement, one whose collector said it stops on request "
+                        "(`collector_stopping`: an upgrade, a config change) for `detect.restart_grace_s`, and a "
+                        "collector that starts says its interval (`collector_started`), which its bound starts "
+                        "from (learned from the gaps alone, an interval raised tenfold had been a false alert). "
+                        "A node silent for `detect.forget_after_s` "
                         "(7 days) is forgotten (decommissioned, scaled away): the alert resolves with the annotation "
                         "`resolution`, a `node_forgotten` event, and the node starts afresh if it reports again."),
     AlertSpec("GpuUncorrectableEcc", "critical", "gpu",

@@ -50,7 +50,7 @@ from pipeline.detect.inventory import Inventory
 from pipeline.detect.state import SlotArrays
 from pipeline.detect.watermark import SeriesClocks, Watermarks
 from pipeline.faults import MAINTENANCE_EVENTS
-from pipeline.model import GPU_METRICS, GPU_SETTINGS, Alert
+from pipeline.model import COLLECTOR_STARTED, COLLECTOR_STOPPING, GPU_METRICS, GPU_SETTINGS, Alert
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Family)
@@ -405,6 +405,17 @@ class Engine:
         if planned.num_rows:  # node events: a planned outage
             self.inventory.current = planned
             self.family(Staleness).maintenance(self.inventory.node_ids.slots(planned.column("node")), seconds(planned))
+        for kind in (COLLECTOR_STARTED, COLLECTOR_STOPPING):  # node events: a collector's own
+            said = batch.filter(pc.equal(batch.column("kind"), kind))
+            if not said.num_rows:
+                continue
+            self.inventory.current = said
+            nodes = self.inventory.node_ids.slots(said.column("node"))
+            if kind == COLLECTOR_STOPPING:
+                self.family(Staleness).maintenance(nodes, seconds(said), self.cfg.detect.restart_grace_s)
+            else:
+                ms = pc.fill_null(said.column("code").cast(pa.float64()), float("nan")).to_numpy(zero_copy_only=False)
+                self.family(Staleness).announced(nodes, ms / 1000.0)
         batch = batch.filter(pc.is_valid(batch.column("gpu_uuid")))  # the other node-level events alert nothing yet
         if batch.num_rows == 0:
             return

@@ -55,7 +55,8 @@ import pyarrow as pa
 import pynvml
 
 from pipeline.config import AgentConfig, ConfigError, Unavailable
-from pipeline.model import EVENT, GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD
+from pipeline.model import (COLLECTOR_STARTED, COLLECTOR_STOPPING, EVENT, GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS,
+                            GPU_WORKLOAD)
 from pipeline.sources.job_mapping import JobMapping
 from pipeline.sources.nvml_power import PowerLimiter
 from pipeline.waits import wait_set
@@ -480,6 +481,10 @@ class NvmlAgent:
         log.error("GPU %d (%s) is lost (%s): its samples stop; see runbooks/GpuFellOffBus.md", g.index, g.uuid, why)
         return self._event(g, _now_ns(), "gpu_lost", None, f"NVML: GPU is lost ({why})")
 
+    def _node_event(self, kind: str, code: int | None, text: str) -> dict:
+        return {"ts": _now_ns(), "site": self.cfg.site, "rack": self.cfg.rack, "node": self.node, "gpu": None,
+                "gpu_uuid": None, "kind": kind, "code": code, "text": text}
+
     def _event(self, g: Gpu, ts_ns: int, kind: str, code: int | None, text: str) -> dict:
         return {"ts": ts_ns, "site": self.cfg.site, "rack": self.cfg.rack, "node": self.node, "gpu": g.index,
                 "gpu_uuid": g.uuid, "kind": kind, "code": code, "text": text}
@@ -583,6 +588,10 @@ class NvmlAgent:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._pool, self.open)
         self.opened.set()
+        # Said of itself (detect: its interval, not learned from gaps alone; a stop on request is no outage)
+        await publish_events(events_batch([self._node_event(COLLECTOR_STARTED, round(self.cfg.interval_s * 1000),
+                                                            f"the NVML agent started: {len(self.gpus)} GPUs read "
+                                                            f"every {self.cfg.interval_s:g} s")]))
         pending: asyncio.Queue[dict] = asyncio.Queue()
         watcher = threading.Thread(target=self.watch_events, name="nvml-events", daemon=True,
                                    args=(lambda e: loop.call_soon_threadsafe(pending.put_nowait, e),))
@@ -615,6 +624,9 @@ class NvmlAgent:
                 await loop.run_in_executor(None, watcher.join)
             while not pending.empty():
                 await publish_events(events_batch([pending.get_nowait() for _ in range(pending.qsize())]))
+            if stop.is_set():  # (on request: a restart may follow; one that fails says nothing, and is found)
+                await publish_events(events_batch([self._node_event(COLLECTOR_STOPPING, None,
+                                                                    "the NVML agent stops on request")]))
             forwarder.cancel()
             await loop.run_in_executor(None, self.close)
 

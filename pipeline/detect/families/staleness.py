@@ -86,10 +86,28 @@ class Staleness(Family):
         if nodes.size:
             self.node.heard_at[nodes] = np.fmax(self.node.heard_at[nodes], self.clock(nodes))
 
-    def maintenance(self, nodes: np.ndarray, ts: np.ndarray) -> None:
-        """Nodes announced (at `ts`, Unix seconds) as going down for maintenance."""
+    def maintenance(self, nodes: np.ndarray, ts: np.ndarray, hold_s: float | None = None) -> None:
+        """Nodes announced (at `ts`, Unix seconds) as going down for maintenance (or their collector
+        restarting: `hold_s`, detect.restart_grace_s)."""
         self.ensure()
-        np.maximum.at(self.node.quiet_until, nodes, ts + self.config.maintenance_s)
+        np.maximum.at(self.node.quiet_until, nodes, ts + (self.config.maintenance_s if hold_s is None else hold_s))
+
+    def announced(self, nodes: np.ndarray, interval_s: np.ndarray) -> None:
+        """Nodes whose collector started reading every `interval_s`: their GPUs' intervals start from it (learned
+        from the gaps alone, a tenfold rise had left a node silent past its old interval's bound: a false
+        NodeNotReporting)."""
+        self.ensure()
+        ok = np.isfinite(interval_s) & (interval_s > 0)
+        nodes, interval_s = nodes[ok], interval_s[ok]
+        if not nodes.size:
+            return
+        self.node.interval[nodes] = interval_s
+        n_gpus = self.inventory.gpu_count
+        at = np.full(self.inventory.node_count, np.nan)
+        at[nodes] = interval_s
+        gpu_interval = at[self.inventory.gpu.node[:n_gpus]]
+        mine = np.isfinite(gpu_interval)
+        self.gpu.interval[:n_gpus][mine] = gpu_interval[mine]
 
     def latest(self) -> float | None:
         """Unix seconds of the latest GPU sample seen (None before any)."""
