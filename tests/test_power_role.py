@@ -1043,18 +1043,25 @@ def test_a_request_restored_and_waiting_for_the_meter_s_last_readings_is_reporte
     assert not again.of(Topic.POWER_REPORTS)
 
 
-def test_a_request_whose_staged_restore_a_stop_cuts_short_is_reported_with_its_hold_s_verdict(tmp_path, caplog):
-    """The role stops while a request's caps rise (a deploy at a large site, whose restore takes minutes): its
-    hold was over and judged, but it was left open in the store, and the next start took it for one that
-    ended while the role was down: not met, its verdict lost. Reported by the stop, met; its caps lifted."""
-    h = Harness(tmp_path, restore_rate_kw_s=0.05)
+def restoring(h: Harness):
+    """A 2-minute request of 8% run until its caps rise (its hold over), at a large site's slow restore rate."""
     h.run(90)
     rid = h.ask(reduction_pct=8, duration_s=120)
     for _ in range(400):
         h.run(1)
         t = h.role.tracked[rid]
         if t.outcome is not None and t.outcome.restore_from is not None and h.role.ctl.phase == "restoring":
-            break
+            return t
+    raise AssertionError("its restore never began")
+
+
+def test_a_request_whose_staged_restore_a_stop_cuts_short_is_reported_with_its_hold_s_verdict(tmp_path, caplog):
+    """The role stops while a request's caps rise (a deploy at a large site, whose restore takes minutes): its
+    hold was over and judged, but it was left open in the store, and the next start took it for one that
+    ended while the role was down: not met, its verdict lost. Reported by the stop, met; its caps lifted."""
+    h = Harness(tmp_path, restore_rate_kw_s=0.05)
+    t = restoring(h)
+    rid = t.entry.id
     h.run(10)
     assert t.outcome.restore_done is None and (h.sim.caps < 700).any()  # (rising, 0.5 kW every step)
     with caplog.at_level(logging.WARNING, logger="fleetwatch"):
@@ -1065,6 +1072,18 @@ def test_a_request_whose_staged_restore_a_stop_cuts_short_is_reported_with_its_h
     again = Harness(tmp_path, sim=h.sim)
     again.run(10)
     assert not again.of(Topic.POWER_REPORTS)
+
+
+def test_a_cancel_after_a_request_s_hold_ends_changes_nothing_of_its_verdict(tmp_path):
+    """`power cancel` while the caps of a request that ran to its end rise: it had become "cancelled after 119 s
+    of its 120 s", not met, whatever its hold had held. The hold is over: it is done, met."""
+    h = Harness(tmp_path, restore_rate_kw_s=0.05)
+    t = restoring(h)
+    rid = t.entry.id
+    h.role._cancel(t)
+    h.run(400)
+    (row,) = h.of(Topic.POWER_REPORTS)
+    assert row["id"] == rid and row["state"] == "done" and row["met"], row
 
 
 def test_a_request_on_one_rack_is_judged_by_its_pdu_through_the_role(tmp_path):

@@ -439,8 +439,8 @@ class PowerRole:
 
     def _cancel(self, t: Tracked) -> None:
         what = self.ctl.cancel(t.req.id) if t.req is not None else ""
-        if t.outcome is None or t.outcome.restore_done is None:  # (one restored, its report waiting for
-            t.cancelled = True                                     # the meter's last readings, is over)
+        if t.outcome is None or t.outcome.restore_from is None:  # (one whose hold is over, restoring or restored,
+            t.cancelled = True                                     # is judged on it: a cancel ends nothing of it)
         log.info("power request %s cancelled: %s", t.entry.id, {"dropped": "it had not started",
                                                                  "restoring": "its caps are restored in steps"}.get(
             what, "it was over"))
@@ -688,7 +688,8 @@ class PowerRole:
                 await poller.close()
         cut = [t for t in self.tracked.values() if t.state in OPEN and t.outcome is not None
                and t.outcome.restore_from is not None and t.outcome.restore_done is None]
-        for t in cut:  # (a cap never outlives its controller: lifted at once, as a stop during a hold lifts them)
+        # (a cap never outlives its controller: lifted at once, as a stop during a hold lifts them; none in a dry run)
+        for t in cut if not self.dry_run else ():
             log.warning("power request %s: the power role stops during its staged restore: its %d caps left are "
                         "lifted at once", t.req.id, int(np.count_nonzero(~np.isnan(self.ctl.cap))))
         self.ctl.stop()
