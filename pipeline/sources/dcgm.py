@@ -55,7 +55,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ConfigError, DcgmConfig, read_secret
-from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS, GPU_WORKLOAD, TS, is_host_name
+from pipeline.model import (COLLECTOR_STARTED, COLLECTOR_STOPPING, GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS,
+                            GPU_WORKLOAD, TS, is_host_name)
 from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, COLUMN_LABELS, GR_ENGINE_ACTIVE, STANDS_IN, \
     WORKLOAD_LABELS, XID, XID_COUNT, XID_TOTAL, column_array, dcgm_blank
 from pipeline.waits import wait_any, wait_set
@@ -436,6 +437,7 @@ class DcgmSource:
         self.mapping = mapping
         self.gpu_samples = 0
         self.rounds = 0
+        self._announced: dict[tuple[str, str, str], None] = {}  # (site, rack, node) said started, in order
         self.scrapes = 0
         self.failures: Counter[str] = Counter()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcgm-parse")
@@ -734,6 +736,7 @@ class DcgmSource:
             self.rounds += 1
             for batch, events in self.batches(taken):
                 if batch is not None:
+                    events = self._said_started(batch) + events
                     await emit(Topic.GPU, batch)
                 if events:
                     await emit(Topic.EVENTS, events_batch(events))
@@ -751,9 +754,29 @@ class DcgmSource:
                     await asyncio.gather(*followers, return_exceptions=True)
                     if arrived:
                         await publish()
+                    if stop.is_set() and self._announced:  # (on request: a restart may follow)
+                        await emit(Topic.EVENTS, events_batch([
+                            self._node_event(where, COLLECTOR_STOPPING, None, "the DCGM source stops on request")
+                            for where in self._announced]))
         finally:
             self._pool.shutdown(wait=False)
             self.log_summary()
+
+    def _said_started(self, batch) -> list[dict]:
+        """`collector_started` for each node this process reads for the first time: detection's bound on its
+        silence starts from dcgm.interval_s (a raised interval had been a false NodeNotReporting per node)."""
+        new = [w for w in dict.fromkeys(zip(batch.column("site").to_pylist(), batch.column("rack").to_pylist(),
+                                            batch.column("node").to_pylist())) if w not in self._announced]
+        self._announced.update(dict.fromkeys(new))
+        ms = round(self.cfg.interval_s * 1000)
+        return [self._node_event(w, COLLECTOR_STARTED, ms, f"read through dcgm-exporter every {self.cfg.interval_s:g} s")
+                for w in new]
+
+    @staticmethod
+    def _node_event(where: tuple[str, str, str], kind: str, code: int | None, text: str) -> dict:
+        site, rack, node = where
+        return {"ts": time.time_ns(), "site": site, "rack": rack, "node": node, "gpu": None, "gpu_uuid": None,
+                "kind": kind, "code": code, "text": text}
 
     def log_summary(self) -> None:
         failing = [st for st in self.states if st.failing]

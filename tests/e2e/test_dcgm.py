@@ -81,6 +81,10 @@ def test_dcgm_exporters_are_ingested_and_alerted_on_and_bad_targets_only_counted
     events = archived(data, "events")
     xid = events.filter(events["kind"] == "xid").to_dicts()
     assert [(e["node"], e["gpu"], e["code"], e["gpu_uuid"]) for e in xid] == [("gpu-node-2", 3, 48, nodes[2].uuids[3])]
+    # it said once per node it read that it reads it every dcgm.interval_s, and that it stops on request
+    said = lambda kind: sorted((e["node"], e["code"]) for e in events.filter(events["kind"] == kind).to_dicts())  # noqa: E731
+    read = sorted(set(rows["node"]))
+    assert said("collector_started") == [(n, 200) for n in read] and said("collector_stopping") == [(n, None) for n in read]
 
     ecc = firing(data, "GpuUncorrectableEcc", node="gpu-node-2", gpu="3")[0]
     assert ecc["labels"]["UUID"] == nodes[2].uuids[3]  # GPU alerts carry dcgm-exporter's UUID label
