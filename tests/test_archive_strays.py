@@ -62,6 +62,8 @@ def test_a_damaged_file_is_named_with_what_to_do_and_the_rest_still_reads(tmp_pa
     assert sorted(f for d in days for f in d.unreadable) == sorted([str(cut), str(zero)])
     assert "2 files are not readable Parquet" in text(days) and str(zero) in text(days)
     assert Archive(archive).run("select count(*) as n from alerts").column("n")[0].as_py() == 6  # (another view)
+    assert Archive(archive).run("select 1 as one").column("one")[0].as_py() == 1  # (no view)
+    assert "gpu_samples" in Archive(archive).run("show tables").column("name").to_pylist()  # (every view listed)
     with pytest.raises(QueryError, match=r"part-(zero|cut)-00000\d.parquet is not readable Parquet.*move it out"):
         Archive(archive).run("select count(*) from gpu_samples")
     with pytest.raises(ConfigError, match=r"capacity: a file of the archive is not readable Parquet.*archive stats"):

@@ -64,22 +64,25 @@ class Archive:
         """The views of the archive at `where` (analytics/archive.py's place)."""
         return cls(delta=where) if isinstance(where, DeltaLocation) else cls(Path(where))
 
-    def connect(self, names: Iterable[str] | None = None, days: Mapping[str, tuple[date, date]] | None = None):
+    def connect(self, names: Iterable[str] | None = None, days: Mapping[str, tuple[date, date]] | None = None,
+                listed: bool = False):
         """A connection with the views of `names` (None: every dataset): binding a view reads a footer
         of each of its files, which on an archive of years is most of a query's time (10,000 files:
-        2 s, 775 MB). `days`: dataset -> (first, last): only its files of those days (a report's period)."""
+        2 s, 775 MB). `days`: dataset -> (first, last): only its files of those days (a report's period).
+        `listed`: every other dataset a view of its columns and no rows (`show tables` lists them all)."""
         import duckdb  # only `fleetwatch query` and the report need it
         con = duckdb.connect()
         con.execute("SET TimeZone = 'UTC'")  # the archive's times are UTC: shown as such
         con.create_function("fw_legacy_device_class", lambda device, rack: legacy_device_class(device, rack),
                             ["VARCHAR", "VARCHAR"], "VARCHAR", type="arrow")
         for name, schema in ARCHIVE_SCHEMAS.items():
-            if names is not None and name not in names:
+            bound = names is None or name in names
+            if not bound and not listed:
                 continue
             empty = f"_{name}_columns"
             con.from_arrow(schema.empty_table()).create(empty)
-            table = self.delta.table(name) if self.delta is not None else None
-            folder = self.archive_dir / name if self.archive_dir is not None else None
+            table = self.delta.table(name) if self.delta is not None and bound else None
+            folder = self.archive_dir / name if self.archive_dir is not None and bound else None
             if table is not None:  # (DuckDB's delta extension is a download: read through deltalake's dataset)
                 con.register(f"_{name}_delta", table.to_pyarrow_dataset())
                 source = (f"select * replace (date::date as date, hour::integer as hour) from "
@@ -99,7 +102,7 @@ class Archive:
         import duckdb
         con = None
         try:
-            con = self.connect(named(sql))  # (binding a view reads its files' footers: a damaged one fails here)
+            con = self.connect(named(sql), listed=True)  # (binding reads its files' footers: a damaged one fails here)
             rel = con.sql(sql)
             if rel is None:  # a statement without rows (SET ...)
                 return pa.table({})
@@ -116,11 +119,10 @@ class Archive:
                 con.close()
 
 
-def named(sql: str) -> set[str] | None:
-    """The datasets `sql` may name (a word of it; one in a string or a comment costs a view only); None, every
-    one, where it names none (`show tables`, information_schema: what there is to query)."""
+def named(sql: str) -> set[str]:
+    """The datasets `sql` may name (a word of it; one in a string or a comment costs a view only)."""
     words = {w.lower() for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)}
-    return {name for name in ARCHIVE_SCHEMAS if name in words} or None
+    return {name for name in ARCHIVE_SCHEMAS if name in words}
 
 
 def _globs(folder: Path, days: tuple[date, date] | None) -> str:

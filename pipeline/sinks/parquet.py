@@ -436,6 +436,8 @@ class ArchiveWriter(ArchiveBuffers):
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+            except FileNotFoundError:  # (pruned since: nothing of it to keep)
+                continue
             except OSError as e:  # (a filesystem that refuses a folder's fsync: the file is there; said once)
                 if not self._said_sync:
                     self._said_sync = True
