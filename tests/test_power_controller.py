@@ -161,10 +161,13 @@ def test_a_request_that_starts_as_the_last_ends_takes_its_caps_over_and_is_basel
 
 @pytest.mark.parametrize("span,expected", [((600, 800), [*range(500, 600), *range(801, 1001)]),
                                            ((100, 800), [*range(0, 100), *range(801, 1001)]),
-                                           ((950, None), [*range(650, 950)])])
+                                           ((950, None), [*range(650, 950)]),
+                                           ((0, None), [*range(700, 1001)])])
 def test_a_baseline_is_the_last_300_s_no_earlier_request_capped(span, expected):
     """An earlier request's caps (from its first plan to its last cap gone; None: still capped) leave the
-    window, which reaches back past them: a span that began before the window had left it 199 s long."""
+    window, which reaches back past them: a span that began before the window had left it 199 s long. Where none
+    is kept (caps held longer than the readings go back), the last 300 s as read: a later request's size
+    judged meanwhile had waited for the holding one's end."""
     from collections import deque
     _, ctl = fleet()
     at = lambda s: EVAL_EPOCH + timedelta(seconds=s)  # noqa: E731

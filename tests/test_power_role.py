@@ -1086,6 +1086,21 @@ def test_a_cancel_after_a_request_s_hold_ends_changes_nothing_of_its_verdict(tmp
     assert row["id"] == rid and row["state"] == "done" and row["met"], row
 
 
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_later_request_sent_while_one_holds_its_caps_is_judged_at_once(tmp_path, dry_run):
+    """A request for later, sent while another holds the site: its size is judged now. The baseline's window
+    leaving out the holding request's time had left it no reading (pending until that one ended); a dry run's
+    plans held nothing, and a real hold's own readings judge its size meanwhile, as before."""
+    h = Harness(tmp_path, dry_run=dry_run)
+    h.ask(reduction_pct=5, duration_s=600)  # (before the fleet's first data: it starts with it, no reading before)
+    h.run(120)
+    later = [(h.sim.now + timedelta(hours=hours)).isoformat() for hours in (6, 7)]
+    big, small = h.ask(reduction_pct=95, start=later[0]), h.ask(reduction_pct=5, start=later[1])
+    h.run(5)
+    states = {e.id: e.state for e in h.store.entries()}
+    assert (states[big], states[small]) == ("rejected", "accepted"), states
+
+
 def test_a_request_on_one_rack_is_judged_by_its_pdu_through_the_role(tmp_path):
     """A rack request is judged by the covered racks' PDUs; the role reads their last reading's time
     to tell a silent PDU (it had unpacked each reading as two values, and crashed on three)."""

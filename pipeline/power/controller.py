@@ -786,8 +786,11 @@ class Controller:
     def _in_baseline(self, readings: Iterable[tuple], now: datetime) -> list[tuple]:
         """The readings (time first) in the baseline window of a request starting `now`: the last
         `power.baseline_s` before it that no earlier request's caps held (its hold and its restore),
-        looking back past them as far as the readings are kept."""
-        spans = [(start, now if end is None else min(end, now)) for start, end in self.capped_spans if start < now]
+        looking back past them as far as the readings are kept; where none is kept (a request holds caps
+        for longer than that), the last `power.baseline_s`, as read. Caps a dry run planned held nothing."""
+        applied = getattr(self.actuator, "applies", True)
+        spans = [(start, now if end is None else min(end, now)) for start, end in self.capped_spans
+                 if start < now and applied]
         need, cursor = timedelta(seconds=self.s.baseline_s), now
         for start, end in reversed(spans):  # (newest first: one request at a time, in order)
             if end < cursor:
@@ -796,7 +799,11 @@ class Controller:
                 need -= cursor - end
             cursor = min(cursor, start)
         since = cursor - need
-        return [r for r in readings if since <= r[0] <= now and not any(s <= r[0] <= e for s, e in spans)]
+        kept = [r for r in readings if since <= r[0] <= now and not any(s <= r[0] <= e for s, e in spans)]
+        if kept or not spans:
+            return kept
+        recent = now - timedelta(seconds=self.s.baseline_s)  # (judging a later request's size while one holds:
+        return [r for r in readings if recent <= r[0] <= now]  # it had been left pending until that one ended)
 
     def meter_per_it(self) -> tuple[float, float]:
         """The meter's kW per kW of the PDUs' sum (its cooling): the slope fitted over the

@@ -91,6 +91,8 @@ HOLD_SILENT_S = 60.0
 class DryRunActuator:
     """`power.dry_run`: the caps planned, logged and kept (`planned`, UUID -> W), none applied."""
 
+    applies = False  # (the load was never capped: a later request's baseline keeps the readings of its plans)
+
     def __init__(self) -> None:
         self.planned: dict[str, float] = {}
         self.changes = 0
