@@ -707,7 +707,7 @@ class DcgmSource:
         import aiohttp
 
         from pipeline.bus.base import Topic
-        from pipeline.sources.nvml import events_batch
+        from pipeline.sources.nvml import events_batch, node_event
         limit = asyncio.Semaphore(self.cfg.concurrency)
         connector = aiohttp.TCPConnector(limit=self.cfg.concurrency, ttl_dns_cache=300)
         arrived: list[Scraped] = []
@@ -756,7 +756,7 @@ class DcgmSource:
                         await publish()
                     if stop.is_set() and self._announced:  # (on request: a restart may follow)
                         await emit(Topic.EVENTS, events_batch([
-                            self._node_event(where, COLLECTOR_STOPPING, None, "the DCGM source stops on request")
+                            node_event(where, COLLECTOR_STOPPING, None, "the DCGM source stops on request")
                             for where in self._announced]))
         finally:
             self._pool.shutdown(wait=False)
@@ -768,15 +768,10 @@ class DcgmSource:
         new = [w for w in dict.fromkeys(zip(batch.column("site").to_pylist(), batch.column("rack").to_pylist(),
                                             batch.column("node").to_pylist())) if w not in self._announced]
         self._announced.update(dict.fromkeys(new))
+        from pipeline.sources.nvml import node_event
         ms = round(self.cfg.interval_s * 1000)
-        return [self._node_event(w, COLLECTOR_STARTED, ms, f"read through dcgm-exporter every {self.cfg.interval_s:g} s")
+        return [node_event(w, COLLECTOR_STARTED, ms, f"read through dcgm-exporter every {self.cfg.interval_s:g} s")
                 for w in new]
-
-    @staticmethod
-    def _node_event(where: tuple[str, str, str], kind: str, code: int | None, text: str) -> dict:
-        site, rack, node = where
-        return {"ts": time.time_ns(), "site": site, "rack": rack, "node": node, "gpu": None, "gpu_uuid": None,
-                "kind": kind, "code": code, "text": text}
 
     def log_summary(self) -> None:
         failing = [st for st in self.states if st.failing]

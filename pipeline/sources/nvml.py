@@ -481,10 +481,6 @@ class NvmlAgent:
         log.error("GPU %d (%s) is lost (%s): its samples stop; see runbooks/GpuFellOffBus.md", g.index, g.uuid, why)
         return self._event(g, _now_ns(), "gpu_lost", None, f"NVML: GPU is lost ({why})")
 
-    def _node_event(self, kind: str, code: int | None, text: str) -> dict:
-        return {"ts": _now_ns(), "site": self.cfg.site, "rack": self.cfg.rack, "node": self.node, "gpu": None,
-                "gpu_uuid": None, "kind": kind, "code": code, "text": text}
-
     def _event(self, g: Gpu, ts_ns: int, kind: str, code: int | None, text: str) -> dict:
         return {"ts": ts_ns, "site": self.cfg.site, "rack": self.cfg.rack, "node": self.node, "gpu": g.index,
                 "gpu_uuid": g.uuid, "kind": kind, "code": code, "text": text}
@@ -589,9 +585,10 @@ class NvmlAgent:
         await loop.run_in_executor(self._pool, self.open)
         self.opened.set()
         # Said of itself (detect: its interval, not learned from gaps alone; a stop on request is no outage)
-        await publish_events(events_batch([self._node_event(COLLECTOR_STARTED, round(self.cfg.interval_s * 1000),
-                                                            f"the NVML agent started: {len(self.gpus)} GPUs read "
-                                                            f"every {self.cfg.interval_s:g} s")]))
+        where = (self.cfg.site, self.cfg.rack, self.node)
+        await publish_events(events_batch([node_event(where, COLLECTOR_STARTED, round(self.cfg.interval_s * 1000),
+                                                      f"the NVML agent started: {len(self.gpus)} GPUs read "
+                                                      f"every {self.cfg.interval_s:g} s")]))
         pending: asyncio.Queue[dict] = asyncio.Queue()
         watcher = threading.Thread(target=self.watch_events, name="nvml-events", daemon=True,
                                    args=(lambda e: loop.call_soon_threadsafe(pending.put_nowait, e),))
@@ -625,8 +622,8 @@ class NvmlAgent:
             while not pending.empty():
                 await publish_events(events_batch([pending.get_nowait() for _ in range(pending.qsize())]))
             if stop.is_set():  # (on request: a restart may follow; one that fails says nothing, and is found)
-                await publish_events(events_batch([self._node_event(COLLECTOR_STOPPING, None,
-                                                                    "the NVML agent stops on request")]))
+                await publish_events(events_batch([node_event(where, COLLECTOR_STOPPING, None,
+                                                              "the NVML agent stops on request")]))
             forwarder.cancel()
             await loop.run_in_executor(None, self.close)
 
@@ -684,6 +681,13 @@ def _field_value(fv) -> float:
     if t == pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG:
         return fv.value.sllVal
     return fv.value.siVal
+
+
+def node_event(where: tuple[str, str, str], kind: str, code: int | None, text: str) -> dict:
+    """An event row of a node (site, rack, node), no GPU's, stamped now: a collector's own."""
+    site, rack, node = where
+    return {"ts": _now_ns(), "site": site, "rack": rack, "node": node, "gpu": None, "gpu_uuid": None, "kind": kind,
+            "code": code, "text": text}
 
 
 def events_batch(rows: list[dict]) -> pa.RecordBatch:
