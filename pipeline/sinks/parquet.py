@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import fcntl
+import glob
 import logging
 import os
 import re
@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.model import ARCHIVE_SCHEMAS, SCHEMAS, cast_by_name, upgraded
+from pipeline.sinks.files import fsync_dir
 
 log = logging.getLogger(__name__)
 _KAFKA_NAME = re.compile(r"part-p(\d{4})-o(\d{16})-(\d{16})\.parquet")  # a Kafka buffer's file: partition, offsets
@@ -63,6 +64,8 @@ def files_glob(folder: Path, pattern: str = DATA_FILES) -> str:
     """`pattern` under `folder` as one glob for polars and DuckDB: the folder's own name escaped (a data_dir
     holding `[` had been a character class to them, and found nothing)."""
     return f"{glob.escape(str(folder))}/{pattern}"
+
+
 # The column that places a row in a partition.
 TIME_COLUMN = {name: ("start" if name == "fault_labels" else "ts") for name in SCHEMAS}
 
@@ -431,11 +434,7 @@ class ArchiveWriter(ArchiveBuffers):
         loss)."""
         for folder in sorted({f for hour in folders for f in (hour, hour.parent, hour.parent.parent)}):
             try:
-                fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_dir(folder)
             except FileNotFoundError:  # (pruned since: nothing of it to keep)
                 continue
             except OSError as e:  # (a filesystem that refuses a folder's fsync: the file is there; said once)
@@ -466,4 +465,3 @@ class ArchiveWriter(ArchiveBuffers):
                 partial.unlink(missing_ok=True)
             raise
         return tmp, final_dir / name
-
