@@ -81,7 +81,8 @@ def build(where: Place, since: datetime, until: datetime, cfg) -> list[Section]:
     # window after it (a fault labelled in its last minutes is scored if the data goes on); the alerts and
     # node health whole: an alert or a failing spell may start before it.
     after = timedelta(seconds=max(f.score_window_s for f in FAULTS) + GRACE_S)
-    days = (since.astimezone(timezone.utc).date(), (until + after - timedelta(microseconds=1)).astimezone(timezone.utc).date())
+    last = until + after - timedelta(microseconds=1)  # (an end at midnight reads no day past it)
+    days = (since.astimezone(timezone.utc).date(), last.astimezone(timezone.utc).date())
     con = Archive.at(where).connect(READS, days={name: days for name in PERIOD_ONLY})
     p = Period(since, until)
     try:

@@ -42,7 +42,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -940,10 +940,8 @@ class Controller:
                     and (o.read_to is None or o.read_to < self._rise_end(o) + MINUTE):
                 self._after_hold(req, o)
         if self.active is None:
-            for req, _ in self.requests:
-                if self.phase == "idle" and req.start <= now < req.end and not self._started(req):
-                    self._start(req, now)
-                    break
+            if (due := next(self._due(now), None)) is not None:
+                self._start(due, now)
             return
         req, out = self.active, self._outcome(self.active)
         if self.phase == "active":
@@ -1016,13 +1014,16 @@ class Controller:
         it covers every GPU), not after the restore, which had made it start late (at a large site's
         restore rate, a minute and more). One on racks waits for the restore: its baseline is its
         PDUs as they read when it starts, which the caps would hold down."""
-        for req, _ in self.requests:
-            if req.start <= now < req.end and not self._started(req) and not req.racks \
-                    and self._baseline_of(req) is not None:
+        for req in self._due(now):
+            if not req.racks and self._baseline_of(req) is not None:
                 log.info("power request %s: starts from the caps of request %s, which were being restored",
                          req.id, self.active.id if self.active is not None else "-")
                 return req
         return None
+
+    def _due(self, now: datetime) -> Iterator[PowerRequest]:
+        """The requests whose time has come and that have not started, in the order they came."""
+        return (req for req, _ in self.requests if req.start <= now < req.end and not self._started(req))
 
     def _covered_since(self, req: PowerRequest, since: datetime | None) -> list[tuple[datetime, float, float]]:
         """The covered load's readings stamped after `since` (None: every one kept), oldest first: the
