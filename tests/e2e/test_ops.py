@@ -161,8 +161,13 @@ def test_prometheus_scrapes_a_daemon_over_kafka_and_every_dashboard_panel_return
         def ingesting() -> bool:
             return bool(prom.query(f"{rate} > 0")) and bool(prom.query("fleetwatch_up offset 10s"))
         wait_for(ingesting, timeout=120)
-        value = float(prom.query(rate)[0]["value"][1])
-        assert 0.7 * gpus < value < 1.3 * gpus, value
+        # (the first 10 s after start may hold the backlog the roles caught up on under load: 167/s for 128 once)
+        seen: list[float] = []
+
+        def steady() -> bool:
+            seen.append(float(prom.query(rate)[0]["value"][1]))
+            return 0.7 * gpus < seen[-1] < 1.3 * gpus
+        wait_for(steady, timeout=60)
         # The firing alerts: the injected faults' alerts and the Watchdog, as detect counts them.
         wait_for(lambda: prom.query('sum(fleetwatch_alerts_firing{alertname!~"Fleetwatch.*"}) > 0'), timeout=120)
         assert [r["value"][1] for r in prom.query('fleetwatch_alerts_firing{alertname="FleetwatchWatchdog"}')] \
@@ -203,7 +208,7 @@ def test_prometheus_scrapes_a_daemon_over_kafka_and_every_dashboard_panel_return
         p.kill()
         prom.close()
         broker.close()
-    print(f"Prometheus: detect ingests {value:.0f} GPU samples/s ({gpus} expected), alerts firing {sorted(firing)}; "
+    print(f"Prometheus: detect ingests {seen[-1]:.0f} GPU samples/s ({gpus} expected), alerts firing {sorted(firing)}; "
           f"{len(checked)} panel queries of {len(DASHBOARDS)} dashboards, {len(empty)} without data")
     assert len(DASHBOARDS) == 3 and len(checked) >= 20
     assert not empty, "dashboard panels without data:\n" + "\n".join(empty)
