@@ -7,6 +7,11 @@
     inhibit   deploy/alertmanager/alertmanager.yml
                                     the default inhibit rules, as Alertmanager's: the Alertmanager
                                     kind's alerts are inhibited there, not by Fleetwatch
+    prometheus docs/operations.md   the table of Prometheus's rules about Fleetwatch, from the catalog
+    rules     deploy/prometheus/rules.yml, and as a PrometheusRule in
+              deploy/kubernetes/prometheus-operator/prometheusrule.yaml
+                                    Prometheus's alerting rules on Fleetwatch's /metrics, from the
+                                    catalog's alerts of family "prometheus"
 
 Each sits between `<!-- BEGIN generated: NAME (scripts/update-docs) -->` and
 `<!-- END generated: NAME -->` (in YAML, the same words as `#` comments); edit the source,
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 import sys
 from pathlib import Path
 
@@ -70,6 +76,15 @@ def runbook_index() -> str:
     return "\n".join(rows)
 
 
+def prometheus_table() -> str:
+    rows = ["| alert | severity | fires when | rule |", "| --- | --- | --- | --- |"]
+    for a in ALERTS:
+        if a.family == "prometheus":
+            pending = f" for {a.pending_for}" if a.pending_for != "0s" else ""
+            rows.append(f"| `{a.name}` | {a.severity} | {_cell(a.meaning)} | `{_cell(a.promql)}`{pending} |")
+    return "\n".join(rows)
+
+
 def config_table() -> str:
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for key, typ, default, doc in reference():
@@ -94,15 +109,52 @@ def alertmanager_inhibit_rules() -> str:
     return "\n".join(lines)
 
 
+# Where the Prometheus rules point an alert's runbook: this repository's runbooks/, relative, as the rules file
+# ships; replace it with where the runbooks are published (alerts.runbook_base_url), as their comment says.
+RULES_RUNBOOK_BASE = "runbooks/"
+
+
+def _go_template(summary: str) -> str:
+    """A catalog summary (a format string over labels and `value`) in Prometheus's template language."""
+    out = []
+    for text, name, _, _ in string.Formatter().parse(summary):
+        out.append(text)
+        if name is not None:
+            out.append("{{ $value }}" if name == "value" else f"{{{{ $labels.{name} }}}}")
+    return "".join(out)
+
+
+def prometheus_rules(indent: int = 0) -> str:
+    """The catalog's Prometheus alerts as one rule group, each with the annotations Fleetwatch's own alerts
+    carry (summary, description, runbook_url, remediation)."""
+    lines = ["groups:", "  - name: fleetwatch", "    rules:"]
+    for a in ALERTS:
+        if a.family != "prometheus":
+            continue
+        lines += [f"      - alert: {a.name}", f"        expr: {json.dumps(a.promql)}"]
+        if a.pending_for != "0s":
+            lines.append(f"        for: {a.pending_for}")
+        lines += ["        labels:", f"          severity: {a.severity}", "        annotations:",
+                  f"          summary: {json.dumps(_go_template(a.summary))}",
+                  f"          description: {json.dumps(a.action)}",
+                  f"          runbook_url: {json.dumps(RULES_RUNBOOK_BASE + a.name + '.md')}",
+                  f"          remediation: {a.remediation}"]
+    return "\n".join(" " * indent + line for line in lines)
+
+
 GENERATED = {"alerts": ("docs/detection.md", alerts_table), "runbooks": ("runbooks/README.md", runbook_index),
              "config": ("docs/configuration.md", config_table), "dcgm": ("docs/collectors.md", dcgm_table),
-             "inhibit": ("deploy/alertmanager/alertmanager.yml", alertmanager_inhibit_rules)}
+             "inhibit": ("deploy/alertmanager/alertmanager.yml", alertmanager_inhibit_rules),
+             "prometheus": ("docs/operations.md", prometheus_table),
+             "rules": ("deploy/prometheus/rules.yml", prometheus_rules),
+             "prometheusrule": ("deploy/kubernetes/prometheus-operator/prometheusrule.yaml",
+                                lambda: prometheus_rules(indent=2))}
 
 
 def markers(name: str, path: str) -> tuple[str, str]:
     """The lines that open and close the block `name` in the file at `path` (YAML: comments)."""
     begin, end = BEGIN.format(name=name), END.format(name=name)
-    if path.endswith(".yml"):
+    if path.endswith((".yml", ".yaml")):
         begin, end = (f"# {m.removeprefix('<!-- ').removesuffix(' -->')}" for m in (begin, end))
     return begin, end
 

@@ -756,12 +756,14 @@ def prometheus_binary() -> str:
 
 class Prometheus(Service):
     """A Prometheus server on a free loopback port that scrapes `targets` (HOST:PORT, job
-    `fleetwatch`) every `interval`; `query(expr)` asks its HTTP API, as Grafana does."""
+    `fleetwatch`) every `interval` and evaluates the alerting rules of `rule_files`; `query(expr)`
+    asks its HTTP API, as Grafana does."""
 
     name = "prometheus"
     stop_timeout_s = 10.0
 
-    def __init__(self, targets: list[str], interval: str = "1s", workdir: Path | None = None) -> None:
+    def __init__(self, targets: list[str], interval: str = "1s", workdir: Path | None = None,
+                 rule_files: tuple[Path, ...] = ()) -> None:
         super().__init__()
         self.binary = prometheus_binary()
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="prometheus-"))
@@ -772,6 +774,7 @@ class Prometheus(Service):
             "global:",
             f"  scrape_interval: {interval}",
             f"  evaluation_interval: {interval}",
+            f"rule_files: [{', '.join(json.dumps(str(f)) for f in rule_files)}]",
             "scrape_configs:",
             "  - job_name: fleetwatch",
             f"    scrape_timeout: {interval}",

@@ -348,6 +348,37 @@ def test_prometheus_config_is_valid_and_scrapes_every_role_on_its_port():
     assert targets == ["alertmanager:9093"]
 
 
+def test_the_rules_about_fleetwatch_are_loaded_by_the_stack_and_the_operators_prometheus_alike():
+    """deploy/prometheus/rules.yml (its firing: tests/test_prometheus_rules.py) is valid, loaded by the compose
+    stack's Prometheus where it mounts it, read only documented metrics, and the Prometheus Operator's
+    PrometheusRule holds the same groups."""
+    path = DEPLOY / "prometheus" / "rules.yml"
+    check = subprocess.run([tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    groups = yaml.safe_load(path.read_text())["groups"]
+    config_dir = "/etc/prometheus"
+    prometheus = compose()["services"]["prometheus"]
+    loaded = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["rule_files"]
+    assert [mounts(prometheus).get(f"{config_dir}/{f}") for f in loaded] == ["./deploy/prometheus/rules.yml"]
+    for rule in (r for g in groups for r in g["rules"]):
+        unknown = {n for n in promql_metrics(rule["expr"]) if n != "up" and not allowed_metric(n)}
+        assert not unknown, f"{rule['alert']}: {unknown} are not in docs/operations.md's metric table"
+    operator = yaml.safe_load((DEPLOY / "kubernetes" / "prometheus-operator" / "prometheusrule.yaml").read_text())
+    assert operator["kind"] == "PrometheusRule" and operator["spec"]["groups"] == groups
+
+
+def test_a_collector_s_stall_is_prometheus_s_to_raise_exactly_where_no_role_of_its_process_publishes_it():
+    """FleetwatchCollectorStalled raises the stall of a process that keeps its FleetwatchStalled on its /metrics:
+    sources without the alerts topic among their outputs, and none of the roles that have it (the role table)."""
+    from pipeline.bus.base import Topic
+    from pipeline.detect.catalog import ALERTS_BY_NAME
+    from pipeline.roles import ROLE_TABLE
+    expr = ALERTS_BY_NAME["FleetwatchCollectorStalled"].promql
+    stalled_alone, publishing = (set(m.split("|")) for m in re.findall(r'fleetwatch_up\{role=~"([^"]+)"\}', expr))
+    assert publishing == {r.name for r in ROLE_TABLE if Topic.ALERTS in r.outputs}
+    assert stalled_alone == {r.name for r in ROLE_TABLE if r.outputs and Topic.ALERTS not in r.outputs}
+
+
 def amtool_route(config: Path, *labels: str) -> str:
     r = subprocess.run([tool("amtool"), "config", "routes", "test", f"--config.file={config}", *labels],
                        capture_output=True, text=True)

@@ -63,6 +63,10 @@ class AlertSpec:
     meaning: str = ""     # one line for the runbook index
     method: str = ""      # how it is detected, in a few words
     detection: str = ""   # how it is detected, for docs/detection.md
+    promql: str = ""      # family "prometheus": the rule's expression, which Prometheus evaluates on Fleetwatch's
+                          # /metrics (deploy/prometheus/rules.yml is generated from it); its summary reads the
+                          # result's labels and `value`, its evidence
+    pending_for: str = "0s"  # family "prometheus": the rule's `for`
 
     @property
     def entity(self) -> str:
@@ -452,14 +456,78 @@ ALERTS: tuple[AlertSpec, ...] = (
                         "watchdog or Kubernetes restart it); a stalled consumer does not. Resolves when the role "
                         "moves again. "
                         "Labelled with the site, `instance` (as the Watchdog), `role` and `stalled`."),
+    # Prometheus's, on Fleetwatch's /metrics: what no Fleetwatch process can say when it is the one that is down,
+    # or when the receiver it would say it to is. Labelled with the scrape's `job` and `instance`, not `site`
+    # (unless the Prometheus's external_labels set one).
+    AlertSpec("FleetwatchTargetDown", "warning", "fleetwatch",
+              "Prometheus cannot scrape Fleetwatch {job} at {instance}",
+              "Check the process (systemctl status fleetwatch, kubectl get pods -n fleetwatch) and its --http; "
+              "a central role down also ends FleetwatchWatchdog, an agent's node raises NodeNotReporting.",
+              detector="prometheus", family="prometheus", fire_after=None, evidence=("job",),
+              meaning="Prometheus cannot scrape a Fleetwatch process for 10 minutes: it is down, or its --http is",
+              method="Prometheus rule",
+              detection="`up == 0` for a target of a job named `fleetwatch*` (compose's `fleetwatch-<role>`, the "
+                        "PodMonitor's `fleetwatch/fleetwatch`) for 10 minutes.",
+              promql='up{job=~"fleetwatch.*"} == 0', pending_for="10m"),
+    AlertSpec("FleetwatchNotificationsBacklog", "critical", "fleetwatch",
+              "Fleetwatch notify on {instance}: receiver {receiver} has held notifications for 10 minutes",
+              "The receiver refuses or does not answer: alerts are not reaching it. Read notify's log for the "
+              "receiver's errors; fix the receiver or its URL and credentials (the outbox delivers what it holds).",
+              detector="prometheus", family="prometheus", fire_after=None, evidence=("receiver",),
+              meaning="a receiver's outbox has not emptied for 10 minutes: alerts are not reaching it",
+              method="Prometheus rule",
+              detection="`fleetwatch_outbox_pending > 0` for 10 minutes: notify retries (with backoff) what the "
+                        "receiver refuses or does not answer, and holds it in the receiver's outbox on disk. Goes "
+                        "through Prometheus's Alertmanager, not the receiver that fails.",
+              promql="fleetwatch_outbox_pending > 0", pending_for="10m"),
+    AlertSpec("FleetwatchNotificationsLost", "critical", "fleetwatch",
+              "Fleetwatch notify on {instance} gave up on notifications to {receiver} in the last hour",
+              "Read notify's log for why the receiver rejected them; fix it, then read what was missed with "
+              "`fleetwatch alerts` (every alert is in alerts.jsonl and the archive).",
+              detector="prometheus", family="prometheus", fire_after=None, evidence=("receiver",),
+              meaning="notify gave up on notifications to a receiver: alerts were not delivered",
+              method="Prometheus rule",
+              detection="`fleetwatch_notifications_dead_lettered_total` rose in the last hour: notify gave up on a "
+                        "notification (the receiver refused it for good, a 4xx, or it outlived its retries). "
+                        "Resolves an hour after the last.",
+              promql="increase(fleetwatch_notifications_dead_lettered_total[1h]) > 0"),
+    AlertSpec("FleetwatchIntakeRejecting", "warning", "fleetwatch",
+              "Fleetwatch on {instance} rejects input at intake ({group}: {reason})",
+              "Read the process's log for the first rejected record of the reason and fix its producer (an "
+              "agent of another version, a BMS gateway's payload); over Kafka the records wait on the dead-letter "
+              "topic.",
+              detector="prometheus", family="prometheus", fire_after=None, evidence=("group", "reason"),
+              meaning="rows or messages rejected at intake for 15 minutes: a producer sends what Fleetwatch cannot "
+                      "read",
+              method="Prometheus rule",
+              detection="`fleetwatch_dead_letters_total` rose in every 5 minutes for 15 minutes, per group and "
+                        "reason: a producer keeps sending what Fleetwatch cannot read (counted, logged once, "
+                        "dead-lettered; the data beside it is kept). One bad record now and then raises nothing.",
+              promql="sum by (job, instance, group, reason) (increase(fleetwatch_dead_letters_total[5m])) > 0",
+              pending_for="15m"),
+    AlertSpec("FleetwatchCollectorStalled", "warning", "fleetwatch",
+              "Fleetwatch collector on {instance} stalled (on its /metrics)",
+              "On the agent's node run nvidia-smi: a hang needs a GPU reset or a reboot (drain first); on a DCGM "
+              "source check the exporters' /metrics.",
+              detector="prometheus", family="prometheus", fire_after=None,
+              meaning="an NVML agent or a DCGM source stalled, which only its /metrics can say",
+              method="Prometheus rule",
+              detection="`fleetwatch_alerts_firing{alertname=\"FleetwatchStalled\"}` of a process that runs the "
+                        "agent, the DCGM source or the simulator and no role that writes the alerts topic (such a "
+                        "process keeps `FleetwatchStalled` on its /metrics only), for 5 minutes.",
+              promql='fleetwatch_alerts_firing{alertname="FleetwatchStalled"} > 0 '
+                     'and on (job, instance) fleetwatch_up{role=~"agent|dcgm|simulate"} '
+                     'unless on (job, instance) fleetwatch_up{role=~"facility|detect|power|remediate|archive"}',
+              pending_for="5m"),
 )
 
 ALERTS_BY_NAME: dict[str, AlertSpec] = {a.name: a for a in ALERTS}
 
 # The alerts the detectors raise (the rest Fleetwatch raises about itself: pipeline/sinks/archive_outage.py,
-# pipeline/ops/selfalerts.py; or the power role about a request: pipeline/roles/power.py).
+# pipeline/ops/selfalerts.py; the power role about a request: pipeline/roles/power.py; or Prometheus by the rules
+# generated from `promql`: deploy/prometheus/rules.yml).
 # The engine tracks each on its `entity` (a site-scoped alert on the site's rack "" entry).
-NOT_DETECTORS = ("archive", "ops", "control", "remediate")  # families outside the detect engine
+NOT_DETECTORS = ("archive", "ops", "control", "remediate", "prometheus")  # families outside the detect engine
 DETECTOR_ALERTS: tuple[AlertSpec, ...] = tuple(a for a in ALERTS if a.family not in NOT_DETECTORS)
 
 

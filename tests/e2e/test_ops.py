@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline.detect.catalog import ALERTS
 from tests.conftest import REPO
 from tests.helpers import FAST, http_get, start, wait_for
 from tests.services import KafkaBroker, Mosquitto, Prometheus, free_port
@@ -141,7 +142,7 @@ def test_prometheus_scrapes_a_daemon_over_kafka_and_every_dashboard_panel_return
     broker = KafkaBroker().start()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    prom = Prometheus([f"127.0.0.1:{port}"]).start()
+    prom = Prometheus([f"127.0.0.1:{port}"], rule_files=(REPO / "deploy" / "prometheus" / "rules.yml",)).start()
     env = FAST | {"FLEETWATCH_FLEET__SPEED": "1", "FLEETWATCH_FLEET__FAULT_INTERVAL_S": "3",
                   "FLEETWATCH_KAFKA__TOPIC_PREFIX": f"o{uuid.uuid4().hex[:6]}.", "FLEETWATCH_KAFKA__PARTITIONS": "3",
                   "FLEETWATCH_DETECT__SITE_POWER_CAP_W": "500000", "FLEETWATCH_ALERTS__WEBHOOKS": receiver.url}
@@ -197,6 +198,11 @@ def test_prometheus_scrapes_a_daemon_over_kafka_and_every_dashboard_panel_return
         deadline = time.monotonic() + 90
         while (empty := panels_empty()) and time.monotonic() < deadline:
             time.sleep(2)
+        # The shipped rules about Fleetwatch evaluate on its real /metrics, and none fires on a healthy daemon
+        rules = [r for g in prom.api("rules", type="alert")["groups"] for r in g["rules"]]
+        assert {r["name"] for r in rules} == {a.name for a in ALERTS if a.family == "prometheus"}
+        assert [(r["name"], r["health"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
+        assert [r["name"] for r in rules if r["state"] == "firing"] == []
         # Kafka away: not ready (and saying why), still alive; back: ready again.
         broker.stop()
         wait_for(lambda: "Kafka is unreachable" in http_get(f"{url}/readyz")[1], timeout=60)
