@@ -318,7 +318,7 @@ POWER_REQUEST = _schema("power_request", 1, [
     _f("target_kw", pa.float64(), "hold the covered power at or under this, kW (one of target_kw, reduction_kw, "
        "reduction_pct)"),
     _f("reduction_kw", pa.float64(), "shed this much from the baseline, kW"),
-    _f("reduction_pct", pa.float64(), "shed this share of the baseline, percent (0-100)"),
+    _f("reduction_pct", pa.float64(), "shed this share of the baseline, percent (1 to under 100)"),
     _f("start", TS, "when the reduction is to start", nullable=False),
     _f("duration_s", pa.float64(), "how long it is held, from start, s", nullable=False),
     _f("ramp_s", pa.float64(), "deadline to reach the target after start, s (e.g. 30)", nullable=False),
@@ -631,16 +631,20 @@ def alerts_to_batch(changes: list[tuple[datetime, Alert]]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(cols, schema=ALERT)
 
 
+def python_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """A batch's rows as Python values, for the readers of a few rows a message (alerts, requests): times
+    truncated to microseconds, which Python's datetime holds. A time with nanoseconds (TS is ns: another
+    producer's, a Go or Java clock's) had failed the whole batch, and the consumer with it."""
+    return pa.RecordBatch.from_arrays([c.cast(pa.timestamp("us", tz=c.type.tz), safe=False)
+                                       if pa.types.is_timestamp(c.type) else c for c in batch.columns],
+                                      names=batch.schema.names).to_pylist()
+
+
 def alert_rows(batch: pa.RecordBatch) -> list[dict[str, Any]]:
     """Rows of the `alert` schema as Alertmanager alert objects (plus detector, score
     and evidence): what receivers and alerts.jsonl get."""
     out = []
-    # Alertmanager's times have milliseconds: nanoseconds (another producer's) are truncated
-    # to microseconds, which Python's datetime holds, instead of failing the whole batch.
-    batch = pa.RecordBatch.from_arrays([c.cast(pa.timestamp("us", tz="UTC"), safe=False)
-                                        if pa.types.is_timestamp(c.type) else c for c in batch.columns],
-                                       names=batch.schema.names)
-    for r in batch.to_pylist():
+    for r in python_rows(batch):
         out.append(alert_json(
             r["status"], json.loads(r["labels_json"]),
             {k: r[k] for k in ("summary", "description", "runbook_url", "remediation") if r.get(k) is not None},

@@ -46,10 +46,15 @@ def encode(batch: pa.RecordBatch) -> tuple[bytes, list[tuple[str, bytes]]]:
     return sink.getvalue().to_pybytes(), headers
 
 
+def _number(version: str) -> bool:
+    """A version header int() reads: ASCII digits (str.isdigit() is also true of '²', which int() refuses)."""
+    return version.isascii() and version.isdigit()
+
+
 def _upgrade_hint(version: str, readable: list[int]) -> str:
     """What to do about a version this consumer does not read (docs/data.md#schema-changes):
     consumers are upgraded before producers, so a newer one means this consumer is behind."""
-    if not version.isdigit():
+    if not _number(version):
         return ""
     if int(version) > readable[-1]:
         return ": the producer is newer than this consumer; upgrade the consumers first, then the producers"
@@ -67,14 +72,14 @@ class Decoder:
 
     def decode(self, value: bytes | None, headers: list[tuple[str, bytes]] | tuple) -> pa.RecordBatch:
         """The record batch of a message, or DecodeError saying what is wrong with it."""
-        h = {k: v for k, v in headers or ()}
+        h = {k: v for k, v in headers or () if v is not None}  # (Kafka allows a header without a value)
         name = h.get(HEADER_SCHEMA, b"").decode(errors="replace")
         if name not in _BY_NAME:
             raise DecodeError(f"unknown or missing {HEADER_SCHEMA} header {name!r}")
         expected, upgrade = _BY_NAME[name], None
         version = h.get(HEADER_VERSION, b"").decode(errors="replace")
         if version != str(schema_version(expected)):
-            older = UPGRADES.get((name, int(version))) if version.isdigit() else None
+            older = UPGRADES.get((name, int(version))) if _number(version) else None
             if older is None:
                 readable = sorted([schema_version(expected)] + [v for n, v in UPGRADES if n == name])
                 raise DecodeError(f"{name}: schema version {version!r}, this consumer reads version "

@@ -418,8 +418,7 @@ class KafkaSubscription:
                     if aligner is not None:
                         dead.append((tp, topic, rec.offset + 1))
                     continue
-                out.append(Message(topic, value, rec.key.decode() if rec.key else None,
-                                   {k: v.decode(errors="replace") for k, v in rec.headers}, rec.partition, rec.offset))
+                out.append(received(topic, value, rec))
         if aligner is not None:
             aligner.add([m for m in out if m.partition in self.ready])  # (revoked while dead-lettering)
             drained = not records and await self._drained()
@@ -701,6 +700,7 @@ class KafkaBus:
         self.producer = AIOKafkaProducer(client_id=client_id, **self.producer_settings, **self.client_settings)
         _back_off_metadata(self.producer.client)
         self.subscriptions: list[KafkaSubscription] = []
+        self.listeners: list[KafkaListener] = []
         self.end_offsets: dict[TopicPartition, int] = {}
         self.failed: Unavailable | None = None  # a write refused for want of a right, or the producer broken
         # publish() -> outbox -> _pump() -> producer (which holds one batch per partition).
@@ -1057,7 +1057,9 @@ class KafkaBus:
         only (an agent: its rack's power caps; none: every partition), outside any group:
         it commits nothing. With `since_s`, from the first record of that long ago (by the
         records' timestamps: the alerts still firing when the power role starts)."""
-        return KafkaListener(self, topic, keys, since_s)
+        listener = KafkaListener(self, topic, keys, since_s)
+        self.listeners.append(listener)
+        return listener
 
     async def read_latest(self, topic: Topic, partitions: set[int], key=None) -> dict[int, Message]:
         """The last committed message of each of the topic's `partitions` (a compacted
@@ -1069,6 +1071,7 @@ class KafkaBus:
                                   enable_auto_commit=False, **_FETCH, **self.client_settings)
         await reader.start()
         latest: dict[int, Message] = {}
+        skipped = 0
         try:
             tps = [TopicPartition(self.wire(topic), p) for p in sorted(partitions)]
             reader.assign(tps)
@@ -1083,10 +1086,14 @@ class KafkaBus:
                             latest[tp.partition] = Message(topic, self.decoder.decode(rec.value, rec.headers),
                                                            partition=tp.partition, offset=rec.offset)
                         except DecodeError as e:
-                            log.warning("%s[%d]@%d does not decode (%s): skipped", rec.topic, rec.partition,
-                                        rec.offset, e.reason)
+                            if not skipped:
+                                log.warning("%s[%d]@%d does not decode (%s): skipped (and any more, counted at "
+                                            "the end)", rec.topic, rec.partition, rec.offset, e.reason)
+                            skipped += 1
         finally:
             await reader.stop()
+        if skipped > 1:
+            log.warning("%s: %d messages did not decode, skipped", self.wire(topic), skipped)
         return latest
 
     async def end(self, topics: list[Topic]) -> None:
@@ -1151,6 +1158,14 @@ class KafkaBus:
         await self.producer.stop()
 
 
+def received(topic: Topic, value, rec) -> Message:
+    """A consumed record as a Message: its key and headers as text whatever another producer sent (a
+    binary key, a header whose value is null, which Kafka allows, had raised out of the consumer)."""
+    return Message(topic, value, rec.key.decode(errors="replace") if rec.key else None,
+                   {k: v.decode(errors="replace") for k, v in rec.headers or () if v is not None},
+                   rec.partition, rec.offset)
+
+
 class KafkaListener:
     """`KafkaBus.listen`: the partitions of some keys of one topic, from their end when it
     starts, read by a consumer of no group (commands: what was sent before it listened is
@@ -1162,6 +1177,8 @@ class KafkaListener:
         self.bus, self.topic, self.keys, self.since_s = bus, topic, keys, since_s
         self.consumer: AIOKafkaConsumer | None = None
         self.count = 0  # the topic's partitions, as its keys were placed on them (bus/keys.py)
+        self.group = f"listen:{topic.value}"  # (no consumer group: the name its counts go by)
+        self.dead_letters = 0
 
     async def _start(self) -> None:
         consumer = AIOKafkaConsumer(client_id=f"{self.bus.client_id}-listen", isolation_level="read_committed",
@@ -1214,12 +1231,21 @@ class KafkaListener:
                 try:
                     value = self.bus.decoder.decode(rec.value, rec.headers)
                 except DecodeError as e:
-                    log.warning("%s[%d]@%d does not decode (%s): skipped", rec.topic, rec.partition, rec.offset,
-                                e.reason)
+                    self._undecodable(rec, e.reason)
                     continue
-                out.append(Message(self.topic, value, rec.key.decode() if rec.key else None, {}, rec.partition,
-                                   rec.offset))
+                out.append(received(self.topic, value, rec))
         return out
+
+    def _undecodable(self, rec, reason: str) -> None:
+        """Skipped, counted (fleetwatch_dead_letters_total, group `listen:<topic>`) and logged once: a
+        foreign producer's records had logged a line each, on every agent. A listener writes no dead
+        letters (a node's Kafka user may not)."""
+        if self.dead_letters == 0:
+            log.warning("%s: message %s[%d]@%d does not decode (%s): skipped; further ones are counted "
+                        "(fleetwatch_dead_letters_total), not logged", self.group, rec.topic, rec.partition,
+                        rec.offset, reason)
+        self.dead_letters += 1
+        self.bus.dead_letters += 1
 
     async def close(self) -> None:
         if self.consumer is not None:

@@ -124,7 +124,8 @@ class FleetwatchCollector(Collector):
         for g in self.ctx.gates:  # every reason of every gate, 0 until one happens
             for reason in (*INTAKE_REASONS, *g.rejected):
                 counts[(g.group, reason)] = counts.get((g.group, reason), 0) + g.rejected.get(reason, 0)
-        for sub in getattr(self.ctx.bus, "subscriptions", ()):  # Kafka: messages that did not decode
+        # Kafka: messages that did not decode, of the consumer groups and the listeners (`listen:<topic>`)
+        for sub in (*getattr(self.ctx.bus, "subscriptions", ()), *getattr(self.ctx.bus, "listeners", ())):
             counts[(sub.group, "undecodable")] = counts.get((sub.group, "undecodable"), 0) + sub.dead_letters
         for name, source in self.ctx.sources.items():  # the MQTT collector's rejected messages
             collector = getattr(source, "collector", None)

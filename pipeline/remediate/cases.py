@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from pipeline.detect.catalog import costliest
-from pipeline.model import REMEDIATION_EVENT
+from pipeline.model import REMEDIATION_EVENT, python_rows
 
 HEALTHY, QUARANTINED, DRAINED, ACTION, VALIDATING, NEEDS_REPAIR = (
     "healthy", "quarantined", "drained", "action", "validating", "needs_repair")
@@ -45,8 +45,8 @@ class AlertChange:
         return [cls(r["fingerprint"], r["status"] == "firing", r["alertname"], r["severity"], r["site"] or "",
                     r["rack"] or "", r["node"] or "", r["gpu"] or "", r["starts_at"].timestamp(),
                     r["remediation"] or "none", r["summary"] or "")
-                for r in batch.select(["fingerprint", "status", "alertname", "severity", "site", "rack", "node",
-                                       "gpu", "starts_at", "remediation", "summary"]).to_pylist()]
+                for r in python_rows(batch.select(["fingerprint", "status", "alertname", "severity", "site", "rack",
+                                                   "node", "gpu", "starts_at", "remediation", "summary"]))]
 
 
 @dataclass

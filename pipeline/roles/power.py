@@ -58,7 +58,7 @@ from pipeline.bus.base import ALERTS_KEPT_H
 from pipeline.bus.intake import Rejection, dead_letters_for
 from pipeline.config import Config, ConfigError
 from pipeline.detect.catalog import raised
-from pipeline.model import alerts_to_batch, iso_utc
+from pipeline.model import alerts_to_batch, iso_utc, python_rows
 from pipeline.power.controller import ALERTS_READ, Controller, Firm, Outcome
 from pipeline.power.curve import from_recording
 from pipeline.power.node_labels import job_poller_for, poller_for
@@ -264,7 +264,7 @@ class PowerRole:
     async def grid_signal(self, message: Message, dead_letters) -> None:
         """power_request rows from the topic; a row that is not a valid request is dead-lettered."""
         bad: list[tuple[dict, str]] = []
-        for row in message.value.to_pylist():
+        for row in python_rows(message.value):
             rid = str(row.get("id") or "")
             if rid and (self.store.known(rid) or rid in self.signals_seen):
                 continue  # delivered again (a restart re-reads what was not committed)
