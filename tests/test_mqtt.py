@@ -36,7 +36,7 @@ def reading(value, ts_ms: int, quality: int = 1) -> bytes:
     ("power_w", "kW", 12.5, 12_500.0), ("energy_j", "kWh", 1.0, 3.6e6), ("energy_j", "Wh", 2.0, 7200.0),
 ])
 def test_units_convert_to_base(metric, unit, value, base):
-    _, got, _ = decode_reading(reading(value, T0_MS), decode_meta(encode_meta(unit, "r01"), metric))
+    _, got, _, _ = decode_reading(reading(value, T0_MS), decode_meta(encode_meta(unit, "r01"), metric))
     assert got == pytest.approx(base, rel=1e-12)
 
 
@@ -52,8 +52,8 @@ def test_encode_then_decode_gives_the_base_value_back(case, base, ms, quality):
     if metric in STATE_METRICS:
         base = float(base > 0)
     payload = encode_reading(meta.conversion.from_base(base), ms * 1_000_000, quality, metric in STATE_METRICS)
-    ts_ns, value, q = decode_reading(payload, meta)
-    assert (ts_ns, q, meta.rack) == (ms * 1_000_000, quality, "r07")
+    ts_ns, value, q, odd = decode_reading(payload, meta)
+    assert (ts_ns, q, odd, meta.rack) == (ms * 1_000_000, quality, "", "r07")
     assert math.isclose(value, base, rel_tol=1e-9, abs_tol=1e-6)
 
 
@@ -217,3 +217,35 @@ def test_points_whose_metadata_never_comes_do_not_crowd_out_the_others(tmp_path)
     collector.handle(good + "/meta", encode_meta("degF", "r01"))
     assert collector.take_batch().num_rows == 5
     collector.dead_letters.close()
+
+
+@pytest.mark.parametrize("quality, alerted", [(1, True), (0, False), (192, False)])
+def test_a_reading_its_bms_marks_bad_is_archived_not_detected_on(tmp_path, caplog, quality, alerted):
+    """A faulted leak sensor whose gateway sends its last value marked bad (quality 0) had raised CoolantLeak;
+    an OPC gateway's own good code (192) is bad too, and said once."""
+    from pipeline.bus import Message, Topic
+    from pipeline.bus.intake import TimeWindow, split
+    from pipeline.detect.engine import Engine
+    from tests.conftest import make_config
+    clock = [T0_MS / 1000.0]
+    c = MqttCollector("bms", 1883, site="site-a", dead_letter_path=tmp_path / "dl.jsonl",
+                      window=TimeWindow(now=lambda: clock[0]))
+    root = "bms/v1/site-a/cdu/cdu-r01"
+    for point, unit in (("leak_detect", "bool"), ("flow", "lpm"), ("supply_temp", "C"), ("return_temp", "C")):
+        c.handle(f"{root}/{point}/meta", json.dumps({"unit": unit, "rack": "r01"}).encode(), retained=True)
+    engine, fired, archived = Engine(make_config(fleet={"racks": 1})), [], []
+    for i in range(180):
+        clock[0] = T0_MS / 1000.0 + i
+        ms, leak = T0_MS + 1000 * i, i >= 60
+        c.handle(f"{root}/leak_detect", json.dumps({"value": leak, "timestamp": ms,
+                                                    "quality": quality if leak else 1}).encode())
+        for point, value in (("flow", 120.0), ("supply_temp", 30.0), ("return_temp", 38.0)):
+            c.handle(f"{root}/{point}", json.dumps({"value": value, "timestamp": ms, "quality": 1}).encode())
+        batch, _ = split(Topic.FACILITY, c.take_batch(), TimeWindow(now=lambda: clock[0]))
+        archived += [r for r in batch.to_pylist() if r["metric"] == "leak" and r["value"] == 1.0]
+        fired += [a.alertname for _, a in engine.process(Message(Topic.FACILITY, batch)).alerts]
+    assert ("CoolantLeak" in fired) == alerted
+    assert len(archived) == 120 and {r["quality"] for r in archived} == {int(quality == 1)}  # kept, as sent
+    assert engine.stats.bad_quality == (0 if alerted else 120)
+    odd = [r.getMessage() for r in caplog.records if "neither 1 (good) nor 0 (bad)" in r.getMessage()]
+    assert len(odd) == (quality == 192) and c.stats.odd_quality == (120 if quality == 192 else 0)

@@ -33,6 +33,7 @@ class Stats:
     facility_samples: int = 0
     events: int = 0
     late_samples: int = 0  # GPU and facility rows behind their series' newest (detect/watermark.py)
+    bad_quality: int = 0   # facility readings their BMS marked bad or uncertain (quality not 1)
     invalid_values: dict[str, int] = field(default_factory=dict)
     alerts_fired: int = 0
     alerts_resolved: int = 0

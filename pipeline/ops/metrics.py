@@ -167,6 +167,10 @@ class FleetwatchCollector(Collector):
                             "detect.lateness_s: archived, not detected on", [])
             late.add_metric([], engine.stats.late_samples)
             yield late
+            bad = _counter("fleetwatch_bad_quality_readings_total", "facility readings their BMS marked bad or "
+                           "uncertain (quality not 1): archived, not detected on", [])
+            bad.add_metric([], engine.stats.bad_quality)
+            yield bad
             fenced = _counter("fleetwatch_partitions_fenced_total", "partitions this process lost to a newer owner "
                               "while it held them (a frozen process that woke up): nothing of them was committed", [])
             fenced.add_metric([], sum(getattr(sub, "fenced", 0) for sub in getattr(self.ctx.bus, "subscriptions", ())))

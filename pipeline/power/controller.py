@@ -642,6 +642,9 @@ class Controller:
         return self._masks[1], self._masks[2]
 
     def observe_facility(self, batch: pa.RecordBatch) -> None:
+        # Only what the BMS vouches for (quality 1, or none given), as detect reads it: a meter whose link is
+        # lost may send its last value again, marked bad.
+        batch = batch.filter(pc.fill_null(pc.equal(batch.column("quality"), 1), True))
         metric, device_class = batch.column("metric"), batch.column("device_class")
         pdu_read = None  # the PDU readings' times, if the batch holds some
         # A PDU's counter means only where the GPUs too are read 5 s apart or more (GpuTable.means): the caps'

@@ -173,8 +173,10 @@ def decode_meta(payload: bytes, metric: str) -> PointMeta:
     return PointMeta(unit, rack, conversion, metric in STATE_METRICS)
 
 
-def decode_reading(payload: bytes, meta: PointMeta) -> tuple[int, float, int]:
-    """(ts in ns, value in base units, quality 1/0) of a reading; Rejected if unusable."""
+def decode_reading(payload: bytes, meta: PointMeta) -> tuple[int, float, int, str]:
+    """(ts in ns, value in base units, quality 1/0, and the quality sent where it is neither 1 nor 0, else "")
+    of a reading; Rejected if unusable. Any quality but 1 is bad: an OPC gateway's good (192, or 0 in OPC UA's
+    status codes) must be sent as 1."""
     obj = _json_object(payload, "payload", Reason.BAD_JSON)
     if "value" not in obj:
         raise Rejected(Reason.BAD_JSON, 'payload has no "value"')
@@ -197,8 +199,10 @@ def decode_reading(payload: bytes, meta: PointMeta) -> tuple[int, float, int]:
         raise Rejected(Reason.BAD_TIMESTAMP, f"timestamp {ms!r} is not epoch milliseconds"
                                              + (" (it looks like epoch seconds)" if seconds else ""))
     ts_ns = ms * 1_000_000 if isinstance(ms, int) else round(ms * 1e6)
-    quality = 1 if obj.get("quality", 1) == 1 else 0
-    return ts_ns, base, quality
+    sent = obj.get("quality", 1)
+    good = sent == 1 and not isinstance(sent, bool)
+    odd = "" if good or (sent == 0 and not isinstance(sent, bool)) else json.dumps(sent)[:40]
+    return ts_ns, base, int(good), odd
 
 
 # ---- the publishing side --------------------------------------------------------

@@ -182,6 +182,7 @@ class CollectorStats:
     reconnects: int = 0   # connections after the first
     dead_letters: dict[str, int] = field(default_factory=dict)  # reason -> messages
     dead_letters_unwritten: int = 0  # of those, not written to the file (it could not be written)
+    odd_quality: int = 0    # readings whose quality was neither 1 nor 0 (taken as bad)
     most_pending: int = 0   # the most rows held at once, waiting for publish (from max_batch_rows on)
     paused: int = 0         # times the collector left the broker to queue while publish was slow
 
@@ -347,13 +348,15 @@ class MqttCollector:
 
     def _reading(self, topic: str, point: _Point, payload: bytes, retained: bool = False) -> None:
         try:
-            ts, value, quality = decode_reading(payload, point.meta)
+            ts, value, quality, odd_quality = decode_reading(payload, point.meta)
             late = self.window.judge(ts)
             if late is not None:
                 raise Rejected(Reason(late[0]), late[1])
         except Rejected as e:
             self._dead_letter(topic, payload, e)
             return
+        if odd_quality:
+            self._odd_quality(topic, odd_quality)
         if ts == point.last_raw_ns or ts in point.recent or ts <= point.last_ns and (retained or point.in_stretch(ts)):
             self.stats.duplicates += 1
             return
@@ -446,11 +449,19 @@ class MqttCollector:
             if not queue:
                 del self._waiting[topic]
 
+    def _odd_quality(self, topic: str, sent: str) -> None:
+        if self.stats.odd_quality == 0:
+            log.warning("MQTT %s:%d: %s: quality %s is neither 1 (good) nor 0 (bad): taken as bad, so the reading is "
+                        "archived, not detected on (a gateway whose good is another code, OPC's 192, must send 1); "
+                        "further ones are counted, not logged", self.host, self.port, topic, sent)
+        self.stats.odd_quality += 1
+
     def _dead_letter(self, topic: str, payload: bytes, e: Rejected) -> None:
         count = self.stats.dead_letters.get(e.reason, 0)
         if count == 0:
-            log.warning("MQTT %s:%d: %s: %s. Dead-lettered to %s; further %s messages are counted and dead-lettered, "
-                        "not logged", self.host, self.port, e.reason, e.detail, self.dead_letters.path, e.reason)
+            log.warning("MQTT %s:%d: %s on %s: %s. Dead-lettered to %s; further %s messages are counted and "
+                        "dead-lettered, not logged", self.host, self.port, e.reason, topic, e.detail,
+                        self.dead_letters.path, e.reason)
         self.stats.dead_letters[e.reason] = count + 1
         if not self.dead_letters.write(topic, payload, e.reason, e.detail):
             self.stats.dead_letters_unwritten += 1
