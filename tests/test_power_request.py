@@ -35,13 +35,15 @@ def test_a_request_in_its_json_form_round_trips_and_is_a_row_of_its_schema():
     assert back["id"] == "dr-7" and back["racks"] == "r01,r02" and back["reduction_pct"] == 20
     assert from_dict({**back, "start": req.to_dict()["start"], "ts": req.to_dict()["ts"]}, "kafka", NOW).racks == req.racks
     assert request(start="now").start == NOW and request().racks == ()
+    assert request(id=0).id == "0" and request(start="2026-12-01t18:05:00z").start == NOW + timedelta(minutes=5)
 
 
 @pytest.mark.parametrize("fields, why", [
     ({"reduction_pct": None}, "exactly one of target_kw, reduction_kw, reduction_pct (got none)"),
     ({"reduction_kw": 50}, "exactly one of target_kw, reduction_kw, reduction_pct (got reduction_kw, reduction_pct)"),
-    ({"reduction_pct": -5}, "reduction_pct = -5: must be between 0 and 100"),
-    ({"reduction_pct": 100}, "reduction_pct = 100: must be between 0 and 100"),
+    ({"reduction_pct": -5}, "reduction_pct = -5: must be from 1 to under 100"),
+    ({"reduction_pct": 100}, "reduction_pct = 100: must be from 1 to under 100"),
+    ({"reduction_pct": 0.15}, "reduction_pct = 0.15: a percentage, from 1 to under 100 (15 for 15%)"),
     ({"reduction_pct": None, "reduction_kw": 0}, "reduction_kw = 0: must be positive"),
     ({"duration_s": -1}, "duration_s = -1: must be positive"),
     ({"ramp_s": 1000}, "ramp_s = 1000: must be positive and no longer than duration_s (900)"),
@@ -58,6 +60,11 @@ def test_malformed_json_is_refused_naming_the_field():
                       ({"site": "dc1", "duration_s": 60, "start": "18:00"}, "start = '18:00': not a time"),
                       ({"site": "dc1", "duration_s": 60, "start": "2026-12-01T18:00:00"}, "give the time zone"),
                       ({"site": "dc1", "duration_s": 60, "racks": [1]}, "racks = [1]: a list of rack names"),
+                      # a sender's type slips: not a 1% request, not the whole site
+                      ({"site": "dc1", "duration_s": 60, "reduction_pct": True}, "reduction_pct = True: not a number"),
+                      ({"site": "dc1", "duration_s": 60, "reduction_kw": 5, "racks": False}, "racks = False: a list"),
+                      ({"site": "dc1", "duration_s": 60, "reduction_kw": 5, "racks": 0}, "racks = 0: a list"),
+                      ({"site": "dc1", "duration_s": 60, "reduction_kw": 5, "id": 1.5}, "id = 1.5: a string"),
                       ({"site": "dc1", "duration_s": 60, "reduction_kw": 5, "id": "dr/1"}, "id 'dr/1': at most 128"),
                       ({"site": "dc1", "duration_s": 60, "reduction_kw": 5, "id": "x" * 129}, "...: at most 128")]:
         with pytest.raises(Rejected, match=re.escape(why)):

@@ -103,10 +103,13 @@ def from_dict(data: dict[str, Any], source: str, now: datetime | None = None) ->
     for name in ("duration_s", "ramp_s", *GOALS):
         if data.get(name) is not None:
             try:
+                if isinstance(data[name], bool):  # (float(True) is 1: a 1% request for a sender's slip)
+                    raise TypeError
                 kw[name] = float(data[name])
             except (TypeError, ValueError, OverflowError):  # (an integer of 400 digits)
                 raise Rejected(f"{name} = {data[name]!r}: not a number") from None
-    racks = data.get("racks") or ()
+    racks = data.get("racks")
+    racks = () if racks is None or racks == "" else racks  # (false or 0 is no "whole site")
     if isinstance(racks, str):
         racks = [r for r in racks.split(",") if r]
     if not isinstance(racks, (list, tuple)) or not all(isinstance(r, str) and r for r in racks):
@@ -119,7 +122,9 @@ def from_dict(data: dict[str, Any], source: str, now: datetime | None = None) ->
     kw["racks"] = tuple(racks)
     kw["start"] = _time(data.get("start"), "start", now)
     kw["ts"] = _time(data.get("ts"), "ts", now)
-    if data.get("id"):
+    if data.get("id") not in (None, ""):  # (an id 0 is the sender's, to answer and to know again)
+        if isinstance(data["id"], bool) or not isinstance(data["id"], (str, int)):
+            raise Rejected(f"id = {str(data['id'])[:40]}: a string")
         kw["id"] = str(data["id"])
         if not ID.fullmatch(kw["id"]):  # it names files' entries, topics and log lines
             raise Rejected(f"id {kw['id'][:40]!r}{'...' if len(kw['id']) > 40 else ''}: at most 128 letters, digits "
@@ -131,7 +136,7 @@ def _time(value: Any, name: str, now: datetime) -> datetime:
     if value in (None, "", "now"):
         return now
     try:
-        t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        t = datetime.fromisoformat(str(value).upper().replace("Z", "+00:00"))  # (RFC 3339 allows t and z)
     except ValueError:
         raise Rejected(f"{name} = {value!r}: not a time; give RFC 3339 (2026-12-01T18:00:00Z) or \"now\"") from None
     if t.tzinfo is None:
@@ -165,8 +170,11 @@ def validate(req: PowerRequest, now: datetime, accepted: list[PowerRequest], bas
     if len(goals) != 1:
         raise Rejected(f"give exactly one of {', '.join(GOALS)} (got {', '.join(goals) or 'none'})")
     value = getattr(req, goals[0])
+    if goals[0] == "reduction_pct" and 0 < value < 1:  # a fraction for a percentage sheds 100 times less
+        raise Rejected(f"reduction_pct = {value:g}: a percentage, from 1 to under 100 ({100 * value:g} for "
+                       f"{100 * value:g}%)")
     if not math.isfinite(value) or value <= 0 or (goals[0] == "reduction_pct" and value >= 100):
-        allowed = "between 0 and 100" if goals[0] == "reduction_pct" else "positive"
+        allowed = "from 1 to under 100" if goals[0] == "reduction_pct" else "positive"
         raise Rejected(f"{goals[0]} = {value:g}: must be {allowed}")
     if not math.isfinite(req.duration_s) or req.duration_s <= 0:
         raise Rejected(f"duration_s = {req.duration_s:g}: must be positive")
