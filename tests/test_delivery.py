@@ -488,3 +488,61 @@ def test_a_receiver_configured_again_hears_what_changed_while_none_of_its_kind_w
     assert not any("a" in firing_names(b) for b in told_after)
     if kind == "webhook":  # its firing went out there: so does its resolution
         assert any(a["labels"]["node"] == "a" and a["status"] == "resolved" for b in told_after for a in b["alerts"])
+
+
+def test_a_webhook_receiver_down_past_max_age_hears_where_each_group_stands_when_it_returns(tmp_path, http):
+    """Its notifications dead-lettered for age had been lost for good: a resolution sent during the outage
+    never reached it (the incident stayed open), an alert that fired then reached it only at the next
+    repeat_interval (4 h by default). Each group says again what the lost notifications said, as it stands."""
+    recv = http(keep_bodies=True).start()
+    n = Notifier(make_config(data_dir=str(tmp_path / "data"), alerts={
+        "group_wait_s": 0, "group_interval_s": 0.5, "repeat_interval_s": 3600, "max_age_s": 1,
+        "retry_initial_s": 0.1, "retry_max_s": 0.2, "receivers": [{"name": "r", "url": recv.url}]}))
+
+    def told(node: str, status: str) -> bool:
+        return any(a["labels"]["node"] == node and a["status"] == status for b in recv.bodies for a in b["alerts"])
+
+    async def go() -> None:
+        await n.start()
+        try:
+            await n.handle([alert("GpuXid", "r01", "a")])
+            await until(lambda: told("a", "firing"))
+            recv.stop()
+            await n.handle([alert("GpuXid", "r01", "a", resolved=True), alert("GpuXid", "r01", "b")])
+            letters = tmp_path / "data" / "deadletter" / "alerts-r.jsonl"
+            await until(letters.exists)
+            recv.start()
+            await until(lambda: told("a", "resolved") and told("b", "firing"))
+        finally:
+            await n.close()
+    asyncio.run(go())
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_at_the_timeout(tmp_path):
+    """alerts.timeout_s bounds the whole request: a proxy that sent its answer a byte every 0.3 s had held the
+    receiver's queue for as long as it liked (the socket's timeout bounds each read only)."""
+    import socket
+    import threading
+    server = socket.create_server(("127.0.0.1", 0))
+    sent = []
+
+    def trickle() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            body = b"accepted, thank you"
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for byte in body:
+                time.sleep(0.3)
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                sent.append(byte)
+    threading.Thread(target=trickle, daemon=True).start()
+    client = Client(receiver_of(f"http://127.0.0.1:{server.getsockname()[1]}/hook"), timeout_s=1.0)
+    outcome = client.post(b"{}", "key-1", time.time())
+    server.close()
+    assert not outcome.ok and outcome.maybe_delivered
+    assert outcome.reason == "no whole response within 1 s (alerts.timeout_s)"
+    assert len(sent) < len(b"accepted, thank you")  # cut before the answer was whole

@@ -26,12 +26,16 @@ def write_atomically(path: Path, text: str | bytes, fsync: bool = True) -> None:
     """Replace `path` with `text` (or bytes) so a crash leaves the old or the new content, never a mix.
     fsync=False: a reader still never sees half of it, but a crash may lose the new content."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") if isinstance(text, bytes) else open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") if isinstance(text, bytes) else open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: the part written would hold the last free bytes others need
+        tmp.unlink(missing_ok=True)
+        raise
     if fsync:
         fsync_dir(path.parent)
 

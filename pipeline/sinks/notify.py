@@ -91,9 +91,11 @@ class Delivery:
     Failures are logged once per outage, with a summary when it ends."""
 
     def __init__(self, receiver: Receiver, outbox: Outbox, dead_letters: Path, policy: RetryPolicy,
-                 rotation: Rotation | None = None, at_send: Callable[[Any, float], Any] | None = None) -> None:
+                 rotation: Rotation | None = None, at_send: Callable[[Any, float], Any] | None = None,
+                 expired: Callable[[list[Any]], None] | None = None) -> None:
         self.receiver = receiver
         self.at_send = at_send or (lambda payload, now: payload)  # its kind's (ReceiverKind.at_send)
+        self.expired = expired or (lambda payloads: None)        # likewise (ReceiverKind.expired)
         self.outbox = outbox
         self.rotation = rotation  # of the dead-letter file
         self.dead_letters = dead_letters
@@ -196,6 +198,7 @@ class Delivery:
             if not old:
                 return
             self._dead_letter(old, why, now)
+            self.expired([r.payload for r in old])
 
     def _dead_letter(self, records: list[Record], reason: str, now: float) -> None:
         """Append them (fsynced) to the receiver's dead-letter file, then ack them."""
@@ -269,6 +272,7 @@ class Notifier:
         self.firing_at_start: dict[str, dict[str, Any]] = {}  # what alerts.jsonl said fires when it started
         self._bad_logged = False
         self._closing = False
+        self._enqueue_failing = False  # the timer's last round failed on the disk (logged once)
         self._write_lock = threading.Lock()  # a write cut off by a cancel may still run in its thread
 
     @property
@@ -353,7 +357,8 @@ class Notifier:
                 log.info("receiver %s: %d notifications left in its outbox by the last run go out first",
                          r.name, outbox.pending)
             self.deliveries[r.name] = Delivery(r, outbox, self.data / "deadletter" / f"alerts-{r.name}.jsonl",
-                                               self.policy, Rotation.of(self.cfg.daemon), self.kinds[r.kind].at_send)
+                                               self.policy, Rotation.of(self.cfg.daemon), self.kinds[r.kind].at_send,
+                                               self.kinds[r.kind].expired)
         for d in sorted((self.data / "outbox").glob("*")):
             if d.is_dir() and d.name not in self.deliveries and any(d.glob("*.jsonl")):
                 log.warning("outbox %s belongs to no configured receiver; its notifications are not delivered "
@@ -454,4 +459,14 @@ class Notifier:
                 async with self._lock:
                     await self._enqueue(time.time(), [])
             except OSError as e:  # disk trouble: the router is back to the state on disk; next round tries again
-                log.error("notify: cannot enqueue due notifications (%s); trying again in %g s", e, TICK_S)
+                if not self._enqueue_failing:
+                    log.error("notify: cannot enqueue due notifications (%s); trying again every %g s, logged "
+                              "once until it succeeds", e, TICK_S)
+                self._enqueue_failing = True
+                # Not at once: the groups restored from disk are due already (a full disk had been tried
+                # every 10 ms, an error line each).
+                await wait_set(self._wake, TICK_S)
+            else:
+                if self._enqueue_failing:
+                    log.info("notify: enqueuing due notifications again")
+                self._enqueue_failing = False

@@ -251,6 +251,7 @@ class Client:
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
         self._aborted = False
+        self._late = False  # the request in flight was cut at its deadline
 
     def post(self, body: bytes, key: str, now: float) -> Outcome:
         headers = {"Content-Type": "application/json", "User-Agent": f"fleetwatch/{__version__}",
@@ -271,6 +272,32 @@ class Client:
         if self._aborted:
             return Outcome(False, "stopped (shutdown)")
         conn, reused = self._connection()
+        # alerts.timeout_s bounds the whole request: the socket's timeout bounds each read only, and a proxy
+        # that trickles its answer a byte a second had held the receiver's queue for as long as it liked.
+        self._late = False
+        deadline = threading.Timer(self.timeout_s, self._cut, args=(conn,))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            outcome = self._exchange(conn, reused, body, headers, stale_retry)
+        finally:
+            deadline.cancel()
+        if self._late:  # cut at the deadline, whatever the read then raised
+            self.close()
+            return Outcome(False, f"no whole response within {self.timeout_s:g} s (alerts.timeout_s)",
+                           maybe_delivered=True)
+        return outcome
+
+    def _cut(self, conn: http.client.HTTPConnection) -> None:
+        self._late = True
+        if conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _exchange(self, conn: http.client.HTTPConnection, reused: bool, body: bytes, headers: dict[str, str],
+                  stale_retry: bool) -> Outcome:
         try:
             conn.request("POST", self._target, body, headers)
             resp = conn.getresponse()

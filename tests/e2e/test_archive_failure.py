@@ -34,13 +34,13 @@ SUMMARY = (r"stopped after [\d.]+ s: (\d+) GPU samples published, (\d+) GPU samp
 
 
 @contextlib.contextmanager
-def tmpfs(path: Path, size: str):
-    """A small tmpfs at `path`; skips the test where mounting is not allowed."""
+def tmpfs(path: Path, size: str, inodes: int | None = None):
+    """A small tmpfs at `path` (of `inodes` files at most); skips the test where mounting is not allowed."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                       text=True)
+    options = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:

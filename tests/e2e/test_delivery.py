@@ -108,3 +108,81 @@ def test_sigkill_with_a_failing_receiver_then_restart_delivers_every_notificatio
     assert "left in its outbox by the last run go out first" in err
     assert re.search(r", 0 pending in outboxes", summary)
     assert recv.duplicates == 0
+
+
+def test_an_outbox_that_cannot_start_its_next_segment_takes_records_again_once_it_can(tmp_path):
+    """A segment roll (every 1 MiB) on a disk out of inodes had left a closed writer and a segment listed but
+    not on disk: every append and read after it failed until a restart, and notify ended. The append fails,
+    the outbox stays as it was, and once the disk has room every record goes out, in order."""
+    import time
+
+    from pipeline.sinks.outbox import SEGMENT_BYTES, Outbox
+    from tests.e2e.test_archive_failure import tmpfs
+    with tmpfs(tmp_path / "disk", "16m", inodes=40) as disk:
+        box = Outbox(disk / "outbox" / "hook")
+        n = 0
+        while box._path(1).stat().st_size < SEGMENT_BYTES if n else True:  # the first segment, full
+            box.append([{"n": n, "pad": "x" * 4000}], time.time())
+            n += 1
+        fillers = []
+        with pytest.raises(OSError):
+            while True:  # every inode left
+                fillers.append(disk / f"filler{len(fillers)}")
+                fillers[-1].touch()
+        with pytest.raises(OSError):
+            box.append([{"n": n}], time.time())  # the roll cannot make its segment
+        for f in fillers:
+            f.unlink(missing_ok=True)
+        box.append([{"n": n}], time.time())
+        got = []
+        while head := box.peek(100):
+            for r in head:
+                got.append(r.payload["n"])
+                box.ack(r.seq)
+        assert got == list(range(n + 1))
+        box.close()
+
+
+def test_an_atomic_write_the_disk_cannot_hold_leaves_no_part_of_it(tmp_path):
+    """A state file too large for what is free had left its temporary part, holding the last free bytes that
+    the outboxes and alerts.jsonl needed."""
+    from pipeline.sinks.files import write_atomically
+    from tests.e2e.test_archive_failure import fill, tmpfs
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        fill(disk, leave=100_000)
+        with pytest.raises(OSError):
+            write_atomically(disk / "router.json", "x" * 500_000)
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+def test_a_full_disk_under_a_due_group_is_tried_every_second_said_once_and_the_group_goes_out_after(tmp_path, http,
+                                                                                                      caplog):
+    """The timer had tried a full disk every 10 ms, an error line each (392 in 5 s)."""
+    import asyncio
+    import logging
+
+    from pipeline.sinks.notify import Notifier
+    from tests.conftest import make_config
+    from tests.e2e.test_archive_failure import fill, tmpfs
+    from tests.test_delivery import alert, until
+    recv = http(keep_bodies=True).start()
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        n = Notifier(make_config(data_dir=str(disk / "data"), alerts={
+            "group_wait_s": 2, "receivers": [{"name": "r", "url": recv.url}]}))
+
+        async def go() -> None:
+            await n.start()
+            try:
+                await n.handle([alert("GpuXid", "r01", "a")])  # its group is due in 2 s: the disk fills first
+                filler = fill(disk, leave=0)
+                await asyncio.sleep(4)
+                filler.unlink()
+                await until(lambda: recv.bodies)
+            finally:
+                await n.close()
+        with caplog.at_level(logging.INFO, logger="pipeline.sinks.notify"):
+            asyncio.run(go())
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("notify: cannot enqueue",
+                                                                                 "notify: enqueuing"))]
+    assert len(said) == 2 and said[0].startswith("notify: cannot enqueue due notifications") \
+        and said[1] == "notify: enqueuing due notifications again", said

@@ -4,6 +4,7 @@ group timers, inhibit_rules, silences), shared by every webhook receiver."""
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import Any, Callable
 
@@ -46,6 +47,7 @@ class WebhookKind(ReceiverKind):
     def __init__(self, cfg: AlertsConfig, receivers: list[Receiver], silences: SilenceStore | None) -> None:
         super().__init__(cfg, receivers, silences)
         self.router = Router(cfg, silences)  # ConfigError on an inhibit rule that does not compile
+        self._expired: collections.deque[list[dict[str, Any]]] = collections.deque()  # (filled by receivers' threads)
 
     def add(self, changes: list[dict[str, Any]], now: float) -> None:
         self.router.add(changes, now)
@@ -56,9 +58,20 @@ class WebhookKind(ReceiverKind):
         overrides `kind`, `state_file` and this."""
         return webhook_payload(receiver.name, note.group_key, note.group_labels, note.alerts, self.cfg.external_url)
 
+    def expired(self, payloads: list[Any]) -> None:
+        """A group's notification that never arrived: the next enqueue() has its group say it again. It had
+        been lost for good: a receiver down past alerts.max_age_s never heard a resolution that went out
+        then, and heard of an alert still firing only at the next repeat_interval (4 h)."""
+        self._expired.extend(p["alerts"] for p in payloads if isinstance(p, dict) and isinstance(p.get("alerts"), list))
+
     def enqueue(self, changes: list[dict[str, Any]], now: float, acked: Callable[[str], int]) -> Enqueued:
+        lost = False
+        while self._expired:
+            self.router.undelivered(self._expired.popleft(), now)
+            lost = True
         notes = [n for n in self.router.due(now) if n.alerts]
-        return Enqueued({r.name: [self.payload(r, n) for n in notes] for r in self.receivers}, bool(changes or notes))
+        return Enqueued({r.name: [self.payload(r, n) for n in notes] for r in self.receivers},
+                        bool(changes or notes or lost))
 
     def next_wakeup(self) -> float | None:
         return self.router.next_wakeup()
