@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-from pipeline.detect.catalog import ALERTS, XID_ALERTS
+import pytest
+
+from pipeline.detect.catalog import ALERTS, XID_ALERTS, runbook_url
 from tests.conftest import REPO
 
 
@@ -39,3 +41,13 @@ def test_the_readme_explains_every_alert():
     detection = (REPO / "docs" / "detection.md").read_text()  # the README's Detection section, moved to docs/
     missing = [spec.name for spec in ALERTS if f"`{spec.name}`" not in detection]
     assert missing == [], f"docs/detection.md's table does not explain {missing}"
+
+
+@pytest.mark.parametrize("base, url", [
+    ("https://wiki.example/fleetwatch/runbooks/", "https://wiki.example/fleetwatch/runbooks/GpuXid.md"),
+    ("https://wiki.example/fleetwatch/runbooks", "https://wiki.example/fleetwatch/runbooks/GpuXid.md"),  # (had
+    # been .../runbooksGpuXid.md: every page's link dead)
+    ("https://wiki.example/view?page=", "https://wiki.example/view?page=GpuXid.md"),
+])
+def test_a_runbook_link_is_the_base_url_s_page_whether_or_not_it_ends_in_a_slash(base, url):
+    assert runbook_url(base, "GpuXid") == url

@@ -600,5 +600,9 @@ def raised(name: str, labels: dict[str, str], evidence: dict, now, runbook_base_
 
 def runbook_url(base_url: str, alertname: str) -> str:
     """The runbook of an alert: under alerts.runbook_base_url, or (empty) the page
-    installed with Fleetwatch, as a file:// URL that resolves on this machine."""
+    installed with Fleetwatch, as a file:// URL that resolves on this machine. A base without
+    its trailing slash gets one (".../runbooksGpuXid.md" had been every page's dead link),
+    but one that ends a query or fragment (?page=, #) is a prefix as given."""
+    if base_url and not base_url.endswith(("/", "=", "#", "?")):
+        base_url += "/"
     return f"{base_url or runbooks_dir().as_uri() + '/'}{alertname}.md"
