@@ -22,7 +22,7 @@ from pipeline.config import ConfigError
 from pipeline.model import GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS
 from pipeline.sources.dcgm import (DOWN, GARBAGE, HTTP_STATUS, NO_GPUS, TIMEOUT, DcgmMetrics, DcgmSource,
                                    ExpositionError, Target, dcgm_samples, load_mapping, load_targets,
-                                   parse_exposition, reference_samples, target_url)
+                                   gpu_index, parse_exposition, reference_samples, target_url)
 from pipeline.sources.dcgm_fields import BY_COLUMN, BY_NAME, FIELDS, LABELS, MIB, XID, column_array
 from pipeline.sources.dcgm_exposition import exposition_value
 from tests.conftest import H100, make_config
@@ -340,6 +340,31 @@ def test_the_fast_path_agrees_with_prometheus_clients_parser_on_any_exposition(s
 def test_what_is_not_the_text_format_is_garbage(text):
     with pytest.raises(ExpositionError, match="not the Prometheus text format"):
         parse_exposition(text)
+
+
+def test_a_line_cut_short_is_named_by_what_refuses_the_text():
+    """A name without a value had failed the fast path with an unpacking error the operator could do nothing
+    with; the text is still refused (as Prometheus refuses it), saying which line."""
+    good = 'DCGM_FI_DEV_GPU_TEMP{gpu="0",UUID="GPU-1"} 31\n'
+    with pytest.raises(ExpositionError, match="Invalid value: 'go_goroutines'"):
+        parse_exposition(good + "go_goroutines\n")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_counters_an_openmetrics_proxy_renamed_name_total_are_read(fast):
+    """The OpenTelemetry collector appends _total to a counter: energy and every error counter had vanished,
+    without a word, from a target that looked healthy."""
+    text = ('# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter\n'
+            'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION_total{gpu="0",UUID="GPU-1"} 319159391\n'
+            'DCGM_FI_DEV_PCIE_REPLAY_COUNTER_total{gpu="0",UUID="GPU-1"} 12\n'
+            'DCGM_FI_DEV_GPU_TEMP{gpu="0",UUID="GPU-1"} 31\n')
+    e = parse_exposition(text, fast=fast)
+    assert e.uuids == ["GPU-1"] and {n for n, _, _ in (dcgm_samples(text) if fast else reference_samples(text))} \
+        == {"DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "DCGM_FI_DEV_GPU_TEMP"}
+
+
+def test_a_gpu_label_int_cannot_read_is_the_gpu_s_row():
+    assert gpu_index(["0", "²", None, "7"], 0).tolist() == [0, 1, 2, 7]
 
 
 def test_a_text_without_dcgm_fields_has_no_gpus():

@@ -208,8 +208,11 @@ def reference_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
     out = []
     try:
         for family in text_string_to_metric_families(text):
-            if family.name in _WANTED:  # a counter's samples are named NAME_total by the parser
-                out += [(family.name, s.labels, s.value) for s in family.samples]
+            name = family.name  # (a counter's samples are named NAME_total by the parser)
+            if name not in _WANTED and name.endswith("_total") and name[:-6] in _WANTED:
+                name = name[:-6]  # an untyped NAME_total: a counter an OpenMetrics proxy renamed
+            if name in _WANTED:
+                out += [(name, s.labels, s.value) for s in family.samples]
     except Exception as e:  # the parser raises ValueError (and worse) on what is not its format
         raise ExpositionError(f"not the Prometheus text format: {str(e)[:200]}") from None
     return out
@@ -230,9 +233,14 @@ def _fast_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
                 raise _NotPlain
         else:
             name, _, rest = line.partition(" ")
+        if name not in _WANTED and name.endswith("_total") and name[:-6] in _WANTED:
+            name = name[:-6]  # a counter an OpenMetrics proxy renamed (the OpenTelemetry collector's)
         if name not in _WANTED and not _NAME.fullmatch(name):
             raise _NotPlain
-        value, *stamp = rest.split()
+        parts = rest.split()
+        if not parts:  # a name without a value: the reference parser says which line
+            raise _NotPlain
+        value, *stamp = parts
         if len(stamp) > 1 or "_" in value or (stamp and not stamp[0].lstrip("-").isdigit()):
             raise _NotPlain
         try:
@@ -376,7 +384,7 @@ def gpu_index(texts: list[str | None], fallback: int) -> np.ndarray:
     """The `gpu` label as GPU indices (int16); a missing or odd one: its row in the exposition."""
     out = np.empty(len(texts), np.int16)
     for i, t in enumerate(texts):
-        out[i] = int(t) if t is not None and t.isdigit() and int(t) < 1024 else fallback + i
+        out[i] = int(t) if t is not None and t.isascii() and t.isdigit() and int(t) < 1024 else fallback + i
     return out
 
 
