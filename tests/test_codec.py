@@ -165,7 +165,8 @@ def test_an_open_schema_still_needs_its_own_columns_first():
     reordered = pa.schema([pa.field("thermal.mean", pa.float64()), *CHECKPOINT], metadata=CHECKPOINT.metadata)
     row = one_row(CHECKPOINT)
     batch = pa.RecordBatch.from_arrays([pa.array([1.5]), *row.columns], schema=reordered)
-    with pytest.raises(DecodeError, match="^detector_checkpoint: payload schema differs"):
+    with pytest.raises(DecodeError, match="^detector_checkpoint: payload schema differs from detector_checkpoint v"
+                                          r"\d+: field 0 is 'thermal.mean', expected 'scope'"):
         Decoder().decode(*encode(batch))
 
 
@@ -173,8 +174,23 @@ def test_a_closed_schema_takes_no_extra_column():
     extra = pa.schema([*GPU_SAMPLE, pa.field("extra", pa.float64())], metadata=GPU_SAMPLE.metadata)
     row = one_row(GPU_SAMPLE)
     batch = pa.RecordBatch.from_arrays([*row.columns, pa.array([1.0])], schema=extra)
-    with pytest.raises(DecodeError, match="^gpu_sample: payload schema differs from gpu_sample v"):
+    with pytest.raises(DecodeError, match=r"^gpu_sample: payload schema differs from gpu_sample v\d+: 1 fields more "):
         Decoder().decode(*encode(batch))
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda f: f.with_nullable(True) if f.name == "ts" else f, "field 'ts' is nullable, expected not nullable"),
+    (lambda f: f.with_type(pa.timestamp("us", tz="UTC")) if f.name == "ts" else f,
+     "field 'ts' is timestamp[us, tz=UTC], expected timestamp[ns, tz=UTC]"),
+    (lambda f: f.with_type(pa.large_string()) if f.name == "node" else f, "field 'node' is large_string, expected string"),
+])
+def test_a_payload_schema_that_differs_says_how_to_the_producer_s_owner(change, said):
+    """Every difference had read the same ("payload schema differs"): its producer could not tell what to fix."""
+    schema = pa.schema([change(f) for f in GPU_SAMPLE], metadata=GPU_SAMPLE.metadata)
+    batch = pa.RecordBatch.from_arrays(one_row(GPU_SAMPLE).columns, schema=schema)
+    with pytest.raises(DecodeError) as e:
+        Decoder().decode(encode(batch)[0], headers_of("gpu_sample", schema_version(GPU_SAMPLE)))
+    assert e.value.reason.endswith(said)
 
 
 def test_a_decoder_with_room_for_few_open_schemas_starts_over_and_still_decodes():

@@ -61,6 +61,23 @@ def _upgrade_hint(version: str, readable: list[int]) -> str:
     return ": the producer is older than any version this consumer reads; upgrade the producer"
 
 
+def _first_difference(payload: pa.Schema, expected: pa.Schema) -> str:
+    """What a producer's owner changes first: the first field that differs, and how."""
+    for i, want in enumerate(expected):
+        if i >= len(payload):
+            return f"field {i} {want.name!r} ({want.type}) is missing"
+        got = payload.field(i)
+        if got.name != want.name:
+            return f"field {i} is {got.name!r}, expected {want.name!r} ({want.type})"
+        if not got.type.equals(want.type):
+            return f"field {want.name!r} is {got.type}, expected {want.type}"
+        if got.nullable != want.nullable:
+            return f"field {want.name!r} is {'' if got.nullable else 'not '}nullable, expected " \
+                   f"{'' if want.nullable else 'not '}nullable"
+    return f"{len(payload) - len(expected)} fields more than expected's {len(expected)}" \
+        if len(payload) > len(expected) else "field metadata differs"
+
+
 class Decoder:
     """Decodes message values. The schema message of a stream is checked against the
     schema its headers name once; later messages with the same schema bytes go
@@ -120,7 +137,8 @@ class Decoder:
         open_schema = expected.metadata.get(b"fleetwatch.open")
         fixed = pa.schema(list(payload)[:len(expected)]) if open_schema else payload
         if not fixed.equals(expected):
-            raise DecodeError(f"{name}: payload schema differs from {name} v{schema_version(expected)}")
+            raise DecodeError(f"{name}: payload schema differs from {name} v{schema_version(expected)}: "
+                              f"{_first_difference(fixed, expected)}")
         schema = payload.with_metadata(expected.metadata) if open_schema else expected
         if len(self._checked) >= self._max:  # many distinct open schemas: start over
             self._checked.clear()
