@@ -249,3 +249,31 @@ def test_a_reading_its_bms_marks_bad_is_archived_not_detected_on(tmp_path, caplo
     assert engine.stats.bad_quality == (0 if alerted else 120)
     odd = [r.getMessage() for r in caplog.records if "neither 1 (good) nor 0 (bad)" in r.getMessage()]
     assert len(odd) == (quality == 192) and c.stats.odd_quality == (120 if quality == 192 else 0)
+
+
+def test_a_rack_or_meter_reading_under_a_kilowatt_doubts_its_unit_once(tmp_path, caplog):
+    """A BMS that sends kW under a /meta that says W: a 35 kW rack read as 35 W (its PduOverload could never
+    fire, a demand response would be baselined 1000x low), without a word. Taken as sent, said once."""
+    c = MqttCollector("bms", 1883, site="site-a", dead_letter_path=tmp_path / "dl.jsonl")
+    for device, cls, rack in (("pdu-r01", "rack", "r01"), ("pdu-r02", "rack", "r02"), ("meter-main", "meter", "")):
+        c.handle(f"bms/v1/site-a/{cls}/{device}/power/meta", json.dumps({"unit": "W", "rack": rack}).encode(),
+                 retained=True)
+    for i, (device, cls, value) in enumerate([("pdu-r01", "rack", 35.2), ("pdu-r01", "rack", 35.4),
+                                              ("pdu-r02", "rack", 36.0), ("meter-main", "meter", 290_500.0)]):
+        c.handle(f"bms/v1/site-a/{cls}/{device}/power",
+                 json.dumps({"value": value, "timestamp": T0_MS + 1000 * i}).encode())
+    assert c.take_batch().column("value").to_pylist() == [35.2, 35.4, 36.0, 290_500.0]  # taken as sent
+    said = [r.getMessage() for r in caplog.records if "draws kilowatts" in r.getMessage()]
+    assert len(said) == 1 and "bms/v1/site-a/rack/pdu-r01/power reads 35.2 W (unit 'W' in its /meta)" in said[0]
+    assert c.stats.doubted_units == 2  # each point once; the meter's 290 kW is no doubt
+
+
+@pytest.mark.parametrize("ts, said", [
+    (1_767_225_600, " (it looks like epoch seconds)"), (1_767_225_600_000_000, " (it looks like epoch microseconds)"),
+    (1_767_225_600_000_000_000, " (it looks like epoch nanoseconds)"), (5, ""),
+])
+def test_a_timestamp_in_another_unit_is_refused_saying_which_it_looks_like(ts, said):
+    from pipeline.sources.bms_tree import Rejected
+    with pytest.raises(Rejected) as e:
+        decode_reading(reading(20.0, ts), decode_meta(encode_meta("C", "r01"), "supply_temp_c"))
+    assert e.value.detail == f"timestamp {ts} is not epoch milliseconds{said}"

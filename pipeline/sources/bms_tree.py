@@ -195,9 +195,11 @@ def decode_reading(payload: bytes, meta: PointMeta) -> tuple[int, float, int, st
         raise Rejected(Reason.BAD_VALUE, f"value {raw!r} is not finite (in {meta.unit}, or once converted)")
     ms = obj.get("timestamp")
     if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not _MIN_MS <= ms < _MAX_MS:
-        seconds = not isinstance(ms, bool) and isinstance(ms, (int, float)) and 1e8 <= ms < _MIN_MS
-        raise Rejected(Reason.BAD_TIMESTAMP, f"timestamp {ms!r} is not epoch milliseconds"
-                                             + (" (it looks like epoch seconds)" if seconds else ""))
+        number = not isinstance(ms, bool) and isinstance(ms, (int, float))
+        looks = next((f" (it looks like epoch {unit})" for unit, low, high in (
+            ("seconds", 1e8, _MIN_MS), ("microseconds", _MAX_MS * 10, _MAX_MS * 1e4),
+            ("nanoseconds", _MAX_MS * 1e4, _MAX_MS * 1e7)) if number and low <= ms < high), "")
+        raise Rejected(Reason.BAD_TIMESTAMP, f"timestamp {ms!r} is not epoch milliseconds{looks}")
     ts_ns = ms * 1_000_000 if isinstance(ms, int) else round(ms * 1e6)
     sent = obj.get("quality", 1)
     good = sent == 1 and not isinstance(sent, bool)

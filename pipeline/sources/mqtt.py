@@ -94,6 +94,7 @@ META_GRACE_S = 60.0   # a reading waits this long for its point's metadata befor
 MAX_PENDING_BATCHES = 64
 MAX_WAITING = 10_000  # readings waiting for metadata, all points together; beyond, dead-lettered at once
 WAITING_PER_POINT = 256  # a point's own share of them (points whose metadata never comes take no more)
+KW_AT_LEAST_W = 1000.0  # a rack PDU or a site meter reads more than this: a reading under it doubts its unit
 
 
 @dataclass
@@ -183,6 +184,7 @@ class CollectorStats:
     dead_letters: dict[str, int] = field(default_factory=dict)  # reason -> messages
     dead_letters_unwritten: int = 0  # of those, not written to the file (it could not be written)
     odd_quality: int = 0    # readings whose quality was neither 1 nor 0 (taken as bad)
+    doubted_units: int = 0  # rack and meter power points whose reading was under a kW (a unit doubted)
     most_pending: int = 0   # the most rows held at once, waiting for publish (from max_batch_rows on)
     paused: int = 0         # times the collector left the broker to queue while publish was slow
 
@@ -199,6 +201,7 @@ class _Point:
     next_slot: int = 0      # (recent is a ring)
     spans: list[list[int]] = field(default_factory=list)  # [first, last] time of each stretch taken, in order
     interval_ns: float = 0.0  # its usual interval: a moving mean of its steps forward (pauses left out)
+    doubted: bool = False     # its unit was doubted (said once per point at most)
 
     def in_stretch(self, ts: int) -> bool:
         return any(first <= ts <= last for first, last in self.spans)
@@ -357,6 +360,9 @@ class MqttCollector:
             return
         if odd_quality:
             self._odd_quality(topic, odd_quality)
+        if point.metric == "power_w" and 0 < value < KW_AT_LEAST_W and not point.doubted \
+                and point.device_class in ("rack", "meter"):
+            self._doubt_unit(topic, point, value)
         if ts == point.last_raw_ns or ts in point.recent or ts <= point.last_ns and (retained or point.in_stretch(ts)):
             self.stats.duplicates += 1
             return
@@ -448,6 +454,17 @@ class MqttCollector:
                     f"{'by the stop' if everything else f'within {META_GRACE_S:g} s'}; the reading is dropped"))
             if not queue:
                 del self._waiting[topic]
+
+    def _doubt_unit(self, topic: str, point: _Point, watts: float) -> None:
+        """A rack or a site drawing under a kW is a unit in kW or MW declared as W (its overload and cap
+        alerts could then never fire, and a demand response would be baselined 1000x low): said, kept."""
+        point.doubted = True
+        self.stats.doubted_units += 1
+        if self.stats.doubted_units == 1:
+            log.warning("MQTT %s:%d: %s reads %g W (unit %r in its /meta): a %s draws kilowatts; if the BMS sends "
+                        "kW or MW, say so in %s/meta. Taken as sent; further such points are counted, not logged",
+                        self.host, self.port, topic, watts, point.meta.unit,
+                        "rack" if point.device_class == "rack" else "site meter", topic)
 
     def _odd_quality(self, topic: str, sent: str) -> None:
         if self.stats.odd_quality == 0:
