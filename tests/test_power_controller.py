@@ -103,6 +103,26 @@ def test_a_meter_reading_of_nan_is_no_reading():
     assert out.met and np.all(np.isfinite(ctl.meter_per_it()))
 
 
+def test_a_meter_reading_its_bms_marks_bad_is_no_reading():
+    """A meter whose link to the BMS is lost: the gateway repeats its last value, marked bad (quality 0), for
+    90 s of a hold. As no reading, those 90 s are no reduction measured (they had been taken at face value)."""
+    sim, ctl = fleet()
+    out = ctl.submit(request(300, 10))
+    for i in range(700):
+        tick = sim.step()
+        facility = tick.facility
+        if 450 <= i < 540:
+            meter = pc.equal(facility.column("device_class"), "meter")
+            quality = pc.if_else(meter, pa.scalar(0, facility.schema.field("quality").type),
+                                 facility.column("quality"))
+            facility = facility.set_column(facility.schema.get_field_index("quality"), "quality", quality)
+        ctl.observe_gpus(tick.gpu)
+        ctl.observe_facility(facility)
+        if i % INTERVAL == 0:
+            ctl.step(sim.now)
+    assert not [s for s, _ in out.achieved_kw if 151 <= s < 240] and out.achieved_kw[-1][0] > 240
+
+
 def test_a_meter_gone_silent_is_no_hold_seen():
     """The site meter sends nothing for 90 s of a hold (the PDUs and the GPUs go on): no
     reading of those 90 s is the reduction's, and the caps stay as they were (nothing
