@@ -78,7 +78,8 @@ def test_the_summary_the_timeline_and_the_power_say_what_happened_in_the_period(
     from datetime import timedelta
 
     from pipeline.analytics.query import Archive
-    from pipeline.analytics.report import Period, _minutes, _summary, _timeline
+    from pipeline.analytics.report import Period, _minutes, _power, _summary, _timeline
+    from tests.conftest import make_config
     from pipeline.model import FACILITY_SAMPLE, GPU_SAMPLE, NODE_HEALTH
     from pipeline.sinks.parquet import ArchiveWriter
     from tests.archives import N, T0, batch, gpu_rows
@@ -108,6 +109,10 @@ def test_the_summary_the_timeline_and_the_power_say_what_happened_in_the_period(
         assert "no alerts and no node health changes in the period" in _timeline(con, p).html
         assert {(m["who"], m["value"]) for m in _minutes(con, p, "rack", "power_w")} == {("r01", 40e3)}
         assert {(m["who"], m["value"]) for m in _minutes(con, p, "meter", "power_w")} == {("s1", 150e3)}
+        # the sum against one PDU's rating: what one feed carries when the other fails, said as such
+        said = _power(con, p, make_config(fleet={"pdu_rating_w": 50e3})).html
+        assert "<b>r01</b> at 40.0 kW (its PDUs summed), 80% of one PDU's 50 kW rating, what one feed carries " \
+               "if the other fails." in said
     finally:
         con.close()
 

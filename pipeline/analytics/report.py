@@ -298,8 +298,11 @@ def _power(con, p: Period, cfg) -> Section:
         ax.legend(fontsize=7)
         s.charts.append(Chart("site_power", "site power", _png(fig)))
     peak = max(pdu, key=lambda p: p["value"], default=None)
-    s.html = ("<p>" + (f"Highest rack minute: <b>{peak['who']}</b> at {peak['value'] / 1000:.1f} kW, "
-                       f"{100 * peak['value'] / rating:.0f}% of its {rating / 1000:g} kW rating. " if peak else "")
+    # A rack's PDUs summed against one PDU's rating: with A and B feeds, what one feed carries when the other
+    # fails (PduOverload judges each PDU alone).
+    s.html = ("<p>" + (f"Highest rack minute: <b>{peak['who']}</b> at {peak['value'] / 1000:.1f} kW (its PDUs "
+                       f"summed), {100 * peak['value'] / rating:.0f}% of one PDU's {rating / 1000:g} kW rating, "
+                       f"what one feed carries if the other fails. " if peak else "")
               + (f"Site cap {cap / 1000:g} kW." if cap else "No site cap configured (detect.site_power_cap_w).")
               + "</p>")
     return s
