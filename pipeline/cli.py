@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     cf.add_argument("--data-dir", metavar="DIR", help="data_dir, as `run --data-dir`")
     cf.add_argument("--kafka", metavar="BOOTSTRAP", help="kafka.bootstrap, as `run --kafka`")
     cf.add_argument("--http", metavar="HOST:PORT", help="daemon.http, as `run --http`")
+    cf.add_argument("--role", choices=[r.name for r in ROLE_TABLE],
+                    help="check it as `fleetwatch ROLE` does (that role's own checks, e.g. an agent's NVML), not "
+                         "as `run` does")
 
     def data_dir(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", metavar="FILE", help="TOML config file (see docs/configuration.md)")
@@ -407,7 +410,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     from pipeline.preflight import validate
     from pipeline.roles import run_roles
     cfg = load_config(args.config, overrides=_overrides(args))
-    validate(cfg, run_roles(cfg))  # what `fleetwatch run` would refuse, this refuses too
+    # What `fleetwatch run` (or `fleetwatch ROLE`) would refuse, this refuses too: an agent node's config
+    # had been checked for run's roles, not the agent's own
+    validate(cfg, frozenset([args.role]) if args.role else run_roles(cfg))
     print(json.dumps(_redacted(dataclasses.asdict(cfg)), indent=2))
     return 0
 

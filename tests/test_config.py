@@ -91,3 +91,18 @@ def test_docker_compose_parses_and_sets_only_keys_the_code_reads():
         assert cfg.kafka.bootstrap == "kafka:9092"
         if config:
             assert [(r.kind, r.url) for r in cfg.alerts.receivers] == [("alertmanager", "http://alertmanager:9093")]
+
+
+def test_config_checks_one_role_s_configuration_as_that_role_does(tmp_path, capsys, monkeypatch):
+    """`fleetwatch config` had checked run's roles only: a DCGM source's node, checked before its unit started,
+    passed without the targets `fleetwatch dcgm` then refused to start without."""
+    from pipeline.cli import main
+    for key in [k for k in __import__("os").environ if k.startswith("FLEETWATCH_")]:
+        monkeypatch.delenv(key)
+    args = ["config", "--data-dir", str(tmp_path), "--kafka", "broker-1:9092"]
+    assert main(args) == 0  # run's roles: the simulator, detect... need no DCGM targets
+    capsys.readouterr()
+    assert main([*args, "--role", "dcgm"]) == 2
+    assert "the dcgm role scrapes dcgm-exporter endpoints: give --dcgm-targets" in capsys.readouterr().err
+    monkeypatch.setenv("FLEETWATCH_DCGM__TARGETS", "http://gpu-017:9400/metrics")
+    assert main([*args, "--role", "dcgm"]) == 0
