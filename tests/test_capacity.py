@@ -56,7 +56,7 @@ def test_known_hour_splits_as_expected(known: Path) -> None:
     j = r.to_json()
     assert json.loads(json.dumps(j)) == j
     assert list(j) == ["from", "to", "hours", "gpus", "sample_interval_s", "gpu_hours", "shares_pct", "site",
-                       "top_faulted", "missing"]
+                       "top_faulted", "missing", "archived"]
     assert set(j["gpu_hours"]) == {"total", "productive", "faulted", "capped_lost", "capped", "idle", "not_reporting"}
     assert set(j["shares_pct"]) == {"productive", "faulted", "capped_lost", "idle", "not_reporting"}
     assert sum(j["shares_pct"].values()) == pytest.approx(100.0, abs=0.05)
@@ -129,9 +129,11 @@ def test_empty_and_partial_archives(tmp_path: Path) -> None:
     assert r.missing == ["facility_samples", "alerts", "node_health"]
     assert r.site.sites == 0 and r.site.capacity_kw == 1000.0 and r.site.capacity_factor_pct is None
     assert "no site meter readings" in text(r)
-    # A period without samples
+    # A period without samples says where the archive's are (a period of the wrong day had said nothing more)
     r = report(tmp_path / "archive", T0 + timedelta(days=1), T0 + timedelta(days=2))
     assert r.gpus == 0 and r.total == 0.0
+    held = f"it holds GPU samples from {T0:%Y-%m-%d %H:%M:%S} to {T0 + timedelta(seconds=9 * STEP_S):%Y-%m-%d %H:%M:%S} UTC"
+    assert held in text(r) and r.to_json()["archived"]["first"].startswith(f"{T0:%Y-%m-%dT%H:%M:%S}")
 
 
 def test_an_archive_of_older_files_only(tmp_path: Path) -> None:

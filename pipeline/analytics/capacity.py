@@ -94,6 +94,8 @@ class CapacityReport:
     site: SitePower = field(default_factory=SitePower)
     top_faulted: list[dict[str, Any]] = field(default_factory=list)  # nodes with the most faulted GPU-hours
     missing: list[str] = field(default_factory=list)  # datasets with no files
+    # the archive's first and last GPU sample, whatever the period (a period it has nothing of says where it is)
+    archived: tuple[datetime, datetime] | None = None
 
     @property
     def hours(self) -> float:
@@ -127,6 +129,8 @@ class CapacityReport:
                      "metered_hours": round(s.metered_hours, 3), "energy_mwh": round(s.energy_mwh, 3)},
             "top_faulted": self.top_faulted,
             "missing": self.missing,
+            "archived": None if self.archived is None else {"first": iso_utc(self.archived[0]),
+                                                            "last": iso_utc(self.archived[1])},
         }
 
 
@@ -185,9 +189,11 @@ def report(where: Place | str, since: datetime | None = None, until: datetime | 
     since = _utc(since) if since else None
     until = _utc(until) if until else None
 
+    archived = None
+
     def empty() -> CapacityReport:  # no GPU data in the period: the site's power over what was asked
         return CapacityReport(since, until, site=_site_power(frames["facility_samples"], since, until,
-                                                             site_power_cap_w), missing=missing)
+                                                             site_power_cap_w), missing=missing, archived=archived)
 
     g = frames["gpu_samples"]
     if g is None:
@@ -198,6 +204,7 @@ def report(where: Place | str, since: datetime | None = None, until: datetime | 
     first, last = bounds["first"][0], bounds["last"][0]
     if first is None:
         return empty()
+    archived = (_utc(first), _utc(last))
     g = within(g, since, until).select("ts", *GPU_KEY, "gpu_uuid", "power_w", "util_gpu", "power_limit_w")
 
     # The interval: per GPU and 10 minutes, the mean spacing of its samples; per GPU, the median of
@@ -292,7 +299,7 @@ def report(where: Place | str, since: datetime | None = None, until: datetime | 
         not_reporting=max(0.0, gpus * period_h - reported_h - silent_h), site=site,
         top_faulted=[{"site": r["site"], "node": r["node"], "gpu_hours": round(r["gpu_hours"], 3)}
                      for r in top.iter_rows(named=True)],
-        missing=missing)
+        missing=missing, archived=archived)
 
 
 def _cap_loss(t, curve) -> np.ndarray:
@@ -417,7 +424,9 @@ def text(r: CapacityReport) -> str:
     lines = []
     if r.gpus == 0:
         lines.append("no GPU samples in the archive for this period"
-                     + (f" (missing: {', '.join(r.missing)})" if r.missing else ""))
+                     + (f" (missing: {', '.join(r.missing)})" if r.missing else "")
+                     + (f"; it holds GPU samples from {r.archived[0]:%Y-%m-%d %H:%M:%S} to "
+                        f"{r.archived[1]:%Y-%m-%d %H:%M:%S} UTC" if r.archived else ""))
     else:
         lines.append(f"fleet capacity {r.start:%Y-%m-%d %H:%M:%S} -> {r.end:%Y-%m-%d %H:%M:%S} UTC "
                      f"({r.hours:.2f} h), {r.gpus} GPUs, sample interval {r.sample_interval_s:g} s")
