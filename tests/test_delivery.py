@@ -546,3 +546,37 @@ def test_a_receiver_that_trickles_its_answer_is_cut_at_the_timeout(tmp_path):
     assert not outcome.ok and outcome.maybe_delivered
     assert outcome.reason == "no whole response within 1 s (alerts.timeout_s)"
     assert len(sent) < len(b"accepted, thank you")  # cut before the answer was whole
+
+
+def test_a_notification_made_again_after_its_state_was_not_written_carries_the_same_key(tmp_path, http,
+                                                                                        monkeypatch):
+    """Its outbox record durable, the group's state not (a crash, a full disk): the group is notified again.
+    Under a random key the receiver could not tell it from a new page; under the key its content and its
+    group's history give, it drops it. (A later notification of the group has another key.)"""
+    from pipeline.sinks import notify as notify_module
+    recv = http(keep_bodies=True).start()
+    real, failed = notify_module.write_atomically, []
+
+    def state_write_fails_once(path, text, *args, **kw):
+        if path.name == "router.json" and not failed and '"notified": []' not in text:
+            failed.append(path)
+            raise OSError(28, "No space left on device")
+        return real(path, text, *args, **kw)
+    monkeypatch.setattr(notify_module, "write_atomically", state_write_fails_once)
+    n = Notifier(make_config(data_dir=str(tmp_path / "data"), alerts={
+        "group_wait_s": 0.3, "group_interval_s": 0, "repeat_interval_s": 3600,
+        "receivers": [{"name": "r", "url": recv.url}]}))
+
+    async def go() -> None:
+        await n.start()
+        try:
+            await n.handle([alert("GpuXid", "r01", "a")])  # (its group notifies on the timer: it tries again)
+            await until(lambda: failed and len(recv.taken) >= 2)
+            await n.handle([alert("GpuXid", "r01", "b")])
+            await until(lambda: len(recv.taken) >= 3)
+        finally:
+            await n.close()
+    asyncio.run(go())
+    first, again, later = recv.taken[:3]
+    assert first == again and later != first
+    assert [{a["labels"]["node"] for a in b["alerts"]} for b in recv.bodies[:3]] == [{"a"}, {"a"}, {"a", "b"}]

@@ -408,10 +408,12 @@ class Notifier:
         """What is due for each receiver now, appended to its outbox with the state that
         produced it (under self._lock)."""
         work: dict[str, list[Any]] = {}
+        keys: dict[str, list[str]] = {}
         changed: list[ReceiverKind] = []
         for kind in self._in_use:
             due = kind.enqueue(changes, now, lambda name: self.deliveries[name].outbox.acked)
             work.update(due.payloads)
+            keys.update(due.keys)
             setattr(self._stats, kind.counts,
                     getattr(self._stats, kind.counts) + sum(len(p) for p in due.payloads.values()))
             if due.changed:
@@ -420,7 +422,7 @@ class Notifier:
             return
         states = {kind.state_file: kind.snapshot() for kind in changed}
         try:
-            seqs = await asyncio.to_thread(self._write, changes, work, states, now)
+            seqs = await asyncio.to_thread(self._write, changes, work, states, now, keys)
         except OSError:
             await asyncio.to_thread(self._restore, None)  # back to what the disk says was enqueued
             raise
@@ -431,14 +433,14 @@ class Notifier:
                 self.deliveries[name].kick()
 
     def _write(self, changes: list[dict[str, Any]], work: dict[str, list[Any]], states: dict[str, dict],
-               now: float) -> dict[str, int]:
+               now: float, keys: dict[str, list[str]]) -> dict[str, int]:
         """alerts.jsonl, the outboxes, then the state that says they are enqueued (file name ->
         state of each kind that changed); the seq of each outbox's last new record."""
         with self._write_lock:
             self.alert_log.append(changes)
             last = {}
             for name, payloads in work.items():
-                records = self.deliveries[name].outbox.append(payloads, now)
+                records = self.deliveries[name].outbox.append(payloads, now, keys.get(name))
                 if records:
                     last[name] = records[-1].seq
             for name, state in states.items():

@@ -69,13 +69,15 @@ class Outbox:
     def pending(self) -> int:
         return self.next_seq - 1 - self.acked
 
-    def append(self, payloads: list[Any], now: float) -> list[Record]:
-        """Durably enqueue payloads (one fsync for all); returns their records."""
+    def append(self, payloads: list[Any], now: float, ids: list[str] | None = None) -> list[Record]:
+        """Durably enqueue payloads (one fsync for all), each under its id (the Idempotency-Key) or a random one;
+        returns their records."""
         if not payloads:
             return []
         with self._lock:
             writer = self._writable()
-            records = [Record(self.next_seq + i, uuid.uuid4().hex, now, p) for i, p in enumerate(payloads)]
+            records = [Record(self.next_seq + i, ids[i] if ids else uuid.uuid4().hex, now, p)
+                       for i, p in enumerate(payloads)]
             data = b"".join(json.dumps({"seq": r.seq, "id": r.id, "created": r.created, "payload": r.payload},
                                        separators=(",", ":")).encode() + b"\n" for r in records)
             start = writer.tell()

@@ -40,6 +40,8 @@ class Notification:
     group_key: str              # '{}:{alertname="GpuXid",rack="r01",site="site-a"}'
     group_labels: dict[str, str]
     alerts: list[dict[str, Any]]  # firing + newly resolved, by startsAt then fingerprint; do not mutate
+    after: float = 0.0            # the group's notification before it (its creation, for the first): with
+                                  # the group key, what tells it from any other of the group (its key's seed)
 
     @property
     def status(self) -> str:
@@ -163,10 +165,11 @@ class Router:
             for fp in resolved:
                 del group.alerts[fp]
             group.notified = (group.notified | set(firing)) - set(resolved)
+            after = group.last_sent if group.last_sent is not None else group.created
             group.last_sent = now
             out.append(Notification(key, dict(group.labels),
                                     sorted([*firing.values(), *resolved.values()],
-                                           key=lambda a: (a.get("startsAt", ""), _fp(a)))))
+                                           key=lambda a: (a.get("startsAt", ""), _fp(a))), after))
             self._drop_if_empty(key)
         self.stats.notifications += len(out)
         return out

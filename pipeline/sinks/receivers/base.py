@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 if TYPE_CHECKING:
@@ -16,6 +16,9 @@ class Enqueued:
     """What one round of a kind goes out with."""
     payloads: dict[str, list[Any]]  # receiver name -> JSON payloads to append to its outbox, one POST each
     changed: bool                   # the kind's state changed: its snapshot() is written with the payloads
+    # receiver name -> each payload's Idempotency-Key, where the kind derives it from its state (the same
+    # payload made again after a crash, before its state was written, carries the same key); else random
+    keys: dict[str, list[str]] = field(default_factory=dict)
 
 
 class ReceiverKind:

@@ -5,10 +5,13 @@ group timers, inhibit_rules, silences), shared by every webhook receiver."""
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import time
 from typing import Any, Callable
 
 from pipeline.config import AlertsConfig
+from pipeline.model import fingerprint
 from pipeline.sinks.receivers.base import Enqueued, ReceiverKind
 from pipeline.sinks.routing import Notification, Router
 from pipeline.sinks.silences import SilenceStore
@@ -37,6 +40,15 @@ def webhook_payload(receiver: str, group_key: str, group_labels: dict[str, str],
 def _common(dicts: list[dict[str, str]]) -> dict[str, str]:
     first = dicts[0] if dicts else {}
     return {k: v for k, v in first.items() if all(d.get(k) == v for d in dicts[1:])}
+
+
+def key(receiver: str, note: Notification) -> str:
+    """A notification's Idempotency-Key, from what it is: its receiver, its group, the group's notification
+    before it and the alerts it holds. Made again after a crash that came before the group's state was
+    written, it is the same notification under the same key, which the receiver drops (a random key had
+    made it a second page)."""
+    said = sorted((a.get("fingerprint") or fingerprint(a["labels"]), a["status"]) for a in note.alerts)
+    return hashlib.sha256(json.dumps([receiver, note.group_key, note.after, said]).encode()).hexdigest()[:32]
 
 
 class WebhookKind(ReceiverKind):
@@ -71,7 +83,8 @@ class WebhookKind(ReceiverKind):
             lost = True
         notes = [n for n in self.router.due(now) if n.alerts]
         return Enqueued({r.name: [self.payload(r, n) for n in notes] for r in self.receivers},
-                        bool(changes or notes or lost))
+                        bool(changes or notes or lost),
+                        {r.name: [key(r.name, n) for n in notes] for r in self.receivers})
 
     def next_wakeup(self) -> float | None:
         return self.router.next_wakeup()
