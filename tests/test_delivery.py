@@ -580,3 +580,40 @@ def test_a_notification_made_again_after_its_state_was_not_written_carries_the_s
     first, again, later = recv.taken[:3]
     assert first == again and later != first
     assert [{a["labels"]["node"] for a in b["alerts"]} for b in recv.bodies[:3]] == [{"a"}, {"a"}, {"a", "b"}]
+
+
+def test_what_one_receiver_lost_is_said_to_it_alone_and_once_more_after_a_failed_write(tmp_path, http):
+    """A broken receiver's lost notifications had been said again to every receiver of the kind: while one
+    answered 401, the healthy one heard the same resolution again at every max_age_s, for ever. And what was
+    to be said again had been dropped when the write that carried it failed (a full disk)."""
+    pager, chat = http(keep_bodies=True).start(), http(keep_bodies=True).start()
+    chat.status = 401  # bad credentials: retried until max_age_s, then dead-lettered
+    n = Notifier(make_config(data_dir=str(tmp_path / "data"), alerts={
+        "group_wait_s": 0, "group_interval_s": 0.5, "repeat_interval_s": 3600, "max_age_s": 1,
+        "retry_initial_s": 0.1, "retry_max_s": 0.2,
+        "receivers": [{"name": "pager", "url": pager.url}, {"name": "chat", "url": chat.url}]}))
+    real_write, failed = n._write, []
+
+    def write_fails_once_after_a_loss(changes, work, states, now, keys):
+        if work.get("chat") and n.deliveries["chat"].stats.dead_lettered >= 2 and not failed:
+            failed.append(now)
+            raise OSError(28, "No space left on device")
+        return real_write(changes, work, states, now, keys)
+    n._write = write_fails_once_after_a_loss
+
+    def heard(recv, status: str) -> int:
+        return sum(a["labels"]["node"] == "a" and a["status"] == status for b in recv.bodies for a in b["alerts"])
+
+    async def go() -> None:
+        await n.start()
+        try:
+            await n.handle([alert("GpuXid", "r01", "a")])
+            await until(lambda: heard(pager, "firing"))
+            await n.handle([alert("GpuXid", "r01", "a", resolved=True)])
+            await until(lambda: heard(pager, "resolved") and failed and n.deliveries["chat"].stats.dead_lettered >= 3)
+            chat.status = 200  # its credentials fixed
+            await until(lambda: heard(chat, "resolved"))
+        finally:
+            await n.close()
+    asyncio.run(go())
+    assert (heard(pager, "firing"), heard(pager, "resolved")) == (1, 1)

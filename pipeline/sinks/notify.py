@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from pipeline.config import AlertsConfig, Config, ConfigError
 from pipeline.model import iso_utc
@@ -91,11 +91,9 @@ class Delivery:
     Failures are logged once per outage, with a summary when it ends."""
 
     def __init__(self, receiver: Receiver, outbox: Outbox, dead_letters: Path, policy: RetryPolicy,
-                 rotation: Rotation | None = None, at_send: Callable[[Any, float], Any] | None = None,
-                 expired: Callable[[list[Any]], None] | None = None) -> None:
+                 rotation: Rotation | None = None, kind: ReceiverKind | None = None) -> None:
         self.receiver = receiver
-        self.at_send = at_send or (lambda payload, now: payload)  # its kind's (ReceiverKind.at_send)
-        self.expired = expired or (lambda payloads: None)        # likewise (ReceiverKind.expired)
+        self.kind = kind or ReceiverKind(None, [], None)  # its kind: at_send, expired, resend
         self.outbox = outbox
         self.rotation = rotation  # of the dead-letter file
         self.dead_letters = dead_letters
@@ -167,7 +165,7 @@ class Delivery:
                 return None
             rec = head[0]
             now = time.time()
-            outcome = self.client.post(body_of(self.at_send(rec.payload, now)), rec.id, now)
+            outcome = self.client.post(body_of(self.kind.at_send(rec.payload, now)), rec.id, now)
             if outcome.ok:
                 self.outbox.ack(rec.seq)
                 self.stats.delivered += 1
@@ -198,7 +196,9 @@ class Delivery:
             if not old:
                 return
             self._dead_letter(old, why, now)
-            self.expired([r.payload for r in old])
+            self.kind.expired(self.receiver.name, [r.payload for r in old])
+            if not self.outbox.pending:  # its last word lost: what it lost is said again (no success would)
+                self.kind.resend(self.receiver.name)
 
     def _dead_letter(self, records: list[Record], reason: str, now: float) -> None:
         """Append them (fsynced) to the receiver's dead-letter file, then ack them."""
@@ -232,6 +232,7 @@ class Delivery:
 
     def _recovered(self, now: float) -> None:
         if self._outage_since is not None:
+            self.kind.resend(self.receiver.name)
             log.info("receiver %s: delivering again after %.1f s of failures; %d dead-lettered in that time%s",
                      self.receiver.name, now - self._outage_since, self._dead_since_ok,
                      f" (see {self.dead_letters})" if self._dead_since_ok else "")
@@ -357,8 +358,7 @@ class Notifier:
                 log.info("receiver %s: %d notifications left in its outbox by the last run go out first",
                          r.name, outbox.pending)
             self.deliveries[r.name] = Delivery(r, outbox, self.data / "deadletter" / f"alerts-{r.name}.jsonl",
-                                               self.policy, Rotation.of(self.cfg.daemon), self.kinds[r.kind].at_send,
-                                               self.kinds[r.kind].expired)
+                                               self.policy, Rotation.of(self.cfg.daemon), self.kinds[r.kind])
         for d in sorted((self.data / "outbox").glob("*")):
             if d.is_dir() and d.name not in self.deliveries and any(d.glob("*.jsonl")):
                 log.warning("outbox %s belongs to no configured receiver; its notifications are not delivered "

@@ -128,24 +128,15 @@ class Router:
             group.alerts[fp] = a
         self._update_mutes(now)
 
-    def undelivered(self, alerts: list[dict[str, Any]], now: float) -> None:
-        """The alerts of a notification a receiver never got (dead-lettered after alerts.max_age_s): each goes
-        out again with its group's next notification (at group_interval_s), as it stands now. A firing alert
-        still held is notified as new; a resolution whose alert has left its group is sent again (a receiver
-        down past max_age_s had never closed it). Every receiver of the kind hears it again: a repeat."""
-        for a in alerts:
-            if not isinstance(a, dict) or a.get("status") not in ("firing", "resolved") \
-                    or not isinstance(a.get("labels"), dict):
-                continue
-            fp, (key, labels) = _fp(a), self._group_of(a["labels"])
-            group = self._groups.get(key)
-            if a["status"] == "firing":
-                if group is not None:
-                    group.notified.discard(fp)
-            elif group is None or fp not in group.alerts:
-                group = self._groups.setdefault(key, _Group(labels, created=now, last_sent=now))
-                group.alerts[fp] = a
-                group.notified.add(fp)
+    def standing(self, key: str, lost: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        """What a receiver that lost some of group `key`'s notifications (`lost`: their alerts by fingerprint,
+        the latest of each) is to hear: the group's firing alerts now (those not muted), and each lost
+        resolution of an alert not firing again. An alert lost as firing that resolved since is left out: its
+        firing never reached the receiver, nor does its resolution."""
+        group = self._groups.get(key)
+        firing = self._visible(group)[0] if group is not None else {}
+        resolved = {fp: a for fp, a in lost.items() if a.get("status") == "resolved" and fp not in firing}
+        return sorted([*firing.values(), *resolved.values()], key=lambda a: (a.get("startsAt", ""), _fp(a)))
 
     # ---- output ------------------------------------------------------------------
 

@@ -34,8 +34,11 @@ class ReceiverKind:
         at_send(payload, now)    (in the receiver's thread) a payload as it goes out, at every try:
                                  what depends on the time of sending (Alertmanager's lease) is stamped
                                  here, not in the outbox record
-        expired(payloads)        (in the receiver's thread) payloads dead-lettered after alerts.max_age_s
-                                 of failures: what they said never arrived (the kind may say it again)
+        expired(name, payloads)  (in receiver `name`'s thread) payloads dead-lettered after
+                                 alerts.max_age_s of failures: what they said never arrived (the kind may
+                                 say it again, to that receiver)
+        resend(name)             (likewise) the receiver delivers again after an outage, or its last
+                                 notification was dead-lettered: the time to say it
         restore(state, latest)   at start, and after a write that failed (the state on disk);
                                  `latest` (at start): each alert's latest change in alerts.jsonl
                                  (fingerprint -> alert object), which the notifier writes first: the
@@ -77,9 +80,12 @@ class ReceiverKind:
         """The payload as sent at `now` (unchanged by default; never mutate it: it is the record's)."""
         return payload
 
-    def expired(self, payloads: list[Any]) -> None:
+    def expired(self, receiver: str, payloads: list[Any]) -> None:
         """Payloads one receiver never got (dead-lettered for age). By default nothing: a kind whose later
         payloads say everything again (Alertmanager's re-push) loses nothing by them."""
+
+    def resend(self, receiver: str) -> None:
+        """The receiver can be told again what it lost (see expired)."""
 
     def snapshot(self) -> dict[str, Any]:
         return {}

@@ -4,9 +4,9 @@ group timers, inhibit_rules, silences), shared by every webhook receiver."""
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
+import threading
 import time
 from typing import Any, Callable
 
@@ -59,7 +59,14 @@ class WebhookKind(ReceiverKind):
     def __init__(self, cfg: AlertsConfig, receivers: list[Receiver], silences: SilenceStore | None) -> None:
         super().__init__(cfg, receivers, silences)
         self.router = Router(cfg, silences)  # ConfigError on an inhibit rule that does not compile
-        self._expired: collections.deque[list[dict[str, Any]]] = collections.deque()  # (filled by receivers' threads)
+        # What each receiver lost (notifications dead-lettered after alerts.max_age_s of failures), by group:
+        # (group labels, the lost alerts by fingerprint), filled by the receivers' threads; `due`: receivers
+        # to be told where those groups stand at the next enqueue(); `told`: what that enqueue took, until
+        # it is written (a write that fails puts it back)
+        self._lost: dict[str, dict[str, tuple[dict[str, str], dict[str, dict[str, Any]]]]] = {}
+        self._due: set[str] = set()
+        self._told: dict[str, dict[str, tuple[dict[str, str], dict[str, dict[str, Any]]]]] = {}
+        self._lost_lock = threading.Lock()
 
     def add(self, changes: list[dict[str, Any]], now: float) -> None:
         self.router.add(changes, now)
@@ -70,21 +77,53 @@ class WebhookKind(ReceiverKind):
         overrides `kind`, `state_file` and this."""
         return webhook_payload(receiver.name, note.group_key, note.group_labels, note.alerts, self.cfg.external_url)
 
-    def expired(self, payloads: list[Any]) -> None:
-        """A group's notification that never arrived: the next enqueue() has its group say it again. It had
-        been lost for good: a receiver down past alerts.max_age_s never heard a resolution that went out
-        then, and heard of an alert still firing only at the next repeat_interval (4 h)."""
-        self._expired.extend(p["alerts"] for p in payloads if isinstance(p, dict) and isinstance(p.get("alerts"), list))
+    def expired(self, receiver: str, payloads: list[Any]) -> None:
+        """(A receiver's thread) its notifications that never arrived. Lost for good, a receiver down past
+        alerts.max_age_s had never heard a resolution sent then, and of an alert still firing only at the next
+        repeat_interval (4 h). Where their groups stand is said to it alone, once nothing of it waits (below)."""
+        with self._lost_lock:
+            groups = self._lost.setdefault(receiver, {})
+            for p in payloads:
+                if not (isinstance(p, dict) and isinstance(p.get("groupKey"), str) and isinstance(p.get("alerts"), list)):
+                    continue
+                labels, alerts = groups.setdefault(p["groupKey"], (dict(p.get("groupLabels") or {}), {}))
+                alerts.update((a.get("fingerprint") or fingerprint(a["labels"]), a) for a in p["alerts"]
+                              if isinstance(a, dict) and isinstance(a.get("labels"), dict))
+
+    def resend(self, receiver: str) -> None:
+        """(A receiver's thread) it delivers again after an outage, or lost its last notification: what it
+        lost goes out at the next enqueue(). (While it stays down, that is once per alerts.max_age_s.)"""
+        with self._lost_lock:
+            if receiver in self._lost:
+                self._due.add(receiver)
+
+    def _standing(self, now: float) -> tuple[dict[str, list[Any]], dict[str, list[str]]]:
+        """Where each lost group stands, for the receivers due to hear it, with their keys."""
+        with self._lost_lock:
+            self._told = {r: self._lost.pop(r) for r in self._due if r in self._lost}
+            self._due.clear()
+        payloads: dict[str, list[Any]] = {}
+        keys: dict[str, list[str]] = {}
+        by_name = {r.name: r for r in self.receivers}
+        for name, groups in self._told.items():
+            for group_key, (labels, lost) in groups.items():
+                alerts = self.router.standing(group_key, lost)
+                if alerts and name in by_name:
+                    note = Notification(group_key, labels, alerts, after=-now)  # (its key: none other's)
+                    payloads.setdefault(name, []).append(self.payload(by_name[name], note))
+                    keys.setdefault(name, []).append(key(name, note))
+        return payloads, keys
 
     def enqueue(self, changes: list[dict[str, Any]], now: float, acked: Callable[[str], int]) -> Enqueued:
-        lost = False
-        while self._expired:
-            self.router.undelivered(self._expired.popleft(), now)
-            lost = True
+        payloads, keys = self._standing(now)
         notes = [n for n in self.router.due(now) if n.alerts]
-        return Enqueued({r.name: [self.payload(r, n) for n in notes] for r in self.receivers},
-                        bool(changes or notes or lost),
-                        {r.name: [key(r.name, n) for n in notes] for r in self.receivers})
+        for r in self.receivers:
+            payloads.setdefault(r.name, []).extend(self.payload(r, n) for n in notes)
+            keys.setdefault(r.name, []).extend(key(r.name, n) for n in notes)
+        return Enqueued(payloads, bool(changes or notes or self._told), keys)
+
+    def written(self, last_seq: dict[str, int]) -> None:
+        self._told = {}
 
     def next_wakeup(self) -> float | None:
         return self.router.next_wakeup()
@@ -96,6 +135,13 @@ class WebhookKind(ReceiverKind):
         self.router.restore(state)
         if latest is not None:
             self.router.reconcile(latest, time.time())
+        with self._lost_lock:  # (after a write that failed: what it was to say is lost still)
+            for receiver, groups in self._told.items():
+                for group_key, (labels, lost) in groups.items():
+                    mine = self._lost.setdefault(receiver, {}).setdefault(group_key, (labels, {}))[1]
+                    mine.update({fp: a for fp, a in lost.items() if fp not in mine})
+                self._due.add(receiver)
+            self._told = {}
 
 
 KIND = WebhookKind
