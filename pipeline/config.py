@@ -244,7 +244,7 @@ class AlertsConfig:
                                              "alerts in the rack, a silent node mutes its silent GPUs")
     external_url: str = _spec("", doc="externalURL of webhook payloads and prefix of generatorURL")
     runbook_base_url: str = _spec("", doc="prefix of every runbook_url, e.g. your wiki or a copy of runbooks/; "
-                                  "ALERTNAME.md is appended (after a / it lacks, unless it ends in = # or ?); "
+                                  "ALERTNAME.md is appended (after a / it lacks, unless it ends in = # ? - _ or :); "
                                   "empty = file:// URLs of the runbooks installed with Fleetwatch")
 
 

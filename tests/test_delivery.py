@@ -617,3 +617,44 @@ def test_what_one_receiver_lost_is_said_to_it_alone_and_once_more_after_a_failed
             await n.close()
     asyncio.run(go())
     assert (heard(pager, "firing"), heard(pager, "resolved")) == (1, 1)
+
+
+def test_a_request_cut_at_its_deadline_on_a_kept_alive_connection_is_sent_once(http):
+    """The cut had read as the receiver closing a stale kept-alive connection: the request went again at once
+    on a new one (each try twice, 2x timeout_s)."""
+    recv = http().start()
+    client = Client(receiver_of(recv.url), timeout_s=1.0)
+    assert client.post(b"{}", "warm", time.time()).ok  # (the connection is kept alive)
+    recv.delay_s = 2.0
+    outcome = client.post(b"{}", "slow", time.time())
+    time.sleep(2.5)  # (what the receiver would still take)
+    assert not outcome.ok and outcome.reason == "no whole response within 1 s (alerts.timeout_s)"
+    assert [k for k, _ in recv.requests].count("slow") == 1
+
+
+def test_an_answer_on_a_new_connection_after_a_stale_one_stands(tmp_path):
+    """A kept-alive connection the receiver closed unanswered, then a 200 on a new one: the first try's
+    deadline, firing during the second, had thrown the 200 away (a duplicate on the retry)."""
+    import socket
+    import threading
+    server = socket.create_server(("127.0.0.1", 0))
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+    def serve() -> None:
+        conn, _ = server.accept()  # the kept-alive connection
+        conn.recv(65536)
+        conn.sendall(ok)
+        conn.recv(65536)
+        time.sleep(0.7)
+        conn.close()  # its idle close, racing the request
+        again, _ = server.accept()
+        again.recv(65536)
+        time.sleep(0.5)
+        again.sendall(ok)
+        time.sleep(1)
+        again.close()
+    threading.Thread(target=serve, daemon=True).start()
+    client = Client(receiver_of(f"http://127.0.0.1:{server.getsockname()[1]}/hook"), timeout_s=1.0)
+    assert client.post(b"{}", "warm", time.time()).ok
+    assert client.post(b"{}", "k1", time.time()).ok
+    server.close()

@@ -729,6 +729,28 @@ def test_a_rack_whose_feed_fails_over_is_balanced_by_the_feed_that_carries_it():
     assert h.fired() == [], [a.annotations["summary"] for a in h.fired()]
 
 
+def test_a_feed_its_bms_marks_bad_is_heard_not_failed_over():
+    """Rack r02's A-feed PDU still reads its share, but its BMS link is lost: the gateway marks its readings bad.
+    Left out as silent, A had read as a failed-over feed: the rack at B's half, the coolant carrying 1.47x it
+    (a false RackHeatImbalance). Heard without its value, A's last good reading stays in the sum."""
+    start = START.timestamp()
+
+    def a_marked_bad(topic, batch):
+        batch = _a_and_b_feeds(topic, batch)
+        if topic != Topic.FACILITY or batch.column("ts")[0].value / 1e9 - start < 300:
+            return batch
+        q = batch.schema.get_field_index("quality")
+        a = pc.starts_with(batch.column("device"), "pdu-r02-a")
+        return batch.set_column(q, batch.schema.field(q), pc.if_else(a, pa.scalar(0, pa.int8()),
+                                                                     batch.column("quality")))
+    h = Harness(seed=19)
+    h.sim.group_busy[:] = True
+    h.sim.group_intensity[:] = 1.0
+    h.run(600, a_marked_bad)
+    assert h.fired() == [], [a.annotations["summary"] for a in h.fired()]
+    assert h.engine.stats.bad_quality > 0
+
+
 def test_a_rack_s_sensor_offset_is_learned_and_a_loop_that_loses_heat_still_alerts():
     """A BMS's temperature sensors carry calibration offsets and are recalibrated in steps of
     tenths of a degree. The return sensor reads 0.45 C high for an hour, then 0.3 C more (0.75 C:

@@ -219,7 +219,7 @@ def test_points_whose_metadata_never_comes_do_not_crowd_out_the_others(tmp_path)
     collector.dead_letters.close()
 
 
-@pytest.mark.parametrize("quality, alerted", [(1, True), (0, False), (192, False)])
+@pytest.mark.parametrize("quality, alerted", [(1, True), (True, True), (0, False), (False, False), (192, False)])
 def test_a_reading_its_bms_marks_bad_is_archived_not_detected_on(tmp_path, caplog, quality, alerted):
     """A faulted leak sensor whose gateway sends its last value marked bad (quality 0) had raised CoolantLeak;
     an OPC gateway's own good code (192) is bad too, and said once."""
@@ -245,7 +245,7 @@ def test_a_reading_its_bms_marks_bad_is_archived_not_detected_on(tmp_path, caplo
         archived += [r for r in batch.to_pylist() if r["metric"] == "leak" and r["value"] == 1.0]
         fired += [a.alertname for _, a in engine.process(Message(Topic.FACILITY, batch)).alerts]
     assert ("CoolantLeak" in fired) == alerted
-    assert len(archived) == 120 and {r["quality"] for r in archived} == {int(quality == 1)}  # kept, as sent
+    assert len(archived) == 120 and {r["quality"] for r in archived} == {int(alerted)}  # kept, as sent
     assert engine.stats.bad_quality == (0 if alerted else 120)
     odd = [r.getMessage() for r in caplog.records if "neither 1 (good) nor 0 (bad)" in r.getMessage()]
     assert len(odd) == (quality == 192) and c.stats.odd_quality == (120 if quality == 192 else 0)

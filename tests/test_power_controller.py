@@ -123,6 +123,24 @@ def test_a_meter_reading_its_bms_marks_bad_is_no_reading():
     assert not [s for s, _ in out.achieved_kw if 151 <= s < 240] and out.achieved_kw[-1][0] > 240
 
 
+def test_a_pdu_feed_its_bms_marks_bad_is_heard_not_failed_over():
+    """Rack r01's A-feed PDU still reads its half, marked bad (its BMS link lost); B reads its half. Left out
+    as silent, A had read as a failed-over feed: the rack's sum halved, which the loop took for load the caps
+    shed, capping twice as deep as asked (23.3 kW shed for 11.0) and reporting the request not met."""
+    sim, ctl = fleet()
+    out = ctl.submit(request(400, 10))
+
+    def feeds(i, tick):
+        f = a_and_b_feeds(tick.facility, 0.5)
+        if i < 520:
+            return tick.gpu, f
+        q = f.schema.get_field_index("quality")
+        a = pc.equal(f.column("device"), "pdu-r01-a")
+        return tick.gpu, f.set_column(q, f.schema.field(q), pc.if_else(a, pa.scalar(0, pa.int8()), f.column("quality")))
+    truth = drive(sim, ctl, 760, feeds, truth_in=range(550, 700))
+    assert out.met and np.mean(truth) == pytest.approx(out.requested_kw, rel=0.15)
+
+
 def test_a_meter_gone_silent_is_no_hold_seen():
     """The site meter sends nothing for 90 s of a hold (the PDUs and the GPUs go on): no
     reading of those 90 s is the reduction's, and the caps stay as they were (nothing

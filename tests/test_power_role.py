@@ -451,7 +451,7 @@ def test_the_command_line_round_trip_and_its_refusals(tmp_path):
     assert "power request ev1 stored (pending): shed 40 kW of site site-a" in ok.stdout
     for args, why in ((["--reduction-kw", "20", "--duration", "5m", "--start", "+65m"], "overlaps request ev1"),
                       (["--reduction-kw", "-3", "--duration", "5m"], "reduction_kw = -3: must be positive"),
-                      (["--reduction-pct", "120", "--duration", "5m"], "must be between 0 and 100"),
+                      (["--reduction-pct", "120", "--duration", "5m"], "must be from 1 to under 100"),
                       (["--target-kw", "100", "--duration", "5m", "--start", "2020-01-01T00:00:00Z"], "in the past"),
                       (["--target-kw", "100", "--duration", "5m", "--start", "2030-01-01T00:00:00"], "time zone"),
                       (["--reduction-kw", "5", "--duration", "5m", "--id", "ev1", "--start", "+3h"], "id ev1 is taken")):
@@ -1179,3 +1179,18 @@ def test_a_flood_of_refused_mqtt_ids_holds_a_bounded_memory_and_clears_its_old_s
     assert [t for t, docs in waiting.items() if docs == [None]] == sent  # cleared; the 140 others never sent
     assert len([t for t, docs in waiting.items() if None not in docs]) == 51  # real-1's and the last 50
     assert len(intake.rejections) == 80 and intake.stats.unanswered == 120 and h.role.signals_rejected == 200
+
+
+@pytest.mark.parametrize("rid", ["7", 0])
+def test_a_request_delivered_twice_over_mqtt_is_taken_once_whatever_its_id(tmp_path, rid):
+    """An id 0 is the sender's (kept as "0"), but the MQTT intake had taken it for no id: a QoS 1
+    redelivery was told "rejected: id 0 is taken", with no id to answer under."""
+    from pipeline.power import mqtt_intake
+    h = Harness(tmp_path, dry_run=True)
+    h.run(90)
+    intake = mqtt_intake.MqttIntake(h.role, "127.0.0.1", 1, "site-a")  # (never connected: no broker here)
+    message = json.dumps({"id": rid, "site": "site-a", "reduction_pct": 5, "duration_s": 60}).encode()
+    intake.handle(intake.topic, message)
+    intake.handle(intake.topic, message)  # the broker delivers it again
+    assert intake.stats.duplicates == 1 and not intake.rejections
+    assert intake.answered[str(rid)]["state"] != "rejected"

@@ -109,3 +109,16 @@ def test_the_check_is_not_vacuous(tmp_path):
         "exp_alerts": [{"exp_labels": {**labels, "severity": "critical"},
                         "exp_annotations": annotations("FleetwatchTargetDown", labels)}]}]}
     assert promtool_test(tmp_path, [wrong]).returncode != 0
+
+
+def test_notifications_given_up_on_before_the_first_scrape_are_seen(tmp_path):
+    """A notify that dead-lettered as it started (old outbox records past max_age_s): its counter's first
+    sample is already above 0, which increase() cannot see."""
+    labels = {**NOTIFY, "receiver": "pager"}
+    started = {"interval": "1m", "input_series": [series("fleetwatch_notifications_dead_lettered_total", labels,
+                                                         "3x10")],
+               "alert_rule_test": [{"eval_time": "5m", "alertname": "FleetwatchNotificationsLost", "exp_alerts": [
+                   {"exp_labels": {**labels, "severity": "critical"},
+                    "exp_annotations": annotations("FleetwatchNotificationsLost", labels)}]}]}
+    r = promtool_test(tmp_path, [started])
+    assert r.returncode == 0, r.stdout + r.stderr

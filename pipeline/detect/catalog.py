@@ -490,7 +490,11 @@ ALERTS: tuple[AlertSpec, ...] = (
               detection="`fleetwatch_notifications_dead_lettered_total` rose in the last hour: notify gave up on a "
                         "notification (the receiver refused it for good, a 4xx, or it outlived its retries). "
                         "Resolves an hour after the last.",
-              promql="increase(fleetwatch_notifications_dead_lettered_total[1h]) > 0"),
+              # (a series younger than an hour that is already above 0: given up on before the first scrape,
+              # e.g. records expired as notify started, which increase() cannot see)
+              promql="increase(fleetwatch_notifications_dead_lettered_total[1h]) > 0 or "
+                     "(fleetwatch_notifications_dead_lettered_total unless "
+                     "fleetwatch_notifications_dead_lettered_total offset 1h) > 0"),
     AlertSpec("FleetwatchIntakeRejecting", "warning", "fleetwatch",
               "Fleetwatch on {instance} rejects input at intake ({group}: {reason})",
               "Read the process's log for the first rejected record of the reason and fix its producer (an "
@@ -602,7 +606,8 @@ def runbook_url(base_url: str, alertname: str) -> str:
     """The runbook of an alert: under alerts.runbook_base_url, or (empty) the page
     installed with Fleetwatch, as a file:// URL that resolves on this machine. A base without
     its trailing slash gets one (".../runbooksGpuXid.md" had been every page's dead link),
-    but one that ends a query or fragment (?page=, #) is a prefix as given."""
-    if base_url and not base_url.endswith(("/", "=", "#", "?")):
+    but one that ends in a query, a fragment or a name's separator (?page=, #, Runbook-, rb_, wiki:) is
+    a prefix as given."""
+    if base_url and not base_url.endswith(("/", "=", "#", "?", "-", "_", ":")):
         base_url += "/"
     return f"{base_url or runbooks_dir().as_uri() + '/'}{alertname}.md"

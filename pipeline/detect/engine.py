@@ -373,9 +373,6 @@ class Engine:
                                       reasons=np.nan_to_num(metrics["clock_event_reasons"]).astype(np.int64)), out)
 
     def _facility(self, batch: pa.RecordBatch, out: Output) -> None:
-        batch = self._good_quality(batch)
-        if batch.num_rows == 0:
-            return
         inv = self.inventory
         keys = pc.binary_join_element_wise(batch.column("device"), batch.column("metric"), "/")
         slots = inv.point_ids.slots(keys)
@@ -385,22 +382,24 @@ class Engine:
             return
         self.stats.facility_samples += batch.num_rows
         value = numeric(batch, "value", self.stats)
+        if (bad := self._bad_quality(batch)).any():
+            value = np.where(bad, np.nan, value)
         self._run(Topic.FACILITY, FacilityBatch(slots=slots, ts=ts, now=float(ts.max()), value=value,
                                                 kind=inv.point.kind[slots], rack=inv.point.rack[slots],
                                                 devices=inv.point_devices), out)
 
-    def _good_quality(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """The readings their BMS vouches for: one it marks bad or uncertain (a sensor fault, a lost link) is
-        archived, not detected on (a faulted leak sensor's true had raised CoolantLeak). Null is good, as a
+    def _bad_quality(self, batch: pa.RecordBatch) -> np.ndarray:
+        """The readings their BMS marks bad or uncertain (a sensor fault, a lost link): heard, their values not
+        read (NaN: a faulted leak sensor's true had raised CoolantLeak). Heard, a PDU feed marked bad is no
+        failed-over feed (pipeline/feeds.py): its last good reading stays in its rack's sum. Null is good, as a
         reading without a quality."""
-        good = pc.fill_null(pc.equal(batch.column("quality"), 1), True)
-        if pc.all(good).as_py():
-            return batch
-        if not self.stats.bad_quality:
-            log.warning("detect: facility readings of bad quality (quality not 1) are archived, not detected on; "
-                        "counted in fleetwatch_bad_quality_readings_total, logged once")
-        self.stats.bad_quality += batch.num_rows - pc.sum(good.cast(pa.int64())).as_py()
-        return batch.filter(good)
+        bad = pc.fill_null(pc.not_equal(batch.column("quality"), 1), False).to_numpy(zero_copy_only=False)
+        if bad.any():
+            if not self.stats.bad_quality:
+                log.warning("detect: facility readings of bad quality (quality not 1) are archived, not detected "
+                            "on; counted in fleetwatch_bad_quality_readings_total, logged once")
+            self.stats.bad_quality += int(bad.sum())
+        return bad
 
     def _racks(self, batch: pa.RecordBatch, out: Output) -> None:
         ts = seconds(batch)

@@ -643,8 +643,12 @@ class Controller:
 
     def observe_facility(self, batch: pa.RecordBatch) -> None:
         # Only what the BMS vouches for (quality 1, or none given), as detect reads it: a meter whose link is
-        # lost may send its last value again, marked bad.
-        batch = batch.filter(pc.fill_null(pc.equal(batch.column("quality"), 1), True))
+        # lost may send its last value again, marked bad. A PDU's reading marked bad is heard without its value
+        # (its feed reports: no failed-over feed, whose going had read as load the caps shed).
+        bad = pc.fill_null(pc.not_equal(batch.column("quality"), 1), False)
+        if pc.any(bad).as_py():
+            batch = batch.set_column(batch.schema.get_field_index("value"), "value",
+                                     pc.if_else(bad, pa.scalar(None, pa.float64()), batch.column("value")))
         metric, device_class = batch.column("metric"), batch.column("device_class")
         pdu_read = None  # the PDU readings' times, if the batch holds some
         # A PDU's counter means only where the GPUs too are read 5 s apart or more (GpuTable.means): the caps'
@@ -681,7 +685,9 @@ class Controller:
                     rows.column("device").to_pylist(), rows.column("rack").to_pylist(),
                     rows.column("value").to_pylist()), key=lambda r: (r[0], r[1])):
                 if value is None or not math.isfinite(value):  # (a meter's NaN is no reading: it would
-                    continue                                     # poison every mean it entered)
+                    if into is not None and power:              # poison every mean it entered)
+                        self._heard(rack, device, ts)
+                    continue
                 if (last := self.newest.get((cls, device, power))) is not None and ts <= last:
                     continue
                 if ahead_of is None or ts <= ahead_of:
@@ -758,6 +764,13 @@ class Controller:
         feeds[device] = (ts, kw, instant_kw, interval)
         live = [f for f in feeds.values() if not (ts - f[0]).total_seconds() > silence_allowed_s(f[3])]
         return min(f[0] for f in live), sum(f[1] for f in live), sum(f[2] for f in live)
+
+    def _heard(self, rack: str, device: str, ts: datetime) -> None:
+        """A PDU's reading without a value (none, or one its BMS marked bad): its feed reports, its last reading
+        stays in its rack's sum (silent, it would have left it as a failed-over feed)."""
+        feeds = self.pdu_feeds.get(rack, {})
+        if (was := feeds.get(device)) is not None and ts > was[0]:
+            feeds[device] = (ts, was[1], was[2], next_interval(was[3], (ts - was[0]).total_seconds()))
 
     def _pdus_at(self, ts: datetime) -> tuple[float, float, float | None]:
         """The PDUs' reading nearest `ts`: (unix s, their sum kW, what the caps changed in it kW;

@@ -71,7 +71,7 @@ from typing import Any, Awaitable
 
 import aiomqtt
 
-from pipeline.power.request import ID, Rejected
+from pipeline.power.request import ID, Rejected, sender_id
 from pipeline.power.store import OPEN
 from pipeline.sources.bms_tree import DEFAULT_ROOT, POWER_BRANCH
 from pipeline.sources.mqtt import Backoff, keep_subscribed, until_first_error
@@ -169,7 +169,7 @@ class MqttIntake:
             self._refuse("", payload, "the message must be a JSON object of a power request "
                                       "(schemas/power_request.v1.json)")
             return
-        rid = str(data.get("id") or "")
+        rid = sender_id(data)
         if rid and not ID.fullmatch(rid):  # not a topic level of its status, nor a line of the log
             self._refuse("", payload, f"id {rid[:40]!r}: at most 128 letters, digits and . _ : -")
             return
@@ -204,7 +204,7 @@ class MqttIntake:
             data = json.loads(payload) if len(payload) <= MAX_PAYLOAD else None
         except (ValueError, RecursionError):
             data = None
-        rid = str(data.get("id") or "") if isinstance(data, dict) else ""
+        rid = sender_id(data) if isinstance(data, dict) else ""
         rid = rid if ID.fullmatch(rid) else ""
         why = (f"a retained message, not taken: the broker sends it again at every subscription (each reconnect), "
                f"where it would be taken again; publish requests with retain false, and clear this one by "

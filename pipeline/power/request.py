@@ -85,6 +85,12 @@ class PowerRequest:
         return pa.RecordBatch.from_pylist([row], schema=POWER_REQUEST)
 
 
+def sender_id(data: dict[str, Any]) -> str:
+    """The id a request's sender gave ("" for none): an id 0 is the sender's too, to answer and to know again."""
+    given = data.get("id")
+    return "" if given is None else str(given)
+
+
 def from_dict(data: dict[str, Any], source: str, now: datetime | None = None) -> PowerRequest:
     """A request from its JSON form (schemas/power_request.v1.json's names; `start` and `ts`
     RFC 3339 times or "now", default now; `racks` a list or comma-separated; `ramp_s`
@@ -122,10 +128,10 @@ def from_dict(data: dict[str, Any], source: str, now: datetime | None = None) ->
     kw["racks"] = tuple(racks)
     kw["start"] = _time(data.get("start"), "start", now)
     kw["ts"] = _time(data.get("ts"), "ts", now)
-    if data.get("id") not in (None, ""):  # (an id 0 is the sender's, to answer and to know again)
+    if sender_id(data):
         if isinstance(data["id"], bool) or not isinstance(data["id"], (str, int)):
             raise Rejected(f"id = {str(data['id'])[:40]}: a string")
-        kw["id"] = str(data["id"])
+        kw["id"] = sender_id(data)
         if not ID.fullmatch(kw["id"]):  # it names files' entries, topics and log lines
             raise Rejected(f"id {kw['id'][:40]!r}{'...' if len(kw['id']) > 40 else ''}: at most 128 letters, digits "
                            f"and . _ : - (or none: one is made up)")

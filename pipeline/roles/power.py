@@ -63,7 +63,7 @@ from pipeline.power.controller import ALERTS_READ, Controller, Firm, Outcome
 from pipeline.power.curve import from_recording
 from pipeline.power.node_labels import job_poller_for, poller_for
 from pipeline.power.report import Tracked, report_batch, report_row, status_doc, summary
-from pipeline.power.request import PowerRequest, Rejected, in_range, validate
+from pipeline.power.request import PowerRequest, Rejected, in_range, sender_id, validate
 from pipeline.power.store import NOT_STARTED, OPEN, Change, Entry, RequestStore, request_store, when
 
 log = logging.getLogger("fleetwatch")
@@ -265,7 +265,7 @@ class PowerRole:
         """power_request rows from the topic; a row that is not a valid request is dead-lettered."""
         bad: list[tuple[dict, str]] = []
         for row in python_rows(message.value):
-            rid = str(row.get("id") or "")
+            rid = sender_id(row)
             if rid and (self.store.known(rid) or rid in self.signals_seen):
                 continue  # delivered again (a restart re-reads what was not committed)
             # Only a stored id is "seen": one refused (overlapping, the store unreadable...) may be sent

@@ -176,8 +176,8 @@ class Outbox:
             self._writer = open(self._path(self._segments[-1]), "ab")
             return self._writer
         # The new segment first: one that cannot be made (a full disk, no inodes) leaves the outbox as it was,
-        # to append again to its last segment when the disk has room (a closed writer and a segment listed but
-        # not on disk had failed every append and read after it, and ended notify).
+        # to try the roll again at the next append (a closed writer and a segment listed but not on disk had
+        # failed every append and read after it, and ended notify).
         writer = open(self._path(self.next_seq), "ab")
         try:
             fsync_dir(self.dir)  # the new file's name is durable too

@@ -251,7 +251,6 @@ class Client:
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
         self._aborted = False
-        self._late = False  # the request in flight was cut at its deadline
 
     def post(self, body: bytes, key: str, now: float) -> Outcome:
         headers = {"Content-Type": "application/json", "User-Agent": f"fleetwatch/{__version__}",
@@ -274,30 +273,35 @@ class Client:
         conn, reused = self._connection()
         # alerts.timeout_s bounds the whole request: the socket's timeout bounds each read only, and a proxy
         # that trickles its answer a byte a second had held the receiver's queue for as long as it liked.
-        self._late = False
-        deadline = threading.Timer(self.timeout_s, self._cut, args=(conn,))
+        cut = threading.Event()
+        deadline = threading.Timer(self.timeout_s, self._cut, args=(conn, cut))
         deadline.daemon = True
         deadline.start()
         try:
-            outcome = self._exchange(conn, reused, body, headers, stale_retry)
+            outcome = self._exchange(conn, reused, body, headers, stale_retry, cut)
         finally:
             deadline.cancel()
-        if self._late:  # cut at the deadline, whatever the read then raised
+        if cut.is_set():  # cut at the deadline, whatever the read then raised
             self.close()
             return Outcome(False, f"no whole response within {self.timeout_s:g} s (alerts.timeout_s)",
                            maybe_delivered=True)
         return outcome
 
-    def _cut(self, conn: http.client.HTTPConnection) -> None:
-        self._late = True
-        if conn.sock is not None:
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+    def _cut(self, conn: http.client.HTTPConnection, cut: threading.Event) -> None:
+        """(The deadline's thread) the request on `conn` is over time: its socket is shut, if it is still the
+        one in use (a stale connection given up for a new one has nothing to cut)."""
+        with self._lock:
+            sock = conn.sock if conn is self._conn else None
+            if sock is None:
+                return
+            cut.set()
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _exchange(self, conn: http.client.HTTPConnection, reused: bool, body: bytes, headers: dict[str, str],
-                  stale_retry: bool) -> Outcome:
+                  stale_retry: bool, cut: threading.Event) -> Outcome:
         try:
             conn.request("POST", self._target, body, headers)
             resp = conn.getresponse()
@@ -308,8 +312,8 @@ class Client:
             return replace(outcome, reason=redact_text(outcome.reason, self.receiver.url))
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
             self.close()
-            if reused and stale_retry:  # a kept-alive connection the receiver had closed: once more, on a new one
-                return self._send(body, headers, stale_retry=False)
+            if reused and stale_retry and not cut.is_set():  # a kept-alive connection the receiver had closed:
+                return self._send(body, headers, stale_retry=False)     # once more, on a new one
             return Outcome(False, f"connection closed by the receiver ({type(e).__name__})", maybe_delivered=True)
         except TimeoutError:
             self.close()
@@ -319,8 +323,8 @@ class Client:
             return Outcome(False, f"TLS certificate not trusted ({e.verify_message}); give its CA in ca_file")
         except ssl.SSLError as e:
             self.close()
-            if reused and stale_retry:  # a kept-alive connection the receiver had closed: once more, on a new one
-                return self._send(body, headers, stale_retry=False)
+            if reused and stale_retry and not cut.is_set():  # a kept-alive connection the receiver had closed:
+                return self._send(body, headers, stale_retry=False)     # once more, on a new one
             said = f"TLS failed ({type(e).__name__}: {e.reason or e})"
             # TLS 1.3: a server that refuses the client's certificate says so after the handshake, or
             # only cuts the connection (Go's: an EOF); either way it took no request.

@@ -202,8 +202,8 @@ def decode_reading(payload: bytes, meta: PointMeta) -> tuple[int, float, int, st
         raise Rejected(Reason.BAD_TIMESTAMP, f"timestamp {ms!r} is not epoch milliseconds{looks}")
     ts_ns = ms * 1_000_000 if isinstance(ms, int) else round(ms * 1e6)
     sent = obj.get("quality", 1)
-    good = sent == 1 and not isinstance(sent, bool)
-    odd = "" if good or (sent == 0 and not isinstance(sent, bool)) else json.dumps(sent)[:40]
+    good = sent is True or sent == 1 and not isinstance(sent, bool)  # (JSON true: good, as 1 is)
+    odd = "" if good or sent is False or sent == 0 else json.dumps(sent)[:40]
     return ts_ns, base, int(good), odd
 
 

@@ -121,18 +121,23 @@ class HeatBalance(Family):
         times, the sum of the latest reading of every PDU of the rack that still reports, how many PDUs that
         sum holds). Each PDU's latest reading (`self.pdu.<field>`) takes this batch's first. A PDU silent
         while another of its rack reads (its feed failed over: pipeline/feeds.py) is left out."""
-        rows = np.flatnonzero((b.kind == kind) & np.isfinite(b.value) & (b.rack >= 0))
-        if rows.size == 0:
+        # A reading without a value (NaN: none, or one its BMS marked bad) is heard: its feed reports, its last
+        # value stays in the sum (silent, it would have left it as a failed-over feed).
+        heard = np.flatnonzero((b.kind == kind) & (b.rack >= 0))
+        if heard.size == 0:
             return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
         inv = self.inventory
         self.pdu.ensure(len(inv.point_devices))
         latest, at, every = (getattr(self.pdu, f"{field}{x}") for x in ("", "_t", "_dt"))
-        order = rows[np.argsort(b.ts[rows], kind="stable")]  # (a backlog: each PDU's newest reading last)
-        latest[b.slots[order]] = b.value[order]
+        order = heard[np.argsort(b.ts[heard], kind="stable")]  # (a backlog: each PDU's newest reading last)
         read, last = np.unique(b.slots[order][::-1], return_index=True)
         t_new = b.ts[order][::-1][last]
         every[read] = next_interval(every[read], t_new - at[read])
         at[read] = np.fmax(at[read], t_new)
+        rows = order[np.isfinite(b.value[order])]
+        if rows.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
+        latest[b.slots[rows]] = b.value[rows]
         racks, of_row = np.unique(b.rack[rows], return_inverse=True)
         t_row = np.full(racks.size, -np.inf)
         np.maximum.at(t_row, of_row, b.ts[rows])

@@ -74,7 +74,8 @@ class WebhookKind(ReceiverKind):
     def payload(self, receiver: Receiver, note: Notification) -> Any:
         """What one group notification is to one receiver. A kind that wants Fleetwatch's
         routing with a payload of its own (a chat message) subclasses this kind and
-        overrides `kind`, `state_file` and this."""
+        overrides `kind`, `state_file` and this (and `expired`, which reads this payload's
+        groupKey, groupLabels and alerts)."""
         return webhook_payload(receiver.name, note.group_key, note.group_labels, note.alerts, self.cfg.external_url)
 
     def expired(self, receiver: str, payloads: list[Any]) -> None:
