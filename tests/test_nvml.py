@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pynvml
+import pytest
 
 from pipeline.bus import Message, Topic
 from pipeline.detect.engine import Engine
@@ -114,6 +115,40 @@ def test_a_lost_gpu_becomes_an_event_and_its_samples_stop():
     out = engine.process(Message(Topic.EVENTS, events_batch(second.events)))
     assert sorted((a.alertname, a.labels["gpu"]) for _, a in out.alerts) == [("GpuFellOffBus", "2"),
                                                                             ("GpuFellOffBus", "5")]
+
+
+def test_nvml_s_no_value_answers_are_no_readings_and_unknown_reason_bits_cost_no_known_one():
+    """A board without a slowdown threshold answers 0xFFFFFFFF, an unknown P-state 32, a counter NVML cannot read
+    ULLONG_MAX, a newer driver a reason bit this code does not know: they had been served as a 4294967295 C
+    threshold, read as P32, and the counter's past int64 (or a reason bit past 2**53) had ended the agent, every
+    GPU's telemetry with it."""
+    replay = NvmlReplay(H100, gpus=3, latency=False)
+    # GPU 1 answers as such a board and driver do
+    answers = {"nvmlDeviceGetTemperatureThreshold": 2 ** 32 - 1, "nvmlDeviceGetPerformanceState": 32,
+               "nvmlDeviceGetCurrentClocksEventReasons": 0x8 | 1 << 60}
+    field_values = replay.nvmlDeviceGetFieldValues
+
+    def odd_fields(handle, ids):
+        out = field_values(handle, ids)
+        if replay._find(handle).index == 1:
+            for fv in out:
+                if fv.fieldId == pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL and fv.nvmlReturn == pynvml.NVML_SUCCESS:
+                    fv.value.ullVal = 2 ** 64 - 1
+        return out
+    replay.nvmlDeviceGetFieldValues = odd_fields
+    for name, value in answers.items():
+        real = getattr(replay, name)
+        setattr(replay, name, lambda handle, *a, real=real, value=value:
+                value if replay._find(handle).index == 1 else real(handle, *a))
+    with replay.installed():
+        a = NvmlAgent(make_config().agent, "node-1")
+        a.open()
+        a.scrape()
+        rows = {r["gpu"]: r for r in a.scrape().samples.to_pylist()}
+    odd, sane = rows[1], rows[0]
+    assert (odd["slowdown_temp_c"], odd["pstate"], odd["ecc_sbe_volatile_total"]) == (None, None, None)
+    assert odd["clock_event_reasons"] == 0x8  # HW slowdown kept, the unknown bit left out
+    assert sane["slowdown_temp_c"] == 89.0 and sane["pstate"] is not None
 
 
 def test_a_gpu_reset_is_an_event_and_not_a_negative_rate():
@@ -388,6 +423,71 @@ def test_a_reset_gpu_gets_its_cap_again():
         enforced = pynvml.nvmlDeviceGetEnforcedPowerLimit(a.gpus[0].handle)
     assert [e["kind"] for e in s.events] == ["gpu_reset"]
     assert enforced == 500_000 and a.power.capped == {0: 500.0}
+
+
+@pytest.mark.parametrize("energy", [pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_NO_PERMISSION])
+def test_a_reset_gpu_without_an_energy_counter_gets_its_cap_again(energy):
+    """A reset is seen by the energy counter going back: a GPU without a readable one (an older, a consumer or a
+    virtual GPU) had run uncapped while its cap was reported held. Its limit read back at its own limit from
+    before the cap is the reset."""
+    replay = NvmlReplay(H100, gpus=2, latency=False, settle_s=0.0, enforce_lag_s=0.0)
+    replay.field_errors[pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION] = energy
+    with replay.installed():
+        a = agent()
+        a.open()
+        a.scrape()
+        assert a.power.apply(0, 500.0).status == "ok"
+        a.scrape()
+        replay.reset(0)
+        a.scrape()
+        enforced = pynvml.nvmlDeviceGetEnforcedPowerLimit(a.gpus[0].handle)
+        untouched = pynvml.nvmlDeviceGetEnforcedPowerLimit(a.gpus[1].handle)  # (never capped: nothing set)
+    assert enforced == 500_000 and a.power.capped == {0: 500.0}
+    assert [(r.gpu, r.status) for r in a.recapped] == [(0, "ok")] and untouched == replay.powercap["default_mw"]
+
+
+def test_a_gpu_still_lost_stays_lost_whose_fields_say_so_in_their_return_codes(caplog):
+    """A lost GPU whose batched field call succeeds with GPU_IS_LOST in each field: the look for it again had
+    taken it for back every minute (11 gpu_lost events in 10 minutes, its cap set again each time)."""
+    replay = NvmlReplay(H100, gpus=2, latency=False, settle_s=0.0, enforce_lag_s=0.0)
+    fields, lost = replay.nvmlDeviceGetFieldValues, [False]
+
+    def field_values(handle, ids):
+        out = fields(handle, ids)
+        if lost[0] and replay._find(handle).index == 1:
+            for fv in out:
+                fv.nvmlReturn = pynvml.NVML_ERROR_GPU_IS_LOST
+        return out
+    replay.nvmlDeviceGetFieldValues = field_values
+    with replay.installed(), caplog.at_level("WARNING", logger="pipeline.sources.nvml"):
+        a, clock = clocked_agent()
+        a.open()
+        a.scrape()
+        lost[0] = True
+        events = []
+        for _ in range(40):
+            clock[0] += 15
+            events += [e["kind"] for e in a.scrape().events]
+    assert events == ["gpu_lost"] and not any("answers again" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("gone", [pynvml.NVML_ERROR_UNINITIALIZED, pynvml.NVML_ERROR_DRIVER_NOT_LOADED])
+def test_a_driver_that_goes_away_ends_the_agent_to_be_started_again(gone):
+    """A driver reloaded under a running agent (an upgrade): its NVML session never answers again, and every
+    scrape had been empty, for good, until someone restarted it. It ends with NvmlDriverNotLoaded (exit 75:
+    systemd or Kubernetes start it again, and it opens NVML afresh)."""
+    from pipeline.sources.nvml import NvmlDriverNotLoaded
+    replay = NvmlReplay(H100, gpus=2, latency=False)
+    with replay.installed():
+        a = agent()
+        a.open()
+        assert a.scrape().samples.num_rows == 2
+
+        def driver_gone(*args):
+            raise pynvml.NVMLError(gone)
+        pynvml.nvmlDeviceGetCount = driver_gone
+        with pytest.raises(NvmlDriverNotLoaded, match="the driver went away"):
+            a.scrape()
 
 
 def test_what_was_not_supported_is_asked_again_later(caplog):

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from datetime import datetime, timezone
@@ -56,7 +57,7 @@ import pynvml
 
 from pipeline.config import AgentConfig, ConfigError, Unavailable
 from pipeline.model import (COLLECTOR_STARTED, COLLECTOR_STOPPING, EVENT, GPU_INFO, GPU_METRICS, GPU_SAMPLE, GPU_SETTINGS,
-                            GPU_WORKLOAD)
+                            GPU_WORKLOAD, ClockEventReason)
 from pipeline.sources.job_mapping import JobMapping
 from pipeline.sources.nvml_power import PowerLimiter
 from pipeline.waits import wait_set
@@ -258,7 +259,7 @@ class NvmlAgent:
         except pynvml.NVMLError as e:
             self._unsupported(g, f"memory total ({e})")
         try:  # the detectors' thermal margin is to this GPU's own threshold (H100: 89 C)
-            g.slowdown_temp_c = float(pynvml.nvmlDeviceGetTemperatureThreshold(
+            g.slowdown_temp_c = _sane("slowdown_temp_c", pynvml.nvmlDeviceGetTemperatureThreshold(
                 handle, pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN))
         except pynvml.NVMLError as e:
             self._unsupported(g, f"slowdown temperature threshold ({e})")
@@ -331,6 +332,8 @@ class NvmlAgent:
                 self._recap.add(g.index)
             if np.isfinite(energy):
                 g.energy_j = energy
+            if self.power.reverted(g.index, values["power_limit_w"][i]):  # (a reset no counter showed)
+                self._recap.add(g.index)
         if self._recap:
             self._cap_again(sorted(self._recap))
             self._recap.clear()
@@ -351,7 +354,7 @@ class NvmlAgent:
                 column, divisor = FIELDS[fv.fieldId]
                 what = f"field {fv.fieldId} ({column})"
                 if fv.nvmlReturn == pynvml.NVML_SUCCESS:
-                    values[column][row] = _field_value(fv) / divisor
+                    values[column][row] = _sane(column, _field_value(fv)) / divisor
                     self._answers(g, what)
                 elif fv.nvmlReturn in _NO_FIELD:
                     self._no_field(g, fv.fieldId, _error(pynvml.NVMLError(fv.nvmlReturn)))
@@ -374,7 +377,7 @@ class NvmlAgent:
                 continue
             self._answers(g, name)
             for column, value in zip(columns, got if isinstance(got, tuple) else (got,)):
-                values[column][row] = value
+                values[column][row] = _sane(column, value)
 
     def _no_field(self, g: Gpu, fid: int, why: str) -> None:
         """A field this GPU or driver does not have: not asked again; its older call, if any, is."""
@@ -411,9 +414,11 @@ class NvmlAgent:
                 continue
             try:
                 handle = pynvml.nvmlDeviceGetHandleByUUID(g.uuid)
-                pynvml.nvmlDeviceGetFieldValues(handle, [pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION])
+                (energy,) = pynvml.nvmlDeviceGetFieldValues(handle, [pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION])
             except pynvml.NVMLError:
                 continue
+            if energy.nvmlReturn == pynvml.NVML_ERROR_GPU_IS_LOST:  # (a field says so in its own return code: a
+                continue                                             # GPU still lost had read as back every minute)
             g.handle, g.failing = handle, ""  # (its energy reading kept: a reset meanwhile shows as one)
             self.lost.discard(g.uuid)
             self._recap.add(g.index)  # whether it was reset or not, the cap held on it is what it must enforce
@@ -459,6 +464,12 @@ class NvmlAgent:
         """A GPU that drops out of the device count is lost (cheap: one call a scrape)."""
         try:
             count = pynvml.nvmlDeviceGetCount()
+        except (pynvml.NVMLError_Uninitialized, pynvml.NVMLError_DriverNotLoaded) as e:
+            # The driver went away (unloaded, reloaded for an upgrade): this NVML session never answers again,
+            # and every scrape had been empty until someone restarted the agent. Exit 75: started again, it
+            # opens NVML afresh (its caps' ledger restores what it held).
+            raise NvmlDriverNotLoaded(f"NVML on {self.node}: the driver went away ({_error(e)}); the agent exits "
+                                      f"to be started again once it is back") from None
         except pynvml.NVMLError as e:
             self._say_once("count", "NVML: the device count is not available (%s): GPUs that drop out are found "
                                     "by their own reads", _error(e))
@@ -500,7 +511,8 @@ class NvmlAgent:
             if pa.types.is_boolean(typ):
                 cols[m] = pa.array(v == 1, mask=missing)
             elif pa.types.is_integer(typ):
-                cols[m] = pa.array(np.where(missing, 0, v).astype(np.int64), mask=missing).cast(typ)
+                missing |= np.abs(v) >= 2.0 ** 63  # (past int64: one such value had ended the agent)
+                cols[m] = pa.array(np.where(missing, 0, v).astype(np.int64), mask=missing).cast(typ, safe=False)
             else:
                 cols[m] = pa.array(v, mask=missing)
         gpus = [self.gpus[i] for i in rows]
@@ -670,6 +682,23 @@ def _text(value) -> str | None:
     return value.strip() or None if isinstance(value, str) else None
 
 
+# NVML's "no value" answers (an unsupported threshold, a counter it cannot read): UINT_MAX and ULLONG_MAX
+NO_VALUE = (2 ** 32 - 1, 2 ** 64 - 1)
+KNOWN_REASONS = sum(int(bit) for bit in ClockEventReason)  # every bit NVML documents
+
+
+def _sane(column: str, value) -> float:
+    """A value as the data holds it: NVML's sentinels and what no GPU reads (a negative value, P-state 32:
+    unknown) are no value (NaN), not readings (a 4294967295 C threshold had been served); the clocks-event
+    reasons keep their known bits (an unknown one past 2**53, in float64, had cost the others and ended the
+    agent)."""
+    if column == "clock_event_reasons":
+        return float(int(value) & KNOWN_REASONS)
+    if value in NO_VALUE or value < 0 or (column == "pstate" and value > 15):
+        return math.nan
+    return float(value)
+
+
 def _field_value(fv) -> float:
     t = fv.valueType
     if t == pynvml.NVML_VALUE_TYPE_DOUBLE:
@@ -710,6 +739,7 @@ class NvmlSource:
         self.lease_clock = lease_clock  # the caps' leases run on it: monotonic, an NTP step moves no lease
         self.gpu_samples = 0
         self.exposition = GpuExposition()
+        self.exposition_failed = False
 
     async def run(self, emit, stop: asyncio.Event) -> None:
         import contextlib
@@ -719,7 +749,13 @@ class NvmlSource:
         async def samples(batch: pa.RecordBatch) -> None:
             if len(self.exposition.fb_total_bytes) < len(self.agent.gpus):
                 self.exposition.fb_total_bytes.update((g.uuid, g.mem_total_bytes) for g in self.agent.gpus)
-            self.exposition.update(batch)
+            try:
+                self.exposition.update(batch)
+            except Exception:  # /metrics is a view: a value it cannot serve ends no sample (it had ended the agent)
+                if not self.exposition_failed:
+                    log.warning("the agent's /metrics could not take a scrape (served as before; said once)",
+                                exc_info=True)
+                self.exposition_failed = True
             await emit(Topic.GPU, batch)
             self.gpu_samples += batch.num_rows
 

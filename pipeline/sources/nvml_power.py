@@ -214,6 +214,13 @@ class PowerLimiter:
             return self._refused(g, cap_w, e)
         return _Pending(g, cap_w, target, own, low, high, default)
 
+    def reverted(self, gpu: int, limit_w: float) -> bool:
+        """A GPU held to a cap whose enforced limit reads its own limit from before the cap again: reset (its
+        limit put back), where no counter said so (a GPU without a readable energy counter: it had run
+        uncapped while its cap was reported held). An operator's other limit is no revert (_operators_change)."""
+        own, cap = self._own.get(gpu), self._capped.get(gpu)
+        return own is not None and cap is not None and abs(limit_w - own) < 1.0 and limit_w > cap + 1.0
+
     def reset_happened(self, gpus: list[int]) -> None:
         """These GPUs were reset: the default limit the reset put back is not their operator's choice."""
         for i in gpus:
