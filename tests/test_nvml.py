@@ -490,6 +490,27 @@ def test_a_driver_that_goes_away_ends_the_agent_to_be_started_again(gone):
             a.scrape()
 
 
+def test_a_cap_whose_request_ended_while_its_gpu_was_lost_is_not_set_again_when_it_comes_back():
+    """The restore its lease asked for answered gpu_lost; the GPU came back, and the agent set the ended
+    request's cap again (a cap had outlived its request until the next retry)."""
+    replay = NvmlReplay(H100, gpus=2, latency=False, settle_s=0.0, enforce_lag_s=0.0)
+    with replay.installed():
+        a, clock = clocked_agent()
+        a.open()
+        a.scrape()
+        assert a.power.apply(0, 500.0).status == "ok"
+        replay.lose(0)
+        a.scrape()
+        assert [r.status for r in a.power.set_many([(0, None)])] == ["gpu_lost"]  # the request is over
+        replay.reset(0)
+        replay.recover(0)
+        clock[0] += 61.0  # (when the agent looks for lost GPUs again)
+        a.scrape()
+        enforced = pynvml.nvmlDeviceGetEnforcedPowerLimit(a.gpus[0].handle)
+    assert enforced == replay.powercap["default_mw"] and a.power.capped == {}
+    assert [(r.gpu, r.status) for r in a.recapped] == [(0, "restored")]
+
+
 def test_what_was_not_supported_is_asked_again_later(caplog):
     """A GPU in MIG mode answers utilisation NOT_SUPPORTED; taken out of it, it answers again,
     which the agent had never asked again."""

@@ -451,11 +451,16 @@ class NvmlAgent:
         together: one readback wait). Logged, and reported as power_action rows (cause `reset`, by the
         source after the scrape); the power role's lease renewals find it held."""
         capped = self.power.capped
-        asks = [(i, capped[i]) for i in gpus if i in capped]
+        # (a GPU whose request ended while it was lost: its restore, not its cap again)
+        asks = [(i, capped[i]) for i in gpus if i in capped] + [(i, None) for i in gpus if self.power.owed(i)]
         self.power.reset_happened([i for i, _ in asks])
         results = self.power.set_many(asks) if asks else []
         self.recapped += results
         for r in results:
+            if r.gpu not in capped:  # (its request ended while it was lost)
+                log.warning("GPU %d (%s) is back; the request that capped it ended meanwhile: its limit restored: "
+                            "%s (%s)", r.gpu, r.gpu_uuid, r.status, r.detail)
+                continue
             (log.warning if r.status == "ok" else log.error)(
                 "GPU %d (%s) was reset or lost, which puts its power limit back to the default: its cap of %g W set "
                 "again: %s (%s)", r.gpu, r.gpu_uuid, capped[r.gpu], r.status, r.detail)

@@ -179,7 +179,9 @@ class PowerLimiter:
                              f"no GPU {gpu} on node {self.agent.node} (GPUs: "
                              f"{', '.join(str(x.index) for x in self.agent.gpus) or 'none'}): nothing set", False)
         if g.uuid in self.agent.lost:  # (a cap held on it stays held: the GPU may come back without a reset,
-            return self._result(g, cap_w, "gpu_lost", _LOST.format(g=g))  # its cap still set; the agent resets it)
+            if cap_w is None:          # its cap still set, and the agent sets it again. A restore asked meanwhile
+                self._capped.pop(g.index, None)  # is owed: it is restored when it comes back, never capped again
+            return self._result(g, cap_w, "gpu_lost", _LOST.format(g=g))
         try:
             low, high, default = self._constraints(g)
             if cap_w is not None and not (math.isfinite(cap_w) and low <= cap_w <= high):
@@ -213,6 +215,10 @@ class PowerLimiter:
         except pynvml.NVMLError as e:
             return self._refused(g, cap_w, e)
         return _Pending(g, cap_w, target, own, low, high, default)
+
+    def owed(self, gpu: int) -> bool:
+        """A GPU whose restore was asked while it was lost: its own limit is held for it, no cap."""
+        return gpu in self._own and gpu not in self._capped
 
     def reverted(self, gpu: int, limit_w: float) -> bool:
         """A GPU held to a cap whose enforced limit reads its own limit from before the cap again: reset (its
