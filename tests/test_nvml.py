@@ -530,7 +530,8 @@ def test_what_was_not_supported_is_asked_again_later(caplog):
 
 def test_a_capped_gpu_lost_then_back_enforces_its_cap_and_its_restore_reaches_it():
     """Lost, reset and back: its cap had silently gone (the agent still believed it held). Lost,
-    a restore answered gpu_lost, and back without a reset: it kept the cap for good, held by no one."""
+    a restore answered gpu_lost, and back without a reset: it kept the cap for good, held by no one;
+    now it is restored as it comes back (its request is over)."""
     replay = NvmlReplay(H100, gpus=2, latency=False, settle_s=0.0, enforce_lag_s=0.0)
     with replay.installed():
         a, clock = clocked_agent()
@@ -548,7 +549,7 @@ def test_a_capped_gpu_lost_then_back_enforces_its_cap_and_its_restore_reaches_it
         enforced = [pynvml.nvmlDeviceGetEnforcedPowerLimit(g.handle) for g in a.gpus]
         back = a.power.restore(1)
         after = pynvml.nvmlDeviceGetEnforcedPowerLimit(a.gpus[1].handle)
-    assert enforced == [500_000, 500_000] and a.power.capped == {0: 500.0}
+    assert enforced == [500_000, 700_000] and a.power.capped == {0: 500.0}
     assert back.status == "restored" and after == replay.powercap["default_mw"]
 
 
