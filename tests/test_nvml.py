@@ -511,6 +511,32 @@ def test_a_cap_whose_request_ended_while_its_gpu_was_lost_is_not_set_again_when_
     assert [(r.gpu, r.status) for r in a.recapped] == [(0, "restored")]
 
 
+def test_a_gpu_that_comes_to_the_count_after_the_start_is_read_and_capped_as_itself():
+    """A board back under a new UUID (an RMA's hot replace), or one absent from the device count at start and
+    back after a reset: never read until a restart. And a GPU found later at an index the indices moved onto
+    one the agent had: a cap asked for it by its UUID had set the other's limit."""
+    from pipeline.sources.nvml_power import NvmlCaps
+    replay = NvmlReplay(H100, gpus=4, latency=False, settle_s=0.0, enforce_lag_s=0.0)
+    replay.vanish(3)  # absent at start
+    with replay.installed():
+        a, clock = clocked_agent()
+        a.open()
+        assert a.scrape().samples.num_rows == 3
+        replay.lose(0)  # GPU ...01 falls off the bus: the indices move, ...04 comes to the count at index 2
+        replay.vanish(0)
+        replay.recover(3)
+        a.scrape()
+        clock[0] += 61.0
+        rows = a.scrape().samples.to_pylist()
+        assert sorted(r["gpu_uuid"][-2:] for r in rows) == ["02", "03", "04"]
+        assert len({g.index for g in a.gpus}) == len(a.gpus)  # one index per GPU
+        new = next(g for g in replay.gpus if g.uuid.endswith("04"))
+        other = next(g for g in replay.gpus if g.uuid.endswith("03"))
+        (result,) = NvmlCaps(a, "site-a", "rack-0")._apply([new.uuid], [450.0])
+    assert result.gpu_uuid == new.uuid and result.status == "ok"
+    assert (new.limit_mw, other.limit_mw) == (450_000, replay.powercap["default_mw"])
+
+
 def test_what_was_not_supported_is_asked_again_later(caplog):
     """A GPU in MIG mode answers utilisation NOT_SUPPORTED; taken out of it, it answers again,
     which the agent had never asked again."""

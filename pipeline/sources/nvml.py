@@ -424,11 +424,16 @@ class NvmlAgent:
             self._recap.add(g.index)  # whether it was reset or not, the cap held on it is what it must enforce
             self.generation += 1
             log.warning("GPU %d (%s) answers again after it was lost: its samples resume", g.index, g.uuid)
-        if not self.unopened:
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        except pynvml.NVMLError:
+            return
+        present = len(self.gpus) - len(self.lost)
+        if not self.unopened and count <= present:  # (more than it reads: one replaced, or back under a new UUID)
             return
         # Every index again, not the ones that failed: the indices move when a GPU drops out.
         try:
-            uuids, failing = _uuids(pynvml.nvmlDeviceGetCount())
+            uuids, failing = _uuids(count)
         except pynvml.NVMLError:
             return
         known = {g.uuid for g in self.gpus}
@@ -440,6 +445,8 @@ class NvmlAgent:
             except pynvml.NVMLError as e:
                 failing[index] = _error(e)
                 continue
+            if any(x.index == g.index for x in self.gpus):  # its index moved onto one the agent has: the agent's
+                g.index = max(x.index for x in self.gpus) + 1  # indices stay one per GPU (caps go by them)
             self.gpus.append(g)
             known.add(g.uuid)
             self.generation += 1
