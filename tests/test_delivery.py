@@ -518,9 +518,11 @@ def test_a_webhook_receiver_down_past_max_age_hears_where_each_group_stands_when
     asyncio.run(go())
 
 
-def test_a_receiver_that_trickles_its_answer_is_cut_at_the_timeout(tmp_path):
+@pytest.mark.parametrize("close", [False, True])
+def test_a_receiver_that_trickles_its_answer_is_cut_at_the_timeout(tmp_path, close):
     """alerts.timeout_s bounds the whole request: a proxy that sent its answer a byte every 0.3 s had held the
-    receiver's queue for as long as it liked (the socket's timeout bounds each read only)."""
+    receiver's queue for as long as it liked (the socket's timeout bounds each read only). An answer with
+    `Connection: close` takes the socket from the connection: it is cut all the same."""
     import socket
     import threading
     server = socket.create_server(("127.0.0.1", 0))
@@ -531,7 +533,8 @@ def test_a_receiver_that_trickles_its_answer_is_cut_at_the_timeout(tmp_path):
         with conn:
             conn.recv(65536)
             body = b"accepted, thank you"
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n"
+                         % (len(body), b"Connection: close\r\n" if close else b""))
             for byte in body:
                 time.sleep(0.3)
                 try:

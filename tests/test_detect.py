@@ -751,6 +751,30 @@ def test_a_feed_its_bms_marks_bad_is_heard_not_failed_over():
     assert h.engine.stats.bad_quality > 0
 
 
+def test_a_lost_bms_link_during_a_leak_resolves_nothing():
+    """A leak and an overload firing; then the BMS's link to both points is lost and their readings come marked
+    bad. Read as readings without a value they had been judged 'not hit': both alerts resolved, the leak
+    going on. Marked bad, they are not judged: the alerts stay until a good reading clears them."""
+    from pipeline.model import FACILITY_SAMPLE
+    cfg = make_config(fleet={"racks": 1})
+    engine, rating, log = Engine(cfg), cfg.fleet.pdu_rating_w, []
+    t0 = START.timestamp()
+    for i in range(460):
+        quality = 1 if i < 120 or i >= 380 else 0
+        leak, power = (1.0, 0.99 * rating) if i < 370 else (0.0, 0.3 * rating)  # (fixed at 370: said at 380)
+        rows = [("cdu-r01", "cdu", "leak", leak), ("pdu-r01", "rack", "power_w", power)]
+        batch = pa.RecordBatch.from_pydict({
+            "ts": pa.array([int((t0 + i) * 1e9)] * 2, FACILITY_SAMPLE.field("ts").type), "site": ["site-a"] * 2,
+            "rack": ["r01"] * 2, "device": [r[0] for r in rows], "metric": [r[2] for r in rows],
+            "value": [r[3] for r in rows], "quality": pa.array([quality] * 2, pa.int8()),
+            "device_class": [r[1] for r in rows]}, schema=FACILITY_SAMPLE)
+        log += [(i, a.alertname, a.ends_at is None) for _, a in engine.process(Message(Topic.FACILITY, batch)).alerts]
+    fired = {name: i for i, name, firing in log if firing}
+    resolved = {name: i for i, name, firing in log if not firing}
+    assert set(fired) == {"CoolantLeak", "PduOverload"} and max(fired.values()) < 120
+    assert set(resolved) == {"CoolantLeak", "PduOverload"} and min(resolved.values()) >= 380
+
+
 def test_a_rack_s_sensor_offset_is_learned_and_a_loop_that_loses_heat_still_alerts():
     """A BMS's temperature sensors carry calibration offsets and are recalibrated in steps of
     tenths of a degree. The return sensor reads 0.45 C high for an hour, then 0.3 C more (0.75 C:

@@ -537,6 +537,20 @@ def test_a_gpu_that_comes_to_the_count_after_the_start_is_read_and_capped_as_its
     assert (new.limit_mw, other.limit_mw) == (450_000, replay.powercap["default_mw"])
 
 
+def test_a_gpu_held_at_its_own_limit_and_reset_is_not_taken_for_one_whose_request_ended():
+    """A cap at the GPU's own limit holds it there, no lower: reset, it had been taken for a GPU whose request
+    ended while it was lost (a restore reported, the GPU forgotten while its request went on)."""
+    replay = NvmlReplay(H100, gpus=1, latency=False, settle_s=0.0, enforce_lag_s=0.0)
+    with replay.installed():
+        a = agent()
+        a.open()
+        a.scrape()
+        assert a.power.apply(0, 700.0).status == "ok"
+        replay.reset(0)
+        a.scrape()
+    assert a.recapped == [] and not a.power.owed(0)
+
+
 def test_what_was_not_supported_is_asked_again_later(caplog):
     """A GPU in MIG mode answers utilisation NOT_SUPPORTED; taken out of it, it answers again,
     which the agent had never asked again."""

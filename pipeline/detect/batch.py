@@ -85,6 +85,10 @@ class FacilityBatch:
     kind: np.ndarray    # model.PointKind of each row
     rack: np.ndarray    # rack index of each row (a site's own entry for site-level devices)
     devices: list[str]  # device name of each point slot
+    # The readings left out of the batch as their BMS marked them bad (engine._bad_quality): their points'
+    # slots and times. Heard, not read: a PDU feed so marked reports, and is no failed-over feed.
+    heard_slots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    heard_ts: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def per_rack(self, judge: Callable, out: Output, name: str, rows: np.ndarray, hit: np.ndarray,
                  score: np.ndarray, evidence: Callable[[int], dict]) -> None:

@@ -381,18 +381,24 @@ class Engine:
         if batch.num_rows == 0:
             return
         self.stats.facility_samples += batch.num_rows
-        value = numeric(batch, "value", self.stats)
+        now = float(ts.max())
+        heard_slots, heard_ts = np.zeros(0, np.int64), np.zeros(0)
         if (bad := self._bad_quality(batch)).any():
-            value = np.where(bad, np.nan, value)
-        self._run(Topic.FACILITY, FacilityBatch(slots=slots, ts=ts, now=float(ts.max()), value=value,
+            heard_slots, heard_ts = slots[bad], ts[bad]
+            batch, slots, ts = batch.filter(pa.array(~bad)), slots[~bad], ts[~bad]
+            if batch.num_rows == 0:
+                return
+        value = numeric(batch, "value", self.stats)
+        self._run(Topic.FACILITY, FacilityBatch(slots=slots, ts=ts, now=now, value=value,
                                                 kind=inv.point.kind[slots], rack=inv.point.rack[slots],
-                                                devices=inv.point_devices), out)
+                                                devices=inv.point_devices, heard_slots=heard_slots,
+                                                heard_ts=heard_ts), out)
 
     def _bad_quality(self, batch: pa.RecordBatch) -> np.ndarray:
-        """The readings their BMS marks bad or uncertain (a sensor fault, a lost link): heard, their values not
-        read (NaN: a faulted leak sensor's true had raised CoolantLeak). Heard, a PDU feed marked bad is no
-        failed-over feed (pipeline/feeds.py): its last good reading stays in its rack's sum. Null is good, as a
-        reading without a quality."""
+        """The readings their BMS marks bad or uncertain (a sensor fault, a lost link): left out of the batch
+        the families judge (a faulted leak sensor's true had raised CoolantLeak; read as no value, a lost link
+        had resolved a real leak), heard (FacilityBatch.heard_slots: a PDU feed marked bad is no failed-over
+        feed, pipeline/feeds.py). Null is good, as a reading without a quality."""
         bad = pc.fill_null(pc.not_equal(batch.column("quality"), 1), False).to_numpy(zero_copy_only=False)
         if bad.any():
             if not self.stats.bad_quality:

@@ -251,6 +251,8 @@ class Client:
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
         self._aborted = False
+        self._try: threading.Event | None = None  # the try in flight's deadline event, and its socket
+        self._sock: socket.socket | None = None
 
     def post(self, body: bytes, key: str, now: float) -> Outcome:
         headers = {"Content-Type": "application/json", "User-Agent": f"fleetwatch/{__version__}",
@@ -274,6 +276,8 @@ class Client:
         # alerts.timeout_s bounds the whole request: the socket's timeout bounds each read only, and a proxy
         # that trickles its answer a byte a second had held the receiver's queue for as long as it liked.
         cut = threading.Event()
+        with self._lock:
+            self._try, self._sock = cut, None  # (this try's: a late timer of the last try cuts nothing of it)
         deadline = threading.Timer(self.timeout_s, self._cut, args=(conn, cut))
         deadline.daemon = True
         deadline.start()
@@ -291,7 +295,9 @@ class Client:
         """(The deadline's thread) the request on `conn` is over time: its socket is shut, if it is still the
         one in use (a stale connection given up for a new one has nothing to cut)."""
         with self._lock:
-            sock = conn.sock if conn is self._conn else None
+            # (the socket the request went out on: an answer with `Connection: close` takes it from the
+            # connection, whose own is None by then)
+            sock = self._sock or conn.sock if conn is self._conn and cut is self._try else None
             if sock is None:
                 return
             cut.set()
@@ -304,6 +310,8 @@ class Client:
                   stale_retry: bool, cut: threading.Event) -> Outcome:
         try:
             conn.request("POST", self._target, body, headers)
+            with self._lock:
+                self._sock = conn.sock
             resp = conn.getresponse()
             text = resp.read(_RESPONSE_LIMIT)
             if not resp.isclosed():  # more than we read: this connection cannot be reused

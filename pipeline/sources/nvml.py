@@ -95,7 +95,7 @@ def _mem_clock(h) -> float:
 
 def _utilization(h) -> tuple[float, float]:
     u = pynvml.nvmlDeviceGetUtilizationRates(h)
-    return u.gpu / 100.0, u.memory / 100.0
+    return _value(u.gpu) / 100.0, _value(u.memory) / 100.0
 
 
 def _mem_used(h) -> float:
@@ -110,7 +110,7 @@ def _reasons(h) -> float:
 
 
 def _power_usage(h) -> float:
-    return pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0  # mW
+    return _value(pynvml.nvmlDeviceGetPowerUsage(h)) / 1000.0  # mW
 
 
 def _pstate(h) -> float:
@@ -118,7 +118,7 @@ def _pstate(h) -> float:
 
 
 def _power_limit(h) -> float:
-    return pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0  # mW
+    return _value(pynvml.nvmlDeviceGetEnforcedPowerLimit(h)) / 1000.0  # mW
 
 
 # Values without a field id: name -> (columns, call).
@@ -451,7 +451,9 @@ class NvmlAgent:
             known.add(g.uuid)
             self.generation += 1
             log.warning("GPU %d (%s, %s) opens now: read from this scrape on", index, g.uuid, g.name)
-        self.unopened = failing
+        # (a GPU lost but still in the count is the agent's, not unopened: as one, it had made every scrape
+        # read every index's UUID)
+        self.unopened = {i: why for i, why in failing.items() if not why.startswith("NVMLError_GpuIsLost")}
 
     def _cap_again(self, gpus: list[int]) -> None:
         """A reset puts a GPU's power limit back to its default: a cap held here is set again (the GPUs
@@ -697,6 +699,12 @@ def _text(value) -> str | None:
 # NVML's "no value" answers (an unsupported threshold, a counter it cannot read): UINT_MAX and ULLONG_MAX
 NO_VALUE = (2 ** 32 - 1, 2 ** 64 - 1)
 KNOWN_REASONS = sum(int(bit) for bit in ClockEventReason)  # every bit NVML documents
+
+
+def _value(raw) -> float:
+    """An NVML answer before it is scaled: its no-value sentinels are NaN (_sane, after the scaling, would
+    not know them)."""
+    return math.nan if raw in NO_VALUE else raw
 
 
 def _sane(column: str, value) -> float:

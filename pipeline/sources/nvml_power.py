@@ -82,6 +82,7 @@ class PowerLimiter:
         self._set_w: dict[int, float] = {}   # GPU index -> the limit it set and read back (an operator's change
                                              # since is told from it: _operators_change)
         self._bounds: dict[int, tuple[float, float, float]] = {}  # constraints and default, W: fixed per GPU
+        self._owed: set[int] = set()  # GPUs whose restore was asked while they were lost (set when they are back)
         self._ledger_failing = False
 
     @property
@@ -179,9 +180,11 @@ class PowerLimiter:
                              f"no GPU {gpu} on node {self.agent.node} (GPUs: "
                              f"{', '.join(str(x.index) for x in self.agent.gpus) or 'none'}): nothing set", False)
         if g.uuid in self.agent.lost:  # (a cap held on it stays held: the GPU may come back without a reset,
-            if cap_w is None:          # its cap still set, and the agent sets it again. A restore asked meanwhile
-                self._capped.pop(g.index, None)  # is owed: it is restored when it comes back, never capped again
+            if cap_w is None and g.index in self._own:  # its cap still set, and the agent sets it again. A
+                self._capped.pop(g.index, None)         # restore asked meanwhile is owed: it is restored when
+                self._owed.add(g.index)                 # it comes back, never capped again)
             return self._result(g, cap_w, "gpu_lost", _LOST.format(g=g))
+        self._owed.discard(g.index)
         try:
             low, high, default = self._constraints(g)
             if cap_w is not None and not (math.isfinite(cap_w) and low <= cap_w <= high):
@@ -217,8 +220,8 @@ class PowerLimiter:
         return _Pending(g, cap_w, target, own, low, high, default)
 
     def owed(self, gpu: int) -> bool:
-        """A GPU whose restore was asked while it was lost: its own limit is held for it, no cap."""
-        return gpu in self._own and gpu not in self._capped
+        """A GPU whose restore was asked while it was lost: its own limit is owed to it, no cap."""
+        return gpu in self._owed
 
     def reverted(self, gpu: int, limit_w: float) -> bool:
         """A GPU held to a cap whose enforced limit reads its own limit from before the cap again: reset (its

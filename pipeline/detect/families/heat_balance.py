@@ -121,22 +121,26 @@ class HeatBalance(Family):
         times, the sum of the latest reading of every PDU of the rack that still reports, how many PDUs that
         sum holds). Each PDU's latest reading (`self.pdu.<field>`) takes this batch's first. A PDU silent
         while another of its rack reads (its feed failed over: pipeline/feeds.py) is left out."""
-        # A reading without a value (NaN: none, or one its BMS marked bad) is heard: its feed reports, its last
-        # value stays in the sum (silent, it would have left it as a failed-over feed).
-        heard = np.flatnonzero((b.kind == kind) & (b.rack >= 0))
-        if heard.size == 0:
-            return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
+        # A reading without a value (NaN: none, or one its BMS marked bad: b.heard_slots) is heard: its feed
+        # reports, its last value stays in the sum (silent, it would have left it as a failed-over feed).
         inv = self.inventory
+        of_kind = np.flatnonzero((b.kind == kind) & (b.rack >= 0))
+        marked = np.flatnonzero(inv.point.kind[b.heard_slots] == kind) if b.heard_slots.size else of_kind[:0]
+        if of_kind.size == 0 and marked.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
         self.pdu.ensure(len(inv.point_devices))
         latest, at, every = (getattr(self.pdu, f"{field}{x}") for x in ("", "_t", "_dt"))
-        order = heard[np.argsort(b.ts[heard], kind="stable")]  # (a backlog: each PDU's newest reading last)
-        read, last = np.unique(b.slots[order][::-1], return_index=True)
-        t_new = b.ts[order][::-1][last]
+        heard_slots = np.concatenate([b.slots[of_kind], b.heard_slots[marked]])
+        heard_ts = np.concatenate([b.ts[of_kind], b.heard_ts[marked]])
+        order = np.argsort(heard_ts, kind="stable")  # (a backlog: each PDU's newest reading last)
+        read, last = np.unique(heard_slots[order][::-1], return_index=True)
+        t_new = heard_ts[order][::-1][last]
         every[read] = next_interval(every[read], t_new - at[read])
         at[read] = np.fmax(at[read], t_new)
-        rows = order[np.isfinite(b.value[order])]
+        rows = of_kind[np.isfinite(b.value[of_kind])]
         if rows.size == 0:
             return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
+        rows = rows[np.argsort(b.ts[rows], kind="stable")]
         latest[b.slots[rows]] = b.value[rows]
         racks, of_row = np.unique(b.rack[rows], return_inverse=True)
         t_row = np.full(racks.size, -np.inf)
