@@ -132,7 +132,8 @@ def test_empty_and_partial_archives(tmp_path: Path) -> None:
     # A period without samples says where the archive's are (a period of the wrong day had said nothing more)
     r = report(tmp_path / "archive", T0 + timedelta(days=1), T0 + timedelta(days=2))
     assert r.gpus == 0 and r.total == 0.0
-    held = f"it holds GPU samples from {T0:%Y-%m-%d %H:%M:%S} to {T0 + timedelta(seconds=9 * STEP_S):%Y-%m-%d %H:%M:%S} UTC"
+    last = T0 + timedelta(seconds=9 * STEP_S)
+    held = f"it holds GPU samples from {T0:%Y-%m-%d %H:%M:%S} to {last:%Y-%m-%d %H:%M:%S} UTC"
     assert held in text(r) and r.to_json()["archived"]["first"].startswith(f"{T0:%Y-%m-%dT%H:%M:%S}")
 
 

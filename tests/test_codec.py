@@ -182,7 +182,8 @@ def test_a_closed_schema_takes_no_extra_column():
     (lambda f: f.with_nullable(True) if f.name == "ts" else f, "field 'ts' is nullable, expected not nullable"),
     (lambda f: f.with_type(pa.timestamp("us", tz="UTC")) if f.name == "ts" else f,
      "field 'ts' is timestamp[us, tz=UTC], expected timestamp[ns, tz=UTC]"),
-    (lambda f: f.with_type(pa.large_string()) if f.name == "node" else f, "field 'node' is large_string, expected string"),
+    (lambda f: f.with_type(pa.large_string()) if f.name == "node" else f,
+     "field 'node' is large_string, expected string"),
 ])
 def test_a_payload_schema_that_differs_says_how_to_the_producer_s_owner(change, said):
     """Every difference had read the same ("payload schema differs"): its producer could not tell what to fix."""

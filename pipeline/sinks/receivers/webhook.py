@@ -85,7 +85,8 @@ class WebhookKind(ReceiverKind):
         with self._lost_lock:
             groups = self._lost.setdefault(receiver, {})
             for p in payloads:
-                if not (isinstance(p, dict) and isinstance(p.get("groupKey"), str) and isinstance(p.get("alerts"), list)):
+                if not (isinstance(p, dict) and isinstance(p.get("groupKey"), str)
+                        and isinstance(p.get("alerts"), list)):
                     continue
                 labels, alerts = groups.setdefault(p["groupKey"], (dict(p.get("groupLabels") or {}), {}))
                 alerts.update((a.get("fingerprint") or fingerprint(a["labels"]), a) for a in p["alerts"]
