@@ -712,7 +712,7 @@ def _sane(column: str, value) -> float:
     unknown) are no value (NaN), not readings (a 4294967295 C threshold had been served); the clocks-event
     reasons keep their known bits (an unknown one past 2**53, in float64, had cost the others and ended the
     agent)."""
-    if column == "clock_event_reasons":
+    if column == "clock_event_reasons" and math.isfinite(value):
         return float(int(value) & KNOWN_REASONS)
     if value in NO_VALUE or value < 0 or (column == "pstate" and value > 15):
         return math.nan
