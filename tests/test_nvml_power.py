@@ -259,6 +259,18 @@ def test_an_agent_without_permission_is_told_to_run_as_root():
     assert other.status == "ok" and a.power.capped == {OTHER: 500.0}  # only that GPU refuses
 
 
+def test_a_refused_cap_renewed_again_and_again_is_said_once_until_its_answer_changes(caplog):
+    """The power role renews a cap every third of its lease: an unprivileged agent had warned not_permitted for
+    each GPU every 20 s. Said once, and again when the answer changes."""
+    replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
+    with replay.installed(), caplog.at_level("WARNING", logger="pipeline.sources.nvml_power"):
+        a = opened(replay)
+        replay.deny_caps(CAPPED)
+        statuses = [a.power.apply(CAPPED, 500).status for _ in range(6)]
+    refused = [r for r in caplog.records if "not_permitted" in r.getMessage()]
+    assert statuses == ["not_permitted"] * 6 and len(refused) == 1
+
+
 def test_a_lost_gpu_is_not_capped():
     replay = NvmlReplay(H100, gpus=8, latency=False, settle_s=0)
     with replay.installed():

@@ -83,6 +83,7 @@ class PowerLimiter:
                                              # since is told from it: _operators_change)
         self._bounds: dict[int, tuple[float, float, float]] = {}  # constraints and default, W: fixed per GPU
         self._owed: set[int] = set()  # GPUs whose restore was asked while they were lost (set when they are back)
+        self._said: dict[int, tuple[str, float | None]] = {}  # each GPU's last answer logged: (status, cap asked)
         self._ledger_failing = False
 
     @property
@@ -302,8 +303,12 @@ class PowerLimiter:
 
     def _result(self, g: Gpu, cap_w: float | None, status: str, detail: str,
                 enforced_w: float | None = None) -> CapResult:
-        (log.info if status in ("ok", "restored") else log.warning)("GPU %d (%s): power limit: %s: %s",
-                                                                    g.index, g.uuid, status, detail)
+        fine = status in ("ok", "restored")
+        # A refusal is said once until its GPU's answer changes: renewed every third of its lease, an
+        # unprivileged agent's not_permitted had been a warning per GPU every 20 s
+        said, self._said[g.index] = self._said.get(g.index), (status, cap_w)
+        level = logging.INFO if fine else logging.DEBUG if said == (status, cap_w) else logging.WARNING
+        log.log(level, "GPU %d (%s): power limit: %s: %s", g.index, g.uuid, status, detail)
         return CapResult(g.index, g.uuid, cap_w, enforced_w, status, detail, g.index in self._own)
 
     def _forget(self, g: Gpu) -> None:
