@@ -931,3 +931,27 @@ def test_the_agent_role_registers_its_exposition_for_metrics(tmp_path):
                   MemoryBus(), asyncio.Event(), Console())
     src = builder(ROLE_SPECS["dcgm"])(ctx, ROLE_SPECS["dcgm"])
     assert [type(c).__name__ for c in ctx.collectors] == ["DcgmMetrics"] and len(src.states) == 1
+
+
+def test_the_agent_s_exposition_serves_no_reading_older_than_its_bound():
+    """When no GPU answers at all no scrape replaces the exposition: the last readings had been served for ever
+    (34 C, 698 W of a node whose driver hung). A GPU read longer ago than the bound is served no more."""
+    from pipeline.sources.dcgm_exposition import GpuExposition
+    from pipeline.sources.nvml import NvmlAgent
+    from pipeline.sources.nvml_replay import NvmlReplay
+    from tests.conftest import H100
+    replay = NvmlReplay(H100, gpus=2, latency=False)
+    with replay.installed():
+        a = NvmlAgent(make_config().agent, "node-1")
+        a.open()
+        batch = a.scrape().samples
+    read_at = batch.column("ts").cast(pa.int64()).to_numpy().max() / 1e9
+    now = [read_at + 30.0]
+    exposition = GpuExposition(stale_after_s=60.0, clock=lambda: now[0])
+    exposition.update(batch)
+
+    def temperatures() -> int:
+        return sum(len(f.samples) for f in exposition.collect() if f.name == "DCGM_FI_DEV_GPU_TEMP")
+    served = temperatures()
+    now[0] = read_at + 61.0
+    assert (served, temperatures()) == (2, 0)

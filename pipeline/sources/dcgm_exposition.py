@@ -30,6 +30,7 @@ rate() and increase() work on either type. Fleetwatch's own extras:
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -61,7 +62,10 @@ def exposition_value(x: float) -> float:
 
 
 class GpuExposition:
-    def __init__(self) -> None:
+    def __init__(self, stale_after_s: float = 60.0, clock=time.time) -> None:
+        # A GPU read longer ago than this is served no more: when no GPU answers at all no scrape replaces the
+        # snapshot, and the last readings had been served for ever (a lost GPU goes at once: forget())
+        self.stale_after_s, self.clock = stale_after_s, clock
         # (labels, values, ts, info, uuids, jobs), swapped whole: collect() may run on another thread
         # (no GPUs read yet: every family empty; /metrics is scraped from the daemon's start)
         self._snapshot: tuple = ([], {name: np.empty(0) for name in (*(f.name for f in _SERVED), FB_FREE)}, [], [], [],
@@ -104,6 +108,11 @@ class GpuExposition:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
         labels, values, ts, info, uuids, jobs = self._snapshot
+        if ts and min(ts) < self.clock() - self.stale_after_s:
+            keep = [i for i, t in enumerate(ts) if t >= self.clock() - self.stale_after_s]
+            labels, values, ts, info, uuids, jobs = ([labels[i] for i in keep], {k: v[keep] for k, v in values.items()},
+                                                     [ts[i] for i in keep], [info[i] for i in keep],
+                                                     [uuids[i] for i in keep], [jobs[i] for i in keep])
         # Each GPU's series: one per job when any GPU here has one (dcgm-exporter's hpc_job), else one.
         mapped = any(jobs)
         names = (*LABELS, "hpc_job") if mapped else LABELS

@@ -758,7 +758,8 @@ class NvmlSource:
         self.caps = caps  # the power role's caps for this node (bus.listen), or None
         self.lease_clock = lease_clock  # the caps' leases run on it: monotonic, an NTP step moves no lease
         self.gpu_samples = 0
-        self.exposition = GpuExposition()
+        # (served while read within 10 of its intervals, and a minute at least)
+        self.exposition = GpuExposition(stale_after_s=max(60.0, 10 * agent.cfg.interval_s))
         self.exposition_failed = False
 
     async def run(self, emit, stop: asyncio.Event) -> None:
