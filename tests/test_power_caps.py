@@ -422,3 +422,27 @@ def test_a_lease_that_is_not_seconds_within_bounds_never_holds_a_cap_for_ever(mo
                        (uuid[1], None, "restored", "lease"), (uuid[2], None, "restored", "lease")]
     assert limits == [700_000] * 4
     assert len([r for r in caplog.records if "lease_s" in r.getMessage()]) == 1
+
+
+def test_a_restore_a_lost_gpu_refuses_is_tried_every_retry_and_said_once(caplog):
+    """A capped GPU falls off the bus and stays lost (an RMA); its request ends. Its restore is tried again
+    every RETRY_S, as before; it had been warned as 'not renewed within their lease' at each try."""
+    replay = NvmlReplay(H100, gpus=2, latency=False, settle_s=0)
+    uuid = [g.uuid for g in replay.gpus]
+    actions: list[dict] = []
+
+    async def main():
+        bus, stop, task = await running_agent(replay, actions)
+        await bus.publish(Message(Topic.POWER_CAPS, caps([("node-1", uuid[0], 500.0, 0.3)])))
+        await until(lambda: len(actions) >= 1, task)
+        replay.lose(0)
+        await until(lambda: sum(a["cause"] == "lease" for a in actions) >= 3, task)  # its lease, two retries
+        stop.set()
+        await task
+    with replay.installed(), caplog.at_level("WARNING"), \
+            pytest.MonkeyPatch.context() as patch:
+        patch.setattr("pipeline.sources.power_caps.RETRY_S", 0.3)
+        asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("not renewed within their lease" in m for m in said) == 1
+    assert sum("power limit: gpu_lost" in m for m in said) == 1

@@ -75,6 +75,7 @@ class CapHolder:
     actions: int = 0
     failures: int = 0
     bad_leases: int = 0  # rows whose lease_s was not a number of seconds within 0-MAX_LEASE_S
+    retrying: set[str] = field(default_factory=set)  # GPUs whose restore failed: tried again every RETRY_S
 
     def take(self, caps: pa.RecordBatch, now: float) -> tuple[list[str], list[float | None]]:
         """The commands that change a GPU's limit (the last row of each GPU wins); every
@@ -115,6 +116,7 @@ class CapHolder:
             u, held = r.gpu_uuid, r.held
             if held is None:  # as the status says: a failure changes nothing
                 held = r.status == "ok" or (r.status not in ("restored", "gpu_lost") and u in self.held)
+            self.retrying.discard(u)
             if not held:
                 self.held.pop(u, None)
                 self.until.pop(u, None)
@@ -124,6 +126,7 @@ class CapHolder:
                 self.held.setdefault(u, r.requested_w)
             elif now is not None:  # a restore that failed: tried again through the lease's path
                 self.until[u] = now + RETRY_S
+                self.retrying.add(u)
             if r.status not in ("ok", "restored"):
                 self.failures += 1
         self.actions += len(results)
@@ -183,8 +186,9 @@ async def follow_caps(sub, applier: CapApplier, emit: Callable[[Topic, pa.Record
                 if rows.num_rows:
                     await act(*holder.take(rows, lease_clock()), "cap")
             if lapsed := holder.expired(lease_clock()):
-                log.warning("power caps of %d GPUs not renewed within their lease (the power role is gone or cut "
-                            "off): back to their own limits", len(lapsed))
+                if new := [u for u in lapsed if u not in holder.retrying]:  # (a retry was said when it lapsed)
+                    log.warning("power caps of %d GPUs not renewed within their lease (the power role is gone or "
+                                "cut off): back to their own limits", len(new))
                 await act(lapsed, [None] * len(lapsed), "lease")
     finally:
         await act(list(holder.held), [None] * len(holder.held), "stop")
