@@ -176,6 +176,13 @@ FACILITY_SAMPLE_V1 = _schema("facility_sample", 1, _FACILITY_FIELDS,
                              "one row per facility point reading (long format); read, and upgraded to v2")
 
 
+def bad_quality(batch: pa.RecordBatch) -> pa.BooleanArray:
+    """The facility readings their BMS marks bad or uncertain (`quality` not 1; null, as a reading without a
+    quality, is good): archived, neither detected on nor measured by the power loop."""
+    import pyarrow.compute as pc
+    return pc.fill_null(pc.not_equal(batch.column("quality"), 1), False)
+
+
 def legacy_device_class(device: pa.Array, rack: pa.Array) -> pa.Array:
     """The class of a device that came without one (data of version 1), read off its id as
     those versions' readers did: pdu-* a rack's PDU, cdu-* a CDU, meter-* or any site-level

@@ -50,7 +50,7 @@ from pipeline.detect.inventory import Inventory
 from pipeline.detect.state import SlotArrays
 from pipeline.detect.watermark import SeriesClocks, Watermarks
 from pipeline.faults import MAINTENANCE_EVENTS
-from pipeline.model import COLLECTOR_STARTED, COLLECTOR_STOPPING, GPU_METRICS, GPU_SETTINGS, Alert
+from pipeline.model import COLLECTOR_STARTED, COLLECTOR_STOPPING, GPU_METRICS, GPU_SETTINGS, Alert, bad_quality
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Family)
@@ -399,7 +399,7 @@ class Engine:
         the families judge (a faulted leak sensor's true had raised CoolantLeak; read as no value, a lost link
         had resolved a real leak), heard (FacilityBatch.heard_slots: a PDU feed marked bad is no failed-over
         feed, pipeline/feeds.py). Null is good, as a reading without a quality."""
-        bad = pc.fill_null(pc.not_equal(batch.column("quality"), 1), False).to_numpy(zero_copy_only=False)
+        bad = bad_quality(batch).to_numpy(zero_copy_only=False)
         if bad.any():
             if not self.stats.bad_quality:
                 log.warning("detect: facility readings of bad quality (quality not 1) are archived, not detected "

@@ -52,7 +52,7 @@ from pipeline.config import PowerConfig
 from pipeline.counters import MEAN_AFTER_S, Counter, counter_step_j, interval_mean_w
 from pipeline.detect.catalog import DETECTOR_ALERTS
 from pipeline.feeds import next_interval, silence_allowed_s
-from pipeline.model import HW_SLOWDOWN_ANY, SW_POWER_CAP
+from pipeline.model import HW_SLOWDOWN_ANY, SW_POWER_CAP, bad_quality
 from pipeline.detect.state import KeyIndex
 from pipeline.power.actuator import Actuator
 from pipeline.power.classes import FlexClasses, scheduler_entry
@@ -645,7 +645,7 @@ class Controller:
         # Only what the BMS vouches for (quality 1, or none given), as detect reads it: a meter whose link is
         # lost may send its last value again, marked bad. A PDU's reading marked bad is heard without its value
         # (its feed reports: no failed-over feed, whose going had read as load the caps shed).
-        bad = pc.fill_null(pc.not_equal(batch.column("quality"), 1), False)
+        bad = bad_quality(batch)
         if pc.any(bad).as_py():
             batch = batch.set_column(batch.schema.get_field_index("value"), "value",
                                      pc.if_else(bad, pa.scalar(None, pa.float64()), batch.column("value")))
