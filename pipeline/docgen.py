@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import DetectConfig, reference
-from pipeline.detect.catalog import ALERTS, INHIBIT_EQUAL, AlertSpec
+from pipeline.detect.catalog import ALERTS, INHIBIT_EQUAL, RULE_ALERTS, AlertSpec
 
 BEGIN = "<!-- BEGIN generated: {name} (scripts/update-docs) -->"
 END = "<!-- END generated: {name} -->"
@@ -78,10 +78,9 @@ def runbook_index() -> str:
 
 def prometheus_table() -> str:
     rows = ["| alert | severity | fires when | rule |", "| --- | --- | --- | --- |"]
-    for a in ALERTS:
-        if a.family == "prometheus":
-            pending = f" for {a.pending_for}" if a.pending_for != "0s" else ""
-            rows.append(f"| `{a.name}` | {a.severity} | {_cell(a.meaning)} | `{_cell(a.promql)}`{pending} |")
+    for a in RULE_ALERTS:
+        pending = f" for {a.pending_for}" if a.pending_for != "0s" else ""
+        rows.append(f"| `{a.name}` | {a.severity} | {_cell(a.meaning)} | `{_cell(a.promql)}`{pending} |")
     return "\n".join(rows)
 
 
@@ -128,9 +127,7 @@ def prometheus_rules(indent: int = 0) -> str:
     """The catalog's Prometheus alerts as one rule group, each with the annotations Fleetwatch's own alerts
     carry (summary, description, runbook_url, remediation)."""
     lines = ["groups:", "  - name: fleetwatch", "    rules:"]
-    for a in ALERTS:
-        if a.family != "prometheus":
-            continue
+    for a in RULE_ALERTS:
         lines += [f"      - alert: {a.name}", f"        expr: {json.dumps(a.promql)}"]
         if a.pending_for != "0s":
             lines.append(f"        for: {a.pending_for}")

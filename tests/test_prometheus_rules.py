@@ -10,12 +10,12 @@ import subprocess
 import pytest
 import yaml
 
-from pipeline.detect.catalog import ALERTS, ALERTS_BY_NAME
+from pipeline.detect.catalog import ALERTS_BY_NAME, RULE_ALERTS
 from tests.conftest import REPO
 from tests.test_deploy import tool
 
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"
-PROMETHEUS_ALERTS = [a.name for a in ALERTS if a.family == "prometheus"]
+PROMETHEUS_ALERTS = [a.name for a in RULE_ALERTS]
 
 AGENT = {"job": "fleetwatch-agent", "instance": "gpu-017:9400"}
 NOTIFY = {"job": "fleetwatch-notify", "instance": "notify:9410"}

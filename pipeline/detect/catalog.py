@@ -533,6 +533,8 @@ ALERTS_BY_NAME: dict[str, AlertSpec] = {a.name: a for a in ALERTS}
 # The engine tracks each on its `entity` (a site-scoped alert on the site's rack "" entry).
 NOT_DETECTORS = ("archive", "ops", "control", "remediate", "prometheus")  # families outside the detect engine
 DETECTOR_ALERTS: tuple[AlertSpec, ...] = tuple(a for a in ALERTS if a.family not in NOT_DETECTORS)
+# The alerts Prometheus raises by the rules generated from them (deploy/prometheus/rules.yml).
+RULE_ALERTS: tuple[AlertSpec, ...] = tuple(a for a in ALERTS if a.family == "prometheus")
 
 
 def explained_by(target: str, scope: str) -> tuple[str, ...]:

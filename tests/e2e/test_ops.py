@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.detect.catalog import ALERTS
+from pipeline.detect.catalog import RULE_ALERTS
 from tests.conftest import REPO
 from tests.helpers import FAST, http_get, start, wait_for
 from tests.services import KafkaBroker, Mosquitto, Prometheus, free_port
@@ -200,7 +200,7 @@ def test_prometheus_scrapes_a_daemon_over_kafka_and_every_dashboard_panel_return
             time.sleep(2)
         # The shipped rules about Fleetwatch evaluate on its real /metrics, and none fires on a healthy daemon
         rules = [r for g in prom.api("rules", type="alert")["groups"] for r in g["rules"]]
-        assert {r["name"] for r in rules} == {a.name for a in ALERTS if a.family == "prometheus"}
+        assert {r["name"] for r in rules} == {a.name for a in RULE_ALERTS}
         assert [(r["name"], r["health"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
         assert [r["name"] for r in rules if r["state"] == "firing"] == []
         # Kafka away: not ready (and saying why), still alive; back: ready again.
