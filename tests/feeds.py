@@ -18,3 +18,9 @@ def a_and_b_feeds(batch: pa.RecordBatch, share_a: float = 0.45) -> pa.RecordBatc
                                 pc.binary_join_element_wise(pdus.column(device), pa.scalar(suffix), ""))
         return named.set_column(value, named.schema.field(value), pc.multiply(named.column(value), share))
     return pa.concat_batches([rest, feed("-a", share_a), feed("-b", 1.0 - share_a)])
+
+
+def marked_bad(batch: pa.RecordBatch, rows: pa.BooleanArray) -> pa.RecordBatch:
+    """The batch with `rows` marked bad by their BMS (`quality` 0: a lost link, a faulted sensor)."""
+    q = batch.schema.get_field_index("quality")
+    return batch.set_column(q, batch.schema.field(q), pc.if_else(rows, pa.scalar(0, pa.int8()), batch.column(q)))

@@ -23,7 +23,7 @@ from pipeline.power.curve import from_recording
 from pipeline.sinks.routing import Router
 from pipeline.sources.simulate import FleetSimulator
 from tests.conftest import make_config
-from tests.feeds import a_and_b_feeds
+from tests.feeds import a_and_b_feeds, marked_bad
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -739,10 +739,7 @@ def test_a_feed_its_bms_marks_bad_is_heard_not_failed_over():
         batch = _a_and_b_feeds(topic, batch)
         if topic != Topic.FACILITY or batch.column("ts")[0].value / 1e9 - start < 300:
             return batch
-        q = batch.schema.get_field_index("quality")
-        a = pc.starts_with(batch.column("device"), "pdu-r02-a")
-        return batch.set_column(q, batch.schema.field(q), pc.if_else(a, pa.scalar(0, pa.int8()),
-                                                                     batch.column("quality")))
+        return marked_bad(batch, pc.starts_with(batch.column("device"), "pdu-r02-a"))
     h = Harness(seed=19)
     h.sim.group_busy[:] = True
     h.sim.group_intensity[:] = 1.0

@@ -407,10 +407,15 @@ def test_a_lost_gpu_that_answers_again_is_read_again_under_its_new_handle():
     assert back.samples.num_rows == 4 and not back.events and a.lost == set()
 
 
-def test_a_reset_gpu_gets_its_cap_again():
+@pytest.mark.parametrize("energy", [None, pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_NO_PERMISSION])
+def test_a_reset_gpu_gets_its_cap_again(energy):
     """A reset puts a GPU's power limit back to its default: the agent's cap had silently gone,
-    while the agent and the power role held it as set."""
+    while the agent and the power role held it as set. A reset is seen by the energy counter going
+    back; a GPU without a readable one (an older, a consumer or a virtual GPU) had run uncapped while
+    its cap was reported held: its limit read back at its own limit from before the cap is the reset."""
     replay = NvmlReplay(H100, gpus=2, latency=False, settle_s=0.0, enforce_lag_s=0.0)
+    if energy is not None:
+        replay.field_errors[pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION] = energy
     with replay.installed():
         a = agent()
         a.open()
@@ -421,27 +426,8 @@ def test_a_reset_gpu_gets_its_cap_again():
         assert pynvml.nvmlDeviceGetEnforcedPowerLimit(a.gpus[0].handle) == replay.powercap["default_mw"]
         s = a.scrape()
         enforced = pynvml.nvmlDeviceGetEnforcedPowerLimit(a.gpus[0].handle)
-    assert [e["kind"] for e in s.events] == ["gpu_reset"]
-    assert enforced == 500_000 and a.power.capped == {0: 500.0}
-
-
-@pytest.mark.parametrize("energy", [pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_NO_PERMISSION])
-def test_a_reset_gpu_without_an_energy_counter_gets_its_cap_again(energy):
-    """A reset is seen by the energy counter going back: a GPU without a readable one (an older, a consumer or a
-    virtual GPU) had run uncapped while its cap was reported held. Its limit read back at its own limit from
-    before the cap is the reset."""
-    replay = NvmlReplay(H100, gpus=2, latency=False, settle_s=0.0, enforce_lag_s=0.0)
-    replay.field_errors[pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION] = energy
-    with replay.installed():
-        a = agent()
-        a.open()
-        a.scrape()
-        assert a.power.apply(0, 500.0).status == "ok"
-        a.scrape()
-        replay.reset(0)
-        a.scrape()
-        enforced = pynvml.nvmlDeviceGetEnforcedPowerLimit(a.gpus[0].handle)
         untouched = pynvml.nvmlDeviceGetEnforcedPowerLimit(a.gpus[1].handle)  # (never capped: nothing set)
+    assert [e["kind"] for e in s.events] == (["gpu_reset"] if energy is None else [])
     assert enforced == 500_000 and a.power.capped == {0: 500.0}
     assert [(r.gpu, r.status) for r in a.recapped] == [(0, "ok")] and untouched == replay.powercap["default_mw"]
 

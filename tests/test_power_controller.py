@@ -18,7 +18,7 @@ from pipeline.power.controller import STUCK_READINGS, Controller, GpuTable, Outc
 from pipeline.power.curve import from_recording
 from pipeline.power.request import PowerRequest
 from pipeline.sources.simulate import FleetSimulator
-from tests.feeds import a_and_b_feeds
+from tests.feeds import a_and_b_feeds, marked_bad
 
 CURVE = from_recording()
 INTERVAL = 5
@@ -112,10 +112,7 @@ def test_a_meter_reading_its_bms_marks_bad_is_no_reading():
         tick = sim.step()
         facility = tick.facility
         if 450 <= i < 540:
-            meter = pc.equal(facility.column("device_class"), "meter")
-            quality = pc.if_else(meter, pa.scalar(0, facility.schema.field("quality").type),
-                                 facility.column("quality"))
-            facility = facility.set_column(facility.schema.get_field_index("quality"), "quality", quality)
+            facility = marked_bad(facility, pc.equal(facility.column("device_class"), "meter"))
         ctl.observe_gpus(tick.gpu)
         ctl.observe_facility(facility)
         if i % INTERVAL == 0:
@@ -134,9 +131,7 @@ def test_a_pdu_feed_its_bms_marks_bad_is_heard_not_failed_over():
         f = a_and_b_feeds(tick.facility, 0.5)
         if i < 520:
             return tick.gpu, f
-        q = f.schema.get_field_index("quality")
-        a = pc.equal(f.column("device"), "pdu-r01-a")
-        return tick.gpu, f.set_column(q, f.schema.field(q), pc.if_else(a, pa.scalar(0, pa.int8()), f.column("quality")))
+        return tick.gpu, marked_bad(f, pc.equal(f.column("device"), "pdu-r01-a"))
     truth = drive(sim, ctl, 760, feeds, truth_in=range(550, 700))
     assert out.met and np.mean(truth) == pytest.approx(out.requested_kw, rel=0.15)
 
