@@ -70,7 +70,7 @@ def test_unsupported_fields_are_asked_once_and_nvml_stays_off_the_event_loop():
     assert all(replay.field_requests[f] == 8 * scrapes for f in FIELDS if f != nvlink)
     assert all(g.unsupported == [f"field {nvlink} (nvlink_crc_errors_total)"] for g in a.gpus)
     assert threading.main_thread().name not in replay.threads  # every NVML call ran in a worker thread
-    assert replay.threads == {"nvml-scrape_0", "nvml-events"}
+    assert replay.threads == {"nvml-scrape", "nvml-events"}
     lag_p99 = float(np.percentile(lags, 99)) * 1000
     print(f"8 replayed GPUs, {scrapes} scrapes: event loop lag p99 {lag_p99:.1f} ms over {len(lags)} probes")
     assert sum(b.num_rows for b in samples) == 8 * scrapes
@@ -593,3 +593,53 @@ def test_a_gpu_unopened_at_start_is_found_when_the_indices_move():
         clock[0] += 61.0
         a.scrape()
     assert sorted(g.uuid[-2:] for g in a.gpus) == ["01", "02", "03", "04"] and a.unopened == {}
+
+
+def test_an_nvml_call_that_hangs_is_named_and_ends_the_agent_leaving_its_caps_to_the_ledger(tmp_path, caplog):
+    """A GPU falling off the bus can hang an NVML call in the driver. The agent had waited on it for
+    ever (its supervisor killed it on /healthz with nothing said), and a stop then waited on it too (the
+    caps' restore queued behind it). Now the call is named (which GPU, what) and the agent ends with
+    NvmlHung (status 75: started again); close() does not wait on the call, and says that the caps it
+    holds stay until the next agent restores them from the ledger, which still names them."""
+    from pipeline.sources.nvml import NvmlHung
+    replay = NvmlReplay(H100, gpus=2, latency=False, settle_s=0.0, enforce_lag_s=0.0)
+    entered, release = threading.Event(), threading.Event()
+    with replay.installed():
+        a = NvmlAgent(make_config(agent={"interval_s": 0.05}).agent, "node-1", tmp_path)
+        clock = [1000.0]
+        a.clock = lambda: clock[0]
+        answering = pynvml.nvmlDeviceGetTemperature
+
+        async def scenario():
+            published = asyncio.Event()
+
+            async def publish_samples(batch):
+                published.set()
+
+            async def publish_events(batch):
+                pass
+            run = asyncio.create_task(a.run(publish_samples, publish_events, asyncio.Event()))
+            await published.wait()
+            assert (await a.on_nvml_thread(a.power.apply, 0, 500.0)).status == "ok"
+
+            def hangs_on_gpu_1(handle, sensor):
+                if handle is a.gpus[1].handle:
+                    entered.set()
+                    release.wait()
+                return answering(handle, sensor)
+            pynvml.nvmlDeviceGetTemperature = hangs_on_gpu_1
+            await asyncio.to_thread(entered.wait)
+            clock[0] += 31.0  # (the call has not answered for 31 s)
+            with pytest.raises(NvmlHung) as hung:
+                await asyncio.wait_for(run, 60)  # (a guard: it ends at the next look, a second away)
+            return str(hung.value)
+        try:
+            said = asyncio.run(scenario())
+            ledger = json.loads((tmp_path / "power-limits.json").read_text())
+        finally:
+            release.set()
+    assert f"NVML has not answered for 31 s (reading GPU 1 ({a.gpus[1].uuid}))" in said
+    assert "status 75" in said and "dmesg" in said
+    assert list(ledger["own_w"]) == [a.gpus[0].uuid]  # the next agent restores GPU 0 from it
+    stays = [r.getMessage() for r in caplog.records if "not restored at shutdown" in r.getMessage()]
+    assert len(stays) == 1 and "GPUs [0]" in stays[0] and "power-limits.json" in stays[0]

@@ -340,7 +340,7 @@ def test_through_the_running_agent_caps_run_on_its_nvml_thread_and_close_restore
     assert trace_row(replay, CAPPED)["power_mw"] > 520_000  # the load was above the cap throughout
     assert replay.gpus[CAPPED].limit_mw == 700_000 and a.power.capped == {}  # restored when the agent stopped
     assert threading.main_thread().name not in replay.threads
-    assert replay.threads == {"nvml-scrape_0", "nvml-events"}
+    assert replay.threads == {"nvml-scrape", "nvml-events"}
 
 
 def test_an_unsupported_power_limit_is_null_and_asked_once():

@@ -34,6 +34,12 @@
   (`NvmlUnavailable`, exit status 2); the driver not loaded yet is a moment (a boot that starts
   the agent before the driver, a driver upgrade: `NvmlDriverNotLoaded`, exit status 75, which a
   supervisor restarts: with 2, systemd's RestartPreventExitStatus had left the agent dead).
+- A call that hangs in the driver (a GPU falling off the bus, a driver in recovery): NVML answers
+  in milliseconds, and one that has not answered in HANG_S is hung. The agent says which call
+  (`NvmlHung`: the GPU and what it asked) and ends with status 75 to be started again, where
+  its supervisor would have killed it on /healthz with nothing said. Its NVML thread is a daemon
+  (`_NvmlThread`): close() and the process's exit do not wait on the hung call, and the caps it
+  held are said to stay until the next agent restores them from its ledger.
 
 Tests run this same code against a recording of a real H100 (sources/nvml_replay.py).
 """
@@ -46,7 +52,8 @@ import math
 import threading
 import time
 from datetime import datetime, timezone
-from concurrent.futures import ThreadPoolExecutor
+import queue
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, TypeVar
@@ -148,6 +155,8 @@ _NO_DRIVER = {pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: "the NVML library (libnvidia-
 REDISCOVER_S = 60.0          # a lost GPU, or one NVML could not open at start, is looked for again this often
 RETRY_UNSUPPORTED_S = 600.0  # what answered NOT_SUPPORTED is asked again this often (MIG mode can change)
 EVENTS_BACKOFF_MAX_S = 30.0  # the event thread after an NVML error: waits doubling up to this
+HANG_S = 30.0                # an NVML call that has not answered in this long hangs in the driver
+HANG_POLL_S = 1.0            # how often the agent looks for one
 
 
 class NvmlUnavailable(ConfigError):
@@ -156,6 +165,44 @@ class NvmlUnavailable(ConfigError):
 
 class NvmlDriverNotLoaded(Unavailable):
     """The NVIDIA driver is not loaded now (module doc): exit status 75, tried again."""
+
+
+class NvmlHung(Unavailable):
+    """An NVML call hangs in the driver (module doc): exit status 75, started again."""
+
+
+class _NvmlThread(Executor):
+    """The one thread every NVML call of the agent runs on, one call at a time. A daemon, unlike
+    ThreadPoolExecutor's, whose threads the interpreter joins at exit: a call hung in the driver
+    would have held the stopping process until its supervisor killed it."""
+
+    def __init__(self, name: str) -> None:
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        if self._closed:
+            raise RuntimeError("the NVML thread is shut down")
+        future: Future = Future()
+        self._work.put((future, fn, args, kwargs))
+        return future
+
+    def _serve(self) -> None:
+        while (work := self._work.get()) is not None:
+            future, fn, args, kwargs = work
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # the caller's to see, as ThreadPoolExecutor would
+                    future.set_exception(e)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True
+        self._work.put(None)
+        if wait:
+            self._thread.join()
 
 
 @dataclass
@@ -200,7 +247,9 @@ class NvmlAgent:
         self._recap: set[int] = set()  # GPUs back from a reset or a loss: a cap held on them is set again
         self.scrapes = 0
         self.driver_version: str | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml-scrape")
+        self._pool = _NvmlThread("nvml-scrape")
+        self._doing: tuple[str, float] | None = None  # the NVML thread's call in flight, and since when (clock)
+        self.hung_in = ""  # the call found hung (NvmlHung): close() waits on nothing
         self._events_stop = threading.Event()
         self.power = PowerLimiter(self, state_dir / "power-limits.json" if state_dir else None)  # blocking:
         # through on_nvml_thread from async code
@@ -269,14 +318,24 @@ class NvmlAgent:
         self._events_stop.set()
         restored = []
         try:  # a cap never outlives the agent: restored on the NVML thread, after any scrape in flight
-            future = self._pool.submit(self.power.restore_all)
+            future = None if self.hung_in else self._pool.submit(self.power.restore_all)
         except RuntimeError:  # closed before: nothing runs on the pool any more
             future = None
         try:
-            restored = future.result() if future is not None else []
+            restored = future.result(timeout=HANG_S) if future is not None else []
+        except TimeoutError:
+            self.hung_in = self.hung_in or (self._doing or ("a call",))[0]
         except Exception:  # still shut NVML down; say which GPUs may stay capped
             log.exception("restoring power caps at shutdown failed: GPUs %s may stay capped (`nvidia-smi -q -d "
                           "POWER`)", sorted(self.power.capped))
+        if self.hung_in:  # nothing more can run on the NVML thread, nor shut NVML down
+            if self.power.capped:
+                log.error("power caps on GPUs %s not restored at shutdown: NVML hangs (%s); the next agent restores "
+                          "them %s once NVML answers (`nvidia-smi -q -d POWER`)", sorted(self.power.capped),
+                          self.hung_in, f"from its ledger {self.power.ledger}" if self.power.ledger else
+                          "only if told: no ledger is kept (set them back with `nvidia-smi -pl`)")
+            self._pool.shutdown(wait=False)
+            return
         for r in restored:
             if r.status != "restored":
                 log.error("GPU %d (%s): power cap not restored at shutdown: %s", r.gpu, r.gpu_uuid, r.detail)
@@ -308,6 +367,7 @@ class NvmlAgent:
             if g.uuid in self.lost:
                 continue
             ts[i] = _now_ns()
+            self._doing = (f"reading GPU {g.index} ({g.uuid})", self.clock())
             try:
                 self._read(g, i, values)
             except pynvml.NVMLError_GpuIsLost:
@@ -335,6 +395,7 @@ class NvmlAgent:
             if self.power.reverted(g.index, values["power_limit_w"][i]):  # (a reset no counter showed)
                 self._recap.add(g.index)
         if self._recap:
+            self._doing = (f"setting the caps of GPUs {sorted(self._recap)} again", self.clock())
             self._cap_again(sorted(self._recap))
             self._recap.clear()
         self.scrapes += 1
@@ -601,14 +662,32 @@ class NvmlAgent:
 
     async def on_nvml_thread(self, fn: Callable[..., T], *args) -> T:
         """`fn(*args)` on the agent's NVML thread, between scrapes: for the blocking NVML work
-        of async callers, e.g. `await agent.on_nvml_thread(agent.power.apply, 3, 500.0)`."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        of async callers, e.g. `await agent.on_nvml_thread(agent.power.apply, 3, 500.0)`.
+        Raises NvmlHung where an NVML call has not answered in HANG_S (module doc)."""
+        done = asyncio.wrap_future(self._pool.submit(self._tracked, fn, *args))
+        while not (await asyncio.wait({done}, timeout=HANG_POLL_S))[0]:
+            if self._doing is not None and (hung_s := self.clock() - self._doing[1]) >= HANG_S:
+                self.hung_in = self._doing[0]
+                raise NvmlHung(
+                    f"NVML has not answered for {hung_s:.0f} s ({self.hung_in}) on node {self.node!r}: the call hangs "
+                    f"in the driver. The agent ends (status 75) to be started again; if it hangs again, check "
+                    f"`nvidia-smi` and the kernel log (`dmesg`: an Xid 79 is a GPU fallen off the bus; "
+                    f"runbooks/GpuFellOffBus.md)")
+        return done.result()
+
+    def _tracked(self, fn: Callable[..., T], *args) -> T:
+        """(on the NVML thread) `fn(*args)`, known as the call in flight meanwhile."""
+        self._doing = (getattr(fn, "__qualname__", "a call"), self.clock())
+        try:
+            return fn(*args)
+        finally:
+            self._doing = None
 
     async def run(self, publish_samples: Callable[[pa.RecordBatch], Awaitable[None]],
                   publish_events: Callable[[pa.RecordBatch], Awaitable[None]], stop: asyncio.Event) -> None:
         """Scrape every interval until `stop`; events as they come."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._pool, self.open)
+        await self.on_nvml_thread(self.open)
         self.opened.set()
         # Said of itself (detect: its interval, not learned from gaps alone; a stop on request is no outage)
         where = (self.cfg.site, self.cfg.rack, self.node)
@@ -630,7 +709,7 @@ class NvmlAgent:
         try:
             next_at = time.monotonic()
             while not stop.is_set():
-                scrape = await loop.run_in_executor(self._pool, self.scrape)
+                scrape = await self.on_nvml_thread(self.scrape)
                 if scrape.samples is not None:
                     await publish_samples(scrape.samples)
                 if scrape.events:
@@ -643,8 +722,8 @@ class NvmlAgent:
                 await wait_set(stop, delay)
         finally:
             self._events_stop.set()
-            if watcher.is_alive():
-                await loop.run_in_executor(None, watcher.join)
+            if watcher.is_alive():  # (bounded: a wait hung in the driver holds a daemon thread, not the stop)
+                await loop.run_in_executor(None, watcher.join, HANG_S)
             while not pending.empty():
                 await publish_events(events_batch([pending.get_nowait() for _ in range(pending.qsize())]))
             if stop.is_set():  # (on request: a restart may follow; one that fails says nothing, and is found)
