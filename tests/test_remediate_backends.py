@@ -66,6 +66,12 @@ def test_the_reason_loses_slurms_user_and_time_and_keeps_its_own_equals_signs():
     assert parse_node(line("IDLE"))["reason"] == ""
     later = line("IDLE+DRAIN", "ops: fan [alice@2026-01-05T10:00:01]") + " Comment=rack 4 Extra=x"  # Slurm >= 23.02
     assert parse_node(later)["reason"] == "ops: fan"
+    # Slurm >= 23.11 prints these after the reason too: read into it, a DOWN node's "Not responding" came back
+    # at resume with them in it, and Slurm returns a node to service by itself only on that exact reason
+    for after in [" ReservationName=maint_0502", " InstanceId=i-0abc InstanceType=p5.48xlarge"]:
+        assert parse_node(line("DOWN+NOT_RESPONDING", "Not responding [slurm@2026-01-05T10:00:01]") + after)[
+            "reason"] == "Not responding"
+        assert parse_node(line("IDLE+DRAIN", f"{OURS} [root@2026-01-05T10:00:01]") + after)["reason"] == OURS
     several = ("NodeName=r01-n01 Arch=x86_64 CoresPerSocket=1\n   State=MIXED+DRAIN ThreadsPerCore=1 TmpDisk=0\n"
                f"   Reason={OURS} [root@2026-01-05T10:00:01]\n   Comment=(null)\n")  # without --oneliner
     assert parse_node(several) == {"name": "r01-n01", "base": "MIXED", "flags": {"DRAIN"}, "reason": OURS}
