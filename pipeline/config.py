@@ -374,7 +374,8 @@ class PowerConfig:
                                  "read every GPU is class 0, and a node a read does not list takes the most "
                                  "protective class a feature rule could give it (a warning names it)")
     sinfo: str = _spec("sinfo", nonempty="give Slurm's sinfo command or its path",
-                       doc="Slurm's sinfo command (power.node_labels = slurm)")
+                       doc="Slurm's sinfo command (power.node_labels = slurm); it gets the environment variables "
+                       "remediate.command_env lists by default (PATH, SLURM_CONF, ...), none of the rest")
     jobs: str = _spec("none", choices=("none", "slurm", "kubernetes"),
                       doc="which job runs on each node, for the firm capacity (`fleetwatch power status`: what "
                           "the classes allow if the job holding the most of it ends or pauses): slurm = the "
@@ -382,7 +383,7 @@ class PowerConfig:
                           "of the running pods holding the most of a node's GPUs (nvidia.com/gpu); none = each "
                           "node counts as a job of its own")
     squeue: str = _spec("squeue", nonempty="give Slurm's squeue command or its path",
-                        doc="Slurm's squeue command (power.jobs = slurm)")
+                        doc="Slurm's squeue command (power.jobs = slurm); its environment as power.sinfo's")
     kubeconfig: str = _spec("", doc="the kubeconfig of the cluster (power.node_labels or power.jobs = kubernetes); "
                             "empty = the pod's service account in a cluster, else $KUBECONFIG or ~/.kube/config")
     node_labels_interval_s: float = _spec(60.0, min=1, max=86400, doc="read the node labels (and the jobs) this "

@@ -334,3 +334,29 @@ def test_squeue_missing_keeps_each_node_a_job_of_its_own_and_says_so_once(caplog
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "set power.squeue to its path" in warned[0], warned
     assert "until they are read each node counts as a job of its own" in warned[0]
+
+
+def test_sinfo_and_squeue_get_none_of_the_daemon_s_secrets(tmp_path, monkeypatch):
+    """Slurm's clients had run with the whole of the daemon's environment: its Kafka password and cloud
+    credentials, read by whatever a site's `power.squeue` wraps. They get what remediation's commands get."""
+    from pipeline.power.node_labels import job_poller_for, poller_for
+    monkeypatch.setenv("FLEETWATCH_KAFKA__SASL_PASSWORD", "s3cret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "abc")
+    monkeypatch.setenv("SLURM_CONF", "/etc/slurm/slurm.conf")
+    client = tmp_path / "client"
+    client.write_text(f"#!/bin/sh\nenv > {tmp_path}/env.$$\n")
+    client.chmod(0o755)
+    settings = PowerConfig(node_labels="slurm", jobs="slurm", sinfo=str(client), squeue=str(client))
+    pollers = [poller_for(settings, FlexClasses(settings)), job_poller_for(settings, lambda jobs: None)]
+
+    async def reads() -> None:
+        for poller in pollers:
+            await poll_reads(poller)
+            await poller.close()
+    asyncio.run(reads())
+    seen = [dict(line.split("=", 1) for line in f.read_text().splitlines() if "=" in line)
+            for f in tmp_path.glob("env.*")]
+    assert len(seen) == 2
+    for env in seen:
+        assert "FLEETWATCH_KAFKA__SASL_PASSWORD" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+        assert env["SLURM_CONF"] == "/etc/slurm/slurm.conf" and "PATH" in env

@@ -173,6 +173,14 @@ class SlurmQuery:
         return self.parse(await run_slurm(self.command, list(self.args), self.env, self.timeout_s, self.setting))
 
 
+def slurm_env() -> dict[str, str]:
+    """What Slurm's clients get of the daemon's environment: what remediation's commands get by
+    default (PATH, SLURM_CONF, ...), never the rest (its Kafka password, its cloud credentials)."""
+    from pipeline.config import COMMAND_ENV
+    from pipeline.remediate.backends.command import command_env
+    return command_env(list(COMMAND_ENV))
+
+
 def slurm_features(sinfo: str = "sinfo", env: dict[str, str] | None = None,
                    timeout_s: float = FETCH_TIMEOUT_S) -> SlurmQuery:
     """Each node's features (a NodeLabelSource)."""
@@ -369,7 +377,7 @@ class JobPoller(Poller):
 def poller_for(settings, classes: FlexClasses) -> LabelPoller | None:
     """The poller `power.node_labels` asks for; None for "none"."""
     if settings.node_labels == "slurm":
-        return LabelPoller(slurm_features(settings.sinfo), classes, settings.node_labels_interval_s)
+        return LabelPoller(slurm_features(settings.sinfo, slurm_env()), classes, settings.node_labels_interval_s)
     if settings.node_labels == "kubernetes":
         return LabelPoller(kubernetes_labels(settings.kubeconfig), classes, settings.node_labels_interval_s)
     return None
@@ -378,7 +386,7 @@ def poller_for(settings, classes: FlexClasses) -> LabelPoller | None:
 def job_poller_for(settings, apply: Callable[[Jobs], None]) -> JobPoller | None:
     """The poller `power.jobs` asks for; None for "none"."""
     if settings.jobs == "slurm":
-        return JobPoller(slurm_jobs(settings.squeue), apply, settings.node_labels_interval_s)
+        return JobPoller(slurm_jobs(settings.squeue, slurm_env()), apply, settings.node_labels_interval_s)
     if settings.jobs == "kubernetes":
         return JobPoller(kubernetes_jobs(settings.kubeconfig), apply, settings.node_labels_interval_s)
     return None
