@@ -518,6 +518,47 @@ def test_a_webhook_receiver_down_past_max_age_hears_where_each_group_stands_when
     asyncio.run(go())
 
 
+def test_what_a_webhook_receiver_lost_is_told_to_it_after_a_restart_of_notify(tmp_path, http):
+    """What a receiver down past max_age lost had lived in memory while newer notifications waited for it (to be
+    told when it delivers again): notify restarted during the outage (a deploy), and the resolution sent then
+    never reached it (the incident stayed open for good). It is kept on disk until it is in the receiver's
+    outbox again."""
+    recv = http(keep_bodies=True).start()
+    cfg = make_config(data_dir=str(tmp_path / "data"), alerts={
+        "group_wait_s": 0, "group_interval_s": 0.5, "repeat_interval_s": 3600, "max_age_s": 2,
+        "retry_initial_s": 0.1, "retry_max_s": 0.2, "receivers": [{"name": "r", "url": recv.url}]})
+
+    def told(node: str, status: str) -> bool:
+        return any(a["labels"]["node"] == node and a["status"] == status for b in recv.bodies for a in b["alerts"])
+
+    async def before() -> None:
+        n = Notifier(cfg)
+        await n.start()
+        try:
+            await n.handle([alert("GpuXid", "r01", "a")])
+            await until(lambda: told("a", "firing"))
+            recv.stop()
+            await n.handle([alert("GpuXid", "r01", "a", resolved=True)])
+            await asyncio.sleep(1.0)
+            await n.handle([alert("GpuXid", "r02", "c")])  # (younger: it still waits when a's resolution expires)
+            await until(lambda: n.stats.dead_lettered >= 1)
+        finally:
+            await n.close()
+
+    async def after() -> None:
+        n = Notifier(cfg)
+        await n.start()
+        try:
+            await until(lambda: told("a", "resolved") and told("c", "firing"))
+        finally:
+            await n.close()
+    asyncio.run(before())
+    recv.start()
+    asyncio.run(after())
+    assert sorted((a["labels"]["node"], a["status"]) for b in recv.bodies for a in b["alerts"]) == [
+        ("a", "firing"), ("a", "resolved"), ("c", "firing")]
+
+
 @pytest.mark.parametrize("close", [False, True])
 def test_a_receiver_that_trickles_its_answer_is_cut_at_the_timeout(tmp_path, close):
     """alerts.timeout_s bounds the whole request: a proxy that sent its answer a byte every 0.3 s had held the

@@ -195,8 +195,8 @@ class Delivery:
                                            self.outbox.peek(WINDOW)))
             if not old:
                 return
+            self.kind.expired(self.receiver.name, [r.payload for r in old])  # (kept by the kind before the ack)
             self._dead_letter(old, why, now)
-            self.kind.expired(self.receiver.name, [r.payload for r in old])
             if not self.outbox.pending:  # its last word lost: what it lost is said again (no success would)
                 self.kind.resend(self.receiver.name)
 
@@ -260,7 +260,8 @@ class Notifier:
         silences = SilenceStore(self.data / "silences.json")
         # Every kind is built (its settings checked), those with receivers are used, in registry order.
         self.kinds: dict[str, ReceiverKind] = {
-            kind: receiver_kind(kind)(cfg.alerts, [r for r in self.receivers if r.kind == kind], silences)
+            kind: receiver_kind(kind)(cfg.alerts, [r for r in self.receivers if r.kind == kind], silences,
+                                      self.state_dir)
             for kind in RECEIVER_KINDS}
         self._in_use = [k for k in self.kinds.values() if k.receivers]
         self.policy = RetryPolicy.of(cfg.alerts)

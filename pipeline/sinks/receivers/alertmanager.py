@@ -13,6 +13,7 @@ to webhook receivers only.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -99,8 +100,9 @@ class AlertmanagerKind(ReceiverKind):
     state_file = "alertmanager.json"  # the firing alerts and the last re-push
     counts = "pushes"
 
-    def __init__(self, cfg: AlertsConfig, receivers: list[Receiver], silences: SilenceStore | None) -> None:
-        super().__init__(cfg, receivers, silences)
+    def __init__(self, cfg: AlertsConfig, receivers: list[Receiver], silences: SilenceStore | None,
+                 state_dir: Path | None = None) -> None:
+        super().__init__(cfg, receivers, silences, state_dir)
         self.firing = FiringAlerts(cfg.resend_interval_s, cfg.external_url)
         self._resend_seq: dict[str, int] = {}  # receiver -> last record of its latest re-push
         self._resent: set[str] = set()         # receivers given a re-push by the last enqueue()

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pipeline.config import AlertsConfig
     from pipeline.sinks.silences import SilenceStore
     from pipeline.sinks.webhook import Receiver
@@ -34,9 +36,10 @@ class ReceiverKind:
         at_send(payload, now)    (in the receiver's thread) a payload as it goes out, at every try:
                                  what depends on the time of sending (Alertmanager's lease) is stamped
                                  here, not in the outbox record
-        expired(name, payloads)  (in receiver `name`'s thread) payloads dead-lettered after
+        expired(name, payloads)  (in receiver `name`'s thread) payloads about to be dead-lettered after
                                  alerts.max_age_s of failures: what they said never arrived (the kind may
-                                 say it again, to that receiver)
+                                 say it again, to that receiver, and keeps what it needs for that on
+                                 disk before it returns: the notifier then acks them)
         resend(name)             (likewise) the receiver delivers again after an outage, or its last
                                  notification was dead-lettered: the time to say it
         restore(state, latest)   at start, and after a write that failed (the state on disk);
@@ -53,9 +56,11 @@ class ReceiverKind:
     state_file: ClassVar[str]   # its state under <data_dir>/notify/
     counts: ClassVar[str]       # the NotifyStats field its payloads count in
 
-    def __init__(self, cfg: AlertsConfig, receivers: list[Receiver], silences: SilenceStore | None) -> None:
+    def __init__(self, cfg: AlertsConfig, receivers: list[Receiver], silences: SilenceStore | None,
+                 state_dir: Path | None = None) -> None:
         self.cfg = cfg
         self.receivers = receivers
+        self.state_dir = state_dir  # <data_dir>/notify/, for what a kind keeps beside its state_file; None: nothing
 
     @staticmethod
     def post_url(url: str) -> str:

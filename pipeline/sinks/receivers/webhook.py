@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.config import AlertsConfig
 from pipeline.model import fingerprint
+from pipeline.sinks.files import write_atomically
 from pipeline.sinks.receivers.base import Enqueued, ReceiverKind
 from pipeline.sinks.routing import Notification, Router
 from pipeline.sinks.silences import SilenceStore
 from pipeline.sinks.webhook import Receiver, generator_url
+
+log = logging.getLogger("pipeline.sinks.notify")
+OWED_FILE = "owed.json"  # under <data_dir>/notify/: what each webhook receiver lost, until it is told again
 
 
 def webhook_payload(receiver: str, group_key: str, group_labels: dict[str, str], alerts: list[dict[str, Any]],
@@ -56,17 +62,21 @@ class WebhookKind(ReceiverKind):
     state_file = "router.json"   # Alertmanager's notification log: what each group was told
     counts = "notifications"
 
-    def __init__(self, cfg: AlertsConfig, receivers: list[Receiver], silences: SilenceStore | None) -> None:
-        super().__init__(cfg, receivers, silences)
+    def __init__(self, cfg: AlertsConfig, receivers: list[Receiver], silences: SilenceStore | None,
+                 state_dir: Path | None = None) -> None:
+        super().__init__(cfg, receivers, silences, state_dir)
         self.router = Router(cfg, silences)  # ConfigError on an inhibit rule that does not compile
         # What each receiver lost (notifications dead-lettered after alerts.max_age_s of failures), by group:
         # (group labels, the lost alerts by fingerprint), filled by the receivers' threads; `due`: receivers
         # to be told where those groups stand at the next enqueue(); `told`: what that enqueue took, until
-        # it is written (a write that fails puts it back)
+        # it is written (a write that fails puts it back). Lost and told are kept in OWED_FILE until
+        # written: a restart had forgotten them (a resolution lost for good).
         self._lost: dict[str, dict[str, tuple[dict[str, str], dict[str, dict[str, Any]]]]] = {}
         self._due: set[str] = set()
         self._told: dict[str, dict[str, tuple[dict[str, str], dict[str, dict[str, Any]]]]] = {}
         self._lost_lock = threading.Lock()
+        self._owed_loaded = False
+        self._owed_failing = False
 
     def add(self, changes: list[dict[str, Any]], now: float) -> None:
         self.router.add(changes, now)
@@ -91,6 +101,7 @@ class WebhookKind(ReceiverKind):
                 labels, alerts = groups.setdefault(p["groupKey"], (dict(p.get("groupLabels") or {}), {}))
                 alerts.update((a.get("fingerprint") or fingerprint(a["labels"]), a) for a in p["alerts"]
                               if isinstance(a, dict) and isinstance(a.get("labels"), dict))
+            self._keep_owed()
 
     def resend(self, receiver: str) -> None:
         """(A receiver's thread) it delivers again after an outage, or lost its last notification: what it
@@ -125,7 +136,46 @@ class WebhookKind(ReceiverKind):
         return Enqueued(payloads, bool(changes or notes or self._told), keys)
 
     def written(self, last_seq: dict[str, int]) -> None:
-        self._told = {}
+        if self._told:  # in the outboxes now: owed no more
+            with self._lost_lock:
+                self._told = {}
+                self._keep_owed()
+
+    def _keep_owed(self) -> None:
+        """(Under _lost_lock) what is lost and not yet written to an outbox, to OWED_FILE. A disk that
+        refuses it leaves it in memory (a restart then forgets it, as before), said once."""
+        if self.state_dir is None:
+            return
+        owed: dict[str, dict[str, list]] = {}
+        for held in (self._lost, self._told):
+            for receiver, groups in held.items():
+                mine = owed.setdefault(receiver, {})
+                for group_key, (labels, alerts) in groups.items():
+                    mine.setdefault(group_key, [labels, {}])[1].update(alerts)
+        try:
+            write_atomically(self.state_dir / OWED_FILE, json.dumps({"version": 1, "owed": owed}))
+        except OSError as e:
+            if not self._owed_failing:
+                log.error("notify: cannot keep what webhook receivers lost in %s (%s): they are told it when they "
+                          "deliver again, unless notify restarts first", self.state_dir / OWED_FILE, e)
+            self._owed_failing = True
+        else:
+            self._owed_failing = False
+
+    def _load_owed(self) -> None:
+        """(At start, under _lost_lock) what receivers were owed when notify stopped: told at the first
+        enqueue (one still down waits for it in its outbox)."""
+        path = None if self.state_dir is None else self.state_dir / OWED_FILE
+        try:
+            owed = json.loads(path.read_text())["owed"] if path is not None and path.exists() else {}
+            loaded = {receiver: {group_key: (dict(labels), dict(alerts)) for group_key, (labels, alerts)
+                                 in groups.items()} for receiver, groups in owed.items()}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.error("notify: %s is unreadable (%s): what webhook receivers lost before the restart is not told "
+                      "to them again (it is in their dead-letter files)", path, e)
+            return
+        self._lost.update(loaded)
+        self._due.update(loaded)
 
     def next_wakeup(self) -> float | None:
         return self.router.next_wakeup()
@@ -138,6 +188,9 @@ class WebhookKind(ReceiverKind):
         if latest is not None:
             self.router.reconcile(latest, time.time())
         with self._lost_lock:  # (after a write that failed: what it was to say is lost still)
+            if not self._owed_loaded:
+                self._owed_loaded = True
+                self._load_owed()
             for receiver, groups in self._told.items():
                 for group_key, (labels, lost) in groups.items():
                     mine = self._lost.setdefault(receiver, {}).setdefault(group_key, (labels, {}))[1]
