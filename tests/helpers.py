@@ -121,3 +121,41 @@ def stop_in_order(procs: dict, groups: list[list[str]]) -> dict[str, str]:
         for p in procs.values():
             p.kill()
     return logs
+
+
+class HungFile:
+    """A file whose next read hangs as one on a hung disk does (a FIFO: its open waits for a writer),
+    until the reader has waited while the event loop had the chance to turn a few times (at most
+    `bound_s`); then the reader gets `content` and the path is a plain file again. `turned`: whether the
+    event loop turned while the reader waited (await `ticking()` beside the code under test)."""
+
+    def __init__(self, path: Path, content: str, bound_s: float = 10.0) -> None:
+        import threading
+        self.path, self.content, self.bound_s = Path(path), content, bound_s
+        self.turns = 0
+        self.turned: bool | None = None  # None: no reader came
+        self.path.unlink(missing_ok=True)
+        os.mkfifo(self.path)
+        self._thread = threading.Thread(target=self._hold, daemon=True)
+        self._thread.start()
+
+    def _hold(self) -> None:
+        with open(self.path, "w") as fifo:  # (returns once a reader opened it)
+            before, deadline = self.turns, time.monotonic() + self.bound_s
+            while self.turns < before + 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.turned = self.turns >= before + 3
+            plain = self.path.with_name(self.path.name + ".plain")
+            plain.write_text(self.content)
+            os.replace(plain, self.path)  # (later reads find a plain file)
+            fifo.write(self.content)
+
+    async def ticking(self) -> None:
+        import asyncio
+        while True:
+            self.turns += 1
+            await asyncio.sleep(0.005)
+
+    def released(self, timeout: float = 60.0) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

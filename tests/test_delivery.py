@@ -559,6 +559,38 @@ def test_what_a_webhook_receiver_lost_is_told_to_it_after_a_restart_of_notify(tm
         ("a", "firing"), ("a", "resolved"), ("c", "firing")]
 
 
+def test_a_silences_file_whose_read_hangs_does_not_stop_the_event_loop(tmp_path, http):
+    """Notify re-read the silences file on the event loop every second: on a hung disk the whole process
+    stopped, its /healthz unanswered and a SIGTERM ignored. It reads in a thread; the silence it then
+    reads holds."""
+    from pipeline.sinks.silences import SilenceStore
+    from tests.helpers import HungFile
+    recv = http(keep_bodies=True).start()
+    data = tmp_path / "data"
+    n = Notifier(make_config(data_dir=str(data), alerts={
+        "group_wait_s": 0, "group_interval_s": 0.5, "receivers": [{"name": "r", "url": recv.url}]}))
+    planned = SilenceStore(tmp_path / "planned.json")
+    planned.add(["node=b"], 3600, "ops", "planned work", now=time.time())
+
+    async def go() -> HungFile:
+        await n.start()
+        try:
+            hung = HungFile(data / "silences.json", planned.file.path.read_text())
+            ticking = asyncio.create_task(hung.ticking())
+            while hung.turned is None:
+                await asyncio.sleep(0.05)
+            ticking.cancel()
+            await until(lambda: n.silences.active(time.time()) != [])
+            await n.handle([alert("GpuXid", "r01", "a"), alert("GpuXid", "r02", "b")])
+            await until(lambda: recv.bodies)
+        finally:
+            await n.close()
+        return hung
+    hung = asyncio.run(go())
+    assert hung.released() and hung.turned
+    assert [a["labels"]["node"] for b in recv.bodies for a in b["alerts"]] == ["a"]  # b is silenced
+
+
 @pytest.mark.parametrize("close", [False, True])
 def test_a_receiver_that_trickles_its_answer_is_cut_at_the_timeout(tmp_path, close):
     """alerts.timeout_s bounds the whole request: a proxy that sent its answer a byte every 0.3 s had held the

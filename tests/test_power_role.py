@@ -1194,3 +1194,23 @@ def test_a_request_delivered_twice_over_mqtt_is_taken_once_whatever_its_id(tmp_p
     intake.handle(intake.topic, message)  # the broker delivers it again
     assert intake.stats.duplicates == 1 and not intake.rejections
     assert intake.answered[str(rid)]["state"] != "rejected"
+
+
+def test_a_request_file_whose_read_hangs_does_not_stop_the_event_loop(tmp_path):
+    """The role re-read the requests file on the event loop: on a hung disk (an NFS server gone) the
+    whole process stopped, its /healthz unanswered and a SIGTERM ignored. It reads on its store's thread."""
+    from tests.helpers import HungFile
+    h = Harness(tmp_path)
+    h.run(5)
+    h.ask(reduction_pct=8, duration_s=120)
+    h.run(5)
+
+    async def go() -> HungFile:
+        hung = HungFile(h.store.path, h.store.path.read_text())
+        ticking = asyncio.create_task(hung.ticking())
+        while hung.turned is None:
+            await h.advance(1)
+        ticking.cancel()
+        return hung
+    hung = asyncio.run(go())
+    assert hung.released() and hung.turned

@@ -307,7 +307,8 @@ class PowerRole:
     async def poll_store(self) -> None:
         """Requests the CLI added or cancelled since the last look, and those still waiting to be
         judged; a request cancelled that this process did not run is reported (on the data's clock)."""
-        self.store.refresh()
+        # (read on the store's thread, after its writes: a hung disk had stopped the event loop)
+        await asyncio.wrap_future(self._pool.submit(self.store.refresh))
         for entry in self.store.entries():
             t = self.tracked.get(entry.id)
             if t is None:
@@ -653,8 +654,8 @@ class PowerRole:
                 if i in self.tracked and self.tracked[i].state not in OPEN:
                     del self.tracked[i]
                 self.signals_seen.discard(i)
-        if inflight:
-            self.store.refresh()  # the readers' store sees what was written
+        if inflight:  # the readers' store sees what was written
+            await asyncio.wrap_future(self._pool.submit(self.store.refresh))
 
     async def _send_caps(self, now: datetime) -> None:
         rows = getattr(self.actuator, "rows", None)

@@ -257,10 +257,10 @@ class Notifier:
         self.data = Path(cfg.data_dir)
         self.state_dir = self.data / "notify"
         self.alert_log = AlertLog(cfg.alerts_log, Rotation.of(cfg.daemon))
-        silences = SilenceStore(self.data / "silences.json")
+        self.silences = SilenceStore(self.data / "silences.json")
         # Every kind is built (its settings checked), those with receivers are used, in registry order.
         self.kinds: dict[str, ReceiverKind] = {
-            kind: receiver_kind(kind)(cfg.alerts, [r for r in self.receivers if r.kind == kind], silences,
+            kind: receiver_kind(kind)(cfg.alerts, [r for r in self.receivers if r.kind == kind], self.silences,
                                       self.state_dir)
             for kind in RECEIVER_KINDS}
         self._in_use = [k for k in self.kinds.values() if k.receivers]
@@ -411,6 +411,8 @@ class Notifier:
         work: dict[str, list[Any]] = {}
         keys: dict[str, list[str]] = {}
         changed: list[ReceiverKind] = []
+        # (a CLI's silence, taken within a second; read in a thread: a hung disk had stopped the event loop)
+        await asyncio.to_thread(self.silences.refresh)
         for kind in self._in_use:
             due = kind.enqueue(changes, now, lambda name: self.deliveries[name].outbox.acked)
             work.update(due.payloads)

@@ -142,10 +142,9 @@ class Router:
 
     def due(self, now: float) -> list[Notification]:
         """The notifications to send now; marks them sent (the caller owns delivery and retries).
-        Re-reads the silences file when it changed, so call it every few seconds even when
-        next_wakeup() is later: a silence expired by the CLI should take effect soon."""
-        if self.silences is not None:
-            self.silences.refresh()
+        Call it every few seconds even when next_wakeup() is later, with the silences re-read
+        before (off the event loop: a hung disk must not stop it): a silence expired by the CLI
+        should take effect soon."""
         self._update_mutes(now)
         out = []
         for key in list(self._groups):
