@@ -67,6 +67,7 @@ def check_roles(cfg: Config, roles: frozenset[str]) -> None:
 
 
 SIGNAL_REPEAT_S = 3.0  # signals this close to the first are one stop request
+DRAIN_SAY_S = 30.0     # a drain that takes longer says which roles it waits on, this often
 
 
 class StopRequests:
@@ -145,6 +146,20 @@ async def drain(ctx: Context, running: list[Running]) -> None:
         await r.task
     await ctx.bus.end(ACT_TOPICS)
     await asyncio.gather(*(r.task for r in of(SINK)))
+
+
+async def drain_saying(ctx: Context, running: list[Running], every_s: float | None = None) -> None:
+    """drain(), saying every DRAIN_SAY_S which roles it still waits on: a stop held by a write to a
+    hung disk had said nothing until its supervisor killed it."""
+    every_s = DRAIN_SAY_S if every_s is None else every_s
+    started = time.monotonic()
+    draining = asyncio.create_task(drain(ctx, running))
+    while not (await asyncio.wait({draining}, timeout=every_s))[0]:
+        waiting = [r.name for r in running if r.task is not None and not r.task.done()]
+        log.warning("stopping: still draining after %.0f s, waiting on role %s (a write to a hung disk, a backlog "
+                    "to hand over); another SIGTERM or SIGINT exits at once without draining (unflushed data is "
+                    "lost)", time.monotonic() - started, ", ".join(waiting) or "(the bus)")
+    await draining
 
 
 async def cancel_all(tasks: list[asyncio.Task], round_s: float = 1.0) -> None:
@@ -233,7 +248,7 @@ async def run_daemon(cfg: Config, duration_s: float | None = None, console: Cons
             raise failed[0].exception()
         log.info("stopping: draining the pipeline and flushing the archive")
         await ops.stopping()
-        await drain(ctx, running)
+        await drain_saying(ctx, running)
         await status
     finally:
         await ops.close()

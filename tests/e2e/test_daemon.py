@@ -94,3 +94,43 @@ def test_live_status_line_on_a_terminal(tmp_path):
     status = re.findall(r"GPU samples/s +alerts firing \d+ \(raised \d+\) +nodes healthy (\d+) suspect (\d+) failing (\d+)",
                         screen)
     assert status and all(sum(map(int, counts)) == 16 for counts in status)  # 2 racks x 8 nodes, all counted
+
+
+DRAIN_HELD = """
+import sys
+import pipeline.daemon
+from pipeline.cli import main
+pipeline.daemon.DRAIN_SAY_S = 1.0  # (30 s in the product)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_held_by_a_hung_write_says_which_role_it_waits_on(tmp_path):
+    """alerts.jsonl on a hung disk (a FIFO: its open waits for ever) when SIGTERM comes: the drain waits on
+    notify. It had said nothing until its supervisor killed it; it now says which role holds it, and how to
+    exit at once."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")} | FAST
+    proc = subprocess.Popen([sys.executable, "-c", DRAIN_HELD, "run", "--data-dir", str(tmp_path / "data")],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said = []
+    guard = threading.Timer(120, proc.kill)  # (a stop that never says it ends here, and the test fails)
+    guard.start()
+    try:
+        for line in proc.stderr:
+            said.append(line)
+            if "ready:" in line:
+                os.mkfifo(tmp_path / "fifo")
+                os.replace(tmp_path / "fifo", tmp_path / "data" / "alerts.jsonl")
+                proc.send_signal(signal.SIGTERM)
+            if "still draining" in line:
+                break
+    finally:
+        guard.cancel()
+        proc.kill()
+        proc.wait()
+    assert re.search(r"stopping: still draining after \d+ s, waiting on role [a-z, ]*\bnotify\b", said[-1]), said[-5:]
+    assert "another SIGTERM or SIGINT exits at once" in said[-1]
