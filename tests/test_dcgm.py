@@ -151,6 +151,17 @@ def test_the_node_is_the_hostname_label_of_either_dcgm_exporter_generation():
         assert set(batch.column("node").to_pylist()) == {node} and state.node == node and batch.num_rows == 8
 
 
+def test_an_answer_with_the_series_of_several_hosts_is_refused_saying_what_it_looks_like():
+    """A Prometheus /federate endpoint given as a target: two nodes' GPUs in one answer. Every row had been the
+    first host's (a node with each GPU twice), and an XID of the second node's GPU named the first node."""
+    from pipeline.sources.dcgm import ExpositionError
+    text = H100_8GPU.read_text()
+    other = text.replace('Hostname="gpu-node-017"', 'Hostname="gpu-node-018"').replace("GPU-", "GPU-f")
+    with pytest.raises(ExpositionError, match=r"the series of 2 hosts in one answer \(gpu-node-017, gpu-node-018\): "
+                                              r"a Prometheus /federate endpoint.*each node's dcgm-exporter"):
+        rows_of(text + other, target=Target("http://prometheus:9090/federate"))
+
+
 @pytest.mark.parametrize("says", ["localhost", "3f546054f69d", "-oProxyCommand=touch owned", "a,b"])
 def test_a_hostname_label_that_names_no_node_gives_way_to_the_target_s_host(says, caplog):
     """dcgm-exporter 4 run with -r names its host engine's host, `localhost` (NVIDIA/dcgm-exporter#572);

@@ -494,6 +494,8 @@ class DcgmSource:
                 "--use-old-namespace" if old_names else ""))
         try:
             batch, events = self.rows(st, parsed, ts)
+        except ExpositionError as e:
+            return Scraped(st, reason=GARBAGE, detail=str(e))
         except Exception as e:  # labels or values no gpu_samples row can hold: this target's problem only
             return Scraped(st, reason=GARBAGE, detail=f"not readable as GPU samples: {e!r}"[:300])
         return Scraped(st, batch, events, uuids=parsed.uuids)
@@ -521,6 +523,12 @@ class DcgmSource:
         """One target's GPUs as gpu_samples rows, and its events (XID changes, GPU resets)."""
         n = len(p.uuids)
         target = st.target
+        hosts = sorted({h for h in p.info["node"] if h})
+        if len(hosts) > 1:  # (read as one node, every GPU had been the first host's, and an XID named the wrong node)
+            raise ExpositionError(
+                f"the series of {len(hosts)} hosts in one answer ({', '.join(hosts[:3])}{', ...' * (len(hosts) > 3)}):"
+                f" a Prometheus /federate endpoint, or a proxy that merges exporters? Give each node's dcgm-exporter "
+                f"as a target")
         node = target.label("node") or self._exporters_host(st, next((h for h in p.info["node"] if h), None)) \
             or urlsplit(target.url).hostname
         mapped = self.mapping.get(node, ("", ""))
