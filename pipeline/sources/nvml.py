@@ -35,7 +35,7 @@
   the agent before the driver, a driver upgrade: `NvmlDriverNotLoaded`, exit status 75, which a
   supervisor restarts: with 2, systemd's RestartPreventExitStatus had left the agent dead).
 - A call that hangs in the driver (a GPU falling off the bus, a driver in recovery): NVML answers
-  in milliseconds, and one that has not answered in HANG_S is hung. The agent says which call
+  in milliseconds, and one that has not answered in HANG_S (OPEN_HANG_S at start) is hung. The agent says which call
   (`NvmlHung`: the GPU and what it asked) and ends with status 75 to be started again, where
   its supervisor would have killed it on /healthz with nothing said. Its NVML thread is a daemon
   (`_NvmlThread`): close() and the process's exit do not wait on the hung call, and the caps it
@@ -156,6 +156,7 @@ REDISCOVER_S = 60.0          # a lost GPU, or one NVML could not open at start, 
 RETRY_UNSUPPORTED_S = 600.0  # what answered NOT_SUPPORTED is asked again this often (MIG mode can change)
 EVENTS_BACKOFF_MAX_S = 30.0  # the event thread after an NVML error: waits doubling up to this
 HANG_S = 30.0                # an NVML call that has not answered in this long hangs in the driver
+OPEN_HANG_S = 300.0          # ... but nvmlInit and discovery: without persistence mode, each GPU's state loads then
 HANG_POLL_S = 1.0            # how often the agent looks for one
 
 
@@ -660,13 +661,13 @@ class NvmlAgent:
 
     # ---- the async face ---------------------------------------------------------------
 
-    async def on_nvml_thread(self, fn: Callable[..., T], *args) -> T:
+    async def on_nvml_thread(self, fn: Callable[..., T], *args, hang_s: float = HANG_S) -> T:
         """`fn(*args)` on the agent's NVML thread, between scrapes: for the blocking NVML work
         of async callers, e.g. `await agent.on_nvml_thread(agent.power.apply, 3, 500.0)`.
-        Raises NvmlHung where an NVML call has not answered in HANG_S (module doc)."""
+        Raises NvmlHung where an NVML call has not answered in `hang_s` (module doc)."""
         done = asyncio.wrap_future(self._pool.submit(self._tracked, fn, *args))
         while not (await asyncio.wait({done}, timeout=HANG_POLL_S))[0]:
-            if self._doing is not None and (hung_s := self.clock() - self._doing[1]) >= HANG_S:
+            if self._doing is not None and (hung_s := self.clock() - self._doing[1]) >= hang_s:
                 self.hung_in = self._doing[0]
                 raise NvmlHung(
                     f"NVML has not answered for {hung_s:.0f} s ({self.hung_in}) on node {self.node!r}: the call hangs "
@@ -687,7 +688,7 @@ class NvmlAgent:
                   publish_events: Callable[[pa.RecordBatch], Awaitable[None]], stop: asyncio.Event) -> None:
         """Scrape every interval until `stop`; events as they come."""
         loop = asyncio.get_running_loop()
-        await self.on_nvml_thread(self.open)
+        await self.on_nvml_thread(self.open, hang_s=OPEN_HANG_S)
         self.opened.set()
         # Said of itself (detect: its interval, not learned from gaps alone; a stop on request is no outage)
         where = (self.cfg.site, self.cfg.rack, self.node)
