@@ -89,7 +89,8 @@ def test_any_message_becomes_a_row_a_duplicate_or_a_dead_letter(messages):
         collector.dead_letters.close()
         stats = collector.stats
         n_rows = batch.num_rows if batch is not None else 0
-        assert stats.messages == stats.metadata + n_rows + stats.duplicates + sum(stats.dead_letters.values())
+        assert stats.messages == (stats.metadata + n_rows + stats.duplicates + stats.cleared
+                                  + sum(stats.dead_letters.values()))
         assert waiting <= stats.dead_letters.get("no_metadata", 0)
         lines = (Path(tmp) / "dead.jsonl").read_text().splitlines() if stats.dead_letters else []
         assert len(lines) == sum(stats.dead_letters.values())
@@ -111,6 +112,18 @@ def test_the_power_branch_of_the_tree_is_not_equipment_and_is_left_alone(tmp_pat
     collector.handle("bms/v1/p/powerhouse/x/y", b"{}")  # only the branch itself: this is a bad topic
     assert collector.stats.messages == 1 and sum(collector.stats.dead_letters.values()) == 1
     collector.dead_letters.close()
+
+
+def test_an_empty_message_clears_a_retained_one_and_is_no_dead_letter(tmp_path):
+    """An empty message is MQTT's way of deleting a retained one: a gateway that clears its tree had filled the
+    dead letters with a bad_json each (its readings and metadata alike)."""
+    collector = MqttCollector("h", 1, "p", tmp_path / "dead.jsonl")
+    collector.handle("bms/v1/p/cdu/cdu-r01/supply_temp/meta", encode_meta("degC", "r01"))
+    for topic in ("bms/v1/p/cdu/cdu-r01/supply_temp", "bms/v1/p/cdu/cdu-r01/supply_temp/meta", "bms/v1/p/x/y/z"):
+        collector.handle(topic, b"")
+    collector.dead_letters.close()
+    assert collector.stats.cleared == 3 and collector.stats.dead_letters == {} and collector.take_batch() is None
+    assert not (tmp_path / "dead.jsonl").exists()
 
 
 def test_backoff_doubles_up_to_its_cap_with_jitter_and_starts_over_after_a_connection():

@@ -179,6 +179,7 @@ class CollectorStats:
     rows: int = 0         # rows handed to publish
     batches: int = 0
     duplicates: int = 0   # readings seen already (a redelivery, a resend, the retained one again): dropped
+    cleared: int = 0      # empty messages: MQTT's way of deleting a retained one (a gateway clearing its tree)
     backfilled: int = 0   # readings older than their point's newest from a pause in it (a gateway's backlog): taken
     reconnects: int = 0   # connections after the first
     dead_letters: dict[str, int] = field(default_factory=dict)  # reason -> messages
@@ -340,6 +341,9 @@ class MqttCollector:
         if topic.startswith(self._power_branch):  # the power role's requests and answers, not readings
             return
         self.stats.messages += 1
+        if not payload:  # a retained message deleted, not a reading (it had been a bad_json dead letter each)
+            self.stats.cleared += 1
+            return
         point = self._points.get(topic)
         if point is None:
             try:
@@ -799,8 +803,8 @@ class MqttSource:
     def report(self, log: logging.Logger) -> None:
         c = self.collector.stats
         log.info("facility collector: %d MQTT messages, %d facility readings collected (%d of them a backlog older "
-                 "than their point's newest), %d duplicates dropped, %d dead-lettered%s to %s, %d reconnects%s",
-                 c.messages, c.rows, c.backfilled, c.duplicates,
+                 "than their point's newest), %d duplicates dropped, %d retained messages cleared, %d dead-lettered%s "
+                 "to %s, %d reconnects%s", c.messages, c.rows, c.backfilled, c.duplicates, c.cleared,
                  sum(c.dead_letters.values()), f" {c.dead_letters}" if c.dead_letters else "", self.dead_letter_path,
                  c.reconnects, f", {c.paused} pauses while the bus was slow" if c.paused else "")
 
