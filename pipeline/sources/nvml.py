@@ -667,8 +667,9 @@ class NvmlAgent:
         Raises NvmlHung where an NVML call has not answered in `hang_s` (module doc)."""
         done = asyncio.wrap_future(self._pool.submit(self._tracked, fn, *args))
         while not (await asyncio.wait({done}, timeout=HANG_POLL_S))[0]:
-            if self._doing is not None and (hung_s := self.clock() - self._doing[1]) >= hang_s:
-                self.hung_in = self._doing[0]
+            doing = self._doing  # (once: the NVML thread clears it as the call answers)
+            if doing is not None and (hung_s := self.clock() - doing[1]) >= hang_s:
+                self.hung_in = doing[0]
                 raise NvmlHung(
                     f"NVML has not answered for {hung_s:.0f} s ({self.hung_in}) on node {self.node!r}: the call hangs "
                     f"in the driver. The agent ends (status 75) to be started again; if it hangs again, check "
