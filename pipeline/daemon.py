@@ -154,11 +154,16 @@ async def drain_saying(ctx: Context, running: list[Running], every_s: float | No
     every_s = DRAIN_SAY_S if every_s is None else every_s
     started = time.monotonic()
     draining = asyncio.create_task(drain(ctx, running))
-    while not (await asyncio.wait({draining}, timeout=every_s))[0]:
-        waiting = [r.name for r in running if r.task is not None and not r.task.done()]
-        log.warning("stopping: still draining after %.0f s, waiting on role %s (a write to a hung disk, a backlog "
-                    "to hand over); another SIGTERM or SIGINT exits at once without draining (unflushed data is "
-                    "lost)", time.monotonic() - started, ", ".join(waiting) or "(the bus)")
+    try:
+        while not (await asyncio.wait({draining}, timeout=every_s))[0]:
+            waiting = [r.name for r in running if r.task is not None and not r.task.done()]
+            log.warning("stopping: still draining after %.0f s, waiting on role %s (a write to a hung disk, a "
+                        "backlog to hand over); another SIGTERM or SIGINT exits at once without draining (unflushed "
+                        "data is lost)", time.monotonic() - started, ", ".join(waiting) or "(the bus)")
+    except asyncio.CancelledError:  # the drain with it, ended before this ends
+        draining.cancel()
+        await asyncio.wait({draining})
+        raise
     await draining
 
 
