@@ -72,6 +72,8 @@ def test_the_reason_loses_slurms_user_and_time_and_keeps_its_own_equals_signs():
         assert parse_node(line("DOWN+NOT_RESPONDING", "Not responding [slurm@2026-01-05T10:00:01]") + after)[
             "reason"] == "Not responding"
         assert parse_node(line("IDLE+DRAIN", f"{OURS} [root@2026-01-05T10:00:01]") + after)["reason"] == OURS
+        operators = "bad PSU, ask [gpu-ops@example.com] before resuming"  # only the stamp Slurm puts last is cut
+        assert parse_node(line("DOWN", f"{operators} [alice@2026-01-05T10:00:01]") + after)["reason"] == operators
     several = ("NodeName=r01-n01 Arch=x86_64 CoresPerSocket=1\n   State=MIXED+DRAIN ThreadsPerCore=1 TmpDisk=0\n"
                f"   Reason={OURS} [root@2026-01-05T10:00:01]\n   Comment=(null)\n")  # without --oneliner
     assert parse_node(several) == {"name": "r01-n01", "base": "MIXED", "flags": {"DRAIN"}, "reason": OURS}

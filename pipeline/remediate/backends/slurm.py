@@ -42,14 +42,13 @@ import subprocess
 from pipeline.remediate.backends.base import REASON_PREFIX, BackendError, delegated_action, is_host_name, reason
 from pipeline.remediate.backends.command import Command, first_line, run_command
 
-# A reason may hold "key=value" words (ours does): its value ends at the stamp Slurm puts after it
-# ("[user@time]"), else at a field `scontrol show node` may print after it (Comment, Extra,
-# ResumeAfterTime since 23.02; InstanceId, InstanceType, ReservationName since 23.11) or the line's end.
+# A reason may hold "key=value" words (ours does) and "[who@where]" (an operator's): its value ends at a
+# field `scontrol show node` may print after it (Comment, Extra, ResumeAfterTime since 23.02; InstanceId,
+# InstanceType, ReservationName since 23.11) or the line's end, less the stamp Slurm puts last ("[user@time]").
 # (Read up to ReservationName, a DOWN node's reason came back with the field in it at resume, and
 # Slurm returns a node to service by itself only where its reason is exactly "Not responding".)
 _AFTER_REASON = r"(?:Comment|Extra|ResumeAfterTime|InstanceId|InstanceType|ReservationName)="
-_REASON = re.compile(rf"(?:^|\s)Reason=(.*?)(?:\s+\[[^\[\]@]*@[^\[\]]*\](?=\s|$)|\s*(?=\s{_AFTER_REASON}|$))",
-                     re.M)
+_REASON = re.compile(rf"(?:^|\s)Reason=(.*?)(?:\s+\[[^\[\]@]*@[^\[\]]*\])?\s*(?=\s{_AFTER_REASON}|$)", re.M)
 _NO_JOBS = ("IDLE", "DOWN")  # base states in which nothing runs on the node
 DOWN_BEFORE = "; DOWN before: "  # in our reason: the reason of the DOWN node we drained, put back at resume
 
