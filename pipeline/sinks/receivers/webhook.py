@@ -21,7 +21,6 @@ from pipeline.sinks.silences import SilenceStore
 from pipeline.sinks.webhook import Receiver, generator_url
 
 log = logging.getLogger("pipeline.sinks.notify")
-OWED_FILE = "owed.json"  # under <data_dir>/notify/: what each webhook receiver lost, until it is told again
 
 
 def webhook_payload(receiver: str, group_key: str, group_labels: dict[str, str], alerts: list[dict[str, Any]],
@@ -69,12 +68,14 @@ class WebhookKind(ReceiverKind):
         # What each receiver lost (notifications dead-lettered after alerts.max_age_s of failures), by group:
         # (group labels, the lost alerts by fingerprint), filled by the receivers' threads; `due`: receivers
         # to be told where those groups stand at the next enqueue(); `told`: what that enqueue took, until
-        # it is written (a write that fails puts it back). Lost and told are kept in OWED_FILE until
+        # it is written (a write that fails puts it back). Lost and told are kept in <kind>-owed.json until
         # written: a restart had forgotten them (a resolution lost for good).
         self._lost: dict[str, dict[str, tuple[dict[str, str], dict[str, dict[str, Any]]]]] = {}
         self._due: set[str] = set()
         self._told: dict[str, dict[str, tuple[dict[str, str], dict[str, dict[str, Any]]]]] = {}
         self._lost_lock = threading.Lock()
+        self._owed_path = state_dir / f"{self.kind}-owed.json" if state_dir is not None else None
+        self._owed_write_lock = threading.Lock()  # (writers one at a time, each with what is owed as it writes)
         self._owed_loaded = False
         self._owed_failing = False
 
@@ -101,7 +102,7 @@ class WebhookKind(ReceiverKind):
                 labels, alerts = groups.setdefault(p["groupKey"], (dict(p.get("groupLabels") or {}), {}))
                 alerts.update((a.get("fingerprint") or fingerprint(a["labels"]), a) for a in p["alerts"]
                               if isinstance(a, dict) and isinstance(a.get("labels"), dict))
-            self._keep_owed()
+        self._keep_owed()  # (on disk before the notifier acks them)
 
     def resend(self, receiver: str) -> None:
         """(A receiver's thread) it delivers again after an outage, or lost its last notification: what it
@@ -122,7 +123,8 @@ class WebhookKind(ReceiverKind):
             for group_key, (labels, lost) in groups.items():
                 alerts = self.router.standing(group_key, lost)
                 if alerts and name in by_name:
-                    note = Notification(group_key, labels, alerts, after=-now)  # (its key: none other's)
+                    # (its key: the group's history and what it says; told again after a restart, the same key)
+                    note = Notification(group_key, labels, alerts, after=-self.router.last_notified(group_key))
                     payloads.setdefault(name, []).append(self.payload(by_name[name], note))
                     keys.setdefault(name, []).append(key(name, note))
         return payloads, keys
@@ -136,36 +138,39 @@ class WebhookKind(ReceiverKind):
         return Enqueued(payloads, bool(changes or notes or self._told), keys)
 
     def written(self, last_seq: dict[str, int]) -> None:
-        if self._told:  # in the outboxes now: owed no more
-            with self._lost_lock:
+        if self._told:  # in the outboxes now: owed no more (on disk in a thread: this is the event loop; a crash
+            with self._lost_lock:  # before it tells them again, under the same keys, which the receiver drops)
                 self._told = {}
-                self._keep_owed()
+            threading.Thread(target=self._keep_owed, name="notify-owed", daemon=True).start()
 
     def _keep_owed(self) -> None:
-        """(Under _lost_lock) what is lost and not yet written to an outbox, to OWED_FILE. A disk that
-        refuses it leaves it in memory (a restart then forgets it, as before), said once."""
-        if self.state_dir is None:
+        """(Not on the event loop) what is lost and not yet written to an outbox, to <kind>-owed.json. A
+        disk that refuses it leaves it in memory (a restart then forgets it, as before), said once."""
+        if self._owed_path is None:
             return
-        owed: dict[str, dict[str, list]] = {}
-        for held in (self._lost, self._told):
-            for receiver, groups in held.items():
-                mine = owed.setdefault(receiver, {})
-                for group_key, (labels, alerts) in groups.items():
-                    mine.setdefault(group_key, [labels, {}])[1].update(alerts)
-        try:
-            write_atomically(self.state_dir / OWED_FILE, json.dumps({"version": 1, "owed": owed}))
-        except OSError as e:
-            if not self._owed_failing:
-                log.error("notify: cannot keep what webhook receivers lost in %s (%s): they are told it when they "
-                          "deliver again, unless notify restarts first", self.state_dir / OWED_FILE, e)
-            self._owed_failing = True
-        else:
-            self._owed_failing = False
+        with self._owed_write_lock:
+            with self._lost_lock:  # (held for the copy only: the event loop takes it too)
+                owed: dict[str, dict[str, list]] = {}
+                for held in (self._lost, self._told):
+                    for receiver, groups in held.items():
+                        mine = owed.setdefault(receiver, {})
+                        for group_key, (labels, alerts) in groups.items():
+                            mine.setdefault(group_key, [labels, {}])[1].update(alerts)
+                text = json.dumps({"version": 1, "owed": owed})
+            try:
+                write_atomically(self._owed_path, text)
+            except OSError as e:
+                if not self._owed_failing:
+                    log.error("notify: cannot keep what webhook receivers lost in %s (%s): they are told it when "
+                              "they deliver again, unless notify restarts first", self._owed_path, e)
+                self._owed_failing = True
+            else:
+                self._owed_failing = False
 
     def _load_owed(self) -> None:
         """(At start, under _lost_lock) what receivers were owed when notify stopped: told at the first
         enqueue (one still down waits for it in its outbox)."""
-        path = None if self.state_dir is None else self.state_dir / OWED_FILE
+        path = self._owed_path
         try:
             owed = json.loads(path.read_text())["owed"] if path is not None and path.exists() else {}
             loaded = {receiver: {group_key: (dict(labels), dict(alerts)) for group_key, (labels, alerts)
