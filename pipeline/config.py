@@ -375,7 +375,7 @@ class PowerConfig:
                                  "protective class a feature rule could give it (a warning names it)")
     sinfo: str = _spec("sinfo", nonempty="give Slurm's sinfo command or its path",
                        doc="Slurm's sinfo command (power.node_labels = slurm); it gets the environment variables "
-                       "remediate.command_env lists by default (PATH, SLURM_CONF, ...), none of the rest")
+                       "remediate.command_env lists (PATH, SLURM_CONF, ...), none of the rest")
     jobs: str = _spec("none", choices=("none", "slurm", "kubernetes"),
                       doc="which job runs on each node, for the firm capacity (`fleetwatch power status`: what "
                           "the classes allow if the job holding the most of it ends or pauses): slurm = the "
@@ -479,8 +479,9 @@ class RemediateConfig:
                             "service account inside a cluster, else ~/.kube/config")
     command_env: list[str] = _spec(list(COMMAND_ENV), doc="the environment variables (names, or patterns as "
                                    "`LC_*`) that remediation's commands get from the daemon's (command, "
-                                   "action_command, validate_command, scontrol); every other is left out, since "
-                                   "the daemon's may hold its secrets (tokens, passwords, cloud credentials)")
+                                   "action_command, validate_command, scontrol; and power.sinfo and power.squeue); "
+                                   "every other is left out, since the daemon's may hold its secrets (tokens, "
+                                   "passwords, cloud credentials)")
     command_timeout_s: float = _spec(60.0, min=1, max=86400, doc="a backend call or validation that runs longer "
                                      "is stopped and counted as failed")
     interval_s: float = _spec(5.0, min=0.1, max=3600, doc="check quarantined nodes (drained yet? resumed by hand?) "

@@ -338,7 +338,8 @@ def test_squeue_missing_keeps_each_node_a_job_of_its_own_and_says_so_once(caplog
 
 def test_sinfo_and_squeue_get_none_of_the_daemon_s_secrets(tmp_path, monkeypatch):
     """Slurm's clients had run with the whole of the daemon's environment: its Kafka password and cloud
-    credentials, read by whatever a site's `power.squeue` wraps. They get what remediation's commands get."""
+    credentials, read by whatever a site's `power.squeue` wraps. They get what remediation's commands get
+    (remediate.command_env, where a site adds what its Slurm needs)."""
     from pipeline.power.node_labels import job_poller_for, poller_for
     monkeypatch.setenv("FLEETWATCH_KAFKA__SASL_PASSWORD", "s3cret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "abc")
@@ -346,8 +347,10 @@ def test_sinfo_and_squeue_get_none_of_the_daemon_s_secrets(tmp_path, monkeypatch
     client = tmp_path / "client"
     client.write_text(f"#!/bin/sh\nenv > {tmp_path}/env.$$\n")
     client.chmod(0o755)
+    monkeypatch.setenv("SLURM_JWT", "a site's own token for Slurm")
     settings = PowerConfig(node_labels="slurm", jobs="slurm", sinfo=str(client), squeue=str(client))
-    pollers = [poller_for(settings, FlexClasses(settings)), job_poller_for(settings, lambda jobs: None)]
+    names = [*make_config().remediate.command_env, "SLURM_JWT"]  # (a site that gives Slurm its token)
+    pollers = [poller_for(settings, FlexClasses(settings), names), job_poller_for(settings, lambda jobs: None, names)]
 
     async def reads() -> None:
         for poller in pollers:
@@ -359,4 +362,4 @@ def test_sinfo_and_squeue_get_none_of_the_daemon_s_secrets(tmp_path, monkeypatch
     assert len(seen) == 2
     for env in seen:
         assert "FLEETWATCH_KAFKA__SASL_PASSWORD" not in env and "AWS_SECRET_ACCESS_KEY" not in env
-        assert env["SLURM_CONF"] == "/etc/slurm/slurm.conf" and "PATH" in env
+        assert env["SLURM_CONF"] == "/etc/slurm/slurm.conf" and "PATH" in env and "SLURM_JWT" in env

@@ -173,12 +173,13 @@ class SlurmQuery:
         return self.parse(await run_slurm(self.command, list(self.args), self.env, self.timeout_s, self.setting))
 
 
-def slurm_env() -> dict[str, str]:
-    """What Slurm's clients get of the daemon's environment: what remediation's commands get by
-    default (PATH, SLURM_CONF, ...), never the rest (its Kafka password, its cloud credentials)."""
+def slurm_env(names: list[str] | None = None) -> dict[str, str]:
+    """What Slurm's clients get of the daemon's environment: what remediation's commands get
+    (`remediate.command_env`: PATH, SLURM_CONF, ...; a site adds SLURM_JWT there), never the rest
+    (its Kafka password, its cloud credentials)."""
     from pipeline.config import COMMAND_ENV
     from pipeline.remediate.backends.command import command_env
-    return command_env(list(COMMAND_ENV))
+    return command_env(list(COMMAND_ENV) if names is None else names)
 
 
 def slurm_features(sinfo: str = "sinfo", env: dict[str, str] | None = None,
@@ -374,19 +375,21 @@ class JobPoller(Poller):
         return {**super().status(), "jobs": self.jobs}
 
 
-def poller_for(settings, classes: FlexClasses) -> LabelPoller | None:
-    """The poller `power.node_labels` asks for; None for "none"."""
+def poller_for(settings, classes: FlexClasses, env_names: list[str] | None = None) -> LabelPoller | None:
+    """The poller `power.node_labels` asks for; None for "none". `env_names`: what of the daemon's
+    environment a Slurm client gets (remediate.command_env)."""
     if settings.node_labels == "slurm":
-        return LabelPoller(slurm_features(settings.sinfo, slurm_env()), classes, settings.node_labels_interval_s)
+        return LabelPoller(slurm_features(settings.sinfo, slurm_env(env_names)), classes,
+                           settings.node_labels_interval_s)
     if settings.node_labels == "kubernetes":
         return LabelPoller(kubernetes_labels(settings.kubeconfig), classes, settings.node_labels_interval_s)
     return None
 
 
-def job_poller_for(settings, apply: Callable[[Jobs], None]) -> JobPoller | None:
-    """The poller `power.jobs` asks for; None for "none"."""
+def job_poller_for(settings, apply: Callable[[Jobs], None], env_names: list[str] | None = None) -> JobPoller | None:
+    """The poller `power.jobs` asks for; None for "none". `env_names`: as poller_for's."""
     if settings.jobs == "slurm":
-        return JobPoller(slurm_jobs(settings.squeue, slurm_env()), apply, settings.node_labels_interval_s)
+        return JobPoller(slurm_jobs(settings.squeue, slurm_env(env_names)), apply, settings.node_labels_interval_s)
     if settings.jobs == "kubernetes":
         return JobPoller(kubernetes_jobs(settings.kubeconfig), apply, settings.node_labels_interval_s)
     return None

@@ -117,8 +117,9 @@ class PowerRole:
         self.site = cfg.fleet.site
         self.dry_run = cfg.power.dry_run if dry_run is None else dry_run
         self.ctl = Controller(self.site, from_recording(), actuator, cfg.power, cfg.detect.site_power_cap_w)
-        self.labels = poller_for(cfg.power, self.ctl.classes)  # nodes' labels for the classes (Slurm features)
-        self.jobs = job_poller_for(cfg.power, self.ctl.set_jobs)  # the jobs on the nodes: the firm capacity
+        slurm_env = cfg.remediate.command_env  # (what of the daemon's environment sinfo and squeue get)
+        self.labels = poller_for(cfg.power, self.ctl.classes, slurm_env)  # nodes' labels for the classes (Slurm)
+        self.jobs = job_poller_for(cfg.power, self.ctl.set_jobs, slurm_env)  # the jobs on the nodes: firm capacity
         self.tracked: dict[str, Tracked] = {}
         self.now: datetime | None = None       # the data's time: the facility data's, else the GPU data's (observe)
         self._facility_at: datetime | None = None  # the newest facility batch's time
