@@ -114,6 +114,35 @@ def test_the_power_branch_of_the_tree_is_not_equipment_and_is_left_alone(tmp_pat
     collector.dead_letters.close()
 
 
+def test_a_dead_letter_file_whose_open_hangs_holds_no_message(tmp_path):
+    """paho hands messages over on the event loop: a dead letter written there, to a file on a hung disk (a
+    FIFO: its open waits for a reader), had stopped the whole process at one bad message. It is written by
+    a thread of its own: handle() returns at once."""
+    import os
+    import threading
+    fifo = tmp_path / "dead.jsonl"
+    os.mkfifo(fifo)
+    collector = MqttCollector("h", 1, "p", fifo)
+    collector.handle("bms/v1/p/cdu/cdu-r01/supply_temp/meta", encode_meta("degF", "r01"))
+    returned, held = threading.Event(), threading.Event()
+    read = []
+
+    def disk() -> None:  # the hung disk, for 10 s at most (then it answers, and the handler goes on)
+        if not returned.wait(10):
+            held.set()
+        with open(fifo) as f:
+            read.append(f.read())
+    answering = threading.Thread(target=disk, daemon=True)
+    answering.start()
+    collector.handle("bms/v1/p/cdu/cdu-r01/supply_temp", b"N/A")
+    returned.set()
+    collector.handle("bms/v1/p/cdu/cdu-r01/supply_temp", reading(86.0, T0_MS))
+    collector.dead_letters.close()
+    answering.join(30)
+    assert not held.is_set()  # handle() did not wait on the disk
+    assert collector.take_batch().num_rows == 1 and '"reason": "bad_json"' in read[0]
+
+
 def test_an_empty_message_clears_a_retained_one_and_is_no_dead_letter(tmp_path):
     """An empty message is MQTT's way of deleting a retained one: a gateway that clears its tree had filled the
     dead letters with a bad_json each (its readings and metadata alike)."""
@@ -164,7 +193,8 @@ def test_a_dead_letter_file_that_cannot_be_written_or_a_failing_handler_stops_no
             collector.handle("bms/v1/p/cdu/cdu-r01/supply_temp", b"N/A")
             collector.handle("bms/v1/p/cdu/cdu-r01/supply_temp", reading(86.0 + i, T0_MS + i))
     assert collector.take_batch().num_rows == 3
-    assert collector.stats.dead_letters == {"bad_json": 3} and collector.stats.dead_letters_unwritten == 3
+    collector.dead_letters.close()
+    assert collector.stats.dead_letters == {"bad_json": 3} and collector.dead_letters.unwritten == 3
     assert caplog.text.count("cannot write") == 1
 
     def broken(topic, payload):

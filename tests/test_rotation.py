@@ -75,7 +75,7 @@ def test_the_alert_log_carries_what_fires_into_the_new_day(tmp_path: Path) -> No
 def test_the_mqtt_dead_letters_rotate_under_an_open_handle(tmp_path: Path) -> None:
     dead = DeadLetterFile(tmp_path / "mqtt.jsonl", Rotation())
     dead.write("bms/x", b"{", "bad_json", "one")
-    dead.flush()
+    dead.settle()
     age(dead.path, 1)
     dead.write("bms/x", b"}", "bad_json", "two")
     dead.close()

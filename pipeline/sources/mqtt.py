@@ -63,7 +63,9 @@ import collections
 import json
 import logging
 import math
+import queue
 import random
+import threading
 import time
 from array import array
 from collections.abc import Awaitable, Callable
@@ -183,7 +185,6 @@ class CollectorStats:
     backfilled: int = 0   # readings older than their point's newest from a pause in it (a gateway's backlog): taken
     reconnects: int = 0   # connections after the first
     dead_letters: dict[str, int] = field(default_factory=dict)  # reason -> messages
-    dead_letters_unwritten: int = 0  # of those, not written to the file (it could not be written)
     odd_quality: int = 0    # readings whose quality was neither 1 nor 0 (taken as bad)
     doubted_units: int = 0  # rack and meter power points whose reading was under a kW (a unit doubted)
     most_pending: int = 0   # the most rows held at once, waiting for publish (from max_batch_rows on)
@@ -229,42 +230,86 @@ class _Point:
 
 
 class DeadLetterFile:
-    """Messages that did not become rows, one JSON line each; opened on first use."""
+    """Messages that did not become rows, one JSON line each, written by a thread of its own
+    (opened on first use): paho hands messages over on the event loop, where a hung disk had
+    stopped the whole process at one bad message, and a slow one had stalled it at each."""
+
+    _FLUSH, _STOP = object(), object()
 
     def __init__(self, path: Path, rotation: Rotation | None = None) -> None:
         self.path = Path(path)
         self.rotation = rotation  # sinks/files.Rotation: daily and by size
         self._file: IO[str] | None = None
-        self.failing = ""  # why the file cannot be written now; "" while it can
+        self.failing = ""   # why the file cannot be written now; "" while it can
+        self.unwritten = 0  # dead letters not written (the file could not be written): counted, not kept
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
 
-    def write(self, topic: str, payload: bytes, reason: str, detail: str) -> bool:
-        """Append one; False where the file cannot be written (a full disk, a read-only folder):
-        said once until it can again, and the messages around it go on."""
-        try:
-            self._write(topic, payload, reason, detail)
-        except OSError as e:
-            self._failed(e)
-            return False
-        if self.failing:
-            log.warning("MQTT dead letters: %s can be written again", self.path)
-            self.failing = ""
-        return True
-
-    def _write(self, topic: str, payload: bytes, reason: str, detail: str) -> None:
-        if self.rotation is not None:
-            if self._file is not None:
-                self._file.flush()
-            if rotate(self.path, self.rotation) is not None:
-                self.close()  # (the handle is the old file's, under its new name)
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write(json.dumps({
+    def write(self, topic: str, payload: bytes, reason: str, detail: str) -> None:
+        """Queue one for the file (a file that cannot be written counts it in `unwritten`, said once
+        until it can again; the messages around it go on)."""
+        self._queue.put(json.dumps({
             "time": iso_utc(time.time()),
             "topic": topic, "payload": payload.decode("utf-8", errors="replace"), "reason": reason,
             "detail": detail}) + "\n")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="mqtt-dead-letters", daemon=True)
+            self._thread.start()
 
     def flush(self) -> None:
+        """What was queued reaches the file soon (not waited for)."""
+        if self._thread is not None:
+            self._queue.put(self._FLUSH)
+
+    def settle(self, timeout_s: float = 10.0) -> bool:
+        """Wait until what was queued is written or given up (False: not within `timeout_s`)."""
+        if self._thread is None:
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what was queued and close the file (within `timeout_s`: a hung disk keeps it)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(self._STOP)
+            thread.join(timeout_s)
+
+    def _serve(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                self._close()
+                return
+            if isinstance(item, threading.Event):
+                self._flush()
+                item.set()
+            elif item is self._FLUSH:
+                self._flush()
+            else:
+                self._write(item)
+
+    def _write(self, line: str) -> None:
+        try:
+            if self.rotation is not None:
+                if self._file is not None:
+                    self._file.flush()
+                if rotate(self.path, self.rotation) is not None:
+                    self._close()  # (the handle is the old file's, under its new name)
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")
+            self._file.write(line)
+        except OSError as e:
+            self.unwritten += 1
+            self._failed(e)
+            return
+        if self.failing:
+            log.warning("MQTT dead letters: %s can be written again", self.path)
+            self.failing = ""
+
+    def _flush(self) -> None:
         if self._file is not None:
             try:
                 self._file.flush()
@@ -273,13 +318,13 @@ class DeadLetterFile:
 
     def _failed(self, e: OSError) -> None:
         """Said once until the file can be written again; what the open file held is lost with it."""
-        self.close()
+        self._close()
         if not self.failing:
             log.error("MQTT dead letters: cannot write %s (%s): what it held is lost, and they are counted, not "
                       "kept, until it can be written", self.path, e)
         self.failing = str(e)
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if self._file is not None:
             try:
                 self._file.close()
@@ -484,8 +529,7 @@ class MqttCollector:
                         "dead-lettered, not logged", self.host, self.port, e.reason, topic, e.detail,
                         self.dead_letters.path, e.reason)
         self.stats.dead_letters[e.reason] = count + 1
-        if not self.dead_letters.write(topic, payload, e.reason, e.detail):
-            self.stats.dead_letters_unwritten += 1
+        self.dead_letters.write(topic, payload, e.reason, e.detail)
 
     @property
     def pending_rows(self) -> int:
@@ -516,7 +560,7 @@ class MqttCollector:
             self.expire_waiting(everything=True)
             await self._flush(publish)
         finally:
-            self.dead_letters.close()
+            await asyncio.to_thread(self.dead_letters.close)
 
     async def _flush(self, publish: Publish) -> None:
         self.expire_waiting()
