@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import tempfile
+import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -239,6 +240,45 @@ def test_a_dead_letter_file_that_cannot_be_written_stops_nothing(tmp_path):
     [out] = asyncio.run(gate.screen([Message(Topic.GPU, bad)]))
     assert out.value.num_rows == batch.num_rows - 1
     assert gate.rejected == {"null_field": 1} and letters.lost == 1 and letters.failing
+
+
+def test_a_dead_letter_file_whose_open_hangs_does_not_stop_the_event_loop(tmp_path):
+    """Dead letters had been fsynced on the event loop: a slow disk stalled every role at each bad batch, a
+    hung one (a FIFO: its open waits for a reader) stopped the process. They are written in a thread."""
+    import os
+    import threading
+    (tmp_path / "deadletter").mkdir()
+    fifo = tmp_path / "deadletter" / "intake.jsonl"
+    os.mkfifo(fifo)
+    gate = Gate("archive", FileDeadLetters(fifo))
+    batch = sim_ticks(make_config(fleet={"racks": 1, "nodes_per_rack": 1}), 1)[0].value
+    nodes = batch.column("node").to_pylist()
+    nodes[0] = None
+    bad = batch.set_column(3, GPU_SAMPLE.field("node"), pa.array(nodes, pa.string()))
+    turns, turned, read = [0], [], []
+
+    def disk() -> None:  # hung until the loop turned 20 times more, or 10 s passed; then it answers
+        start, deadline = turns[0], time.monotonic() + 10
+        while turns[0] < start + 20 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        turned.append(turns[0] >= start + 20)
+        with open(fifo) as f:
+            read.append(f.read())
+
+    async def go():
+        async def ticking():
+            while True:
+                turns[0] += 1
+                await asyncio.sleep(0.001)
+        ticks = asyncio.create_task(ticking())
+        answering = threading.Thread(target=disk, daemon=True)
+        answering.start()
+        [out] = await gate.screen([Message(Topic.GPU, bad)])
+        ticks.cancel()
+        answering.join(30)
+        return out
+    out = asyncio.run(go())
+    assert turned == [True] and out.value.num_rows == batch.num_rows - 1 and '"null_field"' in read[0]
 
 
 # ---- property: schema-valid batches with arbitrary nulls and extreme values --------------------

@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -309,7 +310,11 @@ def _jsonable(x: Any) -> Any:
 
 class FileDeadLetters:
     """In-process: one JSON line per rejected row, `{"time", "group", "topic", "reason",
-    "detail", "row"}` (timestamps in the row as RFC 3339 with nanoseconds), fsynced."""
+    "detail", "row"}` (timestamps in the row as RFC 3339 with nanoseconds), fsynced in a thread
+    (on the event loop, a slow disk had stalled every role at each bad batch, a hung one stopped
+    the process), one writer at a time: the gates of a process share the file and its rotation."""
+
+    _one_writer = threading.Lock()
 
     def __init__(self, path: Path, rotation: Rotation | None = None) -> None:
         self.path = Path(path)
@@ -317,6 +322,11 @@ class FileDeadLetters:
         self.where = str(self.path)
         self.failing = False
         self.lost = 0  # rejected rows not kept: the file could not be written (a full disk)
+
+    def _append(self, text: str) -> None:
+        with self._one_writer:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            append_durably(self.path, text, self.rotation)
 
     async def write(self, group: str, rejected: list[tuple[Message, Rejection]]) -> None:
         lines = []
@@ -330,8 +340,7 @@ class FileDeadLetters:
             lines += [json.dumps({**head, "row": {k: _jsonable(x) for k, x in r.items()}}, default=str) + "\n"
                       for r in table.to_pylist()]
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            append_durably(self.path, "".join(lines), self.rotation)  # one fsync per get_batch
+            await asyncio.to_thread(self._append, "".join(lines))  # one fsync per get_batch
         except OSError as e:  # a full disk must not stop the consumer: the bad rows are counted, not kept
             if not self.failing:
                 log.error("%s: cannot write dead letters to %s (%s): rejected rows are counted but not kept until "
@@ -457,11 +466,30 @@ class ScreenOnce:
             shared, verdicts = self.shared, self.shared._verdicts
             new = [m for m in messages if id(m) not in verdicts]
             if new:  # the message stays referenced while it is in the table: its id is not reused
-                for m, v in zip(new, await shared.gate.verdicts(new)):
-                    verdicts[id(m)] = [m, v, shared.readers.get(m.topic, 1)]
+                # Judging awaits its dead letters' write: a group that reads the same messages meanwhile
+                # waits for this verdict (it had screened them again, each bad row dead-lettered twice).
+                judging = asyncio.get_running_loop().create_future()
+                for m in new:
+                    verdicts[id(m)] = [m, judging, shared.readers.get(m.topic, 1)]
+                try:
+                    judged = await shared.gate.verdicts(new)
+                except BaseException:
+                    for m in new:
+                        verdicts.pop(id(m), None)
+                    judging.set_result(None)
+                    raise
+                for m, v in zip(new, judged):
+                    verdicts[id(m)][1] = v
+                judging.set_result(None)
             out = []
             for m in messages:
-                entry = verdicts[id(m)]
+                entry = verdicts.get(id(m))
+                while entry is not None and isinstance(entry[1], asyncio.Future):
+                    await entry[1]
+                    entry = verdicts.get(id(m))
+                if entry is None:  # (its judge was cancelled: judged here, for this group alone)
+                    out += [v for v in await shared.gate.verdicts([m]) if v is not None]
+                    continue
                 entry[2] -= 1
                 if entry[2] <= 0:
                     del verdicts[id(m)]
