@@ -661,10 +661,11 @@ class NvmlAgent:
 
     # ---- the async face ---------------------------------------------------------------
 
-    async def on_nvml_thread(self, fn: Callable[..., T], *args, hang_s: float = HANG_S) -> T:
+    async def on_nvml_thread(self, fn: Callable[..., T], *args, hang_s: float | None = None) -> T:
         """`fn(*args)` on the agent's NVML thread, between scrapes: for the blocking NVML work
         of async callers, e.g. `await agent.on_nvml_thread(agent.power.apply, 3, 500.0)`.
-        Raises NvmlHung where an NVML call has not answered in `hang_s` (module doc)."""
+        Raises NvmlHung where an NVML call has not answered in `hang_s` (HANG_S; module doc)."""
+        hang_s = HANG_S if hang_s is None else hang_s
         done = asyncio.wrap_future(self._pool.submit(self._tracked, fn, *args))
         while not (await asyncio.wait({done}, timeout=HANG_POLL_S))[0]:
             doing = self._doing  # (once: the NVML thread clears it as the call answers)

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pynvml
 import pytest
@@ -103,28 +104,39 @@ def test_no_driver_is_one_clear_message_and_exit_status_2(tmp_path):
 
 
 HUNG_AGENT = """
-import sys, threading
+import asyncio, sys, threading
 import pipeline.sources.nvml as nvml
-from pipeline.cli import main
+from pipeline.cli import EX_TEMPFAIL
 from pipeline.sources.nvml_replay import NvmlReplay
-nvml.HANG_S = 5.0  # (the agent's own bound is 30 s)
+from tests.test_nvml import agent
+nvml.HANG_S = 3.0  # (the agent's own bound is 30 s)
+replay = NvmlReplay(nvml.Path("pipeline/sources/recordings/h100"), gpus=2, latency=False)
 answering = NvmlReplay.nvmlDeviceGetTemperature
 calls = [0]
 
-def hangs_at_the_tenth(self, handle, sensor):
+def hangs_at_the_fifth(self, handle, sensor):
     calls[0] += 1
-    if calls[0] >= 10 and self._gpu(handle).index == 1:
+    if calls[0] >= 5 and self._gpu(handle).index == 1:
         threading.Event().wait()  # for ever, as a call in a hung driver
     return answering(self, handle, sensor)
-NvmlReplay.nvmlDeviceGetTemperature = hangs_at_the_tenth
-sys.exit(main(["run", "--replay", "h100", "--data-dir", "data"]))
+NvmlReplay.nvmlDeviceGetTemperature = hangs_at_the_fifth
+
+async def published(batch):
+    pass
+with replay.installed():
+    try:
+        asyncio.run(agent(interval_s=0.2).run(published, published, asyncio.Event()))
+    except nvml.NvmlHung as e:
+        print(e, file=sys.stderr)
+        sys.exit(EX_TEMPFAIL)  # (as the command does with an Unavailable)
 """
 
 
 def test_an_agent_whose_nvml_call_hangs_says_which_and_exits_75_to_be_started_again(tmp_path):
     """The process ends although its NVML thread never comes back (a ThreadPoolExecutor's thread would
     have been joined at exit, for ever), with status 75 and the call named."""
-    r = subprocess.run([sys.executable, "-c", HUNG_AGENT], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", HUNG_AGENT], cwd=repo, capture_output=True, text=True, timeout=120,
                        env={k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")})
     assert r.returncode == 75, r.stderr[-3000:]
     assert re.search(r"NVML has not answered for \d+ s \(reading GPU 1 \(GPU-[-0-9a-f]+\)\) on node", r.stderr)
