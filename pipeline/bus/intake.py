@@ -59,6 +59,7 @@ from pipeline.bus.base import Message, Topic
 from pipeline.model import ALERT, EVENT, FACILITY_SAMPLE, FAULT_LABEL, GPU_SAMPLE, NODE_HEALTH, TS, iso_utc, \
     schema_name
 from pipeline.sinks.files import Rotation, append_durably
+from pipeline.threads import DaemonThread
 
 log = logging.getLogger(__name__)
 
@@ -322,9 +323,10 @@ class FileDeadLetters:
         self.where = str(self.path)
         self.failing = False
         self.lost = 0  # rejected rows not kept: the file could not be written (a full disk)
+        self._thread: DaemonThread | None = None
 
     def _append(self, text: str) -> None:
-        with self._one_writer:
+        with self._one_writer:  # (on the file's DaemonThread: a hung write must not hold the process's exit)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             append_durably(self.path, text, self.rotation)
 
@@ -340,7 +342,9 @@ class FileDeadLetters:
             lines += [json.dumps({**head, "row": {k: _jsonable(x) for k, x in r.items()}}, default=str) + "\n"
                       for r in table.to_pylist()]
         try:
-            await asyncio.to_thread(self._append, "".join(lines))  # one fsync per get_batch
+            if self._thread is None:
+                self._thread = DaemonThread("intake-dead-letters")
+            await asyncio.wrap_future(self._thread.submit(self._append, "".join(lines)))  # one fsync per get_batch
         except OSError as e:  # a full disk must not stop the consumer: the bad rows are counted, not kept
             if not self.failing:
                 log.error("%s: cannot write dead letters to %s (%s): rejected rows are counted but not kept until "
@@ -389,6 +393,19 @@ class Gate:
 
     async def verdicts(self, messages: list[Message]) -> list[Message | None]:
         """For each message: itself, its valid rows, or None when none is valid."""
+        out, rejected = self.judge(messages)
+        await self.dead_letter(rejected)
+        return out
+
+    async def dead_letter(self, rejected: list[tuple[Message, Rejection]]) -> None:
+        """What judge() rejected, dead-lettered and counted."""
+        if rejected:
+            await self.dead_letters.write(self.group, rejected)
+            for m, r in rejected:
+                self._count(m, r)
+
+    def judge(self, messages: list[Message]) -> tuple[list[Message | None], list[tuple[Message, Rejection]]]:
+        """Each message's verdict (as verdicts()), and the rejections to dead-letter."""
         bounds = self.window.bounds_ns() if self.window is not None else None
         clean = self._clean_topics(messages, bounds)
         out: list[Message | None] = []
@@ -400,11 +417,7 @@ class Gate:
             valid, rejections = split(m.topic, m.value, self.window, bounds)
             rejected += [(m, r) for r in rejections]
             out.append(m if not rejections else dataclasses.replace(m, value=valid) if valid.num_rows else None)
-        if rejected:
-            await self.dead_letters.write(self.group, rejected)
-            for m, r in rejected:
-                self._count(m, r)
-        return out
+        return out, rejected
 
     def _clean_topics(self, messages: list[Message], bounds) -> set[Topic]:
         """Topics whose messages are all clean, checked as one table per topic (over Kafka a
@@ -465,34 +478,20 @@ class ScreenOnce:
         async def screen(self, messages: list[Message]) -> list[Message]:
             shared, verdicts = self.shared, self.shared._verdicts
             new = [m for m in messages if id(m) not in verdicts]
+            rejected: list = []
             if new:  # the message stays referenced while it is in the table: its id is not reused
-                # Judging awaits its dead letters' write: a group that reads the same messages meanwhile
-                # waits for this verdict (it had screened them again, each bad row dead-lettered twice).
-                judging = asyncio.get_running_loop().create_future()
-                for m in new:
-                    verdicts[id(m)] = [m, judging, shared.readers.get(m.topic, 1)]
-                try:
-                    judged = await shared.gate.verdicts(new)
-                except BaseException:
-                    for m in new:
-                        verdicts.pop(id(m), None)
-                    judging.set_result(None)
-                    raise
+                judged, rejected = shared.gate.judge(new)
                 for m, v in zip(new, judged):
-                    verdicts[id(m)][1] = v
-                judging.set_result(None)
+                    verdicts[id(m)] = [m, v, shared.readers.get(m.topic, 1)]
             out = []
             for m in messages:
-                entry = verdicts.get(id(m))
-                while entry is not None and isinstance(entry[1], asyncio.Future):
-                    await entry[1]
-                    entry = verdicts.get(id(m))
-                if entry is None:  # (its judge was cancelled: judged here, for this group alone)
-                    out += [v for v in await shared.gate.verdicts([m]) if v is not None]
-                    continue
+                entry = verdicts[id(m)]
                 entry[2] -= 1
                 if entry[2] <= 0:
                     del verdicts[id(m)]
                 if entry[1] is not None:
                     out.append(entry[1])
+            # (after the verdicts are in the table: a group that reads these messages while the dead letters
+            # are written takes them, where it had judged them again, each bad row dead-lettered twice)
+            await shared.gate.dead_letter(rejected)
             return out

@@ -38,8 +38,8 @@
   in milliseconds, and one that has not answered in HANG_S (OPEN_HANG_S at start) is hung. The agent says which call
   (`NvmlHung`: the GPU and what it asked) and ends with status 75 to be started again, where
   its supervisor would have killed it on /healthz with nothing said. Its NVML thread is a daemon
-  (`_NvmlThread`): close() and the process's exit do not wait on the hung call, and the caps it
-  held are said to stay until the next agent restores them from its ledger.
+  (`threads.DaemonThread`): close() and the process's exit do not wait on the hung call, and the
+  caps it held are said to stay until the next agent restores them from its ledger.
 
 Tests run this same code against a recording of a real H100 (sources/nvml_replay.py).
 """
@@ -52,8 +52,6 @@ import math
 import threading
 import time
 from datetime import datetime, timezone
-import queue
-from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, TypeVar
@@ -67,6 +65,7 @@ from pipeline.model import (COLLECTOR_STARTED, COLLECTOR_STOPPING, EVENT, GPU_IN
                             GPU_WORKLOAD, ClockEventReason)
 from pipeline.sources.job_mapping import JobMapping
 from pipeline.sources.nvml_power import PowerLimiter
+from pipeline.threads import DaemonThread
 from pipeline.waits import wait_set
 
 log = logging.getLogger(__name__)
@@ -172,40 +171,6 @@ class NvmlHung(Unavailable):
     """An NVML call hangs in the driver (module doc): exit status 75, started again."""
 
 
-class _NvmlThread(Executor):
-    """The one thread every NVML call of the agent runs on, one call at a time. A daemon, unlike
-    ThreadPoolExecutor's, whose threads the interpreter joins at exit: a call hung in the driver
-    would have held the stopping process until its supervisor killed it."""
-
-    def __init__(self, name: str) -> None:
-        self._work: queue.SimpleQueue = queue.SimpleQueue()
-        self._closed = False
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        if self._closed:
-            raise RuntimeError("the NVML thread is shut down")
-        future: Future = Future()
-        self._work.put((future, fn, args, kwargs))
-        return future
-
-    def _serve(self) -> None:
-        while (work := self._work.get()) is not None:
-            future, fn, args, kwargs = work
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args, **kwargs))
-                except BaseException as e:  # the caller's to see, as ThreadPoolExecutor would
-                    future.set_exception(e)
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        self._closed = True
-        self._work.put(None)
-        if wait:
-            self._thread.join()
-
-
 @dataclass
 class Gpu:
     index: int
@@ -248,7 +213,7 @@ class NvmlAgent:
         self._recap: set[int] = set()  # GPUs back from a reset or a loss: a cap held on them is set again
         self.scrapes = 0
         self.driver_version: str | None = None
-        self._pool = _NvmlThread("nvml-scrape")
+        self._pool = DaemonThread("nvml-scrape")
         self._doing: tuple[str, float] | None = None  # the NVML thread's call in flight, and since when (clock)
         self.hung_in = ""  # the call found hung (NvmlHung): close() waits on nothing
         self._events_stop = threading.Event()
