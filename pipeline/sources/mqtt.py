@@ -301,7 +301,7 @@ class DeadLetterFile:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(self.path, "a", encoding="utf-8")
             self._file.write(line)
-        except OSError as e:
+        except Exception as e:  # (OSError, or a rotation's surprise: the thread must not die, lines queued for ever)
             self.unwritten += 1
             self._failed(e)
             return
@@ -316,7 +316,7 @@ class DeadLetterFile:
             except OSError as e:
                 self._failed(e)
 
-    def _failed(self, e: OSError) -> None:
+    def _failed(self, e: Exception) -> None:
         """Said once until the file can be written again; what the open file held is lost with it."""
         self._close()
         if not self.failing:
