@@ -138,13 +138,6 @@ class Router:
         resolved = {fp: a for fp, a in lost.items() if a.get("status") == "resolved" and fp not in firing}
         return sorted([*firing.values(), *resolved.values()], key=lambda a: (a.get("startsAt", ""), _fp(a)))
 
-    def last_notified(self, key: str) -> float:
-        """When group `key` was last notified (its creation before its first; 0 for a group gone)."""
-        group = self._groups.get(key)
-        if group is None:
-            return 0.0
-        return group.last_sent if group.last_sent is not None else group.created
-
     # ---- output ------------------------------------------------------------------
 
     def due(self, now: float) -> list[Notification]:

@@ -56,6 +56,15 @@ def key(receiver: str, note: Notification) -> str:
     return hashlib.sha256(json.dumps([receiver, note.group_key, note.after, said]).encode()).hexdigest()[:32]
 
 
+def _times(alerts: list[dict[str, Any]]) -> float:
+    """A number for the alerts' own times (each one's startsAt and endsAt), a re-told notification's `after`:
+    told again after a restart it is the same notification under the same Idempotency-Key, which the
+    receiver drops; another incident of the same alerts is another notification."""
+    said = sorted((a.get("fingerprint") or fingerprint(a["labels"]), a.get("startsAt", ""), a.get("endsAt", ""))
+                  for a in alerts)
+    return float(int(hashlib.sha256(json.dumps(said).encode()).hexdigest()[:12], 16))
+
+
 class WebhookKind(ReceiverKind):
     kind = "webhook"
     state_file = "router.json"   # Alertmanager's notification log: what each group was told
@@ -123,8 +132,7 @@ class WebhookKind(ReceiverKind):
             for group_key, (labels, lost) in groups.items():
                 alerts = self.router.standing(group_key, lost)
                 if alerts and name in by_name:
-                    # (its key: the group's history and what it says; told again after a restart, the same key)
-                    note = Notification(group_key, labels, alerts, after=-self.router.last_notified(group_key))
+                    note = Notification(group_key, labels, alerts, after=-_times(alerts))
                     payloads.setdefault(name, []).append(self.payload(by_name[name], note))
                     keys.setdefault(name, []).append(key(name, note))
         return payloads, keys
