@@ -84,6 +84,20 @@ def test_the_mqtt_dead_letters_rotate_under_an_open_handle(tmp_path: Path) -> No
     assert [json.loads(x)["detail"] for x in dead.path.read_text().splitlines()] == ["two"]
 
 
+def test_a_file_named_like_a_rotated_one_but_no_date_stops_no_rotation(tmp_path: Path) -> None:
+    """A stray alerts.2025-02-30.jsonl beside it: the pruning's date parse had raised out of every append to a
+    rotated file (alerts.jsonl, the dead letters), and killed the MQTT dead letters' thread."""
+    (tmp_path / "mqtt.2025-02-30.jsonl").write_text("")
+    dead = DeadLetterFile(tmp_path / "mqtt.jsonl", Rotation())
+    dead.write("bms/x", b"{", "bad_json", "one")
+    dead.settle()
+    age(dead.path, 1)
+    dead.write("bms/x", b"}", "bad_json", "two")
+    dead.close()
+    assert [json.loads(x)["detail"] for x in dead.path.read_text().splitlines()] == ["two"]
+    assert dead.unwritten == 0 and (tmp_path / "mqtt.2025-02-30.jsonl").exists()
+
+
 def test_without_hard_links_the_old_file_is_copied(tmp_path: Path, monkeypatch) -> None:
     def no_links(*_):
         raise PermissionError("operation not permitted")

@@ -110,7 +110,11 @@ def rotate(path: Path, rotation: Rotation, now: float | None = None,
     cutoff = today - timedelta(days=rotation.keep_days)
     for old in path.parent.glob(f"{path.stem}.*{path.suffix}"):
         m = _ROTATED.fullmatch(old.name[len(path.stem):])
-        if m and datetime.fromisoformat(m[1]).date() < cutoff:
+        try:
+            day = datetime.fromisoformat(m[1]).date() if m else None
+        except ValueError:  # a name like ours that is no date (alerts.2025-02-30.jsonl): not ours, kept
+            continue
+        if day is not None and day < cutoff:
             old.unlink(missing_ok=True)
     return kept
 
