@@ -35,11 +35,12 @@
   the agent before the driver, a driver upgrade: `NvmlDriverNotLoaded`, exit status 75, which a
   supervisor restarts: with 2, systemd's RestartPreventExitStatus had left the agent dead).
 - A call that hangs in the driver (a GPU falling off the bus, a driver in recovery): NVML answers
-  in milliseconds, and one that has not answered in HANG_S (OPEN_HANG_S at start) is hung. The agent says which call
-  (`NvmlHung`: the GPU and what it asked) and ends with status 75 to be started again, where
-  its supervisor would have killed it on /healthz with nothing said. Its NVML thread is a daemon
-  (`threads.DaemonThread`): close() and the process's exit do not wait on the hung call, and the
-  caps it held are said to stay until the next agent restores them from its ledger.
+  in milliseconds, and one that has not answered in HANG_S (OPEN_HANG_S at start) is hung. The
+  agent says which call (`NvmlHung`: the GPU and what it asked) and ends with status 75 to be
+  started again, where its supervisor would have killed it on /healthz with nothing said. Its
+  NVML thread is a daemon (`threads.DaemonThread`): close() and the process's exit do not wait on
+  the hung call, and the caps it held are said to stay until the next agent restores them from
+  its ledger.
 
 Tests run this same code against a recording of a real H100 (sources/nvml_replay.py).
 """

@@ -146,8 +146,10 @@ class WebhookKind(ReceiverKind):
         return Enqueued(payloads, bool(changes or notes or self._told), keys)
 
     def written(self, last_seq: dict[str, int]) -> None:
-        if self._told:  # in the outboxes now: owed no more (on disk in a thread: this is the event loop; a crash
-            with self._lost_lock:  # before it tells them again, under the same keys, which the receiver drops)
+        # What was told is in the outboxes now: owed no more. The file follows in a thread (this is the event
+        # loop); a crash before it tells them again, under the same keys, which the receiver drops.
+        if self._told:
+            with self._lost_lock:
                 self._told = {}
             threading.Thread(target=self._keep_owed, name="notify-owed", daemon=True).start()
 
