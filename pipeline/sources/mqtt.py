@@ -63,9 +63,7 @@ import collections
 import json
 import logging
 import math
-import queue
 import random
-import threading
 import time
 from array import array
 from collections.abc import Awaitable, Callable
@@ -81,6 +79,7 @@ from pipeline.model import FACILITY_SAMPLE, TS, iso_utc
 from pipeline.sinks.files import Rotation, rotate
 from pipeline.sources.bms_tree import DEFAULT_ROOT, POWER_BRANCH, PointMeta, Reason, Rejected, decode_meta, \
     decode_reading, parse_topic
+from pipeline.threads import DaemonThread
 from pipeline.waits import wait_any, wait_set
 
 log = logging.getLogger(__name__)
@@ -234,61 +233,49 @@ class DeadLetterFile:
     (opened on first use): paho hands messages over on the event loop, where a hung disk had
     stopped the whole process at one bad message, and a slow one had stalled it at each."""
 
-    _FLUSH, _STOP = object(), object()
-
     def __init__(self, path: Path, rotation: Rotation | None = None) -> None:
         self.path = Path(path)
         self.rotation = rotation  # sinks/files.Rotation: daily and by size
         self._file: IO[str] | None = None
         self.failing = ""   # why the file cannot be written now; "" while it can
         self.unwritten = 0  # dead letters not written (the file could not be written): counted, not kept
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._thread: DaemonThread | None = None
 
     def write(self, topic: str, payload: bytes, reason: str, detail: str) -> None:
         """Queue one for the file (a file that cannot be written counts it in `unwritten`, said once
         until it can again; the messages around it go on)."""
-        self._queue.put(json.dumps({
+        if self._thread is None:
+            self._thread = DaemonThread("mqtt-dead-letters")
+        self._thread.submit(self._write, json.dumps({
             "time": iso_utc(time.time()),
             "topic": topic, "payload": payload.decode("utf-8", errors="replace"), "reason": reason,
             "detail": detail}) + "\n")
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name="mqtt-dead-letters", daemon=True)
-            self._thread.start()
 
     def flush(self) -> None:
         """What was queued reaches the file soon (not waited for)."""
         if self._thread is not None:
-            self._queue.put(self._FLUSH)
+            self._thread.submit(self._flush)
 
     def settle(self, timeout_s: float = 10.0) -> bool:
         """Wait until what was queued is written or given up (False: not within `timeout_s`)."""
-        if self._thread is None:
-            return True
-        done = threading.Event()
-        self._queue.put(done)
-        return done.wait(timeout_s)
+        return self._after(self._flush, timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Write what was queued and close the file (within `timeout_s`: a hung disk keeps it)."""
+        self._after(self._close, timeout_s)
         thread, self._thread = self._thread, None
         if thread is not None:
-            self._queue.put(self._STOP)
-            thread.join(timeout_s)
+            thread.shutdown(wait=False)
 
-    def _serve(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is self._STOP:
-                self._close()
-                return
-            if isinstance(item, threading.Event):
-                self._flush()
-                item.set()
-            elif item is self._FLUSH:
-                self._flush()
-            else:
-                self._write(item)
+    def _after(self, last, timeout_s: float) -> bool:
+        """`last()` on the thread after what was queued; False where it did not end within `timeout_s`."""
+        if self._thread is None:
+            return True
+        try:
+            self._thread.submit(last).result(timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     def _write(self, line: str) -> None:
         try:
