@@ -281,6 +281,20 @@ def test_a_dead_letter_file_whose_open_hangs_does_not_stop_the_event_loop(tmp_pa
     assert turned == [True] and out.value.num_rows == batch.num_rows - 1 and '"null_field"' in read[0]
 
 
+def test_one_message_object_read_twice_is_screened_twice_not_a_crash(tmp_path):
+    """A producer that publishes one Message object twice: its second reading found its verdict gone from
+    the screen-once table (every reader counted) and raised KeyError out of the consumer."""
+    once = ScreenOnce(Gate("intake", FileDeadLetters(tmp_path / "intake.jsonl")))
+    view = once.view([Topic.GPU])
+    batch = sim_ticks(make_config(fleet={"racks": 1, "nodes_per_rack": 1}), 1)[0].value
+    nodes = batch.column("node").to_pylist()
+    nodes[0] = None
+    m = Message(Topic.GPU, batch.set_column(3, GPU_SAMPLE.field("node"), pa.array(nodes, pa.string())))
+    out = asyncio.run(view.screen([m, m]))
+    assert [o.value.num_rows for o in out] == [batch.num_rows - 1] * 2 and once._verdicts == {}
+    assert once.gate.rejected == {"null_field": 2}  # (each reading of it)
+
+
 # ---- property: schema-valid batches with arbitrary nulls and extreme values --------------------
 
 _SIM = FleetSimulator(config(Path(".")).fleet, start=START)

@@ -398,11 +398,12 @@ class Gate:
         return out
 
     async def dead_letter(self, rejected: list[tuple[Message, Rejection]]) -> None:
-        """What judge() rejected, dead-lettered and counted."""
+        """What judge() rejected, counted and dead-lettered. The write goes on when its caller is cancelled
+        (a stop): other groups may have taken the verdict that dropped these rows."""
         if rejected:
-            await self.dead_letters.write(self.group, rejected)
             for m, r in rejected:
                 self._count(m, r)
+            await asyncio.shield(self.dead_letters.write(self.group, rejected))
 
     def judge(self, messages: list[Message]) -> tuple[list[Message | None], list[tuple[Message, Rejection]]]:
         """Each message's verdict (as verdicts()), and the rejections to dead-letter."""
@@ -477,7 +478,7 @@ class ScreenOnce:
 
         async def screen(self, messages: list[Message]) -> list[Message]:
             shared, verdicts = self.shared, self.shared._verdicts
-            new = [m for m in messages if id(m) not in verdicts]
+            new = list({id(m): m for m in messages if id(m) not in verdicts}.values())
             rejected: list = []
             if new:  # the message stays referenced while it is in the table: its id is not reused
                 judged, rejected = shared.gate.judge(new)
@@ -485,7 +486,12 @@ class ScreenOnce:
                     verdicts[id(m)] = [m, v, shared.readers.get(m.topic, 1)]
             out = []
             for m in messages:
-                entry = verdicts[id(m)]
+                entry = verdicts.get(id(m))
+                if entry is None:  # (one message object read again after all its readers: judged anew, here)
+                    judged, again = shared.gate.judge([m])
+                    rejected += again
+                    out += [v for v in judged if v is not None]
+                    continue
                 entry[2] -= 1
                 if entry[2] <= 0:
                     del verdicts[id(m)]
