@@ -244,12 +244,15 @@ class DeadLetterFile:
     def write(self, topic: str, payload: bytes, reason: str, detail: str) -> None:
         """Queue one for the file (a file that cannot be written counts it in `unwritten`, said once
         until it can again; the messages around it go on)."""
-        if self._thread is None:
-            self._thread = DaemonThread("mqtt-dead-letters")
-        self._thread.submit(self._write, json.dumps({
-            "time": iso_utc(time.time()),
-            "topic": topic, "payload": payload.decode("utf-8", errors="replace"), "reason": reason,
-            "detail": detail}) + "\n")
+        line = json.dumps({"time": iso_utc(time.time()), "topic": topic,
+                           "payload": payload.decode("utf-8", errors="replace"), "reason": reason, "detail": detail})
+        thread = self._thread  # (once: a close in another thread may clear it)
+        if thread is None:
+            thread = self._thread = DaemonThread("mqtt-dead-letters")
+        try:
+            thread.submit(self._write, line + "\n")
+        except RuntimeError:  # (closed meanwhile, at a stop: counted, never raised into the message handler)
+            self.unwritten += 1
 
     def flush(self) -> None:
         """What was queued reaches the file soon (not waited for)."""
@@ -261,18 +264,21 @@ class DeadLetterFile:
         return self._after(self._flush, timeout_s)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Write what was queued and close the file (within `timeout_s`: a hung disk keeps it)."""
-        self._after(self._close, timeout_s)
+        """Write what was queued and close the file (within `timeout_s`: a hung disk keeps it, said)."""
+        if not self._after(self._close, timeout_s):
+            log.warning("MQTT dead letters: %s not written and closed within %g s (a hung disk?): what was queued "
+                        "may be lost", self.path, timeout_s)
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.shutdown(wait=False)
 
     def _after(self, last, timeout_s: float) -> bool:
         """`last()` on the thread after what was queued; False where it did not end within `timeout_s`."""
-        if self._thread is None:
+        thread = self._thread
+        if thread is None:
             return True
         try:
-            self._thread.submit(last).result(timeout_s)
+            thread.submit(last).result(timeout_s)
         except TimeoutError:
             return False
         return True
