@@ -498,8 +498,8 @@ class DaemonConfig:
     jsonl_max_mb: float = _spec(256.0, min=0.01, doc="alerts.jsonl and the dead-letter files (deadletter/*.jsonl) "
                                 "start afresh at this size, and on the first write of each UTC day; the old one is "
                                 "kept beside as <name>.<YYYY-MM-DD>[.<n>].jsonl (docs/alerting.md#the-alert-log)")
-    jsonl_keep_days: float = _spec(30.0, min=0.0, max=36500.0, doc="rotated alerts.jsonl and dead-letter files older than this "
-                                   "are deleted")
+    jsonl_keep_days: float = _spec(30.0, min=0.0, max=36500.0, doc="rotated alerts.jsonl and dead-letter files "
+                                   "older than this are deleted")
     checkpoint_interval_s: float = _spec(10.0, min=0.1, max=3600, doc="without Kafka: save the detector and alert "
                                          "state to <data_dir>/state/ this often (and at shutdown); a restart "
                                          "resumes from it (over Kafka: kafka.commit_interval_s)")

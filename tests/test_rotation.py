@@ -72,13 +72,18 @@ def test_the_alert_log_carries_what_fires_into_the_new_day(tmp_path: Path) -> No
     assert {a["fingerprint"]: a["status"] for a in listing.alerts} == {"A": "firing", "B": "resolved", "C": "firing"}
 
 
-def test_the_mqtt_dead_letters_rotate_under_an_open_handle(tmp_path: Path) -> None:
-    dead = DeadLetterFile(tmp_path / "mqtt.jsonl", Rotation())
+def across_a_day(dead: DeadLetterFile) -> None:
+    """Dead letter "one" written yesterday, "two" today; then closed."""
     dead.write("bms/x", b"{", "bad_json", "one")
     dead.settle()
     age(dead.path, 1)
     dead.write("bms/x", b"}", "bad_json", "two")
     dead.close()
+
+
+def test_the_mqtt_dead_letters_rotate_under_an_open_handle(tmp_path: Path) -> None:
+    dead = DeadLetterFile(tmp_path / "mqtt.jsonl", Rotation())
+    across_a_day(dead)
     [kept] = tmp_path.glob("mqtt.*.jsonl")
     assert [json.loads(x)["detail"] for x in kept.read_text().splitlines()] == ["one"]
     assert [json.loads(x)["detail"] for x in dead.path.read_text().splitlines()] == ["two"]
@@ -89,11 +94,7 @@ def test_a_file_named_like_a_rotated_one_but_no_date_stops_no_rotation(tmp_path:
     rotated file (alerts.jsonl, the dead letters), and killed the MQTT dead letters' thread."""
     (tmp_path / "mqtt.2025-02-30.jsonl").write_text("")
     dead = DeadLetterFile(tmp_path / "mqtt.jsonl", Rotation())
-    dead.write("bms/x", b"{", "bad_json", "one")
-    dead.settle()
-    age(dead.path, 1)
-    dead.write("bms/x", b"}", "bad_json", "two")
-    dead.close()
+    across_a_day(dead)
     assert [json.loads(x)["detail"] for x in dead.path.read_text().splitlines()] == ["two"]
     assert dead.unwritten == 0 and (tmp_path / "mqtt.2025-02-30.jsonl").exists()
 
