@@ -120,6 +120,15 @@ def test_a_meter_reading_its_bms_marks_bad_is_no_reading():
     assert not [s for s, _ in out.achieved_kw if 151 <= s < 240] and out.achieved_kw[-1][0] > 240
 
 
+def half_feeds_from(at: int, change):
+    """`drive`'s feeds: each rack's PDU as an A and a B feed carrying half each, `change` made to them from
+    tick `at` on."""
+    def feeds(i, tick):
+        f = a_and_b_feeds(tick.facility, 0.5)
+        return tick.gpu, f if i < at else change(f)
+    return feeds
+
+
 def test_a_pdu_feed_its_bms_marks_bad_is_heard_not_failed_over():
     """Rack r01's A-feed PDU still reads its half, marked bad (its BMS link lost); B reads its half. Left out
     as silent, A had read as a failed-over feed: the rack's sum halved, which the loop took for load the caps
@@ -127,11 +136,7 @@ def test_a_pdu_feed_its_bms_marks_bad_is_heard_not_failed_over():
     sim, ctl = fleet()
     out = ctl.submit(request(400, 10))
 
-    def feeds(i, tick):
-        f = a_and_b_feeds(tick.facility, 0.5)
-        if i < 520:
-            return tick.gpu, f
-        return tick.gpu, marked_bad(f, pc.equal(f.column("device"), "pdu-r01-a"))
+    feeds = half_feeds_from(520, lambda f: marked_bad(f, pc.equal(f.column("device"), "pdu-r01-a")))
     truth = drive(sim, ctl, 760, feeds, truth_in=range(550, 700))
     assert out.met and np.mean(truth) == pytest.approx(out.requested_kw, rel=0.15)
 
@@ -822,16 +827,13 @@ def test_a_feed_that_fails_mid_request_leaves_its_rack_s_sum_and_the_other_carri
     sim, ctl = fleet()
     out = ctl.submit(request(400, 10))
 
-    def failover(i, tick):
-        f = a_and_b_feeds(tick.facility, 0.5)
-        if i < 520:
-            return tick.gpu, f
+    def failover(f):
         device, value = f.column("device"), f.schema.get_field_index("value")
         f = f.filter(pc.invert(pc.equal(device, "pdu-r01-a")))
         b = pc.equal(f.column("device"), "pdu-r01-b")
-        return tick.gpu, f.set_column(value, f.schema.field(value),
-                                      pc.if_else(b, pc.multiply(f.column("value"), 2.0), f.column("value")))
-    truth = drive(sim, ctl, 760, failover, truth_in=range(550, 700))
+        return f.set_column(value, f.schema.field(value),
+                            pc.if_else(b, pc.multiply(f.column("value"), 2.0), f.column("value")))
+    truth = drive(sim, ctl, 760, half_feeds_from(520, failover), truth_in=range(550, 700))
     claimed = [kw for t, kw in out.achieved_kw if t >= 150]
     assert np.mean(claimed) == pytest.approx(np.mean(truth), rel=0.1)
     assert out.met, (out.minute_means(), out.requested_kw)
