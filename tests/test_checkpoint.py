@@ -205,3 +205,24 @@ def test_a_facility_device_whose_name_holds_a_slash_keeps_its_kind_across_a_rest
     assert sorted(zip(second.inventory.point_devices, second.inventory.point.kind[:n].tolist())) == \
         sorted(zip(first.inventory.point_devices, first.inventory.point.kind[:n].tolist()))
     assert before + alerts(second, ticks[150:]) == reference
+
+
+def test_a_process_fenced_after_its_checkpoint_and_given_its_partitions_again_detects_what_it_reads_again(stream):
+    """A detect process whose event loop stalled past its transaction's timeout is fenced: what it
+    processed after its last commit is discarded, and the group may give it the same partitions back.
+    It restores their checkpoint and reads those rows again. Its clocks had stayed where it had got
+    to (a CI run under load): every row read again was "late", not detected on, and the PduOverload
+    and CoolantFlowLoss of that time were never raised."""
+    cfg, ticks = stream
+    ticks = ticks[:600]
+    reference = alerts(Engine(cfg, one_stream=False), ticks)  # partitions' clocks apart, as over Kafka
+    engine = Engine(cfg, one_stream=False)
+    cp = Checkpointer(engine, PARTITIONS)
+    before = alerts(engine, ticks[:300])
+    committed = cp.snapshot(set(range(PARTITIONS)))
+    alerts(engine, ticks[300:450])  # processed, never committed: its transaction was aborted
+    cp.forget(set(range(PARTITIONS)))  # fenced (the role's `lost`)
+    for batch in committed.values():
+        cp.restore(batch)
+    assert before + alerts(engine, ticks[300:]) == reference
+    assert engine.stats.late_samples == 0

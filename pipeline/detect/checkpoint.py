@@ -167,9 +167,12 @@ class Checkpointer:
 
     def forget(self, partitions: set[int]) -> None:
         """Drop the state of partitions this process no longer owns: the next owner
-        continues from the checkpoint, and our copy would go stale."""
+        continues from the checkpoint, and our copy would go stale. Their event-time clocks
+        go too: a process fenced after its last commit may be given them back, and reads
+        again from that commit what its clocks had passed (it would all be late)."""
         e = self.engine
         state = e.state()
+        e.gpu_time.forget(np.asarray(sorted(partitions), np.int64))
         for scope in SCOPES:
             _, slots, _ = self._rows(scope, partitions)
             if not slots.size:
@@ -180,6 +183,8 @@ class Checkpointer:
             if scope == "node":
                 e.health.ensure(int(slots.max()) + 1)
                 e.health.state[slots] = 0
+            elif scope in ("gpu", "point"):
+                (e.gpu_series if scope == "gpu" else e.point_series).forget(slots)
             for tr in e.trackers.values():
                 if tr.spec.entity == scope:
                     tr.forget(slots)

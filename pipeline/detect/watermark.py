@@ -17,7 +17,8 @@ over Kafka while its racks report, and which still moves on when every rack of a
 partition goes silent. Over Kafka a partition whose racks all go silent, facility
 readings included, has no clock to judge them by (docs/kafka.md). Clocks are not
 checkpointed: a process that takes a partition over starts its clock at the first
-sample it reads there.
+sample it reads there, and one that lets a partition go forgets its clocks (it may be
+given the partition back after being fenced, to read again what it had read).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class Watermarks:
             return np.full(partition.shape[0], np.nanmax(clock))
         return clock[partition]
 
+    def forget(self, partitions: np.ndarray) -> None:
+        """These partitions' clocks start again at the next sample read there."""
+        if partitions.size:
+            self.arrays.ensure(int(partitions.max()) + 1)
+            self.arrays.reset(partitions, self.arrays.fields)
+
 
 class SeriesClocks:
     """The newest sample time of each series (slot): what makes a row late."""
@@ -62,3 +69,8 @@ class SeriesClocks:
 
     def advance(self, slots: np.ndarray, ts: np.ndarray) -> None:
         np.maximum.at(self.arrays.latest, slots, ts)
+
+    def forget(self, slots: np.ndarray) -> None:
+        """These series' clocks start again at their next sample."""
+        self.arrays.ensure(int(slots.max()) + 1)
+        self.arrays.reset(slots, self.arrays.fields)
