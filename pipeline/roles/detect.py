@@ -26,7 +26,7 @@ from pipeline.sinks.alerts import read_jsonl
 from pipeline.bus import Bus, EndOfStream, Message, Topic
 from pipeline.bus import keys
 from pipeline.bus.align import ORIGIN, start_time
-from pipeline.bus.batching import coalesce, coalesce_by_time
+from pipeline.bus.batching import PacedBatches, coalesce, coalesce_by_time
 from pipeline.bus import intake
 from pipeline.bus.intake import Gate
 from pipeline.config import Config
@@ -85,14 +85,16 @@ def build(ctx, spec):
 async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
                       checkpoint: Checkpointer | None, local: LocalCheckpoint | None = None,
                       checkpoint_interval_s: float = 10.0, resolved_at_start: list | None = None,
-                      gate: Gate | None = None, timed=None, tier: str = "rack") -> None:
+                      gate: Gate | None = None, timed=None, tier: str = "rack",
+                      paced: PacedBatches | None = None) -> None:
     """Telemetry in, alerts and node health out. Over Kafka the output, the input offsets
     and a checkpoint of the detector state of each partition processed commit together
     (one transaction per commit interval); a partition that moves to another detect
     process continues there from that checkpoint. In-process (`local`) the state is saved
     to the data directory every `checkpoint_interval_s` and at the end; alerts the restart
     resolved (`resolved_at_start`, checkpoint.reconcile) go out first. `timed(topic, seconds)`
-    hears how long each batch took (the /metrics histogram)."""
+    hears how long each batch took (the /metrics histogram). `paced` sizes the batches asked
+    for (bus/batching.py), so that one batch does not hold the event loop's thread for long."""
     busy = asyncio.Lock()  # processing a batch and handing partitions over never interleave
     dirty: set[int] = set()  # partitions processed since their last checkpoint
     background: set[asyncio.Task] = set()  # in-process event publishes (below)
@@ -171,10 +173,11 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
             await sub.publish(m)
     next_commit = time.monotonic() + commit_interval_s
     next_save = time.monotonic() + checkpoint_interval_s
+    paced = paced or PacedBatches()
     while True:
         try:
             wake = min(next_commit, next_save) if local is not None else next_commit
-            messages = await sub.get_batch(max_messages=4096, timeout_s=max(0.05, wake - time.monotonic()))
+            messages = await sub.get_batch(max_messages=paced.size, timeout_s=max(0.05, wake - time.monotonic()))
         except EndOfStream:
             async with busy:
                 await commit(set(dirty))
@@ -183,6 +186,7 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
             await asyncio.gather(*background)
             return
         async with busy:
+            batch_started = time.perf_counter()
             if gate is not None:  # bad rows are dead-lettered here, the rest goes on (bus/intake.py)
                 messages = await gate.screen(messages)
             dirty.update(m.partition for m in messages)
@@ -227,6 +231,8 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
                     for m in keys.messages(Topic.RACKS, out.racks, keyed=True):
                         for o, rows in owners.split(m.value) if owners is not None else [(origin, m.value)]:
                             await sub.publish(replace(m, value=rows, headers={ORIGIN: str(o)}), origin=o)
+                await asyncio.sleep(0)  # the group's heartbeats, /healthz: a batch can take seconds
+            paced.took(len(messages), time.perf_counter() - batch_started)
             if time.monotonic() >= next_commit:
                 await commit(set(dirty))
                 next_commit = time.monotonic() + commit_interval_s
