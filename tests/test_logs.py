@@ -298,3 +298,32 @@ def test_a_failure_of_a_json_run_is_a_json_record_too(tmp_path, monkeypatch, cap
     assert "cannot reach https://***@hooks.example/x?token=***" in objs[-1]["message"]
     assert ("exc_info" in objs[-1]) == (status == 1)
     assert PASSWORD not in err and TOKEN not in err
+
+
+def test_the_futures_a_fenced_producer_leaves_unread_are_not_logged_as_errors_and_other_ones_are():
+    """After a fence, aiokafka's own futures failed with ProducerFenced had each been logged as an ERROR
+    with a traceback when collected (four or five per fence, after the warning that says what happened)."""
+    import asyncio
+    import gc
+    import importlib
+
+    from aiokafka.errors import ProducerFenced
+
+    importlib.import_module("pipeline.bus.kafka")  # installs the filter, as every process on Kafka imports it
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+    handler = Keep()
+    logging.getLogger("asyncio").addHandler(handler)
+    try:
+        async def leave_unread(error: BaseException) -> None:
+            asyncio.get_running_loop().create_future().set_exception(error)
+            gc.collect()
+        asyncio.run(leave_unread(ProducerFenced()))
+        asyncio.run(leave_unread(RuntimeError("a bug of our own")))
+    finally:
+        logging.getLogger("asyncio").removeHandler(handler)
+    assert [type(r.exc_info[1]).__name__ for r in seen] == ["RuntimeError"]
+    assert "never retrieved" in seen[0].getMessage()

@@ -118,6 +118,20 @@ for _name in ("aiokafka", "aiokafka.client", "aiokafka.conn", "aiokafka.consumer
     logging.getLogger(_name).addFilter(_REPEATS)
 
 
+class _FencedLeftovers(logging.Filter):
+    """A fenced transactional producer leaves aiokafka's own futures (its batches', its
+    sender's) failed with ProducerFenced and never read, and asyncio logs each as an ERROR
+    with a traceback when it is collected: four or five after every fence, after the one
+    warning that says what happened and what the process does (`KafkaSubscription._lose`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, _FENCED) and str(record.msg).startswith("Future exception was never retrieved"))
+
+
+logging.getLogger("asyncio").addFilter(_FencedLeftovers())
+
+
 def _back_off_metadata(client, backoff_s: float = 0.5) -> None:
     """aiokafka's producer asks for metadata again as soon as a request fails, which
     spins a core while the broker is unreachable; pause after each failed attempt."""
