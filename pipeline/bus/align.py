@@ -61,6 +61,8 @@ class Aligner:
         self.gone: set[tuple[int, Hashable]] = set()  # (partition, origin) idle since it was logged
         self.maybe: set[tuple[int, Hashable]] = set()  # (partition, origin) expected, never heard: maybe not ours
         self.held = 0
+        self._turn = 0  # which partition a limited release starts at (each in turn)
+        self.cut_short = False  # the last release stopped at its limit: more may be releasable now
 
     def expect(self, partition: int, sources: Iterable[Hashable], maybe: bool = False) -> None:
         """Sources a partition's messages come from, known before they send (an assigned
@@ -118,13 +120,21 @@ class Aligner:
                         "(no process has got through its rack-tier partition's input since)", p, source, self.idle_s)
         return False
 
-    def release(self, read_to_end: Callable[[Hashable, int], bool], everything: bool = False) -> list[Message]:
+    def release(self, read_to_end: Callable[[Hashable, int], bool], everything: bool = False,
+                limit: int | None = None) -> list[Message]:
         """Every message that no other source of its partition can still precede, in
-        order per partition. `read_to_end(source, partition)`: nothing more to read there now."""
+        order per partition. `read_to_end(source, partition)`: nothing more to read there now.
+        With `limit`, at most that many (the consumer's paced batch: a backlog held while one
+        topic was fetched ahead goes in batches of that size too), starting at each partition
+        in turn; the rest stay held."""
         out: list[Message] = []
         now = self.clock()
-        for p, by_source in self.queues.items():
-            while True:
+        parts = list(self.queues.items())
+        if limit is not None and parts:
+            start, self._turn = self._turn % len(parts), self._turn + 1
+            parts = parts[start:] + parts[:start]
+        for p, by_source in parts:
+            while limit is None or len(out) < limit:
                 heads = [q[0] for q in by_source.values() if q]
                 if not heads:
                     break
@@ -135,6 +145,7 @@ class Aligner:
                 by_source[self._source(head[2])].popleft()
                 self.held -= 1
                 out.append(head[2])
+        self.cut_short = limit is not None and len(out) >= limit
         return out
 
     def drain(self) -> list[Message]:

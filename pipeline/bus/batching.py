@@ -79,12 +79,12 @@ def coalesce_by_time(messages: list[Message]) -> list[Message]:
 class PacedBatches:
     """How many messages a consumer asks for next, so that processing one batch takes about
     `budget_s`. Over Kafka a batch is processed without a commit, inside one transaction per
-    partition, and the group's heartbeats wait on it: one that outlasts the group's session
-    or the transaction timeout (10 s each) fences the process, which then reads it all again.
-    A process behind a backlog on a busy machine (4,096 messages at a few thousand GPU samples
-    a second: 11-15 s) was fenced so, and one that stays that slow never gets through it. After a batch that took longer, the
-    size is what the budget would have held at its pace; after a full one that took less than
-    half of it, twice as many."""
+    partition: one that outlasts the transaction timeout (10 s) fences the process, which then
+    reads it all again. A process behind a backlog on a busy machine (4,096 messages at a few
+    thousand GPU samples a second: 11-15 s) was fenced so, and one that stays that slow never
+    gets through it. (The event loop turns between the batch's messages, so the group's
+    heartbeats go on.) After a batch that took longer, the size is what the budget would have
+    held at its pace; after a full one that took less than half of it, twice as many."""
 
     def __init__(self, largest: int = 4096, budget_s: float = 2.0, smallest: int = 16) -> None:
         self.largest, self.budget_s, self.smallest = largest, budget_s, smallest

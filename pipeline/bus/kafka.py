@@ -403,6 +403,8 @@ class KafkaSubscription:
             self._rejoin = False
             self.consumer.unsubscribe()
             self.consumer.subscribe([self.bus.wire(t) for t in self.topics], listener=_Rebalance(self))
+        if self.aligner is not None and self.aligner.cut_short:
+            timeout_s = 0.0  # what it holds goes on now, with whatever was fetched meanwhile
         records = await _getmany(self.bus, self.consumer, timeout_s, max_messages,
                                  f"reading {', '.join(self.bus.wire(t) for t in self.topics)} in group "
                                  f"{self.bus.wire_group(self.group)}")
@@ -437,12 +439,12 @@ class KafkaSubscription:
             aligner.add([m for m in out if m.partition in self.ready])  # (revoked while dead-lettering)
             drained = not records and await self._drained()
             read = set() if drained else await self._read_to_end()
-            out = aligner.drain() if drained else aligner.release(lambda t, p: (t, p) in read)
-            if not drained and (more := aligner.waiting_on() - read):
+            out = aligner.drain() if drained else aligner.release(lambda t, p: (t, p) in read, limit=max_messages)
+            if not drained and len(out) < max_messages and (more := aligner.waiting_on() - read):
                 # Sources that ran empty while releasing (the last topic of a tick waits on the
                 # first one's end): read to their end too? Then on, not on the next batch.
                 read |= await self._read_to_end(more)
-                out += aligner.release(lambda t, p: (t, p) in read)
+                out += aligner.release(lambda t, p: (t, p) in read, limit=max_messages - len(out))
             out = [m for m in out if m.partition in self.ready]  # (revoked while reading to the end)
             # Commit up to what is released, but not past a message still held. Released in
             # time order, a partition's offsets may interleave (origins): one released past a
