@@ -96,8 +96,12 @@ def test_only_the_partitions_asked_for_are_snapshotted_and_forgotten(stream):
     again = cp.snapshot({0, 1, 2})
     kept = in_scope(again[2], "gpu")
     assert again[2].filter(kept).column("drift.count").to_pylist()[0] > 0  # partition 2 (rack r01) kept its state
-    gone = in_scope(again[1], "gpu")
-    assert set(again[1].filter(gone).column("drift.count").to_pylist()) == {0.0}
+    assert again[1].filter(in_scope(again[1], "gpu")).num_rows == 0  # its GPUs let go, as if never seen
+    assert np.isnan(again[1].filter(in_scope(again[1], "node")).column("node.last_seen").to_numpy()).all()
+    cp.restore(one[1])  # given back: as the checkpoint had them
+    back = cp.snapshot({1})[1]
+    assert back.filter(in_scope(back, "gpu")).column("drift.count").to_pylist() == \
+        one[1].filter(in_scope(one[1], "gpu")).column("drift.count").to_pylist()
 
 
 def in_scope(batch, scope):
@@ -207,22 +211,64 @@ def test_a_facility_device_whose_name_holds_a_slash_keeps_its_kind_across_a_rest
     assert before + alerts(second, ticks[150:]) == reference
 
 
-def test_a_process_fenced_after_its_checkpoint_and_given_its_partitions_again_detects_what_it_reads_again(stream):
+def changes(engine: Engine, ticks) -> list:
+    """Alert changes and the events the engine found (a GPU moved or replaced)."""
+    out = []
+    for msgs in ticks:
+        for m in msgs:
+            o = engine.process(m)
+            out += [a.to_json() | {"at": ts.isoformat()} for ts, a in o.alerts]
+            out += [(e["kind"], e["text"]) for e in o.events]
+    return out
+
+
+def _first_gpu_from(ticks, start: int, change) -> list:
+    """The stream with the first GPU's rows changed by `change(gpu batch, its rows)` from tick `start` on."""
+    uuid = ticks[0][0].value.column("gpu_uuid")[0].as_py()
+    out = []
+    for i, msgs in enumerate(ticks):
+        if i >= start:
+            msgs = [Message(m.topic, change(m.value, pc.equal(m.value.column("gpu_uuid"), uuid)), key=m.key)
+                    if m.topic == Topic.GPU else m for m in msgs]
+        out.append(msgs)
+    return out
+
+
+def _replaced(b, me):
+    return b.set_column(b.schema.get_field_index("gpu_uuid"), "gpu_uuid",
+                        pc.if_else(me, "GPU-NEW", b.column("gpu_uuid")))
+
+
+def _moved(b, me):
+    col = b.schema.get_field_index("gpu")
+    return b.set_column(col, "gpu", pc.if_else(me, pa.scalar(9, b.schema.field(col).type), b.column("gpu")))
+
+
+@pytest.mark.parametrize("meanwhile", [None, _replaced, _moved], ids=["nothing", "a GPU replaced", "a GPU moved"])
+def test_a_process_fenced_after_its_checkpoint_and_given_its_partitions_again_detects_what_it_reads_again(
+        stream, meanwhile):
     """A detect process whose event loop stalled past its transaction's timeout is fenced: what it
     processed after its last commit is discarded, and the group may give it the same partitions back.
     It restores their checkpoint and reads those rows again. Its clocks had stayed where it had got
     to (a CI run under load): every row read again was "late", not detected on, and the PduOverload
-    and CoolantFlowLoss of that time were never raised."""
+    and CoolantFlowLoss of that time were never raised. A GPU replaced or moved meanwhile was said
+    replaced or moved backwards, then forwards again (the inventory kept where it had seen it last)."""
     cfg, ticks = stream
-    ticks = ticks[:600]
-    reference = alerts(Engine(cfg, one_stream=False), ticks)  # partitions' clocks apart, as over Kafka
+    ticks = ticks[:600] if meanwhile is None else _first_gpu_from(ticks[:600], 350, meanwhile)
+    reference = changes(Engine(cfg, one_stream=False), ticks)  # partitions' clocks apart, as over Kafka
+    if meanwhile is not None:
+        assert any(isinstance(c, tuple) for c in reference)  # the engine saw it (at 350 s, after the commit)
     engine = Engine(cfg, one_stream=False)
     cp = Checkpointer(engine, PARTITIONS)
-    before = alerts(engine, ticks[:300])
+    before = changes(engine, ticks[:300])
     committed = cp.snapshot(set(range(PARTITIONS)))
-    alerts(engine, ticks[300:450])  # processed, never committed: its transaction was aborted
+    changes(engine, ticks[300:450])  # processed, never committed: its transaction was aborted
     cp.forget(set(range(PARTITIONS)))  # fenced (the role's `lost`)
+    assert np.isnan(engine.gpu_time.newest(np.arange(PARTITIONS))).all()  # the partitions' clocks start again
+    changes(engine, ticks[450:460])  # the rest of the batch it was processing
+    cp.forget(set(range(PARTITIONS)))  # the role's restore: forget, then load the checkpoints
     for batch in committed.values():
         cp.restore(batch)
-    assert before + alerts(engine, ticks[300:]) == reference
+    assert before + changes(engine, ticks[300:]) == reference
     assert engine.stats.late_samples == 0
+

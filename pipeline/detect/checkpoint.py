@@ -134,7 +134,8 @@ class Checkpointer:
 
     def restore(self, batch: pa.RecordBatch) -> dict[str, int]:
         """Load one partition's checkpoint; returns what it held (entities per scope,
-        firing alerts)."""
+        firing alerts). The event-time clocks of its GPUs and points start again at their
+        next sample, as the state goes back to the checkpoint's time."""
         e = self.engine
         state = e.state()
         summary = {"alerts": 0}
@@ -145,6 +146,7 @@ class Checkpointer:
             if not rows.num_rows:
                 continue
             slots = e.slots_for(scope, rows.select(list(IDENTITY[scope])))
+            e.inventory.place(scope, slots, rows)
             for name, (arrays, fields) in state[scope].items():
                 arrays.ensure(int(slots.max()) + 1)
                 for f in fields:
@@ -155,6 +157,8 @@ class Checkpointer:
             if scope == "node":
                 e.health.ensure(int(slots.max()) + 1)
                 e.health.state[slots] = rows.column("health.state").to_numpy(zero_copy_only=False).astype(np.int8)
+            elif scope in ("gpu", "point"):
+                (e.gpu_series if scope == "gpu" else e.point_series).forget(slots)
             for i, text in enumerate(rows.column("alerts").to_pylist()):
                 for name, d in json.loads(text).items() if text else ():
                     if name not in e.trackers:  # an alert this version no longer has
@@ -168,8 +172,9 @@ class Checkpointer:
     def forget(self, partitions: set[int]) -> None:
         """Drop the state of partitions this process no longer owns: the next owner
         continues from the checkpoint, and our copy would go stale. Their event-time clocks
-        go too: a process fenced after its last commit may be given them back, and reads
-        again from that commit what its clocks had passed (it would all be late)."""
+        go too, and their GPUs are let go: a process fenced after its last commit may be given
+        them back, and reads again from that commit what its clocks had passed (it would all
+        be late) and the moves and replacements it had seen."""
         e = self.engine
         state = e.state()
         e.gpu_time.forget(np.asarray(sorted(partitions), np.int64))
@@ -185,6 +190,8 @@ class Checkpointer:
                 e.health.state[slots] = 0
             elif scope in ("gpu", "point"):
                 (e.gpu_series if scope == "gpu" else e.point_series).forget(slots)
+            if scope == "gpu":
+                e.inventory.let_go(slots)
             for tr in e.trackers.values():
                 if tr.spec.entity == scope:
                     tr.forget(slots)

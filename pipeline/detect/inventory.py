@@ -170,6 +170,27 @@ class Inventory:
             self.gpu_at[key] = s
         return left
 
+    # ---- partitions that move ------------------------------------------------------
+
+    def let_go(self, gpus: np.ndarray) -> None:
+        """GPUs of partitions this process no longer owns, as if never seen: retired, so that one that
+        reports here again is placed by its checkpoint (`place`) or taken as new (`replacements`)."""
+        self.gpu.retired[gpus] = True
+
+    def place(self, scope: str, slots: np.ndarray, ids: pa.RecordBatch) -> None:
+        """Entities restored from a checkpoint are where it says they were: a process given back a
+        partition it was fenced from may have seen them moved, replaced or re-racked since, and the rows
+        it reads again say so once more (the same move or replacement, said again, not undone)."""
+        if scope == "gpu":
+            self.current = ids
+            nodes = self.node_ids.slots(ids.column("node"))
+            index = ids.column("gpu").to_numpy(zero_copy_only=False).astype(np.int64)
+            self.gpu.node[slots], self.gpu.index[slots], self.gpu.retired[slots] = nodes, index, False
+            self.gpu_at.update(zip(zip(nodes.tolist(), index.tolist()), slots.tolist()))
+        elif scope == "node":
+            self.node.rack[slots] = self.rack_ids.slots(
+                pc.binary_join_element_wise(ids.column("site"), ids.column("rack"), "/"))
+
     # ---- replaced GPUs -----------------------------------------------------------
 
     def replacements(self, present: np.ndarray) -> list[tuple[int, int]]:

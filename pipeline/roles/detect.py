@@ -138,6 +138,8 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
         async with busy:
             checkpoint.repartition(sub.partition_count(sub.topics[0]) or checkpoint.partitions)
             latest = await bus.read_latest(Topic.STATE, partitions, key=lambda p: keys.checkpoint_key(p, tier))
+            # (What a batch processed of them after a fence, and before its hand-over, is gone too.)
+            checkpoint.forget(partitions)
             held = [checkpoint.restore(m.value) for m in latest.values()]
             origins: set[int] = set()
             if tier == "site":  # wait for every rack the checkpoint knows, whoever sends first (bus/align.py)
