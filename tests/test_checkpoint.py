@@ -244,15 +244,16 @@ def _moved(b, me):
     return b.set_column(col, "gpu", pc.if_else(me, pa.scalar(9, b.schema.field(col).type), b.column("gpu")))
 
 
+@pytest.mark.parametrize("checkpointed", [True, False], ids=["after its checkpoint", "before any checkpoint"])
 @pytest.mark.parametrize("meanwhile", [None, _replaced, _moved], ids=["nothing", "a GPU replaced", "a GPU moved"])
-def test_a_process_fenced_after_its_checkpoint_and_given_its_partitions_again_detects_what_it_reads_again(
-        stream, meanwhile):
+def test_a_process_fenced_and_given_its_partitions_again_detects_what_it_reads_again(stream, meanwhile, checkpointed):
     """A detect process whose event loop stalled past its transaction's timeout is fenced: what it
     processed after its last commit is discarded, and the group may give it the same partitions back.
     It restores their checkpoint and reads those rows again. Its clocks had stayed where it had got
     to (a CI run under load): every row read again was "late", not detected on, and the PduOverload
     and CoolantFlowLoss of that time were never raised. A GPU replaced or moved meanwhile was said
-    replaced or moved backwards, then forwards again (the inventory kept where it had seen it last)."""
+    replaced or moved backwards, then forwards again (the inventory kept where it had seen it last). Fenced
+    before the partition's first checkpoint, it reads it all again from the start."""
     cfg, ticks = stream
     ticks = ticks[:600] if meanwhile is None else _first_gpu_from(ticks[:600], 350, meanwhile)
     reference = changes(Engine(cfg, one_stream=False), ticks)  # partitions' clocks apart, as over Kafka
@@ -260,15 +261,65 @@ def test_a_process_fenced_after_its_checkpoint_and_given_its_partitions_again_de
         assert any(isinstance(c, tuple) for c in reference)  # the engine saw it (at 350 s, after the commit)
     engine = Engine(cfg, one_stream=False)
     cp = Checkpointer(engine, PARTITIONS)
-    before = changes(engine, ticks[:300])
-    committed = cp.snapshot(set(range(PARTITIONS)))
-    changes(engine, ticks[300:450])  # processed, never committed: its transaction was aborted
+    cut = 300 if checkpointed else 0
+    before = changes(engine, ticks[:cut])
+    committed = cp.snapshot(set(range(PARTITIONS))) if checkpointed else {}
+    changes(engine, ticks[cut:450])  # processed, never committed: its transaction was aborted
     cp.forget(set(range(PARTITIONS)))  # fenced (the role's `lost`)
     assert np.isnan(engine.gpu_time.newest(np.arange(PARTITIONS))).all()  # the partitions' clocks start again
     changes(engine, ticks[450:460])  # the rest of the batch it was processing
     cp.forget(set(range(PARTITIONS)))  # the role's restore: forget, then load the checkpoints
     for batch in committed.values():
         cp.restore(batch)
-    assert before + changes(engine, ticks[300:]) == reference
+    assert before + changes(engine, ticks[cut:]) == reference
     assert engine.stats.late_samples == 0
 
+
+
+def test_a_gpu_placed_by_another_process_s_checkpoint_is_no_longer_where_this_one_saw_it(stream, caplog):
+    """P saw a GPU move to GPU 9 of another node, and was fenced; Q took the partition over, saw it move
+    back and checkpointed; P is given the partition back with Q's checkpoint. A new GPU then installed at
+    GPU 9 of that node, and replaced there, is that and nothing more: P had kept the moved GPU at both
+    places, taken the new one for a second claimant of GPU 9 (a warning) and missed its replacement."""
+    cfg, ticks = stream
+    first = ticks[0][0].value
+    uuid, node = first.column("gpu_uuid")[0].as_py(), first.column("node")[0].as_py()
+    other = next(n for n in first.column("node").to_pylist() if n != node)
+
+    def there(b, me, name, value):
+        i = b.schema.get_field_index(name)
+        return b.set_column(i, name, pc.if_else(me, pa.scalar(value, b.schema.field(i).type), b.column(name)))
+
+    def scenario(i: int, b: pa.RecordBatch) -> pa.RecordBatch:
+        me = pc.equal(b.column("gpu_uuid"), uuid)
+        if 350 <= i < 480:  # moved to GPU 9 of the other node, and back
+            b = there(there(b, me, "node", other), me, "gpu", 9)
+        if i >= 550 and me.true_count:  # a new GPU at GPU 9 of the other node, replaced at 620
+            new = b.filter(me)
+            new = there(there(there(new, pc.equal(new.column("gpu_uuid"), uuid), "node", other),
+                              pc.equal(new.column("gpu_uuid"), uuid), "gpu", 9),
+                        pc.equal(new.column("gpu_uuid"), uuid), "gpu_uuid", "GPU-C" if i < 620 else "GPU-D")
+            b = pa.concat_batches([b, pa.RecordBatch.from_arrays(new.columns, schema=b.schema)])
+        return b
+    ticks = [[Message(m.topic, scenario(i, m.value), key=m.key) if m.topic == Topic.GPU else m for m in msgs]
+             for i, msgs in enumerate(ticks[:700])]
+    reference = changes(Engine(cfg, one_stream=False), ticks)
+    assert ("gpu_replaced", f"GPU 9 of {other} replaced: GPU-C -> GPU-D") in reference
+    p, q = Engine(cfg, one_stream=False), Engine(cfg, one_stream=False)
+    cp_p, cp_q = Checkpointer(p, PARTITIONS), Checkpointer(q, PARTITIONS)
+    changes(p, ticks[:300])
+    at_300 = cp_p.snapshot(set(range(PARTITIONS)))
+    changes(p, ticks[300:450])
+    cp_p.forget(set(range(PARTITIONS)))  # fenced
+    for batch in at_300.values():
+        cp_q.restore(batch)
+    changes(q, ticks[300:520])
+    at_520 = cp_q.snapshot(set(range(PARTITIONS)))
+    cp_p.forget(set(range(PARTITIONS)))  # given back, with Q's checkpoint
+    for batch in at_520.values():
+        cp_p.restore(batch)
+    after = changes(p, ticks[520:])
+    assert after == reference[len(reference) - len(after):]
+    said = [c for c in after if isinstance(c, tuple)]
+    assert said == [("gpu_replaced", f"GPU 9 of {other} replaced: GPU-C -> GPU-D")]
+    assert "both report" not in caplog.text

@@ -148,9 +148,9 @@ class Aligner:
         self.cut_short = limit is not None and len(out) >= limit
         return out
 
-    def drain(self) -> list[Message]:
-        """Everything held, in order (the stream ended)."""
-        return self.release(lambda t, p: True, everything=True)
+    def drain(self, limit: int | None = None) -> list[Message]:
+        """Everything held (or the first `limit` of it), in order: the stream ended."""
+        return self.release(lambda t, p: True, everything=True, limit=limit)
 
     def holding(self, topic: Topic, partition: int) -> int | None:
         """Offset of the first message held of a topic's partition (None: none held)."""

@@ -439,7 +439,8 @@ class KafkaSubscription:
             aligner.add([m for m in out if m.partition in self.ready])  # (revoked while dead-lettering)
             drained = not records and await self._drained()
             read = set() if drained else await self._read_to_end()
-            out = aligner.drain() if drained else aligner.release(lambda t, p: (t, p) in read, limit=max_messages)
+            out = aligner.drain(max_messages) if drained else aligner.release(lambda t, p: (t, p) in read,
+                                                                               limit=max_messages)
             if not drained and len(out) < max_messages and (more := aligner.waiting_on() - read):
                 # Sources that ran empty while releasing (the last topic of a tick waits on the
                 # first one's end): read to their end too? Then on, not on the next batch.

@@ -178,6 +178,7 @@ class Checkpointer:
         e = self.engine
         state = e.state()
         e.gpu_time.forget(np.asarray(sorted(partitions), np.int64))
+        gpus = e.inventory.gpus_of(partitions)  # (retired ones too: a replacement read again)
         for scope in SCOPES:
             _, slots, _ = self._rows(scope, partitions)
             if not slots.size:
@@ -188,13 +189,14 @@ class Checkpointer:
             if scope == "node":
                 e.health.ensure(int(slots.max()) + 1)
                 e.health.state[slots] = 0
-            elif scope in ("gpu", "point"):
-                (e.gpu_series if scope == "gpu" else e.point_series).forget(slots)
-            if scope == "gpu":
-                e.inventory.let_go(slots)
+            elif scope == "point":
+                e.point_series.forget(slots)
             for tr in e.trackers.values():
                 if tr.spec.entity == scope:
                     tr.forget(slots)
+        if gpus.size:  # (after their state: let go, they have no partition)
+            e.gpu_series.forget(gpus)
+            e.inventory.let_go(gpus)
 
 
 class _OnePartition(Checkpointer):

@@ -354,6 +354,7 @@ class Engine:
         inv.current = batch
         if "model" in batch.schema.names:  # (nodes of one model are peers: an air-cooled L4 beside H100s is not)
             inv.node.model[inv.gpu.node[slots]] = inv.model_ids.slots(batch.column("model"))
+        inv.seat(slots, batch)  # GPUs let go with a partition, given back without a checkpoint of them
         moved, to_node, to_index = inv.moves(slots, batch)
         if moved.size:
             self._moved(out, moved, to_node, to_index, float(ts.max()))

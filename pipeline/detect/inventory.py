@@ -29,8 +29,10 @@ class Inventory:
         self.rack_ids = KeyIndex(self._new_racks)
         self.point_ids = KeyIndex(self._new_points)
         self.model_ids = KeyIndex()  # GPU model names (a null: not sent)
+        # retired: replaced by another UUID in its (node, index), or let go (`let_go`); unplaced: let go, and
+        # not placed again since (by a checkpoint, or by reporting: `seat`)
         self.gpu = SlotArrays({"node": (np.int64, -1), "index": (np.int64, 0),
-                               "retired": (np.bool_, False)})  # replaced by another UUID in its (node, index)
+                               "retired": (np.bool_, False), "unplaced": (np.bool_, False)})
         self.node = SlotArrays({"rack": (np.int64, -1), "model": (np.int64, -1)})  # model: of its GPUs, as sent
         self.point = SlotArrays({"rack": (np.int64, -1), "kind": (np.int8, PointKind.OTHER)})
         self.gpu_count = 0
@@ -88,14 +90,30 @@ class Inventory:
         self.gpu_count = start + len(rows)
         gpu = self.gpu
         gpu.ensure(self.gpu_count)
-        gpu.node[start:self.gpu_count] = nodes
-        gpu.index[start:self.gpu_count] = b.column("gpu").take(rows).to_numpy(zero_copy_only=False)
-        for s in range(start, self.gpu_count):  # a UUID new in a (node, index) that has one: a replacement?
+        self._seat(np.arange(start, self.gpu_count), nodes, b.column("gpu").take(rows).to_numpy(zero_copy_only=False))
+
+    def _seat(self, slots: np.ndarray, nodes: np.ndarray, index: np.ndarray) -> None:
+        """GPUs seen for the first time (or as if: `let_go`) where they report: one in a (node,
+        index) that has another is taken as its replacement (`replacements`)."""
+        gpu = self.gpu
+        gpu.node[slots], gpu.index[slots] = nodes, index
+        gpu.retired[slots] = gpu.unplaced[slots] = False
+        for s in slots.tolist():
             key = (int(gpu.node[s]), int(gpu.index[s]))
             old = self.gpu_at.get(key)
-            if old is not None and not gpu.retired[old]:
+            if old is not None and old != s and not gpu.retired[old]:
                 self.replaced.append((old, s))
             self.gpu_at[key] = s
+
+    def seat(self, slots: np.ndarray, batch: pa.RecordBatch) -> None:
+        """The let-go GPUs among this batch's (`slots`, its rows') report: placed where they do, as new."""
+        rows = np.flatnonzero(self.gpu.unplaced[slots])
+        if rows.size == 0:
+            return
+        seated, first = np.unique(slots[rows], return_index=True)
+        take = pa.array(rows[first])
+        self._seat(seated, self.node_ids.slots(batch.column("node").take(take)),
+                   batch.column("gpu").take(take).to_numpy(zero_copy_only=False))
 
     def _new_points(self, keys: pa.Array, rows: np.ndarray) -> None:
         b = self.current
@@ -172,10 +190,17 @@ class Inventory:
 
     # ---- partitions that move ------------------------------------------------------
 
+    def gpus_of(self, partitions: set[int]) -> np.ndarray:
+        """Every GPU slot (retired ones too) on a node of a rack whose data travel in `partitions`."""
+        n = self.gpu_count
+        if n == 0 or not partitions:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(np.isin(self.rack_partition[self.node.rack[self.gpu.node[:n]]], list(partitions)))
+
     def let_go(self, gpus: np.ndarray) -> None:
-        """GPUs of partitions this process no longer owns, as if never seen: retired, so that one that
-        reports here again is placed by its checkpoint (`place`) or taken as new (`replacements`)."""
-        self.gpu.retired[gpus] = True
+        """GPUs of partitions this process no longer owns, as if never seen: expected nowhere, and
+        placed again by a checkpoint (`place`) or where they next report (`seat`)."""
+        self.gpu.retired[gpus] = self.gpu.unplaced[gpus] = True
 
     def place(self, scope: str, slots: np.ndarray, ids: pa.RecordBatch) -> None:
         """Entities restored from a checkpoint are where it says they were: a process given back a
@@ -185,7 +210,13 @@ class Inventory:
             self.current = ids
             nodes = self.node_ids.slots(ids.column("node"))
             index = ids.column("gpu").to_numpy(zero_copy_only=False).astype(np.int64)
-            self.gpu.node[slots], self.gpu.index[slots], self.gpu.retired[slots] = nodes, index, False
+            gpu = self.gpu
+            for s in slots.tolist():  # (where they were seen last is nobody's now)
+                key = (int(gpu.node[s]), int(gpu.index[s]))
+                if self.gpu_at.get(key) == s:
+                    del self.gpu_at[key]
+            gpu.node[slots], gpu.index[slots] = nodes, index
+            gpu.retired[slots] = gpu.unplaced[slots] = False
             self.gpu_at.update(zip(zip(nodes.tolist(), index.tolist()), slots.tolist()))
         elif scope == "node":
             self.node.rack[slots] = self.rack_ids.slots(
