@@ -82,8 +82,8 @@ class PacedBatches:
     partition: one that outlasts the transaction timeout (10 s) fences the process, which then
     reads it all again. A process behind a backlog on a busy machine (4,096 messages at a few
     thousand GPU samples a second: 11-15 s) was fenced so, and one that stays that slow never
-    gets through it. (The event loop turns between the batch's messages, so the group's
-    heartbeats go on.) After a batch that took longer, the size is what the budget would have
+    gets through it. (The event loop turns between the engine's calls of a batch, so the
+    group's heartbeats go on.) After a batch that took longer, the size is what the budget would have
     held at its pace; after a full one that took less than half of it, twice as many."""
 
     def __init__(self, largest: int = 4096, budget_s: float = 2.0, smallest: int = 16) -> None:

@@ -204,6 +204,7 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
                 work = [(p if p >= 0 else None, m) for p, of_partition in by_partition(messages).items()
                         for m in (coalesce(of_partition) if tier == "rack" else coalesce_by_time(of_partition))]
             for origin, message in work:
+                await asyncio.sleep(0)  # the group's heartbeats, /healthz: a batch can take seconds
                 started = time.perf_counter()
                 try:
                     out = engine.process(message)
@@ -233,7 +234,6 @@ async def detect_role(bus: Bus, engine: Engine, sub, commit_interval_s: float,
                     for m in keys.messages(Topic.RACKS, out.racks, keyed=True):
                         for o, rows in owners.split(m.value) if owners is not None else [(origin, m.value)]:
                             await sub.publish(replace(m, value=rows, headers={ORIGIN: str(o)}), origin=o)
-                await asyncio.sleep(0)  # the group's heartbeats, /healthz: a batch can take seconds
             paced.took(len(messages), time.perf_counter() - batch_started)
             if time.monotonic() >= next_commit:
                 await commit(set(dirty))
