@@ -134,8 +134,8 @@ class Checkpointer:
 
     def restore(self, batch: pa.RecordBatch) -> dict[str, int]:
         """Load one partition's checkpoint; returns what it held (entities per scope,
-        firing alerts). The event-time clocks of its GPUs and points start again at their
-        next sample, as the state goes back to the checkpoint's time."""
+        firing alerts). Into partitions forgotten first (`forget`: their clocks and GPUs too), or a
+        fresh engine."""
         e = self.engine
         state = e.state()
         summary = {"alerts": 0}
@@ -157,8 +157,6 @@ class Checkpointer:
             if scope == "node":
                 e.health.ensure(int(slots.max()) + 1)
                 e.health.state[slots] = rows.column("health.state").to_numpy(zero_copy_only=False).astype(np.int8)
-            elif scope in ("gpu", "point"):
-                (e.gpu_series if scope == "gpu" else e.point_series).forget(slots)
             for i, text in enumerate(rows.column("alerts").to_pylist()):
                 for name, d in json.loads(text).items() if text else ():
                     if name not in e.trackers:  # an alert this version no longer has
